@@ -1,0 +1,6 @@
+"""The Redis side of the pipeline, shared by gateway and worker."""
+
+from breakwater.broker.broker import Broker, EnqueueResult, Job, StartResult
+from breakwater.broker.connection import connect
+
+__all__ = ["Broker", "EnqueueResult", "Job", "StartResult", "connect"]

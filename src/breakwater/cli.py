@@ -1,0 +1,244 @@
+"""``breakwater`` command line: thin; parses flags, builds settings, calls into the packages."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Breakwater: LLM serving that never drops a burst."
+)
+console = Console(stderr=True)
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """Flags the user set; the rest come from BREAKWATER_* environment variables or defaults."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _serve(asgi_app: Any, host: str, port: int) -> None:
+    config = uvicorn.Config(
+        asgi_app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        backlog=4096,
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit as exc:
+        raise typer.Exit(int(exc.code or 1)) from None
+    if not server.started:
+        console.print(f"[red]could not listen on {host}:{port} (port taken?)[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
+    lane_max_queued: Annotated[int | None, typer.Option(help="queued jobs per lane before 429")] = None,
+    detach_grace_s: Annotated[
+        float | None, typer.Option(help="seconds a detached request keeps running")
+    ] = None,
+) -> None:
+    """Run the OpenAI-compatible gateway (HTTP/SSE and WebSocket)."""
+    from breakwater.gateway import build_app
+    from breakwater.logs import setup_logging
+
+    settings = GatewaySettings(
+        **_given(
+            host=host,
+            port=port,
+            redis_url=redis_url,
+            lane_max_queued=lane_max_queued,
+            detach_grace_s=detach_grace_s,
+        )
+    )
+    setup_logging("gateway", settings.log_level, settings.log_json)
+    _serve(build_app(settings), settings.host, settings.port)
+
+
+@app.command()
+def worker(
+    engine: Annotated[str | None, typer.Option(help="sim")] = None,
+    model: Annotated[str | None, typer.Option(help="model name to serve")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="consumer name (default: host-random)")] = None,
+    capacity: Annotated[int | None, typer.Option(help="max concurrent sequences")] = None,
+    context_length: Annotated[int | None, typer.Option(help="context length (sim)")] = None,
+    heartbeat_s: Annotated[float | None, typer.Option(help="heartbeat period")] = None,
+    drain_grace_s: Annotated[float | None, typer.Option("--grace", help="SIGTERM drain grace")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="/metrics port (0: off)")] = None,
+    sim_decode_base_ms: Annotated[float | None, typer.Option(help="sim: decode step base cost")] = None,
+    sim_decode_per_seq_ms: Annotated[float | None, typer.Option(help="sim: decode cost per sequence")] = None,
+    sim_prefill_ms_per_token: Annotated[
+        float | None, typer.Option(help="sim: prefill cost per token")
+    ] = None,
+    burst: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
+) -> None:
+    """Run a worker: pull jobs while the engine has room, publish tokens."""
+    from breakwater.logs import setup_logging
+
+    settings = WorkerSettings(
+        **_given(
+            engine=engine,
+            model=model,
+            redis_url=redis_url,
+            worker_id=worker_id,
+            capacity=capacity,
+            context_length=context_length,
+            heartbeat_s=heartbeat_s,
+            drain_grace_s=drain_grace_s,
+            metrics_port=metrics_port,
+            sim_decode_base_ms=sim_decode_base_ms,
+            sim_decode_per_seq_ms=sim_decode_per_seq_ms,
+            sim_prefill_ms_per_token=sim_prefill_ms_per_token,
+        )
+    )
+    setup_logging("worker", settings.log_level, settings.log_json)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_run_worker(settings, burst))
+
+
+async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
+    from prometheus_client import start_http_server
+
+    from breakwater.broker import Broker, connect
+    from breakwater.engines import build_engine
+    from breakwater.keys import Keys
+    from breakwater.worker import Worker
+
+    engine = build_engine(
+        settings.engine,
+        model=settings.model,
+        capacity=settings.capacity,
+        context_length=settings.context_length,
+        prefill_ms_per_token=settings.sim_prefill_ms_per_token,
+        decode_base_ms=settings.sim_decode_base_ms,
+        decode_per_seq_ms=settings.sim_decode_per_seq_ms,
+        jitter_frac=settings.sim_jitter_frac,
+    )
+    await engine.start()
+    redis = connect(settings.redis_url)
+    broker = Broker(redis, Keys(settings.key_prefix), token_stream_maxlen=settings.token_stream_maxlen)
+    worker = Worker(settings, engine, broker)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=worker.metrics.registry)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.drain)
+    try:
+        await worker.run(burst=burst)
+    finally:
+        await engine.close()
+        await redis.aclose()
+
+
+@app.command("sim-server")
+def sim_server(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option()] = None,
+    capacity: Annotated[int | None, typer.Option()] = None,
+    sim_decode_base_ms: Annotated[float | None, typer.Option()] = None,
+    sim_decode_per_seq_ms: Annotated[float | None, typer.Option()] = None,
+    sim_prefill_ms_per_token: Annotated[float | None, typer.Option()] = None,
+) -> None:
+    """Serve the sim engine directly over the OpenAI API (the benchmarks' baseline)."""
+    from breakwater.logs import setup_logging
+    from breakwater.simserver import build_sim_app
+
+    settings = SimServerSettings(
+        **_given(
+            host=host,
+            port=port,
+            model=model,
+            capacity=capacity,
+            sim_decode_base_ms=sim_decode_base_ms,
+            sim_decode_per_seq_ms=sim_decode_per_seq_ms,
+            sim_prefill_ms_per_token=sim_prefill_ms_per_token,
+        )
+    )
+    setup_logging("sim-server")
+    _serve(build_sim_app(settings), settings.host, settings.port)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="gateway bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gateway port")] = 8000,
+    workers: Annotated[int, typer.Option(help="worker processes")] = 1,
+    engine: Annotated[str, typer.Option(help="engine of the workers")] = "sim",
+    model: Annotated[str, typer.Option(help="model to serve")] = "sim",
+    data_dir: Annotated[Path, typer.Option(help="Redis AOF and logs")] = Path(".breakwater"),
+    redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of an embedded one")] = None,
+    appendfsync: Annotated[str, typer.Option(help="AOF fsync: everysec or always")] = "everysec",
+) -> None:
+    """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers."""
+    from breakwater.stack import Stack, StackConfig, StackError
+
+    stack = Stack(
+        StackConfig(
+            host=host,
+            port=port,
+            workers=workers,
+            engine=engine,
+            model=model,
+            data_dir=data_dir,
+            redis_url=redis_url,
+            appendfsync=appendfsync,
+        )
+    )
+    console.print(f"starting Redis, gateway and {workers} {engine} worker(s) for model [bold]{model}[/bold]…")
+    try:
+        stack.start()
+    except StackError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        stack.stop()
+        raise typer.Exit(130) from None
+    url = stack.url
+    console.print(f"\n[green]Breakwater is up.[/green] Point an OpenAI client at [bold]{url}/v1[/bold]\n")
+    console.print(
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+    )
+    console.print(f"  metrics: {url}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C\n")
+    try:
+        while True:
+            stack.check_children()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    except StackError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,71 @@
+"""Typed settings, one object per process, from flags and ``BREAKWATER_*`` environment variables."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    log_level: str = "INFO"
+    log_json: bool = True
+
+
+class GatewaySettings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    lane_max_queued: int = Field(default=1000, ge=1, description="queued jobs per model and lane before 429")
+    detach_grace_s: float = Field(default=15.0, ge=0.0)
+    stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
+    idle_poll_s: float = Field(default=1.0, gt=0.0, description="re-read the durable stream when idle")
+    result_ttl_s: int = Field(default=3600, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
+    model_cache_s: float = Field(default=1.0, ge=0.0)
+    idempotency_ttl_s: int = Field(default=86400, ge=1)
+
+
+class WorkerSettings(CommonSettings):
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+    engine: str = "sim"
+    model: str = "sim"
+    capacity: int = Field(default=32, ge=1)
+    context_length: int = Field(default=4096, ge=16)
+    heartbeat_s: float = Field(default=2.0, gt=0.0)
+    lease_heartbeats: float = Field(default=3.0, ge=2.0, description="reclaim after this many missed beats")
+    max_attempts: int = Field(default=3, ge=1)
+    drain_grace_s: float = Field(default=30.0, ge=0.0)
+    block_ms: int = Field(default=200, ge=1)
+    result_ttl_s: int = Field(default=3600, ge=1)
+    token_stream_maxlen: int = Field(default=100_000, ge=100)
+    detach_grace_s: float = Field(default=15.0, ge=0.0)
+    metrics_port: int = Field(default=0, ge=0, description="0 disables the worker's /metrics listener")
+    # sim engine timing
+    sim_prefill_ms_per_token: float = 0.0
+    sim_decode_base_ms: float = 5.0
+    sim_decode_per_seq_ms: float = 0.2
+    sim_jitter_frac: float = 0.0
+
+    @property
+    def lease_s(self) -> float:
+        return self.heartbeat_s * self.lease_heartbeats
+
+
+class SimServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+    model: str = "sim"
+    capacity: int = 64
+    context_length: int = 4096
+    sim_prefill_ms_per_token: float = 0.0
+    sim_decode_base_ms: float = 5.0
+    sim_decode_per_seq_ms: float = 0.2
+    sim_jitter_frac: float = 0.0

@@ -1,0 +1,127 @@
+"""The engine interface (DESIGN §5): requests in, per-step deltas for all running sequences out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EngineRequestError(ValueError):
+    """A request this engine cannot run (prompt too long, no chat template, ...); never retried."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model: str
+    engine: str
+    context_length: int
+    capacity: int
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One sequence to generate; ``emitted_*`` are non-empty when continuing a reclaimed job."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    emitted_text: str = ""
+    emitted_tokens: int = 0
+
+
+@dataclass(slots=True)
+class SequenceDelta:
+    """What one engine step produced for one sequence; ``finish_reason`` set on its last delta."""
+
+    request_id: str
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Engine(ABC):
+    """A continuous-batching engine. ``step`` runs one batch step over every running sequence."""
+
+    info: EngineInfo
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model; called once before use."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and its threads."""
+
+    @abstractmethod
+    def free_slots(self) -> int:
+        """How many more sequences the engine can run now (the worker pulls at most this many)."""
+
+    @abstractmethod
+    def running(self) -> int:
+        """Sequences currently admitted (running or prefilling)."""
+
+    @abstractmethod
+    def add(self, request: GenerationRequest) -> None:
+        """Admit a sequence; it joins the batch at the next step. Raises :class:`EngineRequestError`."""
+
+    @abstractmethod
+    def cancel(self, request_id: str) -> None:
+        """Drop a sequence; its slot is free before the next step. Unknown ids are ignored."""
+
+    @abstractmethod
+    async def step(self) -> list[SequenceDelta]:
+        """Wait until there is work, run one step, return the deltas of every sequence that produced any."""
+
+    def stats(self) -> dict[str, Any]:
+        """Engine state for metrics (e.g. ``kv_cache_usage``)."""
+        return {}
+
+
+class StopChecker:
+    """Applies stop strings to streamed text: never emits a stop string or text past it.
+
+    Text that could be the beginning of a stop string is held back until it is decided.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add generated text; returns (text safe to emit, whether a stop string was hit)."""
+        buf = self._pending + text
+        if not self._stops:
+            self._pending = ""
+            return buf, False
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), 0, -1):
+                if buf.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        self._pending = buf[len(buf) - hold :]
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        """Release held-back text at the end of generation."""
+        out, self._pending = self._pending, ""
+        return out

@@ -1,0 +1,243 @@
+"""The ``sim`` engine: deterministic text with a continuous-batching timing model.
+
+Token ``i`` of a sequence is a pure function of (seed, prompt, i), so the same seed and prompt give
+the same text, and a continuation that knows how many tokens were emitted produces exactly the rest.
+The step time grows with the batch, like a real continuous-batching server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from breakwater.engines.base import (
+    Engine,
+    EngineInfo,
+    EngineRequestError,
+    GenerationRequest,
+    SequenceDelta,
+    StopChecker,
+)
+
+VOCAB: tuple[str, ...] = tuple(
+    [
+        "the",
+        "a",
+        "of",
+        "to",
+        "and",
+        "in",
+        "is",
+        "that",
+        "for",
+        "it",
+        "as",
+        "with",
+        "on",
+        "be",
+        "by",
+        "this",
+        "are",
+        "at",
+        "from",
+        "or",
+        "an",
+        "have",
+        "not",
+        "queue",
+        "token",
+        "stream",
+        "worker",
+        "gateway",
+        "model",
+        "batch",
+        "redis",
+        "river",
+        "harbor",
+        "wave",
+        "tide",
+        "stone",
+        "light",
+        "signal",
+        "cloud",
+        "engine",
+        "request",
+        "answer",
+        "latency",
+        "burst",
+        "steady",
+        "quiet",
+        "swift",
+        "bright",
+        "north",
+        "south",
+        "under",
+        "over",
+        "before",
+        "after",
+        "always",
+        "never",
+        "many",
+        "few",
+        "small",
+        "large",
+        "early",
+        "late",
+        "open",
+        "close",
+    ]
+)
+_WORD = re.compile(r"\S+")
+POISON_MARKER = "<<bw-poison>>"
+
+
+@dataclass(frozen=True)
+class SimTiming:
+    """Step cost model: prefill per prompt token plus a decode step growing with the batch."""
+
+    prefill_ms_per_token: float = 0.0
+    decode_base_ms: float = 0.0
+    decode_per_seq_ms: float = 0.0
+    jitter_frac: float = 0.0
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """The sim's chat template."""
+    lines = [f"{m['role']}: {m.get('content', '')}" for m in messages]
+    return "\n".join([*lines, "assistant:"])
+
+
+def count_tokens(text: str) -> int:
+    """The sim's tokenizer: one token per whitespace-separated word."""
+    return len(_WORD.findall(text))
+
+
+def _hash(*parts: object) -> int:
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+@dataclass(slots=True)
+class _Sequence:
+    request: GenerationRequest
+    prompt: str
+    prompt_tokens: int
+    limit: int
+    index: int
+    stop: StopChecker
+    prefilled: bool = False
+    completion_tokens: int = field(default=0)
+
+
+class SimEngine(Engine):
+    """Deterministic engine for tests and platform benchmarks."""
+
+    def __init__(
+        self,
+        model: str = "sim",
+        capacity: int = 32,
+        context_length: int = 4096,
+        timing: SimTiming | None = None,
+    ) -> None:
+        self.info = EngineInfo(model=model, engine="sim", context_length=context_length, capacity=capacity)
+        self.timing = timing or SimTiming()
+        self._seqs: dict[str, _Sequence] = {}
+        self._work = asyncio.Event()
+        self._rng = random.Random(0)
+
+    def free_slots(self) -> int:
+        return max(0, self.info.capacity - len(self._seqs))
+
+    def running(self) -> int:
+        return len(self._seqs)
+
+    def prompt_of(self, request: GenerationRequest) -> str:
+        if request.messages is not None:
+            return render_chat(request.messages)
+        return request.prompt or ""
+
+    def add(self, request: GenerationRequest) -> None:
+        prompt = self.prompt_of(request)
+        prompt_tokens = count_tokens(prompt)
+        if prompt_tokens >= self.info.context_length:
+            raise EngineRequestError(
+                f"prompt has {prompt_tokens} tokens; this model's context length is "
+                f"{self.info.context_length}",
+                code="context_length_exceeded",
+            )
+        natural = 8 + _hash(request.seed, prompt, "len") % 57
+        room = self.info.context_length - prompt_tokens
+        limit = min(natural, room if request.max_tokens is None else min(request.max_tokens, room))
+        self._seqs[request.request_id] = _Sequence(
+            request=request,
+            prompt=prompt,
+            prompt_tokens=prompt_tokens,
+            limit=limit,
+            index=request.emitted_tokens,
+            stop=StopChecker(request.stop),
+            completion_tokens=request.emitted_tokens,
+        )
+        self._work.set()
+
+    def cancel(self, request_id: str) -> None:
+        self._seqs.pop(request_id, None)
+        if not self._seqs:
+            self._work.clear()
+
+    def token_text(self, seq: _Sequence, index: int) -> str:
+        word = VOCAB[_hash(seq.request.seed, seq.prompt, index) % len(VOCAB)]
+        return word if index == 0 else " " + word
+
+    async def step(self) -> list[SequenceDelta]:
+        while not self._seqs:
+            self._work.clear()
+            await self._work.wait()
+        joining = [s for s in self._seqs.values() if not s.prefilled]
+        delay_ms = sum(s.prompt_tokens for s in joining) * self.timing.prefill_ms_per_token
+        delay_ms += self.timing.decode_base_ms + self.timing.decode_per_seq_ms * len(self._seqs)
+        if self.timing.jitter_frac:
+            delay_ms *= 1.0 + self._rng.uniform(-self.timing.jitter_frac, self.timing.jitter_frac)
+        await asyncio.sleep(delay_ms / 1000.0)
+        deltas: list[SequenceDelta] = []
+        for rid, seq in list(self._seqs.items()):
+            if self._seqs.get(rid) is not seq:  # cancelled while we slept
+                continue
+            seq.prefilled = True
+            deltas.append(self._advance(seq))
+        for delta in deltas:
+            if delta.finished:
+                self._seqs.pop(delta.request_id, None)
+        return deltas
+
+    def _advance(self, seq: _Sequence) -> SequenceDelta:
+        rid = seq.request.request_id
+        if POISON_MARKER in seq.prompt:
+            raise RuntimeError(f"sim engine crashed on poison request {rid}")
+        if seq.index >= seq.limit:
+            return self._finish(seq, seq.stop.flush(), 0, "length" if seq.index >= self._cap(seq) else "stop")
+        text, stopped = seq.stop.feed(self.token_text(seq, seq.index))
+        seq.index += 1
+        seq.completion_tokens += 1
+        if stopped:
+            return self._finish(seq, text, 1, "stop")
+        if seq.index >= seq.limit:
+            reason = "length" if seq.index >= self._cap(seq) else "stop"
+            return self._finish(seq, text + seq.stop.flush(), 1, reason)
+        return SequenceDelta(request_id=rid, text=text, tokens=1)
+
+    def _cap(self, seq: _Sequence) -> int:
+        room = self.info.context_length - seq.prompt_tokens
+        return room if seq.request.max_tokens is None else min(seq.request.max_tokens, room)
+
+    def _finish(self, seq: _Sequence, text: str, tokens: int, reason: str) -> SequenceDelta:
+        usage = {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.completion_tokens}
+        return SequenceDelta(
+            request_id=seq.request.request_id, text=text, tokens=tokens, finish_reason=reason, usage=usage
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": len(self._seqs), "capacity": self.info.capacity}

@@ -1,0 +1,63 @@
+"""``build_app(settings)``: the gateway's FastAPI app; the lifespan owns every client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from breakwater.broker import Broker, connect
+from breakwater.config import GatewaySettings
+from breakwater.gateway import routes, ws
+from breakwater.gateway.errors import install_error_handlers
+from breakwater.gateway.fanin import Fanin
+from breakwater.gateway.metrics import GatewayMetrics
+from breakwater.gateway.middleware import RequestIdMiddleware
+from breakwater.gateway.service import GatewayService
+from breakwater.keys import Keys
+
+log = logging.getLogger(__name__)
+GAUGE_INTERVAL_S = 1.0
+
+
+async def _refresh_gauges(svc: GatewayService) -> None:
+    while True:
+        try:
+            await svc.refresh_gauges()
+        except Exception as exc:  # Redis down: keep serving, try again next tick
+            log.warning("gauge refresh failed", extra={"fields": {"error": str(exc)}})
+        await asyncio.sleep(GAUGE_INTERVAL_S)
+
+
+def build_app(settings: GatewaySettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url)
+        keys = Keys(settings.key_prefix)
+        broker = Broker(redis, keys)
+        fanin = Fanin(redis, keys, settings.stream_buffer)
+        await fanin.start()
+        svc = GatewayService(settings, broker, fanin, GatewayMetrics())
+        app.state.service = svc
+        gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
+        log.info(
+            "gateway ready", extra={"fields": {"redis": settings.redis_url, "prefix": settings.key_prefix}}
+        )
+        try:
+            yield
+        finally:
+            gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
+            await fanin.close()
+            await redis.aclose()
+
+    app = FastAPI(title="Breakwater", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(ws.router)
+    app.add_middleware(RequestIdMiddleware)
+    return app

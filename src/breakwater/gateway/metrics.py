@@ -1,0 +1,102 @@
+"""The gateway's Prometheus metrics (DESIGN §6), on a per-app registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "breakwater_ttft_seconds",
+            "Time to first token, as the gateway sees it",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "breakwater_itl_seconds",
+            "Inter-token latency between streamed events",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "breakwater_tpot_seconds",
+            "Time per output token after the first, per request",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "breakwater_e2e_seconds", "End-to-end request latency", ["model"], buckets=E2E_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "breakwater_requests_total", "Requests by final status", ["model", "status"], registry=r
+        )
+        self.rejections = Counter(
+            "breakwater_admission_rejections_total",
+            "Requests refused at admission",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "breakwater_tokens_total",
+            "Tokens in (prompt) and out (completion)",
+            ["model", "direction"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "breakwater_active_streams", "Client streams open on this gateway", registry=r
+        )
+        self.queue_depth = Gauge(
+            "breakwater_queue_depth", "Jobs waiting in the queue", ["model", "lane"], registry=r
+        )
+        self.in_flight = Gauge(
+            "breakwater_jobs_in_flight",
+            "Jobs claimed by workers and not yet finished",
+            ["model", "lane"],
+            registry=r,
+        )
+        self.workers = Gauge("breakwater_workers", "Live workers serving a model", ["model"], registry=r)
+        self.batch_occupancy = Gauge(
+            "breakwater_batch_occupancy",
+            "Running sequences / engine capacity over live workers",
+            ["model"],
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "breakwater_kv_cache_usage",
+            "Mean engine KV-cache usage (0-1) where engines report it",
+            ["model"],
+            registry=r,
+        )

@@ -1,0 +1,93 @@
+"""Render a request's events as OpenAI responses: SSE chunks (each with ``id: <seq>``) or one JSON body."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from breakwater.gateway.errors import APIError, error_body
+from breakwater.protocol.events import TokenEvent
+from breakwater.protocol.openai import (
+    chat_chunk,
+    chat_response,
+    text_chunk,
+    text_response,
+    usage_chunk,
+)
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(data: dict[str, Any], seq: int | None = None) -> bytes:
+    head = f"id: {seq}\n".encode() if seq is not None else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+async def sse_chunks(
+    events: AsyncIterator[TokenEvent],
+    *,
+    rid: str,
+    model: str,
+    created: int,
+    chat: bool,
+    include_usage: bool,
+    after: int = 0,
+) -> AsyncIterator[bytes]:
+    """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``."""
+    role_sent = after > 0
+    async for event in events:
+        if event.kind == "token":
+            if chat:
+                delta: dict[str, Any] = {"content": event.text}
+                if not role_sent:
+                    delta = {"role": "assistant", "content": event.text}
+                    role_sent = True
+                yield sse_event(chat_chunk(rid, model, created, delta), event.seq)
+            else:
+                yield sse_event(text_chunk(rid, model, created, event.text), event.seq)
+        elif event.kind == "done":
+            reason = event.finish_reason or "stop"
+            if chat:
+                delta = {} if role_sent else {"role": "assistant", "content": ""}
+                yield sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)
+            else:
+                yield sse_event(text_chunk(rid, model, created, "", reason), event.seq)
+            if include_usage:
+                yield sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq)
+            yield DONE
+            return
+        else:
+            err = event.error or {}
+            body = error_body(
+                str(err.get("message", "generation failed")),
+                str(err.get("type", "server_error")),
+                err.get("code"),
+            )
+            yield sse_event(body, event.seq)
+            return
+
+
+async def collect_response(
+    events: AsyncIterator[TokenEvent], *, rid: str, model: str, created: int, chat: bool
+) -> dict[str, Any]:
+    """A non-streaming response body from all events; an error event raises :class:`APIError`."""
+    parts: list[str] = []
+    async for event in events:
+        if event.kind == "token":
+            parts.append(event.text)
+        elif event.kind == "done":
+            build = chat_response if chat else text_response
+            return build(rid, model, created, "".join(parts), event.finish_reason or "stop", event.usage)
+        else:
+            err = event.error or {}
+            code = err.get("code")
+            status = {"cancelled": 409, "timeout": 504, "context_length_exceeded": 400}.get(str(code), 500)
+            raise APIError(
+                status,
+                str(err.get("message", "generation failed")),
+                type=str(err.get("type", "server_error")),
+                code=code,
+            )
+    raise APIError(500, "the request's stream ended without a final event", type="server_error")

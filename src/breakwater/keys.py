@@ -1,0 +1,50 @@
+"""Every Redis key and channel name Breakwater uses (DESIGN §4); no key string is built elsewhere.
+
+Per-request keys share the hash tag ``{<rid>}`` and per-model keys ``{<model>}`` so that multi-key
+scripts stay on one slot under Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LANES: tuple[str, ...] = ("interactive", "batch")
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder; ``prefix`` isolates deployments (and tests) sharing one Redis."""
+
+    prefix: str = "bw"
+
+    def jobs(self, model: str, lane: str) -> str:
+        return f"{self.prefix}:jobs:{{{model}}}:{lane}"
+
+    def request(self, rid: str) -> str:
+        return f"{self.prefix}:req:{{{rid}}}"
+
+    def tokens(self, rid: str) -> str:
+        return f"{self.prefix}:tok:{{{rid}}}"
+
+    def channel(self, rid: str) -> str:
+        return f"{self.prefix}:ch:{{{rid}}}"
+
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker_alive(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def dlq(self, model: str) -> str:
+        return f"{self.prefix}:dlq:{{{model}}}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def rid_from_channel(self, channel: str) -> str:
+        """Inverse of :meth:`channel`."""
+        head = f"{self.prefix}:ch:{{"
+        if not channel.startswith(head) or not channel.endswith("}"):
+            raise ValueError(f"not a request channel: {channel!r}")
+        return channel[len(head) : -1]

@@ -1,0 +1,1 @@
+"""Wire types: the OpenAI request/response models and Breakwater's internal token events."""

@@ -1,0 +1,64 @@
+"""Token events: what a worker appends to a request's durable stream and channel (DESIGN §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+EventKind = Literal["token", "done", "error"]
+TERMINAL_KINDS: frozenset[str] = frozenset({"done", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One event of a request's stream; ``seq`` runs 1..N per request, stable across attempts."""
+
+    seq: int
+    kind: EventKind
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    error: dict[str, Any] | None = field(default=None)
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> TokenEvent:
+        """Build from a stream entry's (or a channel payload's) string fields."""
+        kind = fields.get("kind", "token")
+        if kind not in ("token", "done", "error"):
+            raise ValueError(f"unknown event kind {kind!r}")
+        usage = fields.get("usage")
+        error = fields.get("error")
+        return cls(
+            seq=int(fields["seq"]),
+            kind=kind,  # type: ignore[arg-type]
+            text=fields.get("text", ""),
+            tokens=int(fields.get("n", "0") or 0),
+            finish_reason=fields.get("finish_reason") or None,
+            usage=orjson.loads(usage) if usage else None,
+            error=orjson.loads(error) if error else None,
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> TokenEvent:
+        """Parse a channel message (a JSON object of string fields)."""
+        data = orjson.loads(payload)
+        return cls.from_fields({k: str(v) for k, v in data.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq": self.seq, "kind": self.kind}
+        if self.kind == "token":
+            out["text"] = self.text
+        if self.finish_reason:
+            out["finish_reason"] = self.finish_reason
+        if self.usage is not None:
+            out["usage"] = self.usage
+        if self.error is not None:
+            out["error"] = self.error
+        return out

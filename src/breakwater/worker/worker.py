@@ -1,0 +1,333 @@
+"""Pull loop, step loop and heartbeat: leases, reclaim with continuation, drain (DESIGN §2-§3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from breakwater.broker import Broker, Job
+from breakwater.broker.broker import Append, now_ms
+from breakwater.config import WorkerSettings
+from breakwater.engines.base import Engine, EngineRequestError, SequenceDelta
+from breakwater.keys import LANES
+from breakwater.worker.jobs import InFlight, generation_request
+from breakwater.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.broker = broker
+        self.model = engine.info.model
+        self.metrics = WorkerMetrics()
+        self.inflight: dict[str, InFlight] = {}
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._last_reclaim = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self, *, burst: bool = False) -> None:
+        """Serve until :meth:`drain` (or, with ``burst``, until the queue is empty and nothing runs)."""
+        await self.broker.ensure_groups(self.model)
+        await self._heartbeat_once()
+        tasks = [
+            asyncio.create_task(self._step_loop(), name="step"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        pull = asyncio.create_task(self._pull_loop(burst), name="pull")
+        try:
+            done, _ = await asyncio.wait([pull, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # an engine crash propagates: the process dies, its jobs are reclaimed
+            await self._finish_in_flight()
+        finally:
+            for task in [pull, *tasks]:
+                task.cancel()
+            for task in [pull, *tasks]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.broker.deregister(self.settings.worker_id)
+
+    def drain(self) -> None:
+        """Stop pulling; in-flight work finishes within the drain grace period."""
+        if not self.draining:
+            log.info("draining", extra={"fields": {"in_flight": len(self.inflight)}})
+        self.draining = True
+        self._stop.set()
+        self._slot_freed.set()
+
+    async def _finish_in_flight(self) -> None:
+        deadline = time.monotonic() + self.settings.drain_grace_s
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._heartbeat_once()
+        while self.inflight and time.monotonic() < deadline:
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), max(0.01, deadline - time.monotonic()))
+        if self.inflight:
+            log.warning(
+                "drain grace over; leaving jobs for reclaim", extra={"fields": {"rids": list(self.inflight)}}
+            )
+
+    # -- pulling ---------------------------------------------------------------------------------
+    async def _pull_loop(self, burst: bool) -> None:
+        while not self._stop.is_set():
+            free = self.engine.free_slots()
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                jobs = await self._next_jobs(free)
+            except REDIS_ERRORS as exc:
+                log.warning("claim failed; retrying", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(0.2)
+                continue
+            for job in jobs:
+                await self._start(job)
+            if burst and not jobs and not self.inflight:
+                return
+
+    async def _next_jobs(self, free: int) -> list[Job]:
+        jobs: list[Job] = []
+        if time.monotonic() - self._last_reclaim >= self.settings.heartbeat_s:
+            self._last_reclaim = time.monotonic()
+            min_idle_ms = int(self.settings.lease_s * 1000)
+            for lane in LANES:
+                if len(jobs) < free:
+                    jobs += await self.broker.reclaim(
+                        self.model, lane, self.settings.worker_id, min_idle_ms, free - len(jobs)
+                    )
+        for lane in LANES:  # interactive before batch
+            if len(jobs) < free:
+                jobs += await self.broker.claim(
+                    self.model, lane, self.settings.worker_id, free - len(jobs), None
+                )
+        if not jobs:
+            jobs = await self.broker.claim(
+                self.model, LANES[0], self.settings.worker_id, free, self.settings.block_ms
+            )
+        return jobs
+
+    async def _start(self, job: Job) -> None:
+        extra = {"rid": job.rid, "request_id": job.request_id}
+        if job.rid in self.inflight:  # our own lease lapsed and we reclaimed it: keep running it
+            return
+        result = await self.broker.start_job(job.rid, self.settings.worker_id, self.settings.max_attempts)
+        ttl = self.settings.result_ttl_s
+        if result.outcome in ("missing", "terminal", "cancelled"):
+            log.info("skipping job", extra={**extra, "fields": {"outcome": result.outcome}})
+            await self.broker.ack(job)
+            return
+        if result.outcome == "expired":
+            await self.broker.fail(
+                job.rid,
+                attempt=None,
+                code="timeout",
+                error_type="timeout",
+                message="the request's deadline passed before it could run",
+                ttl_s=ttl,
+            )
+            self.metrics.jobs.labels(self.model, "expired").inc()
+            await self.broker.ack(job)
+            return
+        if result.outcome == "poison":
+            reason = f"gave up after {result.attempt} attempts"
+            await self.broker.fail(
+                job.rid, attempt=None, code="max_attempts_exceeded", message=reason, ttl_s=ttl
+            )
+            await self.broker.dead_letter(self.model, job.rid, reason, result.attempt)
+            self.metrics.dead_letters.labels(self.model).inc()
+            log.error("dead-lettered job", extra={**extra, "fields": {"attempts": result.attempt}})
+            await self.broker.ack(job)
+            return
+        record = result.record
+        request = generation_request(job.rid, record)
+        if result.attempt > 1:
+            self.metrics.retries.labels(self.model).inc()
+        created_ms = int(record.get("created_ms") or now_ms())
+        self.metrics.queue_wait.labels(self.model).observe(max(0, now_ms() - created_ms) / 1000)
+        try:
+            self.engine.add(request)
+        except EngineRequestError as exc:
+            await self.broker.fail(
+                job.rid,
+                attempt=result.attempt,
+                code=exc.code,
+                message=str(exc),
+                ttl_s=ttl,
+                error_type="invalid_request_error",
+            )
+            await self.broker.ack(job)
+            return
+        self.inflight[job.rid] = InFlight(job=job, attempt=result.attempt, model=self.model)
+        log.info(
+            "job started",
+            extra={
+                **extra,
+                "fields": {"attempt": result.attempt, "continued_tokens": request.emitted_tokens},
+            },
+        )
+
+    # -- stepping and publishing -----------------------------------------------------------------
+    async def _step_loop(self) -> None:
+        while True:
+            deltas = await self.engine.step()
+            started = time.perf_counter()
+            await self._publish(deltas)
+            self.metrics.step_seconds.labels(self.model).observe(time.perf_counter() - started)
+            self.metrics.running.labels(self.model).set(self.engine.running())
+            self.metrics.batch_occupancy.labels(self.model).set(
+                self.engine.running() / self.engine.info.capacity
+            )
+
+    async def _publish(self, deltas: list[SequenceDelta]) -> None:
+        """All of one step's deltas in one pipeline; finished sequences are finished and acked."""
+        appends: list[tuple[InFlight, Append]] = []
+        finishes: list[tuple[InFlight, SequenceDelta]] = []
+        for delta in deltas:
+            flight = self.inflight.get(delta.request_id)
+            if flight is None:
+                continue
+            self.metrics.tokens.labels(self.model).inc(delta.tokens)
+            if delta.finished:
+                finishes.append((flight, delta))
+            elif delta.text:
+                appends.append(
+                    (
+                        flight,
+                        Append(
+                            delta.request_id, flight.attempt, delta.text, delta.tokens + flight.held_tokens
+                        ),
+                    )
+                )
+                flight.held_tokens = 0
+            else:
+                flight.held_tokens += delta.tokens
+        while True:
+            try:
+                results = await self.broker.append_step([a for _, a in appends])
+                break
+            except REDIS_ERRORS as exc:
+                # Keep the generation; retry the same step's writes until Redis is back.
+                log.warning("publish failed; retrying", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(0.2)
+        for (flight, _), seq in zip(appends, results, strict=True):
+            if seq < 0:
+                await self._drop(flight, fenced=seq == -1, why="fenced" if seq == -1 else "not running")
+        for flight, delta in finishes:
+            await self._finish(flight, delta)
+
+    async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
+        rid = flight.job.rid
+        ttl = self.settings.result_ttl_s
+        tokens = delta.tokens + flight.held_tokens
+        if delta.error is not None:
+            seq = await self.broker.fail(
+                rid, attempt=flight.attempt, code="engine_error", message=delta.error, ttl_s=ttl
+            )
+        else:
+            seq = await self.broker.finish(
+                rid,
+                attempt=flight.attempt,
+                kind="done",
+                status="done",
+                ttl_s=ttl,
+                text=delta.text,
+                tokens=tokens,
+                finish_reason=delta.finish_reason or "stop",
+                usage=delta.usage,
+            )
+        self.inflight.pop(rid, None)
+        if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
+            log.warning("finish fenced off", extra={"rid": rid})
+        else:
+            await self.broker.ack(flight.job)
+            self.metrics.jobs.labels(self.model, "done" if delta.error is None else "error").inc()
+            log.info(
+                "job finished",
+                extra={
+                    "rid": rid,
+                    "request_id": flight.job.request_id,
+                    "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
+                },
+            )
+        self._slot_freed.set()
+
+    async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
+        """Stop a sequence whose request was cancelled, finished or taken over elsewhere."""
+        rid = flight.job.rid
+        self.engine.cancel(rid)
+        self.inflight.pop(rid, None)
+        if not fenced:
+            await self.broker.ack(flight.job)
+        self.metrics.jobs.labels(self.model, "dropped").inc()
+        log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})
+        self._slot_freed.set()
+
+    # -- heartbeats, leases, detach grace ----------------------------------------------------------
+    def registry_info(self) -> dict[str, Any]:
+        info = self.engine.info
+        stats = self.engine.stats()
+        return {
+            "model": info.model,
+            "engine": info.engine,
+            "capacity": info.capacity,
+            "context_length": info.context_length,
+            "active": self.engine.running(),
+            "draining": self.draining,
+            "kv_cache_usage": stats.get("kv_cache_usage"),
+            "ts_ms": now_ms(),
+        }
+
+    async def _heartbeat_once(self) -> None:
+        ttl = self.settings.lease_s
+        await self.broker.heartbeat(self.settings.worker_id, self.registry_info(), ttl)
+        await self.broker.refresh_leases([f.job for f in self.inflight.values()], self.settings.worker_id)
+        kv = self.engine.stats().get("kv_cache_usage")
+        if kv is not None:
+            self.metrics.kv_cache_usage.labels(self.model).set(float(kv))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self._heartbeat_once()
+                await self._check_in_flight()
+            except REDIS_ERRORS as exc:
+                log.warning("heartbeat failed", extra={"fields": {"error": str(exc)}})
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _check_in_flight(self) -> None:
+        """Drop cancelled sequences; cancel ones nobody has watched for the detach grace period."""
+        flights = list(self.inflight.values())
+        if not flights:
+            return
+        rows = await self.broker.statuses([f.job.rid for f in flights])
+        grace_ms = self.settings.detach_grace_s * 1000
+        for flight, row in zip(flights, rows, strict=True):
+            if self.inflight.get(flight.job.rid) is not flight:
+                continue
+            if row["status"] != "running":
+                await self._drop(flight, fenced=False, why=f"status {row['status']}")
+                continue
+            watchers = int(row["watchers"] or 0)
+            detached = int(row["detached_ms"] or 0)
+            if watchers <= 0 and detached and now_ms() - detached > grace_ms:
+                await self.broker.cancel(
+                    flight.job.rid,
+                    self.settings.result_ttl_s,
+                    reason="no client reattached within the grace period",
+                )
+                await self._drop(flight, fenced=False, why="detached")
