@@ -1,0 +1,195 @@
+"""Test helpers: processes of the real stack, expected sim output, polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import httpx
+
+from breakwater.engines.base import GenerationRequest
+from breakwater.engines.sim import SimEngine
+from breakwater.redis_server import free_port
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout_s: float = 20.0, interval_s: float = 0.05, what: str = ""
+) -> None:
+    """Poll ``predicate`` until it is true or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+
+
+async def async_wait_for(
+    predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.05, what: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+
+
+def expected_sim(
+    *,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    seed: int,
+    max_tokens: int | None = None,
+    stop: list[str] | None = None,
+    context_length: int = 4096,
+) -> tuple[str, str, dict[str, int]]:
+    """What an undisturbed sim run produces: (text, finish_reason, usage)."""
+
+    async def run() -> tuple[str, str, dict[str, int]]:
+        engine = SimEngine(context_length=context_length)
+        engine.add(
+            GenerationRequest(
+                "x", prompt=prompt, messages=messages, max_tokens=max_tokens, seed=seed, stop=stop or []
+            )
+        )
+        parts: list[str] = []
+        while True:
+            for delta in await engine.step():
+                parts.append(delta.text)
+                if delta.finished:
+                    return "".join(parts), str(delta.finish_reason), dict(delta.usage or {})
+
+    return _drive(run())
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that only ever awaits ``asyncio.sleep(0)``, without an event loop.
+
+    (The sim engine with zero timings is such a coroutine; tests may already run inside a loop.)
+    """
+    try:
+        while True:
+            coro.send(None)
+    except StopIteration as stop:
+        return cast(T, stop.value)
+
+
+class Proc:
+    """A Breakwater process (gateway, worker, sim-server) started with ``python -m breakwater``."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "breakwater", *args],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(5)
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class StackProcs:
+    """Gateways and workers of one test stack sharing a Redis and a key prefix."""
+
+    def __init__(self, redis_url: str, prefix: str, log_dir: Path) -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.log_dir = log_dir
+        self.gateways: list[tuple[Proc, str]] = []
+        self.workers: list[Proc] = []
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {
+            "BREAKWATER_REDIS_URL": self.redis_url,
+            "BREAKWATER_KEY_PREFIX": self.prefix,
+            "BREAKWATER_LOG_LEVEL": "INFO",
+            **(extra or {}),
+        }
+
+    def add_gateway(self, **settings: Any) -> str:
+        port = free_port()
+        env = self.env({f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()})
+        proc = Proc(["gateway", "--port", str(port)], env, self.log_dir / f"{self.prefix}-gw-{port}.log")
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _ready(url, proc), 30, 0.1, f"gateway {url} ready")
+        self.gateways.append((proc, url))
+        return url
+
+    def add_worker(self, model: str = "sim", **settings: Any) -> Proc:
+        n = len(self.workers)
+        env = self.env({f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()})
+        worker_id = f"{self.prefix}-w{n}"
+        proc = Proc(
+            ["worker", "--model", model, "--worker-id", worker_id], env, self.log_dir / f"{worker_id}.log"
+        )
+        self.workers.append(proc)
+        return proc
+
+    def wait_workers(self, url: str, model: str = "sim", count: int | None = None) -> None:
+        want = count if count is not None else sum(1 for w in self.workers if w.alive())
+
+        def ready() -> bool:
+            try:
+                data = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                return False
+            return any(m["id"] == model and m["workers"] >= want for m in data)
+
+        wait_for(ready, 30, 0.1, f"{want} workers for {model}")
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.alive():
+                proc.stop()
+        for proc, _ in self.gateways:
+            if proc.alive():
+                proc.stop()
+
+
+def _ready(url: str, proc: Proc) -> bool:
+    if not proc.alive():
+        raise AssertionError(f"process exited: {proc.log()[-2000:]}")
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
