@@ -16,6 +16,7 @@ import httpx
 
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.sim import SimEngine
+from breakwater.keys import Keys
 from breakwater.redis_server import free_port
 
 T = TypeVar("T")
@@ -54,6 +55,7 @@ def expected_sim(
     seed: int,
     max_tokens: int | None = None,
     stop: list[str] | None = None,
+    ignore_eos: bool = False,
     context_length: int = 4096,
 ) -> tuple[str, str, dict[str, int]]:
     """What an undisturbed sim run produces: (text, finish_reason, usage)."""
@@ -62,7 +64,13 @@ def expected_sim(
         engine = SimEngine(context_length=context_length)
         engine.add(
             GenerationRequest(
-                "x", prompt=prompt, messages=messages, max_tokens=max_tokens, seed=seed, stop=stop or []
+                "x",
+                prompt=prompt,
+                messages=messages,
+                max_tokens=max_tokens,
+                seed=seed,
+                stop=stop or [],
+                ignore_eos=ignore_eos,
             )
         )
         parts: list[str] = []
@@ -145,6 +153,9 @@ class StackProcs:
             "BREAKWATER_LOG_LEVEL": "INFO",
             **(extra or {}),
         }
+
+    def keys_request(self, rid: str) -> str:
+        return Keys(self.prefix).request(rid)
 
     def add_gateway(self, **settings: Any) -> str:
         port = free_port()

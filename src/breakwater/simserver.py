@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from breakwater.config import SimServerSettings
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
 from breakwater.engines.sim import SimEngine, SimTiming
-from breakwater.gateway.errors import APIError, install_error_handlers
+from breakwater.gateway.errors import APIError, JSONBody, install_error_handlers
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.sse import DONE, sse_event
 from breakwater.protocol.openai import (
@@ -141,7 +141,7 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
         if final is None:
             raise APIError(500, "the engine produced no output", type="server_error")
         build = chat_response if chat else text_response
-        return ORJSONResponse(
+        return JSONBody(
             build(rid, body.model, created, "".join(parts), final.finish_reason or "stop", final.usage)
         )
 

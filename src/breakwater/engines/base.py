@@ -36,6 +36,7 @@ class GenerationRequest:
     top_k: int = 0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
     emitted_text: str = ""
     emitted_tokens: int = 0
 

@@ -169,8 +169,8 @@ class SimEngine(Engine):
                 f"{self.info.context_length}",
                 code="context_length_exceeded",
             )
-        natural = 8 + _hash(request.seed, prompt, "len") % 57
         room = self.info.context_length - prompt_tokens
+        natural = room if request.ignore_eos else 8 + _hash(request.seed, prompt, "len") % 57
         limit = min(natural, room if request.max_tokens is None else min(request.max_tokens, room))
         self._seqs[request.request_id] = _Sequence(
             request=request,

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class JSONBody(Response):
+    """JSON response serialised with orjson."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class APIError(Exception):
@@ -41,12 +52,20 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
+
+
+def _union_tag(part: str) -> bool:
+    """Pydantic puts the tried union member in an error's location (``prompt.str``); hide it."""
+    return part in _TYPE_TAGS or "[" in part
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
@@ -56,27 +75,25 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> ORJSONResponse:
-        return ORJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _api_error(_: Request, exc: APIError) -> JSONBody:
+        return JSONBody(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
         message, param = _validation_message(exc)
-        return ORJSONResponse(
-            error_body(message, "invalid_request_error", "invalid_value", param), status_code=400
-        )
+        return JSONBody(error_body(message, "invalid_request_error", "invalid_value", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
         code = "not_found" if exc.status_code == 404 else None
-        return ORJSONResponse(
+        return JSONBody(
             error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code
         )
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> ORJSONResponse:
-        return ORJSONResponse(
+    async def _redis_down(_: Request, exc: Exception) -> JSONBody:
+        return JSONBody(
             error_body("the queue is unavailable; retry shortly", "service_unavailable", "redis_unavailable"),
             status_code=503,
             headers={"Retry-After": "1", "X-Breakwater-Reason": "redis_unavailable"},

@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import ORJSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from breakwater.gateway.errors import APIError
+from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.service import GatewayService, Submission
 from breakwater.gateway.sse import collect_response, sse_chunks
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -63,7 +63,7 @@ async def _complete(
     except BaseException:
         svc.detach_later(sub.rid)
         raise
-    return ORJSONResponse(result, headers=headers)
+    return JSONBody(result, headers=headers)
 
 
 async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
@@ -181,12 +181,12 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> Response:
     svc = service(request)
     if svc.draining:
-        return ORJSONResponse({"status": "draining"}, status_code=503)
+        return JSONBody({"status": "draining"}, status_code=503)
     try:
         await svc.broker.redis.ping()
     except Exception:
-        return ORJSONResponse({"status": "redis_unavailable"}, status_code=503)
-    return ORJSONResponse({"status": "ready"})
+        return JSONBody({"status": "redis_unavailable"}, status_code=503)
+    return JSONBody({"status": "ready"})
 
 
 @router.get("/metrics")

@@ -203,6 +203,7 @@ class GatewayService:
             "timeout_s": str(timeout_s),
             "include_usage": "1" if body.include_usage() else "0",
             "stop": orjson.dumps(body.stop_list()).decode(),
+            "ignore_eos": "1" if body.ignore_eos else "0",
         }
         limit = body.output_limit()
         if limit is not None:

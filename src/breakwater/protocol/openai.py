@@ -52,6 +52,7 @@ class _SamplingRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     timeout: float | None = Field(default=None, gt=0.0, description="Breakwater: deadline in seconds")
     lane: Literal["interactive", "batch"] = "interactive"
+    ignore_eos: bool = Field(default=False, description="vLLM extension: generate until max_tokens")
 
     @field_validator("n")
     @classmethod

@@ -33,6 +33,7 @@ def generation_request(rid: str, record: dict[str, str]) -> GenerationRequest:
         top_k=int(record.get("top_k") or 0),
         seed=seed,
         stop=list(orjson.loads(record.get("stop") or "[]")),
+        ignore_eos=record.get("ignore_eos") == "1",
         emitted_text=record.get("emitted", ""),
         emitted_tokens=int(record.get("tokens") or 0),
     )
