@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -51,7 +51,7 @@ async def async_wait_for(
 def expected_sim(
     *,
     prompt: str | None = None,
-    messages: list[dict[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
     seed: int,
     max_tokens: int | None = None,
     stop: list[str] | None = None,
@@ -66,7 +66,7 @@ def expected_sim(
             GenerationRequest(
                 "x",
                 prompt=prompt,
-                messages=messages,
+                messages=[{k: str(v) for k, v in m.items()} for m in messages] if messages else None,
                 max_tokens=max_tokens,
                 seed=seed,
                 stop=stop or [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.helpers import StackProcs, expected_sim
 
@@ -15,8 +16,8 @@ def _url(stack: StackProcs) -> str:
 
 def test_chat_completion_non_streaming(stack: StackProcs) -> None:
     client = openai.OpenAI(base_url=f"{_url(stack)}/v1", api_key="unused")
-    messages = [{"role": "user", "content": "Say hello to the harbor"}]
-    resp = client.chat.completions.create(model="sim", messages=messages, seed=7)  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello to the harbor"}]
+    resp = client.chat.completions.create(model="sim", messages=messages, seed=7)
     text, reason, usage = expected_sim(messages=messages, seed=7)
     assert resp.object == "chat.completion"
     assert resp.id.startswith("chatcmpl-")
@@ -32,14 +33,17 @@ def test_chat_completion_non_streaming(stack: StackProcs) -> None:
 
 def test_chat_completion_streaming_with_usage(stack: StackProcs) -> None:
     client = openai.OpenAI(base_url=f"{_url(stack)}/v1", api_key="unused")
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "stream please"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "stream please"},
+    ]
     chunks = list(
         client.chat.completions.create(
             model="sim",
             messages=messages,
             seed=11,
             max_tokens=20,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
             stream_options={"include_usage": True},
         )
     )

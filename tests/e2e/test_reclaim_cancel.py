@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -103,7 +104,7 @@ async def test_delete_cancels_and_frees_the_slot(two_workers: StackProcs, redis:
 
     await async_wait_for(slot_free_and_acked, 10, what="cancelled sequence left the batch and was acked")
     assert await redis.hget(two_workers.keys_request(rid), "status") == "cancelled"
-    last = await redis.xrevrange(f"{two_workers.prefix}:tok:{{{rid}}}", count=1)
+    last: Any = await redis.xrevrange(f"{two_workers.prefix}:tok:{{{rid}}}", count=1)
     assert last[0][1]["kind"] == "error", "tokens were appended after the cancel"
 
 
@@ -131,9 +132,8 @@ async def test_detached_request_keeps_running_then_is_cancelled(
     await async_wait_for(lambda: _tokens_above(redis, key, t0), 5, what="generation continues while detached")
     # ...then cancelled because nobody reattached.
     await async_wait_for(lambda: _status_is(redis, key, "cancelled"), 10, what="cancel after grace")
-    last = orjson.loads(
-        (await redis.xrevrange(f"{two_workers.prefix}:tok:{{{rid}}}", count=1))[0][1]["error"]
-    )
+    tail: Any = await redis.xrevrange(f"{two_workers.prefix}:tok:{{{rid}}}", count=1)
+    last = orjson.loads(tail[0][1]["error"])
     assert last["code"] == "cancelled"
 
 

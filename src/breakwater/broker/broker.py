@@ -106,8 +106,8 @@ class Broker:
         name = self.keys.idempotency(key)
         if await self.redis.set(name, rid, nx=True, ex=ttl_s):
             return None
-        existing = await self.redis.get(name)
-        return existing if existing is not None else None
+        existing: Any = await self.redis.get(name)
+        return str(existing) if existing is not None else None
 
     async def release_idempotency_key(self, key: str, rid: str) -> None:
         name = self.keys.idempotency(key)
@@ -143,13 +143,13 @@ class Broker:
     ) -> list[Job]:
         """New jobs for this consumer (``XREADGROUP >``), at most ``count``."""
         stream = self.keys.jobs(model, lane)
-        reply = await self.redis.xreadgroup(GROUP, worker_id, {stream: ">"}, count=count, block=block_ms)
+        reply: Any = await self.redis.xreadgroup(GROUP, worker_id, {stream: ">"}, count=count, block=block_ms)
         return self._jobs(stream, reply[0][1] if reply else [])
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
         """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
         stream = self.keys.jobs(model, lane)
-        reply = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, "0-0", count=count)
+        reply: Any = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, "0-0", count=count)
         entries = reply[1] if len(reply) > 1 else []
         return self._jobs(stream, entries)
 
@@ -187,7 +187,7 @@ class Broker:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():
-                pipe.xclaim(stream, GROUP, worker_id, 0, ids, justid=True)
+                pipe.xclaim(stream, GROUP, worker_id, 0, list[Any](ids), justid=True)
             await pipe.execute()
 
     # -- token streams ---------------------------------------------------------------------------
@@ -275,12 +275,14 @@ class Broker:
 
     async def read_events(self, rid: str, after: int, count: int = READ_PAGE) -> list[TokenEvent]:
         """Events with seq > ``after`` from the durable stream (entry ids are ``<seq>-0``)."""
-        entries = await self.redis.xrange(self.keys.tokens(rid), min=f"{after + 1}-0", max="+", count=count)
+        entries: Any = await self.redis.xrange(
+            self.keys.tokens(rid), min=f"{after + 1}-0", max="+", count=count
+        )
         return [TokenEvent.from_fields(fields) for _, fields in entries]
 
     async def get_request(self, rid: str) -> dict[str, str]:
-        record: dict[str, str] = await self.redis.hgetall(self.keys.request(rid))
-        return record
+        record: Any = await self.redis.hgetall(self.keys.request(rid))
+        return dict(record)
 
     async def statuses(self, rids: list[str]) -> list[dict[str, str | None]]:
         """Status, cancel flag and watcher info of many requests in one round trip."""
@@ -314,7 +316,7 @@ class Broker:
 
     async def live_workers(self) -> dict[str, dict[str, Any]]:
         """Registered workers whose liveness key is present; stale entries are removed."""
-        raw: dict[str, str] = await self.redis.hgetall(self.keys.workers())
+        raw: Any = await self.redis.hgetall(self.keys.workers())
         if not raw:
             return {}
         ids = list(raw)

@@ -61,7 +61,7 @@ class Fanin:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @property
     def active(self) -> int:
@@ -99,7 +99,7 @@ class Fanin:
         backoff = 0.05
         while True:
             try:
-                await self._pubsub.connect()
+                await self._pubsub.connect()  # type: ignore[no-untyped-call]
                 self.connected = True
                 while True:
                     message = await self._pubsub.get_message(timeout=1.0)

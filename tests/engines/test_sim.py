@@ -1,0 +1,130 @@
+"""The sim engine: deterministic, continuable, batched; and the shared stop-string checker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta, StopChecker
+from breakwater.engines.sim import SimEngine, SimTiming, count_tokens
+
+
+async def _run(engine: SimEngine, rid: str) -> list[SequenceDelta]:
+    out: list[SequenceDelta] = []
+    while True:
+        for delta in await engine.step():
+            if delta.request_id == rid:
+                out.append(delta)
+                if delta.finished:
+                    return out
+
+
+async def test_same_seed_same_text_and_continuation_is_exact() -> None:
+    full = await _run(
+        _engine(GenerationRequest("a", prompt="hello there", seed=3, max_tokens=30, ignore_eos=True)), "a"
+    )
+    text = "".join(d.text for d in full)
+    assert len(full) == 30 and full[-1].finish_reason == "length"
+    again = await _run(
+        _engine(GenerationRequest("a", prompt="hello there", seed=3, max_tokens=30, ignore_eos=True)), "a"
+    )
+    assert "".join(d.text for d in again) == text
+    other = await _run(_engine(GenerationRequest("a", prompt="hello there", seed=4, max_tokens=30)), "a")
+    assert "".join(d.text for d in other) != text
+    # Continue after 12 tokens: exactly the rest, usage counts the whole completion.
+    head = "".join(d.text for d in full[:12])
+    cont = await _run(
+        _engine(
+            GenerationRequest(
+                "a",
+                prompt="hello there",
+                seed=3,
+                max_tokens=30,
+                ignore_eos=True,
+                emitted_text=head,
+                emitted_tokens=12,
+            )
+        ),
+        "a",
+    )
+    assert head + "".join(d.text for d in cont) == text
+    assert cont[-1].usage == {"prompt_tokens": 2, "completion_tokens": 30}
+
+
+def _engine(*requests: GenerationRequest, capacity: int = 8, **timing: float) -> SimEngine:
+    engine = SimEngine(capacity=capacity, context_length=64, timing=SimTiming(**timing))
+    for request in requests:
+        engine.add(request)
+    return engine
+
+
+async def test_every_step_advances_all_running_sequences_and_cancel_frees_slot() -> None:
+    engine = _engine(
+        *(
+            GenerationRequest(str(i), prompt=f"p{i}", seed=i, max_tokens=10, ignore_eos=True)
+            for i in range(4)
+        ),
+        capacity=4,
+    )
+    assert engine.free_slots() == 0
+    deltas = await engine.step()
+    assert sorted(d.request_id for d in deltas) == ["0", "1", "2", "3"]
+    engine.cancel("2")
+    assert engine.free_slots() == 1
+    deltas = await engine.step()
+    assert sorted(d.request_id for d in deltas) == ["0", "1", "3"]
+
+
+async def test_step_time_grows_with_batch() -> None:
+    loop = asyncio.get_running_loop()
+    one = _engine(
+        GenerationRequest("a", prompt="x", seed=1, max_tokens=5), decode_base_ms=5, decode_per_seq_ms=5
+    )
+    t0 = loop.time()
+    await one.step()
+    single = loop.time() - t0
+    many = _engine(
+        *(GenerationRequest(str(i), prompt="x", seed=i, max_tokens=5) for i in range(8)),
+        decode_base_ms=5,
+        decode_per_seq_ms=5,
+    )
+    t0 = loop.time()
+    await many.step()
+    batched = loop.time() - t0
+    assert single >= 0.010 and batched >= 0.045  # 5 + 5*1 ms vs 5 + 5*8 ms
+
+
+def test_context_length_is_enforced() -> None:
+    engine = SimEngine(context_length=8)
+    with pytest.raises(EngineRequestError) as info:
+        engine.add(GenerationRequest("a", prompt="one two three four five six seven eight nine", seed=1))
+    assert info.value.code == "context_length_exceeded"
+    assert count_tokens("one two  three\nfour") == 4
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "emitted", "hit"),
+    [
+        (["hel", "lo wor", "ld"], ["wor"], "hello ", True),
+        (["ab", "c", "d"], ["cx"], "abcd", False),
+        (["x", "ST", "OP", "y"], ["STOP"], "x", True),
+        (["a\n", "\nb"], ["\n\n"], "a", True),
+        (["plain"], [], "plain", False),
+    ],
+)
+def test_stop_checker_never_emits_stop_text(
+    pieces: list[str], stops: list[str], emitted: str, hit: bool
+) -> None:
+    checker = StopChecker(stops)
+    out = ""
+    stopped = False
+    for piece in pieces:
+        text, stopped = checker.feed(piece)
+        out += text
+        if stopped:
+            break
+    if not stopped:
+        out += checker.flush()
+    assert out == emitted
+    assert stopped is hit
