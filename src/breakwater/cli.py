@@ -77,8 +77,10 @@ def gateway(
 
 @app.command()
 def worker(
-    engine: Annotated[str | None, typer.Option(help="sim")] = None,
-    model: Annotated[str | None, typer.Option(help="model name to serve")] = None,
+    engine: Annotated[str | None, typer.Option(help="sim | llamacpp")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (llamacpp: smollm2-135m-instruct)")] = None,
+    model_path: Annotated[str | None, typer.Option(help="llamacpp: serve this GGUF file")] = None,
+    n_threads: Annotated[int | None, typer.Option(help="llamacpp threads")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
     worker_id: Annotated[str | None, typer.Option(help="consumer name (default: host-random)")] = None,
     capacity: Annotated[int | None, typer.Option(help="max concurrent sequences")] = None,
@@ -100,6 +102,8 @@ def worker(
         **_given(
             engine=engine,
             model=model,
+            model_path=model_path,
+            n_threads=n_threads,
             redis_url=redis_url,
             worker_id=worker_id,
             capacity=capacity,
@@ -133,6 +137,9 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
     engine = build_engine(
         settings.engine,
         model=settings.model,
+        model_path=settings.model_path,
+        n_threads=settings.n_threads,
+        n_batch=settings.n_batch,
         capacity=settings.capacity,
         context_length=settings.context_length,
         prefill_ms_per_token=settings.sim_prefill_ms_per_token,
@@ -190,15 +197,17 @@ def up(
     host: Annotated[str, typer.Option(help="gateway bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gateway port")] = 8000,
     workers: Annotated[int, typer.Option(help="worker processes")] = 1,
-    engine: Annotated[str, typer.Option(help="engine of the workers")] = "sim",
-    model: Annotated[str, typer.Option(help="model to serve")] = "sim",
+    engine: Annotated[str, typer.Option(help="engine of the workers: llamacpp or sim")] = "llamacpp",
+    model: Annotated[str | None, typer.Option(help="model to serve")] = None,
     data_dir: Annotated[Path, typer.Option(help="Redis AOF and logs")] = Path(".breakwater"),
     redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of an embedded one")] = None,
     appendfsync: Annotated[str, typer.Option(help="AOF fsync: everysec or always")] = "everysec",
 ) -> None:
     """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers."""
+    from breakwater.engines.models import DEFAULT_MODEL
     from breakwater.stack import Stack, StackConfig, StackError
 
+    model = model or (DEFAULT_MODEL if engine == "llamacpp" else engine)
     stack = Stack(
         StackConfig(
             host=host,

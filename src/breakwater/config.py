@@ -34,9 +34,14 @@ class GatewaySettings(CommonSettings):
 class WorkerSettings(CommonSettings):
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     engine: str = "sim"
-    model: str = "sim"
-    capacity: int = Field(default=32, ge=1)
-    context_length: int = Field(default=4096, ge=16)
+    model: str | None = Field(default=None, description="model name (default: the engine's default)")
+    model_path: str | None = Field(default=None, description="llamacpp: any GGUF file")
+    capacity: int | None = Field(default=None, ge=1, description="max sequences (sim 32, llamacpp 8)")
+    context_length: int | None = Field(
+        default=None, ge=16, description="per sequence (sim 4096, llamacpp 2048)"
+    )
+    n_threads: int | None = Field(default=None, ge=1, description="llamacpp threads (default: all cores)")
+    n_batch: int = Field(default=256, ge=8, description="llamacpp tokens per decode step (prefill chunk)")
     heartbeat_s: float = Field(default=2.0, gt=0.0)
     lease_heartbeats: float = Field(default=3.0, ge=2.0, description="reclaim after this many missed beats")
     max_attempts: int = Field(default=3, ge=1)

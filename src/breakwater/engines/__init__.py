@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from breakwater.engines.base import Engine
 
+ENGINES = ("sim", "llamacpp")
+
 
 def build_engine(name: str, **options: Any) -> Engine:
     """Build an engine by name; imports lazily so optional engines need not be installed."""
+    capacity = options.get("capacity")
+    context_length = options.get("context_length")
     if name == "sim":
         from breakwater.engines.sim import SimEngine, SimTiming
 
         timing = SimTiming(**{k: v for k, v in options.items() if k in SimTiming.__dataclass_fields__})
         return SimEngine(
             model=str(options.get("model") or "sim"),
-            capacity=int(options.get("capacity") or 32),
-            context_length=int(options.get("context_length") or 4096),
+            capacity=int(capacity or 32),
+            context_length=int(context_length or 4096),
             timing=timing,
         )
-    raise ValueError(f"unknown engine {name!r} (available: sim)")
+    if name == "llamacpp":
+        from breakwater.engines.llamacpp import LlamaCppEngine
+        from breakwater.engines.models import DEFAULT_MODEL, bundled_gguf
+
+        model_path = options.get("model_path")
+        model = str(options.get("model") or (Path(model_path).stem if model_path else DEFAULT_MODEL))
+        path = Path(model_path) if model_path else bundled_gguf(model)
+        return LlamaCppEngine(
+            path,
+            model_name=model,
+            capacity=int(capacity or 8),
+            context_length=int(context_length or 2048),
+            n_threads=options.get("n_threads"),
+            n_batch=int(options.get("n_batch") or 256),
+        )
+    raise ValueError(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")

@@ -1,0 +1,318 @@
+"""The ``llamacpp`` engine: GGUF models through llama.cpp's low-level API with continuous batching.
+
+One llama context holds up to ``capacity`` sequences (one seq_id each). Every step builds one batch:
+one token for each decoding sequence, then prompt chunks of joining sequences up to the batch budget
+(so a long prompt never freezes running streams), decodes it once and samples each sequence with its
+own sampler chain (temperature, top_k, top_p, seed). Sequences join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from breakwater.engines.base import (
+    Engine,
+    EngineInfo,
+    EngineRequestError,
+    GenerationRequest,
+    SequenceDelta,
+    StopChecker,
+)
+
+
+GGML_LOG_LEVEL_ERROR = 3
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _QUIET_LOG(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """llama.cpp logs every load step to stderr; keep only errors."""
+    if level == GGML_LOG_LEVEL_ERROR:
+        os.write(2, text)
+
+
+@dataclass(slots=True)
+class _Seq:
+    request: GenerationRequest
+    slot: int
+    tokens: list[int]  # prompt (+ continued text) still to prefill, then nothing
+    prompt_tokens: int
+    limit: int  # completion tokens allowed in total (incl. continued ones)
+    sampler: Any
+    stop: StopChecker
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace")
+    )
+    n_past: int = 0
+    prefill_pos: int = 0
+    last_token: int | None = None
+    completion: int = 0
+    cancelled: bool = False
+
+
+class LlamaCppEngine(Engine):
+    """Continuous batching over one llama.cpp context."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        model_name: str,
+        capacity: int = 4,
+        context_length: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 256,
+    ) -> None:
+        self.model_path = model_path
+        self.capacity = capacity
+        self.requested_ctx = context_length
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.n_batch = n_batch
+        self.info = EngineInfo(
+            model=model_name, engine="llamacpp", context_length=context_length, capacity=capacity
+        )
+        self._seqs: dict[str, _Seq] = {}
+        self._free_slots = list(range(capacity))
+        self._to_clear: list[int] = []
+        self._work = asyncio.Event()
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._batch: Any = None
+        self._formatter: Jinja2ChatFormatter | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
+        llama_cpp.llama_log_set(_QUIET_LOG, ctypes.c_void_p())
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load {self.model_path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        per_seq = min(self.requested_ctx, train_ctx) if train_ctx > 0 else self.requested_ctx
+        self.info = EngineInfo(self.info.model, "llamacpp", per_seq, self.capacity)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = per_seq * self.capacity
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = self.capacity
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.kv_unified = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        template = self._meta("tokenizer.chat_template")
+        if template:
+            self._formatter = Jinja2ChatFormatter(
+                template,
+                eos_token=self._piece(llama_cpp.llama_vocab_eos(self._vocab), special=True),
+                bos_token=self._piece(llama_cpp.llama_vocab_bos(self._vocab), special=True),
+            )
+
+    async def close(self) -> None:
+        for seq in self._seqs.values():
+            llama_cpp.llama_sampler_free(seq.sampler)
+        self._seqs.clear()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    # -- tokenizer -------------------------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        data = text.encode()
+        n_max = len(data) + 16
+        arr = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), arr, n_max, special, special)
+        if n < 0:
+            arr = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), arr, -n, special, special)
+        return list(arr[:n])
+
+    def _piece_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def _piece(self, token: int, special: bool = False) -> str:
+        return self._piece_bytes(token, special).decode("utf-8", "replace")
+
+    def render(self, request: GenerationRequest) -> str:
+        """The prompt text: the model's own chat template for messages."""
+        if request.messages is None:
+            return request.prompt or ""
+        if self._formatter is None:
+            raise EngineRequestError(
+                f"model {self.info.model} has no chat template; use /v1/completions with a prompt",
+                code="chat_template_missing",
+            )
+        return str(self._formatter(messages=request.messages).prompt)
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self.tokenize(self.render(request), special=True))
+
+    # -- batching --------------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def running(self) -> int:
+        return len(self._seqs)
+
+    def add(self, request: GenerationRequest) -> None:
+        if not self._free_slots:
+            raise EngineRequestError("engine is full", code="engine_full")
+        prompt = self.tokenize(self.render(request), special=True)
+        ctx = self.info.context_length
+        continued = self.tokenize(request.emitted_text, special=False) if request.emitted_text else []
+        if len(prompt) + len(continued) >= ctx:
+            raise EngineRequestError(
+                f"the prompt has {len(prompt)} tokens; this model's context length is {ctx}",
+                code="context_length_exceeded",
+            )
+        room = ctx - len(prompt)
+        limit = room if request.max_tokens is None else min(request.max_tokens, room)
+        slot = self._free_slots.pop()
+        self._seqs[request.request_id] = _Seq(
+            request=request,
+            slot=slot,
+            tokens=prompt + continued,
+            prompt_tokens=len(prompt),
+            limit=limit,
+            sampler=self._sampler(request),
+            stop=StopChecker(request.stop),
+            completion=request.emitted_tokens,
+        )
+        self._work.set()
+
+    def _sampler(self, request: GenerationRequest) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if request.temperature <= 0.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if request.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(request.top_k))
+        if request.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(request.top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(request.temperature))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(request.seed & 0xFFFFFFFF))
+        return chain
+
+    def cancel(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self._release(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        # The KV cells are cleared at the start of the next step, never while a decode runs.
+        self._to_clear.append(seq.slot)
+        self._free_slots.append(seq.slot)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        seq.cancelled = True
+
+    async def step(self) -> list[SequenceDelta]:
+        while not self._seqs:
+            self._work.clear()
+            await self._work.wait()
+        mem = llama_cpp.llama_get_memory(self._ctx)
+        for slot in self._to_clear:
+            llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
+        self._to_clear.clear()
+        plan = self._plan()
+        sampled = await asyncio.to_thread(self._decode_and_sample, plan)
+        return [self._emit(seq, token) for seq, token in sampled if not seq.cancelled]
+
+    def _plan(self) -> list[tuple[_Seq, list[int], bool]]:
+        """(sequence, tokens to feed, whether to sample after) for one batch within ``n_batch``."""
+        plan: list[tuple[_Seq, list[int], bool]] = []
+        budget = self.n_batch
+        for seq in self._seqs.values():  # decoding sequences first: one token each
+            if seq.last_token is not None and budget > 0:
+                plan.append((seq, [seq.last_token], True))
+                budget -= 1
+        for seq in self._seqs.values():  # then prompt chunks
+            if seq.last_token is None and budget > 0:
+                chunk = seq.tokens[seq.prefill_pos : seq.prefill_pos + budget]
+                done = seq.prefill_pos + len(chunk) >= len(seq.tokens)
+                plan.append((seq, chunk, done))
+                budget -= len(chunk)
+        return plan
+
+    def _decode_and_sample(self, plan: list[tuple[_Seq, list[int], bool]]) -> list[tuple[_Seq, int]]:
+        batch = self._batch
+        n = 0
+        sample_at: list[tuple[_Seq, int]] = []
+        for seq, tokens, sample in plan:
+            for j, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = seq.n_past + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot
+                last = sample and j == len(tokens) - 1
+                batch.logits[n] = last
+                if last:
+                    sample_at.append((seq, n))
+                n += 1
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc}")
+        for seq, tokens, _ in plan:
+            seq.n_past += len(tokens)
+            if seq.last_token is None:
+                seq.prefill_pos += len(tokens)
+        return [(seq, int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, i))) for seq, i in sample_at]
+
+    def _emit(self, seq: _Seq, token: int) -> SequenceDelta:
+        seq.last_token = token
+        rid = seq.request.request_id
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            return self._finish(seq, seq.decoder.decode(b"", final=True) + seq.stop.flush(), 0, "stop")
+        seq.completion += 1
+        text, stopped = seq.stop.feed(seq.decoder.decode(self._piece_bytes(token)))
+        if stopped:
+            return self._finish(seq, text, 1, "stop")
+        if seq.completion >= seq.limit or seq.n_past + 1 >= self.info.context_length:
+            tail = seq.decoder.decode(b"", final=True)
+            return self._finish(seq, text + seq.stop.feed(tail)[0] + seq.stop.flush(), 1, "length")
+        return SequenceDelta(request_id=rid, text=text, tokens=1)
+
+    def _finish(self, seq: _Seq, text: str, tokens: int, reason: str) -> SequenceDelta:
+        self._seqs.pop(seq.request.request_id, None)
+        self._release(seq)
+        usage = {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.completion}
+        return SequenceDelta(
+            seq.request.request_id, text=text, tokens=tokens, finish_reason=reason, usage=usage
+        )
+
+    def stats(self) -> dict[str, Any]:
+        used = sum(s.n_past for s in self._seqs.values())
+        total = self.info.context_length * self.capacity
+        return {"running": len(self._seqs), "kv_cache_usage": used / total if total else 0.0}
