@@ -166,12 +166,14 @@ class StackProcs:
         self.gateways.append((proc, url))
         return url
 
-    def add_worker(self, model: str = "sim", **settings: Any) -> Proc:
+    def add_worker(self, model: str = "sim", engine: str = "sim", **settings: Any) -> Proc:
         n = len(self.workers)
         env = self.env({f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()})
         worker_id = f"{self.prefix}-w{n}"
         proc = Proc(
-            ["worker", "--model", model, "--worker-id", worker_id], env, self.log_dir / f"{worker_id}.log"
+            ["worker", "--engine", engine, "--model", model, "--worker-id", worker_id],
+            env,
+            self.log_dir / f"{worker_id}.log",
         )
         self.workers.append(proc)
         return proc

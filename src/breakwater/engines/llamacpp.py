@@ -14,7 +14,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -27,7 +27,6 @@ from breakwater.engines.base import (
     SequenceDelta,
     StopChecker,
 )
-
 
 GGML_LOG_LEVEL_ERROR = 3
 

@@ -1,0 +1,101 @@
+"""The real model through gateway + Redis + llamacpp workers, including a SIGKILL mid-generation."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.redis_server import RedisServer
+from tests.helpers import StackProcs
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
+    procs = StackProcs(redis_server.url, f"l{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        for _ in range(2):
+            procs.add_worker(
+                model=MODEL, engine="llamacpp", n_threads=1, capacity=4, context_length=1024, heartbeat_s=0.3
+            )
+        procs.wait_workers(url, MODEL, count=2)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def test_chat_answers_a_simple_instruction(llama_stack: StackProcs) -> None:
+    client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused")
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert "Paris" in (resp.choices[0].message.content or "")
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and 0 < resp.usage.completion_tokens < 40
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].model_extra is not None and models.data[0].model_extra["context_length"] == 1024
+
+
+def test_prompt_over_context_is_refused_before_queueing(llama_stack: StackProcs) -> None:
+    url = llama_stack.gateways[0][1]
+    resp = httpx.post(
+        f"{url}/v1/completions", json={"model": MODEL, "prompt": "word " * 8000, "max_tokens": 4}
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_sigkilled_llamacpp_worker_is_continued_seamlessly(
+    llama_stack: StackProcs, redis: Redis
+) -> None:
+    url = llama_stack.gateways[0][1]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+        "temperature": 0,
+        "max_tokens": 120,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    seqs: list[int] = []
+    text = ""
+    usage = None
+    killed = None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        seq = 0
+        for line in resp.iter_lines():
+            if line.startswith("id: "):
+                seq = int(line[4:])
+            elif line.startswith("data: {"):
+                data = orjson.loads(line[6:])
+                assert "error" not in data, data
+                if data["choices"]:
+                    seqs.append(seq)
+                    text += data["choices"][0]["delta"].get("content") or ""
+                usage = data.get("usage") or usage
+                if len(seqs) == 15 and killed is None:
+                    owner = await redis.hget(llama_stack.keys_request(rid), "worker")
+                    killed = next(w for w in llama_stack.workers if w.args[-1] == owner)
+                    killed.kill()
+    assert killed is not None
+    record = await redis.hgetall(llama_stack.keys_request(rid))
+    assert record["status"] == "done" and int(record["attempt"]) == 2
+    assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
+    assert text == record["emitted"]
+    assert usage is not None and usage["completion_tokens"] == 120
+    assert len(text.split()) > 40
