@@ -173,7 +173,7 @@ class LlamaCppEngine(Engine):
                 f"model {self.info.model} has no chat template; use /v1/completions with a prompt",
                 code="chat_template_missing",
             )
-        return str(self._formatter(messages=request.messages).prompt)
+        return str(self._formatter(messages=cast(Any, request.messages)).prompt)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self.tokenize(self.render(request), special=True))
