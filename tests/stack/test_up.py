@@ -48,9 +48,13 @@ def test_up_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
                 return False
 
         wait_for(ready, 60, 0.2, "stack up")
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
-        resp = client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "Hello!"}])
+        # The README's example, against the default engine (llamacpp) and bundled model.
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused") as client:
+            resp = client.chat.completions.create(
+                model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hello!"}]
+            )
         assert resp.choices[0].message.content
+        assert resp.usage is not None and resp.usage.completion_tokens > 0
         assert (tmp_path / "redis" / "appendonlydir").is_dir() or (
             tmp_path / "redis" / "appendonly.aof"
         ).exists()
