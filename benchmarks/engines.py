@@ -47,17 +47,23 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int)
     t0 = time.perf_counter()
     first = 0.0
     tokens = 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            data = orjson.loads(line[6:])
-            if data.get("usage"):
-                tokens = int(data["usage"]["completion_tokens"])
-            if not first and data.get("choices") and data["choices"][0]["delta"].get("content"):
-                first = time.perf_counter()
-    return (first or time.perf_counter()) - t0, tokens, time.perf_counter() - t0
+    chunks = 0
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                data = orjson.loads(line[6:])
+                if data.get("usage"):
+                    tokens = int(data["usage"]["completion_tokens"])
+                if data.get("choices") and data["choices"][0]["delta"].get("content"):
+                    chunks += 1  # one token per chunk, for servers that send no usage chunk
+                    if not first:
+                        first = time.perf_counter()
+    except httpx.HTTPError:
+        return float("nan"), -1, time.perf_counter() - t0  # counted as an error
+    return (first or time.perf_counter()) - t0, tokens or chunks, time.perf_counter() - t0
 
 
 async def run_level(url: str, model: str, streams: int, per_stream: int, max_tokens: int) -> dict[str, float]:
@@ -167,13 +173,14 @@ def main() -> None:
         f"Model SmolLM2-135M-Instruct Q4_1 (bundled), streaming chat, {args.max_tokens} output tokens "
         f"(`ignore_eos`), {args.requests_per_stream} requests per stream, closed loop.",
         "",
-        "| setup | streams | output tok/s | TTFT p50 | TTFT p99 |",
-        "|---|---|---|---|---|",
+        "| setup | streams | output tok/s | TTFT p50 | TTFT p99 | failed requests |",
+        "|---|---|---|---|---|---|",
     ]
     for name, by_level in rows.items():
         for n, r in by_level.items():
             lines.append(
-                f"| {name} | {n} | {r['tok_s']:.1f} | {r['ttft_p50']:.0f} ms | {r['ttft_p99']:.0f} ms |"
+                f"| {name} | {n} | {r['tok_s']:.1f} | {r['ttft_p50']:.0f} ms | {r['ttft_p99']:.0f} ms "
+                f"| {r['errors']:.0f} |"
             )
     if 1 in bw and 8 in bw:
         lines += [

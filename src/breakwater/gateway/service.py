@@ -164,8 +164,18 @@ class GatewayService:
 
     async def _existing(self, rid: str, subscribe: bool) -> Submission:
         record = await self.broker.get_request(rid)
+        for _ in range(100):  # the first request may be between binding the key and enqueueing
+            if record:
+                break
+            await asyncio.sleep(0.02)
+            record = await self.broker.get_request(rid)
         if not record:
-            raise APIError(409, "the idempotency key's request has expired", code="idempotency_key_expired")
+            raise APIError(
+                409,
+                "a request with this Idempotency-Key is not available (expired or refused); retry",
+                code="idempotency_key_conflict",
+                headers={"Retry-After": "1"},
+            )
         await self.broker.attach(rid)
         sub = await self.fanin.subscribe(rid) if subscribe else None
         return Submission(
