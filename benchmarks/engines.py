@@ -75,11 +75,13 @@ async def run_level(url: str, model: str, streams: int, per_stream: int, max_tok
 
         results = [r for rs in await asyncio.gather(*(loop() for _ in range(streams))) for r in rs]
         wall = time.perf_counter() - start
-    ttfts = [r[0] * 1000 for r in results]
+    ok = [r for r in results if r[1] >= 0]
+    ttfts = [r[0] * 1000 for r in ok]
     return {
-        "tok_s": sum(r[1] for r in results) / wall,
+        "tok_s": sum(r[1] for r in ok) / wall,
         "ttft_p50": pct(ttfts, 50),
         "ttft_p99": pct(ttfts, 99),
+        "errors": float(len(results) - len(ok)),
     }
 
 
