@@ -77,9 +77,16 @@ def gateway(
 
 @app.command()
 def worker(
-    engine: Annotated[str | None, typer.Option(help="sim | llamacpp")] = None,
-    model: Annotated[str | None, typer.Option(help="model name (llamacpp: smollm2-135m-instruct)")] = None,
+    engine: Annotated[str | None, typer.Option(help="sim | llamacpp | openai")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="model name (llamacpp: smollm2-135m-instruct | gemma3-270m)")
+    ] = None,
     model_path: Annotated[str | None, typer.Option(help="llamacpp: serve this GGUF file")] = None,
+    upstream_url: Annotated[str | None, typer.Option(help="openai: upstream base URL (…/v1)")] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
+    upstream_metrics_url: Annotated[
+        str | None, typer.Option(help="openai: vLLM-style /metrics URL ('off' to ignore)")
+    ] = None,
     n_threads: Annotated[int | None, typer.Option(help="llamacpp threads")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
     worker_id: Annotated[str | None, typer.Option(help="consumer name (default: host-random)")] = None,
@@ -103,6 +110,9 @@ def worker(
             engine=engine,
             model=model,
             model_path=model_path,
+            upstream_url=upstream_url,
+            upstream_model=upstream_model,
+            upstream_metrics_url=upstream_metrics_url,
             n_threads=n_threads,
             redis_url=redis_url,
             worker_id=worker_id,
@@ -146,6 +156,7 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
         decode_base_ms=settings.sim_decode_base_ms,
         decode_per_seq_ms=settings.sim_decode_per_seq_ms,
         jitter_frac=settings.sim_jitter_frac,
+        **{k: v for k, v in settings.model_dump().items() if k.startswith("upstream_")},
     )
     await engine.start()
     redis = connect(settings.redis_url)

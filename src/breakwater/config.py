@@ -36,12 +36,25 @@ class WorkerSettings(CommonSettings):
     engine: str = "sim"
     model: str | None = Field(default=None, description="model name (default: the engine's default)")
     model_path: str | None = Field(default=None, description="llamacpp: any GGUF file")
-    capacity: int | None = Field(default=None, ge=1, description="max sequences (sim 32, llamacpp 8)")
+    capacity: int | None = Field(
+        default=None, ge=1, description="max sequences (sim 32, llamacpp 8, openai 64 in flight)"
+    )
     context_length: int | None = Field(
         default=None, ge=16, description="per sequence (sim 4096, llamacpp 2048)"
     )
     n_threads: int | None = Field(default=None, ge=1, description="llamacpp threads (default: all cores)")
     n_batch: int = Field(default=256, ge=8, description="llamacpp tokens per decode step (prefill chunk)")
+    # openai (upstream) engine
+    upstream_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. :8001/v1")
+    upstream_model: str | None = Field(default=None, description="model id upstream (default: its first)")
+    upstream_api_key: str | None = None
+    upstream_metrics_url: str | None = Field(
+        default=None, description="vLLM-style /metrics (default: try the server's /metrics; 'off': never)"
+    )
+    upstream_max_waiting: int = Field(default=0, ge=0, description="pull only while upstream waiting <= this")
+    upstream_kv_high: float = Field(default=0.95, gt=0.0, le=1.0, description="pull only below this KV use")
+    upstream_pull_burst: int = Field(default=8, ge=1, description="jobs sent per metrics scrape at most")
+    upstream_wait_s: float = Field(default=600.0, ge=0.0, description="wait this long for the upstream")
     heartbeat_s: float = Field(default=2.0, gt=0.0)
     lease_heartbeats: float = Field(default=3.0, ge=2.0, description="reclaim after this many missed beats")
     max_attempts: int = Field(default=3, ge=1)

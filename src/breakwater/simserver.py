@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from breakwater.config import SimServerSettings
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
-from breakwater.engines.sim import SimEngine, SimTiming
+from breakwater.engines.sim import SimEngine, SimTiming, count_tokens
 from breakwater.gateway.errors import APIError, JSONBody, install_error_handlers
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.sse import DONE, sse_event
@@ -41,6 +41,8 @@ class SimDriver:
         self.queues: dict[str, asyncio.Queue[SequenceDelta]] = {}
         self._room = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self.waiting = 0  # requests accepted but not yet running (vLLM's num_requests_waiting)
+        self.peak_waiting = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -65,8 +67,13 @@ class SimDriver:
                     self._room.notify_all()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[SequenceDelta]:
-        async with self._room:
-            await self._room.wait_for(lambda: self.engine.free_slots() > 0)
+        self.waiting += 1
+        self.peak_waiting = max(self.peak_waiting, self.waiting)
+        try:
+            async with self._room:
+                await self._room.wait_for(lambda: self.engine.free_slots() > 0)
+        finally:
+            self.waiting -= 1
         queue: asyncio.Queue[SequenceDelta] = asyncio.Queue()
         self.queues[request.request_id] = queue
         try:
@@ -84,15 +91,45 @@ class SimDriver:
 
 
 def _request(body: ChatCompletionRequest | CompletionRequest, rid: str) -> GenerationRequest:
+    """The engine request; a chat ending in an assistant message with vLLM's ``continue_final_message``
+    continues that message (the sim then produces exactly the rest of the undisturbed answer)."""
     seed = body.seed if body.seed is not None else uuid.uuid4().int & 0xFFFFFFFF
+    limit = body.output_limit()
     if isinstance(body, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        emitted = ""
+        extra = body.model_extra or {}
+        if extra.get("continue_final_message") and messages[-1]["role"] == "assistant":
+            emitted = messages.pop()["content"]
+        done = count_tokens(emitted)
         return GenerationRequest(
-            rid, messages=messages, max_tokens=body.output_limit(), seed=seed, stop=body.stop_list()
+            rid,
+            messages=messages,
+            max_tokens=None if limit is None else limit + done,
+            seed=seed,
+            stop=body.stop_list(),
+            ignore_eos=body.ignore_eos,
+            emitted_text=emitted,
+            emitted_tokens=done,
         )
     return GenerationRequest(
-        rid, prompt=body.prompt_text(), max_tokens=body.max_tokens, seed=seed, stop=body.stop_list()
+        rid,
+        prompt=body.prompt_text(),
+        max_tokens=limit,
+        seed=seed,
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
     )
+
+
+def _usage(gen: GenerationRequest, usage: dict[str, int] | None) -> dict[str, int] | None:
+    """vLLM's accounting of a continuation: the continued text is prompt, only new tokens are completion."""
+    if usage is None or not gen.emitted_tokens:
+        return usage
+    return {
+        "prompt_tokens": usage["prompt_tokens"] + gen.emitted_tokens,
+        "completion_tokens": usage["completion_tokens"] - gen.emitted_tokens,
+    }
 
 
 def build_sim_app(settings: SimServerSettings) -> FastAPI:
@@ -116,42 +153,13 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
 
-    async def serve(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
-        if body.model != settings.model:
-            raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
-        chat = isinstance(body, ChatCompletionRequest)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        driver: SimDriver = request.app.state.driver
-        gen = _request(body, rid)
-        try:
-            driver.engine.add(gen)
-            driver.engine.cancel(rid)
-        except EngineRequestError as exc:
-            raise APIError(400, str(exc), code=exc.code) from None
-        if body.stream:
-            return StreamingResponse(
-                _stream(driver, gen, body, rid, created, chat), media_type="text/event-stream"
-            )
-        parts: list[str] = []
-        final: SequenceDelta | None = None
-        async for delta in driver.generate(gen):
-            parts.append(delta.text)
-            final = delta
-        if final is None:
-            raise APIError(500, "the engine produced no output", type="server_error")
-        build = chat_response if chat else text_response
-        return JSONBody(
-            build(rid, body.model, created, "".join(parts), final.finish_reason or "stop", final.usage)
-        )
-
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return await serve(body, request)
+        return await _serve(body, request, settings)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await serve(body, request)
+        return await _serve(body, request, settings)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -172,7 +180,60 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """The load gauges vLLM exports, under vLLM's names, so upstream workers can pull by them."""
+        return Response(_metrics_text(request.app.state.driver, settings.model), media_type="text/plain")
+
     return app
+
+
+async def _serve(
+    body: ChatCompletionRequest | CompletionRequest, request: Request, settings: SimServerSettings
+) -> Response:
+    if body.model != settings.model:
+        raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
+    chat = isinstance(body, ChatCompletionRequest)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    driver: SimDriver = request.app.state.driver
+    gen = _request(body, rid)
+    try:
+        driver.engine.add(gen)
+        driver.engine.cancel(rid)
+    except EngineRequestError as exc:
+        raise APIError(400, str(exc), code=exc.code) from None
+    if body.stream:
+        return StreamingResponse(
+            _stream(driver, gen, body, rid, created, chat), media_type="text/event-stream"
+        )
+    parts: list[str] = []
+    final: SequenceDelta | None = None
+    async for delta in driver.generate(gen):
+        parts.append(delta.text)
+        final = delta
+    if final is None:
+        raise APIError(500, "the engine produced no output", type="server_error")
+    build = chat_response if chat else text_response
+    usage = _usage(gen, final.usage)
+    return JSONBody(build(rid, body.model, created, "".join(parts), final.finish_reason or "stop", usage))
+
+
+def _metrics_text(driver: SimDriver, model: str) -> str:
+    running = driver.engine.running()
+    label = f'{{model_name="{model}"}}'
+    lines = [
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{label} {running}",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{label} {driver.waiting}",
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        f"vllm:kv_cache_usage_perc{label} {running / driver.engine.info.capacity}",
+        "# HELP breakwater_sim_peak_requests_waiting Most requests ever waiting at once.",
+        "# TYPE breakwater_sim_peak_requests_waiting gauge",
+        f"breakwater_sim_peak_requests_waiting {driver.peak_waiting}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 async def _stream(
@@ -200,5 +261,5 @@ async def _stream(
             else:
                 yield sse_event(text_chunk(rid, body.model, created, "", delta.finish_reason))
             if body.include_usage():
-                yield sse_event(usage_chunk(rid, body.model, created, chat, delta.usage))
+                yield sse_event(usage_chunk(rid, body.model, created, chat, _usage(gen, delta.usage)))
     yield DONE

@@ -7,7 +7,7 @@ from typing import Any
 
 from breakwater.engines.base import Engine
 
-ENGINES = ("sim", "llamacpp")
+ENGINES = ("sim", "llamacpp", "openai")
 
 
 def build_engine(name: str, **options: Any) -> Engine:
@@ -38,5 +38,24 @@ def build_engine(name: str, **options: Any) -> Engine:
             context_length=int(context_length or 2048),
             n_threads=options.get("n_threads"),
             n_batch=int(options.get("n_batch") or 256),
+        )
+    if name == "openai":
+        from breakwater.engines.upstream import OpenAIUpstreamEngine
+
+        url = options.get("upstream_url")
+        if not url:
+            raise ValueError("the openai engine needs --upstream-url (e.g. http://127.0.0.1:8001/v1)")
+        return OpenAIUpstreamEngine(
+            str(url),
+            model_name=options.get("model"),
+            upstream_model=options.get("upstream_model"),
+            capacity=int(capacity or 64),
+            context_length=int(context_length) if context_length else None,
+            api_key=options.get("upstream_api_key"),
+            metrics_url=options.get("upstream_metrics_url"),
+            max_waiting=int(options.get("upstream_max_waiting") or 0),
+            kv_high=float(options.get("upstream_kv_high") or 0.95),
+            pull_burst=int(options.get("upstream_pull_burst") or 8),
+            wait_ready_s=float(options.get("upstream_wait_s") or 600.0),
         )
     raise ValueError(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")

@@ -51,6 +51,8 @@ class SequenceDelta:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     error: str | None = None
+    # An error the request itself caused (the client gets a 400); otherwise a server-side failure.
+    error_code: str | None = None
 
     @property
     def finished(self) -> bool:

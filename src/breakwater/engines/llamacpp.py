@@ -28,13 +28,13 @@ from breakwater.engines.base import (
     StopChecker,
 )
 
-GGML_LOG_LEVEL_ERROR = 3
+GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _QUIET_LOG(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    """llama.cpp logs every load step to stderr; keep only errors."""
-    if level == GGML_LOG_LEVEL_ERROR:
+    """llama.cpp logs every load step to stderr; keep only warnings and errors."""
+    if level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR):
         os.write(2, text)
 
 

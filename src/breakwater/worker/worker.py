@@ -86,8 +86,11 @@ class Worker:
         while not self._stop.is_set():
             free = self.engine.free_slots()
             if free <= 0:
+                # Room comes back when a sequence ends, or (upstream engines) when the upstream's own
+                # metrics say it has drained its queue: look again at least every 200 ms.
                 self._slot_freed.clear()
-                await self._slot_freed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), 0.2)
                 continue
             try:
                 jobs = await self._next_jobs(free)
@@ -236,7 +239,12 @@ class Worker:
         tokens = delta.tokens + flight.held_tokens
         if delta.error is not None:
             seq = await self.broker.fail(
-                rid, attempt=flight.attempt, code="engine_error", message=delta.error, ttl_s=ttl
+                rid,
+                attempt=flight.attempt,
+                code=delta.error_code or "engine_error",
+                message=delta.error,
+                ttl_s=ttl,
+                error_type="invalid_request_error" if delta.error_code else "server_error",
             )
         else:
             seq = await self.broker.finish(

@@ -1,0 +1,419 @@
+"""The ``openai`` engine: forward jobs to an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp).
+
+The upstream does the batching; this engine keeps up to ``capacity`` requests in flight, one
+streaming HTTP request each, and turns their chunks into :class:`SequenceDelta`s. When the upstream
+exposes vLLM-style Prometheus metrics, the worker pulls only while the upstream has room (nothing
+waiting inside it, KV cache below the high-water mark), so the backlog waits in Redis where it can
+be reclaimed, moved and measured. A connection failure or 5xx mid-stream is retried, continuing from
+the text already emitted; a 4xx is the request's own fault and ends it with a client error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from breakwater.engines.base import Engine, EngineInfo, GenerationRequest, SequenceDelta
+
+log = logging.getLogger(__name__)
+
+# vLLM's names (and the older ones); sums are taken over label sets (several models or engines).
+WAITING_METRICS = ("vllm:num_requests_waiting",)
+RUNNING_METRICS = ("vllm:num_requests_running",)
+KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+class UpstreamError(Exception):
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+@dataclass(slots=True)
+class UpstreamLoad:
+    """The upstream's own view of its load, from its last metrics scrape."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    kv_cache_usage: float | None = None
+    scraped_at: float = 0.0
+
+
+def parse_load(text: str) -> UpstreamLoad | None:
+    """vLLM-style load from a Prometheus text page; None when the page has none of the metrics."""
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (*WAITING_METRICS, *RUNNING_METRICS, *KV_METRICS):
+                sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+    if not any(name in sums for name in WAITING_METRICS):
+        return None
+    kv = next((sums[n] for n in KV_METRICS if n in sums), None)
+    return UpstreamLoad(
+        waiting=sum(sums.get(n, 0.0) for n in WAITING_METRICS),
+        running=sum(sums.get(n, 0.0) for n in RUNNING_METRICS),
+        kv_cache_usage=kv,
+        scraped_at=time.monotonic(),
+    )
+
+
+@dataclass(slots=True)
+class _Flight:
+    request: GenerationRequest
+    task: asyncio.Task[None] | None = None
+    text: str = ""  # emitted so far, including what a reclaimed job had already emitted
+    tokens: int = 0
+
+
+class OpenAIUpstreamEngine(Engine):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model_name: str | None = None,
+        upstream_model: str | None = None,
+        capacity: int = 64,
+        context_length: int | None = None,
+        api_key: str | None = None,
+        metrics_url: str | None = None,
+        max_waiting: int = 0,
+        kv_high: float = 0.95,
+        pull_burst: int = 8,
+        scrape_s: float = 0.25,
+        retries: int = 2,
+        wait_ready_s: float = 600.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.upstream_model = upstream_model
+        self.capacity = capacity
+        self.requested_ctx = context_length
+        self.api_key = api_key
+        # None: try {server}/metrics and use it if it has vLLM's metrics; "off": never.
+        self.metrics_url = metrics_url
+        self.max_waiting = max_waiting
+        self.kv_high = kv_high
+        self.pull_burst = pull_burst
+        self.scrape_s = scrape_s
+        self.retries = retries
+        self.wait_ready_s = wait_ready_s
+        self.info = EngineInfo(
+            model=model_name or upstream_model or "upstream",
+            engine="openai",
+            context_length=context_length or 0,
+            capacity=capacity,
+        )
+        self.load: UpstreamLoad | None = None
+        self._sent_since_scrape = 0
+        self._flights: dict[str, _Flight] = {}
+        self._deltas: list[SequenceDelta] = []
+        self._ready = asyncio.Event()
+        self._client: httpx.AsyncClient | None = None
+        self._scraper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=None),
+            limits=httpx.Limits(max_connections=self.capacity + 4, max_keepalive_connections=self.capacity),
+        )
+        models = await self._wait_ready()
+        chosen = self._choose_model(models)
+        self.upstream_model = str(chosen["id"])
+        ctx = self.requested_ctx or int(chosen.get("max_model_len") or 0)
+        self.info = EngineInfo(
+            model=self.info.model if self.info.model != "upstream" else self.upstream_model,
+            engine="openai",
+            context_length=ctx,
+            capacity=self.capacity,
+        )
+        if self.metrics_url != "off":
+            url = self.metrics_url or self.base_url.removesuffix("/v1") + "/metrics"
+            if await self._scrape(url) or self.metrics_url:
+                self.metrics_url = url
+                self._scraper = asyncio.create_task(self._scrape_loop(url), name="upstream-metrics")
+            else:
+                log.info("upstream has no vLLM metrics; pulling by in-flight count only")
+
+    async def close(self) -> None:
+        for rid in list(self._flights):
+            self.cancel(rid)
+        if self._scraper is not None:
+            self._scraper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scraper
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _wait_ready(self) -> list[dict[str, Any]]:
+        """The upstream's model list, waiting for it to come up (a sidecar loads its model first)."""
+        deadline = time.monotonic() + self.wait_ready_s
+        last = "no answer"
+        while True:
+            try:
+                response = await self._http().get(f"{self.base_url}/models", timeout=10.0)
+                if response.status_code == 200:
+                    data = response.json().get("data") or []
+                    if data:
+                        return list(data)
+                    last = "no models listed"
+                else:
+                    last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"upstream {self.base_url} not ready after {self.wait_ready_s}s: {last}")
+            await asyncio.sleep(1.0)
+
+    def _choose_model(self, models: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.upstream_model is None:
+            return models[0]
+        for entry in models:
+            if entry.get("id") == self.upstream_model:
+                return entry
+        ids = ", ".join(str(m.get("id")) for m in models)
+        raise RuntimeError(f"upstream serves {ids}, not {self.upstream_model!r}")
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("engine not started")
+        return self._client
+
+    # -- load from the upstream's metrics ----------------------------------------------------------
+    async def _scrape(self, url: str) -> bool:
+        try:
+            response = await self._http().get(url, timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        if response.status_code != 200:
+            return False
+        load = parse_load(response.text)
+        if load is None:
+            return False
+        self.load = load
+        self._sent_since_scrape = 0
+        return True
+
+    async def _scrape_loop(self, url: str) -> None:
+        while True:
+            await asyncio.sleep(self.scrape_s)
+            if not await self._scrape(url) and self.load is not None:
+                self.load = None  # stale numbers are worse than none: fall back to the in-flight cap
+                log.warning("upstream metrics unavailable", extra={"fields": {"url": url}})
+
+    # -- the engine interface --------------------------------------------------------------------
+    def free_slots(self) -> int:
+        room = self.capacity - len(self._flights)
+        load = self.load
+        if load is None or room <= 0:
+            return max(0, room)
+        if load.waiting > self.max_waiting:
+            return 0
+        if load.kv_cache_usage is not None and load.kv_cache_usage >= self.kv_high:
+            return 0
+        # Jobs sent since the last scrape are not in its numbers yet: send a bounded burst per scrape.
+        return max(0, min(room, self.pull_burst - self._sent_since_scrape))
+
+    def running(self) -> int:
+        return len(self._flights)
+
+    def add(self, request: GenerationRequest) -> None:
+        flight = _Flight(request, text=request.emitted_text, tokens=request.emitted_tokens)
+        self._flights[request.request_id] = flight
+        self._sent_since_scrape += 1
+        flight.task = asyncio.create_task(self._run(flight), name=f"upstream-{request.request_id}")
+
+    def cancel(self, request_id: str) -> None:
+        flight = self._flights.pop(request_id, None)
+        if flight is not None and flight.task is not None:
+            flight.task.cancel()  # closes the HTTP stream: vLLM aborts a request whose client left
+        self._deltas = [d for d in self._deltas if d.request_id != request_id]
+
+    async def step(self) -> list[SequenceDelta]:
+        await self._ready.wait()
+        self._ready.clear()
+        deltas, self._deltas = self._deltas, []
+        return _merge(deltas)
+
+    def stats(self) -> dict[str, Any]:
+        load = self.load
+        if load is None:
+            return {}
+        return {
+            "kv_cache_usage": load.kv_cache_usage,
+            "upstream_waiting": load.waiting,
+            "upstream_running": load.running,
+        }
+
+    # -- one request -------------------------------------------------------------------------------
+    def _emit(self, delta: SequenceDelta) -> None:
+        if delta.request_id in self._flights:
+            self._deltas.append(delta)
+            self._ready.set()
+        if delta.finished:
+            self._flights.pop(delta.request_id, None)
+
+    async def _run(self, flight: _Flight) -> None:
+        rid = flight.request.request_id
+        failures = 0
+        while True:
+            start_tokens = flight.tokens
+            try:
+                await self._stream(flight, start_tokens)
+                return
+            except asyncio.CancelledError:
+                raise
+            except UpstreamError as exc:
+                if not exc.retryable:
+                    self._emit(SequenceDelta(rid, error=str(exc), error_code=_error_code(str(exc))))
+                    return
+                failure = str(exc)
+            except (httpx.HTTPError, ValueError) as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            failures += 1
+            if failures > self.retries:
+                self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
+                return
+            log.warning(
+                "upstream request failed; continuing from the emitted text",
+                extra={"rid": rid, "fields": {"error": failure, "emitted_tokens": flight.tokens}},
+            )
+            await asyncio.sleep(0.5 * failures)
+
+    def _body(self, flight: _Flight) -> tuple[str, dict[str, Any]]:
+        req = flight.request
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "seed": req.seed,
+        }
+        if req.max_tokens is not None:
+            body["max_tokens"] = max(1, req.max_tokens - flight.tokens)
+        if req.stop:
+            body["stop"] = req.stop
+        if req.top_k > 0:
+            body["top_k"] = req.top_k  # vLLM, SGLang and llama.cpp accept these sampling extensions
+        if req.ignore_eos:
+            body["ignore_eos"] = True
+        if req.messages is None:
+            body["prompt"] = (req.prompt or "") + flight.text
+            return "/completions", body
+        body["messages"] = list(req.messages)
+        if flight.text:
+            # Continue the partial answer instead of starting a new turn (vLLM's chat extension).
+            body["messages"].append({"role": "assistant", "content": flight.text})
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        return "/chat/completions", body
+
+    async def _stream(self, flight: _Flight, start_tokens: int) -> None:
+        rid = flight.request.request_id
+        path, body = self._body(flight)
+        chat = path == "/chat/completions"
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        async with self._http().stream("POST", self.base_url + path, content=orjson.dumps(body)) as response:
+            if response.status_code != 200:
+                raw = await response.aread()
+                raise UpstreamError(_error_message(raw, response.status_code), status=response.status_code)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = orjson.loads(data)
+                if "error" in chunk:
+                    raise UpstreamError(_error_message(data.encode(), 500), status=500)
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                    if text:
+                        flight.text += text
+                        flight.tokens += 1  # one chunk per token; corrected by the final usage
+                        self._emit(SequenceDelta(rid, text=text, tokens=1))
+                    finish = choice.get("finish_reason") or finish
+        if finish is None:
+            raise UpstreamError("the upstream stream ended without a finish_reason")
+        self._emit(self._final(flight, start_tokens, finish, usage))
+
+    @staticmethod
+    def _final(
+        flight: _Flight, start_tokens: int, finish: str, usage: dict[str, Any] | None
+    ) -> SequenceDelta:
+        """The last delta: exact counts from the upstream's usage when it sends them."""
+        rid = flight.request.request_id
+        if not usage:
+            return SequenceDelta(
+                rid,
+                finish_reason=finish,
+                usage={"prompt_tokens": 0, "completion_tokens": flight.tokens},
+            )
+        exact = start_tokens + int(usage.get("completion_tokens") or 0)
+        correction = max(0, exact - flight.tokens)
+        total = max(exact, flight.tokens)
+        # A continuation's prompt held the text emitted before it: that part is completion, not prompt.
+        prompt = max(0, int(usage.get("prompt_tokens") or 0) - start_tokens)
+        flight.tokens = total
+        return SequenceDelta(
+            rid,
+            tokens=correction,
+            finish_reason=finish,
+            usage={"prompt_tokens": prompt, "completion_tokens": total},
+        )
+
+
+def _merge(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
+    """One delta per sequence per step, in arrival order."""
+    merged: dict[str, SequenceDelta] = {}
+    for delta in deltas:
+        prev = merged.get(delta.request_id)
+        if prev is None or prev.finished:
+            merged[delta.request_id] = delta
+            continue
+        prev.text += delta.text
+        prev.tokens += delta.tokens
+        prev.finish_reason = delta.finish_reason
+        prev.usage = delta.usage
+        prev.error = delta.error
+        prev.error_code = delta.error_code
+    return list(merged.values())
+
+
+def _error_message(raw: bytes, status: int) -> str:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return f"upstream HTTP {status}: {raw[:300].decode(errors='replace')}"
+    err = body.get("error", body) if isinstance(body, dict) else body
+    message = err.get("message") if isinstance(err, dict) else None
+    if message is None and isinstance(body, dict):
+        message = body.get("detail")
+    return f"upstream HTTP {status}: {message if message is not None else str(body)[:300]}"
+
+
+def _error_code(message: str) -> str:
+    lowered = message.lower()
+    if "context" in lowered and ("length" in lowered or "window" in lowered):
+        return "context_length_exceeded"
+    return "upstream_rejected"

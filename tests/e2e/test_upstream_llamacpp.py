@@ -1,0 +1,145 @@
+"""The ``openai`` engine in front of a real model served by ``llama-cpp-python[server]``.
+
+That server has no vLLM metrics and no streaming usage, so the worker falls back to its in-flight cap
+and counts streamed tokens; answers must still be the model's, and a SIGKILLed worker's request is
+continued by the other worker through the same upstream.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.engines.models import bundled_gguf
+from breakwater.redis_server import RedisServer, free_port
+from tests.helpers import StackProcs, wait_for
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def llama_server(log_dir: Path) -> Iterator[str]:
+    port = free_port()
+    with open(log_dir / "llama-cpp-server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "llama_cpp.server"),
+                *("--model", str(bundled_gguf(MODEL)), "--model_alias", "smol"),
+                *("--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"),
+                *("--interrupt_requests", "False"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, (log_dir / "llama-cpp-server.log").read_text()[-2000:]
+        try:
+            return httpx.get(f"{url}/v1/models", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, 0.2, "llama-cpp-python server up")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@pytest.fixture(scope="module")
+def proxied(redis_server: RedisServer, log_dir: Path, llama_server: str) -> Iterator[StackProcs]:
+    procs = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        for _ in range(2):
+            procs.add_worker(
+                MODEL,
+                "openai",
+                upstream_url=f"{llama_server}/v1",
+                upstream_model="smol",
+                context_length=2048,
+                capacity=2,
+                heartbeat_s=0.3,
+            )
+        procs.wait_workers(url, MODEL, count=2)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def test_real_answer_through_the_upstream(proxied: StackProcs) -> None:
+    client = openai.OpenAI(base_url=f"{proxied.gateways[0][1]}/v1", api_key="x")
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert "Paris" in (resp.choices[0].message.content or "")
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and 0 < resp.usage.completion_tokens < 40
+    models = {m.id: m.model_extra or {} for m in client.models.list().data}
+    assert models[MODEL]["context_length"] == 2048
+
+
+def test_stop_and_length_through_the_upstream(proxied: StackProcs) -> None:
+    client = openai.OpenAI(base_url=f"{proxied.gateways[0][1]}/v1", api_key="x")
+    prompt = "Count from 1 to 50, separated by commas: 1, 2, 3,"
+    cut = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6)
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None and cut.usage.completion_tokens == 6
+    stopped = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=60, stop=["8"])
+    text = stopped.choices[0].text
+    assert stopped.choices[0].finish_reason == "stop"
+    assert "8" not in text and "7" in text
+
+
+async def test_sigkilled_worker_is_continued_through_the_upstream(proxied: StackProcs, redis: Redis) -> None:
+    url = proxied.gateways[0][1]
+    body = {
+        "model": MODEL,
+        "prompt": "Count from 1 to 50, separated by commas: 1, 2, 3,",
+        "temperature": 0,
+        "max_tokens": 60,
+        "stream": True,
+    }
+    parts: list[str] = []
+    seqs: list[int] = []
+    killed = None
+    async with (
+        httpx.AsyncClient(timeout=120) as http,
+        http.stream("POST", f"{url}/v1/completions", json=body) as resp,
+    ):
+        rid = resp.headers["x-breakwater-request-id"]
+        seq = 0
+        async for line in resp.aiter_lines():
+            if line.startswith("id: "):
+                seq = int(line[4:])
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                data = orjson.loads(line[6:])
+                seqs.append(seq)
+                if data["choices"]:
+                    parts.append(data["choices"][0]["text"])
+                if len(seqs) == 8 and killed is None:
+                    owner = await redis.hget(proxied.keys_request(rid), "worker")
+                    killed = next(w for w in proxied.workers if w.args[-1] == owner)
+                    killed.kill()
+    assert killed is not None
+    record = await redis.hgetall(proxied.keys_request(rid))
+    assert record["status"] == "done" and int(record["attempt"]) == 2
+    assert seqs == list(range(1, len(seqs) + 1))
+    text = "".join(parts)
+    # Greedy decoding continued from prompt + emitted text: the count goes on without a repeat or gap.
+    numbers = [int(n) for n in text.replace(" ", "").split(",") if n.isdigit()]
+    assert numbers[:10] == list(range(4, 14))
