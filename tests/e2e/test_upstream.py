@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -216,7 +217,7 @@ async def test_pulls_by_the_upstream_queue(
     procs = StackProcs(redis_server.url, f"u{uuid.uuid4().hex[:10]}", log_dir)
     try:
         url = procs.add_gateway()
-        extra = {} if metrics == "auto" else {"upstream_metrics_url": "off"}
+        extra: dict[str, Any] = {} if metrics == "auto" else {"upstream_metrics_url": "off"}
         procs.add_worker(MODEL, "openai", upstream_url=sim_url, capacity=32, upstream_pull_burst=2, **extra)
         procs.wait_workers(url, MODEL)
         texts = await _burst(url, 16)

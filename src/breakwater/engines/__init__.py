@@ -7,7 +7,9 @@ from typing import Any
 
 from breakwater.engines.base import Engine
 
-ENGINES = ("sim", "llamacpp", "openai")
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+ENGINES = ("sim", "llamacpp", "openai", "vllm")
 
 
 def build_engine(name: str, **options: Any) -> Engine:
@@ -57,5 +59,17 @@ def build_engine(name: str, **options: Any) -> Engine:
             kv_high=float(options.get("upstream_kv_high") or 0.95),
             pull_burst=int(options.get("upstream_pull_burst") or 8),
             wait_ready_s=float(options.get("upstream_wait_s") or 600.0),
+        )
+    if name == "vllm":
+        try:
+            from breakwater.engines.vllm import VLLMEngine
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise ValueError(f"the vllm engine needs vLLM: pip install 'breakwater[vllm]' ({exc})") from exc
+        return VLLMEngine(
+            model_name=str(options.get("model") or DEFAULT_MODEL_NAME),
+            model_path=options.get("model_path"),
+            capacity=int(capacity or 32),
+            context_length=int(context_length or 2048),
+            engine_args=options.get("vllm_args") or {},
         )
     raise ValueError(f"unknown engine {name!r} (available: {', '.join(ENGINES)})")

@@ -21,7 +21,8 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from breakwater.engines.base import Engine, EngineInfo, GenerationRequest, SequenceDelta
+from breakwater.engines.base import EngineInfo, GenerationRequest, SequenceDelta
+from breakwater.engines.streams import Flight, StreamingEngine
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,7 @@ def parse_load(text: str) -> UpstreamLoad | None:
     )
 
 
-@dataclass(slots=True)
-class _Flight:
-    request: GenerationRequest
-    task: asyncio.Task[None] | None = None
-    text: str = ""  # emitted so far, including what a reclaimed job had already emitted
-    tokens: int = 0
-
-
-class OpenAIUpstreamEngine(Engine):
+class OpenAIUpstreamEngine(StreamingEngine):
     def __init__(
         self,
         base_url: str,
@@ -116,11 +109,9 @@ class OpenAIUpstreamEngine(Engine):
             context_length=context_length or 0,
             capacity=capacity,
         )
+        super().__init__()
         self.load: UpstreamLoad | None = None
         self._sent_since_scrape = 0
-        self._flights: dict[str, _Flight] = {}
-        self._deltas: list[SequenceDelta] = []
-        self._ready = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
         self._scraper: asyncio.Task[None] | None = None
 
@@ -153,8 +144,7 @@ class OpenAIUpstreamEngine(Engine):
                 log.info("upstream has no vLLM metrics; pulling by in-flight count only")
 
     async def close(self) -> None:
-        for rid in list(self._flights):
-            self.cancel(rid)
+        await super().close()
         if self._scraper is not None:
             self._scraper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -231,26 +221,9 @@ class OpenAIUpstreamEngine(Engine):
         # Jobs sent since the last scrape are not in its numbers yet: send a bounded burst per scrape.
         return max(0, min(room, self.pull_burst - self._sent_since_scrape))
 
-    def running(self) -> int:
-        return len(self._flights)
-
     def add(self, request: GenerationRequest) -> None:
-        flight = _Flight(request, text=request.emitted_text, tokens=request.emitted_tokens)
-        self._flights[request.request_id] = flight
+        super().add(request)
         self._sent_since_scrape += 1
-        flight.task = asyncio.create_task(self._run(flight), name=f"upstream-{request.request_id}")
-
-    def cancel(self, request_id: str) -> None:
-        flight = self._flights.pop(request_id, None)
-        if flight is not None and flight.task is not None:
-            flight.task.cancel()  # closes the HTTP stream: vLLM aborts a request whose client left
-        self._deltas = [d for d in self._deltas if d.request_id != request_id]
-
-    async def step(self) -> list[SequenceDelta]:
-        await self._ready.wait()
-        self._ready.clear()
-        deltas, self._deltas = self._deltas, []
-        return _merge(deltas)
 
     def stats(self) -> dict[str, Any]:
         load = self.load
@@ -263,14 +236,7 @@ class OpenAIUpstreamEngine(Engine):
         }
 
     # -- one request -------------------------------------------------------------------------------
-    def _emit(self, delta: SequenceDelta) -> None:
-        if delta.request_id in self._flights:
-            self._deltas.append(delta)
-            self._ready.set()
-        if delta.finished:
-            self._flights.pop(delta.request_id, None)
-
-    async def _run(self, flight: _Flight) -> None:
+    async def _generate(self, flight: Flight) -> None:
         rid = flight.request.request_id
         failures = 0
         while True:
@@ -297,7 +263,7 @@ class OpenAIUpstreamEngine(Engine):
             )
             await asyncio.sleep(0.5 * failures)
 
-    def _body(self, flight: _Flight) -> tuple[str, dict[str, Any]]:
+    def _body(self, flight: Flight) -> tuple[str, dict[str, Any]]:
         req = flight.request
         body: dict[str, Any] = {
             "model": self.upstream_model,
@@ -326,7 +292,7 @@ class OpenAIUpstreamEngine(Engine):
             body["add_generation_prompt"] = False
         return "/chat/completions", body
 
-    async def _stream(self, flight: _Flight, start_tokens: int) -> None:
+    async def _stream(self, flight: Flight, start_tokens: int) -> None:
         rid = flight.request.request_id
         path, body = self._body(flight)
         chat = path == "/chat/completions"
@@ -358,9 +324,7 @@ class OpenAIUpstreamEngine(Engine):
         self._emit(self._final(flight, start_tokens, finish, usage))
 
     @staticmethod
-    def _final(
-        flight: _Flight, start_tokens: int, finish: str, usage: dict[str, Any] | None
-    ) -> SequenceDelta:
+    def _final(flight: Flight, start_tokens: int, finish: str, usage: dict[str, Any] | None) -> SequenceDelta:
         """The last delta: exact counts from the upstream's usage when it sends them."""
         rid = flight.request.request_id
         if not usage:
@@ -381,23 +345,6 @@ class OpenAIUpstreamEngine(Engine):
             finish_reason=finish,
             usage={"prompt_tokens": prompt, "completion_tokens": total},
         )
-
-
-def _merge(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
-    """One delta per sequence per step, in arrival order."""
-    merged: dict[str, SequenceDelta] = {}
-    for delta in deltas:
-        prev = merged.get(delta.request_id)
-        if prev is None or prev.finished:
-            merged[delta.request_id] = delta
-            continue
-        prev.text += delta.text
-        prev.tokens += delta.tokens
-        prev.finish_reason = delta.finish_reason
-        prev.usage = delta.usage
-        prev.error = delta.error
-        prev.error_code = delta.error_code
-    return list(merged.values())
 
 
 def _error_message(raw: bytes, status: int) -> str:

@@ -84,7 +84,8 @@ class Worker:
     # -- pulling ---------------------------------------------------------------------------------
     async def _pull_loop(self, burst: bool) -> None:
         while not self._stop.is_set():
-            free = self.engine.free_slots()
+            # The engine may free a slot before the worker has acked that job: count both.
+            free = min(self.engine.free_slots(), self.engine.info.capacity - len(self.inflight))
             if free <= 0:
                 # Room comes back when a sequence ends, or (upstream engines) when the upstream's own
                 # metrics say it has drained its queue: look again at least every 200 ms.
@@ -258,7 +259,6 @@ class Worker:
                 finish_reason=delta.finish_reason or "stop",
                 usage=delta.usage,
             )
-        self.inflight.pop(rid, None)
         if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
             log.warning("finish fenced off", extra={"rid": rid})
         else:
@@ -272,15 +272,16 @@ class Worker:
                     "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
                 },
             )
+        self.inflight.pop(rid, None)  # only now: the slot counts as taken until its job is acked
         self._slot_freed.set()
 
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         """Stop a sequence whose request was cancelled, finished or taken over elsewhere."""
         rid = flight.job.rid
         self.engine.cancel(rid)
-        self.inflight.pop(rid, None)
         if not fenced:
             await self.broker.ack(flight.job)
+        self.inflight.pop(rid, None)
         self.metrics.jobs.labels(self.model, "dropped").inc()
         log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})
         self._slot_freed.set()
@@ -297,6 +298,7 @@ class Worker:
             "active": self.engine.running(),
             "draining": self.draining,
             "kv_cache_usage": stats.get("kv_cache_usage"),
+            "engine_stats": stats,
             "ts_ms": now_ms(),
         }
 

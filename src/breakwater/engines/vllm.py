@@ -1,0 +1,213 @@
+"""The ``vllm`` engine: vLLM's async engine inside the worker process (``pip install breakwater[vllm]``).
+
+vLLM does the continuous batching, paged attention and prefix caching; the worker submits each job
+with its sampling parameters and seed, streams DELTA outputs, aborts by leaving the stream, and
+pulls only while vLLM has a free sequence slot and nothing waiting (read from its scheduler stats),
+so the backlog stays in Redis. Prompts are tokenized here (the chat template of the model's
+tokenizer), which makes usage exact and lets a reclaimed job continue from prompt + emitted text.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from breakwater.engines.base import EngineInfo, EngineRequestError, GenerationRequest, SequenceDelta
+from breakwater.engines.models import BUNDLED
+from breakwater.engines.streams import Flight, StreamingEngine
+
+log = logging.getLogger(__name__)
+
+
+def cpu_defaults() -> None:
+    """Offline, quiet, and on small CPU machines compute on every core (vLLM reserves one by default)."""
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+class _Load:
+    """The scheduler's last stats (running, waiting, KV-cache usage), fed by a vLLM stat logger."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+
+    def factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        load = self
+
+        class Recorder(StatLoggerBase):  # type: ignore[misc]
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    load.running = int(scheduler_stats.num_running_reqs)
+                    load.waiting = int(scheduler_stats.num_waiting_reqs)
+                    load.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Recorder
+
+
+class VLLMEngine(StreamingEngine):
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        model_path: str | None = None,
+        capacity: int = 32,
+        context_length: int = 2048,
+        kv_high: float = 0.95,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_path = model_path
+        self.capacity = capacity
+        self.kv_high = kv_high
+        self.engine_args = dict(engine_args or {})
+        self.info = EngineInfo(model_name, "vllm", context_length, capacity)
+        self.load = _Load()
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._sampling: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cpu_defaults()
+        from vllm import AsyncEngineArgs, SamplingParams
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._sampling = SamplingParams
+        path = self._resolve_model()
+        args: dict[str, Any] = {
+            "model": path,
+            "served_model_name": [self.info.model],
+            "max_model_len": self.info.context_length,
+            "max_num_seqs": self.capacity,
+            "disable_log_stats": False,  # the scheduler stats drive pulling
+        }
+        if current_platform.is_cpu():
+            args["enforce_eager"] = True  # compiling takes minutes on CPU and its cache did not persist
+        args.update(self.engine_args)  # GPU flags pass through: tensor_parallel_size, quantization, ...
+        log.info("starting vLLM", extra={"fields": {"args": {k: str(v) for k, v in args.items()}}})
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self.load.factory()])
+        self._tokenizer = self._llm.get_tokenizer()
+        config = self._llm.vllm_config
+        self.capacity = int(config.scheduler_config.max_num_seqs)
+        self.info = EngineInfo(
+            model=self.info.model,
+            engine="vllm",
+            context_length=int(config.model_config.max_model_len),
+            capacity=self.capacity,
+        )
+
+    def _resolve_model(self) -> str:
+        if self.model_path:
+            return self.model_path
+        if self.info.model in BUNDLED:
+            from breakwater.engines.prepare import prepare_hf
+
+            return str(prepare_hf(self.info.model))
+        if Path(self.info.model).exists():
+            return self.info.model
+        return self.info.model  # a model id vLLM resolves itself (hub cache, or a path it knows)
+
+    async def close(self) -> None:
+        await super().close()
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm
+            gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit when its helpers are gone
+
+    # -- the engine interface --------------------------------------------------------------------
+    def free_slots(self) -> int:
+        if self.load.waiting > 0 or self.load.kv_cache_usage >= self.kv_high:
+            return 0  # vLLM is out of KV blocks: more jobs would only wait inside it
+        return max(0, self.capacity - self.running())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "kv_cache_usage": self.load.kv_cache_usage,
+            "engine_running": self.load.running,
+            "engine_waiting": self.load.waiting,
+        }
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids: the tokenizer's chat template for messages (BOS from the template)."""
+        tok = self._tokenizer
+        if request.messages is None:
+            return list(tok.encode(request.prompt or "", add_special_tokens=True))
+        if not getattr(tok, "chat_template", None):
+            raise EngineRequestError(
+                f"model {self.info.model} has no chat template; use /v1/completions with a prompt",
+                code="chat_template_missing",
+            )
+        text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        return list(tok.encode(text, add_special_tokens=False))
+
+    def new_flight(self, request: GenerationRequest) -> Flight:
+        prompt = self.tokenize(request)
+        ctx = self.info.context_length
+        if len(prompt) >= ctx:
+            raise EngineRequestError(
+                f"This model's maximum context length is {ctx} tokens; the prompt has {len(prompt)}.",
+                code="context_length_exceeded",
+            )
+        flight = super().new_flight(request)
+        flight.prompt_ids = prompt
+        return flight
+
+    async def _generate(self, flight: Flight) -> None:
+        req = flight.request
+        rid = req.request_id
+        prompt = flight.prompt_ids
+        continued = self._tokenizer.encode(flight.text, add_special_tokens=False) if flight.text else []
+        ids = prompt + list(continued)
+        room = self.info.context_length - len(ids)
+        wanted = room if req.max_tokens is None else req.max_tokens - flight.tokens
+        from vllm.sampling_params import RequestOutputKind
+
+        params = self._sampling(
+            n=1,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            max_tokens=max(1, min(wanted, room)),
+            stop=req.stop or None,
+            ignore_eos=req.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        finish: str | None = None
+        async for out in self._llm.generate(
+            {"prompt_token_ids": ids}, params, request_id=f"{rid}-{uuid.uuid4().hex[:8]}"
+        ):
+            choice = out.outputs[0]
+            n = len(choice.token_ids)
+            flight.tokens += n
+            flight.text += choice.text
+            finish = choice.finish_reason or finish
+            if choice.text or n:
+                self._emit(SequenceDelta(rid, text=choice.text, tokens=n))
+        if finish is None:
+            raise RuntimeError("vLLM ended the request without a finish reason")
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": flight.tokens}
+        self._emit(SequenceDelta(rid, finish_reason=finish, usage=usage))

