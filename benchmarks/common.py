@@ -20,10 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], env: dict[str, str], log: Path, python: str = sys.executable
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "breakwater", *args],
+            [python, "-m", "breakwater", *args],
             env={**os.environ, **env},
             stdout=fh,
             stderr=subprocess.STDOUT,

@@ -1,11 +1,16 @@
-"""Continuous batching of the llamacpp engine, side by side with llama-cpp-python's own server.
+"""Engines side by side: Breakwater's engines against the same engine's own OpenAI server.
 
-Runs N concurrent streaming chat requests (closed loop, fixed output length) through
-gateway + Redis + one llamacpp worker, and, when ``llama_cpp.server`` is importable
-(``pip install 'llama-cpp-python[server]'``), against ``python -m llama_cpp.server`` on the same GGUF.
-Reports aggregate output tokens/s and TTFT p50/p99 per concurrency and writes docs/benchmarks.md.
+Runs N concurrent streaming chat requests (closed loop, fixed output length) per setup and reports
+aggregate output tokens/s and TTFT p50/p99 per concurrency:
 
-    python benchmarks/engines.py [--concurrency 1,4,8,16] [--max-tokens 64] [--requests-per-stream 2]
+- ``llama``: gateway + Redis + one llamacpp worker, then ``python -m llama_cpp.server`` on the same GGUF
+  (section ``engines`` of docs/benchmarks.md);
+- ``vllm``: vLLM's own server (direct), Breakwater with the in-process vLLM engine, and Breakwater with
+  the ``openai`` engine in front of vLLM's server (the sidecar shape), all with the same model folder,
+  ``max_num_seqs`` and KV cache; needs ``make vllm-env`` (section ``engines-vllm``).
+
+    python benchmarks/engines.py llama [--concurrency 1,4,8,16] [--max-tokens 64] [--requests-per-stream 2]
+    python benchmarks/engines.py vllm [--concurrency 1,8,32] [--max-tokens 64] [--requests-per-stream 2]
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +92,33 @@ async def run_level(url: str, model: str, streams: int, per_stream: int, max_tok
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-stream", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
-    cap = max(levels)
-    gguf = bundled_gguf(DEFAULT_MODEL)
-    tmp = Path(tempfile.mkdtemp(prefix="bw-engines-"))
-    rows: dict[str, dict[int, dict[str, float]]] = {}
+VLLM_PYTHON = str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+}
+Rows = dict[str, dict[int, dict[str, float]]]
 
-    redis = RedisServer(tmp / "redis")
+
+def measure(name: str, url: str, levels: list[int], args: argparse.Namespace, rows: Rows) -> None:
+    wait_models(url, DEFAULT_MODEL, 600)
+    asyncio.run(run_level(url, DEFAULT_MODEL, 1, 1, 8))  # warm up
+    rows[name] = {}
+    for n in levels:
+        rows[name][n] = asyncio.run(
+            run_level(url, DEFAULT_MODEL, n, args.requests_per_stream, args.max_tokens)
+        )
+        print(name, n, rows[name][n], flush=True)
+
+
+@contextmanager
+def breakwater(tmp: Path, worker_args: list[str], worker_env: dict[str, str], python: str) -> Iterator[str]:
+    """Redis + gateway + one worker; yields the gateway URL."""
+    redis = RedisServer(tmp / f"redis-{free_port()}")
     redis.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -111,74 +131,78 @@ def main() -> None:
         port = free_port()
         procs.append(spawn(["gateway", "--port", str(port)], env, tmp / "gw.log"))
         procs.append(
-            spawn(
-                ["worker", "--engine", "llamacpp", "--capacity", str(cap), "--worker-id", "bench"],
-                env | {"BREAKWATER_CONTEXT_LENGTH": "1024"},
-                tmp / "w.log",
-            )
+            spawn(["worker", "--worker-id", "bench", *worker_args], env | worker_env, tmp / "w.log", python)
         )
-        url = f"http://127.0.0.1:{port}"
-        wait_models(url, DEFAULT_MODEL, 120)
-        asyncio.run(run_level(url, DEFAULT_MODEL, 1, 1, 8))
-        rows["Breakwater (llamacpp engine)"] = {}
-        for n in levels:
-            rows["Breakwater (llamacpp engine)"][n] = asyncio.run(
-                run_level(url, DEFAULT_MODEL, n, args.requests_per_stream, args.max_tokens)
-            )
-            print(n, rows["Breakwater (llamacpp engine)"][n], flush=True)
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop(procs)
         redis.stop()
 
-    if importlib.util.find_spec("llama_cpp.server") is not None:
-        port = free_port()
-        with open(tmp / "server.log", "ab") as log:
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "llama_cpp.server",
-                    "--model",
-                    str(gguf),
-                    "--port",
-                    str(port),
-                    "--host",
-                    "127.0.0.1",
-                    "--n_ctx",
-                    "1024",
-                    "--model_alias",
-                    DEFAULT_MODEL,
-                    # the same threads as the worker (its default is half the cores)
-                    *("--n_threads", str(os.cpu_count() or 1), "--n_threads_batch", str(os.cpu_count() or 1)),
-                    "--interrupt_requests",
-                    "False",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_models(url, DEFAULT_MODEL, 120)
-            rows["llama-cpp-python server"] = {}
-            for n in levels:
-                rows["llama-cpp-python server"][n] = asyncio.run(
-                    run_level(url, DEFAULT_MODEL, n, args.requests_per_stream, args.max_tokens)
-                )
-                print("server", n, rows["llama-cpp-python server"][n], flush=True)
-        finally:
-            stop([server])
 
-    cmd = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
-    bw = rows["Breakwater (llamacpp engine)"]
+@contextmanager
+def server(tmp: Path, argv: list[str], env: dict[str, str], name: str) -> Iterator[str]:
+    port = free_port()
+    with open(tmp / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [*argv, "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop([proc])
+
+
+def run_llama(tmp: Path, levels: list[int], args: argparse.Namespace) -> Rows:
+    rows: Rows = {}
+    gguf = bundled_gguf(DEFAULT_MODEL)
+    worker = ["--engine", "llamacpp", "--capacity", str(max(levels))]
+    with breakwater(tmp, worker, {"BREAKWATER_CONTEXT_LENGTH": "1024"}, sys.executable) as url:
+        measure("Breakwater (llamacpp engine)", url, levels, args, rows)
+    if importlib.util.find_spec("llama_cpp.server") is not None:
+        threads = str(os.cpu_count() or 1)
+        argv = [
+            *(sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", "1024"),
+            *("--model_alias", DEFAULT_MODEL, "--interrupt_requests", "False"),
+            # the same threads as the worker (its default is half the cores)
+            *("--n_threads", threads, "--n_threads_batch", threads),
+        ]
+        with server(tmp, argv, {}, "llama-server") as url:
+            measure("llama-cpp-python server", url, levels, args, rows)
+    return rows
+
+
+def run_vllm(tmp: Path, levels: list[int], args: argparse.Namespace) -> Rows:
+    rows: Rows = {}
+    prepared = subprocess.run(
+        [VLLM_PYTHON, "-m", "breakwater", "models", "prepare", DEFAULT_MODEL],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    model_dir = prepared.stdout.strip().splitlines()[-1]
+    seqs = str(max(levels))
+    argv = [
+        *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
+        *("--served-model-name", DEFAULT_MODEL, "--max-model-len", "1024", "--max-num-seqs", seqs),
+        "--enforce-eager",
+    ]
+    with server(tmp, argv, VLLM_ENV, "vllm-server") as vllm_url:
+        measure("vLLM server (direct)", vllm_url, levels, args, rows)
+        sidecar = ["--engine", "openai", "--upstream-url", f"{vllm_url}/v1", "--capacity", seqs]
+        with breakwater(tmp, sidecar, {}, sys.executable) as url:
+            measure("Breakwater + vLLM sidecar (openai engine)", url, levels, args, rows)
+    inproc = ["--engine", "vllm", "--capacity", seqs, "--context-length", "1024"]
+    with breakwater(tmp, inproc, VLLM_ENV, VLLM_PYTHON) as url:
+        measure("Breakwater + vLLM in-process (vllm engine)", url, levels, args, rows)
+    return rows
+
+
+def table(rows: Rows) -> list[str]:
     lines = [
-        "## Continuous batching: llamacpp engine (`benchmarks/engines.py`)",
-        "",
-        f"Command: `{cmd.strip()}` — {platform.machine()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}. "
-        f"Model SmolLM2-135M-Instruct Q4_1 (bundled), streaming chat, {args.max_tokens} output tokens "
-        f"(`ignore_eos`), {args.requests_per_stream} requests per stream, closed loop.",
-        "",
         "| setup | streams | output tok/s | TTFT p50 | TTFT p99 | failed requests |",
         "|---|---|---|---|---|---|",
     ]
@@ -188,20 +212,77 @@ def main() -> None:
                 f"| {name} | {n} | {r['tok_s']:.1f} | {r['ttft_p50']:.0f} ms | {r['ttft_p99']:.0f} ms "
                 f"| {r['errors']:.0f} |"
             )
-    if 1 in bw and 8 in bw:
-        lines += [
+    return lines
+
+
+def ratio_lines(rows: Rows, base: str, levels: list[int]) -> list[str]:
+    out = []
+    ref = rows.get(base, {})
+    for name, by_level in rows.items():
+        if name == base:
+            continue
+        for n in levels:
+            if n in by_level and n in ref:
+                r, b = by_level[n], ref[n]
+                out.append(
+                    f"- {name} at {n} streams: **{r['tok_s'] / b['tok_s']:.2f}x** the tokens/s of {base}, "
+                    f"TTFT p50 {r['ttft_p50'] / b['ttft_p50']:.2f}x."
+                )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("suite", choices=["llama", "vllm"])
+    parser.add_argument("--concurrency", default=None, help="default: llama 1,4,8,16; vllm 1,8,32")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    default = "1,4,8,16" if args.suite == "llama" else "1,8,32"
+    levels = [int(c) for c in (args.concurrency or default).split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="bw-engines-"))
+    cmd = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
+    env_line = (
+        f"Command: `{cmd.strip()}`, {platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}. "
+        f"Model SmolLM2-135M-Instruct, streaming chat, {args.max_tokens} output tokens (`ignore_eos`), "
+        f"{args.requests_per_stream} requests per stream, closed loop."
+    )
+    if args.suite == "llama":
+        rows = run_llama(tmp, levels, args)
+        bw = rows["Breakwater (llamacpp engine)"]
+        lines = [
+            "## Continuous batching: llamacpp engine (`benchmarks/engines.py llama`)",
             "",
-            f"Batching gain: 8 streams give **{bw[8]['tok_s'] / bw[1]['tok_s']:.2f}x** the single-stream "
-            "aggregate throughput through Breakwater.",
+            env_line + " GGUF Q4_1 (bundled).",
+            "",
+            *table(rows),
         ]
-    other = rows.get("llama-cpp-python server")
-    if other and 8 in other and 8 in bw:
-        lines.append(
-            f"At 8 streams Breakwater delivers **{bw[8]['tok_s'] / other[8]['tok_s']:.2f}x** the "
-            "tokens/s of llama-cpp-python's server on the same model (which serves one request at a time)."
-        )
+        if 1 in bw and 8 in bw:
+            lines += [
+                "",
+                f"Batching gain: 8 streams give **{bw[8]['tok_s'] / bw[1]['tok_s']:.2f}x** the single-stream "
+                "aggregate throughput through Breakwater.",
+            ]
+        lines += ["", *ratio_lines(rows, "Breakwater (llamacpp engine)", levels)]
+        section = "engines"
+    else:
+        rows = run_vllm(tmp, levels, args)
+        lines = [
+            "## vLLM: direct vs through Breakwater (`benchmarks/engines.py vllm`)",
+            "",
+            env_line
+            + " vLLM (`vllm-cpu` 0.32, eager) on the bf16 folder made by `breakwater models prepare`, "
+            f"`max_num_seqs` {max(levels)}, 2 GiB KV cache, for all three setups.",
+            "",
+            *table(rows),
+            "",
+            *ratio_lines(rows, "vLLM server (direct)", levels),
+        ]
+        section = "engines-vllm"
     if not args.no_write:
-        write_section("engines", "\n".join(lines))
+        write_section(section, "\n".join(lines))
     print("\n".join(lines))
 
 

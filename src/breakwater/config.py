@@ -54,7 +54,7 @@ class WorkerSettings(CommonSettings):
     )
     upstream_max_waiting: int = Field(default=0, ge=0, description="pull only while upstream waiting <= this")
     upstream_kv_high: float = Field(default=0.95, gt=0.0, le=1.0, description="pull only below this KV use")
-    upstream_pull_burst: int = Field(default=8, ge=1, description="jobs sent per metrics scrape at most")
+    upstream_pull_burst: int = Field(default=32, ge=1, description="jobs sent per metrics scrape at most")
     upstream_wait_s: float = Field(default=600.0, ge=0.0, description="wait this long for the upstream")
     # vllm engine: AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
     vllm_args: dict[str, Any] = Field(default_factory=dict)

@@ -57,7 +57,7 @@ def build_engine(name: str, **options: Any) -> Engine:
             metrics_url=options.get("upstream_metrics_url"),
             max_waiting=int(options.get("upstream_max_waiting") or 0),
             kv_high=float(options.get("upstream_kv_high") or 0.95),
-            pull_burst=int(options.get("upstream_pull_burst") or 8),
+            pull_burst=int(options.get("upstream_pull_burst") or 32),
             wait_ready_s=float(options.get("upstream_wait_s") or 600.0),
         )
     if name == "vllm":

@@ -83,7 +83,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         metrics_url: str | None = None,
         max_waiting: int = 0,
         kv_high: float = 0.95,
-        pull_burst: int = 8,
+        pull_burst: int = 32,
         scrape_s: float = 0.25,
         retries: int = 2,
         wait_ready_s: float = 600.0,
