@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -279,6 +280,92 @@ def up(
         raise typer.Exit(1) from None
     finally:
         stack.stop()
+
+
+@app.command()
+def bench(
+    url: Annotated[
+        str, typer.Option(help="server root (any OpenAI-compatible API)")
+    ] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="model name to request")] = "smollm2-135m-instruct",
+    profile: Annotated[str, typer.Option(help="constant|poisson|step|burst|trace|concurrency")] = "constant",
+    endpoint: Annotated[str, typer.Option(help="chat | completions")] = "chat",
+    stream: Annotated[bool, typer.Option(help="stream (SSE); --no-stream for one JSON response")] = True,
+    rate: Annotated[float, typer.Option(help="constant/poisson: requests per second")] = 5.0,
+    duration: Annotated[float, typer.Option(help="seconds of arrivals (trace: of replay time)")] = 30.0,
+    burstiness: Annotated[float, typer.Option(help="poisson: gamma shape (1 = Poisson)")] = 1.0,
+    poisson: Annotated[bool, typer.Option(help="step/burst: Poisson arrivals around the curve")] = False,
+    start_rate: Annotated[float, typer.Option("--from", help="step: first rate")] = 1.0,
+    end_rate: Annotated[float, typer.Option("--to", help="step: last rate")] = 10.0,
+    steps: Annotated[int, typer.Option(help="step: number of plateaus")] = 4,
+    peak: Annotated[float, typer.Option(help="burst: peak rate")] = 20.0,
+    ramp: Annotated[float, typer.Option(help="burst: seconds from 0 to peak")] = 5.0,
+    hold: Annotated[float, typer.Option(help="burst: seconds at peak")] = 10.0,
+    decay: Annotated[float, typer.Option(help="burst: seconds from peak to 0")] = 5.0,
+    trace: Annotated[str | None, typer.Option(help="trace: Azure CSV or Mooncake JSONL")] = None,
+    time_scale: Annotated[float, typer.Option(help="trace: replay speed-up")] = 1.0,
+    trace_start: Annotated[float, typer.Option(help="trace: skip this many seconds of it")] = 0.0,
+    max_input_tokens: Annotated[int | None, typer.Option(help="trace: clip prompt lengths")] = None,
+    max_output_tokens: Annotated[int | None, typer.Option(help="trace: clip output lengths")] = None,
+    concurrency: Annotated[int, typer.Option(help="concurrency: closed-loop senders")] = 8,
+    num_requests: Annotated[int | None, typer.Option(help="concurrency/trace: stop after N")] = None,
+    input_tokens: Annotated[int, typer.Option(help="prompt length (tokens, approx.)")] = 128,
+    output_tokens: Annotated[int, typer.Option(help="max_tokens (with ignore_eos)")] = 64,
+    ignore_eos: Annotated[bool, typer.Option(help="send ignore_eos (vLLM/Breakwater extension)")] = True,
+    slo: Annotated[str | None, typer.Option(help="goodput SLOs in ms: ttft=500,tpot=50,e2e=10000")] = None,
+    sweep_rates: Annotated[bool, typer.Option("--sweep", help="find the highest rate meeting --slo")] = False,
+    gpu_hourly: Annotated[float, typer.Option(help="cost: $ per GPU hour")] = 0.0,
+    cpu_hourly: Annotated[float, typer.Option(help="cost: $ per CPU-core hour")] = 0.0,
+    gpus: Annotated[float, typer.Option(help="cost: GPUs serving")] = 0.0,
+    cpus: Annotated[float, typer.Option(help="cost: CPU cores serving")] = 0.0,
+    metrics_url: Annotated[str | None, typer.Option(help="scrape this /metrics ('off': none)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="bearer token")] = None,
+    seed: Annotated[int, typer.Option(help="random seed of the schedule")] = 0,
+    out: Annotated[Path, typer.Option(help="result folder")] = Path("bench-results"),
+) -> None:
+    """Load-test any OpenAI-compatible server: TTFT, TPOT, ITL, E2E, goodput, cost; JSON + plots + HTML."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from breakwater.bench import SLO, Cost, Profile, Target, run_profile, summarize, sweep
+    from breakwater.bench.report import table_rows, write
+
+    try:
+        target = Target(url, model, endpoint, stream, api_key, ignore_eos=ignore_eos, metrics_url=metrics_url)
+        prof = Profile(
+            profile, rate, duration, burstiness, poisson, start_rate, end_rate, steps, peak, ramp, hold,
+            decay, trace, time_scale, trace_start, max_input_tokens, max_output_tokens, concurrency,
+            num_requests, input_tokens, output_tokens, seed,
+        )  # fmt: skip
+        slos = SLO.parse(slo)
+        cost = Cost(gpu_hourly, cpu_hourly, gpus, cpus)
+        if sweep_rates:
+            best, trials = asyncio.run(sweep(target, prof, slos))
+            for trial in trials:
+                console.print(trial)
+            console.print(f"highest rate meeting {slo}: [bold]{best:g} req/s[/bold]")
+            return
+        n = len(prof.arrivals()) if profile != "concurrency" else prof.num_requests
+        console.print(
+            f"{profile}: {n if n is not None else 'closed-loop'} requests to {target.url} ({model})"
+        )
+        result = asyncio.run(run_profile(target, prof))
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    summary = summarize(result.records, duration_s=result.duration_s, slo=slos, cost=cost)
+    config = {"target": asdict(target), "profile": asdict(prof), "command": " ".join(sys.argv[1:])}
+    files = write(result, summary, config, out)
+    table = Table(title=f"breakwater bench: {profile}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in table_rows(summary):
+        table.add_row(key, value)
+    Console().print(table)
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    if summary["completed"] == 0:
+        raise typer.Exit(1)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Bundled models.")

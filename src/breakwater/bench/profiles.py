@@ -1,0 +1,182 @@
+"""Arrival schedules: when each request is sent and how long its prompt and output are.
+
+Every open-loop profile is a list of :class:`Arrival` computed up front (so a run is reproducible and
+the schedule can be checked statistically). Rate-shaped profiles (``step``, ``burst``) integrate
+their rate function: request *k* is sent when the cumulative intensity reaches *k* + 1/2 (evenly spaced
+at the current rate), or, with ``poisson=True``, when it reaches the *k*-th point of a unit Poisson
+process (exponential gaps warped by the rate). ``poisson`` with ``burstiness`` follows
+``vllm bench serve``: gamma-distributed gaps with shape ``burstiness`` and mean ``1/rate``
+(1.0 is Poisson; lower is burstier).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    t: float  # seconds after the start of the run
+    input_tokens: int
+    output_tokens: int
+
+
+def constant(rate: float, duration_s: float, input_tokens: int, output_tokens: int) -> list[Arrival]:
+    _positive(rate=rate, duration_s=duration_s)
+    n = math.floor(rate * duration_s + 1e-9)
+    return [Arrival(i / rate, input_tokens, output_tokens) for i in range(n)]
+
+
+def poisson(
+    rate: float,
+    duration_s: float,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    burstiness: float = 1.0,
+    seed: int = 0,
+) -> list[Arrival]:
+    _positive(rate=rate, duration_s=duration_s, burstiness=burstiness)
+    rng = random.Random(seed)
+    theta = 1.0 / (rate * burstiness)
+    out: list[Arrival] = []
+    t = 0.0
+    while True:
+        t += rng.gammavariate(burstiness, theta)
+        if t >= duration_s:
+            return out
+        out.append(Arrival(t, input_tokens, output_tokens))
+
+
+def from_rate(
+    rate_fn: Callable[[float], float],
+    duration_s: float,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    poisson: bool = False,
+    seed: int = 0,
+    dt: float = 0.001,
+) -> list[Arrival]:
+    """Arrivals of an inhomogeneous process with intensity ``rate_fn(t)`` over ``[0, duration_s)``."""
+    rng = random.Random(seed)
+    # Evenly spaced: request k goes out when the cumulative intensity reaches k + 1/2 (centred in its
+    # share of the curve, so every window gets its integral's worth).
+    target = rng.expovariate(1.0) if poisson else 0.5
+    out: list[Arrival] = []
+    cumulative = 0.0
+    steps = math.ceil(duration_s / dt)
+    for i in range(steps):
+        t0 = i * dt
+        rate = max(0.0, rate_fn(t0 + dt / 2))
+        nxt = cumulative + rate * dt
+        while target < nxt:  # target reached inside this slice: interpolate linearly
+            frac = (target - cumulative) / (rate * dt) if rate > 0 else 0.0
+            out.append(Arrival(t0 + frac * dt, input_tokens, output_tokens))
+            target += rng.expovariate(1.0) if poisson else 1.0
+        cumulative = nxt
+    return out
+
+
+def step_rate(start: float, end: float, duration_s: float, steps: int) -> Callable[[float], float]:
+    """``steps`` equal plateaus from ``start`` to ``end`` (the seed's 50→200 RPS over 5 minutes)."""
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    width = duration_s / steps
+
+    def rate(t: float) -> float:
+        k = min(steps - 1, int(t // width))
+        return start + (end - start) * (k / (steps - 1) if steps > 1 else 1.0)
+
+    return rate
+
+
+def burst_rate(
+    peak: float, ramp_s: float, hold_s: float, decay_s: float, base: float = 0.0
+) -> Callable[[float], float]:
+    """Linear ramp ``base``→``peak`` over ``ramp_s``, hold, then linear decay back to ``base``."""
+
+    def rate(t: float) -> float:
+        if t < ramp_s:
+            return base + (peak - base) * t / ramp_s
+        if t < ramp_s + hold_s:
+            return peak
+        if t < ramp_s + hold_s + decay_s:
+            return peak - (peak - base) * (t - ramp_s - hold_s) / decay_s
+        return base
+
+    return rate
+
+
+def trace(
+    path: Path,
+    *,
+    time_scale: float = 1.0,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    max_requests: int | None = None,
+    max_input_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+) -> list[Arrival]:
+    """Replay a trace: Azure LLM inference CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``) or
+    Mooncake JSONL (``timestamp`` in ms, ``input_length``, ``output_length``).
+
+    The window ``[start_s, start_s + duration_s)`` of the trace's own time is kept and shifted to 0;
+    ``time_scale`` > 1 replays faster (inter-arrival times divided by it). Lengths are kept, clipped
+    to ``max_*_tokens`` when given.
+    """
+    _positive(time_scale=time_scale)
+    rows = _read_trace(path)
+    if not rows:
+        return []
+    t_first = rows[0][0]
+    out: list[Arrival] = []
+    for t_abs, inp, outp in rows:
+        t = t_abs - t_first - start_s
+        if t < 0:
+            continue
+        if duration_s is not None and t >= duration_s:
+            break
+        inp = min(inp, max_input_tokens) if max_input_tokens else inp
+        outp = min(outp, max_output_tokens) if max_output_tokens else outp
+        out.append(Arrival(t / time_scale, max(1, inp), max(1, outp)))
+        if max_requests is not None and len(out) >= max_requests:
+            break
+    return out
+
+
+def _read_trace(path: Path) -> list[tuple[float, int, int]]:
+    rows: list[tuple[float, int, int]] = []
+    if path.suffix == ".jsonl":
+        with path.open("rb") as fh:
+            for line in fh:
+                if line.strip():
+                    rec = orjson.loads(line)
+                    rows.append(
+                        (
+                            float(rec["timestamp"]) / 1000.0,
+                            int(rec["input_length"]),
+                            int(rec["output_length"]),
+                        )
+                    )
+    else:
+        with path.open(newline="") as fh:
+            for rec in csv.DictReader(fh):
+                ts = datetime.fromisoformat(rec["TIMESTAMP"].strip()[:26])
+                rows.append((ts.timestamp(), int(rec["ContextTokens"]), int(rec["GeneratedTokens"])))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")

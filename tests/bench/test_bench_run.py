@@ -1,0 +1,100 @@
+"""``breakwater bench`` end to end: against the Breakwater stack and a plain OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from breakwater.redis_server import RedisServer
+from tests.e2e.test_upstream import start_sim_server
+from tests.helpers import StackProcs
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*args: str, out: Path) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "breakwater", "bench", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (out / "result.json").exists(), proc.stdout + proc.stderr
+    result = orjson.loads((out / "result.json").read_bytes())
+    rows = [orjson.loads(line) for line in (out / "requests.jsonl").read_bytes().splitlines()]
+    return proc.returncode, result, rows
+
+
+def test_bench_against_the_stack(stack: StackProcs, tmp_path: Path) -> None:
+    url = stack.gateways[0][1]
+    code, result, rows = bench(
+        *("--url", url, "--model", "sim", "--profile", "constant", "--rate", "20", "--duration", "2"),
+        *("--input-tokens", "16", "--output-tokens", "12", "--slo", "ttft=2000", "--cpu-hourly", "0.05"),
+        "--cpus",
+        "2",
+        out=tmp_path,
+    )
+    assert code == 0
+    assert result["num_prompts"] == result["completed"] == 40 == len(rows)
+    assert result["failed"] == 0 and result["integrity_errors"] == 0
+    assert result["total_output_tokens"] == 40 * 12  # from usage: ignore_eos runs to max_tokens
+    assert result["total_input_tokens"] > 0
+    assert result["output_throughput"] > 0 and result["request_goodput"] > 0
+    assert result["cost_per_1k_output_tokens"] is not None
+    assert all(r["request_id"] and r["ttft_s"] and len(r["chunk_s"]) == 12 for r in rows)
+    assert any("breakwater_queue_depth" in row for row in result["server_timeseries"])
+    for name in ("latency_over_time.png", "throughput.png", "queue_depth.png", "ttft_cdf.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+    html = (tmp_path / "report.html").read_text()
+    assert "Breakwater bench report" in html and html.count("data:image/png;base64,") == 4
+
+
+def test_bench_closed_loop_against_a_plain_server(log_dir: Path, tmp_path: Path) -> None:
+    sim, url = start_sim_server(log_dir, sim_decode_base_ms=1)
+    try:
+        code, result, rows = bench(
+            *("--url", f"{url}/v1", "--model", "up-sim", "--profile", "concurrency", "--concurrency", "4"),
+            *(
+                "--num-requests",
+                "20",
+                "--endpoint",
+                "completions",
+                "--output-tokens",
+                "8",
+                "--metrics-url",
+                "off",
+            ),
+            out=tmp_path,
+        )
+    finally:
+        sim.stop()
+    assert code == 0
+    assert result["completed"] == 20 and result["total_output_tokens"] == 160
+    assert all(r["request_id"] == "" for r in rows)  # not Breakwater: no SSE ids, nothing to check
+
+
+def test_bench_classifies_429s_with_retry_after(
+    redis_server: RedisServer, log_dir: Path, tmp_path: Path
+) -> None:
+    procs = StackProcs(redis_server.url, f"b{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway(lane_max_queued=2)
+        procs.add_worker(capacity=1, sim_decode_base_ms=20)
+        procs.wait_workers(url)
+        code, result, rows = bench(
+            *("--url", url, "--model", "sim", "--profile", "constant", "--rate", "100", "--duration", "0.3"),
+            *("--output-tokens", "20", "--no-stream"),
+            out=tmp_path,
+        )
+    finally:
+        procs.stop()
+    assert code == 0
+    assert result["completed"] >= 3
+    assert result["rate_limited"] > 0 and result["errors"] == {"http_429": result["rate_limited"]}
+    assert result["retry_after_s"] is not None and result["retry_after_s"]["min"] >= 1
+    assert sum(1 for r in rows if r["status"] == 429) == result["rate_limited"]
