@@ -98,3 +98,17 @@ def test_bench_classifies_429s_with_retry_after(
     assert result["rate_limited"] > 0 and result["errors"] == {"http_429": result["rate_limited"]}
     assert result["retry_after_s"] is not None and result["retry_after_s"]["min"] >= 1
     assert sum(1 for r in rows if r["status"] == 429) == result["rate_limited"]
+
+
+def test_bench_over_websocket(stack: StackProcs, tmp_path: Path) -> None:
+    ws_url = stack.gateways[0][1].replace("http://", "ws://")
+    code, result, rows = bench(
+        *("--url", ws_url, "--model", "sim", "--profile", "poisson", "--rate", "30", "--duration", "1"),
+        *("--output-tokens", "10", "--seed", "4"),
+        out=tmp_path,
+    )
+    assert code == 0
+    assert result["completed"] == result["num_prompts"] == len(rows) > 10
+    assert result["integrity_errors"] == 0 and result["total_output_tokens"] == 10 * len(rows)
+    assert all(r["request_id"].startswith("chatcmpl-") and len(r["chunk_s"]) == 10 for r in rows)
+    assert result["server_timeseries"]  # /metrics scraped over http on the same host

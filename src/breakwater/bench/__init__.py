@@ -83,6 +83,7 @@ class Profile:
 async def run_profile(target: Target, profile: Profile) -> RunResult:
     runner = Runner(target)
     try:
+        await runner.start()
         if profile.name == "concurrency":
             return await runner.closed_loop(
                 profile.lengths(),

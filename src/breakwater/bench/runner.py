@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.bench.metrics import RequestRecord
 from breakwater.bench.profiles import Arrival
+from breakwater.bench.ws import WSPool
 
 WORDS = [
     "harbor",
@@ -92,8 +93,14 @@ class Target:
     extra_body: dict[str, Any] = field(default_factory=dict)
     metrics_url: str | None = None  # default: {url}/metrics; "off" to skip
 
+    ws_connections: int = 8  # ws:// targets: requests share this many sockets
+
+    @property
+    def websocket(self) -> bool:
+        return self.url.startswith(("ws://", "wss://"))
+
     def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/").removesuffix("/v1")
+        self.url = self.url.rstrip("/").removesuffix("/v1").removesuffix("/v1/ws")
         if self.endpoint not in ("chat", "completions"):
             raise ValueError("endpoint must be chat or completions")
 
@@ -127,6 +134,7 @@ class RunResult:
 class Runner:
     def __init__(self, target: Target, *, max_connections: int = 10_000) -> None:
         self.target = target
+        self.ws: WSPool | None = WSPool(target.url, target.ws_connections) if target.websocket else None
         headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
         self.client = httpx.AsyncClient(
             headers=headers,
@@ -134,7 +142,13 @@ class Runner:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 
+    async def start(self) -> None:
+        if self.ws is not None:
+            await self.ws.start()
+
     async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
         await self.client.aclose()
 
     async def open_loop(self, arrivals: list[Arrival]) -> RunResult:
@@ -198,11 +212,14 @@ class Runner:
         sent = loop.time()
         record.start_s = sent - t0
         try:
-            if self.target.stream:
+            if self.ws is not None:
+                async with asyncio.timeout(self.target.timeout_s):
+                    await self._websocket(record, body, sent)
+            elif self.target.stream:
                 await self._stream(record, url, body, sent)
             else:
                 await self._plain(record, url, body, sent)
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             record.error = "timeout"
         except httpx.ConnectError:
             record.error = "connect"
@@ -241,6 +258,39 @@ class Runner:
         if not record.output_tokens:
             record.output_tokens = len(record.chunk_s)
 
+    async def _websocket(self, record: RequestRecord, body: dict[str, Any], sent: float) -> None:
+        assert self.ws is not None
+        loop = asyncio.get_running_loop()
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        queue = await self.ws.submit(body)
+        last_id = 0
+        while True:
+            msg = await queue.get()
+            kind = msg.get("type")
+            if kind == "created":
+                record.status, record.request_id = 200, str(msg["request_id"])
+            elif kind == "token":
+                seq = int(msg["seq"])
+                record.integrity_errors += seq != last_id + 1
+                last_id = seq
+                now = loop.time() - sent
+                if record.ttft_s is None:
+                    record.ttft_s = now
+                record.chunk_s.append(now)
+            elif kind == "done":
+                usage = msg.get("usage") or {}
+                record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                record.output_tokens = int(usage.get("completion_tokens") or len(record.chunk_s))
+                record.e2e_s = loop.time() - sent
+                return
+            elif kind == "error":
+                record.status = int(msg.get("status") or 500)
+                record.error = f"http_{record.status}" if msg.get("request_id") is None else "stream_error"
+                return
+            else:
+                record.error = "broken_stream"
+                return
+
     async def _plain(self, record: RequestRecord, url: str, body: dict[str, Any], sent: float) -> None:
         loop = asyncio.get_running_loop()
         resp = await self.client.post(url, content=orjson.dumps(body), headers=_JSON)
@@ -261,7 +311,8 @@ class Runner:
     def _start_scraper(self, t0: float) -> asyncio.Task[list[dict[str, float]]] | None:
         if self.target.metrics_url == "off":
             return None
-        return asyncio.create_task(self._scrape(t0, self.target.metrics_url or f"{self.target.url}/metrics"))
+        root = self.target.url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+        return asyncio.create_task(self._scrape(t0, self.target.metrics_url or f"{root}/metrics"))
 
     async def _stop_scraper(
         self, task: asyncio.Task[list[dict[str, float]]] | None
