@@ -154,6 +154,7 @@ def summarize(
         "output_throughput": output / duration,
         "total_token_throughput": (prompt + output) / duration,
         "max_send_lag_ms": max((r.lag_s * 1000 for r in records), default=0.0),
+        "p50_send_lag_ms": percentile([r.lag_s * 1000 for r in records], 50),
         "p99_send_lag_ms": percentile([r.lag_s * 1000 for r in records], 99),
     }
     summary.update(stats_ms("ttft", [r.ttft_s for r in ok if r.ttft_s is not None]))
