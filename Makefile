@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: up test lint typecheck unit bench clean vllm-env
+.PHONY: up test lint typecheck unit bench evaluate clean vllm-env
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: lint typecheck vllm-env
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+# The seed's step, burst and trace profiles against the local stack -> docs/evaluation.md (~8 min).
+evaluate: $(STAMP)
+	$(PY) benchmarks/evaluate.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .breakwater .pytest_cache .mypy_cache .ruff_cache
