@@ -329,6 +329,7 @@ def bench(
     from rich.table import Table
 
     from breakwater.bench import SLO, Cost, Profile, Target, run_profile, summarize, sweep
+    from breakwater.bench.metrics import mean_replicas
     from breakwater.bench.report import table_rows, write
 
     try:
@@ -354,6 +355,15 @@ def bench(
     except (ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    if (gpu_hourly and not gpus) or (cpu_hourly and not cpus):
+        # No replica count given: take the mean number of live workers the target's /metrics reported.
+        replicas = mean_replicas(result.timeseries)
+        cost = Cost(
+            gpu_hourly,
+            cpu_hourly,
+            gpus or (replicas if gpu_hourly else 0),
+            cpus or (replicas if cpu_hourly else 0),
+        )
     summary = summarize(result.records, duration_s=result.duration_s, slo=slos, cost=cost)
     config = {"target": asdict(target), "profile": asdict(prof), "command": " ".join(sys.argv[1:])}
     files = write(result, summary, config, out)

@@ -112,3 +112,25 @@ def test_bench_over_websocket(stack: StackProcs, tmp_path: Path) -> None:
     assert result["integrity_errors"] == 0 and result["total_output_tokens"] == 10 * len(rows)
     assert all(r["request_id"].startswith("chatcmpl-") and len(r["chunk_s"]) == 10 for r in rows)
     assert result["server_timeseries"]  # /metrics scraped over http on the same host
+
+
+def test_sweep_finds_the_highest_rate_meeting_the_slo(log_dir: Path, tmp_path: Path) -> None:
+    # 2 slots, 10 tokens at 10 ms a step: about 0.1 s a request, so ~20 req/s saturates the server
+    sim, url = start_sim_server(log_dir, capacity=2, sim_decode_base_ms=10)
+    try:
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "breakwater", "bench", "--url", url, "--model", "up-sim"),
+                *("--profile", "constant", "--rate", "4", "--duration", "1.5", "--output-tokens", "10"),
+                *("--slo", "ttft=250", "--sweep", "--metrics-url", "off"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        sim.stop()
+    assert proc.returncode == 0, proc.stderr
+    best = float(proc.stderr.split("highest rate meeting ttft=250:")[1].split("req/s")[0])
+    assert 4 <= best < 32  # 4 req/s is easy; 32 is past saturation
+    assert "'meets': False" in proc.stderr  # it went past the limit, then bisected

@@ -130,6 +130,12 @@ class Cost:
         return hourly * duration_s / 3600.0 / (tokens / 1000.0)
 
 
+def mean_replicas(timeseries: list[dict[str, float]]) -> float:
+    """Mean of ``breakwater_workers`` over the scraped series (0 when the target exports none)."""
+    values = [row["breakwater_workers"] for row in timeseries if "breakwater_workers" in row]
+    return sum(values) / len(values) if values else 0.0
+
+
 def summarize(
     records: list[RequestRecord], *, duration_s: float, slo: SLO | None = None, cost: Cost | None = None
 ) -> dict[str, Any]:
