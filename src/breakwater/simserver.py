@@ -177,6 +177,7 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
         }
 
     @app.get("/healthz")
+    @app.get("/health")  # vLLM's path; load generators (guidellm) probe it
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -28,6 +28,7 @@ class RequestRecord:
     ttft_s: float | None = None
     e2e_s: float | None = None
     chunk_s: list[float] = field(default_factory=list)  # text chunk arrival times, relative to start_s
+    headers_s: float | None = None  # when the request's headers started going out (after connecting)
     input_tokens_planned: int = 0
     output_tokens_planned: int = 0
     prompt_tokens: int = 0  # from the server's usage

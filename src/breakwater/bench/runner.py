@@ -232,7 +232,14 @@ class Runner:
         loop = asyncio.get_running_loop()
         last_id = 0
         done = False
-        async with self.client.stream("POST", url, content=orjson.dumps(body), headers=_JSON) as resp:
+
+        async def trace(event: str, _info: dict[str, Any]) -> None:
+            if record.headers_s is None and event.endswith(".send_request_headers.started"):
+                record.headers_s = loop.time() - sent
+
+        async with self.client.stream(
+            "POST", url, content=orjson.dumps(body), headers=_JSON, extensions={"trace": trace}
+        ) as resp:
             record.status = resp.status_code
             record.request_id = resp.headers.get("x-breakwater-request-id", "")
             if resp.status_code != 200:
