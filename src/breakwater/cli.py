@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -41,6 +42,18 @@ def _key_values(items: list[str]) -> dict[str, Any]:
     return out
 
 
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, first tell the app to drain (the gateway ends its streams so clients resume
+    elsewhere), then let uvicorn stop accepting and wait for connections to close."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        service = getattr(getattr(self.config.app, "state", None), "service", None)
+        if service is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(service.begin_drain)
+        super().handle_exit(sig, frame)
+
+
 def _serve(asgi_app: Any, host: str, port: int) -> None:
     config = uvicorn.Config(
         asgi_app,
@@ -54,7 +67,7 @@ def _serve(asgi_app: Any, host: str, port: int) -> None:
         timeout_graceful_shutdown=5,
         backlog=4096,
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config)
     try:
         server.run()
     except SystemExit as exc:
@@ -413,6 +426,71 @@ def models_prepare(
         raise typer.Exit(1) from None
     console.print(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
     print(path)
+
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead-lettered jobs (failed max_attempts times).")
+app.add_typer(dlq_app, name="dlq")
+ModelOpt = Annotated[str, typer.Option(help="model whose dead letters to act on")]
+
+
+def _with_broker(fn: Any) -> Any:
+    from breakwater.broker import Broker, connect
+    from breakwater.config import CommonSettings
+    from breakwater.keys import Keys
+
+    async def run() -> Any:
+        settings = CommonSettings()
+        redis = connect(settings.redis_url)
+        try:
+            return await fn(Broker(redis, Keys(settings.key_prefix)))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
+@dlq_app.command("list")
+def dlq_list(model: ModelOpt, count: Annotated[int, typer.Option()] = 100) -> None:
+    """Dead letters of a model, oldest first: entry id, request id, attempts, reason."""
+    from breakwater import dlq
+
+    letters = _with_broker(lambda b: dlq.entries(b, model, count))
+    for d in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.ts_ms / 1000))
+        print(f"{d.entry_id}\t{d.rid}\tattempts={d.attempts}\t{when}Z\t{d.reason}")
+    console.print(f"{len(letters)} dead letter(s) for {model}")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    model: ModelOpt,
+    ids: Annotated[list[str] | None, typer.Argument(help="entry or request ids (default: all)")] = None,
+) -> None:
+    """Resubmit dead requests under new request ids (printed as OLD NEW)."""
+    from breakwater import dlq
+
+    async def run(broker: Any) -> int:
+        failed = 0
+        for letter in await dlq.entries(broker, model, 10_000):
+            if ids and letter.entry_id not in ids and letter.rid not in ids:
+                continue
+            try:
+                print(f"{letter.rid}\t{await dlq.retry(broker, model, letter)}")
+            except (LookupError, RuntimeError) as exc:
+                console.print(f"[red]{exc}[/red]")
+                failed += 1
+        return failed
+
+    if _with_broker(run):
+        raise typer.Exit(1)
+
+
+@dlq_app.command("purge")
+def dlq_purge(model: ModelOpt) -> None:
+    """Delete every dead letter of a model."""
+    from breakwater import dlq
+
+    console.print(f"purged {_with_broker(lambda b: dlq.purge(b, model))} dead letter(s) for {model}")
 
 
 def main() -> None:

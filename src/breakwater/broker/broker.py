@@ -162,8 +162,13 @@ class Broker:
             jobs.append(Job(stream, entry_id, fields.get("rid", ""), fields.get("xrid", "")))
         return jobs
 
-    async def start_job(self, rid: str, worker_id: str, max_attempts: int) -> StartResult:
-        res = await self._start(keys=[self.keys.request(rid)], args=[worker_id, now_ms(), max_attempts])
+    async def start_job(
+        self, rid: str, worker_id: str, max_attempts: int, *, alone: bool = True
+    ) -> StartResult:
+        """Fence a new attempt; ``alone``: this worker runs nothing else, so it may take a suspect."""
+        res = await self._start(
+            keys=[self.keys.request(rid)], args=[worker_id, now_ms(), max_attempts, "1" if alone else "0"]
+        )
         outcome, attempt = str(res[0]), int(res[1])
         record: dict[str, str] = {}
         if outcome == "run":
@@ -188,6 +193,16 @@ class Broker:
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():
                 pipe.xclaim(stream, GROUP, worker_id, 0, list[Any](ids), justid=True)
+            await pipe.execute()
+
+    async def release(self, jobs: list[Job], worker_id: str, idle_ms: int = 86_400_000) -> None:
+        """Give jobs back for immediate reclaim (drain deadline): their entries look idle for a day, so
+        the next ``XAUTOCLAIM`` by any worker takes them and continues them from the emitted text."""
+        if not jobs:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.xclaim(job.stream, GROUP, worker_id, 0, [job.entry_id], idle=idle_ms, justid=True)
             await pipe.execute()
 
     # -- token streams ---------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 
 log = logging.getLogger(__name__)
+WAKE = TokenEvent(seq=0, kind="token")  # never delivered: readers skip seq <= the last they sent
+
+
+class GatewayDraining(Exception):
+    """This gateway is shutting down: end the client's stream so it resumes on another gateway."""
 
 
 class Subscription:
@@ -29,6 +34,12 @@ class Subscription:
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue(maxsize=maxsize)
         self.overflowed = False
         self.confirmed = asyncio.get_running_loop().create_future()
+
+    def wake(self) -> None:
+        """Make a waiting reader look at its flags now (gateway drain)."""
+        self.overflowed = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(WAKE)
 
     def offer(self, event: TokenEvent) -> None:
         try:
@@ -51,6 +62,7 @@ class Fanin:
         self._subs: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = False
+        self.draining = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fanin")
@@ -62,6 +74,13 @@ class Fanin:
                 await self._task
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def begin_drain(self) -> None:
+        """Every reader stops at its next check; see :class:`GatewayDraining`."""
+        self.draining = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.wake()
 
     @property
     def active(self) -> int:

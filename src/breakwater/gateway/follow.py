@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from breakwater.broker import Broker
-from breakwater.gateway.fanin import Fanin, Subscription
+from breakwater.gateway.fanin import Fanin, GatewayDraining, Subscription
 from breakwater.protocol.events import TokenEvent
 
 
@@ -32,6 +32,7 @@ async def follow_events(
     last = after
     try:
         while True:
+            _stop_if_draining(fanin, rid)
             # Catch up from the durable stream: at start, after an overflow, a gap or an idle spell.
             backlog = await broker.read_events(rid, last)
             while backlog:
@@ -43,8 +44,8 @@ async def follow_events(
                     if event.terminal:
                         return
                 backlog = await broker.read_events(rid, last)
-            if last == after and not await broker.redis.exists(broker.keys.request(rid)):
-                raise RequestGone(rid)
+            if last == after:
+                await _ensure_exists(broker, rid)
             sub.overflowed = False
             async for event in _live(sub, idle_poll_s):
                 if event.seq <= last:
@@ -58,6 +59,16 @@ async def follow_events(
     finally:
         if subscription is None:
             await fanin.unsubscribe(sub)
+
+
+def _stop_if_draining(fanin: Fanin, rid: str) -> None:
+    if fanin.draining:
+        raise GatewayDraining(rid)
+
+
+async def _ensure_exists(broker: Broker, rid: str) -> None:
+    if not await broker.redis.exists(broker.keys.request(rid)):
+        raise RequestGone(rid)
 
 
 async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEvent]:

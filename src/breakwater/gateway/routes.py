@@ -10,6 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.gateway.errors import APIError, JSONBody
+from breakwater.gateway.fanin import GatewayDraining
 from breakwater.gateway.service import GatewayService, Submission
 from breakwater.gateway.sse import collect_response, sse_chunks
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -60,6 +61,14 @@ async def _complete(
         result = await collect_response(
             svc.events(sub), rid=sub.rid, model=sub.model, created=sub.created, chat=sub.chat
         )
+    except GatewayDraining:
+        svc.detach_later(sub.rid)
+        raise APIError(
+            503,
+            f"this gateway is restarting; the request continues: GET /v1/requests/{sub.rid}/events",
+            code="draining",
+            headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
+        ) from None
     except BaseException:
         svc.detach_later(sub.rid)
         raise
@@ -80,6 +89,8 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
         ):
             yield chunk
         finished = True
+    except GatewayDraining:
+        pass  # end the stream without [DONE]: the client resumes on another gateway (Last-Event-ID)
     finally:
         if not finished:
             svc.detach_later(sub.rid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -255,6 +256,22 @@ class GatewayService:
         rate = max(1, model.capacity)
         return max(1, min(60, math.ceil(waiting / rate)))
 
+    # -- drain -----------------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests (503), end SSE streams and close WebSockets with 1012 so
+        clients resume on another gateway; generations keep running on the workers."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "draining", extra={"fields": {"streams": self.fanin.active, "websockets": len(self.websockets)}}
+        )
+        self.fanin.begin_drain()
+        for ws in list(self.websockets):
+            task = asyncio.create_task(_close_ws(ws))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     # -- following -------------------------------------------------------------------------------
     async def events(self, submission: Submission, after: int = 0) -> AsyncIterator[TokenEvent]:
         """The request's events after ``after``, with latency metrics; the caller detaches on exit."""
@@ -334,3 +351,8 @@ class GatewayService:
                 waiting, in_flight = await self.broker.queue_depth(name, lane)
                 self.metrics.queue_depth.labels(name, lane).set(waiting)
                 self.metrics.in_flight.labels(name, lane).set(in_flight)
+
+
+async def _close_ws(ws: Any) -> None:
+    with contextlib.suppress(Exception):  # already closed or broken: nothing to tell
+        await ws.close(code=1012, reason="gateway restarting; resume on another gateway")

@@ -16,6 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from breakwater.gateway.errors import APIError, error_body
+from breakwater.gateway.fanin import GatewayDraining
 from breakwater.gateway.service import GatewayService, Submission
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -125,8 +126,8 @@ class _Connection:
         except APIError as exc:
             await self.error(exc.message, exc.code or "error", sub.rid, exc.status)
             finished = True
-        except (WebSocketDisconnect, RuntimeError):
-            pass
+        except (WebSocketDisconnect, RuntimeError, GatewayDraining):
+            pass  # the client resumes (on this or another gateway) with {"resume": id, "after": seq}
         finally:
             if not finished:
                 self.svc.detach_later(sub.rid)

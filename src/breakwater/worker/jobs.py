@@ -17,6 +17,8 @@ class InFlight:
     attempt: int
     model: str
     held_tokens: int = 0  # tokens generated whose text the engine holds back (stop-string prefix)
+    suspect: bool = False  # its previous attempt made no progress: run alone until it does
+    progressed: bool = False
 
 
 def generation_request(rid: str, record: dict[str, str]) -> GenerationRequest:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -31,6 +33,8 @@ class Worker:
         self.model = engine.info.model
         self.metrics = WorkerMetrics()
         self.inflight: dict[str, InFlight] = {}
+        # Jobs waiting (leases kept) for an empty engine: (job, whether Redis called it a suspect).
+        self.held: list[tuple[Job, bool]] = []
         self.draining = False
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -76,16 +80,30 @@ class Worker:
             self._slot_freed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._slot_freed.wait(), max(0.01, deadline - time.monotonic()))
-        if self.inflight:
+        if self.inflight or self.held:
+            # Release what is left for immediate reclaim instead of letting its lease time out.
+            flights = list(self.inflight.values())
+            for flight in flights:
+                self.engine.cancel(flight.job.rid)
+            with contextlib.suppress(*REDIS_ERRORS):
+                held = [job for job, _ in self.held]
+                await self.broker.release([f.job for f in flights] + held, self.settings.worker_id)
+            self.held.clear()
             log.warning(
-                "drain grace over; leaving jobs for reclaim", extra={"fields": {"rids": list(self.inflight)}}
+                "drain grace over; released jobs for reclaim", extra={"fields": {"rids": list(self.inflight)}}
             )
+            self.inflight.clear()
 
     # -- pulling ---------------------------------------------------------------------------------
     async def _pull_loop(self, burst: bool) -> None:
         while not self._stop.is_set():
+            if self.held and not self._isolating() and (not self.held[0][1] or not self.inflight):
+                await self._start_held()
+                continue
             # The engine may free a slot before the worker has acked that job: count both.
             free = min(self.engine.free_slots(), self.engine.info.capacity - len(self.inflight))
+            if self.held or self._isolating():
+                free = 0  # a suspect waits for an empty engine, then runs alone until it makes progress
             if free <= 0:
                 # Room comes back when a sequence ends, or (upstream engines) when the upstream's own
                 # metrics say it has drained its queue: look again at least every 200 ms.
@@ -100,7 +118,10 @@ class Worker:
                 await asyncio.sleep(0.2)
                 continue
             for job in jobs:
-                await self._start(job)
+                try:
+                    await self._start(job)
+                except REDIS_ERRORS as exc:  # the job stays pending; its lease lapses and it is reclaimed
+                    log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
             if burst and not jobs and not self.inflight:
                 return
 
@@ -125,11 +146,39 @@ class Worker:
             )
         return jobs
 
-    async def _start(self, job: Job) -> None:
+    def _isolating(self) -> bool:
+        """A suspect is running and has not produced a token yet: nothing else may join its batch."""
+        return any(f.suspect and not f.progressed for f in self.inflight.values())
+
+    async def _start_held(self) -> None:
+        job, _ = self.held.pop(0)
+        try:
+            await self._start(job, alone=not self.inflight)
+        except REDIS_ERRORS as exc:
+            self.held.insert(0, (job, False))
+            log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
+            await asyncio.sleep(0.2)
+
+    async def _start(self, job: Job, *, alone: bool | None = None) -> None:
         extra = {"rid": job.rid, "request_id": job.request_id}
-        if job.rid in self.inflight:  # our own lease lapsed and we reclaimed it: keep running it
+        if job.rid in self.inflight or any(job == held for held, _ in self.held):
+            return  # our own lease lapsed and we reclaimed it: keep it
+        if self._isolating():
+            self.held.append((job, False))  # not even fenced yet: started once the suspect progresses
             return
-        result = await self.broker.start_job(job.rid, self.settings.worker_id, self.settings.max_attempts)
+        result = await self.broker.start_job(
+            job.rid,
+            self.settings.worker_id,
+            self.settings.max_attempts,
+            alone=(not self.inflight and not self.held) if alone is None else alone,
+        )
+        if result.outcome == "suspect":
+            # Its last attempt crashed before any progress: hold it (lease kept) until it can run alone.
+            log.warning(
+                "holding suspect job to run it alone", extra={**extra, "fields": {"attempt": result.attempt}}
+            )
+            self.held.append((job, True))
+            return
         ttl = self.settings.result_ttl_s
         if result.outcome in ("missing", "terminal", "cancelled"):
             log.info("skipping job", extra={**extra, "fields": {"outcome": result.outcome}})
@@ -176,7 +225,8 @@ class Worker:
             )
             await self.broker.ack(job)
             return
-        self.inflight[job.rid] = InFlight(job=job, attempt=result.attempt, model=self.model)
+        suspect = int(record.get("failures") or 0) > 0
+        self.inflight[job.rid] = InFlight(job=job, attempt=result.attempt, model=self.model, suspect=suspect)
         log.info(
             "job started",
             extra={
@@ -229,10 +279,26 @@ class Worker:
                 log.warning("publish failed; retrying", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(0.2)
         for (flight, _), seq in zip(appends, results, strict=True):
+            if seq > 0 and flight.suspect and not flight.progressed:
+                flight.progressed = True
+                self._slot_freed.set()  # others may join the batch again
             if seq < 0:
-                await self._drop(flight, fenced=seq == -1, why="fenced" if seq == -1 else "not running")
+                why = "fenced" if seq == -1 else "not running"
+                await self._until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why))
         for flight, delta in finishes:
-            await self._finish(flight, delta)
+            await self._until_redis(functools.partial(self._finish, flight, delta))
+
+    async def _until_redis(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Retry a write until Redis answers: a finished generation is kept, never dropped."""
+        delay = 0.1
+        while True:
+            try:
+                await write()
+                return
+            except REDIS_ERRORS as exc:
+                log.warning("write failed; retrying", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
         rid = flight.job.rid
@@ -305,7 +371,8 @@ class Worker:
     async def _heartbeat_once(self) -> None:
         ttl = self.settings.lease_s
         await self.broker.heartbeat(self.settings.worker_id, self.registry_info(), ttl)
-        await self.broker.refresh_leases([f.job for f in self.inflight.values()], self.settings.worker_id)
+        jobs = [f.job for f in self.inflight.values()] + [job for job, _ in self.held]
+        await self.broker.refresh_leases(jobs, self.settings.worker_id)
         kv = self.engine.stats().get("kv_cache_usage")
         if kv is not None:
             self.metrics.kv_cache_usage.labels(self.model).set(float(kv))
