@@ -130,3 +130,30 @@ async def test_registry_drops_dead_workers(broker: Broker, redis: Redis) -> None
     assert list(live) == ["w-live"]
     assert list(await redis.hkeys(broker.keys.workers())) == ["w-live"]
     assert orjson.loads(await redis.hget(broker.keys.workers(), "w-live") or "{}")["capacity"] == 4
+
+
+async def test_poison_counts_attempts_without_progress(broker: Broker) -> None:
+    """A crash after progress does not count; one without makes the job a suspect that runs alone;
+    max_attempts of them in a row dead-letter it."""
+    for rid in ("bystander", "poison"):
+        await broker.enqueue(
+            rid=rid, model="m", lane="interactive", record=_record(), max_queued=10, request_id="x", ttl_s=60
+        )
+    # attempt 1 of both; the bystander emits a token, then the worker crashes
+    assert (await broker.start_job("bystander", "w1", 3)).attempt == 1
+    assert (await broker.start_job("poison", "w1", 3)).attempt == 1
+    assert await broker.append_step([Append("bystander", 1, "a", 1)]) == [1]
+    run = await broker.start_job("bystander", "w2", 3, alone=False)
+    assert run.outcome == "run" and run.record["failures"] == "0"  # progress: not a suspect
+    assert (
+        await broker.start_job("poison", "w2", 3, alone=False)
+    ).outcome == "suspect"  # a busy worker holds it
+    for attempt in (2, 3):  # alone, it crashes again without a token
+        started = await broker.start_job("poison", "w3", 3, alone=True)
+        assert (started.outcome, started.attempt, started.record["failures"]) == (
+            "run",
+            attempt,
+            str(attempt - 1),
+        )
+    dead = await broker.start_job("poison", "w4", 3)
+    assert (dead.outcome, dead.attempt) == ("poison", 3)
