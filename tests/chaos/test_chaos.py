@@ -200,8 +200,11 @@ async def test_6_burst_far_above_capacity(redis_server: RedisServer, log_dir: Pa
     procs = stack(redis_server.url, log_dir, lane_max_queued=30)
     try:
         specs, outcomes = await run_load(procs, "burst", 300, 150)
+        metrics = httpx.get(f"{urls(procs)[0]}/metrics").text
     finally:
         procs.stop()
+    rate = [line for line in metrics.splitlines() if line.startswith('breakwater_drain_rate{model="sim"}')]
+    assert rate and float(rate[0].split()[-1]) > 0  # Retry-After comes from a measured drain rate
     b = books("6-burst", specs, outcomes)
     assert_exact(b)
     statuses = {s for o in outcomes for s in o.statuses}

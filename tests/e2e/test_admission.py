@@ -132,3 +132,13 @@ def test_sigterm_drains_in_flight_work(redis_server: RedisServer, log_dir: Path)
         assert '"draining"' in worker.log()
     finally:
         procs.stop()
+
+
+def test_retry_after_follows_the_measured_drain_rate() -> None:
+    from breakwater.gateway.service import retry_after_s
+
+    assert retry_after_s(40, drain_rate=10.0, capacity=4) == 4  # 40 jobs ahead at 10 jobs/s
+    assert retry_after_s(41, drain_rate=10.0, capacity=4) == 5
+    assert retry_after_s(3, drain_rate=50.0, capacity=4) == 1  # never below 1 s
+    assert retry_after_s(10_000, drain_rate=1.0, capacity=4) == 60  # never above a minute
+    assert retry_after_s(8, drain_rate=0.0, capacity=4) == 2  # nothing measured yet: by capacity

@@ -114,6 +114,16 @@ class Broker:
         if await self.redis.get(name) == rid:
             await self.redis.delete(name)
 
+    async def jobs_done(self, model: str, lane: str) -> int:
+        """Jobs ever finished on a lane: acknowledged entries are deleted, so added - length."""
+        try:
+            info: Any = await self.redis.xinfo_stream(self.keys.jobs(model, lane))
+        except Exception as exc:  # no stream yet
+            if "no such key" in str(exc).lower():
+                return 0
+            raise
+        return int(info.get("entries-added", 0)) - int(info.get("length", 0))
+
     async def queue_depth(self, model: str, lane: str) -> tuple[int, int]:
         """(waiting, in flight) for one model and lane; exact: acknowledged entries are deleted."""
         stream = self.keys.jobs(model, lane)

@@ -100,3 +100,9 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.drain_rate = Gauge(
+            "breakwater_drain_rate",
+            "Jobs finished per second (measured, smoothed); Retry-After = waiting / this",
+            ["model"],
+            registry=r,
+        )

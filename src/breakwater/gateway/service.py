@@ -69,6 +69,8 @@ class GatewayService:
         self._models_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self.websockets: set[Any] = set()
+        self.drain_rate: dict[str, float] = {}  # jobs finished per second, per model (measured)
+        self._done: dict[str, tuple[float, int]] = {}
 
     # -- models ----------------------------------------------------------------------------------
     async def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
@@ -252,9 +254,7 @@ class GatewayService:
             )
 
     def _retry_after(self, waiting: int, model: ModelInfo) -> int:
-        # Rough drain estimate: each live slot finishes about one job per second of decode.
-        rate = max(1, model.capacity)
-        return max(1, min(60, math.ceil(waiting / rate)))
+        return retry_after_s(waiting, self.drain_rate.get(model.name, 0.0), model.capacity)
 
     # -- drain -----------------------------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -347,10 +347,32 @@ class GatewayService:
             self.metrics.batch_occupancy.labels(name).set(info.active / info.capacity if info.capacity else 0)
             if info.kv_cache_usage is not None:
                 self.metrics.kv_cache_usage.labels(name).set(info.kv_cache_usage)
+            done = 0
             for lane in LANES:
                 waiting, in_flight = await self.broker.queue_depth(name, lane)
                 self.metrics.queue_depth.labels(name, lane).set(waiting)
                 self.metrics.in_flight.labels(name, lane).set(in_flight)
+                done += await self.broker.jobs_done(name, lane)
+            self._measure_drain(name, done)
+
+    def _measure_drain(self, model: str, done: int) -> None:
+        """Jobs finished per second (EWMA over the gauge ticks): the basis of ``Retry-After``."""
+        now = time.monotonic()
+        prev = self._done.get(model)
+        self._done[model] = (now, done)
+        if prev is None or now <= prev[0] or done < prev[1]:
+            return
+        rate = (done - prev[1]) / (now - prev[0])
+        old = self.drain_rate.get(model)
+        self.drain_rate[model] = rate if old is None else 0.7 * old + 0.3 * rate
+        self.metrics.drain_rate.labels(model).set(self.drain_rate[model])
+
+
+def retry_after_s(waiting: int, drain_rate: float, capacity: int) -> int:
+    """Seconds until ``waiting`` jobs ahead have drained at the measured rate (1..60). Before any rate
+    is measured, assume each slot finishes about a job a second."""
+    rate = drain_rate if drain_rate > 0 else max(1, capacity)
+    return max(1, min(60, math.ceil(waiting / rate)))
 
 
 async def _close_ws(ws: Any) -> None:
