@@ -248,6 +248,11 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Redis AOF and logs")] = Path(".breakwater"),
     redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of an embedded one")] = None,
     appendfsync: Annotated[str, typer.Option(help="AOF fsync: everysec or always")] = "everysec",
+    autoscale: Annotated[
+        bool, typer.Option(help="scale workers on the gateway's breakwater_desired_workers")
+    ] = False,
+    min_workers: Annotated[int, typer.Option(help="--autoscale: fewest workers")] = 1,
+    max_workers: Annotated[int, typer.Option(help="--autoscale: most workers")] = 4,
 ) -> None:
     """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers."""
     from breakwater.engines.models import DEFAULT_MODEL
@@ -264,6 +269,9 @@ def up(
             data_dir=data_dir,
             redis_url=redis_url,
             appendfsync=appendfsync,
+            autoscale=autoscale,
+            min_workers=min_workers,
+            max_workers=max_workers,
         )
     )
     console.print(f"starting Redis, gateway and {workers} {engine} worker(s) for model [bold]{model}[/bold]…")
@@ -285,6 +293,8 @@ def up(
     try:
         while True:
             stack.check_children()
+            if autoscale:
+                stack.autoscale_tick()
             time.sleep(0.5)
     except KeyboardInterrupt:
         console.print("stopping…")

@@ -30,6 +30,10 @@ class GatewaySettings(CommonSettings):
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)
     idempotency_ttl_s: int = Field(default=86400, ge=1)
+    # breakwater_desired_workers: serve the arrival rate and clear the backlog within the horizon
+    autoscale_min_workers: int = Field(default=1, ge=0)
+    autoscale_max_workers: int = Field(default=16, ge=1)
+    autoscale_horizon_s: float = Field(default=30.0, gt=0.0)
 
 
 class WorkerSettings(CommonSettings):

@@ -114,15 +114,17 @@ class Broker:
         if await self.redis.get(name) == rid:
             await self.redis.delete(name)
 
-    async def jobs_done(self, model: str, lane: str) -> int:
-        """Jobs ever finished on a lane: acknowledged entries are deleted, so added - length."""
+    async def jobs_counts(self, model: str, lane: str) -> tuple[int, int]:
+        """(jobs ever admitted, jobs ever finished) on a lane: acknowledged entries are deleted, so
+        finished = entries-added - length. Global, so every gateway computes the same rates."""
         try:
             info: Any = await self.redis.xinfo_stream(self.keys.jobs(model, lane))
         except Exception as exc:  # no stream yet
             if "no such key" in str(exc).lower():
-                return 0
+                return 0, 0
             raise
-        return int(info.get("entries-added", 0)) - int(info.get("length", 0))
+        added = int(info.get("entries-added", 0))
+        return added, added - int(info.get("length", 0))
 
     async def queue_depth(self, model: str, lane: str) -> tuple[int, int]:
         """(waiting, in flight) for one model and lane; exact: acknowledged entries are deleted."""

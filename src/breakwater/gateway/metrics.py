@@ -100,6 +100,15 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.arrival_rate = Gauge(
+            "breakwater_arrival_rate", "Jobs admitted per second (measured, smoothed)", ["model"], registry=r
+        )
+        self.desired_workers = Gauge(
+            "breakwater_desired_workers",
+            "Workers that would serve the arrival rate and clear the queue within the horizon",
+            ["model"],
+            registry=r,
+        )
         self.drain_rate = Gauge(
             "breakwater_drain_rate",
             "Jobs finished per second (measured, smoothed); Retry-After = waiting / this",

@@ -70,7 +70,7 @@ class GatewayService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.websockets: set[Any] = set()
         self.drain_rate: dict[str, float] = {}  # jobs finished per second, per model (measured)
-        self._done: dict[str, tuple[float, int]] = {}
+        self.load: dict[str, ModelLoad] = {}
 
     # -- models ----------------------------------------------------------------------------------
     async def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
@@ -347,25 +347,59 @@ class GatewayService:
             self.metrics.batch_occupancy.labels(name).set(info.active / info.capacity if info.capacity else 0)
             if info.kv_cache_usage is not None:
                 self.metrics.kv_cache_usage.labels(name).set(info.kv_cache_usage)
-            done = 0
+            added = done = waiting_all = in_flight_all = 0
             for lane in LANES:
                 waiting, in_flight = await self.broker.queue_depth(name, lane)
                 self.metrics.queue_depth.labels(name, lane).set(waiting)
                 self.metrics.in_flight.labels(name, lane).set(in_flight)
-                done += await self.broker.jobs_done(name, lane)
-            self._measure_drain(name, done)
+                lane_added, lane_done = await self.broker.jobs_counts(name, lane)
+                added, done = added + lane_added, done + lane_done
+                waiting_all, in_flight_all = waiting_all + waiting, in_flight_all + in_flight
+            load = self.load.setdefault(name, ModelLoad())
+            load.observe(time.monotonic(), added, done, waiting_all, in_flight_all, info.workers)
+            self.drain_rate[name] = load.drain_rate
+            self.metrics.drain_rate.labels(name).set(load.drain_rate)
+            self.metrics.arrival_rate.labels(name).set(load.arrival_rate)
+            self.metrics.desired_workers.labels(name).set(load.desired_workers(self.settings))
 
-    def _measure_drain(self, model: str, done: int) -> None:
-        """Jobs finished per second (EWMA over the gauge ticks): the basis of ``Retry-After``."""
-        now = time.monotonic()
-        prev = self._done.get(model)
-        self._done[model] = (now, done)
-        if prev is None or now <= prev[0] or done < prev[1]:
+
+class ModelLoad:
+    """Arrival and service rates of one model, measured from its streams' counters (EWMA), and the
+    number of workers that would serve the arrivals and clear the backlog within the horizon."""
+
+    def __init__(self) -> None:
+        self.arrival_rate = 0.0
+        self.drain_rate = 0.0
+        self.per_worker_rate = 0.0  # jobs/s one busy worker finishes
+        self.waiting = 0
+        self.in_flight = 0
+        self.workers = 0
+        self._prev: tuple[float, int, int] | None = None
+
+    def observe(self, now: float, added: int, done: int, waiting: int, in_flight: int, workers: int) -> None:
+        self.waiting, self.in_flight, self.workers = waiting, in_flight, workers
+        prev, self._prev = self._prev, (now, added, done)
+        if prev is None or now <= prev[0] or added < prev[1] or done < prev[2]:
             return
-        rate = (done - prev[1]) / (now - prev[0])
-        old = self.drain_rate.get(model)
-        self.drain_rate[model] = rate if old is None else 0.7 * old + 0.3 * rate
-        self.metrics.drain_rate.labels(model).set(self.drain_rate[model])
+        dt = now - prev[0]
+        self.arrival_rate = _ewma(self.arrival_rate, (added - prev[1]) / dt)
+        self.drain_rate = _ewma(self.drain_rate, (done - prev[2]) / dt)
+        if workers and waiting:  # only a saturated worker shows what it can do
+            self.per_worker_rate = _ewma(self.per_worker_rate, (done - prev[2]) / dt / workers)
+
+    def desired_workers(self, settings: GatewaySettings) -> int:
+        if self.waiting == 0 and self.in_flight == 0 and self.arrival_rate < 0.01:
+            return settings.autoscale_min_workers
+        if self.per_worker_rate <= 0:  # nothing measured yet: one more while there is a backlog
+            want = self.workers + (1 if self.waiting else 0)
+        else:
+            demand = self.arrival_rate + self.waiting / settings.autoscale_horizon_s
+            want = math.ceil(demand / self.per_worker_rate)
+        return max(settings.autoscale_min_workers, min(settings.autoscale_max_workers, max(1, want)))
+
+
+def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
+    return new if old == 0 else (1 - alpha) * old + alpha * new
 
 
 def retry_after_s(waiting: int, drain_rate: float, capacity: int) -> int:
