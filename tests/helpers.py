@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import httpx
+import orjson
 
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.sim import SimEngine
@@ -219,3 +221,55 @@ def _ready(url: str, proc: Proc) -> bool:
         return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@dataclass
+class KilledStream:
+    """What a client saw of a stream whose worker was SIGKILLed part-way."""
+
+    rid: str
+    text: str
+    seqs: list[int]  # the SSE id of every chunk that carried choices, in arrival order
+    usage: dict[str, int] | None
+    killed: Proc
+    record: dict[str, str]  # the request record after the stream ended
+
+
+async def stream_killing_owner(
+    procs: StackProcs, redis: Any, path: str, body: dict[str, Any], *, kill_after: int, timeout_s: float = 120
+) -> KilledStream:
+    """Stream ``body`` (SSE) from the first gateway and SIGKILL the worker running it after
+    ``kill_after`` chunks; another worker must continue it."""
+    url = procs.gateways[0][1]
+    seqs: list[int] = []
+    parts: list[str] = []
+    usage = None
+    killed: Proc | None = None
+    async with (
+        httpx.AsyncClient(timeout=timeout_s) as http,
+        http.stream("POST", f"{url}{path}", json={**body, "stream": True}) as resp,
+    ):
+        rid = resp.headers["x-breakwater-request-id"]
+        seq = 0
+        async for line in resp.aiter_lines():
+            if line.startswith("id: "):
+                seq = int(line[4:])
+            elif line.startswith("data: {"):
+                data = orjson.loads(line[6:])
+                assert "error" not in data, data
+                usage = data.get("usage") or usage
+                if data["choices"]:
+                    seqs.append(seq)
+                    choice = data["choices"][0]
+                    parts.append(
+                        (choice["delta"].get("content") if "delta" in choice else choice["text"]) or ""
+                    )
+                if len(seqs) == kill_after and killed is None:
+                    owner = await redis.hget(procs.keys_request(rid), "worker")
+                    killed = next(w for w in procs.workers if w.args[-1] == owner)
+                    killed.kill()
+    assert killed is not None, "the stream ended before the kill"
+    record = await redis.hgetall(procs.keys_request(rid))
+    assert record["status"] == "done" and int(record["attempt"]) == 2 and record["worker"] != killed.args[-1]
+    assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
+    return KilledStream(rid, "".join(parts), seqs, usage, killed, record)

@@ -42,6 +42,12 @@ def _key_values(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _interrupt(_sig: int, _frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the clean stop short
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 class _DrainingServer(uvicorn.Server):
     """On SIGTERM/SIGINT, first tell the app to drain (the gateway ends its streams so clients resume
     elsewhere), then let uvicorn stop accepting and wait for connections to close."""
@@ -274,6 +280,9 @@ def up(
             max_workers=max_workers,
         )
     )
+    # Ctrl-C and SIGTERM both stop the stack cleanly, even where SIGINT arrives ignored (background jobs).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     console.print(f"starting Redis, gateway and {workers} {engine} worker(s) for model [bold]{model}[/bold]…")
     try:
         stack.start()

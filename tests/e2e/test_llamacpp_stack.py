@@ -8,12 +8,11 @@ from pathlib import Path
 
 import httpx
 import openai
-import orjson
 import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs
+from tests.helpers import StackProcs, stream_killing_owner
 
 MODEL = "smollm2-135m-instruct"
 
@@ -61,41 +60,16 @@ def test_prompt_over_context_is_refused_before_queueing(llama_stack: StackProcs)
 async def test_sigkilled_llamacpp_worker_is_continued_seamlessly(
     llama_stack: StackProcs, redis: Redis
 ) -> None:
-    url = llama_stack.gateways[0][1]
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
         "temperature": 0,
         "max_tokens": 120,
         "ignore_eos": True,
-        "stream": True,
         "stream_options": {"include_usage": True},
     }
-    seqs: list[int] = []
-    text = ""
-    usage = None
-    killed = None
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as resp:
-        rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
-        for line in resp.iter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("data: {"):
-                data = orjson.loads(line[6:])
-                assert "error" not in data, data
-                if data["choices"]:
-                    seqs.append(seq)
-                    text += data["choices"][0]["delta"].get("content") or ""
-                usage = data.get("usage") or usage
-                if len(seqs) == 15 and killed is None:
-                    owner = await redis.hget(llama_stack.keys_request(rid), "worker")
-                    killed = next(w for w in llama_stack.workers if w.args[-1] == owner)
-                    killed.kill()
-    assert killed is not None
-    record = await redis.hgetall(llama_stack.keys_request(rid))
-    assert record["status"] == "done" and int(record["attempt"]) == 2
-    assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
+    got = await stream_killing_owner(llama_stack, redis, "/v1/chat/completions", body, kill_after=15)
+    text, usage, record = got.text, got.usage, got.record
     assert text == record["emitted"]
     assert usage is not None and usage["completion_tokens"] == 120
     assert len(text.split()) > 40

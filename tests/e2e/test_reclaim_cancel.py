@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, async_wait_for, expected_sim, wait_for
+from tests.helpers import StackProcs, async_wait_for, expected_sim, stream_killing_owner, wait_for
 
 
 @pytest.fixture
@@ -34,43 +34,19 @@ def _worker_of(url: str, rid: str) -> str:
 
 
 async def test_sigkilled_worker_job_is_continued_seamlessly(two_workers: StackProcs, redis: Redis) -> None:
-    url = two_workers.gateways[0][1]
     messages = [{"role": "user", "content": "survive a crash"}]
     body = {
         "model": "sim",
         "messages": messages,
         "seed": 4242,
         "max_tokens": 60,
-        "stream": True,
         "ignore_eos": True,
     }
-    seqs: list[int] = []
-    parts: list[str] = []
-    killed = None
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
-        rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
-        for line in resp.iter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                data = orjson.loads(line[6:])
-                seqs.append(seq)
-                if data["choices"]:
-                    parts.append(data["choices"][0]["delta"].get("content") or "")
-                if len(seqs) == 10 and killed is None:
-                    owner = await redis.hget(two_workers.keys_request(rid), "worker")
-                    killed = next(w for w in two_workers.workers if w.args[-1] == owner)
-                    killed.kill()
-    assert killed is not None and not killed.alive()
-    record = await redis.hgetall(two_workers.keys_request(rid))
-    assert record["status"] == "done"
-    assert int(record["attempt"]) == 2
-    assert record["worker"] != killed.args[-1]
+    got = await stream_killing_owner(two_workers, redis, "/v1/chat/completions", body, kill_after=10)
+    assert not got.killed.alive()
     expected, _, usage = expected_sim(messages=messages, seed=4242, max_tokens=60, ignore_eos=True)
-    assert "".join(parts) == expected
-    assert seqs == list(range(1, len(seqs) + 1))
-    assert int(record["tokens"]) == usage["completion_tokens"] == 60
+    assert got.text == expected
+    assert int(got.record["tokens"]) == usage["completion_tokens"] == 60
 
 
 async def test_delete_cancels_and_frees_the_slot(two_workers: StackProcs, redis: Redis) -> None:

@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import Proc, StackProcs, async_wait_for, expected_sim, wait_for
+from tests.helpers import Proc, StackProcs, async_wait_for, expected_sim, stream_killing_owner, wait_for
 
 MODEL = "up-sim"
 
@@ -160,37 +160,12 @@ async def test_cancel_aborts_the_upstream_request(up_stack: StackProcs, upstream
 
 
 async def test_sigkilled_worker_is_continued_through_the_upstream(up_stack: StackProcs, redis: Redis) -> None:
-    url = up_stack.gateways[0][1]
     messages = [{"role": "user", "content": "survive a crash upstream"}]
     body = {"model": MODEL, "messages": messages, "seed": 77, "max_tokens": 60, "ignore_eos": True}
-    parts: list[str] = []
-    seqs: list[int] = []
-    killed = None
-    async with (
-        httpx.AsyncClient(timeout=60) as http,
-        http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp,
-    ):
-        rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
-        async for line in resp.aiter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                data = orjson.loads(line[6:])
-                seqs.append(seq)
-                if data["choices"]:
-                    parts.append(data["choices"][0]["delta"].get("content") or "")
-                if len(seqs) == 10 and killed is None:
-                    owner = await redis.hget(up_stack.keys_request(rid), "worker")
-                    killed = next(w for w in up_stack.workers if w.args[-1] == owner)
-                    killed.kill()
-    assert killed is not None
-    record = await redis.hgetall(up_stack.keys_request(rid))
-    assert record["status"] == "done" and int(record["attempt"]) == 2
+    got = await stream_killing_owner(up_stack, redis, "/v1/chat/completions", body, kill_after=10)
     expected, _, usage = expected_sim(messages=messages, seed=77, max_tokens=60, ignore_eos=True)
-    assert "".join(parts) == expected
-    assert seqs == list(range(1, len(seqs) + 1))
-    assert orjson.loads(record["usage"]) == usage  # the continuation's prompt is not counted twice
+    assert got.text == expected
+    assert orjson.loads(got.record["usage"]) == usage  # the continuation's prompt is not counted twice
 
 
 async def _burst(url: str, n: int) -> list[str]:

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import httpx
 import openai
-import orjson
 import pytest
 from redis.asyncio import Redis
 
 from breakwater.engines.models import bundled_gguf
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, wait_for
+from tests.helpers import StackProcs, stream_killing_owner, wait_for
 
 MODEL = "smollm2-135m-instruct"
 
@@ -106,40 +105,14 @@ def test_stop_and_length_through_the_upstream(proxied: StackProcs) -> None:
 
 
 async def test_sigkilled_worker_is_continued_through_the_upstream(proxied: StackProcs, redis: Redis) -> None:
-    url = proxied.gateways[0][1]
     body = {
         "model": MODEL,
         "prompt": "Count from 1 to 50, separated by commas: 1, 2, 3,",
         "temperature": 0,
         "max_tokens": 60,
-        "stream": True,
     }
-    parts: list[str] = []
-    seqs: list[int] = []
-    killed = None
-    async with (
-        httpx.AsyncClient(timeout=120) as http,
-        http.stream("POST", f"{url}/v1/completions", json=body) as resp,
-    ):
-        rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
-        async for line in resp.aiter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                data = orjson.loads(line[6:])
-                seqs.append(seq)
-                if data["choices"]:
-                    parts.append(data["choices"][0]["text"])
-                if len(seqs) == 8 and killed is None:
-                    owner = await redis.hget(proxied.keys_request(rid), "worker")
-                    killed = next(w for w in proxied.workers if w.args[-1] == owner)
-                    killed.kill()
-    assert killed is not None
-    record = await redis.hgetall(proxied.keys_request(rid))
-    assert record["status"] == "done" and int(record["attempt"]) == 2
-    assert seqs == list(range(1, len(seqs) + 1))
-    text = "".join(parts)
+    got = await stream_killing_owner(proxied, redis, "/v1/completions", body, kill_after=8)
+    text = got.text
     # Greedy decoding continued from prompt + emitted text: the count goes on without a repeat or gap.
     numbers = [int(n) for n in text.replace(" ", "").split(",") if n.isdigit()]
     assert numbers[:10] == list(range(4, 14))

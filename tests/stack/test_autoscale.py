@@ -71,5 +71,5 @@ async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path) 
         assert max(seen) >= 2, seen  # scaled up while the queue grew
         wait_for(lambda: workers(url) == 1, 60, 0.5, "scaled back down to one worker")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # stops the whole stack, like Ctrl-C
         proc.wait(60)

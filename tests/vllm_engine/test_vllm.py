@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, async_wait_for, wait_for
+from tests.helpers import StackProcs, async_wait_for, stream_killing_owner, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -244,33 +244,8 @@ async def test_sigkilled_worker_is_continued_seamlessly(
     body = {"model": MODEL, "messages": count, "temperature": 0, "max_tokens": 80}
     direct = httpx.post(f"{vllm_server}/v1/chat/completions", json=body, timeout=120).json()
     expected = direct["choices"][0]["message"]["content"]
-    url = inproc.gateways[0][1]
-    parts: list[str] = []
-    seqs: list[int] = []
-    killed = None
-    async with (
-        httpx.AsyncClient(timeout=300) as http,
-        http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}) as resp,
-    ):
-        rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
-        async for line in resp.aiter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                data = orjson.loads(line[6:])
-                seqs.append(seq)
-                if data["choices"]:
-                    parts.append(data["choices"][0]["delta"].get("content") or "")
-                if len(seqs) == 8 and killed is None:
-                    owner = await redis.hget(inproc.keys_request(rid), "worker")
-                    killed = next(w for w in inproc.workers if w.args[-1] == owner)
-                    killed.kill()
-    assert killed is not None
-    record = await redis.hgetall(inproc.keys_request(rid))
-    assert record["status"] == "done" and int(record["attempt"]) == 2
-    assert seqs == list(range(1, len(seqs) + 1))
-    text = "".join(parts)
+    got = await stream_killing_owner(inproc, redis, "/v1/chat/completions", body, kill_after=8, timeout_s=300)
+    text, seqs, record = got.text, got.seqs, got.record
     assert len(seqs) > 20  # the kill came early in the answer
     # Greedy: the continuation counts on where the dead worker stopped, with no repeat and no gap,
     # and is exactly vLLM's undisturbed answer (a counting answer has no near-ties to flip).
