@@ -273,3 +273,31 @@ async def stream_killing_owner(
     assert record["status"] == "done" and int(record["attempt"]) == 2 and record["worker"] != killed.args[-1]
     assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
     return KilledStream(rid, "".join(parts), seqs, usage, killed, record)
+
+
+def start_sim_server(log_dir: Path, model: str = "up-sim", **settings: object) -> tuple[Proc, str]:
+    """``breakwater sim-server`` (vLLM-style gauges at /metrics) on a free port; returns (proc, url)."""
+    port = free_port()
+    env = {"BREAKWATER_MODEL": model, **{f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()}}
+    proc = Proc(["sim-server", "--port", str(port)], env, log_dir / f"sim-server-{port}.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.alive(), proc.log()[-2000:]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 30, 0.1, "sim-server up")
+    return proc, url
+
+
+def upstream_gauges(url: str) -> dict[str, float]:
+    """The sim-server's vLLM-style gauges, by name without labels."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = float(value)
+    return out

@@ -11,8 +11,7 @@ from typing import Any
 import orjson
 
 from breakwater.redis_server import RedisServer
-from tests.e2e.test_upstream import start_sim_server
-from tests.helpers import StackProcs
+from tests.helpers import StackProcs, start_sim_server
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

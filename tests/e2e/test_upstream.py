@@ -20,37 +20,17 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import Proc, StackProcs, async_wait_for, expected_sim, stream_killing_owner, wait_for
+from breakwater.redis_server import RedisServer
+from tests.helpers import (
+    StackProcs,
+    async_wait_for,
+    expected_sim,
+    start_sim_server,
+    stream_killing_owner,
+    upstream_gauges,
+)
 
 MODEL = "up-sim"
-
-
-def start_sim_server(log_dir: Path, **settings: object) -> tuple[Proc, str]:
-    port = free_port()
-    env = {"BREAKWATER_MODEL": MODEL, **{f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()}}
-    proc = Proc(["sim-server", "--port", str(port)], env, log_dir / f"sim-server-{port}.log")
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.alive(), proc.log()[-2000:]
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 30, 0.1, "sim-server up")
-    return proc, url
-
-
-def upstream_gauges(url: str) -> dict[str, float]:
-    """The sim-server's vLLM-style gauges, by name without labels."""
-    out: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0]] = float(value)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -23,40 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from breakwater.bench.metrics import RequestRecord
 from breakwater.bench.profiles import Arrival
 from breakwater.bench.ws import WSPool
-
-WORDS = [
-    "harbor",
-    "tide",
-    "river",
-    "stone",
-    "light",
-    "signal",
-    "cloud",
-    "engine",
-    "request",
-    "answer",
-    "steady",
-    "quiet",
-    "swift",
-    "bright",
-    "north",
-    "south",
-    "under",
-    "over",
-    "before",
-    "after",
-    "always",
-    "never",
-    "many",
-    "few",
-    "small",
-    "large",
-    "early",
-    "late",
-    "open",
-    "close",
-    "wave",
-]
+from breakwater.engines.sim import VOCAB  # plain words, mostly one token each
 
 # Gauges (summed over labels) and counters (as per-second rates) kept from the target's /metrics.
 SCRAPED_GAUGES = (
@@ -78,7 +45,7 @@ SCRAPED_COUNTERS = ("process_cpu_seconds", "breakwater_tokens")
 def synth_prompt(tokens: int, index: int) -> str:
     """About ``tokens`` tokens of plain words (one token each for common tokenizers); the server's
     usage reports the exact count."""
-    return " ".join(WORDS[(index + k) % len(WORDS)] for k in range(max(1, tokens)))
+    return " ".join(VOCAB[(index + k) % len(VOCAB)] for k in range(max(1, tokens)))
 
 
 @dataclass(slots=True)

@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 from breakwater.engines.base import EngineInfo, EngineRequestError, GenerationRequest, SequenceDelta
@@ -125,9 +124,7 @@ class VLLMEngine(StreamingEngine):
             from breakwater.engines.prepare import prepare_hf
 
             return str(prepare_hf(self.info.model))
-        if Path(self.info.model).exists():
-            return self.info.model
-        return self.info.model  # a model id vLLM resolves itself (hub cache, or a path it knows)
+        return self.info.model  # a folder, or a model id vLLM resolves itself (hub cache)
 
     async def close(self) -> None:
         await super().close()
