@@ -116,7 +116,7 @@ def worker(
     model: Annotated[
         str | None, typer.Option(help="model name (llamacpp: smollm2-135m-instruct | gemma3-270m)")
     ] = None,
-    model_path: Annotated[str | None, typer.Option(help="llamacpp: serve this GGUF file")] = None,
+    model_path: Annotated[str | None, typer.Option(help="llamacpp: a GGUF file; vllm: a transformers folder")] = None,
     upstream_url: Annotated[str | None, typer.Option(help="openai: upstream base URL (…/v1)")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
     upstream_metrics_url: Annotated[
@@ -133,7 +133,9 @@ def worker(
     context_length: Annotated[int | None, typer.Option(help="context length (sim)")] = None,
     heartbeat_s: Annotated[float | None, typer.Option(help="heartbeat period")] = None,
     drain_grace_s: Annotated[float | None, typer.Option("--grace", help="SIGTERM drain grace")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="/metrics port (0: off)")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="/healthz, /readyz and /metrics port (0: off)")
+    ] = None,
     sim_decode_base_ms: Annotated[float | None, typer.Option(help="sim: decode step base cost")] = None,
     sim_decode_per_seq_ms: Annotated[float | None, typer.Option(help="sim: decode cost per sequence")] = None,
     sim_prefill_ms_per_token: Annotated[
@@ -177,13 +179,15 @@ def worker(
 
 
 async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
-    from prometheus_client import start_http_server
-
-    from breakwater.broker import Broker, connect
+    from breakwater.broker import Broker, connect_with
     from breakwater.engines import build_engine
     from breakwater.keys import Keys
     from breakwater.worker import Worker
+    from breakwater.worker.http import WorkerHTTP
 
+    http = WorkerHTTP(settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
+    if http is not None:  # up before the model loads, so probes can tell loading from dead
+        await http.start()
     engine = build_engine(
         settings.engine,
         model=settings.model,
@@ -200,19 +204,21 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
         **{k: v for k, v in settings.model_dump().items() if k.startswith("upstream_")},
     )
     await engine.start()
-    redis = connect(settings.redis_url)
+    redis = connect_with(settings)
     broker = Broker(redis, Keys(settings.key_prefix), token_stream_maxlen=settings.token_stream_maxlen)
     worker = Worker(settings, engine, broker)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=worker.metrics.registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.drain)
     try:
+        if http is not None:
+            http.worker = worker
         await worker.run(burst=burst)
     finally:
         await engine.close()
         await redis.aclose()
+        if http is not None:
+            await http.close()
 
 
 @app.command("sim-server")

@@ -150,13 +150,13 @@ ModelOpt = Annotated[str, typer.Option(help="model whose dead letters to act on"
 
 
 def _with_broker(fn: Any) -> Any:
-    from breakwater.broker import Broker, connect
+    from breakwater.broker import Broker, connect_with
     from breakwater.config import CommonSettings
     from breakwater.keys import Keys
 
     async def run() -> Any:
         settings = CommonSettings()
-        redis = connect(settings.redis_url)
+        redis = connect_with(settings)
         try:
             return await fn(Broker(redis, Keys(settings.key_prefix)))
         finally:

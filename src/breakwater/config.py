@@ -6,7 +6,7 @@ import socket
 import uuid
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,6 +14,10 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # ACL user and password (Kubernetes: from a Secret), kept out of the URL so logs never show them
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_password_file: str | None = Field(default=None, description="read the password from this file")
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     log_level: str = "INFO"
     log_json: bool = True
@@ -30,10 +34,16 @@ class GatewaySettings(CommonSettings):
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)
     idempotency_ttl_s: int = Field(default=86400, ge=1)
+    # Models served even while no worker is live (scale to zero): requests queue until one starts.
+    models: str = Field(default="", description="comma-separated model names always served")
     # breakwater_desired_workers: serve the arrival rate and clear the backlog within the horizon
     autoscale_min_workers: int = Field(default=1, ge=0)
     autoscale_max_workers: int = Field(default=16, ge=1)
     autoscale_horizon_s: float = Field(default=30.0, gt=0.0)
+
+    @property
+    def declared_models(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
 
 
 class WorkerSettings(CommonSettings):
@@ -70,7 +80,9 @@ class WorkerSettings(CommonSettings):
     result_ttl_s: int = Field(default=3600, ge=1)
     token_stream_maxlen: int = Field(default=100_000, ge=100)
     detach_grace_s: float = Field(default=15.0, ge=0.0)
-    metrics_port: int = Field(default=0, ge=0, description="0 disables the worker's /metrics listener")
+    hourly_cost_usd: float = Field(default=0.0, ge=0.0, description="this worker's price per hour (cost/1k)")
+    metrics_port: int = Field(default=0, ge=0, description="/healthz, /readyz, /metrics; 0: no listener")
+    metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 in a pod, so probes and Prometheus reach it")
     # sim engine timing
     sim_prefill_ms_per_token: float = 0.0
     sim_decode_base_ms: float = 5.0

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from breakwater.config import CommonSettings
 
-def connect(url: str, *, max_connections: int = 256) -> Redis:
-    """A pooled client; commands retry transient connection errors with jittered backoff."""
+
+def connect(
+    url: str, *, username: str | None = None, password: str | None = None, max_connections: int = 256
+) -> Redis:
+    """A pooled client; commands retry transient connection errors with jittered backoff.
+    ``username``/``password`` (an ACL user) override any given in the URL."""
+    auth = {k: v for k, v in (("username", username), ("password", password)) if v}
     return Redis.from_url(
         url,
+        **auth,
         decode_responses=True,
         max_connections=max_connections,
         retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=3),
@@ -21,3 +30,26 @@ def connect(url: str, *, max_connections: int = 256) -> Redis:
         socket_connect_timeout=2.0,
         socket_keepalive=True,
     )
+
+
+def connect_with(settings: CommonSettings, *, max_connections: int = 256) -> Redis:
+    """The client a process's settings describe (URL, ACL user and password)."""
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    if settings.redis_password_file:  # a mounted Secret; it wins over the variable
+        with open(settings.redis_password_file, encoding="utf-8") as f:
+            password = f.read().strip()
+    return connect(
+        settings.redis_url,
+        username=settings.redis_username,
+        password=password,
+        max_connections=max_connections,
+    )
+
+
+def redacted(url: str) -> str:
+    """``url`` without a password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

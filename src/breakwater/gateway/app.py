@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from breakwater.broker import Broker, connect
+from breakwater.broker import Broker, connect_with, redacted
 from breakwater.config import GatewaySettings
 from breakwater.gateway import routes, ws
 from breakwater.gateway.errors import install_error_handlers
@@ -35,7 +35,7 @@ async def _refresh_gauges(svc: GatewayService) -> None:
 def build_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = connect(settings.redis_url)
+        redis = connect_with(settings)
         keys = Keys(settings.key_prefix)
         broker = Broker(redis, keys)
         fanin = Fanin(redis, keys, settings.stream_buffer)
@@ -44,7 +44,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         log.info(
-            "gateway ready", extra={"fields": {"redis": settings.redis_url, "prefix": settings.key_prefix}}
+            "gateway ready", extra={"fields": {"redis": redacted(settings.redis_url), "prefix": settings.key_prefix}}
         )
         try:
             yield

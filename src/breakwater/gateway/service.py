@@ -74,7 +74,7 @@ class GatewayService:
 
     # -- models ----------------------------------------------------------------------------------
     async def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
-        """Models served by live workers (cached for ``model_cache_s``)."""
+        """Models served by live workers, and declared ones (cached for ``model_cache_s``)."""
         if fresh or time.monotonic() - self._models_at > self.settings.model_cache_s:
             workers = await self.broker.live_workers()
             grouped: dict[str, list[dict[str, Any]]] = {}
@@ -91,6 +91,8 @@ class GatewayService:
                     active=sum(int(i.get("active", 0)) for i in infos),
                     kv_cache_usage=sum(kv) / len(kv) if kv else None,
                 )
+            for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
+                models.setdefault(name, ModelInfo(name, context_length=0, workers=0, capacity=0, active=0))
             self._models, self._models_at = models, time.monotonic()
         return self._models
 
@@ -341,7 +343,9 @@ class GatewayService:
 
     # -- background ------------------------------------------------------------------------------
     async def refresh_gauges(self) -> None:
-        models = await self.models(fresh=True)
+        models = dict(await self.models(fresh=True))
+        for gone in self.load.keys() - models.keys():  # its last worker left: report 0, not stale
+            models[gone] = ModelInfo(gone, context_length=0, workers=0, capacity=0, active=0)
         for name, info in models.items():
             self.metrics.workers.labels(name).set(info.workers)
             self.metrics.batch_occupancy.labels(name).set(info.active / info.capacity if info.capacity else 0)

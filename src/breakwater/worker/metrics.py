@@ -41,6 +41,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.hourly_cost = Gauge(
+            "breakwater_worker_hourly_cost_dollars",
+            "What this worker costs per hour (BREAKWATER_HOURLY_COST_USD), for cost per 1k tokens",
+            ["model"],
+            registry=r,
+        )
         self.kv_cache_usage = Gauge(
             "breakwater_worker_kv_cache_usage", "Engine KV-cache usage (0-1)", ["model"], registry=r
         )

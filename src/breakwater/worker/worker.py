@@ -32,6 +32,7 @@ class Worker:
         self.broker = broker
         self.model = engine.info.model
         self.metrics = WorkerMetrics()
+        self.metrics.hourly_cost.labels(self.model).set(settings.hourly_cost_usd)
         self.inflight: dict[str, InFlight] = {}
         # Jobs waiting (leases kept) for an empty engine: (job, whether Redis called it a suspect).
         self.held: list[tuple[Job, bool]] = []
