@@ -7,7 +7,13 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: up test lint typecheck unit bench evaluate clean vllm-env
+# Manifest checkers (checkov pins its own world of dependencies, so it gets its own venv) and the
+# CRD-schema validator (KEDA and Prometheus Operator models from npm).
+K8S_VENV ?= .venv-k8s
+K8S_STAMP := $(K8S_VENV)/.installed
+CRD_STAMP := tests/k8s/crd/node_modules/.installed
+
+.PHONY: up test lint typecheck unit bench evaluate clean vllm-env k8s-env k8s-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +38,22 @@ $(VLLM_STAMP): pyproject.toml $(STAMP)
 
 vllm-env: $(VLLM_STAMP)
 
+$(K8S_STAMP):
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install -q --upgrade pip
+	$(K8S_VENV)/bin/pip install -q 'checkov==3.3.30' 'kubernetes-validate==1.37.0'
+	touch $(K8S_STAMP)
+
+$(CRD_STAMP): tests/k8s/crd/package.json tests/k8s/crd/package-lock.json
+	cd tests/k8s/crd && npm ci --silent --no-audit --no-fund
+	touch $(CRD_STAMP)
+
+k8s-env: $(K8S_STAMP) $(CRD_STAMP)
+
+# Render every overlay; schemas, checkov, promtool, and a real Prometheus over a local stack.
+k8s-check: $(STAMP) k8s-env
+	$(VENV)/bin/pytest -q tests/k8s
+
 up: $(STAMP)
 	$(VENV)/bin/breakwater up $(ARGS)
 
@@ -42,7 +64,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck vllm-env
+test: lint typecheck vllm-env k8s-env
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -53,4 +75,4 @@ evaluate: $(STAMP)
 	$(PY) benchmarks/evaluate.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .breakwater .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(K8S_VENV) tests/k8s/crd/node_modules .breakwater .pytest_cache .mypy_cache .ruff_cache

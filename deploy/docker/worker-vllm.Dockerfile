@@ -3,8 +3,7 @@
 # (`--engine vllm`). From the repository root:
 #   docker build -f deploy/docker/worker-vllm.Dockerfile -t breakwater-worker-vllm:0.1.0 .
 # The base is vLLM's own CUDA image, so torch, CUDA and vLLM match as vLLM released them.
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
-FROM ${VLLM_IMAGE}
+FROM vllm/vllm-openai:v0.11.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 HOME=/tmp HF_HOME=/models HF_HUB_OFFLINE=1

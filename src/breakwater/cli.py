@@ -116,7 +116,9 @@ def worker(
     model: Annotated[
         str | None, typer.Option(help="model name (llamacpp: smollm2-135m-instruct | gemma3-270m)")
     ] = None,
-    model_path: Annotated[str | None, typer.Option(help="llamacpp: a GGUF file; vllm: a transformers folder")] = None,
+    model_path: Annotated[
+        str | None, typer.Option(help="llamacpp: a GGUF file; vllm: a transformers folder")
+    ] = None,
     upstream_url: Annotated[str | None, typer.Option(help="openai: upstream base URL (…/v1)")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
     upstream_metrics_url: Annotated[

@@ -82,7 +82,9 @@ class WorkerSettings(CommonSettings):
     detach_grace_s: float = Field(default=15.0, ge=0.0)
     hourly_cost_usd: float = Field(default=0.0, ge=0.0, description="this worker's price per hour (cost/1k)")
     metrics_port: int = Field(default=0, ge=0, description="/healthz, /readyz, /metrics; 0: no listener")
-    metrics_host: str = Field(default="127.0.0.1", description="0.0.0.0 in a pod, so probes and Prometheus reach it")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="0.0.0.0 in a pod, so probes and Prometheus reach it"
+    )
     # sim engine timing
     sim_prefill_ms_per_token: float = 0.0
     sim_decode_base_ms: float = 5.0

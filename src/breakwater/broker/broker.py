@@ -134,9 +134,9 @@ class Broker:
             pipe.xpending(stream, GROUP)
             try:
                 length, pending = await pipe.execute()
-            except Exception as exc:  # no group yet: nothing queued
+            except Exception as exc:  # no group yet (no worker ever ran): all of it waits
                 if "NOGROUP" in str(exc):
-                    return 0, 0
+                    return int(await self.redis.xlen(stream)), 0
                 raise
         in_flight = int(pending["pending"]) if pending else 0
         return max(0, int(length) - in_flight), in_flight

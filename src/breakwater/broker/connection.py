@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -18,7 +19,7 @@ def connect(
 ) -> Redis:
     """A pooled client; commands retry transient connection errors with jittered backoff.
     ``username``/``password`` (an ACL user) override any given in the URL."""
-    auth = {k: v for k, v in (("username", username), ("password", password)) if v}
+    auth: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
     return Redis.from_url(
         url,
         **auth,

@@ -44,7 +44,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         log.info(
-            "gateway ready", extra={"fields": {"redis": redacted(settings.redis_url), "prefix": settings.key_prefix}}
+            "gateway ready",
+            extra={"fields": {"redis": redacted(settings.redis_url), "prefix": settings.key_prefix}},
         )
         try:
             yield

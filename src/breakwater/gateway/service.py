@@ -347,6 +347,12 @@ class GatewayService:
         for gone in self.load.keys() - models.keys():  # its last worker left: report 0, not stale
             models[gone] = ModelInfo(gone, context_length=0, workers=0, capacity=0, active=0)
         for name, info in models.items():
+            if name not in self.load:  # a new model: its counters start at 0, visible to rate()
+                self.metrics.rejections.labels(name, "queue_full")
+                if name in self.settings.declared_models:
+                    # The consumer group exists before any worker does, so a stream-lag
+                    # autoscaler (KEDA) can read the queue and wake the first one.
+                    await self.broker.ensure_groups(name)
             self.metrics.workers.labels(name).set(info.workers)
             self.metrics.batch_occupancy.labels(name).set(info.active / info.capacity if info.capacity else 0)
             if info.kv_cache_usage is not None:

@@ -33,6 +33,10 @@ class Worker:
         self.model = engine.info.model
         self.metrics = WorkerMetrics()
         self.metrics.hourly_cost.labels(self.model).set(settings.hourly_cost_usd)
+        # Series exist from the start (at 0), so rate() and increase() in alerts see a baseline.
+        self.metrics.dead_letters.labels(self.model)
+        self.metrics.retries.labels(self.model)
+        self.metrics.tokens.labels(self.model)
         self.inflight: dict[str, InFlight] = {}
         # Jobs waiting (leases kept) for an empty engine: (job, whether Redis called it a suspect).
         self.held: list[tuple[Job, bool]] = []

@@ -1,0 +1,262 @@
+"""The Kubernetes manifests: every overlay renders, validates against the Kubernetes and CRD
+schemas, passes checkov, and keeps the promises docs/deploy.md makes (security, drain, contracts).
+
+No cluster runs here, so everything a cluster would reject is checked without one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from breakwater.keys import GROUP, LANES, Keys
+from tests.k8s.render import (
+    COMPOSITIONS,
+    CRD_GROUPS,
+    K8S,
+    OVERLAYS,
+    ROOT,
+    all_renders,
+    pod_specs,
+    render_composition,
+    render_overlay,
+    tool,
+    validate_crds,
+)
+
+pytestmark = pytest.mark.timeout(600)
+KUBERNETES_VERSION = "1.30.0"  # the oldest minor the manifests promise (docs/deploy.md)
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    return dict(all_renders(tmp_path_factory.mktemp("compose")))
+
+
+def kubernetes_validate(objects: list[dict[str, Any]], path: Path) -> subprocess.CompletedProcess[str]:
+    path.write_text(yaml.safe_dump_all(objects))
+    return subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_every_overlay_and_composition_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
+    assert set(OVERLAYS) == {"cpu", "gpu-vllm", "gpu-vllm-inprocess", "hpa", "keda", "monitoring"}
+    assert set(renders) == set(OVERLAYS) | set(COMPOSITIONS)
+    for name, objects in renders.items():
+        kinds = {o["kind"] for o in objects}
+        assert {"Namespace", "StatefulSet", "Deployment", "Service", "NetworkPolicy"} <= kinds, name
+        assert all(
+            o["metadata"].get("namespace") == "breakwater" for o in objects if o["kind"] != "Namespace"
+        )
+    assert "ScaledObject" in {o["kind"] for o in renders["keda"]}
+    assert "HorizontalPodAutoscaler" in {o["kind"] for o in renders["hpa"]}
+    assert {"PrometheusRule", "ServiceMonitor", "PodMonitor"} <= {o["kind"] for o in renders["monitoring"]}
+
+
+def test_core_objects_validate_against_kubernetes_schemas(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    for name, objects in renders.items():
+        core = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
+        out = kubernetes_validate(core, tmp_path / f"{name}.yaml")
+        assert out.returncode == 0, f"{name}:\n{out.stdout}{out.stderr}"
+        assert "ERROR" not in out.stdout and "WARN" not in out.stdout, f"{name}:\n{out.stdout}"
+
+
+def test_schema_validation_catches_a_bad_object(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The validator is not a rubber stamp: an unknown field and a wrong type are refused."""
+    deployment = copy.deepcopy(next(o for o in renders["cpu"] if o["kind"] == "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["periodSecond"] = 10
+    assert kubernetes_validate([deployment], tmp_path / "bad.yaml").returncode != 0
+    scaled = copy.deepcopy(next(o for o in renders["keda"] if o["kind"] == "ScaledObject"))
+    scaled["spec"]["minReplicaCount"] = "one"
+    result = validate_crds([scaled])
+    assert result["returncode"] == 1 and "minReplicaCount" in " ".join(result["errors"])
+
+
+def test_crd_objects_validate_against_keda_and_prometheus_operator_schemas(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    for name, objects in renders.items():
+        custom = [o for o in objects if o["apiVersion"].startswith(CRD_GROUPS)]
+        result = validate_crds(objects)
+        assert result["returncode"] == 0, f"{name}: {result['errors']}"
+        assert len(result["validated"]) == len(custom), (name, result)
+    assert set(validate_crds(renders["keda"])["validated"]) == {
+        "ScaledObject/worker",
+        "TriggerAuthentication/redis-metrics",
+    }
+
+
+def test_checkov_reports_no_failed_checks(renders: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    for name, objects in renders.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(objects))
+    for framework, directory in (("kubernetes", tmp_path), ("dockerfile", ROOT / "deploy" / "docker")):
+        out = subprocess.run(
+            [
+                tool("checkov"),
+                "-d",
+                str(directory),
+                "--framework",
+                framework,
+                "--skip-download",
+                "-o",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={"BC_SKIP_MAPPING": "TRUE", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        )
+        report = json.loads(out.stdout)
+        reports = report if isinstance(report, list) else [report]
+        summary = [r["summary"] for r in reports]
+        assert all(s["failed"] == 0 for s in summary), (framework, _failed(reports))
+        assert sum(s["passed"] for s in summary) > 100, summary
+        for r in reports:  # every skip says why, inline
+            for skipped in r["results"].get("skipped_checks", []):
+                why = skipped["check_result"].get("suppress_comment") or ""
+                assert len(why) > 20, (skipped["check_id"], skipped["resource"])
+
+
+def _failed(reports: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{c['check_id']} {c['resource']}" for r in reports for c in r["results"].get("failed_checks", [])
+    ]
+
+
+def test_security_model(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for objects in renders.values():
+        namespace = next(o for o in objects if o["kind"] == "Namespace")
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+        assert all(a["automountServiceAccountToken"] is False for a in accounts.values())
+        assert not [
+            o for o in objects if o["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+        ]
+        for where, spec in pod_specs(objects):
+            assert spec["serviceAccountName"] in accounts, where  # its own, not `default`
+            assert spec["automountServiceAccountToken"] is False, where
+            assert spec["securityContext"]["runAsNonRoot"] is True, where
+            assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+                assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+                assert sc["capabilities"]["drop"] == ["ALL"], (where, c["name"])
+                assert {"cpu", "memory"} <= set(c["resources"]["requests"]), (where, c["name"])
+                assert {"cpu", "memory"} <= set(c["resources"]["limits"]), (where, c["name"])
+                assert not re.search(r":latest$|^[^:]+$", c["image"]), (where, c["image"])
+        # No secret in a ConfigMap; every password is read from the Secret.
+        for cm in (o for o in objects if o["kind"] == "ConfigMap"):
+            for key, value in cm.get("data", {}).items():
+                assert not re.search(r"(?i)password|token|api_key", key), (cm["metadata"]["name"], key)
+                assert not re.search(r"redis://[^/@]*:[^/@]*@", value), (cm["metadata"]["name"], key)
+        policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+        assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+        assert policies["redis"]["egress"] == []
+
+
+def test_network_policies_allow_exactly_the_flows(renders: dict[str, list[dict[str, Any]]]) -> None:
+    policies = {o["metadata"]["name"]: o["spec"] for o in renders["cpu"] if o["kind"] == "NetworkPolicy"}
+    redis_from = [
+        peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+        or peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for rule in policies["redis"]["ingress"]
+        for peer in rule["from"]
+    ]
+    assert sorted(redis_from) == ["gateway", "keda", "monitoring", "worker"]
+    assert [p["port"] for p in policies["worker"]["ingress"][0]["ports"]] == [9400]  # metrics only
+    for name in ("gateway", "worker"):
+        egress = policies[name]["egress"]
+        assert [r["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for r in egress] == [
+            "redis"
+        ]
+
+
+def test_probes_and_drain_match_the_processes(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for name in ("cpu", "gpu-vllm", "gpu-vllm-inprocess"):
+        objects = renders[name]
+        config = next(
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "breakwater"
+        )
+        grace = float(config["data"]["BREAKWATER_DRAIN_GRACE_S"])
+        specs = dict(pod_specs(objects))
+        gateway = specs["Deployment/gateway"]["containers"][0]
+        assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert gateway["startupProbe"]["httpGet"]["path"] == "/healthz"
+        assert gateway["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+        worker_spec = specs["Deployment/worker"]
+        worker = next(c for c in worker_spec["containers"] if c["name"] == "worker")
+        assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert "9400" in worker["args"]
+        # The pod outlives the worker's drain grace, so in-flight work finishes or is released.
+        assert worker_spec["terminationGracePeriodSeconds"] >= grace + 10, name
+        vllm = [c for c in worker_spec["containers"] if c["name"] == "vllm"]
+        if vllm:  # sidecar: vLLM keeps serving while the worker drains, and dies within the grace
+            hold = float(vllm[0]["lifecycle"]["preStop"]["exec"]["command"][1])
+            assert grace < hold < worker_spec["terminationGracePeriodSeconds"]
+            assert vllm[0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert (
+                "--engine" in worker["args"]
+                and worker["args"][worker["args"].index("--engine") + 1] == "openai"
+            )
+            assert worker["args"][worker["args"].index("--upstream-url") + 1] == "http://127.0.0.1:8001/v1"
+        if name == "gpu-vllm-inprocess":
+            assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+            assert worker["args"][worker["args"].index("--engine") + 1] == "vllm"
+
+
+def test_keda_triggers_follow_the_key_contract(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """The redis-streams triggers name the very streams and group the broker uses (DESIGN §4)."""
+    objects = renders["keda"]
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "breakwater")
+    model = config["data"]["BREAKWATER_MODELS"]
+    keys = Keys(config["data"]["BREAKWATER_KEY_PREFIX"])
+    scaled = next(o for o in objects if o["kind"] == "ScaledObject")
+    streams = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis-streams"]
+    assert sorted(m["stream"] for m in streams) == sorted(keys.jobs(model, lane) for lane in LANES)
+    assert all(m["consumerGroup"] == GROUP and "lagCount" in m for m in streams)
+    host = config["data"]["BREAKWATER_REDIS_URL"].split("//")[1].split("/")[0]
+    assert all(m["address"] == host for m in streams)
+    queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+    assert all(f'model="{model}"' in q for q in queries) and len(queries) == 2
+    assert scaled["spec"]["maxReplicaCount"] == int(config["data"]["BREAKWATER_AUTOSCALE_MAX_WORKERS"])
+
+
+def test_secret_keys_referenced_are_the_ones_created() -> None:
+    script = (K8S / "create-secrets.sh").read_text()
+    created = set(re.findall(r"--from-literal=([a-z-]+)=", script))
+    referenced: set[str] = set()
+    for name in list(OVERLAYS):
+        text = yaml.safe_dump_all(render_overlay(name))
+        referenced |= set(re.findall(r"key: ([a-z-]+-(?:password|username))", text))
+    assert referenced and referenced <= created, (referenced, created)
+    acl = (K8S / "base" / "redis" / "users.acl.tmpl").read_text()
+    assert "user default off" in acl
+    for user in ("gateway", "worker", "metrics"):
+        assert re.search(rf"^user {user} on >@{user.upper()}_PASSWORD@ ", acl, re.M), user
+        assert f"{user}-password" in created
+
+
+def test_compositions_are_the_documented_ones(tmp_path: Path) -> None:
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name, (overlay, components) in COMPOSITIONS.items():
+        objects = render_composition(name, tmp_path)
+        assert any(o["kind"] == "Deployment" for o in objects)
+        assert f"../{overlay}" in docs and all(f"components/{c}" in docs for c in components), name
