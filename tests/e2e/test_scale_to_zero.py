@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import NotFoundError, OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.redis_server import RedisServer
@@ -43,14 +44,14 @@ def test_declared_model_queues_until_a_worker_starts(redis_server: RedisServer, 
         wait_for(lambda: gauge(url, "breakwater_desired_workers", model) == 0, 10, 0.1, "desired 0")
 
         client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
-        messages = [{"role": "user", "content": "wake up"}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "wake up"}]
         # The request is admitted and waits in the queue (no worker): the client's stream is open.
         stream = client.chat.completions.create(
             model=model,
             messages=messages,
             max_tokens=12,
             seed=3,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
         )
         wait_for(lambda: _queued(url, model) == 1, 10, 0.1, "one job queued")
         assert gauge(url, "breakwater_workers", model) == 0
@@ -63,7 +64,7 @@ def test_declared_model_queues_until_a_worker_starts(redis_server: RedisServer, 
         assert _queued(url, model) == 0
         # A model neither declared nor served is still unknown.
         with pytest.raises(NotFoundError) as refused:
-            client.chat.completions.create(model="nobody", messages=messages)  # type: ignore[arg-type]
+            client.chat.completions.create(model="nobody", messages=messages)
         assert refused.value.code == "model_not_found"
         client.close()
     finally:
