@@ -10,12 +10,14 @@ import copy
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.keys import GROUP, LANES, Keys
 from tests.k8s.render import (
     COMPOSITIONS,
@@ -260,3 +262,59 @@ def test_compositions_are_the_documented_ones(tmp_path: Path) -> None:
         objects = render_composition(name, tmp_path)
         assert any(o["kind"] == "Deployment" for o in objects)
         assert f"../{overlay}" in docs and all(f"components/{c}" in docs for c in components), name
+
+
+def _breakwater_containers(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        c
+        for _, spec in pod_specs(objects)
+        for c in spec["containers"]
+        if "/breakwater-" in c["image"] or c["image"].startswith("breakwater-")
+    ]
+
+
+def test_container_args_are_valid_breakwater_commands(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """Every command line the manifests give a Breakwater container parses (typos fail here)."""
+    seen: set[tuple[str, ...]] = set()
+    for objects in renders.values():
+        for container in _breakwater_containers(objects):
+            seen.add(tuple(container["args"]))
+    assert len(seen) >= 4  # gateway, llamacpp worker, openai sidecar worker, vllm worker
+    for args in seen:
+        out = subprocess.run(
+            [sys.executable, "-m", "breakwater", *args, "--help"], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, (args, out.stdout[-500:], out.stderr[-1500:])
+    bad = subprocess.run(
+        [sys.executable, "-m", "breakwater", "worker", "--metrics-prot", "9400", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0  # the control: a misspelt option is refused
+
+
+def test_every_breakwater_variable_is_a_setting(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """Settings ignore unknown variables, so a misspelt BREAKWATER_* in a manifest would be silently
+    dropped: each one must name a real field of the process it configures."""
+    fields = {
+        "gateway": set(GatewaySettings.model_fields),
+        "worker": set(WorkerSettings.model_fields),
+    }
+    shared = fields["gateway"] & fields["worker"]
+    for name, objects in renders.items():
+        config = next(
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "breakwater"
+        )
+        for key in config["data"]:
+            field = key.removeprefix("BREAKWATER_").lower()
+            assert key.startswith("BREAKWATER_") and field in fields["gateway"] | fields["worker"], (
+                name,
+                key,
+            )
+        for container in _breakwater_containers(objects):
+            role = container["args"][0]
+            for var in container.get("env", []):
+                if var["name"].startswith("BREAKWATER_"):
+                    field = var["name"].removeprefix("BREAKWATER_").lower()
+                    assert field in fields[role] | shared, (name, container["name"], var["name"])
