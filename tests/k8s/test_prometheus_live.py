@@ -12,10 +12,12 @@ Prometheus Operator adds them. KEDA's redis-streams triggers are read with the `
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 
 from breakwater.redis_server import find_redis_server, free_port
 from tests.helpers import Proc, wait_for
-from tests.k8s.render import K8S, prometheus_rules, render_overlay, tool
+from tests.k8s.render import K8S, ROOT, prometheus_rules, render_overlay, tool
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -50,6 +52,7 @@ class Live:
     passwords: dict[str, str]
     model: str
     procs: list[Any] = field(default_factory=list)
+    keda: list[dict[str, int]] = field(default_factory=list)  # per trigger, sampled under load
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         r = httpx.get(f"{self.prometheus}/api/v1/query", params={"query": expr}, timeout=10)
@@ -206,20 +209,51 @@ def _ok(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
-    """A burst above one worker's capacity (the queue builds), then Prometheus has every series."""
+    """A burst above one worker's capacity (the queue builds), then Prometheus has every series.
+    Meanwhile, the KEDA ScaledObject's triggers are evaluated as KEDA would, every half second."""
     out = tmp_path_factory.mktemp("bench")
-    bench = subprocess.run(
-        [sys.executable, "-m", "breakwater", "bench", "--url", live.gateway, "--model", live.model,
-         "--profile", "burst", "--peak", "12", "--ramp", "3", "--hold", "6", "--decay", "3",
-         "--input-tokens", "32", "--output-tokens", "24", "--metrics-url", "off", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-2000:]
+    with open(out / "bench.log", "wb") as log:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "breakwater", "bench", "--url", live.gateway, "--model", live.model,
+             "--profile", "burst", "--peak", "12", "--ramp", "3", "--hold", "6", "--decay", "3",
+             "--input-tokens", "32", "--output-tokens", "24", "--metrics-url", "off", "--out", str(out)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    scaled = next(o for o in render_overlay("keda") if o["kind"] == "ScaledObject")
+    metrics = Redis(
+        port=live.redis_port, username="metrics", password=live.passwords["metrics"], decode_responses=True
+    )
+    try:
+        while bench.poll() is None:
+            live.keda.append(_keda_replicas(live, scaled, metrics))
+            time.sleep(0.5)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        metrics.close()
+    assert bench.wait(10) == 0, (out / "bench.log").read_text()[-2000:]
     summary = json.loads((out / "result.json").read_text())
     assert summary["completed"] > 50 and summary["failed"] == 0, summary
     # Recording rules see a full window of the load once Prometheus has evaluated them.
     wait_for(lambda: bool(live.query("breakwater:ttft_seconds:p99")), 60, 0.5, "recording rules")
     return live
+
+
+def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[str, int]:
+    """Replicas each trigger asks for, as KEDA computes them: ceil(value / target per replica)."""
+    wanted: dict[str, int] = {}
+    for trigger in scaled["spec"]["triggers"]:
+        meta = trigger["metadata"]
+        if trigger["type"] == "redis-streams":
+            group = next(
+                g for g in metrics.xinfo_groups(meta["stream"]) if g["name"] == meta["consumerGroup"]
+            )
+            value, target = float(group["lag"]), float(meta["lagCount"])
+        else:
+            result = live.query(meta["query"])
+            value, target = (float(result[0]["value"][1]) if result else 0.0), float(meta["threshold"])
+        wanted[trigger["name"]] = math.ceil(value / target)
+    return wanted
 
 
 def _selectors(expr: str) -> list[str]:
@@ -255,6 +289,22 @@ def test_keda_prometheus_triggers_return_data(loaded: Live) -> None:
     for q in queries:
         result = loaded.query(q)
         assert result and float(result[0]["value"][1]) > 0, (q, result)  # tokens flowed; workers wanted
+
+
+def test_keda_triggers_ask_for_more_workers_under_the_burst(loaded: Live) -> None:
+    """One worker cannot keep up with the burst: KEDA sees the queue lag (never unreadable), the
+    tokens/s, and the adaptive policy asking for more than one replica."""
+    peak = {name: max(sample[name] for sample in loaded.keda) for name in loaded.keda[0]}
+    record = ROOT / "results" / "k8s" / "keda-burst.json"  # for docs/deploy.md
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"peak": peak, "samples": loaded.keda}, indent=1))
+    assert len(loaded.keda) >= 10, loaded.keda
+    assert peak["interactive-lag"] >= 1, peak  # jobs waited for a worker, and KEDA saw them
+    assert peak["desired-workers"] >= 2, peak  # the adaptive policy wants more than the one worker
+    assert peak["output-tokens-per-second"] >= 1, peak
+    assert peak["batch-lag"] == 0, peak  # the bench uses the interactive lane only
+    assert max(peak.values()) <= 16  # maxReplicaCount holds anyway; the numbers are sane
+    assert loaded.keda[-1]["interactive-lag"] == 0  # drained by the end
 
 
 def test_keda_redis_streams_triggers_read_the_queue_as_the_metrics_user(loaded: Live) -> None:
