@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,12 @@ from typing import Any
 
 import pytest
 import yaml
+from redis import Redis
 
 from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.keys import GROUP, LANES, Keys
+from breakwater.redis_server import find_redis_server, free_port
+from tests.helpers import wait_for
 from tests.k8s.render import (
     COMPOSITIONS,
     CRD_GROUPS,
@@ -318,3 +322,82 @@ def test_every_breakwater_variable_is_a_setting(renders: dict[str, list[dict[str
                 if var["name"].startswith("BREAKWATER_"):
                     field = var["name"].removeprefix("BREAKWATER_").lower()
                     assert field in fields[role] | shared, (name, container["name"], var["name"])
+
+
+def test_redis_pod_scripts_render_the_acl_and_probe_it(
+    renders: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The StatefulSet's shell snippets, run as written (paths moved into a temp folder): the
+    init container renders users.acl from the Secret files, Redis starts with it, and the probe
+    command answers only while Redis is up."""
+    redis = next(o for o in renders["cpu"] if o["kind"] == "StatefulSet")
+    spec = redis["spec"]["template"]["spec"]
+    moved = {
+        "/secrets/": tmp_path / "secrets",
+        "/config/": tmp_path / "config",
+        "/etc/redis/acl/": tmp_path / "acl",
+    }
+    for folder in moved.values():
+        folder.mkdir()
+
+    def local(command: str) -> str:
+        for path, folder in moved.items():
+            command = command.replace(path, f"{folder}/")
+        return command
+
+    passwords = {
+        key: secrets.token_hex(24) for key in ("gateway-password", "worker-password", "metrics-password")
+    }
+    for key, value in passwords.items():
+        (moved["/secrets/"] / key).write_text(value)  # as a Secret volume mounts it: no newline
+    config = next(
+        o for o in renders["cpu"] if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("redis")
+    )
+    for name, text in config["data"].items():
+        (moved["/config/"] / name).write_text(text)
+    init = spec["initContainers"][0]["command"]
+    assert init[:2] == ["sh", "-ec"]
+    subprocess.run(["sh", "-ec", local(init[2])], check=True, timeout=10)
+    acl = (moved["/etc/redis/acl/"] / "users.acl").read_text()
+    assert "_PASSWORD@" not in acl  # every placeholder filled
+    assert all(value in acl for value in passwords.values())
+
+    port = free_port()
+    conf = (moved["/config/"] / "redis.conf").read_text()
+    conf = re.sub(r"^(bind|port|dir|aclfile) .*$", "", conf, flags=re.M)
+    conf += f"bind 127.0.0.1\nport {port}\ndir {tmp_path}\naclfile {moved['/etc/redis/acl/']}/users.acl\n"
+    (tmp_path / "redis.conf").write_text(conf)
+    probe = local(spec["containers"][0]["readinessProbe"]["exec"]["command"][2])
+    probe = probe.replace("redis-cli ", f"{tool('redis-cli')} -p {port} ", 1)
+    assert subprocess.run(["sh", "-c", probe], timeout=10).returncode != 0  # not up yet
+    with open(tmp_path / "redis.log", "wb") as log:
+        server = subprocess.Popen([find_redis_server(), str(tmp_path / "redis.conf")], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: subprocess.run(["sh", "-c", probe], timeout=10).returncode == 0, 10, 0.1, "probe")
+        for user in ("gateway", "worker", "metrics"):
+            client = Redis(port=port, username=user, password=passwords[f"{user}-password"])
+            assert client.ping()
+            client.close()
+        assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_each_process_reads_its_own_redis_password(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """BREAKWATER_REDIS_PASSWORD_FILE points into a mounted Secret volume that projects exactly
+    that role's key, and the username matches the role's ACL user."""
+    for name, objects in renders.items():
+        for where, spec in pod_specs(objects):
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for container in spec["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                if "BREAKWATER_REDIS_PASSWORD_FILE" not in env:
+                    continue
+                role = container["args"][0]
+                assert env["BREAKWATER_REDIS_USERNAME"] == role, (name, where)
+                path = Path(env["BREAKWATER_REDIS_PASSWORD_FILE"] or "")
+                mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+                secret = volumes[mount["name"]]["secret"]
+                assert secret["secretName"] == "breakwater-redis"
+                assert secret["items"] == [{"key": f"{role}-password", "path": path.name}], (name, where)
