@@ -223,6 +223,13 @@ def test_probes_and_drain_match_the_processes(renders: dict[str, list[dict[str, 
                 and worker["args"][worker["args"].index("--engine") + 1] == "openai"
             )
             assert worker["args"][worker["args"].index("--upstream-url") + 1] == "http://127.0.0.1:8001/v1"
+            # The worker waits for vLLM's model load at least as long as vLLM's startup probe does.
+            startup = vllm[0]["startupProbe"]
+            waits = {e["name"]: e.get("value") for e in worker["env"]}
+            assert (
+                float(waits["BREAKWATER_UPSTREAM_WAIT_S"])
+                >= startup["periodSeconds"] * startup["failureThreshold"]
+            )
         if name == "gpu-vllm-inprocess":
             assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert worker["args"][worker["args"].index("--engine") + 1] == "vllm"

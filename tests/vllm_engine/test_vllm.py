@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, async_wait_for, stream_killing_owner, wait_for
+from tests.helpers import Proc, StackProcs, async_wait_for, stream_killing_owner, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -92,6 +92,30 @@ def vllm_server(model_dir: str, log_dir: Path) -> Iterator[str]:
             proc.kill()
 
 
+LOAD_PROBES: list[tuple[int, int, str]] = []  # (healthz, readyz, readyz status) while vLLM loads
+
+
+def _probe_until_ready(worker: Proc, base: str) -> list[tuple[int, int, str]]:
+    """Kubernetes' view of a worker while vLLM loads: liveness and readiness, polled until ready."""
+    seen: list[tuple[int, int, str]] = []
+
+    def ready() -> bool:
+        assert worker.alive(), worker.log()[-3000:]
+        try:
+            live = httpx.get(f"{base}/healthz", timeout=1).status_code
+            answer = httpx.get(f"{base}/readyz", timeout=1)
+        except httpx.ConnectError:  # not listening yet (the process is starting)
+            return False
+        except httpx.TimeoutException:  # listening but not answering: a blocked event loop
+            seen.append((0, 0, "timeout"))
+            return False
+        seen.append((live, answer.status_code, answer.json()["status"]))
+        return answer.status_code == 200
+
+    wait_for(ready, 300, 0.25, "the vLLM worker ready")
+    return seen
+
+
 def _wait_workers(procs: StackProcs, url: str, count: int) -> None:
     for w in procs.workers:
         assert w.alive(), w.log()[-3000:]
@@ -102,12 +126,15 @@ def _wait_workers(procs: StackProcs, url: str, count: int) -> None:
 def inproc(redis_server: RedisServer, log_dir: Path, model_dir: str) -> Iterator[StackProcs]:
     """Gateway + two workers each running vLLM in-process (4 sequences each)."""
     procs = StackProcs(redis_server.url, f"v{uuid.uuid4().hex[:10]}", log_dir)
+    probe_port = free_port()
     try:
         url = procs.add_gateway()
-        for _ in range(2):
+        for n in range(2):
             procs.add_worker(
-                MODEL, "vllm", VLLM_PYTHON, CPU_ENV, capacity=4, context_length=1024, heartbeat_s=0.3
-            )
+                MODEL, "vllm", VLLM_PYTHON, CPU_ENV, capacity=4, context_length=1024, heartbeat_s=0.3,
+                **({"metrics_port": probe_port} if n == 0 else {}),
+            )  # fmt: skip
+        LOAD_PROBES.extend(_probe_until_ready(procs.workers[0], f"http://127.0.0.1:{probe_port}"))
         _wait_workers(procs, url, 2)
         yield procs
     finally:
@@ -145,6 +172,16 @@ def _answers(base_url: str) -> list[tuple[str, int, int]]:
         assert usage is not None
         out.append((content or "", usage.prompt_tokens, usage.completion_tokens))
     return out
+
+
+def test_probes_answer_while_vllm_loads(inproc: StackProcs) -> None:
+    """The model loads off the event loop: liveness answers 200 throughout, readiness says
+    `loading` (503) until the engine is up, then `ready`."""
+    assert LOAD_PROBES[-1] == (200, 200, "ready")
+    assert not [p for p in LOAD_PROBES if p[2] == "timeout"], LOAD_PROBES
+    loading = [p for p in LOAD_PROBES if p[2] == "loading"]
+    assert loading and all(p == (200, 503, "loading") for p in loading), LOAD_PROBES[:5]
+    assert len(loading) >= 4  # seconds of loading, and every probe answered within a second
 
 
 def test_same_answers_as_vllm_direct(vllm_server: str, inproc: StackProcs, sidecar: StackProcs) -> None:

@@ -9,6 +9,7 @@ tokenizer), which makes usage exact and lets a reclaimed job continue from promp
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -88,6 +89,11 @@ class VLLMEngine(StreamingEngine):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        # Importing vLLM and loading the model block for seconds to minutes: off the event loop,
+        # so the worker's /healthz keeps answering (liveness) while /readyz says "loading".
+        await asyncio.to_thread(self._load)
+
+    def _load(self) -> None:
         cpu_defaults()
         from vllm import AsyncEngineArgs, SamplingParams
         from vllm.platforms import current_platform
