@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.sim import SimEngine
@@ -291,6 +292,17 @@ def start_sim_server(log_dir: Path, model: str = "up-sim", **settings: object) -
 
     wait_for(up, 30, 0.1, "sim-server up")
     return proc, url
+
+
+def metric_samples(url: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples called ``name`` at ``url``/metrics whose labels include ``labels``."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
 
 
 def upstream_gauges(url: str) -> dict[str, float]:

@@ -10,26 +10,15 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, expected_sim, wait_for
+from tests.helpers import StackProcs, expected_sim, metric_samples, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def samples(url: str, name: str, model: str) -> list[float]:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and s.labels.get("model") == model
-    ]
-
-
 def gauge(url: str, name: str, model: str) -> float | None:
-    values = samples(url, name, model)
+    values = metric_samples(url, name, model=model)
     return values[0] if values else None
 
 
@@ -72,4 +61,4 @@ def test_declared_model_queues_until_a_worker_starts(redis_server: RedisServer, 
 
 
 def _queued(url: str, model: str) -> float:
-    return sum(samples(url, "breakwater_queue_depth", model))  # both lanes
+    return sum(metric_samples(url, "breakwater_queue_depth", model=model))  # both lanes

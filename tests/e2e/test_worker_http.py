@@ -10,11 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.redis_server import RedisServer, free_port
 from breakwater.worker.http import WorkerHTTP
-from tests.helpers import StackProcs, wait_for
+from tests.helpers import StackProcs, metric_samples, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,12 +46,9 @@ def test_serving_then_draining(redis_server: RedisServer, log_dir: Path) -> None
         ready = httpx.get(f"{base}/readyz", timeout=2)
         assert (ready.status_code, ready.json()) == (200, {"status": "ready", "model": "sim"})
         assert httpx.get(f"{base}/nope", timeout=2).status_code == 404
-        families = {
-            f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=2).text)
-        }
-        assert families["breakwater_worker_hourly_cost_dollars"].samples[0].value == 1.25
+        assert metric_samples(base, "breakwater_worker_hourly_cost_dollars")[0] == 1.25
         # Alert inputs exist before anything happened (so increase() has a baseline).
-        assert families["breakwater_dead_letters"].samples[0].value == 0
+        assert metric_samples(base, "breakwater_dead_letters_total")[0] == 0
 
         # A long job in flight, then SIGTERM: not ready any more, still alive, job still running.
         done = threading.Event()
@@ -81,10 +77,4 @@ def test_serving_then_draining(redis_server: RedisServer, log_dir: Path) -> None
 
 
 def _running(base: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=2).text
-    return sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "breakwater_worker_running"
-    )
+    return sum(metric_samples(base, "breakwater_worker_running"))
