@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -292,6 +293,16 @@ def start_sim_server(log_dir: Path, model: str = "up-sim", **settings: object) -
 
     wait_for(up, 30, 0.1, "sim-server up")
     return proc, url
+
+
+@contextlib.contextmanager
+def sse_started(url: str, path: str, body: dict[str, Any]) -> Iterator[tuple[str, Iterator[str]]]:
+    """POST a streaming request and wait for its first event: (request id, the remaining lines)."""
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        while not next(lines).startswith("id: "):
+            pass
+        yield resp.headers["x-breakwater-request-id"], lines
 
 
 def metric_samples(url: str, name: str, **labels: str) -> list[float]:

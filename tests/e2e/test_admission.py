@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, wait_for
+from tests.helpers import StackProcs, sse_started, wait_for
 
 
 @pytest.fixture
@@ -120,10 +120,7 @@ def test_sigterm_drains_in_flight_work(redis_server: RedisServer, log_dir: Path)
             "ignore_eos": True,
             "stream": True,
         }
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
-            lines = resp.iter_lines()
-            while not next(lines).startswith("id: "):
-                pass
+        with sse_started(url, "/v1/completions", body) as (_, lines):
             worker.proc.send_signal(15)
             rest = list(lines)
         assert rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest

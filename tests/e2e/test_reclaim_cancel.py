@@ -13,7 +13,14 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, async_wait_for, expected_sim, stream_killing_owner, wait_for
+from tests.helpers import (
+    StackProcs,
+    async_wait_for,
+    expected_sim,
+    sse_started,
+    stream_killing_owner,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -59,11 +66,7 @@ async def test_delete_cancels_and_frees_the_slot(two_workers: StackProcs, redis:
         "stream": True,
         "ignore_eos": True,
     }
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
-        rid = resp.headers["x-breakwater-request-id"]
-        lines = resp.iter_lines()
-        while not next(lines).startswith("id: "):
-            pass
+    with sse_started(url, "/v1/completions", body) as (rid, lines):
         cancel = httpx.delete(f"{url}/v1/requests/{rid}")
         assert cancel.status_code == 200
         assert cancel.json()["status"] == "cancelled"
@@ -96,11 +99,8 @@ async def test_detached_request_keeps_running_then_is_cancelled(
         "stream": True,
         "ignore_eos": True,
     }
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
-        rid = resp.headers["x-breakwater-request-id"]
-        lines = resp.iter_lines()
-        while not next(lines).startswith("id: "):
-            pass
+    with sse_started(url, "/v1/completions", body) as (rid, _):
+        pass
     key = two_workers.keys_request(rid)
     await async_wait_for(lambda: _detached(redis, key), 5, what="detach recorded")
     # Still generating right after the client left (grace period is 1 s here)...
