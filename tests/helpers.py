@@ -305,6 +305,19 @@ def sse_started(url: str, path: str, body: dict[str, Any]) -> Iterator[tuple[str
         yield resp.headers["x-breakwater-request-id"], lines
 
 
+def assert_knows_paris(client: Any, model: str) -> None:
+    """A real model's greedy answer to a simple instruction: correct, stopped by itself, counted."""
+    resp = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert "Paris" in (resp.choices[0].message.content or "")
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and 0 < resp.usage.completion_tokens < 40
+
+
 def metric_samples(url: str, name: str, **labels: str) -> list[float]:
     """Values of the samples called ``name`` at ``url``/metrics whose labels include ``labels``."""
     text = httpx.get(f"{url}/metrics", timeout=5).text

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, stream_killing_owner
+from tests.helpers import StackProcs, assert_knows_paris, stream_killing_owner
 
 MODEL = "smollm2-135m-instruct"
 
@@ -34,15 +34,7 @@ def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs
 
 def test_chat_answers_a_simple_instruction(llama_stack: StackProcs) -> None:
     client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused")
-    resp = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        temperature=0,
-        max_tokens=40,
-    )
-    assert "Paris" in (resp.choices[0].message.content or "")
-    assert resp.choices[0].finish_reason == "stop"
-    assert resp.usage is not None and 0 < resp.usage.completion_tokens < 40
+    assert_knows_paris(client, MODEL)
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].model_extra is not None and models.data[0].model_extra["context_length"] == 1024

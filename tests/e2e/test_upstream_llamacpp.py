@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from breakwater.engines.models import bundled_gguf
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, stream_killing_owner, wait_for
+from tests.helpers import StackProcs, assert_knows_paris, stream_killing_owner, wait_for
 
 MODEL = "smollm2-135m-instruct"
 
@@ -79,15 +79,7 @@ def proxied(redis_server: RedisServer, log_dir: Path, llama_server: str) -> Iter
 
 def test_real_answer_through_the_upstream(proxied: StackProcs) -> None:
     client = openai.OpenAI(base_url=f"{proxied.gateways[0][1]}/v1", api_key="x")
-    resp = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        temperature=0,
-        max_tokens=40,
-    )
-    assert "Paris" in (resp.choices[0].message.content or "")
-    assert resp.choices[0].finish_reason == "stop"
-    assert resp.usage is not None and 0 < resp.usage.completion_tokens < 40
+    assert_knows_paris(client, MODEL)
     models = {m.id: m.model_extra or {} for m in client.models.list().data}
     assert models[MODEL]["context_length"] == 2048
 
