@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -64,8 +65,6 @@ def render_composition(name: str, workdir: Path) -> list[dict[str, Any]]:
 
 
 def _relative(target: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(target, start)
 
 

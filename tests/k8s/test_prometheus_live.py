@@ -61,6 +61,11 @@ class Live:
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 
+    def value(self, expr: str) -> float:
+        result = self.query(expr)
+        assert result, expr
+        return float(result[0]["value"][1])
+
     def series(self, match: str) -> list[dict[str, str]]:
         r = httpx.get(f"{self.prometheus}/api/v1/series", params={"match[]": match}, timeout=10)
         assert r.status_code == 200, (match, r.text)
@@ -344,13 +349,7 @@ def test_least_privilege_acl_users_were_enough(loaded: Live) -> None:
         metrics.xrange(f"bw:jobs:{{{loaded.model}}}:interactive")
     with pytest.raises(AuthenticationError):
         Redis(port=loaded.redis_port).ping()  # the default user is off
-    assert live_query_value(loaded, "max(redis_up)") == 1.0
-
-
-def live_query_value(live: Live, expr: str) -> float:
-    result = live.query(expr)
-    assert result, expr
-    return float(result[0]["value"][1])
+    assert loaded.value("max(redis_up)") == 1.0
 
 
 def test_prometheus_adapter_rules_return_data(loaded: Live) -> None:
