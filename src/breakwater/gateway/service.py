@@ -41,6 +41,11 @@ class ModelInfo:
     owned_by: str = "breakwater"
     kv_cache_usage: float | None = None
 
+    @classmethod
+    def without_workers(cls, name: str) -> ModelInfo:
+        """A model no live worker serves (declared for scale to zero, or its last worker left)."""
+        return cls(name, context_length=0, workers=0, capacity=0, active=0)
+
 
 @dataclass(slots=True)
 class Submission:
@@ -92,7 +97,7 @@ class GatewayService:
                     kv_cache_usage=sum(kv) / len(kv) if kv else None,
                 )
             for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
-                models.setdefault(name, ModelInfo(name, context_length=0, workers=0, capacity=0, active=0))
+                models.setdefault(name, ModelInfo.without_workers(name))
             self._models, self._models_at = models, time.monotonic()
         return self._models
 
@@ -345,7 +350,7 @@ class GatewayService:
     async def refresh_gauges(self) -> None:
         models = dict(await self.models(fresh=True))
         for gone in self.load.keys() - models.keys():  # its last worker left: report 0, not stale
-            models[gone] = ModelInfo(gone, context_length=0, workers=0, capacity=0, active=0)
+            models[gone] = ModelInfo.without_workers(gone)
         for name, info in models.items():
             if name not in self.load:  # a new model: its counters start at 0, visible to rate()
                 self.metrics.rejections.labels(name, "queue_full")
