@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs
+from tests.inproc import InProc, inproc_gateway
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,18 @@ def stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
         yield procs
     finally:
         procs.stop()
+
+
+@pytest.fixture
+async def gw(redis_server: RedisServer, prefix: str) -> AsyncIterator[InProc]:
+    """The gateway with one fast sim worker serving model ``sim``."""
+    async with inproc_gateway(redis_server.url, prefix) as inproc:
+        await inproc.add_worker()
+        yield inproc
+
+
+@pytest.fixture
+async def gw_empty(redis_server: RedisServer, prefix: str) -> AsyncIterator[InProc]:
+    """The gateway with no worker yet."""
+    async with inproc_gateway(redis_server.url, prefix) as inproc:
+        yield inproc

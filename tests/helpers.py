@@ -18,6 +18,7 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from breakwater.broker import Broker, RequestRecord, Status
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.sim import SimEngine
 from breakwater.keys import Keys
@@ -234,7 +235,7 @@ class KilledStream:
     seqs: list[int]  # the SSE id of every chunk that carried choices, in arrival order
     usage: dict[str, int] | None
     killed: Proc
-    record: dict[str, str]  # the request record after the stream ended
+    record: RequestRecord  # the request record after the stream ended
 
 
 async def stream_killing_owner(
@@ -271,8 +272,8 @@ async def stream_killing_owner(
                     killed = next(w for w in procs.workers if w.args[-1] == owner)
                     killed.kill()
     assert killed is not None, "the stream ended before the kill"
-    record = await redis.hgetall(procs.keys_request(rid))
-    assert record["status"] == "done" and int(record["attempt"]) == 2 and record["worker"] != killed.args[-1]
+    record = await read_record(procs, redis, rid)
+    assert record.status is Status.DONE and record.attempt == 2 and record.worker != killed.args[-1]
     assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
     return KilledStream(rid, "".join(parts), seqs, usage, killed, record)
 
@@ -337,3 +338,10 @@ def upstream_gauges(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name.split("{")[0]] = float(value)
     return out
+
+
+async def read_record(procs: StackProcs, redis: Any, rid: str) -> RequestRecord:
+    """The typed request record, as the broker reads it."""
+    record = await Broker(redis, Keys(procs.prefix)).get_record(rid)
+    assert record is not None, f"no record for {rid}"
+    return record

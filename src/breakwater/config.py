@@ -18,6 +18,9 @@ class CommonSettings(BaseSettings):
     redis_username: str | None = None
     redis_password: SecretStr | None = None
     redis_password_file: str | None = Field(default=None, description="read the password from this file")
+    redis_socket_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="fail a Redis command whose reply takes longer (half-open socket)"
+    )
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     log_level: str = "INFO"
     log_json: bool = True
@@ -27,13 +30,15 @@ class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     lane_max_queued: int = Field(default=1000, ge=1, description="queued jobs per model and lane before 429")
-    detach_grace_s: float = Field(default=15.0, ge=0.0)
     stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
     idle_poll_s: float = Field(default=1.0, gt=0.0, description="re-read the durable stream when idle")
     result_ttl_s: int = Field(default=3600, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)
-    idempotency_ttl_s: int = Field(default=86400, ge=1)
+    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="larger request bodies get 413")
+    max_context_tokens: int = Field(
+        default=131_072, ge=16, description="prompt bound while no worker has reported its context length"
+    )
     # Models served even while no worker is live (scale to zero): requests queue until one starts.
     models: str = Field(default="", description="comma-separated model names always served")
     # breakwater_desired_workers: serve the arrival rate and clear the backlog within the horizon
@@ -70,6 +75,9 @@ class WorkerSettings(CommonSettings):
     upstream_kv_high: float = Field(default=0.95, gt=0.0, le=1.0, description="pull only below this KV use")
     upstream_pull_burst: int = Field(default=32, ge=1, description="jobs sent per metrics scrape at most")
     upstream_wait_s: float = Field(default=600.0, ge=0.0, description="wait this long for the upstream")
+    upstream_read_timeout_s: float = Field(
+        default=120.0, gt=0.0, description="fail a stream whose upstream sends nothing for this long"
+    )
     # vllm engine: AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
     heartbeat_s: float = Field(default=2.0, gt=0.0)
@@ -79,6 +87,9 @@ class WorkerSettings(CommonSettings):
     block_ms: int = Field(default=200, ge=1)
     result_ttl_s: int = Field(default=3600, ge=1)
     token_stream_maxlen: int = Field(default=100_000, ge=100)
+    step_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="an engine step longer than this marks the worker hung"
+    )
     detach_grace_s: float = Field(default=15.0, ge=0.0)
     hourly_cost_usd: float = Field(default=0.0, ge=0.0, description="this worker's price per hour (cost/1k)")
     metrics_port: int = Field(default=0, ge=0, description="/healthz, /readyz, /metrics; 0: no listener")

@@ -24,6 +24,10 @@ class Keys:
     def request(self, rid: str) -> str:
         return f"{self.prefix}:req:{{{rid}}}"
 
+    def emitted(self, rid: str) -> str:
+        """The text emitted so far (a string key: APPEND is O(1) per token)."""
+        return f"{self.prefix}:emit:{{{rid}}}"
+
     def tokens(self, rid: str) -> str:
         return f"{self.prefix}:tok:{{{rid}}}"
 
@@ -41,10 +45,3 @@ class Keys:
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
-
-    def rid_from_channel(self, channel: str) -> str:
-        """Inverse of :meth:`channel`."""
-        head = f"{self.prefix}:ch:{{"
-        if not channel.startswith(head) or not channel.endswith("}"):
-            raise ValueError(f"not a request channel: {channel!r}")
-        return channel[len(head) : -1]

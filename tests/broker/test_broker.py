@@ -1,29 +1,31 @@
-"""Broker scripts against a real Redis: bounded admission, fencing, finish, reclaim, bounded memory."""
+"""Broker scripts against a real Redis: bounded admission, fencing, idempotent writes, finish,
+reclaim, leases, bounded memory."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-from breakwater.broker import Broker
-from breakwater.broker.broker import Append
+from breakwater.broker import Admission, Append, Broker, Lease, RequestSpec, StartOutcome, Status
 from breakwater.keys import GROUP, Keys
 
 
-def _record(model: str = "m") -> dict[str, str]:
-    return {
-        "model": model,
-        "lane": "interactive",
-        "status": "queued",
-        "attempt": "0",
-        "seq": "0",
-        "tokens": "0",
-        "emitted": "",
-        "watchers": "1",
-        "kind": "completion",
-        "prompt": "p",
-    }
+def _spec(model: str = "m", lane: str = "interactive", timeout_s: float = 60.0) -> RequestSpec:
+    return RequestSpec(
+        model=model, lane=lane, kind="completion", request_id="x", timeout_s=timeout_s, prompt="p"
+    )
+
+
+async def _enqueue(broker: Broker, rid: str, max_queued: int = 10, **spec: Any) -> Any:
+    return await broker.enqueue(rid=rid, spec=_spec(**spec), max_queued=max_queued, result_ttl_s=60)
+
+
+async def _start(broker: Broker, rid: str, worker: str, *, alone: bool = True) -> Any:
+    return await broker.start_job(rid, worker, 3, result_ttl_s=60, alone=alone)
 
 
 @pytest.fixture
@@ -31,21 +33,11 @@ def broker(redis: Redis, prefix: str) -> Broker:
     return Broker(redis, Keys(prefix))
 
 
-async def test_full_lane_refuses_and_writes_nothing(broker: Broker, redis: Redis, prefix: str) -> None:
+async def test_full_lane_refuses_and_writes_nothing(broker: Broker, redis: Redis) -> None:
     for i in range(3):
-        res = await broker.enqueue(
-            rid=f"r{i}",
-            model="m",
-            lane="interactive",
-            record=_record(),
-            max_queued=3,
-            request_id="x",
-            ttl_s=60,
-        )
+        res = await _enqueue(broker, f"r{i}", max_queued=3)
         assert res.accepted and res.waiting == i + 1
-    refused = await broker.enqueue(
-        rid="r3", model="m", lane="interactive", record=_record(), max_queued=3, request_id="x", ttl_s=60
-    )
+    refused = await _enqueue(broker, "r3", max_queued=3)
     assert not refused.accepted and refused.waiting == 3
     assert not await redis.exists(broker.keys.request("r3"))
     assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 3
@@ -53,28 +45,50 @@ async def test_full_lane_refuses_and_writes_nothing(broker: Broker, redis: Redis
     jobs = await broker.claim("m", "interactive", "w1", 2, None)
     assert [j.rid for j in jobs] == ["r0", "r1"]
     assert await broker.queue_depth("m", "interactive") == (1, 2)
-    again = await broker.enqueue(
-        rid="r3", model="m", lane="interactive", record=_record(), max_queued=3, request_id="x", ttl_s=60
-    )
-    assert again.accepted
+    assert (await _enqueue(broker, "r3", max_queued=3)).accepted
+
+
+async def test_retried_enqueue_is_admitted_once(broker: Broker, redis: Redis) -> None:
+    """A retry whose first reply was lost must not answer 429 while the job runs unwatched."""
+    first = await _enqueue(broker, "dup", max_queued=1)
+    again = await _enqueue(broker, "dup", max_queued=1)  # the lane is full now, but this is the same job
+    assert first.admission is Admission.QUEUED
+    assert again.admission is Admission.ALREADY_QUEUED and again.accepted
+    assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 1
+
+
+@pytest.mark.parametrize("timeout_s", [1e16, float("inf")])
+async def test_invalid_timeout_writes_nothing(broker: Broker, redis: Redis, timeout_s: float) -> None:
+    with pytest.raises((ResponseError, OverflowError)):
+        await _enqueue(broker, "bad", timeout_s=timeout_s)
+    assert not await redis.exists(broker.keys.request("bad"))
+    assert not await redis.exists(broker.keys.jobs("m", "interactive"))
+
+
+async def test_record_has_a_ttl_and_redis_clock_deadline(broker: Broker, redis: Redis) -> None:
+    await _enqueue(broker, "t", timeout_s=30)
+    assert 60 < await redis.ttl(broker.keys.request("t")) <= 90
+    record = await broker.get_record("t")
+    assert record is not None and record.status is Status.QUEUED
+    assert record.deadline_ms - record.created_ms == 30_000
+    assert abs(record.created_ms - await broker.now_ms()) < 5_000
 
 
 async def test_fencing_stops_a_zombie_attempt(broker: Broker, redis: Redis) -> None:
-    await broker.enqueue(
-        rid="z", model="m", lane="interactive", record=_record(), max_queued=10, request_id="x", ttl_s=60
-    )
-    first = await broker.start_job("z", "w1", 3)
-    assert first.outcome == "run" and first.attempt == 1
-    assert await broker.append_step([Append("z", 1, "Hello", 1)]) == [1]
-    second = await broker.start_job("z", "w2", 3)  # reclaimed by another worker
-    assert second.attempt == 2 and second.record["emitted"] == "Hello"
-    assert await broker.append_step([Append("z", 1, " zombie", 1), Append("z", 2, " world", 1)]) == [-1, 2]
-    assert await broker.finish("z", attempt=1, kind="done", status="done", ttl_s=60) == -1
+    await _enqueue(broker, "z")
+    first = await _start(broker, "z", "w1")
+    assert first.outcome is StartOutcome.RUN and first.attempt == 1
+    assert await broker.append_step([Append("z", 1, 1, "Hello", 1)]) == [1]
+    second = await _start(broker, "z", "w2")  # reclaimed by another worker
+    assert second.attempt == 2 and second.record.emitted == "Hello" and second.record.tokens == 1
+    zombie, fresh = Append("z", 1, 2, " zombie", 1), Append("z", 2, 1, " world", 1)
+    assert await broker.append_step([zombie, fresh]) == [-1, 2]
+    assert await broker.finish("z", attempt=1, kind="done", status=Status.DONE, ttl_s=60) == -1
     seq = await broker.finish(
         "z",
         attempt=2,
         kind="done",
-        status="done",
+        status=Status.DONE,
         ttl_s=60,
         text="!",
         tokens=1,
@@ -90,27 +104,48 @@ async def test_fencing_stops_a_zombie_attempt(broker: Broker, redis: Redis) -> N
         (4, "done", ""),
     ]
     assert events[-1].usage == {"prompt_tokens": 1, "completion_tokens": 3}
-    assert await redis.hget(broker.keys.request("z"), "emitted") == "Hello world!"
-    assert 0 < await redis.ttl(broker.keys.tokens("z")) <= 60
-    assert await broker.append_step([Append("z", 2, "late", 1)]) == [-2]
+    record = await broker.get_record("z")
+    assert record is not None and record.emitted == "Hello world!" and record.status is Status.DONE
+    for key in (broker.keys.tokens("z"), broker.keys.emitted("z"), broker.keys.request("z")):
+        assert 0 < await redis.ttl(key) <= 60
+    assert await broker.append_step([Append("z", 2, 2, "late", 1)]) == [-2]
+
+
+async def test_a_retried_append_is_applied_once(broker: Broker) -> None:
+    """The reply of an append is lost and the worker sends it again: one event, not two."""
+    await _enqueue(broker, "a")
+    await _start(broker, "a", "w1")
+    write = Append("a", 1, 1, "Hello", 1)
+    assert await broker.append_step([write]) == [1]
+    assert await broker.append_step([write]) == [1]  # the retry
+    assert await broker.append_step([Append("a", 1, 2, " there", 1)]) == [2]
+    assert [e.text for e in await broker.read_events("a", 0)] == ["Hello", " there"]
+    record = await broker.get_record("a")
+    assert record is not None and (record.emitted, record.tokens, record.seq) == ("Hello there", 2, 2)
+
+
+async def test_emitted_text_is_appended_not_rewritten(broker: Broker, redis: Redis) -> None:
+    """O(1) per token: the text lives in its own string key, the hash never holds it."""
+    await _enqueue(broker, "long")
+    await _start(broker, "long", "w1")
+    for i in range(1, 201):
+        await broker.append_step([Append("long", 1, i, "x", 1)])
+    assert await redis.strlen(broker.keys.emitted("long")) == 200
+    assert not await redis.hexists(broker.keys.request("long"), "emitted")
 
 
 async def test_cancel_is_terminal_and_idempotent(broker: Broker) -> None:
-    await broker.enqueue(
-        rid="c", model="m", lane="batch", record=_record(), max_queued=10, request_id="x", ttl_s=60
-    )
+    await _enqueue(broker, "c", lane="batch")
     assert await broker.cancel("c", 60) == 1
     assert await broker.cancel("c", 60) == -2
-    assert (await broker.start_job("c", "w", 3)).outcome == "terminal"
+    assert (await _start(broker, "c", "w")).outcome is StartOutcome.TERMINAL
     events = await broker.read_events("c", 0)
     assert [e.kind for e in events] == ["error"]
     assert events[0].error is not None and events[0].error["code"] == "cancelled"
 
 
 async def test_reclaim_after_lease_lapse_and_ack_deletes(broker: Broker, redis: Redis) -> None:
-    await broker.enqueue(
-        rid="l", model="m", lane="interactive", record=_record(), max_queued=10, request_id="x", ttl_s=60
-    )
+    await _enqueue(broker, "l")
     [job] = await broker.claim("m", "interactive", "dead", 1, None)
     assert await broker.reclaim("m", "interactive", "alive", 60_000, 10) == []  # lease still fresh
     [taken] = await broker.reclaim("m", "interactive", "alive", 0, 10)
@@ -120,6 +155,74 @@ async def test_reclaim_after_lease_lapse_and_ack_deletes(broker: Broker, redis: 
     await broker.ack(taken)
     assert await redis.xlen(taken.stream) == 0
     assert await broker.queue_depth("m", "interactive") == (0, 0)
+
+
+async def test_reclaim_reaches_dead_jobs_behind_many_healthy_ones(broker: Broker, redis: Redis) -> None:
+    """XAUTOCLAIM scans at most 10 x COUNT entries a call: starting at 0-0 each time never gets past
+    a long run of healthy pending entries. The cursor carries on where the last call stopped."""
+    for i in range(100):
+        await _enqueue(broker, f"h{i}", max_queued=1000)
+    for i in range(3):
+        await _enqueue(broker, f"d{i}", max_queued=1000)
+    healthy = await broker.claim("m", "interactive", "busy", 100, None)
+    dead = await broker.claim("m", "interactive", "dead", 3, None)
+    stream = broker.keys.jobs("m", "interactive")
+    # The dead worker's entries have been idle for a minute; the busy worker's are fresh.
+    await redis.xclaim(stream, GROUP, "dead", 0, [j.entry_id for j in dead], idle=60_000, justid=True)
+    got: list[str] = []
+    for _ in range(20):
+        got += [j.rid for j in await broker.reclaim("m", "interactive", "rescuer", 30_000, 1)]
+        if len(got) == 3:
+            break
+    assert sorted(got) == ["d0", "d1", "d2"] and len(healthy) == 100
+
+
+async def test_lease_refresh_never_takes_back_a_newer_attempt(broker: Broker, redis: Redis) -> None:
+    await _enqueue(broker, "own")
+    [job] = await broker.claim("m", "interactive", "old", 1, None)
+    await _start(broker, "own", "old")
+    [taken] = await broker.reclaim("m", "interactive", "new", 0, 1)
+    await _start(broker, "own", "new")  # attempt 2 runs on "new"
+    lost = await broker.refresh_leases([Lease(job, 1)], "old", result_ttl_s=60)
+    assert lost == [Lease(job, 1)]
+    pending = await redis.xpending_range(taken.stream, GROUP, "-", "+", 10)
+    assert [p["consumer"] for p in pending] == ["new"]
+    assert await broker.refresh_leases([Lease(taken, 2)], "new", result_ttl_s=60) == []
+
+
+async def test_a_running_request_outlives_its_first_ttl(broker: Broker, redis: Redis) -> None:
+    """The TTL set at admission must not expire a record while its job still runs."""
+    await _enqueue(broker, "slow")
+    [job] = await broker.claim("m", "interactive", "w", 1, None)
+    await _start(broker, "slow", "w")
+    await broker.append_step([Append("slow", 1, 1, "a", 1)])
+    for key in (broker.keys.request("slow"), broker.keys.emitted("slow"), broker.keys.tokens("slow")):
+        await redis.expire(key, 2)  # about to expire
+    assert await broker.refresh_leases([Lease(job, 1)], "w", result_ttl_s=3600) == []
+    for key in (broker.keys.request("slow"), broker.keys.emitted("slow"), broker.keys.tokens("slow")):
+        assert await redis.ttl(key) > 3000
+
+
+async def test_attach_and_detach_never_recreate_an_expired_record(broker: Broker, redis: Redis) -> None:
+    assert await broker.attach("gone") is False
+    await broker.detach("gone")
+    assert not await redis.exists(broker.keys.request("gone"))
+    await _enqueue(broker, "here")
+    assert await broker.attach("here") is True
+    await broker.detach("here")
+    now_ms, [watch] = await broker.watch(["here"])
+    assert watch.watchers == 1 and abs(watch.detached_ms - now_ms) < 5_000
+
+
+async def test_idempotency_key_claim_rebind_release(broker: Broker) -> None:
+    assert await broker.claim_idempotency_key("k", "r1", 60) is None
+    assert await broker.claim_idempotency_key("k", "r2", 60) == "r1"
+    assert await broker.rebind_idempotency_key("k", "r2", 60, was="r0") is False  # not bound to r0
+    assert await broker.rebind_idempotency_key("k", "r2", 60, was="r1") is True
+    await broker.release_idempotency_key("k", "r1")  # not its holder: kept
+    assert await broker.claim_idempotency_key("k", "r3", 60) == "r2"
+    await broker.release_idempotency_key("k", "r2")
+    assert await broker.claim_idempotency_key("k", "r3", 60) is None
 
 
 async def test_registry_drops_dead_workers(broker: Broker, redis: Redis) -> None:
@@ -136,24 +239,21 @@ async def test_poison_counts_attempts_without_progress(broker: Broker) -> None:
     """A crash after progress does not count; one without makes the job a suspect that runs alone;
     max_attempts of them in a row dead-letter it."""
     for rid in ("bystander", "poison"):
-        await broker.enqueue(
-            rid=rid, model="m", lane="interactive", record=_record(), max_queued=10, request_id="x", ttl_s=60
-        )
+        await _enqueue(broker, rid)
     # attempt 1 of both; the bystander emits a token, then the worker crashes
-    assert (await broker.start_job("bystander", "w1", 3)).attempt == 1
-    assert (await broker.start_job("poison", "w1", 3)).attempt == 1
-    assert await broker.append_step([Append("bystander", 1, "a", 1)]) == [1]
-    run = await broker.start_job("bystander", "w2", 3, alone=False)
-    assert run.outcome == "run" and run.record["failures"] == "0"  # progress: not a suspect
-    assert (
-        await broker.start_job("poison", "w2", 3, alone=False)
-    ).outcome == "suspect"  # a busy worker holds it
+    assert (await _start(broker, "bystander", "w1")).attempt == 1
+    assert (await _start(broker, "poison", "w1")).attempt == 1
+    assert await broker.append_step([Append("bystander", 1, 1, "a", 1)]) == [1]
+    run = await _start(broker, "bystander", "w2", alone=False)
+    assert run.outcome is StartOutcome.RUN and run.record.failures == 0  # progress: not a suspect
+    suspect = await _start(broker, "poison", "w2", alone=False)
+    assert suspect.outcome is StartOutcome.SUSPECT  # a busy worker holds it
     for attempt in (2, 3):  # alone, it crashes again without a token
-        started = await broker.start_job("poison", "w3", 3, alone=True)
-        assert (started.outcome, started.attempt, started.record["failures"]) == (
-            "run",
+        started = await _start(broker, "poison", "w3", alone=True)
+        assert (started.outcome, started.attempt, started.record.failures) == (
+            StartOutcome.RUN,
             attempt,
-            str(attempt - 1),
+            attempt - 1,
         )
-    dead = await broker.start_job("poison", "w4", 3)
-    assert (dead.outcome, dead.attempt) == ("poison", 3)
+    dead = await _start(broker, "poison", "w4")
+    assert (dead.outcome, dead.attempt) == (StartOutcome.POISON, 3)

@@ -132,7 +132,7 @@ def test_sigterm_drains_in_flight_work(redis_server: RedisServer, log_dir: Path)
 
 
 def test_retry_after_follows_the_measured_drain_rate() -> None:
-    from breakwater.gateway.service import retry_after_s
+    from breakwater.gateway.autoscale import retry_after_s
 
     assert retry_after_s(40, drain_rate=10.0, capacity=4) == 4  # 40 jobs ahead at 10 jobs/s
     assert retry_after_s(41, drain_rate=10.0, capacity=4) == 5

@@ -9,7 +9,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from breakwater.broker import Broker
+from breakwater.broker import Broker, RequestSpec, Status
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer
 
@@ -27,15 +27,12 @@ def cli(server: RedisServer, prefix: str, *args: str) -> subprocess.CompletedPro
 
 async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix: str) -> None:
     broker = Broker(redis, Keys(prefix))
-    record = {
-        "model": "sim", "lane": "batch", "status": "error", "attempt": "3", "seq": "1", "tokens": "0",
-        "emitted": "", "watchers": "0", "kind": "completion", "prompt": "retry me", "seed": "5",
-        "max_tokens": "7", "timeout_s": "60", "request_id": "req-1", "failures": "3",
-    }  # fmt: skip
+    spec = RequestSpec(
+        model="sim", lane="batch", kind="completion", request_id="req-1", timeout_s=60.0,
+        prompt="retry me", seed=5, max_tokens=7,
+    )  # fmt: skip
     for rid in ("cmpl-dead1", "cmpl-dead2"):
-        await broker.enqueue(
-            rid=rid, model="sim", lane="batch", record=record, max_queued=10, request_id="req-1", ttl_s=600
-        )
+        await broker.enqueue(rid=rid, spec=spec, max_queued=10, result_ttl_s=600)
         await broker.dead_letter("sim", rid, "gave up after 3 attempts", 3)
     await redis.delete(Keys(prefix).jobs("sim", "batch"))
 
@@ -49,14 +46,15 @@ async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix:
     assert retried.returncode == 0, retried.stderr
     old, new = retried.stdout.split()
     assert old == "cmpl-dead1" and new.startswith("cmpl-") and new != old
-    fresh = await broker.get_request(new)
-    assert (fresh["status"], fresh["attempt"], fresh["prompt"], fresh["seed"]) == (
-        "queued",
-        "0",
+    fresh = await broker.get_record(new)
+    assert fresh is not None
+    assert (fresh.status, fresh.attempt, fresh.spec.prompt, fresh.spec.seed) == (
+        Status.QUEUED,
+        0,
         "retry me",
-        "5",
+        5,
     )
-    assert fresh["retried_from"] == "cmpl-dead1" and "failures" not in fresh
+    assert fresh.spec.retried_from == "cmpl-dead1" and fresh.failures == 0
     jobs: Any = await redis.xrange(Keys(prefix).jobs("sim", "batch"))
     assert [fields["rid"] for _, fields in jobs] == [new]  # enqueued once, on its lane
     assert [

@@ -62,6 +62,6 @@ async def test_sigkilled_llamacpp_worker_is_continued_seamlessly(
     }
     got = await stream_killing_owner(llama_stack, redis, "/v1/chat/completions", body, kill_after=15)
     text, usage, record = got.text, got.usage, got.record
-    assert text == record["emitted"]
+    assert text == record.emitted
     assert usage is not None and usage["completion_tokens"] == 120
     assert len(text.split()) > 40

@@ -53,7 +53,7 @@ async def test_sigkilled_worker_job_is_continued_seamlessly(two_workers: StackPr
     assert not got.killed.alive()
     expected, _, usage = expected_sim(messages=messages, seed=4242, max_tokens=60, ignore_eos=True)
     assert got.text == expected
-    assert int(got.record["tokens"]) == usage["completion_tokens"] == 60
+    assert got.record.tokens == usage["completion_tokens"] == 60
 
 
 async def test_delete_cancels_and_frees_the_slot(two_workers: StackProcs, redis: Redis) -> None:

@@ -287,7 +287,7 @@ async def test_sigkilled_worker_is_continued_seamlessly(
     # Greedy: the continuation counts on where the dead worker stopped, with no repeat and no gap,
     # and is exactly vLLM's undisturbed answer (a counting answer has no near-ties to flip).
     assert text == expected
-    usage = orjson.loads(record["usage"])
+    usage = record.usage
     assert usage == {
         "prompt_tokens": direct["usage"]["prompt_tokens"],
         "completion_tokens": direct["usage"]["completion_tokens"],

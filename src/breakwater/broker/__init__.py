@@ -1,6 +1,38 @@
-"""The Redis side of the pipeline, shared by gateway and worker."""
+"""The Redis side of the pipeline, shared by gateway and worker: nothing else holds a Redis client."""
 
-from breakwater.broker.broker import Broker, EnqueueResult, Job, StartResult
+from breakwater.broker.broker import (
+    Admission,
+    Append,
+    Broker,
+    DeadLetter,
+    EnqueueResult,
+    Job,
+    Lease,
+    StartOutcome,
+    StartResult,
+)
 from breakwater.broker.connection import connect, connect_with, redacted
+from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
+from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 
-__all__ = ["Broker", "EnqueueResult", "Job", "StartResult", "connect", "connect_with", "redacted"]
+__all__ = [
+    "Admission",
+    "Append",
+    "Broker",
+    "DeadLetter",
+    "EnqueueResult",
+    "Fanin",
+    "GatewayDraining",
+    "Job",
+    "Lease",
+    "RequestRecord",
+    "RequestSpec",
+    "StartOutcome",
+    "StartResult",
+    "Status",
+    "Subscription",
+    "Watch",
+    "connect",
+    "connect_with",
+    "redacted",
+]

@@ -1,8 +1,9 @@
-"""Broker: enqueue, claim, fenced token appends, finish, leases, reclaim, registry (DESIGN §2-§4)."""
+"""Broker: the only holder of the Redis client. Admission, claiming, leases, fenced token appends,
+finish, following, registry and dead letters (DESIGN §2-§4)."""
 
 from __future__ import annotations
 
-import time
+import enum
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -10,16 +11,16 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
+from breakwater.broker.connection import connect_with
+from breakwater.broker.fanin import Fanin
+from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
+from breakwater.config import CommonSettings
 from breakwater.keys import GROUP, LANES, Keys
 from breakwater.protocol.events import TokenEvent
 
-TERMINAL_STATUSES = frozenset({"done", "error", "cancelled"})
 READ_PAGE = 512
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _script(redis: Redis, name: str) -> AsyncScript:
@@ -27,41 +28,78 @@ def _script(redis: Redis, name: str) -> AsyncScript:
     return redis.register_script(source)
 
 
+class Admission(enum.Enum):
+    QUEUED = "queued"
+    LANE_FULL = "lane_full"
+    ALREADY_QUEUED = "already_queued"  # a retried enqueue whose first reply was lost
+
+
 @dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    accepted: bool
+    admission: Admission
     rid: str
     waiting: int
-    duplicate: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.admission is not Admission.LANE_FULL
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A claimed queue entry."""
+    """A claimed queue entry; ``xrid`` is the client's X-Request-ID (for logs)."""
 
     stream: str
     entry_id: str
     rid: str
-    request_id: str
+    xrid: str
+
+
+class StartOutcome(enum.Enum):
+    RUN = "run"
+    MISSING = "missing"  # the record expired
+    TERMINAL = "terminal"  # finished or cancelled meanwhile
+    EXPIRED = "expired"  # its deadline passed while it waited
+    POISON = "poison"  # too many attempts without progress: dead-letter it
+    SUSPECT = "suspect"  # its last attempt made no progress: run it alone
 
 
 @dataclass(frozen=True, slots=True)
 class StartResult:
-    """Outcome of :meth:`Broker.start_job`: ``run`` with the record, or why not."""
+    """Outcome of :meth:`Broker.start_job`; ``record`` is set when it is :attr:`StartOutcome.RUN`."""
 
-    outcome: str
+    outcome: StartOutcome
     attempt: int
-    record: dict[str, str]
+    record: RequestRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """One sequence's delta in a step, fenced by ``attempt``."""
+    """One sequence's delta in a step, fenced by ``attempt``; ``wseq`` numbers the attempt's writes
+    so that a retried write is applied once."""
 
     rid: str
     attempt: int
+    wseq: int
     text: str
     tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An in-flight job and the attempt that runs it."""
+
+    job: Job
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    entry_id: str
+    rid: str
+    reason: str
+    attempts: int
+    ts_ms: int
 
 
 class Broker:
@@ -75,51 +113,80 @@ class Broker:
         self._start = _script(redis, "start")
         self._append = _script(redis, "append")
         self._finish = _script(redis, "finish")
+        self._lease = _script(redis, "lease")
+        self._watch = _script(redis, "watch")
+        self._idempotency = _script(redis, "idempotency")
+        # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
+        # pending ones are reached; it wraps to 0-0 at the end of the stream.
+        self._reclaim_cursor: dict[str, str] = {}
+
+    @classmethod
+    def connect(
+        cls, settings: CommonSettings, *, max_connections: int = 256, token_stream_maxlen: int = 100_000
+    ) -> Broker:
+        """A broker over the Redis that ``settings`` describe (URL, ACL user, password file)."""
+        redis = connect_with(settings, max_connections=max_connections)
+        return cls(redis, Keys(settings.key_prefix), token_stream_maxlen=token_stream_maxlen)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    def fanin(self, buffer: int) -> Fanin:
+        """The process's one Pub/Sub connection, fanned in to per-request buffers."""
+        return Fanin(self.redis, self.keys, buffer)
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def now_ms(self) -> int:
+        """Redis's clock: every host compares deadlines and grace periods against this one."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     # -- admission -------------------------------------------------------------------------------
     async def enqueue(
-        self,
-        *,
-        rid: str,
-        model: str,
-        lane: str,
-        record: dict[str, str],
-        max_queued: int,
-        request_id: str,
-        ttl_s: int,
+        self, *, rid: str, spec: RequestSpec, max_queued: int, result_ttl_s: int
     ) -> EnqueueResult:
-        """Create the request record and queue its job atomically, unless the lane is full."""
+        """Create the request record and queue its job atomically, unless the lane is full. Safe to
+        retry: a second call for the same rid reports it queued without queueing it again."""
         flat: list[str] = []
-        for key, value in record.items():
+        for key, value in spec.to_hash().items():
             flat += [key, value]
         res = await self._enqueue(
-            keys=[self.keys.jobs(model, lane), self.keys.request(rid)],
-            args=[rid, max_queued, GROUP, request_id, ttl_s, *flat],
+            keys=[self.keys.jobs(spec.model, spec.lane), self.keys.request(rid)],
+            args=[
+                rid,
+                max_queued,
+                GROUP,
+                spec.request_id,
+                result_ttl_s,
+                int(spec.timeout_s * 1000),
+                *flat,
+            ],
         )
         code, waiting = int(res[0]), int(res[1])
-        if code == -1:
-            return EnqueueResult(accepted=False, rid=rid, waiting=0, duplicate=True)
-        return EnqueueResult(accepted=code == 1, rid=rid, waiting=waiting)
+        admission = {1: Admission.QUEUED, 0: Admission.LANE_FULL, 2: Admission.ALREADY_QUEUED}[code]
+        return EnqueueResult(admission, rid, waiting)
 
     async def claim_idempotency_key(self, key: str, rid: str, ttl_s: int) -> str | None:
         """Bind ``key`` to ``rid``; returns the rid it was already bound to, or None if it is new."""
-        name = self.keys.idempotency(key)
-        if await self.redis.set(name, rid, nx=True, ex=ttl_s):
-            return None
-        existing: Any = await self.redis.get(name)
-        return str(existing) if existing is not None else None
+        existing: Any = await self._idempotency(keys=[self.keys.idempotency(key)], args=["claim", rid, ttl_s])
+        return str(existing) if existing else None
+
+    async def rebind_idempotency_key(self, key: str, rid: str, ttl_s: int, *, was: str) -> bool:
+        """Move ``key`` from the expired request ``was`` to ``rid``, unless another caller did first."""
+        res = await self._idempotency(keys=[self.keys.idempotency(key)], args=["rebind", rid, ttl_s, was])
+        return bool(res)
 
     async def release_idempotency_key(self, key: str, rid: str) -> None:
-        name = self.keys.idempotency(key)
-        if await self.redis.get(name) == rid:
-            await self.redis.delete(name)
+        await self._idempotency(keys=[self.keys.idempotency(key)], args=["release", rid, 0])
 
     async def jobs_counts(self, model: str, lane: str) -> tuple[int, int]:
         """(jobs ever admitted, jobs ever finished) on a lane: acknowledged entries are deleted, so
         finished = entries-added - length. Global, so every gateway computes the same rates."""
         try:
             info: Any = await self.redis.xinfo_stream(self.keys.jobs(model, lane))
-        except Exception as exc:  # no stream yet
+        except ResponseError as exc:  # no stream yet
             if "no such key" in str(exc).lower():
                 return 0, 0
             raise
@@ -134,7 +201,7 @@ class Broker:
             pipe.xpending(stream, GROUP)
             try:
                 length, pending = await pipe.execute()
-            except Exception as exc:  # no group yet (no worker ever ran): all of it waits
+            except ResponseError as exc:  # no group yet (no worker ever ran): all of it waits
                 if "NOGROUP" in str(exc):
                     return int(await self.redis.xlen(stream)), 0
                 raise
@@ -146,7 +213,7 @@ class Broker:
         for lane in LANES:
             try:
                 await self.redis.xgroup_create(self.keys.jobs(model, lane), GROUP, id="0", mkstream=True)
-            except Exception as exc:
+            except ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
@@ -161,7 +228,9 @@ class Broker:
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
         """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
         stream = self.keys.jobs(model, lane)
-        reply: Any = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, "0-0", count=count)
+        cursor = self._reclaim_cursor.get(stream, "0-0")
+        reply: Any = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, cursor, count=count)
+        self._reclaim_cursor[stream] = str(reply[0]) if reply else "0-0"
         entries = reply[1] if len(reply) > 1 else []
         return self._jobs(stream, entries)
 
@@ -175,18 +244,19 @@ class Broker:
         return jobs
 
     async def start_job(
-        self, rid: str, worker_id: str, max_attempts: int, *, alone: bool = True
+        self, rid: str, worker_id: str, max_attempts: int, *, result_ttl_s: int, alone: bool = True
     ) -> StartResult:
         """Fence a new attempt; ``alone``: this worker runs nothing else, so it may take a suspect."""
         res = await self._start(
-            keys=[self.keys.request(rid)], args=[worker_id, now_ms(), max_attempts, "1" if alone else "0"]
+            keys=[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)],
+            args=[worker_id, max_attempts, "1" if alone else "0", result_ttl_s],
         )
-        outcome, attempt = str(res[0]), int(res[1])
-        record: dict[str, str] = {}
-        if outcome == "run":
-            flat = res[2]
-            record = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-        return StartResult(outcome, attempt, record)
+        outcome, attempt = StartOutcome(str(res[0])), int(res[1])
+        if outcome is not StartOutcome.RUN:
+            return StartResult(outcome, attempt)
+        flat = res[3]
+        fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+        return StartResult(outcome, attempt, RequestRecord.from_hash(fields, emitted=str(res[2])))
 
     async def ack(self, job: Job) -> None:
         """Acknowledge and delete the entry, which keeps queue memory bounded and XLEN exact."""
@@ -195,8 +265,32 @@ class Broker:
             pipe.xdel(job.stream, job.entry_id)
             await pipe.execute()
 
-    async def refresh_leases(self, jobs: list[Job], worker_id: str) -> None:
-        """Reset the idle time of in-flight entries (``XCLAIM … JUSTID``) so they are not reclaimed."""
+    async def refresh_leases(self, leases: list[Lease], worker_id: str, *, result_ttl_s: int) -> list[Lease]:
+        """Reset the idle time of in-flight entries this worker still owns (``XCLAIM … JUSTID``) and
+        keep their records alive; returns the leases another attempt has taken over meanwhile (they
+        are not re-claimed, so the newer owner keeps its entry)."""
+        if not leases:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                rid = lease.job.rid
+                await self._lease(
+                    keys=[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)],
+                    args=[lease.attempt, result_ttl_s],
+                    client=pipe,
+                )
+            owned = await pipe.execute()
+        lost = [lease for lease, mine in zip(leases, owned, strict=True) if not int(mine)]
+        await self._touch(
+            [lease.job for lease, mine in zip(leases, owned, strict=True) if int(mine)], worker_id
+        )
+        return lost
+
+    async def hold_leases(self, jobs: list[Job], worker_id: str) -> None:
+        """Keep entries claimed that this worker holds but has not started (suspects waiting)."""
+        await self._touch(jobs, worker_id)
+
+    async def _touch(self, jobs: list[Job], worker_id: str) -> None:
         by_stream: dict[str, list[str]] = {}
         for job in jobs:
             by_stream.setdefault(job.stream, []).append(job.entry_id)
@@ -216,24 +310,26 @@ class Broker:
             for job in jobs:
                 pipe.xclaim(job.stream, GROUP, worker_id, 0, [job.entry_id], idle=idle_ms, justid=True)
             await pipe.execute()
+        for job in jobs:  # the next scan starts from the beginning, where released entries sit
+            self._reclaim_cursor.pop(job.stream, None)
 
     # -- token streams ---------------------------------------------------------------------------
     async def append_step(self, appends: list[Append]) -> list[int]:
-        """One engine step's deltas for all sequences, in one pipeline; each append is fenced."""
+        """One engine step's deltas for all sequences, in one pipeline; each append is fenced and
+        idempotent, so the whole pipeline may be retried after a lost reply."""
         if not appends:
             return []
-        ts = now_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             for a in appends:
                 await self._append(
-                    keys=[self.keys.request(a.rid), self.keys.tokens(a.rid)],
+                    keys=[self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
                     args=[
                         a.attempt,
                         self.keys.channel(a.rid),
                         self.token_stream_maxlen,
                         a.text,
                         a.tokens,
-                        ts,
+                        a.wseq,
                     ],
                     client=pipe,
                 )
@@ -245,7 +341,7 @@ class Broker:
         *,
         attempt: int | None,
         kind: str,
-        status: str,
+        status: Status,
         ttl_s: int,
         text: str = "",
         tokens: int = 0,
@@ -255,7 +351,7 @@ class Broker:
     ) -> int:
         """Append the terminal event and mark the record terminal (fenced unless ``attempt`` is None)."""
         res = await self._finish(
-            keys=[self.keys.request(rid), self.keys.tokens(rid)],
+            keys=[self.keys.request(rid), self.keys.tokens(rid), self.keys.emitted(rid)],
             args=[
                 "*" if attempt is None else attempt,
                 self.keys.channel(rid),
@@ -267,8 +363,7 @@ class Broker:
                 orjson.dumps(usage).decode() if usage is not None else "",
                 orjson.dumps(error).decode() if error is not None else "",
                 ttl_s,
-                now_ms(),
-                status,
+                status.value,
             ],
         )
         return int(res)
@@ -281,7 +376,7 @@ class Broker:
         code: str,
         message: str,
         ttl_s: int,
-        status: str = "error",
+        status: Status = Status.ERROR,
         error_type: str = "server_error",
     ) -> int:
         """Terminate a request with an error event the client will see."""
@@ -296,7 +391,7 @@ class Broker:
             code="cancelled",
             message=reason,
             ttl_s=ttl_s,
-            status="cancelled",
+            status=Status.CANCELLED,
             error_type="cancelled",
         )
 
@@ -307,26 +402,34 @@ class Broker:
         )
         return [TokenEvent.from_fields(fields) for _, fields in entries]
 
-    async def get_request(self, rid: str) -> dict[str, str]:
-        record: Any = await self.redis.hgetall(self.keys.request(rid))
-        return dict(record)
+    # -- request records ---------------------------------------------------------------------------
+    async def exists(self, rid: str) -> bool:
+        return bool(await self.redis.exists(self.keys.request(rid)))
 
-    async def statuses(self, rids: list[str]) -> list[dict[str, str | None]]:
-        """Status, cancel flag and watcher info of many requests in one round trip."""
+    async def get_record(self, rid: str) -> RequestRecord | None:
         async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.request(rid))
+            pipe.get(self.keys.emitted(rid))
+            fields, emitted = await pipe.execute()
+        return RequestRecord.from_hash(fields, emitted=emitted or "") if fields else None
+
+    async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
+        """Redis's clock, and the status and watchers of many requests, in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
             for rid in rids:
                 pipe.hmget(self.keys.request(rid), ["status", "watchers", "detached_ms"])
-            rows = await pipe.execute()
-        return [{"status": r[0], "watchers": r[1], "detached_ms": r[2]} for r in rows]
+            replies = await pipe.execute()
+        seconds, micros = replies[0]
+        watches = [Watch(Status(r[0]) if r[0] else None, int(r[1] or 0), int(r[2] or 0)) for r in replies[1:]]
+        return int(seconds) * 1000 + int(micros) // 1000, watches
 
-    async def attach(self, rid: str) -> None:
-        await self.redis.hincrby(self.keys.request(rid), "watchers", 1)
+    async def attach(self, rid: str) -> bool:
+        """One more client follows ``rid``; False when the record is gone (never recreates it)."""
+        return bool(await self._watch(keys=[self.keys.request(rid)], args=[1]))
 
     async def detach(self, rid: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self.keys.request(rid), "watchers", -1)
-            pipe.hset(self.keys.request(rid), "detached_ms", now_ms())
-            await pipe.execute()
+        await self._watch(keys=[self.keys.request(rid)], args=[-1])
 
     # -- registry --------------------------------------------------------------------------------
     async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
@@ -359,10 +462,34 @@ class Broker:
             await self.redis.hdel(self.keys.workers(), *dead)
         return live
 
+    # -- dead letters ----------------------------------------------------------------------------
     async def dead_letter(self, model: str, rid: str, reason: str, attempts: int) -> None:
         await self.redis.xadd(
             self.keys.dlq(model),
-            {"rid": rid, "reason": reason, "attempts": attempts, "ts_ms": now_ms()},
+            {"rid": rid, "reason": reason, "attempts": attempts, "ts_ms": await self.now_ms()},
             maxlen=10_000,
             approximate=True,
         )
+
+    async def dead_letters(self, model: str, count: int = 100) -> list[DeadLetter]:
+        raw: Any = await self.redis.xrange(self.keys.dlq(model), count=count)
+        return [
+            DeadLetter(
+                str(eid),
+                str(f.get("rid")),
+                str(f.get("reason")),
+                int(f.get("attempts", 0)),
+                int(f.get("ts_ms", 0)),
+            )
+            for eid, f in raw
+        ]
+
+    async def delete_dead_letter(self, model: str, entry_id: str) -> None:
+        await self.redis.xdel(self.keys.dlq(model), entry_id)
+
+    async def purge_dead_letters(self, model: str) -> int:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.keys.dlq(model))
+            pipe.delete(self.keys.dlq(model))
+            n, _ = await pipe.execute()
+        return int(n)

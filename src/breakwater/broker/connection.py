@@ -15,10 +15,16 @@ from breakwater.config import CommonSettings
 
 
 def connect(
-    url: str, *, username: str | None = None, password: str | None = None, max_connections: int = 256
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    max_connections: int = 256,
+    socket_timeout_s: float | None = 10.0,
 ) -> Redis:
     """A pooled client; commands retry transient connection errors with jittered backoff.
-    ``username``/``password`` (an ACL user) override any given in the URL."""
+    ``username``/``password`` (an ACL user) override any given in the URL. ``socket_timeout_s``
+    bounds every reply: a half-open connection fails the command instead of hanging it forever."""
     auth: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
     return Redis.from_url(
         url,
@@ -29,6 +35,7 @@ def connect(
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=15,
         socket_connect_timeout=2.0,
+        socket_timeout=socket_timeout_s,
         socket_keepalive=True,
     )
 
@@ -44,6 +51,7 @@ def connect_with(settings: CommonSettings, *, max_connections: int = 256) -> Red
         username=settings.redis_username,
         password=password,
         max_connections=max_connections,
+        socket_timeout_s=settings.redis_socket_timeout_s,
     )
 
 

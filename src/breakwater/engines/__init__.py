@@ -59,6 +59,7 @@ def build_engine(name: str, **options: Any) -> Engine:
             kv_high=float(options.get("upstream_kv_high") or 0.95),
             pull_burst=int(options.get("upstream_pull_burst") or 32),
             wait_ready_s=float(options.get("upstream_wait_s") or 600.0),
+            read_timeout_s=float(options.get("upstream_read_timeout_s") or 120.0),
         )
     if name == "vllm":
         try:

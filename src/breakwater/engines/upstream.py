@@ -87,6 +87,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         scrape_s: float = 0.25,
         retries: int = 2,
         wait_ready_s: float = 600.0,
+        read_timeout_s: float = 120.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
@@ -103,6 +104,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
         self.scrape_s = scrape_s
         self.retries = retries
         self.wait_ready_s = wait_ready_s
+        # A stalled upstream (half-open socket, hung server) fails the read instead of hanging it.
+        self.read_timeout_s = read_timeout_s
         self.info = EngineInfo(
             model=model_name or upstream_model or "upstream",
             engine="openai",
@@ -122,7 +125,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             headers["Authorization"] = f"Bearer {self.api_key}"
         self._client = httpx.AsyncClient(
             headers=headers,
-            timeout=httpx.Timeout(connect=10.0, read=None, write=30.0, pool=None),
+            timeout=httpx.Timeout(connect=10.0, read=self.read_timeout_s, write=30.0, pool=None),
             limits=httpx.Limits(max_connections=self.capacity + 4, max_keepalive_connections=self.capacity),
         )
         models = await self._wait_ready()

@@ -9,15 +9,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from breakwater.broker import Broker, connect_with, redacted
+from breakwater.broker import Broker, redacted
 from breakwater.config import GatewaySettings
 from breakwater.gateway import routes, ws
+from breakwater.gateway.body import BodyLimitMiddleware
 from breakwater.gateway.errors import install_error_handlers
-from breakwater.gateway.fanin import Fanin
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.service import GatewayService
-from breakwater.keys import Keys
 
 log = logging.getLogger(__name__)
 GAUGE_INTERVAL_S = 1.0
@@ -26,7 +25,7 @@ GAUGE_INTERVAL_S = 1.0
 async def _refresh_gauges(svc: GatewayService) -> None:
     while True:
         try:
-            await svc.refresh_gauges()
+            await svc.signals.refresh()
         except Exception as exc:  # Redis down: keep serving, try again next tick
             log.warning("gauge refresh failed", extra={"fields": {"error": str(exc)}})
         await asyncio.sleep(GAUGE_INTERVAL_S)
@@ -35,10 +34,8 @@ async def _refresh_gauges(svc: GatewayService) -> None:
 def build_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = connect_with(settings)
-        keys = Keys(settings.key_prefix)
-        broker = Broker(redis, keys)
-        fanin = Fanin(redis, keys, settings.stream_buffer)
+        broker = Broker.connect(settings)
+        fanin = broker.fanin(settings.stream_buffer)
         await fanin.start()
         svc = GatewayService(settings, broker, fanin, GatewayMetrics())
         app.state.service = svc
@@ -54,11 +51,12 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await gauges
             await fanin.close()
-            await redis.aclose()
+            await broker.aclose()
 
     app = FastAPI(title="Breakwater", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(ws.router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

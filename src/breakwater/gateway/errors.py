@@ -8,9 +8,9 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from breakwater.broker.errors import TRANSIENT, reason
 
 
 class JSONBody(Response):
@@ -67,7 +67,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
+        return "request body is not valid JSON (RFC 8259: no NaN, Infinity or lone surrogates)", None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 
@@ -80,7 +80,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
         message, param = _validation_message(exc)
-        return JSONBody(error_body(message, "invalid_request_error", "invalid_value", param), status_code=400)
+        errors = exc.errors()
+        code = "invalid_json" if errors and errors[0].get("type") == "json_invalid" else "invalid_value"
+        return JSONBody(error_body(message, "invalid_request_error", code, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
@@ -89,11 +91,14 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code
         )
 
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
-    async def _redis_down(_: Request, exc: Exception) -> JSONBody:
+    async def _redis_unavailable(_: Request, exc: Exception) -> JSONBody:
+        # Unreachable, full (OOM with noeviction), read-only (failover) or loading: nothing was
+        # admitted; the client retries after a second.
         return JSONBody(
             error_body("the queue is unavailable; retry shortly", "service_unavailable", "redis_unavailable"),
             status_code=503,
-            headers={"Retry-After": "1", "X-Breakwater-Reason": "redis_unavailable"},
+            headers={"Retry-After": "1", "X-Breakwater-Reason": reason(exc)},
         )
+
+    for exc_type in TRANSIENT:
+        app.add_exception_handler(exc_type, _redis_unavailable)

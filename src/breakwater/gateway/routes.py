@@ -1,21 +1,24 @@
-"""HTTP routes: OpenAI endpoints, request status/resume/cancel, health and metrics."""
+"""HTTP routes: OpenAI endpoints, request status/resume/cancel, health and metrics.
+
+Routes translate HTTP to service calls and back; they never reach the broker themselves."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from breakwater.broker.fanin import GatewayDraining
+from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.errors import APIError, JSONBody
-from breakwater.gateway.fanin import GatewayDraining
-from breakwater.gateway.service import GatewayService, Submission
-from breakwater.gateway.sse import collect_response, sse_chunks
-from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+from breakwater.gateway.following import Submission
+from breakwater.gateway.service import GatewayService
+from breakwater.gateway.sse import collect_response, sse_chunks, sse_event
+from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 
-router = APIRouter()
+router = APIRouter(route_class=OrjsonRoute)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -59,10 +62,10 @@ async def _complete(
         )
     try:
         result = await collect_response(
-            svc.events(sub), rid=sub.rid, model=sub.model, created=sub.created, chat=sub.chat
+            svc.requests.events(sub), rid=sub.rid, model=sub.model, created=sub.created, chat=sub.chat
         )
     except GatewayDraining:
-        svc.detach_later(sub.rid)
+        svc.requests.detach_later(sub.rid)
         raise APIError(
             503,
             f"this gateway is restarting; the request continues: GET /v1/requests/{sub.rid}/events",
@@ -70,7 +73,7 @@ async def _complete(
             headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
         ) from None
     except BaseException:
-        svc.detach_later(sub.rid)
+        svc.requests.detach_later(sub.rid)
         raise
     return JSONBody(result, headers=headers)
 
@@ -79,7 +82,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
     finished = False
     try:
         async for chunk in sse_chunks(
-            svc.events(sub, after),
+            svc.requests.events(sub, after),
             rid=sub.rid,
             model=sub.model,
             created=sub.created,
@@ -91,14 +94,17 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
         finished = True
     except GatewayDraining:
         pass  # end the stream without [DONE]: the client resumes on another gateway (Last-Event-ID)
+    except APIError as exc:  # the status line is sent: say it as the stream's last event
+        yield sse_event(exc.body())
+        finished = True
     finally:
         if not finished:
-            svc.detach_later(sub.rid)
+            svc.requests.detach_later(sub.rid)
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    models = await service(request).models(fresh=True)
+    models = await service(request).registry.models(fresh=True)
     return {
         "object": "list",
         "data": [
@@ -116,29 +122,21 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-async def _record_or_404(svc: GatewayService, rid: str) -> dict[str, str]:
-    record = await svc.broker.get_request(rid)
-    if not record:
-        raise APIError(404, f"request `{rid}` not found or expired", code="request_not_found", param="id")
-    return record
-
-
 @router.get("/v1/requests/{rid}")
 async def request_status(rid: str, request: Request) -> dict[str, Any]:
-    record = await _record_or_404(service(request), rid)
-    usage = record.get("usage")
+    record = await service(request).requests.record(rid)
     return {
         "id": rid,
         "object": "breakwater.request",
-        "model": record.get("model"),
-        "lane": record.get("lane"),
-        "status": record.get("status"),
-        "attempt": int(record.get("attempt", "0")),
-        "last_seq": int(record.get("seq", "0")),
-        "completion_tokens": int(record.get("tokens", "0")),
-        "finish_reason": record.get("finish_reason") or None,
-        "usage": orjson.loads(usage) if usage else None,
-        "created": int(record.get("created", "0")),
+        "model": record.spec.model,
+        "lane": record.spec.lane,
+        "status": record.status.value,
+        "attempt": record.attempt,
+        "last_seq": record.seq,
+        "completion_tokens": record.tokens,
+        "finish_reason": record.finish_reason,
+        "usage": record.usage,
+        "created": record.created,
     }
 
 
@@ -146,27 +144,17 @@ async def request_status(rid: str, request: Request) -> dict[str, Any]:
 async def request_events(
     rid: str,
     request: Request,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Resume a request's stream: everything after ``Last-Event-ID`` (or ``?after=``)."""
     svc = service(request)
     start = after if after is not None else 0
     if last_event_id is not None:
-        if not last_event_id.isdigit():
+        if not last_event_id.isdigit() or len(last_event_id) > 19 or int(last_event_id) > MAX_SEQ:
             raise APIError(400, "Last-Event-ID must be a sequence number", param="Last-Event-ID")
         start = int(last_event_id)
-    record = await _record_or_404(svc, rid)
-    await svc.broker.attach(rid)
-    sub = Submission(
-        rid,
-        record.get("model", ""),
-        record.get("kind") == "chat",
-        int(record.get("created", "0")),
-        record.get("include_usage") == "1",
-        await svc.fanin.subscribe(rid),
-        duplicate=True,
-    )
+    sub = await svc.requests.resume(rid)
     return StreamingResponse(
         _stream(svc, sub, start),
         media_type="text/event-stream",
@@ -176,11 +164,8 @@ async def request_events(
 
 @router.delete("/v1/requests/{rid}")
 async def cancel_request(rid: str, request: Request) -> dict[str, Any]:
-    svc = service(request)
-    await _record_or_404(svc, rid)
-    await svc.broker.cancel(rid, svc.settings.result_ttl_s)
-    record = await _record_or_404(svc, rid)
-    return {"id": rid, "object": "breakwater.request", "status": record.get("status")}
+    record = await service(request).requests.cancel(rid)
+    return {"id": rid, "object": "breakwater.request", "status": record.status.value}
 
 
 @router.get("/healthz")
@@ -190,14 +175,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=None)
 async def readyz(request: Request) -> Response:
-    svc = service(request)
-    if svc.draining:
-        return JSONBody({"status": "draining"}, status_code=503)
-    try:
-        await svc.broker.redis.ping()
-    except Exception:
-        return JSONBody({"status": "redis_unavailable"}, status_code=503)
-    return JSONBody({"status": "ready"})
+    status = await service(request).ready()
+    return JSONBody({"status": status}, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/metrics")

@@ -83,7 +83,12 @@ async def collect_response(
         else:
             err = event.error or {}
             code = err.get("code")
-            status = {"cancelled": 409, "timeout": 504, "context_length_exceeded": 400}.get(str(code))
+            status = {
+                "cancelled": 409,
+                "timeout": 504,
+                "context_length_exceeded": 400,
+                "events_trimmed": 410,
+            }.get(str(code))
             if status is None:
                 status = 400 if err.get("type") == "invalid_request_error" else 500
             raise APIError(

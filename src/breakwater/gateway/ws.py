@@ -1,7 +1,7 @@
 """WebSocket API ``/v1/ws`` (DESIGN §5): OpenAI request bodies in, ``token``/``done``/``error`` events out.
 
 Messages in: a chat (``messages``) or completion (``prompt``) body, or ``{"resume": id, "after": seq}``,
-or ``{"cancel": id}``. Each request is followed in its own task; many may run on one socket.
+or ``{"cancel": id}``. Each request is followed in its own task; up to ``MAX_TASKS`` run on one socket.
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from breakwater.broker.errors import TRANSIENT, reason
+from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.errors import APIError, error_body
-from breakwater.gateway.fanin import GatewayDraining
-from breakwater.gateway.service import GatewayService, Submission
+from breakwater.gateway.following import Submission
+from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
-from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 1 << 20  # the server (uvicorn ws_max_size) closes with 1009 above this, too
+MAX_TASKS = 64  # requests followed at once on one socket
 
 
 class _Connection:
@@ -53,21 +56,30 @@ class _Connection:
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            await self.error("message is not valid JSON", "invalid_json")
+            await self.error("message is not valid JSON (RFC 8259)", "invalid_json")
             return
         if not isinstance(data, dict):
             await self.error("message must be a JSON object", "invalid_message")
             return
-        if "resume" in data:
-            await self._resume(data)
-        elif "cancel" in data:
-            rid = str(data["cancel"])
-            if await self.svc.broker.get_request(rid):
-                await self.svc.broker.cancel(rid, self.svc.settings.result_ttl_s)
+        if "cancel" not in data and len(self.tasks) >= MAX_TASKS:
+            await self.error(
+                f"at most {MAX_TASKS} requests at once on one socket", "too_many_requests", None, 429
+            )
+            return
+        try:
+            if "resume" in data:
+                await self._resume(data)
+            elif "cancel" in data:
+                await self.svc.requests.cancel(str(data["cancel"]))
             else:
-                await self.error(f"request `{rid}` not found", "request_not_found", rid, 404)
-        else:
-            await self._submit(data)
+                await self._submit(data)
+        except APIError as exc:
+            rid = data.get("resume") or data.get("cancel")
+            await self.error(exc.message, exc.code or "error", str(rid) if rid else None, exc.status)
+        except TRANSIENT as exc:  # Redis unreachable, full or read-only: nothing was admitted
+            await self.error(
+                f"the queue is unavailable; retry shortly ({reason(exc)})", "redis_unavailable", None, 503
+            )
 
     async def _submit(self, data: dict[str, Any]) -> None:
         try:
@@ -82,45 +94,34 @@ class _Connection:
             msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
             await self.error(f"{param}: {msg}" if param else msg, "invalid_value")
             return
-        try:
-            sub = await self.svc.submit(body, request_id=self.request_id, idempotency_key=None)
-        except APIError as exc:
-            await self.error(exc.message, exc.code or "error", None, exc.status)
-            return
+        sub = await self.svc.submit(body, request_id=self.request_id, idempotency_key=None)
         await self.send({"type": "created", "request_id": sub.rid, "model": sub.model})
-        self._follow(sub, 0)
+        await self._follow(sub, 0)
 
     async def _resume(self, data: dict[str, Any]) -> None:
         rid = str(data.get("resume"))
         after = data.get("after", 0)
-        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_SEQ:
             await self.error("after must be a non-negative integer", "invalid_value", rid)
             return
-        record = await self.svc.broker.get_request(rid)
-        if not record:
-            await self.error(f"request `{rid}` not found or expired", "request_not_found", rid, 404)
-            return
-        await self.svc.broker.attach(rid)
-        sub = Submission(
-            rid,
-            record.get("model", ""),
-            record.get("kind") == "chat",
-            int(record.get("created", "0")),
-            False,
-            await self.svc.fanin.subscribe(rid),
-            duplicate=True,
-        )
-        self._follow(sub, after)
+        await self._follow(await self.svc.requests.resume(rid), after)
 
-    def _follow(self, sub: Submission, after: int) -> None:
+    async def _follow(self, sub: Submission, after: int) -> None:
+        # A second follow of the same id on this socket replaces the first (the client asks again
+        # from its own position), so no task is left orphaned and each event is sent once.
+        previous = self.tasks.pop(sub.rid, None)
+        if previous is not None:
+            previous.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await previous
         task = asyncio.create_task(self._pump(sub, after))
         self.tasks[sub.rid] = task
-        task.add_done_callback(lambda _: self.tasks.pop(sub.rid, None))
+        task.add_done_callback(lambda t: self.tasks.pop(sub.rid) if self.tasks.get(sub.rid) is t else None)
 
     async def _pump(self, sub: Submission, after: int) -> None:
         finished = False
         try:
-            async for event in self.svc.events(sub, after):
+            async for event in self.svc.requests.events(sub, after):
                 await self.send(_event_message(sub.rid, event))
             finished = True
         except APIError as exc:
@@ -130,7 +131,7 @@ class _Connection:
             pass  # the client resumes (on this or another gateway) with {"resume": id, "after": seq}
         finally:
             if not finished:
-                self.svc.detach_later(sub.rid)
+                self.svc.requests.detach_later(sub.rid)
 
     async def close(self) -> None:
         self.open = False

@@ -8,6 +8,36 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 512
+MAX_MESSAGES = 4096
+MAX_TIMEOUT_S = 86_400.0
+MAX_SEQ = (1 << 63) - 1  # event sequence numbers (Last-Event-ID, ?after=)
+INT64 = 1 << 63
+
+# OpenAI parameters the engines do not implement yet: refused (400, naming the parameter) unless
+# they hold their default, never silently ignored.
+UNSUPPORTED_PARAMETERS = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+    "logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+    "suffix", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
+)  # fmt: skip
+# Extra fields that change nothing the engine does (metadata) or that it implements (top_k).
+KNOWN_EXTRAS = frozenset(
+    {"top_k", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
+)
+
+
+def _is_default(name: str, value: Any) -> bool:
+    """Whether an unsupported parameter holds a value that asks for nothing (OpenAI's default)."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value == (1 if name == "best_of" else 0)
+    if isinstance(value, str | list | dict) and not value:
+        return True
+    return (name, value) in (("tool_choice", "none"), ("tool_choice", "auto")) or (
+        name == "response_format" and value == {"type": "text"}
+    )
 
 
 class StreamOptions(BaseModel):
@@ -15,7 +45,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
@@ -38,19 +68,21 @@ class ChatMessage(BaseModel):
 class _SamplingRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     n: int = Field(default=1, ge=1)
-    timeout: float | None = Field(default=None, gt=0.0, description="Breakwater: deadline in seconds")
+    timeout: float | None = Field(
+        default=None, gt=0.0, le=MAX_TIMEOUT_S, description="Breakwater: deadline in seconds"
+    )
     lane: Literal["interactive", "batch"] = "interactive"
     ignore_eos: bool = Field(default=False, description="vLLM extension: generate until max_tokens")
 
@@ -64,14 +96,31 @@ class _SamplingRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list):
-            if len(value) > MAX_STOP_SEQUENCES:
-                raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-            if any(not s for s in value):
-                raise ValueError("stop sequences must be non-empty")
-        elif value == "":
+        stops = value if isinstance(value, list) else [] if value is None else [value]
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return value
+
+    def unsupported_parameter(self) -> str | None:
+        """The first parameter this request sets that Breakwater does not implement, if any."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_PARAMETERS:
+            value = extra.get(name)
+            if not _is_default(name, value):
+                return name
+        for name in extra:
+            if name not in KNOWN_EXTRAS and name not in UNSUPPORTED_PARAMETERS:
+                return name
+        top_k = extra.get("top_k")
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k < 1 << 31
+        ):
+            return "top_k"
+        return None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -83,8 +132,8 @@ class _SamplingRequest(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:
@@ -196,7 +245,3 @@ def text_response(
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage_body(usage),
     }
-
-
-def now_s() -> int:
-    return int(time.time())

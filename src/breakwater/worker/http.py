@@ -51,7 +51,9 @@ class WorkerHTTP:
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, orjson.dumps({"error": "method not allowed"}), "application/json"
-        if path == "/healthz":  # answering at all means the loop is alive; Redis outages are not ours
+        if path == "/healthz":  # answering means the loop is alive; Redis outages are not ours
+            if self.worker is not None and self.worker.step_hung():  # alive, but its engine is stuck
+                return 503, orjson.dumps({"status": "engine_step_hung"}), "application/json"
             return 200, orjson.dumps({"status": "ok"}), "application/json"
         if path == "/readyz":
             return self.state()

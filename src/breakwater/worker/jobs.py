@@ -5,9 +5,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-import orjson
-
-from breakwater.broker import Job
+from breakwater.broker import Job, Lease, RequestRecord
 from breakwater.engines.base import GenerationRequest
 
 
@@ -19,23 +17,31 @@ class InFlight:
     held_tokens: int = 0  # tokens generated whose text the engine holds back (stop-string prefix)
     suspect: bool = False  # its previous attempt made no progress: run alone until it does
     progressed: bool = False
+    writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.job, self.attempt)
+
+    def next_write(self) -> int:
+        self.writes += 1
+        return self.writes
 
 
-def generation_request(rid: str, record: dict[str, str]) -> GenerationRequest:
+def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:
     """The engine request for a record; continuations carry the text and tokens already emitted."""
-    seed = int(record["seed"]) if record.get("seed") else zlib.crc32(rid.encode())
-    messages = orjson.loads(record["messages"]) if record.get("kind") == "chat" else None
+    spec = record.spec
     return GenerationRequest(
         request_id=rid,
-        prompt=None if messages is not None else record.get("prompt", ""),
-        messages=messages,
-        max_tokens=int(record["max_tokens"]) if record.get("max_tokens") else None,
-        temperature=float(record.get("temperature") or 1.0),
-        top_p=float(record.get("top_p") or 1.0),
-        top_k=int(record.get("top_k") or 0),
-        seed=seed,
-        stop=list(orjson.loads(record.get("stop") or "[]")),
-        ignore_eos=record.get("ignore_eos") == "1",
-        emitted_text=record.get("emitted", ""),
-        emitted_tokens=int(record.get("tokens") or 0),
+        prompt=None if spec.messages is not None else spec.prompt or "",
+        messages=spec.messages,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature if spec.temperature is not None else 1.0,
+        top_p=spec.top_p if spec.top_p is not None else 1.0,
+        top_k=spec.top_k or 0,
+        seed=spec.seed if spec.seed is not None else zlib.crc32(rid.encode()),
+        stop=spec.stop,
+        ignore_eos=spec.ignore_eos,
+        emitted_text=record.emitted,
+        emitted_tokens=record.tokens,
     )

@@ -7,14 +7,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from breakwater.broker import Broker, Job
-from breakwater.broker.broker import Append, now_ms
+from breakwater.broker import Append, Broker, Job, StartOutcome, Status
+from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import Engine, EngineRequestError, SequenceDelta
 from breakwater.keys import LANES
@@ -22,7 +18,6 @@ from breakwater.worker.jobs import InFlight, generation_request
 from breakwater.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Worker:
@@ -44,6 +39,10 @@ class Worker:
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._last_reclaim = 0.0
+        # When the running engine step began (None between steps): a step that never returns is a
+        # hung worker, which must stop renewing its leases so another worker takes its jobs.
+        self._step_started: float | None = None
+        self.hung = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -66,7 +65,7 @@ class Worker:
             for task in [pull, *tasks]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(*TRANSIENT):
                 await self.broker.deregister(self.settings.worker_id)
 
     def drain(self) -> None:
@@ -79,7 +78,7 @@ class Worker:
 
     async def _finish_in_flight(self) -> None:
         deadline = time.monotonic() + self.settings.drain_grace_s
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*TRANSIENT):
             await self._heartbeat_once()
         while self.inflight and time.monotonic() < deadline:
             self._slot_freed.clear()
@@ -90,7 +89,7 @@ class Worker:
             flights = list(self.inflight.values())
             for flight in flights:
                 self.engine.cancel(flight.job.rid)
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(*TRANSIENT):
                 held = [job for job, _ in self.held]
                 await self.broker.release([f.job for f in flights] + held, self.settings.worker_id)
             self.held.clear()
@@ -101,6 +100,7 @@ class Worker:
 
     # -- pulling ---------------------------------------------------------------------------------
     async def _pull_loop(self, burst: bool) -> None:
+        backoff = Backoff()
         while not self._stop.is_set():
             if self.held and not self._isolating() and (not self.held[0][1] or not self.inflight):
                 await self._start_held()
@@ -118,14 +118,18 @@ class Worker:
                 continue
             try:
                 jobs = await self._next_jobs(free)
-            except REDIS_ERRORS as exc:
-                log.warning("claim failed; retrying", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(0.2)
+            except TRANSIENT as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "claim failed; retrying", extra={"fields": {"error": str(exc), "retry_in_s": delay}}
+                )
+                await asyncio.sleep(delay)
                 continue
+            backoff.reset()
             for job in jobs:
                 try:
                     await self._start(job)
-                except REDIS_ERRORS as exc:  # the job stays pending; its lease lapses and it is reclaimed
+                except TRANSIENT as exc:  # the job stays pending; its lease lapses and it is reclaimed
                     log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
             if burst and not jobs and not self.inflight:
                 return
@@ -159,13 +163,13 @@ class Worker:
         job, _ = self.held.pop(0)
         try:
             await self._start(job, alone=not self.inflight)
-        except REDIS_ERRORS as exc:
+        except TRANSIENT as exc:
             self.held.insert(0, (job, False))
             log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
             await asyncio.sleep(0.2)
 
     async def _start(self, job: Job, *, alone: bool | None = None) -> None:
-        extra = {"rid": job.rid, "request_id": job.request_id}
+        extra = {"rid": job.rid, "request_id": job.xrid}
         if job.rid in self.inflight or any(job == held for held, _ in self.held):
             return  # our own lease lapsed and we reclaimed it: keep it
         if self._isolating():
@@ -175,9 +179,10 @@ class Worker:
             job.rid,
             self.settings.worker_id,
             self.settings.max_attempts,
+            result_ttl_s=self.settings.result_ttl_s,
             alone=(not self.inflight and not self.held) if alone is None else alone,
         )
-        if result.outcome == "suspect":
+        if result.outcome is StartOutcome.SUSPECT:
             # Its last attempt crashed before any progress: hold it (lease kept) until it can run alone.
             log.warning(
                 "holding suspect job to run it alone", extra={**extra, "fields": {"attempt": result.attempt}}
@@ -185,11 +190,11 @@ class Worker:
             self.held.append((job, True))
             return
         ttl = self.settings.result_ttl_s
-        if result.outcome in ("missing", "terminal", "cancelled"):
-            log.info("skipping job", extra={**extra, "fields": {"outcome": result.outcome}})
+        if result.outcome in (StartOutcome.MISSING, StartOutcome.TERMINAL):
+            log.info("skipping job", extra={**extra, "fields": {"outcome": result.outcome.value}})
             await self.broker.ack(job)
             return
-        if result.outcome == "expired":
+        if result.outcome is StartOutcome.EXPIRED:
             await self.broker.fail(
                 job.rid,
                 attempt=None,
@@ -201,7 +206,7 @@ class Worker:
             self.metrics.jobs.labels(self.model, "expired").inc()
             await self.broker.ack(job)
             return
-        if result.outcome == "poison":
+        if result.outcome is StartOutcome.POISON:
             reason = f"gave up after {result.attempt} attempts"
             await self.broker.fail(
                 job.rid, attempt=None, code="max_attempts_exceeded", message=reason, ttl_s=ttl
@@ -212,11 +217,14 @@ class Worker:
             await self.broker.ack(job)
             return
         record = result.record
+        if record is None:  # RUN always carries its record
+            raise RuntimeError(f"start_job returned no record for {job.rid}")
         request = generation_request(job.rid, record)
         if result.attempt > 1:
             self.metrics.retries.labels(self.model).inc()
-        created_ms = int(record.get("created_ms") or now_ms())
-        self.metrics.queue_wait.labels(self.model).observe(max(0, now_ms() - created_ms) / 1000)
+        if record.created_ms:
+            waited_ms = int(time.time() * 1000) - record.created_ms  # cross-host clocks: a metric only
+            self.metrics.queue_wait.labels(self.model).observe(max(0, waited_ms) / 1000)
         try:
             self.engine.add(request)
         except EngineRequestError as exc:
@@ -230,7 +238,9 @@ class Worker:
             )
             await self.broker.ack(job)
             return
-        suspect = int(record.get("failures") or 0) > 0
+        if self._step_started is None:  # the engine's next step runs this: time it from now
+            self._step_started = time.monotonic()
+        suspect = record.failures > 0
         self.inflight[job.rid] = InFlight(job=job, attempt=result.attempt, model=self.model, suspect=suspect)
         log.info(
             "job started",
@@ -243,7 +253,9 @@ class Worker:
     # -- stepping and publishing -----------------------------------------------------------------
     async def _step_loop(self) -> None:
         while True:
+            self._step_started = time.monotonic() if self.engine.running() else None
             deltas = await self.engine.step()
+            self._step_started = None
             started = time.perf_counter()
             await self._publish(deltas)
             self.metrics.step_seconds.labels(self.model).observe(time.perf_counter() - started)
@@ -264,46 +276,24 @@ class Worker:
             if delta.finished:
                 finishes.append((flight, delta))
             elif delta.text:
-                appends.append(
-                    (
-                        flight,
-                        Append(
-                            delta.request_id, flight.attempt, delta.text, delta.tokens + flight.held_tokens
-                        ),
-                    )
-                )
+                tokens = delta.tokens + flight.held_tokens
+                append = Append(delta.request_id, flight.attempt, flight.next_write(), delta.text, tokens)
+                appends.append((flight, append))
                 flight.held_tokens = 0
             else:
                 flight.held_tokens += delta.tokens
-        while True:
-            try:
-                results = await self.broker.append_step([a for _, a in appends])
-                break
-            except REDIS_ERRORS as exc:
-                # Keep the generation; retry the same step's writes until Redis is back.
-                log.warning("publish failed; retrying", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(0.2)
+        # Keep the generation; retry the same step's writes until Redis is back (they are idempotent).
+        results = await until_redis(lambda: self.broker.append_step([a for _, a in appends]), "publish")
         for (flight, _), seq in zip(appends, results, strict=True):
             if seq > 0 and flight.suspect and not flight.progressed:
                 flight.progressed = True
                 self._slot_freed.set()  # others may join the batch again
             if seq < 0:
                 why = "fenced" if seq == -1 else "not running"
-                await self._until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why))
+                await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
         for flight, delta in finishes:
-            await self._until_redis(functools.partial(self._finish, flight, delta))
-
-    async def _until_redis(self, write: Callable[[], Awaitable[None]]) -> None:
-        """Retry a write until Redis answers: a finished generation is kept, never dropped."""
-        delay = 0.1
-        while True:
-            try:
-                await write()
-                return
-            except REDIS_ERRORS as exc:
-                log.warning("write failed; retrying", extra={"fields": {"error": str(exc)}})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            # A finished generation is kept until Redis takes it, never dropped.
+            await until_redis(functools.partial(self._finish, flight, delta), "finish")
 
     async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
         rid = flight.job.rid
@@ -323,7 +313,7 @@ class Worker:
                 rid,
                 attempt=flight.attempt,
                 kind="done",
-                status="done",
+                status=Status.DONE,
                 ttl_s=ttl,
                 text=delta.text,
                 tokens=tokens,
@@ -339,7 +329,7 @@ class Worker:
                 "job finished",
                 extra={
                     "rid": rid,
-                    "request_id": flight.job.request_id,
+                    "request_id": flight.job.xrid,
                     "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
                 },
             )
@@ -370,14 +360,42 @@ class Worker:
             "draining": self.draining,
             "kv_cache_usage": stats.get("kv_cache_usage"),
             "engine_stats": stats,
-            "ts_ms": now_ms(),
+            "ts_ms": int(time.time() * 1000),
         }
 
+    def step_hung(self) -> bool:
+        """The engine has been inside one step longer than ``step_timeout_s`` (stuck decode, stalled
+        upstream): the process is alive but its jobs make no progress."""
+        started = self._step_started
+        return started is not None and time.monotonic() - started > self.settings.step_timeout_s
+
     async def _heartbeat_once(self) -> None:
+        if self.step_hung():
+            if not self.hung:
+                self.hung = True
+                log.error(
+                    "engine step hung; no longer renewing leases, so other workers take the jobs",
+                    extra={
+                        "fields": {
+                            "step_timeout_s": self.settings.step_timeout_s,
+                            "in_flight": len(self.inflight),
+                        }
+                    },
+                )
+                await self.broker.deregister(self.settings.worker_id)
+            return
         ttl = self.settings.lease_s
         await self.broker.heartbeat(self.settings.worker_id, self.registry_info(), ttl)
-        jobs = [f.job for f in self.inflight.values()] + [job for job, _ in self.held]
-        await self.broker.refresh_leases(jobs, self.settings.worker_id)
+        lost = await self.broker.refresh_leases(
+            [f.lease for f in self.inflight.values()],
+            self.settings.worker_id,
+            result_ttl_s=self.settings.result_ttl_s,
+        )
+        await self.broker.hold_leases([job for job, _ in self.held], self.settings.worker_id)
+        for lease in lost:  # another attempt owns it now (or it ended): stop generating it here
+            flight = self.inflight.get(lease.job.rid)
+            if flight is not None and flight.attempt == lease.attempt:
+                await self._drop(flight, fenced=True, why="lease taken over")
         kv = self.engine.stats().get("kv_cache_usage")
         if kv is not None:
             self.metrics.kv_cache_usage.labels(self.model).set(float(kv))
@@ -387,26 +405,26 @@ class Worker:
             try:
                 await self._heartbeat_once()
                 await self._check_in_flight()
-            except REDIS_ERRORS as exc:
+            except TRANSIENT as exc:
                 log.warning("heartbeat failed", extra={"fields": {"error": str(exc)}})
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def _check_in_flight(self) -> None:
-        """Drop cancelled sequences; cancel ones nobody has watched for the detach grace period."""
+        """Drop cancelled sequences; cancel ones nobody has watched for the detach grace period
+        (measured on Redis's clock, like every deadline)."""
         flights = list(self.inflight.values())
-        if not flights:
+        if not flights or self.hung:
             return
-        rows = await self.broker.statuses([f.job.rid for f in flights])
+        now_ms, watches = await self.broker.watch([f.job.rid for f in flights])
         grace_ms = self.settings.detach_grace_s * 1000
-        for flight, row in zip(flights, rows, strict=True):
+        for flight, watch in zip(flights, watches, strict=True):
             if self.inflight.get(flight.job.rid) is not flight:
                 continue
-            if row["status"] != "running":
-                await self._drop(flight, fenced=False, why=f"status {row['status']}")
+            if watch.status is not Status.RUNNING:
+                why = f"status {watch.status.value if watch.status else 'gone'}"
+                await self._drop(flight, fenced=False, why=why)
                 continue
-            watchers = int(row["watchers"] or 0)
-            detached = int(row["detached_ms"] or 0)
-            if watchers <= 0 and detached and now_ms() - detached > grace_ms:
+            if watch.watchers <= 0 and watch.detached_ms and now_ms - watch.detached_ms > grace_ms:
                 await self.broker.cancel(
                     flight.job.rid,
                     self.settings.result_ttl_s,

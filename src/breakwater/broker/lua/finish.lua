@@ -1,13 +1,14 @@
 -- Terminal event: optional last text, then the done/error event, terminal status and retention TTLs.
--- KEYS[1] request record, KEYS[2] token stream
+-- KEYS[1] request record, KEYS[2] token stream, KEYS[3] emitted text
 -- ARGV[1] attempt ('*' = any: cancellation and admin), ARGV[2] channel, ARGV[3] stream max length,
 -- ARGV[4] kind ('done'|'error'), ARGV[5] last text, ARGV[6] its token count, ARGV[7] finish_reason,
--- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] now (ms), ARGV[12] terminal status
+-- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status
 -- Returns the final seq, -1 when fenced off, -2 when already terminal, -3 when the record is gone.
+-- Idempotent: a retried call finds the request terminal (-2) and writes nothing.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return -3
 end
-local cur = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'emitted')
+local cur = redis.call('HMGET', KEYS[1], 'attempt', 'status')
 if ARGV[1] ~= '*' and cur[1] ~= ARGV[1] then
   return -1
 end
@@ -18,7 +19,7 @@ local seq
 if ARGV[5] ~= '' then
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('HINCRBY', KEYS[1], 'tokens', tonumber(ARGV[6]))
-  redis.call('HSET', KEYS[1], 'emitted', (cur[3] or '') .. ARGV[5])
+  redis.call('APPEND', KEYS[3], ARGV[5])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5], 'n', ARGV[6])
   redis.call('PUBLISH', ARGV[2], cjson.encode({seq = tostring(seq), kind = 'token', text = ARGV[5], n = ARGV[6]}))
 end
@@ -39,7 +40,10 @@ if ARGV[9] ~= '' then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', unpack(fields))
 redis.call('PUBLISH', ARGV[2], cjson.encode(event))
-redis.call('HSET', KEYS[1], 'status', ARGV[12], 'finished_ms', ARGV[11], 'finish_reason', ARGV[7], 'usage', ARGV[8])
-redis.call('EXPIRE', KEYS[1], ARGV[10])
-redis.call('EXPIRE', KEYS[2], ARGV[10])
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'status', ARGV[11], 'finish_reason', ARGV[7], 'usage', ARGV[8],
+  'finished_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+for i = 1, 3 do
+  redis.call('EXPIRE', KEYS[i], ARGV[10])
+end
 return seq

@@ -1,0 +1,171 @@
+"""The request record (``bw:req:{rid}`` hash): the one contract between gateway, Lua and worker.
+
+Field names live here and in the Lua scripts only (a test checks the scripts against
+:data:`FIELDS`). The text emitted so far lives beside it in its own string key (``APPEND`` is O(1)
+per token, where rewriting a hash field is O(n)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.DONE, Status.ERROR, Status.CANCELLED)
+
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """What the client asked for; written once at admission, copied on a dead-letter retry."""
+
+    model: str
+    lane: str
+    kind: Kind
+    request_id: str  # the X-Request-ID the client sent (or the gateway made up), for logs
+    timeout_s: float
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_usage: bool = False
+    retried_from: str | None = None  # the dead-lettered request this one retries
+
+    def to_hash(self) -> dict[str, str]:
+        out = {
+            "model": self.model,
+            "lane": self.lane,
+            "kind": self.kind,
+            "request_id": self.request_id,
+            "timeout_s": repr(self.timeout_s),
+            "stop": orjson.dumps(self.stop).decode(),
+            "ignore_eos": _flag(self.ignore_eos),
+            "include_usage": _flag(self.include_usage),
+        }
+        if self.messages is not None:
+            out["messages"] = orjson.dumps(self.messages).decode()
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
+        if self.retried_from is not None:
+            out["retried_from"] = self.retried_from
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> RequestSpec:
+        kind: Kind = "chat" if h.get("kind") == "chat" else "completion"
+        return cls(
+            model=h.get("model", ""),
+            lane=h.get("lane", "interactive"),
+            kind=kind,
+            request_id=h.get("request_id", ""),
+            timeout_s=float(h.get("timeout_s") or 0),
+            messages=orjson.loads(h["messages"]) if h.get("messages") else None,
+            prompt=h.get("prompt"),
+            max_tokens=_int_or_none(h.get("max_tokens")),
+            temperature=_float_or_none(h.get("temperature")),
+            top_p=_float_or_none(h.get("top_p")),
+            top_k=_int_or_none(h.get("top_k")),
+            seed=_int_or_none(h.get("seed")),
+            stop=list(orjson.loads(h.get("stop") or "[]")),
+            ignore_eos=h.get("ignore_eos") == "1",
+            include_usage=h.get("include_usage") == "1",
+            retried_from=h.get("retried_from"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """A request's spec and its progress, as read back from Redis."""
+
+    spec: RequestSpec
+    status: Status = Status.QUEUED
+    created: int = 0  # unix seconds, the `created` of every chunk
+    created_ms: int = 0  # Redis clock
+    deadline_ms: int = 0  # Redis clock
+    attempt: int = 0
+    seq: int = 0
+    tokens: int = 0
+    failures: int = 0
+    worker: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    emitted: str = ""  # from the emitted-text key, not the hash
+
+    @property
+    def chat(self) -> bool:
+        return self.spec.kind == "chat"
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str], emitted: str = "") -> RequestRecord:
+        usage = h.get("usage")
+        return cls(
+            spec=RequestSpec.from_hash(h),
+            status=Status(h.get("status") or "queued"),
+            created=int(h.get("created") or 0),
+            created_ms=int(h.get("created_ms") or 0),
+            deadline_ms=int(h.get("deadline_ms") or 0),
+            attempt=int(h.get("attempt") or 0),
+            seq=int(h.get("seq") or 0),
+            tokens=int(h.get("tokens") or 0),
+            failures=int(h.get("failures") or 0),
+            worker=h.get("worker", ""),
+            finish_reason=h.get("finish_reason") or None,
+            usage=orjson.loads(usage) if usage else None,
+            emitted=emitted,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """What a worker checks of each in-flight request every heartbeat."""
+
+    status: Status | None  # None: the record is gone
+    watchers: int
+    detached_ms: int
+
+
+# Fields the scripts and the broker write beside the spec: progress, leases, fencing, watchers.
+PROGRESS_FIELDS = frozenset(
+    {
+        "status", "created", "created_ms", "deadline_ms", "attempt", "seq", "tokens", "failures",
+        "worker", "finish_reason", "usage", "watchers", "detached_ms", "job_id", "started_ms",
+        "tokens_at_start", "first_token_ms", "finished_ms", "wseq",
+    }
+)  # fmt: skip
+SPEC_FIELDS = frozenset(f.name for f in fields(RequestSpec))
+FIELDS = SPEC_FIELDS | PROGRESS_FIELDS
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if value not in (None, "") else None

@@ -1,0 +1,165 @@
+"""Admission: validate a request against its model, bind its Idempotency-Key, queue it (or 429)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+
+from breakwater.broker import Broker, RequestRecord, RequestSpec
+from breakwater.broker.fanin import Fanin, Subscription
+from breakwater.config import GatewaySettings
+from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
+from breakwater.gateway.errors import APIError
+from breakwater.gateway.following import Submission
+from breakwater.gateway.metrics import GatewayMetrics
+from breakwater.gateway.models import ModelInfo, ModelRegistry
+from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+# A lower bound on tokens from UTF-8 bytes: real tokenizers average 3-5 bytes per token, so a
+# prompt refused by this estimate certainly cannot fit; the worker checks exactly.
+BYTES_PER_TOKEN_BOUND = 6
+
+Body = ChatCompletionRequest | CompletionRequest
+
+
+def request_spec(body: Body, *, request_id: str, default_timeout_s: float) -> RequestSpec:
+    """The record's request part for an OpenAI body."""
+    top_k = (body.model_extra or {}).get("top_k")
+    common = {
+        "model": body.model,
+        "lane": body.lane,
+        "request_id": request_id,
+        "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
+        "max_tokens": body.output_limit(),
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else None,
+        "seed": body.seed,
+        "stop": body.stop_list(),
+        "ignore_eos": body.ignore_eos,
+        "include_usage": body.include_usage(),
+    }
+    if isinstance(body, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return RequestSpec(kind="chat", messages=messages, **common)  # type: ignore[arg-type]
+    return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)  # type: ignore[arg-type]
+
+
+def prompt_text(spec: RequestSpec) -> str:
+    if spec.messages is not None:
+        return "\n".join(m["content"] for m in spec.messages)
+    return spec.prompt or ""
+
+
+class Admitter:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        broker: Broker,
+        fanin: Fanin,
+        registry: ModelRegistry,
+        signals: AutoscaleSignals,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.fanin = fanin
+        self.registry = registry
+        self.signals = signals
+        self.metrics = metrics
+
+    async def submit(
+        self, body: Body, *, request_id: str, idempotency_key: str | None, subscribe: bool = True
+    ) -> Submission:
+        model = await self.registry.resolve(body.model)
+        spec = request_spec(body, request_id=request_id, default_timeout_s=self.settings.request_timeout_s)
+        self.check_context(prompt_text(spec), spec.max_tokens, model)
+        rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        # The key lives exactly as long as the request's record: while it answers, so does the key.
+        key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
+        if idempotency_key:
+            existing = await self.broker.claim_idempotency_key(idempotency_key, rid, key_ttl_s)
+            if existing is not None:
+                found = await self._existing(existing, subscribe)
+                if found is not None:
+                    return found
+                # Its request expired (or was refused and is being released): this one takes the key.
+                if not await self.broker.rebind_idempotency_key(
+                    idempotency_key, rid, key_ttl_s, was=existing
+                ):
+                    raise _idempotency_conflict()
+        sub = await self.fanin.subscribe(rid) if subscribe else None
+        try:
+            result = await self.broker.enqueue(
+                rid=rid,
+                spec=spec,
+                max_queued=self.settings.lane_max_queued,
+                result_ttl_s=self.settings.result_ttl_s,
+            )
+        except BaseException:
+            await self._abandon(sub, idempotency_key, rid)
+            raise
+        if not result.accepted:
+            await self._abandon(sub, idempotency_key, rid)
+            self.metrics.rejections.labels(body.model, "queue_full").inc()
+            retry_after = retry_after_s(result.waiting, self.signals.drain_rate(model.name), model.capacity)
+            raise APIError(
+                429,
+                f"the {body.lane} queue for `{body.model}` is full ({result.waiting} waiting); retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry_after), "X-Breakwater-Reason": "queue_full"},
+            )
+        log.info("request queued", extra={"rid": rid, "fields": {"model": body.model, "lane": body.lane}})
+        return Submission(rid, body.model, spec.kind == "chat", int(time.time()), spec.include_usage, sub)
+
+    async def _existing(self, rid: str, subscribe: bool) -> Submission | None:
+        """The request an Idempotency-Key is bound to; None when it expired."""
+        record = await self._wait_for_record(rid)
+        if record is None or not await self.broker.attach(rid):
+            return None
+        sub = await self.fanin.subscribe(rid) if subscribe else None
+        return Submission.of(rid, record, sub)
+
+    async def _wait_for_record(self, rid: str) -> RequestRecord | None:
+        # The first caller may be between binding the key and enqueueing (a few ms): wait briefly.
+        deadline = time.monotonic() + 2.0
+        while True:
+            record = await self.broker.get_record(rid)
+            if record is not None or time.monotonic() > deadline:
+                return record
+            await asyncio.sleep(0.02)
+
+    async def _abandon(self, sub: Subscription | None, idempotency_key: str | None, rid: str) -> None:
+        if sub is not None:
+            await self.fanin.unsubscribe(sub)
+        if idempotency_key:
+            await self.broker.release_idempotency_key(idempotency_key, rid)
+
+    def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
+        # No worker has said (scale to zero, an upstream without max_model_len): use the bound.
+        ctx = model.context_length if model.context_length > 0 else self.settings.max_context_tokens
+        lower_bound = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
+        wanted = lower_bound + (limit or 0)
+        if (limit is not None and limit >= ctx) or wanted > ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens; the prompt (at least {lower_bound} "
+                f"tokens) plus max_tokens ({limit or 0}) does not fit.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+
+
+def _idempotency_conflict() -> APIError:
+    return APIError(
+        409,
+        "another request with this Idempotency-Key is being admitted; retry",
+        code="idempotency_key_conflict",
+        headers={"Retry-After": "1"},
+    )

@@ -1,0 +1,108 @@
+"""Autoscaling signals: queue depth, arrival and service rates, desired workers (gauges per model)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from breakwater.broker import Broker
+from breakwater.config import GatewaySettings
+from breakwater.gateway.metrics import GatewayMetrics
+from breakwater.gateway.models import ModelInfo, ModelRegistry
+from breakwater.keys import LANES
+
+
+class ModelLoad:
+    """Arrival and service rates of one model, measured from its streams' counters (EWMA), and the
+    number of workers that would serve the arrivals and clear the backlog within the horizon."""
+
+    def __init__(self) -> None:
+        self.arrival_rate = 0.0
+        self.drain_rate = 0.0
+        self.per_worker_rate = 0.0  # jobs/s one busy worker finishes
+        self.waiting = 0
+        self.in_flight = 0
+        self.workers = 0
+        self._prev: tuple[float, int, int] | None = None
+
+    def observe(self, now: float, added: int, done: int, waiting: int, in_flight: int, workers: int) -> None:
+        self.waiting, self.in_flight, self.workers = waiting, in_flight, workers
+        prev, self._prev = self._prev, (now, added, done)
+        if prev is None or now <= prev[0] or added < prev[1] or done < prev[2]:
+            return
+        dt = now - prev[0]
+        self.arrival_rate = _ewma(self.arrival_rate, (added - prev[1]) / dt)
+        self.drain_rate = _ewma(self.drain_rate, (done - prev[2]) / dt)
+        if workers and waiting:  # only a saturated worker shows what it can do
+            self.per_worker_rate = _ewma(self.per_worker_rate, (done - prev[2]) / dt / workers)
+
+    def desired_workers(self, settings: GatewaySettings) -> int:
+        if self.waiting == 0 and self.in_flight == 0 and self.arrival_rate < 0.01:
+            return settings.autoscale_min_workers
+        if self.per_worker_rate <= 0:  # nothing measured yet: one more while there is a backlog
+            want = self.workers + (1 if self.waiting else 0)
+        else:
+            demand = self.arrival_rate + self.waiting / settings.autoscale_horizon_s
+            want = math.ceil(demand / self.per_worker_rate)
+        return max(settings.autoscale_min_workers, min(settings.autoscale_max_workers, max(1, want)))
+
+
+class AutoscaleSignals:
+    """Refreshes the per-model gauges every tick and keeps the measured drain rates (Retry-After)."""
+
+    def __init__(
+        self, settings: GatewaySettings, broker: Broker, registry: ModelRegistry, metrics: GatewayMetrics
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.registry = registry
+        self.metrics = metrics
+        self.load: dict[str, ModelLoad] = {}
+
+    def drain_rate(self, model: str) -> float:
+        load = self.load.get(model)
+        return load.drain_rate if load else 0.0
+
+    async def refresh(self) -> None:
+        models = dict(await self.registry.models(fresh=True))
+        for gone in self.load.keys() - models.keys():  # its last worker left: report 0, not stale
+            models[gone] = ModelInfo.without_workers(gone)
+        for name, info in models.items():
+            await self._refresh_model(name, info)
+
+    async def _refresh_model(self, name: str, info: ModelInfo) -> None:
+        m = self.metrics
+        if name not in self.load:  # a new model: its counters start at 0, visible to rate()
+            m.rejections.labels(name, "queue_full")
+            if name in self.settings.declared_models:
+                # The consumer group exists before any worker does, so a stream-lag
+                # autoscaler (KEDA) can read the queue and wake the first one.
+                await self.broker.ensure_groups(name)
+        m.workers.labels(name).set(info.workers)
+        m.batch_occupancy.labels(name).set(info.active / info.capacity if info.capacity else 0)
+        if info.kv_cache_usage is not None:
+            m.kv_cache_usage.labels(name).set(info.kv_cache_usage)
+        added = done = waiting_all = in_flight_all = 0
+        for lane in LANES:
+            waiting, in_flight = await self.broker.queue_depth(name, lane)
+            m.queue_depth.labels(name, lane).set(waiting)
+            m.in_flight.labels(name, lane).set(in_flight)
+            lane_added, lane_done = await self.broker.jobs_counts(name, lane)
+            added, done = added + lane_added, done + lane_done
+            waiting_all, in_flight_all = waiting_all + waiting, in_flight_all + in_flight
+        load = self.load.setdefault(name, ModelLoad())
+        load.observe(time.monotonic(), added, done, waiting_all, in_flight_all, info.workers)
+        m.drain_rate.labels(name).set(load.drain_rate)
+        m.arrival_rate.labels(name).set(load.arrival_rate)
+        m.desired_workers.labels(name).set(load.desired_workers(self.settings))
+
+
+def _ewma(old: float, new: float, alpha: float = 0.3) -> float:
+    return new if old == 0 else (1 - alpha) * old + alpha * new
+
+
+def retry_after_s(waiting: int, drain_rate: float, capacity: int) -> int:
+    """Seconds until ``waiting`` jobs ahead have drained at the measured rate (1..60). Before any rate
+    is measured, assume each slot finishes about a job a second."""
+    rate = drain_rate if drain_rate > 0 else max(1, capacity)
+    return max(1, min(60, math.ceil(waiting / rate)))

@@ -1,0 +1,130 @@
+"""Follow one request's events in seq order: live from the fan-in, gaps and backlog from the stream.
+
+Every reader drops a seq it has already delivered and fills any gap from the durable stream, so the
+client sees each event exactly once, in order, whatever Pub/Sub dropped or duplicated. Events that
+were trimmed from the stream (``token_stream_maxlen``) cannot be replayed: the reader ends with an
+``events_trimmed`` error instead of waiting for them forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from breakwater.broker import Broker, RequestRecord
+from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
+from breakwater.protocol.events import TokenEvent
+
+
+class RequestGone(Exception):
+    """The request record and its stream no longer exist (never existed or expired)."""
+
+
+@dataclass(slots=True)
+class Submission:
+    """A request being followed, with its live events already subscribed to."""
+
+    rid: str
+    model: str
+    chat: bool
+    created: int
+    include_usage: bool
+    subscription: Subscription | None
+    started: float = field(default_factory=time.perf_counter)
+    duplicate: bool = False
+
+    @classmethod
+    def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:
+        """A second follower of an existing request (resume, Idempotency-Key replay)."""
+        spec = record.spec
+        return cls(rid, spec.model, record.chat, record.created, spec.include_usage, sub, duplicate=True)
+
+
+def trimmed_event(seq: int, first_kept: int) -> TokenEvent:
+    return TokenEvent(
+        seq=seq,
+        kind="error",
+        error={
+            "message": f"events {seq}..{first_kept - 1} were trimmed from the stream and cannot be "
+            "replayed; read the result with GET /v1/requests/{id}",
+            "type": "invalid_request_error",
+            "code": "events_trimmed",
+        },
+    )
+
+
+async def follow_events(
+    broker: Broker,
+    fanin: Fanin,
+    rid: str,
+    after: int,
+    *,
+    idle_poll_s: float,
+    subscription: Subscription | None = None,
+) -> AsyncIterator[TokenEvent]:
+    """Yield events with seq > ``after`` until the terminal one (inclusive)."""
+    sub = subscription or await fanin.subscribe(rid)
+    last = after
+    try:
+        while True:
+            _stop_if_draining(fanin, rid)
+            # Catch up from the durable stream: at start, after an overflow, a gap or an idle spell.
+            progressed = False
+            async for event in _backlog(broker, rid, last):
+                last, progressed = event.seq, True
+                yield event
+                if event.terminal:
+                    return
+            if not progressed and not await broker.exists(rid):
+                raise RequestGone(rid)  # expired (or never existed): nothing more will come
+            sub.overflowed = False
+            async for event in _live(sub, idle_poll_s):
+                if event.seq <= last:
+                    continue
+                if event.seq > last + 1:
+                    break  # gap: re-read the stream
+                last = event.seq
+                yield event
+                if event.terminal:
+                    return
+    finally:
+        if subscription is None:
+            await fanin.unsubscribe(sub)
+
+
+async def _backlog(broker: Broker, rid: str, last: int) -> AsyncIterator[TokenEvent]:
+    """The stream's events after ``last``, in order, to the end of what is stored."""
+    backlog = await broker.read_events(rid, last)
+    while backlog:
+        if backlog[0].seq > last + 1:  # seqs are contiguous: the missing ones were trimmed
+            yield trimmed_event(last + 1, backlog[0].seq)
+            return
+        for event in backlog:
+            if event.seq != last + 1:
+                continue
+            last = event.seq
+            yield event
+            if event.terminal:
+                return
+        backlog = await broker.read_events(rid, last)
+
+
+def _stop_if_draining(fanin: Fanin, rid: str) -> None:
+    if fanin.draining:
+        raise GatewayDraining(rid)
+
+
+async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEvent]:
+    """Live events until the buffer overflows or nothing arrives for ``idle_poll_s``."""
+    while not sub.overflowed:
+        try:
+            event = sub.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), idle_poll_s)
+            except TimeoutError:
+                return
+        yield event
+    sub.drain()

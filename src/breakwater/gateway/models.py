@@ -1,0 +1,74 @@
+"""The models the gateway serves: live workers' models (from the registry) and declared ones."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from breakwater.broker import Broker
+from breakwater.config import GatewaySettings
+from breakwater.gateway.errors import APIError
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    context_length: int
+    workers: int
+    capacity: int
+    active: int
+    owned_by: str = "breakwater"
+    kv_cache_usage: float | None = None
+
+    @classmethod
+    def without_workers(cls, name: str) -> ModelInfo:
+        """A model no live worker serves (declared for scale to zero, or its last worker left)."""
+        return cls(name, context_length=0, workers=0, capacity=0, active=0)
+
+
+class ModelRegistry:
+    """Models served by live workers, and declared ones (cached for ``model_cache_s``)."""
+
+    def __init__(self, settings: GatewaySettings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._models: dict[str, ModelInfo] = {}
+        self._models_at = 0.0
+
+    async def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
+        if fresh or time.monotonic() - self._models_at > self.settings.model_cache_s:
+            workers = await self.broker.live_workers()
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for info in workers.values():
+                grouped.setdefault(str(info["model"]), []).append(info)
+            models = {name: _aggregate(name, infos) for name, infos in grouped.items()}
+            for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
+                models.setdefault(name, ModelInfo.without_workers(name))
+            self._models, self._models_at = models, time.monotonic()
+        return self._models
+
+    async def resolve(self, name: str) -> ModelInfo:
+        models = await self.models()
+        if name not in models:
+            models = await self.models(fresh=True)
+        if name not in models:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist or has no live worker.",
+                code="model_not_found",
+                param="model",
+            )
+        return models[name]
+
+
+def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
+    kv = [float(i["kv_cache_usage"]) for i in infos if i.get("kv_cache_usage") is not None]
+    return ModelInfo(
+        name=name,
+        context_length=min(int(i.get("context_length", 0)) for i in infos),
+        workers=len(infos),
+        capacity=sum(int(i.get("capacity", 0)) for i in infos),
+        active=sum(int(i.get("active", 0)) for i in infos),
+        kv_cache_usage=sum(kv) / len(kv) if kv else None,
+    )

@@ -1,0 +1,117 @@
+"""Following requests for clients: events with latency metrics, resume, status, cancel, detach."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from breakwater.broker import Broker, RequestRecord
+from breakwater.broker.errors import TRANSIENT
+from breakwater.broker.fanin import Fanin
+from breakwater.config import GatewaySettings
+from breakwater.gateway.errors import APIError
+from breakwater.gateway.following import RequestGone, Submission, follow_events
+from breakwater.gateway.metrics import GatewayMetrics
+from breakwater.protocol.events import TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+def _not_found(rid: str) -> APIError:
+    return APIError(404, f"request `{rid}` not found or expired", code="request_not_found", param="id")
+
+
+class Requests:
+    def __init__(
+        self, settings: GatewaySettings, broker: Broker, fanin: Fanin, metrics: GatewayMetrics
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.fanin = fanin
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def record(self, rid: str) -> RequestRecord:
+        record = await self.broker.get_record(rid)
+        if record is None:
+            raise _not_found(rid)
+        return record
+
+    async def resume(self, rid: str) -> Submission:
+        """Follow an existing request again (another connection, gateway or socket)."""
+        record = await self.record(rid)
+        if not await self.broker.attach(rid):
+            raise _not_found(rid)
+        return Submission.of(rid, record, await self.fanin.subscribe(rid))
+
+    async def cancel(self, rid: str) -> RequestRecord:
+        await self.record(rid)
+        await self.broker.cancel(rid, self.settings.result_ttl_s)
+        return await self.record(rid)
+
+    async def events(self, submission: Submission, after: int = 0) -> AsyncIterator[TokenEvent]:
+        """The request's events after ``after``, with latency metrics; the caller detaches on exit."""
+        self.metrics.active_streams.inc()
+        first = after == 0
+        last_t = submission.started
+        first_t: float | None = None
+        try:
+            async for event in follow_events(
+                self.broker,
+                self.fanin,
+                submission.rid,
+                after,
+                idle_poll_s=self.settings.idle_poll_s,
+                subscription=submission.subscription,
+            ):
+                now = time.perf_counter()
+                if event.kind == "token" and event.text:
+                    if first:
+                        self.metrics.ttft.labels(submission.model).observe(now - submission.started)
+                        first, first_t = False, now
+                    else:
+                        self.metrics.itl.labels(submission.model).observe(now - last_t)
+                    last_t = now
+                if event.terminal:
+                    self._record_final(submission, event, now, first_t)
+                yield event
+        except RequestGone:
+            raise _not_found(submission.rid) from None
+        finally:
+            self.metrics.active_streams.dec()
+            if submission.subscription is not None:
+                await self.fanin.unsubscribe(submission.subscription)
+
+    def _record_final(
+        self, submission: Submission, event: TokenEvent, now: float, first_t: float | None
+    ) -> None:
+        model = submission.model
+        if event.kind == "done":
+            status = "completed"
+        else:
+            status = "cancelled" if (event.error or {}).get("code") == "cancelled" else "error"
+        self.metrics.requests.labels(model, status).inc()
+        if submission.duplicate:
+            return
+        self.metrics.e2e.labels(model).observe(now - submission.started)
+        if event.usage:
+            self.metrics.tokens.labels(model, "in").inc(event.usage.get("prompt_tokens", 0))
+            self.metrics.tokens.labels(model, "out").inc(event.usage.get("completion_tokens", 0))
+            out = event.usage.get("completion_tokens", 0)
+            if out > 1 and first_t is not None:
+                self.metrics.tpot.labels(model).observe((now - first_t) / (out - 1))
+
+    def detach_later(self, rid: str) -> None:
+        """The client went away mid-stream: count it out; the worker cancels after the grace period."""
+        task = asyncio.create_task(self._detach(rid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _detach(self, rid: str) -> None:
+        try:
+            await self.broker.detach(rid)
+        except TRANSIENT as exc:
+            log.warning("detach failed", extra={"rid": rid, "fields": {"error": str(exc)}})

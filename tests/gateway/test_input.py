@@ -1,0 +1,148 @@
+"""Bad input gets a clear 4xx in OpenAI's error shape, writes nothing to Redis, and the gateway
+keeps serving: non-standard JSON, oversized bodies, unbounded fields, unsupported parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.helpers import expected_sim
+from tests.inproc import InProc
+
+CHAT = "/v1/chat/completions"
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+
+
+async def _records(gw: InProc) -> list[str]:
+    broker = gw.broker()
+    try:
+        return [k async for k in broker.redis.scan_iter(match=f"{gw.prefix}:req:*")]
+    finally:
+        await broker.aclose()
+
+
+def _assert_error(resp: httpx.Response, status: int, code: str, param: str | None = None) -> None:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+async def _still_serves(gw: InProc) -> None:
+    resp = await gw.http.post(CHAT, json=_chat(seed=1))
+    assert resp.status_code == 200, resp.text
+    text, _, _ = expected_sim(messages=[{"role": "user", "content": "hi"}], seed=1, max_tokens=4)
+    assert resp.json()["choices"][0]["message"]["content"] == text
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"timeout": Infinity',
+        b'"timeout": -Infinity',
+        b'"timeout": NaN',
+        b'"temperature": NaN',
+        b'"timeout": 1e400',
+        b'"max_tokens": 1e400',
+    ],
+)
+async def test_non_standard_json_numbers_are_400(gw: InProc, raw: bytes) -> None:
+    body = b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
+    resp = await gw.http.post(CHAT, content=body, headers={"content-type": "application/json"})
+    _assert_error(resp, 400, "invalid_json")
+    assert await _records(gw) == []
+    await _still_serves(gw)
+
+
+@pytest.mark.parametrize("content", [b'"\\ud800"', b'"a\\udc00b"', b'"\xff\xfe"'])
+async def test_lone_surrogates_and_invalid_utf8_are_400(gw: InProc, content: bytes) -> None:
+    body = b'{"model": "sim", "max_tokens": 4, "messages": [{"role": "user", "content": ' + content + b"}]}"
+    resp = await gw.http.post(CHAT, content=body, headers={"content-type": "application/json"})
+    _assert_error(resp, 400, "invalid_json")
+    assert await _records(gw) == []
+    await _still_serves(gw)
+
+
+@pytest.mark.parametrize("timeout", [1e16, 86_400.5, 0])
+async def test_timeout_out_of_range_is_400_and_queues_nothing(gw: InProc, timeout: float) -> None:
+    resp = await gw.http.post(CHAT, json=_chat(timeout=timeout))
+    _assert_error(resp, 400, "invalid_value", "timeout")
+    assert await _records(gw) == []
+
+
+async def test_oversized_body_is_413_before_it_is_read(gw: InProc) -> None:
+    big = orjson.dumps(_chat(messages=[{"role": "user", "content": "x" * (50 << 20)}]))
+    resp = await gw.http.post(CHAT, content=big, headers={"content-type": "application/json"})
+    _assert_error(resp, 413, "request_too_large")
+    assert await _records(gw) == []
+
+    async def chunks() -> Any:  # no Content-Length: counted while read
+        for _ in range(8):
+            yield b" " * (1 << 20)
+
+    resp = await gw.http.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+    _assert_error(resp, 413, "request_too_large")
+    await _still_serves(gw)
+
+
+async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> None:
+    many = [{"role": "user", "content": "a"}] * 4097
+    _assert_error(await gw.http.post(CHAT, json=_chat(messages=many)), 400, "invalid_value", "messages")
+    _assert_error(await gw.http.post(CHAT, json=_chat(stop=["x" * 100_000])), 400, "invalid_value", "stop")
+    _assert_error(await gw.http.post(CHAT, json=_chat(seed=1 << 64)), 400, "invalid_value", "seed")
+    assert await _records(gw) == []
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("presence_penalty", 0.5),
+        ("logit_bias", {"50256": -100}),
+        ("not_a_parameter", 1),
+        ("top_k", -1),
+    ],
+)
+async def test_unsupported_parameters_are_refused_by_name(gw: InProc, param: str, value: Any) -> None:
+    resp = await gw.http.post(CHAT, json=_chat(**{param: value}))
+    _assert_error(resp, 400, "unsupported_parameter", param)
+    assert param in resp.json()["error"]["message"]
+    assert await _records(gw) == []
+
+
+async def test_default_values_of_unsupported_parameters_are_accepted(gw: InProc) -> None:
+    defaults = {"logprobs": False, "presence_penalty": 0.0, "frequency_penalty": 0, "tools": []}
+    resp = await gw.http.post(CHAT, json=_chat(seed=1, response_format={"type": "text"}, **defaults))
+    assert resp.status_code == 200, resp.text
+
+
+async def test_last_event_id_beyond_64_bits_is_400(gw: InProc) -> None:
+    resp = await gw.http.post(CHAT, json=_chat(seed=3))
+    rid = resp.json()["id"]
+    for bad in ("99999999999999999999999", "18446744073709551616", "-1", "x"):
+        got = await gw.http.get(f"/v1/requests/{rid}/events", headers={"Last-Event-ID": bad})
+        assert got.status_code == 400, (bad, got.text)
+        assert got.json()["error"]["param"] == "Last-Event-ID"
+
+
+async def test_prompt_bound_when_no_worker_reported_a_context_length(redis_server: Any, prefix: str) -> None:
+    """A declared (scale-to-zero) model has no context length yet: the gateway's own bound applies."""
+    from tests.inproc import inproc_gateway
+
+    async with inproc_gateway(redis_server.url, prefix, models="cold", max_context_tokens=1000) as gw:
+        body = {"model": "cold", "messages": [{"role": "user", "content": "word " * 10_000}]}
+        resp = await gw.http.post(CHAT, json=body)
+        _assert_error(resp, 400, "context_length_exceeded", "messages")
+        assert await _records(gw) == []

@@ -1,0 +1,81 @@
+"""The in-process tier: the gateway app from its factory driven through ``httpx.ASGITransport``, and
+workers with the sim engine, all in the test's event loop against the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from breakwater.broker import Broker
+from breakwater.config import GatewaySettings, WorkerSettings
+from breakwater.engines.base import Engine
+from breakwater.engines.sim import SimEngine, SimTiming
+from breakwater.gateway.app import build_app
+from breakwater.keys import Keys
+from breakwater.worker import Worker
+
+
+@dataclass
+class InProc:
+    redis_url: str
+    prefix: str
+    app: FastAPI
+    http: httpx.AsyncClient
+    workers: list[tuple[Worker, asyncio.Task[None]]] = field(default_factory=list)
+
+    def broker(self) -> Broker:
+        """A fresh broker for the test's own checks (closed by the fixture)."""
+        return Broker.connect(GatewaySettings(redis_url=self.redis_url, key_prefix=self.prefix))
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    async def add_worker(self, engine: Engine | None = None, **settings: Any) -> Worker:
+        ws = WorkerSettings(
+            redis_url=self.redis_url,
+            key_prefix=self.prefix,
+            heartbeat_s=settings.pop("heartbeat_s", 0.2),
+            worker_id=settings.pop("worker_id", f"w{len(self.workers)}"),
+            **settings,
+        )
+        engine = engine or SimEngine(timing=SimTiming(decode_base_ms=1))
+        await engine.start()
+        worker = Worker(ws, engine, Broker.connect(ws))
+        task = asyncio.create_task(worker.run(), name=ws.worker_id)
+        self.workers.append((worker, task))
+        deadline = asyncio.get_running_loop().time() + 10
+        while ws.worker_id not in await worker.broker.live_workers():  # registered: requests resolve
+            assert not task.done(), task
+            assert asyncio.get_running_loop().time() < deadline, "worker did not register"
+            await asyncio.sleep(0.01)
+        return worker
+
+    async def stop_workers(self) -> None:
+        for worker, task in self.workers:
+            worker.drain()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await worker.broker.aclose()
+        self.workers.clear()
+
+
+@contextlib.asynccontextmanager
+async def inproc_gateway(redis_url: str, prefix: str, **settings: Any) -> AsyncIterator[InProc]:
+    app = build_app(GatewaySettings(redis_url=redis_url, key_prefix=prefix, model_cache_s=0, **settings))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as http,
+    ):
+        inproc = InProc(redis_url, prefix, app, http)
+        try:
+            yield inproc
+        finally:
+            await inproc.stop_workers()

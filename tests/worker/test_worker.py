@@ -1,0 +1,123 @@
+"""The worker in-process with the sim engine: hung engine steps hand their jobs over, a full Redis
+never kills the worker or its generations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.broker import Status
+from breakwater.engines.base import SequenceDelta
+from breakwater.engines.sim import SimEngine, SimTiming
+from breakwater.redis_server import RedisServer
+from breakwater.worker.http import WorkerHTTP
+from tests.helpers import async_wait_for, expected_sim
+from tests.inproc import InProc, inproc_gateway
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "keep going"}]
+BODY = {"model": "sim", "messages": MESSAGES, "max_tokens": 80, "seed": 21, "ignore_eos": True}
+
+
+class HangingSim(SimEngine):
+    """A sim engine whose step blocks forever once ``hang`` is set (a stuck decode or upstream)."""
+
+    def __init__(self) -> None:
+        super().__init__(timing=SimTiming(decode_base_ms=20))
+        self.hang = asyncio.Event()
+
+    async def step(self) -> list[SequenceDelta]:
+        if self.hang.is_set():
+            await asyncio.Event().wait()
+        return await super().step()
+
+
+async def _record(gw: InProc, rid: str) -> tuple[Status | None, int, str, int]:
+    broker = gw.broker()
+    try:
+        record = await broker.get_record(rid)
+    finally:
+        await broker.aclose()
+    return (record.status, record.tokens, record.worker, record.attempt) if record else (None, 0, "", 0)
+
+
+async def _running_rid(gw: InProc) -> str:
+    broker = gw.broker()
+    try:
+        for _ in range(500):
+            keys = [k async for k in broker.redis.scan_iter(match=f"{gw.prefix}:req:*")]
+            if keys:
+                return str(keys[0]).split("{", 1)[1].rstrip("}")
+            await asyncio.sleep(0.01)
+    finally:
+        await broker.aclose()
+    raise AssertionError("no request record appeared")
+
+
+async def test_a_hung_step_hands_its_jobs_to_another_worker(gw_empty: InProc) -> None:
+    gw = gw_empty
+    engine = HangingSim()
+    hung = await gw.add_worker(engine, worker_id="hung", step_timeout_s=0.5)
+    call = asyncio.create_task(gw.http.post(CHAT, json=BODY))
+    rid = await _running_rid(gw)
+    await async_wait_for(lambda: _progressed(gw, rid), 10, what="tokens from the first worker")
+    engine.hang.set()
+    await gw.add_worker(worker_id="rescuer")
+    resp = await asyncio.wait_for(call, 30)
+    assert resp.status_code == 200, resp.text
+    expected, _, usage = expected_sim(messages=MESSAGES, seed=21, max_tokens=80, ignore_eos=True)
+    assert resp.json()["choices"][0]["message"]["content"] == expected
+    status, tokens, worker, attempt = await _record(gw, rid)
+    assert (status, tokens, worker, attempt) == (Status.DONE, usage["completion_tokens"], "rescuer", 2)
+    assert hung.step_hung() and hung.hung
+    http = WorkerHTTP("127.0.0.1", 0)
+    http.worker = hung
+    assert http.respond("GET", "/healthz")[0] == 503  # the orchestrator restarts it
+    assert "hung" not in await hung.broker.live_workers()  # and no longer counts as capacity
+
+
+async def _progressed(gw: InProc, rid: str) -> bool:
+    _, tokens, _, _ = await _record(gw, rid)
+    return tokens > 5
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Redis]]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        yield server, client
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_full_redis_pauses_the_worker_and_loses_nothing(
+    own_redis: tuple[RedisServer, Redis], prefix: str
+) -> None:
+    server, redis = own_redis
+    async with inproc_gateway(server.url, prefix) as gw:
+        worker = await gw.add_worker(SimEngine(timing=SimTiming(decode_base_ms=20)))
+        call = asyncio.create_task(gw.http.post(CHAT, json=BODY))
+        rid = await _running_rid(gw)
+        await async_wait_for(lambda: _progressed(gw, rid), 10, what="first tokens")
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", str(used // 2))
+        _, before, _, _ = await _record(gw, rid)
+        await asyncio.sleep(1.0)  # the worker meets OOM on every append and heartbeat meanwhile
+        _, during, _, _ = await _record(gw, rid)
+        assert during == before  # nothing was written while full
+        assert not any(task.done() for _, task in gw.workers)  # the worker did not exit
+        await redis.config_set("maxmemory", "0")
+        resp = await asyncio.wait_for(call, 30)
+        expected, _, _ = expected_sim(messages=MESSAGES, seed=21, max_tokens=80, ignore_eos=True)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == expected
+        status, _, _, attempt = await _record(gw, rid)
+        assert (status, attempt) == (Status.DONE, 1)  # the same attempt kept its generation
+        assert not worker.hung
