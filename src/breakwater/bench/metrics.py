@@ -35,6 +35,7 @@ class RequestRecord:
     output_tokens: int = 0  # from the server's usage (chunks counted only when it sends none)
     status: int = 0
     error: str | None = None  # class: http_429, http_5xx, timeout, broken_stream, connect
+    error_detail: str = ""  # what the server said (start of the body) or the exception, for diagnosis
     retry_after: float | None = None
     integrity_errors: int = 0  # missing or repeated SSE ids (Breakwater targets)
     request_id: str = ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,18 @@ def per_second(result: RunResult) -> list[dict[str, float]]:
         for q in (50, 99):
             row[f"p{q}_ttft_ms"] = percentile(values, q) if values else math.nan
     return rows
+
+
+def failure_message(records: list[RequestRecord]) -> str:
+    """Why a run completed nothing: the most common error and what the server said about it."""
+    errors = Counter(r.error for r in records if r.error)
+    if not errors:
+        return f"none of the {len(records)} requests completed"
+    error, count = errors.most_common(1)[0]
+    example = next(r for r in records if r.error == error)
+    status = f" (HTTP {example.status})" if example.status else ""
+    detail = f": {example.error_detail}" if example.error_detail else ""
+    return f"all {len(records)} requests failed; the most common error, on {count}: {error}{status}{detail}"
 
 
 def write(result: RunResult, summary: dict[str, Any], config: dict[str, Any], out: Path) -> list[Path]:

@@ -20,6 +20,7 @@ import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from breakwater.bench.discovery import snippet
 from breakwater.bench.metrics import RequestRecord
 from breakwater.bench.profiles import Arrival
 from breakwater.bench.ws import WSPool
@@ -186,12 +187,12 @@ class Runner:
                 await self._stream(record, url, body, sent)
             else:
                 await self._plain(record, url, body, sent)
-        except (httpx.TimeoutException, TimeoutError):
-            record.error = "timeout"
-        except httpx.ConnectError:
-            record.error = "connect"
-        except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, IndexError):
-            record.error = "broken_stream"
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            record.error, record.error_detail = "timeout", _describe(exc)
+        except httpx.ConnectError as exc:
+            record.error, record.error_detail = "connect", _describe(exc)
+        except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, IndexError) as exc:
+            record.error, record.error_detail = "broken_stream", _describe(exc)
         if record.error is None and record.e2e_s is None:
             record.e2e_s = loop.time() - sent
 
@@ -210,8 +211,8 @@ class Runner:
             record.status = resp.status_code
             record.request_id = resp.headers.get("x-breakwater-request-id", "")
             if resp.status_code != 200:
-                _http_error(record, resp)
                 await resp.aread()
+                _http_error(record, resp)
                 return
             async for line in resp.aiter_lines():
                 if line.startswith("id:"):
@@ -260,6 +261,7 @@ class Runner:
             elif kind == "error":
                 record.status = int(msg.get("status") or 500)
                 record.error = f"http_{record.status}" if msg.get("request_id") is None else "stream_error"
+                record.error_detail = orjson.dumps(msg).decode()[:ERROR_DETAIL_CHARS]
                 return
             else:
                 record.error = "broken_stream"
@@ -344,12 +346,14 @@ def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
 
 
 _JSON = {"Content-Type": "application/json"}
+ERROR_DETAIL_CHARS = 300
 
 
 def _take_chunk(record: RequestRecord, chunk: dict[str, Any], now: float) -> bool:
     """Record one SSE chunk; False when it is an error event (the stream is over)."""
     if "error" in chunk:
         record.error = "stream_error"
+        record.error_detail = orjson.dumps(chunk["error"]).decode()[:ERROR_DETAIL_CHARS]
         return False
     if chunk.get("usage"):
         record.prompt_tokens = int(chunk["usage"].get("prompt_tokens") or 0)
@@ -370,11 +374,17 @@ def _chunk_text(chunk: dict[str, Any]) -> str:
 
 
 def _http_error(record: RequestRecord, resp: httpx.Response) -> None:
+    """Classify a non-200 answer (its body must have been read)."""
     record.error = f"http_{resp.status_code}"
+    record.error_detail = snippet(resp.text, ERROR_DETAIL_CHARS)
     retry = resp.headers.get("retry-after")
     if retry is not None:
         with contextlib.suppress(ValueError):
             record.retry_after = float(retry)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:ERROR_DETAIL_CHARS] if str(exc) else type(exc).__name__
 
 
 def _duration(records: list[RequestRecord]) -> float:
