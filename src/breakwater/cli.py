@@ -64,6 +64,9 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+WS_MAX_MESSAGE_BYTES = 1 << 20
+
+
 def _serve(asgi_app: Any, host: str, port: int) -> None:
     config = uvicorn.Config(
         asgi_app,
@@ -72,6 +75,9 @@ def _serve(asgi_app: Any, host: str, port: int) -> None:
         loop="uvloop",
         http="httptools",
         ws="websockets",
+        # A larger WebSocket message closes the socket with 1009 before it is buffered (the
+        # default would read 16 MiB first); the gateway's own bound is the same 1 MiB.
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -93,9 +99,6 @@ def gateway(
     port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
     lane_max_queued: Annotated[int | None, typer.Option(help="queued jobs per lane before 429")] = None,
-    detach_grace_s: Annotated[
-        float | None, typer.Option(help="seconds a detached request keeps running")
-    ] = None,
 ) -> None:
     """Run the OpenAI-compatible gateway (HTTP/SSE and WebSocket)."""
     from breakwater.gateway import build_app
@@ -107,7 +110,6 @@ def gateway(
             port=port,
             redis_url=redis_url,
             lane_max_queued=lane_max_queued,
-            detach_grace_s=detach_grace_s,
         )
     )
     setup_logging("gateway", settings.log_level, settings.log_json)
@@ -185,9 +187,8 @@ def worker(
 
 
 async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
-    from breakwater.broker import Broker, connect_with
+    from breakwater.broker import Broker
     from breakwater.engines import build_engine
-    from breakwater.keys import Keys
     from breakwater.worker import Worker
     from breakwater.worker.http import WorkerHTTP
 
@@ -206,12 +207,12 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
         decode_base_ms=settings.sim_decode_base_ms,
         decode_per_seq_ms=settings.sim_decode_per_seq_ms,
         jitter_frac=settings.sim_jitter_frac,
+        sim_hang_marker=settings.sim_hang_marker,
         vllm_args=settings.vllm_args,
         **{k: v for k, v in settings.model_dump().items() if k.startswith("upstream_")},
     )
     await engine.start()
-    redis = connect_with(settings)
-    broker = Broker(redis, Keys(settings.key_prefix), token_stream_maxlen=settings.token_stream_maxlen)
+    broker = Broker.connect(settings, token_stream_maxlen=settings.token_stream_maxlen)
     worker = Worker(settings, engine, broker)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -222,7 +223,7 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
         await worker.run(burst=burst)
     finally:
         await engine.close()
-        await redis.aclose()
+        await broker.aclose()
         if http is not None:
             await http.close()
 

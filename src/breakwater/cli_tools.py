@@ -166,17 +166,15 @@ ModelOpt = Annotated[str, typer.Option(help="model whose dead letters to act on"
 
 
 def _with_broker(fn: Any) -> Any:
-    from breakwater.broker import Broker, connect_with
+    from breakwater.broker import Broker
     from breakwater.config import CommonSettings
-    from breakwater.keys import Keys
 
     async def run() -> Any:
-        settings = CommonSettings()
-        redis = connect_with(settings)
+        broker = Broker.connect(CommonSettings())
         try:
-            return await fn(Broker(redis, Keys(settings.key_prefix)))
+            return await fn(broker)
         finally:
-            await redis.aclose()
+            await broker.aclose()
 
     return asyncio.run(run())
 

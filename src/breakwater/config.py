@@ -101,6 +101,7 @@ class WorkerSettings(CommonSettings):
     sim_decode_base_ms: float = 5.0
     sim_decode_per_seq_ms: float = 0.2
     sim_jitter_frac: float = 0.0
+    sim_hang_marker: str | None = Field(default=None, description="tests: hang the step on this prompt text")
 
     @property
     def lease_s(self) -> float:

@@ -10,7 +10,6 @@ import time
 import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-rid_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("rid", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,7 +28,7 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id:
             out["request_id"] = request_id
-        rid = getattr(record, "rid", None) or rid_var.get()
+        rid = getattr(record, "rid", None)
         if rid:
             out["rid"] = rid
         extra = getattr(record, "fields", None)

@@ -26,7 +26,7 @@ def two_gateways(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProc
     procs = StackProcs(redis_server.url, f"d{uuid.uuid4().hex[:10]}", log_dir)
     try:
         for _ in range(2):
-            procs.add_gateway(detach_grace_s=30)
+            procs.add_gateway()
         procs.add_worker(sim_decode_base_ms=30, heartbeat_s=0.3, detach_grace_s=30)
         procs.wait_workers(procs.gateways[0][1])
         yield procs

@@ -7,7 +7,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.helpers import StackProcs, expected_sim
+from tests.helpers import StackProcs, expected_sim, wait_for
 
 
 def _url(stack: StackProcs) -> str:
@@ -147,11 +147,13 @@ def test_request_id_reaches_worker_logs(stack: StackProcs) -> None:
     )
     assert resp.status_code == 200
     rid = resp.json()["id"]
-    worker_log = stack.workers[0].log()
-    lines = [line for line in worker_log.splitlines() if rid in line]
-    assert lines, "worker logged nothing for the request"
-    assert all('"request_id":"e2e-trace-42"' in line for line in lines)
-    assert any('"job finished"' in line for line in lines)
+
+    def lines() -> list[str]:
+        return [line for line in stack.workers[0].log().splitlines() if rid in line]
+
+    # The client has its answer before the worker has logged the job's end: poll the log.
+    wait_for(lambda: any('"job finished"' in line for line in lines()), 10, what="job finished logged")
+    assert all('"request_id":"e2e-trace-42"' in line for line in lines())
 
 
 def test_metrics_expose_token_centric_set(stack: StackProcs) -> None:

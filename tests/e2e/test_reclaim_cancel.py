@@ -27,7 +27,7 @@ from tests.helpers import (
 def two_workers(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
     procs = StackProcs(redis_server.url, f"k{uuid.uuid4().hex[:10]}", log_dir)
     try:
-        url = procs.add_gateway(detach_grace_s=1.0)
+        url = procs.add_gateway()
         for _ in range(2):
             procs.add_worker(sim_decode_base_ms=40, heartbeat_s=0.3, capacity=4, detach_grace_s=1.0)
         procs.wait_workers(url, count=2)

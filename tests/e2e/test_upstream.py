@@ -45,7 +45,7 @@ def upstream(log_dir: Path) -> Iterator[str]:
 def up_stack(redis_server: RedisServer, log_dir: Path, upstream: str) -> Iterator[StackProcs]:
     procs = StackProcs(redis_server.url, f"u{uuid.uuid4().hex[:10]}", log_dir)
     try:
-        url = procs.add_gateway(detach_grace_s=1.0)
+        url = procs.add_gateway()
         for _ in range(2):
             procs.add_worker(MODEL, "openai", upstream_url=f"{upstream}/v1", heartbeat_s=0.3, capacity=8)
         procs.wait_workers(url, MODEL, count=2)

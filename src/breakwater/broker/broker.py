@@ -4,6 +4,7 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -131,9 +132,9 @@ class Broker:
     async def aclose(self) -> None:
         await self.redis.aclose()
 
-    def fanin(self, buffer: int) -> Fanin:
+    def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> Fanin:
         """The process's one Pub/Sub connection, fanned in to per-request buffers."""
-        return Fanin(self.redis, self.keys, buffer)
+        return Fanin(self.redis, self.keys, buffer, on_overflow)
 
     async def ping(self) -> None:
         await self.redis.ping()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -29,8 +30,9 @@ class GatewayDraining(Exception):
 class Subscription:
     """Live events of one request; ``overflowed`` tells the reader to re-read the durable stream."""
 
-    def __init__(self, rid: str, maxsize: int) -> None:
+    def __init__(self, rid: str, maxsize: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.rid = rid
+        self.on_overflow = on_overflow
         self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue(maxsize=maxsize)
         self.overflowed = False
         self.confirmed = asyncio.get_running_loop().create_future()
@@ -45,6 +47,8 @@ class Subscription:
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
+            if not self.overflowed and self.on_overflow is not None:
+                self.on_overflow()
             self.overflowed = True
 
     def drain(self) -> None:
@@ -55,13 +59,15 @@ class Subscription:
 class Fanin:
     """Routes channel messages to subscriptions; many readers of one request are allowed."""
 
-    def __init__(self, redis: Redis, keys: Keys, buffer: int) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, buffer: int, on_overflow: Callable[[], None] | None = None
+    ) -> None:
         self.keys = keys
         self.buffer = buffer
+        self.on_overflow = on_overflow  # counted: a slow reader fell back to the durable stream
         self._pubsub: PubSub = redis.pubsub()
         self._subs: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
-        self.connected = False
         self.draining = False
 
     async def start(self) -> None:
@@ -88,7 +94,7 @@ class Fanin:
 
     async def subscribe(self, rid: str, confirm_timeout_s: float = 5.0) -> Subscription:
         """Subscribe and wait until Redis confirms, so no event published afterwards is missed."""
-        sub = Subscription(rid, self.buffer)
+        sub = Subscription(rid, self.buffer, self.on_overflow)
         channel = self.keys.channel(rid)
         first = channel not in self._subs
         self._subs.setdefault(channel, set()).add(sub)
@@ -119,14 +125,12 @@ class Fanin:
         while True:
             try:
                 await self._pubsub.connect()  # type: ignore[no-untyped-call]
-                self.connected = True
                 while True:
                     message = await self._pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._dispatch(message)
                     backoff = 0.05
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                self.connected = False
                 log.warning("pubsub connection lost; reconnecting", extra={"fields": {"error": str(exc)}})
                 # Subscribers re-read their durable streams on the idle poll, so nothing is lost.
                 await asyncio.sleep(backoff)

@@ -25,6 +25,7 @@ def build_engine(name: str, **options: Any) -> Engine:
             capacity=int(capacity or 32),
             context_length=int(context_length or 4096),
             timing=timing,
+            hang_marker=options.get("sim_hang_marker"),
         )
     if name == "llamacpp":
         from breakwater.engines.llamacpp import LlamaCppEngine

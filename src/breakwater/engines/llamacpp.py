@@ -175,9 +175,6 @@ class LlamaCppEngine(Engine):
             )
         return str(self._formatter(messages=cast(Any, request.messages)).prompt)
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.tokenize(self.render(request), special=True))
-
     # -- batching --------------------------------------------------------------------------------
     def free_slots(self) -> int:
         return len(self._free_slots)

@@ -93,6 +93,9 @@ VOCAB: tuple[str, ...] = tuple(
 )
 _WORD = re.compile(r"\S+")
 POISON_MARKER = "<<bw-poison>>"
+# Fault injection for tests: a worker started with ``sim_hang_marker`` hangs forever in the step
+# after a prompt containing it has produced a few tokens (a stuck decode; the process stays alive).
+HANG_AFTER_TOKENS = 5
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,14 @@ class SimEngine(Engine):
         capacity: int = 32,
         context_length: int = 4096,
         timing: SimTiming | None = None,
+        hang_marker: str | None = None,
     ) -> None:
         self.info = EngineInfo(model=model, engine="sim", context_length=context_length, capacity=capacity)
         self.timing = timing or SimTiming()
         self._seqs: dict[str, _Sequence] = {}
         self._work = asyncio.Event()
         self._rng = random.Random(0)
+        self.hang_marker = hang_marker
 
     def free_slots(self) -> int:
         return max(0, self.info.capacity - len(self._seqs))
@@ -196,6 +201,10 @@ class SimEngine(Engine):
         while not self._seqs:
             self._work.clear()
             await self._work.wait()
+        if self.hang_marker and any(
+            self.hang_marker in s.prompt and s.index >= HANG_AFTER_TOKENS for s in self._seqs.values()
+        ):
+            await asyncio.Event().wait()  # never set: the step never returns
         joining = [s for s in self._seqs.values() if not s.prefilled]
         delay_ms = sum(s.prompt_tokens for s in joining) * self.timing.prefill_ms_per_token
         delay_ms += self.timing.decode_base_ms + self.timing.decode_per_seq_ms * len(self._seqs)

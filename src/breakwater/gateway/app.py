@@ -35,9 +35,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = Broker.connect(settings)
-        fanin = broker.fanin(settings.stream_buffer)
+        metrics = GatewayMetrics()
+        fanin = broker.fanin(settings.stream_buffer, on_overflow=metrics.stream_overflows.inc)
         await fanin.start()
-        svc = GatewayService(settings, broker, fanin, GatewayMetrics())
+        svc = GatewayService(settings, broker, fanin, metrics)
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         log.info(

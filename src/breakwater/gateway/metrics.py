@@ -63,6 +63,11 @@ class GatewayMetrics:
         self.requests = Counter(
             "breakwater_requests_total", "Requests by final status", ["model", "status"], registry=r
         )
+        self.stream_overflows = Counter(
+            "breakwater_stream_overflows_total",
+            "Live buffers that overflowed (a slow reader fell back to the durable stream)",
+            registry=r,
+        )
         self.rejections = Counter(
             "breakwater_admission_rejections_total",
             "Requests refused at admission",

@@ -1,0 +1,77 @@
+"""Several requests and a cancel on one WebSocket; a second resume of one id replaces the first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import websockets
+
+from tests.helpers import StackProcs, expected_sim
+
+
+async def _until_terminal(
+    ws: Any, rids: set[str], timeout_s: float = 30, got: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Every message per request id until each of ``rids`` has its done/error event."""
+    got = got if got is not None else {}
+    for rid in rids:
+        got.setdefault(rid, [])
+    open_ = {rid for rid in rids if not any(m["type"] in ("done", "error") for m in got[rid])}
+    async with asyncio.timeout(timeout_s):
+        while open_:
+            message = orjson.loads(await ws.recv())
+            rid = message.get("request_id")
+            if rid in got:
+                got[rid].append(message)
+                if message["type"] in ("done", "error"):
+                    open_.discard(rid)
+    return got
+
+
+async def test_several_requests_and_a_cancel_on_one_socket(stack: StackProcs) -> None:
+    url = stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    short = [{"model": "sim", "prompt": f"socket {i}", "max_tokens": 8, "seed": 100 + i} for i in range(3)]
+    long = {"model": "sim", "prompt": "cancel me", "max_tokens": 3000, "ignore_eos": True, "seed": 7}
+    async with websockets.connect(url) as ws:
+        for body in [*short, long]:
+            await ws.send(orjson.dumps(body).decode())
+        created: list[str] = []
+        early: dict[str, list[dict[str, Any]]] = {}  # events of requests created before the last one
+        async with asyncio.timeout(30):
+            while len(created) < 4:  # "created" arrives per request, in order of submission
+                message = orjson.loads(await ws.recv())
+                assert message["type"] != "error" or message["request_id"], message
+                if message["type"] == "created":
+                    created.append(message["request_id"])
+                else:
+                    early.setdefault(message["request_id"], []).append(message)
+        await ws.send(orjson.dumps({"cancel": created[3]}).decode())
+        got = await _until_terminal(ws, set(created), got=early)
+    for i, rid in enumerate(created[:3]):
+        events = got[rid]
+        expected, reason, _ = expected_sim(prompt=f"socket {i}", seed=100 + i, max_tokens=8)
+        assert "".join(e["text"] for e in events if e["type"] == "token") == expected
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == reason
+    cancelled = got[created[3]][-1]
+    assert cancelled["type"] == "error" and cancelled["error"]["code"] == "cancelled"
+
+
+async def test_a_second_resume_of_one_id_replaces_the_first(stack: StackProcs) -> None:
+    url = stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    body = {"model": "sim", "prompt": "resume twice", "max_tokens": 40, "seed": 5, "ignore_eos": True}
+    async with websockets.connect(url) as ws:
+        await ws.send(orjson.dumps(body).decode())
+        rid = orjson.loads(await ws.recv())["request_id"]
+        await ws.send(orjson.dumps({"resume": rid, "after": 0}).decode())  # same socket, from the top
+        got = await _until_terminal(ws, {rid})
+    events = got[rid]
+    seqs = [e["seq"] for e in events]
+    # The first follower was replaced: after the restart from 0 each seq arrives exactly once more.
+    restart = max(i for i, s in enumerate(seqs) if s == 1)
+    assert seqs[restart:] == list(range(1, len(seqs) - restart + 1))
+    expected, _, _ = expected_sim(prompt="resume twice", seed=5, max_tokens=40, ignore_eos=True)
+    assert "".join(e["text"] for e in events[restart:] if e["type"] == "token") == expected
+    assert sum(e["type"] == "done" for e in events) == 1

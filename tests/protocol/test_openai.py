@@ -1,0 +1,81 @@
+"""The OpenAI request types: bounds that keep bad input a 400, and unsupported parameters named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from breakwater.protocol.openai import (
+    MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timeout", float("inf")),
+        ("timeout", float("nan")),
+        ("timeout", 86_401),
+        ("temperature", float("nan")),
+        ("max_tokens", 1 << 31),
+        ("seed", 1 << 63),
+        ("stop", ["x" * (MAX_STOP_CHARS + 1)]),
+        ("stop", ""),
+        ("n", 2),
+        ("messages", [{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1)),
+    ],
+)
+def test_out_of_bounds_values_are_refused(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(_chat(**{field: value}))
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_bounds_themselves_are_accepted() -> None:
+    body = ChatCompletionRequest.model_validate(
+        _chat(timeout=86_400, max_tokens=(1 << 31) - 1, seed=-(1 << 63), stop=["x" * MAX_STOP_CHARS])
+    )
+    assert body.timeout == 86_400 and body.stop_list() == ["x" * MAX_STOP_CHARS]
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ({"frequency_penalty": 0.1}, "frequency_penalty"),
+        ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+        ({"guided_json": {}}, "guided_json"),
+        ({"top_k": 2.5}, "top_k"),
+        ({}, None),
+        ({"logprobs": False, "presence_penalty": 0, "tool_choice": "none", "metadata": {"a": "b"}}, None),
+        ({"top_k": 40, "store": False, "response_format": {"type": "text"}}, None),
+    ],
+)
+def test_unsupported_parameter_is_named(extra: dict[str, Any], named: str | None) -> None:
+    assert ChatCompletionRequest.model_validate(_chat(**extra)).unsupported_parameter() == named
+
+
+def test_completion_parameters() -> None:
+    assert (
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "best_of": 1}).unsupported_parameter()
+        is None
+    )
+    assert (
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "suffix": "x"}).unsupported_parameter()
+        == "suffix"
+    )
+    assert (
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": 2}).unsupported_parameter()
+        == "logprobs"
+    )
