@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, sse_started, wait_for
+from tests.helpers import StackProcs, read_record, sse_started, wait_for
 
 
 @pytest.fixture
@@ -84,10 +84,8 @@ async def test_job_past_its_deadline_is_dropped_not_generated(busy_stack: StackP
         resp = await late
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "timeout"
-    rid = resp.headers.get("x-breakwater-request-id")
-    if rid:
-        record = await redis.hgetall(busy_stack.keys_request(rid))
-        assert record["tokens"] == "0" and record["attempt"] == "0"
+    record = await read_record(busy_stack, redis, resp.headers["x-breakwater-request-id"])
+    assert (record.tokens, record.attempt, record.emitted) == (0, 0, "")  # never generated
 
 
 async def test_idempotency_key_returns_the_same_request(stack: StackProcs, redis: Redis) -> None:
@@ -102,8 +100,8 @@ async def test_idempotency_key_returns_the_same_request(stack: StackProcs, redis
     assert first.status_code == second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
     assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
-    record = await redis.hgetall(stack.keys_request(first.json()["id"]))
-    assert record["attempt"] == "1"
+    record = await read_record(stack, redis, first.json()["id"])
+    assert record.attempt == 1  # run once
 
 
 def test_sigterm_drains_in_flight_work(redis_server: RedisServer, log_dir: Path) -> None:

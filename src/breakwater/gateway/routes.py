@@ -72,6 +72,10 @@ async def _complete(
             code="draining",
             headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
         ) from None
+    except APIError as exc:  # the request ended in an error (timeout, cancelled): name the request
+        svc.requests.detach_later(sub.rid)
+        exc.headers = {**headers, **exc.headers}
+        raise
     except BaseException:
         svc.requests.detach_later(sub.rid)
         raise
