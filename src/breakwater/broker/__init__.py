@@ -4,7 +4,6 @@ from breakwater.broker.broker import (
     Admission,
     Append,
     Broker,
-    DeadLetter,
     EnqueueResult,
     Job,
     Lease,
@@ -12,6 +11,7 @@ from breakwater.broker.broker import (
     StartResult,
 )
 from breakwater.broker.connection import connect, connect_with, redacted
+from breakwater.broker.dead_letters import DeadLetter
 from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 

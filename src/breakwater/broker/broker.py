@@ -15,8 +15,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
 from breakwater.broker.connection import connect_with
+from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import Fanin
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
+from breakwater.broker.registry import WorkerRegistry
 from breakwater.config import CommonSettings
 from breakwater.keys import GROUP, LANES, Keys
 from breakwater.protocol.events import TokenEvent
@@ -94,16 +96,7 @@ class Lease:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    entry_id: str
-    rid: str
-    reason: str
-    attempts: int
-    ts_ms: int
-
-
-class Broker:
+class Broker(WorkerRegistry, DeadLetters):
     """All Redis operations; one per process, built around a pooled client."""
 
     def __init__(self, redis: Redis, keys: Keys, *, token_stream_maxlen: int = 100_000) -> None:
@@ -138,11 +131,6 @@ class Broker:
 
     async def ping(self) -> None:
         await self.redis.ping()
-
-    async def now_ms(self) -> int:
-        """Redis's clock: every host compares deadlines and grace periods against this one."""
-        seconds, micros = await self.redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
 
     # -- admission -------------------------------------------------------------------------------
     async def enqueue(
@@ -431,66 +419,3 @@ class Broker:
 
     async def detach(self, rid: str) -> None:
         await self._watch(keys=[self.keys.request(rid)], args=[-1])
-
-    # -- registry --------------------------------------------------------------------------------
-    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.worker_alive(worker_id), "1", px=int(ttl_s * 1000))
-            pipe.hset(self.keys.workers(), worker_id, orjson.dumps(info).decode())
-            await pipe.execute()
-
-    async def deregister(self, worker_id: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(self.keys.worker_alive(worker_id))
-            pipe.hdel(self.keys.workers(), worker_id)
-            await pipe.execute()
-
-    async def live_workers(self) -> dict[str, dict[str, Any]]:
-        """Registered workers whose liveness key is present; stale entries are removed."""
-        raw: Any = await self.redis.hgetall(self.keys.workers())
-        if not raw:
-            return {}
-        ids = list(raw)
-        alive = await self.redis.mget([self.keys.worker_alive(i) for i in ids])
-        live: dict[str, dict[str, Any]] = {}
-        dead: list[str] = []
-        for worker_id, flag in zip(ids, alive, strict=True):
-            if flag is None:
-                dead.append(worker_id)
-            else:
-                live[worker_id] = orjson.loads(raw[worker_id])
-        if dead:
-            await self.redis.hdel(self.keys.workers(), *dead)
-        return live
-
-    # -- dead letters ----------------------------------------------------------------------------
-    async def dead_letter(self, model: str, rid: str, reason: str, attempts: int) -> None:
-        await self.redis.xadd(
-            self.keys.dlq(model),
-            {"rid": rid, "reason": reason, "attempts": attempts, "ts_ms": await self.now_ms()},
-            maxlen=10_000,
-            approximate=True,
-        )
-
-    async def dead_letters(self, model: str, count: int = 100) -> list[DeadLetter]:
-        raw: Any = await self.redis.xrange(self.keys.dlq(model), count=count)
-        return [
-            DeadLetter(
-                str(eid),
-                str(f.get("rid")),
-                str(f.get("reason")),
-                int(f.get("attempts", 0)),
-                int(f.get("ts_ms", 0)),
-            )
-            for eid, f in raw
-        ]
-
-    async def delete_dead_letter(self, model: str, entry_id: str) -> None:
-        await self.redis.xdel(self.keys.dlq(model), entry_id)
-
-    async def purge_dead_letters(self, model: str) -> int:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xlen(self.keys.dlq(model))
-            pipe.delete(self.keys.dlq(model))
-            n, _ = await pipe.execute()
-        return int(n)

@@ -13,9 +13,8 @@ from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from breakwater.broker.errors import UNREACHABLE, Backoff
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 
@@ -78,7 +77,7 @@ class Fanin:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+        with contextlib.suppress(*UNREACHABLE):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def begin_drain(self) -> None:
@@ -117,11 +116,11 @@ class Fanin:
         subs.discard(sub)
         if not subs:
             del self._subs[channel]
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            with contextlib.suppress(*UNREACHABLE):
                 await self._pubsub.unsubscribe(channel)
 
     async def _run(self) -> None:
-        backoff = 0.05
+        backoff = Backoff(base_s=0.05)
         while True:
             try:
                 await self._pubsub.connect()  # type: ignore[no-untyped-call]
@@ -129,12 +128,11 @@ class Fanin:
                     message = await self._pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self._dispatch(message)
-                    backoff = 0.05
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    backoff.reset()
+            except UNREACHABLE as exc:
                 log.warning("pubsub connection lost; reconnecting", extra={"fields": {"error": str(exc)}})
                 # Subscribers re-read their durable streams on the idle poll, so nothing is lost.
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(backoff.next_delay())
 
     def _dispatch(self, message: dict[str, object]) -> None:
         channel = str(message.get("channel"))
