@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.broker import Broker, RequestRecord, Status
 from breakwater.engines.base import GenerationRequest
+from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.keys import Keys
 from breakwater.redis_server import free_port
@@ -66,7 +67,7 @@ def expected_sim(
     """What an undisturbed sim run produces: (text, finish_reason, usage)."""
 
     async def run() -> tuple[str, str, dict[str, int]]:
-        engine = SimEngine(context_length=context_length)
+        engine = SimEngine(SimOptions(context_length=context_length, decode_base_ms=0, decode_per_seq_ms=0))
         engine.add(
             GenerationRequest(
                 "x",

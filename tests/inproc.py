@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from breakwater.broker import Broker
 from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.engines.base import Engine
-from breakwater.engines.sim import SimEngine, SimTiming
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
 from breakwater.gateway.app import build_app
 from breakwater.keys import Keys
 from breakwater.worker import Worker
@@ -45,7 +46,7 @@ class InProc:
             worker_id=settings.pop("worker_id", f"w{len(self.workers)}"),
             **settings,
         )
-        engine = engine or SimEngine(timing=SimTiming(decode_base_ms=1))
+        engine = engine or SimEngine(SimOptions(decode_base_ms=1, decode_per_seq_ms=0))
         await engine.start()
         worker = Worker(ws, engine, Broker.connect(ws))
         task = asyncio.create_task(worker.run(), name=ws.worker_id)

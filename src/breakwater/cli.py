@@ -134,20 +134,30 @@ def worker(
         list[str] | None,
         typer.Option(help="vllm: KEY=VALUE engine arg (JSON value), e.g. tensor_parallel_size=2"),
     ] = None,
-    n_threads: Annotated[int | None, typer.Option(help="llamacpp threads")] = None,
+    n_threads: Annotated[
+        int | None, typer.Option(help=WorkerSettings.model_fields["n_threads"].description)
+    ] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
     worker_id: Annotated[str | None, typer.Option(help="consumer name (default: host-random)")] = None,
-    capacity: Annotated[int | None, typer.Option(help="max concurrent sequences")] = None,
-    context_length: Annotated[int | None, typer.Option(help="context length (sim)")] = None,
+    capacity: Annotated[
+        int | None, typer.Option(help=WorkerSettings.model_fields["capacity"].description)
+    ] = None,
+    context_length: Annotated[
+        int | None, typer.Option(help=WorkerSettings.model_fields["context_length"].description)
+    ] = None,
     heartbeat_s: Annotated[float | None, typer.Option(help="heartbeat period")] = None,
     drain_grace_s: Annotated[float | None, typer.Option("--grace", help="SIGTERM drain grace")] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="/healthz, /readyz and /metrics port (0: off)")
     ] = None,
-    sim_decode_base_ms: Annotated[float | None, typer.Option(help="sim: decode step base cost")] = None,
-    sim_decode_per_seq_ms: Annotated[float | None, typer.Option(help="sim: decode cost per sequence")] = None,
+    sim_decode_base_ms: Annotated[
+        float | None, typer.Option(help=WorkerSettings.model_fields["sim_decode_base_ms"].description)
+    ] = None,
+    sim_decode_per_seq_ms: Annotated[
+        float | None, typer.Option(help=WorkerSettings.model_fields["sim_decode_per_seq_ms"].description)
+    ] = None,
     sim_prefill_ms_per_token: Annotated[
-        float | None, typer.Option(help="sim: prefill cost per token")
+        float | None, typer.Option(help=WorkerSettings.model_fields["sim_prefill_ms_per_token"].description)
     ] = None,
     burst: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
 ) -> None:
@@ -188,29 +198,14 @@ def worker(
 
 async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
     from breakwater.broker import Broker
-    from breakwater.engines import build_engine
+    from breakwater.engines import build_engine, options_from_settings
     from breakwater.worker import Worker
     from breakwater.worker.http import WorkerHTTP
 
     http = WorkerHTTP(settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
     if http is not None:  # up before the model loads, so probes can tell loading from dead
         await http.start()
-    engine = build_engine(
-        settings.engine,
-        model=settings.model,
-        model_path=settings.model_path,
-        n_threads=settings.n_threads,
-        n_batch=settings.n_batch,
-        capacity=settings.capacity,
-        context_length=settings.context_length,
-        prefill_ms_per_token=settings.sim_prefill_ms_per_token,
-        decode_base_ms=settings.sim_decode_base_ms,
-        decode_per_seq_ms=settings.sim_decode_per_seq_ms,
-        jitter_frac=settings.sim_jitter_frac,
-        sim_hang_marker=settings.sim_hang_marker,
-        vllm_args=settings.vllm_args,
-        **{k: v for k, v in settings.model_dump().items() if k.startswith("upstream_")},
-    )
+    engine = build_engine(options_from_settings(settings))
     await engine.start()
     broker = Broker.connect(settings, token_stream_maxlen=settings.token_stream_maxlen)
     worker = Worker(settings, engine, broker)

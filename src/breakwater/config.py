@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from breakwater.engines.options import LlamaCppOptions, SimOptions, UpstreamOptions, VLLMOptions
+
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
@@ -52,18 +54,37 @@ class GatewaySettings(CommonSettings):
 
 
 class WorkerSettings(CommonSettings):
+    """A worker's settings. Engine knobs default to None, meaning the engine's own default, which its
+    options type (:mod:`breakwater.engines.options`) defines; the descriptions quote it from there."""
+
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     engine: str = "sim"
     model: str | None = Field(default=None, description="model name (default: the engine's default)")
     model_path: str | None = Field(default=None, description="llamacpp: any GGUF file")
     capacity: int | None = Field(
-        default=None, ge=1, description="max sequences (sim 32, llamacpp 8, openai 64 in flight)"
+        default=None,
+        ge=1,
+        description=(
+            f"max concurrent sequences (default: sim {SimOptions.capacity}, "
+            f"llamacpp {LlamaCppOptions.capacity}, openai {UpstreamOptions.capacity} in flight, "
+            f"vllm {VLLMOptions.capacity})"
+        ),
     )
     context_length: int | None = Field(
-        default=None, ge=16, description="per sequence (sim 4096, llamacpp 2048)"
+        default=None,
+        ge=16,
+        description=(
+            f"tokens per sequence (default: sim {SimOptions.context_length}, "
+            f"llamacpp {LlamaCppOptions.context_length}, vllm {VLLMOptions.context_length}; "
+            "openai: the upstream's max_model_len)"
+        ),
     )
     n_threads: int | None = Field(default=None, ge=1, description="llamacpp threads (default: all cores)")
-    n_batch: int = Field(default=256, ge=8, description="llamacpp tokens per decode step (prefill chunk)")
+    n_batch: int | None = Field(
+        default=None,
+        ge=8,
+        description=f"llamacpp tokens per decode step, the prefill chunk (default {LlamaCppOptions.n_batch})",
+    )
     # openai (upstream) engine
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. :8001/v1")
     upstream_model: str | None = Field(default=None, description="model id upstream (default: its first)")
@@ -71,12 +92,34 @@ class WorkerSettings(CommonSettings):
     upstream_metrics_url: str | None = Field(
         default=None, description="vLLM-style /metrics (default: try the server's /metrics; 'off': never)"
     )
-    upstream_max_waiting: int = Field(default=0, ge=0, description="pull only while upstream waiting <= this")
-    upstream_kv_high: float = Field(default=0.95, gt=0.0, le=1.0, description="pull only below this KV use")
-    upstream_pull_burst: int = Field(default=32, ge=1, description="jobs sent per metrics scrape at most")
-    upstream_wait_s: float = Field(default=600.0, ge=0.0, description="wait this long for the upstream")
-    upstream_read_timeout_s: float = Field(
-        default=120.0, gt=0.0, description="fail a stream whose upstream sends nothing for this long"
+    upstream_max_waiting: int | None = Field(
+        default=None,
+        ge=0,
+        description=f"pull only while upstream waiting <= this (default {UpstreamOptions.max_waiting})",
+    )
+    upstream_kv_high: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description=f"pull only below this KV use (default {UpstreamOptions.kv_high})",
+    )
+    upstream_pull_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description=f"jobs sent per metrics scrape at most (default {UpstreamOptions.pull_burst})",
+    )
+    upstream_wait_s: float | None = Field(
+        default=None,
+        ge=0.0,
+        description=f"wait this long for the upstream (default {UpstreamOptions.wait_s})",
+    )
+    upstream_read_timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "fail a stream whose upstream sends nothing for this long "
+            f"(default {UpstreamOptions.read_timeout_s})"
+        ),
     )
     # vllm engine: AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
@@ -97,10 +140,19 @@ class WorkerSettings(CommonSettings):
         default="127.0.0.1", description="0.0.0.0 in a pod, so probes and Prometheus reach it"
     )
     # sim engine timing
-    sim_prefill_ms_per_token: float = 0.0
-    sim_decode_base_ms: float = 5.0
-    sim_decode_per_seq_ms: float = 0.2
-    sim_jitter_frac: float = 0.0
+    sim_prefill_ms_per_token: float | None = Field(
+        default=None, description=f"sim: prefill cost per token (default {SimOptions.prefill_ms_per_token})"
+    )
+    sim_decode_base_ms: float | None = Field(
+        default=None, description=f"sim: decode step base cost (default {SimOptions.decode_base_ms})"
+    )
+    sim_decode_per_seq_ms: float | None = Field(
+        default=None, description=f"sim: decode cost per sequence (default {SimOptions.decode_per_seq_ms})"
+    )
+    sim_jitter_frac: float | None = Field(
+        default=None,
+        description=f"sim: step time jitter, +- this fraction (default {SimOptions.jitter_frac})",
+    )
     sim_hang_marker: str | None = Field(default=None, description="tests: hang the step on this prompt text")
 
     @property
@@ -109,14 +161,29 @@ class WorkerSettings(CommonSettings):
 
 
 class SimServerSettings(BaseSettings):
+    """``breakwater sim-server``: the sim engine's own defaults, except its size (below)."""
+
     model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = 8100
-    model: str = "sim"
-    capacity: int = 64
-    context_length: int = 4096
-    sim_prefill_ms_per_token: float = 0.0
-    sim_decode_base_ms: float = 5.0
-    sim_decode_per_seq_ms: float = 0.2
-    sim_jitter_frac: float = 0.0
+    model: str = SimOptions.model
+    # It stands in for an upstream server: room for all an openai worker keeps in flight by default.
+    capacity: int = UpstreamOptions.capacity
+    context_length: int = SimOptions.context_length
+    sim_prefill_ms_per_token: float = SimOptions.prefill_ms_per_token
+    sim_decode_base_ms: float = SimOptions.decode_base_ms
+    sim_decode_per_seq_ms: float = SimOptions.decode_per_seq_ms
+    sim_jitter_frac: float = SimOptions.jitter_frac
+
+    def sim_options(self) -> SimOptions:
+        """The engine the server runs."""
+        return SimOptions(
+            model=self.model,
+            capacity=self.capacity,
+            context_length=self.context_length,
+            prefill_ms_per_token=self.sim_prefill_ms_per_token,
+            decode_base_ms=self.sim_decode_base_ms,
+            decode_per_seq_ms=self.sim_decode_per_seq_ms,
+            jitter_frac=self.sim_jitter_frac,
+        )

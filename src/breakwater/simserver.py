@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from breakwater.config import SimServerSettings
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
-from breakwater.engines.sim import SimEngine, SimTiming, count_tokens
+from breakwater.engines.sim import SimEngine, count_tokens
 from breakwater.gateway.errors import APIError, JSONBody, install_error_handlers
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.sse import DONE, sse_event
@@ -135,13 +135,7 @@ def _usage(gen: GenerationRequest, usage: dict[str, int] | None) -> dict[str, in
 def build_sim_app(settings: SimServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timing = SimTiming(
-            settings.sim_prefill_ms_per_token,
-            settings.sim_decode_base_ms,
-            settings.sim_decode_per_seq_ms,
-            settings.sim_jitter_frac,
-        )
-        driver = SimDriver(SimEngine(settings.model, settings.capacity, settings.context_length, timing))
+        driver = SimDriver(SimEngine(settings.sim_options()))
         await driver.start()
         app.state.driver = driver
         try:

@@ -9,6 +9,7 @@ import pytest
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
 from breakwater.engines.llamacpp import LlamaCppEngine
 from breakwater.engines.models import bundled_gguf
+from breakwater.engines.options import LlamaCppOptions
 
 QUESTION = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
@@ -16,11 +17,13 @@ QUESTION = [{"role": "user", "content": "Name three colors of the rainbow."}]
 @pytest.fixture
 async def engine() -> AsyncIterator[LlamaCppEngine]:
     eng = LlamaCppEngine(
-        bundled_gguf("smollm2-135m-instruct"),
-        model_name="smollm2",
-        capacity=4,
-        context_length=512,
-        n_batch=64,
+        LlamaCppOptions(
+            model="smollm2",
+            model_path=str(bundled_gguf("smollm2-135m-instruct")),
+            capacity=4,
+            context_length=512,
+            n_batch=64,
+        )
     )
     await eng.start()
     yield eng
@@ -134,7 +137,7 @@ async def test_gemma3_base_model_completes_and_refuses_chat() -> None:
     """``--model gemma3-270m``: the base GGUF assembled from its wheels; it has no chat template."""
     from breakwater.engines import build_engine
 
-    gemma = build_engine("llamacpp", model="gemma3-270m", capacity=2, context_length=256, n_batch=64)
+    gemma = build_engine(LlamaCppOptions(model="gemma3-270m", capacity=2, context_length=256, n_batch=64))
     assert isinstance(gemma, LlamaCppEngine)
     await gemma.start()
     try:

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta, StopChecker
-from breakwater.engines.sim import SimEngine, SimTiming, count_tokens
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine, count_tokens
 
 
 async def _run(engine: SimEngine, rid: str) -> list[SequenceDelta]:
@@ -52,8 +53,20 @@ async def test_same_seed_same_text_and_continuation_is_exact() -> None:
     assert cont[-1].usage == {"prompt_tokens": 2, "completion_tokens": 30}
 
 
-def _engine(*requests: GenerationRequest, capacity: int = 8, **timing: float) -> SimEngine:
-    engine = SimEngine(capacity=capacity, context_length=64, timing=SimTiming(**timing))
+def _engine(
+    *requests: GenerationRequest,
+    capacity: int = 8,
+    decode_base_ms: float = 0.0,
+    decode_per_seq_ms: float = 0.0,
+) -> SimEngine:
+    """No step latency unless asked for."""
+    options = SimOptions(
+        capacity=capacity,
+        context_length=64,
+        decode_base_ms=decode_base_ms,
+        decode_per_seq_ms=decode_per_seq_ms,
+    )
+    engine = SimEngine(options)
     for request in requests:
         engine.add(request)
     return engine
@@ -96,7 +109,7 @@ async def test_step_time_grows_with_batch() -> None:
 
 
 def test_context_length_is_enforced() -> None:
-    engine = SimEngine(context_length=8)
+    engine = SimEngine(SimOptions(context_length=8))
     with pytest.raises(EngineRequestError) as info:
         engine.add(GenerationRequest("a", prompt="one two three four five six seven eight nine", seed=1))
     assert info.value.code == "context_length_exceeded"

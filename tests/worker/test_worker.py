@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 
 from breakwater.broker import Status
 from breakwater.engines.base import SequenceDelta
-from breakwater.engines.sim import SimEngine, SimTiming
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
 from breakwater.worker.http import WorkerHTTP
 from tests.helpers import async_wait_for, expected_sim
@@ -27,7 +28,7 @@ class HangingSim(SimEngine):
     """A sim engine whose step blocks forever once ``hang`` is set (a stuck decode or upstream)."""
 
     def __init__(self) -> None:
-        super().__init__(timing=SimTiming(decode_base_ms=20))
+        super().__init__(SimOptions(decode_base_ms=20, decode_per_seq_ms=0))
         self.hang = asyncio.Event()
 
     async def step(self) -> list[SequenceDelta]:
@@ -102,7 +103,7 @@ async def test_a_full_redis_pauses_the_worker_and_loses_nothing(
 ) -> None:
     server, redis = own_redis
     async with inproc_gateway(server.url, prefix) as gw:
-        worker = await gw.add_worker(SimEngine(timing=SimTiming(decode_base_ms=20)))
+        worker = await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
         call = asyncio.create_task(gw.http.post(CHAT, json=BODY))
         rid = await _running_rid(gw)
         await async_wait_for(lambda: _progressed(gw, rid), 10, what="first tokens")

@@ -13,7 +13,6 @@ import codecs
 import ctypes
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp
@@ -27,6 +26,7 @@ from breakwater.engines.base import (
     SequenceDelta,
     StopChecker,
 )
+from breakwater.engines.options import LlamaCppOptions
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 
@@ -60,26 +60,20 @@ class _Seq:
 class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
 
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        model_name: str,
-        capacity: int = 4,
-        context_length: int = 2048,
-        n_threads: int | None = None,
-        n_batch: int = 256,
-    ) -> None:
-        self.model_path = model_path
-        self.capacity = capacity
-        self.requested_ctx = context_length
-        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
-        self.n_batch = n_batch
+    def __init__(self, options: LlamaCppOptions) -> None:
+        self.model_path = options.gguf()
+        self.capacity = options.capacity
+        self.requested_ctx = options.context_length
+        self.n_threads = options.n_threads or max(1, os.cpu_count() or 1)
+        self.n_batch = options.n_batch
         self.info = EngineInfo(
-            model=model_name, engine="llamacpp", context_length=context_length, capacity=capacity
+            model=options.model_name,
+            engine="llamacpp",
+            context_length=options.context_length,
+            capacity=options.capacity,
         )
         self._seqs: dict[str, _Seq] = {}
-        self._free_slots = list(range(capacity))
+        self._free_slots = list(range(self.capacity))
         self._to_clear: list[int] = []
         self._work = asyncio.Event()
         self._model: Any = None

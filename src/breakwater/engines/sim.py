@@ -22,6 +22,7 @@ from breakwater.engines.base import (
     SequenceDelta,
     StopChecker,
 )
+from breakwater.engines.options import SimOptions
 
 VOCAB: tuple[str, ...] = tuple(
     [
@@ -98,16 +99,6 @@ POISON_MARKER = "<<bw-poison>>"
 HANG_AFTER_TOKENS = 5
 
 
-@dataclass(frozen=True)
-class SimTiming:
-    """Step cost model: prefill per prompt token plus a decode step growing with the batch."""
-
-    prefill_ms_per_token: float = 0.0
-    decode_base_ms: float = 0.0
-    decode_per_seq_ms: float = 0.0
-    jitter_frac: float = 0.0
-
-
 def render_chat(messages: list[dict[str, str]]) -> str:
     """The sim's chat template."""
     lines = [f"{m['role']}: {m.get('content', '')}" for m in messages]
@@ -139,20 +130,15 @@ class _Sequence:
 class SimEngine(Engine):
     """Deterministic engine for tests and platform benchmarks."""
 
-    def __init__(
-        self,
-        model: str = "sim",
-        capacity: int = 32,
-        context_length: int = 4096,
-        timing: SimTiming | None = None,
-        hang_marker: str | None = None,
-    ) -> None:
-        self.info = EngineInfo(model=model, engine="sim", context_length=context_length, capacity=capacity)
-        self.timing = timing or SimTiming()
+    def __init__(self, options: SimOptions | None = None) -> None:
+        self.options = opts = options or SimOptions()
+        self.info = EngineInfo(
+            model=opts.model, engine="sim", context_length=opts.context_length, capacity=opts.capacity
+        )
         self._seqs: dict[str, _Sequence] = {}
         self._work = asyncio.Event()
         self._rng = random.Random(0)
-        self.hang_marker = hang_marker
+        self.hang_marker = opts.hang_marker
 
     def free_slots(self) -> int:
         return max(0, self.info.capacity - len(self._seqs))
@@ -206,10 +192,11 @@ class SimEngine(Engine):
         ):
             await asyncio.Event().wait()  # never set: the step never returns
         joining = [s for s in self._seqs.values() if not s.prefilled]
-        delay_ms = sum(s.prompt_tokens for s in joining) * self.timing.prefill_ms_per_token
-        delay_ms += self.timing.decode_base_ms + self.timing.decode_per_seq_ms * len(self._seqs)
-        if self.timing.jitter_frac:
-            delay_ms *= 1.0 + self._rng.uniform(-self.timing.jitter_frac, self.timing.jitter_frac)
+        cost = self.options
+        delay_ms = sum(s.prompt_tokens for s in joining) * cost.prefill_ms_per_token
+        delay_ms += cost.decode_base_ms + cost.decode_per_seq_ms * len(self._seqs)
+        if cost.jitter_frac:
+            delay_ms *= 1.0 + self._rng.uniform(-cost.jitter_frac, cost.jitter_frac)
         await asyncio.sleep(delay_ms / 1000.0)
         deltas: list[SequenceDelta] = []
         for rid, seq in list(self._seqs.items()):

@@ -22,6 +22,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.engines.base import EngineInfo, GenerationRequest, SequenceDelta
+from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 
 log = logging.getLogger(__name__)
@@ -71,46 +72,29 @@ def parse_load(text: str) -> UpstreamLoad | None:
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        model_name: str | None = None,
-        upstream_model: str | None = None,
-        capacity: int = 64,
-        context_length: int | None = None,
-        api_key: str | None = None,
-        metrics_url: str | None = None,
-        max_waiting: int = 0,
-        kv_high: float = 0.95,
-        pull_burst: int = 32,
-        scrape_s: float = 0.25,
-        retries: int = 2,
-        wait_ready_s: float = 600.0,
-        read_timeout_s: float = 120.0,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, options: UpstreamOptions) -> None:
+        self.base_url = options.url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
-        self.upstream_model = upstream_model
-        self.capacity = capacity
-        self.requested_ctx = context_length
-        self.api_key = api_key
+        self.upstream_model = options.upstream_model
+        self.capacity = options.capacity
+        self.requested_ctx = options.context_length
+        self.api_key = options.api_key
         # None: try {server}/metrics and use it if it has vLLM's metrics; "off": never.
-        self.metrics_url = metrics_url
-        self.max_waiting = max_waiting
-        self.kv_high = kv_high
-        self.pull_burst = pull_burst
-        self.scrape_s = scrape_s
-        self.retries = retries
-        self.wait_ready_s = wait_ready_s
+        self.metrics_url = options.metrics_url
+        self.max_waiting = options.max_waiting
+        self.kv_high = options.kv_high
+        self.pull_burst = options.pull_burst
+        self.scrape_s = options.scrape_s
+        self.retries = options.retries
+        self.wait_ready_s = options.wait_s
         # A stalled upstream (half-open socket, hung server) fails the read instead of hanging it.
-        self.read_timeout_s = read_timeout_s
+        self.read_timeout_s = options.read_timeout_s
         self.info = EngineInfo(
-            model=model_name or upstream_model or "upstream",
+            model=options.model or options.upstream_model or "upstream",
             engine="openai",
-            context_length=context_length or 0,
-            capacity=capacity,
+            context_length=options.context_length or 0,
+            capacity=options.capacity,
         )
         super().__init__()
         self.load: UpstreamLoad | None = None

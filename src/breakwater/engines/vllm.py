@@ -18,6 +18,7 @@ from typing import Any
 
 from breakwater.engines.base import EngineInfo, EngineRequestError, GenerationRequest, SequenceDelta
 from breakwater.engines.models import BUNDLED
+from breakwater.engines.options import VLLMOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 
 log = logging.getLogger(__name__)
@@ -66,22 +67,13 @@ class _Load:
 
 
 class VLLMEngine(StreamingEngine):
-    def __init__(
-        self,
-        *,
-        model_name: str,
-        model_path: str | None = None,
-        capacity: int = 32,
-        context_length: int = 2048,
-        kv_high: float = 0.95,
-        engine_args: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, options: VLLMOptions) -> None:
         super().__init__()
-        self.model_path = model_path
-        self.capacity = capacity
-        self.kv_high = kv_high
-        self.engine_args = dict(engine_args or {})
-        self.info = EngineInfo(model_name, "vllm", context_length, capacity)
+        self.model_path = options.model_path
+        self.capacity = options.capacity
+        self.kv_high = options.kv_high
+        self.engine_args = dict(options.engine_args)
+        self.info = EngineInfo(options.model, "vllm", options.context_length, options.capacity)
         self.load = _Load()
         self._llm: Any = None
         self._tokenizer: Any = None
