@@ -65,3 +65,16 @@ async def gw_empty(redis_server: RedisServer, prefix: str) -> AsyncIterator[InPr
     """The gateway with no worker yet."""
     async with inproc_gateway(redis_server.url, prefix) as inproc:
         yield inproc
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Redis]]:
+    """A Redis of the test's own, whose memory limit it may change."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        yield server, client
+    finally:
+        await client.aclose()
+        server.stop()

@@ -4,12 +4,9 @@ resume from a trimmed token stream (ends, never spins), Idempotency-Keys outlivi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
@@ -22,19 +19,6 @@ MESSAGES = [{"role": "user", "content": "faults"}]
 
 def _sse_events(body: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Redis]]:
-    """A Redis of the test's own, whose memory limit it may change."""
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    client = Redis.from_url(server.url, decode_responses=True)
-    try:
-        yield server, client
-    finally:
-        await client.aclose()
-        server.stop()
 
 
 async def test_full_redis_is_503_with_retry_after_then_recovers(

@@ -4,10 +4,7 @@ never kills the worker or its generations."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Status
@@ -84,18 +81,6 @@ async def test_a_hung_step_hands_its_jobs_to_another_worker(gw_empty: InProc) ->
 async def _progressed(gw: InProc, rid: str) -> bool:
     _, tokens, _, _ = await _record(gw, rid)
     return tokens > 5
-
-
-@pytest.fixture
-async def own_redis(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Redis]]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    client = Redis.from_url(server.url, decode_responses=True)
-    try:
-        yield server, client
-    finally:
-        await client.aclose()
-        server.stop()
 
 
 async def test_a_full_redis_pauses_the_worker_and_loses_nothing(
