@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from breakwater.broker import connect_with, redacted
+from breakwater.broker import connect, connect_with, redacted
 from breakwater.config import CommonSettings
 from breakwater.redis_server import RedisServer
 
@@ -46,3 +48,28 @@ def test_redacted_hides_only_the_password() -> None:
     assert redacted("redis://gw:s3cret@redis:6379/0") == "redis://gw:***@redis:6379/0"
     assert redacted("redis://:s3cret@redis/0") == "redis://:***@redis/0"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+async def test_a_silent_redis_fails_the_command_instead_of_hanging() -> None:
+    """A half-open connection (the peer accepts and never answers) must not hang a command forever."""
+    stop = asyncio.Event()
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await stop.wait()  # read nothing, answer nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0", socket_timeout_s=0.2)
+    try:
+        async with asyncio.timeout(10):  # retries included; without a socket timeout: never
+            with pytest.raises(RedisTimeoutError):
+                await client.ping()
+        assert accepted  # it did connect: the reply is what never came
+    finally:
+        await client.aclose()
+        stop.set()
+        server.close()
+        await server.wait_closed()
