@@ -4,6 +4,7 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -149,7 +150,7 @@ class Broker(WorkerRegistry, DeadLetters):
                 GROUP,
                 spec.request_id,
                 result_ttl_s,
-                int(spec.timeout_s * 1000),
+                max(1, math.ceil(spec.timeout_s * 1000)),  # a sub-millisecond timeout is 1 ms
                 *flat,
             ],
         )

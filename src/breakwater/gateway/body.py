@@ -6,6 +6,8 @@ deep inside the gateway (a 500); orjson refuses them, so they are a 400 like any
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -61,7 +63,8 @@ class BodyLimitMiddleware:
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.max_bytes:
-                    await _send_error(send, too_large(self.max_bytes))
+                    drained = await _discard_body(receive)
+                    await _send_error(send, too_large(self.max_bytes), close=not drained)
                     return
                 break
         received = 0
@@ -81,14 +84,33 @@ class BodyLimitMiddleware:
             if not too_big:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await _send_error(send, too_large(self.max_bytes))
+                drained = await _discard_body(receive)
+                await _send_error(send, too_large(self.max_bytes), close=not drained)
 
         await self.app(scope, limited, answer)
 
 
-async def _send_error(send: Send, exc: APIError) -> None:
+async def _discard_body(receive: Receive, cap_bytes: int = 64 << 20, cap_s: float = 5.0) -> bool:
+    """Read and drop what the client is still sending, up to a cap, before answering: a server that
+    answers and closes with unread data in the socket makes the kernel reset the connection, and
+    the client never sees the 413. True when the whole body was read."""
+    read = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(cap_s):
+            while read < cap_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    return False
+
+
+async def _send_error(send: Send, exc: APIError, *, close: bool) -> None:
     body = orjson.dumps(error_body(exc.message, exc.type, exc.code, exc.param))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers.append((b"connection", b"close"))  # the body was not read: do not reuse the connection
+    if close:  # part of the body is still unread: the connection cannot be reused
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

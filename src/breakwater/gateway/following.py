@@ -123,7 +123,10 @@ async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEve
             event = sub.queue.get_nowait()
         except asyncio.QueueEmpty:
             try:
-                event = await asyncio.wait_for(sub.queue.get(), idle_poll_s)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+                # that arrives as the queue yields, leaving a cancelled follower running forever.
+                async with asyncio.timeout(idle_poll_s):
+                    event = await sub.queue.get()
             except TimeoutError:
                 return
         yield event

@@ -112,16 +112,21 @@ class _Connection:
         previous = self.tasks.pop(sub.rid, None)
         if previous is not None:
             previous.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await previous
+            # Bounded: this loop also reads the socket's next messages, so it must never hang here.
+            await asyncio.wait([previous], timeout=1.0)
         task = asyncio.create_task(self._pump(sub, after))
         self.tasks[sub.rid] = task
         task.add_done_callback(lambda t: self.tasks.pop(sub.rid) if self.tasks.get(sub.rid) is t else None)
 
     async def _pump(self, sub: Submission, after: int) -> None:
+        me = asyncio.current_task()
         finished = False
         try:
             async for event in self.svc.requests.events(sub, after):
+                if self.tasks.get(sub.rid) is not me:
+                    # Replaced by a later follow of the same id. Its cancellation should have ended
+                    # this task, but one arriving inside a Redis call can be lost: never send twice.
+                    return
                 await self.send(_event_message(sub.rid, event))
             finished = True
         except APIError as exc:
