@@ -257,3 +257,21 @@ async def test_poison_counts_attempts_without_progress(broker: Broker) -> None:
         )
     dead = await _start(broker, "poison", "w4")
     assert (dead.outcome, dead.attempt) == (StartOutcome.POISON, 3)
+
+
+async def test_lease_refresh_keeps_finished_and_cancelled_jobs_for_their_ack(
+    broker: Broker, redis: Redis
+) -> None:
+    """Only a newer attempt takes a lease away; a job that just finished or was cancelled stays this
+    worker's to acknowledge (dropping it unacknowledged would leave its entry pending)."""
+    for rid in ("fin", "can"):
+        await _enqueue(broker, rid)
+    jobs = {j.rid: j for j in await broker.claim("m", "interactive", "w", 2, None)}
+    for rid in ("fin", "can"):
+        await _start(broker, rid, "w")
+    await broker.finish("fin", attempt=1, kind="done", status=Status.DONE, ttl_s=60)
+    await broker.cancel("can", 60)
+    leases = [Lease(jobs["fin"], 1), Lease(jobs["can"], 1)]
+    assert await broker.refresh_leases(leases, "w", result_ttl_s=60) == []
+    pending = await redis.xpending_range(broker.keys.jobs("m", "interactive"), GROUP, "-", "+", 10)
+    assert sorted(p["consumer"] for p in pending) == ["w", "w"]

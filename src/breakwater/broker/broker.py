@@ -269,11 +269,12 @@ class Broker(WorkerRegistry, DeadLetters):
                     args=[lease.attempt, result_ttl_s],
                     client=pipe,
                 )
-            owned = await pipe.execute()
-        lost = [lease for lease, mine in zip(leases, owned, strict=True) if not int(mine)]
-        await self._touch(
-            [lease.job for lease, mine in zip(leases, owned, strict=True) if int(mine)], worker_id
-        )
+            owned = [int(x) for x in await pipe.execute()]
+        # Finished or cancelled ones (-1) stay claimed until this worker acknowledges them, as its
+        # status check does: dropping them here would leave their entries pending unacknowledged.
+        lost = [lease for lease, mine in zip(leases, owned, strict=True) if mine == 0]
+        kept = [lease.job for lease, mine in zip(leases, owned, strict=True) if mine != 0]
+        await self._touch(kept, worker_id)
         return lost
 
     async def hold_leases(self, jobs: list[Job], worker_id: str) -> None:
