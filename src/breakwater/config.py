@@ -37,6 +37,9 @@ class GatewaySettings(CommonSettings):
     result_ttl_s: int = Field(default=3600, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)
+    model_grace_s: float = Field(
+        default=120.0, ge=0.0, description="keep serving a model this long after its last worker was seen"
+    )
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="larger request bodies get 413")
     max_context_tokens: int = Field(
         default=131_072, ge=16, description="prompt bound while no worker has reported its context length"

@@ -7,8 +7,10 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
+from breakwater.gateway.errors import APIError
 from breakwater.redis_server import RedisServer
 from tests.helpers import expected_sim
 from tests.inproc import InProc, inproc_gateway
@@ -100,3 +102,20 @@ async def test_idempotency_key_after_its_request_expired_starts_a_new_one(gw: In
     assert (
         later.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
     )
+
+
+async def test_a_served_model_outlives_lapsed_registrations(gw: InProc) -> None:
+    """While Redis is down or full, workers cannot renew their liveness keys: a model that was just
+    served must queue (or 503), not turn into a 404."""
+    registry = gw.app.state.service.registry
+    assert (await registry.resolve("sim")).workers == 1
+    broker = gw.broker()
+    try:
+        await broker.redis.delete(gw.keys.worker_alive("w0"))  # the registration lapsed
+    finally:
+        await broker.aclose()
+    info = await registry.resolve("sim")
+    assert (info.workers, info.context_length) == (0, 4096)  # still known, with its last context
+    with pytest.raises(APIError) as unknown:
+        await registry.resolve("never-served")
+    assert unknown.value.status == 404

@@ -76,6 +76,12 @@ async def test_a_hung_step_hands_its_jobs_to_another_worker(gw_empty: InProc) ->
     http.worker = hung
     assert http.respond("GET", "/healthz")[0] == 503  # the orchestrator restarts it
     assert "hung" not in await hung.broker.live_workers()  # and no longer counts as capacity
+    # It takes no new work either: every later request starts, once, on the healthy worker.
+    for seed in range(3):
+        later = await asyncio.wait_for(gw.http.post(CHAT, json={**BODY, "max_tokens": 3, "seed": seed}), 10)
+        assert later.status_code == 200, later.text
+        _, _, worker, attempt = await _record(gw, later.json()["id"])
+        assert (worker, attempt) == ("rescuer", 1)
 
 
 async def _progressed(gw: InProc, rid: str) -> bool:

@@ -64,6 +64,9 @@ class Fanin:
         self.keys = keys
         self.buffer = buffer
         self.on_overflow = on_overflow  # counted: a slow reader fell back to the durable stream
+        # A (re)connect reads the server's handshake: a SUBSCRIBE issued meanwhile would read on the
+        # same socket from a second coroutine (RuntimeError, a 500 after a Redis restart).
+        self._connecting = asyncio.Lock()
         self._pubsub: PubSub = redis.pubsub()
         self._subs: dict[str, set[Subscription]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -99,7 +102,8 @@ class Fanin:
         self._subs.setdefault(channel, set()).add(sub)
         if first:
             try:
-                await self._pubsub.subscribe(channel)
+                async with self._connecting:  # never while the reader task is reconnecting
+                    await self._pubsub.subscribe(channel)
                 await asyncio.wait_for(asyncio.shield(sub.confirmed), confirm_timeout_s)
             except BaseException:
                 await self.unsubscribe(sub)
@@ -123,7 +127,8 @@ class Fanin:
         backoff = Backoff(base_s=0.05)
         while True:
             try:
-                await self._pubsub.connect()  # type: ignore[no-untyped-call]
+                async with self._connecting:
+                    await self._pubsub.connect()  # type: ignore[no-untyped-call]
                 while True:
                     message = await self._pubsub.get_message(timeout=1.0)
                     if message is not None:

@@ -122,12 +122,23 @@ async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEve
         try:
             event = sub.queue.get_nowait()
         except asyncio.QueueEmpty:
-            try:
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
-                # that arrives as the queue yields, leaving a cancelled follower running forever.
-                async with asyncio.timeout(idle_poll_s):
-                    event = await sub.queue.get()
-            except TimeoutError:
+            got = await _get_within(sub.queue, idle_poll_s)
+            if got is None:
                 return
+            event = got
         yield event
     sub.drain()
+
+
+async def _get_within(queue: asyncio.Queue[TokenEvent], timeout_s: float) -> TokenEvent | None:
+    """The next item, or None after ``timeout_s``. Neither wait_for nor asyncio.timeout: on Python
+    3.11 the first can swallow a cancellation of the caller that arrives as the item does, and the
+    second can leave a stray cancellation pending when its deadline and the item coincide (this
+    reader runs in the request's own task, so either would break the request)."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        done, _ = await asyncio.wait({getter}, timeout=timeout_s)
+    finally:
+        if not getter.done():
+            getter.cancel()  # an item not yet handed over stays in the queue
+    return getter.result() if done else None

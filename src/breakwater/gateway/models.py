@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from breakwater.broker import Broker
@@ -35,6 +35,9 @@ class ModelRegistry:
         self.broker = broker
         self._models: dict[str, ModelInfo] = {}
         self._models_at = 0.0
+        # Models seen with live workers, and when: while Redis is down or full the workers' liveness
+        # keys lapse, and a model that was just served must not turn into a 404.
+        self._seen: dict[str, tuple[float, ModelInfo]] = {}
 
     async def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
         if fresh or time.monotonic() - self._models_at > self.settings.model_cache_s:
@@ -43,6 +46,13 @@ class ModelRegistry:
             for info in workers.values():
                 grouped.setdefault(str(info["model"]), []).append(info)
             models = {name: _aggregate(name, infos) for name, infos in grouped.items()}
+            now = time.monotonic()
+            self._seen.update({name: (now, info) for name, info in models.items()})
+            for name, (seen_at, last) in list(self._seen.items()):
+                if now - seen_at > self.settings.model_grace_s:
+                    del self._seen[name]
+                elif name not in models:  # its workers' registrations lapsed: queue for them
+                    models[name] = replace(last, workers=0, capacity=0, active=0)
             for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
                 models.setdefault(name, ModelInfo.without_workers(name))
             self._models, self._models_at = models, time.monotonic()

@@ -109,6 +109,8 @@ class Worker:
             free = min(self.engine.free_slots(), self.engine.info.capacity - len(self.inflight))
             if self.held or self._isolating():
                 free = 0  # a suspect waits for an empty engine, then runs alone until it makes progress
+            if self.step_hung():
+                free = 0  # a stuck engine takes nothing more; other workers continue what it holds
             if free <= 0:
                 # Room comes back when a sequence ends, or (upstream engines) when the upstream's own
                 # metrics say it has drained its queue: look again at least every 200 ms.
