@@ -1,0 +1,61 @@
+"""The gateway and a worker serve a request end to end as the least-privilege ACL users that the
+Kubernetes Redis is configured with (deploy/k8s/base/redis/users.acl.tmpl): every command the
+broker and its scripts run (TIME, APPEND, EXPIRE, ...) must be granted there."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from breakwater.redis_server import RedisServer
+from tests.helpers import expected_sim
+from tests.inproc import inproc_gateway
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "redis" / "users.acl.tmpl"
+
+
+async def _acl_users(redis: Redis, prefix: str) -> dict[str, tuple[str, str]]:
+    """The template's users, for this test's key prefix and under unique names: role -> (user, pw)."""
+    users: dict[str, tuple[str, str]] = {}
+    for line in TEMPLATE.read_text().splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "user" or words[2] != "on":
+            continue
+        role, password = words[1], secrets.token_hex(16)
+        name = f"{role}-{uuid.uuid4().hex[:8]}"
+        rules = [f">{password}" if w.startswith(">@") else w.replace("bw:", f"{prefix}:") for w in words[2:]]
+        await redis.execute_command("ACL", "SETUSER", name, "reset", *rules)  # type: ignore[no-untyped-call]
+        users[role] = (name, password)
+    return users
+
+
+async def test_a_request_runs_as_the_kubernetes_acl_users(
+    redis_server: RedisServer, redis: Redis, prefix: str
+) -> None:
+    users = await _acl_users(redis, prefix)
+    gw_user, gw_pw = users["gateway"]
+    wk_user, wk_pw = users["worker"]
+    try:
+        async with inproc_gateway(
+            redis_server.url, prefix, redis_username=gw_user, redis_password=gw_pw
+        ) as gw:
+            await gw.add_worker(redis_username=wk_user, redis_password=wk_pw)
+            body = {
+                "model": "sim",
+                "messages": [{"role": "user", "content": "acl"}],
+                "max_tokens": 6,
+                "seed": 1,
+            }
+            resp = await gw.http.post("/v1/chat/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            expected, _, _ = expected_sim(messages=body["messages"], seed=1, max_tokens=6)  # type: ignore[arg-type]
+            assert resp.json()["choices"][0]["message"]["content"] == expected
+            rid = resp.json()["id"]
+            status = await gw.http.get(f"/v1/requests/{rid}")
+            assert status.json()["status"] == "done"
+    finally:
+        for name, _ in users.values():
+            await redis.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
