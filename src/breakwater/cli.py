@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -221,6 +222,8 @@ async def _run_worker(settings: WorkerSettings, burst: bool) -> None:
         await broker.aclose()
         if http is not None:
             await http.close()
+        # The last line a worker logs: a process that logged "stopped" but not this hung in cleanup.
+        logging.getLogger("breakwater.worker").info("closed")
 
 
 @app.command("sim-server")

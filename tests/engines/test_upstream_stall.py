@@ -24,8 +24,11 @@ class StallingServer:
     def __init__(self) -> None:
         self.completions: list[dict[str, Any]] = []
         self.server: asyncio.Server | None = None
+        self.stop = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
         head = await reader.readuntil(b"\r\n\r\n")
         request_line = head.split(b"\r\n", 1)[0].decode()
         length = next(
@@ -46,7 +49,8 @@ class StallingServer:
         event = b"data: " + orjson.dumps(chunk) + b"\n\n"
         writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
         await writer.drain()
-        await asyncio.Event().wait()  # hang: the connection stays open, nothing more comes
+        await self.stop.wait()  # hang: the connection stays open, nothing more comes
+        writer.close()
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -54,8 +58,12 @@ class StallingServer:
         return f"http://127.0.0.1:{port}/v1"
 
     async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        for writer in self.writers:
+            writer.close()
         if self.server is not None:
             self.server.close()
+            await self.server.wait_closed()
 
 
 @pytest.fixture

@@ -59,14 +59,21 @@ class Worker:
             for task in done:
                 task.result()  # an engine crash propagates: the process dies, its jobs are reclaimed
             await self._finish_in_flight()
+            log.info("drained", extra={"fields": {"in_flight": len(self.inflight)}})
         finally:
-            for task in [pull, *tasks]:
+            loops = [pull, *tasks]
+            for task in loops:
                 task.cancel()
-            for task in [pull, *tasks]:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Bounded: a loop that does not stop must not keep the process from exiting; say which.
+            _, stuck = await asyncio.wait(loops, timeout=5.0)
+            for task in stuck:
+                log.error(
+                    "loop did not stop on cancel",
+                    extra={"fields": {"task": task.get_name(), "stack": _stack(task)}},
+                )
             with contextlib.suppress(*TRANSIENT):
                 await self.broker.deregister(self.settings.worker_id)
+            log.info("stopped")
 
     def drain(self) -> None:
         """Stop pulling; in-flight work finishes within the drain grace period."""
@@ -433,3 +440,7 @@ class Worker:
                     reason="no client reattached within the grace period",
                 )
                 await self._drop(flight, fenced=False, why="detached")
+
+
+def _stack(task: asyncio.Task[Any]) -> str:
+    return " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in task.get_stack(limit=8))
