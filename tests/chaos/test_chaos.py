@@ -312,7 +312,8 @@ async def test_7_rolling_restart_under_load(redis_server: RedisServer, log_dir: 
 
             out, record, _ = await poll_for(on_old, 30, f"a stream on {worker_id(old)}")
             drained.append((out, record))
-            exits[worker_id(old)] = await asyncio.to_thread(old.stop, 30)
+            # The worker Deployment's grace: drain_grace_s (30 s) + 15 s (docs/deploy.md).
+            exits[worker_id(old)] = await asyncio.to_thread(old.stop, 45)
         for old, old_url in list(procs.gateways):
             await asyncio.to_thread(procs.add_gateway, **GATEWAY)
             client.gateways[:] = urls(procs)  # clients learn the new gateway (a load balancer would)
@@ -331,7 +332,8 @@ async def test_7_rolling_restart_under_load(redis_server: RedisServer, log_dir: 
         assert record.attempt == before.attempt and record.worker == before.worker, (before, record)
     # ... and a draining gateway ends its streams without [DONE]: their clients resume elsewhere.
     assert any(o.resumes > 0 for o in cut), cut
-    # Each exited by itself (uvicorn re-raises the SIGTERM it handled), none was SIGKILLed at 30 s.
+    # Each exited by itself (uvicorn re-raises the SIGTERM it handled), none was SIGKILLed at the end
+    # of its grace period.
     assert all(code in (0, -signal.SIGTERM) for code in exits.values()), exits
 
 
