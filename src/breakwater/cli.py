@@ -65,10 +65,9 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-WS_MAX_MESSAGE_BYTES = 1 << 20
-
-
 def _serve(asgi_app: Any, host: str, port: int) -> None:
+    from breakwater.gateway.ws import MAX_MESSAGE_BYTES
+
     config = uvicorn.Config(
         asgi_app,
         host=host,
@@ -78,7 +77,7 @@ def _serve(asgi_app: Any, host: str, port: int) -> None:
         ws="websockets",
         # A larger WebSocket message closes the socket with 1009 before it is buffered (the
         # default would read 16 MiB first); the gateway's own bound is the same 1 MiB.
-        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        ws_max_size=MAX_MESSAGE_BYTES,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
