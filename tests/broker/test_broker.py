@@ -111,6 +111,26 @@ async def test_fencing_stops_a_zombie_attempt(broker: Broker, redis: Redis) -> N
     assert await broker.append_step([Append("z", 2, 2, "late", 1)]) == [-2]
 
 
+async def test_a_step_is_one_round_trip_even_after_a_lost_script_cache(broker: Broker, redis: Redis) -> None:
+    """A step's appends go out as one pipeline of EVALSHA (no SCRIPT EXISTS before it); a Redis that
+    restarted with an empty script cache (the chaos suite's restart) is answered by loading the script
+    and resending the pipeline, not by a crash."""
+    await _enqueue(broker, "sc")
+    await _enqueue(broker, "sd")
+    await _start(broker, "sc", "w1")
+    await _start(broker, "sd", "w1")
+    await redis.script_flush()
+    await redis.config_resetstat()
+    step = [Append("sc", 1, 1, "a", 1), Append("sd", 1, 1, "b", 1)]
+    assert await broker.append_step(step) == [1, 1]
+    assert await broker.append_step([Append("sc", 1, 2, "c", 1), Append("sd", 1, 2, "d", 1)]) == [2, 2]
+    stats = await redis.info("commandstats")
+    assert "cmdstat_script|exists" not in stats
+    assert stats["cmdstat_script|load"]["calls"] == 1
+    assert stats["cmdstat_evalsha"]["calls"] == 6  # 2 refused (NOSCRIPT), 2 resent, 2 in the next step
+    assert [e.text for e in await broker.read_events("sc", 0)] == ["a", "c"]
+
+
 async def test_a_retried_append_is_applied_once(broker: Broker) -> None:
     """The reply of an append is lost and the worker sends it again: one event, not two."""
     await _enqueue(broker, "a")

@@ -7,12 +7,11 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from breakwater.broker.connection import connect_with
@@ -20,16 +19,12 @@ from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import Fanin
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
+from breakwater.broker.scripts import Script, run_pipeline
 from breakwater.config import CommonSettings
 from breakwater.keys import GROUP, LANES, Keys
 from breakwater.protocol.events import TokenEvent
 
 READ_PAGE = 512
-
-
-def _script(redis: Redis, name: str) -> AsyncScript:
-    source = resources.files("breakwater.broker").joinpath("lua", f"{name}.lua").read_text()
-    return redis.register_script(source)
 
 
 class Admission(enum.Enum):
@@ -104,13 +99,13 @@ class Broker(WorkerRegistry, DeadLetters):
         self.redis = redis
         self.keys = keys
         self.token_stream_maxlen = token_stream_maxlen
-        self._enqueue = _script(redis, "enqueue")
-        self._start = _script(redis, "start")
-        self._append = _script(redis, "append")
-        self._finish = _script(redis, "finish")
-        self._lease = _script(redis, "lease")
-        self._watch = _script(redis, "watch")
-        self._idempotency = _script(redis, "idempotency")
+        self._enqueue = Script(redis, "enqueue")
+        self._start = Script(redis, "start")
+        self._append = Script(redis, "append")
+        self._finish = Script(redis, "finish")
+        self._lease = Script(redis, "lease")
+        self._watch = Script(redis, "watch")
+        self._idempotency = Script(redis, "idempotency")
         # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
         # pending ones are reached; it wraps to 0-0 at the end of the stream.
         self._reclaim_cursor: dict[str, str] = {}
@@ -261,15 +256,17 @@ class Broker(WorkerRegistry, DeadLetters):
         are not re-claimed, so the newer owner keeps its entry)."""
         if not leases:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             for lease in leases:
                 rid = lease.job.rid
-                await self._lease(
+                self._lease.queue(
+                    pipe,
                     keys=[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)],
                     args=[lease.attempt, result_ttl_s],
-                    client=pipe,
                 )
-            owned = [int(x) for x in await pipe.execute()]
+
+        owned = [int(x) for x in await run_pipeline(self.redis, [self._lease], build)]
         # Finished or cancelled ones (-1) stay claimed until this worker acknowledges them, as its
         # status check does: dropping them here would leave their entries pending unacknowledged.
         lost = [lease for lease, mine in zip(leases, owned, strict=True) if mine == 0]
@@ -310,9 +307,11 @@ class Broker(WorkerRegistry, DeadLetters):
         idempotent, so the whole pipeline may be retried after a lost reply."""
         if not appends:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Pipeline) -> None:
             for a in appends:
-                await self._append(
+                self._append.queue(
+                    pipe,
                     keys=[self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
                     args=[
                         a.attempt,
@@ -322,9 +321,9 @@ class Broker(WorkerRegistry, DeadLetters):
                         a.tokens,
                         a.wseq,
                     ],
-                    client=pipe,
                 )
-            return [int(x) for x in await pipe.execute()]
+
+        return [int(x) for x in await run_pipeline(self.redis, [self._append], build)]
 
     async def finish(
         self,
