@@ -33,7 +33,9 @@ class GatewaySettings(CommonSettings):
     port: int = 8000
     lane_max_queued: int = Field(default=1000, ge=1, description="queued jobs per model and lane before 429")
     stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
-    idle_poll_s: float = Field(default=1.0, gt=0.0, description="re-read the durable stream when idle")
+    idle_poll_s: float = Field(
+        default=5.0, gt=0.0, description="re-read the durable stream when no live event came (a safety net)"
+    )
     result_ttl_s: int = Field(default=3600, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)

@@ -88,7 +88,7 @@ async def test_a_stalled_upstream_stream_fails_instead_of_hanging(
     finally:
         await engine.close()
     final = deltas[-1]
-    assert final.error is not None and "ReadTimeout" in final.error
+    assert final.error is not None and "Timeout on reading" in final.error  # the read timeout, not a hang
     assert len(server.completions) == 3  # the first try and two retries
     # Each retry continues from the text received so far instead of starting over.
     assert server.completions[1]["messages"][-1] == {"role": "assistant", "content": "partial"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,11 +24,14 @@ def connect(
 ) -> Redis:
     """A pooled client; commands retry transient connection errors with jittered backoff.
     ``username``/``password`` (an ACL user) override any given in the URL. ``socket_timeout_s``
-    bounds every reply: a half-open connection fails the command instead of hanging it forever."""
+    bounds every reply: a half-open connection fails the command instead of hanging it forever.
+    When all ``max_connections`` are busy (a burst), a command waits for one (up to the socket
+    timeout) instead of failing at once."""
     auth: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
         **auth,
+        timeout=socket_timeout_s,
         decode_responses=True,
         max_connections=max_connections,
         retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=3),
@@ -38,6 +41,7 @@ def connect(
         socket_timeout=socket_timeout_s,
         socket_keepalive=True,
     )
+    return Redis.from_pool(pool)
 
 
 def connect_with(settings: CommonSettings, *, max_connections: int = 256) -> Redis:

@@ -2,6 +2,10 @@
 
 Pub/Sub is at-most-once and a slow client must not stall others, so a full buffer is not waited on:
 the subscription is flagged ``overflowed`` and its reader catches up from the durable token stream.
+
+The connection is read by an :class:`asyncio.Protocol` and parsed by hiredis: every message that
+arrived in one socket read is routed in one callback, with no coroutine, task or timer per message
+(redis-py's ``PubSub.get_message`` costs several times more per token).
 """
 
 from __future__ import annotations
@@ -9,17 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any, cast
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker.errors import UNREACHABLE, Backoff
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 
 log = logging.getLogger(__name__)
-WAKE = TokenEvent(seq=0, kind="token")  # never delivered: readers skip seq <= the last they sent
+PING_EVERY_S = 5.0  # a connection silent for 3 of these (no reply to PING) is half-open: reconnect
 
 
 class GatewayDraining(Exception):
@@ -27,32 +37,104 @@ class GatewayDraining(Exception):
 
 
 class Subscription:
-    """Live events of one request; ``overflowed`` tells the reader to re-read the durable stream."""
+    """Live events of one request for one reader; ``overflowed`` tells it to re-read the durable
+    stream (its buffer filled, the connection was re-established, or the gateway drains)."""
+
+    __slots__ = ("_waiter", "confirmed", "events", "maxsize", "on_overflow", "overflowed", "rid")
 
     def __init__(self, rid: str, maxsize: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.rid = rid
+        self.maxsize = maxsize
         self.on_overflow = on_overflow
-        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue(maxsize=maxsize)
+        self.events: deque[TokenEvent] = deque()
         self.overflowed = False
-        self.confirmed = asyncio.get_running_loop().create_future()
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
-        """Make a waiting reader look at its flags now (gateway drain)."""
+        """Make a waiting reader look at the durable stream now."""
         self.overflowed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(WAKE)
+        self._notify()
 
     def offer(self, event: TokenEvent) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
+        if len(self.events) >= self.maxsize:
             if not self.overflowed and self.on_overflow is not None:
                 self.on_overflow()
             self.overflowed = True
+            return
+        self.events.append(event)
+        self._notify()
 
     def drain(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        self.events.clear()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until an event is buffered, the reader is woken, or ``timeout_s`` passes. One future and
+        one timer handle: cancelling the caller cancels only the wait."""
+        if self.events or self.overflowed:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout_s, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _notify(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _command(*args: str) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self.on_reply = on_reply
+        self.parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.last_seen = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        self.parser.feed(data)
+        try:
+            while (reply := self.parser.gets()) is not False:
+                self.on_reply(reply)
+        except hiredis.ProtocolError as exc:
+            self.abort(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def abort(self, why: Exception | None = None) -> None:
+        if why is not None and not self.closed.done():
+            self.closed.set_result(why)
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class Fanin:
@@ -64,24 +146,36 @@ class Fanin:
         self.keys = keys
         self.buffer = buffer
         self.on_overflow = on_overflow  # counted: a slow reader fell back to the durable stream
-        # A (re)connect reads the server's handshake: a SUBSCRIBE issued meanwhile would read on the
-        # same socket from a second coroutine (RuntimeError, a 500 after a Redis restart).
-        self._connecting = asyncio.Lock()
-        self._pubsub: PubSub = redis.pubsub()
+        pool = redis.connection_pool
+        self._target = (pool.connection_class, dict(pool.connection_kwargs))
         self._subs: dict[str, set[Subscription]] = {}
+        self._unconfirmed: dict[str, int] = {}  # SUBSCRIBE commands sent and not yet answered
+        self._conn: _Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()  # set while connected
         self.draining = False
 
-    async def start(self) -> None:
+    async def start(self, timeout_s: float = 5.0) -> None:
+        """Connect in the background; wait a little for the first connection (not an error if not)."""
         self._task = asyncio.create_task(self._run(), name="fanin")
+        await self._until_up(timeout_s)
+
+    async def _until_up(self, timeout_s: float) -> _Connection | None:
+        if self._conn is None:
+            up = asyncio.ensure_future(self._up.wait())
+            try:
+                await asyncio.wait({up}, timeout=timeout_s)
+            finally:
+                up.cancel()
+        return self._conn
 
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(*UNREACHABLE):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._conn is not None:
+            self._conn.abort()
 
     def begin_drain(self) -> None:
         """Every reader stops at its next check; see :class:`GatewayDraining`."""
@@ -96,20 +190,25 @@ class Fanin:
 
     async def subscribe(self, rid: str, confirm_timeout_s: float = 5.0) -> Subscription:
         """Subscribe and wait until Redis confirms, so no event published afterwards is missed."""
+        conn = self._conn or await self._until_up(confirm_timeout_s)
+        if conn is None:
+            raise RedisConnectionError("the Pub/Sub connection is down")
         sub = Subscription(rid, self.buffer, self.on_overflow)
         channel = self.keys.channel(rid)
-        first = channel not in self._subs
-        self._subs.setdefault(channel, set()).add(sub)
-        if first:
-            try:
-                async with self._connecting:  # never while the reader task is reconnecting
-                    await self._pubsub.subscribe(channel)
-                await asyncio.wait_for(asyncio.shield(sub.confirmed), confirm_timeout_s)
-            except BaseException:
-                await self.unsubscribe(sub)
-                raise
-        else:
+        subs = self._subs.setdefault(channel, set())
+        subs.add(sub)
+        if len(subs) == 1:
+            self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+            conn.write(_command("SUBSCRIBE", channel))
+        elif not self._unconfirmed.get(channel):
             sub.confirmed.set_result(None)
+        try:
+            done, _ = await asyncio.wait({sub.confirmed}, timeout=confirm_timeout_s)
+            if not done:
+                raise RedisConnectionError("Redis did not confirm the subscription in time")
+        except BaseException:
+            await self.unsubscribe(sub)
+            raise
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
@@ -120,42 +219,105 @@ class Fanin:
         subs.discard(sub)
         if not subs:
             del self._subs[channel]
-            with contextlib.suppress(*UNREACHABLE):
-                await self._pubsub.unsubscribe(channel)
+            if self._conn is not None:
+                self._conn.write(_command("UNSUBSCRIBE", channel))
 
     async def _run(self) -> None:
         backoff = Backoff(base_s=0.05)
         while True:
             try:
-                async with self._connecting:
-                    await self._pubsub.connect()  # type: ignore[no-untyped-call]
-                while True:
-                    message = await self._pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        self._dispatch(message)
-                    backoff.reset()
+                conn = await self._connect()
             except UNREACHABLE as exc:
-                log.warning("pubsub connection lost; reconnecting", extra={"fields": {"error": str(exc)}})
-                # Subscribers re-read their durable streams on the idle poll, so nothing is lost.
+                log.warning("pubsub connect failed; retrying", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(backoff.next_delay())
+                continue
+            self._conn = conn
+            self._up.set()
+            began = time.monotonic()
+            try:
+                await self._watch(conn)
+            finally:
+                self._conn = None
+                self._up.clear()
+                conn.abort()
+                self._unconfirmed.clear()
+            if time.monotonic() - began > PING_EVERY_S:
+                backoff.reset()  # it worked for a while; a refused AUTH, say, keeps backing off
+            why = conn.closed.result() if conn.closed.done() else None
+            log.warning("pubsub connection lost; reconnecting", extra={"fields": {"error": str(why)}})
+            await asyncio.sleep(backoff.next_delay())
 
-    def _dispatch(self, message: dict[str, object]) -> None:
-        channel = str(message.get("channel"))
-        kind = message.get("type")
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        cls, kw = self._target
+        conn = _Connection(self._on_reply)
+        timeout = 5.0
+        if issubclass(cls, UnixDomainSocketConnection):
+            coro = loop.create_unix_connection(lambda: conn, kw["path"])
+        else:
+            tls = (
+                ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
+                if issubclass(cls, SSLConnection)
+                else None
+            )
+            if tls is not None and kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+            coro = loop.create_connection(
+                lambda: conn, kw.get("host", "localhost"), kw.get("port", 6379), ssl=tls
+            )
+        await asyncio.wait_for(coro, timeout)
+        hello = b""
+        if kw.get("password"):
+            auth = [kw["username"], kw["password"]] if kw.get("username") else [kw["password"]]
+            hello += _command("AUTH", *auth)
+        channels = list(self._subs)
+        if channels:  # re-subscribe after a reconnect; the readers re-read what they missed
+            for channel in channels:
+                self._unconfirmed[channel] = 1
+            hello += _command("SUBSCRIBE", *channels)
+        hello += _command("PING")  # a reply proves the connection (and AUTH) works
+        conn.write(hello)
+        return conn
+
+    async def _watch(self, conn: _Connection) -> None:
+        """Until the connection closes; a PING every few seconds finds a half-open one."""
+        while not conn.closed.done():
+            done, _ = await asyncio.wait({conn.closed}, timeout=PING_EVERY_S)
+            if done:
+                return
+            if time.monotonic() - conn.last_seen > 3 * PING_EVERY_S:
+                conn.abort(TimeoutError("no reply from Redis on the Pub/Sub connection"))
+                return
+            conn.write(_command("PING"))
+
+    def _on_reply(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            log.error("pubsub error from Redis: %s", reply)
+            if self._conn is not None:
+                self._conn.abort(RedisConnectionError(str(reply)))
+            return
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # +OK (AUTH), PONG
+        kind, channel = reply[0], reply[1]
         subs = self._subs.get(channel)
-        if not subs:
-            return
-        if kind == "subscribe":
+        if kind == "message":
+            if not subs:
+                return
+            try:
+                event = TokenEvent.from_payload(reply[2])
+            except (ValueError, KeyError) as exc:
+                log.error("bad event on %s: %s", channel, exc)
+                return
             for sub in subs:
-                if not sub.confirmed.done():
+                sub.offer(event)
+        elif kind == "subscribe":
+            left = self._unconfirmed.get(channel, 0) - 1
+            if left > 0:
+                self._unconfirmed[channel] = left
+                return
+            self._unconfirmed.pop(channel, None)
+            for sub in subs or ():
+                if sub.confirmed.done():
+                    sub.wake()  # re-subscribed after a reconnect: it may have missed events
+                else:
                     sub.confirmed.set_result(None)
-            return
-        if kind != "message":
-            return
-        try:
-            event = TokenEvent.from_payload(str(message["data"]))
-        except (ValueError, KeyError) as exc:
-            log.error("bad event on %s: %s", channel, exc)
-            return
-        for sub in subs:
-            sub.offer(event)

@@ -8,7 +8,6 @@ were trimmed from the stream (``token_stream_maxlen``) cannot be replayed: the r
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -118,27 +117,12 @@ def _stop_if_draining(fanin: Fanin, rid: str) -> None:
 
 async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEvent]:
     """Live events until the buffer overflows or nothing arrives for ``idle_poll_s``."""
+    events = sub.events
     while not sub.overflowed:
-        try:
-            event = sub.queue.get_nowait()
-        except asyncio.QueueEmpty:
-            got = await _get_within(sub.queue, idle_poll_s)
-            if got is None:
-                return
-            event = got
-        yield event
+        if not events:
+            await sub.wait(idle_poll_s)
+            if not events:
+                return  # idle (or woken): the caller re-reads the durable stream
+            continue
+        yield events.popleft()
     sub.drain()
-
-
-async def _get_within(queue: asyncio.Queue[TokenEvent], timeout_s: float) -> TokenEvent | None:
-    """The next item, or None after ``timeout_s``. Neither wait_for nor asyncio.timeout: on Python
-    3.11 the first can swallow a cancellation of the caller that arrives as the item does, and the
-    second can leave a stray cancellation pending when its deadline and the item coincide (this
-    reader runs in the request's own task, so either would break the request)."""
-    getter = asyncio.ensure_future(queue.get())
-    try:
-        done, _ = await asyncio.wait({getter}, timeout=timeout_s)
-    finally:
-        if not getter.done():
-            getter.cancel()  # an item not yet handed over stays in the queue
-    return getter.result() if done else None

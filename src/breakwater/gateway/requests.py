@@ -58,6 +58,7 @@ class Requests:
         first = after == 0
         last_t = submission.started
         first_t: float | None = None
+        itl = self.metrics.itl.labels(submission.model)
         try:
             async for event in follow_events(
                 self.broker,
@@ -73,7 +74,7 @@ class Requests:
                         self.metrics.ttft.labels(submission.model).observe(now - submission.started)
                         first, first_t = False, now
                     else:
-                        self.metrics.itl.labels(submission.model).observe(now - last_t)
+                        itl.observe(now - last_t)
                     last_t = now
                 if event.terminal:
                     self._record_final(submission, event, now, first_t)

@@ -47,16 +47,17 @@ async def sse_chunks(
                 yield sse_event(chat_chunk(rid, model, created, delta), event.seq)
             else:
                 yield sse_event(text_chunk(rid, model, created, event.text), event.seq)
-        elif event.kind == "done":
+        elif event.kind == "done":  # the last chunks go out in one write
             reason = event.finish_reason or "stop"
             if chat:
                 delta = {} if role_sent else {"role": "assistant", "content": ""}
-                yield sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)
+                last = [sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)]
             else:
-                yield sse_event(text_chunk(rid, model, created, "", reason), event.seq)
+                last = [sse_event(text_chunk(rid, model, created, "", reason), event.seq)]
             if include_usage:
-                yield sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq)
-            yield DONE
+                last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
+            last.append(DONE)
+            yield b"".join(last)
             return
         else:
             err = event.error or {}

@@ -46,8 +46,12 @@ class TokenEvent:
         )
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> TokenEvent:
-        """Parse a channel message (a JSON object of string fields)."""
+    def from_payload(cls, payload: str) -> TokenEvent:
+        """Parse a channel message: a token is ``t<seq> <n> <text>`` (the text as is, spaces and all),
+        any other event a JSON object of string fields."""
+        if payload[:1] == "t":
+            seq, n, text = payload[1:].split(" ", 2)
+            return cls(int(seq), "token", text, int(n))
         data = orjson.loads(payload)
         return cls.from_fields({k: str(v) for k, v in data.items()})
 

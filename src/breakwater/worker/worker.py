@@ -31,7 +31,11 @@ class Worker:
         # Series exist from the start (at 0), so rate() and increase() in alerts see a baseline.
         self.metrics.dead_letters.labels(self.model)
         self.metrics.retries.labels(self.model)
-        self.metrics.tokens.labels(self.model)
+        # Resolved once: labels() on every step or token costs a lock and a dict lookup each time.
+        self._tokens = self.metrics.tokens.labels(self.model)
+        self._step_seconds = self.metrics.step_seconds.labels(self.model)
+        self._running = self.metrics.running.labels(self.model)
+        self._occupancy = self.metrics.batch_occupancy.labels(self.model)
         self.inflight: dict[str, InFlight] = {}
         # Jobs waiting (leases kept) for an empty engine: (job, whether Redis called it a suspect).
         self.held: list[tuple[Job, bool]] = []
@@ -267,21 +271,21 @@ class Worker:
             self._step_started = None
             started = time.perf_counter()
             await self._publish(deltas)
-            self.metrics.step_seconds.labels(self.model).observe(time.perf_counter() - started)
-            self.metrics.running.labels(self.model).set(self.engine.running())
-            self.metrics.batch_occupancy.labels(self.model).set(
-                self.engine.running() / self.engine.info.capacity
-            )
+            self._step_seconds.observe(time.perf_counter() - started)
+            running = self.engine.running()
+            self._running.set(running)
+            self._occupancy.set(running / self.engine.info.capacity)
 
     async def _publish(self, deltas: list[SequenceDelta]) -> None:
         """All of one step's deltas in one pipeline; finished sequences are finished and acked."""
         appends: list[tuple[InFlight, Append]] = []
         finishes: list[tuple[InFlight, SequenceDelta]] = []
+        produced = 0
         for delta in deltas:
             flight = self.inflight.get(delta.request_id)
             if flight is None:
                 continue
-            self.metrics.tokens.labels(self.model).inc(delta.tokens)
+            produced += delta.tokens
             if delta.finished:
                 finishes.append((flight, delta))
             elif delta.text:
@@ -291,6 +295,7 @@ class Worker:
                 flight.held_tokens = 0
             else:
                 flight.held_tokens += delta.tokens
+        self._tokens.inc(produced)
         # Keep the generation; retry the same step's writes until Redis is back (they are idempotent).
         results = await until_redis(lambda: self.broker.append_step([a for _, a in appends]), "publish")
         for (flight, _), seq in zip(appends, results, strict=True):

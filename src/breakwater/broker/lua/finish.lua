@@ -21,7 +21,7 @@ if ARGV[5] ~= '' then
   redis.call('HINCRBY', KEYS[1], 'tokens', tonumber(ARGV[6]))
   redis.call('APPEND', KEYS[3], ARGV[5])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5], 'n', ARGV[6])
-  redis.call('PUBLISH', ARGV[2], cjson.encode({seq = tostring(seq), kind = 'token', text = ARGV[5], n = ARGV[6]}))
+  redis.call('PUBLISH', ARGV[2], 't' .. seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
 end
 seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local event = {seq = tostring(seq), kind = ARGV[4]}

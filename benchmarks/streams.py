@@ -1,0 +1,222 @@
+"""Many concurrent streams on one gateway process: completeness, inter-token latency, memory.
+
+Sim workers emit one token per second per stream (a decode step of 1 s), so every stream is open for
+``--tokens`` seconds; ``--streams`` of them are opened over ``--ramp-s`` and held together. The
+gateway runs alone on CPU 1; Redis, the workers and this client share CPU 0. Reported: streams that
+completed exactly (every seq once, in order, the right token count, ``[DONE]``), the inter-token
+latency the client saw (p50/p99; 1000 ms is the engine's own step), the gateway's CPU and resident
+memory per open stream, and then the memory of idle WebSocket connections.
+
+    python benchmarks/streams.py [--streams 10000] [--tokens 30] [--workers 4] [--websockets 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from breakwater.redis_server import RedisServer, free_port
+from common import pct, spawn, stop, wait_models, write_section
+
+
+@dataclass
+class Stream:
+    ok: bool = False
+    seqs: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, tokens: int, seed: int) -> Stream:
+    out = Stream()
+    body = {"model": "sim", "prompt": "hold", "max_tokens": tokens, "stream": True, "ignore_eos": True}
+    try:
+        async with session.post(f"{url}/v1/completions", json={**body, "seed": seed}) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}"
+                return out
+            done = False
+            async for line in resp.content:
+                if line.startswith(b"id: "):
+                    out.seqs.append(int(line[4:]))
+                    out.times.append(time.perf_counter())
+                elif line.startswith(b"data: [DONE]"):
+                    done = True
+        seqs_exact = out.seqs == list(range(1, len(out.seqs) + 1))
+        out.ok = done and seqs_exact and len(out.seqs) == tokens + 1  # tokens, then the final chunk
+        if not out.ok:
+            out.error = f"done={done} seqs={len(out.seqs)} in order={seqs_exact}"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        out.error = type(exc).__name__
+    return out
+
+
+async def hold_streams(url: str, count: int, tokens: int, ramp_s: float, gw_pid: int) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=tokens * 4 + ramp_s + 120, sock_connect=30)
+    base_rss = rss_kb(gw_pid)
+    base_cpu = cpu_s(gw_pid)
+    peak = {"rss": base_rss}
+
+    async def sample() -> None:
+        while True:
+            peak["rss"] = max(peak["rss"], rss_kb(gw_pid))
+            await asyncio.sleep(0.5)
+
+    sampler = asyncio.create_task(sample())
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = []
+        started = time.perf_counter()
+        for i in range(count):
+            delay = started + ramp_s * i / count - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one_stream(session, url, tokens, i)))
+        results = await asyncio.gather(*tasks)
+    sampler.cancel()
+    itl = [b - a for r in results for a, b in zip(r.times[:-2], r.times[1:-1], strict=True)]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    total_tokens = sum(max(0, len(r.seqs) - 1) for r in results)
+    used = cpu_s(gw_pid) - base_cpu
+    return {
+        "streams": count,
+        "exact": sum(r.ok for r in results),
+        "errors": float(len(results) - sum(r.ok for r in results)),
+        "error_kinds": str(errors),  # type: ignore[dict-item]
+        "itl_p50_ms": pct(itl, 50) * 1000,
+        "itl_p99_ms": pct(itl, 99) * 1000,
+        "itl_max_ms": max(itl, default=0) * 1000,
+        "kb_per_stream": (peak["rss"] - base_rss) / count,
+        "gw_cpu_s": used,
+        "tokens_per_cpu_s": total_tokens / used if used else 0.0,
+    }
+
+
+async def idle_websockets(url: str, count: int, gw_pid: int) -> dict[str, float]:
+    base = rss_kb(gw_pid)
+    ws_url = url.replace("http://", "ws://") + "/v1/ws"
+    connector = aiohttp.TCPConnector(limit=0)
+    opened = 0
+    async with aiohttp.ClientSession(connector=connector) as session:
+        sockets = []
+        for _ in range(count):
+            try:
+                sockets.append(await session.ws_connect(ws_url, heartbeat=None))
+                opened += 1
+            except (aiohttp.ClientError, TimeoutError):
+                break
+        await asyncio.sleep(2)  # let the gateway settle before measuring
+        held = rss_kb(gw_pid)
+        alive = sum(not ws.closed for ws in sockets)
+        for ws in sockets:
+            await ws.close()
+    return {
+        "websockets": count,
+        "opened": opened,
+        "alive": alive,
+        "kb_per_socket": (held - base) / max(1, opened),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--tokens", type=int, default=30)
+    parser.add_argument("--ramp-s", type=float, default=20.0)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--websockets", type=int, default=10_000)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    os.sched_setaffinity(0, {0})
+
+    tmp = Path(tempfile.mkdtemp(prefix="bw-streams-"))
+    redis = RedisServer(tmp / "redis")
+    redis.start()
+    procs = []
+    try:
+        port = free_port()
+        env = {
+            "BREAKWATER_REDIS_URL": redis.url,
+            "BREAKWATER_KEY_PREFIX": "streams",
+            "BREAKWATER_LOG_LEVEL": "WARNING",
+            "BREAKWATER_LANE_MAX_QUEUED": str(args.streams * 2),
+            "BREAKWATER_SIM_DECODE_BASE_MS": "1000",
+            "BREAKWATER_SIM_DECODE_PER_SEQ_MS": "0",
+            "BREAKWATER_SIM_PREFILL_MS_PER_TOKEN": "0",
+            "BREAKWATER_SIM_JITTER_FRAC": "0",
+        }
+        gw = spawn(["gateway", "--port", str(port)], env, tmp / "gw.log")
+        procs.append(gw)
+        os.sched_setaffinity(gw.pid, {1})
+        capacity = str(-(-args.streams // args.workers) + 16)
+        for i in range(args.workers):
+            procs.append(
+                spawn(
+                    ["worker", "--engine", "sim", "--model", "sim", "--capacity", capacity],
+                    {**env, "BREAKWATER_WORKER_ID": f"w{i}"},
+                    tmp / f"w{i}.log",
+                )
+            )
+        url = f"http://127.0.0.1:{port}"
+        wait_models(url, "sim")
+        streams = asyncio.run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid))
+        sockets = asyncio.run(idle_websockets(url, args.websockets, gw.pid)) if args.websockets else None
+    finally:
+        stop(procs)
+        redis.stop()
+    lines = [
+        f"{platform.machine()}, {os.cpu_count()} cores; gateway pinned to CPU 1, Redis + {args.workers} sim "
+        "workers + this client on CPU 0; one token per second per stream.",
+        "",
+        "| streams | exact | errors | ITL p50 / p99 / max (ms; the engine's step is 1000) "
+        "| gateway KB per stream | gateway tokens per CPU-s |",
+        "|---|---|---|---|---|---|",
+        f"| {streams['streams']} | {streams['exact']} | {streams['errors']:.0f} {streams['error_kinds']} | "
+        f"{streams['itl_p50_ms']:.0f} / {streams['itl_p99_ms']:.0f} / {streams['itl_max_ms']:.0f} | "
+        f"{streams['kb_per_stream']:.1f} | {streams['tokens_per_cpu_s']:,.0f} |",
+    ]
+    if sockets:
+        lines += [
+            "",
+            f"Idle WebSockets: {sockets['opened']:.0f} of {sockets['websockets']:.0f} opened, "
+            f"{sockets['alive']:.0f} still open after 2 s, "
+            f"{sockets['kb_per_socket']:.1f} KB of gateway memory each.",
+        ]
+    cmd = "python benchmarks/streams.py " + " ".join(sys.argv[1:])
+    text = "\n".join([*lines, "", f"Command: `{cmd.strip()}`"])
+    print(text)
+    if not args.no_write:
+        write_section("streams", text)
+
+
+if __name__ == "__main__":
+    main()

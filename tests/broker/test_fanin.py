@@ -1,0 +1,118 @@
+"""The gateway's Pub/Sub fan-in against a real Redis: routing to every reader, bounded buffers, and
+recovery after Redis restarts (readers are re-subscribed and told to re-read what they missed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from breakwater.broker.fanin import Fanin, Subscription
+from breakwater.keys import Keys
+from breakwater.protocol.events import TokenEvent
+from breakwater.redis_server import RedisServer
+
+
+async def _until(check: object, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _subscribe(fanin: Fanin, rid: str) -> Subscription:
+    """Subscribe once the fan-in has (re)connected."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return await fanin.subscribe(rid)
+        except RedisConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def fanin(redis: Redis, prefix: str) -> AsyncIterator[Fanin]:
+    overflows: list[int] = []
+    fanin = Fanin(redis, Keys(prefix), buffer=3, on_overflow=lambda: overflows.append(1))
+    fanin.overflows = overflows  # type: ignore[attr-defined]
+    await fanin.start()
+    yield fanin
+    await fanin.close()
+
+
+async def test_events_reach_every_reader_in_order(fanin: Fanin, redis: Redis) -> None:
+    a, b = await _subscribe(fanin, "r"), await _subscribe(fanin, "r")
+    channel = fanin.keys.channel("r")
+    await redis.publish(channel, "t1 1 Hello")
+    await redis.publish(channel, "t2 2  big world")  # the text keeps its spaces
+    await redis.publish(channel, '{"seq": "3", "kind": "done", "finish_reason": "stop"}')
+    await _until(lambda: len(a.events) == 3 and len(b.events) == 3, "three events each")
+    for sub in (a, b):
+        assert list(sub.events) == [
+            TokenEvent(1, "token", "Hello", 1),
+            TokenEvent(2, "token", " big world", 2),
+            TokenEvent(3, "done", finish_reason="stop"),
+        ]
+    await fanin.unsubscribe(a)
+    a.drain()
+    b.drain()
+    await redis.publish(channel, "t4 1 !")
+    await _until(lambda: len(b.events) == 1, "the remaining reader's event")
+    assert not a.events and fanin.active == 1
+
+
+async def test_a_full_buffer_is_flagged_not_waited_on(fanin: Fanin, redis: Redis) -> None:
+    sub = await _subscribe(fanin, "slow")
+    for seq in range(1, 6):
+        await redis.publish(fanin.keys.channel("slow"), f"t{seq} 1 x")
+    await _until(lambda: sub.overflowed, "overflow")
+    assert [e.seq for e in sub.events] == [1, 2, 3]
+    assert fanin.overflows == [1]  # type: ignore[attr-defined]
+
+
+async def test_wait_ends_on_an_event_on_timeout_and_on_cancel(fanin: Fanin, redis: Redis) -> None:
+    sub = await _subscribe(fanin, "w")
+    started = time.monotonic()
+    await sub.wait(0.2)  # nothing came
+    assert not sub.events and time.monotonic() - started >= 0.19
+    waiting = asyncio.create_task(sub.wait(30))
+    await redis.publish(fanin.keys.channel("w"), "t1 1 a")
+    await asyncio.wait_for(waiting, 5)
+    assert len(sub.events) == 1
+    sub.drain()
+    waiting = asyncio.create_task(sub.wait(30))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await redis.publish(fanin.keys.channel("w"), "t2 1 b")  # a cancelled wait does not eat events
+    await _until(lambda: len(sub.events) == 1, "the next event")
+
+
+async def test_readers_are_resubscribed_and_woken_after_redis_restarts(
+    own_redis: tuple[RedisServer, Redis], prefix: str
+) -> None:
+    server, client = own_redis
+    fanin = Fanin(client, Keys(prefix), buffer=8)
+    await fanin.start()
+    try:
+        sub = await _subscribe(fanin, "r")
+        server.stop(kill=True)
+        server.start()
+        # Events published while it was gone are lost to Pub/Sub: the reader is told to re-read.
+        await _until(lambda: sub.overflowed, "the reader woken after the reconnect", 20)
+        sub.overflowed = False
+        await _until(lambda: fanin.active == 1, "still subscribed")
+        await client.publish(fanin.keys.channel("r"), "t7 1 again")
+        await _until(lambda: [e.seq for e in sub.events] == [7], "a live event after the restart")
+        other = await _subscribe(fanin, "s")  # and new subscriptions work
+        assert other.confirmed.done()
+    finally:
+        await fanin.close()
