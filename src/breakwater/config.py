@@ -23,6 +23,9 @@ class CommonSettings(BaseSettings):
     redis_socket_timeout_s: float = Field(
         default=10.0, gt=0.0, description="fail a Redis command whose reply takes longer (half-open socket)"
     )
+    redis_max_connections: int = Field(
+        default=256, ge=2, description="connections in the Redis pool; when all are busy, commands wait"
+    )
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     log_level: str = "INFO"
     log_json: bool = True

@@ -111,11 +111,9 @@ class Broker(WorkerRegistry, DeadLetters):
         self._reclaim_cursor: dict[str, str] = {}
 
     @classmethod
-    def connect(
-        cls, settings: CommonSettings, *, max_connections: int = 256, token_stream_maxlen: int = 100_000
-    ) -> Broker:
+    def connect(cls, settings: CommonSettings, *, token_stream_maxlen: int = 100_000) -> Broker:
         """A broker over the Redis that ``settings`` describe (URL, ACL user, password file)."""
-        redis = connect_with(settings, max_connections=max_connections)
+        redis = connect_with(settings)
         return cls(redis, Keys(settings.key_prefix), token_stream_maxlen=token_stream_maxlen)
 
     async def aclose(self) -> None:

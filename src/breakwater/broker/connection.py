@@ -44,7 +44,7 @@ def connect(
     return Redis.from_pool(pool)
 
 
-def connect_with(settings: CommonSettings, *, max_connections: int = 256) -> Redis:
+def connect_with(settings: CommonSettings) -> Redis:
     """The client a process's settings describe (URL, ACL user and password)."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     if settings.redis_password_file:  # a mounted Secret; it wins over the variable
@@ -54,7 +54,7 @@ def connect_with(settings: CommonSettings, *, max_connections: int = 256) -> Red
         settings.redis_url,
         username=settings.redis_username,
         password=password,
-        max_connections=max_connections,
+        max_connections=settings.redis_max_connections,
         socket_timeout_s=settings.redis_socket_timeout_s,
     )
 
