@@ -166,20 +166,22 @@ async def _events(out: Outcome, body: AsyncIterator[bytes]) -> None:
 async def open_loop(
     host: str, port: int, body: dict[str, Any], rate: float, seconds: float, drain_s: float, seed: int
 ) -> RunResult:
-    """Poisson arrivals at ``rate`` for ``seconds``, then wait at most ``drain_s`` for in-flight ones."""
+    """Poisson arrivals at ``rate`` for ``seconds``, then wait at most ``drain_s`` for in-flight ones.
+
+    Exactly ``rate * seconds`` arrivals, placed uniformly at random: a Poisson process given its count,
+    so every system and rate sees the offered load it is labelled with."""
     rng = random.Random(seed)
+    arrivals = sorted(rng.uniform(0, seconds) for _ in range(round(rate * seconds)))
     pool = Pool(host, port)
     payload = orjson.dumps(body)
     tasks: list[asyncio.Task[Outcome]] = []
     start = time.perf_counter()
-    at = rng.expovariate(rate)
     try:
-        while at < seconds:
+        for at in arrivals:
             delay = start + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(stream_one(pool, "/v1/completions", payload)))
-            at += rng.expovariate(rate)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=drain_s)
             for task in pending:
