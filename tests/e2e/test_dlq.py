@@ -34,6 +34,7 @@ async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix:
     for rid in ("cmpl-dead1", "cmpl-dead2"):
         await broker.enqueue(rid=rid, spec=spec, max_queued=10, result_ttl_s=600)
         await broker.dead_letter("sim", rid, "gave up after 3 attempts", 3)
+    await broker.fast.aclose()
     await redis.delete(Keys(prefix).jobs("sim", "batch"))
 
     listed = cli(redis_server, prefix, "list", "--model", "sim")

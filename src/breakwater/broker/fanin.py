@@ -13,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker.errors import UNREACHABLE, Backoff
+from breakwater.broker.wire import Wire, auth_commands, command, open_wire
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 
@@ -94,49 +93,6 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _command(*args: str) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-class _Connection(asyncio.Protocol):
-    def __init__(self, on_reply: Callable[[Any], None]) -> None:
-        self.on_reply = on_reply
-        self.parser = hiredis.Reader(encoding="utf-8", errors="replace")
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self.last_seen = time.monotonic()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
-
-    def data_received(self, data: bytes) -> None:
-        self.last_seen = time.monotonic()
-        self.parser.feed(data)
-        try:
-            while (reply := self.parser.gets()) is not False:
-                self.on_reply(reply)
-        except hiredis.ProtocolError as exc:
-            self.abort(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(exc)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def abort(self, why: Exception | None = None) -> None:
-        if why is not None and not self.closed.done():
-            self.closed.set_result(why)
-        if self.transport is not None:
-            self.transport.abort()
-
-
 class Fanin:
     """Routes channel messages to subscriptions; many readers of one request are allowed."""
 
@@ -146,11 +102,10 @@ class Fanin:
         self.keys = keys
         self.buffer = buffer
         self.on_overflow = on_overflow  # counted: a slow reader fell back to the durable stream
-        pool = redis.connection_pool
-        self._target = (pool.connection_class, dict(pool.connection_kwargs))
+        self._redis = redis  # only for its address, TLS settings and ACL user
         self._subs: dict[str, set[Subscription]] = {}
         self._unconfirmed: dict[str, int] = {}  # SUBSCRIBE commands sent and not yet answered
-        self._conn: _Connection | None = None
+        self._conn: Wire | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()  # set while connected
         self.draining = False
@@ -160,7 +115,7 @@ class Fanin:
         self._task = asyncio.create_task(self._run(), name="fanin")
         await self._until_up(timeout_s)
 
-    async def _until_up(self, timeout_s: float) -> _Connection | None:
+    async def _until_up(self, timeout_s: float) -> Wire | None:
         if self._conn is None:
             up = asyncio.ensure_future(self._up.wait())
             try:
@@ -190,7 +145,19 @@ class Fanin:
 
     async def subscribe(self, rid: str, confirm_timeout_s: float = 5.0) -> Subscription:
         """Subscribe and wait until Redis confirms, so no event published afterwards is missed."""
-        conn = self._conn or await self._until_up(confirm_timeout_s)
+        sub = await self.open(rid, confirm_timeout_s)
+        try:
+            if not await self.confirm(sub, confirm_timeout_s):
+                raise RedisConnectionError("Redis did not confirm the subscription in time")
+        except BaseException:
+            await self.unsubscribe(sub)
+            raise
+        return sub
+
+    async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription:
+        """Send the SUBSCRIBE without waiting for Redis's confirmation (see :meth:`confirm`), so that
+        a caller can overlap it with another round trip. Raises when the connection is down."""
+        conn = self._conn or await self._until_up(connect_timeout_s)
         if conn is None:
             raise RedisConnectionError("the Pub/Sub connection is down")
         sub = Subscription(rid, self.buffer, self.on_overflow)
@@ -199,17 +166,16 @@ class Fanin:
         subs.add(sub)
         if len(subs) == 1:
             self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
-            conn.write(_command("SUBSCRIBE", channel))
+            conn.write(command("SUBSCRIBE", channel))
         elif not self._unconfirmed.get(channel):
             sub.confirmed.set_result(None)
-        try:
-            done, _ = await asyncio.wait({sub.confirmed}, timeout=confirm_timeout_s)
-            if not done:
-                raise RedisConnectionError("Redis did not confirm the subscription in time")
-        except BaseException:
-            await self.unsubscribe(sub)
-            raise
         return sub
+
+    async def confirm(self, sub: Subscription, timeout_s: float = 5.0) -> bool:
+        """Wait until Redis confirmed ``sub``'s SUBSCRIBE; False after ``timeout_s``."""
+        if not sub.confirmed.done():
+            await asyncio.wait({sub.confirmed}, timeout=timeout_s)
+        return sub.confirmed.done()
 
     async def unsubscribe(self, sub: Subscription) -> None:
         channel = self.keys.channel(sub.rid)
@@ -220,7 +186,7 @@ class Fanin:
         if not subs:
             del self._subs[channel]
             if self._conn is not None:
-                self._conn.write(_command("UNSUBSCRIBE", channel))
+                self._conn.write(command("UNSUBSCRIBE", channel))
 
     async def _run(self) -> None:
         backoff = Backoff(base_s=0.05)
@@ -247,39 +213,19 @@ class Fanin:
             log.warning("pubsub connection lost; reconnecting", extra={"fields": {"error": str(why)}})
             await asyncio.sleep(backoff.next_delay())
 
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        cls, kw = self._target
-        conn = _Connection(self._on_reply)
-        timeout = 5.0
-        if issubclass(cls, UnixDomainSocketConnection):
-            coro = loop.create_unix_connection(lambda: conn, kw["path"])
-        else:
-            tls = (
-                ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
-                if issubclass(cls, SSLConnection)
-                else None
-            )
-            if tls is not None and kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
-                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-            coro = loop.create_connection(
-                lambda: conn, kw.get("host", "localhost"), kw.get("port", 6379), ssl=tls
-            )
-        await asyncio.wait_for(coro, timeout)
-        hello = b""
-        if kw.get("password"):
-            auth = [kw["username"], kw["password"]] if kw.get("username") else [kw["password"]]
-            hello += _command("AUTH", *auth)
+    async def _connect(self) -> Wire:
+        conn = await open_wire(self._redis, self._on_reply)
+        hello = [command(*c) for c in auth_commands(self._redis)]
         channels = list(self._subs)
         if channels:  # re-subscribe after a reconnect; the readers re-read what they missed
             for channel in channels:
                 self._unconfirmed[channel] = 1
-            hello += _command("SUBSCRIBE", *channels)
-        hello += _command("PING")  # a reply proves the connection (and AUTH) works
-        conn.write(hello)
+            hello.append(command("SUBSCRIBE", *channels))
+        hello.append(command("PING"))  # a reply proves the connection (and AUTH) works
+        conn.write(b"".join(hello))
         return conn
 
-    async def _watch(self, conn: _Connection) -> None:
+    async def _watch(self, conn: Wire) -> None:
         """Until the connection closes; a PING every few seconds finds a half-open one."""
         while not conn.closed.done():
             done, _ = await asyncio.wait({conn.closed}, timeout=PING_EVERY_S)
@@ -288,10 +234,10 @@ class Fanin:
             if time.monotonic() - conn.last_seen > 3 * PING_EVERY_S:
                 conn.abort(TimeoutError("no reply from Redis on the Pub/Sub connection"))
                 return
-            conn.write(_command("PING"))
+            conn.write(command("PING"))
 
     def _on_reply(self, reply: Any) -> None:
-        if isinstance(reply, hiredis.ReplyError):
+        if isinstance(reply, hiredis.ReplyError):  # a refused AUTH, say: reconnect with backoff
             log.error("pubsub error from Redis: %s", reply)
             if self._conn is not None:
                 self._conn.abort(RedisConnectionError(str(reply)))

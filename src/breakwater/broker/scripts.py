@@ -1,62 +1,55 @@
-"""The broker's Lua scripts, called by SHA with one round trip each.
+"""The broker's Lua scripts, called by SHA on the pipelined raw connection (one round trip each).
 
 redis-py's registered scripts send ``SCRIPT EXISTS`` before every pipeline (one more round trip per
 engine step) and cannot recover a pipeline whose ``EVALSHA`` meets an empty script cache (Redis
 restarted between the check and the call). Here a call is always ``EVALSHA``; on ``NOSCRIPT`` the
-script is loaded and the call, or the whole pipeline, is sent again. Every script is idempotent or
-fenced, so sending a pipeline twice is safe.
+script is loaded and the call, or the whole batch, is sent again. Every script is idempotent or
+fenced, so sending a call twice is safe.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
-Arg = str | int | float
+from breakwater.broker.wire import Arg, PipelinedRedis
+
+Call = tuple[Sequence[str], Sequence[Arg]]  # (keys, args)
 
 
 class Script:
     """One Lua script from ``broker/lua/<name>.lua``."""
 
-    def __init__(self, redis: Redis, name: str) -> None:
-        self.redis = redis
+    def __init__(self, client: PipelinedRedis, name: str) -> None:
+        self.client = client
         self.name = name
         self.source = resources.files("breakwater.broker").joinpath("lua", f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
+    def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> tuple[Arg, ...]:
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
     async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         try:
-            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+            return await self.client.execute(*self._evalsha(keys, args))
         except NoScriptError:
             await self.load()
-            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+            return await self.client.execute(*self._evalsha(keys, args))
 
-    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[Arg]) -> None:
-        """Add a call to ``pipe`` (run it with :func:`run_pipeline`)."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+    async def many(self, calls: Sequence[Call]) -> list[Any]:
+        """Several calls in one write; raises the first error reply."""
+        replies = await self.client.pipeline([self._evalsha(k, a) for k, a in calls])
+        if any(isinstance(r, NoScriptError) for r in replies):
+            await self.load()
+            replies = await self.client.pipeline([self._evalsha(k, a) for k, a in calls])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     async def load(self) -> None:
-        await self.redis.script_load(self.source)
-
-
-async def run_pipeline(
-    redis: Redis, scripts: Sequence[Script], build: Callable[[Pipeline], None], *, transaction: bool = False
-) -> list[Any]:
-    """Build and send one pipeline; when Redis lost its script cache, load ``scripts`` and resend."""
-    for attempt in (1, 2):
-        async with redis.pipeline(transaction=transaction) as pipe:
-            build(pipe)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-        for script in scripts:
-            await script.load()
-    raise AssertionError("unreachable")
+        await self.client.execute("SCRIPT", "LOAD", self.source)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from breakwater.engines.base import Engine, GenerationRequest, SequenceDelta
 
 log = logging.getLogger(__name__)
+STEP_MIN_S = 0.001
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class StreamingEngine(Engine):
         self._flights: dict[str, Flight] = {}
         self._deltas: list[SequenceDelta] = []
         self._ready = asyncio.Event()
+        self._last_step = 0.0
 
     @abstractmethod
     async def _generate(self, flight: Flight) -> None:
@@ -67,6 +69,13 @@ class StreamingEngine(Engine):
 
     async def step(self) -> list[SequenceDelta]:
         await self._ready.wait()
+        # At most one step per STEP_MIN_S: under load, the tokens of many sequences go to Redis in one
+        # round trip instead of one each; a token after a quiet spell is not delayed at all.
+        loop = asyncio.get_running_loop()
+        wait = self._last_step + STEP_MIN_S - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_step = loop.time()
         self._ready.clear()
         deltas, self._deltas = self._deltas, []
         return merge_deltas(deltas)

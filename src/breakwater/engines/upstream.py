@@ -293,23 +293,32 @@ class OpenAIUpstreamEngine(StreamingEngine):
             if response.status != 200:
                 raw = await response.read()
                 raise UpstreamError(_error_message(raw, response.status), status=response.status)
-            async for line in _sse_lines(response):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
+            done = False
+            async for lines in _sse_reads(response):  # every line that one network read completed
+                parts: list[str] = []
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = orjson.loads(data)
+                    if "error" in chunk:
+                        raise UpstreamError(_error_message(data, 500), status=500)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        if text:
+                            parts.append(text)  # one chunk per token; corrected by the final usage
+                        finish = choice.get("finish_reason") or finish
+                if parts:  # one delta per read, not per token
+                    text = "".join(parts)
+                    flight.text += text
+                    flight.tokens += len(parts)
+                    self._emit(SequenceDelta(rid, text=text, tokens=len(parts)))
+                if done:
                     break
-                chunk = orjson.loads(data)
-                if "error" in chunk:
-                    raise UpstreamError(_error_message(data, 500), status=500)
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if text:
-                        flight.text += text
-                        flight.tokens += 1  # one chunk per token; corrected by the final usage
-                        self._emit(SequenceDelta(rid, text=text, tokens=1))
-                    finish = choice.get("finish_reason") or finish
         if finish is None:
             raise UpstreamError("the upstream stream ended without a finish_reason")
         self._emit(self._final(flight, start_tokens, finish, usage))
@@ -342,15 +351,15 @@ def _within(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
 
 
-async def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The body's lines, however the upstream split them into reads (no line-length limit)."""
+async def _sse_reads(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The body's complete lines, a list per network read (no line-length limit)."""
     rest = b""
     async for data in response.content.iter_any():
         *lines, rest = (rest + data).split(b"\n")
-        for line in lines:
-            yield line
+        if lines:
+            yield lines
     if rest:
-        yield rest
+        yield [rest]
 
 
 def _error_message(raw: bytes, status: int) -> str:

@@ -93,7 +93,9 @@ class Admitter:
                     idempotency_key, rid, key_ttl_s, was=existing
                 ):
                     raise _idempotency_conflict()
-        sub = await self.fanin.subscribe(rid) if subscribe else None
+        # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
+        # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
+        sub = await self.fanin.open(rid) if subscribe else None
         try:
             result = await self.broker.enqueue(
                 rid=rid,
@@ -101,6 +103,9 @@ class Admitter:
                 max_queued=self.settings.lane_max_queued,
                 result_ttl_s=self.settings.result_ttl_s,
             )
+            if sub is not None and result.accepted and not await self.fanin.confirm(sub):
+                log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
+                sub.wake()  # the job is queued: follow it from the durable stream instead
         except BaseException:
             await self._abandon(sub, idempotency_key, rid)
             raise

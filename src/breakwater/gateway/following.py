@@ -62,23 +62,28 @@ async def follow_events(
     *,
     idle_poll_s: float,
     subscription: Subscription | None = None,
+    fresh: bool = False,
 ) -> AsyncIterator[TokenEvent]:
-    """Yield events with seq > ``after`` until the terminal one (inclusive)."""
+    """Yield events with seq > ``after`` until the terminal one (inclusive). ``fresh``: the
+    subscription was made before the request was queued, so nothing is stored that it will not
+    deliver, and the first read of the durable stream (two round trips) is skipped."""
     sub = subscription or await fanin.subscribe(rid)
     last = after
+    catch_up = not fresh
     try:
         while True:
             _stop_if_draining(fanin, rid)
-            # Catch up from the durable stream: at start, after an overflow, a gap or an idle spell.
-            progressed = False
-            async for event in _backlog(broker, rid, last):
-                last, progressed = event.seq, True
-                yield event
-                if event.terminal:
-                    return
-            if not progressed and not await broker.exists(rid):
-                raise RequestGone(rid)  # expired (or never existed): nothing more will come
-            sub.overflowed = False
+            if catch_up:  # from the durable stream: at start, after an overflow, a gap or an idle spell
+                progressed = False
+                async for event in _backlog(broker, rid, last):
+                    last, progressed = event.seq, True
+                    yield event
+                    if event.terminal:
+                        return
+                if not progressed and not await broker.exists(rid):
+                    raise RequestGone(rid)  # expired (or never existed): nothing more will come
+                sub.overflowed = False
+            catch_up = True
             async for event in _live(sub, idle_poll_s):
                 if event.seq <= last:
                     continue

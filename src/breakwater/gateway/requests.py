@@ -67,6 +67,7 @@ class Requests:
                 after,
                 idle_poll_s=self.settings.idle_poll_s,
                 subscription=submission.subscription,
+                fresh=after == 0 and not submission.duplicate and submission.subscription is not None,
             ):
                 now = time.perf_counter()
                 if event.kind == "token" and event.text:

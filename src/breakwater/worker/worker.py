@@ -47,6 +47,7 @@ class Worker:
         # hung worker, which must stop renewing its leases so another worker takes its jobs.
         self._step_started: float | None = None
         self.hung = False
+        self._suspects = 0  # in-flight jobs whose last attempt made no progress
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -108,6 +109,7 @@ class Worker:
                 "drain grace over; released jobs for reclaim", extra={"fields": {"rids": list(self.inflight)}}
             )
             self.inflight.clear()
+            self._suspects = 0
 
     # -- pulling ---------------------------------------------------------------------------------
     async def _pull_loop(self, burst: bool) -> None:
@@ -168,8 +170,15 @@ class Worker:
             )
         return jobs
 
+    def _forget(self, rid: str) -> None:
+        flight = self.inflight.pop(rid, None)
+        if flight is not None and flight.suspect:
+            self._suspects -= 1
+
     def _isolating(self) -> bool:
         """A suspect is running and has not produced a token yet: nothing else may join its batch."""
+        if not self._suspects:  # the common case, checked on every pull without a scan
+            return False
         return any(f.suspect and not f.progressed for f in self.inflight.values())
 
     async def _start_held(self) -> None:
@@ -255,6 +264,7 @@ class Worker:
             self._step_started = time.monotonic()
         suspect = record.failures > 0
         self.inflight[job.rid] = InFlight(job=job, attempt=result.attempt, model=self.model, suspect=suspect)
+        self._suspects += suspect
         log.info(
             "job started",
             extra={
@@ -347,7 +357,7 @@ class Worker:
                     "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
                 },
             )
-        self.inflight.pop(rid, None)  # only now: the slot counts as taken until its job is acked
+        self._forget(rid)  # only now: the slot counts as taken until its job is acked
         self._slot_freed.set()
 
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
@@ -356,7 +366,7 @@ class Worker:
         self.engine.cancel(rid)
         if not fenced:
             await self.broker.ack(flight.job)
-        self.inflight.pop(rid, None)
+        self._forget(rid)
         self.metrics.jobs.labels(self.model, "dropped").inc()
         log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})
         self._slot_freed.set()

@@ -1,32 +1,44 @@
--- Fenced, idempotent append of one sequence's delta: only the request's current attempt may write,
--- and a write it retries (its first reply lost) is applied once.
--- KEYS[1] request record, KEYS[2] token stream, KEYS[3] emitted text
--- ARGV[1] attempt, ARGV[2] channel, ARGV[3] stream max length, ARGV[4] text, ARGV[5] token count,
--- ARGV[6] the attempt's own write number (1, 2, ...)
--- Returns the new seq (or, for a repeated write, the current one), -1 when fenced off (another
--- attempt owns the request), -2 when not running.
--- Five commands per call (this runs once per token per sequence): one read, one HSET for all counters.
-local cur = redis.call('HMGET', KEYS[1], 'attempt', 'status', 'wseq', 'seq', 'tokens')
-if cur[1] ~= ARGV[1] then
-  return -1
+-- Fenced, idempotent appends of one engine step: one call for all of a worker's sequences (one
+-- script run and one reply per step, not one per sequence). For each sequence only the request's
+-- current attempt may write, and a write it retries (its first reply lost) is applied once.
+-- KEYS: per sequence i (0-based) KEYS[3i+1] request record, KEYS[3i+2] token stream, KEYS[3i+3] emitted text
+-- ARGV[1] stream max length; per sequence ARGV[5i+2] attempt, ARGV[5i+3] channel, ARGV[5i+4] text,
+-- ARGV[5i+5] token count, ARGV[5i+6] the attempt's own write number (1, 2, ...)
+-- Returns, per sequence, the new seq (or, for a repeated write, the current one), -1 when fenced off
+-- (another attempt owns the request), -2 when not running.
+local maxlen = ARGV[1]
+
+local function append(record, stream, emitted, attempt, channel, text, n, wseq)
+  local cur = redis.call('HMGET', record, 'attempt', 'status', 'wseq', 'seq', 'tokens')
+  if cur[1] ~= attempt then
+    return -1
+  end
+  if cur[2] ~= 'running' then
+    return -2
+  end
+  if tonumber(wseq) <= tonumber(cur[3] or '0') then
+    return tonumber(cur[4] or '0')
+  end
+  local seq = tonumber(cur[4] or '0') + 1
+  local tokens = tonumber(cur[5] or '0') + tonumber(n)
+  if seq == 1 then
+    local t = redis.call('TIME')
+    local first = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('HSET', record, 'seq', seq, 'tokens', tokens, 'wseq', wseq, 'first_token_ms', first)
+  else
+    redis.call('HSET', record, 'seq', seq, 'tokens', tokens, 'wseq', wseq)
+  end
+  redis.call('APPEND', emitted, text)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'seq', seq, 'kind', 'token', 'text', text, 'n', n)
+  -- A token's live payload is 't<seq> <n> <text>': no JSON to build here or to parse in the gateway.
+  redis.call('PUBLISH', channel, 't' .. seq .. ' ' .. n .. ' ' .. text)
+  return seq
 end
-if cur[2] ~= 'running' then
-  return -2
+
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local a = 5 * i + 1
+  out[i + 1] = append(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3],
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
 end
-if tonumber(ARGV[6]) <= tonumber(cur[3] or '0') then
-  return tonumber(cur[4] or '0')
-end
-local seq = tonumber(cur[4] or '0') + 1
-local tokens = tonumber(cur[5] or '0') + tonumber(ARGV[5])
-if seq == 1 then
-  local t = redis.call('TIME')
-  local first = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', KEYS[1], 'seq', seq, 'tokens', tokens, 'wseq', ARGV[6], 'first_token_ms', first)
-else
-  redis.call('HSET', KEYS[1], 'seq', seq, 'tokens', tokens, 'wseq', ARGV[6])
-end
-redis.call('APPEND', KEYS[3], ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[4], 'n', ARGV[5])
--- The live payload of a token is 't<seq> <n> <text>' (no JSON to build here or to parse in the gateway).
-redis.call('PUBLISH', ARGV[2], 't' .. seq .. ' ' .. ARGV[5] .. ' ' .. ARGV[4])
-return seq
+return out

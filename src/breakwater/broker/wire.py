@@ -1,0 +1,212 @@
+"""Raw RESP connections for the hot paths: an :class:`asyncio.Protocol` parsed by hiredis, opened
+with the same address, TLS and ACL user as the process's redis-py client.
+
+redis-py's asyncio client spends ~150 us of CPU per command (pool, retry wrapper, timeouts, per
+argument encoding, response callbacks); the token path cannot afford that per engine step or per
+stream. :class:`PipelinedRedis` sends commands as they come on one connection and matches replies
+in order, so concurrent callers share it without a pool. Blocking commands (``XREADGROUP BLOCK``)
+and everything off the hot path stay on redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import hiredis
+from redis._parsers.base import BaseParser
+from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Arg = str | int | float
+
+
+def error(reply: hiredis.ReplyError) -> Exception:
+    """The redis-py exception for an error reply (``NOSCRIPT`` -> NoScriptError, ``OOM`` -> ...)."""
+    exc: Exception = BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
+    return exc
+
+
+class Wire(asyncio.Protocol):
+    """One connection: bytes in, parsed replies out to ``on_reply``."""
+
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self.on_reply = on_reply
+        self.parser = hiredis.Reader(encoding="utf-8", errors="replace")
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.last_seen = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        self.parser.feed(data)
+        try:
+            while (reply := self.parser.gets()) is not False:
+                self.on_reply(reply)
+        except hiredis.ProtocolError as exc:
+            self.abort(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def abort(self, why: Exception | None = None) -> None:
+        if why is not None and not self.closed.done():
+            self.closed.set_result(why)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def command(*args: Arg) -> bytes:
+    return bytes(hiredis.pack_command(args))  # type: ignore[arg-type]  # the stub says a 1-tuple
+
+
+def auth_commands(redis: Redis) -> list[tuple[str, ...]]:
+    """AUTH (and SELECT) as the redis-py client would send them on a new connection."""
+    kw = redis.connection_pool.connection_kwargs
+    out: list[tuple[str, ...]] = []
+    if kw.get("password"):
+        out.append(
+            ("AUTH", kw["username"], kw["password"]) if kw.get("username") else ("AUTH", kw["password"])
+        )
+    if kw.get("db"):
+        out.append(("SELECT", str(kw["db"])))
+    return out
+
+
+async def open_wire(redis: Redis, on_reply: Callable[[Any], None], timeout_s: float = 5.0) -> Wire:
+    """A connection to the server ``redis`` talks to (host/port, unix socket, TLS)."""
+    loop = asyncio.get_running_loop()
+    pool = redis.connection_pool
+    cls, kw = pool.connection_class, pool.connection_kwargs
+    wire = Wire(on_reply)
+    if issubclass(cls, UnixDomainSocketConnection):
+        opening = loop.create_unix_connection(lambda: wire, kw["path"])
+    else:
+        tls = None
+        if issubclass(cls, SSLConnection):
+            tls = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
+            if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        opening = loop.create_connection(
+            lambda: wire, kw.get("host", "localhost"), kw.get("port", 6379), ssl=tls
+        )
+    await asyncio.wait_for(opening, timeout_s)
+    sock = wire.transport.get_extra_info("socket") if wire.transport else None
+    if sock is not None and not issubclass(cls, UnixDomainSocketConnection):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return wire
+
+
+class PipelinedRedis:
+    """Commands on one raw connection, replies matched in order. Concurrent callers are pipelined
+    for free. A lost connection fails every pending command with a ConnectionError (callers retry:
+    the broker's scripts are idempotent); a reply later than ``timeout_s`` fails the connection."""
+
+    def __init__(self, redis: Redis, timeout_s: float | None = 10.0) -> None:
+        self.redis = redis
+        self.timeout_s = timeout_s
+        self._wire: Wire | None = None
+        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._connecting = asyncio.Lock()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    async def execute(self, *args: Arg) -> Any:
+        (reply,) = await self.pipeline([args])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies, an error reply as its exception (not raised)."""
+        wire = self._wire if self._wire is not None else await self._connect()
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = [loop.create_future() for _ in commands]
+        self._pending.extend((f, now) for f in futures)
+        wire.write(b"".join(command(*c) for c in commands))
+        self._arm()
+        return [await f for f in futures]
+
+    async def aclose(self) -> None:
+        if self._wire is not None:
+            self._wire.abort()
+        self._fail(RedisConnectionError("closed"))
+
+    async def _connect(self) -> Wire:
+        async with self._connecting:
+            if self._wire is not None:
+                return self._wire
+            try:
+                wire = await open_wire(self.redis, self._on_reply)
+            except (OSError, TimeoutError) as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            wire.closed.add_done_callback(lambda _: self._lost(wire))
+            hello = auth_commands(self.redis)
+            if hello:
+                loop = asyncio.get_running_loop()
+                futures = [loop.create_future() for _ in hello]
+                self._pending.extend((f, time.monotonic()) for f in futures)
+                wire.write(b"".join(command(*c) for c in hello))
+                for f in futures:
+                    reply = await f
+                    if isinstance(reply, Exception):
+                        wire.abort()
+                        raise reply
+            self._wire = wire
+            return wire
+
+    def _on_reply(self, reply: Any) -> None:
+        if not self._pending:
+            return  # nothing asked (a late reply after a failed connection)
+        future, _ = self._pending.popleft()
+        if not future.done():
+            future.set_result(error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
+
+    def _lost(self, wire: Wire) -> None:
+        if self._wire is wire:
+            self._wire = None
+        why = wire.closed.result() if not wire.closed.cancelled() else None
+        self._fail(RedisConnectionError(f"connection to Redis lost: {why}"))
+
+    def _fail(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, deque()
+        for future, _ in pending:
+            if not future.done():
+                future.set_exception(exc)
+
+    def _arm(self) -> None:
+        if self.timeout_s is None or self._watchdog is not None:
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4, self._check)
+
+    def _check(self) -> None:
+        """A reply overdue by ``timeout_s`` means a half-open connection: fail it and its commands."""
+        self._watchdog = None
+        if not self._pending:
+            return
+        if self.timeout_s is not None and time.monotonic() - self._pending[0][1] > self.timeout_s:
+            wire = self._wire
+            self._wire = None
+            self._fail(RedisTimeoutError("Timeout reading from Redis"))
+            if wire is not None:
+                wire.abort()
+            return
+        self._arm()
