@@ -65,7 +65,7 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _serve(asgi_app: Any, host: str, port: int) -> None:
+def _serve(asgi_app: Any, host: str, port: int, sock: Any = None) -> None:
     from breakwater.gateway.ws import MAX_MESSAGE_BYTES
 
     config = uvicorn.Config(
@@ -85,7 +85,7 @@ def _serve(asgi_app: Any, host: str, port: int) -> None:
     )
     server = _DrainingServer(config)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except SystemExit as exc:
         raise typer.Exit(int(exc.code or 1)) from None
     if not server.started:
@@ -99,8 +99,12 @@ def gateway(
     port: Annotated[int | None, typer.Option(help="HTTP port")] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
     lane_max_queued: Annotated[int | None, typer.Option(help="queued jobs per lane before 429")] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, help="gateway processes on this port (SO_REUSEPORT), e.g. one per core")
+    ] = 1,
 ) -> None:
     """Run the OpenAI-compatible gateway (HTTP/SSE and WebSocket)."""
+    from breakwater import processes
     from breakwater.gateway import build_app
     from breakwater.logs import setup_logging
 
@@ -113,7 +117,22 @@ def gateway(
         )
     )
     setup_logging("gateway", settings.log_level, settings.log_json)
-    _serve(build_app(settings), settings.host, settings.port)
+    if workers == 1 and not processes.is_sibling():
+        _serve(build_app(settings), settings.host, settings.port)
+        return
+    try:
+        sock = processes.reuseport_socket(settings.host, settings.port)
+    except OSError as exc:
+        console.print(f"[red]could not listen on {settings.host}:{settings.port}: {escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
+    processes.catch_stop_signals()
+    siblings = processes.start_siblings(workers - 1, settings.host, settings.port)
+    try:
+        _serve(build_app(settings), settings.host, settings.port, sock)
+    except processes.Stopped:
+        pass
+    finally:
+        processes.stop_siblings(siblings)
 
 
 @app.command()
