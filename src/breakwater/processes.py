@@ -8,6 +8,8 @@ process starts the others and stops them when it stops.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ import subprocess
 import sys
 
 SIBLING_ENV = "BREAKWATER_GATEWAY_SIBLING"
+PR_SET_PDEATHSIG = 1
 
 
 class Stopped(Exception):
@@ -51,7 +54,16 @@ def start_siblings(count: int, host: str, port: int) -> list[subprocess.Popen[by
     """``count`` more gateway processes on ``host:port`` (same settings: they inherit the environment)."""
     argv = [sys.executable, "-m", "breakwater", "gateway", "--host", host, "--port", str(port)]
     env = {**os.environ, SIBLING_ENV: "1"}
-    return [subprocess.Popen([*argv, "--workers", "1"], env=env) for _ in range(count)]
+    return [
+        subprocess.Popen([*argv, "--workers", "1"], env=env, preexec_fn=_die_with_parent)
+        for _ in range(count)
+    ]
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGTERM to a sibling when the first process dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_siblings(procs: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -> None:

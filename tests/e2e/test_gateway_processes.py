@@ -97,3 +97,17 @@ def test_stopping_the_first_process_stops_its_siblings(redis_server: RedisServer
         assert not any(_alive(pid) for pid in siblings)
     finally:
         first.stop()
+
+
+def test_siblings_do_not_outlive_a_killed_first_process(redis_server: RedisServer, log_dir: Path) -> None:
+    env = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir).env()
+    port = free_port()
+    first = Proc(["gateway", "--port", str(port), "--workers", "2"], env, log_dir / f"gwk-{port}.log")
+    try:
+        wait_for(lambda: len(_children(first.pid)) == 1, 30, 0.1, "the second gateway process")
+        (second,) = _children(first.pid)
+        first.proc.kill()  # SIGKILL: no chance to stop its siblings itself
+        first.proc.wait(10)
+        wait_for(lambda: not _alive(second), 30, 0.1, "the orphaned sibling gone")
+    finally:
+        first.stop()

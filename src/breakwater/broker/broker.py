@@ -27,6 +27,11 @@ from breakwater.protocol.events import TokenEvent
 READ_PAGE = 512
 
 
+def _pairs(flat: list[str] | None) -> dict[str, str] | None:
+    """A raw ``[k1, v1, k2, v2, ...]`` reply as a dict (None: the entry was deleted while pending)."""
+    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class Admission(enum.Enum):
     QUEUED = "queued"
     LANE_FULL = "lane_full"
@@ -221,6 +226,13 @@ class Broker(WorkerRegistry, DeadLetters):
     ) -> list[Job]:
         """New jobs for this consumer (``XREADGROUP >``), at most ``count``."""
         stream = self.keys.jobs(model, lane)
+        if block_ms is None:  # the common, non-blocking pull: on the raw connection
+            raw: Any = await self.fast.execute(
+                "XREADGROUP", "GROUP", GROUP, worker_id, "COUNT", count, "STREAMS", stream, ">"
+            )
+            entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
+            return self._jobs(stream, entries)
+        # A blocking read would stall every command behind it on the shared raw connection.
         reply: Any = await self.redis.xreadgroup(GROUP, worker_id, {stream: ">"}, count=count, block=block_ms)
         return self._jobs(stream, reply[0][1] if reply else [])
 
@@ -259,10 +271,17 @@ class Broker(WorkerRegistry, DeadLetters):
 
     async def ack(self, job: Job) -> None:
         """Acknowledge and delete the entry, which keeps queue memory bounded and XLEN exact."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(job.stream, GROUP, job.entry_id)
-            pipe.xdel(job.stream, job.entry_id)
-            await pipe.execute()
+        replies = await self.fast.pipeline(
+            [
+                ("MULTI",),
+                ("XACK", job.stream, GROUP, job.entry_id),
+                ("XDEL", job.stream, job.entry_id),
+                ("EXEC",),
+            ]
+        )
+        for reply in replies:  # one write: no other caller's command can land inside the MULTI
+            if isinstance(reply, Exception):
+                raise reply
 
     async def refresh_leases(self, leases: list[Lease], worker_id: str, *, result_ttl_s: int) -> list[Lease]:
         """Reset the idle time of in-flight entries this worker still owns (``XCLAIM … JUSTID``) and
