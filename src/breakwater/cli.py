@@ -81,6 +81,9 @@ def _serve(asgi_app: Any, host: str, port: int, sock: Any = None) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=5,
+        # Longer than a load balancer's idle timeout (60 s on the common ones), as nginx's 75 s: a
+        # server that closes an idle keep-alive connection first races the next request on it.
+        timeout_keep_alive=75,
         backlog=4096,
     )
     server = _DrainingServer(config)
