@@ -58,6 +58,9 @@ class _DrainingServer(uvicorn.Server):
     elsewhere), then let uvicorn stop accepting and wait for connections to close."""
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        from breakwater import processes
+
+        processes.forward_stop()  # gateway --workers N: the others drain at the same time
         service = getattr(getattr(self.config.app, "state", None), "service", None)
         if service is not None:
             with contextlib.suppress(RuntimeError):
@@ -111,14 +114,8 @@ def gateway(
     from breakwater.gateway import build_app
     from breakwater.logs import setup_logging
 
-    settings = GatewaySettings(
-        **_given(
-            host=host,
-            port=port,
-            redis_url=redis_url,
-            lane_max_queued=lane_max_queued,
-        )
-    )
+    given = _given(host=host, port=port, redis_url=redis_url, lane_max_queued=lane_max_queued)
+    settings = GatewaySettings(**given)
     setup_logging("gateway", settings.log_level, settings.log_json)
     if workers == 1 and not processes.is_sibling():
         _serve(build_app(settings), settings.host, settings.port)
@@ -129,7 +126,8 @@ def gateway(
         console.print(f"[red]could not listen on {settings.host}:{settings.port}: {escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
     processes.catch_stop_signals()
-    siblings = processes.start_siblings(workers - 1, settings.host, settings.port)
+    flags = {f"BREAKWATER_{k.upper()}": str(v) for k, v in given.items()}
+    siblings = processes.start_siblings(workers - 1, settings.host, settings.port, flags)
     try:
         _serve(build_app(settings), settings.host, settings.port, sock)
     except processes.Stopped:

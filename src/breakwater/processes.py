@@ -50,24 +50,36 @@ def is_sibling() -> bool:
     return os.environ.get(SIBLING_ENV) == "1"
 
 
-def start_siblings(count: int, host: str, port: int) -> list[subprocess.Popen[bytes]]:
-    """``count`` more gateway processes on ``host:port`` (same settings: they inherit the environment)."""
+_siblings: list[subprocess.Popen[bytes]] = []
+
+
+def start_siblings(count: int, host: str, port: int, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """``count`` more gateway processes on ``host:port``; ``env``: the settings given as flags, so
+    every process runs with the same ones."""
     argv = [sys.executable, "-m", "breakwater", "gateway", "--host", host, "--port", str(port)]
-    env = {**os.environ, SIBLING_ENV: "1"}
-    return [
-        subprocess.Popen([*argv, "--workers", "1"], env=env, preexec_fn=_die_with_parent)
+    child_env = {**os.environ, **env, SIBLING_ENV: "1"}
+    parent = os.getpid()
+    procs = [
+        subprocess.Popen([*argv, "--workers", "1"], env=child_env, preexec_fn=lambda: _die_with(parent))
         for _ in range(count)
     ]
+    _siblings.extend(procs)
+    return procs
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGTERM to a sibling when the first process dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def forward_stop() -> None:
+    """The first process begins to drain: so do the others, at the same time (one drain, not two in
+    a row, fits the pod's termination grace period)."""
+    for proc in _siblings:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGTERM)
 
 
 def stop_siblings(procs: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -> None:
     """SIGTERM (each drains as it would alone), then wait; SIGKILL what outlives ``grace_s``."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the wait short
+        signal.signal(sig, signal.SIG_IGN)
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -77,3 +89,12 @@ def stop_siblings(procs: list[subprocess.Popen[bytes]], grace_s: float = 30.0) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _die_with(parent: int) -> None:
+    """Linux: the kernel sends SIGTERM to a sibling when the first process dies, even by SIGKILL
+    (and if it died before this ran, the sibling exits at once)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(0)

@@ -60,7 +60,10 @@ def test_two_processes_on_one_port(redis_server: RedisServer, log_dir: Path) -> 
     procs = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    first = Proc(["gateway", "--port", str(port), "--workers", "2"], procs.env(), log_dir / f"gw2-{port}.log")
+    # The Redis URL only as a flag: the second process must get it too (not fall back to localhost).
+    env = {k: v for k, v in procs.env().items() if k != "BREAKWATER_REDIS_URL"}
+    args = ["gateway", "--port", str(port), "--workers", "2", "--redis-url", redis_server.url]
+    first = Proc(args, env, log_dir / f"gw2-{port}.log")
     try:
         procs.add_worker(heartbeat_s=0.3)
         wait_for(lambda: len(_children(first.pid)) == 1, 30, 0.1, "the second gateway process")

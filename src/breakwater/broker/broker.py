@@ -279,8 +279,8 @@ class Broker(WorkerRegistry, DeadLetters):
                 ("EXEC",),
             ]
         )
-        for reply in replies:  # one write: no other caller's command can land inside the MULTI
-            if isinstance(reply, Exception):
+        for reply in [*replies[:-1], *(replies[-1] or [])]:  # EXEC's array holds each command's reply
+            if isinstance(reply, Exception):  # one write: no other caller's command lands inside
                 raise reply
 
     async def refresh_leases(self, leases: list[Lease], worker_id: str, *, result_ttl_s: int) -> list[Lease]:

@@ -39,7 +39,7 @@ class Subscription:
     """Live events of one request for one reader; ``overflowed`` tells it to re-read the durable
     stream (its buffer filled, the connection was re-established, or the gateway drains)."""
 
-    __slots__ = ("_waiter", "confirmed", "events", "maxsize", "on_overflow", "overflowed", "rid")
+    __slots__ = ("_waiter", "confirmed", "delivered", "events", "maxsize", "on_overflow", "overflowed", "rid")
 
     def __init__(self, rid: str, maxsize: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.rid = rid
@@ -47,6 +47,7 @@ class Subscription:
         self.on_overflow = on_overflow
         self.events: deque[TokenEvent] = deque()
         self.overflowed = False
+        self.delivered = 0  # the last seq its reader handed on
         self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter: asyncio.Future[None] | None = None
 
@@ -66,6 +67,10 @@ class Subscription:
 
     def drain(self) -> None:
         self.events.clear()
+
+    def next_is_ready(self) -> bool:
+        """The reader's next event is buffered: it will be handed on without waiting."""
+        return not self.overflowed and bool(self.events) and self.events[0].seq == self.delivered + 1
 
     async def wait(self, timeout_s: float) -> None:
         """Until an event is buffered, the reader is woken, or ``timeout_s`` passes. One future and
@@ -105,6 +110,7 @@ class Fanin:
         self._redis = redis  # only for its address, TLS settings and ACL user
         self._subs: dict[str, set[Subscription]] = {}
         self._unconfirmed: dict[str, int] = {}  # SUBSCRIBE commands sent and not yet answered
+        self._resubscribed: set[str] = set()  # channels subscribed again after a reconnect
         self._conn: Wire | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()  # set while connected
@@ -207,6 +213,7 @@ class Fanin:
                 self._up.clear()
                 conn.abort()
                 self._unconfirmed.clear()
+                self._resubscribed.clear()
             if time.monotonic() - began > PING_EVERY_S:
                 backoff.reset()  # it worked for a while; a refused AUTH, say, keeps backing off
             why = conn.closed.result() if conn.closed.done() else None
@@ -220,6 +227,7 @@ class Fanin:
         if channels:  # re-subscribe after a reconnect; the readers re-read what they missed
             for channel in channels:
                 self._unconfirmed[channel] = 1
+            self._resubscribed.update(channels)
             hello.append(command("SUBSCRIBE", *channels))
         hello.append(command("PING"))  # a reply proves the connection (and AUTH) works
         conn.write(b"".join(hello))
@@ -257,13 +265,20 @@ class Fanin:
             for sub in subs:
                 sub.offer(event)
         elif kind == "subscribe":
-            left = self._unconfirmed.get(channel, 0) - 1
-            if left > 0:
-                self._unconfirmed[channel] = left
-                return
-            self._unconfirmed.pop(channel, None)
-            for sub in subs or ():
-                if sub.confirmed.done():
-                    sub.wake()  # re-subscribed after a reconnect: it may have missed events
-                else:
-                    sub.confirmed.set_result(None)
+            self._on_subscribed(channel, subs)
+
+    def _on_subscribed(self, channel: str, subs: set[Subscription] | None) -> None:
+        left = self._unconfirmed.get(channel, 0) - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return
+        self._unconfirmed.pop(channel, None)
+        # Re-subscribed after a reconnect: every reader of it may have missed events (also one
+        # whose first SUBSCRIBE was never answered), so each re-reads the durable stream.
+        missed = channel in self._resubscribed
+        self._resubscribed.discard(channel)
+        for sub in subs or ():
+            if not sub.confirmed.done():
+                sub.confirmed.set_result(None)
+            if missed:
+                sub.wake()

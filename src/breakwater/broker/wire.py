@@ -117,16 +117,16 @@ async def open_wire(redis: Redis, on_reply: Callable[[Any], None], timeout_s: fl
 
 class PipelinedRedis:
     """Commands on one raw connection, replies matched in order. Concurrent callers are pipelined
-    for free. A lost connection fails every pending command with a ConnectionError (callers retry:
-    the broker's scripts are idempotent); a reply later than ``timeout_s`` fails the connection."""
+    for free. A lost connection fails every command pending on it with a ConnectionError (callers
+    retry: the broker's scripts are idempotent); a reply later than ``timeout_s`` fails the
+    connection. Each connection keeps its own queue of pending replies, so a reply can only ever
+    answer a command sent on the same connection."""
 
     def __init__(self, redis: Redis, timeout_s: float | None = 10.0) -> None:
         self.redis = redis
         self.timeout_s = timeout_s
-        self._wire: Wire | None = None
-        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._wire: _Pipe | None = None
         self._connecting = asyncio.Lock()
-        self._watchdog: asyncio.TimerHandle | None = None
 
     async def execute(self, *args: Arg) -> Any:
         (reply,) = await self.pipeline([args])
@@ -136,77 +136,91 @@ class PipelinedRedis:
 
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Send ``commands`` in one write; their replies, an error reply as its exception (not raised)."""
-        wire = self._wire if self._wire is not None else await self._connect()
+        pipe = self._wire
+        if pipe is None or pipe.failed is not None:  # a timed-out connection is replaced at once
+            pipe = await self._connect()
+        return await pipe.send(commands)
+
+    async def aclose(self) -> None:
+        pipe, self._wire = self._wire, None
+        if pipe is not None:
+            pipe.close(RedisConnectionError("closed"))
+
+    async def _connect(self) -> _Pipe:
+        async with self._connecting:
+            if self._wire is not None and self._wire.failed is None:
+                return self._wire
+            pipe = _Pipe(self.timeout_s)
+            try:
+                pipe.wire = await open_wire(self.redis, pipe.on_reply)
+            except (OSError, TimeoutError) as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            pipe.wire.closed.add_done_callback(lambda _: self._lost(pipe))
+            try:
+                hello = auth_commands(self.redis)
+                if hello:
+                    replies = await asyncio.wait_for(pipe.send(hello), self.timeout_s)
+                    for reply in replies:
+                        if isinstance(reply, Exception):
+                            raise reply
+            except BaseException:
+                pipe.close(RedisConnectionError("connection setup failed"))
+                raise
+            self._wire = pipe
+            return pipe
+
+    def _lost(self, pipe: _Pipe) -> None:
+        if self._wire is pipe:
+            self._wire = None
+        pipe.close(RedisConnectionError("connection to Redis lost"))
+
+
+class _Pipe:
+    """One connection and the replies it still owes, in order."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.wire: Wire | None = None
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.failed: Exception | None = None
+
+    async def send(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        if self.failed is not None or self.wire is None:
+            raise RedisConnectionError(f"connection to Redis lost: {self.failed}")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures = [loop.create_future() for _ in commands]
-        self._pending.extend((f, now) for f in futures)
-        wire.write(b"".join(command(*c) for c in commands))
-        self._arm()
+        self.pending.extend((f, now) for f in futures)
+        self.wire.write(b"".join(command(*c) for c in commands))
+        if self.timeout_s is not None and self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout_s / 4, self._check)
         return [await f for f in futures]
 
-    async def aclose(self) -> None:
-        if self._wire is not None:
-            self._wire.abort()
-        self._fail(RedisConnectionError("closed"))
-
-    async def _connect(self) -> Wire:
-        async with self._connecting:
-            if self._wire is not None:
-                return self._wire
-            try:
-                wire = await open_wire(self.redis, self._on_reply)
-            except (OSError, TimeoutError) as exc:
-                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
-            wire.closed.add_done_callback(lambda _: self._lost(wire))
-            hello = auth_commands(self.redis)
-            if hello:
-                loop = asyncio.get_running_loop()
-                futures = [loop.create_future() for _ in hello]
-                self._pending.extend((f, time.monotonic()) for f in futures)
-                wire.write(b"".join(command(*c) for c in hello))
-                for f in futures:
-                    reply = await f
-                    if isinstance(reply, Exception):
-                        wire.abort()
-                        raise reply
-            self._wire = wire
-            return wire
-
-    def _on_reply(self, reply: Any) -> None:
-        if not self._pending:
-            return  # nothing asked (a late reply after a failed connection)
-        future, _ = self._pending.popleft()
+    def on_reply(self, reply: Any) -> None:
+        if not self.pending:
+            return
+        future, _ = self.pending.popleft()
         if not future.done():
             future.set_result(error(reply) if isinstance(reply, hiredis.ReplyError) else reply)
 
-    def _lost(self, wire: Wire) -> None:
-        if self._wire is wire:
-            self._wire = None
-        why = wire.closed.result() if not wire.closed.cancelled() else None
-        self._fail(RedisConnectionError(f"connection to Redis lost: {why}"))
-
-    def _fail(self, exc: Exception) -> None:
-        pending, self._pending = self._pending, deque()
+    def close(self, exc: Exception) -> None:
+        """Fail every pending command and drop the connection; a later send fails at once."""
+        if self.failed is None:
+            self.failed = exc
+        pending, self.pending = self.pending, deque()
         for future, _ in pending:
             if not future.done():
                 future.set_exception(exc)
-
-    def _arm(self) -> None:
-        if self.timeout_s is None or self._watchdog is not None:
-            return
-        self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4, self._check)
+        if self.wire is not None:
+            self.wire.abort()
 
     def _check(self) -> None:
         """A reply overdue by ``timeout_s`` means a half-open connection: fail it and its commands."""
         self._watchdog = None
-        if not self._pending:
+        if not self.pending or self.timeout_s is None:
             return
-        if self.timeout_s is not None and time.monotonic() - self._pending[0][1] > self.timeout_s:
-            wire = self._wire
-            self._wire = None
-            self._fail(RedisTimeoutError("Timeout reading from Redis"))
-            if wire is not None:
-                wire.abort()
+        if time.monotonic() - self.pending[0][1] > self.timeout_s:
+            self.close(RedisTimeoutError("Timeout reading from Redis"))
             return
-        self._arm()
+        self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4, self._check)

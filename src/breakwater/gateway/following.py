@@ -74,22 +74,26 @@ async def follow_events(
         while True:
             _stop_if_draining(fanin, rid)
             if catch_up:  # from the durable stream: at start, after an overflow, a gap or an idle spell
+                # Cleared before the read, so a wake-up (overflow, reconnect) during it is not lost;
+                # live events buffered meanwhile are deduplicated by seq.
+                sub.overflowed = False
+                sub.drain()
                 progressed = False
                 async for event in _backlog(broker, rid, last):
                     last, progressed = event.seq, True
+                    sub.delivered = last
                     yield event
                     if event.terminal:
                         return
                 if not progressed and not await broker.exists(rid):
                     raise RequestGone(rid)  # expired (or never existed): nothing more will come
-                sub.overflowed = False
             catch_up = True
             async for event in _live(sub, idle_poll_s):
                 if event.seq <= last:
                     continue
                 if event.seq > last + 1:
                     break  # gap: re-read the stream
-                last = event.seq
+                last = sub.delivered = event.seq
                 yield event
                 if event.terminal:
                     return

@@ -87,7 +87,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
     finished = False
     # Events that are already buffered when one is rendered go out in the same write (under load a
     # reader wakes to several): one send through the ASGI stack and one syscall instead of many.
-    ready = sub.subscription.events if sub.subscription is not None else ()
+    live = sub.subscription
     pending: list[bytes] = []
     try:
         async for chunk in sse_chunks(
@@ -100,7 +100,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
             after=after,
         ):
             pending.append(chunk)
-            if ready and len(pending) < COALESCE_MAX:
+            if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:
                 continue
             yield b"".join(pending)
             pending.clear()
