@@ -13,7 +13,7 @@ K8S_VENV ?= .venv-k8s
 K8S_STAMP := $(K8S_VENV)/.installed
 CRD_STAMP := tests/k8s/crd/node_modules/.installed
 
-.PHONY: up test lint typecheck unit bench evaluate clean vllm-env k8s-env k8s-check
+.PHONY: up test lint typecheck unit bench peers peers-env evaluate clean vllm-env k8s-env k8s-check
 
 # llama.cpp is compiled for this machine's CPU (GGML_NATIVE: AVX2/AVX-512 where present); the Docker
 # image keeps portable flags instead (deploy/docker/Dockerfile).
@@ -81,6 +81,17 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
+
+# Breakwater beside nginx and vllm-router (benchmarks/peers.py -> docs/benchmarks.md, ~15 min). The
+# script installs nothing: `make peers-env` puts vllm-router and py-spy in $(PEERS_VENV); nginx comes
+# from Debian (apt-get install nginx-light).
+PEERS_VENV ?= .venv-peers
+peers-env:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q vllm-router py-spy
+
+peers: $(STAMP)
+	$(PY) benchmarks/peers.py $(ARGS)
 
 # The seed's step, burst and trace profiles against the local stack -> docs/evaluation.md (~8 min).
 evaluate: $(STAMP)
