@@ -88,9 +88,8 @@ class Subscription:
             self._waiter = None
 
     def _notify(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
