@@ -15,7 +15,14 @@ from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 from breakwater.redis_server import RedisServer
-from tests.helpers import async_wait_for
+
+
+async def _until(check: object, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def _subscribe(fanin: Fanin, rid: str) -> Subscription:
@@ -46,7 +53,7 @@ async def test_events_reach_every_reader_in_order(fanin: Fanin, redis: Redis) ->
     await redis.publish(channel, "t1 1 Hello")
     await redis.publish(channel, "t2 2  big world")  # the text keeps its spaces
     await redis.publish(channel, '{"seq": "3", "kind": "done", "finish_reason": "stop"}')
-    await async_wait_for(lambda: len(a.events) == 3 and len(b.events) == 3, 10, 0.02, "three events each")
+    await _until(lambda: len(a.events) == 3 and len(b.events) == 3, "three events each")
     for sub in (a, b):
         assert list(sub.events) == [
             TokenEvent(1, "token", "Hello", 1),
@@ -57,7 +64,7 @@ async def test_events_reach_every_reader_in_order(fanin: Fanin, redis: Redis) ->
     a.drain()
     b.drain()
     await redis.publish(channel, "t4 1 !")
-    await async_wait_for(lambda: len(b.events) == 1, 10, 0.02, "the remaining reader's event")
+    await _until(lambda: len(b.events) == 1, "the remaining reader's event")
     assert not a.events and fanin.active == 1
 
 
@@ -65,7 +72,7 @@ async def test_a_full_buffer_is_flagged_not_waited_on(fanin: Fanin, redis: Redis
     sub = await _subscribe(fanin, "slow")
     for seq in range(1, 6):
         await redis.publish(fanin.keys.channel("slow"), f"t{seq} 1 x")
-    await async_wait_for(lambda: sub.overflowed, 10, 0.02, "overflow")
+    await _until(lambda: sub.overflowed, "overflow")
     assert [e.seq for e in sub.events] == [1, 2, 3]
     assert fanin.overflows == [1]  # type: ignore[attr-defined]
 
@@ -86,7 +93,7 @@ async def test_wait_ends_on_an_event_on_timeout_and_on_cancel(fanin: Fanin, redi
     with pytest.raises(asyncio.CancelledError):
         await waiting
     await redis.publish(fanin.keys.channel("w"), "t2 1 b")  # a cancelled wait does not eat events
-    await async_wait_for(lambda: len(sub.events) == 1, 10, 0.02, "the next event")
+    await _until(lambda: len(sub.events) == 1, "the next event")
 
 
 async def test_readers_are_resubscribed_and_woken_after_redis_restarts(
@@ -100,13 +107,11 @@ async def test_readers_are_resubscribed_and_woken_after_redis_restarts(
         server.stop(kill=True)
         server.start()
         # Events published while it was gone are lost to Pub/Sub: the reader is told to re-read.
-        await async_wait_for(lambda: sub.overflowed, 20, 0.02, "the reader woken after the reconnect")
+        await _until(lambda: sub.overflowed, "the reader woken after the reconnect", 20)
         sub.overflowed = False
-        await async_wait_for(lambda: fanin.active == 1, 10, 0.02, "still subscribed")
+        await _until(lambda: fanin.active == 1, "still subscribed")
         await client.publish(fanin.keys.channel("r"), "t7 1 again")
-        await async_wait_for(
-            lambda: [e.seq for e in sub.events] == [7], 10, 0.02, "a live event after the restart"
-        )
+        await _until(lambda: [e.seq for e in sub.events] == [7], "a live event after the restart")
         other = await _subscribe(fanin, "s")  # and new subscriptions work
         assert other.confirmed.done()
     finally:

@@ -88,19 +88,12 @@ def test_two_processes_on_one_port(redis_server: RedisServer, log_dir: Path) -> 
     assert not _alive(second)
 
 
-def _gateways(redis_server: RedisServer, log_dir: Path, workers: int) -> tuple[Proc, int]:
-    """``gateway --workers N`` on a free port, once its N - 1 siblings are running."""
+def test_stopping_the_first_process_stops_its_siblings(redis_server: RedisServer, log_dir: Path) -> None:
     env = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir).env()
     port = free_port()
-    args = ["gateway", "--port", str(port), "--workers", str(workers)]
-    first = Proc(args, env, log_dir / f"gw{workers}-{port}.log")
-    wait_for(lambda: len(_children(first.pid)) == workers - 1, 30, 0.1, "the other gateway processes")
-    return first, port
-
-
-def test_stopping_the_first_process_stops_its_siblings(redis_server: RedisServer, log_dir: Path) -> None:
-    first, port = _gateways(redis_server, log_dir, 3)
+    first = Proc(["gateway", "--port", str(port), "--workers", "3"], env, log_dir / f"gw3-{port}.log")
     try:
+        wait_for(lambda: len(_children(first.pid)) == 2, 30, 0.1, "two more gateway processes")
         siblings = _children(first.pid)
         wait_for(lambda: _healthy(f"http://127.0.0.1:{port}"), 30, 0.1, "healthy")
         assert first.stop(timeout_s=40) == 0
@@ -110,8 +103,11 @@ def test_stopping_the_first_process_stops_its_siblings(redis_server: RedisServer
 
 
 def test_siblings_do_not_outlive_a_killed_first_process(redis_server: RedisServer, log_dir: Path) -> None:
-    first, _ = _gateways(redis_server, log_dir, 2)
+    env = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir).env()
+    port = free_port()
+    first = Proc(["gateway", "--port", str(port), "--workers", "2"], env, log_dir / f"gwk-{port}.log")
     try:
+        wait_for(lambda: len(_children(first.pid)) == 1, 30, 0.1, "the second gateway process")
         (second,) = _children(first.pid)
         first.proc.kill()  # SIGKILL: no chance to stop its siblings itself
         first.proc.wait(10)

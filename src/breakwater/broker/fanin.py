@@ -88,8 +88,9 @@ class Subscription:
             self._waiter = None
 
     def _notify(self) -> None:
-        if self._waiter is not None:
-            _resolve(self._waiter)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
