@@ -17,6 +17,7 @@ from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.service import GatewayService
+from breakwater.runtime import settle_heap
 
 log = logging.getLogger(__name__)
 GAUGE_INTERVAL_S = 1.0
@@ -41,6 +42,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         svc = GatewayService(settings, broker, fanin, metrics)
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
+        settle_heap()
         log.info(
             "gateway ready",
             extra={"fields": {"redis": redacted(settings.redis_url), "prefix": settings.key_prefix}},

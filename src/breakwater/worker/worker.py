@@ -14,6 +14,7 @@ from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import Engine, EngineRequestError, SequenceDelta
 from breakwater.keys import LANES
+from breakwater.runtime import settle_heap
 from breakwater.worker.jobs import InFlight, generation_request
 from breakwater.worker.metrics import WorkerMetrics
 
@@ -54,6 +55,7 @@ class Worker:
         """Serve until :meth:`drain` (or, with ``burst``, until the queue is empty and nothing runs)."""
         await self.broker.ensure_groups(self.model)
         await self._heartbeat_once()
+        settle_heap()
         tasks = [
             asyncio.create_task(self._step_loop(), name="step"),
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
