@@ -16,6 +16,7 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
+from breakwater.cli_keys import keys_app
 from breakwater.cli_tools import bench, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
 
@@ -375,6 +376,7 @@ def _print_up(stack: Stack, data_dir: Path) -> None:
 app.command()(bench)
 app.add_typer(models_app, name="models")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,11 +29,38 @@ class CommonSettings(BaseSettings):
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     log_level: str = "INFO"
     log_json: bool = True
+    # API keys (`breakwater keys ...`) are stored as HMAC-SHA256(pepper, key): the pepper comes from a
+    # Secret (file) so that a copy of Redis alone cannot be used to test guessed keys.
+    auth_pepper: SecretStr | None = None
+    auth_pepper_file: str | None = Field(default=None, description="read the API-key pepper from this file")
+
+    def pepper(self) -> bytes:
+        """The API-key pepper; raises ValueError when none is configured."""
+        if self.auth_pepper_file:
+            with open(self.auth_pepper_file, encoding="utf-8") as f:
+                value = f.read().strip()
+        else:
+            value = self.auth_pepper.get_secret_value() if self.auth_pepper is not None else ""
+        if len(value) < 16:
+            raise ValueError(
+                "API keys need a pepper of at least 16 characters: set BREAKWATER_AUTH_PEPPER_FILE "
+                "(a mounted Secret) or BREAKWATER_AUTH_PEPPER"
+            )
+        return value.encode()
 
 
 class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8000
+    auth: Literal["off", "keys"] = Field(
+        default="off", description="keys: every /v1 request needs an API key (Authorization: Bearer)"
+    )
+    auth_cache_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=60.0,
+        description="how long a gateway trusts a key it looked up (revocation delay)",
+    )
     lane_max_queued: int = Field(default=1000, ge=1, description="queued jobs per model and lane before 429")
     stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
     idle_poll_s: float = Field(

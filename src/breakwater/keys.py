@@ -43,5 +43,14 @@ class Keys:
     def dlq(self, model: str) -> str:
         return f"{self.prefix}:dlq:{{{model}}}"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+    def idempotency(self, tenant: str, key_digest: str) -> str:
+        """An Idempotency-Key, scoped to its tenant (``key_digest``: a hash of the client's key)."""
+        return f"{self.prefix}:idem:{tenant}:{key_digest}"
+
+    def api_key(self, digest: str) -> str:
+        """An API key's record, found by the key's peppered hash (the key itself is never stored)."""
+        return f"{self.prefix}:apikey:{digest}"
+
+    def api_key_ids(self) -> str:
+        """Key id -> hash: listing, showing and revoking keys by their public id."""
+        return f"{self.prefix}:apikeys"

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from breakwater.broker import Admission, Append, Broker, Lease, RequestSpec, StartOutcome, Status
+from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.keys import GROUP, Keys
 
 
@@ -238,14 +239,24 @@ async def test_attach_and_detach_never_recreate_an_expired_record(broker: Broker
 
 
 async def test_idempotency_key_claim_rebind_release(broker: Broker) -> None:
-    assert await broker.claim_idempotency_key("k", "r1", 60) is None
-    assert await broker.claim_idempotency_key("k", "r2", 60) == "r1"
-    assert await broker.rebind_idempotency_key("k", "r2", 60, was="r0") is False  # not bound to r0
-    assert await broker.rebind_idempotency_key("k", "r2", 60, was="r1") is True
-    await broker.release_idempotency_key("k", "r1")  # not its holder: kept
-    assert await broker.claim_idempotency_key("k", "r3", 60) == "r2"
-    await broker.release_idempotency_key("k", "r2")
-    assert await broker.claim_idempotency_key("k", "r3", 60) is None
+    k = IdempotencyKey("tenant-a", "k", "body1")
+    assert await broker.claim_idempotency_key(k, "r1", 60) is None
+    assert await broker.claim_idempotency_key(k, "r2", 60) == Binding("r1", "body1")
+    assert await broker.rebind_idempotency_key(k, "r2", 60, was="r0") is False  # not bound to r0
+    assert await broker.rebind_idempotency_key(k, "r2", 60, was="r1") is True
+    await broker.release_idempotency_key(k, "r1")  # not its holder: kept
+    assert await broker.claim_idempotency_key(k, "r3", 60) == Binding("r2", "body1")
+    await broker.release_idempotency_key(k, "r2")
+    assert await broker.claim_idempotency_key(k, "r3", 60) is None
+
+
+async def test_idempotency_keys_are_per_tenant_and_remember_the_body(broker: Broker) -> None:
+    a, b = IdempotencyKey("tenant-a", "k", "body1"), IdempotencyKey("tenant-b", "k", "body1")
+    assert await broker.claim_idempotency_key(a, "ra", 60) is None
+    assert await broker.claim_idempotency_key(b, "rb", 60) is None  # the same key, another tenant
+    other_body = IdempotencyKey("tenant-a", "k", "body2")
+    found = await broker.claim_idempotency_key(other_body, "rc", 60)
+    assert found == Binding("ra", "body1") and not other_body.matches(found)
 
 
 async def test_registry_drops_dead_workers(broker: Broker, redis: Redis) -> None:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from breakwater.broker.idempotency import IdempotencyKey
 from breakwater.gateway.errors import APIError
 from breakwater.redis_server import RedisServer
 from tests.helpers import expected_sim
@@ -89,7 +90,8 @@ async def test_idempotency_key_after_its_request_expired_starts_a_new_one(gw: In
     assert again.json()["id"] == first.json()["id"]  # replayed, not run twice
     broker = gw.broker()
     try:
-        key_ttl = await broker.redis.ttl(gw.keys.idempotency("order-42"))
+        scoped = IdempotencyKey("anonymous", "order-42", "")  # auth off: the one tenant
+        key_ttl = await broker.redis.ttl(scoped.redis_key(gw.keys))
         record_ttl = await broker.redis.ttl(gw.keys.request(first.json()["id"]))
         assert key_ttl >= record_ttl > 0  # the key never forgets a result that is still readable
         rid = first.json()["id"]

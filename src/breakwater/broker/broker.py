@@ -13,9 +13,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from breakwater.broker.api_keys import KeyStore
 from breakwater.broker.connection import connect_with
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import Fanin
+from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.scripts import Script
@@ -140,6 +142,9 @@ class Broker(WorkerRegistry, DeadLetters):
         await self.fast.aclose()
         await self.redis.aclose()
 
+    def api_keys(self, pepper: bytes) -> KeyStore:
+        return KeyStore(self.redis, self.keys, pepper)
+
     def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> Fanin:
         """The process's one Pub/Sub connection, fanned in to per-request buffers."""
         return Fanin(self.redis, self.keys, buffer, on_overflow)
@@ -172,18 +177,23 @@ class Broker(WorkerRegistry, DeadLetters):
         admission = {1: Admission.QUEUED, 0: Admission.LANE_FULL, 2: Admission.ALREADY_QUEUED}[code]
         return EnqueueResult(admission, rid, waiting)
 
-    async def claim_idempotency_key(self, key: str, rid: str, ttl_s: int) -> str | None:
-        """Bind ``key`` to ``rid``; returns the rid it was already bound to, or None if it is new."""
-        existing: Any = await self._idempotency(keys=[self.keys.idempotency(key)], args=["claim", rid, ttl_s])
-        return str(existing) if existing else None
+    async def claim_idempotency_key(self, key: IdempotencyKey, rid: str, ttl_s: int) -> Binding | None:
+        """Bind ``key`` to ``rid``; returns what it was already bound to (request and body), or None
+        if it is new."""
+        existing: Any = await self._idempotency(
+            keys=[key.redis_key(self.keys)], args=["claim", key.bound(rid), ttl_s]
+        )
+        return key.parse(str(existing)) if existing else None
 
-    async def rebind_idempotency_key(self, key: str, rid: str, ttl_s: int, *, was: str) -> bool:
+    async def rebind_idempotency_key(self, key: IdempotencyKey, rid: str, ttl_s: int, *, was: str) -> bool:
         """Move ``key`` from the expired request ``was`` to ``rid``, unless another caller did first."""
-        res = await self._idempotency(keys=[self.keys.idempotency(key)], args=["rebind", rid, ttl_s, was])
+        res = await self._idempotency(
+            keys=[key.redis_key(self.keys)], args=["rebind", key.bound(rid), ttl_s, key.bound(was)]
+        )
         return bool(res)
 
-    async def release_idempotency_key(self, key: str, rid: str) -> None:
-        await self._idempotency(keys=[self.keys.idempotency(key)], args=["release", rid, 0])
+    async def release_idempotency_key(self, key: IdempotencyKey, rid: str) -> None:
+        await self._idempotency(keys=[key.redis_key(self.keys)], args=["release", key.bound(rid), 0])
 
     async def jobs_counts(self, model: str, lane: str) -> tuple[int, int]:
         """(jobs ever admitted, jobs ever finished) on a lane: acknowledged entries are deleted, so

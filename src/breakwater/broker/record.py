@@ -49,6 +49,8 @@ class RequestSpec:
     ignore_eos: bool = False
     include_usage: bool = False
     retried_from: str | None = None  # the dead-lettered request this one retries
+    tenant: str = ""  # its owner: only this tenant's keys may read, resume or cancel it
+    key_id: str = ""  # the API key it was made with (usage metering); empty with auth off
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -67,6 +69,10 @@ class RequestSpec:
             out["prompt"] = self.prompt
         if self.retried_from is not None:
             out["retried_from"] = self.retried_from
+        if self.tenant:
+            out["tenant"] = self.tenant
+        if self.key_id:
+            out["key_id"] = self.key_id
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -93,6 +99,8 @@ class RequestSpec:
             ignore_eos=h.get("ignore_eos") == "1",
             include_usage=h.get("include_usage") == "1",
             retried_from=h.get("retried_from"),
+            tenant=h.get("tenant", ""),
+            key_id=h.get("key_id", ""),
         )
 
 

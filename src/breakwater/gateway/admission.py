@@ -10,6 +10,7 @@ import uuid
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
+from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
@@ -17,6 +18,7 @@ from breakwater.gateway.following import Submission
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+from breakwater.tenancy import ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,17 @@ BYTES_PER_TOKEN_BOUND = 6
 Body = ChatCompletionRequest | CompletionRequest
 
 
-def request_spec(body: Body, *, request_id: str, default_timeout_s: float) -> RequestSpec:
-    """The record's request part for an OpenAI body."""
+def request_spec(
+    body: Body, *, request_id: str, default_timeout_s: float, principal: Principal = ANONYMOUS
+) -> RequestSpec:
+    """The record's request part for an OpenAI body sent by ``principal``."""
     top_k = (body.model_extra or {}).get("top_k")
+    key = principal.key
     common = {
         "model": body.model,
-        "lane": body.lane,
+        "lane": key.lane if key is not None and key.lane else body.lane,
+        "tenant": principal.tenant,
+        "key_id": principal.key_id,
         "request_id": request_id,
         "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
         "max_tokens": body.output_limit(),
@@ -74,24 +81,45 @@ class Admitter:
         self.metrics = metrics
 
     async def submit(
-        self, body: Body, *, request_id: str, idempotency_key: str | None, subscribe: bool = True
+        self,
+        body: Body,
+        *,
+        request_id: str,
+        idempotency_key: str | None,
+        principal: Principal = ANONYMOUS,
+        subscribe: bool = True,
     ) -> Submission:
         model = await self.registry.resolve(body.model)
-        spec = request_spec(body, request_id=request_id, default_timeout_s=self.settings.request_timeout_s)
+        spec = request_spec(
+            body,
+            request_id=request_id,
+            default_timeout_s=self.settings.request_timeout_s,
+            principal=principal,
+        )
         self.check_context(prompt_text(spec), spec.max_tokens, model)
         rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         # The key lives exactly as long as the request's record: while it answers, so does the key.
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
+        idem = None
         if idempotency_key:
-            existing = await self.broker.claim_idempotency_key(idempotency_key, rid, key_ttl_s)
+            idem = IdempotencyKey(
+                principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json"))
+            )
+            existing = await self.broker.claim_idempotency_key(idem, rid, key_ttl_s)
             if existing is not None:
-                found = await self._existing(existing, subscribe)
+                if not idem.matches(existing):
+                    raise APIError(
+                        422,
+                        "This Idempotency-Key was already used with a different request body; "
+                        "use a new key for a new request.",
+                        code="idempotency_key_reuse",
+                        param="Idempotency-Key",
+                    )
+                found = await self._existing(existing.rid, subscribe)
                 if found is not None:
                     return found
                 # Its request expired (or was refused and is being released): this one takes the key.
-                if not await self.broker.rebind_idempotency_key(
-                    idempotency_key, rid, key_ttl_s, was=existing
-                ):
+                if not await self.broker.rebind_idempotency_key(idem, rid, key_ttl_s, was=existing.rid):
                     raise _idempotency_conflict()
         # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
         # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
@@ -107,10 +135,10 @@ class Admitter:
                 log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
                 sub.wake()  # the job is queued: follow it from the durable stream instead
         except BaseException:
-            await self._abandon(sub, idempotency_key, rid)
+            await self._abandon(sub, idem, rid)
             raise
         if not result.accepted:
-            await self._abandon(sub, idempotency_key, rid)
+            await self._abandon(sub, idem, rid)
             self.metrics.rejections.labels(body.model, "queue_full").inc()
             retry_after = retry_after_s(result.waiting, self.signals.drain_rate(model.name), model.capacity)
             raise APIError(
@@ -140,11 +168,11 @@ class Admitter:
                 return record
             await asyncio.sleep(0.02)
 
-    async def _abandon(self, sub: Subscription | None, idempotency_key: str | None, rid: str) -> None:
+    async def _abandon(self, sub: Subscription | None, idem: IdempotencyKey | None, rid: str) -> None:
         if sub is not None:
             await self.fanin.unsubscribe(sub)
-        if idempotency_key:
-            await self.broker.release_idempotency_key(idempotency_key, rid)
+        if idem is not None:
+            await self.broker.release_idempotency_key(idem, rid)
 
     def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.

@@ -16,8 +16,14 @@ from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import RequestGone, Submission, follow_events
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.protocol.events import TokenEvent
+from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
+
+
+def owns(principal: Principal, record: RequestRecord) -> bool:
+    """With auth off there is one tenant, and every request is its own."""
+    return principal.key is None or record.spec.tenant == principal.tenant
 
 
 def _not_found(rid: str) -> APIError:
@@ -34,23 +40,25 @@ class Requests:
         self.metrics = metrics
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def record(self, rid: str) -> RequestRecord:
+    async def record(self, rid: str, principal: Principal) -> RequestRecord:
+        """The request's record, if ``principal``'s tenant owns it: another tenant's request is "not
+        found" (404, not 403), so an id reveals nothing about requests that are not the caller's."""
         record = await self.broker.get_record(rid)
-        if record is None:
+        if record is None or not owns(principal, record):
             raise _not_found(rid)
         return record
 
-    async def resume(self, rid: str) -> Submission:
+    async def resume(self, rid: str, principal: Principal) -> Submission:
         """Follow an existing request again (another connection, gateway or socket)."""
-        record = await self.record(rid)
+        record = await self.record(rid, principal)
         if not await self.broker.attach(rid):
             raise _not_found(rid)
         return Submission.of(rid, record, await self.fanin.subscribe(rid))
 
-    async def cancel(self, rid: str) -> RequestRecord:
-        await self.record(rid)
+    async def cancel(self, rid: str, principal: Principal) -> RequestRecord:
+        await self.record(rid, principal)
         await self.broker.cancel(rid, self.settings.result_ttl_s)
-        return await self.record(rid)
+        return await self.record(rid, principal)
 
     async def events(self, submission: Submission, after: int = 0) -> AsyncIterator[TokenEvent]:
         """The request's events after ``after``, with latency metrics; the caller detaches on exit."""

@@ -6,22 +6,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.broker.fanin import GatewayDraining
+from breakwater.gateway.auth import caller
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import collect_response, sse_chunks, sse_event
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
+from breakwater.tenancy import Principal
 
 router = APIRouter(route_class=OrjsonRoute)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 COALESCE_MAX = 64  # events per write at most
+Caller = Annotated[Principal, Depends(caller)]
 
 
 def service(request: Request) -> GatewayService:
@@ -37,25 +40,32 @@ def request_id(request: Request) -> str:
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
+    who: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    return await _complete(body, request, idempotency_key)
+    return await _complete(body, request, who, idempotency_key)
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest,
     request: Request,
+    who: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    return await _complete(body, request, idempotency_key)
+    return await _complete(body, request, who, idempotency_key)
 
 
 async def _complete(
-    body: ChatCompletionRequest | CompletionRequest, request: Request, idempotency_key: str | None
+    body: ChatCompletionRequest | CompletionRequest,
+    request: Request,
+    who: Principal,
+    idempotency_key: str | None,
 ) -> Response:
     svc = service(request)
-    sub = await svc.submit(body, request_id=request_id(request), idempotency_key=idempotency_key)
+    sub = await svc.submit(
+        body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who
+    )
     headers = {"X-Breakwater-Request-Id": sub.rid}
     if body.stream:
         return StreamingResponse(
@@ -118,8 +128,12 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    models = await service(request).registry.models(fresh=True)
+async def list_models(request: Request, who: Caller) -> dict[str, Any]:
+    models = {
+        name: m
+        for name, m in (await service(request).registry.models(fresh=True)).items()
+        if who.may_use(name)
+    }
     return {
         "object": "list",
         "data": [
@@ -138,8 +152,8 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/requests/{rid}")
-async def request_status(rid: str, request: Request) -> dict[str, Any]:
-    record = await service(request).requests.record(rid)
+async def request_status(rid: str, request: Request, who: Caller) -> dict[str, Any]:
+    record = await service(request).requests.record(rid, who)
     return {
         "id": rid,
         "object": "breakwater.request",
@@ -159,6 +173,7 @@ async def request_status(rid: str, request: Request) -> dict[str, Any]:
 async def request_events(
     rid: str,
     request: Request,
+    who: Caller,
     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ)] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -169,7 +184,7 @@ async def request_events(
         if not last_event_id.isdigit() or len(last_event_id) > 19 or int(last_event_id) > MAX_SEQ:
             raise APIError(400, "Last-Event-ID must be a sequence number", param="Last-Event-ID")
         start = int(last_event_id)
-    sub = await svc.requests.resume(rid)
+    sub = await svc.requests.resume(rid, who)
     return StreamingResponse(
         _stream(svc, sub, start),
         media_type="text/event-stream",
@@ -178,8 +193,8 @@ async def request_events(
 
 
 @router.delete("/v1/requests/{rid}")
-async def cancel_request(rid: str, request: Request) -> dict[str, Any]:
-    record = await service(request).requests.cancel(rid)
+async def cancel_request(rid: str, request: Request, who: Caller) -> dict[str, Any]:
+    record = await service(request).requests.cancel(rid, who)
     return {"id": rid, "object": "breakwater.request", "status": record.status.value}
 
 

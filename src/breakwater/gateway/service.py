@@ -13,12 +13,14 @@ from breakwater.broker import Broker
 from breakwater.broker.fanin import Fanin
 from breakwater.config import GatewaySettings
 from breakwater.gateway.admission import Admitter, Body
+from breakwater.gateway.auth import Authenticator, check_model
 from breakwater.gateway.autoscale import AutoscaleSignals
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelRegistry
 from breakwater.gateway.requests import Requests
+from breakwater.tenancy import ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,21 @@ class GatewayService:
         self.signals = AutoscaleSignals(settings, broker, self.registry, metrics)
         self.admitter = Admitter(settings, broker, fanin, self.registry, self.signals, metrics)
         self.requests = Requests(settings, broker, fanin, metrics)
+        self.auth = Authenticator(
+            settings, broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
+        )
         self.draining = False
         self.websockets: set[Any] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def submit(
-        self, body: Body, *, request_id: str, idempotency_key: str | None, subscribe: bool = True
+        self,
+        body: Body,
+        *,
+        request_id: str,
+        idempotency_key: str | None,
+        principal: Principal = ANONYMOUS,
+        subscribe: bool = True,
     ) -> Submission:
         if self.draining:
             raise APIError(
@@ -58,8 +69,13 @@ class GatewayService:
                 code="unsupported_parameter",
                 param=unsupported,
             )
+        check_model(principal, body.model)
         return await self.admitter.submit(
-            body, request_id=request_id, idempotency_key=idempotency_key, subscribe=subscribe
+            body,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            principal=principal,
+            subscribe=subscribe,
         )
 
     async def ready(self) -> str:

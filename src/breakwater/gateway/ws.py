@@ -2,6 +2,10 @@
 
 Messages in: a chat (``messages``) or completion (``prompt``) body, or ``{"resume": id, "after": seq}``,
 or ``{"cancel": id}``. Each request is followed in its own task; up to ``MAX_TASKS`` run on one socket.
+
+With ``auth=keys`` the socket is authenticated by its ``Authorization: Bearer`` header or, for browsers
+(which cannot set headers on a WebSocket), by a first message ``{"auth": key}`` answered with
+``{"type": "authenticated"}``; otherwise the server sends a 401 error and closes with 1008.
 """
 
 from __future__ import annotations
@@ -17,24 +21,28 @@ from pydantic import ValidationError
 
 from breakwater.broker.errors import TRANSIENT, reason
 from breakwater.broker.fanin import GatewayDraining
+from breakwater.gateway.auth import bearer
 from breakwater.gateway.errors import APIError, error_body
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
+from breakwater.tenancy import ANONYMOUS, Principal
 
 router = APIRouter()
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 20  # the server (uvicorn ws_max_size) closes with 1009 above this, too
 MAX_TASKS = 64  # requests followed at once on one socket
+AUTH_TIMEOUT_S = 10.0  # for the first message's key, when the upgrade request had none
 
 
 class _Connection:
-    def __init__(self, ws: WebSocket, svc: GatewayService, request_id: str) -> None:
+    def __init__(self, ws: WebSocket, svc: GatewayService, request_id: str, principal: Principal) -> None:
         self.ws = ws
         self.svc = svc
         self.request_id = request_id
+        self.principal = principal
         self.lock = asyncio.Lock()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.open = True
@@ -67,10 +75,12 @@ class _Connection:
             )
             return
         try:
-            if "resume" in data:
+            if "auth" in data:
+                await self.error("this socket is already authenticated", "already_authenticated")
+            elif "resume" in data:
                 await self._resume(data)
             elif "cancel" in data:
-                await self.svc.requests.cancel(str(data["cancel"]))
+                await self.svc.requests.cancel(str(data["cancel"]), self.principal)
             else:
                 await self._submit(data)
         except APIError as exc:
@@ -94,7 +104,9 @@ class _Connection:
             msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
             await self.error(f"{param}: {msg}" if param else msg, "invalid_value")
             return
-        sub = await self.svc.submit(body, request_id=self.request_id, idempotency_key=None)
+        sub = await self.svc.submit(
+            body, request_id=self.request_id, idempotency_key=None, principal=self.principal
+        )
         await self.send({"type": "created", "request_id": sub.rid, "model": sub.model})
         await self._follow(sub, 0)
 
@@ -104,7 +116,7 @@ class _Connection:
         if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_SEQ:
             await self.error("after must be a non-negative integer", "invalid_value", rid)
             return
-        await self._follow(await self.svc.requests.resume(rid), after)
+        await self._follow(await self.svc.requests.resume(rid, self.principal), after)
 
     async def _follow(self, sub: Submission, after: int) -> None:
         # A second follow of the same id on this socket replaces the first (the client asks again
@@ -159,11 +171,57 @@ def _event_message(rid: str, event: TokenEvent) -> dict[str, Any]:
     return message
 
 
+async def _authenticate(ws: WebSocket, svc: GatewayService) -> Principal | None:
+    """The socket's caller; None when it was refused (and closed)."""
+    auth = svc.auth
+    if not auth.enabled:
+        return ANONYMOUS
+    header = ws.headers.get("authorization")
+    first_message = header is None
+    try:
+        if first_message:
+            key = await _auth_message(ws)
+        else:
+            key = bearer(header)
+        principal = await auth.principal(key)
+    except APIError as exc:
+        body = exc.body()
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await ws.send_text(
+                orjson.dumps({"type": "error", "request_id": None, "status": exc.status, **body}).decode()
+            )
+            await ws.close(code=1008, reason="invalid API key")
+        return None
+    if first_message:
+        await ws.send_text(orjson.dumps({"type": "authenticated", "tenant": principal.tenant}).decode())
+    return principal
+
+
+async def _auth_message(ws: WebSocket) -> str | None:
+    """The key of the socket's first message, ``{"auth": key}``; None when it is not one."""
+    try:
+        message = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT_S)
+    except TimeoutError:
+        return None
+    text = message.get("text")
+    if message["type"] != "websocket.receive" or text is None or len(text) > 4096:
+        return None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    key = data.get("auth") if isinstance(data, dict) else None
+    return key if isinstance(key, str) else None
+
+
 @router.websocket("/v1/ws")
 async def websocket_endpoint(ws: WebSocket) -> None:
     svc: GatewayService = ws.app.state.service
     await ws.accept()
-    conn = _Connection(ws, svc, str(ws.scope["state"]["request_id"]))
+    principal = await _authenticate(ws, svc)
+    if principal is None:
+        return
+    conn = _Connection(ws, svc, str(ws.scope["state"]["request_id"]), principal)
     svc.websockets.add(ws)
     try:
         while True:

@@ -1,0 +1,87 @@
+"""API keys in Redis (records of :mod:`breakwater.tenancy`): create, look up, list, revoke, rotate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from redis.asyncio import Redis
+
+from breakwater.keys import Keys
+from breakwater.tenancy.apikeys import ApiKey, generate_key, generate_key_id, key_digest
+
+
+class KeyStore:
+    def __init__(self, redis: Redis, keys: Keys, pepper: bytes) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.pepper = pepper
+
+    async def create(self, template: ApiKey) -> tuple[str, ApiKey]:
+        """A new key with ``template``'s settings (its id and times are made here): (secret, record)."""
+        secret = generate_key()
+        record = replace(template, id=generate_key_id(), created=int(time.time()), revoked=0)
+        digest = self.digest(secret)
+        # The record first, then the index: a key never listed is harmless, a listed one without a
+        # record would not be.
+        mapping: dict[Any, Any] = dict(record.to_hash())
+        await self.redis.hset(self.keys.api_key(digest), mapping=mapping)
+        await self.redis.hset(self.keys.api_key_ids(), record.id, digest)
+        return secret, record
+
+    def digest(self, secret: str) -> str:
+        return key_digest(secret, self.pepper)
+
+    async def lookup(self, secret: str) -> ApiKey | None:
+        return await self.lookup_digest(self.digest(secret))
+
+    async def lookup_digest(self, digest: str) -> ApiKey | None:
+        raw: Any = await self.redis.hgetall(self.keys.api_key(digest))
+        return ApiKey.from_hash(_text(raw)) if raw else None
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        digest = await self._digest(key_id)
+        if digest is None:
+            return None
+        raw: Any = await self.redis.hgetall(self.keys.api_key(digest))
+        return ApiKey.from_hash(_text(raw)) if raw else None
+
+    async def list(self, tenant: str | None = None) -> list[ApiKey]:
+        index: Any = await self.redis.hgetall(self.keys.api_key_ids())
+        found = []
+        for key_id in sorted(_text(index)):
+            record = await self.get(key_id)
+            if record is not None and (tenant is None or record.tenant == tenant):
+                found.append(record)
+        return found
+
+    async def revoke(self, key_id: str, *, at: int | None = None) -> ApiKey | None:
+        """Revoke now (or expire at ``at``); every gateway refuses it within its cache time."""
+        digest = await self._digest(key_id)
+        if digest is None or not await self.redis.exists(self.keys.api_key(digest)):
+            return None
+        field, value = ("revoked", str(int(time.time()))) if at is None else ("expires", str(at))
+        await self.redis.hset(self.keys.api_key(digest), field, value)
+        return await self.get(key_id)
+
+    async def rotate(self, key_id: str, grace_s: int = 0) -> tuple[str, ApiKey] | None:
+        """A new key with the same tenant and limits; the old one is revoked (after ``grace_s``)."""
+        old = await self.get(key_id)
+        if old is None or old.usable(time.time()) is not None:
+            return None
+        created = await self.create(old)
+        await self.revoke(key_id, at=int(time.time()) + grace_s if grace_s > 0 else None)
+        return created
+
+    async def _digest(self, key_id: str) -> str | None:
+        digest: Any = await self.redis.hget(self.keys.api_key_ids(), key_id)
+        return _str(digest) if digest is not None else None
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _text(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in raw.items()}

@@ -1,0 +1,134 @@
+"""``breakwater keys``: create, list, show, revoke and rotate API keys (JSON on stdout, for scripts).
+
+The secret of a key is printed once, by ``create`` and ``rotate``; Redis holds only its peppered hash,
+so the commands need the same pepper as the gateways (``BREAKWATER_AUTH_PEPPER_FILE``)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+
+from breakwater.keys import LANES
+
+console = Console(stderr=True)
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (auth=keys): create, list, show, revoke, rotate.")
+T = TypeVar("T")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
+    from breakwater.broker import Broker
+    from breakwater.config import CommonSettings
+
+    async def run() -> T:
+        settings = CommonSettings()
+        try:
+            pepper = settings.pepper()
+        except (ValueError, OSError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+        broker = Broker.connect(settings)
+        try:
+            return await fn(broker.api_keys(pepper))
+        finally:
+            await broker.aclose()
+
+    return asyncio.run(run())
+
+
+def _emit(data: object) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def _seconds(value: str) -> int:
+    match = _DURATION.match(value)
+    if match is None:
+        raise typer.BadParameter("a duration such as 90s, 30m, 12h or 30d")
+    return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def _not_found(key_id: str) -> typer.Exit:
+    console.print(f"[red]no live key {key_id}[/red]")
+    return typer.Exit(1)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant that owns the key's requests and usage")],
+    name: Annotated[str, typer.Option(help="a label for people")] = "",
+    models: Annotated[str, typer.Option(help="comma-separated models it may use (default: all)")] = "",
+    rpm: Annotated[int, typer.Option(min=0, help="requests per minute (0: no limit)")] = 0,
+    tpm: Annotated[int, typer.Option(min=0, help="tokens per minute (0: no limit)")] = 0,
+    max_concurrent: Annotated[int, typer.Option(min=0, help="requests at once (0: no limit)")] = 0,
+    lane: Annotated[str | None, typer.Option(help=f"force this lane ({', '.join(LANES)})")] = None,
+    weight: Annotated[float, typer.Option(min=0.01, max=1000.0, help="fair-share weight")] = 1.0,
+    expires_in: Annotated[str | None, typer.Option(help="e.g. 30d (default: never)")] = None,
+) -> None:
+    """Create a key; prints it once, with its settings, as JSON."""
+    from breakwater.tenancy import ApiKey
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+        raise typer.BadParameter("1-64 of A-Z a-z 0-9 _ . -", param_hint="--tenant")
+    if lane is not None and lane not in LANES:
+        raise typer.BadParameter(f"one of {', '.join(LANES)}", param_hint="--lane")
+    expires = int(time.time()) + _seconds(expires_in) if expires_in else 0
+    template = ApiKey(
+        id="",
+        tenant=tenant,
+        name=name,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        lane=lane,
+        weight=weight,
+        rpm=rpm,
+        tpm=tpm,
+        max_concurrent=max_concurrent,
+        expires=expires,
+    )
+    secret, record = _with_store(lambda store: store.create(template))
+    _emit({"key": secret, **record.public()})
+    console.print("Store the key now: it is not shown again (Redis holds only its hash).")
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None) -> None:
+    """Every key (no secrets), as a JSON array."""
+    _emit([k.public() for k in _with_store(lambda store: store.list(tenant))])
+
+
+@keys_app.command("show")
+def keys_show(key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")]) -> None:
+    record = _with_store(lambda store: store.get(key_id))
+    if record is None:
+        raise _not_found(key_id)
+    _emit(record.public())
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")]) -> None:
+    """Revoke now: every gateway refuses the key within its cache time (about a second)."""
+    record = _with_store(lambda store: store.revoke(key_id))
+    if record is None:
+        raise _not_found(key_id)
+    _emit(record.public())
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")],
+    grace: Annotated[str | None, typer.Option(help="keep the old key working this long, e.g. 1h")] = None,
+) -> None:
+    """A new key with the same tenant and limits; the old one is revoked (after --grace)."""
+    grace_s = _seconds(grace) if grace else 0
+    rotated = _with_store(lambda store: store.rotate(key_id, grace_s))
+    if rotated is None:
+        raise _not_found(key_id)
+    secret, record = rotated
+    _emit({"key": secret, "replaces": key_id, **record.public()})

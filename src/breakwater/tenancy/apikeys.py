@@ -1,0 +1,135 @@
+"""API keys: their format, their peppered hash, and the record a key's hash points to.
+
+A key is ``bw-`` and 43 URL-safe characters (256 random bits): the prefix lets secret scanners find
+leaked keys. Only ``HMAC-SHA256(pepper, key)`` is stored; the key itself is shown once, at creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass, field
+
+import orjson
+
+KEY_PREFIX = "bw-"
+KEY_RE = re.compile(r"^bw-[A-Za-z0-9_-]{43}$")
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def generate_key_id() -> str:
+    """The key's public name (listing, revoking, logs): not a secret."""
+    return "key_" + secrets.token_hex(8)
+
+
+def well_formed(key: str) -> bool:
+    return KEY_RE.match(key) is not None
+
+
+def key_digest(key: str, pepper: bytes) -> str:
+    return hmac.new(pepper, key.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """What a key may do; stored at ``bw:apikey:<digest>``. Zero means "no limit" for every limit."""
+
+    id: str
+    tenant: str
+    name: str = ""
+    models: tuple[str, ...] = ()  # empty: every model
+    lane: str | None = None  # requests are queued on this lane whatever they ask for
+    weight: float = 1.0  # share among tenants when the queue is contended
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrent: int = 0
+    created: int = 0  # unix seconds
+    expires: int = 0  # unix seconds; 0: never
+    revoked: int = 0  # unix seconds it was revoked; 0: live
+
+    def usable(self, now: float) -> str | None:
+        """None when the key may be used now, else why not."""
+        if self.revoked:
+            return "revoked"
+        if self.expires and now >= self.expires:
+            return "expired"
+        return None
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "name": self.name,
+            "models": orjson.dumps(list(self.models)).decode(),
+            "lane": self.lane or "",
+            "weight": repr(self.weight),
+            "rpm": str(self.rpm),
+            "tpm": str(self.tpm),
+            "max_concurrent": str(self.max_concurrent),
+            "created": str(self.created),
+            "expires": str(self.expires),
+            "revoked": str(self.revoked),
+        }
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> ApiKey:
+        return cls(
+            id=h["id"],
+            tenant=h["tenant"],
+            name=h.get("name", ""),
+            models=tuple(orjson.loads(h.get("models") or "[]")),
+            lane=h.get("lane") or None,
+            weight=float(h.get("weight") or 1.0),
+            rpm=int(h.get("rpm") or 0),
+            tpm=int(h.get("tpm") or 0),
+            max_concurrent=int(h.get("max_concurrent") or 0),
+            created=int(h.get("created") or 0),
+            expires=int(h.get("expires") or 0),
+            revoked=int(h.get("revoked") or 0),
+        )
+
+    def public(self) -> dict[str, object]:
+        """For `breakwater keys list|show` (JSON): everything but the secret, which is not stored."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "name": self.name,
+            "models": list(self.models),
+            "lane": self.lane,
+            "weight": self.weight,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "max_concurrent": self.max_concurrent,
+            "created": self.created,
+            "expires": self.expires or None,
+            "revoked": self.revoked or None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the tenant that owns what they create, and the key's permissions."""
+
+    tenant: str
+    key: ApiKey | None = None  # None: auth is off
+    models: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, key: ApiKey) -> Principal:
+        return cls(key.tenant, key, frozenset(key.models))
+
+    @property
+    def key_id(self) -> str:
+        return self.key.id if self.key is not None else ""
+
+    def may_use(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+# With auth off every caller is this one tenant: requests stay reachable by id, as before keys.
+ANONYMOUS = Principal("anonymous")
