@@ -196,13 +196,18 @@ class StackProcs:
         return proc
 
     def wait_workers(
-        self, url: str, model: str = "sim", count: int | None = None, timeout_s: float = 30
+        self,
+        url: str,
+        model: str = "sim",
+        count: int | None = None,
+        timeout_s: float = 30,
+        headers: dict[str, str] | None = None,
     ) -> None:
         want = count if count is not None else sum(1 for w in self.workers if w.alive())
 
         def ready() -> bool:
             try:
-                data = httpx.get(f"{url}/v1/models", timeout=2).json()["data"]
+                data = httpx.get(f"{url}/v1/models", timeout=2, headers=headers).json()["data"]
             except (httpx.HTTPError, KeyError, ValueError):
                 return False
             return any(m["id"] == model and m["workers"] >= want for m in data)

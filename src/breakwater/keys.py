@@ -51,6 +51,21 @@ class Keys:
         """An API key's record, found by the key's peppered hash (the key itself is never stored)."""
         return f"{self.prefix}:apikey:{digest}"
 
+    # A tenant's limits and usage share its hash tag, so the scripts that admit and meter its
+    # requests touch one slot.
+    def limiter(self, tenant: str, key_id: str) -> str:
+        return f"{self.prefix}:rl:{{{tenant}}}:{key_id}"
+
+    def running(self, tenant: str, key_id: str) -> str:
+        return f"{self.prefix}:running:{{{tenant}}}:{key_id}"
+
+    def usage(self, tenant: str, day: str) -> str:
+        """Per key and day: ``<key id>:<completed|error|cancelled|rejected|prompt_tokens|...>``."""
+        return f"{self.prefix}:usage:{{{tenant}}}:{day}"
+
+    def metered(self, tenant: str, day: str) -> str:
+        return f"{self.prefix}:metered:{{{tenant}}}:{day}"
+
     def api_key_ids(self) -> str:
         """Key id -> hash: listing, showing and revoking keys by their public id."""
         return f"{self.prefix}:apikeys"

@@ -18,6 +18,7 @@ from breakwater.broker.connection import connect_with
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import Fanin
 from breakwater.broker.idempotency import Binding, IdempotencyKey
+from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.scripts import Script
@@ -123,6 +124,7 @@ class Broker(WorkerRegistry, DeadLetters):
         self._lease = Script(self.fast, "lease")
         self._watch = Script(self.fast, "watch")
         self._idempotency = Script(self.fast, "idempotency")
+        self.ledger = Ledger(self.fast, redis, keys)
         # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
         # pending ones are reached; it wraps to 0-0 at the end of the stream.
         self._reclaim_cursor: dict[str, str] = {}
@@ -436,6 +438,18 @@ class Broker(WorkerRegistry, DeadLetters):
             pipe.get(self.keys.emitted(rid))
             fields, emitted = await pipe.execute()
         return RequestRecord.from_hash(fields, emitted=emitted or "") if fields else None
+
+    async def meter_if_ended(self, rid: str) -> bool | None:
+        """Meter the request if it has ended (idempotent): True when counted now, False when it had
+        been, None when it has not ended (or is gone)."""
+        fields: Any = await self.fast.execute("HGETALL", self.keys.request(rid))
+        pairs = _pairs(fields)
+        if not pairs:
+            return None
+        record = RequestRecord.from_hash(pairs)
+        if not record.status.terminal:
+            return None
+        return await self.ledger.meter(record, rid)
 
     async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
         """Redis's clock, and the status and watchers of many requests, in one round trip."""

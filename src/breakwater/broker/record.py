@@ -51,6 +51,7 @@ class RequestSpec:
     retried_from: str | None = None  # the dead-lettered request this one retries
     tenant: str = ""  # its owner: only this tenant's keys may read, resume or cancel it
     key_id: str = ""  # the API key it was made with (usage metering); empty with auth off
+    reserved_tokens: int = 0  # held against the key's tokens-per-minute until it is metered
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -73,6 +74,8 @@ class RequestSpec:
             out["tenant"] = self.tenant
         if self.key_id:
             out["key_id"] = self.key_id
+        if self.reserved_tokens:
+            out["reserved_tokens"] = str(self.reserved_tokens)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -101,6 +104,7 @@ class RequestSpec:
             retried_from=h.get("retried_from"),
             tenant=h.get("tenant", ""),
             key_id=h.get("key_id", ""),
+            reserved_tokens=int(h.get("reserved_tokens") or 0),
         )
 
 

@@ -7,14 +7,17 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import replace
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
+from breakwater.broker.ledger import Limits
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
+from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -96,8 +99,14 @@ class Admitter:
             default_timeout_s=self.settings.request_timeout_s,
             principal=principal,
         )
-        self.check_context(prompt_text(spec), spec.max_tokens, model)
+        prompt = prompt_text(spec)
+        self.check_context(prompt, spec.max_tokens, model)
         rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        limits = limits_of(principal.key)
+        if limits.tpm:
+            spec = replace(spec, reserved_tokens=reserve(spec, prompt))
+            if spec.reserved_tokens > limits.tpm:
+                raise too_large(spec.reserved_tokens, limits)
         # The key lives exactly as long as the request's record: while it answers, so does the key.
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
         idem = None
@@ -105,22 +114,17 @@ class Admitter:
             idem = IdempotencyKey(
                 principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json"))
             )
-            existing = await self.broker.claim_idempotency_key(idem, rid, key_ttl_s)
-            if existing is not None:
-                if not idem.matches(existing):
-                    raise APIError(
-                        422,
-                        "This Idempotency-Key was already used with a different request body; "
-                        "use a new key for a new request.",
-                        code="idempotency_key_reuse",
-                        param="Idempotency-Key",
-                    )
-                found = await self._existing(existing.rid, subscribe)
-                if found is not None:
-                    return found
-                # Its request expired (or was refused and is being released): this one takes the key.
-                if not await self.broker.rebind_idempotency_key(idem, rid, key_ttl_s, was=existing.rid):
-                    raise _idempotency_conflict()
+            found = await self._bind(idem, rid, key_ttl_s, subscribe)
+            if found is not None:
+                return found
+        headers: dict[str, str] = {}
+        if limits.any:  # after the Idempotency-Key: a replay is not a new request
+            try:
+                headers = await self._within_limits(principal, limits, rid, spec)
+            except BaseException:
+                if idem is not None:
+                    await self.broker.release_idempotency_key(idem, rid)
+                raise
         # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
         # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
         sub = await self.fanin.open(rid) if subscribe else None
@@ -135,10 +139,10 @@ class Admitter:
                 log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
                 sub.wake()  # the job is queued: follow it from the durable stream instead
         except BaseException:
-            await self._abandon(sub, idem, rid)
+            await self._abandon(sub, idem, rid, principal, limits)
             raise
         if not result.accepted:
-            await self._abandon(sub, idem, rid)
+            await self._abandon(sub, idem, rid, principal, limits)
             self.metrics.rejections.labels(body.model, "queue_full").inc()
             retry_after = retry_after_s(result.waiting, self.signals.drain_rate(model.name), model.capacity)
             raise APIError(
@@ -149,7 +153,50 @@ class Admitter:
                 headers={"Retry-After": str(retry_after), "X-Breakwater-Reason": "queue_full"},
             )
         log.info("request queued", extra={"rid": rid, "fields": {"model": body.model, "lane": body.lane}})
-        return Submission(rid, body.model, spec.kind == "chat", int(time.time()), spec.include_usage, sub)
+        return Submission(
+            rid, body.model, spec.kind == "chat", int(time.time()), spec.include_usage, sub, headers=headers
+        )
+
+    async def _bind(
+        self, idem: IdempotencyKey, rid: str, key_ttl_s: int, subscribe: bool
+    ) -> Submission | None:
+        """Bind the Idempotency-Key to ``rid``; the request it is bound to already, if any (replay)."""
+        existing = await self.broker.claim_idempotency_key(idem, rid, key_ttl_s)
+        if existing is None:
+            return None
+        if not idem.matches(existing):
+            raise APIError(
+                422,
+                "This Idempotency-Key was already used with a different request body; "
+                "use a new key for a new request.",
+                code="idempotency_key_reuse",
+                param="Idempotency-Key",
+            )
+        found = await self._existing(existing.rid, subscribe)
+        if found is not None:
+            return found
+        # Its request expired (or was refused and is being released): this one takes the key.
+        if not await self.broker.rebind_idempotency_key(idem, rid, key_ttl_s, was=existing.rid):
+            raise _idempotency_conflict()
+        return None
+
+    async def _within_limits(
+        self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
+    ) -> dict[str, str]:
+        """The key's limits admit this request (else 429); its x-ratelimit-* headers."""
+        deadline_ms = int((time.time() + spec.timeout_s) * 1000)
+        decision = await self.broker.ledger.admit(
+            principal.tenant,
+            principal.key_id,
+            limits,
+            rid=rid,
+            tokens=spec.reserved_tokens,
+            deadline_ms=deadline_ms,
+        )
+        if not decision.admitted:
+            self.metrics.rejections.labels(spec.model, f"rate_limit_{decision.reason}").inc()
+            raise refusal(limits, decision)
+        return rate_headers(limits, decision)
 
     async def _existing(self, rid: str, subscribe: bool) -> Submission | None:
         """The request an Idempotency-Key is bound to; None when it expired."""
@@ -168,11 +215,20 @@ class Admitter:
                 return record
             await asyncio.sleep(0.02)
 
-    async def _abandon(self, sub: Subscription | None, idem: IdempotencyKey | None, rid: str) -> None:
+    async def _abandon(
+        self,
+        sub: Subscription | None,
+        idem: IdempotencyKey | None,
+        rid: str,
+        principal: Principal,
+        limits: Limits,
+    ) -> None:
         if sub is not None:
             await self.fanin.unsubscribe(sub)
         if idem is not None:
             await self.broker.release_idempotency_key(idem, rid)
+        if limits.max_concurrent:
+            await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 
     def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.

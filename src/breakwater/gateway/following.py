@@ -33,6 +33,7 @@ class Submission:
     subscription: Subscription | None
     started: float = field(default_factory=time.perf_counter)
     duplicate: bool = False
+    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* of its admission
 
     @classmethod
     def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:

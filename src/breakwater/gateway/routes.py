@@ -4,6 +4,8 @@ Routes translate HTTP to service calls and back; they never reach the broker the
 
 from __future__ import annotations
 
+import time
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -11,6 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.broker.fanin import GatewayDraining
+from breakwater.broker.ledger import UsageRow, day_of
 from breakwater.gateway.auth import caller
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.errors import APIError, JSONBody
@@ -25,6 +28,8 @@ router = APIRouter(route_class=OrjsonRoute)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 COALESCE_MAX = 64  # events per write at most
 Caller = Annotated[Principal, Depends(caller)]
+DATE = r"^\d{4}-\d{2}-\d{2}$"
+MAX_USAGE_DAYS = 366
 
 
 def service(request: Request) -> GatewayService:
@@ -66,7 +71,7 @@ async def _complete(
     sub = await svc.submit(
         body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who
     )
-    headers = {"X-Breakwater-Request-Id": sub.rid}
+    headers = {"X-Breakwater-Request-Id": sub.rid, **sub.headers}
     if body.stream:
         return StreamingResponse(
             _stream(svc, sub, 0), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
@@ -198,6 +203,30 @@ async def cancel_request(rid: str, request: Request, who: Caller) -> dict[str, A
     return {"id": rid, "object": "breakwater.request", "status": record.status.value}
 
 
+@router.get("/v1/usage")
+async def usage(
+    request: Request,
+    who: Caller,
+    start_date: Annotated[str | None, Query(pattern=DATE)] = None,
+    end_date: Annotated[str | None, Query(pattern=DATE)] = None,
+) -> dict[str, Any]:
+    """The caller's tenant's usage per day and key (UTC days, inclusive; default: today)."""
+    today = day_of(time.time())
+    first, last = start_date or end_date or today, end_date or start_date or today
+    try:
+        span = (date.fromisoformat(last) - date.fromisoformat(first)).days
+    except ValueError:
+        raise APIError(
+            400, "start_date and end_date must be dates (YYYY-MM-DD)", param="start_date"
+        ) from None
+    if not 0 <= span <= MAX_USAGE_DAYS:
+        raise APIError(
+            400, f"end_date must be from start_date to {MAX_USAGE_DAYS} days after it", param="end_date"
+        )
+    rows = await service(request).broker.ledger.usage(who.tenant, first, last)
+    return {"object": "list", "tenant": who.tenant, "data": [usage_row(row) for row in rows]}
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -212,3 +241,15 @@ async def readyz(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def usage_row(row: UsageRow) -> dict[str, Any]:
+    c = row.counts
+    return {
+        "date": row.day,
+        "key_id": row.key_id or None,
+        "requests": {name: c[name] for name in ("completed", "error", "cancelled", "rejected")},
+        "prompt_tokens": c["prompt_tokens"],
+        "completion_tokens": c["completion_tokens"],
+        "total_tokens": c["prompt_tokens"] + c["completion_tokens"],
+    }

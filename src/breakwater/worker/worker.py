@@ -216,7 +216,7 @@ class Worker:
         ttl = self.settings.result_ttl_s
         if result.outcome in (StartOutcome.MISSING, StartOutcome.TERMINAL):
             log.info("skipping job", extra={**extra, "fields": {"outcome": result.outcome.value}})
-            await self.broker.ack(job)
+            await self._settle(job)
             return
         if result.outcome is StartOutcome.EXPIRED:
             await self.broker.fail(
@@ -228,7 +228,7 @@ class Worker:
                 ttl_s=ttl,
             )
             self.metrics.jobs.labels(self.model, "expired").inc()
-            await self.broker.ack(job)
+            await self._settle(job)
             return
         if result.outcome is StartOutcome.POISON:
             reason = f"gave up after {result.attempt} attempts"
@@ -238,7 +238,7 @@ class Worker:
             await self.broker.dead_letter(self.model, job.rid, reason, result.attempt)
             self.metrics.dead_letters.labels(self.model).inc()
             log.error("dead-lettered job", extra={**extra, "fields": {"attempts": result.attempt}})
-            await self.broker.ack(job)
+            await self._settle(job)
             return
         record = result.record
         if record is None:  # RUN always carries its record
@@ -260,7 +260,7 @@ class Worker:
                 ttl_s=ttl,
                 error_type="invalid_request_error",
             )
-            await self.broker.ack(job)
+            await self._settle(job)
             return
         if self._step_started is None:  # the engine's next step runs this: time it from now
             self._step_started = time.monotonic()
@@ -349,7 +349,7 @@ class Worker:
         if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
             log.warning("finish fenced off", extra={"rid": rid})
         else:
-            await self.broker.ack(flight.job)
+            await self._settle(flight.job)
             self.metrics.jobs.labels(self.model, "done" if delta.error is None else "error").inc()
             log.info(
                 "job finished",
@@ -362,12 +362,18 @@ class Worker:
         self._forget(rid)  # only now: the slot counts as taken until its job is acked
         self._slot_freed.set()
 
+    async def _settle(self, job: Job) -> None:
+        """Acknowledge a job whose request this worker ended (or found ended): its usage is metered
+        first, so a crash between the two leaves the job to be reclaimed, metered (once) and acked."""
+        await self.broker.meter_if_ended(job.rid)
+        await self.broker.ack(job)
+
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         """Stop a sequence whose request was cancelled, finished or taken over elsewhere."""
         rid = flight.job.rid
         self.engine.cancel(rid)
         if not fenced:
-            await self.broker.ack(flight.job)
+            await self._settle(flight.job)
         self._forget(rid)
         self.metrics.jobs.labels(self.model, "dropped").inc()
         log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})

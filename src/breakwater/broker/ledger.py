@@ -1,0 +1,136 @@
+"""A tenant's ledger in Redis: rate and concurrency limits at admission (``limits.lua``), and usage
+metered exactly once per request when it ends (``meter.lua``). Both run on the tenant's hash slot."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+from breakwater.broker.record import RequestRecord, Status
+from breakwater.broker.scripts import Script
+from breakwater.broker.wire import PipelinedRedis
+from breakwater.keys import Keys
+
+USAGE_TTL_S = 400 * 86400  # bills are made from these: kept a year and a month
+METERED_TTL_S = 3 * 86400  # longer than any request lives (its deadline plus its result's TTL)
+OUTCOMES = ("completed", "error", "cancelled", "rejected")
+COUNTS = (*OUTCOMES, "prompt_tokens", "completion_tokens")
+
+
+def day_of(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(unix_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One API key's limits (0: none)."""
+
+    rpm: int = 0
+    tpm: int = 0
+    max_concurrent: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_concurrent)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The limiter's answer; remaining is -1 where the key has no such limit."""
+
+    admitted: bool
+    reason: str  # requests | tokens | concurrency when refused
+    retry_after_ms: int
+    requests_remaining: int
+    requests_reset_ms: int
+    tokens_remaining: int
+    tokens_reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    day: str
+    key_id: str
+    counts: dict[str, int]
+
+
+class Ledger:
+    def __init__(self, fast: PipelinedRedis, redis: Any, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._limits = Script(fast, "limits")
+        self._meter = Script(fast, "meter")
+
+    async def admit(
+        self, tenant: str, key_id: str, limits: Limits, *, rid: str, tokens: int, deadline_ms: int
+    ) -> Decision:
+        res = await self._limits(
+            keys=[
+                self.keys.limiter(tenant, key_id),
+                self.keys.running(tenant, key_id),
+                self.keys.usage(tenant, day_of(time.time())),
+            ],
+            args=[
+                limits.rpm,
+                limits.tpm,
+                limits.max_concurrent,
+                tokens,
+                rid,
+                deadline_ms,
+                key_id,
+                USAGE_TTL_S,
+            ],
+        )
+        return Decision(bool(int(res[0])), str(res[1]), *(int(v) for v in res[2:7]))
+
+    async def meter(self, record: RequestRecord, rid: str, *, outcome: str | None = None) -> bool:
+        """Count a request that ended (once: False when it had been). ``outcome`` defaults to the
+        record's status; usage is the record's, or the tokens it emitted when it has none."""
+        spec = record.spec
+        if outcome is None:
+            outcome = {Status.DONE: "completed", Status.CANCELLED: "cancelled"}.get(record.status, "error")
+        usage = record.usage or {}
+        prompt = int(usage.get("prompt_tokens", 0))
+        completion = int(usage.get("completion_tokens", record.tokens))
+        day = day_of(record.created or time.time())
+        res = await self._meter(
+            keys=[
+                self.keys.usage(spec.tenant, day),
+                self.keys.metered(spec.tenant, day),
+                self.keys.limiter(spec.tenant, spec.key_id),
+                self.keys.running(spec.tenant, spec.key_id),
+            ],
+            args=[
+                rid,
+                spec.key_id,
+                outcome,
+                prompt,
+                completion,
+                spec.reserved_tokens,
+                USAGE_TTL_S,
+                METERED_TTL_S,
+            ],
+        )
+        return bool(int(res))
+
+    async def release(self, tenant: str, key_id: str, rid: str) -> None:
+        """A request the limiter admitted but that was not queued after all (its lane was full):
+        free its place among the running ones. What it took of the rates stays taken."""
+        await self.redis.zrem(self.keys.running(tenant, key_id), rid)
+
+    async def usage(self, tenant: str, first: str, last: str) -> list[UsageRow]:
+        """A tenant's usage per day (``YYYY-MM-DD``, inclusive) and key."""
+        rows: list[UsageRow] = []
+        day_n, end = date.fromisoformat(first), date.fromisoformat(last)
+        while day_n <= end:
+            day = day_n.isoformat()
+            day_n += timedelta(days=1)
+            raw: Any = await self.redis.hgetall(self.keys.usage(tenant, day))
+            per_key: dict[str, dict[str, int]] = {}
+            for field, value in raw.items():
+                key_id, _, name = str(field).rpartition(":")
+                per_key.setdefault(key_id, dict.fromkeys(COUNTS, 0))[name] = int(value)
+            rows.extend(UsageRow(day, key_id, counts) for key_id, counts in sorted(per_key.items()))
+        return rows

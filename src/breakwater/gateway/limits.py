@@ -1,0 +1,78 @@
+"""A key's limits at admission: what a request reserves, the 429 when it is over, and OpenAI's
+``x-ratelimit-*`` headers (the ``openai`` SDK waits ``retry-after-ms`` before it retries a 429)."""
+
+from __future__ import annotations
+
+import math
+
+from breakwater.broker import RequestSpec
+from breakwater.broker.ledger import Decision, Limits
+from breakwater.gateway.errors import APIError
+from breakwater.tenancy import ApiKey
+
+BYTES_PER_TOKEN = 4  # the usual average; the real count replaces the estimate when the request ends
+DEFAULT_OUTPUT_RESERVE = 256  # reserved when a request sets no max_tokens; reconciled at the end
+
+
+def limits_of(key: ApiKey | None) -> Limits:
+    return Limits() if key is None else Limits(key.rpm, key.tpm, key.max_concurrent)
+
+
+def reserve(spec: RequestSpec, prompt: str) -> int:
+    """Tokens held against tokens-per-minute at admission: the prompt's estimate plus the output limit."""
+    output = spec.max_tokens if spec.max_tokens is not None else DEFAULT_OUTPUT_RESERVE
+    return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
+
+
+def too_large(tokens: int, limits: Limits) -> APIError:
+    return APIError(
+        400,
+        f"This request needs about {tokens} tokens (prompt estimate plus max_tokens), more than this "
+        f"API key's limit of {limits.tpm} tokens per minute; lower max_tokens or shorten the prompt.",
+        code="request_exceeds_token_limit",
+        param="max_tokens",
+    )
+
+
+def rate_headers(limits: Limits, decision: Decision) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if limits.rpm:
+        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(decision.requests_remaining)
+        headers["x-ratelimit-reset-requests"] = duration(decision.requests_reset_ms)
+    if limits.tpm:
+        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(decision.tokens_remaining)
+        headers["x-ratelimit-reset-tokens"] = duration(decision.tokens_reset_ms)
+    return headers
+
+
+def refusal(limits: Limits, decision: Decision) -> APIError:
+    what = {
+        "requests": f"{limits.rpm} requests per minute",
+        "tokens": f"{limits.tpm} tokens per minute",
+        "concurrency": f"{limits.max_concurrent} requests at once",
+    }[decision.reason]
+    wait_ms = max(1, decision.retry_after_ms)
+    return APIError(
+        429,
+        f"Rate limit reached for this API key: {what}. Try again in {duration(wait_ms)}.",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={
+            "Retry-After": str(math.ceil(wait_ms / 1000)),
+            "retry-after-ms": str(wait_ms),
+            "X-Breakwater-Reason": f"rate_limit_{decision.reason}",
+            **rate_headers(limits, decision),
+        },
+    )
+
+
+def duration(ms: int) -> str:
+    """OpenAI's format for reset times: ``20ms``, ``1.5s``, ``6m0s``."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    minutes, seconds = divmod(ms / 1000, 60)
+    if minutes:
+        return f"{int(minutes)}m{seconds:.0f}s"
+    return f"{seconds:.3g}s"
