@@ -16,7 +16,7 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
-from breakwater.cli_keys import keys_app
+from breakwater.cli_tenants import keys_app, usage
 from breakwater.cli_tools import bench, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
 
@@ -367,6 +367,10 @@ def _print_up(stack: Stack, data_dir: Path) -> None:
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
     )
+    console.print(
+        "  auth: [yellow]off[/yellow] (this stack listens on 127.0.0.1 only; a shared deployment sets "
+        "BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
+    )
     console.print(f"  metrics: {url}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C")
     console.print(f"  supervisor metrics (restarts): {stack.metrics_url}")
     pids = ", ".join(f"{name} {pid}" for name, pid in stack.processes().items())
@@ -377,6 +381,7 @@ app.command()(bench)
 app.add_typer(models_app, name="models")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(keys_app, name="keys")
+app.command()(usage)
 
 
 def main() -> None:

@@ -33,6 +33,12 @@ class CommonSettings(BaseSettings):
     # Secret (file) so that a copy of Redis alone cannot be used to test guessed keys.
     auth_pepper: SecretStr | None = None
     auth_pepper_file: str | None = Field(default=None, description="read the API-key pepper from this file")
+    # Per-tenant Prometheus series only for these tenants (the rest are "other"): bounded cardinality.
+    metrics_tenants: str = Field(default="", description="comma-separated tenants with their own series")
+
+    def tenant_label(self, tenant: str) -> str:
+        listed = {t.strip() for t in self.metrics_tenants.split(",") if t.strip()}
+        return tenant if tenant in listed else "other"
 
     def pepper(self) -> bytes:
         """The API-key pepper; raises ValueError when none is configured."""
@@ -61,6 +67,15 @@ class GatewaySettings(CommonSettings):
         le=60.0,
         description="how long a gateway trusts a key it looked up (revocation delay)",
     )
+    # /metrics on a port of its own (never routed by the Ingress); with --workers N, process i listens
+    # on metrics_port + i. Without one, /metrics is on the public port only while auth is off.
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics listener; 0: none")
+    metrics_host: str = Field(default="127.0.0.1", description="the /metrics listener's address")
+
+    @property
+    def public_metrics(self) -> bool:
+        return self.auth == "off" and self.metrics_port == 0
+
     lane_max_queued: int = Field(default=1000, ge=1, description="queued jobs per model and lane before 429")
     stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
     idle_poll_s: float = Field(

@@ -59,9 +59,14 @@ def start_siblings(count: int, host: str, port: int, env: dict[str, str]) -> lis
     argv = [sys.executable, "-m", "breakwater", "gateway", "--host", host, "--port", str(port)]
     child_env = {**os.environ, **env, SIBLING_ENV: "1"}
     parent = os.getpid()
+    metrics_port = int(child_env.get("BREAKWATER_METRICS_PORT") or 0)
     procs = [
-        subprocess.Popen([*argv, "--workers", "1"], env=child_env, preexec_fn=lambda: _die_with(parent))
-        for _ in range(count)
+        subprocess.Popen(
+            [*argv, "--workers", "1"],
+            env={**child_env, **({"BREAKWATER_METRICS_PORT": str(metrics_port + i)} if metrics_port else {})},
+            preexec_fn=lambda: _die_with(parent),
+        )
+        for i in range(1, count + 1)
     ]
     _siblings.extend(procs)
     return procs

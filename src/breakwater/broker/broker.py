@@ -439,17 +439,17 @@ class Broker(WorkerRegistry, DeadLetters):
             fields, emitted = await pipe.execute()
         return RequestRecord.from_hash(fields, emitted=emitted or "") if fields else None
 
-    async def meter_if_ended(self, rid: str) -> bool | None:
-        """Meter the request if it has ended (idempotent): True when counted now, False when it had
-        been, None when it has not ended (or is gone)."""
+    async def meter_if_ended(self, rid: str) -> RequestRecord | None:
+        """Meter the request if it has ended (idempotent): its record when it was counted now; None
+        when it had been, has not ended, or is gone."""
         fields: Any = await self.fast.execute("HGETALL", self.keys.request(rid))
         pairs = _pairs(fields)
         if not pairs:
             return None
         record = RequestRecord.from_hash(pairs)
-        if not record.status.terminal:
+        if not record.status.terminal or not await self.ledger.meter(record, rid):
             return None
-        return await self.ledger.meter(record, rid)
+        return record
 
     async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
         """Redis's clock, and the status and watchers of many requests, in one round trip."""

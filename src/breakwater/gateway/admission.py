@@ -195,6 +195,8 @@ class Admitter:
         )
         if not decision.admitted:
             self.metrics.rejections.labels(spec.model, f"rate_limit_{decision.reason}").inc()
+            tenant = self.settings.tenant_label(principal.tenant)
+            self.metrics.tenant_rejections.labels(tenant, decision.reason).inc()
             raise refusal(limits, decision)
         return rate_headers(limits, decision)
 

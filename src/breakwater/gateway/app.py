@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.broker import Broker, redacted
 from breakwater.config import GatewaySettings
@@ -17,6 +18,7 @@ from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.service import GatewayService
+from breakwater.plainhttp import PlainHTTP
 from breakwater.runtime import settle_heap
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,24 @@ async def _refresh_gauges(svc: GatewayService) -> None:
         await asyncio.sleep(GAUGE_INTERVAL_S)
 
 
+def metrics_listener(settings: GatewaySettings, metrics: GatewayMetrics) -> PlainHTTP | None:
+    """``/metrics`` (and ``/healthz``) on ``metrics_port``, off the public listener."""
+    if not settings.metrics_port:
+        return None
+
+    def respond(method: str, path: str) -> tuple[int, bytes, str]:
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return 405, b"method not allowed", "text/plain"
+        if path == "/metrics":
+            return 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+        if path == "/healthz":
+            return 200, b'{"status":"ok"}', "application/json"
+        return 404, b"not found", "text/plain"
+
+    return PlainHTTP(settings.metrics_host, settings.metrics_port, respond, "gateway metrics")
+
+
 def build_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,6 +62,9 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         svc = GatewayService(settings, broker, fanin, metrics)
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
+        admin = metrics_listener(settings, metrics)
+        if admin is not None:
+            await admin.start()
         settle_heap()
         log.info(
             "gateway ready",
@@ -51,6 +74,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             gauges.cancel()
+            if admin is not None:
+                await admin.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await gauges
             await fanin.close()

@@ -68,6 +68,12 @@ class GatewayMetrics:
             "Live buffers that overflowed (a slow reader fell back to the durable stream)",
             registry=r,
         )
+        self.tenant_rejections = Counter(
+            "breakwater_tenant_rejections_total",
+            "Requests refused by their API key's limits, by tenant (BREAKWATER_METRICS_TENANTS, else other)",
+            ["tenant", "reason"],
+            registry=r,
+        )
         self.rejections = Counter(
             "breakwater_admission_rejections_total",
             "Requests refused at admission",

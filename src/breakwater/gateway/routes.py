@@ -240,7 +240,10 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(service(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    svc = service(request)
+    if not svc.settings.public_metrics:  # it has its own listener (metrics_port), or none
+        raise APIError(404, "Not Found", code="not_found")
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def usage_row(row: UsageRow) -> dict[str, Any]:

@@ -47,6 +47,15 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         )
+        self.tenant_requests = Counter(
+            "breakwater_tenant_requests_total",
+            "Requests metered when they ended, by tenant (BREAKWATER_METRICS_TENANTS, else other)",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "breakwater_tenant_tokens_total", "Tokens metered, by tenant", ["tenant", "kind"], registry=r
+        )
         self.kv_cache_usage = Gauge(
             "breakwater_worker_kv_cache_usage", "Engine KV-cache usage (0-1)", ["model"], registry=r
         )

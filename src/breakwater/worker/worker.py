@@ -365,7 +365,15 @@ class Worker:
     async def _settle(self, job: Job) -> None:
         """Acknowledge a job whose request this worker ended (or found ended): its usage is metered
         first, so a crash between the two leaves the job to be reclaimed, metered (once) and acked."""
-        await self.broker.meter_if_ended(job.rid)
+        metered = await self.broker.meter_if_ended(job.rid)
+        if metered is not None:
+            tenant = self.settings.tenant_label(metered.spec.tenant)
+            self.metrics.tenant_requests.labels(tenant, metered.status.value).inc()
+            usage = metered.usage or {}
+            self.metrics.tenant_tokens.labels(tenant, "prompt").inc(usage.get("prompt_tokens", 0))
+            self.metrics.tenant_tokens.labels(tenant, "completion").inc(
+                usage.get("completion_tokens", metered.tokens)
+            )
         await self.broker.ack(job)
 
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:

@@ -1,4 +1,5 @@
-"""``breakwater keys``: create, list, show, revoke and rotate API keys (JSON on stdout, for scripts).
+"""``breakwater keys`` (create, list, show, revoke and rotate API keys) and ``breakwater usage``
+(metered usage of any tenant); JSON (or CSV) on stdout, for scripts.
 
 The secret of a key is printed once, by ``create`` and ``rotate``; Redis holds only its peppered hash,
 so the commands need the same pepper as the gateways (``BREAKWATER_AUTH_PEPPER_FILE``)."""
@@ -6,9 +7,12 @@ so the commands need the same pepper as the gateways (``BREAKWATER_AUTH_PEPPER_F
 from __future__ import annotations
 
 import asyncio
+import csv
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import date
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -24,24 +28,29 @@ _DURATION = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
+def _with_broker(fn: Callable[[Any], Awaitable[T]]) -> T:
     from breakwater.broker import Broker
     from breakwater.config import CommonSettings
 
     async def run() -> T:
-        settings = CommonSettings()
+        broker = Broker.connect(CommonSettings())
         try:
-            pepper = settings.pepper()
-        except (ValueError, OSError) as exc:
-            console.print(f"[red]{exc}[/red]")
-            raise typer.Exit(2) from None
-        broker = Broker.connect(settings)
-        try:
-            return await fn(broker.api_keys(pepper))
+            return await fn(broker)
         finally:
             await broker.aclose()
 
     return asyncio.run(run())
+
+
+def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
+    from breakwater.config import CommonSettings
+
+    try:
+        pepper = CommonSettings().pepper()
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    return _with_broker(lambda broker: fn(broker.api_keys(pepper)))
 
 
 def _emit(data: object) -> None:
@@ -132,3 +141,49 @@ def keys_rotate(
         raise _not_found(key_id)
     secret, record = rotated
     _emit({"key": secret, "replaces": key_id, **record.public()})
+
+
+def usage(
+    tenant: Annotated[
+        list[str] | None, typer.Option(help="tenant (repeat for several; default: every tenant with a key)")
+    ] = None,
+    start_date: Annotated[str | None, typer.Option(help="first UTC day, YYYY-MM-DD (default: today)")] = None,
+    end_date: Annotated[str | None, typer.Option(help="last UTC day (default: start date)")] = None,
+    format: Annotated[str, typer.Option(help="json or csv")] = "json",
+) -> None:
+    """Metered usage per tenant, day and API key: requests by outcome, prompt and completion tokens."""
+    from breakwater.broker.ledger import COUNTS, day_of
+
+    if format not in ("json", "csv"):
+        raise typer.BadParameter("json or csv", param_hint="--format")
+    first = start_date or day_of(time.time())
+    last = end_date or first
+    for value, hint in ((first, "--start-date"), (last, "--end-date")):
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise typer.BadParameter("a date, YYYY-MM-DD", param_hint=hint) from None
+
+    async def rows(broker: Any) -> list[dict[str, Any]]:
+        tenants = tenant or sorted({k.tenant for k in await _all_keys(broker)} | {"anonymous"})
+        out = []
+        for name in tenants:
+            for row in await broker.ledger.usage(name, first, last):
+                out.append({"tenant": name, "date": row.day, "key_id": row.key_id, **row.counts})
+        return out
+
+    found = _with_broker(rows)
+    if format == "json":
+        _emit(found)
+        return
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["tenant", "date", "key_id", *COUNTS])
+    for row in found:
+        writer.writerow([row["tenant"], row["date"], row["key_id"], *(row[c] for c in COUNTS)])
+
+
+async def _all_keys(broker: Any) -> list[Any]:
+    """Every key's record; needs no pepper (records are found through the id index)."""
+    from breakwater.broker.api_keys import KeyStore
+
+    return await KeyStore(broker.redis, broker.keys, b"").list()
