@@ -21,6 +21,23 @@ class Keys:
     def jobs(self, model: str, lane: str) -> str:
         return f"{self.prefix}:jobs:{{{model}}}:{lane}"
 
+    # Fair share within a model and lane (enqueue.lua, bind.lua, ack.lua): every key on the model's slot.
+    def bound(self, model: str, lane: str) -> str:
+        """Stream entry id -> the request it was bound to when a worker read it."""
+        return f"{self.prefix}:bound:{{{model}}}:{lane}"
+
+    def fair(self, model: str, lane: str) -> str:
+        """Virtual token counters per tenant (``c:<tenant>``) and the service floor."""
+        return f"{self.prefix}:fair:{{{model}}}:{lane}"
+
+    def backlog(self, model: str, lane: str) -> str:
+        """Tenants with requests waiting (zset by virtual token counter)."""
+        return f"{self.prefix}:backlog:{{{model}}}:{lane}"
+
+    def waiting_prefix(self, model: str, lane: str) -> str:
+        """+ tenant: that tenant's waiting requests, oldest first."""
+        return f"{self.prefix}:wait:{{{model}}}:{lane}:"
+
     def request(self, rid: str) -> str:
         return f"{self.prefix}:req:{{{rid}}}"
 

@@ -35,6 +35,12 @@ def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _model_lane(stream: str) -> tuple[str, str]:
+    """``<prefix>:jobs:{<model>}:<lane>`` -> (model, lane)."""
+    head, _, lane = stream.rpartition(":")
+    return head[head.index("{") + 1 : -1], lane
+
+
 class Admission(enum.Enum):
     QUEUED = "queued"
     LANE_FULL = "lane_full"
@@ -58,8 +64,11 @@ class Job:
 
     stream: str
     entry_id: str
-    rid: str
+    rid: str  # '' when no request was waiting for the entry: it is only acknowledged
     xrid: str
+    tenant: str = ""
+    cost: float = 0.0  # estimated tokens charged to the tenant's virtual counter when bound
+    weight: float = 1.0
 
 
 class StartOutcome(enum.Enum):
@@ -125,6 +134,8 @@ class Broker(WorkerRegistry, DeadLetters):
         self._watch = Script(self.fast, "watch")
         self._idempotency = Script(self.fast, "idempotency")
         self.ledger = Ledger(self.fast, redis, keys)
+        self._bind_script = Script(self.fast, "bind")
+        self._ack = Script(self.fast, "ack")
         # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
         # pending ones are reached; it wraps to 0-0 at the end of the stream.
         self._reclaim_cursor: dict[str, str] = {}
@@ -156,15 +167,29 @@ class Broker(WorkerRegistry, DeadLetters):
 
     # -- admission -------------------------------------------------------------------------------
     async def enqueue(
-        self, *, rid: str, spec: RequestSpec, max_queued: int, result_ttl_s: int
+        self,
+        *,
+        rid: str,
+        spec: RequestSpec,
+        max_queued: int,
+        result_ttl_s: int,
+        cost: int = 0,
+        weight: float = 1.0,
     ) -> EnqueueResult:
         """Create the request record and queue its job atomically, unless the lane is full. Safe to
-        retry: a second call for the same rid reports it queued without queueing it again."""
+        retry: a second call for the same rid reports it queued without queueing it again. ``cost``
+        (estimated tokens) and ``weight`` place it in its tenant's fair share of the lane."""
         flat: list[str] = []
         for key, value in spec.to_hash().items():
             flat += [key, value]
+        model, lane = spec.model, spec.lane
         res = await self._enqueue(
-            keys=[self.keys.jobs(spec.model, spec.lane), self.keys.request(rid)],
+            keys=[
+                self.keys.jobs(model, lane),
+                self.keys.request(rid),
+                self.keys.fair(model, lane),
+                self.keys.backlog(model, lane),
+            ],
             args=[
                 rid,
                 max_queued,
@@ -172,6 +197,10 @@ class Broker(WorkerRegistry, DeadLetters):
                 spec.request_id,
                 result_ttl_s,
                 max(1, math.ceil(spec.timeout_s * 1000)),  # a sub-millisecond timeout is 1 ms
+                spec.tenant or "anonymous",
+                cost,
+                repr(weight),
+                self.keys.waiting_prefix(model, lane),
                 *flat,
             ],
         )
@@ -243,10 +272,10 @@ class Broker(WorkerRegistry, DeadLetters):
                 "XREADGROUP", "GROUP", GROUP, worker_id, "COUNT", count, "STREAMS", stream, ">"
             )
             entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
-            return self._jobs(stream, entries)
+            return await self._bind(model, lane, entries)
         # A blocking read would stall every command behind it on the shared raw connection.
         reply: Any = await self.redis.xreadgroup(GROUP, worker_id, {stream: ">"}, count=count, block=block_ms)
-        return self._jobs(stream, reply[0][1] if reply else [])
+        return await self._bind(model, lane, reply[0][1] if reply else [])
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
         """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
@@ -255,16 +284,40 @@ class Broker(WorkerRegistry, DeadLetters):
         reply: Any = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, cursor, count=count)
         self._reclaim_cursor[stream] = str(reply[0]) if reply else "0-0"
         entries = reply[1] if len(reply) > 1 else []
-        return self._jobs(stream, entries)
+        return await self._bind(model, lane, entries)
 
-    @staticmethod
-    def _jobs(stream: str, entries: list[Any]) -> list[Job]:
-        jobs = []
-        for entry_id, fields in entries:
-            if fields is None:  # deleted while pending
-                continue
-            jobs.append(Job(stream, entry_id, fields.get("rid", ""), fields.get("xrid", "")))
-        return jobs
+    async def _bind(self, model: str, lane: str, entries: list[Any]) -> list[Job]:
+        """The requests these entries stand for, bound in fair order (``bind.lua``; an entry bound
+        before, e.g. a reclaimed one, keeps its request)."""
+        ids = [entry_id for entry_id, fields in entries if fields is not None]  # None: deleted while pending
+        if not ids:
+            return []
+        stream = self.keys.jobs(model, lane)
+        rows: Any = await self._bind_script(
+            keys=[
+                stream,
+                self.keys.bound(model, lane),
+                self.keys.fair(model, lane),
+                self.keys.backlog(model, lane),
+            ],
+            args=[self.keys.waiting_prefix(model, lane), *ids],
+        )
+        return [
+            Job(stream, str(i), str(rid), str(xrid), str(tenant), float(cost or 0), float(weight or 1))
+            for i, rid, xrid, tenant, cost, weight in rows
+        ]
+
+    async def tenant_backlog(self, model: str, lane: str) -> dict[str, int]:
+        """Requests waiting per tenant (not yet bound to a worker's entry)."""
+        tenants: Any = await self.redis.zrange(self.keys.backlog(model, lane), 0, -1)
+        if not tenants:
+            return {}
+        prefix = self.keys.waiting_prefix(model, lane)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.llen(prefix + tenant)
+            counts = await pipe.execute()
+        return {str(t): int(n) for t, n in zip(tenants, counts, strict=True)}
 
     async def start_job(
         self, rid: str, worker_id: str, max_attempts: int, *, result_ttl_s: int, alone: bool = True
@@ -281,19 +334,23 @@ class Broker(WorkerRegistry, DeadLetters):
         fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
         return StartResult(outcome, attempt, RequestRecord.from_hash(fields, emitted=str(res[2])))
 
-    async def ack(self, job: Job) -> None:
-        """Acknowledge and delete the entry, which keeps queue memory bounded and XLEN exact."""
-        replies = await self.fast.pipeline(
-            [
-                ("MULTI",),
-                ("XACK", job.stream, GROUP, job.entry_id),
-                ("XDEL", job.stream, job.entry_id),
-                ("EXEC",),
-            ]
+    async def ack(self, job: Job, used_tokens: int | None = None) -> None:
+        """Acknowledge and delete the entry (queue memory bounded, XLEN exact) and forget its binding;
+        ``used_tokens``: what the request really cost, which replaces the estimate in its tenant's
+        virtual counter."""
+        model, lane = _model_lane(job.stream)
+        delta = 0.0
+        if job.tenant and used_tokens is not None:
+            delta = (used_tokens - job.cost) / job.weight
+        await self._ack(
+            keys=[
+                job.stream,
+                self.keys.bound(model, lane),
+                self.keys.fair(model, lane),
+                self.keys.backlog(model, lane),
+            ],
+            args=[GROUP, job.entry_id, job.tenant, repr(delta)],
         )
-        for reply in [*replies[:-1], *(replies[-1] or [])]:  # EXEC's array holds each command's reply
-            if isinstance(reply, Exception):  # one write: no other caller's command lands inside
-                raise reply
 
     async def refresh_leases(self, leases: list[Lease], worker_id: str, *, result_ttl_s: int) -> list[Lease]:
         """Reset the idle time of in-flight entries this worker still owns (``XCLAIM … JUSTID``) and
@@ -439,17 +496,22 @@ class Broker(WorkerRegistry, DeadLetters):
             fields, emitted = await pipe.execute()
         return RequestRecord.from_hash(fields, emitted=emitted or "") if fields else None
 
-    async def meter_if_ended(self, rid: str) -> RequestRecord | None:
-        """Meter the request if it has ended (idempotent): its record when it was counted now; None
-        when it had been, has not ended, or is gone."""
-        fields: Any = await self.fast.execute("HGETALL", self.keys.request(rid))
+    async def settle(self, job: Job) -> RequestRecord | None:
+        """Acknowledge a job whose request ended (or is gone), metering it first (idempotent, so a
+        crash in between leaves the job to be reclaimed and settled again): its record when its
+        usage was counted now."""
+        fields: Any = await self.fast.execute("HGETALL", self.keys.request(job.rid)) if job.rid else None
         pairs = _pairs(fields)
-        if not pairs:
-            return None
-        record = RequestRecord.from_hash(pairs)
-        if not record.status.terminal or not await self.ledger.meter(record, rid):
-            return None
-        return record
+        record = RequestRecord.from_hash(pairs) if pairs else None
+        metered = None
+        used = None
+        if record is not None and record.status.terminal:
+            if await self.ledger.meter(record, job.rid):
+                metered = record
+            usage = record.usage or {}
+            used = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", record.tokens))
+        await self.ack(job, used)
+        return metered
 
     async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
         """Redis's clock, and the status and watchers of many requests, in one round trip."""

@@ -134,6 +134,8 @@ class Admitter:
                 spec=spec,
                 max_queued=self.settings.lane_max_queued,
                 result_ttl_s=self.settings.result_ttl_s,
+                cost=spec.reserved_tokens or reserve(spec, prompt),
+                weight=principal.key.weight if principal.key is not None else 1.0,
             )
             if sub is not None and result.accepted and not await self.fanin.confirm(sub):
                 log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})

@@ -56,6 +56,7 @@ class AutoscaleSignals:
         self.settings = settings
         self.broker = broker
         self.registry = registry
+        self._tenant_labels: dict[tuple[str, str], set[str]] = {}
         self.metrics = metrics
         self.load: dict[str, ModelLoad] = {}
 
@@ -69,6 +70,16 @@ class AutoscaleSignals:
             models[gone] = ModelInfo.without_workers(gone)
         for name, info in models.items():
             await self._refresh_model(name, info)
+
+    async def _refresh_tenants(self, model: str, lane: str) -> None:
+        """Waiting requests per tenant (listed tenants by name, the rest summed as ``other``)."""
+        per_label: dict[str, int] = dict.fromkeys(self._tenant_labels.get((model, lane), ()), 0)
+        for tenant, waiting in (await self.broker.tenant_backlog(model, lane)).items():
+            label = self.settings.tenant_label(tenant)
+            per_label[label] = per_label.get(label, 0) + waiting
+        for label, waiting in per_label.items():
+            self.metrics.tenant_queue_depth.labels(model, lane, label).set(waiting)
+        self._tenant_labels[(model, lane)] = set(per_label)
 
     async def _refresh_model(self, name: str, info: ModelInfo) -> None:
         m = self.metrics
@@ -87,6 +98,7 @@ class AutoscaleSignals:
             waiting, in_flight = await self.broker.queue_depth(name, lane)
             m.queue_depth.labels(name, lane).set(waiting)
             m.in_flight.labels(name, lane).set(in_flight)
+            await self._refresh_tenants(name, lane)
             lane_added, lane_done = await self.broker.jobs_counts(name, lane)
             added, done = added + lane_added, done + lane_done
             waiting_all, in_flight_all = waiting_all + waiting, in_flight_all + in_flight

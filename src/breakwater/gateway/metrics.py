@@ -92,6 +92,12 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "breakwater_queue_depth", "Jobs waiting in the queue", ["model", "lane"], registry=r
         )
+        self.tenant_queue_depth = Gauge(
+            "breakwater_tenant_queue_depth",
+            "Requests waiting for their tenant's fair share (BREAKWATER_METRICS_TENANTS, else other)",
+            ["model", "lane", "tenant"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "breakwater_jobs_in_flight",
             "Jobs claimed by workers and not yet finished",

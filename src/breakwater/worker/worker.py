@@ -170,7 +170,10 @@ class Worker:
             jobs = await self.broker.claim(
                 self.model, LANES[0], self.settings.worker_id, free, self.settings.block_ms
             )
-        return jobs
+        for job in jobs:
+            if not job.rid:  # an entry no request was waiting for: only acknowledged
+                await self.broker.ack(job)
+        return [job for job in jobs if job.rid]
 
     def _forget(self, rid: str) -> None:
         flight = self.inflight.pop(rid, None)
@@ -365,7 +368,7 @@ class Worker:
     async def _settle(self, job: Job) -> None:
         """Acknowledge a job whose request this worker ended (or found ended): its usage is metered
         first, so a crash between the two leaves the job to be reclaimed, metered (once) and acked."""
-        metered = await self.broker.meter_if_ended(job.rid)
+        metered = await self.broker.settle(job)
         if metered is not None:
             tenant = self.settings.tenant_label(metered.spec.tenant)
             self.metrics.tenant_requests.labels(tenant, metered.status.value).inc()
@@ -374,7 +377,6 @@ class Worker:
             self.metrics.tenant_tokens.labels(tenant, "completion").inc(
                 usage.get("completion_tokens", metered.tokens)
             )
-        await self.broker.ack(job)
 
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         """Stop a sequence whose request was cancelled, finished or taken over elsewhere."""
