@@ -18,6 +18,10 @@ if ! kubectl -n "$NS" get secret breakwater-redis >/dev/null 2>&1; then
     --from-literal=metrics-username=metrics \
     --from-literal=metrics-password="$(pw)"
 fi
+# The pepper API keys are hashed with: rotating it invalidates every key.
+if ! kubectl -n "$NS" get secret breakwater-auth >/dev/null 2>&1; then
+  kubectl -n "$NS" create secret generic breakwater-auth --from-literal=pepper="$(pw)"
+fi
 if [ -n "${UPSTREAM_API_KEY:-}" ] && ! kubectl -n "$NS" get secret breakwater-upstream >/dev/null 2>&1; then
   kubectl -n "$NS" create secret generic breakwater-upstream --from-literal=api-key="$UPSTREAM_API_KEY"
 fi

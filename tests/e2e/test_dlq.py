@@ -35,7 +35,12 @@ async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix:
         await broker.enqueue(rid=rid, spec=spec, max_queued=10, result_ttl_s=600)
         await broker.dead_letter("sim", rid, "gave up after 3 attempts", 3)
     await broker.fast.aclose()
-    await redis.delete(Keys(prefix).jobs("sim", "batch"))
+    keys = Keys(prefix)  # the two are dead, not queued: clear the lane (stream and waiting list)
+    await redis.delete(
+        keys.jobs("sim", "batch"),
+        keys.waiting_prefix("sim", "batch") + "anonymous",
+        keys.backlog("sim", "batch"),
+    )
 
     listed = cli(redis_server, prefix, "list", "--model", "sim")
     assert listed.returncode == 0, listed.stderr
@@ -56,8 +61,10 @@ async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix:
         5,
     )
     assert fresh.spec.retried_from == "cmpl-dead1" and fresh.failures == 0
-    jobs: Any = await redis.xrange(Keys(prefix).jobs("sim", "batch"))
-    assert [fields["rid"] for _, fields in jobs] == [new]  # enqueued once, on its lane
+    assert await redis.xlen(keys.jobs("sim", "batch")) == 1  # enqueued once, on its lane,
+    tenant = fresh.spec.tenant or "anonymous"  # auth off: the one tenant
+    waiting: Any = await redis.lrange(keys.waiting_prefix("sim", "batch") + tenant, 0, -1)
+    assert [str(item).split("\t")[0] for item in waiting] == [new]  # as its (original) tenant's request
     assert [
         r[1]
         for r in (

@@ -435,20 +435,27 @@ async def test_a_second_resume_of_the_same_request_does_not_orphan_the_first(
 
 
 async def test_nothing_half_written(fuzz_stack: StackProcs, redis: Redis, created_rids: set[str]) -> None:
-    """After the tests above, every request record is whole and each job entry has its record; the
-    requests the tests saw admitted are among them (so the check is not vacuous)."""
+    """After the tests above, every request record is whole, every queued request (waiting on its
+    tenant's list, or bound to a worker's entry) has its record, and the lane's stream holds exactly
+    one entry per queued request; the requests the tests saw admitted are among them (so the check
+    is not vacuous)."""
     keys = Keys(fuzz_stack.prefix)
     records = {k async for k in redis.scan_iter(match=keys.request("*"), count=1000)}
     assert created_rids, "no test saw a request admitted"
     assert {keys.request(rid) for rid in created_rids} <= records
     for key in records:
         record = await redis.hgetall(key)
-        assert {"model", "lane", "status", "job_id", "created_ms"} <= set(record), (key, record)
+        assert {"model", "lane", "status", "created", "created_ms"} <= set(record), (key, record)
     for model in (SERVED, IDLE):
         for lane in LANES:
-            entries: Any = await redis.xrange(keys.jobs(model, lane))
-            for _, fields in entries:
-                assert keys.request(fields["rid"]) in records, fields
+            queued: list[str] = []
+            async for waiting in redis.scan_iter(match=keys.waiting_prefix(model, lane) + "*", count=1000):
+                items: Any = await redis.lrange(waiting, 0, -1)
+                queued += [str(item).split("\t")[0] for item in items]
+            bound: Any = await redis.hvals(keys.bound(model, lane))
+            queued += [str(item).split("\t")[0] for item in bound]
+            assert {keys.request(rid) for rid in queued} <= records, queued
+            assert await redis.xlen(keys.jobs(model, lane)) == len(queued), (model, lane)
     assert httpx.get(f"{fuzz_stack.gateways[0][1]}/readyz").status_code == 200
     assert all(p.alive() for p, _ in fuzz_stack.gateways)
     assert orjson.loads(httpx.get(f"{fuzz_stack.gateways[0][1]}/healthz").content) == {"status": "ok"}
