@@ -42,13 +42,17 @@ end
 redis.call('HSET', KEYS[2], unpack(fields))
 redis.call('EXPIRE', KEYS[2], math.ceil(timeout_ms / 1000) + result_ttl)
 -- A tenant that joins the backlog starts level with the least-served backlogged tenant (or where
--- service stands), so an idle spell does not bank credit (Sheng et al., OSDI 2024: VTC).
+-- service stands), so an idle spell does not bank credit (Sheng et al., OSDI 2024: VTC). Lifted to
+-- that level, it goes just before the tenant it ties with: it has waited less than it was owed.
 local list = ARGV[10] .. tenant
 if redis.call('LLEN', list) == 0 then
   local counter = tonumber(redis.call('HGET', KEYS[3], 'c:' .. tenant)) or 0
   local least = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   local level = tonumber(least[2]) or tonumber(redis.call('HGET', KEYS[3], 'floor')) or 0
-  redis.call('ZADD', KEYS[4], math.max(counter, level), tenant)
+  if counter < level then
+    counter = level - 0.001
+  end
+  redis.call('ZADD', KEYS[4], counter, tenant)
 end
 redis.call('RPUSH', list, ARGV[1] .. '\t' .. ARGV[4] .. '\t' .. cost .. '\t' .. weight)
 redis.call('XADD', KEYS[1], '*', 'slot', '1')
