@@ -77,6 +77,8 @@ def keys_create(
     rpm: Annotated[int, typer.Option(min=0, help="requests per minute (0: no limit)")] = 0,
     tpm: Annotated[int, typer.Option(min=0, help="tokens per minute (0: no limit)")] = 0,
     max_concurrent: Annotated[int, typer.Option(min=0, help="requests at once (0: no limit)")] = 0,
+    budget_day: Annotated[int, typer.Option(min=0, help="tokens per UTC day (0: no budget)")] = 0,
+    budget_month: Annotated[int, typer.Option(min=0, help="tokens per UTC month (0: no budget)")] = 0,
     lane: Annotated[str | None, typer.Option(help=f"force this lane ({', '.join(LANES)})")] = None,
     weight: Annotated[float, typer.Option(min=0.01, max=1000.0, help="fair-share weight")] = 1.0,
     expires_in: Annotated[str | None, typer.Option(help="e.g. 30d (default: never)")] = None,
@@ -99,6 +101,8 @@ def keys_create(
         rpm=rpm,
         tpm=tpm,
         max_concurrent=max_concurrent,
+        budget_day=budget_day,
+        budget_month=budget_month,
         expires=expires,
     )
     secret, record = _with_store(lambda store: store.create(template))

@@ -80,6 +80,10 @@ class Keys:
         """Per key and day: ``<key id>:<completed|error|cancelled|rejected|prompt_tokens|...>``."""
         return f"{self.prefix}:usage:{{{tenant}}}:{day}"
 
+    def usage_month(self, tenant: str, month: str) -> str:
+        """Per key and UTC month (``YYYY-MM``): ``<key id>:tokens``, for monthly budgets."""
+        return f"{self.prefix}:usage-month:{{{tenant}}}:{month}"
+
     def metered(self, tenant: str, day: str) -> str:
         return f"{self.prefix}:metered:{{{tenant}}}:{day}"
 

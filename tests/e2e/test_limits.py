@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +347,51 @@ def test_openai_sdk_retries_a_429_after_retry_after(limit_stack: LimitStack) -> 
         assert row["requests"]["rejected"] >= 3, (row, took)  # the burst's one, then >= 1 per call
         # The second call came right after an admission: a whole second's share was owed, and waited.
         assert took[1] >= 0.5, took
+
+
+@pytest.mark.parametrize(("option", "period"), [("--budget-day", "daily"), ("--budget-month", "monthly")])
+async def test_a_used_up_token_budget_is_a_429_until_it_renews(
+    limit_stack: LimitStack, option: str, period: str
+) -> None:
+    """Requests are admitted until the tokens metered reach the budget; then 429 insufficient_quota
+    with a Retry-After that points at the next UTC day (month), and /v1/usage shows the tokens."""
+    key = limit_stack.create(f"lim-budget-{period}", option, "40")["key"]
+    body = {"model": "sim", "prompt": "budget", "max_tokens": 10, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=30, headers=bearer(key)) as http:
+        used = 0
+        for _ in range(10):
+            resp = await http.post(f"{limit_stack.urls[0]}/v1/completions", json=body)
+            if resp.status_code != 200:
+                break
+            used += resp.json()["usage"]["total_tokens"]
+            await _until_metered(http, limit_stack.urls[0], used)  # metered when its job is acked
+        else:
+            raise AssertionError("a 40-token budget admitted 10 requests of 11+ tokens")
+        assert resp.status_code == 429, resp.text
+        assert used >= 40 and used - 40 < 20, used  # refused once used up, not before
+        error = resp.json()["error"]
+        assert error["code"] == error["type"] == "insufficient_quota"
+        assert f"{period} budget of 40 tokens" in error["message"]
+        assert resp.headers["x-breakwater-reason"] == ("budget_day" if period == "daily" else "budget_month")
+        now = datetime.now(UTC)
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        renews = (
+            midnight
+            if period == "daily"
+            else (now.replace(day=28) + timedelta(days=4)).replace(
+                day=1, hour=0, minute=0, second=0, microsecond=0
+            )
+        )
+        assert abs(int(resp.headers["retry-after"]) - (renews - now).total_seconds()) < 10
+        again = await http.post(f"{limit_stack.urls[1]}/v1/completions", json=body)
+        assert again.status_code == 429  # the other gateway agrees: the budget lives in Redis
+
+
+async def _until_metered(http: httpx.AsyncClient, url: str, tokens: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = (await http.get(f"{url}/v1/usage")).json()["data"]
+        if sum(r["total_tokens"] for r in rows) >= tokens:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{tokens} tokens not metered within 10 s")

@@ -3,9 +3,10 @@ metered exactly once per request when it ends (``meter.lua``). Both run on the t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from breakwater.broker.record import RequestRecord, Status
@@ -23,6 +24,15 @@ def day_of(unix_s: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(unix_s))
 
 
+def until_next_day_and_month(unix_s: float) -> tuple[int, int]:
+    """Milliseconds from ``unix_s`` to the next UTC midnight and to the next UTC month."""
+    now = datetime.fromtimestamp(unix_s, UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    day = midnight + timedelta(days=1)
+    month = (midnight.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return math.ceil((day - now).total_seconds() * 1000), math.ceil((month - now).total_seconds() * 1000)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """One API key's limits (0: none)."""
@@ -30,10 +40,12 @@ class Limits:
     rpm: int = 0
     tpm: int = 0
     max_concurrent: int = 0
+    budget_day: int = 0
+    budget_month: int = 0
 
     @property
     def any(self) -> bool:
-        return bool(self.rpm or self.tpm or self.max_concurrent)
+        return bool(self.rpm or self.tpm or self.max_concurrent or self.budget_day or self.budget_month)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +78,13 @@ class Ledger:
     async def admit(
         self, tenant: str, key_id: str, limits: Limits, *, rid: str, tokens: int, deadline_ms: int
     ) -> Decision:
+        now = time.time()
         res = await self._limits(
             keys=[
                 self.keys.limiter(tenant, key_id),
                 self.keys.running(tenant, key_id),
-                self.keys.usage(tenant, day_of(time.time())),
+                self.keys.usage(tenant, day_of(now)),
+                self.keys.usage_month(tenant, day_of(now)[:7]),
             ],
             args=[
                 limits.rpm,
@@ -81,6 +95,9 @@ class Ledger:
                 deadline_ms,
                 key_id,
                 USAGE_TTL_S,
+                limits.budget_day,
+                limits.budget_month,
+                *until_next_day_and_month(now),
             ],
         )
         return Decision(bool(int(res[0])), str(res[1]), *(int(v) for v in res[2:7]))
@@ -101,6 +118,7 @@ class Ledger:
                 self.keys.metered(spec.tenant, day),
                 self.keys.limiter(spec.tenant, spec.key_id),
                 self.keys.running(spec.tenant, spec.key_id),
+                self.keys.usage_month(spec.tenant, day[:7]),
             ],
             args=[
                 rid,

@@ -103,9 +103,9 @@ class Admitter:
         self.check_context(prompt, spec.max_tokens, model)
         rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         limits = limits_of(principal.key)
-        if limits.tpm:
+        if limits.tpm or limits.budget_day or limits.budget_month:
             spec = replace(spec, reserved_tokens=reserve(spec, prompt))
-            if spec.reserved_tokens > limits.tpm:
+            if limits.tpm and spec.reserved_tokens > limits.tpm:
                 raise too_large(spec.reserved_tokens, limits)
         # The key lives exactly as long as the request's record: while it answers, so does the key.
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s

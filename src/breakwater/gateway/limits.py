@@ -15,7 +15,9 @@ DEFAULT_OUTPUT_RESERVE = 256  # reserved when a request sets no max_tokens; reco
 
 
 def limits_of(key: ApiKey | None) -> Limits:
-    return Limits() if key is None else Limits(key.rpm, key.tpm, key.max_concurrent)
+    if key is None:
+        return Limits()
+    return Limits(key.rpm, key.tpm, key.max_concurrent, key.budget_day, key.budget_month)
 
 
 def reserve(spec: RequestSpec, prompt: str) -> int:
@@ -48,23 +50,35 @@ def rate_headers(limits: Limits, decision: Decision) -> dict[str, str]:
 
 
 def refusal(limits: Limits, decision: Decision) -> APIError:
+    wait_ms = max(1, decision.retry_after_ms)
+    headers = {
+        "Retry-After": str(math.ceil(wait_ms / 1000)),
+        "retry-after-ms": str(wait_ms),
+        "X-Breakwater-Reason": f"rate_limit_{decision.reason}",
+        **rate_headers(limits, decision),
+    }
+    if decision.reason in ("budget_day", "budget_month"):
+        daily = decision.reason == "budget_day"
+        budget = limits.budget_day if daily else limits.budget_month
+        return APIError(
+            429,
+            f"This API key has used its {'daily' if daily else 'monthly'} budget of {budget} tokens; it "
+            f"renews at the start of the next UTC {'day' if daily else 'month'} (in {duration(wait_ms)}).",
+            type="insufficient_quota",
+            code="insufficient_quota",
+            headers={**headers, "X-Breakwater-Reason": decision.reason},
+        )
     what = {
         "requests": f"{limits.rpm} requests per minute",
         "tokens": f"{limits.tpm} tokens per minute",
         "concurrency": f"{limits.max_concurrent} requests at once",
     }[decision.reason]
-    wait_ms = max(1, decision.retry_after_ms)
     return APIError(
         429,
         f"Rate limit reached for this API key: {what}. Try again in {duration(wait_ms)}.",
         type="rate_limit_error",
         code="rate_limit_exceeded",
-        headers={
-            "Retry-After": str(math.ceil(wait_ms / 1000)),
-            "retry-after-ms": str(wait_ms),
-            "X-Breakwater-Reason": f"rate_limit_{decision.reason}",
-            **rate_headers(limits, decision),
-        },
+        headers=headers,
     )
 
 

@@ -48,6 +48,8 @@ class ApiKey:
     rpm: int = 0
     tpm: int = 0
     max_concurrent: int = 0
+    budget_day: int = 0  # tokens (prompt + completion) per UTC day
+    budget_month: int = 0  # tokens per UTC calendar month
     created: int = 0  # unix seconds
     expires: int = 0  # unix seconds; 0: never
     revoked: int = 0  # unix seconds it was revoked; 0: live
@@ -71,6 +73,8 @@ class ApiKey:
             "rpm": str(self.rpm),
             "tpm": str(self.tpm),
             "max_concurrent": str(self.max_concurrent),
+            "budget_day": str(self.budget_day),
+            "budget_month": str(self.budget_month),
             "created": str(self.created),
             "expires": str(self.expires),
             "revoked": str(self.revoked),
@@ -88,6 +92,8 @@ class ApiKey:
             rpm=int(h.get("rpm") or 0),
             tpm=int(h.get("tpm") or 0),
             max_concurrent=int(h.get("max_concurrent") or 0),
+            budget_day=int(h.get("budget_day") or 0),
+            budget_month=int(h.get("budget_month") or 0),
             created=int(h.get("created") or 0),
             expires=int(h.get("expires") or 0),
             revoked=int(h.get("revoked") or 0),
@@ -105,6 +111,8 @@ class ApiKey:
             "rpm": self.rpm,
             "tpm": self.tpm,
             "max_concurrent": self.max_concurrent,
+            "budget_day": self.budget_day,
+            "budget_month": self.budget_month,
             "created": self.created,
             "expires": self.expires or None,
             "revoked": self.revoked or None,

@@ -2,11 +2,15 @@
 -- per limit; a minute's allowance is spread over the minute, with a burst of BURST_MS of it).
 -- Every key is on the tenant's hash slot ({tenant}).
 -- KEYS[1] limiter hash of the API key (req_tat, tok_tat, tok_ms), KEYS[2] running set of the key
--- (rid -> deadline ms), KEYS[3] the tenant's usage hash of today
+-- (rid -> deadline ms), KEYS[3] the tenant's usage hash of today, KEYS[4] ... of this month
 -- ARGV[1] rpm, ARGV[2] tpm, ARGV[3] max concurrent (0: no limit), ARGV[4] tokens to reserve,
--- ARGV[5] rid, ARGV[6] deadline (ms), ARGV[7] key id, ARGV[8] usage TTL (s)
+-- ARGV[5] rid, ARGV[6] deadline (ms), ARGV[7] key id, ARGV[8] usage TTL (s), ARGV[9] daily token
+-- budget, ARGV[10] monthly token budget (0: none), ARGV[11] ms to the next UTC day, ARGV[12] ms to
+-- the next UTC month
 -- Returns {admitted, reason, retry_after_ms, req_remaining, req_reset_ms, tok_remaining, tok_reset_ms}
--- (reason: '' | 'requests' | 'tokens' | 'concurrency'; remaining -1 where there is no such limit).
+-- (reason: '' | 'requests' | 'tokens' | 'concurrency' | 'budget_day' | 'budget_month'; remaining -1
+-- where there is no such limit). A budget is used up once the tokens metered reach it: requests
+-- already running may take it past.
 -- A refused request changes nothing but the tenant's count of refusals.
 local BURST_MS = 1200  -- 2% of a minute
 local rpm, tpm, max_running = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -26,6 +30,18 @@ end
 if tpm > 0 and tok_tat - now > BURST_MS then
   local w = tok_tat - now - BURST_MS
   if w > wait then reason, wait = 'tokens', w end
+end
+local budget_day, budget_month = tonumber(ARGV[9]), tonumber(ARGV[10])
+if reason == '' and budget_day > 0 then
+  local used = redis.call('HMGET', KEYS[3], ARGV[7] .. ':prompt_tokens', ARGV[7] .. ':completion_tokens')
+  if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) >= budget_day then
+    reason, wait = 'budget_day', tonumber(ARGV[11])
+  end
+end
+if reason == '' and budget_month > 0 then
+  if (tonumber(redis.call('HGET', KEYS[4], ARGV[7] .. ':tokens')) or 0) >= budget_month then
+    reason, wait = 'budget_month', tonumber(ARGV[12])
+  end
 end
 if reason == '' and max_running > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- past their deadline: surely over

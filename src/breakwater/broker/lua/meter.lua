@@ -2,7 +2,8 @@
 -- the key's running requests and the tokens reserved beyond what it used. Every key is on the
 -- tenant's hash slot ({tenant}); called again for the same request it changes nothing.
 -- KEYS[1] the tenant's usage hash of the request's day, KEYS[2] the set of requests metered that day,
--- KEYS[3] limiter hash of the API key, KEYS[4] running set of the key
+-- KEYS[3] limiter hash of the API key, KEYS[4] running set of the key, KEYS[5] the tenant's usage
+-- hash of the request's month (monthly budgets)
 -- ARGV[1] rid, ARGV[2] key id, ARGV[3] outcome (completed | error | cancelled), ARGV[4] prompt
 -- tokens, ARGV[5] completion tokens, ARGV[6] tokens reserved at admission, ARGV[7] usage TTL (s),
 -- ARGV[8] metered-set TTL (s)
@@ -17,6 +18,8 @@ redis.call('HINCRBY', KEYS[1], key .. ':' .. ARGV[3], 1)
 redis.call('HINCRBY', KEYS[1], key .. ':prompt_tokens', prompt)
 redis.call('HINCRBY', KEYS[1], key .. ':completion_tokens', completion)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('HINCRBY', KEYS[5], key .. ':tokens', prompt + completion)
+redis.call('EXPIRE', KEYS[5], ARGV[7])
 redis.call('ZREM', KEYS[4], ARGV[1])
 local reserved = tonumber(ARGV[6])
 local tok = redis.call('HMGET', KEYS[3], 'tok_tat', 'tok_ms')
