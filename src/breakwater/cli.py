@@ -16,7 +16,7 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
-from breakwater.cli_tenants import keys_app, usage
+from breakwater.cli_tenants import keys_app, tenants_app, usage
 from breakwater.cli_tools import bench, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
 
@@ -381,6 +381,7 @@ app.command()(bench)
 app.add_typer(models_app, name="models")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tenants_app, name="tenants")
 app.command()(usage)
 
 

@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import date
 from typing import Annotated, Any, TypeVar
 
@@ -191,3 +192,35 @@ async def _all_keys(broker: Any) -> list[Any]:
     from breakwater.broker.api_keys import KeyStore
 
     return await KeyStore(broker.redis, broker.keys, b"").list()
+
+
+tenants_app = typer.Typer(no_args_is_help=True, help="A tenant's own limits, shared by all its keys.")
+
+
+@tenants_app.command("set")
+def tenants_set(
+    tenant: Annotated[str, typer.Argument(help="the tenant")],
+    rpm: Annotated[int, typer.Option(min=0, help="requests per minute, all keys together (0: none)")] = 0,
+    tpm: Annotated[int, typer.Option(min=0, help="tokens per minute (0: none)")] = 0,
+    max_concurrent: Annotated[int, typer.Option(min=0, help="requests at once (0: none)")] = 0,
+    budget_day: Annotated[int, typer.Option(min=0, help="tokens per UTC day (0: none)")] = 0,
+    budget_month: Annotated[int, typer.Option(min=0, help="tokens per UTC month (0: none)")] = 0,
+) -> None:
+    """Replace the tenant's limits (every gateway applies them within its cache time, ~1 s)."""
+    from breakwater.tenancy.limits import Limits
+
+    limits = Limits(rpm, tpm, max_concurrent, budget_day, budget_month)
+
+    async def run(broker: Any) -> Limits:
+        await broker.ledger.set_tenant_limits(tenant, limits)
+        result: Limits = await broker.ledger.tenant_limits(tenant)
+        return result
+
+    _emit({"tenant": tenant, **asdict(_with_broker(run))})
+
+
+@tenants_app.command("show")
+def tenants_show(tenant: Annotated[str, typer.Argument(help="the tenant")]) -> None:
+    """The tenant's limits (all 0: only its keys' own limits apply)."""
+    limits = _with_broker(lambda broker: broker.ledger.tenant_limits(tenant))
+    _emit({"tenant": tenant, **asdict(limits)})

@@ -77,8 +77,13 @@ class Keys:
         return f"{self.prefix}:running:{{{tenant}}}:{key_id}"
 
     def usage(self, tenant: str, day: str) -> str:
-        """Per key and day: ``<key id>:<completed|error|cancelled|rejected|prompt_tokens|...>``."""
+        """Per key and day: ``<key id>:<completed|error|cancelled|rejected|prompt_tokens|...>``; the
+        tenant's totals under the id ``*`` (as its limiter and running set are ``...:*``)."""
         return f"{self.prefix}:usage:{{{tenant}}}:{day}"
+
+    def tenant(self, tenant: str) -> str:
+        """A tenant's own limits (shared by all its keys): ``breakwater tenants set``."""
+        return f"{self.prefix}:tenant:{{{tenant}}}"
 
     def usage_month(self, tenant: str, month: str) -> str:
         """Per key and UTC month (``YYYY-MM``): ``<key id>:tokens``, for monthly budgets."""

@@ -387,11 +387,75 @@ async def test_a_used_up_token_budget_is_a_429_until_it_renews(
         assert again.status_code == 429  # the other gateway agrees: the budget lives in Redis
 
 
-async def _until_metered(http: httpx.AsyncClient, url: str, tokens: int) -> None:
+async def _until_metered(
+    http: httpx.AsyncClient, url: str, tokens: int, headers: dict[str, str] | None = None
+) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        rows = (await http.get(f"{url}/v1/usage")).json()["data"]
+        rows = (await http.get(f"{url}/v1/usage", headers=headers)).json()["data"]
         if sum(r["total_tokens"] for r in rows) >= tokens:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{tokens} tokens not metered within 10 s")
+
+
+def _tenants_set(limit_stack: LimitStack, tenant: str, *options: str) -> None:
+    env = {
+        **os.environ,
+        "BREAKWATER_REDIS_URL": limit_stack.procs.redis_url,
+        "BREAKWATER_KEY_PREFIX": limit_stack.procs.prefix,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "breakwater", "tenants", "set", tenant, *options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["tenant"] == tenant
+
+
+async def test_a_tenants_limits_hold_across_all_its_keys(limit_stack: LimitStack) -> None:
+    """Two keys without limits of their own share their tenant's 60 requests per minute: together they
+    are refused as one client would be, with a message that names the tenant's limit."""
+    tenant = "lim-shared"
+    _tenants_set(limit_stack, tenant, "--rpm", "60")
+    keys = [limit_stack.create(tenant)["key"] for _ in range(2)]
+    other = limit_stack.create("lim-shared-other")["key"]  # another tenant is not affected
+    async with httpx.AsyncClient(timeout=30) as http:
+        statuses = []
+        for i in range(6):
+            url = f"{limit_stack.urls[i % 2]}/v1/completions"
+            resp = await http.post(url, json=small_body(f"shared {i}"), headers=bearer(keys[i % 2]))
+            statuses.append(resp.status_code)
+            if resp.status_code == 429:
+                assert resp.headers["x-breakwater-reason"] == "rate_limit_tenant_requests"
+                assert "tenant" in resp.json()["error"]["message"]
+                assert resp.headers["x-ratelimit-limit-requests"] == "60"  # the tenant's, the keys have none
+        assert statuses.count(200) <= 3 and 429 in statuses, statuses  # 1 s of 60 rpm + the burst
+        for i in range(6):
+            resp = await http.post(
+                f"{limit_stack.urls[0]}/v1/completions", json=small_body(f"other {i}"), headers=bearer(other)
+            )
+            assert resp.status_code == 200, resp.text
+
+
+async def test_a_tenants_budget_is_shared_by_its_keys(limit_stack: LimitStack) -> None:
+    tenant = "lim-shared-budget"
+    _tenants_set(limit_stack, tenant, "--budget-day", "30")
+    first, second = (limit_stack.create(tenant)["key"] for _ in range(2))
+    body = {"model": "sim", "prompt": "budget", "max_tokens": 10, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=30) as http:
+        used = 0
+        for _ in range(3):  # 3 x 11 tokens with the first key: the tenant's 30 are used up
+            resp = await http.post(f"{limit_stack.urls[0]}/v1/completions", json=body, headers=bearer(first))
+            assert resp.status_code == 200, resp.text
+            used += resp.json()["usage"]["total_tokens"]
+            await _until_metered(http, limit_stack.urls[0], used, bearer(first))
+        refused = await http.post(f"{limit_stack.urls[1]}/v1/completions", json=body, headers=bearer(second))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_quota"
+        assert refused.headers["x-breakwater-reason"] == "tenant_budget_day"
+        assert "30 tokens of this API key's tenant" in refused.json()["error"]["message"]

@@ -13,10 +13,13 @@ from breakwater.broker.record import RequestRecord, Status
 from breakwater.broker.scripts import Script
 from breakwater.broker.wire import PipelinedRedis
 from breakwater.keys import Keys
+from breakwater.tenancy.limits import Limits
 
 USAGE_TTL_S = 400 * 86400  # bills are made from these: kept a year and a month
 METERED_TTL_S = 3 * 86400  # longer than any request lives (its deadline plus its result's TTL)
 OUTCOMES = ("completed", "error", "cancelled", "rejected")
+TENANT = "*"  # the tenant's own limiter, running set and usage totals sit beside its keys' under this id
+LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "budget_day", "budget_month")
 COUNTS = (*OUTCOMES, "prompt_tokens", "completion_tokens")
 
 
@@ -34,31 +37,24 @@ def until_next_day_and_month(unix_s: float) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """One API key's limits (0: none)."""
+class Window:
+    """Where one subject's (key's or tenant's) rate limits stand after a decision; -1: no such limit."""
 
-    rpm: int = 0
-    tpm: int = 0
-    max_concurrent: int = 0
-    budget_day: int = 0
-    budget_month: int = 0
-
-    @property
-    def any(self) -> bool:
-        return bool(self.rpm or self.tpm or self.max_concurrent or self.budget_day or self.budget_month)
+    requests_remaining: int = -1
+    requests_reset_ms: int = 0
+    tokens_remaining: int = -1
+    tokens_reset_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The limiter's answer; remaining is -1 where the key has no such limit."""
+    """The limiter's answer for a request: the key's window, and the tenant's when it has limits."""
 
     admitted: bool
-    reason: str  # requests | tokens | concurrency when refused
+    reason: str  # requests | tokens | concurrency | budget_day | budget_month (tenant_...) when refused
     retry_after_ms: int
-    requests_remaining: int
-    requests_reset_ms: int
-    tokens_remaining: int
-    tokens_reset_ms: int
+    key: Window
+    tenant: Window | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,31 +72,46 @@ class Ledger:
         self._meter = Script(fast, "meter")
 
     async def admit(
-        self, tenant: str, key_id: str, limits: Limits, *, rid: str, tokens: int, deadline_ms: int
+        self,
+        tenant: str,
+        key_id: str,
+        limits: Limits,
+        *,
+        rid: str,
+        tokens: int,
+        deadline_ms: int,
+        tenant_limits: Limits | None = None,
     ) -> Decision:
+        """Check (and on admission take) the key's limits and, if it has any, the tenant's."""
         now = time.time()
-        res = await self._limits(
-            keys=[
-                self.keys.limiter(tenant, key_id),
-                self.keys.running(tenant, key_id),
-                self.keys.usage(tenant, day_of(now)),
-                self.keys.usage_month(tenant, day_of(now)[:7]),
-            ],
-            args=[
-                limits.rpm,
-                limits.tpm,
-                limits.max_concurrent,
-                tokens,
-                rid,
-                deadline_ms,
-                key_id,
-                USAGE_TTL_S,
-                limits.budget_day,
-                limits.budget_month,
-                *until_next_day_and_month(now),
-            ],
+        subjects = [(key_id, limits)] + (
+            [(TENANT, tenant_limits)] if tenant_limits and tenant_limits.any else []
         )
-        return Decision(bool(int(res[0])), str(res[1]), *(int(v) for v in res[2:7]))
+        keys = [self.keys.usage(tenant, day_of(now)), self.keys.usage_month(tenant, day_of(now)[:7])]
+        args: list[str | int] = [
+            tokens,
+            rid,
+            deadline_ms,
+            USAGE_TTL_S,
+            *until_next_day_and_month(now),
+            key_id,
+        ]
+        for subject, lim in subjects:
+            keys += [self.keys.limiter(tenant, subject), self.keys.running(tenant, subject)]
+            args += [subject, lim.rpm, lim.tpm, lim.max_concurrent, lim.budget_day, lim.budget_month]
+        res = await self._limits(keys=keys, args=args)
+        windows = [Window(*(int(v) for v in res[3 + 4 * i : 7 + 4 * i])) for i in range(len(subjects))]
+        return Decision(
+            bool(int(res[0])), str(res[1]), int(res[2]), windows[0], windows[1] if len(windows) > 1 else None
+        )
+
+    async def tenant_limits(self, tenant: str) -> Limits:
+        raw: Any = await self.redis.hgetall(self.keys.tenant(tenant))
+        return Limits(**{name: int(raw.get(name) or 0) for name in LIMIT_FIELDS})
+
+    async def set_tenant_limits(self, tenant: str, limits: Limits) -> None:
+        mapping: dict[Any, Any] = {name: getattr(limits, name) for name in LIMIT_FIELDS}
+        await self.redis.hset(self.keys.tenant(tenant), mapping=mapping)
 
     async def meter(self, record: RequestRecord, rid: str, *, outcome: str | None = None) -> bool:
         """Count a request that ended (once: False when it had been). ``outcome`` defaults to the
@@ -116,9 +127,11 @@ class Ledger:
             keys=[
                 self.keys.usage(spec.tenant, day),
                 self.keys.metered(spec.tenant, day),
+                self.keys.usage_month(spec.tenant, day[:7]),
                 self.keys.limiter(spec.tenant, spec.key_id),
                 self.keys.running(spec.tenant, spec.key_id),
-                self.keys.usage_month(spec.tenant, day[:7]),
+                self.keys.limiter(spec.tenant, TENANT),
+                self.keys.running(spec.tenant, TENANT),
             ],
             args=[
                 rid,
@@ -137,6 +150,7 @@ class Ledger:
         """A request the limiter admitted but that was not queued after all (its lane was full):
         free its place among the running ones. What it took of the rates stays taken."""
         await self.redis.zrem(self.keys.running(tenant, key_id), rid)
+        await self.redis.zrem(self.keys.running(tenant, TENANT), rid)
 
     async def usage(self, tenant: str, first: str, last: str) -> list[UsageRow]:
         """A tenant's usage per day (``YYYY-MM-DD``, inclusive) and key."""
@@ -149,6 +163,8 @@ class Ledger:
             per_key: dict[str, dict[str, int]] = {}
             for field, value in raw.items():
                 key_id, _, name = str(field).rpartition(":")
+                if key_id == TENANT:  # the tenant's totals (for its budgets), not a key
+                    continue
                 per_key.setdefault(key_id, dict.fromkeys(COUNTS, 0))[name] = int(value)
             rows.extend(UsageRow(day, key_id, counts) for key_id, counts in sorted(per_key.items()))
         return rows

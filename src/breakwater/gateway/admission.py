@@ -12,7 +12,6 @@ from dataclasses import replace
 from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
-from breakwater.broker.ledger import Limits
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
@@ -22,6 +21,7 @@ from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import ANONYMOUS, Principal
+from breakwater.tenancy.limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,12 @@ class Admitter:
         self.check_context(prompt, spec.max_tokens, model)
         rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         limits = limits_of(principal.key)
-        if limits.tpm or limits.budget_day or limits.budget_month:
+        shared = principal.tenant_limits
+        if limits.tpm or limits.budget_day or limits.budget_month or shared.any:
             spec = replace(spec, reserved_tokens=reserve(spec, prompt))
-            if limits.tpm and spec.reserved_tokens > limits.tpm:
-                raise too_large(spec.reserved_tokens, limits)
+            for lim in (limits, shared):
+                if lim.tpm and spec.reserved_tokens > lim.tpm:
+                    raise too_large(spec.reserved_tokens, lim)
         # The key lives exactly as long as the request's record: while it answers, so does the key.
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
         idem = None
@@ -118,7 +120,7 @@ class Admitter:
             if found is not None:
                 return found
         headers: dict[str, str] = {}
-        if limits.any:  # after the Idempotency-Key: a replay is not a new request
+        if limits.any or shared.any:  # after the Idempotency-Key: a replay is not a new request
             try:
                 headers = await self._within_limits(principal, limits, rid, spec)
             except BaseException:
@@ -185,8 +187,9 @@ class Admitter:
     async def _within_limits(
         self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
     ) -> dict[str, str]:
-        """The key's limits admit this request (else 429); its x-ratelimit-* headers."""
+        """The key's (and its tenant's) limits admit this request, else 429; its x-ratelimit-* headers."""
         deadline_ms = int((time.time() + spec.timeout_s) * 1000)
+        shared = principal.tenant_limits
         decision = await self.broker.ledger.admit(
             principal.tenant,
             principal.key_id,
@@ -194,13 +197,14 @@ class Admitter:
             rid=rid,
             tokens=spec.reserved_tokens,
             deadline_ms=deadline_ms,
+            tenant_limits=shared,
         )
         if not decision.admitted:
             self.metrics.rejections.labels(spec.model, f"rate_limit_{decision.reason}").inc()
             tenant = self.settings.tenant_label(principal.tenant)
             self.metrics.tenant_rejections.labels(tenant, decision.reason).inc()
-            raise refusal(limits, decision)
-        return rate_headers(limits, decision)
+            raise refusal(limits, decision, shared)
+        return rate_headers(limits, decision, shared)
 
     async def _existing(self, rid: str, subscribe: bool) -> Submission | None:
         """The request an Idempotency-Key is bound to; None when it expired."""
@@ -231,7 +235,7 @@ class Admitter:
             await self.fanin.unsubscribe(sub)
         if idem is not None:
             await self.broker.release_idempotency_key(idem, rid)
-        if limits.max_concurrent:
+        if limits.max_concurrent or principal.tenant_limits.max_concurrent:
             await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 
     def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:

@@ -13,10 +13,12 @@ import time
 from fastapi import Request
 
 from breakwater.broker.api_keys import KeyStore
+from breakwater.broker.ledger import Ledger
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
 from breakwater.tenancy import ANONYMOUS, ApiKey, Principal
 from breakwater.tenancy.apikeys import well_formed
+from breakwater.tenancy.limits import Limits
 
 CACHE_MAX = 10_000  # keys remembered per gateway process
 
@@ -36,11 +38,15 @@ def bearer(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, settings: GatewaySettings, store: KeyStore | None) -> None:
+    def __init__(
+        self, settings: GatewaySettings, store: KeyStore | None, ledger: Ledger | None = None
+    ) -> None:
         self.enabled = settings.auth == "keys"
         self.cache_s = settings.auth_cache_s
         self.store = store
+        self.ledger = ledger
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._tenants: dict[str, tuple[float, Limits]] = {}
 
     async def principal(self, key: str | None) -> Principal:
         """The caller of a request that presented ``key`` (None: no key at all); 401 if not valid."""
@@ -58,7 +64,20 @@ class Authenticator:
         why = record.usable(time.time())
         if why is not None:
             raise unauthorized(f"This API key ({record.id}) is {why}.")
-        return Principal.of(record)
+        return Principal.of(record, await self._tenant_limits(record.tenant))
+
+    async def _tenant_limits(self, tenant: str) -> Limits:
+        if self.ledger is None:
+            return Limits()
+        now = time.monotonic()
+        cached = self._tenants.get(tenant)
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
+        limits = await self.ledger.tenant_limits(tenant)
+        if len(self._tenants) >= CACHE_MAX:
+            self._tenants.clear()
+        self._tenants[tenant] = (now, limits)
+        return limits
 
     async def _lookup(self, key: str) -> ApiKey | None:
         assert self.store is not None

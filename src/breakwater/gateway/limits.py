@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 from breakwater.broker import RequestSpec
-from breakwater.broker.ledger import Decision, Limits
+from breakwater.broker.ledger import Decision
 from breakwater.gateway.errors import APIError
 from breakwater.tenancy import ApiKey
+from breakwater.tenancy.limits import Limits
 
 BYTES_PER_TOKEN = 4  # the usual average; the real count replaces the estimate when the request ends
 DEFAULT_OUTPUT_RESERVE = 256  # reserved when a request sets no max_tokens; reconciled at the end
@@ -36,46 +37,55 @@ def too_large(tokens: int, limits: Limits) -> APIError:
     )
 
 
-def rate_headers(limits: Limits, decision: Decision) -> dict[str, str]:
+def rate_headers(limits: Limits, decision: Decision, tenant_limits: Limits | None = None) -> dict[str, str]:
+    """The key's own limits; where the key has none, its tenant's."""
     headers: dict[str, str] = {}
-    if limits.rpm:
-        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(decision.requests_remaining)
-        headers["x-ratelimit-reset-requests"] = duration(decision.requests_reset_ms)
-    if limits.tpm:
-        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(decision.tokens_remaining)
-        headers["x-ratelimit-reset-tokens"] = duration(decision.tokens_reset_ms)
+    windows = [(limits, decision.key)]
+    if tenant_limits is not None and decision.tenant is not None:
+        windows.append((tenant_limits, decision.tenant))
+    for lim, window in reversed(windows):  # the key's override the tenant's
+        if lim.rpm:
+            headers["x-ratelimit-limit-requests"] = str(lim.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(window.requests_remaining)
+            headers["x-ratelimit-reset-requests"] = duration(window.requests_reset_ms)
+        if lim.tpm:
+            headers["x-ratelimit-limit-tokens"] = str(lim.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(window.tokens_remaining)
+            headers["x-ratelimit-reset-tokens"] = duration(window.tokens_reset_ms)
     return headers
 
 
-def refusal(limits: Limits, decision: Decision) -> APIError:
+def refusal(limits: Limits, decision: Decision, tenant_limits: Limits | None = None) -> APIError:
     wait_ms = max(1, decision.retry_after_ms)
+    reason = decision.reason.removeprefix("tenant_")
+    whose, lim = "this API key", limits
+    if reason != decision.reason and tenant_limits is not None:
+        whose, lim = "this API key's tenant (all its keys)", tenant_limits
     headers = {
         "Retry-After": str(math.ceil(wait_ms / 1000)),
         "retry-after-ms": str(wait_ms),
         "X-Breakwater-Reason": f"rate_limit_{decision.reason}",
-        **rate_headers(limits, decision),
+        **rate_headers(limits, decision, tenant_limits),
     }
-    if decision.reason in ("budget_day", "budget_month"):
-        daily = decision.reason == "budget_day"
-        budget = limits.budget_day if daily else limits.budget_month
+    if reason in ("budget_day", "budget_month"):
+        daily = reason == "budget_day"
+        budget = lim.budget_day if daily else lim.budget_month
         return APIError(
             429,
-            f"This API key has used its {'daily' if daily else 'monthly'} budget of {budget} tokens; it "
+            f"The {'daily' if daily else 'monthly'} budget of {budget} tokens of {whose} is used up; it "
             f"renews at the start of the next UTC {'day' if daily else 'month'} (in {duration(wait_ms)}).",
             type="insufficient_quota",
             code="insufficient_quota",
             headers={**headers, "X-Breakwater-Reason": decision.reason},
         )
     what = {
-        "requests": f"{limits.rpm} requests per minute",
-        "tokens": f"{limits.tpm} tokens per minute",
-        "concurrency": f"{limits.max_concurrent} requests at once",
-    }[decision.reason]
+        "requests": f"{lim.rpm} requests per minute",
+        "tokens": f"{lim.tpm} tokens per minute",
+        "concurrency": f"{lim.max_concurrent} requests at once",
+    }[reason]
     return APIError(
         429,
-        f"Rate limit reached for this API key: {what}. Try again in {duration(wait_ms)}.",
+        f"Rate limit reached for {whose}: {what}. Try again in {duration(wait_ms)}.",
         type="rate_limit_error",
         code="rate_limit_exceeded",
         headers=headers,

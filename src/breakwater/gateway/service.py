@@ -37,9 +37,8 @@ class GatewayService:
         self.signals = AutoscaleSignals(settings, broker, self.registry, metrics)
         self.admitter = Admitter(settings, broker, fanin, self.registry, self.signals, metrics)
         self.requests = Requests(settings, broker, fanin, metrics)
-        self.auth = Authenticator(
-            settings, broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
-        )
+        store = broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
+        self.auth = Authenticator(settings, store, broker.ledger)
         self.draining = False
         self.websockets: set[Any] = set()
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from breakwater.tenancy.limits import Limits
+
 KEY_PREFIX = "bw-"
 KEY_RE = re.compile(r"^bw-[A-Za-z0-9_-]{43}$")
 
@@ -126,10 +128,11 @@ class Principal:
     tenant: str
     key: ApiKey | None = None  # None: auth is off
     models: frozenset[str] = field(default_factory=frozenset)
+    tenant_limits: Limits = field(default_factory=Limits)  # shared by all the tenant's keys
 
     @classmethod
-    def of(cls, key: ApiKey) -> Principal:
-        return cls(key.tenant, key, frozenset(key.models))
+    def of(cls, key: ApiKey, tenant_limits: Limits | None = None) -> Principal:
+        return cls(key.tenant, key, frozenset(key.models), tenant_limits or Limits())
 
     @property
     def key_id(self) -> str:

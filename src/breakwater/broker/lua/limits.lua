@@ -1,76 +1,103 @@
--- Admit one request against its API key's limits, atomically (GCRA: a "theoretical arrival time"
--- per limit; a minute's allowance is spread over the minute, with a burst of BURST_MS of it).
--- Every key is on the tenant's hash slot ({tenant}).
--- KEYS[1] limiter hash of the API key (req_tat, tok_tat, tok_ms), KEYS[2] running set of the key
--- (rid -> deadline ms), KEYS[3] the tenant's usage hash of today, KEYS[4] ... of this month
--- ARGV[1] rpm, ARGV[2] tpm, ARGV[3] max concurrent (0: no limit), ARGV[4] tokens to reserve,
--- ARGV[5] rid, ARGV[6] deadline (ms), ARGV[7] key id, ARGV[8] usage TTL (s), ARGV[9] daily token
--- budget, ARGV[10] monthly token budget (0: none), ARGV[11] ms to the next UTC day, ARGV[12] ms to
--- the next UTC month
--- Returns {admitted, reason, retry_after_ms, req_remaining, req_reset_ms, tok_remaining, tok_reset_ms}
--- (reason: '' | 'requests' | 'tokens' | 'concurrency' | 'budget_day' | 'budget_month'; remaining -1
--- where there is no such limit). A budget is used up once the tokens metered reach it: requests
--- already running may take it past.
--- A refused request changes nothing but the tenant's count of refusals.
+-- Admit one request against the limits of its API key and of its tenant, atomically (GCRA: a
+-- "theoretical arrival time" per limit; a minute's allowance is spread over the minute, with a burst
+-- of BURST_MS of it). Every key is on the tenant's hash slot ({tenant}).
+-- KEYS[1] the tenant's usage hash of today, KEYS[2] ... of this month, then per subject (the key,
+-- then, if it has limits, the tenant): its limiter hash (req_tat, tok_tat, tok_ms) and its running set
+-- (rid -> deadline ms)
+-- ARGV[1] tokens to reserve, ARGV[2] rid, ARGV[3] deadline (ms), ARGV[4] usage TTL (s), ARGV[5] ms to
+-- the next UTC day, ARGV[6] ms to the next UTC month, ARGV[7] the key's id (its refusals are
+-- counted), then per subject: its id in the usage hash (key id, or '*' for the tenant), rpm, tpm,
+-- max concurrent, daily token budget, monthly token budget (0: none)
+-- Returns {admitted, reason, retry_after_ms, then per subject: req_remaining, req_reset_ms,
+-- tok_remaining, tok_reset_ms} (reason: '' | requests | tokens | concurrency | budget_day |
+-- budget_month, prefixed 'tenant_' when it is the tenant's; remaining -1 where there is no such
+-- limit). A budget is used up once the tokens metered reach it: requests already running may take
+-- it past. A refused request changes nothing but the count of refusals.
 local BURST_MS = 1200  -- 2% of a minute
-local rpm, tpm, max_running = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'req_tat', 'tok_tat')
-local req_tat = math.max(tonumber(state[1]) or 0, now)
-local tok_tat = math.max(tonumber(state[2]) or 0, now)
-local req_ms = rpm > 0 and 60000 / rpm or 0
-local tok_ms = tpm > 0 and 60000 / tpm or 0
-local reason, wait = '', 0
--- A request may start when its limit's TAT is at most BURST_MS ahead of now; it moves TAT by its cost.
-if rpm > 0 and req_tat - now > BURST_MS then
-  reason, wait = 'requests', req_tat - now - BURST_MS
+local cost, now_t = tonumber(ARGV[1]), redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
+local subjects = {}
+for s = 0, (#KEYS - 2) / 2 - 1 do
+  local a = 8 + s * 6
+  local state = redis.call('HMGET', KEYS[3 + 2 * s], 'req_tat', 'tok_tat')
+  local sub = {limiter = KEYS[3 + 2 * s], running = KEYS[4 + 2 * s], id = ARGV[a],
+    rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), max_running = tonumber(ARGV[a + 3]),
+    budget_day = tonumber(ARGV[a + 4]), budget_month = tonumber(ARGV[a + 5]),
+    req_tat = math.max(tonumber(state[1]) or 0, now), tok_tat = math.max(tonumber(state[2]) or 0, now)}
+  sub.req_ms = sub.rpm > 0 and 60000 / sub.rpm or 0
+  sub.tok_ms = sub.tpm > 0 and 60000 / sub.tpm or 0
+  subjects[#subjects + 1] = sub
 end
-if tpm > 0 and tok_tat - now > BURST_MS then
-  local w = tok_tat - now - BURST_MS
-  if w > wait then reason, wait = 'tokens', w end
-end
-local budget_day, budget_month = tonumber(ARGV[9]), tonumber(ARGV[10])
-if reason == '' and budget_day > 0 then
-  local used = redis.call('HMGET', KEYS[3], ARGV[7] .. ':prompt_tokens', ARGV[7] .. ':completion_tokens')
-  if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) >= budget_day then
-    reason, wait = 'budget_day', tonumber(ARGV[11])
+
+local function refused(sub)
+  -- A request may start when its limit's TAT is at most BURST_MS ahead of now.
+  local reason, wait = '', 0
+  if sub.rpm > 0 and sub.req_tat - now > BURST_MS then
+    reason, wait = 'requests', sub.req_tat - now - BURST_MS
   end
-end
-if reason == '' and budget_month > 0 then
-  if (tonumber(redis.call('HGET', KEYS[4], ARGV[7] .. ':tokens')) or 0) >= budget_month then
-    reason, wait = 'budget_month', tonumber(ARGV[12])
+  if sub.tpm > 0 and sub.tok_tat - now - BURST_MS > wait then
+    reason, wait = 'tokens', sub.tok_tat - now - BURST_MS
   end
-end
-if reason == '' and max_running > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)  -- past their deadline: surely over
-  if redis.call('ZCARD', KEYS[2]) >= max_running then
-    reason, wait = 'concurrency', 1000
+  if reason == '' and sub.budget_day > 0 then
+    local used = redis.call('HMGET', KEYS[1], sub.id .. ':prompt_tokens', sub.id .. ':completion_tokens')
+    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) >= sub.budget_day then
+      reason, wait = 'budget_day', tonumber(ARGV[5])
+    end
   end
+  if reason == '' and sub.budget_month > 0 then
+    if (tonumber(redis.call('HGET', KEYS[2], sub.id .. ':tokens')) or 0) >= sub.budget_month then
+      reason, wait = 'budget_month', tonumber(ARGV[6])
+    end
+  end
+  if reason == '' and sub.max_running > 0 then
+    redis.call('ZREMRANGEBYSCORE', sub.running, '-inf', now)  -- past their deadline: surely over
+    if redis.call('ZCARD', sub.running) >= sub.max_running then
+      reason, wait = 'concurrency', 1000
+    end
+  end
+  return reason, wait
 end
+
 local function remaining(tat, ms)
   if ms == 0 then return -1 end
   return math.max(0, math.floor((now + BURST_MS - tat) / ms) + 1)
 end
-if reason ~= '' then
-  redis.call('HINCRBY', KEYS[3], ARGV[7] .. ':rejected', 1)
-  redis.call('EXPIRE', KEYS[3], ARGV[8])
-  return {0, reason, math.ceil(wait), remaining(req_tat, req_ms), math.ceil(req_tat - now),
-    remaining(tok_tat, tok_ms), math.ceil(tok_tat - now)}
+
+local function answer(admitted, reason, wait)
+  local out = {admitted, reason, math.ceil(wait)}
+  for _, sub in ipairs(subjects) do
+    out[#out + 1] = remaining(sub.req_tat, sub.req_ms)
+    out[#out + 1] = math.ceil(sub.req_tat - now)
+    out[#out + 1] = remaining(sub.tok_tat, sub.tok_ms)
+    out[#out + 1] = math.ceil(sub.tok_tat - now)
+  end
+  return out
 end
-if rpm > 0 then
-  req_tat = req_tat + req_ms
-  redis.call('HSET', KEYS[1], 'req_tat', req_tat)
+
+for i, sub in ipairs(subjects) do
+  local reason, wait = refused(sub)
+  if reason ~= '' then
+    redis.call('HINCRBY', KEYS[1], ARGV[7] .. ':rejected', 1)
+    redis.call('HINCRBY', KEYS[1], '*:rejected', 1)
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    return answer(0, (i > 1 and 'tenant_' or '') .. reason, wait)
+  end
 end
-if tpm > 0 then
-  tok_tat = tok_tat + cost * tok_ms
-  redis.call('HSET', KEYS[1], 'tok_tat', tok_tat, 'tok_ms', tok_ms)
+for _, sub in ipairs(subjects) do
+  if sub.rpm > 0 then
+    sub.req_tat = sub.req_tat + sub.req_ms
+    redis.call('HSET', sub.limiter, 'req_tat', sub.req_tat)
+  end
+  if sub.tpm > 0 then
+    sub.tok_tat = sub.tok_tat + cost * sub.tok_ms
+    redis.call('HSET', sub.limiter, 'tok_tat', sub.tok_tat, 'tok_ms', sub.tok_ms)
+  end
+  if sub.rpm > 0 or sub.tpm > 0 then
+    redis.call('PEXPIRE', sub.limiter, 120000 + math.ceil(math.max(sub.req_tat, sub.tok_tat) - now))
+  end
+  if sub.max_running > 0 then
+    redis.call('ZADD', sub.running, ARGV[3], ARGV[2])
+    redis.call('PEXPIREAT', sub.running, redis.call('ZRANGE', sub.running, -1, -1, 'WITHSCORES')[2])
+  end
 end
-redis.call('PEXPIRE', KEYS[1], 120000 + math.ceil(math.max(req_tat, tok_tat) - now))
-if max_running > 0 then
-  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-  redis.call('PEXPIREAT', KEYS[2], redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')[2])
-end
-return {1, '', 0, remaining(req_tat, req_ms), math.ceil(req_tat - now), remaining(tok_tat, tok_ms),
-  math.ceil(tok_tat - now)}
+return answer(1, '', 0)

@@ -1,34 +1,40 @@
 -- Meter a request that ended, exactly once, and give back what its admission held: its place among
--- the key's running requests and the tokens reserved beyond what it used. Every key is on the
--- tenant's hash slot ({tenant}); called again for the same request it changes nothing.
+-- the running requests of its key and tenant, and the tokens reserved beyond what it used. Every key
+-- is on the tenant's hash slot ({tenant}); called again for the same request it changes nothing.
 -- KEYS[1] the tenant's usage hash of the request's day, KEYS[2] the set of requests metered that day,
--- KEYS[3] limiter hash of the API key, KEYS[4] running set of the key, KEYS[5] the tenant's usage
--- hash of the request's month (monthly budgets)
+-- KEYS[3] the tenant's usage hash of the request's month, then the limiter hash and running set of
+-- the API key (KEYS[4], KEYS[5]) and of the tenant (KEYS[6], KEYS[7])
 -- ARGV[1] rid, ARGV[2] key id, ARGV[3] outcome (completed | error | cancelled), ARGV[4] prompt
 -- tokens, ARGV[5] completion tokens, ARGV[6] tokens reserved at admission, ARGV[7] usage TTL (s),
 -- ARGV[8] metered-set TTL (s)
+-- Usage is counted under the key's id and under '*' (the tenant's total, for its budgets).
 -- Returns 1 when metered now, 0 when it had been already.
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
   return 0
 end
 redis.call('EXPIRE', KEYS[2], ARGV[8])
-local key = ARGV[2]
 local prompt, completion = tonumber(ARGV[4]), tonumber(ARGV[5])
-redis.call('HINCRBY', KEYS[1], key .. ':' .. ARGV[3], 1)
-redis.call('HINCRBY', KEYS[1], key .. ':prompt_tokens', prompt)
-redis.call('HINCRBY', KEYS[1], key .. ':completion_tokens', completion)
+for _, id in ipairs({ARGV[2], '*'}) do
+  redis.call('HINCRBY', KEYS[1], id .. ':' .. ARGV[3], 1)
+  redis.call('HINCRBY', KEYS[1], id .. ':prompt_tokens', prompt)
+  redis.call('HINCRBY', KEYS[1], id .. ':completion_tokens', completion)
+  redis.call('HINCRBY', KEYS[3], id .. ':tokens', prompt + completion)
+end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('HINCRBY', KEYS[5], key .. ':tokens', prompt + completion)
-redis.call('EXPIRE', KEYS[5], ARGV[7])
-redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[7])
 local reserved = tonumber(ARGV[6])
-local tok = redis.call('HMGET', KEYS[3], 'tok_tat', 'tok_ms')
-local tat, ms = tonumber(tok[1]), tonumber(tok[2])
-if reserved > 0 and tat and ms then
-  -- The reservation becomes the real cost: refund what was not used (or charge what was over).
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  tat = math.max(now, tat - (reserved - prompt - completion) * ms)
-  redis.call('HSET', KEYS[3], 'tok_tat', tat)
+local now
+for i = 4, 6, 2 do
+  redis.call('ZREM', KEYS[i + 1], ARGV[1])
+  local tok = redis.call('HMGET', KEYS[i], 'tok_tat', 'tok_ms')
+  local tat, ms = tonumber(tok[1]), tonumber(tok[2])
+  if reserved > 0 and tat and ms then
+    -- The reservation becomes the real cost: refund what was not used (or charge what was over).
+    if not now then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    redis.call('HSET', KEYS[i], 'tok_tat', math.max(now, tat - (reserved - prompt - completion) * ms))
+  end
 end
 return 1
