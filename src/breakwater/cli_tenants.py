@@ -85,10 +85,13 @@ def keys_create(
     expires_in: Annotated[str | None, typer.Option(help="e.g. 30d (default: never)")] = None,
 ) -> None:
     """Create a key; prints it once, with its settings, as JSON."""
-    from breakwater.tenancy import ApiKey
+    from breakwater.tenancy import ANONYMOUS, ApiKey
 
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
-        raise typer.BadParameter("1-64 of A-Z a-z 0-9 _ . -", param_hint="--tenant")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant) or tenant == ANONYMOUS.tenant:
+        raise typer.BadParameter(
+            f"1-64 of A-Z a-z 0-9 _ . -, not {ANONYMOUS.tenant!r} (the owner of requests made with auth off)",
+            param_hint="--tenant",
+        )
     if lane is not None and lane not in LANES:
         raise typer.BadParameter(f"one of {', '.join(LANES)}", param_hint="--lane")
     expires = int(time.time()) + _seconds(expires_in) if expires_in else 0

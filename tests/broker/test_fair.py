@@ -110,3 +110,36 @@ async def test_ack_corrects_the_estimate_and_keeps_queue_signals_exact(broker: B
     assert await redis.hlen(keys.bound("m", "interactive")) == 0
     assert await broker.queue_depth("m", "interactive") == (2, 0)
     assert (await redis.xpending(keys.jobs("m", "interactive"), GROUP))["pending"] == 0
+
+
+async def test_a_second_ack_does_not_correct_the_counter_twice(broker: Broker, redis: Redis) -> None:
+    await _enqueue(broker, "a", 1, cost=100)
+    [job] = await broker.claim("m", "interactive", "w1", 1, None)
+    await broker.ack(job, used_tokens=40)
+    await broker.ack(job, used_tokens=40)  # a retry after a lost reply, or a second attempt's ack
+    assert float(await redis.hget(broker.keys.fair("m", "interactive"), "c:a") or 0) == 40
+
+
+async def test_credit_given_up_on_joining_does_not_come_back_with_an_ack(
+    broker: Broker, redis: Redis
+) -> None:
+    """A tenant with a request running rejoins a backlog far ahead of it: the ack of its running
+    request corrects its lifted counter, it does not send it back to where it was."""
+    await _enqueue(broker, "a", 1, cost=100)
+    [running] = await broker.claim("m", "interactive", "w1", 1, None)  # a: counter 100
+    await _enqueue(broker, "b", 200, cost=100)
+    await _take(broker, 100)  # b alone is served: its counter reaches ~10,000
+    await _enqueue(broker, "a", 20, cost=100)  # a rejoins, lifted to b's level
+    await broker.ack(running, used_tokens=120)  # +20 for the running one
+    order = [job.tenant for job in await _take(broker, 20)]
+    assert 9 <= order.count("a") <= 11, order  # they alternate; a does not take all 20
+
+
+async def test_a_tenant_listed_with_nothing_waiting_does_not_swallow_an_entry(
+    broker: Broker, redis: Redis
+) -> None:
+    await _enqueue(broker, "real", 1)
+    await redis.zadd(broker.keys.backlog("m", "interactive"), {"ghost": -1.0})  # least served, empty list
+    [job] = await broker.claim("m", "interactive", "w1", 1, None)
+    assert (job.tenant, job.rid) == ("real", "real-0")
+    assert await redis.zscore(broker.keys.backlog("m", "interactive"), "ghost") is None  # repaired

@@ -335,3 +335,25 @@ def test_idempotency_keys_are_per_tenant_and_bound_to_the_body(auth_stack: AuthS
         assert err.value.code == "idempotency_key_reuse"
         other = b.completions.create(model="sim", prompt="order one", max_tokens=3, extra_headers=idem)
         assert other.id != one.id
+
+
+async def test_an_open_websocket_stops_serving_a_key_revoked_meanwhile(auth_stack: AuthStack) -> None:
+    made = auth_stack.create("tenant-ws-revoked")
+    async with websockets.connect(auth_stack.ws_url(), additional_headers=bearer(made["key"])) as ws:
+        assert_completed(await run_on_socket(ws, "before the revocation"))
+        assert auth_stack.keys("revoke", made["id"])["revoked"]
+        deadline = time.monotonic() + 5
+        while True:  # each message is checked against the key again (cached ~1 s)
+            body = {"model": "sim", "prompt": "after the revocation", "max_tokens": 2, "ignore_eos": True}
+            await ws.send(orjson.dumps(body).decode())
+            message = await recv(ws)
+            if message["type"] == "error":
+                break
+            assert message["type"] == "created" and time.monotonic() < deadline, message
+            while message["type"] not in ("done", "error"):
+                message = await recv(ws)
+        assert message["status"] == 401 and message["error"]["code"] == "invalid_api_key"
+        assert "revoked" in message["error"]["message"]
+        async with asyncio.timeout(10):
+            await ws.wait_closed()
+        assert ws.close_code == 1008

@@ -459,3 +459,21 @@ async def test_a_tenants_budget_is_shared_by_its_keys(limit_stack: LimitStack) -
         assert refused.json()["error"]["code"] == "insufficient_quota"
         assert refused.headers["x-breakwater-reason"] == "tenant_budget_day"
         assert "30 tokens of this API key's tenant" in refused.json()["error"]["message"]
+
+
+async def test_a_short_timeout_does_not_free_a_concurrency_slot(limit_stack: LimitStack) -> None:
+    """A started request keeps its place among the key's running requests past its queue deadline
+    (``timeout``): it leaves when it is metered, so a short timeout cannot get around the limit."""
+    key = limit_stack.create("lim-short-timeout", "--max-concurrent", "1")["key"]
+    long_body = {"model": "sim", "prompt": "long", "max_tokens": 3000, "ignore_eos": True, "stream": True,
+                 "timeout": 1}  # fmt: skip
+    async with httpx.AsyncClient(timeout=60, headers=bearer(key)) as http:
+        url = f"{limit_stack.urls[0]}/v1/completions"
+        async with http.stream("POST", url, json=long_body) as running:
+            assert running.status_code == 200
+            lines = running.aiter_lines()
+            await first_token(lines)
+            await asyncio.sleep(1.5)  # past the first request's timeout; it is still generating
+            second = await http.post(url, json=small_body("second"))
+            assert second.status_code == 429, second.text
+            assert second.headers["x-breakwater-reason"] == "rate_limit_concurrency"

@@ -61,8 +61,13 @@ class KeyStore:
         digest = await self._digest(key_id)
         if digest is None or not await self.redis.exists(self.keys.api_key(digest)):
             return None
-        field, value = ("revoked", str(int(time.time()))) if at is None else ("expires", str(at))
-        await self.redis.hset(self.keys.api_key(digest), field, value)
+        if at is None:
+            await self.redis.hset(self.keys.api_key(digest), "revoked", str(int(time.time())))
+        else:
+            current = await self.get(key_id)
+            if current is not None and current.expires and current.expires < at:
+                at = current.expires  # a grace period never extends a key's life
+            await self.redis.hset(self.keys.api_key(digest), "expires", str(at))
         return await self.get(key_id)
 
     async def rotate(self, key_id: str, grace_s: int = 0) -> tuple[str, ApiKey] | None:

@@ -129,8 +129,9 @@ class Admitter:
                 raise
         # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
         # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
-        sub = await self.fanin.open(rid) if subscribe else None
+        sub = None
         try:
+            sub = await self.fanin.open(rid) if subscribe else None
             result = await self.broker.enqueue(
                 rid=rid,
                 spec=spec,
@@ -188,7 +189,9 @@ class Admitter:
         self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
     ) -> dict[str, str]:
         """The key's (and its tenant's) limits admit this request, else 429; its x-ratelimit-* headers."""
-        deadline_ms = int((time.time() + spec.timeout_s) * 1000)
+        # A running request leaves the concurrency set when it is metered; this bound only frees the
+        # place of one whose worker died (a started job runs past its queue deadline).
+        deadline_ms = int((time.time() + spec.timeout_s + self.settings.result_ttl_s) * 1000)
         shared = principal.tenant_limits
         decision = await self.broker.ledger.admit(
             principal.tenant,

@@ -171,30 +171,32 @@ def _event_message(rid: str, event: TokenEvent) -> dict[str, Any]:
     return message
 
 
-async def _authenticate(ws: WebSocket, svc: GatewayService) -> Principal | None:
-    """The socket's caller; None when it was refused (and closed)."""
+async def _authenticate(ws: WebSocket, svc: GatewayService) -> tuple[Principal, str | None] | None:
+    """The socket's caller and its key; None when it was refused (and closed)."""
     auth = svc.auth
     if not auth.enabled:
-        return ANONYMOUS
+        return ANONYMOUS, None
     header = ws.headers.get("authorization")
     first_message = header is None
     try:
-        if first_message:
-            key = await _auth_message(ws)
-        else:
-            key = bearer(header)
+        key = await _auth_message(ws) if first_message else bearer(header)
         principal = await auth.principal(key)
     except APIError as exc:
-        body = exc.body()
-        with contextlib.suppress(Exception):  # the client may be gone already
-            await ws.send_text(
-                orjson.dumps({"type": "error", "request_id": None, "status": exc.status, **body}).decode()
-            )
-            await ws.close(code=1008, reason="invalid API key")
+        await _refuse(ws, exc)
         return None
     if first_message:
         await ws.send_text(orjson.dumps({"type": "authenticated", "tenant": principal.tenant}).decode())
-    return principal
+    return principal, key
+
+
+async def _refuse(ws: WebSocket, exc: APIError) -> None:
+    """Say why (a 401 error message) and close with 1008."""
+    body = exc.body()
+    with contextlib.suppress(Exception):  # the client may be gone already
+        await ws.send_text(
+            orjson.dumps({"type": "error", "request_id": None, "status": exc.status, **body}).decode()
+        )
+        await ws.close(code=1008, reason="invalid API key")
 
 
 async def _auth_message(ws: WebSocket) -> str | None:
@@ -218,9 +220,10 @@ async def _auth_message(ws: WebSocket) -> str | None:
 async def websocket_endpoint(ws: WebSocket) -> None:
     svc: GatewayService = ws.app.state.service
     await ws.accept()
-    principal = await _authenticate(ws, svc)
-    if principal is None:
+    authenticated = await _authenticate(ws, svc)
+    if authenticated is None:
         return
+    principal, key = authenticated
     conn = _Connection(ws, svc, str(ws.scope["state"]["request_id"]), principal)
     svc.websockets.add(ws)
     try:
@@ -232,6 +235,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
             if text is None:
                 await conn.error("binary frames are not supported; send JSON text", "invalid_message")
                 continue
+            if svc.auth.enabled:  # every message: a key revoked (or expired) meanwhile ends the socket
+                try:
+                    conn.principal = await svc.auth.principal(key)
+                except APIError as exc:
+                    await _refuse(ws, exc)
+                    break
             await conn.handle(text)
     except WebSocketDisconnect:
         pass

@@ -24,9 +24,11 @@ for i = 2, #ARGV do
     elseif rid then  -- queued before fair share: the entry names its request
       item = rid .. '\t' .. (xrid or '') .. '\t\t0\t1'
     else
-      local least = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-      local tenant = least[1]
-      if tenant then
+      -- A tenant listed as backlogged with nothing waiting (repaired here) is skipped, not the entry.
+      while not item do
+        local least = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+        local tenant = least[1]
+        if not tenant then break end
         local list = ARGV[1] .. tenant
         local next_item = redis.call('LPOP', list)
         if next_item then
@@ -42,7 +44,7 @@ for i = 2, #ARGV do
           end
           item = rid_ .. '\t' .. xrid_ .. '\t' .. tenant .. '\t' .. cost .. '\t' .. weight
         else
-          redis.call('ZREM', KEYS[4], tenant)  -- listed with nothing waiting: repair
+          redis.call('ZREM', KEYS[4], tenant)
         end
       end
     end

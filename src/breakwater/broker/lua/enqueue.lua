@@ -51,6 +51,7 @@ if redis.call('LLEN', list) == 0 then
   local level = tonumber(least[2]) or tonumber(redis.call('HGET', KEYS[3], 'floor')) or 0
   if counter < level then
     counter = level - 0.001
+    redis.call('HSET', KEYS[3], 'c:' .. tenant, counter)  -- the credit it gives up is gone for good
   end
   redis.call('ZADD', KEYS[4], counter, tenant)
 end

@@ -34,7 +34,9 @@ for i = 4, 6, 2 do
       local t = redis.call('TIME')
       now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
-    redis.call('HSET', KEYS[i], 'tok_tat', math.max(now, tat - (reserved - prompt - completion) * ms))
+    tat = math.max(now, tat - (reserved - prompt - completion) * ms)
+    redis.call('HSET', KEYS[i], 'tok_tat', tat)
+    redis.call('PEXPIRE', KEYS[i], 120000 + math.ceil(tat - now))  -- an overcharge is not forgiven
   end
 end
 return 1
