@@ -163,7 +163,7 @@ class Ledger:
             per_key: dict[str, dict[str, int]] = {}
             for field, value in raw.items():
                 key_id, _, name = str(field).rpartition(":")
-                if key_id == TENANT:  # the tenant's totals (for its budgets), not a key
+                if key_id == TENANT or name not in COUNTS:  # the tenant's totals, reservations held
                     continue
                 per_key.setdefault(key_id, dict.fromkeys(COUNTS, 0))[name] = int(value)
             rows.extend(UsageRow(day, key_id, counts) for key_id, counts in sorted(per_key.items()))

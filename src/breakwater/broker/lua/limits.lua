@@ -11,8 +11,9 @@
 -- Returns {admitted, reason, retry_after_ms, then per subject: req_remaining, req_reset_ms,
 -- tok_remaining, tok_reset_ms} (reason: '' | requests | tokens | concurrency | budget_day |
 -- budget_month, prefixed 'tenant_' when it is the tenant's; remaining -1 where there is no such
--- limit). A budget is used up once the tokens metered reach it: requests already running may take
--- it past. A refused request changes nothing but the count of refusals.
+-- limit). A budget counts the tokens metered and the reservations of requests not yet metered
+-- (`<id>:held`, released by meter.lua), so it is passed by one request's overrun at most. A refused
+-- request changes nothing but the count of refusals.
 local BURST_MS = 1200  -- 2% of a minute
 local cost, now_t = tonumber(ARGV[1]), redis.call('TIME')
 local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
@@ -39,13 +40,15 @@ local function refused(sub)
     reason, wait = 'tokens', sub.tok_tat - now - BURST_MS
   end
   if reason == '' and sub.budget_day > 0 then
-    local used = redis.call('HMGET', KEYS[1], sub.id .. ':prompt_tokens', sub.id .. ':completion_tokens')
-    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) >= sub.budget_day then
+    local used = redis.call('HMGET', KEYS[1], sub.id .. ':prompt_tokens', sub.id .. ':completion_tokens',
+      sub.id .. ':held')
+    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + (tonumber(used[3]) or 0) >= sub.budget_day then
       reason, wait = 'budget_day', tonumber(ARGV[5])
     end
   end
   if reason == '' and sub.budget_month > 0 then
-    if (tonumber(redis.call('HGET', KEYS[2], sub.id .. ':tokens')) or 0) >= sub.budget_month then
+    local used = redis.call('HMGET', KEYS[2], sub.id .. ':tokens', sub.id .. ':held')
+    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) >= sub.budget_month then
       reason, wait = 'budget_month', tonumber(ARGV[6])
     end
   end
@@ -99,5 +102,13 @@ for _, sub in ipairs(subjects) do
     redis.call('ZADD', sub.running, ARGV[3], ARGV[2])
     redis.call('PEXPIREAT', sub.running, redis.call('ZRANGE', sub.running, -1, -1, 'WITHSCORES')[2])
   end
+end
+if cost > 0 then  -- held until metered (meter.lua releases what the request reserved)
+  for _, id in ipairs({ARGV[7], '*'}) do
+    redis.call('HINCRBY', KEYS[1], id .. ':held', cost)
+    redis.call('HINCRBY', KEYS[2], id .. ':held', cost)
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 return answer(1, '', 0)

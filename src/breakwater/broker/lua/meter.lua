@@ -23,6 +23,12 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 local reserved = tonumber(ARGV[6])
+if reserved > 0 then  -- what limits.lua held against the budgets
+  for _, id in ipairs({ARGV[2], '*'}) do
+    redis.call('HINCRBY', KEYS[1], id .. ':held', -reserved)
+    redis.call('HINCRBY', KEYS[3], id .. ':held', -reserved)
+  end
+end
 local now
 for i = 4, 6, 2 do
   redis.call('ZREM', KEYS[i + 1], ARGV[1])
