@@ -6,7 +6,6 @@ so the commands need the same pepper as the gateways (``BREAKWATER_AUTH_PEPPER_F
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import re
 import sys
@@ -20,6 +19,7 @@ import orjson
 import typer
 from rich.console import Console
 
+from breakwater.cli_tools import with_broker
 from breakwater.keys import LANES
 
 console = Console(stderr=True)
@@ -27,20 +27,6 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys (auth=keys): create,
 T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _with_broker(fn: Callable[[Any], Awaitable[T]]) -> T:
-    from breakwater.broker import Broker
-    from breakwater.config import CommonSettings
-
-    async def run() -> T:
-        broker = Broker.connect(CommonSettings())
-        try:
-            return await fn(broker)
-        finally:
-            await broker.aclose()
-
-    return asyncio.run(run())
 
 
 def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
@@ -51,7 +37,7 @@ def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
     except (ValueError, OSError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    return _with_broker(lambda broker: fn(broker.api_keys(pepper)))
+    return with_broker(lambda broker: fn(broker.api_keys(pepper)))
 
 
 def _emit(data: object) -> None:
@@ -180,7 +166,7 @@ def usage(
                 out.append({"tenant": name, "date": row.day, "key_id": row.key_id, **row.counts})
         return out
 
-    found = _with_broker(rows)
+    found = with_broker(rows)
     if format == "json":
         _emit(found)
         return
@@ -219,11 +205,11 @@ def tenants_set(
         result: Limits = await broker.ledger.tenant_limits(tenant)
         return result
 
-    _emit({"tenant": tenant, **asdict(_with_broker(run))})
+    _emit({"tenant": tenant, **asdict(with_broker(run))})
 
 
 @tenants_app.command("show")
 def tenants_show(tenant: Annotated[str, typer.Argument(help="the tenant")]) -> None:
     """The tenant's limits (all 0: only its keys' own limits apply)."""
-    limits = _with_broker(lambda broker: broker.ledger.tenant_limits(tenant))
+    limits = with_broker(lambda broker: broker.ledger.tenant_limits(tenant))
     _emit({"tenant": tenant, **asdict(limits)})

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def bench(
@@ -165,11 +167,12 @@ dlq_app = typer.Typer(no_args_is_help=True, help="Dead-lettered jobs (failed max
 ModelOpt = Annotated[str, typer.Option(help="model whose dead letters to act on")]
 
 
-def _with_broker(fn: Any) -> Any:
+def with_broker(fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``fn(broker)`` with a broker for the configured Redis, closed afterwards."""
     from breakwater.broker import Broker
     from breakwater.config import CommonSettings
 
-    async def run() -> Any:
+    async def run() -> T:
         broker = Broker.connect(CommonSettings())
         try:
             return await fn(broker)
@@ -184,7 +187,7 @@ def dlq_list(model: ModelOpt, count: Annotated[int, typer.Option()] = 100) -> No
     """Dead letters of a model, oldest first: entry id, request id, attempts, reason."""
     from breakwater import dlq
 
-    letters = _with_broker(lambda b: dlq.entries(b, model, count))
+    letters = with_broker(lambda b: dlq.entries(b, model, count))
     for d in letters:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.ts_ms / 1000))
         print(f"{d.entry_id}\t{d.rid}\tattempts={d.attempts}\t{when}Z\t{d.reason}")
@@ -211,7 +214,7 @@ def dlq_retry(
                 failed += 1
         return failed
 
-    if _with_broker(run):
+    if with_broker(run):
         raise typer.Exit(1)
 
 
@@ -220,4 +223,4 @@ def dlq_purge(model: ModelOpt) -> None:
     """Delete every dead letter of a model."""
     from breakwater import dlq
 
-    console.print(f"purged {_with_broker(lambda b: dlq.purge(b, model))} dead letter(s) for {model}")
+    console.print(f"purged {with_broker(lambda b: dlq.purge(b, model))} dead letter(s) for {model}")

@@ -1,19 +1,19 @@
 """The Redis side of the pipeline, shared by gateway and worker: nothing else holds a Redis client."""
 
-from breakwater.broker.broker import (
+from breakwater.broker.broker import Broker
+from breakwater.broker.connection import connect, connect_with, redacted
+from breakwater.broker.dead_letters import DeadLetter
+from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
+from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
+from breakwater.broker.types import (
     Admission,
     Append,
-    Broker,
     EnqueueResult,
     Job,
     Lease,
     StartOutcome,
     StartResult,
 )
-from breakwater.broker.connection import connect, connect_with, redacted
-from breakwater.broker.dead_letters import DeadLetter
-from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
-from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 
 __all__ = [
     "Admission",

@@ -3,10 +3,8 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,12 +20,33 @@ from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.scripts import Script
+from breakwater.broker.types import (
+    Admission,
+    Append,
+    EnqueueResult,
+    Job,
+    Lease,
+    StartOutcome,
+    StartResult,
+)
 from breakwater.broker.wire import PipelinedRedis
 from breakwater.config import CommonSettings
 from breakwater.keys import GROUP, LANES, Keys
 from breakwater.protocol.events import TokenEvent
 
 READ_PAGE = 512
+# The record fields Ledger.meter and the counter correction read.
+SETTLE_FIELDS = (
+    "status",
+    "created",
+    "tokens",
+    "usage",
+    "tenant",
+    "key_id",
+    "reserved_tokens",
+    "model",
+    "lane",
+)
 
 
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
@@ -39,74 +58,6 @@ def _model_lane(stream: str) -> tuple[str, str]:
     """``<prefix>:jobs:{<model>}:<lane>`` -> (model, lane)."""
     head, _, lane = stream.rpartition(":")
     return head[head.index("{") + 1 : -1], lane
-
-
-class Admission(enum.Enum):
-    QUEUED = "queued"
-    LANE_FULL = "lane_full"
-    ALREADY_QUEUED = "already_queued"  # a retried enqueue whose first reply was lost
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueueResult:
-    admission: Admission
-    rid: str
-    waiting: int
-
-    @property
-    def accepted(self) -> bool:
-        return self.admission is not Admission.LANE_FULL
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A claimed queue entry; ``xrid`` is the client's X-Request-ID (for logs)."""
-
-    stream: str
-    entry_id: str
-    rid: str  # '' when no request was waiting for the entry: it is only acknowledged
-    xrid: str
-    tenant: str = ""
-    cost: float = 0.0  # estimated tokens charged to the tenant's virtual counter when bound
-    weight: float = 1.0
-
-
-class StartOutcome(enum.Enum):
-    RUN = "run"
-    MISSING = "missing"  # the record expired
-    TERMINAL = "terminal"  # finished or cancelled meanwhile
-    EXPIRED = "expired"  # its deadline passed while it waited
-    POISON = "poison"  # too many attempts without progress: dead-letter it
-    SUSPECT = "suspect"  # its last attempt made no progress: run it alone
-
-
-@dataclass(frozen=True, slots=True)
-class StartResult:
-    """Outcome of :meth:`Broker.start_job`; ``record`` is set when it is :attr:`StartOutcome.RUN`."""
-
-    outcome: StartOutcome
-    attempt: int
-    record: RequestRecord | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Append:
-    """One sequence's delta in a step, fenced by ``attempt``; ``wseq`` numbers the attempt's writes
-    so that a retried write is applied once."""
-
-    rid: str
-    attempt: int
-    wseq: int
-    text: str
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """An in-flight job and the attempt that runs it."""
-
-    job: Job
-    attempt: int
 
 
 class Broker(WorkerRegistry, DeadLetters):
@@ -500,9 +451,11 @@ class Broker(WorkerRegistry, DeadLetters):
         """Acknowledge a job whose request ended (or is gone), metering it first (idempotent, so a
         crash in between leaves the job to be reclaimed and settled again): its record when its
         usage was counted now."""
-        fields: Any = await self.fast.execute("HGETALL", self.keys.request(job.rid)) if job.rid else None
-        pairs = _pairs(fields)
-        record = RequestRecord.from_hash(pairs) if pairs else None
+        record = None
+        if job.rid:  # only what metering reads: not the prompt, which can be megabytes
+            values: Any = await self.fast.execute("HMGET", self.keys.request(job.rid), *SETTLE_FIELDS)
+            found = {k: v for k, v in zip(SETTLE_FIELDS, values, strict=True) if v is not None}
+            record = RequestRecord.from_hash(found) if "status" in found else None
         metered = None
         used = None
         if record is not None and record.status.terminal:

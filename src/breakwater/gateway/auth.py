@@ -9,6 +9,8 @@ one Redis lookup per key and second, not one per request.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 from fastapi import Request
 
@@ -20,7 +22,9 @@ from breakwater.tenancy import ANONYMOUS, ApiKey, Principal
 from breakwater.tenancy.apikeys import well_formed
 from breakwater.tenancy.limits import Limits
 
-CACHE_MAX = 10_000  # keys remembered per gateway process
+CACHE_MAX = 10_000  # keys (and tenants) remembered per gateway process
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def unauthorized(message: str) -> APIError:
@@ -37,16 +41,34 @@ def bearer(authorization: str | None) -> str | None:
     return token.strip()
 
 
+class _Recent(Generic[K, V]):
+    """Values looked up in the last ``ttl_s`` seconds (at most CACHE_MAX of them)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._items: dict[K, tuple[float, V]] = {}
+
+    async def get(self, key: K, load: Callable[[K], Awaitable[V]]) -> V:
+        now = time.monotonic()
+        cached = self._items.get(key)
+        if cached is not None and now - cached[0] < self.ttl_s:
+            return cached[1]
+        value = await load(key)
+        if len(self._items) >= CACHE_MAX:
+            self._items.clear()
+        self._items[key] = (now, value)
+        return value
+
+
 class Authenticator:
     def __init__(
         self, settings: GatewaySettings, store: KeyStore | None, ledger: Ledger | None = None
     ) -> None:
         self.enabled = settings.auth == "keys"
-        self.cache_s = settings.auth_cache_s
         self.store = store
         self.ledger = ledger
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
-        self._tenants: dict[str, tuple[float, Limits]] = {}
+        self._keys: _Recent[str, ApiKey | None] = _Recent(settings.auth_cache_s)  # by digest, not secret
+        self._tenants: _Recent[str, Limits] = _Recent(settings.auth_cache_s)
 
     async def principal(self, key: str | None) -> Principal:
         """The caller of a request that presented ``key`` (None: no key at all); 401 if not valid."""
@@ -58,39 +80,17 @@ class Authenticator:
             )
         if not well_formed(key):
             raise unauthorized("Incorrect API key provided: it is not a Breakwater key (bw-...).")
-        record = await self._lookup(key)
+        assert self.store is not None
+        record = await self._keys.get(self.store.digest(key), self.store.lookup_digest)
         if record is None:
             raise unauthorized("Incorrect API key provided.")
         why = record.usable(time.time())
         if why is not None:
             raise unauthorized(f"This API key ({record.id}) is {why}.")
-        return Principal.of(record, await self._tenant_limits(record.tenant))
-
-    async def _tenant_limits(self, tenant: str) -> Limits:
-        if self.ledger is None:
-            return Limits()
-        now = time.monotonic()
-        cached = self._tenants.get(tenant)
-        if cached is not None and now - cached[0] < self.cache_s:
-            return cached[1]
-        limits = await self.ledger.tenant_limits(tenant)
-        if len(self._tenants) >= CACHE_MAX:
-            self._tenants.clear()
-        self._tenants[tenant] = (now, limits)
-        return limits
-
-    async def _lookup(self, key: str) -> ApiKey | None:
-        assert self.store is not None
-        digest = self.store.digest(key)  # the cache holds hashes, not secrets
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and now - cached[0] < self.cache_s:
-            return cached[1]
-        record = await self.store.lookup_digest(digest)
-        if len(self._cache) >= CACHE_MAX:
-            self._cache.clear()
-        self._cache[digest] = (now, record)
-        return record
+        limits = (
+            await self._tenants.get(record.tenant, self.ledger.tenant_limits) if self.ledger else Limits()
+        )
+        return Principal.of(record, limits)
 
 
 def check_model(principal: Principal, model: str) -> None:

@@ -1,0 +1,77 @@
+"""What the broker's operations take and return: admission outcomes, claimed jobs, start results,
+token appends and leases."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from breakwater.broker.record import RequestRecord
+
+
+class Admission(enum.Enum):
+    QUEUED = "queued"
+    LANE_FULL = "lane_full"
+    ALREADY_QUEUED = "already_queued"  # a retried enqueue whose first reply was lost
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    admission: Admission
+    rid: str
+    waiting: int
+
+    @property
+    def accepted(self) -> bool:
+        return self.admission is not Admission.LANE_FULL
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed queue entry; ``xrid`` is the client's X-Request-ID (for logs)."""
+
+    stream: str
+    entry_id: str
+    rid: str  # '' when no request was waiting for the entry: it is only acknowledged
+    xrid: str
+    tenant: str = ""
+    cost: float = 0.0  # estimated tokens charged to the tenant's virtual counter when bound
+    weight: float = 1.0
+
+
+class StartOutcome(enum.Enum):
+    RUN = "run"
+    MISSING = "missing"  # the record expired
+    TERMINAL = "terminal"  # finished or cancelled meanwhile
+    EXPIRED = "expired"  # its deadline passed while it waited
+    POISON = "poison"  # too many attempts without progress: dead-letter it
+    SUSPECT = "suspect"  # its last attempt made no progress: run it alone
+
+
+@dataclass(frozen=True, slots=True)
+class StartResult:
+    """Outcome of :meth:`Broker.start_job`; ``record`` is set when it is :attr:`StartOutcome.RUN`."""
+
+    outcome: StartOutcome
+    attempt: int
+    record: RequestRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One sequence's delta in a step, fenced by ``attempt``; ``wseq`` numbers the attempt's writes
+    so that a retried write is applied once."""
+
+    rid: str
+    attempt: int
+    wseq: int
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An in-flight job and the attempt that runs it."""
+
+    job: Job
+    attempt: int
