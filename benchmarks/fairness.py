@@ -1,7 +1,7 @@
 """Fair share between tenants, side by side with FIFO, on one sim worker.
 
-Tenants A and B each have an API key; one sim worker (capacity 2, 32-token answers) serves them, so
-the layer holds about 25 requests a second. Scenarios, each on a fresh stack:
+Tenants A and B each have an API key; one sim worker (capacity 8, answers of 16-48 tokens, 10 ms
+steps) serves them, so the layer holds about 20 requests a second. Scenarios, each on a fresh stack:
 
 - ``b_alone``: B alone at 3 req/s — B's TTFT when nobody else is there;
 - ``flood``: A at 10x B's rate (30 req/s, 1.5x what the worker holds) while B sends 3 req/s — B's TTFT;
@@ -11,6 +11,7 @@ the layer holds about 25 requests a second. Scenarios, each on a fresh stack:
 - ``idle``: A alone far past capacity — its tokens per second against ``equal``'s total (nothing is
   left unused when B is idle).
 
+"no preemption" is this checkout with ``BREAKWATER_PREEMPT=false`` (B waits for a slot to free).
 "FIFO" is another checkout (``--baseline-src``, e.g. the commit before fair share) run the same way.
 
     python benchmarks/fairness.py [--seconds 20] [--baseline-src DIR] [--no-write]
@@ -62,7 +63,7 @@ class Stack:
     env: dict[str, str]
 
 
-def start(src: Path | None, tmp: Path) -> Stack:
+def start(src: Path | None, tmp: Path, extra_env: dict[str, str]) -> Stack:
     redis = RedisServer(tmp / "redis")
     redis.start()
     env = {
@@ -77,6 +78,7 @@ def start(src: Path | None, tmp: Path) -> Stack:
         "BREAKWATER_SIM_PREFILL_MS_PER_TOKEN": "0",
         "BREAKWATER_SIM_JITTER_FRAC": "0",
         **({"PYTHONPATH": str(src / "src")} if src else {}),
+        **extra_env,
     }
     port = free_port()
     procs = [
@@ -164,7 +166,9 @@ async def run(url: str, load: list[tuple[Tenant, float]], seconds: float) -> flo
     return start
 
 
-def scenario(src: Path | None, name: str, seconds: float, weights: dict[str, float]) -> dict[str, Any]:
+def scenario(
+    src: Path | None, env: dict[str, str], name: str, seconds: float, weights: dict[str, float]
+) -> dict[str, Any]:
     rates = {
         "b_alone": {"B": B_RATE},
         "flood": {"A": FLOOD_RATE, "B": B_RATE},
@@ -173,7 +177,7 @@ def scenario(src: Path | None, name: str, seconds: float, weights: dict[str, flo
         "idle": {"A": FLOOD_RATE},
     }[name]
     tmp = Path(tempfile.mkdtemp(prefix=f"bw-fair-{name}-"))
-    stack = start(src, tmp)
+    stack = start(src, tmp, env)
     try:
         tenants = {t: Tenant(t, create_key(stack, f"tenant-{t.lower()}", weights.get(t, 1.0))) for t in rates}
         wait_ready(stack, next(iter(tenants.values())).key)
@@ -187,6 +191,7 @@ def scenario(src: Path | None, name: str, seconds: float, weights: dict[str, flo
     total = sum(counted.values()) or 1
     return {
         "ttft": {t: (pct(x.ttft_s, 50), pct(x.ttft_s, 99)) for t, x in tenants.items()},
+        "answered": {t: len(x.ttft_s) for t, x in tenants.items()},
         "share": {t: counted[t] / total for t in tenants},
         "tokens_per_s": total / (hi - lo),
         "refused": {t: x.refused for t, x in tenants.items()},
@@ -194,9 +199,9 @@ def scenario(src: Path | None, name: str, seconds: float, weights: dict[str, flo
     }
 
 
-def measure(src: Path | None, seconds: float) -> dict[str, dict[str, Any]]:
+def measure(src: Path | None, seconds: float, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     plan = [("b_alone", {}), ("flood", {}), ("equal", {}), ("weighted", {"A": 3.0}), ("idle", {})]
-    return {name: scenario(src, name, seconds, weights) for name, weights in plan}
+    return {name: scenario(src, env or {}, name, seconds, weights) for name, weights in plan}
 
 
 def report(systems: dict[str, dict[str, dict[str, Any]]], seconds: float, cmd: str) -> str:
@@ -219,9 +224,17 @@ def report(systems: dict[str, dict[str, dict[str, Any]]], seconds: float, cmd: s
             f"{flood[1] * 1000:.0f} ms | {flood[1] / alone[1]:.2f}x | {eq['A']:.1%} / {eq['B']:.1%} | "
             f"{wt['A']:.1%} | {idle_tps:.0f} vs {both_tps:.0f} |"
         )
+    answered = {s: (r["b_alone"]["answered"]["B"], r["flood"]["answered"]["B"]) for s, r in systems.items()}
     refusals = {s: {n: r[n]["refused"] for n in r} for s, r in systems.items()}
     failures = {s: {n: r[n]["failed"] for n in r} for s, r in systems.items()}
-    lines += ["", f"429s per scenario: {refusals}", f"other failures: {failures}", "", f"Command: `{cmd}`"]
+    lines += [
+        "",
+        f"B's answers timed (alone, under the flood): {answered}",
+        f"429s per scenario: {refusals}",
+        f"other failures: {failures}",
+        "",
+        f"Command: `{cmd}`",
+    ]
     return "\n".join(lines)
 
 
@@ -233,7 +246,10 @@ def main() -> None:
     parser.add_argument("--baseline-src", type=Path, help="a checkout without fair share, run as FIFO")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    systems = {"fair share (this checkout)": measure(None, args.seconds)}
+    systems = {
+        "fair share (this checkout)": measure(None, args.seconds),
+        "fair share, no preemption": measure(None, args.seconds, {"BREAKWATER_PREEMPT": "false"}),
+    }
     if args.baseline_src:
         systems["FIFO (baseline)"] = measure(args.baseline_src, args.seconds)
     text = report(systems, args.seconds, "python benchmarks/fairness.py " + " ".join(sys.argv[1:]))

@@ -184,6 +184,13 @@ class WorkerSettings(CommonSettings):
         default=60.0, gt=0.0, description="an engine step longer than this marks the worker hung"
     )
     detach_grace_s: float = Field(default=15.0, ge=0.0)
+    preempt: bool = Field(
+        default=True,
+        description=(
+            "a full worker pauses a sequence of a tenant running two or more here when a less-served "
+            "tenant joins the queue, and continues it when a slot frees (fair share without waiting)"
+        ),
+    )
     hourly_cost_usd: float = Field(default=0.0, ge=0.0, description="this worker's price per hour (cost/1k)")
     metrics_port: int = Field(default=0, ge=0, description="/healthz, /readyz, /metrics; 0: no listener")
     metrics_host: str = Field(

@@ -34,6 +34,10 @@ class Keys:
         """Tenants with requests waiting (zset by virtual token counter)."""
         return f"{self.prefix}:backlog:{{{model}}}:{lane}"
 
+    def joins(self, model: str, lane: str) -> str:
+        """Tenants joining the backlog (a short capped stream): full workers watch it to preempt."""
+        return f"{self.prefix}:joins:{{{model}}}:{lane}"
+
     def waiting_prefix(self, model: str, lane: str) -> str:
         """+ tenant: that tenant's waiting requests, oldest first."""
         return f"{self.prefix}:wait:{{{model}}}:{lane}:"

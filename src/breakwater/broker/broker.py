@@ -4,7 +4,7 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -47,6 +47,13 @@ SETTLE_FIELDS = (
     "model",
     "lane",
 )
+
+
+def _jobs(stream: str, rows: Any) -> list[Job]:
+    return [
+        Job(stream, str(i), str(rid), str(xrid), str(tenant), float(cost or 0), float(weight or 1))
+        for i, rid, xrid, tenant, cost, weight in rows
+    ]
 
 
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
@@ -140,6 +147,7 @@ class Broker(WorkerRegistry, DeadLetters):
                 self.keys.request(rid),
                 self.keys.fair(model, lane),
                 self.keys.backlog(model, lane),
+                self.keys.joins(model, lane),
             ],
             args=[
                 rid,
@@ -251,12 +259,46 @@ class Broker(WorkerRegistry, DeadLetters):
                 self.keys.fair(model, lane),
                 self.keys.backlog(model, lane),
             ],
-            args=[self.keys.waiting_prefix(model, lane), *ids],
+            args=[self.keys.waiting_prefix(model, lane), "ids", *ids],
         )
-        return [
-            Job(stream, str(i), str(rid), str(xrid), str(tenant), float(cost or 0), float(weight or 1))
-            for i, rid, xrid, tenant, cost, weight in rows
-        ]
+        return _jobs(stream, rows)
+
+    async def claim_preempting(
+        self, model: str, lane: str, worker_id: str, running: Mapping[str, int]
+    ) -> tuple[Job, str] | None:
+        """For a full worker: one more job, if a tenant that has received more service than the
+        least-served backlogged one runs at least two more sequences here (``bind.lua``'s 'preempt').
+        Returns the job and that tenant, which gives up a sequence for it; None: nothing to do."""
+        stream = self.keys.jobs(model, lane)
+        pairs = [str(v) for tenant, n in running.items() for v in (tenant, n)]
+        reply: Any = await self._bind_script(
+            keys=[
+                stream,
+                self.keys.bound(model, lane),
+                self.keys.fair(model, lane),
+                self.keys.backlog(model, lane),
+            ],
+            args=[self.keys.waiting_prefix(model, lane), "preempt", GROUP, worker_id, *pairs],
+        )
+        if not reply:
+            return None
+        victim, rows = reply
+        jobs = [job for job in _jobs(stream, rows) if job.rid]
+        return (jobs[0], str(victim)) if jobs else None
+
+    async def wait_joins(self, model: str, after: dict[str, str], block_ms: int) -> list[str]:
+        """Block until a tenant joins the backlog of a lane of ``model`` (or ``block_ms`` passes);
+        returns those lanes. ``after`` (lane -> last entry id seen, ``$`` at first) is updated."""
+        lane_of = {self.keys.joins(model, lane): lane for lane in after}
+        streams: dict[Any, Any] = {key: after[lane] for key, lane in lane_of.items()}
+        reply: Any = await self.redis.xread(streams, block=block_ms)
+        lanes: list[str] = []
+        for key, entries in reply or []:
+            lane = lane_of[str(key)]
+            if entries:
+                after[lane] = str(entries[-1][0])
+                lanes.append(lane)
+        return lanes
 
     async def tenant_backlog(self, model: str, lane: str) -> dict[str, int]:
         """Requests waiting per tenant (not yet bound to a worker's entry)."""

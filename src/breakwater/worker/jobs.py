@@ -18,6 +18,11 @@ class InFlight:
     suspect: bool = False  # its previous attempt made no progress: run alone until it does
     progressed: bool = False
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
+    paused_at: int = -1  # preempted: the worker's step count then (-1: running in the engine)
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at >= 0
 
     @property
     def lease(self) -> Lease:

@@ -24,6 +24,12 @@ class WorkerMetrics:
         self.retries = Counter(
             "breakwater_retries_total", "Jobs continued after a previous attempt", ["model"], registry=r
         )
+        self.preemptions = Counter(
+            "breakwater_worker_preemptions_total",
+            "Sequences paused for a less-served tenant (continued when a slot frees)",
+            ["model"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "breakwater_dead_letters_total", "Jobs dead-lettered", ["model"], registry=r
         )

@@ -5,12 +5,41 @@
 -- reclaimed entry continues the same request. Every key is on the model's hash slot.
 -- KEYS[1] jobs stream, KEYS[2] bound entries (hash: entry id -> request), KEYS[3] fair-share hash,
 -- KEYS[4] backlogged tenants (zset)
--- ARGV[1] waiting-list key prefix (+ tenant), ARGV[2..] entry ids
+-- ARGV[1] waiting-list key prefix (+ tenant), ARGV[2] mode:
+--   'ids': ARGV[3..] entry ids the worker read or reclaimed;
+--   'preempt': a full worker asks for one more entry, for a tenant it would preempt another for.
+--     ARGV[3] consumer group, ARGV[4] consumer, ARGV[5..] pairs (tenant, sequences it runs here).
+--     Only when a tenant that has received more service than the least-served backlogged one runs
+--     at least two more sequences here than it does: that tenant (the victim) gives up one sequence,
+--     so a tenant that sends a little gets a slot without waiting for one to free, and it never
+--     ends up with more sequences here than the victim (no thrashing). Otherwise nothing is read.
 -- Returns, per entry: {entry id, rid, X-Request-ID, tenant, cost, weight}; rid '' when no request
--- was waiting for it (the entry is then only acknowledged).
+-- was waiting for it (the entry is then only acknowledged). 'preempt' returns {victim, rows}, or {}.
+local ids = {}
+local victim
+if ARGV[2] == 'preempt' then
+  local least = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if not least[1] then return {} end
+  local score = tonumber(least[2])
+  local running = {}
+  for i = 5, #ARGV, 2 do running[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  local floor = (running[least[1]] or 0) + 2
+  local most = score
+  for tenant, n in pairs(running) do
+    if n >= floor then
+      local counter = tonumber(redis.call('HGET', KEYS[3], 'c:' .. tenant)) or 0
+      if counter > most then victim, most = tenant, counter end
+    end
+  end
+  if not victim then return {} end
+  local read = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  if not read or not read[1] or #read[1][2] == 0 then return {} end
+  ids[1] = read[1][2][1][1]
+else
+  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
 local out = {}
-for i = 2, #ARGV do
-  local id = ARGV[i]
+for _, id in ipairs(ids) do
   local item = redis.call('HGET', KEYS[2], id)
   if not item then
     local entry = redis.call('XRANGE', KEYS[1], id, id)
@@ -59,4 +88,5 @@ for i = 2, #ARGV do
     out[#out + 1] = {id, '', '', '', '0', '1'}
   end
 end
+if victim then return {victim, out} end
 return out

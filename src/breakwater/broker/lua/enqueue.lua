@@ -3,7 +3,9 @@
 -- stream. Stream entries carry no request: a worker that reads one binds it to the next request in
 -- fair order, so the stream's length, lag and pending counts stay the exact queue signals they were.
 -- KEYS[1] jobs stream of the model and lane, KEYS[2] request record, KEYS[3] the lane's fair-share
--- hash, KEYS[4] the lane's backlogged tenants (zset: tenant -> virtual token counter)
+-- hash, KEYS[4] the lane's backlogged tenants (zset: tenant -> virtual token counter), KEYS[5] the
+-- lane's joins stream (capped: a tenant that joins the backlog is announced to full workers, which
+-- may preempt a more-served tenant's sequence for it; see bind.lua)
 -- ARGV[1] rid, ARGV[2] max queued, ARGV[3] consumer group, ARGV[4] X-Request-ID,
 -- ARGV[5] result TTL (s), ARGV[6] timeout (ms), ARGV[7] tenant, ARGV[8] estimated tokens (cost),
 -- ARGV[9] weight, ARGV[10] waiting-list key prefix (+ tenant), ARGV[11..] field/value pairs of the spec
@@ -54,6 +56,7 @@ if redis.call('LLEN', list) == 0 then
     redis.call('HSET', KEYS[3], 'c:' .. tenant, counter)  -- the credit it gives up is gone for good
   end
   redis.call('ZADD', KEYS[4], counter, tenant)
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 64, '*', 't', tenant)
 end
 redis.call('RPUSH', list, ARGV[1] .. '\t' .. ARGV[4] .. '\t' .. cost .. '\t' .. weight)
 redis.call('XADD', KEYS[1], '*', 'slot', '1')

@@ -1,0 +1,141 @@
+"""Preemption for fair share, in-process worker with the sim engine against the real Redis: a tenant
+that joins a full worker runs at once in a slot of the tenant running most, and the paused sequence
+is continued later without losing or repeating a token."""
+
+from __future__ import annotations
+
+import functools
+
+from breakwater.broker import Broker, RequestSpec, Status
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
+from tests.helpers import async_wait_for, expected_sim
+from tests.inproc import InProc
+
+LONG = 30  # tokens of each of the flooding tenant's answers
+SHORT = 4
+
+
+def _spec(tenant: str, i: int, max_tokens: int) -> RequestSpec:
+    return RequestSpec(
+        model="sim",
+        lane="interactive",
+        kind="completion",
+        request_id=f"{tenant}-{i}",
+        timeout_s=60,
+        prompt=f"prompt {tenant} {i}",
+        max_tokens=max_tokens,
+        seed=100 + i,
+        ignore_eos=True,
+        tenant=tenant,
+    )
+
+
+async def _enqueue(broker: Broker, tenant: str, i: int, max_tokens: int) -> str:
+    rid = f"r-{tenant}-{i}"
+    result = await broker.enqueue(
+        rid=rid, spec=_spec(tenant, i, max_tokens), max_queued=100, result_ttl_s=60, cost=max_tokens
+    )
+    assert result.accepted
+    return rid
+
+
+async def _status(broker: Broker, rid: str) -> tuple[Status | None, int]:
+    record = await broker.get_record(rid)
+    return (record.status, record.tokens) if record else (None, 0)
+
+
+async def _flood_then_join(
+    gw: InProc, **worker: object
+) -> tuple[Broker, list[str], str, list[Status | None]]:
+    """Two slots; the flooding tenant runs two long answers and has a third waiting; then a light
+    tenant asks for a short one. Returns the flood's statuses at the moment the light one is done."""
+    engine = SimEngine(SimOptions(capacity=2, decode_base_ms=20, decode_per_seq_ms=0))
+    await gw.add_worker(engine, **worker)
+    broker = gw.broker()
+    flood = [await _enqueue(broker, "flood", i, LONG) for i in range(3)]
+
+    async def both_running() -> bool:
+        states = [await _status(broker, rid) for rid in flood[:2]]
+        return all(s is Status.RUNNING and n >= 2 for s, n in states)
+
+    await async_wait_for(both_running, 10, 0.01, what="the flood's first two answers running")
+    light = await _enqueue(broker, "light", 0, SHORT)
+    await async_wait_for(lambda: _done(broker, light), 20, 0.005, what="the light tenant's answer")
+    states = [(await _status(broker, rid))[0] for rid in flood]
+    return broker, flood, light, states
+
+
+async def _done(broker: Broker, rid: str) -> bool:
+    return (await _status(broker, rid))[0] is Status.DONE
+
+
+async def _text(broker: Broker, rid: str) -> tuple[str, list[int]]:
+    events = await broker.read_events(rid, 0, 1000)
+    return "".join(e.text for e in events), [e.seq for e in events]
+
+
+async def test_a_joining_tenant_runs_at_once_and_the_paused_answer_continues_exactly(
+    gw_empty: InProc,
+) -> None:
+    broker, flood, light, states = await _flood_then_join(gw_empty)
+    try:
+        # The light tenant did not wait for a slot to free: both running answers were still running.
+        assert states[:2].count(Status.RUNNING) == 2, states
+        worker = gw_empty.workers[0][0]
+        assert (
+            worker.metrics.registry.get_sample_value("breakwater_worker_preemptions_total", {"model": "sim"})
+            == 1
+        )
+        for rid in flood:
+            await async_wait_for(functools.partial(_done, broker, rid), 20, what=f"{rid} done")
+        # Every answer, the paused one too, is exactly the undisturbed one: no token lost or repeated.
+        for i, rid in enumerate([*flood, light]):
+            tenant, n = ("light", SHORT) if rid == light else ("flood", LONG)
+            i = 0 if rid == light else i
+            text, seqs = await _text(broker, rid)
+            expected, _, usage = expected_sim(
+                prompt=f"prompt {tenant} {i}", seed=100 + i, max_tokens=n, ignore_eos=True
+            )
+            assert text == expected, rid
+            assert seqs == list(range(1, len(seqs) + 1)), rid
+            record = await broker.get_record(rid)
+            assert record is not None
+            assert (record.tokens, record.usage, record.attempt) == (n, usage, 1), rid
+        assert not worker.preemption.paused and not worker.inflight
+    finally:
+        await broker.aclose()
+
+
+async def test_without_preemption_the_joining_tenant_waits_for_a_slot(gw_empty: InProc) -> None:
+    broker, _, _, states = await _flood_then_join(gw_empty, preempt=False)
+    try:
+        # Fair order still puts it first in line, but only once a running answer has ended.
+        assert Status.DONE in states[:2], states
+    finally:
+        await broker.aclose()
+
+
+async def test_a_paused_request_cancelled_while_paused_is_dropped_and_settled(gw_empty: InProc) -> None:
+    engine = SimEngine(SimOptions(capacity=2, decode_base_ms=20, decode_per_seq_ms=0))
+    worker = await gw_empty.add_worker(engine)
+    broker = gw_empty.broker()
+    try:
+        flood = [await _enqueue(broker, "flood", i, 200) for i in range(2)]
+        await async_wait_for(
+            lambda: all(f in worker.inflight for f in flood), 10, 0.01, what="both flood answers running"
+        )
+        light = await _enqueue(broker, "light", 0, 200)
+        await async_wait_for(lambda: bool(worker.preemption.paused), 10, 0.01, what="a sequence paused")
+        paused = worker.preemption.paused[0].job.rid
+        assert paused in flood
+        resp = await gw_empty.http.delete(f"/v1/requests/{paused}")
+        assert resp.status_code == 200, resp.text
+        # The worker drops it (its heartbeat sees the cancel) and never continues it.
+        await async_wait_for(lambda: paused not in worker.inflight, 10, what="the paused request dropped")
+        assert not worker.preemption.paused
+        assert (await _status(broker, paused))[0] is Status.CANCELLED
+        for rid in [r for r in flood if r != paused] + [light]:
+            assert rid in worker.inflight
+    finally:
+        await broker.aclose()
