@@ -189,6 +189,13 @@ async def _serve(
     if body.model != settings.model:
         raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
     chat = isinstance(body, ChatCompletionRequest)
+    if isinstance(body, ChatCompletionRequest) and body.response_format not in (None, {"type": "text"}):
+        raise APIError(
+            400,
+            "`response_format` is not supported by the sim engine",
+            code="unsupported_parameter",
+            param="response_format",
+        )
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     driver: SimDriver = request.app.state.driver

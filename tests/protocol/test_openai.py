@@ -51,7 +51,6 @@ def test_bounds_themselves_are_accepted() -> None:
     ("extra", "named"),
     [
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
         ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
         ({"frequency_penalty": 0.1}, "frequency_penalty"),
         ({"parallel_tool_calls": True}, "parallel_tool_calls"),
@@ -64,6 +63,14 @@ def test_bounds_themselves_are_accepted() -> None:
 )
 def test_unsupported_parameter_is_named(extra: dict[str, Any], named: str | None) -> None:
     assert ChatCompletionRequest.model_validate(_chat(**extra)).unsupported_parameter() == named
+
+
+def test_response_format_is_a_chat_parameter_only() -> None:
+    """Chat checks it (protocol.formats); OpenAI's text completions have none: named and refused."""
+    chat = ChatCompletionRequest.model_validate(_chat(response_format={"type": "json_object"}))
+    assert chat.unsupported_parameter() is None and chat.response_format == {"type": "json_object"}
+    body = {"model": "m", "prompt": "p", "response_format": {"type": "json_object"}}
+    assert CompletionRequest.model_validate(body).unsupported_parameter() == "response_format"
 
 
 def test_completion_parameters() -> None:

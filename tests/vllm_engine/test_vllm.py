@@ -19,11 +19,13 @@ import httpx
 import openai
 import orjson
 import pytest
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
+from breakwater.broker import Status
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import Proc, StackProcs, async_wait_for, stream_killing_owner, wait_for
+from tests.helpers import Proc, StackProcs, async_wait_for, read_record, stream_killing_owner, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -193,6 +195,32 @@ def test_same_answers_as_vllm_direct(vllm_server: str, inproc: StackProcs, sidec
     assert models[MODEL]["max_model_len"] == 1024
 
 
+class Colors(BaseModel):
+    first: str = Field(max_length=20)
+    second: str = Field(max_length=20)
+    third: str = Field(max_length=20)
+
+
+def test_structured_output_through_vllm(inproc: StackProcs, sidecar: StackProcs) -> None:
+    """``response_format`` with a Pydantic model: vLLM's structured-output backend in-process, and
+    passed through to vLLM's server by the ``openai`` engine; the SDK parses both."""
+    for procs in (inproc, sidecar):
+        client = openai.OpenAI(base_url=f"{procs.gateways[0][1]}/v1", api_key="x", timeout=120, max_retries=0)
+        completion = client.chat.completions.parse(
+            model=MODEL,
+            messages=CHAT,  # type: ignore[arg-type]
+            response_format=Colors,
+            max_tokens=120,
+            temperature=0.8,
+            seed=7,
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", choice
+        assert isinstance(choice.message.parsed, Colors)
+        models = {m["id"]: m for m in httpx.get(f"{procs.gateways[0][1]}/v1/models").json()["data"]}
+        assert "response_format" in models[MODEL]["features"]
+
+
 async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]]:
     raw = await redis.hgetall(Keys(procs.prefix).workers())
     return {str(k): orjson.loads(v) for k, v in raw.items()}
@@ -292,3 +320,53 @@ async def test_sigkilled_worker_is_continued_seamlessly(
         "prompt_tokens": direct["usage"]["prompt_tokens"],
         "completion_tokens": direct["usage"]["completion_tokens"],
     }
+
+
+class Story(BaseModel):
+    title: str = Field(max_length=40)
+    story: str = Field(max_length=600)
+
+
+async def test_constrained_output_a_sidecar_cannot_continue_ends_with_a_clear_error(
+    vllm_server: str, sidecar: StackProcs, redis: Redis
+) -> None:
+    """The ``openai`` engine cannot resume a constrained answer mid-way: a worker SIGKILLed
+    mid-JSON leaves the client a clear ``continuation_unsupported`` error, never unconstrained text."""
+    url = sidecar.gateways[0][1]
+    sidecar.add_worker(MODEL, "openai", upstream_url=f"{vllm_server}/v1", capacity=4, heartbeat_s=0.3)
+    _wait_workers(sidecar, url, 2)
+    schema = openai.lib._pydantic.to_strict_json_schema(Story)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper, as JSON."}],
+        "temperature": 0,
+        "max_tokens": 400,
+        "stream": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": schema}},
+    }
+    parts: list[str] = []
+    errors: list[dict[str, Any]] = []
+    killed = None
+    async with (
+        httpx.AsyncClient(timeout=300) as http,
+        http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp,
+    ):
+        rid = resp.headers["x-breakwater-request-id"]
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = orjson.loads(line[6:])
+            if "error" in data:
+                errors.append(data["error"])
+                continue
+            if data["choices"]:
+                parts.append(data["choices"][0]["delta"].get("content") or "")
+            if len(parts) == 10 and killed is None:
+                owner = await redis.hget(sidecar.keys_request(rid), "worker")
+                killed = next(w for w in sidecar.workers if w.args[-1] == owner)
+                killed.kill()
+    assert killed is not None, "the answer ended before the kill"
+    assert [(e["code"], e["type"]) for e in errors] == [("continuation_unsupported", "server_error")]
+    record = await read_record(sidecar, redis, rid)
+    assert record.status is Status.ERROR and record.attempt == 2
+    assert "".join(parts) == record.emitted  # only what the first worker generated under the schema

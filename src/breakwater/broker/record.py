@@ -52,6 +52,7 @@ class RequestSpec:
     tenant: str = ""  # its owner: only this tenant's keys may read, resume or cancel it
     key_id: str = ""  # the API key it was made with (usage metering); empty with auth off
     reserved_tokens: int = 0  # held against the key's tokens-per-minute until it is metered
+    response_format: str = ""  # structured output (protocol.formats.OutputFormat as JSON); '' for text
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -76,6 +77,8 @@ class RequestSpec:
             out["key_id"] = self.key_id
         if self.reserved_tokens:
             out["reserved_tokens"] = str(self.reserved_tokens)
+        if self.response_format:
+            out["response_format"] = self.response_format
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -105,6 +108,7 @@ class RequestSpec:
             tenant=h.get("tenant", ""),
             key_id=h.get("key_id", ""),
             reserved_tokens=int(h.get("reserved_tokens") or 0),
+            response_format=h.get("response_format", ""),
         )
 
 

@@ -6,13 +6,23 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from breakwater.protocol.formats import OutputFormat
+
+# What an engine can do beyond plain generation (Engine.features; the gateway refuses what a model's
+# workers cannot do, naming the parameter).
+RESPONSE_FORMAT = "response_format"  # constrained structured output (JSON object / JSON Schema)
+CONSTRAINED_CONTINUATION = "constrained_continuation"  # continue constrained output after a crash
+
 
 class EngineRequestError(ValueError):
     """A request this engine cannot run (prompt too long, no chat template, ...); never retried."""
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    def __init__(
+        self, message: str, code: str = "invalid_request", error_type: str = "invalid_request_error"
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.error_type = error_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +47,7 @@ class GenerationRequest:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    output_format: OutputFormat | None = None
     emitted_text: str = ""
     emitted_tokens: int = 0
 
@@ -63,6 +74,7 @@ class Engine(ABC):
     """A continuous-batching engine. ``step`` runs one batch step over every running sequence."""
 
     info: EngineInfo
+    features: frozenset[str] = frozenset()
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model; called once before use."""

@@ -4,6 +4,10 @@ One llama context holds up to ``capacity`` sequences (one seq_id each). Every st
 one token for each decoding sequence, then prompt chunks of joining sequences up to the batch budget
 (so a long prompt never freezes running streams), decodes it once and samples each sequence with its
 own sampler chain (temperature, top_k, top_p, seed). Sequences join and leave between steps.
+
+Structured output: a grammar sampler (llama.cpp's GBNF, from the JSON Schema) heads the chain, so
+only tokens the grammar admits can be sampled. A continued sequence feeds its emitted tokens to the
+grammar first, so the constraint holds across a worker crash.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from breakwater.engines.base import (
+    CONSTRAINED_CONTINUATION,
+    RESPONSE_FORMAT,
     Engine,
     EngineInfo,
     EngineRequestError,
@@ -59,6 +65,8 @@ class _Seq:
 
 class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
+
+    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION})
 
     def __init__(self, options: LlamaCppOptions) -> None:
         self.model_path = options.gguf()
@@ -189,6 +197,7 @@ class LlamaCppEngine(Engine):
             )
         room = ctx - len(prompt)
         limit = room if request.max_tokens is None else min(request.max_tokens, room)
+        sampler = self._sampler(request, continued)  # may refuse: before a slot is taken
         slot = self._free_slots.pop()
         self._seqs[request.request_id] = _Seq(
             request=request,
@@ -196,14 +205,26 @@ class LlamaCppEngine(Engine):
             tokens=prompt + continued,
             prompt_tokens=len(prompt),
             limit=limit,
-            sampler=self._sampler(request),
+            sampler=sampler,
             stop=StopChecker(request.stop),
             completion=request.emitted_tokens,
         )
         self._work.set()
 
-    def _sampler(self, request: GenerationRequest) -> Any:
+    def _sampler(self, request: GenerationRequest, continued: list[int]) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if request.output_format is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, request.output_format.grammar().encode(), b"root"
+            )
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise EngineRequestError(
+                    "llama.cpp could not parse the output grammar", code="invalid_response_format"
+                )
+            llama_cpp.llama_sampler_chain_add(chain, grammar)
+            for token in continued:  # the grammar's state after the text already emitted
+                llama_cpp.llama_sampler_accept(grammar, token)
         if request.temperature <= 0.0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return chain

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from breakwater.engines.base import EngineInfo, GenerationRequest, SequenceDelta
+from breakwater.engines.base import RESPONSE_FORMAT, EngineInfo, GenerationRequest, SequenceDelta
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 
@@ -73,6 +73,8 @@ def parse_load(text: str) -> UpstreamLoad | None:
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
+    features = frozenset({RESPONSE_FORMAT})  # passed through; the upstream constrains its output
+
     def __init__(self, options: UpstreamOptions) -> None:
         self.base_url = options.url.rstrip("/")
         if not self.base_url.endswith("/v1"):
@@ -248,6 +250,13 @@ class OpenAIUpstreamEngine(StreamingEngine):
             if failures > self.retries:
                 self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
                 return
+            if flight.request.output_format is not None and flight.text:
+                # The upstream cannot resume a constrained answer mid-way; never send unconstrained text.
+                message = (
+                    f"upstream failed after structured output had started ({failure}); retry the request"
+                )
+                self._emit(SequenceDelta(rid, error=message, error_code="continuation_unsupported"))
+                return
             log.warning(
                 "upstream request failed; continuing from the emitted text",
                 extra={"rid": rid, "fields": {"error": failure, "emitted_tokens": flight.tokens}},
@@ -272,6 +281,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
             body["top_k"] = req.top_k  # vLLM, SGLang and llama.cpp accept these sampling extensions
         if req.ignore_eos:
             body["ignore_eos"] = True
+        if req.output_format is not None:
+            body["response_format"] = req.output_format.openai()
         if req.messages is None:
             body["prompt"] = (req.prompt or "") + flight.text
             return "/completions", body

@@ -16,7 +16,15 @@ import os
 import uuid
 from typing import Any
 
-from breakwater.engines.base import EngineInfo, EngineRequestError, GenerationRequest, SequenceDelta
+import orjson
+
+from breakwater.engines.base import (
+    RESPONSE_FORMAT,
+    EngineInfo,
+    EngineRequestError,
+    GenerationRequest,
+    SequenceDelta,
+)
 from breakwater.engines.models import BUNDLED
 from breakwater.engines.options import VLLMOptions
 from breakwater.engines.streams import Flight, StreamingEngine
@@ -67,6 +75,8 @@ class _Load:
 
 
 class VLLMEngine(StreamingEngine):
+    features = frozenset({RESPONSE_FORMAT})  # vLLM's structured-output backend (xgrammar, ...)
+
     def __init__(self, options: VLLMOptions) -> None:
         super().__init__()
         self.model_path = options.model_path
@@ -178,9 +188,17 @@ class VLLMEngine(StreamingEngine):
         ids = prompt + list(continued)
         room = self.info.context_length - len(ids)
         wanted = room if req.max_tokens is None else req.max_tokens - flight.tokens
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        structured = None
+        if req.output_format is not None:  # never a continuation: the worker refuses those (jobs.refusal)
+            fmt = req.output_format
+            if fmt.kind == "json_schema":
+                structured = StructuredOutputsParams(json=orjson.loads(fmt.schema))
+            else:
+                structured = StructuredOutputsParams(json_object=True)
         params = self._sampling(
+            structured_outputs=structured,
             n=1,
             temperature=req.temperature,
             top_p=req.top_p,

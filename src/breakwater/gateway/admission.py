@@ -13,12 +13,14 @@ from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
+from breakwater.engines.base import RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
+from breakwater.protocol.formats import FormatError, parse_response_format
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import ANONYMOUS, Principal
 from breakwater.tenancy.limits import Limits
@@ -56,8 +58,28 @@ def request_spec(
     }
     if isinstance(body, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return RequestSpec(kind="chat", messages=messages, **common)  # type: ignore[arg-type]
+        try:
+            fmt = parse_response_format(body.response_format)
+        except FormatError as exc:
+            raise APIError(400, str(exc), code="invalid_response_format", param=exc.param) from exc
+        return RequestSpec(
+            kind="chat",
+            messages=messages,
+            response_format=fmt.to_json() if fmt else "",
+            **common,  # type: ignore[arg-type]
+        )
     return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)  # type: ignore[arg-type]
+
+
+def check_features(spec: RequestSpec, model: ModelInfo) -> None:
+    """Refuse what the model's live workers cannot do (with none live, the worker that starts decides)."""
+    if spec.response_format and model.workers and RESPONSE_FORMAT not in model.features:
+        raise APIError(
+            400,
+            f"`response_format` is not supported by the engine serving `{model.name}`",
+            code="unsupported_parameter",
+            param="response_format",
+        )
 
 
 def prompt_text(spec: RequestSpec) -> str:
@@ -99,6 +121,7 @@ class Admitter:
             default_timeout_s=self.settings.request_timeout_s,
             principal=principal,
         )
+        check_features(spec, model)
         prompt = prompt_text(spec)
         self.check_context(prompt, spec.max_tokens, model)
         rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"

@@ -20,6 +20,7 @@ class ModelInfo:
     active: int
     owned_by: str = "breakwater"
     kv_cache_usage: float | None = None
+    features: frozenset[str] = frozenset()  # what every live worker's engine can do (engines.base)
 
     @classmethod
     def without_workers(cls, name: str) -> ModelInfo:
@@ -81,4 +82,5 @@ def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
         capacity=sum(int(i.get("capacity", 0)) for i in infos),
         active=sum(int(i.get("active", 0)) for i in infos),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
+        features=frozenset.intersection(*(frozenset(i.get("features") or ()) for i in infos)),
     )

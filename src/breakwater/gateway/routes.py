@@ -150,6 +150,7 @@ async def list_models(request: Request, who: Caller) -> dict[str, Any]:
                 "context_length": m.context_length,
                 "max_model_len": m.context_length,
                 "workers": m.workers,
+                "features": sorted(m.features),
             }
             for m in sorted(models.values(), key=lambda m: m.name)
         ],

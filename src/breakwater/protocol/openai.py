@@ -133,6 +133,7 @@ class _SamplingRequest(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
+    response_format: Any = None  # checked by protocol.formats.parse_response_format
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:

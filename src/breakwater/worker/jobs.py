@@ -6,7 +6,14 @@ import zlib
 from dataclasses import dataclass
 
 from breakwater.broker import Job, Lease, RequestRecord
-from breakwater.engines.base import GenerationRequest
+from breakwater.engines.base import (
+    CONSTRAINED_CONTINUATION,
+    RESPONSE_FORMAT,
+    Engine,
+    EngineRequestError,
+    GenerationRequest,
+)
+from breakwater.protocol.formats import OutputFormat
 
 
 @dataclass(slots=True)
@@ -19,6 +26,7 @@ class InFlight:
     progressed: bool = False
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
     paused_at: int = -1  # preempted: the worker's step count then (-1: running in the engine)
+    constrained: bool = False  # structured output: paused only where the engine can continue it
 
     @property
     def paused(self) -> bool:
@@ -47,6 +55,37 @@ def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:
         seed=spec.seed if spec.seed is not None else zlib.crc32(rid.encode()),
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
+        output_format=OutputFormat.from_json(spec.response_format),
         emitted_text=record.emitted,
         emitted_tokens=record.tokens,
     )
+
+
+def refusal(engine: Engine, request: GenerationRequest) -> EngineRequestError | None:
+    """Why ``engine`` must not run ``request``, if it must not: a feature it lacks, or constrained
+    output it cannot continue (tokens already reached the client: restarting would repeat them, and
+    continuing unconstrained could break the format)."""
+    if request.output_format is None:
+        return None
+    if RESPONSE_FORMAT not in engine.features:
+        return EngineRequestError(
+            f"`response_format` is not supported by the {engine.info.engine} engine",
+            code="unsupported_parameter",
+        )
+    if request.emitted_tokens and CONSTRAINED_CONTINUATION not in engine.features:
+        return EngineRequestError(
+            f"the worker running this request failed after {request.emitted_tokens} tokens of "
+            f"structured output, and the {engine.info.engine} engine cannot continue constrained "
+            "output; retry the request",
+            code="continuation_unsupported",
+            error_type="server_error",
+        )
+    return None
+
+
+def error_type(code: str | None) -> str:
+    """OpenAI's error ``type`` for an engine's error code: the request's fault unless it names a
+    server-side limit (no code: a server failure)."""
+    if code is None or code == "continuation_unsupported":
+        return "server_error"
+    return "invalid_request_error"

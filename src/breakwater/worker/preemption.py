@@ -56,15 +56,22 @@ class Preemption:
     def lane(self, flight: InFlight) -> str:
         return self._lane_of.get(flight.job.stream, "")
 
-    def running(self, flights: Iterable[InFlight], lane: str) -> Counter[str]:
-        """Sequences running (not paused) in the engine per tenant, in one lane."""
-        return Counter(f.job.tenant for f in flights if not f.paused and self.lane(f) == lane)
+    def running(self, flights: Iterable[InFlight], lane: str, constrained: bool) -> Counter[str]:
+        """Sequences running (not paused) that may be paused, per tenant, in one lane; structured
+        output only where the engine can continue it (``constrained``)."""
+        return Counter(f.job.tenant for f in _pausable(flights, constrained) if self.lane(f) == lane)
 
-    def victim(self, flights: Iterable[InFlight], tenant: str, lane: str) -> InFlight | None:
-        """The newest running sequence of ``tenant`` in ``lane`` (it loses the least), else the
-        newest running sequence at all (the engine must make room); None if nothing runs."""
-        running = [f for f in flights if not f.paused]
+    def victim(
+        self, flights: Iterable[InFlight], tenant: str, lane: str, constrained: bool
+    ) -> InFlight | None:
+        """The newest pausable sequence of ``tenant`` in ``lane`` (it loses the least), else the
+        newest pausable sequence at all (the engine must make room); None if there is none."""
+        running = _pausable(flights, constrained)
         for flight in reversed(running):
             if flight.job.tenant == tenant and self.lane(flight) == lane:
                 return flight
         return running[-1] if running else None
+
+
+def _pausable(flights: Iterable[InFlight], constrained: bool) -> list[InFlight]:
+    return [f for f in flights if not f.paused and (constrained or not f.constrained)]

@@ -12,10 +12,16 @@ from typing import Any
 from breakwater.broker import Append, Broker, Job, StartOutcome, Status
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.config import WorkerSettings
-from breakwater.engines.base import Engine, EngineRequestError, SequenceDelta
+from breakwater.engines.base import (
+    CONSTRAINED_CONTINUATION,
+    Engine,
+    EngineRequestError,
+    GenerationRequest,
+    SequenceDelta,
+)
 from breakwater.keys import LANES
 from breakwater.runtime import settle_heap
-from breakwater.worker.jobs import InFlight, generation_request
+from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preemption import Preemption
 
@@ -218,7 +224,7 @@ class Worker:
         for lane in LANES:
             if lane not in lanes:
                 continue
-            running = self.preemption.running(self.inflight.values(), lane)
+            running = self.preemption.running(self.inflight.values(), lane, self._continues_constrained)
             try:
                 got = await self.broker.claim_preempting(self.model, lane, self.settings.worker_id, running)
             except TRANSIENT as exc:
@@ -227,8 +233,13 @@ class Worker:
             if got is None:
                 continue
             job, tenant = got
-            victim = self.preemption.victim(self.inflight.values(), tenant, lane)
-            if victim is not None and self.engine.free_slots() <= 0:
+            if self.engine.free_slots() <= 0:
+                victim = self.preemption.victim(
+                    self.inflight.values(), tenant, lane, self._continues_constrained
+                )
+                if victim is None:  # nothing here may be paused after all (it ended meanwhile)
+                    await self.broker.release([job], self.settings.worker_id)  # another claim takes it
+                    return
                 self._pause(victim, job)
             try:
                 await self._start(job)
@@ -236,6 +247,10 @@ class Worker:
                 log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
             self.preemption.joined = lanes  # look again: another tenant may have joined too
             return
+
+    @property
+    def _continues_constrained(self) -> bool:
+        return CONSTRAINED_CONTINUATION in self.engine.features
 
     def _pause(self, flight: InFlight, job: Job) -> None:
         self.engine.cancel(flight.job.rid)
@@ -276,7 +291,7 @@ class Worker:
             await until_redis(drop, "drop")
             return
         try:
-            self.engine.add(generation_request(rid, record))
+            self._add(generation_request(rid, record))
         except EngineRequestError as exc:
             await until_redis(functools.partial(self._fail_request, flight, exc), "fail")
             return
@@ -289,7 +304,7 @@ class Worker:
             code=exc.code,
             message=str(exc),
             ttl_s=self.settings.result_ttl_s,
-            error_type="invalid_request_error",
+            error_type=exc.error_type,
         )
         await self._settle(flight.job)
         self._forget(flight.job.rid)
@@ -309,6 +324,13 @@ class Worker:
             self.held.insert(0, (job, False))
             log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
             await asyncio.sleep(0.2)
+
+    def _add(self, request: GenerationRequest) -> None:
+        """Admit a sequence into the engine; raises :class:`EngineRequestError`."""
+        refused = refusal(self.engine, request)
+        if refused is not None:
+            raise refused
+        self.engine.add(request)
 
     async def _start(self, job: Job, *, alone: bool | None = None) -> None:
         extra = {"rid": job.rid, "request_id": job.xrid}
@@ -368,7 +390,7 @@ class Worker:
             waited_ms = int(time.time() * 1000) - record.created_ms  # cross-host clocks: a metric only
             self.metrics.queue_wait.labels(self.model).observe(max(0, waited_ms) / 1000)
         try:
-            self.engine.add(request)
+            self._add(request)
         except EngineRequestError as exc:
             await self.broker.fail(
                 job.rid,
@@ -376,14 +398,20 @@ class Worker:
                 code=exc.code,
                 message=str(exc),
                 ttl_s=ttl,
-                error_type="invalid_request_error",
+                error_type=exc.error_type,
             )
             await self._settle(job)
             return
         if self._step_started is None:  # the engine's next step runs this: time it from now
             self._step_started = time.monotonic()
         suspect = record.failures > 0
-        self.inflight[job.rid] = InFlight(job=job, attempt=result.attempt, model=self.model, suspect=suspect)
+        self.inflight[job.rid] = InFlight(
+            job=job,
+            attempt=result.attempt,
+            model=self.model,
+            suspect=suspect,
+            constrained=request.output_format is not None,
+        )
         self._suspects += suspect
         log.info(
             "job started",
@@ -453,7 +481,7 @@ class Worker:
                 code=delta.error_code or "engine_error",
                 message=delta.error,
                 ttl_s=ttl,
-                error_type="invalid_request_error" if delta.error_code else "server_error",
+                error_type=error_type(delta.error_code),
             )
         else:
             seq = await self.broker.finish(
@@ -514,6 +542,7 @@ class Worker:
         return {
             "model": info.model,
             "engine": info.engine,
+            "features": sorted(self.engine.features),
             "capacity": info.capacity,
             "context_length": info.context_length,
             "active": self.engine.running(),

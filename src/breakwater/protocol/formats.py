@@ -1,0 +1,108 @@
+"""Structured outputs: OpenAI's ``response_format`` as one typed value shared by gateway, record and
+engines, and the grammar that constrains a llama.cpp sampler to it.
+
+``{"type": "json_object"}`` asks for any JSON object; ``{"type": "json_schema", "json_schema":
+{"name": ..., "schema": {...}, "strict": true}}`` for one that validates against the schema. The
+gateway converts the schema to a grammar before queueing (an unusable schema is a 400 there, never a
+failed job), so every engine that constrains output accepts what is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import orjson
+
+FormatKind = Literal["json_object", "json_schema"]
+ANY_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+class FormatError(ValueError):
+    """A ``response_format`` that cannot be served; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str = "response_format") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    kind: FormatKind
+    schema: str = ""  # the JSON Schema as JSON text (json_schema only)
+    name: str = ""
+
+    def to_json(self) -> str:
+        return orjson.dumps({"kind": self.kind, "schema": self.schema, "name": self.name}).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> OutputFormat | None:
+        if not text:
+            return None
+        data = orjson.loads(text)
+        kind: FormatKind = "json_schema" if data.get("kind") == "json_schema" else "json_object"
+        return cls(kind, str(data.get("schema") or ""), str(data.get("name") or ""))
+
+    def openai(self) -> dict[str, Any]:
+        """The ``response_format`` to send an OpenAI-compatible upstream."""
+        if self.kind == "json_object":
+            return {"type": "json_object"}
+        spec = {"name": self.name or "output", "schema": orjson.loads(self.schema), "strict": True}
+        return {"type": "json_schema", "json_schema": spec}
+
+    def grammar(self) -> str:
+        """The GBNF grammar (llama.cpp) that only admits this format's output."""
+        return _grammar(self.schema if self.kind == "json_schema" else ANY_OBJECT_SCHEMA)
+
+
+def parse_response_format(value: Any) -> OutputFormat | None:
+    """OpenAI's ``response_format`` → an :class:`OutputFormat` (None for plain text), checked."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FormatError("`response_format` must be an object")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat("json_object")
+    if kind != "json_schema":
+        raise FormatError(
+            "`response_format.type` must be `text`, `json_object` or `json_schema`", "response_format.type"
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise FormatError("`response_format.json_schema` must be an object", "response_format.json_schema")
+    name = spec.get("name", "")
+    if not isinstance(name, str) or len(name) > 64:
+        raise FormatError(
+            "`json_schema.name` must be a string of at most 64 characters", "response_format.json_schema.name"
+        )
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict):
+        raise FormatError(
+            "`json_schema.schema` must be a JSON Schema object", "response_format.json_schema.schema"
+        )
+    fmt = OutputFormat("json_schema", orjson.dumps(schema).decode(), name)
+    try:
+        fmt.grammar()
+    except Exception as exc:  # the converter asserts on what it cannot express
+        raise FormatError(
+            f"`json_schema.schema` cannot be enforced: {exc}", "response_format.json_schema.schema"
+        ) from exc
+    return fmt
+
+
+# The converter's string character admits raw control characters, which JSON forbids inside strings
+# (a model that writes a newline there produces unparseable output); llama.cpp's own converter
+# excludes them, as here.
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+@lru_cache(maxsize=256)
+def _grammar(schema: str) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf  # loads libllama: only when asked
+
+    return str(json_schema_to_gbnf(schema)).replace(_LOOSE_CHAR, _JSON_CHAR)

@@ -1,0 +1,93 @@
+"""``response_format`` parsing, the grammar it becomes, and which engine may run what (no Redis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from breakwater.engines.base import CONSTRAINED_CONTINUATION, RESPONSE_FORMAT, GenerationRequest
+from breakwater.engines.sim import SimEngine
+from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
+from breakwater.worker.jobs import error_type, refusal
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+
+
+def test_text_and_absent_mean_no_constraint() -> None:
+    assert parse_response_format(None) is None
+    assert parse_response_format({"type": "text"}) is None
+
+
+def test_json_object_and_json_schema_round_trip_through_the_record() -> None:
+    obj = parse_response_format({"type": "json_object"})
+    assert obj == OutputFormat("json_object")
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}})
+    assert fmt is not None and fmt.kind == "json_schema" and orjson.loads(fmt.schema) == SCHEMA
+    for f in (obj, fmt):
+        assert f is not None and OutputFormat.from_json(f.to_json()) == f
+    assert OutputFormat.from_json("") is None
+    assert fmt.openai() == {
+        "type": "json_schema",
+        "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True},
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "param"),
+    [
+        ("json", "response_format"),
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": {"name": "x" * 65}}, "response_format.json_schema.name"),
+        ({"type": "json_schema", "json_schema": {"schema": [1]}}, "response_format.json_schema.schema"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+def test_unusable_formats_are_named(value: Any, param: str) -> None:
+    with pytest.raises(FormatError) as err:
+        parse_response_format(value)
+    assert err.value.param == param
+
+
+def test_the_grammar_keeps_control_characters_out_of_strings() -> None:
+    """JSON forbids raw control characters inside strings; the grammar must not admit them."""
+    for fmt in (
+        OutputFormat("json_object"),
+        parse_response_format({"type": "json_schema", "json_schema": {"schema": SCHEMA}}),
+    ):
+        assert fmt is not None
+        char = next(line for line in fmt.grammar().splitlines() if line.startswith("char ::="))
+        assert char.startswith('char ::= [^"\\\\\\x7F\\x00-\\x1F]'), char
+
+
+class _Constraining(SimEngine):
+    features = frozenset({RESPONSE_FORMAT})
+
+
+class _Continuing(SimEngine):
+    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION})
+
+
+def test_which_engine_may_run_constrained_output() -> None:
+    fmt = OutputFormat("json_object")
+    fresh = GenerationRequest("r", prompt="p", output_format=fmt)
+    continued = GenerationRequest("r", prompt="p", output_format=fmt, emitted_text='{"a', emitted_tokens=2)
+    assert refusal(SimEngine(), GenerationRequest("r", prompt="p")) is None
+    refused = refusal(SimEngine(), fresh)
+    assert refused is not None and refused.code == "unsupported_parameter"
+    assert refusal(_Constraining(), fresh) is None  # nothing delivered yet: (re)starting is fine
+    refused = refusal(_Constraining(), continued)
+    assert refused is not None and refused.code == "continuation_unsupported"
+    assert refused.error_type == "server_error"
+    assert refusal(_Continuing(), continued) is None
+
+
+def test_error_types() -> None:
+    assert error_type(None) == "server_error"
+    assert error_type("continuation_unsupported") == "server_error"
+    assert error_type("context_length_exceeded") == "invalid_request_error"
