@@ -1,6 +1,7 @@
-"""Structured outputs (``response_format``) with the official ``openai`` client against the real stack:
-the bundled SmolLM2 on llamacpp workers constrained by a grammar from the JSON Schema, including a
-worker SIGKILLed mid-JSON; refusals before queueing (bad schema, an engine that cannot constrain)."""
+"""Structured outputs (``response_format``) and forced tool calls with the official ``openai`` client
+against the real stack: the bundled SmolLM2 on llamacpp workers constrained by a grammar from the
+JSON Schema, including a worker SIGKILLed mid-JSON; refusals before queueing (bad schema, an engine
+that cannot constrain, a tool choice not served)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
+import httpx
 import openai
+import orjson
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionNamedToolChoiceParam
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
@@ -155,3 +159,130 @@ async def test_a_worker_killed_mid_json_is_continued_under_the_same_constraint(
     story = Story.model_validate_json(got.text)  # the continued half kept to the schema
     assert story.story
     assert got.record.finish_reason == "stop"
+
+
+# -- tool calling: a named (or the only `required`) function, its arguments under a grammar -------
+
+
+class GetWeather(BaseModel):
+    """Get the current weather in a city."""
+
+    city: str = Field(max_length=30)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+WEATHER_TOOL = openai.pydantic_function_tool(GetWeather, name="get_weather")
+WEATHER: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather like in Paris?"}
+]
+NAMED: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(llama_stack: StackProcs) -> None:
+    client = _client(llama_stack)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=100, seed=5
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    args = GetWeather.model_validate_json(call.function.arguments)
+    assert args.unit in ("celsius", "fahrenheit")
+    # The stored stream renders the same call on resume (first chunk names it, then the arguments).
+    url = llama_stack.gateways[0][1]
+    lines = httpx.get(f"{url}/v1/requests/{completion.id}/events", timeout=30).text.splitlines()
+    chunks = [orjson.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    head = chunks[0]["choices"][0]["delta"]["tool_calls"][0]
+    assert (head["id"], head["function"]["name"]) == (call.id, "get_weather")
+    pieces = [
+        c["choices"][0]["delta"].get("tool_calls", [{}])[0].get("function", {}).get("arguments", "")
+        for c in chunks
+        if c["choices"]
+    ]
+    assert "".join(pieces) == call.function.arguments
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_the_sdk_stream_helper_reconstructs_a_required_call(llama_stack: StackProcs) -> None:
+    client = _client(llama_stack)
+    pieces = []
+    with client.chat.completions.stream(
+        model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100, seed=6
+    ) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                pieces.append(event.arguments_delta)
+        final = stream.get_final_completion()
+    assert len(pieces) > 3  # the arguments arrive in pieces
+    (call,) = final.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    assert "".join(pieces) == call.function.arguments
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_conversation_continues_after_a_tool_result(llama_stack: StackProcs) -> None:
+    client = _client(llama_stack)
+    first = client.chat.completions.create(
+        model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=100, seed=5
+    )
+    (call,) = first.choices[0].message.tool_calls or []
+    assert call.type == "function"
+    history: list[ChatCompletionMessageParam] = [
+        *WEATHER,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=40, seed=5
+    )
+    choice = second.choices[0]
+    assert choice.message.tool_calls is None
+    assert choice.message.content and choice.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({}, "tool_choice"),  # tools without tool_choice mean auto
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}
+                ]
+            },
+            "tools[0].function.parameters",
+        ),
+    ],
+)
+def test_tool_requests_it_cannot_serve_are_refused_by_name(
+    llama_stack: StackProcs, change: dict[str, Any], param: str
+) -> None:
+    body = {"model": MODEL, "messages": WEATHER, "tools": [WEATHER_TOOL], "tool_choice": NAMED, **change}
+    if not change:
+        del body["tool_choice"]
+    resp = httpx.post(f"{llama_stack.gateways[0][1]}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_a_model_whose_engine_cannot_constrain_refuses_a_forced_call(stack: StackProcs) -> None:
+    client = openai.OpenAI(base_url=f"{stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="sim", messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED)
+    assert isinstance(err.value.body, dict)
+    assert (err.value.body["code"], err.value.body["param"]) == ("unsupported_parameter", "tool_choice")

@@ -53,6 +53,7 @@ class RequestSpec:
     key_id: str = ""  # the API key it was made with (usage metering); empty with auth off
     reserved_tokens: int = 0  # held against the key's tokens-per-minute until it is metered
     response_format: str = ""  # structured output (protocol.formats.OutputFormat as JSON); '' for text
+    tool_call: str = ""  # the function the answer calls (its arguments are the text); '' for none
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -79,6 +80,8 @@ class RequestSpec:
             out["reserved_tokens"] = str(self.reserved_tokens)
         if self.response_format:
             out["response_format"] = self.response_format
+        if self.tool_call:
+            out["tool_call"] = self.tool_call
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -109,6 +112,7 @@ class RequestSpec:
             key_id=h.get("key_id", ""),
             reserved_tokens=int(h.get("reserved_tokens") or 0),
             response_format=h.get("response_format", ""),
+            tool_call=h.get("tool_call", ""),
         )
 
 

@@ -8,6 +8,7 @@ import math
 import time
 import uuid
 from dataclasses import replace
+from typing import Any
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
@@ -21,7 +22,8 @@ from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve,
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.protocol.formats import FormatError, parse_response_format
-from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+from breakwater.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from breakwater.protocol.tools import forced_call, rendered_calls
 from breakwater.tenancy import ANONYMOUS, Principal
 from breakwater.tenancy.limits import Limits
 
@@ -40,7 +42,7 @@ def request_spec(
     """The record's request part for an OpenAI body sent by ``principal``."""
     top_k = (body.model_extra or {}).get("top_k")
     key = principal.key
-    common = {
+    common: dict[str, Any] = {
         "model": body.model,
         "lane": key.lane if key is not None and key.lane else body.lane,
         "tenant": principal.tenant,
@@ -57,28 +59,48 @@ def request_spec(
         "include_usage": body.include_usage(),
     }
     if isinstance(body, ChatCompletionRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            fmt = parse_response_format(body.response_format)
-        except FormatError as exc:
-            raise APIError(400, str(exc), code="invalid_response_format", param=exc.param) from exc
-        return RequestSpec(
-            kind="chat",
-            messages=messages,
-            response_format=fmt.to_json() if fmt else "",
-            **common,  # type: ignore[arg-type]
-        )
-    return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)  # type: ignore[arg-type]
+        return _chat_spec(body, common)
+    return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)
+
+
+def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any]) -> RequestSpec:
+    """A chat's spec: a forced tool call or a response_format become the output's constraint."""
+    try:
+        messages = [_message(m) for m in body.messages]
+        call = forced_call(body.tools, body.tool_choice)
+        fmt = call.output_format() if call else parse_response_format(body.response_format)
+    except FormatError as exc:
+        code = "invalid_response_format" if exc.param.startswith("response_format") else "invalid_value"
+        raise APIError(400, str(exc), code=code, param=exc.param) from exc
+    if call is not None:
+        messages = [call.instruction(), *messages]
+    return RequestSpec(
+        kind="chat",
+        messages=messages,
+        response_format=fmt.to_json() if fmt else "",
+        tool_call=call.name if call else "",
+        **common,
+    )
+
+
+def _message(message: ChatMessage) -> dict[str, str]:
+    """A message as the engine's chat template sees it; earlier tool calls become text."""
+    text = message.text()
+    calls = (message.model_extra or {}).get("tool_calls")
+    if message.role == "assistant" and calls:
+        text = f"{text}\n{rendered_calls(calls)}" if text else rendered_calls(calls)
+    return {"role": message.role, "content": text}
 
 
 def check_features(spec: RequestSpec, model: ModelInfo) -> None:
     """Refuse what the model's live workers cannot do (with none live, the worker that starts decides)."""
     if spec.response_format and model.workers and RESPONSE_FORMAT not in model.features:
+        param = "tool_choice" if spec.tool_call else "response_format"  # a forced call is constrained too
         raise APIError(
             400,
-            f"`response_format` is not supported by the engine serving `{model.name}`",
+            f"`{param}` is not supported by the engine serving `{model.name}` (it cannot constrain output)",
             code="unsupported_parameter",
-            param="response_format",
+            param=param,
         )
 
 
@@ -182,7 +204,14 @@ class Admitter:
             )
         log.info("request queued", extra={"rid": rid, "fields": {"model": body.model, "lane": body.lane}})
         return Submission(
-            rid, body.model, spec.kind == "chat", int(time.time()), spec.include_usage, sub, headers=headers
+            rid,
+            body.model,
+            spec.kind == "chat",
+            int(time.time()),
+            spec.include_usage,
+            sub,
+            headers=headers,
+            tool=spec.tool_call,
         )
 
     async def _bind(

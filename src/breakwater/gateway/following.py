@@ -34,12 +34,22 @@ class Submission:
     started: float = field(default_factory=time.perf_counter)
     duplicate: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* of its admission
+    tool: str = ""  # the answer is a call to this function (protocol.tools)
 
     @classmethod
     def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:
         """A second follower of an existing request (resume, Idempotency-Key replay)."""
         spec = record.spec
-        return cls(rid, spec.model, record.chat, record.created, spec.include_usage, sub, duplicate=True)
+        return cls(
+            rid,
+            spec.model,
+            record.chat,
+            record.created,
+            spec.include_usage,
+            sub,
+            duplicate=True,
+            tool=spec.tool_call,
+        )
 
 
 def trimmed_event(seq: int, first_kept: int) -> TokenEvent:

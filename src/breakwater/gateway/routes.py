@@ -78,7 +78,12 @@ async def _complete(
         )
     try:
         result = await collect_response(
-            svc.requests.events(sub), rid=sub.rid, model=sub.model, created=sub.created, chat=sub.chat
+            svc.requests.events(sub),
+            rid=sub.rid,
+            model=sub.model,
+            created=sub.created,
+            chat=sub.chat,
+            tool=sub.tool,
         )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid)
@@ -113,6 +118,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
             chat=sub.chat,
             include_usage=sub.include_usage,
             after=after,
+            tool=sub.tool,
         ):
             pending.append(chunk)
             if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:

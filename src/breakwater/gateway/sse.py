@@ -14,6 +14,7 @@ from breakwater.protocol.openai import (
     chat_response,
     text_chunk,
     text_response,
+    tool_call_delta,
     usage_chunk,
 )
 
@@ -34,13 +35,20 @@ async def sse_chunks(
     chat: bool,
     include_usage: bool,
     after: int = 0,
+    tool: str = "",
 ) -> AsyncIterator[bytes]:
-    """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``."""
+    """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``.
+    ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``."""
     role_sent = after > 0
+    delta: dict[str, Any]
     async for event in events:
         if event.kind == "token":
-            if chat:
-                delta: dict[str, Any] = {"content": event.text}
+            if tool:
+                delta = tool_call_delta(rid, tool, event.text, not role_sent)
+                role_sent = True
+                yield sse_event(chat_chunk(rid, model, created, delta), event.seq)
+            elif chat:
+                delta = {"content": event.text}
                 if not role_sent:
                     delta = {"role": "assistant", "content": event.text}
                     role_sent = True
@@ -49,7 +57,11 @@ async def sse_chunks(
                 yield sse_event(text_chunk(rid, model, created, event.text), event.seq)
         elif event.kind == "done":  # the last chunks go out in one write
             reason = event.finish_reason or "stop"
-            if chat:
+            if tool:
+                reason = "tool_calls" if reason == "stop" else reason
+                delta = {} if role_sent else tool_call_delta(rid, tool, "", True)
+                last = [sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)]
+            elif chat:
                 delta = {} if role_sent else {"role": "assistant", "content": ""}
                 last = [sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)]
             else:
@@ -71,7 +83,7 @@ async def sse_chunks(
 
 
 async def collect_response(
-    events: AsyncIterator[TokenEvent], *, rid: str, model: str, created: int, chat: bool
+    events: AsyncIterator[TokenEvent], *, rid: str, model: str, created: int, chat: bool, tool: str = ""
 ) -> dict[str, Any]:
     """A non-streaming response body from all events; an error event raises :class:`APIError`."""
     parts: list[str] = []
@@ -79,8 +91,10 @@ async def collect_response(
         if event.kind == "token":
             parts.append(event.text)
         elif event.kind == "done":
-            build = chat_response if chat else text_response
-            return build(rid, model, created, "".join(parts), event.finish_reason or "stop", event.usage)
+            text, reason = "".join(parts), event.finish_reason or "stop"
+            if chat:
+                return chat_response(rid, model, created, text, reason, event.usage, tool)
+            return text_response(rid, model, created, text, reason, event.usage)
         else:
             err = event.error or {}
             code = err.get("code")

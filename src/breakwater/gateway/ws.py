@@ -27,6 +27,7 @@ from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
+from breakwater.protocol.tools import call_id
 from breakwater.tenancy import ANONYMOUS, Principal
 
 router = APIRouter()
@@ -107,7 +108,10 @@ class _Connection:
         sub = await self.svc.submit(
             body, request_id=self.request_id, idempotency_key=None, principal=self.principal
         )
-        await self.send({"type": "created", "request_id": sub.rid, "model": sub.model})
+        created: dict[str, Any] = {"type": "created", "request_id": sub.rid, "model": sub.model}
+        if sub.tool:  # the tokens are this call's arguments
+            created["tool_call"] = {"id": call_id(sub.rid), "type": "function", "name": sub.tool}
+        await self.send(created)
         await self._follow(sub, 0)
 
     async def _resume(self, data: dict[str, Any]) -> None:
@@ -139,7 +143,7 @@ class _Connection:
                     # Replaced by a later follow of the same id. Its cancellation should have ended
                     # this task, but one arriving inside a Redis call can be lost: never send twice.
                     return
-                await self.send(_event_message(sub.rid, event))
+                await self.send(_event_message(sub.rid, event, sub.tool))
             finished = True
         except APIError as exc:
             await self.error(exc.message, exc.code or "error", sub.rid, exc.status)
@@ -159,12 +163,13 @@ class _Connection:
                 await task
 
 
-def _event_message(rid: str, event: TokenEvent) -> dict[str, Any]:
+def _event_message(rid: str, event: TokenEvent, tool: str) -> dict[str, Any]:
     message: dict[str, Any] = {"type": event.kind, "request_id": rid, "seq": event.seq}
     if event.kind == "token":
         message["text"] = event.text
     elif event.kind == "done":
-        message["finish_reason"] = event.finish_reason
+        reason = event.finish_reason
+        message["finish_reason"] = "tool_calls" if tool and reason == "stop" else reason
         message["usage"] = event.usage
     else:
         message["error"] = event.error

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from breakwater.protocol.tools import call_id
+
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 512
 MAX_MESSAGES = 4096
@@ -134,6 +136,9 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
     response_format: Any = None  # checked by protocol.formats.parse_response_format
+    tools: Any = None  # checked by protocol.tools.forced_call
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # a permission: one call honours it either way
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:
@@ -215,23 +220,41 @@ def usage_chunk(
 
 
 def chat_response(
-    rid: str, model: str, created: int, text: str, finish_reason: str, usage: dict[str, int] | None
+    rid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int] | None,
+    tool: str = "",
 ) -> dict[str, Any]:
+    """``tool``: the text is the arguments of a call to that function (protocol.tools)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool:
+        call = {"id": call_id(rid), "type": "function", "function": {"name": tool, "arguments": text}}
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage_body(usage),
     }
+
+
+def tool_call_delta(rid: str, tool: str, arguments: str, first: bool) -> dict[str, Any]:
+    """A streamed piece of a call's arguments; the first piece names the call."""
+    if first:
+        call = {
+            "index": 0,
+            "id": call_id(rid),
+            "type": "function",
+            "function": {"name": tool, "arguments": arguments},
+        }
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}
 
 
 def text_response(

@@ -1,0 +1,129 @@
+"""Tool calling: OpenAI's ``tools`` / ``tool_choice`` as a forced, grammar-constrained call.
+
+A request that names a function in ``tool_choice`` (or says ``required`` with one tool) gets exactly
+one call to it: the engine generates the call's arguments under a grammar built from the function's
+``parameters`` schema (structured outputs, :mod:`breakwater.protocol.formats`), and the gateway
+renders that text as ``message.tool_calls`` (streamed as ``delta.tool_calls[0].function.arguments``
+in pieces) with ``finish_reason: "tool_calls"``. ``tool_choice: "none"`` answers in text.
+``auto`` (the model decides whether to call, in its own tool-call format) is refused by name until
+per-family parsers exist. Earlier turns (assistant ``tool_calls``, ``tool`` messages) are rendered
+into the conversation as text, so any chat template can show them to the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
+
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True, slots=True)
+class ForcedCall:
+    """The one function call a request must make."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def output_format(self) -> OutputFormat:
+        fmt = parse_response_format(
+            {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.parameters}}
+        )
+        if fmt is None:  # json_schema always gives a format
+            raise FormatError("no format for the tool call", "tools")
+        return fmt
+
+    def instruction(self) -> dict[str, str]:
+        """A system message telling the model which function it calls and what it does."""
+        about = f": {self.description}" if self.description else ""
+        schema = orjson.dumps(self.parameters).decode()
+        return {
+            "role": "system",
+            "content": f"Call the function `{self.name}`{about}. Reply with only its arguments as a JSON "
+            f"object matching this schema: {schema}",
+        }
+
+
+def forced_call(tools: Any, tool_choice: Any) -> ForcedCall | None:
+    """The call ``tools`` + ``tool_choice`` demand (None: answer in text); raises :class:`FormatError`
+    naming the parameter for what is malformed or not served."""
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none", "auto"):
+            raise FormatError("`tool_choice` needs `tools`", "tool_choice")
+        return None
+    functions = _functions(tools)
+    if tool_choice == "none":
+        return None
+    if tool_choice is None or tool_choice == "auto":
+        raise FormatError(
+            "`tool_choice: auto` is not supported yet: name the function "
+            '(`{"type": "function", "function": {"name": ...}}`), or use `required` with one tool',
+            "tool_choice",
+        )
+    if tool_choice == "required":
+        if len(functions) != 1:
+            raise FormatError(
+                "`tool_choice: required` is supported with exactly one tool; name the function instead",
+                "tool_choice",
+            )
+        return next(iter(functions.values()))
+    if (
+        isinstance(tool_choice, dict)
+        and tool_choice.get("type") == "function"
+        and isinstance(tool_choice.get("function"), dict)
+    ):
+        name = tool_choice["function"].get("name")
+        if name not in functions:
+            raise FormatError(f"`tool_choice` names `{name}`, which is not in `tools`", "tool_choice")
+        return functions[name]
+    raise FormatError("`tool_choice` must be `none`, `auto`, `required` or a named function", "tool_choice")
+
+
+def _functions(tools: Any) -> dict[str, ForcedCall]:
+    if not isinstance(tools, list) or len(tools) > 128:
+        raise FormatError("`tools` must be a list of at most 128 tools", "tools")
+    out: dict[str, ForcedCall] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise FormatError("only `function` tools are supported", f"tools[{i}]")
+        name, description = fn.get("name"), fn.get("description", "")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise FormatError("a function name is 1-64 letters, digits, _ or -", f"tools[{i}].function.name")
+        if not isinstance(description, str):
+            raise FormatError("`description` must be a string", f"tools[{i}].function.description")
+        parameters = fn.get("parameters", EMPTY_PARAMETERS)
+        if not isinstance(parameters, dict):
+            raise FormatError("`parameters` must be a JSON Schema object", f"tools[{i}].function.parameters")
+        call = ForcedCall(name, description, parameters)
+        try:
+            call.output_format()
+        except FormatError as exc:
+            raise FormatError(str(exc), f"tools[{i}].function.parameters") from None
+        out[name] = call
+    return out
+
+
+def call_id(rid: str) -> str:
+    """The tool call's id: stable for a request, so a resumed stream repeats it."""
+    return "call_" + rid.rsplit("-", 1)[-1][:24]
+
+
+def rendered_calls(tool_calls: Any) -> str:
+    """An assistant turn's earlier tool calls as text the model can read."""
+    if not isinstance(tool_calls, list):
+        raise FormatError("`tool_calls` must be a list", "messages")
+    calls = []
+    for call in tool_calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise FormatError("each tool call needs `function.name`", "messages")
+        calls.append({"name": fn["name"], "arguments": fn.get("arguments", "")})
+    return orjson.dumps(calls).decode()
