@@ -104,9 +104,7 @@ async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> No
 @pytest.mark.parametrize(
     ("param", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_object"}),  # the sim engine cannot constrain output
         ("logprobs", True),
         ("top_logprobs", 2),
         ("presence_penalty", 0.5),
@@ -119,6 +117,19 @@ async def test_unsupported_parameters_are_refused_by_name(gw: InProc, param: str
     resp = await gw.http.post(CHAT, json=_chat(**{param: value}))
     _assert_error(resp, 400, "unsupported_parameter", param)
     assert param in resp.json()["error"]["message"]
+    assert await _records(gw) == []
+
+
+async def test_tool_choices_not_served_are_refused_by_name(gw: InProc) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    named = {"type": "function", "function": {"name": "f"}}
+    _assert_error(
+        await gw.http.post(CHAT, json=_chat(tools=tools)), 400, "unsupported_parameter", "tool_choice"
+    )
+    resp = await gw.http.post(CHAT, json=_chat(tool_choice="required"))  # no tools to call
+    _assert_error(resp, 400, "invalid_value", "tool_choice")
+    resp = await gw.http.post(CHAT, json=_chat(tools=tools, tool_choice=named))  # sim cannot constrain
+    _assert_error(resp, 400, "unsupported_parameter", "tool_choice")
     assert await _records(gw) == []
 
 

@@ -50,10 +50,8 @@ def test_bounds_themselves_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"tools": [{"type": "function"}]}, "tools"),
         ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
         ({"frequency_penalty": 0.1}, "frequency_penalty"),
-        ({"parallel_tool_calls": True}, "parallel_tool_calls"),
         ({"guided_json": {}}, "guided_json"),
         ({"top_k": 2.5}, "top_k"),
         ({}, None),
@@ -71,6 +69,9 @@ def test_response_format_is_a_chat_parameter_only() -> None:
     assert chat.unsupported_parameter() is None and chat.response_format == {"type": "json_object"}
     body = {"model": "m", "prompt": "p", "response_format": {"type": "json_object"}}
     assert CompletionRequest.model_validate(body).unsupported_parameter() == "response_format"
+    for name, value in (("tools", [{"type": "function"}]), ("parallel_tool_calls", True)):
+        completion = CompletionRequest.model_validate({"model": "m", "prompt": "p", name: value})
+        assert completion.unsupported_parameter() == name  # chat-only in OpenAI's API
 
 
 def test_completion_parameters() -> None:

@@ -70,7 +70,9 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any]) -> RequestSp
         call = forced_call(body.tools, body.tool_choice)
         fmt = call.output_format() if call else parse_response_format(body.response_format)
     except FormatError as exc:
-        code = "invalid_response_format" if exc.param.startswith("response_format") else "invalid_value"
+        code = exc.code or (
+            "invalid_response_format" if exc.param.startswith("response_format") else "invalid_value"
+        )
         raise APIError(400, str(exc), code=code, param=exc.param) from exc
     if call is not None:
         messages = [call.instruction(), *messages]

@@ -22,9 +22,10 @@ ANY_OBJECT_SCHEMA = '{"type": "object"}'
 class FormatError(ValueError):
     """A ``response_format`` that cannot be served; ``param`` names the offending field."""
 
-    def __init__(self, message: str, param: str = "response_format") -> None:
+    def __init__(self, message: str, param: str = "response_format", code: str = "") -> None:
         super().__init__(message)
         self.param = param
+        self.code = code  # '' : the caller's default (malformed); 'unsupported_parameter': not served
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,12 +66,14 @@ def forced_call(tools: Any, tool_choice: Any) -> ForcedCall | None:
             "`tool_choice: auto` is not supported yet: name the function "
             '(`{"type": "function", "function": {"name": ...}}`), or use `required` with one tool',
             "tool_choice",
+            "unsupported_parameter",
         )
     if tool_choice == "required":
         if len(functions) != 1:
             raise FormatError(
                 "`tool_choice: required` is supported with exactly one tool; name the function instead",
                 "tool_choice",
+                "unsupported_parameter",
             )
         return next(iter(functions.values()))
     if (
