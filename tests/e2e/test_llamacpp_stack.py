@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,3 +66,28 @@ async def test_sigkilled_llamacpp_worker_is_continued_seamlessly(
     assert text == record.emitted
     assert usage is not None and usage["completion_tokens"] == 120
     assert len(text.split()) > 40
+
+
+def test_embeddings_from_the_bundled_model(llama_stack: StackProcs) -> None:
+    """Mean-pooled SmolLM2 embeddings through the queue: shape, order, `dimensions`, and meaning."""
+    client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
+    texts = [
+        "The cat sits on the mat.",
+        "A cat is sitting on a rug.",
+        "Quarterly revenue grew by eight percent.",
+    ]
+    got = client.embeddings.create(model=MODEL, input=texts)
+    assert [d.index for d in got.data] == [0, 1, 2]
+    cat, rug, revenue = (d.embedding for d in got.data)
+    assert len(cat) == 576  # SmolLM2-135M's hidden size
+    assert math.isclose(sum(x * x for x in cat), 1.0, rel_tol=1e-4)
+
+    def similarity(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert similarity(cat, rug) > similarity(cat, revenue) and similarity(cat, rug) > similarity(rug, revenue)
+    assert got.usage.prompt_tokens > 15
+    short = client.embeddings.create(model=MODEL, input=texts[0], dimensions=64).data[0].embedding
+    assert len(short) == 64
+    models = {m.id: m.model_extra or {} for m in client.models.list().data}
+    assert "embeddings" in models[MODEL]["features"]

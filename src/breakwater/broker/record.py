@@ -26,7 +26,7 @@ class Status(StrEnum):
         return self in (Status.DONE, Status.ERROR, Status.CANCELLED)
 
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "embedding"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,7 @@ class RequestSpec:
     reserved_tokens: int = 0  # held against the key's tokens-per-minute until it is metered
     response_format: str = ""  # structured output (protocol.formats.OutputFormat as JSON); '' for text
     tool_call: str = ""  # the function the answer calls (its arguments are the text); '' for none
+    inputs: list[str] | None = None  # embedding: the texts to embed
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -82,6 +83,8 @@ class RequestSpec:
             out["response_format"] = self.response_format
         if self.tool_call:
             out["tool_call"] = self.tool_call
+        if self.inputs is not None:
+            out["inputs"] = orjson.dumps(self.inputs).decode()
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -90,7 +93,8 @@ class RequestSpec:
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> RequestSpec:
-        kind: Kind = "chat" if h.get("kind") == "chat" else "completion"
+        found = h.get("kind")
+        kind: Kind = "chat" if found == "chat" else "embedding" if found == "embedding" else "completion"
         return cls(
             model=h.get("model", ""),
             lane=h.get("lane", "interactive"),
@@ -113,6 +117,7 @@ class RequestSpec:
             reserved_tokens=int(h.get("reserved_tokens") or 0),
             response_format=h.get("response_format", ""),
             tool_call=h.get("tool_call", ""),
+            inputs=orjson.loads(h["inputs"]) if h.get("inputs") else None,
         )
 
 

@@ -12,6 +12,9 @@ from breakwater.protocol.formats import OutputFormat
 # workers cannot do, naming the parameter).
 RESPONSE_FORMAT = "response_format"  # constrained structured output (JSON object / JSON Schema)
 CONSTRAINED_CONTINUATION = "constrained_continuation"  # continue constrained output after a crash
+EMBEDDINGS = (
+    "embeddings"  # /v1/embeddings: GenerationRequest.embed_inputs, answered with protocol.embeddings.pack
+)
 
 
 class EngineRequestError(ValueError):
@@ -48,6 +51,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     output_format: OutputFormat | None = None
+    embed_inputs: list[str] | None = None  # an embedding request: no generation, one final delta
     emitted_text: str = ""
     emitted_tokens: int = 0
 

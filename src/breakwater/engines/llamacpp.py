@@ -8,6 +8,9 @@ own sampler chain (temperature, top_k, top_p, seed). Sequences join and leave be
 Structured output: a grammar sampler (llama.cpp's GBNF, from the JSON Schema) heads the chain, so
 only tokens the grammar admits can be sampled. A continued sequence feeds its emitted tokens to the
 grammar first, so the constraint holds across a worker crash.
+
+Embeddings: a second, small context of the same model (created on first use) with mean pooling;
+each input is decoded alone there and its pooled vector L2-normalised.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
+    EMBEDDINGS,
     RESPONSE_FORMAT,
     Engine,
     EngineInfo,
@@ -33,6 +37,7 @@ from breakwater.engines.base import (
     StopChecker,
 )
 from breakwater.engines.options import LlamaCppOptions
+from breakwater.protocol.embeddings import normalised, pack
 
 GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR = 3, 4
 
@@ -66,7 +71,7 @@ class _Seq:
 class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
 
-    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION})
+    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS})
 
     def __init__(self, options: LlamaCppOptions) -> None:
         self.model_path = options.gguf()
@@ -89,6 +94,9 @@ class LlamaCppEngine(Engine):
         self._vocab: Any = None
         self._batch: Any = None
         self._formatter: Jinja2ChatFormatter | None = None
+        self._embeds: list[tuple[GenerationRequest, list[list[int]]]] = []  # waiting for the next step
+        self._embed_ctx: Any = None
+        self._embed_batch: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,6 +134,12 @@ class LlamaCppEngine(Engine):
             )
 
     async def close(self) -> None:
+        if self._embed_batch is not None:
+            llama_cpp.llama_batch_free(self._embed_batch)
+            self._embed_batch = None
+        if self._embed_ctx:
+            llama_cpp.llama_free(self._embed_ctx)
+            self._embed_ctx = None
         for seq in self._seqs.values():
             llama_cpp.llama_sampler_free(seq.sampler)
         self._seqs.clear()
@@ -185,6 +199,17 @@ class LlamaCppEngine(Engine):
         return len(self._seqs)
 
     def add(self, request: GenerationRequest) -> None:
+        if request.embed_inputs is not None:
+            texts = [self.tokenize(text, special=True) for text in request.embed_inputs]
+            longest, ctx = max(len(t) for t in texts), self.info.context_length
+            if longest > ctx:
+                raise EngineRequestError(
+                    f"an input has {longest} tokens; this model's context length is {ctx}",
+                    code="context_length_exceeded",
+                )
+            self._embeds.append((request, texts))
+            self._work.set()
+            return
         if not self._free_slots:
             raise EngineRequestError("engine is full", code="engine_full")
         prompt = self.tokenize(self.render(request), special=True)
@@ -237,6 +262,7 @@ class LlamaCppEngine(Engine):
         return chain
 
     def cancel(self, request_id: str) -> None:
+        self._embeds = [e for e in self._embeds if e[0].request_id != request_id]
         seq = self._seqs.pop(request_id, None)
         if seq is not None:
             self._release(seq)
@@ -249,16 +275,58 @@ class LlamaCppEngine(Engine):
         seq.cancelled = True
 
     async def step(self) -> list[SequenceDelta]:
-        while not self._seqs:
+        while not self._seqs and not self._embeds:
             self._work.clear()
             await self._work.wait()
+        embedded: list[SequenceDelta] = []
+        if self._embeds:
+            jobs, self._embeds = self._embeds, []
+            embedded = await asyncio.to_thread(self._embed_all, jobs)
+            if not self._seqs:
+                return embedded
         mem = llama_cpp.llama_get_memory(self._ctx)
         for slot in self._to_clear:
             llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
         self._to_clear.clear()
         plan = self._plan()
         sampled = await asyncio.to_thread(self._decode_and_sample, plan)
-        return [self._emit(seq, token) for seq, token in sampled if not seq.cancelled]
+        return embedded + [self._emit(seq, token) for seq, token in sampled if not seq.cancelled]
+
+    def _embed_all(self, jobs: list[tuple[GenerationRequest, list[list[int]]]]) -> list[SequenceDelta]:
+        """Every input of every job through the embedding context, one input per decode."""
+        if self._embed_ctx is None:
+            n_ctx = self.info.context_length
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+            cparams.n_seq_max = 1
+            cparams.n_threads = cparams.n_threads_batch = self.n_threads
+            cparams.embeddings = True
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            self._embed_ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+            if not self._embed_ctx:
+                raise RuntimeError("llama.cpp could not create an embedding context")
+            self._embed_batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        ctx, batch = self._embed_ctx, self._embed_batch
+        n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        out = []
+        for request, texts in jobs:
+            vectors = []
+            for tokens in texts:
+                for i, token in enumerate(tokens):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                batch.n_tokens = len(tokens)
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+                if llama_cpp.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed on an embedding input")
+                pooled = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                vectors.append(normalised([float(pooled[i]) for i in range(n_embd)]))
+            usage = {"prompt_tokens": sum(len(t) for t in texts), "completion_tokens": 0}
+            out.append(
+                SequenceDelta(request.request_id, text=pack(vectors), finish_reason="stop", usage=usage)
+            )
+        return out
 
     def _plan(self) -> list[tuple[_Seq, list[int], bool]]:
         """(sequence, tokens to feed, whether to sample after) for one batch within ``n_batch``."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from breakwater.engines.base import (
+    EMBEDDINGS,
     Engine,
     EngineInfo,
     EngineRequestError,
@@ -23,6 +24,9 @@ from breakwater.engines.base import (
     StopChecker,
 )
 from breakwater.engines.options import SimOptions
+from breakwater.protocol.embeddings import normalised, pack
+
+EMBEDDING_DIM = 64
 
 VOCAB: tuple[str, ...] = tuple(
     [
@@ -110,6 +114,15 @@ def count_tokens(text: str) -> int:
     return len(_WORD.findall(text))
 
 
+def embed(text: str) -> list[float]:
+    """The sim's embedding: hashed bag of lower-cased words, L2-normalised (shared words: closer)."""
+    vector = [0.0] * EMBEDDING_DIM
+    for word in _WORD.findall(text.lower()):
+        h = _hash("embed", word.strip(".,;:!?\"'()"))
+        vector[h % EMBEDDING_DIM] += 1.0 if h & (1 << 32) else -1.0
+    return normalised(vector)
+
+
 def _hash(*parts: object) -> int:
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
@@ -130,12 +143,15 @@ class _Sequence:
 class SimEngine(Engine):
     """Deterministic engine for tests and platform benchmarks."""
 
+    features = frozenset({EMBEDDINGS})
+
     def __init__(self, options: SimOptions | None = None) -> None:
         self.options = opts = options or SimOptions()
         self.info = EngineInfo(
             model=opts.model, engine="sim", context_length=opts.context_length, capacity=opts.capacity
         )
         self._seqs: dict[str, _Sequence] = {}
+        self._embedded: list[SequenceDelta] = []  # embedding answers, returned by the next step
         self._work = asyncio.Event()
         self._rng = random.Random(0)
         self.hang_marker = opts.hang_marker
@@ -152,6 +168,17 @@ class SimEngine(Engine):
         return request.prompt or ""
 
     def add(self, request: GenerationRequest) -> None:
+        if request.embed_inputs is not None:
+            usage = {
+                "prompt_tokens": sum(count_tokens(t) for t in request.embed_inputs),
+                "completion_tokens": 0,
+            }
+            text = pack([embed(t) for t in request.embed_inputs])
+            self._embedded.append(
+                SequenceDelta(request.request_id, text=text, finish_reason="stop", usage=usage)
+            )
+            self._work.set()
+            return
         prompt = self.prompt_of(request)
         prompt_tokens = count_tokens(prompt)
         if prompt_tokens >= self.info.context_length:
@@ -176,7 +203,8 @@ class SimEngine(Engine):
 
     def cancel(self, request_id: str) -> None:
         self._seqs.pop(request_id, None)
-        if not self._seqs:
+        self._embedded = [d for d in self._embedded if d.request_id != request_id]
+        if not self._seqs and not self._embedded:
             self._work.clear()
 
     def token_text(self, seq: _Sequence, index: int) -> str:
@@ -184,9 +212,13 @@ class SimEngine(Engine):
         return word if index == 0 else " " + word
 
     async def step(self) -> list[SequenceDelta]:
-        while not self._seqs:
+        while not self._seqs and not self._embedded:
             self._work.clear()
             await self._work.wait()
+        if self._embedded:  # answered at once: an embedding is one forward pass, no decode steps
+            done, self._embedded = self._embedded, []
+            await asyncio.sleep(0)
+            return done
         if self.hang_marker and any(
             self.hang_marker in s.prompt and s.index >= HANG_AFTER_TOKENS for s in self._seqs.values()
         ):

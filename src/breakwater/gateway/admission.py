@@ -14,13 +14,14 @@ from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
-from breakwater.engines.base import RESPONSE_FORMAT
+from breakwater.engines.base import EMBEDDINGS, RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
+from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.formats import FormatError, parse_response_format
 from breakwater.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 from breakwater.protocol.tools import forced_call, rendered_calls
@@ -33,22 +34,28 @@ log = logging.getLogger(__name__)
 # prompt refused by this estimate certainly cannot fit; the worker checks exactly.
 BYTES_PER_TOKEN_BOUND = 6
 
-Body = ChatCompletionRequest | CompletionRequest
+Body = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+RID_PREFIX = {"chat": "chatcmpl", "completion": "cmpl", "embedding": "embd"}
 
 
 def request_spec(
     body: Body, *, request_id: str, default_timeout_s: float, principal: Principal = ANONYMOUS
 ) -> RequestSpec:
     """The record's request part for an OpenAI body sent by ``principal``."""
-    top_k = (body.model_extra or {}).get("top_k")
     key = principal.key
-    common: dict[str, Any] = {
+    owner: dict[str, Any] = {
         "model": body.model,
         "lane": key.lane if key is not None and key.lane else body.lane,
         "tenant": principal.tenant,
         "key_id": principal.key_id,
         "request_id": request_id,
         "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
+    }
+    if isinstance(body, EmbeddingRequest):
+        return RequestSpec(kind="embedding", inputs=body.inputs(), max_tokens=0, **owner)
+    top_k = (body.model_extra or {}).get("top_k")
+    common: dict[str, Any] = {
+        **owner,
         "max_tokens": body.output_limit(),
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -96,6 +103,13 @@ def _message(message: ChatMessage) -> dict[str, str]:
 
 def check_features(spec: RequestSpec, model: ModelInfo) -> None:
     """Refuse what the model's live workers cannot do (with none live, the worker that starts decides)."""
+    if spec.kind == "embedding" and model.workers and EMBEDDINGS not in model.features:
+        raise APIError(
+            400,
+            f"`{model.name}` does not compute embeddings (its engine cannot); see `features` in /v1/models",
+            code="unsupported_model",
+            param="model",
+        )
     if spec.response_format and model.workers and RESPONSE_FORMAT not in model.features:
         param = "tool_choice" if spec.tool_call else "response_format"  # a forced call is constrained too
         raise APIError(
@@ -107,6 +121,8 @@ def check_features(spec: RequestSpec, model: ModelInfo) -> None:
 
 
 def prompt_text(spec: RequestSpec) -> str:
+    if spec.inputs is not None:
+        return "\n".join(spec.inputs)
     if spec.messages is not None:
         return "\n".join(m["content"] for m in spec.messages)
     return spec.prompt or ""
@@ -147,8 +163,9 @@ class Admitter:
         )
         check_features(spec, model)
         prompt = prompt_text(spec)
-        self.check_context(prompt, spec.max_tokens, model)
-        rid = f"{'chatcmpl' if spec.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        longest = max(spec.inputs, key=len) if spec.inputs else prompt  # each input is its own sequence
+        self.check_context(longest, spec.max_tokens, model)
+        rid = f"{RID_PREFIX[spec.kind]}-{uuid.uuid4().hex}"
         limits = limits_of(principal.key)
         shared = principal.tenant_limits
         if limits.tpm or limits.budget_day or limits.budget_month or shared.any:

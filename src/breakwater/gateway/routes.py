@@ -20,6 +20,7 @@ from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import collect_response, sse_chunks, sse_event
+from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response, unpack
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import Principal
 
@@ -51,6 +52,17 @@ async def chat_completions(
     return await _complete(body, request, who, idempotency_key)
 
 
+@router.post("/v1/embeddings", response_model=None)
+async def embeddings(
+    body: EmbeddingRequest,
+    request: Request,
+    who: Caller,
+    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+) -> Response:
+    """Embeddings: a short job through the same queue; the worker answers with packed vectors."""
+    return await _complete(body, request, who, idempotency_key)
+
+
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest,
@@ -62,7 +74,7 @@ async def completions(
 
 
 async def _complete(
-    body: ChatCompletionRequest | CompletionRequest,
+    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
     request: Request,
     who: Principal,
     idempotency_key: str | None,
@@ -72,7 +84,7 @@ async def _complete(
         body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who
     )
     headers = {"X-Breakwater-Request-Id": sub.rid, **sub.headers}
-    if body.stream:
+    if not isinstance(body, EmbeddingRequest) and body.stream:
         return StreamingResponse(
             _stream(svc, sub, 0), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
         )
@@ -100,7 +112,23 @@ async def _complete(
     except BaseException:
         svc.requests.detach_later(sub.rid)
         raise
+    if isinstance(body, EmbeddingRequest):
+        result = _embeddings(body, result)
     return JSONBody(result, headers=headers)
+
+
+def _embeddings(body: EmbeddingRequest, result: dict[str, Any]) -> dict[str, Any]:
+    """The embedding response from the job's result (its one text event: the packed vectors)."""
+    vectors = unpack(result["choices"][0]["text"])
+    width = len(vectors[0]) if vectors else 0
+    if body.dimensions is not None and body.dimensions > width:
+        raise APIError(
+            400,
+            f"`dimensions` is {body.dimensions}; this model's embeddings have {width}",
+            param="dimensions",
+            code="invalid_value",
+        )
+    return embedding_response(body.model, vectors, result.get("usage"), body.encoding_format, body.dimensions)
 
 
 async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from breakwater.broker import Job, Lease, RequestRecord
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
+    EMBEDDINGS,
     RESPONSE_FORMAT,
     Engine,
     EngineRequestError,
@@ -56,6 +57,7 @@ def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
         output_format=OutputFormat.from_json(spec.response_format),
+        embed_inputs=spec.inputs if spec.kind == "embedding" else None,
         emitted_text=record.emitted,
         emitted_tokens=record.tokens,
     )
@@ -65,6 +67,10 @@ def refusal(engine: Engine, request: GenerationRequest) -> EngineRequestError | 
     """Why ``engine`` must not run ``request``, if it must not: a feature it lacks, or constrained
     output it cannot continue (tokens already reached the client: restarting would repeat them, and
     continuing unconstrained could break the format)."""
+    if request.embed_inputs is not None and EMBEDDINGS not in engine.features:
+        return EngineRequestError(
+            f"the {engine.info.engine} engine does not compute embeddings", code="unsupported_parameter"
+        )
     if request.output_format is None:
         return None
     if RESPONSE_FORMAT not in engine.features:
