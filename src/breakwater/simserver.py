@@ -189,13 +189,15 @@ async def _serve(
     if body.model != settings.model:
         raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
     chat = isinstance(body, ChatCompletionRequest)
-    if isinstance(body, ChatCompletionRequest) and body.response_format not in (None, {"type": "text"}):
-        raise APIError(
-            400,
-            "`response_format` is not supported by the sim engine",
-            code="unsupported_parameter",
-            param="response_format",
-        )
+    asked = {"logprobs": body.logprobs_top() >= 0}
+    if isinstance(body, ChatCompletionRequest):
+        asked["response_format"] = body.response_format not in (None, {"type": "text"})
+        asked["tools"] = bool(body.tools) and body.tool_choice != "none"
+    for name, wanted in asked.items():
+        if wanted:  # the sim engine implements none of these: refused by name, never ignored
+            raise APIError(
+                400, f"`{name}` is not supported by the sim engine", code="unsupported_parameter", param=name
+            )
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     driver: SimDriver = request.app.state.driver

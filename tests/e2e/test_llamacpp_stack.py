@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
@@ -91,3 +92,49 @@ def test_embeddings_from_the_bundled_model(llama_stack: StackProcs) -> None:
     assert len(short) == 64
     models = {m.id: m.model_extra or {} for m in client.models.list().data}
     assert "embeddings" in models[MODEL]["features"]
+
+
+def test_logprobs_come_from_the_model(llama_stack: StackProcs) -> None:
+    """Greedy decoding with logprobs: every chosen token is the top-1 of its distribution, values are
+    <= 0 and sorted, the tokens spell the answer; streamed chunks carry them too; completions get
+    OpenAI's legacy shape."""
+    client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a primary color."}]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3
+    )
+    choice = chat.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    entries = choice.logprobs.content
+    assert "".join(e.token for e in entries) == choice.message.content
+    assert chat.usage is not None and len(entries) == chat.usage.completion_tokens - (
+        choice.finish_reason == "stop"
+    )
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        tops = [t.logprob for t in entry.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert bytes(entry.bytes or []).decode() == entry.token
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=12, logprobs=True, stream=True
+    )
+    pieces = [
+        e
+        for chunk in streamed
+        for c in chunk.choices
+        if c.logprobs and c.logprobs.content
+        for e in c.logprobs.content
+    ]
+    assert [e.token for e in pieces] == [e.token for e in entries]
+    assert [e.logprob for e in pieces] == pytest.approx([e.logprob for e in entries], abs=1e-3)
+    assert all(e.top_logprobs == [] for e in pieces)  # top_logprobs not asked for: none
+    text = client.completions.create(
+        model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=6, logprobs=2
+    )
+    lp = text.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert "".join(lp.tokens) == text.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 2 and max(top.values()) == value and top[token] == value

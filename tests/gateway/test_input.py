@@ -105,8 +105,7 @@ async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> No
     ("param", "value"),
     [
         ("response_format", {"type": "json_object"}),  # the sim engine cannot constrain output
-        ("logprobs", True),
-        ("top_logprobs", 2),
+        ("logprobs", True),  # the sim engine has no distribution to report
         ("presence_penalty", 0.5),
         ("logit_bias", {"50256": -100}),
         ("not_a_parameter", 1),
@@ -130,6 +129,15 @@ async def test_tool_choices_not_served_are_refused_by_name(gw: InProc) -> None:
     _assert_error(resp, 400, "invalid_value", "tool_choice")
     resp = await gw.http.post(CHAT, json=_chat(tools=tools, tool_choice=named))  # sim cannot constrain
     _assert_error(resp, 400, "unsupported_parameter", "tool_choice")
+    assert await _records(gw) == []
+
+
+async def test_top_logprobs_needs_logprobs(gw: InProc) -> None:
+    _assert_error(await gw.http.post(CHAT, json=_chat(top_logprobs=2)), 400, "invalid_value", "top_logprobs")
+    resp = await gw.http.post(CHAT, json=_chat(logprobs=True, top_logprobs=21))
+    _assert_error(resp, 400, "invalid_value", "top_logprobs")
+    resp = await gw.http.post("/v1/completions", json={"model": "sim", "prompt": "p", "logprobs": 2})
+    _assert_error(resp, 400, "unsupported_parameter", "logprobs")  # the sim engine has none
     assert await _records(gw) == []
 
 

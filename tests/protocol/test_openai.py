@@ -50,7 +50,6 @@ def test_bounds_themselves_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
         ({"frequency_penalty": 0.1}, "frequency_penalty"),
         ({"guided_json": {}}, "guided_json"),
         ({"top_k": 2.5}, "top_k"),
@@ -83,7 +82,6 @@ def test_completion_parameters() -> None:
         CompletionRequest.model_validate({"model": "m", "prompt": "p", "suffix": "x"}).unsupported_parameter()
         == "suffix"
     )
-    assert (
-        CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": 2}).unsupported_parameter()
-        == "logprobs"
-    )
+    with_logprobs = CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": 2})
+    assert with_logprobs.unsupported_parameter() is None and with_logprobs.logprobs_top() == 2  # served now
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "p"}).logprobs_top() == -1

@@ -408,7 +408,7 @@ class Broker(WorkerRegistry, DeadLetters):
         args: list[str | int] = [self.token_stream_maxlen]
         for a in appends:
             keys += (self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid))
-            args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq)
+            args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq, a.logprobs)
         return [int(x) for x in await self._append(keys, args)]
 
     async def finish(
@@ -424,6 +424,7 @@ class Broker(WorkerRegistry, DeadLetters):
         finish_reason: str = "",
         usage: dict[str, int] | None = None,
         error: dict[str, Any] | None = None,
+        logprobs: str = "",
     ) -> int:
         """Append the terminal event and mark the record terminal (fenced unless ``attempt`` is None)."""
         res = await self._finish(
@@ -440,6 +441,7 @@ class Broker(WorkerRegistry, DeadLetters):
                 orjson.dumps(error).decode() if error is not None else "",
                 ttl_s,
                 status.value,
+                logprobs,
             ],
         )
         return int(res)

@@ -55,6 +55,7 @@ class RequestSpec:
     response_format: str = ""  # structured output (protocol.formats.OutputFormat as JSON); '' for text
     tool_call: str = ""  # the function the answer calls (its arguments are the text); '' for none
     inputs: list[str] | None = None  # embedding: the texts to embed
+    logprobs: int = -1  # report logprobs with this many alternatives per token (-1: not asked)
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -73,18 +74,15 @@ class RequestSpec:
             out["prompt"] = self.prompt
         if self.retried_from is not None:
             out["retried_from"] = self.retried_from
-        if self.tenant:
-            out["tenant"] = self.tenant
-        if self.key_id:
-            out["key_id"] = self.key_id
         if self.reserved_tokens:
             out["reserved_tokens"] = str(self.reserved_tokens)
-        if self.response_format:
-            out["response_format"] = self.response_format
-        if self.tool_call:
-            out["tool_call"] = self.tool_call
         if self.inputs is not None:
             out["inputs"] = orjson.dumps(self.inputs).decode()
+        if self.logprobs >= 0:
+            out["logprobs"] = str(self.logprobs)
+        for name in ("tenant", "key_id", "response_format", "tool_call"):  # omitted when empty
+            if text := getattr(self, name):
+                out[name] = text
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -118,6 +116,7 @@ class RequestSpec:
             response_format=h.get("response_format", ""),
             tool_call=h.get("tool_call", ""),
             inputs=orjson.loads(h["inputs"]) if h.get("inputs") else None,
+            logprobs=int(h.get("logprobs") or -1),
         )
 
 

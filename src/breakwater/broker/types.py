@@ -67,6 +67,7 @@ class Append:
     wseq: int
     text: str
     tokens: int
+    logprobs: str = ""  # the tokens' logprobs as JSON, when the request asked for them
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from breakwater.protocol.formats import OutputFormat
 # What an engine can do beyond plain generation (Engine.features; the gateway refuses what a model's
 # workers cannot do, naming the parameter).
 RESPONSE_FORMAT = "response_format"  # constrained structured output (JSON object / JSON Schema)
+LOGPROBS = "logprobs"  # per-token logprobs from the model's distribution (SequenceDelta.logprobs)
 CONSTRAINED_CONTINUATION = "constrained_continuation"  # continue constrained output after a crash
 EMBEDDINGS = (
     "embeddings"  # /v1/embeddings: GenerationRequest.embed_inputs, answered with protocol.embeddings.pack
@@ -52,6 +53,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     output_format: OutputFormat | None = None
     embed_inputs: list[str] | None = None  # an embedding request: no generation, one final delta
+    logprobs: int | None = None  # report each token's logprob and this many most likely alternatives
     emitted_text: str = ""
     emitted_tokens: int = 0
 
@@ -68,6 +70,8 @@ class SequenceDelta:
     error: str | None = None
     # An error the request itself caused (the client gets a 400); otherwise a server-side failure.
     error_code: str | None = None
+    # Per generated token (``tokens`` of them, when asked): {token, logprob, bytes, top_logprobs}.
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
+    LOGPROBS,
     RESPONSE_FORMAT,
     Engine,
     EngineInfo,
@@ -71,7 +73,7 @@ class _Seq:
 class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
 
-    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS})
+    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS, LOGPROBS})
 
     def __init__(self, options: LlamaCppOptions) -> None:
         self.model_path = options.gguf()
@@ -290,7 +292,7 @@ class LlamaCppEngine(Engine):
         self._to_clear.clear()
         plan = self._plan()
         sampled = await asyncio.to_thread(self._decode_and_sample, plan)
-        return embedded + [self._emit(seq, token) for seq, token in sampled if not seq.cancelled]
+        return embedded + [self._emit(seq, token, lp) for seq, token, lp in sampled if not seq.cancelled]
 
     def _embed_all(self, jobs: list[tuple[GenerationRequest, list[list[int]]]]) -> list[SequenceDelta]:
         """Every input of every job through the embedding context, one input per decode."""
@@ -344,7 +346,9 @@ class LlamaCppEngine(Engine):
                 budget -= len(chunk)
         return plan
 
-    def _decode_and_sample(self, plan: list[tuple[_Seq, list[int], bool]]) -> list[tuple[_Seq, int]]:
+    def _decode_and_sample(
+        self, plan: list[tuple[_Seq, list[int], bool]]
+    ) -> list[tuple[_Seq, int, dict[str, Any] | None]]:
         batch = self._batch
         n = 0
         sample_at: list[tuple[_Seq, int]] = []
@@ -367,28 +371,66 @@ class LlamaCppEngine(Engine):
             seq.n_past += len(tokens)
             if seq.last_token is None:
                 seq.prefill_pos += len(tokens)
-        return [(seq, int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, i))) for seq, i in sample_at]
+        out: list[tuple[_Seq, int, dict[str, Any] | None]] = []
+        for seq, i in sample_at:
+            top = seq.request.logprobs
+            logprobs = self._log_softmax(i) if top is not None else None  # the model's own, before sampling
+            token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, i))
+            out.append(
+                (seq, token, None if logprobs is None else self._logprob_entry(logprobs, token, top or 0))
+            )
+        return out
 
-    def _emit(self, seq: _Seq, token: int) -> SequenceDelta:
+    def _log_softmax(self, i: int) -> Any:
+        n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, i), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        peak = logits.max()
+        return logits - (peak + np.log(np.exp(logits - peak).sum()))
+
+    def _logprob_entry(self, logprobs: Any, token: int, top: int) -> dict[str, Any]:
+        """OpenAI's per-token shape: the chosen token and the ``top`` most likely ones."""
+
+        def one(t: int) -> dict[str, Any]:
+            raw = self._piece_bytes(t)
+            return {
+                "token": raw.decode("utf-8", "replace"),
+                "logprob": float(logprobs[t]),
+                "bytes": list(raw),
+            }
+
+        best: list[int] = [int(t) for t in np.argpartition(-logprobs, top)[:top]] if top else []
+        ranked = sorted(best, key=lambda t: -float(logprobs[t]))
+        return {**one(token), "top_logprobs": [one(t) for t in ranked]}
+
+    def _emit(self, seq: _Seq, token: int, logprob: dict[str, Any] | None = None) -> SequenceDelta:
         seq.last_token = token
         rid = seq.request.request_id
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
             return self._finish(seq, seq.decoder.decode(b"", final=True) + seq.stop.flush(), 0, "stop")
         seq.completion += 1
+        lps = None if logprob is None else [logprob]
         text, stopped = seq.stop.feed(seq.decoder.decode(self._piece_bytes(token)))
         if stopped:
-            return self._finish(seq, text, 1, "stop")
+            return self._finish(seq, text, 1, "stop", lps)
         if seq.completion >= seq.limit or seq.n_past + 1 >= self.info.context_length:
             tail = seq.decoder.decode(b"", final=True)
-            return self._finish(seq, text + seq.stop.feed(tail)[0] + seq.stop.flush(), 1, "length")
-        return SequenceDelta(request_id=rid, text=text, tokens=1)
+            return self._finish(seq, text + seq.stop.feed(tail)[0] + seq.stop.flush(), 1, "length", lps)
+        return SequenceDelta(request_id=rid, text=text, tokens=1, logprobs=lps)
 
-    def _finish(self, seq: _Seq, text: str, tokens: int, reason: str) -> SequenceDelta:
+    def _finish(
+        self, seq: _Seq, text: str, tokens: int, reason: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> SequenceDelta:
         self._seqs.pop(seq.request.request_id, None)
         self._release(seq)
         usage = {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.completion}
         return SequenceDelta(
-            seq.request.request_id, text=text, tokens=tokens, finish_reason=reason, usage=usage
+            seq.request.request_id,
+            text=text,
+            tokens=tokens,
+            finish_reason=reason,
+            usage=usage,
+            logprobs=logprobs,
         )
 
     def stats(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
-from breakwater.engines.base import EMBEDDINGS, RESPONSE_FORMAT
+from breakwater.engines.base import EMBEDDINGS, LOGPROBS, RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
@@ -56,6 +56,7 @@ def request_spec(
     top_k = (body.model_extra or {}).get("top_k")
     common: dict[str, Any] = {
         **owner,
+        "logprobs": body.logprobs_top(),
         "max_tokens": body.output_limit(),
         "temperature": body.temperature,
         "top_p": body.top_p,
@@ -109,6 +110,13 @@ def check_features(spec: RequestSpec, model: ModelInfo) -> None:
             f"`{model.name}` does not compute embeddings (its engine cannot); see `features` in /v1/models",
             code="unsupported_model",
             param="model",
+        )
+    if spec.logprobs >= 0 and model.workers and LOGPROBS not in model.features:
+        raise APIError(
+            400,
+            f"`logprobs` is not supported by the engine serving `{model.name}`",
+            code="unsupported_parameter",
+            param="logprobs",
         )
     if spec.response_format and model.workers and RESPONSE_FORMAT not in model.features:
         param = "tool_choice" if spec.tool_call else "response_format"  # a forced call is constrained too

@@ -12,6 +12,7 @@ from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
     chat_chunk,
     chat_response,
+    completion_logprobs,
     text_chunk,
     text_response,
     tool_call_delta,
@@ -40,21 +41,22 @@ async def sse_chunks(
     """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``.
     ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``."""
     role_sent = after > 0
+    offset = 0  # completions' text_offset: counted in the text this response has returned
     delta: dict[str, Any]
     async for event in events:
         if event.kind == "token":
-            if tool:
-                delta = tool_call_delta(rid, tool, event.text, not role_sent)
-                role_sent = True
-                yield sse_event(chat_chunk(rid, model, created, delta), event.seq)
-            elif chat:
-                delta = {"content": event.text}
-                if not role_sent:
+            if chat:
+                delta = (
+                    tool_call_delta(rid, tool, event.text, not role_sent) if tool else {"content": event.text}
+                )
+                if not role_sent and not tool:
                     delta = {"role": "assistant", "content": event.text}
-                    role_sent = True
-                yield sse_event(chat_chunk(rid, model, created, delta), event.seq)
+                role_sent = True
+                yield sse_event(chat_chunk(rid, model, created, delta, logprobs=event.logprobs), event.seq)
             else:
-                yield sse_event(text_chunk(rid, model, created, event.text), event.seq)
+                lp = None if event.logprobs is None else completion_logprobs(event.logprobs, offset)
+                offset += len(event.text)
+                yield sse_event(text_chunk(rid, model, created, event.text, logprobs=lp), event.seq)
         elif event.kind == "done":  # the last chunks go out in one write
             reason = event.finish_reason or "stop"
             if tool:
@@ -87,14 +89,17 @@ async def collect_response(
 ) -> dict[str, Any]:
     """A non-streaming response body from all events; an error event raises :class:`APIError`."""
     parts: list[str] = []
+    logprobs: list[dict[str, Any]] | None = None
     async for event in events:
         if event.kind == "token":
             parts.append(event.text)
+            if event.logprobs is not None:
+                logprobs = [*(logprobs or ()), *event.logprobs]
         elif event.kind == "done":
             text, reason = "".join(parts), event.finish_reason or "stop"
             if chat:
-                return chat_response(rid, model, created, text, reason, event.usage, tool)
-            return text_response(rid, model, created, text, reason, event.usage)
+                return chat_response(rid, model, created, text, reason, event.usage, tool, logprobs)
+            return text_response(rid, model, created, text, reason, event.usage, logprobs)
         else:
             err = event.error or {}
             code = err.get("code")

@@ -22,6 +22,9 @@ class TokenEvent:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     error: dict[str, Any] | None = field(default=None)
+    # Per token of ``text``, when the request asked: OpenAI's chat shape ({token, logprob, bytes,
+    # top_logprobs}), converted for completions by the gateway.
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -35,6 +38,7 @@ class TokenEvent:
             raise ValueError(f"unknown event kind {kind!r}")
         usage = fields.get("usage")
         error = fields.get("error")
+        lp = fields.get("lp")
         return cls(
             seq=int(fields["seq"]),
             kind=kind,  # type: ignore[arg-type]
@@ -43,6 +47,7 @@ class TokenEvent:
             finish_reason=fields.get("finish_reason") or None,
             usage=orjson.loads(usage) if usage else None,
             error=orjson.loads(error) if error else None,
+            logprobs=orjson.loads(lp) if lp else None,
         )
 
     @classmethod
@@ -59,6 +64,8 @@ class TokenEvent:
         out: dict[str, Any] = {"seq": self.seq, "kind": self.kind}
         if self.kind == "token":
             out["text"] = self.text
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
         if self.finish_reason:
             out["finish_reason"] = self.finish_reason
         if self.usage is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from breakwater.protocol.tools import call_id
 
@@ -19,7 +19,7 @@ INT64 = 1 << 63
 # they hold their default, never silently ignored.
 UNSUPPORTED_PARAMETERS = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-    "logprobs", "top_logprobs", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+    "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
     "suffix", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
 )  # fmt: skip
 # Extra fields that change nothing the engine does (metadata) or that it implements (top_k).
@@ -139,6 +139,19 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: Any = None  # checked by protocol.tools.forced_call
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # a permission: one call honours it either way
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs: true")
+        return value
+
+    def logprobs_top(self) -> int:
+        """Alternatives per token to report; -1: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else -1
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:
@@ -153,6 +166,10 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def logprobs_top(self) -> int:
+        return -1 if self.logprobs is None else self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -183,26 +200,52 @@ def usage_body(usage: dict[str, int] | None) -> dict[str, int]:
 
 
 def chat_chunk(
-    rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None
+    rid: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    lp = None if logprobs is None else {"content": logprobs, "refusal": None}
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
     }
 
 
 def text_chunk(
-    rid: str, model: str, created: int, text: str, finish_reason: str | None = None
+    rid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """The legacy completions shape of per-token logprobs; ``offset``: the first token's position
+    in the text this response has returned so far."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
     }
 
 
@@ -227,6 +270,7 @@ def chat_response(
     finish_reason: str,
     usage: dict[str, int] | None,
     tool: str = "",
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``tool``: the text is the arguments of a call to that function (protocol.tools)."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -234,12 +278,13 @@ def chat_response(
         call = {"id": call_id(rid), "type": "function", "function": {"name": tool, "arguments": text}}
         message = {"role": "assistant", "content": None, "tool_calls": [call]}
         finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+    lp = None if logprobs is None else {"content": logprobs, "refusal": None}
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason}],
         "usage": usage_body(usage),
     }
 
@@ -258,13 +303,20 @@ def tool_call_delta(rid: str, tool: str, arguments: str, first: bool) -> dict[st
 
 
 def text_response(
-    rid: str, model: str, created: int, text: str, finish_reason: str, usage: dict[str, int] | None
+    rid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int] | None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    lp = None if logprobs is None else completion_logprobs(logprobs, 0)
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}],
         "usage": usage_body(usage),
     }

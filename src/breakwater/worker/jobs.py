@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from breakwater.broker import Job, Lease, RequestRecord
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
+    LOGPROBS,
     RESPONSE_FORMAT,
     Engine,
     EngineRequestError,
@@ -28,6 +32,15 @@ class InFlight:
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
     paused_at: int = -1  # preempted: the worker's step count then (-1: running in the engine)
     constrained: bool = False  # structured output: paused only where the engine can continue it
+    held_logprobs: list[dict[str, Any]] = field(default_factory=list)  # of the held tokens
+
+    def logprobs_with(self, new: list[dict[str, Any]] | None) -> str:
+        """The held tokens' logprobs and ``new`` as one JSON list ('' when none were asked for)."""
+        if not self.held_logprobs and not new:
+            return ""
+        out = orjson.dumps([*self.held_logprobs, *(new or ())]).decode()
+        self.held_logprobs = []
+        return out
 
     @property
     def paused(self) -> bool:
@@ -58,6 +71,7 @@ def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:
         ignore_eos=spec.ignore_eos,
         output_format=OutputFormat.from_json(spec.response_format),
         embed_inputs=spec.inputs if spec.kind == "embedding" else None,
+        logprobs=spec.logprobs if spec.logprobs >= 0 else None,
         emitted_text=record.emitted,
         emitted_tokens=record.tokens,
     )
@@ -70,6 +84,10 @@ def refusal(engine: Engine, request: GenerationRequest) -> EngineRequestError | 
     if request.embed_inputs is not None and EMBEDDINGS not in engine.features:
         return EngineRequestError(
             f"the {engine.info.engine} engine does not compute embeddings", code="unsupported_parameter"
+        )
+    if request.logprobs is not None and LOGPROBS not in engine.features:
+        return EngineRequestError(
+            f"`logprobs` is not supported by the {engine.info.engine} engine", code="unsupported_parameter"
         )
     if request.output_format is None:
         return None

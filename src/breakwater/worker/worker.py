@@ -256,6 +256,7 @@ class Worker:
         self.engine.cancel(flight.job.rid)
         flight.paused_at = self._steps  # continued after the step running now has been published
         flight.held_tokens = 0  # text the engine held back is generated again when it continues
+        flight.held_logprobs = []
         self.preemption.paused.append(flight)
         self.metrics.preemptions.labels(self.model).inc()
         log.info(
@@ -451,11 +452,14 @@ class Worker:
                 finishes.append((flight, delta))
             elif delta.text:
                 tokens = delta.tokens + flight.held_tokens
-                append = Append(delta.request_id, flight.attempt, flight.next_write(), delta.text, tokens)
+                lp = flight.logprobs_with(delta.logprobs) if delta.logprobs or flight.held_logprobs else ""
+                append = Append(delta.request_id, flight.attempt, flight.next_write(), delta.text, tokens, lp)
                 appends.append((flight, append))
                 flight.held_tokens = 0
             else:
                 flight.held_tokens += delta.tokens
+                if delta.logprobs:
+                    flight.held_logprobs += delta.logprobs
         self._tokens.inc(produced)
         # Keep the generation; retry the same step's writes until Redis is back (they are idempotent).
         results = await until_redis(lambda: self.broker.append_step([a for _, a in appends]), "publish")
@@ -494,6 +498,7 @@ class Worker:
                 tokens=tokens,
                 finish_reason=delta.finish_reason or "stop",
                 usage=delta.usage,
+                logprobs=flight.logprobs_with(delta.logprobs),
             )
         if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
             log.warning("finish fenced off", extra={"rid": rid})

@@ -2,13 +2,14 @@
 -- script run and one reply per step, not one per sequence). For each sequence only the request's
 -- current attempt may write, and a write it retries (its first reply lost) is applied once.
 -- KEYS: per sequence i (0-based) KEYS[3i+1] request record, KEYS[3i+2] token stream, KEYS[3i+3] emitted text
--- ARGV[1] stream max length; per sequence ARGV[5i+2] attempt, ARGV[5i+3] channel, ARGV[5i+4] text,
--- ARGV[5i+5] token count, ARGV[5i+6] the attempt's own write number (1, 2, ...)
+-- ARGV[1] stream max length; per sequence ARGV[6i+2] attempt, ARGV[6i+3] channel, ARGV[6i+4] text,
+-- ARGV[6i+5] token count, ARGV[6i+6] the attempt's own write number (1, 2, ...), ARGV[6i+7] the
+-- tokens' logprobs as JSON ('' when the request did not ask)
 -- Returns, per sequence, the new seq (or, for a repeated write, the current one), -1 when fenced off
 -- (another attempt owns the request), -2 when not running.
 local maxlen = ARGV[1]
 
-local function append(record, stream, emitted, attempt, channel, text, n, wseq)
+local function append(record, stream, emitted, attempt, channel, text, n, wseq, lp)
   local cur = redis.call('HMGET', record, 'attempt', 'status', 'wseq', 'seq', 'tokens')
   if cur[1] ~= attempt then
     return -1
@@ -29,6 +30,12 @@ local function append(record, stream, emitted, attempt, channel, text, n, wseq)
     redis.call('HSET', record, 'seq', seq, 'tokens', tokens, 'wseq', wseq)
   end
   redis.call('APPEND', emitted, text)
+  if lp ~= '' then  -- rare: logprobs were asked for; the payload is then a JSON object
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'seq', seq, 'kind', 'token', 'text', text,
+      'n', n, 'lp', lp)
+    redis.call('PUBLISH', channel, cjson.encode({seq = tostring(seq), kind = 'token', text = text, n = tostring(n), lp = lp}))
+    return seq
+  end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'seq', seq, 'kind', 'token', 'text', text, 'n', n)
   -- A token's live payload is 't<seq> <n> <text>': no JSON to build here or to parse in the gateway.
   redis.call('PUBLISH', channel, 't' .. seq .. ' ' .. n .. ' ' .. text)
@@ -37,8 +44,8 @@ end
 
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
-  local a = 5 * i + 1
+  local a = 6 * i + 1
   out[i + 1] = append(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3],
-    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
 end
 return out

@@ -2,7 +2,8 @@
 -- KEYS[1] request record, KEYS[2] token stream, KEYS[3] emitted text
 -- ARGV[1] attempt ('*' = any: cancellation and admin), ARGV[2] channel, ARGV[3] stream max length,
 -- ARGV[4] kind ('done'|'error'), ARGV[5] last text, ARGV[6] its token count, ARGV[7] finish_reason,
--- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status
+-- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status,
+-- ARGV[12] the last text's logprobs as JSON ('' when not asked for)
 -- Returns the final seq, -1 when fenced off, -2 when already terminal, -3 when the record is gone.
 -- Idempotent: a retried call finds the request terminal (-2) and writes nothing.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -20,8 +21,14 @@ if ARGV[5] ~= '' then
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('HINCRBY', KEYS[1], 'tokens', tonumber(ARGV[6]))
   redis.call('APPEND', KEYS[3], ARGV[5])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5], 'n', ARGV[6])
-  redis.call('PUBLISH', ARGV[2], 't' .. seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
+  if (ARGV[12] or '') ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5],
+      'n', ARGV[6], 'lp', ARGV[12])
+    redis.call('PUBLISH', ARGV[2], cjson.encode({seq = tostring(seq), kind = 'token', text = ARGV[5], n = ARGV[6], lp = ARGV[12]}))
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5], 'n', ARGV[6])
+    redis.call('PUBLISH', ARGV[2], 't' .. seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
+  end
 end
 seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local event = {seq = tostring(seq), kind = ARGV[4]}
