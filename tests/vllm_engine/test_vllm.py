@@ -343,6 +343,26 @@ async def test_sigkilled_worker_is_continued_seamlessly(
     }
 
 
+def test_logprobs_match_vllm_direct(vllm_server: str, inproc: StackProcs) -> None:
+    """The in-process engine reports vLLM's own logprobs: the same tokens and values as vLLM's server."""
+    body = {
+        "model": MODEL,
+        "messages": CHAT,
+        "temperature": 0,
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    direct = httpx.post(f"{vllm_server}/v1/chat/completions", json=body, timeout=120).json()
+    ours = httpx.post(f"{inproc.gateways[0][1]}/v1/chat/completions", json=body, timeout=120).json()
+    want, got = direct["choices"][0]["logprobs"]["content"], ours["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in got] == [e["token"] for e in want] and got
+    assert [e["logprob"] for e in got] == pytest.approx([e["logprob"] for e in want], abs=1e-2)
+    for mine, theirs in zip(got, want, strict=True):
+        assert [t["token"] for t in mine["top_logprobs"]] == [t["token"] for t in theirs["top_logprobs"]]
+        assert mine["logprob"] <= 0 and mine["top_logprobs"][0]["token"] == mine["token"]  # greedy: top-1
+
+
 class Story(BaseModel):
     title: str = Field(max_length=40)
     story: str = Field(max_length=600)

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from breakwater.engines.base import (
+    LOGPROBS,
     RESPONSE_FORMAT,
     EngineInfo,
     EngineRequestError,
@@ -75,7 +76,8 @@ class _Load:
 
 
 class VLLMEngine(StreamingEngine):
-    features = frozenset({RESPONSE_FORMAT})  # vLLM's structured-output backend (xgrammar, ...)
+    # vLLM's structured-output backend (xgrammar, ...) and its logprobs (raw, before sampling)
+    features = frozenset({RESPONSE_FORMAT, LOGPROBS})
 
     def __init__(self, options: VLLMOptions) -> None:
         super().__init__()
@@ -207,6 +209,7 @@ class VLLMEngine(StreamingEngine):
             max_tokens=max(1, min(wanted, room)),
             stop=req.stop or None,
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
         finish: str | None = None
@@ -219,8 +222,30 @@ class VLLMEngine(StreamingEngine):
             flight.text += choice.text
             finish = choice.finish_reason or finish
             if choice.text or n:
-                self._emit(SequenceDelta(rid, text=choice.text, tokens=n))
+                lps = (
+                    None
+                    if req.logprobs is None
+                    else _logprobs(choice.token_ids, choice.logprobs, req.logprobs)
+                )
+                self._emit(SequenceDelta(rid, text=choice.text, tokens=n, logprobs=lps))
         if finish is None:
             raise RuntimeError("vLLM ended the request without a finish reason")
         usage = {"prompt_tokens": len(prompt), "completion_tokens": flight.tokens}
         self._emit(SequenceDelta(rid, finish_reason=finish, usage=usage))
+
+
+def _logprobs(token_ids: Any, logprobs: Any, top: int) -> list[dict[str, Any]]:
+    """vLLM's per-token ``{token id: Logprob}`` maps (the sampled token, and the ``top`` best by
+    rank) in OpenAI's chat shape."""
+
+    def one(entry: Any) -> dict[str, Any]:
+        text = entry.decoded_token or ""
+        return {"token": text, "logprob": float(entry.logprob), "bytes": list(text.encode())}
+
+    out = []
+    for token_id, ranked in zip(token_ids, logprobs or [], strict=False):
+        best = sorted(
+            (e for e in ranked.values() if e.rank is not None and e.rank <= top), key=lambda e: e.rank
+        )
+        out.append({**one(ranked[token_id]), "top_logprobs": [one(e) for e in best[:top]]})
+    return out
