@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from breakwater.engines.base import RESPONSE_FORMAT, EngineInfo, GenerationRequest, SequenceDelta
+from breakwater.engines.base import LOGPROBS, RESPONSE_FORMAT, EngineInfo, GenerationRequest, SequenceDelta
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 
@@ -73,7 +73,7 @@ def parse_load(text: str) -> UpstreamLoad | None:
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
-    features = frozenset({RESPONSE_FORMAT})  # passed through; the upstream constrains its output
+    features = frozenset({RESPONSE_FORMAT, LOGPROBS})  # passed through to the upstream
 
     def __init__(self, options: UpstreamOptions) -> None:
         self.base_url = options.url.rstrip("/")
@@ -283,6 +283,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
             body["ignore_eos"] = True
         if req.output_format is not None:
             body["response_format"] = req.output_format.openai()
+        if req.logprobs is not None:
+            chat_logprobs = {"logprobs": True, "top_logprobs": req.logprobs}
+            body.update(chat_logprobs if req.messages is not None else {"logprobs": req.logprobs})
         if req.messages is None:
             body["prompt"] = (req.prompt or "") + flight.text
             return "/completions", body
@@ -307,6 +310,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             done = False
             async for lines in _sse_reads(response):  # every line that one network read completed
                 parts: list[str] = []
+                logprobs: list[dict[str, Any]] | None = None if flight.request.logprobs is None else []
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue
@@ -319,15 +323,12 @@ class OpenAIUpstreamEngine(StreamingEngine):
                         raise UpstreamError(_error_message(data, 500), status=500)
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                        if text:
-                            parts.append(text)  # one chunk per token; corrected by the final usage
-                        finish = choice.get("finish_reason") or finish
+                        finish = _take(choice, chat, parts, logprobs) or finish
                 if parts:  # one delta per read, not per token
                     text = "".join(parts)
                     flight.text += text
                     flight.tokens += len(parts)
-                    self._emit(SequenceDelta(rid, text=text, tokens=len(parts)))
+                    self._emit(SequenceDelta(rid, text=text, tokens=len(parts), logprobs=logprobs or None))
                 if done:
                     break
         if finish is None:
@@ -356,6 +357,39 @@ class OpenAIUpstreamEngine(StreamingEngine):
             finish_reason=finish,
             usage={"prompt_tokens": prompt, "completion_tokens": total},
         )
+
+
+def _take(
+    choice: dict[str, Any], chat: bool, parts: list[str], logprobs: list[dict[str, Any]] | None
+) -> str | None:
+    """One streamed choice: its text onto ``parts`` (one chunk per token; the final usage corrects
+    the count), its logprobs onto ``logprobs`` (when asked); returns its finish_reason."""
+    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+    if text:
+        parts.append(text)
+    if logprobs is not None:
+        logprobs += _chunk_logprobs(choice.get("logprobs"), chat)
+    reason = choice.get("finish_reason")
+    return str(reason) if reason else None
+
+
+def _chunk_logprobs(found: Any, chat: bool) -> list[dict[str, Any]]:
+    """An upstream chunk's logprobs in OpenAI's chat shape (completions send the legacy one)."""
+    if not isinstance(found, dict):
+        return []
+    if chat:
+        return list(found.get("content") or [])
+    tops = found.get("top_logprobs") or []
+    out = []
+    for i, (token, logprob) in enumerate(
+        zip(found.get("tokens") or [], found.get("token_logprobs") or [], strict=False)
+    ):
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        alternatives = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()]
+        out.append(
+            {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": alternatives}
+        )
+    return out
 
 
 def _within(seconds: float) -> aiohttp.ClientTimeout:
