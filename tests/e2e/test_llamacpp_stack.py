@@ -34,8 +34,13 @@ def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs
         procs.stop()
 
 
-def test_chat_answers_a_simple_instruction(llama_stack: StackProcs) -> None:
-    client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused")
+@pytest.fixture(scope="module")
+def client(llama_stack: StackProcs) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0) as c:
+        yield c  # closed: an unclosed client's sockets warn when collected, failing a later test
+
+
+def test_chat_answers_a_simple_instruction(client: openai.OpenAI) -> None:
     assert_knows_paris(client, MODEL)
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -69,9 +74,8 @@ async def test_sigkilled_llamacpp_worker_is_continued_seamlessly(
     assert len(text.split()) > 40
 
 
-def test_embeddings_from_the_bundled_model(llama_stack: StackProcs) -> None:
+def test_embeddings_from_the_bundled_model(client: openai.OpenAI) -> None:
     """Mean-pooled SmolLM2 embeddings through the queue: shape, order, `dimensions`, and meaning."""
-    client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
     texts = [
         "The cat sits on the mat.",
         "A cat is sitting on a rug.",
@@ -94,11 +98,10 @@ def test_embeddings_from_the_bundled_model(llama_stack: StackProcs) -> None:
     assert "embeddings" in models[MODEL]["features"]
 
 
-def test_logprobs_come_from_the_model(llama_stack: StackProcs) -> None:
+def test_logprobs_come_from_the_model(client: openai.OpenAI) -> None:
     """Greedy decoding with logprobs: every chosen token is the top-1 of its distribution, values are
     <= 0 and sorted, the tokens spell the answer; streamed chunks carry them too; completions get
     OpenAI's legacy shape."""
-    client = openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a primary color."}]
     chat = client.chat.completions.create(
         model=MODEL, messages=messages, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3

@@ -54,12 +54,13 @@ def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs
         procs.stop()
 
 
-def _client(procs: StackProcs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{procs.gateways[0][1]}/v1", api_key="unused", max_retries=0)
+@pytest.fixture(scope="module")
+def client(llama_stack: StackProcs) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0) as c:
+        yield c  # closed: an unclosed client's sockets warn when collected, failing a later test
 
 
-def test_parse_returns_the_pydantic_object(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_parse_returns_the_pydantic_object(llama_stack: StackProcs, client: openai.OpenAI) -> None:
     completion = client.chat.completions.parse(
         model=MODEL, messages=QUESTION, response_format=Capital, max_tokens=200, temperature=0.8, seed=7
     )
@@ -71,8 +72,9 @@ def test_parse_returns_the_pydantic_object(llama_stack: StackProcs) -> None:
     assert "response_format" in extra["features"]
 
 
-def test_streamed_structured_output_is_assembled_by_the_sdk(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_streamed_structured_output_is_assembled_by_the_sdk(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
     deltas = []
     with client.chat.completions.stream(
         model=MODEL, messages=QUESTION, response_format=Capital, max_tokens=200, temperature=0.8, seed=11
@@ -87,8 +89,7 @@ def test_streamed_structured_output_is_assembled_by_the_sdk(llama_stack: StackPr
     assert json.loads("".join(deltas)) == parsed.model_dump()
 
 
-def test_json_object_mode_returns_a_json_object(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_json_object_mode_returns_a_json_object(llama_stack: StackProcs, client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model=MODEL,
         messages=[
@@ -104,8 +105,9 @@ def test_json_object_mode_returns_a_json_object(llama_stack: StackProcs) -> None
     assert isinstance(answer, dict) and answer
 
 
-def test_an_unusable_schema_is_refused_before_queueing(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_an_unusable_schema_is_refused_before_queueing(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(
             model=MODEL,
@@ -133,13 +135,13 @@ def test_an_unusable_schema_is_refused_before_queueing(llama_stack: StackProcs) 
 
 
 def test_a_model_whose_engine_cannot_constrain_refuses_response_format(stack: StackProcs) -> None:
-    client = openai.OpenAI(base_url=f"{stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.parse(model="sim", messages=QUESTION, response_format=Capital)
+    with openai.OpenAI(base_url=f"{stack.gateways[0][1]}/v1", api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.parse(model="sim", messages=QUESTION, response_format=Capital)
+        assert "features" in (client.models.list().data[0].model_extra or {})
     body = err.value.body
     assert isinstance(body, dict)
     assert (body["code"], body["param"]) == ("unsupported_parameter", "response_format")
-    assert "features" in (client.models.list().data[0].model_extra or {})
 
 
 async def test_a_worker_killed_mid_json_is_continued_under_the_same_constraint(
@@ -178,8 +180,9 @@ WEATHER: list[ChatCompletionMessageParam] = [
 NAMED: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "get_weather"}}
 
 
-def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
     completion = client.chat.completions.create(
         model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=100, seed=5
     )
@@ -205,8 +208,9 @@ def test_a_named_tool_choice_returns_a_call_whose_arguments_validate(llama_stack
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_the_sdk_stream_helper_reconstructs_a_required_call(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_the_sdk_stream_helper_reconstructs_a_required_call(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
     pieces = []
     with client.chat.completions.stream(
         model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=100, seed=6
@@ -222,8 +226,7 @@ def test_the_sdk_stream_helper_reconstructs_a_required_call(llama_stack: StackPr
     assert final.choices[0].finish_reason == "tool_calls"
 
 
-def test_a_conversation_continues_after_a_tool_result(llama_stack: StackProcs) -> None:
-    client = _client(llama_stack)
+def test_a_conversation_continues_after_a_tool_result(llama_stack: StackProcs, client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
         model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=100, seed=5
     )
@@ -281,8 +284,10 @@ def test_tool_requests_it_cannot_serve_are_refused_by_name(
 
 
 def test_a_model_whose_engine_cannot_constrain_refuses_a_forced_call(stack: StackProcs) -> None:
-    client = openai.OpenAI(base_url=f"{stack.gateways[0][1]}/v1", api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as err:
+    with (
+        openai.OpenAI(base_url=f"{stack.gateways[0][1]}/v1", api_key="unused", max_retries=0) as client,
+        pytest.raises(openai.BadRequestError) as err,
+    ):
         client.chat.completions.create(model="sim", messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED)
     assert isinstance(err.value.body, dict)
     assert (err.value.body["code"], err.value.body["param"]) == ("unsupported_parameter", "tool_choice")

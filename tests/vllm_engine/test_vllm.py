@@ -209,37 +209,38 @@ def test_structured_output_through_vllm(inproc: StackProcs, sidecar: StackProcs)
     """``response_format`` with a Pydantic model, and a named tool call: vLLM's structured-output
     backend in-process, and passed through to vLLM's server by the ``openai`` engine."""
     for procs in (inproc, sidecar):
-        client = openai.OpenAI(base_url=f"{procs.gateways[0][1]}/v1", api_key="x", timeout=120, max_retries=0)
-        completion = client.chat.completions.parse(
-            model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
-            response_format=Colors,
-            max_tokens=120,
-            temperature=0.8,
-            seed=7,
-        )
-        choice = completion.choices[0]
-        assert choice.finish_reason == "stop", choice
-        assert isinstance(choice.message.parsed, Colors)
-        models = {m["id"]: m for m in httpx.get(f"{procs.gateways[0][1]}/v1/models").json()["data"]}
-        assert "response_format" in models[MODEL]["features"]
-        # A named tool call: its arguments are generated under the function's schema the same way.
-        named: ChatCompletionNamedToolChoiceParam = {
-            "type": "function",
-            "function": {"name": "report_colors"},
-        }
-        call = client.chat.completions.create(
-            model=MODEL,
-            messages=CHAT,  # type: ignore[arg-type]
-            tools=[openai.pydantic_function_tool(Colors, name="report_colors")],
-            tool_choice=named,
-            max_tokens=120,
-            seed=7,
-        )
-        assert call.choices[0].finish_reason == "tool_calls"
-        (tool_call,) = call.choices[0].message.tool_calls or []
-        assert tool_call.type == "function" and tool_call.function.name == "report_colors"
-        Colors.model_validate_json(tool_call.function.arguments)
+        url = f"{procs.gateways[0][1]}/v1"
+        with openai.OpenAI(base_url=url, api_key="x", timeout=120, max_retries=0) as client:
+            completion = client.chat.completions.parse(
+                model=MODEL,
+                messages=CHAT,  # type: ignore[arg-type]
+                response_format=Colors,
+                max_tokens=120,
+                temperature=0.8,
+                seed=7,
+            )
+            choice = completion.choices[0]
+            assert choice.finish_reason == "stop", choice
+            assert isinstance(choice.message.parsed, Colors)
+            models = {m["id"]: m for m in httpx.get(f"{procs.gateways[0][1]}/v1/models").json()["data"]}
+            assert "response_format" in models[MODEL]["features"]
+            # A named tool call: its arguments are generated under the function's schema the same way.
+            named: ChatCompletionNamedToolChoiceParam = {
+                "type": "function",
+                "function": {"name": "report_colors"},
+            }
+            call = client.chat.completions.create(
+                model=MODEL,
+                messages=CHAT,  # type: ignore[arg-type]
+                tools=[openai.pydantic_function_tool(Colors, name="report_colors")],
+                tool_choice=named,
+                max_tokens=120,
+                seed=7,
+            )
+            assert call.choices[0].finish_reason == "tool_calls"
+            (tool_call,) = call.choices[0].message.tool_calls or []
+            assert tool_call.type == "function" and tool_call.function.name == "report_colors"
+            Colors.model_validate_json(tool_call.function.arguments)
 
 
 async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]]:

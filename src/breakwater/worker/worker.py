@@ -13,7 +13,6 @@ from breakwater.broker import Append, Broker, Job, StartOutcome, Status
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import (
-    CONSTRAINED_CONTINUATION,
     Engine,
     EngineRequestError,
     GenerationRequest,
@@ -23,12 +22,13 @@ from breakwater.keys import LANES
 from breakwater.runtime import settle_heap
 from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
 from breakwater.worker.metrics import WorkerMetrics
+from breakwater.worker.preempting import PreemptingMixin
 from breakwater.worker.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(PreemptingMixin):
     def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
         self.settings = settings
         self.engine = engine
@@ -189,127 +189,12 @@ class Worker:
                 await self.broker.ack(job)
         return [job for job in jobs if job.rid]
 
-    async def _wait_for_room(self) -> None:
-        """Room comes back when a sequence ends, or (upstream engines) when the upstream's own metrics
-        say it has drained its queue: look again at least every 200 ms. Meanwhile a tenant joining
-        the queue may take a more-served tenant's slot (preemption.py)."""
-        self._slot_freed.clear()
-        preempting = self._may_preempt()
-        if preempting and self.preemption.joined:
-            await self._preempt()
-            return
-        if preempting:
-            self.preemption.full.set()
-        else:
-            self.preemption.full.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._slot_freed.wait(), 0.2)
-
     def _forget(self, rid: str) -> None:
         flight = self.inflight.pop(rid, None)
         if flight is not None and flight.suspect:
             self._suspects -= 1
         if flight is not None and flight.paused:
             self.preemption.paused.remove(flight)
-
-    # -- preemption (preemption.py) ---------------------------------------------------------------
-    def _may_preempt(self) -> bool:
-        return self.settings.preempt and not (
-            self.held or self.draining or self._isolating() or self.step_hung()
-        )
-
-    async def _preempt(self) -> None:
-        """Ask Redis, lane by lane, for a joining tenant's job this worker should make room for."""
-        lanes, self.preemption.joined = self.preemption.joined, set()
-        for lane in LANES:
-            if lane not in lanes:
-                continue
-            running = self.preemption.running(self.inflight.values(), lane, self._continues_constrained)
-            try:
-                got = await self.broker.claim_preempting(self.model, lane, self.settings.worker_id, running)
-            except TRANSIENT as exc:
-                log.warning("preemption check failed", extra={"fields": {"error": str(exc)}})
-                return
-            if got is None:
-                continue
-            job, tenant = got
-            if self.engine.free_slots() <= 0:
-                victim = self.preemption.victim(
-                    self.inflight.values(), tenant, lane, self._continues_constrained
-                )
-                if victim is None:  # nothing here may be paused after all (it ended meanwhile)
-                    await self.broker.release([job], self.settings.worker_id)  # another claim takes it
-                    return
-                self._pause(victim, job)
-            try:
-                await self._start(job)
-            except TRANSIENT as exc:  # the job stays pending; its lease lapses and it is reclaimed
-                log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
-            self.preemption.joined = lanes  # look again: another tenant may have joined too
-            return
-
-    @property
-    def _continues_constrained(self) -> bool:
-        return CONSTRAINED_CONTINUATION in self.engine.features
-
-    def _pause(self, flight: InFlight, job: Job) -> None:
-        self.engine.cancel(flight.job.rid)
-        flight.paused_at = self._steps  # continued after the step running now has been published
-        flight.held_tokens = 0  # text the engine held back is generated again when it continues
-        flight.held_logprobs = []
-        self.preemption.paused.append(flight)
-        self.metrics.preemptions.labels(self.model).inc()
-        log.info(
-            "sequence preempted",
-            extra={"rid": flight.job.rid, "fields": {"tenant": flight.job.tenant, "for": job.tenant}},
-        )
-
-    def _can_resume(self) -> bool:
-        paused = self.preemption.paused
-        return bool(
-            paused
-            and paused[0].paused_at < self._steps
-            and self.engine.free_slots() > 0
-            and not self._isolating()
-            and not self.step_hung()
-        )
-
-    async def _resume_paused(self) -> None:
-        """Continue the oldest paused sequence from the text it emitted (as a reclaim would)."""
-        flight = self.preemption.paused[0]
-        rid = flight.job.rid
-        try:
-            record = await self.broker.get_record(rid)
-        except TRANSIENT as exc:
-            log.warning("resume failed; retrying", extra={"rid": rid, "fields": {"error": str(exc)}})
-            await asyncio.sleep(0.2)
-            return
-        self.preemption.paused.pop(0)
-        flight.paused_at = -1
-        if record is None or record.status is not Status.RUNNING or record.attempt != flight.attempt:
-            fenced = record is not None and record.attempt != flight.attempt
-            drop = functools.partial(self._drop, flight, fenced=fenced, why="ended while paused")
-            await until_redis(drop, "drop")
-            return
-        try:
-            self._add(generation_request(rid, record))
-        except EngineRequestError as exc:
-            await until_redis(functools.partial(self._fail_request, flight, exc), "fail")
-            return
-        log.info("sequence continued", extra={"rid": rid, "fields": {"continued_tokens": record.tokens}})
-
-    async def _fail_request(self, flight: InFlight, exc: EngineRequestError) -> None:
-        await self.broker.fail(
-            flight.job.rid,
-            attempt=flight.attempt,
-            code=exc.code,
-            message=str(exc),
-            ttl_s=self.settings.result_ttl_s,
-            error_type=exc.error_type,
-        )
-        await self._settle(flight.job)
-        self._forget(flight.job.rid)
-        self._slot_freed.set()
 
     def _isolating(self) -> bool:
         """A suspect is running and has not produced a token yet: nothing else may join its batch."""
