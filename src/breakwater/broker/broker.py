@@ -4,7 +4,7 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from breakwater.broker.api_keys import KeyStore
+from breakwater.broker.claims import FairClaims
 from breakwater.broker.connection import connect_with
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import Fanin
@@ -31,7 +32,7 @@ from breakwater.broker.types import (
 )
 from breakwater.broker.wire import PipelinedRedis
 from breakwater.config import CommonSettings
-from breakwater.keys import GROUP, LANES, Keys
+from breakwater.keys import GROUP, Keys
 from breakwater.protocol.events import TokenEvent
 
 READ_PAGE = 512
@@ -49,25 +50,13 @@ SETTLE_FIELDS = (
 )
 
 
-def _jobs(stream: str, rows: Any) -> list[Job]:
-    return [
-        Job(stream, str(i), str(rid), str(xrid), str(tenant), float(cost or 0), float(weight or 1))
-        for i, rid, xrid, tenant, cost, weight in rows
-    ]
-
-
-def _pairs(flat: list[str] | None) -> dict[str, str] | None:
-    """A raw ``[k1, v1, k2, v2, ...]`` reply as a dict (None: the entry was deleted while pending)."""
-    return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 def _model_lane(stream: str) -> tuple[str, str]:
     """``<prefix>:jobs:{<model>}:<lane>`` -> (model, lane)."""
     head, _, lane = stream.rpartition(":")
     return head[head.index("{") + 1 : -1], lane
 
 
-class Broker(WorkerRegistry, DeadLetters):
+class Broker(FairClaims, WorkerRegistry, DeadLetters):
     """All Redis operations; one per process, built around a pooled client."""
 
     def __init__(
@@ -212,106 +201,7 @@ class Broker(WorkerRegistry, DeadLetters):
         in_flight = int(pending["pending"]) if pending else 0
         return max(0, int(length) - in_flight), in_flight
 
-    # -- claiming --------------------------------------------------------------------------------
-    async def ensure_groups(self, model: str) -> None:
-        for lane in LANES:
-            try:
-                await self.redis.xgroup_create(self.keys.jobs(model, lane), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-
-    async def claim(
-        self, model: str, lane: str, worker_id: str, count: int, block_ms: int | None
-    ) -> list[Job]:
-        """New jobs for this consumer (``XREADGROUP >``), at most ``count``."""
-        stream = self.keys.jobs(model, lane)
-        if block_ms is None:  # the common, non-blocking pull: on the raw connection
-            raw: Any = await self.fast.execute(
-                "XREADGROUP", "GROUP", GROUP, worker_id, "COUNT", count, "STREAMS", stream, ">"
-            )
-            entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
-            return await self._bind(model, lane, entries)
-        # A blocking read would stall every command behind it on the shared raw connection.
-        reply: Any = await self.redis.xreadgroup(GROUP, worker_id, {stream: ">"}, count=count, block=block_ms)
-        return await self._bind(model, lane, reply[0][1] if reply else [])
-
-    async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
-        """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
-        stream = self.keys.jobs(model, lane)
-        cursor = self._reclaim_cursor.get(stream, "0-0")
-        reply: Any = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, cursor, count=count)
-        self._reclaim_cursor[stream] = str(reply[0]) if reply else "0-0"
-        entries = reply[1] if len(reply) > 1 else []
-        return await self._bind(model, lane, entries)
-
-    async def _bind(self, model: str, lane: str, entries: list[Any]) -> list[Job]:
-        """The requests these entries stand for, bound in fair order (``bind.lua``; an entry bound
-        before, e.g. a reclaimed one, keeps its request)."""
-        ids = [entry_id for entry_id, fields in entries if fields is not None]  # None: deleted while pending
-        if not ids:
-            return []
-        stream = self.keys.jobs(model, lane)
-        rows: Any = await self._bind_script(
-            keys=[
-                stream,
-                self.keys.bound(model, lane),
-                self.keys.fair(model, lane),
-                self.keys.backlog(model, lane),
-            ],
-            args=[self.keys.waiting_prefix(model, lane), "ids", *ids],
-        )
-        return _jobs(stream, rows)
-
-    async def claim_preempting(
-        self, model: str, lane: str, worker_id: str, running: Mapping[str, int]
-    ) -> tuple[Job, str] | None:
-        """For a full worker: one more job, if a tenant that has received more service than the
-        least-served backlogged one runs at least two more sequences here (``bind.lua``'s 'preempt').
-        Returns the job and that tenant, which gives up a sequence for it; None: nothing to do."""
-        stream = self.keys.jobs(model, lane)
-        pairs = [str(v) for tenant, n in running.items() for v in (tenant, n)]
-        reply: Any = await self._bind_script(
-            keys=[
-                stream,
-                self.keys.bound(model, lane),
-                self.keys.fair(model, lane),
-                self.keys.backlog(model, lane),
-            ],
-            args=[self.keys.waiting_prefix(model, lane), "preempt", GROUP, worker_id, *pairs],
-        )
-        if not reply:
-            return None
-        victim, rows = reply
-        jobs = [job for job in _jobs(stream, rows) if job.rid]
-        return (jobs[0], str(victim)) if jobs else None
-
-    async def wait_joins(self, model: str, after: dict[str, str], block_ms: int) -> list[str]:
-        """Block until a tenant joins the backlog of a lane of ``model`` (or ``block_ms`` passes);
-        returns those lanes. ``after`` (lane -> last entry id seen, ``$`` at first) is updated."""
-        lane_of = {self.keys.joins(model, lane): lane for lane in after}
-        streams: dict[Any, Any] = {key: after[lane] for key, lane in lane_of.items()}
-        reply: Any = await self.redis.xread(streams, block=block_ms)
-        lanes: list[str] = []
-        for key, entries in reply or []:
-            lane = lane_of[str(key)]
-            if entries:
-                after[lane] = str(entries[-1][0])
-                lanes.append(lane)
-        return lanes
-
-    async def tenant_backlog(self, model: str, lane: str) -> dict[str, int]:
-        """Requests waiting per tenant (not yet bound to a worker's entry)."""
-        tenants: Any = await self.redis.zrange(self.keys.backlog(model, lane), 0, -1)
-        if not tenants:
-            return {}
-        prefix = self.keys.waiting_prefix(model, lane)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for tenant in tenants:
-                pipe.llen(prefix + tenant)
-            counts = await pipe.execute()
-        return {str(t): int(n) for t, n in zip(tenants, counts, strict=True)}
-
+    # -- starting and settling jobs (claiming: claims.py) ----------------------------------------
     async def start_job(
         self, rid: str, worker_id: str, max_attempts: int, *, result_ttl_s: int, alone: bool = True
     ) -> StartResult:

@@ -21,6 +21,7 @@ from breakwater.engines.base import (
 from breakwater.keys import LANES
 from breakwater.runtime import settle_heap
 from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
+from breakwater.worker.liveness import LivenessMixin
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preempting import PreemptingMixin
 from breakwater.worker.preemption import Preemption
@@ -28,7 +29,7 @@ from breakwater.worker.preemption import Preemption
 log = logging.getLogger(__name__)
 
 
-class Worker(PreemptingMixin):
+class Worker(LivenessMixin, PreemptingMixin):
     def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
         self.settings = settings
         self.engine = engine
@@ -424,92 +425,6 @@ class Worker(PreemptingMixin):
         self.metrics.jobs.labels(self.model, "dropped").inc()
         log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})
         self._slot_freed.set()
-
-    # -- heartbeats, leases, detach grace ----------------------------------------------------------
-    def registry_info(self) -> dict[str, Any]:
-        info = self.engine.info
-        stats = self.engine.stats()
-        return {
-            "model": info.model,
-            "engine": info.engine,
-            "features": sorted(self.engine.features),
-            "capacity": info.capacity,
-            "context_length": info.context_length,
-            "active": self.engine.running(),
-            "draining": self.draining,
-            "kv_cache_usage": stats.get("kv_cache_usage"),
-            "engine_stats": stats,
-            "ts_ms": int(time.time() * 1000),
-        }
-
-    def step_hung(self) -> bool:
-        """The engine has been inside one step longer than ``step_timeout_s`` (stuck decode, stalled
-        upstream): the process is alive but its jobs make no progress."""
-        started = self._step_started
-        return started is not None and time.monotonic() - started > self.settings.step_timeout_s
-
-    async def _heartbeat_once(self) -> None:
-        if self.step_hung():
-            if not self.hung:
-                self.hung = True
-                log.error(
-                    "engine step hung; no longer renewing leases, so other workers take the jobs",
-                    extra={
-                        "fields": {
-                            "step_timeout_s": self.settings.step_timeout_s,
-                            "in_flight": len(self.inflight),
-                        }
-                    },
-                )
-                await self.broker.deregister(self.settings.worker_id)
-            return
-        ttl = self.settings.lease_s
-        await self.broker.heartbeat(self.settings.worker_id, self.registry_info(), ttl)
-        lost = await self.broker.refresh_leases(
-            [f.lease for f in self.inflight.values()],
-            self.settings.worker_id,
-            result_ttl_s=self.settings.result_ttl_s,
-        )
-        await self.broker.hold_leases([job for job, _ in self.held], self.settings.worker_id)
-        for lease in lost:  # another attempt owns it now (or it ended): stop generating it here
-            flight = self.inflight.get(lease.job.rid)
-            if flight is not None and flight.attempt == lease.attempt:
-                await self._drop(flight, fenced=True, why="lease taken over")
-        kv = self.engine.stats().get("kv_cache_usage")
-        if kv is not None:
-            self.metrics.kv_cache_usage.labels(self.model).set(float(kv))
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            try:
-                await self._heartbeat_once()
-                await self._check_in_flight()
-            except TRANSIENT as exc:
-                log.warning("heartbeat failed", extra={"fields": {"error": str(exc)}})
-            await asyncio.sleep(self.settings.heartbeat_s)
-
-    async def _check_in_flight(self) -> None:
-        """Drop cancelled sequences; cancel ones nobody has watched for the detach grace period
-        (measured on Redis's clock, like every deadline)."""
-        flights = list(self.inflight.values())
-        if not flights or self.hung:
-            return
-        now_ms, watches = await self.broker.watch([f.job.rid for f in flights])
-        grace_ms = self.settings.detach_grace_s * 1000
-        for flight, watch in zip(flights, watches, strict=True):
-            if self.inflight.get(flight.job.rid) is not flight:
-                continue
-            if watch.status is not Status.RUNNING:
-                why = f"status {watch.status.value if watch.status else 'gone'}"
-                await self._drop(flight, fenced=False, why=why)
-                continue
-            if watch.watchers <= 0 and watch.detached_ms and now_ms - watch.detached_ms > grace_ms:
-                await self.broker.cancel(
-                    flight.job.rid,
-                    self.settings.result_ttl_s,
-                    reason="no client reattached within the grace period",
-                )
-                await self._drop(flight, fenced=False, why="detached")
 
 
 def _stack(task: asyncio.Task[Any]) -> str:
