@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -13,31 +10,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
 
-from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs, assert_knows_paris, stream_killing_owner
 
 MODEL = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
-    procs = StackProcs(redis_server.url, f"l{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        for _ in range(2):
-            procs.add_worker(
-                model=MODEL, engine="llamacpp", n_threads=1, capacity=4, context_length=1024, heartbeat_s=0.3
-            )
-        procs.wait_workers(url, MODEL, count=2)
-        yield procs
-    finally:
-        procs.stop()
-
-
-@pytest.fixture(scope="module")
-def client(llama_stack: StackProcs) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0) as c:
-        yield c  # closed: an unclosed client's sockets warn when collected, failing a later test
 
 
 def test_chat_answers_a_simple_instruction(client: openai.OpenAI) -> None:

@@ -6,9 +6,6 @@ that cannot constrain, a tool choice not served)."""
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -19,7 +16,6 @@ from openai.types.chat import ChatCompletionMessageParam, ChatCompletionNamedToo
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs, stream_killing_owner
 
 MODEL = "smollm2-135m-instruct"
@@ -37,27 +33,6 @@ class Capital(BaseModel):
 class Story(BaseModel):
     title: str = Field(max_length=40)
     story: str = Field(max_length=300)
-
-
-@pytest.fixture(scope="module")
-def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
-    procs = StackProcs(redis_server.url, f"so{uuid.uuid4().hex[:8]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        for _ in range(2):
-            procs.add_worker(
-                model=MODEL, engine="llamacpp", n_threads=1, capacity=2, context_length=1024, heartbeat_s=0.3
-            )
-        procs.wait_workers(url, MODEL, count=2)
-        yield procs
-    finally:
-        procs.stop()
-
-
-@pytest.fixture(scope="module")
-def client(llama_stack: StackProcs) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{llama_stack.gateways[0][1]}/v1", api_key="unused", max_retries=0) as c:
-        yield c  # closed: an unclosed client's sockets warn when collected, failing a later test
 
 
 def test_parse_returns_the_pydantic_object(llama_stack: StackProcs, client: openai.OpenAI) -> None:

@@ -46,10 +46,11 @@ async def sse_chunks(
     async for event in events:
         if event.kind == "token":
             if chat:
-                delta = (
-                    tool_call_delta(rid, tool, event.text, not role_sent) if tool else {"content": event.text}
-                )
-                if not role_sent and not tool:
+                if tool:
+                    delta = tool_call_delta(rid, tool, event.text, not role_sent)
+                elif role_sent:
+                    delta = {"content": event.text}
+                else:
                     delta = {"role": "assistant", "content": event.text}
                 role_sent = True
                 yield sse_event(chat_chunk(rid, model, created, delta, logprobs=event.logprobs), event.seq)
