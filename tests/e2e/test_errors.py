@@ -43,7 +43,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         "max_completion_tokens",
     ),
     ("temperature too high", CHAT, {"model": "sim", "messages": USER, "temperature": 7}, 400, "temperature"),
-    ("n > 1", CHAT, {"model": "sim", "messages": USER, "n": 2}, 400, "n"),
+    ("n over the bound", CHAT, {"model": "sim", "messages": USER, "n": 17}, 400, "n"),
     ("stream wrong type", CHAT, {"model": "sim", "messages": USER, "stream": "yes please"}, 400, "stream"),
     (
         "too many stops",
@@ -61,7 +61,7 @@ CASES: list[tuple[str, str, Any, int, str | None]] = [
         400,
         "max_tokens",
     ),
-    ("n > 1 completions", COMPLETIONS, {"model": "sim", "prompt": "x", "n": 3}, 400, "n"),
+    ("n zero completions", COMPLETIONS, {"model": "sim", "prompt": "x", "n": 0}, 400, "n"),
     (
         "max_tokens over context",
         COMPLETIONS,

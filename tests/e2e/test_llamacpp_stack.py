@@ -117,3 +117,21 @@ def test_logprobs_come_from_the_model(client: openai.OpenAI) -> None:
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 2 and max(top.values()) == value and top[token] == value
+
+
+def test_n_sampled_choices_differ_and_repeat_with_the_seed(client: openai.OpenAI) -> None:
+    """n=3 at temperature 1 with a seed: three choices (each its own request, seed + index), not all
+    the same; the same seed gives the same three again."""
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name an animal."}]
+
+    def ask() -> list[str]:
+        resp = client.chat.completions.create(
+            model=MODEL, messages=messages, n=3, temperature=1.0, seed=42, max_tokens=10
+        )
+        assert [c.index for c in resp.choices] == [0, 1, 2]
+        assert resp.usage is not None and resp.usage.completion_tokens >= 3
+        return [c.message.content or "" for c in resp.choices]
+
+    first = ask()
+    assert all(first) and len(set(first)) > 1, first
+    assert ask() == first

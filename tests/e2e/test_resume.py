@@ -139,8 +139,9 @@ async def test_websocket_bad_messages_keep_connection(slow_stack: StackProcs) ->
         err = orjson.loads(await ws.recv())
         assert err["type"] == "error" and err["error"]["code"] == "invalid_json"
         await ws.send(orjson.dumps({"model": "sim", "prompt": "x", "n": 3}).decode())
-        err = orjson.loads(await ws.recv())
+        err = orjson.loads(await ws.recv())  # n > 1 is the HTTP API's
         assert err["type"] == "error" and err["status"] == 400
+        assert err["error"]["code"] == "unsupported_parameter" and err["error"]["param"] == "n"
         await ws.send(orjson.dumps({"resume": "cmpl-missing", "after": 0}).decode())
         err = orjson.loads(await ws.recv())
         assert err["type"] == "error" and err["status"] == 404

@@ -201,6 +201,26 @@ def test_the_sdk_stream_helper_reconstructs_a_required_call(
     assert final.choices[0].finish_reason == "tool_calls"
 
 
+def test_two_choices_each_a_call_of_its_own_streamed_by_index(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
+    """n=2 with a forced call: each choice is a constrained call with its own id; the SDK's stream
+    helper assembles both from chunks interleaved by index."""
+    with client.chat.completions.stream(
+        model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=100, seed=9, n=2
+    ) as stream:
+        final = stream.get_final_completion()
+    assert [c.index for c in final.choices] == [0, 1]
+    calls = [(c.message.tool_calls or [])[0] for c in final.choices]
+    assert all(isinstance(c.function.parsed_arguments, GetWeather) for c in calls)
+    assert calls[0].id != calls[1].id
+    assert [c.finish_reason for c in final.choices] == ["tool_calls", "tool_calls"]
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=QUESTION, response_format=Capital, max_tokens=200, temperature=0.8, seed=3, n=2
+    )
+    assert all(isinstance(c.message.parsed, Capital) for c in parsed.choices) and len(parsed.choices) == 2
+
+
 def test_a_conversation_continues_after_a_tool_result(llama_stack: StackProcs, client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
         model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED, max_tokens=100, seed=5

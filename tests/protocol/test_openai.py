@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from breakwater.protocol.openai import (
+    MAX_CHOICES,
     MAX_MESSAGES,
     MAX_STOP_CHARS,
     ChatCompletionRequest,
@@ -30,7 +31,8 @@ def _chat(**extra: Any) -> dict[str, Any]:
         ("seed", 1 << 63),
         ("stop", ["x" * (MAX_STOP_CHARS + 1)]),
         ("stop", ""),
-        ("n", 2),
+        ("n", MAX_CHOICES + 1),
+        ("n", 0),
         ("messages", [{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1)),
     ],
 )

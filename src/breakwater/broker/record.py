@@ -56,6 +56,7 @@ class RequestSpec:
     tool_call: str = ""  # the function the answer calls (its arguments are the text); '' for none
     inputs: list[str] | None = None  # embedding: the texts to embed
     logprobs: int = -1  # report logprobs with this many alternatives per token (-1: not asked)
+    choices: int = 1  # the client's n: this is one choice, its rid ``<parent>-<index>`` (gateway.choices)
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -80,6 +81,8 @@ class RequestSpec:
             out["inputs"] = orjson.dumps(self.inputs).decode()
         if self.logprobs >= 0:
             out["logprobs"] = str(self.logprobs)
+        if self.choices > 1:
+            out["choices"] = str(self.choices)
         for name in ("tenant", "key_id", "response_format", "tool_call"):  # omitted when empty
             if text := getattr(self, name):
                 out[name] = text
@@ -117,6 +120,7 @@ class RequestSpec:
             tool_call=h.get("tool_call", ""),
             inputs=orjson.loads(h["inputs"]) if h.get("inputs") else None,
             logprobs=int(h.get("logprobs") or -1),
+            choices=int(h.get("choices") or 1),
         )
 
 

@@ -38,10 +38,19 @@ Body = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 RID_PREFIX = {"chat": "chatcmpl", "completion": "cmpl", "embedding": "embd"}
 
 
+def new_rid(kind: str) -> str:
+    return f"{RID_PREFIX[kind]}-{uuid.uuid4().hex}"
+
+
 def request_spec(
-    body: Body, *, request_id: str, default_timeout_s: float, principal: Principal = ANONYMOUS
+    body: Body,
+    *,
+    request_id: str,
+    default_timeout_s: float,
+    principal: Principal = ANONYMOUS,
+    choices: int = 1,
 ) -> RequestSpec:
-    """The record's request part for an OpenAI body sent by ``principal``."""
+    """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``)."""
     key = principal.key
     owner: dict[str, Any] = {
         "model": body.model,
@@ -50,6 +59,7 @@ def request_spec(
         "key_id": principal.key_id,
         "request_id": request_id,
         "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
+        "choices": choices,
     }
     if isinstance(body, EmbeddingRequest):
         return RequestSpec(kind="embedding", inputs=body.inputs(), max_tokens=0, **owner)
@@ -161,19 +171,24 @@ class Admitter:
         idempotency_key: str | None,
         principal: Principal = ANONYMOUS,
         subscribe: bool = True,
+        rid: str = "",
+        choices: int = 1,
     ) -> Submission:
+        """Queue ``body`` as request ``rid`` (new when empty); ``choices``: it is one of a request's
+        ``n`` choices (gateway.choices)."""
         model = await self.registry.resolve(body.model)
         spec = request_spec(
             body,
             request_id=request_id,
             default_timeout_s=self.settings.request_timeout_s,
             principal=principal,
+            choices=choices,
         )
         check_features(spec, model)
         prompt = prompt_text(spec)
         longest = max(spec.inputs, key=len) if spec.inputs else prompt  # each input is its own sequence
         self.check_context(longest, spec.max_tokens, model)
-        rid = f"{RID_PREFIX[spec.kind]}-{uuid.uuid4().hex}"
+        rid = rid or new_rid(spec.kind)
         limits = limits_of(principal.key)
         shared = principal.tenant_limits
         if limits.tpm or limits.budget_day or limits.budget_month or shared.any:
@@ -304,6 +319,18 @@ class Admitter:
             if record is not None or time.monotonic() > deadline:
                 return record
             await asyncio.sleep(0.02)
+
+    async def withdraw(
+        self, sub: Submission, idempotency_key: str | None, body: Body, principal: Principal
+    ) -> None:
+        """Take back a queued request (another choice of its group was refused): cancelled, its
+        key released, its place in the concurrency limits freed."""
+        await self.broker.cancel(sub.rid, self.settings.result_ttl_s, "another choice was refused")
+        idem = None
+        if idempotency_key:
+            digest = body_digest(body.model_dump(mode="json"))
+            idem = IdempotencyKey(principal.tenant, idempotency_key, digest)
+        await self._abandon(sub.subscription, idem, sub.rid, principal, limits_of(principal.key))
 
     async def _abandon(
         self,

@@ -14,6 +14,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.ledger import UsageRow, day_of
+from breakwater.broker.record import RequestRecord, Status
+from breakwater.gateway import choices
 from breakwater.gateway.auth import caller
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.errors import APIError, JSONBody
@@ -80,6 +82,8 @@ async def _complete(
     idempotency_key: str | None,
 ) -> Response:
     svc = service(request)
+    if not isinstance(body, EmbeddingRequest) and body.n > 1:
+        return await _complete_choices(svc, body, request_id(request), who, idempotency_key)
     sub = await svc.submit(
         body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who
     )
@@ -99,12 +103,7 @@ async def _complete(
         )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid)
-        raise APIError(
-            503,
-            f"this gateway is restarting; the request continues: GET /v1/requests/{sub.rid}/events",
-            code="draining",
-            headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
-        ) from None
+        raise _restarting(sub.rid, headers) from None
     except APIError as exc:  # the request ended in an error (timeout, cancelled): name the request
         svc.requests.detach_later(sub.rid)
         exc.headers = {**headers, **exc.headers}
@@ -114,6 +113,44 @@ async def _complete(
         raise
     if isinstance(body, EmbeddingRequest):
         result = _embeddings(body, result)
+    return JSONBody(result, headers=headers)
+
+
+def _restarting(rid: str, headers: dict[str, str]) -> APIError:
+    return APIError(
+        503,
+        f"this gateway is restarting; the request continues: GET /v1/requests/{rid}/events",
+        code="draining",
+        headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
+    )
+
+
+async def _complete_choices(
+    svc: GatewayService,
+    body: ChatCompletionRequest | CompletionRequest,
+    xrid: str,
+    who: Principal,
+    idempotency_key: str | None,
+) -> Response:
+    """``n > 1``: one request per choice, merged (gateway.choices)."""
+    group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
+    headers = {"X-Breakwater-Request-Id": group.rid, **group.headers}
+    if body.stream:
+        return StreamingResponse(
+            choices.stream(svc, group), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+        )
+    try:
+        result = await choices.collect(svc, group)
+    except GatewayDraining:
+        choices.detach_all(svc, group)
+        raise _restarting(group.rid, headers) from None
+    except APIError as exc:
+        choices.detach_all(svc, group)
+        exc.headers = {**headers, **exc.headers}
+        raise
+    except BaseException:
+        choices.detach_all(svc, group)
+        raise
     return JSONBody(result, headers=headers)
 
 
@@ -193,7 +230,25 @@ async def list_models(request: Request, who: Caller) -> dict[str, Any]:
 
 @router.get("/v1/requests/{rid}")
 async def request_status(rid: str, request: Request, who: Caller) -> dict[str, Any]:
-    record = await service(request).requests.record(rid, who)
+    svc = service(request)
+    n = await _group_size(svc, rid, who)
+    if n:
+        records = [await svc.requests.record(choices.choice_rid(rid, i), who) for i in range(n)]
+        return {
+            "id": rid,
+            "object": "breakwater.request",
+            "model": records[0].spec.model,
+            "lane": records[0].spec.lane,
+            "status": _group_status([r.status for r in records]).value,
+            "choices": [
+                {**_status(choices.choice_rid(rid, i), r), "index": i} for i, r in enumerate(records)
+            ],
+            "created": records[0].created,
+        }
+    return _status(rid, await svc.requests.record(rid, who))
+
+
+def _status(rid: str, record: RequestRecord) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "breakwater.request",
@@ -219,6 +274,9 @@ async def request_events(
 ) -> Response:
     """Resume a request's stream: everything after ``Last-Event-ID`` (or ``?after=``)."""
     svc = service(request)
+    n = await _group_size(svc, rid, who)
+    if n:
+        return await _resume_choices(svc, rid, n, who, after, last_event_id)
     start = after if after is not None else 0
     if last_event_id is not None:
         if not last_event_id.isdigit() or len(last_event_id) > 19 or int(last_event_id) > MAX_SEQ:
@@ -232,10 +290,44 @@ async def request_events(
     )
 
 
+async def _group_size(svc: GatewayService, rid: str, who: Principal) -> int:
+    """The number of choices when ``rid`` is an ``n > 1`` request (it has no record of its own)."""
+    if await svc.broker.exists(rid):
+        return 0
+    return await choices.group_size(svc, rid, who)
+
+
+async def _resume_choices(
+    svc: GatewayService, rid: str, n: int, who: Principal, after: int | None, last_event_id: str | None
+) -> Response:
+    if after:
+        raise APIError(400, "resume an n > 1 request with Last-Event-ID (one seq per choice)", param="after")
+    positions = choices.parse_positions(last_event_id, n) if last_event_id is not None else [0] * n
+    group = await choices.resume(svc, rid, n, who, positions)
+    return StreamingResponse(
+        choices.stream(svc, group, fresh=last_event_id is None),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid},
+    )
+
+
 @router.delete("/v1/requests/{rid}")
 async def cancel_request(rid: str, request: Request, who: Caller) -> dict[str, Any]:
-    record = await service(request).requests.cancel(rid, who)
+    svc = service(request)
+    n = await _group_size(svc, rid, who)
+    if n:  # every choice
+        statuses = [(await svc.requests.cancel(choices.choice_rid(rid, i), who)).status for i in range(n)]
+        return {"id": rid, "object": "breakwater.request", "status": _group_status(statuses).value}
+    record = await svc.requests.cancel(rid, who)
     return {"id": rid, "object": "breakwater.request", "status": record.status.value}
+
+
+def _group_status(statuses: list[Status]) -> Status:
+    """A group's status: running while any choice is not finished, else its worst ending."""
+    for status in (Status.RUNNING, Status.QUEUED, Status.ERROR, Status.CANCELLED):
+        if status in statuses:
+            return status
+    return Status.DONE
 
 
 @router.get("/v1/usage")

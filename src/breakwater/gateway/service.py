@@ -12,14 +12,18 @@ from typing import Any
 from breakwater.broker import Broker
 from breakwater.broker.fanin import Fanin
 from breakwater.config import GatewaySettings
+from breakwater.gateway import choices
 from breakwater.gateway.admission import Admitter, Body
 from breakwater.gateway.auth import Authenticator, check_model
 from breakwater.gateway.autoscale import AutoscaleSignals
+from breakwater.gateway.choices import ChoiceGroup
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelRegistry
 from breakwater.gateway.requests import Requests
+from breakwater.protocol.embeddings import EmbeddingRequest
+from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,38 @@ class GatewayService:
         principal: Principal = ANONYMOUS,
         subscribe: bool = True,
     ) -> Submission:
+        self._check(body, principal)
+        if not isinstance(body, EmbeddingRequest) and body.n > 1:
+            raise APIError(
+                400,
+                "`n` > 1 is served by the HTTP API (POST /v1/chat/completions or /v1/completions); "
+                "here, send one request per choice",
+                code="unsupported_parameter",
+                param="n",
+            )
+        return await self.admitter.submit(
+            body,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            principal=principal,
+            subscribe=subscribe,
+        )
+
+    async def submit_choices(
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        *,
+        request_id: str,
+        idempotency_key: str | None,
+        principal: Principal = ANONYMOUS,
+    ) -> ChoiceGroup:
+        """A request with ``n > 1``: one queued request per choice (gateway.choices)."""
+        self._check(body, principal)
+        return await choices.admit(
+            self, body, request_id=request_id, idempotency_key=idempotency_key, principal=principal
+        )
+
+    def _check(self, body: Body, principal: Principal) -> None:
         if self.draining:
             raise APIError(
                 503,
@@ -69,13 +105,6 @@ class GatewayService:
                 param=unsupported,
             )
         check_model(principal, body.model)
-        return await self.admitter.submit(
-            body,
-            request_id=request_id,
-            idempotency_key=idempotency_key,
-            principal=principal,
-            subscribe=subscribe,
-        )
 
     async def ready(self) -> str:
         """``ready``, or why not (``draining``, ``redis_unavailable``)."""

@@ -22,9 +22,81 @@ from breakwater.protocol.openai import (
 DONE = b"data: [DONE]\n\n"
 
 
-def sse_event(data: dict[str, Any], seq: int | None = None) -> bytes:
+def sse_event(data: dict[str, Any], seq: int | str | None = None) -> bytes:
+    """One SSE event; its id is the seq (or, for an ``n > 1`` response, every choice's)."""
     head = f"id: {seq}\n".encode() if seq is not None else b""
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class ChoiceChunks:
+    """One choice's streaming chunks: the role in its first delta, a tool call named once, and the
+    completions ``text_offset`` counted in the text this response has returned.
+
+    ``rid`` names the chunks (the response); ``call_rid`` the choice's own request (its call id)."""
+
+    __slots__ = ("call_rid", "chat", "created", "index", "model", "offset", "rid", "role_sent", "tool")
+
+    def __init__(
+        self,
+        *,
+        rid: str,
+        model: str,
+        created: int,
+        chat: bool,
+        tool: str = "",
+        index: int = 0,
+        resumed: bool = False,
+        call_rid: str = "",
+    ) -> None:
+        self.rid, self.model, self.created, self.chat = rid, model, created, chat
+        self.tool, self.index, self.call_rid = tool, index, call_rid or rid
+        self.role_sent = resumed
+        self.offset = 0
+
+    def token(self, event: TokenEvent) -> dict[str, Any]:
+        delta: dict[str, Any]
+        if not self.chat:
+            lp = None if event.logprobs is None else completion_logprobs(event.logprobs, self.offset)
+            self.offset += len(event.text)
+            return text_chunk(self.rid, self.model, self.created, event.text, logprobs=lp, index=self.index)
+        if self.tool:
+            delta = tool_call_delta(self.call_rid, self.tool, event.text, not self.role_sent)
+        elif self.role_sent:
+            delta = {"content": event.text}
+        else:
+            delta = {"role": "assistant", "content": event.text}
+        self.role_sent = True
+        return chat_chunk(
+            self.rid, self.model, self.created, delta, logprobs=event.logprobs, index=self.index
+        )
+
+    def head(self) -> dict[str, Any]:
+        """The choice's opening chunk, before any text: its role (or its call's id and name)."""
+        delta = (
+            tool_call_delta(self.call_rid, self.tool, "", True)
+            if self.tool
+            else {"role": "assistant", "content": ""}
+        )
+        self.role_sent = True
+        return chat_chunk(self.rid, self.model, self.created, delta, index=self.index)
+
+    def finish(self, event: TokenEvent) -> dict[str, Any]:
+        reason = event.finish_reason or "stop"
+        if not self.chat:
+            return text_chunk(self.rid, self.model, self.created, "", reason, index=self.index)
+        if self.tool:
+            reason = "tool_calls" if reason == "stop" else reason
+            delta = {} if self.role_sent else tool_call_delta(self.call_rid, self.tool, "", True)
+        else:
+            delta = {} if self.role_sent else {"role": "assistant", "content": ""}
+        return chat_chunk(self.rid, self.model, self.created, delta, reason, index=self.index)
+
+
+def error_chunk(event: TokenEvent) -> dict[str, Any]:
+    err = event.error or {}
+    return error_body(
+        str(err.get("message", "generation failed")), str(err.get("type", "server_error")), err.get("code")
+    )
 
 
 async def sse_chunks(
@@ -40,48 +112,19 @@ async def sse_chunks(
 ) -> AsyncIterator[bytes]:
     """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``.
     ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``."""
-    role_sent = after > 0
-    offset = 0  # completions' text_offset: counted in the text this response has returned
-    delta: dict[str, Any]
+    choice = ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
     async for event in events:
         if event.kind == "token":
-            if chat:
-                if tool:
-                    delta = tool_call_delta(rid, tool, event.text, not role_sent)
-                elif role_sent:
-                    delta = {"content": event.text}
-                else:
-                    delta = {"role": "assistant", "content": event.text}
-                role_sent = True
-                yield sse_event(chat_chunk(rid, model, created, delta, logprobs=event.logprobs), event.seq)
-            else:
-                lp = None if event.logprobs is None else completion_logprobs(event.logprobs, offset)
-                offset += len(event.text)
-                yield sse_event(text_chunk(rid, model, created, event.text, logprobs=lp), event.seq)
+            yield sse_event(choice.token(event), event.seq)
         elif event.kind == "done":  # the last chunks go out in one write
-            reason = event.finish_reason or "stop"
-            if tool:
-                reason = "tool_calls" if reason == "stop" else reason
-                delta = {} if role_sent else tool_call_delta(rid, tool, "", True)
-                last = [sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)]
-            elif chat:
-                delta = {} if role_sent else {"role": "assistant", "content": ""}
-                last = [sse_event(chat_chunk(rid, model, created, delta, reason), event.seq)]
-            else:
-                last = [sse_event(text_chunk(rid, model, created, "", reason), event.seq)]
+            last = [sse_event(choice.finish(event), event.seq)]
             if include_usage:
                 last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
             last.append(DONE)
             yield b"".join(last)
             return
         else:
-            err = event.error or {}
-            body = error_body(
-                str(err.get("message", "generation failed")),
-                str(err.get("type", "server_error")),
-                err.get("code"),
-            )
-            yield sse_event(body, event.seq)
+            yield sse_event(error_chunk(event), event.seq)
             return
 
 

@@ -14,6 +14,7 @@ MAX_MESSAGES = 4096
 MAX_TIMEOUT_S = 86_400.0
 MAX_SEQ = (1 << 63) - 1  # event sequence numbers (Last-Event-ID, ?after=)
 INT64 = 1 << 63
+MAX_CHOICES = 16  # n: each choice is its own job (gateway.choices)
 
 # OpenAI parameters the engines do not implement yet: refused (400, naming the parameter) unless
 # they hold their default, never silently ignored.
@@ -80,19 +81,12 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     timeout: float | None = Field(
         default=None, gt=0.0, le=MAX_TIMEOUT_S, description="Breakwater: deadline in seconds"
     )
     lane: Literal["interactive", "batch"] = "interactive"
     ignore_eos: bool = Field(default=False, description="vLLM extension: generate until max_tokens")
-
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("n > 1 is not supported: send one request per choice")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -206,6 +200,7 @@ def chat_chunk(
     delta: dict[str, Any],
     finish_reason: str | None = None,
     logprobs: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     lp = None if logprobs is None else {"content": logprobs, "refusal": None}
     return {
@@ -213,7 +208,7 @@ def chat_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}],
     }
 
 
@@ -224,13 +219,14 @@ def text_chunk(
     text: str,
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
@@ -271,11 +267,17 @@ def chat_response(
     usage: dict[str, int] | None,
     tool: str = "",
     logprobs: list[dict[str, Any]] | None = None,
+    call_rid: str = "",
 ) -> dict[str, Any]:
-    """``tool``: the text is the arguments of a call to that function (protocol.tools)."""
+    """``tool``: the text is the arguments of a call to that function (protocol.tools); its id comes
+    from ``call_rid`` (the choice's own request), else ``rid``."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if tool:
-        call = {"id": call_id(rid), "type": "function", "function": {"name": tool, "arguments": text}}
+        call = {
+            "id": call_id(call_rid or rid),
+            "type": "function",
+            "function": {"name": tool, "arguments": text},
+        }
         message = {"role": "assistant", "content": None, "tool_calls": [call]}
         finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     lp = None if logprobs is None else {"content": logprobs, "refusal": None}

@@ -114,8 +114,10 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
 
 
 def call_id(rid: str) -> str:
-    """The tool call's id: stable for a request, so a resumed stream repeats it."""
-    return "call_" + rid.rsplit("-", 1)[-1][:24]
+    """The tool call's id: stable for a request, so a resumed stream repeats it; a choice of an
+    ``n > 1`` request (``<parent>-<index>``) gets its own."""
+    base, _, index = rid.split("-", 1)[-1].partition("-")
+    return "call_" + base[:24] + (f"_{index}" if index else "")
 
 
 def rendered_calls(tool_calls: Any) -> str:

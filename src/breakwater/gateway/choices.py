@@ -1,0 +1,364 @@
+"""``n > 1``: one queued request per choice, merged into one response.
+
+The gateway admits a request's ``n`` choices as requests ``<rid>-0`` .. ``<rid>-<n-1>``, each with
+the client's body, ``n = 1`` and its own seed (``seed + index`` when the client gave one), so every
+guarantee of a single request (queueing and fair share, reclaim and continuation, fencing, cancel,
+resume) holds per choice without the worker knowing. The response interleaves them by ``index``.
+An SSE event's id is the position of every choice (``s0.s1.…``): ``Last-Event-ID`` gives it back
+to resume them all. The group has no record of its own; each choice's record says how many there
+are (``RequestSpec.choices``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from breakwater.broker.errors import TRANSIENT
+from breakwater.broker.fanin import GatewayDraining
+from breakwater.gateway.admission import new_rid
+from breakwater.gateway.errors import APIError
+from breakwater.gateway.following import Submission
+from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
+from breakwater.protocol.events import TokenEvent
+from breakwater.protocol.openai import (
+    INT64,
+    MAX_CHOICES,
+    MAX_SEQ,
+    ChatCompletionRequest,
+    CompletionRequest,
+    usage_body,
+)
+from breakwater.tenancy import Principal
+
+if TYPE_CHECKING:
+    from breakwater.gateway.service import GatewayService
+
+COALESCE_MAX = 64  # events per write at most
+QUEUE_MAX = 64  # events buffered between the choices' readers and the response
+
+
+def choice_rid(rid: str, index: int) -> str:
+    return f"{rid}-{index}"
+
+
+Sampled = ChatCompletionRequest | CompletionRequest
+
+
+def choice_body(body: Sampled, index: int) -> Sampled:
+    """The body of choice ``index``: one choice, its own seed."""
+    seed = body.seed
+    if seed is not None and index:
+        seed = seed + index if seed + index < INT64 else seed - index
+    return body.model_copy(update={"n": 1, "seed": seed})
+
+
+def choice_key(idempotency_key: str | None, index: int) -> str | None:
+    return f"{idempotency_key}#{index}" if idempotency_key else None
+
+
+@dataclass(slots=True)
+class Choice:
+    """One choice being followed (``sub``), or finished before a resume's position (``sub`` None)."""
+
+    index: int
+    rid: str
+    after: int = 0
+    sub: Submission | None = None
+    usage: dict[str, int] | None = None
+
+
+@dataclass(slots=True)
+class ChoiceGroup:
+    rid: str
+    model: str
+    chat: bool
+    created: int
+    include_usage: bool
+    tool: str
+    choices: list[Choice]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rid: str, choices: list[Choice]) -> ChoiceGroup:
+        first = next((c.sub for c in choices if c.sub is not None), None)
+        if first is None:
+            raise APIError(
+                400, f"request `{rid}` is finished: every choice was delivered", param="Last-Event-ID"
+            )
+        return cls(rid, first.model, first.chat, first.created, first.include_usage, first.tool, choices)
+
+
+def parse_positions(last_event_id: str, n: int) -> list[int]:
+    """A group's ``Last-Event-ID``: one seq per choice, dot-separated."""
+    parts = last_event_id.split(".")
+    if len(parts) != n or not all(p.isdigit() and len(p) <= 19 and int(p) <= MAX_SEQ for p in parts):
+        raise APIError(
+            400,
+            f"Last-Event-ID must be {n} sequence numbers separated by dots (one per choice)",
+            param="Last-Event-ID",
+        )
+    return [int(p) for p in parts]
+
+
+async def admit(
+    svc: GatewayService,
+    body: Sampled,
+    *,
+    request_id: str,
+    idempotency_key: str | None,
+    principal: Principal,
+) -> ChoiceGroup:
+    """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued."""
+    n = body.n
+    rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
+    admitted: list[tuple[Submission, Sampled]] = []
+    try:
+        for index in range(n):
+            child = choice_body(body, index)
+            sub = await svc.admitter.submit(
+                child,
+                request_id=request_id,
+                idempotency_key=choice_key(idempotency_key, index),
+                principal=principal,
+                rid=choice_rid(rid, index),
+                choices=n,
+            )
+            admitted.append((sub, child))
+            if index == 0 and sub.duplicate:  # an Idempotency-Key replay: the group it made first
+                rid = sub.rid.rsplit("-", 1)[0]
+    except BaseException:
+        for index, (sub, child) in enumerate(admitted):
+            with contextlib.suppress(*TRANSIENT):
+                await svc.admitter.withdraw(sub, choice_key(idempotency_key, index), child, principal)
+        raise
+    choices = [Choice(i, sub.rid, 0, sub) for i, (sub, _) in enumerate(admitted)]
+    group = ChoiceGroup.of(rid, choices)
+    group.headers = admitted[-1][0].headers
+    return group
+
+
+async def resume(
+    svc: GatewayService, rid: str, n: int, principal: Principal, positions: list[int]
+) -> ChoiceGroup:
+    """Follow a group again from ``positions``; a choice whose last event was delivered is done."""
+    choices: list[Choice] = []
+    try:
+        for index, after in enumerate(positions[:n]):
+            child = choice_rid(rid, index)
+            record = await svc.requests.record(child, principal)
+            if record.status.terminal and record.seq <= after:
+                choices.append(Choice(index, child, after, None, record.usage))
+            else:
+                choices.append(Choice(index, child, after, await svc.requests.resume(child, principal)))
+        return ChoiceGroup.of(rid, choices)
+    except BaseException:
+        for choice in choices:
+            if choice.sub is not None:
+                await _let_go(svc, choice.sub)
+        raise
+
+
+async def _let_go(svc: GatewayService, sub: Submission) -> None:
+    if sub.subscription is not None:
+        await svc.fanin.unsubscribe(sub.subscription)
+    svc.requests.detach_later(sub.rid)
+
+
+def merged_usage(usages: list[dict[str, int] | None]) -> dict[str, int]:
+    """OpenAI's usage of an ``n > 1`` response: the prompt once, the completions summed."""
+    prompt = next((u.get("prompt_tokens", 0) for u in usages if u), 0)
+    completion = sum(u.get("completion_tokens", 0) for u in usages if u)
+    return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+class _Merged:
+    """The state of a group's stream: each choice's position, renderer and usage."""
+
+    def __init__(self, group: ChoiceGroup, fresh: bool) -> None:
+        self.group = group
+        self.positions = [c.after for c in group.choices]
+        self.usages = [c.usage for c in group.choices]
+        self.live = {c.index: c for c in group.choices if c.sub is not None}
+        self.render = [
+            ChoiceChunks(
+                rid=group.rid,
+                model=group.model,
+                created=group.created,
+                chat=group.chat,
+                tool=group.tool,
+                index=c.index,
+                resumed=not fresh,
+                call_rid=c.rid,
+            )
+            for c in group.choices
+        ]
+
+    def heads(self) -> bytes:
+        """Every chat choice's opening chunk, in index order, before any text: clients (the openai
+        SDK's stream helpers) add a choice when its index first appears, so they must come in order."""
+        if not self.group.chat:
+            return b""
+        return b"".join(sse_event(r.head(), self.event_id()) for r in self.render)
+
+    def event_id(self) -> str:
+        return ".".join(map(str, self.positions))
+
+    def chunk(self, index: int, event: TokenEvent) -> bytes:
+        self.positions[index] = event.seq
+        if event.kind == "token":
+            return sse_event(self.render[index].token(event), self.event_id())
+        del self.live[index]
+        if event.kind == "done":
+            self.usages[index] = event.usage
+            return sse_event(self.render[index].finish(event), self.event_id())
+        return sse_event(error_chunk(event), self.event_id())
+
+    def last(self) -> bytes:
+        """The usage chunk (when asked) and ``[DONE]``."""
+        if not self.group.include_usage:
+            return DONE
+        g = self.group
+        body: dict[str, Any] = {
+            "id": g.rid,
+            "object": "chat.completion.chunk" if g.chat else "text_completion",
+            "created": g.created,
+            "model": g.model,
+            "choices": [],
+            "usage": usage_body(merged_usage(self.usages)),
+        }
+        return sse_event(body, self.event_id()) + DONE
+
+
+Item = tuple[int, TokenEvent | BaseException | None]
+
+
+async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) -> AsyncIterator[bytes]:
+    """The group's SSE stream: every choice's chunks as they come, each with the group's position.
+    One failed choice fails the response: its error is the last event and the others are cancelled.
+    ``fresh``: from the start (no ``Last-Event-ID``), so it opens with every choice's head chunk."""
+    merged = _Merged(group, fresh)
+    queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_MAX)
+    tasks = [
+        asyncio.create_task(_pump(c.index, svc.requests.events(c.sub, c.after), queue))
+        for c in merged.live.values()
+        if c.sub is not None
+    ]
+    out: list[bytes] = [merged.heads()] if fresh else []
+    finished = False
+    try:
+        while merged.live:
+            index, item = await queue.get()
+            event = _unwrap(merged, index, item)
+            if event is None:
+                continue
+            out.append(merged.chunk(index, event))
+            if event.kind == "error":
+                await _cancel(svc, [c.rid for c in merged.live.values()])
+                merged.live.clear()
+                break
+            if queue.empty() or len(out) >= COALESCE_MAX:
+                yield b"".join(out)
+                out.clear()
+        else:
+            out.append(merged.last())
+        finished = True
+    except GatewayDraining:
+        pass  # end without [DONE]: the client resumes on another gateway (Last-Event-ID)
+    except APIError as exc:
+        out.append(sse_event(exc.body()))
+        finished = True
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not finished:
+            for choice in merged.live.values():
+                svc.requests.detach_later(choice.rid)
+    if out:
+        yield b"".join(out)
+
+
+def _unwrap(merged: _Merged, index: int, item: TokenEvent | BaseException | None) -> TokenEvent | None:
+    """A reader's event; its exception raised; None when it ended after its final event."""
+    if isinstance(item, BaseException):
+        raise item
+    if item is None and index in merged.live:
+        raise APIError(500, "a choice's stream ended without a final event", type="server_error")
+    return item
+
+
+async def _pump(
+    index: int,
+    events: AsyncIterator[TokenEvent],
+    queue: asyncio.Queue[Item],
+) -> None:
+    try:
+        async for event in events:
+            await queue.put((index, event))
+        await queue.put((index, None))
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # the response says it (or ends for a resume); never lost here
+        await queue.put((index, exc))
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
+    """The non-streaming response: every choice's answer with its index; usage as OpenAI sums it.
+    A failed choice fails the response (the others are cancelled); the caller detaches on error."""
+    calls = [
+        collect_response(
+            svc.requests.events(c.sub),
+            rid=c.rid,
+            model=group.model,
+            created=group.created,
+            chat=group.chat,
+            tool=group.tool,
+        )
+        for c in group.choices
+        if c.sub is not None
+    ]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        ended = [c.rid for c, r in zip(group.choices, results, strict=True) if isinstance(r, BaseException)]
+        if not any(isinstance(r, GatewayDraining) for r in failed):
+            await _cancel(svc, [c.rid for c in group.choices if c.rid not in ended])
+        raise failed[0]
+    choices = []
+    for index, result in enumerate(results):
+        assert isinstance(result, dict)
+        choices.append({**result["choices"][0], "index": index})
+    return {
+        "id": group.rid,
+        "object": "chat.completion" if group.chat else "text_completion",
+        "created": group.created,
+        "model": group.model,
+        "choices": choices,
+        "usage": usage_body(merged_usage([r["usage"] for r in results if isinstance(r, dict)])),
+    }
+
+
+async def _cancel(svc: GatewayService, rids: list[str]) -> None:
+    for rid in rids:
+        with contextlib.suppress(*TRANSIENT):
+            await svc.broker.cancel(rid, svc.settings.result_ttl_s, "another choice of the request failed")
+
+
+async def group_size(svc: GatewayService, rid: str, principal: Principal) -> int:
+    """How many choices request ``rid`` has, when it is a group; 0 when it is not one."""
+    try:
+        record = await svc.requests.record(choice_rid(rid, 0), principal)
+    except APIError:
+        return 0
+    return record.spec.choices if 1 < record.spec.choices <= MAX_CHOICES else 0
+
+
+def detach_all(svc: GatewayService, group: ChoiceGroup) -> None:
+    for choice in group.choices:
+        if choice.sub is not None:
+            svc.requests.detach_later(choice.rid)

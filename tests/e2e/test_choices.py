@@ -1,0 +1,231 @@
+"""``n > 1`` through gateway + Redis + sim workers: each choice is its own request (seed + index),
+interleaved by index in the stream, summed in usage; resume with a composite Last-Event-ID, cancel
+and status of the whole group; a refused choice takes back the ones queued."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from breakwater.broker import Broker, RequestSpec
+from breakwater.broker.record import Status
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
+from breakwater.redis_server import RedisServer
+from tests.helpers import StackProcs, async_wait_for, expected_sim
+from tests.inproc import inproc_gateway
+
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "three ways to say ahoy"}]
+
+
+@pytest.fixture(scope="module")
+def slow_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
+    """Two gateways, two workers at ~20 ms per step, a lane bound of 4 queued requests."""
+    procs = StackProcs(redis_server.url, f"n{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway(lane_max_queued=4)
+        procs.add_gateway(lane_max_queued=4)
+        procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5, max_batch=4)
+        procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5, max_batch=4)
+        procs.wait_workers(url)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def _client(procs: StackProcs, gateway: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{procs.gateways[gateway][1]}/v1", api_key="unused", max_retries=0)
+
+
+def test_three_choices_each_its_own_seed(stack: StackProcs) -> None:
+    with _client(stack) as client:
+        resp = client.chat.completions.create(model="sim", messages=MESSAGES, n=3, seed=7)
+    expected = [expected_sim(messages=MESSAGES, seed=7 + i) for i in range(3)]
+    assert resp.id.startswith("chatcmpl-")
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert [c.message.content for c in resp.choices] == [text for text, _, _ in expected]
+    assert [c.finish_reason for c in resp.choices] == [reason for _, reason, _ in expected]
+    assert len({c.message.content for c in resp.choices}) == 3
+    assert resp.usage is not None  # OpenAI's sum: the prompt once, every choice's completion
+    assert resp.usage.prompt_tokens == expected[0][2]["prompt_tokens"]
+    assert resp.usage.completion_tokens == sum(u["completion_tokens"] for _, _, u in expected)
+
+
+def test_streamed_choices_interleave_by_index_and_sum_usage(stack: StackProcs) -> None:
+    with _client(stack) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="sim",
+                messages=MESSAGES,
+                n=3,
+                seed=11,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    expected = [expected_sim(messages=MESSAGES, seed=11 + i) for i in range(3)]
+    texts = ["", "", ""]
+    reasons: list[str | None] = [None, None, None]
+    roles = [0, 0, 0]
+    for chunk in chunks[:-1]:
+        assert len(chunk.choices) == 1 and chunk.id == chunks[0].id
+        choice = chunk.choices[0]
+        assert reasons[choice.index] is None, "a chunk after its choice finished"
+        texts[choice.index] += choice.delta.content or ""
+        roles[choice.index] += choice.delta.role == "assistant"
+        reasons[choice.index] = choice.finish_reason
+    assert texts == [text for text, _, _ in expected]
+    assert reasons == [reason for _, reason, _ in expected]
+    assert roles == [1, 1, 1]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.prompt_tokens == expected[0][2]["prompt_tokens"]
+    assert usage.completion_tokens == sum(u["completion_tokens"] for _, _, u in expected)
+
+
+def test_completions_with_two_choices(stack: StackProcs) -> None:
+    with _client(stack) as client:
+        resp = client.completions.create(model="sim", prompt="n choices", n=2, seed=3, max_tokens=5)
+        streamed = ["", ""]
+        for chunk in client.completions.create(
+            model="sim", prompt="n choices", n=2, seed=3, max_tokens=5, stream=True
+        ):
+            streamed[chunk.choices[0].index] += chunk.choices[0].text
+    expected = [expected_sim(prompt="n choices", seed=3 + i, max_tokens=5)[0] for i in range(2)]
+    assert [c.text for c in resp.choices] == expected == streamed
+    assert [c.index for c in resp.choices] == [0, 1]
+
+
+def _events(lines: Iterator[str], stop_after: int | None = None) -> tuple[list[tuple[str, Any]], bool]:
+    """(SSE id, data) pairs and whether [DONE] arrived; stops after ``stop_after`` events."""
+    events: list[tuple[str, Any]] = []
+    eid = ""
+    for line in lines:
+        if line.startswith("id: "):
+            eid = line[4:]
+        elif line == "data: [DONE]":
+            return events, True
+        elif line.startswith("data: "):
+            events.append((eid, orjson.loads(line[6:])))
+            if stop_after is not None and len(events) >= stop_after:
+                break
+    return events, False
+
+
+def _texts(events: list[tuple[str, Any]], n: int) -> list[str]:
+    texts = [""] * n
+    for _, data in events:
+        for choice in data.get("choices", ()):
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+    return texts
+
+
+def test_resume_on_another_gateway_with_every_choices_position(slow_stack: StackProcs) -> None:
+    body = {"model": "sim", "messages": MESSAGES, "n": 2, "seed": 5, "max_tokens": 24, "ignore_eos": True}
+    first_url, second_url = slow_stack.gateways[0][1], slow_stack.gateways[1][1]
+    with httpx.stream("POST", f"{first_url}/v1/chat/completions", json={**body, "stream": True}) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        before, done = _events(resp.iter_lines(), stop_after=9)
+    assert not done
+    last_id = before[-1][0]
+    positions = [int(p) for p in last_id.split(".")]
+    heads = [(eid, d["choices"][0]["index"], d["choices"][0]["delta"]) for eid, d in before[:2]]
+    assert heads == [("0.0", i, {"role": "assistant", "content": ""}) for i in range(2)]  # in index order
+    assert len(positions) == 2 and sum(positions) == 7  # then each event advances one choice's seq
+    with httpx.stream(
+        "GET", f"{second_url}/v1/requests/{rid}/events", headers={"Last-Event-ID": last_id}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        after, done = _events(resp.iter_lines())
+    assert done
+    ids = [tuple(int(p) for p in eid.split(".")) for eid, data in after if data.get("choices")]
+    assert all(b >= a for prev, cur in itertools.pairwise(ids) for a, b in zip(prev, cur, strict=True))
+    expected = [
+        expected_sim(messages=MESSAGES, seed=5 + i, max_tokens=24, ignore_eos=True)[0] for i in range(2)
+    ]
+    assert [a + b for a, b in zip(_texts(before, 2), _texts(after, 2), strict=True)] == expected
+
+
+def test_cancel_and_status_of_the_whole_group(slow_stack: StackProcs) -> None:
+    url = slow_stack.gateways[0][1]
+    body = {"model": "sim", "prompt": "cancel us", "n": 2, "max_tokens": 200, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        lines = resp.iter_lines()
+        _events(lines, stop_after=2)
+        status = httpx.get(f"{url}/v1/requests/{rid}").json()
+        assert status["status"] == "running"
+        assert [c["index"] for c in status["choices"]] == [0, 1]
+        assert [c["id"] for c in status["choices"]] == [f"{rid}-0", f"{rid}-1"]
+        cancelled = httpx.delete(f"{url}/v1/requests/{rid}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        rest, done = _events(lines)
+    assert not done
+    assert rest[-1][1]["error"]["code"] == "cancelled"
+    status = httpx.get(f"{url}/v1/requests/{rid}").json()
+    assert [c["status"] for c in status["choices"]] == ["cancelled", "cancelled"]
+    assert httpx.get(f"{url}/v1/requests/{rid}-7").status_code == 404
+    bad = httpx.get(f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": "3"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+
+
+def test_an_idempotency_key_replays_the_whole_group(stack: StackProcs) -> None:
+    url = stack.gateways[0][1]
+    body = {"model": "sim", "prompt": "replay the group", "n": 2, "seed": 21, "max_tokens": 6}
+    key = {"Idempotency-Key": f"group-{uuid.uuid4().hex}"}
+    first = httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=30).json()
+    again = httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=30).json()
+    assert again == first
+    status = httpx.get(f"{url}/v1/requests/{first['id']}").json()
+    assert status["status"] == "done" and len(status["choices"]) == 2
+
+
+async def test_a_refused_choice_takes_back_the_queued_ones(redis_server: RedisServer, prefix: str) -> None:
+    """The lane holds 2 waiting requests and 1 waits already: of n=3 the first choice is queued, the
+    second refused, so the request gets 429 and its first choice is cancelled: none of it runs."""
+    async with inproc_gateway(redis_server.url, prefix, lane_max_queued=2) as gw:
+        await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=20, decode_per_seq_ms=0)))
+        broker = gw.broker()
+        try:
+            busy = [await _enqueue(broker, f"busy-{i}") for i in range(2)]
+
+            async def one_running() -> bool:
+                records = [await broker.get_record(rid) for rid in busy]
+                return any(r is not None and r.status is Status.RUNNING for r in records)
+
+            await async_wait_for(one_running, 10, 0.01, what="one of the two running, one waiting")
+            body = {"model": "sim", "prompt": "three of us", "n": 3, "max_tokens": 4}
+            refused = await gw.http.post("/v1/completions", json=body)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            keys = [k async for k in broker.redis.scan_iter(match=f"{prefix}:req:*")]
+            choices = [r for r in [await broker.get_record(k.split("{")[1][:-1]) for k in keys] if r]
+            choices = [r for r in choices if r.spec.choices == 3]
+            assert len(choices) == 1  # the first was queued; the second was refused; the third never sent
+            assert choices[0].status is Status.CANCELLED and choices[0].tokens == 0
+        finally:
+            await broker.aclose()
+
+
+async def _enqueue(broker: Broker, rid: str) -> str:
+    spec = RequestSpec(
+        model="sim",
+        lane="interactive",
+        kind="completion",
+        request_id=rid,
+        timeout_s=60,
+        prompt=rid,
+        max_tokens=2000,
+        ignore_eos=True,
+    )
+    result = await broker.enqueue(rid=rid, spec=spec, max_queued=10, result_ttl_s=60, cost=10)
+    assert result.accepted
+    return rid
