@@ -18,12 +18,13 @@ from tests.helpers import StackProcs, expected_sim
 
 @pytest.fixture(scope="module")
 def slow_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
-    """Two gateways, one worker at ~20 ms per step so a stream can be cut mid-way."""
+    """Two gateways, one worker at ~20 ms per step so a stream can be cut mid-way (said to write
+    Hermes-format tool calls, so `tool_choice: auto` is served: the sim answers in text)."""
     procs = StackProcs(redis_server.url, f"r{uuid.uuid4().hex[:10]}", log_dir)
     try:
         url = procs.add_gateway()
         procs.add_gateway()
-        procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5)
+        procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5, tool_format="hermes")
         procs.wait_workers(url)
         yield procs
     finally:
@@ -84,6 +85,46 @@ def test_sse_resume_with_last_event_id(slow_stack: StackProcs, second_gateway: b
     assert tail[-1][1]["choices"][0]["finish_reason"] == reason
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_model_choosing_its_tools_resumes_exactly(slow_stack: StackProcs, n: int) -> None:
+    """With `tool_choice: auto` the answer is parsed for calls from its start, so a resume replays
+    the events through the parser and sends only what follows Last-Event-ID: the two halves make
+    the whole answer, once (here all text: the sim writes no calls)."""
+    url = slow_stack.gateways[0][1]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": f"auto tools resume {n}"}]
+    body = {"model": "sim", "messages": messages, "tools": [tool], "seed": 31, "max_tokens": 30, "n": n}
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30
+    ) as resp:
+        assert resp.status_code == 200
+        rid = resp.headers["x-breakwater-request-id"]
+        lines = resp.iter_lines()
+        head: list[tuple[str, dict[str, Any]]] = []
+        eid = ""
+        for line in lines:
+            if line.startswith("id: "):
+                eid = line[4:]
+            elif line.startswith("data: {"):
+                head.append((eid, orjson.loads(line[6:])))
+                if len(head) == 6:
+                    break
+    with httpx.stream(
+        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": head[-1][0]}, timeout=30
+    ) as resp:
+        tail = [orjson.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    texts = [""] * n
+    for data in [d for _, d in head] + tail:
+        for choice in data["choices"]:
+            assert "tool_calls" not in choice["delta"]
+            texts[choice["index"]] += choice["delta"].get("content") or ""
+    # The sim's prompt is what the engine sees: the tools' system message, then the user's.
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).json()
+    assert texts == [c["message"]["content"] for c in whole["choices"]]
+    ends = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in tail if c["choices"]}
+    assert [ends[i] for i in range(n)] == [c["finish_reason"] for c in whole["choices"]]
+
+
 def test_resume_with_after_query_and_status(slow_stack: StackProcs) -> None:
     url = slow_stack.gateways[0][1]
     body = {"model": "sim", "prompt": "query resume", "seed": 77, "max_tokens": 10}
@@ -142,6 +183,11 @@ async def test_websocket_bad_messages_keep_connection(slow_stack: StackProcs) ->
         err = orjson.loads(await ws.recv())  # n > 1 is the HTTP API's
         assert err["type"] == "error" and err["status"] == 400
         assert err["error"]["code"] == "unsupported_parameter" and err["error"]["param"] == "n"
+        tool = {"type": "function", "function": {"name": "f"}}
+        chat = {"model": "sim", "messages": [{"role": "user", "content": "x"}], "tools": [tool]}
+        await ws.send(orjson.dumps(chat).decode())
+        err = orjson.loads(await ws.recv())  # the model's own tool calls need HTTP's rendering
+        assert (err["status"], err["error"]["param"]) == (400, "tool_choice")
         await ws.send(orjson.dumps({"resume": "cmpl-missing", "after": 0}).decode())
         err = orjson.loads(await ws.recv())
         assert err["type"] == "error" and err["status"] == 404

@@ -253,8 +253,6 @@ def test_a_conversation_continues_after_a_tool_result(llama_stack: StackProcs, c
 @pytest.mark.parametrize(
     ("change", "param"),
     [
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({}, "tool_choice"),  # tools without tool_choice mean auto
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
         (
@@ -286,3 +284,111 @@ def test_a_model_whose_engine_cannot_constrain_refuses_a_forced_call(stack: Stac
         client.chat.completions.create(model="sim", messages=WEATHER, tools=[WEATHER_TOOL], tool_choice=NAMED)
     assert isinstance(err.value.body, dict)
     assert (err.value.body["code"], err.value.body["param"]) == ("unsupported_parameter", "tool_choice")
+
+
+@pytest.mark.parametrize("choice", ["auto", None, "required"])
+def test_a_model_without_a_tool_format_refuses_the_models_own_choice(
+    stack: StackProcs, choice: str | None
+) -> None:
+    """The sim workers publish no tool-call format: `auto` (also implied by `tools` alone) and
+    `required` with several tools are refused by name, before queueing."""
+    body: dict[str, Any] = {"model": "sim", "messages": WEATHER, "tools": [WEATHER_TOOL, TIME_TOOL]}
+    if choice is not None:
+        body["tool_choice"] = choice
+    resp = httpx.post(f"{stack.gateways[0][1]}/v1/chat/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert (resp.json()["error"]["code"], resp.json()["error"]["param"]) == (
+        "unsupported_parameter",
+        "tool_choice",
+    )
+
+
+# -- tool calling: the model's own choice (`auto`, `required`), in SmolLM2's format under a grammar --
+
+
+class GetTime(BaseModel):
+    """Get the current local time in a city."""
+
+    city: str = Field(max_length=30)
+
+
+TIME_TOOL = openai.pydantic_function_tool(GetTime, name="get_time")
+ARGUMENTS = {"get_weather": GetWeather, "get_time": GetTime}
+
+
+def _check_calls(calls: list[Any]) -> None:
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        ARGUMENTS[call.function.name].model_validate_json(call.function.arguments)
+    assert len({call.id for call in calls}) == len(calls)
+
+
+def test_required_with_two_tools_calls_one_of_them(llama_stack: StackProcs, client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=WEATHER,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice="required",
+        max_tokens=120,
+        seed=4,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls
+    _check_calls(choice.message.tool_calls)
+    models = {m.id: m.model_extra or {} for m in client.models.list().data}
+    assert "tool_format:smollm2" in models[MODEL]["features"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_auto_streamed_and_whole_answers_agree_and_are_well_formed(
+    llama_stack: StackProcs, client: openai.OpenAI, seed: int
+) -> None:
+    """The model decides (maybe no call: an empty list); whatever it decides, the streamed answer,
+    assembled by the SDK's helper, equals the whole one, and every call validates."""
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "messages": WEATHER,
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "max_tokens": 120,
+        "seed": seed,
+        "temperature": 0.9,
+    }
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    with client.chat.completions.stream(**kwargs) as stream:
+        streamed = stream.get_final_completion().choices[0]
+    calls = whole.message.tool_calls or []
+    _check_calls(calls)
+    assert whole.finish_reason == ("tool_calls" if calls else "stop")
+    assert streamed.finish_reason == whole.finish_reason
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls or []] == [
+        (c.function.name, c.function.arguments) for c in calls
+    ]
+    assert (streamed.message.content or None) == (whole.message.content or None)
+
+
+def test_auto_continues_a_conversation_after_a_tool_result(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
+    """History in SmolLM2's format (the call as <tool_call>[...], the result as <tool_response>)."""
+    history: list[ChatCompletionMessageParam] = [
+        *WEATHER,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21, "sky": "sunny"}'},
+    ]
+    completion = client.chat.completions.create(
+        model=MODEL, messages=history, tools=[WEATHER_TOOL, TIME_TOOL], max_tokens=120, seed=8
+    )
+    choice = completion.choices[0]
+    _check_calls(choice.message.tool_calls or [])
+    assert choice.finish_reason in ("stop", "tool_calls")

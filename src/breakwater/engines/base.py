@@ -13,6 +13,7 @@ from breakwater.protocol.formats import OutputFormat
 RESPONSE_FORMAT = "response_format"  # constrained structured output (JSON object / JSON Schema)
 LOGPROBS = "logprobs"  # per-token logprobs from the model's distribution (SequenceDelta.logprobs)
 CONSTRAINED_CONTINUATION = "constrained_continuation"  # continue constrained output after a crash
+GRAMMAR = "grammar"  # a GBNF grammar (OutputFormat.needs_grammar: a format with literal tags)
 EMBEDDINGS = (
     "embeddings"  # /v1/embeddings: GenerationRequest.embed_inputs, answered with protocol.embeddings.pack
 )
@@ -83,6 +84,7 @@ class Engine(ABC):
 
     info: EngineInfo
     features: frozenset[str] = frozenset()
+    tool_format: str = ""  # the model's tool-call format (protocol.toolformats), when known
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model; called once before use."""

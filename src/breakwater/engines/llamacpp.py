@@ -20,6 +20,7 @@ import codecs
 import ctypes
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp
@@ -29,6 +30,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
+    GRAMMAR,
     LOGPROBS,
     RESPONSE_FORMAT,
     Engine,
@@ -73,10 +75,12 @@ class _Seq:
 class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
 
-    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS, LOGPROBS})
+    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS, LOGPROBS, GRAMMAR})
 
     def __init__(self, options: LlamaCppOptions) -> None:
         self.model_path = options.gguf()
+        # SmolLM2's instruct models were trained on its tool-call format (the setting overrides).
+        self.tool_format = "smollm2" if "smollm2" in Path(self.model_path).name.lower() else ""
         self.capacity = options.capacity
         self.requested_ctx = options.context_length
         self.n_threads = options.n_threads or max(1, os.cpu_count() or 1)

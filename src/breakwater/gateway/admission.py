@@ -14,17 +14,19 @@ from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
-from breakwater.engines.base import EMBEDDINGS, LOGPROBS, RESPONSE_FORMAT
+from breakwater.engines.base import EMBEDDINGS, GRAMMAR, LOGPROBS, RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
+from breakwater.protocol import toolformats
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.formats import FormatError, parse_response_format
 from breakwater.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
-from breakwater.protocol.tools import forced_call, rendered_calls
+from breakwater.protocol.toolformats import tool_format_of
+from breakwater.protocol.tools import AutoCalls, ForcedCall, rendered_calls, tool_plan
 from breakwater.tenancy import ANONYMOUS, Principal
 from breakwater.tenancy.limits import Limits
 
@@ -49,8 +51,12 @@ def request_spec(
     default_timeout_s: float,
     principal: Principal = ANONYMOUS,
     choices: int = 1,
+    model: ModelInfo | None = None,
+    auto_tools: bool = True,
 ) -> RequestSpec:
-    """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``)."""
+    """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``), for
+    ``model`` (its tool-call format and whether its engines take a grammar); ``auto_tools``: the
+    surface can render the model's own tool calls (not the WebSocket's raw tokens)."""
     key = principal.key
     owner: dict[str, Any] = {
         "model": body.model,
@@ -77,38 +83,81 @@ def request_spec(
         "include_usage": body.include_usage(),
     }
     if isinstance(body, ChatCompletionRequest):
-        return _chat_spec(body, common)
+        features = model.features if model is not None else frozenset()
+        fmt = tool_format_of(features) if auto_tools else ""
+        return _chat_spec(body, common, fmt, GRAMMAR in features)
     return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)
 
 
-def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any]) -> RequestSpec:
-    """A chat's spec: a forced tool call or a response_format become the output's constraint."""
+def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, grammar: bool) -> RequestSpec:
+    """A chat's spec: a forced tool call or a response_format become the output's constraint; with
+    ``tool_choice: auto`` the tools go into the system prompt in the model's format ``fmt``."""
     try:
-        messages = [_message(m) for m in body.messages]
-        call = forced_call(body.tools, body.tool_choice)
-        fmt = call.output_format() if call else parse_response_format(body.response_format)
+        plan = tool_plan(
+            body.tools,
+            body.tool_choice,
+            parallel=body.parallel_tool_calls is not False,
+            fmt=fmt,
+            grammar=grammar,
+        )
+        auto = plan if isinstance(plan, AutoCalls) else None
+        messages = [_message(m, auto.fmt if auto else "") for m in body.messages]
+        if auto is not None:
+            _refuse_with_auto(body)
+            messages = _with_tools(auto, messages)
+            out = auto.output_format(grammar)
+        elif isinstance(plan, ForcedCall):
+            out = plan.output_format()
+        else:
+            out = parse_response_format(body.response_format)
     except FormatError as exc:
         code = exc.code or (
             "invalid_response_format" if exc.param.startswith("response_format") else "invalid_value"
         )
         raise APIError(400, str(exc), code=code, param=exc.param) from exc
-    if call is not None:
-        messages = [call.instruction(), *messages]
+    if isinstance(plan, ForcedCall):
+        messages = [plan.instruction(), *messages]
     return RequestSpec(
         kind="chat",
         messages=messages,
-        response_format=fmt.to_json() if fmt else "",
-        tool_call=call.name if call else "",
+        response_format=out.to_json() if out else "",
+        tool_call=plan.name if isinstance(plan, ForcedCall) else "",
+        tool_format=auto.fmt if auto else "",
         **common,
     )
 
 
-def _message(message: ChatMessage) -> dict[str, str]:
-    """A message as the engine's chat template sees it; earlier tool calls become text."""
+def _refuse_with_auto(body: ChatCompletionRequest) -> None:
+    """What the model's own tool-call answer cannot be combined with."""
+    if parse_response_format(body.response_format) is not None:
+        raise FormatError(
+            "`response_format` cannot be combined with `tool_choice: auto`",
+            "response_format",
+            "unsupported_parameter",
+        )
+    if body.logprobs:
+        raise FormatError(
+            "`logprobs` cannot be combined with `tool_choice: auto`", "logprobs", "unsupported_parameter"
+        )
+
+
+def _with_tools(auto: AutoCalls, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The tools' system message first, holding the client's own system text (if it sent one)."""
+    if messages and messages[0]["role"] in ("system", "developer"):
+        return [auto.system(messages[0]["content"]), *messages[1:]]
+    return [auto.system(""), *messages]
+
+
+def _message(message: ChatMessage, fmt: str = "") -> dict[str, str]:
+    """A message as the engine's chat template sees it. Earlier tool calls and results: in the
+    model's tool-call format ``fmt`` when there is one, else as text."""
     text = message.text()
     calls = (message.model_extra or {}).get("tool_calls")
+    if fmt and message.role == "tool":
+        return toolformats.rendered_result(text)
     if message.role == "assistant" and calls:
-        text = f"{text}\n{rendered_calls(calls)}" if text else rendered_calls(calls)
+        shown = rendered_calls(calls, fmt)
+        text = f"{text}\n{shown}" if text else shown
     return {"role": message.role, "content": text}
 
 
@@ -173,6 +222,7 @@ class Admitter:
         subscribe: bool = True,
         rid: str = "",
         choices: int = 1,
+        auto_tools: bool = True,
     ) -> Submission:
         """Queue ``body`` as request ``rid`` (new when empty); ``choices``: it is one of a request's
         ``n`` choices (gateway.choices)."""
@@ -183,6 +233,8 @@ class Admitter:
             default_timeout_s=self.settings.request_timeout_s,
             principal=principal,
             choices=choices,
+            model=model,
+            auto_tools=auto_tools,
         )
         check_features(spec, model)
         prompt = prompt_text(spec)
@@ -254,6 +306,7 @@ class Admitter:
             sub,
             headers=headers,
             tool=spec.tool_call,
+            tool_format=spec.tool_format,
         )
 
     async def _bind(

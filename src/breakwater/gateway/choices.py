@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.admission import new_rid
+from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
@@ -80,6 +81,7 @@ class ChoiceGroup:
     tool: str
     choices: list[Choice]
     headers: dict[str, str] = field(default_factory=dict)
+    tool_format: str = ""
 
     @classmethod
     def of(cls, rid: str, choices: list[Choice]) -> ChoiceGroup:
@@ -88,7 +90,16 @@ class ChoiceGroup:
             raise APIError(
                 400, f"request `{rid}` is finished: every choice was delivered", param="Last-Event-ID"
             )
-        return cls(rid, first.model, first.chat, first.created, first.include_usage, first.tool, choices)
+        return cls(
+            rid,
+            first.model,
+            first.chat,
+            first.created,
+            first.include_usage,
+            first.tool,
+            choices,
+            tool_format=first.tool_format,
+        )
 
 
 def parse_positions(last_event_id: str, n: int) -> list[int]:
@@ -182,19 +193,7 @@ class _Merged:
         self.positions = [c.after for c in group.choices]
         self.usages = [c.usage for c in group.choices]
         self.live = {c.index: c for c in group.choices if c.sub is not None}
-        self.render = [
-            ChoiceChunks(
-                rid=group.rid,
-                model=group.model,
-                created=group.created,
-                chat=group.chat,
-                tool=group.tool,
-                index=c.index,
-                resumed=not fresh,
-                call_rid=c.rid,
-            )
-            for c in group.choices
-        ]
+        self.render = [_renderer(group, c, fresh) for c in group.choices]
 
     def heads(self) -> bytes:
         """Every chat choice's opening chunk, in index order, before any text: clients (the openai
@@ -209,11 +208,11 @@ class _Merged:
     def chunk(self, index: int, event: TokenEvent) -> bytes:
         self.positions[index] = event.seq
         if event.kind == "token":
-            return sse_event(self.render[index].token(event), self.event_id())
+            return b"".join(sse_event(c, self.event_id()) for c in self.render[index].chunks(event))
         del self.live[index]
         if event.kind == "done":
             self.usages[index] = event.usage
-            return sse_event(self.render[index].finish(event), self.event_id())
+            return b"".join(sse_event(c, self.event_id()) for c in self.render[index].finals(event))
         return sse_event(error_chunk(event), self.event_id())
 
     def last(self) -> bytes:
@@ -235,6 +234,29 @@ class _Merged:
 Item = tuple[int, TokenEvent | BaseException | None]
 
 
+def _renderer(group: ChoiceGroup, choice: Choice, fresh: bool) -> ChoiceChunks | ToolChunks:
+    if group.tool_format:  # replayed from its first event, the chunks through `after` not sent
+        return ToolChunks(
+            rid=group.rid,
+            model=group.model,
+            created=group.created,
+            index=choice.index,
+            resumed=not fresh,
+            call_rid=choice.rid,
+            skip_through=choice.after,
+        )
+    return ChoiceChunks(
+        rid=group.rid,
+        model=group.model,
+        created=group.created,
+        chat=group.chat,
+        tool=group.tool,
+        index=choice.index,
+        resumed=not fresh,
+        call_rid=choice.rid,
+    )
+
+
 async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) -> AsyncIterator[bytes]:
     """The group's SSE stream: every choice's chunks as they come, each with the group's position.
     One failed choice fails the response: its error is the last event and the others are cancelled.
@@ -242,7 +264,9 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
     merged = _Merged(group, fresh)
     queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_MAX)
     tasks = [
-        asyncio.create_task(_pump(c.index, svc.requests.events(c.sub, c.after), queue))
+        asyncio.create_task(
+            _pump(c.index, svc.requests.events(c.sub, 0 if group.tool_format else c.after), queue)
+        )
         for c in merged.live.values()
         if c.sub is not None
     ]
@@ -318,6 +342,7 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
             created=group.created,
             chat=group.chat,
             tool=group.tool,
+            tool_format=group.tool_format,
         )
         for c in group.choices
         if c.sub is not None

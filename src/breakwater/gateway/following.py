@@ -35,6 +35,7 @@ class Submission:
     duplicate: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* of its admission
     tool: str = ""  # the answer is a call to this function (protocol.tools)
+    tool_format: str = ""  # the model chooses its calls, in this format (gateway.autotools)
 
     @classmethod
     def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:
@@ -49,6 +50,7 @@ class Submission:
             sub,
             duplicate=True,
             tool=spec.tool_call,
+            tool_format=spec.tool_format,
         )
 
 

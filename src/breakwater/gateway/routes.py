@@ -100,6 +100,7 @@ async def _complete(
             created=sub.created,
             chat=sub.chat,
             tool=sub.tool,
+            tool_format=sub.tool_format,
         )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid)
@@ -176,7 +177,8 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
     pending: list[bytes] = []
     try:
         async for chunk in sse_chunks(
-            svc.requests.events(sub, after),
+            # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
+            svc.requests.events(sub, 0 if sub.tool_format else after),
             rid=sub.rid,
             model=sub.model,
             created=sub.created,
@@ -184,6 +186,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
             include_usage=sub.include_usage,
             after=after,
             tool=sub.tool,
+            tool_format=sub.tool_format,
         ):
             pending.append(chunk)
             if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:

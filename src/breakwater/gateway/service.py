@@ -55,6 +55,7 @@ class GatewayService:
         idempotency_key: str | None,
         principal: Principal = ANONYMOUS,
         subscribe: bool = True,
+        auto_tools: bool = True,
     ) -> Submission:
         self._check(body, principal)
         if not isinstance(body, EmbeddingRequest) and body.n > 1:
@@ -71,6 +72,7 @@ class GatewayService:
             idempotency_key=idempotency_key,
             principal=principal,
             subscribe=subscribe,
+            auto_tools=auto_tools,
         )
 
     async def submit_choices(

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from breakwater.gateway.autotools import ToolChunks, auto_message
 from breakwater.gateway.errors import APIError, error_body
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
@@ -70,6 +71,12 @@ class ChoiceChunks:
             self.rid, self.model, self.created, delta, logprobs=event.logprobs, index=self.index
         )
 
+    def chunks(self, event: TokenEvent) -> list[dict[str, Any]]:
+        return [self.token(event)]
+
+    def finals(self, event: TokenEvent) -> list[dict[str, Any]]:
+        return [self.finish(event)]
+
     def head(self) -> dict[str, Any]:
         """The choice's opening chunk, before any text: its role (or its call's id and name)."""
         delta = (
@@ -109,9 +116,16 @@ async def sse_chunks(
     include_usage: bool,
     after: int = 0,
     tool: str = "",
+    tool_format: str = "",
 ) -> AsyncIterator[bytes]:
     """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``.
-    ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``."""
+    ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``.
+    ``tool_format``: the model chose its calls (gateway.autotools); then ``events`` start at the
+    first, and those through ``after`` are parsed but not sent."""
+    if tool_format:
+        async for chunk in _auto_chunks(events, rid, model, created, include_usage, after):
+            yield chunk
+        return
     choice = ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
     async for event in events:
         if event.kind == "token":
@@ -128,8 +142,35 @@ async def sse_chunks(
             return
 
 
+async def _auto_chunks(
+    events: AsyncIterator[TokenEvent], rid: str, model: str, created: int, include_usage: bool, after: int
+) -> AsyncIterator[bytes]:
+    choice = ToolChunks(rid=rid, model=model, created=created, skip_through=after)
+    async for event in events:
+        if event.kind == "token":
+            if out := choice.chunks(event):
+                yield b"".join(sse_event(c, event.seq) for c in out)
+        elif event.kind == "done":
+            last = [sse_event(c, event.seq) for c in choice.finals(event)]
+            if include_usage:
+                last.append(sse_event(usage_chunk(rid, model, created, True, event.usage), event.seq))
+            last.append(DONE)
+            yield b"".join(last)
+            return
+        else:
+            yield sse_event(error_chunk(event), event.seq)
+            return
+
+
 async def collect_response(
-    events: AsyncIterator[TokenEvent], *, rid: str, model: str, created: int, chat: bool, tool: str = ""
+    events: AsyncIterator[TokenEvent],
+    *,
+    rid: str,
+    model: str,
+    created: int,
+    chat: bool,
+    tool: str = "",
+    tool_format: str = "",
 ) -> dict[str, Any]:
     """A non-streaming response body from all events; an error event raises :class:`APIError`."""
     parts: list[str] = []
@@ -141,6 +182,14 @@ async def collect_response(
                 logprobs = [*(logprobs or ()), *event.logprobs]
         elif event.kind == "done":
             text, reason = "".join(parts), event.finish_reason or "stop"
+            if tool_format:  # the model chose its calls: split its answer
+                body = chat_response(rid, model, created, text, reason, event.usage, logprobs=logprobs)
+                message, called = auto_message(rid, text)
+                choice = body["choices"][0]
+                choice["message"] = message
+                if called and reason == "stop":
+                    choice["finish_reason"] = "tool_calls"
+                return body
             if chat:
                 return chat_response(rid, model, created, text, reason, event.usage, tool, logprobs)
             return text_response(rid, model, created, text, reason, event.usage, logprobs)

@@ -54,8 +54,16 @@ class _Connection:
         async with self.lock:
             await self.ws.send_text(orjson.dumps(message).decode())
 
-    async def error(self, message: str, code: str, request_id: str | None = None, status: int = 400) -> None:
-        body = error_body(message, "invalid_request_error" if status < 500 else "server_error", code)
+    async def error(
+        self,
+        message: str,
+        code: str,
+        request_id: str | None = None,
+        status: int = 400,
+        param: str | None = None,
+    ) -> None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = error_body(message, kind, code, param)
         await self.send({"type": "error", "request_id": request_id, "status": status, **body})
 
     async def handle(self, raw: str) -> None:
@@ -86,7 +94,9 @@ class _Connection:
                 await self._submit(data)
         except APIError as exc:
             rid = data.get("resume") or data.get("cancel")
-            await self.error(exc.message, exc.code or "error", str(rid) if rid else None, exc.status)
+            await self.error(
+                exc.message, exc.code or "error", str(rid) if rid else None, exc.status, exc.param
+            )
         except TRANSIENT as exc:  # Redis unreachable, full or read-only: nothing was admitted
             await self.error(
                 f"the queue is unavailable; retry shortly ({reason(exc)})", "redis_unavailable", None, 503
@@ -105,8 +115,8 @@ class _Connection:
             msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
             await self.error(f"{param}: {msg}" if param else msg, "invalid_value")
             return
-        sub = await self.svc.submit(
-            body, request_id=self.request_id, idempotency_key=None, principal=self.principal
+        sub = await self.svc.submit(  # token events carry raw text: the model's own tool calls are HTTP's
+            body, request_id=self.request_id, idempotency_key=None, principal=self.principal, auto_tools=False
         )
         created: dict[str, Any] = {"type": "created", "request_id": sub.rid, "model": sub.model}
         if sub.tool:  # the tokens are this call's arguments

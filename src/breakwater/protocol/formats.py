@@ -33,9 +33,19 @@ class OutputFormat:
     kind: FormatKind
     schema: str = ""  # the JSON Schema as JSON text (json_schema only)
     name: str = ""
+    prefix: str = ""  # literal text before the JSON (a tool-call tag): only a grammar can say it
+    suffix: str = ""
+
+    @property
+    def needs_grammar(self) -> bool:
+        """Only an engine that takes a GBNF grammar can enforce it (not a JSON-Schema backend)."""
+        return bool(self.prefix or self.suffix)
 
     def to_json(self) -> str:
-        return orjson.dumps({"kind": self.kind, "schema": self.schema, "name": self.name}).decode()
+        data = {"kind": self.kind, "schema": self.schema, "name": self.name}
+        if self.needs_grammar:
+            data |= {"prefix": self.prefix, "suffix": self.suffix}
+        return orjson.dumps(data).decode()
 
     @classmethod
     def from_json(cls, text: str) -> OutputFormat | None:
@@ -43,7 +53,13 @@ class OutputFormat:
             return None
         data = orjson.loads(text)
         kind: FormatKind = "json_schema" if data.get("kind") == "json_schema" else "json_object"
-        return cls(kind, str(data.get("schema") or ""), str(data.get("name") or ""))
+        return cls(
+            kind,
+            str(data.get("schema") or ""),
+            str(data.get("name") or ""),
+            str(data.get("prefix") or ""),
+            str(data.get("suffix") or ""),
+        )
 
     def openai(self) -> dict[str, Any]:
         """The ``response_format`` to send an OpenAI-compatible upstream."""
@@ -54,7 +70,13 @@ class OutputFormat:
 
     def grammar(self) -> str:
         """The GBNF grammar (llama.cpp) that only admits this format's output."""
-        return _grammar(self.schema if self.kind == "json_schema" else ANY_OBJECT_SCHEMA)
+        grammar = _grammar(self.schema if self.kind == "json_schema" else ANY_OBJECT_SCHEMA)
+        if not self.needs_grammar:
+            return grammar
+        body = grammar.replace("\nroot ::= ", "\njson-root ::= ")
+        if body.startswith("root ::= "):
+            body = "json-root ::= " + body.removeprefix("root ::= ")
+        return f"root ::= {_literal(self.prefix)} json-root {_literal(self.suffix)}\n{body}"
 
 
 def parse_response_format(value: Any) -> OutputFormat | None:
@@ -100,6 +122,11 @@ def parse_response_format(value: Any) -> OutputFormat | None:
 # excludes them, as here.
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def _literal(text: str) -> str:
+    """A GBNF string literal."""
+    return orjson.dumps(text).decode()
 
 
 @lru_cache(maxsize=256)

@@ -5,9 +5,10 @@ one call to it: the engine generates the call's arguments under a grammar built 
 ``parameters`` schema (structured outputs, :mod:`breakwater.protocol.formats`), and the gateway
 renders that text as ``message.tool_calls`` (streamed as ``delta.tool_calls[0].function.arguments``
 in pieces) with ``finish_reason: "tool_calls"``. ``tool_choice: "none"`` answers in text.
-``auto`` (the model decides whether to call, in its own tool-call format) is refused by name until
-per-family parsers exist. Earlier turns (assistant ``tool_calls``, ``tool`` messages) are rendered
-into the conversation as text, so any chat template can show them to the model.
+``auto`` (and ``required`` with several tools) leaves the decision to the model, in its family's
+tool-call format (:class:`AutoCalls`, :mod:`breakwater.protocol.toolformats`); a model whose workers
+publish no format refuses it by name. For a forced call, earlier turns (assistant ``tool_calls``,
+``tool`` messages) are rendered into the conversation as text, so any chat template shows them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from breakwater.protocol import toolformats
 from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -51,9 +53,59 @@ class ForcedCall:
         }
 
 
-def forced_call(tools: Any, tool_choice: Any) -> ForcedCall | None:
-    """The call ``tools`` + ``tool_choice`` demand (None: answer in text); raises :class:`FormatError`
-    naming the parameter for what is malformed or not served."""
+@dataclass(frozen=True, slots=True)
+class AutoCalls:
+    """The model decides whether (``required``: at least once) and what to call, in format ``fmt``."""
+
+    functions: tuple[ForcedCall, ...]
+    fmt: str
+    required: bool
+    parallel: bool
+
+    def system(self, text: str) -> dict[str, str]:
+        """The system message: the tools in the model's format, with the client's system ``text``."""
+        tools = [
+            {
+                "type": "function",
+                "function": {"name": f.name, "description": f.description, "parameters": f.parameters},
+            }
+            for f in self.functions
+        ]
+        return {"role": "system", "content": toolformats.system_prompt(self.fmt, tools, text)}
+
+    def output_format(self, grammar: bool) -> OutputFormat | None:
+        """The grammar that admits only calls of these functions (SmolLM2's format, on an engine that
+        takes a grammar); None: the answer is free and parsed as it comes."""
+        if self.fmt != "smollm2" or not grammar:
+            return None
+        one_of = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "required": ["name", "arguments"],
+            }
+            for f in self.functions
+        ]
+        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": one_of}}
+        schema["minItems"] = 1 if self.required else 0
+        if not self.parallel:
+            schema["maxItems"] = 1
+        fmt = OutputFormat(
+            "json_schema", orjson.dumps(schema).decode(), "tool_calls", toolformats.OPEN, toolformats.CLOSE
+        )
+        try:
+            fmt.grammar()
+        except Exception as exc:  # the converter asserts on what it cannot express
+            raise FormatError(f"the tools' parameters cannot be enforced: {exc}", "tools") from exc
+        return fmt
+
+
+def tool_plan(
+    tools: Any, tool_choice: Any, *, parallel: bool = True, fmt: str = "", grammar: bool = False
+) -> ForcedCall | AutoCalls | None:
+    """What ``tools`` + ``tool_choice`` ask for on a model with tool-call format ``fmt`` (whose
+    engines take a grammar when ``grammar``): a forced call, the model's choice, or text (None).
+    Raises :class:`FormatError` naming the parameter for what is malformed or not served."""
     if tools is None or tools == []:
         if tool_choice not in (None, "none", "auto"):
             raise FormatError("`tool_choice` needs `tools`", "tool_choice")
@@ -61,21 +113,26 @@ def forced_call(tools: Any, tool_choice: Any) -> ForcedCall | None:
     functions = _functions(tools)
     if tool_choice == "none":
         return None
-    if tool_choice is None or tool_choice == "auto":
-        raise FormatError(
-            "`tool_choice: auto` is not supported yet: name the function "
-            '(`{"type": "function", "function": {"name": ...}}`), or use `required` with one tool',
-            "tool_choice",
-            "unsupported_parameter",
-        )
-    if tool_choice == "required":
-        if len(functions) != 1:
+    required = tool_choice == "required"
+    if required and len(functions) == 1:
+        return next(iter(functions.values()))
+    if tool_choice is None or tool_choice == "auto" or required:
+        if not fmt:
             raise FormatError(
-                "`tool_choice: required` is supported with exactly one tool; name the function instead",
+                "`tool_choice: auto` (the default with `tools`) needs a model whose workers know its "
+                "tool-call format (`tool_format:<name>` in its `features`, /v1/models); "
+                'name the function instead (`{"type": "function", "function": {"name": ...}}`)',
                 "tool_choice",
                 "unsupported_parameter",
             )
-        return next(iter(functions.values()))
+        if required and not (fmt == "smollm2" and grammar):
+            raise FormatError(
+                "`tool_choice: required` with several tools needs an engine that enforces the model's "
+                "tool-call format; name the function instead",
+                "tool_choice",
+                "unsupported_parameter",
+            )
+        return AutoCalls(tuple(functions.values()), fmt, required, parallel)
     if (
         isinstance(tool_choice, dict)
         and tool_choice.get("type") == "function"
@@ -120,14 +177,27 @@ def call_id(rid: str) -> str:
     return "call_" + base[:24] + (f"_{index}" if index else "")
 
 
-def rendered_calls(tool_calls: Any) -> str:
-    """An assistant turn's earlier tool calls as text the model can read."""
+def rendered_calls(tool_calls: Any, fmt: str = "") -> str:
+    """An assistant turn's earlier tool calls as text the model can read: in its tool-call format
+    ``fmt`` when it has one, else as a JSON list."""
     if not isinstance(tool_calls, list):
         raise FormatError("`tool_calls` must be a list", "messages")
-    calls = []
+    calls: list[tuple[str, Any]] = []
     for call in tool_calls:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise FormatError("each tool call needs `function.name`", "messages")
-        calls.append({"name": fn["name"], "arguments": fn.get("arguments", "")})
-    return orjson.dumps(calls).decode()
+        calls.append((fn["name"], fn.get("arguments", "")))
+    if fmt:
+        return toolformats.rendered_calls(fmt, [(name, _arguments(args)) for name, args in calls])
+    return orjson.dumps([{"name": name, "arguments": args} for name, args in calls]).decode()
+
+
+def _arguments(arguments: Any) -> Any:
+    """A call's arguments as an object (OpenAI sends them as JSON text)."""
+    if isinstance(arguments, str):
+        try:
+            return orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return arguments
+    return arguments

@@ -12,6 +12,7 @@ from breakwater.broker import Job, Lease, RequestRecord
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
+    GRAMMAR,
     LOGPROBS,
     RESPONSE_FORMAT,
     Engine,
@@ -94,6 +95,12 @@ def refusal(engine: Engine, request: GenerationRequest) -> EngineRequestError | 
     if RESPONSE_FORMAT not in engine.features:
         return EngineRequestError(
             f"`response_format` is not supported by the {engine.info.engine} engine",
+            code="unsupported_parameter",
+        )
+    if request.output_format.needs_grammar and GRAMMAR not in engine.features:
+        return EngineRequestError(
+            f"the tool-call format is enforced by a grammar, which the {engine.info.engine} engine "
+            "does not take",
             code="unsupported_parameter",
         )
     if request.emitted_tokens and CONSTRAINED_CONTINUATION not in engine.features:

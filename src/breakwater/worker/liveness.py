@@ -13,6 +13,7 @@ from breakwater.broker import Broker, Job, Status
 from breakwater.broker.errors import TRANSIENT
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import Engine
+from breakwater.protocol.toolformats import FEATURE_PREFIX
 from breakwater.worker.jobs import InFlight
 from breakwater.worker.metrics import WorkerMetrics
 
@@ -41,7 +42,7 @@ class LivenessMixin:
         return {
             "model": info.model,
             "engine": info.engine,
-            "features": sorted(self.engine.features),
+            "features": sorted(self.features()),
             "capacity": info.capacity,
             "context_length": info.context_length,
             "active": self.engine.running(),
@@ -50,6 +51,11 @@ class LivenessMixin:
             "engine_stats": stats,
             "ts_ms": int(time.time() * 1000),
         }
+
+    def features(self) -> set[str]:
+        """The engine's features and the model's tool-call format (``tool_format:<name>``)."""
+        fmt = self.settings.tool_format or self.engine.tool_format
+        return {*self.engine.features, *([FEATURE_PREFIX + fmt] if fmt and fmt != "none" else [])}
 
     def step_hung(self) -> bool:
         """The engine has been inside one step longer than ``step_timeout_s`` (stuck decode, stalled

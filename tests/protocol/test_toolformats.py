@@ -1,0 +1,130 @@
+"""The tool-call parser and prompts of ``tool_choice: auto`` (protocol.toolformats): the same split
+however the answer is cut into pieces; what is not a call stays text; the formats' prompts."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from breakwater.protocol.formats import OutputFormat
+from breakwater.protocol.toolformats import (
+    CallParser,
+    ParsedCall,
+    Piece,
+    parse_block,
+    rendered_calls,
+    split_answer,
+    system_prompt,
+    tool_format_of,
+)
+from breakwater.protocol.tools import AutoCalls, ForcedCall, tool_plan
+
+HERMES = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": "{\\"city\\": \\"Oslo\\"}"}\n</tool_call>'
+)
+SMOLLM2 = (
+    '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+    '{"name": "get_time", "arguments": {}}]</tool_call>'
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent text pieces joined (how a stream is cut changes only where text splits)."""
+    out: list[Piece] = []
+    for piece in pieces:
+        if isinstance(piece, str) and out and isinstance(out[-1], str):
+            out[-1] += piece
+        elif piece:
+            out.append(piece)
+    return out
+
+
+def _fed(text: str, cuts: list[int]) -> list[Piece]:
+    parser = CallParser()
+    pieces: list[Piece] = []
+    for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True):
+        pieces += parser.feed(text[a:b])
+    return _merged(pieces + parser.finish())
+
+
+def test_hermes_answer_is_text_then_calls() -> None:
+    text, calls = split_answer(HERMES)
+    assert text == "Let me check.\n\n"
+    assert calls == [
+        ParsedCall("get_weather", '{"city":"Paris"}'),
+        ParsedCall("get_time", '{"city":"Oslo"}'),  # arguments written as a JSON string
+    ]
+
+
+def test_smollm2_answer_is_a_list_of_calls_and_an_empty_list_is_none() -> None:
+    assert split_answer(SMOLLM2) == (
+        "",
+        [ParsedCall("get_weather", '{"city":"Paris"}'), ParsedCall("get_time", "{}")],
+    )
+    assert split_answer("<tool_call>[]</tool_call>") == ("", [])
+
+
+@pytest.mark.parametrize("answer", [HERMES, SMOLLM2, "plain <b>text</b> < tool_call", "a <tool_call>{broken"])
+def test_every_way_of_cutting_the_stream_gives_the_same_split(answer: str) -> None:
+    whole = _fed(answer, [])
+    for cut in range(1, len(answer)):
+        assert _fed(answer, [cut]) == whole, cut
+    assert _fed(answer, list(range(1, len(answer)))) == whole  # one character at a time
+
+
+def test_text_that_may_open_a_tag_is_held_back_until_known() -> None:
+    parser = CallParser()
+    assert parser.feed("Sure <tool") == ["Sure "]
+    assert parser.feed("box>") == ["<toolbox>"]
+    assert parser.feed("<tool_call>{") == []
+    assert parser.finish() == ["<tool_call>{"]  # never closed: it was text
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        '{"name": 3}',
+        "[1, 2]",
+        '{"arguments": {}}',
+        '{"name": "f", "arguments": [1]}',
+        "not json",
+        '{"name": "f", "arguments": "{"}',
+    ],
+)
+def test_a_block_that_is_not_calls_stays_text(block: str) -> None:
+    assert parse_block(block) is None
+    assert split_answer(f"x<tool_call>{block}</tool_call>y") == (f"x<tool_call>{block}</tool_call>y", [])
+
+
+def test_prompts_show_the_tools_and_history_in_the_models_format() -> None:
+    tools = [WEATHER, TIME]
+    smol = system_prompt("smollm2", tools, "Be brief.")
+    assert f"<tools>{orjson.dumps(tools).decode()}</tools>" in smol and smol.endswith("\nBe brief.")
+    hermes = system_prompt("hermes", tools, "Be brief.")
+    assert hermes.startswith("Be brief.\n\n# Tools") and orjson.dumps(WEATHER).decode() in hermes
+    call = [("get_weather", {"city": "Paris"})]
+    assert split_answer(rendered_calls("smollm2", call))[1] == [ParsedCall("get_weather", '{"city":"Paris"}')]
+    assert split_answer(rendered_calls("hermes", call))[1] == [ParsedCall("get_weather", '{"city":"Paris"}')]
+
+
+def test_plans_and_the_grammar_of_smollm2_calls() -> None:
+    assert isinstance(tool_plan([WEATHER], "required", fmt="smollm2", grammar=True), ForcedCall)
+    plan = tool_plan([WEATHER, TIME], "required", parallel=False, fmt="smollm2", grammar=True)
+    assert isinstance(plan, AutoCalls) and plan.required
+    fmt = plan.output_format(grammar=True)
+    assert fmt is not None and fmt.needs_grammar and OutputFormat.from_json(fmt.to_json()) == fmt
+    schema = orjson.loads(fmt.schema)
+    assert (schema["minItems"], schema["maxItems"]) == (1, 1)
+    assert fmt.grammar().startswith('root ::= "<tool_call>" json-root "</tool_call>"\n')
+    assert plan.output_format(grammar=False) is None
+    hermes = tool_plan([WEATHER, TIME], None, fmt="hermes")
+    assert isinstance(hermes, AutoCalls) and hermes.output_format(grammar=True) is None  # free text
+
+
+def test_the_format_is_the_workers_shared_one() -> None:
+    assert tool_format_of(frozenset({"logprobs", "tool_format:smollm2"})) == "smollm2"
+    assert tool_format_of(frozenset({"tool_format:smollm2", "tool_format:hermes"})) == ""
+    assert tool_format_of(frozenset()) == ""
