@@ -313,7 +313,7 @@ class GetTime(BaseModel):
 
 
 TIME_TOOL = openai.pydantic_function_tool(GetTime, name="get_time")
-ARGUMENTS = {"get_weather": GetWeather, "get_time": GetTime}
+ARGUMENTS: dict[str, type[BaseModel]] = {"get_weather": GetWeather, "get_time": GetTime}
 
 
 def _check_calls(calls: list[Any]) -> None:
