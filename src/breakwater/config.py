@@ -191,11 +191,12 @@ class WorkerSettings(CommonSettings):
             "tenant joins the queue, and continues it when a slot frees (fair share without waiting)"
         ),
     )
-    tool_format: Literal["", "none", "smollm2", "hermes"] = Field(
+    tool_format: Literal["", "none", "smollm2", "hermes", "openai"] = Field(
         default="",
         description=(
             "the model's tool-call format, for `tool_choice: auto` (protocol/toolformats.py); '' : the "
-            "engine's guess (a SmolLM2 GGUF: smollm2), 'none': no automatic tool calls"
+            "engine's guess (a SmolLM2 GGUF: smollm2; the openai engine: openai, passed through), "
+            "'none': no automatic tool calls"
         ),
     )
     hourly_cost_usd: float = Field(default=0.0, ge=0.0, description="this worker's price per hour (cost/1k)")

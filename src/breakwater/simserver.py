@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -29,6 +30,7 @@ from breakwater.protocol.openai import (
     chat_response,
     text_chunk,
     text_response,
+    tool_call_delta,
     usage_chunk,
 )
 
@@ -190,9 +192,9 @@ async def _serve(
         raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
     chat = isinstance(body, ChatCompletionRequest)
     asked = {"logprobs": body.logprobs_top() >= 0}
+    tool = _called(body) if isinstance(body, ChatCompletionRequest) else ""
     if isinstance(body, ChatCompletionRequest):
         asked["response_format"] = body.response_format not in (None, {"type": "text"})
-        asked["tools"] = bool(body.tools) and body.tool_choice != "none"
     for name, wanted in asked.items():
         if wanted:  # the sim engine implements none of these: refused by name, never ignored
             raise APIError(
@@ -209,7 +211,7 @@ async def _serve(
         raise APIError(400, str(exc), code=exc.code) from None
     if body.stream:
         return StreamingResponse(
-            _stream(driver, gen, body, rid, created, chat), media_type="text/event-stream"
+            _stream(driver, gen, body, rid, created, chat, tool), media_type="text/event-stream"
         )
     parts: list[str] = []
     final: SequenceDelta | None = None
@@ -218,9 +220,26 @@ async def _serve(
         final = delta
     if final is None:
         raise APIError(500, "the engine produced no output", type="server_error")
-    build = chat_response if chat else text_response
     usage = _usage(gen, final.usage)
-    return JSONBody(build(rid, body.model, created, "".join(parts), final.finish_reason or "stop", usage))
+    reason = final.finish_reason or "stop"
+    if tool:
+        arguments = orjson.dumps({"text": "".join(parts)}).decode()
+        return JSONBody(chat_response(rid, body.model, created, arguments, reason, usage, tool))
+    build = chat_response if chat else text_response
+    return JSONBody(build(rid, body.model, created, "".join(parts), reason, usage))
+
+
+def _called(body: ChatCompletionRequest) -> str:
+    """With tools (and a choice other than ``none``) the sim answers with a call: to the named
+    function, else the first, its generated text as the arguments ``{"text": ...}`` (a stand-in
+    for an upstream that calls tools, streamed in pieces as vLLM's are)."""
+    tools, choice = body.tools, body.tool_choice
+    if not tools or choice == "none" or not isinstance(tools, list):
+        return ""
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return str(choice["function"].get("name") or "")
+    first = tools[0].get("function") if isinstance(tools[0], dict) else None
+    return str(first.get("name") or "") if isinstance(first, dict) else ""
 
 
 def _metrics_text(driver: SimDriver, model: str) -> str:
@@ -247,7 +266,12 @@ async def _stream(
     rid: str,
     created: int,
     chat: bool,
+    tool: str = "",
 ) -> AsyncIterator[bytes]:
+    if tool:
+        async for chunk in _stream_call(driver, gen, body, rid, created, tool):
+            yield chunk
+        return
     first = True
     async for delta in driver.generate(gen):
         if delta.text or (first and chat):
@@ -266,4 +290,28 @@ async def _stream(
                 yield sse_event(text_chunk(rid, body.model, created, "", delta.finish_reason))
             if body.include_usage():
                 yield sse_event(usage_chunk(rid, body.model, created, chat, _usage(gen, delta.usage)))
+    yield DONE
+
+
+async def _stream_call(
+    driver: SimDriver,
+    gen: GenerationRequest,
+    body: ChatCompletionRequest | CompletionRequest,
+    rid: str,
+    created: int,
+    tool: str,
+) -> AsyncIterator[bytes]:
+    """The answer as a call whose arguments arrive in pieces: ``{"text": "`` + each token escaped."""
+    yield sse_event(chat_chunk(rid, body.model, created, tool_call_delta(rid, tool, '{"text": "', True)))
+    async for delta in driver.generate(gen):
+        if delta.text:
+            piece = orjson.dumps(delta.text).decode()[1:-1]
+            yield sse_event(chat_chunk(rid, body.model, created, tool_call_delta(rid, tool, piece, False)))
+        if delta.finished:
+            end = tool_call_delta(rid, tool, '"}', False)
+            yield sse_event(chat_chunk(rid, body.model, created, end))
+            reason = "tool_calls" if delta.finish_reason == "stop" else delta.finish_reason
+            yield sse_event(chat_chunk(rid, body.model, created, {}, reason))
+            if body.include_usage():
+                yield sse_event(usage_chunk(rid, body.model, created, True, _usage(gen, delta.usage)))
     yield DONE

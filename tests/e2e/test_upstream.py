@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -99,6 +100,61 @@ async def test_chat_and_completion_match_the_engine(up_stack: StackProcs) -> Non
     assert "tide" not in "".join(parts)
     assert final_usage is not None and final_usage.completion_tokens == usage["completion_tokens"]
     await client.close()
+
+
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+NOTE = {"type": "function", "function": {"name": "note", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("choice", [None, "required"])
+def test_tools_pass_through_to_the_upstream_and_its_calls_come_back(
+    up_stack: StackProcs, upstream: str, choice: str | None
+) -> None:
+    """`tool_choice` auto (the default) and `required` with several tools: the upstream gets the
+    tools and the history as sent, and its calls (streamed in pieces) reach the client as the
+    upstream made them, streamed and whole (the sim-server answers with a call to the first tool)."""
+    history: list[dict[str, Any]] = [
+        {"role": "user", "content": "look it up"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "note", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "noted"},
+    ]
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "messages": history,
+        "tools": [LOOKUP, NOTE],
+        "seed": 4,
+    }
+    if choice:
+        kwargs["tool_choice"] = choice
+    with (
+        openai.OpenAI(base_url=f"{up_stack.gateways[0][1]}/v1", api_key="x", max_retries=0) as client,
+        openai.OpenAI(base_url=f"{upstream}/v1", api_key="x", max_retries=0) as direct,
+    ):
+        reference = direct.chat.completions.create(**kwargs).choices[0]
+        whole = client.chat.completions.create(**kwargs)
+        with client.chat.completions.stream(**kwargs) as stream:
+            streamed = stream.get_final_completion()
+    assert reference.finish_reason == "tool_calls" and reference.message.tool_calls
+    want = [
+        (c.function.name, c.function.arguments) for c in reference.message.tool_calls if c.type == "function"
+    ]
+    for got in (whole, streamed):
+        choice_ = got.choices[0]
+        assert choice_.finish_reason == "tool_calls" and not choice_.message.content
+        calls = [c for c in choice_.message.tool_calls or [] if c.type == "function"]
+        assert [(c.function.name, orjson.loads(c.function.arguments)) for c in calls] == [
+            (name, orjson.loads(args)) for name, args in want
+        ]
+    assert whole.usage is not None and whole.usage.completion_tokens == reference_usage(upstream, kwargs)
+
+
+def reference_usage(upstream: str, kwargs: dict[str, Any]) -> int:
+    body = httpx.post(f"{upstream}/v1/chat/completions", json=kwargs, timeout=30).json()
+    return int(body["usage"]["completion_tokens"])
 
 
 def test_upstream_rejection_reaches_the_client(

@@ -19,7 +19,7 @@ import httpx
 import openai
 import orjson
 import pytest
-from openai.types.chat import ChatCompletionNamedToolChoiceParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionNamedToolChoiceParam
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
@@ -42,6 +42,7 @@ CPU_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
 }
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,7 @@ def vllm_server(model_dir: str, log_dir: Path) -> Iterator[str]:
                 *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
                 *("--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)),
                 *("--max-model-len", "1024", "--max-num-seqs", "4", "--enforce-eager"),
+                *("--enable-auto-tool-choice", "--tool-call-parser", "hermes"),  # tools, as GPU pods run it
             ],
             env={**os.environ, **CPU_ENV},
             stdout=log,
@@ -241,6 +243,47 @@ def test_structured_output_through_vllm(inproc: StackProcs, sidecar: StackProcs)
             (tool_call,) = call.choices[0].message.tool_calls or []
             assert tool_call.type == "function" and tool_call.function.name == "report_colors"
             Colors.model_validate_json(tool_call.function.arguments)
+
+
+class ColorOf(BaseModel):
+    thing: str = Field(max_length=20)
+
+
+COLOR_TOOLS = [
+    openai.pydantic_function_tool(Colors, name="report_colors"),
+    openai.pydantic_function_tool(ColorOf, name="color_of"),
+]
+TOOL_ARGUMENTS: dict[str, type[BaseModel]] = {"report_colors": Colors, "color_of": ColorOf}
+
+
+def test_choices_and_the_models_own_tool_calls_through_vllm(inproc: StackProcs, sidecar: StackProcs) -> None:
+    """n=2 on both shapes; `required` with two tools: in-process, SmolLM2's format as a GBNF grammar
+    for vLLM's structured outputs; through the sidecar, passed to vLLM's server, which enforces it
+    and streams its calls back. `auto` on both: whatever the model decides is well formed."""
+    for procs in (inproc, sidecar):
+        url = f"{procs.gateways[0][1]}/v1"
+        with openai.OpenAI(base_url=url, api_key="x", timeout=120, max_retries=0) as client:
+            two = client.chat.completions.create(
+                model=MODEL, messages=ASK, n=2, temperature=0.8, seed=7, max_tokens=16
+            )
+            assert [c.index for c in two.choices] == [0, 1] and all(c.message.content for c in two.choices)
+            assert two.usage is not None and two.usage.completion_tokens > 16
+            features = {m.id: (m.model_extra or {})["features"] for m in client.models.list().data}[MODEL]
+            assert ("tool_format:smollm2" if procs is inproc else "tool_format:openai") in features
+            required = client.chat.completions.create(
+                model=MODEL, messages=ASK, tools=COLOR_TOOLS, tool_choice="required", max_tokens=120, seed=7
+            )
+            assert (
+                required.choices[0].message.tool_calls and required.choices[0].finish_reason == "tool_calls"
+            )
+            chosen = client.chat.completions.create(
+                model=MODEL, messages=ASK, tools=COLOR_TOOLS, max_tokens=120, seed=7
+            )
+            for resp in (required, chosen):
+                calls = [c for c in resp.choices[0].message.tool_calls or [] if c.type == "function"]
+                assert resp.choices[0].finish_reason in (("tool_calls",) if calls else ("stop", "length"))
+                for call in calls:
+                    TOOL_ARGUMENTS[call.function.name].model_validate_json(call.function.arguments)
 
 
 async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]]:

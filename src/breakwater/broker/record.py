@@ -57,6 +57,9 @@ class RequestSpec:
     inputs: list[str] | None = None  # embedding: the texts to embed
     logprobs: int = -1  # report logprobs with this many alternatives per token (-1: not asked)
     tool_format: str = ""  # tool_choice auto: the answer is parsed for calls in this format (toolformats)
+    tools: str = (
+        ""  # format `openai`: {"tools", "tool_choice", "parallel_tool_calls"} for the upstream (JSON)
+    )
     choices: int = 1  # the client's n: this is one choice, its rid ``<parent>-<index>`` (gateway.choices)
 
     def to_hash(self) -> dict[str, str]:
@@ -84,7 +87,14 @@ class RequestSpec:
             out["logprobs"] = str(self.logprobs)
         if self.choices > 1:
             out["choices"] = str(self.choices)
-        for name in ("tenant", "key_id", "response_format", "tool_call", "tool_format"):  # omitted when empty
+        for name in (
+            "tenant",
+            "key_id",
+            "response_format",
+            "tool_call",
+            "tool_format",
+            "tools",
+        ):  # omitted when empty
             if text := getattr(self, name):
                 out[name] = text
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
@@ -120,6 +130,7 @@ class RequestSpec:
             response_format=h.get("response_format", ""),
             tool_call=h.get("tool_call", ""),
             tool_format=h.get("tool_format", ""),
+            tools=h.get("tools", ""),
             inputs=orjson.loads(h["inputs"]) if h.get("inputs") else None,
             logprobs=int(h.get("logprobs") or -1),
             choices=int(h.get("choices") or 1),

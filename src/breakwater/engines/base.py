@@ -44,7 +44,7 @@ class GenerationRequest:
 
     request_id: str
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, str]] | None = None  # a tool-call turn's `tool_calls`: JSON text
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -55,6 +55,7 @@ class GenerationRequest:
     output_format: OutputFormat | None = None
     embed_inputs: list[str] | None = None  # an embedding request: no generation, one final delta
     logprobs: int | None = None  # report each token's logprob and this many most likely alternatives
+    tools: dict[str, Any] | None = None  # passed to an upstream (tools, tool_choice, parallel_tool_calls)
     emitted_text: str = ""
     emitted_tokens: int = 0
 

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from breakwater.engines.base import LOGPROBS, RESPONSE_FORMAT, EngineInfo, GenerationRequest, SequenceDelta
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
+from breakwater.protocol.toolformats import CLOSE, OPEN, PASS_THROUGH
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def parse_load(text: str) -> UpstreamLoad | None:
 
 class OpenAIUpstreamEngine(StreamingEngine):
     features = frozenset({RESPONSE_FORMAT, LOGPROBS})  # passed through to the upstream
+    tool_format = PASS_THROUGH  # tools too: the upstream's calls come back as Hermes blocks
 
     def __init__(self, options: UpstreamOptions) -> None:
         self.base_url = options.url.rstrip("/")
@@ -250,7 +252,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             if failures > self.retries:
                 self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
                 return
-            if flight.request.output_format is not None and flight.text:
+            if (flight.request.output_format is not None or flight.request.tools is not None) and flight.text:
                 # The upstream cannot resume a constrained answer mid-way; never send unconstrained text.
                 message = (
                     f"upstream failed after structured output had started ({failure}); retry the request"
@@ -289,7 +291,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
         if req.messages is None:
             body["prompt"] = (req.prompt or "") + flight.text
             return "/completions", body
-        body["messages"] = list(req.messages)
+        body["messages"] = [_upstream_message(m) for m in req.messages]
+        if req.tools is not None:
+            body.update(req.tools)
         if flight.text:
             # Continue the partial answer instead of starting a new turn (vLLM's chat extension).
             body["messages"].append({"role": "assistant", "content": flight.text})
@@ -303,6 +307,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         chat = path == "/chat/completions"
         finish: str | None = None
         usage: dict[str, Any] | None = None
+        calls = _Calls() if flight.request.tools is not None else None
         async with self._http().post(self.base_url + path, data=orjson.dumps(body)) as response:
             if response.status != 200:
                 raw = await response.read()
@@ -324,11 +329,14 @@ class OpenAIUpstreamEngine(StreamingEngine):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
                         finish = _take(choice, chat, parts, logprobs) or finish
+                        if calls is not None:
+                            calls.take(choice, parts, finish is not None)
                 if parts:  # one delta per read, not per token
                     text = "".join(parts)
+                    tokens = len(parts) - (calls.tags() if calls is not None else 0)
                     flight.text += text
-                    flight.tokens += len(parts)
-                    self._emit(SequenceDelta(rid, text=text, tokens=len(parts), logprobs=logprobs or None))
+                    flight.tokens += tokens
+                    self._emit(SequenceDelta(rid, text=text, tokens=tokens, logprobs=logprobs or None))
                 if done:
                     break
         if finish is None:
@@ -347,7 +355,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
             )
         exact = start_tokens + int(usage.get("completion_tokens") or 0)
         correction = max(0, exact - flight.tokens)
-        total = max(exact, flight.tokens)
+        # The upstream's count is the truth: its chunks are not always one token each (a tool call's
+        # first chunk, a closing piece), so counting chunks may have said more or less.
+        total = exact
         # A continuation's prompt held the text emitted before it: that part is completion, not prompt.
         prompt = max(0, int(usage.get("prompt_tokens") or 0) - start_tokens)
         flight.tokens = total
@@ -357,6 +367,52 @@ class OpenAIUpstreamEngine(StreamingEngine):
             finish_reason=finish,
             usage={"prompt_tokens": prompt, "completion_tokens": total},
         )
+
+
+def _upstream_message(message: dict[str, str]) -> dict[str, Any]:
+    """A record's message as the upstream takes it (an assistant turn's ``tool_calls`` are JSON)."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return message
+    return {**message, "tool_calls": orjson.loads(calls), "content": message.get("content") or None}
+
+
+class _Calls:
+    """The upstream's streamed ``tool_calls`` written as Hermes blocks, ``<tool_call>{"name": ...,
+    "arguments": <the pieces as they come>}</tool_call>``, which the gateway parses back
+    (protocol.toolformats): the request's stream stays text, so its guarantees are unchanged."""
+
+    __slots__ = ("_open", "_tags")
+
+    def __init__(self) -> None:
+        self._open = -1  # the index of the call being written
+        self._tags = 0  # pieces added that are not the upstream's tokens (counted out of `tokens`)
+
+    def take(self, choice: dict[str, Any], parts: list[str], finished: bool) -> None:
+        for call in (choice.get("delta") or {}).get("tool_calls") or ():
+            index = call.get("index", 0)
+            fn = call.get("function") or {}
+            if index != self._open:
+                self._close(parts)
+                name = orjson.dumps(str(fn.get("name") or "")).decode()
+                parts.append(f'{OPEN}{{"name": {name}, "arguments": ')
+                self._tags += 1
+                self._open = index
+            if fn.get("arguments"):
+                parts.append(str(fn["arguments"]))
+        if finished:
+            self._close(parts)
+
+    def _close(self, parts: list[str]) -> None:
+        if self._open >= 0:
+            parts.append("}" + CLOSE)
+            self._tags += 1
+            self._open = -1
+
+    def tags(self) -> int:
+        """The tag pieces added since last asked."""
+        tags, self._tags = self._tags, 0
+        return tags
 
 
 def _take(

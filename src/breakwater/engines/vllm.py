@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from breakwater.engines.base import (
+    GRAMMAR,
     LOGPROBS,
     RESPONSE_FORMAT,
     EngineInfo,
@@ -76,8 +77,9 @@ class _Load:
 
 
 class VLLMEngine(StreamingEngine):
-    # vLLM's structured-output backend (xgrammar, ...) and its logprobs (raw, before sampling)
-    features = frozenset({RESPONSE_FORMAT, LOGPROBS})
+    # vLLM's structured-output backend (xgrammar, ...: JSON Schema, and GBNF grammars) and its
+    # logprobs (raw, before sampling)
+    features = frozenset({RESPONSE_FORMAT, LOGPROBS, GRAMMAR})
 
     def __init__(self, options: VLLMOptions) -> None:
         super().__init__()
@@ -86,6 +88,8 @@ class VLLMEngine(StreamingEngine):
         self.kv_high = options.kv_high
         self.engine_args = dict(options.engine_args)
         self.info = EngineInfo(options.model, "vllm", options.context_length, options.capacity)
+        # SmolLM2's instruct models were trained on its tool-call format (the setting overrides).
+        self.tool_format = "smollm2" if "smollm2" in options.model.lower() else ""
         self.load = _Load()
         self._llm: Any = None
         self._tokenizer: Any = None
@@ -195,7 +199,9 @@ class VLLMEngine(StreamingEngine):
         structured = None
         if req.output_format is not None:  # never a continuation: the worker refuses those (jobs.refusal)
             fmt = req.output_format
-            if fmt.kind == "json_schema":
+            if fmt.needs_grammar:  # literal tags around the JSON (a tool-call format): GBNF
+                structured = StructuredOutputsParams(grammar=fmt.grammar())
+            elif fmt.kind == "json_schema":
                 structured = StructuredOutputsParams(json=orjson.loads(fmt.schema))
             else:
                 structured = StructuredOutputsParams(json_object=True)

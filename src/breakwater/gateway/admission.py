@@ -10,6 +10,8 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+import orjson
+
 from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
@@ -25,7 +27,7 @@ from breakwater.protocol import toolformats
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.formats import FormatError, parse_response_format
 from breakwater.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
-from breakwater.protocol.toolformats import tool_format_of
+from breakwater.protocol.toolformats import PASS_THROUGH, tool_format_of
 from breakwater.protocol.tools import AutoCalls, ForcedCall, rendered_calls, tool_plan
 from breakwater.tenancy import ANONYMOUS, Principal
 from breakwater.tenancy.limits import Limits
@@ -101,14 +103,20 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
             grammar=grammar,
         )
         auto = plan if isinstance(plan, AutoCalls) else None
-        messages = [_message(m, auto.fmt if auto else "") for m in body.messages]
-        if auto is not None:
+        passed = ""
+        if auto is not None and auto.fmt == PASS_THROUGH:  # the upstream gets tools and history as sent
             _refuse_with_auto(body)
-            messages = _with_tools(auto, messages)
+            messages = [_passed_message(m) for m in body.messages]
+            passed, out = auto.passed_through(body.tools, body.tool_choice), None
+        elif auto is not None:
+            _refuse_with_auto(body)
+            messages = _with_tools(auto, [_message(m, auto.fmt) for m in body.messages])
             out = auto.output_format(grammar)
         elif isinstance(plan, ForcedCall):
+            messages = [_message(m) for m in body.messages]
             out = plan.output_format()
         else:
+            messages = [_message(m) for m in body.messages]
             out = parse_response_format(body.response_format)
     except FormatError as exc:
         code = exc.code or (
@@ -123,6 +131,7 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
         response_format=out.to_json() if out else "",
         tool_call=plan.name if isinstance(plan, ForcedCall) else "",
         tool_format=auto.fmt if auto else "",
+        tools=passed,
         **common,
     )
 
@@ -146,6 +155,20 @@ def _with_tools(auto: AutoCalls, messages: list[dict[str, str]]) -> list[dict[st
     if messages and messages[0]["role"] in ("system", "developer"):
         return [auto.system(messages[0]["content"]), *messages[1:]]
     return [auto.system(""), *messages]
+
+
+def _passed_message(message: ChatMessage) -> dict[str, str]:
+    """A message for an upstream that takes tools itself: an assistant turn's ``tool_calls`` (as JSON
+    text: the record's messages hold strings) and a tool result's ``tool_call_id`` kept."""
+    out = {"role": message.role, "content": message.text()}
+    extra = message.model_extra or {}
+    calls = extra.get("tool_calls")
+    if message.role == "assistant" and calls:
+        rendered_calls(calls)  # checked: a malformed list is a 400 here, not the upstream's
+        out["tool_calls"] = orjson.dumps(calls).decode()
+    if message.role == "tool" and isinstance(extra.get("tool_call_id"), str):
+        out["tool_call_id"] = extra["tool_call_id"]
+    return out
 
 
 def _message(message: ChatMessage, fmt: str = "") -> dict[str, str]:

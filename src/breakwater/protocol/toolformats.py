@@ -12,6 +12,8 @@ arguments validate.
   {...}}, ...]</tool_call>`` and nothing else; an empty list means no call.
 - ``hermes`` (Hermes 2/3, Qwen 2.5/3 and most families trained on Hermes data): free text with
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
+- ``openai`` (an OpenAI-compatible upstream): the tools, the choice and the history go to the
+  upstream as they came; the engine writes the upstream's ``tool_calls`` back as Hermes blocks.
 
 A block that does not parse as calls is returned as text, as vLLM's parsers do.
 """
@@ -24,7 +26,8 @@ from typing import Any
 import orjson
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-FORMATS = ("smollm2", "hermes")
+FORMATS = ("smollm2", "hermes", "openai")
+PASS_THROUGH = "openai"
 FEATURE_PREFIX = "tool_format:"
 
 SMOLLM2_SYSTEM = (

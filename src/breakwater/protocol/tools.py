@@ -73,6 +73,13 @@ class AutoCalls:
         ]
         return {"role": "system", "content": toolformats.system_prompt(self.fmt, tools, text)}
 
+    def passed_through(self, tools: Any, tool_choice: Any) -> str:
+        """What the upstream gets (format ``openai``): the client's tools and choice, as JSON."""
+        choice = tool_choice if tool_choice is not None else "auto"
+        return orjson.dumps(
+            {"tools": tools, "tool_choice": choice, "parallel_tool_calls": self.parallel}
+        ).decode()
+
     def output_format(self, grammar: bool) -> OutputFormat | None:
         """The grammar that admits only calls of these functions (SmolLM2's format, on an engine that
         takes a grammar); None: the answer is free and parsed as it comes."""
@@ -125,7 +132,7 @@ def tool_plan(
                 "tool_choice",
                 "unsupported_parameter",
             )
-        if required and not (fmt == "smollm2" and grammar):
+        if required and not ((fmt == "smollm2" and grammar) or fmt == toolformats.PASS_THROUGH):
             raise FormatError(
                 "`tool_choice: required` with several tools needs an engine that enforces the model's "
                 "tool-call format; name the function instead",

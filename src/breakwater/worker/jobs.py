@@ -73,6 +73,7 @@ def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:
         output_format=OutputFormat.from_json(spec.response_format),
         embed_inputs=spec.inputs if spec.kind == "embedding" else None,
         logprobs=spec.logprobs if spec.logprobs >= 0 else None,
+        tools=orjson.loads(spec.tools) if spec.tools else None,
         emitted_text=record.emitted,
         emitted_tokens=record.tokens,
     )
@@ -89,6 +90,13 @@ def refusal(engine: Engine, request: GenerationRequest) -> EngineRequestError | 
     if request.logprobs is not None and LOGPROBS not in engine.features:
         return EngineRequestError(
             f"`logprobs` is not supported by the {engine.info.engine} engine", code="unsupported_parameter"
+        )
+    if request.tools is not None and request.emitted_tokens:
+        return EngineRequestError(
+            f"the worker running this request failed after {request.emitted_tokens} tokens of an "
+            "answer that may call tools, which the upstream cannot continue; retry the request",
+            code="continuation_unsupported",
+            error_type="server_error",
         )
     if request.output_format is None:
         return None
