@@ -19,10 +19,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from breakwater.config import SimServerSettings
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
-from breakwater.engines.sim import SimEngine, count_tokens
+from breakwater.engines.sim import SimEngine, count_tokens, embed
 from breakwater.gateway.errors import APIError, JSONBody, install_error_handlers
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.sse import DONE, sse_event
+from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response
 from breakwater.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -156,6 +157,15 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _serve(body, request, settings)
+
+    @app.post("/v1/embeddings", response_model=None)
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        """The sim engine's embeddings (hashed bag of words), as an upstream's to pass through."""
+        if body.model != settings.model:
+            raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
+        texts = body.inputs()
+        usage = {"prompt_tokens": sum(count_tokens(t) for t in texts)}
+        return JSONBody(embedding_response(body.model, [embed(t) for t in texts], usage, "float", None))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -157,6 +157,23 @@ def reference_usage(upstream: str, kwargs: dict[str, Any]) -> int:
     return int(body["usage"]["completion_tokens"])
 
 
+def test_embeddings_pass_through_to_the_upstream(up_stack: StackProcs, upstream: str) -> None:
+    """The upstream's vectors (order, values to float32), its usage, and `dimensions` applied here."""
+    texts = ["the harbor at night", "ships in the harbor", "a recipe for soup"]
+    with (
+        openai.OpenAI(base_url=f"{up_stack.gateways[0][1]}/v1", api_key="x", max_retries=0) as client,
+        openai.OpenAI(base_url=f"{upstream}/v1", api_key="x", max_retries=0) as direct,
+    ):
+        got = client.embeddings.create(model=MODEL, input=texts)
+        want = direct.embeddings.create(model=MODEL, input=texts)
+        short = client.embeddings.create(model=MODEL, input=texts[0], dimensions=8).data[0].embedding
+    assert [d.index for d in got.data] == [0, 1, 2]
+    for mine, theirs in zip(got.data, want.data, strict=True):
+        assert mine.embedding == pytest.approx(theirs.embedding, abs=1e-6)
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens > 0
+    assert len(short) == 8 and sum(x * x for x in short) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_upstream_rejection_reaches_the_client(
     redis_server: RedisServer, log_dir: Path, upstream: str
 ) -> None:

@@ -7,6 +7,7 @@ only talks HTTP and Redis. One vLLM OpenAI server is the reference ("vLLM direct
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import orjson
 import pytest
@@ -162,6 +164,43 @@ def sidecar(redis_server: RedisServer, log_dir: Path, vllm_server: str) -> Itera
         procs.stop()
 
 
+@pytest.fixture(scope="module")
+def pooling(redis_server: RedisServer, log_dir: Path, model_dir: str) -> Iterator[StackProcs]:
+    """Gateway + one worker running vLLM's pooling runner in-process (the model as an embedder)."""
+    procs = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        runner = {**CPU_ENV, "BREAKWATER_VLLM_ARGS": '{"runner": "pooling", "convert": "embed"}'}
+        procs.add_worker(MODEL, "vllm", VLLM_PYTHON, runner, capacity=4, context_length=512, heartbeat_s=0.3)
+        _wait_workers(procs, url, 1)
+        yield procs
+    finally:
+        procs.stop()
+
+
+def test_embeddings_through_vllms_pooling_runner(pooling: StackProcs) -> None:
+    """Shape and order, base64 equal to floats, `dimensions`, and meaning: similar sentences closer."""
+    texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Stock markets fell sharply today."]
+    with openai.OpenAI(
+        base_url=f"{pooling.gateways[0][1]}/v1", api_key="x", timeout=120, max_retries=0
+    ) as client:
+        got = client.embeddings.create(model=MODEL, input=texts)
+        packed = client.embeddings.create(model=MODEL, input=texts[0], encoding_format="base64")
+        short = client.embeddings.create(model=MODEL, input=texts[0], dimensions=32).data[0].embedding
+        features = {m.id: (m.model_extra or {})["features"] for m in client.models.list().data}[MODEL]
+        with pytest.raises(openai.BadRequestError):  # a pooling worker only embeds
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)
+    vectors = [d.embedding for d in got.data]
+    assert [d.index for d in got.data] == [0, 1, 2] and len({len(v) for v in vectors}) == 1
+    assert len(vectors[0]) == 576  # SmolLM2-135M's hidden size
+    assert got.usage.prompt_tokens > 0 and features == ["embeddings"]
+    decoded = np.frombuffer(base64.b64decode(str(packed.data[0].embedding)), dtype=np.float32)
+    assert decoded.tolist() == pytest.approx(vectors[0], abs=1e-6)
+    assert len(short) == 32 and float(np.linalg.norm(short)) == pytest.approx(1.0, abs=1e-5)
+    similar, unrelated = float(np.dot(vectors[0], vectors[1])), float(np.dot(vectors[0], vectors[2]))
+    assert similar > unrelated
+
+
 def _answers(base_url: str) -> list[tuple[str, int, int]]:
     """A sampled chat and a sampled completion, one at a time (same batch shape everywhere)."""
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", timeout=120)
@@ -284,6 +323,33 @@ def test_choices_and_the_models_own_tool_calls_through_vllm(inproc: StackProcs, 
                 assert resp.choices[0].finish_reason in (("tool_calls",) if calls else ("stop", "length"))
                 for call in calls:
                     TOOL_ARGUMENTS[call.function.name].model_validate_json(call.function.arguments)
+            # The SDK's stream helper assembles a named call; the conversation goes on after its result.
+            named: ChatCompletionNamedToolChoiceParam = {"type": "function", "function": {"name": "color_of"}}
+            with client.chat.completions.stream(
+                model=MODEL, messages=ASK, tools=COLOR_TOOLS, tool_choice=named, max_tokens=60, seed=3
+            ) as stream:
+                final = stream.get_final_completion()
+            (call,) = final.choices[0].message.tool_calls or []
+            assert isinstance(call.function.parsed_arguments, ColorOf)
+            history: list[ChatCompletionMessageParam] = [
+                *ASK,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": "color_of", "arguments": call.function.arguments},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": call.id, "content": '{"color": "blue"}'},
+            ]
+            after = client.chat.completions.create(
+                model=MODEL, messages=history, tools=COLOR_TOOLS, tool_choice="none", max_tokens=30, seed=3
+            )
+            assert after.choices[0].message.content and not after.choices[0].message.tool_calls
 
 
 async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]]:

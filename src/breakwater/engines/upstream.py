@@ -22,9 +22,17 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from breakwater.engines.base import LOGPROBS, RESPONSE_FORMAT, EngineInfo, GenerationRequest, SequenceDelta
+from breakwater.engines.base import (
+    EMBEDDINGS,
+    LOGPROBS,
+    RESPONSE_FORMAT,
+    EngineInfo,
+    GenerationRequest,
+    SequenceDelta,
+)
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
+from breakwater.protocol.embeddings import pack
 from breakwater.protocol.toolformats import CLOSE, OPEN, PASS_THROUGH
 
 log = logging.getLogger(__name__)
@@ -74,7 +82,7 @@ def parse_load(text: str) -> UpstreamLoad | None:
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
-    features = frozenset({RESPONSE_FORMAT, LOGPROBS})  # passed through to the upstream
+    features = frozenset({RESPONSE_FORMAT, LOGPROBS, EMBEDDINGS})  # passed through to the upstream
     tool_format = PASS_THROUGH  # tools too: the upstream's calls come back as Hermes blocks
 
     def __init__(self, options: UpstreamOptions) -> None:
@@ -237,7 +245,10 @@ class OpenAIUpstreamEngine(StreamingEngine):
         while True:
             start_tokens = flight.tokens
             try:
-                await self._stream(flight, start_tokens)
+                if flight.request.embed_inputs is not None:
+                    await self._embed(flight)
+                else:
+                    await self._stream(flight, start_tokens)
                 return
             except asyncio.CancelledError:
                 raise
@@ -300,6 +311,25 @@ class OpenAIUpstreamEngine(StreamingEngine):
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
         return "/chat/completions", body
+
+    async def _embed(self, flight: Flight) -> None:
+        """An embedding request: the upstream's ``/embeddings``, its vectors packed into one event
+        (protocol.embeddings); an upstream that cannot embed answers 400, which reaches the client."""
+        req = flight.request
+        body = {"model": self.upstream_model, "input": req.embed_inputs, "encoding_format": "float"}
+        async with self._http().post(self.base_url + "/embeddings", data=orjson.dumps(body)) as response:
+            raw = await response.read()
+            if response.status != 200:
+                raise UpstreamError(_error_message(raw, response.status), status=response.status)
+        answer = orjson.loads(raw)
+        vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]
+        if len(vectors) != len(req.embed_inputs or ()):
+            raise UpstreamError("the upstream returned a different number of embeddings", status=502)
+        usage = {
+            "prompt_tokens": int((answer.get("usage") or {}).get("prompt_tokens") or 0),
+            "completion_tokens": 0,
+        }
+        self._emit(SequenceDelta(req.request_id, text=pack(vectors), finish_reason="stop", usage=usage))
 
     async def _stream(self, flight: Flight, start_tokens: int) -> None:
         rid = flight.request.request_id

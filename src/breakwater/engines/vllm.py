@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from breakwater.engines.base import (
+    EMBEDDINGS,
     GRAMMAR,
     LOGPROBS,
     RESPONSE_FORMAT,
@@ -30,6 +31,7 @@ from breakwater.engines.base import (
 from breakwater.engines.models import BUNDLED
 from breakwater.engines.options import VLLMOptions
 from breakwater.engines.streams import Flight, StreamingEngine
+from breakwater.protocol.embeddings import normalised, pack
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,10 @@ class VLLMEngine(StreamingEngine):
         self.capacity = options.capacity
         self.kv_high = options.kv_high
         self.engine_args = dict(options.engine_args)
+        # vLLM's pooling runner (`{"runner": "pooling"}` in vllm_args): this worker embeds, nothing else.
+        self.pooling = self.engine_args.get("runner") == "pooling"
+        if self.pooling:
+            self.features = frozenset({EMBEDDINGS})
         self.info = EngineInfo(options.model, "vllm", options.context_length, options.capacity)
         # SmolLM2's instruct models were trained on its tool-call format (the setting overrides).
         self.tool_format = "smollm2" if "smollm2" in options.model.lower() else ""
@@ -175,6 +181,13 @@ class VLLMEngine(StreamingEngine):
         return list(tok.encode(text, add_special_tokens=False))
 
     def new_flight(self, request: GenerationRequest) -> Flight:
+        if request.embed_inputs is not None:
+            return super().new_flight(request)  # each input is tokenized and checked when embedded
+        if self.pooling:
+            raise EngineRequestError(
+                f"this worker runs vLLM's pooling runner for {self.info.model}: it only embeds",
+                code="unsupported_model",
+            )
         prompt = self.tokenize(request)
         ctx = self.info.context_length
         if len(prompt) >= ctx:
@@ -187,6 +200,9 @@ class VLLMEngine(StreamingEngine):
         return flight
 
     async def _generate(self, flight: Flight) -> None:
+        if flight.request.embed_inputs is not None:
+            await self._embed(flight)
+            return
         req = flight.request
         rid = req.request_id
         prompt = flight.prompt_ids
@@ -238,6 +254,35 @@ class VLLMEngine(StreamingEngine):
             raise RuntimeError("vLLM ended the request without a finish reason")
         usage = {"prompt_tokens": len(prompt), "completion_tokens": flight.tokens}
         self._emit(SequenceDelta(rid, finish_reason=finish, usage=usage))
+
+    async def _embed(self, flight: Flight) -> None:
+        """Every input through vLLM's pooling runner (one request each, batched by vLLM); the
+        vectors L2-normalised and packed into the one final event (protocol.embeddings)."""
+        from vllm import PoolingParams
+
+        req = flight.request
+        texts = req.embed_inputs or []
+        ids = [list(self._tokenizer.encode(t, add_special_tokens=True)) for t in texts]
+        longest = max((len(i) for i in ids), default=0)
+        if longest >= self.info.context_length:
+            ctx = self.info.context_length
+            message = f"This model's maximum context length is {ctx} tokens; an input has {longest}."
+            self._emit(SequenceDelta(req.request_id, error=message, error_code="context_length_exceeded"))
+            return
+
+        async def one(i: int, tokens: list[int]) -> list[float]:
+            final: Any = None
+            async for out in self._llm.encode(
+                {"prompt_token_ids": tokens}, PoolingParams(task="embed"), request_id=f"{req.request_id}-e{i}"
+            ):
+                final = out
+            if final is None:
+                raise RuntimeError("vLLM ended an embedding without output")
+            return normalised([float(x) for x in final.outputs.data.tolist()])
+
+        vectors = await asyncio.gather(*(one(i, tokens) for i, tokens in enumerate(ids)))
+        usage = {"prompt_tokens": sum(len(i) for i in ids), "completion_tokens": 0}
+        self._emit(SequenceDelta(req.request_id, text=pack(list(vectors)), finish_reason="stop", usage=usage))
 
 
 def _logprobs(token_ids: Any, logprobs: Any, top: int) -> list[dict[str, Any]]:
