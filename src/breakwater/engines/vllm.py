@@ -95,7 +95,7 @@ class VLLMEngine(StreamingEngine):
             self.features = frozenset({EMBEDDINGS})
         self.info = EngineInfo(options.model, "vllm", options.context_length, options.capacity)
         # SmolLM2's instruct models were trained on its tool-call format (the setting overrides).
-        self.tool_format = "smollm2" if "smollm2" in options.model.lower() else ""
+        self.tool_format = "smollm2" if "smollm2" in options.model.lower() and not self.pooling else ""
         self.load = _Load()
         self._llm: Any = None
         self._tokenizer: Any = None
