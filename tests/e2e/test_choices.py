@@ -4,6 +4,7 @@ and status of the whole group; a refused choice takes back the ones queued."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis
 from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.broker import Broker, RequestSpec
@@ -21,7 +23,7 @@ from breakwater.broker.record import Status
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, async_wait_for, expected_sim
+from tests.helpers import StackProcs, async_wait_for, expected_sim, wait_for
 from tests.inproc import inproc_gateway
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "three ways to say ahoy"}]
@@ -187,6 +189,61 @@ def test_an_idempotency_key_replays_the_whole_group(stack: StackProcs) -> None:
     assert again == first
     status = httpx.get(f"{url}/v1/requests/{first['id']}").json()
     assert status["status"] == "done" and len(status["choices"]) == 2
+
+
+def test_a_replay_with_another_n_is_refused_and_the_original_runs_on(stack: StackProcs) -> None:
+    """The key is bound to the whole body: n=3 after n=2 under one key is 422, not a third choice."""
+    url = stack.gateways[0][1]
+    body = {"model": "sim", "prompt": "keyed group", "n": 2, "seed": 41, "max_tokens": 5}
+    key = {"Idempotency-Key": f"group-{uuid.uuid4().hex}"}
+    first = httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=30)
+    other = httpx.post(f"{url}/v1/completions", json={**body, "n": 3}, headers=key, timeout=30)
+    assert first.status_code == 200 and other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reuse"
+    status = httpx.get(f"{url}/v1/requests/{first.json()['id']}").json()
+    assert [c["status"] for c in status["choices"]] == ["done", "done"]
+    assert httpx.get(f"{url}/v1/requests/{first.json()['id']}-2").status_code == 404
+
+
+def test_a_failed_choice_stops_the_others_of_a_whole_answer(slow_stack: StackProcs) -> None:
+    """Non-streaming n=2: cancelling choice 1 fails the response at once, and choice 0 (2,000 tokens
+    at 20 ms a step) is cancelled then, not run to its end."""
+    url = slow_stack.gateways[0][1]
+    xrid = f"fail-one-{uuid.uuid4().hex[:8]}"
+    body = {"model": "sim", "prompt": "two long ones", "n": 2, "max_tokens": 2000, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            httpx.post, f"{url}/v1/completions", json=body, headers={"X-Request-ID": xrid}, timeout=60
+        )
+
+        def both_running() -> bool:
+            return [r["status"] for r in _records_of(slow_stack, xrid)] == ["running", "running"]
+
+        wait_for(both_running, 20, 0.05, "both choices running")
+        rids = sorted(r["id"] for r in _records_of(slow_stack, xrid))
+        assert httpx.delete(f"{url}/v1/requests/{rids[1]}").status_code == 200
+        resp = answer.result(timeout=30)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "cancelled"
+
+    def first_ended() -> bool:
+        return bool(httpx.get(f"{url}/v1/requests/{rids[0]}").json()["status"] == "cancelled")
+
+    wait_for(first_ended, 10, 0.05, "the other choice cancelled")
+    assert httpx.get(f"{url}/v1/requests/{rids[0]}").json()["completion_tokens"] < 2000
+
+
+def _records_of(procs: StackProcs, xrid: str) -> list[dict[str, Any]]:
+    """The status of every request whose X-Request-ID is ``xrid`` (read from Redis)."""
+    client = redis.Redis.from_url(procs.redis_url, decode_responses=True)
+    try:
+        out = []
+        for key in client.scan_iter(match=procs.keys_request("*"), count=1000):
+            record = client.hgetall(key)
+            if record.get("request_id") == xrid:
+                out.append({"id": str(key).split("{")[1][:-1], "status": record.get("status")})
+        return out
+    finally:
+        client.close()
 
 
 async def test_a_refused_choice_takes_back_the_queued_ones(redis_server: RedisServer, prefix: str) -> None:

@@ -358,9 +358,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
                         raise UpstreamError(_error_message(data, 500), status=500)
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        finish = _take(choice, chat, parts, logprobs) or finish
-                        if calls is not None:
-                            calls.take(choice, parts, finish is not None)
+                        finish = _take_with_calls(choice, chat, parts, logprobs, calls) or finish
                 if parts:  # one delta per read, not per token
                     text = "".join(parts)
                     tokens = len(parts) - (calls.tags() if calls is not None else 0)
@@ -385,9 +383,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
             )
         exact = start_tokens + int(usage.get("completion_tokens") or 0)
         correction = max(0, exact - flight.tokens)
-        # The upstream's count is the truth: its chunks are not always one token each (a tool call's
-        # first chunk, a closing piece), so counting chunks may have said more or less.
-        total = exact
+        # The upstream's count is the truth when it gives one: its chunks are not always one token
+        # each (a tool call's first chunk, a closing piece), so counting chunks says more or less.
+        total = exact if usage.get("completion_tokens") else max(exact, flight.tokens)
         # A continuation's prompt held the text emitted before it: that part is completion, not prompt.
         prompt = max(0, int(usage.get("prompt_tokens") or 0) - start_tokens)
         flight.tokens = total
@@ -412,30 +410,38 @@ class _Calls:
     "arguments": <the pieces as they come>}</tool_call>``, which the gateway parses back
     (protocol.toolformats): the request's stream stays text, so its guarantees are unchanged."""
 
-    __slots__ = ("_open", "_tags")
+    __slots__ = ("_args", "_open", "_tags")
 
     def __init__(self) -> None:
         self._open = -1  # the index of the call being written
+        self._args = False  # whether its arguments have begun
         self._tags = 0  # pieces added that are not the upstream's tokens (counted out of `tokens`)
+
+    def before_content(self, choice: dict[str, Any], parts: list[str]) -> None:
+        """Text after a call ends the call's block (else it would be written inside it)."""
+        if (choice.get("delta") or {}).get("content"):
+            self._close(parts)
 
     def take(self, choice: dict[str, Any], parts: list[str], finished: bool) -> None:
         for call in (choice.get("delta") or {}).get("tool_calls") or ():
-            index = call.get("index", 0)
+            index = call.get("index", max(self._open, 0))
             fn = call.get("function") or {}
             if index != self._open:
                 self._close(parts)
                 name = orjson.dumps(str(fn.get("name") or "")).decode()
                 parts.append(f'{OPEN}{{"name": {name}, "arguments": ')
                 self._tags += 1
-                self._open = index
-            if fn.get("arguments"):
-                parts.append(str(fn["arguments"]))
+                self._open, self._args = index, False
+            args = fn.get("arguments")
+            if args:  # JSON text in pieces; some servers send the whole object
+                parts.append(args if isinstance(args, str) else orjson.dumps(args).decode())
+                self._args = True
         if finished:
             self._close(parts)
 
     def _close(self, parts: list[str]) -> None:
         if self._open >= 0:
-            parts.append("}" + CLOSE)
+            parts.append(("}" if self._args else "{}}") + CLOSE)  # a call without arguments: {}
             self._tags += 1
             self._open = -1
 
@@ -443,6 +449,22 @@ class _Calls:
         """The tag pieces added since last asked."""
         tags, self._tags = self._tags, 0
         return tags
+
+
+def _take_with_calls(
+    choice: dict[str, Any],
+    chat: bool,
+    parts: list[str],
+    logprobs: list[dict[str, Any]] | None,
+    calls: _Calls | None,
+) -> str | None:
+    """:func:`_take`, and the choice's tool calls written as blocks (when tools were passed on)."""
+    if calls is None:
+        return _take(choice, chat, parts, logprobs)
+    calls.before_content(choice, parts)
+    reason = _take(choice, chat, parts, logprobs)
+    calls.take(choice, parts, reason is not None)
+    return reason
 
 
 def _take(

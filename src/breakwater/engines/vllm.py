@@ -264,7 +264,7 @@ class VLLMEngine(StreamingEngine):
         texts = req.embed_inputs or []
         ids = [list(self._tokenizer.encode(t, add_special_tokens=True)) for t in texts]
         longest = max((len(i) for i in ids), default=0)
-        if longest >= self.info.context_length:
+        if longest > self.info.context_length:
             ctx = self.info.context_length
             message = f"This model's maximum context length is {ctx} tokens; an input has {longest}."
             self._emit(SequenceDelta(req.request_id, error=message, error_code="context_length_exceeded"))

@@ -213,8 +213,8 @@ def check_features(spec: RequestSpec, model: ModelInfo) -> None:
 def prompt_text(spec: RequestSpec) -> str:
     if spec.inputs is not None:
         return "\n".join(spec.inputs)
-    if spec.messages is not None:
-        return "\n".join(m["content"] for m in spec.messages)
+    if spec.messages is not None:  # with passed-through tools, their schemas are prompt too
+        return "\n".join([*(m["content"] for m in spec.messages), *([spec.tools] if spec.tools else [])])
     return spec.prompt or ""
 
 
@@ -246,9 +246,11 @@ class Admitter:
         rid: str = "",
         choices: int = 1,
         auto_tools: bool = True,
+        digest_of: Body | None = None,
     ) -> Submission:
         """Queue ``body`` as request ``rid`` (new when empty); ``choices``: it is one of a request's
-        ``n`` choices (gateway.choices)."""
+        ``n`` choices (gateway.choices), whose Idempotency-Key is bound to ``digest_of`` (the
+        client's whole body)."""
         model = await self.registry.resolve(body.model)
         spec = request_spec(
             body,
@@ -275,9 +277,8 @@ class Admitter:
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
         idem = None
         if idempotency_key:
-            idem = IdempotencyKey(
-                principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json"))
-            )
+            digest = body_digest((digest_of or body).model_dump(mode="json"))
+            idem = IdempotencyKey(principal.tenant, idempotency_key, digest)
             found = await self._bind(idem, rid, key_ttl_s, subscribe)
             if found is not None:
                 return found

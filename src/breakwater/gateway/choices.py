@@ -31,6 +31,7 @@ from breakwater.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     usage_body,
+    usage_chunk,
 )
 from breakwater.tenancy import Principal
 
@@ -102,10 +103,15 @@ class ChoiceGroup:
         )
 
 
+def is_seq(text: str) -> bool:
+    """An SSE event id that is a sequence number (ASCII digits, within int64)."""
+    return text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= MAX_SEQ
+
+
 def parse_positions(last_event_id: str, n: int) -> list[int]:
     """A group's ``Last-Event-ID``: one seq per choice, dot-separated."""
     parts = last_event_id.split(".")
-    if len(parts) != n or not all(p.isdigit() and len(p) <= 19 and int(p) <= MAX_SEQ for p in parts):
+    if len(parts) != n or not all(is_seq(p) for p in parts):
         raise APIError(
             400,
             f"Last-Event-ID must be {n} sequence numbers separated by dots (one per choice)",
@@ -125,29 +131,47 @@ async def admit(
     """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued."""
     n = body.n
     rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
-    admitted: list[tuple[Submission, Sampled]] = []
+    admitted: list[Submission] = []
     try:
         for index in range(n):
-            child = choice_body(body, index)
             sub = await svc.admitter.submit(
-                child,
+                choice_body(body, index),
                 request_id=request_id,
+                # Each choice's key is bound to the client's whole body (n included), so a replay
+                # with another body (another n) is refused, never half matched.
                 idempotency_key=choice_key(idempotency_key, index),
+                digest_of=body,
                 principal=principal,
                 rid=choice_rid(rid, index),
                 choices=n,
             )
-            admitted.append((sub, child))
+            admitted.append(sub)
             if index == 0 and sub.duplicate:  # an Idempotency-Key replay: the group it made first
-                rid = sub.rid.rsplit("-", 1)[0]
+                rid = _group_of(sub.rid)
     except BaseException:
-        for index, (sub, child) in enumerate(admitted):
+        for index, sub in enumerate(admitted):
             with contextlib.suppress(*TRANSIENT):
-                await svc.admitter.withdraw(sub, choice_key(idempotency_key, index), child, principal)
+                if sub.duplicate:  # the original's choice: leave it running, only stop following it
+                    await _let_go(svc, sub)
+                else:
+                    await svc.admitter.withdraw(sub, choice_key(idempotency_key, index), body, principal)
         raise
-    choices = [Choice(i, sub.rid, 0, sub) for i, (sub, _) in enumerate(admitted)]
+    choices = [Choice(i, sub.rid, 0, sub) for i, sub in enumerate(admitted)]
     group = ChoiceGroup.of(rid, choices)
-    group.headers = admitted[-1][0].headers
+    group.headers = admitted[-1].headers
+    return group
+
+
+def _group_of(first_choice: str) -> str:
+    """The group a replayed first choice belongs to (its rid is ``<group>-0``)."""
+    group, _, index = first_choice.rpartition("-")
+    if index != "0" or "-" not in group:
+        raise APIError(
+            422,
+            "This Idempotency-Key was already used with a different request; use a new key.",
+            code="idempotency_key_reuse",
+            param="Idempotency-Key",
+        )
     return group
 
 
@@ -206,7 +230,8 @@ class _Merged:
         return ".".join(map(str, self.positions))
 
     def chunk(self, index: int, event: TokenEvent) -> bytes:
-        self.positions[index] = event.seq
+        # A replayed event (tool calls are parsed from the start) is at or before the position.
+        self.positions[index] = max(self.positions[index], event.seq)
         if event.kind == "token":
             return b"".join(sse_event(c, self.event_id()) for c in self.render[index].chunks(event))
         del self.live[index]
@@ -220,14 +245,7 @@ class _Merged:
         if not self.group.include_usage:
             return DONE
         g = self.group
-        body: dict[str, Any] = {
-            "id": g.rid,
-            "object": "chat.completion.chunk" if g.chat else "text_completion",
-            "created": g.created,
-            "model": g.model,
-            "choices": [],
-            "usage": usage_body(merged_usage(self.usages)),
-        }
+        body = usage_chunk(g.rid, g.model, g.created, g.chat, merged_usage(self.usages))
         return sse_event(body, self.event_id()) + DONE
 
 
@@ -291,9 +309,8 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
         finished = True
     except GatewayDraining:
         pass  # end without [DONE]: the client resumes on another gateway (Last-Event-ID)
-    except APIError as exc:
+    except APIError as exc:  # a reader failed (its request expired): the others are let go below
         out.append(sse_event(exc.body()))
-        finished = True
     finally:
         for task in tasks:
             task.cancel()
@@ -334,29 +351,36 @@ async def _pump(
 async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
     """The non-streaming response: every choice's answer with its index; usage as OpenAI sums it.
     A failed choice fails the response (the others are cancelled); the caller detaches on error."""
-    calls = [
-        collect_response(
-            svc.requests.events(c.sub),
-            rid=c.rid,
-            model=group.model,
-            created=group.created,
-            chat=group.chat,
-            tool=group.tool,
-            tool_format=group.tool_format,
+    tasks = [
+        asyncio.create_task(
+            collect_response(
+                svc.requests.events(c.sub),
+                rid=c.rid,
+                model=group.model,
+                created=group.created,
+                chat=group.chat,
+                tool=group.tool,
+                tool_format=group.tool_format,
+            )
         )
         for c in group.choices
         if c.sub is not None
     ]
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        ended = [c.rid for c, r in zip(group.choices, results, strict=True) if isinstance(r, BaseException)]
-        if not any(isinstance(r, GatewayDraining) for r in failed):
-            await _cancel(svc, [c.rid for c in group.choices if c.rid not in ended])
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [(c, t) for c, t in zip(group.choices, tasks, strict=True) if not t.done()]
+        for _, task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [e for t in tasks if not t.cancelled() and (e := t.exception()) is not None]
+    if failed:  # one failed: the unfinished ones stop now (not after they have all run to the end)
+        if not any(isinstance(e, GatewayDraining) for e in failed):
+            await _cancel(svc, [c.rid for c, _ in pending])
         raise failed[0]
+    results = [t.result() for t in tasks]
     choices = []
     for index, result in enumerate(results):
-        assert isinstance(result, dict)
         choices.append({**result["choices"][0], "index": index})
     return {
         "id": group.rid,
@@ -364,7 +388,7 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
         "created": group.created,
         "model": group.model,
         "choices": choices,
-        "usage": usage_body(merged_usage([r["usage"] for r in results if isinstance(r, dict)])),
+        "usage": usage_body(merged_usage([r["usage"] for r in results])),
     }
 
 

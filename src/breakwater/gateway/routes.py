@@ -282,7 +282,7 @@ async def request_events(
         return await _resume_choices(svc, rid, n, who, after, last_event_id)
     start = after if after is not None else 0
     if last_event_id is not None:
-        if not last_event_id.isdigit() or len(last_event_id) > 19 or int(last_event_id) > MAX_SEQ:
+        if not choices.is_seq(last_event_id):
             raise APIError(400, "Last-Event-ID must be a sequence number", param="Last-Event-ID")
         start = int(last_event_id)
     sub = await svc.requests.resume(rid, who)

@@ -1,0 +1,67 @@
+"""The ``openai`` engine's tool calls written as Hermes blocks (engines.upstream._Calls), read back
+by the gateway's parser (protocol.toolformats); and its usage when the upstream counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from breakwater.engines.base import GenerationRequest
+from breakwater.engines.streams import Flight
+from breakwater.engines.upstream import OpenAIUpstreamEngine, _Calls, _take_with_calls
+from breakwater.protocol.toolformats import ParsedCall, split_answer
+
+
+def _written(choices: list[dict[str, Any]]) -> tuple[str, list[ParsedCall]]:
+    calls, parts = _Calls(), list[str]()
+    for choice in choices:
+        _take_with_calls(choice, True, parts, None, calls)
+    return split_answer("".join(parts))
+
+
+def _call(index: int | None, name: str | None = None, arguments: Any = None) -> dict[str, Any]:
+    fn: dict[str, Any] = {}
+    if name is not None:
+        fn["name"] = name
+    if arguments is not None:
+        fn["arguments"] = arguments
+    call: dict[str, Any] = {"function": fn}
+    if index is not None:
+        call["index"] = index
+    return {"delta": {"tool_calls": [call]}}
+
+
+def test_calls_in_pieces_then_a_second_call() -> None:
+    text, calls = _written(
+        [
+            _call(0, "get_weather", ""),
+            _call(0, None, '{"city": '),
+            _call(0, None, '"Paris"}'),
+            _call(1, "get_time", '{"city": "Oslo"}'),
+            {"delta": {}, "finish_reason": "tool_calls"},
+        ]
+    )
+    assert text == ""
+    assert calls == [ParsedCall("get_weather", '{"city":"Paris"}'), ParsedCall("get_time", '{"city":"Oslo"}')]
+
+
+def test_a_call_without_arguments_an_object_and_no_index() -> None:
+    _, calls = _written(
+        [_call(0, "ping"), _call(1, "set", {"on": True}), _call(None, None, None), {"finish_reason": "stop"}]
+    )
+    assert calls == [ParsedCall("ping", "{}"), ParsedCall("set", '{"on":true}')]
+
+
+def test_text_after_a_call_is_text() -> None:
+    text, calls = _written(
+        [_call(0, "f", "{}"), {"delta": {"content": "done."}}, {"delta": {}, "finish_reason": "stop"}]
+    )
+    assert (text, calls) == ("done.", [ParsedCall("f", "{}")])
+
+
+def test_usage_from_the_upstream_when_it_counts_else_the_chunks() -> None:
+    flight = Flight(GenerationRequest("r"), tokens=7)
+    counted = OpenAIUpstreamEngine._final(flight, 0, "stop", {"prompt_tokens": 3, "completion_tokens": 5})
+    assert counted.usage == {"prompt_tokens": 3, "completion_tokens": 5}
+    flight = Flight(GenerationRequest("r"), tokens=7)
+    uncounted = OpenAIUpstreamEngine._final(flight, 0, "stop", {"prompt_tokens": 3})
+    assert uncounted.usage == {"prompt_tokens": 3, "completion_tokens": 7}
