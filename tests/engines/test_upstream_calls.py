@@ -1,5 +1,5 @@
-"""The ``openai`` engine's tool calls written as Hermes blocks (engines.upstream._Calls), read back
-by the gateway's parser (protocol.toolformats); and its usage when the upstream counts."""
+"""The ``openai`` engine's tool calls written as Hermes blocks (engines.upstream_chunks), read back by
+the gateway's parser (protocol.toolformats); and its usage when the upstream counts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ from typing import Any
 
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.streams import Flight
-from breakwater.engines.upstream import OpenAIUpstreamEngine, _Calls, _take_with_calls
+from breakwater.engines.upstream import OpenAIUpstreamEngine
+from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice
 from breakwater.protocol.toolformats import ParsedCall, split_answer
 
 
 def _written(choices: list[dict[str, Any]]) -> tuple[str, list[ParsedCall]]:
-    calls, parts = _Calls(), list[str]()
+    calls, parts = ToolCallWriter(), list[str]()
     for choice in choices:
-        _take_with_calls(choice, True, parts, None, calls)
+        take_choice(choice, True, parts, None, calls)
     return split_answer("".join(parts))
 
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +31,9 @@ from breakwater.engines.base import (
 )
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
+from breakwater.engines.upstream_chunks import ToolCallWriter, sse_reads, take_choice, upstream_message
 from breakwater.protocol.embeddings import pack
-from breakwater.protocol.toolformats import CLOSE, OPEN, PASS_THROUGH
+from breakwater.protocol.toolformats import PASS_THROUGH
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         if req.messages is None:
             body["prompt"] = (req.prompt or "") + flight.text
             return "/completions", body
-        body["messages"] = [_upstream_message(m) for m in req.messages]
+        body["messages"] = [upstream_message(m) for m in req.messages]
         if req.tools is not None:
             body.update(req.tools)
         if flight.text:
@@ -337,13 +337,13 @@ class OpenAIUpstreamEngine(StreamingEngine):
         chat = path == "/chat/completions"
         finish: str | None = None
         usage: dict[str, Any] | None = None
-        calls = _Calls() if flight.request.tools is not None else None
+        calls = ToolCallWriter() if flight.request.tools is not None else None
         async with self._http().post(self.base_url + path, data=orjson.dumps(body)) as response:
             if response.status != 200:
                 raw = await response.read()
                 raise UpstreamError(_error_message(raw, response.status), status=response.status)
             done = False
-            async for lines in _sse_reads(response):  # every line that one network read completed
+            async for lines in sse_reads(response):  # every line that one network read completed
                 parts: list[str] = []
                 logprobs: list[dict[str, Any]] | None = None if flight.request.logprobs is None else []
                 for line in lines:
@@ -358,7 +358,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
                         raise UpstreamError(_error_message(data, 500), status=500)
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        finish = _take_with_calls(choice, chat, parts, logprobs, calls) or finish
+                        finish = take_choice(choice, chat, parts, logprobs, calls) or finish
                 if parts:  # one delta per read, not per token
                     text = "".join(parts)
                     tokens = len(parts) - (calls.tags() if calls is not None else 0)
@@ -397,122 +397,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
         )
 
 
-def _upstream_message(message: dict[str, str]) -> dict[str, Any]:
-    """A record's message as the upstream takes it (an assistant turn's ``tool_calls`` are JSON)."""
-    calls = message.get("tool_calls")
-    if calls is None:
-        return message
-    return {**message, "tool_calls": orjson.loads(calls), "content": message.get("content") or None}
-
-
-class _Calls:
-    """The upstream's streamed ``tool_calls`` written as Hermes blocks, ``<tool_call>{"name": ...,
-    "arguments": <the pieces as they come>}</tool_call>``, which the gateway parses back
-    (protocol.toolformats): the request's stream stays text, so its guarantees are unchanged."""
-
-    __slots__ = ("_args", "_open", "_tags")
-
-    def __init__(self) -> None:
-        self._open = -1  # the index of the call being written
-        self._args = False  # whether its arguments have begun
-        self._tags = 0  # pieces added that are not the upstream's tokens (counted out of `tokens`)
-
-    def before_content(self, choice: dict[str, Any], parts: list[str]) -> None:
-        """Text after a call ends the call's block (else it would be written inside it)."""
-        if (choice.get("delta") or {}).get("content"):
-            self._close(parts)
-
-    def take(self, choice: dict[str, Any], parts: list[str], finished: bool) -> None:
-        for call in (choice.get("delta") or {}).get("tool_calls") or ():
-            index = call.get("index", max(self._open, 0))
-            fn = call.get("function") or {}
-            if index != self._open:
-                self._close(parts)
-                name = orjson.dumps(str(fn.get("name") or "")).decode()
-                parts.append(f'{OPEN}{{"name": {name}, "arguments": ')
-                self._tags += 1
-                self._open, self._args = index, False
-            args = fn.get("arguments")
-            if args:  # JSON text in pieces; some servers send the whole object
-                parts.append(args if isinstance(args, str) else orjson.dumps(args).decode())
-                self._args = True
-        if finished:
-            self._close(parts)
-
-    def _close(self, parts: list[str]) -> None:
-        if self._open >= 0:
-            parts.append(("}" if self._args else "{}}") + CLOSE)  # a call without arguments: {}
-            self._tags += 1
-            self._open = -1
-
-    def tags(self) -> int:
-        """The tag pieces added since last asked."""
-        tags, self._tags = self._tags, 0
-        return tags
-
-
-def _take_with_calls(
-    choice: dict[str, Any],
-    chat: bool,
-    parts: list[str],
-    logprobs: list[dict[str, Any]] | None,
-    calls: _Calls | None,
-) -> str | None:
-    """:func:`_take`, and the choice's tool calls written as blocks (when tools were passed on)."""
-    if calls is None:
-        return _take(choice, chat, parts, logprobs)
-    calls.before_content(choice, parts)
-    reason = _take(choice, chat, parts, logprobs)
-    calls.take(choice, parts, reason is not None)
-    return reason
-
-
-def _take(
-    choice: dict[str, Any], chat: bool, parts: list[str], logprobs: list[dict[str, Any]] | None
-) -> str | None:
-    """One streamed choice: its text onto ``parts`` (one chunk per token; the final usage corrects
-    the count), its logprobs onto ``logprobs`` (when asked); returns its finish_reason."""
-    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-    if text:
-        parts.append(text)
-    if logprobs is not None:
-        logprobs += _chunk_logprobs(choice.get("logprobs"), chat)
-    reason = choice.get("finish_reason")
-    return str(reason) if reason else None
-
-
-def _chunk_logprobs(found: Any, chat: bool) -> list[dict[str, Any]]:
-    """An upstream chunk's logprobs in OpenAI's chat shape (completions send the legacy one)."""
-    if not isinstance(found, dict):
-        return []
-    if chat:
-        return list(found.get("content") or [])
-    tops = found.get("top_logprobs") or []
-    out = []
-    for i, (token, logprob) in enumerate(
-        zip(found.get("tokens") or [], found.get("token_logprobs") or [], strict=False)
-    ):
-        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
-        alternatives = [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top.items()]
-        out.append(
-            {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": alternatives}
-        )
-    return out
-
-
 def _within(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
-
-
-async def _sse_reads(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The body's complete lines, a list per network read (no line-length limit)."""
-    rest = b""
-    async for data in response.content.iter_any():
-        *lines, rest = (rest + data).split(b"\n")
-        if lines:
-            yield lines
-    if rest:
-        yield [rest]
 
 
 def _error_message(raw: bytes, status: int) -> str:

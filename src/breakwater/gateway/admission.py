@@ -103,13 +103,13 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
             grammar=grammar,
         )
         auto = plan if isinstance(plan, AutoCalls) else None
-        passed = ""
+        if auto is not None:
+            _refuse_with_auto(body)
+        passed, out = "", None
         if auto is not None and auto.fmt == PASS_THROUGH:  # the upstream gets tools and history as sent
-            _refuse_with_auto(body)
             messages = [_passed_message(m) for m in body.messages]
-            passed, out = auto.passed_through(body.tools, body.tool_choice), None
+            passed = auto.passed_through(body.tools, body.tool_choice)
         elif auto is not None:
-            _refuse_with_auto(body)
             messages = _with_tools(auto, [_message(m, auto.fmt) for m in body.messages])
             out = auto.output_format(grammar)
         elif isinstance(plan, ForcedCall):

@@ -122,38 +122,22 @@ async def sse_chunks(
     ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``.
     ``tool_format``: the model chose its calls (gateway.autotools); then ``events`` start at the
     first, and those through ``after`` are parsed but not sent."""
+    render: ChoiceChunks | ToolChunks
     if tool_format:
-        async for chunk in _auto_chunks(events, rid, model, created, include_usage, after):
-            yield chunk
-        return
-    choice = ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
+        render = ToolChunks(rid=rid, model=model, created=created, skip_through=after)
+    else:
+        render = ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
     async for event in events:
         if event.kind == "token":
-            yield sse_event(choice.token(event), event.seq)
+            out = render.chunks(event)
+            if len(out) == 1:
+                yield sse_event(out[0], event.seq)
+            elif out:  # the model's tool calls: text and calls that became known at this event
+                yield b"".join(sse_event(c, event.seq) for c in out)
         elif event.kind == "done":  # the last chunks go out in one write
-            last = [sse_event(choice.finish(event), event.seq)]
+            last = [sse_event(c, event.seq) for c in render.finals(event)]
             if include_usage:
                 last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
-            last.append(DONE)
-            yield b"".join(last)
-            return
-        else:
-            yield sse_event(error_chunk(event), event.seq)
-            return
-
-
-async def _auto_chunks(
-    events: AsyncIterator[TokenEvent], rid: str, model: str, created: int, include_usage: bool, after: int
-) -> AsyncIterator[bytes]:
-    choice = ToolChunks(rid=rid, model=model, created=created, skip_through=after)
-    async for event in events:
-        if event.kind == "token":
-            if out := choice.chunks(event):
-                yield b"".join(sse_event(c, event.seq) for c in out)
-        elif event.kind == "done":
-            last = [sse_event(c, event.seq) for c in choice.finals(event)]
-            if include_usage:
-                last.append(sse_event(usage_chunk(rid, model, created, True, event.usage), event.seq))
             last.append(DONE)
             yield b"".join(last)
             return
