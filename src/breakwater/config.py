@@ -173,6 +173,16 @@ class WorkerSettings(CommonSettings):
     )
     # vllm engine: AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
+    vllm_tool_parser: str | None = Field(
+        default=None,
+        description=(
+            "vllm: vLLM's tool parser for `tool_choice: auto` (its --tool-call-parser: hermes, xlam, "
+            "llama3_json, ...); the worker then passes tools through (tool format `openai`)"
+        ),
+    )
+    vllm_chat_template: str | None = Field(
+        default=None, description="vllm: a Jinja chat template file replacing the model's (--chat-template)"
+    )
     heartbeat_s: float = Field(default=2.0, gt=0.0)
     lease_heartbeats: float = Field(default=3.0, ge=2.0, description="reclaim after this many missed beats")
     max_attempts: int = Field(default=3, ge=1)

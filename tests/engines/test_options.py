@@ -45,6 +45,8 @@ ENGINE_KNOBS = (
     "sim_decode_per_seq_ms",
     "sim_jitter_frac",
     "sim_hang_marker",
+    "vllm_tool_parser",
+    "vllm_chat_template",
 )
 URL = "http://127.0.0.1:8001/v1"
 
@@ -127,6 +129,17 @@ def test_environment_variables_reach_the_engine(monkeypatch: pytest.MonkeyPatch)
     vllm = build_engine(options_from_settings(WorkerSettings()))
     assert isinstance(vllm, VLLMEngine)
     assert vllm.engine_args == {"tensor_parallel_size": 2} and vllm.info.context_length == 2048
+    assert vllm.tool_format == "smollm2"  # the bundled SmolLM2: the gateway's parser, enforced
+    monkeypatch.setenv("BREAKWATER_VLLM_TOOL_PARSER", "hermes")
+    monkeypatch.setenv("BREAKWATER_VLLM_CHAT_TEMPLATE", "/etc/tools.jinja")
+    vllm = build_engine(options_from_settings(WorkerSettings()))
+    assert isinstance(vllm, VLLMEngine)
+    # vLLM's own parser: the tools pass through to the engine's template and parser
+    assert (vllm.tool_parser, vllm.chat_template_path, vllm.tool_format) == (
+        "hermes",
+        "/etc/tools.jinja",
+        "openai",
+    )
 
 
 def test_the_openai_engine_without_a_url_and_an_unknown_engine_are_clear_errors() -> None:

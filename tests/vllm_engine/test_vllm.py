@@ -44,6 +44,8 @@ CPU_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
 }
 CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+# SmolLM2's own template plus tools in its format (renders as the model's own without tools)
+TEMPLATE = ROOT / "deploy" / "chat-templates" / "smollm2-tools.jinja"
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 
@@ -72,7 +74,9 @@ def vllm_server(model_dir: str, log_dir: Path) -> Iterator[str]:
                 *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
                 *("--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)),
                 *("--max-model-len", "1024", "--max-num-seqs", "4", "--enforce-eager"),
-                *("--enable-auto-tool-choice", "--tool-call-parser", "hermes"),  # tools, as GPU pods run it
+                # tools, as GPU pods run it: SmolLM2's format through a template that shows the tools
+                *("--enable-auto-tool-choice", "--tool-call-parser", "xlam"),
+                *("--chat-template", str(TEMPLATE)),
             ],
             env={**os.environ, **CPU_ENV},
             stdout=log,
@@ -158,6 +162,21 @@ def sidecar(redis_server: RedisServer, log_dir: Path, vllm_server: str) -> Itera
     try:
         url = procs.add_gateway()
         procs.add_worker(MODEL, "openai", upstream_url=f"{vllm_server}/v1", capacity=4, heartbeat_s=0.3)
+        _wait_workers(procs, url, 1)
+        yield procs
+    finally:
+        procs.stop()
+
+
+@pytest.fixture(scope="module")
+def parsing(redis_server: RedisServer, log_dir: Path, model_dir: str) -> Iterator[StackProcs]:
+    """Gateway + one in-process vLLM worker with vLLM's own tool parser and the server's template."""
+    procs = StackProcs(redis_server.url, f"t{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        env = {**CPU_ENV, "BREAKWATER_VLLM_TOOL_PARSER": "xlam"}
+        env["BREAKWATER_VLLM_CHAT_TEMPLATE"] = str(TEMPLATE)
+        procs.add_worker(MODEL, "vllm", VLLM_PYTHON, env, capacity=4, context_length=1024, heartbeat_s=0.3)
         _wait_workers(procs, url, 1)
         yield procs
     finally:
@@ -350,6 +369,78 @@ def test_choices_and_the_models_own_tool_calls_through_vllm(inproc: StackProcs, 
                 model=MODEL, messages=history, tools=COLOR_TOOLS, tool_choice="none", max_tokens=30, seed=3
             )
             assert after.choices[0].message.content and not after.choices[0].message.tool_calls
+
+
+WEATHER_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"Get the {what} in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    for name, what in (("get_weather", "current weather"), ("get_time", "local time"))
+]
+
+
+def _answer(resp: Any) -> tuple[Any, ...]:
+    """What a chat answer says, ids aside: finish reason, content, calls (arguments as objects)."""
+    message = resp.choices[0].message
+    calls = [(c.function.name, orjson.loads(c.function.arguments)) for c in message.tool_calls or []]
+    return resp.choices[0].finish_reason, message.content or "", calls
+
+
+def test_vllms_own_tool_parser_in_process(vllm_server: str, parsing: StackProcs) -> None:
+    """With `vllm_tool_parser` the in-process engine shows the tools through the chat template and
+    reads the answer with vLLM's parser, as vLLM's server does: the same answers as the server run
+    with the same template and parser, whole and streamed, for `auto` (the 135M model answers in
+    text), `required` (vLLM's schema of the tools: calls) and a conversation after a call's result."""
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    history: list[ChatCompletionMessageParam] = [
+        *ask,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "celsius": 21}'},
+    ]
+    cases: list[dict[str, Any]] = [
+        {"messages": ask, "max_tokens": 40},
+        {"messages": ask, "tool_choice": "required", "max_tokens": 80},
+        {"messages": history, "max_tokens": 30},
+    ]
+    url = f"{parsing.gateways[0][1]}/v1"
+    with (
+        openai.OpenAI(base_url=url, api_key="x", timeout=120, max_retries=0) as ours,
+        openai.OpenAI(base_url=f"{vllm_server}/v1", api_key="x", timeout=120, max_retries=0) as direct,
+    ):
+        features = {m.id: (m.model_extra or {})["features"] for m in ours.models.list().data}[MODEL]
+        assert "tool_format:openai" in features  # the tools pass through to the engine
+        answers = []
+        for case in cases:
+            body = {"model": MODEL, "tools": WEATHER_TOOLS, "temperature": 0, **case}
+            want = _answer(direct.chat.completions.create(**body))
+            assert _answer(ours.chat.completions.create(**body)) == want
+            with ours.chat.completions.stream(**body) as stream:
+                assert _answer(stream.get_final_completion()) == want
+            answers.append(want)
+    (auto_finish, auto_text, auto_calls), (req_finish, _, req_calls), (_, after, _) = answers
+    assert auto_text and not auto_calls and auto_finish in ("stop", "length")
+    assert req_finish == "tool_calls" and req_calls
+    assert all(name in ("get_weather", "get_time") and set(args) == {"city"} for name, args in req_calls)
+    assert after  # the model answers after the tool's result
 
 
 async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]]:

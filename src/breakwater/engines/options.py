@@ -93,6 +93,8 @@ class VLLMOptions:
     kv_high: float = 0.95  # pull only below this KV-cache use
     # AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
     engine_args: Mapping[str, Any] = field(default_factory=dict)
+    tool_parser: str = ""  # vLLM's tool parser for `tool_choice: auto` (its --tool-call-parser)
+    chat_template: str = ""  # a Jinja file replacing the model's chat template (its --chat-template)
 
 
 EngineOptions: TypeAlias = SimOptions | LlamaCppOptions | UpstreamOptions | VLLMOptions
@@ -133,7 +135,15 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
             ),
         )
     if s.engine == "vllm":
-        return VLLMOptions(**_given(**common, model_path=s.model_path, engine_args=s.vllm_args or None))
+        return VLLMOptions(
+            **_given(
+                **common,
+                model_path=s.model_path,
+                engine_args=s.vllm_args or None,
+                tool_parser=s.vllm_tool_parser,
+                chat_template=s.vllm_chat_template,
+            )
+        )
     raise ValueError(f"unknown engine {s.engine!r} (available: {', '.join(ENGINES)})")
 
 

@@ -31,7 +31,9 @@ from breakwater.engines.base import (
 from breakwater.engines.models import BUNDLED
 from breakwater.engines.options import VLLMOptions
 from breakwater.engines.streams import Flight, StreamingEngine
+from breakwater.engines.vllm_tools import ToolParsing, parser_class, template_messages
 from breakwater.protocol.embeddings import normalised, pack
+from breakwater.protocol.toolformats import PASS_THROUGH
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +96,19 @@ class VLLMEngine(StreamingEngine):
         if self.pooling:
             self.features = frozenset({EMBEDDINGS})
         self.info = EngineInfo(options.model, "vllm", options.context_length, options.capacity)
-        # SmolLM2's instruct models were trained on its tool-call format (the setting overrides).
+        # SmolLM2's instruct models were trained on its tool-call format (the setting overrides); with
+        # vLLM's own tool parser the tools pass through to the chat template and the parser (vllm_tools).
+        self.tool_parser = options.tool_parser
+        self.chat_template_path = options.chat_template
         self.tool_format = "smollm2" if "smollm2" in options.model.lower() and not self.pooling else ""
+        if self.tool_parser and not self.pooling:
+            self.tool_format = PASS_THROUGH
         self.load = _Load()
         self._llm: Any = None
         self._tokenizer: Any = None
         self._sampling: Any = None
+        self._parser_cls: Any = None
+        self._chat_template: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -128,6 +137,11 @@ class VLLMEngine(StreamingEngine):
         log.info("starting vLLM", extra={"fields": {"args": {k: str(v) for k, v in args.items()}}})
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self.load.factory()])
         self._tokenizer = self._llm.get_tokenizer()
+        if self.chat_template_path:
+            with open(self.chat_template_path, encoding="utf-8") as f:
+                self._chat_template = f.read()
+        if self.tool_parser and not self.pooling:
+            self._parser_cls = parser_class(self.tool_parser, self._tokenizer, self.info.model)
         config = self._llm.vllm_config
         self.capacity = int(config.scheduler_config.max_num_seqs)
         self.info = EngineInfo(
@@ -172,12 +186,24 @@ class VLLMEngine(StreamingEngine):
         tok = self._tokenizer
         if request.messages is None:
             return list(tok.encode(request.prompt or "", add_special_tokens=True))
-        if not getattr(tok, "chat_template", None):
+        if not (self._chat_template or getattr(tok, "chat_template", None)):
             raise EngineRequestError(
                 f"model {self.info.model} has no chat template; use /v1/completions with a prompt",
                 code="chat_template_missing",
             )
-        text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        if request.tools is not None:  # passed through (vLLM's tool parser): the template shows them
+            text = tok.apply_chat_template(
+                template_messages(request.messages),
+                tools=request.tools.get("tools"),
+                chat_template=self._chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        else:
+            template = self._chat_template
+            text = tok.apply_chat_template(
+                request.messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         return list(tok.encode(text, add_special_tokens=False))
 
     def new_flight(self, request: GenerationRequest) -> Flight:
@@ -213,7 +239,10 @@ class VLLMEngine(StreamingEngine):
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        if req.output_format is not None:  # never a continuation: the worker refuses those (jobs.refusal)
+        parsing = self._tool_parsing(req)
+        if parsing is not None:  # `required`: vLLM's JSON schema of the tools
+            structured = parsing.structured_outputs
+        elif req.output_format is not None:  # never a continuation: the worker refuses those (jobs.refusal)
             fmt = req.output_format
             if fmt.needs_grammar:  # literal tags around the JSON (a tool-call format): GBNF
                 structured = StructuredOutputsParams(grammar=fmt.grammar())
@@ -233,6 +262,7 @@ class VLLMEngine(StreamingEngine):
             ignore_eos=req.ignore_eos,
             logprobs=req.logprobs,
             output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=parsing.skip_special_tokens if parsing is not None else True,
         )
         finish: str | None = None
         async for out in self._llm.generate(
@@ -243,17 +273,27 @@ class VLLMEngine(StreamingEngine):
             flight.tokens += n
             flight.text += choice.text
             finish = choice.finish_reason or finish
-            if choice.text or n:
+            text = choice.text
+            if parsing is not None:
+                text = parsing.feed(text, choice.token_ids, prompt, choice.finish_reason is not None)
+            if text or n:
                 lps = (
                     None
                     if req.logprobs is None
                     else _logprobs(choice.token_ids, choice.logprobs, req.logprobs)
                 )
-                self._emit(SequenceDelta(rid, text=choice.text, tokens=n, logprobs=lps))
+                self._emit(SequenceDelta(rid, text=text, tokens=n, logprobs=lps))
         if finish is None:
             raise RuntimeError("vLLM ended the request without a finish reason")
         usage = {"prompt_tokens": len(prompt), "completion_tokens": flight.tokens}
         self._emit(SequenceDelta(rid, finish_reason=finish, usage=usage))
+
+    def _tool_parsing(self, req: GenerationRequest) -> ToolParsing | None:
+        """vLLM's parser for a request whose tools were passed through (None: no tools, or no parser:
+        the gateway parses the model's format itself)."""
+        if req.tools is None or self._parser_cls is None or req.messages is None:
+            return None
+        return ToolParsing(self._parser_cls, self._tokenizer, self.info.model, req.messages, req.tools)
 
     async def _embed(self, flight: Flight) -> None:
         """Every input through vLLM's pooling runner (one request each, batched by vLLM); the
