@@ -18,6 +18,7 @@ from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.service import GatewayService
+from breakwater.gateway.streaming import GatewayApp
 from breakwater.plainhttp import PlainHTTP
 from breakwater.runtime import settle_heap
 
@@ -81,7 +82,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             await fanin.close()
             await broker.aclose()
 
-    app = FastAPI(title="Breakwater", version="0.1.0", lifespan=lifespan)
+    app = GatewayApp(title="Breakwater", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(ws.router)

@@ -9,7 +9,7 @@ from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.broker.fanin import GatewayDraining
@@ -22,6 +22,7 @@ from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import collect_response, sse_chunks, sse_event
+from breakwater.gateway.streaming import SSEResponse
 from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response, unpack
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import Principal
@@ -89,9 +90,7 @@ async def _complete(
     )
     headers = {"X-Breakwater-Request-Id": sub.rid, **sub.headers}
     if not isinstance(body, EmbeddingRequest) and body.stream:
-        return StreamingResponse(
-            _stream(svc, sub, 0), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-        )
+        return SSEResponse(_stream(svc, sub, 0), headers={**SSE_HEADERS, **headers})
     try:
         result = await collect_response(
             svc.requests.events(sub),
@@ -137,9 +136,7 @@ async def _complete_choices(
     group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
     headers = {"X-Breakwater-Request-Id": group.rid, **group.headers}
     if body.stream:
-        return StreamingResponse(
-            choices.stream(svc, group), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-        )
+        return SSEResponse(choices.stream(svc, group), headers={**SSE_HEADERS, **headers})
     try:
         result = await choices.collect(svc, group)
     except GatewayDraining:
@@ -286,9 +283,8 @@ async def request_events(
             raise APIError(400, "Last-Event-ID must be a sequence number", param="Last-Event-ID")
         start = int(last_event_id)
     sub = await svc.requests.resume(rid, who)
-    return StreamingResponse(
+    return SSEResponse(
         _stream(svc, sub, start),
-        media_type="text/event-stream",
         headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid},
     )
 
@@ -307,9 +303,8 @@ async def _resume_choices(
         raise APIError(400, "resume an n > 1 request with Last-Event-ID (one seq per choice)", param="after")
     positions = choices.parse_positions(last_event_id, n) if last_event_id is not None else [0] * n
     group = await choices.resume(svc, rid, n, who, positions)
-    return StreamingResponse(
+    return SSEResponse(
         choices.stream(svc, group, fresh=last_event_id is None),
-        media_type="text/event-stream",
         headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid},
     )
 
