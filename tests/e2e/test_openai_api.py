@@ -114,6 +114,23 @@ def test_same_seed_same_output_different_seed_differs(stack: StackProcs) -> None
     assert a != c
 
 
+def test_identical_greedy_requests_get_one_answer(stack: StackProcs) -> None:
+    """Temperature 0 is greedy: 20 identical unseeded requests give one answer, as real engines do
+    (the sim used to seed each request by its id). Sampled ones still differ."""
+    client = openai.OpenAI(base_url=f"{_url(stack)}/v1", api_key="unused")
+    ask: list[ChatCompletionMessageParam] = [{"role": "user", "content": "the same question"}]
+    greedy = {
+        client.chat.completions.create(model="sim", messages=ask, temperature=0).choices[0].message.content
+        for _ in range(20)
+    }
+    assert len(greedy) == 1 and next(iter(greedy))
+    sampled = {
+        client.chat.completions.create(model="sim", messages=ask, temperature=1).choices[0].message.content
+        for _ in range(5)
+    }
+    assert len(sampled) > 1
+
+
 def test_models_lists_live_worker_model(stack: StackProcs) -> None:
     client = openai.OpenAI(base_url=f"{_url(stack)}/v1", api_key="unused")
     models = client.models.list()

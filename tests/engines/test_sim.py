@@ -53,6 +53,19 @@ async def test_same_seed_same_text_and_continuation_is_exact() -> None:
     assert cont[-1].usage == {"prompt_tokens": 2, "completion_tokens": 30}
 
 
+async def test_greedy_text_does_not_depend_on_the_seed() -> None:
+    """Temperature 0 is greedy in real engines, so the seed changes nothing: identical greedy
+    requests (the worker gives each unseeded request its own seed) get the same answer."""
+
+    async def text(seed: int, temperature: float) -> str:
+        request = GenerationRequest("g", prompt="what is a queue", seed=seed, temperature=temperature)
+        return "".join(d.text for d in await _run(_engine(request), "g"))
+
+    greedy = {await text(seed, 0.0) for seed in range(20)}
+    assert len(greedy) == 1 and next(iter(greedy))
+    assert len({await text(seed, 0.7) for seed in range(20)}) > 10  # sampled: the seed decides
+
+
 def _engine(
     *requests: GenerationRequest,
     capacity: int = 8,

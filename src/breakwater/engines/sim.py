@@ -2,6 +2,8 @@
 
 Token ``i`` of a sequence is a pure function of (seed, prompt, i), so the same seed and prompt give
 the same text, and a continuation that knows how many tokens were emitted produces exactly the rest.
+At ``temperature`` 0 the seed plays no part, as in real engines (greedy decoding samples nothing):
+identical greedy requests get identical answers.
 The step time grows with the batch, like a real continuous-batching server.
 """
 
@@ -123,6 +125,11 @@ def embed(text: str) -> list[float]:
     return normalised(vector)
 
 
+def _seed(request: GenerationRequest) -> int:
+    """The seed the text depends on: none at temperature 0 (greedy), the request's otherwise."""
+    return 0 if request.temperature == 0 else request.seed
+
+
 def _hash(*parts: object) -> int:
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
@@ -188,7 +195,7 @@ class SimEngine(Engine):
                 code="context_length_exceeded",
             )
         room = self.info.context_length - prompt_tokens
-        natural = room if request.ignore_eos else 8 + _hash(request.seed, prompt, "len") % 57
+        natural = room if request.ignore_eos else 8 + _hash(_seed(request), prompt, "len") % 57
         limit = min(natural, room if request.max_tokens is None else min(request.max_tokens, room))
         self._seqs[request.request_id] = _Sequence(
             request=request,
@@ -208,7 +215,7 @@ class SimEngine(Engine):
             self._work.clear()
 
     def token_text(self, seq: _Sequence, index: int) -> str:
-        word = VOCAB[_hash(seq.request.seed, seq.prompt, index) % len(VOCAB)]
+        word = VOCAB[_hash(_seed(seq.request), seq.prompt, index) % len(VOCAB)]
         return word if index == 0 else " " + word
 
     async def step(self) -> list[SequenceDelta]:
