@@ -51,6 +51,11 @@ ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name three
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
+    return prepared_model_dir()
+
+
+def prepared_model_dir() -> str:
+    """The bundled model as a transformers folder (converted once, by the vLLM environment)."""
     if not Path(VLLM_PYTHON).exists():
         pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env`")
     out = subprocess.run(

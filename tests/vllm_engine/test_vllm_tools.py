@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.vllm_engine.test_vllm import MODEL, VLLM_PYTHON
+from tests.vllm_engine.test_vllm import VLLM_PYTHON, prepared_model_dir
 
 SCRIPT = r"""
 import json, sys
@@ -54,14 +54,7 @@ TWO_CALLS = [["get_weather", {"city": "Paris"}], ["get_time", {"city": "Tokyo"}]
 
 @pytest.fixture(scope="module")
 def tokenizer_dir() -> str:
-    out = subprocess.run(
-        [VLLM_PYTHON, "-m", "breakwater", "models", "prepare", MODEL],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    return out.stdout.strip().splitlines()[-1]
+    return prepared_model_dir()
 
 
 def test_vllm_parsers_streamed_token_by_token_give_the_whole_answers_calls(tokenizer_dir: str) -> None:
