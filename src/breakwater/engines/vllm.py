@@ -31,7 +31,7 @@ from breakwater.engines.base import (
 from breakwater.engines.models import BUNDLED
 from breakwater.engines.options import VLLMOptions
 from breakwater.engines.streams import Flight, StreamingEngine
-from breakwater.engines.vllm_tools import ToolParsing, parser_class, template_messages
+from breakwater.engines.vllm_tools import ToolParsing, check_parser, parser_class, template_messages
 from breakwater.protocol.embeddings import normalised, pack
 from breakwater.protocol.toolformats import PASS_THROUGH
 
@@ -134,12 +134,15 @@ class VLLMEngine(StreamingEngine):
         if current_platform.is_cpu():
             args["enforce_eager"] = True  # compiling takes minutes on CPU and its cache did not persist
         args.update(self.engine_args)  # GPU flags pass through: tensor_parallel_size, quantization, ...
-        log.info("starting vLLM", extra={"fields": {"args": {k: str(v) for k, v in args.items()}}})
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self.load.factory()])
-        self._tokenizer = self._llm.get_tokenizer()
+        # A wrong parser name or template path fails here, before minutes of model loading.
+        if self.tool_parser and not self.pooling:
+            check_parser(self.tool_parser)
         if self.chat_template_path:
             with open(self.chat_template_path, encoding="utf-8") as f:
                 self._chat_template = f.read()
+        log.info("starting vLLM", extra={"fields": {"args": {k: str(v) for k, v in args.items()}}})
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self.load.factory()])
+        self._tokenizer = self._llm.get_tokenizer()
         if self.tool_parser and not self.pooling:
             self._parser_cls = parser_class(self.tool_parser, self._tokenizer, self.info.model)
         config = self._llm.vllm_config
@@ -191,19 +194,17 @@ class VLLMEngine(StreamingEngine):
                 f"model {self.info.model} has no chat template; use /v1/completions with a prompt",
                 code="chat_template_missing",
             )
+        messages: list[dict[str, Any]] = list(request.messages)
+        tools = None
         if request.tools is not None:  # passed through (vLLM's tool parser): the template shows them
-            text = tok.apply_chat_template(
-                template_messages(request.messages),
-                tools=request.tools.get("tools"),
-                chat_template=self._chat_template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-        else:
-            template = self._chat_template
-            text = tok.apply_chat_template(
-                request.messages, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
+            messages, tools = template_messages(request.messages), request.tools.get("tools")
+        text = tok.apply_chat_template(
+            messages,
+            tools=tools,
+            chat_template=self._chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         return list(tok.encode(text, add_special_tokens=False))
 
     def new_flight(self, request: GenerationRequest) -> Flight:

@@ -21,17 +21,22 @@ from typing import Any
 
 import orjson
 
-from breakwater.engines.upstream_chunks import ToolCallWriter, upstream_message
+from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice, upstream_message
 
 
-def parser_class(name: str, tokenizer: Any, model: str) -> Any:
-    """vLLM's composed parser class for tool parser ``name`` (ValueError naming the known ones)."""
-    from vllm.parser import ParserManager
+def check_parser(name: str) -> None:
+    """ValueError naming vLLM's tool parsers when ``name`` is not one (before the model loads)."""
     from vllm.tool_parsers import ToolParserManager
 
     known = ToolParserManager.list_registered()
     if name not in known:
         raise ValueError(f"unknown vLLM tool parser {name!r} (vLLM has: {', '.join(known)})")
+
+
+def parser_class(name: str, tokenizer: Any, model: str) -> Any:
+    """vLLM's composed parser class for tool parser ``name``, checked against the tokenizer."""
+    from vllm.parser import ParserManager
+
     return ParserManager.get_parser(
         tool_parser_name=name, enable_auto_tools=True, model_name=model, tokenizer=tokenizer
     )
@@ -102,12 +107,10 @@ class ToolParsing:
             prompt_token_ids=prompt_ids,
             finished=finished,
         )
-        choice = {"delta": delta.model_dump(exclude_none=True) if delta is not None else {}}
+        choice: dict[str, Any] = {"delta": delta.model_dump(exclude_none=True) if delta is not None else {}}
+        if finished:
+            choice["finish_reason"] = "stop"  # closes an open call; the engine reports vLLM's own reason
         parts: list[str] = []
-        self._writer.before_content(choice, parts)
-        content = choice["delta"].get("content")
-        if content:
-            parts.append(content)
-        self._writer.take(choice, parts, finished)
+        take_choice(choice, True, parts, None, self._writer)
         self._writer.tags()  # the engine counts vLLM's tokens, not these pieces
         return "".join(parts)
