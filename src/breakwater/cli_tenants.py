@@ -69,6 +69,9 @@ def keys_create(
     lane: Annotated[str | None, typer.Option(help=f"force this lane ({', '.join(LANES)})")] = None,
     weight: Annotated[float, typer.Option(min=0.01, max=1000.0, help="fair-share weight")] = 1.0,
     expires_in: Annotated[str | None, typer.Option(help="e.g. 30d (default: never)")] = None,
+    cache: Annotated[
+        bool, typer.Option(help="its requests may use the gateway's response cache (where it is on)")
+    ] = True,
 ) -> None:
     """Create a key; prints it once, with its settings, as JSON."""
     from breakwater.tenancy import ANONYMOUS, ApiKey
@@ -94,6 +97,7 @@ def keys_create(
         budget_day=budget_day,
         budget_month=budget_month,
         expires=expires,
+        cache=cache,
     )
     secret, record = _with_store(lambda store: store.create(template))
     _emit({"key": secret, **record.public()})

@@ -88,6 +88,23 @@ class GatewaySettings(CommonSettings):
         default=120.0, ge=0.0, description="keep serving a model this long after its last worker was seen"
     )
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="larger request bodies get 413")
+    # The response cache (gateway.cache): reproducible requests share one generation.
+    cache: bool = Field(
+        default=False,
+        description=(
+            "answer a reproducible request (temperature 0, a seed, embeddings) from an identical one "
+            "that is running or finished: single-flight and exact-match cache"
+        ),
+    )
+    cache_ttl_s: int = Field(
+        default=3600,
+        ge=1,
+        description="how long an answer is reused (at most as long as its request's record: result_ttl_s)",
+    )
+    cache_shared_models: str = Field(
+        default="",
+        description="comma-separated models whose cached answers every tenant shares (default: per tenant)",
+    )
     max_context_tokens: int = Field(
         default=131_072, ge=16, description="prompt bound while no worker has reported its context length"
     )
@@ -97,6 +114,10 @@ class GatewaySettings(CommonSettings):
     autoscale_min_workers: int = Field(default=1, ge=0)
     autoscale_max_workers: int = Field(default=16, ge=1)
     autoscale_horizon_s: float = Field(default=30.0, gt=0.0)
+
+    @property
+    def cache_shared(self) -> frozenset[str]:
+        return frozenset(m.strip() for m in self.cache_shared_models.split(",") if m.strip())
 
     @property
     def declared_models(self) -> list[str]:
@@ -207,6 +228,14 @@ class WorkerSettings(CommonSettings):
             "the model's tool-call format, for `tool_choice: auto` (protocol/toolformats.py); '' : the "
             "engine's guess (a SmolLM2 GGUF: smollm2; the openai engine: openai, passed through), "
             "'none': no automatic tool calls"
+        ),
+    )
+    model_revision: str = Field(
+        default="",
+        max_length=128,
+        description=(
+            "a label for what this worker serves (weights, fine-tune, build): part of the response cache's "
+            "key beside the engine's own fingerprint, so answers cached before a change are not reused"
         ),
     )
     hourly_cost_usd: float = Field(default=0.0, ge=0.0, description="this worker's price per hour (cost/1k)")

@@ -6,10 +6,16 @@ scripts stay on one slot under Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 LANES: tuple[str, ...] = ("interactive", "batch")
 GROUP = "workers"
+
+
+def name_tag(name: str) -> str:
+    """A short fixed-alphabet stand-in for a model's or tenant's name inside a key."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,17 @@ class Keys:
     def idempotency(self, tenant: str, key_digest: str) -> str:
         """An Idempotency-Key, scoped to its tenant (``key_digest``: a hash of the client's key)."""
         return f"{self.prefix}:idem:{tenant}:{key_digest}"
+
+    def cache(self, model: str, scope: str, digest: str) -> str:
+        """A response-cache entry: the request that answers ``digest`` (gateway.cache). The model's
+        and the scope's names are hashed (``name_tag``), so any name is safe in a SCAN pattern."""
+        return f"{self.prefix}:cache:{name_tag(model)}:{name_tag(scope)}:{digest}"
+
+    def cache_pattern(self, model: str = "", scope: str = "") -> str:
+        """A SCAN pattern for the entries of one model and/or scope ('': any)."""
+        m = name_tag(model) if model else "*"
+        s = name_tag(scope) if scope else "*"
+        return f"{self.prefix}:cache:{m}:{s}:*"
 
     def api_key(self, digest: str) -> str:
         """An API key's record, found by the key's peppered hash (the key itself is never stored)."""

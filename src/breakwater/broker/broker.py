@@ -174,6 +174,22 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
     async def release_idempotency_key(self, key: IdempotencyKey, rid: str) -> None:
         await self._idempotency(keys=[key.redis_key(self.keys)], args=["release", key.bound(rid), 0])
 
+    # -- response cache (gateway.cache): the same compare-and-set on a key bound to a request ------
+    async def claim_binding(self, key: str, rid: str, ttl_s: int) -> str | None:
+        """Bind ``key`` to ``rid`` unless it is bound already; the rid it was bound to, or None."""
+        existing: Any = await self._idempotency(keys=[key], args=["claim", rid, ttl_s])
+        return str(existing) if existing else None
+
+    async def binding(self, key: str) -> str | None:
+        found: Any = await self.redis.get(key)
+        return str(found) if found else None
+
+    async def rebind(self, key: str, rid: str, ttl_s: int, *, was: str) -> bool:
+        return bool(await self._idempotency(keys=[key], args=["rebind", rid, ttl_s, was]))
+
+    async def unbind(self, key: str, rid: str) -> None:
+        await self._idempotency(keys=[key], args=["release", rid, 0])
+
     async def jobs_counts(self, model: str, lane: str) -> tuple[int, int]:
         """(jobs ever admitted, jobs ever finished) on a lane: acknowledged entries are deleted, so
         finished = entries-added - length. Global, so every gateway computes the same rates."""
@@ -411,9 +427,10 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         watches = [Watch(Status(r[0]) if r[0] else None, int(r[1] or 0), int(r[2] or 0)) for r in replies[1:]]
         return int(seconds) * 1000 + int(micros) // 1000, watches
 
-    async def attach(self, rid: str) -> bool:
-        """One more client follows ``rid``; False when the record is gone (never recreates it)."""
-        return bool(await self._watch(keys=[self.keys.request(rid)], args=[1]))
+    async def attach(self, rid: str, *, shared: bool = False) -> bool:
+        """One more client follows ``rid``; False when the record is gone (never recreates it).
+        ``shared``: it came through the response cache (its record counts such clients)."""
+        return bool(await self._watch(keys=[self.keys.request(rid)], args=[1, 1 if shared else 0]))
 
     async def detach(self, rid: str) -> None:
-        await self._watch(keys=[self.keys.request(rid)], args=[-1])
+        await self._watch(keys=[self.keys.request(rid)], args=[-1, 0])

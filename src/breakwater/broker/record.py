@@ -154,6 +154,8 @@ class RequestRecord:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     emitted: str = ""  # from the emitted-text key, not the hash
+    watchers: int = 0  # clients following it now (a departed client counts out after it leaves)
+    shared: int = 0  # clients that came to it through the response cache (gateway.cache)
 
     @property
     def chat(self) -> bool:
@@ -176,6 +178,8 @@ class RequestRecord:
             finish_reason=h.get("finish_reason") or None,
             usage=orjson.loads(usage) if usage else None,
             emitted=emitted,
+            watchers=int(h.get("watchers") or 0),
+            shared=int(h.get("shared") or 0),
         )
 
 
@@ -193,7 +197,7 @@ PROGRESS_FIELDS = frozenset(
     {
         "status", "created", "created_ms", "deadline_ms", "attempt", "seq", "tokens", "failures",
         "worker", "finish_reason", "usage", "watchers", "detached_ms", "job_id", "started_ms",
-        "tokens_at_start", "first_token_ms", "finished_ms", "wseq",
+        "tokens_at_start", "first_token_ms", "finished_ms", "wseq", "shared",
     }
 )  # fmt: skip
 SPEC_FIELDS = frozenset(f.name for f in fields(RequestSpec))

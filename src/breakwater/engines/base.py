@@ -117,6 +117,11 @@ class Engine(ABC):
         """Engine state for metrics (e.g. ``kv_cache_usage``)."""
         return {}
 
+    def fingerprint(self) -> str:
+        """What makes this engine's answers what they are (weights, template, upstream): part of
+        every response-cache key, so a new model version never gets an old version's answers."""
+        return f"{self.info.engine}:{self.info.model}"
+
 
 class StopChecker:
     """Applies stop strings to streamed text: never emits a stop string or text past it.

@@ -198,6 +198,11 @@ class LlamaCppEngine(Engine):
         return str(self._formatter(messages=cast(Any, request.messages)).prompt)
 
     # -- batching --------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        path = Path(self.model_path)
+        stat = path.stat()
+        return f"llamacpp:{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
     def free_slots(self) -> int:
         return len(self._free_slots)
 

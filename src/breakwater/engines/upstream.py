@@ -212,6 +212,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 log.warning("upstream metrics unavailable", extra={"fields": {"url": url}})
 
     # -- the engine interface --------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        return f"upstream:{self.base_url}:{self.upstream_model}"
+
     def free_slots(self) -> int:
         room = self.capacity - len(self._flights)
         load = self.load

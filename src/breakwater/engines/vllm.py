@@ -172,6 +172,10 @@ class VLLMEngine(StreamingEngine):
             gc.collect()  # run AsyncLLM.__del__ now, not at interpreter exit when its helpers are gone
 
     # -- the engine interface --------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        parts = [self.model_path or self.info.model, self.chat_template_path or "", self.tool_parser or ""]
+        return "vllm:" + ":".join(parts)
+
     def free_slots(self) -> int:
         if self.load.waiting > 0 or self.load.kv_cache_usage >= self.kv_high:
             return 0  # vLLM is out of KV blocks: more jobs would only wait inside it

@@ -18,6 +18,16 @@ from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
 from breakwater.engines.base import EMBEDDINGS, GRAMMAR, LOGPROBS, RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
+from breakwater.gateway.cache import (
+    DEFAULT_CONTROL,
+    HEADER,
+    CacheControl,
+    CacheEntry,
+    Outcome,
+    cache_entry,
+    reproducible,
+    reusable,
+)
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
@@ -247,10 +257,11 @@ class Admitter:
         choices: int = 1,
         auto_tools: bool = True,
         digest_of: Body | None = None,
+        cache: CacheControl = DEFAULT_CONTROL,
     ) -> Submission:
-        """Queue ``body`` as request ``rid`` (new when empty); ``choices``: it is one of a request's
-        ``n`` choices (gateway.choices), whose Idempotency-Key is bound to ``digest_of`` (the
-        client's whole body)."""
+        """Queue ``body`` as request ``rid`` (new when empty), or follow an identical request's answer
+        (gateway.cache); ``choices``: it is one of a request's ``n`` choices (gateway.choices), whose
+        Idempotency-Key is bound to ``digest_of`` (the client's whole body)."""
         model = await self.registry.resolve(body.model)
         spec = request_spec(
             body,
@@ -282,13 +293,18 @@ class Admitter:
             found = await self._bind(idem, rid, key_ttl_s, subscribe)
             if found is not None:
                 return found
-        headers: dict[str, str] = {}
+        entry = self._cache_entry(spec, model, principal, cache)
+        found, owned = await self._look_up(entry, idem, rid, key_ttl_s, principal, subscribe, cache)
+        if found is not None:  # answered by an identical request: not queued, no tokens spent
+            return found
+        outcome = Outcome.MISS if entry is not None and cache.lookup else Outcome.BYPASS
+        self.metrics.cache_requests.labels(body.model, outcome.value).inc()
+        headers: dict[str, str] = {HEADER: outcome.value}
         if limits.any or shared.any:  # after the Idempotency-Key: a replay is not a new request
             try:
-                headers = await self._within_limits(principal, limits, rid, spec)
+                headers |= await self._within_limits(principal, limits, rid, spec)
             except BaseException:
-                if idem is not None:
-                    await self.broker.release_idempotency_key(idem, rid)
+                await self._abandon(None, idem, rid, principal, Limits(), owned)
                 raise
         # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
         # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
@@ -307,10 +323,10 @@ class Admitter:
                 log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
                 sub.wake()  # the job is queued: follow it from the durable stream instead
         except BaseException:
-            await self._abandon(sub, idem, rid, principal, limits)
+            await self._abandon(sub, idem, rid, principal, limits, owned)
             raise
         if not result.accepted:
-            await self._abandon(sub, idem, rid, principal, limits)
+            await self._abandon(sub, idem, rid, principal, limits, owned)
             self.metrics.rejections.labels(body.model, "queue_full").inc()
             retry_after = retry_after_s(result.waiting, self.signals.drain_rate(model.name), model.capacity)
             raise APIError(
@@ -355,6 +371,83 @@ class Admitter:
         if not await self.broker.rebind_idempotency_key(idem, rid, key_ttl_s, was=existing.rid):
             raise _idempotency_conflict()
         return None
+
+    async def _look_up(
+        self,
+        entry: CacheEntry | None,
+        idem: IdempotencyKey | None,
+        rid: str,
+        key_ttl_s: int,
+        principal: Principal,
+        subscribe: bool,
+        control: CacheControl,
+    ) -> tuple[Submission | None, CacheEntry | None]:
+        """The identical request that answers this one, or None and the entry now bound to ``rid``."""
+        if entry is None:
+            return None, None
+        try:
+            found, bound = await self._from_cache(entry, rid, subscribe, control)
+        except BaseException:
+            await self._abandon(None, idem, rid, principal, Limits())
+            raise
+        if found is None:
+            return None, entry if bound else None
+        # The client's Idempotency-Key now names the request that answers it.
+        if idem is not None and not await self.broker.rebind_idempotency_key(
+            idem, found.rid, key_ttl_s, was=rid
+        ):
+            await self._abandon(found.subscription, None, rid, principal, Limits())
+            await self.broker.detach(found.rid)
+            raise _idempotency_conflict()
+        return found, None
+
+    def _cache_entry(
+        self, spec: RequestSpec, model: ModelInfo, principal: Principal, control: CacheControl
+    ) -> CacheEntry | None:
+        """The request's cache entry; None when it bypasses the cache: caching is off (here or for
+        its key), its answer is not reproducible, it is one of n choices, the client said
+        ``no-cache, no-store``, or its model's workers do not all serve the same fingerprint."""
+        if not (self.settings.cache and reproducible(spec) and spec.choices == 1 and model.fingerprint):
+            return None
+        if (principal.key is not None and not principal.key.cache) or not (control.lookup or control.store):
+            return None
+        return cache_entry(self.broker.keys, spec, model, shared=spec.model in self.settings.cache_shared)
+
+    async def _from_cache(
+        self, entry: CacheEntry, rid: str, subscribe: bool, control: CacheControl
+    ) -> tuple[Submission | None, bool]:
+        """The identical request that answers this one (a hit), or None and whether ``entry`` is now
+        bound to ``rid`` (it will be this request's answer)."""
+        ttl = self.settings.cache_ttl_s
+        if control.store:
+            existing = await self.broker.claim_binding(entry.key, rid, ttl)
+            if existing is None:
+                return None, True
+        else:
+            existing = await self.broker.binding(entry.key)
+            if existing is None:
+                return None, False
+        if control.lookup:
+            record = await self._wait_for_record(existing)  # its first request may be still admitting
+            if (
+                record is not None
+                and reusable(record, entry.scope)
+                and await self.broker.attach(existing, shared=True)
+            ):
+                sub = await self.fanin.subscribe(existing) if subscribe else None
+                found = Submission.of(existing, record, sub)
+                found.headers = {HEADER: Outcome.HIT.value}
+                found.cached = True
+                running = not record.status.terminal
+                self.metrics.cache_requests.labels(record.spec.model, Outcome.HIT.value).inc()
+                self.metrics.cache_single_flight.labels(record.spec.model).inc(running)
+                log.info(
+                    "answered from the cache",
+                    extra={"rid": existing, "fields": {"single_flight": running}},
+                )
+                return found, False
+        # Not reusable (failed, cancelled, expired) or not looked up: this request takes the entry over.
+        return None, control.store and await self.broker.rebind(entry.key, rid, ttl, was=existing)
 
     async def _within_limits(
         self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
@@ -416,11 +509,14 @@ class Admitter:
         rid: str,
         principal: Principal,
         limits: Limits,
+        entry: CacheEntry | None = None,
     ) -> None:
         if sub is not None:
             await self.fanin.unsubscribe(sub)
         if idem is not None:
             await self.broker.release_idempotency_key(idem, rid)
+        if entry is not None:
+            await self.broker.unbind(entry.key, rid)
         if limits.max_concurrent or principal.tenant_limits.max_concurrent:
             await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 

@@ -36,6 +36,7 @@ class Submission:
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* of its admission
     tool: str = ""  # the answer is a call to this function (protocol.tools)
     tool_format: str = ""  # the model chooses its calls, in this format (gateway.autotools)
+    cached: bool = False  # an identical request's answer (gateway.cache)
 
     @classmethod
     def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:

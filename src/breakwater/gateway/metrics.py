@@ -57,6 +57,24 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cache_requests = Counter(
+            "breakwater_cache_requests_total",
+            "Requests by response-cache outcome: hit (an identical request's answer), miss, bypass",
+            ["model", "result"],
+            registry=r,
+        )
+        self.cache_single_flight = Counter(
+            "breakwater_cache_single_flight_total",
+            "Hits that followed an identical request still queued or generating",
+            ["model"],
+            registry=r,
+        )
+        self.cache_tokens_saved = Counter(
+            "breakwater_cache_tokens_saved_total",
+            "Completion tokens answered from the cache instead of generated",
+            ["model"],
+            registry=r,
+        )
         self.e2e = Histogram(
             "breakwater_e2e_seconds", "End-to-end request latency", ["model"], buckets=E2E_BUCKETS, registry=r
         )

@@ -21,6 +21,8 @@ class ModelInfo:
     owned_by: str = "breakwater"
     kv_cache_usage: float | None = None
     features: frozenset[str] = frozenset()  # what every live worker's engine can do (engines.base)
+    # What every live worker serves (Engine.fingerprint); '' when they differ (a rollout) or none is live.
+    fingerprint: str = ""
 
     @classmethod
     def without_workers(cls, name: str) -> ModelInfo:
@@ -53,7 +55,7 @@ class ModelRegistry:
                 if now - seen_at > self.settings.model_grace_s:
                     del self._seen[name]
                 elif name not in models:  # its workers' registrations lapsed: queue for them
-                    models[name] = replace(last, workers=0, capacity=0, active=0)
+                    models[name] = replace(last, workers=0, capacity=0, active=0, fingerprint="")
             for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
                 models.setdefault(name, ModelInfo.without_workers(name))
             self._models, self._models_at = models, time.monotonic()
@@ -83,4 +85,9 @@ def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
         active=sum(int(i.get("active", 0)) for i in infos),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
         features=frozenset.intersection(*(frozenset(i.get("features") or ()) for i in infos)),
+        fingerprint=_common({str(i.get("fingerprint") or "") for i in infos}),
     )
+
+
+def _common(values: set[str]) -> str:
+    return values.pop() if len(values) == 1 else ""

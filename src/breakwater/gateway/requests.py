@@ -56,7 +56,16 @@ class Requests:
         return Submission.of(rid, record, await self.fanin.subscribe(rid))
 
     async def cancel(self, rid: str, principal: Principal) -> RequestRecord:
-        await self.record(rid, principal)
+        record = await self.record(rid, principal)
+        if record.shared and record.watchers > 1 and not record.status.terminal:
+            # Other clients receive this answer through the response cache: it runs on for them.
+            raise APIError(
+                409,
+                f"request `{rid}` is also the answer to {record.watchers - 1} other client(s) through the "
+                "response cache and keeps running for them; close your stream to stop receiving it",
+                code="request_shared",
+                param="id",
+            )
         await self.broker.cancel(rid, self.settings.result_ttl_s)
         return await self.record(rid, principal)
 
@@ -104,6 +113,8 @@ class Requests:
         else:
             status = "cancelled" if (event.error or {}).get("code") == "cancelled" else "error"
         self.metrics.requests.labels(model, status).inc()
+        if submission.cached and event.usage:
+            self.metrics.cache_tokens_saved.labels(model).inc(event.usage.get("completion_tokens", 0))
         if submission.duplicate:
             return
         self.metrics.e2e.labels(model).observe(now - submission.started)

@@ -18,6 +18,7 @@ from breakwater.broker.record import RequestRecord, Status
 from breakwater.gateway import choices
 from breakwater.gateway.auth import caller
 from breakwater.gateway.body import OrjsonRoute
+from breakwater.gateway.cache import CacheControl
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
@@ -51,8 +52,9 @@ async def chat_completions(
     request: Request,
     who: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    cache_control: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    return await _complete(body, request, who, idempotency_key)
+    return await _complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
 
 @router.post("/v1/embeddings", response_model=None)
@@ -61,9 +63,10 @@ async def embeddings(
     request: Request,
     who: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    cache_control: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
     """Embeddings: a short job through the same queue; the worker answers with packed vectors."""
-    return await _complete(body, request, who, idempotency_key)
+    return await _complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
 
 @router.post("/v1/completions", response_model=None)
@@ -72,8 +75,9 @@ async def completions(
     request: Request,
     who: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
+    cache_control: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    return await _complete(body, request, who, idempotency_key)
+    return await _complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
 
 async def _complete(
@@ -81,12 +85,13 @@ async def _complete(
     request: Request,
     who: Principal,
     idempotency_key: str | None,
+    cache: CacheControl,
 ) -> Response:
     svc = service(request)
     if not isinstance(body, EmbeddingRequest) and body.n > 1:
         return await _complete_choices(svc, body, request_id(request), who, idempotency_key)
     sub = await svc.submit(
-        body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who
+        body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who, cache=cache
     )
     headers = {"X-Breakwater-Request-Id": sub.rid, **sub.headers}
     if not isinstance(body, EmbeddingRequest) and body.stream:

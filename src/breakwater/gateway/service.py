@@ -16,6 +16,7 @@ from breakwater.gateway import choices
 from breakwater.gateway.admission import Admitter, Body
 from breakwater.gateway.auth import Authenticator, check_model
 from breakwater.gateway.autoscale import AutoscaleSignals
+from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
 from breakwater.gateway.choices import ChoiceGroup
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
@@ -56,6 +57,7 @@ class GatewayService:
         principal: Principal = ANONYMOUS,
         subscribe: bool = True,
         auto_tools: bool = True,
+        cache: CacheControl = DEFAULT_CONTROL,
     ) -> Submission:
         self._check(body, principal)
         if not isinstance(body, EmbeddingRequest) and body.n > 1:
@@ -73,6 +75,7 @@ class GatewayService:
             principal=principal,
             subscribe=subscribe,
             auto_tools=auto_tools,
+            cache=cache,
         )
 
     async def submit_choices(

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from breakwater.broker.errors import TRANSIENT, reason
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.auth import bearer
+from breakwater.gateway.cache import HEADER
 from breakwater.gateway.errors import APIError, error_body
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
@@ -119,6 +120,8 @@ class _Connection:
             body, request_id=self.request_id, idempotency_key=None, principal=self.principal, auto_tools=False
         )
         created: dict[str, Any] = {"type": "created", "request_id": sub.rid, "model": sub.model}
+        if HEADER in sub.headers:  # hit, miss or bypass (gateway.cache)
+            created["cache"] = sub.headers[HEADER]
         if sub.tool:  # the tokens are this call's arguments
             created["tool_call"] = {"id": call_id(sub.rid), "type": "function", "name": sub.tool}
         await self.send(created)

@@ -55,6 +55,7 @@ class ApiKey:
     created: int = 0  # unix seconds
     expires: int = 0  # unix seconds; 0: never
     revoked: int = 0  # unix seconds it was revoked; 0: live
+    cache: bool = True  # its requests may use the response cache (gateway.cache), where it is on
 
     def usable(self, now: float) -> str | None:
         """None when the key may be used now, else why not."""
@@ -80,6 +81,7 @@ class ApiKey:
             "created": str(self.created),
             "expires": str(self.expires),
             "revoked": str(self.revoked),
+            "cache": "1" if self.cache else "0",
         }
 
     @classmethod
@@ -99,6 +101,7 @@ class ApiKey:
             created=int(h.get("created") or 0),
             expires=int(h.get("expires") or 0),
             revoked=int(h.get("revoked") or 0),
+            cache=h.get("cache", "1") != "0",
         )
 
     def public(self) -> dict[str, object]:
@@ -118,6 +121,7 @@ class ApiKey:
             "created": self.created,
             "expires": self.expires or None,
             "revoked": self.revoked or None,
+            "cache": self.cache,
         }
 
 

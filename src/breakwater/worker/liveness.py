@@ -43,6 +43,7 @@ class LivenessMixin:
             "model": info.model,
             "engine": info.engine,
             "features": sorted(self.features()),
+            "fingerprint": self.fingerprint(),
             "capacity": info.capacity,
             "context_length": info.context_length,
             "active": self.engine.running(),
@@ -51,6 +52,10 @@ class LivenessMixin:
             "engine_stats": stats,
             "ts_ms": int(time.time() * 1000),
         }
+
+    def fingerprint(self) -> str:
+        revision = self.settings.model_revision
+        return self.engine.fingerprint() + (f"@{revision}" if revision else "")
 
     def features(self) -> set[str]:
         """The engine's features and the model's tool-call format (``tool_format:<name>``)."""

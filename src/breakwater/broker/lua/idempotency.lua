@@ -1,5 +1,6 @@
--- Bind an Idempotency-Key to a request id, or release it; atomic compare-and-set on one key.
--- KEYS[1] the idempotency key
+-- Bind an Idempotency-Key (or a response-cache entry) to a request id, or release it; atomic
+-- compare-and-set on one key.
+-- KEYS[1] the idempotency key or cache entry
 -- ARGV[1] 'claim' | 'rebind' | 'release', ARGV[2] rid, ARGV[3] TTL (s) (claim, rebind),
 -- ARGV[4] the rid it must still hold (rebind)
 -- claim: returns false when bound now, else the rid it was already bound to.
