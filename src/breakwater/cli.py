@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from breakwater.cli_tenants import keys_app, tenants_app, usage
-from breakwater.cli_tools import bench, dlq_app, models_app
+from breakwater.cli_tools import bench, cache_app, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
 
 if TYPE_CHECKING:
@@ -380,6 +380,7 @@ def _print_up(stack: Stack, data_dir: Path) -> None:
 app.command()(bench)
 app.add_typer(models_app, name="models")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(cache_app, name="cache")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
 app.command()(usage)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -224,3 +225,32 @@ def dlq_purge(model: ModelOpt) -> None:
     from breakwater import dlq
 
     console.print(f"purged {with_broker(lambda b: dlq.purge(b, model))} dead letter(s) for {model}")
+
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="The response cache (BREAKWATER_CACHE): its entries by model and tenant. Hits and misses: "
+    "breakwater_cache_requests_total on each gateway's /metrics.",
+)
+CacheModel = Annotated[str, typer.Option(help="only this model's entries (default: every model)")]
+CacheTenant = Annotated[
+    str, typer.Option(help="only this tenant's entries ('*': shared models; 'anonymous': auth off)")
+]
+
+
+@cache_app.command("stats")
+def cache_stats(model: CacheModel = "", tenant: CacheTenant = "") -> None:
+    """Entries (answers, in flight, stale) and the Redis memory they and their requests hold, as JSON."""
+    from breakwater import cache_admin
+
+    found = with_broker(lambda b: cache_admin.stats(b, model, tenant))
+    typer.echo(orjson.dumps(found.to_json()).decode())
+
+
+@cache_app.command("purge")
+def cache_purge(model: CacheModel = "", tenant: CacheTenant = "") -> None:
+    """Delete entries: the next identical request is generated again."""
+    from breakwater import cache_admin
+
+    deleted = with_broker(lambda b: cache_admin.purge(b, model, tenant))
+    typer.echo(orjson.dumps({"purged": deleted}).decode())

@@ -33,8 +33,13 @@ from tests.helpers import StackProcs, read_record
 pytestmark = pytest.mark.timeout(180)
 
 PEPPER = "cache-e2e-pepper-0123456789abcdef"
-GATEWAY = {"auth": "keys", "auth_pepper": PEPPER, "cache": "true", "auth_cache_s": 0.2}
-WORKER = {"sim_decode_base_ms": 15, "sim_decode_per_seq_ms": 0, "heartbeat_s": 0.3, "capacity": 32}
+GATEWAY: dict[str, Any] = {"auth": "keys", "auth_pepper": PEPPER, "cache": "true", "auth_cache_s": 0.2}
+WORKER: dict[str, Any] = {
+    "sim_decode_base_ms": 15,
+    "sim_decode_per_seq_ms": 0,
+    "heartbeat_s": 0.3,
+    "capacity": 32,
+}
 
 
 @dataclass
@@ -139,7 +144,7 @@ def _text(chunks: list[Any]) -> str:
 
 async def test_repeated_greedy_request_is_a_hit_with_the_same_answer(cache_stack: CacheStack) -> None:
     client = cache_stack.client(cache_stack.a_key)
-    body = {
+    body: dict[str, Any] = {
         "messages": _ask("repeat me"),
         "temperature": 0,
         "max_tokens": 12,
@@ -157,7 +162,7 @@ async def test_repeated_greedy_request_is_a_hit_with_the_same_answer(cache_stack
 
 async def test_streamed_hit_replays_the_same_chunks(cache_stack: CacheStack) -> None:
     client = cache_stack.client(cache_stack.a_key)
-    body = {
+    body: dict[str, Any] = {
         "messages": _ask("stream me"),
         "seed": 11,
         "max_tokens": 10,
@@ -175,7 +180,12 @@ async def test_streamed_hit_replays_the_same_chunks(cache_stack: CacheStack) -> 
 
 async def test_websocket_hit_has_the_same_events(cache_stack: CacheStack) -> None:
     url = cache_stack.urls[1].replace("http://", "ws://") + "/v1/ws"
-    body = {"model": "sim", "prompt": f"socket {uuid.uuid4().hex[:8]}", "max_tokens": 9, "temperature": 0}
+    body: dict[str, Any] = {
+        "model": "sim",
+        "prompt": f"socket {uuid.uuid4().hex[:8]}",
+        "max_tokens": 9,
+        "temperature": 0,
+    }
     runs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     async with websockets.connect(
         url, additional_headers={"Authorization": f"Bearer {cache_stack.a_key}"}
@@ -208,7 +218,7 @@ async def test_whatever_changes_the_answer_misses(cache_stack: CacheStack) -> No
 
 async def test_sampled_requests_without_a_seed_are_never_cached(cache_stack: CacheStack) -> None:
     client = cache_stack.client(cache_stack.a_key)
-    body = {"messages": _ask("sample me"), "max_tokens": 8}  # temperature 1 by default
+    body: dict[str, Any] = {"messages": _ask("sample me"), "max_tokens": 8}  # temperature 1 by default
     before = await cache_stack.generations()
     answers = [await _chat(client, **body) for _ in range(3)]
     assert [h for _, h in answers] == ["bypass"] * 3
@@ -218,7 +228,7 @@ async def test_sampled_requests_without_a_seed_are_never_cached(cache_stack: Cac
 
 async def test_cache_control_no_cache_and_no_store(cache_stack: CacheStack) -> None:
     client = cache_stack.client(cache_stack.a_key)
-    body = {"messages": _ask("control me"), "temperature": 0, "max_tokens": 8}
+    body: dict[str, Any] = {"messages": _ask("control me"), "temperature": 0, "max_tokens": 8}
     first, _ = await _chat(client, **body)
     fresh, header = await _chat(client, **body, extra_headers={"Cache-Control": "no-cache"})
     assert header == "bypass" and fresh.id != first.id  # generated again...
@@ -236,7 +246,7 @@ async def test_cache_control_no_cache_and_no_store(cache_stack: CacheStack) -> N
 
 
 async def test_tenants_never_share_answers(cache_stack: CacheStack) -> None:
-    body = {"messages": _ask("whose answer"), "temperature": 0, "max_tokens": 8}
+    body: dict[str, Any] = {"messages": _ask("whose answer"), "temperature": 0, "max_tokens": 8}
     a, ha = await _chat(cache_stack.client(cache_stack.a_key), **body)
     b, hb = await _chat(cache_stack.client(cache_stack.b_key), **body)
     assert (ha, hb) == ("miss", "miss") and a.id != b.id
@@ -257,7 +267,7 @@ async def test_embeddings_are_cached(cache_stack: CacheStack) -> None:
 
 
 async def test_identical_concurrent_requests_cost_one_generation(cache_stack: CacheStack) -> None:
-    body = {
+    body: dict[str, Any] = {
         "messages": _ask("twenty at once"),
         "temperature": 0,
         "max_tokens": 40,
@@ -281,7 +291,7 @@ async def test_identical_concurrent_requests_cost_one_generation(cache_stack: Ca
 async def test_followers_finish_when_the_first_client_leaves_or_cancels(
     cache_stack: CacheStack, redis: Redis
 ) -> None:
-    body = {
+    body: dict[str, Any] = {
         "messages": _ask("leader leaves"),
         "temperature": 0,
         "max_tokens": 60,
@@ -322,7 +332,12 @@ async def test_followers_finish_when_the_first_client_leaves_or_cancels(
 async def test_worker_sigkill_during_a_shared_generation_completes_every_client(
     cache_stack: CacheStack, redis: Redis
 ) -> None:
-    body = {"messages": _ask("survive a kill"), "temperature": 0, "max_tokens": 60, "ignore_eos": True}
+    body: dict[str, Any] = {
+        "messages": _ask("survive a kill"),
+        "temperature": 0,
+        "max_tokens": 60,
+        "ignore_eos": True,
+    }
     procs = cache_stack.procs
     async with httpx.AsyncClient(timeout=60) as http:
         auth = {"Authorization": f"Bearer {cache_stack.a_key}"}
@@ -361,3 +376,32 @@ async def test_worker_sigkill_during_a_shared_generation_completes_every_client(
     record = await read_record(procs, redis, rids.pop())
     assert record.status is Status.DONE and record.attempt == 2 and record.tokens == 60
     procs.add_worker(**WORKER)  # back to two workers for the tests after this one
+
+
+def _cache_cli(procs: StackProcs, *args: str) -> dict[str, int]:
+    env = {**os.environ, "BREAKWATER_REDIS_URL": procs.redis_url, "BREAKWATER_KEY_PREFIX": procs.prefix}
+    done = subprocess.run(
+        [sys.executable, "-m", "breakwater", "cache", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, int] = orjson.loads(done.stdout)
+    return result
+
+
+async def test_cache_stats_and_purge_by_tenant(cache_stack: CacheStack) -> None:
+    body: dict[str, Any] = {"messages": _ask("purge me"), "temperature": 0, "max_tokens": 6}
+    a, _ = await _chat(cache_stack.client(cache_stack.a_key), **body)
+    b, _ = await _chat(cache_stack.client(cache_stack.b_key), **body)
+    stats = _cache_cli(cache_stack.procs, "stats", "--model", "sim", "--tenant", "tenant-b")
+    assert stats["entries"] == stats["answers"] >= 1 and stats["in_flight"] == 0
+    assert stats["answer_bytes"] > stats["entry_bytes"] > 0
+    assert _cache_cli(cache_stack.procs, "purge", "--tenant", "tenant-b") == {"purged": stats["entries"]}
+    assert _cache_cli(cache_stack.procs, "stats", "--tenant", "tenant-b")["entries"] == 0
+    b2, hb = await _chat(cache_stack.client(cache_stack.b_key), **body)
+    assert hb == "miss" and b2.id != b.id
+    a2, ha = await _chat(cache_stack.client(cache_stack.a_key), **body)
+    assert ha == "hit" and a2.id == a.id

@@ -1,0 +1,245 @@
+"""The response cache's key and rules (gateway.cache), and its entries in a real Redis with the
+gateway in process: a new model revision, a failed or cancelled first request and an expired record
+all miss; entries carry the cache TTL; the counters count."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from breakwater.broker import RequestRecord, RequestSpec, Status
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
+from breakwater.gateway.cache import (
+    SHARED_SCOPE,
+    CacheControl,
+    cache_entry,
+    reproducible,
+    reusable,
+)
+from breakwater.gateway.models import ModelInfo, _aggregate
+from breakwater.keys import Keys
+from breakwater.redis_server import RedisServer
+from tests.inproc import InProc, inproc_gateway
+
+SPEC = RequestSpec(
+    model="sim",
+    lane="interactive",
+    kind="chat",
+    request_id="r1",
+    timeout_s=60.0,
+    messages=[{"role": "user", "content": "hello"}],
+    max_tokens=16,
+    temperature=0.0,
+    tenant="tenant-a",
+)
+MODEL = ModelInfo("sim", 4096, 1, 8, 0, features=frozenset({"embeddings"}), fingerprint="sim:sim")
+
+
+def _key(spec: RequestSpec = SPEC, model: ModelInfo = MODEL, shared: bool = False) -> str:
+    return cache_entry(Keys("bw"), spec, model, shared=shared).key
+
+
+def test_the_key_ignores_what_does_not_change_the_answer() -> None:
+    same = dataclasses.replace(SPEC, request_id="r2", timeout_s=5.0, lane="batch", key_id="key_2")
+    assert _key(same) == _key()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": [{"role": "user", "content": "hello!"}]},
+        {"max_tokens": 17},
+        {"temperature": None, "seed": 1},
+        {"seed": 2},
+        {"top_p": 0.5},
+        {"top_k": 5},
+        {"stop": ["x"]},
+        {"ignore_eos": True},
+        {"include_usage": True},
+        {"logprobs": 2},
+        {"response_format": '{"type": "json_object"}'},
+        {"tool_call": "f"},
+        {"tool_format": "hermes"},
+        {"tools": '{"tools": []}'},
+        {"kind": "completion", "messages": None, "prompt": "hello"},
+        {"model": "other"},
+        {"tenant": "tenant-b"},
+    ],
+)
+def test_whatever_changes_the_answer_changes_the_key(change: dict[str, Any]) -> None:
+    assert _key(dataclasses.replace(SPEC, **change)) != _key()
+
+
+def test_a_new_fingerprint_or_feature_set_changes_the_key() -> None:
+    assert _key(model=dataclasses.replace(MODEL, fingerprint="sim:sim@v2")) != _key()
+    assert _key(model=dataclasses.replace(MODEL, features=frozenset())) != _key()
+
+
+def test_a_shared_model_has_one_entry_for_every_tenant() -> None:
+    b = dataclasses.replace(SPEC, tenant="tenant-b")
+    assert _key(b, shared=True) == _key(shared=True) != _key()
+    assert cache_entry(Keys("bw"), b, MODEL, shared=True).scope == SHARED_SCOPE
+
+
+def test_the_key_names_model_and_scope_by_hash_for_purging() -> None:
+    key = _key()
+    assert key.startswith("bw:cache:") and "tenant-a" not in key and "sim" not in key
+    assert Keys("bw").cache_pattern("sim", "tenant-a")[:-1] in key
+    assert Keys("bw").cache_pattern("sim")[: len("bw:cache:") + 16] == key[: len("bw:cache:") + 16]
+
+
+def test_only_reproducible_requests_are_cacheable() -> None:
+    assert reproducible(SPEC)
+    assert reproducible(dataclasses.replace(SPEC, temperature=0.7, seed=3))
+    assert not reproducible(dataclasses.replace(SPEC, temperature=0.7))
+    assert not reproducible(dataclasses.replace(SPEC, temperature=None))
+    assert reproducible(dataclasses.replace(SPEC, kind="embedding", temperature=None, inputs=["x"]))
+
+
+@pytest.mark.parametrize(
+    ("header", "lookup", "store"),
+    [
+        (None, True, True),
+        ("no-cache", False, True),
+        ("No-Store", True, False),
+        ("max-age=0, no-cache, no-store", False, False),
+        ("private", True, True),
+    ],
+)
+def test_cache_control(header: str | None, lookup: bool, store: bool) -> None:
+    assert CacheControl.parse(header) == CacheControl(lookup, store)
+
+
+@pytest.mark.parametrize(
+    ("status", "tenant", "ok"),
+    [
+        (Status.QUEUED, "tenant-a", True),
+        (Status.RUNNING, "tenant-a", True),
+        (Status.DONE, "tenant-a", True),
+        (Status.ERROR, "tenant-a", False),
+        (Status.CANCELLED, "tenant-a", False),
+        (Status.DONE, "tenant-b", False),
+    ],
+)
+def test_only_a_live_or_successful_request_of_the_scope_answers(
+    status: Status, tenant: str, ok: bool
+) -> None:
+    record = RequestRecord(spec=dataclasses.replace(SPEC, tenant=tenant), status=status)
+    assert reusable(record, "tenant-a") is ok
+    assert reusable(record, SHARED_SCOPE) is (status in (Status.QUEUED, Status.RUNNING, Status.DONE))
+
+
+def test_workers_serving_different_fingerprints_make_a_model_uncacheable() -> None:
+    info = {"model": "sim", "capacity": 4, "context_length": 4096, "features": []}
+    assert _aggregate("sim", [{**info, "fingerprint": "a"}, {**info, "fingerprint": "a"}]).fingerprint == "a"
+    assert _aggregate("sim", [{**info, "fingerprint": "a"}, {**info, "fingerprint": "b"}]).fingerprint == ""
+    assert _aggregate("sim", [info]).fingerprint == ""
+
+
+@pytest.fixture
+async def cached(redis_server: RedisServer, prefix: str) -> AsyncIterator[InProc]:
+    async with inproc_gateway(redis_server.url, prefix, cache=True, cache_ttl_s=120) as inproc:
+        await inproc.add_worker(model_revision="one")
+        yield inproc
+
+
+async def _ask(gw: InProc, text: str, **extra: Any) -> tuple[str, str]:
+    resp = await gw.http.post(
+        "/v1/chat/completions",
+        json={"model": "sim", "messages": [{"role": "user", "content": text}], "temperature": 0, **extra},
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"], resp.headers["x-breakwater-cache"]
+
+
+async def test_a_new_model_revision_misses(cached: InProc) -> None:
+    first, _ = await _ask(cached, "revision", max_tokens=4)
+    assert await _ask(cached, "revision", max_tokens=4) == (first, "hit")
+    await cached.stop_workers()
+    await cached.add_worker(model_revision="two", worker_id="w-two")
+    again, header = await _ask(cached, "revision", max_tokens=4)
+    assert header == "miss" and again != first
+
+
+async def test_a_cancelled_answer_is_taken_over(redis_server: RedisServer, prefix: str) -> None:
+    async with inproc_gateway(redis_server.url, prefix, cache=True) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
+        body = {"max_tokens": 100, "ignore_eos": True}
+        first = asyncio.create_task(_post(gw, "cancel me", **body))
+        rid = await _entry(gw)
+        assert (await gw.http.delete(f"/v1/requests/{rid}")).status_code == 200  # its only client
+        cancelled = await first
+        assert cancelled.status_code != 200 and cancelled.headers["x-breakwater-request-id"] == rid
+        again = await _post(gw, "cancel me", **body)
+        assert again.status_code == 200 and again.headers["x-breakwater-cache"] == "miss"
+        assert again.json()["id"] != rid and again.json()["usage"]["completion_tokens"] == 100
+        assert (await _post(gw, "cancel me", **body)).json()["id"] == again.json()["id"]
+
+
+async def test_an_expired_answer_is_taken_over(cached: InProc) -> None:
+    done, _ = await _ask(cached, "expire me", max_tokens=4)
+    broker = cached.broker()
+    try:
+        await broker.redis.delete(cached.keys.request(done))  # as if result_ttl_s had passed
+    finally:
+        await broker.aclose()
+    again, header = await _ask(cached, "expire me", max_tokens=4)
+    assert header == "miss" and again != done
+    assert await _ask(cached, "expire me", max_tokens=4) == (again, "hit")
+
+
+async def _post(gw: InProc, text: str, **extra: Any) -> httpx.Response:
+    return await gw.http.post(
+        "/v1/chat/completions",
+        json={"model": "sim", "messages": [{"role": "user", "content": text}], "temperature": 0, **extra},
+    )
+
+
+async def _entry(gw: InProc) -> str:
+    """The request the model's only cache entry is bound to, once it is queued."""
+    broker = gw.broker()
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                keys = [k async for k in broker.redis.scan_iter(match=gw.keys.cache_pattern("sim"))]
+                rid = str(await broker.redis.get(keys[0]) or "") if keys else ""
+                if rid and await broker.exists(rid):
+                    return rid
+                await asyncio.sleep(0.01)
+    finally:
+        await broker.aclose()
+
+
+async def test_entries_expire_and_the_counters_count(cached: InProc) -> None:
+    ids = [(await _ask(cached, f"unique {i}", max_tokens=2))[0] for i in range(5)]
+    await _ask(cached, "unique 0", max_tokens=2)
+    broker = cached.broker()
+    try:
+        entries = [k async for k in broker.redis.scan_iter(match=cached.keys.cache_pattern("sim"))]
+        assert len(entries) == 5
+        for key in entries:
+            assert 0 < await broker.redis.ttl(key) <= 120
+        assert sorted([str(await broker.redis.get(k)) for k in entries]) == sorted(ids)
+    finally:
+        await broker.aclose()
+    text = (await cached.http.get("/metrics")).text
+    assert _samples(text, "breakwater_cache_requests_total", result="hit") == [1.0]
+    assert _samples(text, "breakwater_cache_requests_total", result="miss") == [5.0]
+    assert _samples(text, "breakwater_cache_single_flight_total") == [0.0]
+    assert _samples(text, "breakwater_cache_tokens_saved_total") == [2.0]
+
+
+def _samples(text: str, name: str, **labels: str) -> list[float]:
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
