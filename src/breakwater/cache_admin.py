@@ -35,17 +35,19 @@ class CacheStats:
         }
 
 
-async def stats(broker: Broker, model: str = "", tenant: str = "") -> CacheStats:
-    """Count and size the entries of ``model`` and ``tenant`` ('' for any; ``*``: shared models)."""
+async def stats(index: Broker, broker: Broker, model: str = "", tenant: str = "") -> CacheStats:
+    """Count and size the entries of ``model`` and ``tenant`` ('' for any; ``*``: shared models) in
+    ``index`` (the cache's Redis), and the requests they refer to in ``broker`` (the queue's)."""
     counts = {"answers": 0, "in_flight": 0, "stale": 0}
     entry_bytes = answer_bytes = entries = 0
+    entry_redis: Any = index.redis
     redis: Any = broker.redis
-    async for key in redis.scan_iter(match=broker.keys.cache_pattern(model, tenant), count=SCAN_COUNT):
-        rid = await redis.get(key)
+    async for key in entry_redis.scan_iter(match=index.keys.cache_pattern(model, tenant), count=SCAN_COUNT):
+        rid = await entry_redis.get(key)
         if rid is None:  # expired meanwhile
             continue
         entries += 1
-        entry_bytes += int(await redis.memory_usage(key) or 0)
+        entry_bytes += int(await entry_redis.memory_usage(key) or 0)
         status = await redis.hget(broker.keys.request(rid), "status")
         if status == Status.DONE.value:
             counts["answers"] += 1
@@ -59,12 +61,12 @@ async def stats(broker: Broker, model: str = "", tenant: str = "") -> CacheStats
     return CacheStats(entries, entry_bytes=entry_bytes, answer_bytes=answer_bytes, **counts)
 
 
-async def purge(broker: Broker, model: str = "", tenant: str = "") -> int:
+async def purge(index: Broker, model: str = "", tenant: str = "") -> int:
     """Delete the entries of ``model`` and ``tenant`` ('' for any); how many were deleted."""
     deleted = 0
     batch: list[str] = []
-    redis: Any = broker.redis
-    async for key in redis.scan_iter(match=broker.keys.cache_pattern(model, tenant), count=SCAN_COUNT):
+    redis: Any = index.redis
+    async for key in redis.scan_iter(match=index.keys.cache_pattern(model, tenant), count=SCAN_COUNT):
         batch.append(key)
         if len(batch) >= SCAN_COUNT:
             deleted += int(await redis.unlink(*batch))

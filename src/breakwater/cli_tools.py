@@ -238,12 +238,27 @@ CacheTenant = Annotated[
 ]
 
 
+async def _with_index(broker: Any, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """``fn`` with the broker of the cache's own Redis (BREAKWATER_CACHE_REDIS_URL), else ``broker``."""
+    from breakwater.broker import Broker
+    from breakwater.config import CommonSettings
+
+    settings = CommonSettings().cache_index()
+    if settings is None:
+        return await fn(broker)
+    index = Broker.connect(settings)
+    try:
+        return await fn(index)
+    finally:
+        await index.aclose()
+
+
 @cache_app.command("stats")
 def cache_stats(model: CacheModel = "", tenant: CacheTenant = "") -> None:
     """Entries (answers, in flight, stale) and the Redis memory they and their requests hold, as JSON."""
     from breakwater import cache_admin
 
-    found = with_broker(lambda b: cache_admin.stats(b, model, tenant))
+    found = with_broker(lambda b: _with_index(b, lambda index: cache_admin.stats(index, b, model, tenant)))
     typer.echo(orjson.dumps(found.to_json()).decode())
 
 
@@ -252,5 +267,5 @@ def cache_purge(model: CacheModel = "", tenant: CacheTenant = "") -> None:
     """Delete entries: the next identical request is generated again."""
     from breakwater import cache_admin
 
-    deleted = with_broker(lambda b: cache_admin.purge(b, model, tenant))
+    deleted = with_broker(lambda b: _with_index(b, lambda index: cache_admin.purge(index, model, tenant)))
     typer.echo(orjson.dumps({"purged": deleted}).decode())

@@ -27,6 +27,13 @@ class CommonSettings(BaseSettings):
         default=256, ge=2, description="connections in the Redis pool; when all are busy, commands wait"
     )
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    cache_redis_url: str = Field(
+        default="",
+        description=(
+            "the response cache's entries in this Redis (e.g. one with maxmemory and allkeys-lru) instead "
+            "of the queue's; the same credentials settings apply; '': the queue's Redis"
+        ),
+    )
     log_level: str = "INFO"
     log_json: bool = True
     # API keys (`breakwater keys ...`) are stored as HMAC-SHA256(pepper, key): the pepper comes from a
@@ -35,6 +42,10 @@ class CommonSettings(BaseSettings):
     auth_pepper_file: str | None = Field(default=None, description="read the API-key pepper from this file")
     # Per-tenant Prometheus series only for these tenants (the rest are "other"): bounded cardinality.
     metrics_tenants: str = Field(default="", description="comma-separated tenants with their own series")
+
+    def cache_index(self) -> CommonSettings | None:
+        """The settings of the cache's own Redis, if it has one."""
+        return self.model_copy(update={"redis_url": self.cache_redis_url}) if self.cache_redis_url else None
 
     def tenant_label(self, tenant: str) -> str:
         listed = {t.strip() for t in self.metrics_tenants.split(",") if t.strip()}

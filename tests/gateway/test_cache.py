@@ -243,3 +243,52 @@ def _samples(text: str, name: str, **labels: str) -> list[float]:
         for sample in family.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     ]
+
+
+async def test_entries_expire_after_the_cache_ttl(redis_server: RedisServer, prefix: str) -> None:
+    async with inproc_gateway(redis_server.url, prefix, cache=True, cache_ttl_s=1) as gw:
+        await gw.add_worker()
+        first, _ = await _ask(gw, "short-lived", max_tokens=2)
+        assert await _ask(gw, "short-lived", max_tokens=2) == (first, "hit")
+        broker = gw.broker()
+        try:
+            async with asyncio.timeout(5):
+                while [k async for k in broker.redis.scan_iter(match=gw.keys.cache_pattern())]:
+                    await asyncio.sleep(0.05)
+        finally:
+            await broker.aclose()
+        again, header = await _ask(gw, "short-lived", max_tokens=2)
+        assert header == "miss" and again != first
+
+
+async def test_a_cache_redis_of_its_own_holds_the_entries_and_may_evict_them(
+    redis_server: RedisServer, prefix: str, own_redis: tuple[RedisServer, Any]
+) -> None:
+    """With BREAKWATER_CACHE_REDIS_URL the queue's Redis holds no entry; an LRU cache Redis at its
+    memory bound evicts entries (they miss), and nothing fails; without it, requests bypass the cache."""
+    server, cache_redis = own_redis
+    async with inproc_gateway(redis_server.url, prefix, cache=True, cache_redis_url=server.url) as gw:
+        await gw.add_worker()
+        first, _ = await _ask(gw, "kept apart", max_tokens=2)
+        assert await _ask(gw, "kept apart", max_tokens=2) == (first, "hit")
+        queue = gw.broker()
+        try:
+            assert [k async for k in queue.redis.scan_iter(match=gw.keys.cache_pattern())] == []
+        finally:
+            await queue.aclose()
+        assert [
+            await cache_redis.get(k) async for k in cache_redis.scan_iter(match=gw.keys.cache_pattern())
+        ] == [first]
+        used = int((await cache_redis.info("memory"))["used_memory"])
+        room = 64 * 1024
+        await cache_redis.config_set("maxmemory-policy", "allkeys-lru")
+        await cache_redis.config_set("maxmemory", str(used + room))
+        headers = [(await _ask(gw, f"unique {i}", max_tokens=1))[1] for i in range(600)]  # ~120 KB of entries
+        assert headers == ["miss"] * 600
+        stats = await cache_redis.info("stats")
+        memory = await cache_redis.info("memory")
+        assert int(stats["evicted_keys"]) > 0
+        assert int(memory["used_memory"]) <= used + room + 8 * 1024  # the bound, give or take a client buffer
+        server.stop()
+        answer, header = await _ask(gw, "the cache is down", max_tokens=2)
+        assert header == "bypass" and answer

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec
+from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
@@ -237,9 +238,12 @@ class Admitter:
         registry: ModelRegistry,
         signals: AutoscaleSignals,
         metrics: GatewayMetrics,
+        *,
+        cache_index: Broker | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
+        self.index = cache_index or broker  # the Redis that holds the response cache's entries
         self.fanin = fanin
         self.registry = registry
         self.signals = signals
@@ -294,10 +298,9 @@ class Admitter:
             if found is not None:
                 return found
         entry = self._cache_entry(spec, model, principal, cache)
-        found, owned = await self._look_up(entry, idem, rid, key_ttl_s, principal, subscribe, cache)
+        found, owned, outcome = await self._look_up(entry, idem, rid, key_ttl_s, principal, subscribe, cache)
         if found is not None:  # answered by an identical request: not queued, no tokens spent
             return found
-        outcome = Outcome.MISS if entry is not None and cache.lookup else Outcome.BYPASS
         self.metrics.cache_requests.labels(body.model, outcome.value).inc()
         headers: dict[str, str] = {HEADER: outcome.value}
         if limits.any or shared.any:  # after the Idempotency-Key: a replay is not a new request
@@ -381,17 +384,23 @@ class Admitter:
         principal: Principal,
         subscribe: bool,
         control: CacheControl,
-    ) -> tuple[Submission | None, CacheEntry | None]:
-        """The identical request that answers this one, or None and the entry now bound to ``rid``."""
+    ) -> tuple[Submission | None, CacheEntry | None, Outcome]:
+        """The identical request that answers this one, or None and the entry now bound to ``rid``;
+        the outcome (``X-Breakwater-Cache``)."""
         if entry is None:
-            return None, None
+            return None, None, Outcome.BYPASS
         try:
             found, bound = await self._from_cache(entry, rid, subscribe, control)
+        except TRANSIENT as exc:  # the cache's Redis is unreachable or full: serve without the cache
+            log.warning(
+                "response cache unavailable; bypassing it", extra={"rid": rid, "fields": {"error": str(exc)}}
+            )
+            return None, None, Outcome.BYPASS
         except BaseException:
             await self._abandon(None, idem, rid, principal, Limits())
             raise
         if found is None:
-            return None, entry if bound else None
+            return None, entry if bound else None, Outcome.MISS if control.lookup else Outcome.BYPASS
         # The client's Idempotency-Key now names the request that answers it.
         if idem is not None and not await self.broker.rebind_idempotency_key(
             idem, found.rid, key_ttl_s, was=rid
@@ -399,7 +408,7 @@ class Admitter:
             await self._abandon(found.subscription, None, rid, principal, Limits())
             await self.broker.detach(found.rid)
             raise _idempotency_conflict()
-        return found, None
+        return found, None, Outcome.HIT
 
     def _cache_entry(
         self, spec: RequestSpec, model: ModelInfo, principal: Principal, control: CacheControl
@@ -420,11 +429,11 @@ class Admitter:
         bound to ``rid`` (it will be this request's answer)."""
         ttl = self.settings.cache_ttl_s
         if control.store:
-            existing = await self.broker.claim_binding(entry.key, rid, ttl)
+            existing = await self.index.claim_binding(entry.key, rid, ttl)
             if existing is None:
                 return None, True
         else:
-            existing = await self.broker.binding(entry.key)
+            existing = await self.index.binding(entry.key)
             if existing is None:
                 return None, False
         if control.lookup:
@@ -447,7 +456,7 @@ class Admitter:
                 )
                 return found, False
         # Not reusable (failed, cancelled, expired) or not looked up: this request takes the entry over.
-        return None, control.store and await self.broker.rebind(entry.key, rid, ttl, was=existing)
+        return None, control.store and await self.index.rebind(entry.key, rid, ttl, was=existing)
 
     async def _within_limits(
         self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
@@ -516,7 +525,10 @@ class Admitter:
         if idem is not None:
             await self.broker.release_idempotency_key(idem, rid)
         if entry is not None:
-            await self.broker.unbind(entry.key, rid)
+            try:
+                await self.index.unbind(entry.key, rid)
+            except TRANSIENT as exc:  # left bound to a request that never ran: the next one takes it over
+                log.warning("cache entry not released", extra={"rid": rid, "fields": {"error": str(exc)}})
         if limits.max_concurrent or principal.tenant_limits.max_concurrent:
             await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 

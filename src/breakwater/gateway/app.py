@@ -57,10 +57,12 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = Broker.connect(settings)
+        cache_settings = settings.cache_index()
+        index = Broker.connect(cache_settings) if cache_settings is not None else broker
         metrics = GatewayMetrics()
         fanin = broker.fanin(settings.stream_buffer, on_overflow=metrics.stream_overflows.inc)
         await fanin.start()
-        svc = GatewayService(settings, broker, fanin, metrics)
+        svc = GatewayService(settings, broker, fanin, metrics, cache_index=index)
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         admin = metrics_listener(settings, metrics)
@@ -81,6 +83,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 await gauges
             await fanin.close()
             await broker.aclose()
+            if index is not broker:
+                await index.aclose()
 
     app = GatewayApp(title="Breakwater", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -32,7 +32,13 @@ log = logging.getLogger(__name__)
 
 class GatewayService:
     def __init__(
-        self, settings: GatewaySettings, broker: Broker, fanin: Fanin, metrics: GatewayMetrics
+        self,
+        settings: GatewaySettings,
+        broker: Broker,
+        fanin: Fanin,
+        metrics: GatewayMetrics,
+        *,
+        cache_index: Broker | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -40,7 +46,9 @@ class GatewayService:
         self.metrics = metrics
         self.registry = ModelRegistry(settings, broker)
         self.signals = AutoscaleSignals(settings, broker, self.registry, metrics)
-        self.admitter = Admitter(settings, broker, fanin, self.registry, self.signals, metrics)
+        self.admitter = Admitter(
+            settings, broker, fanin, self.registry, self.signals, metrics, cache_index=cache_index or broker
+        )
         self.requests = Requests(settings, broker, fanin, metrics)
         store = broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
         self.auth = Authenticator(settings, store, broker.ledger)
