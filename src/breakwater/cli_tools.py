@@ -58,6 +58,15 @@ def bench(
     metrics_url: Annotated[str | None, typer.Option(help="scrape this /metrics ('off': none)")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="bearer token")] = None,
     seed: Annotated[int, typer.Option(help="random seed of the schedule")] = 0,
+    repeat_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="this share of requests repeat an earlier one exactly (greedy; the others distinct): "
+            "measures a response cache",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="result folder")] = Path("bench-results"),
 ) -> None:
     """Load-test any OpenAI-compatible server: TTFT, TPOT, ITL, E2E, goodput, cost; JSON + plots + HTML."""
@@ -76,7 +85,7 @@ def bench(
         prof = Profile(
             profile, rate, duration, burstiness, poisson, start_rate, end_rate, steps, peak, ramp, hold,
             decay, trace, time_scale, trace_start, max_input_tokens, max_output_tokens, concurrency,
-            num_requests, input_tokens, output_tokens, seed,
+            num_requests, input_tokens, output_tokens, seed, repeat_fraction,
         )  # fmt: skip
         slos = SLO.parse(slo)
         cost = Cost(gpu_hourly, cpu_hourly, gpus, cpus)

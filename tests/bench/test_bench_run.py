@@ -133,3 +133,33 @@ def test_sweep_finds_the_highest_rate_meeting_the_slo(log_dir: Path, tmp_path: P
     best = float(proc.stderr.split("highest rate meeting ttft=250:")[1].split("req/s")[0])
     assert 4 <= best < 32  # 4 req/s is easy; 32 is past saturation
     assert "'meets': False" in proc.stderr  # it went past the limit, then bisected
+
+
+def test_bench_measures_a_response_cache(redis_server: RedisServer, log_dir: Path, tmp_path: Path) -> None:
+    """``--repeat-fraction``: repeated greedy requests; the summary has the hit ratio and the TTFT of
+    hits and misses apart."""
+    from breakwater.bench import Profile
+
+    procs = StackProcs(redis_server.url, f"b{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway(cache="true")
+        procs.add_worker(sim_decode_base_ms=5, heartbeat_s=0.5)
+        procs.wait_workers(url)
+        args = ("--profile", "poisson", "--rate", "20", "--duration", "2", "--seed", "3")
+        code, result, rows = bench(
+            *("--url", url, "--model", "sim", *args, "--repeat-fraction", "0.4"),
+            *("--input-tokens", "16", "--output-tokens", "8"),
+            out=tmp_path,
+        )
+    finally:
+        procs.stop()
+    assert code == 0 and result["failed"] == 0 and result["integrity_errors"] == 0
+    arrivals = Profile(
+        "poisson", rate=20, duration_s=2, seed=3, input_tokens=16, output_tokens=8, repeat_fraction=0.4
+    ).arrivals()
+    repeats = len(arrivals) - len({a.prompt_id for a in arrivals})
+    assert 0 < repeats < len(arrivals) == len(rows)
+    # Every repeat is answered by its earlier twin (finished or still generating); nothing else is.
+    assert sorted(r["cache"] for r in rows) == sorted(["hit"] * repeats + ["miss"] * (len(rows) - repeats))
+    assert result["cache_hit_ratio"] == repeats / len(rows)
+    assert result["median_ttft_hit_ms"] > 0 and result["median_ttft_miss_ms"] > 0

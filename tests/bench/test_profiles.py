@@ -10,7 +10,16 @@ import orjson
 import pytest
 
 from breakwater.bench import Profile
-from breakwater.bench.profiles import Arrival, burst_rate, constant, from_rate, poisson, step_rate, trace
+from breakwater.bench.profiles import (
+    Arrival,
+    burst_rate,
+    constant,
+    from_rate,
+    poisson,
+    step_rate,
+    trace,
+    with_repeats,
+)
 
 
 def counts(arrivals: list[Arrival], edges: list[float]) -> list[int]:
@@ -111,3 +120,23 @@ def test_bad_profile_values_are_refused() -> None:
         Profile("zigzag").arrivals()
     with pytest.raises(ValueError, match="needs --trace"):
         Profile("trace").arrivals()
+
+
+def test_repeats_copy_an_earlier_request_exactly() -> None:
+    base = constant(100, 20, 32, 16)
+    assert len({a.prompt_id for a in with_repeats(base, 0.0)}) == len(base)
+    arrivals = with_repeats([Arrival(i / 100, 10 + i % 7, 5 + i % 3) for i in range(2000)], 0.3, seed=1)
+    firsts: dict[int, Arrival] = {}
+    repeats = 0
+    for i, a in enumerate(arrivals):
+        if a.prompt_id in firsts:
+            repeats += 1
+            first = firsts[a.prompt_id]
+            assert (a.input_tokens, a.output_tokens) == (first.input_tokens, first.output_tokens)
+        else:
+            assert a.prompt_id == i  # a distinct request is its own first
+            firsts[a.prompt_id] = a
+        assert a.t == i / 100  # the schedule is unchanged
+    assert abs(repeats / len(arrivals) - 0.3) < 0.03
+    with pytest.raises(ValueError):
+        with_repeats(base, 1.5)

@@ -44,8 +44,15 @@ class Profile:
     input_tokens: int = 128
     output_tokens: int = 64
     seed: int = 0
+    repeat_fraction: float | None = None  # this share of requests repeat an earlier one (greedy)
 
     def arrivals(self) -> list[Arrival]:
+        arrivals = self._schedule()
+        if self.repeat_fraction is None:
+            return arrivals
+        return profiles.with_repeats(arrivals, self.repeat_fraction, self.seed)
+
+    def _schedule(self) -> list[Arrival]:
         inp, out = self.input_tokens, self.output_tokens
         if self.name == "constant":
             return profiles.constant(self.rate, self.duration_s, inp, out)

@@ -39,6 +39,7 @@ class RequestRecord:
     retry_after: float | None = None
     integrity_errors: int = 0  # missing or repeated SSE ids (Breakwater targets)
     request_id: str = ""
+    cache: str = ""  # X-Breakwater-Cache: hit, miss or bypass ('' when the server says nothing)
 
     @property
     def ok(self) -> bool:
@@ -169,6 +170,7 @@ def summarize(
     summary.update(stats_ms("tpot", [t for r in ok if (t := tpot(r)) is not None]))
     summary.update(stats_ms("itl", [gap for r in ok for gap in itls(r)]))
     summary.update(stats_ms("e2el", [r.e2e_s for r in ok if r.e2e_s is not None]))
+    summary.update(_cache_stats(ok))
     if slo is not None and slo.given():
         summary["request_goodput"] = sum(1 for r in records if slo.met(r)) / duration
         summary["slo"] = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms}
@@ -177,6 +179,21 @@ def summarize(
         summary["cost_per_1k_total_tokens"] = cost.per_1k(prompt + output, duration_s)
         summary["cost_model"] = asdict(cost)
     return summary
+
+
+def _cache_stats(ok: list[RequestRecord]) -> dict[str, Any]:
+    """The response cache's share of the answers and what it did to first-token latency."""
+    told = [r for r in ok if r.cache]
+    if not told:
+        return {}
+    hits = [r for r in told if r.cache == "hit"]
+    out: dict[str, Any] = {
+        "cache_hit_ratio": len(hits) / len(told),
+        "cache_hit_output_tokens": sum(r.output_tokens for r in hits),
+    }
+    out.update(stats_ms("ttft_hit", [r.ttft_s for r in hits if r.ttft_s is not None]))
+    out.update(stats_ms("ttft_miss", [r.ttft_s for r in told if r.cache != "hit" and r.ttft_s is not None]))
+    return out
 
 
 def _std(vals: list[float]) -> float:

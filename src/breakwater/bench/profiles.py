@@ -27,6 +27,28 @@ class Arrival:
     t: float  # seconds after the start of the run
     input_tokens: int
     output_tokens: int
+    # With repeats (``with_repeats``): the prompt's identity; equal ids are identical greedy requests.
+    prompt_id: int = -1
+
+
+def with_repeats(arrivals: list[Arrival], fraction: float, seed: int = 0) -> list[Arrival]:
+    """The same schedule where a ``fraction`` of requests repeat an earlier one exactly (its prompt
+    and lengths, drawn uniformly from the distinct requests before it), as retries, shared questions
+    and evaluation harnesses do; the others are distinct."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError("the repeat fraction must be between 0 and 1")
+    rng = random.Random(seed + 1)
+    out: list[Arrival] = []
+    distinct: list[Arrival] = []
+    for i, arrival in enumerate(arrivals):
+        if distinct and rng.random() < fraction:
+            original = rng.choice(distinct)
+            out.append(Arrival(arrival.t, original.input_tokens, original.output_tokens, original.prompt_id))
+        else:
+            fresh = Arrival(arrival.t, arrival.input_tokens, arrival.output_tokens, i)
+            distinct.append(fresh)
+            out.append(fresh)
+    return out
 
 
 def constant(rate: float, duration_s: float, input_tokens: int, output_tokens: int) -> list[Arrival]:

@@ -174,6 +174,15 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         )
     if "request_goodput" in summary:
         keys.append(("goodput (req/s)", _fmt(summary["request_goodput"])))
+    if "cache_hit_ratio" in summary:  # the server's response cache answered some (X-Breakwater-Cache)
+        keys.append(("cache hit ratio", _fmt(summary["cache_hit_ratio"])))
+        for kind in ("hit", "miss"):
+            keys.append(
+                (
+                    f"TTFT ms p50 / p99, cache {kind}s",
+                    " / ".join(_fmt(summary[f"{k}_ttft_{kind}_ms"]) for k in ("median", "p99")),
+                )
+            )
     if summary.get("cost_per_1k_output_tokens") is not None:
         keys.append(("cost / 1k output tokens", _fmt(summary["cost_per_1k_output_tokens"])))
         keys.append(("cost / 1k total tokens", _fmt(summary["cost_per_1k_total_tokens"])))

@@ -73,12 +73,16 @@ class Target:
             raise ValueError("endpoint must be chat or completions")
 
     def body(self, arrival: Arrival, index: int) -> tuple[str, dict[str, Any]]:
-        prompt = synth_prompt(arrival.input_tokens, index)
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": arrival.output_tokens,
             "stream": self.stream,
         }
+        if arrival.prompt_id >= 0:  # repeats: requests with one id are identical, others never
+            prompt = f"q{arrival.prompt_id}: " + synth_prompt(arrival.input_tokens, arrival.prompt_id)
+            body["temperature"] = 0
+        else:
+            prompt = synth_prompt(arrival.input_tokens, index)
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         if self.ignore_eos:
@@ -210,6 +214,7 @@ class Runner:
         ) as resp:
             record.status = resp.status_code
             record.request_id = resp.headers.get("x-breakwater-request-id", "")
+            record.cache = resp.headers.get("x-breakwater-cache", "")
             if resp.status_code != 200:
                 await resp.aread()
                 _http_error(record, resp)
@@ -244,6 +249,7 @@ class Runner:
             kind = msg.get("type")
             if kind == "created":
                 record.status, record.request_id = 200, str(msg["request_id"])
+                record.cache = str(msg.get("cache", ""))
             elif kind == "token":
                 seq = int(msg["seq"])
                 record.integrity_errors += seq != last_id + 1
@@ -273,6 +279,7 @@ class Runner:
         record.status = resp.status_code
         record.e2e_s = loop.time() - sent
         record.request_id = resp.headers.get("x-breakwater-request-id", "")
+        record.cache = resp.headers.get("x-breakwater-cache", "")
         if resp.status_code != 200:
             _http_error(record, resp)
             return
