@@ -40,9 +40,15 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.engine_busy = Counter(
+            "breakwater_engine_busy_seconds_total",
+            "Time in engine steps that began with sequences running: the accelerator's busy seconds",
+            ["model"],
+            registry=r,
+        )
         self.step_seconds = Histogram(
             "breakwater_engine_step_seconds",
-            "Engine step duration incl. publishing",
+            "Time to publish one engine step's tokens (after the step)",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -43,6 +43,7 @@ class Worker(LivenessMixin, PreemptingMixin):
         # Resolved once: labels() on every step or token costs a lock and a dict lookup each time.
         self._tokens = self.metrics.tokens.labels(self.model)
         self._step_seconds = self.metrics.step_seconds.labels(self.model)
+        self._busy = self.metrics.engine_busy.labels(self.model)
         self._running = self.metrics.running.labels(self.model)
         self._occupancy = self.metrics.batch_occupancy.labels(self.model)
         self.inflight: dict[str, InFlight] = {}
@@ -311,9 +312,11 @@ class Worker(LivenessMixin, PreemptingMixin):
     # -- stepping and publishing -----------------------------------------------------------------
     async def _step_loop(self) -> None:
         while True:
-            self._step_started = time.monotonic() if self.engine.running() else None
+            busy_since = self._step_started = time.monotonic() if self.engine.running() else None
             deltas = await self.engine.step()
             self._step_started = None
+            if busy_since is not None:
+                self._busy.inc(time.monotonic() - busy_since)
             started = time.perf_counter()
             await self._publish(deltas)
             self._steps += 1
