@@ -223,6 +223,23 @@ class StackProcs:
                 proc.stop()
 
 
+def breakwater_cli(procs: StackProcs, *args: str, pepper: str | None = None) -> Any:
+    """``breakwater ARGS`` against the stack's Redis (and key pepper); its JSON output."""
+    env = {**os.environ, "BREAKWATER_REDIS_URL": procs.redis_url, "BREAKWATER_KEY_PREFIX": procs.prefix}
+    if pepper is not None:
+        env["BREAKWATER_AUTH_PEPPER"] = pepper
+    done = subprocess.run(
+        [sys.executable, "-m", "breakwater", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"breakwater {' '.join(args)}: {done.stderr}"
+    return orjson.loads(done.stdout)
+
+
 def _ready(url: str, proc: Proc) -> bool:
     if not proc.alive():
         raise AssertionError(f"process exited: {proc.log()[-2000:]}")

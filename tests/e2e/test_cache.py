@@ -10,9 +10,6 @@ generation, which survives its first client leaving or cancelling and its worker
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +25,7 @@ from redis.asyncio import Redis
 from breakwater.broker import Broker, Status
 from breakwater.config import GatewaySettings
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, read_record
+from tests.helpers import StackProcs, breakwater_cli, read_record
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -67,21 +64,7 @@ class CacheStack:
 
 
 def _create_key(procs: StackProcs, tenant: str, *options: str) -> str:
-    env = {
-        **os.environ,
-        "BREAKWATER_REDIS_URL": procs.redis_url,
-        "BREAKWATER_KEY_PREFIX": procs.prefix,
-        "BREAKWATER_AUTH_PEPPER": PEPPER,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "breakwater", "keys", "create", "--tenant", tenant, *options],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return str(orjson.loads(done.stdout)["key"])
+    return str(breakwater_cli(procs, "keys", "create", "--tenant", tenant, *options, pepper=PEPPER)["key"])
 
 
 @pytest.fixture(scope="module")
@@ -379,16 +362,7 @@ async def test_worker_sigkill_during_a_shared_generation_completes_every_client(
 
 
 def _cache_cli(procs: StackProcs, *args: str) -> dict[str, int]:
-    env = {**os.environ, "BREAKWATER_REDIS_URL": procs.redis_url, "BREAKWATER_KEY_PREFIX": procs.prefix}
-    done = subprocess.run(
-        [sys.executable, "-m", "breakwater", "cache", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, int] = orjson.loads(done.stdout)
+    result: dict[str, int] = breakwater_cli(procs, "cache", *args)
     return result
 
 
