@@ -43,9 +43,10 @@ async def stats(index: Broker, broker: Broker, model: str = "", tenant: str = ""
     entry_redis: Any = index.redis
     redis: Any = broker.redis
     async for key in entry_redis.scan_iter(match=index.keys.cache_pattern(model, tenant), count=SCAN_COUNT):
-        rid = await entry_redis.get(key)
-        if rid is None:  # expired meanwhile
+        value = await entry_redis.get(key)
+        if value is None:  # expired meanwhile
             continue
+        rid = value.partition(" ")[0]  # "<rid> <claimed at>"
         entries += 1
         entry_bytes += int(await entry_redis.memory_usage(key) or 0)
         status = await redis.hget(broker.keys.request(rid), "status")

@@ -379,3 +379,62 @@ async def test_cache_stats_and_purge_by_tenant(cache_stack: CacheStack) -> None:
     assert hb == "miss" and b2.id != b.id
     a2, ha = await _chat(cache_stack.client(cache_stack.a_key), **body)
     assert ha == "hit" and a2.id == a.id
+
+
+async def test_identical_requests_on_one_socket_are_each_answered(cache_stack: CacheStack) -> None:
+    """Two identical requests in flight on one WebSocket: the second is generated on its own, so no
+    request id is followed twice on the socket and both get every event."""
+    url = cache_stack.urls[0].replace("http://", "ws://") + "/v1/ws"
+    body = {"model": "sim", "prompt": f"twice {uuid.uuid4().hex[:8]}", "max_tokens": 30, "temperature": 0}
+    headers = {"Authorization": f"Bearer {cache_stack.a_key}"}
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        await ws.send(orjson.dumps(body).decode())
+        await ws.send(orjson.dumps(body).decode())
+        created: list[dict[str, Any]] = []
+        events: dict[str, list[dict[str, Any]]] = {}
+        async with asyncio.timeout(30):
+            while len(created) < 2 or any(
+                not e or e[-1]["type"] not in ("done", "error") for e in events.values()
+            ):
+                message = orjson.loads(await ws.recv())
+                if message["type"] == "created":
+                    created.append(message)
+                    events.setdefault(message["request_id"], [])
+                else:
+                    events.setdefault(message["request_id"], []).append(message)
+    assert [c["cache"] for c in created] == ["miss", "bypass"]
+    assert len(events) == 2
+    texts = set()
+    for got in events.values():
+        assert [e["seq"] for e in got] == list(range(1, len(got) + 1)) and got[-1]["type"] == "done"
+        texts.add("".join(e.get("text", "") for e in got if e["type"] == "token"))
+    assert len(texts) == 1
+
+
+async def test_a_shared_request_can_be_cancelled_once_its_cache_followers_left(
+    cache_stack: CacheStack, redis: Redis
+) -> None:
+    body: dict[str, Any] = {
+        "messages": _ask("left alone"),
+        "temperature": 0,
+        "max_tokens": 400,
+        "ignore_eos": True,
+    }
+    auth = {"Authorization": f"Bearer {cache_stack.a_key}"}
+    url = f"{cache_stack.urls[0]}/v1/chat/completions"
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("POST", url, json={"model": "sim", "stream": True, **body}, headers=auth) as lead,
+    ):
+        rid = lead.headers["x-breakwater-request-id"]
+        async with http.stream("POST", url, json={"model": "sim", "stream": True, **body}, headers=auth) as f:
+            assert f.headers["x-breakwater-cache"] == "hit"
+            await anext(f.aiter_lines())
+            refused = await http.delete(f"{cache_stack.urls[0]}/v1/requests/{rid}", headers=auth)
+            assert refused.status_code == 409
+        # The follower closed its stream: the request is the first client's alone again.
+        async with asyncio.timeout(10):
+            while int(await redis.hget(cache_stack.procs.keys_request(rid), "shared") or 0) != 0:
+                await asyncio.sleep(0.02)
+        cancelled = await http.delete(f"{cache_stack.urls[0]}/v1/requests/{rid}", headers=auth)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"

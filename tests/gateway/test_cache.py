@@ -136,6 +136,16 @@ def test_only_a_live_or_successful_request_of_the_scope_answers(
     assert reusable(record, SHARED_SCOPE) is (status in (Status.QUEUED, Status.RUNNING, Status.DONE))
 
 
+def test_an_unfinished_request_answers_only_on_its_lane_and_within_its_deadline() -> None:
+    now_ms = 1_000_000
+    running = RequestRecord(spec=SPEC, status=Status.RUNNING, deadline_ms=now_ms + 60_000)
+    assert reusable(running, "tenant-a", SPEC, now_ms)
+    assert not reusable(running, "tenant-a", dataclasses.replace(SPEC, lane="batch"), now_ms)
+    assert not reusable(running, "tenant-a", dataclasses.replace(SPEC, timeout_s=120.0), now_ms)
+    done = dataclasses.replace(running, status=Status.DONE)  # a finished answer is whole: any lane, any time
+    assert reusable(done, "tenant-a", dataclasses.replace(SPEC, lane="batch", timeout_s=120.0), now_ms)
+
+
 def test_workers_serving_different_fingerprints_make_a_model_uncacheable() -> None:
     info = {"model": "sim", "capacity": 4, "context_length": 4096, "features": []}
     assert _aggregate("sim", [{**info, "fingerprint": "a"}, {**info, "fingerprint": "a"}]).fingerprint == "a"
@@ -183,6 +193,22 @@ async def test_a_cancelled_answer_is_taken_over(redis_server: RedisServer, prefi
         assert (await _post(gw, "cancel me", **body)).json()["id"] == again.json()["id"]
 
 
+async def test_identical_requests_after_a_failed_answer_cost_one_generation(cached: InProc) -> None:
+    """An entry whose request is gone is taken over by one of many identical requests; the others
+    follow that one (they look again when they lose the takeover)."""
+    first, _ = await _ask(cached, "herd", max_tokens=4)
+    broker = cached.broker()
+    try:
+        await broker.redis.delete(cached.keys.request(first))  # gone: the next ones take the entry over
+        before, _ = await broker.jobs_counts("sim", "interactive")
+        answers = await asyncio.gather(*(_ask(cached, "herd", max_tokens=4) for _ in range(8)))
+        after, _ = await broker.jobs_counts("sim", "interactive")
+    finally:
+        await broker.aclose()
+    assert after - before == 1
+    assert len({rid for rid, _ in answers}) == 1 and sorted(h for _, h in answers) == ["hit"] * 7 + ["miss"]
+
+
 async def test_an_expired_answer_is_taken_over(cached: InProc) -> None:
     done, _ = await _ask(cached, "expire me", max_tokens=4)
     broker = cached.broker()
@@ -209,7 +235,7 @@ async def _entry(gw: InProc) -> str:
         async with asyncio.timeout(10):
             while True:
                 keys = [k async for k in broker.redis.scan_iter(match=gw.keys.cache_pattern("sim"))]
-                rid = str(await broker.redis.get(keys[0]) or "") if keys else ""
+                rid = str(await broker.redis.get(keys[0]) or "").partition(" ")[0] if keys else ""
                 if rid and await broker.exists(rid):
                     return rid
                 await asyncio.sleep(0.01)
@@ -226,7 +252,7 @@ async def test_entries_expire_and_the_counters_count(cached: InProc) -> None:
         assert len(entries) == 5
         for key in entries:
             assert 0 < await broker.redis.ttl(key) <= 120
-        assert sorted([str(await broker.redis.get(k)) for k in entries]) == sorted(ids)
+        assert sorted([str(await broker.redis.get(k)).partition(" ")[0] for k in entries]) == sorted(ids)
     finally:
         await broker.aclose()
     text = (await cached.http.get("/metrics")).text
@@ -276,9 +302,10 @@ async def test_a_cache_redis_of_its_own_holds_the_entries_and_may_evict_them(
             assert [k async for k in queue.redis.scan_iter(match=gw.keys.cache_pattern())] == []
         finally:
             await queue.aclose()
-        assert [
+        entries = [
             await cache_redis.get(k) async for k in cache_redis.scan_iter(match=gw.keys.cache_pattern())
-        ] == [first]
+        ]
+        assert [str(e).partition(" ")[0] for e in entries] == [first]
         used = int((await cache_redis.info("memory"))["used_memory"])
         room = 64 * 1024
         await cache_redis.config_set("maxmemory-policy", "allkeys-lru")

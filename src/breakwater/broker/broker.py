@@ -429,8 +429,9 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
 
     async def attach(self, rid: str, *, shared: bool = False) -> bool:
         """One more client follows ``rid``; False when the record is gone (never recreates it).
-        ``shared``: it came through the response cache (its record counts such clients)."""
+        ``shared``: it came through the response cache (its record counts those following now)."""
         return bool(await self._watch(keys=[self.keys.request(rid)], args=[1, 1 if shared else 0]))
 
-    async def detach(self, rid: str) -> None:
-        await self._watch(keys=[self.keys.request(rid)], args=[-1, 0])
+    async def detach(self, rid: str, *, shared: bool = False) -> None:
+        """A client stopped following ``rid`` (``shared``: one that came through the response cache)."""
+        await self._watch(keys=[self.keys.request(rid)], args=[-1, 1 if shared else 0])

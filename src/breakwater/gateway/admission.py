@@ -13,21 +13,19 @@ from typing import Any
 import orjson
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec
-from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
 from breakwater.engines.base import EMBEDDINGS, GRAMMAR, LOGPROBS, RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.cache import (
+    BYPASSED,
     DEFAULT_CONTROL,
     HEADER,
     CacheControl,
     CacheEntry,
-    Outcome,
-    cache_entry,
-    reproducible,
-    reusable,
+    Lookup,
+    ResponseCache,
 )
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
@@ -243,7 +241,7 @@ class Admitter:
     ) -> None:
         self.settings = settings
         self.broker = broker
-        self.index = cache_index or broker  # the Redis that holds the response cache's entries
+        self.cache = ResponseCache(settings, broker, cache_index or broker, fanin, metrics)
         self.fanin = fanin
         self.registry = registry
         self.signals = signals
@@ -297,12 +295,13 @@ class Admitter:
             found = await self._bind(idem, rid, key_ttl_s, subscribe)
             if found is not None:
                 return found
-        entry = self._cache_entry(spec, model, principal, cache)
-        found, owned, outcome = await self._look_up(entry, idem, rid, key_ttl_s, principal, subscribe, cache)
-        if found is not None:  # answered by an identical request: not queued, no tokens spent
-            return found
-        self.metrics.cache_requests.labels(body.model, outcome.value).inc()
-        headers: dict[str, str] = {HEADER: outcome.value}
+        entry = self.cache.entry(spec, model, principal, cache)
+        lookup = await self._look_up(entry, idem, spec, rid, key_ttl_s, principal, subscribe, cache)
+        if lookup.found is not None:  # answered by an identical request: not queued, no tokens spent
+            return lookup.found
+        owned = entry if lookup.bound else None
+        self.metrics.cache_requests.labels(body.model, lookup.outcome.value).inc()
+        headers: dict[str, str] = {HEADER: lookup.outcome.value}
         if limits.any or shared.any:  # after the Idempotency-Key: a replay is not a new request
             try:
                 headers |= await self._within_limits(principal, limits, rid, spec)
@@ -379,84 +378,36 @@ class Admitter:
         self,
         entry: CacheEntry | None,
         idem: IdempotencyKey | None,
+        spec: RequestSpec,
         rid: str,
         key_ttl_s: int,
         principal: Principal,
         subscribe: bool,
         control: CacheControl,
-    ) -> tuple[Submission | None, CacheEntry | None, Outcome]:
-        """The identical request that answers this one, or None and the entry now bound to ``rid``;
-        the outcome (``X-Breakwater-Cache``)."""
+    ) -> Lookup:
+        """The response cache's answer for request ``rid`` (gateway.cache)."""
         if entry is None:
-            return None, None, Outcome.BYPASS
+            return BYPASSED
         try:
-            found, bound = await self._from_cache(entry, rid, subscribe, control)
-        except TRANSIENT as exc:  # the cache's Redis is unreachable or full: serve without the cache
-            log.warning(
-                "response cache unavailable; bypassing it", extra={"rid": rid, "fields": {"error": str(exc)}}
+            lookup = await self.cache.look_up(
+                entry, rid, spec, ttl_s=key_ttl_s, subscribe=subscribe, control=control
             )
-            return None, None, Outcome.BYPASS
         except BaseException:
             await self._abandon(None, idem, rid, principal, Limits())
             raise
-        if found is None:
-            return None, entry if bound else None, Outcome.MISS if control.lookup else Outcome.BYPASS
+        found = lookup.found
         # The client's Idempotency-Key now names the request that answers it.
-        if idem is not None and not await self.broker.rebind_idempotency_key(
-            idem, found.rid, key_ttl_s, was=rid
-        ):
-            await self._abandon(found.subscription, None, rid, principal, Limits())
-            await self.broker.detach(found.rid)
-            raise _idempotency_conflict()
-        return found, None, Outcome.HIT
-
-    def _cache_entry(
-        self, spec: RequestSpec, model: ModelInfo, principal: Principal, control: CacheControl
-    ) -> CacheEntry | None:
-        """The request's cache entry; None when it bypasses the cache: caching is off (here or for
-        its key), its answer is not reproducible, it is one of n choices, the client said
-        ``no-cache, no-store``, or its model's workers do not all serve the same fingerprint."""
-        if not (self.settings.cache and reproducible(spec) and spec.choices == 1 and model.fingerprint):
-            return None
-        if (principal.key is not None and not principal.key.cache) or not (control.lookup or control.store):
-            return None
-        return cache_entry(self.broker.keys, spec, model, shared=spec.model in self.settings.cache_shared)
-
-    async def _from_cache(
-        self, entry: CacheEntry, rid: str, subscribe: bool, control: CacheControl
-    ) -> tuple[Submission | None, bool]:
-        """The identical request that answers this one (a hit), or None and whether ``entry`` is now
-        bound to ``rid`` (it will be this request's answer)."""
-        ttl = self.settings.cache_ttl_s
-        if control.store:
-            existing = await self.index.claim_binding(entry.key, rid, ttl)
-            if existing is None:
-                return None, True
-        else:
-            existing = await self.index.binding(entry.key)
-            if existing is None:
-                return None, False
-        if control.lookup:
-            record = await self._wait_for_record(existing)  # its first request may be still admitting
-            if (
-                record is not None
-                and reusable(record, entry.scope)
-                and await self.broker.attach(existing, shared=True)
-            ):
-                sub = await self.fanin.subscribe(existing) if subscribe else None
-                found = Submission.of(existing, record, sub)
-                found.headers = {HEADER: Outcome.HIT.value}
-                found.cached = True
-                running = not record.status.terminal
-                self.metrics.cache_requests.labels(record.spec.model, Outcome.HIT.value).inc()
-                self.metrics.cache_single_flight.labels(record.spec.model).inc(running)
-                log.info(
-                    "answered from the cache",
-                    extra={"rid": existing, "fields": {"single_flight": running}},
-                )
-                return found, False
-        # Not reusable (failed, cancelled, expired) or not looked up: this request takes the entry over.
-        return None, control.store and await self.index.rebind(entry.key, rid, ttl, was=existing)
+        if found is not None and idem is not None:
+            rebound = False
+            try:
+                rebound = await self.broker.rebind_idempotency_key(idem, found.rid, key_ttl_s, was=rid)
+            finally:
+                if not rebound:
+                    await self._abandon(found.subscription, idem, rid, principal, Limits())
+                    await self.broker.detach(found.rid, shared=True)
+            if not rebound:
+                raise _idempotency_conflict()
+        return lookup
 
     async def _within_limits(
         self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
@@ -525,10 +476,7 @@ class Admitter:
         if idem is not None:
             await self.broker.release_idempotency_key(idem, rid)
         if entry is not None:
-            try:
-                await self.index.unbind(entry.key, rid)
-            except TRANSIENT as exc:  # left bound to a request that never ran: the next one takes it over
-                log.warning("cache entry not released", extra={"rid": rid, "fields": {"error": str(exc)}})
+            await self.cache.release(entry, rid)
         if limits.max_concurrent or principal.tenant_limits.max_concurrent:
             await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 

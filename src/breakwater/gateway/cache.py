@@ -17,22 +17,40 @@ Idempotency-Key (``idempotency.lua``):
 - an entry bound to a request that failed, was cancelled or expired is taken over: a miss.
 
 Entries are references, not copies, so the cache adds one small key per distinct request to Redis.
+An entry's value is ``<rid> <claimed at, unix ms>``: a request with no record yet is being admitted
+only within ``CLAIM_GRACE_S`` of its claim; after that it never will be.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import orjson
+from redis.exceptions import RedisError
 
-from breakwater.broker import RequestRecord, RequestSpec, Status
+from breakwater.broker import Broker, RequestRecord, RequestSpec, Status
+from breakwater.broker.fanin import Fanin
+from breakwater.config import GatewaySettings
+from breakwater.gateway.following import Submission
+from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo
 from breakwater.keys import Keys
+from breakwater.tenancy import Principal
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEADER = "X-Breakwater-Cache"
 SHARED_SCOPE = "*"  # the scope of a model whose answers every tenant shares
+CLAIM_GRACE_S = 3.0  # a claimed entry's request has its record within this (admission takes ms)
+TAKEOVERS = 3  # lookups when another identical request keeps taking the entry over first
 
 
 class Outcome(StrEnum):
@@ -55,6 +73,7 @@ class CacheControl:
 
 
 DEFAULT_CONTROL = CacheControl()
+NO_CACHE = CacheControl(lookup=False, store=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +119,151 @@ def cache_entry(keys: Keys, spec: RequestSpec, model: ModelInfo, *, shared: bool
     return CacheEntry(keys.cache(spec.model, scope, digest), scope)
 
 
-def reusable(record: RequestRecord, scope: str) -> bool:
-    """A request whose answer another identical one may take: not failed, cancelled or expired, and
-    (unless its model is shared) the same tenant's (the key says so already; this checks it)."""
+def reusable(record: RequestRecord, scope: str, spec: RequestSpec | None = None, now_ms: int = 0) -> bool:
+    """A request whose answer another identical one (``spec``, sent at ``now_ms``) may take: not
+    failed, cancelled or expired; the same tenant's unless its model is shared (the key says so
+    already; this checks it); and, still queued or running, on the same lane with a deadline no
+    earlier than the newcomer's (it must not end the newcomer's request early)."""
     if scope != SHARED_SCOPE and (record.spec.tenant or "anonymous") != scope:
         return False
-    return record.status in (Status.QUEUED, Status.RUNNING, Status.DONE)
+    if record.status is Status.DONE:
+        return True
+    if record.status not in (Status.QUEUED, Status.RUNNING):
+        return False
+    if spec is None:
+        return True
+    return record.spec.lane == spec.lane and record.deadline_ms >= now_ms + spec.timeout_s * 1000 - 1000
+
+
+class CacheUnavailable(Exception):
+    """The Redis that holds the entries failed: the request goes on without the cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    found: Submission | None  # the request that answers this one (a hit)
+    bound: bool  # the entry is now bound to this request: released if it is not queued
+    outcome: Outcome
+
+
+BYPASSED = Lookup(None, False, Outcome.BYPASS)
+
+
+class ResponseCache:
+    """Looks entries up and binds them (in ``index``, the queue's Redis or one of its own); follows
+    the requests they name (in ``broker``)."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        broker: Broker,
+        index: Broker,
+        fanin: Fanin,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.index = index
+        self.fanin = fanin
+        self.metrics = metrics
+
+    def entry(
+        self, spec: RequestSpec, model: ModelInfo, principal: Principal, control: CacheControl
+    ) -> CacheEntry | None:
+        """The request's entry; None when it bypasses the cache: caching is off (here or for its
+        key), its answer is not reproducible, it is one of n choices, the client said ``no-cache,
+        no-store``, or its model's live workers do not all serve one fingerprint."""
+        if not (self.settings.cache and reproducible(spec) and spec.choices == 1 and model.fingerprint):
+            return None
+        if (principal.key is not None and not principal.key.cache) or not (control.lookup or control.store):
+            return None
+        return cache_entry(self.index.keys, spec, model, shared=spec.model in self.settings.cache_shared)
+
+    async def look_up(
+        self,
+        entry: CacheEntry,
+        rid: str,
+        spec: RequestSpec,
+        *,
+        ttl_s: int,
+        subscribe: bool,
+        control: CacheControl,
+    ) -> Lookup:
+        """The identical request that answers request ``rid`` (a hit), or whether ``entry`` is now
+        bound to ``rid``. Raises only what following the found request raised."""
+        missed = Outcome.MISS if control.lookup else Outcome.BYPASS
+        value = f"{rid} {int(time.time() * 1000)}"
+        ttl_s = min(ttl_s, self.settings.cache_ttl_s)
+        for _ in range(TAKEOVERS):
+            try:
+                if control.store:
+                    existing = await self._index(self.index.claim_binding(entry.key, value, ttl_s))
+                else:
+                    existing = await self._index(self.index.binding(entry.key))
+            except CacheUnavailable:
+                return BYPASSED
+            if existing is None:
+                return Lookup(None, control.store, missed)
+            if control.lookup:
+                found = await self._follow(existing, entry, spec, subscribe)
+                if found is not None:
+                    return Lookup(found, False, Outcome.HIT)
+            if not control.store:
+                return Lookup(None, False, missed)
+            try:  # not reusable (failed, cancelled, expired) or not looked up: take the entry over
+                if await self._index(self.index.rebind(entry.key, value, ttl_s, was=existing)):
+                    return Lookup(None, True, missed)
+            except CacheUnavailable:
+                return BYPASSED
+            # Another identical request took it over first: its request may be the answer now.
+        return Lookup(None, False, missed)
+
+    async def release(self, entry: CacheEntry, rid: str) -> None:
+        """Unbind ``entry`` from request ``rid``, which was not queued after all."""
+        try:
+            found = await self._index(self.index.binding(entry.key))
+            if found is not None and found.partition(" ")[0] == rid:
+                await self._index(self.index.unbind(entry.key, found))
+        except CacheUnavailable:  # left bound to a request that never ran: the next one takes it over
+            log.warning("cache entry not released", extra={"rid": rid})
+
+    async def _follow(
+        self, value: str, entry: CacheEntry, spec: RequestSpec, subscribe: bool
+    ) -> Submission | None:
+        rid, _, claimed = value.partition(" ")
+        record = await self._record(rid, int(claimed or 0) / 1000 + CLAIM_GRACE_S)
+        now_ms = int(time.time() * 1000)
+        if record is None or not reusable(record, entry.scope, spec, now_ms):
+            return None
+        if not await self.broker.attach(rid, shared=True):
+            return None
+        try:
+            sub = await self.fanin.subscribe(rid) if subscribe else None
+        except BaseException:
+            await self.broker.detach(rid, shared=True)
+            raise
+        found = Submission.of(rid, record, sub)
+        found.headers = {HEADER: Outcome.HIT.value}
+        found.cached = True
+        running = not record.status.terminal
+        self.metrics.cache_requests.labels(record.spec.model, Outcome.HIT.value).inc()
+        self.metrics.cache_single_flight.labels(record.spec.model).inc(running)
+        log.info("answered from the cache", extra={"rid": rid, "fields": {"single_flight": running}})
+        return found
+
+    async def _record(self, rid: str, until: float) -> RequestRecord | None:
+        """The request's record; waits for it until ``until`` (unix s): the request that claimed the
+        entry may be between its claim and its enqueue. After that, a missing record is gone."""
+        while True:
+            record = await self.broker.get_record(rid)
+            if record is not None or time.time() > until:
+                return record
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    async def _index(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except (RedisError, OSError) as exc:  # unreachable, full, refused: never fail the request for it
+            log.warning("response cache unavailable; bypassing it", extra={"fields": {"error": str(exc)}})
+            raise CacheUnavailable from exc

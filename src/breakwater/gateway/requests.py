@@ -57,12 +57,13 @@ class Requests:
 
     async def cancel(self, rid: str, principal: Principal) -> RequestRecord:
         record = await self.record(rid, principal)
-        if record.shared and record.watchers > 1 and not record.status.terminal:
-            # Other clients receive this answer through the response cache: it runs on for them.
+        if record.shared > 0 and not record.status.terminal:
+            # Clients that came through the response cache follow it: it runs on for them.
             raise APIError(
                 409,
-                f"request `{rid}` is also the answer to {record.watchers - 1} other client(s) through the "
-                "response cache and keeps running for them; close your stream to stop receiving it",
+                f"request `{rid}` is the answer to {record.shared} client(s) that came through the "
+                "response cache and keeps running for them; close your stream to stop receiving it "
+                "(a request nobody follows is cancelled after the detach grace period)",
                 code="request_shared",
                 param="id",
             )
@@ -125,14 +126,21 @@ class Requests:
             if out > 1 and first_t is not None:
                 self.metrics.tpot.labels(model).observe((now - first_t) / (out - 1))
 
-    def detach_later(self, rid: str) -> None:
-        """The client went away mid-stream: count it out; the worker cancels after the grace period."""
-        task = asyncio.create_task(self._detach(rid))
+    async def release(self, submission: Submission) -> None:
+        """Stop following a request before reading any of it."""
+        if submission.subscription is not None:
+            await self.fanin.unsubscribe(submission.subscription)
+        await self.broker.detach(submission.rid, shared=submission.cached)
+
+    def detach_later(self, rid: str, *, shared: bool = False) -> None:
+        """The client went away mid-stream: count it out; the worker cancels after the grace period.
+        ``shared``: the client came through the response cache."""
+        task = asyncio.create_task(self._detach(rid, shared))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _detach(self, rid: str) -> None:
+    async def _detach(self, rid: str, shared: bool) -> None:
         try:
-            await self.broker.detach(rid)
+            await self.broker.detach(rid, shared=shared)
         except TRANSIENT as exc:
             log.warning("detach failed", extra={"rid": rid, "fields": {"error": str(exc)}})

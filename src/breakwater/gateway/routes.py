@@ -107,14 +107,14 @@ async def _complete(
             tool_format=sub.tool_format,
         )
     except GatewayDraining:
-        svc.requests.detach_later(sub.rid)
+        svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise _restarting(sub.rid, headers) from None
     except APIError as exc:  # the request ended in an error (timeout, cancelled): name the request
-        svc.requests.detach_later(sub.rid)
+        svc.requests.detach_later(sub.rid, shared=sub.cached)
         exc.headers = {**headers, **exc.headers}
         raise
     except BaseException:
-        svc.requests.detach_later(sub.rid)
+        svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise
     if isinstance(body, EmbeddingRequest):
         result = _embeddings(body, result)
@@ -203,7 +203,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
         finished = True
     finally:
         if not finished:
-            svc.requests.detach_later(sub.rid)
+            svc.requests.detach_later(sub.rid, shared=sub.cached)
     if pending:
         yield b"".join(pending)
 

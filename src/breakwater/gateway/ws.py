@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from breakwater.broker.errors import TRANSIENT, reason
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.auth import bearer
-from breakwater.gateway.cache import HEADER
+from breakwater.gateway.cache import HEADER, NO_CACHE
 from breakwater.gateway.errors import APIError, error_body
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
@@ -119,6 +119,18 @@ class _Connection:
         sub = await self.svc.submit(  # token events carry raw text: the model's own tool calls are HTTP's
             body, request_id=self.request_id, idempotency_key=None, principal=self.principal, auto_tools=False
         )
+        if sub.cached and sub.rid in self.tasks:
+            # An identical request this socket already follows: its events would carry the same id
+            # twice. Generate this one on its own instead.
+            await self.svc.requests.release(sub)
+            sub = await self.svc.submit(
+                body,
+                request_id=self.request_id,
+                idempotency_key=None,
+                principal=self.principal,
+                auto_tools=False,
+                cache=NO_CACHE,
+            )
         created: dict[str, Any] = {"type": "created", "request_id": sub.rid, "model": sub.model}
         if HEADER in sub.headers:  # hit, miss or bypass (gateway.cache)
             created["cache"] = sub.headers[HEADER]
@@ -165,7 +177,7 @@ class _Connection:
             pass  # the client resumes (on this or another gateway) with {"resume": id, "after": seq}
         finally:
             if not finished:
-                self.svc.requests.detach_later(sub.rid)
+                self.svc.requests.detach_later(sub.rid, shared=sub.cached)
 
     async def close(self) -> None:
         self.open = False

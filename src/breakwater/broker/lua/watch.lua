@@ -1,13 +1,14 @@
 -- A client starts (+1) or stops (-1) following a request; never recreates an expired record.
 -- KEYS[1] request record
--- ARGV[1] +1 or -1, ARGV[2] 1 when the client came through the response cache (counted in 'shared')
+-- ARGV[1] +1 or -1, ARGV[2] 1 when the client came through the response cache ('shared' counts
+-- those following now)
 -- Returns 1 when the record exists, else 0.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 redis.call('HINCRBY', KEYS[1], 'watchers', tonumber(ARGV[1]))
 if ARGV[2] == '1' then
-  redis.call('HINCRBY', KEYS[1], 'shared', 1)
+  redis.call('HINCRBY', KEYS[1], 'shared', tonumber(ARGV[1]))
 end
 if tonumber(ARGV[1]) < 0 then
   local t = redis.call('TIME')
