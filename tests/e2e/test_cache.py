@@ -429,9 +429,11 @@ async def test_a_shared_request_can_be_cancelled_once_its_cache_followers_left(
         rid = lead.headers["x-breakwater-request-id"]
         async with http.stream("POST", url, json={"model": "sim", "stream": True, **body}, headers=auth) as f:
             assert f.headers["x-breakwater-cache"] == "hit"
-            await anext(f.aiter_lines())
+            lines = f.aiter_lines()  # kept open: a dropped iterator closes the response
+            await anext(lines)
             refused = await http.delete(f"{cache_stack.urls[0]}/v1/requests/{rid}", headers=auth)
-            assert refused.status_code == 409
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error"]["code"] == "request_shared"
         # The follower closed its stream: the request is the first client's alone again.
         async with asyncio.timeout(10):
             while int(await redis.hget(cache_stack.procs.keys_request(rid), "shared") or 0) != 0:

@@ -136,14 +136,14 @@ def test_only_a_live_or_successful_request_of_the_scope_answers(
     assert reusable(record, SHARED_SCOPE) is (status in (Status.QUEUED, Status.RUNNING, Status.DONE))
 
 
-def test_an_unfinished_request_answers_only_on_its_lane_and_within_its_deadline() -> None:
-    now_ms = 1_000_000
-    running = RequestRecord(spec=SPEC, status=Status.RUNNING, deadline_ms=now_ms + 60_000)
-    assert reusable(running, "tenant-a", SPEC, now_ms)
-    assert not reusable(running, "tenant-a", dataclasses.replace(SPEC, lane="batch"), now_ms)
-    assert not reusable(running, "tenant-a", dataclasses.replace(SPEC, timeout_s=120.0), now_ms)
+def test_an_unfinished_request_answers_only_on_its_lane_and_with_no_shorter_timeout() -> None:
+    running = RequestRecord(spec=SPEC, status=Status.RUNNING)
+    assert reusable(running, "tenant-a", SPEC)
+    assert reusable(running, "tenant-a", dataclasses.replace(SPEC, timeout_s=30.0))
+    assert not reusable(running, "tenant-a", dataclasses.replace(SPEC, lane="batch"))
+    assert not reusable(running, "tenant-a", dataclasses.replace(SPEC, timeout_s=120.0))
     done = dataclasses.replace(running, status=Status.DONE)  # a finished answer is whole: any lane, any time
-    assert reusable(done, "tenant-a", dataclasses.replace(SPEC, lane="batch", timeout_s=120.0), now_ms)
+    assert reusable(done, "tenant-a", dataclasses.replace(SPEC, lane="batch", timeout_s=120.0))
 
 
 def test_workers_serving_different_fingerprints_make_a_model_uncacheable() -> None:

@@ -119,20 +119,18 @@ def cache_entry(keys: Keys, spec: RequestSpec, model: ModelInfo, *, shared: bool
     return CacheEntry(keys.cache(spec.model, scope, digest), scope)
 
 
-def reusable(record: RequestRecord, scope: str, spec: RequestSpec | None = None, now_ms: int = 0) -> bool:
-    """A request whose answer another identical one (``spec``, sent at ``now_ms``) may take: not
-    failed, cancelled or expired; the same tenant's unless its model is shared (the key says so
-    already; this checks it); and, still queued or running, on the same lane with a deadline no
-    earlier than the newcomer's (it must not end the newcomer's request early)."""
+def reusable(record: RequestRecord, scope: str, spec: RequestSpec | None = None) -> bool:
+    """A request whose answer another identical one (``spec``) may take: not failed, cancelled or
+    expired; the same tenant's unless its model is shared (the key says so already; this checks it);
+    and, still queued or running, on the same lane with a timeout no shorter than the newcomer's
+    (its deadline, not the newcomer's, ends it)."""
     if scope != SHARED_SCOPE and (record.spec.tenant or "anonymous") != scope:
         return False
     if record.status is Status.DONE:
         return True
     if record.status not in (Status.QUEUED, Status.RUNNING):
         return False
-    if spec is None:
-        return True
-    return record.spec.lane == spec.lane and record.deadline_ms >= now_ms + spec.timeout_s * 1000 - 1000
+    return spec is None or (record.spec.lane == spec.lane and record.spec.timeout_s >= spec.timeout_s)
 
 
 class CacheUnavailable(Exception):
@@ -232,8 +230,7 @@ class ResponseCache:
     ) -> Submission | None:
         rid, _, claimed = value.partition(" ")
         record = await self._record(rid, int(claimed or 0) / 1000 + CLAIM_GRACE_S)
-        now_ms = int(time.time() * 1000)
-        if record is None or not reusable(record, entry.scope, spec, now_ms):
+        if record is None or not reusable(record, entry.scope, spec):
             return None
         if not await self.broker.attach(rid, shared=True):
             return None
