@@ -48,8 +48,11 @@ class SSEResponse(Response):
 
         async def listen() -> None:
             nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            try:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            except Exception:  # e.g. a body limit refusing a chunked GET's body
+                return  # no disconnect to see: a client that leaves fails the next send instead
             if streaming:  # the client left mid-stream: stop it (its cleanup detaches the request)
                 gone = True
                 task.cancel()
@@ -64,9 +67,10 @@ class SSEResponse(Response):
             streaming = False
             await out({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not gone:
+            # Our own cancellation, for the disconnect, ends the response quietly; any other one
+            # (the server shutting down, even at the same moment) goes on up.
+            if not gone or task.uncancel() > 0:
                 raise
-            task.uncancel()  # our own cancellation, for the disconnect: the response is over
         finally:
             streaming = False
             watcher.cancel()

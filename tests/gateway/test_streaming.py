@@ -1,0 +1,81 @@
+"""The SSE response's own mechanics, driven as an ASGI server would drive it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
+
+import pytest
+
+from breakwater.gateway.streaming import SSEResponse
+
+
+async def _forever() -> AsyncIterator[bytes]:
+    yield b"data: first\n\n"
+    await asyncio.Event().wait()
+    yield b"never"
+
+
+async def test_a_client_that_leaves_ends_the_stream_quietly() -> None:
+    sent: list[MutableMapping[str, Any]] = []
+    left = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+        if message.get("body") == b"data: first\n\n":
+            left.set()
+
+    events = _forever()
+    await asyncio.wait_for(SSEResponse(events, {})({"type": "http"}, receive, send), 5)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def test_a_shutdown_during_a_disconnect_is_not_swallowed() -> None:
+    """The server cancels the response (shutdown) just as the client leaves: the cancellation must
+    still reach the server, not be taken for the disconnect's own."""
+    left = asyncio.Event()
+    first = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message.get("body") == b"data: first\n\n":
+            first.set()
+
+    response = asyncio.create_task(SSEResponse(_forever(), {})({"type": "http"}, receive, send))
+    await first.wait()
+    left.set()
+    await asyncio.sleep(0)  # the disconnect listener runs and cancels the response...
+    response.cancel()  # ...and the server cancels it too, before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(response, 5)
+
+
+async def test_a_failing_receive_does_not_break_the_stream() -> None:
+    """``receive`` raising (a middleware refusing the request body) leaves the stream to finish and
+    its events closed, instead of raising at its end."""
+    closed = asyncio.Event()
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        raise RuntimeError("body too large")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            await asyncio.sleep(0.01)  # the listener has failed by now
+            yield b"data: only\n\n"
+        finally:
+            closed.set()
+
+    await asyncio.wait_for(SSEResponse(events(), {})({"type": "http"}, receive, send), 5)
+    assert [m.get("body") for m in sent[1:]] == [b"data: only\n\n", b""] and closed.is_set()
