@@ -22,9 +22,10 @@ tok = AutoTokenizer.from_pretrained(sys.argv[1])
 params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 names = ("get_weather", "get_time")
 tools = [{"type": "function", "function": {"name": n, "parameters": params}} for n in names]
-for parser, answer in json.loads(sys.argv[2]):
+for parser, answer, parallel in json.loads(sys.argv[2]):
     cls = parser_class(parser, tok, "m")
-    parsing = ToolParsing(cls, tok, "m", [{"role": "user", "content": "q"}], {"tools": tools})
+    passed = {"tools": tools, "parallel_tool_calls": parallel}
+    parsing = ToolParsing(cls, tok, "m", [{"role": "user", "content": "q"}], passed)
     ids = tok.encode(answer, add_special_tokens=False)
     written, before = [], ""
     for i in range(len(ids)):
@@ -58,7 +59,13 @@ def tokenizer_dir() -> str:
 
 
 def test_vllm_parsers_streamed_token_by_token_give_the_whole_answers_calls(tokenizer_dir: str) -> None:
-    cases = [("hermes", HERMES_TWO), ("xlam", XLAM_TWO), ("hermes", "No tool is needed here.")]
+    cases = [
+        ("hermes", HERMES_TWO, True),
+        ("xlam", XLAM_TWO, True),
+        ("hermes", "No tool is needed here.", True),
+        ("hermes", HERMES_TWO, False),
+        ("xlam", XLAM_TWO, False),
+    ]
     out = subprocess.run(
         [VLLM_PYTHON, "-c", SCRIPT, tokenizer_dir, json.dumps(cases)],
         capture_output=True,
@@ -66,7 +73,9 @@ def test_vllm_parsers_streamed_token_by_token_give_the_whole_answers_calls(token
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    hermes, xlam, text = (json.loads(line) for line in out.stdout.strip().splitlines()[-3:])
+    hermes, xlam, text, hermes_one, xlam_one = (
+        json.loads(line) for line in out.stdout.strip().splitlines()[-5:]
+    )
     # Hermes: text before the calls stays content; both calls, arguments as vLLM's parser reads them.
     assert hermes["calls"] == hermes["vllm_calls"] == TWO_CALLS
     assert hermes["content"] == hermes["vllm_content"] == "Let me look.\n"
@@ -77,3 +86,6 @@ def test_vllm_parsers_streamed_token_by_token_give_the_whole_answers_calls(token
     # No call: the answer is content, unchanged.
     want = "No tool is needed here."
     assert text == {"content": want, "calls": [], "vllm_content": want, "vllm_calls": []}
+    # `parallel_tool_calls: false`: the first call only, as vLLM's server filters the stream.
+    assert hermes_one["calls"] == xlam_one["calls"] == TWO_CALLS[:1]
+    assert hermes_one["content"] == "Let me look.\n"

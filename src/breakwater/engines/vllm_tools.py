@@ -76,6 +76,7 @@ class ToolParsing:
         passed: dict[str, Any],
     ) -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
 
         request = ChatCompletionRequest(
             model=model,
@@ -89,6 +90,8 @@ class ToolParsing:
         # the tools as a structured output; for formats whose tags are special tokens, keep them.
         self.request = self._parser.adjust_request(request)
         self._writer = ToolCallWriter()
+        # `parallel_tool_calls: false`: only the first call, as vLLM's server filters each delta.
+        self._first_call_only = maybe_filter_parallel_tool_calls
 
     @property
     def structured_outputs(self) -> Any:
@@ -107,6 +110,8 @@ class ToolParsing:
             prompt_token_ids=prompt_ids,
             finished=finished,
         )
+        if delta is not None:
+            delta = self._first_call_only(delta, self.request)
         choice: dict[str, Any] = {"delta": delta.model_dump(exclude_none=True) if delta is not None else {}}
         if finished:
             choice["finish_reason"] = "stop"  # closes an open call; the engine reports vLLM's own reason
