@@ -227,6 +227,13 @@ async def test_cache_control_no_cache_and_no_store(cache_stack: CacheStack) -> N
     again, header = await _chat(client, **other, extra_headers={"Cache-Control": "no-store"})
     assert header == "hit" and again.id == after.id  # no-store still reads the cache
 
+    # An Idempotency-Key replay is the key's own request, whatever the cache did the first time.
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    hit, header = await _chat(client, **other, extra_headers=key)
+    assert header == "hit" and hit.id == after.id
+    replay, header = await _chat(client, **other, extra_headers=key)
+    assert header == "bypass" and replay.id == after.id
+
 
 async def test_tenants_never_share_answers(cache_stack: CacheStack) -> None:
     body: dict[str, Any] = {"messages": _ask("whose answer"), "temperature": 0, "max_tokens": 8}

@@ -25,6 +25,7 @@ from breakwater.gateway.cache import (
     CacheControl,
     CacheEntry,
     Lookup,
+    Outcome,
     ResponseCache,
 )
 from breakwater.gateway.errors import APIError
@@ -439,7 +440,9 @@ class Admitter:
         if record is None or not await self.broker.attach(rid):
             return None
         sub = await self.fanin.subscribe(rid) if subscribe else None
-        return Submission.of(rid, record, sub)
+        replay = Submission.of(rid, record, sub)
+        replay.headers = {HEADER: Outcome.BYPASS.value}  # the key's own request: the cache was not asked
+        return replay
 
     async def _wait_for_record(self, rid: str) -> RequestRecord | None:
         # The first caller may be between binding the key and enqueueing (a few ms): wait briefly.
