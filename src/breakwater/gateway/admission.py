@@ -1,4 +1,5 @@
-"""Admission: validate a request against its model, bind its Idempotency-Key, queue it (or 429)."""
+"""Admission: validate a request against its model, bind its Idempotency-Key, answer it from the
+response cache or queue it (or 429). Its spec is built in gateway.specs."""
 
 from __future__ import annotations
 
@@ -8,15 +9,11 @@ import math
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
-
-import orjson
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
-from breakwater.engines.base import EMBEDDINGS, GRAMMAR, LOGPROBS, RESPONSE_FORMAT
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.cache import (
     BYPASSED,
@@ -33,12 +30,7 @@ from breakwater.gateway.following import Submission
 from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
-from breakwater.protocol import toolformats
-from breakwater.protocol.embeddings import EmbeddingRequest
-from breakwater.protocol.formats import FormatError, parse_response_format
-from breakwater.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
-from breakwater.protocol.toolformats import PASS_THROUGH, tool_format_of
-from breakwater.protocol.tools import AutoCalls, ForcedCall, rendered_calls, tool_plan
+from breakwater.gateway.specs import Body, check_features, prompt_text, request_spec
 from breakwater.tenancy import ANONYMOUS, Principal
 from breakwater.tenancy.limits import Limits
 
@@ -48,184 +40,11 @@ log = logging.getLogger(__name__)
 # prompt refused by this estimate certainly cannot fit; the worker checks exactly.
 BYTES_PER_TOKEN_BOUND = 6
 
-Body = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 RID_PREFIX = {"chat": "chatcmpl", "completion": "cmpl", "embedding": "embd"}
 
 
 def new_rid(kind: str) -> str:
     return f"{RID_PREFIX[kind]}-{uuid.uuid4().hex}"
-
-
-def request_spec(
-    body: Body,
-    *,
-    request_id: str,
-    default_timeout_s: float,
-    principal: Principal = ANONYMOUS,
-    choices: int = 1,
-    model: ModelInfo | None = None,
-    auto_tools: bool = True,
-) -> RequestSpec:
-    """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``), for
-    ``model`` (its tool-call format and whether its engines take a grammar); ``auto_tools``: the
-    surface can render the model's own tool calls (not the WebSocket's raw tokens)."""
-    key = principal.key
-    owner: dict[str, Any] = {
-        "model": body.model,
-        "lane": key.lane if key is not None and key.lane else body.lane,
-        "tenant": principal.tenant,
-        "key_id": principal.key_id,
-        "request_id": request_id,
-        "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
-        "choices": choices,
-    }
-    if isinstance(body, EmbeddingRequest):
-        return RequestSpec(kind="embedding", inputs=body.inputs(), max_tokens=0, **owner)
-    top_k = (body.model_extra or {}).get("top_k")
-    common: dict[str, Any] = {
-        **owner,
-        "logprobs": body.logprobs_top(),
-        "max_tokens": body.output_limit(),
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else None,
-        "seed": body.seed,
-        "stop": body.stop_list(),
-        "ignore_eos": body.ignore_eos,
-        "include_usage": body.include_usage(),
-    }
-    if isinstance(body, ChatCompletionRequest):
-        features = model.features if model is not None else frozenset()
-        fmt = tool_format_of(features) if auto_tools else ""
-        return _chat_spec(body, common, fmt, GRAMMAR in features)
-    return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)
-
-
-def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, grammar: bool) -> RequestSpec:
-    """A chat's spec: a forced tool call or a response_format become the output's constraint; with
-    ``tool_choice: auto`` the tools go into the system prompt in the model's format ``fmt``."""
-    try:
-        plan = tool_plan(
-            body.tools,
-            body.tool_choice,
-            parallel=body.parallel_tool_calls is not False,
-            fmt=fmt,
-            grammar=grammar,
-        )
-        auto = plan if isinstance(plan, AutoCalls) else None
-        if auto is not None:
-            _refuse_with_auto(body)
-        passed, out = "", None
-        if auto is not None and auto.fmt == PASS_THROUGH:  # the upstream gets tools and history as sent
-            messages = [_passed_message(m) for m in body.messages]
-            passed = auto.passed_through(body.tools, body.tool_choice)
-        elif auto is not None:
-            messages = _with_tools(auto, [_message(m, auto.fmt) for m in body.messages])
-            out = auto.output_format(grammar)
-        elif isinstance(plan, ForcedCall):
-            messages = [_message(m) for m in body.messages]
-            out = plan.output_format()
-        else:
-            messages = [_message(m) for m in body.messages]
-            out = parse_response_format(body.response_format)
-    except FormatError as exc:
-        code = exc.code or (
-            "invalid_response_format" if exc.param.startswith("response_format") else "invalid_value"
-        )
-        raise APIError(400, str(exc), code=code, param=exc.param) from exc
-    if isinstance(plan, ForcedCall):
-        messages = [plan.instruction(), *messages]
-    return RequestSpec(
-        kind="chat",
-        messages=messages,
-        response_format=out.to_json() if out else "",
-        tool_call=plan.name if isinstance(plan, ForcedCall) else "",
-        tool_format=auto.fmt if auto else "",
-        tools=passed,
-        **common,
-    )
-
-
-def _refuse_with_auto(body: ChatCompletionRequest) -> None:
-    """What the model's own tool-call answer cannot be combined with."""
-    if parse_response_format(body.response_format) is not None:
-        raise FormatError(
-            "`response_format` cannot be combined with `tool_choice: auto`",
-            "response_format",
-            "unsupported_parameter",
-        )
-    if body.logprobs:
-        raise FormatError(
-            "`logprobs` cannot be combined with `tool_choice: auto`", "logprobs", "unsupported_parameter"
-        )
-
-
-def _with_tools(auto: AutoCalls, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The tools' system message first, holding the client's own system text (if it sent one)."""
-    if messages and messages[0]["role"] in ("system", "developer"):
-        return [auto.system(messages[0]["content"]), *messages[1:]]
-    return [auto.system(""), *messages]
-
-
-def _passed_message(message: ChatMessage) -> dict[str, str]:
-    """A message for an upstream that takes tools itself: an assistant turn's ``tool_calls`` (as JSON
-    text: the record's messages hold strings) and a tool result's ``tool_call_id`` kept."""
-    out = {"role": message.role, "content": message.text()}
-    extra = message.model_extra or {}
-    calls = extra.get("tool_calls")
-    if message.role == "assistant" and calls:
-        rendered_calls(calls)  # checked: a malformed list is a 400 here, not the upstream's
-        out["tool_calls"] = orjson.dumps(calls).decode()
-    if message.role == "tool" and isinstance(extra.get("tool_call_id"), str):
-        out["tool_call_id"] = extra["tool_call_id"]
-    return out
-
-
-def _message(message: ChatMessage, fmt: str = "") -> dict[str, str]:
-    """A message as the engine's chat template sees it. Earlier tool calls and results: in the
-    model's tool-call format ``fmt`` when there is one, else as text."""
-    text = message.text()
-    calls = (message.model_extra or {}).get("tool_calls")
-    if fmt and message.role == "tool":
-        return toolformats.rendered_result(text)
-    if message.role == "assistant" and calls:
-        shown = rendered_calls(calls, fmt)
-        text = f"{text}\n{shown}" if text else shown
-    return {"role": message.role, "content": text}
-
-
-def check_features(spec: RequestSpec, model: ModelInfo) -> None:
-    """Refuse what the model's live workers cannot do (with none live, the worker that starts decides)."""
-    if spec.kind == "embedding" and model.workers and EMBEDDINGS not in model.features:
-        raise APIError(
-            400,
-            f"`{model.name}` does not compute embeddings (its engine cannot); see `features` in /v1/models",
-            code="unsupported_model",
-            param="model",
-        )
-    if spec.logprobs >= 0 and model.workers and LOGPROBS not in model.features:
-        raise APIError(
-            400,
-            f"`logprobs` is not supported by the engine serving `{model.name}`",
-            code="unsupported_parameter",
-            param="logprobs",
-        )
-    if spec.response_format and model.workers and RESPONSE_FORMAT not in model.features:
-        param = "tool_choice" if spec.tool_call else "response_format"  # a forced call is constrained too
-        raise APIError(
-            400,
-            f"`{param}` is not supported by the engine serving `{model.name}` (it cannot constrain output)",
-            code="unsupported_parameter",
-            param=param,
-        )
-
-
-def prompt_text(spec: RequestSpec) -> str:
-    if spec.inputs is not None:
-        return "\n".join(spec.inputs)
-    if spec.messages is not None:  # with passed-through tools, their schemas are prompt too
-        return "\n".join([*(m["content"] for m in spec.messages), *([spec.tools] if spec.tools else [])])
-    return spec.prompt or ""
 
 
 class Admitter:

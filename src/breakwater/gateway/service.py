@@ -13,7 +13,7 @@ from breakwater.broker import Broker
 from breakwater.broker.fanin import Fanin
 from breakwater.config import GatewaySettings
 from breakwater.gateway import choices
-from breakwater.gateway.admission import Admitter, Body
+from breakwater.gateway.admission import Admitter
 from breakwater.gateway.auth import Authenticator, check_model
 from breakwater.gateway.autoscale import AutoscaleSignals
 from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
@@ -23,6 +23,7 @@ from breakwater.gateway.following import Submission
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelRegistry
 from breakwater.gateway.requests import Requests
+from breakwater.gateway.specs import Body
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import ANONYMOUS, Principal
