@@ -3,14 +3,13 @@ response cache or queue it (or 429). Its spec is built in gateway.specs."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 import uuid
 from dataclasses import replace
 
-from breakwater.broker import Broker, RequestRecord, RequestSpec
+from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.fanin import Fanin, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
@@ -26,7 +25,7 @@ from breakwater.gateway.cache import (
     ResponseCache,
 )
 from breakwater.gateway.errors import APIError
-from breakwater.gateway.following import Submission
+from breakwater.gateway.following import Submission, record_when_admitted
 from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
@@ -255,22 +254,13 @@ class Admitter:
 
     async def _existing(self, rid: str, subscribe: bool) -> Submission | None:
         """The request an Idempotency-Key is bound to; None when it expired."""
-        record = await self._wait_for_record(rid)
+        record = await record_when_admitted(self.broker, rid, time.time() + 2.0)
         if record is None or not await self.broker.attach(rid):
             return None
         sub = await self.fanin.subscribe(rid) if subscribe else None
         replay = Submission.of(rid, record, sub)
         replay.headers = {HEADER: Outcome.BYPASS.value}  # the key's own request: the cache was not asked
         return replay
-
-    async def _wait_for_record(self, rid: str) -> RequestRecord | None:
-        # The first caller may be between binding the key and enqueueing (a few ms): wait briefly.
-        deadline = time.monotonic() + 2.0
-        while True:
-            record = await self.broker.get_record(rid)
-            if record is not None or time.monotonic() > deadline:
-                return record
-            await asyncio.sleep(0.02)
 
     async def withdraw(
         self, sub: Submission, idempotency_key: str | None, body: Body, principal: Principal

@@ -23,7 +23,6 @@ only within ``CLAIM_GRACE_S`` of its claim; after that it never will be.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -38,7 +37,7 @@ from redis.exceptions import RedisError
 from breakwater.broker import Broker, RequestRecord, RequestSpec, Status
 from breakwater.broker.fanin import Fanin
 from breakwater.config import GatewaySettings
-from breakwater.gateway.following import Submission
+from breakwater.gateway.following import Submission, record_when_admitted
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo
 from breakwater.keys import Keys
@@ -229,7 +228,7 @@ class ResponseCache:
         self, value: str, entry: CacheEntry, spec: RequestSpec, subscribe: bool
     ) -> Submission | None:
         rid, _, claimed = value.partition(" ")
-        record = await self._record(rid, int(claimed or 0) / 1000 + CLAIM_GRACE_S)
+        record = await record_when_admitted(self.broker, rid, int(claimed or 0) / 1000 + CLAIM_GRACE_S)
         if record is None or not reusable(record, entry.scope, spec):
             return None
         if not await self.broker.attach(rid, shared=True):
@@ -247,15 +246,6 @@ class ResponseCache:
         self.metrics.cache_single_flight.labels(record.spec.model).inc(running)
         log.info("answered from the cache", extra={"rid": rid, "fields": {"single_flight": running}})
         return found
-
-    async def _record(self, rid: str, until: float) -> RequestRecord | None:
-        """The request's record; waits for it until ``until`` (unix s): the request that claimed the
-        entry may be between its claim and its enqueue. After that, a missing record is gone."""
-        while True:
-            record = await self.broker.get_record(rid)
-            if record is not None or time.time() > until:
-                return record
-            await asyncio.sleep(0.02)
 
     @staticmethod
     async def _index(call: Awaitable[T]) -> T:

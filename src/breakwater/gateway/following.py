@@ -8,6 +8,7 @@ were trimmed from the stream (``token_stream_maxlen``) cannot be replayed: the r
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,6 +54,16 @@ class Submission:
             tool=spec.tool_call,
             tool_format=spec.tool_format,
         )
+
+
+async def record_when_admitted(broker: Broker, rid: str, until: float) -> RequestRecord | None:
+    """``rid``'s record, waiting for it until ``until`` (unix s): a request whose id was just bound
+    (Idempotency-Key, response cache) may be between its binding and its enqueue for a few ms."""
+    while True:
+        record = await broker.get_record(rid)
+        if record is not None or time.time() > until:
+            return record
+        await asyncio.sleep(0.02)
 
 
 def trimmed_event(seq: int, first_kept: int) -> TokenEvent:
