@@ -1,22 +1,39 @@
-"""Session fixtures: a real Redis-compatible server on a free port, and per-test key prefixes."""
+"""Session fixtures: a real Redis-compatible server on a free port, and per-test key prefixes.
+
+``BREAKWATER_TEST_REDIS=cluster`` runs the same tests against a real local Redis Cluster of three
+primaries and three replicas (``redis-server --cluster-enabled yes`` + ``redis-cli --cluster create``):
+``redis_server.url`` is then a ``redis+cluster://`` URL and ``redis`` a cluster client.
+"""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
+from breakwater.broker.connection import connect
+from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs
 from tests.inproc import InProc, inproc_gateway
 
 
+CLUSTER = os.environ.get("BREAKWATER_TEST_REDIS", "") == "cluster"
+
+
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The session's Redis (a :class:`RedisServer`), or its local cluster (a :class:`LocalCluster`)."""
+    server: RedisServer | LocalCluster
+    if CLUSTER:
+        server = LocalCluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas=1)
+    else:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()
@@ -29,7 +46,7 @@ def prefix() -> str:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url, decode_responses=True)
+    client = connect(redis_server.url)  # a cluster client on a cluster
     yield client
     await client.aclose()
 

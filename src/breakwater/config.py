@@ -27,6 +27,17 @@ class CommonSettings(BaseSettings):
         default=256, ge=2, description="connections in the Redis pool; when all are busy, commands wait"
     )
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    replica_ack: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "answer a client only once this many replicas acknowledged its request's admission "
+            "(Redis WAIT): a primary's failover cannot lose an accepted request; 0: do not wait"
+        ),
+    )
+    replica_ack_ms: int = Field(
+        default=200, ge=1, description="how long admission waits for replicas (then 503, request cancelled)"
+    )
     cache_redis_url: str = Field(
         default="",
         description=(

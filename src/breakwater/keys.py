@@ -44,6 +44,11 @@ class Keys:
         """Tenants joining the backlog (a short capped stream): full workers watch it to preempt."""
         return f"{self.prefix}:joins:{{{model}}}:{lane}"
 
+    def admitted(self, model: str, lane: str) -> str:
+        """On a Redis Cluster: the requests the lane admitted in the last two minutes (zset: rid ->
+        ms), so that a retried enqueue queues its request once (enqueue.lua's 'job' mode)."""
+        return f"{self.prefix}:admitted:{{{model}}}:{lane}"
+
     def waiting_prefix(self, model: str, lane: str) -> str:
         """+ tenant: that tenant's waiting requests, oldest first."""
         return f"{self.prefix}:wait:{{{model}}}:{lane}:"

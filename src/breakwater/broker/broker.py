@@ -3,6 +3,8 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -13,14 +15,16 @@ from redis.exceptions import ResponseError
 
 from breakwater.broker.api_keys import KeyStore
 from breakwater.broker.claims import FairClaims
-from breakwater.broker.connection import connect_with
+from breakwater.broker.cluster import ClusterPipelinedRedis
+from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
+from breakwater.broker.errors import ReplicaAckError
 from breakwater.broker.fanin import Fanin
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
-from breakwater.broker.scripts import Script
+from breakwater.broker.scripts import Call, Script
 from breakwater.broker.types import (
     Admission,
     Append,
@@ -30,7 +34,7 @@ from breakwater.broker.types import (
     StartOutcome,
     StartResult,
 )
-from breakwater.broker.wire import PipelinedRedis
+from breakwater.broker.wire import Arg, Endpoint
 from breakwater.config import CommonSettings
 from breakwater.keys import GROUP, Keys
 from breakwater.protocol.events import TokenEvent
@@ -66,11 +70,16 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         *,
         token_stream_maxlen: int = 100_000,
         socket_timeout_s: float | None = 10.0,
+        replica_ack: int = 0,
+        replica_ack_ms: int = 200,
     ) -> None:
         self.redis = redis
         # The hot path (every script: admission, start, appends, finish, leases): one raw pipelined
-        # connection, a fraction of redis-py's CPU per command. Everything else uses ``redis``.
-        self.fast = PipelinedRedis(redis, socket_timeout_s)
+        # connection (one per primary on a cluster), a fraction of redis-py's CPU per command.
+        # Everything else uses ``redis``.
+        self.fast = fast_client(redis, socket_timeout_s)
+        self.replica_ack = replica_ack
+        self.replica_ack_ms = replica_ack_ms
         self.keys = keys
         self.token_stream_maxlen = token_stream_maxlen
         self._enqueue = Script(self.fast, "enqueue")
@@ -96,6 +105,8 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
             Keys(settings.key_prefix),
             token_stream_maxlen=token_stream_maxlen,
             socket_timeout_s=settings.redis_socket_timeout_s,
+            replica_ack=settings.replica_ack,
+            replica_ack_ms=settings.replica_ack_ms,
         )
 
     async def aclose(self) -> None:
@@ -106,8 +117,18 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         return KeyStore(self.redis, self.keys, pepper)
 
     def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> Fanin:
-        """The process's one Pub/Sub connection, fanned in to per-request buffers."""
-        return Fanin(self.redis, self.keys, buffer, on_overflow)
+        """The process's one Pub/Sub connection, fanned in to per-request buffers. On a cluster it
+        goes to one primary (classic Pub/Sub messages reach every node), the next one after a loss."""
+        fast = self.fast
+        if not isinstance(fast, ClusterPipelinedRedis):
+            return Fanin(fast.endpoint, self.keys, buffer, on_overflow)
+        turn = itertools.count()
+
+        def next_node() -> Endpoint:
+            nodes = fast.primaries or fast.seeds
+            return nodes[next(turn) % len(nodes)]
+
+        return Fanin(next_node, self.keys, buffer, on_overflow)
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -130,31 +151,64 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         for key, value in spec.to_hash().items():
             flat += [key, value]
         model, lane = spec.model, spec.lane
-        res = await self._enqueue(
-            keys=[
-                self.keys.jobs(model, lane),
-                self.keys.request(rid),
-                self.keys.fair(model, lane),
-                self.keys.backlog(model, lane),
-                self.keys.joins(model, lane),
-            ],
-            args=[
-                rid,
-                max_queued,
-                GROUP,
-                spec.request_id,
-                result_ttl_s,
-                max(1, math.ceil(spec.timeout_s * 1000)),  # a sub-millisecond timeout is 1 ms
-                spec.tenant or "anonymous",
-                cost,
-                repr(weight),
-                self.keys.waiting_prefix(model, lane),
-                *flat,
-            ],
-        )
+        args: list[Arg] = [
+            rid,
+            max_queued,
+            GROUP,
+            spec.request_id,
+            result_ttl_s,
+            max(1, math.ceil(spec.timeout_s * 1000)),  # a sub-millisecond timeout is 1 ms
+            spec.tenant or "anonymous",
+            cost,
+            repr(weight),
+            self.keys.waiting_prefix(model, lane),
+        ]
+        lane_keys = [
+            self.keys.fair(model, lane),
+            self.keys.backlog(model, lane),
+            self.keys.joins(model, lane),
+        ]
+        record = self.keys.request(rid)
+        if not self.fast.cluster:  # one server: record and job in one atomic script
+            res = await self._enqueue(
+                keys=[self.keys.jobs(model, lane), record, *lane_keys], args=["whole", *args, *flat]
+            )
+        else:  # the record first, then its job; see enqueue.lua
+            created = await self._enqueue(keys=[record], args=["record", *args, *flat])
+            try:
+                res = await self._enqueue(
+                    keys=[self.keys.jobs(model, lane), self.keys.admitted(model, lane), *lane_keys],
+                    args=["job", *args],
+                )
+            except BaseException:
+                await self._forget(record, args)
+                raise
+            if int(res[0]) == 0:
+                await self._forget(record, args)
+            elif int(res[0]) == 2 and int(created[0]) == 1:
+                res = [1, res[1]]  # queued by a call whose reply was lost; its record had expired
         code, waiting = int(res[0]), int(res[1])
         admission = {1: Admission.QUEUED, 0: Admission.LANE_FULL, 2: Admission.ALREADY_QUEUED}[code]
+        if self.replica_ack and admission is not Admission.LANE_FULL:
+            await self.wait_replicas([record, self.keys.jobs(model, lane)])
         return EnqueueResult(admission, rid, waiting)
+
+    async def _forget(self, record: str, args: list[Arg]) -> None:
+        """Delete a record whose job was not queued, unless a worker started it meanwhile."""
+        await self._enqueue(keys=[record], args=["forget", *args])
+
+    async def wait_replicas(self, keys: list[str]) -> None:
+        """``WAIT`` until a replica of each key's server acknowledged the writes so far (``replica_ack``
+        replicas, ``replica_ack_ms`` at most): an accepted request survives a primary's failover.
+        Raises :class:`ReplicaAckError` when too few replicas answered in time."""
+        targets = keys if self.fast.cluster else keys[:1]
+        acked = await asyncio.gather(
+            *(self.fast.execute_at(k, "WAIT", self.replica_ack, self.replica_ack_ms) for k in targets)
+        )
+        if any(int(n) < self.replica_ack for n in acked):
+            rid = keys[0][keys[0].index("{") + 1 : -1]
+            await self.cancel(rid, ttl_s=60, reason="too few replicas acknowledged its admission")
+            raise ReplicaAckError(f"{min(int(n) for n in acked)} of {self.replica_ack} replicas acknowledged")
 
     async def claim_idempotency_key(self, key: IdempotencyKey, rid: str, ttl_s: int) -> Binding | None:
         """Bind ``key`` to ``rid``; returns what it was already bound to (request and body), or None
@@ -310,12 +364,26 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         idempotent, so the call may be retried after a lost reply."""
         if not appends:
             return []
+        if self.fast.cluster:  # one call per sequence (each on its request's slot), per node in one write
+            calls: list[Call] = [
+                (
+                    [self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
+                    self._append_args(a, [self.token_stream_maxlen]),
+                )
+                for a in appends
+            ]
+            return [int(r[0]) for r in await self._append.many(calls)]
         keys: list[str] = []
-        args: list[str | int] = [self.token_stream_maxlen]
+        args: list[Arg] = [self.token_stream_maxlen]
         for a in appends:
             keys += (self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid))
-            args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq, a.logprobs)
+            self._append_args(a, args)
         return [int(x) for x in await self._append(keys, args)]
+
+    def _append_args(self, a: Append, args: list[Arg]) -> list[Arg]:
+        """``args`` + one sequence's arguments of ``append.lua``."""
+        args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq, a.logprobs)
+        return args
 
     async def finish(
         self,
@@ -418,11 +486,13 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
 
     async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
         """Redis's clock, and the status and watchers of many requests, in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            for rid in rids:
-                pipe.hmget(self.keys.request(rid), ["status", "watchers", "detached_ms"])
-            replies = await pipe.execute()
+        fields = ("status", "watchers", "detached_ms")
+        replies = await self.fast.pipeline(
+            [("TIME",), *(("HMGET", self.keys.request(rid), *fields) for rid in rids)]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         seconds, micros = replies[0]
         watches = [Watch(Status(r[0]) if r[0] else None, int(r[1] or 0), int(r[2] or 0)) for r in replies[1:]]
         return int(seconds) * 1000 + int(micros) // 1000, watches

@@ -10,9 +10,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from breakwater.broker.cluster import Fast
 from breakwater.broker.scripts import Script
 from breakwater.broker.types import Job
-from breakwater.broker.wire import PipelinedRedis
 from breakwater.keys import GROUP, LANES, Keys
 
 
@@ -32,7 +32,7 @@ class FairClaims:
     """Part of :class:`~breakwater.broker.Broker`."""
 
     redis: Redis
-    fast: PipelinedRedis
+    fast: Fast
     keys: Keys
     _bind_script: Script
     _reclaim_cursor: dict[str, str]

@@ -2,16 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from breakwater.broker.cluster import ClusterPipelinedRedis, Fast
+from breakwater.broker.wire import Endpoint, PipelinedRedis
 from breakwater.config import CommonSettings
+
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # -> TLS
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://``: TLS);
+    the hosts are seeds: any reachable one tells the client the whole cluster's layout."""
+
+    seeds: tuple[tuple[str, int], ...]
+    tls: bool
+    username: str | None
+    password: str | None
+    ca_certs: str | None = None
+    verify: bool = True
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterUrl | None:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in CLUSTER_SCHEMES:
+            return None
+        netloc, _, tail = rest.partition("/")
+        creds, at, hosts = netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = creds.partition(":")
+            username, password = (unquote(user) or None), (unquote(secret) if colon else None)
+        seeds: list[tuple[str, int]] = []
+        for item in hosts.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"a cluster URL lists host:port seeds, got {item!r}")
+            seeds.append((host.strip("[]"), int(port)))
+        query = parse_qs(tail.partition("?")[2])
+        db = tail.partition("?")[0]
+        if db not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0")
+        return cls(
+            tuple(seeds),
+            CLUSTER_SCHEMES[scheme],
+            username,
+            password,
+            query["ssl_ca_certs"][0] if query.get("ssl_ca_certs") else None,
+            (query.get("ssl_cert_reqs") or ["required"])[0] != "none",
+        )
 
 
 def connect(
@@ -28,6 +78,9 @@ def connect(
     When all ``max_connections`` are busy (a burst), a command waits for one (up to the socket
     timeout) instead of failing at once."""
     auth: dict[str, Any] = {k: v for k, v in (("username", username), ("password", password)) if v}
+    cluster = ClusterUrl.parse(url)
+    if cluster is not None:
+        return _cluster_client(cluster, auth, socket_timeout_s, max_connections)
     pool = BlockingConnectionPool.from_url(
         url,
         **auth,
@@ -42,6 +95,57 @@ def connect(
         socket_keepalive=True,
     )
     return Redis.from_pool(pool)
+
+
+def _cluster_client(
+    url: ClusterUrl, auth: dict[str, Any], socket_timeout_s: float | None, max_connections: int
+) -> Redis:
+    """redis-py's cluster client (MOVED/ASK/TRYAGAIN/CLUSTERDOWN, topology refresh, primaries
+    only), typed as the :class:`Redis` whose commands it shares: the broker's multi-key commands
+    stay within one hash slot (docs/architecture.md, "Redis Cluster")."""
+    creds = {"username": url.username, "password": url.password, **auth}
+    tls: dict[str, Any] = {}
+    if url.tls:
+        reqs = "required" if url.verify else "none"
+        tls = {"ssl": True, "ssl_ca_certs": url.ca_certs, "ssl_cert_reqs": reqs}
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in url.seeds],
+        **{k: v for k, v in creds.items() if v},
+        **tls,
+        decode_responses=True,
+        retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=2.0,
+        socket_timeout=socket_timeout_s,
+        socket_keepalive=True,
+        cluster_error_retry_attempts=8,
+        # Per node, and not a blocking pool: past it a command fails, so leave room (the hot path
+        # does not use these connections).
+        max_connections=max(1024, max_connections),
+    )
+    return cast(Redis, client)
+
+
+def is_cluster(redis: Redis) -> bool:
+    return isinstance(redis, RedisCluster)
+
+
+def fast_client(redis: Redis, timeout_s: float | None) -> Fast:
+    """The hot path's raw pipelined connection(s) to the server(s) ``redis`` talks to."""
+    if not isinstance(redis, RedisCluster):
+        return PipelinedRedis(redis, timeout_s)
+    kw: dict[str, Any] = redis.connection_kwargs
+    tls = issubclass(kw.get("connection_class", Connection), SSLConnection)
+    seed = Redis(
+        username=kw.get("username"),
+        password=kw.get("password"),
+        ssl=tls,
+        ssl_ca_certs=kw.get("ssl_ca_certs"),
+        ssl_cert_reqs=kw.get("ssl_cert_reqs") or "required",
+    )
+    base = Endpoint.of(seed)
+    nodes = redis.get_nodes() or redis.nodes_manager.startup_nodes.values()
+    return ClusterPipelinedRedis([base.at(n.host, n.port) for n in nodes], timeout_s)
 
 
 def connect_with(settings: CommonSettings) -> Redis:

@@ -8,7 +8,14 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,16 +24,25 @@ T = TypeVar("T")
 
 #: The connection broke or a reply did not come in time: retry (the writes are idempotent).
 UNREACHABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class ReplicaAckError(RedisError):
+    """Too few replicas acknowledged an admission in time (``BREAKWATER_REPLICA_ACK``); the request
+    was cancelled, so the client may retry it."""
+
+
 #: Redis answers but cannot write now: full (``maxmemory`` + ``noeviction``), a read-only replica
-#: during failover, loading its data, or a cluster slot moving. Retry later; nothing was written.
+#: during failover, loading its data, or a cluster slot moving or without a primary. Retry later;
+#: nothing was written.
 CANNOT_WRITE: tuple[type[Exception], ...] = (
     OutOfMemoryError,
     ReadOnlyError,
     BusyLoadingError,
     TryAgainError,
+    ClusterDownError,
 )
 #: Everything a caller should back off from and retry, never crash on.
-TRANSIENT = UNREACHABLE + CANNOT_WRITE
+TRANSIENT = UNREACHABLE + CANNOT_WRITE + (ReplicaAckError,)
 
 
 def reason(exc: BaseException) -> str:
@@ -35,8 +51,10 @@ def reason(exc: BaseException) -> str:
         return "redis_oom"
     if isinstance(exc, ReadOnlyError):
         return "redis_readonly"
-    if isinstance(exc, BusyLoadingError | TryAgainError):
+    if isinstance(exc, BusyLoadingError | TryAgainError | ClusterDownError):
         return "redis_loading"
+    if isinstance(exc, ReplicaAckError):
+        return "redis_replica_ack"
     return "redis_unavailable"
 
 

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker.errors import UNREACHABLE, Backoff
-from breakwater.broker.wire import Wire, auth_commands, command, open_wire
+from breakwater.broker.wire import Endpoint, Wire, command, open_wire
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 
@@ -102,12 +102,22 @@ class Fanin:
     """Routes channel messages to subscriptions; many readers of one request are allowed."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, buffer: int, on_overflow: Callable[[], None] | None = None
+        self,
+        target: Redis | Endpoint | Callable[[], Endpoint],
+        keys: Keys,
+        buffer: int,
+        on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self.keys = keys
         self.buffer = buffer
         self.on_overflow = on_overflow  # counted: a slow reader fell back to the durable stream
-        self._redis = redis  # only for its address, TLS settings and ACL user
+        # Where each (re)connection goes: one server, or on a cluster the next node of its map
+        # (classic Pub/Sub messages reach every node of a cluster).
+        if callable(target) and not isinstance(target, Redis):
+            self._endpoint: Callable[[], Endpoint] = target
+        else:
+            endpoint = target if isinstance(target, Endpoint) else Endpoint.of(target)
+            self._endpoint = lambda: endpoint
         self._subs: dict[str, set[Subscription]] = {}
         self._unconfirmed: dict[str, int] = {}  # SUBSCRIBE commands sent and not yet answered
         self._resubscribed: set[str] = set()  # channels subscribed again after a reconnect
@@ -221,8 +231,9 @@ class Fanin:
             await asyncio.sleep(backoff.next_delay())
 
     async def _connect(self) -> Wire:
-        conn = await open_wire(self._redis, self._on_reply)
-        hello = [command(*c) for c in auth_commands(self._redis)]
+        endpoint = self._endpoint()
+        conn = await open_wire(endpoint, self._on_reply)
+        hello = [command(*c) for c in endpoint.hello]
         channels = list(self._subs)
         if channels:  # re-subscribe after a reconnect; the readers re-read what they missed
             for channel in channels:

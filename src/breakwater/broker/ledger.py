@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from breakwater.broker.cluster import Fast
 from breakwater.broker.record import RequestRecord, Status
 from breakwater.broker.scripts import Script
-from breakwater.broker.wire import PipelinedRedis
 from breakwater.keys import Keys
 from breakwater.tenancy.limits import Limits
 
@@ -65,7 +65,7 @@ class UsageRow:
 
 
 class Ledger:
-    def __init__(self, fast: PipelinedRedis, redis: Any, keys: Keys) -> None:
+    def __init__(self, fast: Fast, redis: Any, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self._limits = Script(fast, "limits")

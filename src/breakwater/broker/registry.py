@@ -34,7 +34,10 @@ class WorkerRegistry:
         if not raw:
             return {}
         ids = list(raw)
-        alive = await self.redis.mget([self.keys.worker_alive(i) for i in ids])
+        async with self.redis.pipeline(transaction=False) as pipe:  # not MGET: the keys span slots
+            for worker_id in ids:
+                pipe.get(self.keys.worker_alive(worker_id))
+            alive = await pipe.execute()
         live: dict[str, dict[str, Any]] = {}
         dead: list[str] = []
         for worker_id, flag in zip(ids, alive, strict=True):

@@ -16,7 +16,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from breakwater.broker.wire import Arg, PipelinedRedis
+from breakwater.broker.cluster import Fast
+from breakwater.broker.wire import Arg
 
 Call = tuple[Sequence[str], Sequence[Arg]]  # (keys, args)
 
@@ -24,7 +25,7 @@ Call = tuple[Sequence[str], Sequence[Arg]]  # (keys, args)
 class Script:
     """One Lua script from ``broker/lua/<name>.lua``."""
 
-    def __init__(self, client: PipelinedRedis, name: str) -> None:
+    def __init__(self, client: Fast, name: str) -> None:
         self.client = client
         self.name = name
         self.source = resources.files("breakwater.broker").joinpath("lua", f"{name}.lua").read_text()
@@ -52,4 +53,4 @@ class Script:
         return replies
 
     async def load(self) -> None:
-        await self.client.execute("SCRIPT", "LOAD", self.source)
+        await self.client.broadcast("SCRIPT", "LOAD", self.source)

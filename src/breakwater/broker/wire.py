@@ -17,6 +17,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import hiredis
@@ -76,39 +77,66 @@ def command(*args: Arg) -> bytes:
     return bytes(hiredis.pack_command(args))  # type: ignore[arg-type]  # the stub says a 1-tuple
 
 
-def auth_commands(redis: Redis) -> list[tuple[str, ...]]:
-    """AUTH (and SELECT) as the redis-py client would send them on a new connection."""
-    kw = redis.connection_pool.connection_kwargs
-    out: list[tuple[str, ...]] = []
-    if kw.get("password"):
-        out.append(
-            ("AUTH", kw["username"], kw["password"]) if kw.get("username") else ("AUTH", kw["password"])
-        )
-    if kw.get("db"):
-        out.append(("SELECT", str(kw["db"])))
-    return out
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a raw connection goes and how it opens: address (or unix socket), TLS, and the
+    AUTH/SELECT commands a new connection sends first (as redis-py's client would)."""
 
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None
+    tls: ssl.SSLContext | None = None
+    hello: tuple[tuple[str, ...], ...] = ()
 
-async def open_wire(redis: Redis, on_reply: Callable[[Any], None], timeout_s: float = 5.0) -> Wire:
-    """A connection to the server ``redis`` talks to (host/port, unix socket, TLS)."""
-    loop = asyncio.get_running_loop()
-    pool = redis.connection_pool
-    cls, kw = pool.connection_class, pool.connection_kwargs
-    wire = Wire(on_reply)
-    if issubclass(cls, UnixDomainSocketConnection):
-        opening = loop.create_unix_connection(lambda: wire, kw["path"])
-    else:
+    @classmethod
+    def of(cls, redis: Redis) -> Endpoint:
+        """The server ``redis`` talks to, with its TLS settings and ACL user."""
+        pool = redis.connection_pool
+        klass, kw = pool.connection_class, pool.connection_kwargs
         tls = None
-        if issubclass(cls, SSLConnection):
+        if issubclass(klass, SSLConnection):
             tls = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
             if kw.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
                 tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        opening = loop.create_connection(
-            lambda: wire, kw.get("host", "localhost"), kw.get("port", 6379), ssl=tls
-        )
+        hello: list[tuple[str, ...]] = []
+        if kw.get("password"):
+            hello.append(
+                ("AUTH", kw["username"], kw["password"]) if kw.get("username") else ("AUTH", kw["password"])
+            )
+        if kw.get("db"):
+            hello.append(("SELECT", str(kw["db"])))
+        path = kw["path"] if issubclass(klass, UnixDomainSocketConnection) else None
+        return cls(kw.get("host", "localhost"), int(kw.get("port", 6379)), path, tls, tuple(hello))
+
+    def at(self, host: str, port: int) -> Endpoint:
+        """Another node of the same deployment (a cluster's): same TLS and user."""
+        return replace(self, host=host, port=port, path=None)
+
+    @property
+    def address(self) -> str:
+        return self.path or f"{self.host}:{self.port}"
+
+
+def auth_commands(target: Redis | Endpoint) -> list[tuple[str, ...]]:
+    """AUTH (and SELECT) as the redis-py client would send them on a new connection."""
+    endpoint = target if isinstance(target, Endpoint) else Endpoint.of(target)
+    return list(endpoint.hello)
+
+
+async def open_wire(
+    target: Redis | Endpoint, on_reply: Callable[[Any], None], timeout_s: float = 5.0
+) -> Wire:
+    """A connection to ``target`` (host/port, unix socket, TLS)."""
+    loop = asyncio.get_running_loop()
+    endpoint = target if isinstance(target, Endpoint) else Endpoint.of(target)
+    wire = Wire(on_reply)
+    if endpoint.path is not None:
+        opening = loop.create_unix_connection(lambda: wire, endpoint.path)
+    else:
+        opening = loop.create_connection(lambda: wire, endpoint.host, endpoint.port, ssl=endpoint.tls)
     await asyncio.wait_for(opening, timeout_s)
     sock = wire.transport.get_extra_info("socket") if wire.transport else None
-    if sock is not None and not issubclass(cls, UnixDomainSocketConnection):
+    if sock is not None and endpoint.path is None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,8 +150,10 @@ class PipelinedRedis:
     connection. Each connection keeps its own queue of pending replies, so a reply can only ever
     answer a command sent on the same connection."""
 
-    def __init__(self, redis: Redis, timeout_s: float | None = 10.0) -> None:
-        self.redis = redis
+    cluster = False
+
+    def __init__(self, target: Redis | Endpoint, timeout_s: float | None = 10.0) -> None:
+        self.endpoint = target if isinstance(target, Endpoint) else Endpoint.of(target)
         self.timeout_s = timeout_s
         self._wire: _Pipe | None = None
         self._connecting = asyncio.Lock()
@@ -141,6 +171,14 @@ class PipelinedRedis:
             pipe = await self._connect()
         return await pipe.send(commands)
 
+    async def broadcast(self, *args: Arg) -> None:
+        """A command for every server (``SCRIPT LOAD``): here, the one."""
+        await self.execute(*args)
+
+    async def execute_at(self, key: str, *args: Arg) -> Any:
+        """A command on the connection that wrote ``key`` (``WAIT``): here, the one."""
+        return await self.execute(*args)
+
     async def aclose(self) -> None:
         pipe, self._wire = self._wire, None
         if pipe is not None:
@@ -152,12 +190,12 @@ class PipelinedRedis:
                 return self._wire
             pipe = _Pipe(self.timeout_s)
             try:
-                pipe.wire = await open_wire(self.redis, pipe.on_reply)
+                pipe.wire = await open_wire(self.endpoint, pipe.on_reply)
             except (OSError, TimeoutError) as exc:
                 raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
             pipe.wire.closed.add_done_callback(lambda _: self._lost(pipe))
             try:
-                hello = auth_commands(self.redis)
+                hello = list(self.endpoint.hello)
                 if hello:
                     replies = await asyncio.wait_for(pipe.send(hello), self.timeout_s)
                     for reply in replies:

@@ -1,0 +1,151 @@
+"""Start a local Redis Cluster (``redis-server --cluster-enabled yes`` + ``redis-cli --cluster
+create``): N primaries, each with ``replicas`` replicas, on free ports of 127.0.0.1. For tests and
+``breakwater up --redis-cluster N``; production clusters are managed (docs/deploy.md)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from breakwater.redis_server import RedisServer, RedisServerError, find_redis_server, free_port
+
+
+def find_redis_cli() -> str:
+    server = Path(find_redis_server())
+    bundled = str(server.with_name("valkey-cli"))
+    for candidate in (shutil.which("redis-cli"), shutil.which("valkey-cli"), bundled):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise RedisServerError("no redis-cli (or valkey-cli) found: apt-get install redis-tools")
+
+
+def _info(port: int, section: str) -> dict[str, str]:
+    """``INFO <section>`` (or ``CLUSTER INFO``) of a local node, as a dict."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        cmd = b"CLUSTER INFO\r\n" if section == "cluster" else f"INFO {section}\r\n".encode()
+        s.sendall(cmd)
+        data = b""
+        while not _bulk_len(data) or len(data) < _bulk_len(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise OSError("connection closed mid-reply")
+            data += chunk
+    text = data.split(b"\r\n", 1)[1].decode(errors="replace")
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _bulk_len(data: bytes) -> int:
+    """The whole reply's length once its ``$<n>`` header is in."""
+    head, sep, _ = data.partition(b"\r\n")
+    if not sep or not head.startswith(b"$"):
+        return 0
+    return len(head) + 2 + int(head[1:]) + 2
+
+
+class LocalCluster:
+    """``primaries`` x (1 + ``replicas``) cluster-mode servers with short failover timeouts."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        primaries: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        appendfsync: str = "everysec",
+    ) -> None:
+        if primaries < 1 or replicas < 0:
+            raise ValueError("a cluster needs a primary or more, and replicas >= 0")
+        self.data_dir = data_dir
+        self.primaries = primaries
+        self.replicas = replicas
+        self.nodes = [
+            RedisServer(
+                data_dir / f"node{i}",
+                appendfsync=appendfsync,
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    # The bus port is port + 10000 unless given: ports above 55535 would not do.
+                    "--cluster-port",
+                    str(free_port()),
+                    "--cluster-node-timeout",
+                    str(node_timeout_ms),
+                    # A replica may be promoted however long it was cut off (tests kill primaries).
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ],
+            )
+            for i in range(primaries * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with every node as a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
+        for node in self.nodes:
+            node.start()
+        if self.primaries == 1 and self.replicas == 0:
+            subprocess.run(
+                [find_redis_cli(), "-p", str(self.nodes[0].port), "cluster", "addslotsrange", "0", "16383"],
+                check=True,
+                capture_output=True,
+            )
+        else:
+            subprocess.run(
+                [
+                    find_redis_cli(),
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                    "--cluster-replicas",
+                    str(self.replicas),
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout_s,
+            )
+        self.wait_ok(timeout_s)
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every live node reports ``cluster_state:ok`` and all slots are served."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self._ok(n) for n in self.nodes if n.proc is not None and n.proc.poll() is None):
+                return
+            time.sleep(0.1)
+        raise RedisServerError(f"the local cluster did not become ready within {timeout_s}s")
+
+    @staticmethod
+    def _ok(node: RedisServer) -> bool:
+        try:
+            info = _info(node.port, "cluster")
+        except OSError:
+            return False
+        return info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
+
+    def role(self, node: RedisServer) -> str:
+        return _info(node.port, "replication").get("role", "")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __repr__(self) -> str:
+        return f"LocalCluster({self.url})"
