@@ -22,7 +22,6 @@ from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs
 from tests.inproc import InProc, inproc_gateway
 
-
 CLUSTER = os.environ.get("BREAKWATER_TEST_REDIS", "") == "cluster"
 
 

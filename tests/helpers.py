@@ -16,9 +16,12 @@ from typing import Any, TypeVar, cast
 
 import httpx
 import orjson
+import redis
 from prometheus_client.parser import text_string_to_metric_families
+from redis.cluster import RedisCluster
 
 from breakwater.broker import Broker, RequestRecord, Status
+from breakwater.broker.connection import ClusterUrl
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
@@ -26,6 +29,15 @@ from breakwater.keys import Keys
 from breakwater.redis_server import free_port
 
 T = TypeVar("T")
+
+
+def sync_redis(url: str) -> redis.Redis:
+    """A blocking client for ``url``: redis-py's cluster client for a ``redis+cluster://`` one."""
+    cluster = ClusterUrl.parse(url)
+    if cluster is None:
+        return redis.Redis.from_url(url, decode_responses=True)
+    host, port = cluster.seeds[0]  # one seed tells the client the whole cluster
+    return cast(redis.Redis, RedisCluster(host=host, port=port, decode_responses=True))
 
 
 def wait_for(

@@ -297,6 +297,9 @@ def up(
     ] = None,
     data_dir: Annotated[Path, typer.Option(help="Redis AOF and logs")] = Path(".breakwater"),
     redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of an embedded one")] = None,
+    redis_cluster: Annotated[
+        int, typer.Option(help="an embedded Redis Cluster of N primaries, one replica each (starts empty)")
+    ] = 0,
     appendfsync: Annotated[str, typer.Option(help="AOF fsync: everysec or always")] = "everysec",
     supervisor_metrics_port: Annotated[
         int, typer.Option(help="the supervisor's restart counters on 127.0.0.1 (0: any free port)")
@@ -325,6 +328,7 @@ def up(
             vllm_args=vllm_arg or [],
             data_dir=data_dir,
             redis_url=redis_url,
+            redis_cluster=redis_cluster,
             appendfsync=appendfsync,
             supervisor_metrics_port=supervisor_metrics_port,
             autoscale=autoscale,

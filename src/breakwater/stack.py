@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from breakwater.engines import ENGINES
+from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, port_in_use
 
 VLLM_MISSING = (
@@ -48,6 +50,7 @@ class StackConfig:
     vllm_args: list[str] = field(default_factory=list)  # KEY=VALUE, passed on as --vllm-arg
     data_dir: Path = Path(".breakwater")
     redis_url: str | None = None
+    redis_cluster: int = 0  # > 0: an embedded Redis Cluster of this many primaries (one replica each)
     appendfsync: str = "everysec"
     key_prefix: str = "bw"
     worker_args: list[str] = field(default_factory=list)
@@ -145,7 +148,7 @@ class Stack:
     def __init__(self, config: StackConfig, log: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        self.redis: RedisServer | None = None
+        self.redis: RedisServer | LocalCluster | None = None
         self.gateway: Child | None = None
         self.workers: list[Child] = []
         self.retiring: list[subprocess.Popen[bytes]] = []  # scaled down: draining, then exiting
@@ -325,7 +328,17 @@ class Stack:
             self.retiring.append(child.proc)
 
     def _start_redis(self) -> str:
-        self.redis = RedisServer(self.config.data_dir / "redis", appendfsync=self.config.appendfsync)
+        if self.config.redis_cluster > 0:
+            # For trying a cluster out: its nodes get new ports each run, so it starts empty.
+            shutil.rmtree(self.config.data_dir / "redis-cluster", ignore_errors=True)
+            self.redis = LocalCluster(
+                self.config.data_dir / "redis-cluster",
+                primaries=self.config.redis_cluster,
+                replicas=1,
+                appendfsync=self.config.appendfsync,
+            )
+        else:
+            self.redis = RedisServer(self.config.data_dir / "redis", appendfsync=self.config.appendfsync)
         try:
             self.redis.start()
         except Exception as exc:

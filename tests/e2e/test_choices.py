@@ -15,7 +15,6 @@ import httpx
 import openai
 import orjson
 import pytest
-import redis
 from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.broker import Broker, RequestSpec
@@ -23,7 +22,7 @@ from breakwater.broker.record import Status
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, async_wait_for, expected_sim, wait_for
+from tests.helpers import StackProcs, async_wait_for, expected_sim, sync_redis, wait_for
 from tests.inproc import inproc_gateway
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "three ways to say ahoy"}]
@@ -234,7 +233,7 @@ def test_a_failed_choice_stops_the_others_of_a_whole_answer(slow_stack: StackPro
 
 def _records_of(procs: StackProcs, xrid: str) -> list[dict[str, Any]]:
     """The status of every request whose X-Request-ID is ``xrid`` (read from Redis)."""
-    client = redis.Redis.from_url(procs.redis_url, decode_responses=True)
+    client = sync_redis(procs.redis_url)
     try:
         out = []
         for key in client.scan_iter(match=procs.keys_request("*"), count=1000):

@@ -113,12 +113,12 @@ def _cluster_client(
         **{k: v for k, v in creds.items() if v},
         **tls,
         decode_responses=True,
-        retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=3),
+        # Also the redirections and failovers it follows (MOVED, ASK, TRYAGAIN, CLUSTERDOWN).
+        retry=Retry(EqualJitterBackoff(cap=2.0, base=0.05), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         socket_connect_timeout=2.0,
         socket_timeout=socket_timeout_s,
         socket_keepalive=True,
-        cluster_error_retry_attempts=8,
         # Per node, and not a blocking pool: past it a command fails, so leave room (the hot path
         # does not use these connections).
         max_connections=max(1024, max_connections),
