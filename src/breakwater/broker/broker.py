@@ -399,8 +399,11 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         usage: dict[str, int] | None = None,
         error: dict[str, Any] | None = None,
         logprobs: str = "",
+        written: int | None = None,
     ) -> int:
-        """Append the terminal event and mark the record terminal (fenced unless ``attempt`` is None)."""
+        """Append the terminal event and mark the record terminal (fenced unless ``attempt`` is None).
+        ``written``: the attempt's last write number; if the record has fewer (a failover lost
+        some), nothing is written and :data:`BEHIND` - the record's last is returned."""
         res = await self._finish(
             keys=[self.keys.request(rid), self.keys.tokens(rid), self.keys.emitted(rid)],
             args=[
@@ -416,6 +419,7 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
                 ttl_s,
                 status.value,
                 logprobs,
+                "" if written is None else written,
             ],
         )
         return int(res)

@@ -57,6 +57,11 @@ class StartResult:
     record: RequestRecord | None = None
 
 
+#: ``append.lua``/``finish.lua`` answer ``BEHIND - w`` when the record's last write is ``w``, short
+#: of what the attempt wrote: a failover lost writes, which the worker sends again.
+BEHIND = -1000
+
+
 @dataclass(frozen=True, slots=True)
 class Append:
     """One sequence's delta in a step, fenced by ``attempt``; ``wseq`` numbers the attempt's writes

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from breakwater.broker import Job, Lease, RequestRecord
+from breakwater.broker import Append, Job, Lease, RequestRecord
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
@@ -20,6 +21,8 @@ from breakwater.engines.base import (
     GenerationRequest,
 )
 from breakwater.protocol.formats import OutputFormat
+
+KEEP_WRITES = 512  # per sequence: a failover loses at most the last ~second of writes
 
 
 @dataclass(slots=True)
@@ -34,6 +37,8 @@ class InFlight:
     paused_at: int = -1  # preempted: the worker's step count then (-1: running in the engine)
     constrained: bool = False  # structured output: paused only where the engine can continue it
     held_logprobs: list[dict[str, Any]] = field(default_factory=list)  # of the held tokens
+    # Its last writes, sent again if a Redis failover loses them (worker/repair.py).
+    sent: deque[Append] = field(default_factory=lambda: deque(maxlen=KEEP_WRITES))
 
     def logprobs_with(self, new: list[dict[str, Any]] | None) -> str:
         """The held tokens' logprobs and ``new`` as one JSON list ('' when none were asked for)."""

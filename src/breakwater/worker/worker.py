@@ -11,6 +11,7 @@ from typing import Any
 
 from breakwater.broker import Append, Broker, Job, StartOutcome, Status
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
+from breakwater.broker.types import BEHIND
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import (
     Engine,
@@ -25,11 +26,12 @@ from breakwater.worker.liveness import LivenessMixin
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preempting import PreemptingMixin
 from breakwater.worker.preemption import Preemption
+from breakwater.worker.repair import RepairMixin
 
 log = logging.getLogger(__name__)
 
 
-class Worker(LivenessMixin, PreemptingMixin):
+class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
     def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
         self.settings = settings
         self.engine = engine
@@ -344,6 +346,7 @@ class Worker(LivenessMixin, PreemptingMixin):
                 lp = flight.logprobs_with(delta.logprobs) if delta.logprobs or flight.held_logprobs else ""
                 append = Append(delta.request_id, flight.attempt, flight.next_write(), delta.text, tokens, lp)
                 appends.append((flight, append))
+                flight.sent.append(append)
                 flight.held_tokens = 0
             else:
                 flight.held_tokens += delta.tokens
@@ -352,7 +355,14 @@ class Worker(LivenessMixin, PreemptingMixin):
         self._tokens.inc(produced)
         # Keep the generation; retry the same step's writes until Redis is back (they are idempotent).
         results = await until_redis(lambda: self.broker.append_step([a for _, a in appends]), "publish")
+        behind = [
+            (flight, BEHIND - seq) for (flight, _), seq in zip(appends, results, strict=True) if seq <= BEHIND
+        ]
+        if behind:
+            await self._repair(behind, self.settings.result_ttl_s)
         for (flight, _), seq in zip(appends, results, strict=True):
+            if seq <= BEHIND:
+                continue
             if seq > 0 and flight.suspect and not flight.progressed:
                 flight.progressed = True
                 self._slot_freed.set()  # others may join the batch again
@@ -377,7 +387,8 @@ class Worker(LivenessMixin, PreemptingMixin):
                 error_type=error_type(delta.error_code),
             )
         else:
-            seq = await self.broker.finish(
+            finish = functools.partial(
+                self.broker.finish,
                 rid,
                 attempt=flight.attempt,
                 kind="done",
@@ -388,7 +399,12 @@ class Worker(LivenessMixin, PreemptingMixin):
                 finish_reason=delta.finish_reason or "stop",
                 usage=delta.usage,
                 logprobs=flight.logprobs_with(delta.logprobs),
+                written=flight.writes,
             )
+            seq = await finish()
+            if seq <= BEHIND:  # a failover lost writes: send them again, then finish
+                await self._repair([(flight, BEHIND - seq)], ttl)
+                seq = await finish()
         if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
             log.warning("finish fenced off", extra={"rid": rid})
         else:

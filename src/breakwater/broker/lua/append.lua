@@ -6,7 +6,11 @@
 -- ARGV[6i+5] token count, ARGV[6i+6] the attempt's own write number (1, 2, ...), ARGV[6i+7] the
 -- tokens' logprobs as JSON ('' when the request did not ask)
 -- Returns, per sequence, the new seq (or, for a repeated write, the current one), -1 when fenced off
--- (another attempt owns the request), -2 when not running.
+-- (another attempt owns the request), -2 when not running, and BEHIND - w when the record's last
+-- write is w, before this one's predecessor: writes acknowledged to the worker were lost (a
+-- primary failed over before its replica had them). The worker sends them again, from w + 1, so
+-- every seq keeps its text (see worker.repair).
+local BEHIND = -1000
 local maxlen = ARGV[1]
 
 local function append(record, stream, emitted, attempt, channel, text, n, wseq, lp)
@@ -17,8 +21,12 @@ local function append(record, stream, emitted, attempt, channel, text, n, wseq, 
   if cur[2] ~= 'running' then
     return -2
   end
-  if tonumber(wseq) <= tonumber(cur[3] or '0') then
+  local last = tonumber(cur[3] or '0')
+  if tonumber(wseq) <= last then
     return tonumber(cur[4] or '0')
+  end
+  if tonumber(wseq) > last + 1 then
+    return BEHIND - last
   end
   local seq = tonumber(cur[4] or '0') + 1
   local tokens = tonumber(cur[5] or '0') + tonumber(n)

@@ -3,8 +3,11 @@
 -- ARGV[1] attempt ('*' = any: cancellation and admin), ARGV[2] channel, ARGV[3] stream max length,
 -- ARGV[4] kind ('done'|'error'), ARGV[5] last text, ARGV[6] its token count, ARGV[7] finish_reason,
 -- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status,
--- ARGV[12] the last text's logprobs as JSON ('' when not asked for)
--- Returns the final seq, -1 when fenced off, -2 when already terminal, -3 when the record is gone.
+-- ARGV[12] the last text's logprobs as JSON ('' when not asked for), ARGV[13] the attempt's last
+-- write number ('' : not checked)
+-- Returns the final seq, -1 when fenced off, -2 when already terminal, -3 when the record is gone,
+-- BEHIND - w when the record's last write is w, short of ARGV[13] (writes lost in a failover: the
+-- worker sends them again first; see append.lua).
 -- Idempotent: a retried call finds the request terminal (-2) and writes nothing.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return -3
@@ -15,6 +18,12 @@ if ARGV[1] ~= '*' and cur[1] ~= ARGV[1] then
 end
 if cur[2] == 'done' or cur[2] == 'error' or cur[2] == 'cancelled' then
   return -2
+end
+if (ARGV[13] or '') ~= '' then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'wseq') or '0')
+  if last < tonumber(ARGV[13]) then
+    return -1000 - last
+  end
 end
 local seq
 if ARGV[5] ~= '' then

@@ -1,0 +1,61 @@
+"""Writes lost in a Redis failover, sent again (mixed into :class:`~breakwater.worker.worker.Worker`).
+
+Replication is asynchronous: a primary that dies can take with it token writes it had already
+acknowledged, and published, before its replica received them. The promoted replica's record then
+says its last write is ``w`` while the attempt wrote more; the next append or the finish reports
+it (``BEHIND - w``, see ``append.lua``). The worker keeps its last writes per sequence and sends
+them again from ``w + 1``: each gets the seq it had, with the same text, so a client that saw it
+skips it and one that did not receives it. A gap older than what is kept fails the request with a
+clear error instead of a stream with a hole.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from breakwater.broker import Append, Broker
+from breakwater.broker.errors import until_redis
+from breakwater.broker.types import BEHIND
+from breakwater.worker.jobs import InFlight
+
+log = logging.getLogger("breakwater.worker.worker")
+
+
+class RepairMixin:
+    broker: Broker
+    inflight: dict[str, InFlight]
+
+    async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
+        raise NotImplementedError
+
+    async def _repair(self, behind: list[tuple[InFlight, int]], ttl_s: int) -> None:
+        """Send again, in order, each sequence's writes after the record's last one (``last``)."""
+        resend: list[tuple[InFlight, Append]] = []
+        for flight, last in behind:
+            kept = [a for a in flight.sent if a.wseq > last]
+            if kept and kept[0].wseq == last + 1:
+                log.warning(
+                    "writes lost in a failover; sending them again",
+                    extra={"rid": flight.job.rid, "fields": {"from": last + 1, "to": kept[-1].wseq}},
+                )
+                resend += [(flight, a) for a in kept]
+                continue
+            log.error("writes lost beyond those kept; failing the request", extra={"rid": flight.job.rid})
+            fail = functools.partial(
+                self.broker.fail,
+                flight.job.rid,
+                attempt=flight.attempt,
+                code="tokens_lost",
+                message="tokens were lost in a Redis failover; retry the request",
+                ttl_s=ttl_s,
+            )
+            await until_redis(fail, "fail")
+            await until_redis(functools.partial(self._drop, flight, fenced=False, why="tokens lost"), "drop")
+        if not resend:
+            return
+        results = await until_redis(lambda: self.broker.append_step([a for _, a in resend]), "repair")
+        for (flight, _), seq in zip(resend, results, strict=True):
+            if BEHIND < seq < 0 and flight.job.rid in self.inflight:  # fenced off or ended meanwhile
+                why = "fenced" if seq == -1 else "not running"
+                await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
