@@ -9,6 +9,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from breakwater.redis_server import RedisServer, RedisServerError, find_redis_server, free_port
 
@@ -149,3 +152,61 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"LocalCluster({self.url})"
+
+    # -- for tests and operations: who serves a slot, moving a slot ----------------------------------
+    @staticmethod
+    def client(node: RedisServer) -> Any:
+        """A blocking client of one node (its ``execute_command`` is untyped: hence Any)."""
+        return redis.Redis(host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5)
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def owner(self, slot: int) -> RedisServer:
+        """The primary serving ``slot`` now (as a live node sees the cluster)."""
+        for row in self.client(self.live()[0]).execute_command("CLUSTER", "SLOTS"):
+            if int(row[0]) <= slot <= int(row[1]):
+                port = int(row[2][1])
+                return next(n for n in self.nodes if n.port == port)
+        raise RedisServerError(f"no node serves slot {slot}")
+
+    def wait_promoted(self, slot: int, instead_of: RedisServer, timeout_s: float = 30.0) -> RedisServer:
+        """Until a primary other than ``instead_of`` serves ``slot`` (a replica was promoted) and
+        the cluster is ok again; that primary."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                owner = self.owner(slot)
+            except (OSError, redis.RedisError, RedisServerError):
+                owner = instead_of
+            if owner is not instead_of:
+                self.wait_ok(max(1.0, deadline - time.monotonic()))
+                return owner
+            time.sleep(0.1)
+        raise RedisServerError(f"no replica took over slot {slot} within {timeout_s}s")
+
+    def node_id(self, node: RedisServer) -> str:
+        return str(self.client(node).execute_command("CLUSTER", "MYID"))
+
+    def migrate_slot(self, slot: int, target: RedisServer, batch: int = 10, pause_s: float = 0.0) -> int:
+        """Move ``slot`` to ``target`` as ``redis-cli --cluster reshard`` does (IMPORTING/MIGRATING,
+        MIGRATE in batches, then SETSLOT NODE everywhere): clients meet ASK, TRYAGAIN and MOVED on
+        the way. Returns how many keys moved."""
+        source = self.owner(slot)
+        if source is target:
+            return 0
+        src, dst = self.client(source), self.client(target)
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause_s)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for node in self.live():
+            if node not in (source, target) and self.role(node) == "master":
+                self.client(node).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved

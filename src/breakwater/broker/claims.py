@@ -28,6 +28,12 @@ def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _unblocked(exc: ResponseError) -> bool:
+    """A blocking read ended because its stream moved away (a Redis Cluster slot migration) or
+    was deleted: nothing was read; the next read goes where the stream is now."""
+    return str(exc).startswith("UNBLOCKED")
+
+
 class FairClaims:
     """Part of :class:`~breakwater.broker.Broker`."""
 
@@ -67,7 +73,14 @@ class FairClaims:
             entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
             return await self._bind(model, lane, entries)
         # A blocking read would stall every command behind it on the shared raw connection.
-        reply: Any = await self.redis.xreadgroup(GROUP, worker_id, {stream: ">"}, count=count, block=block_ms)
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                GROUP, worker_id, {stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if not _unblocked(exc):
+                raise
+            return []
         return await self._bind(model, lane, reply[0][1] if reply else [])
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
@@ -115,7 +128,12 @@ class FairClaims:
         returns those lanes. ``after`` (lane -> last entry id seen, ``$`` at first) is updated."""
         lane_of = {self.keys.joins(model, lane): lane for lane in after}
         streams: dict[Any, Any] = {key: after[lane] for key, lane in lane_of.items()}
-        reply: Any = await self.redis.xread(streams, block=block_ms)
+        try:
+            reply: Any = await self.redis.xread(streams, block=block_ms)
+        except ResponseError as exc:
+            if not _unblocked(exc):
+                raise
+            return []
         lanes: list[str] = []
         for key, entries in reply or []:
             lane = lane_of[str(key)]
