@@ -27,6 +27,13 @@ class CommonSettings(BaseSettings):
         default=256, ge=2, description="connections in the Redis pool; when all are busy, commands wait"
     )
     key_prefix: str = Field(default="bw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    sharded_pubsub: bool = Field(
+        default=True,
+        description=(
+            "on a Redis Cluster, token events go over sharded Pub/Sub (SPUBLISH/SSUBSCRIBE: each "
+            "to its request's shard); false: classic Pub/Sub, every message to every node"
+        ),
+    )
     replica_ack: int = Field(
         default=0,
         ge=0,

@@ -19,12 +19,13 @@ from breakwater.broker.cluster import ClusterPipelinedRedis
 from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.errors import ReplicaAckError
-from breakwater.broker.fanin import Fanin
+from breakwater.broker.fanin import FanIn, Fanin
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.scripts import Call, Script
+from breakwater.broker.sharded_fanin import ShardedFanin
 from breakwater.broker.types import (
     Admission,
     Append,
@@ -72,6 +73,7 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         socket_timeout_s: float | None = 10.0,
         replica_ack: int = 0,
         replica_ack_ms: int = 200,
+        sharded_pubsub: bool = True,
     ) -> None:
         self.redis = redis
         # The hot path (every script: admission, start, appends, finish, leases): one raw pipelined
@@ -80,6 +82,9 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         self.fast = fast_client(redis, socket_timeout_s)
         self.replica_ack = replica_ack
         self.replica_ack_ms = replica_ack_ms
+        # Token events: sharded Pub/Sub on a cluster (each on its request's shard), else classic.
+        self.sharded = self.fast.cluster and sharded_pubsub
+        self.publish = "SPUBLISH" if self.sharded else "PUBLISH"
         self.keys = keys
         self.token_stream_maxlen = token_stream_maxlen
         self._enqueue = Script(self.fast, "enqueue")
@@ -107,6 +112,7 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
             socket_timeout_s=settings.redis_socket_timeout_s,
             replica_ack=settings.replica_ack,
             replica_ack_ms=settings.replica_ack_ms,
+            sharded_pubsub=settings.sharded_pubsub,
         )
 
     async def aclose(self) -> None:
@@ -116,12 +122,15 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
     def api_keys(self, pepper: bytes) -> KeyStore:
         return KeyStore(self.redis, self.keys, pepper)
 
-    def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> Fanin:
-        """The process's one Pub/Sub connection, fanned in to per-request buffers. On a cluster it
-        goes to one primary (classic Pub/Sub messages reach every node), the next one after a loss."""
+    def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> FanIn:
+        """The process's Pub/Sub, fanned in to per-request buffers: one connection to one server; on
+        a cluster, one per primary with subscribers (sharded), or, with classic Pub/Sub, one to any
+        primary (classic messages reach every node) that moves to the next after a loss."""
         fast = self.fast
         if not isinstance(fast, ClusterPipelinedRedis):
             return Fanin(fast.endpoint, self.keys, buffer, on_overflow)
+        if self.sharded:
+            return ShardedFanin(fast, self.keys, buffer, on_overflow)
         turn = itertools.count()
 
         def next_node() -> Endpoint:
@@ -368,13 +377,13 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
             calls: list[Call] = [
                 (
                     [self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
-                    self._append_args(a, [self.token_stream_maxlen]),
+                    self._append_args(a, [self.token_stream_maxlen, self.publish]),
                 )
                 for a in appends
             ]
             return [int(r[0]) for r in await self._append.many(calls)]
         keys: list[str] = []
-        args: list[Arg] = [self.token_stream_maxlen]
+        args: list[Arg] = [self.token_stream_maxlen, self.publish]
         for a in appends:
             keys += (self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid))
             self._append_args(a, args)
@@ -420,6 +429,7 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
                 status.value,
                 logprobs,
                 "" if written is None else written,
+                self.publish,
             ],
         )
         return int(res)

@@ -152,6 +152,13 @@ class ClusterPipelinedRedis:
             await self.refresh()
         return await self._node(self._slots[slot_of(key)] or self._primaries[0]).execute(*args)
 
+    def address_of(self, key: str) -> Address:
+        """The primary that serves ``key``'s slot, as the map says now."""
+        return self._address(("GET", key))
+
+    def endpoint_at(self, addr: Address) -> Endpoint:
+        return self.seeds[0].at(*addr)
+
     async def aclose(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()

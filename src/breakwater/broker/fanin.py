@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 from redis.asyncio import Redis
@@ -29,6 +29,23 @@ from breakwater.protocol.events import TokenEvent
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 5.0  # a connection silent for 3 of these (no reply to PING) is half-open: reconnect
+
+
+class FanIn(Protocol):
+    """What the gateway uses of its Pub/Sub fan-in: :class:`Fanin` (one connection), or
+    :class:`~breakwater.broker.sharded_fanin.ShardedFanin` (a cluster's sharded Pub/Sub)."""
+
+    draining: bool
+
+    @property
+    def active(self) -> int: ...
+    async def start(self, timeout_s: float = 5.0) -> None: ...
+    async def close(self) -> None: ...
+    def begin_drain(self) -> None: ...
+    async def subscribe(self, rid: str, confirm_timeout_s: float = 5.0) -> Subscription: ...
+    async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription: ...
+    async def confirm(self, sub: Subscription, timeout_s: float = 5.0) -> bool: ...
+    async def unsubscribe(self, sub: Subscription) -> None: ...
 
 
 class GatewayDraining(Exception):

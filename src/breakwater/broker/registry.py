@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from breakwater.broker.cluster import Fast
 from breakwater.keys import Keys
 
 
@@ -14,13 +15,20 @@ class WorkerRegistry:
     """Part of :class:`~breakwater.broker.Broker`."""
 
     redis: Redis
+    fast: Fast
     keys: Keys
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.worker_alive(worker_id), "1", px=int(ttl_s * 1000))
-            pipe.hset(self.keys.workers(), worker_id, orjson.dumps(info).decode())
-            await pipe.execute()
+        """On the raw pipeline: one write (one per node on a cluster), failovers retried there."""
+        replies = await self.fast.pipeline(
+            [
+                ("SET", self.keys.worker_alive(worker_id), "1", "PX", int(ttl_s * 1000)),
+                ("HSET", self.keys.workers(), worker_id, orjson.dumps(info).decode()),
+            ]
+        )
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
 
     async def deregister(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -34,10 +42,11 @@ class WorkerRegistry:
         if not raw:
             return {}
         ids = list(raw)
-        async with self.redis.pipeline(transaction=False) as pipe:  # not MGET: the keys span slots
-            for worker_id in ids:
-                pipe.get(self.keys.worker_alive(worker_id))
-            alive = await pipe.execute()
+        # Not MGET: on a cluster the keys span slots.
+        alive = await self.fast.pipeline([("GET", self.keys.worker_alive(i)) for i in ids])
+        for reply in alive:
+            if isinstance(reply, Exception):
+                raise reply
         live: dict[str, dict[str, Any]] = {}
         dead: list[str] = []
         for worker_id, flag in zip(ids, alive, strict=True):

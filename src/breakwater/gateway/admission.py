@@ -10,7 +10,7 @@ import uuid
 from dataclasses import replace
 
 from breakwater.broker import Broker, RequestSpec
-from breakwater.broker.fanin import Fanin, Subscription
+from breakwater.broker.fanin import FanIn, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
@@ -51,7 +51,7 @@ class Admitter:
         self,
         settings: GatewaySettings,
         broker: Broker,
-        fanin: Fanin,
+        fanin: FanIn,
         registry: ModelRegistry,
         signals: AutoscaleSignals,
         metrics: GatewayMetrics,

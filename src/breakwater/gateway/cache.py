@@ -35,7 +35,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from breakwater.broker import Broker, RequestRecord, RequestSpec, Status
-from breakwater.broker.fanin import Fanin
+from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
 from breakwater.gateway.following import Submission, record_when_admitted
 from breakwater.gateway.metrics import GatewayMetrics
@@ -155,7 +155,7 @@ class ResponseCache:
         settings: GatewaySettings,
         broker: Broker,
         index: Broker,
-        fanin: Fanin,
+        fanin: FanIn,
         metrics: GatewayMetrics,
     ) -> None:
         self.settings = settings

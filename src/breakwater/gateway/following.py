@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from breakwater.broker import Broker, RequestRecord
-from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
+from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
 from breakwater.protocol.events import TokenEvent
 
 
@@ -81,7 +81,7 @@ def trimmed_event(seq: int, first_kept: int) -> TokenEvent:
 
 async def follow_events(
     broker: Broker,
-    fanin: Fanin,
+    fanin: FanIn,
     rid: str,
     after: int,
     *,
@@ -144,7 +144,7 @@ async def _backlog(broker: Broker, rid: str, last: int) -> AsyncIterator[TokenEv
         backlog = await broker.read_events(rid, last)
 
 
-def _stop_if_draining(fanin: Fanin, rid: str) -> None:
+def _stop_if_draining(fanin: FanIn, rid: str) -> None:
     if fanin.draining:
         raise GatewayDraining(rid)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.errors import TRANSIENT
-from breakwater.broker.fanin import Fanin
+from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import RequestGone, Submission, follow_events
@@ -32,7 +32,7 @@ def _not_found(rid: str) -> APIError:
 
 class Requests:
     def __init__(
-        self, settings: GatewaySettings, broker: Broker, fanin: Fanin, metrics: GatewayMetrics
+        self, settings: GatewaySettings, broker: Broker, fanin: FanIn, metrics: GatewayMetrics
     ) -> None:
         self.settings = settings
         self.broker = broker

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from breakwater.broker import Broker
-from breakwater.broker.fanin import Fanin
+from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
 from breakwater.gateway import choices
 from breakwater.gateway.admission import Admitter
@@ -36,7 +36,7 @@ class GatewayService:
         self,
         settings: GatewaySettings,
         broker: Broker,
-        fanin: Fanin,
+        fanin: FanIn,
         metrics: GatewayMetrics,
         *,
         cache_index: Broker | None = None,

@@ -2,16 +2,20 @@
 -- script run and one reply per step, not one per sequence). For each sequence only the request's
 -- current attempt may write, and a write it retries (its first reply lost) is applied once.
 -- KEYS: per sequence i (0-based) KEYS[3i+1] request record, KEYS[3i+2] token stream, KEYS[3i+3] emitted text
--- ARGV[1] stream max length; per sequence ARGV[6i+2] attempt, ARGV[6i+3] channel, ARGV[6i+4] text,
--- ARGV[6i+5] token count, ARGV[6i+6] the attempt's own write number (1, 2, ...), ARGV[6i+7] the
--- tokens' logprobs as JSON ('' when the request did not ask)
+-- ARGV[1] stream max length, ARGV[2] 'PUBLISH', or 'SPUBLISH' (sharded Pub/Sub, on a cluster: the
+-- channel shares its request's slot); per sequence ARGV[6i+3] attempt, ARGV[6i+4] channel,
+-- ARGV[6i+5] text, ARGV[6i+6] token count, ARGV[6i+7] the attempt's own write number (1, 2, ...),
+-- ARGV[6i+8] the tokens' logprobs as JSON ('' when the request did not ask)
 -- Returns, per sequence, the new seq (or, for a repeated write, the current one), -1 when fenced off
 -- (another attempt owns the request), -2 when not running, and BEHIND - w when the record's last
 -- write is w, before this one's predecessor: writes acknowledged to the worker were lost (a
 -- primary failed over before its replica had them). The worker sends them again, from w + 1, so
 -- every seq keeps its text (see worker.repair).
 local BEHIND = -1000
-local maxlen = ARGV[1]
+local maxlen, publish = ARGV[1], ARGV[2]
+if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
+  return redis.error_reply('ERR publish must be PUBLISH or SPUBLISH')
+end
 
 local function append(record, stream, emitted, attempt, channel, text, n, wseq, lp)
   local cur = redis.call('HMGET', record, 'attempt', 'status', 'wseq', 'seq', 'tokens')
@@ -41,18 +45,18 @@ local function append(record, stream, emitted, attempt, channel, text, n, wseq, 
   if lp ~= '' then  -- rare: logprobs were asked for; the payload is then a JSON object
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'seq', seq, 'kind', 'token', 'text', text,
       'n', n, 'lp', lp)
-    redis.call('PUBLISH', channel, cjson.encode({seq = tostring(seq), kind = 'token', text = text, n = tostring(n), lp = lp}))
+    redis.call(publish, channel, cjson.encode({seq = tostring(seq), kind = 'token', text = text, n = tostring(n), lp = lp}))
     return seq
   end
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, seq .. '-0', 'seq', seq, 'kind', 'token', 'text', text, 'n', n)
   -- A token's live payload is 't<seq> <n> <text>': no JSON to build here or to parse in the gateway.
-  redis.call('PUBLISH', channel, 't' .. seq .. ' ' .. n .. ' ' .. text)
+  redis.call(publish, channel, 't' .. seq .. ' ' .. n .. ' ' .. text)
   return seq
 end
 
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
-  local a = 6 * i + 1
+  local a = 6 * i + 2
   out[i + 1] = append(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3],
     ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
 end

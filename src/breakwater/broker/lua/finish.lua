@@ -4,13 +4,17 @@
 -- ARGV[4] kind ('done'|'error'), ARGV[5] last text, ARGV[6] its token count, ARGV[7] finish_reason,
 -- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status,
 -- ARGV[12] the last text's logprobs as JSON ('' when not asked for), ARGV[13] the attempt's last
--- write number ('' : not checked)
+-- write number ('' : not checked), ARGV[14] 'PUBLISH' (when absent) or 'SPUBLISH' (see append.lua)
 -- Returns the final seq, -1 when fenced off, -2 when already terminal, -3 when the record is gone,
 -- BEHIND - w when the record's last write is w, short of ARGV[13] (writes lost in a failover: the
 -- worker sends them again first; see append.lua).
 -- Idempotent: a retried call finds the request terminal (-2) and writes nothing.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return -3
+end
+local publish = ARGV[14] or 'PUBLISH'
+if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
+  return redis.error_reply('ERR publish must be PUBLISH or SPUBLISH')
 end
 local cur = redis.call('HMGET', KEYS[1], 'attempt', 'status')
 if ARGV[1] ~= '*' and cur[1] ~= ARGV[1] then
@@ -33,10 +37,10 @@ if ARGV[5] ~= '' then
   if (ARGV[12] or '') ~= '' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5],
       'n', ARGV[6], 'lp', ARGV[12])
-    redis.call('PUBLISH', ARGV[2], cjson.encode({seq = tostring(seq), kind = 'token', text = ARGV[5], n = ARGV[6], lp = ARGV[12]}))
+    redis.call(publish, ARGV[2], cjson.encode({seq = tostring(seq), kind = 'token', text = ARGV[5], n = ARGV[6], lp = ARGV[12]}))
   else
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5], 'n', ARGV[6])
-    redis.call('PUBLISH', ARGV[2], 't' .. seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
+    redis.call(publish, ARGV[2], 't' .. seq .. ' ' .. ARGV[6] .. ' ' .. ARGV[5])
   end
 end
 seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -55,7 +59,7 @@ if ARGV[9] ~= '' then
   fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[9]
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', unpack(fields))
-redis.call('PUBLISH', ARGV[2], cjson.encode(event))
+redis.call(publish, ARGV[2], cjson.encode(event))
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'status', ARGV[11], 'finish_reason', ARGV[7], 'usage', ARGV[8],
   'finished_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))

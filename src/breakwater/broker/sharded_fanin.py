@@ -1,0 +1,264 @@
+"""The gateway's fan-in on a Redis Cluster with sharded Pub/Sub: ``SSUBSCRIBE`` on the primary that
+serves each channel's slot (a channel shares its request's hash tag, and ``append.lua`` publishes
+with ``SPUBLISH`` there), one connection per primary that has subscribers.
+
+A sharded message travels only within its shard, so token events cost one shard's CPU, not every
+node's as classic Pub/Sub on a cluster does. In exchange the subscriptions follow the slots: when a
+slot migrates, its node ends them (a ``sunsubscribe`` the gateway did not ask for), and a failover
+closes the connection. Either way the channels are subscribed again where the refreshed slot map
+says, and their readers re-read the durable stream for what they missed (as after any reconnect,
+see :mod:`breakwater.broker.fanin`). Same interface as :class:`~breakwater.broker.fanin.Fanin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from breakwater.broker.cluster import Address, ClusterPipelinedRedis
+from breakwater.broker.errors import UNREACHABLE, Backoff
+from breakwater.broker.fanin import PING_EVERY_S, Subscription
+from breakwater.broker.wire import Wire, command, open_wire
+from breakwater.keys import Keys
+from breakwater.protocol.events import TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class ShardedFanin:
+    """Routes sharded channel messages to subscriptions; many readers of one request are allowed."""
+
+    def __init__(
+        self,
+        fast: ClusterPipelinedRedis,
+        keys: Keys,
+        buffer: int,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
+        self.fast = fast
+        self.keys = keys
+        self.buffer = buffer
+        self.on_overflow = on_overflow
+        self._subs: dict[str, set[Subscription]] = {}
+        self._shard_of: dict[str, Address] = {}  # channel -> the node it is subscribed on
+        self._unconfirmed: dict[str, int] = {}
+        self._resubscribed: set[str] = set()
+        self._conns: dict[Address, Wire] = {}
+        self._connecting: dict[Address, asyncio.Future[Wire]] = {}
+        self._orphans: set[str] = set()  # channels to subscribe again (slot moved, node lost)
+        self._repair = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+
+    async def start(self, timeout_s: float = 5.0) -> None:
+        with contextlib.suppress(*UNREACHABLE):
+            await asyncio.wait_for(self.fast.refresh(), timeout_s)
+        self._spawn(self._resubscriber(), "fanin-resubscribe")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for conn in self._conns.values():
+            conn.abort()
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.wake()
+
+    @property
+    def active(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    async def subscribe(self, rid: str, confirm_timeout_s: float = 5.0) -> Subscription:
+        sub = await self.open(rid, confirm_timeout_s)
+        try:
+            if not await self.confirm(sub, confirm_timeout_s):
+                raise RedisConnectionError("Redis did not confirm the subscription in time")
+        except BaseException:
+            await self.unsubscribe(sub)
+            raise
+        return sub
+
+    async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription:
+        """Send the SSUBSCRIBE without waiting for its confirmation (see :meth:`confirm`)."""
+        channel = self.keys.channel(rid)
+        sub = Subscription(rid, self.buffer, self.on_overflow)
+        subs = self._subs.setdefault(channel, set())
+        subs.add(sub)
+        if len(subs) > 1:
+            if not self._unconfirmed.get(channel) and channel not in self._orphans:
+                sub.confirmed.set_result(None)
+            return sub
+        try:
+            await asyncio.wait_for(self._subscribe(channel), connect_timeout_s)
+        except BaseException:
+            subs.discard(sub)
+            if not subs:
+                self._forget(channel)
+            raise
+        return sub
+
+    async def confirm(self, sub: Subscription, timeout_s: float = 5.0) -> bool:
+        if not sub.confirmed.done():
+            await asyncio.wait({sub.confirmed}, timeout=timeout_s)
+        return sub.confirmed.done()
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        channel = self.keys.channel(sub.rid)
+        subs = self._subs.get(channel)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            addr = self._shard_of.get(channel)
+            self._forget(channel)
+            conn = self._conns.get(addr) if addr else None
+            if conn is not None:
+                conn.write(command("SUNSUBSCRIBE", channel))
+
+    # -- subscriptions per shard ------------------------------------------------------------------
+    def _forget(self, channel: str) -> None:
+        self._subs.pop(channel, None)
+        self._shard_of.pop(channel, None)
+        self._unconfirmed.pop(channel, None)
+        self._resubscribed.discard(channel)
+        self._orphans.discard(channel)
+
+    async def _subscribe(self, channel: str) -> None:
+        addr = self.fast.address_of(channel)
+        conn = await self._conn(addr)
+        if channel not in self._subs:  # its last reader left meanwhile
+            return
+        self._shard_of[channel] = addr
+        self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+        conn.write(command("SSUBSCRIBE", channel))
+
+    async def _conn(self, addr: Address) -> Wire:
+        conn = self._conns.get(addr)
+        if conn is not None and not conn.closed.done():
+            return conn
+        pending = self._connecting.get(addr)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(addr))
+            self._connecting[addr] = pending
+            pending.add_done_callback(lambda _: self._connecting.pop(addr, None))
+        return await asyncio.shield(pending)
+
+    async def _connect(self, addr: Address) -> Wire:
+        endpoint = self.fast.endpoint_at(addr)
+        try:
+            conn = await open_wire(endpoint, functools.partial(self._on_reply, addr))
+        except (OSError, TimeoutError) as exc:
+            raise RedisConnectionError(f"cannot connect to {addr[0]}:{addr[1]}: {exc}") from exc
+        conn.write(b"".join([*(command(*c) for c in endpoint.hello), command("PING")]))
+        self._conns[addr] = conn
+        self._spawn(self._watch(addr, conn), f"fanin-{addr[1]}")
+        return conn
+
+    async def _watch(self, addr: Address, conn: Wire) -> None:
+        """Until the connection closes (PING finds a half-open one); then its channels move."""
+        while not conn.closed.done():
+            done, _ = await asyncio.wait({conn.closed}, timeout=PING_EVERY_S)
+            if done:
+                break
+            if time.monotonic() - conn.last_seen > 3 * PING_EVERY_S:
+                conn.abort(TimeoutError("no reply from Redis on a sharded Pub/Sub connection"))
+                break
+            conn.write(command("PING"))
+        if self._conns.get(addr) is conn:
+            del self._conns[addr]
+        lost = [ch for ch, a in self._shard_of.items() if a == addr]
+        if lost:
+            log.warning(
+                "sharded pubsub connection lost; subscribing again",
+                extra={"fields": {"node": f"{addr[0]}:{addr[1]}", "channels": len(lost)}},
+            )
+            self._orphan(lost)
+
+    def _orphan(self, channels: list[str]) -> None:
+        for channel in channels:
+            self._shard_of.pop(channel, None)
+            self._unconfirmed.pop(channel, None)
+            self._orphans.add(channel)
+            for sub in self._subs.get(channel, ()):
+                sub.wake()  # follow the durable stream until subscribed again
+        self._repair.set()
+
+    async def _resubscriber(self) -> None:
+        """Subscribe orphaned channels again where the refreshed slot map says, with backoff."""
+        backoff = Backoff(base_s=0.05)
+        while True:
+            await self._repair.wait()
+            self._repair.clear()
+            try:
+                await self.fast.refresh()
+                for channel in list(self._orphans):
+                    if channel in self._subs:
+                        self._resubscribed.add(channel)
+                        await self._subscribe(channel)
+                    self._orphans.discard(channel)
+                backoff.reset()
+            except UNREACHABLE as exc:
+                log.warning(
+                    "sharded pubsub resubscribe failed; retrying", extra={"fields": {"error": str(exc)}}
+                )
+                await asyncio.sleep(backoff.next_delay())
+                self._repair.set()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- replies ------------------------------------------------------------------------------------
+    def _on_reply(self, addr: Address, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            log.error("sharded pubsub error from Redis: %s", reply)
+            conn = self._conns.get(addr)
+            if conn is not None:
+                conn.abort(RedisConnectionError(str(reply)))
+            return
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # +OK (AUTH), PONG
+        kind, channel = reply[0], reply[1]
+        if kind == "smessage":
+            subs = self._subs.get(channel)
+            if not subs:
+                return
+            try:
+                event = TokenEvent.from_payload(reply[2])
+            except (ValueError, KeyError) as exc:
+                log.error("bad event on %s: %s", channel, exc)
+                return
+            for sub in subs:
+                sub.offer(event)
+        elif kind == "ssubscribe":
+            self._on_subscribed(channel)
+        elif kind == "sunsubscribe" and channel in self._subs and self._shard_of.get(channel) == addr:
+            self._orphan([channel])  # not asked for: its slot moved to another node
+
+    def _on_subscribed(self, channel: str) -> None:
+        left = self._unconfirmed.get(channel, 0) - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return
+        self._unconfirmed.pop(channel, None)
+        missed = channel in self._resubscribed
+        self._resubscribed.discard(channel)
+        for sub in self._subs.get(channel, ()):
+            if not sub.confirmed.done():
+                sub.confirmed.set_result(None)
+            if missed:
+                sub.wake()
