@@ -48,6 +48,9 @@ def _bulk_len(data: bytes) -> int:
     return len(head) + 2 + int(head[1:]) + 2
 
 
+SLOTS = 16384
+
+
 class LocalCluster:
     """``primaries`` x (1 + ``replicas``) cluster-mode servers with short failover timeouts."""
 
@@ -64,6 +67,8 @@ class LocalCluster:
         self.data_dir = data_dir
         self.primaries = primaries
         self.replicas = replicas
+        count = primaries * (1 + replicas)
+        self.bus_ports = [free_port() for _ in range(count)]
         self.nodes = [
             RedisServer(
                 data_dir / f"node{i}",
@@ -75,7 +80,7 @@ class LocalCluster:
                     "nodes.conf",
                     # The bus port is port + 10000 unless given: ports above 55535 would not do.
                     "--cluster-port",
-                    str(free_port()),
+                    str(self.bus_ports[i]),
                     "--cluster-node-timeout",
                     str(node_timeout_ms),
                     # A replica may be promoted however long it was cut off (tests kill primaries).
@@ -85,7 +90,7 @@ class LocalCluster:
                     "no",
                 ],
             )
-            for i in range(primaries * (1 + replicas))
+            for i in range(count)
         ]
 
     @property
@@ -103,12 +108,23 @@ class LocalCluster:
     def _start(self, timeout_s: float) -> None:
         for node in self.nodes:
             node.start()
-        if self.primaries == 1 and self.replicas == 0:
-            subprocess.run(
-                [find_redis_cli(), "-p", str(self.nodes[0].port), "cluster", "addslotsrange", "0", "16383"],
-                check=True,
-                capture_output=True,
-            )
+        if self.primaries < 3 and self.replicas == 0:  # redis-cli --cluster create wants 3 or more
+            cli = find_redis_cli()
+            share = SLOTS // self.primaries
+            for i, node in enumerate(self.nodes):
+                last = SLOTS - 1 if i == self.primaries - 1 else (i + 1) * share - 1
+                subprocess.run(
+                    [cli, "-p", str(node.port), "cluster", "addslotsrange", str(i * share), str(last)],
+                    check=True,
+                    capture_output=True,
+                )
+                if i:
+                    first = (str(self.nodes[0].port), str(self.bus_ports[0]))
+                    subprocess.run(
+                        [cli, "-p", str(node.port), "cluster", "meet", "127.0.0.1", *first],
+                        check=True,
+                        capture_output=True,
+                    )
         else:
             subprocess.run(
                 [
