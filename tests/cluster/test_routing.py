@@ -3,6 +3,7 @@ routed by slot, batches split per primary, migrations (ASK, then MOVED) followed
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,13 +13,19 @@ from breakwater.broker.cluster import ClusterPipelinedRedis, slot_of
 from breakwater.broker.connection import ClusterUrl
 from breakwater.broker.wire import Endpoint
 from breakwater.redis_cluster import LocalCluster
+from breakwater.redis_server import find_valkey_server
 
 Routed = ClusterPipelinedRedis
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(tmp_path_factory.mktemp("routing"), primaries=3, replicas=0)
+@pytest.fixture(scope="module", params=["redis", "valkey"])
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[LocalCluster]:
+    """A cluster of Redis's redis-server, then of Valkey's valkey-server (the same protocol)."""
+    binary = shutil.which("redis-server") if request.param == "redis" else find_valkey_server()
+    assert binary, f"no {request.param} server here"
+    local = LocalCluster(tmp_path_factory.mktemp("routing"), primaries=3, replicas=0, binary=binary)
     local.start()
     yield local
     local.stop()
@@ -48,6 +55,8 @@ def test_cluster_urls_parse() -> None:
     assert url is not None
     assert url.seeds == (("a.example", 6379), ("b.example", 6380))
     assert (url.tls, url.username, url.password, url.verify) == (True, "app", "s:cret", False)
+    bare = ClusterUrl.parse("rediss+cluster://h:1?ssl_ca_certs=/ca.pem")
+    assert bare is not None and bare.seeds == (("h", 1),) and bare.ca_certs == "/ca.pem"
     assert ClusterUrl.parse("redis://localhost:6379/0") is None
     with pytest.raises(ValueError, match="database 0"):
         ClusterUrl.parse("redis+cluster://a:1/2")

@@ -82,12 +82,15 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         self.fast = fast_client(redis, socket_timeout_s)
         self.replica_ack = replica_ack
         self.replica_ack_ms = replica_ack_ms
+        # WAIT blocks the connection it is sent on until replicas answer: admissions that wait for
+        # them get connections of their own, so the token path never waits behind a WAIT.
+        self._admit = fast_client(redis, socket_timeout_s) if replica_ack else self.fast
         # Token events: sharded Pub/Sub on a cluster (each on its request's shard), else classic.
         self.sharded = self.fast.cluster and sharded_pubsub
         self.publish = "SPUBLISH" if self.sharded else "PUBLISH"
         self.keys = keys
         self.token_stream_maxlen = token_stream_maxlen
-        self._enqueue = Script(self.fast, "enqueue")
+        self._enqueue = Script(self._admit, "enqueue")
         self._start = Script(self.fast, "start")
         self._append = Script(self.fast, "append")
         self._finish = Script(self.fast, "finish")
@@ -116,6 +119,8 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         )
 
     async def aclose(self) -> None:
+        if self._admit is not self.fast:
+            await self._admit.aclose()
         await self.fast.aclose()
         await self.redis.aclose()
 
@@ -184,14 +189,12 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
             )
         else:  # the record first, then its job; see enqueue.lua
             created = await self._enqueue(keys=[record], args=["record", *args, *flat])
-            try:
-                res = await self._enqueue(
-                    keys=[self.keys.jobs(model, lane), self.keys.admitted(model, lane), *lane_keys],
-                    args=["job", *args],
-                )
-            except BaseException:
-                await self._forget(record, args)
-                raise
+            # An error here leaves the record: the job may have been queued (a lost reply). A retry
+            # of the same rid queues it once; without one, the record ends at its deadline.
+            res = await self._enqueue(
+                keys=[self.keys.jobs(model, lane), self.keys.admitted(model, lane), *lane_keys],
+                args=["job", *args],
+            )
             if int(res[0]) == 0:
                 await self._forget(record, args)
             elif int(res[0]) == 2 and int(created[0]) == 1:
@@ -210,9 +213,9 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
         """``WAIT`` until a replica of each key's server acknowledged the writes so far (``replica_ack``
         replicas, ``replica_ack_ms`` at most): an accepted request survives a primary's failover.
         Raises :class:`ReplicaAckError` when too few replicas answered in time."""
-        targets = keys if self.fast.cluster else keys[:1]
+        targets = keys if self._admit.cluster else keys[:1]
         acked = await asyncio.gather(
-            *(self.fast.execute_at(k, "WAIT", self.replica_ack, self.replica_ack_ms) for k in targets)
+            *(self._admit.execute_at(k, "WAIT", self.replica_ack, self.replica_ack_ms) for k in targets)
         )
         if any(int(n) < self.replica_ack for n in acked):
             rid = keys[0][keys[0].index("{") + 1 : -1]
@@ -350,22 +353,32 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
             by_stream.setdefault(job.stream, []).append(job.entry_id)
         if not by_stream:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xclaim(stream, GROUP, worker_id, 0, list[Any](ids), justid=True)
-            await pipe.execute()
+        # On the raw pipeline (one write; on a cluster one per node, failovers retried there).
+        await self._all_ok(
+            [("XCLAIM", stream, GROUP, worker_id, 0, *ids, "JUSTID") for stream, ids in by_stream.items()]
+        )
 
     async def release(self, jobs: list[Job], worker_id: str, idle_ms: int = 86_400_000) -> None:
         """Give jobs back for immediate reclaim (drain deadline): their entries look idle for a day, so
         the next ``XAUTOCLAIM`` by any worker takes them and continues them from the emitted text."""
         if not jobs:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                pipe.xclaim(job.stream, GROUP, worker_id, 0, [job.entry_id], idle=idle_ms, justid=True)
-            await pipe.execute()
+        await self._all_ok(
+            [
+                ("XCLAIM", job.stream, GROUP, worker_id, 0, job.entry_id, "IDLE", idle_ms, "JUSTID")
+                for job in jobs
+            ]
+        )
         for job in jobs:  # the next scan starts from the beginning, where released entries sit
             self._reclaim_cursor.pop(job.stream, None)
+
+    async def _all_ok(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
+        """Commands on the raw pipeline; raises the first error reply."""
+        replies = await self.fast.pipeline(commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     # -- token streams ---------------------------------------------------------------------------
     async def append_step(self, appends: list[Append]) -> list[int]:

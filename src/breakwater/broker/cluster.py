@@ -73,6 +73,9 @@ class ClusterPipelinedRedis:
         self._nodes: dict[Address, PipelinedRedis] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
+        self._refreshed_at = -1e9
+        self._failed: dict[Address, float] = {}  # node -> when a connection to it last failed
+        self._closing: set[asyncio.Task[None]] = set()
         self.refreshes = 0
 
     # -- the PipelinedRedis interface -------------------------------------------------------------
@@ -92,7 +95,9 @@ class ClusterPipelinedRedis:
         asking: dict[int, Address] = {}
         deadline = time.monotonic() + RETRY_FOR_S
         delay = 0.02
+        rounds = 0
         while todo:
+            rounds += 1
             groups: dict[Address, list[int]] = {}
             for i in todo:
                 groups.setdefault(asking.get(i) or self._address(commands[i]), []).append(i)
@@ -112,11 +117,13 @@ class ClusterPipelinedRedis:
                     if replies[i] is None:  # only ever redirected
                         replies[i] = ClusterDownError("the cluster's slot map did not settle in time")
                 return replies
-            if wait:
+            if wait or rounds > 3:  # a redirection loop (a migration settling) also pauses
+                failed_at = time.monotonic()
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 1.0)
-                with contextlib.suppress(RedisConnectionError):
-                    await self.refresh()
+                with contextlib.suppress(RedisConnectionError, TimeoutError):
+                    left = max(0.1, deadline - time.monotonic())
+                    await asyncio.wait_for(self.refresh(since=failed_at), left)
             todo = retry
         return replies
 
@@ -171,15 +178,22 @@ class ClusterPipelinedRedis:
     def primaries(self) -> list[Endpoint]:
         return [self.seeds[0].at(host, port) for host, port in self._primaries]
 
-    async def refresh(self) -> None:
-        """Read the slot map (``CLUSTER SLOTS``) from the first node that answers."""
+    async def refresh(self, since: float | None = None) -> None:
+        """Read the slot map (``CLUSTER SLOTS``) from the first node that answers; nodes that failed
+        lately are asked last. ``since``: skip it if another caller refreshed after that moment
+        (callers that met the same failover share one refresh)."""
         async with self._refresh_lock:
+            if since is not None and self._refreshed_at > since:
+                return
+            now = time.monotonic()
             candidates = [*self._primaries, *((s.host, s.port) for s in self.seeds)]
+            candidates.sort(key=lambda a: now - self._failed.get(a, -1e9) < 10.0)  # stable: healthy first
             last: Exception | None = None
             for addr in dict.fromkeys(candidates):
                 try:
                     reply = await asyncio.wait_for(self._node(addr).execute("CLUSTER", "SLOTS"), 2.0)
                 except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+                    self._failed[addr] = time.monotonic()
                     last = exc
                     continue
                 except Exception as exc:  # an error reply (a node still loading, say)
@@ -187,6 +201,7 @@ class ClusterPipelinedRedis:
                     continue
                 self._apply(reply, addr)
                 self.refreshes += 1
+                self._refreshed_at = time.monotonic()
                 return
             raise RedisConnectionError(f"no cluster node answered CLUSTER SLOTS: {last}")
 
@@ -203,8 +218,9 @@ class ClusterPipelinedRedis:
                 slots[slot] = addr
         self._slots, self._primaries = slots, primaries
         for addr in [a for a in self._nodes if a not in primaries]:
-            node = self._nodes.pop(addr)
-            asyncio.get_running_loop().create_task(node.aclose())
+            task = asyncio.get_running_loop().create_task(self._nodes.pop(addr).aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _refresh_soon(self) -> None:
         if self._refreshing is None or self._refreshing.done():
@@ -240,6 +256,7 @@ class ClusterPipelinedRedis:
         try:
             got = await self._node(addr).pipeline(wire)
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            self._failed[addr] = time.monotonic()
             log.warning("lost a cluster node; retrying", extra={"fields": {"node": f"{addr[0]}:{addr[1]}"}})
             return [exc] * len(ids)
         out: list[Any] = []

@@ -38,7 +38,8 @@ class ClusterUrl:
         scheme, sep, rest = url.partition("://")
         if not sep or scheme not in CLUSTER_SCHEMES:
             return None
-        netloc, _, tail = rest.partition("/")
+        rest, _, query_string = rest.partition("?")
+        netloc, _, db = rest.partition("/")
         creds, at, hosts = netloc.rpartition("@")
         username = password = None
         if at:
@@ -50,8 +51,7 @@ class ClusterUrl:
             if not host or not port.isdigit():
                 raise ValueError(f"a cluster URL lists host:port seeds, got {item!r}")
             seeds.append((host.strip("[]"), int(port)))
-        query = parse_qs(tail.partition("?")[2])
-        db = tail.partition("?")[0]
+        query = parse_qs(query_string)
         if db not in ("", "0"):
             raise ValueError("a Redis Cluster has only database 0")
         return cls(

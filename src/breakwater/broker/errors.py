@@ -11,9 +11,11 @@ from typing import TypeVar
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,6 +42,8 @@ CANNOT_WRITE: tuple[type[Exception], ...] = (
     BusyLoadingError,
     TryAgainError,
     ClusterDownError,
+    SlotNotCoveredError,  # redis-py's cluster client: a slot without a primary (failover under way)
+    ClusterError,  # redis-py's cluster client gave up its retries ("TTL exhausted")
 )
 #: Everything a caller should back off from and retry, never crash on.
 TRANSIENT = UNREACHABLE + CANNOT_WRITE + (ReplicaAckError,)

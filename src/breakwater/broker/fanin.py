@@ -115,55 +115,27 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-class Fanin:
-    """Routes channel messages to subscriptions; many readers of one request are allowed."""
+class Channels:
+    """A gateway process's subscriptions by channel, and what every fan-in does with Redis's replies:
+    a message goes to each reader's buffer; a confirmed subscription releases its readers (and, when
+    it was subscribed again after a loss, makes them re-read the durable stream). The connections
+    are the subclass's: :class:`Fanin` (one) or
+    :class:`~breakwater.broker.sharded_fanin.ShardedFanin` (one per shard)."""
 
-    def __init__(
-        self,
-        target: Redis | Endpoint | Callable[[], Endpoint],
-        keys: Keys,
-        buffer: int,
-        on_overflow: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, keys: Keys, buffer: int, on_overflow: Callable[[], None] | None) -> None:
         self.keys = keys
         self.buffer = buffer
         self.on_overflow = on_overflow  # counted: a slow reader fell back to the durable stream
-        # Where each (re)connection goes: one server, or on a cluster the next node of its map
-        # (classic Pub/Sub messages reach every node of a cluster).
-        if callable(target) and not isinstance(target, Redis):
-            self._endpoint: Callable[[], Endpoint] = target
-        else:
-            endpoint = target if isinstance(target, Endpoint) else Endpoint.of(target)
-            self._endpoint = lambda: endpoint
         self._subs: dict[str, set[Subscription]] = {}
         self._unconfirmed: dict[str, int] = {}  # SUBSCRIBE commands sent and not yet answered
-        self._resubscribed: set[str] = set()  # channels subscribed again after a reconnect
-        self._conn: Wire | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._up = asyncio.Event()  # set while connected
+        self._resubscribed: set[str] = set()  # channels subscribed again after a loss
         self.draining = False
 
-    async def start(self, timeout_s: float = 5.0) -> None:
-        """Connect in the background; wait a little for the first connection (not an error if not)."""
-        self._task = asyncio.create_task(self._run(), name="fanin")
-        await self._until_up(timeout_s)
+    async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription:
+        raise NotImplementedError
 
-    async def _until_up(self, timeout_s: float) -> Wire | None:
-        if self._conn is None:
-            up = asyncio.ensure_future(self._up.wait())
-            try:
-                await asyncio.wait({up}, timeout=timeout_s)
-            finally:
-                up.cancel()
-        return self._conn
-
-    async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._conn is not None:
-            self._conn.abort()
+    async def unsubscribe(self, sub: Subscription) -> None:
+        raise NotImplementedError
 
     def begin_drain(self) -> None:
         """Every reader stops at its next check; see :class:`GatewayDraining`."""
@@ -187,6 +159,85 @@ class Fanin:
             raise
         return sub
 
+    async def confirm(self, sub: Subscription, timeout_s: float = 5.0) -> bool:
+        """Wait until Redis confirmed ``sub``'s subscription; False after ``timeout_s``."""
+        if not sub.confirmed.done():
+            await asyncio.wait({sub.confirmed}, timeout=timeout_s)
+        return sub.confirmed.done()
+
+    def _deliver(self, channel: str, payload: str) -> None:
+        subs = self._subs.get(channel)
+        if not subs:
+            return
+        try:
+            event = TokenEvent.from_payload(payload)
+        except (ValueError, KeyError) as exc:
+            log.error("bad event on %s: %s", channel, exc)
+            return
+        for sub in subs:
+            sub.offer(event)
+
+    def _on_subscribed(self, channel: str) -> None:
+        left = self._unconfirmed.get(channel, 0) - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return
+        self._unconfirmed.pop(channel, None)
+        # Subscribed again after a loss: every reader of it may have missed events (also one whose
+        # first subscription was never answered), so each re-reads the durable stream.
+        missed = channel in self._resubscribed
+        self._resubscribed.discard(channel)
+        for sub in self._subs.get(channel, ()):
+            if not sub.confirmed.done():
+                sub.confirmed.set_result(None)
+            if missed:
+                sub.wake()
+
+
+class Fanin(Channels):
+    """Routes channel messages to subscriptions; many readers of one request are allowed."""
+
+    def __init__(
+        self,
+        target: Redis | Endpoint | Callable[[], Endpoint],
+        keys: Keys,
+        buffer: int,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(keys, buffer, on_overflow)
+        # Where each (re)connection goes: one server, or on a cluster the next node of its map
+        # (classic Pub/Sub messages reach every node of a cluster).
+        if callable(target) and not isinstance(target, Redis):
+            self._endpoint: Callable[[], Endpoint] = target
+        else:
+            endpoint = target if isinstance(target, Endpoint) else Endpoint.of(target)
+            self._endpoint = lambda: endpoint
+        self._conn: Wire | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()  # set while connected
+
+    async def start(self, timeout_s: float = 5.0) -> None:
+        """Connect in the background; wait a little for the first connection (not an error if not)."""
+        self._task = asyncio.create_task(self._run(), name="fanin")
+        await self._until_up(timeout_s)
+
+    async def _until_up(self, timeout_s: float) -> Wire | None:
+        if self._conn is None:
+            up = asyncio.ensure_future(self._up.wait())
+            try:
+                await asyncio.wait({up}, timeout=timeout_s)
+            finally:
+                up.cancel()
+        return self._conn
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            self._conn.abort()
+
     async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription:
         """Send the SUBSCRIBE without waiting for Redis's confirmation (see :meth:`confirm`), so that
         a caller can overlap it with another round trip. Raises when the connection is down."""
@@ -203,12 +254,6 @@ class Fanin:
         elif not self._unconfirmed.get(channel):
             sub.confirmed.set_result(None)
         return sub
-
-    async def confirm(self, sub: Subscription, timeout_s: float = 5.0) -> bool:
-        """Wait until Redis confirmed ``sub``'s SUBSCRIBE; False after ``timeout_s``."""
-        if not sub.confirmed.done():
-            await asyncio.wait({sub.confirmed}, timeout=timeout_s)
-        return sub.confirmed.done()
 
     async def unsubscribe(self, sub: Subscription) -> None:
         channel = self.keys.channel(sub.rid)
@@ -281,32 +326,7 @@ class Fanin:
         if not isinstance(reply, list) or len(reply) < 3:
             return  # +OK (AUTH), PONG
         kind, channel = reply[0], reply[1]
-        subs = self._subs.get(channel)
         if kind == "message":
-            if not subs:
-                return
-            try:
-                event = TokenEvent.from_payload(reply[2])
-            except (ValueError, KeyError) as exc:
-                log.error("bad event on %s: %s", channel, exc)
-                return
-            for sub in subs:
-                sub.offer(event)
+            self._deliver(channel, reply[2])
         elif kind == "subscribe":
-            self._on_subscribed(channel, subs)
-
-    def _on_subscribed(self, channel: str, subs: set[Subscription] | None) -> None:
-        left = self._unconfirmed.get(channel, 0) - 1
-        if left > 0:
-            self._unconfirmed[channel] = left
-            return
-        self._unconfirmed.pop(channel, None)
-        # Re-subscribed after a reconnect: every reader of it may have missed events (also one
-        # whose first SUBSCRIBE was never answered), so each re-reads the durable stream.
-        missed = channel in self._resubscribed
-        self._resubscribed.discard(channel)
-        for sub in subs or ():
-            if not sub.confirmed.done():
-                sub.confirmed.set_result(None)
-            if missed:
-                sub.wake()
+            self._on_subscribed(channel)

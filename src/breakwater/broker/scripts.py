@@ -34,19 +34,25 @@ class Script:
     def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> tuple[Arg, ...]:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
+    def _eval(self, keys: Sequence[str], args: Sequence[Arg]) -> tuple[Arg, ...]:
+        return ("EVAL", self.source, len(keys), *keys, *args)
+
     async def __call__(self, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        try:
-            return await self.client.execute(*self._evalsha(keys, args))
-        except NoScriptError:
-            await self.load()
-            return await self.client.execute(*self._evalsha(keys, args))
+        return (await self.many([(keys, args)]))[0]
 
     async def many(self, calls: Sequence[Call]) -> list[Any]:
-        """Several calls in one write; raises the first error reply."""
+        """Several calls in one write; raises the first error reply. A server without the script
+        gets it loaded; one that still lacks it (a cluster node not yet in the slot map, importing
+        a slot) gets the call as EVAL, which loads it there."""
         replies = await self.client.pipeline([self._evalsha(k, a) for k, a in calls])
         if any(isinstance(r, NoScriptError) for r in replies):
             await self.load()
             replies = await self.client.pipeline([self._evalsha(k, a) for k, a in calls])
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            evals = await self.client.pipeline([self._eval(*calls[i]) for i in missing])
+            for i, reply in zip(missing, evals, strict=True):
+                replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply

@@ -25,15 +25,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker.cluster import Address, ClusterPipelinedRedis
 from breakwater.broker.errors import UNREACHABLE, Backoff
-from breakwater.broker.fanin import PING_EVERY_S, Subscription
+from breakwater.broker.fanin import PING_EVERY_S, Channels, Subscription
 from breakwater.broker.wire import Wire, command, open_wire
 from breakwater.keys import Keys
-from breakwater.protocol.events import TokenEvent
 
 log = logging.getLogger(__name__)
 
 
-class ShardedFanin:
+class ShardedFanin(Channels):
     """Routes sharded channel messages to subscriptions; many readers of one request are allowed."""
 
     def __init__(
@@ -43,20 +42,14 @@ class ShardedFanin:
         buffer: int,
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(keys, buffer, on_overflow)
         self.fast = fast
-        self.keys = keys
-        self.buffer = buffer
-        self.on_overflow = on_overflow
-        self._subs: dict[str, set[Subscription]] = {}
         self._shard_of: dict[str, Address] = {}  # channel -> the node it is subscribed on
-        self._unconfirmed: dict[str, int] = {}
-        self._resubscribed: set[str] = set()
         self._conns: dict[Address, Wire] = {}
         self._connecting: dict[Address, asyncio.Future[Wire]] = {}
         self._orphans: set[str] = set()  # channels to subscribe again (slot moved, node lost)
         self._repair = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.draining = False
 
     async def start(self, timeout_s: float = 5.0) -> None:
         with contextlib.suppress(*UNREACHABLE):
@@ -64,32 +57,14 @@ class ShardedFanin:
         self._spawn(self._resubscriber(), "fanin-resubscribe")
 
     async def close(self) -> None:
+        for pending in list(self._connecting.values()):
+            pending.cancel()
         for task in list(self._tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for conn in self._conns.values():
             conn.abort()
-
-    def begin_drain(self) -> None:
-        self.draining = True
-        for subs in self._subs.values():
-            for sub in subs:
-                sub.wake()
-
-    @property
-    def active(self) -> int:
-        return sum(len(s) for s in self._subs.values())
-
-    async def subscribe(self, rid: str, confirm_timeout_s: float = 5.0) -> Subscription:
-        sub = await self.open(rid, confirm_timeout_s)
-        try:
-            if not await self.confirm(sub, confirm_timeout_s):
-                raise RedisConnectionError("Redis did not confirm the subscription in time")
-        except BaseException:
-            await self.unsubscribe(sub)
-            raise
-        return sub
 
     async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription:
         """Send the SSUBSCRIBE without waiting for its confirmation (see :meth:`confirm`)."""
@@ -107,13 +82,10 @@ class ShardedFanin:
             subs.discard(sub)
             if not subs:
                 self._forget(channel)
+            else:  # readers that joined meanwhile wait on it: subscribe it again in the background
+                self._orphan([channel])
             raise
         return sub
-
-    async def confirm(self, sub: Subscription, timeout_s: float = 5.0) -> bool:
-        if not sub.confirmed.done():
-            await asyncio.wait({sub.confirmed}, timeout=timeout_s)
-        return sub.confirmed.done()
 
     async def unsubscribe(self, sub: Subscription) -> None:
         channel = self.keys.channel(sub.rid)
@@ -137,12 +109,21 @@ class ShardedFanin:
         self._orphans.discard(channel)
 
     async def _subscribe(self, channel: str) -> None:
+        # Counted before the first await: a reader that joins meanwhile waits for the confirmation.
+        self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
         addr = self.fast.address_of(channel)
-        conn = await self._conn(addr)
+        try:
+            conn = await self._conn(addr)
+        except BaseException:
+            left = self._unconfirmed.get(channel, 0) - 1
+            if left > 0:
+                self._unconfirmed[channel] = left
+            else:
+                self._unconfirmed.pop(channel, None)
+            raise
         if channel not in self._subs:  # its last reader left meanwhile
             return
         self._shard_of[channel] = addr
-        self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
         conn.write(command("SSUBSCRIBE", channel))
 
     async def _conn(self, addr: Address) -> Wire:
@@ -225,6 +206,13 @@ class ShardedFanin:
     # -- replies ------------------------------------------------------------------------------------
     def _on_reply(self, addr: Address, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
+            if str(reply).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")):
+                # An SSUBSCRIBE sent on a stale slot map: its channel goes where the new map says
+                # (the reply does not name it: every channel still unconfirmed on this node).
+                self._orphan(
+                    [ch for ch, a in self._shard_of.items() if a == addr and ch in self._unconfirmed]
+                )
+                return
             log.error("sharded pubsub error from Redis: %s", reply)
             conn = self._conns.get(addr)
             if conn is not None:
@@ -234,31 +222,8 @@ class ShardedFanin:
             return  # +OK (AUTH), PONG
         kind, channel = reply[0], reply[1]
         if kind == "smessage":
-            subs = self._subs.get(channel)
-            if not subs:
-                return
-            try:
-                event = TokenEvent.from_payload(reply[2])
-            except (ValueError, KeyError) as exc:
-                log.error("bad event on %s: %s", channel, exc)
-                return
-            for sub in subs:
-                sub.offer(event)
+            self._deliver(channel, reply[2])
         elif kind == "ssubscribe":
             self._on_subscribed(channel)
         elif kind == "sunsubscribe" and channel in self._subs and self._shard_of.get(channel) == addr:
             self._orphan([channel])  # not asked for: its slot moved to another node
-
-    def _on_subscribed(self, channel: str) -> None:
-        left = self._unconfirmed.get(channel, 0) - 1
-        if left > 0:
-            self._unconfirmed[channel] = left
-            return
-        self._unconfirmed.pop(channel, None)
-        missed = channel in self._resubscribed
-        self._resubscribed.discard(channel)
-        for sub in self._subs.get(channel, ()):
-            if not sub.confirmed.done():
-                sub.confirmed.set_result(None)
-            if missed:
-                sub.wake()

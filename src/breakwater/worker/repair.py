@@ -29,8 +29,16 @@ class RepairMixin:
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         raise NotImplementedError
 
-    async def _repair(self, behind: list[tuple[InFlight, int]], ttl_s: int) -> None:
+    async def _repair(self, behind: list[tuple[InFlight, int]], ttl_s: int, rounds: int = 3) -> None:
         """Send again, in order, each sequence's writes after the record's last one (``last``)."""
+        for _ in range(rounds):
+            behind = await self._resend(behind, ttl_s)
+            if not behind:
+                return
+
+    async def _resend(self, behind: list[tuple[InFlight, int]], ttl_s: int) -> list[tuple[InFlight, int]]:
+        """One round of :meth:`_repair`; the sequences still behind (a resent write met a gap again:
+        on a cluster, a retried batch can land out of order)."""
         resend: list[tuple[InFlight, Append]] = []
         for flight, last in behind:
             kept = [a for a in flight.sent if a.wseq > last]
@@ -50,12 +58,18 @@ class RepairMixin:
                 message="tokens were lost in a Redis failover; retry the request",
                 ttl_s=ttl_s,
             )
-            await until_redis(fail, "fail")
-            await until_redis(functools.partial(self._drop, flight, fenced=False, why="tokens lost"), "drop")
+            failed = await until_redis(fail, "fail")
+            drop = functools.partial(self._drop, flight, fenced=failed == -1, why="tokens lost")
+            await until_redis(drop, "drop")
         if not resend:
-            return
+            return []
         results = await until_redis(lambda: self.broker.append_step([a for _, a in resend]), "repair")
+        again: dict[str, tuple[InFlight, int]] = {}
         for (flight, _), seq in zip(resend, results, strict=True):
-            if BEHIND < seq < 0 and flight.job.rid in self.inflight:  # fenced off or ended meanwhile
+            rid = flight.job.rid
+            if seq <= BEHIND:
+                again.setdefault(rid, (flight, BEHIND - seq))
+            elif seq < 0 and rid in self.inflight:  # fenced off or ended meanwhile
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
+        return [pair for pair in again.values() if pair[0].job.rid in self.inflight]

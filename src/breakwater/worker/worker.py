@@ -9,6 +9,8 @@ import logging
 import time
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from breakwater.broker import Append, Broker, Job, StartOutcome, Status
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.broker.types import BEHIND
@@ -402,9 +404,15 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
                 written=flight.writes,
             )
             seq = await finish()
-            if seq <= BEHIND:  # a failover lost writes: send them again, then finish
-                await self._repair([(flight, BEHIND - seq)], ttl)
+            for _ in range(3):
+                if seq > BEHIND:
+                    break
+                await self._repair([(flight, BEHIND - seq)], ttl)  # a failover lost writes
+                if rid not in self.inflight:  # the repair gave up on it (tokens_lost) and dropped it
+                    return
                 seq = await finish()
+            if seq <= BEHIND:  # still behind: retried whole, like a lost connection
+                raise RedisConnectionError("the request's record is still behind its writes")
         if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
             log.warning("finish fenced off", extra={"rid": rid})
         else:
