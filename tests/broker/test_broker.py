@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from breakwater.broker import Admission, Append, Broker, Lease, RequestSpec, StartOutcome, Status
 from breakwater.broker.idempotency import Binding, IdempotencyKey
+from breakwater.broker.types import BEHIND
 from breakwater.keys import GROUP, Keys
 
 
@@ -309,3 +310,32 @@ async def test_lease_refresh_keeps_finished_and_cancelled_jobs_for_their_ack(
     assert await broker.refresh_leases(leases, "w", result_ttl_s=60) == []
     pending = await redis.xpending_range(broker.keys.jobs("m", "interactive"), GROUP, "-", "+", 10)
     assert sorted(p["consumer"] for p in pending) == ["w", "w"]
+
+
+async def test_writes_a_failover_lost_are_reported_behind_then_resent(broker: Broker, redis: Redis) -> None:
+    """A promoted replica lacks the attempt's last writes: the next append and the finish report
+    how far the record got (BEHIND - its last write) and write nothing; the writes sent again from
+    there get their seqs back, and then the finish lands (worker/repair.py)."""
+    await _enqueue(broker, "f")
+    await _start(broker, "f", "w1")
+    writes = [Append("f", 1, i, text, 1) for i, text in enumerate(["a", "b", "c"], 1)]
+    assert await broker.append_step(writes) == [1, 2, 3]
+    keys = broker.keys  # as the replica holds it: only the first write arrived
+    await redis.hset(keys.request("f"), mapping={"seq": 1, "wseq": 1, "tokens": 1})
+    await redis.xdel(keys.tokens("f"), "2-0", "3-0")
+    raw: Any = redis  # XSETID has no typed wrapper
+    await raw.execute_command("XSETID", keys.tokens("f"), "1-0")
+    await redis.set(keys.emitted("f"), "a")
+
+    def finish() -> Any:
+        return broker.finish("f", attempt=1, kind="done", status=Status.DONE, ttl_s=60, written=4)
+
+    assert await broker.append_step([Append("f", 1, 4, "d", 1)]) == [BEHIND - 1]
+    assert await finish() == BEHIND - 1
+    assert [(e.seq, e.text) for e in await broker.read_events("f", 0)] == [(1, "a")]
+    assert await broker.append_step([*writes[1:], Append("f", 1, 4, "d", 1)]) == [2, 3, 4]
+    assert await finish() == 5
+    events = await broker.read_events("f", 0)
+    assert [(e.seq, e.kind, e.text) for e in events][:4] == [(i, "token", t) for i, t in enumerate("abcd", 1)]
+    record = await broker.get_record("f")
+    assert record is not None and record.status is Status.DONE and record.emitted == "abcd"
