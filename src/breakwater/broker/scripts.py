@@ -17,7 +17,7 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from breakwater.broker.cluster import Fast
-from breakwater.broker.wire import Arg
+from breakwater.broker.wire import Arg, raise_errors
 
 Call = tuple[Sequence[str], Sequence[Arg]]  # (keys, args)
 
@@ -53,10 +53,7 @@ class Script:
             evals = await self.client.pipeline([self._eval(*calls[i]) for i in missing])
             for i, reply in zip(missing, evals, strict=True):
                 replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
+        return raise_errors(replies)
 
     async def load(self) -> None:
         await self.client.broadcast("SCRIPT", "LOAD", self.source)

@@ -87,18 +87,12 @@ class ShardedFanin(Channels):
             raise
         return sub
 
-    async def unsubscribe(self, sub: Subscription) -> None:
-        channel = self.keys.channel(sub.rid)
-        subs = self._subs.get(channel)
-        if subs is None:
-            return
-        subs.discard(sub)
-        if not subs:
-            addr = self._shard_of.get(channel)
-            self._forget(channel)
-            conn = self._conns.get(addr) if addr else None
-            if conn is not None:
-                conn.write(command("SUNSUBSCRIBE", channel))
+    def _release(self, channel: str) -> None:
+        addr = self._shard_of.get(channel)
+        self._forget(channel)
+        conn = self._conns.get(addr) if addr else None
+        if conn is not None:
+            conn.write(command("SUNSUBSCRIBE", channel))
 
     # -- subscriptions per shard ------------------------------------------------------------------
     def _forget(self, channel: str) -> None:

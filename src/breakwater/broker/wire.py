@@ -73,6 +73,14 @@ class Wire(asyncio.Protocol):
             self.transport.abort()
 
 
+def raise_errors(replies: list[Any]) -> list[Any]:
+    """``replies`` of a pipeline, unless one is an error reply: then that one is raised."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 def command(*args: Arg) -> bytes:
     return bytes(hiredis.pack_command(args))  # type: ignore[arg-type]  # the stub says a 1-tuple
 
