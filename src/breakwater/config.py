@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from breakwater.engines.options import LlamaCppOptions, SimOptions, UpstreamOptions, VLLMOptions
 
+MAX_PARTITIONS = 64
+
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
@@ -45,6 +47,14 @@ class CommonSettings(BaseSettings):
     replica_ack_ms: int = Field(
         default=200, ge=1, description="how long admission waits for replicas (then 503, request cancelled)"
     )
+    partitions: str = Field(
+        default="",
+        pattern=r"^\s*([^,=#{}\s]+=\d+\s*(,\s*[^,=#{}\s]+=\d+\s*)*)?$",
+        description=(
+            "hot models whose job queue is split into partitions, each on a slot (a Redis Cluster "
+            "shard) of its own: model=N[,model=N...]; gateways and workers must agree"
+        ),
+    )
     cache_redis_url: str = Field(
         default="",
         description=(
@@ -60,6 +70,14 @@ class CommonSettings(BaseSettings):
     auth_pepper_file: str | None = Field(default=None, description="read the API-key pepper from this file")
     # Per-tenant Prometheus series only for these tenants (the rest are "other"): bounded cardinality.
     metrics_tenants: str = Field(default="", description="comma-separated tenants with their own series")
+
+    def partitions_of(self, model: str) -> int:
+        """How many job-queue partitions ``model`` has (1: not partitioned)."""
+        for item in self.partitions.split(","):
+            name, _, n = item.strip().partition("=")
+            if name == model:
+                return max(1, min(MAX_PARTITIONS, int(n)))
+        return 1
 
     def cache_index(self) -> CommonSettings | None:
         """The settings of the cache's own Redis, if it has one."""

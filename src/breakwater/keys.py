@@ -6,11 +6,40 @@ scripts stay on one slot under Redis Cluster.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
+from redis.crc import key_slot
+
 LANES: tuple[str, ...] = ("interactive", "batch")
 GROUP = "workers"
+PARTITION_SEP = "#"
+
+
+SLOTS = 16384
+
+
+@functools.lru_cache(maxsize=256)
+def queues(model: str, partitions: int = 1) -> tuple[str, ...]:
+    """The job queues of a model split into ``partitions`` (hot models on a Redis Cluster): the
+    model's own name first (its keys unchanged from an unpartitioned model), then ``<model>#k.<s>``.
+    Cut the slot space into N equal ranges: the model's own name falls in one, and partition k's ``s``
+    is the first number that puts its name near the middle of the k-th range after that one. So the
+    partitions hold one range each: on a cluster whose M primaries hold equal ranges (as ``redis-cli
+    --cluster create`` makes them), where N and M divide one another, they land on min(N, M)
+    primaries, evenly (otherwise move a slot: docs/deploy.md). Every per-model key builder below takes
+    one of these queue names."""
+    width = SLOTS / partitions
+    own = int(key_slot(model.encode()) // width)
+    names = [model]
+    for k in range(1, partitions):
+        middle = ((own + k) % partitions + 0.5) * width
+        s = 0
+        while abs(key_slot(f"{model}{PARTITION_SEP}{k}.{s}".encode()) + 0.5 - middle) > width / 4:
+            s += 1
+        names.append(f"{model}{PARTITION_SEP}{k}.{s}")
+    return tuple(names)
 
 
 def name_tag(name: str) -> str:
@@ -24,6 +53,7 @@ class Keys:
 
     prefix: str = "bw"
 
+    # The per-model keys below take a queue name (``queues``): a model's, or one of its partitions'.
     def jobs(self, model: str, lane: str) -> str:
         return f"{self.prefix}:jobs:{{{model}}}:{lane}"
 

@@ -38,14 +38,16 @@ class Admissions:
         result_ttl_s: int,
         cost: int = 0,
         weight: float = 1.0,
+        queue: str = "",
     ) -> EnqueueResult:
         """Create the request record and queue its job atomically, unless the lane is full. Safe to
         retry: a second call for the same rid reports it queued without queueing it again. ``cost``
-        (estimated tokens) and ``weight`` place it in its tenant's fair share of the lane."""
+        (estimated tokens) and ``weight`` place it in its tenant's fair share of the lane. ``queue``:
+        one of the model's partitions (:func:`~breakwater.keys.queues`; default: the model's own)."""
         flat: list[str] = []
         for key, value in spec.to_hash().items():
             flat += [key, value]
-        model, lane = spec.model, spec.lane
+        model, lane = queue or spec.model, spec.lane
         args: list[Arg] = [
             rid,
             max_queued,

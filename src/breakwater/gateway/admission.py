@@ -12,6 +12,7 @@ from dataclasses import replace
 from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.fanin import FanIn, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
+from breakwater.broker.types import EnqueueResult
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.cache import (
@@ -132,14 +133,7 @@ class Admitter:
         sub = None
         try:
             sub = await self.fanin.open(rid) if subscribe else None
-            result = await self.broker.enqueue(
-                rid=rid,
-                spec=spec,
-                max_queued=self.settings.lane_max_queued,
-                result_ttl_s=self.settings.result_ttl_s,
-                cost=spec.reserved_tokens or reserve(spec, prompt),
-                weight=principal.key.weight if principal.key is not None else 1.0,
-            )
+            result = await self._enqueue(rid, spec, prompt, principal)
             if sub is not None and result.accepted and not await self.fanin.confirm(sub):
                 log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
                 sub.wake()  # the job is queued: follow it from the durable stream instead
@@ -169,6 +163,27 @@ class Admitter:
             tool=spec.tool_call,
             tool_format=spec.tool_format,
         )
+
+    async def _enqueue(self, rid: str, spec: RequestSpec, prompt: str, principal: Principal) -> EnqueueResult:
+        """Queue the job on one of its model's partitions (gateway.partitions); a full one passes it
+        on to the next. Refused (``waiting``: the lane's total) only when every partition is full."""
+        partitions = self.signals.partitions
+        waiting = 0
+        for queue in partitions.order(spec.model, spec.lane):
+            result = await self.broker.enqueue(
+                rid=rid,
+                spec=spec,
+                max_queued=partitions.limit(spec.model),
+                result_ttl_s=self.settings.result_ttl_s,
+                cost=spec.reserved_tokens or reserve(spec, prompt),
+                weight=principal.key.weight if principal.key is not None else 1.0,
+                queue=queue,
+            )
+            partitions.observe(queue, spec.lane, result.waiting)
+            if result.accepted:
+                return result
+            waiting += result.waiting
+        return replace(result, waiting=waiting)
 
     async def _bind(
         self, idem: IdempotencyKey, rid: str, key_ttl_s: int, subscribe: bool

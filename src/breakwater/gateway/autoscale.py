@@ -9,6 +9,7 @@ from breakwater.broker import Broker
 from breakwater.config import GatewaySettings
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
+from breakwater.gateway.partitions import Partitions
 from breakwater.keys import LANES
 
 
@@ -48,7 +49,8 @@ class ModelLoad:
 
 
 class AutoscaleSignals:
-    """Refreshes the per-model gauges every tick and keeps the measured drain rates (Retry-After)."""
+    """Refreshes the per-model gauges every tick and keeps the measured drain rates (Retry-After).
+    A partitioned model's figures are the sums over its partitions."""
 
     def __init__(
         self, settings: GatewaySettings, broker: Broker, registry: ModelRegistry, metrics: GatewayMetrics
@@ -59,6 +61,7 @@ class AutoscaleSignals:
         self._tenant_labels: dict[tuple[str, str], set[str]] = {}
         self.metrics = metrics
         self.load: dict[str, ModelLoad] = {}
+        self.partitions = Partitions(settings, settings.lane_max_queued)
 
     def drain_rate(self, model: str) -> float:
         load = self.load.get(model)
@@ -74,9 +77,10 @@ class AutoscaleSignals:
     async def _refresh_tenants(self, model: str, lane: str) -> None:
         """Waiting requests per tenant (listed tenants by name, the rest summed as ``other``)."""
         per_label: dict[str, int] = dict.fromkeys(self._tenant_labels.get((model, lane), ()), 0)
-        for tenant, waiting in (await self.broker.tenant_backlog(model, lane)).items():
-            label = self.settings.tenant_label(tenant)
-            per_label[label] = per_label.get(label, 0) + waiting
+        for queue in self.partitions.queues(model):
+            for tenant, waiting in (await self.broker.tenant_backlog(queue, lane)).items():
+                label = self.settings.tenant_label(tenant)
+                per_label[label] = per_label.get(label, 0) + waiting
         for label, waiting in per_label.items():
             self.metrics.tenant_queue_depth.labels(model, lane, label).set(waiting)
         self._tenant_labels[(model, lane)] = set(per_label)
@@ -88,19 +92,27 @@ class AutoscaleSignals:
             if name in self.settings.declared_models:
                 # The consumer group exists before any worker does, so a stream-lag
                 # autoscaler (KEDA) can read the queue and wake the first one.
-                await self.broker.ensure_groups(name)
+                for queue in self.partitions.queues(name):
+                    await self.broker.ensure_groups(queue)
         m.workers.labels(name).set(info.workers)
         m.batch_occupancy.labels(name).set(info.active / info.capacity if info.capacity else 0)
         if info.kv_cache_usage is not None:
             m.kv_cache_usage.labels(name).set(info.kv_cache_usage)
         added = done = waiting_all = in_flight_all = 0
         for lane in LANES:
-            waiting, in_flight = await self.broker.queue_depth(name, lane)
+            waiting = in_flight = 0
+            names = self.partitions.queues(name)
+            for queue in names:
+                part_waiting, part_in_flight = await self.broker.queue_depth(queue, lane)
+                self.partitions.observe(queue, lane, part_waiting)
+                if len(names) > 1:  # a partition's own series only for a partitioned model
+                    m.partition_queue_depth.labels(name, queue, lane).set(part_waiting)
+                lane_added, lane_done = await self.broker.jobs_counts(queue, lane)
+                added, done = added + lane_added, done + lane_done
+                waiting, in_flight = waiting + part_waiting, in_flight + part_in_flight
             m.queue_depth.labels(name, lane).set(waiting)
             m.in_flight.labels(name, lane).set(in_flight)
             await self._refresh_tenants(name, lane)
-            lane_added, lane_done = await self.broker.jobs_counts(name, lane)
-            added, done = added + lane_added, done + lane_done
             waiting_all, in_flight_all = waiting_all + waiting, in_flight_all + in_flight
         load = self.load.setdefault(name, ModelLoad())
         load.observe(time.monotonic(), added, done, waiting_all, in_flight_all, info.workers)

@@ -110,6 +110,12 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "breakwater_queue_depth", "Jobs waiting in the queue", ["model", "lane"], registry=r
         )
+        self.partition_queue_depth = Gauge(
+            "breakwater_partition_queue_depth",
+            "Jobs waiting in one partition of a hot model's queue (BREAKWATER_PARTITIONS)",
+            ["model", "partition", "lane"],
+            registry=r,
+        )
         self.tenant_queue_depth = Gauge(
             "breakwater_tenant_queue_depth",
             "Requests waiting for their tenant's fair share (BREAKWATER_METRICS_TENANTS, else other)",

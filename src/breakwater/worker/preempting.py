@@ -79,13 +79,11 @@ class PreemptingMixin:
 
     async def _preempt(self) -> None:
         """Ask Redis, lane by lane, for a joining tenant's job this worker should make room for."""
-        lanes, self.preemption.joined = self.preemption.joined, set()
-        for lane in LANES:
-            if lane not in lanes:
-                continue
+        joined, self.preemption.joined = self.preemption.joined, set()
+        for queue, lane in sorted(joined, key=lambda ql: LANES.index(ql[1])):
             running = self.preemption.running(self.inflight.values(), lane, self._continues_constrained)
             try:
-                got = await self.broker.claim_preempting(self.model, lane, self.settings.worker_id, running)
+                got = await self.broker.claim_preempting(queue, lane, self.settings.worker_id, running)
             except TRANSIENT as exc:
                 log.warning("preemption check failed", extra={"fields": {"error": str(exc)}})
                 return
@@ -104,7 +102,7 @@ class PreemptingMixin:
                 await self._start(job)
             except TRANSIENT as exc:  # the job stays pending; its lease lapses and it is reclaimed
                 log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
-            self.preemption.joined = lanes  # look again: another tenant may have joined too
+            self.preemption.joined |= joined  # look again: another tenant may have joined too
             return
 
     @property

@@ -30,27 +30,31 @@ JOINS_BLOCK_MS = 1000
 class Preemption:
     """A worker's paused sequences and its watch on tenants joining the queue."""
 
-    def __init__(self, broker: Broker, model: str) -> None:
+    def __init__(self, broker: Broker, queues: tuple[str, ...]) -> None:
         self.broker = broker
-        self.model = model
+        self.queues = queues  # the model's job queues (its partitions)
         self.paused: list[InFlight] = []  # oldest first: continued in that order
-        self.joined: set[str] = set()  # lanes a tenant joined while the worker was full
+        self.joined: set[tuple[str, str]] = set()  # (queue, lane) a tenant joined while the worker was full
         self.full = asyncio.Event()  # set by the pull loop while the engine has no room
-        self._lane_of = {broker.keys.jobs(model, lane): lane for lane in LANES}
+        self._lane_of = {broker.keys.jobs(q, lane): lane for q in queues for lane in LANES}
 
     async def watch(self, wake: asyncio.Event) -> None:
-        """While the worker is full, wait for tenants joining a lane's queue and wake the pull loop."""
+        """While the worker is full, wait for tenants joining a lane's queue and wake the pull loop;
+        one watch per partition (their joins streams live on different slots)."""
+        await asyncio.gather(*(self._watch(queue, wake) for queue in self.queues))
+
+    async def _watch(self, queue: str, wake: asyncio.Event) -> None:
         after = {lane: "$" for lane in LANES}
         while True:
             await self.full.wait()
             try:
-                lanes = await self.broker.wait_joins(self.model, after, JOINS_BLOCK_MS)
+                lanes = await self.broker.wait_joins(queue, after, JOINS_BLOCK_MS)
             except TRANSIENT as exc:
                 log.warning("watching joins failed; retrying", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(1.0)
                 continue
             if lanes and self.full.is_set():
-                self.joined.update(lanes)
+                self.joined.update((queue, lane) for lane in lanes)
                 wake.set()
 
     def lane(self, flight: InFlight) -> str:

@@ -21,7 +21,7 @@ from breakwater.engines.base import (
     GenerationRequest,
     SequenceDelta,
 )
-from breakwater.keys import LANES
+from breakwater.keys import LANES, queues
 from breakwater.runtime import settle_heap
 from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
 from breakwater.worker.liveness import LivenessMixin
@@ -39,6 +39,9 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
         self.engine = engine
         self.broker = broker
         self.model = engine.info.model
+        # Its job queues: the model's, or the partitions of a hot model (gateway.partitions).
+        self.queues = queues(self.model, settings.partitions_of(self.model))
+        self._rotor = 0  # which partition the next pull starts from (round robin)
         self.metrics = WorkerMetrics()
         self.metrics.hourly_cost.labels(self.model).set(settings.hourly_cost_usd)
         # Series exist from the start (at 0), so rate() and increase() in alerts see a baseline.
@@ -62,13 +65,14 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
         self._step_started: float | None = None
         self.hung = False
         self._suspects = 0  # in-flight jobs whose last attempt made no progress
-        self.preemption = Preemption(broker, self.model)
+        self.preemption = Preemption(broker, self.queues)
         self._steps = 0  # engine steps published
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
         """Serve until :meth:`drain` (or, with ``burst``, until the queue is empty and nothing runs)."""
-        await self.broker.ensure_groups(self.model)
+        for queue in self.queues:
+            await self.broker.ensure_groups(queue)
         await self._heartbeat_once()
         settle_heap()
         tasks = [
@@ -172,23 +176,30 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
                 return
 
     async def _next_jobs(self, free: int) -> list[Job]:
+        """Up to ``free`` jobs: lapsed leases (every heartbeat), then new jobs, interactive before
+        batch, from the partitions in turn (each pull starts from the next one); when there are none,
+        a short blocking read on one interactive queue, the next one each time."""
         jobs: list[Job] = []
+        self._rotor = (self._rotor + 1) % len(self.queues)
+        turn = self.queues[self._rotor :] + self.queues[: self._rotor]  # round robin
         if time.monotonic() - self._last_reclaim >= self.settings.heartbeat_s:
             self._last_reclaim = time.monotonic()
             min_idle_ms = int(self.settings.lease_s * 1000)
             for lane in LANES:
+                for queue in turn:
+                    if len(jobs) < free:
+                        jobs += await self.broker.reclaim(
+                            queue, lane, self.settings.worker_id, min_idle_ms, free - len(jobs)
+                        )
+        for lane in LANES:
+            for queue in turn:
                 if len(jobs) < free:
-                    jobs += await self.broker.reclaim(
-                        self.model, lane, self.settings.worker_id, min_idle_ms, free - len(jobs)
+                    jobs += await self.broker.claim(
+                        queue, lane, self.settings.worker_id, free - len(jobs), None
                     )
-        for lane in LANES:  # interactive before batch
-            if len(jobs) < free:
-                jobs += await self.broker.claim(
-                    self.model, lane, self.settings.worker_id, free - len(jobs), None
-                )
         if not jobs:
             jobs = await self.broker.claim(
-                self.model, LANES[0], self.settings.worker_id, free, self.settings.block_ms
+                turn[0], LANES[0], self.settings.worker_id, free, self.settings.block_ms
             )
         for job in jobs:
             if not job.rid:  # an entry no request was waiting for: only acknowledged
