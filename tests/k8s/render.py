@@ -20,6 +20,7 @@ COMPOSITIONS: dict[str, tuple[str, list[str]]] = {
     "gpu-vllm+keda": ("gpu-vllm", ["keda"]),
     "gpu-vllm+hpa+hpa-gpu": ("gpu-vllm", ["hpa", "hpa-gpu"]),
     "gpu-vllm-inprocess+keda+monitoring": ("gpu-vllm-inprocess", ["keda", "monitoring"]),
+    "redis-cluster+keda+keda-redis-cluster": ("redis-cluster", ["keda", "keda-redis-cluster"]),
 }
 K8S_VENV = ROOT / ".venv-k8s" / "bin"
 CRD_VALIDATOR = ROOT / "tests" / "k8s" / "crd" / "validate.mjs"

@@ -29,7 +29,6 @@ from tests.k8s.render import (
     K8S,
     OVERLAYS,
     ROOT,
-    all_renders,
     pod_specs,
     render_composition,
     render_overlay,
@@ -39,11 +38,6 @@ from tests.k8s.render import (
 
 pytestmark = pytest.mark.timeout(600)
 KUBERNETES_VERSION = "1.30.0"  # the oldest minor the manifests promise (docs/deploy.md)
-
-
-@pytest.fixture(scope="module")
-def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    return dict(all_renders(tmp_path_factory.mktemp("compose")))
 
 
 def kubernetes_validate(objects: list[dict[str, Any]], path: Path) -> subprocess.CompletedProcess[str]:
@@ -57,7 +51,15 @@ def kubernetes_validate(objects: list[dict[str, Any]], path: Path) -> subprocess
 
 
 def test_every_overlay_and_composition_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
-    assert set(OVERLAYS) == {"cpu", "gpu-vllm", "gpu-vllm-inprocess", "hpa", "keda", "monitoring"}
+    assert set(OVERLAYS) == {
+        "cpu",
+        "gpu-vllm",
+        "gpu-vllm-inprocess",
+        "hpa",
+        "keda",
+        "monitoring",
+        "redis-cluster",
+    }
     assert set(renders) == set(OVERLAYS) | set(COMPOSITIONS)
     for name, objects in renders.items():
         kinds = {o["kind"] for o in objects}
@@ -66,6 +68,8 @@ def test_every_overlay_and_composition_renders(renders: dict[str, list[dict[str,
             o["metadata"].get("namespace") == "breakwater" for o in objects if o["kind"] != "Namespace"
         )
     assert "ScaledObject" in {o["kind"] for o in renders["keda"]}
+    assert "ScaledObject" in {o["kind"] for o in renders["redis-cluster+keda+keda-redis-cluster"]}
+    assert {"StatefulSet", "Job"} <= {o["kind"] for o in renders["redis-cluster"]}
     assert "HorizontalPodAutoscaler" in {o["kind"] for o in renders["hpa"]}
     assert {"PrometheusRule", "ServiceMonitor", "PodMonitor"} <= {o["kind"] for o in renders["monitoring"]}
 
@@ -173,7 +177,17 @@ def test_security_model(renders: dict[str, list[dict[str, Any]]]) -> None:
                 assert not re.search(r"redis://[^/@]*:[^/@]*@", value), (cm["metadata"]["name"], key)
         policies = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
         assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-        assert policies["redis"]["egress"] == []
+        # The single Redis has no egress at all; a cluster's nodes reach only each other.
+        assert ("redis" in policies) != ("redis-cluster" in policies)
+        if "redis" in policies:
+            assert policies["redis"]["egress"] == []
+        else:
+            assert policies["redis-cluster"]["egress"] == [
+                {
+                    "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "redis-cluster"}}}],
+                    "ports": [{"protocol": "TCP", "port": 6379}, {"protocol": "TCP", "port": 16379}],
+                }
+            ]
 
 
 def test_network_policies_allow_exactly_the_flows(renders: dict[str, list[dict[str, Any]]]) -> None:
@@ -253,7 +267,8 @@ def test_keda_triggers_follow_the_key_contract(renders: dict[str, list[dict[str,
 
 
 def test_secret_keys_referenced_are_the_ones_created() -> None:
-    script = (K8S / "create-secrets.sh").read_text()
+    # The base's script, and an overlay's own (overlays/redis-cluster: its internal users).
+    script = "\n".join(p.read_text() for p in sorted(K8S.rglob("create-secrets.sh")))
     created = set(re.findall(r"--from-literal=([a-z-]+)=", script))
     referenced: set[str] = set()
     for name in list(OVERLAYS):
@@ -268,10 +283,10 @@ def test_secret_keys_referenced_are_the_ones_created() -> None:
 
 
 def test_compositions_are_the_documented_ones(tmp_path: Path) -> None:
-    docs = (ROOT / "docs" / "deploy.md").read_text()
     for name, (overlay, components) in COMPOSITIONS.items():
         objects = render_composition(name, tmp_path)
         assert any(o["kind"] == "Deployment" for o in objects)
+        docs = (ROOT / "docs" / "deploy.md").read_text()
         assert f"../{overlay}" in docs and all(f"components/{c}" in docs for c in components), name
 
 
