@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from breakwater.broker.admission import Admissions
 from breakwater.broker.api_keys import KeyStore
+from breakwater.broker.appends import Appends
 from breakwater.broker.claims import FairClaims
 from breakwater.broker.cluster import ClusterPipelinedRedis
 from breakwater.broker.connection import connect_with, fast_client
@@ -22,10 +23,9 @@ from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestRecord, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
-from breakwater.broker.scripts import Call, Script
+from breakwater.broker.scripts import Script
 from breakwater.broker.sharded_fanin import ShardedFanin
 from breakwater.broker.types import (
-    Append,
     Job,
     Lease,
     StartOutcome,
@@ -57,7 +57,7 @@ def _model_lane(stream: str) -> tuple[str, str]:
     return head[head.index("{") + 1 : -1], lane
 
 
-class Broker(Admissions, FairClaims, WorkerRegistry, DeadLetters):
+class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
     """All Redis operations; one per process, built around a pooled client."""
 
     def __init__(
@@ -89,6 +89,8 @@ class Broker(Admissions, FairClaims, WorkerRegistry, DeadLetters):
         self._enqueue = Script(self._admit, "enqueue")
         self._start = Script(self.fast, "start")
         self._append = Script(self.fast, "append")
+        # On a cluster: one call per node and step, the sequences' keys in ARGV (append.lua)
+        self._append_node = Script(self.fast, "append", flags="allow-cross-slot-keys")
         self._finish = Script(self.fast, "finish")
         self._lease = Script(self.fast, "lease")
         self._watch = Script(self.fast, "watch")
@@ -299,32 +301,6 @@ class Broker(Admissions, FairClaims, WorkerRegistry, DeadLetters):
         return raise_errors(await self.fast.pipeline(commands))
 
     # -- token streams ---------------------------------------------------------------------------
-    async def append_step(self, appends: list[Append]) -> list[int]:
-        """One engine step's deltas for all sequences, in one script call; each append is fenced and
-        idempotent, so the call may be retried after a lost reply."""
-        if not appends:
-            return []
-        if self.fast.cluster:  # one call per sequence (each on its request's slot), per node in one write
-            calls: list[Call] = [
-                (
-                    [self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
-                    self._append_args(a, [self.token_stream_maxlen, self.publish]),
-                )
-                for a in appends
-            ]
-            return [int(r[0]) for r in await self._append.many(calls)]
-        keys: list[str] = []
-        args: list[Arg] = [self.token_stream_maxlen, self.publish]
-        for a in appends:
-            keys += (self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid))
-            self._append_args(a, args)
-        return [int(x) for x in await self._append(keys, args)]
-
-    def _append_args(self, a: Append, args: list[Arg]) -> list[Arg]:
-        """``args`` + one sequence's arguments of ``append.lua``."""
-        args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq, a.logprobs)
-        return args
-
     async def finish(
         self,
         rid: str,

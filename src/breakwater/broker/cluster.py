@@ -159,6 +159,11 @@ class ClusterPipelinedRedis:
             await self.refresh()
         return await self._node(self._slots[slot_of(key)] or self._primaries[0]).execute(*args)
 
+    async def pipeline_at(self, addr: Address, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """``commands`` on ``addr``'s connection as they are: no redirection followed, no retry; an
+        error reply or a lost connection is returned as its exception."""
+        return await self._send(addr, list(range(len(commands))), commands, {})
+
     def address_of(self, key: str) -> Address:
         """The primary that serves ``key``'s slot, as the map says now."""
         return self._address(("GET", key))

@@ -25,11 +25,18 @@ Call = tuple[Sequence[str], Sequence[Arg]]  # (keys, args)
 class Script:
     """One Lua script from ``broker/lua/<name>.lua``."""
 
-    def __init__(self, client: Fast, name: str) -> None:
+    def __init__(self, client: Fast, name: str, flags: str = "") -> None:
+        """``flags``: Redis 7 script flags (``allow-cross-slot-keys``), declared in a shebang line."""
         self.client = client
         self.name = name
         self.source = resources.files("breakwater.broker").joinpath("lua", f"{name}.lua").read_text()
+        if flags:
+            self.source = f"#!lua flags={flags}\n{self.source}"
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> tuple[Arg, ...]:
+        """The command that calls the script (for a caller that sends it itself)."""
+        return self._evalsha(keys, args)
 
     def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> tuple[Arg, ...]:
         return ("EVALSHA", self.sha, len(keys), *keys, *args)

@@ -55,6 +55,30 @@ local function append(record, stream, emitted, attempt, channel, text, n, wseq, 
 end
 
 local out = {}
+if #KEYS == 1 then
+  -- A Redis Cluster node's share of a step, in one call instead of one per sequence: KEYS[1] (a
+  -- record of the batch) routes it, and each sequence's keys ride in ARGV, 9 values per sequence
+  -- from ARGV[3]: record, token stream, emitted text, then the 6 arguments above. Their slots
+  -- differ, all on this node: the script is loaded with the allow-cross-slot-keys flag (scripts.py).
+  -- Every key is touched before anything is written, so a call that meets a key this node does not
+  -- serve (a slot moved, or migrating and the key gone) writes nothing and fails: the caller then
+  -- sends each sequence on its own, where redirections are followed.
+  local n = (#ARGV - 2) / 9
+  for i = 0, n - 1 do
+    for k = 3, 5 do
+      local probe = redis.pcall('EXISTS', ARGV[9 * i + k])
+      if type(probe) == 'table' and probe.err then
+        return redis.error_reply('NONLOCAL ' .. probe.err)
+      end
+    end
+  end
+  for i = 0, n - 1 do
+    local a = 9 * i + 2
+    out[i + 1] = append(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+      ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9])
+  end
+  return out
+end
 for i = 0, #KEYS / 3 - 1 do
   local a = 6 * i + 2
   out[i + 1] = append(KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3],
