@@ -1,0 +1,155 @@
+"""Autoscaling policies as their controllers run them, for the simulator.
+
+- :class:`Hpa`: the Kubernetes HorizontalPodAutoscaler's algorithm (``desired = ceil(current *
+  metric / target)``, a 10% tolerance, a 300 s scale-down stabilisation window, the default
+  scale-up limit of max(4 pods, 100%) per 15 s, a 15 s sync period), on a utilisation metric
+  (the seed's "70% CPU / 85% GPU") or on an external metric with an average value per pod.
+- :class:`KedaQueue`: KEDA's redis-streams scaler on queue lag (polled every 30 s), fed to an HPA.
+- :class:`Adaptive`: Breakwater's ``breakwater_desired_workers`` (the gateway's EWMA of arrival and
+  service rates plus the backlog over a horizon: the same code, ``gateway.autoscale.ModelLoad``),
+  fed to an HPA as an external metric with a target of 1 per pod.
+- :class:`Fixed`: a fleet of constant size (sized for the peak).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from breakwater.config import GatewaySettings
+from breakwater.gateway.autoscale import ModelLoad
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What a controller can see at ``now``."""
+
+    now: float
+    replicas: int  # the Deployment's replica count (starting ones included)
+    ready: int
+    waiting: int  # jobs queued, not yet claimed
+    running: int  # sequences on the replicas
+    utilisation: float  # busy fraction of the ready replicas since the previous observation
+    arrived: int  # requests ever admitted
+    done: int  # requests ever finished
+
+
+class Policy(Protocol):
+    name: str
+    period_s: float  # how often the simulator calls it
+
+    def desired(self, obs: Observation) -> int: ...
+
+
+@dataclass
+class HpaMechanics:
+    """The HPA's replica calculation and behaviour (Kubernetes autoscaling/v2 defaults)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 64
+    tolerance: float = 0.1
+    scale_down_window_s: float = 300.0
+    scale_up_pods: int = 4  # per scale_up_period_s, or 100% of current, whichever is more
+    scale_up_period_s: float = 15.0
+    _history: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def raw(self, current: int, ratio: float) -> int:
+        """``ceil(current * ratio)``, unchanged within the tolerance (ratio = metric / target)."""
+        if abs(ratio - 1.0) <= self.tolerance:
+            return current
+        return math.ceil(current * ratio)
+
+    def decide(self, now: float, current: int, recommendation: int) -> int:
+        """Stabilise (scale down only to the highest recommendation of the window), limit the
+        scale-up rate, clamp to [min, max]."""
+        self._history.append((now, recommendation))
+        while self._history and self._history[0][0] < now - self.scale_down_window_s:
+            self._history.popleft()
+        target = recommendation
+        if target < current:
+            target = min(current, max(r for _, r in self._history))
+        if target > current:
+            target = min(target, max(current * 2, current + self.scale_up_pods))
+        return max(self.min_replicas, min(self.max_replicas, target))
+
+
+@dataclass
+class Hpa:
+    """HPA on utilisation: ``target`` 0.7 (CPU) or 0.85 (GPU busy), the seed's thresholds."""
+
+    target: float = 0.85
+    mechanics: HpaMechanics = field(default_factory=HpaMechanics)
+    period_s: float = 15.0
+    name: str = "hpa-utilisation"
+
+    def desired(self, obs: Observation) -> int:
+        current = max(1, obs.replicas)
+        if obs.ready == 0:  # no metric yet: the HPA keeps the count
+            return self.mechanics.decide(obs.now, obs.replicas, obs.replicas)
+        return self.mechanics.decide(
+            obs.now, obs.replicas, self.mechanics.raw(current, obs.utilisation / self.target)
+        )
+
+
+def external_average(mechanics: HpaMechanics, current: int, total: float, per_pod: float) -> int:
+    """The HPA's recommendation for an external metric with an ``AverageValue`` target."""
+    if current == 0:
+        return math.ceil(total / per_pod)
+    return mechanics.raw(current, total / (per_pod * current))
+
+
+@dataclass
+class KedaQueue:
+    """KEDA's redis-streams scaler on lag (waiting jobs): ``lag_per_pod`` per replica, the metric
+    polled every ``polling_s``; the HPA it feeds syncs every ``period_s``."""
+
+    lag_per_pod: float = 5.0
+    polling_s: float = 30.0
+    mechanics: HpaMechanics = field(default_factory=HpaMechanics)
+    period_s: float = 15.0
+    name: str = "keda-queue"
+    _polled: tuple[float, int] = (-math.inf, 0)
+
+    def desired(self, obs: Observation) -> int:
+        if obs.now - self._polled[0] >= self.polling_s:
+            self._polled = (obs.now, obs.waiting)
+        rec = external_average(self.mechanics, obs.replicas, self._polled[1], self.lag_per_pod)
+        return self.mechanics.decide(obs.now, obs.replicas, rec)
+
+
+@dataclass
+class Adaptive:
+    """Breakwater's own signal: the gateway's ``ModelLoad`` refreshed every second (as its signals
+    loop does), ``breakwater_desired_workers`` read by the HPA (via KEDA's Prometheus trigger,
+    target 1 per pod) every ``period_s``."""
+
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
+    mechanics: HpaMechanics = field(default_factory=HpaMechanics)
+    period_s: float = 1.0
+    hpa_period_s: float = 15.0
+    name: str = "adaptive"
+    _load: ModelLoad = field(default_factory=ModelLoad)
+    _last_sync: float = -math.inf
+    _current: int = -1
+
+    def desired(self, obs: Observation) -> int:
+        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready)
+        if self._current < 0 or obs.now - self._last_sync >= self.hpa_period_s:
+            self._last_sync = obs.now
+            rec = external_average(
+                self.mechanics, obs.replicas, self._load.desired_workers(self.settings), 1.0
+            )
+            self._current = self.mechanics.decide(obs.now, obs.replicas, rec)
+        return self._current
+
+
+@dataclass
+class Fixed:
+    replicas: int
+    period_s: float = 60.0
+    name: str = "fixed"
+
+    def desired(self, obs: Observation) -> int:
+        return self.replicas

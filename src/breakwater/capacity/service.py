@@ -1,0 +1,39 @@
+"""What one replica (a worker and its engine) can do: its service curve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from breakwater.engines.options import SimOptions
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceCurve:
+    """Continuous batching up to ``capacity`` sequences: one engine step decodes a token for every
+    running sequence and costs ``decode_base_s + decode_per_seq_s * batch``, plus the prefill of the
+    sequences that join it (``prefill_s_per_token`` per prompt token). This is the ``sim`` engine's
+    own cost model, so the simulator and a real stack of sim workers run the same curve; for a real
+    engine, fit it to measured step times (``benchmarks/engines.py``)."""
+
+    capacity: int
+    decode_base_s: float
+    decode_per_seq_s: float = 0.0
+    prefill_s_per_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or min(self.decode_base_s, self.decode_per_seq_s, self.prefill_s_per_token) < 0:
+            raise ValueError("a service curve needs capacity >= 1 and non-negative step costs")
+        if self.decode_base_s + self.decode_per_seq_s <= 0:
+            raise ValueError("a decode step must take some time")
+
+    def step_s(self, batch: int, prefill_tokens: int = 0) -> float:
+        return self.decode_base_s + self.decode_per_seq_s * batch + self.prefill_s_per_token * prefill_tokens
+
+    @classmethod
+    def of_sim(cls, options: SimOptions) -> ServiceCurve:
+        return cls(
+            capacity=options.capacity,
+            decode_base_s=options.decode_base_ms / 1000,
+            decode_per_seq_s=options.decode_per_seq_ms / 1000,
+            prefill_s_per_token=options.prefill_ms_per_token / 1000,
+        )

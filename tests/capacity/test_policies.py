@@ -1,0 +1,74 @@
+"""Autoscaling controllers as Kubernetes and KEDA document them, and Breakwater's own signal."""
+
+from __future__ import annotations
+
+import pytest
+
+from breakwater.capacity.policies import Adaptive, Hpa, HpaMechanics, KedaQueue, Observation, external_average
+from breakwater.config import GatewaySettings
+
+
+def obs(now: float = 0.0, replicas: int = 2, utilisation: float = 0.0, **counts: int) -> Observation:
+    fields = {"ready": replicas, "waiting": 0, "running": 0, "arrived": 0, "done": 0} | counts
+    return Observation(now=now, replicas=replicas, utilisation=utilisation, **fields)
+
+
+def test_the_hpa_formula_as_kubernetes_documents_it() -> None:
+    """kubernetes.io, "Horizontal Pod Autoscaling", algorithm details: 200m against a 100m target
+    doubles the replicas, 50m halves them; within the 0.1 tolerance nothing changes."""
+    m = HpaMechanics()
+    assert m.raw(current=3, ratio=200 / 100) == 6
+    assert m.raw(current=4, ratio=50 / 100) == 2
+    assert m.raw(current=4, ratio=1.05) == 4 and m.raw(current=4, ratio=0.95) == 4
+    assert m.raw(current=4, ratio=1.2) == 5  # ceil(4.8)
+
+
+def test_scale_down_is_stabilised_over_five_minutes_and_scale_up_is_rate_limited() -> None:
+    m = HpaMechanics(max_replicas=100)
+    assert m.decide(0.0, current=10, recommendation=10) == 10
+    assert m.decide(15.0, current=10, recommendation=3) == 10  # the window still holds 10
+    assert m.decide(301.0, current=10, recommendation=3) == 3  # 10 left the window
+    assert m.decide(316.0, current=2, recommendation=40) == 6  # max(2 x 2, 2 + 4) per period
+    assert m.decide(331.0, current=6, recommendation=40) == 12
+    assert HpaMechanics(min_replicas=2, max_replicas=5).decide(0.0, current=4, recommendation=9) == 5
+
+
+def test_hpa_on_utilisation() -> None:
+    hpa = Hpa(target=0.85, mechanics=HpaMechanics())
+    assert hpa.desired(obs(replicas=4, utilisation=1.0)) == 5  # ceil(4 x 1.0 / 0.85)
+    assert Hpa(target=0.7).desired(obs(replicas=4, utilisation=0.35)) == 2
+
+
+def test_keda_lag_is_an_average_value_and_polled() -> None:
+    assert external_average(HpaMechanics(), current=2, total=50, per_pod=5) == 10
+    assert external_average(HpaMechanics(), current=0, total=12, per_pod=5) == 3
+    keda = KedaQueue(lag_per_pod=5, polling_s=30)
+    assert keda.desired(obs(now=0.0, replicas=2, waiting=20)) == 4
+    # the lag grew, but KEDA has not polled again yet: the HPA still sees 20
+    assert keda.desired(obs(now=15.0, replicas=4, waiting=200)) == 4
+    assert keda.desired(obs(now=30.0, replicas=4, waiting=200)) == 8  # polled: 40 wanted, +4 per period
+
+
+def test_adaptive_is_the_gateways_desired_workers_signal() -> None:
+    """Breakwater's policy runs the gateway's own ModelLoad: a measured per-worker rate of 2 jobs/s
+    against 6 arrivals/s and a backlog wants 3 workers plus the backlog over the horizon."""
+    settings = GatewaySettings(autoscale_horizon_s=10, autoscale_max_workers=64)
+    policy = Adaptive(settings, HpaMechanics(max_replicas=64))
+    arrived = done = 0
+    for second in range(60):  # 6 arrivals/s, 2 workers each finishing 2/s, a backlog growing by 2/s
+        arrived, done = arrived + 6, done + 4
+        want = policy.desired(
+            obs(
+                now=float(second),
+                replicas=2,
+                ready=2,
+                waiting=arrived - done,
+                running=4,
+                arrived=arrived,
+                done=done,
+            )
+        )
+    backlog = arrived - done  # 120
+    assert policy._load.per_worker_rate == pytest.approx(2.0)
+    assert policy._load.desired_workers(settings) == -(-(6 + backlog / 10) // 2)
+    assert want >= 4  # scaled out (rate-limited from 2)

@@ -1,0 +1,115 @@
+"""The fleet simulator against closed forms and hand-worked cases: an M/M/c queue's mean wait
+(Erlang C), continuous batching's step arithmetic, start-up delay, drains that lose nothing, and a
+fleet too small to finish."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from breakwater.bench.profiles import Arrival
+from breakwater.capacity.policies import Fixed, Observation
+from breakwater.capacity.service import ServiceCurve
+from breakwater.capacity.simulator import Simulation
+from breakwater.engines.options import SimOptions
+
+
+def erlang_c_wait(arrival_rate: float, service_rate: float, servers: int) -> float:
+    """Mean time in queue of an M/M/c queue."""
+    a = arrival_rate / service_rate
+    rho = a / servers
+    top = a**servers / math.factorial(servers) / (1 - rho)
+    p_wait = top / (sum(a**k / math.factorial(k) for k in range(servers)) + top)
+    return p_wait / (servers * service_rate - arrival_rate)
+
+
+def test_an_m_m_c_queue_waits_as_erlang_c_says() -> None:
+    """4 replicas of one sequence each; Poisson arrivals at 75% load; service times geometric in
+    tokens (mean 20 steps of 50 ms: close to exponential, mean 1 s). The mean wait over four
+    independent runs of 50,000 requests is Erlang C's within 8%."""
+    lam, mean_tokens, step_s, servers = 3.0, 20, 0.05, 4
+    waits: list[float] = []
+    expected: list[float] = []
+    for seed in range(4):
+        rng = random.Random(seed)
+        t, arrivals = 0.0, []
+        for _ in range(50_000):
+            t += rng.expovariate(lam)
+            tokens = max(1, math.ceil(math.log(1 - rng.random()) / math.log(1 - 1 / mean_tokens)))
+            arrivals.append(Arrival(t, 1, tokens))
+        result = Simulation(ServiceCurve(1, step_s), arrivals, Fixed(servers), replicas=servers).run()
+        assert all(r.done_s >= 0 for r in result.requests)
+        # busy time is exactly the service demanded: every step ran one sequence
+        assert result.busy_s == pytest.approx(step_s * sum(a.output_tokens for a in arrivals))
+        waits += [r.started_s - r.arrival_s for r in result.requests]
+        service_mean = step_s * sum(a.output_tokens for a in arrivals) / len(arrivals)
+        expected.append(erlang_c_wait(lam, 1 / service_mean, servers))
+    assert sum(waits) / len(waits) == pytest.approx(sum(expected) / len(expected), rel=0.08)
+
+
+def test_continuous_batching_step_arithmetic() -> None:
+    """Two requests arrive together on one replica: one step costs base + 2 x per-sequence + their
+    prefill; then the shorter ends and the longer runs alone."""
+    curve = ServiceCurve(capacity=4, decode_base_s=0.1, decode_per_seq_s=0.01, prefill_s_per_token=0.001)
+    arrivals = [Arrival(0.0, 100, 2), Arrival(0.0, 50, 4)]
+    a, b = Simulation(curve, arrivals, Fixed(1)).run().requests
+    first = 0.1 + 0.02 + 0.15  # two sequences, 150 prompt tokens
+    assert a.first_token_s == pytest.approx(first) and b.first_token_s == pytest.approx(first)
+    assert a.done_s == pytest.approx(first + 0.12)
+    assert b.done_s == pytest.approx(first + 0.12 + 2 * 0.11)
+    assert b.tpot_s == pytest.approx((0.12 + 0.22) / 3)
+
+
+def test_a_full_replica_queues_the_rest() -> None:
+    curve = ServiceCurve(capacity=2, decode_base_s=0.1)
+    result = Simulation(curve, [Arrival(0.0, 1, 3) for _ in range(3)], Fixed(1)).run()
+    assert [r.started_s for r in result.requests] == [0.0, 0.0, pytest.approx(0.3)]
+    assert result.requests[2].done_s == pytest.approx(0.6)
+
+
+def test_new_replicas_serve_only_after_their_start_up() -> None:
+    curve = ServiceCurve(capacity=1, decode_base_s=0.1)
+    result = Simulation(curve, [Arrival(1.0, 1, 1)], Fixed(1), replicas=0, startup_s=30.0).run()
+    (request,) = result.requests
+    assert request.first_token_s == pytest.approx(30.1)  # the replica asked for at t=0, ready at 30
+    assert result.replica_s == pytest.approx(30.1)  # billed from the request to provision it
+
+
+class Shrinking:
+    """Two replicas, then one from t=1 s: the drained one finishes what it runs."""
+
+    name = "shrinking"
+    period_s = 0.5
+
+    def desired(self, obs: Observation) -> int:
+        return 2 if obs.now < 1.0 else 1
+
+
+def test_a_drained_replica_finishes_what_it_runs_and_loses_nothing() -> None:
+    curve = ServiceCurve(capacity=1, decode_base_s=0.1)
+    arrivals = [Arrival(0.0, 1, 30), Arrival(0.0, 1, 30), Arrival(0.5, 1, 5)]
+    result = Simulation(curve, arrivals, Shrinking(), replicas=2, sample_s=0.5).run()
+    assert [r.tokens for r in result.requests] == [30, 30, 5]
+    assert all(r.done_s >= 0 for r in result.requests)
+    assert result.requests[2].started_s == pytest.approx(3.0)  # after a 30-step request ended
+    assert result.samples[-1].replicas == 1
+
+
+def test_a_fleet_too_small_stops_at_the_horizon() -> None:
+    class Never:
+        name, period_s = "none", 10.0
+
+        def desired(self, obs: Observation) -> int:
+            return 0
+
+    result = Simulation(ServiceCurve(1, 0.1), [Arrival(0.0, 1, 1)], Never(), replicas=0).run(horizon_s=60)
+    assert result.requests[0].done_s < 0 and result.end_s <= 60
+
+
+def test_the_sim_engines_own_curve() -> None:
+    curve = ServiceCurve.of_sim(SimOptions(capacity=8, decode_base_ms=5, decode_per_seq_ms=0.2))
+    assert curve.step_s(8) == pytest.approx(0.0066)
+    with pytest.raises(ValueError):
+        ServiceCurve(0, 0.1)
