@@ -6,7 +6,7 @@ import socket
 import uuid
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from breakwater.engines.options import LlamaCppOptions, SimOptions, UpstreamOptions, VLLMOptions
@@ -71,12 +71,25 @@ class CommonSettings(BaseSettings):
     # Per-tenant Prometheus series only for these tenants (the rest are "other"): bounded cardinality.
     metrics_tenants: str = Field(default="", description="comma-separated tenants with their own series")
 
+    @field_validator("partitions")
+    @classmethod
+    def _partitions_valid(cls, value: str) -> str:
+        names: set[str] = set()
+        for item in filter(None, (i.strip() for i in value.split(","))):
+            name, _, n = item.partition("=")
+            if not 1 <= int(n) <= MAX_PARTITIONS:
+                raise ValueError(f"`{item}`: between 1 and {MAX_PARTITIONS} partitions")
+            if name in names:
+                raise ValueError(f"`{name}` is listed twice")
+            names.add(name)
+        return value
+
     def partitions_of(self, model: str) -> int:
         """How many job-queue partitions ``model`` has (1: not partitioned)."""
         for item in self.partitions.split(","):
             name, _, n = item.strip().partition("=")
             if name == model:
-                return max(1, min(MAX_PARTITIONS, int(n)))
+                return int(n)
         return 1
 
     def cache_index(self) -> CommonSettings | None:

@@ -53,6 +53,24 @@ async def test_full_lane_refuses_and_writes_nothing(broker: Broker, redis: Redis
     assert (await _enqueue(broker, "r3", max_queued=3)).accepted
 
 
+async def test_a_full_partition_passes_the_job_on_and_all_full_refuses(broker: Broker, redis: Redis) -> None:
+    """A hot model's partitions tried in turn: the job joins the first with room; refused only when
+    every one is full, with their total waiting and nothing written."""
+    queues = ["m", "m#1.0", "m#2.0"]
+    spec = _spec()
+    for i in range(2):
+        res = await broker.enqueue(rid=f"p{i}", spec=spec, max_queued=1, result_ttl_s=60, queues=queues)
+        assert res.accepted and res.queue == queues[i] and res.waiting == 1
+    third = await broker.enqueue(rid="p2", spec=spec, max_queued=1, result_ttl_s=60, queues=queues[::-1])
+    assert third.queue == "m#2.0"
+    refused = await broker.enqueue(rid="p3", spec=spec, max_queued=1, result_ttl_s=60, queues=queues)
+    assert not refused.accepted and refused.waiting == 3
+    assert not await redis.exists(broker.keys.request("p3"))
+    assert [await redis.xlen(broker.keys.jobs(q, "interactive")) for q in queues] == [1, 1, 1]
+    again = await broker.enqueue(rid="p0", spec=spec, max_queued=1, result_ttl_s=60, queues=queues)
+    assert again.admission is Admission.ALREADY_QUEUED  # a retry, not a second job
+
+
 async def test_retried_enqueue_is_admitted_once(broker: Broker, redis: Redis) -> None:
     """A retry whose first reply was lost must not answer 429 while the job runs unwatched."""
     first = await _enqueue(broker, "dup", max_queued=1)

@@ -45,7 +45,7 @@ def test_the_partitions_setting() -> None:
     assert settings.partitions_of("sim") == 3
     assert settings.partitions_of("org/big:70b") == 2
     assert settings.partitions_of("other") == 1
-    for bad in ("sim", "sim=x", "sim#1=2", "{sim}=2", "sim=2,"):
+    for bad in ("sim", "sim=x", "sim#1=2", "{sim}=2", "sim=2,", "sim=0", "sim=65", "sim=2,sim=3"):
         with pytest.raises(ValidationError):
             CommonSettings(partitions=bad)
 
@@ -69,3 +69,17 @@ def test_a_request_joins_the_less_loaded_of_two_partitions() -> None:
         assert sorted(order) == sorted(names)  # every partition is tried before the lane refuses
     # another lane's lengths are its own: with none seen, every partition is drawn first
     assert set(Counter(parts.order("sim", "batch")[0] for _ in range(300))) == set(names)
+
+
+def test_a_partition_the_signals_could_not_read_goes_last() -> None:
+    parts = Partitions(CommonSettings(partitions="sim=3"), max_queued=10)
+    names = parts.queues("sim")
+    parts.unreachable(names[0])
+    for _ in range(100):
+        order = parts.order("sim", "interactive")
+        assert order[-1] == names[0] and sorted(order) == sorted(names)
+    parts.observe(names[0], "interactive", 0)  # it answered again
+    assert {parts.order("sim", "interactive")[0] for _ in range(300)} == set(names)
+    for q in names:
+        parts.unreachable(q)
+    assert sorted(parts.order("sim", "interactive")) == sorted(names)  # all down: all still tried

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 
 from breakwater.broker.cluster import Fast
 from breakwater.broker.errors import ReplicaAckError
@@ -38,16 +39,19 @@ class Admissions:
         result_ttl_s: int,
         cost: int = 0,
         weight: float = 1.0,
-        queue: str = "",
+        queues: Sequence[str] = (),
     ) -> EnqueueResult:
         """Create the request record and queue its job atomically, unless the lane is full. Safe to
         retry: a second call for the same rid reports it queued without queueing it again. ``cost``
-        (estimated tokens) and ``weight`` place it in its tenant's fair share of the lane. ``queue``:
-        one of the model's partitions (:func:`~breakwater.keys.queues`; default: the model's own)."""
+        (estimated tokens) and ``weight`` place it in its tenant's fair share of the lane.
+        ``queues``: the model's partitions to try in turn (:func:`~breakwater.keys.queues`; default:
+        the model's own queue); a full one passes the job on, and the request is refused (its
+        ``waiting``: their total) only when every one is full. The record is written once."""
         flat: list[str] = []
         for key, value in spec.to_hash().items():
             flat += [key, value]
-        model, lane = queue or spec.model, spec.lane
+        lane = spec.lane
+        targets = list(queues) or [spec.model]
         args: list[Arg] = [
             rid,
             max_queued,
@@ -58,35 +62,43 @@ class Admissions:
             spec.tenant or "anonymous",
             cost,
             repr(weight),
-            self.keys.waiting_prefix(model, lane),
-        ]
-        lane_keys = [
-            self.keys.fair(model, lane),
-            self.keys.backlog(model, lane),
-            self.keys.joins(model, lane),
+            "",  # the waiting-list key prefix of the queue tried (below)
         ]
         record = self.keys.request(rid)
-        if not self.fast.cluster:  # one server: record and job in one atomic script
-            res = await self._enqueue(
-                keys=[self.keys.jobs(model, lane), record, *lane_keys], args=["whole", *args, *flat]
-            )
-        else:  # the record first, then its job; see enqueue.lua
-            created = await self._enqueue(keys=[record], args=["record", *args, *flat])
-            # An error here leaves the record: the job may have been queued (a lost reply). A retry
-            # of the same rid queues it once; without one, the record ends at its deadline.
-            res = await self._enqueue(
-                keys=[self.keys.jobs(model, lane), self.keys.admitted(model, lane), *lane_keys],
-                args=["job", *args],
-            )
-            if int(res[0]) == 0:
-                await self._forget(record, args)
-            elif int(res[0]) == 2 and int(created[0]) == 1:
-                res = [1, res[1]]  # queued by a call whose reply was lost; its record had expired
-        code, waiting = int(res[0]), int(res[1])
-        admission = {1: Admission.QUEUED, 0: Admission.LANE_FULL, 2: Admission.ALREADY_QUEUED}[code]
-        if self.replica_ack and admission is not Admission.LANE_FULL:
-            await self.wait_replicas([record, self.keys.jobs(model, lane)])
-        return EnqueueResult(admission, rid, waiting)
+        created: list[int] = []
+        if self.fast.cluster:  # the record first, then its job; see enqueue.lua
+            created = [int(x) for x in await self._enqueue(keys=[record], args=["record", *args, *flat])]
+        waiting = 0
+        for queue in targets:
+            args[-1] = self.keys.waiting_prefix(queue, lane)
+            lane_keys = [
+                self.keys.fair(queue, lane),
+                self.keys.backlog(queue, lane),
+                self.keys.joins(queue, lane),
+            ]
+            if not self.fast.cluster:  # one server: record and job in one atomic script
+                res = await self._enqueue(
+                    keys=[self.keys.jobs(queue, lane), record, *lane_keys], args=["whole", *args, *flat]
+                )
+            else:
+                # An error here leaves the record: the job may have been queued (a lost reply). A
+                # retry of the same rid queues it once; without one, the record ends at its deadline.
+                res = await self._enqueue(
+                    keys=[self.keys.jobs(queue, lane), self.keys.admitted(queue, lane), *lane_keys],
+                    args=["job", *args],
+                )
+                if int(res[0]) == 2 and created and created[0] == 1:
+                    res = [1, res[1]]  # queued by a call whose reply was lost; its record had expired
+            code = int(res[0])
+            if code != 0:
+                admission = Admission.QUEUED if code == 1 else Admission.ALREADY_QUEUED
+                if self.replica_ack:
+                    await self.wait_replicas([record, self.keys.jobs(queue, lane)])
+                return EnqueueResult(admission, rid, int(res[1]), queue)
+            waiting += int(res[1])
+        if self.fast.cluster:
+            await self._forget(record, args)
+        return EnqueueResult(Admission.LANE_FULL, rid, waiting, targets[0] if len(targets) == 1 else "")
 
     async def _forget(self, record: str, args: list[Arg]) -> None:
         """Delete a record whose job was not queued, unless a worker started it meanwhile."""

@@ -4,14 +4,17 @@ per node on a Redis Cluster (``append.lua``). Part of :class:`~breakwater.broker
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from breakwater.broker.cluster import Address, ClusterPipelinedRedis, Fast
 from breakwater.broker.scripts import Call, Script
 from breakwater.broker.types import Append
 from breakwater.broker.wire import Arg
 from breakwater.keys import Keys
+
+log = logging.getLogger(__name__)
 
 
 class Appends:
@@ -23,6 +26,7 @@ class Appends:
     token_stream_maxlen: int
     _append: Script
     _append_node: Script
+    _per_node = True  # one append call per node and step (False: per sequence, Redis < 7)
 
     async def append_step(self, appends: list[Append]) -> list[int]:
         """One engine step's deltas for all sequences, in one script call; each append is fenced and
@@ -30,7 +34,9 @@ class Appends:
         if not appends:
             return []
         if isinstance(self.fast, ClusterPipelinedRedis):
-            return await self._append_per_node(self.fast, appends)
+            if self._per_node:
+                return await self._append_per_node(self.fast, appends)
+            return await self._append_each(appends)
         keys: list[str] = []
         args: list[Arg] = [self.token_stream_maxlen, self.publish]
         for a in appends:
@@ -62,22 +68,35 @@ class Appends:
         for ids, (reply,) in zip(groups.values(), sent, strict=True):
             if isinstance(reply, Exception):
                 if isinstance(reply, NoScriptError):
-                    await self._append_node.load()
+                    await self._load_per_node()
                 alone += ids
                 continue
             for i, seq in zip(ids, reply, strict=True):
                 out[i] = int(seq)
         if alone:
-            calls: list[Call] = [
-                (
-                    [self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
-                    self._append_args(a, [self.token_stream_maxlen, self.publish]),
-                )
-                for a in (appends[i] for i in alone)
-            ]
-            for i, reply in zip(alone, await self._append.many(calls), strict=True):
-                out[i] = int(reply[0])
+            for i, seq in zip(alone, await self._append_each([appends[i] for i in alone]), strict=True):
+                out[i] = seq
         return out
+
+    async def _append_each(self, appends: list[Append]) -> list[int]:
+        """One call per sequence, each routed to its slot (redirections and failovers followed)."""
+        calls: list[Call] = [
+            (
+                [self.keys.request(a.rid), self.keys.tokens(a.rid), self.keys.emitted(a.rid)],
+                self._append_args(a, [self.token_stream_maxlen, self.publish]),
+            )
+            for a in appends
+        ]
+        return [int(reply[0]) for reply in await self._append.many(calls)]
+
+    async def _load_per_node(self) -> None:
+        """Load the per-node form; a server that cannot run it (script flags are Redis 7's) keeps
+        the one-call-per-sequence form from then on."""
+        try:
+            await self._append_node.load()
+        except ResponseError as exc:
+            self._per_node = False
+            log.warning("appends go one call per sequence", extra={"fields": {"error": str(exc)}})
 
     def _append_args(self, a: Append, args: list[Arg]) -> list[Arg]:
         """``args`` + one sequence's arguments of ``append.lua``."""

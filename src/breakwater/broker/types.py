@@ -19,7 +19,8 @@ class Admission(enum.Enum):
 class EnqueueResult:
     admission: Admission
     rid: str
-    waiting: int
+    waiting: int  # in the lane it joined; refused: in every lane (partition) tried
+    queue: str = ""  # the queue (partition) that took it
 
     @property
     def accepted(self) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.fanin import FanIn, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
-from breakwater.broker.types import EnqueueResult
+from breakwater.broker.types import Admission, EnqueueResult
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import AutoscaleSignals, retry_after_s
 from breakwater.gateway.cache import (
@@ -165,25 +165,22 @@ class Admitter:
         )
 
     async def _enqueue(self, rid: str, spec: RequestSpec, prompt: str, principal: Principal) -> EnqueueResult:
-        """Queue the job on one of its model's partitions (gateway.partitions); a full one passes it
-        on to the next. Refused (``waiting``: the lane's total) only when every partition is full."""
+        """Queue the job on one of its model's partitions (gateway.partitions): the less loaded of
+        two first; a full one passes it on to the next."""
         partitions = self.signals.partitions
-        waiting = 0
-        for queue in partitions.order(spec.model, spec.lane):
-            result = await self.broker.enqueue(
-                rid=rid,
-                spec=spec,
-                max_queued=partitions.limit(spec.model),
-                result_ttl_s=self.settings.result_ttl_s,
-                cost=spec.reserved_tokens or reserve(spec, prompt),
-                weight=principal.key.weight if principal.key is not None else 1.0,
-                queue=queue,
-            )
-            partitions.observe(queue, spec.lane, result.waiting)
-            if result.accepted:
-                return result
-            waiting += result.waiting
-        return replace(result, waiting=waiting)
+        order = partitions.order(spec.model, spec.lane)
+        result = await self.broker.enqueue(
+            rid=rid,
+            spec=spec,
+            max_queued=partitions.limit(spec.model),
+            result_ttl_s=self.settings.result_ttl_s,
+            cost=spec.reserved_tokens or reserve(spec, prompt),
+            weight=principal.key.weight if principal.key is not None else 1.0,
+            queues=order,
+        )
+        if result.admission is Admission.QUEUED:
+            partitions.observe(result.queue, spec.lane, result.waiting)
+        return result
 
     async def _bind(
         self, idem: IdempotencyKey, rid: str, key_ttl_s: int, subscribe: bool

@@ -6,6 +6,7 @@ import math
 import time
 
 from breakwater.broker import Broker
+from breakwater.broker.errors import TRANSIENT
 from breakwater.config import GatewaySettings
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
@@ -77,8 +78,15 @@ class AutoscaleSignals:
     async def _refresh_tenants(self, model: str, lane: str) -> None:
         """Waiting requests per tenant (listed tenants by name, the rest summed as ``other``)."""
         per_label: dict[str, int] = dict.fromkeys(self._tenant_labels.get((model, lane), ()), 0)
-        for queue in self.partitions.queues(model):
-            for tenant, waiting in (await self.broker.tenant_backlog(queue, lane)).items():
+        names = self.partitions.queues(model)
+        for queue in names:
+            try:
+                backlog = await self.broker.tenant_backlog(queue, lane)
+            except TRANSIENT:
+                if len(names) == 1:
+                    raise
+                continue  # its shard is down (queue_depth marked it): the others still count
+            for tenant, waiting in backlog.items():
                 label = self.settings.tenant_label(tenant)
                 per_label[label] = per_label.get(label, 0) + waiting
         for label, waiting in per_label.items():
@@ -103,11 +111,17 @@ class AutoscaleSignals:
             waiting = in_flight = 0
             names = self.partitions.queues(name)
             for queue in names:
-                part_waiting, part_in_flight = await self.broker.queue_depth(queue, lane)
+                try:
+                    part_waiting, part_in_flight = await self.broker.queue_depth(queue, lane)
+                    lane_added, lane_done = await self.broker.jobs_counts(queue, lane)
+                except TRANSIENT:
+                    if len(names) == 1:
+                        raise
+                    self.partitions.unreachable(queue)  # its shard is down: the others still count
+                    continue
                 self.partitions.observe(queue, lane, part_waiting)
                 if len(names) > 1:  # a partition's own series only for a partitioned model
                     m.partition_queue_depth.labels(name, queue, lane).set(part_waiting)
-                lane_added, lane_done = await self.broker.jobs_counts(queue, lane)
                 added, done = added + lane_added, done + lane_done
                 waiting, in_flight = waiting + part_waiting, in_flight + part_in_flight
             m.queue_depth.labels(name, lane).set(waiting)

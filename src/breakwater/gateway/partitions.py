@@ -6,6 +6,7 @@ N shards. A request joins the less loaded of two partitions picked at random ("p
 close to least-loaded without a global view), as judged by the queue lengths this gateway last saw:
 every enqueue's reply carries its lane's length, and the signals loop reads them all every tick. A
 full partition passes the request on to the next; the lane refuses it only when all are full.
+A partition whose shard did not answer the last signals tick goes last until it answers again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Partitions:
         self.settings = settings
         self.max_queued = max_queued  # per model and lane, shared out between its partitions
         self._waiting: dict[tuple[str, str], int] = {}
+        self._unreachable: set[str] = set()
         self._random = random.Random()
 
     def queues(self, model: str) -> tuple[str, ...]:
@@ -36,12 +38,16 @@ class Partitions:
         names = self.queues(model)
         if len(names) == 1:
             return list(names)
-        first, second = self._random.sample(names, 2)
+        up = [q for q in names if q not in self._unreachable] or list(names)
+        down = [q for q in names if q not in up]
+        if len(up) == 1:
+            return [*up, *down]
+        first, second = self._random.sample(up, 2)
         if self.waiting(second, lane) < self.waiting(first, lane):
             first, second = second, first
-        rest = [q for q in names if q not in (first, second)]
+        rest = [q for q in up if q not in (first, second)]
         self._random.shuffle(rest)
-        return [first, second, *rest]
+        return [first, second, *rest, *down]
 
     def waiting(self, queue: str, lane: str) -> int:
         return self._waiting.get((queue, lane), 0)
@@ -49,3 +55,8 @@ class Partitions:
     def observe(self, queue: str, lane: str, waiting: int) -> None:
         """The latest length seen of a partition's lane (an enqueue's reply, a signals tick)."""
         self._waiting[(queue, lane)] = waiting
+        self._unreachable.discard(queue)
+
+    def unreachable(self, queue: str) -> None:
+        """The signals tick could not read this partition: it goes last until it can."""
+        self._unreachable.add(queue)

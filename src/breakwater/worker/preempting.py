@@ -80,12 +80,15 @@ class PreemptingMixin:
     async def _preempt(self) -> None:
         """Ask Redis, lane by lane, for a joining tenant's job this worker should make room for."""
         joined, self.preemption.joined = self.preemption.joined, set()
-        for queue, lane in sorted(joined, key=lambda ql: LANES.index(ql[1])):
+        order = sorted(joined, key=lambda ql: LANES.index(ql[1]))
+        for k, (queue, lane) in enumerate(order):
+            later = set(order[k + 1 :])  # kept for the next look when this one ends the round
             running = self.preemption.running(self.inflight.values(), lane, self._continues_constrained)
             try:
                 got = await self.broker.claim_preempting(queue, lane, self.settings.worker_id, running)
             except TRANSIENT as exc:
                 log.warning("preemption check failed", extra={"fields": {"error": str(exc)}})
+                self.preemption.joined |= later
                 return
             if got is None:
                 continue
@@ -96,6 +99,7 @@ class PreemptingMixin:
                 )
                 if victim is None:  # nothing here may be paused after all (it ended meanwhile)
                     await self.broker.release([job], self.settings.worker_id)  # another claim takes it
+                    self.preemption.joined |= later
                     return
                 self._pause(victim, job)
             try:

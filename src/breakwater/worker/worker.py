@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,6 +43,7 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
         # Its job queues: the model's, or the partitions of a hot model (gateway.partitions).
         self.queues = queues(self.model, settings.partitions_of(self.model))
         self._rotor = 0  # which partition the next pull starts from (round robin)
+        self._unreachable: dict[str, tuple[float, float]] = {}  # queue -> (skipped until, for how long)
         self.metrics = WorkerMetrics()
         self.metrics.hourly_cost.labels(self.model).set(settings.hourly_cost_usd)
         # Series exist from the start (at 0), so rate() and increase() in alerts see a baseline.
@@ -178,33 +180,65 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
     async def _next_jobs(self, free: int) -> list[Job]:
         """Up to ``free`` jobs: lapsed leases (every heartbeat), then new jobs, interactive before
         batch, from the partitions in turn (each pull starts from the next one); when there are none,
-        a short blocking read on one interactive queue, the next one each time."""
+        a short blocking read on one interactive queue, the next one each time (``block_ms`` shared
+        out, so a job on another partition waits at most that share)."""
         jobs: list[Job] = []
         self._rotor = (self._rotor + 1) % len(self.queues)
-        turn = self.queues[self._rotor :] + self.queues[: self._rotor]  # round robin
+        turn = self._reachable(self.queues[self._rotor :] + self.queues[: self._rotor])
+        worker_id = self.settings.worker_id
+        failed: list[BaseException] = []
         if time.monotonic() - self._last_reclaim >= self.settings.heartbeat_s:
             self._last_reclaim = time.monotonic()
-            min_idle_ms = int(self.settings.lease_s * 1000)
-            for lane in LANES:
-                for queue in turn:
-                    if len(jobs) < free:
-                        jobs += await self.broker.reclaim(
-                            queue, lane, self.settings.worker_id, min_idle_ms, free - len(jobs)
-                        )
-        for lane in LANES:
-            for queue in turn:
+            idle_ms = int(self.settings.lease_s * 1000)
+            for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
                 if len(jobs) < free:
-                    jobs += await self.broker.claim(
-                        queue, lane, self.settings.worker_id, free - len(jobs), None
+                    want = free - len(jobs)
+                    jobs += await self._from(
+                        failed, self.broker.reclaim, queue, lane, worker_id, idle_ms, want
                     )
-        if not jobs:
-            jobs = await self.broker.claim(
-                turn[0], LANES[0], self.settings.worker_id, free, self.settings.block_ms
-            )
+        for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
+            if len(jobs) < free:
+                jobs += await self._from(
+                    failed, self.broker.claim, queue, lane, worker_id, free - len(jobs), None
+                )
+        if not jobs and len(failed) < len(turn) * len(LANES):
+            block_ms = max(1, self.settings.block_ms // len(self.queues))
+            head = turn[0]
+            jobs = await self._from(failed, self.broker.claim, head, LANES[0], worker_id, free, block_ms)
+        if failed and not jobs and all(q in self._unreachable for q in turn):
+            raise failed[-1]  # no partition answered: the pull loop backs off
         for job in jobs:
             if not job.rid:  # an entry no request was waiting for: only acknowledged
                 await self.broker.ack(job)
         return [job for job in jobs if job.rid]
+
+    def _reachable(self, queues: tuple[str, ...]) -> tuple[str, ...]:
+        """The partitions not marked unreachable (all of them when every one is)."""
+        now = time.monotonic()
+        up = tuple(q for q in queues if self._unreachable.get(q, (0.0, 0.0))[0] <= now)
+        return up or queues
+
+    async def _from(
+        self, failed: list[BaseException], claim: Callable[..., Awaitable[list[Job]]], queue: str, *args: Any
+    ) -> list[Job]:
+        """One partition's ``claim(queue, *args)``. With several partitions, one whose shard fails
+        (after the client's own retries) is skipped for a while, longer each time, and the jobs the
+        others gave are kept; a model's only queue raises, for the pull loop's backoff."""
+        try:
+            got = await claim(queue, *args)
+        except TRANSIENT as exc:
+            if len(self.queues) == 1:
+                raise
+            failed.append(exc)
+            wait = min(60.0, 2 * self._unreachable.get(queue, (0.0, 2.5))[1])
+            self._unreachable[queue] = (time.monotonic() + wait, wait)
+            log.warning(
+                "a partition's queue is unreachable; skipping it",
+                extra={"fields": {"queue": queue, "for_s": wait, "error": str(exc)}},
+            )
+            return []
+        self._unreachable.pop(queue, None)
+        return got
 
     def _forget(self, rid: str) -> None:
         flight = self.inflight.pop(rid, None)
