@@ -50,7 +50,7 @@ def simulate(
     decode_base_ms: Annotated[float, typer.Option(help="engine step: fixed part")] = 20.0,
     decode_per_seq_ms: Annotated[float, typer.Option(help="engine step: per running sequence")] = 0.5,
     prefill_ms_per_token: Annotated[float, typer.Option(help="engine step: per prompt token joining")] = 0.05,
-    replicas: Annotated[int, typer.Option(help="replicas at the start")] = 1,
+    replicas: Annotated[int, typer.Option(help="replicas at the start (a fixed fleet: all of it)")] = 1,
     min_replicas: Annotated[int, typer.Option()] = 1,
     max_replicas: Annotated[int, typer.Option()] = 64,
     startup_s: Annotated[float, typer.Option(help="a new replica's time to ready (model load)")] = 60.0,
@@ -74,7 +74,8 @@ def simulate(
     summaries = []
     for spec in policy:
         chosen = parse_policy(spec, HpaMechanics(min_replicas=min_replicas, max_replicas=max_replicas))
-        result = Simulation(curve, arrivals, chosen, replicas=replicas, startup_s=startup_s).run()
+        start = chosen.replicas if isinstance(chosen, Fixed) else replicas  # a fixed fleet is there already
+        result = Simulation(curve, arrivals, chosen, replicas=start, startup_s=startup_s).run()
         summaries.append(summarize(chosen.name, result, slo_ttft_s=slo_ttft_s, prices=prices, sku=sku))
     if as_json:
         for s in summaries:
