@@ -16,7 +16,7 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
-from breakwater.cli_capacity import simulate
+from breakwater.cli_capacity import plan_fleet, simulate
 from breakwater.cli_tenants import keys_app, tenants_app, usage
 from breakwater.cli_tools import bench, cache_app, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
@@ -390,6 +390,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(tenants_app, name="tenants")
 app.command()(usage)
 app.command()(simulate)
+app.command("plan")(plan_fleet)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from breakwater.bench.profiles import trace
+from breakwater.capacity.planner import Demand, plan
 from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy
 from breakwater.capacity.pricing import Pricing
 from breakwater.capacity.report import summarize, table
@@ -82,3 +83,56 @@ def simulate(
             typer.echo(json.dumps(s.as_dict()))
     else:
         typer.echo(table(summaries, slo_ttft_s))
+
+
+def plan_fleet(
+    requests_per_day: Annotated[float, typer.Option(help="requests a day (e.g. 1e6 users x 10)")],
+    trace_path: Annotated[
+        Path,
+        typer.Option(
+            "--trace", help="its hour is the peak hour's shape and lengths", exists=True, dir_okay=False
+        ),
+    ],
+    peak_to_average: Annotated[float, typer.Option(help="the peak hour's rate over the day's average")] = 2.0,
+    slo_ttft_p95_s: Annotated[
+        float, typer.Option("--slo-ttft-p95-s", help="TTFT objective at the peak")
+    ] = 1.0,
+    capacity: Annotated[int, typer.Option(help="sequences per replica")] = 32,
+    decode_base_ms: Annotated[float, typer.Option(help="engine step: fixed part")] = 20.0,
+    decode_per_seq_ms: Annotated[float, typer.Option(help="engine step: per running sequence")] = 0.5,
+    prefill_ms_per_token: Annotated[float, typer.Option(help="engine step: per prompt token joining")] = 0.05,
+    sku: Annotated[str, typer.Option(help="GPU priced per replica-hour")] = "h100",
+    gpus_per_replica: Annotated[int, typer.Option(min=1)] = 1,
+    pricing: Annotated[Path | None, typer.Option(help="JSON overriding the default prices")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The replicas, gateway cores and Redis a traffic level needs at its peak, and the month's cost."""
+    try:
+        curve = ServiceCurve(
+            capacity, decode_base_ms / 1000, decode_per_seq_ms / 1000, prefill_ms_per_token / 1000
+        )
+        prices = Pricing.load(pricing)
+        demand = Demand(requests_per_day, peak_to_average, slo_ttft_p95_s)
+        if sku not in prices.gpu_hour:
+            raise ValueError(f"no price for `{sku}` (known: {', '.join(sorted(prices.gpu_hour))})")
+        result = plan(demand, trace(trace_path), curve, prices, sku=sku, gpus_per_replica=gpus_per_replica)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result.as_dict()))
+        return
+    typer.echo(
+        "\n".join(
+            [
+                f"peak: {result.peak_rps:,.1f} req/s, {result.peak_tokens_per_s:,.0f} output tokens/s",
+                f"replicas ({sku} x{gpus_per_replica}): {result.replicas_peak} at the peak "
+                f"(TTFT p95 {result.ttft_p95_s:.2f} s), {result.replicas_average} on average",
+                f"gateway cores: {result.gateway_cores}; Redis primaries: {result.redis_primaries} "
+                f"(+1 replica each), {result.redis_gb:.1f} GB",
+                f"per month: GPU ${result.gpu_monthly_usd:,.0f}, "
+                f"gateways ${result.gateway_monthly_usd:,.0f}, Redis ${result.redis_monthly_usd:,.0f}; "
+                f"total ${result.monthly_usd:,.0f}, "
+                f"${result.usd_per_1k_tokens:.4f} per 1k output tokens",
+            ]
+        )
+    )

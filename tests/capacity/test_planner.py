@@ -1,0 +1,87 @@
+"""``breakwater plan``: the fleet found by simulation, and the month's figures, by hand."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from breakwater.bench.profiles import Arrival
+from breakwater.capacity.planner import HEADROOM, Demand, at_rate, plan, smallest_fleet
+from breakwater.capacity.pricing import Pricing
+from breakwater.capacity.service import ServiceCurve
+
+# One sequence per replica, 10 steps of 0.1 s per request: a replica serves one request a second.
+CURVE = ServiceCurve(capacity=1, decode_base_s=0.1)
+
+
+def steady(n: int, every_s: float, tokens: int = 10) -> list[Arrival]:
+    return [Arrival(i * every_s, 5, tokens) for i in range(n)]
+
+
+def test_a_trace_is_replayed_at_the_planned_rate() -> None:
+    arrivals = at_rate(steady(101, 2.0), rps=10.0)
+    assert arrivals[0].t == 0 and arrivals[-1].t == pytest.approx(10.0)  # 100 gaps at 10/s
+    with pytest.raises(ValueError):
+        at_rate(steady(1, 1.0), 1.0)
+
+
+def test_the_smallest_fleet_that_meets_the_objective() -> None:
+    """10 requests a second, each a second of one replica: 10 replicas never queue (TTFT = one step);
+    9 fall behind for good."""
+    arrivals = steady(600, 0.1)
+    assert smallest_fleet(CURVE, arrivals, slo_s=0.15) == 10
+    assert smallest_fleet(CURVE, steady(600, 0.5), slo_s=0.15) == 2
+
+
+def test_the_months_figures_by_hand() -> None:
+    prices = Pricing(gpu_hour={"x": 2.0}, vcpu_hour=0.05, redis_gb_month=100.0, redis_million_ops=1.0)
+    demand = Demand(requests_per_day=432_000, peak_to_average=2.0, ttft_p95_s=0.15, result_ttl_s=3600)
+    p = plan(demand, steady(600, 0.3), CURVE, prices, sku="x", gpus_per_replica=2)
+    assert p.peak_rps == pytest.approx(10.0)  # 5 a second on average, twice that at the peak
+    assert p.replicas_peak == 10 and p.replicas_average == 5
+    assert p.peak_tokens_per_s == pytest.approx(100.0)
+    assert p.gateway_cores == 1 and p.redis_primaries == 1
+    assert HEADROOM == 0.7
+    hours = 730.0
+    assert p.gpu_monthly_usd == pytest.approx(5 * 2 * hours * 2.0)
+    assert p.gateway_monthly_usd == pytest.approx(1 * hours * 0.05)
+    tokens = 5 * 10 * hours * 3600  # a month at the average rate
+    assert p.output_tokens_per_month == pytest.approx(tokens)
+    kept_gb = 10 * 3600 * 10 * 86 / 1e9  # an hour of answers at the peak, 86 bytes a token
+    assert p.redis_gb == pytest.approx(2 * kept_gb)
+    assert p.redis_monthly_usd == pytest.approx(2 * kept_gb * 100.0 + tokens / 1e6 * 1.0)
+    assert p.usd_per_1k_tokens == pytest.approx(p.monthly_usd / tokens * 1000)
+    assert math.isclose(p.monthly_usd, p.gpu_monthly_usd + p.gateway_monthly_usd + p.redis_monthly_usd)
+
+
+def breakwater_plan(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "breakwater", "plan", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    rows = (f'{{"timestamp": {i * 300}, "input_length": 5, "output_length": 10}}\n' for i in range(300))
+    trace.write_text("".join(rows))
+    curve = [
+        "--capacity",
+        "1",
+        "--decode-base-ms",
+        "100",
+        "--decode-per-seq-ms",
+        "0",
+        "--prefill-ms-per-token",
+        "0",
+    ]
+    run = breakwater_plan(
+        "--requests-per-day", "432000", "--trace", str(trace), *curve, "--slo-ttft-p95-s", "0.15"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "peak: 10.0 req/s, 100 output tokens/s" in run.stdout
+    assert "10 at the peak" in run.stdout and "5 on average" in run.stdout
+    bad = breakwater_plan("--requests-per-day", "1000", "--trace", str(trace), "--sku", "z")
+    assert bad.returncode == 2 and "`z`" in bad.stderr
