@@ -135,6 +135,18 @@ def measure(
     return Measured(label, sum(r.tokens for r in ok), seconds, cpu, len(ok))
 
 
+def publish(part: str, section: str, lines: list[str], args: argparse.Namespace) -> None:
+    """Print the table with its command, and write it into docs/benchmarks.md's ``section``."""
+    command = (
+        f".venv/bin/python benchmarks/cluster.py --part {part} --streams {args.streams} "
+        f"--seconds {args.seconds:g}"
+    )
+    body = "\n".join(["```", command, "```", "", *lines])
+    print(body)
+    if not args.no_write:
+        write_section(section, body)
+
+
 def primaries_of(cluster: LocalCluster) -> list[int]:
     return [n.proc.pid for n in cluster.nodes if n.proc is not None and cluster.role(n) == "master"]
 
@@ -195,14 +207,7 @@ def report_primaries(tmp: Path, args: argparse.Namespace) -> None:
             f"| {r.label} | {r.events_per_s:,.0f} | {r.us_per_event:.1f} | {r.busiest_share:.0%} | "
             f"{r.capacity:,.0f} | {r.capacity / base.capacity:.2f}x |"
         )
-    command = (
-        f".venv/bin/python benchmarks/cluster.py --part primaries --streams {args.streams} "
-        f"--seconds {args.seconds:g}"
-    )
-    body = "\n".join(["```", command, "```", "", *lines])
-    print(body)
-    if not args.no_write:
-        write_section("cluster", body)
+    publish("primaries", "cluster", lines, args)
 
 
 def report_partitions(tmp: Path, args: argparse.Namespace) -> None:
@@ -244,14 +249,7 @@ def report_partitions(tmp: Path, args: argparse.Namespace) -> None:
             f"| {r.label} | {r.requests / r.seconds:,.0f} | {r.us_per_request:.0f} | {shares} | "
             f"{r.request_capacity:,.0f} | {r.request_capacity / base.request_capacity:.2f}x |"
         )
-    command = (
-        f".venv/bin/python benchmarks/cluster.py --part partitions --streams {args.streams} "
-        f"--seconds {args.seconds:g}"
-    )
-    body = "\n".join(["```", command, "```", "", *lines])
-    print(body)
-    if not args.no_write:
-        write_section("cluster-partitions", body)
+    publish("partitions", "cluster-partitions", lines, args)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from breakwater.bench.metrics import percentile
 from breakwater.bench.profiles import Arrival
 from breakwater.capacity.policies import Fixed
 from breakwater.capacity.pricing import Pricing
-from breakwater.capacity.report import percentile
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
 
