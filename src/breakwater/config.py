@@ -84,13 +84,14 @@ class CommonSettings(BaseSettings):
             names.add(name)
         return value
 
+    def partition_counts(self) -> dict[str, int]:
+        """Model -> job-queue partitions, for the models split (``partitions``)."""
+        pairs = (i.strip().partition("=") for i in self.partitions.split(",") if i.strip())
+        return {name: int(n) for name, _, n in pairs}
+
     def partitions_of(self, model: str) -> int:
         """How many job-queue partitions ``model`` has (1: not partitioned)."""
-        for item in self.partitions.split(","):
-            name, _, n = item.strip().partition("=")
-            if name == model:
-                return int(n)
-        return 1
+        return self.partition_counts().get(model, 1)
 
     def cache_index(self) -> CommonSettings | None:
         """The settings of the cache's own Redis, if it has one."""

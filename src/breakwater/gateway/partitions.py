@@ -20,18 +20,18 @@ from breakwater.keys import queues
 
 class Partitions:
     def __init__(self, settings: CommonSettings, max_queued: int) -> None:
-        self.settings = settings
+        self.counts = settings.partition_counts()  # parsed once: read on every admission
         self.max_queued = max_queued  # per model and lane, shared out between its partitions
         self._waiting: dict[tuple[str, str], int] = {}
         self._unreachable: set[str] = set()
         self._random = random.Random()
 
     def queues(self, model: str) -> tuple[str, ...]:
-        return queues(model, self.settings.partitions_of(model))
+        return queues(model, self.counts.get(model, 1))
 
     def limit(self, model: str) -> int:
         """Queued jobs each partition of ``model`` takes before it is full."""
-        return math.ceil(self.max_queued / self.settings.partitions_of(model))
+        return math.ceil(self.max_queued / self.counts.get(model, 1))
 
     def order(self, model: str, lane: str) -> list[str]:
         """The queues to try for a request, in order: the less loaded of two random ones first."""

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,19 +21,20 @@ from breakwater.engines.base import (
     GenerationRequest,
     SequenceDelta,
 )
-from breakwater.keys import LANES, queues
+from breakwater.keys import queues
 from breakwater.runtime import settle_heap
 from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
 from breakwater.worker.liveness import LivenessMixin
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preempting import PreemptingMixin
 from breakwater.worker.preemption import Preemption
+from breakwater.worker.pulling import PullingMixin
 from breakwater.worker.repair import RepairMixin
 
 log = logging.getLogger(__name__)
 
 
-class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
+class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
     def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
         self.settings = settings
         self.engine = engine
@@ -176,69 +176,6 @@ class Worker(LivenessMixin, PreemptingMixin, RepairMixin):
                     log.warning("start failed", extra={"rid": job.rid, "fields": {"error": str(exc)}})
             if burst and not jobs and not self.inflight:
                 return
-
-    async def _next_jobs(self, free: int) -> list[Job]:
-        """Up to ``free`` jobs: lapsed leases (every heartbeat), then new jobs, interactive before
-        batch, from the partitions in turn (each pull starts from the next one); when there are none,
-        a short blocking read on one interactive queue, the next one each time (``block_ms`` shared
-        out, so a job on another partition waits at most that share)."""
-        jobs: list[Job] = []
-        self._rotor = (self._rotor + 1) % len(self.queues)
-        turn = self._reachable(self.queues[self._rotor :] + self.queues[: self._rotor])
-        worker_id = self.settings.worker_id
-        failed: list[BaseException] = []
-        if time.monotonic() - self._last_reclaim >= self.settings.heartbeat_s:
-            self._last_reclaim = time.monotonic()
-            idle_ms = int(self.settings.lease_s * 1000)
-            for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
-                if len(jobs) < free:
-                    want = free - len(jobs)
-                    jobs += await self._from(
-                        failed, self.broker.reclaim, queue, lane, worker_id, idle_ms, want
-                    )
-        for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
-            if len(jobs) < free:
-                jobs += await self._from(
-                    failed, self.broker.claim, queue, lane, worker_id, free - len(jobs), None
-                )
-        if not jobs and len(failed) < len(turn) * len(LANES):
-            block_ms = max(1, self.settings.block_ms // len(self.queues))
-            head = turn[0]
-            jobs = await self._from(failed, self.broker.claim, head, LANES[0], worker_id, free, block_ms)
-        if failed and not jobs and all(q in self._unreachable for q in turn):
-            raise failed[-1]  # no partition answered: the pull loop backs off
-        for job in jobs:
-            if not job.rid:  # an entry no request was waiting for: only acknowledged
-                await self.broker.ack(job)
-        return [job for job in jobs if job.rid]
-
-    def _reachable(self, queues: tuple[str, ...]) -> tuple[str, ...]:
-        """The partitions not marked unreachable (all of them when every one is)."""
-        now = time.monotonic()
-        up = tuple(q for q in queues if self._unreachable.get(q, (0.0, 0.0))[0] <= now)
-        return up or queues
-
-    async def _from(
-        self, failed: list[BaseException], claim: Callable[..., Awaitable[list[Job]]], queue: str, *args: Any
-    ) -> list[Job]:
-        """One partition's ``claim(queue, *args)``. With several partitions, one whose shard fails
-        (after the client's own retries) is skipped for a while, longer each time, and the jobs the
-        others gave are kept; a model's only queue raises, for the pull loop's backoff."""
-        try:
-            got = await claim(queue, *args)
-        except TRANSIENT as exc:
-            if len(self.queues) == 1:
-                raise
-            failed.append(exc)
-            wait = min(60.0, 2 * self._unreachable.get(queue, (0.0, 2.5))[1])
-            self._unreachable[queue] = (time.monotonic() + wait, wait)
-            log.warning(
-                "a partition's queue is unreachable; skipping it",
-                extra={"fields": {"queue": queue, "for_s": wait, "error": str(exc)}},
-            )
-            return []
-        self._unreachable.pop(queue, None)
-        return got
 
     def _forget(self, rid: str) -> None:
         flight = self.inflight.pop(rid, None)
