@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from breakwater.bench import RunResult
+    from breakwater.bench.meter import Meter, Snapshot
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -56,6 +60,26 @@ def bench(
     gpus: Annotated[float, typer.Option(help="cost: GPUs serving")] = 0.0,
     cpus: Annotated[float, typer.Option(help="cost: CPU cores serving")] = 0.0,
     metrics_url: Annotated[str | None, typer.Option(help="scrape this /metrics ('off': none)")] = None,
+    measure: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="measured cost: a process's /metrics (gateway, worker, or `breakwater up`'s supervisor) "
+            "to read CPU and engine busy seconds from before and after the run; repeatable"
+        ),
+    ] = None,
+    redis_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="measured cost: a Redis (each node of a cluster) for commands and memory; repeatable"
+        ),
+    ] = None,
+    pricing: Annotated[
+        Path | None, typer.Option(help="measured cost: JSON prices overriding the defaults (docs/bench.md)")
+    ] = None,
+    sku: Annotated[str, typer.Option(help="measured cost: the accelerator each worker holds")] = "h100",
+    replicas: Annotated[
+        float | None, typer.Option(help="measured cost: accelerators billed (default: workers measured)")
+    ] = None,
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="bearer token")] = None,
     seed: Annotated[int, typer.Option(help="random seed of the schedule")] = 0,
     repeat_fraction: Annotated[
@@ -72,11 +96,16 @@ def bench(
     """Load-test any OpenAI-compatible server: TTFT, TPOT, ITL, E2E, goodput, cost; JSON + plots + HTML."""
     from dataclasses import asdict
 
+    import httpx
+    from redis.exceptions import RedisError
     from rich.table import Table
 
     from breakwater.bench import SLO, Cost, Profile, Target, run_profile, summarize, sweep
+    from breakwater.bench.meter import Meter
+    from breakwater.bench.meter import measure as measure_usage
     from breakwater.bench.metrics import mean_replicas
     from breakwater.bench.report import failure_message, table_rows, write
+    from breakwater.capacity.pricing import Pricing
 
     try:
         if model is None:
@@ -99,8 +128,10 @@ def bench(
         console.print(
             f"{profile}: {n if n is not None else 'closed-loop'} requests to {target.url} ({model})"
         )
-        result = asyncio.run(run_profile(target, prof))
-    except (ValueError, OSError) as exc:
+        prices = Pricing.load(pricing)
+        meter = Meter(measure or [], redis_url or []) if measure or redis_url else None
+        result, snapshots = asyncio.run(_metered(meter, run_profile(target, prof)))
+    except (ValueError, OSError, RedisError, httpx.HTTPError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     if (gpu_hourly and not gpus) or (cpu_hourly and not cpus):
@@ -113,6 +144,10 @@ def bench(
             cpus or (replicas if cpu_hourly else 0),
         )
     summary = summarize(result.records, duration_s=result.duration_s, slo=slos, cost=cost)
+    if snapshots is not None:
+        before, after, memory = snapshots
+        measured = measure_usage(before, after, memory, output_tokens=summary["total_output_tokens"])
+        summary["measured_cost"] = measured.report(prices, sku, replicas)
     config = {"target": asdict(target), "profile": asdict(prof), "command": " ".join(sys.argv[1:])}
     files = write(result, summary, config, out)
     table = Table(title=f"breakwater bench: {profile}")
@@ -125,6 +160,19 @@ def bench(
     if summary["completed"] == 0:
         console.print(f"[red]error:[/red] {escape(failure_message(result.records))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+async def _metered(
+    meter: Meter | None, run: Coroutine[Any, Any, RunResult]
+) -> tuple[RunResult, tuple[Snapshot, Snapshot, list[int]] | None]:
+    """The run, between the meter's two readings when there is a meter."""
+    if meter is None:
+        return await run, None
+    try:
+        result, before, after, memory = await meter.around(run)
+    finally:
+        await meter.aclose()
+    return result, (before, after, memory)
 
 
 def _discover_model(url: str, api_key: str | None) -> str:

@@ -24,6 +24,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from breakwater.engines import ENGINES
+from breakwater.proc_cpu import ProcessCPU
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, port_in_use
 
@@ -164,7 +165,24 @@ class Stack:
             ["process"],
             registry=self.registry,
         )
+        self.registry.register(ProcessCPU(self.all_processes))
         self._metrics: tuple[WSGIServer, Thread] | None = None
+
+    def all_processes(self) -> list[tuple[str, str, int]]:
+        """(name, role, pid) of every process started and still known: Redis, gateway, workers."""
+        found: list[tuple[str, str, int]] = []
+        single = [self.redis] if isinstance(self.redis, RedisServer) else []
+        nodes = self.redis.nodes if isinstance(self.redis, LocalCluster) else single
+        for i, node in enumerate(nodes):
+            if node.proc is not None:
+                found.append((f"redis-{i}" if len(nodes) > 1 else "redis", "redis", node.proc.pid))
+        children = [self.gateway, *self.workers] if self.gateway is not None else self.workers
+        for child in children:
+            if child.proc is not None:
+                found.append((child.name, child.name.split("-")[0], child.proc.pid))
+        for proc in self.retiring:
+            found.append((f"retiring-{proc.pid}", "worker", proc.pid))
+        return found
 
     @property
     def url(self) -> str:

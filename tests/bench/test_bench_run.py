@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
-from breakwater.redis_server import RedisServer
+from breakwater.redis_server import RedisServer, free_port
 from tests.helpers import StackProcs, start_sim_server
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -163,3 +164,43 @@ def test_bench_measures_a_response_cache(redis_server: RedisServer, log_dir: Pat
     assert sorted(r["cache"] for r in rows) == sorted(["hit"] * repeats + ["miss"] * (len(rows) - repeats))
     assert result["cache_hit_ratio"] == repeats / len(rows)
     assert result["median_ttft_hit_ms"] > 0 and result["median_ttft_miss_ms"] > 0
+
+
+def test_bench_measures_the_cost_per_process(
+    redis_server: RedisServer, log_dir: Path, tmp_path: Path
+) -> None:
+    """``--measure`` each process's /metrics and ``--redis-url``: the seed's cost model from what the
+    gateway, the worker and Redis actually used, priced from ``--pricing``."""
+    procs = StackProcs(redis_server.url, f"b{uuid.uuid4().hex[:10]}", log_dir)
+    gw_metrics, worker_metrics = free_port(), free_port()
+    pricing = tmp_path / "prices.json"
+    pricing.write_text('{"gpu_hour": {"l4": 0.9}, "vcpu_hour": 0.04, "redis_million_ops": 2.0}')
+    try:
+        url = procs.add_gateway(metrics_port=gw_metrics)
+        procs.add_worker(sim_decode_base_ms=2, heartbeat_s=0.5, metrics_port=worker_metrics)
+        procs.wait_workers(url)
+        code, result, _ = bench(
+            *("--url", url, "--model", "sim", "--profile", "constant", "--rate", "20", "--duration", "2"),
+            *("--input-tokens", "16", "--output-tokens", "12"),
+            *("--measure", f"http://127.0.0.1:{gw_metrics}/metrics"),
+            *("--measure", f"http://127.0.0.1:{worker_metrics}/metrics"),
+            *("--redis-url", redis_server.url, "--pricing", str(pricing), "--sku", "l4"),
+            out=tmp_path / "out",
+        )
+    finally:
+        procs.stop()
+    assert code == 0 and result["completed"] == 40 and result["total_output_tokens"] == 40 * 12
+    measured = result["measured_cost"]
+    usage, parts = measured["usage"], measured["cost_usd"]
+    assert usage["cpu_s"]["gateway"] > 0 and usage["cpu_s"]["worker"] > 0
+    (replica,) = usage["replicas"]
+    assert replica["cpu_s"] == usage["cpu_s"]["worker"]
+    assert 0 < replica["busy_s"] <= usage["accelerator_s"]  # one worker, billed for the whole window
+    assert usage["accelerator_s"] >= result["duration"]
+    assert usage["redis_commands"] >= 40 * 12  # at least one durable write per token
+    assert usage["redis_memory_gb"] > 0
+    assert parts["gpu"] == pytest.approx(usage["accelerator_s"] / 3600 * 0.9)
+    assert parts["gateway"] == pytest.approx(usage["cpu_s"]["gateway"] / 3600 * 0.04)
+    assert parts["redis_ops"] == pytest.approx(usage["redis_commands"] / 1e6 * 2.0)
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+    assert measured["per_1k_output_tokens"] == pytest.approx(parts["total"] / (40 * 12) * 1000)

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionUserMessageParam
 
-from breakwater.redis_server import free_port
+from breakwater.redis_server import RedisServer, free_port
 from breakwater.stack import Backoff, Stack, StackConfig, describe_exit
 from tests.helpers import async_wait_for, expected_sim, metric_samples, wait_for
 
@@ -197,6 +197,13 @@ def test_a_retired_worker_is_not_restarted_nor_is_anything_after_stop(tmp_path: 
         stack.supervise()
         assert [w.name for w in stack.workers] == ["worker-0"] and stack.workers[0].running()
         assert stack.processes().keys() == {"gateway", "worker-0"}
+        # The cost model's CPU-seconds: each process the supervisor runs, Redis included, by pid.
+        assert isinstance(stack.redis, RedisServer) and stack.redis.proc is not None
+        pids = {**stack.processes(), "redis": stack.redis.proc.pid}
+        for name, pid in pids.items():
+            labels = {"process": name, "role": name.split("-")[0], "pid": str(pid)}
+            cpu = stack.registry.get_sample_value("breakwater_process_tree_cpu_seconds_total", labels)
+            assert cpu is not None and (cpu > 0 or name == "redis"), (name, labels)  # Python starts busy
     finally:
         stack.stop()
     stack.supervise()  # after a clean stop every child has exited; none may come back

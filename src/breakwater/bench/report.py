@@ -176,16 +176,18 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         keys.append(("goodput (req/s)", _fmt(summary["request_goodput"])))
     if "cache_hit_ratio" in summary:  # the server's response cache answered some (X-Breakwater-Cache)
         keys.append(("cache hit ratio", _fmt(summary["cache_hit_ratio"])))
-        for kind in ("hit", "miss"):
+        for kind, plural in (("hit", "hits"), ("miss", "misses")):
             keys.append(
                 (
-                    f"TTFT ms p50 / p99, cache {kind}s",
+                    f"TTFT ms p50 / p99, cache {plural}",
                     " / ".join(_fmt(summary[f"{k}_ttft_{kind}_ms"]) for k in ("median", "p99")),
                 )
             )
     if summary.get("cost_per_1k_output_tokens") is not None:
         keys.append(("cost / 1k output tokens", _fmt(summary["cost_per_1k_output_tokens"])))
         keys.append(("cost / 1k total tokens", _fmt(summary["cost_per_1k_total_tokens"])))
+    if (measured := summary.get("measured_cost")) is not None:
+        keys.extend(_measured_rows(measured))
     keys.append(
         (
             "send lag p99 / max (ms)",
@@ -194,6 +196,35 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     )
     keys.append(("stream integrity errors", str(summary["integrity_errors"])))
     return keys
+
+
+def _measured_rows(measured: dict[str, Any]) -> list[tuple[str, str]]:
+    """The seed's cost model as measured: per 1k output tokens, its parts, and what was used."""
+    usage, parts = measured["usage"], measured["cost_usd"]
+    share = measured["share"] or {}
+    cpu = usage["cpu_s"]
+    busy = [r["busy_share"] for r in usage["replicas"] if r.get("busy_share") is not None]
+    rows = [
+        (f"measured cost / 1k output tokens ({measured['sku']})", _fmt(measured["per_1k_output_tokens"])),
+        (
+            "  share: accel. / gateway / worker / Redis mem / ops",
+            " / ".join(
+                f"{share.get(k, 0.0):.1%}" for k in ("gpu", "gateway", "worker", "redis_memory", "redis_ops")
+            ),
+        ),
+        ("  run cost (USD)", _fmt(parts["total"])),
+        (
+            "  CPU s: gateway / worker / redis",
+            " / ".join(_fmt(cpu.get(k, 0.0)) for k in ("gateway", "worker", "redis")),
+        ),
+        (
+            "  Redis commands / mean memory (MB)",
+            f"{usage['redis_commands']} / {usage['redis_memory_gb'] * 1e3:.1f}",
+        ),
+    ]
+    if busy:
+        rows.append(("  engine busy share per replica", " / ".join(f"{b:.0%}" for b in busy)))
+    return rows
 
 
 __all__ = ["PLOTS", "RequestRecord", "itls", "per_second", "table_rows", "write"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (
     0.001,
@@ -36,6 +38,11 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total etc.: the cost model's CPU-seconds
+        pid = Gauge(
+            "breakwater_process_pid", "This process's id (matches the supervisor's readings)", registry=r
+        )
+        pid.set(os.getpid())
         self.ttft = Histogram(
             "breakwater_ttft_seconds",
             "Time to first token, as the gateway sees it",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from breakwater.gateway.metrics import LATENCY_BUCKETS
 
@@ -11,6 +13,11 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total etc.: the cost model's CPU-seconds
+        pid = Gauge(
+            "breakwater_process_pid", "This process's id (matches the supervisor's readings)", registry=r
+        )
+        pid.set(os.getpid())
         self.batch_occupancy = Gauge(
             "breakwater_worker_batch_occupancy", "Running sequences / capacity", ["model"], registry=r
         )
