@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from breakwater.cli_capacity import plan_fleet, simulate
+from breakwater.cli_probe import probe
 from breakwater.cli_tenants import keys_app, tenants_app, usage
 from breakwater.cli_tools import bench, cache_app, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
@@ -391,6 +392,7 @@ app.add_typer(tenants_app, name="tenants")
 app.command()(usage)
 app.command()(simulate)
 app.command("plan")(plan_fleet)
+app.command()(probe)
 
 
 def main() -> None:

@@ -1,0 +1,120 @@
+"""The SSE probe session: a streamed chat completion, closed once, resumed with ``Last-Event-ID``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from breakwater.probe.session import Result, SessionError, StreamBroken, Tracker
+
+RETRY_S = 0.5
+REQUEST_ID = "x-breakwater-request-id"
+
+
+async def sse_session(
+    client: httpx.AsyncClient, urls: Sequence[str], body: dict[str, Any], *, drop_after: int, timeout_s: float
+) -> Result:
+    result = Result("sse")
+    tracker = Tracker(result)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await _run(client, urls, body, drop_after, tracker)
+    except SessionError as exc:
+        result.errors.append(exc.kind)
+        result.detail = str(exc)
+        return result
+    except TimeoutError:
+        result.errors.append("timeout")
+        return result
+    result.outcome = "success" if not result.errors else "recovered"
+    return result
+
+
+async def _run(
+    client: httpx.AsyncClient, urls: Sequence[str], body: dict[str, Any], drop_after: int, tracker: Tracker
+) -> None:
+    result = tracker.result
+    index, rid, planned, refused = 0, "", drop_after <= 0, 0
+    while not tracker.finished:
+        url = urls[index].rstrip("/")
+        began = time.monotonic()
+        if not rid:
+            tracker.sent_at = began
+            request = client.build_request("POST", f"{url}/v1/chat/completions", json=body)
+        else:
+            headers = {"Last-Event-ID": str(tracker.last_seq)}
+            request = client.build_request("GET", f"{url}/v1/requests/{rid}/events", headers=headers)
+        try:
+            resp = await client.send(request, stream=True)
+        except httpx.TransportError:
+            result.errors.append("connect")
+            index, refused = (index + 1) % len(urls), refused + 1
+            if refused % len(urls) == 0:
+                await asyncio.sleep(RETRY_S)
+            continue
+        try:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                raise SessionError(f"http_{resp.status_code}", text[:200])
+            if result.connect_s is None:
+                result.connect_s = time.monotonic() - began  # until the response headers
+            rid = rid or resp.headers[REQUEST_ID]
+            if await _read(resp, tracker, 0 if planned else drop_after):
+                planned = True  # dropped on purpose: resume on the same URL
+                tracker.dropped()
+            elif not tracker.finished:
+                raise StreamBroken
+        except (httpx.TransportError, StreamBroken):
+            result.errors.append("stream_broken")  # a cut the probe did not make: resume elsewhere
+            tracker.dropped()
+            index = (index + 1) % len(urls)
+        finally:
+            await resp.aclose()
+
+
+async def _read(resp: httpx.Response, tracker: Tracker, drop_after: int) -> bool:
+    """Follow the events; True when the probe drops the stream on purpose after ``drop_after``."""
+    seq: int | None = None
+    data: list[str] = []
+    first = True
+    async for line in resp.aiter_lines():
+        if line.startswith("id:"):
+            seq = int(line[3:].strip())
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            payload = "\n".join(data)
+            data = []
+            if payload == "[DONE]":
+                if not tracker.finished:
+                    raise SessionError("integrity", "[DONE] before the finish")
+                return False
+            _event(tracker, seq, orjson.loads(payload), first)
+            first = False
+            if drop_after and not tracker.finished and tracker.last_seq >= drop_after:
+                return True
+    return False
+
+
+def _event(tracker: Tracker, seq: int | None, chunk: dict[str, Any], first: bool) -> None:
+    """One chunk. Several chunks of one event share its id, but a stream (a resumed one too) starts
+    after the last id seen."""
+    if "error" in chunk:
+        error = chunk["error"]
+        raise SessionError("error_event", str(error.get("message") if isinstance(error, dict) else error))
+    if seq is None:
+        raise SessionError("integrity", "a chunk without an id")
+    if tracker.finished:
+        return  # the usage chunk: it shares the finish's id
+    choices = chunk.get("choices") or []
+    if any(c.get("finish_reason") for c in choices):
+        tracker.done(seq)
+    elif seq == tracker.last_seq + 1:
+        tracker.token(seq)
+    elif seq != tracker.last_seq or first:
+        raise SessionError("integrity", f"id {seq} after {tracker.last_seq}")

@@ -1,0 +1,83 @@
+"""``breakwater probe`` against the local stack: WebSocket and SSE sessions through two gateways, each
+dropped once and resumed; a gateway SIGKILLed mid-stream is reported (the broken stream, the session
+recovered on the other gateway, later sessions' refused connections) and no token is lost or repeated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from breakwater.redis_server import RedisServer, free_port
+from tests.helpers import StackProcs, metric_samples, wait_for
+
+TOKENS = 20
+TRANSPORTS = ("websocket", "sse")
+
+
+def _sessions(log: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log.read_bytes().splitlines() if line.startswith(b"{")]
+
+
+def _count(url: str, name: str, **labels: str) -> float:
+    return sum(metric_samples(url, name, **labels))
+
+
+def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, log_dir: Path) -> None:
+    procs = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir)
+    port = free_port()
+    probe_url = f"http://127.0.0.1:{port}"
+    log = log_dir / f"probe-{port}.log"
+    probe: subprocess.Popen[bytes] | None = None
+    try:
+        first, second = procs.add_gateway(), procs.add_gateway()
+        procs.add_worker(sim_decode_base_ms=100, heartbeat_s=0.5)  # 20 tokens: about 2 s a session
+        procs.wait_workers(first)
+        command = [sys.executable, "-m", "breakwater", "probe", "--url", first, "--url", second]
+        command += ["--model", "sim", "--interval", "0.2", "--max-tokens", str(TOKENS), "--drop-after", "5"]
+        command += ["--metrics-port", str(port), "--timeout", "30"]
+        with open(log, "wb") as out:
+            probe = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+        def healthy() -> bool:
+            try:
+                return all(
+                    _count(probe_url, "breakwater_probe_sessions_total", transport=t, outcome="success") >= 1
+                    for t in TRANSPORTS
+                )
+            except httpx.HTTPError:  # its /metrics is not listening yet
+                return False
+
+        wait_for(healthy, 30, 0.1, "a successful session on each transport")
+        # Both sessions streaming from the first gateway (each resumes there after its own drop).
+        wait_for(lambda: _count(first, "breakwater_active_streams") == 2, 20, 0.02, "two probe streams on it")
+        procs.gateways[0][0].kill()
+
+        def reported() -> bool:
+            broken = [s for s in _sessions(log) if "stream_broken" in s["errors"]]
+            refused = [s for s in _sessions(log) if s["errors"] and set(s["errors"]) == {"connect"}]
+            return {s["transport"] for s in broken} == set(TRANSPORTS) and {
+                s["transport"] for s in refused
+            } == set(TRANSPORTS)
+
+        wait_for(reported, 30, 0.2, "the broken sessions and later ones refused by the dead gateway")
+    finally:
+        if probe is not None:
+            probe.terminate()
+            probe.wait(10)
+        procs.stop()
+    sessions = _sessions(log)
+    assert sessions and all(s["outcome"] != "failed" for s in sessions), sessions
+    # Every session got its tokens exactly once (the probe checks each sequence number).
+    assert all(s["tokens"] == TOKENS for s in sessions), sessions
+    for transport in TRANSPORTS:
+        broken = [s for s in sessions if s["transport"] == transport and "stream_broken" in s["errors"]]
+        assert len(broken) == 1 and broken[0]["outcome"] == "recovered", broken
+        assert len(broken[0]["resume_gap_ms"]) == 2  # its own drop, then the gateway's death
+        clean = [s for s in sessions if s["transport"] == transport and not s["errors"]]
+        assert clean and all(s["outcome"] == "success" and len(s["resume_gap_ms"]) == 1 for s in clean)
