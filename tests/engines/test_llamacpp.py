@@ -75,6 +75,17 @@ async def test_usage_equals_the_tokenizers_count(engine: LlamaCppEngine) -> None
     assert out["u"][-1].finish_reason == "length"
 
 
+async def test_ignore_eos_generates_until_max_tokens(engine: LlamaCppEngine) -> None:
+    """The answer that stops by itself well before 120 tokens runs to 120 with ignore_eos."""
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    plain = GenerationRequest("e1", messages=messages, temperature=0.0, max_tokens=120)
+    forced = GenerationRequest("e2", messages=messages, temperature=0.0, max_tokens=120, ignore_eos=True)
+    out = await _generate(engine, plain, forced)
+    assert out["e1"][-1].finish_reason == "stop" and sum(d.tokens for d in out["e1"]) < 120
+    assert out["e2"][-1].finish_reason == "length" and sum(d.tokens for d in out["e2"]) == 120
+    assert _text(out["e2"]).startswith(_text(out["e1"]).rstrip())
+
+
 async def test_stop_string_ends_output_and_is_not_emitted(engine: LlamaCppEngine) -> None:
     base = await _generate(engine, GenerationRequest("b", messages=QUESTION, temperature=0.0, max_tokens=30))
     full = _text(base["b"])

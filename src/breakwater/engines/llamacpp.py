@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,8 @@ class LlamaCppEngine(Engine):
         self._model: Any = None
         self._ctx: Any = None
         self._vocab: Any = None
+        self._n_vocab = 0
+        self._eog: list[int] = []
         self._batch: Any = None
         self._formatter: Jinja2ChatFormatter | None = None
         self._embeds: list[tuple[GenerationRequest, list[list[int]]]] = []  # waiting for the next step
@@ -116,6 +119,9 @@ class LlamaCppEngine(Engine):
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {self.model_path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        # End-of-generation tokens (EOS, EOT, ...): ignore_eos masks them all.
+        self._eog = [t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
         per_seq = min(self.requested_ctx, train_ctx) if train_ctx > 0 else self.requested_ctx
         self.info = EngineInfo(self.info.model, "llamacpp", per_seq, self.capacity)
@@ -248,7 +254,19 @@ class LlamaCppEngine(Engine):
         self._work.set()
 
     def _sampler(self, request: GenerationRequest, continued: list[int]) -> Any:
+        if request.ignore_eos and request.output_format is not None:
+            # A finished grammar allows only end-of-generation: the two cannot both hold.
+            raise EngineRequestError(
+                "ignore_eos cannot be combined with response_format or a forced tool call",
+                code="unsupported_parameter",
+            )
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if request.ignore_eos:  # vLLM's extension: generate until max_tokens
+            masked = [llama_cpp.llama_logit_bias(token, -math.inf) for token in self._eog]
+            biases = (llama_cpp.llama_logit_bias * len(masked))(*masked)  # copied by llama.cpp
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(masked), biases)
+            )
         if request.output_format is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(
                 self._vocab, request.output_format.grammar().encode(), b"root"
