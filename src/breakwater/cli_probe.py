@@ -52,7 +52,12 @@ def probe(
         raise typer.BadParameter(
             "must be under --max-tokens (the drop is mid-stream)", param_hint="--drop-after"
         )
-    key = api_key_file.read_text().strip() if api_key_file is not None else api_key
+    key = api_key
+    if api_key_file is not None:
+        if api_key_file.exists():
+            key = api_key_file.read_text().strip()
+        else:  # an optional Secret not created: fine while the gateways have auth off
+            print(f"no key file at {api_key_file}: probing without a key", file=sys.stderr)
     config = ProbeConfig(
         urls=url,
         model=model,

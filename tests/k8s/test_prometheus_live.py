@@ -129,7 +129,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     cm = _config_map()
     model = cm["BREAKWATER_MODELS"]
     passwords = {u: secrets.token_hex(16) for u in ("gateway", "worker", "metrics", "admin")}
-    redis_port, gw_port, worker_port, exporter_port, prom_port = (free_port() for _ in range(5))
+    redis_port, gw_port, worker_port, exporter_port, prom_port, probe_port = (free_port() for _ in range(6))
     procs: list[Any] = []
     try:
         redis_proc = _start_redis(tmp, redis_port, passwords)
@@ -169,10 +169,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             {"REDIS_PASSWORD": passwords["metrics"]},
         )
         procs.append(exporter)
+        # The black-box probe (the monitoring component's Deployment), through the gateway.
+        probe_args = ["probe", "--url", f"http://127.0.0.1:{gw_port}", "--model", model, "--interval", "1"]
+        probe_args += ["--max-tokens", "8", "--drop-after", "4", "--metrics-port", str(probe_port)]
+        procs.append(Proc(probe_args, {}, tmp / "probe.log"))
         targets = {
             "gateway": (f"127.0.0.1:{gw_port}", "gateway-7d9f-abcde"),
             "worker": (f"127.0.0.1:{worker_port}", "worker-5c4b-fghij"),
             "redis": (f"127.0.0.1:{exporter_port}", "redis-0"),
+            "probe": (f"127.0.0.1:{probe_port}", "probe-6f7d-klmno"),
         }
         prometheus = _spawn(
             [
@@ -387,7 +392,7 @@ def test_recording_rules_and_alerts_return_data(loaded: Live) -> None:
     groups = prometheus_rules()["groups"]
     records = [r for g in groups for r in g["rules"] if "record" in r]
     alerts = [r for g in groups for r in g["rules"] if "alert" in r]
-    assert len(records) == 15 and len(alerts) == 6
+    assert len(records) == 15 and len(alerts) == 8
     for rule in records:
         assert loaded.query(rule["expr"]), f"recording rule {rule['record']} expression returns nothing"
         assert loaded.query(rule["record"]), f"recorded series {rule['record']} missing"
@@ -396,13 +401,14 @@ def test_recording_rules_and_alerts_return_data(loaded: Live) -> None:
     # Prometheus loaded the same rules and evaluates them without errors.
     body = httpx.get(f"{loaded.prometheus}/api/v1/rules", timeout=10).json()
     loaded_rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-    assert len(loaded_rules) == 21 and all(r["health"] == "ok" for r in loaded_rules), loaded_rules
+    assert len(loaded_rules) == 23 and all(r["health"] == "ok" for r in loaded_rules), loaded_rules
 
 
 def test_dashboard_queries_return_data(loaded: Live) -> None:
     dashboard = json.loads((K8S / "components" / "monitoring" / "dashboard.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert len(dashboard["panels"]) == 14 and len(exprs) >= 20
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    assert len(panels) == 16 and len(exprs) >= 26
     for expr in exprs:
         concrete = expr.replace("$model", loaded.model).replace("$__rate_interval", "1m")
         assert loaded.query(concrete), f"dashboard query returns nothing: {concrete}"
