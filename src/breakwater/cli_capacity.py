@@ -10,14 +10,14 @@ import typer
 
 from breakwater.bench.profiles import trace
 from breakwater.capacity.planner import Demand, plan
-from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy
+from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy, Supervisor
 from breakwater.capacity.pricing import Pricing
 from breakwater.capacity.report import summarize, table
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
 from breakwater.config import GatewaySettings
 
-POLICIES = "hpa[:target] (utilisation, 0.85) | keda[:lag per pod] (5) | adaptive | fixed:N"
+POLICIES = "hpa[:target] (utilisation, 0.85) | keda[:lag per pod] (5) | adaptive | supervisor | fixed:N"
 
 
 def parse_policy(spec: str, mechanics: HpaMechanics) -> Policy:
@@ -33,6 +33,11 @@ def parse_policy(spec: str, mechanics: HpaMechanics) -> Policy:
                 autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
             )
             return Adaptive(settings, mechanics)
+        if name == "supervisor" and not arg:  # breakwater up --autoscale
+            settings = GatewaySettings(
+                autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
+            )
+            return Supervisor(settings)
         if name == "fixed" and int(arg) >= 1:
             return Fixed(int(arg), name=f"fixed-{int(arg)}")
     except ValueError:

@@ -37,13 +37,15 @@ def test_policies_side_by_side_on_a_trace(tmp_path: Path) -> None:
         "keda",
         "--policy",
         "adaptive",
+        "--policy",
+        "supervisor",
         "--startup-s",
         "5",
         "--json",
     )
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["policy"] for r in rows] == ["fixed-2", "hpa-utilisation-0.7", "keda-lag-5", "adaptive"]
+    assert [r["policy"] for r in rows] == ["fixed-2", "hpa-utilisation-0.7", "keda-lag-5", "adaptive", "supervisor"]
     for r in rows:
         assert r["requests"] == r["finished"] == 200
         assert 0 < r["ttft_p50_s"] <= r["ttft_p95_s"] <= r["ttft_p99_s"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from breakwater.capacity.policies import Adaptive, Hpa, HpaMechanics, KedaQueue, Observation, external_average
+from breakwater.capacity.policies import (
+    Adaptive,
+    Hpa,
+    HpaMechanics,
+    KedaQueue,
+    Observation,
+    Supervisor,
+    external_average,
+)
 from breakwater.config import GatewaySettings
 
 
@@ -72,3 +80,26 @@ def test_adaptive_is_the_gateways_desired_workers_signal() -> None:
     assert policy._load.per_worker_rate == pytest.approx(2.0)
     assert policy._load.desired_workers(settings) == -(-(6 + backlog / 10) // 2)
     assert want >= 4  # scaled out (rate-limited from 2)
+
+
+def test_supervisor_scales_up_at_once_and_down_one_at_a_time_after_a_stable_spell() -> None:
+    """``breakwater up --autoscale``: every 2 s it takes the gateway's desired workers; more at once,
+    fewer only after 10 s below, one retired at a time."""
+    settings = GatewaySettings(autoscale_min_workers=1, autoscale_max_workers=4, autoscale_horizon_s=10)
+    policy = Supervisor(settings)
+    arrived = done = 0
+    wants = []
+    for second in range(20):  # a backlog and 8 arrivals/s, one busy worker finishing 2/s: wants 4
+        arrived, done = arrived + 8, done + 2
+        wants.append(
+            policy.desired(obs(now=float(second), replicas=1, ready=1, waiting=arrived - done, running=4,
+                               arrived=arrived, done=done))
+        )  # fmt: skip
+    # First read: nothing measured, one more for the backlog; then 4 (the max) at each read, 2 s apart.
+    assert wants == [2, 1] + [4, 1] * 9
+    # Idle now: below the count of 4 for 10 s (read every 2 s), then one fewer, then again 10 s.
+    idle = [
+        policy.desired(obs(now=20.0 + s, replicas=4, ready=4, arrived=arrived, done=arrived))
+        for s in range(24)
+    ]
+    assert idle == [4] * 10 + [3] + [4] * 11 + [3] + [4]  # reads at 20, 22, ...: 30 and 42 retire one

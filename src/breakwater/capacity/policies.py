@@ -8,6 +8,8 @@
 - :class:`Adaptive`: Breakwater's ``breakwater_desired_workers`` (the gateway's EWMA of arrival and
   service rates plus the backlog over a horizon: the same code, ``gateway.autoscale.ModelLoad``),
   fed to an HPA as an external metric with a target of 1 per pod.
+- :class:`Supervisor`: ``breakwater up --autoscale``'s local controller on the same signal, to
+  check the simulator against a real run.
 - :class:`Fixed`: a fleet of constant size (sized for the peak).
 """
 
@@ -143,6 +145,41 @@ class Adaptive:
             )
             self._current = self.mechanics.decide(obs.now, obs.replicas, rec)
         return self._current
+
+
+@dataclass
+class Supervisor:
+    """``breakwater up --autoscale``: the gateway refreshes ``breakwater_desired_workers`` every
+    second; the supervisor reads it every ``scale_interval_s``, adds workers at once up to it, and
+    retires one (the newest) once it has stayed below the count for ``down_delay_s``
+    (``stack.Stack.autoscale_tick``). The simulator's counterpart for validating against a real run."""
+
+    settings: GatewaySettings = field(default_factory=GatewaySettings)
+    scale_interval_s: float = 2.0
+    down_delay_s: float = 10.0
+    period_s: float = 1.0
+    name: str = "supervisor"
+    _load: ModelLoad = field(default_factory=ModelLoad)
+    _last_scale: float = -math.inf
+    _below_since: float | None = None
+
+    def desired(self, obs: Observation) -> int:
+        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready)
+        if obs.now - self._last_scale < self.scale_interval_s:
+            return obs.replicas
+        self._last_scale = obs.now
+        want = self._load.desired_workers(self.settings)  # clamped to the gateway's min and max
+        if want > obs.replicas:
+            self._below_since = None
+            return want
+        if want < obs.replicas:
+            self._below_since = self._below_since if self._below_since is not None else obs.now
+            if obs.now - self._below_since >= self.down_delay_s:
+                self._below_since = None
+                return obs.replicas - 1
+            return obs.replicas
+        self._below_since = None
+        return obs.replicas
 
 
 @dataclass
