@@ -17,7 +17,7 @@ from breakwater.config import GatewaySettings
 
 
 def obs(now: float = 0.0, replicas: int = 2, utilisation: float = 0.0, **counts: int) -> Observation:
-    fields = {"ready": replicas, "waiting": 0, "running": 0, "arrived": 0, "done": 0} | counts
+    fields = {"ready": replicas, "waiting": 0, "running": 0, "capacity": 0, "arrived": 0, "done": 0} | counts
     return Observation(now=now, replicas=replicas, utilisation=utilisation, **fields)
 
 

@@ -10,9 +10,10 @@ import random
 import pytest
 
 from breakwater.bench.profiles import Arrival
-from breakwater.capacity.policies import Fixed, Observation
+from breakwater.capacity.policies import Adaptive, Fixed, HpaMechanics, Observation
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
+from breakwater.config import GatewaySettings
 from breakwater.engines.options import SimOptions
 
 
@@ -113,3 +114,21 @@ def test_the_sim_engines_own_curve() -> None:
     assert curve.step_s(8) == pytest.approx(0.0066)
     with pytest.raises(ValueError):
         ServiceCurve(0, 0.1)
+
+
+def test_adaptive_does_not_mistake_idle_workers_for_saturated_ones() -> None:
+    """A light load on a fleet started too big: a job waits a moment at the first look (no replica
+    has pulled it yet), which once read as 8 busy workers finishing almost nothing each, and the
+    measured 'capacity' of an idle worker then asked for ever more of them (8 -> 36 here).
+    Measured only when the slots are nearly all taken, the fleet shrinks to what the load needs."""
+    rng = random.Random(7)
+    t, arrivals = 0.0, []
+    while t < 900:
+        arrivals.append(Arrival(t, 400, 60))
+        t += rng.expovariate(5.0)  # 5 req/s x 60 tokens: about one replica of 32 sequences
+    curve = ServiceCurve(32, 0.02, 0.0005, 0.00005)
+    settings = GatewaySettings(autoscale_min_workers=1, autoscale_max_workers=64)
+    policy = Adaptive(settings, HpaMechanics(max_replicas=64))
+    result = Simulation(curve, arrivals, policy, replicas=8, startup_s=60).run()
+    assert max(s.replicas for s in result.samples) == 8  # never above where it started
+    assert result.samples[-1].replicas <= 2

@@ -33,6 +33,7 @@ class Observation:
     ready: int
     waiting: int  # jobs queued, not yet claimed
     running: int  # sequences on the replicas
+    capacity: int  # sequence slots of the ready replicas
     utilisation: float  # busy fraction of the ready replicas since the previous observation
     arrived: int  # requests ever admitted
     done: int  # requests ever finished
@@ -137,7 +138,7 @@ class Adaptive:
     _current: int = -1
 
     def desired(self, obs: Observation) -> int:
-        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready)
+        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity)
         if self._current < 0 or obs.now - self._last_sync >= self.hpa_period_s:
             self._last_sync = obs.now
             rec = external_average(
@@ -164,7 +165,7 @@ class Supervisor:
     _below_since: float | None = None
 
     def desired(self, obs: Observation) -> int:
-        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready)
+        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity)
         if obs.now - self._last_scale < self.scale_interval_s:
             return obs.replicas
         self._last_scale = obs.now

@@ -196,6 +196,7 @@ class Simulation:
             ready=len(ready),
             waiting=len(self.queue),
             running=sum(len(r.running) for r in self.replicas),
+            capacity=len(ready) * self.curve.capacity,
             utilisation=utilisation,
             arrived=self._arrived,
             done=self._done,

@@ -13,6 +13,8 @@ from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.gateway.partitions import Partitions
 from breakwater.keys import LANES
 
+SATURATED = 0.9  # share of the slots in use from which the workers' finishing rate is their capacity
+
 
 class ModelLoad:
     """Arrival and service rates of one model, measured from its streams' counters (EWMA), and the
@@ -25,28 +27,56 @@ class ModelLoad:
         self.waiting = 0
         self.in_flight = 0
         self.workers = 0
+        self.capacity = 0
+        self.saturated = False
         self._prev: tuple[float, int, int] | None = None
 
-    def observe(self, now: float, added: int, done: int, waiting: int, in_flight: int, workers: int) -> None:
-        self.waiting, self.in_flight, self.workers = waiting, in_flight, workers
+    def observe(
+        self,
+        now: float,
+        added: int,
+        done: int,
+        waiting: int,
+        in_flight: int,
+        workers: int,
+        capacity: int = 0,
+        free: int | None = None,
+    ) -> None:
+        """``capacity``: the live workers' sequence slots together (0: unknown); ``free``: those
+        they would fill now (default: capacity - in_flight; an engine short of KV cache has none)."""
+        self.waiting, self.in_flight, self.workers, self.capacity = waiting, in_flight, workers, capacity
+        room = capacity - in_flight if free is None else free
+        # Jobs wait while the workers have (almost) no room: they are saturated. A job also waits a
+        # moment before an idle worker claims it, which says nothing about their capacity.
+        self.saturated = waiting > 0 and (capacity <= 0 or room <= (1 - SATURATED) * capacity)
         prev, self._prev = self._prev, (now, added, done)
         if prev is None or now <= prev[0] or added < prev[1] or done < prev[2]:
             return
         dt = now - prev[0]
         self.arrival_rate = _ewma(self.arrival_rate, (added - prev[1]) / dt)
         self.drain_rate = _ewma(self.drain_rate, (done - prev[2]) / dt)
-        if workers and waiting:  # only a saturated worker shows what it can do
+        # Only saturated workers show what they can do: measured otherwise, the finishing rate of
+        # mostly idle workers would read as their capacity and ask for ever more of them.
+        if workers and self.saturated:
             self.per_worker_rate = _ewma(self.per_worker_rate, (done - prev[2]) / dt / workers)
 
     def desired_workers(self, settings: GatewaySettings) -> int:
         if self.waiting == 0 and self.in_flight == 0 and self.arrival_rate < 0.01:
             return settings.autoscale_min_workers
-        if self.per_worker_rate <= 0:  # nothing measured yet: one more while there is a backlog
-            want = self.workers + (1 if self.waiting else 0)
+        if self.per_worker_rate <= 0:
+            # Never saturated, so nothing measured: the workers whose slots (at the saturation
+            # share) hold what runs now, and one more while they are saturated.
+            want = self._by_slots() + (1 if self.saturated else 0)
         else:
             demand = self.arrival_rate + self.waiting / settings.autoscale_horizon_s
             want = math.ceil(demand / self.per_worker_rate)
         return max(settings.autoscale_min_workers, min(settings.autoscale_max_workers, max(1, want)))
+
+    def _by_slots(self) -> int:
+        if self.workers <= 0 or self.capacity <= 0:
+            return self.workers
+        per_worker = self.capacity / self.workers
+        return math.ceil(self.in_flight / (SATURATED * per_worker))
 
 
 class AutoscaleSignals:
@@ -129,7 +159,9 @@ class AutoscaleSignals:
             await self._refresh_tenants(name, lane)
             waiting_all, in_flight_all = waiting_all + waiting, in_flight_all + in_flight
         load = self.load.setdefault(name, ModelLoad())
-        load.observe(time.monotonic(), added, done, waiting_all, in_flight_all, info.workers)
+        load.observe(
+            time.monotonic(), added, done, waiting_all, in_flight_all, info.workers, info.capacity, info.free
+        )
         m.drain_rate.labels(name).set(load.drain_rate)
         m.arrival_rate.labels(name).set(load.arrival_rate)
         m.desired_workers.labels(name).set(load.desired_workers(self.settings))

@@ -18,6 +18,7 @@ class ModelInfo:
     workers: int
     capacity: int
     active: int
+    free: int = 0  # the slots the live workers would fill now (an engine short of KV cache has none)
     owned_by: str = "breakwater"
     kv_cache_usage: float | None = None
     features: frozenset[str] = frozenset()  # what every live worker's engine can do (engines.base)
@@ -55,7 +56,7 @@ class ModelRegistry:
                 if now - seen_at > self.settings.model_grace_s:
                     del self._seen[name]
                 elif name not in models:  # its workers' registrations lapsed: queue for them
-                    models[name] = replace(last, workers=0, capacity=0, active=0, fingerprint="")
+                    models[name] = replace(last, workers=0, capacity=0, active=0, free=0, fingerprint="")
             for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
                 models.setdefault(name, ModelInfo.without_workers(name))
             self._models, self._models_at = models, time.monotonic()
@@ -83,6 +84,9 @@ def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
         workers=len(infos),
         capacity=sum(int(i.get("capacity", 0)) for i in infos),
         active=sum(int(i.get("active", 0)) for i in infos),
+        free=sum(
+            int(i.get("free", max(0, int(i.get("capacity", 0)) - int(i.get("active", 0))))) for i in infos
+        ),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
         features=frozenset.intersection(*(frozenset(i.get("features") or ()) for i in infos)),
         fingerprint=_common({str(i.get("fingerprint") or "") for i in infos}),

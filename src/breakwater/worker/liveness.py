@@ -47,6 +47,7 @@ class LivenessMixin:
             "capacity": info.capacity,
             "context_length": info.context_length,
             "active": self.engine.running(),
+            "free": 0 if self.draining else self.engine.free_slots(),  # room it would pull into now
             "draining": self.draining,
             "kv_cache_usage": stats.get("kv_cache_usage"),
             "engine_stats": stats,

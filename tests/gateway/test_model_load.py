@@ -1,0 +1,52 @@
+"""The autoscaling signal's arithmetic (``ModelLoad``): a worker's capacity is measured only while
+the workers are saturated, never from a job that waits a moment for an idle worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from breakwater.config import GatewaySettings
+from breakwater.gateway.autoscale import ModelLoad
+
+SETTINGS = GatewaySettings(autoscale_min_workers=1, autoscale_max_workers=64, autoscale_horizon_s=10)
+
+
+def _feed(load: ModelLoad, seconds: int, *, per_s: tuple[int, int], **state: int) -> None:
+    """``seconds`` observations, 1 s apart, of ``per_s`` = (admitted, finished) a second."""
+    added = done = 0
+    for second in range(seconds):
+        added, done = added + per_s[0], done + per_s[1]
+        load.observe(float(second), added, done, **state)
+
+
+def test_a_job_waiting_for_an_idle_worker_is_not_saturation() -> None:
+    """8 workers of 32 slots run 8 sequences; one job is seen waiting each time (not yet claimed).
+    Read as saturation, they would 'finish 0.6 jobs/s each' and 5 arrivals/s would want 9 of them."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(5, 5), waiting=1, in_flight=8, workers=8, capacity=256)
+    assert not load.saturated and load.per_worker_rate == 0
+    assert load.desired_workers(SETTINGS) == 1  # 8 sequences fit one worker's slots
+
+
+def test_saturated_workers_are_measured_and_sized_by_rate() -> None:
+    """Every slot taken and jobs waiting: 2 workers finishing 4 jobs/s each, 12 arriving a second
+    and a backlog of 40 -> (12 + 40/10) / 4 = 4 workers."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(12, 8), waiting=40, in_flight=64, workers=2, capacity=64)
+    assert load.saturated and load.per_worker_rate == pytest.approx(4.0)
+    assert load.desired_workers(SETTINGS) == 4
+
+
+def test_an_engine_out_of_kv_cache_is_saturated_with_slots_left() -> None:
+    """vLLM short of KV blocks takes no more (no free slots) although its sequence slots are not
+    all taken: jobs wait, and that is saturation."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(6, 3), waiting=20, in_flight=40, workers=1, capacity=256, free=0)
+    assert load.saturated and load.per_worker_rate == pytest.approx(3.0)
+    assert load.desired_workers(SETTINGS) == 3  # (6 + 20/10) / 3, rounded up
+
+
+def test_from_zero_workers_a_waiting_job_wants_one() -> None:
+    load = ModelLoad()
+    _feed(load, 3, per_s=(1, 0), waiting=3, in_flight=0, workers=0, capacity=0)
+    assert load.desired_workers(SETTINGS) == 1
