@@ -44,7 +44,10 @@ def test_scale_down_is_stabilised_over_five_minutes_and_scale_up_is_rate_limited
 def test_hpa_on_utilisation() -> None:
     hpa = Hpa(target=0.85, mechanics=HpaMechanics())
     assert hpa.desired(obs(replicas=4, utilisation=1.0)) == 5  # ceil(4 x 1.0 / 0.85)
-    assert Hpa(target=0.7).desired(obs(replicas=4, utilisation=0.35)) == 2
+    cpu = Hpa(target=0.7)
+    # Started warm: the window holds the starting count, so half the load halves the fleet after 300 s.
+    assert cpu.desired(obs(replicas=4, utilisation=0.35)) == 4
+    assert cpu.desired(obs(now=301.0, replicas=4, utilisation=0.35)) == 2
 
 
 def test_keda_lag_is_an_average_value_and_polled() -> None:

@@ -20,12 +20,23 @@ def _feed(load: ModelLoad, seconds: int, *, per_s: tuple[int, int], **state: int
 
 
 def test_a_job_waiting_for_an_idle_worker_is_not_saturation() -> None:
-    """8 workers of 32 slots run 8 sequences; one job is seen waiting each time (not yet claimed).
-    Read as saturation, they would 'finish 0.6 jobs/s each' and 5 arrivals/s would want 9 of them."""
+    """8 workers of 32 slots run 8 sequences and finish 5 a second (each lasts 1.6 s); one job is
+    seen waiting each time (not yet claimed). A worker with its 32 slots full would finish
+    5 / 8 x 32 = 20 a second, so one worker does. (Read as saturation, the fleet's 5 a second had
+    been taken for 8 workers' capacity, and every worker added lowered it again.)"""
     load = ModelLoad()
     _feed(load, 30, per_s=(5, 5), waiting=1, in_flight=8, workers=8, capacity=256)
-    assert not load.saturated and load.per_worker_rate == 0
-    assert load.desired_workers(SETTINGS) == 1  # 8 sequences fit one worker's slots
+    assert not load.saturated and load.per_worker_rate == pytest.approx(20.0)
+    assert load.desired_workers(SETTINGS) == 1
+
+
+def test_a_fleet_barely_full_is_not_asked_to_grow() -> None:
+    """4 workers with 120 of their 128 slots taken, a job waiting now and then, finishing what
+    arrives (12 a second, each job running 10 s): they are where they should be."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(12, 12), waiting=1, in_flight=120, workers=4, capacity=128)
+    assert load.per_worker_rate == pytest.approx(12 / 120 * 32)
+    assert load.desired_workers(SETTINGS) == 4  # ceil((12 + 1/10) / 3.2)
 
 
 def test_saturated_workers_are_measured_and_sized_by_rate() -> None:

@@ -67,6 +67,8 @@ class HpaMechanics:
     def decide(self, now: float, current: int, recommendation: int) -> int:
         """Stabilise (scale down only to the highest recommendation of the window), limit the
         scale-up rate, clamp to [min, max]."""
+        if not self._history:  # started warm: the fleet has held its count for the whole window
+            self._history.append((now, current))
         self._history.append((now, recommendation))
         while self._history and self._history[0][0] < now - self.scale_down_window_s:
             self._history.popleft()

@@ -4,6 +4,10 @@ continuous batching on its :class:`ServiceCurve`; a policy resizes the fleet, ne
 ready after ``startup_s`` (a model load), and removed ones drain (finish what they run, take
 nothing new). Hours of trace take seconds.
 
+``dispatch`` compares the pull with a router's push: ``"push-rr"`` (round robin) and
+``"push-least"`` (fewest outstanding) hand each request to a ready replica as it arrives, into that
+replica's own queue, as a router in front of engines does.
+
 What it leaves out, on purpose: the gateway and Redis (their cost per request is measured, not
 simulated: docs/benchmarks.md), network time, engine preemption, and failures.
 """
@@ -44,6 +48,7 @@ class Replica:
     ident: int
     ready_s: float
     running: list[Request] = field(default_factory=list)
+    local: deque[Request] = field(default_factory=deque)  # pushed to it (dispatch "push-*")
     stepping: bool = False
     draining: bool = False
     busy_s: float = 0.0
@@ -64,6 +69,7 @@ class Result:
     samples: list[Sample]
     replica_s: float  # provisioned replica-seconds (starting, ready and draining)
     busy_s: float  # replica-seconds spent in engine steps
+    sequence_s: float  # running sequences x step time, summed: occupancy = this / (capacity x busy_s)
     end_s: float
 
     @property
@@ -72,6 +78,7 @@ class Result:
 
 
 ARRIVE, STEP, READY, TICK = range(4)
+DISPATCH = ("pull", "push-rr", "push-least")
 
 
 class Simulation:
@@ -84,7 +91,13 @@ class Simulation:
         replicas: int = 1,
         startup_s: float = 60.0,
         sample_s: float = 5.0,
+        dispatch: str = "pull",
     ) -> None:
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch {dispatch!r}: one of {', '.join(DISPATCH)}")
+        self.dispatch = dispatch
+        self._rr = itertools.count()
+        self._sequence_s = 0.0
         self.curve = curve
         self.policy = policy
         self.startup_s = startup_s
@@ -119,9 +132,7 @@ class Simulation:
             self._now = t
             if kind == ARRIVE:
                 assert isinstance(payload, Request)
-                self.queue.append(payload)
-                self._arrived += 1
-                self._waking = True
+                self._arrive(payload)
             elif kind == STEP:
                 assert isinstance(payload, Replica)
                 self._step_done(payload)
@@ -134,7 +145,21 @@ class Simulation:
             if self._waking and (not self._events or self._events[0][0] > t):
                 self._waking = False
                 self._wake()
-        return Result(self.requests, self.samples, self._replica_s, self._busy_s, self._now)
+        return Result(self.requests, self.samples, self._replica_s, self._busy_s, self._sequence_s, self._now)
+
+    def _arrive(self, request: Request) -> None:
+        self._arrived += 1
+        ready = [r for r in self.replicas if r.ready_s <= self._now and not r.draining]
+        if self.dispatch == "pull" or not ready:  # no replica to push to yet: it waits for one
+            self.queue.append(request)
+            self._waking = True
+            return
+        if self.dispatch == "push-rr":
+            replica = ready[next(self._rr) % len(ready)]
+        else:
+            replica = min(ready, key=lambda r: (len(r.running) + len(r.local), r.ident))
+        replica.local.append(request)
+        self._waking = True
 
     # -- events ---------------------------------------------------------------------------------
     def _at(self, t: float, kind: int, payload: object) -> None:
@@ -145,14 +170,14 @@ class Simulation:
         for replica in self.replicas:
             if not replica.stepping and not replica.draining and replica.ready_s <= self._now:
                 self._start_step(replica)
-            if not self.queue:
+            if not self.queue and self.dispatch == "pull":
                 return
 
     def _start_step(self, replica: Replica) -> None:
         prefill = 0
         if not replica.draining:
-            while self.queue and len(replica.running) < self.curve.capacity:
-                request = self.queue.popleft()
+            while (replica.local or self.queue) and len(replica.running) < self.curve.capacity:
+                request = replica.local.popleft() if replica.local else self.queue.popleft()
                 request.started_s = self._now
                 prefill += request.input_tokens
                 replica.running.append(request)
@@ -163,6 +188,7 @@ class Simulation:
         replica.stepping = True
         replica.busy_s += duration
         self._busy_s += duration
+        self._sequence_s += duration * len(replica.running)
         self._at(self._now + duration, STEP, replica)
 
     def _step_done(self, replica: Replica) -> None:
@@ -217,6 +243,8 @@ class Simulation:
         victims = sorted(counted, key=lambda r: (r.ready_s <= self._now, len(r.running), -r.ident))[:extra]
         for replica in victims:
             replica.draining = True
+            self.queue.extendleft(reversed(replica.local))  # pushed, not started: back to the others
+            replica.local.clear()
             if not replica.running:
                 self.replicas.remove(replica)
 

@@ -18,7 +18,14 @@ SATURATED = 0.9  # share of the slots in use from which the workers' finishing r
 
 class ModelLoad:
     """Arrival and service rates of one model, measured from its streams' counters (EWMA), and the
-    number of workers that would serve the arrivals and clear the backlog within the horizon."""
+    number of workers that would serve the arrivals and clear the backlog within the horizon.
+
+    A worker's capacity (jobs/s with its slots full) is the rate each running job finishes at
+    (Little's law: finished per second / running) times the slots a worker would fill: what the
+    workers run now plus the room they have, per worker. Measured at any load, it reads high while
+    batches are small (steps are faster) and settles where the fleet runs; measured only while
+    saturated, it latched the arrival rate of a fleet barely full and asked for ever more workers.
+    """
 
     def __init__(self) -> None:
         self.arrival_rate = 0.0
@@ -45,7 +52,7 @@ class ModelLoad:
         """``capacity``: the live workers' sequence slots together (0: unknown); ``free``: those
         they would fill now (default: capacity - in_flight; an engine short of KV cache has none)."""
         self.waiting, self.in_flight, self.workers, self.capacity = waiting, in_flight, workers, capacity
-        room = capacity - in_flight if free is None else free
+        room = max(0, capacity - in_flight if free is None else free)
         # Jobs wait while the workers have (almost) no room: they are saturated. A job also waits a
         # moment before an idle worker claims it, which says nothing about their capacity.
         self.saturated = waiting > 0 and (capacity <= 0 or room <= (1 - SATURATED) * capacity)
@@ -53,12 +60,12 @@ class ModelLoad:
         if prev is None or now <= prev[0] or added < prev[1] or done < prev[2]:
             return
         dt = now - prev[0]
+        finished = (done - prev[2]) / dt
         self.arrival_rate = _ewma(self.arrival_rate, (added - prev[1]) / dt)
-        self.drain_rate = _ewma(self.drain_rate, (done - prev[2]) / dt)
-        # Only saturated workers show what they can do: measured otherwise, the finishing rate of
-        # mostly idle workers would read as their capacity and ask for ever more of them.
-        if workers and self.saturated:
-            self.per_worker_rate = _ewma(self.per_worker_rate, (done - prev[2]) / dt / workers)
+        self.drain_rate = _ewma(self.drain_rate, finished)
+        if workers and in_flight >= workers:  # running enough to measure (a job per worker)
+            slots = (in_flight + room) / workers if capacity > 0 else in_flight / workers
+            self.per_worker_rate = _ewma(self.per_worker_rate, finished / in_flight * slots)
 
     def desired_workers(self, settings: GatewaySettings) -> int:
         if self.waiting == 0 and self.in_flight == 0 and self.arrival_rate < 0.01:
