@@ -121,6 +121,17 @@ async def test_step_time_grows_with_batch() -> None:
     assert single >= 0.010 and batched >= 0.045  # 5 + 5*1 ms vs 5 + 5*8 ms
 
 
+async def test_a_sequence_added_during_a_step_joins_the_next_one() -> None:
+    """A real engine schedules a step's batch before running it: a sequence that arrives meanwhile
+    gets its first token from the next step, not from the one already running."""
+    engine = _engine(GenerationRequest("a", prompt="x", seed=1, max_tokens=5), decode_base_ms=30)
+    running = asyncio.create_task(engine.step())
+    await asyncio.sleep(0)  # the step has begun: it is in its 30 ms sleep
+    engine.add(GenerationRequest("b", prompt="y", seed=2, max_tokens=5))
+    assert [d.request_id for d in await running] == ["a"]
+    assert sorted(d.request_id for d in await engine.step()) == ["a", "b"]
+
+
 def test_context_length_is_enforced() -> None:
     engine = SimEngine(SimOptions(context_length=8))
     with pytest.raises(EngineRequestError) as info:

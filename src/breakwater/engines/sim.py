@@ -230,15 +230,18 @@ class SimEngine(Engine):
             self.hang_marker in s.prompt and s.index >= HANG_AFTER_TOKENS for s in self._seqs.values()
         ):
             await asyncio.Event().wait()  # never set: the step never returns
-        joining = [s for s in self._seqs.values() if not s.prefilled]
+        # This step is the sequences here now; one added while it runs joins the next (as in a
+        # real engine, which schedules a step's batch before running it).
+        batch = list(self._seqs.items())
+        joining = [s for _, s in batch if not s.prefilled]
         cost = self.options
         delay_ms = sum(s.prompt_tokens for s in joining) * cost.prefill_ms_per_token
-        delay_ms += cost.decode_base_ms + cost.decode_per_seq_ms * len(self._seqs)
+        delay_ms += cost.decode_base_ms + cost.decode_per_seq_ms * len(batch)
         if cost.jitter_frac:
             delay_ms *= 1.0 + self._rng.uniform(-cost.jitter_frac, cost.jitter_frac)
         await asyncio.sleep(delay_ms / 1000.0)
         deltas: list[SequenceDelta] = []
-        for rid, seq in list(self._seqs.items()):
+        for rid, seq in batch:
             if self._seqs.get(rid) is not seq:  # cancelled while we slept
                 continue
             seq.prefilled = True
