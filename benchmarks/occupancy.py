@@ -30,7 +30,13 @@ from common import write_section
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = ROOT / "docs" / "evaluation.md"
 TRACE = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-CURVE = ServiceCurve(capacity=32, decode_base_s=0.020, decode_per_seq_s=0.0005, prefill_s_per_token=0.00005)
+CURVE = ServiceCurve(  # max_batched_tokens: vLLM's default step budget (max_num_batched_tokens)
+    capacity=32,
+    decode_base_s=0.020,
+    decode_per_seq_s=0.0005,
+    prefill_s_per_token=0.00005,
+    max_batched_tokens=8192,
+)
 REPLICAS = 4
 WARMUP_S = 120.0
 
@@ -104,7 +110,8 @@ def main() -> None:
 
 `python benchmarks/occupancy.py`, {time.strftime("%Y-%m-%d")}, {time.monotonic() - began:.0f} s. Simulator:
 {REPLICAS} replicas of {CURVE.capacity} sequences (steps of {CURVE.decode_base_s * 1000:g} ms +
-{CURVE.decode_per_seq_s * 1000:g} ms per sequence + {CURVE.prefill_s_per_token * 1000:g} ms per prompt token),
+{CURVE.decode_per_seq_s * 1000:g} ms per sequence + {CURVE.prefill_s_per_token * 1000:g} ms per prompt token,
+at most {CURVE.max_batched_tokens} prompt tokens joining a step),
 {args.seconds:g} s of Poisson arrivals with the conversation trace's lengths, the first {WARMUP_S:g} s
 left out of the TTFT. Occupancy: running sequences over slots while stepping.
 

@@ -33,10 +33,16 @@ from common import write_section
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = ROOT / "docs" / "evaluation.md"
 TRACES = ROOT.parent / "shared" / "traces"
-CURVE = ServiceCurve(capacity=32, decode_base_s=0.020, decode_per_seq_s=0.0005, prefill_s_per_token=0.00005)
+CURVE = ServiceCurve(  # max_batched_tokens: vLLM's default step budget (max_num_batched_tokens)
+    capacity=32,
+    decode_base_s=0.020,
+    decode_per_seq_s=0.0005,
+    prefill_s_per_token=0.00005,
+    max_batched_tokens=8192,
+)
 HPA_TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 KEDA_LAGS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
-HORIZONS = (5.0, 10.0, 30.0, 60.0)
+OCCUPANCIES = (0.3, 0.5, 0.7, 0.9, 1.0)  # adaptive: autoscale_target_occupancy
 MAX_REPLICAS = 64
 
 
@@ -70,7 +76,7 @@ def _policy(family: str, value: float) -> Policy:
     if family == "keda":
         return KedaQueue(value, mechanics=mechanics)
     settings = GatewaySettings(
-        autoscale_min_workers=1, autoscale_max_workers=MAX_REPLICAS, autoscale_horizon_s=value
+        autoscale_min_workers=1, autoscale_max_workers=MAX_REPLICAS, autoscale_target_occupancy=value
     )
     return Adaptive(settings, mechanics)
 
@@ -80,7 +86,7 @@ def _label(family: str, value: float) -> str:
         "fixed": f"{int(value)} replicas",
         "hpa": f"utilisation {value:.0%}",
         "keda": f"lag {value:g}/pod",
-        "adaptive": f"horizon {value:g} s",
+        "adaptive": f"occupancy {value:.0%}",
     }[family]
 
 
@@ -119,7 +125,7 @@ def _point(setup: Setup, family: str, value: float, result: Result) -> Point:
 
 def sweep(setup: Setup, pool: ProcessPoolExecutor) -> list[Point]:
     jobs = [("hpa", v) for v in HPA_TARGETS] + [("keda", v) for v in KEDA_LAGS]
-    jobs += [("adaptive", v) for v in HORIZONS] + [
+    jobs += [("adaptive", v) for v in OCCUPANCIES] + [
         ("fixed", float(n)) for n in (2, 4, 6, 8, 10, 12, 16, 24, 32)
     ]
     return list(pool.map(run, [setup] * len(jobs), [f for f, _ in jobs], [v for _, v in jobs]))
@@ -206,7 +212,8 @@ def main() -> None:
             f"`python benchmarks/policies.py`, {time.strftime('%Y-%m-%d')}, "
             f"{time.monotonic() - began:.0f} s. Simulator curve: {CURVE.capacity} sequences, steps of "
             f"{CURVE.decode_base_s * 1000:g} ms + {CURVE.decode_per_seq_s * 1000:g} ms per sequence + "
-            f"{CURVE.prefill_s_per_token * 1000:g} ms per prompt token; H100 prices; objective TTFT ≤ 1 s. "
+            f"{CURVE.prefill_s_per_token * 1000:g} ms per prompt token, at most "
+            f"{CURVE.max_batched_tokens} prompt tokens joining a step; H100 prices; objective TTFT ≤ 1 s. "
             "Each family's thresholds are swept; the cheapest setting meeting the target is its best.",
             *parts,
         ]

@@ -132,3 +132,21 @@ def test_adaptive_does_not_mistake_idle_workers_for_saturated_ones() -> None:
     result = Simulation(curve, arrivals, policy, replicas=8, startup_s=60).run()
     assert max(s.replicas for s in result.samples) == 8  # never above where it started
     assert result.samples[-1].replicas <= 2
+
+
+def test_a_prefill_budget_spreads_long_prompts_over_steps() -> None:
+    """``max_batched_tokens`` 2,000: of four 1,000-token prompts arriving together, two join the
+    first step and two the next (without a budget all four join the first)."""
+    curve = ServiceCurve(capacity=8, decode_base_s=0.01, decode_per_seq_s=0.001, prefill_s_per_token=0.001,
+                         max_batched_tokens=2000)  # fmt: skip
+    arrivals = [Arrival(0.0, 1000, 3) for _ in range(4)]
+    result = Simulation(curve, arrivals, Fixed(1), replicas=1, startup_s=0).run()
+    first = sorted(round(r.first_token_s, 3) for r in result.requests)
+    step1 = 0.01 + 0.002 + 2.0  # two running, 2,000 prompt tokens
+    step2 = 0.01 + 0.004 + 2.0  # four running, the other two's 2,000
+    assert first == [round(step1, 3)] * 2 + [round(step1 + step2, 3)] * 2
+    unlimited = ServiceCurve(
+        capacity=8, decode_base_s=0.01, decode_per_seq_s=0.001, prefill_s_per_token=0.001
+    )
+    together = Simulation(unlimited, arrivals, Fixed(1), replicas=1, startup_s=0).run()
+    assert {round(r.first_token_s, 3) for r in together.requests} == {round(0.01 + 0.004 + 4.0, 3)}

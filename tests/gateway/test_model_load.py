@@ -61,3 +61,11 @@ def test_from_zero_workers_a_waiting_job_wants_one() -> None:
     load = ModelLoad()
     _feed(load, 3, per_s=(1, 0), waiting=3, in_flight=0, workers=0, capacity=0)
     assert load.desired_workers(SETTINGS) == 1
+
+
+def test_a_target_occupancy_sizes_for_part_of_the_slots() -> None:
+    """At a target of half the slots the saturated fleet above wants twice the workers."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(12, 8), waiting=40, in_flight=64, workers=2, capacity=64)
+    half = SETTINGS.model_copy(update={"autoscale_target_occupancy": 0.5})
+    assert load.desired_workers(half) == 2 * load.desired_workers(SETTINGS) == 8

@@ -13,12 +13,17 @@ class ServiceCurve:
     running sequence and costs ``decode_base_s + decode_per_seq_s * batch``, plus the prefill of the
     sequences that join it (``prefill_s_per_token`` per prompt token). This is the ``sim`` engine's
     own cost model, so the simulator and a real stack of sim workers run the same curve; for a real
-    engine, fit it to measured step times (``benchmarks/engines.py``)."""
+    engine, fit it to measured step times (``benchmarks/engines.py``).
+
+    ``max_batched_tokens`` (0: none, as the sim engine) bounds the prompt tokens that join one step,
+    as vLLM's scheduler does (``max_num_batched_tokens``): sequences join while the budget lasts
+    (the first one always), the others wait for the next step."""
 
     capacity: int
     decode_base_s: float
     decode_per_seq_s: float = 0.0
     prefill_s_per_token: float = 0.0
+    max_batched_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or min(self.decode_base_s, self.decode_per_seq_s, self.prefill_s_per_token) < 0:

@@ -175,9 +175,13 @@ class Simulation:
 
     def _start_step(self, replica: Replica) -> None:
         prefill = 0
+        budget = self.curve.max_batched_tokens or None
         if not replica.draining:
             while (replica.local or self.queue) and len(replica.running) < self.curve.capacity:
-                request = replica.local.popleft() if replica.local else self.queue.popleft()
+                source = replica.local if replica.local else self.queue
+                if budget is not None and prefill and prefill + source[0].input_tokens > budget:
+                    break  # this step's prefill budget is spent: it joins the next one
+                request = source.popleft()
                 request.started_s = self._now
                 prefill += request.input_tokens
                 replica.running.append(request)

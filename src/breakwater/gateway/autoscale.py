@@ -73,17 +73,17 @@ class ModelLoad:
         if self.per_worker_rate <= 0:
             # Never saturated, so nothing measured: the workers whose slots (at the saturation
             # share) hold what runs now, and one more while they are saturated.
-            want = self._by_slots() + (1 if self.saturated else 0)
+            want = self._by_slots(settings.autoscale_target_occupancy) + (1 if self.saturated else 0)
         else:
             demand = self.arrival_rate + self.waiting / settings.autoscale_horizon_s
-            want = math.ceil(demand / self.per_worker_rate)
+            want = math.ceil(demand / (self.per_worker_rate * settings.autoscale_target_occupancy))
         return max(settings.autoscale_min_workers, min(settings.autoscale_max_workers, max(1, want)))
 
-    def _by_slots(self) -> int:
+    def _by_slots(self, target: float) -> int:
         if self.workers <= 0 or self.capacity <= 0:
             return self.workers
         per_worker = self.capacity / self.workers
-        return math.ceil(self.in_flight / (SATURATED * per_worker))
+        return math.ceil(self.in_flight / (min(SATURATED, target) * per_worker))
 
 
 class AutoscaleSignals:
