@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -146,9 +147,14 @@ def bench(
     summary = summarize(result.records, duration_s=result.duration_s, slo=slos, cost=cost)
     if snapshots is not None:
         before, after, memory = snapshots
-        measured = measure_usage(before, after, memory, output_tokens=summary["total_output_tokens"])
-        summary["measured_cost"] = measured.report(prices, sku, replicas)
-    config = {"target": asdict(target), "profile": asdict(prof), "command": " ".join(sys.argv[1:])}
+        if after is None:
+            console.print(
+                "[yellow]warning:[/yellow] the meter could not read after the run: no measured cost"
+            )
+        else:
+            measured = measure_usage(before, after, memory, output_tokens=summary["total_output_tokens"])
+            summary["measured_cost"] = measured.report(prices, sku, replicas)
+    config = {"target": asdict(target), "profile": asdict(prof), "command": _redacted(sys.argv[1:])}
     files = write(result, summary, config, out)
     table = Table(title=f"breakwater bench: {profile}")
     table.add_column("metric")
@@ -162,9 +168,14 @@ def bench(
         raise typer.Exit(1)
 
 
+def _redacted(args: list[str]) -> str:
+    """The command line for the results, without the passwords in URLs (``redis://:pw@host``)."""
+    return " ".join(re.sub(r"://[^/@\s]*@", "://***@", arg) for arg in args)
+
+
 async def _metered(
     meter: Meter | None, run: Coroutine[Any, Any, RunResult]
-) -> tuple[RunResult, tuple[Snapshot, Snapshot, list[int]] | None]:
+) -> tuple[RunResult, tuple[Snapshot, Snapshot | None, list[int]] | None]:
     """The run, between the meter's two readings when there is a meter."""
     if meter is None:
         return await run, None

@@ -76,7 +76,7 @@ def test_usage_and_cost_by_hand() -> None:
     before = Snapshot(
         {
             "g": Reading("gateway", 10.0),
-            "w1": Reading("worker", 5.0, busy_s=1.0),
+            "w1": Reading("worker", 5.0, busy_s=1.0, pid=1),
             "w2": Reading("worker", 7.0, busy_s=3.0),
         },
         {"r": RedisReading(commands=1_000, used_memory=0)},
@@ -85,7 +85,7 @@ def test_usage_and_cost_by_hand() -> None:
     after = Snapshot(
         {
             "g": Reading("gateway", 46.0),
-            "w1": Reading("worker", 2.0, busy_s=0.5),  # restarted: counts from zero
+            "w1": Reading("worker", 2.0, busy_s=0.5, pid=2),  # restarted (another pid): from zero
             "w2": Reading("worker", 25.0, busy_s=3603.0),
         },
         {"r": RedisReading(commands=2_001_000, used_memory=0)},
@@ -106,3 +106,18 @@ def test_usage_and_cost_by_hand() -> None:
     assert used.report(prices, "l4", replicas=1)["cost_usd"]["gpu"] == pytest.approx(0.8)
     with pytest.raises(ValueError, match="no price for GPU `h200`"):
         used.report(prices, "h200")
+
+
+def test_a_counter_that_dips_in_one_process_does_not_count_its_lifetime() -> None:
+    """The same pid reading a little lower (a child reaped between two /proc scans) adds nothing;
+    a process under a new name but the same pid (retired by the autoscaler) is the same process."""
+    before = Snapshot({"sup#pid7": Reading("worker", 100.0, pid=7, supervised=True)}, {}, at=0.0)
+    after = Snapshot({"sup#pid7": Reading("worker", 99.5, pid=7, supervised=True)}, {}, at=10.0)
+    assert measure(before, after, [], output_tokens=1).cpu_s == {"worker": 0.0}
+
+
+def test_passwords_in_urls_stay_out_of_the_results() -> None:
+    from breakwater.cli_tools import _redacted
+
+    args = ["--redis-url", "redis://bench:s3cret@10.0.0.1:6379/0", "--url", "http://127.0.0.1:8000"]
+    assert _redacted(args) == "--redis-url redis://***@10.0.0.1:6379/0 --url http://127.0.0.1:8000"

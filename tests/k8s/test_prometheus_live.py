@@ -392,7 +392,7 @@ def test_recording_rules_and_alerts_return_data(loaded: Live) -> None:
     groups = prometheus_rules()["groups"]
     records = [r for g in groups for r in g["rules"] if "record" in r]
     alerts = [r for g in groups for r in g["rules"] if "alert" in r]
-    assert len(records) == 15 and len(alerts) == 8
+    assert len(records) == 15 and len(alerts) == 9
     for rule in records:
         assert loaded.query(rule["expr"]), f"recording rule {rule['record']} expression returns nothing"
         assert loaded.query(rule["record"]), f"recorded series {rule['record']} missing"
@@ -401,7 +401,7 @@ def test_recording_rules_and_alerts_return_data(loaded: Live) -> None:
     # Prometheus loaded the same rules and evaluates them without errors.
     body = httpx.get(f"{loaded.prometheus}/api/v1/rules", timeout=10).json()
     loaded_rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-    assert len(loaded_rules) == 23 and all(r["health"] == "ok" for r in loaded_rules), loaded_rules
+    assert len(loaded_rules) == 24 and all(r["health"] == "ok" for r in loaded_rules), loaded_rules
 
 
 def test_dashboard_queries_return_data(loaded: Live) -> None:

@@ -92,3 +92,45 @@ async def test_http_errors_are_named_by_status() -> None:
     async with _client(handler) as client:
         result = await sse_session(client, [URL], {}, drop_after=0, timeout_s=5)
     assert result.outcome == "failed" and result.errors == ["http_429"] and "slow down" in result.detail
+
+
+async def test_a_token_repeated_mid_stream_fails_the_session() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = (
+            _chunk(1, "a")
+            + _chunk(2, "b")
+            + _chunk(2, "b")
+            + _chunk(3, finish="length")
+            + b"data: [DONE]\n\n"
+        )
+        return httpx.Response(200, headers={"x-breakwater-request-id": "r"}, content=body)
+
+    async with _client(handler) as client:
+        result = await sse_session(client, [URL], {}, drop_after=0, timeout_s=5)
+    assert result.outcome == "failed" and result.errors == ["integrity"], result
+
+
+async def test_a_draining_gateway_sends_the_resume_elsewhere() -> None:
+    """503 on the resume (the gateway drains): the next URL, then the rest of the stream."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(
+                200, headers={"x-breakwater-request-id": "r"}, content=_stream([1, 2], None)
+            )
+        if request.url.host == "gw":
+            return httpx.Response(503, json={"error": {"message": "draining"}})
+        return httpx.Response(200, content=_stream([3, 4], 5))
+
+    async with _client(handler) as client:
+        result = await sse_session(client, [URL, "http://other"], {}, drop_after=2, timeout_s=5)
+    assert (result.outcome, result.errors, result.tokens) == ("recovered", ["http_503"], 4), result
+
+
+async def test_an_answer_that_is_not_breakwaters_fails_cleanly() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"data: not json\n\n")  # a proxy's page, no request id
+
+    async with _client(handler) as client:
+        result = await sse_session(client, [URL], {}, drop_after=0, timeout_s=5)
+    assert result.outcome == "failed" and result.errors == ["protocol"], result

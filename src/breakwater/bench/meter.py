@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from breakwater.capacity.pricing import Pricing, Usage, cost
 
@@ -49,7 +50,8 @@ def parse_page(url: str, text: str) -> dict[str, Reading]:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     if TREE_CPU in families:  # the supervisor: one reading per process it started
         return {
-            f"{url}#{s.labels['process']}": Reading(
+            # By pid: a worker retired by the autoscaler keeps its pid under a new process name.
+            f"{url}#pid{s.labels['pid']}": Reading(
                 s.labels["role"], s.value, pid=int(s.labels["pid"]), supervised=True
             )
             for s in families[TREE_CPU].samples
@@ -94,9 +96,9 @@ class Snapshot:
     at: float  # monotonic seconds
 
 
-def _grown(before: float, after: float) -> float:
-    """A counter's increase; a process restarted in between counts from zero."""
-    return after - before if after >= before else after
+def _grown(before: float, after: float, restarted: bool) -> float:
+    """A counter's increase; a process restarted in between (another pid) counts from zero."""
+    return after if restarted else max(0.0, after - before)
 
 
 @dataclass(slots=True)
@@ -169,22 +171,26 @@ class Meter:
         for url, client in zip(self.redis_urls, self.redis, strict=True):
             stats = await client.info("commandstats")
             memory = await client.info("memory")
-            commands = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+            # INFO is left out: the meter's own (once a second), not the system's.
+            commands = sum(
+                int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k != "cmdstat_info"
+            )
             redis[url] = RedisReading(commands, int(memory["used_memory"]))
         return Snapshot(processes, redis, time.monotonic())
 
     async def _memory(self) -> int:
         return sum([int((await c.info("memory"))["used_memory"]) for c in self.redis])
 
-    async def around(self, run: Awaitable[T]) -> tuple[T, Snapshot, Snapshot, list[int]]:
-        """Run ``run`` between two snapshots, sampling Redis memory meanwhile."""
+    async def around(self, run: Awaitable[T]) -> tuple[T, Snapshot, Snapshot | None, list[int]]:
+        """Run ``run`` between two snapshots, sampling Redis memory meanwhile. The second snapshot
+        is None when it could not be read: the run's results are kept, unpriced."""
         before = await self.snapshot()
         samples = [sum(r.used_memory for r in before.redis.values())]
 
         async def sample() -> None:
             while True:
                 await asyncio.sleep(self.sample_s)
-                with contextlib.suppress(OSError, ConnectionError):
+                with contextlib.suppress(OSError, RedisError):
                     samples.append(await self._memory())
 
         sampler = asyncio.create_task(sample())
@@ -194,7 +200,11 @@ class Meter:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-        after = await self.snapshot()
+        try:
+            after: Snapshot | None = await self.snapshot()
+        except (OSError, RedisError, httpx.HTTPError, ValueError):
+            return result, before, None, samples
+        assert after is not None
         samples.append(sum(r.used_memory for r in after.redis.values()))
         return result, before, after, samples
 
@@ -205,17 +215,19 @@ def measure(before: Snapshot, after: Snapshot, memory: list[int], *, output_toke
     out = Measured(duration_s, output_tokens)
     for name, end in after.processes.items():
         start = before.processes.get(name)
-        cpu = _grown(start.cpu_s if start else 0.0, end.cpu_s)
+        restarted = start is None or start.pid != end.pid
+        cpu = _grown(start.cpu_s if start else 0.0, end.cpu_s, restarted)
         out.cpu_s[end.role] = out.cpu_s.get(end.role, 0.0) + cpu
         if end.role == "worker":
             replica: dict[str, Any] = {"process": name, "cpu_s": cpu}
             if end.busy_s is not None:
-                busy = _grown(start.busy_s or 0.0 if start else 0.0, end.busy_s)
+                busy = _grown(start.busy_s or 0.0 if start else 0.0, end.busy_s, restarted)
                 replica["busy_s"] = busy
                 replica["busy_share"] = busy / duration_s if duration_s > 0 else None
             out.replicas.append(replica)
     for url, end_r in after.redis.items():
         start_r = before.redis.get(url)
-        out.redis_commands += int(_grown(start_r.commands if start_r else 0, end_r.commands))
+        restarted_r = start_r is None or end_r.commands < start_r.commands  # a Redis restart zeroes it
+        out.redis_commands += int(_grown(start_r.commands if start_r else 0, end_r.commands, restarted_r))
     out.redis_memory_gb = sum(memory) / len(memory) / 1e9 if memory else 0.0
     return out

@@ -224,7 +224,7 @@ class Simulation:
             now=now,
             replicas=len(counted),
             ready=len(ready),
-            waiting=len(self.queue),
+            waiting=len(self.queue) + sum(len(r.local) for r in self.replicas),  # pushed: waiting too
             running=sum(len(r.running) for r in self.replicas),
             capacity=len(ready) * self.curve.capacity,
             utilisation=utilisation,
@@ -247,8 +247,10 @@ class Simulation:
         victims = sorted(counted, key=lambda r: (r.ready_s <= self._now, len(r.running), -r.ident))[:extra]
         for replica in victims:
             replica.draining = True
-            self.queue.extendleft(reversed(replica.local))  # pushed, not started: back to the others
-            replica.local.clear()
+            if replica.local:  # pushed, not started: back to the others
+                self.queue.extendleft(reversed(replica.local))
+                replica.local.clear()
+                self._waking = True
             if not replica.running:
                 self.replicas.remove(replica)
 

@@ -64,7 +64,7 @@ class ModelLoad:
         self.arrival_rate = _ewma(self.arrival_rate, (added - prev[1]) / dt)
         self.drain_rate = _ewma(self.drain_rate, finished)
         if workers and in_flight >= workers:  # running enough to measure (a job per worker)
-            slots = (in_flight + room) / workers if capacity > 0 else in_flight / workers
+            slots = min(capacity, in_flight + room) / workers if capacity > 0 else in_flight / workers
             self.per_worker_rate = _ewma(self.per_worker_rate, finished / in_flight * slots)
 
     def desired_workers(self, settings: GatewaySettings) -> int:

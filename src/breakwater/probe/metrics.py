@@ -65,9 +65,11 @@ class ProbeMetrics:
             buckets=FAST,
             registry=r,
         )
-        for transport in ("websocket", "sse"):
+        for transport in ("websocket", "sse"):  # every series exists from the start (dashboards, alerts)
             for outcome in OUTCOMES:
                 self.sessions.labels(transport, outcome)
+            for histogram in (self.connect, self.ttft, self.gap, self.resume):
+                histogram.labels(transport)
 
     def record(self, result: Result) -> None:
         t = result.transport

@@ -26,6 +26,9 @@ class StreamBroken(Exception):
     """The stream ended without its last event (not by the probe's own drop)."""
 
 
+RETRY_STATUS = frozenset({502, 503, 504})  # a gateway draining or a proxy without one: go elsewhere
+
+
 @dataclass(slots=True)
 class Result:
     transport: str  # websocket | sse
@@ -65,8 +68,10 @@ class Tracker:
         self.last_seq, self.last_at = seq, now
         self.result.tokens += 1
 
-    def done(self, seq: int) -> None:
-        if seq != self.last_seq + 1 and seq != self.last_seq:  # SSE: the final chunk shares the last id
+    def done(self, seq: int, *, shares_last: bool = False) -> None:
+        """The finish: its own sequence number, or (SSE, ``shares_last``) that of the text chunk just
+        before it, when the final event carried text too."""
+        if seq != self.last_seq + 1 and not (shares_last and seq == self.last_seq):
             raise SessionError("integrity", f"done at seq {seq} after {self.last_seq}")
         if self.resumed_at is not None:
             self.result.resume_gaps_s.append(time.monotonic() - self.resumed_at)

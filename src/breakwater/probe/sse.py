@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from breakwater.probe.session import Result, SessionError, StreamBroken, Tracker
+from breakwater.probe.session import RETRY_STATUS, Result, SessionError, StreamBroken, Tracker
 
 RETRY_S = 0.5
 REQUEST_ID = "x-breakwater-request-id"
@@ -30,6 +30,10 @@ async def sse_session(
         return result
     except TimeoutError:
         result.errors.append("timeout")
+        return result
+    except Exception as exc:  # anything unexpected (a proxy's odd answer): a failed session, not a crash
+        result.errors.append("protocol")
+        result.detail = f"{type(exc).__name__}: {exc}"[:200]
         return result
     result.outcome = "success" if not result.errors else "recovered"
     return result
@@ -58,11 +62,18 @@ async def _run(
                 await asyncio.sleep(RETRY_S)
             continue
         try:
+            if resp.status_code in RETRY_STATUS:
+                result.errors.append(f"http_{resp.status_code}")
+                index = (index + 1) % len(urls)
+                await asyncio.sleep(RETRY_S)
+                continue
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 raise SessionError(f"http_{resp.status_code}", text[:200])
             if result.connect_s is None:
                 result.connect_s = time.monotonic() - began  # until the response headers
+            if not rid and REQUEST_ID not in resp.headers:
+                raise SessionError("protocol", f"no {REQUEST_ID} header: not a Breakwater gateway?")
             rid = rid or resp.headers[REQUEST_ID]
             if await _read(resp, tracker, 0 if planned else drop_after):
                 planned = True  # dropped on purpose: resume on the same URL
@@ -73,6 +84,7 @@ async def _run(
             result.errors.append("stream_broken")  # a cut the probe did not make: resume elsewhere
             tracker.dropped()
             index = (index + 1) % len(urls)
+            await asyncio.sleep(RETRY_S)  # a server that accepts and closes is not hammered
         finally:
             await resp.aclose()
 
@@ -95,15 +107,16 @@ async def _read(resp: httpx.Response, tracker: Tracker, drop_after: int) -> bool
                     raise SessionError("integrity", "[DONE] before the finish")
                 return False
             _event(tracker, seq, orjson.loads(payload), first)
-            first = False
+            seq, first = None, False  # every event names its own id
             if drop_after and not tracker.finished and tracker.last_seq >= drop_after:
                 return True
     return False
 
 
 def _event(tracker: Tracker, seq: int | None, chunk: dict[str, Any], first: bool) -> None:
-    """One chunk. Several chunks of one event share its id, but a stream (a resumed one too) starts
-    after the last id seen."""
+    """One chunk. The probe asks for plain text, so each token event is one chunk with an id of its
+    own; only the finish may share the id of the text just before it (a final event with text), and
+    the usage chunk that of the finish."""
     if "error" in chunk:
         error = chunk["error"]
         raise SessionError("error_event", str(error.get("message") if isinstance(error, dict) else error))
@@ -113,8 +126,8 @@ def _event(tracker: Tracker, seq: int | None, chunk: dict[str, Any], first: bool
         return  # the usage chunk: it shares the finish's id
     choices = chunk.get("choices") or []
     if any(c.get("finish_reason") for c in choices):
-        tracker.done(seq)
+        tracker.done(seq, shares_last=not first)
     elif seq == tracker.last_seq + 1:
         tracker.token(seq)
-    elif seq != tracker.last_seq or first:
+    else:
         raise SessionError("integrity", f"id {seq} after {tracker.last_seq}")

@@ -12,7 +12,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from breakwater.probe.session import Result, SessionError, Tracker, rotate
+from breakwater.probe.session import RETRY_STATUS, Result, SessionError, Tracker, rotate
 
 RETRY_S = 0.5
 
@@ -28,7 +28,11 @@ async def _connect(
             try:
                 conn = await connect(ws_url(url), additional_headers=headers, open_timeout=10)
             except InvalidStatus as exc:
-                raise SessionError(f"http_{exc.response.status_code}", "WebSocket refused") from None
+                status = exc.response.status_code
+                if status not in RETRY_STATUS:
+                    raise SessionError(f"http_{status}", "WebSocket refused") from None
+                result.errors.append(f"http_{status}")  # draining or no upstream: try elsewhere
+                continue
             except (OSError, InvalidHandshake, TimeoutError):
                 result.errors.append("connect")
                 continue
@@ -65,6 +69,7 @@ async def websocket_session(
                 except ConnectionClosed:  # not ours: the gateway died or drains (1012)
                     result.errors.append("stream_broken")
                     tracker.dropped()
+                    await asyncio.sleep(RETRY_S)  # a server that accepts and closes is not hammered
                     index, conn = await _reattach(urls, index + 1, api_key, result, rid, tracker, conn)
                     continue
                 kind = message.get("type")
@@ -85,6 +90,10 @@ async def websocket_session(
     except TimeoutError:
         result.errors.append("timeout")
         return result
+    except Exception as exc:  # anything unexpected: a failed session, not a crash of the probe
+        result.errors.append("protocol")
+        result.detail = f"{type(exc).__name__}: {exc}"[:200]
+        return result
     finally:
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -102,9 +111,18 @@ async def _reattach(
     tracker: Tracker,
     old: ClientConnection,
 ) -> tuple[int, ClientConnection]:
-    """Close ``old`` and follow ``rid`` from the last token seen on a new socket."""
+    """Close ``old`` and follow ``rid`` from the last token seen on a new socket (the next URL
+    whenever one closes before the resume is sent)."""
     with contextlib.suppress(Exception):
         await old.close()
-    index, conn = await _connect(urls, start % len(urls), api_key, result)
-    await conn.send(orjson.dumps({"resume": rid, "after": tracker.last_seq}).decode())
-    return index, conn
+    while True:
+        index, conn = await _connect(urls, start % len(urls), api_key, result)
+        try:
+            await conn.send(orjson.dumps({"resume": rid, "after": tracker.last_seq}).decode())
+            return index, conn
+        except ConnectionClosed:
+            result.errors.append("stream_broken")
+            with contextlib.suppress(Exception):
+                await conn.close()
+            start = index + 1
+            await asyncio.sleep(RETRY_S)

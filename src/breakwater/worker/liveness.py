@@ -47,7 +47,10 @@ class LivenessMixin:
             "capacity": info.capacity,
             "context_length": info.context_length,
             "active": self.engine.running(),
-            "free": 0 if self.draining else self.engine.free_slots(),  # room it would pull into now
+            # The room it would pull into now (jobs claimed but not yet in the engine count as taken).
+            "free": 0
+            if self.draining
+            else max(0, min(self.engine.free_slots(), info.capacity - len(self.inflight))),
             "draining": self.draining,
             "kv_cache_usage": stats.get("kv_cache_usage"),
             "engine_stats": stats,
