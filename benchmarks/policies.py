@@ -150,8 +150,8 @@ def section(name: str, setup: Setup, points: list[Point], targets: tuple[float, 
         cheapest = {f: best(points, f, target) for f in ("fixed", "hpa", "keda", "adaptive")}
         met = {f: p for f, p in cheapest.items() if p is not None}
         line = [f"- **At {target:.0%} attainment**:"]
-        for family, p in cheapest.items():
-            line.append(f"{family} {'—' if p is None else f'{p.setting} ${p.usd_per_1k:.4f}'};")
+        for family, found in cheapest.items():
+            line.append(f"{family} {'—' if found is None else f'{found.setting} ${found.usd_per_1k:.4f}'};")
         if met:
             winner = min(met.values(), key=lambda p: p.usd_per_1k)
             line.append(f"cheapest: **{winner.family} ({winner.setting})**.")

@@ -166,7 +166,7 @@ def real_run(profile: Profile, args: argparse.Namespace, tmp: Path) -> tuple[Out
 
 def simulated(profile: Profile, args: argparse.Namespace, startup_s: float) -> Outcome:
     curve = ServiceCurve(
-        WORKER["capacity"],
+        int(WORKER["capacity"]),
         WORKER["decode_base_ms"] / 1000,
         WORKER["decode_per_seq_ms"] / 1000,
         WORKER["prefill_ms_per_token"] / 1000,
