@@ -56,6 +56,9 @@ def simulate(
     decode_base_ms: Annotated[float, typer.Option(help="engine step: fixed part")] = 20.0,
     decode_per_seq_ms: Annotated[float, typer.Option(help="engine step: per running sequence")] = 0.5,
     prefill_ms_per_token: Annotated[float, typer.Option(help="engine step: per prompt token joining")] = 0.05,
+    max_batched_tokens: Annotated[
+        int, typer.Option(min=0, help="prompt tokens that may join one step (vLLM: 8192); 0: no bound")
+    ] = 0,
     replicas: Annotated[int, typer.Option(help="replicas at the start (a fixed fleet: all of it)")] = 1,
     min_replicas: Annotated[int, typer.Option()] = 1,
     max_replicas: Annotated[int, typer.Option()] = 64,
@@ -70,7 +73,11 @@ def simulate(
     if not arrivals:
         raise typer.BadParameter("the trace has no requests in that window", param_hint="--trace")
     curve = ServiceCurve(
-        capacity, decode_base_ms / 1000, decode_per_seq_ms / 1000, prefill_ms_per_token / 1000
+        capacity,
+        decode_base_ms / 1000,
+        decode_per_seq_ms / 1000,
+        prefill_ms_per_token / 1000,
+        max_batched_tokens,
     )
     prices = Pricing.load(pricing)
     if sku not in prices.gpu_hour:
@@ -102,10 +109,16 @@ def plan_fleet(
     slo_ttft_p95_s: Annotated[
         float, typer.Option("--slo-ttft-p95-s", help="TTFT objective at the peak")
     ] = 1.0,
+    slo_tpot_p95_s: Annotated[
+        float | None, typer.Option("--slo-tpot-p95-s", help="TPOT objective at the peak (optional)")
+    ] = None,
     capacity: Annotated[int, typer.Option(help="sequences per replica")] = 32,
     decode_base_ms: Annotated[float, typer.Option(help="engine step: fixed part")] = 20.0,
     decode_per_seq_ms: Annotated[float, typer.Option(help="engine step: per running sequence")] = 0.5,
     prefill_ms_per_token: Annotated[float, typer.Option(help="engine step: per prompt token joining")] = 0.05,
+    max_batched_tokens: Annotated[
+        int, typer.Option(min=0, help="prompt tokens that may join one step (vLLM: 8192); 0: no bound")
+    ] = 0,
     sku: Annotated[str, typer.Option(help="GPU priced per replica-hour")] = "h100",
     gpus_per_replica: Annotated[int, typer.Option(min=1)] = 1,
     pricing: Annotated[Path | None, typer.Option(help="JSON overriding the default prices")] = None,
@@ -114,10 +127,14 @@ def plan_fleet(
     """The replicas, gateway cores and Redis a traffic level needs at its peak, and the month's cost."""
     try:
         curve = ServiceCurve(
-            capacity, decode_base_ms / 1000, decode_per_seq_ms / 1000, prefill_ms_per_token / 1000
+            capacity,
+            decode_base_ms / 1000,
+            decode_per_seq_ms / 1000,
+            prefill_ms_per_token / 1000,
+            max_batched_tokens,
         )
         prices = Pricing.load(pricing)
-        demand = Demand(requests_per_day, peak_to_average, slo_ttft_p95_s)
+        demand = Demand(requests_per_day, peak_to_average, slo_ttft_p95_s, tpot_p95_s=slo_tpot_p95_s)
         if sku not in prices.gpu_hour:
             raise ValueError(f"no price for `{sku}` (known: {', '.join(sorted(prices.gpu_hour))})")
         result = plan(demand, trace(trace_path), curve, prices, sku=sku, gpus_per_replica=gpus_per_replica)
@@ -131,7 +148,8 @@ def plan_fleet(
             [
                 f"peak: {result.peak_rps:,.1f} req/s, {result.peak_tokens_per_s:,.0f} output tokens/s",
                 f"replicas ({sku} x{gpus_per_replica}): {result.replicas_peak} at the peak "
-                f"(TTFT p95 {result.ttft_p95_s:.2f} s), {result.replicas_average} on average",
+                f"(TTFT p95 {result.ttft_p95_s:.2f} s, TPOT p95 {result.tpot_p95_s * 1000:.0f} ms), "
+                f"{result.replicas_average} on average",
                 f"gateway cores: {result.gateway_cores}; Redis primaries: {result.redis_primaries} "
                 f"(+1 replica each), {result.redis_gb:.1f} GB",
                 f"per month: GPU ${result.gpu_monthly_usd:,.0f}, "

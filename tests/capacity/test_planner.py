@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from breakwater.bench.profiles import Arrival
-from breakwater.capacity.planner import HEADROOM, Demand, at_rate, plan, smallest_fleet
+from breakwater.capacity.planner import HEADROOM, Demand, at_rate, p95s, plan, smallest_fleet
 from breakwater.capacity.pricing import Pricing
 from breakwater.capacity.service import ServiceCurve
 
@@ -35,6 +36,26 @@ def test_the_smallest_fleet_that_meets_the_objective() -> None:
     arrivals = steady(600, 0.1)
     assert smallest_fleet(CURVE, arrivals, slo_s=0.15) == 10
     assert smallest_fleet(CURVE, steady(600, 0.5), slo_s=0.15) == 2
+
+
+def test_a_tpot_objective_can_need_more_replicas_than_ttft() -> None:
+    """Steps of 50 ms + 50 ms per running sequence, up to 4 at once: a full batch streams a token
+    every 250 ms, one alone every 100 ms. Two requests a second need 2 replicas for TTFT (p95 TPOT
+    128 ms); a TPOT p95 under 110 ms needs 3. The bisection agrees with trying every fleet size."""
+    curve = ServiceCurve(capacity=4, decode_base_s=0.05, decode_per_seq_s=0.05)
+    arrivals = steady(400, 0.5)
+
+    def first(ok: Callable[[tuple[float, float]], bool]) -> int:
+        return next(n for n in range(1, 64) if ok(p95s(curve, arrivals, n)))
+
+    ttft_only = smallest_fleet(curve, arrivals, slo_s=2.0)
+    both = smallest_fleet(curve, arrivals, slo_s=2.0, tpot_slo_s=0.11)
+    assert ttft_only == first(lambda p: p[0] <= 2.0)
+    assert both == first(lambda p: p[0] <= 2.0 and p[1] <= 0.11)
+    assert both > ttft_only
+    assert p95s(curve, arrivals, both)[1] <= 0.11 < p95s(curve, arrivals, both - 1)[1]
+    with pytest.raises(ValueError, match="no fleet meets that TPOT"):
+        smallest_fleet(curve, arrivals, slo_s=2.0, tpot_slo_s=0.09)  # one sequence alone takes 100 ms
 
 
 def test_the_months_figures_by_hand() -> None:

@@ -2,9 +2,9 @@
 
 The replicas come from the simulator: a trace's hour stands for the peak hour, replayed at the
 peak rate (the day's average times ``peak_to_average``), and the smallest fixed fleet whose TTFT
-p95 meets the objective is found by bisection. Gateways and Redis primaries come from this
-project's measurements (docs/benchmarks.md), as constants a user can override: tokens per
-gateway core-second and Redis CPU per token event. The rest is arithmetic, written out in
+p95 (and TPOT p95, if given) meets the objective is found by bisection. Gateways and Redis
+primaries come from this project's measurements (docs/benchmarks.md), as constants a user can
+override: tokens per gateway core-second and Redis CPU per token event. The rest is arithmetic, written out in
 :class:`Plan` so that every figure can be checked by hand.
 """
 
@@ -35,6 +35,7 @@ class Demand:
     peak_to_average: float = 2.0
     ttft_p95_s: float = 1.0
     result_ttl_s: float = 3600.0
+    tpot_p95_s: float | None = None  # also an objective on the time per output token, if given
 
     @property
     def average_rps(self) -> float:
@@ -52,6 +53,7 @@ class Plan:
     replicas_peak: int
     replicas_average: int  # an autoscaled fleet following the day (peak / peak_to_average)
     ttft_p95_s: float  # at the peak, with replicas_peak
+    tpot_p95_s: float  # the same
     gateway_cores: int
     redis_primaries: int
     redis_gb: float
@@ -82,23 +84,45 @@ def at_rate(arrivals: list[Arrival], rps: float) -> list[Arrival]:
     return [replace(a, t=(a.t - start) * scale) for a in arrivals]
 
 
-def ttft_p95(curve: ServiceCurve, arrivals: list[Arrival], replicas: int) -> float:
+def p95s(curve: ServiceCurve, arrivals: list[Arrival], replicas: int) -> tuple[float, float]:
+    """TTFT and TPOT p95 of a fixed fleet (inf when it never finishes)."""
     result = Simulation(curve, arrivals, Fixed(replicas), replicas=replicas).run()
     if any(r.done_s < 0 for r in result.requests):
-        return math.inf
-    return percentile([r.ttft_s for r in result.requests], 95)
+        return math.inf, math.inf
+    ttft = percentile([r.ttft_s for r in result.requests], 95)
+    tpot = percentile([r.tpot_s for r in result.requests if r.output_tokens > 1] or [0.0], 95)
+    return ttft, tpot
 
 
-def smallest_fleet(curve: ServiceCurve, arrivals: list[Arrival], slo_s: float, most: int = 4096) -> int:
-    """The fewest replicas whose TTFT p95 meets ``slo_s`` (more replicas never wait longer)."""
+def ttft_p95(curve: ServiceCurve, arrivals: list[Arrival], replicas: int) -> float:
+    return p95s(curve, arrivals, replicas)[0]
+
+
+def smallest_fleet(
+    curve: ServiceCurve,
+    arrivals: list[Arrival],
+    slo_s: float,
+    most: int = 4096,
+    *,
+    tpot_slo_s: float | None = None,
+) -> int:
+    """The fewest replicas whose TTFT p95 meets ``slo_s`` (and TPOT p95 ``tpot_slo_s``, if given):
+    more replicas never wait longer, and run smaller batches."""
+
+    def meets(replicas: int) -> bool:
+        ttft, tpot = p95s(curve, arrivals, replicas)
+        return ttft <= slo_s and (tpot_slo_s is None or tpot <= tpot_slo_s)
+
+    if tpot_slo_s is not None and curve.step_s(1) > tpot_slo_s:
+        raise ValueError(f"a step alone takes {curve.step_s(1) * 1000:g} ms: no fleet meets that TPOT")
     low, high = 1, 1
-    while ttft_p95(curve, arrivals, high) > slo_s:
+    while not meets(high):
         low, high = high + 1, high * 2
         if high > most:
             raise ValueError(f"more than {most} replicas would be needed")
     while low < high:
         mid = (low + high) // 2
-        if ttft_p95(curve, arrivals, mid) <= slo_s:
+        if meets(mid):
             high = mid
         else:
             low = mid + 1
@@ -117,7 +141,8 @@ def plan(
     redis_us_per_event: float = REDIS_US_PER_EVENT,
 ) -> Plan:
     arrivals = at_rate(trace, demand.peak_rps)
-    replicas = smallest_fleet(curve, arrivals, demand.ttft_p95_s)
+    replicas = smallest_fleet(curve, arrivals, demand.ttft_p95_s, tpot_slo_s=demand.tpot_p95_s)
+    ttft, tpot = p95s(curve, arrivals, replicas)
     tokens_per_request = sum(a.output_tokens for a in trace) / len(trace)
     peak_tokens = demand.peak_rps * tokens_per_request
     hours = prices.hours_per_month
@@ -132,7 +157,8 @@ def plan(
         peak_tokens_per_s=peak_tokens,
         replicas_peak=replicas,
         replicas_average=average,
-        ttft_p95_s=ttft_p95(curve, arrivals, replicas),
+        ttft_p95_s=ttft,
+        tpot_p95_s=tpot,
         gateway_cores=cores,
         redis_primaries=primaries,
         redis_gb=redis_gb,
