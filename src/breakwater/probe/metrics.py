@@ -10,6 +10,7 @@ from breakwater.probe.session import Result
 
 FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OUTCOMES = ("success", "recovered", "failed")
+KINDS = ("connect", "stream_broken", "timeout", "integrity", "error_event", "protocol")  # + http_<status>
 
 
 class ProbeMetrics:
@@ -68,6 +69,8 @@ class ProbeMetrics:
         for transport in ("websocket", "sse"):  # every series exists from the start (dashboards, alerts)
             for outcome in OUTCOMES:
                 self.sessions.labels(transport, outcome)
+            for kind in KINDS:
+                self.errors.labels(transport, kind)
             for histogram in (self.connect, self.ttft, self.gap, self.resume):
                 histogram.labels(transport)
 
