@@ -23,20 +23,14 @@ from pathlib import Path
 from breakwater.bench.metrics import percentile
 from breakwater.bench.profiles import Arrival, trace
 from breakwater.capacity.policies import Fixed
-from breakwater.capacity.service import ServiceCurve
+from breakwater.capacity.service import ILLUSTRATIVE
 from breakwater.capacity.simulator import DISPATCH, Simulation
 from common import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = ROOT / "docs" / "evaluation.md"
 TRACE = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-CURVE = ServiceCurve(  # max_batched_tokens: vLLM's default step budget (max_num_batched_tokens)
-    capacity=32,
-    decode_base_s=0.020,
-    decode_per_seq_s=0.0005,
-    prefill_s_per_token=0.00005,
-    max_batched_tokens=8192,
-)
+CURVE = ILLUSTRATIVE
 REPLICAS = 4
 WARMUP_S = 120.0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from breakwater.bench.profiles import Arrival, trace
 from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy
 from breakwater.capacity.pricing import Pricing
-from breakwater.capacity.service import ServiceCurve
+from breakwater.capacity.service import ILLUSTRATIVE
 from breakwater.capacity.simulator import Result, Simulation
 from breakwater.config import GatewaySettings
 from common import write_section
@@ -33,13 +33,7 @@ from common import write_section
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = ROOT / "docs" / "evaluation.md"
 TRACES = ROOT.parent / "shared" / "traces"
-CURVE = ServiceCurve(  # max_batched_tokens: vLLM's default step budget (max_num_batched_tokens)
-    capacity=32,
-    decode_base_s=0.020,
-    decode_per_seq_s=0.0005,
-    prefill_s_per_token=0.00005,
-    max_batched_tokens=8192,
-)
+CURVE = ILLUSTRATIVE
 HPA_TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 KEDA_LAGS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 OCCUPANCIES = (0.3, 0.5, 0.7, 0.9, 1.0)  # adaptive: autoscale_target_occupancy

@@ -42,3 +42,14 @@ class ServiceCurve:
             decode_per_seq_s=options.decode_per_seq_ms / 1000,
             prefill_s_per_token=options.prefill_ms_per_token / 1000,
         )
+
+
+# The simulator's illustrative replica (the sim engine's shape, GPU-like step times) with vLLM's
+# default prefill budget per step: what the policy and occupancy studies run (benchmarks/).
+ILLUSTRATIVE = ServiceCurve(
+    capacity=32,
+    decode_base_s=0.020,
+    decode_per_seq_s=0.0005,
+    prefill_s_per_token=0.00005,
+    max_batched_tokens=8192,
+)

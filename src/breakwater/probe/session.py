@@ -7,8 +7,9 @@ the session then ends ``recovered`` (every token arrived exactly once) or ``fail
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 Outcome = str  # success | recovered | failed
@@ -85,3 +86,23 @@ class Tracker:
 def rotate(urls: Sequence[str], start: int) -> list[str]:
     """``urls`` starting at index ``start`` (wrapping): where to resume after a break."""
     return [urls[(start + i) % len(urls)] for i in range(len(urls))]
+
+
+async def settle(result: Result, exchange: Awaitable[None], timeout_s: float) -> Result:
+    """Run a session's exchange within its deadline and say how it ended: an error the exchange
+    named, a timeout, anything unexpected (a proxy's odd answer: failed, not a crash of the probe),
+    or done (``recovered`` when errors were met on the way)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await exchange
+    except SessionError as exc:
+        result.errors.append(exc.kind)
+        result.detail = str(exc)
+    except TimeoutError:
+        result.errors.append("timeout")
+    except Exception as exc:
+        result.errors.append("protocol")
+        result.detail = f"{type(exc).__name__}: {exc}"[:200]
+    else:
+        result.outcome = "success" if not result.errors else "recovered"
+    return result

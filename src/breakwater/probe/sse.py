@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from breakwater.probe.session import RETRY_STATUS, Result, SessionError, StreamBroken, Tracker
+from breakwater.probe.session import RETRY_STATUS, Result, SessionError, StreamBroken, Tracker, settle
 
 RETRY_S = 0.5
 REQUEST_ID = "x-breakwater-request-id"
@@ -19,24 +19,8 @@ REQUEST_ID = "x-breakwater-request-id"
 async def sse_session(
     client: httpx.AsyncClient, urls: Sequence[str], body: dict[str, Any], *, drop_after: int, timeout_s: float
 ) -> Result:
-    result = Result("sse")
-    tracker = Tracker(result)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await _run(client, urls, body, drop_after, tracker)
-    except SessionError as exc:
-        result.errors.append(exc.kind)
-        result.detail = str(exc)
-        return result
-    except TimeoutError:
-        result.errors.append("timeout")
-        return result
-    except Exception as exc:  # anything unexpected (a proxy's odd answer): a failed session, not a crash
-        result.errors.append("protocol")
-        result.detail = f"{type(exc).__name__}: {exc}"[:200]
-        return result
-    result.outcome = "success" if not result.errors else "recovered"
-    return result
+    tracker = Tracker(Result("sse"))
+    return await settle(tracker.result, _run(client, urls, body, drop_after, tracker), timeout_s)
 
 
 async def _run(

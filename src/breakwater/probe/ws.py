@@ -12,7 +12,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from breakwater.probe.session import RETRY_STATUS, Result, SessionError, Tracker, rotate
+from breakwater.probe.session import RETRY_STATUS, Result, SessionError, Tracker, rotate, settle
 
 RETRY_S = 0.5
 
@@ -50,56 +50,57 @@ def ws_url(url: str) -> str:
 async def websocket_session(
     urls: Sequence[str], body: dict[str, Any], *, api_key: str | None, drop_after: int, timeout_s: float
 ) -> Result:
-    result = Result("websocket")
-    tracker = Tracker(result)
-    conn: ClientConnection | None = None
+    tracker = Tracker(Result("websocket"))
+    sockets: list[ClientConnection] = []  # every one opened, closed at the end
     try:
-        async with asyncio.timeout(timeout_s):
-            index, conn = await _connect(urls, 0, api_key, result)
-            tracker.sent_at = time.monotonic()
-            await conn.send(orjson.dumps(body).decode())
-            created = orjson.loads(await conn.recv())
-            if created.get("type") != "created":
-                raise SessionError("error_event", str(created.get("error", created))[:200])
-            rid = str(created["request_id"])
-            planned = drop_after <= 0
-            while not tracker.finished:
-                try:
-                    message = orjson.loads(await conn.recv())
-                except ConnectionClosed:  # not ours: the gateway died or drains (1012)
-                    result.errors.append("stream_broken")
-                    tracker.dropped()
-                    await asyncio.sleep(RETRY_S)  # a server that accepts and closes is not hammered
-                    index, conn = await _reattach(urls, index + 1, api_key, result, rid, tracker, conn)
-                    continue
-                kind = message.get("type")
-                if kind == "token":
-                    tracker.token(int(message["seq"]))
-                    if not planned and tracker.last_seq >= drop_after:
-                        planned = True
-                        tracker.dropped()
-                        index, conn = await _reattach(urls, index, api_key, result, rid, tracker, conn)
-                elif kind == "done":
-                    tracker.done(int(message["seq"]))
-                elif kind == "error":
-                    raise SessionError("error_event", str(message.get("error"))[:200])
-    except SessionError as exc:
-        result.errors.append(exc.kind)
-        result.detail = str(exc)
-        return result
-    except TimeoutError:
-        result.errors.append("timeout")
-        return result
-    except Exception as exc:  # anything unexpected: a failed session, not a crash of the probe
-        result.errors.append("protocol")
-        result.detail = f"{type(exc).__name__}: {exc}"[:200]
-        return result
+        exchange = _exchange(urls, body, api_key, drop_after, tracker, sockets)
+        return await settle(tracker.result, exchange, timeout_s)
     finally:
-        if conn is not None:
+        for conn in sockets:
             with contextlib.suppress(Exception):
                 await conn.close()
-    result.outcome = "success" if not result.errors else "recovered"
-    return result
+
+
+async def _exchange(
+    urls: Sequence[str],
+    body: dict[str, Any],
+    api_key: str | None,
+    drop_after: int,
+    tracker: Tracker,
+    sockets: list[ClientConnection],
+) -> None:
+    result = tracker.result
+    index, conn = await _connect(urls, 0, api_key, result)
+    sockets.append(conn)
+    tracker.sent_at = time.monotonic()
+    await conn.send(orjson.dumps(body).decode())
+    created = orjson.loads(await conn.recv())
+    if created.get("type") != "created":
+        raise SessionError("error_event", str(created.get("error", created))[:200])
+    rid = str(created["request_id"])
+    planned = drop_after <= 0
+    while not tracker.finished:
+        try:
+            message = orjson.loads(await conn.recv())
+        except ConnectionClosed:  # not ours: the gateway died or drains (1012)
+            result.errors.append("stream_broken")
+            tracker.dropped()
+            await asyncio.sleep(RETRY_S)  # a server that accepts and closes is not hammered
+            index, conn = await _reattach(urls, index + 1, api_key, result, rid, tracker, conn)
+            sockets.append(conn)
+            continue
+        kind = message.get("type")
+        if kind == "token":
+            tracker.token(int(message["seq"]))
+            if not planned and tracker.last_seq >= drop_after:
+                planned = True
+                tracker.dropped()
+                index, conn = await _reattach(urls, index, api_key, result, rid, tracker, conn)
+                sockets.append(conn)
+        elif kind == "done":
+            tracker.done(int(message["seq"]))
+        elif kind == "error":
+            raise SessionError("error_event", str(message.get("error"))[:200])
 
 
 async def _reattach(
