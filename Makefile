@@ -79,7 +79,7 @@ test: lint typecheck vllm-env k8s-env
 # The in-process tier (gateway app through ASGITransport, workers in the test's loop, broker scripts,
 # protocol types) against a real Redis: about a minute, no vLLM or Kubernetes environments.
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q tests/broker tests/gateway tests/worker tests/protocol tests/capacity tests/probe tests/engines/test_sim.py
+	$(VENV)/bin/pytest -q tests/broker tests/gateway tests/worker tests/protocol tests/capacity tests/probe tests/rollout tests/engines/test_sim.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

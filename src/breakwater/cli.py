@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from breakwater.cli_capacity import plan_fleet, simulate
 from breakwater.cli_probe import probe
+from breakwater.cli_rollout import alias_app
 from breakwater.cli_tenants import keys_app, tenants_app, usage
 from breakwater.cli_tools import bench, cache_app, dlq_app, models_app
 from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
@@ -385,6 +386,7 @@ def _print_up(stack: Stack, data_dir: Path) -> None:
 
 app.command()(bench)
 app.add_typer(models_app, name="models")
+models_app.add_typer(alias_app, name="alias")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(cache_app, name="cache")
 app.add_typer(keys_app, name="keys")

@@ -196,7 +196,7 @@ def _discover_model(url: str, api_key: str | None) -> str:
     return models[0]
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Bundled models.")
+models_app = typer.Typer(no_args_is_help=True, help="Bundled models, and aliases over model versions.")
 
 
 @models_app.command("list")

@@ -145,6 +145,11 @@ class GatewaySettings(CommonSettings):
     result_ttl_s: int = Field(default=3600, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)
+    alias_cache_s: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="read model aliases again after this long (a change reaches every gateway)",
+    )
     model_grace_s: float = Field(
         default=120.0, ge=0.0, description="keep serving a model this long after its last worker was seen"
     )
@@ -294,6 +299,14 @@ class WorkerSettings(CommonSettings):
             "'none': no automatic tool calls"
         ),
     )
+    model_version: str = Field(
+        default="",
+        max_length=64,
+        description=(
+            "the version this worker serves: it registers `<model>@<version>` and pulls that queue "
+            "(clients pin it, or reach it through an alias: `breakwater models alias set`)"
+        ),
+    )
     model_revision: str = Field(
         default="",
         max_length=128,
@@ -322,6 +335,12 @@ class WorkerSettings(CommonSettings):
         description=f"sim: step time jitter, +- this fraction (default {SimOptions.jitter_frac})",
     )
     sim_hang_marker: str | None = Field(default=None, description="tests: hang the step on this prompt text")
+    sim_error_rate: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="tests: refuse this fraction of requests (by id) with an error",
+    )
 
     @property
     def lease_s(self) -> float:

@@ -148,6 +148,23 @@ class Keys:
     def metered(self, tenant: str, day: str) -> str:
         return f"{self.prefix}:metered:{{{tenant}}}:{day}"
 
+    # Rollouts (breakwater.rollout): low-volume control keys, all on one slot ({rollout}).
+    def aliases(self) -> str:
+        """Alias name -> its record (JSON)."""
+        return f"{self.prefix}:aliases:{{rollout}}"
+
+    def alias_history(self) -> str:
+        """Every alias change: who, when, what (a capped stream)."""
+        return f"{self.prefix}:alias-history:{{rollout}}"
+
+    def version_stats(self, bucket: int) -> str:
+        """Finished requests per version in one time bucket: ``<version>:<ok|err|ttft_ms|ttft_n>``."""
+        return f"{self.prefix}:vstats:{{rollout}}:{bucket}"
+
+    def rollout_guard(self) -> str:
+        """Which gateway judges the canaries now (a lease)."""
+        return f"{self.prefix}:rollout-guard:{{rollout}}"
+
     def api_key_ids(self) -> str:
         """Key id -> hash: listing, showing and revoking keys by their public id."""
         return f"{self.prefix}:apikeys"

@@ -23,6 +23,7 @@ from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestRecord, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
+from breakwater.broker.rollouts import RolloutStore
 from breakwater.broker.scripts import Script
 from breakwater.broker.sharded_fanin import ShardedFanin
 from breakwater.broker.types import (
@@ -124,6 +125,9 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
 
     def api_keys(self, pepper: bytes) -> KeyStore:
         return KeyStore(self.redis, self.keys, pepper)
+
+    def rollouts(self) -> RolloutStore:
+        return RolloutStore(self.redis, self.fast, self.keys)
 
     def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> FanIn:
         """The process's Pub/Sub, fanned in to per-request buffers: one connection to one server; on

@@ -33,6 +33,8 @@ class SimOptions:
     jitter_frac: float = 0.0
     # Fault injection for tests: the step hangs once a prompt containing this text has a few tokens.
     hang_marker: str | None = None
+    # Fault injection for tests: refuse this fraction of requests (chosen by request id) with an error.
+    error_rate: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +115,7 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
                 decode_per_seq_ms=s.sim_decode_per_seq_ms,
                 jitter_frac=s.sim_jitter_frac,
                 hang_marker=s.sim_hang_marker,
+                error_rate=s.sim_error_rate,
             )
         )
     if s.engine == "llamacpp":

@@ -186,6 +186,11 @@ class SimEngine(Engine):
             )
             self._work.set()
             return
+        rate = self.options.error_rate
+        if rate and _hash("fail", request.request_id) / 2**64 < rate:
+            raise EngineRequestError(
+                "sim: injected failure (sim_error_rate)", code="engine_error", error_type="server_error"
+            )
         prompt = self.prompt_of(request)
         prompt_tokens = count_tokens(prompt)
         if prompt_tokens >= self.info.context_length:

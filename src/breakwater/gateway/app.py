@@ -32,6 +32,10 @@ async def _refresh_gauges(svc: GatewayService) -> None:
             await svc.signals.refresh()
         except Exception as exc:  # Redis down: keep serving, try again next tick
             log.warning("gauge refresh failed", extra={"fields": {"error": str(exc)}})
+        try:
+            await svc.guard.tick()
+        except Exception as exc:
+            log.warning("rollout guard failed", extra={"fields": {"error": str(exc)}})
         await asyncio.sleep(GAUGE_INTERVAL_S)
 
 

@@ -127,8 +127,10 @@ async def admit(
     request_id: str,
     idempotency_key: str | None,
     principal: Principal,
+    client: Sampled | None = None,
 ) -> ChoiceGroup:
-    """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued."""
+    """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued.
+    ``client``: the body as the client sent it, when ``body`` names the version an alias chose."""
     n = body.n
     rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
     admitted: list[Submission] = []
@@ -140,7 +142,7 @@ async def admit(
                 # Each choice's key is bound to the client's whole body (n included), so a replay
                 # with another body (another n) is refused, never half matched.
                 idempotency_key=choice_key(idempotency_key, index),
-                digest_of=body,
+                digest_of=client or body,
                 principal=principal,
                 rid=choice_rid(rid, index),
                 choices=n,
@@ -154,7 +156,9 @@ async def admit(
                 if sub.duplicate:  # the original's choice: leave it running, only stop following it
                     await _let_go(svc, sub)
                 else:
-                    await svc.admitter.withdraw(sub, choice_key(idempotency_key, index), body, principal)
+                    await svc.admitter.withdraw(
+                        sub, choice_key(idempotency_key, index), client or body, principal
+                    )
         raise
     choices = [Choice(i, sub.rid, 0, sub) for i, sub in enumerate(admitted)]
     group = ChoiceGroup.of(rid, choices)

@@ -88,6 +88,30 @@ class GatewayMetrics:
         self.requests = Counter(
             "breakwater_requests_total", "Requests by final status", ["model", "status"], registry=r
         )
+        self.version_requests = Counter(
+            "breakwater_alias_requests_total",
+            "Requests for an alias, by the version they were queued on",
+            ["alias", "version"],
+            registry=r,
+        )
+        self.alias_weight = Gauge(
+            "breakwater_alias_weight",
+            "An alias's weight for each of its versions",
+            ["alias", "version"],
+            registry=r,
+        )
+        self.alias_rolled_back = Gauge(
+            "breakwater_alias_rolled_back",
+            "1 while a version's weight is 0 because the rollback guard took it out (until a change by hand)",
+            ["alias", "version"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "breakwater_rollbacks_total",
+            "Versions the rollback guard took out of an alias (on the gateway that judged)",
+            ["alias", "version"],
+            registry=r,
+        )
         self.stream_overflows = Counter(
             "breakwater_stream_overflows_total",
             "Live buffers that overflowed (a slow reader fell back to the durable stream)",

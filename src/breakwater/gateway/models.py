@@ -9,6 +9,7 @@ from typing import Any
 from breakwater.broker import Broker
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
+from breakwater.rollout.aliases import VERSION_SEP
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,8 @@ class ModelRegistry:
         # Models seen with live workers, and when: while Redis is down or full the workers' liveness
         # keys lapse, and a model that was just served must not turn into a 404.
         self._seen: dict[str, tuple[float, ModelInfo]] = {}
+        # Versions named by an alias (gateway.versions): served, queueing until a worker starts.
+        self.aliased: frozenset[str] = frozenset()
 
     async def models(self, fresh: bool = False) -> dict[str, ModelInfo]:
         if fresh or time.monotonic() - self._models_at > self.settings.model_cache_s:
@@ -57,7 +60,7 @@ class ModelRegistry:
                     del self._seen[name]
                 elif name not in models:  # its workers' registrations lapsed: queue for them
                     models[name] = replace(last, workers=0, capacity=0, active=0, free=0, fingerprint="")
-            for name in self.settings.declared_models:  # scale to zero: queue until a worker starts
+            for name in [*self.settings.declared_models, *self.aliased]:  # queue until a worker starts
                 models.setdefault(name, ModelInfo.without_workers(name))
             self._models, self._models_at = models, time.monotonic()
         return self._models
@@ -66,10 +69,13 @@ class ModelRegistry:
         models = await self.models()
         if name not in models:
             models = await self.models(fresh=True)
+        if name not in models and name in self.aliased:
+            return ModelInfo.without_workers(name)
         if name not in models:
+            what = "model version" if VERSION_SEP in name else "model"
             raise APIError(
                 404,
-                f"The model `{name}` does not exist or has no live worker.",
+                f"The {what} `{name}` does not exist or has no live worker.",
                 code="model_not_found",
                 param="model",
             )

@@ -15,6 +15,7 @@ from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import RequestGone, Submission, follow_events
 from breakwater.gateway.metrics import GatewayMetrics
+from breakwater.gateway.rollback import Outcomes
 from breakwater.protocol.events import TokenEvent
 from breakwater.tenancy import Principal
 
@@ -32,12 +33,18 @@ def _not_found(rid: str) -> APIError:
 
 class Requests:
     def __init__(
-        self, settings: GatewaySettings, broker: Broker, fanin: FanIn, metrics: GatewayMetrics
+        self,
+        settings: GatewaySettings,
+        broker: Broker,
+        fanin: FanIn,
+        metrics: GatewayMetrics,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
         self.fanin = fanin
         self.metrics = metrics
+        self.outcomes = outcomes or Outcomes()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def record(self, rid: str, principal: Principal) -> RequestRecord:
@@ -118,6 +125,8 @@ class Requests:
             self.metrics.cache_tokens_saved.labels(model).inc(event.usage.get("completion_tokens", 0))
         if submission.duplicate:
             return
+        if not submission.cached:  # the rollback guard's evidence: what this version did
+            self.outcomes.add(model, status, None if first_t is None else first_t - submission.started)
         self.metrics.e2e.labels(model).observe(now - submission.started)
         if event.usage:
             self.metrics.tokens.labels(model, "in").inc(event.usage.get("prompt_tokens", 0))

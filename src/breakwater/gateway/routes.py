@@ -21,11 +21,13 @@ from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import CacheControl
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
+from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import collect_response, sse_chunks, sse_event
 from breakwater.gateway.streaming import SSEResponse
 from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response, unpack
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
+from breakwater.rollout.aliases import VERSION_SEP
 from breakwater.tenancy import Principal
 
 router = APIRouter(route_class=OrjsonRoute)
@@ -210,26 +212,42 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
 
 @router.get("/v1/models")
 async def list_models(request: Request, who: Caller) -> dict[str, Any]:
-    models = {
-        name: m
-        for name, m in (await service(request).registry.models(fresh=True)).items()
-        if who.may_use(name)
-    }
+    """Served models and versions (``version``/``base`` on a version), then aliases with their
+    versions' weights; only what the caller's key may use."""
+    svc = service(request)
+    aliases = await svc.versions.aliases(fresh=True)
+    served = await svc.registry.models(fresh=True)
+    data: list[dict[str, Any]] = []
+    for m in sorted(served.values(), key=lambda m: m.name):
+        if not who.may_use(m.name) or m.name in aliases:
+            continue
+        entry = _model_entry(m.name, m)
+        base, _, version = m.name.partition(VERSION_SEP)
+        if version:
+            entry |= {"base": base, "version": version}
+        data.append(entry)
+    for name, alias in sorted(aliases.items()):
+        if not who.may_use(name):
+            continue
+        versions = [served[v] for v in alias.weights if v in served and served[v].workers]
+        context = min((v.context_length for v in versions), default=0)
+        entry = _model_entry(name, ModelInfo(name, context, sum(v.workers for v in versions), 0, 0))
+        entry["versions"] = [{"id": v, "weight": w} for v, w in alias.weights.items()]
+        entry["sticky"] = alias.sticky
+        data.append(entry)
+    return {"object": "list", "data": data}
+
+
+def _model_entry(name: str, m: ModelInfo) -> dict[str, Any]:
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": m.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": m.owned_by,
-                "context_length": m.context_length,
-                "max_model_len": m.context_length,
-                "workers": m.workers,
-                "features": sorted(m.features),
-            }
-            for m in sorted(models.values(), key=lambda m: m.name)
-        ],
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": m.owned_by,
+        "context_length": m.context_length,
+        "max_model_len": m.context_length,
+        "workers": m.workers,
+        "features": sorted(m.features),
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from breakwater.broker import Broker
 from breakwater.broker.fanin import FanIn
@@ -23,12 +23,15 @@ from breakwater.gateway.following import Submission
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelRegistry
 from breakwater.gateway.requests import Requests
+from breakwater.gateway.rollback import RollbackGuard
 from breakwater.gateway.specs import Body
+from breakwater.gateway.versions import VersionRouter
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.tenancy import ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
+B = TypeVar("B", bound=ChatCompletionRequest | CompletionRequest | EmbeddingRequest)
 
 
 class GatewayService:
@@ -50,7 +53,9 @@ class GatewayService:
         self.admitter = Admitter(
             settings, broker, fanin, self.registry, self.signals, metrics, cache_index=cache_index or broker
         )
-        self.requests = Requests(settings, broker, fanin, metrics)
+        self.versions = VersionRouter(settings, broker.rollouts(), self.registry, metrics)
+        self.guard = RollbackGuard(self.versions, broker.rollouts(), metrics)
+        self.requests = Requests(settings, broker, fanin, metrics, self.guard.outcomes)
         store = broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
         self.auth = Authenticator(settings, store, broker.ledger)
         self.draining = False
@@ -77,8 +82,10 @@ class GatewayService:
                 code="unsupported_parameter",
                 param="n",
             )
+        routed = await self.route(body, principal)
         return await self.admitter.submit(
-            body,
+            routed,
+            digest_of=body if routed is not body else None,  # the client's body: a replay matches it
             request_id=request_id,
             idempotency_key=idempotency_key,
             principal=principal,
@@ -97,9 +104,20 @@ class GatewayService:
     ) -> ChoiceGroup:
         """A request with ``n > 1``: one queued request per choice (gateway.choices)."""
         self._check(body, principal)
+        routed = await self.route(body, principal)  # every choice on one version
         return await choices.admit(
-            self, body, request_id=request_id, idempotency_key=idempotency_key, principal=principal
+            self,
+            routed,
+            request_id=request_id,
+            idempotency_key=idempotency_key,
+            principal=principal,
+            client=body,
         )
+
+    async def route(self, body: B, principal: Principal) -> B:
+        """``body`` for the version it runs on (gateway.versions): itself unless it names an alias."""
+        version = await self.versions.route(body.model, principal, body.user)
+        return body if version == body.model else cast(B, body.model_copy(update={"model": version}))
 
     def _check(self, body: Body, principal: Principal) -> None:
         if self.draining:

@@ -143,7 +143,8 @@ class Principal:
         return self.key.id if self.key is not None else ""
 
     def may_use(self, model: str) -> bool:
-        return not self.models or model in self.models
+        """Its key allows ``model``; a version (``llama@2026-11``) when it allows the model."""
+        return not self.models or model in self.models or model.split("@", 1)[0] in self.models
 
 
 # With auth off every caller is this one tenant: requests stay reachable by id, as before keys.

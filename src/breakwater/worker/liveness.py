@@ -40,7 +40,7 @@ class LivenessMixin:
         info = self.engine.info
         stats = self.engine.stats()
         return {
-            "model": info.model,
+            "model": self.model,
             "engine": info.engine,
             "features": sorted(self.features()),
             "fingerprint": self.fingerprint(),

@@ -22,6 +22,7 @@ from breakwater.engines.base import (
     SequenceDelta,
 )
 from breakwater.keys import queues
+from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
 from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
 from breakwater.worker.liveness import LivenessMixin
@@ -39,7 +40,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         self.settings = settings
         self.engine = engine
         self.broker = broker
-        self.model = engine.info.model
+        # A version (issue 19) is a model name of its own: its queue, its registration, its metrics.
+        self.model = served_name(engine.info.model, settings.model_version)
         # Its job queues: the model's, or the partitions of a hot model (gateway.partitions).
         self.queues = queues(self.model, settings.partitions_of(self.model))
         self._rotor = 0  # which partition the next pull starts from (round robin)

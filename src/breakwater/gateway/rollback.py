@@ -1,0 +1,130 @@
+"""The rollback guard (issue 19): every gateway counts its finished requests per version and adds
+them to Redis each second; one gateway at a time (a lease) judges each guarded alias's canaries
+against its baseline and sets a failing canary's weight to 0, logged in the alias's history,
+counted, and exported for the alert (``breakwater_alias_rolled_back``)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import replace
+
+from breakwater.broker.rollouts import Conflict, RolloutStore, VersionCounts
+from breakwater.gateway.metrics import GatewayMetrics
+from breakwater.gateway.versions import VersionRouter
+from breakwater.rollout.aliases import Alias
+
+log = logging.getLogger(__name__)
+LEASE_MS = 5000
+GUARD = "rollback-guard"
+
+
+class Outcomes:
+    """This gateway's finished requests per model (version) since the last flush."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, VersionCounts] = {}
+
+    def add(self, model: str, status: str, ttft_s: float | None) -> None:
+        if status not in ("completed", "error"):
+            return  # a cancelled request says nothing of its version
+        c = self._counts.setdefault(model, VersionCounts())
+        if status == "completed":
+            c.ok += 1
+        else:
+            c.err += 1
+        if ttft_s is not None:
+            c.ttft_ms += ttft_s * 1000.0
+            c.ttft_n += 1
+
+    def take(self) -> dict[str, VersionCounts]:
+        counts, self._counts = self._counts, {}
+        return counts
+
+    def put_back(self, counts: dict[str, VersionCounts]) -> None:
+        """Counts a flush could not write: sent with the next one."""
+        for model, c in counts.items():
+            mine = self._counts.setdefault(model, VersionCounts())
+            mine.ok, mine.err = mine.ok + c.ok, mine.err + c.err
+            mine.ttft_ms, mine.ttft_n = mine.ttft_ms + c.ttft_ms, mine.ttft_n + c.ttft_n
+
+
+def verdict(alias: Alias, version: str, counts: dict[str, VersionCounts]) -> str | None:
+    """Why ``version`` (a canary of ``alias``) must be rolled back, or None."""
+    guard = alias.guard
+    baseline = alias.baseline
+    if guard is None or version == baseline:
+        return None
+    canary, base = counts[version], counts[baseline]
+    if canary.finished < guard.min_requests:
+        return None
+    if canary.error_rate > base.error_rate + guard.max_error_delta:
+        return (
+            f"error rate {canary.error_rate:.1%} over {canary.finished} requests in {guard.window_s}s; "
+            f"baseline {baseline} {base.error_rate:.1%} over {base.finished} "
+            f"(allowed +{guard.max_error_delta:.1%})"
+        )
+    mine, theirs = canary.mean_ttft_ms, base.mean_ttft_ms
+    slower = (
+        guard.ttft_ratio > 0
+        and mine is not None
+        and theirs is not None
+        and base.ttft_n >= guard.min_requests
+        and mine > theirs * guard.ttft_ratio
+    )
+    if slower:
+        return (
+            f"mean TTFT {mine:.0f} ms over {canary.ttft_n} requests in {guard.window_s}s; baseline "
+            f"{baseline} {theirs:.0f} ms (allowed x{guard.ttft_ratio:g})"
+        )
+    return None
+
+
+class RollbackGuard:
+    def __init__(self, router: VersionRouter, store: RolloutStore, metrics: GatewayMetrics) -> None:
+        self.router = router
+        self.store = store
+        self.metrics = metrics
+        self.outcomes = Outcomes()
+        self.owner = uuid.uuid4().hex
+
+    async def tick(self) -> None:
+        """Once a second: flush this gateway's counts, refresh the aliases, judge if leading."""
+        counts = self.outcomes.take()
+        try:
+            await self.store.add_counts(counts)
+        except BaseException:
+            self.outcomes.put_back(counts)
+            raise
+        aliases = await self.router.aliases(fresh=True)
+        guarded = [a for a in aliases.values() if a.guard is not None and len(a.live) > 1]
+        if guarded and await self.store.lead(self.owner, LEASE_MS):
+            for alias in guarded:
+                await self._judge(alias)
+
+    async def _judge(self, alias: Alias) -> None:
+        assert alias.guard is not None
+        counts = await self.store.counts(alias.weights, alias.guard.window_s)
+        for version, _ in alias.live:
+            why = verdict(alias, version, counts)
+            if why is None:
+                continue
+            weights = {**alias.weights, version: 0}
+            changed = replace(
+                alias,
+                weights=weights,
+                by=GUARD,
+                note=f"rolled back {version}: {why}",
+                rolled_back={**alias.rolled_back, version: why},
+            )
+            try:
+                await self.store.put(changed, expected=alias.revision)
+            except Conflict:  # changed meanwhile (by hand): judge the new one next tick
+                return
+            self.metrics.rollbacks.labels(alias.name, version).inc()
+            log.warning(
+                "canary rolled back",
+                extra={"fields": {"alias": alias.name, "version": version, "why": why}},
+            )
+            await self.router.aliases(fresh=True)
+            return  # one change per alias per tick: the next judges the new weights

@@ -1,0 +1,186 @@
+"""Versions and aliases (issue 19): the names, the alias record, and how a request picks a version.
+
+A version is a model name of its own, ``<model>@<version>``, served by workers started with
+``model_version`` (they register that name and pull its queue). An alias maps a name clients use to
+versions with integer weights. The gateway picks one version per request at admission and queues
+the request on it, so retries, reclaim, continuation and resume stay on that version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import orjson
+
+VERSION_SEP = "@"
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+Sticky = Literal["none", "tenant", "user"]
+STICKY: tuple[Sticky, ...] = ("none", "tenant", "user")
+
+
+def served_name(model: str, version: str) -> str:
+    """The name a worker serving ``version`` of ``model`` registers ('' version: the model's own)."""
+    if not version:
+        return model
+    if not _VERSION.fullmatch(version):
+        raise ValueError(
+            f"a model version is 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -): {version!r}"
+        )
+    if VERSION_SEP in model:
+        raise ValueError(f"model {model!r} already names a version; give the model without `@`")
+    return f"{model}{VERSION_SEP}{version}"
+
+
+def base_of(name: str) -> str:
+    """``llama@2026-11`` -> ``llama``; a name without a version is its own base."""
+    return name.split(VERSION_SEP, 1)[0]
+
+
+def check_alias_name(name: str) -> None:
+    if not _NAME.fullmatch(name) or VERSION_SEP in name or "#" in name:
+        raise ValueError(f"an alias is a model name without `@` or `#` (1-128 characters): {name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Roll a canary back (its weight to 0) when, over the last ``window_s``, with at least
+    ``min_requests`` finished on it, its error rate exceeds the baseline's by ``max_error_delta``, or
+    (``ttft_ratio`` > 0) its mean time to first token exceeds the baseline's by that factor. The
+    baseline is the version with the greatest weight."""
+
+    max_error_delta: float = 0.05
+    min_requests: int = 50
+    window_s: int = 60
+    ttft_ratio: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """``weights``: version -> weight (>= 0), in the order given. ``revision`` counts changes (the
+    store sets it). ``rolled_back``: versions the guard rolled back since the last change by hand,
+    with why (the alert fires while any is listed)."""
+
+    name: str
+    weights: dict[str, int]
+    sticky: Sticky = "none"
+    guard: Guard | None = None
+    revision: int = 0
+    updated_ms: int = 0
+    by: str = ""
+    note: str = ""
+    rolled_back: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_alias_name(self.name)
+        if not self.weights:
+            raise ValueError(f"alias {self.name!r} needs at least one version")
+        for version, weight in self.weights.items():
+            if version == self.name:
+                raise ValueError(f"alias {self.name!r} cannot name itself")
+            if weight < 0:
+                raise ValueError(f"weight of {version!r} is {weight}; weights are >= 0")
+        if self.sticky not in STICKY:
+            raise ValueError(f"sticky is one of {', '.join(STICKY)}, not {self.sticky!r}")
+
+    @property
+    def live(self) -> list[tuple[str, int]]:
+        """The versions with weight > 0, in order."""
+        return [(v, w) for v, w in self.weights.items() if w > 0]
+
+    @property
+    def baseline(self) -> str:
+        """The version with the greatest weight (the first of equals)."""
+        return max(self.weights, key=lambda v: self.weights[v])
+
+    def pick_by_hash(self, key: str) -> str:
+        """The version for ``key`` (a tenant or a user): a fixed point in [0, 1) per alias and key,
+        mapped through the cumulative weights. A weight change moves only the keys whose point
+        crosses a boundary."""
+        live = self.live
+        total = sum(w for _, w in live)
+        digest = hashlib.blake2b(f"{self.name}\x1f{key}".encode(), digest_size=8).digest()
+        point = int.from_bytes(digest, "big") / 2**64 * total
+        for version, weight in live:
+            if point < weight:
+                return version
+            point -= weight
+        return live[-1][0]
+
+    def with_weights(self, weights: dict[str, int], *, by: str, note: str) -> Alias:
+        return replace(self, weights=weights, by=by, note=note)
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "weights": [[v, w] for v, w in self.weights.items()],
+            "sticky": self.sticky,
+            "revision": self.revision,
+            "updated_ms": self.updated_ms,
+            "by": self.by,
+            "note": self.note,
+            "rolled_back": self.rolled_back,
+        }
+        if self.guard is not None:
+            g = self.guard
+            data["guard"] = {
+                "max_error_delta": g.max_error_delta,
+                "min_requests": g.min_requests,
+                "window_s": g.window_s,
+                "ttft_ratio": g.ttft_ratio,
+            }
+        return orjson.dumps(data).decode()
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Alias:
+        data = orjson.loads(raw)
+        guard = data.get("guard")
+        return cls(
+            name=str(data["name"]),
+            weights={str(v): int(w) for v, w in data["weights"]},
+            sticky=data.get("sticky", "none"),
+            guard=Guard(**guard) if guard else None,
+            revision=int(data.get("revision", 0)),
+            updated_ms=int(data.get("updated_ms", 0)),
+            by=str(data.get("by", "")),
+            note=str(data.get("note", "")),
+            rolled_back={str(k): str(v) for k, v in (data.get("rolled_back") or {}).items()},
+        )
+
+
+class SmoothWeighted:
+    """nginx's smooth weighted round robin over an alias's live versions: over any run of ``total``
+    picks each version gets exactly its weight, spread out (90/10: one in ten, not ten in a row)."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, int] = {}
+        self._of: tuple[tuple[str, int], ...] = ()
+
+    def pick(self, live: list[tuple[str, int]]) -> str:
+        key = tuple(live)
+        if key != self._of:  # the weights changed: start over
+            self._of, self._current = key, {v: 0 for v, _ in live}
+        total = sum(w for _, w in live)
+        for version, weight in live:
+            self._current[version] += weight
+        best = max(self._current, key=lambda v: self._current[v])
+        self._current[best] -= total
+        return best
+
+
+def parse_weights(items: list[str]) -> dict[str, int]:
+    """``["llama@a=90", "llama@b=10"]`` (a bare version gets weight 100) -> {version: weight}."""
+    weights: dict[str, int] = {}
+    for item in items:
+        version, sep, weight = item.partition("=")
+        if not version:
+            raise ValueError(f"expected VERSION=WEIGHT, got {item!r}")
+        try:
+            weights[version] = int(weight) if sep else 100
+        except ValueError:
+            raise ValueError(f"weight of {version!r} is not an integer: {weight!r}") from None
+    return weights

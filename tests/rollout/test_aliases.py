@@ -1,0 +1,73 @@
+"""The alias record and how a request picks a version: exact smooth weighted round robin, stable
+hashing for stickiness (a weight change moves only the keys that must move), names and JSON."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from breakwater.rollout.aliases import Alias, Guard, SmoothWeighted, base_of, parse_weights, served_name
+
+
+def test_smooth_weighted_round_robin_gives_each_version_its_weight_spread_out() -> None:
+    rr = SmoothWeighted()
+    live = [("a", 90), ("b", 10)]
+    picks = [rr.pick(live) for _ in range(1000)]
+    assert Counter(picks) == {"a": 900, "b": 100}
+    # Spread: every run of 10 holds exactly one b.
+    assert all(picks[i : i + 10].count("b") == 1 for i in range(0, 1000, 10))
+    # New weights start a new cycle: exact again.
+    assert Counter(rr.pick([("a", 1), ("b", 1), ("c", 2)]) for _ in range(400)) == {
+        "a": 100,
+        "b": 100,
+        "c": 200,
+    }
+
+
+def test_hashing_keeps_a_key_on_its_version_and_moves_only_what_a_weight_change_must() -> None:
+    before = Alias("llama", {"llama@a": 90, "llama@b": 10})
+    after = Alias("llama", {"llama@a": 80, "llama@b": 20})
+    users = [f"u{i}" for i in range(5000)]
+    was = {u: before.pick_by_hash(u) for u in users}
+    assert all(before.pick_by_hash(u) == was[u] for u in users[:200])  # the same every time
+    now = {u: after.pick_by_hash(u) for u in users}
+    assert abs(Counter(was.values())["llama@b"] / 5000 - 0.10) < 0.02
+    assert abs(Counter(now.values())["llama@b"] / 5000 - 0.20) < 0.02
+    moved = [(was[u], now[u]) for u in users if was[u] != now[u]]
+    assert moved and set(moved) == {("llama@a", "llama@b")}  # nobody on b went back to a
+    # A version at weight 0 gets nobody.
+    assert {Alias("llama", {"llama@a": 0, "llama@b": 5}).pick_by_hash(u) for u in users[:300]} == {"llama@b"}
+
+
+def test_names_versions_and_weights() -> None:
+    assert served_name("llama", "2026-11") == "llama@2026-11" and served_name("llama", "") == "llama"
+    assert base_of("llama@2026-11") == "llama" and base_of("llama") == "llama"
+    for bad in ("", "-x", "a b", "x" * 65, "a@b", "a#b"):
+        if bad:
+            with pytest.raises(ValueError):
+                served_name("llama", bad)
+    with pytest.raises(ValueError, match="already names a version"):
+        served_name("llama@a", "b")
+    assert parse_weights(["m@a=90", "m@b"]) == {"m@a": 90, "m@b": 100}
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_weights(["m@a=ninety"])
+    with pytest.raises(ValueError, match="at least one version"):
+        Alias("llama", {})
+
+
+def test_the_record_round_trips_through_json() -> None:
+    alias = Alias(
+        "llama",
+        {"llama@b": 10, "llama@a": 90},
+        sticky="tenant",
+        guard=Guard(max_error_delta=0.02, min_requests=10, window_s=30, ttft_ratio=1.5),
+        revision=7,
+        updated_ms=123,
+        by="ana",
+        note="canary",
+        rolled_back={"llama@c": "error rate"},
+    )
+    back = Alias.from_json(alias.to_json())
+    assert back == alias and list(back.weights) == ["llama@b", "llama@a"]  # order kept
+    assert back.baseline == "llama@a" and back.live == [("llama@b", 10), ("llama@a", 90)]
