@@ -33,6 +33,7 @@ SCENARIOS = {
     "8-slow-client": "a client reads its stream one byte at a time while 40 others stream",
     "9-redis-full": "Redis at maxmemory with noeviction (OOM) for 3 s under load, then freed",
     "10-hung-engine-step": "one worker's engine step hangs (process alive); its jobs move on",
+    "11-spot-preemption": "spot-style preemption: every 3 s half the workers get SIGTERM, SIGKILL 1 s later",
 }
 
 

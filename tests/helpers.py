@@ -120,6 +120,7 @@ class Proc:
         self, args: list[str], env: dict[str, str], log_path: Path, python: str = sys.executable
     ) -> None:
         self.args = args
+        self.env_settings = env
         self.log_path = log_path
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(

@@ -96,9 +96,10 @@ def straddling(outcomes: list[Outcome], start: float, end: float) -> list[Outcom
 class Supervisor:
     """Keeps N workers running, like a Deployment: a dead worker is replaced."""
 
-    def __init__(self, procs: StackProcs, count: int) -> None:
+    def __init__(self, procs: StackProcs, count: int, worker: dict[str, Any] | None = None) -> None:
         self.procs = procs
         self.count = count
+        self.worker = worker or WORKER
         self._stop = asyncio.Event()
         self.restarts = 0
         self._task = asyncio.create_task(self._run())
@@ -106,7 +107,7 @@ class Supervisor:
     async def _run(self) -> None:
         while not self._stop.is_set():
             if sum(w.alive() for w in self.procs.workers) < self.count:
-                await asyncio.to_thread(self.procs.add_worker, **WORKER)
+                await asyncio.to_thread(self.procs.add_worker, **self.worker)
                 self.restarts += 1
             await asyncio.sleep(0.2)
 
@@ -475,3 +476,38 @@ async def _poll_health(port: int, timeout_s: float) -> tuple[int, Any]:
 
         await async_wait_for(unhealthy, timeout_s, what="the hung worker's /healthz to fail")
     return answer[0]
+
+
+async def test_11_spot_preemption_of_half_the_workers(redis_server: RedisServer, log_dir: Path) -> None:
+    # Spot capacity taken back: every 3 s half the live workers get SIGTERM (the provider's notice),
+    # then SIGKILL 1 s later if still running; their drain grace (0.5 s) fits inside the notice, as
+    # the spot overlay sets it. New workers replace them (the on-demand pool, or new spot nodes).
+    spot = {**WORKER, "drain_grace_s": 0.5}
+    procs = stack(redis_server.url, log_dir, workers=4, worker=spot)
+    specs = make_specs("spot", 120)
+    preempted: list[Proc] = []
+    async with running(procs, redis_server.url) as (client, redis):
+        supervisor = Supervisor(procs, 4, spot)
+        try:
+            task = start_load(client, specs, rate=10)
+            await streams_mid_flight(client, 4)
+            while not task.done():
+                live = [w for w in procs.workers if w.alive()]
+                victims = live[: len(live) // 2]
+                for victim in victims:
+                    victim.proc.send_signal(signal.SIGTERM)
+                preempted += victims
+                await asyncio.sleep(1.0)  # the notice
+                for victim in victims:
+                    if victim.alive():
+                        victim.kill()
+                await asyncio.sleep(2.0)
+            outcomes = await task
+            records = [await read_record(procs, redis, o.rid) for o in outcomes if o.rid]
+        finally:
+            await supervisor.stop()
+    b = books("11-spot-preemption", specs, outcomes)
+    assert_exact(b)
+    assert b.completed == 120 and len(preempted) >= 6
+    # Preemption hit requests mid-flight: some were continued by another worker.
+    assert sum(r.attempt > 1 for r in records) > 0, b
