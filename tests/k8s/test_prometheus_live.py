@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import secrets
 import subprocess
@@ -192,6 +193,23 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         gw_url = f"http://127.0.0.1:{gw_port}"
         wait_for(lambda: _ok(f"http://127.0.0.1:{worker_port}/readyz"), 120, 0.2, "worker loaded")
         wait_for(lambda: _ok(f"{gw_url}/readyz"), 30, 0.1, "gateway ready")
+        # An alias over the model, guarded (the rollout series: breakwater_alias_*), set as the
+        # gateway's ACL user would from a gateway pod.
+        alias = [
+            sys.executable,
+            "-m",
+            "breakwater",
+            "models",
+            "alias",
+            "set",
+            "chat",
+            f"{model}=100",
+            "--guard",
+        ]
+        done = subprocess.run(
+            alias, env={**os.environ, **env("gateway")}, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
         wait_for(lambda: _ok(f"http://127.0.0.1:{prom_port}/-/ready"), 30, 0.2, "prometheus ready")
         yield Live(f"http://127.0.0.1:{prom_port}", gw_url, redis_port, passwords, model, procs)
     finally:
@@ -392,7 +410,7 @@ def test_recording_rules_and_alerts_return_data(loaded: Live) -> None:
     groups = prometheus_rules()["groups"]
     records = [r for g in groups for r in g["rules"] if "record" in r]
     alerts = [r for g in groups for r in g["rules"] if "alert" in r]
-    assert len(records) == 15 and len(alerts) == 9
+    assert len(records) == 15 and len(alerts) == 10
     for rule in records:
         assert loaded.query(rule["expr"]), f"recording rule {rule['record']} expression returns nothing"
         assert loaded.query(rule["record"]), f"recorded series {rule['record']} missing"
@@ -401,14 +419,14 @@ def test_recording_rules_and_alerts_return_data(loaded: Live) -> None:
     # Prometheus loaded the same rules and evaluates them without errors.
     body = httpx.get(f"{loaded.prometheus}/api/v1/rules", timeout=10).json()
     loaded_rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-    assert len(loaded_rules) == 24 and all(r["health"] == "ok" for r in loaded_rules), loaded_rules
+    assert len(loaded_rules) == 25 and all(r["health"] == "ok" for r in loaded_rules), loaded_rules
 
 
 def test_dashboard_queries_return_data(loaded: Live) -> None:
     dashboard = json.loads((K8S / "components" / "monitoring" / "dashboard.json").read_text())
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     exprs = [t["expr"] for p in panels for t in p["targets"]]
-    assert len(panels) == 16 and len(exprs) >= 26
+    assert len(panels) == 19 and len(exprs) >= 31
     for expr in exprs:
         concrete = expr.replace("$model", loaded.model).replace("$__rate_interval", "1m")
         assert loaded.query(concrete), f"dashboard query returns nothing: {concrete}"

@@ -27,7 +27,7 @@ def test_promtool_check_rules(tmp_path: Path) -> None:
     _write_rules(tmp_path, prometheus_rules())
     out = _promtool("check", "rules", "breakwater.rules.yaml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 24 rules found" in out.stdout
+    assert "SUCCESS: 25 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_cover_every_alert(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def test_promtool_unit_tests_cover_every_alert(tmp_path: Path) -> None:
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
     tests = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
     tested = {t["alertname"] for case in tests for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
-    assert alerts == tested and len(alerts) == 9
+    assert alerts == tested and len(alerts) == 10
 
 
 def test_unit_tests_fail_when_a_rule_changes(tmp_path: Path) -> None:
