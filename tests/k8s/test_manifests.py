@@ -59,6 +59,7 @@ def test_every_overlay_and_composition_renders(renders: dict[str, list[dict[str,
         "keda",
         "monitoring",
         "redis-cluster",
+        "spot",
     }
     assert set(renders) == set(OVERLAYS) | set(COMPOSITIONS)
     for name, objects in renders.items():
@@ -247,6 +248,66 @@ def test_probes_and_drain_match_the_processes(renders: dict[str, list[dict[str, 
         if name == "gpu-vllm-inprocess":
             assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
             assert worker["args"][worker["args"].index("--engine") + 1] == "vllm"
+
+
+def test_spot_pool_beside_the_on_demand_pool(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """overlays/spot: the spot worker is the base worker on spot nodes, its grace inside the
+    providers' 30 s notice; the on-demand worker stays off them; KEDA scales the spot pool from 0."""
+    objects = renders["spot"]
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    on_demand, spot = deployments["worker"], deployments["worker-spot"]
+    base = next(o for o in renders["cpu"] if o["kind"] == "Deployment" and o["metadata"]["name"] == "worker")
+    # Each Deployment selects its own pool's pods; both are `worker` pods to policies and monitors.
+    assert on_demand["spec"]["selector"]["matchLabels"]["breakwater.dev/pool"] == "on-demand"
+    assert spot["spec"]["selector"]["matchLabels"]["breakwater.dev/pool"] == "spot"
+    for d in (on_demand, spot):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "worker"
+        assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    spot_terms = spot["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    spot_labels = {t["matchExpressions"][0]["key"] for t in spot_terms}
+    assert spot_labels == {
+        "cloud.google.com/gke-spot",
+        "karpenter.sh/capacity-type",
+        "eks.amazonaws.com/capacityType",
+        "kubernetes.azure.com/scalesetpriority",
+    }
+    avoid = on_demand["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert len(avoid) == 1 and {e["key"] for e in avoid[0]["matchExpressions"]} == spot_labels
+    assert all(e["operator"] in ("NotIn", "DoesNotExist") for e in avoid[0]["matchExpressions"])
+    tolerated = {t["key"] for t in spot["spec"]["template"]["spec"]["tolerations"]}
+    assert tolerated == {"cloud.google.com/gke-spot", "kubernetes.azure.com/scalesetpriority"}
+    # The grace fits the shortest notice (30 s), with the drain grace and a margin inside it.
+    pod = spot["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert pod["terminationGracePeriodSeconds"] < 30
+    assert float(env["BREAKWATER_DRAIN_GRACE_S"]) + 5 <= pod["terminationGracePeriodSeconds"]
+    assert "lifecycle" not in worker  # no preStop: it would only spend the notice
+    # Otherwise the very worker of the base (no drift): image (and tag), args, probes, security, ...
+    base_worker = base["spec"]["template"]["spec"]["containers"][0]
+    for field in ("image", "args", "ports", "envFrom", "startupProbe", "livenessProbe", "readinessProbe",
+                  "securityContext", "resources", "volumeMounts"):  # fmt: skip
+        assert worker[field] == base_worker[field], field
+    base_env = {e["name"]: e.get("value") for e in base_worker["env"]}
+    assert {k: v for k, v in env.items() if k in base_env} == base_env
+    assert set(env) - set(base_env) == {"BREAKWATER_DRAIN_GRACE_S", "BREAKWATER_HOURLY_COST_USD"}
+    assert pod["volumes"] == base["spec"]["template"]["spec"]["volumes"]
+    assert pod["securityContext"] == base["spec"]["template"]["spec"]["securityContext"]
+    # KEDA scales the spot pool, from zero, on the very streams the broker uses.
+    scaled = next(o for o in objects if o["kind"] == "ScaledObject")
+    assert (
+        scaled["spec"]["scaleTargetRef"]["name"] == "worker-spot" and scaled["spec"]["minReplicaCount"] == 0
+    )
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "breakwater")
+    keys = Keys(config["data"]["BREAKWATER_KEY_PREFIX"])
+    streams = sorted(t["metadata"]["stream"] for t in scaled["spec"]["triggers"])
+    assert streams == sorted(keys.jobs(config["data"]["BREAKWATER_MODELS"], lane) for lane in LANES)
+    assert spot["spec"]["replicas"] == 0 and on_demand["spec"]["replicas"] >= 1
 
 
 def test_keda_triggers_follow_the_key_contract(renders: dict[str, list[dict[str, Any]]]) -> None:
