@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, start_sim_server
+from tests.helpers import StackProcs, breakwater_cli, start_sim_server
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -204,3 +204,35 @@ def test_bench_measures_the_cost_per_process(
     assert parts["redis_ops"] == pytest.approx(usage["redis_commands"] / 1e6 * 2.0)
     assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
     assert measured["per_1k_output_tokens"] == pytest.approx(parts["total"] / (40 * 12) * 1000)
+
+
+def test_bench_compares_an_aliass_versions(redis_server: RedisServer, log_dir: Path, tmp_path: Path) -> None:
+    """A vs B: bench against an alias split 50/50 over a sound version and one failing 20% of its
+    requests; the result has each version's share, error rate and latencies side by side."""
+    procs = StackProcs(redis_server.url, f"ab{uuid.uuid4().hex[:8]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        procs.add_worker(model="llama", model_version="a", sim_decode_base_ms=2, heartbeat_s=0.5)
+        procs.add_worker(
+            model="llama", model_version="b", sim_decode_base_ms=2, heartbeat_s=0.5, sim_error_rate=0.2
+        )
+        for version in ("a", "b"):
+            procs.wait_workers(url, model=f"llama@{version}", count=1)
+        breakwater_cli(procs, "models", "alias", "set", "llama", "llama@a=50", "llama@b=50")
+        code, result, rows = bench(
+            *("--url", url, "--model", "llama", "--profile", "constant", "--rate", "50", "--duration", "4"),
+            *("--input-tokens", "16", "--output-tokens", "8", "--slo", "ttft=5000"),
+            out=tmp_path,
+        )
+    finally:
+        procs.stop()
+    assert code == 0 and result["num_prompts"] == 200
+    versions = result["by_model"]
+    assert set(versions) == {"llama@a", "llama@b"}
+    assert versions["llama@a"]["requests"] == versions["llama@b"]["requests"] == 100  # smooth round robin
+    assert versions["llama@a"]["error_rate"] == 0.0
+    assert 0.08 <= versions["llama@b"]["error_rate"] <= 0.35  # 20% of request ids, by hash
+    assert versions["llama@b"]["completed"] == 100 - result["failed"]
+    assert all(v["p95_ttft_ms"] > 0 and v["mean_output_tokens"] == 8 for v in versions.values())
+    assert versions["llama@a"]["slo_attainment"] == 1.0 and versions["llama@b"]["slo_attainment"] < 1.0
+    assert {r["model"] for r in rows} == {"llama@a", "llama@b"}

@@ -156,6 +156,7 @@ async def test_an_idempotency_key_replay_through_an_alias_is_the_same_request(gw
     assert first.status_code == 200 and all(r.status_code == 200 for r in again)
     assert {r.json()["id"] for r in again} == {first.json()["id"]}
     assert {r.json()["model"] for r in again} == {first.json()["model"]}
+    assert first.headers["x-breakwater-model"] == first.json()["model"] in (A, B)
 
 
 def _gauge(text: str, name: str, **labels: str) -> float | None:

@@ -40,6 +40,7 @@ class RequestRecord:
     integrity_errors: int = 0  # missing or repeated SSE ids (Breakwater targets)
     request_id: str = ""
     cache: str = ""  # X-Breakwater-Cache: hit, miss or bypass ('' when the server says nothing)
+    model: str = ""  # X-Breakwater-Model: the model or version that served it (an alias's choice)
 
     @property
     def ok(self) -> bool:
@@ -171,6 +172,8 @@ def summarize(
     summary.update(stats_ms("itl", [gap for r in ok for gap in itls(r)]))
     summary.update(stats_ms("e2el", [r.e2e_s for r in ok if r.e2e_s is not None]))
     summary.update(_cache_stats(ok))
+    if len(versions := by_model(records, slo)) > 1:
+        summary["by_model"] = versions
     if slo is not None and slo.given():
         summary["request_goodput"] = sum(1 for r in records if slo.met(r)) / duration
         summary["slo"] = {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "e2e_ms": slo.e2e_ms}
@@ -179,6 +182,36 @@ def summarize(
         summary["cost_per_1k_total_tokens"] = cost.per_1k(prompt + output, duration_s)
         summary["cost_model"] = asdict(cost)
     return summary
+
+
+def by_model(records: list[RequestRecord], slo: SLO | None = None) -> dict[str, dict[str, Any]]:
+    """Versions side by side (an alias's split, A vs B): per model that served requests, its share,
+    error rate, TTFT and TPOT, output length and SLO attainment. Requests refused before admission
+    name no model and are left out."""
+    groups: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        if r.model:
+            groups.setdefault(r.model, []).append(r)
+    total = sum(len(g) for g in groups.values())
+    out: dict[str, dict[str, Any]] = {}
+    for model, group in sorted(groups.items()):
+        ok = [r for r in group if r.ok]
+        ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+        tpots = [t for r in ok if (t := tpot(r)) is not None]
+        out[model] = {
+            "requests": len(group),
+            "share": len(group) / total,
+            "completed": len(ok),
+            "error_rate": 1 - len(ok) / len(group),
+            "mean_output_tokens": sum(r.output_tokens for r in ok) / len(ok) if ok else math.nan,
+            "median_ttft_ms": percentile([t * 1000 for t in ttft], 50),
+            "p95_ttft_ms": percentile([t * 1000 for t in ttft], 95),
+            "median_tpot_ms": percentile([t * 1000 for t in tpots], 50),
+            "p95_tpot_ms": percentile([t * 1000 for t in tpots], 95),
+        }
+        if slo is not None and slo.given():
+            out[model]["slo_attainment"] = sum(1 for r in group if slo.met(r)) / len(group)
+    return out
 
 
 def _cache_stats(ok: list[RequestRecord]) -> dict[str, Any]:

@@ -183,6 +183,15 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                     " / ".join(_fmt(summary[f"{k}_ttft_{kind}_ms"]) for k in ("median", "p99")),
                 )
             )
+    for model, v in (summary.get("by_model") or {}).items():  # versions side by side (A vs B)
+        keys.append(
+            (
+                f"{model}: share / errors / TTFT p50, p95 / TPOT p50, p95 ms / output tokens",
+                f"{v['share']:.1%} / {v['error_rate']:.1%} / {_fmt(v['median_ttft_ms'])}, "
+                f"{_fmt(v['p95_ttft_ms'])} / {_fmt(v['median_tpot_ms'])}, {_fmt(v['p95_tpot_ms'])} / "
+                f"{_fmt(v['mean_output_tokens'])}",
+            )
+        )
     if summary.get("cost_per_1k_output_tokens") is not None:
         keys.append(("cost / 1k output tokens", _fmt(summary["cost_per_1k_output_tokens"])))
         keys.append(("cost / 1k total tokens", _fmt(summary["cost_per_1k_total_tokens"])))

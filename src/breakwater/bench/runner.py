@@ -215,6 +215,7 @@ class Runner:
             record.status = resp.status_code
             record.request_id = resp.headers.get("x-breakwater-request-id", "")
             record.cache = resp.headers.get("x-breakwater-cache", "")
+            record.model = resp.headers.get("x-breakwater-model", "")
             if resp.status_code != 200:
                 await resp.aread()
                 _http_error(record, resp)
@@ -250,6 +251,7 @@ class Runner:
             if kind == "created":
                 record.status, record.request_id = 200, str(msg["request_id"])
                 record.cache = str(msg.get("cache", ""))
+                record.model = str(msg.get("model", ""))
             elif kind == "token":
                 seq = int(msg["seq"])
                 record.integrity_errors += seq != last_id + 1
@@ -280,6 +282,7 @@ class Runner:
         record.e2e_s = loop.time() - sent
         record.request_id = resp.headers.get("x-breakwater-request-id", "")
         record.cache = resp.headers.get("x-breakwater-cache", "")
+        record.model = resp.headers.get("x-breakwater-model", "")
         if resp.status_code != 200:
             _http_error(record, resp)
             return

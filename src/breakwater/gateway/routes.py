@@ -95,7 +95,8 @@ async def _complete(
     sub = await svc.submit(
         body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who, cache=cache
     )
-    headers = {"X-Breakwater-Request-Id": sub.rid, **sub.headers}
+    # The model (version, when the client named an alias) the request runs on.
+    headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     if not isinstance(body, EmbeddingRequest) and body.stream:
         return SSEResponse(_stream(svc, sub, 0), headers={**SSE_HEADERS, **headers})
     try:
@@ -141,7 +142,7 @@ async def _complete_choices(
 ) -> Response:
     """``n > 1``: one request per choice, merged (gateway.choices)."""
     group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
-    headers = {"X-Breakwater-Request-Id": group.rid, **group.headers}
+    headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
     if body.stream:
         return SSEResponse(choices.stream(svc, group), headers={**SSE_HEADERS, **headers})
     try:
