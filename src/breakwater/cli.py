@@ -161,6 +161,9 @@ def worker(
     n_threads: Annotated[
         int | None, typer.Option(help=WorkerSettings.model_fields["n_threads"].description)
     ] = None,
+    model_version: Annotated[
+        str | None, typer.Option(help=WorkerSettings.model_fields["model_version"].description)
+    ] = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL")] = None,
     worker_id: Annotated[str | None, typer.Option(help="consumer name (default: host-random)")] = None,
     capacity: Annotated[
@@ -193,6 +196,7 @@ def worker(
             engine=engine,
             model=model,
             model_path=model_path,
+            model_version=model_version,
             upstream_url=upstream_url,
             upstream_model=upstream_model,
             upstream_metrics_url=upstream_metrics_url,

@@ -301,7 +301,7 @@ class WorkerSettings(CommonSettings):
     )
     model_version: str = Field(
         default="",
-        max_length=64,
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$",
         description=(
             "the version this worker serves: it registers `<model>@<version>` and pulls that queue "
             "(clients pin it, or reach it through an alias: `breakwater models alias set`)"
