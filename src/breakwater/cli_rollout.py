@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import getpass
 import socket
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import orjson
@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from breakwater.cli_tools import with_broker
+from breakwater.rollout.aliases import Alias
 
 console = Console(stderr=True)
 alias_app = typer.Typer(
@@ -38,8 +39,10 @@ def _emit(data: object) -> None:
 def _view(alias: Any, workers: dict[str, int] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = orjson.loads(alias.to_json())
     data["weights"] = dict(alias.weights)
+    if alias.tenants:
+        data["tenants"] = {t: dict(w) for t, w in alias.tenants.items()}
     if workers is not None:
-        data["live_workers"] = {v: workers.get(v, 0) for v in alias.weights}
+        data["live_workers"] = {v: workers.get(v, 0) for v in alias.versions}
     return data
 
 
@@ -50,6 +53,38 @@ async def _live(broker: Any) -> dict[str, int]:
     return counts
 
 
+@dataclass(frozen=True)
+class _Change:
+    """What `alias set` asks for, applied to the alias as it is now (None: a new one)."""
+
+    name: str
+    weights: dict[str, int]
+    tenant: str | None
+    sticky: str | None
+    guard: bool | None
+    knobs: dict[str, Any]
+
+    def apply(self, current: Alias | None, *, by: str, note: str) -> Alias:
+        from breakwater.rollout.aliases import Alias, Guard
+
+        if self.tenant is not None:
+            if current is None:
+                raise ValueError(f"no alias {self.name}: set its split for everyone first")
+            return replace(current, tenants={**current.tenants, self.tenant: self.weights}, by=by, note=note)
+        old = current.guard if current is not None else None
+        keep = self.guard is None and (self.knobs or old is not None)
+        new_guard = replace(old or Guard(), **self.knobs) if self.guard or keep else None
+        return Alias(
+            name=self.name,
+            weights=self.weights,
+            sticky=self.sticky or (current.sticky if current is not None else "none"),  # type: ignore[arg-type]
+            guard=new_guard,
+            by=by,
+            note=note,
+            tenants=current.tenants if current is not None else {},
+        )
+
+
 @alias_app.command("set")
 def alias_set(
     name: Annotated[str, typer.Argument(help="the alias clients use, e.g. llama-3-8b")],
@@ -57,6 +92,10 @@ def alias_set(
         list[str],
         typer.Argument(help="VERSION=WEIGHT ... (e.g. llama-3-8b@2026-11=90 llama-3-8b@2026-12=10)"),
     ],
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="set this tenant's own split (the alias must exist); others keep the alias's"),
+    ] = None,
     sticky: Annotated[
         str | None, typer.Option(help="none | tenant | user: one version per tenant or per `user` value")
     ] = None,
@@ -66,14 +105,18 @@ def alias_set(
             help="roll back a canary (weight to 0) that fails against the baseline (default: as it was)"
         ),
     ] = None,
+    guard_baseline: Annotated[
+        str | None,
+        typer.Option(help="guard: the version canaries are judged against (default: greatest weight)"),
+    ] = None,
     guard_error_delta: Annotated[
         float | None, typer.Option(min=0.0, max=1.0, help="guard: error rate allowed above the baseline's")
     ] = None,
     guard_min_requests: Annotated[
-        int | None, typer.Option(min=1, help="guard: finished requests on the canary before judging")
+        int | None, typer.Option(min=1, help="guard: finished requests on canary and baseline before judging")
     ] = None,
     guard_window_s: Annotated[
-        int | None, typer.Option(min=5, help="guard: the window judged, in seconds")
+        int | None, typer.Option(min=5, max=600, help="guard: the window judged, in seconds")
     ] = None,
     guard_ttft_ratio: Annotated[
         float | None,
@@ -82,9 +125,10 @@ def alias_set(
     by: Annotated[str | None, typer.Option(help="who makes the change (default: user@host)")] = None,
     note: Annotated[str, typer.Option(help="why, for the history")] = "",
 ) -> None:
-    """Create or change an alias: its versions' weights (a change by hand clears the guard's rollbacks)."""
-    from breakwater.broker.rollouts import Conflict
-    from breakwater.rollout.aliases import STICKY, Alias, Guard, parse_weights
+    """Create or change an alias: its versions' weights, or one tenant's (a change by hand clears
+    the guard's rollbacks)."""
+    from breakwater.broker.rollouts import Conflict, Refused
+    from breakwater.rollout.aliases import STICKY, parse_weights
 
     if sticky is not None and sticky not in STICKY:
         raise typer.BadParameter(f"one of {', '.join(STICKY)}", param_hint="--sticky")
@@ -93,51 +137,74 @@ def alias_set(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="VERSIONS") from None
     knobs = {
-        k: v
-        for k, v in {
-            "max_error_delta": guard_error_delta,
-            "min_requests": guard_min_requests,
-            "window_s": guard_window_s,
-            "ttft_ratio": guard_ttft_ratio,
-        }.items()
-        if v is not None
+        "max_error_delta": guard_error_delta,
+        "min_requests": guard_min_requests,
+        "window_s": guard_window_s,
+        "ttft_ratio": guard_ttft_ratio,
+        "baseline": guard_baseline,
     }
+    change = _Change(name, weights, tenant, sticky, guard, {k: v for k, v in knobs.items() if v is not None})
+    who = by or _by()
+
+    def changed(current: Alias | None) -> Alias:
+        return change.apply(current, by=who, note=note)
 
     async def run(broker: Any) -> tuple[Alias, dict[str, int]]:
         store = broker.rollouts()
         while True:
+            expected = await store.revision(name)
             current = await store.alias(name)
-            old_guard = current.guard if current is not None else None
-            if guard is False:
-                new_guard = None
-            elif guard or knobs or old_guard is not None:
-                new_guard = replace(old_guard or Guard(), **knobs)
-            else:
-                new_guard = None
             try:
-                alias = Alias(
-                    name=name,
-                    weights=weights,
-                    sticky=sticky or (current.sticky if current is not None else "none"),
-                    guard=new_guard,
-                    by=by or _by(),
-                    note=note,
-                )
+                alias = changed(current)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc)) from None
             try:
-                stored = await store.put(alias, expected=current.revision if current is not None else 0)
+                stored = await store.put(alias, expected=expected)
             except Conflict:
                 continue  # changed meanwhile: apply ours to the new one
+            except Refused as exc:
+                raise typer.BadParameter(str(exc)) from None
             return stored, await _live(broker)
 
     stored, workers = with_broker(run)
-    for version, weight in stored.weights.items():
+    for version, weight in (stored.tenants.get(tenant, {}) if tenant else stored.weights).items():
         if weight and not workers.get(version):
             console.print(
                 f"[yellow]warning:[/yellow] {version} has no live worker; its requests queue until one starts"
             )
     _emit(_view(stored, workers))
+
+
+@alias_app.command("clear-tenant")
+def alias_clear_tenant(
+    name: Annotated[str, typer.Argument()],
+    tenant: Annotated[str, typer.Argument(help="the tenant whose own split to remove")],
+    by: Annotated[str | None, typer.Option(help="who (default: user@host)")] = None,
+    note: Annotated[str, typer.Option(help="why, for the history")] = "",
+) -> None:
+    """Put a tenant back on the alias's split."""
+    from breakwater.broker.rollouts import Conflict
+
+    async def run(broker: Any) -> Any:
+        store = broker.rollouts()
+        while True:
+            expected = await store.revision(name)
+            current = await store.alias(name)
+            if current is None or tenant not in current.tenants:
+                return None
+            tenants = {t: w for t, w in current.tenants.items() if t != tenant}
+            try:
+                return await store.put(
+                    replace(current, tenants=tenants, by=by or _by(), note=note), expected=expected
+                )
+            except Conflict:
+                continue
+
+    stored = with_broker(run)
+    if stored is None:
+        console.print(f"[red]no alias {name} with a split of its own for {tenant}[/red]")
+        raise typer.Exit(1)
+    _emit(_view(stored))
 
 
 @alias_app.command("show")
@@ -194,14 +261,21 @@ def alias_delete(
 ) -> None:
     """Remove an alias: requests naming it get 404 unless a model of that name is served."""
 
+    from breakwater.broker.rollouts import Conflict
+
     async def run(broker: Any) -> bool:
         store = broker.rollouts()
-        current = await store.alias(name)
-        if current is None:
-            return False
-        return bool(await store.delete(name, expected=current.revision, by=by or _by(), note=note))
+        while True:
+            expected = await store.revision(name)
+            if await store.alias(name) is None:
+                return False
+            try:
+                await store.delete(name, expected=expected, by=by or _by(), note=note)
+                return True
+            except Conflict:
+                continue
 
     if not with_broker(run):
-        console.print(f"[red]no alias {name} (or it changed meanwhile)[/red]")
+        console.print(f"[red]no alias {name}[/red]")
         raise typer.Exit(1)
     _emit({"deleted": name})

@@ -153,6 +153,10 @@ class Keys:
         """Alias name -> its record (JSON)."""
         return f"{self.prefix}:aliases:{{rollout}}"
 
+    def alias_revisions(self) -> str:
+        """Alias name -> its last revision (kept when the alias is deleted: revisions never repeat)."""
+        return f"{self.prefix}:alias-revisions:{{rollout}}"
+
     def alias_history(self) -> str:
         """Every alias change: who, when, what (a capped stream)."""
         return f"{self.prefix}:alias-history:{{rollout}}"

@@ -7,6 +7,8 @@ from collections import Counter
 
 import pytest
 
+from breakwater.broker.rollouts import VersionCounts
+from breakwater.gateway.rollback import verdict
 from breakwater.rollout.aliases import Alias, Guard, SmoothWeighted, base_of, parse_weights, served_name
 
 
@@ -71,3 +73,42 @@ def test_the_record_round_trips_through_json() -> None:
     back = Alias.from_json(alias.to_json())
     assert back == alias and list(back.weights) == ["llama@b", "llama@a"]  # order kept
     assert back.baseline == "llama@a" and back.live == [("llama@b", 10), ("llama@a", 90)]
+
+
+def _counts(ok: int, err: int, ttft_ms: float = 0.0) -> VersionCounts:
+    return VersionCounts(ok=ok, err=err, ttft_ms=ttft_ms * (ok + err), ttft_n=ok + err)
+
+
+def test_the_guards_verdict_needs_evidence_on_both_sides() -> None:
+    guard = Guard(max_error_delta=0.05, min_requests=50, ttft_ratio=1.5)
+    alias = Alias("m", {"m@a": 90, "m@b": 10}, guard=guard)
+    assert alias.baseline == "m@a"
+    # A canary 20 points worse than a baseline with enough requests: rolled back, with the numbers.
+    why = verdict(alias, "m@b", {"m@a": _counts(95, 5, 100), "m@b": _counts(40, 10, 100)})
+    assert why is not None and "error rate 20.0% over 50" in why and "baseline m@a 5.0% over 100" in why
+    # Within the allowed delta: kept.
+    assert verdict(alias, "m@b", {"m@a": _counts(95, 5), "m@b": _counts(45, 5)}) is None
+    # Too few on the canary, or on the baseline (just changed, sticky tenants elsewhere): not judged.
+    assert verdict(alias, "m@b", {"m@a": _counts(95, 5), "m@b": _counts(30, 19)}) is None
+    assert verdict(alias, "m@b", {"m@a": _counts(3, 0), "m@b": _counts(40, 10)}) is None
+    # Slower first tokens than the ratio allows.
+    slow = verdict(alias, "m@b", {"m@a": _counts(100, 0, 100), "m@b": _counts(60, 0, 151)})
+    assert slow is not None and "mean TTFT 151 ms" in slow
+    assert verdict(alias, "m@b", {"m@a": _counts(100, 0, 100), "m@b": _counts(60, 0, 149)}) is None
+    # The baseline is never judged; a named baseline is the one judged against.
+    assert verdict(alias, "m@a", {"m@a": _counts(0, 100), "m@b": _counts(100, 0)}) is None
+    named = Alias("m", {"m@new": 50, "m@old": 50}, guard=Guard(baseline="m@old", min_requests=10))
+    assert verdict(named, "m@new", {"m@old": _counts(20, 0), "m@new": _counts(10, 10)}) is not None
+    with pytest.raises(ValueError, match="--guard-baseline"):
+        Alias("m", {"m@new": 50, "m@old": 50}, guard=Guard())
+    with pytest.raises(ValueError, match="not one of the versions"):
+        Alias("m", {"m@a": 50}, guard=Guard(baseline="m@z"))
+
+
+def test_a_rollback_takes_the_version_out_of_every_split() -> None:
+    alias = Alias("m", {"m@a": 90, "m@b": 10}, tenants={"acme": {"m@b": 100}, "x": {"m@a": 1}})
+    out = alias.without("m@b", by="rollback-guard", why="error rate")
+    assert out.weights == {"m@a": 90, "m@b": 0} and out.tenants == {"acme": {"m@b": 0}, "x": {"m@a": 1}}
+    assert out.rolled_back == {"m@b": "error rate"} and out.note == "rolled back m@b: error rate"
+    assert out.live_for("acme") == [] and out.live_for("other") == [("m@a", 90)]
+    assert out.versions == ["m@a", "m@b"]

@@ -60,7 +60,13 @@ def test_set_show_history_and_delete(redis_server: RedisServer, prefix: str) -> 
     guarded = ok(
         alias(redis_server, prefix, "set", "llama", "llama@a=99", "llama@b=1", "--guard-error-delta", "0.1")
     )
-    assert guarded["guard"] == {"max_error_delta": 0.1, "min_requests": 50, "window_s": 60, "ttft_ratio": 0.0}
+    assert guarded["guard"] == {
+        "max_error_delta": 0.1,
+        "min_requests": 50,
+        "window_s": 60,
+        "ttft_ratio": 0.0,
+        "baseline": "",
+    }
     assert guarded["sticky"] == "user"
     kept = ok(
         alias(
@@ -116,3 +122,78 @@ def test_bad_input_is_refused_and_writes_nothing(redis_server: RedisServer, pref
         assert says in " ".join(result.stderr.split()), (args, result.stderr)
     assert ok(alias(redis_server, prefix, "list")) == []
     assert ok(alias(redis_server, prefix, "history", "llama")) == []
+
+
+def test_chains_ties_and_tenants(redis_server: RedisServer, prefix: str) -> None:
+    ok(alias(redis_server, prefix, "set", "llama", "llama@a=90", "llama@b=10"))
+    # No alias of aliases: a request would queue on a name no worker serves.
+    chained = alias(redis_server, prefix, "set", "chat", "llama=100")
+    assert chained.returncode == 2 and "is an alias" in " ".join(chained.stderr.split())
+    ok(alias(redis_server, prefix, "set", "chat", "other@a=100"))
+    named = alias(redis_server, prefix, "set", "other@a", "llama@a=100")
+    assert named.returncode == 2 and "without `@`" in " ".join(named.stderr.split())
+    ok(alias(redis_server, prefix, "set", "x", "y@1=100"))
+    reverse = alias(redis_server, prefix, "set", "y", "z@1=100")  # fine: y is no version of x
+    assert reverse.returncode == 0, reverse.stderr
+    # A guard needs a unique baseline: a tie at the top must name one.
+    tie = alias(redis_server, prefix, "set", "llama", "llama@a=50", "llama@b=50", "--guard")
+    assert tie.returncode == 2 and "--guard-baseline" in " ".join(tie.stderr.split())
+    named_base = ok(
+        alias(
+            redis_server,
+            prefix,
+            "set",
+            "llama",
+            "llama@a=50",
+            "llama@b=50",
+            "--guard",
+            "--guard-baseline",
+            "llama@a",
+        )
+    )
+    assert named_base["guard"]["baseline"] == "llama@a"
+    # A tenant's own split; the others keep the alias's; clear-tenant puts it back.
+    acme = ok(alias(redis_server, prefix, "set", "llama", "llama@b=100", "--tenant", "acme"))
+    assert acme["tenants"] == {"acme": {"llama@b": 100}} and acme["weights"] == {"llama@a": 50, "llama@b": 50}
+    again = ok(alias(redis_server, prefix, "set", "llama", "llama@a=60", "llama@b=40"))
+    assert again["tenants"] == {"acme": {"llama@b": 100}}  # kept by a change of the default split
+    assert "tenants" not in ok(alias(redis_server, prefix, "clear-tenant", "llama", "acme"))
+    missing = alias(redis_server, prefix, "clear-tenant", "llama", "acme")
+    assert missing.returncode == 1
+    no_alias = alias(redis_server, prefix, "set", "nope", "nope@a=1", "--tenant", "acme")
+    assert no_alias.returncode == 2 and "no alias nope" in " ".join(no_alias.stderr.split())
+
+
+def test_revisions_never_repeat_after_a_delete(redis_server: RedisServer, prefix: str) -> None:
+    assert ok(alias(redis_server, prefix, "set", "llama", "llama@a"))["revision"] == 1
+    ok(alias(redis_server, prefix, "delete", "llama"))
+    assert ok(alias(redis_server, prefix, "set", "llama", "llama@b"))["revision"] == 3
+    assert [h["revision"] for h in ok(alias(redis_server, prefix, "history", "llama"))] == [1, 2, 3]
+
+
+async def test_a_stale_writer_conflicts_and_a_resent_write_is_applied_once(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    from breakwater.broker.rollouts import Conflict
+
+    broker = Broker.connect(GatewaySettings(redis_url=redis_server.url, key_prefix=prefix))
+    try:
+        store = broker.rollouts()
+        first = await store.put(Alias("llama", {"llama@a": 100}), expected=0)
+        # The same write sent again (its reply was lost): applied once, answered as written.
+        args_alias = Alias("llama", {"llama@a": 100})
+        keys = [broker.keys.aliases(), broker.keys.alias_history(), broker.keys.alias_revisions()]
+        resent = await store._set(
+            keys, ["llama", first.to_json(), 0, 1, "", "", first.updated_ms, 10_000, "llama@a"]
+        )
+        assert [int(x) for x in resent] == [1, 1]
+        assert len(await store.history("llama")) == 1
+        # A writer that read revision 0 conflicts now.
+        try:
+            await store.put(args_alias, expected=0)
+            raise AssertionError("a stale write was applied")
+        except Conflict:
+            pass
+        assert (await store.alias("llama")) == first
+    finally:
+        await broker.aclose()

@@ -3,6 +3,7 @@ counts per version in time buckets (the guard's evidence), and the guard's lease
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -16,12 +17,18 @@ from breakwater.broker.wire import Arg, raise_errors
 from breakwater.keys import Keys
 from breakwater.rollout.aliases import Alias
 
+log = logging.getLogger(__name__)
 HISTORY_MAXLEN = 10_000
-BUCKET_S = 5  # the time buckets of the per-version counts
+BUCKET_S = 1  # the time buckets of the per-version counts (a change discards at most 1 s of evidence)
+MAX_WINDOW_S = 600
 
 
 class Conflict(Exception):
     """The alias changed since it was read (its revision moved on)."""
+
+
+class Refused(ValueError):
+    """The store refused the record (it would chain aliases)."""
 
 
 @dataclass(slots=True)
@@ -64,44 +71,57 @@ class RolloutStore:
         self.fast = fast
         self.keys = keys
         self._set = Script(fast, "alias_set")
+        self._lease = Script(fast, "rollout_lease")
+        self._sum = Script(fast, "vstats_sum")
 
     async def aliases(self) -> dict[str, Alias]:
+        """Every alias; a record that does not parse (written by a newer release?) is left out."""
         raw: Mapping[Any, Any] = await self.redis.hgetall(self.keys.aliases())
-        return {_s(name): Alias.from_json(record) for name, record in raw.items()}
+        aliases: dict[str, Alias] = {}
+        for name, record in raw.items():
+            try:
+                aliases[_s(name)] = Alias.from_json(record)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning(
+                    "alias record unreadable; ignored",
+                    extra={"fields": {"alias": _s(name), "error": str(exc)}},
+                )
+        return aliases
+
+    async def revision(self, name: str) -> int:
+        """The alias's last revision (0: never set); deleting it does not reset this."""
+        return int(await self.redis.hget(self.keys.alias_revisions(), name) or 0)
 
     async def alias(self, name: str) -> Alias | None:
         raw = await self.redis.hget(self.keys.aliases(), name)
         return Alias.from_json(raw) if raw else None
 
     async def put(self, alias: Alias, *, expected: int) -> Alias:
-        """Write ``alias`` if the stored one's revision is still ``expected`` (0: none stored), as
-        revision ``expected + 1``; :class:`Conflict` otherwise."""
+        """Write ``alias`` if its revision is still ``expected`` (:meth:`revision`), as revision
+        ``expected + 1``: :class:`Conflict` when it moved on, :class:`Refused` when the record names
+        an alias or an alias names it."""
         now_ms = int(time.time() * 1000)
         stored = replace(alias, revision=expected + 1, updated_ms=now_ms)
-        ok, _ = await self._set(
-            [self.keys.aliases(), self.keys.alias_history()],
-            [
-                alias.name,
-                stored.to_json(),
-                expected,
-                stored.revision,
-                alias.by,
-                alias.note,
-                now_ms,
-                HISTORY_MAXLEN,
-            ],
+        await self._write(
+            alias.name, stored.to_json(), expected, alias.by, alias.note, now_ms, alias.versions
         )
-        if not int(ok):
-            raise Conflict(alias.name)
         return stored
 
-    async def delete(self, name: str, *, expected: int, by: str, note: str = "") -> bool:
-        now_ms = int(time.time() * 1000)
-        ok, _ = await self._set(
-            [self.keys.aliases(), self.keys.alias_history()],
-            [name, "", expected, expected + 1, by, note, now_ms, HISTORY_MAXLEN],
-        )
-        return bool(int(ok))
+    async def delete(self, name: str, *, expected: int, by: str, note: str = "") -> None:
+        """Delete the alias if its revision is still ``expected``: :class:`Conflict` otherwise (or
+        when there is none)."""
+        await self._write(name, "", expected, by, note, int(time.time() * 1000), [])
+
+    async def _write(
+        self, name: str, record: str, expected: int, by: str, note: str, now_ms: int, versions: list[str]
+    ) -> None:
+        keys = [self.keys.aliases(), self.keys.alias_history(), self.keys.alias_revisions()]
+        args: list[Arg] = [name, record, expected, expected + 1, by, note, now_ms, HISTORY_MAXLEN, *versions]
+        ok, detail = await self._set(keys, args)
+        if int(ok) < 0:
+            raise Refused(_s(detail))
+        if not int(ok):
+            raise Conflict(name)
 
     async def history(self, name: str, count: int = 50) -> list[Change]:
         """The alias's last ``count`` changes, oldest first (scans the shared history newest first)."""
@@ -143,47 +163,33 @@ class RolloutStore:
             if c.ttft_ms:
                 commands.append(("HINCRBYFLOAT", key, f"{version}:ttft_ms", round(c.ttft_ms, 3)))
         if commands:
-            commands.append(("EXPIRE", key, 3600))
+            commands.append(("EXPIRE", key, MAX_WINDOW_S + 60))
             raise_errors(await self.fast.pipeline(commands))
 
     async def counts(
-        self, versions: Iterable[str], window_s: int, now_s: float | None = None
+        self, versions: Iterable[str], window_s: int, *, since_s: float = 0.0, now_s: float | None = None
     ) -> dict[str, VersionCounts]:
-        """Each version's counts over the last ``window_s`` (whole buckets)."""
+        """Each version's counts over the last ``window_s`` (whole buckets), from the first bucket
+        wholly after ``since_s`` (the alias's last change: evidence from before it is not used)."""
         last = int((time.time() if now_s is None else now_s) // BUCKET_S)
-        buckets = range(last - max(1, window_s // BUCKET_S) + 1, last + 1)
+        first = max(last - max(1, window_s // BUCKET_S) + 1, int(since_s // BUCKET_S) + 1)
+        buckets = range(first, last + 1)
+        if not buckets:
+            return {v: VersionCounts() for v in versions}
+        buckets = buckets[-MAX_WINDOW_S:]
         wanted = list(versions)
-        out = {v: VersionCounts() for v in wanted}
-        replies = raise_errors(
-            await self.fast.pipeline([("HGETALL", self.keys.version_stats(b)) for b in buckets])
-        )
-        for reply in replies:
-            fields = _pairs(reply)
-            for version, c in out.items():
-                c.ok += int(float(fields.get(f"{version}:ok", 0)))
-                c.err += int(float(fields.get(f"{version}:err", 0)))
-                c.ttft_n += int(float(fields.get(f"{version}:ttft_n", 0)))
-                c.ttft_ms += float(fields.get(f"{version}:ttft_ms", 0))
-        return out
+        if not wanted:
+            return {}
+        sums = await self._sum([self.keys.version_stats(b) for b in buckets], wanted)
+        return {
+            v: VersionCounts(ok=int(ok), err=int(err), ttft_n=int(n), ttft_ms=float(_s(ms)))
+            for v, (ok, err, n, ms) in zip(wanted, sums, strict=True)
+        }
 
     async def lead(self, owner: str, ttl_ms: int) -> bool:
-        """Take or renew the guard's lease: True while ``owner`` holds it."""
-        key = self.keys.rollout_guard()
-        if await self.redis.set(key, owner, nx=True, px=ttl_ms):
-            return True
-        if _s(await self.redis.get(key) or b"") == owner:
-            await self.redis.pexpire(key, ttl_ms)
-            return True
-        return False
+        """Take or renew the guard's lease (atomically): True while ``owner`` holds it."""
+        return bool(int(await self._lease([self.keys.rollout_guard()], [owner, ttl_ms])))
 
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _pairs(reply: Any) -> dict[str, str]:
-    """HGETALL's reply on the raw connection: a flat list (RESP2) or a map."""
-    if isinstance(reply, dict):
-        return {_s(k): _s(v) for k, v in reply.items()}
-    items = list(reply or [])
-    return {_s(items[i]): _s(items[i + 1]) for i in range(0, len(items) - 1, 2)}

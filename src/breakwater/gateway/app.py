@@ -32,6 +32,13 @@ async def _refresh_gauges(svc: GatewayService) -> None:
             await svc.signals.refresh()
         except Exception as exc:  # Redis down: keep serving, try again next tick
             log.warning("gauge refresh failed", extra={"fields": {"error": str(exc)}})
+        await asyncio.sleep(GAUGE_INTERVAL_S)
+
+
+async def _rollouts(svc: GatewayService) -> None:
+    """Aliases read again, this gateway's counts per version flushed, canaries judged: every second,
+    in a loop of its own (a slow {rollout} slot must not hold up the autoscaling gauges)."""
+    while True:
         try:
             await svc.guard.tick()
         except Exception as exc:
@@ -69,6 +76,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         svc = GatewayService(settings, broker, fanin, metrics, cache_index=index)
         app.state.service = svc
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
+        rollouts = asyncio.create_task(_rollouts(svc), name="rollouts")
         admin = metrics_listener(settings, metrics)
         if admin is not None:
             await admin.start()
@@ -81,10 +89,14 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             gauges.cancel()
+            rollouts.cancel()
             if admin is not None:
                 await admin.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await gauges
+            with contextlib.suppress(asyncio.CancelledError):
+                await rollouts
+            await svc.versions.close()
             await fanin.close()
             await broker.aclose()
             if index is not broker:

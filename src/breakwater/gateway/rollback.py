@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import replace
 
 from breakwater.broker.rollouts import Conflict, RolloutStore, VersionCounts
 from breakwater.gateway.metrics import GatewayMetrics
@@ -41,13 +40,6 @@ class Outcomes:
         counts, self._counts = self._counts, {}
         return counts
 
-    def put_back(self, counts: dict[str, VersionCounts]) -> None:
-        """Counts a flush could not write: sent with the next one."""
-        for model, c in counts.items():
-            mine = self._counts.setdefault(model, VersionCounts())
-            mine.ok, mine.err = mine.ok + c.ok, mine.err + c.err
-            mine.ttft_ms, mine.ttft_n = mine.ttft_ms + c.ttft_ms, mine.ttft_n + c.ttft_n
-
 
 def verdict(alias: Alias, version: str, counts: dict[str, VersionCounts]) -> str | None:
     """Why ``version`` (a canary of ``alias``) must be rolled back, or None."""
@@ -56,8 +48,8 @@ def verdict(alias: Alias, version: str, counts: dict[str, VersionCounts]) -> str
     if guard is None or version == baseline:
         return None
     canary, base = counts[version], counts[baseline]
-    if canary.finished < guard.min_requests:
-        return None
+    if canary.finished < guard.min_requests or base.finished < guard.min_requests:
+        return None  # not enough evidence on both sides yet
     if canary.error_rate > base.error_rate + guard.max_error_delta:
         return (
             f"error rate {canary.error_rate:.1%} over {canary.finished} requests in {guard.window_s}s; "
@@ -69,6 +61,7 @@ def verdict(alias: Alias, version: str, counts: dict[str, VersionCounts]) -> str
         guard.ttft_ratio > 0
         and mine is not None
         and theirs is not None
+        and canary.ttft_n >= guard.min_requests
         and base.ttft_n >= guard.min_requests
         and mine > theirs * guard.ttft_ratio
     )
@@ -89,34 +82,27 @@ class RollbackGuard:
         self.owner = uuid.uuid4().hex
 
     async def tick(self) -> None:
-        """Once a second: flush this gateway's counts, refresh the aliases, judge if leading."""
-        counts = self.outcomes.take()
-        try:
-            await self.store.add_counts(counts)
-        except BaseException:
-            self.outcomes.put_back(counts)
-            raise
+        """Once a second: flush this gateway's counts, refresh the aliases, judge if leading. Counts
+        a failed flush could not write are dropped (the write may have been applied: sending them
+        again could count them twice; the guard judges rates, a gap only delays it)."""
+        await self.store.add_counts(self.outcomes.take())
         aliases = await self.router.aliases(fresh=True)
-        guarded = [a for a in aliases.values() if a.guard is not None and len(a.live) > 1]
+        guarded = [a for a in aliases.values() if a.guard is not None and len(a.versions) > 1]
         if guarded and await self.store.lead(self.owner, LEASE_MS):
             for alias in guarded:
                 await self._judge(alias)
 
     async def _judge(self, alias: Alias) -> None:
         assert alias.guard is not None
-        counts = await self.store.counts(alias.weights, alias.guard.window_s)
-        for version, _ in alias.live:
+        # Evidence from after the alias's last change only: a canary set again after a fix starts clean.
+        counts = await self.store.counts(
+            alias.versions, alias.guard.window_s, since_s=alias.updated_ms / 1000
+        )
+        for version in alias.versions:
             why = verdict(alias, version, counts)
-            if why is None:
+            if why is None or not any(version in dict(alias.live_for(t)) for t in ["", *alias.tenants]):
                 continue
-            weights = {**alias.weights, version: 0}
-            changed = replace(
-                alias,
-                weights=weights,
-                by=GUARD,
-                note=f"rolled back {version}: {why}",
-                rolled_back={**alias.rolled_back, version: why},
-            )
+            changed = alias.without(version, by=GUARD, why=why)
             try:
                 await self.store.put(changed, expected=alias.revision)
             except Conflict:  # changed meanwhile (by hand): judge the new one next tick

@@ -230,10 +230,11 @@ async def list_models(request: Request, who: Caller) -> dict[str, Any]:
     for name, alias in sorted(aliases.items()):
         if not who.may_use(name):
             continue
-        versions = [served[v] for v in alias.weights if v in served and served[v].workers]
+        weights = alias.weights_for(who.tenant)  # the caller's split: its own, or the alias's
+        versions = [served[v] for v in weights if v in served and served[v].workers]
         context = min((v.context_length for v in versions), default=0)
         entry = _model_entry(name, ModelInfo(name, context, sum(v.workers for v in versions), 0, 0))
-        entry["versions"] = [{"id": v, "weight": w} for v, w in alias.weights.items()]
+        entry["versions"] = [{"id": v, "weight": w} for v, w in weights.items()]
         entry["sticky"] = alias.sticky
         data.append(entry)
     return {"object": "list", "data": data}

@@ -11,6 +11,7 @@ from typing import Any, TypeVar, cast
 
 from breakwater.broker import Broker
 from breakwater.broker.fanin import FanIn
+from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
 from breakwater.gateway import choices
 from breakwater.gateway.admission import Admitter
@@ -82,7 +83,7 @@ class GatewayService:
                 code="unsupported_parameter",
                 param="n",
             )
-        routed = await self.route(body, principal)
+        routed = await self.route(body, principal, idempotency_key)
         return await self.admitter.submit(
             routed,
             digest_of=body if routed is not body else None,  # the client's body: a replay matches it
@@ -104,7 +105,8 @@ class GatewayService:
     ) -> ChoiceGroup:
         """A request with ``n > 1``: one queued request per choice (gateway.choices)."""
         self._check(body, principal)
-        routed = await self.route(body, principal)  # every choice on one version
+        # Every choice on one version; a replay's, on the version its first choice ran on.
+        routed = await self.route(body, principal, choices.choice_key(idempotency_key, 0))
         return await choices.admit(
             self,
             routed,
@@ -114,10 +116,26 @@ class GatewayService:
             client=body,
         )
 
-    async def route(self, body: B, principal: Principal) -> B:
-        """``body`` for the version it runs on (gateway.versions): itself unless it names an alias."""
-        version = await self.versions.route(body.model, principal, body.user)
-        return body if version == body.model else cast(B, body.model_copy(update={"model": version}))
+    async def route(self, body: B, principal: Principal, idempotency_key: str | None) -> B:
+        """``body`` for the version it runs on (gateway.versions): itself unless it names an alias.
+        A replay (an Idempotency-Key bound to this body) goes where its request went, so that it
+        finds that request instead of being judged against another version."""
+        alias = await self.versions.alias(body.model)
+        if alias is None:
+            return body
+        version = await self._replayed(body, principal, idempotency_key) if idempotency_key else None
+        if version is None or version not in alias.versions:
+            version = self.versions.pick(alias, principal, body.user)
+        return cast(B, body.model_copy(update={"model": version}))
+
+    async def _replayed(self, body: Body, principal: Principal, idempotency_key: str) -> str | None:
+        """The version of the request this key (with this body) is bound to, if any."""
+        idem = IdempotencyKey(principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json")))
+        found = await self.broker.binding(idem.redis_key(self.broker.keys))
+        if found is None or not idem.matches(binding := idem.parse(found)):
+            return None
+        record = await self.broker.get_record(binding.rid)
+        return record.spec.model if record is not None else None
 
     def _check(self, body: Body, principal: Principal) -> None:
         if self.draining:

@@ -1,15 +1,18 @@
 """Aliases at admission (issue 19): the version a request runs on, picked once and queued on.
 
-Aliases are read from Redis at most every ``alias_cache_s`` (and every second by the gauge loop), so
-a change reaches every gateway within about a second. A name that is no alias is served as it is:
-a model, or a pinned version (``llama@2026-11``)."""
+The gateway keeps the aliases it read last and reads them again in the background once they are
+``alias_cache_s`` old (and every second from the rollout loop), so a change reaches every gateway
+within about a second and no request waits on that read; ``alias_cache_s`` 0 reads them on every
+request. A name that is no alias is served as it is: a model, or a pinned version
+(``llama@2026-11``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
-from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.rollouts import RolloutStore
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
@@ -19,6 +22,7 @@ from breakwater.rollout.aliases import Alias, SmoothWeighted
 from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
+UNKNOWN_READ_S = 0.1  # a name neither alias nor model reads the aliases again at most this often
 
 
 class VersionRouter:
@@ -30,32 +34,45 @@ class VersionRouter:
         self.registry = registry
         self.metrics = metrics
         self._aliases: dict[str, Alias] = {}
-        self._read_at = float("-inf")
-        self._rotors: dict[str, SmoothWeighted] = {}
+        self._loaded = False
+        self._read_at = float("-inf")  # the last read's start (failed or not)
+        self._reading: asyncio.Task[None] | None = None
+        self._rotors: dict[tuple[str, str], SmoothWeighted] = {}
         self._exported: set[tuple[str, str]] = set()
 
     async def aliases(self, fresh: bool = False) -> dict[str, Alias]:
-        """The aliases, read again when older than ``alias_cache_s``; the last ones read while Redis
-        does not answer (a request still routes as it did)."""
-        if fresh or time.monotonic() - self._read_at > self.settings.alias_cache_s:
-            try:
-                aliases = await self.store.aliases()
-            except TRANSIENT as exc:
-                log.warning("aliases unavailable; using the last read", extra={"fields": {"error": str(exc)}})
-                return self._aliases
-            self._read_at = time.monotonic()
-            if aliases != self._aliases:
-                self._changed(aliases)
+        """The aliases: read now when ``fresh``, when none were read yet, or with
+        ``alias_cache_s`` 0; else the last read, refreshed in the background once stale."""
+        stale = time.monotonic() - self._read_at > self.settings.alias_cache_s
+        if fresh or not self._loaded or self.settings.alias_cache_s == 0:
+            await self._read()
+        elif stale and self._reading is None:
+            self._reading = asyncio.create_task(self._read(), name="aliases")
+            self._reading.add_done_callback(self._read_done)
         return self._aliases
+
+    def _read_done(self, _task: asyncio.Task[None]) -> None:
+        self._reading = None
+
+    async def _read(self) -> None:
+        self._read_at = time.monotonic()
+        try:
+            aliases = await self.store.aliases()
+        except Exception as exc:  # Redis down, or refused (ACL): route as last read; retried when stale
+            log.warning("aliases unavailable; using the last read", extra={"fields": {"error": str(exc)}})
+            return
+        self._loaded = True
+        if aliases != self._aliases:
+            self._changed(aliases)
 
     def _changed(self, aliases: dict[str, Alias]) -> None:
         self._aliases = aliases
         # The versions an alias names are served even before a worker of theirs starts (they queue).
-        self.registry.aliased = frozenset(v for a in aliases.values() for v in a.weights)
+        self.registry.aliased = frozenset(v for a in aliases.values() for v in a.versions)
         exported: set[tuple[str, str]] = set()
         for alias in aliases.values():
-            for version, weight in alias.weights.items():
-                self.metrics.alias_weight.labels(alias.name, version).set(weight)
+            for version in alias.versions:
+                self.metrics.alias_weight.labels(alias.name, version).set(alias.weights.get(version, 0))
                 self.metrics.alias_rolled_back.labels(alias.name, version).set(version in alias.rolled_back)
                 self.metrics.version_requests.labels(alias.name, version)  # from 0, for increase()
                 self.metrics.rollbacks.labels(alias.name, version)
@@ -65,28 +82,39 @@ class VersionRouter:
                 gauge.remove(*gone)
         self._exported = exported
 
-    async def route(self, model: str, principal: Principal, user: str | None) -> str:
-        """The version to queue a request for ``model`` on: ``model`` itself unless it is an alias."""
+    async def alias(self, model: str) -> Alias | None:
+        """The alias named ``model``, or None (a model or a version: served as it is)."""
         aliases = await self.aliases()
-        if model not in aliases and model not in await self.registry.models():
-            aliases = await self.aliases(fresh=True)  # a new alias, not read yet: the 404 is sure
-        alias = aliases.get(model)
-        if alias is None:
-            return model
-        live = alias.live
+        unknown = model not in aliases and model not in await self.registry.models()
+        if unknown and time.monotonic() - self._read_at > UNKNOWN_READ_S:
+            aliases = await self.aliases(fresh=True)  # an alias not read yet: the 404 is sure
+        return aliases.get(model)
+
+    def pick(self, alias: Alias, principal: Principal, user: str | None) -> str:
+        """The version for one request: by the tenant's split (its own, or the alias's), sticky by
+        user or tenant when the alias says so, else by smooth weighted round robin."""
+        tenant = principal.tenant
+        live = alias.live_for(tenant)
         if not live:
             raise APIError(
                 503,
-                f"the alias `{model}` has no version with a weight above 0",
+                f"the alias `{alias.name}` has no version with a weight above 0",
                 type="service_unavailable",
                 code="no_version",
                 param="model",
             )
         if alias.sticky == "user" and user:
-            version = alias.pick_by_hash(f"user\x1f{principal.tenant}\x1f{user}")
+            version = alias.pick_by_hash(f"user\x1f{tenant}\x1f{user}", live)
         elif alias.sticky == "tenant":
-            version = alias.pick_by_hash(f"tenant\x1f{principal.tenant}")
+            version = alias.pick_by_hash(f"tenant\x1f{tenant}", live)
         else:  # not sticky, or sticky by user and no `user` given: split by weight
-            version = self._rotors.setdefault(model, SmoothWeighted()).pick(live)
-        self.metrics.version_requests.labels(model, version).inc()
+            own = tenant if tenant in alias.tenants else ""
+            version = self._rotors.setdefault((alias.name, own), SmoothWeighted()).pick(live)
+        self.metrics.version_requests.labels(alias.name, version).inc()
         return version
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reading

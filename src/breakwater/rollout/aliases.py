@@ -48,22 +48,35 @@ def check_alias_name(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Guard:
-    """Roll a canary back (its weight to 0) when, over the last ``window_s``, with at least
-    ``min_requests`` finished on it, its error rate exceeds the baseline's by ``max_error_delta``, or
-    (``ttft_ratio`` > 0) its mean time to first token exceeds the baseline's by that factor. The
-    baseline is the version with the greatest weight."""
+    """Roll a canary back (its weight to 0) when, over the last ``window_s`` since the alias last
+    changed, with at least ``min_requests`` finished on it and on the baseline, its error rate
+    exceeds the baseline's by ``max_error_delta``, or (``ttft_ratio`` > 0) its mean time to first
+    token is more than that many times the baseline's. ``baseline``: the version the others are
+    judged against; '' means the one with the greatest weight (which must then be unique)."""
 
     max_error_delta: float = 0.05
     min_requests: int = 50
     window_s: int = 60
     ttft_ratio: float = 0.0
+    baseline: str = ""
+
+
+def _check_weights(alias: str, weights: dict[str, int], what: str) -> None:
+    if not weights:
+        raise ValueError(f"{what} of alias {alias!r} needs at least one version")
+    for version, weight in weights.items():
+        if version == alias:
+            raise ValueError(f"alias {alias!r} cannot name itself")
+        if weight < 0:
+            raise ValueError(f"weight of {version!r} is {weight}; weights are >= 0")
 
 
 @dataclass(frozen=True, slots=True)
 class Alias:
-    """``weights``: version -> weight (>= 0), in the order given. ``revision`` counts changes (the
-    store sets it). ``rolled_back``: versions the guard rolled back since the last change by hand,
-    with why (the alert fires while any is listed)."""
+    """``weights``: version -> weight (>= 0), in the order given; ``tenants``: a tenant's own
+    weights, where its split differs. ``revision`` counts changes (the store sets it).
+    ``rolled_back``: versions the guard rolled back since the last change by hand, with why (the
+    alert fires while any is listed)."""
 
     name: str
     weights: dict[str, int]
@@ -74,34 +87,56 @@ class Alias:
     by: str = ""
     note: str = ""
     rolled_back: dict[str, str] = field(default_factory=dict)
+    tenants: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_alias_name(self.name)
-        if not self.weights:
-            raise ValueError(f"alias {self.name!r} needs at least one version")
-        for version, weight in self.weights.items():
-            if version == self.name:
-                raise ValueError(f"alias {self.name!r} cannot name itself")
-            if weight < 0:
-                raise ValueError(f"weight of {version!r} is {weight}; weights are >= 0")
+        _check_weights(self.name, self.weights, "the weights")
+        for tenant, weights in self.tenants.items():
+            _check_weights(self.name, weights, f"tenant {tenant!r}'s weights")
         if self.sticky not in STICKY:
             raise ValueError(f"sticky is one of {', '.join(STICKY)}, not {self.sticky!r}")
+        if self.guard is not None:
+            if self.guard.baseline and self.guard.baseline not in self.weights:
+                raise ValueError(f"the guard's baseline {self.guard.baseline!r} is not one of the versions")
+            top = max(self.weights.values())
+            if not self.guard.baseline and top and list(self.weights.values()).count(top) > 1:
+                raise ValueError(
+                    "the greatest weight is shared: name the guard's baseline (--guard-baseline)"
+                )
+
+    @property
+    def versions(self) -> list[str]:
+        """Every version the alias names, for every tenant."""
+        named = dict.fromkeys(self.weights)
+        for weights in self.tenants.values():
+            named.update(dict.fromkeys(weights))
+        return list(named)
+
+    def weights_for(self, tenant: str) -> dict[str, int]:
+        return self.tenants.get(tenant, self.weights)
+
+    def live_for(self, tenant: str) -> list[tuple[str, int]]:
+        """The tenant's versions with weight > 0, in order."""
+        return [(v, w) for v, w in self.weights_for(tenant).items() if w > 0]
 
     @property
     def live(self) -> list[tuple[str, int]]:
-        """The versions with weight > 0, in order."""
+        """The versions with weight > 0, in order (the default split)."""
         return [(v, w) for v, w in self.weights.items() if w > 0]
 
     @property
     def baseline(self) -> str:
-        """The version with the greatest weight (the first of equals)."""
+        """The guard's baseline: named, or the version with the greatest weight."""
+        if self.guard is not None and self.guard.baseline:
+            return self.guard.baseline
         return max(self.weights, key=lambda v: self.weights[v])
 
-    def pick_by_hash(self, key: str) -> str:
+    def pick_by_hash(self, key: str, live: list[tuple[str, int]] | None = None) -> str:
         """The version for ``key`` (a tenant or a user): a fixed point in [0, 1) per alias and key,
         mapped through the cumulative weights. A weight change moves only the keys whose point
         crosses a boundary."""
-        live = self.live
+        live = self.live if live is None else live
         total = sum(w for _, w in live)
         digest = hashlib.blake2b(f"{self.name}\x1f{key}".encode(), digest_size=8).digest()
         point = int.from_bytes(digest, "big") / 2**64 * total
@@ -111,8 +146,16 @@ class Alias:
             point -= weight
         return live[-1][0]
 
-    def with_weights(self, weights: dict[str, int], *, by: str, note: str) -> Alias:
-        return replace(self, weights=weights, by=by, note=note)
+    def without(self, version: str, *, by: str, why: str) -> Alias:
+        """The alias with ``version``'s weight 0 everywhere (the guard's rollback)."""
+        return replace(
+            self,
+            weights={**self.weights, version: 0} if version in self.weights else self.weights,
+            tenants={t: {**w, version: 0} if version in w else w for t, w in self.tenants.items()},
+            by=by,
+            note=f"rolled back {version}: {why}",
+            rolled_back={**self.rolled_back, version: why},
+        )
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -125,6 +168,8 @@ class Alias:
             "note": self.note,
             "rolled_back": self.rolled_back,
         }
+        if self.tenants:
+            data["tenants"] = {t: [[v, w] for v, w in ws.items()] for t, ws in self.tenants.items()}
         if self.guard is not None:
             g = self.guard
             data["guard"] = {
@@ -132,6 +177,7 @@ class Alias:
                 "min_requests": g.min_requests,
                 "window_s": g.window_s,
                 "ttft_ratio": g.ttft_ratio,
+                "baseline": g.baseline,
             }
         return orjson.dumps(data).decode()
 
@@ -143,12 +189,17 @@ class Alias:
             name=str(data["name"]),
             weights={str(v): int(w) for v, w in data["weights"]},
             sticky=data.get("sticky", "none"),
-            guard=Guard(**guard) if guard else None,
+            guard=Guard(**{k: v for k, v in guard.items() if k in Guard.__dataclass_fields__})
+            if guard
+            else None,
             revision=int(data.get("revision", 0)),
             updated_ms=int(data.get("updated_ms", 0)),
             by=str(data.get("by", "")),
             note=str(data.get("note", "")),
             rolled_back={str(k): str(v) for k, v in (data.get("rolled_back") or {}).items()},
+            tenants={
+                str(t): {str(v): int(w) for v, w in ws} for t, ws in (data.get("tenants") or {}).items()
+            },
         )
 
 
