@@ -22,7 +22,6 @@ from breakwater.rollout.aliases import Alias, SmoothWeighted
 from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
-UNKNOWN_READ_S = 0.1  # a name neither alias nor model reads the aliases again at most this often
 
 
 class VersionRouter:
@@ -85,8 +84,7 @@ class VersionRouter:
     async def alias(self, model: str) -> Alias | None:
         """The alias named ``model``, or None (a model or a version: served as it is)."""
         aliases = await self.aliases()
-        unknown = model not in aliases and model not in await self.registry.models()
-        if unknown and time.monotonic() - self._read_at > UNKNOWN_READ_S:
+        if model not in aliases and model not in await self.registry.models():
             aliases = await self.aliases(fresh=True)  # an alias not read yet: the 404 is sure
         return aliases.get(model)
 
