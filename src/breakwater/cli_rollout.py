@@ -118,6 +118,12 @@ def alias_set(
     guard_window_s: Annotated[
         int | None, typer.Option(min=5, max=600, help="guard: the window judged, in seconds")
     ] = None,
+    guard_ttft_slo_ms: Annotated[
+        int | None,
+        typer.Option(
+            help="guard: a TTFT SLO (250, 500, 1000, 2000, 5000 or 10000 ms) whose misses are judged too"
+        ),
+    ] = None,
     guard_ttft_ratio: Annotated[
         float | None,
         typer.Option(min=0.0, help="guard: mean TTFT allowed, as a multiple of the baseline's (0: off)"),
@@ -142,6 +148,7 @@ def alias_set(
         "window_s": guard_window_s,
         "ttft_ratio": guard_ttft_ratio,
         "baseline": guard_baseline,
+        "ttft_slo_ms": guard_ttft_slo_ms,
     }
     change = _Change(name, weights, tenant, sticky, guard, {k: v for k, v in knobs.items() if v is not None})
     who = by or _by()

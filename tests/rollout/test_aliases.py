@@ -76,7 +76,27 @@ def test_the_record_round_trips_through_json() -> None:
 
 
 def _counts(ok: int, err: int, ttft_ms: float = 0.0) -> VersionCounts:
-    return VersionCounts(ok=ok, err=err, ttft_ms=ttft_ms * (ok + err), ttft_n=ok + err)
+    counts = VersionCounts(ok=ok, err=err)
+    for _ in range(ok + err):
+        counts.add_ttft(ttft_ms)
+    return counts
+
+
+def test_the_guard_judges_a_ttft_slos_burn() -> None:
+    alias = Alias("m", {"m@a": 90, "m@b": 10}, guard=Guard(min_requests=20, ttft_slo_ms=500))
+    slow = _counts(10, 0, 600)  # every first token late
+    slow.ok += 10
+    for _ in range(10):
+        slow.add_ttft(100)  # half of 20 late
+    why = verdict(alias, "m@b", {"m@a": _counts(100, 0, 100), "m@b": slow})
+    assert (
+        why is not None and "TTFT over 500 ms for 50.0% of 20 requests" in why and "baseline m@a 0.0%" in why
+    )
+    # Late as often as the baseline (within the delta): kept; mean TTFT alone is not judged without a ratio.
+    assert verdict(alias, "m@b", {"m@a": _counts(100, 0, 600), "m@b": slow}) is None
+    assert _counts(3, 0, 1500).missed(1000) == 1.0 and _counts(3, 0, 1500).missed(2000) == 0.0
+    with pytest.raises(ValueError, match="250, 500, 1000"):
+        Alias("m", {"m@a": 90, "m@b": 10}, guard=Guard(ttft_slo_ms=300))
 
 
 def test_the_guards_verdict_needs_evidence_on_both_sides() -> None:

@@ -66,6 +66,7 @@ def test_set_show_history_and_delete(redis_server: RedisServer, prefix: str) -> 
         "window_s": 60,
         "ttft_ratio": 0.0,
         "baseline": "",
+        "ttft_slo_ms": 0,
     }
     assert guarded["sticky"] == "user"
     kept = ok(
@@ -152,9 +153,17 @@ def test_chains_ties_and_tenants(redis_server: RedisServer, prefix: str) -> None
         )
     )
     assert named_base["guard"]["baseline"] == "llama@a"
+    slo = ok(
+        alias(redis_server, prefix, "set", "llama", "llama@a=90", "llama@b=10", "--guard-ttft-slo-ms", "500")
+    )
+    assert slo["guard"]["ttft_slo_ms"] == 500 and slo["guard"]["baseline"] == "llama@a"
+    odd = alias(
+        redis_server, prefix, "set", "llama", "llama@a=90", "llama@b=10", "--guard-ttft-slo-ms", "300"
+    )
+    assert odd.returncode == 2 and "250, 500, 1000" in " ".join(odd.stderr.split())
     # A tenant's own split; the others keep the alias's; clear-tenant puts it back.
     acme = ok(alias(redis_server, prefix, "set", "llama", "llama@b=100", "--tenant", "acme"))
-    assert acme["tenants"] == {"acme": {"llama@b": 100}} and acme["weights"] == {"llama@a": 50, "llama@b": 50}
+    assert acme["tenants"] == {"acme": {"llama@b": 100}} and acme["weights"] == {"llama@a": 90, "llama@b": 10}
     again = ok(alias(redis_server, prefix, "set", "llama", "llama@a=60", "llama@b=40"))
     assert again["tenants"] == {"acme": {"llama@b": 100}}  # kept by a change of the default split
     assert "tenants" not in ok(alias(redis_server, prefix, "clear-tenant", "llama", "acme"))

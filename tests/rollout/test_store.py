@@ -25,15 +25,24 @@ async def store(redis_server: RedisServer, prefix: str) -> AsyncIterator[Rollout
 
 async def test_counts_add_up_over_gateways_and_buckets_and_start_after_a_change(store: RolloutStore) -> None:
     t0 = 1_000_000.0 * BUCKET_S  # the start of a bucket
-    one = {"m@a": VersionCounts(ok=3, err=1, ttft_ms=40.0, ttft_n=4), "m@b": VersionCounts(err=2)}
+    one = {"m@a": VersionCounts(ok=3, err=1), "m@b": VersionCounts(err=2)}
+    for ttft in (5.0, 5.0, 10.0, 20.0):
+        one["m@a"].add_ttft(ttft)
+    late = VersionCounts(ok=1)
+    late.add_ttft(1500.0)  # over the 250, 500 and 1000 ms SLOs
     await store.add_counts(one, now_s=t0)
     # Another gateway, the same second.
     await store.add_counts({"m@a": VersionCounts(ok=2, ttft_ms=10.5, ttft_n=2)}, now_s=t0 + 0.5)
-    await store.add_counts({"m@a": VersionCounts(ok=5)}, now_s=t0 + 2 * BUCKET_S)  # a later bucket
+    await store.add_counts({"m@a": VersionCounts(ok=5), "m@c": late}, now_s=t0 + 2 * BUCKET_S)  # later
     got = await store.counts(["m@a", "m@b", "m@c"], 60, now_s=t0 + 2 * BUCKET_S)
     assert (got["m@a"].ok, got["m@a"].err, got["m@a"].ttft_n) == (10, 1, 6)
     assert got["m@a"].ttft_ms == pytest.approx(50.5) and got["m@a"].error_rate == pytest.approx(1 / 11)
-    assert (got["m@b"].ok, got["m@b"].err) == (0, 2) and got["m@c"].finished == 0
+    assert (got["m@b"].ok, got["m@b"].err) == (0, 2) and got["m@c"].finished == 1
+    assert (
+        got["m@c"].slow == [1, 1, 1, 0, 0, 0]
+        and got["m@c"].missed(1000) == 1.0
+        and got["m@a"].slow == [0] * 6
+    )
     # Evidence from the bucket of a change (and before) is not used: only the next bucket's.
     since = await store.counts(["m@a", "m@b"], 60, since_s=t0 + 0.7, now_s=t0 + 2 * BUCKET_S)
     assert since["m@a"].ok == 5 and since["m@b"].finished == 0

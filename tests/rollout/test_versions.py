@@ -32,9 +32,9 @@ def _client(gw: InProc) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0)
 
 
-async def _engine(error_rate: float = 0.0) -> SimEngine:
+async def _engine(error_rate: float = 0.0, decode_base_ms: float = 0.0) -> SimEngine:
     options = SimOptions(
-        model="llama", decode_base_ms=0, decode_per_seq_ms=0, capacity=128, error_rate=error_rate
+        model="llama", decode_base_ms=decode_base_ms, decode_per_seq_ms=0, capacity=128, error_rate=error_rate
     )
     return SimEngine(options)
 
@@ -219,6 +219,26 @@ async def test_a_failing_canary_is_rolled_back_by_the_guard(redis_server: RedisS
         text = (await gw.http.get("/metrics")).text
         assert _gauge(text, "breakwater_alias_rolled_back", alias="llama", version=B) == 1.0
         assert _gauge(text, "breakwater_alias_weight", alias="llama", version=B) == 0.0
+
+
+async def test_a_canary_burning_the_ttft_slo_is_rolled_back(redis_server: RedisServer, prefix: str) -> None:
+    async with inproc_gateway(redis_server.url, prefix, alias_cache_s=0) as gw:
+        await gw.add_worker(await _engine(), model_version="a")
+        await gw.add_worker(await _engine(decode_base_ms=300), model_version="b")  # first token ~300 ms
+        guard = Guard(min_requests=20, window_s=60, baseline=A, ttft_slo_ms=250)
+        await _set(gw, Alias("llama", {A: 50, B: 50}, guard=guard))
+        broker = gw.broker()
+        try:
+            store = broker.rollouts()
+            deadline = time.monotonic() + 30
+            async with _client(gw) as client:
+                while (alias := await store.alias("llama")) is not None and alias.weights[B]:
+                    assert time.monotonic() < deadline, "the guard did not roll the slow canary back"
+                    await _models(client, 64)  # streaming or not, TTFT is the first token's time
+            assert alias is not None and alias.weights == {A: 50, B: 0}
+            assert "TTFT over 250 ms for 100.0%" in alias.rolled_back[B]
+        finally:
+            await broker.aclose()
 
 
 async def test_a_sound_canary_is_kept(gw: InProc) -> None:

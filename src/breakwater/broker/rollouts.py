@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -15,12 +15,15 @@ from breakwater.broker.cluster import Fast
 from breakwater.broker.scripts import Script
 from breakwater.broker.wire import Arg, raise_errors
 from breakwater.keys import Keys
-from breakwater.rollout.aliases import Alias
+from breakwater.rollout.aliases import TTFT_SLOS, Alias
 
 log = logging.getLogger(__name__)
 HISTORY_MAXLEN = 10_000
 BUCKET_S = 1  # the time buckets of the per-version counts (a change discards at most 1 s of evidence)
 MAX_WINDOW_S = 600
+# The TTFT SLOs a guard may judge by (each gateway counts the first tokens later than each).
+TTFT_SLOS_MS = TTFT_SLOS
+COUNTERS = ("ok", "err", "ttft_n", "ttft_ms", *(f"slow{slo}" for slo in TTFT_SLOS_MS))
 
 
 class Conflict(Exception):
@@ -33,12 +36,24 @@ class Refused(ValueError):
 
 @dataclass(slots=True)
 class VersionCounts:
-    """Finished requests on one version: completed, errors, and the first-token times of those with one."""
+    """Finished requests on one version: completed, errors, the first-token times of those with
+    one, and how many of those took longer than each of ``TTFT_SLOS_MS`` (``slow``, in that order)."""
 
     ok: int = 0
     err: int = 0
     ttft_ms: float = 0.0
     ttft_n: int = 0
+    slow: list[int] = field(default_factory=lambda: [0] * len(TTFT_SLOS_MS))
+
+    def add_ttft(self, ttft_ms: float) -> None:
+        self.ttft_ms += ttft_ms
+        self.ttft_n += 1
+        for i, slo in enumerate(TTFT_SLOS_MS):
+            self.slow[i] += ttft_ms > slo
+
+    def missed(self, slo_ms: int) -> float:
+        """The share of first tokens later than ``slo_ms`` (one of ``TTFT_SLOS_MS``)."""
+        return self.slow[TTFT_SLOS_MS.index(slo_ms)] / self.ttft_n if self.ttft_n else 0.0
 
     @property
     def finished(self) -> int:
@@ -157,7 +172,8 @@ class RolloutStore:
         key = self.keys.version_stats(bucket)
         commands: list[tuple[Arg, ...]] = []
         for version, c in counts.items():
-            for name, value in (("ok", c.ok), ("err", c.err), ("ttft_n", c.ttft_n)):
+            slow = [(f"slow{slo}", n) for slo, n in zip(TTFT_SLOS_MS, c.slow, strict=True)]
+            for name, value in (("ok", c.ok), ("err", c.err), ("ttft_n", c.ttft_n), *slow):
                 if value:
                     commands.append(("HINCRBY", key, f"{version}:{name}", value))
             if c.ttft_ms:
@@ -180,11 +196,13 @@ class RolloutStore:
         wanted = list(versions)
         if not wanted:
             return {}
-        sums = await self._sum([self.keys.version_stats(b) for b in buckets], wanted)
-        return {
-            v: VersionCounts(ok=int(ok), err=int(err), ttft_n=int(n), ttft_ms=float(_s(ms)))
-            for v, (ok, err, n, ms) in zip(wanted, sums, strict=True)
-        }
+        keys = [self.keys.version_stats(b) for b in buckets]
+        sums = await self._sum(keys, [len(COUNTERS), *COUNTERS, *wanted])
+        out: dict[str, VersionCounts] = {}
+        for version, row in zip(wanted, sums, strict=True):
+            ok, err, n, ms, *slow = (float(_s(x)) for x in row)
+            out[version] = VersionCounts(int(ok), int(err), ms, int(n), [int(x) for x in slow])
+        return out
 
     async def lead(self, owner: str, ttl_ms: int) -> bool:
         """Take or renew the guard's lease (atomically): True while ``owner`` holds it."""

@@ -33,8 +33,7 @@ class Outcomes:
         else:
             c.err += 1
         if ttft_s is not None:
-            c.ttft_ms += ttft_s * 1000.0
-            c.ttft_n += 1
+            c.add_ttft(ttft_s * 1000.0)
 
     def take(self) -> dict[str, VersionCounts]:
         counts, self._counts = self._counts, {}
@@ -56,13 +55,21 @@ def verdict(alias: Alias, version: str, counts: dict[str, VersionCounts]) -> str
             f"baseline {baseline} {base.error_rate:.1%} over {base.finished} "
             f"(allowed +{guard.max_error_delta:.1%})"
         )
+    enough_ttfts = canary.ttft_n >= guard.min_requests and base.ttft_n >= guard.min_requests
+    if guard.ttft_slo_ms and enough_ttfts:
+        missed, base_missed = canary.missed(guard.ttft_slo_ms), base.missed(guard.ttft_slo_ms)
+        if missed > base_missed + guard.max_error_delta:
+            return (
+                f"TTFT over {guard.ttft_slo_ms} ms for {missed:.1%} of {canary.ttft_n} requests in "
+                f"{guard.window_s}s; baseline {baseline} {base_missed:.1%} of {base.ttft_n} "
+                f"(allowed +{guard.max_error_delta:.1%})"
+            )
     mine, theirs = canary.mean_ttft_ms, base.mean_ttft_ms
     slower = (
         guard.ttft_ratio > 0
         and mine is not None
         and theirs is not None
-        and canary.ttft_n >= guard.min_requests
-        and base.ttft_n >= guard.min_requests
+        and enough_ttfts
         and mine > theirs * guard.ttft_ratio
     )
     if slower:

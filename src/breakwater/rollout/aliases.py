@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 
 VERSION_SEP = "@"
+TTFT_SLOS = (250, 500, 1000, 2000, 5000, 10000)  # the SLOs (ms) gateways count misses of, per version
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
@@ -50,8 +51,9 @@ def check_alias_name(name: str) -> None:
 class Guard:
     """Roll a canary back (its weight to 0) when, over the last ``window_s`` since the alias last
     changed, with at least ``min_requests`` finished on it and on the baseline, its error rate
-    exceeds the baseline's by ``max_error_delta``, or (``ttft_ratio`` > 0) its mean time to first
-    token is more than that many times the baseline's. ``baseline``: the version the others are
+    exceeds the baseline's by ``max_error_delta``, or (``ttft_slo_ms`` > 0) its share of first
+    tokens later than that SLO does (its burn of the SLO), or (``ttft_ratio`` > 0) its mean time to
+    first token is more than that many times the baseline's. ``baseline``: the version the others are
     judged against; '' means the one with the greatest weight (which must then be unique)."""
 
     max_error_delta: float = 0.05
@@ -59,6 +61,8 @@ class Guard:
     window_s: int = 60
     ttft_ratio: float = 0.0
     baseline: str = ""
+    ttft_slo_ms: int = 0  # > 0: also roll back when its share of first tokens later than this exceeds
+    # the baseline's by max_error_delta (the SLO's burn); one of broker.rollouts.TTFT_SLOS_MS
 
 
 def _check_weights(alias: str, weights: dict[str, int], what: str) -> None:
@@ -97,6 +101,8 @@ class Alias:
         if self.sticky not in STICKY:
             raise ValueError(f"sticky is one of {', '.join(STICKY)}, not {self.sticky!r}")
         if self.guard is not None:
+            if self.guard.ttft_slo_ms and self.guard.ttft_slo_ms not in TTFT_SLOS:
+                raise ValueError(f"the guard's TTFT SLO is one of {', '.join(map(str, TTFT_SLOS))} ms")
             if self.guard.baseline and self.guard.baseline not in self.weights:
                 raise ValueError(f"the guard's baseline {self.guard.baseline!r} is not one of the versions")
             top = max(self.weights.values())
@@ -178,6 +184,7 @@ class Alias:
                 "window_s": g.window_s,
                 "ttft_ratio": g.ttft_ratio,
                 "baseline": g.baseline,
+                "ttft_slo_ms": g.ttft_slo_ms,
             }
         return orjson.dumps(data).decode()
 

@@ -1,17 +1,24 @@
 -- Sum the per-version counts of the buckets in KEYS (one per second of the guard's window, all on
--- the {rollout} slot) for the versions in ARGV: one round trip however long the window.
--- Returns, per version in order, {ok, err, ttft_n, ttft_ms (a string: a float)}.
+-- the {rollout} slot): one round trip however long the window.
+-- ARGV[1] n, ARGV[2..n+1] the counters (`ok`, `err`, ...), then the versions.
+-- Returns, per version in order, each counter's sum as a string (some are floats).
+local n = tonumber(ARGV[1])
 local out = {}
-for i, version in ipairs(ARGV) do
-  local ok, err, n, ms = 0, 0, 0, 0.0
-  local fields = {version .. ':ok', version .. ':err', version .. ':ttft_n', version .. ':ttft_ms'}
+for i = n + 2, #ARGV do
+  local fields, sums = {}, {}
+  for j = 1, n do
+    fields[j] = ARGV[i] .. ':' .. ARGV[j + 1]
+    sums[j] = 0
+  end
   for _, key in ipairs(KEYS) do
     local v = redis.call('HMGET', key, unpack(fields))
-    ok = ok + (tonumber(v[1]) or 0)
-    err = err + (tonumber(v[2]) or 0)
-    n = n + (tonumber(v[3]) or 0)
-    ms = ms + (tonumber(v[4]) or 0)
+    for j = 1, n do
+      sums[j] = sums[j] + (tonumber(v[j]) or 0)
+    end
   end
-  out[i] = {ok, err, n, tostring(ms)}
+  for j = 1, n do
+    sums[j] = tostring(sums[j])
+  end
+  out[#out + 1] = sums
 end
 return out
