@@ -68,10 +68,25 @@ class _Change:
         from breakwater.rollout.aliases import Alias, Guard
 
         if self.tenant is not None:
+            if self.sticky is not None or self.guard is not None or self.knobs:
+                raise ValueError(
+                    "--tenant sets a tenant's weights only: change stickiness and the guard without it"
+                )
             if current is None:
                 raise ValueError(f"no alias {self.name}: set its split for everyone first")
             return replace(current, tenants={**current.tenants, self.tenant: self.weights}, by=by, note=note)
         old = current.guard if current is not None else None
+        if (
+            old is not None
+            and old.baseline
+            and "baseline" not in self.knobs
+            and not self.weights.get(old.baseline)
+        ):
+            # The named baseline left (a blue-green switch): the greatest weight is the baseline now.
+            console.print(
+                f"[yellow]note:[/yellow] the guard's baseline {old.baseline} has no weight now; dropped"
+            )
+            old = replace(old, baseline="")
         keep = self.guard is None and (self.knobs or old is not None)
         new_guard = replace(old or Guard(), **self.knobs) if self.guard or keep else None
         return Alias(

@@ -128,7 +128,12 @@ def test_the_guards_verdict_needs_evidence_on_both_sides() -> None:
 def test_a_rollback_takes_the_version_out_of_every_split() -> None:
     alias = Alias("m", {"m@a": 90, "m@b": 10}, tenants={"acme": {"m@b": 100}, "x": {"m@a": 1}})
     out = alias.without("m@b", by="rollback-guard", why="error rate")
-    assert out.weights == {"m@a": 90, "m@b": 0} and out.tenants == {"acme": {"m@b": 0}, "x": {"m@a": 1}}
+    # acme's own split had only m@b: dropped, acme is back on the alias's split (not left with none).
+    assert out.weights == {"m@a": 90, "m@b": 0} and out.tenants == {"x": {"m@a": 1}}
     assert out.rolled_back == {"m@b": "error rate"} and out.note == "rolled back m@b: error rate"
-    assert out.live_for("acme") == [] and out.live_for("other") == [("m@a", 90)]
+    assert out.live_for("acme") == [("m@a", 90)] and out.live_for("x") == [("m@a", 1)]
     assert out.versions == ["m@a", "m@b"]
+    kept = Alias("m", {"m@a": 90}, tenants={"acme": {"m@b": 50, "m@c": 50}}).without("m@b", by="g", why="w")
+    assert kept.tenants == {"acme": {"m@b": 0, "m@c": 50}}
+    with pytest.raises(ValueError, match="has weight 0"):
+        Alias("m", {"m@old": 0, "m@new": 100}, guard=Guard(baseline="m@old"))

@@ -169,6 +169,24 @@ def test_chains_ties_and_tenants(redis_server: RedisServer, prefix: str) -> None
     assert "tenants" not in ok(alias(redis_server, prefix, "clear-tenant", "llama", "acme"))
     missing = alias(redis_server, prefix, "clear-tenant", "llama", "acme")
     assert missing.returncode == 1
+    mixed = alias(redis_server, prefix, "set", "llama", "llama@b=100", "--tenant", "acme", "--sticky", "user")
+    assert mixed.returncode == 2 and "--tenant sets a tenant's weights only" in " ".join(mixed.stderr.split())
+    # A tenant's split may not name an alias either, nor may an alias take a name a tenant split uses.
+    ok(alias(redis_server, prefix, "set", "llama", "beta-model=100", "--tenant", "acme"))
+    via_tenant = alias(redis_server, prefix, "set", "beta-model", "llama@a=100")
+    assert via_tenant.returncode == 2 and "names `beta-model` as a version" in " ".join(
+        via_tenant.stderr.split()
+    )
+    # A blue-green switch away from a named baseline drops the name (the greatest weight is it now).
+    named = ok(
+        alias(redis_server, prefix, "set", "llama", "llama@a=50", "llama@b=50", "--guard-baseline", "llama@a")
+    )
+    assert named["guard"]["baseline"] == "llama@a"
+    switched = alias(redis_server, prefix, "set", "llama", "llama@a=0", "llama@b=100")
+    assert switched.returncode == 0 and "baseline llama@a has no weight now" in " ".join(
+        switched.stderr.split()
+    )
+    assert ok(switched)["guard"]["baseline"] == ""
     no_alias = alias(redis_server, prefix, "set", "nope", "nope@a=1", "--tenant", "acme")
     assert no_alias.returncode == 2 and "no alias nope" in " ".join(no_alias.stderr.split())
 

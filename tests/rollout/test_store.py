@@ -11,6 +11,7 @@ from breakwater.broker import Broker
 from breakwater.broker.rollouts import BUCKET_S, RolloutStore, VersionCounts
 from breakwater.config import GatewaySettings
 from breakwater.redis_server import RedisServer
+from breakwater.rollout.aliases import Alias
 from tests.helpers import async_wait_for
 
 
@@ -57,3 +58,16 @@ async def test_one_gateway_at_a_time_holds_the_lease(store: RolloutStore) -> Non
     # gw-1 stops renewing: the lease lapses and gw-2 takes it.
     await async_wait_for(lambda: store.lead("gw-2", 300), 5, 0.05, "the lease to lapse")
     assert not await store.lead("gw-1", 300)
+
+
+async def test_the_guards_own_writes_keep_the_evidence_window(store: RolloutStore) -> None:
+    by_hand = await store.put(Alias("m", {"m@a": 80, "m@b": 10, "m@c": 10}), expected=0)
+    assert by_hand.since_ms == by_hand.updated_ms > 0  # Redis's clock, not this host's
+    rolled = await store.put(
+        by_hand.without("m@b", by="rollback-guard", why="x"), expected=1, new_evidence=False
+    )
+    assert (
+        rolled.since_ms == by_hand.since_ms and rolled.updated_ms >= by_hand.updated_ms
+    )  # m@c keeps its window
+    again = await store.put(Alias("m", {"m@a": 90, "m@b": 10}), expected=2)
+    assert again.since_ms == again.updated_ms >= rolled.updated_ms

@@ -4,7 +4,6 @@ counts per version in time buckets (the guard's evidence), and the guard's lease
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -111,12 +110,15 @@ class RolloutStore:
         raw = await self.redis.hget(self.keys.aliases(), name)
         return Alias.from_json(raw) if raw else None
 
-    async def put(self, alias: Alias, *, expected: int) -> Alias:
+    async def put(self, alias: Alias, *, expected: int, new_evidence: bool = True) -> Alias:
         """Write ``alias`` if its revision is still ``expected`` (:meth:`revision`), as revision
         ``expected + 1``: :class:`Conflict` when it moved on, :class:`Refused` when the record names
-        an alias or an alias names it."""
-        now_ms = int(time.time() * 1000)
-        stored = replace(alias, revision=expected + 1, updated_ms=now_ms)
+        an alias or an alias names it. ``new_evidence``: the guard's window starts now (a change by
+        hand); the guard's own writes keep it. Times are Redis's clock, the one every gateway's
+        counts are bucketed by (not the clock of the host that runs the CLI)."""
+        now_ms = await self.now_ms()
+        since_ms = now_ms if new_evidence or not alias.since_ms else alias.since_ms
+        stored = replace(alias, revision=expected + 1, updated_ms=now_ms, since_ms=since_ms)
         await self._write(
             alias.name, stored.to_json(), expected, alias.by, alias.note, now_ms, alias.versions
         )
@@ -125,7 +127,7 @@ class RolloutStore:
     async def delete(self, name: str, *, expected: int, by: str, note: str = "") -> None:
         """Delete the alias if its revision is still ``expected``: :class:`Conflict` otherwise (or
         when there is none)."""
-        await self._write(name, "", expected, by, note, int(time.time() * 1000), [])
+        await self._write(name, "", expected, by, note, await self.now_ms(), [])
 
     async def _write(
         self, name: str, record: str, expected: int, by: str, note: str, now_ms: int, versions: list[str]
@@ -166,9 +168,18 @@ class RolloutStore:
         return found[::-1]
 
     # -- evidence for the guard --------------------------------------------------------------------
+    async def now_ms(self) -> int:
+        """Redis's clock (the {rollout} node's): alias changes and the counts' buckets share it."""
+        reply = raise_errors(await self.fast.pipeline([("TIME",)]))[0]
+        seconds, micros = (int(_s(x)) for x in reply)
+        return seconds * 1000 + micros // 1000
+
     async def add_counts(self, counts: Mapping[str, VersionCounts], now_s: float | None = None) -> None:
-        """Add one gateway's counts since its last flush to the current bucket (one write)."""
-        bucket = int((time.time() if now_s is None else now_s) // BUCKET_S)
+        """Add one gateway's counts since its last flush to the current bucket (one write, after
+        reading Redis's clock)."""
+        if not counts:
+            return
+        bucket = int((await self.now_ms() / 1000 if now_s is None else now_s) // BUCKET_S)
         key = self.keys.version_stats(bucket)
         commands: list[tuple[Arg, ...]] = []
         for version, c in counts.items():
@@ -187,7 +198,7 @@ class RolloutStore:
     ) -> dict[str, VersionCounts]:
         """Each version's counts over the last ``window_s`` (whole buckets), from the first bucket
         wholly after ``since_s`` (the alias's last change: evidence from before it is not used)."""
-        last = int((time.time() if now_s is None else now_s) // BUCKET_S)
+        last = int((await self.now_ms() / 1000 if now_s is None else now_s) // BUCKET_S)
         first = max(last - max(1, window_s // BUCKET_S) + 1, int(since_s // BUCKET_S) + 1)
         buckets = range(first, last + 1)
         if not buckets:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import uuid
 
-from breakwater.broker.rollouts import Conflict, RolloutStore, VersionCounts
+from breakwater.broker.rollouts import Conflict, Refused, RolloutStore, VersionCounts
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.versions import VersionRouter
 from breakwater.rollout.aliases import Alias
@@ -103,16 +103,19 @@ class RollbackGuard:
         assert alias.guard is not None
         # Evidence from after the alias's last change only: a canary set again after a fix starts clean.
         counts = await self.store.counts(
-            alias.versions, alias.guard.window_s, since_s=alias.updated_ms / 1000
+            alias.versions, alias.guard.window_s, since_s=(alias.since_ms or alias.updated_ms) / 1000
         )
         for version in alias.versions:
             why = verdict(alias, version, counts)
             if why is None or not any(version in dict(alias.live_for(t)) for t in ["", *alias.tenants]):
                 continue
             changed = alias.without(version, by=GUARD, why=why)
-            try:
-                await self.store.put(changed, expected=alias.revision)
+            try:  # the other canaries keep their evidence: new_evidence=False
+                await self.store.put(changed, expected=alias.revision, new_evidence=False)
             except Conflict:  # changed meanwhile (by hand): judge the new one next tick
+                return
+            except Refused as exc:  # cannot happen to a record the store accepted; never stall the rest
+                log.error("rollback refused", extra={"fields": {"alias": alias.name, "error": str(exc)}})
                 return
             self.metrics.rollbacks.labels(alias.name, version).inc()
             log.warning(

@@ -22,6 +22,13 @@ from breakwater.rollout.aliases import Alias, SmoothWeighted
 from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
+JOIN_S = 0.05  # a request that needs the aliases read now joins a read started this recently
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A background read's failure was logged (or raised to whoever awaited it): not 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 class VersionRouter:
@@ -36,31 +43,46 @@ class VersionRouter:
         self._loaded = False
         self._read_at = float("-inf")  # the last read's start (failed or not)
         self._reading: asyncio.Task[None] | None = None
+        self._generation = 0  # reads started
+        self._applied = 0  # the latest read whose result was applied
         self._rotors: dict[tuple[str, str], SmoothWeighted] = {}
         self._exported: set[tuple[str, str]] = set()
 
     async def aliases(self, fresh: bool = False) -> dict[str, Alias]:
         """The aliases: read now when ``fresh``, when none were read yet, or with
-        ``alias_cache_s`` 0; else the last read, refreshed in the background once stale."""
-        stale = time.monotonic() - self._read_at > self.settings.alias_cache_s
-        if fresh or not self._loaded or self.settings.alias_cache_s == 0:
-            await self._read()
-        elif stale and self._reading is None:
-            self._reading = asyncio.create_task(self._read(), name="aliases")
-            self._reading.add_done_callback(self._read_done)
+        ``alias_cache_s`` 0; else the last read, refreshed in the background once stale. Reads
+        started within ``JOIN_S`` of each other are one read; results apply in the order reads
+        started (a fresh one never joins an earlier read: it must see what was written before it).
+        While none was ever read, a failed read raises (Redis unavailable: 503)."""
+        if fresh or self.settings.alias_cache_s == 0:
+            await asyncio.shield(self._reading_now(join=False))  # one that starts after the call
+        elif not self._loaded:
+            await asyncio.shield(self._reading_now(join=True))
+        elif time.monotonic() - self._read_at > self.settings.alias_cache_s:
+            self._reading_now(join=True)
         return self._aliases
 
-    def _read_done(self, _task: asyncio.Task[None]) -> None:
-        self._reading = None
+    def _reading_now(self, *, join: bool) -> asyncio.Task[None]:
+        """A new read, or (``join``) one that started at most ``JOIN_S`` ago."""
+        task = self._reading
+        if not join or task is None or task.done() or time.monotonic() - self._read_at > JOIN_S:
+            self._generation += 1
+            self._read_at = time.monotonic()
+            task = self._reading = asyncio.create_task(self._read(self._generation), name="aliases")
+            task.add_done_callback(_retrieved)
+        return task
 
-    async def _read(self) -> None:
-        self._read_at = time.monotonic()
+    async def _read(self, generation: int) -> None:
         try:
             aliases = await self.store.aliases()
         except Exception as exc:  # Redis down, or refused (ACL): route as last read; retried when stale
+            if not self._loaded:
+                raise
             log.warning("aliases unavailable; using the last read", extra={"fields": {"error": str(exc)}})
             return
-        self._loaded = True
+        if generation < self._applied:
+            return  # a later read already applied (a guard's rollback must not be undone)
+        self._applied, self._loaded = generation, True
         if aliases != self._aliases:
             self._changed(aliases)
 
@@ -112,7 +134,7 @@ class VersionRouter:
         return version
 
     async def close(self) -> None:
-        if self._reading is not None:
+        if self._reading is not None and not self._reading.done():
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reading

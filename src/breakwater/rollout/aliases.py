@@ -92,6 +92,9 @@ class Alias:
     note: str = ""
     rolled_back: dict[str, str] = field(default_factory=dict)
     tenants: dict[str, dict[str, int]] = field(default_factory=dict)
+    # When the guard's evidence starts (Redis's clock, ms): a change by hand resets it, the guard's
+    # own rollbacks do not (the other canaries keep their window).
+    since_ms: int = 0
 
     def __post_init__(self) -> None:
         check_alias_name(self.name)
@@ -105,6 +108,8 @@ class Alias:
                 raise ValueError(f"the guard's TTFT SLO is one of {', '.join(map(str, TTFT_SLOS))} ms")
             if self.guard.baseline and self.guard.baseline not in self.weights:
                 raise ValueError(f"the guard's baseline {self.guard.baseline!r} is not one of the versions")
+            if self.guard.baseline and not self.weights[self.guard.baseline] and len(self.live) > 0:
+                raise ValueError(f"the guard's baseline {self.guard.baseline!r} has weight 0")
             top = max(self.weights.values())
             if not self.guard.baseline and top and list(self.weights.values()).count(top) > 1:
                 raise ValueError(
@@ -153,11 +158,13 @@ class Alias:
         return live[-1][0]
 
     def without(self, version: str, *, by: str, why: str) -> Alias:
-        """The alias with ``version``'s weight 0 everywhere (the guard's rollback)."""
+        """The alias with ``version``'s weight 0 everywhere (the guard's rollback). A tenant's own
+        split left with no weight is dropped: that tenant is back on the alias's split."""
+        tenants = {t: {**w, version: 0} if version in w else w for t, w in self.tenants.items()}
         return replace(
             self,
             weights={**self.weights, version: 0} if version in self.weights else self.weights,
-            tenants={t: {**w, version: 0} if version in w else w for t, w in self.tenants.items()},
+            tenants={t: w for t, w in tenants.items() if any(w.values())},
             by=by,
             note=f"rolled back {version}: {why}",
             rolled_back={**self.rolled_back, version: why},
@@ -173,6 +180,7 @@ class Alias:
             "by": self.by,
             "note": self.note,
             "rolled_back": self.rolled_back,
+            "since_ms": self.since_ms,
         }
         if self.tenants:
             data["tenants"] = {t: [[v, w] for v, w in ws.items()] for t, ws in self.tenants.items()}
@@ -207,6 +215,7 @@ class Alias:
             tenants={
                 str(t): {str(v): int(w) for v, w in ws} for t, ws in (data.get("tenants") or {}).items()
             },
+            since_ms=int(data.get("since_ms", 0)),
         )
 
 

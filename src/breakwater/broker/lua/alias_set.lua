@@ -28,12 +28,23 @@ else
       return {-1, 'the version `' .. ARGV[i] .. '` is an alias; an alias names versions or models'}
     end
   end
+  -- No alias may name this one as a version, in its split or in a tenant's (a record that does
+  -- not decode, written by another release, is passed over: the gateways skip it too).
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
-    if all[i] ~= ARGV[1] then
-      for _, pair in ipairs(cjson.decode(all[i + 1])['weights']) do
-        if pair[1] == ARGV[1] then
-          return {-1, 'the alias `' .. all[i] .. '` names `' .. ARGV[1] .. '` as a version'}
+    local fine, other = pcall(cjson.decode, all[i + 1])
+    if all[i] ~= ARGV[1] and fine and type(other) == 'table' then
+      local splits = {other['weights']}
+      if type(other['tenants']) == 'table' then
+        for _, split in pairs(other['tenants']) do
+          splits[#splits + 1] = split
+        end
+      end
+      for _, split in ipairs(splits) do
+        for _, pair in ipairs(split or {}) do
+          if pair[1] == ARGV[1] then
+            return {-1, 'the alias `' .. all[i] .. '` names `' .. ARGV[1] .. '` as a version'}
+          end
         end
       end
     end
