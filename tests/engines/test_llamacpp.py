@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
+import llama_cpp
 import pytest
 
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
@@ -118,6 +122,51 @@ async def test_each_step_decodes_every_running_sequence_and_cancel_frees_slot(en
     assert engine.free_slots() == 1
     assert {d.request_id for d in await engine.step()} == {"r0", "r1", "r3"}
     assert engine.stats()["kv_cache_usage"] > 0
+
+
+async def test_a_sequence_cancelled_mid_step_keeps_its_sampler_until_the_step_is_over(
+    engine: LlamaCppEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that leaves mid-step cancels its sequence while the step's thread may be sampling
+    with that sequence's sampler: freeing it then was a use-after-free that crashed a CI worker."""
+    decoding = threading.Event()
+    freed_while_decoding: list[object] = []
+    real_free = llama_cpp.llama_sampler_free
+    real_step = engine._decode_and_sample
+    in_thread = threading.Event()
+    release = threading.Event()
+
+    def decode(plan: Any) -> Any:
+        decoding.set()
+        in_thread.set()
+        release.wait(10)  # hold the step in its thread while the loop cancels
+        try:
+            return real_step(plan)
+        finally:
+            decoding.clear()
+
+    def free(sampler: object) -> None:
+        if decoding.is_set():
+            freed_while_decoding.append(sampler)
+        real_free(sampler)
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_free", free)
+    monkeypatch.setattr(engine, "_decode_and_sample", decode)
+    for i in range(2):
+        engine.add(GenerationRequest(f"c{i}", prompt=f"Count to ten: {i}", temperature=0.0, max_tokens=20))
+    for _ in range(3):
+        release.set()
+        await engine.step()
+    release.clear()
+    step = asyncio.create_task(engine.step())
+    assert await asyncio.to_thread(in_thread.wait, 10)
+    in_thread.clear()
+    engine.cancel("c1")  # the client left while c1 may be sampled in the thread right now
+    release.set()
+    deltas = await step
+    assert not freed_while_decoding
+    assert "c1" not in {d.request_id for d in deltas}
+    assert {d.request_id for d in await engine.step()} == {"c0"}  # freed now, and c0 goes on
 
 
 async def test_continuation_resumes_from_emitted_text(engine: LlamaCppEngine) -> None:

@@ -95,6 +95,7 @@ class LlamaCppEngine(Engine):
         self._seqs: dict[str, _Seq] = {}
         self._free_slots = list(range(self.capacity))
         self._to_clear: list[int] = []
+        self._to_free: list[Any] = []  # samplers of sequences released while a decode may sample with them
         self._work = asyncio.Event()
         self._model: Any = None
         self._ctx: Any = None
@@ -155,6 +156,7 @@ class LlamaCppEngine(Engine):
         for seq in self._seqs.values():
             llama_cpp.llama_sampler_free(seq.sampler)
         self._seqs.clear()
+        self._free_samplers()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -297,11 +299,18 @@ class LlamaCppEngine(Engine):
             self._release(seq)
 
     def _release(self, seq: _Seq) -> None:
-        # The KV cells are cleared at the start of the next step, never while a decode runs.
+        # The KV cells are cleared and the sampler freed at the start of the next step, never while a
+        # decode runs: a sequence cancelled mid-step (its client left) may be sampled in that step's
+        # thread right now, and freeing its sampler then is a use-after-free (a crashed worker).
         self._to_clear.append(seq.slot)
         self._free_slots.append(seq.slot)
-        llama_cpp.llama_sampler_free(seq.sampler)
+        self._to_free.append(seq.sampler)
         seq.cancelled = True
+
+    def _free_samplers(self) -> None:
+        for sampler in self._to_free:
+            llama_cpp.llama_sampler_free(sampler)
+        self._to_free.clear()
 
     async def step(self) -> list[SequenceDelta]:
         while not self._seqs and not self._embeds:
@@ -317,6 +326,7 @@ class LlamaCppEngine(Engine):
         for slot in self._to_clear:
             llama_cpp.llama_memory_seq_rm(mem, slot, -1, -1)
         self._to_clear.clear()
+        self._free_samplers()
         plan = self._plan()
         sampled = await asyncio.to_thread(self._decode_and_sample, plan)
         return embedded + [self._emit(seq, token, lp) for seq, token, lp in sampled if not seq.cancelled]
