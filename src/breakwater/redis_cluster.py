@@ -72,31 +72,46 @@ class LocalCluster:
         self.replicas = replicas
         self.binary = binary
         count = primaries * (1 + replicas)
+        self._node_timeout_ms = node_timeout_ms
+        self._appendfsync = appendfsync
         self.bus_ports = [free_port() for _ in range(count)]
-        self.nodes = [
-            RedisServer(
-                data_dir / f"node{i}",
-                appendfsync=appendfsync,
-                extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    # The bus port is port + 10000 unless given: ports above 55535 would not do.
-                    "--cluster-port",
-                    str(self.bus_ports[i]),
-                    "--cluster-node-timeout",
-                    str(node_timeout_ms),
-                    # A replica may be promoted however long it was cut off (tests kill primaries).
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--cluster-require-full-coverage",
-                    "no",
-                ],
-                binary=binary,
-            )
-            for i in range(count)
-        ]
+        self.nodes = [self._node(i, data_dir / f"node{i}") for i in range(count)]
+
+    def _node(self, i: int, folder: Path) -> RedisServer:
+        return RedisServer(
+            folder,
+            appendfsync=self._appendfsync,
+            extra_args=[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                # The bus port is port + 10000 unless given: ports above 55535 would not do.
+                "--cluster-port",
+                str(self.bus_ports[i]),
+                "--cluster-node-timeout",
+                str(self._node_timeout_ms),
+                # A replica may be promoted however long it was cut off (tests kill primaries).
+                "--cluster-replica-validity-factor",
+                "0",
+                "--cluster-require-full-coverage",
+                "no",
+            ],
+            binary=self.binary,
+        )
+
+    def _start_node(self, i: int, attempts: int = 3) -> None:
+        """Start node ``i``; when its port or bus port was taken between choosing and binding it (an
+        outgoing connection's ephemeral port, say), choose new ones and start it again."""
+        for attempt in range(attempts):
+            try:
+                self.nodes[i].start()
+                return
+            except RedisServerError as exc:
+                if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self.bus_ports[i] = free_port()
+                self.nodes[i] = self._node(i, self.data_dir / f"node{i}-{attempt + 1}")
 
     @property
     def url(self) -> str:
@@ -111,8 +126,8 @@ class LocalCluster:
             raise
 
     def _start(self, timeout_s: float) -> None:
-        for node in self.nodes:
-            node.start()
+        for i in range(len(self.nodes)):
+            self._start_node(i)
         if self.primaries < 3 and self.replicas == 0:  # redis-cli --cluster create wants 3 or more
             cli = find_redis_cli(self.binary)
             share = SLOTS // self.primaries
