@@ -14,7 +14,7 @@ import orjson
 import typer
 from rich.console import Console
 
-from breakwater.cli_tools import with_broker
+from breakwater.cli_tools import emit_json, with_broker
 from breakwater.rollout.aliases import Alias
 
 console = Console(stderr=True)
@@ -30,10 +30,6 @@ def _by() -> str:
     except (KeyError, OSError):
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
-
-
-def _emit(data: object) -> None:
-    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
 def _view(alias: Any, workers: dict[str, int] | None = None) -> dict[str, Any]:
@@ -148,7 +144,6 @@ def alias_set(
 ) -> None:
     """Create or change an alias: its versions' weights, or one tenant's (a change by hand clears
     the guard's rollbacks)."""
-    from breakwater.broker.rollouts import Conflict, Refused
     from breakwater.rollout.aliases import STICKY, parse_weights
 
     if sticky is not None and sticky not in STICKY:
@@ -168,33 +163,23 @@ def alias_set(
     change = _Change(name, weights, tenant, sticky, guard, {k: v for k, v in knobs.items() if v is not None})
     who = by or _by()
 
-    def changed(current: Alias | None) -> Alias:
-        return change.apply(current, by=who, note=note)
-
     async def run(broker: Any) -> tuple[Alias, dict[str, int]]:
-        store = broker.rollouts()
-        while True:
-            expected = await store.revision(name)
-            current = await store.alias(name)
-            try:
-                alias = changed(current)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc)) from None
-            try:
-                stored = await store.put(alias, expected=expected)
-            except Conflict:
-                continue  # changed meanwhile: apply ours to the new one
-            except Refused as exc:
-                raise typer.BadParameter(str(exc)) from None
-            return stored, await _live(broker)
+        try:  # applied to the alias as it is; again if another writer came in between
+            stored = await broker.rollouts().modify(
+                name, lambda current: change.apply(current, by=who, note=note)
+            )
+        except ValueError as exc:  # refused by the change or by the store (Refused)
+            raise typer.BadParameter(str(exc)) from None
+        return stored, await _live(broker)
 
     stored, workers = with_broker(run)
+    assert stored is not None  # the change always writes
     for version, weight in (stored.tenants.get(tenant, {}) if tenant else stored.weights).items():
         if weight and not workers.get(version):
             console.print(
                 f"[yellow]warning:[/yellow] {version} has no live worker; its requests queue until one starts"
             )
-    _emit(_view(stored, workers))
+    emit_json(_view(stored, workers))
 
 
 @alias_app.command("clear-tenant")
@@ -205,28 +190,18 @@ def alias_clear_tenant(
     note: Annotated[str, typer.Option(help="why, for the history")] = "",
 ) -> None:
     """Put a tenant back on the alias's split."""
-    from breakwater.broker.rollouts import Conflict
 
-    async def run(broker: Any) -> Any:
-        store = broker.rollouts()
-        while True:
-            expected = await store.revision(name)
-            current = await store.alias(name)
-            if current is None or tenant not in current.tenants:
-                return None
-            tenants = {t: w for t, w in current.tenants.items() if t != tenant}
-            try:
-                return await store.put(
-                    replace(current, tenants=tenants, by=by or _by(), note=note), expected=expected
-                )
-            except Conflict:
-                continue
+    def without_tenant(current: Alias | None) -> Alias | None:
+        if current is None or tenant not in current.tenants:
+            return None
+        tenants = {t: w for t, w in current.tenants.items() if t != tenant}
+        return replace(current, tenants=tenants, by=by or _by(), note=note)
 
-    stored = with_broker(run)
+    stored: Alias | None = with_broker(lambda broker: broker.rollouts().modify(name, without_tenant))
     if stored is None:
         console.print(f"[red]no alias {name} with a split of its own for {tenant}[/red]")
         raise typer.Exit(1)
-    _emit(_view(stored))
+    emit_json(_view(stored))
 
 
 @alias_app.command("show")
@@ -240,7 +215,7 @@ def alias_show(name: Annotated[str, typer.Argument()]) -> None:
     if alias is None:
         console.print(f"[red]no alias {name}[/red]")
         raise typer.Exit(1)
-    _emit(_view(alias, workers))
+    emit_json(_view(alias, workers))
 
 
 @alias_app.command("list")
@@ -251,7 +226,7 @@ def alias_list() -> None:
         return await broker.rollouts().aliases(), await _live(broker)
 
     aliases, workers = with_broker(run)
-    _emit([_view(a, workers) for _, a in sorted(aliases.items())])
+    emit_json([_view(a, workers) for _, a in sorted(aliases.items())])
 
 
 @alias_app.command("history")
@@ -261,7 +236,7 @@ def alias_history(
 ) -> None:
     """Who changed the alias, when, why, and to what (oldest first)."""
     changes = with_broker(lambda b: b.rollouts().history(name, count))
-    _emit(
+    emit_json(
         [
             {
                 "revision": c.revision,
@@ -282,22 +257,7 @@ def alias_delete(
     note: Annotated[str, typer.Option(help="why, for the history")] = "",
 ) -> None:
     """Remove an alias: requests naming it get 404 unless a model of that name is served."""
-
-    from breakwater.broker.rollouts import Conflict
-
-    async def run(broker: Any) -> bool:
-        store = broker.rollouts()
-        while True:
-            expected = await store.revision(name)
-            if await store.alias(name) is None:
-                return False
-            try:
-                await store.delete(name, expected=expected, by=by or _by(), note=note)
-                return True
-            except Conflict:
-                continue
-
-    if not with_broker(run):
+    if not with_broker(lambda broker: broker.rollouts().remove(name, by=by or _by(), note=note)):
         console.print(f"[red]no alias {name}[/red]")
         raise typer.Exit(1)
-    _emit({"deleted": name})
+    emit_json({"deleted": name})

@@ -15,11 +15,10 @@ from dataclasses import asdict
 from datetime import date
 from typing import Annotated, Any, TypeVar
 
-import orjson
 import typer
 from rich.console import Console
 
-from breakwater.cli_tools import with_broker
+from breakwater.cli_tools import emit_json, with_broker
 from breakwater.keys import LANES
 
 console = Console(stderr=True)
@@ -38,10 +37,6 @@ def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     return with_broker(lambda broker: fn(broker.api_keys(pepper)))
-
-
-def _emit(data: object) -> None:
-    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
 def _seconds(value: str) -> int:
@@ -100,14 +95,14 @@ def keys_create(
         cache=cache,
     )
     secret, record = _with_store(lambda store: store.create(template))
-    _emit({"key": secret, **record.public()})
+    emit_json({"key": secret, **record.public()})
     console.print("Store the key now: it is not shown again (Redis holds only its hash).")
 
 
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str | None, typer.Option(help="only this tenant's keys")] = None) -> None:
     """Every key (no secrets), as a JSON array."""
-    _emit([k.public() for k in _with_store(lambda store: store.list(tenant))])
+    emit_json([k.public() for k in _with_store(lambda store: store.list(tenant))])
 
 
 @keys_app.command("show")
@@ -115,7 +110,7 @@ def keys_show(key_id: Annotated[str, typer.Argument(help="the key's id (key_...)
     record = _with_store(lambda store: store.get(key_id))
     if record is None:
         raise _not_found(key_id)
-    _emit(record.public())
+    emit_json(record.public())
 
 
 @keys_app.command("revoke")
@@ -124,7 +119,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (key_..
     record = _with_store(lambda store: store.revoke(key_id))
     if record is None:
         raise _not_found(key_id)
-    _emit(record.public())
+    emit_json(record.public())
 
 
 @keys_app.command("rotate")
@@ -138,7 +133,7 @@ def keys_rotate(
     if rotated is None:
         raise _not_found(key_id)
     secret, record = rotated
-    _emit({"key": secret, "replaces": key_id, **record.public()})
+    emit_json({"key": secret, "replaces": key_id, **record.public()})
 
 
 def usage(
@@ -172,7 +167,7 @@ def usage(
 
     found = with_broker(rows)
     if format == "json":
-        _emit(found)
+        emit_json(found)
         return
     writer = csv.writer(sys.stdout)
     writer.writerow(["tenant", "date", "key_id", *COUNTS])
@@ -209,11 +204,11 @@ def tenants_set(
         result: Limits = await broker.ledger.tenant_limits(tenant)
         return result
 
-    _emit({"tenant": tenant, **asdict(with_broker(run))})
+    emit_json({"tenant": tenant, **asdict(with_broker(run))})
 
 
 @tenants_app.command("show")
 def tenants_show(tenant: Annotated[str, typer.Argument(help="the tenant")]) -> None:
     """The tenant's limits (all 0: only its keys' own limits apply)."""
     limits = with_broker(lambda broker: broker.ledger.tenant_limits(tenant))
-    _emit({"tenant": tenant, **asdict(limits)})
+    emit_json({"tenant": tenant, **asdict(limits)})

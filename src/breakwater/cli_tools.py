@@ -236,6 +236,11 @@ dlq_app = typer.Typer(no_args_is_help=True, help="Dead-lettered jobs (failed max
 ModelOpt = Annotated[str, typer.Option(help="model whose dead letters to act on")]
 
 
+def emit_json(data: object) -> None:
+    """A command's result on stdout, as indented JSON (for scripts and people)."""
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
 def with_broker(fn: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``fn(broker)`` with a broker for the configured Redis, closed afterwards."""
     from breakwater.broker import Broker

@@ -5,6 +5,7 @@ admitted before it finishing on blue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,24 +22,35 @@ from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs, breakwater_cli, expected_sim, stream_killing_owner
 
 
-def _versions(procs: StackProcs, url: str, *versions: str, each: int, **settings: Any) -> None:
-    for version in versions:
-        for _ in range(each):
-            procs.add_worker(model="llama", model_version=version, heartbeat_s=0.3, **settings)
-        procs.wait_workers(url, model=f"llama@{version}", count=each)
+@contextlib.contextmanager
+def _stack(
+    redis_server: RedisServer,
+    log_dir: Path,
+    versions: tuple[str, ...],
+    each: int,
+    alias: list[str],
+    **settings: Any,
+) -> Iterator[StackProcs]:
+    """A gateway, ``each`` workers for every version of `llama`, and the alias llama (CLI args)."""
+    procs = StackProcs(redis_server.url, f"v{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway()
+        for version in versions:
+            for _ in range(each):
+                procs.add_worker(model="llama", model_version=version, heartbeat_s=0.3, **settings)
+            procs.wait_workers(url, model=f"llama@{version}", count=each)
+        breakwater_cli(procs, "models", "alias", "set", "llama", *alias)
+        yield procs
+    finally:
+        procs.stop()
 
 
 @pytest.fixture
 def two_versions(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
     """Two workers for each of llama@a and llama@b, and the alias llama split 50/50."""
-    procs = StackProcs(redis_server.url, f"v{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        _versions(procs, url, "a", "b", each=2, sim_decode_base_ms=40, capacity=4)
-        breakwater_cli(procs, "models", "alias", "set", "llama", "llama@a=50", "llama@b=50")
+    alias = ["llama@a=50", "llama@b=50"]
+    with _stack(redis_server, log_dir, ("a", "b"), 2, alias, sim_decode_base_ms=40, capacity=4) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 def _version_of(procs: StackProcs, worker_id: str) -> str:
@@ -83,14 +95,11 @@ class Outcome:
 
 @pytest.fixture
 def blue_green(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
-    procs = StackProcs(redis_server.url, f"g{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        _versions(procs, url, "blue", "green", each=1, sim_decode_base_ms=15, capacity=8)
-        breakwater_cli(procs, "models", "alias", "set", "llama", "llama@blue=100", "--note", "blue live")
+    alias = ["llama@blue=100", "--note", "blue live"]
+    with _stack(
+        redis_server, log_dir, ("blue", "green"), 1, alias, sim_decode_base_ms=15, capacity=8
+    ) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 async def _stream(http: httpx.AsyncClient, url: str, out: Outcome) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from breakwater.broker.wire import text
 from breakwater.keys import Keys
 from breakwater.tenancy.apikeys import ApiKey, generate_key, generate_key_id, key_digest
 
@@ -81,12 +82,8 @@ class KeyStore:
 
     async def _digest(self, key_id: str) -> str | None:
         digest: Any = await self.redis.hget(self.keys.api_key_ids(), key_id)
-        return _str(digest) if digest is not None else None
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return text(digest) if digest is not None else None
 
 
 def _text(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in raw.items()}
+    return {text(k): text(v) for k, v in raw.items()}

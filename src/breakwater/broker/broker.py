@@ -127,7 +127,7 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         return KeyStore(self.redis, self.keys, pepper)
 
     def rollouts(self) -> RolloutStore:
-        return RolloutStore(self.redis, self.fast, self.keys)
+        return RolloutStore(self.redis, self.fast, self.keys, self.now_ms)
 
     def fanin(self, buffer: int, on_overflow: Callable[[], None] | None = None) -> FanIn:
         """The process's Pub/Sub, fanned in to per-request buffers: one connection to one server; on

@@ -4,7 +4,7 @@ counts per version in time buckets (the guard's evidence), and the guard's lease
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from breakwater.broker.cluster import Fast
 from breakwater.broker.scripts import Script
-from breakwater.broker.wire import Arg, raise_errors
+from breakwater.broker.wire import Arg, raise_errors, text
 from breakwater.keys import Keys
 from breakwater.rollout.aliases import TTFT_SLOS, Alias
 
@@ -80,10 +80,13 @@ class Change:
 
 
 class RolloutStore:
-    def __init__(self, redis: Redis, fast: Fast, keys: Keys) -> None:
+    def __init__(self, redis: Redis, fast: Fast, keys: Keys, clock: Callable[[], Awaitable[int]]) -> None:
+        """``clock``: Redis's time in ms (the broker's): alias changes and the counts' buckets use it,
+        not the clocks of the hosts that run the CLI or the gateways."""
         self.redis = redis
         self.fast = fast
         self.keys = keys
+        self.now_ms = clock
         self._set = Script(fast, "alias_set")
         self._lease = Script(fast, "rollout_lease")
         self._sum = Script(fast, "vstats_sum")
@@ -94,13 +97,39 @@ class RolloutStore:
         aliases: dict[str, Alias] = {}
         for name, record in raw.items():
             try:
-                aliases[_s(name)] = Alias.from_json(record)
+                aliases[text(name)] = Alias.from_json(record)
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning(
                     "alias record unreadable; ignored",
-                    extra={"fields": {"alias": _s(name), "error": str(exc)}},
+                    extra={"fields": {"alias": text(name), "error": str(exc)}},
                 )
         return aliases
+
+    async def modify(self, name: str, change: Callable[[Alias | None], Alias | None]) -> Alias | None:
+        """Read the alias, ``change`` it and write the result, again whenever another writer came
+        in between (compare-and-set on the revision). ``change`` returns None to write nothing, and
+        so does this; it may raise (ValueError for what it refuses), as may :meth:`put` (Refused)."""
+        while True:
+            expected = await self.revision(name)
+            changed = change(await self.alias(name))
+            if changed is None:
+                return None
+            try:
+                return await self.put(changed, expected=expected)
+            except Conflict:
+                continue
+
+    async def remove(self, name: str, *, by: str, note: str = "") -> bool:
+        """Delete the alias whatever its revision (logged as any change); False when there is none."""
+        while True:
+            expected = await self.revision(name)
+            if await self.alias(name) is None:
+                return False
+            try:
+                await self.delete(name, expected=expected, by=by, note=note)
+                return True
+            except Conflict:
+                continue
 
     async def revision(self, name: str) -> int:
         """The alias's last revision (0: never set); deleting it does not reset this."""
@@ -136,7 +165,7 @@ class RolloutStore:
         args: list[Arg] = [name, record, expected, expected + 1, by, note, now_ms, HISTORY_MAXLEN, *versions]
         ok, detail = await self._set(keys, args)
         if int(ok) < 0:
-            raise Refused(_s(detail))
+            raise Refused(text(detail))
         if not int(ok):
             raise Conflict(name)
 
@@ -147,7 +176,7 @@ class RolloutStore:
         while len(found) < count:
             page: Any = await self.redis.xrevrange(self.keys.alias_history(), last, "-", count=500)
             for _, fields in page:
-                f = {_s(k): _s(v) for k, v in fields.items()}
+                f = {text(k): text(v) for k, v in fields.items()}
                 if f.get("alias") == name:
                     record = f.get("record", "")
                     found.append(
@@ -164,16 +193,10 @@ class RolloutStore:
                         break
             if len(page) < 500:
                 break
-            last = "(" + _s(page[-1][0])
+            last = "(" + text(page[-1][0])
         return found[::-1]
 
     # -- evidence for the guard --------------------------------------------------------------------
-    async def now_ms(self) -> int:
-        """Redis's clock (the {rollout} node's): alias changes and the counts' buckets share it."""
-        reply = raise_errors(await self.fast.pipeline([("TIME",)]))[0]
-        seconds, micros = (int(_s(x)) for x in reply)
-        return seconds * 1000 + micros // 1000
-
     async def add_counts(self, counts: Mapping[str, VersionCounts], now_s: float | None = None) -> None:
         """Add one gateway's counts since its last flush to the current bucket (one write, after
         reading Redis's clock)."""
@@ -211,14 +234,10 @@ class RolloutStore:
         sums = await self._sum(keys, [len(COUNTERS), *COUNTERS, *wanted])
         out: dict[str, VersionCounts] = {}
         for version, row in zip(wanted, sums, strict=True):
-            ok, err, n, ms, *slow = (float(_s(x)) for x in row)
+            ok, err, n, ms, *slow = (float(text(x)) for x in row)
             out[version] = VersionCounts(int(ok), int(err), ms, int(n), [int(x) for x in slow])
         return out
 
     async def lead(self, owner: str, ttl_ms: int) -> bool:
         """Take or renew the guard's lease (atomically): True while ``owner`` holds it."""
         return bool(int(await self._lease([self.keys.rollout_guard()], [owner, ttl_ms])))
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

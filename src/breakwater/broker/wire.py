@@ -73,6 +73,11 @@ class Wire(asyncio.Protocol):
             self.transport.abort()
 
 
+def text(value: Any) -> str:
+    """A reply as text (the raw connection answers bytes, redis-py's client may answer str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def raise_errors(replies: list[Any]) -> list[Any]:
     """``replies`` of a pipeline, unless one is an error reply: then that one is raised."""
     for reply in replies:

@@ -43,6 +43,11 @@ BYTES_PER_TOKEN_BOUND = 6
 RID_PREFIX = {"chat": "chatcmpl", "completion": "cmpl", "embedding": "embd"}
 
 
+def client_key(principal: Principal, idempotency_key: str, body: Body) -> IdempotencyKey:
+    """The client's Idempotency-Key, in its tenant, bound to the body as the client sent it."""
+    return IdempotencyKey(principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json")))
+
+
 def new_rid(kind: str) -> str:
     return f"{RID_PREFIX[kind]}-{uuid.uuid4().hex}"
 
@@ -110,8 +115,7 @@ class Admitter:
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
         idem = None
         if idempotency_key:
-            digest = body_digest((digest_of or body).model_dump(mode="json"))
-            idem = IdempotencyKey(principal.tenant, idempotency_key, digest)
+            idem = client_key(principal, idempotency_key, digest_of or body)
             found = await self._bind(idem, rid, key_ttl_s, subscribe)
             if found is not None:
                 return found
@@ -280,10 +284,7 @@ class Admitter:
         """Take back a queued request (another choice of its group was refused): cancelled, its
         key released, its place in the concurrency limits freed."""
         await self.broker.cancel(sub.rid, self.settings.result_ttl_s, "another choice was refused")
-        idem = None
-        if idempotency_key:
-            digest = body_digest(body.model_dump(mode="json"))
-            idem = IdempotencyKey(principal.tenant, idempotency_key, digest)
+        idem = client_key(principal, idempotency_key, body) if idempotency_key else None
         await self._abandon(sub.subscription, idem, sub.rid, principal, limits_of(principal.key))
 
     async def _abandon(

@@ -89,12 +89,15 @@ class RollbackGuard:
         self.owner = uuid.uuid4().hex
 
     async def tick(self) -> None:
-        """Once a second: flush this gateway's counts, refresh the aliases, judge if leading. Counts
-        a failed flush could not write are dropped (the write may have been applied: sending them
-        again could count them twice; the guard judges rates, a gap only delays it)."""
-        await self.store.add_counts(self.outcomes.take())
+        """Once a second: refresh the aliases, flush this gateway's counts of the versions a guard
+        watches (none written where no alias is guarded), judge if leading. Counts a failed flush
+        could not write are dropped (the write may have been applied: sending them again could
+        count them twice; the guard judges rates, a gap only delays it)."""
         aliases = await self.router.aliases(fresh=True)
         guarded = [a for a in aliases.values() if a.guard is not None and len(a.versions) > 1]
+        watched = {v for a in guarded for v in a.versions}
+        counts = self.outcomes.take()
+        await self.store.add_counts({v: c for v, c in counts.items() if v in watched})
         if guarded and await self.store.lead(self.owner, LEASE_MS):
             for alias in guarded:
                 await self._judge(alias)
@@ -107,7 +110,7 @@ class RollbackGuard:
         )
         for version in alias.versions:
             why = verdict(alias, version, counts)
-            if why is None or not any(version in dict(alias.live_for(t)) for t in ["", *alias.tenants]):
+            if why is None or not alias.serves(version):
                 continue
             changed = alias.without(version, by=GUARD, why=why)
             try:  # the other canaries keep their evidence: new_evidence=False

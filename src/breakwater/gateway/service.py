@@ -11,10 +11,9 @@ from typing import Any, TypeVar, cast
 
 from breakwater.broker import Broker
 from breakwater.broker.fanin import FanIn
-from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.config import GatewaySettings
 from breakwater.gateway import choices
-from breakwater.gateway.admission import Admitter
+from breakwater.gateway.admission import Admitter, client_key
 from breakwater.gateway.auth import Authenticator, check_model
 from breakwater.gateway.autoscale import AutoscaleSignals
 from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
@@ -130,7 +129,7 @@ class GatewayService:
 
     async def _replayed(self, body: Body, principal: Principal, idempotency_key: str) -> str | None:
         """The version of the request this key (with this body) is bound to, if any."""
-        idem = IdempotencyKey(principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json")))
+        idem = client_key(principal, idempotency_key, body)
         found = await self.broker.binding(idem.redis_key(self.broker.keys))
         if found is None or not idem.matches(binding := idem.parse(found)):
             return None

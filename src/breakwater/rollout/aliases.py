@@ -124,6 +124,10 @@ class Alias:
             named.update(dict.fromkeys(weights))
         return list(named)
 
+    def serves(self, version: str) -> bool:
+        """Some split (the alias's or a tenant's) gives ``version`` a weight above 0."""
+        return any(w.get(version, 0) > 0 for w in (self.weights, *self.tenants.values()))
+
     def weights_for(self, tenant: str) -> dict[str, int]:
         return self.tenants.get(tenant, self.weights)
 
