@@ -309,7 +309,10 @@ async def stream_killing_owner(
                     killed.kill()
     assert killed is not None, "the stream ended before the kill"
     record = await read_record(procs, redis, rid)
-    assert record.status is Status.DONE and record.attempt == 2 and record.worker != killed.args[-1]
+    assert record.status is Status.DONE and record.attempt == 2 and record.worker != killed.args[-1], (
+        f"killed {killed.args[-1]}; record after: status {record.status}, attempt {record.attempt}, "
+        f"worker {record.worker}"
+    )
     assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
     return KilledStream(rid, "".join(parts), seqs, usage, killed, record)
 
