@@ -32,10 +32,11 @@ def aimed_at_served_model(body: Any, known: frozenset[str] | None = None) -> Any
         body["model"] = SERVED
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_FUZZ_TOKENS:
+        # An integral float (2048.0) is a valid count too: the gateway reads it as 2048.
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_FUZZ_TOKENS:
             body[name] = MAX_FUZZ_TOKENS
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if body.get("ignore_eos") is True and not isinstance(limit, int):
+    if body.get("ignore_eos") is True and not isinstance(limit, int | float):
         body["max_tokens"] = MAX_FUZZ_TOKENS  # else the sim engine generates up to its context length
     return body
 
