@@ -277,37 +277,37 @@ class KilledStream:
 async def stream_killing_owner(
     procs: StackProcs, redis: Any, path: str, body: dict[str, Any], *, kill_after: int, timeout_s: float = 120
 ) -> KilledStream:
-    """Stream ``body`` (SSE) from the first gateway and SIGKILL the worker running it after
-    ``kill_after`` chunks; another worker must continue it."""
+    """Stream ``body`` (SSE) from the first gateway and SIGKILL the worker running it once it has
+    generated ``kill_after`` tokens (by the request record, not by what the client has read: a
+    client that lags behind would see the job end before its kill); another worker must continue it."""
     url = procs.gateways[0][1]
     seqs: list[int] = []
     parts: list[str] = []
     usage = None
-    killed: Proc | None = None
     async with (
         httpx.AsyncClient(timeout=timeout_s) as http,
         http.stream("POST", f"{url}{path}", json={**body, "stream": True}) as resp,
     ):
         rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
-        async for line in resp.aiter_lines():
-            if line.startswith("id: "):
-                seq = int(line[4:])
-            elif line.startswith("data: {"):
-                data = orjson.loads(line[6:])
-                assert "error" not in data, data
-                usage = data.get("usage") or usage
-                if data["choices"]:
-                    seqs.append(seq)
-                    choice = data["choices"][0]
-                    parts.append(
-                        (choice["delta"].get("content") if "delta" in choice else choice["text"]) or ""
-                    )
-                if len(seqs) == kill_after and killed is None:
-                    owner = await redis.hget(procs.keys_request(rid), "worker")
-                    killed = next(w for w in procs.workers if w.args[-1] == owner)
-                    killed.kill()
-    assert killed is not None, "the stream ended before the kill"
+        killer = asyncio.create_task(_kill_owner_at(procs, redis, rid, kill_after))
+        try:
+            seq = 0
+            async for line in resp.aiter_lines():
+                if line.startswith("id: "):
+                    seq = int(line[4:])
+                elif line.startswith("data: {"):
+                    data = orjson.loads(line[6:])
+                    assert "error" not in data, data
+                    usage = data.get("usage") or usage
+                    if data["choices"]:
+                        seqs.append(seq)
+                        choice = data["choices"][0]
+                        parts.append(
+                            (choice["delta"].get("content") if "delta" in choice else choice["text"]) or ""
+                        )
+            killed = await asyncio.wait_for(killer, 1)
+        finally:
+            killer.cancel()
     record = await read_record(procs, redis, rid)
     assert record.status is Status.DONE and record.attempt == 2 and record.worker != killed.args[-1], (
         f"killed {killed.args[-1]}; record after: status {record.status}, attempt {record.attempt}, "
@@ -315,6 +315,19 @@ async def stream_killing_owner(
     )
     assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
     return KilledStream(rid, "".join(parts), seqs, usage, killed, record)
+
+
+async def _kill_owner_at(procs: StackProcs, redis: Any, rid: str, tokens: int) -> Proc:
+    """SIGKILL the worker running ``rid`` as soon as the record counts ``tokens`` generated."""
+    key = procs.keys_request(rid)
+    while True:
+        status, done, owner = await redis.hmget(key, "status", "tokens", "worker")
+        assert status in (None, "queued", "running"), f"{rid} was {status} before its worker was killed"
+        if status == "running" and int(done or 0) >= tokens:
+            killed = next(w for w in procs.workers if w.args[-1] == owner)
+            killed.kill()
+            return killed
+        await asyncio.sleep(0.005)
 
 
 def start_sim_server(log_dir: Path, model: str = "up-sim", **settings: object) -> tuple[Proc, str]:
