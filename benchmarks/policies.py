@@ -10,6 +10,11 @@ A warm-up (the first ``--warmup`` seconds of replay) is excluded from attainment
 no policy is judged on the cold start every fleet has; every policy starts from the same fleet.
 
     .venv/bin/python benchmarks/policies.py     # ~5 minutes; writes its section of docs/evaluation.md
+
+``--day`` runs the same comparison over a synthetic day instead (``bench.profiles.diurnal_day``: the
+conversation hour at its own pace, repeated for 24 hours and thinned to a diurnal shape whose night
+runs at ``--trough`` of the peak), where an autoscaler has quiet hours to save on; it writes a
+section of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from breakwater.bench.profiles import Arrival, trace
+from breakwater.bench.profiles import Arrival, diurnal_day, trace
 from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy
 from breakwater.capacity.pricing import Pricing
 from breakwater.capacity.service import ILLUSTRATIVE
@@ -48,6 +53,7 @@ class Setup:
     startup_s: float
     slo_ttft_s: float
     start_replicas: int
+    trough: float | None = None  # a synthetic day (diurnal_day) at this night-to-peak ratio
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ def _label(family: str, value: float) -> str:
 
 
 def _arrivals(setup: Setup) -> list[Arrival]:
-    return trace(Path(setup.trace), time_scale=setup.time_scale)
+    arrivals = trace(Path(setup.trace), time_scale=setup.time_scale)
+    return arrivals if setup.trough is None else diurnal_day(arrivals, trough=setup.trough)
 
 
 def run(setup: Setup, family: str, value: float) -> Point:
@@ -118,10 +125,14 @@ def _point(setup: Setup, family: str, value: float, result: Result) -> Point:
 
 
 def sweep(setup: Setup, pool: ProcessPoolExecutor) -> list[Point]:
-    jobs = [("hpa", v) for v in HPA_TARGETS] + [("keda", v) for v in KEDA_LAGS]
-    jobs += [("adaptive", v) for v in OCCUPANCIES] + [
-        ("fixed", float(n)) for n in (2, 4, 6, 8, 10, 12, 16, 24, 32)
-    ]
+    if setup.trough is None:
+        jobs = [("hpa", v) for v in HPA_TARGETS] + [("keda", v) for v in KEDA_LAGS]
+        jobs += [("adaptive", v) for v in OCCUPANCIES]
+        jobs += [("fixed", float(n)) for n in (2, 4, 6, 8, 10, 12, 16, 24, 32)]
+    else:  # a day takes ~100x an hour's simulation: the thresholds that decided the hours
+        jobs = [("hpa", v) for v in (0.6, 0.7, 0.8, 0.85, 0.9)] + [("keda", v) for v in (5.0, 20.0)]
+        jobs += [("adaptive", v) for v in (0.2, 0.3, 0.5, 1.0)]
+        jobs += [("fixed", float(n)) for n in (3, 4, 5, 6, 8)]
     return list(pool.map(run, [setup] * len(jobs), [f for f, _ in jobs], [v for _, v in jobs]))
 
 
@@ -163,8 +174,14 @@ def section(name: str, setup: Setup, points: list[Point], targets: tuple[float, 
         [
             f"### {name}",
             "",
-            f"`{Path(setup.trace).name}` replayed {setup.time_scale:g}x faster, "
-            f"warm-up {setup.warmup_s:g} s excluded, start-up {setup.startup_s:g} s, "
+            f"`{Path(setup.trace).name}` replayed {setup.time_scale:g}x faster"
+            + (
+                ""
+                if setup.trough is None
+                else f", repeated for 24 hours and thinned to a day (night at {setup.trough:.0%} of the "
+                "peak hour's rate, peak at 15:00)"
+            )
+            + f", warm-up {setup.warmup_s:g} s excluded, start-up {setup.startup_s:g} s, "
             f"every policy starting from {setup.start_replicas} replicas.",
             "",
             *rows,
@@ -178,32 +195,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--time-scale", type=float, default=4.0)
+    parser.add_argument("--time-scale", type=float, default=None, help="default 4 (--day: 2)")
     parser.add_argument("--startup-s", type=float, default=60.0)
+    parser.add_argument("--day", action="store_true", help="a synthetic day of the code trace instead")
+    parser.add_argument("--trough", type=float, default=0.25, help="--day: the night's share of the peak")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.time_scale is None:
+        args.time_scale = 2.0 if args.day else 4.0
     began = time.monotonic()
     traces = {
         "Azure 2023 conversation": ("AzureLLMInferenceTrace_conv.csv", 8),
         "Azure 2023 code": ("AzureLLMInferenceTrace_code.csv", 4),
         "Mooncake conversation": ("mooncake_conversation_trace.jsonl", 8),
     }
+    if args.day:
+        traces = {"A day of Azure 2023 code": ("AzureLLMInferenceTrace_code.csv", 2)}
     targets = (0.80, 0.95, 0.99)
     parts = []
     with ProcessPoolExecutor(max_workers=2) as pool:
         for name, (file, start) in traces.items():
             setup = Setup(
-                str(TRACES / file), args.time_scale, 600 / args.time_scale, args.startup_s, 1.0, start
+                str(TRACES / file),
+                args.time_scale,
+                600 / args.time_scale,
+                args.startup_s,
+                1.0,
+                start,
+                args.trough if args.day else None,
             )
             points = sweep(setup, pool)
             parts.append(section(name, setup, points, targets))
             print(parts[-1], flush=True)
     if args.no_write:
         return
+    command = "python benchmarks/policies.py" + (f" --day --trough {args.trough:g}" if args.day else "")
+    if args.time_scale != (2.0 if args.day else 4.0):
+        command += f" --time-scale {args.time_scale:g}"
+    title = "A day: autoscaling policies" if args.day else "Autoscaling policies"
     body = "\n\n".join(
         [
-            "## Autoscaling policies at equal SLO attainment (issue #18)",
-            f"`python benchmarks/policies.py`, {time.strftime('%Y-%m-%d')}, "
+            f"## {title} at equal SLO attainment (issue #18)",
+            f"`{command}`, {time.strftime('%Y-%m-%d')}, "
             f"{time.monotonic() - began:.0f} s. Simulator curve: {CURVE.capacity} sequences, steps of "
             f"{CURVE.decode_base_s * 1000:g} ms + {CURVE.decode_per_seq_s * 1000:g} ms per sequence + "
             f"{CURVE.prefill_s_per_token * 1000:g} ms per prompt token, at most "
@@ -212,7 +245,7 @@ def main() -> None:
             *parts,
         ]
     )
-    write_section("policies", body, EVALUATION)
+    write_section("policies-day" if args.day else "policies", body, EVALUATION)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ import pytest
 
 from breakwater.bench import Profile
 from breakwater.bench.profiles import (
+    DAY_S,
     Arrival,
     burst_rate,
     constant,
+    diurnal_day,
+    diurnal_share,
     from_rate,
     poisson,
     step_rate,
@@ -140,3 +143,28 @@ def test_repeats_copy_an_earlier_request_exactly() -> None:
     assert abs(repeats / len(arrivals) - 0.3) < 0.03
     with pytest.raises(ValueError):
         with_repeats(base, 1.5)
+
+
+def test_a_diurnal_day_follows_its_shape_and_keeps_the_peak_hour_whole() -> None:
+    hour = [Arrival(i * 0.5, 100 + i % 7, 10 + i % 5) for i in range(7200)]  # 2 req/s for an hour
+    day = diurnal_day(hour, trough=0.25, peak_at_s=15.5 * 3600, seed=3)
+    assert all(0 <= a.t < DAY_S for a in day)
+    assert [a.t for a in day] == sorted(a.t for a in day)
+    per_hour = counts(day, [h * 3600.0 for h in range(25)])
+    for h, n in enumerate(per_hour):
+        expected = 7200 * statistics.fmean(
+            diurnal_share(h * 3600 + s, 0.25, 15.5 * 3600) for s in range(3600)
+        )
+        assert abs(n - expected) <= 4 * expected**0.5, (h, n, expected)
+    assert per_hour[15] == pytest.approx(7200, rel=0.02)  # the peak hour: nearly every request
+    assert per_hour[3] == pytest.approx(7200 * 0.25, rel=0.1)  # the night: a quarter
+    assert {(a.input_tokens, a.output_tokens) for a in day} <= {
+        (a.input_tokens, a.output_tokens) for a in hour
+    }
+    assert diurnal_day(hour, trough=0.25, peak_at_s=15.5 * 3600, seed=3) == day  # the seed fixes it
+
+
+def test_a_diurnal_day_needs_a_trough_between_0_and_1() -> None:
+    with pytest.raises(ValueError, match="trough"):
+        diurnal_day([Arrival(0, 1, 1), Arrival(1, 1, 1)], trough=0)
+    assert diurnal_day([]) == []

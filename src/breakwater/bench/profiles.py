@@ -202,3 +202,41 @@ def _positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+
+
+DAY_S = 86_400.0
+
+
+def diurnal_share(t: float, trough: float, peak_at_s: float) -> float:
+    """The day's rate at ``t`` as a share of its peak: a cosine from ``trough`` (12 hours from the
+    peak) to 1 (at ``peak_at_s``), the shape of an interactive service's day."""
+    if not 0.0 < trough <= 1.0:
+        raise ValueError("trough must be in (0, 1]")
+    phase = math.cos(2 * math.pi * (t - peak_at_s) / DAY_S)
+    return trough + (1.0 - trough) * (1.0 + phase) / 2.0
+
+
+def diurnal_day(
+    arrivals: list[Arrival], *, trough: float = 0.25, peak_at_s: float = 15 * 3600.0, seed: int = 0
+) -> list[Arrival]:
+    """A synthetic day from a shorter trace: ``arrivals`` (at the peak's pace) repeated back to back
+    for 24 hours, each request kept with the probability ``diurnal_share`` gives at its new time, so
+    the peak hour runs at the trace's own rate, the night at ``trough`` of it, and every request
+    keeps its lengths. The traces here are an hour each; the day's shape is an assumption, stated
+    where it is used."""
+    if not arrivals:
+        return []
+    period = arrivals[-1].t + (arrivals[-1].t - arrivals[0].t) / max(1, len(arrivals) - 1)
+    if period <= 0:
+        raise ValueError("the trace must span some time")
+    rng = random.Random(seed)
+    out: list[Arrival] = []
+    for tile in range(math.ceil(DAY_S / period)):
+        offset = tile * period
+        for a in arrivals:
+            t = offset + a.t
+            if t >= DAY_S:
+                break
+            if rng.random() < diurnal_share(t, trough, peak_at_s):
+                out.append(Arrival(t, a.input_tokens, a.output_tokens, a.prompt_id))
+    return out
