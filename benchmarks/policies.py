@@ -12,9 +12,9 @@ no policy is judged on the cold start every fleet has; every policy starts from 
     .venv/bin/python benchmarks/policies.py     # ~5 minutes; writes its section of docs/evaluation.md
 
 ``--day`` runs the same comparison over a synthetic day instead (``bench.profiles.diurnal_day``: the
-conversation hour at its own pace, repeated for 24 hours and thinned to a diurnal shape whose night
-runs at ``--trough`` of the peak), where an autoscaler has quiet hours to save on; it writes a
-section of its own.
+code trace replayed 2x faster, its 30 minutes repeated back to back for 24 hours and thinned to a
+diurnal shape whose night runs at ``--trough`` of the peak), where an autoscaler has quiet hours to
+save on; it writes a section of its own.
 """
 
 from __future__ import annotations

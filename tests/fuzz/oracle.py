@@ -16,28 +16,50 @@ from schemathesis.core.transport import Response
 from tests.fuzz.wire import COMPLETION_PATHS, SERVED, error_of, sse_problems
 
 MAX_FUZZ_TOKENS = 16  # bounds the run time; generated bodies may ask for 2**31 tokens
+LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def token_count(value: Any) -> float | None:
+    """The count the gateway reads from a limit's value (its models are lax: 2048.0, 1e3 and "2048"
+    are 2048-like counts), or None for one it refuses or that is absent. Bools are left alone."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if any(c in value for c in "eEnN"):  # exponents, nan, inf: refused in a string
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int | float) and float(value).is_integer():
+        return float(value)
+    return None
 
 
 def aimed_at_served_model(body: Any, known: frozenset[str] | None = None) -> Any:
-    """A generated body with the served model, at most ``MAX_FUZZ_TOKENS`` tokens to generate and,
-    given ``known``, only those members (the schema allows any other member; the gateway refuses
-    them by name, so positive cases keep to the known ones to get past admission).
+    """A generated body with the served model, at most ``MAX_FUZZ_TOKENS`` tokens to generate per
+    choice and, given ``known``, only those members (the schema allows any other member; the gateway
+    refuses them by name, so positive cases keep to the known ones to get past admission).
 
-    Only schema-valid values are replaced: a negative case whose ``model`` or ``max_tokens`` is of the
-    wrong type (or missing) keeps that mutation, as it is what the case is about."""
+    Only values the gateway accepts are replaced, keeping their JSON type (a count in a string stays
+    a string): a negative case whose ``model`` or limit the gateway refuses keeps that mutation, as
+    it is what the case is about. The sim engine ends a sequence by itself within 64 tokens unless
+    ``ignore_eos`` (lax: 1, "true", "yes" are true too) asks it not to; then a limit is added."""
     if not isinstance(body, dict):
         return body
     body = {name: value for name, value in body.items() if known is None or name in known}
     if isinstance(body.get("model"), str):
         body["model"] = SERVED
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in LIMITS:
         value = body.get(name)
-        # An integral float (2048.0) is a valid count too: the gateway reads it as 2048.
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_FUZZ_TOKENS:
-            body[name] = MAX_FUZZ_TOKENS
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if body.get("ignore_eos") is True and not isinstance(limit, int | float):
-        body["max_tokens"] = MAX_FUZZ_TOKENS  # else the sim engine generates up to its context length
+        count = token_count(value)
+        if count is not None and count > MAX_FUZZ_TOKENS:
+            body[name] = str(MAX_FUZZ_TOKENS) if isinstance(value, str) else MAX_FUZZ_TOKENS
+    # The gateway reads max_completion_tokens when it is set (a value it refuses is a 400), else
+    # max_tokens: without a count there, the sim engine would generate up to its context length.
+    unbounded = body.get("max_completion_tokens") is None and token_count(body.get("max_tokens")) is None
+    if unbounded and body.get("ignore_eos") not in (None, False):
+        body["max_tokens"] = MAX_FUZZ_TOKENS
     return body
 
 

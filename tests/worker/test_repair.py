@@ -18,8 +18,10 @@ from breakwater.engines.sim import SimEngine
 from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc
 
-# KEYS record, token stream, emitted text; ARGV how many writes to lose. Returns the seq it left.
+# KEYS record, token stream, emitted text; ARGV how many writes to lose. Returns the seq it left,
+# or -1 if the request is no longer running (a loss after its end would be nobody's to repair).
 REWIND = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return -1 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local wseq = tonumber(redis.call('HGET', KEYS[1], 'wseq'))
 local n = tonumber(ARGV[1])
@@ -43,7 +45,9 @@ return seq - n
 
 async def test_writes_lost_in_a_failover_are_sent_again(gw_empty: InProc, redis: Redis) -> None:
     await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=25, decode_per_seq_ms=0)))
-    body = {"model": "sim", "prompt": "a failover", "seed": 7, "max_tokens": 60}
+    # 200 tokens of 25 ms: the loss comes ~4 s before the end, however slowly the test polls (a CI
+    # run on a busy machine rewound a request of 60 tokens after it had ended).
+    body = {"model": "sim", "prompt": "a failover", "seed": 7, "max_tokens": 200, "ignore_eos": True}
     answer = asyncio.create_task(gw_empty.http.post("/v1/completions", json=body))
     rid = ""
 
@@ -56,10 +60,10 @@ async def test_writes_lost_in_a_failover_are_sent_again(gw_empty: InProc, redis:
     await async_wait_for(midway, 20, what="the request midway")
     keys = gw_empty.keys
     left = await redis.eval(REWIND, 3, keys.request(rid), keys.tokens(rid), keys.emitted(rid), "4")
-    assert int(left) >= 6
+    assert int(left) >= 6, f"the request was no longer running when its writes were lost ({left})"
 
     response = await answer
-    text, finish_reason, _ = expected_sim(prompt="a failover", seed=7, max_tokens=60)
+    text, finish_reason, _ = expected_sim(prompt="a failover", seed=7, max_tokens=200, ignore_eos=True)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == (text, finish_reason)

@@ -221,9 +221,10 @@ def diurnal_day(
 ) -> list[Arrival]:
     """A synthetic day from a shorter trace: ``arrivals`` (at the peak's pace) repeated back to back
     for 24 hours, each request kept with the probability ``diurnal_share`` gives at its new time, so
-    the peak hour runs at the trace's own rate, the night at ``trough`` of it, and every request
-    keeps its lengths. The traces here are an hour each; the day's shape is an assumption, stated
-    where it is used."""
+    the rate at the peak is the arrivals' own, the night's ``trough`` of it, and every request
+    keeps its lengths (and its ``prompt_id``: with ``with_repeats`` each tile repeats the same
+    prompts). The traces here are an hour each; the day's shape is an assumption, stated where it
+    is used."""
     if not arrivals:
         return []
     period = arrivals[-1].t + (arrivals[-1].t - arrivals[0].t) / max(1, len(arrivals) - 1)
