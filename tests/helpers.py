@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -291,20 +291,14 @@ async def stream_killing_owner(
         rid = resp.headers["x-breakwater-request-id"]
         killer = asyncio.create_task(_kill_owner_at(procs, redis, rid, kill_after))
         try:
-            seq = 0
-            async for line in resp.aiter_lines():
-                if line.startswith("id: "):
-                    seq = int(line[4:])
-                elif line.startswith("data: {"):
-                    data = orjson.loads(line[6:])
-                    assert "error" not in data, data
-                    usage = data.get("usage") or usage
-                    if data["choices"]:
-                        seqs.append(seq)
-                        choice = data["choices"][0]
-                        parts.append(
-                            (choice["delta"].get("content") if "delta" in choice else choice["text"]) or ""
-                        )
+            async for seq, data in sse_chunks(resp):
+                usage = data.get("usage") or usage
+                if data["choices"]:
+                    seqs.append(seq)
+                    choice = data["choices"][0]
+                    parts.append(
+                        (choice["delta"].get("content") if "delta" in choice else choice["text"]) or ""
+                    )
             killed = await asyncio.wait_for(killer, 1)
         finally:
             killer.cancel()
@@ -315,6 +309,19 @@ async def stream_killing_owner(
     )
     assert seqs == list(range(1, len(seqs) + 1)), "gap or duplicate in the client's stream"
     return KilledStream(rid, "".join(parts), seqs, usage, killed, record)
+
+
+async def sse_chunks(resp: httpx.Response) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """An SSE response's JSON chunks, each with the id of the event it came in (0 before any); an
+    error chunk fails the test."""
+    seq = 0
+    async for line in resp.aiter_lines():
+        if line.startswith("id: "):
+            seq = int(line[4:])
+        elif line.startswith("data: {"):
+            data = orjson.loads(line[6:])
+            assert "error" not in data, data
+            yield seq, data
 
 
 async def _kill_owner_at(procs: StackProcs, redis: Any, rid: str, tokens: int) -> Proc:

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from breakwater.broker import Broker, Status
 from breakwater.config import GatewaySettings
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, breakwater_cli, read_record
+from tests.helpers import StackProcs, breakwater_cli, read_record, sse_chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -337,23 +337,17 @@ async def test_worker_sigkill_during_a_shared_generation_completes_every_client(
             url = f"{cache_stack.urls[i % 2]}/v1/chat/completions"
             seqs: list[int] = []
             parts: list[str] = []
-            seq = 0
             async with http.stream(
                 "POST", url, json={"model": "sim", "stream": True, **body}, headers=auth
             ) as resp:
                 rid = resp.headers["x-breakwater-request-id"]
-                async for line in resp.aiter_lines():
-                    if line.startswith("id: "):
-                        seq = int(line[4:])
-                    elif line.startswith("data: {"):
-                        data = orjson.loads(line[6:])
-                        assert "error" not in data, data
-                        if data["choices"]:
-                            seqs.append(seq)
-                            parts.append(data["choices"][0]["delta"].get("content") or "")
-                        if kill and len(seqs) == 8:
-                            owner = await redis.hget(procs.keys_request(rid), "worker")
-                            next(w for w in procs.workers if w.args[-1] == owner).kill()
+                async for seq, data in sse_chunks(resp):
+                    if data["choices"]:
+                        seqs.append(seq)
+                        parts.append(data["choices"][0]["delta"].get("content") or "")
+                    if kill and len(seqs) == 8:
+                        owner = await redis.hget(procs.keys_request(rid), "worker")
+                        next(w for w in procs.workers if w.args[-1] == owner).kill()
             return rid, seqs, "".join(parts)
 
         leader = asyncio.create_task(follow(0, kill=True))

@@ -25,7 +25,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import Proc, StackProcs
+from tests.helpers import Proc, StackProcs, sse_chunks
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -150,21 +150,15 @@ async def stream_killing_owner(
     async with http.stream("POST", f"{stack.url}/v1/completions", json=body) as resp:
         assert resp.status_code == 200, await resp.aread()
         rid = resp.headers["x-breakwater-request-id"]
-        seq = 0
         async with asyncio.timeout(90):
-            async for line in resp.aiter_lines():
-                if line.startswith("id: "):
-                    seq = int(line[4:])
-                elif line.startswith("data: {"):
-                    data = orjson.loads(line[6:])
-                    assert "error" not in data, data
-                    usage = data.get("usage") or usage
-                    if data["choices"] and text_of(data):
-                        seqs.append(seq)
-                    if len(seqs) == kill_after and killed is None:
-                        owner = await redis.hget(stack.procs.keys_request(rid), "worker")
-                        killed = next(w for w in stack.procs.workers if w.args[-1] == owner)
-                        killed.kill()
+            async for seq, data in sse_chunks(resp):
+                usage = data.get("usage") or usage
+                if data["choices"] and text_of(data):
+                    seqs.append(seq)
+                if len(seqs) == kill_after and killed is None:
+                    owner = await redis.hget(stack.procs.keys_request(rid), "worker")
+                    killed = next(w for w in stack.procs.workers if w.args[-1] == owner)
+                    killed.kill()
     assert killed is not None, "the stream ended before the kill"
     assert not killed.alive()
     # Each token once, in order, across the two attempts.
