@@ -41,7 +41,7 @@ TRACES = ROOT.parent / "shared" / "traces"
 CURVE = ILLUSTRATIVE
 HPA_TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 KEDA_LAGS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
-OCCUPANCIES = (0.3, 0.5, 0.7, 0.9, 1.0)  # adaptive: autoscale_target_occupancy
+OCCUPANCIES = (0.3, 0.4, 0.5, 0.7, 0.9, 1.0)  # adaptive: autoscale_target_occupancy
 MAX_REPLICAS = 64
 
 
@@ -131,7 +131,7 @@ def sweep(setup: Setup, pool: ProcessPoolExecutor) -> list[Point]:
         jobs += [("fixed", float(n)) for n in (2, 4, 6, 8, 10, 12, 16, 24, 32)]
     else:  # a day takes ~100x an hour's simulation: the thresholds that decided the hours
         jobs = [("hpa", v) for v in (0.6, 0.7, 0.8, 0.85, 0.9)] + [("keda", v) for v in (5.0, 20.0)]
-        jobs += [("adaptive", v) for v in (0.2, 0.3, 0.5, 1.0)]
+        jobs += [("adaptive", v) for v in (0.3, 0.4, 0.5, 0.7, 1.0)]
         jobs += [("fixed", float(n)) for n in (3, 4, 5, 6, 8)]
     return list(pool.map(run, [setup] * len(jobs), [f for f, _ in jobs], [v for _, v in jobs]))
 

@@ -180,6 +180,9 @@ class GatewaySettings(CommonSettings):
     autoscale_min_workers: int = Field(default=1, ge=0)
     autoscale_max_workers: int = Field(default=16, ge=1)
     autoscale_horizon_s: float = Field(default=30.0, gt=0.0)
+    # desired workers reports the highest count of this window, so that a controller reading it
+    # every 15-30 s sees the bursts between its reads (0: the count of the moment)
+    autoscale_window_s: float = Field(default=30.0, ge=0.0)
     # The share of a worker's slots that desired workers sizes for (like an HPA's target
     # utilisation): below 1 keeps batches smaller, which long prompts need for their TTFT.
     autoscale_target_occupancy: float = Field(default=1.0, gt=0.0, le=1.0)

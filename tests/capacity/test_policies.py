@@ -88,7 +88,9 @@ def test_adaptive_is_the_gateways_desired_workers_signal() -> None:
 def test_supervisor_scales_up_at_once_and_down_one_at_a_time_after_a_stable_spell() -> None:
     """``breakwater up --autoscale``: every 2 s it takes the gateway's desired workers; more at once,
     fewer only after 10 s below, one retired at a time."""
-    settings = GatewaySettings(autoscale_min_workers=1, autoscale_max_workers=4, autoscale_horizon_s=10)
+    settings = GatewaySettings(
+        autoscale_min_workers=1, autoscale_max_workers=4, autoscale_horizon_s=10, autoscale_window_s=0
+    )  # the count of the moment: the window is ModelLoad's (tests/gateway/test_model_load.py)
     policy = Supervisor(settings)
     arrived = done = 0
     wants = []

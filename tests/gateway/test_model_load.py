@@ -69,3 +69,42 @@ def test_a_target_occupancy_sizes_for_part_of_the_slots() -> None:
     _feed(load, 30, per_s=(12, 8), waiting=40, in_flight=64, workers=2, capacity=64)
     half = SETTINGS.model_copy(update={"autoscale_target_occupancy": 0.5})
     assert load.desired_workers(half) == 2 * load.desired_workers(SETTINGS) == 8
+
+
+def _burst_then_quiet(load: ModelLoad, settings: GatewaySettings, quiet_s: int) -> list[int]:
+    """10 s of a saturated burst (2 workers, 12 arriving a second, 40 waiting: 4 wanted), then
+    ``quiet_s`` seconds with nothing running; the count reported after each second."""
+    added = done = 0
+    counts = []
+    for second in range(10 + quiet_s):
+        burst = second < 10
+        added, done = added + (12 if burst else 0), done + (8 if burst else 0)
+        state = {"waiting": 40, "in_flight": 64} if burst else {"waiting": 0, "in_flight": 0}
+        load.observe(float(second), added, done, workers=2, capacity=64, **state)
+        counts.append(load.desired_workers(settings))
+    return counts
+
+
+def test_the_count_is_the_highest_of_the_window() -> None:
+    """A controller reads the gauge every 15-30 s: the count of a burst stays up for the window
+    (here 20 s), so a read between bursts still sees it, and falls once the window has passed."""
+    counts = _burst_then_quiet(ModelLoad(), SETTINGS.model_copy(update={"autoscale_window_s": 20}), 40)
+    assert counts[9] == 4  # the burst: (12 + 40/10) / 4
+    assert counts[10:30] == [4] * 20  # quiet since 10 s: the window still holds the burst
+    # The burst's last second (9 s) leaves the window at 30 s; the arrival rate's EWMA then decays
+    # (8.4, 5.9, 4.1, 2.9 a second at 10-13 s: 3, 2, 2, 1 workers), each held for the window too.
+    assert counts[30:] == [3, 2, 2] + [1] * 17
+
+
+def test_a_window_of_zero_reports_the_count_of_the_moment() -> None:
+    counts = _burst_then_quiet(ModelLoad(), SETTINGS.model_copy(update={"autoscale_window_s": 0}), 5)
+    assert counts[9] == 4 and counts[10:] == [3, 2, 2, 1, 1]  # the EWMA's decay, second by second
+
+
+def test_asking_twice_between_observations_counts_once() -> None:
+    """The gauge refresh and a reader may both ask within one observation: the window holds one
+    entry per observation, and the answer is the same."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(12, 8), waiting=40, in_flight=64, workers=2, capacity=64)
+    assert [load.desired_workers(SETTINGS) for _ in range(3)] == [4, 4, 4]
+    assert len(load._recent) == 1

@@ -36,6 +36,8 @@ async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path) 
         "BREAKWATER_CAPACITY": "4",
         "BREAKWATER_SIM_DECODE_BASE_MS": "50",
         "BREAKWATER_HEARTBEAT_S": "0.5",
+        # the gateway reports the highest count of the last 5 s (default 30: a test-sized window)
+        "BREAKWATER_AUTOSCALE_WINDOW_S": "5",
     }
     cmd = [sys.executable, "-m", "breakwater", "up", "--engine", "sim", "--port", str(port)]
     cmd += ["--autoscale", "--min-workers", "1", "--max-workers", "3", "--data-dir", str(tmp_path / "bw")]

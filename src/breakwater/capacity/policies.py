@@ -141,11 +141,10 @@ class Adaptive:
 
     def desired(self, obs: Observation) -> int:
         self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity)
+        gauge = self._load.desired_workers(self.settings)  # refreshed every second, as the gateway's
         if self._current < 0 or obs.now - self._last_sync >= self.hpa_period_s:
             self._last_sync = obs.now
-            rec = external_average(
-                self.mechanics, obs.replicas, self._load.desired_workers(self.settings), 1.0
-            )
+            rec = external_average(self.mechanics, obs.replicas, gauge, 1.0)
             self._current = self.mechanics.decide(obs.now, obs.replicas, rec)
         return self._current
 
@@ -168,10 +167,10 @@ class Supervisor:
 
     def desired(self, obs: Observation) -> int:
         self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity)
+        want = self._load.desired_workers(self.settings)  # clamped to the gateway's min and max
         if obs.now - self._last_scale < self.scale_interval_s:
             return obs.replicas
         self._last_scale = obs.now
-        want = self._load.desired_workers(self.settings)  # clamped to the gateway's min and max
         if want > obs.replicas:
             self._below_since = None
             return want

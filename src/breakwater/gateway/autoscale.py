@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 
 from breakwater.broker import Broker
 from breakwater.broker.errors import TRANSIENT
@@ -25,6 +26,11 @@ class ModelLoad:
     workers run now plus the room they have, per worker. Measured at any load, it reads high while
     batches are small (steps are faster) and settles where the fleet runs; measured only while
     saturated, it latched the arrival rate of a fleet barely full and asked for ever more workers.
+
+    The count it reports is the highest of the last ``autoscale_window_s``: its inputs move every
+    second under bursty traffic, and a controller that reads the gauge every 15-30 s (an HPA
+    through KEDA or a Prometheus adapter) would otherwise see whichever second it samples, mostly
+    a quiet one, and never size for the bursts between its reads.
     """
 
     def __init__(self) -> None:
@@ -37,6 +43,8 @@ class ModelLoad:
         self.capacity = 0
         self.saturated = False
         self._prev: tuple[float, int, int] | None = None
+        self._now = 0.0
+        self._recent: deque[tuple[float, int]] = deque()  # (observed at, instant count)
 
     def observe(
         self,
@@ -52,6 +60,7 @@ class ModelLoad:
         """``capacity``: the live workers' sequence slots together (0: unknown); ``free``: those
         they would fill now (default: capacity - in_flight; an engine short of KV cache has none)."""
         self.waiting, self.in_flight, self.workers, self.capacity = waiting, in_flight, workers, capacity
+        self._now = now
         room = max(0, capacity - in_flight if free is None else free)
         # Jobs wait while the workers have (almost) no room: they are saturated. A job also waits a
         # moment before an idle worker claims it, which says nothing about their capacity.
@@ -68,6 +77,20 @@ class ModelLoad:
             self.per_worker_rate = _ewma(self.per_worker_rate, finished / in_flight * slots)
 
     def desired_workers(self, settings: GatewaySettings) -> int:
+        """The highest count asked for over the window (call it after every observation)."""
+        want = self._instant(settings)
+        window = settings.autoscale_window_s
+        if window <= 0:
+            return want
+        recent = self._recent
+        if recent and recent[-1][0] == self._now:  # asked again before a new observation: replaced
+            recent.pop()
+        recent.append((self._now, want))
+        while recent[0][0] < self._now - window:
+            recent.popleft()
+        return max(count for _, count in recent)
+
+    def _instant(self, settings: GatewaySettings) -> int:
         if self.waiting == 0 and self.in_flight == 0 and self.arrival_rate < 0.01:
             return settings.autoscale_min_workers
         if self.per_worker_rate <= 0:
