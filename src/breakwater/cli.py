@@ -316,6 +316,18 @@ def up(
     ] = False,
     min_workers: Annotated[int, typer.Option(help="--autoscale: fewest workers")] = 1,
     max_workers: Annotated[int, typer.Option(help="--autoscale: most workers")] = 4,
+    autoscale_policy: Annotated[
+        str,
+        typer.Option(
+            help="--autoscale: supervisor (the gateway's breakwater_desired_workers), or a Kubernetes "
+            "controller's rules over the same processes: hpa[:target engine-busy share], "
+            "keda[:lag per pod], fixed:N"
+        ),
+    ] = "supervisor",
+    autoscale_time_scale: Annotated[
+        float,
+        typer.Option(help="--autoscale-policy hpa/keda: run their periods and windows this much faster"),
+    ] = 1.0,
 ) -> None:
     """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers, restarting
     a gateway or worker that crashes."""
@@ -341,6 +353,8 @@ def up(
             autoscale=autoscale,
             min_workers=min_workers,
             max_workers=max_workers,
+            autoscale_policy=autoscale_policy,
+            autoscale_time_scale=autoscale_time_scale,
         ),
         log=lambda message: console.print(message, markup=False, highlight=False, soft_wrap=True),
     )

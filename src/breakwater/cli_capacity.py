@@ -10,46 +10,26 @@ import typer
 
 from breakwater.bench.profiles import trace
 from breakwater.capacity.planner import Demand, plan
-from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy, Supervisor
+from breakwater.capacity.policies import POLICY_SPECS, Fixed, HpaMechanics, Policy, policy_from_spec
 from breakwater.capacity.pricing import Pricing
 from breakwater.capacity.report import summarize, table
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
-from breakwater.config import GatewaySettings
-
-POLICIES = "hpa[:target] (utilisation, 0.85) | keda[:lag per pod] (5) | adaptive | supervisor | fixed:N"
 
 
 def parse_policy(spec: str, mechanics: HpaMechanics) -> Policy:
     """A policy from its command-line form; raises ``typer.BadParameter`` naming the bad one."""
-    name, _, arg = spec.partition(":")
     try:
-        if name == "hpa":
-            return Hpa(float(arg or 0.85), mechanics, name=f"hpa-utilisation-{float(arg or 0.85):g}")
-        if name == "keda":
-            return KedaQueue(float(arg or 5.0), mechanics=mechanics, name=f"keda-lag-{float(arg or 5.0):g}")
-        if name == "adaptive" and not arg:
-            settings = GatewaySettings(
-                autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
-            )
-            return Adaptive(settings, mechanics)
-        if name == "supervisor" and not arg:  # breakwater up --autoscale
-            settings = GatewaySettings(
-                autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
-            )
-            return Supervisor(settings)
-        if name == "fixed" and int(arg) >= 1:
-            return Fixed(int(arg), name=f"fixed-{int(arg)}")
+        return policy_from_spec(spec, mechanics)
     except ValueError:
-        pass
-    raise typer.BadParameter(f"`{spec}`: expected one of {POLICIES}", param_hint="--policy")
+        raise typer.BadParameter(f"`{spec}`: expected one of {POLICY_SPECS}", param_hint="--policy") from None
 
 
 def simulate(
     trace_path: Annotated[
         Path, typer.Option("--trace", help="Azure CSV or Mooncake JSONL trace", exists=True)
     ],
-    policy: Annotated[list[str], typer.Option(help=f"repeatable: {POLICIES}")],
+    policy: Annotated[list[str], typer.Option(help=f"repeatable: {POLICY_SPECS}")],
     time_scale: Annotated[float, typer.Option(help="replay faster (> 1) or slower")] = 1.0,
     duration: Annotated[float | None, typer.Option(help="seconds of trace to keep")] = None,
     capacity: Annotated[int, typer.Option(help="sequences per replica")] = 32,

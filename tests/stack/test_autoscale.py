@@ -27,7 +27,18 @@ def workers(url: str) -> int:
     return sum(m["workers"] for m in data if m["id"] == "sim")
 
 
-async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "policy",
+    [
+        [],  # the supervisor on the gateway's breakwater_desired_workers
+        # the simulator's HPA on the engines' busy share, and KEDA on the queue's lag, their clocks
+        # 10x faster (sync 1.5 s, polling 3 s, scale-down window 30 s)
+        ["--autoscale-policy", "hpa:0.5", "--autoscale-time-scale", "10"],
+        ["--autoscale-policy", "keda:2", "--autoscale-time-scale", "10"],
+    ],
+    ids=["supervisor", "hpa", "keda"],
+)
+async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path, policy: list[str]) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -40,7 +51,16 @@ async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path) 
         "BREAKWATER_AUTOSCALE_WINDOW_S": "5",
     }
     cmd = [sys.executable, "-m", "breakwater", "up", "--engine", "sim", "--port", str(port)]
-    cmd += ["--autoscale", "--min-workers", "1", "--max-workers", "3", "--data-dir", str(tmp_path / "bw")]
+    cmd += [
+        "--autoscale",
+        "--min-workers",
+        "1",
+        "--max-workers",
+        "3",
+        "--data-dir",
+        str(tmp_path / "bw"),
+        *policy,
+    ]
     with open(tmp_path / "up.log", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     seen: list[int] = []
@@ -72,6 +92,14 @@ async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path) 
         assert reasons == ["length"] * 60  # no request failed while workers came and went
         assert max(seen) >= 2, seen  # scaled up while the queue grew
         wait_for(lambda: workers(url) == 1, 60, 0.5, "scaled back down to one worker")
+        if policy:  # and it was that controller that scaled: up, then down
+            name = {"hpa:0.5": "hpa-utilisation-0.5", "keda:2": "keda-lag-2"}[policy[1]]
+            moves = [
+                line
+                for line in (tmp_path / "up.log").read_text().splitlines()
+                if f"autoscale {name}:" in line
+            ]
+            assert any("1 -> " in m for m in moves) and any(" -> 1 workers" in m for m in moves), moves
     finally:
         proc.send_signal(signal.SIGTERM)  # stops the whole stack, like Ctrl-C
         proc.wait(60)

@@ -11,13 +11,17 @@
 - :class:`Supervisor`: ``breakwater up --autoscale``'s local controller on the same signal, to
   check the simulator against a real run.
 - :class:`Fixed`: a fleet of constant size (sized for the peak).
+
+The same objects drive ``breakwater up --autoscale --autoscale-policy hpa:0.7`` (or ``keda:5``)
+over real worker processes, observed from the gateway's and workers' metrics
+(``stack.Stack``), which is how the simulator is checked against a real run of each policy.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from breakwater.config import GatewaySettings
@@ -192,3 +196,53 @@ class Fixed:
 
     def desired(self, obs: Observation) -> int:
         return self.replicas
+
+
+POLICY_SPECS = "hpa[:target] (utilisation, 0.85) | keda[:lag per pod] (5) | adaptive | supervisor | fixed:N"
+
+
+def policy_from_spec(spec: str, mechanics: HpaMechanics, time_scale: float = 1.0) -> Policy:
+    """A policy from its command-line form (``hpa:0.7``, ``keda:5``, ...); raises ``ValueError``.
+
+    ``time_scale`` > 1 runs the Kubernetes controllers' clocks that much faster (sync and polling
+    periods, stabilisation window, scale-up period), for a trace replayed that much faster; the
+    supervisor of ``breakwater up`` keeps its own timing."""
+    if time_scale <= 0:
+        raise ValueError(f"time scale {time_scale:g}: must be positive")
+    try:
+        policy = _from_spec(spec, mechanics, time_scale)
+    except ValueError:  # a number that is not one
+        policy = None
+    if policy is None:
+        raise ValueError(f"`{spec}`: expected one of {POLICY_SPECS}")
+    return policy
+
+
+def _from_spec(spec: str, mechanics: HpaMechanics, time_scale: float) -> Policy | None:
+    name, _, arg = spec.partition(":")
+    k8s = replace(
+        mechanics,
+        scale_down_window_s=mechanics.scale_down_window_s / time_scale,
+        scale_up_period_s=mechanics.scale_up_period_s / time_scale,
+        _history=deque(),  # its own stabilisation window, not the one of ``mechanics``
+    )
+    settings = GatewaySettings(
+        autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
+    )
+    if name == "hpa":
+        target = float(arg or 0.85)
+        if 0 < target <= 1:
+            return Hpa(target, k8s, period_s=15.0 / time_scale, name=f"hpa-utilisation-{target:g}")
+    elif name == "keda":
+        lag = float(arg or 5.0)
+        if lag > 0:
+            return KedaQueue(
+                lag, 30.0 / time_scale, k8s, period_s=15.0 / time_scale, name=f"keda-lag-{lag:g}"
+            )
+    elif name == "adaptive" and not arg:
+        return Adaptive(settings, k8s, hpa_period_s=15.0 / time_scale)
+    elif name == "supervisor" and not arg:  # breakwater up --autoscale
+        return Supervisor(settings)
+    elif name == "fixed" and int(arg) >= 1:
+        return Fixed(int(arg), name=f"fixed-{int(arg)}")
+    return None
