@@ -13,6 +13,12 @@ It compares TTFT (p50, p95), replica-seconds (worker processes alive, starting a
 included) and the peak replica count, and plots replicas over time for both.
 
     .venv/bin/python benchmarks/sim_validation.py    # ~4 minutes; writes its section of docs/evaluation.md
+
+``--policy hpa:0.7`` (or ``keda:5``) checks another controller the same way: the real stack runs it
+with ``breakwater up --autoscale-policy`` (the same ``capacity.policies`` object, shown the
+gateway's gauges and the engines' busy seconds), its periods and windows ``--time-scale`` times
+faster in both runs (default 10 for them: a 15 s sync becomes 1.5 s, the 5-minute scale-down window
+30 s, so that a 150 s window of trace sees them act); each policy writes a section of its own.
 """
 
 from __future__ import annotations
@@ -36,10 +42,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.bench import Profile, Target, run_profile
 from breakwater.bench.metrics import percentile
-from breakwater.capacity.policies import Supervisor
+from breakwater.capacity.policies import HpaMechanics, policy_from_spec
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
-from breakwater.config import GatewaySettings
 from breakwater.redis_server import free_port
 from common import write_section
 
@@ -126,6 +131,7 @@ def real_run(profile: Profile, args: argparse.Namespace, tmp: Path) -> tuple[Out
     command = [sys.executable, "-m", "breakwater", "up", "--engine", "sim", "--port", str(port)]
     command += ["--autoscale", "--min-workers", "1", "--max-workers", str(args.max_workers)]
     command += ["--supervisor-metrics-port", str(sup_port), "--data-dir", str(tmp / "up")]
+    command += ["--autoscale-policy", args.policy, "--autoscale-time-scale", str(args.time_scale)]
     with open(tmp / "up.log", "wb") as log:
         up = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -171,8 +177,8 @@ def simulated(profile: Profile, args: argparse.Namespace, startup_s: float) -> O
         WORKER["decode_per_seq_ms"] / 1000,
         WORKER["prefill_ms_per_token"] / 1000,
     )
-    settings = GatewaySettings(autoscale_min_workers=1, autoscale_max_workers=args.max_workers)
-    policy = Supervisor(settings)
+    mechanics = HpaMechanics(min_replicas=1, max_replicas=args.max_workers)
+    policy = policy_from_spec(args.policy, mechanics, args.time_scale)
     sim = Simulation(curve, profile.arrivals(), policy, replicas=1, startup_s=startup_s, sample_s=0.25)
     result = sim.run()
     end = max(r.done_s for r in result.requests)
@@ -180,7 +186,7 @@ def simulated(profile: Profile, args: argparse.Namespace, startup_s: float) -> O
     return Outcome([r.ttft_s for r in result.requests], result.replica_s, max(n for _, n in series), series)
 
 
-def plot(real: Outcome, sim: Outcome) -> None:
+def plot(real: Outcome, sim: Outcome, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,8 +201,8 @@ def plot(real: Outcome, sim: Outcome) -> None:
     ax.set_ylabel("worker processes")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    PLOT.parent.mkdir(exist_ok=True)
-    fig.savefig(PLOT, dpi=90)
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=90)
 
 
 def main() -> None:
@@ -211,7 +217,13 @@ def main() -> None:
     parser.add_argument("--max-workers", type=int, default=4)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--dump", type=Path, help="also write both runs' TTFTs and replica series here")
+    parser.add_argument(
+        "--policy", default="supervisor", help="supervisor | hpa[:target] | keda[:lag] (as up)"
+    )
+    parser.add_argument("--time-scale", type=float, help="the controllers' clocks (default 1; hpa/keda: 10)")
     args = parser.parse_args()
+    if args.time_scale is None:
+        args.time_scale = 1.0 if args.policy == "supervisor" else 10.0
     profile = Profile(
         "trace",
         trace=args.trace,
@@ -241,22 +253,35 @@ def main() -> None:
         args.dump.write_text(json.dumps({"real": asdict(real), "sim": asdict(sim), "startup": delays}))
     if args.no_write:
         return
-    plot(real, sim)
+    own = args.policy == "supervisor"
+    tag = "" if own else "-" + args.policy.partition(":")[0]
+    path = PLOT.with_name(f"{PLOT.stem}{tag}{PLOT.suffix}")
+    plot(real, sim, path)
     trace_name = Path(args.trace).name
     holds = "within" if all(verdict.values()) else "NOT within"
     answers = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in verdict.items())
     w = WORKER
     step = f"{w['decode_base_ms']:g} ms + {w['decode_per_seq_ms']:g} ms per sequence"
-    body = f"""## Simulator vs a real run (issue #18)
+    if own:
+        head, command, policy = "## Simulator vs a real run (issue #18)", "", "`capacity.policies.Supervisor`"
+    else:
+        head = f"### Simulator vs a real run: `{args.policy}` (issue #18)"
+        command = f" --policy {args.policy} --time-scale {args.time_scale:g}"
+        policy = (
+            f"`{args.policy}`, `capacity.policies.policy_from_spec`, its periods and windows "
+            f"{args.time_scale:g}x faster (real: `--autoscale-policy {args.policy} --autoscale-time-scale "
+            f"{args.time_scale:g}`)"
+        )
+    body = f"""{head}
 
-`python benchmarks/sim_validation.py`, x86_64, 2 cores, {time.strftime("%Y-%m-%d")}.
+`python benchmarks/sim_validation.py{command}`, x86_64, 2 cores, {time.strftime("%Y-%m-%d")}.
 
 `{trace_name}` from {args.trace_start:g} s for {args.duration:g} s ({len(arrivals)} requests,
 lengths clipped to {args.max_input_tokens} prompt / {args.max_output_tokens} output tokens),
 replayed at its own pace. Real: `breakwater up --engine sim --autoscale --min-workers 1
 --max-workers {args.max_workers}` (sim workers of {w["capacity"]} sequences, steps of {step} +
 {w["prefill_ms_per_token"]:g} ms per prompt token joining, no jitter), loaded by the bench.
-Simulated: the same arrivals, curve and policy (`capacity.policies.Supervisor`), with the worker
+Simulated: the same arrivals, curve and policy ({policy}), with the worker
 start-up time measured in the real run: median {startup:.2f} s over {len(delays)} starts.
 
 | | real | simulator | difference |
@@ -266,10 +291,10 @@ start-up time measured in the real run: median {startup:.2f} s over {len(delays)
 The tolerance asked before simulator results count is ±{TOLERANCE:.0%} on p95 TTFT and on
 replica-seconds: here the simulator is **{holds}** it ({answers}).
 
-![worker processes over time, real and simulated](evaluation/{PLOT.name})
+![worker processes over time, real and simulated](evaluation/{path.name})
 """
-    write_section("sim-validation", body, EVALUATION)
-    print(f"wrote {EVALUATION} and {PLOT}")
+    write_section(f"sim-validation{tag}", body, EVALUATION)
+    print(f"wrote {EVALUATION} and {path}")
 
 
 if __name__ == "__main__":
