@@ -46,6 +46,7 @@ from breakwater.capacity.policies import HpaMechanics, policy_from_spec
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
 from breakwater.redis_server import free_port
+from breakwater.stack_policy import stack_policy
 from common import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,6 +225,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.time_scale is None:
         args.time_scale = 1.0 if args.policy == "supervisor" else 10.0
+    try:  # what `breakwater up --autoscale-policy` runs, refused before a minute of starting it
+        stack_policy(args.policy, 1, args.max_workers, args.time_scale)
+    except ValueError as exc:
+        parser.error(f"--policy {exc}")
     profile = Profile(
         "trace",
         trace=args.trace,

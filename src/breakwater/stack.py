@@ -173,6 +173,7 @@ class Stack:
         self._metrics: tuple[WSGIServer, Thread] | None = None
         self._scaler: PolicyScaler | None = None
         self._metric_ports: dict[str, int] = {}  # worker name -> its /metrics port (policy scaling)
+        self._retiring_ports: dict[str, tuple[subprocess.Popen[bytes], int]] = {}  # until they exit
 
     def all_processes(self) -> list[tuple[str, str, int]]:
         """(name, role, pid) of every process started and still known: Redis, gateway, workers."""
@@ -225,7 +226,9 @@ class Stack:
             )
         except ValueError as exc:
             raise StackError(f"--autoscale-policy {exc}") from None
-        self._scaler = PolicyScaler(policy, cfg.model) if policy is not None else None
+        if policy is not None and not cfg.autoscale:
+            raise StackError(f"--autoscale-policy {cfg.autoscale_policy} needs --autoscale")
+        self._scaler = PolicyScaler(policy) if policy is not None else None
 
     def start(self) -> None:
         cfg = self.config
@@ -364,9 +367,18 @@ class Stack:
         if now - self._last_scale < scaler.policy.period_s:
             return
         self._last_scale = now
-        ports = {c.name: self._metric_ports[c.name] for c in self.workers if c.name in self._metric_ports}
-        obs = scaler.observe(now, self.url, len(self.workers), ports)
+        serving = {c.name: self._metric_ports[c.name] for c in self.workers if c.name in self._metric_ports}
+        self._retiring_ports = {
+            n: (p, port) for n, (p, port) in self._retiring_ports.items() if p.poll() is None
+        }
+        retiring = {name: port for name, (_, port) in self._retiring_ports.items()}
+        was_failing = scaler.failing
+        obs = scaler.observe(now, self.url, self.config.model, len(self.workers), serving, retiring)
         if obs is None:
+            if not was_failing:  # once per outage, not every period
+                self.log(
+                    f"autoscale {scaler.policy.name}: the gateway's /metrics does not answer at {self.url}"
+                )
             return
         want = max(self.config.min_workers, min(self.config.max_workers, scaler.desired(obs)))
         if want != len(self.workers):
@@ -383,10 +395,12 @@ class Stack:
         """Scale down by one: SIGTERM the newest worker (it drains and releases what it cannot
         finish); it is not restarted when it exits."""
         child = self.workers.pop()
-        self._metric_ports.pop(child.name, None)
+        port = self._metric_ports.pop(child.name, None)
         if child.proc is not None and child.running():
             child.proc.send_signal(signal.SIGTERM)
             self.retiring.append(child.proc)
+            if port is not None:  # its busy time while it drains still counts (stack_policy)
+                self._retiring_ports[child.name] = (child.proc, port)
 
     def _start_redis(self) -> str:
         if self.config.redis_cluster > 0:

@@ -10,6 +10,8 @@ check the simulator against a real run of each policy, not only of the superviso
 
 from __future__ import annotations
 
+import math
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,11 +29,14 @@ STACK_POLICIES = (
     "supervisor (the gateway's breakwater_desired_workers) | hpa[:target] | keda[:lag per pod] | fixed:N"
 )
 BUSY = "breakwater_engine_busy_seconds"
+TIMEOUT_S = 0.5  # a look must not stall the supervisor's loop, which also restarts crashed processes
 
 
 def stack_policy(spec: str, min_workers: int, max_workers: int, time_scale: float) -> Policy | None:
     """The controller for ``--autoscale-policy``; None for the supervisor's own rules (the default).
     Raises ``ValueError`` for a spec it cannot run over local processes."""
+    if not math.isfinite(time_scale) or time_scale <= 0:
+        raise ValueError(f"time scale {time_scale:g}: must be a positive number")
     if spec == "supervisor":
         return None
     mechanics = HpaMechanics(min_replicas=min_workers, max_replicas=max_workers)
@@ -66,37 +71,63 @@ def busy_seconds(text: str) -> float:
     return 0.0
 
 
-class PolicyScaler:
-    """Observes the stack for ``policy`` and answers the worker count it wants."""
+def _scrape(url: str) -> str:
+    """A /metrics text; an error status (a 404 with auth on, a 503) raises like a refused connection."""
+    response = httpx.get(url, timeout=TIMEOUT_S)
+    response.raise_for_status()
+    return response.text
 
-    def __init__(self, policy: Policy, model: str | None) -> None:
+
+class PolicyScaler:
+    """Observes the stack for ``policy`` and answers the worker count it wants.
+
+    The engines' busy share is the HPA's average over the workers it has metrics for: the busy
+    seconds of every worker process since the previous look (retiring ones too, as the simulator
+    counts a draining replica's steps) over the elapsed time times the serving workers that were
+    read both times (a new one's first reading is its baseline; one that did not answer keeps its
+    previous reading, so its busy time is counted at its next answer)."""
+
+    def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        self.model = model
-        self._busy: dict[str, float] = {}  # worker name -> busy seconds at the previous look
+        self._busy: dict[str, tuple[float, float]] = {}  # worker -> (busy seconds, when read)
         self._last: float | None = None
+        self.failing = False  # the gateway's /metrics did not answer at the last look
 
     def observe(
-        self, now: float, gateway_url: str, replicas: int, worker_ports: dict[str, int]
+        self,
+        now: float,
+        gateway_url: str,
+        model: str | None,
+        replicas: int,
+        serving: dict[str, int],
+        retiring: dict[str, int],
     ) -> Observation | None:
-        """What the controller sees now; None while the gateway does not answer."""
+        """What the controller sees now (``serving`` and ``retiring``: worker name -> metrics
+        port); None while the gateway's /metrics does not answer."""
         try:
-            ready, waiting, running = gateway_load(
-                httpx.get(f"{gateway_url}/metrics", timeout=2).text, self.model
-            )
+            ready, waiting, running = gateway_load(_scrape(f"{gateway_url}/metrics"), model)
         except (httpx.HTTPError, ValueError):
+            self.failing = True
             return None
-        busy_delta = 0.0
-        seen: dict[str, float] = {}
-        for name, port in worker_ports.items():
+        self.failing = False
+        busy_delta, measured = 0.0, 0
+        known = {**serving, **retiring}
+        for name, port in known.items():
             try:
-                busy = busy_seconds(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text)
+                busy = busy_seconds(_scrape(f"http://127.0.0.1:{port}/metrics"))
             except (httpx.HTTPError, ValueError):
-                continue  # starting, or gone: it has no busy time to add
-            seen[name] = busy
-            busy_delta += max(0.0, busy - self._busy.get(name, busy))  # a restarted worker counts from 0
+                continue  # starting, stalled or gone: its previous reading is kept
+            previous = self._busy.get(name)
+            self._busy[name] = (busy, now)
+            if previous is None:
+                continue  # the baseline of a new worker
+            busy_delta += busy - previous[0] if busy >= previous[0] else busy  # restarted: from 0
+            measured += name in serving
+        for name in self._busy.keys() - known.keys():  # exited
+            del self._busy[name]
         span = now - self._last if self._last is not None else 0.0
-        self._busy, self._last = seen, now
-        utilisation = min(1.0, busy_delta / (span * ready)) if span > 0 and ready else 0.0
+        self._last = now
+        utilisation = min(1.0, busy_delta / (span * measured)) if span > 0 and measured else 0.0
         return Observation(
             now=now,
             replicas=replicas,

@@ -108,3 +108,27 @@ def test_supervisor_scales_up_at_once_and_down_one_at_a_time_after_a_stable_spel
         for s in range(24)
     ]
     assert idle == [4] * 10 + [3] + [4] * 11 + [3] + [4]  # reads at 20, 22, ...: 30 and 42 retire one
+
+
+def test_the_supervisor_feeds_the_window_every_second() -> None:
+    """The gateway refreshes breakwater_desired_workers every second; the supervisor reads it every
+    2 s. A burst seen on an odd second, between two reads, must still be read (the window holds
+    it), and the fleet must not shrink while the window holds the burst."""
+    settings = GatewaySettings(
+        autoscale_min_workers=1, autoscale_max_workers=8, autoscale_horizon_s=10, autoscale_window_s=20
+    )
+    policy = Supervisor(settings)
+    arrived = done = 0
+    wants = []
+    for second in range(40):
+        burst = second == 5  # one second of 40 arrivals and a backlog, then quiet
+        arrived += 40 if burst else 0
+        done = arrived if not burst else done
+        wants.append(
+            policy.desired(
+                obs(now=float(second), replicas=wants[-1] if wants else 1, ready=1,
+                    waiting=40 if burst else 0, running=4 if burst else 0, arrived=arrived, done=done)
+            )
+        )  # fmt: skip
+    assert wants[6] > 1  # read at 6 s: the burst of 5 s was between reads (4 s and 6 s)
+    assert wants[6:25] == [wants[6]] * 19  # held while the window (20 s) and the down delay run

@@ -207,8 +207,8 @@ def policy_from_spec(spec: str, mechanics: HpaMechanics, time_scale: float = 1.0
     ``time_scale`` > 1 runs the Kubernetes controllers' clocks that much faster (sync and polling
     periods, stabilisation window, scale-up period), for a trace replayed that much faster; the
     supervisor of ``breakwater up`` keeps its own timing."""
-    if time_scale <= 0:
-        raise ValueError(f"time scale {time_scale:g}: must be positive")
+    if not math.isfinite(time_scale) or time_scale <= 0:
+        raise ValueError(f"time scale {time_scale:g}: must be a positive number")
     try:
         policy = _from_spec(spec, mechanics, time_scale)
     except ValueError:  # a number that is not one

@@ -77,7 +77,9 @@ class ModelLoad:
             self.per_worker_rate = _ewma(self.per_worker_rate, finished / in_flight * slots)
 
     def desired_workers(self, settings: GatewaySettings) -> int:
-        """The highest count asked for over the window (call it after every observation)."""
+        """The highest count asked for over the window (call it after every observation). The
+        window keeps counts, not the settings that made them: one ``ModelLoad`` serves one set of
+        settings (a second call within an observation replaces that observation's count)."""
         want = self._instant(settings)
         window = settings.autoscale_window_s
         if window <= 0:
