@@ -119,7 +119,7 @@ def test_the_supervisor_feeds_the_window_every_second() -> None:
     )
     policy = Supervisor(settings)
     arrived = done = 0
-    wants = []
+    wants: list[int] = []
     for second in range(40):
         burst = second == 5  # one second of 40 arrivals and a backlog, then quiet
         arrived += 40 if burst else 0
