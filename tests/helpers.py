@@ -289,7 +289,7 @@ async def stream_killing_owner(
         http.stream("POST", f"{url}{path}", json={**body, "stream": True}) as resp,
     ):
         rid = resp.headers["x-breakwater-request-id"]
-        killer = asyncio.create_task(_kill_owner_at(procs, redis, rid, kill_after))
+        killer = asyncio.create_task(kill_owner_at(procs, redis, rid, kill_after))
         try:
             async for seq, data in sse_chunks(resp):
                 usage = data.get("usage") or usage
@@ -324,7 +324,7 @@ async def sse_chunks(resp: httpx.Response) -> AsyncIterator[tuple[int, dict[str,
             yield seq, data
 
 
-async def _kill_owner_at(procs: StackProcs, redis: Any, rid: str, tokens: int) -> Proc:
+async def kill_owner_at(procs: StackProcs, redis: Any, rid: str, tokens: int) -> Proc:
     """SIGKILL the worker running ``rid`` as soon as the record counts ``tokens`` generated."""
     key = procs.keys_request(rid)
     while True:

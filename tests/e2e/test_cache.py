@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from breakwater.broker import Broker, Status
 from breakwater.config import GatewaySettings
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, breakwater_cli, read_record, sse_chunks
+from tests.helpers import StackProcs, breakwater_cli, kill_owner_at, read_record, sse_chunks
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -341,13 +341,19 @@ async def test_worker_sigkill_during_a_shared_generation_completes_every_client(
                 "POST", url, json={"model": "sim", "stream": True, **body}, headers=auth
             ) as resp:
                 rid = resp.headers["x-breakwater-request-id"]
-                async for seq, data in sse_chunks(resp):
-                    if data["choices"]:
-                        seqs.append(seq)
-                        parts.append(data["choices"][0]["delta"].get("content") or "")
-                    if kill and len(seqs) == 8:
-                        owner = await redis.hget(procs.keys_request(rid), "worker")
-                        next(w for w in procs.workers if w.args[-1] == owner).kill()
+                # the leader's worker dies once the record counts 8 tokens (not 8 read: a lagging
+                # client would see the job end first)
+                killer = asyncio.create_task(kill_owner_at(procs, redis, rid, 8)) if kill else None
+                try:
+                    async for seq, data in sse_chunks(resp):
+                        if data["choices"]:
+                            seqs.append(seq)
+                            parts.append(data["choices"][0]["delta"].get("content") or "")
+                    if killer is not None:
+                        await asyncio.wait_for(killer, 1)
+                finally:
+                    if killer is not None:
+                        killer.cancel()
             return rid, seqs, "".join(parts)
 
         leader = asyncio.create_task(follow(0, kill=True))
