@@ -10,8 +10,6 @@ check the simulator against a real run of each policy, not only of the superviso
 
 from __future__ import annotations
 
-import math
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,6 +20,7 @@ from breakwater.capacity.policies import (
     KedaQueue,
     Observation,
     Policy,
+    Supervisor,
     policy_from_spec,
 )
 
@@ -35,12 +34,10 @@ TIMEOUT_S = 0.5  # a look must not stall the supervisor's loop, which also resta
 def stack_policy(spec: str, min_workers: int, max_workers: int, time_scale: float) -> Policy | None:
     """The controller for ``--autoscale-policy``; None for the supervisor's own rules (the default).
     Raises ``ValueError`` for a spec it cannot run over local processes."""
-    if not math.isfinite(time_scale) or time_scale <= 0:
-        raise ValueError(f"time scale {time_scale:g}: must be a positive number")
-    if spec == "supervisor":
-        return None
     mechanics = HpaMechanics(min_replicas=min_workers, max_replicas=max_workers)
     policy = policy_from_spec(spec, mechanics, time_scale)
+    if isinstance(policy, Supervisor):
+        return None
     if not isinstance(policy, Hpa | KedaQueue | Fixed):  # adaptive is the supervisor's signal already
         raise ValueError(f"`{spec}`: expected one of {STACK_POLICIES}")
     return policy

@@ -226,9 +226,6 @@ def _from_spec(spec: str, mechanics: HpaMechanics, time_scale: float) -> Policy 
         scale_up_period_s=mechanics.scale_up_period_s / time_scale,
         _history=deque(),  # its own stabilisation window, not the one of ``mechanics``
     )
-    settings = GatewaySettings(
-        autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
-    )
     if name == "hpa":
         target = float(arg or 0.85)
         if 0 < target <= 1:
@@ -240,9 +237,16 @@ def _from_spec(spec: str, mechanics: HpaMechanics, time_scale: float) -> Policy 
                 lag, 30.0 / time_scale, k8s, period_s=15.0 / time_scale, name=f"keda-lag-{lag:g}"
             )
     elif name == "adaptive" and not arg:
-        return Adaptive(settings, k8s, hpa_period_s=15.0 / time_scale)
+        return Adaptive(_bounds(mechanics), k8s, hpa_period_s=15.0 / time_scale)
     elif name == "supervisor" and not arg:  # breakwater up --autoscale
-        return Supervisor(settings)
+        return Supervisor(_bounds(mechanics))
     elif name == "fixed" and int(arg) >= 1:
         return Fixed(int(arg), name=f"fixed-{int(arg)}")
     return None
+
+
+def _bounds(mechanics: HpaMechanics) -> GatewaySettings:
+    """The gateway's settings for a signal bounded as the HPA is."""
+    return GatewaySettings(
+        autoscale_min_workers=mechanics.min_replicas, autoscale_max_workers=mechanics.max_replicas
+    )
