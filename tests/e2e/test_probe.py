@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,22 @@ def _count(url: str, name: str, **labels: str) -> float:
     return sum(metric_samples(url, name, **labels))
 
 
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+
+
+def _waited(predicate: Callable[[], bool], timeout_s: float, interval_s: float, what: str, log: Path) -> None:
+    """``wait_for``, with the probe's own report (its sessions, their errors) when the wait fails."""
+    try:
+        wait_for(predicate, timeout_s, interval_s, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the probe printed:\n{_tail(log)}") from None
+
+
 def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, log_dir: Path) -> None:
     procs = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir)
-    port = free_port()
-    probe_url = f"http://127.0.0.1:{port}"
-    log = log_dir / f"probe-{port}.log"
     probe: subprocess.Popen[bytes] | None = None
+    log = log_dir / f"probe-{uuid.uuid4().hex[:8]}.log"
     try:
         first, second = procs.add_gateway(), procs.add_gateway()
         procs.add_worker(sim_decode_base_ms=100, heartbeat_s=0.5)  # 20 tokens: about 2 s a session
@@ -68,12 +79,16 @@ def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, lo
                 TOKENS,
                 1,
             )
-        # Then probing on, without planned drops, while the first gateway is killed mid-stream.
+        # Then probing on, without planned drops, while the first gateway is killed mid-stream. (Its
+        # metrics port is picked now, after the gateways took theirs.)
+        port = free_port()
+        probe_url = f"http://127.0.0.1:{port}"
         command = [*base, "--interval", "0.2", "--drop-after", "0", "--metrics-port", str(port)]
         with open(log, "wb") as out:
             probe = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
         def healthy() -> bool:
+            assert probe is not None and probe.poll() is None, f"the probe exited: {_tail(log)}"
             try:
                 return all(
                     _count(probe_url, "breakwater_probe_sessions_total", transport=t, outcome="success") >= 1
@@ -82,9 +97,11 @@ def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, lo
             except httpx.HTTPError:  # its /metrics is not listening yet
                 return False
 
-        wait_for(healthy, 30, 0.1, "a successful session on each transport")
+        _waited(healthy, 30, 0.1, "a successful session on each transport", log)
         # Both sessions streaming from the first gateway.
-        wait_for(lambda: _count(first, "breakwater_active_streams") == 2, 20, 0.02, "two probe streams on it")
+        _waited(
+            lambda: _count(first, "breakwater_active_streams") == 2, 20, 0.02, "two probe streams on it", log
+        )
         procs.gateways[0][0].kill()
 
         def reported() -> bool:
@@ -94,7 +111,7 @@ def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, lo
                 s["transport"] for s in refused
             } == set(TRANSPORTS)
 
-        wait_for(reported, 30, 0.2, "the broken sessions and later ones refused by the dead gateway")
+        _waited(reported, 30, 0.2, "the broken sessions and later ones refused by the dead gateway", log)
     finally:
         if probe is not None:
             probe.terminate()
