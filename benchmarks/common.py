@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import orjson
 
+from breakwater.protocol.sse_lines import sse_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -79,7 +81,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
             if resp.status_code != 200:
                 await resp.aread()
                 return Result(False, error=f"HTTP {resp.status_code}")
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = orjson.loads(line[6:])

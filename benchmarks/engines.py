@@ -35,6 +35,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from breakwater.engines.models import DEFAULT_MODEL, bundled_gguf
+from breakwater.protocol.sse_lines import sse_lines
 from breakwater.redis_server import RedisServer, free_port
 from common import pct, spawn, stop, wait_models, write_section
 
@@ -58,7 +59,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int)
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data: {"):
                     continue
                 data = orjson.loads(line[6:])

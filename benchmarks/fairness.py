@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import orjson
 
+from breakwater.protocol.sse_lines import sse_lines
 from breakwater.redis_server import RedisServer, free_port
 from common import pct, spawn, stop, write_section
 
@@ -128,7 +129,7 @@ async def one(client: httpx.AsyncClient, url: str, tenant: Tenant, seed: int) ->
                 tenant.refused += resp.status_code == 429
                 tenant.failed += resp.status_code != 429
                 return
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data: {"):
                     continue
                 choices = orjson.loads(line[6:]).get("choices") or []

@@ -2,10 +2,10 @@
 
 A raw asyncio HTTP/1.1 server (keep-alive, Content-Length request bodies; uvloop when importable)
 answering GET /v1/models, GET /health, POST /v1/completions and POST /v1/chat/completions. Every token
-is the text " tok"; a stream sends ``max_tokens`` of them (default 64), the first after ``--ttft-ms``
-and each next after ``--itl-ms`` (0: all right after the first), then a finish_reason "length" chunk,
-a usage chunk when ``stream_options.include_usage`` is true, and ``data: [DONE]``. Timers are
-``loop.call_at`` per stream, so thousands of concurrent streams stay cheap.
+is the text " tok" (``--token``); a stream sends ``max_tokens`` of them (default 64), the first after
+``--ttft-ms`` and each next after ``--itl-ms`` (0: all right after the first), then a finish_reason
+"length" chunk, a usage chunk when ``stream_options.include_usage`` is true, and ``data: [DONE]``.
+Timers are ``loop.call_at`` per stream, so thousands of concurrent streams stay cheap.
 
     python benchmarks/fake_openai.py --port 8001 [--ttft-ms 50 --itl-ms 10 --model fake]
 """
@@ -31,6 +31,7 @@ class Config:
     ttft_s: float
     itl_s: float
     max_model_len: int = 4096
+    token: str = TOKEN
 
 
 def _frame(payload: bytes) -> bytes:
@@ -79,7 +80,7 @@ class Stream:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             return _frame(orjson.dumps({**base, "choices": [choice]}))
 
-        self.token = chunk(TOKEN, None)
+        self.token = chunk(cfg.token, None)
         tail = chunk(None, "length")
         if (body.get("stream_options") or {}).get("include_usage"):
             prompt = _prompt_tokens(body)
@@ -197,7 +198,7 @@ class HttpConnection(asyncio.Protocol):
             return
         n = max(1, int(body.get("max_tokens") or 64))
         prompt = _prompt_tokens(body)
-        text = TOKEN * n
+        text = self.cfg.token * n
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         self.reply(
@@ -250,8 +251,9 @@ def main() -> None:
     parser.add_argument("--model", default="fake")
     parser.add_argument("--ttft-ms", type=float, default=50.0)
     parser.add_argument("--itl-ms", type=float, default=10.0, help="0: all tokens right after the first")
+    parser.add_argument("--token", default=TOKEN, help=f"every token's text (default {TOKEN!r})")
     args = parser.parse_args()
-    cfg = Config(model=args.model, ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000)
+    cfg = Config(args.model, args.ttft_ms / 1000, args.itl_ms / 1000, token=args.token)
     try:
         import uvloop
 

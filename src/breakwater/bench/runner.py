@@ -25,6 +25,7 @@ from breakwater.bench.metrics import RequestRecord
 from breakwater.bench.profiles import Arrival
 from breakwater.bench.ws import WSPool
 from breakwater.engines.sim import VOCAB  # plain words, mostly one token each
+from breakwater.protocol.sse_lines import sse_lines
 
 # Gauges (summed over labels) and counters (as per-second rates) kept from the target's /metrics.
 SCRAPED_GAUGES = (
@@ -220,7 +221,7 @@ class Runner:
                 await resp.aread()
                 _http_error(record, resp)
                 return
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if line.startswith("id:"):
                     # Breakwater numbers events 1..N; one event may span chunks (done + usage share an id)
                     seq = int(line[3:].strip())

@@ -21,12 +21,28 @@ from breakwater.protocol.openai import (
 )
 
 DONE = b"data: [DONE]\n\n"
+# Characters JSON may leave raw inside strings (orjson does) that Python's str.splitlines(), and so
+# httpx's aiter_lines(), a common way to read SSE, takes for line breaks: NEL, LINE and PARAGRAPH
+# SEPARATOR, in UTF-8. A model that writes one would split its event's data line in such a reader.
+_NEL, _LS_PS = b"\xc2\x85", b"\xe2\x80"
+_ESCAPES = ((_NEL, b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
 def sse_event(data: dict[str, Any], seq: int | str | None = None) -> bytes:
     """One SSE event; its id is the seq (or, for an ``n > 1`` response, every choice's)."""
     head = f"id: {seq}\n".encode() if seq is not None else b""
-    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+    return head + b"data: " + one_line_json(data) + b"\n\n"
+
+
+def one_line_json(data: Any) -> bytes:
+    """``data`` as JSON that every line reader sees as one line: the characters above escaped
+    (``\\u2028``: the same JSON value). UTF-8 never has these bytes inside another character, and JSON
+    has non-ASCII only inside strings, so a plain byte replacement is exact."""
+    out = orjson.dumps(data)
+    if _NEL in out or _LS_PS in out:
+        for raw, escaped in _ESCAPES:
+            out = out.replace(raw, escaped)
+    return out
 
 
 class ChoiceChunks:

@@ -11,6 +11,7 @@ import httpx
 import orjson
 
 from breakwater.probe.session import RETRY_STATUS, Result, SessionError, StreamBroken, Tracker, settle
+from breakwater.protocol.sse_lines import sse_lines
 
 RETRY_S = 0.5
 REQUEST_ID = "x-breakwater-request-id"
@@ -78,7 +79,7 @@ async def _read(resp: httpx.Response, tracker: Tracker, drop_after: int) -> bool
     seq: int | None = None
     data: list[str] = []
     first = True
-    async for line in resp.aiter_lines():
+    async for line in sse_lines(resp):
         if line.startswith("id:"):
             seq = int(line[3:].strip())
         elif line.startswith("data:"):
