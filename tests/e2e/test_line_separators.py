@@ -16,6 +16,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.redis_server import RedisServer, free_port
 from tests.helpers import StackProcs, wait_for
@@ -90,13 +91,8 @@ def test_a_line_reading_client_gets_every_event_whole(gateway: str) -> None:
 
 def test_the_openai_sdk_gets_the_same_text_streamed_and_whole(gateway: str) -> None:
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x")
-    messages = [{"role": "user", "content": "hi"}]
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,  # type: ignore[arg-type]
-        max_tokens=TOKENS,
-        stream=True,
-    )
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=TOKENS, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == TOKEN * TOKENS
-    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=TOKENS)  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=TOKENS)
     assert whole.choices[0].message.content == TOKEN * TOKENS
