@@ -39,7 +39,7 @@ def one_line_json(data: Any) -> bytes:
     (``\\u2028``: the same JSON value). UTF-8 never has these bytes inside another character, and JSON
     has non-ASCII only inside strings, so a plain byte replacement is exact."""
     out = orjson.dumps(data)
-    if _NEL in out or _LS_PS in out:
+    if not out.isascii() and (_NEL in out or _LS_PS in out):  # isascii first: ~10x cheaper than in
         for raw, escaped in _ESCAPES:
             out = out.replace(raw, escaped)
     return out
