@@ -33,12 +33,24 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
 
 
-def _waited(predicate: Callable[[], bool], timeout_s: float, interval_s: float, what: str, log: Path) -> None:
-    """``wait_for``, with the probe's own report (its sessions, their errors) when the wait fails."""
+def _waited(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    interval_s: float,
+    what: str,
+    log: Path,
+    procs: StackProcs,
+) -> None:
+    """``wait_for``, with the probe's own report (its sessions, their errors) and the end of each
+    worker's log when the wait fails."""
     try:
         wait_for(predicate, timeout_s, interval_s, what)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}; the probe printed:\n{_tail(log)}") from None
+        workers = "\n".join(
+            f"worker {w.pid} ({'alive' if w.alive() else 'exited'}):\n{w.log()[-1500:]}"
+            for w in procs.workers
+        )
+        raise AssertionError(f"{exc}; the probe printed:\n{_tail(log)}\n{workers}") from None
 
 
 def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, log_dir: Path) -> None:
@@ -97,10 +109,15 @@ def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, lo
             except httpx.HTTPError:  # its /metrics is not listening yet
                 return False
 
-        _waited(healthy, 30, 0.1, "a successful session on each transport", log)
+        _waited(healthy, 30, 0.1, "a successful session on each transport", log, procs)
         # Both sessions streaming from the first gateway.
         _waited(
-            lambda: _count(first, "breakwater_active_streams") == 2, 20, 0.02, "two probe streams on it", log
+            lambda: _count(first, "breakwater_active_streams") == 2,
+            20,
+            0.02,
+            "two probe streams on it",
+            log,
+            procs,
         )
         procs.gateways[0][0].kill()
 
@@ -111,7 +128,9 @@ def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, lo
                 s["transport"] for s in refused
             } == set(TRANSPORTS)
 
-        _waited(reported, 30, 0.2, "the broken sessions and later ones refused by the dead gateway", log)
+        _waited(
+            reported, 30, 0.2, "the broken sessions and later ones refused by the dead gateway", log, procs
+        )
     finally:
         if probe is not None:
             probe.terminate()
