@@ -9,9 +9,10 @@ engine has a free slot. Occupancy is the gateway's ``breakwater_batch_occupancy`
 slots, from the worker's heartbeats), sampled every 0.5 s and averaged over the samples with
 something running. The simulator runs the same arrivals on the engine's curve measured by
 ``benchmarks/curve.py`` (docs/evaluation.md), so the table is also a check of the simulator against
-a real engine. With one replica, a router's push would hand every job to this engine's own queue:
-the same order and timing as the pull, so only the pull is run here; pull against push across
-replicas is in the simulator's table (``benchmarks/occupancy.py``).
+a real engine. ``--slots`` above the engine's own (``--slots 256`` with vLLM) is the eager push
+baseline on one replica: every job goes into the engine as it arrives and the engine's scheduler
+batches what it takes. Pull against push across replicas is in the simulator's table
+(``benchmarks/occupancy.py``).
 
     .venv/bin/python benchmarks/occupancy_real.py                      # llama.cpp, ~6 minutes
     .venv-vllm/bin/python benchmarks/occupancy_real.py --engine vllm   # vLLM on this CPU, ~8 minutes
@@ -244,7 +245,11 @@ def main() -> None:
         command += f" --slots {args.slots}"
     if args.rates:
         command += f" --rates {args.rates}"
-    title = f"{engine.title}, push ({c.capacity} slots)" if push else engine.title
+    title, section = engine.title, engine.section
+    if push:
+        title, section = f"{engine.title}, push ({c.capacity} slots)", f"{section}-push"
+    elif c.capacity != engine.curve.capacity:  # fewer slots: a table of its own, not the default's
+        title, section = f"{engine.title}, {c.capacity} slots", f"{section}-slots{c.capacity}"
     body = f"""## Batch occupancy on a real engine: {title} (issue #18)
 
 `{command}`, x86_64, 2 cores, {time.strftime("%Y-%m-%d")}, {took}.
@@ -257,7 +262,7 @@ per sequence + {c.prefill_s_per_token * 1000:g} ms per prompt token).
 
 {table}
 """
-    write_section(engine.section + ("-push" if push else ""), body, EVALUATION)
+    write_section(section, body, EVALUATION)
     print(f"wrote {EVALUATION}")
 
 

@@ -1,8 +1,10 @@
 """Text with the characters JSON leaves raw but Python's line splitting breaks at (NEL, LINE and
 PARAGRAPH SEPARATOR) streams intact through the whole path: an upstream that writes them, the
 ``openai`` worker, Redis, the gateway's SSE, and a client reading with httpx's ``aiter_lines()`` (as
-many Python clients do) or with the ``openai`` SDK. Before the gateway escaped them, such a client
-saw a data line cut in two and a broken stream (seen as a JSONDecodeError in a load test of vLLM)."""
+many Python clients do) or with the ``openai`` SDK. Before the gateway escaped them, the line-reading
+client saw a data line cut in two and a broken stream (seen as a JSONDecodeError in a load test of
+vLLM); the SDK splits bytes at CR and LF only and was not affected, its test checks the text end to
+end."""
 
 from __future__ import annotations
 

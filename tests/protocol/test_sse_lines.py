@@ -37,6 +37,19 @@ async def test_lines_end_only_at_cr_lf_or_crlf_however_the_body_is_cut(size: int
     assert await _lines(chunks) == LINES
 
 
+@pytest.mark.parametrize(
+    ("chunks", "lines"),
+    [
+        ([b"a\r"], ["a"]),
+        ([b"a\n\r"], ["a", ""]),
+        ([b"a", b"", b"\r", b"", b"\nb"], ["a", "b"]),
+        ([b"data: \xff\n"], ["data: \ufffd"]),  # invalid UTF-8: replaced, as the format says
+    ],
+)
+async def test_ends_empty_chunks_and_bad_bytes(chunks: list[bytes], lines: list[str]) -> None:
+    assert await _lines(chunks) == lines
+
+
 async def test_httpx_aiter_lines_would_break_the_data_line() -> None:
     """Why the reader exists: httpx splits at the separators JSON leaves raw."""
 

@@ -24,8 +24,7 @@ DONE = b"data: [DONE]\n\n"
 # Characters JSON may leave raw inside strings (orjson does) that Python's str.splitlines(), and so
 # httpx's aiter_lines(), a common way to read SSE, takes for line breaks: NEL, LINE and PARAGRAPH
 # SEPARATOR, in UTF-8. A model that writes one would split its event's data line in such a reader.
-_NEL, _LS_PS = b"\xc2\x85", b"\xe2\x80"
-_ESCAPES = ((_NEL, b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+_ESCAPES = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
 
 
 def sse_event(data: dict[str, Any], seq: int | str | None = None) -> bytes:
@@ -39,8 +38,10 @@ def one_line_json(data: Any) -> bytes:
     (``\\u2028``: the same JSON value). UTF-8 never has these bytes inside another character, and JSON
     has non-ASCII only inside strings, so a plain byte replacement is exact."""
     out = orjson.dumps(data)
-    if not out.isascii() and (_NEL in out or _LS_PS in out):  # isascii first: ~10x cheaper than in
-        for raw, escaped in _ESCAPES:
+    if out.isascii():  # most chunks: ~10x cheaper than one search
+        return out
+    for raw, escaped in _ESCAPES:
+        if raw in out:
             out = out.replace(raw, escaped)
     return out
 

@@ -23,6 +23,6 @@ async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
         if held:
             rest += b"\r"
         for line in lines:
-            yield line.decode()
+            yield line.decode(errors="replace")  # as the SSE format decodes, and aiter_lines did
     if rest:
-        yield rest.removesuffix(b"\r").decode()
+        yield rest.removesuffix(b"\r").decode(errors="replace")
