@@ -53,6 +53,35 @@ def _waited(
         raise AssertionError(f"{exc}; the probe printed:\n{_tail(log)}\n{workers}") from None
 
 
+def _start_probe(command: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The probe with its /metrics on a free port, once that answers. A port found free can be
+    taken (by any process's outgoing connection) before the probe binds it: then another one."""
+    for _ in range(3):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with open(log, "wb") as out:
+            probe = subprocess.Popen(
+                [*command, "--metrics-port", str(port)], stdout=out, stderr=subprocess.STDOUT
+            )
+
+        def listening(probe: subprocess.Popen[bytes] = probe, url: str = url) -> bool:
+            if probe.poll() is not None:
+                return True
+            try:
+                resp = httpx.get(f"{url}/metrics", timeout=1)
+            except httpx.HTTPError:
+                return False
+            # (Another server on the port: wait for the probe to exit.)
+            return resp.status_code == 200 and "breakwater_probe_sessions_total" in resp.text
+
+        wait_for(listening, 30, 0.05, "the probe's /metrics")
+        if probe.poll() is None:
+            return probe, url
+        if "Address already in use" not in _tail(log):
+            raise AssertionError(f"the probe exited: {_tail(log)}")
+    raise AssertionError("no free port for the probe's /metrics in 3 tries")
+
+
 def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, log_dir: Path) -> None:
     procs = StackProcs(redis_server.url, f"p{uuid.uuid4().hex[:10]}", log_dir)
     probe: subprocess.Popen[bytes] | None = None
@@ -91,13 +120,8 @@ def test_probe_reports_a_gateway_killed_mid_stream(redis_server: RedisServer, lo
                 TOKENS,
                 1,
             )
-        # Then probing on, without planned drops, while the first gateway is killed mid-stream. (Its
-        # metrics port is picked now, after the gateways took theirs.)
-        port = free_port()
-        probe_url = f"http://127.0.0.1:{port}"
-        command = [*base, "--interval", "0.2", "--drop-after", "0", "--metrics-port", str(port)]
-        with open(log, "wb") as out:
-            probe = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # Then probing on, without planned drops, while the first gateway is killed mid-stream.
+        probe, probe_url = _start_probe([*base, "--interval", "0.2", "--drop-after", "0"], log)
 
         def healthy() -> bool:
             assert probe is not None and probe.poll() is None, "the probe exited"
