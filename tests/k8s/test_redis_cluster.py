@@ -469,8 +469,16 @@ async def test_redis_cluster_scripts_form_a_cluster_breakwater_runs_on(
             pods.start(i)
         first = pods.bootstrap()
         assert first.returncode == 0 and "cluster created" in first.stdout, first.stdout + first.stderr
+
+        def formed() -> bool:  # every node has heard of every other (gossip, on a busy machine: seconds)
+            info = [pods.cluster_info(i) for i in range(pods.count)]
+            return len({x.get("cluster_current_epoch") for x in info}) == 1 and all(
+                x.get("cluster_state") == "ok" and int(x.get("cluster_known_nodes", 0)) == pods.count
+                for x in info
+            )
+
+        wait_for(formed, 30, 0.1, "every node: cluster_state ok, all 6 nodes known, one epoch")
         info = [pods.cluster_info(i) for i in range(pods.count)]
-        assert all(x["cluster_state"] == "ok" and int(x["cluster_known_nodes"]) == pods.count for x in info)
         assert all(int(x["cluster_size"]) == pods.count // 2 for x in info)  # 3 primaries
         # Every replica authenticated to its primary as `replication` (masteruser/masterauth).
         roles = [pods.replication(i)["role"] for i in range(pods.count)]
