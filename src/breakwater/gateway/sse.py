@@ -28,22 +28,17 @@ _ESCAPES = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x8
 
 
 def sse_event(data: dict[str, Any], seq: int | str | None = None) -> bytes:
-    """One SSE event; its id is the seq (or, for an ``n > 1`` response, every choice's)."""
+    """One SSE event; its id is the seq (or, for an ``n > 1`` response, every choice's). Its JSON is
+    one line for every reader: the characters above escaped (``\\u2028``, the same JSON value). UTF-8
+    never has their bytes inside another character and JSON has non-ASCII only inside strings, so a
+    plain byte replacement is exact."""
     head = f"id: {seq}\n".encode() if seq is not None else b""
-    return head + b"data: " + one_line_json(data) + b"\n\n"
-
-
-def one_line_json(data: Any) -> bytes:
-    """``data`` as JSON that every line reader sees as one line: the characters above escaped
-    (``\\u2028``: the same JSON value). UTF-8 never has these bytes inside another character, and JSON
-    has non-ASCII only inside strings, so a plain byte replacement is exact."""
     out = orjson.dumps(data)
-    if out.isascii():  # most chunks: ~10x cheaper than one search
-        return out
-    for raw, escaped in _ESCAPES:
-        if raw in out:
-            out = out.replace(raw, escaped)
-    return out
+    if not out.isascii():  # most chunks are ASCII: isascii() is ~10x cheaper than one search
+        for raw, escaped in _ESCAPES:
+            if raw in out:
+                out = out.replace(raw, escaped)
+    return head + b"data: " + out + b"\n\n"
 
 
 class ChoiceChunks:
