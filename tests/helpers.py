@@ -337,6 +337,47 @@ async def kill_owner_at(procs: StackProcs, redis: Any, rid: str, tokens: int) ->
         await asyncio.sleep(0.005)
 
 
+@contextlib.contextmanager
+def serving(
+    command: Sequence[str],
+    log_path: Path,
+    ready_url: str,
+    what: str,
+    timeout_s: float,
+    interval_s: float = 0.2,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server that is not Breakwater's (a fake upstream, llama-cpp-python's, vLLM's) started as
+    ``command`` with its output in ``log_path``, yielded once ``ready_url`` answers 200, terminated
+    after (killed if it will not stop). Its exit while starting fails with the end of its log."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            list(command),
+            env=None if env is None else {**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def up() -> bool:
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        try:
+            return httpx.get(ready_url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, timeout_s, interval_s, f"{what} up")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def start_sim_server(log_dir: Path, model: str = "up-sim", **settings: object) -> tuple[Proc, str]:
     """``breakwater sim-server`` (vLLM-style gauges at /metrics) on a free port; returns (proc, url)."""
     port = free_port()

@@ -8,7 +8,6 @@ end."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, wait_for
+from tests.helpers import StackProcs, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "fake"
@@ -35,23 +34,9 @@ def upstream(log_dir: Path) -> Iterator[str]:
     port = free_port()
     command = [sys.executable, str(ROOT / "benchmarks" / "fake_openai.py"), "--port", str(port)]
     command += ["--model", MODEL, "--ttft-ms", "5", "--itl-ms", "2", "--token", TOKEN]
-    with open(log_dir / f"fake-openai-{port}.log", "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (log_dir / f"fake-openai-{port}.log").read_text()
-        try:
-            return httpx.get(f"{url}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 30, 0.1, "the fake upstream")
+    with serving(command, log_dir / f"fake-openai-{port}.log", f"{url}/health", "the fake upstream", 30):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

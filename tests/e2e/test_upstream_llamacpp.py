@@ -7,20 +7,18 @@ continued by the other worker through the same upstream.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from redis.asyncio import Redis
 
 from breakwater.engines.models import bundled_gguf
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, assert_knows_paris, stream_killing_owner, wait_for
+from tests.helpers import StackProcs, assert_knows_paris, serving, stream_killing_owner
 
 MODEL = "smollm2-135m-instruct"
 
@@ -28,32 +26,17 @@ MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="module")
 def llama_server(log_dir: Path) -> Iterator[str]:
     port = free_port()
-    with open(log_dir / "llama-cpp-server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "llama_cpp.server"),
-                *("--model", str(bundled_gguf(MODEL)), "--model_alias", "smol"),
-                *("--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"),
-                *("--interrupt_requests", "False"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    command = [
+        *(sys.executable, "-m", "llama_cpp.server"),
+        *("--model", str(bundled_gguf(MODEL)), "--model_alias", "smol"),
+        *("--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"),
+        *("--interrupt_requests", "False"),
+    ]
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (log_dir / "llama-cpp-server.log").read_text()[-2000:]
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 60, 0.2, "llama-cpp-python server up")
+    with serving(
+        command, log_dir / "llama-cpp-server.log", f"{url}/v1/models", "llama-cpp-python server", 60
+    ):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import subprocess
 import uuid
@@ -28,7 +27,15 @@ from redis.asyncio import Redis
 from breakwater.broker import Status
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import Proc, StackProcs, async_wait_for, read_record, stream_killing_owner, wait_for
+from tests.helpers import (
+    Proc,
+    StackProcs,
+    async_wait_for,
+    read_record,
+    serving,
+    stream_killing_owner,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -72,40 +79,17 @@ def prepared_model_dir() -> str:
 def vllm_server(model_dir: str, log_dir: Path) -> Iterator[str]:
     """vLLM's own OpenAI server: the reference for answers, and the sidecar of the ``openai`` worker."""
     port = free_port()
-    log_path = log_dir / "vllm-server.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [
-                *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
-                *("--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)),
-                *("--max-model-len", "1024", "--max-num-seqs", "4", "--enforce-eager"),
-                # tools, as GPU pods run it: SmolLM2's format through a template that shows the tools
-                *("--enable-auto-tool-choice", "--tool-call-parser", "xlam"),
-                *("--chat-template", str(TEMPLATE)),
-            ],
-            env={**os.environ, **CPU_ENV},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    command = [
+        *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
+        *("--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port)),
+        *("--max-model-len", "1024", "--max-num-seqs", "4", "--enforce-eager"),
+        # tools, as GPU pods run it: SmolLM2's format through a template that shows the tools
+        *("--enable-auto-tool-choice", "--tool-call-parser", "xlam"),
+        *("--chat-template", str(TEMPLATE)),
+    ]
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-        try:
-            return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 300, 0.5, "vLLM server up")
+    with serving(command, log_dir / "vllm-server.log", f"{url}/v1/models", "vLLM server", 300, 0.5, CPU_ENV):
         yield url
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        if proc.poll() is None:
-            proc.kill()
 
 
 PROBE_TIMEOUT_S = 3
