@@ -1,14 +1,12 @@
-"""Reading an OpenAI-compatible upstream's streamed answer (the ``openai`` engine): its SSE lines per
-network read, each choice's text and logprobs, and its tool calls written into the request's text
+"""Reading an OpenAI-compatible upstream's streamed answer (the ``openai`` engine): each choice's
+text and logprobs, and its tool calls written into the request's text
 stream as Hermes blocks (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``), which the
 gateway parses back (:mod:`breakwater.protocol.toolformats`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 
 from breakwater.protocol.toolformats import CLOSE, OPEN
@@ -115,14 +113,3 @@ def _chunk_logprobs(found: Any, chat: bool) -> list[dict[str, Any]]:
             {"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": alternatives}
         )
     return out
-
-
-async def sse_reads(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The body's complete lines, a list per network read (no line-length limit)."""
-    rest = b""
-    async for data in response.content.iter_any():
-        *lines, rest = (rest + data).split(b"\n")
-        if lines:
-            yield lines
-    if rest:
-        yield [rest]
