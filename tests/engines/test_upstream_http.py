@@ -5,12 +5,14 @@ keep-alive reuse, a stale pooled connection, refusals, failures, a stalled read,
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
 
-from breakwater.engines.upstream_http import Origin, StreamClient, UpstreamHTTPError
+from breakwater.engines.upstream_http import STALE_S, Origin, StreamClient, UpstreamHTTPError
 
 Script = Callable[["Served"], list[bytes]]  # the request → the writes of its answer
 
@@ -58,6 +60,14 @@ class ScriptedServer:
                         continue
                     if piece == b"<close>":
                         return
+                    if piece == b"<abort>":  # a reset (RST), not a close
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                        return
+                    if piece == b"<pause>":  # longer than a stale connection's retry window
+                        await asyncio.sleep(4 * STALE_S)
+                        continue
                     if piece == b"<eof>":
                         if await reader.read() == b"":
                             self.closed_by_client.append(conn)
@@ -333,3 +343,102 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_a_last_chunk_whose_end_comes_later_still_leaves_the_connection_reusable(
+    server: tuple[ScriptedServer, str],
+) -> None:
+    scripted, url = server
+    head, *chunks, _ = chunked(sse(*EVENTS))
+    # The last chunk, a trailer and the closing empty line, each in a write of its own.
+    scripted.answers.append(lambda _: [head, *chunks, b"0\r\n", b"X-Checksum: 1\r\n", b"\r\n"])
+    scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
+    client = StreamClient(url, {})
+    for _ in range(2):
+        got = Lines()
+        assert await client.post("/completions", b"{}", got) == (200, b"")
+        assert got.data == EXPECTED
+        await _until(lambda: len(client._idle) == 1)
+    assert [r.conn for r in scripted.requests] == [1, 1]
+    client.close()
+
+
+async def test_bytes_after_an_answer_keep_its_connection_out_of_the_pool(
+    server: tuple[ScriptedServer, str],
+) -> None:
+    scripted, url = server
+    scripted.answers.append(
+        lambda _: [b"".join(chunked(sse(*EVENTS))) + b"HTTP/1.1 408 Request Timeout\r\n\r\n"]
+    )
+    scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
+    client = StreamClient(url, {})
+    for _ in range(2):
+        got = Lines()
+        assert await client.post("/completions", b"{}", got) == (200, b"")
+        assert got.data == EXPECTED
+    assert [r.conn for r in scripted.requests] == [1, 2]
+    client.close()
+
+
+async def test_a_bad_last_line_of_a_close_delimited_body_fails_at_once(
+    server: tuple[ScriptedServer, str],
+) -> None:
+    scripted, url = server
+    scripted.answers.append(
+        lambda _: [b"HTTP/1.0 200 OK\r\n\r\n", sse(EVENTS[0]) + b'data: {"trunc', b"<close>"]
+    )
+
+    def strict(lines: list[bytes]) -> bool:
+        if any(line.startswith(b'data: {"trunc') for line in lines):
+            raise ValueError("a truncated line")
+        return False
+
+    client = StreamClient(url, {}, read_timeout_s=30)
+    with pytest.raises(ValueError, match="a truncated line"):
+        await asyncio.wait_for(client.post("/completions", b"{}", strict), 5)  # not the read timeout
+    client.close()
+
+
+async def test_a_reset_ends_a_close_delimited_body_as_a_failure(server: tuple[ScriptedServer, str]) -> None:
+    scripted, url = server
+    scripted.answers.append(lambda _: [b"HTTP/1.0 200 OK\r\n\r\n", sse(EVENTS[0]), b"<abort>"])
+    client = StreamClient(url, {})
+    got = Lines()
+    with pytest.raises(UpstreamHTTPError, match="mid-answer"):
+        await client.post("/completions", b"{}", got)
+    assert got.data == EXPECTED[:1]
+    client.close()
+
+
+async def test_a_reused_connection_closed_after_the_server_took_the_request_is_not_retried(
+    server: tuple[ScriptedServer, str],
+) -> None:
+    scripted, url = server
+    scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
+    scripted.answers.append(lambda _: [b"<pause>", b"<abort>"])  # read it, worked on it, died
+    client = StreamClient(url, {})
+    assert await client.post("/completions", b"{}", Lines()) == (200, b"")
+    await _until(lambda: len(client._idle) == 1)
+    with pytest.raises(UpstreamHTTPError, match="before an answer"):
+        await client.post("/completions", b"{}", Lines())
+    assert len(scripted.requests) == 2  # sent once: the caller decides whether to send it again
+    client.close()
+
+
+async def test_a_bodiless_answer_and_malformed_frames(server: tuple[ScriptedServer, str]) -> None:
+    scripted, url = server
+    scripted.answers.append(lambda _: [b"HTTP/1.1 204 No Content\r\n\r\n"])
+    client = StreamClient(url, {})
+    assert await asyncio.wait_for(client.post("/completions", b"{}", Lines()), 5) == (204, b"")
+    for bad, why in [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n", "chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n", "past its size"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "Content-Length"),
+        (b"HTTP/2 200\r\n\r\n", "not an HTTP/1.x"),
+    ]:
+        scripted.answers.append(lambda _, bad=bad: [bad, b"<eof>"])  # type: ignore[misc]
+        with pytest.raises(ValueError, match=why):
+            await asyncio.wait_for(client.post("/completions", b"{}", Lines()), 5)
+    client.close()

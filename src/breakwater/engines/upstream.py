@@ -378,7 +378,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     finish = take_choice(choice, chat, parts, logprobs, calls) or finish
-            if parts:
+            if parts and self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
                 text = "".join(parts)
                 tokens = len(parts) - (calls.tags() if calls is not None else 0)
                 flight.text += text
