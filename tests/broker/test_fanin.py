@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from breakwater.broker.fanin import Fanin, Subscription
+from breakwater.broker.fanin import LEAVE_EVERY_S, Fanin, Subscription
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
 from breakwater.redis_server import RedisServer
@@ -116,3 +116,43 @@ async def test_readers_are_resubscribed_and_woken_after_redis_restarts(
         assert other.confirmed.done()
     finally:
         await fanin.close()
+
+
+async def _unsubscribes(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_unsubscribe", {}).get("calls", 0))
+
+
+async def test_channels_let_go_together_leave_in_one_unsubscribe(fanin: Fanin, redis: Redis) -> None:
+    subs = [await _subscribe(fanin, f"r{i}") for i in range(5)]
+    channels = [fanin.keys.channel(f"r{i}") for i in range(5)]
+    assert [n for _, n in await redis.pubsub_numsub(*channels)] == [1] * 5
+    before = await _unsubscribes(redis)
+    for sub in subs:
+        await fanin.unsubscribe(sub)
+
+    async def subscribed() -> list[int]:
+        return [n for _, n in await redis.pubsub_numsub(*channels)]
+
+    deadline = time.monotonic() + 10
+    while await subscribed() != [0] * 5:
+        assert time.monotonic() < deadline, "the channels were not unsubscribed"
+        await asyncio.sleep(0.02)
+    assert await _unsubscribes(redis) == before + 1
+
+
+async def test_a_channel_taken_again_while_being_let_go_keeps_its_subscription(
+    fanin: Fanin, redis: Redis
+) -> None:
+    first = await _subscribe(fanin, "r")
+    await fanin.unsubscribe(first)
+    again = await _subscribe(fanin, "r")  # within the same window: the subscription is kept
+    assert again.confirmed.done()
+    before = await _unsubscribes(redis)
+    await asyncio.sleep(4 * LEAVE_EVERY_S)  # past the window in which a pending UNSUBSCRIBE would go
+    assert await _unsubscribes(redis) == before
+    channel = fanin.keys.channel("r")
+    assert (await redis.pubsub_numsub(channel))[0][1] == 1
+    await redis.publish(channel, "t1 1 still here")
+    await _until(lambda: len(again.events) == 1, "the event")
+    assert list(again.events) == [TokenEvent(1, "token", "still here", 1)]
