@@ -357,3 +357,33 @@ async def test_writes_a_failover_lost_are_reported_behind_then_resent(broker: Br
     assert [(e.seq, e.kind, e.text) for e in events][:4] == [(i, "token", t) for i, t in enumerate("abcd", 1)]
     record = await broker.get_record("f")
     assert record is not None and record.status is Status.DONE and record.emitted == "abcd"
+
+
+async def test_finish_read_gives_the_terminal_record_settle_meters_without_reading_again(
+    broker: Broker, redis: Redis
+) -> None:
+    await _enqueue(broker, "fr")
+    (job,) = await broker.claim("m", "interactive", "w", 1, None)
+    await _start(broker, "fr", "w")
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
+    seq, record = await broker.finish_read("fr", attempt=1, text="hi", tokens=5, finish_reason="stop", **end)
+    assert seq == 2  # the text, then the terminal event
+    assert record is not None and record.status is Status.DONE and record.usage == usage
+    assert (record.spec.model, record.spec.lane, record.tokens) == ("m", "interactive", 5)
+    sent: list[tuple[Any, ...]] = []
+    execute = broker.fast.execute
+
+    async def spy(*args: Any) -> Any:  # the real call, recorded
+        sent.append(args)
+        return await execute(*args)
+
+    broker.fast.execute = spy  # type: ignore[method-assign]
+    metered = await broker.settle(job, record)
+    assert metered is record  # counted now, from the record the finish read
+    assert not [c for c in sent if c[0] == "HMGET"]  # no second read of the record
+    assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 0  # acknowledged
+    assert await broker.settle(job) is None  # settled once: metering is not repeated
+    # A fenced-off attempt's finish writes nothing; what it read is the record as it stands.
+    seq, record = await broker.finish_read("fr", attempt=7, **end)
+    assert seq == -1 and record is not None and record.status is Status.DONE

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
+from typing_extensions import Unpack
 
 from breakwater.broker.admission import Admissions
 from breakwater.broker.api_keys import KeyStore
@@ -50,6 +51,31 @@ SETTLE_FIELDS = (
     "model",
     "lane",
 )
+
+
+class Terminal(TypedDict, total=False):
+    """How a request ends (``finish.lua``'s arguments)."""
+
+    attempt: Required[int | None]  # None: whoever runs it (a cancel, an expiry)
+    kind: Required[str]  # the terminal event: "done" or "error"
+    status: Required[Status]
+    ttl_s: Required[int]
+    text: str  # the last step's text
+    tokens: int
+    finish_reason: str
+    usage: dict[str, int] | None
+    error: dict[str, Any] | None
+    logprobs: str
+    written: int | None  # the attempt's last write number
+
+
+def _settle_read(record_key: str) -> tuple[str, ...]:
+    return ("HMGET", record_key, *SETTLE_FIELDS)
+
+
+def _settle_record(values: Any) -> RequestRecord | None:
+    found = {k: v for k, v in zip(SETTLE_FIELDS, values, strict=True) if v is not None}
+    return RequestRecord.from_hash(found) if "status" in found else None
 
 
 def _model_lane(stream: str) -> tuple[str, str]:
@@ -305,45 +331,52 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         return raise_errors(await self.fast.pipeline(commands))
 
     # -- token streams ---------------------------------------------------------------------------
-    async def finish(
-        self,
-        rid: str,
-        *,
-        attempt: int | None,
-        kind: str,
-        status: Status,
-        ttl_s: int,
-        text: str = "",
-        tokens: int = 0,
-        finish_reason: str = "",
-        usage: dict[str, int] | None = None,
-        error: dict[str, Any] | None = None,
-        logprobs: str = "",
-        written: int | None = None,
-    ) -> int:
+    def _finish_call(self, rid: str, end: Terminal) -> tuple[list[str], list[Arg]]:
+        keys = [self.keys.request(rid), self.keys.tokens(rid), self.keys.emitted(rid)]
+        usage, error, written = end.get("usage"), end.get("error"), end.get("written")
+        attempt = end["attempt"]
+        args: list[Arg] = [
+            "*" if attempt is None else attempt,
+            self.keys.channel(rid),
+            self.token_stream_maxlen,
+            end["kind"],
+            end.get("text", ""),
+            end.get("tokens", 0),
+            end.get("finish_reason", ""),
+            orjson.dumps(usage).decode() if usage is not None else "",
+            orjson.dumps(error).decode() if error is not None else "",
+            end["ttl_s"],
+            end["status"].value,
+            end.get("logprobs", ""),
+            "" if written is None else written,
+            self.publish,
+        ]
+        return keys, args
+
+    async def finish(self, rid: str, **end: Unpack[Terminal]) -> int:
         """Append the terminal event and mark the record terminal (fenced unless ``attempt`` is None).
         ``written``: the attempt's last write number; if the record has fewer (a failover lost
         some), nothing is written and :data:`BEHIND` - the record's last is returned."""
-        res = await self._finish(
-            keys=[self.keys.request(rid), self.keys.tokens(rid), self.keys.emitted(rid)],
-            args=[
-                "*" if attempt is None else attempt,
-                self.keys.channel(rid),
-                self.token_stream_maxlen,
-                kind,
-                text,
-                tokens,
-                finish_reason,
-                orjson.dumps(usage).decode() if usage is not None else "",
-                orjson.dumps(error).decode() if error is not None else "",
-                ttl_s,
-                status.value,
-                logprobs,
-                "" if written is None else written,
-                self.publish,
-            ],
-        )
-        return int(res)
+        keys, args = self._finish_call(rid, end)
+        return int(await self._finish(keys=keys, args=args))
+
+    async def finish_read(self, rid: str, **end: Unpack[Terminal]) -> tuple[int, RequestRecord | None]:
+        """:meth:`finish`, and in the same round trip what :meth:`settle` reads of the record as
+        ``finish`` left it: (its result, that record when it is terminal, else None). On a cluster
+        whose slot moves meanwhile the read may run before the script; its record is then not
+        terminal, so None, and :meth:`settle` reads again."""
+        keys, args = self._finish_call(rid, end)
+        calls = [self._finish.evalsha(keys, args), _settle_read(keys[0])]
+        replies = await self.fast.pipeline(calls)
+        if isinstance(replies[0], NoScriptError):  # a new or restarted Redis: load it, then again
+            await self._finish.load()
+            replies = await self.fast.pipeline(calls)
+        if isinstance(replies[0], NoScriptError):  # a cluster node still without it: Script's way
+            return int(await self._finish(keys=keys, args=args)), None
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        record = None if isinstance(replies[1], Exception) else _settle_record(replies[1])
+        return int(replies[0]), record if record is not None and record.status.terminal else None
 
     async def fail(
         self,
@@ -390,15 +423,12 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
             fields, emitted = await pipe.execute()
         return RequestRecord.from_hash(fields, emitted=emitted or "") if fields else None
 
-    async def settle(self, job: Job) -> RequestRecord | None:
+    async def settle(self, job: Job, record: RequestRecord | None = None) -> RequestRecord | None:
         """Acknowledge a job whose request ended (or is gone), metering it first (idempotent, so a
         crash in between leaves the job to be reclaimed and settled again): its record when its
-        usage was counted now."""
-        record = None
-        if job.rid:  # only what metering reads: not the prompt, which can be megabytes
-            values: Any = await self.fast.execute("HMGET", self.keys.request(job.rid), *SETTLE_FIELDS)
-            found = {k: v for k, v in zip(SETTLE_FIELDS, values, strict=True) if v is not None}
-            record = RequestRecord.from_hash(found) if "status" in found else None
+        usage was counted now. ``record``: its terminal record as :meth:`finish_read` read it."""
+        if record is None and job.rid:  # only what metering reads: not the prompt (megabytes)
+            record = _settle_record(await self.fast.execute(*_settle_read(self.keys.request(job.rid))))
         metered = None
         used = None
         if record is not None and record.status.terminal:
