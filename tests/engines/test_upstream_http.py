@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -442,3 +444,41 @@ async def test_a_bodiless_answer_and_malformed_frames(server: tuple[ScriptedServ
         with pytest.raises(ValueError, match=why):
             await asyncio.wait_for(client.post("/completions", b"{}", Lines()), 5)
     client.close()
+
+
+TLS = Path(__file__).parent / "tls"  # a test CA and a certificate for 127.0.0.1 it signed (2000-2125)
+
+
+@pytest.fixture
+async def tls_server() -> AsyncIterator[tuple[ScriptedServer, str]]:
+    scripted = ScriptedServer([])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(TLS / "server.pem", TLS / "server.key")
+    srv = await asyncio.start_server(scripted.handle, "127.0.0.1", 0, ssl=context)
+    port = srv.sockets[0].getsockname()[1]
+    yield scripted, f"https://127.0.0.1:{port}/v1"
+    srv.close()
+
+
+async def test_https_with_a_trusted_certificate_streams_and_reuses_its_connection(
+    tls_server: tuple[ScriptedServer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted, url = tls_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS / "ca.pem"))  # what the default context trusts
+    client = StreamClient(url, {"Authorization": "Bearer k"})
+    for _ in range(2):
+        scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
+        got = Lines()
+        assert await client.post("/chat/completions", b"{}", got) == (200, b"")
+        assert got.data == EXPECTED
+        await _until(lambda: len(client._idle) == 1)
+    assert [r.conn for r in scripted.requests] == [1, 1]
+    assert scripted.requests[0].head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    client.close()
+
+
+async def test_https_refuses_a_certificate_it_does_not_trust(tls_server: tuple[ScriptedServer, str]) -> None:
+    _, url = tls_server
+    client = StreamClient(url, {})
+    with pytest.raises(UpstreamHTTPError, match="CERTIFICATE_VERIFY_FAILED"):
+        await client.post("/chat/completions", b"{}", Lines())
