@@ -117,6 +117,16 @@ class Lines:
         return [line for read in self.reads for line in read if line]
 
 
+async def _answered(client: StreamClient, path: str = "/completions", *, pooled: bool = False) -> None:
+    """One POST answered with EVENTS, whole; ``pooled``: then wait until its connection is back in
+    the pool (once its body has ended)."""
+    got = Lines()
+    assert await client.post(path, b"{}", got) == (200, b"")
+    assert got.data == EXPECTED
+    if pooled:
+        await _until(lambda: len(client._idle) == 1)
+
+
 EVENTS = (b'{"n": 1}', b'{"n": 2, "text": "a\\u2028b"}', b'{"n": 3}', b"[DONE]")
 EXPECTED = [b"data: " + e for e in EVENTS]
 
@@ -204,10 +214,7 @@ async def test_keep_alive_reuses_one_connection_and_a_stale_one_is_retried_once_
     client = StreamClient(url, {})
     for _ in range(2):
         scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
-        got = Lines()
-        assert await client.post("/completions", b"{}", got) == (200, b"")
-        assert got.data == EXPECTED
-        await _until(lambda: len(client._idle) == 1)  # back in the pool once its body has ended
+        await _answered(client, pooled=True)
     assert scripted.connections == 1
     # The server closes the idle connection, and the client has not read that yet when it sends.
     idle = client._idle[0]
@@ -357,10 +364,7 @@ async def test_a_last_chunk_whose_end_comes_later_still_leaves_the_connection_re
     scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
     client = StreamClient(url, {})
     for _ in range(2):
-        got = Lines()
-        assert await client.post("/completions", b"{}", got) == (200, b"")
-        assert got.data == EXPECTED
-        await _until(lambda: len(client._idle) == 1)
+        await _answered(client, pooled=True)
     assert [r.conn for r in scripted.requests] == [1, 1]
     client.close()
 
@@ -375,9 +379,7 @@ async def test_bytes_after_an_answer_keep_its_connection_out_of_the_pool(
     scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
     client = StreamClient(url, {})
     for _ in range(2):
-        got = Lines()
-        assert await client.post("/completions", b"{}", got) == (200, b"")
-        assert got.data == EXPECTED
+        await _answered(client)
     assert [r.conn for r in scripted.requests] == [1, 2]
     client.close()
 
@@ -468,10 +470,7 @@ async def test_https_with_a_trusted_certificate_streams_and_reuses_its_connectio
     client = StreamClient(url, {"Authorization": "Bearer k"})
     for _ in range(2):
         scripted.answers.append(lambda _: chunked(sse(*EVENTS)))
-        got = Lines()
-        assert await client.post("/chat/completions", b"{}", got) == (200, b"")
-        assert got.data == EXPECTED
-        await _until(lambda: len(client._idle) == 1)
+        await _answered(client, "/chat/completions", pooled=True)
     assert [r.conn for r in scripted.requests] == [1, 1]
     assert scripted.requests[0].head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     client.close()
