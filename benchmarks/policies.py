@@ -30,7 +30,7 @@ from pathlib import Path
 from breakwater.bench.profiles import Arrival, diurnal_day, trace
 from breakwater.capacity.policies import Adaptive, Fixed, Hpa, HpaMechanics, KedaQueue, Policy
 from breakwater.capacity.pricing import Pricing
-from breakwater.capacity.service import ILLUSTRATIVE
+from breakwater.capacity.service import CURVES
 from breakwater.capacity.simulator import Result, Simulation
 from breakwater.config import GatewaySettings
 from common import write_section
@@ -38,7 +38,6 @@ from common import write_section
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = ROOT / "docs" / "evaluation.md"
 TRACES = ROOT.parent / "shared" / "traces"
-CURVE = ILLUSTRATIVE
 HPA_TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 KEDA_LAGS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 OCCUPANCIES = (0.3, 0.4, 0.5, 0.7, 0.9, 1.0)  # adaptive: autoscale_target_occupancy
@@ -54,6 +53,7 @@ class Setup:
     slo_ttft_s: float
     start_replicas: int
     trough: float | None = None  # a synthetic day (diurnal_day) at this night-to-peak ratio
+    curve: str = "illustrative"  # a replica's service curve (capacity.service.CURVES)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def run(setup: Setup, family: str, value: float) -> Point:
     arrivals = _arrivals(setup)
     start = int(value) if family == "fixed" else setup.start_replicas
     result = Simulation(
-        CURVE, arrivals, _policy(family, value), replicas=start, startup_s=setup.startup_s
+        CURVES[setup.curve], arrivals, _policy(family, value), replicas=start, startup_s=setup.startup_s
     ).run()
     return _point(setup, family, value, result)
 
@@ -199,6 +199,12 @@ def main() -> None:
     parser.add_argument("--startup-s", type=float, default=60.0)
     parser.add_argument("--day", action="store_true", help="a synthetic day of the code trace instead")
     parser.add_argument("--trough", type=float, default=0.25, help="--day: the night's share of the peak")
+    parser.add_argument(
+        "--curve",
+        choices=sorted(CURVES),
+        default="illustrative",
+        help="a replica's service curve; h100-llama3-8b: fitted from published vLLM numbers",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.time_scale is None:
@@ -223,6 +229,7 @@ def main() -> None:
                 1.0,
                 start,
                 args.trough if args.day else None,
+                args.curve,
             )
             points = sweep(setup, pool)
             parts.append(section(name, setup, points, targets))
@@ -232,20 +239,25 @@ def main() -> None:
     command = "python benchmarks/policies.py" + (f" --day --trough {args.trough:g}" if args.day else "")
     if args.time_scale != (2.0 if args.day else 4.0):
         command += f" --time-scale {args.time_scale:g}"
+    if args.curve != "illustrative":
+        command += f" --curve {args.curve}"
+    curve = CURVES[args.curve]
     title = "A day: autoscaling policies" if args.day else "Autoscaling policies"
     body = "\n\n".join(
         [
             f"## {title} at equal SLO attainment (issue #18)",
             f"`{command}`, {time.strftime('%Y-%m-%d')}, "
-            f"{time.monotonic() - began:.0f} s. Simulator curve: {CURVE.capacity} sequences, steps of "
-            f"{CURVE.decode_base_s * 1000:g} ms + {CURVE.decode_per_seq_s * 1000:g} ms per sequence + "
-            f"{CURVE.prefill_s_per_token * 1000:g} ms per prompt token, at most "
-            f"{CURVE.max_batched_tokens} prompt tokens joining a step; H100 prices; objective TTFT ≤ 1 s. "
+            f"{time.monotonic() - began:.0f} s. Simulator curve ({args.curve}): {curve.capacity} "
+            f"sequences, steps of {curve.decode_base_s * 1000:g} ms + "
+            f"{curve.decode_per_seq_s * 1000:g} ms per sequence + "
+            f"{curve.prefill_s_per_token * 1000:g} ms per prompt token, at most "
+            f"{curve.max_batched_tokens} prompt tokens joining a step; H100 prices; objective TTFT ≤ 1 s. "
             "Each family's thresholds are swept; the cheapest setting meeting the target is its best.",
             *parts,
         ]
     )
-    write_section("policies-day" if args.day else "policies", body, EVALUATION)
+    marker = "policies-day" if args.day else "policies"
+    write_section(marker if args.curve == "illustrative" else f"{marker}-{args.curve}", body, EVALUATION)
 
 
 if __name__ == "__main__":

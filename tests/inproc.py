@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from breakwater.engines.sim import SimEngine
 from breakwater.gateway.app import build_app
 from breakwater.keys import Keys
 from breakwater.worker import Worker
+
+STOP_S = 30.0  # how long a cancelled worker may take to stop
 
 
 @dataclass
@@ -62,8 +65,17 @@ class InProc:
         for worker, task in self.workers:
             worker.drain()
             task.cancel()
+            # Bounded, naming the task: a worker that does not stop fails its test with its stack
+            # (where it waits) instead of hanging the fixture until pytest's timeout.
+            done, _ = await asyncio.wait({task}, timeout=STOP_S)
+            if not done:
+                where = io.StringIO()
+                task.print_stack(file=where)
+                raise AssertionError(
+                    f"worker {task.get_name()} still running {STOP_S} s after cancel:\n{where.getvalue()}"
+                )
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                task.result()
             await worker.broker.aclose()
         self.workers.clear()
 

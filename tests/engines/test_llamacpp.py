@@ -113,11 +113,19 @@ async def test_each_step_decodes_every_running_sequence_and_cancel_frees_slot(en
     assert engine.free_slots() == 0
     with pytest.raises(EngineRequestError):
         engine.add(GenerationRequest("extra", prompt="x"))
+    prompts = sum(len(seq.tokens) for seq in engine._seqs.values())
     seen: set[str] = set()
+    prefilled = 0
     while len(seen) < 4:  # prefill (chunked) then the first sampled token of each
         seen |= {d.request_id for d in await engine.step()}
+        shape = engine.last_step()
+        assert shape is not None
+        prefilled += shape[1]
+    # What each step held, for the worker's step-cost fit: every prompt token once, then 4 decoding.
+    assert prefilled == prompts
     deltas = await engine.step()
     assert {d.request_id for d in deltas} == {"r0", "r1", "r2", "r3"}  # one batch, all sequences
+    assert engine.last_step() == (4, 0)
     engine.cancel("r2")
     assert engine.free_slots() == 1
     assert {d.request_id for d in await engine.step()} == {"r0", "r1", "r3"}

@@ -108,3 +108,42 @@ def test_asking_twice_between_observations_counts_once() -> None:
     _feed(load, 30, per_s=(12, 8), waiting=40, in_flight=64, workers=2, capacity=64)
     assert [load.desired_workers(SETTINGS) for _ in range(3)] == [4, 4, 4]
     assert len(load._recent) == 1
+
+
+def test_workers_rating_below_littles_law_sizes_the_fleet() -> None:
+    """Prefill-heavy jobs: Little's law on a half-full fleet reads 4 workers x 32 slots finishing
+    12/s with 64 running -> 6 jobs/s per worker; the workers' own step costs say a full worker
+    finishes 2 a second (each job's prefill is not shared). 12 arriving a second, no backlog:
+    6 workers, not 2."""
+    load = ModelLoad()
+    _feed(load, 30, per_s=(12, 12), waiting=0, in_flight=64, workers=4, capacity=128)
+    assert load.desired_workers(SETTINGS) == 2
+    rated = ModelLoad()
+    added = done = 0
+    for second in range(30):
+        added, done = added + 12, done + 12
+        rated.observe(float(second), added, done, 0, 64, 4, 128, rated=2.0)
+    assert rated.desired_workers(SETTINGS) == 6
+
+
+def test_a_rating_above_littles_law_changes_nothing() -> None:
+    """The lower of the two counts: an engine short of KV cache runs fewer than its slots, which
+    the step cost does not know."""
+    load = ModelLoad()
+    added = done = 0
+    for second in range(30):
+        added, done = added + 6, done + 3
+        load.observe(float(second), added, done, 20, 40, 1, 256, 0, rated=50.0)
+    assert load.desired_workers(SETTINGS) == 3  # as without a rating: (6 + 20/10) / 3
+
+
+def test_a_rating_sizes_the_fleet_before_littles_law_is_measured() -> None:
+    """Fewer running than workers (nothing measured by Little's law yet), 10 arriving a second and
+    each worker rated at 4 jobs/s: 3 workers."""
+    load = ModelLoad()
+    added = 0
+    for second in range(30):
+        added += 10
+        load.observe(float(second), added, added, 0, 1, 2, 64, rated=4.0)
+    assert load.per_worker_rate == 0
+    assert load.desired_workers(SETTINGS) == 3

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from breakwater.config import GatewaySettings
 from breakwater.gateway.autoscale import ModelLoad
@@ -41,6 +41,7 @@ class Observation:
     utilisation: float  # busy fraction of the ready replicas since the previous observation
     arrived: int  # requests ever admitted
     done: int  # requests ever finished
+    rated: float = 0.0  # jobs/s a ready replica finishes with its slots full, by its own step cost
 
 
 class Policy(Protocol):
@@ -139,12 +140,15 @@ class Adaptive:
     period_s: float = 1.0
     hpa_period_s: float = 15.0
     name: str = "adaptive"
+    reads_rated: ClassVar[bool] = True  # the replicas fit and report their step cost (simulator)
     _load: ModelLoad = field(default_factory=ModelLoad)
     _last_sync: float = -math.inf
     _current: int = -1
 
     def desired(self, obs: Observation) -> int:
-        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity)
+        self._load.observe(
+            obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity, rated=obs.rated
+        )
         gauge = self._load.desired_workers(self.settings)  # refreshed every second, as the gateway's
         if self._current < 0 or obs.now - self._last_sync >= self.hpa_period_s:
             self._last_sync = obs.now
@@ -165,12 +169,15 @@ class Supervisor:
     down_delay_s: float = 10.0
     period_s: float = 1.0
     name: str = "supervisor"
+    reads_rated: ClassVar[bool] = True
     _load: ModelLoad = field(default_factory=ModelLoad)
     _last_scale: float = -math.inf
     _below_since: float | None = None
 
     def desired(self, obs: Observation) -> int:
-        self._load.observe(obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity)
+        self._load.observe(
+            obs.now, obs.arrived, obs.done, obs.waiting, obs.running, obs.ready, obs.capacity, rated=obs.rated
+        )
         want = self._load.desired_workers(self.settings)  # clamped to the gateway's min and max
         if obs.now - self._last_scale < self.scale_interval_s:
             return obs.replicas

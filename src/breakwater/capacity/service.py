@@ -53,3 +53,20 @@ ILLUSTRATIVE = ServiceCurve(
     prefill_s_per_token=0.00005,
     max_batched_tokens=8192,
 )
+
+
+# Llama-3-8B (BF16) on one H100 under vLLM 0.6 (256 sequences, max_num_batched_tokens = the
+# model's 8192-token context), fitted by hand from published numbers, about +/-30%: vLLM's
+# performance benchmark latency at batch 8 (997.5 ms for 128 output tokens: 7.8 ms a step), the
+# LambdaLabs vLLM benchmark (8,088 output tokens/s at 256 sequences, ShareGPT), the vLLM v0.6.0
+# blog's prefill-heavy throughput. Sources and arithmetic: docs/evaluation.md, "A GPU curve from
+# published numbers".
+H100_LLAMA3_8B = ServiceCurve(
+    capacity=256,
+    decode_base_s=0.0073,
+    decode_per_seq_s=0.00006,
+    prefill_s_per_token=0.000033,
+    max_batched_tokens=8192,
+)
+
+CURVES = {"illustrative": ILLUSTRATIVE, "h100-llama3-8b": H100_LLAMA3_8B}

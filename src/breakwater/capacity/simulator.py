@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from breakwater.bench.profiles import Arrival
 from breakwater.capacity.policies import Observation, Policy
 from breakwater.capacity.service import ServiceCurve
+from breakwater.engines.stepcost import Rating
 
 
 @dataclass(slots=True)
@@ -52,6 +54,9 @@ class Replica:
     stepping: bool = False
     draining: bool = False
     busy_s: float = 0.0
+    rating: Rating | None = None  # its fitted step cost, as a worker keeps it (policies that read it)
+    rated: float | None = None  # what it reported at its last heartbeat
+    rated_at: float = -math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,7 @@ class Result:
 
 
 ARRIVE, STEP, READY, TICK = range(4)
+HEARTBEAT_S = 2.0  # how often a worker reports its rating (WorkerSettings.heartbeat_s)
 DISPATCH = ("pull", "push-rr", "push-least")
 
 
@@ -116,6 +122,8 @@ class Simulation:
         self._last_tick = 0.0
         self._arrived = self._done = 0
         self._waking = False
+        # Replicas fit their step cost only for a policy that reads it (it costs a little per step).
+        self._rates = bool(getattr(policy, "reads_rated", False))
         for request in self.requests:
             self._at(request.arrival_s, ARRIVE, request)
         for _ in range(replicas):
@@ -189,6 +197,8 @@ class Simulation:
             replica.stepping = False
             return
         duration = self.curve.step_s(len(replica.running), prefill)
+        if replica.rating is not None:
+            replica.rating.fit.add(duration, len(replica.running), prefill)
         replica.stepping = True
         replica.busy_s += duration
         self._busy_s += duration
@@ -204,6 +214,8 @@ class Simulation:
             if request.tokens >= request.output_tokens:
                 request.done_s = self._now
                 self._done += 1
+                if replica.rating is not None:
+                    replica.rating.finished(request.input_tokens, request.output_tokens)
             else:
                 still.append(request)
         replica.running = still
@@ -230,11 +242,25 @@ class Simulation:
             utilisation=utilisation,
             arrived=self._arrived,
             done=self._done,
+            rated=self._rated(ready),
         )
         self._resize(self.policy.desired(obs))
         if not self.samples or now - self.samples[-1].t >= self.sample_s:
             self.samples.append(Sample(now, len(counted), len(ready), obs.waiting, obs.running))
         self._at(now + self.policy.period_s, TICK, None)
+
+    def _rated(self, ready: list[Replica]) -> float:
+        """The mean of the ready replicas' last reported ratings (0: none known), as the gateway
+        aggregates the workers' heartbeats."""
+        if not self._rates:
+            return 0.0
+        known = []
+        for replica in ready:
+            if replica.rating is not None and self._now - replica.rated_at >= HEARTBEAT_S:
+                replica.rated, replica.rated_at = replica.rating.jobs_per_s(), self._now
+            if replica.rated:
+                known.append(replica.rated)
+        return sum(known) / len(known) if known else 0.0
 
     def _resize(self, want: int) -> None:
         counted = [r for r in self.replicas if not r.draining]
@@ -255,6 +281,7 @@ class Simulation:
                 self.replicas.remove(replica)
 
     def _add_replica(self, ready_s: float) -> None:
-        self.replicas.append(Replica(next(self._ids), ready_s))
+        rating = Rating(self.curve.capacity) if self._rates else None
+        self.replicas.append(Replica(next(self._ids), ready_s, rating=rating))
         if ready_s > self._now:
             self._at(ready_s, READY, None)

@@ -117,6 +117,12 @@ class Engine(ABC):
         """Engine state for metrics (e.g. ``kv_cache_usage``)."""
         return {}
 
+    def last_step(self) -> tuple[int, int] | None:
+        """The sequences and the prompt tokens prefilled in the step just run, for an engine whose
+        ``step`` is one batch step of the model: the worker fits its step cost from them
+        (``engines.stepcost``). None for an engine whose steps it cannot see (an upstream)."""
+        return None
+
     def fingerprint(self) -> str:
         """What makes this engine's answers what they are (weights, template, upstream): part of
         every response-cache key, so a new model version never gets an old version's answers."""

@@ -103,6 +103,7 @@ class LlamaCppEngine(Engine):
         self._n_vocab = 0
         self._eog: list[int] = []
         self._batch: Any = None
+        self._last_step: tuple[int, int] | None = None  # (sequences, prompt tokens) of the last batch
         self._formatter: Jinja2ChatFormatter | None = None
         self._embeds: list[tuple[GenerationRequest, list[list[int]]]] = []  # waiting for the next step
         self._embed_ctx: Any = None
@@ -312,11 +313,15 @@ class LlamaCppEngine(Engine):
             llama_cpp.llama_sampler_free(sampler)
         self._to_free.clear()
 
+    def last_step(self) -> tuple[int, int] | None:
+        return self._last_step
+
     async def step(self) -> list[SequenceDelta]:
         while not self._seqs and not self._embeds:
             self._work.clear()
             await self._work.wait()
         embedded: list[SequenceDelta] = []
+        self._last_step = None
         if self._embeds:
             jobs, self._embeds = self._embeds, []
             embedded = await asyncio.to_thread(self._embed_all, jobs)
@@ -328,6 +333,9 @@ class LlamaCppEngine(Engine):
         self._to_clear.clear()
         self._free_samplers()
         plan = self._plan()
+        if not embedded:  # a step that also embedded took longer than its batch: not one to fit
+            prefill = sum(len(tokens) for seq, tokens, _ in plan if seq.last_token is None)
+            self._last_step = (len(plan), prefill)
         sampled = await asyncio.to_thread(self._decode_and_sample, plan)
         return embedded + [self._emit(seq, token, lp) for seq, token, lp in sampled if not seq.cancelled]
 

@@ -162,12 +162,16 @@ class SimEngine(Engine):
         self._work = asyncio.Event()
         self._rng = random.Random(0)
         self.hang_marker = opts.hang_marker
+        self._last_step: tuple[int, int] | None = None
 
     def free_slots(self) -> int:
         return max(0, self.info.capacity - len(self._seqs))
 
     def running(self) -> int:
         return len(self._seqs)
+
+    def last_step(self) -> tuple[int, int] | None:
+        return self._last_step
 
     def prompt_of(self, request: GenerationRequest) -> str:
         if request.messages is not None:
@@ -229,6 +233,7 @@ class SimEngine(Engine):
             await self._work.wait()
         if self._embedded:  # answered at once: an embedding is one forward pass, no decode steps
             done, self._embedded = self._embedded, []
+            self._last_step = None
             await asyncio.sleep(0)
             return done
         if self.hang_marker and any(
@@ -240,7 +245,9 @@ class SimEngine(Engine):
         batch = list(self._seqs.items())
         joining = [s for _, s in batch if not s.prefilled]
         cost = self.options
-        delay_ms = sum(s.prompt_tokens for s in joining) * cost.prefill_ms_per_token
+        prefill = sum(s.prompt_tokens for s in joining)
+        self._last_step = (len(batch), prefill)
+        delay_ms = prefill * cost.prefill_ms_per_token
         delay_ms += cost.decode_base_ms + cost.decode_per_seq_ms * len(batch)
         if cost.jitter_frac:
             delay_ms *= 1.0 + self._rng.uniform(-cost.jitter_frac, cost.jitter_frac)

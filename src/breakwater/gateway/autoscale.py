@@ -27,6 +27,12 @@ class ModelLoad:
     batches are small (steps are faster) and settles where the fleet runs; measured only while
     saturated, it latched the arrival rate of a fleet barely full and asked for ever more workers.
 
+    Workers that fit their engine's step cost (``engines.stepcost``) report the jobs per second
+    they would finish with their slots full (``rated``); the lower of that and Little's law is the
+    capacity. Little's law alone reads high when a job's engine time grows with the batch: a long
+    prompt's prefill is not shared by the sequences beside it, so a fuller worker finishes fewer
+    jobs per running job than the one measured.
+
     The count it reports is the highest of the last ``autoscale_window_s``: its inputs move every
     second under bursty traffic, and a controller that reads the gauge every 15-30 s (an HPA
     through KEDA or a Prometheus adapter) would otherwise see whichever second it samples, mostly
@@ -41,6 +47,7 @@ class ModelLoad:
         self.in_flight = 0
         self.workers = 0
         self.capacity = 0
+        self.rated = 0.0  # jobs/s a worker finishes with its slots full, by the workers' own fit
         self.saturated = False
         self._prev: tuple[float, int, int] | None = None
         self._now = 0.0
@@ -56,10 +63,13 @@ class ModelLoad:
         workers: int,
         capacity: int = 0,
         free: int | None = None,
+        rated: float = 0.0,
     ) -> None:
         """``capacity``: the live workers' sequence slots together (0: unknown); ``free``: those
-        they would fill now (default: capacity - in_flight; an engine short of KV cache has none)."""
+        they would fill now (default: capacity - in_flight; an engine short of KV cache has none);
+        ``rated``: jobs/s one worker finishes with its slots full, from its step cost (0: unknown)."""
         self.waiting, self.in_flight, self.workers, self.capacity = waiting, in_flight, workers, capacity
+        self.rated = rated
         self._now = now
         room = max(0, capacity - in_flight if free is None else free)
         # Jobs wait while the workers have (almost) no room: they are saturated. A job also waits a
@@ -95,13 +105,16 @@ class ModelLoad:
     def _instant(self, settings: GatewaySettings) -> int:
         if self.waiting == 0 and self.in_flight == 0 and self.arrival_rate < 0.01:
             return settings.autoscale_min_workers
-        if self.per_worker_rate <= 0:
-            # Never saturated, so nothing measured: the workers whose slots (at the saturation
-            # share) hold what runs now, and one more while they are saturated.
+        rate = self.per_worker_rate
+        if self.rated > 0:
+            rate = min(rate, self.rated) if rate > 0 else self.rated
+        if rate <= 0:
+            # Nothing measured yet: the workers whose slots (at the saturation share) hold what
+            # runs now, and one more while they are saturated.
             want = self._by_slots(settings.autoscale_target_occupancy) + (1 if self.saturated else 0)
         else:
             demand = self.arrival_rate + self.waiting / settings.autoscale_horizon_s
-            want = math.ceil(demand / (self.per_worker_rate * settings.autoscale_target_occupancy))
+            want = math.ceil(demand / (rate * settings.autoscale_target_occupancy))
         return max(settings.autoscale_min_workers, min(settings.autoscale_max_workers, max(1, want)))
 
     def _by_slots(self, target: float) -> int:
@@ -192,7 +205,15 @@ class AutoscaleSignals:
             waiting_all, in_flight_all = waiting_all + waiting, in_flight_all + in_flight
         load = self.load.setdefault(name, ModelLoad())
         load.observe(
-            time.monotonic(), added, done, waiting_all, in_flight_all, info.workers, info.capacity, info.free
+            time.monotonic(),
+            added,
+            done,
+            waiting_all,
+            in_flight_all,
+            info.workers,
+            info.capacity,
+            info.free,
+            info.rated,
         )
         m.drain_rate.labels(name).set(load.drain_rate)
         m.arrival_rate.labels(name).set(load.arrival_rate)

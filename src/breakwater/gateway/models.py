@@ -20,6 +20,9 @@ class ModelInfo:
     capacity: int
     active: int
     free: int = 0  # the slots the live workers would fill now (an engine short of KV cache has none)
+    # Jobs/s one worker finishes with its slots full, from the workers' fitted step costs (their
+    # mean; 0 while none knows it): the autoscaler's capacity per worker (gateway.autoscale).
+    rated: float = 0.0
     owned_by: str = "breakwater"
     kv_cache_usage: float | None = None
     features: frozenset[str] = frozenset()  # what every live worker's engine can do (engines.base)
@@ -59,7 +62,9 @@ class ModelRegistry:
                 if now - seen_at > self.settings.model_grace_s:
                     del self._seen[name]
                 elif name not in models:  # its workers' registrations lapsed: queue for them
-                    models[name] = replace(last, workers=0, capacity=0, active=0, free=0, fingerprint="")
+                    models[name] = replace(
+                        last, workers=0, capacity=0, active=0, free=0, rated=0.0, fingerprint=""
+                    )
             for name in [*self.settings.declared_models, *self.aliased]:  # queue until a worker starts
                 models.setdefault(name, ModelInfo.without_workers(name))
             self._models, self._models_at = models, time.monotonic()
@@ -84,6 +89,7 @@ class ModelRegistry:
 
 def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
     kv = [float(i["kv_cache_usage"]) for i in infos if i.get("kv_cache_usage") is not None]
+    rated = [float(i["rated"]) for i in infos if float(i.get("rated") or 0) > 0]
     return ModelInfo(
         name=name,
         context_length=min(int(i.get("context_length", 0)) for i in infos),
@@ -94,6 +100,7 @@ def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
             int(i.get("free", max(0, int(i.get("capacity", 0)) - int(i.get("active", 0))))) for i in infos
         ),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
+        rated=sum(rated) / len(rated) if rated else 0.0,
         features=frozenset.intersection(*(frozenset(i.get("features") or ()) for i in infos)),
         fingerprint=_common({str(i.get("fingerprint") or "") for i in infos}),
     )

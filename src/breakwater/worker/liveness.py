@@ -13,6 +13,7 @@ from breakwater.broker import Broker, Job, Status
 from breakwater.broker.errors import TRANSIENT
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import Engine
+from breakwater.engines.stepcost import Rating
 from breakwater.protocol.toolformats import FEATURE_PREFIX
 from breakwater.worker.jobs import InFlight
 from breakwater.worker.metrics import WorkerMetrics
@@ -32,6 +33,7 @@ class LivenessMixin:
     draining: bool
     hung: bool
     _step_started: float | None
+    rating: Rating
 
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         raise NotImplementedError
@@ -39,6 +41,8 @@ class LivenessMixin:
     def registry_info(self) -> dict[str, Any]:
         info = self.engine.info
         stats = self.engine.stats()
+        rated = self.rating.jobs_per_s()
+        self.metrics.rated.labels(self.model).set(rated or 0.0)
         return {
             "model": self.model,
             "engine": info.engine,
@@ -53,6 +57,8 @@ class LivenessMixin:
             else max(0, min(self.engine.free_slots(), info.capacity - len(self.inflight))),
             "draining": self.draining,
             "kv_cache_usage": stats.get("kv_cache_usage"),
+            # Jobs/s with its slots full, from its own step cost (absent until known).
+            **({"rated": round(rated, 4)} if rated else {}),
             "engine_stats": stats,
             "ts_ms": int(time.time() * 1000),
         }

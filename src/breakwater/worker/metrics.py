@@ -22,6 +22,13 @@ class WorkerMetrics:
             "breakwater_worker_batch_occupancy", "Running sequences / capacity", ["model"], registry=r
         )
         self.running = Gauge("breakwater_worker_running", "Sequences in the engine", ["model"], registry=r)
+        self.rated = Gauge(
+            "breakwater_worker_rated_jobs_per_second",
+            "Jobs per second this worker would finish with its slots full: its fitted step cost for"
+            " its recent jobs' lengths (0 until known; engines.stepcost)",
+            ["model"],
+            registry=r,
+        )
         self.tokens = Counter(
             "breakwater_worker_tokens_total", "Completion tokens generated", ["model"], registry=r
         )

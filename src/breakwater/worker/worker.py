@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,6 +23,7 @@ from breakwater.engines.base import (
     GenerationRequest,
     SequenceDelta,
 )
+from breakwater.engines.stepcost import Rating
 from breakwater.keys import queues
 from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
@@ -72,6 +74,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         self._suspects = 0  # in-flight jobs whose last attempt made no progress
         self.preemption = Preemption(broker, self.queues)
         self._steps = 0  # engine steps published
+        # Its own capacity for the autoscaler (heartbeat `rated`): step cost fitted from its steps.
+        self.rating = Rating(engine.info.capacity)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -305,7 +309,11 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             deltas = await self.engine.step()
             self._step_started = None
             if busy_since is not None:
-                self._busy.inc(time.monotonic() - busy_since)
+                took = time.monotonic() - busy_since
+                self._busy.inc(took)
+                shape = self.engine.last_step()
+                if shape is not None:
+                    self.rating.fit.add(took, *shape)
             started = time.perf_counter()
             await self._publish(deltas)
             self._steps += 1
@@ -356,9 +364,18 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             if seq < 0:
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
+        self._rate(delta for _, delta in finishes)
         for flight, delta in finishes:
             # A finished generation is kept until Redis takes it, never dropped.
             await until_redis(functools.partial(self._finish, flight, delta), "finish")
+
+    def _rate(self, finished: Iterable[SequenceDelta]) -> None:
+        """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
+        for delta in finished:
+            if delta.error is None and delta.usage:
+                self.rating.finished(
+                    delta.usage.get("prompt_tokens", 0), delta.usage.get("completion_tokens", 0)
+                )
 
     async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
         rid = flight.job.rid
