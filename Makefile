@@ -16,8 +16,15 @@ CRD_STAMP := tests/k8s/crd/node_modules/.installed
 .PHONY: up test lint typecheck unit bench peers peers-env evaluate clean vllm-env k8s-env k8s-check
 
 # llama.cpp is compiled for this machine's CPU (GGML_NATIVE: AVX2/AVX-512 where present); the Docker
-# image keeps portable flags instead (deploy/docker/Dockerfile).
+# image keeps portable flags instead (deploy/docker/Dockerfile). Without AMX: on a CPU that has it
+# (Sapphire Rapids and later), llama-cpp-python 0.3.36's ggml segfaults in llama_decode on any
+# batch of more than a token with the bundled Q4_1 model; its AVX-512 path serves it.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+else
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+endif
 
 $(STAMP): pyproject.toml
 	@echo "==> Creating $(VENV) and installing Breakwater. The first time, pip compiles llama.cpp"
