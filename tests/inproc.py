@@ -62,22 +62,34 @@ class InProc:
         return worker
 
     async def stop_workers(self) -> None:
-        for worker, task in self.workers:
+        """Cancel every worker, then wait for them all, bounded: one that does not stop fails the
+        test naming it, with the stacks of every task still running (its loops are tasks of their
+        own), instead of hanging the fixture until pytest's timeout."""
+        workers, self.workers = self.workers, []
+        for worker, task in workers:
             worker.drain()
             task.cancel()
-            # Bounded, naming the task: a worker that does not stop fails its test with its stack
-            # (where it waits) instead of hanging the fixture until pytest's timeout.
-            done, _ = await asyncio.wait({task}, timeout=STOP_S)
-            if not done:
-                where = io.StringIO()
-                task.print_stack(file=where)
-                raise AssertionError(
-                    f"worker {task.get_name()} still running {STOP_S} s after cancel:\n{where.getvalue()}"
-                )
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                task.result()
-            await worker.broker.aclose()
-        self.workers.clear()
+        tasks = [task for _, task in workers]
+        stuck: set[asyncio.Task[None]] = set()
+        try:
+            if tasks:
+                _, stuck = await asyncio.wait(tasks, timeout=STOP_S)
+            for task in tasks:
+                if task not in stuck:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        task.result()
+        finally:
+            for worker, _ in workers:
+                await worker.broker.aclose()
+        if stuck:
+            where = io.StringIO()
+            for other in asyncio.all_tasks():
+                if other is not asyncio.current_task():
+                    other.print_stack(file=where)
+            names = ", ".join(sorted(task.get_name() for task in stuck))
+            raise AssertionError(
+                f"workers {names} still running {STOP_S} s after cancel:\n{where.getvalue()}"
+            )
 
 
 @contextlib.asynccontextmanager

@@ -103,3 +103,26 @@ def test_a_rating_is_the_jobs_a_full_worker_finishes() -> None:
     for _ in range(200):
         rating.finished(prompt_tokens=100, output_tokens=64)
     assert rating.jobs_per_s() == pytest.approx(1 / (64 * (0.020 / 32 + 0.0005) + 100 * 0.00005), rel=0.01)
+
+
+def test_batches_far_below_the_slots_are_not_extrapolated() -> None:
+    """Batches of 1-3 sequences on a 32-slot engine: a few noisy steps would put a full batch's
+    cost anywhere (0.7-1.6x in a review's trial), so no rating until the batches reach half the
+    slots; with batches across the range the fit is reported."""
+    rng = random.Random(11)
+    fit = StepFit(slots=32)
+    _feed(fit, [(rng.randint(1, 3), rng.choice([0, 0, 2048])) for _ in range(3000)], rng)
+    assert fit.cost() is None
+    _feed(fit, [(rng.randint(1, 32), rng.choice([0, 0, 2048])) for _ in range(3000)], rng)
+    cost = fit.cost()
+    assert cost is not None
+    assert cost.job_s(32, 64, 2048) == pytest.approx(TRUE.job_s(32, 64, 2048), rel=0.05)
+
+
+def test_embeddings_do_not_move_the_lengths() -> None:
+    """An embedding finishes with no output tokens; counted, a first one would set the mean output
+    to 0 and rate the worker ~20x too high for the next sixty jobs."""
+    rating = Rating(slots=32)
+    rating.finished(prompt_tokens=500, output_tokens=0)
+    rating.finished(prompt_tokens=100, output_tokens=64)
+    assert (rating.prompt_tokens, rating.output_tokens, rating.jobs) == (100.0, 64.0, 1)

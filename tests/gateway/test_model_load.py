@@ -147,3 +147,12 @@ def test_a_rating_sizes_the_fleet_before_littles_law_is_measured() -> None:
         load.observe(float(second), added, added, 0, 1, 2, 64, rated=4.0)
     assert load.per_worker_rate == 0
     assert load.desired_workers(SETTINGS) == 3
+
+
+def test_a_first_look_with_a_rating_keeps_the_workers_that_run_the_jobs() -> None:
+    """A gateway's first observation (just restarted): no rates yet, 60 jobs running on 2 workers
+    of 32 slots, each rated at 100 jobs/s. The rating alone would ask for the minimum (nothing
+    has been seen arriving yet); the slots that hold what runs (60 / (0.9 x 32)) keep 3."""
+    load = ModelLoad()
+    load.observe(0.0, 100, 40, 0, 60, 2, 64, rated=100.0)
+    assert load.desired_workers(SETTINGS) == 3

@@ -18,6 +18,7 @@ MIN_STEPS = 50.0  # effective (decayed) steps before a fit is trusted
 VARIES_SEQS = 0.5  # standard deviations below which a regressor counts as constant
 VARIES_TOKENS = 1.0
 FULL = 0.9  # a constant batch at this share of the slots counts as a full worker's
+REACH = 0.5  # the batches seen (mean + 2 sd) must reach this share of the slots to extrapolate
 _RESCALE = 1e150
 
 
@@ -42,10 +43,12 @@ class StepCost:
 
 class StepFit:
     """Least squares of step time on (1, running, prompt tokens joining), forgetting old steps
-    exponentially (``half_life`` steps). ``cost()`` is None until enough steps ran, while the batch
-    size has not varied (unless it stayed full: then its decode cost at that batch is known), or
-    when nothing in it takes time: a worker then reports no rating and the gateway measures its
-    capacity as before (Little's law). A cost that noise pushed below zero counts as zero."""
+    exponentially (``half_life`` steps). ``cost()`` is None until enough steps ran, while the
+    batches seen stay far below the slots (``REACH``: extrapolating from 1-3 sequences to 32 is a
+    guess), while the batch size has not varied (unless it stayed full: then its decode cost at
+    that batch is known), or when nothing in it takes time: a worker then reports no rating and
+    the gateway measures its capacity as before (Little's law). A cost that noise pushed below zero
+    counts as zero."""
 
     def __init__(self, slots: int = 0, half_life: int = HALF_LIFE_STEPS) -> None:
         self.slots = slots  # the engine's sequence slots (0: unknown)
@@ -82,6 +85,8 @@ class StepFit:
         # Centred moments: the intercept drops out.
         c11, c12, c22 = x11 / n - m1 * m1, x12 / n - m1 * m2, x22 / n - m2 * m2
         c1y, c2y = x1y / n - m1 * my, x2y / n - m2 * my
+        if self.slots and m1 + 2 * math.sqrt(max(0.0, c11)) < REACH * self.slots:
+            return None  # the batches seen stay far below the slots: a full one's cost is a guess
         batch_varies, prefill_varies = c11 >= VARIES_SEQS**2, c22 >= VARIES_TOKENS**2
         det = c11 * c22 - c12 * c12
         if batch_varies and prefill_varies and det > 1e-3 * c11 * c22:
@@ -120,6 +125,8 @@ class Rating:
         self.jobs = 0
 
     def finished(self, prompt_tokens: int, output_tokens: int) -> None:
+        if output_tokens <= 0:  # an embedding (no decode steps): not the jobs the slots run
+            return
         if self.jobs == 0:
             self.prompt_tokens, self.output_tokens = float(prompt_tokens), float(output_tokens)
         else:

@@ -115,6 +115,8 @@ class ModelLoad:
         else:
             demand = self.arrival_rate + self.waiting / settings.autoscale_horizon_s
             want = math.ceil(demand / (rate * settings.autoscale_target_occupancy))
+            if self.per_worker_rate <= 0:  # rated, but the rates not measured yet (a first look)
+                want = max(want, self._by_slots(settings.autoscale_target_occupancy))
         return max(settings.autoscale_min_workers, min(settings.autoscale_max_workers, max(1, want)))
 
     def _by_slots(self, target: float) -> int:

@@ -58,7 +58,7 @@ class LivenessMixin:
             "draining": self.draining,
             "kv_cache_usage": stats.get("kv_cache_usage"),
             # Jobs/s with its slots full, from its own step cost (absent until known).
-            **({"rated": round(rated, 4)} if rated else {}),
+            **({"rated": float(f"{rated:.4g}")} if rated else {}),
             "engine_stats": stats,
             "ts_ms": int(time.time() * 1000),
         }

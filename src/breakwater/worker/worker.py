@@ -309,13 +309,14 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             deltas = await self.engine.step()
             self._step_started = None
             if busy_since is not None:
-                took = time.monotonic() - busy_since
-                self._busy.inc(took)
-                shape = self.engine.last_step()
-                if shape is not None:
-                    self.rating.fit.add(took, *shape)
+                self._busy.inc(time.monotonic() - busy_since)
+            shape = self.engine.last_step()
             started = time.perf_counter()
             await self._publish(deltas)
+            if busy_since is not None and shape is not None:
+                # The whole cycle (the engine waits while its step is published): what a full
+                # worker's steps take. A step that began idle waited for work first: not fitted.
+                self.rating.fit.add(time.monotonic() - busy_since, *shape)
             self._steps += 1
             if self.preemption.paused:
                 self._slot_freed.set()  # a paused sequence may continue now
