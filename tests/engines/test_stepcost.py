@@ -105,18 +105,18 @@ def test_a_rating_is_the_jobs_a_full_worker_finishes() -> None:
     assert rating.jobs_per_s() == pytest.approx(1 / (64 * (0.020 / 32 + 0.0005) + 100 * 0.00005), rel=0.01)
 
 
-def test_batches_far_below_the_slots_are_not_extrapolated() -> None:
-    """Batches of 1-3 sequences on a 32-slot engine: a few noisy steps would put a full batch's
-    cost anywhere (0.7-1.6x in a review's trial), so no rating until the batches reach half the
-    slots; with batches across the range the fit is reported."""
+def test_a_few_noisy_steps_far_below_the_slots_are_not_extrapolated() -> None:
+    """60 steps of 1-3 sequences with 10% noise on a 32-slot engine put a full batch's cost
+    anywhere from 0.7x to 1.6x (a review's trial): no rating. Enough steps pin even that
+    extrapolation down (its standard error shrinks with them), and then the rating is right."""
     rng = random.Random(11)
     fit = StepFit(slots=32)
-    _feed(fit, [(rng.randint(1, 3), rng.choice([0, 0, 2048])) for _ in range(3000)], rng)
+    _feed(fit, [(rng.randint(1, 3), rng.choice([0, 0, 2048])) for _ in range(60)], rng, noise=0.10)
     assert fit.cost() is None
-    _feed(fit, [(rng.randint(1, 32), rng.choice([0, 0, 2048])) for _ in range(3000)], rng)
+    _feed(fit, [(rng.randint(1, 3), rng.choice([0, 0, 2048])) for _ in range(6000)], rng, noise=0.10)
     cost = fit.cost()
     assert cost is not None
-    assert cost.job_s(32, 64, 2048) == pytest.approx(TRUE.job_s(32, 64, 2048), rel=0.05)
+    assert cost.job_s(32, 64, 2048) == pytest.approx(TRUE.job_s(32, 64, 2048), rel=0.10)
 
 
 def test_embeddings_do_not_move_the_lengths() -> None:

@@ -18,7 +18,7 @@ MIN_STEPS = 50.0  # effective (decayed) steps before a fit is trusted
 VARIES_SEQS = 0.5  # standard deviations below which a regressor counts as constant
 VARIES_TOKENS = 1.0
 FULL = 0.9  # a constant batch at this share of the slots counts as a full worker's
-REACH = 0.5  # the batches seen (mean + 2 sd) must reach this share of the slots to extrapolate
+REL_SE = 0.1  # the largest standard error of a full batch's extrapolated step, relative to it
 _RESCALE = 1e150
 
 
@@ -43,19 +43,19 @@ class StepCost:
 
 class StepFit:
     """Least squares of step time on (1, running, prompt tokens joining), forgetting old steps
-    exponentially (``half_life`` steps). ``cost()`` is None until enough steps ran, while the
-    batches seen stay far below the slots (``REACH``: extrapolating from 1-3 sequences to 32 is a
-    guess), while the batch size has not varied (unless it stayed full: then its decode cost at
-    that batch is known), or when nothing in it takes time: a worker then reports no rating and
-    the gateway measures its capacity as before (Little's law). A cost that noise pushed below zero
-    counts as zero."""
+    exponentially (``half_life`` steps). ``cost()`` is None until enough steps ran; while a full
+    batch's step, extrapolated from the batches seen, is uncertain (``REL_SE``: a few noisy steps
+    at 1-3 sequences say little about 32); while the batch size has not varied (unless it stayed
+    full: then its decode cost at that batch is known); or when nothing in it takes time. A worker
+    then reports no rating and the gateway measures its capacity as before (Little's law). A cost
+    that noise pushed below zero counts as zero."""
 
     def __init__(self, slots: int = 0, half_life: int = HALF_LIFE_STEPS) -> None:
         self.slots = slots  # the engine's sequence slots (0: unknown)
         self._grow = 0.5 ** (-1.0 / half_life)  # newer steps weigh more (rescaled, not decayed)
         self._w = 1.0
-        # Weighted sums: n, Σx1, Σx2, Σx1², Σx1x2, Σx2², Σy, Σx1y, Σx2y (x1 running, x2 prompt tokens).
-        self._s = [0.0] * 9
+        # Weighted sums: n, Σx1, Σx2, Σx1², Σx1x2, Σx2², Σy, Σx1y, Σx2y, Σy² (x1 running, x2 prompt tokens).
+        self._s = [0.0] * 10
         self.steps = 0
 
     def add(self, seconds: float, running: int, prompt_tokens: int) -> None:
@@ -70,13 +70,14 @@ class StepFit:
         s[6] += w * seconds
         s[7] += w * running * seconds
         s[8] += w * prompt_tokens * seconds
+        s[9] += w * seconds * seconds
         self.steps += 1
         if w > _RESCALE:
             self._s = [v / w for v in s]
             self._w = 1.0
 
     def cost(self) -> StepCost | None:
-        n, x1, x2, x11, x12, x22, y, x1y, x2y = (v / self._w for v in self._s)
+        n, x1, x2, x11, x12, x22, y, x1y, x2y, yy = (v / self._w for v in self._s)
         if n < MIN_STEPS:  # n: the effective number of steps (the newest weighs 1)
             return None
         m1, m2, my = x1 / n, x2 / n, y / n
@@ -84,17 +85,18 @@ class StepFit:
             return None
         # Centred moments: the intercept drops out.
         c11, c12, c22 = x11 / n - m1 * m1, x12 / n - m1 * m2, x22 / n - m2 * m2
-        c1y, c2y = x1y / n - m1 * my, x2y / n - m2 * my
-        if self.slots and m1 + 2 * math.sqrt(max(0.0, c11)) < REACH * self.slots:
-            return None  # the batches seen stay far below the slots: a full one's cost is a guess
+        c1y, c2y, cyy = x1y / n - m1 * my, x2y / n - m2 * my, yy / n - my * my
         batch_varies, prefill_varies = c11 >= VARIES_SEQS**2, c22 >= VARIES_TOKENS**2
         det = c11 * c22 - c12 * c12
-        if batch_varies and prefill_varies and det > 1e-3 * c11 * c22:
-            per_seq, per_token = (c1y * c22 - c2y * c12) / det, (c2y * c11 - c1y * c12) / det
+        if batch_varies:
+            if prefill_varies and det > 1e-3 * c11 * c22:
+                per_seq, per_token = (c1y * c22 - c2y * c12) / det, (c2y * c11 - c1y * c12) / det
+            else:  # no prefill to tell apart (or always the same): it counts as the step's
+                per_seq, per_token = c1y / c11, 0.0
             base = my - per_seq * m1 - per_token * m2
-        elif batch_varies:  # no prefill to tell apart (or always the same): it counts as the step's
-            per_seq, per_token = c1y / c11, 0.0
-            base = my - per_seq * m1
+            residual = cyy - per_seq * c1y - per_token * c2y
+            if self.slots and not _sure_at(self.slots, n, m1, c11, base + per_seq * self.slots, residual):
+                return None
         elif self.slots and m1 >= FULL * self.slots:
             # The batch never changed, and it is (nearly) full: the step's decode cost cannot be
             # split into its fixed and per-sequence parts, but at this batch, what a full worker
@@ -111,6 +113,16 @@ class StepFit:
         if base + per_seq <= 0:
             return None
         return StepCost(base, per_seq, per_token)
+
+
+def _sure_at(slots: int, n: float, m1: float, c11: float, full: float, residual: float) -> bool:
+    """Whether a full batch's step, extrapolated from the batches seen, is known within
+    ``REL_SE`` (its standard error from the residual spread, counting half the weighted steps
+    as independent): a few noisy steps at 1-3 sequences say little about 32."""
+    if full <= 0:
+        return False
+    se2 = max(0.0, residual) / (n / 2) * (1 + (slots - m1) ** 2 / c11)
+    return se2 <= (REL_SE * full) ** 2
 
 
 class Rating:
