@@ -243,6 +243,8 @@ def main() -> None:
         command += f" --curve {args.curve}"
     curve = CURVES[args.curve]
     title = "A day: autoscaling policies" if args.day else "Autoscaling policies"
+    if args.curve != "illustrative":
+        title += f" on the {args.curve} curve"
     body = "\n\n".join(
         [
             f"## {title} at equal SLO attainment (issue #18)",
