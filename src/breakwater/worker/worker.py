@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -365,14 +364,14 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             if seq < 0:
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
-        self._rate(delta for _, delta in finishes)
+        self._rate(finishes)
         for flight, delta in finishes:
             # A finished generation is kept until Redis takes it, never dropped.
             await until_redis(functools.partial(self._finish, flight, delta), "finish")
 
-    def _rate(self, finished: Iterable[SequenceDelta]) -> None:
+    def _rate(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
-        for delta in finished:
+        for _, delta in finishes:
             if delta.error is None and delta.usage:
                 self.rating.finished(
                     delta.usage.get("prompt_tokens", 0), delta.usage.get("completion_tokens", 0)
