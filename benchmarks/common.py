@@ -67,6 +67,7 @@ class Result:
     tokens: int = 0
     error: str = ""
     itl_s: list[float] = field(default_factory=list)
+    body_bytes: int = 0  # the response body's bytes as sent (HTTP framing and headers not counted)
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Result:
@@ -97,7 +98,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
     except httpx.HTTPError as exc:
         return Result(False, error=type(exc).__name__)
     end = time.perf_counter()
-    return Result(True, ttft_s=first - t0 if first else end - t0, e2e_s=end - t0, tokens=tokens, itl_s=itl)
+    ttft = first - t0 if first else end - t0
+    return Result(True, ttft, end - t0, tokens, itl_s=itl, body_bytes=resp.num_bytes_downloaded)
 
 
 async def open_loop(

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from redis import Redis
+
 from breakwater.redis_server import RedisServer, free_port
 from common import Result, closed_loop, spawn, stop, wait_models, write_section
 
@@ -43,6 +45,8 @@ class Row:
     failed: int
     seconds: float
     cpu: dict[str, float]  # CPU-seconds per kind of process
+    redis_bytes: tuple[int, int]  # Redis's network bytes in and out over the run
+    client_bytes: int  # response bodies the clients received
 
     @property
     def tokens_per_s(self) -> float:
@@ -52,6 +56,15 @@ class Row:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def redis_net(redis: RedisServer) -> tuple[int, int]:
+    client = Redis.from_url(redis.url)
+    try:
+        stats = client.info("stats")
+    finally:
+        client.close()
+    return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
 
 
 def own_cpu() -> float:
@@ -89,7 +102,9 @@ def measure(redis: RedisServer, gateways: int, workers: int, tmp: Path, args: ar
         groups = {"gateways": gws, "workers": wks}
         before = {k: sum(cpu_seconds(p.pid) for p in ps) for k, ps in groups.items()}
         before |= {"redis": cpu_seconds(redis.proc.pid) if redis.proc else 0.0, "client": own_cpu()}
+        net_before = redis_net(redis)
         results = asyncio.run(spread(urls, args.streams, args.seconds, body))
+        net_after = redis_net(redis)
         after = {k: sum(cpu_seconds(p.pid) for p in ps) for k, ps in groups.items()}
         after |= {"redis": cpu_seconds(redis.proc.pid) if redis.proc else 0.0, "client": own_cpu()}
     finally:
@@ -102,6 +117,8 @@ def measure(redis: RedisServer, gateways: int, workers: int, tmp: Path, args: ar
         len(results) - len(ok),
         args.seconds,
         {k: after[k] - before[k] for k in after},
+        (net_after[0] - net_before[0], net_after[1] - net_before[1]),
+        sum(r.body_bytes for r in ok),
     )
 
 
@@ -124,14 +141,16 @@ def main() -> None:
     base = rows[0]
     lines = [
         "| gateways x workers | tokens/s delivered | vs 1 x 1 | cores used: gateways · workers · Redis · "
-        "load client | failed |",
-        "|---|---|---|---|---|",
+        "load client | bytes per token: into Redis · out of Redis · to the client | failed |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         cores = " · ".join(f"{r.cpu[k] / r.seconds:.2f}" for k in ("gateways", "workers", "redis", "client"))
         lines.append(
             f"| {r.gateways} x {r.workers} | {r.tokens_per_s:,.0f} | "
-            f"{r.tokens_per_s / base.tokens_per_s:.2f}x | {cores} | {r.failed} |"
+            f"{r.tokens_per_s / base.tokens_per_s:.2f}x | {cores} | "
+            f"{r.redis_bytes[0] / r.tokens:.0f} · {r.redis_bytes[1] / r.tokens:.0f} · "
+            f"{r.client_bytes / r.tokens:.0f} | {r.failed} |"
         )
     command = f".venv/bin/python benchmarks/scaleout.py --streams {args.streams} --seconds {args.seconds:g}"
     body = "\n".join(["```", command, "```", f"({os.cpu_count()} cores)", "", *lines])
