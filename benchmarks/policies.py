@@ -42,6 +42,7 @@ HPA_TARGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 KEDA_LAGS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 OCCUPANCIES = (0.3, 0.4, 0.5, 0.7, 0.9, 1.0)  # adaptive: autoscale_target_occupancy
 MAX_REPLICAS = 64
+FAMILIES = ("fixed", "hpa", "keda", "keda-zero", "keda-zero-lagonly", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ def _policy(family: str, value: float) -> Policy:
         return Hpa(value, mechanics)
     if family == "keda":
         return KedaQueue(value, mechanics=mechanics)
+    if family.startswith("keda-zero"):  # minReplicaCount 0, KEDA's default cooldownPeriod (300 s)
+        return KedaQueue(value, mechanics=mechanics, min_replicas=0, busy_active=family == "keda-zero")
     settings = GatewaySettings(
         autoscale_min_workers=1, autoscale_max_workers=MAX_REPLICAS, autoscale_target_occupancy=value
     )
@@ -86,6 +89,8 @@ def _label(family: str, value: float) -> str:
         "fixed": f"{int(value)} replicas",
         "hpa": f"utilisation {value:.0%}",
         "keda": f"lag {value:g}/pod",
+        "keda-zero": f"lag {value:g}/pod, min 0",
+        "keda-zero-lagonly": f"lag {value:g}/pod, min 0, lag alone",
         "adaptive": f"occupancy {value:.0%}",
     }[family]
 
@@ -127,10 +132,12 @@ def _point(setup: Setup, family: str, value: float, result: Result) -> Point:
 def sweep(setup: Setup, pool: ProcessPoolExecutor) -> list[Point]:
     if setup.trough is None:
         jobs = [("hpa", v) for v in HPA_TARGETS] + [("keda", v) for v in KEDA_LAGS]
+        jobs += [("keda-zero", v) for v in (1.0, 5.0, 20.0)] + [("keda-zero-lagonly", 5.0)]
         jobs += [("adaptive", v) for v in OCCUPANCIES]
         jobs += [("fixed", float(n)) for n in (2, 4, 6, 8, 10, 12, 16, 24, 32)]
     else:  # a day takes ~100x an hour's simulation: the thresholds that decided the hours
         jobs = [("hpa", v) for v in (0.6, 0.7, 0.8, 0.85, 0.9)] + [("keda", v) for v in (5.0, 20.0)]
+        jobs += [("keda-zero", v) for v in (5.0, 20.0)] + [("keda-zero-lagonly", 5.0)]
         jobs += [("adaptive", v) for v in (0.3, 0.4, 0.5, 0.7, 1.0)]
         jobs += [("fixed", float(n)) for n in (3, 4, 5, 6, 8)]
     return list(pool.map(run, [setup] * len(jobs), [f for f, _ in jobs], [v for _, v in jobs]))
@@ -152,7 +159,7 @@ def section(name: str, setup: Setup, points: list[Point], targets: tuple[float, 
     verdicts = []
     seed = {p.setting: p for p in points if p.family == "hpa"}
     for target in targets:
-        cheapest = {f: best(points, f, target) for f in ("fixed", "hpa", "keda", "adaptive")}
+        cheapest = {f: best(points, f, target) for f in FAMILIES}
         met = {f: p for f, p in cheapest.items() if p is not None}
         line = [f"- **At {target:.0%} attainment**:"]
         for family, found in cheapest.items():

@@ -34,6 +34,8 @@ FAMILIES = {
     "fixed": "fixed fleet",
     "hpa": "HPA (utilisation)",
     "keda": "KEDA (queue lag)",
+    "keda-zero": "KEDA to zero (lag or busy)",
+    "keda-zero-lagonly": "KEDA to zero (lag alone)",
     "adaptive": "Breakwater adaptive",
 }
 TARGETS = (0.80, 0.95, 0.99)
@@ -103,13 +105,13 @@ def cost_plot(panels: dict[str, list[policies.Point]], path: Path) -> None:
     from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
-    width = 0.2
+    width = 0.13
     for ax, (title, points) in zip(axes, panels.items(), strict=True):
         for i, family in enumerate(FAMILIES):
             xs, ys = [], []
             for j, target in enumerate(TARGETS):
                 best = policies.best(points, family, target)
-                x = j + (i - 1.5) * width
+                x = j + (i - (len(FAMILIES) - 1) / 2) * width
                 if best is None:
                     ax.text(x, 0, "x", ha="center", va="bottom", fontsize=9, color=f"C{i}")
                 else:
@@ -164,6 +166,7 @@ def main() -> None:
             "HPA, utilisation 70%": ("hpa", 0.7),
             "HPA, utilisation 85%": ("hpa", 0.85),
             "KEDA, lag 5/pod": ("keda", 5.0),
+            "KEDA to zero, lag 5/pod (lag or busy)": ("keda-zero", 5.0),
             "Breakwater adaptive (default)": ("adaptive", 1.0),
         }
         results = list(

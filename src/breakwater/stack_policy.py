@@ -40,6 +40,10 @@ def stack_policy(spec: str, min_workers: int, max_workers: int, time_scale: floa
         return None
     if not isinstance(policy, Hpa | KedaQueue | Fixed):  # adaptive is the supervisor's signal already
         raise ValueError(f"`{spec}`: expected one of {STACK_POLICIES}")
+    if isinstance(policy, KedaQueue) and policy.min_replicas == 0:  # the simulator's only
+        raise ValueError(
+            f"`{spec}`: the local stack keeps one worker at least; expected one of {STACK_POLICIES}"
+        )
     return policy
 
 

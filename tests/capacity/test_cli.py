@@ -36,6 +36,8 @@ def test_policies_side_by_side_on_a_trace(tmp_path: Path) -> None:
         "--policy",
         "keda",
         "--policy",
+        "keda-zero",
+        "--policy",
         "adaptive",
         "--policy",
         "supervisor",
@@ -45,7 +47,7 @@ def test_policies_side_by_side_on_a_trace(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    names = ["fixed-2", "hpa-utilisation-0.7", "keda-lag-5", "adaptive", "supervisor"]
+    names = ["fixed-2", "hpa-utilisation-0.7", "keda-lag-5", "keda-zero-lag-5", "adaptive", "supervisor"]
     assert [r["policy"] for r in rows] == names
     for r in rows:
         assert r["requests"] == r["finished"] == 200

@@ -60,6 +60,33 @@ def test_keda_lag_is_an_average_value_and_polled() -> None:
     assert keda.desired(obs(now=30.0, replicas=4, waiting=200)) == 8  # polled: 40 wanted, +4 per period
 
 
+def test_keda_scales_to_zero_after_its_cooldown_and_back_on_lag() -> None:
+    """minReplicaCount 0 (KEDA's documented semantics): zero once no poll has found a trigger
+    active for cooldownPeriod; one at the first poll that finds one again. On lag triggers alone,
+    jobs running are not lag: a fleet that keeps up goes to zero under its jobs."""
+    mechanics = HpaMechanics(min_replicas=1)
+    lag_only = KedaQueue(5, 30, mechanics, min_replicas=0, cooldown_s=300, busy_active=False)
+    assert lag_only.desired(obs(now=0.0, replicas=2, waiting=10)) == 2  # 10 over 2 pods: on target
+    assert lag_only.desired(obs(now=30.0, replicas=2, running=8)) == 2  # no lag: cooling down
+    assert lag_only.desired(obs(now=299.0, replicas=2, running=8)) == 2  # 299 s since lag was seen
+    assert lag_only.desired(obs(now=300.0, replicas=2, running=8)) == 0  # the cooldown ran out
+    assert lag_only.desired(obs(now=315.0, replicas=0, waiting=3)) == 0  # not polled since: not seen
+    assert lag_only.desired(obs(now=330.0, replicas=0, waiting=3)) == 1  # activation: one pod
+    assert lag_only.desired(obs(now=345.0, replicas=1, waiting=3)) == 1  # the HPA above one
+    # With a trigger on the workers' output (the shipped ScaledObject), running jobs keep it up.
+    shipped = KedaQueue(5, 30, HpaMechanics(min_replicas=1), min_replicas=0, cooldown_s=300)
+    # (no lag: its HPA takes the fleet to one after the 300 s scale-down window, not to zero)
+    wanted = [shipped.desired(obs(now=t, replicas=2, running=8)) for t in (0.0, 30.0, 300.0, 600.0)]
+    assert wanted == [2, 2, 2, 1]
+    assert shipped.desired(obs(now=630.0, replicas=1)) == 1  # idle: cooling down from 600 s
+    assert shipped.desired(obs(now=900.0, replicas=1)) == 0
+    assert shipped.desired(obs(now=930.0, replicas=0)) == 0
+    # A minimum of one never goes to zero, whatever the quiet.
+    warm = KedaQueue(5, polling_s=30)
+    assert warm.desired(obs(now=0.0, replicas=2)) == 2
+    assert warm.desired(obs(now=3600.0, replicas=1)) == 1
+
+
 def test_adaptive_is_the_gateways_desired_workers_signal() -> None:
     """Breakwater's policy runs the gateway's own ModelLoad: a measured per-worker rate of 2 jobs/s
     against 6 arrivals/s and a backlog wants 3 workers plus the backlog over the horizon."""

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from breakwater.bench.profiles import Arrival
-from breakwater.capacity.policies import Adaptive, Fixed, HpaMechanics, Observation
+from breakwater.capacity.policies import Adaptive, Fixed, HpaMechanics, KedaQueue, Observation
 from breakwater.capacity.service import ServiceCurve
 from breakwater.capacity.simulator import Simulation
 from breakwater.config import GatewaySettings
@@ -107,6 +107,30 @@ def test_a_fleet_too_small_stops_at_the_horizon() -> None:
 
     result = Simulation(ServiceCurve(1, 0.1), [Arrival(0.0, 1, 1)], Never(), replicas=0).run(horizon_s=60)
     assert result.requests[0].done_s < 0 and result.end_s <= 60
+
+
+def test_a_fleet_scaled_to_zero_wakes_for_the_next_request() -> None:
+    """KEDA with minReplicaCount 0 (cooldown 300 s, polled every 30 s): one request, a lull of
+    20 minutes, another. The fleet is at zero by the second one, which waits for KEDA's next poll
+    and a replica's start-up (60 s); a minimum of one pays for the lull instead."""
+    curve = ServiceCurve(capacity=1, decode_base_s=0.1)
+    arrivals = [Arrival(0.0, 1, 1), Arrival(1200.0, 1, 1)]
+
+    def keda(minimum: int) -> KedaQueue:
+        mechanics = HpaMechanics(min_replicas=1)
+        return KedaQueue(5, 30.0, mechanics, period_s=15.0, min_replicas=minimum, cooldown_s=300.0)
+
+    zero = Simulation(curve, arrivals, keda(0), replicas=1, startup_s=60.0).run()
+    one = Simulation(curve, arrivals, keda(1), replicas=1, startup_s=60.0).run()
+    assert [r.done_s >= 0 for r in zero.requests] == [True, True]
+    assert zero.requests[0].ttft_s == pytest.approx(0.1)
+    # Polled at 1200 s (every 30 s since 0; ticks every 15 s) -> one replica ready at 1260 s.
+    assert zero.requests[1].ttft_s == pytest.approx(60.1)
+    assert one.requests[1].ttft_s == pytest.approx(0.1)
+    # Zero from 300 s (the cooldown after the first poll) to 1200 s, then a replica billed through
+    # its 60 s start-up: 900 - 60 replica-seconds saved.
+    assert zero.replica_s == pytest.approx(300.0 + 60.1)
+    assert one.replica_s - zero.replica_s == pytest.approx(840.0)
 
 
 def test_the_sim_engines_own_curve() -> None:

@@ -65,6 +65,8 @@ def test_the_stack_runs_the_kubernetes_controllers_not_the_simulators_own() -> N
     assert isinstance(stack_policy("hpa:0.7", 1, 4, 1.0), Hpa)
     with pytest.raises(ValueError, match="expected one of"):
         stack_policy("adaptive", 1, 4, 1.0)  # the supervisor already follows that signal
+    with pytest.raises(ValueError, match="keeps one worker at least"):
+        stack_policy("keda-zero:5", 1, 4, 1.0)  # scale to zero: the simulator's
     for bad in (0.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="time scale"):
             stack_policy("hpa", 1, 4, bad)

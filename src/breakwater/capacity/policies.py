@@ -63,6 +63,10 @@ class HpaMechanics:
     scale_up_period_s: float = 15.0
     _history: deque[tuple[float, int]] = field(default_factory=deque)
 
+    def forget(self) -> None:
+        """Drop the stabilisation window's history (the HPA starts afresh)."""
+        self._history.clear()
+
     def raw(self, current: int, ratio: float) -> int:
         """``ceil(current * ratio)``, unchanged within the tolerance (ratio = metric / target)."""
         if abs(ratio - 1.0) <= self.tolerance:
@@ -113,18 +117,41 @@ def external_average(mechanics: HpaMechanics, current: int, total: float, per_po
 @dataclass
 class KedaQueue:
     """KEDA's redis-streams scaler on lag (waiting jobs): ``lag_per_pod`` per replica, the metric
-    polled every ``polling_s``; the HPA it feeds syncs every ``period_s``."""
+    polled every ``polling_s``; the HPA it feeds syncs every ``period_s``.
+
+    ``min_replicas`` 0 is a ScaledObject with ``minReplicaCount: 0``: KEDA itself takes the
+    Deployment to zero once no poll has found a trigger active for ``cooldown_s`` (its
+    ``cooldownPeriod``), and back to one at the first poll that does (the HPA is off at zero and
+    keeps its minimum of one above it). A lag trigger is active while more than
+    ``activation_lag`` jobs wait; with ``busy_active`` the ScaledObject also has a trigger on the
+    workers' output (the shipped one's tokens/s, activation threshold 1), active while any job
+    runs. Without it, jobs still running are not lag: a fleet that keeps up is taken to zero."""
 
     lag_per_pod: float = 5.0
     polling_s: float = 30.0
     mechanics: HpaMechanics = field(default_factory=HpaMechanics)
     period_s: float = 15.0
     name: str = "keda-queue"
-    _polled: tuple[float, int] = (-math.inf, 0)
+    min_replicas: int = 1
+    cooldown_s: float = 300.0
+    activation_lag: float = 0.0
+    busy_active: bool = True
+    _polled: tuple[float, int, bool] = (-math.inf, 0, False)
+    _active_at: float | None = None  # the last poll that saw lag (the first observation: started warm)
 
     def desired(self, obs: Observation) -> int:
         if obs.now - self._polled[0] >= self.polling_s:
-            self._polled = (obs.now, obs.waiting)
+            active = obs.waiting > self.activation_lag or (self.busy_active and obs.running > 0)
+            self._polled = (obs.now, obs.waiting, active)
+            if self._active_at is None or active:
+                self._active_at = obs.now
+        if self.min_replicas == 0:
+            active = self._polled[2]  # as of KEDA's last poll
+            if obs.replicas == 0:
+                return 1 if active else 0
+            if self._active_at is not None and obs.now - self._active_at >= self.cooldown_s:
+                self.mechanics.forget()  # its HPA stops with the Deployment at zero
+                return 0
         rec = external_average(self.mechanics, obs.replicas, self._polled[1], self.lag_per_pod)
         return self.mechanics.decide(obs.now, obs.replicas, rec)
 
@@ -205,7 +232,11 @@ class Fixed:
         return self.replicas
 
 
-POLICY_SPECS = "hpa[:target] (utilisation, 0.85) | keda[:lag per pod] (5) | adaptive | supervisor | fixed:N"
+POLICY_SPECS = (
+    "hpa[:target] (utilisation, 0.85) | keda[:lag per pod] (5) | keda-zero[:lag per pod] (5; "
+    "minReplicaCount 0, cooldownPeriod 300 s, active while jobs wait or run) | keda-zero-lagonly[:lag "
+    "per pod] (the same on lag alone) | adaptive | supervisor | fixed:N"
+)
 
 
 def policy_from_spec(spec: str, mechanics: HpaMechanics, time_scale: float = 1.0) -> Policy:
@@ -242,6 +273,19 @@ def _from_spec(spec: str, mechanics: HpaMechanics, time_scale: float) -> Policy 
         if lag > 0:
             return KedaQueue(
                 lag, 30.0 / time_scale, k8s, period_s=15.0 / time_scale, name=f"keda-lag-{lag:g}"
+            )
+    elif name in ("keda-zero", "keda-zero-lagonly"):  # minReplicaCount 0; -lagonly: lag triggers alone
+        lag = float(arg or 5.0)
+        if lag > 0:
+            return KedaQueue(
+                lag,
+                30.0 / time_scale,
+                replace(k8s, min_replicas=1),  # the HPA's own minimum under KEDA at zero
+                period_s=15.0 / time_scale,
+                name=f"keda-zero-lag-{lag:g}" if name == "keda-zero" else f"keda-zero-lagonly-{lag:g}",
+                min_replicas=0,
+                cooldown_s=300.0 / time_scale,
+                busy_active=name == "keda-zero",
             )
     elif name == "adaptive" and not arg:
         return Adaptive(_bounds(mechanics), k8s, hpa_period_s=15.0 / time_scale)
