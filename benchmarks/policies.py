@@ -132,7 +132,7 @@ def _point(setup: Setup, family: str, value: float, result: Result) -> Point:
 def sweep(setup: Setup, pool: ProcessPoolExecutor) -> list[Point]:
     if setup.trough is None:
         jobs = [("hpa", v) for v in HPA_TARGETS] + [("keda", v) for v in KEDA_LAGS]
-        jobs += [("keda-zero", v) for v in (1.0, 5.0, 20.0)] + [("keda-zero-lagonly", 5.0)]
+        jobs += [("keda-zero", v) for v in KEDA_LAGS] + [("keda-zero-lagonly", 5.0)]
         jobs += [("adaptive", v) for v in OCCUPANCIES]
         jobs += [("fixed", float(n)) for n in (2, 4, 6, 8, 10, 12, 16, 24, 32)]
     else:  # a day takes ~100x an hour's simulation: the thresholds that decided the hours

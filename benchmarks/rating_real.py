@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -220,14 +222,16 @@ def main() -> None:
     errors = sum(p.errors for p in phases)
     body = f"""## A real worker's rating against its measured capacity (issue #18)
 
-`python benchmarks/rating_real.py`, x86_64, 2 cores, {time.strftime("%Y-%m-%d")},
+`python benchmarks/rating_real.py`, {platform.machine()}, {os.cpu_count()} cores, {time.strftime("%Y-%m-%d")},
 {time.monotonic() - began:.0f} s, {errors} failed requests. One `llamacpp` worker (the bundled
 SmolLM2-135M, {args.slots} slots, both cores), a gateway and a fresh Redis per mix; closed loops
 of N concurrent chat requests (`ignore_eos`) for {args.seconds:g} s each, the first
 {args.warmup_s:g} s not counted. The rating: the worker's heartbeat `rated` (median over the
 phase's second half); Little's law: jobs/s finished per running job times the slots, the gateway's
 estimate without a rating. The row at {2 * args.slots} concurrent requests has every slot busy and
-a queue: its jobs/s is the capacity the rows above predict.
+a queue: its jobs/s is the capacity the rows above predict. The phases run in this order on one
+worker, so each rating also holds the steps of the phases before it (old steps fade with a
+half-life of 4,000 steps, ~1,500 steps a decode-heavy phase), as a worker's history would.
 
 {chr(10).join(lines)}
 """

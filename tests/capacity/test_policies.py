@@ -68,19 +68,27 @@ def test_keda_scales_to_zero_after_its_cooldown_and_back_on_lag() -> None:
     lag_only = KedaQueue(5, 30, mechanics, min_replicas=0, cooldown_s=300, busy_active=False)
     assert lag_only.desired(obs(now=0.0, replicas=2, waiting=10)) == 2  # 10 over 2 pods: on target
     assert lag_only.desired(obs(now=30.0, replicas=2, running=8)) == 2  # no lag: cooling down
-    assert lag_only.desired(obs(now=299.0, replicas=2, running=8)) == 2  # 299 s since lag was seen
-    assert lag_only.desired(obs(now=300.0, replicas=2, running=8)) == 0  # the cooldown ran out
-    assert lag_only.desired(obs(now=315.0, replicas=0, waiting=3)) == 0  # not polled since: not seen
-    assert lag_only.desired(obs(now=330.0, replicas=0, waiting=3)) == 1  # activation: one pod
-    assert lag_only.desired(obs(now=345.0, replicas=1, waiting=3)) == 1  # the HPA above one
-    # With a trigger on the workers' output (the shipped ScaledObject), running jobs keep it up.
+    assert lag_only.desired(obs(now=300.0, replicas=2, running=8)) == 2  # 300 s since: not past it
+    # past it, but not polled: the HPA's own answer (lag 0, its 300 s window over: its minimum)
+    assert lag_only.desired(obs(now=315.0, replicas=2, running=8)) == 1
+    assert lag_only.desired(obs(now=330.0, replicas=1, running=8)) == 0  # the poll after: zero
+    assert lag_only.desired(obs(now=345.0, replicas=0, waiting=3)) == 0  # not polled since: not seen
+    assert lag_only.desired(obs(now=360.0, replicas=0, waiting=3)) == 1  # activation: one pod
+    assert lag_only.desired(obs(now=375.0, replicas=1, waiting=3)) == 1  # the HPA above one
+    # With a trigger on the workers' output (the shipped ScaledObject), running jobs keep it up
+    # (no lag: its HPA takes the fleet to one after the 300 s scale-down window, not to zero).
     shipped = KedaQueue(5, 30, HpaMechanics(min_replicas=1), min_replicas=0, cooldown_s=300)
-    # (no lag: its HPA takes the fleet to one after the 300 s scale-down window, not to zero)
     wanted = [shipped.desired(obs(now=t, replicas=2, running=8)) for t in (0.0, 30.0, 300.0, 600.0)]
     assert wanted == [2, 2, 2, 1]
     assert shipped.desired(obs(now=630.0, replicas=1)) == 1  # idle: cooling down from 600 s
-    assert shipped.desired(obs(now=900.0, replicas=1)) == 0
-    assert shipped.desired(obs(now=930.0, replicas=0)) == 0
+    assert shipped.desired(obs(now=900.0, replicas=1)) == 1
+    assert shipped.desired(obs(now=930.0, replicas=1)) == 0
+    assert shipped.desired(obs(now=960.0, replicas=0)) == 0
+    # Activation needs more than activation_lag waiting.
+    strict = KedaQueue(5, 30, HpaMechanics(min_replicas=1), min_replicas=0, cooldown_s=60, activation_lag=2)
+    assert strict.desired(obs(now=0.0, replicas=1)) == 1
+    assert strict.desired(obs(now=90.0, replicas=1, waiting=2)) == 0  # 2 is not more than 2
+    assert strict.desired(obs(now=120.0, replicas=0, waiting=3)) == 1
     # A minimum of one never goes to zero, whatever the quiet.
     warm = KedaQueue(5, polling_s=30)
     assert warm.desired(obs(now=0.0, replicas=2)) == 2

@@ -110,11 +110,11 @@ def test_a_fleet_too_small_stops_at_the_horizon() -> None:
 
 
 def test_a_fleet_scaled_to_zero_wakes_for_the_next_request() -> None:
-    """KEDA with minReplicaCount 0 (cooldown 300 s, polled every 30 s): one request, a lull of
-    20 minutes, another. The fleet is at zero by the second one, which waits for KEDA's next poll
-    and a replica's start-up (60 s); a minimum of one pays for the lull instead."""
+    """KEDA with minReplicaCount 0 (cooldown 300 s, polled every 30 s, the HPA every 15 s): one
+    request, a lull of 20 minutes, another. The fleet is at zero by the second one, which waits for
+    KEDA's next poll and a replica's start-up (60 s); a minimum of one pays for the lull instead."""
     curve = ServiceCurve(capacity=1, decode_base_s=0.1)
-    arrivals = [Arrival(0.0, 1, 1), Arrival(1200.0, 1, 1)]
+    arrivals = [Arrival(0.0, 1, 1), Arrival(1201.0, 1, 1)]
 
     def keda(minimum: int) -> KedaQueue:
         mechanics = HpaMechanics(min_replicas=1)
@@ -124,13 +124,13 @@ def test_a_fleet_scaled_to_zero_wakes_for_the_next_request() -> None:
     one = Simulation(curve, arrivals, keda(1), replicas=1, startup_s=60.0).run()
     assert [r.done_s >= 0 for r in zero.requests] == [True, True]
     assert zero.requests[0].ttft_s == pytest.approx(0.1)
-    # Polled at 1200 s (every 30 s since 0; ticks every 15 s) -> one replica ready at 1260 s.
-    assert zero.requests[1].ttft_s == pytest.approx(60.1)
+    # Arrived at 1201 s; KEDA's next poll at 1230 s asks for a replica, ready at 1290 s.
+    assert zero.requests[1].ttft_s == pytest.approx(89.1)
     assert one.requests[1].ttft_s == pytest.approx(0.1)
-    # Zero from 300 s (the cooldown after the first poll) to 1200 s, then a replica billed through
-    # its 60 s start-up: 900 - 60 replica-seconds saved.
-    assert zero.replica_s == pytest.approx(300.0 + 60.1)
-    assert one.replica_s - zero.replica_s == pytest.approx(840.0)
+    # Zero from the first poll past the cooldown (330 s) to 1230 s, then a replica billed through
+    # its start-up: 330 + 60.1 replica-seconds, against 1201.1 for a minimum of one.
+    assert zero.replica_s == pytest.approx(330.0 + 60.1)
+    assert one.replica_s == pytest.approx(1201.1)
 
 
 def test_the_sim_engines_own_curve() -> None:

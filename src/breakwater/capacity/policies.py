@@ -125,7 +125,9 @@ class KedaQueue:
     keeps its minimum of one above it). A lag trigger is active while more than
     ``activation_lag`` jobs wait; with ``busy_active`` the ScaledObject also has a trigger on the
     workers' output (the shipped one's tokens/s, activation threshold 1), active while any job
-    runs. Without it, jobs still running are not lag: a fleet that keeps up is taken to zero."""
+    runs. Without it, jobs still running are not lag: a fleet that keeps up is taken to zero.
+    Unlike KEDA, whose first poll finds no last-active time and may go to zero at once (its
+    ``initialCooldownPeriod`` is 0 by default), this starts warm, as the other controllers do."""
 
     lag_per_pod: float = 5.0
     polling_s: float = 30.0
@@ -136,8 +138,9 @@ class KedaQueue:
     cooldown_s: float = 300.0
     activation_lag: float = 0.0
     busy_active: bool = True
-    _polled: tuple[float, int, bool] = (-math.inf, 0, False)
-    _active_at: float | None = None  # the last poll that saw lag (the first observation: started warm)
+    _polled: tuple[float, int, bool] = (-math.inf, 0, False)  # KEDA's last poll: when, lag, active
+    _active_at: float | None = None  # the last poll that found it active (the first: started warm)
+    _to_zero: bool = False
 
     def desired(self, obs: Observation) -> int:
         if obs.now - self._polled[0] >= self.polling_s:
@@ -145,11 +148,12 @@ class KedaQueue:
             self._polled = (obs.now, obs.waiting, active)
             if self._active_at is None or active:
                 self._active_at = obs.now
+            # KEDA decides the step to zero in its polling loop, once the cooldown has passed.
+            self._to_zero = self.min_replicas == 0 and obs.now - self._active_at > self.cooldown_s
         if self.min_replicas == 0:
-            active = self._polled[2]  # as of KEDA's last poll
             if obs.replicas == 0:
-                return 1 if active else 0
-            if self._active_at is not None and obs.now - self._active_at >= self.cooldown_s:
+                return 1 if self._polled[2] else 0
+            if self._to_zero:
                 self.mechanics.forget()  # its HPA stops with the Deployment at zero
                 return 0
         rec = external_average(self.mechanics, obs.replicas, self._polled[1], self.lag_per_pod)
