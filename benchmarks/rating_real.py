@@ -133,8 +133,9 @@ def run_mix(mix: Mix, levels: list[int], args: argparse.Namespace, tmp: Path) ->
     server.start()
     procs = []
     phases: list[Phase] = []
-    beats = Heartbeats(server.url)
+    beats: Heartbeats | None = None
     try:
+        beats = Heartbeats(server.url)
         env = {
             "BREAKWATER_REDIS_URL": server.url,
             "BREAKWATER_KEY_PREFIX": PREFIX,
@@ -169,7 +170,8 @@ def run_mix(mix: Mix, levels: list[int], args: argparse.Namespace, tmp: Path) ->
             phases.append(phase)
             print(phase, flush=True)
     finally:
-        beats.done.set()
+        if beats is not None:
+            beats.done.set()
         stop(procs)
         server.stop()
     return phases
