@@ -33,6 +33,7 @@ TRACE = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 CURVE = ILLUSTRATIVE
 REPLICAS = 4
 WARMUP_S = 120.0
+RATES = (4.0, 8.0, 10.0, 12.0, 13.0, 14.0, 15.0, 16.0)  # arrivals/s, rising through saturation
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=900.0)
-    parser.add_argument("--rates", default="4,8,10,12,13,14,15,16")
+    parser.add_argument("--rates", default=",".join(f"{r:g}" for r in RATES))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     began = time.monotonic()

@@ -100,13 +100,20 @@ def _arrivals(setup: Setup) -> list[Arrival]:
     return arrivals if setup.trough is None else diurnal_day(arrivals, trough=setup.trough)
 
 
-def run(setup: Setup, family: str, value: float) -> Point:
-    arrivals = _arrivals(setup)
+def simulate(setup: Setup, family: str, value: float) -> Result:
+    """One family's setting on the setup's trace (a fixed fleet starts at its size)."""
     start = int(value) if family == "fixed" else setup.start_replicas
-    result = Simulation(
-        CURVES[setup.curve], arrivals, _policy(family, value), replicas=start, startup_s=setup.startup_s
+    return Simulation(
+        CURVES[setup.curve],
+        _arrivals(setup),
+        _policy(family, value),
+        replicas=start,
+        startup_s=setup.startup_s,
     ).run()
-    return _point(setup, family, value, result)
+
+
+def run(setup: Setup, family: str, value: float) -> Point:
+    return _point(setup, family, value, simulate(setup, family, value))
 
 
 def _point(setup: Setup, family: str, value: float, result: Result) -> Point:

@@ -26,11 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import occupancy
 import policies
 from breakwater.bench.metrics import percentile
-from breakwater.capacity.service import CURVES
-from breakwater.capacity.simulator import DISPATCH, Result, Simulation
+from breakwater.capacity.simulator import DISPATCH, Result
 
 PLOTS = policies.ROOT / "docs" / "evaluation"
-FAMILIES = {
+LABELS = {  # policies.FAMILIES, as the legend names them
     "fixed": "fixed fleet",
     "hpa": "HPA (utilisation)",
     "keda": "KEDA (queue lag)",
@@ -50,14 +49,6 @@ def code_day() -> policies.Setup:
     return policies.Setup(
         str(policies.TRACES / "AzureLLMInferenceTrace_code.csv"), 2.0, 300.0, 60.0, 1.0, 2, 0.25
     )
-
-
-def simulate(setup: policies.Setup, family: str, value: float) -> Result:
-    start = int(value) if family == "fixed" else setup.start_replicas
-    policy = policies._policy(family, value)
-    return Simulation(
-        CURVES[setup.curve], policies._arrivals(setup), policy, replicas=start, startup_s=setup.startup_s
-    ).run()
 
 
 def _pyplot() -> Any:
@@ -107,11 +98,11 @@ def cost_plot(panels: dict[str, list[policies.Point]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     width = 0.13
     for ax, (title, points) in zip(axes, panels.items(), strict=True):
-        for i, family in enumerate(FAMILIES):
+        for i, family in enumerate(policies.FAMILIES):
             xs, ys = [], []
             for j, target in enumerate(TARGETS):
                 best = policies.best(points, family, target)
-                x = j + (i - (len(FAMILIES) - 1) / 2) * width
+                x = j + (i - (len(policies.FAMILIES) - 1) / 2) * width
                 if best is None:
                     ax.text(x, 0, "x", ha="center", va="bottom", fontsize=9, color=f"C{i}")
                 else:
@@ -121,7 +112,7 @@ def cost_plot(panels: dict[str, list[policies.Point]], path: Path) -> None:
         ax.set_xticks(range(len(TARGETS)), [f"{t:.0%} TTFT ≤ 1 s" for t in TARGETS])
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("$ per 1k output tokens (x: not reached)")
-    handles = [Patch(color=f"C{i}", label=name) for i, name in enumerate(FAMILIES.values())]
+    handles = [Patch(color=f"C{i}", label=LABELS[f]) for i, f in enumerate(policies.FAMILIES)]
     axes[0].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -171,7 +162,7 @@ def main() -> None:
         }
         results = list(
             pool.map(
-                simulate,
+                policies.simulate,
                 [hour] * len(settings),
                 [f for f, _ in settings.values()],
                 [v for _, v in settings.values()],
@@ -184,7 +175,7 @@ def main() -> None:
             {"Azure 2023 code, one hour at 4x": hour_points, "a synthetic day of it": day_points},
             args.out / "policies-cost.png",
         )
-        jobs = [(d, r) for r in (4.0, 8.0, 10.0, 12.0, 13.0, 14.0, 15.0, 16.0) for d in DISPATCH]
+        jobs = [(d, r) for r in occupancy.RATES for d in DISPATCH]
         rows = list(pool.map(occupancy.run, [d for d, _ in jobs], [r for _, r in jobs], [900.0] * len(jobs)))
         occupancy_plot(rows, args.out / "occupancy-ttft.png")
     print(f"wrote {args.out}, {time.monotonic() - began:.0f} s")

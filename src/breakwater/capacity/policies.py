@@ -243,6 +243,9 @@ POLICY_SPECS = (
 )
 
 
+KEDA_NAMES = {"keda": "keda-lag", "keda-zero": "keda-zero-lag", "keda-zero-lagonly": "keda-zero-lagonly"}
+
+
 def policy_from_spec(spec: str, mechanics: HpaMechanics, time_scale: float = 1.0) -> Policy:
     """A policy from its command-line form (``hpa:0.7``, ``keda:5``, ...); raises ``ValueError``.
 
@@ -272,24 +275,19 @@ def _from_spec(spec: str, mechanics: HpaMechanics, time_scale: float) -> Policy 
         target = float(arg or 0.85)
         if 0 < target <= 1:
             return Hpa(target, k8s, period_s=15.0 / time_scale, name=f"hpa-utilisation-{target:g}")
-    elif name == "keda":
+    elif name in KEDA_NAMES:  # keda-zero*: minReplicaCount 0; -lagonly: lag triggers alone
         lag = float(arg or 5.0)
         if lag > 0:
-            return KedaQueue(
-                lag, 30.0 / time_scale, k8s, period_s=15.0 / time_scale, name=f"keda-lag-{lag:g}"
-            )
-    elif name in ("keda-zero", "keda-zero-lagonly"):  # minReplicaCount 0; -lagonly: lag triggers alone
-        lag = float(arg or 5.0)
-        if lag > 0:
+            zero = name != "keda"
             return KedaQueue(
                 lag,
                 30.0 / time_scale,
-                replace(k8s, min_replicas=1),  # the HPA's own minimum under KEDA at zero
+                replace(k8s, min_replicas=1) if zero else k8s,  # the HPA's minimum under KEDA at zero
                 period_s=15.0 / time_scale,
-                name=f"keda-zero-lag-{lag:g}" if name == "keda-zero" else f"keda-zero-lagonly-{lag:g}",
-                min_replicas=0,
+                name=f"{KEDA_NAMES[name]}-{lag:g}",
+                min_replicas=0 if zero else 1,
                 cooldown_s=300.0 / time_scale,
-                busy_active=name == "keda-zero",
+                busy_active=name != "keda-zero-lagonly",
             )
     elif name == "adaptive" and not arg:
         return Adaptive(_bounds(mechanics), k8s, hpa_period_s=15.0 / time_scale)
