@@ -4,6 +4,7 @@ reclaim, leases, bounded memory."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from breakwater.broker import Admission, Append, Broker, Lease, RequestSpec, StartOutcome, Status
+from breakwater.broker import Admission, Append, Broker, Fence, Lease, RequestSpec, StartOutcome, Status
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.types import BEHIND
 from breakwater.keys import GROUP, Keys
@@ -387,3 +388,48 @@ async def test_finish_read_gives_the_terminal_record_settle_meters_without_readi
     # A fenced-off attempt's finish writes nothing; what it read is the record as it stands.
     seq, record = await broker.finish_read("fr", attempt=7, **end)
     assert seq == -1 and record is not None and record.status is Status.DONE
+
+
+FENCE = Fence("w", 3, 60, alone=False)
+
+
+async def test_a_fenced_claim_starts_the_first_fresh_request_in_the_same_call(
+    broker: Broker, redis: Redis
+) -> None:
+    """bind_start.lua: the first request a claim binds is fenced with its first attempt, as start.lua
+    would; the others are left to start.lua (the worker checks each before it fences it)."""
+    await _enqueue(broker, "a")
+    await _enqueue(broker, "b")
+    first, second = await broker.claim("m", "interactive", "w", 2, None, FENCE)
+    assert (first.rid, second.rid, second.started) == ("a", "b", None)
+    assert first.started is not None and first.started.outcome is StartOutcome.RUN
+    assert first.started.attempt == 1
+    assert first.started.record is not None and first.started.record.spec.prompt == "p"
+    assert await redis.hmget(broker.keys.request("a"), "status", "attempt", "worker") == ["running", "1", "w"]
+    assert await redis.hmget(broker.keys.request("b"), "status", "attempt") == ["queued", "0"]
+    assert (await _start(broker, "b", "w")).attempt == 1  # the second one: start.lua, once
+    assert first == replace(first, started=None)  # the fence is not part of the job's identity
+
+
+async def test_a_fenced_claim_leaves_a_request_that_is_not_fresh_to_start_lua(
+    broker: Broker, redis: Redis
+) -> None:
+    """A cancelled request, or one that ran before, is not fenced by the claim: nothing is written to
+    its record, and the worker's own checks and start.lua decide."""
+    await _enqueue(broker, "gone")
+    await broker.cancel("gone", 60)
+    await _enqueue(broker, "ran")
+    await _start(broker, "ran", "old")  # attempt 1 ran elsewhere before this entry is read
+    for rid in ("gone", "ran"):
+        before = await redis.hgetall(broker.keys.request(rid))
+        [job] = await broker.claim("m", "interactive", "w", 1, None, FENCE)
+        assert (job.rid, job.started) == (rid, None)
+        assert await redis.hgetall(broker.keys.request(rid)) == before
+
+
+async def test_a_fenced_claim_reports_a_request_whose_deadline_passed(broker: Broker, redis: Redis) -> None:
+    await _enqueue(broker, "late")
+    await redis.hset(broker.keys.request("late"), "deadline_ms", 1)
+    [job] = await broker.claim("m", "interactive", "w", 1, None, FENCE)
+    assert job.started is not None and job.started.outcome is StartOutcome.EXPIRED
+    assert await redis.hget(broker.keys.request("late"), "status") == "queued"

@@ -15,7 +15,7 @@ from typing_extensions import Unpack
 from breakwater.broker.admission import Admissions
 from breakwater.broker.api_keys import KeyStore
 from breakwater.broker.appends import Appends
-from breakwater.broker.claims import FairClaims
+from breakwater.broker.claims import FairClaims, start_result
 from breakwater.broker.cluster import ClusterPipelinedRedis
 from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
@@ -30,7 +30,6 @@ from breakwater.broker.sharded_fanin import ShardedFanin
 from breakwater.broker.types import (
     Job,
     Lease,
-    StartOutcome,
     StartResult,
 )
 from breakwater.broker.wire import Arg, Endpoint, raise_errors
@@ -124,6 +123,9 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         self._idempotency = Script(self.fast, "idempotency")
         self.ledger = Ledger(self.fast, redis, keys)
         self._bind_script = Script(self.fast, "bind")
+        # Bind and fence in one call where the request's keys share the model's server (not a cluster)
+        bind_start = Script(self.fast, "bind_start", parts=("bind", "start"))
+        self._bind_start = None if self.fast.cluster else bind_start
         self._ack = Script(self.fast, "ack")
         # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
         # pending ones are reached; it wraps to 0-0 at the end of the stream.
@@ -246,12 +248,7 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
             keys=[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)],
             args=[worker_id, max_attempts, "1" if alone else "0", result_ttl_s],
         )
-        outcome, attempt = StartOutcome(str(res[0])), int(res[1])
-        if outcome is not StartOutcome.RUN:
-            return StartResult(outcome, attempt)
-        flat = res[3]
-        fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-        return StartResult(outcome, attempt, RequestRecord.from_hash(fields, emitted=str(res[2])))
+        return start_result(res)
 
     async def ack(self, job: Job, used_tokens: int | None = None) -> None:
         """Acknowledge and delete the entry (queue memory bounded, XLEN exact) and forget its binding;

@@ -4,16 +4,26 @@ bound to requests by ``bind.lua``, and a full worker's preemption claims. Part o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from breakwater.broker.cluster import Fast
+from breakwater.broker.record import RequestRecord
 from breakwater.broker.scripts import Script
-from breakwater.broker.types import Job
+from breakwater.broker.types import Fence, Job, StartOutcome, StartResult
 from breakwater.keys import GROUP, LANES, Keys
+
+RID_MARK = "\x01"  # stands for the request id in a key's template (never in a prefix or an id)
+
+
+def _around_rid(key: Callable[[str], str]) -> tuple[str, str]:
+    """A per-request key as the text before and after its request id."""
+    before, after = key(RID_MARK).split(RID_MARK)
+    return before, after
 
 
 def _jobs(stream: str, rows: Any) -> list[Job]:
@@ -21,6 +31,16 @@ def _jobs(stream: str, rows: Any) -> list[Job]:
         Job(stream, str(i), str(rid), str(xrid), str(tenant), float(cost or 0), float(weight or 1))
         for i, rid, xrid, tenant, cost, weight in rows
     ]
+
+
+def start_result(reply: Any) -> StartResult:
+    """``start.lua``'s reply: {outcome, attempt} or {'run', attempt, emitted, record as a flat hash}."""
+    outcome, attempt = StartOutcome(str(reply[0])), int(reply[1])
+    if outcome is not StartOutcome.RUN:
+        return StartResult(outcome, attempt)
+    flat = reply[3]
+    fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+    return StartResult(outcome, attempt, RequestRecord.from_hash(fields, emitted=str(reply[2])))
 
 
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
@@ -41,6 +61,7 @@ class FairClaims:
     fast: Fast
     keys: Keys
     _bind_script: Script
+    _bind_start: Script | None
     _reclaim_cursor: dict[str, str]
 
     async def ensure_groups(self, model: str) -> None:
@@ -62,16 +83,24 @@ class FairClaims:
         ]
 
     async def claim(
-        self, model: str, lane: str, worker_id: str, count: int, block_ms: int | None
+        self,
+        model: str,
+        lane: str,
+        worker_id: str,
+        count: int,
+        block_ms: int | None,
+        fence: Fence | None = None,
     ) -> list[Job]:
-        """New jobs for this consumer (``XREADGROUP >``), at most ``count``."""
+        """New jobs for this consumer (``XREADGROUP >``), at most ``count``. With ``fence`` (and a
+        single Redis) the first request bound is also fenced if it never ran (``Job.started``): one
+        round trip less before its first token."""
         stream = self.keys.jobs(model, lane)
         if block_ms is None:  # the common, non-blocking pull: on the raw connection
             raw: Any = await self.fast.execute(
                 "XREADGROUP", "GROUP", GROUP, worker_id, "COUNT", count, "STREAMS", stream, ">"
             )
             entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
-            return await self._bind(model, lane, entries)
+            return await self._bind(model, lane, entries, fence)
         # A blocking read would stall every command behind it on the shared raw connection.
         try:
             reply: Any = await self.redis.xreadgroup(
@@ -81,7 +110,7 @@ class FairClaims:
             if not _unblocked(exc):
                 raise
             return []
-        return await self._bind(model, lane, reply[0][1] if reply else [])
+        return await self._bind(model, lane, reply[0][1] if reply else [], fence)
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
         """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
@@ -92,18 +121,39 @@ class FairClaims:
         entries = reply[1] if len(reply) > 1 else []
         return await self._bind(model, lane, entries)
 
-    async def _bind(self, model: str, lane: str, entries: list[Any]) -> list[Job]:
+    async def _bind(self, model: str, lane: str, entries: list[Any], fence: Fence | None = None) -> list[Job]:
         """The requests these entries stand for, bound in fair order (``bind.lua``; an entry bound
-        before, e.g. a reclaimed one, keeps its request)."""
+        before, e.g. a reclaimed one, keeps its request); see :meth:`claim` for ``fence``."""
         ids = [entry_id for entry_id, fields in entries if fields is not None]  # None: deleted while pending
         if not ids:
             return []
         stream = self.keys.jobs(model, lane)
+        if fence is not None and self._bind_start is not None:
+            return await self._bind_and_start(model, lane, ids, fence)
         rows: Any = await self._bind_script(
             keys=self._fair_keys(model, lane),
             args=[self.keys.waiting_prefix(model, lane), "ids", *ids],
         )
         return _jobs(stream, rows)
+
+    async def _bind_and_start(self, model: str, lane: str, ids: list[str], fence: Fence) -> list[Job]:
+        assert self._bind_start is not None
+        keys = self.keys
+        templates = [part for key in (keys.request, keys.emitted, keys.tokens) for part in _around_rid(key)]
+        alone = "1" if fence.alone else "0"
+        rows, rid, started = await self._bind_start(
+            keys=self._fair_keys(model, lane),
+            args=[
+                self.keys.waiting_prefix(model, lane),
+                *templates,
+                *(fence.worker_id, fence.max_attempts, alone, fence.result_ttl_s),
+                *ids,
+            ],
+        )
+        jobs = _jobs(self.keys.jobs(model, lane), rows)
+        if rid:
+            jobs = [replace(j, started=start_result(started)) if j.rid == rid else j for j in jobs]
+        return jobs
 
     async def claim_preempting(
         self, model: str, lane: str, worker_id: str, running: Mapping[str, int]

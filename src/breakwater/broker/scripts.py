@@ -22,14 +22,22 @@ from breakwater.broker.wire import Arg, raise_errors
 Call = tuple[Sequence[str], Sequence[Arg]]  # (keys, args)
 
 
+def _text(name: str) -> str:
+    return resources.files("breakwater.broker").joinpath("lua", f"{name}.lua").read_text()
+
+
 class Script:
     """One Lua script from ``broker/lua/<name>.lua``."""
 
-    def __init__(self, client: Fast, name: str, flags: str = "") -> None:
-        """``flags``: Redis 7 script flags (``allow-cross-slot-keys``), declared in a shebang line."""
+    def __init__(self, client: Fast, name: str, flags: str = "", parts: Sequence[str] = ()) -> None:
+        """``flags``: Redis 7 script flags (``allow-cross-slot-keys``), declared in a shebang line.
+        ``parts``: other scripts this one calls, each as a local function of (KEYS, ARGV) named after
+        it (their text is not repeated in ``<name>.lua``)."""
         self.client = client
         self.name = name
-        self.source = resources.files("breakwater.broker").joinpath("lua", f"{name}.lua").read_text()
+        self.source = "".join(
+            f"local function {part}(KEYS, ARGV)\n{_text(part)}\nend\n" for part in parts
+        ) + _text(name)
         if flags:
             self.source = f"#!lua flags={flags}\n{self.source}"
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()

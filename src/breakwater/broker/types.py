@@ -4,7 +4,7 @@ token appends and leases."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from breakwater.broker.record import RequestRecord
 
@@ -38,6 +38,20 @@ class Job:
     tenant: str = ""
     cost: float = 0.0  # estimated tokens charged to the tenant's virtual counter when bound
     weight: float = 1.0
+    # Fenced in the same call that bound it (``bind_start.lua``, single Redis): the worker runs it
+    # without calling ``start.lua`` again. Not part of the job's identity.
+    started: StartResult | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """What fencing a claimed job's attempt takes (``start.lua``): when a claim may fence the first
+    request it binds in the same round trip (:meth:`Broker.claim`)."""
+
+    worker_id: str
+    max_attempts: int
+    result_ttl_s: int
+    alone: bool  # the worker runs nothing else: it may take a suspect
 
 
 class StartOutcome(enum.Enum):

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from breakwater.broker import Broker, Job
+from breakwater.broker import Broker, Fence, Job
 from breakwater.broker.errors import TRANSIENT
 from breakwater.config import WorkerSettings
 from breakwater.keys import LANES
@@ -45,19 +45,32 @@ class PullingMixin:
                     )
         for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
             if len(jobs) < free:
-                jobs += await self._from(
-                    failed, self.broker.claim, queue, lane, worker_id, free - len(jobs), None
-                )
+                want, fence = free - len(jobs), self._fence(jobs)
+                jobs += await self._from(failed, self.broker.claim, queue, lane, worker_id, want, None, fence)
         if not jobs and len(failed) < len(turn) * len(LANES):
             block_ms = max(1, self.settings.block_ms // len(self.queues))
             head = turn[0]
-            jobs = await self._from(failed, self.broker.claim, head, LANES[0], worker_id, free, block_ms)
+            jobs = await self._from(
+                failed, self.broker.claim, head, LANES[0], worker_id, free, block_ms, self._fence(jobs)
+            )
         if failed and not jobs and all(q in self._unreachable for q in turn):
             raise failed[-1]  # no partition answered: the pull loop backs off
         for job in jobs:
             if not job.rid:  # an entry no request was waiting for: only acknowledged
                 await self.broker.ack(job)
         return [job for job in jobs if job.rid]
+
+    def _fence(self, pulled: list[Job]) -> Fence | None:
+        """Let a claim fence the first request it binds (one round trip less to its first token):
+        only the pull's first job, which the pull loop starts before any other, so nothing it holds
+        back (a suspect running alone) can be fenced early."""
+        if pulled:
+            return None
+        settings = self.settings
+        return Fence(settings.worker_id, settings.max_attempts, settings.result_ttl_s, alone=self._idle())
+
+    def _idle(self) -> bool:
+        raise NotImplementedError
 
     def _reachable(self, queues: tuple[str, ...]) -> tuple[str, ...]:
         """The partitions not marked unreachable (all of them when every one is)."""

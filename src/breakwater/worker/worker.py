@@ -190,6 +190,10 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         if flight is not None and flight.paused:
             self.preemption.paused.remove(flight)
 
+    def _idle(self) -> bool:
+        """Nothing runs or waits here: a suspect may run."""
+        return not self.inflight and not self.held
+
     def _isolating(self) -> bool:
         """A suspect is running and has not produced a token yet: nothing else may join its batch."""
         if not self._suspects:  # the common case, checked on every pull without a scan
@@ -219,12 +223,12 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         if self._isolating():
             self.held.append((job, False))  # not even fenced yet: started once the suspect progresses
             return
-        result = await self.broker.start_job(
+        result = job.started or await self.broker.start_job(
             job.rid,
             self.settings.worker_id,
             self.settings.max_attempts,
             result_ttl_s=self.settings.result_ttl_s,
-            alone=(not self.inflight and not self.held) if alone is None else alone,
+            alone=self._idle() if alone is None else alone,
         )
         if result.outcome is StartOutcome.SUSPECT:
             # Its last attempt crashed before any progress: hold it (lease kept) until it can run alone.
