@@ -15,6 +15,7 @@ from breakwater.config import GatewaySettings
 from breakwater.gateway import routes, ws
 from breakwater.gateway.body import BodyLimitMiddleware
 from breakwater.gateway.errors import install_error_handlers
+from breakwater.gateway.fastpath import FastCompletions
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.service import GatewayService
@@ -106,6 +107,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(ws.router)
+    app.add_middleware(FastCompletions)  # innermost: after X-Request-ID and the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -72,10 +72,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def api_error_response(exc: APIError) -> JSONBody:
+    return JSONBody(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def unavailable_response(exc: Exception) -> JSONBody:
+    """Redis unreachable, full (OOM with noeviction), read-only (failover) or loading: nothing was
+    admitted; the client retries after a second."""
+    return JSONBody(
+        error_body("the queue is unavailable; retry shortly", "service_unavailable", "redis_unavailable"),
+        status_code=503,
+        headers={"Retry-After": "1", "X-Breakwater-Reason": reason(exc)},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONBody:
-        return JSONBody(exc.body(), status_code=exc.status, headers=exc.headers)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
@@ -92,13 +106,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def _redis_unavailable(_: Request, exc: Exception) -> JSONBody:
-        # Unreachable, full (OOM with noeviction), read-only (failover) or loading: nothing was
-        # admitted; the client retries after a second.
-        return JSONBody(
-            error_body("the queue is unavailable; retry shortly", "service_unavailable", "redis_unavailable"),
-            status_code=503,
-            headers={"Retry-After": "1", "X-Breakwater-Reason": reason(exc)},
-        )
+        return unavailable_response(exc)
 
     for exc_type in TRANSIENT:
         app.add_exception_handler(exc_type, _redis_unavailable)

@@ -56,7 +56,7 @@ async def chat_completions(
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     cache_control: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    return await _complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
+    return await complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
 
 @router.post("/v1/embeddings", response_model=None)
@@ -68,7 +68,7 @@ async def embeddings(
     cache_control: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
     """Embeddings: a short job through the same queue; the worker answers with packed vectors."""
-    return await _complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
+    return await complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
 
 @router.post("/v1/completions", response_model=None)
@@ -79,10 +79,10 @@ async def completions(
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     cache_control: Annotated[str | None, Header(max_length=256)] = None,
 ) -> Response:
-    return await _complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
+    return await complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
 
-async def _complete(
+async def complete(
     body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
     request: Request,
     who: Principal,
