@@ -107,6 +107,9 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         # WAIT blocks the connection it is sent on until replicas answer: admissions that wait for
         # them get connections of their own, so the token path never waits behind a WAIT.
         self._admit = fast_client(redis, socket_timeout_s) if replica_ack else self.fast
+        # A worker's blocking reads for new jobs would stall every command behind them on the hot
+        # path's connection: they have one of their own (opened by the first one).
+        self._blocking = fast_client(redis, socket_timeout_s)
         # Token events: sharded Pub/Sub on a cluster (each on its request's shard), else classic.
         self.sharded = self.fast.cluster and sharded_pubsub
         self.publish = "SPUBLISH" if self.sharded else "PUBLISH"
@@ -148,6 +151,7 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
     async def aclose(self) -> None:
         if self._admit is not self.fast:
             await self._admit.aclose()
+        await self._blocking.aclose()
         await self.fast.aclose()
         await self.redis.aclose()
 

@@ -62,6 +62,7 @@ class FairClaims:
     keys: Keys
     _bind_script: Script
     _bind_start: Script | None
+    _blocking: Fast
     _reclaim_cursor: dict[str, str]
 
     async def ensure_groups(self, model: str) -> None:
@@ -101,16 +102,30 @@ class FairClaims:
             )
             entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
             return await self._bind(model, lane, entries, fence)
-        # A blocking read would stall every command behind it on the shared raw connection.
+        # On a raw connection of its own (a blocking read would stall every command behind it),
+        # never longer than half the time after which an unanswered connection counts as lost.
+        timeout_s = self._blocking.timeout_s
+        block_ms = block_ms if timeout_s is None else max(1, min(block_ms, int(timeout_s * 500)))
         try:
-            reply: Any = await self.redis.xreadgroup(
-                GROUP, worker_id, {stream: ">"}, count=count, block=block_ms
+            raw = await self._blocking.execute(
+                "XREADGROUP",
+                "GROUP",
+                GROUP,
+                worker_id,
+                "COUNT",
+                count,
+                "BLOCK",
+                block_ms,
+                "STREAMS",
+                stream,
+                ">",
             )
         except ResponseError as exc:
             if not _unblocked(exc):
                 raise
             return []
-        return await self._bind(model, lane, reply[0][1] if reply else [], fence)
+        entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
+        return await self._bind(model, lane, entries, fence)
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
         """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
