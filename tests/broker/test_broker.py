@@ -3,6 +3,7 @@ reclaim, leases, bounded memory."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -16,6 +17,7 @@ from breakwater.broker import Admission, Append, Broker, Fence, Lease, RequestSp
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.types import BEHIND
 from breakwater.keys import GROUP, Keys
+from tests.helpers import async_wait_for
 
 
 def _spec(model: str = "m", lane: str = "interactive", timeout_s: float = 60.0) -> RequestSpec:
@@ -433,3 +435,25 @@ async def test_a_fenced_claim_reports_a_request_whose_deadline_passed(broker: Br
     [job] = await broker.claim("m", "interactive", "w", 1, None, FENCE)
     assert job.started is not None and job.started.outcome is StartOutcome.EXPIRED
     assert await redis.hget(broker.keys.request("late"), "status") == "queued"
+
+
+async def test_a_cancelled_blocking_read_lets_go_of_the_next_job(broker: Broker, redis: Redis) -> None:
+    """A worker's blocking read cancelled (shutdown) must not stay armed in Redis: a job queued
+    afterwards goes to a live consumer, not to the read nobody waits for."""
+    await broker.ensure_groups("m")
+    before = await _blocked(redis)
+    reading = asyncio.create_task(broker.claim("m", "interactive", "gone", 1, 5000))  # the longest
+    await async_wait_for(lambda: _blocked(redis, before + 1), what="the read to block")
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    await async_wait_for(lambda: _blocked(redis, before), timeout_s=2, what="the read to let go")
+    await _enqueue(broker, "next")
+    [job] = await broker.claim("m", "interactive", "alive", 1, None)
+    assert job.rid == "next"
+
+
+async def _blocked(redis: Redis, n: int | None = None) -> Any:
+    """Redis's count of blocked clients; with ``n``: whether it is ``n``."""
+    blocked = int((await redis.info("clients"))["blocked_clients"])
+    return blocked if n is None else blocked == n

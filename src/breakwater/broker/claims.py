@@ -4,6 +4,7 @@ bound to requests by ``bind.lua``, and a full worker's preemption claims. Part o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -124,6 +125,12 @@ class FairClaims:
             if not _unblocked(exc):
                 raise
             return []
+        except asyncio.CancelledError:
+            # The read stays armed in Redis until its connection goes: a job arriving meanwhile
+            # would be delivered to this read and wait a lease for its reclaim. Close it (the next
+            # read opens another), as redis-py did.
+            await self._blocking.aclose()
+            raise
         entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
         return await self._bind(model, lane, entries, fence)
 

@@ -4,8 +4,9 @@ with the same address, TLS and ACL user as the process's redis-py client.
 redis-py's asyncio client spends ~150 us of CPU per command (pool, retry wrapper, timeouts, per
 argument encoding, response callbacks); the token path cannot afford that per engine step or per
 stream. :class:`PipelinedRedis` sends commands as they come on one connection and matches replies
-in order, so concurrent callers share it without a pool. Blocking commands (``XREADGROUP BLOCK``)
-and everything off the hot path stay on redis-py.
+in order, so concurrent callers share it without a pool. A blocking command stalls every command
+behind it on its connection: a worker's blocking read for new jobs has a connection of its own;
+the other blocking reads and everything off the hot path stay on redis-py.
 """
 
 from __future__ import annotations

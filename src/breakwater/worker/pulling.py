@@ -41,12 +41,14 @@ class PullingMixin:
                 if len(jobs) < free:
                     want = free - len(jobs)
                     jobs += await self._from(
-                        failed, self.broker.reclaim, queue, lane, worker_id, idle_ms, want
+                        failed, self.broker.reclaim, queue, lane, worker_id, idle_ms, want, keep=bool(jobs)
                     )
         for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
             if len(jobs) < free:
-                want, fence = free - len(jobs), self._fence(jobs)
-                jobs += await self._from(failed, self.broker.claim, queue, lane, worker_id, want, None, fence)
+                want, fence, keep = free - len(jobs), self._fence(jobs), bool(jobs)
+                jobs += await self._from(
+                    failed, self.broker.claim, queue, lane, worker_id, want, None, fence, keep=keep
+                )
         if not jobs and len(failed) < len(turn) * len(LANES):
             block_ms = max(1, self.settings.block_ms // len(self.queues))
             head = turn[0]
@@ -57,7 +59,10 @@ class PullingMixin:
             raise failed[-1]  # no partition answered: the pull loop backs off
         for job in jobs:
             if not job.rid:  # an entry no request was waiting for: only acknowledged
-                await self.broker.ack(job)
+                try:
+                    await self.broker.ack(job)
+                except TRANSIENT as exc:  # it stays pending: reclaimed, found empty and acked later
+                    log.warning("ack failed", extra={"fields": {"entry": job.entry_id, "error": str(exc)}})
         return [job for job in jobs if job.rid]
 
     def _fence(self, pulled: list[Job]) -> Fence | None:
@@ -79,14 +84,25 @@ class PullingMixin:
         return up or queues
 
     async def _from(
-        self, failed: list[BaseException], claim: Callable[..., Awaitable[list[Job]]], queue: str, *args: Any
+        self,
+        failed: list[BaseException],
+        claim: Callable[..., Awaitable[list[Job]]],
+        queue: str,
+        *args: Any,
+        keep: bool = False,
     ) -> list[Job]:
         """One partition's ``claim(queue, *args)``. With several partitions, one whose shard fails
         (after the client's own retries) is skipped for a while, longer each time, and the jobs the
-        others gave are kept; a model's only queue raises, for the pull loop's backoff."""
+        others gave are kept; a model's only queue raises, for the pull loop's backoff, unless this
+        pull already holds jobs (``keep``): they are started, not left to lapse (one of them may
+        be fenced already, whose lapse would count against it as an attempt without progress)."""
         try:
             got = await claim(queue, *args)
         except TRANSIENT as exc:
+            if keep:
+                failed.append(exc)
+                log.warning("claim failed; starting the jobs pulled", extra={"fields": {"error": str(exc)}})
+                return []
             if len(self.queues) == 1:
                 raise
             failed.append(exc)

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -290,7 +291,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             self._step_started = time.monotonic()
         suspect = record.failures > 0
         self.inflight[job.rid] = InFlight(
-            job=job,
+            job=replace(job, started=None),  # not the record with its prompt, for the whole run
             attempt=result.attempt,
             model=self.model,
             suspect=suspect,
