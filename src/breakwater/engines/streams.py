@@ -34,6 +34,9 @@ class StreamingEngine(Engine):
         self._deltas: list[SequenceDelta] = []
         self._ready = asyncio.Event()
         self._last_step = 0.0
+        self._quiet: set[str] = set()  # sequences that have not emitted yet in this worker
+        self._first_waiting = False  # a first delta is among the deltas not yet stepped
+        self._pause: asyncio.Future[None] | None = None  # a step waiting out STEP_MIN_S
 
     @abstractmethod
     async def _generate(self, flight: Flight) -> None:
@@ -49,6 +52,7 @@ class StreamingEngine(Engine):
     def add(self, request: GenerationRequest) -> None:
         flight = self.new_flight(request)
         self._flights[request.request_id] = flight
+        self._quiet.add(request.request_id)
         flight.task = asyncio.create_task(self._guarded(flight), name=f"generate-{request.request_id}")
 
     async def _guarded(self, flight: Flight) -> None:
@@ -63,6 +67,7 @@ class StreamingEngine(Engine):
 
     def cancel(self, request_id: str) -> None:
         flight = self._flights.pop(request_id, None)
+        self._quiet.discard(request_id)
         if flight is not None and flight.task is not None:
             flight.task.cancel()  # leaving the backend's stream aborts the request there
         self._deltas = [d for d in self._deltas if d.request_id != request_id]
@@ -70,26 +75,45 @@ class StreamingEngine(Engine):
     async def step(self) -> list[SequenceDelta]:
         await self._ready.wait()
         # At most one step per STEP_MIN_S: under load, the tokens of many sequences go to Redis in one
-        # round trip instead of one each; a token after a quiet spell is not delayed at all.
+        # round trip instead of one each; a token after a quiet spell is not delayed at all, and
+        # neither is a sequence's first (its client waits for it: time to first token).
         loop = asyncio.get_running_loop()
         wait = self._last_step + STEP_MIN_S - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        if wait > 0 and not self._first_waiting:
+            pause = self._pause = loop.create_future()
+            timer = loop.call_later(wait, _resolve, pause)
+            try:
+                await pause
+            finally:
+                timer.cancel()
+                self._pause = None
+        self._first_waiting = False
         self._last_step = loop.time()
         self._ready.clear()
         deltas, self._deltas = self._deltas, []
         return merge_deltas(deltas)
 
     def _emit(self, delta: SequenceDelta) -> None:
-        if delta.request_id in self._flights:
+        rid = delta.request_id
+        if rid in self._flights:
             self._deltas.append(delta)
             self._ready.set()
+            if rid in self._quiet and (delta.text or delta.tokens or delta.finished):  # its first: step now
+                self._quiet.discard(rid)
+                self._first_waiting = True
+                _resolve(self._pause)
         if delta.finished:
-            self._flights.pop(delta.request_id, None)
+            self._flights.pop(rid, None)
+            self._quiet.discard(rid)
 
     async def close(self) -> None:
         for rid in list(self._flights):
             self.cancel(rid)
+
+
+def _resolve(pause: asyncio.Future[None] | None) -> None:
+    if pause is not None and not pause.done():
+        pause.set_result(None)
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
