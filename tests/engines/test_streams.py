@@ -65,3 +65,16 @@ async def test_a_first_delta_is_stepped_at_once_with_what_waits(engine: Puppet) 
     later = asyncio.create_task(engine.step())
     assert not await _settles(later)
     later.cancel()
+
+
+async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet) -> None:
+    """A resumed sequence's client has had its first token; a delta without text (a tool parser
+    holding it back) publishes nothing, so neither ends the wait (b's first text still does)."""
+    engine.add(GenerationRequest("c", prompt="p", emitted_text="ab", emitted_tokens=2))
+    engine.say("c", "d")
+    engine._emit(SequenceDelta("b", text="", tokens=1))
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)
+    engine.say("b", "z")
+    assert await _settles(step)
+    assert [(d.request_id, d.text) for d in step.result()] == [("c", "d"), ("b", "z")]

@@ -52,7 +52,8 @@ class StreamingEngine(Engine):
     def add(self, request: GenerationRequest) -> None:
         flight = self.new_flight(request)
         self._flights[request.request_id] = flight
-        self._quiet.add(request.request_id)
+        if not request.emitted_tokens:  # a continuation's client has had its first token
+            self._quiet.add(request.request_id)
         flight.task = asyncio.create_task(self._guarded(flight), name=f"generate-{request.request_id}")
 
     async def _guarded(self, flight: Flight) -> None:
@@ -98,7 +99,7 @@ class StreamingEngine(Engine):
         if rid in self._flights:
             self._deltas.append(delta)
             self._ready.set()
-            if rid in self._quiet and (delta.text or delta.tokens or delta.finished):  # its first: step now
+            if rid in self._quiet and (delta.text or delta.finished):  # its first text: step now
                 self._quiet.discard(rid)
                 self._first_waiting = True
                 _resolve(self._pause)
