@@ -5,7 +5,8 @@ bound to requests by ``bind.lua``, and a full worker's preemption claims. Part o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -21,10 +22,13 @@ from breakwater.keys import GROUP, LANES, Keys
 RID_MARK = "\x01"  # stands for the request id in a key's template (never in a prefix or an id)
 
 
-def _around_rid(key: Callable[[str], str]) -> tuple[str, str]:
-    """A per-request key as the text before and after its request id."""
-    before, after = key(RID_MARK).split(RID_MARK)
-    return before, after
+@functools.cache
+def _rid_templates(keys: Keys) -> tuple[str, ...]:
+    """The request record's, emitted text's and token stream's keys, each as the text before and
+    after the request id (``bind_start.lua`` builds them): once per key layout."""
+    return tuple(
+        part for key in (keys.request, keys.emitted, keys.tokens) for part in key(RID_MARK).split(RID_MARK)
+    )
 
 
 def _jobs(stream: str, rows: Any) -> list[Job]:
@@ -160,14 +164,12 @@ class FairClaims:
 
     async def _bind_and_start(self, model: str, lane: str, ids: list[str], fence: Fence) -> list[Job]:
         assert self._bind_start is not None
-        keys = self.keys
-        templates = [part for key in (keys.request, keys.emitted, keys.tokens) for part in _around_rid(key)]
         alone = "1" if fence.alone else "0"
         rows, rid, started = await self._bind_start(
             keys=self._fair_keys(model, lane),
             args=[
                 self.keys.waiting_prefix(model, lane),
-                *templates,
+                *_rid_templates(self.keys),
                 *(fence.worker_id, fence.max_attempts, alone, fence.result_ttl_s),
                 *ids,
             ],

@@ -26,6 +26,7 @@ from breakwater.broker.errors import UNREACHABLE, Backoff
 from breakwater.broker.wire import Endpoint, Wire, command, open_wire
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
+from breakwater.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 5.0  # a connection silent for 3 of these (no reply to PING) is half-open: reconnect
@@ -57,7 +58,7 @@ class Subscription:
     """Live events of one request for one reader; ``overflowed`` tells it to re-read the durable
     stream (its buffer filled, the connection was re-established, or the gateway drains)."""
 
-    __slots__ = ("_waiter", "confirmed", "delivered", "events", "maxsize", "on_overflow", "overflowed", "rid")
+    __slots__ = ("_wakeup", "confirmed", "delivered", "events", "maxsize", "on_overflow", "overflowed", "rid")
 
     def __init__(self, rid: str, maxsize: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.rid = rid
@@ -67,7 +68,7 @@ class Subscription:
         self.overflowed = False
         self.delivered = 0  # the last seq its reader handed on
         self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiter: asyncio.Future[None] | None = None
+        self._wakeup = Wakeup()
 
     def wake(self) -> None:
         """Make a waiting reader look at the durable stream now."""
@@ -95,25 +96,10 @@ class Subscription:
         one timer handle: cancelling the caller cancels only the wait."""
         if self.events or self.overflowed:
             return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._waiter = waiter
-        timer = loop.call_later(timeout_s, _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+        await self._wakeup.wait(timeout_s)
 
     def _notify(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+        self._wakeup.wake()
 
 
 class Channels:

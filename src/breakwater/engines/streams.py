@@ -12,6 +12,7 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 
 from breakwater.engines.base import Engine, GenerationRequest, SequenceDelta
+from breakwater.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 STEP_MIN_S = 0.001
@@ -36,7 +37,7 @@ class StreamingEngine(Engine):
         self._last_step = 0.0
         self._quiet: set[str] = set()  # sequences that have not emitted yet in this worker
         self._first_waiting = False  # a first delta is among the deltas not yet stepped
-        self._pause: asyncio.Future[None] | None = None  # a step waiting out STEP_MIN_S
+        self._pause = Wakeup()  # a step waiting out STEP_MIN_S
 
     @abstractmethod
     async def _generate(self, flight: Flight) -> None:
@@ -81,13 +82,7 @@ class StreamingEngine(Engine):
         loop = asyncio.get_running_loop()
         wait = self._last_step + STEP_MIN_S - loop.time()
         if wait > 0 and not self._first_waiting:
-            pause = self._pause = loop.create_future()
-            timer = loop.call_later(wait, _resolve, pause)
-            try:
-                await pause
-            finally:
-                timer.cancel()
-                self._pause = None
+            await self._pause.wait(wait)
         self._first_waiting = False
         self._last_step = loop.time()
         self._ready.clear()
@@ -102,7 +97,7 @@ class StreamingEngine(Engine):
             if rid in self._quiet and (delta.text or delta.finished):  # its first text: step now
                 self._quiet.discard(rid)
                 self._first_waiting = True
-                _resolve(self._pause)
+                self._pause.wake()
         if delta.finished:
             self._flights.pop(rid, None)
             self._quiet.discard(rid)
@@ -110,11 +105,6 @@ class StreamingEngine(Engine):
     async def close(self) -> None:
         for rid in list(self._flights):
             self.cancel(rid)
-
-
-def _resolve(pause: asyncio.Future[None] | None) -> None:
-    if pause is not None and not pause.done():
-        pause.set_result(None)
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
