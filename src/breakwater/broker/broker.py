@@ -127,8 +127,9 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         self.ledger = Ledger(self.fast, redis, keys)
         self._bind_script = Script(self.fast, "bind")
         # Bind and fence in one call where the request's keys share the model's server (not a cluster)
-        bind_start = Script(self.fast, "bind_start", parts=("bind", "start"))
-        self._bind_start = None if self.fast.cluster else bind_start
+        self._bind_start = (
+            None if self.fast.cluster else Script(self.fast, "bind_start", parts=("bind", "start"))
+        )
         self._ack = Script(self.fast, "ack")
         # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
         # pending ones are reached; it wraps to 0-0 at the end of the stream.

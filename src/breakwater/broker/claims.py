@@ -101,18 +101,23 @@ class FairClaims:
         single Redis) the first request bound is also fenced if it never ran (``Job.started``): one
         round trip less before its first token."""
         stream = self.keys.jobs(model, lane)
-        if block_ms is None:  # the common, non-blocking pull: on the raw connection
+        if block_ms is None:  # the common, non-blocking pull: on the hot path's connection
             raw: Any = await self.fast.execute(
                 "XREADGROUP", "GROUP", GROUP, worker_id, "COUNT", count, "STREAMS", stream, ">"
             )
-            entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
-            return await self._bind(model, lane, entries, fence)
-        # On a raw connection of its own (a blocking read would stall every command behind it),
-        # never longer than half the time after which an unanswered connection counts as lost.
+        else:
+            raw = await self._blocking_read(stream, worker_id, count, block_ms)
+        entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
+        return await self._bind(model, lane, entries, fence)
+
+    async def _blocking_read(self, stream: str, worker_id: str, count: int, block_ms: int) -> Any:
+        """``XREADGROUP … BLOCK`` on a raw connection of its own (a blocking read would stall every
+        command behind it), never longer than half the time after which an unanswered connection
+        counts as lost; None when nothing came (or the stream moved away)."""
         timeout_s = self._blocking.timeout_s
         block_ms = block_ms if timeout_s is None else max(1, min(block_ms, int(timeout_s * 500)))
         try:
-            raw = await self._blocking.execute(
+            return await self._blocking.execute(
                 "XREADGROUP",
                 "GROUP",
                 GROUP,
@@ -128,15 +133,13 @@ class FairClaims:
         except ResponseError as exc:
             if not _unblocked(exc):
                 raise
-            return []
+            return None
         except asyncio.CancelledError:
             # The read stays armed in Redis until its connection goes: a job arriving meanwhile
             # would be delivered to this read and wait a lease for its reclaim. Close it (the next
             # read opens another), as redis-py did.
             await self._blocking.aclose()
             raise
-        entries = [(i, _pairs(f)) for i, f in raw[0][1]] if raw else []
-        return await self._bind(model, lane, entries, fence)
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
         """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
@@ -153,9 +156,9 @@ class FairClaims:
         ids = [entry_id for entry_id, fields in entries if fields is not None]  # None: deleted while pending
         if not ids:
             return []
-        stream = self.keys.jobs(model, lane)
         if fence is not None and self._bind_start is not None:
             return await self._bind_and_start(model, lane, ids, fence)
+        stream = self.keys.jobs(model, lane)
         rows: Any = await self._bind_script(
             keys=self._fair_keys(model, lane),
             args=[self.keys.waiting_prefix(model, lane), "ids", *ids],

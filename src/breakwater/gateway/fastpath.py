@@ -22,14 +22,13 @@ from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.auth import caller
 from breakwater.gateway.cache import CacheControl
 from breakwater.gateway.errors import APIError, api_error_response, unavailable_response
-from breakwater.gateway.routes import complete
+from breakwater.gateway.routes import HEADER_MAX, complete
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 
 ROUTES: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
 }
-HEADER_MAX = 256  # the routes' Header(max_length=256)
 WANTED = (b"content-type", b"idempotency-key", b"cache-control")
 
 

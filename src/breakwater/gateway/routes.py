@@ -32,6 +32,7 @@ from breakwater.tenancy import Principal
 
 router = APIRouter(route_class=OrjsonRoute)
 
+HEADER_MAX = 256  # Idempotency-Key and Cache-Control values, at most
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 COALESCE_MAX = 64  # events per write at most
 Caller = Annotated[Principal, Depends(caller)]
@@ -53,8 +54,8 @@ async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
     who: Caller,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
-    cache_control: Annotated[str | None, Header(max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
+    cache_control: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
 ) -> Response:
     return await complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
@@ -64,8 +65,8 @@ async def embeddings(
     body: EmbeddingRequest,
     request: Request,
     who: Caller,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
-    cache_control: Annotated[str | None, Header(max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
+    cache_control: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
 ) -> Response:
     """Embeddings: a short job through the same queue; the worker answers with packed vectors."""
     return await complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
@@ -76,8 +77,8 @@ async def completions(
     body: CompletionRequest,
     request: Request,
     who: Caller,
-    idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
-    cache_control: Annotated[str | None, Header(max_length=256)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
+    cache_control: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
 ) -> Response:
     return await complete(body, request, who, idempotency_key, CacheControl.parse(cache_control))
 
