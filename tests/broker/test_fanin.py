@@ -156,3 +156,116 @@ async def test_a_channel_taken_again_while_being_let_go_keeps_its_subscription(
     await redis.publish(channel, "t1 1 still here")
     await _until(lambda: len(again.events) == 1, "the event")
     assert list(again.events) == [TokenEvent(1, "token", "still here", 1)]
+
+
+def _token(seq: int) -> TokenEvent:
+    return TokenEvent(seq, "token", f"w{seq}", 1)
+
+
+async def test_a_parked_reader_s_sink_takes_the_next_event_in_order() -> None:
+    """A sink gets an event only while its reader is parked, only the next seq, and only with
+    nothing buffered before it; whatever it refuses (or fails on) is buffered and wakes the reader."""
+    taken: list[int] = []
+    sub = Subscription("r", maxsize=8)
+    sub.sink = lambda e: e.kind == "token" and not taken.append(e.seq)  # type: ignore[func-returns-value]
+    sub.offer(_token(1))  # not parked: the reader takes it
+    assert [e.seq for e in sub.events] == [1] and taken == []
+    sub.events.clear()
+    sub.delivered = 1
+    sub.parked = True
+    sub.offer(_token(2))
+    sub.offer(_token(3))
+    assert taken == [2, 3] and sub.delivered == 3 and not sub.events
+    sub.offer(_token(5))  # a gap: the reader sees it and re-reads the stream
+    sub.offer(_token(4))  # the next seq, but something is buffered before it
+    assert taken == [2, 3] and [e.seq for e in sub.events] == [5, 4]
+    sub.events.clear()
+    sub.offer(TokenEvent(4, "done", finish_reason="stop"))  # refused: buffered, the reader woken
+    assert [e.kind for e in sub.events] == ["done"] and sub.delivered == 3
+    waited = asyncio.ensure_future(sub.wait(5))
+    await asyncio.wait_for(waited, 1)  # returns at once: an event is buffered
+
+    def broken(event: TokenEvent) -> bool:
+        raise RuntimeError("render failed")
+
+    fresh = Subscription("r2", maxsize=8)
+    fresh.sink, fresh.parked = broken, True
+    fresh.offer(_token(1))
+    assert [e.seq for e in fresh.events] == [1] and fresh.sink is None  # the reader takes over
+
+
+async def test_follow_events_goes_on_after_what_the_sink_handed_on(
+    fanin: Fanin, redis: Redis, redis_server: RedisServer, prefix: str
+) -> None:
+    """The reader yields only what its sink did not take, in seq order, with no re-read of the
+    durable stream (there is none here: a re-read would end in RequestGone), and a sink that keeps
+    taking tokens for longer than the idle poll is not idleness."""
+    from breakwater.broker import Broker
+    from breakwater.config import GatewaySettings
+    from breakwater.gateway.following import follow_events
+
+    broker = Broker.connect(GatewaySettings(redis_url=redis_server.url, key_prefix=prefix))
+    sub = await _subscribe(fanin, "r")
+    taken: list[int] = []
+    # The first token goes through the reader, as the gateway's does (its TTFT).
+    sub.sink = lambda e: e.kind == "token" and e.seq > 1 and not taken.append(e.seq)  # type: ignore[func-returns-value]
+    yielded: list[int] = []
+
+    async def read() -> None:
+        async for event in follow_events(
+            broker, fanin, "r", 0, idle_poll_s=0.5, subscription=sub, fresh=True
+        ):
+            yielded.append(event.seq)
+
+    reader = asyncio.create_task(read())
+    channel = fanin.keys.channel("r")
+    try:
+        await _until(lambda: sub.parked, "the reader to wait")
+        await redis.publish(channel, "t1 1 a")
+        await _until(lambda: yielded == [1] and sub.parked, "the first token through the reader")
+        for seq in range(2, 14):  # 12 tokens over ~0.6 s, longer than the idle poll
+            await redis.publish(channel, f"t{seq} 1 w")
+            await _until(lambda: taken[-1:] == [seq], f"token {seq} taken by the sink")  # noqa: B023
+            await asyncio.sleep(0.05)
+        await redis.publish(channel, '{"seq": "14", "kind": "done", "finish_reason": "stop"}')
+        await asyncio.wait_for(reader, 10)
+    finally:
+        reader.cancel()
+        await broker.aclose()
+    assert yielded == [1, 14] and taken == list(range(2, 14))
+
+
+async def test_a_resumed_reader_s_sink_does_not_hand_on_what_the_client_has(
+    fanin: Fanin, redis: Redis, redis_server: RedisServer, prefix: str
+) -> None:
+    """Resumed after seq 5 with nothing newer stored, the reader waits; a replayed seq 1 (a worker
+    re-sending after a failover) must not reach the sink as "the next": the client has it."""
+    from breakwater.broker import Broker
+    from breakwater.config import GatewaySettings
+    from breakwater.gateway.following import follow_events
+
+    broker = Broker.connect(GatewaySettings(redis_url=redis_server.url, key_prefix=prefix))
+    await redis.hset(Keys(prefix).request("r"), "status", "running")  # the request exists
+    sub = await _subscribe(fanin, "r")
+    taken: list[int] = []
+    sub.sink = lambda e: e.kind == "token" and not taken.append(e.seq)  # type: ignore[func-returns-value]
+    yielded: list[int] = []
+
+    async def read() -> None:
+        async for event in follow_events(broker, fanin, "r", 5, idle_poll_s=5, subscription=sub):
+            yielded.append(event.seq)
+
+    reader = asyncio.create_task(read())
+    channel = fanin.keys.channel("r")
+    try:
+        await _until(lambda: sub.parked, "the resumed reader to wait")
+        await redis.publish(channel, "t1 1 old")
+        await _until(lambda: not sub.events and sub.parked, "the replayed seq dropped by the reader")
+        await redis.publish(channel, "t6 1 new")
+        await _until(lambda: taken == [6], "seq 6 taken by the sink")
+        await redis.publish(channel, '{"seq": "7", "kind": "done", "finish_reason": "stop"}')
+        await asyncio.wait_for(reader, 10)
+    finally:
+        reader.cancel()
+        await broker.aclose()
+    assert yielded == [7] and taken == [6]

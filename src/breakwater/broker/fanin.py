@@ -56,9 +56,24 @@ class GatewayDraining(Exception):
 
 class Subscription:
     """Live events of one request for one reader; ``overflowed`` tells it to re-read the durable
-    stream (its buffer filled, the connection was re-established, or the gateway drains)."""
+    stream (its buffer filled, the connection was re-established, or the gateway drains).
 
-    __slots__ = ("_wakeup", "confirmed", "delivered", "events", "maxsize", "on_overflow", "overflowed", "rid")
+    A reader may set a ``sink``: while it is ``parked`` (waiting, with everything it took handed on)
+    the next event in seq order goes to the sink from the fan-in's callback, without waking the
+    reader, if the sink takes it (returns True); the reader then goes on after ``delivered``."""
+
+    __slots__ = (
+        "_wakeup",
+        "confirmed",
+        "delivered",
+        "events",
+        "maxsize",
+        "on_overflow",
+        "overflowed",
+        "parked",
+        "rid",
+        "sink",
+    )
 
     def __init__(self, rid: str, maxsize: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.rid = rid
@@ -66,7 +81,9 @@ class Subscription:
         self.on_overflow = on_overflow
         self.events: deque[TokenEvent] = deque()
         self.overflowed = False
-        self.delivered = 0  # the last seq its reader handed on
+        self.delivered = 0  # the last seq its reader (or its sink) handed on
+        self.sink: Callable[[TokenEvent], bool] | None = None
+        self.parked = False
         self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wakeup = Wakeup()
 
@@ -76,6 +93,16 @@ class Subscription:
         self._notify()
 
     def offer(self, event: TokenEvent) -> None:
+        if (
+            self.parked
+            and self.sink is not None
+            and event.seq == self.delivered + 1
+            and not self.events
+            and not self.overflowed
+            and self._hand_on(self.sink, event)
+        ):
+            self.delivered = event.seq
+            return
         if len(self.events) >= self.maxsize:
             if not self.overflowed and self.on_overflow is not None:
                 self.on_overflow()
@@ -83,6 +110,14 @@ class Subscription:
             return
         self.events.append(event)
         self._notify()
+
+    def _hand_on(self, sink: Callable[[TokenEvent], bool], event: TokenEvent) -> bool:
+        try:
+            return sink(event)
+        except Exception:  # the reader renders it again and meets the error itself
+            log.exception("a stream's sink failed; its reader takes over", extra={"rid": self.rid})
+            self.sink = None
+            return False
 
     def drain(self) -> None:
         self.events.clear()

@@ -94,10 +94,12 @@ async def follow_events(
     deliver, and the first read of the durable stream (two round trips) is skipped."""
     sub = subscription or await fanin.subscribe(rid)
     last = after
+    sub.delivered = max(sub.delivered, after)  # a resume: its sink must not hand on what the client has
     catch_up = not fresh
     try:
         while True:
             _stop_if_draining(fanin, rid)
+            last = max(last, sub.delivered)  # its sink may have handed some on
             if catch_up:  # from the durable stream: at start, after an overflow, a gap or an idle spell
                 # Cleared before the read, so a wake-up (overflow, reconnect) during it is not lost;
                 # live events buffered meanwhile are deduplicated by seq.
@@ -114,6 +116,7 @@ async def follow_events(
                     raise RequestGone(rid)  # expired (or never existed): nothing more will come
             catch_up = True
             async for event in _live(sub, idle_poll_s):
+                last = max(last, sub.delivered)
                 if event.seq <= last:
                     continue
                 if event.seq > last + 1:
@@ -150,12 +153,20 @@ def _stop_if_draining(fanin: FanIn, rid: str) -> None:
 
 
 async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEvent]:
-    """Live events until the buffer overflows or nothing arrives for ``idle_poll_s``."""
+    """Live events until the buffer overflows or nothing arrives for ``idle_poll_s``. While it
+    waits, everything it yielded has been handed on: the subscription's sink may take the next."""
     events = sub.events
     while not sub.overflowed:
         if not events:
-            await sub.wait(idle_poll_s)
+            handed = sub.delivered
+            sub.parked = True
+            try:
+                await sub.wait(idle_poll_s)
+            finally:
+                sub.parked = False
             if not events:
+                if sub.delivered != handed and not sub.overflowed:
+                    continue  # not idle: its sink handed events on meanwhile
                 return  # idle (or woken): the caller re-reads the durable stream
             continue
         yield events.popleft()

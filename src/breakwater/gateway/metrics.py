@@ -57,6 +57,12 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.direct_events = Counter(
+            "breakwater_stream_events_direct_total",
+            "Streamed tokens written to their client from the Pub/Sub fan-in's callback, without waking "
+            "the stream's task (the others go through it); counted when each stream ends",
+            registry=r,
+        )
         self.tpot = Histogram(
             "breakwater_tpot_seconds",
             "Time per output token after the first, per request",

@@ -6,7 +6,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+from prometheus_client import Histogram
 
 from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.errors import TRANSIENT
@@ -29,6 +33,37 @@ def owns(principal: Principal, record: RequestRecord) -> bool:
 
 def _not_found(rid: str) -> APIError:
     return APIError(404, f"request `{rid}` not found or expired", code="request_not_found", param="id")
+
+
+class Handoff(Protocol):
+    """Where a stream's live tokens can go straight from the fan-in (gateway.streaming)."""
+
+    def ready(self) -> bool:
+        """It would take a token now (the client's connection would write it at once)."""
+        ...
+
+    def send(self, event: TokenEvent) -> None: ...
+
+
+@dataclass(slots=True)
+class _Pace:
+    """A stream's token times for its TTFT and ITL metrics, kept by its reader and its handoff."""
+
+    last_t: float
+    first: bool  # the first token (its TTFT) is still to come
+    first_t: float | None = None
+
+
+def _hand_on(handoff: Handoff, pace: _Pace, itl: Histogram, event: TokenEvent) -> bool:
+    """A subscription's sink: a token after the first goes to ``handoff`` when it is ready."""
+    if event.kind != "token" or pace.first or not handoff.ready():
+        return False
+    handoff.send(event)
+    if event.text:  # once it is written: a send that fails leaves the event to the reader, uncounted
+        now = time.perf_counter()
+        itl.observe(now - pace.last_t)
+        pace.last_t = now
+    return True
 
 
 class Requests:
@@ -77,13 +112,18 @@ class Requests:
         await self.broker.cancel(rid, self.settings.result_ttl_s)
         return await self.record(rid, principal)
 
-    async def events(self, submission: Submission, after: int = 0) -> AsyncIterator[TokenEvent]:
-        """The request's events after ``after``, with latency metrics; the caller detaches on exit."""
+    async def events(
+        self, submission: Submission, after: int = 0, handoff: Handoff | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """The request's events after ``after``, with latency metrics; the caller detaches on exit.
+        ``handoff``: once the first token is through, a live token that finds the reader waiting
+        goes to it from the fan-in's callback instead (no task woken per token)."""
         self.metrics.active_streams.inc()
-        first = after == 0
-        last_t = submission.started
-        first_t: float | None = None
+        pace = _Pace(submission.started, first=after == 0)
         itl = self.metrics.itl.labels(submission.model)
+        live = submission.subscription
+        if handoff is not None and live is not None:
+            live.sink = partial(_hand_on, handoff, pace, itl)
         try:
             async for event in follow_events(
                 self.broker,
@@ -96,21 +136,22 @@ class Requests:
             ):
                 now = time.perf_counter()
                 if event.kind == "token" and event.text:
-                    if first:
+                    if pace.first:
                         self.metrics.ttft.labels(submission.model).observe(now - submission.started)
-                        first, first_t = False, now
+                        pace.first, pace.first_t = False, now
                     else:
-                        itl.observe(now - last_t)
-                    last_t = now
+                        itl.observe(now - pace.last_t)
+                    pace.last_t = now
                 if event.terminal:
-                    self._record_final(submission, event, now, first_t)
+                    self._record_final(submission, event, now, pace.first_t)
                 yield event
         except RequestGone:
             raise _not_found(submission.rid) from None
         finally:
             self.metrics.active_streams.dec()
-            if submission.subscription is not None:
-                await self.fanin.unsubscribe(submission.subscription)
+            if live is not None:
+                live.sink = None
+                await self.fanin.unsubscribe(live)
 
     def _record_final(
         self, submission: Submission, event: TokenEvent, now: float, first_t: float | None

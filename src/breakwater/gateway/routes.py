@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from datetime import date
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -17,14 +18,22 @@ from breakwater.broker.ledger import UsageRow, day_of
 from breakwater.broker.record import RequestRecord, Status
 from breakwater.gateway import choices
 from breakwater.gateway.auth import caller
+from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import CacheControl
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.service import GatewayService
-from breakwater.gateway.sse import collect_response, sse_chunks, sse_event
-from breakwater.gateway.streaming import SSEResponse
+from breakwater.gateway.sse import (
+    ChoiceChunks,
+    collect_response,
+    renderer,
+    sse_chunks,
+    sse_event,
+    token_event,
+)
+from breakwater.gateway.streaming import ClientWrites, SSEResponse
 from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response, unpack
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.rollout.aliases import VERSION_SEP
@@ -99,7 +108,7 @@ async def complete(
     # The model (version, when the client named an alias) the request runs on.
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     if not isinstance(body, EmbeddingRequest) and body.stream:
-        return SSEResponse(_stream(svc, sub, 0), headers={**SSE_HEADERS, **headers})
+        return _sse(svc, sub, 0, headers)
     try:
         result = await collect_response(
             svc.requests.events(sub),
@@ -175,7 +184,31 @@ def _embeddings(body: EmbeddingRequest, result: dict[str, Any]) -> dict[str, Any
     return embedding_response(body.model, vectors, result.get("usage"), body.encoding_format, body.dimensions)
 
 
-async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
+def _sse(svc: GatewayService, sub: Submission, after: int, headers: dict[str, str]) -> SSEResponse:
+    """A streamed response; its live tokens are written from the fan-in when they can be
+    (streaming.ClientWrites), except where the model's tool calls are parsed from its text."""
+    render = renderer(
+        rid=sub.rid,
+        model=sub.model,
+        created=sub.created,
+        chat=sub.chat,
+        after=after,
+        tool=sub.tool,
+        tool_format=sub.tool_format,
+    )
+    direct = ClientWrites(partial(token_event, render)) if isinstance(render, ChoiceChunks) else None
+    return SSEResponse(
+        _stream(svc, sub, after, render, direct), headers={**SSE_HEADERS, **headers}, direct=direct
+    )
+
+
+async def _stream(
+    svc: GatewayService,
+    sub: Submission,
+    after: int,
+    render: ChoiceChunks | ToolChunks,
+    direct: ClientWrites | None,
+) -> Any:
     finished = False
     # Events that are already buffered when one is rendered go out in the same write (under load a
     # reader wakes to several): one send through the ASGI stack and one syscall instead of many.
@@ -184,7 +217,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
     try:
         async for chunk in sse_chunks(
             # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
-            svc.requests.events(sub, 0 if sub.tool_format else after),
+            svc.requests.events(sub, 0 if sub.tool_format else after, direct),
             rid=sub.rid,
             model=sub.model,
             created=sub.created,
@@ -193,6 +226,7 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
             after=after,
             tool=sub.tool,
             tool_format=sub.tool_format,
+            render=render,
         ):
             pending.append(chunk)
             if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:
@@ -208,6 +242,8 @@ async def _stream(svc: GatewayService, sub: Submission, after: int) -> Any:
     finally:
         if not finished:
             svc.requests.detach_later(sub.rid, shared=sub.cached)
+        if direct is not None and direct.sent:
+            svc.metrics.direct_events.inc(direct.sent)
     if pending:
         yield b"".join(pending)
 
@@ -309,10 +345,7 @@ async def request_events(
             raise APIError(400, "Last-Event-ID must be a sequence number", param="Last-Event-ID")
         start = int(last_event_id)
     sub = await svc.requests.resume(rid, who)
-    return SSEResponse(
-        _stream(svc, sub, start),
-        headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid},
-    )
+    return _sse(svc, sub, start, {"X-Breakwater-Request-Id": rid})
 
 
 async def _group_size(svc: GatewayService, rid: str, who: Principal) -> int:

@@ -111,6 +111,20 @@ class ChoiceChunks:
         return chat_chunk(self.rid, self.model, self.created, delta, reason, index=self.index)
 
 
+def renderer(
+    *, rid: str, model: str, created: int, chat: bool, after: int, tool: str, tool_format: str
+) -> ChoiceChunks | ToolChunks:
+    """A streamed response's chunks after ``after`` (see :func:`sse_chunks`)."""
+    if tool_format:
+        return ToolChunks(rid=rid, model=model, created=created, skip_through=after)
+    return ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
+
+
+def token_event(render: ChoiceChunks, event: TokenEvent) -> bytes:
+    """A token's SSE event, as :func:`sse_chunks` writes it."""
+    return sse_event(render.token(event), event.seq)
+
+
 def error_chunk(event: TokenEvent) -> dict[str, Any]:
     err = event.error or {}
     return error_body(
@@ -129,16 +143,17 @@ async def sse_chunks(
     after: int = 0,
     tool: str = "",
     tool_format: str = "",
+    render: ChoiceChunks | ToolChunks | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``.
     ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``.
     ``tool_format``: the model chose its calls (gateway.autotools); then ``events`` start at the
-    first, and those through ``after`` are parsed but not sent."""
-    render: ChoiceChunks | ToolChunks
-    if tool_format:
-        render = ToolChunks(rid=rid, model=model, created=created, skip_through=after)
-    else:
-        render = ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
+    first, and those through ``after`` are parsed but not sent. ``render``: the caller's own
+    renderer (one that also renders tokens elsewhere), else one made here."""
+    if render is None:
+        render = renderer(
+            rid=rid, model=model, created=created, chat=chat, after=after, tool=tool, tool_format=tool_format
+        )
     async for event in events:
         if event.kind == "token":
             out = render.chunks(event)

@@ -14,13 +14,67 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from breakwater.protocol.events import TokenEvent
+
 SERVER_SEND = "breakwater.server_send"
+# The HTTP/1.1 protocol whose connection a stream's tokens are written to directly (ClientWrites).
+HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
+
+
+class ClientWrites:
+    """A stream's tokens written to the client's connection from the fan-in's callback.
+
+    Per token this skips the stream task's wake-up, its timer, the generators between the fan-in
+    and the response, and the server's ``send``: the chunk is rendered (``render``, the stream's own
+    renderer, so its state stays one) and written exactly as uvicorn's httptools protocol writes a
+    body chunk (chunked transfer encoding) when its ``send`` would not wait. It is :meth:`ready` only
+    for that protocol, once the response has started, and while the connection is open and not
+    paused for flow control; otherwise the token goes through the task and ``send`` as before."""
+
+    __slots__ = ("_cycle", "_render", "sent")
+
+    def __init__(self, render: Callable[[TokenEvent], bytes]) -> None:
+        self._render = render
+        self._cycle: Any = None
+        self.sent = 0  # tokens written this way
+
+    def attach(self, send: Send) -> None:
+        """The response has started on ``send``'s connection. Not attached (every token through the
+        task) unless it is that protocol's and has all this reads, so another uvicorn's differences
+        make this slower, not wrong."""
+        cycle: Any = getattr(send, "__self__", None)
+        if (
+            type(cycle).__module__ == HTTPTOOLS_CYCLE
+            and getattr(cycle, "chunked_encoding", None) is True
+            and all(hasattr(cycle, a) for a in ("disconnected", "response_complete", "transport", "flow"))
+            and hasattr(cycle.flow, "write_paused")
+        ):
+            self._cycle = cycle
+
+    def detach(self) -> None:
+        self._cycle = None
+
+    def ready(self) -> bool:
+        cycle = self._cycle
+        return (
+            cycle is not None
+            and not cycle.flow.write_paused
+            and not cycle.disconnected
+            and not cycle.response_complete
+            and not cycle.transport.is_closing()
+        )
+
+    def send(self, event: TokenEvent) -> None:
+        body = self._render(event)
+        self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        self.sent += 1
 
 
 class GatewayApp(FastAPI):
@@ -34,8 +88,14 @@ class GatewayApp(FastAPI):
 class SSEResponse(Response):
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: Mapping[str, str],
+        direct: ClientWrites | None = None,
+    ) -> None:
         self.events = events
+        self.direct = direct
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
@@ -62,6 +122,8 @@ class SSEResponse(Response):
             start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             await send(start)
             out = scope.get(SERVER_SEND, send)
+            if self.direct is not None:
+                self.direct.attach(out)
             async for chunk in self.events:
                 await out({"type": "http.response.body", "body": chunk, "more_body": True})
             streaming = False
@@ -73,6 +135,8 @@ class SSEResponse(Response):
                 raise
         finally:
             streaming = False
+            if self.direct is not None:
+                self.direct.detach()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
