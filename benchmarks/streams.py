@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import resource
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,6 +39,24 @@ class Stream:
     seqs: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     error: str = ""
+
+
+def step_publish_ms(ports: list[int], q: float) -> float:
+    """The workers' ``breakwater_engine_step_seconds`` (publishing one step's tokens, which the next
+    step waits for) at quantile ``q``: the upper bound of its histogram bucket, in ms."""
+    counts: dict[float, float] = {}
+    for port in ports:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for match in re.finditer(
+            r'^breakwater_engine_step_seconds_bucket\{le="([^"]+)"[^}]*\} (\S+)$', text, re.M
+        ):
+            le = float(match.group(1))
+            counts[le] = counts.get(le, 0.0) + float(match.group(2))
+    bounds = sorted(counts)
+    if not bounds or not counts[bounds[-1]]:
+        return float("nan")
+    want = q * counts[bounds[-1]]
+    return next(b for b in bounds if counts[b] >= want) * 1000
 
 
 def rss_kb(pid: int) -> int:
@@ -178,17 +198,19 @@ def main() -> None:
         procs.append(gw)
         os.sched_setaffinity(gw.pid, {1})
         capacity = str(-(-args.streams // args.workers) + 16)
+        metrics = [free_port() for _ in range(args.workers)]
         for i in range(args.workers):
             procs.append(
                 spawn(
                     ["worker", "--engine", "sim", "--model", "sim", "--capacity", capacity],
-                    {**env, "BREAKWATER_WORKER_ID": f"w{i}"},
+                    {**env, "BREAKWATER_WORKER_ID": f"w{i}", "BREAKWATER_METRICS_PORT": str(metrics[i])},
                     tmp / f"w{i}.log",
                 )
             )
         url = f"http://127.0.0.1:{port}"
         wait_models(url, "sim")
         streams = asyncio.run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid))
+        publish = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
         sockets = asyncio.run(idle_websockets(url, args.websockets, gw.pid)) if args.websockets else None
     finally:
         stop(procs)
@@ -203,6 +225,10 @@ def main() -> None:
         f"| {streams['streams']} | {streams['exact']} | {streams['errors']:.0f} {streams['error_kinds']} | "
         f"{streams['itl_p50_ms']:.0f} / {streams['itl_p99_ms']:.0f} / {streams['itl_max_ms']:.0f} | "
         f"{streams['kb_per_stream']:.1f} | {streams['tokens_per_cpu_s']:,.0f} |",
+        "",
+        f"The workers took p50 <= {publish[0]:.0f} ms and p99 <= {publish[1]:.0f} ms (histogram bucket "
+        "bounds) to publish a step's tokens, which the next step waits for: that much of each ITL is the "
+        "workers' and Redis's, before the gateway has the tokens.",
     ]
     if sockets:
         lines += [
