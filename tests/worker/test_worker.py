@@ -4,7 +4,9 @@ never kills the worker or its generations."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Status
@@ -113,3 +115,53 @@ async def test_a_full_redis_pauses_the_worker_and_loses_nothing(
         status, _, _, attempt = await _record(gw, rid)
         assert (status, attempt) == (Status.DONE, 1)  # the same attempt kept its generation
         assert not worker.hung
+
+
+class GatheringSim(SimEngine):
+    """A sim engine whose first step waits until ``hold_for`` sequences are running, so they decode
+    in lockstep and finish in the same step."""
+
+    def __init__(self, hold_for: int) -> None:
+        super().__init__(SimOptions(decode_base_ms=5, decode_per_seq_ms=0))
+        self.hold_for = hold_for
+
+    async def step(self) -> list[SequenceDelta]:
+        while self.stats()["running"] < self.hold_for:
+            await asyncio.sleep(0.005)
+        self.hold_for = 0
+        return await super().step()
+
+
+async def test_requests_finishing_in_one_step_are_finished_together(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's finished requests are written together, not one round trip after another while the
+    rest of the batch waits for its next step; each still ends exactly as it would alone."""
+    worker = await gw_empty.add_worker(GatheringSim(hold_for=3))
+    finish_read = worker.broker.finish_read
+    active, peak = 0, 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            return await finish_read(*args, **kwargs)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(worker.broker, "finish_read", counted)
+    seeds = [40, 41, 42]
+    bodies = [{**BODY, "max_tokens": 6, "seed": s} for s in seeds]
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(gw_empty.http.post(CHAT, json=body) for body in bodies)), 30
+    )
+    for seed, resp in zip(seeds, answers, strict=True):
+        text, _, usage = expected_sim(messages=MESSAGES, seed=seed, max_tokens=6, ignore_eos=True)
+        assert resp.status_code == 200
+        assert resp.json()["choices"][0]["message"]["content"] == text
+        assert resp.json()["usage"] == {
+            **usage,
+            "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+        }
+    assert peak == 3

@@ -370,9 +370,17 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
         self._rate(finishes)
-        for flight, delta in finishes:
-            # A finished generation is kept until Redis takes it, never dropped.
-            await until_redis(functools.partial(self._finish, flight, delta), "finish")
+        await self._finish_all(finishes)
+
+    async def _finish_all(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
+        """A step's finished requests, together (their round trips share the connection), not one
+        after another while the batch's next step waits for them. A finished generation is kept
+        until Redis takes it, never dropped: each retries on its own."""
+        ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
+        if len(ending) == 1:
+            await ending[0]
+        elif ending:
+            await asyncio.gather(*ending)
 
     def _rate(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
