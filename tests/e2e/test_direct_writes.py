@@ -20,6 +20,7 @@ from tests.helpers import StackProcs, expected_sim
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "write straight to me"}]
 DIRECT = "breakwater_stream_events_direct_total"
 ITL_COUNT = 'breakwater_itl_seconds_count{model="sim"}'
+TTFT_COUNT = 'breakwater_ttft_seconds_count{model="sim"}'
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def _metric(url: str, name: str) -> float:
 def test_tokens_after_the_first_go_straight_to_the_client_exactly(paced_stack: StackProcs) -> None:
     url = paced_stack.gateways[0][1]
     text, finish, usage = expected_sim(messages=MESSAGES, seed=31, max_tokens=24)
-    direct0, itl0 = _metric(url, DIRECT), _metric(url, ITL_COUNT)
+    direct0, itl0, ttft0 = _metric(url, DIRECT), _metric(url, ITL_COUNT), _metric(url, TTFT_COUNT)
     with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
         chunks = list(
             client.chat.completions.create(
@@ -63,12 +64,12 @@ def test_tokens_after_the_first_go_straight_to_the_client_exactly(paced_stack: S
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == usage["completion_tokens"]
     assert len({c.id for c in chunks}) == 1
-    # The first token (and its TTFT) and the final chunks go through the stream's task; with ~15 ms
-    # between tokens its reader is waiting when each later one arrives, so (nearly) all of those
-    # are written from the callback.
+    # The final chunks go through the stream's task; with ~15 ms between tokens its reader is
+    # waiting when each token arrives, so (nearly) all of them are written from the callback.
     direct = _metric(url, DIRECT) - direct0
-    assert len(contents) - 1 >= direct >= (len(contents) - 1) // 2, (direct, len(contents))
-    # Each token after the first is one inter-token interval, whichever way it went.
+    assert len(contents) >= direct >= len(contents) // 2, (direct, len(contents))
+    # One first token (its TTFT) and one inter-token interval per later token, whichever way each went.
+    assert _metric(url, TTFT_COUNT) - ttft0 == 1
     assert _metric(url, ITL_COUNT) - itl0 == len(contents) - 1
 
 
@@ -90,7 +91,7 @@ def test_a_completion_stream_keeps_its_chunks_whichever_way_they_go(paced_stack:
 
 def test_event_ids_are_each_seq_once_in_order(paced_stack: StackProcs) -> None:
     """The raw stream: every token event carries its seq as the SSE id, 1, 2, ... with no gap or
-    repeat, across the events the task wrote and those written from the callback."""
+    repeat, across the events written from the callback and those the task wrote."""
     url = paced_stack.gateways[0][1]
     body = {"model": "sim", "messages": MESSAGES, "seed": 33, "max_tokens": 16, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:

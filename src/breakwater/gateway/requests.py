@@ -47,22 +47,31 @@ class Handoff(Protocol):
 
 @dataclass(slots=True)
 class _Pace:
-    """A stream's token times for its TTFT and ITL metrics, kept by its reader and its handoff."""
+    """A stream's token times and its TTFT and ITL metrics, kept by its reader and its handoff."""
 
-    last_t: float
+    last_t: float  # the last token's time (at first, the request's start)
     first: bool  # the first token (its TTFT) is still to come
+    ttft: Histogram
+    itl: Histogram
     first_t: float | None = None
 
+    def token(self, now: float) -> None:
+        """A token with text went to the client at ``now``."""
+        if self.first:
+            self.ttft.observe(now - self.last_t)
+            self.first, self.first_t = False, now
+        else:
+            self.itl.observe(now - self.last_t)
+        self.last_t = now
 
-def _hand_on(handoff: Handoff, pace: _Pace, itl: Histogram, event: TokenEvent) -> bool:
-    """A subscription's sink: a token after the first goes to ``handoff`` when it is ready."""
-    if event.kind != "token" or pace.first or not handoff.ready():
+
+def _hand_on(handoff: Handoff, pace: _Pace, event: TokenEvent) -> bool:
+    """A subscription's sink: a token goes to ``handoff`` when it is ready."""
+    if event.kind != "token" or not handoff.ready():
         return False
     handoff.send(event)
     if event.text:  # once it is written: a send that fails leaves the event to the reader, uncounted
-        now = time.perf_counter()
-        itl.observe(now - pace.last_t)
-        pace.last_t = now
+        pace.token(time.perf_counter())
     return True
 
 
@@ -116,14 +125,16 @@ class Requests:
         self, submission: Submission, after: int = 0, handoff: Handoff | None = None
     ) -> AsyncIterator[TokenEvent]:
         """The request's events after ``after``, with latency metrics; the caller detaches on exit.
-        ``handoff``: once the first token is through, a live token that finds the reader waiting
-        goes to it from the fan-in's callback instead (no task woken per token)."""
+        ``handoff``: a live token that finds the reader waiting goes to it from the fan-in's
+        callback instead (no task woken per token)."""
         self.metrics.active_streams.inc()
-        pace = _Pace(submission.started, first=after == 0)
-        itl = self.metrics.itl.labels(submission.model)
+        model = submission.model
+        pace = _Pace(
+            submission.started, after == 0, self.metrics.ttft.labels(model), self.metrics.itl.labels(model)
+        )
         live = submission.subscription
         if handoff is not None and live is not None:
-            live.sink = partial(_hand_on, handoff, pace, itl)
+            live.sink = partial(_hand_on, handoff, pace)
         try:
             async for event in follow_events(
                 self.broker,
@@ -136,12 +147,7 @@ class Requests:
             ):
                 now = time.perf_counter()
                 if event.kind == "token" and event.text:
-                    if pace.first:
-                        self.metrics.ttft.labels(submission.model).observe(now - submission.started)
-                        pace.first, pace.first_t = False, now
-                    else:
-                        itl.observe(now - pace.last_t)
-                    pace.last_t = now
+                    pace.token(now)
                 if event.terminal:
                     self._record_final(submission, event, now, pace.first_t)
                 yield event
