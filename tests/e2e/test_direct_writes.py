@@ -42,7 +42,7 @@ def _metric(url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_tokens_after_the_first_go_straight_to_the_client_exactly(paced_stack: StackProcs) -> None:
+def test_tokens_go_straight_to_the_client_exactly(paced_stack: StackProcs) -> None:
     url = paced_stack.gateways[0][1]
     text, finish, usage = expected_sim(messages=MESSAGES, seed=31, max_tokens=24)
     direct0, itl0, ttft0 = _metric(url, DIRECT), _metric(url, ITL_COUNT), _metric(url, TTFT_COUNT)

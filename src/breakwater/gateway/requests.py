@@ -51,14 +51,15 @@ class _Pace:
 
     last_t: float  # the last token's time (at first, the request's start)
     first: bool  # the first token (its TTFT) is still to come
-    ttft: Histogram
-    itl: Histogram
+    model: str
+    ttft: Histogram  # by model: its series is made by a first token
+    itl: Histogram  # the model's
     first_t: float | None = None
 
     def token(self, now: float) -> None:
         """A token with text went to the client at ``now``."""
         if self.first:
-            self.ttft.observe(now - self.last_t)
+            self.ttft.labels(self.model).observe(now - self.last_t)
             self.first, self.first_t = False, now
         else:
             self.itl.observe(now - self.last_t)
@@ -129,9 +130,7 @@ class Requests:
         callback instead (no task woken per token)."""
         self.metrics.active_streams.inc()
         model = submission.model
-        pace = _Pace(
-            submission.started, after == 0, self.metrics.ttft.labels(model), self.metrics.itl.labels(model)
-        )
+        pace = _Pace(submission.started, after == 0, model, self.metrics.ttft, self.metrics.itl.labels(model))
         live = submission.subscription
         if handoff is not None and live is not None:
             live.sink = partial(_hand_on, handoff, pace)

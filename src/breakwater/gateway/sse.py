@@ -121,8 +121,14 @@ def renderer(
 
 
 def token_event(render: ChoiceChunks, event: TokenEvent) -> bytes:
-    """A token's SSE event, as :func:`sse_chunks` writes it."""
-    return sse_event(render.token(event), event.seq)
+    """A token's SSE event, as :func:`sse_chunks` writes it. One that fails leaves ``render`` as it
+    was, so that the reader, rendering it again, sends the same chunk (its role, its text offset)."""
+    role_sent, offset = render.role_sent, render.offset
+    try:
+        return sse_event(render.token(event), event.seq)
+    except BaseException:
+        render.role_sent, render.offset = role_sent, offset
+        raise
 
 
 def error_chunk(event: TokenEvent) -> dict[str, Any]:

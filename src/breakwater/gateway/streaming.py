@@ -72,6 +72,8 @@ class ClientWrites:
         )
 
     def send(self, event: TokenEvent) -> None:
+        """Render and write ``event``. A render that fails leaves its renderer as it was; an open
+        transport's ``write`` does not raise (a failed socket reports through ``connection_lost``)."""
         body = self._render(event)
         self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
         self.sent += 1

@@ -379,8 +379,12 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
         if len(ending) == 1:
             await ending[0]
-        elif ending:
-            await asyncio.gather(*ending)
+            return
+        # Every one runs to its end before an error (not a transient one: those are retried) is
+        # raised, so that none is left running unowned while the worker stops.
+        for result in await asyncio.gather(*ending, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     def _rate(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
