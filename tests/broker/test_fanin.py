@@ -4,8 +4,11 @@ recovery after Redis restarts (readers are re-subscribed and told to re-read wha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -194,45 +197,63 @@ async def test_a_parked_reader_s_sink_takes_the_next_event_in_order() -> None:
     assert [e.seq for e in fresh.events] == [1] and fresh.sink is None  # the reader takes over
 
 
+@dataclass
+class Following:
+    """A reader following request ``r`` (gateway.following) whose subscription's sink takes the
+    tokens ``takes`` accepts; what each handed on, in order."""
+
+    sub: Subscription
+    reader: asyncio.Task[None]
+    taken: list[int] = field(default_factory=list)
+    yielded: list[int] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def _following(
+    fanin: Fanin, url: str, prefix: str, after: int, takes: Callable[[int], bool], **how: Any
+) -> AsyncIterator[Following]:
+    from breakwater.broker import Broker
+    from breakwater.config import GatewaySettings
+    from breakwater.gateway.following import follow_events
+
+    broker = Broker.connect(GatewaySettings(redis_url=url, key_prefix=prefix))
+    sub = await _subscribe(fanin, "r")
+    yielded: list[int] = []
+
+    async def read() -> None:
+        async for event in follow_events(broker, fanin, "r", after, subscription=sub, **how):
+            yielded.append(event.seq)
+
+    following = Following(sub, asyncio.create_task(read()), yielded=yielded)
+    sub.sink = lambda e: e.kind == "token" and takes(e.seq) and not following.taken.append(e.seq)  # type: ignore[func-returns-value]
+    try:
+        yield following
+    finally:
+        following.reader.cancel()
+        await broker.aclose()
+
+
 async def test_follow_events_goes_on_after_what_the_sink_handed_on(
     fanin: Fanin, redis: Redis, redis_server: RedisServer, prefix: str
 ) -> None:
     """The reader yields only what its sink did not take, in seq order, with no re-read of the
     durable stream (there is none here: a re-read would end in RequestGone), and a sink that keeps
     taking tokens for longer than the idle poll is not idleness."""
-    from breakwater.broker import Broker
-    from breakwater.config import GatewaySettings
-    from breakwater.gateway.following import follow_events
-
-    broker = Broker.connect(GatewaySettings(redis_url=redis_server.url, key_prefix=prefix))
-    sub = await _subscribe(fanin, "r")
-    taken: list[int] = []
-    # The first token goes through the reader, as the gateway's does (its TTFT).
-    sub.sink = lambda e: e.kind == "token" and e.seq > 1 and not taken.append(e.seq)  # type: ignore[func-returns-value]
-    yielded: list[int] = []
-
-    async def read() -> None:
-        async for event in follow_events(
-            broker, fanin, "r", 0, idle_poll_s=0.5, subscription=sub, fresh=True
-        ):
-            yielded.append(event.seq)
-
-    reader = asyncio.create_task(read())
     channel = fanin.keys.channel("r")
-    try:
-        await _until(lambda: sub.parked, "the reader to wait")
+    # The first token goes through the reader, as a test of the reader's own path.
+    async with _following(
+        fanin, redis_server.url, prefix, 0, lambda seq: seq > 1, idle_poll_s=0.5, fresh=True
+    ) as f:
+        await _until(lambda: f.sub.parked, "the reader to wait")
         await redis.publish(channel, "t1 1 a")
-        await _until(lambda: yielded == [1] and sub.parked, "the first token through the reader")
+        await _until(lambda: f.yielded == [1] and f.sub.parked, "the first token through the reader")
         for seq in range(2, 14):  # 12 tokens over ~0.6 s, longer than the idle poll
             await redis.publish(channel, f"t{seq} 1 w")
-            await _until(lambda: taken[-1:] == [seq], f"token {seq} taken by the sink")  # noqa: B023
+            await _until(lambda: f.taken[-1:] == [seq], f"token {seq} taken by the sink")  # noqa: B023
             await asyncio.sleep(0.05)
         await redis.publish(channel, '{"seq": "14", "kind": "done", "finish_reason": "stop"}')
-        await asyncio.wait_for(reader, 10)
-    finally:
-        reader.cancel()
-        await broker.aclose()
-    assert yielded == [1, 14] and taken == list(range(2, 14))
+        await asyncio.wait_for(f.reader, 10)
+    assert f.yielded == [1, 14] and f.taken == list(range(2, 14))
 
 
 async def test_a_resumed_reader_s_sink_does_not_hand_on_what_the_client_has(
@@ -240,32 +261,14 @@ async def test_a_resumed_reader_s_sink_does_not_hand_on_what_the_client_has(
 ) -> None:
     """Resumed after seq 5 with nothing newer stored, the reader waits; a replayed seq 1 (a worker
     re-sending after a failover) must not reach the sink as "the next": the client has it."""
-    from breakwater.broker import Broker
-    from breakwater.config import GatewaySettings
-    from breakwater.gateway.following import follow_events
-
-    broker = Broker.connect(GatewaySettings(redis_url=redis_server.url, key_prefix=prefix))
     await redis.hset(Keys(prefix).request("r"), "status", "running")  # the request exists
-    sub = await _subscribe(fanin, "r")
-    taken: list[int] = []
-    sub.sink = lambda e: e.kind == "token" and not taken.append(e.seq)  # type: ignore[func-returns-value]
-    yielded: list[int] = []
-
-    async def read() -> None:
-        async for event in follow_events(broker, fanin, "r", 5, idle_poll_s=5, subscription=sub):
-            yielded.append(event.seq)
-
-    reader = asyncio.create_task(read())
     channel = fanin.keys.channel("r")
-    try:
-        await _until(lambda: sub.parked, "the resumed reader to wait")
+    async with _following(fanin, redis_server.url, prefix, 5, lambda seq: True, idle_poll_s=5) as f:
+        await _until(lambda: f.sub.parked, "the resumed reader to wait")
         await redis.publish(channel, "t1 1 old")
-        await _until(lambda: not sub.events and sub.parked, "the replayed seq dropped by the reader")
+        await _until(lambda: not f.sub.events and f.sub.parked, "the replayed seq dropped by the reader")
         await redis.publish(channel, "t6 1 new")
-        await _until(lambda: taken == [6], "seq 6 taken by the sink")
+        await _until(lambda: f.taken == [6], "seq 6 taken by the sink")
         await redis.publish(channel, '{"seq": "7", "kind": "done", "finish_reason": "stop"}')
-        await asyncio.wait_for(reader, 10)
-    finally:
-        reader.cancel()
-        await broker.aclose()
-    assert yielded == [7] and taken == [6]
+        await asyncio.wait_for(f.reader, 10)
+    assert f.yielded == [7] and f.taken == [6]

@@ -93,22 +93,20 @@ async def follow_events(
     subscription was made before the request was queued, so nothing is stored that it will not
     deliver, and the first read of the durable stream (two round trips) is skipped."""
     sub = subscription or await fanin.subscribe(rid)
-    last = after
-    sub.delivered = max(sub.delivered, after)  # a resume: its sink must not hand on what the client has
+    # The reader's position: the last seq handed on, by it or (live, while it waits) by its sink.
+    sub.delivered = max(sub.delivered, after)
     catch_up = not fresh
     try:
         while True:
             _stop_if_draining(fanin, rid)
-            last = max(last, sub.delivered)  # its sink may have handed some on
             if catch_up:  # from the durable stream: at start, after an overflow, a gap or an idle spell
                 # Cleared before the read, so a wake-up (overflow, reconnect) during it is not lost;
                 # live events buffered meanwhile are deduplicated by seq.
                 sub.overflowed = False
                 sub.drain()
                 progressed = False
-                async for event in _backlog(broker, rid, last):
-                    last, progressed = event.seq, True
-                    sub.delivered = last
+                async for event in _backlog(broker, rid, sub.delivered):
+                    sub.delivered, progressed = event.seq, True
                     yield event
                     if event.terminal:
                         return
@@ -116,12 +114,11 @@ async def follow_events(
                     raise RequestGone(rid)  # expired (or never existed): nothing more will come
             catch_up = True
             async for event in _live(sub, idle_poll_s):
-                last = max(last, sub.delivered)
-                if event.seq <= last:
+                if event.seq <= sub.delivered:
                     continue
-                if event.seq > last + 1:
+                if event.seq > sub.delivered + 1:
                     break  # gap: re-read the stream
-                last = sub.delivered = event.seq
+                sub.delivered = event.seq
                 yield event
                 if event.terminal:
                     return

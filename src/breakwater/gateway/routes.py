@@ -218,15 +218,12 @@ async def _stream(
         async for chunk in sse_chunks(
             # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
             svc.requests.events(sub, 0 if sub.tool_format else after, direct),
+            render,
             rid=sub.rid,
             model=sub.model,
             created=sub.created,
             chat=sub.chat,
             include_usage=sub.include_usage,
-            after=after,
-            tool=sub.tool,
-            tool_format=sub.tool_format,
-            render=render,
         ):
             pending.append(chunk)
             if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:

@@ -114,7 +114,10 @@ class ChoiceChunks:
 def renderer(
     *, rid: str, model: str, created: int, chat: bool, after: int, tool: str, tool_format: str
 ) -> ChoiceChunks | ToolChunks:
-    """A streamed response's chunks after ``after`` (see :func:`sse_chunks`)."""
+    """A streamed response's chunks after ``after``. ``tool``: the text is the arguments of a call to
+    that function, streamed as ``tool_calls``. ``tool_format``: the model chose its calls
+    (gateway.autotools); then the events start at the first, and those through ``after`` are parsed
+    but not sent."""
     if tool_format:
         return ToolChunks(rid=rid, model=model, created=created, skip_through=after)
     return ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
@@ -140,26 +143,16 @@ def error_chunk(event: TokenEvent) -> dict[str, Any]:
 
 async def sse_chunks(
     events: AsyncIterator[TokenEvent],
+    render: ChoiceChunks | ToolChunks,
     *,
     rid: str,
     model: str,
     created: int,
     chat: bool,
     include_usage: bool,
-    after: int = 0,
-    tool: str = "",
-    tool_format: str = "",
-    render: ChoiceChunks | ToolChunks | None = None,
 ) -> AsyncIterator[bytes]:
-    """OpenAI streaming chunks for ``events``; ends with the usage chunk (if asked) and ``[DONE]``.
-    ``tool``: the text is the arguments of a call to that function, streamed as ``tool_calls``.
-    ``tool_format``: the model chose its calls (gateway.autotools); then ``events`` start at the
-    first, and those through ``after`` are parsed but not sent. ``render``: the caller's own
-    renderer (one that also renders tokens elsewhere), else one made here."""
-    if render is None:
-        render = renderer(
-            rid=rid, model=model, created=created, chat=chat, after=after, tool=tool, tool_format=tool_format
-        )
+    """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
+    with the usage chunk (if asked) and ``[DONE]``."""
     async for event in events:
         if event.kind == "token":
             out = render.chunks(event)

@@ -377,9 +377,6 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         after another while the batch's next step waits for them. A finished generation is kept
         until Redis takes it, never dropped: each retries on its own."""
         ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
-        if len(ending) == 1:
-            await ending[0]
-            return
         # Every one runs to its end before an error (not a transient one: those are retried) is
         # raised, so that none is left running unowned while the worker stops.
         for result in await asyncio.gather(*ending, return_exceptions=True):
