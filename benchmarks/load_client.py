@@ -28,6 +28,7 @@ class Outcome:
     ttft_s: float = 0.0
     tokens: int = 0
     error: str = ""
+    gaps_s: list[float] = field(default_factory=list)  # between consecutive chunks with text (ITL)
 
 
 @dataclass
@@ -138,6 +139,7 @@ async def _events(out: Outcome, body: AsyncIterator[bytes]) -> None:
     counted = 0
     usage = -1
     done = False
+    last = 0.0
     async for data in body:
         buf += data.replace(b"\r\n", b"\n")
         *events, buf = buf.split(b"\n\n")
@@ -155,8 +157,12 @@ async def _events(out: Outcome, body: AsyncIterator[bytes]) -> None:
             for choice in chunk.get("choices") or ():
                 if choice.get("text") or (choice.get("delta") or {}).get("content"):
                     counted += 1
+                    now = time.perf_counter()
                     if not out.ttft_s:
-                        out.ttft_s = time.perf_counter() - out.sent
+                        out.ttft_s = now - out.sent
+                    else:
+                        out.gaps_s.append(now - last)
+                    last = now
     out.tokens = usage if usage >= 0 else counted
     out.ok = done and counted > 0
     if not out.ok:

@@ -194,6 +194,10 @@ class Row:
         return [o.ttft_s * 1000 for o in self.result.outcomes if o.ok]
 
     @property
+    def itl_ms(self) -> list[float]:
+        return [g * 1000 for o in self.result.outcomes if o.ok for g in o.gaps_s]
+
+    @property
     def tokens(self) -> int:
         return sum(o.tokens for o in self.result.outcomes if o.ok)
 
@@ -271,8 +275,8 @@ def table(rows: list[Row]) -> list[str]:
     direct = {r.rate: r for r in rows if r.system == "direct"}
     out = [
         "| system | offered req/s (realized) | done/s | errors | TTFT p50 / p99 ms | added p50 / p99 ms "
-        "| tokens per CPU-s (layer) | CPU % of core | tokens per CPU-s per process |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ITL p50 / p99 ms | tokens per CPU-s (layer) | CPU % of core | tokens per CPU-s per process |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         (offered, done), d = r.rates(), direct.get(r.rate)
@@ -280,13 +284,14 @@ def table(rows: list[Row]) -> list[str]:
         added = (
             f"{t50 - pct(d.ttft_ms, 50):+.1f} / {t99 - pct(d.ttft_ms, 99):+.1f}" if d and r is not d else "—"
         )
+        itl = f"{pct(r.itl_ms, 50):.1f} / {pct(r.itl_ms, 99):.1f}" if r.itl_ms else "—"
         errors = ", ".join(f"{k} x{v}" for k, v in r.result.errors.most_common()) or "0"
         cpu = sum(r.cpu_s.values())
         per = " · ".join(f"{k} {_k(r.tokens / v) if v else '—'}" for k, v in r.cpu_s.items()) or "—"
         share = f"{100 * cpu / r.wall_s:.0f}" if r.cpu_s else "—"
         out.append(
             f"| {r.system} | {r.rate:g} ({offered:.1f}) | {done:.1f} | {errors} | {t50:.1f} / {t99:.1f} "
-            f"| {added} | {_k(r.tokens / cpu) if cpu else '—'} | {share} | {per} |"
+            f"| {added} | {itl} | {_k(r.tokens / cpu) if cpu else '—'} | {share} | {per} |"
         )
     busiest = max((r.client_core for r in rows), default=0.0)
     return [*out, "", f"Client core (client + backend) at most {100 * busiest:.0f}% busy."]
@@ -407,9 +412,10 @@ def report(results: dict[str, list[Row]], found: dict[str, str], args: argparse.
         f"{args.ttft_ms:g} ms; itl10: then one every 10 ms, bursty: all at once) and the open-loop client "
         f"(Poisson arrivals for {args.seconds:g} s a rate, then up to {args.drain_s:g} s for in-flight ones) "
         f"share CPU {CLIENT_CPU}; every process of the system under test is pinned to CPU {SUT_CPU}. Added "
-        "TTFT: against direct at the same rate. CPU: utime+stime of each process tree over the window. "
-        "Breakwater restarts (fresh Redis) before every rate. Held: ≥ 99% completed without error and "
-        "done/s ≥ 95% of the realized arrival rate.",
+        "TTFT: against direct at the same rate. ITL: the client's gaps between consecutive chunks with "
+        "text, over all streams (— when every stream came in one chunk). CPU: utime+stime of each "
+        "process tree over the window. Breakwater restarts (fresh Redis) before every rate. Held: "
+        "≥ 99% completed without error and done/s ≥ 95% of the realized arrival rate.",
     ]
     for shape, rows in results.items():
         lines += ["", f"### {shape}", "", *table(rows)]

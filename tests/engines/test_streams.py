@@ -1,5 +1,6 @@
-"""A streaming engine's steps (engines/streams.py): at most one per STEP_MIN_S, so the tokens of many
-sequences share a write, except that a sequence's first delta is stepped at once (its client is
+"""A streaming engine's steps (engines/streams.py): a later token waits for the others' (a window, a
+share of the sequences' own gap between tokens) so that many sequences share a write, unless every
+streaming sequence has one waiting; a sequence's first delta is stepped at once (its client is
 waiting for its first token)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 
 from breakwater.engines import streams
 from breakwater.engines.base import EngineInfo, GenerationRequest, SequenceDelta
-from breakwater.engines.streams import Flight, StreamingEngine
+from breakwater.engines.streams import Flight, Gaps, StreamingEngine
 
 
 class Puppet(StreamingEngine):
@@ -30,38 +31,81 @@ class Puppet(StreamingEngine):
 
 
 async def _settles(task: asyncio.Task[list[SequenceDelta]]) -> bool:
-    for _ in range(5):  # a few turns of the loop: no timer can have fired (STEP_MIN_S is 60 s)
+    for _ in range(5):  # a few turns of the loop: no timer can have fired (the windows are 60 s)
         await asyncio.sleep(0)
     return task.done()
 
 
+def _said(deltas: list[SequenceDelta]) -> list[tuple[str, str]]:
+    return [(d.request_id, d.text) for d in deltas]
+
+
 @pytest.fixture
 async def engine(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Puppet]:
+    """a and b are streaming (their first tokens stepped), c has not emitted yet."""
     monkeypatch.setattr(streams, "STEP_MIN_S", 60.0)
+    monkeypatch.setattr(streams, "STEP_MAX_S", 60.0)
     engine = Puppet()
-    for rid in ("a", "b"):
+    for rid in ("a", "b", "c"):
         engine.add(GenerationRequest(rid, prompt="p"))
     engine.say("a", "x")
-    assert [d.text for d in await engine.step()] == ["x"]  # after a quiet spell: at once
+    assert _said(await engine.step()) == [("a", "x")]  # a first token: at once
+    engine.say("b", "x")
+    assert _said(await engine.step()) == [("b", "x")]
     yield engine
     await engine.close()
 
 
-async def test_a_later_delta_waits_for_the_step_interval(engine: Puppet) -> None:
+async def test_a_later_delta_waits_for_the_others(engine: Puppet) -> None:
     engine.say("a", "y")
     step = asyncio.create_task(engine.step())
     assert not await _settles(step)
     step.cancel()
 
 
+async def test_the_step_comes_at_once_when_every_streaming_sequence_has_a_token(engine: Puppet) -> None:
+    """A backend that steps its batch (vLLM) sends every sequence's token together: no waiting then."""
+    engine.say("a", "y")
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)
+    engine.say("b", "z")
+    assert await _settles(step)
+    assert _said(step.result()) == [("a", "y"), ("b", "z")]
+    engine.say("a", "w")  # the next round waits again
+    later = asyncio.create_task(engine.step())
+    assert not await _settles(later)
+    later.cancel()
+
+
+async def test_a_sequence_that_ends_or_is_cancelled_is_not_waited_for(engine: Puppet) -> None:
+    engine.say("a", "y")
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)
+    engine._emit(SequenceDelta("b", finish_reason="stop"))
+    assert await _settles(step)
+    assert [(d.request_id, d.text, d.finish_reason) for d in step.result()] == [
+        ("a", "y", None),
+        ("b", "", "stop"),
+    ]
+    engine.add(GenerationRequest("d", prompt="p"))
+    engine.say("d", "x")
+    await engine.step()
+    engine.say("a", "v")
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)  # d streams and has nothing waiting
+    engine.cancel("d")
+    assert await _settles(step)
+    assert _said(step.result()) == [("a", "v")]
+
+
 async def test_a_first_delta_is_stepped_at_once_with_what_waits(engine: Puppet) -> None:
     engine.say("a", "y")
     step = asyncio.create_task(engine.step())
     assert not await _settles(step)
-    engine.say("b", "z")  # b's first token
+    engine.say("c", "z")  # c's first token
     assert await _settles(step)
-    assert [(d.request_id, d.text) for d in step.result()] == [("a", "y"), ("b", "z")]
-    engine.say("b", "w")  # b's second: it waits again
+    assert _said(step.result()) == [("a", "y"), ("c", "z")]
+    engine.say("c", "w")  # c's second: it waits again (a and b have nothing)
     later = asyncio.create_task(engine.step())
     assert not await _settles(later)
     later.cancel()
@@ -69,12 +113,39 @@ async def test_a_first_delta_is_stepped_at_once_with_what_waits(engine: Puppet) 
 
 async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet) -> None:
     """A resumed sequence's client has had its first token; a delta without text (a tool parser
-    holding it back) publishes nothing, so neither ends the wait (b's first text still does)."""
-    engine.add(GenerationRequest("c", prompt="p", emitted_text="ab", emitted_tokens=2))
-    engine.say("c", "d")
-    engine._emit(SequenceDelta("b", text="", tokens=1))
+    holding it back) publishes nothing, so neither ends the wait (c's first text still does)."""
+    engine.add(GenerationRequest("d", prompt="p", emitted_text="ab", emitted_tokens=2))
+    engine.say("d", "e")
+    engine._emit(SequenceDelta("c", text="", tokens=1))
     step = asyncio.create_task(engine.step())
     assert not await _settles(step)
-    engine.say("b", "z")
+    engine.say("c", "z")
     assert await _settles(step)
-    assert [(d.request_id, d.text) for d in step.result()] == [("c", "d"), ("b", "z")]
+    assert _said(step.result()) == [("d", "e"), ("c", "z")]
+
+
+async def test_the_window_follows_the_sequences_gap_between_tokens(engine: Puppet) -> None:
+    assert engine.gaps.mean_s == 0.0  # first tokens are not gaps
+    await asyncio.sleep(0.02)
+    engine.say("a", "y")
+    assert 0.02 <= engine.gaps.mean_s < 1.0
+    seen = engine.gaps.mean_s
+    engine._emit(SequenceDelta("a", finish_reason="stop"))  # a final delta without text: not a gap
+    engine._emit(SequenceDelta("b", text="", tokens=1))  # nor a textless one
+    assert engine.gaps.mean_s == seen
+
+
+def test_the_window_is_a_share_of_the_mean_gap_within_bounds() -> None:
+    gaps = Gaps()
+    assert gaps.window_s == streams.STEP_MIN_S  # nothing seen yet
+    gaps.add(0.010)
+    assert gaps.mean_s == pytest.approx(0.010)  # the first gap is the mean
+    assert gaps.window_s == pytest.approx(streams.GAP_SHARE * 0.010)
+    gaps.add(0.020)  # a moving average: one gap moves it a little
+    assert gaps.mean_s == pytest.approx(0.010 + 0.010 * streams.GAP_WEIGHT)
+    for _ in range(1000):
+        gaps.add(1.0)  # a slow model: never more than the longest window
+    assert gaps.window_s == streams.STEP_MAX_S
+    for _ in range(1000):
+        gaps.add(0.0)  # a backend that sends bursts: the shortest window
+    assert gaps.window_s == streams.STEP_MIN_S

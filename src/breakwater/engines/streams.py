@@ -2,6 +2,12 @@
 
 The backend batches; here each admitted request is one asyncio task that pushes deltas, and
 ``step`` hands the worker everything produced since the last step, one merged delta per sequence.
+
+Each step costs the worker, Redis and the gateways a round trip and a wakeup whatever it carries, so
+a step gathers: a later token waits for the others' (at most a window, a share of the sequences' own
+gap between tokens: it never waits into its successor's turn) unless every streaming sequence has one
+waiting already (a backend that steps its batch, like vLLM, sends them together). A sequence's first
+token never waits: its client is waiting for it (time to first token).
 """
 
 from __future__ import annotations
@@ -15,7 +21,30 @@ from breakwater.engines.base import Engine, GenerationRequest, SequenceDelta
 from breakwater.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
-STEP_MIN_S = 0.001
+STEP_MIN_S = 0.001  # the shortest window, and the longest a token after a quiet spell waits for company
+STEP_MAX_S = 0.010  # the longest window
+GAP_SHARE = 0.5  # the window as a share of the sequences' gap between tokens
+GAP_WEIGHT = 1 / 64  # of a new gap in the moving average
+
+
+class Gaps:
+    """The sequences' gap between consecutive tokens (a moving average over all of them), and the
+    window a step may wait for tokens to share it."""
+
+    __slots__ = ("mean_s",)
+
+    def __init__(self) -> None:
+        self.mean_s = 0.0
+
+    def add(self, gap_s: float) -> None:
+        if self.mean_s:
+            self.mean_s += (gap_s - self.mean_s) * GAP_WEIGHT
+        else:
+            self.mean_s = gap_s
+
+    @property
+    def window_s(self) -> float:
+        return min(STEP_MAX_S, max(STEP_MIN_S, GAP_SHARE * self.mean_s))
 
 
 @dataclass(slots=True)
@@ -27,6 +56,7 @@ class Flight:
     text: str = ""
     tokens: int = 0
     prompt_ids: list[int] = field(default_factory=list)  # for engines that tokenize themselves
+    text_at: float = 0.0  # when it last emitted text (loop time)
 
 
 class StreamingEngine(Engine):
@@ -37,7 +67,10 @@ class StreamingEngine(Engine):
         self._last_step = 0.0
         self._quiet: set[str] = set()  # sequences that have not emitted yet in this worker
         self._first_waiting = False  # a first delta is among the deltas not yet stepped
-        self._pause = Wakeup()  # a step waiting out STEP_MIN_S
+        self._waiting: set[str] = set()  # streaming sequences with text not yet stepped
+        self._waiting_since = 0.0  # when the first of them came
+        self.gaps = Gaps()
+        self._pause = Wakeup()  # a step waiting for company
 
     @abstractmethod
     async def _generate(self, flight: Flight) -> None:
@@ -70,37 +103,59 @@ class StreamingEngine(Engine):
     def cancel(self, request_id: str) -> None:
         flight = self._flights.pop(request_id, None)
         self._quiet.discard(request_id)
+        self._waiting.discard(request_id)
         if flight is not None and flight.task is not None:
             flight.task.cancel()  # leaving the backend's stream aborts the request there
         self._deltas = [d for d in self._deltas if d.request_id != request_id]
+        self._wake_if_all_waiting()
 
     async def step(self) -> list[SequenceDelta]:
         await self._ready.wait()
-        # At most one step per STEP_MIN_S: under load, the tokens of many sequences go to Redis in one
-        # round trip instead of one each; a token after a quiet spell is not delayed at all, and
-        # neither is a sequence's first (its client waits for it: time to first token).
-        loop = asyncio.get_running_loop()
-        wait = self._last_step + STEP_MIN_S - loop.time()
-        if wait > 0 and not self._first_waiting:
-            await self._pause.wait(wait)
+        if not self._first_waiting and not self._all_waiting():
+            # Until the window since the last step has passed and the first waiting token has had
+            # STEP_MIN_S for company, or every streaming sequence has a token waiting.
+            loop = asyncio.get_running_loop()
+            until = max(self._last_step + self.gaps.window_s, self._waiting_since + STEP_MIN_S)
+            if (wait := until - loop.time()) > 0:
+                await self._pause.wait(wait)
         self._first_waiting = False
-        self._last_step = loop.time()
+        self._last_step = asyncio.get_running_loop().time()
         self._ready.clear()
+        self._waiting.clear()
         deltas, self._deltas = self._deltas, []
         return merge_deltas(deltas)
 
+    def _all_waiting(self) -> bool:
+        return len(self._waiting) >= len(self._flights) - len(self._quiet)
+
+    def _wake_if_all_waiting(self) -> None:
+        if self._waiting and self._all_waiting():
+            self._pause.wake()
+
     def _emit(self, delta: SequenceDelta) -> None:
         rid = delta.request_id
-        if rid in self._flights:
+        flight = self._flights.get(rid)
+        if flight is not None:
             self._deltas.append(delta)
             self._ready.set()
-            if rid in self._quiet and (delta.text or delta.finished):  # its first text: step now
-                self._quiet.discard(rid)
-                self._first_waiting = True
-                self._pause.wake()
+            if delta.text or delta.finished:
+                now = asyncio.get_running_loop().time()
+                if rid in self._quiet:  # its first text: step now
+                    self._quiet.discard(rid)
+                    self._first_waiting = True
+                    self._pause.wake()
+                else:
+                    if delta.text and flight.text_at:
+                        self.gaps.add(now - flight.text_at)
+                    if not self._waiting:
+                        self._waiting_since = now
+                    self._waiting.add(rid)
+                flight.text_at = now
         if delta.finished:
             self._flights.pop(rid, None)
             self._quiet.discard(rid)
+            self._waiting.discard(rid)
+        self._wake_if_all_waiting()
 
     async def close(self) -> None:
         for rid in list(self._flights):
