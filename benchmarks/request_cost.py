@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import redis
+
 from breakwater.redis_server import free_port
 from common import pct, write_section
 from load_client import open_loop
@@ -41,12 +43,16 @@ def measure(
         body["max_tokens"] = args.max_tokens
         pids = inst.pids()
         before = {name: cpu_ticks(pids[name]) for name in PROCESSES}
+        stats0 = _commandstats(inst)
         result = _run(open_loop("127.0.0.1", inst.port, body, args.rate, args.seconds, 15, seed=11))
         tick = os.sysconf("SC_CLK_TCK")
         cpu = {name: (cpu_ticks(pids[name]) - before[name]) / tick for name in PROCESSES}
+        stats1 = _commandstats(inst)
     finally:
         inst.stop()
     done = [o for o in result.outcomes if o.ok]
+    if args.commands:
+        _print_commands(stats0, stats1, max(len(done), 1))
     row = {f"{name}_ms": 1000 * cpu[name] / max(len(done), 1) for name in PROCESSES}
     row["layer_ms"] = sum(row[f"{name}_ms"] for name in PROCESSES)
     row["requests"] = len(done)
@@ -60,6 +66,28 @@ def measure(
     return row
 
 
+def _commandstats(inst: Instance) -> dict[str, tuple[int, int]]:
+    """Redis's calls and microseconds so far, per command (INFO commandstats)."""
+    assert inst.redis is not None
+    client = redis.Redis.from_url(inst.redis.url)
+    try:
+        info = client.info("commandstats")
+    finally:
+        client.close()
+    return {k.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"])) for k, v in info.items()}
+
+
+def _print_commands(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], n: int) -> None:
+    """Per request: calls and Redis-side microseconds of each command (scripts' inner ones too)."""
+    rows = []
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if calls > c0:
+            rows.append(((usec - u0) / n, (calls - c0) / n, name))
+    for usec, calls, name in sorted(rows, reverse=True):
+        print(f"    {name:<24} {calls:6.2f} calls {usec:7.1f} us per request", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -70,6 +98,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15, help="of arrivals per run")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--commands", action="store_true", help="print Redis's commands per request (INFO commandstats)"
+    )
     args = parser.parse_args()
     if not {CLIENT_CPU, SUT_CPU} <= os.sched_getaffinity(0):
         sys.exit(f"needs CPUs {CLIENT_CPU} and {SUT_CPU}; this process may use {os.sched_getaffinity(0)}")

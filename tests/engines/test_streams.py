@@ -98,16 +98,29 @@ async def test_a_sequence_that_ends_or_is_cancelled_is_not_waited_for(engine: Pu
     assert _said(step.result()) == [("a", "v")]
 
 
-async def test_a_first_delta_is_stepped_at_once_with_what_waits(engine: Puppet) -> None:
+async def test_a_first_delta_is_stepped_at_once_and_alone(engine: Puppet) -> None:
+    """Its write is small and the gateway meets it first; what waited goes on waiting."""
     engine.say("a", "y")
     step = asyncio.create_task(engine.step())
     assert not await _settles(step)
     engine.say("c", "z")  # c's first token
     assert await _settles(step)
-    assert _said(step.result()) == [("a", "y"), ("c", "z")]
-    engine.say("c", "w")  # c's second: it waits again (a and b have nothing)
+    assert _said(step.result()) == [("c", "z")]
+    engine.say("c", "w")  # c's second: it waits with a's (b has nothing)
     later = asyncio.create_task(engine.step())
     assert not await _settles(later)
+    engine.say("b", "v")  # now every streaming sequence has a token waiting
+    assert await _settles(later)
+    assert _said(later.result()) == [("a", "y"), ("c", "w"), ("b", "v")]
+
+
+async def test_a_first_deltas_later_text_goes_with_it(engine: Puppet) -> None:
+    engine.say("c", "z")
+    engine.say("c", "w")  # before the step ran
+    assert _said(await engine.step()) == [("c", "zw")]
+    engine.say("a", "y")
+    later = asyncio.create_task(engine.step())
+    assert not await _settles(later)  # c's token was not left counted as waiting
     later.cancel()
 
 
@@ -121,7 +134,10 @@ async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet
     assert not await _settles(step)
     engine.say("c", "z")
     assert await _settles(step)
-    assert _said(step.result()) == [("d", "e"), ("c", "z")]
+    assert [(d.request_id, d.text, d.tokens) for d in step.result()] == [("c", "z", 2)]
+    later = asyncio.create_task(engine.step())
+    assert not await _settles(later)  # d's token waits for the others'
+    later.cancel()
 
 
 async def test_the_window_follows_the_sequences_gap_between_tokens(engine: Puppet) -> None:

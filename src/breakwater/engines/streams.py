@@ -66,7 +66,7 @@ class StreamingEngine(Engine):
         self._ready = asyncio.Event()
         self._last_step = 0.0
         self._quiet: set[str] = set()  # sequences that have not emitted yet in this worker
-        self._first_waiting = False  # a first delta is among the deltas not yet stepped
+        self._firsts: set[str] = set()  # sequences whose first text is among the deltas not yet stepped
         self._waiting: set[str] = set()  # streaming sequences with text not yet stepped
         self._waiting_since = 0.0  # when the first of them came
         self.gaps = Gaps()
@@ -104,6 +104,7 @@ class StreamingEngine(Engine):
         flight = self._flights.pop(request_id, None)
         self._quiet.discard(request_id)
         self._waiting.discard(request_id)
+        self._firsts.discard(request_id)
         if flight is not None and flight.task is not None:
             flight.task.cancel()  # leaving the backend's stream aborts the request there
         self._deltas = [d for d in self._deltas if d.request_id != request_id]
@@ -111,18 +112,32 @@ class StreamingEngine(Engine):
 
     async def step(self) -> list[SequenceDelta]:
         await self._ready.wait()
-        if not self._first_waiting and not self._all_waiting():
+        loop = asyncio.get_running_loop()
+        if self._firsts:
+            return self._step_firsts()
+        if not self._all_waiting():
             # Until the window since the last step has passed and the first waiting token has had
             # STEP_MIN_S for company, or every streaming sequence has a token waiting.
-            loop = asyncio.get_running_loop()
             until = max(self._last_step + self.gaps.window_s, self._waiting_since + STEP_MIN_S)
             if (wait := until - loop.time()) > 0:
                 await self._pause.wait(wait)
-        self._first_waiting = False
-        self._last_step = asyncio.get_running_loop().time()
+            if self._firsts:  # one came meanwhile: it goes first
+                return self._step_firsts()
+        self._last_step = loop.time()
         self._ready.clear()
         self._waiting.clear()
         deltas, self._deltas = self._deltas, []
+        return merge_deltas(deltas)
+
+    def _step_firsts(self) -> list[SequenceDelta]:
+        """A step of first tokens alone: their write is small and the gateway meets them first;
+        the other tokens keep waiting out their window."""
+        firsts, self._firsts = self._firsts, set()
+        self._waiting -= firsts  # a later token of theirs goes now too
+        deltas = [d for d in self._deltas if d.request_id in firsts]
+        self._deltas = [d for d in self._deltas if d.request_id not in firsts]
+        if not self._deltas:
+            self._ready.clear()
         return merge_deltas(deltas)
 
     def _all_waiting(self) -> bool:
@@ -142,7 +157,7 @@ class StreamingEngine(Engine):
                 now = asyncio.get_running_loop().time()
                 if rid in self._quiet:  # its first text: step now
                     self._quiet.discard(rid)
-                    self._first_waiting = True
+                    self._firsts.add(rid)
                     self._pause.wake()
                 else:
                     if delta.text and flight.text_at:
