@@ -79,13 +79,13 @@ def _commandstats(inst: Instance) -> dict[str, tuple[int, int]]:
 
 def _print_commands(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], n: int) -> None:
     """Per request: calls and Redis-side microseconds of each command (scripts' inner ones too)."""
-    rows = []
+    rows: list[tuple[float, float, str]] = []
     for name, (calls, usec) in after.items():
         c0, u0 = before.get(name, (0, 0))
         if calls > c0:
             rows.append(((usec - u0) / n, (calls - c0) / n, name))
-    for usec, calls, name in sorted(rows, reverse=True):
-        print(f"    {name:<24} {calls:6.2f} calls {usec:7.1f} us per request", flush=True)
+    for per_usec, per_calls, name in sorted(rows, reverse=True):
+        print(f"    {name:<24} {per_calls:6.2f} calls {per_usec:7.1f} us per request", flush=True)
 
 
 def main() -> None:
