@@ -98,6 +98,24 @@ async def test_a_sequence_that_ends_or_is_cancelled_is_not_waited_for(engine: Pu
     assert _said(step.result()) == [("a", "v")]
 
 
+async def test_a_continuation_that_has_not_emitted_here_is_not_waited_for(engine: Puppet) -> None:
+    """A resumed sequence still prefilling has no token coming soon: the others do not wait for it."""
+    engine.add(GenerationRequest("d", prompt="p", emitted_text="ab", emitted_tokens=2))
+    engine.say("a", "y")
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)
+    engine.say("b", "z")
+    assert await _settles(step)
+    assert _said(step.result()) == [("a", "y"), ("b", "z")]
+    engine.say("d", "e")  # once it has emitted, it is waited for like the others
+    engine.say("a", "w")
+    later = asyncio.create_task(engine.step())
+    assert not await _settles(later)
+    engine.say("b", "v")
+    assert await _settles(later)
+    assert _said(later.result()) == [("d", "e"), ("a", "w"), ("b", "v")]
+
+
 async def test_a_first_delta_is_stepped_at_once_and_alone(engine: Puppet) -> None:
     """Its write is small and the gateway meets it first; what waited goes on waiting."""
     engine.say("a", "y")
@@ -165,3 +183,14 @@ def test_the_window_is_a_share_of_the_mean_gap_within_bounds() -> None:
     for _ in range(1000):
         gaps.add(0.0)  # a backend that sends bursts: the shortest window
     assert gaps.window_s == streams.STEP_MIN_S
+
+
+def test_a_stall_counts_as_a_bounded_gap() -> None:
+    """One long gap (a stall, a retry's back-off) must not hold the window at its longest for the
+    next hundreds of tokens: at 10 ms a token that would be a window as long as the gap itself."""
+    gaps = Gaps()
+    for _ in range(200):
+        gaps.add(0.010)
+    gaps.add(30.0)
+    assert gaps.mean_s == pytest.approx(0.010 + (streams.GAP_MAX_S - 0.010) * streams.GAP_WEIGHT)
+    assert gaps.window_s < 0.006

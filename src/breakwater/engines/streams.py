@@ -25,6 +25,7 @@ STEP_MIN_S = 0.001  # the shortest window, and the longest a token after a quiet
 STEP_MAX_S = 0.010  # the longest window
 GAP_SHARE = 0.5  # the window as a share of the sequences' gap between tokens
 GAP_WEIGHT = 1 / 64  # of a new gap in the moving average
+GAP_MAX_S = 2 * STEP_MAX_S / GAP_SHARE  # a longer gap (a stall, a retry) counts as this much
 
 
 class Gaps:
@@ -37,6 +38,7 @@ class Gaps:
         self.mean_s = 0.0
 
     def add(self, gap_s: float) -> None:
+        gap_s = min(gap_s, GAP_MAX_S)
         if self.mean_s:
             self.mean_s += (gap_s - self.mean_s) * GAP_WEIGHT
         else:
@@ -65,7 +67,8 @@ class StreamingEngine(Engine):
         self._deltas: list[SequenceDelta] = []
         self._ready = asyncio.Event()
         self._last_step = 0.0
-        self._quiet: set[str] = set()  # sequences that have not emitted yet in this worker
+        self._quiet: set[str] = set()  # sequences whose client waits for its first token
+        self._streaming: set[str] = set()  # sequences that have emitted text in this worker
         self._firsts: set[str] = set()  # sequences whose first text is among the deltas not yet stepped
         self._waiting: set[str] = set()  # streaming sequences with text not yet stepped
         self._waiting_since = 0.0  # when the first of them came
@@ -103,6 +106,7 @@ class StreamingEngine(Engine):
     def cancel(self, request_id: str) -> None:
         flight = self._flights.pop(request_id, None)
         self._quiet.discard(request_id)
+        self._streaming.discard(request_id)
         self._waiting.discard(request_id)
         self._firsts.discard(request_id)
         if flight is not None and flight.task is not None:
@@ -141,7 +145,9 @@ class StreamingEngine(Engine):
         return merge_deltas(deltas)
 
     def _all_waiting(self) -> bool:
-        return len(self._waiting) >= len(self._flights) - len(self._quiet)
+        """Every sequence that has emitted here has a token waiting (one that has not yet, a new
+        one or a continuation still prefilling, is not waited for)."""
+        return len(self._waiting) >= len(self._streaming)
 
     def _wake_if_all_waiting(self) -> None:
         if self._waiting and self._all_waiting():
@@ -155,6 +161,7 @@ class StreamingEngine(Engine):
             self._ready.set()
             if delta.text or delta.finished:
                 now = asyncio.get_running_loop().time()
+                self._streaming.add(rid)
                 if rid in self._quiet:  # its first text: step now
                     self._quiet.discard(rid)
                     self._firsts.add(rid)
@@ -169,6 +176,7 @@ class StreamingEngine(Engine):
         if delta.finished:
             self._flights.pop(rid, None)
             self._quiet.discard(rid)
+            self._streaming.discard(rid)
             self._waiting.discard(rid)
         self._wake_if_all_waiting()
 
