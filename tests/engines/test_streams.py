@@ -52,6 +52,9 @@ async def engine(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Puppet]:
     assert _said(await engine.step()) == [("a", "x")]  # a first token: at once
     engine.say("b", "x")
     assert _said(await engine.step()) == [("b", "x")]
+    engine.say("a", "x")
+    engine.say("b", "x")
+    assert _said(await engine.step()) == [("a", "x"), ("b", "x")]  # a round: every one has a token
     yield engine
     await engine.close()
 
@@ -89,7 +92,10 @@ async def test_a_sequence_that_ends_or_is_cancelled_is_not_waited_for(engine: Pu
     ]
     engine.add(GenerationRequest("d", prompt="p"))
     engine.say("d", "x")
-    await engine.step()
+    assert _said(await engine.step()) == [("d", "x")]
+    engine.say("d", "x")
+    engine.say("a", "x")
+    assert _said(await engine.step()) == [("d", "x"), ("a", "x")]
     engine.say("a", "v")
     step = asyncio.create_task(engine.step())
     assert not await _settles(step)  # d streams and has nothing waiting
@@ -132,6 +138,27 @@ async def test_a_first_delta_is_stepped_at_once_and_alone(engine: Puppet) -> Non
     assert _said(later.result()) == [("a", "y"), ("c", "w"), ("b", "v")]
 
 
+async def test_a_first_stepped_alone_has_had_its_turn(engine: Puppet) -> None:
+    """A batch (vLLM's step) with one sequence's first token: once that is out alone, the rest of
+    the batch goes as soon as every other streaming sequence has its token, not a window later."""
+    engine.say("a", "y")
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)
+    engine.say("c", "z")
+    assert await _settles(step)
+    assert _said(step.result()) == [("c", "z")]
+    later = asyncio.create_task(engine.step())
+    assert not await _settles(later)  # b's token has not come
+    engine.say("b", "v")
+    assert await _settles(later)
+    assert _said(later.result()) == [("a", "y"), ("b", "v")]
+    engine.say("a", "w")  # a new round: c is waited for again
+    engine.say("b", "u")
+    again = asyncio.create_task(engine.step())
+    assert not await _settles(again)
+    again.cancel()
+
+
 async def test_a_first_deltas_later_text_goes_with_it(engine: Puppet) -> None:
     engine.say("c", "z")
     engine.say("c", "w")  # before the step ran
@@ -159,14 +186,25 @@ async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet
 
 
 async def test_the_window_follows_the_sequences_gap_between_tokens(engine: Puppet) -> None:
-    assert engine.gaps.mean_s == 0.0  # first tokens are not gaps
+    seen = engine.gaps.mean_s  # the fixture's round: a gap of well under 20 ms each
+    assert 0.0 < seen < 0.02
     await asyncio.sleep(0.02)
     engine.say("a", "y")
-    assert 0.02 <= engine.gaps.mean_s < 1.0
+    assert seen + (0.02 - seen) * streams.GAP_WEIGHT <= engine.gaps.mean_s < 0.02
     seen = engine.gaps.mean_s
     engine._emit(SequenceDelta("a", finish_reason="stop"))  # a final delta without text: not a gap
     engine._emit(SequenceDelta("b", text="", tokens=1))  # nor a textless one
     assert engine.gaps.mean_s == seen
+
+
+async def test_a_first_token_is_not_a_gap() -> None:
+    engine = Puppet()
+    engine.add(GenerationRequest("a", prompt="p"))
+    await asyncio.sleep(0.01)
+    engine.say("a", "x")
+    assert _said(await engine.step()) == [("a", "x")]
+    assert engine.gaps.mean_s == 0.0
+    await engine.close()
 
 
 def test_the_window_is_a_share_of_the_mean_gap_within_bounds() -> None:

@@ -71,6 +71,7 @@ class StreamingEngine(Engine):
         self._streaming: set[str] = set()  # sequences that have emitted text in this worker
         self._firsts: set[str] = set()  # sequences whose first text is among the deltas not yet stepped
         self._waiting: set[str] = set()  # streaming sequences with text not yet stepped
+        self._early: set[str] = set()  # first tokens stepped alone since the last step: their turn is over
         self._waiting_since = 0.0  # when the first of them came
         self.gaps = Gaps()
         self._pause = Wakeup()  # a step waiting for company
@@ -108,6 +109,7 @@ class StreamingEngine(Engine):
         self._quiet.discard(request_id)
         self._streaming.discard(request_id)
         self._waiting.discard(request_id)
+        self._early.discard(request_id)
         self._firsts.discard(request_id)
         if flight is not None and flight.task is not None:
             flight.task.cancel()  # leaving the backend's stream aborts the request there
@@ -130,6 +132,7 @@ class StreamingEngine(Engine):
         self._last_step = loop.time()
         self._ready.clear()
         self._waiting.clear()
+        self._early.clear()
         deltas, self._deltas = self._deltas, []
         return merge_deltas(deltas)
 
@@ -138,6 +141,7 @@ class StreamingEngine(Engine):
         the other tokens keep waiting out their window."""
         firsts, self._firsts = self._firsts, set()
         self._waiting -= firsts  # a later token of theirs goes now too
+        self._early |= firsts & self._streaming  # the others need not wait for them this round
         deltas = [d for d in self._deltas if d.request_id in firsts]
         self._deltas = [d for d in self._deltas if d.request_id not in firsts]
         if not self._deltas:
@@ -147,7 +151,7 @@ class StreamingEngine(Engine):
     def _all_waiting(self) -> bool:
         """Every sequence that has emitted here has a token waiting (one that has not yet, a new
         one or a continuation still prefilling, is not waited for)."""
-        return len(self._waiting) >= len(self._streaming)
+        return len(self._waiting) + len(self._early) >= len(self._streaming)
 
     def _wake_if_all_waiting(self) -> None:
         if self._waiting and self._all_waiting():
@@ -172,12 +176,14 @@ class StreamingEngine(Engine):
                     if not self._waiting:
                         self._waiting_since = now
                     self._waiting.add(rid)
+                    self._early.discard(rid)
                 flight.text_at = now
         if delta.finished:
             self._flights.pop(rid, None)
             self._quiet.discard(rid)
             self._streaming.discard(rid)
             self._waiting.discard(rid)
+            self._early.discard(rid)
         self._wake_if_all_waiting()
 
     async def close(self) -> None:
