@@ -264,6 +264,16 @@ class WorkerSettings(CommonSettings):
             f"(default {UpstreamOptions.read_timeout_s})"
         ),
     )
+    stream_window_share: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "openai/vllm: how long a token may wait for other sequences' tokens to share its write, "
+            f"as a share of their mean gap between tokens (1-10 ms; default {UpstreamOptions.window_share}; "
+            "0: 1 ms, the least jitter and the most CPU per token)"
+        ),
+    )
     # vllm engine: AsyncEngineArgs fields passed through (tensor_parallel_size, quantization, ...)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
     vllm_tool_parser: str | None = Field(

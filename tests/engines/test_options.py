@@ -40,6 +40,7 @@ ENGINE_KNOBS = (
     "upstream_pull_burst",
     "upstream_wait_s",
     "upstream_read_timeout_s",
+    "stream_window_share",
     "sim_prefill_ms_per_token",
     "sim_decode_base_ms",
     "sim_decode_per_seq_ms",
@@ -115,8 +116,10 @@ def test_environment_variables_reach_the_engine(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("BREAKWATER_UPSTREAM_URL", "http://up:8001")
     monkeypatch.setenv("BREAKWATER_UPSTREAM_READ_TIMEOUT_S", "7.5")
     monkeypatch.setenv("BREAKWATER_UPSTREAM_WAIT_S", "0")
+    monkeypatch.setenv("BREAKWATER_STREAM_WINDOW_SHARE", "0")
     upstream = build_engine(options_from_settings(WorkerSettings()))
     assert isinstance(upstream, OpenAIUpstreamEngine)
+    assert upstream.gaps.share == 0.0
     assert (upstream.base_url, upstream.read_timeout_s, upstream.wait_ready_s) == (
         "http://up:8001/v1",
         7.5,
@@ -129,6 +132,7 @@ def test_environment_variables_reach_the_engine(monkeypatch: pytest.MonkeyPatch)
     vllm = build_engine(options_from_settings(WorkerSettings()))
     assert isinstance(vllm, VLLMEngine)
     assert vllm.engine_args == {"tensor_parallel_size": 2} and vllm.info.context_length == 2048
+    assert vllm.gaps.share == 0.0  # BREAKWATER_STREAM_WINDOW_SHARE, set above
     assert vllm.tool_format == "smollm2"  # the bundled SmolLM2: the gateway's parser, enforced
     monkeypatch.setenv("BREAKWATER_VLLM_TOOL_PARSER", "hermes")
     monkeypatch.setenv("BREAKWATER_VLLM_CHAT_TEMPLATE", "/etc/tools.jinja")

@@ -223,6 +223,14 @@ def test_the_window_is_a_share_of_the_mean_gap_within_bounds() -> None:
     assert gaps.window_s == streams.STEP_MIN_S
 
 
+def test_a_window_share_of_zero_steps_every_millisecond() -> None:
+    """The setting for the least jitter (stream_window_share = 0): the shortest window always."""
+    gaps = Gaps(0.0)
+    for _ in range(100):
+        gaps.add(0.030)
+    assert gaps.window_s == streams.STEP_MIN_S
+
+
 def test_a_stall_counts_as_a_bounded_gap() -> None:
     """One long gap (a stall, a retry's back-off) must not hold the window at its longest for the
     next hundreds of tokens: at 10 ms a token that would be a window as long as the gap itself."""

@@ -78,6 +78,7 @@ class UpstreamOptions:
     retries: int = 2  # per request, on connection failures and 5xx
     wait_s: float = 600.0  # wait this long for the upstream to come up
     read_timeout_s: float = 120.0  # fail a stream whose upstream sends nothing for this long
+    window_share: float = 0.5  # a token waits for company at most this share of the mean gap (streams.py)
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -97,6 +98,7 @@ class VLLMOptions:
     engine_args: Mapping[str, Any] = field(default_factory=dict)
     tool_parser: str = ""  # vLLM's tool parser for `tool_choice: auto` (its --tool-call-parser)
     chat_template: str = ""  # a Jinja file replacing the model's chat template (its --chat-template)
+    window_share: float = 0.5  # a token waits for company at most this share of the mean gap (streams.py)
 
 
 EngineOptions: TypeAlias = SimOptions | LlamaCppOptions | UpstreamOptions | VLLMOptions
@@ -135,6 +137,7 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
                 pull_burst=s.upstream_pull_burst,
                 wait_s=s.upstream_wait_s,
                 read_timeout_s=s.upstream_read_timeout_s,
+                window_share=s.stream_window_share,
             ),
         )
     if s.engine == "vllm":
@@ -145,6 +148,7 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
                 engine_args=s.vllm_args or None,
                 tool_parser=s.vllm_tool_parser,
                 chat_template=s.vllm_chat_template,
+                window_share=s.stream_window_share,
             )
         )
     raise ValueError(f"unknown engine {s.engine!r} (available: {', '.join(ENGINES)})")

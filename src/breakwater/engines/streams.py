@@ -23,18 +23,19 @@ from breakwater.wakeup import Wakeup
 log = logging.getLogger(__name__)
 STEP_MIN_S = 0.001  # the shortest window, and the longest a token after a quiet spell waits for company
 STEP_MAX_S = 0.010  # the longest window
-GAP_SHARE = 0.5  # the window as a share of the sequences' gap between tokens
+GAP_SHARE = 0.5  # the window as a share of the sequences' gap between tokens (the default)
 GAP_WEIGHT = 1 / 64  # of a new gap in the moving average
-GAP_MAX_S = 2 * STEP_MAX_S / GAP_SHARE  # a longer gap (a stall, a retry) counts as this much
+GAP_MAX_S = 0.040  # a longer gap (a stall, a retry) counts as this much
 
 
 class Gaps:
     """The sequences' gap between consecutive tokens (a moving average over all of them), and the
     window a step may wait for tokens to share it."""
 
-    __slots__ = ("mean_s",)
+    __slots__ = ("mean_s", "share")
 
-    def __init__(self) -> None:
+    def __init__(self, share: float = GAP_SHARE) -> None:
+        self.share = share
         self.mean_s = 0.0
 
     def add(self, gap_s: float) -> None:
@@ -46,7 +47,7 @@ class Gaps:
 
     @property
     def window_s(self) -> float:
-        return min(STEP_MAX_S, max(STEP_MIN_S, GAP_SHARE * self.mean_s))
+        return min(STEP_MAX_S, max(STEP_MIN_S, self.share * self.mean_s))
 
 
 @dataclass(slots=True)
@@ -62,7 +63,7 @@ class Flight:
 
 
 class StreamingEngine(Engine):
-    def __init__(self) -> None:
+    def __init__(self, window_share: float = GAP_SHARE) -> None:
         self._flights: dict[str, Flight] = {}
         self._deltas: list[SequenceDelta] = []
         self._ready = asyncio.Event()
@@ -73,7 +74,7 @@ class StreamingEngine(Engine):
         self._waiting: set[str] = set()  # streaming sequences with text not yet stepped
         self._early: set[str] = set()  # first tokens stepped alone since the last step: their turn is over
         self._waiting_since = 0.0  # when the first of them came
-        self.gaps = Gaps()
+        self.gaps = Gaps(window_share)
         self._pause = Wakeup()  # a step waiting for company
 
     @abstractmethod

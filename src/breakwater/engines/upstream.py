@@ -110,7 +110,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             context_length=options.context_length or 0,
             capacity=options.capacity,
         )
-        super().__init__()
+        super().__init__(options.window_share)
         self.load: UpstreamLoad | None = None
         self._sent_since_scrape = 0
         self._session: aiohttp.ClientSession | None = None

@@ -86,7 +86,7 @@ class VLLMEngine(StreamingEngine):
     features = frozenset({RESPONSE_FORMAT, LOGPROBS, GRAMMAR})
 
     def __init__(self, options: VLLMOptions) -> None:
-        super().__init__()
+        super().__init__(options.window_share)
         self.model_path = options.model_path
         self.capacity = options.capacity
         self.kv_high = options.kv_high
