@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -38,6 +39,15 @@ def _pid_alive(pid: int) -> bool:
 def test_up_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     proc = _up(port, tmp_path)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -65,9 +75,16 @@ def test_up_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
             ).stdout.split()
         ]
         assert len(children) >= 3  # redis, gateway, worker
+        # Its own readiness check may see the model a moment after this test did: Ctrl-C before
+        # its banner stops a stack still starting (exit 130), which is not what this test stops.
+        wait_for(lambda: any("Breakwater is up" in line for line in lines), 30, 0.05, "up's banner")
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert f"http://127.0.0.1:{port}/v1" in out
     assert "curl" in out
