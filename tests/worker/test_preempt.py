@@ -5,10 +5,14 @@ is continued later without losing or repeating a token."""
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
-from breakwater.broker import Broker, RequestSpec, Status
+from breakwater.broker import Broker, Job, RequestSpec, Status
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
+from breakwater.keys import LANES
+from breakwater.worker.jobs import InFlight
+from breakwater.worker.preemption import Preemption
 from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc
 
@@ -137,5 +141,22 @@ async def test_a_paused_request_cancelled_while_paused_is_dropped_and_settled(gw
         assert (await _status(broker, paused))[0] is Status.CANCELLED
         for rid in [r for r in flood if r != paused] + [light]:
             assert rid in worker.inflight
+    finally:
+        await broker.aclose()
+
+
+async def test_a_sequence_whose_finish_is_being_written_is_never_paused(gw_empty: InProc) -> None:
+    """Its generation ended: pausing it would continue a finished answer. Finishes are written
+    while the batch goes on, so the pull loop's preemption can meet one."""
+    broker = gw_empty.broker()
+    try:
+        preemption = Preemption(broker, ("sim",))
+        stream = broker.keys.jobs("sim", LANES[0])
+        running = InFlight(Job(stream, "1-0", "a", "x", tenant="t1"), 1, "sim")
+        ending = InFlight(Job(stream, "2-0", "b", "x", tenant="t1"), 1, "sim", finishing=True)
+        assert preemption.victim([running, ending], "t1", LANES[0], True) is running
+        assert preemption.running([running, ending], LANES[0], True) == Counter({"t1": 1})
+        running.finishing = True
+        assert preemption.victim([running, ending], "t1", LANES[0], True) is None
     finally:
         await broker.aclose()

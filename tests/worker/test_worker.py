@@ -165,3 +165,53 @@ async def test_requests_finishing_in_one_step_are_finished_together(
             "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
         }
     assert peak == 3
+
+
+async def test_a_slow_finish_does_not_hold_up_the_batch(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's finish (its final event, metering, the ack: a few round trips) is written while
+    the batch goes on: the others' tokens, and requests that start meanwhile, do not wait for it."""
+    worker = await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0)))
+    finish_read = worker.broker.finish_read
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_first(*args: Any, **kwargs: Any) -> Any:
+        if not entered.is_set():  # the first request to end: its finish waits for the test
+            entered.set()
+            await release.wait()
+        return await finish_read(*args, **kwargs)
+
+    monkeypatch.setattr(worker.broker, "finish_read", slow_first)
+    short = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2, "seed": 50}))
+    await asyncio.wait_for(entered.wait(), 30)
+    assert not short.done()
+    # Started after the first one ended, generated and finished while its finish still waits.
+    long = await asyncio.wait_for(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 12, "seed": 51}), 30)
+    text, _, _ = expected_sim(messages=MESSAGES, seed=51, max_tokens=12, ignore_eos=True)
+    assert long.status_code == 200 and long.json()["choices"][0]["message"]["content"] == text
+    assert not short.done() and worker.inflight  # its slot still counts until it is acked
+    release.set()
+    first = await asyncio.wait_for(short, 30)
+    text, _, _ = expected_sim(messages=MESSAGES, seed=50, max_tokens=2, ignore_eos=True)
+    assert first.status_code == 200 and first.json()["choices"][0]["message"]["content"] == text
+    await async_wait_for(lambda: not worker.inflight, 10, what="every job acked")
+
+
+async def test_a_failed_finish_stops_the_worker_with_its_error(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finish that fails other than transiently (a bug, a script error) is not left behind in a
+    background task: the worker stops with that error, as when finishes ran inside the step, and its
+    jobs are left to be reclaimed."""
+    worker = await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0)))
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("finish script broke")
+
+    monkeypatch.setattr(worker.broker, "finish_read", broken)
+    run = gw_empty.workers[-1][1]
+    request = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2}))
+    with pytest.raises(ValueError, match="finish script broke"):
+        await asyncio.wait_for(asyncio.shield(run), 30)
+    request.cancel()

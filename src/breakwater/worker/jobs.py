@@ -36,6 +36,7 @@ class InFlight:
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
     paused_at: int = -1  # preempted: the worker's step count then (-1: running in the engine)
     constrained: bool = False  # structured output: paused only where the engine can continue it
+    finishing: bool = False  # its generation ended; its finish is being written (never paused)
     held_logprobs: list[dict[str, Any]] = field(default_factory=list)  # of the held tokens
     # Its last writes, sent again if a Redis failover loses them (worker/repair.py).
     sent: deque[Append] = field(default_factory=lambda: deque(maxlen=KEEP_WRITES))

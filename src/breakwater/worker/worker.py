@@ -74,6 +74,11 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         self._suspects = 0  # in-flight jobs whose last attempt made no progress
         self.preemption = Preemption(broker, self.queues)
         self._steps = 0  # engine steps published
+        # A step's finished requests are finished here while the batch goes on (_finish_later);
+        # one that fails other than transiently stops the step loop with its error.
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._finish_failed: BaseException | None = None
+        self._step_task: asyncio.Task[None] | None = None
         # Its own capacity for the autoscaler (heartbeat `rated`): step cost fitted from its steps.
         self.rating = Rating(engine.info.capacity)
 
@@ -84,8 +89,9 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             await self.broker.ensure_groups(queue)
         await self._heartbeat_once()
         settle_heap()
+        self._step_task = asyncio.create_task(self._step_loop(), name="step")
         tasks = [
-            asyncio.create_task(self._step_loop(), name="step"),
+            self._step_task,
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
         if self.settings.preempt:
@@ -98,7 +104,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             await self._finish_in_flight()
             log.info("drained", extra={"fields": {"in_flight": len(self.inflight)}})
         finally:
-            loops = [pull, *tasks]
+            loops = [pull, *tasks, *self._finishing]
             for task in loops:
                 task.cancel()
             # Bounded: a loop that does not stop must not keep the process from exiting; say which.
@@ -308,6 +314,14 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
 
     # -- stepping and publishing -----------------------------------------------------------------
     async def _step_loop(self) -> None:
+        try:
+            await self._steps_forever()
+        except asyncio.CancelledError:
+            if self._finish_failed is not None:  # cancelled by a failed finish: that is the error
+                raise self._finish_failed from None
+            raise
+
+    async def _steps_forever(self) -> None:
         while True:
             busy_since = self._step_started = time.monotonic() if self.engine.running() else None
             deltas = await self.engine.step()
@@ -340,6 +354,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
                 continue
             produced += delta.tokens
             if delta.finished:
+                flight.finishing = True
                 finishes.append((flight, delta))
             elif delta.text:
                 tokens = delta.tokens + flight.held_tokens
@@ -370,7 +385,27 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
         self._rate(finishes)
-        await self._finish_all(finishes)
+        self._finish_later(finishes)
+
+    def _finish_later(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
+        """Finish a step's ended requests (a few round trips each: the final event, metering, the
+        ack) while the batch's next step runs: the others' tokens and first tokens do not wait for
+        them. Their slots count as taken until each is acked."""
+        if not finishes:
+            return
+        task = asyncio.create_task(self._finish_all(finishes), name="finish")
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._finishing.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._finish_failed is None:
+            self._finish_failed = task.exception()
+            log.error("finishing failed", extra={"fields": {"error": repr(self._finish_failed)}})
+            if self._step_task is not None:
+                self._step_task.cancel()
 
     async def _finish_all(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """A step's finished requests, together (their round trips share the connection), not one
