@@ -215,3 +215,36 @@ async def test_a_failed_finish_stops_the_worker_with_its_error(
     with pytest.raises(ValueError, match="finish script broke"):
         await asyncio.wait_for(asyncio.shield(run), 30)
     request.cancel()
+
+
+async def test_a_finish_failing_while_draining_stops_the_worker_with_its_error(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a drain that waits out its grace for a slot that will never free, then exits as if
+    nothing happened."""
+    worker = await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0)))
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        raise ValueError("finish script broke")
+
+    monkeypatch.setattr(worker.broker, "finish_read", broken)
+    draining = asyncio.Event()
+    finish_in_flight = worker._finish_in_flight
+
+    async def watched() -> None:
+        draining.set()
+        await finish_in_flight()
+
+    monkeypatch.setattr(worker, "_finish_in_flight", watched)
+    run = gw_empty.workers[-1][1]
+    request = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2}))
+    await asyncio.wait_for(entered.wait(), 30)
+    worker.drain()  # drain_grace_s: 30 s
+    await asyncio.wait_for(draining.wait(), 10)  # the worker waits for its jobs to end
+    release.set()
+    with pytest.raises(ValueError, match="finish script broke"):
+        await asyncio.wait_for(asyncio.shield(run), 10)
+    request.cancel()

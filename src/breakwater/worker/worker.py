@@ -102,6 +102,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             for task in done:
                 task.result()  # an engine crash propagates: the process dies, its jobs are reclaimed
             await self._finish_in_flight()
+            if self._finish_failed is not None:  # while draining: its jobs were released, now stop
+                raise self._finish_failed
             log.info("drained", extra={"fields": {"in_flight": len(self.inflight)}})
         finally:
             loops = [pull, *tasks, *self._finishing]
@@ -130,7 +132,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
         deadline = time.monotonic() + self.settings.drain_grace_s
         with contextlib.suppress(*TRANSIENT):
             await self._heartbeat_once()
-        while self.inflight and time.monotonic() < deadline:
+        while self.inflight and time.monotonic() < deadline and self._finish_failed is None:
             self._slot_freed.clear()
             if self._can_resume():
                 await self._resume_paused()
@@ -355,6 +357,9 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             produced += delta.tokens
             if delta.finished:
                 flight.finishing = True
+                if flight.paused:  # it ended in the step it was paused in: nothing to continue
+                    self.preemption.paused.remove(flight)
+                    flight.paused_at = -1
                 finishes.append((flight, delta))
             elif delta.text:
                 tokens = delta.tokens + flight.held_tokens
@@ -406,15 +411,17 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
             log.error("finishing failed", extra={"fields": {"error": repr(self._finish_failed)}})
             if self._step_task is not None:
                 self._step_task.cancel()
+            self._slot_freed.set()  # a drain waiting for its slot stops waiting
 
     async def _finish_all(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
-        """A step's finished requests, together (their round trips share the connection), not one
-        after another while the batch's next step waits for them. A finished generation is kept
-        until Redis takes it, never dropped: each retries on its own."""
+        """A step's finished requests, together (their round trips share the connection). A
+        finished generation is kept until Redis takes it, never dropped: each retries on its own."""
         ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
         # Every one runs to its end before an error (not a transient one: those are retried) is
         # raised, so that none is left running unowned while the worker stops.
         for result in await asyncio.gather(*ending, return_exceptions=True):
+            if isinstance(result, asyncio.CancelledError):  # not this task's own cancellation
+                raise RuntimeError("a request's finish was cancelled") from result
             if isinstance(result, BaseException):
                 raise result
 
