@@ -36,6 +36,13 @@ async def _settles(task: asyncio.Task[list[SequenceDelta]]) -> bool:
     return task.done()
 
 
+async def _waits(engine: Puppet) -> None:
+    """The next step does not come yet (the others' tokens are awaited); the try is given up."""
+    step = asyncio.create_task(engine.step())
+    assert not await _settles(step)
+    step.cancel()
+
+
 def _said(deltas: list[SequenceDelta]) -> list[tuple[str, str]]:
     return [(d.request_id, d.text) for d in deltas]
 
@@ -61,9 +68,7 @@ async def engine(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Puppet]:
 
 async def test_a_later_delta_waits_for_the_others(engine: Puppet) -> None:
     engine.say("a", "y")
-    step = asyncio.create_task(engine.step())
-    assert not await _settles(step)
-    step.cancel()
+    await _waits(engine)
 
 
 async def test_the_step_comes_at_once_when_every_streaming_sequence_has_a_token(engine: Puppet) -> None:
@@ -75,9 +80,7 @@ async def test_the_step_comes_at_once_when_every_streaming_sequence_has_a_token(
     assert await _settles(step)
     assert _said(step.result()) == [("a", "y"), ("b", "z")]
     engine.say("a", "w")  # the next round waits again
-    later = asyncio.create_task(engine.step())
-    assert not await _settles(later)
-    later.cancel()
+    await _waits(engine)
 
 
 async def test_a_sequence_that_ends_or_is_cancelled_is_not_waited_for(engine: Puppet) -> None:
@@ -154,9 +157,7 @@ async def test_a_first_stepped_alone_has_had_its_turn(engine: Puppet) -> None:
     assert _said(later.result()) == [("a", "y"), ("b", "v")]
     engine.say("a", "w")  # a new round: c is waited for again
     engine.say("b", "u")
-    again = asyncio.create_task(engine.step())
-    assert not await _settles(again)
-    again.cancel()
+    await _waits(engine)
 
 
 async def test_a_first_deltas_later_text_goes_with_it(engine: Puppet) -> None:
@@ -164,9 +165,7 @@ async def test_a_first_deltas_later_text_goes_with_it(engine: Puppet) -> None:
     engine.say("c", "w")  # before the step ran
     assert _said(await engine.step()) == [("c", "zw")]
     engine.say("a", "y")
-    later = asyncio.create_task(engine.step())
-    assert not await _settles(later)  # c's token was not left counted as waiting
-    later.cancel()
+    await _waits(engine)  # c's token was not left counted as waiting
 
 
 async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet) -> None:
@@ -180,9 +179,7 @@ async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet
     engine.say("c", "z")
     assert await _settles(step)
     assert [(d.request_id, d.text, d.tokens) for d in step.result()] == [("c", "z", 2)]
-    later = asyncio.create_task(engine.step())
-    assert not await _settles(later)  # d's token waits for the others'
-    later.cancel()
+    await _waits(engine)  # d's token waits for the others'
 
 
 async def test_the_window_follows_the_sequences_gap_between_tokens(engine: Puppet) -> None:

@@ -10,9 +10,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-
-from breakwater.broker import Append, Broker, Job, StartOutcome, Status
+from breakwater.broker import Append, Broker, Job, StartOutcome
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.broker.record import RequestRecord
 from breakwater.broker.types import BEHIND
@@ -27,7 +25,8 @@ from breakwater.engines.stepcost import Rating
 from breakwater.keys import queues
 from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
-from breakwater.worker.jobs import InFlight, error_type, generation_request, refusal
+from breakwater.worker.finishing import FinishingMixin
+from breakwater.worker.jobs import InFlight, generation_request, refusal
 from breakwater.worker.liveness import LivenessMixin
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preempting import PreemptingMixin
@@ -38,7 +37,7 @@ from breakwater.worker.repair import RepairMixin
 log = logging.getLogger(__name__)
 
 
-class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
+class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, FinishingMixin):
     def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
         self.settings = settings
         self.engine = engine
@@ -391,102 +390,6 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin):
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
         self._rate(finishes)
         self._finish_later(finishes)
-
-    def _finish_later(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
-        """Finish a step's ended requests (a few round trips each: the final event, metering, the
-        ack) while the batch's next step runs: the others' tokens and first tokens do not wait for
-        them. Their slots count as taken until each is acked."""
-        if not finishes:
-            return
-        task = asyncio.create_task(self._finish_all(finishes), name="finish")
-        self._finishing.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._finishing.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
-        if self._finish_failed is None:
-            self._finish_failed = task.exception()
-            log.error("finishing failed", extra={"fields": {"error": repr(self._finish_failed)}})
-            if self._step_task is not None:
-                self._step_task.cancel()
-            self._slot_freed.set()  # a drain waiting for its slot stops waiting
-
-    async def _finish_all(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
-        """A step's finished requests, together (their round trips share the connection). A
-        finished generation is kept until Redis takes it, never dropped: each retries on its own."""
-        ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
-        # Every one runs to its end before an error (not a transient one: those are retried) is
-        # raised, so that none is left running unowned while the worker stops.
-        for result in await asyncio.gather(*ending, return_exceptions=True):
-            if isinstance(result, asyncio.CancelledError):  # not this task's own cancellation
-                raise RuntimeError("a request's finish was cancelled") from result
-            if isinstance(result, BaseException):
-                raise result
-
-    def _rate(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
-        """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
-        for _, delta in finishes:
-            if delta.error is None and delta.usage:
-                self.rating.finished(
-                    delta.usage.get("prompt_tokens", 0), delta.usage.get("completion_tokens", 0)
-                )
-
-    async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
-        rid = flight.job.rid
-        ttl = self.settings.result_ttl_s
-        tokens = delta.tokens + flight.held_tokens
-        record = None  # the terminal record, read with the finish (one round trip less to settle)
-        if delta.error is not None:
-            seq = await self.broker.fail(
-                rid,
-                attempt=flight.attempt,
-                code=delta.error_code or "engine_error",
-                message=delta.error,
-                ttl_s=ttl,
-                error_type=error_type(delta.error_code),
-            )
-        else:
-            finish = functools.partial(
-                self.broker.finish_read,
-                rid,
-                attempt=flight.attempt,
-                kind="done",
-                status=Status.DONE,
-                ttl_s=ttl,
-                text=delta.text,
-                tokens=tokens,
-                finish_reason=delta.finish_reason or "stop",
-                usage=delta.usage,
-                logprobs=flight.logprobs_with(delta.logprobs),
-                written=flight.writes,
-            )
-            seq, record = await finish()
-            for _ in range(3):
-                if seq > BEHIND:
-                    break
-                await self._repair([(flight, BEHIND - seq)], ttl)  # a failover lost writes
-                if rid not in self.inflight:  # the repair gave up on it (tokens_lost) and dropped it
-                    return
-                seq, record = await finish()
-            if seq <= BEHIND:  # still behind: retried whole, like a lost connection
-                raise RedisConnectionError("the request's record is still behind its writes")
-        if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
-            log.warning("finish fenced off", extra={"rid": rid})
-        else:
-            await self._settle(flight.job, record)
-            self.metrics.jobs.labels(self.model, "done" if delta.error is None else "error").inc()
-            log.info(
-                "job finished",
-                extra={
-                    "rid": rid,
-                    "request_id": flight.job.xrid,
-                    "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
-                },
-            )
-        self._forget(rid)  # only now: the slot counts as taken until its job is acked
-        self._slot_freed.set()
 
     async def _settle(self, job: Job, record: RequestRecord | None = None) -> None:
         """Acknowledge a job whose request this worker ended (or found ended): its usage is metered

@@ -1,0 +1,143 @@
+"""A step's ended requests, finished while the batch goes on (mixed into
+:class:`~breakwater.worker.worker.Worker`): the final event (fenced by attempt, repaired after a
+failover), metering and the ack, a few round trips each, in a task per step, so the batch's other
+tokens and new requests' first tokens do not wait for them. A slot counts as taken until its job is
+acked; a finish that fails other than transiently stops the step loop with its error."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from breakwater.broker import Broker, Job, Status
+from breakwater.broker.errors import until_redis
+from breakwater.broker.record import RequestRecord
+from breakwater.broker.types import BEHIND
+from breakwater.config import WorkerSettings
+from breakwater.engines.base import SequenceDelta
+from breakwater.engines.stepcost import Rating
+from breakwater.worker.jobs import InFlight, error_type
+from breakwater.worker.metrics import WorkerMetrics
+
+log = logging.getLogger("breakwater.worker.worker")
+
+
+class FinishingMixin:
+    settings: WorkerSettings
+    broker: Broker
+    metrics: WorkerMetrics
+    model: str
+    rating: Rating
+    inflight: dict[str, InFlight]
+    _finishing: set[asyncio.Task[None]]
+    _finish_failed: BaseException | None
+    _step_task: asyncio.Task[None] | None
+    _slot_freed: asyncio.Event
+
+    def _forget(self, rid: str) -> None:
+        raise NotImplementedError
+
+    async def _settle(self, job: Job, record: RequestRecord | None = None) -> None:
+        raise NotImplementedError
+
+    async def _repair(self, behind: list[tuple[InFlight, int]], ttl_s: int, rounds: int = 3) -> None:
+        raise NotImplementedError
+
+    def _finish_later(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
+        """Finish a step's ended requests (a few round trips each: the final event, metering, the
+        ack) while the batch's next step runs: the others' tokens and first tokens do not wait for
+        them. Their slots count as taken until each is acked."""
+        if not finishes:
+            return
+        task = asyncio.create_task(self._finish_all(finishes), name="finish")
+        self._finishing.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._finishing.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._finish_failed is None:
+            self._finish_failed = task.exception()
+            log.error("finishing failed", extra={"fields": {"error": repr(self._finish_failed)}})
+            if self._step_task is not None:
+                self._step_task.cancel()
+            self._slot_freed.set()  # a drain waiting for its slot stops waiting
+
+    async def _finish_all(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
+        """A step's finished requests, together (their round trips share the connection). A
+        finished generation is kept until Redis takes it, never dropped: each retries on its own."""
+        ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
+        # Every one runs to its end before an error (not a transient one: those are retried) is
+        # raised, so that none is left running unowned while the worker stops.
+        for result in await asyncio.gather(*ending, return_exceptions=True):
+            if isinstance(result, asyncio.CancelledError):  # not this task's own cancellation
+                raise RuntimeError("a request's finish was cancelled") from result
+            if isinstance(result, BaseException):
+                raise result
+
+    def _rate(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
+        """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
+        for _, delta in finishes:
+            if delta.error is None and delta.usage:
+                self.rating.finished(
+                    delta.usage.get("prompt_tokens", 0), delta.usage.get("completion_tokens", 0)
+                )
+
+    async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
+        rid = flight.job.rid
+        ttl = self.settings.result_ttl_s
+        tokens = delta.tokens + flight.held_tokens
+        record = None  # the terminal record, read with the finish (one round trip less to settle)
+        if delta.error is not None:
+            seq = await self.broker.fail(
+                rid,
+                attempt=flight.attempt,
+                code=delta.error_code or "engine_error",
+                message=delta.error,
+                ttl_s=ttl,
+                error_type=error_type(delta.error_code),
+            )
+        else:
+            finish = functools.partial(
+                self.broker.finish_read,
+                rid,
+                attempt=flight.attempt,
+                kind="done",
+                status=Status.DONE,
+                ttl_s=ttl,
+                text=delta.text,
+                tokens=tokens,
+                finish_reason=delta.finish_reason or "stop",
+                usage=delta.usage,
+                logprobs=flight.logprobs_with(delta.logprobs),
+                written=flight.writes,
+            )
+            seq, record = await finish()
+            for _ in range(3):
+                if seq > BEHIND:
+                    break
+                await self._repair([(flight, BEHIND - seq)], ttl)  # a failover lost writes
+                if rid not in self.inflight:  # the repair gave up on it (tokens_lost) and dropped it
+                    return
+                seq, record = await finish()
+            if seq <= BEHIND:  # still behind: retried whole, like a lost connection
+                raise RedisConnectionError("the request's record is still behind its writes")
+        if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
+            log.warning("finish fenced off", extra={"rid": rid})
+        else:
+            await self._settle(flight.job, record)
+            self.metrics.jobs.labels(self.model, "done" if delta.error is None else "error").inc()
+            log.info(
+                "job finished",
+                extra={
+                    "rid": rid,
+                    "request_id": flight.job.xrid,
+                    "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
+                },
+            )
+        self._forget(rid)  # only now: the slot counts as taken until its job is acked
+        self._slot_freed.set()
