@@ -107,10 +107,7 @@ class StreamingEngine(Engine):
 
     def cancel(self, request_id: str) -> None:
         flight = self._flights.pop(request_id, None)
-        self._quiet.discard(request_id)
-        self._streaming.discard(request_id)
-        self._waiting.discard(request_id)
-        self._early.discard(request_id)
+        self._leave(request_id)
         self._firsts.discard(request_id)
         if flight is not None and flight.task is not None:
             flight.task.cancel()  # leaving the backend's stream aborts the request there
@@ -179,13 +176,17 @@ class StreamingEngine(Engine):
                     self._waiting.add(rid)
                     self._early.discard(rid)
                 flight.text_at = now
-        if delta.finished:
+        if delta.finished:  # its last deltas still go (with its first, if that is among them)
             self._flights.pop(rid, None)
-            self._quiet.discard(rid)
-            self._streaming.discard(rid)
-            self._waiting.discard(rid)
-            self._early.discard(rid)
+            self._leave(rid)
         self._wake_if_all_waiting()
+
+    def _leave(self, rid: str) -> None:
+        """A sequence that ended or was cancelled: nobody waits for it any more."""
+        self._quiet.discard(rid)
+        self._streaming.discard(rid)
+        self._waiting.discard(rid)
+        self._early.discard(rid)
 
     async def close(self) -> None:
         for rid in list(self._flights):
