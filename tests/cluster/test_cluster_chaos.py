@@ -6,8 +6,9 @@ undisturbed run produces, no duplicated or missing token, and the books balance.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import pytest
 from breakwater.broker.cluster import slot_of
 from breakwater.keys import Keys
 from breakwater.redis_cluster import LocalCluster
-from tests.chaos.harness import ResumingClient, books, make_specs
+from breakwater.redis_server import RedisServer
+from tests.chaos.harness import Outcome, ResumingClient, books, make_specs, poll_for
 from tests.chaos.test_chaos import WORKER, assert_exact, straddling, streams_mid_flight, urls
 from tests.helpers import StackProcs
 
@@ -29,6 +31,25 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     local.start()
     yield local
     local.stop()
+
+
+def hosted_stream(
+    client: ResumingClient, cluster: LocalCluster, prefix: str, node: RedisServer
+) -> Callable[[], Awaitable[Outcome | None]]:
+    """A finder for :func:`poll_for`: a stream mid-flight, with at most 30 tokens received, whose
+    request keys ``node`` serves (each request's owner asked once)."""
+    hosted: dict[str, bool] = {}
+
+    async def find() -> Outcome | None:
+        for out in client.streaming():
+            if out.rid not in hosted:
+                owner = await asyncio.to_thread(cluster.owner, slot_of(Keys(prefix).request(out.rid)))
+                hosted[out.rid] = owner is node
+            if hosted[out.rid] and len(out.events) <= 30:
+                return out
+        return None
+
+    return find
 
 
 def cluster_stack(cluster: LocalCluster, log_dir: Path, **gateway: object) -> StackProcs:
@@ -48,10 +69,14 @@ async def test_a_primary_sigkilled_under_load_loses_no_token(cluster: LocalClust
     specs = make_specs("failover", 40, max_tokens=60)
     client = ResumingClient(urls(procs), deadline_s=120)
     try:
-        task = client.start(specs, rate=8, tag=uuid.uuid4().hex[:8])
-        await streams_mid_flight(client, 6)
         slot = slot_of(Keys(procs.prefix).jobs("sim", "interactive"))
         victim = cluster.owner(slot)
+        task = client.start(specs, rate=8, tag=uuid.uuid4().hex[:8])
+        await streams_mid_flight(client, 6)
+        # A stream whose own keys live on the victim, with >= 30 of its 60 tokens to go: it cannot
+        # finish before the promotion (which cannot come within the cluster's 1 s node timeout).
+        find = hosted_stream(client, cluster, procs.prefix, victim)
+        hit = await poll_for(find, 20, "a stream on the victim")
         killed_at = asyncio.get_running_loop().time()
         victim.stop(kill=True)
         await asyncio.to_thread(cluster.wait_promoted, slot, victim)  # its replica took over
@@ -66,7 +91,10 @@ async def test_a_primary_sigkilled_under_load_loses_no_token(cluster: LocalClust
     b = books("cluster-primary-sigkill", specs, outcomes)
     assert_exact(b)
     assert b.completed == 40, b
-    assert straddling(outcomes, killed_at, promoted_at)  # the failover hit streams mid-flight
+    # The failover hit a stream mid-flight: tokens before the kill, and after it through the promoted
+    # replica (no node serves its keys within the 1 s node timeout); assert_exact: not one lost.
+    assert hit.tokens_between(0, killed_at) and hit.tokens_between(killed_at + 1.0, math.inf), hit
+    assert promoted_at > killed_at + 1.0
     assert all(alive)  # every process rode through the failover
 
 
