@@ -226,13 +226,38 @@ def measure(name: str, inst: Instance, backend: Instance, rate: float, args: arg
     body = {"model": MODEL, "prompt": "compare the streaming path of the gateways", "stream": True}
     body |= {"max_tokens": args.max_tokens, "stream_options": {"include_usage": True}}
     pids = inst.pids()
+    spies = profile(name, inst, rate, args)
     before = {label: cpu_ticks(pid) for label, pid in pids.items()}
     client0, fake0, t0 = sum(os.times()[:2]), cpu_ticks(backend.procs["fake"].pid), time.monotonic()
-    result = _run(open_loop("127.0.0.1", inst.port, body, rate, args.seconds, args.drain_s, int(rate * 1000)))
+    try:
+        result = _run(
+            open_loop("127.0.0.1", inst.port, body, rate, args.seconds, args.drain_s, int(rate * 1000))
+        )
+    finally:
+        for spy in spies:  # py-spy writes its samples when interrupted
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
     wall, tick = time.monotonic() - t0, os.sysconf("SC_CLK_TCK")
     client = sum(os.times()[:2]) - client0 + (cpu_ticks(backend.procs["fake"].pid) - fake0) / tick
     cpu = {label: (cpu_ticks(pid) - before[label]) / tick for label, pid in pids.items()}
     return Row(name, rate, result, wall, cpu, client / wall)
+
+
+def profile(name: str, inst: Instance, rate: float, args: argparse.Namespace) -> list[Proc]:
+    """With ``--profile DIR``: ``py-spy`` on the system's Python processes while it is measured
+    (raw stacks without idle waits, on the client's core), one file per process, shape and rate. A
+    profiled run's numbers are not for comparing: py-spy's reads cost the profiled process."""
+    if args.profile is None or not name.startswith("breakwater"):
+        return []
+    spies: list[Proc] = []
+    for label, pid in inst.pids().items():
+        if label == "redis":
+            continue
+        out = args.profile / f"{name.replace(' ', '_')}-{label}-{args.shape}-{rate:g}.txt"
+        argv = ["taskset", "-c", str(CLIENT_CPU), "py-spy", "record", "--nonblocking", "-r", "200"]
+        argv += ["-f", "raw", "-o", str(out), "--pid", str(pid)]
+        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
 
 
 def run_system(
@@ -357,7 +382,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--baseline-src", type=Path, help="another checkout, run as 'breakwater (before)'")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--profile", type=Path, help="py-spy Breakwater's processes into this folder")
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     args.rates = [float(r) for r in args.rates.split(",")]
     if unknown := set(args.shapes.split(",")) - set(SHAPES):
         parser.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
@@ -385,6 +413,7 @@ def run_shapes(
     chosen: dict[str, tuple[Starter, bool]], args: argparse.Namespace, results: dict[str, list[Row]]
 ) -> None:
     for shape in args.shapes.split(","):
+        args.shape = shape
         print(f"shape {shape} (TTFT {args.ttft_ms:g} ms, ITL {SHAPES[shape]:g} ms)", flush=True)
         backend = Instance(free_port())
         fake = [sys.executable, str(Path(__file__).with_name("fake_openai.py")), "--port", str(backend.port)]

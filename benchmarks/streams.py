@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import re
@@ -21,14 +22,18 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from breakwater.engines.upstream_http import StreamClient
 from breakwater.redis_server import RedisServer, free_port
 from common import pct, spawn, stop, wait_models, write_section
 
@@ -71,35 +76,51 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, tokens: int, seed: int) -> Stream:
+def one_stream(client: StreamClient, tokens: int, seed: int) -> Coroutine[Any, Any, Stream]:
+    """One stream through a lean HTTP/1.1 client (each network read's lines handed over at once; a
+    timestamp per read): at 10,000 tokens per second a client that wakes a task per SSE line takes
+    most of a core (CPU 0, shared with Redis and the workers) and its own queueing shows up as ITL."""
     out = Stream()
     body = {"model": "sim", "prompt": "hold", "max_tokens": tokens, "stream": True, "ignore_eos": True}
-    try:
-        async with session.post(f"{url}/v1/completions", json={**body, "seed": seed}) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}"
+    done = False
+
+    def read(lines: list[bytes]) -> bool:
+        nonlocal done
+        now = time.perf_counter()
+        for line in lines:
+            if line.startswith(b"id: "):
+                out.seqs.append(int(line[4:]))
+                out.times.append(now)
+            elif line.startswith(b"data: [DONE]"):
+                done = True
+        return done
+
+    async def run() -> Stream:
+        try:
+            status, _ = await client.post("/v1/completions", orjson.dumps({**body, "seed": seed}), read)
+            if status != 200:
+                out.error = f"HTTP {status}"
                 return out
-            done = False
-            async for line in resp.content:
-                if line.startswith(b"id: "):
-                    out.seqs.append(int(line[4:]))
-                    out.times.append(time.perf_counter())
-                elif line.startswith(b"data: [DONE]"):
-                    done = True
+        except (ConnectionError, TimeoutError, ValueError) as exc:
+            out.error = type(exc).__name__
+            return out
         seqs_exact = out.seqs == list(range(1, len(out.seqs) + 1))
         out.ok = done and seqs_exact and len(out.seqs) == tokens + 1  # tokens, then the final chunk
         if not out.ok:
             out.error = f"done={done} seqs={len(out.seqs)} in order={seqs_exact}"
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        out.error = type(exc).__name__
-    return out
+        return out
+
+    return run()
 
 
-async def hold_streams(url: str, count: int, tokens: int, ramp_s: float, gw_pid: int) -> dict[str, float]:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=tokens * 4 + ramp_s + 120, sock_connect=30)
+async def hold_streams(
+    url: str, count: int, tokens: int, ramp_s: float, gw_pid: int, shared: dict[str, int]
+) -> dict[str, Any]:
+    client = StreamClient(url, {"Content-Type": "application/json"}, connect_timeout_s=30, max_idle=0)
     base_rss = rss_kb(gw_pid)
     base_cpu = cpu_s(gw_pid)
+    base_shared = {label: cpu_s(pid) for label, pid in shared.items()}
+    base_client, t0 = sum(os.times()[:2]), time.perf_counter()
     peak = {"rss": base_rss}
 
     async def sample() -> None:
@@ -108,16 +129,26 @@ async def hold_streams(url: str, count: int, tokens: int, ramp_s: float, gw_pid:
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample())
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        tasks = []
-        started = time.perf_counter()
-        for i in range(count):
-            delay = started + ramp_s * i / count - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one_stream(session, url, tokens, i)))
-        results = await asyncio.gather(*tasks)
+    # The client's own collector must not pause its reads (its full collections took 95-173 ms,
+    # stalling every stream's timestamps at once): off while the streams are held (bounded memory).
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    tasks = []
+    started = time.perf_counter()
+    for i in range(count):
+        delay = started + ramp_s * i / count - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one_stream(client, tokens, i)))
+    results = await asyncio.gather(*tasks)
+    gc.enable()
+    gc.unfreeze()
+    client.close()
     sampler.cancel()
+    wall = time.perf_counter() - t0
+    cpu0 = {label: (cpu_s(pid) - base_shared[label]) / wall for label, pid in shared.items()}
+    cpu0["client"] = (sum(os.times()[:2]) - base_client) / wall
     itl = [b - a for r in results for a, b in zip(r.times[:-2], r.times[1:-1], strict=True)]
     errors: dict[str, int] = {}
     for r in results:
@@ -129,13 +160,15 @@ async def hold_streams(url: str, count: int, tokens: int, ramp_s: float, gw_pid:
         "streams": count,
         "exact": sum(r.ok for r in results),
         "errors": float(len(results) - sum(r.ok for r in results)),
-        "error_kinds": str(errors),  # type: ignore[dict-item]
+        "error_kinds": str(errors),
         "itl_p50_ms": pct(itl, 50) * 1000,
         "itl_p99_ms": pct(itl, 99) * 1000,
         "itl_max_ms": max(itl, default=0) * 1000,
         "kb_per_stream": (peak["rss"] - base_rss) / count,
         "gw_cpu_s": used,
+        "gw_busy": used / wall,
         "tokens_per_cpu_s": total_tokens / used if used else 0.0,
+        "cpu0": cpu0,
     }
 
 
@@ -163,6 +196,14 @@ async def idle_websockets(url: str, count: int, gw_pid: int) -> dict[str, float]
         "alive": alive,
         "kb_per_socket": (held - base) / max(1, opened),
     }
+
+
+def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main() -> None:
@@ -209,7 +250,9 @@ def main() -> None:
             )
         url = f"http://127.0.0.1:{port}"
         wait_models(url, "sim")
-        streams = asyncio.run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid))
+        assert redis.proc is not None
+        shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
+        streams = run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid, shared))
         publish = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
         sockets = asyncio.run(idle_websockets(url, args.websockets, gw.pid)) if args.websockets else None
     finally:
@@ -229,6 +272,10 @@ def main() -> None:
         f"The workers took p50 <= {publish[0]:.0f} ms and p99 <= {publish[1]:.0f} ms (histogram bucket "
         "bounds) to publish a step's tokens, which the next step waits for: that much of each ITL is the "
         "workers' and Redis's, before the gateway has the tokens.",
+        "",
+        f"While the streams were held: the gateway's core {100 * streams['gw_busy']:.0f}% busy; CPU 0 "
+        + ", ".join(f"{label} {100 * share:.0f}%" for label, share in streams["cpu0"].items())
+        + f" (together {100 * sum(streams['cpu0'].values()):.0f}% of the core).",
     ]
     if sockets:
         lines += [

@@ -248,3 +248,74 @@ async def test_a_finish_failing_while_draining_stops_the_worker_with_its_error(
     with pytest.raises(ValueError, match="finish script broke"):
         await asyncio.wait_for(asyncio.shield(run), 10)
     request.cancel()
+
+
+class CountingSim(SimEngine):
+    """A sim engine that counts the steps it has returned."""
+
+    def __init__(self) -> None:
+        super().__init__(SimOptions(decode_base_ms=5, decode_per_seq_ms=0))
+        self.steps = 0
+
+    async def step(self) -> list[SequenceDelta]:
+        deltas = await super().step()
+        self.steps += 1
+        return deltas
+
+
+async def test_the_engine_steps_while_its_last_step_is_published(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine that computes its batch (sim, llama.cpp) runs its next step while Redis takes the
+    last step's tokens; the next publish waits for that one, so each request's tokens stay in order
+    and exactly once."""
+    engine = CountingSim()
+    worker = await gw_empty.add_worker(engine)
+    append_step = worker.broker.append_step
+    entered, release = asyncio.Event(), asyncio.Event()
+    active, peak = 0, 0
+
+    async def slow_first(appends: Any) -> Any:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            if appends and not entered.is_set():
+                entered.set()
+                await release.wait()
+            return await append_step(appends)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(worker.broker, "append_step", slow_first)
+    call = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 12, "seed": 60}))
+    await asyncio.wait_for(entered.wait(), 30)
+    stepped = engine.steps
+    await async_wait_for(lambda: engine.steps > stepped, 10, what="a step while the last one is published")
+    assert engine.steps == stepped + 1  # one step ahead, no more: its publish waits for the last one's
+    release.set()
+    resp = await asyncio.wait_for(call, 30)
+    text, _, _ = expected_sim(messages=MESSAGES, seed=60, max_tokens=12, ignore_eos=True)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == text
+    assert peak == 1
+
+
+async def test_a_failed_publish_stops_the_worker_even_with_nothing_left_to_step(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step published beside the engine's next one that fails other than transiently stops the
+    worker with its error, also when that was the last step (the engine waits for work)."""
+    worker = await gw_empty.add_worker(CountingSim())
+    append_step = worker.broker.append_step
+
+    async def broken_last(appends: Any) -> Any:
+        if not appends:  # the step with the request's end only: nothing steps after it
+            raise ValueError("publish broke")
+        return await append_step(appends)
+
+    monkeypatch.setattr(worker.broker, "append_step", broken_last)
+    run = gw_empty.workers[-1][1]
+    request = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2}))
+    with pytest.raises(ValueError, match="publish broke"):
+        await asyncio.wait_for(asyncio.shield(run), 30)
+    request.cancel()

@@ -86,6 +86,11 @@ class Engine(ABC):
     info: EngineInfo
     features: frozenset[str] = frozenset()
     tool_format: str = ""  # the model's tool-call format (protocol.toolformats), when known
+    # Whether the worker publishes a step's tokens while this engine runs its next step: an engine
+    # that computes its batch keeps computing while Redis takes the last step's tokens. One that
+    # streams from a backend gathers what has arrived instead; a step begun during a publish would
+    # only gather less.
+    overlaps_publish: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model; called once before use."""

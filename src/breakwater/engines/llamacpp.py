@@ -77,6 +77,7 @@ class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
 
     features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS, LOGPROBS, GRAMMAR})
+    overlaps_publish = True
 
     def __init__(self, options: LlamaCppOptions) -> None:
         self.model_path = options.gguf()

@@ -151,6 +151,7 @@ class SimEngine(Engine):
     """Deterministic engine for tests and platform benchmarks."""
 
     features = frozenset({EMBEDDINGS})
+    overlaps_publish = True
 
     def __init__(self, options: SimOptions | None = None) -> None:
         self.options = opts = options or SimOptions()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -32,8 +34,8 @@ class FinishingMixin:
     model: str
     rating: Rating
     inflight: dict[str, InFlight]
-    _finishing: set[asyncio.Task[None]]
-    _finish_failed: BaseException | None
+    _background: set[asyncio.Task[None]]
+    _background_failed: BaseException | None
     _step_task: asyncio.Task[None] | None
     _slot_freed: asyncio.Event
 
@@ -50,19 +52,24 @@ class FinishingMixin:
         """Finish a step's ended requests (a few round trips each: the final event, metering, the
         ack) while the batch's next step runs: the others' tokens and first tokens do not wait for
         them. Their slots count as taken until each is acked."""
-        if not finishes:
-            return
-        task = asyncio.create_task(self._finish_all(finishes), name="finish")
-        self._finishing.add(task)
-        task.add_done_callback(self._finished)
+        if finishes:
+            self._in_background(self._finish_all(finishes), "finish")
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._finishing.discard(task)
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Work of the step loop's that runs beside it (a step's finishes, its publish); if it fails
+        other than transiently, the step loop stops with its error."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
         if task.cancelled() or task.exception() is None:
             return
-        if self._finish_failed is None:
-            self._finish_failed = task.exception()
-            log.error("finishing failed", extra={"fields": {"error": repr(self._finish_failed)}})
+        if self._background_failed is None:
+            self._background_failed = task.exception()
+            log.error(f"{task.get_name()} failed", extra={"fields": {"error": repr(self._background_failed)}})
             if self._step_task is not None:
                 self._step_task.cancel()
             self._slot_freed.set()  # a drain waiting for its slot stops waiting

@@ -34,7 +34,7 @@ class InFlight:
     suspect: bool = False  # its previous attempt made no progress: run alone until it does
     progressed: bool = False
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
-    paused_at: int = -1  # preempted: the worker's step count then (-1: running in the engine)
+    paused_at: int = -1  # preempted: continued once this many steps are published (-1: running)
     constrained: bool = False  # structured output: paused only where the engine can continue it
     finishing: bool = False  # its generation ended; its finish is being written (never paused)
     held_logprobs: list[dict[str, Any]] = field(default_factory=list)  # of the held tokens

@@ -33,6 +33,8 @@ class PreemptingMixin:
     draining: bool
     preemption: Preemption
     _steps: int
+    _stepped: int
+    _stepping: bool
     _slot_freed: asyncio.Event
 
     def _isolating(self) -> bool:
@@ -115,7 +117,9 @@ class PreemptingMixin:
 
     def _pause(self, flight: InFlight, job: Job) -> None:
         self.engine.cancel(flight.job.rid)
-        flight.paused_at = self._steps  # continued after the step running now has been published
+        # Continued once every step that may hold a token of it is published: those the engine has
+        # returned (one may be being published, the next waits for it) and the one it runs now.
+        flight.paused_at = self._stepped + self._stepping
         flight.held_tokens = 0  # text the engine held back is generated again when it continues
         flight.held_logprobs = []
         self.preemption.paused.append(flight)
@@ -129,7 +133,7 @@ class PreemptingMixin:
         paused = self.preemption.paused
         return bool(
             paused
-            and paused[0].paused_at < self._steps
+            and paused[0].paused_at <= self._steps
             and self.engine.free_slots() > 0
             and not self._isolating()
             and not self.step_hung()

@@ -73,10 +73,13 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         self._suspects = 0  # in-flight jobs whose last attempt made no progress
         self.preemption = Preemption(broker, self.queues)
         self._steps = 0  # engine steps published
-        # A step's finished requests are finished here while the batch goes on (_finish_later);
-        # one that fails other than transiently stops the step loop with its error.
-        self._finishing: set[asyncio.Task[None]] = set()
-        self._finish_failed: BaseException | None = None
+        self._stepped = 0  # engine steps returned (published, being published or waiting to be)
+        self._stepping = False  # whether the engine runs a step now
+        # A step's finished requests are finished here while the batch goes on (_finish_later), and
+        # an engine that overlaps_publish steps while the last step is published; such a task that
+        # fails other than transiently stops the step loop with its error.
+        self._background: set[asyncio.Task[None]] = set()
+        self._background_failed: BaseException | None = None
         self._step_task: asyncio.Task[None] | None = None
         # Its own capacity for the autoscaler (heartbeat `rated`): step cost fitted from its steps.
         self.rating = Rating(engine.info.capacity)
@@ -101,11 +104,11 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             for task in done:
                 task.result()  # an engine crash propagates: the process dies, its jobs are reclaimed
             await self._finish_in_flight()
-            if self._finish_failed is not None:  # while draining: its jobs were released, now stop
-                raise self._finish_failed
+            if self._background_failed is not None:  # while draining: its jobs were released, now stop
+                raise self._background_failed
             log.info("drained", extra={"fields": {"in_flight": len(self.inflight)}})
         finally:
-            loops = [pull, *tasks, *self._finishing]
+            loops = [pull, *tasks, *self._background]
             for task in loops:
                 task.cancel()
             # Bounded: a loop that does not stop must not keep the process from exiting; say which.
@@ -131,7 +134,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         deadline = time.monotonic() + self.settings.drain_grace_s
         with contextlib.suppress(*TRANSIENT):
             await self._heartbeat_once()
-        while self.inflight and time.monotonic() < deadline and self._finish_failed is None:
+        while self.inflight and time.monotonic() < deadline and self._background_failed is None:
             self._slot_freed.clear()
             if self._can_resume():
                 await self._resume_paused()
@@ -318,31 +321,45 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         try:
             await self._steps_forever()
         except asyncio.CancelledError:
-            if self._finish_failed is not None:  # cancelled by a failed finish: that is the error
-                raise self._finish_failed from None
+            if self._background_failed is not None:  # cancelled by a failed publish or finish: its error
+                raise self._background_failed from None
             raise
 
     async def _steps_forever(self) -> None:
+        overlap = self.engine.overlaps_publish
+        publishing: asyncio.Task[None] | None = None
         while True:
             busy_since = self._step_started = time.monotonic() if self.engine.running() else None
+            self._stepping = True
             deltas = await self.engine.step()
+            self._stepping = False
+            self._stepped += 1
             self._step_started = None
             if busy_since is not None:
                 self._busy.inc(time.monotonic() - busy_since)
             shape = self.engine.last_step()
-            started = time.perf_counter()
-            await self._publish(deltas)
+            if publishing is not None:
+                await publishing  # the last step's writes first: each request's tokens stay in order
+            if overlap:  # the engine's next step runs while this one is published
+                publishing = self._in_background(self._publish_step(deltas), "publish")
+            else:
+                await self._publish_step(deltas)
             if busy_since is not None and shape is not None:
-                # The whole cycle (the engine waits while its step is published): what a full
-                # worker's steps take. A step that began idle waited for work first: not fitted.
+                # The whole cycle, until the engine may step again (the step before published; the
+                # engine that does not overlap waits for this one's too): what a full worker's
+                # steps take. A step that began idle waited for work first: not fitted.
                 self.rating.fit.add(time.monotonic() - busy_since, *shape)
-            self._steps += 1
-            if self.preemption.paused:
-                self._slot_freed.set()  # a paused sequence may continue now
-            self._step_seconds.observe(time.perf_counter() - started)
-            running = self.engine.running()
-            self._running.set(running)
-            self._occupancy.set(running / self.engine.info.capacity)
+
+    async def _publish_step(self, deltas: list[SequenceDelta]) -> None:
+        started = time.perf_counter()
+        await self._publish(deltas)
+        self._steps += 1
+        if self.preemption.paused:
+            self._slot_freed.set()  # a paused sequence may continue now
+        self._step_seconds.observe(time.perf_counter() - started)
+        running = self.engine.running()
+        self._running.set(running)
+        self._occupancy.set(running / self.engine.info.capacity)
 
     async def _publish(self, deltas: list[SequenceDelta]) -> None:
         """All of one step's deltas in one pipeline; finished sequences are finished and acked."""
