@@ -253,8 +253,8 @@ async def test_a_finish_failing_while_draining_stops_the_worker_with_its_error(
 class CountingSim(SimEngine):
     """A sim engine that counts the steps it has returned."""
 
-    def __init__(self) -> None:
-        super().__init__(SimOptions(decode_base_ms=5, decode_per_seq_ms=0))
+    def __init__(self, capacity: int = 32) -> None:
+        super().__init__(SimOptions(capacity=capacity, decode_base_ms=5, decode_per_seq_ms=0))
         self.steps = 0
 
     async def step(self) -> list[SequenceDelta]:
@@ -319,3 +319,44 @@ async def test_a_failed_publish_stops_the_worker_even_with_nothing_left_to_step(
     with pytest.raises(ValueError, match="publish broke"):
         await asyncio.wait_for(asyncio.shield(run), 30)
     request.cancel()
+
+
+async def test_a_sequence_paused_while_its_held_back_token_waits_to_be_published_counts_it_once(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine holds a token's text back (it may begin a stop string) in a step that returned
+    while the step before is still being published; the sequence is paused (preempted) just then.
+    Continued from its record, it generates that text again: the count it held is forgotten, not
+    added to the continuation's (a token counted twice: record, usage and the sim's next word)."""
+    body = {**BODY, "max_tokens": 10, "seed": 61}
+    text, _, usage = expected_sim(messages=MESSAGES, seed=61, max_tokens=10, ignore_eos=True)
+    words = text.split(" ")
+    stop = [f" {words[3]}\u2603"]  # never met; token 3's text may begin it, so it is held back
+    assert expected_sim(messages=MESSAGES, seed=61, max_tokens=10, ignore_eos=True, stop=stop)[0] == text
+    engine = CountingSim(capacity=1)  # full: a paused sequence continues as soon as it may
+    worker = await gw_empty.add_worker(engine)
+    append_step = worker.broker.append_step
+    writes, entered, release = 0, asyncio.Event(), asyncio.Event()
+
+    async def slow_third(appends: Any) -> Any:
+        nonlocal writes
+        writes += len(appends)
+        if writes == 3 and not entered.is_set():  # token 2's step: token 3's (held) returns meanwhile
+            entered.set()
+            await release.wait()
+        return await append_step(appends)
+
+    monkeypatch.setattr(worker.broker, "append_step", slow_third)
+    call = asyncio.create_task(gw_empty.http.post(CHAT, json={**body, "stop": stop}))
+    await asyncio.wait_for(entered.wait(), 30)
+    stepped = engine.steps
+    await async_wait_for(lambda: engine.steps > stepped, 10, what="the held token's step")
+    (flight,) = worker.inflight.values()
+    worker._pause(flight, flight.job)
+    release.set()
+    resp = await asyncio.wait_for(call, 30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == text
+    assert resp.json()["usage"]["completion_tokens"] == usage["completion_tokens"]
+    status, tokens, _, attempt = await _record(gw_empty, resp.json()["id"])
+    assert (status, tokens, attempt) == (Status.DONE, usage["completion_tokens"], 1)

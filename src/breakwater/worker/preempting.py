@@ -120,8 +120,6 @@ class PreemptingMixin:
         # Continued once every step that may hold a token of it is published: those the engine has
         # returned (one may be being published, the next waits for it) and the one it runs now.
         flight.paused_at = self._stepped + self._stepping
-        flight.held_tokens = 0  # text the engine held back is generated again when it continues
-        flight.held_logprobs = []
         self.preemption.paused.append(flight)
         self.metrics.preemptions.labels(self.model).inc()
         log.info(
@@ -156,6 +154,11 @@ class PreemptingMixin:
             drop = functools.partial(self._drop, flight, fenced=fenced, why="ended while paused")
             await until_redis(drop, "drop")
             return
+        # Text the engine held back is generated again from the record. Forgotten only now: a step
+        # returned before the pause may still be published after it (the publish overlaps the
+        # engine's next step), counting into these.
+        flight.held_tokens = 0
+        flight.held_logprobs = []
         try:
             self._add(generation_request(rid, record))
         except EngineRequestError as exc:
