@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker import Status
 from breakwater.engines.base import SequenceDelta
@@ -360,3 +362,34 @@ async def test_a_sequence_paused_while_its_held_back_token_waits_to_be_published
     assert resp.json()["usage"]["completion_tokens"] == usage["completion_tokens"]
     status, tokens, _, attempt = await _record(gw_empty, resp.json()["id"])
     assert (status, tokens, attempt) == (Status.DONE, usage["completion_tokens"], 1)
+
+
+async def test_a_retried_finish_sends_the_held_tokens_logprobs_again(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text held back to the end (it might have begun a stop string) goes out with the finish, its
+    tokens' logprobs with it. A finish that meets a transient error is retried whole: the retry
+    carries those logprobs too (it sent none: the first try had taken them)."""
+    worker = await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0)))
+    held = [{"token": " end", "logprob": -0.5, "bytes": list(b" end"), "top_logprobs": []}]
+    finish_later = worker._finish_later
+
+    def holding(finishes: Any) -> None:
+        for flight, _ in finishes:
+            flight.held_logprobs = list(held)  # as the engine's last, held-back token left them
+        finish_later(finishes)
+
+    finish_read = worker.broker.finish_read
+    sent: list[str] = []
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        sent.append(kwargs["logprobs"])
+        if len(sent) == 1:
+            raise RedisConnectionError("connection reset by peer")
+        return await finish_read(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "_finish_later", holding)
+    monkeypatch.setattr(worker.broker, "finish_read", flaky)
+    resp = await asyncio.wait_for(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 3}), 30)
+    assert resp.status_code == 200, resp.text
+    assert len(sent) == 2 and sent[0] == sent[1] == orjson.dumps(held).decode()

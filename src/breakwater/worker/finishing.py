@@ -77,7 +77,11 @@ class FinishingMixin:
     async def _finish_all(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """A step's finished requests, together (their round trips share the connection). A
         finished generation is kept until Redis takes it, never dropped: each retries on its own."""
-        ending = [until_redis(functools.partial(self._finish, f, d), "finish") for f, d in finishes]
+        # The held tokens' logprobs are taken once: a retried finish must send them again.
+        ending = [
+            until_redis(functools.partial(self._finish, f, d, f.logprobs_with(d.logprobs)), "finish")
+            for f, d in finishes
+        ]
         # Every one runs to its end before an error (not a transient one: those are retried) is
         # raised, so that none is left running unowned while the worker stops.
         for result in await asyncio.gather(*ending, return_exceptions=True):
@@ -94,7 +98,7 @@ class FinishingMixin:
                     delta.usage.get("prompt_tokens", 0), delta.usage.get("completion_tokens", 0)
                 )
 
-    async def _finish(self, flight: InFlight, delta: SequenceDelta) -> None:
+    async def _finish(self, flight: InFlight, delta: SequenceDelta, logprobs: str) -> None:
         rid = flight.job.rid
         ttl = self.settings.result_ttl_s
         tokens = delta.tokens + flight.held_tokens
@@ -120,7 +124,7 @@ class FinishingMixin:
                 tokens=tokens,
                 finish_reason=delta.finish_reason or "stop",
                 usage=delta.usage,
-                logprobs=flight.logprobs_with(delta.logprobs),
+                logprobs=logprobs,
                 written=flight.writes,
             )
             seq, record = await finish()
