@@ -19,6 +19,8 @@ import os
 import platform
 import re
 import resource
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -33,7 +35,6 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from breakwater.engines.upstream_http import StreamClient
 from breakwater.redis_server import RedisServer, free_port
 from common import pct, spawn, stop, wait_models, write_section
 
@@ -42,7 +43,8 @@ from common import pct, spawn, stop, wait_models, write_section
 class Stream:
     ok: bool = False
     seqs: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when the client read each event
+    kernel_times: list[float] = field(default_factory=list)  # when its socket received it
     error: str = ""
 
 
@@ -76,47 +78,102 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_stream(client: StreamClient, tokens: int, seed: int) -> Coroutine[Any, Any, Stream]:
-    """One stream through a lean HTTP/1.1 client (each network read's lines handed over at once; a
-    timestamp per read): at 10,000 tokens per second a client that wakes a task per SSE line takes
-    most of a core (CPU 0, shared with Redis and the workers) and its own queueing shows up as ITL."""
+SO_TIMESTAMPNS = 35  # Linux: each read's ancillary data carries the kernel's receive time
+STAMP = struct.Struct("qq")  # struct timespec
+
+
+def kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float:
+    for _, kind, data in ancillary:
+        if kind == SO_TIMESTAMPNS:
+            sec, nsec = STAMP.unpack(data[: STAMP.size])
+            return float(sec + nsec / 1e9)
+    return float("nan")
+
+
+class TimedReader:
+    """Reads one stream's answer from a raw socket with ``recvmsg``: each read's events get two
+    times, when the client read them and when the kernel received them (``SO_TIMESTAMPNS``, the
+    latest data in the read). The client shares CPU 0 with Redis and the workers, whose bursts (a
+    step's script, its publish) delay its reads by varying amounts: the kernel's times are the
+    arrivals without that."""
+
+    def __init__(self, sock: socket.socket, out: Stream) -> None:
+        self.sock, self.out = sock, out
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[str] = self.loop.create_future()
+        self.head, self.tail, self.done = b"", b"", False
+
+    def end(self, why: str) -> None:
+        if not self.ended.done():
+            self.loop.remove_reader(self.sock.fileno())
+            self.ended.set_result(why)
+
+    def readable(self) -> None:
+        while not self.ended.done():
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(STAMP.size))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                return self.end(type(exc).__name__)
+            if not data:
+                return self.end("" if self.done else "closed early")
+            self.take(data, time.perf_counter(), kernel_time(ancillary))
+
+    def take(self, data: bytes, now: float, stamp: float) -> None:
+        if len(self.head) < 12:
+            self.head += data[:12]
+            if len(self.head) >= 12 and not self.head.startswith(b"HTTP/1.1 200"):
+                return self.end(f"HTTP {self.head[9:12].decode()}")
+        buf, pos = self.tail + data, 0
+        while (i := buf.find(b"\nid: ", pos)) >= 0 and (j := buf.find(b"\n", i + 5)) >= 0:
+            self.out.seqs.append(int(buf[i + 5 : j]))
+            self.out.times.append(now)
+            self.out.kernel_times.append(stamp)
+            pos = j
+        self.done = self.done or b"data: [DONE]" in buf
+        if self.done:
+            return self.end("")
+        self.tail = buf[max(pos, len(buf) - 16) :]
+
+
+async def one_stream(port: int, tokens: int, seed: int) -> Stream:
+    """One stream, read by a :class:`TimedReader`; exact or not."""
     out = Stream()
     body = {"model": "sim", "prompt": "hold", "max_tokens": tokens, "stream": True, "ignore_eos": True}
-    done = False
-
-    def read(lines: list[bytes]) -> bool:
-        nonlocal done
-        now = time.perf_counter()
-        for line in lines:
-            if line.startswith(b"id: "):
-                out.seqs.append(int(line[4:]))
-                out.times.append(now)
-            elif line.startswith(b"data: [DONE]"):
-                done = True
-        return done
-
-    async def run() -> Stream:
-        try:
-            status, _ = await client.post("/v1/completions", orjson.dumps({**body, "seed": seed}), read)
-            if status != 200:
-                out.error = f"HTTP {status}"
-                return out
-        except (ConnectionError, TimeoutError, ValueError) as exc:
-            out.error = type(exc).__name__
-            return out
-        seqs_exact = out.seqs == list(range(1, len(out.seqs) + 1))
-        out.ok = done and seqs_exact and len(out.seqs) == tokens + 1  # tokens, then the final chunk
-        if not out.ok:
-            out.error = f"done={done} seqs={len(out.seqs)} in order={seqs_exact}"
+    payload = orjson.dumps({**body, "seed": seed})
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
+    )
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    reader = TimedReader(sock, out)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, request)
+        loop.add_reader(sock.fileno(), reader.readable)
+        out.error = await reader.ended
+    except OSError as exc:
+        out.error = type(exc).__name__
+    finally:
+        reader.end("cancelled")
+        sock.close()
+    if out.error:
         return out
-
-    return run()
+    seqs_exact = out.seqs == list(range(1, len(out.seqs) + 1))
+    out.ok = reader.done and seqs_exact and len(out.seqs) == tokens + 1  # tokens, then the final chunk
+    if not out.ok:
+        out.error = f"done={reader.done} seqs={len(out.seqs)} in order={seqs_exact}"
+    return out
 
 
 async def hold_streams(
     url: str, count: int, tokens: int, ramp_s: float, gw_pid: int, shared: dict[str, int]
 ) -> dict[str, Any]:
-    client = StreamClient(url, {"Content-Type": "application/json"}, connect_timeout_s=30, max_idle=0)
+    port = int(url.rsplit(":", 1)[1])
     base_rss = rss_kb(gw_pid)
     base_cpu = cpu_s(gw_pid)
     base_shared = {label: cpu_s(pid) for label, pid in shared.items()}
@@ -140,16 +197,16 @@ async def hold_streams(
         delay = started + ramp_s * i / count - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one_stream(client, tokens, i)))
+        tasks.append(asyncio.create_task(one_stream(port, tokens, i)))
     results = await asyncio.gather(*tasks)
     gc.enable()
     gc.unfreeze()
-    client.close()
     sampler.cancel()
     wall = time.perf_counter() - t0
     cpu0 = {label: (cpu_s(pid) - base_shared[label]) / wall for label, pid in shared.items()}
     cpu0["client"] = (sum(os.times()[:2]) - base_client) / wall
     itl = [b - a for r in results for a, b in zip(r.times[:-2], r.times[1:-1], strict=True)]
+    kernel = [b - a for r in results for a, b in zip(r.kernel_times[:-2], r.kernel_times[1:-1], strict=True)]
     errors: dict[str, int] = {}
     for r in results:
         if not r.ok:
@@ -164,6 +221,9 @@ async def hold_streams(
         "itl_p50_ms": pct(itl, 50) * 1000,
         "itl_p99_ms": pct(itl, 99) * 1000,
         "itl_max_ms": max(itl, default=0) * 1000,
+        "kernel_p50_ms": pct(kernel, 50) * 1000,
+        "kernel_p99_ms": pct(kernel, 99) * 1000,
+        "kernel_max_ms": max(kernel, default=0) * 1000,
         "kb_per_stream": (peak["rss"] - base_rss) / count,
         "gw_cpu_s": used,
         "gw_busy": used / wall,
@@ -268,6 +328,10 @@ def main() -> None:
         f"| {streams['streams']} | {streams['exact']} | {streams['errors']:.0f} {streams['error_kinds']} | "
         f"{streams['itl_p50_ms']:.0f} / {streams['itl_p99_ms']:.0f} / {streams['itl_max_ms']:.0f} | "
         f"{streams['kb_per_stream']:.1f} | {streams['tokens_per_cpu_s']:,.0f} |",
+        "",
+        f"The same events' ITL as the client's kernel received them (`SO_TIMESTAMPNS`; the client "
+        f"read them later, by however long CPU 0 kept it from running): p50 {streams['kernel_p50_ms']:.0f}, "
+        f"p99 {streams['kernel_p99_ms']:.0f}, max {streams['kernel_max_ms']:.0f} ms.",
         "",
         f"The workers took p50 <= {publish[0]:.0f} ms and p99 <= {publish[1]:.0f} ms (histogram bucket "
         "bounds) to publish a step's tokens, which the next step waits for: that much of each ITL is the "
