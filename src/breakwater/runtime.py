@@ -7,11 +7,11 @@ loop for ~200 ms (it scans every object, most of them the modules and app built 
 At 10,000 open streams (~1.1 million tracked objects, ~110 per stream, nearly none in a cycle: a
 collection frees almost nothing) the generations' default sizes still cost latency: with a young
 collection every 10,000 allocations and CPython's 10 of them per middle one, each middle collection
-scanned up to 100,000 objects (20-47 ms of stalled event loop, every ~0.75 s), and a full one came
-whenever the old generation had grown by a quarter (420 ms, during the ramp). A middle collection
-now follows every 2 young ones (~10 ms stalls, more of them, the same work), and a full one is
-considered only after 5,000 middle ones (~100 million allocations: minutes under load), so cyclic
-garbage that has lived long enough to be old waits that long to be freed."""
+scanned up to 100,000 objects (20-47 ms of stalled event loop, a dozen times a minute), and a full
+one came whenever the old generation had grown by a quarter (420 ms, during the ramp). A middle
+collection now follows every 2 young ones (~8-13 ms stalls, every ~0.75 s: more of them, the same
+work), and a full one is considered only after 5,000 middle ones (~100 million allocations: minutes
+under load), so cyclic garbage that has lived long enough to be old waits that long to be freed."""
 
 from __future__ import annotations
 
