@@ -200,6 +200,15 @@ async def test_a_slow_finish_does_not_hold_up_the_batch(
     await async_wait_for(lambda: not worker.inflight, 10, what="every job acked")
 
 
+async def _stops_with(gw: InProc, error: str) -> None:
+    """A short request to the newest worker, which stops with ``ValueError(error)``."""
+    run = gw.workers[-1][1]
+    request = asyncio.create_task(gw.http.post(CHAT, json={**BODY, "max_tokens": 2}))
+    with pytest.raises(ValueError, match=error):
+        await asyncio.wait_for(asyncio.shield(run), 30)
+    request.cancel()
+
+
 async def test_a_failed_finish_stops_the_worker_with_its_error(
     gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,11 +221,7 @@ async def test_a_failed_finish_stops_the_worker_with_its_error(
         raise ValueError("finish script broke")
 
     monkeypatch.setattr(worker.broker, "finish_read", broken)
-    run = gw_empty.workers[-1][1]
-    request = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2}))
-    with pytest.raises(ValueError, match="finish script broke"):
-        await asyncio.wait_for(asyncio.shield(run), 30)
-    request.cancel()
+    await _stops_with(gw_empty, "finish script broke")
 
 
 async def test_a_finish_failing_while_draining_stops_the_worker_with_its_error(
@@ -316,11 +321,7 @@ async def test_a_failed_publish_stops_the_worker_even_with_nothing_left_to_step(
         return await append_step(appends)
 
     monkeypatch.setattr(worker.broker, "append_step", broken_last)
-    run = gw_empty.workers[-1][1]
-    request = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2}))
-    with pytest.raises(ValueError, match="publish broke"):
-        await asyncio.wait_for(asyncio.shield(run), 30)
-    request.cancel()
+    await _stops_with(gw_empty, "publish broke")
 
 
 async def test_a_sequence_paused_while_its_held_back_token_waits_to_be_published_counts_it_once(
