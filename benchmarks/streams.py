@@ -171,7 +171,7 @@ async def one_stream(port: int, tokens: int, seed: int) -> Stream:
 
 
 async def hold_streams(
-    url: str, count: int, tokens: int, ramp_s: float, gw_pid: int, shared: dict[str, int]
+    url: str, count: int, tokens: int, ramp_s: float, gw_pid: int, shared: dict[str, int], dump: str
 ) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
     base_rss = rss_kb(gw_pid)
@@ -199,6 +199,8 @@ async def hold_streams(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one_stream(port, tokens, i)))
     results = await asyncio.gather(*tasks)
+    if dump:  # every stream's per-event times, for a closer look at the tail
+        Path(dump).write_bytes(orjson.dumps([[r.times, r.kernel_times] for r in results]))
     gc.enable()
     gc.unfreeze()
     sampler.cancel()
@@ -274,6 +276,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--websockets", type=int, default=10_000)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--dump", default="", help="write every stream's event times (JSON) here")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
@@ -312,7 +315,7 @@ def main() -> None:
         wait_models(url, "sim")
         assert redis.proc is not None
         shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
-        streams = run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid, shared))
+        streams = run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid, shared, args.dump))
         publish = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
         sockets = asyncio.run(idle_websockets(url, args.websockets, gw.pid)) if args.websockets else None
     finally:

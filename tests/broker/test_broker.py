@@ -249,6 +249,35 @@ async def test_a_running_request_outlives_its_first_ttl(broker: Broker, redis: R
         assert await redis.ttl(key) > 3000
 
 
+async def test_one_refresh_answers_each_lease_and_extends_only_ttls_running_low(
+    broker: Broker, redis: Redis
+) -> None:
+    """All of a worker's leases in one call: each answered on its own (kept, taken over, ended), and
+    a long TTL is set again only when it ran a minute below full, not at every beat."""
+    for rid in ("taken", "low", "fresh", "ended"):  # "taken" first: the reclaim below finds it
+        await _enqueue(broker, rid)
+    jobs = {j.rid: j for j in await broker.claim("m", "interactive", "w", 4, None)}
+    for rid in jobs:
+        await _start(broker, rid, "w")
+        await broker.append_step([Append(rid, 1, 1, "a", 1)])
+    [retaken] = await broker.reclaim("m", "interactive", "other", 0, 1)
+    assert retaken.rid == "taken"
+    await _start(broker, "taken", "other")  # its attempt 2 runs elsewhere
+    await broker.finish("ended", attempt=1, kind="done", status=Status.DONE, ttl_s=60)
+    keys = broker.keys
+    low = (keys.request("low"), keys.emitted("low"), keys.tokens("low"))
+    fresh = (keys.request("fresh"), keys.emitted("fresh"), keys.tokens("fresh"))
+    for key in low:
+        await redis.expire(key, 100)
+    for key in fresh:
+        await redis.expire(key, 3590)
+    leases = [Lease(jobs[rid], 1) for rid in ("low", "fresh", "taken", "ended")]
+    lost = await broker.refresh_leases(leases, "w", result_ttl_s=3600)
+    assert lost == [Lease(jobs["taken"], 1)]
+    assert [await redis.ttl(key) > 3590 for key in low] == [True] * 3
+    assert [3580 < await redis.ttl(key) <= 3590 for key in fresh] == [True] * 3
+
+
 async def test_attach_and_detach_never_recreate_an_expired_record(broker: Broker, redis: Redis) -> None:
     assert await broker.attach("gone") is False
     await broker.detach("gone")

@@ -279,19 +279,18 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         are not re-claimed, so the newer owner keeps its entry)."""
         if not leases:
             return []
-
-        calls = [
-            (
-                [
-                    self.keys.request(lease.job.rid),
-                    self.keys.emitted(lease.job.rid),
-                    self.keys.tokens(lease.job.rid),
-                ],
-                [lease.attempt, result_ttl_s],
-            )
-            for lease in leases
-        ]
-        owned = [int(x) for x in await self._lease.many(calls)]
+        # A key keeps at least a minute less than its full TTL between extensions, so a long TTL is
+        # set again about once a minute instead of at every beat (a short one, at every beat).
+        below = result_ttl_s if result_ttl_s <= 120 else result_ttl_s - 60
+        rids = [lease.job.rid for lease in leases]
+        keys = [[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)] for rid in rids]
+        attempts = [lease.attempt for lease in leases]
+        if self.fast.cluster:  # one call per request: each one's keys share its slot
+            calls = [(k, [result_ttl_s, below, a]) for k, a in zip(keys, attempts, strict=True)]
+            owned = [int(x) for [x] in await self._lease.many(calls)]
+        else:  # one call for all of them
+            flat = [key for k in keys for key in k]
+            owned = [int(x) for x in await self._lease(keys=flat, args=[result_ttl_s, below, *attempts])]
         # Finished or cancelled ones (-1) stay claimed until this worker acknowledges them, as its
         # status check does: dropping them here would leave their entries pending unacknowledged.
         lost = [lease for lease, mine in zip(leases, owned, strict=True) if mine == 0]
