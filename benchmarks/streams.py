@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import os
 import platform
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hiredis
 import httpx
 import orjson
 
@@ -46,6 +48,7 @@ class Stream:
     times: list[float] = field(default_factory=list)  # when the client read each event
     kernel_times: list[float] = field(default_factory=list)  # when its socket received it
     error: str = ""
+    rid: str = ""  # the request's id, from its first chunk
 
 
 def step_publish_ms(ports: list[int], q: float) -> float:
@@ -126,6 +129,8 @@ class TimedReader:
             if len(self.head) >= 12 and not self.head.startswith(b"HTTP/1.1 200"):
                 return self.end(f"HTTP {self.head[9:12].decode()}")
         buf, pos = self.tail + data, 0
+        if not self.out.rid and (i := buf.find(b'"id":"')) >= 0 and (j := buf.find(b'"', i + 6)) >= 0:
+            self.out.rid = buf[i + 6 : j].decode()
         while (i := buf.find(b"\nid: ", pos)) >= 0 and (j := buf.find(b"\n", i + 5)) >= 0:
             self.out.seqs.append(int(buf[i + 5 : j]))
             self.out.times.append(now)
@@ -135,6 +140,47 @@ class TimedReader:
         if self.done:
             return self.end("")
         self.tail = buf[max(pos, len(buf) - 16) :]
+
+
+class Observer:
+    """A Pub/Sub subscriber to every request's channel, its reads timed by the kernel: when Redis sent
+    each token out (``sent[(rid, seq)]``, realtime like ``SO_TIMESTAMPNS``). A token's client time less
+    this is the gateway's share of its delay; the ITL of these times is the workers' and Redis's."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.address, self.prefix = (host, int(port.split("/")[0])), prefix
+        self.sent: dict[tuple[str, int], float] = {}
+        self.reader = hiredis.Reader()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        await loop.sock_connect(self.sock, self.address)
+        await loop.sock_sendall(self.sock, b"PSUBSCRIBE %s:ch:*\r\n" % self.prefix.encode())
+        loop.add_reader(self.sock.fileno(), self.readable)
+
+    def stop(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def readable(self) -> None:
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 18, socket.CMSG_SPACE(STAMP.size))
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            stamp = kernel_time(ancillary)
+            self.reader.feed(data)
+            while (reply := self.reader.gets()) is not False:
+                if isinstance(reply, list) and reply[0] == b"pmessage" and reply[3][:1] == b"t":
+                    channel, payload = reply[2], reply[3]
+                    rid = channel[channel.index(b"{") + 1 : -1].decode()
+                    self.sent[(rid, int(payload[1 : payload.index(b" ")]))] = stamp
 
 
 async def one_stream(port: int, tokens: int, seed: int) -> Stream:
@@ -171,7 +217,14 @@ async def one_stream(port: int, tokens: int, seed: int) -> Stream:
 
 
 async def hold_streams(
-    url: str, count: int, tokens: int, ramp_s: float, gw_pid: int, shared: dict[str, int], dump: str
+    url: str,
+    count: int,
+    tokens: int,
+    ramp_s: float,
+    gw_pid: int,
+    shared: dict[str, int],
+    dump: str,
+    observer: Observer | None,
 ) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
     base_rss = rss_kb(gw_pid)
@@ -186,6 +239,8 @@ async def hold_streams(
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample())
+    if observer is not None:
+        await observer.start()
     # The client's own collector must not pause its reads (its full collections took 95-173 ms,
     # stalling every stream's timestamps at once): off while the streams are held (bounded memory).
     gc.collect()
@@ -199,6 +254,8 @@ async def hold_streams(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one_stream(port, tokens, i)))
     results = await asyncio.gather(*tasks)
+    if observer is not None:
+        observer.stop()
     if dump:  # every stream's per-event times, for a closer look at the tail
         Path(dump).write_bytes(orjson.dumps([[r.times, r.kernel_times] for r in results]))
     gc.enable()
@@ -209,6 +266,7 @@ async def hold_streams(
     cpu0["client"] = (sum(os.times()[:2]) - base_client) / wall
     itl = [b - a for r in results for a, b in zip(r.times[:-2], r.times[1:-1], strict=True)]
     kernel = [b - a for r in results for a, b in zip(r.kernel_times[:-2], r.kernel_times[1:-1], strict=True)]
+    split = observed(results, observer.sent) if observer is not None else {}
     errors: dict[str, int] = {}
     for r in results:
         if not r.ok:
@@ -231,6 +289,33 @@ async def hold_streams(
         "gw_busy": used / wall,
         "tokens_per_cpu_s": total_tokens / used if used else 0.0,
         "cpu0": cpu0,
+        **split,
+    }
+
+
+def observed(results: list[Stream], sent: dict[tuple[str, int], float]) -> dict[str, float]:
+    """Each token's delay split at Redis's send: the gateway's share (Redis sent it to the gateway,
+    and to the observer, until the client's kernel had it) and the ITL as Redis sent the tokens."""
+    gateway, before, added, matched = [], [], [], 0
+    for r in results:
+        times = [sent.get((r.rid, seq)) for seq in r.seqs[:-1]]
+        delays = [None if t is None else k - t for t, k in zip(times, r.kernel_times, strict=False)]
+        gateway += [d for d in delays if d is not None]
+        matched += sum(d is not None for d in delays)
+        before += [b - a for a, b in itertools.pairwise(times) if a is not None and b is not None]
+        # What the gateway added to each ITL: how much later than the one before it this token
+        # left the gateway, relative to when Redis sent it.
+        added += [b - a for a, b in itertools.pairwise(delays) if a is not None and b is not None]
+    return {
+        "observed": float(matched),
+        "gateway_p50_ms": pct(gateway, 50) * 1000,
+        "gateway_p99_ms": pct(gateway, 99) * 1000,
+        "gateway_max_ms": max(gateway, default=0) * 1000,
+        "added_itl_p50_ms": pct(added, 50) * 1000,
+        "added_itl_p99_ms": pct(added, 99) * 1000,
+        "sent_itl_p50_ms": pct(before, 50) * 1000,
+        "sent_itl_p99_ms": pct(before, 99) * 1000,
+        "sent_itl_max_ms": max(before, default=0) * 1000,
     }
 
 
@@ -277,6 +362,12 @@ def main() -> None:
     parser.add_argument("--websockets", type=int, default=10_000)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--dump", default="", help="write every stream's event times (JSON) here")
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="also subscribe to every token channel, to split each token's delay at Redis's send "
+        "(Redis then sends every token twice)",
+    )
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
@@ -315,7 +406,10 @@ def main() -> None:
         wait_models(url, "sim")
         assert redis.proc is not None
         shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
-        streams = run(hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid, shared, args.dump))
+        observer = Observer(redis.url, env["BREAKWATER_KEY_PREFIX"]) if args.observe else None
+        streams = run(
+            hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid, shared, args.dump, observer)
+        )
         publish = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
         sockets = asyncio.run(idle_websockets(url, args.websockets, gw.pid)) if args.websockets else None
     finally:
@@ -344,6 +438,18 @@ def main() -> None:
         + ", ".join(f"{label} {100 * share:.0f}%" for label, share in streams["cpu0"].items())
         + f" (together {100 * sum(streams['cpu0'].values()):.0f}% of the core).",
     ]
+    if args.observe:
+        lines += [
+            "",
+            f"Split at Redis's send ({streams['observed']:,.0f} tokens seen by a Pub/Sub observer, "
+            "kernel-timed): from Redis's send to the client's kernel (the gateway's share) p50 "
+            f"{streams['gateway_p50_ms']:.1f}, p99 {streams['gateway_p99_ms']:.1f}, max "
+            f"{streams['gateway_max_ms']:.0f} ms; what it added to each ITL (a token's delay less "
+            f"the one before it) p50 {streams['added_itl_p50_ms']:.1f}, p99 "
+            f"{streams['added_itl_p99_ms']:.1f} ms; the ITL as Redis sent the tokens (the workers' and "
+            f"Redis's) p50 {streams['sent_itl_p50_ms']:.0f}, p99 {streams['sent_itl_p99_ms']:.0f}, "
+            f"max {streams['sent_itl_max_ms']:.0f} ms.",
+        ]
     if sockets:
         lines += [
             "",
