@@ -131,9 +131,6 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
             None if self.fast.cluster else Script(self.fast, "bind_start", parts=("bind", "start"))
         )
         self._ack = Script(self.fast, "ack")
-        # XAUTOCLAIM resumes where it stopped, so a dead worker's entries behind many healthy
-        # pending ones are reached; it wraps to 0-0 at the end of the stream.
-        self._reclaim_cursor: dict[str, str] = {}
 
     @classmethod
     def connect(cls, settings: CommonSettings, *, token_stream_maxlen: int = 100_000) -> Broker:
@@ -315,7 +312,7 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
 
     async def release(self, jobs: list[Job], worker_id: str, idle_ms: int = 86_400_000) -> None:
         """Give jobs back for immediate reclaim (drain deadline): their entries look idle for a day, so
-        the next ``XAUTOCLAIM`` by any worker takes them and continues them from the emitted text."""
+        the next reclaim by any worker takes them and continues them from the emitted text."""
         if not jobs:
             return
         await self._all_ok(
@@ -324,8 +321,6 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
                 for job in jobs
             ]
         )
-        for job in jobs:  # the next scan starts from the beginning, where released entries sit
-            self._reclaim_cursor.pop(job.stream, None)
 
     async def _all_ok(self, commands: list[tuple[Arg, ...]]) -> list[Any]:
         """Commands on the raw pipeline; raises the first error reply."""

@@ -68,7 +68,6 @@ class FairClaims:
     _bind_script: Script
     _bind_start: Script | None
     _blocking: Fast
-    _reclaim_cursor: dict[str, str]
 
     async def ensure_groups(self, model: str) -> None:
         for lane in LANES:
@@ -142,12 +141,17 @@ class FairClaims:
             raise
 
     async def reclaim(self, model: str, lane: str, worker_id: str, min_idle_ms: int, count: int) -> list[Job]:
-        """Jobs whose lease lapsed (their worker stopped refreshing them), via ``XAUTOCLAIM``."""
+        """Jobs whose lease lapsed (their worker stopped refreshing them). ``XPENDING … IDLE`` finds
+        them anywhere in the pending list, reading the list alone (``XAUTOCLAIM`` also looks every
+        scanned entry up in the stream: ~7 ms of Redis per call at 10,000 pending); ``XCLAIM`` with
+        the same idle time then takes only those still idle (another worker may have taken one
+        since) and drops those deleted from the stream."""
         stream = self.keys.jobs(model, lane)
-        cursor = self._reclaim_cursor.get(stream, "0-0")
-        reply: Any = await self.redis.xautoclaim(stream, GROUP, worker_id, min_idle_ms, cursor, count=count)
-        self._reclaim_cursor[stream] = str(reply[0]) if reply else "0-0"
-        entries = reply[1] if len(reply) > 1 else []
+        lapsed: Any = await self.redis.xpending_range(stream, GROUP, "-", "+", count, idle=min_idle_ms)
+        if not lapsed:
+            return []
+        ids = [p["message_id"] for p in lapsed]
+        entries: Any = await self.redis.xclaim(stream, GROUP, worker_id, min_idle_ms, ids)
         return await self._bind(model, lane, entries)
 
     async def _bind(self, model: str, lane: str, entries: list[Any], fence: Fence | None = None) -> list[Job]:
