@@ -276,9 +276,10 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         are not re-claimed, so the newer owner keeps its entry)."""
         if not leases:
             return []
-        # A key keeps at least a minute less than its full TTL between extensions, so a long TTL is
-        # set again about once a minute instead of at every beat (a short one, at every beat).
-        below = result_ttl_s if result_ttl_s <= 120 else result_ttl_s - 60
+        # A key keeps at least a minute less than its full TTL, and never less than two minutes (a
+        # TTL of 120 s or less: the full one) between extensions, so a long TTL is set again about
+        # once a minute instead of at every beat.
+        below = max(result_ttl_s - 60, min(result_ttl_s, 120))
         rids = [lease.job.rid for lease in leases]
         keys = [[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)] for rid in rids]
         attempts = [lease.attempt for lease in leases]
