@@ -6,7 +6,7 @@ import socket
 import uuid
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from breakwater.engines.options import LlamaCppOptions, SimOptions, UpstreamOptions, VLLMOptions
@@ -358,6 +358,17 @@ class WorkerSettings(CommonSettings):
     @property
     def lease_s(self) -> float:
         return self.heartbeat_s * self.lease_heartbeats
+
+    @model_validator(mode="after")
+    def _results_outlive_leases(self) -> WorkerSettings:
+        # A running request's keys are kept alive by the lease refresh at every beat: a shorter TTL
+        # lets them expire between beats (its emitted text lost mid-answer, so no continuation).
+        if self.result_ttl_s < 3 * self.lease_s:
+            raise ValueError(
+                f"result_ttl_s ({self.result_ttl_s}) must be at least 3 leases "
+                f"(3 x heartbeat_s x lease_heartbeats = {3 * self.lease_s:g} s)"
+            )
+        return self
 
 
 class SimServerSettings(BaseSettings):
