@@ -85,12 +85,15 @@ SO_TIMESTAMPNS = 35  # Linux: each read's ancillary data carries the kernel's re
 STAMP = struct.Struct("qq")  # struct timespec
 
 
-def kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float:
-    for _, kind, data in ancillary:
+def timed_read(sock: socket.socket, size: int) -> tuple[bytes, float]:
+    """One ``recvmsg`` and the kernel's receive time of its data (``SO_TIMESTAMPNS`` set on
+    ``sock``); raises ``BlockingIOError`` when there is nothing to read."""
+    data, ancillary, _, _ = sock.recvmsg(size, socket.CMSG_SPACE(STAMP.size))
+    for _, kind, stamp in ancillary:
         if kind == SO_TIMESTAMPNS:
-            sec, nsec = STAMP.unpack(data[: STAMP.size])
-            return float(sec + nsec / 1e9)
-    return float("nan")
+            sec, nsec = STAMP.unpack(stamp[: STAMP.size])
+            return data, float(sec + nsec / 1e9)
+    return data, float("nan")
 
 
 class TimedReader:
@@ -114,14 +117,14 @@ class TimedReader:
     def readable(self) -> None:
         while not self.ended.done():
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(STAMP.size))
+                data, stamp = timed_read(self.sock, 1 << 16)
             except BlockingIOError:
                 return
             except OSError as exc:
                 return self.end(type(exc).__name__)
             if not data:
                 return self.end("" if self.done else "closed early")
-            self.take(data, time.perf_counter(), kernel_time(ancillary))
+            self.take(data, time.perf_counter(), stamp)
 
     def take(self, data: bytes, now: float, stamp: float) -> None:
         if len(self.head) < 12:
@@ -169,12 +172,11 @@ class Observer:
     def readable(self) -> None:
         while True:
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(1 << 18, socket.CMSG_SPACE(STAMP.size))
+                data, stamp = timed_read(self.sock, 1 << 18)
             except BlockingIOError:
                 return
             if not data:
                 return
-            stamp = kernel_time(ancillary)
             self.reader.feed(data)
             while (reply := self.reader.gets()) is not False:
                 if isinstance(reply, list) and reply[0] == b"pmessage" and reply[3][:1] == b"t":
@@ -278,12 +280,8 @@ async def hold_streams(
         "exact": sum(r.ok for r in results),
         "errors": float(len(results) - sum(r.ok for r in results)),
         "error_kinds": str(errors),
-        "itl_p50_ms": pct(itl, 50) * 1000,
-        "itl_p99_ms": pct(itl, 99) * 1000,
-        "itl_max_ms": max(itl, default=0) * 1000,
-        "kernel_p50_ms": pct(kernel, 50) * 1000,
-        "kernel_p99_ms": pct(kernel, 99) * 1000,
-        "kernel_max_ms": max(kernel, default=0) * 1000,
+        **spread("itl", itl),
+        **spread("kernel", kernel),
         "kb_per_stream": (peak["rss"] - base_rss) / count,
         "gw_cpu_s": used,
         "gw_busy": used / wall,
@@ -308,14 +306,18 @@ def observed(results: list[Stream], sent: dict[tuple[str, int], float]) -> dict[
         added += [b - a for a, b in itertools.pairwise(delays) if a is not None and b is not None]
     return {
         "observed": float(matched),
-        "gateway_p50_ms": pct(gateway, 50) * 1000,
-        "gateway_p99_ms": pct(gateway, 99) * 1000,
-        "gateway_max_ms": max(gateway, default=0) * 1000,
-        "added_itl_p50_ms": pct(added, 50) * 1000,
-        "added_itl_p99_ms": pct(added, 99) * 1000,
-        "sent_itl_p50_ms": pct(before, 50) * 1000,
-        "sent_itl_p99_ms": pct(before, 99) * 1000,
-        "sent_itl_max_ms": max(before, default=0) * 1000,
+        **spread("gateway", gateway),
+        **spread("added_itl", added),
+        **spread("sent_itl", before),
+    }
+
+
+def spread(name: str, seconds: list[float]) -> dict[str, float]:
+    """``<name>_p50_ms``, ``<name>_p99_ms`` and ``<name>_max_ms`` of ``seconds``."""
+    return {
+        f"{name}_p50_ms": pct(seconds, 50) * 1000,
+        f"{name}_p99_ms": pct(seconds, 99) * 1000,
+        f"{name}_max_ms": max(seconds, default=0) * 1000,
     }
 
 
