@@ -7,6 +7,10 @@ completed exactly (every seq once, in order, the right token count, ``[DONE]``),
 latency the client saw (p50/p99; 1000 ms is the engine's own step), the gateway's CPU and resident
 memory per open stream, and then the memory of idle WebSocket connections.
 
+``--gateway-processes 1,2`` runs it once per count (``gateway --workers N``, every process on CPU 1):
+the processes' CPU per token and how the streams spread over them (SO_REUSEPORT) give the capacity
+each count would have with a core per process, where this machine has no spare core to measure it.
+
     python benchmarks/streams.py [--streams 10000] [--tokens 30] [--workers 4] [--websockets 10000]
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
@@ -79,6 +84,42 @@ def rss_kb(pid: int) -> int:
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def gateway_pids(pid: int) -> list[int]:
+    """The gateway process and the ones it started beside it (``gateway --workers N``)."""
+    return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+
+def listening(pids: list[int], port: int) -> set[int]:
+    """Those of ``pids`` that hold a socket listening on ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    held = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    held.add(pid)
+                    break
+    return held
+
+
+def wait_listening(pid: int, processes: int, port: int, timeout_s: float = 60.0) -> list[int]:
+    """The gateway's ``processes`` pids, once every one listens (SO_REUSEPORT spreads new
+    connections only over those that do)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = gateway_pids(pid)
+        if len(pids) == processes and len(listening(pids, port)) == processes:
+            return pids
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(listening(pids, port))} of {processes} gateway processes listen")
+        time.sleep(0.1)
 
 
 SO_TIMESTAMPNS = 35  # Linux: each read's ancillary data carries the kernel's receive time
@@ -223,21 +264,21 @@ async def hold_streams(
     count: int,
     tokens: int,
     ramp_s: float,
-    gw_pid: int,
+    gw_pids: list[int],
     shared: dict[str, int],
     dump: str,
     observer: Observer | None,
 ) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
-    base_rss = rss_kb(gw_pid)
-    base_cpu = cpu_s(gw_pid)
+    base_rss = sum(map(rss_kb, gw_pids))
+    base_cpu = [cpu_s(pid) for pid in gw_pids]
     base_shared = {label: cpu_s(pid) for label, pid in shared.items()}
     base_client, t0 = sum(os.times()[:2]), time.perf_counter()
     peak = {"rss": base_rss}
 
     async def sample() -> None:
         while True:
-            peak["rss"] = max(peak["rss"], rss_kb(gw_pid))
+            peak["rss"] = max(peak["rss"], sum(map(rss_kb, gw_pids)))
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample())
@@ -274,7 +315,8 @@ async def hold_streams(
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
     total_tokens = sum(max(0, len(r.seqs) - 1) for r in results)
-    used = cpu_s(gw_pid) - base_cpu
+    each = [cpu_s(pid) - base for pid, base in zip(gw_pids, base_cpu, strict=True)]
+    used = sum(each)
     return {
         "streams": count,
         "exact": sum(r.ok for r in results),
@@ -286,6 +328,9 @@ async def hold_streams(
         "gw_cpu_s": used,
         "gw_busy": used / wall,
         "tokens_per_cpu_s": total_tokens / used if used else 0.0,
+        # With a core per process, the load as spread here grows until the busiest saturates its core.
+        "capacity_tokens_s": total_tokens / max(each) if used else 0.0,
+        "gw_cpu_each": each,
         "cpu0": cpu0,
         **split,
     }
@@ -321,8 +366,8 @@ def spread(name: str, seconds: list[float]) -> dict[str, float]:
     }
 
 
-async def idle_websockets(url: str, count: int, gw_pid: int) -> dict[str, float]:
-    base = rss_kb(gw_pid)
+async def idle_websockets(url: str, count: int, gw_pids: list[int]) -> dict[str, float]:
+    base = sum(map(rss_kb, gw_pids))
     ws_url = url.replace("http://", "ws://") + "/v1/ws"
     connector = aiohttp.TCPConnector(limit=0)
     opened = 0
@@ -335,7 +380,7 @@ async def idle_websockets(url: str, count: int, gw_pid: int) -> dict[str, float]
             except (aiohttp.ClientError, TimeoutError):
                 break
         await asyncio.sleep(2)  # let the gateway settle before measuring
-        held = rss_kb(gw_pid)
+        held = sum(map(rss_kb, gw_pids))
         alive = sum(not ws.closed for ws in sockets)
         for ws in sockets:
             await ws.close()
@@ -355,26 +400,8 @@ def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     return uvloop.run(coro)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--streams", type=int, default=10_000)
-    parser.add_argument("--tokens", type=int, default=30)
-    parser.add_argument("--ramp-s", type=float, default=20.0)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--websockets", type=int, default=10_000)
-    parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--dump", default="", help="write every stream's event times (JSON) here")
-    parser.add_argument(
-        "--observe",
-        action="store_true",
-        help="also subscribe to every token channel, to split each token's delay at Redis's send "
-        "(Redis then sends every token twice)",
-    )
-    args = parser.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
-    os.sched_setaffinity(0, {0})
-
+def measure(args: argparse.Namespace, processes: int, websockets: int) -> dict[str, Any]:
+    """One run on a fresh stack: the gateway with ``processes`` processes, all on CPU 1."""
     tmp = Path(tempfile.mkdtemp(prefix="bw-streams-"))
     redis = RedisServer(tmp / "redis")
     redis.start()
@@ -391,9 +418,12 @@ def main() -> None:
             "BREAKWATER_SIM_PREFILL_MS_PER_TOKEN": "0",
             "BREAKWATER_SIM_JITTER_FRAC": "0",
         }
-        gw = spawn(["gateway", "--port", str(port)], env, tmp / "gw.log")
+        os.sched_setaffinity(0, {1})  # the gateway and the processes it starts inherit CPU 1
+        try:
+            gw = spawn(["gateway", "--port", str(port), "--workers", str(processes)], env, tmp / "gw.log")
+        finally:
+            os.sched_setaffinity(0, {0})
         procs.append(gw)
-        os.sched_setaffinity(gw.pid, {1})
         capacity = str(-(-args.streams // args.workers) + 16)
         metrics = [free_port() for _ in range(args.workers)]
         for i in range(args.workers):
@@ -406,61 +436,120 @@ def main() -> None:
             )
         url = f"http://127.0.0.1:{port}"
         wait_models(url, "sim")
+        gw_pids = wait_listening(gw.pid, processes, port)
         assert redis.proc is not None
         shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
         observer = Observer(redis.url, env["BREAKWATER_KEY_PREFIX"]) if args.observe else None
         streams = run(
-            hold_streams(url, args.streams, args.tokens, args.ramp_s, gw.pid, shared, args.dump, observer)
+            hold_streams(url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, args.dump, observer)
         )
-        publish = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
-        sockets = asyncio.run(idle_websockets(url, args.websockets, gw.pid)) if args.websockets else None
+        streams["processes"] = processes
+        streams["publish"] = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
+        streams["sockets"] = asyncio.run(idle_websockets(url, websockets, gw_pids)) if websockets else None
     finally:
         stop(procs)
         redis.stop()
+    return streams
+
+
+def report(runs: list[dict[str, Any]], workers: int) -> list[str]:
+    many = len(runs) > 1
     lines = [
-        f"{platform.machine()}, {os.cpu_count()} cores; gateway pinned to CPU 1, Redis + {args.workers} sim "
+        f"{platform.machine()}, {os.cpu_count()} cores; gateway pinned to CPU 1, Redis + {workers} sim "
         "workers + this client on CPU 0; one token per second per stream.",
         "",
-        "| streams | exact | errors | ITL p50 / p99 / max (ms; the engine's step is 1000) "
-        "| gateway KB per stream | gateway tokens per CPU-s |",
-        "|---|---|---|---|---|---|",
-        f"| {streams['streams']} | {streams['exact']} | {streams['errors']:.0f} {streams['error_kinds']} | "
-        f"{streams['itl_p50_ms']:.0f} / {streams['itl_p99_ms']:.0f} / {streams['itl_max_ms']:.0f} | "
-        f"{streams['kb_per_stream']:.1f} | {streams['tokens_per_cpu_s']:,.0f} |",
-        "",
-        f"The same events' ITL as the client's kernel received them (`SO_TIMESTAMPNS`; the client "
-        f"read them later, by however long CPU 0 kept it from running): p50 {streams['kernel_p50_ms']:.0f}, "
-        f"p99 {streams['kernel_p99_ms']:.0f}, max {streams['kernel_max_ms']:.0f} ms.",
-        "",
-        f"The workers took p50 <= {publish[0]:.0f} ms and p99 <= {publish[1]:.0f} ms (histogram bucket "
-        "bounds) to publish a step's tokens, which the next step waits for: that much of each ITL is the "
-        "workers' and Redis's, before the gateway has the tokens.",
-        "",
-        f"While the streams were held: the gateway's core {100 * streams['gw_busy']:.0f}% busy; CPU 0 "
-        + ", ".join(f"{label} {100 * share:.0f}%" for label, share in streams["cpu0"].items())
-        + f" (together {100 * sum(streams['cpu0'].values()):.0f}% of the core).",
+        "| gateway processes | streams | exact | errors "
+        "| ITL p50 / p99 / max (ms; the engine's step is 1000) | gateway KB per stream "
+        "| gateway tokens per CPU-s | CPU-s per process |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    if args.observe:
+    for r in runs:
+        lines.append(
+            f"| {r['processes']} | {r['streams']} | {r['exact']} | {r['errors']:.0f} {r['error_kinds']} | "
+            f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} / {r['itl_max_ms']:.0f} | "
+            f"{r['kb_per_stream']:.1f} | {r['tokens_per_cpu_s']:,.0f} | "
+            + " · ".join(f"{c:.2f}" for c in r["gw_cpu_each"])
+            + " |"
+        )
+    for r in runs:
+        publish = r["publish"]
         lines += [
             "",
-            f"Split at Redis's send ({streams['observed']:,.0f} tokens seen by a Pub/Sub observer, "
-            "kernel-timed): from Redis's send to the client's kernel (the gateway's share) p50 "
-            f"{streams['gateway_p50_ms']:.1f}, p99 {streams['gateway_p99_ms']:.1f}, max "
-            f"{streams['gateway_max_ms']:.0f} ms; what it added to each ITL (a token's delay less "
-            f"the one before it) p50 {streams['added_itl_p50_ms']:.1f}, p99 "
-            f"{streams['added_itl_p99_ms']:.1f} ms; the ITL as Redis sent the tokens (the workers' and "
-            f"Redis's) p50 {streams['sent_itl_p50_ms']:.0f}, p99 {streams['sent_itl_p99_ms']:.0f}, "
-            f"max {streams['sent_itl_max_ms']:.0f} ms.",
+            (f"**{r['processes']} gateway process(es).** " if many else "")
+            + f"The same events' ITL as the client's kernel received them (`SO_TIMESTAMPNS`; the client "
+            f"read them later, by however long CPU 0 kept it from running): p50 {r['kernel_p50_ms']:.0f}, "
+            f"p99 {r['kernel_p99_ms']:.0f}, max {r['kernel_max_ms']:.0f} ms.",
+            "",
+            f"The workers took p50 <= {publish[0]:.0f} ms and p99 <= {publish[1]:.0f} ms (histogram bucket "
+            "bounds) to publish a step's tokens, which the next step waits for: that much of each ITL is "
+            "the workers' and Redis's, before the gateway has the tokens.",
+            "",
+            f"While the streams were held: the gateway's core {100 * r['gw_busy']:.0f}% busy; CPU 0 "
+            + ", ".join(f"{label} {100 * share:.0f}%" for label, share in r["cpu0"].items())
+            + f" (together {100 * sum(r['cpu0'].values()):.0f}% of the core).",
         ]
-    if sockets:
+        if "observed" in r:
+            lines += [
+                "",
+                f"Split at Redis's send ({r['observed']:,.0f} tokens seen by a Pub/Sub observer, "
+                "kernel-timed): from Redis's send to the client's kernel (the gateway's share) p50 "
+                f"{r['gateway_p50_ms']:.1f}, p99 {r['gateway_p99_ms']:.1f}, max "
+                f"{r['gateway_max_ms']:.0f} ms; what it added to each ITL (a token's delay less "
+                f"the one before it) p50 {r['added_itl_p50_ms']:.1f}, p99 "
+                f"{r['added_itl_p99_ms']:.1f} ms; the ITL as Redis sent the tokens (the workers' and "
+                f"Redis's) p50 {r['sent_itl_p50_ms']:.0f}, p99 {r['sent_itl_p99_ms']:.0f}, "
+                f"max {r['sent_itl_max_ms']:.0f} ms.",
+            ]
+        if (sockets := r["sockets"]) is not None:
+            lines += [
+                "",
+                f"Idle WebSockets: {sockets['opened']:.0f} of {sockets['websockets']:.0f} opened, "
+                f"{sockets['alive']:.0f} still open after 2 s, "
+                f"{sockets['kb_per_socket']:.1f} KB of gateway memory each.",
+            ]
+    if many:
+        least = min(runs, key=lambda r: r["processes"])
         lines += [
             "",
-            f"Idle WebSockets: {sockets['opened']:.0f} of {sockets['websockets']:.0f} opened, "
-            f"{sockets['alive']:.0f} still open after 2 s, "
-            f"{sockets['kb_per_socket']:.1f} KB of gateway memory each.",
+            "With a core per gateway process (projected, as this machine has no core to spare: each run's "
+            "tokens over the CPU-seconds of its busiest process, the rate at which that process would "
+            "saturate its core with the streams spread as they were): "
+            + ", ".join(
+                f"{r['processes']} process(es) {r['capacity_tokens_s']:,.0f} tokens/s "
+                f"({r['capacity_tokens_s'] / least['capacity_tokens_s']:.2f}x {least['processes']})"
+                for r in runs
+            )
+            + ".",
         ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--tokens", type=int, default=30)
+    parser.add_argument("--ramp-s", type=float, default=20.0)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--websockets", type=int, default=10_000)
+    parser.add_argument(
+        "--gateway-processes", default="1", help="comma-separated counts, one run each (gateway --workers N)"
+    )
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--dump", default="", help="write every stream's event times (JSON) here")
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="also subscribe to every token channel, to split each token's delay at Redis's send "
+        "(Redis then sends every token twice)",
+    )
+    args = parser.parse_args()
+    counts = [int(n) for n in args.gateway_processes.split(",")]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    os.sched_setaffinity(0, {0})
+    runs = [measure(args, n, args.websockets if i == 0 else 0) for i, n in enumerate(counts)]
     cmd = "python benchmarks/streams.py " + " ".join(sys.argv[1:])
-    text = "\n".join([*lines, "", f"Command: `{cmd.strip()}`"])
+    text = "\n".join([*report(runs, args.workers), "", f"Command: `{cmd.strip()}`"])
     print(text)
     if not args.no_write:
         write_section("streams", text)
