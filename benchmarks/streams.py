@@ -74,11 +74,14 @@ def step_publish_ms(ports: list[int], q: float) -> float:
     return next(b for b in bounds if counts[b] >= want) * 1000
 
 
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+def rss_kb(pids: list[int]) -> int:
+    """The resident memory of ``pids`` together."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def cpu_s(pid: int) -> float:
@@ -270,7 +273,7 @@ async def hold_streams(
     observer: Observer | None,
 ) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
-    base_rss = sum(map(rss_kb, gw_pids))
+    base_rss = rss_kb(gw_pids)
     base_cpu = [cpu_s(pid) for pid in gw_pids]
     base_shared = {label: cpu_s(pid) for label, pid in shared.items()}
     base_client, t0 = sum(os.times()[:2]), time.perf_counter()
@@ -278,7 +281,7 @@ async def hold_streams(
 
     async def sample() -> None:
         while True:
-            peak["rss"] = max(peak["rss"], sum(map(rss_kb, gw_pids)))
+            peak["rss"] = max(peak["rss"], rss_kb(gw_pids))
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample())
@@ -367,7 +370,7 @@ def spread(name: str, seconds: list[float]) -> dict[str, float]:
 
 
 async def idle_websockets(url: str, count: int, gw_pids: list[int]) -> dict[str, float]:
-    base = sum(map(rss_kb, gw_pids))
+    base = rss_kb(gw_pids)
     ws_url = url.replace("http://", "ws://") + "/v1/ws"
     connector = aiohttp.TCPConnector(limit=0)
     opened = 0
@@ -380,7 +383,7 @@ async def idle_websockets(url: str, count: int, gw_pids: list[int]) -> dict[str,
             except (aiohttp.ClientError, TimeoutError):
                 break
         await asyncio.sleep(2)  # let the gateway settle before measuring
-        held = sum(map(rss_kb, gw_pids))
+        held = rss_kb(gw_pids)
         alive = sum(not ws.closed for ws in sockets)
         for ws in sockets:
             await ws.close()
@@ -400,8 +403,9 @@ def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
     return uvloop.run(coro)
 
 
-def measure(args: argparse.Namespace, processes: int, websockets: int) -> dict[str, Any]:
-    """One run on a fresh stack: the gateway with ``processes`` processes, all on CPU 1."""
+def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, Any]:
+    """One run on a fresh stack: the gateway with ``processes`` processes, all on CPU 1. The idle
+    WebSockets and ``--dump`` are the ``first`` run's only."""
     tmp = Path(tempfile.mkdtemp(prefix="bw-streams-"))
     redis = RedisServer(tmp / "redis")
     redis.start()
@@ -440,11 +444,13 @@ def measure(args: argparse.Namespace, processes: int, websockets: int) -> dict[s
         assert redis.proc is not None
         shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
         observer = Observer(redis.url, env["BREAKWATER_KEY_PREFIX"]) if args.observe else None
+        dump = args.dump if first else ""
         streams = run(
-            hold_streams(url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, args.dump, observer)
+            hold_streams(url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, dump, observer)
         )
         streams["processes"] = processes
         streams["publish"] = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
+        websockets = args.websockets if first else 0
         streams["sockets"] = asyncio.run(idle_websockets(url, websockets, gw_pids)) if websockets else None
     finally:
         stop(procs)
@@ -535,7 +541,9 @@ def main() -> None:
         "--gateway-processes", default="1", help="comma-separated counts, one run each (gateway --workers N)"
     )
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--dump", default="", help="write every stream's event times (JSON) here")
+    parser.add_argument(
+        "--dump", default="", help="write every stream's event times (JSON) here (the first run's)"
+    )
     parser.add_argument(
         "--observe",
         action="store_true",
@@ -547,7 +555,7 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     os.sched_setaffinity(0, {0})
-    runs = [measure(args, n, args.websockets if i == 0 else 0) for i, n in enumerate(counts)]
+    runs = [measure(args, n, first=i == 0) for i, n in enumerate(counts)]
     cmd = "python benchmarks/streams.py " + " ".join(sys.argv[1:])
     text = "\n".join([*report(runs, args.workers), "", f"Command: `{cmd.strip()}`"])
     print(text)
