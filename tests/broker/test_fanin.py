@@ -230,6 +230,7 @@ async def _following(
         yield following
     finally:
         following.reader.cancel()
+        await asyncio.wait({following.reader}, timeout=10)  # ended before its broker closes
         await broker.aclose()
 
 
@@ -264,8 +265,10 @@ async def test_a_resumed_reader_s_sink_does_not_hand_on_what_the_client_has(
     await redis.hset(Keys(prefix).request("r"), "status", "running")  # the request exists
     channel = fanin.keys.channel("r")
     async with _following(fanin, redis_server.url, prefix, 5, lambda seq: True, idle_poll_s=5) as f:
+        witness = await _subscribe(fanin, "r")  # offered each event in the same callback as f.sub
         await _until(lambda: f.sub.parked, "the resumed reader to wait")
         await redis.publish(channel, "t1 1 old")
+        await _until(lambda: [e.seq for e in witness.events] == [1], "the replayed seq to arrive")
         await _until(lambda: not f.sub.events and f.sub.parked, "the replayed seq dropped by the reader")
         await redis.publish(channel, "t6 1 new")
         await _until(lambda: f.taken == [6], "seq 6 taken by the sink")
