@@ -439,8 +439,9 @@ async def test_10_hung_engine_step(redis_server: RedisServer, log_dir: Path) -> 
         await async_wait_for(held_by_hung, 30, what="a stream on the worker whose engine hangs")
         health = await _poll_health(port, step_timeout_s + 10)
         hung_alive = hung.alive()
-        # It knows it is hung now; a claim already under way may still land within a heartbeat.
-        await asyncio.sleep(WORKER["heartbeat_s"])
+        # It knows it is hung now; a claim already under way may still land: its blocking read
+        # (block_ms, 0.2 s) and the two round trips that bind and start it, on a loaded CPU.
+        await asyncio.sleep(1.0)
         held = await on_hung()
         while not task.done():  # from now on it must take nothing new
             taken_after_hang |= await on_hung() - held

@@ -73,12 +73,18 @@ async def test_job_past_its_deadline_is_dropped_not_generated(busy_stack: StackP
     url = busy_stack.gateways[0][1]
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         long_rid = await _occupy(client, redis, busy_stack)
+        stream = f"{busy_stack.prefix}:jobs:{{sim}}:interactive"
+        queued = await redis.xlen(stream)
         late = asyncio.create_task(
             client.post(
                 "/v1/completions",
                 json={"model": "sim", "prompt": "too late", "max_tokens": 3, "timeout": 0.3},
             )
         )
+        deadline = asyncio.get_running_loop().time() + 10
+        while await redis.xlen(stream) <= queued:  # its deadline counts from its enqueue
+            assert asyncio.get_running_loop().time() < deadline, "the late job was not queued"
+            await asyncio.sleep(0.02)
         await asyncio.sleep(0.5)  # let the queued job's deadline pass (the point of this test)
         await client.delete(f"/v1/requests/{long_rid}")
         resp = await late

@@ -280,14 +280,15 @@ async def test_the_engine_steps_while_its_last_step_is_published(
     worker = await gw_empty.add_worker(engine)
     append_step = worker.broker.append_step
     entered, release = asyncio.Event(), asyncio.Event()
-    active, peak = 0, 0
+    active, peak, stepped = 0, 0, 0
 
     async def slow_first(appends: Any) -> Any:
-        nonlocal active, peak
+        nonlocal active, peak, stepped
         active += 1
         peak = max(peak, active)
         try:
             if appends and not entered.is_set():
+                stepped = engine.steps  # taken here: the next step may end before the test wakes
                 entered.set()
                 await release.wait()
             return await append_step(appends)
@@ -297,7 +298,6 @@ async def test_the_engine_steps_while_its_last_step_is_published(
     monkeypatch.setattr(worker.broker, "append_step", slow_first)
     call = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 12, "seed": 60}))
     await asyncio.wait_for(entered.wait(), 30)
-    stepped = engine.steps
     await async_wait_for(lambda: engine.steps > stepped, 10, what="a step while the last one is published")
     assert engine.steps == stepped + 1  # one step ahead, no more: its publish waits for the last one's
     release.set()
@@ -339,12 +339,13 @@ async def test_a_sequence_paused_while_its_held_back_token_waits_to_be_published
     engine = CountingSim(capacity=1)  # full: a paused sequence continues as soon as it may
     worker = await gw_empty.add_worker(engine)
     append_step = worker.broker.append_step
-    writes, entered, release = 0, asyncio.Event(), asyncio.Event()
+    writes, stepped, entered, release = 0, 0, asyncio.Event(), asyncio.Event()
 
     async def slow_third(appends: Any) -> Any:
-        nonlocal writes
+        nonlocal writes, stepped
         writes += len(appends)
         if writes == 3 and not entered.is_set():  # token 2's step: token 3's (held) returns meanwhile
+            stepped = engine.steps  # taken here: the held token's step may end before the test wakes
             entered.set()
             await release.wait()
         return await append_step(appends)
@@ -352,7 +353,6 @@ async def test_a_sequence_paused_while_its_held_back_token_waits_to_be_published
     monkeypatch.setattr(worker.broker, "append_step", slow_third)
     call = asyncio.create_task(gw_empty.http.post(CHAT, json={**body, "stop": stop}))
     await asyncio.wait_for(entered.wait(), 30)
-    stepped = engine.steps
     await async_wait_for(lambda: engine.steps > stepped, 10, what="the held token's step")
     (flight,) = worker.inflight.values()
     worker._pause(flight, flight.job)
