@@ -30,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cpu_split
 from breakwater.redis_server import RedisServer, free_port
 from common import ROOT, pct, stop, write_section
 from load_client import RunResult, open_loop
@@ -188,6 +189,7 @@ class Row:
     wall_s: float
     cpu_s: dict[str, float]  # per process of the system under test
     client_core: float  # busy fraction of the client's core (client + backend)
+    split: dict[str, dict[str, float]] | None = None  # with --perf: cpu_split.split of the core
 
     @property
     def ttft_ms(self) -> list[float]:
@@ -227,6 +229,11 @@ def measure(name: str, inst: Instance, backend: Instance, rate: float, args: arg
     body |= {"max_tokens": args.max_tokens, "stream_options": {"include_usage": True}}
     pids = inst.pids()
     spies = profile(name, inst, rate, args)
+    core = None
+    if args.perf is not None and pids:
+        core = cpu_split.CoreRecorder(
+            SUT_CPU, args.perf / f"{_file(name)}-{args.shape}-{rate:g}.data", CLIENT_CPU
+        )
     before = {label: cpu_ticks(pid) for label, pid in pids.items()}
     client0, fake0, t0 = sum(os.times()[:2]), cpu_ticks(backend.procs["fake"].pid), time.monotonic()
     try:
@@ -237,10 +244,19 @@ def measure(name: str, inst: Instance, backend: Instance, rate: float, args: arg
         for spy in spies:  # py-spy writes its samples when interrupted
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
+        if core is not None:
+            core.stop()
     wall, tick = time.monotonic() - t0, os.sysconf("SC_CLK_TCK")
     client = sum(os.times()[:2]) - client0 + (cpu_ticks(backend.procs["fake"].pid) - fake0) / tick
     cpu = {label: (cpu_ticks(pid) - before[label]) / tick for label, pid in pids.items()}
-    return Row(name, rate, result, wall, cpu, client / wall)
+    split = None
+    if core is not None:
+        split = cpu_split.split(core.out, {t: lb for lb, pid in pids.items() for t in cpu_split.threads(pid)})
+    return Row(name, rate, result, wall, cpu, client / wall, split)
+
+
+def _file(name: str) -> str:
+    return name.replace(" ", "_").replace("(", "").replace(")", "")
 
 
 def profile(name: str, inst: Instance, rate: float, args: argparse.Namespace) -> list[Proc]:
@@ -253,7 +269,7 @@ def profile(name: str, inst: Instance, rate: float, args: argparse.Namespace) ->
     for label, pid in inst.pids().items():
         if label == "redis":
             continue
-        out = args.profile / f"{name.replace(' ', '_')}-{label}-{args.shape}-{rate:g}.txt"
+        out = args.profile / f"{_file(name)}-{label}-{args.shape}-{rate:g}.txt"
         argv = ["taskset", "-c", str(CLIENT_CPU), "py-spy", "record", "--nonblocking", "-r", "200"]
         argv += ["-f", "raw", "-o", str(out), "--pid", str(pid)]
         spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -383,9 +399,15 @@ def main() -> None:
     parser.add_argument("--baseline-src", type=Path, help="another checkout, run as 'breakwater (before)'")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--profile", type=Path, help="py-spy Breakwater's processes into this folder")
+    parser.add_argument(
+        "--perf", type=Path, help="perf record the system's core into this folder; report the split"
+    )
     args = parser.parse_args()
-    if args.profile is not None:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for folder in (args.profile, args.perf):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    if args.perf is not None and not cpu_split.available():
+        parser.error("--perf needs perf (Debian: linux-perf)")
     args.rates = [float(r) for r in args.rates.split(",")]
     if unknown := set(args.shapes.split(",")) - set(SHAPES):
         parser.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
@@ -456,6 +478,14 @@ def report(results: dict[str, list[Row]], found: dict[str, str], args: argparse.
             for rows in results.values()
         ]
         lines.append(f"| {name} | " + " | ".join(f"{b:g}" if b else "none" for b in best) + " |")
+    if split := [
+        (f"{r.system}, {shape} {r.rate:g}/s", r.split)
+        for shape, rows in results.items()
+        for r in rows
+        if r.split
+    ]:
+        lines += ["", "### Where the system's core went (`--perf`: perf record, cpu-clock samples)", ""]
+        lines += cpu_split.table(split)
     if not args.no_write:
         write_section("peers", "\n".join(lines))
     print("\n".join(lines))
