@@ -95,7 +95,7 @@ bench: $(STAMP)
 
 # Breakwater beside nginx and vllm-router (benchmarks/peers.py -> docs/benchmarks.md, ~15 min). The
 # script installs nothing: `make peers-env` puts vllm-router and py-spy in $(PEERS_VENV); nginx comes
-# from Debian (apt-get install nginx-light).
+# from Debian (apt-get install nginx-light), and `ARGS=--perf DIR` needs perf (Debian: linux-perf).
 PEERS_VENV ?= .venv-peers
 peers-env:
 	$(PYTHON) -m venv $(PEERS_VENV)
