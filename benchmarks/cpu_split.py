@@ -110,10 +110,11 @@ def table(rows: list[tuple[str, dict[str, dict[str, float]]]]) -> list[str]:
         "|---|---|---|" + "---|" * len(kinds),
     ]
     for run, shares in rows:
+        busy = sum(sum(by_kind.values()) for label, by_kind in shares.items() if label != "idle") or 1.0
         for label, by_kind in sorted(shares.items(), key=lambda kv: -sum(kv[1].values())):
             total = sum(by_kind.values())
-            if total < 0.005 or label == "idle":
+            if total < 0.005 * busy or label == "idle":
                 continue
             cells = " | ".join(f"{100 * by_kind.get(k, 0) / total:.0f}%" for k in kinds)
-            out.append(f"| {run} | {label} | {100 * total:.1f}% | {cells} |")
+            out.append(f"| {run} | {label} | {100 * total / busy:.1f}% | {cells} |")
     return out
