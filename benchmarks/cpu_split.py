@@ -1,10 +1,9 @@
 """Where one core's CPU time went, by process and by kind of code, from ``perf record`` on that core.
 
 perf's ``cpu-clock`` samples land only on a thread that is running, so with several processes on one
-core (peers.py's system under test) each sample is CPU that process spent. A sampling profiler that
-reads a process from outside (py-spy) also samples it while it waits for the core, after being
-preempted, which happens at the return from a system call: on a shared core it reports the event loop
-and system calls (even ``getpid``) where the time was spent by the other processes.
+core (peers.py's system under test) each sample is CPU that process spent. py-spy, which reads a
+process from outside, is biased toward system calls on this machine (docs/benchmarks.md, session 28)
+and on a shared core also counts a process while it waits for the core.
 
 Kinds of code, by the shared object a sample's instruction is in: the Python interpreter (bytecode,
 objects, memory), compiled extensions (uvloop, orjson, hiredis, ...), libc, the kernel (system calls,
@@ -38,22 +37,28 @@ def kind(dso: str) -> str:
     return next((k for k, marks in KINDS if any(m in dso for m in marks)), OWN)
 
 
-def threads(root: int) -> set[int]:
-    """The thread ids of ``root`` and of every live process below it."""
-    parents: dict[int, int] = {}
+def process_tree(root: int) -> dict[int, list[str]]:
+    """The ``/proc/<pid>/stat`` fields after the name (state, ppid, ...) of ``root`` and of every live
+    process below it, by pid."""
+    stats: dict[int, list[str]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
     tree, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
-        kids = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        kids = [pid for pid, f in stats.items() if int(f[1]) == parent and pid not in tree]
         tree.update(kids)
         frontier += kids
+    return {pid: stats[pid] for pid in tree if pid in stats}
+
+
+def threads(root: int) -> set[int]:
+    """The thread ids of ``root`` and of every live process below it."""
     out: set[int] = set()
-    for pid in tree:
+    for pid in process_tree(root):
         try:
             out.update(int(t) for t in os.listdir(f"/proc/{pid}/task"))
         except OSError:

@@ -166,19 +166,7 @@ def find_exe(name: str) -> str | None:
 
 def cpu_ticks(root: int) -> int:
     """utime+stime+cutime+cstime over a process and its live descendants (reaped ones are in cutime)."""
-    stats: dict[int, list[str]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        kids = [pid for pid, f in stats.items() if int(f[1]) == parent and pid not in tree]
-        tree.update(kids)
-        frontier += kids
-    return sum(sum(int(x) for x in stats[pid][11:15]) for pid in tree if pid in stats)
+    return sum(sum(int(x) for x in fields[11:15]) for fields in cpu_split.process_tree(root).values())
 
 
 @dataclass
