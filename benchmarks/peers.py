@@ -127,7 +127,10 @@ def start_exe(label: str, exe: str, flags: str, env: dict[str, str] | None = Non
     return start
 
 
-def start_breakwater(src: Path | None) -> Starter:
+def start_breakwater(src: Path | None, *, embedded: bool = False) -> Starter:
+    """Redis, a gateway and an ``openai`` worker; ``embedded``: the worker inside the gateway process
+    (``gateway --embed-engine openai``)."""
+
     def start(backend: int, tmp: Path) -> Instance:
         tag = uuid.uuid4().hex[:8]
         d = tmp / f"bw-{tag}"
@@ -150,10 +153,14 @@ def start_breakwater(src: Path | None) -> Starter:
             "BREAKWATER_DRAIN_GRACE_S": "2",
         } | ({"PYTHONPATH": str(src / "src")} if src else {})
         bw = [sys.executable, "-m", "breakwater"]
-        inst.launch("gateway", [*bw, "gateway", "--port", str(inst.port)], d / "gateway.log", env)
-        worker = ["worker", "--engine", "openai", "--upstream-url", f"http://127.0.0.1:{backend}/v1"]
-        worker += ["--model", MODEL, "--capacity", "1024", "--worker-id", f"peers-{tag}"]
-        inst.launch("worker", [*bw, *worker], d / "worker.log", env)
+        engine = ["--upstream-url", f"http://127.0.0.1:{backend}/v1", "--model", MODEL, "--capacity", "1024"]
+        gateway = [*bw, "gateway", "--port", str(inst.port)]
+        if embedded:
+            gateway += ["--embed-engine", "openai", *engine]
+        inst.launch("gateway", gateway, d / "gateway.log", env)
+        if not embedded:
+            worker = [*bw, "worker", "--engine", "openai", *engine, "--worker-id", f"peers-{tag}"]
+            inst.launch("worker", worker, d / "worker.log", env)
         return inst
 
     return start
@@ -367,6 +374,7 @@ def systems(args: argparse.Namespace) -> tuple[dict[str, tuple[Starter, bool]], 
         starter = start_exe("litellm", litellm, flags + " --host 127.0.0.1 --port {port}", LITELLM_ENV)
         out["litellm"] = (starter, False)
     out["breakwater"] = (start_breakwater(None), True)
+    out["breakwater-embedded"] = (start_breakwater(None, embedded=True), True)
     if args.baseline_src:
         out["breakwater (before)"] = (start_breakwater(args.baseline_src.resolve()), True)
     wanted = set(args.systems.split(",")) | {"direct"} if args.systems else set(out)  # direct: the reference

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -65,10 +66,15 @@ class _DrainingServer(uvicorn.Server):
         from breakwater import processes
 
         processes.forward_stop()  # gateway --workers N: the others drain at the same time
-        service = getattr(getattr(self.config.app, "state", None), "service", None)
+        state = getattr(self.config.app, "state", None)
+        service = getattr(state, "service", None)
         if service is not None:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon_threadsafe(service.begin_drain)
+        embedded = getattr(state, "embedded", None)
+        if embedded is not None:  # stops pulling now; its in-flight jobs finish within the grace
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(embedded.drain)
         super().handle_exit(sig, frame)
 
 
@@ -112,13 +118,35 @@ def gateway(
     workers: Annotated[
         int, typer.Option(min=1, help="gateway processes on this port (SO_REUSEPORT), e.g. one per core")
     ] = 1,
+    embed_engine: Annotated[
+        str | None,
+        typer.Option(help="openai | sim: a worker inside each gateway process (its settings: as a worker's)"),
+    ] = None,
+    upstream_url: Annotated[
+        str | None, typer.Option(help="--embed-engine openai: upstream base URL (…/v1)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="--embed-engine: the model it serves")] = None,
+    capacity: Annotated[int | None, typer.Option(help="--embed-engine: max concurrent sequences")] = None,
 ) -> None:
     """Run the OpenAI-compatible gateway (HTTP/SSE and WebSocket)."""
     from breakwater import processes
     from breakwater.gateway import build_app
+    from breakwater.gateway.embedded import EMBEDDABLE
     from breakwater.logs import setup_logging
 
-    given = _given(host=host, port=port, redis_url=redis_url, lane_max_queued=lane_max_queued)
+    if embed_engine not in (None, "", *EMBEDDABLE):
+        console.print(f"[red]--embed-engine {escape(embed_engine)}: one of {', '.join(EMBEDDABLE)}[/red]")
+        raise typer.Exit(2)
+    given = _given(
+        host=host, port=port, redis_url=redis_url, lane_max_queued=lane_max_queued, embed_engine=embed_engine
+    )
+    # The embedded worker reads its settings from the environment (and so do sibling processes).
+    os.environ.update(
+        {
+            f"BREAKWATER_{k.upper()}": str(v)
+            for k, v in _given(upstream_url=upstream_url, model=model, capacity=capacity).items()
+        }
+    )
     settings = GatewaySettings(**given)
     setup_logging("gateway", settings.log_level, settings.log_json)
     if workers == 1 and not processes.is_sibling():

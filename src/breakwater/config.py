@@ -138,6 +138,11 @@ class GatewaySettings(CommonSettings):
         return self.auth == "off" and self.metrics_port == 0
 
     lane_max_queued: int = Field(default=1000, ge=1, description="queued jobs per model and lane before 429")
+    embed_engine: Literal["", "openai", "sim"] = Field(
+        default="",
+        description="run a worker with this engine inside each gateway process (its other settings "
+        "from the environment, as a worker's); '': none",
+    )
     stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
     idle_poll_s: float = Field(
         default=5.0, gt=0.0, description="re-read the durable stream when no live event came (a safety net)"

@@ -11,9 +11,10 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from breakwater.broker import Broker, redacted
-from breakwater.config import GatewaySettings
+from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.gateway import routes, ws
 from breakwater.gateway.body import BodyLimitMiddleware
+from breakwater.gateway.embedded import EmbeddedWorker
 from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.fastpath import FastCompletions
 from breakwater.gateway.metrics import GatewayMetrics
@@ -66,6 +67,14 @@ def metrics_listener(settings: GatewaySettings, metrics: GatewayMetrics) -> Plai
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
+    # The rest of an embedded worker's settings come from the environment, as a worker's do; its
+    # own /metrics listener stays off (BREAKWATER_METRICS_PORT is the gateway's).
+    embedded = (
+        EmbeddedWorker(WorkerSettings(engine=settings.embed_engine, metrics_port=0))
+        if settings.embed_engine
+        else None
+    )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         broker = Broker.connect(settings)
@@ -81,14 +90,24 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         admin = metrics_listener(settings, metrics)
         if admin is not None:
             await admin.start()
+        if embedded is not None:
+            embedded.start()
         settle_heap()
         log.info(
             "gateway ready",
-            extra={"fields": {"redis": redacted(settings.redis_url), "prefix": settings.key_prefix}},
+            extra={
+                "fields": {
+                    "redis": redacted(settings.redis_url),
+                    "prefix": settings.key_prefix,
+                    "embedded_engine": settings.embed_engine or None,
+                }
+            },
         )
         try:
             yield
         finally:
+            if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
+                await embedded.close()
             gauges.cancel()
             rollouts.cancel()
             if admin is not None:
@@ -104,6 +123,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 await index.aclose()
 
     app = GatewayApp(title="Breakwater", version="0.1.0", lifespan=lifespan)
+    app.state.embedded = embedded
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(ws.router)
