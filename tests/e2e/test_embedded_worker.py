@@ -1,9 +1,10 @@
 """``gateway --embed-engine``: a worker inside the gateway process, served and recovered as any worker.
 
 Checked as a user runs it: the model is listed and answers exactly through the official client
-(streamed and not); a gateway SIGKILLed mid-stream takes its worker with it, and another gateway's
-embedded worker reclaims and continues the job while the client resumes there with Last-Event-ID,
-every token once; an embedded engine that crashes is started again while the gateway keeps serving.
+(streamed and not), and the worker's metrics are on the gateway's /metrics; a gateway SIGKILLed
+mid-stream takes its worker with it, and another gateway's embedded worker reclaims and continues
+the job while the client resumes there with Last-Event-ID, every token once; an embedded engine
+that crashes is started again while the gateway keeps serving.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.engines.sim import POISON_MARKER
 from breakwater.redis_server import RedisServer, free_port
-from tests.helpers import StackProcs, expected_sim, start_sim_server, sync_redis, wait_for
+from tests.helpers import (
+    StackProcs,
+    expected_sim,
+    metric_samples,
+    start_sim_server,
+    sync_redis,
+    wait_for,
+)
 
 MODEL = "emb-sim"
 
@@ -96,6 +104,15 @@ def test_the_model_answers_exactly_through_the_embedded_worker(procs: StackProcs
         parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(parts) == expected
     assert len(parts) > 5  # streamed token by token, not in one piece
+    # The worker's series are on the gateway's /metrics, beside the gateway's, each family once.
+    assert metric_samples(url, "breakwater_worker_tokens_total", model=MODEL) == [
+        2.0 * usage["completion_tokens"]
+    ]
+    assert metric_samples(url, "breakwater_process_pid") == [float(procs.gateways[0][0].pid)]
+    families = [
+        line.split()[2] for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("# TYPE")
+    ]
+    assert len(families) == len(set(families))
 
 
 def test_a_killed_gateway_is_continued_by_another_and_resumed_there(procs: StackProcs, upstream: str) -> None:

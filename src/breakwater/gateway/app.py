@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from breakwater.broker import Broker, redacted
 from breakwater.config import GatewaySettings, WorkerSettings
@@ -58,7 +58,7 @@ def metrics_listener(settings: GatewaySettings, metrics: GatewayMetrics) -> Plai
         if method not in ("GET", "HEAD"):
             return 405, b"method not allowed", "text/plain"
         if path == "/metrics":
-            return 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
+            return 200, metrics.exposition(), CONTENT_TYPE_LATEST
         if path == "/healthz":
             return 200, b'{"status":"ok"}', "application/json"
         return 404, b"not found", "text/plain"
@@ -81,6 +81,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         cache_settings = settings.cache_index()
         index = Broker.connect(cache_settings) if cache_settings is not None else broker
         metrics = GatewayMetrics()
+        if embedded is not None:
+            metrics.beside.append(embedded.metrics.registry)
         fanin = broker.fanin(settings.stream_buffer, on_overflow=metrics.stream_overflows.inc)
         await fanin.start()
         svc = GatewayService(settings, broker, fanin, metrics, cache_index=index)

@@ -22,6 +22,7 @@ from breakwater.broker import Broker
 from breakwater.config import WorkerSettings
 from breakwater.engines import build_engine, options_from_settings
 from breakwater.worker import Worker
+from breakwater.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 EMBEDDABLE = ("openai", "sim")
@@ -38,6 +39,8 @@ class EmbeddedWorker:
                 f"{', '.join(EMBEDDABLE)}); run it as `breakwater worker`"
             )
         self.settings = settings
+        # One set of series across restarts (counters go on); the process's own are the gateway's.
+        self.metrics = WorkerMetrics(process=False)
         self.worker: Worker | None = None
         self.restarts = 0
         self._closing = False
@@ -82,7 +85,7 @@ class EmbeddedWorker:
         broker = Broker.connect(self.settings, token_stream_maxlen=self.settings.token_stream_maxlen)
         try:
             await engine.start()
-            self.worker = Worker(self.settings, engine, broker)
+            self.worker = Worker(self.settings, engine, broker, self.metrics)
             if self._closing:
                 return
             await self.worker.run()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (
     0.001,
@@ -37,6 +37,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.beside: list[CollectorRegistry] = []  # exposed with it: an embedded worker's
         r = self.registry
         ProcessCollector(registry=r)  # process_cpu_seconds_total etc.: the cost model's CPU-seconds
         pid = Gauge(
@@ -193,3 +194,7 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        """The text format of its registry and of those ``beside`` it (their names do not overlap)."""
+        return b"".join(generate_latest(r) for r in (self.registry, *self.beside))

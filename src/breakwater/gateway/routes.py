@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.ledger import UsageRow, day_of
@@ -424,7 +424,7 @@ async def metrics(request: Request) -> Response:
     svc = service(request)
     if not svc.settings.public_metrics:  # it has its own listener (metrics_port), or none
         raise APIError(404, "Not Found", code="not_found")
-    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(svc.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def usage_row(row: UsageRow) -> dict[str, Any]:

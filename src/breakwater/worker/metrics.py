@@ -10,14 +10,17 @@ from breakwater.gateway.metrics import LATENCY_BUCKETS
 
 
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, *, process: bool = True) -> None:
+        """``process``: with the process's own series (CPU, memory, pid); a worker embedded in a
+        gateway leaves them to the gateway's registry, which its series are exposed beside."""
         self.registry = CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)  # process_cpu_seconds_total etc.: the cost model's CPU-seconds
-        pid = Gauge(
-            "breakwater_process_pid", "This process's id (matches the supervisor's readings)", registry=r
-        )
-        pid.set(os.getpid())
+        if process:
+            ProcessCollector(registry=r)  # process_cpu_seconds_total etc.: the cost model's CPU-seconds
+            pid = Gauge(
+                "breakwater_process_pid", "This process's id (matches the supervisor's readings)", registry=r
+            )
+            pid.set(os.getpid())
         self.batch_occupancy = Gauge(
             "breakwater_worker_batch_occupancy", "Running sequences / capacity", ["model"], registry=r
         )

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, FinishingMixin):
-    def __init__(self, settings: WorkerSettings, engine: Engine, broker: Broker) -> None:
+    def __init__(
+        self, settings: WorkerSettings, engine: Engine, broker: Broker, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.broker = broker
@@ -48,7 +50,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         self.queues = queues(self.model, settings.partitions_of(self.model))
         self._rotor = 0  # which partition the next pull starts from (round robin)
         self._unreachable: dict[str, tuple[float, float]] = {}  # queue -> (skipped until, for how long)
-        self.metrics = WorkerMetrics()
+        self.metrics = metrics or WorkerMetrics()
         self.metrics.hourly_cost.labels(self.model).set(settings.hourly_cost_usd)
         # Series exist from the start (at 0), so rate() and increase() in alerts see a baseline.
         self.metrics.dead_letters.labels(self.model)
