@@ -377,6 +377,8 @@ def systems(args: argparse.Namespace) -> tuple[dict[str, tuple[Starter, bool]], 
     out["breakwater-embedded"] = (start_breakwater(None, embedded=True), True)
     if args.baseline_src:
         out["breakwater (before)"] = (start_breakwater(args.baseline_src.resolve()), True)
+        before = start_breakwater(args.baseline_src.resolve(), embedded=True)
+        out["breakwater-embedded (before)"] = (before, True)
     wanted = set(args.systems.split(",")) | {"direct"} if args.systems else set(out)  # direct: the reference
     return {n: s for n, s in out.items() if n in wanted}, found
 
