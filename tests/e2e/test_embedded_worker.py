@@ -4,11 +4,13 @@ Checked as a user runs it: the model is listed and answers exactly through the o
 (streamed and not), and the worker's metrics are on the gateway's /metrics; a gateway SIGKILLed
 mid-stream takes its worker with it, and another gateway's embedded worker reclaims and continues
 the job while the client resumes there with Last-Event-ID, every token once; an embedded engine
-that crashes is started again while the gateway keeps serving.
+that crashes is started again while the gateway keeps serving; a draining gateway's worker
+finishes its jobs while their clients resume elsewhere.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import uuid
@@ -193,3 +195,37 @@ def test_an_engine_that_computes_in_process_is_refused() -> None:
     )
     assert done.returncode == 2
     assert "--embed-engine llamacpp: one of openai, sim" in done.stdout + done.stderr
+
+
+def test_a_draining_gateway_finishes_its_workers_jobs_and_hands_the_client_on(procs: StackProcs) -> None:
+    """SIGTERM: the gateway ends the stream (resume elsewhere) and its worker stops pulling, but
+    finishes what it runs (attempt 1, no reclaim) before the process exits."""
+    first = procs.add_gateway(embed_engine="sim", sim_decode_base_ms=40, heartbeat_s=0.3, worker_id="drainer")
+    second = procs.add_gateway()  # no worker: only the draining gateway's can finish the job
+    procs.wait_workers(first, "sim", count=1)
+    gateway = procs.gateways[0][0]
+    prompt = "drain with the worker"
+    body = {"model": "sim", "prompt": prompt, "seed": 4, "max_tokens": 80, "ignore_eos": True}
+    head: list[Chunk] = []
+    with httpx.stream("POST", f"{first}/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        chunks = _chunks(resp.iter_lines())
+        for chunk in chunks:
+            assert chunk is not None
+            head.append(chunk)
+            if len(head) == 5:
+                gateway.proc.send_signal(signal.SIGTERM)
+        assert 5 <= len(head) < 80  # ended early, without [DONE]: the client must resume
+    with httpx.stream(
+        "GET", f"{second}/v1/requests/{rid}/events", headers={"Last-Event-ID": str(head[-1][0])}, timeout=60
+    ) as resp:
+        rest = list(_chunks(resp.iter_lines()))
+    assert rest[-1] is None
+    text = "".join(d["choices"][0]["text"] for _, d in head + [c for c in rest if c is not None])
+    assert text == expected_sim(prompt=prompt, seed=4, max_tokens=80, ignore_eos=True)[0]
+    wait_for(lambda: not gateway.alive(), 30, what="the drained gateway exits")
+    status, attempt, owner = sync_redis(procs.redis_url).hmget(
+        procs.keys_request(rid), "status", "attempt", "worker"
+    )
+    assert (status, attempt, owner) == ("done", "1", "drainer")
+    assert '"msg":"drained"' in gateway.log()
