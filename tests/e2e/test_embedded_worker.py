@@ -173,7 +173,8 @@ def test_a_crashed_embedded_engine_is_started_again(procs: StackProcs) -> None:
         assert done.choices[0].text == expected
         refused = poison.result()
     assert refused.json()["error"]["code"] == "max_attempts_exceeded", refused.text
-    assert gateway.log().count("embedded worker failed") == 2  # once per attempt, then dead-lettered
+    assert gateway.log().count("embedded worker failed; starting it again") == 2  # per attempt, then DLQ
+    assert metric_samples(url, "breakwater_embedded_worker_restarts_total") == [2.0]
 
 
 def test_an_engine_that_computes_in_process_is_refused() -> None:

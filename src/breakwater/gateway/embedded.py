@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import logging
 
+from prometheus_client import Counter
+
 from breakwater.broker import Broker
 from breakwater.config import WorkerSettings
 from breakwater.engines import build_engine, options_from_settings
@@ -41,8 +43,12 @@ class EmbeddedWorker:
         self.settings = settings
         # One set of series across restarts (counters go on); the process's own are the gateway's.
         self.metrics = WorkerMetrics(process=False)
+        self.restarts = Counter(
+            "breakwater_embedded_worker_restarts_total",
+            "Times the gateway's embedded worker was started again after it failed or stopped",
+            registry=self.metrics.registry,
+        )
         self.worker: Worker | None = None
-        self.restarts = 0
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
@@ -56,29 +62,34 @@ class EmbeddedWorker:
             self.worker.drain()
 
     async def close(self) -> None:
-        """:meth:`drain`, and wait until the worker has stopped."""
+        """:meth:`drain`, and wait until the worker has stopped (one still starting, e.g. waiting
+        for its upstream to come up, is cancelled: it holds no job)."""
         self.drain()
         if self._task is not None:
+            if self.worker is None:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = RESTART_INITIAL_S
         while not self._closing:
-            began = asyncio.get_running_loop().time()
+            began = loop.time()
             try:
                 await self._serve()
-            except asyncio.CancelledError:
-                raise
+                why = "embedded worker stopped"
             except Exception:
-                log.exception("embedded worker failed; starting it again", extra={"fields": {"in_s": delay}})
+                why = "embedded worker failed"
+                log.exception(why)
             if self._closing:
                 return
-            if asyncio.get_running_loop().time() - began > RESTART_STABLE_S:
+            if loop.time() - began > RESTART_STABLE_S:
                 delay = RESTART_INITIAL_S
+            log.warning("%s; starting it again", why, extra={"fields": {"in_s": delay}})
+            self.restarts.inc()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX_S)
-            self.restarts += 1
 
     async def _serve(self) -> None:
         engine = build_engine(options_from_settings(self.settings))
