@@ -79,17 +79,25 @@ class InProc:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         task.result()
         finally:
-            for worker, _ in workers:
-                await worker.broker.aclose()
+            for worker, _ in workers:  # bounded too: a close that hangs names itself
+                closing = asyncio.ensure_future(worker.broker.aclose())
+                if not (await asyncio.wait({closing}, timeout=STOP_S))[0]:
+                    raise AssertionError(
+                        f"worker {worker.settings.worker_id}'s Redis clients still closing after "
+                        f"{STOP_S} s:\n{_stacks()}"
+                    )
         if stuck:
-            where = io.StringIO()
-            for other in asyncio.all_tasks():
-                if other is not asyncio.current_task():
-                    other.print_stack(file=where)
             names = ", ".join(sorted(task.get_name() for task in stuck))
-            raise AssertionError(
-                f"workers {names} still running {STOP_S} s after cancel:\n{where.getvalue()}"
-            )
+            raise AssertionError(f"workers {names} still running {STOP_S} s after cancel:\n{_stacks()}")
+
+
+def _stacks() -> str:
+    """Every other task's stack, for a test that fails because something did not stop."""
+    where = io.StringIO()
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            other.print_stack(file=where)
+    return where.getvalue()
 
 
 @contextlib.asynccontextmanager
