@@ -32,9 +32,14 @@ for s = seq - n + 1, seq do
     if entry[i] == 'text' then cut = cut + #entry[i + 1] end
     if entry[i] == 'n' then tokens = tokens + tonumber(entry[i + 1]) end
   end
-  redis.call('XDEL', KEYS[2], s .. '-0')
 end
-redis.call('XSETID', KEYS[2], (seq - n) .. '-0')  -- as if never written: the next seq's id is free
+-- As if never written, so the next seq's id is free: the stream rebuilt from what it kept (XDEL and
+-- XSETID back would do on Redis, but Valkey refuses an XSETID below the last deleted id).
+local kept = redis.call('XRANGE', KEYS[2], '-', (seq - n) .. '-0')
+local ttl = redis.call('PTTL', KEYS[2])
+redis.call('DEL', KEYS[2])
+for _, e in ipairs(kept) do redis.call('XADD', KEYS[2], e[1], unpack(e[2])) end
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 local emitted = redis.call('GET', KEYS[3])
 redis.call('SET', KEYS[3], string.sub(emitted, 1, #emitted - cut), 'KEEPTTL')
 redis.call('HSET', KEYS[1], 'seq', seq - n, 'wseq', wseq - n)
