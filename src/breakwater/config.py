@@ -143,6 +143,14 @@ class GatewaySettings(CommonSettings):
         description="run a worker with this engine inside each gateway process (its other settings "
         "from the environment, as a worker's); '': none",
     )
+    embed_redis_username: str | None = Field(
+        default=None,
+        description="the embedded worker's Redis ACL user (one with the worker's commands, which the "
+        "gateway's user lacks); unset: the gateway's credentials",
+    )
+    embed_redis_password_file: str | None = Field(
+        default=None, description="read the embedded worker's Redis password from this file"
+    )
     stream_buffer: int = Field(default=256, ge=8, description="per-stream live buffer before falling back")
     idle_poll_s: float = Field(
         default=5.0, gt=0.0, description="re-read the durable stream when no live event came (a safety net)"

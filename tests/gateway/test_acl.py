@@ -7,11 +7,12 @@ from __future__ import annotations
 import secrets
 import uuid
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import expected_sim
+from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import inproc_gateway
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "redis" / "users.acl.tmpl"
@@ -56,6 +57,50 @@ async def test_a_request_runs_as_the_kubernetes_acl_users(
             rid = resp.json()["id"]
             status = await gw.http.get(f"/v1/requests/{rid}")
             assert status.json()["status"] == "done"
+    finally:
+        for name, _ in users.values():
+            await redis.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
+
+
+async def test_an_embedded_worker_runs_as_the_worker_acl_user(
+    redis_server: RedisServer, redis: Redis, prefix: str, tmp_path: Path
+) -> None:
+    """``--embed-engine`` in a gateway whose ACL user may not pull jobs: the embedded worker connects
+    as the worker's user (its password from a Secret file), to the gateway's Redis and key prefix as
+    the gateway was given them (none of them in this process's environment)."""
+    users = await _acl_users(redis, prefix)
+    gw_user, gw_pw = users["gateway"]
+    wk_user, wk_pw = users["worker"]
+    dry: Any = redis  # ACL DRYRUN: the gateway's user is refused the worker's pull
+    refused = await dry.execute_command(
+        "ACL", "DRYRUN", gw_user, "XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"
+    )
+    assert "no permissions" in str(refused)
+    secret = tmp_path / "worker-password"
+    secret.write_text(wk_pw + "\n")
+    try:
+        async with inproc_gateway(
+            redis_server.url,
+            prefix,
+            redis_username=gw_user,
+            redis_password=gw_pw,
+            embed_engine="sim",
+            embed_redis_username=wk_user,
+            embed_redis_password_file=str(secret),
+        ) as gw:
+
+            async def serving() -> bool:
+                models = (await gw.http.get("/v1/models")).json()["data"]
+                return any(m["id"] == "sim" for m in models)
+
+            await async_wait_for(serving, 20, what="the embedded worker's model")
+            body = {"model": "sim", "prompt": "acl", "max_tokens": 6, "seed": 2}
+            resp = await gw.http.post("/v1/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            expected, _, _ = expected_sim(prompt="acl", seed=2, max_tokens=6)
+            assert resp.json()["choices"][0]["text"] == expected
+            clients = await redis.client_list()
+            assert {c["user"] for c in clients} >= {gw_user, wk_user}
     finally:
         for name, _ in users.values():
             await redis.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]

@@ -11,10 +11,10 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from breakwater.broker import Broker, redacted
-from breakwater.config import GatewaySettings, WorkerSettings
+from breakwater.config import GatewaySettings
 from breakwater.gateway import routes, ws
 from breakwater.gateway.body import BodyLimitMiddleware
-from breakwater.gateway.embedded import EmbeddedWorker
+from breakwater.gateway.embedded import EmbeddedWorker, embedded_settings
 from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.fastpath import FastCompletions
 from breakwater.gateway.metrics import GatewayMetrics
@@ -67,13 +67,7 @@ def metrics_listener(settings: GatewaySettings, metrics: GatewayMetrics) -> Plai
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
-    # The rest of an embedded worker's settings come from the environment, as a worker's do; its
-    # own /metrics listener stays off (BREAKWATER_METRICS_PORT is the gateway's).
-    embedded = (
-        EmbeddedWorker(WorkerSettings(engine=settings.embed_engine, metrics_port=0))
-        if settings.embed_engine
-        else None
-    )
+    embedded = EmbeddedWorker(embedded_settings(settings)) if settings.embed_engine else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,7 +21,7 @@ import logging
 from prometheus_client import Counter
 
 from breakwater.broker import Broker
-from breakwater.config import WorkerSettings
+from breakwater.config import CommonSettings, GatewaySettings, WorkerSettings
 from breakwater.engines import build_engine, options_from_settings
 from breakwater.worker import Worker
 from breakwater.worker.metrics import WorkerMetrics
@@ -31,6 +31,21 @@ EMBEDDABLE = ("openai", "sim")
 RESTART_INITIAL_S = 0.5
 RESTART_MAX_S = 30.0
 RESTART_STABLE_S = 60.0  # up this long: the next failure starts the backoff over
+
+
+def embedded_settings(gateway: GatewaySettings) -> WorkerSettings:
+    """The embedded worker's settings: the gateway's Redis, key prefix and the rest of what the two
+    must agree on (as the gateway was given them, flags included); its engine's and the worker's
+    own from the environment, as a worker's; its own /metrics listener off (the gateway's /metrics
+    carries its series). With ``embed_redis_username`` it connects as that ACL user instead."""
+    shared = {name: getattr(gateway, name) for name in CommonSettings.model_fields}
+    if gateway.embed_redis_username:
+        shared |= {
+            "redis_username": gateway.embed_redis_username,
+            "redis_password": None,
+            "redis_password_file": gateway.embed_redis_password_file,
+        }
+    return WorkerSettings(**shared, engine=gateway.embed_engine, metrics_port=0)
 
 
 class EmbeddedWorker:
