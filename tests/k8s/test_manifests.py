@@ -53,6 +53,7 @@ def kubernetes_validate(objects: list[dict[str, Any]], path: Path) -> subprocess
 def test_every_overlay_and_composition_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
     assert set(OVERLAYS) == {
         "cpu",
+        "embedded",
         "gpu-vllm",
         "gpu-vllm-inprocess",
         "hpa",
@@ -250,6 +251,39 @@ def test_probes_and_drain_match_the_processes(renders: dict[str, list[dict[str, 
             assert worker["args"][worker["args"].index("--engine") + 1] == "vllm"
 
 
+def test_the_embedded_shape_has_gateways_that_pull(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """overlays/embedded: no worker pods; the gateway runs the openai engine's worker itself, as
+    the worker's ACL user, reaches the upstream and Redis only, and its pod outlives the drain."""
+    objects = renders["embedded"]
+    config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "breakwater")
+    grace = float(config["data"]["BREAKWATER_DRAIN_GRACE_S"])
+    specs = dict(pod_specs(objects))
+    assert sorted(specs) == ["Deployment/gateway", "StatefulSet/redis"]
+    assert not [o for o in objects if o["metadata"]["name"] == "worker"]
+    spec = specs["Deployment/gateway"]
+    [gateway] = spec["containers"]
+    args = gateway["args"]
+    assert args[args.index("--embed-engine") + 1] == "openai"
+    upstream = args[args.index("--upstream-url") + 1]
+    assert args[args.index("--model") + 1] == config["data"]["BREAKWATER_MODELS"]
+    hold = float(gateway["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert spec["terminationGracePeriodSeconds"] >= hold + grace + 10
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert env["BREAKWATER_REDIS_USERNAME"] == "gateway"
+    assert env["BREAKWATER_EMBED_REDIS_USERNAME"] == "worker"
+    policy = next(
+        o["spec"] for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "gateway"
+    )
+    [redis_rule, upstream_rule] = policy["egress"]
+    assert redis_rule["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "redis"}}}]
+    [peer] = upstream_rule["to"]
+    host = upstream.split("//")[1].split("/")[0]  # vllm.inference.svc.cluster.local:8000
+    service, namespace = host.split(".")[:2]
+    assert peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == namespace
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == service
+    assert upstream_rule["ports"] == [{"protocol": "TCP", "port": int(host.rsplit(":", 1)[1])}]
+
+
 def test_spot_pool_beside_the_on_demand_pool(renders: dict[str, list[dict[str, Any]]]) -> None:
     """overlays/spot: the spot worker is the base worker on spot nodes, its grace inside the
     providers' 30 s notice; the on-demand worker stays off them; KEDA scales the spot pool from 0."""
@@ -401,10 +435,13 @@ def test_every_breakwater_variable_is_a_setting(renders: dict[str, list[dict[str
             )
         for container in _breakwater_containers(objects):
             role = container["args"][0]
+            known = fields.get(role, set()) | shared
+            if "--embed-engine" in container["args"]:  # its worker reads the worker's settings
+                known |= fields["worker"]
             for var in container.get("env", []):
                 if var["name"].startswith("BREAKWATER_"):
                     field = var["name"].removeprefix("BREAKWATER_").lower()
-                    assert field in fields[role] | shared, (name, container["name"], var["name"])
+                    assert field in known, (name, container["name"], var["name"])
 
 
 def test_redis_pod_scripts_render_the_acl_and_probe_it(
@@ -477,10 +514,14 @@ def test_each_process_reads_its_own_redis_password(renders: dict[str, list[dict[
                 env = {e["name"]: e.get("value") for e in container.get("env", [])}
                 if "BREAKWATER_REDIS_PASSWORD_FILE" not in env:
                     continue
-                role = container["args"][0]
-                assert env["BREAKWATER_REDIS_USERNAME"] == role, (name, where)
-                path = Path(env["BREAKWATER_REDIS_PASSWORD_FILE"] or "")
-                mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
-                secret = volumes[mount["name"]]["secret"]
-                assert secret["secretName"] == "breakwater-redis"
-                assert secret["items"] == [{"key": f"{role}-password", "path": path.name}], (name, where)
+                # A gateway's embedded worker (overlays/embedded) connects as the worker.
+                roles = {"": container["args"][0]}
+                if "--embed-engine" in container["args"]:
+                    roles["EMBED_"] = "worker"
+                for prefix, role in roles.items():
+                    assert env[f"BREAKWATER_{prefix}REDIS_USERNAME"] == role, (name, where)
+                    path = Path(env[f"BREAKWATER_{prefix}REDIS_PASSWORD_FILE"] or "")
+                    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+                    secret = volumes[mount["name"]]["secret"]
+                    assert secret["secretName"] == "breakwater-redis"
+                    assert secret["items"] == [{"key": f"{role}-password", "path": path.name}], (name, where)
