@@ -244,7 +244,10 @@ class WorkerSettings(CommonSettings):
     # openai (upstream) engine
     upstream_url: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. :8001/v1")
     upstream_model: str | None = Field(default=None, description="model id upstream (default: its first)")
-    upstream_api_key: str | None = None
+    upstream_api_key: SecretStr | None = None
+    upstream_api_key_file: str | None = Field(
+        default=None, description="read the upstream's API key from this file (a mounted Secret; it wins)"
+    )
     upstream_metrics_url: str | None = Field(
         default=None, description="vLLM-style /metrics (default: try the server's /metrics; 'off': never)"
     )

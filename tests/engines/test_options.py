@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,7 @@ ENGINE_KNOBS = (
     "upstream_url",
     "upstream_model",
     "upstream_api_key",
+    "upstream_api_key_file",
     "upstream_metrics_url",
     "upstream_max_waiting",
     "upstream_kv_high",
@@ -163,3 +165,23 @@ def test_sim_server_reuses_the_sim_engine_defaults() -> None:
     options = SimServerSettings().sim_options()
     # Sized like the upstream it stands in for; everything else is the sim engine's own default.
     assert options == SimOptions(capacity=UpstreamOptions.capacity)
+
+
+def test_the_upstream_key_comes_from_its_file_and_stays_out_of_reprs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BREAKWATER_ENGINE", "openai")
+    monkeypatch.setenv("BREAKWATER_UPSTREAM_URL", URL)
+    monkeypatch.setenv("BREAKWATER_UPSTREAM_API_KEY", "sk-from-the-variable")
+    from_variable = options_from_settings(WorkerSettings())
+    assert isinstance(from_variable, UpstreamOptions) and from_variable.api_key == "sk-from-the-variable"
+    secret = tmp_path / "upstream-key"
+    secret.write_text("sk-from-the-secret\n")  # as `kubectl create secret --from-file` may leave it
+    monkeypatch.setenv("BREAKWATER_UPSTREAM_API_KEY_FILE", str(secret))
+    settings = WorkerSettings()
+    options = options_from_settings(settings)
+    assert isinstance(options, UpstreamOptions) and options.api_key == "sk-from-the-secret"  # the file wins
+    engine = build_engine(options)
+    assert isinstance(engine, OpenAIUpstreamEngine) and engine.api_key == "sk-from-the-secret"
+    for text in (repr(settings), str(settings), repr(options)):
+        assert "sk-from" not in text

@@ -69,7 +69,7 @@ class UpstreamOptions:
     upstream_model: str | None = None  # None: the upstream's first model
     capacity: int = 64  # requests in flight to the upstream
     context_length: int | None = None  # None: the upstream's max_model_len
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a log line
     metrics_url: str | None = None  # None: try the server's /metrics; "off": never
     max_waiting: int = 0  # pull only while the upstream has at most this many waiting
     kv_high: float = 0.95  # pull only below this KV-cache use
@@ -130,7 +130,7 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
             **_given(
                 **common,
                 upstream_model=s.upstream_model,
-                api_key=s.upstream_api_key,
+                api_key=_upstream_key(s),
                 metrics_url=s.upstream_metrics_url,
                 max_waiting=s.upstream_max_waiting,
                 kv_high=s.upstream_kv_high,
@@ -152,6 +152,13 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
             )
         )
     raise ValueError(f"unknown engine {s.engine!r} (available: {', '.join(ENGINES)})")
+
+
+def _upstream_key(s: WorkerSettings) -> str | None:
+    """The upstream's API key: from its file (a mounted Secret) if one is set, else the variable."""
+    if s.upstream_api_key_file:
+        return Path(s.upstream_api_key_file).read_text(encoding="utf-8").strip() or None
+    return s.upstream_api_key.get_secret_value() if s.upstream_api_key else None
 
 
 def _given(**knobs: Any) -> dict[str, Any]:
