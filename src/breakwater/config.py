@@ -133,6 +133,13 @@ class GatewaySettings(CommonSettings):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics listener; 0: none")
     metrics_host: str = Field(default="127.0.0.1", description="the /metrics listener's address")
 
+    @model_validator(mode="after")
+    def _embed_credentials_name_a_user(self) -> GatewaySettings:
+        # A password file with no user would be ignored (the embedded worker would use the gateway's).
+        if self.embed_redis_password_file and not self.embed_redis_username:
+            raise ValueError("embed_redis_password_file needs embed_redis_username (the ACL user it is for)")
+        return self
+
     @property
     def public_metrics(self) -> bool:
         return self.auth == "off" and self.metrics_port == 0

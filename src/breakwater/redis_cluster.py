@@ -193,7 +193,9 @@ class LocalCluster:
     @staticmethod
     def client(node: RedisServer) -> Any:
         """A blocking client of one node (its ``execute_command`` is untyped: hence Any)."""
-        return redis.Redis(host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(
+            host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5, protocol=2
+        )
 
     def live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]

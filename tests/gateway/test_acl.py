@@ -9,8 +9,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from breakwater.config import GatewaySettings
 from breakwater.redis_server import RedisServer
 from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import inproc_gateway
@@ -62,12 +65,14 @@ async def test_a_request_runs_as_the_kubernetes_acl_users(
             await redis.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
 
 
+@pytest.mark.parametrize("gateway_login", ["settings", "url"])
 async def test_an_embedded_worker_runs_as_the_worker_acl_user(
-    redis_server: RedisServer, redis: Redis, prefix: str, tmp_path: Path
+    redis_server: RedisServer, redis: Redis, prefix: str, tmp_path: Path, gateway_login: str
 ) -> None:
     """``--embed-engine`` in a gateway whose ACL user may not pull jobs: the embedded worker connects
     as the worker's user (its password from a Secret file), to the gateway's Redis and key prefix as
-    the gateway was given them (none of them in this process's environment)."""
+    the gateway was given them (none of them in this process's environment), also when the gateway's
+    login is in its Redis URL (redis-py would let the URL's win over the worker's)."""
     users = await _acl_users(redis, prefix)
     gw_user, gw_pw = users["gateway"]
     wk_user, wk_pw = users["worker"]
@@ -79,11 +84,14 @@ async def test_an_embedded_worker_runs_as_the_worker_acl_user(
     secret = tmp_path / "worker-password"
     secret.write_text(wk_pw + "\n")
     try:
+        login = {"redis_username": gw_user, "redis_password": gw_pw}
+        url = redis_server.url
+        if gateway_login == "url":
+            url, login = url.replace("redis://", f"redis://{gw_user}:{gw_pw}@", 1), {}
         async with inproc_gateway(
-            redis_server.url,
+            url,
             prefix,
-            redis_username=gw_user,
-            redis_password=gw_pw,
+            **login,
             embed_engine="sim",
             embed_redis_username=wk_user,
             embed_redis_password_file=str(secret),
@@ -104,3 +112,9 @@ async def test_an_embedded_worker_runs_as_the_worker_acl_user(
     finally:
         for name, _ in users.values():
             await redis.execute_command("ACL", "DELUSER", name)  # type: ignore[no-untyped-call]
+
+
+def test_an_embedded_password_file_names_its_user() -> None:
+    with pytest.raises(ValidationError, match="embed_redis_password_file needs embed_redis_username"):
+        GatewaySettings(embed_engine="sim", embed_redis_password_file="/run/secrets/worker-password")
+    assert GatewaySettings(embed_redis_username="worker").embed_redis_username == "worker"  # nopass user

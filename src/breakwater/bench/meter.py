@@ -151,7 +151,7 @@ class Meter:
         if not urls and not redis_urls:
             raise ValueError("nothing to measure: give --measure and/or --redis-url")
         self.urls = urls
-        self.redis = [Redis.from_url(u) for u in redis_urls]
+        self.redis = [Redis.from_url(u, protocol=2) for u in redis_urls]  # RESP2 on any redis-py
         self.redis_urls = redis_urls
         self.sample_s = sample_s
 

@@ -87,7 +87,7 @@ def connect(
     if cluster is not None:
         return _cluster_client(cluster, auth, socket_timeout_s, max_connections)
     pool = BlockingConnectionPool.from_url(
-        url,
+        without_credentials(url) if auth else url,  # redis-py lets the URL's win over arguments
         **auth,
         timeout=socket_timeout_s,
         decode_responses=True,
@@ -103,13 +103,19 @@ def connect(
     return Redis.from_pool(pool)
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without a user or password in its authority (``redis://u:p@h:1/0`` -> ``redis://h:1/0``)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _cluster_client(
     url: ClusterUrl, auth: dict[str, Any], socket_timeout_s: float | None, max_connections: int
 ) -> Redis:
     """redis-py's cluster client (MOVED/ASK/TRYAGAIN/CLUSTERDOWN, topology refresh, primaries
     only), typed as the :class:`Redis` whose commands it shares: the broker's multi-key commands
     stay within one hash slot (docs/architecture.md, "Redis Cluster")."""
-    creds = {"username": url.username, "password": url.password, **auth}
+    creds = auth or {"username": url.username, "password": url.password}  # given ones replace the URL's
     tls: dict[str, Any] = {}
     if url.tls:
         reqs = "required" if url.verify else "none"
