@@ -131,9 +131,16 @@ async def test_a_blue_green_switch_under_load_loses_and_duplicates_nothing(blue_
     outcomes: list[Outcome] = []
     switched_at: list[float] = []
 
-    async def client(k: int, until: float) -> None:
+    def sending(deadline: float) -> bool:
+        # Until 2 s past the switch's end, however long the CLI took to start on a busy machine (a CI
+        # run's took ~3 s: a fixed 5 s window then held no request after the change had settled).
+        now = time.monotonic()
+        assert now < deadline, "the alias switch did not finish"
+        return len(switched_at) < 2 or now < switched_at[1] + 2.0
+
+    async def client(k: int, deadline: float) -> None:
         async with httpx.AsyncClient(timeout=60) as http:
-            while time.monotonic() < until:
+            while sending(deadline):
                 out = Outcome(len(outcomes), time.monotonic())
                 outcomes.append(out)
                 await _stream(http, url, out)
@@ -154,8 +161,8 @@ async def test_a_blue_green_switch_under_load_loses_and_duplicates_nothing(blue_
         )
         switched_at.append(time.monotonic())
 
-    end = time.monotonic() + 5.0
-    await asyncio.gather(switch(), *(client(k, end) for k in range(12)))
+    deadline = time.monotonic() + 60.0
+    await asyncio.gather(switch(), *(client(k, deadline) for k in range(12)))
     before, after = switched_at
     assert len(outcomes) >= 40  # continuous: each client sends its next as soon as one ends
     for out in outcomes:
