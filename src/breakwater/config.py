@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from breakwater.engines.options import LlamaCppOptions, SimOptions, UpstreamOptions, VLLMOptions
+from breakwater.secret import secret
 
 MAX_PARTITIONS = 64
 
@@ -103,11 +104,7 @@ class CommonSettings(BaseSettings):
 
     def pepper(self) -> bytes:
         """The API-key pepper; raises ValueError when none is configured."""
-        if self.auth_pepper_file:
-            with open(self.auth_pepper_file, encoding="utf-8") as f:
-                value = f.read().strip()
-        else:
-            value = self.auth_pepper.get_secret_value() if self.auth_pepper is not None else ""
+        value = secret(self.auth_pepper, self.auth_pepper_file) or ""
         if len(value) < 16:
             raise ValueError(
                 "API keys need a pepper of at least 16 characters: set BREAKWATER_AUTH_PEPPER_FILE "

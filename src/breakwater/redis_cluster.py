@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from breakwater.broker.connection import RESP
 from breakwater.redis_server import RedisServer, RedisServerError, find_redis_server, free_port
 
 
@@ -194,7 +195,7 @@ class LocalCluster:
     def client(node: RedisServer) -> Any:
         """A blocking client of one node (its ``execute_command`` is untyped: hence Any)."""
         return redis.Redis(
-            host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5, protocol=2
+            host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5, protocol=RESP
         )
 
     def live(self) -> list[RedisServer]:

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from breakwater.broker.connection import RESP
 from breakwater.capacity.pricing import Pricing, Usage, cost
 
 T = TypeVar("T")
@@ -151,7 +152,7 @@ class Meter:
         if not urls and not redis_urls:
             raise ValueError("nothing to measure: give --measure and/or --redis-url")
         self.urls = urls
-        self.redis = [Redis.from_url(u, protocol=2) for u in redis_urls]  # RESP2 on any redis-py
+        self.redis = [Redis.from_url(u, protocol=RESP) for u in redis_urls]
         self.redis_urls = redis_urls
         self.sample_s = sample_s
 

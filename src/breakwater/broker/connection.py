@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from breakwater.broker.cluster import ClusterPipelinedRedis, Fast
 from breakwater.broker.wire import Endpoint, PipelinedRedis
 from breakwater.config import CommonSettings
+from breakwater.secret import secret
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # -> TLS
 
@@ -163,14 +164,10 @@ def fast_client(redis: Redis, timeout_s: float | None) -> Fast:
 
 def connect_with(settings: CommonSettings) -> Redis:
     """The client a process's settings describe (URL, ACL user and password)."""
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    if settings.redis_password_file:  # a mounted Secret; it wins over the variable
-        with open(settings.redis_password_file, encoding="utf-8") as f:
-            password = f.read().strip()
     return connect(
         settings.redis_url,
         username=settings.redis_username,
-        password=password,
+        password=secret(settings.redis_password, settings.redis_password_file),
         max_connections=settings.redis_max_connections,
         socket_timeout_s=settings.redis_socket_timeout_s,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from breakwater.engines.models import DEFAULT_MODEL, bundled_gguf
+from breakwater.secret import secret
 
 if TYPE_CHECKING:
     from breakwater.config import WorkerSettings
@@ -130,7 +131,7 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
             **_given(
                 **common,
                 upstream_model=s.upstream_model,
-                api_key=_upstream_key(s),
+                api_key=secret(s.upstream_api_key, s.upstream_api_key_file),
                 metrics_url=s.upstream_metrics_url,
                 max_waiting=s.upstream_max_waiting,
                 kv_high=s.upstream_kv_high,
@@ -152,13 +153,6 @@ def options_from_settings(settings: WorkerSettings) -> EngineOptions:
             )
         )
     raise ValueError(f"unknown engine {s.engine!r} (available: {', '.join(ENGINES)})")
-
-
-def _upstream_key(s: WorkerSettings) -> str | None:
-    """The upstream's API key: from its file (a mounted Secret) if one is set, else the variable."""
-    if s.upstream_api_key_file:
-        return Path(s.upstream_api_key_file).read_text(encoding="utf-8").strip() or None
-    return s.upstream_api_key.get_secret_value() if s.upstream_api_key else None
 
 
 def _given(**knobs: Any) -> dict[str, Any]:
