@@ -11,6 +11,12 @@ memory per open stream, and then the memory of idle WebSocket connections.
 the processes' CPU per token and how the streams spread over them (SO_REUSEPORT) give the capacity
 each count would have with a core per process, where this machine has no spare core to measure it.
 
+``--core-each`` (a machine with at least 2 + gateway processes + workers cores) gives every process a
+core of its own instead: the client CPU 0, gateway process i CPU 1 + i, then Redis, then each worker.
+``--step-ms`` shortens the engine's step (more tokens per second per stream), to load the gateway
+past a core: the delivered rate (every token over the span from the first to the last) then reads
+each count's capacity directly.
+
     python benchmarks/streams.py [--streams 10000] [--tokens 30] [--workers 4] [--websockets 10000]
 """
 
@@ -110,6 +116,53 @@ def listening(pids: list[int], port: int) -> set[int]:
                     held.add(pid)
                     break
     return held
+
+
+@dataclass(frozen=True)
+class Cores:
+    """Which CPUs each process runs on."""
+
+    client: set[int]
+    gateway: list[set[int]]  # one entry per gateway process; all processes share it when only one
+    redis: set[int]
+    workers: list[set[int]]
+
+    @classmethod
+    def shared(cls, workers: int) -> Cores:
+        """Two cores: the gateway's processes on CPU 1, everything else on CPU 0."""
+        return cls({0}, [{1}], {0}, [{0}] * workers)
+
+    @classmethod
+    def each(cls, processes: int, workers: int) -> Cores:
+        """A core per process: client 0, gateway 1..P, Redis P + 1, workers after it."""
+        need = 2 + processes + workers
+        if (os.cpu_count() or 1) < need:
+            raise SystemExit(f"--core-each needs {need} cores; this machine has {os.cpu_count()}")
+        return cls(
+            {0},
+            [{1 + i} for i in range(processes)],
+            {1 + processes},
+            [{2 + processes + i} for i in range(workers)],
+        )
+
+    def describe(self) -> str:
+        if len(self.gateway) == 1 and self.redis == self.client:
+            return "gateway pinned to CPU 1, Redis + the sim workers + this client on CPU 0"
+        return (
+            "a core for each process: this client, every gateway process, Redis and every sim worker "
+            "on its own"
+        )
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int]) -> Any:
+    """Processes started inside inherit ``cpus``; this process's own affinity is restored after."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def wait_listening(pid: int, processes: int, port: int, timeout_s: float = 60.0) -> list[int]:
@@ -318,6 +371,8 @@ async def hold_streams(
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
     total_tokens = sum(max(0, len(r.seqs) - 1) for r in results)
+    arrivals = [t for r in results for t in r.kernel_times[:-1] if t == t]
+    span = max(arrivals) - min(arrivals) if len(arrivals) > 1 else 0.0
     each = [cpu_s(pid) - base for pid, base in zip(gw_pids, base_cpu, strict=True)]
     used = sum(each)
     return {
@@ -331,12 +386,28 @@ async def hold_streams(
         "gw_cpu_s": used,
         "gw_busy": used / wall,
         "tokens_per_cpu_s": total_tokens / used if used else 0.0,
+        # Every token over the span from the first to the last: the offered rate while the gateway
+        # keeps up, its capacity once it does not.
+        "delivered_tokens_s": total_tokens / span if span else 0.0,
+        "peak_tokens_s": busiest_second(arrivals),
         # With a core per process, the load as spread here grows until the busiest saturates its core.
         "capacity_tokens_s": total_tokens / max(each) if used else 0.0,
         "gw_cpu_each": each,
         "cpu0": cpu0,
         **split,
     }
+
+
+def busiest_second(times: list[float]) -> float:
+    """The most of ``times`` in one second (whole seconds from the first): a saturated gateway's
+    delivery rate, which the ramp's edges do not dilute."""
+    if not times:
+        return 0.0
+    first = min(times)
+    counts: dict[int, int] = {}
+    for t in times:
+        counts[int(t - first)] = counts.get(int(t - first), 0) + 1
+    return float(max(counts.values()))
 
 
 def observed(results: list[Stream], sent: dict[tuple[str, int], float]) -> dict[str, float]:
@@ -404,11 +475,13 @@ def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, Any]:
-    """One run on a fresh stack: the gateway with ``processes`` processes, all on CPU 1. The idle
-    WebSockets and ``--dump`` are the ``first`` run's only."""
+    """One run on a fresh stack: the gateway with ``processes`` processes, on the cores ``args``
+    lays out. The idle WebSockets and ``--dump`` are the ``first`` run's only."""
+    cores = Cores.each(processes, args.workers) if args.core_each else Cores.shared(args.workers)
     tmp = Path(tempfile.mkdtemp(prefix="bw-streams-"))
     redis = RedisServer(tmp / "redis")
-    redis.start()
+    with pinned(cores.redis):
+        redis.start()
     procs = []
     try:
         port = free_port()
@@ -417,30 +490,32 @@ def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, 
             "BREAKWATER_KEY_PREFIX": "streams",
             "BREAKWATER_LOG_LEVEL": "WARNING",
             "BREAKWATER_LANE_MAX_QUEUED": str(args.streams * 2),
-            "BREAKWATER_SIM_DECODE_BASE_MS": "1000",
+            "BREAKWATER_SIM_DECODE_BASE_MS": str(args.step_ms),
             "BREAKWATER_SIM_DECODE_PER_SEQ_MS": "0",
             "BREAKWATER_SIM_PREFILL_MS_PER_TOKEN": "0",
             "BREAKWATER_SIM_JITTER_FRAC": "0",
         }
-        os.sched_setaffinity(0, {1})  # the gateway and the processes it starts inherit CPU 1
-        try:
+        # The gateway and the processes it starts inherit its cores; each is then held to its own.
+        with pinned(set().union(*cores.gateway)):
             gw = spawn(["gateway", "--port", str(port), "--workers", str(processes)], env, tmp / "gw.log")
-        finally:
-            os.sched_setaffinity(0, {0})
         procs.append(gw)
         capacity = str(-(-args.streams // args.workers) + 16)
         metrics = [free_port() for _ in range(args.workers)]
         for i in range(args.workers):
-            procs.append(
-                spawn(
+            with pinned(cores.workers[i]):
+                worker = spawn(
                     ["worker", "--engine", "sim", "--model", "sim", "--capacity", capacity],
                     {**env, "BREAKWATER_WORKER_ID": f"w{i}", "BREAKWATER_METRICS_PORT": str(metrics[i])},
                     tmp / f"w{i}.log",
                 )
-            )
+            procs.append(worker)
         url = f"http://127.0.0.1:{port}"
         wait_models(url, "sim")
         gw_pids = wait_listening(gw.pid, processes, port)
+        if len(cores.gateway) == len(gw_pids):
+            for pid, cpus in zip(gw_pids, cores.gateway, strict=True):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), cpus)
         assert redis.proc is not None
         shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
         observer = Observer(redis.url, env["BREAKWATER_KEY_PREFIX"]) if args.observe else None
@@ -449,6 +524,7 @@ def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, 
             hold_streams(url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, dump, observer)
         )
         streams["processes"] = processes
+        streams["layout"] = cores.describe()
         streams["publish"] = [step_publish_ms(metrics, q) for q in (0.5, 0.99)]
         websockets = args.websockets if first else 0
         streams["sockets"] = asyncio.run(idle_websockets(url, websockets, gw_pids)) if websockets else None
@@ -458,16 +534,16 @@ def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, 
     return streams
 
 
-def report(runs: list[dict[str, Any]], workers: int) -> list[str]:
+def report(runs: list[dict[str, Any]], workers: int, step_ms: float) -> list[str]:
     many = len(runs) > 1
     lines = [
-        f"{platform.machine()}, {os.cpu_count()} cores; gateway pinned to CPU 1, Redis + {workers} sim "
-        "workers + this client on CPU 0; one token per second per stream.",
+        f"{platform.machine()}, {os.cpu_count()} cores; {runs[0]['layout']}; {workers} sim workers, "
+        f"a decode step of {step_ms:g} ms (one token per stream per step).",
         "",
         "| gateway processes | streams | exact | errors "
-        "| ITL p50 / p99 / max (ms; the engine's step is 1000) | gateway KB per stream "
-        "| gateway tokens per CPU-s | CPU-s per process |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| ITL p50 / p99 / max (ms; the engine's step is {step_ms:g}) | gateway KB per stream "
+        "| gateway tokens per CPU-s | CPU-s per process | tokens/s delivered: whole run · busiest second |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
@@ -475,7 +551,7 @@ def report(runs: list[dict[str, Any]], workers: int) -> list[str]:
             f"{r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} / {r['itl_max_ms']:.0f} | "
             f"{r['kb_per_stream']:.1f} | {r['tokens_per_cpu_s']:,.0f} | "
             + " · ".join(f"{c:.2f}" for c in r["gw_cpu_each"])
-            + " |"
+            + f" | {r['delivered_tokens_s']:,.0f} · {r['peak_tokens_s']:,.0f} |"
         )
     for r in runs:
         publish = r["publish"]
@@ -490,9 +566,9 @@ def report(runs: list[dict[str, Any]], workers: int) -> list[str]:
             "bounds) to publish a step's tokens, which the next step waits for: that much of each ITL is "
             "the workers' and Redis's, before the gateway has the tokens.",
             "",
-            f"While the streams were held: the gateway's core {100 * r['gw_busy']:.0f}% busy; CPU 0 "
+            f"While the streams were held: the gateway's processes {100 * r['gw_busy']:.0f}% of a core; "
             + ", ".join(f"{label} {100 * share:.0f}%" for label, share in r["cpu0"].items())
-            + f" (together {100 * sum(r['cpu0'].values()):.0f}% of the core).",
+            + f" (together {100 * sum(r['cpu0'].values()):.0f}% of a core).",
         ]
         if "observed" in r:
             lines += [
@@ -517,9 +593,9 @@ def report(runs: list[dict[str, Any]], workers: int) -> list[str]:
         least = min(runs, key=lambda r: r["processes"])
         lines += [
             "",
-            "With a core per gateway process (projected, as this machine has no core to spare: each run's "
-            "tokens over the CPU-seconds of its busiest process, the rate at which that process would "
-            "saturate its core with the streams spread as they were): "
+            "With a core per gateway process (projected: each run's tokens over the CPU-seconds of its "
+            "busiest process, the rate at which that process would saturate its core with the streams "
+            "spread as they were): "
             + ", ".join(
                 f"{r['processes']} process(es) {r['capacity_tokens_s']:,.0f} tokens/s "
                 f"({r['capacity_tokens_s'] / least['capacity_tokens_s']:.2f}x {least['processes']})"
@@ -540,6 +616,10 @@ def main() -> None:
     parser.add_argument(
         "--gateway-processes", default="1", help="comma-separated counts, one run each (gateway --workers N)"
     )
+    parser.add_argument(
+        "--core-each", action="store_true", help="a core for every process (see above), not two shared"
+    )
+    parser.add_argument("--step-ms", type=float, default=1000.0, help="the sim engine's decode step")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--dump", default="", help="write every stream's event times (JSON) here (the first run's)"
@@ -557,7 +637,7 @@ def main() -> None:
     os.sched_setaffinity(0, {0})
     runs = [measure(args, n, first=i == 0) for i, n in enumerate(counts)]
     cmd = "python benchmarks/streams.py " + " ".join(sys.argv[1:])
-    text = "\n".join([*report(runs, args.workers), "", f"Command: `{cmd.strip()}`"])
+    text = "\n".join([*report(runs, args.workers, args.step_ms), "", f"Command: `{cmd.strip()}`"])
     print(text)
     if not args.no_write:
         write_section("streams", text)
