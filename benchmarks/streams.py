@@ -11,11 +11,13 @@ memory per open stream, and then the memory of idle WebSocket connections.
 the processes' CPU per token and how the streams spread over them (SO_REUSEPORT) give the capacity
 each count would have with a core per process, where this machine has no spare core to measure it.
 
-``--core-each`` (a machine with at least 2 + gateway processes + workers cores) gives every process a
-core of its own instead: the client CPU 0, gateway process i CPU 1 + i, then Redis, then each worker.
+``--core-each`` (a machine with a core for every process) gives every process a core of its own
+instead: the clients first, then each gateway process, each Redis server, each worker.
 ``--step-ms`` shortens the engine's step (more tokens per second per stream), to load the gateway
-past a core: the delivered rate (every token over the span from the first to the last) then reads
-each count's capacity directly.
+past a core: the delivered rate (every token over the span from the first to the last, and in the
+busiest second) then reads each count's capacity directly. For that the rest must keep up:
+``--clients N`` reads the streams from N processes, ``--cluster N`` runs a Redis Cluster of N
+primaries (sharded Pub/Sub) in place of the one Redis.
 
     python benchmarks/streams.py [--streams 10000] [--tokens 30] [--workers 4] [--websockets 10000]
 """
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import multiprocessing
 import os
 import platform
 import re
@@ -39,7 +42,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import hiredis
@@ -48,6 +51,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, free_port
 from common import pct, spawn, stop, wait_models, write_section
 
@@ -122,36 +126,44 @@ def listening(pids: list[int], port: int) -> set[int]:
 class Cores:
     """Which CPUs each process runs on."""
 
-    client: set[int]
+    clients: list[set[int]]
     gateway: list[set[int]]  # one entry per gateway process; all processes share it when only one
-    redis: set[int]
+    redis: list[set[int]]  # one per Redis server (a cluster's primaries)
     workers: list[set[int]]
 
     @classmethod
-    def shared(cls, workers: int) -> Cores:
+    def shared(cls, clients: int, processes: int, redis: int, workers: int) -> Cores:
         """Two cores: the gateway's processes on CPU 1, everything else on CPU 0."""
-        return cls({0}, [{1}], {0}, [{0}] * workers)
+        return cls([{0}] * clients, [{1}], [{0}] * redis, [{0}] * workers)
 
     @classmethod
-    def each(cls, processes: int, workers: int) -> Cores:
-        """A core per process: client 0, gateway 1..P, Redis P + 1, workers after it."""
-        need = 2 + processes + workers
+    def each(cls, clients: int, processes: int, redis: int, workers: int) -> Cores:
+        """A core per process: the clients, the gateway's processes, Redis, the workers."""
+        need = clients + processes + redis + workers
         if (os.cpu_count() or 1) < need:
             raise SystemExit(f"--core-each needs {need} cores; this machine has {os.cpu_count()}")
+        cpus = iter(range(need))
         return cls(
-            {0},
-            [{1 + i} for i in range(processes)],
-            {1 + processes},
-            [{2 + processes + i} for i in range(workers)],
+            [{next(cpus)} for _ in range(clients)],
+            [{next(cpus)} for _ in range(processes)],
+            [{next(cpus)} for _ in range(redis)],
+            [{next(cpus)} for _ in range(workers)],
         )
 
     def describe(self) -> str:
-        if len(self.gateway) == 1 and self.redis == self.client:
-            return "gateway pinned to CPU 1, Redis + the sim workers + this client on CPU 0"
+        if len(self.gateway) == 1 and self.redis[0] == self.clients[0]:
+            return "gateway pinned to CPU 1, Redis + the sim workers + the client on CPU 0"
         return (
-            "a core for each process: this client, every gateway process, Redis and every sim worker "
-            "on its own"
+            f"a core for each process: {len(self.clients)} client process(es), every gateway process, "
+            f"{len(self.redis)} Redis server(s) and every sim worker on its own"
         )
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` to ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 @contextlib.contextmanager
@@ -315,6 +327,69 @@ async def one_stream(port: int, tokens: int, seed: int) -> Stream:
     return out
 
 
+async def open_streams(
+    port: int, count: int, tokens: int, ramp_s: float, share: range, start: float
+) -> list[Stream]:
+    """Streams ``share`` of ``count``, stream i opened at ``start + ramp_s * i / count``
+    (``time.perf_counter``, one clock for every process)."""
+    # The client's own collector must not pause its reads (its full collections took 95-173 ms,
+    # stalling every stream's timestamps at once): off while the streams are held (bounded memory).
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    tasks = []
+    for i in share:
+        delay = start + ramp_s * i / count - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one_stream(port, tokens, i)))
+    results = await asyncio.gather(*tasks)
+    gc.enable()
+    gc.unfreeze()
+    return list(results)
+
+
+def client_process(
+    port: int, count: int, tokens: int, ramp_s: float, share: range, start: float, cpus: set[int], out: Any
+) -> None:
+    """One of ``--clients`` processes: its share of the streams, then (results, its CPU-seconds)."""
+    os.sched_setaffinity(0, cpus)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    cpu = sum(os.times()[:2])
+    results = run(open_streams(port, count, tokens, ramp_s, share, start))
+    out.send((results, sum(os.times()[:2]) - cpu))
+    out.close()
+
+
+async def from_clients(
+    port: int, count: int, tokens: int, ramp_s: float, cores: list[set[int]]
+) -> tuple[list[Stream], float]:
+    """The streams from ``len(cores)`` processes, stream i from process i mod N; their results in
+    order and the CPU-seconds they used together."""
+    spawn_ctx = multiprocessing.get_context("spawn")  # the child runs its own event loop
+    start = time.perf_counter() + 3.0  # past every child's start
+    pipes, procs = [], []
+    for n, cpus in enumerate(cores):
+        mine, theirs = spawn_ctx.Pipe(duplex=False)
+        share = range(n, count, len(cores))
+        proc = spawn_ctx.Process(
+            target=client_process, args=(port, count, tokens, ramp_s, share, start, cpus, theirs)
+        )
+        proc.start()
+        theirs.close()
+        pipes.append(mine)
+        procs.append(proc)
+    loop = asyncio.get_running_loop()
+    parts = [await loop.run_in_executor(None, pipe.recv) for pipe in pipes]
+    for proc in procs:
+        proc.join()
+    results: list[Stream] = [Stream()] * count
+    for n, (part, _) in enumerate(parts):
+        results[n :: len(cores)] = part
+    return results, sum(cpu for _, cpu in parts)
+
+
 async def hold_streams(
     url: str,
     count: int,
@@ -324,6 +399,7 @@ async def hold_streams(
     shared: dict[str, int],
     dump: str,
     observer: Observer | None,
+    clients: list[set[int]],
 ) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
     base_rss = rss_kb(gw_pids)
@@ -340,29 +416,19 @@ async def hold_streams(
     sampler = asyncio.create_task(sample())
     if observer is not None:
         await observer.start()
-    # The client's own collector must not pause its reads (its full collections took 95-173 ms,
-    # stalling every stream's timestamps at once): off while the streams are held (bounded memory).
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    tasks = []
-    started = time.perf_counter()
-    for i in range(count):
-        delay = started + ramp_s * i / count - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one_stream(port, tokens, i)))
-    results = await asyncio.gather(*tasks)
+    if len(clients) > 1:
+        results, client_cpu = await from_clients(port, count, tokens, ramp_s, clients)
+    else:
+        results = await open_streams(port, count, tokens, ramp_s, range(count), time.perf_counter())
+        client_cpu = sum(os.times()[:2]) - base_client
     if observer is not None:
         observer.stop()
     if dump:  # every stream's per-event times, for a closer look at the tail
         Path(dump).write_bytes(orjson.dumps([[r.times, r.kernel_times] for r in results]))
-    gc.enable()
-    gc.unfreeze()
     sampler.cancel()
     wall = time.perf_counter() - t0
     cpu0 = {label: (cpu_s(pid) - base_shared[label]) / wall for label, pid in shared.items()}
-    cpu0["client"] = (sum(os.times()[:2]) - base_client) / wall
+    cpu0["client" if len(clients) == 1 else f"{len(clients)} clients"] = client_cpu / wall
     itl = [b - a for r in results for a, b in zip(r.times[:-2], r.times[1:-1], strict=True)]
     kernel = [b - a for r in results for a, b in zip(r.kernel_times[:-2], r.kernel_times[1:-1], strict=True)]
     split = observed(results, observer.sent) if observer is not None else {}
@@ -466,7 +532,10 @@ async def idle_websockets(url: str, count: int, gw_pids: list[int]) -> dict[str,
     }
 
 
-def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:
@@ -477,11 +546,21 @@ def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, Any]:
     """One run on a fresh stack: the gateway with ``processes`` processes, on the cores ``args``
     lays out. The idle WebSockets and ``--dump`` are the ``first`` run's only."""
-    cores = Cores.each(processes, args.workers) if args.core_each else Cores.shared(args.workers)
+    layout = Cores.each if args.core_each else Cores.shared
+    cores = layout(args.clients, processes, max(1, args.cluster), args.workers)
     tmp = Path(tempfile.mkdtemp(prefix="bw-streams-"))
-    redis = RedisServer(tmp / "redis")
-    with pinned(cores.redis):
+    redis: RedisServer | LocalCluster
+    if args.cluster:
+        redis = LocalCluster(tmp / "cluster", primaries=args.cluster, replicas=0)
         redis.start()
+        servers = [node.proc.pid for node in redis.nodes if node.proc is not None]
+    else:
+        redis = RedisServer(tmp / "redis")
+        redis.start()
+        assert redis.proc is not None
+        servers = [redis.proc.pid]
+    for pid, cpus in zip(servers, cores.redis, strict=True):
+        pin(pid, cpus)
     procs = []
     try:
         port = free_port()
@@ -514,14 +593,16 @@ def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, 
         gw_pids = wait_listening(gw.pid, processes, port)
         if len(cores.gateway) == len(gw_pids):
             for pid, cpus in zip(gw_pids, cores.gateway, strict=True):
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    os.sched_setaffinity(int(tid), cpus)
-        assert redis.proc is not None
-        shared = {"redis": redis.proc.pid} | {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
+                pin(pid, cpus)
+        shared = {f"redis {i}" if args.cluster else "redis": pid for i, pid in enumerate(servers)}
+        shared |= {f"worker {i}": w.pid for i, w in enumerate(procs[1:])}
         observer = Observer(redis.url, env["BREAKWATER_KEY_PREFIX"]) if args.observe else None
         dump = args.dump if first else ""
+        os.sched_setaffinity(0, cores.clients[0])
         streams = run(
-            hold_streams(url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, dump, observer)
+            hold_streams(
+                url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, dump, observer, cores.clients
+            )
         )
         streams["processes"] = processes
         streams["layout"] = cores.describe()
@@ -620,6 +701,10 @@ def main() -> None:
         "--core-each", action="store_true", help="a core for every process (see above), not two shared"
     )
     parser.add_argument("--step-ms", type=float, default=1000.0, help="the sim engine's decode step")
+    parser.add_argument("--clients", type=int, default=1, help="client processes reading the streams")
+    parser.add_argument(
+        "--cluster", type=int, default=0, help="a Redis Cluster of this many primaries (0: one Redis)"
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--dump", default="", help="write every stream's event times (JSON) here (the first run's)"
@@ -631,6 +716,8 @@ def main() -> None:
         "(Redis then sends every token twice)",
     )
     args = parser.parse_args()
+    if args.cluster and args.observe:
+        parser.error("--observe subscribes on one Redis: not with --cluster")
     counts = [int(n) for n in args.gateway_processes.split(",")]
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
