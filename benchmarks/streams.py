@@ -407,10 +407,13 @@ async def hold_streams(
     base_shared = {label: cpu_s(pid) for label, pid in shared.items()}
     base_client, t0 = sum(os.times()[:2]), time.perf_counter()
     peak = {"rss": base_rss}
+    fds = [0] * len(gw_pids)  # the most descriptors each process held: how SO_REUSEPORT spread them
 
     async def sample() -> None:
         while True:
             peak["rss"] = max(peak["rss"], rss_kb(gw_pids))
+            for n, pid in enumerate(gw_pids):
+                fds[n] = max(fds[n], len(os.listdir(f"/proc/{pid}/fd")))
             await asyncio.sleep(0.5)
 
     sampler = asyncio.create_task(sample())
@@ -459,6 +462,7 @@ async def hold_streams(
         # With a core per process, the load as spread here grows until the busiest saturates its core.
         "capacity_tokens_s": total_tokens / max(each) if used else 0.0,
         "gw_cpu_each": each,
+        "gw_fds_each": fds,
         "cpu0": cpu0,
         **split,
     }
@@ -649,7 +653,10 @@ def report(runs: list[dict[str, Any]], workers: int, step_ms: float) -> list[str
             "",
             f"While the streams were held: the gateway's processes {100 * r['gw_busy']:.0f}% of a core; "
             + ", ".join(f"{label} {100 * share:.0f}%" for label, share in r["cpu0"].items())
-            + f" (together {100 * sum(r['cpu0'].values()):.0f}% of a core).",
+            + f" (together {100 * sum(r['cpu0'].values()):.0f}% of a core). The most descriptors each "
+            "gateway process held (its share of the connections): "
+            + " · ".join(f"{n:,}" for n in r["gw_fds_each"])
+            + ".",
         ]
         if "observed" in r:
             lines += [
