@@ -644,7 +644,7 @@ def report(runs: list[dict[str, Any]], workers: int, step_ms: float) -> list[str
             "",
             (f"**{r['processes']} gateway process(es).** " if many else "")
             + f"The same events' ITL as the client's kernel received them (`SO_TIMESTAMPNS`; the client "
-            f"read them later, by however long CPU 0 kept it from running): p50 {r['kernel_p50_ms']:.0f}, "
+            f"read them later, by however long it waited for its core): p50 {r['kernel_p50_ms']:.0f}, "
             f"p99 {r['kernel_p99_ms']:.0f}, max {r['kernel_max_ms']:.0f} ms.",
             "",
             f"The workers took p50 <= {publish[0]:.0f} ms and p99 <= {publish[1]:.0f} ms (histogram bucket "
