@@ -400,12 +400,15 @@ async def hold_streams(
     dump: str,
     observer: Observer | None,
     clients: list[set[int]],
+    step_ms: float,
 ) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
     base_rss = rss_kb(gw_pids)
     base_cpu = [cpu_s(pid) for pid in gw_pids]
     base_shared = {label: cpu_s(pid) for label, pid in shared.items()}
     base_client, t0 = sum(os.times()[:2]), time.perf_counter()
+    # The last stream opens at ramp_s, the first ends after its tokens' steps.
+    phases = (time.time() + ramp_s, time.time() + tokens * step_ms / 1000)
     peak = {"rss": base_rss}
     fds = [0] * len(gw_pids)  # the most descriptors each process held: how SO_REUSEPORT spread them
 
@@ -434,7 +437,7 @@ async def hold_streams(
     cpu0["client" if len(clients) == 1 else f"{len(clients)} clients"] = client_cpu / wall
     itl = [b - a for r in results for a, b in zip(r.times[:-2], r.times[1:-1], strict=True)]
     kernel = [b - a for r in results for a, b in zip(r.kernel_times[:-2], r.kernel_times[1:-1], strict=True)]
-    split = observed(results, observer.sent) if observer is not None else {}
+    split = observed(results, observer.sent, phases) if observer is not None else {}
     errors: dict[str, int] = {}
     for r in results:
         if not r.ok:
@@ -480,10 +483,16 @@ def busiest_second(times: list[float]) -> float:
     return float(max(counts.values()))
 
 
-def observed(results: list[Stream], sent: dict[tuple[str, int], float]) -> dict[str, float]:
+def observed(
+    results: list[Stream], sent: dict[tuple[str, int], float], phases: tuple[float, float]
+) -> dict[str, float]:
     """Each token's delay split at Redis's send: the gateway's share (Redis sent it to the gateway,
-    and to the observer, until the client's kernel had it) and the ITL as Redis sent the tokens."""
+    and to the observer, until the client's kernel had it) and the ITL as Redis sent the tokens.
+    What the gateway added is also split by phase (``phases``: the realtime the last stream opens
+    and the first ends): opening (the gateway admitting new requests between deliveries), held
+    (every stream open, none opening or ending) and ending."""
     gateway, before, added, matched = [], [], [], 0
+    by_phase: tuple[list[float], list[float], list[float]] = ([], [], [])
     for r in results:
         times = [sent.get((r.rid, seq)) for seq in r.seqs[:-1]]
         delays = [None if t is None else k - t for t, k in zip(times, r.kernel_times, strict=False)]
@@ -492,11 +501,21 @@ def observed(results: list[Stream], sent: dict[tuple[str, int], float]) -> dict[
         before += [b - a for a, b in itertools.pairwise(times) if a is not None and b is not None]
         # What the gateway added to each ITL: how much later than the one before it this token
         # left the gateway, relative to when Redis sent it.
-        added += [b - a for a, b in itertools.pairwise(delays) if a is not None and b is not None]
+        pairs = [
+            (b - a, t)
+            for a, b, t in zip(delays, delays[1:], times[1:], strict=False)
+            if a is not None and b is not None and t is not None
+        ]
+        added += [d for d, _ in pairs]
+        for d, t in pairs:
+            by_phase[(t >= phases[0]) + (t >= phases[1])].append(d)
     return {
         "observed": float(matched),
         **spread("gateway", gateway),
         **spread("added_itl", added),
+        **spread("added_itl_opening", by_phase[0]),
+        **spread("added_itl_held", by_phase[1]),
+        **spread("added_itl_ending", by_phase[2]),
         **spread("sent_itl", before),
     }
 
@@ -605,7 +624,16 @@ def measure(args: argparse.Namespace, processes: int, first: bool) -> dict[str, 
         os.sched_setaffinity(0, cores.clients[0])
         streams = run(
             hold_streams(
-                url, args.streams, args.tokens, args.ramp_s, gw_pids, shared, dump, observer, cores.clients
+                url,
+                args.streams,
+                args.tokens,
+                args.ramp_s,
+                gw_pids,
+                shared,
+                dump,
+                observer,
+                cores.clients,
+                args.step_ms,
             )
         )
         streams["processes"] = processes
@@ -666,7 +694,10 @@ def report(runs: list[dict[str, Any]], workers: int, step_ms: float) -> list[str
                 f"{r['gateway_p50_ms']:.1f}, p99 {r['gateway_p99_ms']:.1f}, max "
                 f"{r['gateway_max_ms']:.0f} ms; what it added to each ITL (a token's delay less "
                 f"the one before it) p50 {r['added_itl_p50_ms']:.1f}, p99 "
-                f"{r['added_itl_p99_ms']:.1f} ms; the ITL as Redis sent the tokens (the workers' and "
+                f"{r['added_itl_p99_ms']:.1f} ms (p99 while streams were being opened "
+                f"{r['added_itl_opening_p99_ms']:.1f}, while all were held and none opened or ended "
+                f"{r['added_itl_held_p99_ms']:.1f}, while they ended {r['added_itl_ending_p99_ms']:.1f}); "
+                "the ITL as Redis sent the tokens (the workers' and "
                 f"Redis's) p50 {r['sent_itl_p50_ms']:.0f}, p99 {r['sent_itl_p99_ms']:.0f}, "
                 f"max {r['sent_itl_max_ms']:.0f} ms.",
             ]
