@@ -42,12 +42,48 @@ def test_a_token_that_fails_to_render_leaves_the_renderer_as_it_was(
     event = TokenEvent(1, "token", "Hello", 1)
     expected = sse.token_event(sse.ChoiceChunks(rid="r", model="m", created=1, chat=chat), event)
 
-    def fails(data: object, seq: object = None) -> bytes:
-        raise TypeError("cannot render")
+    class Fails:
+        @staticmethod
+        def dumps(data: object) -> bytes:
+            raise TypeError("cannot render")
 
-    monkeypatch.setattr(sse, "sse_event", fails)
+    monkeypatch.setattr(sse, "orjson", Fails)  # both the first chunk's and a plain token's encoding
     with pytest.raises(TypeError):
         sse.token_event(render, event)
     monkeypatch.undo()
     assert (render.role_sent, render.offset) == (False, 0)
     assert sse.token_event(render, event) == expected
+
+
+TEXTS = [
+    "Hello",
+    "",
+    " ",
+    'a "quoted" \\ back\\slash',
+    "tab\tnew\nline\r",
+    "\x00\x1f\x7f",
+    "héllo wörld",
+    "\u2019",
+    "emoji \U0001f600",
+    *(f"one{c}two" for c in BREAKERS),
+    "\x00breakwater text",
+]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("model", ["m", "modèle\u2028x"])
+def test_a_plain_token_from_the_template_is_the_chunk_rendered_whole(chat: bool, model: str) -> None:
+    """ChoiceChunks.token_sse cuts a plain token's event from a template made once per stream: every
+    byte must be what rendering the chunk whole gives, and the completions text offset must move
+    the same, for any text."""
+    from breakwater.gateway.sse import ChoiceChunks
+    from breakwater.protocol.events import TokenEvent
+
+    fast = ChoiceChunks(rid="cmpl-1", model=model, created=1700000000, chat=chat, index=2)
+    whole = ChoiceChunks(rid="cmpl-1", model=model, created=1700000000, chat=chat, index=2)
+    for seq, text in enumerate(TEXTS * 2, start=1):
+        event = TokenEvent(seq, "token", text, 1)
+        assert fast.token_sse(event) == sse_event(whole.token(event), seq), text
+        assert (fast.role_sent, fast.offset) == (whole.role_sent, whole.offset)
+    lines = fast.token_sse(TokenEvent(99, "token", "a\u2028b", 1)).decode().splitlines()
+    assert len(lines) == 3 and orjson.loads(lines[1][6:])["model"] == model

@@ -6,6 +6,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
+from breakwater.gateway.histogram import LoopHistogram
+
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -51,7 +53,7 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.itl = Histogram(
+        self.itl = LoopHistogram(  # observed once per streamed token: see gateway.histogram
             "breakwater_itl_seconds",
             "Inter-token latency between streamed events",
             ["model"],

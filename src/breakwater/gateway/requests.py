@@ -18,6 +18,7 @@ from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import RequestGone, Submission, follow_events
+from breakwater.gateway.histogram import LoopHistogramChild
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.rollback import Outcomes
 from breakwater.protocol.events import TokenEvent
@@ -53,7 +54,7 @@ class _Pace:
     first: bool  # the first token (its TTFT) is still to come
     model: str
     ttft: Histogram  # by model: its series is made by a first token
-    itl: Histogram  # the model's
+    itl: LoopHistogramChild  # the model's
     first_t: float | None = None
 
     def token(self, now: float) -> None:

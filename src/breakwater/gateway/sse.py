@@ -25,20 +25,28 @@ DONE = b"data: [DONE]\n\n"
 # httpx's aiter_lines(), a common way to read SSE, takes for line breaks: NEL, LINE and PARAGRAPH
 # SEPARATOR, in UTF-8. A model that writes one would split its event's data line in such a reader.
 _ESCAPES = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+# Stands for a token's text in a choice's chunk template (ChoiceChunks.token_sse): a JSON string no
+# chunk holds otherwise (its NULs are escaped), cut out of the chunk's bytes once per stream.
+_TEXT = "\x00breakwater text\x00"
+_TEXT_JSON = orjson.dumps(_TEXT)
 
 
-def sse_event(data: dict[str, Any], seq: int | str | None = None) -> bytes:
-    """One SSE event; its id is the seq (or, for an ``n > 1`` response, every choice's). Its JSON is
-    one line for every reader: the characters above escaped (``\\u2028``, the same JSON value). UTF-8
-    never has their bytes inside another character and JSON has non-ASCII only inside strings, so a
-    plain byte replacement is exact."""
-    head = f"id: {seq}\n".encode() if seq is not None else b""
-    out = orjson.dumps(data)
+def one_line(out: bytes) -> bytes:
+    """JSON ``out`` on one line for every reader: the characters above escaped (``\\u2028``, the same
+    JSON value). UTF-8 never has their bytes inside another character and JSON has non-ASCII only
+    inside strings, so a plain byte replacement is exact."""
     if not out.isascii():  # most chunks are ASCII: isascii() is ~10x cheaper than one search
         for raw, escaped in _ESCAPES:
             if raw in out:
                 out = out.replace(raw, escaped)
-    return head + b"data: " + out + b"\n\n"
+    return out
+
+
+def sse_event(data: dict[str, Any], seq: int | str | None = None) -> bytes:
+    """One SSE event; its id is the seq (or, for an ``n > 1`` response, every choice's), its JSON
+    on one line (:func:`one_line`)."""
+    head = f"id: {seq}\n".encode() if seq is not None else b""
+    return head + b"data: " + one_line(orjson.dumps(data)) + b"\n\n"
 
 
 class ChoiceChunks:
@@ -47,7 +55,18 @@ class ChoiceChunks:
 
     ``rid`` names the chunks (the response); ``call_rid`` the choice's own request (its call id)."""
 
-    __slots__ = ("call_rid", "chat", "created", "index", "model", "offset", "rid", "role_sent", "tool")
+    __slots__ = (
+        "_around",
+        "call_rid",
+        "chat",
+        "created",
+        "index",
+        "model",
+        "offset",
+        "rid",
+        "role_sent",
+        "tool",
+    )
 
     def __init__(
         self,
@@ -65,6 +84,30 @@ class ChoiceChunks:
         self.tool, self.index, self.call_rid = tool, index, call_rid or rid
         self.role_sent = resumed
         self.offset = 0
+        self._around: tuple[bytes, bytes] | None = None
+
+    def token_sse(self, event: TokenEvent) -> bytes:
+        """``sse_event(self.token(event), event.seq)``, the same bytes. A plain token (no logprobs, no
+        tool call, the role already sent) is its text's JSON string between the two parts of this
+        choice's chunk, rendered once: per token that skips building the chunk's dicts and encoding
+        all of it."""
+        if event.logprobs is not None or self.tool or (self.chat and not self.role_sent):
+            return sse_event(self.token(event), event.seq)
+        if self._around is None:
+            self._around = self._template()
+        if not self.chat:
+            self.offset += len(event.text)
+        head, tail = self._around
+        return b"id: %d\n%b%b%b" % (event.seq, head, one_line(orjson.dumps(event.text)), tail)
+
+    def _template(self) -> tuple[bytes, bytes]:
+        """A plain token's event before and after its text's JSON string."""
+        if self.chat:
+            chunk = chat_chunk(self.rid, self.model, self.created, {"content": _TEXT}, index=self.index)
+        else:
+            chunk = text_chunk(self.rid, self.model, self.created, _TEXT, index=self.index)
+        head, tail = one_line(orjson.dumps(chunk)).split(_TEXT_JSON)
+        return b"data: " + head, tail + b"\n\n"
 
     def token(self, event: TokenEvent) -> dict[str, Any]:
         delta: dict[str, Any]
@@ -128,7 +171,7 @@ def token_event(render: ChoiceChunks, event: TokenEvent) -> bytes:
     was, so that the reader, rendering it again, sends the same chunk (its role, its text offset)."""
     role_sent, offset = render.role_sent, render.offset
     try:
-        return sse_event(render.token(event), event.seq)
+        return render.token_sse(event)
     except BaseException:
         render.role_sent, render.offset = role_sent, offset
         raise
@@ -155,6 +198,9 @@ async def sse_chunks(
     with the usage chunk (if asked) and ``[DONE]``."""
     async for event in events:
         if event.kind == "token":
+            if isinstance(render, ChoiceChunks):
+                yield render.token_sse(event)
+                continue
             out = render.chunks(event)
             if len(out) == 1:
                 yield sse_event(out[0], event.seq)
