@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cpu_split
 from breakwater.redis_server import RedisServer, free_port
-from common import ROOT, pct, stop, write_section
+from common import ROOT, pct, pin, stop, write_section
 from load_client import RunResult, open_loop
 
 CLIENT_CPU, SUT_CPU = 0, 1
@@ -139,8 +139,7 @@ def start_breakwater(src: Path | None, *, embedded: bool = False) -> Starter:
         try:
             redis.start()
             assert redis.proc is not None
-            for tid in os.listdir(f"/proc/{redis.proc.pid}/task"):  # all its threads, as taskset would
-                os.sched_setaffinity(int(tid), {SUT_CPU})
+            pin(redis.proc.pid, {SUT_CPU})
         except BaseException:
             redis.stop()
             raise

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, free_port
-from common import pct, spawn, stop, wait_models, write_section
+from common import pct, pin, spawn, stop, wait_models, write_section
 
 
 @dataclass
@@ -157,13 +157,6 @@ class Cores:
             f"a core for each process: {len(self.clients)} client process(es), every gateway process, "
             f"{len(self.redis)} Redis server(s) and every sim worker on its own"
         )
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` to ``cpus``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
 
 
 @contextlib.contextmanager
