@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -94,14 +95,20 @@ async def run_level(url: str, model: str, streams: int, per_stream: int, max_tok
 
 
 VLLM_PYTHON = str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
-VLLM_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-    "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
+
+
+def vllm_env(cores: int) -> dict[str, str]:
+    """vLLM's settings, its model computed by threads bound to the first ``cores`` cores."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+
+
 Rows = dict[str, dict[int, dict[str, float]]]
 
 
@@ -117,8 +124,10 @@ def measure(name: str, url: str, levels: list[int], args: argparse.Namespace, ro
 
 
 @contextmanager
-def breakwater(tmp: Path, worker_args: list[str], worker_env: dict[str, str], python: str) -> Iterator[str]:
-    """Redis + gateway + one worker; yields the gateway URL."""
+def breakwater(
+    tmp: Path, worker_args: list[str], worker_env: dict[str, str], python: str, *, embedded: bool = False
+) -> Iterator[str]:
+    """Redis + gateway + one worker (or, ``embedded``, the worker inside the gateway); yields its URL."""
     redis = RedisServer(tmp / f"redis-{free_port()}")
     redis.start()
     procs: list[subprocess.Popen[bytes]] = []
@@ -130,10 +139,13 @@ def breakwater(tmp: Path, worker_args: list[str], worker_env: dict[str, str], py
             "BREAKWATER_LANE_MAX_QUEUED": "10000",
         }
         port = free_port()
-        procs.append(spawn(["gateway", "--port", str(port)], env, tmp / "gw.log"))
-        procs.append(
-            spawn(["worker", "--worker-id", "bench", *worker_args], env | worker_env, tmp / "w.log", python)
-        )
+        if embedded:
+            argv = ["gateway", "--port", str(port), "--embed-engine", *worker_args[1:]]
+            procs.append(spawn(argv, env | worker_env, tmp / "gw.log", python))
+        else:
+            procs.append(spawn(["gateway", "--port", str(port)], env, tmp / "gw.log"))
+            argv = ["worker", "--worker-id", "bench", *worker_args]
+            procs.append(spawn(argv, env | worker_env, tmp / "w.log", python))
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(procs)
@@ -189,15 +201,20 @@ def run_vllm(tmp: Path, levels: list[int], args: argparse.Namespace) -> Rows:
     argv = [
         *(VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir),
         *("--served-model-name", DEFAULT_MODEL, "--max-model-len", "1024", "--max-num-seqs", seqs),
-        "--enforce-eager",
+        *("--enforce-eager", "--dtype", args.vllm_dtype),
     ]
-    with server(tmp, argv, VLLM_ENV, "vllm-server") as vllm_url:
+    env = vllm_env(args.vllm_cores)
+    with server(tmp, argv, env, "vllm-server") as vllm_url:
         measure("vLLM server (direct)", vllm_url, levels, args, rows)
         sidecar = ["--engine", "openai", "--upstream-url", f"{vllm_url}/v1", "--capacity", seqs]
         with breakwater(tmp, sidecar, {}, sys.executable) as url:
             measure("Breakwater + vLLM sidecar (openai engine)", url, levels, args, rows)
+        # the same engine as a worker inside the gateway process (`gateway --embed-engine openai`)
+        with breakwater(tmp, sidecar, {}, sys.executable, embedded=True) as url:
+            measure("Breakwater + vLLM sidecar (engine in the gateway)", url, levels, args, rows)
     inproc = ["--engine", "vllm", "--capacity", seqs, "--context-length", "1024"]
-    with breakwater(tmp, inproc, VLLM_ENV, VLLM_PYTHON) as url:
+    inproc_env = env | {"BREAKWATER_VLLM_ARGS": json.dumps({"dtype": args.vllm_dtype})}
+    with breakwater(tmp, inproc, inproc_env, VLLM_PYTHON) as url:
         measure("Breakwater + vLLM in-process (vllm engine)", url, levels, args, rows)
     return rows
 
@@ -238,11 +255,27 @@ def main() -> None:
     parser.add_argument("--concurrency", default=None, help="default: llama 1,4,8,16; vllm 1,8,32")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument(
+        "--vllm-dtype",
+        default="float32",
+        help="vLLM's --dtype for all its setups: bfloat16 on a CPU without AVX512-BF16 (this one: AVX2) "
+        "falls back from oneDNN to a slow matmul",
+    )
+    parser.add_argument(
+        "--vllm-cores",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="vLLM computes on the first N cores; fewer than all pins everything else (this client, vLLM's "
+        "API server and scheduler, Breakwater) to the rest, a GPU node's shape (default: all, shared)",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     default = "1,4,8,16" if args.suite == "llama" else "1,8,32"
     levels = [int(c) for c in (args.concurrency or default).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bw-engines-"))
+    cores = os.cpu_count() or 1
+    if args.suite == "vllm" and args.vllm_cores < cores:  # children inherit it; vLLM binds its own threads
+        os.sched_setaffinity(0, range(args.vllm_cores, cores))
     cmd = "python benchmarks/engines.py " + " ".join(sys.argv[1:])
     env_line = (
         f"Command: `{cmd.strip()}`, {platform.machine()}, {os.cpu_count()} cores, "
@@ -275,7 +308,13 @@ def main() -> None:
             "",
             env_line
             + " vLLM (`vllm-cpu` 0.32, eager) on the bf16 folder made by `breakwater models prepare`, "
-            f"`max_num_seqs` {max(levels)}, 2 GiB KV cache, for all three setups.",
+            f"run as `--dtype {args.vllm_dtype}`, `max_num_seqs` {max(levels)}, 2 GiB KV cache, for every "
+            "setup; "
+            + (
+                "its compute shares every core with the rest."
+                if args.vllm_cores >= cores
+                else f"its compute on {args.vllm_cores} core(s) of its own, all else on the other(s)."
+            ),
             "",
             *table(rows),
             "",

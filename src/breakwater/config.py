@@ -253,7 +253,8 @@ class WorkerSettings(CommonSettings):
         default=None, description="read the upstream's API key from this file (a mounted Secret; it wins)"
     )
     upstream_metrics_url: str | None = Field(
-        default=None, description="vLLM-style /metrics (default: try the server's /metrics; 'off': never)"
+        default=None,
+        description="vLLM-style metrics (default: the server's /metrics/ by name, else /metrics; 'off': no)",
     )
     upstream_max_waiting: int | None = Field(
         default=None,

@@ -46,6 +46,7 @@ class SimDriver:
         self._task: asyncio.Task[None] | None = None
         self.waiting = 0  # requests accepted but not yet running (vLLM's num_requests_waiting)
         self.peak_waiting = 0
+        self.scrapes = {"whole": 0, "named": 0}  # metrics pages served, the whole one and by name
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -190,7 +191,22 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         """The load gauges vLLM exports, under vLLM's names, so upstream workers can pull by them."""
-        return Response(_metrics_text(request.app.state.driver, settings.model), media_type="text/plain")
+        driver: SimDriver = request.app.state.driver
+        text = _metrics_text(driver, settings.model)
+        driver.scrapes["whole"] += 1
+        return Response(text, media_type="text/plain")
+
+    @app.get("/metrics/")
+    async def named_metrics(request: Request) -> Response:
+        """As vLLM's ``/metrics/`` (prometheus_client's app): only the metrics asked for by
+        ``name[]``, when asked."""
+        driver: SimDriver = request.app.state.driver
+        text = _metrics_text(driver, settings.model)
+        names = set(request.query_params.getlist("name[]"))
+        if names:
+            text = "".join(_only(text.splitlines(keepends=True), names))
+        driver.scrapes["named"] += 1
+        return Response(text, media_type="text/plain")
 
     return app
 
@@ -265,8 +281,25 @@ def _metrics_text(driver: SimDriver, model: str) -> str:
         "# HELP breakwater_sim_peak_requests_waiting Most requests ever waiting at once.",
         "# TYPE breakwater_sim_peak_requests_waiting gauge",
         f"breakwater_sim_peak_requests_waiting {driver.peak_waiting}",
+        "# HELP breakwater_sim_whole_scrapes Requests for the whole metrics page, before this one.",
+        "# TYPE breakwater_sim_whole_scrapes gauge",
+        f"breakwater_sim_whole_scrapes {driver.scrapes['whole']}",
+        "# HELP breakwater_sim_named_scrapes Requests for metrics by name, before this one.",
+        "# TYPE breakwater_sim_named_scrapes gauge",
+        f"breakwater_sim_named_scrapes {driver.scrapes['named']}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _only(lines: list[str], names: set[str]) -> list[str]:
+    """A page's lines about ``names``: their samples and their ``# TYPE``/``# HELP`` lines."""
+    out = []
+    for line in lines:
+        words = line.split(maxsplit=3)
+        name = words[2] if line.startswith("#") and len(words) > 2 else line.split("{")[0].split(" ")[0]
+        if name in names:
+            out.append(line)
+    return out
 
 
 async def _stream(

@@ -14,12 +14,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from breakwater.engines.base import (
     EMBEDDINGS,
@@ -33,15 +31,11 @@ from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice, upstream_message
 from breakwater.engines.upstream_http import StreamClient
+from breakwater.engines.upstream_load import UpstreamLoad, metrics_urls, parse_load
 from breakwater.protocol.embeddings import pack
 from breakwater.protocol.toolformats import PASS_THROUGH
 
 log = logging.getLogger(__name__)
-
-# vLLM's names (and the older ones); sums are taken over label sets (several models or engines).
-WAITING_METRICS = ("vllm:num_requests_waiting",)
-RUNNING_METRICS = ("vllm:num_requests_running",)
-KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 class UpstreamError(Exception):
@@ -52,34 +46,6 @@ class UpstreamError(Exception):
     @property
     def retryable(self) -> bool:
         return self.status == 0 or self.status == 429 or self.status >= 500
-
-
-@dataclass(slots=True)
-class UpstreamLoad:
-    """The upstream's own view of its load, from its last metrics scrape."""
-
-    waiting: float = 0.0
-    running: float = 0.0
-    kv_cache_usage: float | None = None
-    scraped_at: float = 0.0
-
-
-def parse_load(text: str) -> UpstreamLoad | None:
-    """vLLM-style load from a Prometheus text page; None when the page has none of the metrics."""
-    sums: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in (*WAITING_METRICS, *RUNNING_METRICS, *KV_METRICS):
-                sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
-    if not any(name in sums for name in WAITING_METRICS):
-        return None
-    kv = next((sums[n] for n in KV_METRICS if n in sums), None)
-    return UpstreamLoad(
-        waiting=sum(sums.get(n, 0.0) for n in WAITING_METRICS),
-        running=sum(sums.get(n, 0.0) for n in RUNNING_METRICS),
-        kv_cache_usage=kv,
-        scraped_at=time.monotonic(),
-    )
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
@@ -147,8 +113,14 @@ class OpenAIUpstreamEngine(StreamingEngine):
             capacity=self.capacity,
         )
         if self.metrics_url != "off":
-            url = self.metrics_url or self.base_url.removesuffix("/v1") + "/metrics"
-            if await self._scrape(url) or self.metrics_url:
+            # A URL given is scraped even when it does not answer yet; else the first that has them.
+            server = self.base_url.removesuffix("/v1")
+            url = self.metrics_url
+            for candidate in [url] if url else metrics_urls(server):
+                if await self._scrape(candidate):
+                    url = candidate
+                    break
+            if url:
                 self.metrics_url = url
                 self._scraper = asyncio.create_task(self._scrape_loop(url), name="upstream-metrics")
             else:
@@ -207,7 +179,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
     # -- load from the upstream's metrics ----------------------------------------------------------
     async def _scrape(self, url: str) -> bool:
         try:
-            async with self._http().get(url, timeout=_within(5.0)) as response:
+            # Not redirected: a server that sends /metrics/ to /metrics would cost two requests a scrape.
+            async with self._http().get(url, timeout=_within(5.0), allow_redirects=False) as response:
                 if response.status != 200:
                     return False
                 text = await response.text()
