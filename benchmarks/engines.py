@@ -11,6 +11,7 @@ aggregate output tokens/s and TTFT p50/p99 per concurrency:
 
     python benchmarks/engines.py llama [--concurrency 1,4,8,16] [--max-tokens 64] [--requests-per-stream 2]
     python benchmarks/engines.py vllm [--concurrency 1,8,32] [--max-tokens 64] [--requests-per-stream 2]
+        [--vllm-dtype float32] [--vllm-cores N] [--baseline-src DIR --rounds 3]
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def vllm_env(cores: int) -> dict[str, str]:
 
 
 Rows = dict[str, dict[int, dict[str, float]]]
+DIRECT = "vLLM server (direct)"
 
 
 def measure(name: str, url: str, levels: list[int], args: argparse.Namespace, rows: Rows) -> None:
@@ -204,14 +206,26 @@ def run_vllm(tmp: Path, levels: list[int], args: argparse.Namespace) -> Rows:
         *("--enforce-eager", "--dtype", args.vllm_dtype),
     ]
     env = vllm_env(args.vllm_cores)
+    # This tree's sidecar, and with --baseline-src another checkout's, measured against one vLLM
+    # server; with --rounds, again, the two versions' order swapped every round (the machine drifts).
+    versions: list[tuple[str, dict[str, str]]] = [("", {})]
+    if args.baseline_src:
+        versions.append((" (before)", {"PYTHONPATH": str(Path(args.baseline_src).resolve() / "src")}))
     with server(tmp, argv, env, "vllm-server") as vllm_url:
-        measure("vLLM server (direct)", vllm_url, levels, args, rows)
         sidecar = ["--engine", "openai", "--upstream-url", f"{vllm_url}/v1", "--capacity", seqs]
-        with breakwater(tmp, sidecar, {}, sys.executable) as url:
-            measure("Breakwater + vLLM sidecar (openai engine)", url, levels, args, rows)
-        # the same engine as a worker inside the gateway process (`gateway --embed-engine openai`)
-        with breakwater(tmp, sidecar, {}, sys.executable, embedded=True) as url:
-            measure("Breakwater + vLLM sidecar (engine in the gateway)", url, levels, args, rows)
+        for n in range(args.rounds):
+            suffix = f" · round {n + 1}" if args.rounds > 1 else ""
+            measure(f"{DIRECT}{suffix}", vllm_url, levels, args, rows)
+            for tag, version_env in versions if n % 2 == 0 else versions[::-1]:
+                with breakwater(tmp, sidecar, version_env, sys.executable) as url:
+                    name = f"Breakwater + vLLM sidecar (openai engine){tag}{suffix}"
+                    measure(name, url, levels, args, rows)
+                # the same engine as a worker inside the gateway process (`gateway --embed-engine openai`)
+                with breakwater(tmp, sidecar, version_env, sys.executable, embedded=True) as url:
+                    name = f"Breakwater + vLLM sidecar (engine in the gateway){tag}{suffix}"
+                    measure(name, url, levels, args, rows)
+    if args.baseline_src:
+        return rows  # an A/B of the sidecar; the in-process engine does not change with it
     inproc = ["--engine", "vllm", "--capacity", seqs, "--context-length", "1024"]
     inproc_env = env | {"BREAKWATER_VLLM_ARGS": json.dumps({"dtype": args.vllm_dtype})}
     with breakwater(tmp, inproc, inproc_env, VLLM_PYTHON) as url:
@@ -234,11 +248,13 @@ def table(rows: Rows) -> list[str]:
 
 
 def ratio_lines(rows: Rows, base: str, levels: list[int]) -> list[str]:
+    """Each setup against ``base`` (of the same round, when there are rounds)."""
     out = []
-    ref = rows.get(base, {})
     for name, by_level in rows.items():
-        if name == base:
+        if name.startswith(base):
             continue
+        _, sep, round_ = name.partition(" · ")
+        ref = rows.get(base + sep + round_, {})
         for n in levels:
             if n in by_level and n in ref:
                 r, b = by_level[n], ref[n]
@@ -268,6 +284,10 @@ def main() -> None:
         help="vLLM computes on the first N cores; fewer than all pins everything else (this client, vLLM's "
         "API server and scheduler, Breakwater) to the rest, a GPU node's shape (default: all, shared)",
     )
+    parser.add_argument(
+        "--baseline-src", default=None, help="vllm: also the sidecar of this checkout (an A/B; no in-process)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="vllm: direct and sidecar(s) this many times")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     default = "1,4,8,16" if args.suite == "llama" else "1,8,32"
@@ -318,7 +338,7 @@ def main() -> None:
             "",
             *table(rows),
             "",
-            *ratio_lines(rows, "vLLM server (direct)", levels),
+            *ratio_lines(rows, DIRECT, levels),
         ]
         section = "engines-vllm"
     if not args.no_write:

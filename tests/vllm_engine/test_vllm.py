@@ -440,8 +440,12 @@ async def _registry(redis: Redis, procs: StackProcs) -> dict[str, dict[str, Any]
 async def test_sidecar_worker_reads_vllm_metrics(sidecar: StackProcs, redis: Redis) -> None:
     (info,) = (await _registry(redis, sidecar)).values()
     assert info["engine"] == "openai"
-    assert "upstream_waiting" in info["engine_stats"]  # scraped from vLLM's /metrics
+    assert "upstream_waiting" in info["engine_stats"]  # scraped from vLLM's metrics
     assert info["kv_cache_usage"] is not None
+    # by name, from prometheus_client's app at /metrics/: ~0.6 KB, not the whole ~57 KB page
+    log = sidecar.workers[0].log_path.read_text()
+    assert "pulling by the upstream's load" in log
+    assert "/metrics/?name%5B%5D=vllm%3Anum_requests_waiting" in log, log[-2000:]
 
 
 async def test_cancel_frees_the_engine_slot(inproc: StackProcs, redis: Redis) -> None:

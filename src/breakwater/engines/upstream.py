@@ -123,6 +123,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             if url:
                 self.metrics_url = url
                 self._scraper = asyncio.create_task(self._scrape_loop(url), name="upstream-metrics")
+                log.info("pulling by the upstream's load", extra={"fields": {"metrics_url": url}})
             else:
                 log.info("upstream has no vLLM metrics; pulling by in-flight count only")
 
