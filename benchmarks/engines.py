@@ -254,7 +254,10 @@ def ratio_lines(rows: Rows, base: str, levels: list[int]) -> list[str]:
         if name.startswith(base):
             continue
         _, sep, round_ = name.partition(" · ")
-        ref = rows.get(base + sep + round_, {})
+        # the same round's; a setup measured once (in-process, after the rounds) against the last
+        ref = rows.get(base + sep + round_) or next(
+            (r for k, r in reversed(rows.items()) if k.startswith(base)), {}
+        )
         for n in levels:
             if n in by_level and n in ref:
                 r, b = by_level[n], ref[n]
@@ -290,6 +293,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="vllm: direct and sidecar(s) this many times")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if not 1 <= args.vllm_cores <= (os.cpu_count() or 1):
+        parser.error(f"--vllm-cores: 1 to {os.cpu_count()}")
     default = "1,4,8,16" if args.suite == "llama" else "1,8,32"
     levels = [int(c) for c in (args.concurrency or default).split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bw-engines-"))

@@ -180,7 +180,10 @@ def worker(
     upstream_url: Annotated[str | None, typer.Option(help="openai: upstream base URL (…/v1)")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
     upstream_metrics_url: Annotated[
-        str | None, typer.Option(help="openai: vLLM-style /metrics URL ('off' to ignore)")
+        str | None,
+        typer.Option(
+            help="openai: vLLM-style metrics URL (default: /metrics/ by name, else /metrics; 'off')"
+        ),
     ] = None,
     vllm_arg: Annotated[
         list[str] | None,
@@ -325,7 +328,10 @@ def up(
     upstream_url: Annotated[str | None, typer.Option(help="openai: the upstream's base URL (…/v1)")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="openai: model id at the upstream")] = None,
     upstream_metrics_url: Annotated[
-        str | None, typer.Option(help="openai: vLLM-style /metrics URL ('off' to ignore)")
+        str | None,
+        typer.Option(
+            help="openai: vLLM-style metrics URL (default: /metrics/ by name, else /metrics; 'off')"
+        ),
     ] = None,
     vllm_arg: Annotated[
         list[str] | None, typer.Option(help="vllm: KEY=VALUE engine arg (JSON value), repeatable")

@@ -205,7 +205,7 @@ def build_sim_app(settings: SimServerSettings) -> FastAPI:
         names = set(request.query_params.getlist("name[]"))
         if names:
             text = "".join(_only(text.splitlines(keepends=True), names))
-        driver.scrapes["named"] += 1
+        driver.scrapes["named" if names else "whole"] += 1
         return Response(text, media_type="text/plain")
 
     return app

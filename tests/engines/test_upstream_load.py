@@ -1,6 +1,7 @@
 """The ``openai`` engine's view of its upstream's load: the metrics page read line by line (the
-same numbers as prometheus_client's parser), and asked for by name where the server can answer so
-(vLLM's ``/metrics/``), the whole page only where it cannot, and no redirect followed per scrape."""
+same sums as prometheus_client's parser), and asked for by name where the server can answer so
+(vLLM's ``/metrics/``), the whole page only where it cannot (no redirect followed to it); a URL
+given is used as given, redirects and all."""
 
 from __future__ import annotations
 
@@ -85,10 +86,23 @@ def test_no_waiting_metric_is_no_load() -> None:
     assert parse_load("") is None
 
 
-def test_a_sample_without_a_number_is_left_out() -> None:
-    load = parse_load('vllm:num_requests_waiting{a="1"} NaN\nvllm:num_requests_waiting{a="2"} 3\n')
-    assert load is not None and load.waiting == 3.0 and not math.isnan(load.waiting)
+def test_nan_and_infinities_are_summed_as_prometheus_client_reads_them() -> None:
+    page = (
+        'vllm:num_requests_waiting{a="1"} NaN\nvllm:num_requests_waiting{a="2"} 3\n'
+        "vllm:num_requests_running +Inf\n"
+    )
+    assert math.isnan(reference(page)["vllm:num_requests_waiting"])
+    load = parse_load(page)
+    assert load is not None and math.isnan(load.waiting) and load.running == math.inf
     assert parse_load('vllm:num_requests_waiting{a="1"} oops\n') is None
+
+
+def test_other_line_separators_inside_a_label_value() -> None:
+    """Only "\\n" ends a line; the format leaves "\\x1c", "\\u2028" and the like unescaped in values."""
+    page = 'vllm:num_requests_waiting{model_name="a\x1cb\u2028c\x0bd"} 7\nvllm:num_requests_running 1\n'
+    assert reference(page)["vllm:num_requests_waiting"] == 7.0
+    load = parse_load(page)
+    assert load is not None and (load.waiting, load.running) == (7.0, 1.0)
 
 
 MODELS = orjson.dumps({"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 512}]})
@@ -130,7 +144,7 @@ class MetricsServer:
 
 
 async def started(url: str, **options: Any) -> OpenAIUpstreamEngine:
-    engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, capacity=4, scrape_s=30.0, **options))
+    engine = OpenAIUpstreamEngine(UpstreamOptions(**{"url": url, "capacity": 4, "scrape_s": 30.0, **options}))
     await engine.start()
     return engine
 
@@ -195,3 +209,42 @@ async def test_a_given_url_is_used_as_given() -> None:
         finally:
             await engine.close()
     assert [r for r in server.requests if r != "/v1/models"] == ["/load"]
+
+
+async def test_a_given_url_that_answers_later_is_scraped_then() -> None:
+    """An explicit URL is kept when its first scrape fails (a sidecar still loading), and read as
+    soon as it answers."""
+    server = MetricsServer({"/load": (503, b"", b"loading")})
+    async with server as url:
+        engine = await started(url, metrics_url=f"{url}/load", scrape_s=0.05)
+        try:
+            assert engine.metrics_url == f"{url}/load" and engine.load is None
+            server.pages["/load"] = (200, b"", GAUGES.replace(b"waiting 0", b"waiting 3"))
+            deadline = asyncio.get_running_loop().time() + 10
+            while engine.load is None and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            assert engine.load is not None and engine.load.waiting == 3.0
+        finally:
+            await engine.close()
+
+
+async def test_a_given_url_that_redirects_is_followed() -> None:
+    server = MetricsServer({"/old": (307, b"Location: /new\r\n", b""), "/new": (200, b"", GAUGES)})
+    async with server as url:
+        engine = await started(url, metrics_url=f"{url}/old")
+        try:
+            assert engine.load is not None
+        finally:
+            await engine.close()
+    assert [r for r in server.requests if r != "/v1/models"] == ["/old", "/new"]
+
+
+async def test_off_never_scrapes() -> None:
+    server = MetricsServer({"/metrics/": (200, b"", GAUGES), "/metrics": (200, b"", GAUGES)})
+    async with server as url:
+        engine = await started(url, metrics_url="off")
+        try:
+            assert engine.load is None
+        finally:
+            await engine.close()
+    assert server.requests == ["/v1/models"]

@@ -82,6 +82,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         self._session: aiohttp.ClientSession | None = None
         self._client: StreamClient | None = None
         self._scraper: asyncio.Task[None] | None = None
+        self._redirects = True  # followed when scraping, except for the named page
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -114,12 +115,16 @@ class OpenAIUpstreamEngine(StreamingEngine):
         )
         if self.metrics_url != "off":
             # A URL given is scraped even when it does not answer yet; else the first that has them.
-            server = self.base_url.removesuffix("/v1")
+            # The named page is not redirected to (a server that sends /metrics/ on to /metrics would
+            # cost two requests a scrape, and /metrics is tried next anyway).
             url = self.metrics_url
-            for candidate in [url] if url else metrics_urls(server):
-                if await self._scrape(candidate):
-                    url = candidate
-                    break
+            if url and not await self._scrape(url):
+                log.warning("upstream metrics not answering yet", extra={"fields": {"metrics_url": url}})
+            named, whole = metrics_urls(self.base_url.removesuffix("/v1"))
+            if not url and await self._scrape(named, redirects=False):
+                url, self._redirects = named, False
+            elif not url and await self._scrape(whole):
+                url = whole
             if url:
                 self.metrics_url = url
                 self._scraper = asyncio.create_task(self._scrape_loop(url), name="upstream-metrics")
@@ -178,10 +183,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
         return self._session
 
     # -- load from the upstream's metrics ----------------------------------------------------------
-    async def _scrape(self, url: str) -> bool:
+    async def _scrape(self, url: str, *, redirects: bool = True) -> bool:
         try:
-            # Not redirected: a server that sends /metrics/ to /metrics would cost two requests a scrape.
-            async with self._http().get(url, timeout=_within(5.0), allow_redirects=False) as response:
+            async with self._http().get(url, timeout=_within(5.0), allow_redirects=redirects) as response:
                 if response.status != 200:
                     return False
                 text = await response.text()
@@ -197,7 +201,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
     async def _scrape_loop(self, url: str) -> None:
         while True:
             await asyncio.sleep(self.scrape_s)
-            if not await self._scrape(url) and self.load is not None:
+            if not await self._scrape(url, redirects=self._redirects) and self.load is not None:
                 self.load = None  # stale numbers are worse than none: fall back to the in-flight cap
                 log.warning("upstream metrics unavailable", extra={"fields": {"url": url}})
 

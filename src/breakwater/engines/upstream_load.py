@@ -11,7 +11,6 @@ their lines only.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -50,18 +49,19 @@ def parse_load(text: str) -> UpstreamLoad | None:
     """vLLM-style load from a Prometheus (or OpenMetrics) text page; None when the page has none
     of the waiting metrics. Reads only the wanted samples' lines: ``name{labels} value [time]``."""
     sums: dict[str, float] = {}
-    for line in text.splitlines():
+    # Lines end at "\n" only: a label value may hold other line separators ("\x1c", "\u2028"), which
+    # the format leaves unescaped. A "\r" before it is not in the value (\S+ stops at it).
+    for line in text.split("\n"):
         if not line.startswith(_STARTS):
             continue
         sample = _SAMPLE.match(line)
         if sample is None:
             continue
         try:
-            value = float(sample[2])
+            value = float(sample[2])  # NaN and +-Inf too, summed as prometheus_client's parser reads them
         except ValueError:
             continue
-        if not math.isnan(value):
-            sums[sample[1]] = sums.get(sample[1], 0.0) + value
+        sums[sample[1]] = sums.get(sample[1], 0.0) + value
     if not any(name in sums for name in WAITING_METRICS):
         return None
     kv = next((sums[n] for n in KV_METRICS if n in sums), None)
