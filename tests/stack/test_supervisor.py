@@ -69,7 +69,7 @@ class Up:
         for pid in map(int, found.stdout.split()):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # gone since pgrep listed it (ESRCH mid-exit)
                 continue
             if needle in cmdline:
                 return pid
