@@ -116,7 +116,8 @@ DIRECT = "vLLM server (direct)"
 
 def measure(name: str, url: str, levels: list[int], args: argparse.Namespace, rows: Rows) -> None:
     wait_models(url, DEFAULT_MODEL, 600)
-    asyncio.run(run_level(url, DEFAULT_MODEL, 1, 1, 8))  # warm up
+    # warm up at the highest concurrency, so no setup's first level is the one that pays for it
+    asyncio.run(run_level(url, DEFAULT_MODEL, max(levels), 1, 8))
     rows[name] = {}
     for n in levels:
         rows[name][n] = asyncio.run(
@@ -207,23 +208,26 @@ def run_vllm(tmp: Path, levels: list[int], args: argparse.Namespace) -> Rows:
     ]
     env = vllm_env(args.vllm_cores)
     # This tree's sidecar, and with --baseline-src another checkout's, measured against one vLLM
-    # server; with --rounds, again, the two versions' order swapped every round (the machine drifts).
+    # server; with --rounds, again, each round in the reverse order of the last (the machine drifts
+    # and the later runs of a round find it warmer): direct first, then last.
     versions: list[tuple[str, dict[str, str]]] = [("", {})]
     if args.baseline_src:
         versions.append((" (before)", {"PYTHONPATH": str(Path(args.baseline_src).resolve() / "src")}))
     with server(tmp, argv, env, "vllm-server") as vllm_url:
         sidecar = ["--engine", "openai", "--upstream-url", f"{vllm_url}/v1", "--capacity", seqs]
+        setups: list[tuple[str, dict[str, str] | None, bool]] = [(DIRECT, None, False)]
+        for tag, tag_env in versions:
+            setups.append((f"Breakwater + vLLM sidecar (openai engine){tag}", tag_env, False))
+            # the same engine as a worker inside the gateway process (`gateway --embed-engine openai`)
+            setups.append((f"Breakwater + vLLM sidecar (engine in the gateway){tag}", tag_env, True))
         for n in range(args.rounds):
             suffix = f" · round {n + 1}" if args.rounds > 1 else ""
-            measure(f"{DIRECT}{suffix}", vllm_url, levels, args, rows)
-            for tag, version_env in versions if n % 2 == 0 else versions[::-1]:
-                with breakwater(tmp, sidecar, version_env, sys.executable) as url:
-                    name = f"Breakwater + vLLM sidecar (openai engine){tag}{suffix}"
-                    measure(name, url, levels, args, rows)
-                # the same engine as a worker inside the gateway process (`gateway --embed-engine openai`)
-                with breakwater(tmp, sidecar, version_env, sys.executable, embedded=True) as url:
-                    name = f"Breakwater + vLLM sidecar (engine in the gateway){tag}{suffix}"
-                    measure(name, url, levels, args, rows)
+            for name, version_env, embedded in setups if n % 2 == 0 else setups[::-1]:
+                if version_env is None:
+                    measure(f"{name}{suffix}", vllm_url, levels, args, rows)
+                    continue
+                with breakwater(tmp, sidecar, version_env, sys.executable, embedded=embedded) as url:
+                    measure(f"{name}{suffix}", url, levels, args, rows)
     if args.baseline_src:
         return rows  # an A/B of the sidecar; the in-process engine does not change with it
     inproc = ["--engine", "vllm", "--capacity", seqs, "--context-length", "1024"]
