@@ -38,11 +38,11 @@ class UpstreamLoad:
     scraped_at: float = 0.0
 
 
-def metrics_urls(server: str) -> list[str]:
+def metrics_urls(server: str) -> tuple[str, str]:
     """Where to look for the metrics on ``server`` (no ``/v1``), in order: the named ones alone from
     prometheus_client's app (vLLM mounts it at ``/metrics/``), then the whole ``/metrics`` page."""
     named = urlencode([("name[]", name) for name in NAMES])
-    return [f"{server}/metrics/?{named}", f"{server}/metrics"]
+    return f"{server}/metrics/?{named}", f"{server}/metrics"
 
 
 def parse_load(text: str) -> UpstreamLoad | None:
