@@ -11,7 +11,6 @@ arrived in one socket read is routed in one callback, with no coroutine, task or
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from breakwater.broker.errors import UNREACHABLE, Backoff
 from breakwater.broker.wire import Endpoint, Wire, command, open_wire
 from breakwater.keys import Keys
 from breakwater.protocol.events import TokenEvent
+from breakwater.stopping import stop_loop
 from breakwater.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -271,9 +271,7 @@ class Fanin(Channels):
         if self._leave is not None:
             self._leave.cancel()
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_loop(self._task)
         if self._conn is not None:
             self._conn.abort()
 

@@ -23,6 +23,7 @@ from breakwater.gateway.service import GatewayService
 from breakwater.gateway.streaming import GatewayApp
 from breakwater.plainhttp import PlainHTTP
 from breakwater.runtime import settle_heap
+from breakwater.stopping import stop_loop
 
 log = logging.getLogger(__name__)
 GAUGE_INTERVAL_S = 1.0
@@ -104,14 +105,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         finally:
             if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
                 await embedded.close()
-            gauges.cancel()
-            rollouts.cancel()
             if admin is not None:
                 await admin.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gauges
-            with contextlib.suppress(asyncio.CancelledError):
-                await rollouts
+            await stop_loop(gauges)
+            await stop_loop(rollouts)
             await svc.versions.close()
             await fanin.close()
             await broker.aclose()

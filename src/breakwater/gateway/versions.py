@@ -19,6 +19,7 @@ from breakwater.gateway.errors import APIError
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelRegistry
 from breakwater.rollout.aliases import Alias, SmoothWeighted
+from breakwater.stopping import stop_loop
 from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,5 @@ class VersionRouter:
 
     async def close(self) -> None:
         if self._reading is not None and not self._reading.done():
-            self._reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reading
+            with contextlib.suppress(Exception):
+                await stop_loop(self._reading)

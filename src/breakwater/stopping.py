@@ -1,0 +1,28 @@
+"""Stopping a background loop for sure, on Python 3.11 too.
+
+Python 3.11's ``asyncio.wait_for`` drops a cancellation that arrives in the same loop turn as the
+result it waits for: it returns the result, and the cancelled task runs on as if nothing happened
+(CPython gh-86296; 3.12 rebuilt ``wait_for`` on ``asyncio.timeout``). redis-py wraps every
+command's write in ``wait_for`` when a socket timeout is set (always, here: see
+``broker.connection``), and the Pub/Sub wire connects through it. So a loop cancelled at that moment
+goes on looping, and a shutdown that cancels it once and awaits it waits forever (seen: the gateway's
+gauge loop, a stopped ``gateway --workers 2`` that never exited)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+AGAIN_AFTER_S = 0.1
+
+
+async def stop_loop(task: asyncio.Task[Any], again_after_s: float = AGAIN_AFTER_S) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``again_after_s`` while
+    it runs on. Raises what it ended with, unless that is its cancellation.
+
+    For loops that do no awaiting cleanup on cancel: a repeated cancellation could cut one short."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=again_after_s)
+    if not task.cancelled() and (failed := task.exception()) is not None:
+        raise failed
