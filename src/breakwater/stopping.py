@@ -11,6 +11,8 @@ gauge loop, a stopped ``gateway --workers 2`` that never exited)."""
 from __future__ import annotations
 
 import asyncio
+import math
+from collections.abc import Iterable
 from typing import Any
 
 AGAIN_AFTER_S = 0.1
@@ -21,8 +23,21 @@ async def stop_loop(task: asyncio.Task[Any], again_after_s: float = AGAIN_AFTER_
     it runs on. Raises what it ended with, unless that is its cancellation.
 
     For loops that do no awaiting cleanup on cancel: a repeated cancellation could cut one short."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=again_after_s)
+    await stop_loops([task], math.inf, again_after_s)
     if not task.cancelled() and (failed := task.exception()) is not None:
         raise failed
+
+
+async def stop_loops(
+    tasks: Iterable[asyncio.Task[Any]], within_s: float, again_after_s: float = AGAIN_AFTER_S
+) -> set[asyncio.Task[Any]]:
+    """Cancel ``tasks``, again every ``again_after_s`` while some run on, for up to ``within_s``;
+    returns the ones still running then (what they ended with is theirs to report)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    running = {task for task in tasks if not task.done()}
+    while running and (left := deadline - loop.time()) > 0:
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=min(again_after_s, left))
+    return running

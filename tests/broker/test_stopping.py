@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import pytest
 from redis.asyncio import Redis
 
-from breakwater.stopping import stop_loop
+from breakwater.stopping import stop_loop, stop_loops
 
 
 async def test_a_dropped_cancellation_is_sent_again() -> None:
@@ -38,6 +39,34 @@ async def test_what_the_loop_failed_with_is_raised() -> None:
     await asyncio.sleep(0)
     with pytest.raises(ValueError, match="the loop's own error"):
         await stop_loop(task)
+
+
+async def test_loops_are_stopped_within_a_bound_and_the_stuck_ones_named() -> None:
+    async def drops_the_first() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    released = asyncio.Event()
+
+    async def ignores_cancelling() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    loops = [asyncio.create_task(c()) for c in (drops_the_first, plain_loop, ignores_cancelling)]
+    dropping, plain, stubborn = loops
+    await asyncio.sleep(0)
+    stuck = await asyncio.wait_for(stop_loops(loops, within_s=0.5, again_after_s=0.05), 5)
+    assert stuck == {stubborn}
+    assert dropping.cancelled() and plain.cancelled() and not stubborn.done()
+    released.set()
+    await asyncio.wait_for(stubborn, 5)
+
+
+async def plain_loop() -> None:
+    while True:
+        await asyncio.sleep(3600)
 
 
 async def test_redis_loops_cancelled_at_any_moment_stop(redis: Redis) -> None:

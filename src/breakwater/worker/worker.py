@@ -25,6 +25,7 @@ from breakwater.engines.stepcost import Rating
 from breakwater.keys import queues
 from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
+from breakwater.stopping import stop_loops
 from breakwater.worker.finishing import FinishingMixin
 from breakwater.worker.jobs import InFlight, generation_request, refusal
 from breakwater.worker.liveness import LivenessMixin
@@ -110,11 +111,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
                 raise self._background_failed
             log.info("drained", extra={"fields": {"in_flight": len(self.inflight)}})
         finally:
-            loops = [pull, *tasks, *self._background]
-            for task in loops:
-                task.cancel()
             # Bounded: a loop that does not stop must not keep the process from exiting; say which.
-            _, stuck = await asyncio.wait(loops, timeout=5.0)
+            stuck = await stop_loops([pull, *tasks, *self._background], within_s=5.0)
             for task in stuck:
                 log.error(
                     "loop did not stop on cancel",
