@@ -29,6 +29,7 @@ from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.tools import call_id
+from breakwater.stopping import stop_loops
 from breakwater.tenancy import ANONYMOUS, Principal
 
 router = APIRouter()
@@ -152,9 +153,8 @@ class _Connection:
         # from its own position), so no task is left orphaned and each event is sent once.
         previous = self.tasks.pop(sub.rid, None)
         if previous is not None:
-            previous.cancel()
             # Bounded: this loop also reads the socket's next messages, so it must never hang here.
-            await asyncio.wait([previous], timeout=1.0)
+            await stop_loops([previous], within_s=1.0)
         task = asyncio.create_task(self._pump(sub, after))
         self.tasks[sub.rid] = task
         task.add_done_callback(lambda t: self.tasks.pop(sub.rid) if self.tasks.get(sub.rid) is t else None)
@@ -181,11 +181,9 @@ class _Connection:
 
     async def close(self) -> None:
         self.open = False
-        for task in list(self.tasks.values()):
-            task.cancel()
-        for task in list(self.tasks.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancelled again while one runs on (a cancellation inside a Redis call can be lost): with
+        # the socket closed its sends do nothing, and it would follow its generation to the end.
+        await stop_loops(list(self.tasks.values()), within_s=5.0)
 
 
 def _event_message(rid: str, event: TokenEvent, tool: str) -> dict[str, Any]:
