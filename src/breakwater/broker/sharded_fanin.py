@@ -28,6 +28,7 @@ from breakwater.broker.errors import UNREACHABLE, Backoff
 from breakwater.broker.fanin import PING_EVERY_S, Channels, Subscription
 from breakwater.broker.wire import Wire, command, open_wire
 from breakwater.keys import Keys
+from breakwater.stopping import stop_loop
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ class ShardedFanin(Channels):
         for pending in list(self._connecting.values()):
             pending.cancel()
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_loop(task)
         for conn in self._conns.values():
             conn.abort()
 
