@@ -11,11 +11,13 @@ gauge loop, a stopped ``gateway --workers 2`` that never exited)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 AGAIN_AFTER_S = 0.1
+T = TypeVar("T", bound="asyncio.Future[Any]")
 
 
 async def stop_loop(task: asyncio.Task[Any], again_after_s: float = AGAIN_AFTER_S) -> None:
@@ -28,16 +30,27 @@ async def stop_loop(task: asyncio.Task[Any], again_after_s: float = AGAIN_AFTER_
         raise failed
 
 
-async def stop_loops(
-    tasks: Iterable[asyncio.Task[Any]], within_s: float, again_after_s: float = AGAIN_AFTER_S
-) -> set[asyncio.Task[Any]]:
-    """Cancel ``tasks``, again every ``again_after_s`` while some run on, for up to ``within_s``;
-    returns the ones still running then (what they ended with is theirs to report)."""
+async def stop_loops(tasks: Iterable[T], within_s: float, again_after_s: float = AGAIN_AFTER_S) -> set[T]:
+    """Cancel ``tasks`` (at least once), again every ``again_after_s`` while some run on, for up to
+    ``within_s``; returns the ones still running then (what they ended with is theirs to report).
+    The caller's own cancellation goes on up (the tasks have been cancelled by then)."""
+    if again_after_s <= 0:
+        raise ValueError("again_after_s must be positive")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     running = {task for task in tasks if not task.done()}
-    while running and (left := deadline - loop.time()) > 0:
+    while running:
         for task in running:
             task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
         _, running = await asyncio.wait(running, timeout=min(again_after_s, left))
     return running
+
+
+def report_stuck(log: logging.Logger, stuck: Iterable[asyncio.Task[Any]]) -> None:
+    """An error line for each task that did not stop: its name and where it waits (innermost last)."""
+    for task in stuck:
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in task.get_stack(limit=8))
+        log.error("loop did not stop on cancel", extra={"fields": {"task": task.get_name(), "stack": where}})

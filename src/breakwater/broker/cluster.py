@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from breakwater.broker.wire import Arg, Endpoint, PipelinedRedis
+from breakwater.stopping import stop_loops
 
 log = logging.getLogger(__name__)
 SLOTS = 16384
@@ -173,7 +175,7 @@ class ClusterPipelinedRedis:
 
     async def aclose(self) -> None:
         if self._refreshing is not None:
-            self._refreshing.cancel()
+            await stop_loops([self._refreshing], math.inf)  # it would open nodes again after this
         nodes, self._nodes = self._nodes, {}
         for node in nodes.values():
             await node.aclose()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ from breakwater.broker.errors import UNREACHABLE, Backoff
 from breakwater.broker.fanin import PING_EVERY_S, Channels, Subscription
 from breakwater.broker.wire import Wire, command, open_wire
 from breakwater.keys import Keys
-from breakwater.stopping import stop_loop
+from breakwater.stopping import stop_loops
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,18 @@ class ShardedFanin(Channels):
         self._spawn(self._resubscriber(), "fanin-resubscribe")
 
     async def close(self) -> None:
-        for pending in list(self._connecting.values()):
-            pending.cancel()
-        for task in list(self._tasks):
-            await stop_loop(task)
-        for conn in self._conns.values():
-            conn.abort()
+        try:
+            # A connection still opening can run on past its cancellation and start a reader: stop
+            # until none is left (ended ones leave these collections a loop turn later).
+            while running := self._running():
+                await stop_loops(running, math.inf)
+        finally:
+            for conn in self._conns.values():
+                conn.abort()
+
+    def _running(self) -> list[asyncio.Future[Any]]:
+        tasks: list[asyncio.Future[Any]] = [*self._connecting.values(), *self._tasks]
+        return [task for task in tasks if not task.done()]
 
     async def open(self, rid: str, connect_timeout_s: float = 5.0) -> Subscription:
         """Send the SSUBSCRIBE without waiting for its confirmation (see :meth:`confirm`)."""

@@ -11,7 +11,6 @@ the text already emitted; a 4xx is the request's own fault and ends it with a cl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -34,6 +33,7 @@ from breakwater.engines.upstream_http import StreamClient
 from breakwater.engines.upstream_load import UpstreamLoad, metrics_urls, parse_load
 from breakwater.protocol.embeddings import pack
 from breakwater.protocol.toolformats import PASS_THROUGH
+from breakwater.stopping import stop_loop
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
     async def close(self) -> None:
         await super().close()
         if self._scraper is not None:
-            self._scraper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scraper
+            await stop_loop(self._scraper)
         if self._client is not None:
             self._client.close()
         if self._session is not None:

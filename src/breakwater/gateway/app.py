@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -23,7 +24,7 @@ from breakwater.gateway.service import GatewayService
 from breakwater.gateway.streaming import GatewayApp
 from breakwater.plainhttp import PlainHTTP
 from breakwater.runtime import settle_heap
-from breakwater.stopping import stop_loop
+from breakwater.stopping import stop_loops
 
 log = logging.getLogger(__name__)
 GAUGE_INTERVAL_S = 1.0
@@ -105,10 +106,9 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         finally:
             if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
                 await embedded.close()
+            await stop_loops([gauges, rollouts], math.inf)  # they log their own failures
             if admin is not None:
                 await admin.close()
-            await stop_loop(gauges)
-            await stop_loop(rollouts)
             await svc.versions.close()
             await fanin.close()
             await broker.aclose()

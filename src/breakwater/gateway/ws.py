@@ -29,7 +29,7 @@ from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.tools import call_id
-from breakwater.stopping import stop_loops
+from breakwater.stopping import report_stuck, stop_loops
 from breakwater.tenancy import ANONYMOUS, Principal
 
 router = APIRouter()
@@ -154,7 +154,7 @@ class _Connection:
         previous = self.tasks.pop(sub.rid, None)
         if previous is not None:
             # Bounded: this loop also reads the socket's next messages, so it must never hang here.
-            await stop_loops([previous], within_s=1.0)
+            report_stuck(log, await stop_loops([previous], within_s=1.0))
         task = asyncio.create_task(self._pump(sub, after))
         self.tasks[sub.rid] = task
         task.add_done_callback(lambda t: self.tasks.pop(sub.rid) if self.tasks.get(sub.rid) is t else None)
@@ -183,7 +183,7 @@ class _Connection:
         self.open = False
         # Cancelled again while one runs on (a cancellation inside a Redis call can be lost): with
         # the socket closed its sends do nothing, and it would follow its generation to the end.
-        await stop_loops(list(self.tasks.values()), within_s=5.0)
+        report_stuck(log, await stop_loops(list(self.tasks.values()), within_s=5.0))
 
 
 def _event_message(rid: str, event: TokenEvent, tool: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import functools
 import logging
 import time
 from dataclasses import replace
-from typing import Any
 
 from breakwater.broker import Append, Broker, Job, StartOutcome
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
@@ -25,7 +24,7 @@ from breakwater.engines.stepcost import Rating
 from breakwater.keys import queues
 from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
-from breakwater.stopping import stop_loops
+from breakwater.stopping import report_stuck, stop_loops
 from breakwater.worker.finishing import FinishingMixin
 from breakwater.worker.jobs import InFlight, generation_request, refusal
 from breakwater.worker.liveness import LivenessMixin
@@ -113,11 +112,9 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         finally:
             # Bounded: a loop that does not stop must not keep the process from exiting; say which.
             stuck = await stop_loops([pull, *tasks, *self._background], within_s=5.0)
-            for task in stuck:
-                log.error(
-                    "loop did not stop on cancel",
-                    extra={"fields": {"task": task.get_name(), "stack": _stack(task)}},
-                )
+            # A publish or finish that a step running on started meanwhile.
+            stuck |= await stop_loops(self._background - stuck, within_s=1.0)
+            report_stuck(log, stuck)
             with contextlib.suppress(*TRANSIENT):
                 await self.broker.deregister(self.settings.worker_id)
             log.info("stopped")
@@ -431,7 +428,3 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         self.metrics.jobs.labels(self.model, "dropped").inc()
         log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})
         self._slot_freed.set()
-
-
-def _stack(task: asyncio.Task[Any]) -> str:
-    return " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in task.get_stack(limit=8))
