@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -56,6 +57,40 @@ async def test_a_shutdown_during_a_disconnect_is_not_swallowed() -> None:
     response.cancel()  # ...and the server cancels it too, before it runs again
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(response, 5)
+
+
+async def test_a_client_that_leaves_ends_the_stream_even_if_its_cancellation_is_lost() -> None:
+    """Python 3.11's ``asyncio.wait_for`` inside a Redis call can drop the disconnect's cancellation
+    (see ``breakwater.stopping``): the stream still ends at its next event, its events closed (the
+    request is detached then), instead of following the generation to its end for nobody."""
+    sent: list[MutableMapping[str, Any]] = []
+    left = asyncio.Event()
+    yielded, closed = [0], asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+        if message.get("body") == b"data: 0\n\n":
+            left.set()
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            for i in range(500):
+                # A cancellation here is dropped, as wait_for drops one whose result is there too.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.002)
+                yielded[0] += 1
+                yield f"data: {i}\n\n".encode()
+        finally:
+            closed.set()
+
+    await asyncio.wait_for(SSEResponse(events(), {})({"type": "http"}, receive, send), 5)
+    assert closed.is_set()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert yielded[0] <= 3  # the first, and the one it was waiting for (or one more) when it left
 
 
 async def test_a_failing_receive_does_not_break_the_stream() -> None:

@@ -127,6 +127,8 @@ class SSEResponse(Response):
             if self.direct is not None:
                 self.direct.attach(out)
             async for chunk in self.events:
+                if gone:  # its cancellation was lost (Python 3.11, in a Redis call: stopping.py)
+                    return  # the events' cleanup (below) detaches the request
                 await out({"type": "http.response.body", "body": chunk, "more_body": True})
             streaming = False
             await out({"type": "http.response.body", "body": b"", "more_body": False})
