@@ -3,9 +3,14 @@ choices are replayed from their start (tool calls parsed from the whole answer).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
 
-from breakwater.gateway.choices import Choice, ChoiceGroup, _Merged, is_seq, parse_positions
+from breakwater.gateway.choices import Choice, ChoiceGroup, _Merged, is_seq, parse_positions, stream
 from breakwater.gateway.errors import APIError
 from breakwater.protocol.events import TokenEvent
 
@@ -38,3 +43,43 @@ def test_positions_and_sequence_numbers() -> None:
     assert parse_positions("3.0", 2) == [3, 0]
     assert not is_seq("\u00b2") and not is_seq("") and is_seq("9223372036854775807")
     assert not is_seq("9223372036854775808")
+
+
+async def test_a_reader_that_runs_past_its_cancellation_does_not_hold_the_response() -> None:
+    """The client leaves an ``n=2`` stream, and each choice's reader drops its first cancellation
+    (Python 3.11's ``wait_for`` inside a Redis call: see ``breakwater.stopping``). Closing the stream
+    still ends both readers (left running they would fill the queue and wait on it for ever, holding
+    the response) and detaches both choices."""
+    dropped: list[str] = []
+    closed: list[str] = []
+    detached: list[str] = []
+
+    async def events(rid: str) -> AsyncIterator[TokenEvent]:
+        seq, dropping = 0, True
+        try:
+            while True:
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    if not dropping:
+                        raise
+                    dropping = False
+                    dropped.append(rid)
+                seq += 1
+                yield TokenEvent(seq=seq, kind="token", text="x")
+        finally:
+            closed.append(rid)
+
+    def detach_later(rid: str, *, shared: bool = False) -> None:
+        detached.append(rid)
+
+    requests = SimpleNamespace(events=lambda sub, after: events(sub), detach_later=detach_later)
+    rids = [f"chatcmpl-x-{i}" for i in range(2)]
+    group = _group("", [0, 0])
+    group.choices = [Choice(i, rid, 0, cast(Any, rid)) for i, rid in enumerate(rids)]
+    response = cast(AsyncGenerator[bytes, None], stream(cast(Any, SimpleNamespace(requests=requests)), group))
+    for _ in range(3):  # the heads, then the choices' tokens
+        await asyncio.wait_for(anext(response), 5)
+    await asyncio.wait_for(response.aclose(), 5)  # the client left
+    assert sorted(closed) == rids and sorted(detached) == rids
+    assert dropped  # the drop happened (or the test proves nothing)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from breakwater.protocol.openai import (
     usage_body,
     usage_chunk,
 )
+from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
 
 if TYPE_CHECKING:
@@ -316,8 +318,9 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
     except APIError as exc:  # a reader failed (its request expired): the others are let go below
         out.append(sse_event(exc.body()))
     finally:
-        for task in tasks:
-            task.cancel()
+        # Cancelled again while one runs on (stopping.py): a reader left running would fill the
+        # queue, wait on it forever and hold this response. Their cleanup does not wait on anything.
+        await stop_loops(tasks, math.inf)
         await asyncio.gather(*tasks, return_exceptions=True)
         if not finished:
             for choice in merged.live.values():
@@ -374,8 +377,7 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         pending = [(c, t) for c, t in zip(group.choices, tasks, strict=True) if not t.done()]
-        for _, task in pending:
-            task.cancel()
+        await stop_loops([task for _, task in pending], math.inf)  # again if one runs on (stopping.py)
         await asyncio.gather(*tasks, return_exceptions=True)
     failed = [e for t in tasks if not t.cancelled() and (e := t.exception()) is not None]
     if failed:  # one failed: the unfinished ones stop now (not after they have all run to the end)
