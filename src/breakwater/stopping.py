@@ -25,15 +25,18 @@ async def stop_loop(task: asyncio.Task[Any], again_after_s: float = AGAIN_AFTER_
     it runs on. Raises what it ended with, unless that is its cancellation.
 
     For loops that do no awaiting cleanup on cancel: a repeated cancellation could cut one short."""
-    await stop_loops([task], math.inf, again_after_s)
+    await stop_loops([task], again_after_s=again_after_s)
     if not task.cancelled() and (failed := task.exception()) is not None:
         raise failed
 
 
-async def stop_loops(tasks: Iterable[T], within_s: float, again_after_s: float = AGAIN_AFTER_S) -> set[T]:
+async def stop_loops(
+    tasks: Iterable[T], within_s: float = math.inf, again_after_s: float = AGAIN_AFTER_S
+) -> set[T]:
     """Cancel ``tasks`` (at least once), again every ``again_after_s`` while some run on, for up to
-    ``within_s``; returns the ones still running then (what they ended with is theirs to report).
-    The caller's own cancellation goes on up (the tasks have been cancelled by then)."""
+    ``within_s`` (until they end, by default); returns the ones still running then (what they
+    ended with is theirs to report). The caller's own cancellation goes on up (the tasks have been
+    cancelled by then)."""
     if again_after_s <= 0:
         raise ValueError("again_after_s must be positive")
     loop = asyncio.get_running_loop()

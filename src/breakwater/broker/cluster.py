@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -175,7 +174,7 @@ class ClusterPipelinedRedis:
 
     async def aclose(self) -> None:
         if self._refreshing is not None:
-            await stop_loops([self._refreshing], math.inf)  # it would open nodes again after this
+            await stop_loops([self._refreshing])  # it would open nodes again after this
         nodes, self._nodes = self._nodes, {}
         for node in nodes.values():
             await node.aclose()

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +62,7 @@ class ShardedFanin(Channels):
             # A connection still opening can run on past its cancellation and start a reader: stop
             # until none is left (ended ones leave these collections a loop turn later).
             while running := self._running():
-                await stop_loops(running, math.inf)
+                await stop_loops(running)
         finally:
             for conn in self._conns.values():
                 conn.abort()

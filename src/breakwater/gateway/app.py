@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -106,7 +105,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         finally:
             if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
                 await embedded.close()
-            await stop_loops([gauges, rollouts], math.inf)  # they log their own failures
+            await stop_loops([gauges, rollouts])  # they log their own failures
             if admin is not None:
                 await admin.close()
             await svc.versions.close()

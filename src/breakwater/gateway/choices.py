@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -320,7 +319,7 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
     finally:
         # Cancelled again while one runs on (stopping.py): a reader left running would fill the
         # queue, wait on it forever and hold this response. Their cleanup does not wait on anything.
-        await stop_loops(tasks, math.inf)
+        await stop_loops(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         if not finished:
             for choice in merged.live.values():
@@ -377,7 +376,7 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         pending = [(c, t) for c, t in zip(group.choices, tasks, strict=True) if not t.done()]
-        await stop_loops([task for _, task in pending], math.inf)  # again if one runs on (stopping.py)
+        await stop_loops([task for _, task in pending])  # again if one runs on (stopping.py)
         await asyncio.gather(*tasks, return_exceptions=True)
     failed = [e for t in tasks if not t.cancelled() and (e := t.exception()) is not None]
     if failed:  # one failed: the unfinished ones stop now (not after they have all run to the end)
