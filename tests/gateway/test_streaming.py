@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
@@ -18,7 +18,12 @@ async def _forever() -> AsyncIterator[bytes]:
     yield b"never"
 
 
-async def test_a_client_that_leaves_ends_the_stream_quietly() -> None:
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def _leaves_after(body: bytes) -> tuple[list[MutableMapping[str, Any]], Receive, Send]:
+    """A client that disconnects once it has been sent ``body``: what it was sent, and its ASGI pair."""
     sent: list[MutableMapping[str, Any]] = []
     left = asyncio.Event()
 
@@ -28,9 +33,14 @@ async def test_a_client_that_leaves_ends_the_stream_quietly() -> None:
 
     async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
-        if message.get("body") == b"data: first\n\n":
+        if message.get("body") == body:
             left.set()
 
+    return sent, receive, send
+
+
+async def test_a_client_that_leaves_ends_the_stream_quietly() -> None:
+    sent, receive, send = _leaves_after(b"data: first\n\n")
     events = _forever()
     await asyncio.wait_for(SSEResponse(events, {})({"type": "http"}, receive, send), 5)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
@@ -63,18 +73,8 @@ async def test_a_client_that_leaves_ends_the_stream_even_if_its_cancellation_is_
     """Python 3.11's ``asyncio.wait_for`` inside a Redis call can drop the disconnect's cancellation
     (see ``breakwater.stopping``): the stream still ends at its next event, its events closed (the
     request is detached then), instead of following the generation to its end for nobody."""
-    sent: list[MutableMapping[str, Any]] = []
-    left = asyncio.Event()
+    sent, receive, send = _leaves_after(b"data: 0\n\n")
     yielded, closed = [0], asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        await left.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-        if message.get("body") == b"data: 0\n\n":
-            left.set()
 
     async def events() -> AsyncIterator[bytes]:
         try:
