@@ -127,14 +127,17 @@ def start_exe(label: str, exe: str, flags: str, env: dict[str, str] | None = Non
     return start
 
 
-def start_breakwater(src: Path | None, *, embedded: bool = False) -> Starter:
+def start_breakwater(src: Path | None, *, embedded: bool = False, tcp: bool = False) -> Starter:
     """Redis, a gateway and an ``openai`` worker; ``embedded``: the worker inside the gateway process
-    (``gateway --embed-engine openai``)."""
+    (``gateway --embed-engine openai``). The processes reach Redis over its unix socket, as the
+    embedded stack's do (``breakwater up``); ``tcp``: over TCP, as from another host."""
 
     def start(backend: int, tmp: Path) -> Instance:
         tag = uuid.uuid4().hex[:8]
         d = tmp / f"bw-{tag}"
-        redis = RedisServer(d / "redis")
+        redis = RedisServer(d / "redis", unix_socket=not tcp)
+        if not tcp and redis.socket_path is None:
+            raise RuntimeError(f"the unix socket's path under {tmp} is too long; use a shorter TMPDIR")
         inst = Instance(free_port(), redis=redis)
         try:
             redis.start()
@@ -144,7 +147,7 @@ def start_breakwater(src: Path | None, *, embedded: bool = False) -> Starter:
             redis.stop()
             raise
         env = {
-            "BREAKWATER_REDIS_URL": redis.url,
+            "BREAKWATER_REDIS_URL": redis.url if tcp else redis.local_url,
             "BREAKWATER_KEY_PREFIX": f"peers-{tag}",
             "BREAKWATER_LOG_LEVEL": "WARNING",
             "BREAKWATER_LANE_MAX_QUEUED": "100000",
@@ -372,14 +375,18 @@ def systems(args: argparse.Namespace) -> tuple[dict[str, tuple[Starter, bool]], 
         flags = f"--model openai/{MODEL} --alias {MODEL} --api_base http://127.0.0.1:{{backend}}/v1"
         starter = start_exe("litellm", litellm, flags + " --host 127.0.0.1 --port {port}", LITELLM_ENV)
         out["litellm"] = (starter, False)
-    out["breakwater"] = (start_breakwater(None), True)
-    out["breakwater-embedded"] = (start_breakwater(None, embedded=True), True)
+    tcp = args.redis_tcp
+    out["breakwater"] = (start_breakwater(None, tcp=tcp), True)
+    out["breakwater-tcp"] = (start_breakwater(None, tcp=True), True)
+    out["breakwater-embedded"] = (start_breakwater(None, embedded=True, tcp=tcp), True)
     if args.baseline_src:
-        out["breakwater (before)"] = (start_breakwater(args.baseline_src.resolve()), True)
-        before = start_breakwater(args.baseline_src.resolve(), embedded=True)
+        out["breakwater (before)"] = (start_breakwater(args.baseline_src.resolve(), tcp=tcp), True)
+        before = start_breakwater(args.baseline_src.resolve(), embedded=True, tcp=tcp)
         out["breakwater-embedded (before)"] = (before, True)
-    wanted = set(args.systems.split(",")) | {"direct"} if args.systems else set(out)  # direct: the reference
-    return {n: s for n, s in out.items() if n in wanted}, found
+    # In the order given (the run's order can favour a system: swap two to check), direct first: the
+    # reference for every added TTFT.
+    wanted = ["direct", *args.systems.split(",")] if args.systems else list(out)
+    return {n: out[n] for n in dict.fromkeys(wanted) if n in out}, found
 
 
 def main() -> None:
@@ -390,10 +397,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="of arrivals per rate")
     parser.add_argument("--drain-s", type=float, default=30, help="wait at most this long for in-flight ones")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--systems", default="", help="comma-separated subset (default: all found)")
+    parser.add_argument(
+        "--systems", default="", help="comma-separated subset, run in this order (default: all found)"
+    )
     parser.add_argument("--ttft-ms", type=float, default=50)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--baseline-src", type=Path, help="another checkout, run as 'breakwater (before)'")
+    parser.add_argument(
+        "--redis-tcp",
+        action="store_true",
+        help="every Breakwater system reaches Redis over TCP (default: its unix socket, as `breakwater up`; "
+        "a checkout before 2026-12-05 needs TCP); the system breakwater-tcp always does",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--profile", type=Path, help="py-spy Breakwater's processes into this folder")
     parser.add_argument(

@@ -35,7 +35,7 @@ def measure(
     label: str, src: Path | None, backend: Instance, args: argparse.Namespace, tmp: Path
 ) -> dict[str, float]:
     """One stack of ``src`` (None: this tree): CPU ms per completed request, per process."""
-    inst = start_breakwater(src)(backend.port, tmp)
+    inst = start_breakwater(src, tcp=args.redis_tcp)(backend.port, tmp)
     try:
         inst.wait_ready()
         _run(open_loop("127.0.0.1", inst.port, WARM_UP, 20, 1.0, 10, seed=7))
@@ -97,6 +97,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40, help="requests per second")
     parser.add_argument("--seconds", type=float, default=15, help="of arrivals per run")
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument(
+        "--redis-tcp",
+        action="store_true",
+        help="reach Redis over TCP (default: its unix socket, as `breakwater up`; a checkout before "
+        "2026-12-05 needs TCP)",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--commands", action="store_true", help="print Redis's commands per request (INFO commandstats)"
@@ -145,7 +151,8 @@ def main() -> None:
             "",
             f"Command: `{cmd.strip()}`, {time.strftime('%Y-%m-%d')}. {args.max_tokens}-token streams at "
             f"{args.rate:g} req/s for {args.seconds:g} s a run; the fake backend answers at once "
-            f"(direct TTFT p50 {base_ttft:.1f} ms); Breakwater's processes on CPU {SUT_CPU}.",
+            f"(direct TTFT p50 {base_ttft:.1f} ms); Breakwater's processes on CPU {SUT_CPU}, Redis "
+            f"over {'TCP' if args.redis_tcp else 'its unix socket'}.",
             "",
             *lines,
         ]

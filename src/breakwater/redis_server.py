@@ -55,8 +55,14 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+# A unix socket's path must fit in sockaddr_un's 108 bytes (with its final NUL).
+UNIX_PATH_MAX = 107
+
+
 class RedisServer:
-    """A child Redis process with AOF in ``data_dir``, bound to 127.0.0.1."""
+    """A child Redis process with AOF in ``data_dir``, bound to 127.0.0.1, and with ``unix_socket``
+    also listening on a unix socket ``data_dir/redis.sock`` (owner only), when its path fits: on the
+    same host a round trip over it costs both ends about a third less CPU than over TCP."""
 
     def __init__(
         self,
@@ -65,6 +71,7 @@ class RedisServer:
         appendfsync: str = "everysec",
         extra_args: Sequence[str] = (),
         binary: str | None = None,
+        unix_socket: bool = False,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError("appendfsync must be always, everysec or no")
@@ -74,10 +81,17 @@ class RedisServer:
         self.extra_args = list(extra_args)
         self.binary = binary  # None: redis-server or valkey-server, whichever is found
         self.proc: subprocess.Popen[bytes] | None = None
+        path = (data_dir / "redis.sock").absolute()
+        self.socket_path = path if unix_socket and len(os.fsencode(path)) <= UNIX_PATH_MAX else None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def local_url(self) -> str:
+        """The unix socket's URL where there is one, else :attr:`url`: for processes on this host."""
+        return f"unix://{self.socket_path}?db=0" if self.socket_path is not None else self.url
 
     def start(self, timeout_s: float = 10.0) -> None:
         binary = self.binary or find_redis_server()
@@ -104,6 +118,11 @@ class RedisServer:
                     "no",
                     "--maxclients",
                     "10000",
+                    *(
+                        ("--unixsocket", str(self.socket_path), "--unixsocketperm", "700")
+                        if self.socket_path is not None
+                        else ()
+                    ),
                     *self.extra_args,
                 ],
                 stdout=log,

@@ -48,6 +48,11 @@ def test_redacted_hides_only_the_password() -> None:
     assert redacted("redis://gw:s3cret@redis:6379/0") == "redis://gw:***@redis:6379/0"
     assert redacted("redis://:s3cret@redis/0") == "redis://:***@redis/0"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    # A unix socket URL carries its password in the query.
+    assert (
+        redacted("unix:///run/redis.sock?db=0&password=s3cret") == "unix:///run/redis.sock?db=0&password=***"
+    )
+    assert redacted("unix:///run/redis.sock?db=0") == "unix:///run/redis.sock?db=0"
 
 
 async def test_a_silent_redis_fails_the_command_instead_of_hanging() -> None:

@@ -16,6 +16,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis
 from openai.types.chat import ChatCompletionUserMessageParam
 
 from breakwater.redis_server import RedisServer, free_port
@@ -153,6 +154,12 @@ def test_a_killed_gateway_is_restarted_and_serves_again(tmp_path: Path) -> None:
     up = Up(tmp_path, "--workers", "1")
     try:
         up.wait_serving(workers=1)
+        # The stack's processes reach its Redis over the unix socket beside its data, not TCP.
+        sock = str(up.data_dir / "redis" / "redis.sock")
+        with redis.Redis(unix_socket_path=sock, decode_responses=True) as r:
+            me = r.client_id()
+            addrs = [c["addr"] for c in r.client_list() if int(c["id"]) != me]
+        assert len(addrs) >= 4 and all(a.startswith("/") for a in addrs), addrs  # a path, not ip:port
         gateway = up.child_pid(["breakwater", "gateway"])
         worker = up.child_pid(["--worker-id", "local-0"])
         assert gateway is not None and worker is not None

@@ -87,9 +87,12 @@ def connect(
     cluster = ClusterUrl.parse(url)
     if cluster is not None:
         return _cluster_client(cluster, auth, socket_timeout_s, max_connections)
+    # TCP keepalive is a TCP socket's option: redis-py's unix socket connection refuses it.
+    keepalive = {} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}
     pool = BlockingConnectionPool.from_url(
         without_credentials(url) if auth else url,  # redis-py lets the URL's win over arguments
         **auth,
+        **keepalive,
         timeout=socket_timeout_s,
         decode_responses=True,
         protocol=RESP,
@@ -99,7 +102,6 @@ def connect(
         health_check_interval=15,
         socket_connect_timeout=2.0,
         socket_timeout=socket_timeout_s,
-        socket_keepalive=True,
     )
     return Redis.from_pool(pool)
 
@@ -174,9 +176,18 @@ def connect_with(settings: CommonSettings) -> Redis:
 
 
 def redacted(url: str) -> str:
-    """``url`` without a password, for logs."""
+    """``url`` without a password (in its authority, or a unix socket URL's ``?password=``), for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if parts.password is None and "password=" not in parts.query:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    query = "&".join(
+        f"{name}=***" if name == "password" else item
+        for item in parts.query.split("&")
+        for name in [item.partition("=")[0]]
+    )
+    parts = parts._replace(query=query)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    unsplit = urlunsplit(parts)
+    return unsplit.replace(":", "://", 1) if not parts.netloc else unsplit  # unix:///path keeps its ///
