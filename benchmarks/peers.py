@@ -477,8 +477,9 @@ def report(results: dict[str, list[Row]], found: dict[str, str], args: argparse.
         f"share CPU {CLIENT_CPU}; every process of the system under test is pinned to CPU {SUT_CPU}. Added "
         "TTFT: against direct at the same rate. ITL: the client's gaps between consecutive chunks with "
         "text, over all streams (— when every stream came in one chunk). CPU: utime+stime of each "
-        "process tree over the window. Breakwater restarts (fresh Redis) before every rate. Held: "
-        "≥ 99% completed without error and done/s ≥ 95% of the realized arrival rate.",
+        "process tree over the window. Breakwater restarts (fresh Redis) before every rate; its processes "
+        f"reach Redis over {'TCP' if args.redis_tcp else 'its unix socket (breakwater-tcp: over TCP)'}. "
+        "Held: ≥ 99% completed without error and done/s ≥ 95% of the realized arrival rate.",
     ]
     for shape, rows in results.items():
         lines += ["", f"### {shape}", "", *table(rows)]

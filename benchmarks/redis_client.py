@@ -3,6 +3,8 @@
 Measures, in this process only (``time.process_time``; Redis runs on the other core):
 - one script call and its reply: redis-py's client vs :class:`breakwater.broker.wire.PipelinedRedis`;
 - receiving Pub/Sub messages: redis-py's ``PubSub.get_message`` vs the gateway's :class:`Fanin`.
+And, with both processes on one core as in ``peers.py``'s layer, the CPU of both ends per raw
+round trip over TCP and over Redis's unix socket (what ``breakwater up``'s processes use).
 
     python benchmarks/redis_client.py [--calls 5000] [--messages 50000] [--no-write]
 """
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from breakwater.broker.connection import connect
 from breakwater.broker.fanin import Fanin
-from breakwater.broker.wire import PipelinedRedis
+from breakwater.broker.wire import Endpoint, PipelinedRedis
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer
 from common import write_section
@@ -50,6 +52,24 @@ async def script_calls(url: str, calls: int) -> tuple[float, float]:
     await raw.aclose()
     await redis.aclose()
     return out[0], out[1]
+
+
+async def round_trips(endpoint: Endpoint, redis_pid: int, calls: int) -> tuple[float, float]:
+    """Microseconds of CPU per raw round trip (``HSET`` + reply): (this process, Redis)."""
+    raw = PipelinedRedis(endpoint)
+    for i in range(200):
+        await raw.execute("HSET", "bench:h", "f", i)
+    started, redis_started = time.process_time(), _cpu_s(redis_pid)
+    for i in range(calls):
+        await raw.execute("HSET", "bench:h", "f", i)
+    used, redis_used = time.process_time() - started, _cpu_s(redis_pid) - redis_started
+    await raw.aclose()
+    return used / calls * 1e6, redis_used / calls * 1e6
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _publish(url: str, channel: str, count: int) -> None:
@@ -118,19 +138,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--round-trips", type=int, default=40_000, help="per transport and turn")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="bw-rc-")) / "redis")
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="bw-rc-")) / "redis", unix_socket=True)
     server.start()
+    trips: dict[str, list[tuple[float, float]]] = {"TCP": [], "unix socket": []}
     try:
-        assert server.proc is not None
+        assert server.proc is not None and server.socket_path is not None
         os.sched_setaffinity(server.proc.pid, {0})
         py_call, raw_call = uvloop.run(script_calls(server.url, args.calls))
         py_msg = uvloop.run(pubsub_redis_py(server.url, args.messages))
         raw_msg = uvloop.run(pubsub_fanin(server.url, args.messages))
+        os.sched_setaffinity(server.proc.pid, {1})  # one core for both, as the layer in peers.py
+        tcp, unix = Endpoint("127.0.0.1", server.port), Endpoint(path=str(server.socket_path))
+        for order in ((("TCP", tcp), ("unix socket", unix)), (("unix socket", unix), ("TCP", tcp))):
+            for name, endpoint in order:
+                trips[name].append(uvloop.run(round_trips(endpoint, server.proc.pid, args.round_trips)))
     finally:
         server.stop()
+    trip = {name: (sum(c for c, _ in t) / len(t), sum(r for _, r in t) / len(t)) for name, t in trips.items()}
+    (tcp_c, tcp_r), (unix_c, unix_r) = trip["TCP"], trip["unix socket"]
     text = "\n".join(
         [
             f"{platform.machine()}, {os.cpu_count()} cores; this process on CPU 1, Redis on CPU 0; "
@@ -143,7 +172,16 @@ def main() -> None:
             f"| one Pub/Sub message received | {py_msg:.1f} µs | {raw_msg:.1f} µs "
             f"| {py_msg / raw_msg:.1f}x |",
             "",
-            f"Command: `python benchmarks/redis_client.py {' '.join(sys.argv[1:])}`",
+            "Both on CPU 1, CPU of both ends per raw round trip (`HSET` and its reply; "
+            f"{args.round_trips} a turn, two turns each in alternating order, averaged):",
+            "",
+            "| transport | this process | Redis | both |",
+            "|---|---|---|---|",
+            f"| TCP (127.0.0.1) | {tcp_c:.1f} µs | {tcp_r:.1f} µs | {tcp_c + tcp_r:.1f} µs |",
+            f"| unix socket | {unix_c:.1f} µs | {unix_r:.1f} µs | {unix_c + unix_r:.1f} µs "
+            f"({(unix_c + unix_r) / (tcp_c + tcp_r):.2f}x) |",
+            "",
+            f"Command: `{' '.join(['python benchmarks/redis_client.py', *sys.argv[1:]])}`",
         ]
     )
     print(text)
