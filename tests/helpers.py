@@ -184,8 +184,8 @@ class StackProcs:
         env = self.env({f"BREAKWATER_{k.upper()}": str(v) for k, v in settings.items()})
         proc = Proc(["gateway", "--port", str(port)], env, self.log_dir / f"{self.prefix}-gw-{port}.log")
         url = f"http://127.0.0.1:{port}"
+        self.gateways.append((proc, url))  # stopped with the rest even if it never becomes ready
         wait_for(lambda: _ready(url, proc), 30, 0.1, f"gateway {url} ready")
-        self.gateways.append((proc, url))
         return url
 
     def add_worker(
