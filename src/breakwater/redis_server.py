@@ -55,8 +55,9 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-# A unix socket's path must fit in sockaddr_un's 108 bytes (with its final NUL).
-UNIX_PATH_MAX = 107
+# A unix socket's path must fit in sockaddr_un (108 bytes on Linux, 104 on macOS and the BSDs, with
+# the final NUL); a longer one falls back to TCP.
+UNIX_PATH_MAX = 103
 
 
 class RedisServer:

@@ -21,7 +21,7 @@ from tests.helpers import StackProcs, expected_sim
 @pytest.fixture(scope="module")
 def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("unix-redis"), unix_socket=True)
-    assert server.socket_path is not None, "the test's socket path must fit (107 bytes)"
+    assert server.socket_path is not None, "the test's socket path must fit (103 bytes)"
     server.start()
     yield server
     server.stop()
@@ -79,3 +79,14 @@ def test_resume_over_a_unix_socket(unix_stack: StackProcs) -> None:
     expected, reason, _ = expected_sim(messages=messages, seed=77, max_tokens=30)
     assert "".join(_chunk_text(d) for _, d in head + tail) == expected
     assert tail[-1][1]["choices"][0]["finish_reason"] == reason
+
+
+def test_a_socket_path_too_long_falls_back_to_tcp(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    server = RedisServer(deep, unix_socket=True)
+    assert server.socket_path is None and server.local_url == server.url
+    assert server.local_url.startswith("redis://127.0.0.1:")
+    near = RedisServer(tmp_path / "r", unix_socket=True)
+    assert near.socket_path == (tmp_path / "r" / "redis.sock").absolute()
+    assert near.local_url == f"unix://{near.socket_path}?db=0"
+    assert RedisServer(tmp_path / "r").socket_path is None  # only when asked for
