@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 
 class RedisServerError(RuntimeError):
@@ -92,11 +93,32 @@ class RedisServer:
     @property
     def local_url(self) -> str:
         """The unix socket's URL where there is one, else :attr:`url`: for processes on this host."""
-        return f"unix://{self.socket_path}?db=0" if self.socket_path is not None else self.url
+        if self.socket_path is None:
+            return self.url
+        return f"unix://{quote(os.fspath(self.socket_path))}?db=0"  # '#', '?' or '%' in the path
 
     def start(self, timeout_s: float = 10.0) -> None:
-        binary = self.binary or find_redis_server()
+        """Start it and wait until it answers. A unix socket that another live Redis answers on is
+        refused (one data dir, one Redis); one that cannot be bound (a file system without sockets)
+        is given up: the server then listens on TCP only (:attr:`local_url` follows)."""
+        if self.socket_path is not None and _answers(self.socket_path):
+            raise RedisServerError(
+                f"another Redis already serves {self.socket_path}: one data dir, one Redis"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.data_dir / "redis.log"
+        offset = log_file.stat().st_size if log_file.exists() else 0
+        try:
+            self._start(timeout_s)
+        except RedisServerError:
+            said = log_file.read_bytes()[offset:].decode(errors="replace") if log_file.exists() else ""
+            if self.socket_path is None or "Unix socket" not in said:
+                raise
+            self.socket_path = None
+            self._start(timeout_s)
+
+    def _start(self, timeout_s: float) -> None:
+        binary = self.binary or find_redis_server()
         with open(self.data_dir / "redis.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [
@@ -141,7 +163,7 @@ class RedisServer:
         self.stop()
         raise RedisServerError(f"{binary} did not answer on port {self.port} within {timeout_s}s")
 
-    def _ping(self) -> bool:
+    def _ping(self) -> bool:  # over TCP: Redis opens its unix socket before it serves either
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
@@ -167,3 +189,14 @@ class RedisServer:
 
     def __repr__(self) -> str:
         return f"RedisServer(port={self.port}, pid={self.pid()}, dir={os.fspath(self.data_dir)})"
+
+
+def _answers(path: Path) -> bool:
+    """Something live listens on the unix socket ``path`` (a stale file left by a crash does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True

@@ -13,6 +13,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from breakwater.broker import connect, connect_with, redacted
+from breakwater.broker.connection import without_credentials
 from breakwater.config import CommonSettings
 from breakwater.redis_server import RedisServer
 
@@ -53,6 +54,17 @@ def test_redacted_hides_only_the_password() -> None:
         redacted("unix:///run/redis.sock?db=0&password=s3cret") == "unix:///run/redis.sock?db=0&password=***"
     )
     assert redacted("unix:///run/redis.sock?db=0") == "unix:///run/redis.sock?db=0"
+    assert redacted("unix://:s3cret@/run/redis.sock") == "unix://:***@/run/redis.sock"
+    # A cluster's seeds, an IPv6 host, a port that is no number: masked, never raising.
+    assert redacted("redis+cluster://gw:s3cret@h1:7000,h2:7001") == "redis+cluster://gw:***@h1:7000,h2:7001"
+    assert redacted("redis://u:s3cret@[::1]:6379/0") == "redis://u:***@[::1]:6379/0"
+    assert redacted("redis://:s3cret@h:port/0") == "redis://:***@h:port/0"
+
+
+def test_without_credentials_drops_them_from_the_authority_and_the_query() -> None:
+    assert without_credentials("redis://u:p@h:1/0") == "redis://h:1/0"
+    assert without_credentials("unix://u:p@/run/redis.sock?db=2&password=p") == "unix:///run/redis.sock?db=2"
+    assert without_credentials("redis://h:1/0?username=u&password=p&ssl=1") == "redis://h:1/0?ssl=1"
 
 
 async def test_a_silent_redis_fails_the_command_instead_of_hanging() -> None:

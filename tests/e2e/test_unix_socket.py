@@ -13,7 +13,9 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from breakwater.redis_server import RedisServer
+from breakwater.broker import connect, connect_with
+from breakwater.config import CommonSettings
+from breakwater.redis_server import RedisServer, RedisServerError
 from tests.e2e.test_resume import _chunk_text, _read_sse
 from tests.helpers import StackProcs, expected_sim
 
@@ -90,3 +92,74 @@ def test_a_socket_path_too_long_falls_back_to_tcp(tmp_path: Path) -> None:
     assert near.socket_path == (tmp_path / "r" / "redis.sock").absolute()
     assert near.local_url == f"unix://{near.socket_path}?db=0"
     assert RedisServer(tmp_path / "r").socket_path is None  # only when asked for
+
+
+async def test_an_acl_user_over_a_unix_socket(unix_redis: RedisServer, tmp_path: Path) -> None:
+    """The settings' user and password reach Redis over a socket too, over any given in the URL."""
+    user, password = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = connect(unix_redis.local_url)
+    await admin.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["bw:*"], commands=["+@all"], reset=True
+    )
+    try:
+        (tmp_path / "password").write_text(password)
+        url = f"{unix_redis.local_url}&password=not-this-one"
+        settings = CommonSettings(
+            redis_url=url, redis_username=user, redis_password_file=str(tmp_path / "password")
+        )
+        client = connect_with(settings)
+        assert await client.acl_whoami() == user
+        assert await client.set("bw:unix", "1") and await client.get("bw:unix") == "1"
+        await client.aclose()
+    finally:
+        await admin.delete("bw:unix")
+        await admin.acl_deluser(user)
+        await admin.aclose()
+
+
+async def test_a_data_dir_with_url_characters_in_its_path(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "a #b?c%41", unix_socket=True)
+    server.start()
+    try:
+        client = connect(server.local_url)
+        assert await client.ping()
+        assert any(c["addr"].startswith("/") for c in await client.client_list())  # over the socket
+        await client.aclose()
+    finally:
+        server.stop()
+
+
+async def test_a_socket_that_cannot_be_bound_falls_back_to_tcp(tmp_path: Path) -> None:
+    (tmp_path / "r" / "redis.sock").mkdir(parents=True)  # a directory where the socket would go
+    server = RedisServer(tmp_path / "r", unix_socket=True)
+    server.start()
+    try:
+        assert server.socket_path is None and server.local_url == server.url
+        client = connect(server.local_url)
+        assert await client.ping()
+        await client.aclose()
+    finally:
+        server.stop()
+
+
+def test_a_second_redis_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    first = RedisServer(tmp_path / "r", unix_socket=True)
+    second = RedisServer(tmp_path / "r", unix_socket=True)
+    first.start()
+    try:
+        with pytest.raises(RedisServerError, match="already serves"):
+            second.start()
+        assert second.proc is None
+        with redis.Redis(unix_socket_path=str(first.socket_path)) as r:
+            assert r.ping()  # the first one's socket is still its own
+    finally:
+        second.stop()  # (started only if the refusal failed)
+        first.stop(kill=True)  # a crash: its socket file stays behind
+    assert first.socket_path is not None and first.socket_path.exists()
+    again = RedisServer(tmp_path / "r", unix_socket=True)  # a stale socket is not refused
+    again.start()
+    try:
+        with redis.Redis(unix_socket_path=str(again.socket_path)) as r:
+            assert r.ping()
+    finally:
+        again.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -107,9 +107,47 @@ def connect(
 
 
 def without_credentials(url: str) -> str:
-    """``url`` without a user or password in its authority (``redis://u:p@h:1/0`` -> ``redis://h:1/0``)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    """``url`` without a user or password, in its authority or its query (``redis://u:p@h:1/0`` ->
+    ``redis://h:1/0``, ``unix://u@/run/redis.sock?password=p`` -> ``unix:///run/redis.sock``)."""
+    if "://" not in url:
+        return url
+    scheme, _creds, hosts, path, query, fragment = _split(url)
+    kept = [item for item in query.split("&") if item and item.partition("=")[0] not in CREDENTIALS]
+    return _join(scheme, "", hosts, path, "&".join(kept), fragment)
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password masked (in its authority, or a unix socket URL's ``?password=``),
+    for logs; never raises."""
+    if "://" not in url:
+        return url
+    scheme, creds, hosts, path, query, fragment = _split(url)
+    user, colon, _password = creds.partition(":")
+    masked = [
+        f"{name}=***" if name == "password" else item
+        for item in query.split("&")
+        for name in [item.partition("=")[0]]
+    ]
+    return _join(scheme, f"{user}:***" if colon else creds, hosts, path, "&".join(masked), fragment)
+
+
+CREDENTIALS = ("username", "password")
+
+
+def _split(url: str) -> tuple[str, str, str, str, str, str]:
+    """(scheme, credentials, hosts, path, query, fragment) by plain string splitting: any number of
+    hosts (a cluster's seeds), IPv6 brackets, and a unix socket's empty authority stay as they are."""
+    scheme, _, rest = url.partition("://")
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    creds, _, hosts = authority.rpartition("@")
+    return scheme, creds, hosts, slash + path, query, fragment
+
+
+def _join(scheme: str, creds: str, hosts: str, path: str, query: str, fragment: str) -> str:
+    url = f"{scheme}://{creds}{'@' if creds else ''}{hosts}{path}"
+    return url + (f"?{query}" if query else "") + (f"#{fragment}" if fragment else "")
 
 
 def _cluster_client(
@@ -173,21 +211,3 @@ def connect_with(settings: CommonSettings) -> Redis:
         max_connections=settings.redis_max_connections,
         socket_timeout_s=settings.redis_socket_timeout_s,
     )
-
-
-def redacted(url: str) -> str:
-    """``url`` without a password (in its authority, or a unix socket URL's ``?password=``), for logs."""
-    parts = urlsplit(url)
-    if parts.password is None and "password=" not in parts.query:
-        return url
-    query = "&".join(
-        f"{name}=***" if name == "password" else item
-        for item in parts.query.split("&")
-        for name in [item.partition("=")[0]]
-    )
-    parts = parts._replace(query=query)
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=netloc)
-    unsplit = urlunsplit(parts)
-    return unsplit.replace(":", "://", 1) if not parts.netloc else unsplit  # unix:///path keeps its ///
