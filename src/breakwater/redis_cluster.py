@@ -119,6 +119,11 @@ class LocalCluster:
         """``redis+cluster://`` with every node as a seed."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
+    @property
+    def local_url(self) -> str:
+        """:attr:`url`: a cluster's clients follow the nodes' announced TCP addresses."""
+        return self.url
+
     def start(self, timeout_s: float = 30.0) -> None:
         try:
             self._start(timeout_s)

@@ -422,7 +422,7 @@ class Stack:
             self.redis.start()
         except Exception as exc:
             raise StackError(f"could not start the embedded Redis: {exc}") from None
-        return self.redis.local_url if isinstance(self.redis, RedisServer) else self.redis.url
+        return self.redis.local_url
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
