@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from breakwater.broker.connection import connect
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs
+from tests.helpers import StackProcs, one_gateway_one_worker
 from tests.inproc import InProc, inproc_gateway
 
 CLUSTER = os.environ.get("BREAKWATER_TEST_REDIS", "") == "cluster"
@@ -58,14 +58,10 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
     """One gateway and one fast sim worker for a whole module (tests use distinct seeds and prompts)."""
-    procs = StackProcs(redis_server.url, f"m{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        procs.add_worker(sim_decode_base_ms=1, heartbeat_s=0.5)
-        procs.wait_workers(url)
+    with one_gateway_one_worker(
+        redis_server.url, "m", log_dir, sim_decode_base_ms=1, heartbeat_s=0.5
+    ) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 @pytest.fixture

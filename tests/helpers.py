@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,23 @@ class StackProcs:
         for proc, _ in self.gateways:
             if proc.alive():
                 proc.stop()
+
+
+@contextlib.contextmanager
+def one_gateway_one_worker(
+    redis_url: str, tag: str, log_dir: Path, gateway: Mapping[str, Any] | None = None, **worker: Any
+) -> Iterator[StackProcs]:
+    """A stack of one gateway (``gateway``: its settings) and one sim worker (``worker``: its
+    settings) under a fresh key prefix starting with ``tag``, serving once the worker has registered;
+    everything stopped on exit."""
+    procs = StackProcs(redis_url, f"{tag}{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway(**(gateway or {}))
+        procs.add_worker(**worker)
+        procs.wait_workers(url)
+        yield procs
+    finally:
+        procs.stop()
 
 
 def breakwater_cli(procs: StackProcs, *args: str, pepper: str | None = None) -> Any:

@@ -13,20 +13,24 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, async_wait_for, read_record, sse_started, wait_for
+from tests.helpers import (
+    StackProcs,
+    async_wait_for,
+    one_gateway_one_worker,
+    read_record,
+    sse_started,
+    wait_for,
+)
 
 
 @pytest.fixture
 def busy_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
     """A lane bound of 3 and one worker with a single slot, so further jobs stay queued."""
-    procs = StackProcs(redis_server.url, f"a{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway(lane_max_queued=3)
-        procs.add_worker(heartbeat_s=0.3, sim_decode_base_ms=20, capacity=1)
-        procs.wait_workers(url)
+    gateway = {"lane_max_queued": 3}
+    with one_gateway_one_worker(
+        redis_server.url, "a", log_dir, gateway, heartbeat_s=0.3, sim_decode_base_ms=20, capacity=1
+    ) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 LONG = {"model": "sim", "prompt": "occupy the slot", "max_tokens": 3000, "ignore_eos": True, "stream": True}

@@ -5,7 +5,6 @@ the client gets, and what the gateway's metrics count, are what the stream task 
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs, expected_sim
+from tests.helpers import StackProcs, expected_sim, one_gateway_one_worker
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "write straight to me"}]
 DIRECT = "breakwater_stream_events_direct_total"
@@ -26,14 +25,10 @@ TTFT_COUNT = 'breakwater_ttft_seconds_count{model="sim"}'
 @pytest.fixture(scope="module")
 def paced_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
     """A gateway and a sim worker at ~15 ms per step: a stream's reader waits between its tokens."""
-    procs = StackProcs(redis_server.url, f"d{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        procs.add_worker(sim_decode_base_ms=15, heartbeat_s=0.5)
-        procs.wait_workers(url)
+    with one_gateway_one_worker(
+        redis_server.url, "d", log_dir, sim_decode_base_ms=15, heartbeat_s=0.5
+    ) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 def _metric(url: str, name: str) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import orjson
 import pytest
 
 from breakwater.redis_server import RedisServer
-from tests.helpers import StackProcs
+from tests.helpers import StackProcs, one_gateway_one_worker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,14 +33,11 @@ class Outcome:
 @pytest.fixture
 def small_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[tuple[StackProcs, str]]:
     """Two slots of 16 tokens at ~10 ms a token: it holds ~12 requests a second."""
-    procs = StackProcs(redis_server.url, f"o{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway(lane_max_queued=20)
-        procs.add_worker(sim_decode_base_ms=10, capacity=2, heartbeat_s=0.3)
-        procs.wait_workers(url)
-        yield procs, url
-    finally:
-        procs.stop()
+    gateway = {"lane_max_queued": 20}
+    with one_gateway_one_worker(
+        redis_server.url, "o", log_dir, gateway, sim_decode_base_ms=10, capacity=2, heartbeat_s=0.3
+    ) as procs:
+        yield procs, procs.gateways[0][1]
 
 
 async def _one(client: httpx.AsyncClient, seed: int) -> Outcome:

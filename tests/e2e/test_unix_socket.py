@@ -17,7 +17,7 @@ from breakwater.broker import connect, connect_with
 from breakwater.config import CommonSettings
 from breakwater.redis_server import RedisServer, RedisServerError
 from tests.e2e.test_resume import _chunk_text, _read_sse
-from tests.helpers import StackProcs, expected_sim
+from tests.helpers import StackProcs, expected_sim, one_gateway_one_worker
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +32,10 @@ def unix_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer
 @pytest.fixture(scope="module")
 def unix_stack(unix_redis: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
     assert unix_redis.local_url.startswith("unix://")
-    procs = StackProcs(unix_redis.local_url, f"u{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway()
-        procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5)
-        procs.wait_workers(url)
+    with one_gateway_one_worker(
+        unix_redis.local_url, "u", log_dir, sim_decode_base_ms=20, heartbeat_s=0.5
+    ) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 def test_completions_and_streams_over_a_unix_socket(unix_stack: StackProcs, unix_redis: RedisServer) -> None:

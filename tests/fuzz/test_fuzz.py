@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +46,7 @@ from tests.fuzz.wire import (
     request_body,
 )
 from tests.fuzz.ws_client import Ledger, complete, receive, receive_until, send
-from tests.helpers import StackProcs
+from tests.helpers import StackProcs, one_gateway_one_worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,14 +67,11 @@ KNOWN_MEMBERS = {
 
 @pytest.fixture(scope="module")
 def fuzz_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
-    procs = StackProcs(redis_server.url, f"f{uuid.uuid4().hex[:10]}", log_dir)
-    try:
-        url = procs.add_gateway(models=IDLE)
-        procs.add_worker(sim_decode_base_ms=0, heartbeat_s=0.5)
-        procs.wait_workers(url)
+    gateway = {"models": IDLE}
+    with one_gateway_one_worker(
+        redis_server.url, "f", log_dir, gateway, sim_decode_base_ms=0, heartbeat_s=0.5
+    ) as procs:
         yield procs
-    finally:
-        procs.stop()
 
 
 @pytest.fixture(scope="module")
