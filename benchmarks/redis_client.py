@@ -28,6 +28,7 @@ from breakwater.broker.connection import connect
 from breakwater.broker.fanin import Fanin
 from breakwater.broker.wire import Endpoint, PipelinedRedis
 from breakwater.keys import Keys
+from breakwater.proc_cpu import tree_cpu_seconds
 from breakwater.redis_server import RedisServer
 from common import write_section
 
@@ -59,17 +60,13 @@ async def round_trips(endpoint: Endpoint, redis_pid: int, calls: int) -> tuple[f
     raw = PipelinedRedis(endpoint)
     for i in range(200):
         await raw.execute("HSET", "bench:h", "f", i)
-    started, redis_started = time.process_time(), _cpu_s(redis_pid)
+    started, redis_started = time.process_time(), tree_cpu_seconds([redis_pid])[redis_pid]
     for i in range(calls):
         await raw.execute("HSET", "bench:h", "f", i)
-    used, redis_used = time.process_time() - started, _cpu_s(redis_pid) - redis_started
+    used = time.process_time() - started
+    redis_used = tree_cpu_seconds([redis_pid])[redis_pid] - redis_started
     await raw.aclose()
     return used / calls * 1e6, redis_used / calls * 1e6
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _publish(url: str, channel: str, count: int) -> None:
