@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 
 from breakwater.broker import Admission, Append, Broker, Fence, Lease, RequestSpec, StartOutcome, Status
 from breakwater.broker.idempotency import Binding, IdempotencyKey
+from breakwater.broker.ledger import day_of
 from breakwater.broker.types import BEHIND
 from breakwater.keys import GROUP, Keys
 from tests.helpers import async_wait_for
@@ -435,6 +436,51 @@ async def test_finish_read_gives_the_terminal_record_settle_meters_without_readi
     # A fenced-off attempt's finish writes nothing; what it read is the record as it stands.
     seq, record = await broker.finish_read("fr", attempt=7, **end)
     assert seq == -1 and record is not None and record.status is Status.DONE
+
+
+async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_not_meter(
+    broker: Broker, redis: Redis
+) -> None:
+    """settle.lua (one Redis): metering and the ack go in one round trip, the metering first, so a
+    settle whose metering fails leaves the job pending (reclaimed and settled again), as two calls did."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
+    jobs = []
+    for rid in ("s1", "s2"):
+        await _enqueue(broker, rid)
+        (job,) = await broker.claim("m", "interactive", "w", 1, None)
+        await _start(broker, rid, "w")
+        _, record = await broker.finish_read(rid, attempt=1, text="hi", tokens=5, finish_reason="stop", **end)
+        assert record is not None
+        jobs.append((job, record))
+    sent: list[list[Any]] = []
+    pipeline = broker.fast.pipeline
+
+    async def spy(commands: Any) -> Any:  # the real call, recorded
+        sent.append([c[0] for c in commands])
+        return await pipeline(commands)
+
+    broker.fast.pipeline = spy  # type: ignore[method-assign]
+    (job, record), (bad_job, bad_record) = jobs
+    assert await broker.settle(job, record) is record
+    assert sent == [["EVALSHA"]]  # one call for both
+    day_usage = broker.keys.usage(record.spec.tenant, day_of(record.created))
+    assert await redis.hmget(day_usage, "*:completed", "*:prompt_tokens", "*:completion_tokens") == [
+        "1",
+        "3",
+        "5",
+    ]
+    assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 1  # s1's entry acked; s2's waits
+    # A reservation metering cannot read fails the script in its metering: nothing is acknowledged.
+    broken = replace(bad_record, spec=replace(bad_record.spec, reserved_tokens="many"))  # type: ignore[arg-type]
+    with pytest.raises(ResponseError):
+        await broker.settle(bad_job, broken)
+    assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 1
+    assert [p["message_id"] for p in await redis.xpending_range(bad_job.stream, GROUP, "-", "+", 5)] == [
+        bad_job.entry_id
+    ]
+    assert await broker.settle(bad_job, bad_record) is None  # metered before it failed: not again
+    assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 0
 
 
 FENCE = Fence("w", 3, 60, alone=False)

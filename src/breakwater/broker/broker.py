@@ -131,6 +131,8 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
             None if self.fast.cluster else Script(self.fast, "bind_start", parts=("bind", "start"))
         )
         self._ack = Script(self.fast, "ack")
+        # Meter and acknowledge in one call where the tenant's and the model's keys share a server
+        self._settle = None if self.fast.cluster else Script(self.fast, "settle", parts=("meter", "ack"))
 
     @classmethod
     def connect(cls, settings: CommonSettings, *, token_stream_maxlen: int = 100_000) -> Broker:
@@ -256,19 +258,21 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         """Acknowledge and delete the entry (queue memory bounded, XLEN exact) and forget its binding;
         ``used_tokens``: what the request really cost, which replaces the estimate in its tenant's
         virtual counter."""
+        await self._ack(*self._ack_call(job, used_tokens))
+
+    def _ack_call(self, job: Job, used_tokens: int | None) -> tuple[list[str], list[Arg]]:
+        """``ack.lua``'s keys and arguments (``settle.lua`` takes them too)."""
         model, lane = _model_lane(job.stream)
         delta = 0.0
         if job.tenant and used_tokens is not None:
             delta = (used_tokens - job.cost) / job.weight
-        await self._ack(
-            keys=[
-                job.stream,
-                self.keys.bound(model, lane),
-                self.keys.fair(model, lane),
-                self.keys.backlog(model, lane),
-            ],
-            args=[GROUP, job.entry_id, job.tenant, repr(delta)],
-        )
+        keys = [
+            job.stream,
+            self.keys.bound(model, lane),
+            self.keys.fair(model, lane),
+            self.keys.backlog(model, lane),
+        ]
+        return keys, [GROUP, job.entry_id, job.tenant, repr(delta)]
 
     async def refresh_leases(self, leases: list[Lease], worker_id: str, *, result_ttl_s: int) -> list[Lease]:
         """Reset the idle time of in-flight entries this worker still owns (``XCLAIM … JUSTID``) and
@@ -426,15 +430,21 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         usage was counted now. ``record``: its terminal record as :meth:`finish_read` read it."""
         if record is None and job.rid:  # only what metering reads: not the prompt (megabytes)
             record = _settle_record(await self.fast.execute(*_settle_read(self.keys.request(job.rid))))
-        metered = None
-        used = None
-        if record is not None and record.status.terminal:
-            if await self.ledger.meter(record, job.rid):
-                metered = record
-            usage = record.usage or {}
-            used = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", record.tokens))
-        await self.ack(job, used)
-        return metered
+        if record is None or not record.status.terminal:
+            await self.ack(job)
+            return None
+        usage = record.usage or {}
+        used = int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", record.tokens))
+        if self._settle is None:  # a cluster: the usage and the job are on different slots
+            metered = await self.ledger.meter(record, job.rid)
+            await self.ack(job, used)
+        else:  # one round trip: meter.lua, then ack.lua
+            meter_keys, meter_args = self.ledger.meter_call(record, job.rid)
+            ack_keys, ack_args = self._ack_call(job, used)
+            metered = bool(
+                int(await self._settle(keys=[*meter_keys, *ack_keys], args=[*meter_args, *ack_args]))
+            )
+        return record if metered else None
 
     async def watch(self, rids: list[str]) -> tuple[int, list[Watch]]:
         """Redis's clock, and the status and watchers of many requests, in one round trip."""

@@ -12,6 +12,7 @@ from typing import Any
 from breakwater.broker.cluster import Fast
 from breakwater.broker.record import RequestRecord, Status
 from breakwater.broker.scripts import Script
+from breakwater.broker.wire import Arg
 from breakwater.keys import Keys
 from breakwater.tenancy.limits import Limits
 
@@ -116,6 +117,12 @@ class Ledger:
     async def meter(self, record: RequestRecord, rid: str, *, outcome: str | None = None) -> bool:
         """Count a request that ended (once: False when it had been). ``outcome`` defaults to the
         record's status; usage is the record's, or the tokens it emitted when it has none."""
+        return bool(int(await self._meter(*self.meter_call(record, rid, outcome=outcome))))
+
+    def meter_call(
+        self, record: RequestRecord, rid: str, *, outcome: str | None = None
+    ) -> tuple[list[str], list[Arg]]:
+        """``meter.lua``'s keys and arguments for :meth:`meter` (``settle.lua`` takes them too)."""
         spec = record.spec
         if outcome is None:
             outcome = {Status.DONE: "completed", Status.CANCELLED: "cancelled"}.get(record.status, "error")
@@ -123,28 +130,26 @@ class Ledger:
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", record.tokens))
         day = day_of(record.created or time.time())
-        res = await self._meter(
-            keys=[
-                self.keys.usage(spec.tenant, day),
-                self.keys.metered(spec.tenant, day),
-                self.keys.usage_month(spec.tenant, day[:7]),
-                self.keys.limiter(spec.tenant, spec.key_id),
-                self.keys.running(spec.tenant, spec.key_id),
-                self.keys.limiter(spec.tenant, TENANT),
-                self.keys.running(spec.tenant, TENANT),
-            ],
-            args=[
-                rid,
-                spec.key_id,
-                outcome,
-                prompt,
-                completion,
-                spec.reserved_tokens,
-                USAGE_TTL_S,
-                METERED_TTL_S,
-            ],
-        )
-        return bool(int(res))
+        keys = [
+            self.keys.usage(spec.tenant, day),
+            self.keys.metered(spec.tenant, day),
+            self.keys.usage_month(spec.tenant, day[:7]),
+            self.keys.limiter(spec.tenant, spec.key_id),
+            self.keys.running(spec.tenant, spec.key_id),
+            self.keys.limiter(spec.tenant, TENANT),
+            self.keys.running(spec.tenant, TENANT),
+        ]
+        args: list[Arg] = [
+            rid,
+            spec.key_id,
+            outcome,
+            prompt,
+            completion,
+            spec.reserved_tokens,
+            USAGE_TTL_S,
+            METERED_TTL_S,
+        ]
+        return keys, args
 
     async def release(self, tenant: str, key_id: str, rid: str) -> None:
         """A request the limiter admitted but that was not queued after all (its lane was full):
