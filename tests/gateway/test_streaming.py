@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
 
 from breakwater.gateway.streaming import SSEResponse
+from tests.inproc import InProc
 
 
 async def _forever() -> AsyncIterator[bytes]:
@@ -114,3 +117,42 @@ async def test_a_failing_receive_does_not_break_the_stream() -> None:
 
     await asyncio.wait_for(SSEResponse(events(), {})({"type": "http"}, receive, send), 5)
     assert [m.get("body") for m in sent[1:]] == [b"data: only\n\n", b""] and closed.is_set()
+
+
+@contextlib.contextmanager
+def _finalized_by_the_loop() -> Any:
+    """The breakwater async generators the event loop's finalizer hook is left to close (each costs
+    a thread-safe wake-up of the loop and a task of its own), for generators first run inside."""
+    hooks = sys.get_asyncgen_hooks()
+    left: list[str] = []
+
+    def finalizer(agen: Any) -> None:
+        code = agen.ag_code
+        if "breakwater" in code.co_filename:
+            left.append(code.co_qualname)
+        if hooks.finalizer is not None:
+            hooks.finalizer(agen)
+
+    sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=finalizer)
+    try:
+        yield left
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+
+
+async def test_a_finished_request_closes_its_event_generators_itself(gw: InProc) -> None:
+    """Streamed, non-streamed and n > 1: the chain of event generators under a response (the
+    request's events, their follower, its live and stored readers, the SSE chunks) is closed by the
+    response, none left suspended for the loop's finalizer hook (three per streamed request before)."""
+    body = {"model": "sim", "prompt": "close me", "max_tokens": 3, "ignore_eos": True}
+    with _finalized_by_the_loop() as left:
+        async with gw.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) == 5  # three tokens, the finish, [DONE]
+        whole = await gw.http.post("/v1/completions", json=body)
+        assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 3
+        two = await gw.http.post("/v1/completions", json={**body, "n": 2})
+        assert two.status_code == 200 and [c["index"] for c in two.json()["choices"]] == [0, 1]
+        gc.collect()
+    assert left == []

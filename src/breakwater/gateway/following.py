@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from breakwater.broker import Broker, RequestRecord
@@ -88,7 +89,7 @@ async def follow_events(
     idle_poll_s: float,
     subscription: Subscription | None = None,
     fresh: bool = False,
-) -> AsyncIterator[TokenEvent]:
+) -> AsyncGenerator[TokenEvent, None]:
     """Yield events with seq > ``after`` until the terminal one (inclusive). ``fresh``: the
     subscription was made before the request was queued, so nothing is stored that it will not
     deliver, and the first read of the durable stream (two round trips) is skipped."""
@@ -105,29 +106,31 @@ async def follow_events(
                 sub.overflowed = False
                 sub.drain()
                 progressed = False
-                async for event in _backlog(broker, rid, sub.delivered):
-                    sub.delivered, progressed = event.seq, True
-                    yield event
-                    if event.terminal:
-                        return
+                async with aclosing(_backlog(broker, rid, sub.delivered)) as backlog:
+                    async for event in backlog:
+                        sub.delivered, progressed = event.seq, True
+                        yield event
+                        if event.terminal:
+                            return
                 if not progressed and not await broker.exists(rid):
                     raise RequestGone(rid)  # expired (or never existed): nothing more will come
             catch_up = True
-            async for event in _live(sub, idle_poll_s):
-                if event.seq <= sub.delivered:
-                    continue
-                if event.seq > sub.delivered + 1:
-                    break  # gap: re-read the stream
-                sub.delivered = event.seq
-                yield event
-                if event.terminal:
-                    return
+            async with aclosing(_live(sub, idle_poll_s)) as live:
+                async for event in live:
+                    if event.seq <= sub.delivered:
+                        continue
+                    if event.seq > sub.delivered + 1:
+                        break  # gap: re-read the stream
+                    sub.delivered = event.seq
+                    yield event
+                    if event.terminal:
+                        return
     finally:
         if subscription is None:
             await fanin.unsubscribe(sub)
 
 
-async def _backlog(broker: Broker, rid: str, last: int) -> AsyncIterator[TokenEvent]:
+async def _backlog(broker: Broker, rid: str, last: int) -> AsyncGenerator[TokenEvent, None]:
     """The stream's events after ``last``, in order, to the end of what is stored."""
     backlog = await broker.read_events(rid, last)
     while backlog:
@@ -149,7 +152,7 @@ def _stop_if_draining(fanin: FanIn, rid: str) -> None:
         raise GatewayDraining(rid)
 
 
-async def _live(sub: Subscription, idle_poll_s: float) -> AsyncIterator[TokenEvent]:
+async def _live(sub: Subscription, idle_poll_s: float) -> AsyncGenerator[TokenEvent, None]:
     """Live events until the buffer overflows or nothing arrives for ``idle_poll_s``. While it
     waits, everything it yielded has been handed on: the subscription's sink may take the next."""
     events = sub.events

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -125,7 +126,7 @@ class Requests:
 
     async def events(
         self, submission: Submission, after: int = 0, handoff: Handoff | None = None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """The request's events after ``after``, with latency metrics; the caller detaches on exit.
         ``handoff``: a live token that finds the reader waiting goes to it from the fan-in's
         callback instead (no task woken per token)."""
@@ -135,22 +136,26 @@ class Requests:
         live = submission.subscription
         if handoff is not None and live is not None:
             live.sink = partial(_hand_on, handoff, pace)
+        following = follow_events(
+            self.broker,
+            self.fanin,
+            submission.rid,
+            after,
+            idle_poll_s=self.settings.idle_poll_s,
+            subscription=submission.subscription,
+            fresh=after == 0 and not submission.duplicate and submission.subscription is not None,
+        )
         try:
-            async for event in follow_events(
-                self.broker,
-                self.fanin,
-                submission.rid,
-                after,
-                idle_poll_s=self.settings.idle_poll_s,
-                subscription=submission.subscription,
-                fresh=after == 0 and not submission.duplicate and submission.subscription is not None,
-            ):
-                now = time.perf_counter()
-                if event.kind == "token" and event.text:
-                    pace.token(now)
-                if event.terminal:
-                    self._record_final(submission, event, now, pace.first_t)
-                yield event
+            # Closed here, not by the collector's finalizer hook (a thread-safe wake-up and a task of
+            # its own per generator left suspended: three per request when each was left to it).
+            async with aclosing(following):
+                async for event in following:
+                    now = time.perf_counter()
+                    if event.kind == "token" and event.text:
+                        pace.token(now)
+                    if event.terminal:
+                        self._record_final(submission, event, now, pace.first_t)
+                    yield event
         except RequestGone:
             raise _not_found(submission.rid) from None
         finally:

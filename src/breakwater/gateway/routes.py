@@ -5,6 +5,7 @@ Routes translate HTTP to service calls and back; they never reach the broker the
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from datetime import date
 from functools import partial
 from typing import Annotated, Any
@@ -110,15 +111,16 @@ async def complete(
     if not isinstance(body, EmbeddingRequest) and body.stream:
         return _sse(svc, sub, 0, headers)
     try:
-        result = await collect_response(
-            svc.requests.events(sub),
-            rid=sub.rid,
-            model=sub.model,
-            created=sub.created,
-            chat=sub.chat,
-            tool=sub.tool,
-            tool_format=sub.tool_format,
-        )
+        async with aclosing(svc.requests.events(sub)) as events:
+            result = await collect_response(
+                events,
+                rid=sub.rid,
+                model=sub.model,
+                created=sub.created,
+                chat=sub.chat,
+                tool=sub.tool,
+                tool_format=sub.tool_format,
+            )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise _restarting(sub.rid, headers) from None
@@ -214,22 +216,25 @@ async def _stream(
     # reader wakes to several): one send through the ASGI stack and one syscall instead of many.
     live = sub.subscription
     pending: list[bytes] = []
+    # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
+    events = svc.requests.events(sub, 0 if sub.tool_format else after, direct)
+    chunks = sse_chunks(
+        events,
+        render,
+        rid=sub.rid,
+        model=sub.model,
+        created=sub.created,
+        chat=sub.chat,
+        include_usage=sub.include_usage,
+    )
     try:
-        async for chunk in sse_chunks(
-            # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
-            svc.requests.events(sub, 0 if sub.tool_format else after, direct),
-            render,
-            rid=sub.rid,
-            model=sub.model,
-            created=sub.created,
-            chat=sub.chat,
-            include_usage=sub.include_usage,
-        ):
-            pending.append(chunk)
-            if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:
-                continue
-            yield b"".join(pending)
-            pending.clear()
+        async with aclosing(events), aclosing(chunks):  # here, not by the collector (requests.events)
+            async for chunk in chunks:
+                pending.append(chunk)
+                if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:
+                    continue
+                yield b"".join(pending)
+                pending.clear()
         finished = True
     except GatewayDraining:
         pass  # end the stream without [DONE]: the client resumes on another gateway (Last-Event-ID)

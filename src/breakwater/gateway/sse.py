@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -193,7 +193,7 @@ async def sse_chunks(
     created: int,
     chat: bool,
     include_usage: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
     with the usage chunk (if asked) and ``[DONE]``."""
     async for event in events:

@@ -163,12 +163,14 @@ class _Connection:
         me = asyncio.current_task()
         finished = False
         try:
-            async for event in self.svc.requests.events(sub, after):
-                if self.tasks.get(sub.rid) is not me:
-                    # Replaced by a later follow of the same id. Its cancellation should have ended
-                    # this task, but one arriving inside a Redis call can be lost: never send twice.
-                    return
-                await self.send(_event_message(sub.rid, event, sub.tool))
+            async with contextlib.aclosing(self.svc.requests.events(sub, after)) as events:
+                async for event in events:
+                    if self.tasks.get(sub.rid) is not me:
+                        # Replaced by a later follow of the same id. Its cancellation should have
+                        # ended this task, but one arriving inside a Redis call can be lost: never
+                        # send twice.
+                        return
+                    await self.send(_event_message(sub.rid, event, sub.tool))
             finished = True
         except APIError as exc:
             await self.error(exc.message, exc.code or "error", sub.rid, exc.status)
