@@ -354,24 +354,24 @@ async def _pump(
         await events.aclose()  # type: ignore[attr-defined]
 
 
-async def _collect_one(svc: GatewayService, group: ChoiceGroup, sub: Submission) -> dict[str, Any]:
-    """One choice's answer; its events are closed here, not by the collector's finalizer hook."""
-    async with contextlib.aclosing(svc.requests.events(sub)) as events:
-        return await collect_response(
-            events,
-            rid=sub.rid,
-            model=group.model,
-            created=group.created,
-            chat=group.chat,
-            tool=group.tool,
-            tool_format=group.tool_format,
-        )
-
-
 async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
     """The non-streaming response: every choice's answer with its index; usage as OpenAI sums it.
     A failed choice fails the response (the others are cancelled); the caller detaches on error."""
-    tasks = [asyncio.create_task(_collect_one(svc, group, c.sub)) for c in group.choices if c.sub is not None]
+    tasks = [
+        asyncio.create_task(
+            collect_response(
+                svc.requests.events(c.sub),
+                rid=c.rid,
+                model=group.model,
+                created=group.created,
+                chat=group.chat,
+                tool=group.tool,
+                tool_format=group.tool_format,
+            )
+        )
+        for c in group.choices
+        if c.sub is not None
+    ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     finally:

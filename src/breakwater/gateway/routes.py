@@ -111,16 +111,15 @@ async def complete(
     if not isinstance(body, EmbeddingRequest) and body.stream:
         return _sse(svc, sub, 0, headers)
     try:
-        async with aclosing(svc.requests.events(sub)) as events:
-            result = await collect_response(
-                events,
-                rid=sub.rid,
-                model=sub.model,
-                created=sub.created,
-                chat=sub.chat,
-                tool=sub.tool,
-                tool_format=sub.tool_format,
-            )
+        result = await collect_response(
+            svc.requests.events(sub),
+            rid=sub.rid,
+            model=sub.model,
+            created=sub.created,
+            chat=sub.chat,
+            tool=sub.tool,
+            tool_format=sub.tool_format,
+        )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise _restarting(sub.rid, headers) from None
@@ -217,9 +216,8 @@ async def _stream(
     live = sub.subscription
     pending: list[bytes] = []
     # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
-    events = svc.requests.events(sub, 0 if sub.tool_format else after, direct)
     chunks = sse_chunks(
-        events,
+        svc.requests.events(sub, 0 if sub.tool_format else after, direct),
         render,
         rid=sub.rid,
         model=sub.model,
@@ -228,7 +226,7 @@ async def _stream(
         include_usage=sub.include_usage,
     )
     try:
-        async with aclosing(events), aclosing(chunks):  # here, not by the collector (requests.events)
+        async with aclosing(chunks):  # here, not by the loop's finalizer (sse_chunks)
             async for chunk in chunks:
                 pending.append(chunk)
                 if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -185,7 +186,7 @@ def error_chunk(event: TokenEvent) -> dict[str, Any]:
 
 
 async def sse_chunks(
-    events: AsyncIterator[TokenEvent],
+    events: AsyncGenerator[TokenEvent, None],
     render: ChoiceChunks | ToolChunks,
     *,
     rid: str,
@@ -195,31 +196,33 @@ async def sse_chunks(
     include_usage: bool,
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
-    with the usage chunk (if asked) and ``[DONE]``."""
-    async for event in events:
-        if event.kind == "token":
-            if isinstance(render, ChoiceChunks):
-                yield render.token_sse(event)
-                continue
-            out = render.chunks(event)
-            if len(out) == 1:
-                yield sse_event(out[0], event.seq)
-            elif out:  # the model's tool calls: text and calls that became known at this event
-                yield b"".join(sse_event(c, event.seq) for c in out)
-        elif event.kind == "done":  # the last chunks go out in one write
-            last = [sse_event(c, event.seq) for c in render.finals(event)]
-            if include_usage:
-                last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
-            last.append(DONE)
-            yield b"".join(last)
-            return
-        else:
-            yield sse_event(error_chunk(event), event.seq)
-            return
+    with the usage chunk (if asked) and ``[DONE]``. ``events`` is closed with it (not left to the
+    event loop's async-generator finalizer)."""
+    async with aclosing(events):
+        async for event in events:
+            if event.kind == "token":
+                if isinstance(render, ChoiceChunks):
+                    yield render.token_sse(event)
+                    continue
+                out = render.chunks(event)
+                if len(out) == 1:
+                    yield sse_event(out[0], event.seq)
+                elif out:  # the model's tool calls: text and calls that became known at this event
+                    yield b"".join(sse_event(c, event.seq) for c in out)
+            elif event.kind == "done":  # the last chunks go out in one write
+                last = [sse_event(c, event.seq) for c in render.finals(event)]
+                if include_usage:
+                    last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
+                last.append(DONE)
+                yield b"".join(last)
+                return
+            else:
+                yield sse_event(error_chunk(event), event.seq)
+                return
 
 
 async def collect_response(
-    events: AsyncIterator[TokenEvent],
+    events: AsyncGenerator[TokenEvent, None],
     *,
     rid: str,
     model: str,
@@ -228,42 +231,44 @@ async def collect_response(
     tool: str = "",
     tool_format: str = "",
 ) -> dict[str, Any]:
-    """A non-streaming response body from all events; an error event raises :class:`APIError`."""
-    parts: list[str] = []
-    logprobs: list[dict[str, Any]] | None = None
-    async for event in events:
-        if event.kind == "token":
-            parts.append(event.text)
-            if event.logprobs is not None:
-                logprobs = [*(logprobs or ()), *event.logprobs]
-        elif event.kind == "done":
-            text, reason = "".join(parts), event.finish_reason or "stop"
-            if tool_format:  # the model chose its calls: split its answer
-                body = chat_response(rid, model, created, text, reason, event.usage, logprobs=logprobs)
-                message, called = auto_message(rid, text)
-                choice = body["choices"][0]
-                choice["message"] = message
-                if called and reason == "stop":
-                    choice["finish_reason"] = "tool_calls"
-                return body
-            if chat:
-                return chat_response(rid, model, created, text, reason, event.usage, tool, logprobs)
-            return text_response(rid, model, created, text, reason, event.usage, logprobs)
-        else:
-            err = event.error or {}
-            code = err.get("code")
-            status = {
-                "cancelled": 409,
-                "timeout": 504,
-                "context_length_exceeded": 400,
-                "events_trimmed": 410,
-            }.get(str(code))
-            if status is None:
-                status = 400 if err.get("type") == "invalid_request_error" else 500
-            raise APIError(
-                status,
-                str(err.get("message", "generation failed")),
-                type=str(err.get("type", "server_error")),
-                code=code,
-            )
-    raise APIError(500, "the request's stream ended without a final event", type="server_error")
+    """A non-streaming response body from all events; an error event raises :class:`APIError`.
+    ``events`` is closed here (not left to the event loop's async-generator finalizer)."""
+    async with aclosing(events):
+        parts: list[str] = []
+        logprobs: list[dict[str, Any]] | None = None
+        async for event in events:
+            if event.kind == "token":
+                parts.append(event.text)
+                if event.logprobs is not None:
+                    logprobs = [*(logprobs or ()), *event.logprobs]
+            elif event.kind == "done":
+                text, reason = "".join(parts), event.finish_reason or "stop"
+                if tool_format:  # the model chose its calls: split its answer
+                    body = chat_response(rid, model, created, text, reason, event.usage, logprobs=logprobs)
+                    message, called = auto_message(rid, text)
+                    choice = body["choices"][0]
+                    choice["message"] = message
+                    if called and reason == "stop":
+                        choice["finish_reason"] = "tool_calls"
+                    return body
+                if chat:
+                    return chat_response(rid, model, created, text, reason, event.usage, tool, logprobs)
+                return text_response(rid, model, created, text, reason, event.usage, logprobs)
+            else:
+                err = event.error or {}
+                code = err.get("code")
+                status = {
+                    "cancelled": 409,
+                    "timeout": 504,
+                    "context_length_exceeded": 400,
+                    "events_trimmed": 410,
+                }.get(str(code))
+                if status is None:
+                    status = 400 if err.get("type") == "invalid_request_error" else 500
+                raise APIError(
+                    status,
+                    str(err.get("message", "generation failed")),
+                    type=str(err.get("type", "server_error")),
+                    code=code,
+                )
+        raise APIError(500, "the request's stream ended without a final event", type="server_error")
