@@ -23,7 +23,6 @@ class PullingMixin:
     _rotor: int
     _unreachable: dict[str, tuple[float, float]]
     _last_reclaim: float
-    _drained: str | None  # the queue whose interactive lane the last blocking read left empty
 
     async def _next_jobs(self, free: int) -> list[Job]:
         """Up to ``free`` jobs: lapsed leases (every heartbeat), then new jobs, interactive before
@@ -44,13 +43,7 @@ class PullingMixin:
                     jobs += await self._from(
                         failed, self.broker.reclaim, queue, lane, worker_id, idle_ms, want, keep=bool(jobs)
                     )
-        # The interactive lane the last pull's blocking read left empty is read next by this pull's
-        # blocking read (at once if a job came meanwhile), unless another lane gives jobs first: not
-        # read twice. At moderate load a job costs a worker one empty read less (three to two).
-        drained, self._drained = self._drained, None
         for lane, queue in ((lane, queue) for lane in LANES for queue in turn):
-            if lane == LANES[0] and queue == drained == turn[0] and not jobs:
-                continue
             if len(jobs) < free:
                 want, fence, keep = free - len(jobs), self._fence(jobs), bool(jobs)
                 jobs += await self._from(
@@ -62,16 +55,10 @@ class PullingMixin:
             jobs = await self._from(
                 failed, self.broker.claim, head, LANES[0], worker_id, free, block_ms, self._fence(jobs)
             )
-            if len(jobs) < free and not failed:
-                self._drained = head
         if failed and not jobs and all(q in self._unreachable for q in turn):
             raise failed[-1]  # no partition answered: the pull loop backs off
-        return await self._without_empty(jobs)
-
-    async def _without_empty(self, jobs: list[Job]) -> list[Job]:
-        """``jobs`` less the entries no request was waiting for, which are only acknowledged."""
         for job in jobs:
-            if not job.rid:
+            if not job.rid:  # an entry no request was waiting for: only acknowledged
                 try:
                     await self.broker.ack(job)
                 except TRANSIENT as exc:  # it stays pending: reclaimed, found empty and acked later

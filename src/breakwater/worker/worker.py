@@ -68,8 +68,6 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._last_reclaim = 0.0
-        self._drained: str | None = None
-        self._pulled = False  # the pull loop's last turn pulled (and started what it got)
         # When the running engine step began (None between steps): a step that never returns is a
         # hung worker, which must stop renewing its leases so another worker takes its jobs.
         self._step_started: float | None = None
@@ -159,9 +157,6 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
     async def _pull_loop(self, burst: bool) -> None:
         backoff = Backoff()
         while not self._stop.is_set():
-            pulled, self._pulled = self._pulled, False
-            if not pulled:  # anything but a pull since the last one: read every lane again
-                self._drained = None
             if self.held and not self._isolating() and (not self.held[0][1] or not self.inflight):
                 await self._start_held()
                 continue
@@ -188,7 +183,6 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
-            self._pulled = True
             for job in jobs:
                 try:
                     await self._start(job)
