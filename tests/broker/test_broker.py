@@ -442,7 +442,8 @@ async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_n
     broker: Broker, redis: Redis
 ) -> None:
     """settle.lua (one Redis): metering and the ack go in one round trip, the metering first, so a
-    settle whose metering fails leaves the job pending (reclaimed and settled again), as two calls did."""
+    settle whose metering fails leaves the job pending (reclaimed and settled again), as two calls did.
+    What the failed metering had counted stays counted: the request is metered once (meter.lua)."""
     usage = {"prompt_tokens": 3, "completion_tokens": 5}
     end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
     jobs = []
@@ -453,6 +454,8 @@ async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_n
         _, record = await broker.finish_read(rid, attempt=1, text="hi", tokens=5, finish_reason="stop", **end)
         assert record is not None
         jobs.append((job, record))
+    assert broker._settle is not None
+    await broker._settle.load()  # in Redis's script cache whatever ran before: one call, not a reload
     sent: list[list[Any]] = []
     pipeline = broker.fast.pipeline
 
