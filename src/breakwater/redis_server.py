@@ -91,6 +91,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
+    def log_file(self) -> Path:
+        """Where the server writes its log (appended to across restarts)."""
+        return self.data_dir / "redis.log"
+
+    @property
     def local_url(self) -> str:
         """The unix socket's URL where there is one, else :attr:`url`: for processes on this host."""
         if self.socket_path is None:
@@ -106,12 +111,13 @@ class RedisServer:
                 f"another Redis already serves {self.socket_path}: one data dir, one Redis"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log_file = self.data_dir / "redis.log"
-        offset = log_file.stat().st_size if log_file.exists() else 0
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         try:
             self._start(timeout_s)
         except RedisServerError:
-            said = log_file.read_bytes()[offset:].decode(errors="replace") if log_file.exists() else ""
+            said = (
+                self.log_file.read_bytes()[offset:].decode(errors="replace") if self.log_file.exists() else ""
+            )
             if self.socket_path is None or "Unix socket" not in said:
                 raise
             self.socket_path = None
@@ -119,7 +125,7 @@ class RedisServer:
 
     def _start(self, timeout_s: float) -> None:
         binary = self.binary or find_redis_server()
-        with open(self.data_dir / "redis.log", "ab") as log:  # the child keeps its own descriptor
+        with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [
                     binary,
@@ -155,7 +161,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = (self.data_dir / "redis.log").read_text(errors="replace")[-800:]
+                tail = self.log_file.read_text(errors="replace")[-800:]
                 raise RedisServerError(f"{binary} exited with {self.proc.returncode}:\n{tail}")
             if self._ping():
                 return

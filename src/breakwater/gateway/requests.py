@@ -146,8 +146,8 @@ class Requests:
             fresh=after == 0 and not submission.duplicate and submission.subscription is not None,
         )
         try:
-            # Closed here, not by the collector's finalizer hook (a thread-safe wake-up and a task of
-            # its own per generator left suspended: three per request when each was left to it).
+            # Closed here, not by the event loop's async-generator finalizer hook (a thread-safe
+            # wake-up of the loop and a task of its own for each generator left suspended).
             async with aclosing(following):
                 async for event in following:
                     now = time.perf_counter()
