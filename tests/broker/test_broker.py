@@ -13,7 +13,17 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from breakwater.broker import Admission, Append, Broker, Fence, Lease, RequestSpec, StartOutcome, Status
+from breakwater.broker import (
+    Admission,
+    Append,
+    Billing,
+    Broker,
+    Fence,
+    Lease,
+    RequestSpec,
+    StartOutcome,
+    Status,
+)
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import day_of
 from breakwater.broker.types import BEHIND
@@ -484,6 +494,57 @@ async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_n
     ]
     assert await broker.settle(bad_job, bad_record) is None  # metered before it failed: not again
     assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 0
+
+
+async def test_a_completed_finish_settles_its_job_in_the_same_call(broker: Broker, redis: Redis) -> None:
+    """finish_settle.lua (one Redis): the finish of a completed request, its metering and its ack in
+    one round trip. A call that wrote no terminal event (a retry after a lost reply, a fenced-off
+    attempt) settles nothing: the job stays pending for the settle that follows, as before."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
+    jobs = []
+    for rid in ("c1", "c2"):
+        await _enqueue(broker, rid)
+        (job,) = await broker.claim("m", "interactive", "w", 1, None)
+        await _start(broker, rid, "w")
+        record = await broker.get_record(rid)
+        assert record is not None
+        jobs.append((job, Billing.of(record)))
+    assert broker.settles_in_finish and broker._finish_settle is not None
+    await broker._finish_settle.load()  # in the script cache: one call, not a reload
+    sent: list[list[Any]] = []
+    pipeline = broker.fast.pipeline
+
+    async def spy(commands: Any) -> Any:  # the real call, recorded
+        sent.append([c[0] for c in commands])
+        return await pipeline(commands)
+
+    broker.fast.pipeline = spy  # type: ignore[method-assign]
+    (job, billing), (other_job, other_billing) = jobs
+    done = await broker.finish_settle(
+        job, billing, 3, 5, attempt=1, text="hi", tokens=5, finish_reason="stop", **end
+    )
+    assert done == (2, True)  # the text, then the terminal event; metered now
+    assert sent == [["EVALSHA"]]
+    events = await broker.read_events("c1", 0)
+    assert [(e.seq, e.kind, e.text) for e in events] == [(1, "token", "hi"), (2, "done", "")]
+    record = await broker.get_record("c1")
+    assert record is not None and record.status is Status.DONE and record.usage == usage
+    day_usage = broker.keys.usage(billing.tenant, day_of(billing.created))
+    counted = ["1", "3", "5"]
+    assert await redis.hmget(day_usage, "*:completed", "*:prompt_tokens", "*:completion_tokens") == counted
+    pending = await redis.xpending_range(job.stream, GROUP, "-", "+", 5)
+    assert [p["message_id"] for p in pending] == [other_job.entry_id]  # c1's entry acked, c2's not
+    # Sent again (its reply lost): already terminal, so nothing is written, metered or acked again.
+    again = await broker.finish_settle(job, billing, 3, 5, attempt=1, text="hi", tokens=5, **end)
+    assert again == (-2, None)
+    assert len(await broker.read_events("c1", 0)) == 2
+    assert await redis.hmget(day_usage, "*:completed", "*:prompt_tokens", "*:completion_tokens") == counted
+    # A fenced-off attempt writes nothing and settles nothing: its job stays pending.
+    assert await broker.finish_settle(other_job, other_billing, 3, 5, attempt=7, **end) == (-1, None)
+    assert await redis.hget(broker.keys.request("c2"), "status") == "running"
+    assert await redis.hmget(day_usage, "*:completed") == ["1"]
+    assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 1
 
 
 FENCE = Fence("w", 3, 60, alone=False)

@@ -140,7 +140,7 @@ async def test_requests_finishing_in_one_step_are_finished_together(
     """A step's finished requests are written together, not one round trip after another while the
     rest of the batch waits for its next step; each still ends exactly as it would alone."""
     worker = await gw_empty.add_worker(GatheringSim(hold_for=3))
-    finish_read = worker.broker.finish_read
+    finish_settle = worker.broker.finish_settle
     active, peak = 0, 0
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
@@ -148,11 +148,11 @@ async def test_requests_finishing_in_one_step_are_finished_together(
         active += 1
         peak = max(peak, active)
         try:
-            return await finish_read(*args, **kwargs)
+            return await finish_settle(*args, **kwargs)
         finally:
             active -= 1
 
-    monkeypatch.setattr(worker.broker, "finish_read", counted)
+    monkeypatch.setattr(worker.broker, "finish_settle", counted)
     seeds = [40, 41, 42]
     bodies = [{**BODY, "max_tokens": 6, "seed": s} for s in seeds]
     answers = await asyncio.wait_for(
@@ -175,16 +175,16 @@ async def test_a_slow_finish_does_not_hold_up_the_batch(
     """A request's finish (its final event, metering, the ack: a few round trips) is written while
     the batch goes on: the others' tokens, and requests that start meanwhile, do not wait for it."""
     worker = await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0)))
-    finish_read = worker.broker.finish_read
+    finish_settle = worker.broker.finish_settle
     entered, release = asyncio.Event(), asyncio.Event()
 
     async def slow_first(*args: Any, **kwargs: Any) -> Any:
         if not entered.is_set():  # the first request to end: its finish waits for the test
             entered.set()
             await release.wait()
-        return await finish_read(*args, **kwargs)
+        return await finish_settle(*args, **kwargs)
 
-    monkeypatch.setattr(worker.broker, "finish_read", slow_first)
+    monkeypatch.setattr(worker.broker, "finish_settle", slow_first)
     short = asyncio.create_task(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 2, "seed": 50}))
     await asyncio.wait_for(entered.wait(), 30)
     assert not short.done()
@@ -220,7 +220,7 @@ async def test_a_failed_finish_stops_the_worker_with_its_error(
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("finish script broke")
 
-    monkeypatch.setattr(worker.broker, "finish_read", broken)
+    monkeypatch.setattr(worker.broker, "finish_settle", broken)
     await _stops_with(gw_empty, "finish script broke")
 
 
@@ -237,7 +237,7 @@ async def test_a_finish_failing_while_draining_stops_the_worker_with_its_error(
         await release.wait()
         raise ValueError("finish script broke")
 
-    monkeypatch.setattr(worker.broker, "finish_read", broken)
+    monkeypatch.setattr(worker.broker, "finish_settle", broken)
     draining = asyncio.Event()
     finish_in_flight = worker._finish_in_flight
 
@@ -380,17 +380,17 @@ async def test_a_retried_finish_sends_the_held_tokens_logprobs_again(
             flight.held_logprobs = list(held)  # as the engine's last, held-back token left them
         finish_later(finishes)
 
-    finish_read = worker.broker.finish_read
+    finish_settle = worker.broker.finish_settle
     sent: list[str] = []
 
     async def flaky(*args: Any, **kwargs: Any) -> Any:
         sent.append(kwargs["logprobs"])
         if len(sent) == 1:
             raise RedisConnectionError("connection reset by peer")
-        return await finish_read(*args, **kwargs)
+        return await finish_settle(*args, **kwargs)
 
     monkeypatch.setattr(worker, "_finish_later", holding)
-    monkeypatch.setattr(worker.broker, "finish_read", flaky)
+    monkeypatch.setattr(worker.broker, "finish_settle", flaky)
     resp = await asyncio.wait_for(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 3}), 30)
     assert resp.status_code == 200, resp.text
     assert len(sent) == 2 and sent[0] == sent[1] == orjson.dumps(held).decode()

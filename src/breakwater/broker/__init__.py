@@ -4,6 +4,7 @@ from breakwater.broker.broker import Broker
 from breakwater.broker.connection import connect, connect_with, redacted
 from breakwater.broker.dead_letters import DeadLetter
 from breakwater.broker.fanin import Fanin, GatewayDraining, Subscription
+from breakwater.broker.ledger import Billing
 from breakwater.broker.record import RequestRecord, RequestSpec, Status, Watch
 from breakwater.broker.types import (
     Admission,
@@ -19,6 +20,7 @@ from breakwater.broker.types import (
 __all__ = [
     "Admission",
     "Append",
+    "Billing",
     "Broker",
     "DeadLetter",
     "EnqueueResult",

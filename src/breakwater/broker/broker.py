@@ -21,7 +21,7 @@ from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import FanIn, Fanin
 from breakwater.broker.idempotency import Binding, IdempotencyKey
-from breakwater.broker.ledger import Ledger
+from breakwater.broker.ledger import Billing, Ledger
 from breakwater.broker.record import RequestRecord, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.rollouts import RolloutStore
@@ -133,6 +133,9 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         self._ack = Script(self.fast, "ack")
         # Meter and acknowledge in one call where the tenant's and the model's keys share a server
         self._settle = None if self.fast.cluster else Script(self.fast, "settle", parts=("meter", "ack"))
+        # ... and a completed request's finish with them
+        parts = ("finish", "meter", "ack")
+        self._finish_settle = None if self.fast.cluster else Script(self.fast, "finish_settle", parts=parts)
 
     @classmethod
     def connect(cls, settings: CommonSettings, *, token_stream_maxlen: int = 100_000) -> Broker:
@@ -378,6 +381,28 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
             raise replies[0]
         record = None if isinstance(replies[1], Exception) else _settle_record(replies[1])
         return int(replies[0]), record if record is not None and record.status.terminal else None
+
+    @property
+    def settles_in_finish(self) -> bool:
+        """Whether :meth:`finish_settle` may be called (one Redis, not a cluster)."""
+        return self._finish_settle is not None
+
+    async def finish_settle(
+        self, job: Job, billing: Billing, prompt: int, completion: int, **end: Unpack[Terminal]
+    ) -> tuple[int, bool | None]:
+        """:meth:`finish` of ``job``'s request, which completed and used ``prompt`` + ``completion``
+        tokens, and when it wrote the terminal event, :meth:`settle` in the same call (one Redis
+        only: :attr:`settles_in_finish`). Returns (finish's result, whether the request was metered
+        now; None when nothing was settled: the caller settles as before)."""
+        if self._finish_settle is None:
+            raise RuntimeError("finish_settle needs one Redis, not a cluster")
+        keys, args = self._finish_call(job.rid, end)
+        meter_keys, meter_args = self.ledger.meter_args(billing, job.rid, "completed", prompt, completion)
+        ack_keys, ack_args = self._ack_call(job, prompt + completion)
+        seq, metered = await self._finish_settle(
+            keys=[*keys, *meter_keys, *ack_keys], args=[*args, *meter_args, *ack_args]
+        )
+        return int(seq), None if int(metered) < 0 else bool(int(metered))
 
     async def fail(
         self,

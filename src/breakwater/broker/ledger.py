@@ -59,6 +59,22 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Billing:
+    """What metering a request needs of its record: a worker keeps this for the whole run, not the
+    record (whose prompt may be megabytes), and meters the request in its finish's call."""
+
+    tenant: str
+    key_id: str
+    reserved_tokens: int  # held at admission until the request is metered
+    created: int  # unix seconds: the day (and month) its usage counts under
+
+    @classmethod
+    def of(cls, record: RequestRecord) -> Billing:
+        spec = record.spec
+        return cls(spec.tenant, spec.key_id, spec.reserved_tokens, record.created)
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRow:
     day: str
     key_id: str
@@ -123,29 +139,35 @@ class Ledger:
         self, record: RequestRecord, rid: str, *, outcome: str | None = None
     ) -> tuple[list[str], list[Arg]]:
         """``meter.lua``'s keys and arguments for :meth:`meter` (``settle.lua`` takes them too)."""
-        spec = record.spec
         if outcome is None:
             outcome = {Status.DONE: "completed", Status.CANCELLED: "cancelled"}.get(record.status, "error")
         usage = record.usage or {}
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", record.tokens))
-        day = day_of(record.created or time.time())
+        return self.meter_args(Billing.of(record), rid, outcome, prompt, completion)
+
+    def meter_args(
+        self, billing: Billing, rid: str, outcome: str, prompt: int, completion: int
+    ) -> tuple[list[str], list[Arg]]:
+        """``meter.lua``'s keys and arguments for a request of ``billing`` that used these tokens."""
+        tenant, key_id = billing.tenant, billing.key_id
+        day = day_of(billing.created or time.time())
         keys = [
-            self.keys.usage(spec.tenant, day),
-            self.keys.metered(spec.tenant, day),
-            self.keys.usage_month(spec.tenant, day[:7]),
-            self.keys.limiter(spec.tenant, spec.key_id),
-            self.keys.running(spec.tenant, spec.key_id),
-            self.keys.limiter(spec.tenant, TENANT),
-            self.keys.running(spec.tenant, TENANT),
+            self.keys.usage(tenant, day),
+            self.keys.metered(tenant, day),
+            self.keys.usage_month(tenant, day[:7]),
+            self.keys.limiter(tenant, key_id),
+            self.keys.running(tenant, key_id),
+            self.keys.limiter(tenant, TENANT),
+            self.keys.running(tenant, TENANT),
         ]
         args: list[Arg] = [
             rid,
-            spec.key_id,
+            key_id,
             outcome,
             prompt,
             completion,
-            spec.reserved_tokens,
+            billing.reserved_tokens,
             USAGE_TTL_S,
             METERED_TTL_S,
         ]

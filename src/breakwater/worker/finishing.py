@@ -15,6 +15,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker import Broker, Job, Status
+from breakwater.broker.broker import Terminal
 from breakwater.broker.errors import until_redis
 from breakwater.broker.record import RequestRecord
 from breakwater.broker.types import BEHIND
@@ -43,6 +44,9 @@ class FinishingMixin:
         raise NotImplementedError
 
     async def _settle(self, job: Job, record: RequestRecord | None = None) -> None:
+        raise NotImplementedError
+
+    def _count_usage(self, tenant: str, status: Status, prompt: int, completion: int) -> None:
         raise NotImplementedError
 
     async def _repair(self, behind: list[tuple[InFlight, int]], ttl_s: int, rounds: int = 3) -> None:
@@ -90,6 +94,23 @@ class FinishingMixin:
             if isinstance(result, BaseException):
                 raise result
 
+    async def _finish_done(
+        self, flight: InFlight, end: Terminal
+    ) -> tuple[int, RequestRecord | None, bool | None]:
+        """The finish of a request that completed: (its result, the terminal record it read, whether
+        it settled the job: metered now or not, None when it did not). On one Redis, with the usage
+        known, it settles in the same round trip (``finish_settle.lua``); else it reads the terminal
+        record with it, for :meth:`_settle`."""
+        usage = end.get("usage") or {}
+        completion = usage.get("completion_tokens")
+        if flight.billing is not None and completion is not None and self.broker.settles_in_finish:
+            prompt = usage.get("prompt_tokens", 0)
+            job, billing = flight.job, flight.billing
+            seq, metered = await self.broker.finish_settle(job, billing, prompt, completion, **end)
+            return seq, None, metered
+        seq, record = await self.broker.finish_read(flight.job.rid, **end)
+        return seq, record, None
+
     def _rate(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """Finished jobs' lengths rate this worker (with its step cost: engines.stepcost)."""
         for _, delta in finishes:
@@ -101,8 +122,8 @@ class FinishingMixin:
     async def _finish(self, flight: InFlight, delta: SequenceDelta, logprobs: str) -> None:
         rid = flight.job.rid
         ttl = self.settings.result_ttl_s
-        tokens = delta.tokens + flight.held_tokens
         record = None  # the terminal record, read with the finish (one round trip less to settle)
+        settled: bool | None = None  # settled in the finish's own call: metered now or not
         if delta.error is not None:
             seq = await self.broker.fail(
                 rid,
@@ -113,34 +134,38 @@ class FinishingMixin:
                 error_type=error_type(delta.error_code),
             )
         else:
-            finish = functools.partial(
-                self.broker.finish_read,
-                rid,
-                attempt=flight.attempt,
-                kind="done",
-                status=Status.DONE,
-                ttl_s=ttl,
-                text=delta.text,
-                tokens=tokens,
-                finish_reason=delta.finish_reason or "stop",
-                usage=delta.usage,
-                logprobs=logprobs,
-                written=flight.writes,
-            )
-            seq, record = await finish()
+            end: Terminal = {
+                "attempt": flight.attempt,
+                "kind": "done",
+                "status": Status.DONE,
+                "ttl_s": ttl,
+                "text": delta.text,
+                "tokens": delta.tokens + flight.held_tokens,
+                "finish_reason": delta.finish_reason or "stop",
+                "usage": delta.usage,
+                "logprobs": logprobs,
+                "written": flight.writes,
+            }
+            finish = functools.partial(self._finish_done, flight, end)
+            seq, record, settled = await finish()
             for _ in range(3):
                 if seq > BEHIND:
                     break
                 await self._repair([(flight, BEHIND - seq)], ttl)  # a failover lost writes
                 if rid not in self.inflight:  # the repair gave up on it (tokens_lost) and dropped it
                     return
-                seq, record = await finish()
+                seq, record, settled = await finish()
             if seq <= BEHIND:  # still behind: retried whole, like a lost connection
                 raise RedisConnectionError("the request's record is still behind its writes")
         if seq == -1:  # another attempt owns the request now; its entry is not ours to ack
             log.warning("finish fenced off", extra={"rid": rid})
         else:
-            await self._settle(flight.job, record)
+            if settled is None:
+                await self._settle(flight.job, record)
+            elif settled and flight.billing is not None:
+                usage = delta.usage or {}
+                prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                self._count_usage(flight.billing.tenant, Status.DONE, prompt, completion)
             self.metrics.jobs.labels(self.model, "done" if delta.error is None else "error").inc()
             log.info(
                 "job finished",

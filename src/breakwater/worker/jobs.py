@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from breakwater.broker import Append, Job, Lease, RequestRecord
+from breakwater.broker import Append, Billing, Job, Lease, RequestRecord
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
@@ -30,6 +30,7 @@ class InFlight:
     job: Job
     attempt: int
     model: str
+    billing: Billing | None = None  # what metering it takes (None: settled from its record)
     held_tokens: int = 0  # tokens generated whose text the engine holds back (stop-string prefix)
     suspect: bool = False  # its previous attempt made no progress: run alone until it does
     progressed: bool = False

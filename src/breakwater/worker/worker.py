@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import replace
 
-from breakwater.broker import Append, Broker, Job, StartOutcome
+from breakwater.broker import Append, Billing, Broker, Job, StartOutcome, Status
 from breakwater.broker.errors import TRANSIENT, Backoff, until_redis
 from breakwater.broker.record import RequestRecord
 from breakwater.broker.types import BEHIND
@@ -301,6 +301,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             job=replace(job, started=None),  # not the record with its prompt, for the whole run
             attempt=result.attempt,
             model=self.model,
+            billing=Billing.of(record),
             suspect=suspect,
             constrained=request.output_format is not None,
         )
@@ -410,13 +411,16 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         first, so a crash between the two leaves the job to be reclaimed, metered (once) and acked."""
         metered = await self.broker.settle(job, record)
         if metered is not None:
-            tenant = self.settings.tenant_label(metered.spec.tenant)
-            self.metrics.tenant_requests.labels(tenant, metered.status.value).inc()
             usage = metered.usage or {}
-            self.metrics.tenant_tokens.labels(tenant, "prompt").inc(usage.get("prompt_tokens", 0))
-            self.metrics.tenant_tokens.labels(tenant, "completion").inc(
-                usage.get("completion_tokens", metered.tokens)
-            )
+            prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", metered.tokens)
+            self._count_usage(metered.spec.tenant, metered.status, prompt, completion)
+
+    def _count_usage(self, tenant: str, status: Status, prompt: int, completion: int) -> None:
+        """A request metered now, in this worker's per-tenant counters."""
+        label = self.settings.tenant_label(tenant)
+        self.metrics.tenant_requests.labels(label, status.value).inc()
+        self.metrics.tenant_tokens.labels(label, "prompt").inc(prompt)
+        self.metrics.tenant_tokens.labels(label, "completion").inc(completion)
 
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         """Stop a sequence whose request was cancelled, finished or taken over elsewhere."""
