@@ -453,7 +453,8 @@ async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_n
 ) -> None:
     """settle.lua (one Redis): metering and the ack go in one round trip, the metering first, so a
     settle whose metering fails leaves the job pending (reclaimed and settled again), as two calls did.
-    What the failed metering had counted stays counted: the request is metered once (meter.lua)."""
+    meter.lua checks its arguments before its first write: the failed call counted nothing, so the
+    settle that follows meters the request, once."""
     usage = {"prompt_tokens": 3, "completion_tokens": 5}
     end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
     jobs = []
@@ -492,7 +493,19 @@ async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_n
     assert [p["message_id"] for p in await redis.xpending_range(bad_job.stream, GROUP, "-", "+", 5)] == [
         bad_job.entry_id
     ]
-    assert await broker.settle(bad_job, bad_record) is None  # metered before it failed: not again
+    assert await redis.hmget(day_usage, "*:completed", "*:prompt_tokens", "*:completion_tokens") == [
+        "1",
+        "3",
+        "5",
+    ]  # nothing of it counted
+    assert not await redis.sismember(broker.keys.metered(record.spec.tenant, day_of(record.created)), "s2")
+    assert await broker.settle(bad_job, bad_record) is bad_record  # metered now, once
+    assert await redis.hmget(day_usage, "*:completed", "*:prompt_tokens", "*:completion_tokens") == [
+        "2",
+        "6",
+        "10",
+    ]
+    assert await broker.settle(bad_job, bad_record) is None
     assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 0
 
 

@@ -9,11 +9,21 @@
 -- ARGV[8] metered-set TTL (s)
 -- Usage is counted under the key's id and under '*' (the tenant's total, for its budgets).
 -- Returns 1 when metered now, 0 when it had been already.
+-- Every argument is checked before the first write: the request is marked metered first, so a
+-- script that failed after that would have counted part of its usage and never be repeated. (An
+-- error raised, not returned: a script composed from this one stops there too.)
+local function count(v)
+  local n = tonumber(v)
+  if n and n == math.floor(n) then return n end
+end
+local prompt, completion, reserved = count(ARGV[4]), count(ARGV[5]), count(ARGV[6])
+if not (prompt and completion and reserved and count(ARGV[7]) and count(ARGV[8])) then
+  error({err = 'ERR invalid token counts or TTLs'})
+end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
   return 0
 end
 redis.call('EXPIRE', KEYS[2], ARGV[8])
-local prompt, completion = tonumber(ARGV[4]), tonumber(ARGV[5])
 for _, id in ipairs({ARGV[2], '*'}) do
   redis.call('HINCRBY', KEYS[1], id .. ':' .. ARGV[3], 1)
   redis.call('HINCRBY', KEYS[1], id .. ':prompt_tokens', prompt)
@@ -22,7 +32,6 @@ for _, id in ipairs({ARGV[2], '*'}) do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
-local reserved = tonumber(ARGV[6])
 if reserved > 0 then  -- what limits.lua held against the budgets
   for _, id in ipairs({ARGV[2], '*'}) do
     redis.call('HINCRBY', KEYS[1], id .. ':held', -reserved)
