@@ -16,6 +16,7 @@ from breakwater.engines.base import SequenceDelta
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
+from breakwater.tenancy import ANONYMOUS
 from breakwater.worker.http import WorkerHTTP
 from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc, inproc_gateway
@@ -198,6 +199,43 @@ async def test_a_slow_finish_does_not_hold_up_the_batch(
     text, _, _ = expected_sim(messages=MESSAGES, seed=50, max_tokens=2, ignore_eos=True)
     assert first.status_code == 200 and first.json()["choices"][0]["message"]["content"] == text
     await async_wait_for(lambda: not worker.inflight, 10, what="every job acked")
+
+
+async def test_a_finish_that_cannot_settle_reads_the_record_and_settles_after_it(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the finish cannot settle in its own call (a Redis Cluster, which this stands in for),
+    the terminal record is read back with the finish and the job settled from it: metered, acked."""
+    worker = await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0)))
+    monkeypatch.setattr(worker.broker, "_finish_settle", None)
+    assert not worker.broker.settles_in_finish
+    finish_read, settle = worker.broker.finish_read, worker.broker.settle
+    calls: list[Any] = []
+
+    async def reading(*args: Any, **kwargs: Any) -> Any:
+        calls.append("finish_read")
+        return await finish_read(*args, **kwargs)
+
+    async def settling(job: Any, record: Any = None) -> Any:
+        metered = await settle(job, record)
+        calls.append(("settle", record is not None, metered is not None))
+        return metered
+
+    monkeypatch.setattr(worker.broker, "finish_read", reading)
+    monkeypatch.setattr(worker.broker, "settle", settling)
+    resp = await asyncio.wait_for(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 3, "seed": 60}), 30)
+    text, _, usage = expected_sim(messages=MESSAGES, seed=60, max_tokens=3, ignore_eos=True)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == text
+    await async_wait_for(lambda: not worker.inflight, 10, what="its job acked")
+    assert calls == ["finish_read", ("settle", True, True)]  # from the record read with it; metered now
+    tenant = worker.settings.tenant_label(ANONYMOUS.tenant)
+    completion = worker.metrics.tenant_tokens.labels(tenant, "completion")._value.get()
+    assert completion == usage["completion_tokens"]
+    broker = gw_empty.broker()
+    try:
+        assert await broker.redis.xlen(gw_empty.keys.jobs("sim", "interactive")) == 0  # acknowledged
+    finally:
+        await broker.aclose()
 
 
 async def _stops_with(gw: InProc, error: str) -> None:

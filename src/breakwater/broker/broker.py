@@ -68,6 +68,9 @@ class Terminal(TypedDict, total=False):
     written: int | None  # the attempt's last write number
 
 
+_SETTLING = (3, 14, 7, 8, 4, 4)  # finish_settle.lua's slices: keys and arguments of its three parts
+
+
 def _settle_read(record_key: str) -> tuple[str, ...]:
     return ("HMGET", record_key, *SETTLE_FIELDS)
 
@@ -396,9 +399,13 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         now; None when nothing was settled: the caller settles as before)."""
         if self._finish_settle is None:
             raise RuntimeError("finish_settle needs one Redis, not a cluster")
+        prompt, completion = int(prompt), int(completion)  # meter.lua takes whole counts only
         keys, args = self._finish_call(job.rid, end)
         meter_keys, meter_args = self.ledger.meter_args(billing, job.rid, "completed", prompt, completion)
         ack_keys, ack_args = self._ack_call(job, prompt + completion)
+        sizes = (len(keys), len(args), len(meter_keys), len(meter_args), len(ack_keys), len(ack_args))
+        if sizes != _SETTLING:
+            raise ValueError("finish_settle.lua's parts take 3/14, 7/8 and 4/4 keys and arguments")
         seq, metered = await self._finish_settle(
             keys=[*keys, *meter_keys, *ack_keys], args=[*args, *meter_args, *ack_args]
         )

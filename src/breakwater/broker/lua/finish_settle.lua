@@ -3,7 +3,8 @@
 -- settle.lua does. One call instead of the finish, a read of the record and the settle. Only on a
 -- single Redis: the record, the tenant's usage and the job are on three hash slots. A finish that
 -- wrote nothing (fenced off, already terminal, behind its writes) settles nothing: the caller then
--- settles as before, from the record as it stands.
+-- settles as before, from the record as it stands. A metering that fails (meter.lua checks its
+-- arguments before it writes) leaves the finish written and the job pending: reclaimed, settled then.
 -- KEYS[1..3] finish.lua's, KEYS[4..10] meter.lua's, KEYS[11..14] ack.lua's; ARGV[1..14] finish.lua's,
 -- ARGV[15..22] meter.lua's, ARGV[23..26] ack.lua's.
 -- Returns {finish.lua's reply, meter.lua's reply (1 metered now, 0 had been) or -1 when not settled}.
