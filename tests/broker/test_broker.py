@@ -45,6 +45,27 @@ async def _start(broker: Broker, rid: str, worker: str, *, alone: bool = True) -
     return await broker.start_job(rid, worker, 3, result_ttl_s=60, alone=alone)
 
 
+async def _running(broker: Broker, rid: str) -> Any:
+    """``rid`` queued, its job claimed and its first attempt started by worker ``w``: the job."""
+    await _enqueue(broker, rid)
+    (job,) = await broker.claim("m", "interactive", "w", 1, None)
+    await _start(broker, rid, "w")
+    return job
+
+
+def _record_pipelines(broker: Broker) -> list[list[Any]]:
+    """From now on, the commands of each write on the hot path's connection (sent as before)."""
+    sent: list[list[Any]] = []
+    pipeline = broker.fast.pipeline
+
+    async def spy(commands: Any) -> Any:
+        sent.append([c[0] for c in commands])
+        return await pipeline(commands)
+
+    broker.fast.pipeline = spy  # type: ignore[method-assign]
+    return sent
+
+
 @pytest.fixture
 async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
     broker = Broker(redis, Keys(prefix))
@@ -262,9 +283,7 @@ async def test_lease_refresh_never_takes_back_a_newer_attempt(broker: Broker, re
 
 async def test_a_running_request_outlives_its_first_ttl(broker: Broker, redis: Redis) -> None:
     """The TTL set at admission must not expire a record while its job still runs."""
-    await _enqueue(broker, "slow")
-    [job] = await broker.claim("m", "interactive", "w", 1, None)
-    await _start(broker, "slow", "w")
+    job = await _running(broker, "slow")
     await broker.append_step([Append("slow", 1, 1, "a", 1)])
     for key in (broker.keys.request("slow"), broker.keys.emitted("slow"), broker.keys.tokens("slow")):
         await redis.expire(key, 2)  # about to expire
@@ -421,9 +440,7 @@ async def test_writes_a_failover_lost_are_reported_behind_then_resent(broker: Br
 async def test_finish_read_gives_the_terminal_record_settle_meters_without_reading_again(
     broker: Broker, redis: Redis
 ) -> None:
-    await _enqueue(broker, "fr")
-    (job,) = await broker.claim("m", "interactive", "w", 1, None)
-    await _start(broker, "fr", "w")
+    job = await _running(broker, "fr")
     usage = {"prompt_tokens": 3, "completion_tokens": 5}
     end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
     seq, record = await broker.finish_read("fr", attempt=1, text="hi", tokens=5, finish_reason="stop", **end)
@@ -459,22 +476,13 @@ async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_n
     end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
     jobs = []
     for rid in ("s1", "s2"):
-        await _enqueue(broker, rid)
-        (job,) = await broker.claim("m", "interactive", "w", 1, None)
-        await _start(broker, rid, "w")
+        job = await _running(broker, rid)
         _, record = await broker.finish_read(rid, attempt=1, text="hi", tokens=5, finish_reason="stop", **end)
         assert record is not None
         jobs.append((job, record))
     assert broker._settle is not None
     await broker._settle.load()  # in Redis's script cache whatever ran before: one call, not a reload
-    sent: list[list[Any]] = []
-    pipeline = broker.fast.pipeline
-
-    async def spy(commands: Any) -> Any:  # the real call, recorded
-        sent.append([c[0] for c in commands])
-        return await pipeline(commands)
-
-    broker.fast.pipeline = spy  # type: ignore[method-assign]
+    sent = _record_pipelines(broker)
     (job, record), (bad_job, bad_record) = jobs
     assert await broker.settle(job, record) is record
     assert sent == [["EVALSHA"]]  # one call for both
@@ -517,22 +525,13 @@ async def test_a_completed_finish_settles_its_job_in_the_same_call(broker: Broke
     end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
     jobs = []
     for rid in ("c1", "c2"):
-        await _enqueue(broker, rid)
-        (job,) = await broker.claim("m", "interactive", "w", 1, None)
-        await _start(broker, rid, "w")
+        job = await _running(broker, rid)
         record = await broker.get_record(rid)
         assert record is not None
         jobs.append((job, Billing.of(record)))
     assert broker.settles_in_finish and broker._finish_settle is not None
     await broker._finish_settle.load()  # in the script cache: one call, not a reload
-    sent: list[list[Any]] = []
-    pipeline = broker.fast.pipeline
-
-    async def spy(commands: Any) -> Any:  # the real call, recorded
-        sent.append([c[0] for c in commands])
-        return await pipeline(commands)
-
-    broker.fast.pipeline = spy  # type: ignore[method-assign]
+    sent = _record_pipelines(broker)
     (job, billing), (other_job, other_billing) = jobs
     done = await broker.finish_settle(
         job, billing, 3, 5, attempt=1, text="hi", tokens=5, finish_reason="stop", **end
