@@ -42,6 +42,14 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 
+def _chunk_size(line: bytes) -> int:
+    """A chunk-size line's size (its extensions ignored)."""
+    size = line.split(b";", 1)[0].strip() if b";" in line else line.strip()
+    if not _HEX.fullmatch(size):
+        raise ValueError(f"a bad chunk size from the upstream: {line[:40]!r}")
+    return int(size, 16)
+
+
 class UpstreamHTTPError(ConnectionError):
     """The connection failed or closed before the answer was complete (retryable)."""
 
@@ -55,6 +63,13 @@ class _State(Enum):
     CHUNK_END = 6  # the CRLF after a chunk's data
     TRAILERS = 7  # after the last chunk: trailer lines, then an empty one
     DONE = 8
+
+
+# The states the body's parsing compares against on every read (a module global is read faster
+# than an Enum member, which is looked up on its class each time).
+_HEAD, _SIZED, _UNTIL_CLOSE = _State.HEAD, _State.SIZED, _State.UNTIL_CLOSE
+_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END = _State.CHUNK_SIZE, _State.CHUNK_DATA, _State.CHUNK_END
+_TRAILERS, _DONE = _State.TRAILERS, _State.DONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +147,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_read = time.monotonic()
         self.got_any = True
-        self._guarded(self._parse, data)
+        try:  # _guarded's, inline: this runs for every read of every answer
+            self._parse(data)
+        except Exception as exc:
+            self._fail(exc)
 
     # -- one request -------------------------------------------------------------------------------
     def begin(self, request: bytes, on_lines: OnLines) -> asyncio.Future[int]:
@@ -172,11 +190,11 @@ class _Connection(asyncio.Protocol):
 
     def _parse(self, data: bytes) -> None:
         state = self._state
-        if state is _State.DONE:
+        if state is _DONE:
             raise ValueError("the upstream sent bytes after its answer")  # never reuse this one
-        if state is _State.HEAD:
+        if state is _HEAD:
             data = self._parse_head(self._buf + data)
-            if self._state is _State.DONE and data:  # bytes after a bodiless answer
+            if self._state is _DONE and data:  # bytes after a bodiless answer
                 self.abort()
                 return
         elif self._buf:
@@ -184,7 +202,7 @@ class _Connection(asyncio.Protocol):
         if not data:
             return
         state = self._state
-        if state is _State.SIZED:
+        if state is _SIZED:
             if len(data) > self._left:  # more than its Content-Length: the rest is not trusted
                 data = data[: self._left]
                 self._keep = False
@@ -192,7 +210,7 @@ class _Connection(asyncio.Protocol):
             self._take(data)
             if self._left == 0:
                 self._end_body()
-        elif state is _State.UNTIL_CLOSE:
+        elif state is _UNTIL_CLOSE:
             self._take(data)
         else:
             self._parse_chunks(data)
@@ -261,20 +279,20 @@ class _Connection(asyncio.Protocol):
         finally:  # the text of whole chunks before a bad frame still counts
             if pieces:
                 self._take(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        if self._state is _State.DONE:
+        if self._state is _DONE:
             self._end_body()
 
     def _chunks(self, buf: bytes, pieces: list[bytes]) -> None:
         pos, end = 0, len(buf)
         while pos < end:
             state = self._state
-            if state is _State.CHUNK_DATA:
+            if state is _CHUNK_DATA:
                 take = min(self._left, end - pos)
                 pieces.append(buf[pos : pos + take])
                 pos += take
                 self._left -= take
                 if self._left == 0:
-                    self._state = _State.CHUNK_END
+                    self._state = _CHUNK_END
                 continue
             line_end = buf.find(b"\r\n", pos)
             if line_end < 0:
@@ -284,18 +302,21 @@ class _Connection(asyncio.Protocol):
                 return
             line = buf[pos:line_end]
             pos = line_end + 2
-            if state is _State.CHUNK_END:
+            if state is _CHUNK_SIZE:
+                left = _chunk_size(line)
+                stop = pos + left
+                if left and buf[stop : stop + 2] == b"\r\n":  # the whole chunk is in this read
+                    pieces.append(buf[pos:stop])
+                    pos = stop + 2
+                    continue
+                self._left = left
+                self._state = _CHUNK_DATA if left else _TRAILERS
+            elif state is _CHUNK_END:
                 if line:
                     raise ValueError("a chunk's data ran past its size")
-                self._state = _State.CHUNK_SIZE
-            elif state is _State.CHUNK_SIZE:
-                size = line.split(b";", 1)[0].strip()
-                if not _HEX.fullmatch(size):
-                    raise ValueError(f"a bad chunk size from the upstream: {line[:40]!r}")
-                self._left = int(size, 16)
-                self._state = _State.CHUNK_DATA if self._left else _State.TRAILERS
+                self._state = _CHUNK_SIZE
             elif not line:  # TRAILERS: the empty line ends the body
-                self._state = _State.DONE
+                self._state = _DONE
                 if pos != end:
                     self._keep = False  # bytes after the answer: the connection is not reused
                 self._buf = b""
