@@ -44,7 +44,7 @@ _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 def _chunk_size(line: bytes) -> int:
     """A chunk-size line's size (its extensions ignored)."""
-    size = line.split(b";", 1)[0].strip() if b";" in line else line.strip()
+    size = line.partition(b";")[0].strip()
     if not _HEX.fullmatch(size):
         raise ValueError(f"a bad chunk size from the upstream: {line[:40]!r}")
     return int(size, 16)
@@ -65,8 +65,8 @@ class _State(Enum):
     DONE = 8
 
 
-# The states the body's parsing compares against on every read (a module global is read faster
-# than an Enum member, which is looked up on its class each time).
+# The states the parse compares against on every read, as module globals (read faster than an Enum
+# member, which is looked up on its class each time); code that runs once per answer uses _State.X.
 _HEAD, _SIZED, _UNTIL_CLOSE = _State.HEAD, _State.SIZED, _State.UNTIL_CLOSE
 _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END = _State.CHUNK_SIZE, _State.CHUNK_DATA, _State.CHUNK_END
 _TRAILERS, _DONE = _State.TRAILERS, _State.DONE
@@ -305,7 +305,9 @@ class _Connection(asyncio.Protocol):
             if state is _CHUNK_SIZE:
                 left = _chunk_size(line)
                 stop = pos + left
-                if left and buf[stop : stop + 2] == b"\r\n":  # the whole chunk is in this read
+                if left and buf[stop : stop + 2] == b"\r\n":
+                    # The whole chunk is in this read: CHUNK_DATA and CHUNK_END in one pass (the
+                    # state stays CHUNK_SIZE, whose _left is 0, as those two would leave it).
                     pieces.append(buf[pos:stop])
                     pos = stop + 2
                     continue
