@@ -237,3 +237,19 @@ def test_a_stall_counts_as_a_bounded_gap() -> None:
     gaps.add(30.0)
     assert gaps.mean_s == pytest.approx(0.010 + (streams.GAP_MAX_S - 0.010) * streams.GAP_WEIGHT)
     assert gaps.window_s < 0.006
+
+
+def test_a_flights_text_is_every_piece_in_order_across_its_joins() -> None:
+    """The text grows by pieces (joined every JOIN_EVERY of them, not copied whole per token) and
+    reads as their concatenation after a continuation's text, whenever it is read."""
+    flight = Flight(GenerationRequest("r"), head="earlier ")
+    expected = "earlier "
+    for i in range(2 * streams.JOIN_EVERY + 3):
+        piece = f"{i} é" if i % 7 else ""  # empty pieces (held tokens) and multi-byte text too
+        flight.add_text(piece)
+        expected += piece
+        if i in (0, streams.JOIN_EVERY - 2, streams.JOIN_EVERY + 5):
+            assert flight.text == expected  # read midway: the pieces after it still join in order
+    assert len(flight.pieces) < streams.JOIN_EVERY  # joined as it went, not kept one per token
+    assert flight.text == expected
+    assert flight.pieces == []

@@ -26,6 +26,7 @@ STEP_MAX_S = 0.010  # the longest window
 GAP_SHARE = 0.5  # the window as a share of the sequences' gap between tokens (the default)
 GAP_WEIGHT = 1 / 64  # of a new gap in the moving average
 GAP_MAX_S = 0.040  # a longer gap (a stall, a retry) counts as this much
+JOIN_EVERY = 256  # a flight's text pieces kept apart before they are joined (Flight.add_text)
 
 
 class Gaps:
@@ -52,14 +53,35 @@ class Gaps:
 
 @dataclass(slots=True)
 class Flight:
-    """One admitted request; ``text``/``tokens`` include what a reclaimed job had already emitted."""
+    """One admitted request; ``text``/``tokens`` include what a reclaimed job had already emitted.
+
+    The text grows by :meth:`add_text`, which keeps the newest pieces in a list and joins them into
+    ``head`` every ``JOIN_EVERY`` pieces: ``text += piece`` copied the whole text on every token (the
+    string is an attribute, so CPython cannot grow it in place), ~6 us a token at 32,000 tokens."""
 
     request: GenerationRequest
     task: asyncio.Task[None] | None = None
-    text: str = ""
+    head: str = ""  # the text emitted so far, but for ``pieces``
     tokens: int = 0
     prompt_ids: list[int] = field(default_factory=list)  # for engines that tokenize themselves
     text_at: float = 0.0  # when it last emitted text (loop time)
+    pieces: list[str] = field(default_factory=list)  # the newest text, fewer than JOIN_EVERY pieces
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        self._fold()
+        return self.head
+
+    def add_text(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if len(self.pieces) >= JOIN_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self.pieces:
+            self.head += "".join(self.pieces)
+            self.pieces.clear()
 
 
 class StreamingEngine(Engine):
@@ -86,7 +108,7 @@ class StreamingEngine(Engine):
 
     def new_flight(self, request: GenerationRequest) -> Flight:
         """Validate a request (raising :class:`EngineRequestError`) and make its flight."""
-        return Flight(request, text=request.emitted_text, tokens=request.emitted_tokens)
+        return Flight(request, head=request.emitted_text, tokens=request.emitted_tokens)
 
     def add(self, request: GenerationRequest) -> None:
         flight = self.new_flight(request)

@@ -357,7 +357,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             if parts and self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
                 text = "".join(parts)
                 tokens = len(parts) - (calls.tags() if calls is not None else 0)
-                flight.text += text
+                flight.add_text(text)
                 flight.tokens += tokens
                 self._emit(SequenceDelta(rid, text=text, tokens=tokens, logprobs=logprobs or None))
             return done

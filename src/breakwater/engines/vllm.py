@@ -276,7 +276,7 @@ class VLLMEngine(StreamingEngine):
             choice = out.outputs[0]
             n = len(choice.token_ids)
             flight.tokens += n
-            flight.text += choice.text
+            flight.add_text(choice.text)
             finish = choice.finish_reason or finish
             text = choice.text
             if parsing is not None:
