@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from breakwater.engines.upstream_http import STALE_S, Origin, StreamClient, UpstreamHTTPError
+from breakwater.engines.upstream_http import UpstreamHTTPError
+from breakwater.engines.upstream_pool import STALE_S, Origin, StreamClient
 
 Script = Callable[["Served"], list[bytes]]  # the request → the writes of its answer
 

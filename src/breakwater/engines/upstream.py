@@ -29,8 +29,8 @@ from breakwater.engines.base import (
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice, upstream_message
-from breakwater.engines.upstream_http import StreamClient
 from breakwater.engines.upstream_load import UpstreamLoad, metrics_urls, parse_load
+from breakwater.engines.upstream_pool import StreamClient
 from breakwater.protocol.embeddings import pack
 from breakwater.protocol.toolformats import PASS_THROUGH
 from breakwater.stopping import stop_loop
