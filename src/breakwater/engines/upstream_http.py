@@ -60,17 +60,17 @@ def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One keep-alive connection; it answers one request at a time."""
 
-    def __init__(self, on_lost: Callable[[_Connection], None]) -> None:
+    def __init__(self, on_lost: Callable[[Connection], None]) -> None:
         self.transport: asyncio.Transport | None = None
         self.on_lost = on_lost
         self.closed = False
         self.reused = False
         self.sent_at = 0.0
         self.idle_since = 0.0
-        self.on_end: Callable[[_Connection], None] | None = None  # called once when its body ends
+        self.on_end: Callable[[Connection], None] | None = None  # called once when its body ends
         self._start(None)
         self._state = _State.DONE  # nothing asked yet: any byte now is unexpected
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from breakwater.engines.upstream_http import OnLines, UpstreamHTTPError, _Connection
+from breakwater.engines.upstream_http import Connection, OnLines, UpstreamHTTPError
 
 DRAIN_S = 5.0  # how long a finished answer's connection may take to end its body before it is closed
 KEEP_IDLE_S = 4.0  # a pooled connection idle longer is closed, not reused
@@ -73,8 +73,8 @@ class StreamClient:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.max_idle = max_idle
-        self._idle: list[_Connection] = []
-        self._draining: dict[_Connection, asyncio.TimerHandle] = {}
+        self._idle: list[Connection] = []
+        self._draining: dict[Connection, asyncio.TimerHandle] = {}
 
     async def post(self, path: str, body: bytes, on_lines: OnLines) -> tuple[int, bytes]:
         """POST ``body`` to ``path`` (below the base URL). On 200, ``on_lines`` gets each read's
@@ -105,7 +105,7 @@ class StreamClient:
         self._release(conn)
         return status, raw
 
-    async def _send(self, conn: _Connection, request: bytes, on_lines: OnLines) -> int:
+    async def _send(self, conn: Connection, request: bytes, on_lines: OnLines) -> int:
         answer = conn.begin(request, on_lines)
         if self.read_timeout_s is None:
             return await answer
@@ -128,7 +128,7 @@ class StreamClient:
         finally:
             timer[0].cancel()
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self) -> Connection:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -138,13 +138,13 @@ class StreamClient:
             conn.abort()
         return await self._connect()
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         origin = self.origin
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self._lost),
+                    lambda: Connection(self._lost),
                     origin.host,
                     origin.port,
                     ssl=origin.tls,
@@ -156,7 +156,7 @@ class StreamClient:
             raise UpstreamHTTPError(f"cannot connect to {origin.authority}: {exc}") from exc
         return conn
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         """Back to the pool once its body has ended; a finished answer whose body has not (the
         rest after [DONE]) is read on for up to ``DRAIN_S``, then pooled, or closed."""
         if conn.idle():
@@ -167,7 +167,7 @@ class StreamClient:
             conn.on_end = self._drained
             self._draining[conn] = asyncio.get_running_loop().call_later(DRAIN_S, conn.abort)
 
-    def _drained(self, conn: _Connection) -> None:
+    def _drained(self, conn: Connection) -> None:
         timer = self._draining.pop(conn, None)
         if timer is not None:
             timer.cancel()
@@ -176,14 +176,14 @@ class StreamClient:
         else:
             conn.abort()
 
-    def _pool(self, conn: _Connection) -> None:
+    def _pool(self, conn: Connection) -> None:
         if len(self._idle) < self.max_idle:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.abort()
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: Connection) -> None:
         """A connection closed (by either side): out of the pool at once."""
         if conn in self._idle:
             self._idle.remove(conn)
