@@ -9,9 +9,10 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
+import httpx
 import pytest
 
-from breakwater.gateway.streaming import SSEResponse
+from breakwater.gateway.streaming import LastChunk, SSEResponse
 from tests.inproc import InProc
 
 
@@ -156,3 +157,54 @@ async def test_a_finished_request_closes_its_event_generators_itself(gw: InProc)
         assert two.status_code == 200 and [c["index"] for c in two.json()["choices"]] == [0, 1]
         gc.collect()
     assert left == []
+
+
+async def test_the_last_chunk_ends_the_body_in_the_same_message() -> None:
+    """Events that end with a :class:`LastChunk`: it is sent as the body's end (one write with the
+    chunked terminator), not followed by an empty message of its own; events that end otherwise are."""
+
+    async def events(last: bytes) -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield last
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    for last, expected in (
+        (LastChunk(b"data: [DONE]\n\n"), [(b"data: 1\n\n", True), (b"data: [DONE]\n\n", False)]),
+        (b"data: 2\n\n", [(b"data: 1\n\n", True), (b"data: 2\n\n", True), (b"", False)]),
+    ):
+        sent: list[MutableMapping[str, Any]] = []
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(SSEResponse(events(last), {})({"type": "http"}, receive, send), 5)
+        assert [(m["body"], m["more_body"]) for m in sent[1:]] == expected
+
+
+async def test_a_streamed_answer_ends_with_its_last_event(gw: InProc) -> None:
+    """Through the gateway, one choice and n > 1: the message that carries ``[DONE]`` is the one
+    that ends the body; nothing is sent after it."""
+    messages: list[MutableMapping[str, Any]] = []
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        async def record(message: MutableMapping[str, Any]) -> None:
+            messages.append(message)
+            await send(message)
+
+        await gw.app(scope, receive, record)
+
+    transport = httpx.ASGITransport(app=recording)
+    body = {"model": "sim", "prompt": "end me", "max_tokens": 3, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as http:
+        for n in (1, 2):
+            messages.clear()
+            async with http.stream("POST", "/v1/completions", json={**body, "n": n}) as response:
+                assert response.status_code == 200
+                lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" and len(lines) == 4 * n + 1  # 3 tokens, a finish each
+            bodies = [m for m in messages if m["type"] == "http.response.body"]
+            assert [m["more_body"] for m in bodies].count(False) == 1 and not bodies[-1]["more_body"]
+            assert bodies[-1]["body"].endswith(b"data: [DONE]\n\n")

@@ -23,6 +23,7 @@ from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
+from breakwater.gateway.streaming import LastChunk, joined
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
     INT64,
@@ -310,7 +311,7 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
                 yield b"".join(out)
                 out.clear()
         else:
-            out.append(merged.last())
+            out.append(LastChunk(merged.last()))
         finished = True
     except GatewayDraining:
         pass  # end without [DONE]: the client resumes on another gateway (Last-Event-ID)
@@ -325,7 +326,7 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
             for choice in merged.live.values():
                 svc.requests.detach_later(choice.rid)
     if out:
-        yield b"".join(out)
+        yield joined(out)
 
 
 def _unwrap(merged: _Merged, index: int, item: TokenEvent | BaseException | None) -> TokenEvent | None:

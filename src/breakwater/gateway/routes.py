@@ -34,7 +34,7 @@ from breakwater.gateway.sse import (
     sse_event,
     token_event,
 )
-from breakwater.gateway.streaming import ClientWrites, SSEResponse
+from breakwater.gateway.streaming import ClientWrites, LastChunk, SSEResponse, joined
 from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response, unpack
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.rollout.aliases import VERSION_SEP
@@ -231,13 +231,13 @@ async def _stream(
                 pending.append(chunk)
                 if live is not None and live.next_is_ready() and len(pending) < COALESCE_MAX:
                     continue
-                yield b"".join(pending)
+                yield joined(pending)
                 pending.clear()
         finished = True
     except GatewayDraining:
         pass  # end the stream without [DONE]: the client resumes on another gateway (Last-Event-ID)
     except APIError as exc:  # the status line is sent: say it as the stream's last event
-        pending.append(sse_event(exc.body()))
+        pending.append(LastChunk(sse_event(exc.body())))
         finished = True
     finally:
         if not finished:
@@ -245,7 +245,7 @@ async def _stream(
         if direct is not None and direct.sent:
             svc.metrics.direct_events.inc(direct.sent)
     if pending:
-        yield b"".join(pending)
+        yield joined(pending)
 
 
 @router.get("/v1/models")

@@ -10,6 +10,7 @@ import orjson
 
 from breakwater.gateway.autotools import ToolChunks, auto_message
 from breakwater.gateway.errors import APIError, error_body
+from breakwater.gateway.streaming import LastChunk
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
     chat_chunk,
@@ -196,8 +197,8 @@ async def sse_chunks(
     include_usage: bool,
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
-    with the usage chunk (if asked) and ``[DONE]``. ``events`` is closed with it (not left to the
-    event loop's async-generator finalizer)."""
+    with the usage chunk (if asked) and ``[DONE]``, or an error, as a :class:`LastChunk`. ``events``
+    is closed with it (not left to the event loop's async-generator finalizer)."""
     async with aclosing(events):
         async for event in events:
             if event.kind == "token":
@@ -214,10 +215,10 @@ async def sse_chunks(
                 if include_usage:
                     last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
                 last.append(DONE)
-                yield b"".join(last)
+                yield LastChunk(b"".join(last))
                 return
             else:
-                yield sse_event(error_chunk(event), event.seq)
+                yield LastChunk(sse_event(error_chunk(event), event.seq))
                 return
 
 

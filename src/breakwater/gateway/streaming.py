@@ -28,6 +28,20 @@ SERVER_SEND = "breakwater.server_send"
 HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 
 
+class LastChunk(bytes):
+    """A response's last body chunk: :class:`SSEResponse` sends it as the end of the body, so it and
+    the chunked encoding's terminator go out in one write (one system call and one packet, where
+    the terminator alone took another of each)."""
+
+    __slots__ = ()
+
+
+def joined(chunks: list[bytes]) -> bytes:
+    """``chunks`` as one, a :class:`LastChunk` if the last of them is."""
+    out = b"".join(chunks)
+    return LastChunk(out) if type(chunks[-1]) is LastChunk else out
+
+
 class ClientWrites:
     """A stream's tokens written to the client's connection from the fan-in's callback.
 
@@ -126,12 +140,15 @@ class SSEResponse(Response):
             out = scope.get(SERVER_SEND, send)
             if self.direct is not None:
                 self.direct.attach(out)
+            ended = False
             async for chunk in self.events:
                 if gone:  # its cancellation was lost (Python 3.11, in a Redis call: stopping.py)
                     return  # the events' cleanup (below) detaches the request
-                await out({"type": "http.response.body", "body": chunk, "more_body": True})
+                ended = type(chunk) is LastChunk  # the events end with it
+                await out({"type": "http.response.body", "body": chunk, "more_body": not ended})
             streaming = False
-            await out({"type": "http.response.body", "body": b"", "more_body": False})
+            if not ended:
+                await out({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # Our own cancellation, for the disconnect, ends the response quietly; any other one
             # (the server shutting down, even at the same moment) goes on up.
@@ -139,11 +156,16 @@ class SSEResponse(Response):
                 raise
         finally:
             streaming = False
-            if self.direct is not None:
-                self.direct.detach()
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            aclose = getattr(self.events, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await self._close(watcher)
+
+    async def _close(self, watcher: asyncio.Task[None]) -> None:
+        """After the response (or its end by a disconnect): no more direct writes, the disconnect
+        listener stopped, the events closed (their cleanup runs here, in order)."""
+        if self.direct is not None:
+            self.direct.detach()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        aclose = getattr(self.events, "aclose", None)
+        if aclose is not None:
+            await aclose()
