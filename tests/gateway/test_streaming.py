@@ -159,6 +159,15 @@ async def test_a_finished_request_closes_its_event_generators_itself(gw: InProc)
     assert left == []
 
 
+def _into(sent: list[MutableMapping[str, Any]]) -> Send:
+    """An ASGI ``send`` that keeps what it is sent in ``sent``."""
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    return send
+
+
 async def test_the_last_chunk_ends_the_body_in_the_same_message() -> None:
     """Events that end with a :class:`LastChunk`: it is sent as the body's end (one write with the
     chunked terminator), not followed by an empty message of its own; events that end otherwise are."""
@@ -176,11 +185,7 @@ async def test_the_last_chunk_ends_the_body_in_the_same_message() -> None:
         (b"data: 2\n\n", [(b"data: 1\n\n", True), (b"data: 2\n\n", True), (b"", False)]),
     ):
         sent: list[MutableMapping[str, Any]] = []
-
-        async def send(message: MutableMapping[str, Any]) -> None:
-            sent.append(message)
-
-        await asyncio.wait_for(SSEResponse(events(last), {})({"type": "http"}, receive, send), 5)
+        await asyncio.wait_for(SSEResponse(events(last), {})({"type": "http"}, receive, _into(sent)), 5)
         assert [(m["body"], m["more_body"]) for m in sent[1:]] == expected
 
 
