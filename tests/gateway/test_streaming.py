@@ -159,15 +159,6 @@ async def test_a_finished_request_closes_its_event_generators_itself(gw: InProc)
     assert left == []
 
 
-def _into(sent: list[MutableMapping[str, Any]]) -> Send:
-    """An ASGI ``send`` that keeps what it is sent in ``sent``."""
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    return send
-
-
 async def test_the_last_chunk_ends_the_body_in_the_same_message() -> None:
     """Events that end with a :class:`LastChunk`: it is sent as the body's end (one write with the
     chunked terminator), not followed by an empty message of its own; events that end otherwise are."""
@@ -176,16 +167,12 @@ async def test_the_last_chunk_ends_the_body_in_the_same_message() -> None:
         yield b"data: 1\n\n"
         yield last
 
-    async def receive() -> dict[str, Any]:
-        await asyncio.Event().wait()
-        return {}
-
     for last, expected in (
         (LastChunk(b"data: [DONE]\n\n"), [(b"data: 1\n\n", True), (b"data: [DONE]\n\n", False)]),
         (b"data: 2\n\n", [(b"data: 1\n\n", True), (b"data: 2\n\n", True), (b"", False)]),
     ):
-        sent: list[MutableMapping[str, Any]] = []
-        await asyncio.wait_for(SSEResponse(events(last), {})({"type": "http"}, receive, _into(sent)), 5)
+        sent, receive, send = _leaves_after(b"never sent")  # a client that stays
+        await asyncio.wait_for(SSEResponse(events(last), {})({"type": "http"}, receive, send), 5)
         assert [(m["body"], m["more_body"]) for m in sent[1:]] == expected
 
 

@@ -40,7 +40,7 @@ MAX_TASKS = 64  # requests followed at once on one socket
 AUTH_TIMEOUT_S = 10.0  # for the first message's key, when the upgrade request had none
 
 
-class Connection:
+class _Connection:
     def __init__(self, ws: WebSocket, svc: GatewayService, request_id: str, principal: Principal) -> None:
         self.ws = ws
         self.svc = svc
@@ -254,7 +254,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     if authenticated is None:
         return
     principal, key = authenticated
-    conn = Connection(ws, svc, str(ws.scope["state"]["request_id"]), principal)
+    conn = _Connection(ws, svc, str(ws.scope["state"]["request_id"]), principal)
     svc.websockets.add(ws)
     try:
         while True:
