@@ -168,6 +168,20 @@ async def test_a_first_deltas_later_text_goes_with_it(engine: Puppet) -> None:
     await _waits(engine)  # c's token was not left counted as waiting
 
 
+def _entry(token: str) -> dict[str, object]:
+    return {"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+async def test_the_deltas_a_step_merges_keep_every_tokens_logprobs(engine: Puppet) -> None:
+    """A sequence whose tokens waited out a window is one delta: one logprobs entry per token, in
+    order, a held (textless) token's too; another sequence's stay its own."""
+    for rid, text in (("a", " of"), ("b", "x"), ("a", ""), ("a", " three")):
+        engine._emit(SequenceDelta(rid, text=text, tokens=1, logprobs=[_entry(text or "<held>")]))
+    deltas = await engine.step()  # every streaming sequence has a token waiting: at once
+    assert [(d.request_id, d.text, d.tokens) for d in deltas] == [("a", " of three", 3), ("b", "x", 1)]
+    assert [[e["token"] for e in d.logprobs or ()] for d in deltas] == [[" of", "<held>", " three"], ["x"]]
+
+
 async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet) -> None:
     """A resumed sequence's client has had its first token; a delta without text (a tool parser
     holding it back) publishes nothing, so neither ends the wait (c's first text still does)."""

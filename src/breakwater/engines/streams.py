@@ -216,7 +216,7 @@ class StreamingEngine(Engine):
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
-    """One delta per sequence per step, in arrival order."""
+    """One delta per sequence per step, in arrival order: its text, tokens and logprobs joined."""
     merged: dict[str, SequenceDelta] = {}
     for delta in deltas:
         prev = merged.get(delta.request_id)
@@ -225,6 +225,8 @@ def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
             continue
         prev.text += delta.text
         prev.tokens += delta.tokens
+        if delta.logprobs:  # one entry per token: every merged delta's, in order
+            prev.logprobs = [*(prev.logprobs or ()), *delta.logprobs]
         prev.finish_reason = delta.finish_reason
         prev.usage = delta.usage
         prev.error = delta.error
