@@ -160,3 +160,19 @@ async def test_a_sequence_whose_finish_is_being_written_is_never_paused(gw_empty
         assert preemption.victim([running, ending], "t1", LANES[0], True) is None
     finally:
         await broker.aclose()
+
+
+async def test_a_sequence_whose_tools_went_to_the_engine_is_never_paused(gw_empty: InProc) -> None:
+    """Tools passed through to the engine (the ``openai`` engine, vLLM with its tool parser): no
+    engine continues such an answer (jobs.refusal), so pausing it would end it with an error."""
+    broker = gw_empty.broker()
+    try:
+        preemption = Preemption(broker, ("sim",))
+        stream = broker.keys.jobs("sim", LANES[0])
+        plain = InFlight(Job(stream, "1-0", "a", "x", tenant="t1"), 1, "sim")
+        calling = InFlight(Job(stream, "2-0", "b", "x", tenant="t1"), 1, "sim", tools=True)
+        assert preemption.victim([plain, calling], "t1", LANES[0], True) is plain
+        assert preemption.running([plain, calling], LANES[0], True) == Counter({"t1": 1})
+        assert preemption.victim([calling], "t1", LANES[0], True) is None
+    finally:
+        await broker.aclose()

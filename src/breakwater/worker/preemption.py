@@ -78,4 +78,8 @@ class Preemption:
 
 
 def _pausable(flights: Iterable[InFlight], constrained: bool) -> list[InFlight]:
-    return [f for f in flights if not f.paused and not f.finishing and (constrained or not f.constrained)]
+    return [
+        f
+        for f in flights
+        if not f.paused and not f.finishing and not f.tools and (constrained or not f.constrained)
+    ]

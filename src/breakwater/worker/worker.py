@@ -304,6 +304,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             billing=Billing.of(record),
             suspect=suspect,
             constrained=request.output_format is not None,
+            tools=request.tools is not None,
         )
         self._suspects += suspect
         log.info(
