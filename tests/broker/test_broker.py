@@ -465,6 +465,22 @@ async def test_finish_read_gives_the_terminal_record_settle_meters_without_readi
     assert seq == -1 and record is not None and record.status is Status.DONE
 
 
+async def test_a_finish_without_text_counts_its_tokens_and_writes_no_token_event(broker: Broker) -> None:
+    """An answer that ends on a token with no text (end of sequence): the record counts it, as the
+    usage does; no token event is written for it, nor its logprobs entry (an entry is a token of the
+    text)."""
+    await _running(broker, "eos")
+    await broker.append_step([Append("eos", 1, 1, "Hi", 1, "")])
+    end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "finish_reason": "stop"}
+    lp = '[{"token": "<eos>", "logprob": -0.1, "bytes": [], "top_logprobs": []}]'
+    seq = await broker.finish("eos", attempt=1, text="", tokens=1, logprobs=lp, written=1, **end)
+    assert seq == 2  # the text's event, then the terminal one: none between
+    record = await broker.get_record("eos")
+    assert record is not None and record.tokens == 2
+    events = await broker.read_events("eos", 0, 10)
+    assert [(e.kind, e.text, e.logprobs) for e in events] == [("token", "Hi", None), ("done", "", None)]
+
+
 async def test_settle_meters_and_acks_in_one_call_and_never_acks_what_it_could_not_meter(
     broker: Broker, redis: Redis
 ) -> None:

@@ -182,6 +182,45 @@ async def test_the_deltas_a_step_merges_keep_every_tokens_logprobs(engine: Puppe
     assert [[e["token"] for e in d.logprobs or ()] for d in deltas] == [[" of", "<held>", " three"], ["x"]]
 
 
+def _merged(*deltas: SequenceDelta) -> list[tuple[str, str, int, list[str], str | None]]:
+    return [
+        (d.request_id, d.text, d.tokens, [e["token"] for e in d.logprobs or ()], d.finish_reason or d.error)
+        for d in streams.merge_deltas(list(deltas))
+    ]
+
+
+def test_tokens_without_text_after_the_text_stay_apart_from_it() -> None:
+    """An entry goes with the text its token wrote: tokens with no text after a sequence's last text
+    (an end-of-sequence token, a stop string's prefix held back) are a delta of their own behind it,
+    with the finish if it came; before text, they go with it."""
+    eos = SequenceDelta("a", tokens=1, logprobs=[_entry("<eos>")])
+    finish = SequenceDelta("a", finish_reason="stop", usage={"completion_tokens": 3})
+    assert _merged(SequenceDelta("a", text="Hi", tokens=1, logprobs=[_entry("Hi")]), eos, finish) == [
+        ("a", "Hi", 1, ["Hi"], None),
+        ("a", "", 1, ["<eos>"], "stop"),
+    ]
+    held = SequenceDelta("a", tokens=1, logprobs=[_entry("\n")])
+    assert _merged(SequenceDelta("a", text="Hi", tokens=1, logprobs=[_entry("Hi")]), held) == [
+        ("a", "Hi", 1, ["Hi"], None),
+        ("a", "", 1, ["\n"], None),
+    ]
+    held = SequenceDelta("a", tokens=1, logprobs=[_entry("\n")])
+    later = SequenceDelta("a", text="\nOk", tokens=1, logprobs=[_entry("Ok")])
+    assert _merged(held, later) == [("a", "\nOk", 2, ["\n", "Ok"], None)]
+
+
+def test_a_plain_finish_joins_the_text_and_an_error_stays_behind_it() -> None:
+    """A finish without entries goes in the text's own write (one call for both); an error goes
+    after the text, which is written first (an error's call writes no text)."""
+    text = SequenceDelta("a", text="Hi", tokens=1)
+    other = SequenceDelta("b", text="x", tokens=1)
+    end = SequenceDelta("a", tokens=1, finish_reason="stop")
+    assert _merged(text, other, end) == [("a", "Hi", 2, [], "stop"), ("b", "x", 1, [], None)]
+    text = SequenceDelta("a", text="Hi", tokens=1)
+    failed = SequenceDelta("a", error="upstream gone", error_code=None)
+    assert _merged(text, failed) == [("a", "Hi", 1, [], None), ("a", "", 0, [], "upstream gone")]
+
+
 async def test_a_continuation_and_a_textless_delta_wait_as_before(engine: Puppet) -> None:
     """A resumed sequence's client has had its first token; a delta without text (a tool parser
     holding it back) publishes nothing, so neither ends the wait (c's first text still does)."""

@@ -216,19 +216,46 @@ class StreamingEngine(Engine):
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
-    """One delta per sequence per step, in arrival order: its text, tokens and logprobs joined."""
-    merged: dict[str, SequenceDelta] = {}
+    """One delta per sequence per step (in the order of their first text), its text, tokens and
+    logprobs joined.
+
+    Tokens without text after a sequence's last text (a stop string's prefix the engine holds back,
+    an end-of-sequence token) stay a delta of their own behind it, as an error does: a logprobs entry
+    goes with the text its token wrote, never with text written before it (the worker holds such
+    tokens for the text that follows them, or drops their entries if the answer ends there); an
+    error's text is written before it. A plain finish joins the text, in its one write.
+    """
+    heads: dict[str, SequenceDelta] = {}  # each sequence's text so far
+    tails: dict[str, SequenceDelta] = {}  # and what came after its last text
     for delta in deltas:
-        prev = merged.get(delta.request_id)
-        if prev is None or prev.finished:
-            merged[delta.request_id] = delta
-            continue
-        prev.text += delta.text
-        prev.tokens += delta.tokens
-        if delta.logprobs:  # one entry per token: every merged delta's, in order
-            prev.logprobs = [*(prev.logprobs or ()), *delta.logprobs]
-        prev.finish_reason = delta.finish_reason
-        prev.usage = delta.usage
-        prev.error = delta.error
-        prev.error_code = delta.error_code
-    return list(merged.values())
+        rid = delta.request_id
+        tail = tails.pop(rid, None)
+        if tail is not None:  # what waited goes with whatever comes now
+            _join(tail, delta)
+            delta = tail
+        if not delta.text:
+            tails[rid] = delta
+        elif (head := heads.get(rid)) is not None:
+            _join(head, delta)
+        else:
+            heads[rid] = delta
+    out: list[SequenceDelta] = []
+    for rid, head in heads.items():
+        tail = tails.pop(rid, None)
+        if tail is not None and tail.finish_reason is not None and tail.error is None and not tail.logprobs:
+            _join(head, tail)  # a plain finish (with tokens it counts) goes in the text's own write
+            tail = None
+        out += (head,) if tail is None else (head, tail)
+    return out + list(tails.values())
+
+
+def _join(into: SequenceDelta, delta: SequenceDelta) -> None:
+    into.text += delta.text
+    into.tokens += delta.tokens
+    if delta.logprobs:
+        into.logprobs = [*(into.logprobs or ()), *delta.logprobs]
+    if delta.finished:
+        into.finish_reason = delta.finish_reason
+        into.usage = delta.usage
+        into.error = delta.error
+        into.error_code = delta.error_code

@@ -340,6 +340,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
             nonlocal finish, usage
             parts: list[str] = []
             logprobs: list[dict[str, Any]] | None = [] if want_logprobs else None
+            texted = 0  # the logprobs entries up to the last text (the rest have none: held)
             done = False
             for line in lines:
                 if not line.startswith(b"data:"):
@@ -353,13 +354,12 @@ class OpenAIUpstreamEngine(StreamingEngine):
                     raise UpstreamError(_error_message(data, 500), status=500)
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
+                    wrote = len(parts)
                     finish = take_choice(choice, chat, parts, logprobs, calls) or finish
-            if parts and self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
-                text = "".join(parts)
-                tokens = len(parts) - (calls.tags() if calls is not None else 0)
-                flight.add_text(text)
-                flight.tokens += tokens
-                self._emit(SequenceDelta(rid, text=text, tokens=tokens, logprobs=logprobs or None))
+                    if logprobs is not None and len(parts) > wrote:
+                        texted = len(logprobs)
+            if self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
+                self._emit_read(flight, parts, calls, logprobs, texted)
             return done
 
         status, raw = await self._streams().post(path, orjson.dumps(body), read)
@@ -368,6 +368,28 @@ class OpenAIUpstreamEngine(StreamingEngine):
         if finish is None:
             raise UpstreamError("the upstream stream ended without a finish_reason")
         self._emit(self._final(flight, start_tokens, finish, usage))
+
+    def _emit_read(
+        self,
+        flight: Flight,
+        parts: list[str],
+        calls: ToolCallWriter | None,
+        logprobs: list[dict[str, Any]] | None,
+        texted: int,
+    ) -> None:
+        """One read's text as one delta, with the logprobs entries of its tokens (the first
+        ``texted``); the entries after its last text, of tokens without text (an end-of-sequence
+        token), as a delta of their own: held for the text after them, if any comes."""
+        rid = flight.request.request_id
+        if parts:
+            text = "".join(parts)
+            tokens = len(parts) - (calls.tags() if calls is not None else 0)
+            flight.add_text(text)
+            flight.tokens += tokens
+            lps = logprobs[:texted] or None if logprobs is not None else None
+            self._emit(SequenceDelta(rid, text=text, tokens=tokens, logprobs=lps))
+        if logprobs and len(logprobs) > texted:
+            self._emit(SequenceDelta(rid, logprobs=logprobs[texted:]))
 
     @staticmethod
     def _final(flight: Flight, start_tokens: int, finish: str, usage: dict[str, Any] | None) -> SequenceDelta:

@@ -1,7 +1,8 @@
 -- Terminal event: optional last text, then the done/error event, terminal status and retention TTLs.
 -- KEYS[1] request record, KEYS[2] token stream, KEYS[3] emitted text
 -- ARGV[1] attempt ('*' = any: cancellation and admin), ARGV[2] channel, ARGV[3] stream max length,
--- ARGV[4] kind ('done'|'error'), ARGV[5] last text, ARGV[6] its token count, ARGV[7] finish_reason,
+-- ARGV[4] kind ('done'|'error'), ARGV[5] last text, ARGV[6] its token count (those without text
+-- counted too; their logprobs dropped: an entry is a token of the text), ARGV[7] finish_reason,
 -- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status,
 -- ARGV[12] the last text's logprobs as JSON ('' when not asked for), ARGV[13] the attempt's last
 -- write number ('' : not checked), ARGV[14] 'PUBLISH' (when absent) or 'SPUBLISH' (see append.lua)
@@ -30,9 +31,12 @@ if (ARGV[13] or '') ~= '' then
   end
 end
 local seq
+local n = tonumber(ARGV[6]) or 0
+if n ~= 0 then  -- tokens without text too (an end-of-sequence token): counted, with no event
+  redis.call('HINCRBY', KEYS[1], 'tokens', n)
+end
 if ARGV[5] ~= '' then
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('HINCRBY', KEYS[1], 'tokens', tonumber(ARGV[6]))
   redis.call('APPEND', KEYS[3], ARGV[5])
   if (ARGV[12] or '') ~= '' then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'seq', seq, 'kind', 'token', 'text', ARGV[5],

@@ -1,0 +1,102 @@
+"""The ``openai`` engine's logprobs: one entry per token of the text it writes. An upstream chunk
+with a token but no text (vLLM's server ends an answer with its end-of-sequence token so) gives no
+entry to the text before it, whether or not one network read brings both."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from breakwater.engines.base import GenerationRequest, SequenceDelta
+from breakwater.engines.options import UpstreamOptions
+from breakwater.engines.upstream import OpenAIUpstreamEngine
+
+MODELS = orjson.dumps({"object": "list", "data": [{"id": "lp", "object": "model", "max_model_len": 512}]})
+
+
+def _entry(token: str) -> dict[str, Any]:
+    return {"token": token, "logprob": -0.25, "bytes": list(token.encode()), "top_logprobs": []}
+
+
+def _chunk(content: str, token: str | None, finish: str | None = None) -> dict[str, Any]:
+    logprobs = {"content": [_entry(token)]} if token is not None else None
+    choice = {"index": 0, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": finish}
+    return {"choices": [choice]}
+
+
+# "Hi", " there", then the end-of-sequence token (no text), then the finish with the usage.
+ANSWER = [
+    _chunk("Hi", "Hi"),
+    _chunk(" there", " there"),
+    _chunk("", "<|im_end|>"),
+    {**_chunk("", None, "stop"), "usage": {"prompt_tokens": 3, "completion_tokens": 3}},
+]
+
+
+class OneWriteServer:
+    """Answers /v1/models, and every completion with :data:`ANSWER`, all in one write."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0
+        )
+        if length:
+            await reader.readexactly(length)
+        if b" /v1/models " in head.split(b"\r\n", 1)[0]:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+            writer.write(f"Content-Length: {len(MODELS)}\r\nConnection: close\r\n\r\n".encode() + MODELS)
+        else:
+            events = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in ANSWER) + b"data: [DONE]\n\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+                + f"Content-Length: {len(events)}\r\n\r\n".encode()
+                + events
+            )
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[OpenAIUpstreamEngine]:
+    async with OneWriteServer() as url:
+        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=5))
+        await engine.start()
+        try:
+            yield engine
+        finally:
+            await engine.close()
+
+
+async def test_a_token_without_text_gives_its_entry_to_no_text(engine: OpenAIUpstreamEngine) -> None:
+    engine.add(
+        GenerationRequest("r1", messages=[{"role": "user", "content": "hi"}], max_tokens=8, logprobs=0)
+    )
+    deltas: list[SequenceDelta] = []
+    async with asyncio.timeout(10):
+        while not any(d.finished for d in deltas):
+            deltas += await engine.step()
+    # Each text with its own entries; the end-of-sequence token's entry apart, on no text (the
+    # worker drops it there: the answer has no text for it). However the steps group the deltas.
+    texts = [(d.text, "".join(e["token"] for e in d.logprobs or ())) for d in deltas if d.text]
+    assert texts == [("Hi there", "Hi there")]
+    assert [e["token"] for d in deltas if not d.text for e in d.logprobs or ()] == ["<|im_end|>"]
+    assert deltas[-1].finish_reason == "stop"
+    assert sum(d.tokens for d in deltas) == 3  # the upstream's count: the end token is one
