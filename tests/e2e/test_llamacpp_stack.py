@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
+import websockets
 from openai.types.chat import ChatCompletionMessageParam
 from redis.asyncio import Redis
 
@@ -117,6 +121,31 @@ def test_logprobs_come_from_the_model(client: openai.OpenAI) -> None:
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 2 and max(top.values()) == value and top[token] == value
+
+
+async def test_websocket_token_messages_carry_the_logprobs(
+    llama_stack: StackProcs, client: openai.OpenAI
+) -> None:
+    """Over the WebSocket, each token message carries its tokens' entries: the same as the HTTP
+    answer's (greedy), spelling the message's text."""
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a primary color."}]
+    body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 8, "top_logprobs": 2}
+    answer = client.chat.completions.create(**body, logprobs=True)  # type: ignore[call-overload]
+    assert answer.choices[0].logprobs is not None and answer.choices[0].logprobs.content
+    want = [(e.token, e.logprob) for e in answer.choices[0].logprobs.content]
+    url = llama_stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    tokens: list[dict[str, Any]] = []
+    async with websockets.connect(url) as ws, asyncio.timeout(60):
+        await ws.send(orjson.dumps({**body, "logprobs": True}).decode())
+        while (message := orjson.loads(await ws.recv()))["type"] not in ("done", "error"):
+            if message["type"] == "token":
+                tokens.append(message)
+    assert message["type"] == "done", message
+    assert tokens and all("".join(e["token"] for e in m["logprobs"]) == m["text"] for m in tokens)
+    got = [(e["token"], e["logprob"]) for m in tokens for e in m["logprobs"]]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-3)
+    assert all(len(e["top_logprobs"]) == 2 for m in tokens for e in m["logprobs"])
 
 
 def test_n_sampled_choices_differ_and_repeat_with_the_seed(client: openai.OpenAI) -> None:

@@ -192,6 +192,8 @@ def _event_message(rid: str, event: TokenEvent, tool: str) -> dict[str, Any]:
     message: dict[str, Any] = {"type": event.kind, "request_id": rid, "seq": event.seq}
     if event.kind == "token":
         message["text"] = event.text
+        if event.logprobs is not None:  # asked for: OpenAI's chat entries, one per token of the text
+            message["logprobs"] = event.logprobs
     elif event.kind == "done":
         reason = event.finish_reason
         message["finish_reason"] = "tool_calls" if tool and reason == "stop" else reason
