@@ -103,6 +103,18 @@ async def test_stop_string_ends_output_and_is_not_emitted(engine: LlamaCppEngine
     assert out["c"][-1].finish_reason == "stop"
 
 
+async def test_the_end_token_keeps_held_text_before_an_unfinished_character(engine: LlamaCppEngine) -> None:
+    """The answer ends (an end-of-generation token) while the stop checker holds text that may begin
+    a stop string and the decoder holds the first bytes of a character: the held text first, then
+    the unfinished character (replaced), in the order the model wrote them."""
+    engine.add(GenerationRequest("e", messages=QUESTION, temperature=0.0, max_tokens=30, stop=["\n\n"]))
+    seq = engine._seqs["e"]
+    assert seq.stop.feed("Red\n") == ("Red", False)  # "\n" held: it may begin the stop string
+    assert seq.decoder.decode("€".encode()[:2]) == ""  # two of the euro sign's three bytes
+    final = engine._emit(seq, llama_cpp.llama_vocab_eos(engine._vocab))
+    assert (final.text, final.finish_reason) == ("\n\ufffd", "stop")
+
+
 async def test_each_step_decodes_every_running_sequence_and_cancel_frees_slot(engine: LlamaCppEngine) -> None:
     for i in range(4):
         engine.add(

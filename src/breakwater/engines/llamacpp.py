@@ -453,7 +453,8 @@ class LlamaCppEngine(Engine):
         seq.last_token = token
         rid = seq.request.request_id
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            return self._finish(seq, seq.decoder.decode(b"", final=True) + seq.stop.flush(), 0, "stop")
+            tail = seq.decoder.decode(b"", final=True)  # after the text the stop checker holds
+            return self._finish(seq, seq.stop.feed(tail)[0] + seq.stop.flush(), 0, "stop")
         seq.completion += 1
         lps = None if logprob is None else [logprob]
         text, stopped = seq.stop.feed(seq.decoder.decode(self._piece_bytes(token)))
