@@ -110,6 +110,8 @@ async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> No
         ("logit_bias", {"50256": -100}),
         ("not_a_parameter", 1),
         ("top_k", -1),
+        ("store", True),  # no completion is stored to be retrieved later
+        ("service_tier", "priority"),
     ],
 )
 async def test_unsupported_parameters_are_refused_by_name(gw: InProc, param: str, value: Any) -> None:
@@ -142,7 +144,14 @@ async def test_top_logprobs_needs_logprobs(gw: InProc) -> None:
 
 
 async def test_default_values_of_unsupported_parameters_are_accepted(gw: InProc) -> None:
-    defaults = {"logprobs": False, "presence_penalty": 0.0, "frequency_penalty": 0, "tools": []}
+    defaults = {
+        "logprobs": False,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0,
+        "tools": [],
+        "store": False,
+        "service_tier": "auto",
+    }
     resp = await gw.http.post(CHAT, json=_chat(seed=1, response_format={"type": "text"}, **defaults))
     assert resp.status_code == 200, resp.text
 

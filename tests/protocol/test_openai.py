@@ -58,6 +58,11 @@ def test_bounds_themselves_are_accepted() -> None:
         ({}, None),
         ({"logprobs": False, "presence_penalty": 0, "tool_choice": "none", "metadata": {"a": "b"}}, None),
         ({"top_k": 40, "store": False, "response_format": {"type": "text"}}, None),
+        ({"store": True}, "store"),  # nothing is stored to be retrieved later: refused, not ignored
+        ({"service_tier": "auto"}, None),
+        ({"service_tier": "default"}, None),
+        ({"service_tier": "priority"}, "service_tier"),
+        ({"service_tier": "flex"}, "service_tier"),
     ],
 )
 def test_unsupported_parameter_is_named(extra: dict[str, Any], named: str | None) -> None:

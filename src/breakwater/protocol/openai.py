@@ -27,6 +27,9 @@ UNSUPPORTED_PARAMETERS = (
 KNOWN_EXTRAS = frozenset(
     {"top_k", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
 )
+# Of those, the values that ask for nothing: any other asks OpenAI for a service not given here (a
+# completion stored to be retrieved later, a processing tier), so it is refused.
+ACCEPTED_ONLY = {"store": (None, False), "service_tier": (None, "auto", "default")}
 
 
 def _is_default(name: str, value: Any) -> bool:
@@ -109,6 +112,9 @@ class _SamplingRequest(BaseModel):
                 return name
         for name in extra:
             if name not in KNOWN_EXTRAS and name not in UNSUPPORTED_PARAMETERS:
+                return name
+        for name, accepted in ACCEPTED_ONLY.items():
+            if extra.get(name) not in accepted:
                 return name
         top_k = extra.get("top_k")
         if top_k is not None and (
