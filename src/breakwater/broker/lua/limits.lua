@@ -12,7 +12,8 @@
 -- tok_remaining, tok_reset_ms} (reason: '' | requests | tokens | concurrency | budget_day |
 -- budget_month, prefixed 'tenant_' when it is the tenant's; remaining -1 where there is no such
 -- limit). A budget counts the tokens metered and the reservations of requests not yet metered
--- (`<id>:held`, released by meter.lua), so it is passed by one request's overrun at most. A refused
+-- (`<id>:held`, released by meter.lua), so it is passed by the running requests' overruns at most
+-- (a request without max_tokens reserves 256 tokens of output: docs/tenants.md). A refused
 -- request changes nothing but the count of refusals.
 local BURST_MS = 1200  -- 2% of a minute
 local cost, now_t = tonumber(ARGV[1]), redis.call('TIME')
