@@ -22,7 +22,7 @@ async def retry(broker: Broker, model: str, letter: DeadLetter, *, ttl_s: int = 
     if record is None:
         raise LookupError(f"request {letter.rid} has expired; its body is gone, so it cannot be retried")
     # Not admitted through the key's limiter: nothing reserved there to reconcile when it is metered.
-    spec = dataclasses.replace(record.spec, retried_from=letter.rid, reserved_tokens=0)
+    spec = dataclasses.replace(record.spec, retried_from=letter.rid, reserved_tokens=0, held_tokens=0)
     prefix = letter.rid.split("-", 1)[0]
     rid = f"{prefix}-{uuid.uuid4().hex}"
     result = await broker.enqueue(rid=rid, spec=spec, max_queued=1 << 30, result_ttl_s=ttl_s)

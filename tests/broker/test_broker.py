@@ -4,6 +4,7 @@ reclaim, leases, bounded memory."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -26,8 +27,10 @@ from breakwater.broker import (
 )
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import day_of
+from breakwater.broker.record import RequestRecord
 from breakwater.broker.types import BEHIND
 from breakwater.keys import GROUP, Keys
+from breakwater.tenancy.limits import Limits
 from tests.helpers import async_wait_for
 
 
@@ -573,6 +576,50 @@ async def test_a_completed_finish_settles_its_job_in_the_same_call(broker: Broke
     assert await redis.hget(broker.keys.request("c2"), "status") == "running"
     assert await redis.hmget(day_usage, "*:completed") == ["1"]
     assert await redis.xlen(broker.keys.jobs("m", "interactive")) == 1
+
+
+async def test_a_budget_hold_apart_from_the_rate_reservation_is_given_back_whole(
+    broker: Broker, redis: Redis
+) -> None:
+    """A request without max_tokens reserves a little against tokens per minute and holds its whole
+    context against the budgets (gateway.limits.hold): admission takes each where it belongs, and
+    metering, in settle.lua and in finish_settle.lua, gives the hold back whole and refunds the
+    rate what was reserved beyond the use."""
+    limits = Limits(tpm=60_000, budget_day=10_000)
+    for rid, in_finish in (("h1", False), ("h2", True)):
+        decision = await broker.ledger.admit(
+            "t", "k", limits, rid=rid, tokens=10, held=4_000, deadline_ms=2**50, tenant_limits=None
+        )
+        assert decision.admitted
+        day_usage = broker.keys.usage("t", day_of(time.time()))
+        assert await redis.hmget(day_usage, "k:held", "*:held") == ["4000", "4000"]
+        limiter = broker.keys.limiter("t", "k")
+        ahead = float(await redis.hget(limiter, "tok_tat") or 0) - time.time() * 1000
+        assert 0 < ahead <= 60  # 10 tokens at 1 ms each (60,000 a minute), not 4,000
+        spec = replace(_spec(), tenant="t", key_id="k", reserved_tokens=10, held_tokens=4_000)
+        await broker.enqueue(rid=rid, spec=spec, max_queued=10, result_ttl_s=60)
+        (job,) = await broker.claim("m", "interactive", "w", 1, None)
+        await _start(broker, rid, "w")
+        usage = {"prompt_tokens": 2, "completion_tokens": 3}
+        end: dict[str, Any] = {"kind": "done", "status": Status.DONE, "ttl_s": 60, "usage": usage}
+        record = await broker.get_record(rid)
+        assert record is not None and Billing.of(record).held_tokens == 4_000
+        if in_finish:
+            done = await broker.finish_settle(job, Billing.of(record), 2, 3, attempt=1, text="hi", **end)
+            assert done[1] is True
+        else:
+            _, record = await broker.finish_read(rid, attempt=1, text="hi", tokens=3, **end)
+            assert record is not None and await broker.settle(job, record) is record
+        assert await redis.hmget(day_usage, "k:held", "*:held") == ["0", "0"]
+        assert float(await redis.hget(limiter, "tok_tat") or 0) <= time.time() * 1000 + 10  # refunded
+
+
+def test_a_record_from_before_budget_holds_holds_its_reservation() -> None:
+    """A record written before held_tokens existed: its admission held what it reserved, so that is
+    what its metering gives back."""
+    spec = replace(_spec(), tenant="t", key_id="k", reserved_tokens=300)
+    record = RequestRecord.from_hash({**spec.to_hash(), "status": "done", "created": "1"})
+    assert (record.spec.held_tokens, Billing.of(record).held_tokens) == (0, 300)
 
 
 FENCE = Fence("w", 3, 60, alone=False)

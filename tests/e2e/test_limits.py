@@ -387,6 +387,31 @@ async def test_a_used_up_token_budget_is_a_429_until_it_renews(
         assert again.status_code == 429  # the other gateway agrees: the budget lives in Redis
 
 
+async def test_a_request_without_max_tokens_holds_the_models_context_against_the_budget(
+    limit_stack: LimitStack,
+) -> None:
+    """Without ``max_tokens`` an answer may run to the model's context (the sim model's: 4,096), so
+    that much is held against the budget while it runs: a second such request waits for the budget
+    instead of running past it too (with 256 tokens held each, seven would have started at once)."""
+    key = limit_stack.create("lim-budget-open", "--budget-day", "2000")["key"]
+    url = limit_stack.urls[0]
+    body = {"model": "sim", "prompt": "open ended", "ignore_eos": True, "stream": True}
+    async with (
+        httpx.AsyncClient(timeout=30, headers=bearer(key)) as http,
+        http.stream("POST", f"{url}/v1/completions", json=body) as first,
+    ):
+        assert first.status_code == 200
+        async for line in first.aiter_lines():
+            if line.startswith("data: {"):
+                break  # running: its hold is taken
+        second = await http.post(f"{url}/v1/completions", json={**body, "stream": False})
+        assert second.status_code == 429, second.text[:200]
+        assert second.headers["x-breakwater-reason"] == "budget_day"
+        bounded = {**body, "stream": False, "max_tokens": 2}
+        refused = await http.post(f"{limit_stack.urls[1]}/v1/completions", json=bounded)
+        assert refused.status_code == 429  # the hold is in Redis: every gateway sees it
+
+
 async def _until_metered(
     http: httpx.AsyncClient, url: str, tokens: int, headers: dict[str, str] | None = None
 ) -> None:

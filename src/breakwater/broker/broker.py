@@ -47,6 +47,7 @@ SETTLE_FIELDS = (
     "tenant",
     "key_id",
     "reserved_tokens",
+    "held_tokens",
     "model",
     "lane",
 )
@@ -68,7 +69,7 @@ class Terminal(TypedDict, total=False):
     written: int | None  # the attempt's last write number
 
 
-_SETTLING = (3, 14, 7, 8, 4, 4)  # finish_settle.lua's slices: keys and arguments of its three parts
+_SETTLING = (3, 14, 7, 9, 4, 4)  # finish_settle.lua's slices: keys and arguments of its three parts
 
 
 def _settle_read(record_key: str) -> tuple[str, ...]:
@@ -405,7 +406,7 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         ack_keys, ack_args = self._ack_call(job, prompt + completion)
         sizes = (len(keys), len(args), len(meter_keys), len(meter_args), len(ack_keys), len(ack_args))
         if sizes != _SETTLING:
-            raise ValueError("finish_settle.lua's parts take 3/14, 7/8 and 4/4 keys and arguments")
+            raise ValueError("finish_settle.lua's parts take 3/14, 7/9 and 4/4 keys and arguments")
         seq, metered = await self._finish_settle(
             keys=[*keys, *meter_keys, *ack_keys], args=[*args, *meter_args, *ack_args]
         )

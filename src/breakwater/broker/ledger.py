@@ -65,13 +65,15 @@ class Billing:
 
     tenant: str
     key_id: str
-    reserved_tokens: int  # held at admission until the request is metered
+    reserved_tokens: int  # held at admission against tokens per minute until the request is metered
     created: int  # unix seconds: the day (and month) its usage counts under
+    held_tokens: int = 0  # held at admission against the token budgets until then
 
     @classmethod
     def of(cls, record: RequestRecord) -> Billing:
         spec = record.spec
-        return cls(spec.tenant, spec.key_id, spec.reserved_tokens, record.created)
+        held = spec.held_tokens or spec.reserved_tokens  # a record from before held_tokens: the same
+        return cls(spec.tenant, spec.key_id, spec.reserved_tokens, record.created, held)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +100,10 @@ class Ledger:
         tokens: int,
         deadline_ms: int,
         tenant_limits: Limits | None = None,
+        held: int | None = None,
     ) -> Decision:
-        """Check (and on admission take) the key's limits and, if it has any, the tenant's."""
+        """Check (and on admission take) the key's limits and, if it has any, the tenant's: ``tokens``
+        against tokens per minute, ``held`` (default: ``tokens``) against the token budgets."""
         now = time.time()
         subjects = [(key_id, limits)] + (
             [(TENANT, tenant_limits)] if tenant_limits and tenant_limits.any else []
@@ -112,6 +116,7 @@ class Ledger:
             USAGE_TTL_S,
             *until_next_day_and_month(now),
             key_id,
+            tokens if held is None else held,
         ]
         for subject, lim in subjects:
             keys += [self.keys.limiter(tenant, subject), self.keys.running(tenant, subject)]
@@ -170,6 +175,7 @@ class Ledger:
             billing.reserved_tokens,
             USAGE_TTL_S,
             METERED_TTL_S,
+            billing.held_tokens,
         ]
         return keys, args
 

@@ -52,6 +52,9 @@ class RequestSpec:
     tenant: str = ""  # its owner: only this tenant's keys may read, resume or cancel it
     key_id: str = ""  # the API key it was made with (usage metering); empty with auth off
     reserved_tokens: int = 0  # held against the key's tokens-per-minute until it is metered
+    # Held against its token budgets until it is metered: reserved_tokens, or without max_tokens
+    # the prompt and the model's whole remaining context (0 in records from before: reserved_tokens).
+    held_tokens: int = 0
     response_format: str = ""  # structured output (protocol.formats.OutputFormat as JSON); '' for text
     tool_call: str = ""  # the function the answer calls (its arguments are the text); '' for none
     inputs: list[str] | None = None  # embedding: the texts to embed
@@ -79,8 +82,6 @@ class RequestSpec:
             out["prompt"] = self.prompt
         if self.retried_from is not None:
             out["retried_from"] = self.retried_from
-        if self.reserved_tokens:
-            out["reserved_tokens"] = str(self.reserved_tokens)
         if self.inputs is not None:
             out["inputs"] = orjson.dumps(self.inputs).decode()
         if self.logprobs >= 0:
@@ -94,9 +95,11 @@ class RequestSpec:
             "tool_call",
             "tool_format",
             "tools",
-        ):  # omitted when empty
-            if text := getattr(self, name):
-                out[name] = text
+            "reserved_tokens",
+            "held_tokens",
+        ):  # omitted when empty (or 0)
+            if value := getattr(self, name):
+                out[name] = str(value)
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -127,6 +130,7 @@ class RequestSpec:
             tenant=h.get("tenant", ""),
             key_id=h.get("key_id", ""),
             reserved_tokens=int(h.get("reserved_tokens") or 0),
+            held_tokens=int(h.get("held_tokens") or 0),
             response_format=h.get("response_format", ""),
             tool_call=h.get("tool_call", ""),
             tool_format=h.get("tool_format", ""),

@@ -27,7 +27,7 @@ from breakwater.gateway.cache import (
 )
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission, record_when_admitted
-from breakwater.gateway.limits import limits_of, rate_headers, refusal, reserve, too_large
+from breakwater.gateway.limits import hold, limits_of, rate_headers, refusal, reserve, too_large
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.gateway.specs import Body, check_features, prompt_text, request_spec
@@ -107,7 +107,9 @@ class Admitter:
         limits = limits_of(principal.key)
         shared = principal.tenant_limits
         if limits.tpm or limits.budget_day or limits.budget_month or shared.any:
-            spec = replace(spec, reserved_tokens=reserve(spec, prompt))
+            floor = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
+            held = hold(spec, prompt, self._context(model), floor)
+            spec = replace(spec, reserved_tokens=reserve(spec, prompt), held_tokens=held)
             for lim in (limits, shared):
                 if lim.tpm and spec.reserved_tokens > lim.tpm:
                     raise too_large(spec.reserved_tokens, lim)
@@ -260,6 +262,7 @@ class Admitter:
             tokens=spec.reserved_tokens,
             deadline_ms=deadline_ms,
             tenant_limits=shared,
+            held=spec.held_tokens,
         )
         if not decision.admitted:
             self.metrics.rejections.labels(spec.model, f"rate_limit_{decision.reason}").inc()
@@ -305,9 +308,12 @@ class Admitter:
         if limits.max_concurrent or principal.tenant_limits.max_concurrent:
             await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 
-    def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
+    def _context(self, model: ModelInfo) -> int:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.
-        ctx = model.context_length if model.context_length > 0 else self.settings.max_context_tokens
+        return model.context_length if model.context_length > 0 else self.settings.max_context_tokens
+
+    def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
+        ctx = self._context(model)
         lower_bound = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
         wanted = lower_bound + (limit or 0)
         if (limit is not None and limit >= ctx) or wanted > ctx:

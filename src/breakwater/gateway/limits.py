@@ -27,6 +27,16 @@ def reserve(spec: RequestSpec, prompt: str) -> int:
     return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
 
 
+def hold(spec: RequestSpec, prompt: str, context: int, prompt_floor: int) -> int:
+    """Tokens held against the token budgets until the request is metered: what it reserves, but
+    without ``max_tokens`` its output may run to the model's context (``prompt_floor``: the fewest
+    tokens the prompt can be), so that much is held: a budget is passed by one request at most."""
+    if spec.max_tokens is not None or spec.kind == "embedding":
+        return reserve(spec, prompt)
+    output = max(DEFAULT_OUTPUT_RESERVE, context - prompt_floor)
+    return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
+
+
 def too_large(tokens: int, limits: Limits) -> APIError:
     return APIError(
         400,

@@ -6,7 +6,7 @@
 -- settles as before, from the record as it stands. A metering that fails (meter.lua checks its
 -- arguments before it writes) leaves the finish written and the job pending: reclaimed, settled then.
 -- KEYS[1..3] finish.lua's, KEYS[4..10] meter.lua's, KEYS[11..14] ack.lua's; ARGV[1..14] finish.lua's,
--- ARGV[15..22] meter.lua's, ARGV[23..26] ack.lua's.
+-- ARGV[15..23] meter.lua's, ARGV[24..27] ack.lua's.
 -- Returns {finish.lua's reply, meter.lua's reply (1 metered now, 0 had been) or -1 when not settled}.
 local function slice(t, first, last)
   local out = {}
@@ -22,6 +22,6 @@ end
 if seq < 1 then
   return {seq, -1}
 end
-local metered = meter(slice(KEYS, 4, 10), slice(ARGV, 15, 22))
-ack(slice(KEYS, 11, 14), slice(ARGV, 23, 26))
+local metered = meter(slice(KEYS, 4, 10), slice(ARGV, 15, 23))
+ack(slice(KEYS, 11, 14), slice(ARGV, 24, 27))
 return {seq, metered}

@@ -6,21 +6,22 @@
 -- (rid -> deadline ms)
 -- ARGV[1] tokens to reserve, ARGV[2] rid, ARGV[3] deadline (ms), ARGV[4] usage TTL (s), ARGV[5] ms to
 -- the next UTC day, ARGV[6] ms to the next UTC month, ARGV[7] the key's id (its refusals are
--- counted), then per subject: its id in the usage hash (key id, or '*' for the tenant), rpm, tpm,
--- max concurrent, daily token budget, monthly token budget (0: none)
+-- counted), ARGV[8] tokens to hold against the budgets (ARGV[1], or more: docs/tenants.md), then per
+-- subject: its id in the usage hash (key id, or '*' for the tenant), rpm, tpm, max concurrent, daily
+-- token budget, monthly token budget (0: none)
 -- Returns {admitted, reason, retry_after_ms, then per subject: req_remaining, req_reset_ms,
 -- tok_remaining, tok_reset_ms} (reason: '' | requests | tokens | concurrency | budget_day |
 -- budget_month, prefixed 'tenant_' when it is the tenant's; remaining -1 where there is no such
 -- limit). A budget counts the tokens metered and the reservations of requests not yet metered
--- (`<id>:held`, released by meter.lua), so it is passed by the running requests' overruns at most
--- (a request without max_tokens reserves 256 tokens of output: docs/tenants.md). A refused
+-- (`<id>:held`, released by meter.lua), so it is passed by one request's overrun at most (a request
+-- holds its max_tokens, or the model's remaining context without one). A refused
 -- request changes nothing but the count of refusals.
 local BURST_MS = 1200  -- 2% of a minute
-local cost, now_t = tonumber(ARGV[1]), redis.call('TIME')
+local cost, held, now_t = tonumber(ARGV[1]), tonumber(ARGV[8]), redis.call('TIME')
 local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
 local subjects = {}
 for s = 0, (#KEYS - 2) / 2 - 1 do
-  local a = 8 + s * 6
+  local a = 9 + s * 6
   local state = redis.call('HMGET', KEYS[3 + 2 * s], 'req_tat', 'tok_tat')
   local sub = {limiter = KEYS[3 + 2 * s], running = KEYS[4 + 2 * s], id = ARGV[a],
     rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), max_running = tonumber(ARGV[a + 3]),
@@ -104,10 +105,10 @@ for _, sub in ipairs(subjects) do
     redis.call('PEXPIREAT', sub.running, redis.call('ZRANGE', sub.running, -1, -1, 'WITHSCORES')[2])
   end
 end
-if cost > 0 then  -- held until metered (meter.lua releases what the request reserved)
+if held > 0 then  -- held until metered (meter.lua releases what the request held)
   for _, id in ipairs({ARGV[7], '*'}) do
-    redis.call('HINCRBY', KEYS[1], id .. ':held', cost)
-    redis.call('HINCRBY', KEYS[2], id .. ':held', cost)
+    redis.call('HINCRBY', KEYS[1], id .. ':held', held)
+    redis.call('HINCRBY', KEYS[2], id .. ':held', held)
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])

@@ -6,7 +6,7 @@
 -- the API key (KEYS[4], KEYS[5]) and of the tenant (KEYS[6], KEYS[7])
 -- ARGV[1] rid, ARGV[2] key id, ARGV[3] outcome (completed | error | cancelled), ARGV[4] prompt
 -- tokens, ARGV[5] completion tokens, ARGV[6] tokens reserved at admission, ARGV[7] usage TTL (s),
--- ARGV[8] metered-set TTL (s)
+-- ARGV[8] metered-set TTL (s), ARGV[9] tokens held against the budgets at admission (absent: ARGV[6])
 -- Usage is counted under the key's id and under '*' (the tenant's total, for its budgets).
 -- Returns 1 when metered now, 0 when it had been already.
 -- Every argument is checked before the first write: the request is marked metered first, so a
@@ -17,7 +17,8 @@ local function count(v)
   if n and n == math.floor(n) then return n end
 end
 local prompt, completion, reserved = count(ARGV[4]), count(ARGV[5]), count(ARGV[6])
-if not (prompt and completion and reserved and count(ARGV[7]) and count(ARGV[8])) then
+local held = count(ARGV[9] or ARGV[6])
+if not (prompt and completion and reserved and held and count(ARGV[7]) and count(ARGV[8])) then
   error({err = 'ERR invalid token counts or TTLs'})
 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
@@ -32,10 +33,10 @@ for _, id in ipairs({ARGV[2], '*'}) do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
-if reserved > 0 then  -- what limits.lua held against the budgets
+if held > 0 then  -- what limits.lua held against the budgets
   for _, id in ipairs({ARGV[2], '*'}) do
-    redis.call('HINCRBY', KEYS[1], id .. ':held', -reserved)
-    redis.call('HINCRBY', KEYS[3], id .. ':held', -reserved)
+    redis.call('HINCRBY', KEYS[1], id .. ':held', -held)
+    redis.call('HINCRBY', KEYS[3], id .. ':held', -held)
   end
 end
 local now
