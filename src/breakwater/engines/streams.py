@@ -229,8 +229,7 @@ def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
     tails: dict[str, SequenceDelta] = {}  # and what came after its last text
     for delta in deltas:
         rid = delta.request_id
-        tail = tails.pop(rid, None)
-        if tail is not None:  # what waited goes with whatever comes now
+        if tails and (tail := tails.pop(rid, None)) is not None:  # it goes with whatever comes now
             _join(tail, delta)
             delta = tail
         if not delta.text:
@@ -239,6 +238,8 @@ def merge_deltas(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
             _join(head, delta)
         else:
             heads[rid] = delta
+    if not tails:  # the common case: every delta had text
+        return list(heads.values())
     out: list[SequenceDelta] = []
     for rid, head in heads.items():
         tail = tails.pop(rid, None)
