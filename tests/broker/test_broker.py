@@ -614,6 +614,19 @@ async def test_a_budget_hold_apart_from_the_rate_reservation_is_given_back_whole
         assert float(await redis.hget(limiter, "tok_tat") or 0) <= time.time() * 1000 + 10  # refunded
 
 
+async def test_a_hold_of_a_request_never_queued_is_given_back(broker: Broker, redis: Redis) -> None:
+    """Admitted by the limits, then refused by a full lane: no record, no metering; unhold gives its
+    budget hold back, the key's and the tenant's, day and month."""
+    limits = Limits(budget_day=10_000, budget_month=100_000)
+    await broker.ledger.admit("t", "k", limits, rid="q", tokens=10, held=4_000, deadline_ms=2**50)
+    day = day_of(time.time())
+    day_usage, month_usage = broker.keys.usage("t", day), broker.keys.usage_month("t", day[:7])
+    assert await redis.hmget(month_usage, "k:held", "*:held") == ["4000", "4000"]
+    await broker.ledger.unhold("t", "k", 4_000)
+    assert await redis.hmget(day_usage, "k:held", "*:held") == ["0", "0"]
+    assert await redis.hmget(month_usage, "k:held", "*:held") == ["0", "0"]
+
+
 def test_a_record_from_before_budget_holds_holds_its_reservation() -> None:
     """A record written before held_tokens existed: its admission held what it reserved, so that is
     what its metering gives back."""

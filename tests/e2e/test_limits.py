@@ -392,7 +392,7 @@ async def test_a_request_without_max_tokens_holds_the_models_context_against_the
 ) -> None:
     """Without ``max_tokens`` an answer may run to the model's context (the sim model's: 4,096), so
     that much is held against the budget while it runs: a second such request waits for the budget
-    instead of running past it too (with 256 tokens held each, seven would have started at once)."""
+    instead of running past it too (with 256 tokens held each, eight would have started at once)."""
     key = limit_stack.create("lim-budget-open", "--budget-day", "2000")["key"]
     url = limit_stack.urls[0]
     body = {"model": "sim", "prompt": "open ended", "ignore_eos": True, "stream": True}
@@ -410,6 +410,53 @@ async def test_a_request_without_max_tokens_holds_the_models_context_against_the
         bounded = {**body, "stream": False, "max_tokens": 2}
         refused = await http.post(f"{limit_stack.urls[1]}/v1/completions", json=bounded)
         assert refused.status_code == 429  # the hold is in Redis: every gateway sees it
+
+
+async def test_a_request_a_full_lane_refuses_gives_its_budget_hold_back(
+    redis_server: RedisServer, log_dir: Path
+) -> None:
+    """Admitted by the key's budget, then refused because its lane is full (429 queue_full): nothing
+    was queued, so nothing will be metered; its hold is given back at once, or a few refusals would
+    use up the budget for the day."""
+    procs = StackProcs(redis_server.url, f"q{uuid.uuid4().hex[:10]}", log_dir)
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        url = procs.add_gateway(auth="keys", auth_pepper=PEPPER, lane_max_queued=1)
+        procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5, capacity=1)
+        made = LimitStack(procs, [url]).create("lim-full", "--budget-day", "1000000")
+        usage = Keys(procs.prefix).usage("lim-full", datetime.now(UTC).strftime("%Y-%m-%d"))
+        body = {"model": "sim", "prompt": "fill", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=bearer(made["key"])) as http:
+            await _until_served(http)
+            running = await http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
+            record = procs.keys_request(running.headers["x-breakwater-request-id"])
+            deadline = time.monotonic() + 10
+            while await redis.hget(record, "status") != "running":  # the worker's one slot taken
+                assert time.monotonic() < deadline, "the first request never started"
+                await asyncio.sleep(0.02)
+            waiting = await http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
+            assert (running.status_code, waiting.status_code) == (200, 200)
+            held = int(await redis.hget(usage, f"{made['id']}:held") or 0)
+            assert held > 0
+            refused = await http.post("/v1/completions", json={**body, "stream": False})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            assert int(await redis.hget(usage, f"{made['id']}:held") or 0) == held  # its own given back
+            assert int(await redis.hget(usage, "*:held") or 0) == held
+            await running.aclose()
+            await waiting.aclose()
+    finally:
+        await redis.aclose()
+        procs.stop()
+
+
+async def _until_served(http: httpx.AsyncClient) -> None:
+    """Until the gateway lists the sim model (its worker registered)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if (await http.get("/v1/models")).json().get("data"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the sim worker never registered")
 
 
 async def _until_metered(

@@ -89,6 +89,7 @@ class Ledger:
         self.keys = keys
         self._limits = Script(fast, "limits")
         self._meter = Script(fast, "meter")
+        self._unhold = Script(fast, "unhold")
 
     async def admit(
         self,
@@ -184,6 +185,14 @@ class Ledger:
         free its place among the running ones. What it took of the rates stays taken."""
         await self.redis.zrem(self.keys.running(tenant, key_id), rid)
         await self.redis.zrem(self.keys.running(tenant, TENANT), rid)
+
+    async def unhold(self, tenant: str, key_id: str, held: int) -> None:
+        """A request the limiter admitted but that was not queued after all: give back what it held
+        against the budgets (no metering will). Today's and this month's hashes: admission was
+        moments ago."""
+        day = day_of(time.time())
+        keys = [self.keys.usage(tenant, day), self.keys.usage_month(tenant, day[:7])]
+        await self._unhold(keys=keys, args=[key_id, held])
 
     async def usage(self, tenant: str, first: str, last: str) -> list[UsageRow]:
         """A tenant's usage per day (``YYYY-MM-DD``, inclusive) and key."""

@@ -148,15 +148,7 @@ class Admitter:
             raise
         if not result.accepted:
             await self._abandon(sub, idem, rid, principal, limits, owned)
-            self.metrics.rejections.labels(body.model, "queue_full").inc()
-            retry_after = retry_after_s(result.waiting, self.signals.drain_rate(model.name), model.capacity)
-            raise APIError(
-                429,
-                f"the {body.lane} queue for `{body.model}` is full ({result.waiting} waiting); retry later",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(retry_after), "X-Breakwater-Reason": "queue_full"},
-            )
+            raise await self._queue_full(body, model, spec, principal, result.waiting)
         log.info("request queued", extra={"rid": rid, "fields": {"model": body.model, "lane": body.lane}})
         return Submission(
             rid,
@@ -168,6 +160,23 @@ class Admitter:
             headers=headers,
             tool=spec.tool_call,
             tool_format=spec.tool_format,
+        )
+
+    async def _queue_full(
+        self, body: Body, model: ModelInfo, spec: RequestSpec, principal: Principal, waiting: int
+    ) -> APIError:
+        """The 429 for a request its lane had no room for; nothing of it was written, so no metering
+        will give back its budget hold: given back here."""
+        if spec.held_tokens:
+            await self.broker.ledger.unhold(principal.tenant, principal.key_id, spec.held_tokens)
+        self.metrics.rejections.labels(body.model, "queue_full").inc()
+        retry_after = retry_after_s(waiting, self.signals.drain_rate(model.name), model.capacity)
+        return APIError(
+            429,
+            f"the {body.lane} queue for `{body.model}` is full ({waiting} waiting); retry later",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(retry_after), "X-Breakwater-Reason": "queue_full"},
         )
 
     async def _enqueue(self, rid: str, spec: RequestSpec, prompt: str, principal: Principal) -> EnqueueResult:
