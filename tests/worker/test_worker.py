@@ -432,3 +432,31 @@ async def test_a_retried_finish_sends_the_held_tokens_logprobs_again(
     resp = await asyncio.wait_for(gw_empty.http.post(CHAT, json={**BODY, "max_tokens": 3}), 30)
     assert resp.status_code == 200, resp.text
     assert len(sent) == 2 and sent[0] == sent[1] == orjson.dumps(held).decode()
+
+
+async def test_a_sequence_whose_text_is_dropped_in_a_step_is_not_finished_in_it_too(
+    gw_empty: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step may carry a sequence's text and, apart, its finish (engines.streams.merge_deltas keeps
+    tokens without text after the text). When the text's append finds the request no longer running,
+    the sequence is dropped (and its job settled); its finish in the same step is not written too."""
+    engine = HangingSim()
+    engine.hang.set()  # no step of its own: the test publishes the one step
+    worker = await gw_empty.add_worker(engine)
+    call = asyncio.create_task(gw_empty.http.post(CHAT, json=BODY))
+    try:
+        await async_wait_for(lambda: bool(worker.inflight), 10, what="the sequence started")
+        (rid,) = worker.inflight
+        finished: list[str] = []
+        monkeypatch.setattr(worker.broker, "append_step", lambda appends: _all(appends, -2))
+        monkeypatch.setattr(worker, "_finish_later", lambda f: finished.extend(x.job.rid for x, _ in f))
+        end = SequenceDelta(rid, tokens=1, finish_reason="stop", usage={"completion_tokens": 2})
+        await worker._publish([SequenceDelta(rid, text="late", tokens=1), end])
+        assert rid not in worker.inflight  # dropped
+        assert finished == []  # and not finished as well
+    finally:
+        call.cancel()
+
+
+async def _all(appends: list[Any], seq: int) -> list[int]:
+    return [seq] * len(appends)
