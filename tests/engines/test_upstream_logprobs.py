@@ -1,6 +1,7 @@
 """The ``openai`` engine's logprobs: one entry per token of the text it writes. An upstream chunk
 with a token but no text (vLLM's server ends an answer with its end-of-sequence token so) gives no
-entry to the text before it, whether or not one network read brings both."""
+entry to the text before it, also when one network read brings both (the server here sends the
+whole answer in one write; deltas that steps gather: tests/engines/test_streams.py)."""
 
 from __future__ import annotations
 

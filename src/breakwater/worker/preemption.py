@@ -61,8 +61,9 @@ class Preemption:
         return self._lane_of.get(flight.job.stream, "")
 
     def running(self, flights: Iterable[InFlight], lane: str, constrained: bool) -> Counter[str]:
-        """Sequences running (not paused) that may be paused, per tenant, in one lane; structured
-        output only where the engine can continue it (``constrained``)."""
+        """Sequences running (not paused) that may be paused, per tenant, in one lane: not one whose
+        finish is being written or whose tools went to the engine; structured output only where the
+        engine can continue it (``constrained``)."""
         return Counter(f.job.tenant for f in _pausable(flights, constrained) if self.lane(f) == lane)
 
     def victim(
