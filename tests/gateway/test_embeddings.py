@@ -73,6 +73,8 @@ async def test_base64_and_dimensions(client: openai.AsyncOpenAI, gw: InProc) -> 
         ({"input": "x", "dimensions": 0}, "dimensions"),
         ({"input": "x", "dimensions": EMBEDDING_DIM + 1}, "dimensions"),
         ({"input": "x", "truncate": True}, "truncate"),
+        ({"input": "x", "store": True}, "store"),  # nothing stored to retrieve later: refused
+        ({"input": "x", "service_tier": "flex"}, "service_tier"),
     ],
 )
 async def test_bad_requests_are_named(gw: InProc, body: dict[str, object], param: str) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from breakwater.protocol.openai import ACCEPTED_ONLY
+
 MAX_INPUTS = 2048
 KNOWN_EXTRAS = frozenset({"metadata", "store", "service_tier", "safety_identifier"})
 
@@ -49,8 +51,12 @@ class EmbeddingRequest(BaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
     def unsupported_parameter(self) -> str | None:
-        for name in self.model_extra or {}:
+        extra = self.model_extra or {}
+        for name in extra:
             if name not in KNOWN_EXTRAS:
+                return name
+        for name, accepted in ACCEPTED_ONLY.items():  # as for completions: asking nothing only
+            if extra.get(name) not in accepted:
                 return name
         return None
 
