@@ -413,13 +413,12 @@ async def test_a_request_without_max_tokens_holds_the_models_context_against_the
 
 
 async def test_a_request_a_full_lane_refuses_gives_its_budget_hold_back(
-    redis_server: RedisServer, log_dir: Path
+    redis_server: RedisServer, redis: Redis, log_dir: Path
 ) -> None:
     """Admitted by the key's budget, then refused because its lane is full (429 queue_full): nothing
     was queued, so nothing will be metered; its hold is given back at once, or a few refusals would
     use up the budget for the day."""
     procs = StackProcs(redis_server.url, f"q{uuid.uuid4().hex[:10]}", log_dir)
-    redis = Redis.from_url(redis_server.url, decode_responses=True)
     try:
         url = procs.add_gateway(auth="keys", auth_pepper=PEPPER, lane_max_queued=1)
         procs.add_worker(sim_decode_base_ms=20, heartbeat_s=0.5, capacity=1)
@@ -445,7 +444,6 @@ async def test_a_request_a_full_lane_refuses_gives_its_budget_hold_back(
             await running.aclose()
             await waiting.aclose()
     finally:
-        await redis.aclose()
         procs.stop()
 
 
