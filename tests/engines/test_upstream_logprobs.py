@@ -15,8 +15,7 @@ import pytest
 from breakwater.engines.base import GenerationRequest, SequenceDelta
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.upstream import OpenAIUpstreamEngine
-
-MODELS = orjson.dumps({"object": "list", "data": [{"id": "lp", "object": "model", "max_model_len": 512}]})
+from tests.engines.raw_upstream import RawUpstream
 
 
 def _entry(token: str) -> dict[str, Any]:
@@ -38,41 +37,20 @@ ANSWER = [
 ]
 
 
-class OneWriteServer:
-    """Answers /v1/models, and every completion with :data:`ANSWER`, all in one write."""
+class OneWriteServer(RawUpstream):
+    """Answers every completion with :data:`ANSWER`, all in one write."""
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
+        super().__init__("lp")
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0
+    async def complete(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        events = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in ANSWER) + b"data: [DONE]\n\n"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+            + f"Content-Length: {len(events)}\r\n\r\n".encode()
+            + events
         )
-        if length:
-            await reader.readexactly(length)
-        if b" /v1/models " in head.split(b"\r\n", 1)[0]:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-            writer.write(f"Content-Length: {len(MODELS)}\r\nConnection: close\r\n\r\n".encode() + MODELS)
-        else:
-            events = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in ANSWER) + b"data: [DONE]\n\n"
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
-                + f"Content-Length: {len(events)}\r\n\r\n".encode()
-                + events
-            )
         await writer.drain()
-        writer.close()
-
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/v1"
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture

@@ -14,34 +14,19 @@ import pytest
 from breakwater.engines.base import GenerationRequest, SequenceDelta
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.upstream import OpenAIUpstreamEngine
+from tests.engines.raw_upstream import RawUpstream
 
-MODELS = orjson.dumps({"object": "list", "data": [{"id": "stall", "object": "model", "max_model_len": 512}]})
 
-
-class StallingServer:
-    """Answers /v1/models, and every completion with one chunk of text, then silence."""
+class StallingServer(RawUpstream):
+    """Answers every completion with one chunk of text, then silence."""
 
     def __init__(self) -> None:
+        super().__init__("stall")
         self.completions: list[dict[str, Any]] = []
-        self.server: asyncio.Server | None = None
         self.stop = asyncio.Event()
-        self.writers: list[asyncio.StreamWriter] = []
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        head = await reader.readuntil(b"\r\n\r\n")
-        request_line = head.split(b"\r\n", 1)[0].decode()
-        length = next(
-            (int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0
-        )
-        body = await reader.readexactly(length) if length else b""
-        if " /v1/models " in request_line:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
-            writer.write(f"Content-Length: {len(MODELS)}\r\n\r\n".encode() + MODELS)
-            await writer.drain()
-            writer.close()
-            return
-        self.completions.append(orjson.loads(body))
+    async def complete(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        self.completions.append(body)
         chunk = {"choices": [{"index": 0, "delta": {"content": "partial"}, "finish_reason": None}]}
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -50,20 +35,9 @@ class StallingServer:
         writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
         await writer.drain()
         await self.stop.wait()  # hang: the connection stays open, nothing more comes
-        writer.close()
 
-    async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/v1"
-
-    async def __aexit__(self, *exc: object) -> None:
+    async def close(self) -> None:
         self.stop.set()
-        for writer in self.writers:
-            writer.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 from collections import Counter
 
+import pytest
+
 from breakwater.broker import Broker, Job, RequestSpec, Status
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
@@ -145,34 +147,21 @@ async def test_a_paused_request_cancelled_while_paused_is_dropped_and_settled(gw
         await broker.aclose()
 
 
-async def test_a_sequence_whose_finish_is_being_written_is_never_paused(gw_empty: InProc) -> None:
-    """Its generation ended: pausing it would continue a finished answer. Finishes are written
-    while the batch goes on, so the pull loop's preemption can meet one."""
-    broker = gw_empty.broker()
-    try:
-        preemption = Preemption(broker, ("sim",))
-        stream = broker.keys.jobs("sim", LANES[0])
-        running = InFlight(Job(stream, "1-0", "a", "x", tenant="t1"), 1, "sim")
-        ending = InFlight(Job(stream, "2-0", "b", "x", tenant="t1"), 1, "sim", finishing=True)
-        assert preemption.victim([running, ending], "t1", LANES[0], True) is running
-        assert preemption.running([running, ending], LANES[0], True) == Counter({"t1": 1})
-        running.finishing = True
-        assert preemption.victim([running, ending], "t1", LANES[0], True) is None
-    finally:
-        await broker.aclose()
-
-
-async def test_a_sequence_whose_tools_went_to_the_engine_is_never_paused(gw_empty: InProc) -> None:
-    """Tools passed through to the engine (the ``openai`` engine, vLLM with its tool parser): no
-    engine continues such an answer (jobs.refusal), so pausing it would end it with an error."""
+@pytest.mark.parametrize("mark", ["finishing", "tools"])
+async def test_a_sequence_that_cannot_be_continued_is_never_paused(gw_empty: InProc, mark: str) -> None:
+    """``finishing``: its generation ended, and pausing it would continue a finished answer
+    (finishes are written while the batch goes on, so the pull loop's preemption can meet one).
+    ``tools``: its tools went to the engine (the ``openai`` engine, vLLM with its tool parser), and
+    no engine continues such an answer (jobs.refusal), so pausing it would end it with an error."""
     broker = gw_empty.broker()
     try:
         preemption = Preemption(broker, ("sim",))
         stream = broker.keys.jobs("sim", LANES[0])
         plain = InFlight(Job(stream, "1-0", "a", "x", tenant="t1"), 1, "sim")
-        calling = InFlight(Job(stream, "2-0", "b", "x", tenant="t1"), 1, "sim", tools=True)
-        assert preemption.victim([plain, calling], "t1", LANES[0], True) is plain
-        assert preemption.running([plain, calling], LANES[0], True) == Counter({"t1": 1})
-        assert preemption.victim([calling], "t1", LANES[0], True) is None
+        kept = InFlight(Job(stream, "2-0", "b", "x", tenant="t1"), 1, "sim")
+        setattr(kept, mark, True)
+        assert preemption.victim([plain, kept], "t1", LANES[0], True) is plain
+        assert preemption.running([plain, kept], LANES[0], True) == Counter({"t1": 1})
+        assert preemption.victim([kept], "t1", LANES[0], True) is None
     finally:
         await broker.aclose()

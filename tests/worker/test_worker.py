@@ -4,6 +4,7 @@ never kills the worker or its generations."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -449,7 +450,12 @@ async def test_a_sequence_whose_text_is_dropped_in_a_step_is_not_finished_in_it_
         (rid,) = worker.inflight
         finished: list[str] = []
         monkeypatch.setattr(worker.broker, "append_step", lambda appends: _all(appends, -2))
-        monkeypatch.setattr(worker, "_finish_later", lambda f: finished.extend(x.job.rid for x, _ in f))
+
+        def finish_all(finishes: list[tuple[Any, SequenceDelta]]) -> Coroutine[Any, Any, None]:
+            finished.extend(flight.job.rid for flight, _ in finishes)  # when the finishing is made
+            return asyncio.sleep(0)
+
+        monkeypatch.setattr(worker, "_finish_all", finish_all)
         end = SequenceDelta(rid, tokens=1, finish_reason="stop", usage={"completion_tokens": 2})
         await worker._publish([SequenceDelta(rid, text="late", tokens=1), end])
         assert rid not in worker.inflight  # dropped

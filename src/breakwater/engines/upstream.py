@@ -354,12 +354,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
                     raise UpstreamError(_error_message(data, 500), status=500)
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    if logprobs is None:
-                        finish = take_choice(choice, chat, parts, logprobs, calls) or finish
-                        continue
                     wrote = len(parts)
                     finish = take_choice(choice, chat, parts, logprobs, calls) or finish
-                    if len(parts) > wrote:
+                    if logprobs is not None and len(parts) > wrote:
                         texted = len(logprobs)
             if self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
                 self._emit_read(flight, parts, calls, logprobs, texted)

@@ -55,7 +55,13 @@ class FinishingMixin:
     def _finish_later(self, finishes: list[tuple[InFlight, SequenceDelta]]) -> None:
         """Finish a step's ended requests (a few round trips each: the final event, metering, the
         ack) while the batch's next step runs: the others' tokens and first tokens do not wait for
-        them. Their slots count as taken until each is acked."""
+        them. Their slots count as taken until each is acked. One whose text was just dropped in
+        the same step (fenced off, no longer running) is not finished too."""
+        if not finishes:
+            return
+        inflight = self.inflight
+        finishes = [(flight, delta) for flight, delta in finishes if inflight.get(flight.job.rid) is flight]
+        self._rate(finishes)
         if finishes:
             self._in_background(self._finish_all(finishes), "finish")
 

@@ -404,11 +404,6 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             if seq < 0:
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
-        # One whose text was just dropped (fenced off, no longer running) is not finished too.
-        finishes = [
-            (flight, delta) for flight, delta in finishes if self.inflight.get(flight.job.rid) is flight
-        ]
-        self._rate(finishes)
         self._finish_later(finishes)
 
     async def _settle(self, job: Job, record: RequestRecord | None = None) -> None:
