@@ -158,8 +158,12 @@ async def test_streamed_hit_replays_the_same_chunks(cache_stack: CacheStack) -> 
     assert [c.model_dump() for c in again] == [c.model_dump() for c in first]
     assert first[-1].usage is not None and first[-1].usage.completion_tokens == 10
     # A whole (non-streamed) request with the same parameters is the same request: a hit too.
-    whole, h3 = await _chat(client, **body)
-    assert h3 == "hit" and whole.choices[0].message.content == _text(first)
+    # `stream_options` is for a streamed request only (as OpenAI), so both go without it here.
+    plain = {k: v for k, v in body.items() if k != "stream_options"}
+    streamed, h3 = await _stream(client, **plain)
+    whole, h4 = await _chat(client, **plain)
+    assert (h3, h4) == ("miss", "hit")  # usage asked for or not: a different answer's chunks
+    assert whole.choices[0].message.content == _text(streamed) == _text(first)
 
 
 async def test_websocket_hit_has_the_same_events(cache_stack: CacheStack) -> None:

@@ -99,3 +99,23 @@ async def test_a_model_whose_engine_cannot_embed_is_refused(redis_server: RedisS
         finally:
             await broker.aclose()
         assert keys == []  # refused before queueing
+
+
+async def test_more_dimensions_than_the_model_has_are_refused_before_anything_runs(
+    client: openai.AsyncOpenAI, gw: InProc
+) -> None:
+    """The live workers say their embeddings' width (`embedding_dim`): a request for more is refused
+    at admission, so nothing is queued, computed or metered for it."""
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.embeddings.create(model="sim", input="x", dimensions=EMBEDDING_DIM + 1)
+    assert isinstance(info.value.body, dict)
+    assert (info.value.body["param"], info.value.body["code"]) == ("dimensions", "invalid_value")
+    assert str(EMBEDDING_DIM) in info.value.body["message"]
+    broker = gw.broker()
+    try:
+        assert [k async for k in broker.redis.scan_iter(match=f"{gw.prefix}:req:*")] == []
+    finally:
+        await broker.aclose()
+    # The width itself is served.
+    whole = await client.embeddings.create(model="sim", input="x", dimensions=EMBEDDING_DIM)
+    assert len(whole.data[0].embedding) == EMBEDDING_DIM

@@ -28,10 +28,18 @@ def test_json_object_and_json_schema_round_trip_through_the_record() -> None:
     for f in (obj, fmt):
         assert f is not None and OutputFormat.from_json(f.to_json()) == f
     assert OutputFormat.from_json("") is None
-    assert fmt.openai() == {
-        "type": "json_schema",
-        "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True},
-    }
+    # What an OpenAI-compatible upstream gets: ``strict`` only as the client sent it.
+    assert fmt.openai() == {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_strict_and_description_reach_the_upstream_as_sent(strict: bool) -> None:
+    """A client's ``strict: false`` must not reach an upstream as strict (OpenAI refuses schemas
+    that strict mode cannot take), nor its ``description`` be dropped."""
+    spec = {"name": "thing", "schema": SCHEMA, "strict": strict, "description": "a thing"}
+    fmt = parse_response_format({"type": "json_schema", "json_schema": spec})
+    assert fmt is not None and OutputFormat.from_json(fmt.to_json()) == fmt  # through the record
+    assert fmt.openai() == {"type": "json_schema", "json_schema": spec}
 
 
 @pytest.mark.parametrize(
@@ -41,6 +49,12 @@ def test_json_object_and_json_schema_round_trip_through_the_record() -> None:
         ({"type": "xml"}, "response_format.type"),
         ({"type": "json_schema"}, "response_format.json_schema"),
         ({"type": "json_schema", "json_schema": {"name": "x" * 65}}, "response_format.json_schema.name"),
+        ({"type": "json_schema", "json_schema": {"name": "bad name!"}}, "response_format.json_schema.name"),
+        ({"type": "json_schema", "json_schema": {"strict": "yes"}}, "response_format.json_schema.strict"),
+        (
+            {"type": "json_schema", "json_schema": {"description": 1}},
+            "response_format.json_schema.description",
+        ),
         ({"type": "json_schema", "json_schema": {"schema": [1]}}, "response_format.json_schema.schema"),
         (
             {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}},

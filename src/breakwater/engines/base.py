@@ -36,6 +36,7 @@ class EngineInfo:
     engine: str
     context_length: int
     capacity: int
+    embedding_dim: int = 0  # the width of its embeddings, when it computes them and knows it (0: not)
 
 
 @dataclass(slots=True)

@@ -127,7 +127,8 @@ class LlamaCppEngine(Engine):
         self._eog = [t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
         per_seq = min(self.requested_ctx, train_ctx) if train_ctx > 0 else self.requested_ctx
-        self.info = EngineInfo(self.info.model, "llamacpp", per_seq, self.capacity)
+        width = int(llama_cpp.llama_model_n_embd(self._model))
+        self.info = EngineInfo(self.info.model, "llamacpp", per_seq, self.capacity, width)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = per_seq * self.capacity
         cparams.n_batch = self.n_batch

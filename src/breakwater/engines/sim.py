@@ -156,7 +156,11 @@ class SimEngine(Engine):
     def __init__(self, options: SimOptions | None = None) -> None:
         self.options = opts = options or SimOptions()
         self.info = EngineInfo(
-            model=opts.model, engine="sim", context_length=opts.context_length, capacity=opts.capacity
+            model=opts.model,
+            engine="sim",
+            context_length=opts.context_length,
+            capacity=opts.capacity,
+            embedding_dim=EMBEDDING_DIM,
         )
         self._seqs: dict[str, _Sequence] = {}
         self._embedded: list[SequenceDelta] = []  # embedding answers, returned by the next step

@@ -31,6 +31,7 @@ from breakwater.gateway.limits import hold, limits_of, rate_headers, refusal, re
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.gateway.specs import Body, check_features, prompt_text, request_spec
+from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.tenancy import ANONYMOUS, Principal
 from breakwater.tenancy.limits import Limits
 
@@ -99,7 +100,7 @@ class Admitter:
             model=model,
             auto_tools=auto_tools,
         )
-        check_features(spec, model)
+        check_features(spec, model, body.dimensions if isinstance(body, EmbeddingRequest) else None)
         prompt = prompt_text(spec)
         longest = max(spec.inputs, key=len) if spec.inputs else prompt  # each input is its own sequence
         self.check_context(longest, spec.max_tokens, model)

@@ -30,7 +30,8 @@ def call_object(rid: str, k: int, call: ParsedCall) -> dict[str, Any]:
 
 class ToolChunks:
     """One choice's streaming chunks when the model may call tools. ``skip_through``: the events up
-    to this seq were delivered before (a resume): they are parsed, and their chunks not sent."""
+    to this seq were delivered before (a resume): they are parsed, and their chunks not sent.
+    ``single``: the request allows one call (``parallel_tool_calls: false``); later ones are dropped."""
 
     __slots__ = ("call_rid", "calls", "created", "index", "model", "parser", "rid", "role_sent", "skip")
 
@@ -44,12 +45,13 @@ class ToolChunks:
         resumed: bool = False,
         call_rid: str = "",
         skip_through: int = 0,
+        single: bool = False,
     ) -> None:
         self.rid, self.model, self.created, self.index = rid, model, created, index
         self.call_rid = call_rid or rid
         self.role_sent = resumed
         self.skip = skip_through
-        self.parser = CallParser()
+        self.parser = CallParser(single)
         self.calls = 0
 
     def head(self) -> dict[str, Any]:
@@ -85,9 +87,10 @@ class ToolChunks:
         return chat_chunk(self.rid, self.model, self.created, delta, index=self.index)
 
 
-def auto_message(rid: str, text: str) -> tuple[dict[str, Any], bool]:
-    """A whole answer's message (``content`` and ``tool_calls``) and whether it calls any."""
-    content, calls = split_answer(text)
+def auto_message(rid: str, text: str, single: bool = False) -> tuple[dict[str, Any], bool]:
+    """A whole answer's message (``content`` and ``tool_calls``) and whether it calls any
+    (``single``: one call at most)."""
+    content, calls = split_answer(text, single)
     if not calls:
         return {"role": "assistant", "content": content}, False
     return {

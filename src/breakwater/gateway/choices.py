@@ -34,6 +34,7 @@ from breakwater.protocol.openai import (
     usage_body,
     usage_chunk,
 )
+from breakwater.protocol.toolformats import single_call
 from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
 
@@ -268,6 +269,7 @@ def _renderer(group: ChoiceGroup, choice: Choice, fresh: bool) -> ChoiceChunks |
             resumed=not fresh,
             call_rid=choice.rid,
             skip_through=choice.after,
+            single=single_call(group.tool_format),
         )
     return ChoiceChunks(
         rid=group.rid,

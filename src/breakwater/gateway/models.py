@@ -28,6 +28,8 @@ class ModelInfo:
     features: frozenset[str] = frozenset()  # what every live worker's engine can do (engines.base)
     # What every live worker serves (Engine.fingerprint); '' when they differ (a rollout) or none is live.
     fingerprint: str = ""
+    # The width of its embeddings, where every live worker's engine says the same (0: not known).
+    embedding_dim: int = 0
 
     @classmethod
     def without_workers(cls, name: str) -> ModelInfo:
@@ -103,6 +105,7 @@ def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
         rated=sum(rated) / len(rated) if rated else 0.0,
         features=frozenset.intersection(*(frozenset(i.get("features") or ()) for i in infos)),
         fingerprint=_common({str(i.get("fingerprint") or "") for i in infos}),
+        embedding_dim=int(_common({str(i.get("embedding_dim") or 0) for i in infos}) or 0),
     )
 
 

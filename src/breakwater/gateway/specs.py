@@ -89,6 +89,12 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
             messages = _with_tools(auto, [_message(m, auto.fmt) for m in body.messages])
             out = auto.output_format(grammar)
         elif isinstance(plan, ForcedCall):
+            if parse_response_format(body.response_format) is not None:  # the answer is the call
+                raise FormatError(
+                    "`response_format` cannot be combined with a forced tool call",
+                    "response_format",
+                    "unsupported_parameter",
+                )
             messages = [_message(m) for m in body.messages]
             out = plan.output_format()
         else:
@@ -106,7 +112,7 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
         messages=messages,
         response_format=out.to_json() if out else "",
         tool_call=plan.name if isinstance(plan, ForcedCall) else "",
-        tool_format=auto.fmt if auto else "",
+        tool_format=auto.tool_format if auto else "",
         tools=passed,
         **common,
     )
@@ -137,6 +143,8 @@ def _passed_message(message: ChatMessage) -> dict[str, str]:
     """A message for an upstream that takes tools itself: an assistant turn's ``tool_calls`` (as JSON
     text: the record's messages hold strings) and a tool result's ``tool_call_id`` kept."""
     out = {"role": message.role, "content": message.text()}
+    if message.name is not None:
+        out["name"] = message.name
     extra = message.model_extra or {}
     calls = extra.get("tool_calls")
     if message.role == "assistant" and calls:
@@ -149,7 +157,9 @@ def _passed_message(message: ChatMessage) -> dict[str, str]:
 
 def _message(message: ChatMessage, fmt: str = "") -> dict[str, str]:
     """A message as the engine's chat template sees it. Earlier tool calls and results: in the
-    model's tool-call format ``fmt`` when there is one, else as text."""
+    model's tool-call format ``fmt`` when there is one, else as text. OpenAI's ``developer`` role is
+    the ``system`` role of models before it (no chat template knows it); a participant's ``name`` goes
+    with its message (templates that know names render it)."""
     text = message.text()
     calls = (message.model_extra or {}).get("tool_calls")
     if fmt and message.role == "tool":
@@ -157,17 +167,29 @@ def _message(message: ChatMessage, fmt: str = "") -> dict[str, str]:
     if message.role == "assistant" and calls:
         shown = rendered_calls(calls, fmt)
         text = f"{text}\n{shown}" if text else shown
-    return {"role": message.role, "content": text}
+    out = {"role": "system" if message.role == "developer" else message.role, "content": text}
+    if message.name is not None:
+        out["name"] = message.name
+    return out
 
 
-def check_features(spec: RequestSpec, model: ModelInfo) -> None:
-    """Refuse what the model's live workers cannot do (with none live, the worker that starts decides)."""
+def check_features(spec: RequestSpec, model: ModelInfo, dimensions: int | None = None) -> None:
+    """Refuse what the model's live workers cannot do (with none live, the worker that starts decides).
+    ``dimensions``: an embedding request's; more than the model's embeddings have is refused here,
+    before anything is computed and metered, where the workers say their width."""
     if spec.kind == "embedding" and model.workers and EMBEDDINGS not in model.features:
         raise APIError(
             400,
             f"`{model.name}` does not compute embeddings (its engine cannot); see `features` in /v1/models",
             code="unsupported_model",
             param="model",
+        )
+    if dimensions is not None and model.workers and 0 < model.embedding_dim < dimensions:
+        raise APIError(
+            400,
+            f"`dimensions` is {dimensions}; this model's embeddings have {model.embedding_dim}",
+            code="invalid_value",
+            param="dimensions",
         )
     if spec.logprobs >= 0 and model.workers and LOGPROBS not in model.features:
         raise APIError(

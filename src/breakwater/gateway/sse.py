@@ -21,6 +21,7 @@ from breakwater.protocol.openai import (
     tool_call_delta,
     usage_chunk,
 )
+from breakwater.protocol.toolformats import single_call
 
 DONE = b"data: [DONE]\n\n"
 # Characters JSON may leave raw inside strings (orjson does) that Python's str.splitlines(), and so
@@ -164,7 +165,8 @@ def renderer(
     (gateway.autotools); then the events start at the first, and those through ``after`` are parsed
     but not sent."""
     if tool_format:
-        return ToolChunks(rid=rid, model=model, created=created, skip_through=after)
+        single = single_call(tool_format)
+        return ToolChunks(rid=rid, model=model, created=created, skip_through=after, single=single)
     return ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
 
 
@@ -246,7 +248,7 @@ async def collect_response(
                 text, reason = "".join(parts), event.finish_reason or "stop"
                 if tool_format:  # the model chose its calls: split its answer
                     body = chat_response(rid, model, created, text, reason, event.usage, logprobs=logprobs)
-                    message, called = auto_message(rid, text)
+                    message, called = auto_message(rid, text, single_call(tool_format))
                     choice = body["choices"][0]
                     choice["message"] = message
                     if called and reason == "stop":

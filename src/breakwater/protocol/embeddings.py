@@ -16,15 +16,15 @@ from array import array
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from breakwater.protocol.openai import ACCEPTED_ONLY
+from breakwater.protocol.openai import ACCEPTED_ONLY, Tagged
 
 MAX_INPUTS = 2048
-KNOWN_EXTRAS = frozenset({"metadata", "store", "service_tier", "safety_identifier"})
+KNOWN_EXTRAS = frozenset({"store", "service_tier"})
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(Tagged):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
@@ -53,7 +53,7 @@ class EmbeddingRequest(BaseModel):
     def unsupported_parameter(self) -> str | None:
         extra = self.model_extra or {}
         for name in extra:
-            if name not in KNOWN_EXTRAS:
+            if name not in KNOWN_EXTRAS and extra[name] is not None:
                 return name
         for name, accepted in ACCEPTED_ONLY.items():  # as for completions: asking nothing only
             if extra.get(name) not in accepted:

@@ -9,6 +9,7 @@ failed job), so every engine that constrains output accepts what is queued.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 FormatKind = Literal["json_object", "json_schema"]
+_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 ANY_OBJECT_SCHEMA = '{"type": "object"}'
 
 
@@ -35,6 +37,10 @@ class OutputFormat:
     name: str = ""
     prefix: str = ""  # literal text before the JSON (a tool-call tag): only a grammar can say it
     suffix: str = ""
+    # As the client sent them, for an OpenAI-compatible upstream (this system's engines enforce the
+    # schema whatever ``strict`` says; None: not sent).
+    strict: bool | None = None
+    description: str = ""
 
     @property
     def needs_grammar(self) -> bool:
@@ -42,9 +48,13 @@ class OutputFormat:
         return bool(self.prefix or self.suffix)
 
     def to_json(self) -> str:
-        data = {"kind": self.kind, "schema": self.schema, "name": self.name}
+        data: dict[str, Any] = {"kind": self.kind, "schema": self.schema, "name": self.name}
         if self.needs_grammar:
             data |= {"prefix": self.prefix, "suffix": self.suffix}
+        if self.strict is not None:
+            data["strict"] = self.strict
+        if self.description:
+            data["description"] = self.description
         return orjson.dumps(data).decode()
 
     @classmethod
@@ -59,13 +69,19 @@ class OutputFormat:
             str(data.get("name") or ""),
             str(data.get("prefix") or ""),
             str(data.get("suffix") or ""),
+            data["strict"] if isinstance(data.get("strict"), bool) else None,
+            str(data.get("description") or ""),
         )
 
     def openai(self) -> dict[str, Any]:
         """The ``response_format`` to send an OpenAI-compatible upstream."""
         if self.kind == "json_object":
             return {"type": "json_object"}
-        spec = {"name": self.name or "output", "schema": orjson.loads(self.schema), "strict": True}
+        spec = {"name": self.name or "output", "schema": orjson.loads(self.schema)}
+        if self.strict is not None:
+            spec["strict"] = self.strict
+        if self.description:
+            spec["description"] = self.description
         return {"type": "json_schema", "json_schema": spec}
 
     def grammar(self) -> str:
@@ -98,16 +114,26 @@ def parse_response_format(value: Any) -> OutputFormat | None:
     if not isinstance(spec, dict):
         raise FormatError("`response_format.json_schema` must be an object", "response_format.json_schema")
     name = spec.get("name", "")
-    if not isinstance(name, str) or len(name) > 64:
+    if not isinstance(name, str) or (name and not _NAME.fullmatch(name)):
         raise FormatError(
-            "`json_schema.name` must be a string of at most 64 characters", "response_format.json_schema.name"
+            "`json_schema.name` must be 1 to 64 letters, digits, underscores or dashes",
+            "response_format.json_schema.name",
+        )
+    strict, description = spec.get("strict"), spec.get("description", "")
+    if strict is not None and not isinstance(strict, bool):
+        raise FormatError("`json_schema.strict` must be a boolean", "response_format.json_schema.strict")
+    if not isinstance(description, str):
+        raise FormatError(
+            "`json_schema.description` must be a string", "response_format.json_schema.description"
         )
     schema = spec.get("schema", {"type": "object"})
     if not isinstance(schema, dict):
         raise FormatError(
             "`json_schema.schema` must be a JSON Schema object", "response_format.json_schema.schema"
         )
-    fmt = OutputFormat("json_schema", orjson.dumps(schema).decode(), name)
+    fmt = OutputFormat(
+        "json_schema", orjson.dumps(schema).decode(), name, strict=strict, description=description
+    )
     try:
         fmt.grammar()
     except Exception as exc:  # the converter asserts on what it cannot express

@@ -23,10 +23,13 @@ UNSUPPORTED_PARAMETERS = (
     "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
     "suffix", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
 )  # fmt: skip
-# Extra fields that change nothing the engine does (metadata) or that it implements (top_k).
-KNOWN_EXTRAS = frozenset(
-    {"top_k", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
-)
+# Extra fields that change nothing the engine does or that it implements (top_k); the typed ones
+# (metadata, safety_identifier, prompt_cache_key) are fields of :class:`Tagged`.
+KNOWN_EXTRAS = frozenset({"top_k", "store", "service_tier"})
+# Keys of a chat message besides role, content and name: those the gateway uses; any other that asks
+# for something (a non-null, non-empty value: an earlier answer's `refusal`, `audio`, a legacy
+# `function_call`) is refused, never dropped.
+MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
 # Of those, the values that ask for nothing: any other asks OpenAI for a service not given here (a
 # completion stored to be retrieved later, a processing tier), so it is refused.
 ACCEPTED_ONLY = {"store": (None, False), "service_tier": (None, "auto", "default")}
@@ -40,13 +43,41 @@ def _is_default(name: str, value: Any) -> bool:
         return value == (1 if name == "best_of" else 0)
     if isinstance(value, str | list | dict) and not value:
         return True
-    return (name, value) in (("tool_choice", "none"), ("tool_choice", "auto")) or (
-        name == "response_format" and value == {"type": "text"}
-    )
+    if name in ("tool_choice", "function_call") and value in ("none", "auto"):
+        return True
+    return (name, value) in (("response_format", {"type": "text"}), ("modalities", ["text"]))
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI pads deltas against a side channel; not done here
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("obfuscation of stream deltas is not supported; leave it unset or false")
+        return value
+
+
+class Tagged(BaseModel):
+    """OpenAI's fields that tag a request for the caller and change nothing generated here; typed and
+    bounded as OpenAI does, so a malformed one is a 400, not stored."""
+
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (
+            len(value) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in value.items())
+        ):
+            raise ValueError("metadata holds at most 16 pairs: keys of up to 64 characters, values of 512")
+        return value
 
 
 class ChatMessage(BaseModel):
@@ -54,7 +85,14 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> ChatMessage:
+        for key, value in (self.model_extra or {}).items():
+            if key not in MESSAGE_EXTRAS and value not in (None, "", [], {}):
+                raise ValueError(f"the message field `{key}` is not supported; remove it from the message")
+        return self
 
     def text(self) -> str:
         """The message's text; content parts of type ``text`` are joined."""
@@ -70,7 +108,7 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(Tagged):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
@@ -91,6 +129,21 @@ class _SamplingRequest(BaseModel):
     lane: Literal["interactive", "batch"] = "interactive"
     ignore_eos: bool = Field(default=False, description="vLLM extension: generate until max_tokens")
 
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """``null`` is the default (the SDK types these optional)."""
+        if value is None:
+            return cls.model_fields[info.field_name or ""].default
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("`stream_options` is only allowed when `stream` is true")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -110,8 +163,8 @@ class _SamplingRequest(BaseModel):
             value = extra.get(name)
             if not _is_default(name, value):
                 return name
-        for name in extra:
-            if name not in KNOWN_EXTRAS and name not in UNSUPPORTED_PARAMETERS:
+        for name, value in extra.items():
+            if name not in KNOWN_EXTRAS and name not in UNSUPPORTED_PARAMETERS and value is not None:
                 return name
         for name, accepted in ACCEPTED_ONLY.items():
             if extra.get(name) not in accepted:
@@ -177,6 +230,11 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt per request is supported")
         return value
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_echo(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @field_validator("echo")
     @classmethod

@@ -28,6 +28,9 @@ import orjson
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FORMATS = ("smollm2", "hermes", "openai")
 PASS_THROUGH = "openai"
+# A request's tool format with this suffix (``hermes/1``): ``parallel_tool_calls: false``, so the
+# answer's first call is its only one (a later one the model writes anyway is dropped, as vLLM does).
+ONE_CALL = "/1"
 FEATURE_PREFIX = "tool_format:"
 
 SMOLLM2_SYSTEM = (
@@ -42,6 +45,7 @@ SMOLLM2_SYSTEM = (
     '{{"name": "func_name1", "arguments": {{"argument1": "value1", "argument2": "value2"}}}},\n'
     "(more tool calls as required)\n]</tool_call>"
 )
+SINGLE_NOTE = "Call at most one function in your answer."
 HERMES_SYSTEM = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n"
@@ -57,13 +61,21 @@ def tool_format_of(features: frozenset[str] | set[str]) -> str:
     return found.pop() if len(found) == 1 else ""
 
 
-def system_prompt(fmt: str, tools: list[dict[str, Any]], system: str = "") -> str:
+def single_call(tool_format: str) -> bool:
+    """Whether a request's tool format allows one call only (:data:`ONE_CALL`)."""
+    return tool_format.endswith(ONE_CALL)
+
+
+def system_prompt(fmt: str, tools: list[dict[str, Any]], system: str = "", single: bool = False) -> str:
     """The system message that shows ``tools`` (OpenAI ``function`` objects) in format ``fmt``,
-    with the client's own system text (if any) after SmolLM2's prompt or before Hermes' section."""
+    with the client's own system text (if any) after SmolLM2's prompt or before Hermes' section.
+    ``single``: the model is told to call at most one function."""
     if fmt == "smollm2":
         prompt = SMOLLM2_SYSTEM.format(tools=orjson.dumps(tools).decode())
+        prompt = f"{prompt}\n{SINGLE_NOTE}" if single else prompt
         return f"{prompt}\n{system}" if system else prompt
     section = HERMES_SYSTEM.format(tools="\n".join(orjson.dumps(t).decode() for t in tools))
+    section = f"{section}\n\n{SINGLE_NOTE}" if single else section
     return f"{system}\n\n{section}" if system else section
 
 
@@ -91,13 +103,16 @@ Piece = str | ParsedCall
 
 class CallParser:
     """Splits an answer, fed in any pieces, into text and calls. Text that may be the start of a
-    ``<tool_call>`` tag is held back until it is known not to be one."""
+    ``<tool_call>`` tag is held back until it is known not to be one. ``single``: calls after the
+    first are dropped (``parallel_tool_calls: false``)."""
 
-    __slots__ = ("_buf", "_inside")
+    __slots__ = ("_buf", "_called", "_inside", "_single")
 
-    def __init__(self) -> None:
+    def __init__(self, single: bool = False) -> None:
         self._buf = ""
         self._inside = False
+        self._single = single
+        self._called = False
 
     def feed(self, text: str) -> list[Piece]:
         self._buf += text
@@ -122,7 +137,13 @@ class CallParser:
                 block, self._buf = self._buf[:end], self._buf[end + len(CLOSE) :]
                 self._inside = False
                 calls = parse_block(block)
-                out.extend([OPEN + block + CLOSE] if calls is None else calls)
+                if calls is None:
+                    out.append(OPEN + block + CLOSE)
+                elif self._single:
+                    out.extend(calls[:0] if self._called else calls[:1])
+                    self._called = True
+                else:
+                    out.extend(calls)
 
     def finish(self) -> list[Piece]:
         """What is held back at the end: an unfinished tag or block is text."""
@@ -154,9 +175,9 @@ def parse_block(block: str) -> list[ParsedCall] | None:
     return calls
 
 
-def split_answer(text: str) -> tuple[str, list[ParsedCall]]:
-    """A whole answer's text (outside calls) and calls."""
-    parser = CallParser()
+def split_answer(text: str, single: bool = False) -> tuple[str, list[ParsedCall]]:
+    """A whole answer's text (outside calls) and calls (``single``: the first only)."""
+    parser = CallParser(single)
     pieces = [*parser.feed(text), *parser.finish()]
     return "".join(p for p in pieces if isinstance(p, str)), [p for p in pieces if isinstance(p, ParsedCall)]
 

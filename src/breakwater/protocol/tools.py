@@ -71,7 +71,16 @@ class AutoCalls:
             }
             for f in self.functions
         ]
-        return {"role": "system", "content": toolformats.system_prompt(self.fmt, tools, text)}
+        return {
+            "role": "system",
+            "content": toolformats.system_prompt(self.fmt, tools, text, single=not self.parallel),
+        }
+
+    @property
+    def tool_format(self) -> str:
+        """The request's tool format (its record's ``tool_format``): ``fmt``, marked when the answer
+        may call one function only."""
+        return self.fmt if self.parallel else self.fmt + toolformats.ONE_CALL
 
     def passed_through(self, tools: Any, tool_choice: Any) -> str:
         """What the upstream gets (format ``openai``): the client's tools and choice, as JSON."""

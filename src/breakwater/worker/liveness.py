@@ -50,6 +50,7 @@ class LivenessMixin:
             "fingerprint": self.fingerprint(),
             "capacity": info.capacity,
             "context_length": info.context_length,
+            "embedding_dim": info.embedding_dim,
             "active": self.engine.running(),
             # The room it would pull into now (jobs claimed but not yet in the engine count as taken).
             "free": 0

@@ -1,0 +1,248 @@
+"""OpenAI request fields as the official ``openai`` client sends them, in-process with the sim engine:
+what is honoured is honoured, what is not is a 400 naming it (never dropped), and ``null`` where the
+SDK types a field optional is the default."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from breakwater.engines.sim import SimEngine
+from breakwater.gateway.specs import request_spec
+from breakwater.protocol.openai import ChatCompletionRequest
+from breakwater.protocol.toolformats import SINGLE_NOTE
+from breakwater.protocol.tools import AutoCalls
+from tests.helpers import expected_sim
+from tests.inproc import InProc
+
+HI: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def client(gw: InProc) -> AsyncIterator[openai.AsyncOpenAI]:
+    # The openai SDK brings its own httpx (httpx2): its ASGI transport drives the app in-process.
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app), base_url="http://gw")
+    async with openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0) as c:
+        yield c
+
+
+async def _refused(client: openai.AsyncOpenAI, param: str, code: str, **kwargs: Any) -> str:
+    """Sends a chat completion that must be refused with 400 naming ``param``; its message."""
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="sim", messages=kwargs.pop("messages", HI), **kwargs)
+    body = info.value.body
+    assert isinstance(body, dict), body
+    assert (body["param"], body["code"]) == (param, code), body
+    return str(body["message"])
+
+
+async def test_stream_options_without_stream_are_refused(client: openai.AsyncOpenAI) -> None:
+    message = await _refused(
+        client, "stream_options", "invalid_value", max_tokens=4, stream_options={"include_usage": True}
+    )
+    assert "stream" in message
+
+
+async def test_stream_options_that_ask_for_what_is_not_done_are_refused(client: openai.AsyncOpenAI) -> None:
+    await _refused(
+        client,
+        "stream_options.include_obfuscation",
+        "invalid_value",
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": True},
+    )
+    await _refused(
+        client,
+        "stream_options.include_timings",
+        "invalid_value",
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_timings": True},  # not OpenAI's: not dropped either
+    )
+    # Obfuscation declined and usage asked: served, with the usage chunk.
+    stream = await client.chat.completions.create(
+        model="sim",
+        messages=HI,
+        max_tokens=4,
+        seed=1,
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_sim(messages=HI, seed=1, max_tokens=4)[0]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+async def test_null_is_the_default_where_the_sdk_types_a_field_optional(client: openai.AsyncOpenAI) -> None:
+    resp = await client.chat.completions.create(
+        model="sim",
+        messages=HI,
+        max_tokens=4,
+        seed=2,
+        n=None,
+        stream=None,
+        extra_body={"verbosity": None, "modalities": ["text"], "function_call": "auto"},
+    )
+    assert len(resp.choices) == 1
+    assert resp.choices[0].message.content == expected_sim(messages=HI, seed=2, max_tokens=4)[0]
+    done = await client.completions.create(model="sim", prompt="hi", max_tokens=4, seed=2, echo=None)
+    assert done.choices[0].text == expected_sim(prompt="hi", seed=2, max_tokens=4)[0]
+    # An output other than text is still asked for: refused.
+    await _refused(client, "modalities", "unsupported_parameter", max_tokens=4, modalities=["text", "audio"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"metadata": {"a": 1}}, "metadata.a"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"safety_identifier": "s" * 65}, "safety_identifier"),
+        ({"prompt_cache_key": 7}, "prompt_cache_key"),
+    ],
+)
+async def test_tagging_fields_are_typed(
+    client: openai.AsyncOpenAI, fields: dict[str, Any], param: str
+) -> None:
+    await _refused(client, param, "invalid_value", max_tokens=4, extra_body=fields)
+
+
+async def test_tagging_fields_of_the_right_shape_are_served(client: openai.AsyncOpenAI) -> None:
+    resp = await client.chat.completions.create(
+        model="sim",
+        messages=HI,
+        max_tokens=4,
+        seed=3,
+        metadata={f"k{i}": "v" * 512 for i in range(16)},
+        safety_identifier="user-123",
+        prompt_cache_key="conversation-9",
+    )
+    assert resp.choices[0].message.content == expected_sim(messages=HI, seed=3, max_tokens=4)[0]
+    emb = await client.embeddings.create(model="sim", input="hi", extra_body={"metadata": {"a": "b"}})
+    assert len(emb.data) == 1
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.embeddings.create(model="sim", input="hi", extra_body={"metadata": {"a": 1}})
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "metadata.a"
+
+
+async def test_a_developer_message_is_the_system_message(client: openai.AsyncOpenAI) -> None:
+    """OpenAI's ``developer`` role is ``system`` for models before it: the sim's template shows the
+    role it got, so the answer is the one to a system message."""
+    messages: list[Any] = [{"role": "developer", "content": "be brief"}, *HI]
+    resp = await client.chat.completions.create(model="sim", messages=messages, max_tokens=6, seed=4)
+    as_system = [{"role": "system", "content": "be brief"}, *HI]
+    assert resp.choices[0].message.content == expected_sim(messages=as_system, seed=4, max_tokens=6)[0]
+    assert expected_sim(messages=as_system, seed=4, max_tokens=6) != expected_sim(
+        messages=HI, seed=4, max_tokens=6
+    )
+
+
+def test_a_participants_name_goes_with_its_message_to_the_engine() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": "sim",
+            "messages": [
+                {"role": "developer", "content": "rules", "name": "ops"},
+                {"role": "user", "content": "hi", "name": "bob"},
+                {"role": "assistant", "content": "hello", "refusal": None, "audio": None},
+            ],
+        }
+    )
+    spec = request_spec(body, request_id="r", default_timeout_s=60)
+    assert spec.messages == [
+        {"role": "system", "content": "rules", "name": "ops"},
+        {"role": "user", "content": "hi", "name": "bob"},
+        {"role": "assistant", "content": "hello"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "assistant", "content": "no", "refusal": "I can't"}, "messages.1"),
+        (
+            {"role": "assistant", "content": "", "function_call": {"name": "f", "arguments": "{}"}},
+            "messages.1",
+        ),
+        ({"role": "user", "content": "hi", "name": ""}, "messages.1.name"),
+    ],
+)
+async def test_message_fields_not_served_are_refused(
+    client: openai.AsyncOpenAI, message: dict[str, Any], param: str
+) -> None:
+    await _refused(client, param, "invalid_value", messages=[*HI, message], max_tokens=4)
+
+
+async def test_response_format_with_a_forced_tool_call_is_refused(client: openai.AsyncOpenAI) -> None:
+    """The answer is the call's arguments: a ``response_format`` beside it would be ignored."""
+    tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    message = await _refused(
+        client,
+        "response_format",
+        "unsupported_parameter",
+        max_tokens=4,
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        response_format={"type": "json_object"},
+    )
+    assert "forced tool call" in message
+
+
+class CallingSim(SimEngine):
+    """A sim whose model writes Hermes tool calls: every answer is :data:`TWO_CALLS`, a piece a token."""
+
+    tool_format = "hermes"
+
+    def token_text(self, seq: Any, index: int) -> str:
+        return TWO_CALLS[index] if index < len(TWO_CALLS) else ""
+
+
+TWO_CALLS = [
+    "Checking.",
+    '<tool_call>\n{"name": "get_weather", ',
+    '"arguments": {"city": "Paris"}}\n</tool_call>',
+    '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+]
+TOOLS: Any = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_parallel_tool_calls_false_gives_one_call(gw_empty: InProc, parallel: bool) -> None:
+    """With the model's calls parsed by the gateway (Hermes), ``parallel_tool_calls: false`` keeps
+    the answer's first call only, streamed and whole, as vLLM does; the model is told so too."""
+    await gw_empty.add_worker(CallingSim())
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw_empty.app), base_url="http://gw")
+    async with openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0) as c:
+        asked: Any = dict(
+            model="sim",
+            messages=HI,
+            tools=TOOLS,
+            parallel_tool_calls=parallel,
+            max_tokens=4,
+            extra_body={"ignore_eos": True},
+        )
+        whole = await c.chat.completions.create(**asked)
+        stream = await c.chat.completions.create(**asked, stream=True)
+        streamed = [
+            call.function.name
+            async for chunk in stream
+            if chunk.choices
+            for call in chunk.choices[0].delta.tool_calls or ()
+            if call.function is not None and call.function.name
+        ]
+    names = ["get_weather", "get_time"] if parallel else ["get_weather"]
+    message = whole.choices[0].message
+    assert message.content == "Checking.\n"
+    assert [call.function.name for call in message.tool_calls or () if call.type == "function"] == names
+    assert streamed == names
+    system = AutoCalls((), "hermes", False, parallel).system("")["content"]
+    assert (SINGLE_NOTE in system) is not parallel
