@@ -246,3 +246,37 @@ async def test_parallel_tool_calls_false_gives_one_call(gw_empty: InProc, parall
     assert streamed == names
     system = AutoCalls((), "hermes", False, parallel).system("")["content"]
     assert (SINGLE_NOTE in system) is not parallel
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools[0]"),
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "allowed_tools": {
+                        "mode": "auto",
+                        "tools": [{"type": "function", "function": {"name": "get_time"}}],
+                    },
+                },
+            },
+            "tool_choice",
+        ),
+        ({"tools": TOOLS, "tool_choice": {"type": "custom", "custom": {"name": "grep"}}}, "tool_choice"),
+    ],
+)
+async def test_openai_tool_kinds_not_served_are_unsupported_parameters(
+    client: openai.AsyncOpenAI, fields: dict[str, Any], param: str
+) -> None:
+    """Valid OpenAI requests this server does not serve: `unsupported_parameter`, not a malformed value."""
+    await _refused(client, param, "unsupported_parameter", max_tokens=4, extra_body=fields)
+
+
+async def test_echo_is_an_unsupported_parameter(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.completions.create(model="sim", prompt="hi", max_tokens=4, echo=True)
+    assert isinstance(info.value.body, dict)
+    assert (info.value.body["param"], info.value.body["code"]) == ("echo", "unsupported_parameter")

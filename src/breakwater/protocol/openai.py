@@ -236,12 +236,8 @@ class CompletionRequest(_SamplingRequest):
     def _null_echo(cls, value: Any) -> Any:
         return False if value is None else value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    def unsupported_parameter(self) -> str | None:
+        return "echo" if self.echo else super().unsupported_parameter()
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

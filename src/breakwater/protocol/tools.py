@@ -158,6 +158,13 @@ def tool_plan(
         if name not in functions:
             raise FormatError(f"`tool_choice` names `{name}`, which is not in `tools`", "tool_choice")
         return functions[name]
+    if isinstance(tool_choice, dict) and tool_choice.get("type") in ("allowed_tools", "custom"):
+        raise FormatError(
+            f"`tool_choice` of type `{tool_choice['type']}` is not supported: use `auto`, `required` or a "
+            "named function",
+            "tool_choice",
+            "unsupported_parameter",
+        )
     raise FormatError("`tool_choice` must be `none`, `auto`, `required` or a named function", "tool_choice")
 
 
@@ -167,6 +174,12 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
     out: dict[str, ForcedCall] = {}
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and tool.get("type") == "custom":
+            raise FormatError(
+                "`custom` tools are not supported: use `function` tools",
+                f"tools[{i}]",
+                "unsupported_parameter",
+            )
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
             raise FormatError("only `function` tools are supported", f"tools[{i}]")
         name, description = fn.get("name"), fn.get("description", "")
