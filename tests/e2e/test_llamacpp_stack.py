@@ -164,3 +164,32 @@ def test_n_sampled_choices_differ_and_repeat_with_the_seed(client: openai.OpenAI
     first = ask()
     assert all(first) and len(set(first)) > 1, first
     assert ask() == first
+
+
+def test_logit_bias_and_penalties_through_the_stack(client: openai.OpenAI) -> None:
+    """As a client sends them: a token biased +100 is the whole greedy answer (and a different
+    answer from the unbiased one, which the response cache must not give); a token id the model's
+    vocabulary lacks is 400 at admission; a frequency penalty changes the greedy answer."""
+    france: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=france, temperature=0, max_tokens=6)
+    paris = 7042  # " Paris" in SmolLM2's vocabulary (tests/engines/test_llamacpp.py finds it by tokenizing)
+    biased = client.chat.completions.create(
+        model=MODEL, messages=france, temperature=0, max_tokens=6, logit_bias={str(paris): 100}
+    )
+    assert biased.choices[0].message.content == " Paris" * 6 != plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=france, max_tokens=6, logit_bias={"1000000": 5})
+    assert isinstance(info.value.body, dict)
+    assert (info.value.body["param"], info.value.body["code"]) == ("logit_bias", "invalid_value")
+    days: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "List the days of the week, one per line, then the months of the year."}
+    ]
+    answers = [
+        client.chat.completions.create(
+            model=MODEL, messages=days, temperature=0, max_tokens=60, frequency_penalty=penalty
+        )
+        .choices[0]
+        .message.content
+        for penalty in (0.0, 2.0)
+    ]
+    assert answers[0] != answers[1] and (answers[0] or "").count("\n") > (answers[1] or "").count("\n")

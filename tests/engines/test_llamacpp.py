@@ -233,3 +233,30 @@ async def test_gemma3_base_model_completes_and_refuses_chat() -> None:
         assert out[-1].usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 8}
     finally:
         await gemma.close()
+
+
+async def test_logit_bias_and_penalties_on_the_model(engine: LlamaCppEngine) -> None:
+    """Greedy answers, so each difference is the parameter's: a token biased +100 is all the model
+    says; one banned never appears; a frequency penalty cuts repetition, a negative one adds it."""
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    (paris,) = engine.tokenize(" Paris", special=False)
+    out = await _generate(
+        engine,
+        GenerationRequest("b", messages=france, temperature=0.0, max_tokens=6, logit_bias={paris: 100.0}),
+    )
+    assert _text(out["b"]) == " Paris" * 6
+    plain = await _generate(engine, GenerationRequest("p", messages=france, temperature=0.0, max_tokens=12))
+    first = engine.tokenize(_text(plain["p"]), special=False)[0]
+    banned = await _generate(
+        engine,
+        GenerationRequest("x", messages=france, temperature=0.0, max_tokens=12, logit_bias={first: -100.0}),
+    )
+    assert first not in engine.tokenize(_text(banned["x"]), special=False)
+    days = [
+        {"role": "user", "content": "List the days of the week, one per line, then the months of the year."}
+    ]
+    lines = {}
+    for penalty in (-2.0, 0.0, 2.0):
+        ask = GenerationRequest("d", messages=days, temperature=0.0, max_tokens=60, frequency_penalty=penalty)
+        lines[penalty] = _text((await _generate(engine, ask))["d"]).count("\n")
+    assert lines[-2.0] > lines[0.0] > lines[2.0], lines

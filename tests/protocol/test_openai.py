@@ -52,7 +52,7 @@ def test_bounds_themselves_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"frequency_penalty": 0.1}, "frequency_penalty"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"guided_json": {}}, "guided_json"),
         ({"top_k": 2.5}, "top_k"),
         ({}, None),
@@ -92,3 +92,30 @@ def test_completion_parameters() -> None:
     with_logprobs = CompletionRequest.model_validate({"model": "m", "prompt": "p", "logprobs": 2})
     assert with_logprobs.unsupported_parameter() is None and with_logprobs.logprobs_top() == 2  # served now
     assert CompletionRequest.model_validate({"model": "m", "prompt": "p"}).logprobs_top() == -1
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": {"²": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+    ],
+)
+def test_sampling_penalties_and_biases_are_bounded(extra: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(_chat(**extra))
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_penalties_and_biases_are_the_engines_to_serve() -> None:
+    """Typed fields now (the engines that serve them say so in their features: gateway.specs)."""
+    body = ChatCompletionRequest.model_validate(
+        _chat(presence_penalty=-2, frequency_penalty=2, logit_bias={"7": -100, "42": 0, "9": 100})
+    )
+    assert body.unsupported_parameter() is None
+    assert body.token_biases() == {7: -100.0, 9: 100.0}  # a bias of 0 asks nothing

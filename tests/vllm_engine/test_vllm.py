@@ -248,6 +248,40 @@ def test_same_answers_as_vllm_direct(vllm_server: str, inproc: StackProcs, sidec
     assert models[MODEL]["max_model_len"] == 1024
 
 
+# An answer that repeats itself, so the penalties change it.
+DAYS: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "List the days of the week, one per line, then the months of the year."}
+]
+
+
+def _penalised(base_url: str) -> list[str]:
+    """Greedy answers with a biased token, and with each penalty, one at a time."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", timeout=120)
+    asks: list[dict[str, Any]] = [
+        {"messages": ASK, "logit_bias": {"7042": 100}, "max_tokens": 6},  # " Paris"
+        {"messages": DAYS, "max_tokens": 60},
+        {"messages": DAYS, "frequency_penalty": 1.5, "max_tokens": 60},
+        {"messages": DAYS, "presence_penalty": 1.5, "max_tokens": 60},
+    ]
+    return [
+        client.chat.completions.create(model=MODEL, temperature=0, **ask).choices[0].message.content or ""
+        for ask in asks
+    ]
+
+
+def test_penalties_and_logit_bias_as_vllm_direct(
+    vllm_server: str, inproc: StackProcs, sidecar: StackProcs
+) -> None:
+    """vLLM applies them in process; the sidecar passes them to vLLM's server: the same answers as
+    asking vLLM directly, and the bias is the whole answer."""
+    direct = _penalised(vllm_server)
+    biased, plain, frequency, presence = direct
+    assert biased == " Paris" * 6
+    assert plain not in (frequency, presence)  # the penalties change the answer
+    assert _penalised(inproc.gateways[0][1]) == direct
+    assert _penalised(sidecar.gateways[0][1]) == direct
+
+
 class Colors(BaseModel):
     first: str = Field(max_length=20)
     second: str = Field(max_length=20)

@@ -64,6 +64,9 @@ class RequestSpec:
         ""  # format `openai`: {"tools", "tool_choice", "parallel_tool_calls"} for the upstream (JSON)
     )
     choices: int = 1  # the client's n: this is one choice, its rid ``<parent>-<index>`` (gateway.choices)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: str = ""  # {token id: bias} as JSON; '' for none
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -97,6 +100,9 @@ class RequestSpec:
             "tools",
             "reserved_tokens",
             "held_tokens",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
         ):  # omitted when empty (or 0)
             if value := getattr(self, name):
                 out[name] = str(value)
@@ -138,6 +144,9 @@ class RequestSpec:
             inputs=orjson.loads(h["inputs"]) if h.get("inputs") else None,
             logprobs=int(h.get("logprobs") or -1),
             choices=int(h.get("choices") or 1),
+            presence_penalty=float(h.get("presence_penalty") or 0),
+            frequency_penalty=float(h.get("frequency_penalty") or 0),
+            logit_bias=h.get("logit_bias", ""),
         )
 
 

@@ -17,6 +17,8 @@ GRAMMAR = "grammar"  # a GBNF grammar (OutputFormat.needs_grammar: a format with
 EMBEDDINGS = (
     "embeddings"  # /v1/embeddings: GenerationRequest.embed_inputs, answered with protocol.embeddings.pack
 )
+PENALTIES = "penalties"  # OpenAI's presence_penalty and frequency_penalty, over the generated tokens
+LOGIT_BIAS = "logit_bias"  # OpenAI's logit_bias: token id -> bias added to its logit
 
 
 class EngineRequestError(ValueError):
@@ -37,6 +39,7 @@ class EngineInfo:
     context_length: int
     capacity: int
     embedding_dim: int = 0  # the width of its embeddings, when it computes them and knows it (0: not)
+    vocab_size: int = 0  # its tokenizer's vocabulary (logit_bias token ids are below it); 0: not known
 
 
 @dataclass(slots=True)
@@ -57,6 +60,9 @@ class GenerationRequest:
     embed_inputs: list[str] | None = None  # an embedding request: no generation, one final delta
     logprobs: int | None = None  # report each token's logprob and this many most likely alternatives
     tools: dict[str, Any] | None = None  # passed to an upstream (tools, tool_choice, parallel_tool_calls)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     emitted_text: str = ""
     emitted_tokens: int = 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,9 @@ from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
     GRAMMAR,
+    LOGIT_BIAS,
     LOGPROBS,
+    PENALTIES,
     RESPONSE_FORMAT,
     Engine,
     EngineInfo,
@@ -41,6 +42,7 @@ from breakwater.engines.base import (
     SequenceDelta,
     StopChecker,
 )
+from breakwater.engines.llamacpp_sampling import Vocab, sampler_chain
 from breakwater.engines.options import LlamaCppOptions
 from breakwater.protocol.embeddings import normalised, pack
 
@@ -76,7 +78,9 @@ class _Seq:
 class LlamaCppEngine(Engine):
     """Continuous batching over one llama.cpp context."""
 
-    features = frozenset({RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS, LOGPROBS, GRAMMAR})
+    features = frozenset(
+        {RESPONSE_FORMAT, CONSTRAINED_CONTINUATION, EMBEDDINGS, LOGPROBS, GRAMMAR, PENALTIES, LOGIT_BIAS}
+    )
     overlaps_publish = True
 
     def __init__(self, options: LlamaCppOptions) -> None:
@@ -128,7 +132,7 @@ class LlamaCppEngine(Engine):
         train_ctx = int(llama_cpp.llama_model_n_ctx_train(self._model))
         per_seq = min(self.requested_ctx, train_ctx) if train_ctx > 0 else self.requested_ctx
         width = int(llama_cpp.llama_model_n_embd(self._model))
-        self.info = EngineInfo(self.info.model, "llamacpp", per_seq, self.capacity, width)
+        self.info = EngineInfo(self.info.model, "llamacpp", per_seq, self.capacity, width, self._n_vocab)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = per_seq * self.capacity
         cparams.n_batch = self.n_batch
@@ -259,41 +263,8 @@ class LlamaCppEngine(Engine):
         self._work.set()
 
     def _sampler(self, request: GenerationRequest, continued: list[int]) -> Any:
-        if request.ignore_eos and request.output_format is not None:
-            # A finished grammar allows only end-of-generation: the two cannot both hold.
-            raise EngineRequestError(
-                "ignore_eos cannot be combined with response_format or a forced tool call",
-                code="unsupported_parameter",
-            )
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if request.ignore_eos:  # vLLM's extension: generate until max_tokens
-            masked = [llama_cpp.llama_logit_bias(token, -math.inf) for token in self._eog]
-            biases = (llama_cpp.llama_logit_bias * len(masked))(*masked)  # copied by llama.cpp
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(masked), biases)
-            )
-        if request.output_format is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, request.output_format.grammar().encode(), b"root"
-            )
-            if not grammar:
-                llama_cpp.llama_sampler_free(chain)
-                raise EngineRequestError(
-                    "llama.cpp could not parse the output grammar", code="invalid_response_format"
-                )
-            llama_cpp.llama_sampler_chain_add(chain, grammar)
-            for token in continued:  # the grammar's state after the text already emitted
-                llama_cpp.llama_sampler_accept(grammar, token)
-        if request.temperature <= 0.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
-        if request.top_k > 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(request.top_k))
-        if request.top_p < 1.0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(request.top_p, 1))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(request.temperature))
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(request.seed & 0xFFFFFFFF))
-        return chain
+        vocab = Vocab(self._vocab, self._n_vocab, self._eog)
+        return sampler_chain(request, continued, vocab, self.info.context_length)
 
     def cancel(self, request_id: str) -> None:
         self._embeds = [e for e in self._embeds if e[0].request_id != request_id]

@@ -20,7 +20,9 @@ import orjson
 
 from breakwater.engines.base import (
     EMBEDDINGS,
+    LOGIT_BIAS,
     LOGPROBS,
+    PENALTIES,
     RESPONSE_FORMAT,
     EngineInfo,
     GenerationRequest,
@@ -49,7 +51,8 @@ class UpstreamError(Exception):
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
-    features = frozenset({RESPONSE_FORMAT, LOGPROBS, EMBEDDINGS})  # passed through to the upstream
+    # Passed through to the upstream.
+    features = frozenset({RESPONSE_FORMAT, LOGPROBS, EMBEDDINGS, PENALTIES, LOGIT_BIAS})
     tool_format = PASS_THROUGH  # tools too: the upstream's calls come back as Hermes blocks
 
     def __init__(self, options: UpstreamOptions) -> None:
@@ -283,12 +286,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         }
         if req.max_tokens is not None:
             body["max_tokens"] = max(1, req.max_tokens - flight.tokens)
-        if req.stop:
-            body["stop"] = req.stop
-        if req.top_k > 0:
-            body["top_k"] = req.top_k  # vLLM, SGLang and llama.cpp accept these sampling extensions
-        if req.ignore_eos:
-            body["ignore_eos"] = True
+        body.update(_sampling(req))
         if req.output_format is not None:
             body["response_format"] = req.output_format.openai()
         if req.logprobs is not None:
@@ -438,3 +436,22 @@ def _error_code(message: str) -> str:
     if "context" in lowered and ("length" in lowered or "window" in lowered):
         return "context_length_exceeded"
     return "upstream_rejected"
+
+
+def _sampling(req: GenerationRequest) -> dict[str, Any]:
+    """The request's sampling parameters besides temperature, top_p and seed, as the upstream takes
+    them; those at their defaults left out."""
+    out: dict[str, Any] = {}
+    if req.stop:
+        out["stop"] = req.stop
+    if req.top_k > 0:
+        out["top_k"] = req.top_k  # vLLM, SGLang and llama.cpp accept these sampling extensions
+    if req.ignore_eos:
+        out["ignore_eos"] = True
+    if req.presence_penalty:
+        out["presence_penalty"] = req.presence_penalty
+    if req.frequency_penalty:
+        out["frequency_penalty"] = req.frequency_penalty
+    if req.logit_bias:
+        out["logit_bias"] = {str(token): bias for token, bias in req.logit_bias.items()}
+    return out

@@ -21,7 +21,9 @@ import orjson
 from breakwater.engines.base import (
     EMBEDDINGS,
     GRAMMAR,
+    LOGIT_BIAS,
     LOGPROBS,
+    PENALTIES,
     RESPONSE_FORMAT,
     EngineInfo,
     EngineRequestError,
@@ -83,7 +85,7 @@ class _Load:
 class VLLMEngine(StreamingEngine):
     # vLLM's structured-output backend (xgrammar, ...: JSON Schema, and GBNF grammars) and its
     # logprobs (raw, before sampling)
-    features = frozenset({RESPONSE_FORMAT, LOGPROBS, GRAMMAR})
+    features = frozenset({RESPONSE_FORMAT, LOGPROBS, GRAMMAR, PENALTIES, LOGIT_BIAS})
 
     def __init__(self, options: VLLMOptions) -> None:
         super().__init__(options.window_share)
@@ -152,6 +154,7 @@ class VLLMEngine(StreamingEngine):
             engine="vllm",
             context_length=int(config.model_config.max_model_len),
             capacity=self.capacity,
+            vocab_size=int(config.model_config.get_vocab_size()),
         )
 
     def _resolve_model(self) -> str:
@@ -266,6 +269,9 @@ class VLLMEngine(StreamingEngine):
             stop=req.stop or None,
             ignore_eos=req.ignore_eos,
             logprobs=req.logprobs,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias,
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=parsing.skip_special_tokens if parsing is not None else True,
         )

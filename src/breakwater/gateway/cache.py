@@ -113,6 +113,9 @@ def cache_entry(keys: Keys, spec: RequestSpec, model: ModelInfo, *, shared: bool
         "tool_call": spec.tool_call,
         "tool_format": spec.tool_format,
         "tools": spec.tools,
+        "presence_penalty": spec.presence_penalty,
+        "frequency_penalty": spec.frequency_penalty,
+        "logit_bias": spec.logit_bias,
     }
     digest = hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return CacheEntry(keys.cache(spec.model, scope, digest), scope)

@@ -30,6 +30,7 @@ class ModelInfo:
     fingerprint: str = ""
     # The width of its embeddings, where every live worker's engine says the same (0: not known).
     embedding_dim: int = 0
+    vocab_size: int = 0  # its vocabulary, where every live worker's engine says the same (0: not known)
 
     @classmethod
     def without_workers(cls, name: str) -> ModelInfo:
@@ -106,6 +107,7 @@ def _aggregate(name: str, infos: list[dict[str, Any]]) -> ModelInfo:
         features=frozenset.intersection(*(frozenset(i.get("features") or ()) for i in infos)),
         fingerprint=_common({str(i.get("fingerprint") or "") for i in infos}),
         embedding_dim=int(_common({str(i.get("embedding_dim") or 0) for i in infos}) or 0),
+        vocab_size=int(_common({str(i.get("vocab_size") or 0) for i in infos}) or 0),
     )
 
 

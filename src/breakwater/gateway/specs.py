@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from breakwater.broker import RequestSpec
-from breakwater.engines.base import EMBEDDINGS, GRAMMAR, LOGPROBS, RESPONSE_FORMAT
+from breakwater.engines.base import EMBEDDINGS, GRAMMAR, LOGIT_BIAS, LOGPROBS, PENALTIES, RESPONSE_FORMAT
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.models import ModelInfo
 from breakwater.protocol import toolformats
@@ -59,6 +59,11 @@ def request_spec(
         "stop": body.stop_list(),
         "ignore_eos": body.ignore_eos,
         "include_usage": body.include_usage(),
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "logit_bias": orjson.dumps(biases, option=orjson.OPT_NON_STR_KEYS).decode()
+        if (biases := body.token_biases())
+        else "",
     }
     if isinstance(body, ChatCompletionRequest):
         features = model.features if model is not None else frozenset()
@@ -198,6 +203,7 @@ def check_features(spec: RequestSpec, model: ModelInfo, dimensions: int | None =
             code="unsupported_parameter",
             param="logprobs",
         )
+    _check_sampling(spec, model)
     if spec.response_format and model.workers and RESPONSE_FORMAT not in model.features:
         param = "tool_choice" if spec.tool_call else "response_format"  # a forced call is constrained too
         raise APIError(
@@ -214,3 +220,36 @@ def prompt_text(spec: RequestSpec) -> str:
     if spec.messages is not None:  # with passed-through tools, their schemas are prompt too
         return "\n".join([*(m["content"] for m in spec.messages), *([spec.tools] if spec.tools else [])])
     return spec.prompt or ""
+
+
+def _check_sampling(spec: RequestSpec, model: ModelInfo) -> None:
+    """Penalties and ``logit_bias`` where the model's live workers cannot apply them; a biased token
+    the model's vocabulary does not have."""
+    if not model.workers:
+        return
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(spec, name) and PENALTIES not in model.features:
+            raise APIError(
+                400,
+                f"`{name}` is not supported by the engine serving `{model.name}`",
+                code="unsupported_parameter",
+                param=name,
+            )
+    if not spec.logit_bias:
+        return
+    if LOGIT_BIAS not in model.features:
+        raise APIError(
+            400,
+            f"`logit_bias` is not supported by the engine serving `{model.name}`",
+            code="unsupported_parameter",
+            param="logit_bias",
+        )
+    vocab = model.vocab_size
+    unknown = [t for t in orjson.loads(spec.logit_bias) if vocab and int(t) >= vocab]
+    if unknown:
+        raise APIError(
+            400,
+            f"`logit_bias` names token {unknown[0]}; `{model.name}` has {vocab} (ids 0 to {vocab - 1})",
+            code="invalid_value",
+            param="logit_bias",
+        )

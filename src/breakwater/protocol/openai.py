@@ -15,13 +15,13 @@ MAX_TIMEOUT_S = 86_400.0
 MAX_SEQ = (1 << 63) - 1  # event sequence numbers (Last-Event-ID, ?after=)
 INT64 = 1 << 63
 MAX_CHOICES = 16  # n: each choice is its own job (gateway.choices)
+MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias
 
 # OpenAI parameters the engines do not implement yet: refused (400, naming the parameter) unless
 # they hold their default, never silently ignored.
 UNSUPPORTED_PARAMETERS = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-    "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
-    "suffix", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
+    "best_of", "suffix", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
 )  # fmt: skip
 # Extra fields that change nothing the engine does or that it implements (top_k); the typed ones
 # (metadata, safety_identifier, prompt_cache_key) are fields of :class:`Tagged`.
@@ -128,6 +128,27 @@ class _SamplingRequest(Tagged):
     )
     lane: Literal["interactive", "batch"] = "interactive"
     ignore_eos: bool = Field(default=False, description="vLLM extension: generate until max_tokens")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdigit()) or int(token) >= 1 << 31:
+                raise ValueError(f"keys are token ids (non-negative integers as strings), not {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases are from -100 to 100, not {bias}")
+        return value
+
+    def token_biases(self) -> dict[int, float]:
+        """``logit_bias`` with its token ids as numbers (those biased by 0 left out)."""
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items() if bias}
 
     @field_validator("stream", "n", mode="before")
     @classmethod

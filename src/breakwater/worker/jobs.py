@@ -14,7 +14,9 @@ from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
     GRAMMAR,
+    LOGIT_BIAS,
     LOGPROBS,
+    PENALTIES,
     RESPONSE_FORMAT,
     Engine,
     EngineRequestError,
@@ -82,6 +84,11 @@ def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:
         embed_inputs=spec.inputs if spec.kind == "embedding" else None,
         logprobs=spec.logprobs if spec.logprobs >= 0 else None,
         tools=orjson.loads(spec.tools) if spec.tools else None,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        logit_bias={int(t): float(b) for t, b in orjson.loads(spec.logit_bias).items()}
+        if spec.logit_bias
+        else None,
         emitted_text=record.emitted,
         emitted_tokens=record.tokens,
     )
@@ -98,6 +105,11 @@ def refusal(engine: Engine, request: GenerationRequest) -> EngineRequestError | 
     if request.logprobs is not None and LOGPROBS not in engine.features:
         return EngineRequestError(
             f"`logprobs` is not supported by the {engine.info.engine} engine", code="unsupported_parameter"
+        )
+    unserved = _unserved_sampling(engine, request)
+    if unserved:
+        return EngineRequestError(
+            f"`{unserved}` is not supported by the {engine.info.engine} engine", code="unsupported_parameter"
         )
     if request.tools is not None and request.emitted_tokens:
         return EngineRequestError(
@@ -136,3 +148,15 @@ def error_type(code: str | None) -> str:
     if code is None or code == "continuation_unsupported":
         return "server_error"
     return "invalid_request_error"
+
+
+def _unserved_sampling(engine: Engine, request: GenerationRequest) -> str:
+    """A sampling parameter the request sets that ``engine`` does not implement ('' when none)."""
+    if request.logit_bias and LOGIT_BIAS not in engine.features:
+        return "logit_bias"
+    if PENALTIES not in engine.features:
+        if request.presence_penalty:
+            return "presence_penalty"
+        if request.frequency_penalty:
+            return "frequency_penalty"
+    return ""

@@ -51,6 +51,7 @@ class LivenessMixin:
             "capacity": info.capacity,
             "context_length": info.context_length,
             "embedding_dim": info.embedding_dim,
+            "vocab_size": info.vocab_size,
             "active": self.engine.running(),
             # The room it would pull into now (jobs claimed but not yet in the engine count as taken).
             "free": 0

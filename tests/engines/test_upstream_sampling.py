@@ -1,0 +1,72 @@
+"""The ``openai`` engine passes the client's sampling parameters on to the upstream, as OpenAI names
+them (penalties, ``logit_bias`` with its token ids as strings); those at their defaults are left out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from breakwater.engines.base import GenerationRequest, SequenceDelta
+from breakwater.engines.options import UpstreamOptions
+from breakwater.engines.upstream import OpenAIUpstreamEngine
+from tests.engines.raw_upstream import RawUpstream
+
+
+class RecordingUpstream(RawUpstream):
+    """Records each completion's body and answers "ok"."""
+
+    def __init__(self) -> None:
+        super().__init__("sampling")
+        self.bodies: list[dict[str, Any]] = []
+
+    async def complete(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        self.bodies.append(body)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+        events = b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+            + f"Content-Length: {len(events)}\r\n\r\n".encode()
+            + events
+        )
+        await writer.drain()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[RecordingUpstream, OpenAIUpstreamEngine]]:
+    server = RecordingUpstream()
+    async with server as url:
+        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=5))
+        await engine.start()
+        try:
+            yield server, engine
+        finally:
+            await engine.close()
+
+
+async def _run(engine: OpenAIUpstreamEngine, request: GenerationRequest) -> list[SequenceDelta]:
+    engine.add(request)
+    deltas: list[SequenceDelta] = []
+    async with asyncio.timeout(10):
+        while not any(d.finished for d in deltas):
+            deltas += await engine.step()
+    return deltas
+
+
+async def test_penalties_and_logit_bias_reach_the_upstream(
+    upstream: tuple[RecordingUpstream, OpenAIUpstreamEngine],
+) -> None:
+    server, engine = upstream
+    messages = [{"role": "user", "content": "hi"}]
+    asked = GenerationRequest(
+        "r1", messages=messages, presence_penalty=0.5, frequency_penalty=-1.0, logit_bias={42: -100.0, 7: 2.5}
+    )
+    assert "".join(d.text for d in await _run(engine, asked)) == "ok"
+    await _run(engine, GenerationRequest("r2", messages=messages))
+    sent, plain = server.bodies
+    assert (sent["presence_penalty"], sent["frequency_penalty"]) == (0.5, -1.0)
+    assert sent["logit_bias"] == {"42": -100.0, "7": 2.5}
+    assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & set(plain)
