@@ -17,6 +17,8 @@ GRAMMAR = "grammar"  # a GBNF grammar (OutputFormat.needs_grammar: a format with
 EMBEDDINGS = (
     "embeddings"  # /v1/embeddings: GenerationRequest.embed_inputs, answered with protocol.embeddings.pack
 )
+# The finish reasons of OpenAI's API (SequenceDelta.as_openai_finish).
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 PENALTIES = "penalties"  # OpenAI's presence_penalty and frequency_penalty, over the generated tokens
 LOGIT_BIAS = "logit_bias"  # OpenAI's logit_bias: token id -> bias added to its logit
 
@@ -85,6 +87,19 @@ class SequenceDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    def as_openai_finish(self) -> None:
+        """The finish an OpenAI client knows (:data:`FINISH_REASONS`): an engine's own (vLLM's
+        ``abort`` and ``error``: a failed generation; its ``repetition``, an upstream's other
+        words) becomes an error or ``stop``, never a value strict clients reject."""
+        reason = self.finish_reason
+        if reason is None or reason in FINISH_REASONS:
+            return
+        if reason in ("error", "abort"):
+            self.finish_reason = None
+            self.error = self.error or f"the engine ended the answer with finish reason `{reason}`"
+        else:
+            self.finish_reason = "stop"
 
 
 class Engine(ABC):

@@ -7,9 +7,12 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 
 from breakwater.broker import Broker, RequestSpec
+from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import FanIn, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
 from breakwater.broker.types import Admission, EnqueueResult
@@ -135,18 +138,8 @@ class Admitter:
             except BaseException:
                 await self._abandon(None, idem, rid, principal, Limits(), owned)
                 raise
-        # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
-        # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
-        sub = None
-        try:
-            sub = await self.fanin.open(rid) if subscribe else None
-            result = await self._enqueue(rid, spec, prompt, principal)
-            if sub is not None and result.accepted and not await self.fanin.confirm(sub):
-                log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
-                sub.wake()  # the job is queued: follow it from the durable stream instead
-        except BaseException:
-            await self._abandon(sub, idem, rid, principal, limits, owned)
-            raise
+        release = partial(self._abandon, idem=idem, rid=rid, principal=principal, limits=limits, entry=owned)
+        result, sub = await self._queue(rid, spec, prompt, principal, subscribe, release)
         if not result.accepted:
             await self._abandon(sub, idem, rid, principal, limits, owned)
             raise await self._queue_full(body, model, spec, principal, result.waiting)
@@ -161,6 +154,7 @@ class Admitter:
             headers=headers,
             tool=spec.tool_call,
             tool_format=spec.tool_format,
+            logprobs=spec.logprobs >= 0,
         )
 
     async def _queue_full(
@@ -179,6 +173,50 @@ class Admitter:
             code="queue_full",
             headers={"Retry-After": str(retry_after), "X-Breakwater-Reason": "queue_full"},
         )
+
+    async def _queue(
+        self,
+        rid: str,
+        spec: RequestSpec,
+        prompt: str,
+        principal: Principal,
+        subscribe: bool,
+        release: Callable[[Subscription | None], Awaitable[None]],
+    ) -> tuple[EnqueueResult, Subscription | None]:
+        """Subscribe (when asked) and queue; on a failure ``release`` what admission took, and give
+        the budget hold back unless the job may have been queued."""
+        # SUBSCRIBE is sent before the job is queued, and its confirmation awaited after (the two round
+        # trips overlap). Confirmed, it delivers every event; the reader fills any gap from the stream.
+        sub = None
+        queued: bool | None = False  # None: not known (the enqueue itself raised)
+        try:
+            sub = await self.fanin.open(rid) if subscribe else None
+            queued = None
+            result = await self._enqueue(rid, spec, prompt, principal)
+            queued = result.accepted
+            if sub is not None and result.accepted and not await self.fanin.confirm(sub):
+                log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
+                sub.wake()  # the job is queued: follow it from the durable stream instead
+        except BaseException:
+            await release(sub)
+            if not queued:
+                await self._unhold_unqueued(rid, spec, principal, known=queued is False)
+            raise
+        return result, sub
+
+    async def _unhold_unqueued(self, rid: str, spec: RequestSpec, principal: Principal, known: bool) -> None:
+        """A request admitted by the limits whose enqueue failed: unless it was queued after all (its
+        record exists: the reply was lost), nothing will meter it, so its budget hold is given back.
+        ``known``: the enqueue was never sent. Best effort: Redis may still be away (then the hold
+        stays until the budget renews, on the safe side)."""
+        if not spec.held_tokens:
+            return
+        try:
+            if not known and await self.broker.get_record(rid) is not None:
+                return  # queued: the worker's metering gives the hold back
+            await self.broker.ledger.unhold(principal.tenant, principal.key_id, spec.held_tokens)
+        except TRANSIENT as exc:
+            log.warning("budget hold not given back", extra={"rid": rid, "fields": {"error": repr(exc)}})
 
     async def _enqueue(self, rid: str, spec: RequestSpec, prompt: str, principal: Principal) -> EnqueueResult:
         """Queue the job on one of its model's partitions (gateway.partitions): the less loaded of

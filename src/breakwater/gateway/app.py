@@ -114,7 +114,17 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             if index is not broker:
                 await index.aclose()
 
-    app = GatewayApp(title="Breakwater", version="0.1.0", lifespan=lifespan)
+    # FastAPI's schema and its pages: with API keys, not on the public listener (the schema is no
+    # secret, but an exposed surface should not serve pages that load a CDN's scripts).
+    public = settings.auth != "keys"
+    app = GatewayApp(
+        title="Breakwater",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if public else None,
+        redoc_url="/redoc" if public else None,
+        openapi_url="/openapi.json" if public else None,
+    )
     app.state.embedded = embedded
     install_error_handlers(app)
     app.include_router(routes.router)

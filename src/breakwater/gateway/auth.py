@@ -42,21 +42,26 @@ def bearer(authorization: str | None) -> str | None:
 
 
 class _Recent(Generic[K, V]):
-    """Values looked up in the last ``ttl_s`` seconds (at most CACHE_MAX of them)."""
+    """Values looked up in the last ``ttl_s`` seconds: at most CACHE_MAX found ones, and apart at
+    most CACHE_MAX / 10 lookups that found nothing (None), so that a flood of made-up keys never
+    pushes the real ones out (each then a Redis lookup per request). Full, the oldest goes."""
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._items: dict[K, tuple[float, V]] = {}
+        self._misses: dict[K, tuple[float, V]] = {}
 
     async def get(self, key: K, load: Callable[[K], Awaitable[V]]) -> V:
         now = time.monotonic()
-        cached = self._items.get(key)
+        cached = self._items.get(key) or self._misses.get(key)
         if cached is not None and now - cached[0] < self.ttl_s:
             return cached[1]
         value = await load(key)
-        if len(self._items) >= CACHE_MAX:
-            self._items.clear()
-        self._items[key] = (now, value)
+        items, most = (self._misses, CACHE_MAX // 10) if value is None else (self._items, CACHE_MAX)
+        items.pop(key, None)  # (re)inserted last: the dict's order is the entries' age
+        if len(items) >= most:
+            del items[next(iter(items))]
+        items[key] = (now, value)
         return value
 
 

@@ -92,9 +92,10 @@ def auto_message(rid: str, text: str, single: bool = False) -> tuple[dict[str, A
     (``single``: one call at most)."""
     content, calls = split_answer(text, single)
     if not calls:
-        return {"role": "assistant", "content": content}, False
+        return {"role": "assistant", "content": content, "refusal": None}, False
     return {
         "role": "assistant",
         "content": content if content.strip() else None,
+        "refusal": None,
         "tool_calls": [call_object(rid, k, call) for k, call in enumerate(calls)],
     }, True

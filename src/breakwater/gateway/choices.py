@@ -20,7 +20,7 @@ from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.admission import new_rid
 from breakwater.gateway.autotools import ToolChunks
-from breakwater.gateway.errors import APIError
+from breakwater.gateway.errors import APIError, stream_unavailable_body
 from breakwater.gateway.following import Submission
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
 from breakwater.gateway.streaming import LastChunk, joined
@@ -86,6 +86,7 @@ class ChoiceGroup:
     choices: list[Choice]
     headers: dict[str, str] = field(default_factory=dict)
     tool_format: str = ""
+    logprobs: bool = False
 
     @classmethod
     def of(cls, rid: str, choices: list[Choice]) -> ChoiceGroup:
@@ -103,6 +104,7 @@ class ChoiceGroup:
             first.tool,
             choices,
             tool_format=first.tool_format,
+            logprobs=first.logprobs,
         )
 
 
@@ -319,6 +321,8 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
         pass  # end without [DONE]: the client resumes on another gateway (Last-Event-ID)
     except APIError as exc:  # a reader failed (its request expired): the others are let go below
         out.append(sse_event(exc.body()))
+    except TRANSIENT as exc:  # Redis went away after the status line: said, not a broken body
+        out.append(sse_event(stream_unavailable_body(exc)))
     finally:
         # Cancelled again while one runs on (stopping.py): a reader left running would fill the
         # queue, wait on it forever and hold this response. Their cleanup does not wait on anything.
@@ -370,6 +374,7 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
                 chat=group.chat,
                 tool=group.tool,
                 tool_format=group.tool_format,
+                logprobs=group.logprobs,
             )
         )
         for c in group.choices

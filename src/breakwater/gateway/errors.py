@@ -86,7 +86,24 @@ def unavailable_response(exc: Exception) -> JSONBody:
     )
 
 
+def stream_unavailable_body(exc: BaseException) -> dict[str, Any]:
+    """The last event of a stream whose Redis went away after its status line was sent: the request
+    goes on (its events are durable); the client resumes with its last event id once Redis is back."""
+    return error_body(
+        f"the queue became unavailable mid-stream ({reason(exc)}); resume with Last-Event-ID shortly",
+        "service_unavailable",
+        "redis_unavailable",
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONBody:
+        """A bug, not the client's: OpenAI's error shape still (the traceback goes to the log)."""
+        return JSONBody(
+            error_body("internal server error", "server_error", "internal_error"), status_code=500
+        )
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONBody:
         return api_error_response(exc)

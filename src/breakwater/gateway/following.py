@@ -39,6 +39,7 @@ class Submission:
     tool: str = ""  # the answer is a call to this function (protocol.tools)
     tool_format: str = ""  # the model chooses its calls, in this format (gateway.autotools)
     cached: bool = False  # an identical request's answer (gateway.cache)
+    logprobs: bool = False  # the client asked for logprobs (a whole answer has a list, maybe empty)
 
     @classmethod
     def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:
@@ -54,6 +55,7 @@ class Submission:
             duplicate=True,
             tool=spec.tool_call,
             tool_format=spec.tool_format,
+            logprobs=spec.logprobs >= 0,
         )
 
 

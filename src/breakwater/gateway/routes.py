@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.ledger import UsageRow, day_of
 from breakwater.broker.record import RequestRecord, Status
@@ -22,7 +23,7 @@ from breakwater.gateway.auth import caller
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import CacheControl
-from breakwater.gateway.errors import APIError, JSONBody
+from breakwater.gateway.errors import APIError, JSONBody, stream_unavailable_body
 from breakwater.gateway.following import Submission
 from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.service import GatewayService
@@ -119,6 +120,7 @@ async def complete(
             chat=sub.chat,
             tool=sub.tool,
             tool_format=sub.tool_format,
+            logprobs=sub.logprobs,
         )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
@@ -239,6 +241,8 @@ async def _stream(
     except APIError as exc:  # the status line is sent: say it as the stream's last event
         pending.append(LastChunk(sse_event(exc.body())))
         finished = True
+    except TRANSIENT as exc:  # Redis went away after the status line: said, not a broken body
+        pending.append(LastChunk(sse_event(stream_unavailable_body(exc))))
     finally:
         if not finished:
             svc.requests.detach_later(sub.rid, shared=sub.cached)
@@ -250,9 +254,22 @@ async def _stream(
 
 @router.get("/v1/models")
 async def list_models(request: Request, who: Caller) -> dict[str, Any]:
+    return {"object": "list", "data": await _models(service(request), who)}
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(model: str, request: Request, who: Caller) -> dict[str, Any]:
+    """One entry of the list (OpenAI's ``models.retrieve``); a model the caller's key may not use is
+    as unknown as one nobody serves."""
+    for entry in await _models(service(request), who):
+        if entry["id"] == model:
+            return entry
+    raise APIError(404, f"The model `{model}` does not exist or has no live worker.", code="model_not_found")
+
+
+async def _models(svc: GatewayService, who: Principal) -> list[dict[str, Any]]:
     """Served models and versions (``version``/``base`` on a version), then aliases with their
     versions' weights; only what the caller's key may use."""
-    svc = service(request)
     aliases = await svc.versions.aliases(fresh=True)
     served = await svc.registry.models(fresh=True)
     data: list[dict[str, Any]] = []
@@ -274,7 +291,7 @@ async def list_models(request: Request, who: Caller) -> dict[str, Any]:
         entry["versions"] = [{"id": v, "weight": w} for v, w in weights.items()]
         entry["sticky"] = alias.sticky
         data.append(entry)
-    return {"object": "list", "data": data}
+    return data
 
 
 def _model_entry(name: str, m: ModelInfo) -> dict[str, Any]:

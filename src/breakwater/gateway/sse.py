@@ -233,21 +233,25 @@ async def collect_response(
     chat: bool,
     tool: str = "",
     tool_format: str = "",
+    logprobs: bool = False,
 ) -> dict[str, Any]:
     """A non-streaming response body from all events; an error event raises :class:`APIError`.
-    ``events`` is closed here (not left to the event loop's async-generator finalizer)."""
+    ``events`` is closed here (not left to the event loop's async-generator finalizer).
+    ``logprobs``: asked for, so the answer has a list of them (empty for an answer without text)."""
+    asked = logprobs
     async with aclosing(events):
         parts: list[str] = []
-        logprobs: list[dict[str, Any]] | None = None
+        entries: list[dict[str, Any]] | None = [] if asked else None
         async for event in events:
             if event.kind == "token":
                 parts.append(event.text)
                 if event.logprobs is not None:
-                    logprobs = [*(logprobs or ()), *event.logprobs]
+                    entries = entries if entries is not None else []
+                    entries.extend(event.logprobs)
             elif event.kind == "done":
                 text, reason = "".join(parts), event.finish_reason or "stop"
                 if tool_format:  # the model chose its calls: split its answer
-                    body = chat_response(rid, model, created, text, reason, event.usage, logprobs=logprobs)
+                    body = chat_response(rid, model, created, text, reason, event.usage, logprobs=entries)
                     message, called = auto_message(rid, text, single_call(tool_format))
                     choice = body["choices"][0]
                     choice["message"] = message
@@ -255,8 +259,8 @@ async def collect_response(
                         choice["finish_reason"] = "tool_calls"
                     return body
                 if chat:
-                    return chat_response(rid, model, created, text, reason, event.usage, tool, logprobs)
-                return text_response(rid, model, created, text, reason, event.usage, logprobs)
+                    return chat_response(rid, model, created, text, reason, event.usage, tool, entries)
+                return text_response(rid, model, created, text, reason, event.usage, entries)
             else:
                 err = event.error or {}
                 code = err.get("code")

@@ -352,14 +352,15 @@ def chat_response(
 ) -> dict[str, Any]:
     """``tool``: the text is the arguments of a call to that function (protocol.tools); its id comes
     from ``call_rid`` (the choice's own request), else ``rid``."""
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    # `refusal`: OpenAI sends it with every message (null: no refusal); strict clients read it.
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if tool:
         call = {
             "id": call_id(call_rid or rid),
             "type": "function",
             "function": {"name": tool, "arguments": text},
         }
-        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
         finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     lp = None if logprobs is None else {"content": logprobs, "refusal": None}
     return {

@@ -61,6 +61,8 @@ class FinishingMixin:
             return
         inflight = self.inflight
         finishes = [(flight, delta) for flight, delta in finishes if inflight.get(flight.job.rid) is flight]
+        for _, delta in finishes:
+            delta.as_openai_finish()
         self._rate(finishes)
         if finishes:
             self._in_background(self._finish_all(finishes), "finish")

@@ -1,0 +1,79 @@
+"""A request its key's budget admitted holds tokens against the budget until it is metered. When its
+enqueue fails (Redis lost mid-admission), nothing will meter it unless it was queued after all: the
+gateway gives the hold back, or keeps it for the worker's metering when the job did reach Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from breakwater.keys import Keys
+from breakwater.redis_server import RedisServer
+from breakwater.tenancy.apikeys import ApiKey
+from tests.helpers import async_wait_for
+from tests.inproc import InProc, inproc_gateway
+
+PEPPER = "test-pepper-for-budget-holds"
+BODY = {"model": "sim", "prompt": "held", "max_tokens": 20, "ignore_eos": True}
+
+
+@pytest.fixture
+async def keyed(redis_server: RedisServer, prefix: str) -> AsyncIterator[tuple[InProc, str, str]]:
+    """A gateway with API keys, a sim worker, and a key with a daily budget: (gateway, secret, key id)."""
+    async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=PEPPER) as gw:
+        await gw.add_worker()
+        broker = gw.broker()
+        try:
+            secret, key = await broker.api_keys(PEPPER.encode()).create(
+                ApiKey(id="", tenant="holds", budget_day=1_000_000)
+            )
+        finally:
+            await broker.aclose()
+        yield gw, secret, key.id
+
+
+async def _held(redis: Redis, prefix: str, key_id: str) -> int:
+    usage = Keys(prefix).usage("holds", datetime.now(UTC).strftime("%Y-%m-%d"))
+    return int(await redis.hget(usage, f"{key_id}:held") or 0)
+
+
+@pytest.mark.parametrize("reached_redis", [False, True])
+async def test_a_failed_enqueue_gives_the_hold_back_unless_the_job_was_queued(
+    keyed: tuple[InProc, str, str],
+    redis: Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    reached_redis: bool,
+) -> None:
+    gw, secret, key_id = keyed
+    broker = gw.app.state.service.broker
+    enqueue = broker.enqueue
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        if reached_redis:  # queued, and the reply lost on the way back
+            await enqueue(*args, **kwargs)
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(broker, "enqueue", failing)
+    headers = {"Authorization": f"Bearer {secret}"}
+    resp = await gw.http.post("/v1/completions", json=BODY, headers=headers)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "redis_unavailable"
+    if not reached_redis:
+        assert await _held(redis, prefix, key_id) == 0  # nothing queued: given back at once
+        return
+    # Queued after all: the hold stays for the worker, whose metering gives it back (once).
+    assert await _held(redis, prefix, key_id) > 0
+
+    async def metered() -> bool:
+        return await _held(redis, prefix, key_id) == 0
+
+    await async_wait_for(metered, 30, what="the queued request metered")
+    monkeypatch.setattr(broker, "enqueue", enqueue)
+    served = await gw.http.post("/v1/completions", json=BODY, headers=headers)
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 20
+    assert await _held(redis, prefix, key_id) == 0
