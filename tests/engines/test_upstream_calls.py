@@ -9,6 +9,7 @@ from breakwater.engines.base import GenerationRequest
 from breakwater.engines.streams import Flight
 from breakwater.engines.upstream import OpenAIUpstreamEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice
+from breakwater.engines.vllm_tools import template_messages
 from breakwater.protocol.toolformats import ParsedCall, split_answer
 
 
@@ -66,3 +67,10 @@ def test_usage_from_the_upstream_when_it_counts_else_the_chunks() -> None:
     flight = Flight(GenerationRequest("r"), tokens=7)
     uncounted = OpenAIUpstreamEngine._final(flight, 0, "stop", {"prompt_tokens": 3})
     assert uncounted.usage == {"prompt_tokens": 3, "completion_tokens": 7}
+
+
+def test_a_developer_message_reaches_a_chat_template_as_system() -> None:
+    """vLLM's tool-parser path renders the record's messages with the model's template, which
+    knows ``system``, not OpenAI's newer ``developer``."""
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert [m["role"] for m in template_messages(messages)] == ["system", "user"]

@@ -120,9 +120,14 @@ async def test_an_unexpected_error_is_a_500_in_openais_shape(
     monkeypatch.setattr(gw.app.state.service, "submit", broken)
     transport = httpx.ASGITransport(app=gw.app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
-        resp = await http.post("/v1/chat/completions", json={"model": "sim", "messages": HI, "max_tokens": 3})
+        resp = await http.post(
+            "/v1/chat/completions",
+            json={"model": "sim", "messages": HI, "max_tokens": 3},
+            headers={"X-Request-ID": "trace-me-500"},
+        )
     assert resp.status_code == 500
     assert resp.json()["error"]["type"] == "server_error" and "a bug" not in resp.text
+    assert resp.headers["x-request-id"] == "trace-me-500"  # to find its traceback in the log
 
 
 async def test_redis_gone_mid_stream_ends_it_with_an_error_event(

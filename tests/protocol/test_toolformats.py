@@ -128,3 +128,19 @@ def test_the_format_is_the_workers_shared_one() -> None:
     assert tool_format_of(frozenset({"logprobs", "tool_format:smollm2"})) == "smollm2"
     assert tool_format_of(frozenset({"tool_format:smollm2", "tool_format:hermes"})) == ""
     assert tool_format_of(frozenset()) == ""
+
+
+def test_one_call_only_keeps_the_first_real_call() -> None:
+    """``parallel_tool_calls: false``: calls after the first are dropped; an empty block (SmolLM2's
+    "no call") is no call and does not use the one up."""
+    first = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    second = '<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    assert split_answer(first + second, True)[1] == [ParsedCall("f", '{"a":1}')]
+    assert split_answer("<tool_call>[]</tool_call>" + second, True)[1] == [ParsedCall("g", "{}")]
+    assert split_answer(SMOLLM2, True)[1] == [ParsedCall("get_weather", '{"city":"Paris"}')]
+    assert len(split_answer(first + second)[1]) == 2
+
+
+def test_a_forced_call_asks_an_upstream_for_strict_arguments() -> None:
+    fmt = ForcedCall("f", "", {"type": "object", "properties": {"a": {"type": "integer"}}}).output_format()
+    assert fmt.openai()["json_schema"]["strict"] is True

@@ -4,12 +4,15 @@ is continued later without losing or repeating a token."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from breakwater.broker import Broker, Job, RequestSpec, Status
+from breakwater.engines.base import PENALTIES
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.keys import LANES
@@ -37,11 +40,10 @@ def _spec(tenant: str, i: int, max_tokens: int) -> RequestSpec:
     )
 
 
-async def _enqueue(broker: Broker, tenant: str, i: int, max_tokens: int) -> str:
+async def _enqueue(broker: Broker, tenant: str, i: int, max_tokens: int, **asked: Any) -> str:
     rid = f"r-{tenant}-{i}"
-    result = await broker.enqueue(
-        rid=rid, spec=_spec(tenant, i, max_tokens), max_queued=100, result_ttl_s=60, cost=max_tokens
-    )
+    spec = dataclasses.replace(_spec(tenant, i, max_tokens), **asked)
+    result = await broker.enqueue(rid=rid, spec=spec, max_queued=100, result_ttl_s=60, cost=max_tokens)
     assert result.accepted
     return rid
 
@@ -52,14 +54,14 @@ async def _status(broker: Broker, rid: str) -> tuple[Status | None, int]:
 
 
 async def _flood_then_join(
-    gw: InProc, **worker: object
+    gw: InProc, engine: type[SimEngine] = SimEngine, asked: dict[str, Any] | None = None, **worker: object
 ) -> tuple[Broker, list[str], str, list[Status | None]]:
-    """Two slots; the flooding tenant runs two long answers and has a third waiting; then a light
-    tenant asks for a short one. Returns the flood's statuses at the moment the light one is done."""
-    engine = SimEngine(SimOptions(capacity=2, decode_base_ms=20, decode_per_seq_ms=0))
-    await gw.add_worker(engine, **worker)
+    """Two slots; the flooding tenant runs two long answers and has a third waiting (each with
+    ``asked``); then a light tenant asks for a short one. Returns the flood's statuses at the
+    moment the light one is done."""
+    await gw.add_worker(engine(SimOptions(capacity=2, decode_base_ms=20, decode_per_seq_ms=0)), **worker)
     broker = gw.broker()
-    flood = [await _enqueue(broker, "flood", i, LONG) for i in range(3)]
+    flood = [await _enqueue(broker, "flood", i, LONG, **(asked or {})) for i in range(3)]
 
     async def both_running() -> bool:
         states = [await _status(broker, rid) for rid in flood[:2]]
@@ -118,6 +120,27 @@ async def test_without_preemption_the_joining_tenant_waits_for_a_slot(gw_empty: 
     try:
         # Fair order still puts it first in line, but only once a running answer has ended.
         assert Status.DONE in states[:2], states
+    finally:
+        await broker.aclose()
+
+
+class PenalisingSim(SimEngine):
+    """Takes penalties (ignores them: the pause decision is what is tested) and continues by a new
+    prompt, as vLLM and an upstream do: their penalties would count only what comes after a pause."""
+
+    features = SimEngine.features | {PENALTIES}
+
+
+async def test_a_penalised_answer_is_not_paused_where_its_continuation_would_drop_the_counts(
+    gw_empty: InProc,
+) -> None:
+    broker, _, _, states = await _flood_then_join(gw_empty, PenalisingSim, {"frequency_penalty": 1.0})
+    try:
+        assert Status.DONE in states[:2], states  # the light tenant waited for a slot instead
+        worker = gw_empty.workers[0][0]
+        assert not worker.metrics.registry.get_sample_value(
+            "breakwater_worker_preemptions_total", {"model": "sim"}
+        )
     finally:
         await broker.aclose()
 

@@ -44,9 +44,12 @@ def parser_class(name: str, tokenizer: Any, model: str) -> Any:
 
 def template_messages(messages: list[dict[str, str]]) -> list[dict[str, Any]]:
     """A record's messages as chat templates take them: an assistant turn's ``tool_calls`` as a list
-    whose arguments are objects (as vLLM's server gives Hugging Face templates), content None there."""
+    whose arguments are objects (as vLLM's server gives Hugging Face templates), content None there;
+    ``developer`` as ``system``."""
     out = []
     for message in map(upstream_message, messages):
+        if message.get("role") == "developer":  # OpenAI's newer name for it; templates know `system`
+            message = {**message, "role": "system"}
         calls = message.get("tool_calls")
         if calls:
             message = {**message, "tool_calls": [_with_object_arguments(c) for c in calls]}

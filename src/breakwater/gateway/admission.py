@@ -198,9 +198,11 @@ class Admitter:
                 log.warning("subscription not confirmed in time; reading the stream", extra={"rid": rid})
                 sub.wake()  # the job is queued: follow it from the durable stream instead
         except BaseException:
-            await release(sub)
-            if not queued:
-                await self._unhold_unqueued(rid, spec, principal, known=queued is False)
+            try:
+                await release(sub)
+            finally:
+                if not queued:
+                    await self._unhold_unqueued(rid, spec, principal, known=queued is False)
             raise
         return result, sub
 

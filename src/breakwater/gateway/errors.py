@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -11,6 +12,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from breakwater.broker.errors import TRANSIENT, reason
+
+log = logging.getLogger(__name__)
 
 
 class JSONBody(Response):
@@ -98,10 +101,15 @@ def stream_unavailable_body(exc: BaseException) -> dict[str, Any]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONBody:
-        """A bug, not the client's: OpenAI's error shape still (the traceback goes to the log)."""
+    async def _unexpected(request: Request, exc: Exception) -> JSONBody:
+        """A bug, not the client's: OpenAI's error shape still, with the request's X-Request-ID
+        (this handler runs outside its middleware); the traceback goes to the log with it."""
+        rid = str(request.scope.get("state", {}).get("request_id") or "")
+        log.error("unexpected error", exc_info=exc, extra={"request_id": rid})
         return JSONBody(
-            error_body("internal server error", "server_error", "internal_error"), status_code=500
+            error_body("internal server error", "server_error", "internal_error"),
+            status_code=500,
+            headers={"X-Request-ID": rid} if rid else None,
         )
 
     @app.exception_handler(APIError)

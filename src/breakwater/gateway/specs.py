@@ -61,7 +61,7 @@ def request_spec(
         "include_usage": body.include_usage(),
         "presence_penalty": body.presence_penalty or 0.0,
         "frequency_penalty": body.frequency_penalty or 0.0,
-        "logit_bias": orjson.dumps(biases, option=orjson.OPT_NON_STR_KEYS).decode()
+        "logit_bias": orjson.dumps(biases, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SORT_KEYS).decode()
         if (biases := body.token_biases())
         else "",
     }

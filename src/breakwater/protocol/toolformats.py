@@ -141,7 +141,7 @@ class CallParser:
                     out.append(OPEN + block + CLOSE)
                 elif self._single:
                     out.extend(calls[:0] if self._called else calls[:1])
-                    self._called = True
+                    self._called = self._called or bool(calls)  # `[]`: no call made
                 else:
                     out.extend(calls)
 

@@ -35,8 +35,12 @@ class ForcedCall:
     parameters: dict[str, Any]
 
     def output_format(self) -> OutputFormat:
+        # Strict: the arguments must follow the function's schema (an upstream enforces it so).
         fmt = parse_response_format(
-            {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.parameters}}
+            {
+                "type": "json_schema",
+                "json_schema": {"name": self.name, "schema": self.parameters, "strict": True},
+            }
         )
         if fmt is None:  # json_schema always gives a format
             raise FormatError("no format for the tool call", "tools")

@@ -38,7 +38,8 @@ class InFlight:
     progressed: bool = False
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
     paused_at: int = -1  # preempted: continued once this many steps are published (-1: running)
-    constrained: bool = False  # structured output: paused only where the engine can continue it
+    # Structured output or penalties: paused only where the engine continues it exactly.
+    constrained: bool = False
     tools: bool = False  # its tools went to the engine, which cannot continue it: never paused
     finishing: bool = False  # its generation ended; its finish is being written (never paused)
     held_logprobs: list[dict[str, Any]] = field(default_factory=list)  # of the held tokens

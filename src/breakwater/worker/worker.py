@@ -303,7 +303,10 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             model=self.model,
             billing=Billing.of(record),
             suspect=suspect,
-            constrained=request.output_format is not None,
+            # Penalties too: an engine that continues by prompting with the text so far (vLLM, an
+            # upstream) would count only the tokens after a pause; llama.cpp's continues them.
+            constrained=request.output_format is not None
+            or bool(request.presence_penalty or request.frequency_penalty),
             tools=request.tools is not None,
         )
         self._suspects += suspect
