@@ -1,26 +1,24 @@
 """What the gateway answers, as strict OpenAI clients read it (in-process, the sim engine, the
 official ``openai`` client): finish reasons OpenAI knows, logprobs lists where they were asked for,
-``refusal`` on every message, ``models.retrieve``, and OpenAI's error shape where things fail (a bug,
-Redis gone mid-stream). Also the gateway's own surfaces: no schema pages with API keys, and a key
-cache that made-up keys cannot empty."""
+``refusal`` on every message, ``models.retrieve``, and OpenAI's error shape for a bug. Also the
+gateway's own surfaces: no schema pages with API keys, and a key cache that made-up keys cannot
+empty."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import httpx2
 import openai
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.config import GatewaySettings
 from breakwater.engines.base import LOGPROBS, SequenceDelta
 from breakwater.engines.sim import SimEngine
 from breakwater.gateway import auth
 from breakwater.gateway.app import build_app
-from breakwater.protocol.events import TokenEvent
 from tests.helpers import expected_sim
 from tests.inproc import InProc
 
@@ -128,28 +126,6 @@ async def test_an_unexpected_error_is_a_500_in_openais_shape(
     assert resp.status_code == 500
     assert resp.json()["error"]["type"] == "server_error" and "a bug" not in resp.text
     assert resp.headers["x-request-id"] == "trace-me-500"  # to find its traceback in the log
-
-
-async def test_redis_gone_mid_stream_ends_it_with_an_error_event(
-    gw: InProc, client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The status line is sent; the stream says why it ends (the SDK raises it) instead of breaking
-    off, and the request is left to be resumed."""
-    requests = gw.app.state.service.requests
-    events = requests.events
-
-    async def losing_redis(*args: Any, **kwargs: Any) -> AsyncGenerator[TokenEvent, None]:
-        async for event in events(*args, **kwargs):
-            yield event
-            raise RedisConnectionError("Connection closed by server.")
-
-    monkeypatch.setattr(requests, "events", losing_redis)
-    stream = await client.chat.completions.create(model="sim", messages=HI, max_tokens=8, seed=3, stream=True)
-    got: list[str] = []
-    with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            got += [chunk.choices[0].delta.content or ""] if chunk.choices else []
-    assert "".join(got) and "resume with Last-Event-ID" in str(info.value)
 
 
 def test_no_schema_pages_on_a_listener_with_api_keys() -> None:

@@ -20,7 +20,7 @@ from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.admission import new_rid
 from breakwater.gateway.autotools import ToolChunks
-from breakwater.gateway.errors import APIError, stream_unavailable_body
+from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
 from breakwater.gateway.streaming import LastChunk, joined
@@ -321,8 +321,6 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
         pass  # end without [DONE]: the client resumes on another gateway (Last-Event-ID)
     except APIError as exc:  # a reader failed (its request expired): the others are let go below
         out.append(sse_event(exc.body()))
-    except TRANSIENT as exc:  # Redis went away after the status line: said, not a broken body
-        out.append(sse_event(stream_unavailable_body(exc)))
     finally:
         # Cancelled again while one runs on (stopping.py): a reader left running would fill the
         # queue, wait on it forever and hold this response. Their cleanup does not wait on anything.

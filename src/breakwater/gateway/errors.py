@@ -89,16 +89,6 @@ def unavailable_response(exc: Exception) -> JSONBody:
     )
 
 
-def stream_unavailable_body(exc: BaseException) -> dict[str, Any]:
-    """The last event of a stream whose Redis went away after its status line was sent: the request
-    goes on (its events are durable); the client resumes with its last event id once Redis is back."""
-    return error_body(
-        f"the queue became unavailable mid-stream ({reason(exc)}); resume with Last-Event-ID shortly",
-        "service_unavailable",
-        "redis_unavailable",
-    )
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONBody:

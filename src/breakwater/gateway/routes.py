@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.ledger import UsageRow, day_of
 from breakwater.broker.record import RequestRecord, Status
@@ -23,7 +22,7 @@ from breakwater.gateway.auth import caller
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import CacheControl
-from breakwater.gateway.errors import APIError, JSONBody, stream_unavailable_body
+from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.service import GatewayService
@@ -241,8 +240,6 @@ async def _stream(
     except APIError as exc:  # the status line is sent: say it as the stream's last event
         pending.append(LastChunk(sse_event(exc.body())))
         finished = True
-    except TRANSIENT as exc:  # Redis went away after the status line: said, not a broken body
-        pending.append(LastChunk(sse_event(stream_unavailable_body(exc))))
     finally:
         if not finished:
             svc.requests.detach_later(sub.rid, shared=sub.cached)
