@@ -25,6 +25,17 @@ class RawUpstream:
     async def close(self) -> None:
         """Called first on exit: let any answer still being written end."""
 
+    @staticmethod
+    async def answer(writer: asyncio.StreamWriter, chunks: list[dict[str, Any]]) -> None:
+        """A whole streamed answer (``chunks`` then ``[DONE]``) in one write, with a Content-Length."""
+        events = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+            + f"Content-Length: {len(events)}\r\n\r\n".encode()
+            + events
+        )
+        await writer.drain()
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
         head = await reader.readuntil(b"\r\n\r\n")

@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 
 from breakwater.engines.base import GenerationRequest, SequenceDelta
@@ -44,13 +43,7 @@ class OneWriteServer(RawUpstream):
         super().__init__("lp")
 
     async def complete(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        events = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in ANSWER) + b"data: [DONE]\n\n"
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
-            + f"Content-Length: {len(events)}\r\n\r\n".encode()
-            + events
-        )
-        await writer.drain()
+        await self.answer(writer, ANSWER)
 
 
 @pytest.fixture

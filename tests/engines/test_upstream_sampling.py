@@ -7,7 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 
 from breakwater.engines.base import GenerationRequest, SequenceDelta
@@ -25,14 +24,9 @@ class RecordingUpstream(RawUpstream):
 
     async def complete(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         self.bodies.append(body)
-        chunk = {"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
-        events = b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
-            + f"Content-Length: {len(events)}\r\n\r\n".encode()
-            + events
+        await self.answer(
+            writer, [{"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}]
         )
-        await writer.drain()
 
 
 @pytest.fixture
