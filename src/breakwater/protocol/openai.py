@@ -150,10 +150,10 @@ class _SamplingRequest(Tagged):
         """``logit_bias`` with its token ids as numbers (those biased by 0 left out)."""
         return {int(token): bias for token, bias in (self.logit_bias or {}).items() if bias}
 
-    @field_validator("stream", "n", mode="before")
+    @field_validator("stream", "n", "echo", mode="before", check_fields=False)
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """``null`` is the default (the SDK types these optional)."""
+        """``null`` is the default (the SDK types these optional; ``echo`` is the text completions')."""
         if value is None:
             return cls.model_fields[info.field_name or ""].default
         return value
@@ -251,11 +251,6 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("exactly one prompt per request is supported")
         return value
-
-    @field_validator("echo", mode="before")
-    @classmethod
-    def _null_echo(cls, value: Any) -> Any:
-        return False if value is None else value
 
     def unsupported_parameter(self) -> str | None:
         return "echo" if self.echo else super().unsupported_parameter()
