@@ -457,7 +457,7 @@ async def test_a_sequence_whose_text_is_dropped_in_a_step_is_not_finished_in_it_
 
         monkeypatch.setattr(worker, "_finish_all", finish_all)
         end = SequenceDelta(rid, tokens=1, finish_reason="stop", usage={"completion_tokens": 2})
-        await worker._publish([SequenceDelta(rid, text="late", tokens=1), end])
+        await worker._publish(worker._owned([SequenceDelta(rid, text="late", tokens=1), end]))
         assert rid not in worker.inflight  # dropped
         assert finished == []  # and not finished as well
     finally:

@@ -40,7 +40,7 @@ class FinishingMixin:
     _step_task: asyncio.Task[None] | None
     _slot_freed: asyncio.Event
 
-    def _forget(self, rid: str) -> None:
+    def _forget(self, flight: InFlight) -> None:
         raise NotImplementedError
 
     async def _settle(self, job: Job, record: RequestRecord | None = None) -> None:
@@ -160,7 +160,7 @@ class FinishingMixin:
                 if seq > BEHIND:
                     break
                 await self._repair([(flight, BEHIND - seq)], ttl)  # a failover lost writes
-                if rid not in self.inflight:  # the repair gave up on it (tokens_lost) and dropped it
+                if self.inflight.get(rid) is not flight:  # the repair gave up on it (tokens_lost)
                     return
                 seq, record, settled = await finish()
             if seq <= BEHIND:  # still behind: retried whole, like a lost connection
@@ -183,5 +183,5 @@ class FinishingMixin:
                     "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
                 },
             )
-        self._forget(rid)  # only now: the slot counts as taken until its job is acked
+        self._forget(flight)  # only now: the slot counts as taken until its job is acked
         self._slot_freed.set()

@@ -46,7 +46,7 @@ class PreemptingMixin:
     def _add(self, request: GenerationRequest) -> None:
         raise NotImplementedError
 
-    def _forget(self, rid: str) -> None:
+    def _forget(self, flight: InFlight) -> None:
         raise NotImplementedError
 
     async def _start(self, job: Job, *, alone: bool | None = None) -> None:
@@ -176,5 +176,5 @@ class PreemptingMixin:
             error_type=exc.error_type,
         )
         await self._settle(flight.job)
-        self._forget(flight.job.rid)
+        self._forget(flight)
         self._slot_freed.set()

@@ -69,7 +69,8 @@ class RepairMixin:
             rid = flight.job.rid
             if seq <= BEHIND:
                 again.setdefault(rid, (flight, BEHIND - seq))
-            elif seq < 0 and rid in self.inflight:  # fenced off or ended meanwhile
+            elif seq < 0 and self.inflight.get(rid) is flight:  # fenced off or ended meanwhile
                 why = "fenced" if seq == -1 else "not running"
                 await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
-        return [pair for pair in again.values() if pair[0].job.rid in self.inflight]
+        inflight = self.inflight
+        return [(flight, last) for flight, last in again.values() if inflight.get(flight.job.rid) is flight]

@@ -191,11 +191,15 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             if burst and not jobs and not self.inflight:
                 return
 
-    def _forget(self, rid: str) -> None:
-        flight = self.inflight.pop(rid, None)
-        if flight is not None and flight.suspect:
+    def _forget(self, flight: InFlight) -> None:
+        """Forget ``flight`` (not a later start of its request, which may have replaced it)."""
+        rid = flight.job.rid
+        if self.inflight.get(rid) is not flight:
+            return
+        del self.inflight[rid]
+        if flight.suspect:
             self._suspects -= 1
-        if flight is not None and flight.paused:
+        if flight.paused:
             self.preemption.paused.remove(flight)
 
     def _idle(self) -> bool:
@@ -340,21 +344,29 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             if busy_since is not None:
                 self._busy.inc(time.monotonic() - busy_since)
             shape = self.engine.last_step()
+            # Each delta's sequence as of now: while the last step is published, a sequence may be
+            # dropped and its request started again here; this step's token is not the new one's.
+            owned = self._owned(deltas)
             if publishing is not None:
                 await publishing  # the last step's writes first: each request's tokens stay in order
             if overlap:  # the engine's next step runs while this one is published
-                publishing = self._in_background(self._publish_step(deltas), "publish")
+                publishing = self._in_background(self._publish_step(owned), "publish")
             else:
-                await self._publish_step(deltas)
+                await self._publish_step(owned)
             if busy_since is not None and shape is not None:
                 # The whole cycle, until the engine may step again (the step before published; the
                 # engine that does not overlap waits for this one's too): what a full worker's
                 # steps take. A step that began idle waited for work first: not fitted.
                 self.rating.fit.add(time.monotonic() - busy_since, *shape)
 
-    async def _publish_step(self, deltas: list[SequenceDelta]) -> None:
+    def _owned(self, deltas: list[SequenceDelta]) -> list[tuple[InFlight, SequenceDelta]]:
+        """A step's deltas with the sequences that made them (those of dropped sequences left out)."""
+        inflight = self.inflight
+        return [(flight, d) for d in deltas if (flight := inflight.get(d.request_id)) is not None]
+
+    async def _publish_step(self, owned: list[tuple[InFlight, SequenceDelta]]) -> None:
         started = time.perf_counter()
-        await self._publish(deltas)
+        await self._publish(owned)
         self._steps += 1
         if self.preemption.paused:
             self._slot_freed.set()  # a paused sequence may continue now
@@ -363,14 +375,14 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         self._running.set(running)
         self._occupancy.set(running / self.engine.info.capacity)
 
-    async def _publish(self, deltas: list[SequenceDelta]) -> None:
+    async def _publish(self, owned: list[tuple[InFlight, SequenceDelta]]) -> None:
         """All of one step's deltas in one pipeline; finished sequences are finished and acked."""
         appends: list[tuple[InFlight, Append]] = []
         finishes: list[tuple[InFlight, SequenceDelta]] = []
         produced = 0
-        for delta in deltas:
-            flight = self.inflight.get(delta.request_id)
-            if flight is None:
+        inflight = self.inflight
+        for flight, delta in owned:
+            if inflight.get(delta.request_id) is not flight:  # dropped since its step (maybe restarted)
                 continue
             produced += delta.tokens
             if delta.finished:
@@ -428,10 +440,12 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
     async def _drop(self, flight: InFlight, *, fenced: bool, why: str) -> None:
         """Stop a sequence whose request was cancelled, finished or taken over elsewhere."""
         rid = flight.job.rid
+        if self.inflight.get(rid) is not flight:  # dropped already, maybe started again since: not ours
+            return
         self.engine.cancel(rid)
         if not fenced:
             await self._settle(flight.job)
-        self._forget(rid)
+        self._forget(flight)
         self.metrics.jobs.labels(self.model, "dropped").inc()
         log.info("sequence dropped", extra={"rid": rid, "fields": {"why": why}})
         self._slot_freed.set()
