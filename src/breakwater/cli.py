@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -78,7 +79,7 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _serve(asgi_app: Any, host: str, port: int, sock: Any = None) -> None:
+def _serve(asgi_app: Any, host: str, port: int, sock: Any = None, stream_grace_s: float = 0.0) -> None:
     from breakwater.gateway.ws import MAX_MESSAGE_BYTES
 
     config = uvicorn.Config(
@@ -93,7 +94,9 @@ def _serve(asgi_app: Any, host: str, port: int, sock: Any = None) -> None:
         ws_max_size=MAX_MESSAGE_BYTES,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        # Open streams end at the gateway's stream grace (GatewaySettings.stream_grace_s); the
+        # connections' own closing after that is what these 5 s are for.
+        timeout_graceful_shutdown=math.ceil(stream_grace_s) + 5,
         # Longer than a load balancer's idle timeout (60 s on the common ones), as nginx's 75 s: a
         # server that closes an idle keep-alive connection first races the next request on it.
         timeout_keep_alive=75,
@@ -150,7 +153,7 @@ def gateway(
     settings = GatewaySettings(**given)
     setup_logging("gateway", settings.log_level, settings.log_json)
     if workers == 1 and not processes.is_sibling():
-        _serve(build_app(settings), settings.host, settings.port)
+        _serve(build_app(settings), settings.host, settings.port, stream_grace_s=settings.stream_grace_s)
         return
     try:
         sock = processes.reuseport_socket(settings.host, settings.port)
@@ -161,11 +164,11 @@ def gateway(
     flags = {f"BREAKWATER_{k.upper()}": str(v) for k, v in given.items()}
     siblings = processes.start_siblings(workers - 1, settings.host, settings.port, flags)
     try:
-        _serve(build_app(settings), settings.host, settings.port, sock)
+        _serve(build_app(settings), settings.host, settings.port, sock, settings.stream_grace_s)
     except processes.Stopped:
         pass
     finally:
-        processes.stop_siblings(siblings)
+        processes.stop_siblings(siblings, grace_s=max(30.0, settings.stream_grace_s + 10))
 
 
 @app.command()

@@ -125,6 +125,16 @@ class GatewaySettings(CommonSettings):
         le=60.0,
         description="how long a gateway trusts a key it looked up (revocation delay)",
     )
+    stream_grace_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "on SIGTERM, the gateway's open SSE streams may run this long (a plain OpenAI client gets its "
+            "whole answer); those still open then end without [DONE] and their clients resume elsewhere. "
+            "New requests are refused at once; WebSockets close with 1012 at once"
+        ),
+    )
     # /metrics on a port of its own (never routed by the Ingress); with --workers N, process i listens
     # on metrics_port + i. Without one, /metrics is on the public port only while auth is off.
     metrics_port: int = Field(default=0, ge=0, le=65535, description="/metrics listener; 0: none")

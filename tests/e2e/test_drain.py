@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 import websockets
@@ -138,3 +139,95 @@ async def test_worker_releases_unfinished_jobs_at_the_drain_deadline(
 
 async def _owner_is(redis: Redis, procs: StackProcs, rid: str, worker: str) -> bool:
     return await redis.hget(procs.keys_request(rid), "worker") == worker
+
+
+async def test_with_a_stream_grace_a_plain_openai_client_gets_its_whole_answer(
+    redis_server: RedisServer, log_dir: Path
+) -> None:
+    """A gateway given ``stream_grace_s`` lets its open SSE streams run on after SIGTERM: the
+    official client, which cannot resume, gets the whole answer and its finish reason; the gateway
+    takes no new connection meanwhile and exits once its streams are done, well inside the grace."""
+    procs = StackProcs(redis_server.url, f"d{uuid.uuid4().hex[:10]}", log_dir)
+    parts: list[str] = []
+    finish: str | None = None
+    try:
+        url = procs.add_gateway(stream_grace_s=60)
+        procs.add_worker(sim_decode_base_ms=30, heartbeat_s=0.3, detach_grace_s=30)
+        procs.wait_workers(url)
+        ((gw, _),) = procs.gateways
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            stream = await client.completions.create(
+                model="sim",
+                prompt="drain gently",
+                seed=23,
+                max_tokens=60,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            async for chunk in stream:
+                parts.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+                if len(parts) == 5:
+                    gw.proc.send_signal(signal.SIGTERM)
+                    await async_wait_for(lambda: _refused(url), 10, what="the draining gateway refusing")
+        wait_for(lambda: not gw.alive(), 30, what="the gateway exiting once its stream ended")
+    finally:
+        procs.stop()
+    text, reason, _ = expected_sim(prompt="drain gently", seed=23, max_tokens=60, ignore_eos=True)
+    assert ("".join(parts), finish) == (text, reason)
+    assert gw.proc.returncode in (0, -signal.SIGTERM)
+    assert '"stream_grace_s":60' in gw.log()  # it drained with the grace
+    assert "stream grace over" not in gw.log()  # and the stream ended on its own, inside it
+
+
+async def _refused(url: str) -> bool:
+    """The gateway takes no new request: its listener is closed, or it answers 503 draining."""
+    async with httpx.AsyncClient(timeout=2) as http:
+        try:
+            resp = await http.get(f"{url}/readyz")
+        except httpx.TransportError:
+            return True
+    return resp.status_code == 503 and "draining" in resp.text
+
+
+async def test_a_stream_still_open_when_the_grace_is_over_ends_for_its_client_to_resume(
+    redis_server: RedisServer, log_dir: Path
+) -> None:
+    """Streams outlasting ``stream_grace_s`` go on streaming until it is over, then end without
+    ``[DONE]``, as without a grace; the rest is read on another gateway."""
+    procs = StackProcs(redis_server.url, f"d{uuid.uuid4().hex[:10]}", log_dir)
+    lines: list[str] = []
+    parts: list[str] = []
+    try:
+        url = procs.add_gateway(stream_grace_s=1)
+        other = procs.add_gateway()
+        procs.add_worker(sim_decode_base_ms=30, heartbeat_s=0.3, detach_grace_s=30)
+        procs.wait_workers(url)
+        gw = procs.gateways[0][0]
+        body = {**_body("outlast the grace", 24), "max_tokens": 400, "stream": True}
+        async with httpx.AsyncClient(timeout=60) as http:
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                rid = resp.headers["x-breakwater-request-id"]
+                async for line in resp.aiter_lines():
+                    lines.append(line)
+                    if line.startswith("data: {"):
+                        parts.append(orjson.loads(line[6:])["choices"][0]["text"])
+                        if len(parts) == 5:
+                            gw.proc.send_signal(signal.SIGTERM)
+                            signalled = len(lines)
+            last = max(int(line[4:]) for line in lines if line.startswith("id: "))
+            cut = len(parts)
+            headers = {"Last-Event-ID": str(last)}
+            async with http.stream("GET", f"{other}/v1/requests/{rid}/events", headers=headers) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        parts.append(orjson.loads(line[6:])["choices"][0]["text"])
+        wait_for(lambda: not gw.alive(), 15, what="the gateway exiting")
+    finally:
+        procs.stop()
+    assert "data: [DONE]" not in lines  # ended early: the client resumes
+    # It streamed on through the grace (1 s of 30 ms steps), and ended long before its 400 tokens.
+    assert 15 < cut < 200 and len(lines) > signalled + 20
+    text = expected_sim(prompt="outlast the grace", seed=24, max_tokens=400, ignore_eos=True)[0]
+    assert "".join(parts) == text
+    assert "stream grace over; ending streams" in gw.log()

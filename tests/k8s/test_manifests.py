@@ -222,6 +222,9 @@ def test_probes_and_drain_match_the_processes(renders: dict[str, list[dict[str, 
         assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
         assert gateway["startupProbe"]["httpGet"]["path"] == "/healthz"
         assert gateway["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+        # preStop, the streams' grace and uvicorn's own 5 s (cli._serve) fit the pod's grace.
+        stream_grace = float({e["name"]: e.get("value") for e in gateway["env"]}["BREAKWATER_STREAM_GRACE_S"])
+        assert 5 + stream_grace + 5 < specs["Deployment/gateway"]["terminationGracePeriodSeconds"], name
         worker_spec = specs["Deployment/worker"]
         worker = next(c for c in worker_spec["containers"] if c["name"] == "worker")
         assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}

@@ -166,19 +166,36 @@ class GatewayService:
         return "ready"
 
     def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests (503), end SSE streams and close WebSockets with 1012 so
-        clients resume on another gateway; generations keep running on the workers."""
+        """SIGTERM: refuse new requests (503), end SSE streams (after ``stream_grace_s``) and close
+        WebSockets with 1012 so clients resume on another gateway; generations keep running on the
+        workers."""
         if self.draining:
             return
         self.draining = True
+        grace_s = self.settings.stream_grace_s if self.fanin.active else 0.0
         log.info(
-            "draining", extra={"fields": {"streams": self.fanin.active, "websockets": len(self.websockets)}}
+            "draining",
+            extra={
+                "fields": {
+                    "streams": self.fanin.active,
+                    "websockets": len(self.websockets),
+                    "stream_grace_s": grace_s,
+                }
+            },
         )
-        self.fanin.begin_drain()
+        if grace_s:  # streams that end meanwhile end as usual; uvicorn waits for them (cli._serve)
+            asyncio.get_running_loop().call_later(grace_s, self._end_streams)
+        else:
+            self.fanin.begin_drain()
         for ws in list(self.websockets):
             task = asyncio.create_task(_close_ws(ws))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _end_streams(self) -> None:
+        if self.fanin.active:
+            log.info("stream grace over; ending streams", extra={"fields": {"streams": self.fanin.active}})
+        self.fanin.begin_drain()
 
 
 async def _close_ws(ws: Any) -> None:
