@@ -60,8 +60,9 @@ def _interrupt(_sig: int, _frame: Any) -> None:
 
 
 class _DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, first tell the app to drain (the gateway ends its streams so clients resume
-    elsewhere), then let uvicorn stop accepting and wait for connections to close."""
+    """On SIGTERM/SIGINT, first tell the app to drain (the gateway ends its streams, after
+    ``stream_grace_s``, so clients resume elsewhere), then let uvicorn stop accepting and wait for
+    connections to close."""
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         from breakwater import processes

@@ -130,9 +130,10 @@ class GatewaySettings(CommonSettings):
         ge=0.0,
         le=3600.0,
         description=(
-            "on SIGTERM, the gateway's open SSE streams may run this long (a plain OpenAI client gets its "
-            "whole answer); those still open then end without [DONE] and their clients resume elsewhere. "
-            "New requests are refused at once; WebSockets close with 1012 at once"
+            "on SIGTERM, the requests the gateway is answering (SSE streams, and non-streaming ones) may "
+            "run this long (a plain OpenAI client gets its whole answer); streams still open then end "
+            "without [DONE] for their clients to resume elsewhere, non-streaming requests get 503 with "
+            "their request id. New requests and resumes are refused at once; WebSockets close with 1012"
         ),
     )
     # /metrics on a port of its own (never routed by the Ingress); with --workers N, process i listens

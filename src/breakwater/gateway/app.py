@@ -105,6 +105,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         finally:
             if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
                 await embedded.close()
+            svc.end_grace()
             await stop_loops([gauges, rollouts])  # they log their own failures
             if admin is not None:
                 await admin.close()

@@ -350,6 +350,7 @@ async def request_events(
 ) -> Response:
     """Resume a request's stream: everything after ``Last-Event-ID`` (or ``?after=``)."""
     svc = service(request)
+    svc.refuse_if_draining()
     n = await _group_size(svc, rid, who)
     if n:
         return await _resume_choices(svc, rid, n, who, after, last_event_id)

@@ -59,6 +59,7 @@ class GatewayService:
         store = broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
         self.auth = Authenticator(settings, store, broker.ledger)
         self.draining = False
+        self._grace: asyncio.TimerHandle | None = None  # ends the streams at stream_grace_s (drain)
         self.websockets: set[Any] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -136,7 +137,9 @@ class GatewayService:
         record = await self.broker.get_record(binding.rid)
         return record.spec.model if record is not None else None
 
-    def _check(self, body: Body, principal: Principal) -> None:
+    def refuse_if_draining(self) -> None:
+        """A new request or resume while draining: 503, to be retried on another gateway (during the
+        stream grace too: only the streams open at SIGTERM run on)."""
         if self.draining:
             raise APIError(
                 503,
@@ -145,6 +148,9 @@ class GatewayService:
                 code="draining",
                 headers={"Retry-After": "1", "X-Breakwater-Reason": "draining"},
             )
+
+    def _check(self, body: Body, principal: Principal) -> None:
+        self.refuse_if_draining()
         unsupported = body.unsupported_parameter()
         if unsupported is not None:
             raise APIError(
@@ -172,7 +178,7 @@ class GatewayService:
         if self.draining:
             return
         self.draining = True
-        grace_s = self.settings.stream_grace_s if self.fanin.active else 0.0
+        grace_s = self.settings.stream_grace_s
         log.info(
             "draining",
             extra={
@@ -184,13 +190,18 @@ class GatewayService:
             },
         )
         if grace_s:  # streams that end meanwhile end as usual; uvicorn waits for them (cli._serve)
-            asyncio.get_running_loop().call_later(grace_s, self._end_streams)
+            self._grace = asyncio.get_running_loop().call_later(grace_s, self._end_streams)
         else:
             self.fanin.begin_drain()
         for ws in list(self.websockets):
             task = asyncio.create_task(_close_ws(ws))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def end_grace(self) -> None:
+        """The app's shutdown: a stream grace still running has nothing left to end."""
+        if self._grace is not None:
+            self._grace.cancel()
 
     def _end_streams(self) -> None:
         if self.fanin.active:

@@ -146,6 +146,7 @@ class _Connection:
         if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_SEQ:
             await self.error("after must be a non-negative integer", "invalid_value", rid)
             return
+        self.svc.refuse_if_draining()
         await self._follow(await self.svc.requests.resume(rid, self.principal), after)
 
     async def _follow(self, sub: Submission, after: int) -> None:
