@@ -28,7 +28,7 @@ from breakwater.broker import (
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import day_of
 from breakwater.broker.record import RequestRecord
-from breakwater.broker.types import BEHIND
+from breakwater.broker.types import BEHIND, MISALIGNED
 from breakwater.keys import GROUP, Keys
 from breakwater.tenancy.limits import Limits
 from tests.helpers import async_wait_for
@@ -170,6 +170,27 @@ async def test_fencing_stops_a_zombie_attempt(broker: Broker, redis: Redis) -> N
     for key in (broker.keys.tokens("z"), broker.keys.emitted("z"), broker.keys.request("z")):
         assert 0 < await redis.ttl(key) <= 60
     assert await broker.append_step([Append("z", 2, 2, "late", 1)]) == [-2]
+
+
+async def test_a_write_out_of_step_with_the_records_text_is_refused_and_writes_nothing(
+    broker: Broker, redis: Redis
+) -> None:
+    """Each write says where it starts (the record's token count before it): one that would not
+    continue the text exactly (a worker out of step with the record) is refused, in its batch alone."""
+    for rid in ("p", "q"):
+        await _enqueue(broker, rid)
+        await _start(broker, rid, "w1")
+    first = [Append("p", 1, 1, "Hello", 2, at=0), Append("q", 1, 1, "Hi", 1, at=0)]
+    assert await broker.append_step(first) == [1, 1]
+    stale = Append("p", 1, 2, " again", 1, at=0)  # starts where the text began, not where it ends
+    assert await broker.append_step([stale, Append("q", 1, 2, " there", 1, at=1)]) == [MISALIGNED, 2]
+    record = await broker.get_record("p")
+    assert record is not None and (record.emitted, record.tokens, record.seq) == ("Hello", 2, 1)
+    assert [e.text for e in await broker.read_events("p", 0)] == ["Hello"]
+    assert await broker.append_step([Append("p", 1, 2, " world", 1, at=2)]) == [2]  # in step: taken
+    assert await broker.append_step([Append("p", 1, 2, " world", 1, at=2)]) == [2]  # a retry: once
+    record = await broker.get_record("p")
+    assert record is not None and (record.emitted, record.tokens) == ("Hello world", 3)
 
 
 async def test_a_step_is_one_round_trip_even_after_a_lost_script_cache(broker: Broker, redis: Redis) -> None:

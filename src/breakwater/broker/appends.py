@@ -100,5 +100,5 @@ class Appends:
 
     def _append_args(self, a: Append, args: list[Arg]) -> list[Arg]:
         """``args`` + one sequence's arguments of ``append.lua``."""
-        args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq, a.logprobs)
+        args += (a.attempt, self.keys.channel(a.rid), a.text, a.tokens, a.wseq, a.logprobs, a.at)
         return args

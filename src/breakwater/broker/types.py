@@ -75,12 +75,15 @@ class StartResult:
 #: ``append.lua``/``finish.lua`` answer ``BEHIND - w`` when the record's last write is ``w``, short
 #: of what the attempt wrote: a failover lost writes, which the worker sends again.
 BEHIND = -1000
+#: ``append.lua``'s answer to a write that does not start where the record's text ends.
+MISALIGNED = -3
 
 
 @dataclass(frozen=True, slots=True)
 class Append:
     """One sequence's delta in a step, fenced by ``attempt``; ``wseq`` numbers the attempt's writes
-    so that a retried write is applied once."""
+    so that a retried write is applied once; ``at`` is where it starts (the record's token count
+    before it), so that a write out of step with the record's text is refused (``MISALIGNED``)."""
 
     rid: str
     attempt: int
@@ -88,6 +91,7 @@ class Append:
     text: str
     tokens: int
     logprobs: str = ""  # the tokens' logprobs as JSON, when the request asked for them
+    at: int = -1  # -1: not checked
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 import orjson
 
 from breakwater.broker import Append, Billing, Job, Lease, RequestRecord
+from breakwater.broker.types import MISALIGNED
 from breakwater.engines.base import (
     CONSTRAINED_CONTINUATION,
     EMBEDDINGS,
@@ -24,6 +26,8 @@ from breakwater.engines.base import (
 )
 from breakwater.protocol.formats import OutputFormat
 
+log = logging.getLogger("breakwater.worker.worker")
+
 KEEP_WRITES = 512  # per sequence: a failover loses at most the last ~second of writes
 
 
@@ -37,6 +41,7 @@ class InFlight:
     suspect: bool = False  # its previous attempt made no progress: run alone until it does
     progressed: bool = False
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
+    position: int = 0  # the record's token count after this attempt's appends so far (Append.at)
     paused_at: int = -1  # preempted: continued once this many steps are published (-1: running)
     # Structured output or penalties: paused only where the engine continues it exactly.
     constrained: bool = False
@@ -65,6 +70,16 @@ class InFlight:
     def next_write(self) -> int:
         self.writes += 1
         return self.writes
+
+
+def refused_write(seq: int, rid: str) -> tuple[bool, str]:
+    """A refused append's answer (``append.lua``): whether the request moved to another attempt (its
+    job is not this worker's to settle) and why. Out of step with the record (a bug: logged as an
+    error): the job is left to its lease, so a new attempt continues it from the record's text."""
+    if seq == MISALIGNED:
+        log.error("a write out of step with the request's record was refused", extra={"rid": rid})
+        return True, "out of step with its record"
+    return seq == -1, "fenced" if seq == -1 else "not running"
 
 
 def generation_request(rid: str, record: RequestRecord) -> GenerationRequest:

@@ -159,6 +159,7 @@ class PreemptingMixin:
         # engine's next step), counting into these.
         flight.held_tokens = 0
         flight.held_logprobs = []
+        flight.position = record.tokens  # the engine continues from the record's text
         try:
             self._add(generation_request(rid, record))
         except EngineRequestError as exc:

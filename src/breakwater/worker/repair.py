@@ -17,7 +17,7 @@ import logging
 from breakwater.broker import Append, Broker
 from breakwater.broker.errors import until_redis
 from breakwater.broker.types import BEHIND
-from breakwater.worker.jobs import InFlight
+from breakwater.worker.jobs import InFlight, refused_write
 
 log = logging.getLogger("breakwater.worker.worker")
 
@@ -70,7 +70,7 @@ class RepairMixin:
             if seq <= BEHIND:
                 again.setdefault(rid, (flight, BEHIND - seq))
             elif seq < 0 and self.inflight.get(rid) is flight:  # fenced off or ended meanwhile
-                why = "fenced" if seq == -1 else "not running"
-                await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
+                fenced, why = refused_write(seq, rid)
+                await until_redis(functools.partial(self._drop, flight, fenced=fenced, why=why), "drop")
         inflight = self.inflight
         return [(flight, last) for flight, last in again.values() if inflight.get(flight.job.rid) is flight]

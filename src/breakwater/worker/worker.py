@@ -26,7 +26,7 @@ from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
 from breakwater.stopping import report_stuck, stop_loops
 from breakwater.worker.finishing import FinishingMixin
-from breakwater.worker.jobs import InFlight, generation_request, refusal
+from breakwater.worker.jobs import InFlight, generation_request, refusal, refused_write
 from breakwater.worker.liveness import LivenessMixin
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preempting import PreemptingMixin
@@ -312,6 +312,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             constrained=request.output_format is not None
             or bool(request.presence_penalty or request.frequency_penalty),
             tools=request.tools is not None,
+            position=record.tokens,
         )
         self._suspects += suspect
         log.info(
@@ -394,7 +395,9 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             elif delta.text:
                 tokens = delta.tokens + flight.held_tokens
                 lp = flight.logprobs_with(delta.logprobs) if delta.logprobs or flight.held_logprobs else ""
-                append = Append(delta.request_id, flight.attempt, flight.next_write(), delta.text, tokens, lp)
+                wseq, at = flight.next_write(), flight.position
+                append = Append(delta.request_id, flight.attempt, wseq, delta.text, tokens, lp, at)
+                flight.position += tokens
                 appends.append((flight, append))
                 flight.sent.append(append)
                 flight.held_tokens = 0
@@ -417,8 +420,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
                 flight.progressed = True
                 self._slot_freed.set()  # others may join the batch again
             if seq < 0:
-                why = "fenced" if seq == -1 else "not running"
-                await until_redis(functools.partial(self._drop, flight, fenced=seq == -1, why=why), "drop")
+                fenced, why = refused_write(seq, flight.job.rid)
+                await until_redis(functools.partial(self._drop, flight, fenced=fenced, why=why), "drop")
         self._finish_later(finishes)
 
     async def _settle(self, job: Job, record: RequestRecord | None = None) -> None:
