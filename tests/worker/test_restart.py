@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Append
@@ -24,7 +25,7 @@ from tests.inproc import InProc
 
 
 async def test_a_step_held_for_a_dropped_sequence_is_not_written_as_its_restart(
-    gw_empty: InProc, redis: Redis
+    gw_empty: InProc, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Leases far longer than the test: only the takeover below ends the first attempt. 120 tokens of
     # 20 ms: the held publish comes seconds before the end, however slowly the test polls.
@@ -69,8 +70,8 @@ async def test_a_step_held_for_a_dropped_sequence_is_not_written_as_its_restart(
             await drop(flight, fenced=True, why="dropped again")
             running.append(getattr(worker.inflight.get(flight.job.rid), "attempt", 0))
 
-    setattr(broker, "append_step", held_append_step)  # noqa: B010 (instance attributes, test-only)
-    setattr(worker, "_drop", drop_and_reclaim)  # noqa: B010
+    monkeypatch.setattr(broker, "append_step", held_append_step)
+    monkeypatch.setattr(worker, "_drop", drop_and_reclaim)
     await async_wait_for(blocked.is_set, 10, what="a publish held")
     # The step after the held one computed, waiting for that publish (it holds a token of attempt 1).
     await async_wait_for(lambda: worker._stepped >= worker._steps + 2, 10, what="the next step computed")

@@ -69,7 +69,7 @@ class RepairMixin:
             rid = flight.job.rid
             if seq <= BEHIND:
                 again.setdefault(rid, (flight, BEHIND - seq))
-            elif seq < 0 and self.inflight.get(rid) is flight:  # fenced off or ended meanwhile
+            elif seq < 0:  # fenced off or ended meanwhile (_drop leaves a flight already gone alone)
                 fenced, why = refused_write(seq, rid)
                 await until_redis(functools.partial(self._drop, flight, fenced=fenced, why=why), "drop")
         inflight = self.inflight
