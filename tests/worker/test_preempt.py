@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from breakwater.broker import Broker, Job, RequestSpec, Status
 from breakwater.engines.base import PENALTIES
@@ -20,6 +21,7 @@ from breakwater.worker.jobs import InFlight
 from breakwater.worker.preemption import Preemption
 from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc
+from tests.worker.test_repair import REWIND
 
 LONG = 30  # tokens of each of the flooding tenant's answers
 SHORT = 4
@@ -186,5 +188,52 @@ async def test_a_sequence_that_cannot_be_continued_is_never_paused(gw_empty: InP
         assert preemption.victim([plain, kept], "t1", LANES[0], True) is plain
         assert preemption.running([plain, kept], LANES[0], True) == Counter({"t1": 1})
         assert preemption.victim([kept], "t1", LANES[0], True) is None
+    finally:
+        await broker.aclose()
+
+
+async def test_writes_lost_while_a_sequence_is_paused_are_sent_again_before_it_continues(
+    gw_empty: InProc, redis: Redis
+) -> None:
+    """A Redis failover can lose a paused sequence's last writes (REWIND, as in test_repair): they
+    are sent again before the engine continues from the record, so the continuation starts where
+    clients left off. The answer is exact and stays in its first attempt (a continuation from the
+    rewound text would be refused as out of step, and the request would wait for its lease to
+    lapse and be taken over)."""
+    engine = SimEngine(SimOptions(capacity=2, decode_base_ms=20, decode_per_seq_ms=0))
+    worker = await gw_empty.add_worker(engine)
+    broker = gw_empty.broker()
+    try:
+        flood = [await _enqueue(broker, "flood", i, 200) for i in range(2)]
+
+        async def both_written() -> bool:  # enough writes that four of them can be lost
+            return all([(await _status(broker, rid))[1] >= 10 for rid in flood])
+
+        await async_wait_for(both_written, 10, 0.01, what="both flood answers past 10 tokens")
+        await _enqueue(broker, "light", 0, 200)  # ~4 s: the paused one waits for it
+        await async_wait_for(lambda: bool(worker.preemption.paused), 10, 0.01, what="a sequence paused")
+        flight = worker.preemption.paused[0]
+        rid = flight.job.rid
+        await async_wait_for(
+            lambda: worker._steps >= flight.paused_at, 10, 0.005, what="its last steps published"
+        )
+        keys = gw_empty.keys
+        left = await redis.eval(REWIND, 3, keys.request(rid), keys.tokens(rid), keys.emitted(rid), "4")
+        assert int(left) >= 6, f"the request was no longer running when its writes were lost ({left})"
+        assert flight in worker.preemption.paused  # the loss came while it was paused
+        record = await broker.get_record(rid)
+        assert record is not None and record.wseq == flight.writes - 4
+
+        await async_wait_for(functools.partial(_done, broker, rid), 30, what=f"{rid} done")
+        i = flood.index(rid)
+        expected, _, _ = expected_sim(
+            prompt=f"prompt flood {i}", seed=100 + i, max_tokens=200, ignore_eos=True
+        )
+        text, seqs = await _text(broker, rid)
+        assert text == expected
+        assert seqs == list(range(1, len(seqs) + 1))  # no hole, no duplicate
+        record = await broker.get_record(rid)
+        assert record is not None
+        assert (record.tokens, record.attempt, record.emitted) == (200, 1, expected)
     finally:
         await broker.aclose()

@@ -169,6 +169,7 @@ class RequestRecord:
     emitted: str = ""  # from the emitted-text key, not the hash
     watchers: int = 0  # clients following it now (a departed client counts out after it leaves)
     shared: int = 0  # clients that came to it through the response cache (gateway.cache)
+    wseq: int = 0  # the number of the running attempt's last write applied (append.lua)
 
     @property
     def chat(self) -> bool:
@@ -193,6 +194,7 @@ class RequestRecord:
             emitted=emitted,
             watchers=int(h.get("watchers") or 0),
             shared=int(h.get("shared") or 0),
+            wseq=int(h.get("wseq") or 0),
         )
 
 

@@ -75,9 +75,9 @@ class InFlight:
 def refused_write(seq: int, rid: str) -> tuple[bool, str]:
     """A refused append's answer (``append.lua``): whether the request moved to another attempt (its
     job is not this worker's to settle) and why. Out of step with the record (logged as an error):
-    the job is left to its lease, so a new attempt continues it from the record's text. One known
-    way there: a failover lost writes while the sequence was paused (preempted), and its
-    continuation started from the rewound record before the lost writes were sent again."""
+    the job is left to its lease, so a new attempt continues it from the record's text. No known
+    way leads there (a paused sequence's lost writes are sent again before it continues:
+    ``PreemptingMixin._repaired``); it guards against a stale step written out of place."""
     if seq == MISALIGNED:
         log.error("a write out of step with the request's record was refused", extra={"rid": rid})
         return True, "out of step with its record"

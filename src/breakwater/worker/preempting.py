@@ -9,7 +9,7 @@ import contextlib
 import functools
 import logging
 
-from breakwater.broker import Broker, Job, Status
+from breakwater.broker import Broker, Job, RequestRecord, Status
 from breakwater.broker.errors import TRANSIENT, until_redis
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import CONSTRAINED_CONTINUATION, Engine, EngineRequestError, GenerationRequest
@@ -17,11 +17,12 @@ from breakwater.keys import LANES
 from breakwater.worker.jobs import InFlight, generation_request
 from breakwater.worker.metrics import WorkerMetrics
 from breakwater.worker.preemption import Preemption
+from breakwater.worker.repair import RepairMixin
 
 log = logging.getLogger("breakwater.worker.worker")
 
 
-class PreemptingMixin:
+class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repaired
     # The worker's state and steps this half uses (defined by Worker).
     settings: WorkerSettings
     engine: Engine
@@ -149,6 +150,10 @@ class PreemptingMixin:
             return
         self.preemption.paused.pop(0)
         flight.paused_at = -1
+        if record is not None and record.attempt == flight.attempt and record.wseq < flight.writes:
+            record = await self._repaired(flight, record)
+            if record is None:  # the repair dropped it (its writes were lost beyond those kept)
+                return
         if record is None or record.status is not Status.RUNNING or record.attempt != flight.attempt:
             fenced = record is not None and record.attempt != flight.attempt
             drop = functools.partial(self._drop, flight, fenced=fenced, why="ended while paused")
@@ -166,6 +171,16 @@ class PreemptingMixin:
             await until_redis(functools.partial(self._fail_request, flight, exc), "fail")
             return
         log.info("sequence continued", extra={"rid": rid, "fields": {"continued_tokens": record.tokens}})
+
+    async def _repaired(self, flight: InFlight, record: RequestRecord) -> RequestRecord | None:
+        """A failover lost some of a paused sequence's writes (every one was published before it
+        may continue): send them again before the engine continues from the record's text, else
+        the continuation would start short of what clients saw (its writes are refused as out of
+        step). The record as the repair left it; None when the repair dropped the sequence."""
+        await self._repair([(flight, record.wseq)], self.settings.result_ttl_s)
+        if self.inflight.get(flight.job.rid) is not flight:
+            return None
+        return await until_redis(functools.partial(self.broker.get_record, flight.job.rid), "resume")
 
     async def _fail_request(self, flight: InFlight, exc: EngineRequestError) -> None:
         await self.broker.fail(
