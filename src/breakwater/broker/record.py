@@ -67,6 +67,7 @@ class RequestSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: str = ""  # {token id: bias} as JSON; '' for none
+    response: str = ""  # a Responses API request: what its response keeps (protocol.responses.Stored)
 
     def to_hash(self) -> dict[str, str]:
         out = {
@@ -103,6 +104,7 @@ class RequestSpec:
             "presence_penalty",
             "frequency_penalty",
             "logit_bias",
+            "response",
         ):  # omitted when empty (or 0)
             if value := getattr(self, name):
                 out[name] = str(value)
@@ -147,6 +149,7 @@ class RequestSpec:
             presence_penalty=float(h.get("presence_penalty") or 0),
             frequency_penalty=float(h.get("frequency_penalty") or 0),
             logit_bias=h.get("logit_bias", ""),
+            response=h.get("response", ""),
         )
 
 

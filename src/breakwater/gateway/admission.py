@@ -89,10 +89,12 @@ class Admitter:
         auto_tools: bool = True,
         digest_of: Body | None = None,
         cache: CacheControl = DEFAULT_CONTROL,
+        response: str = "",
     ) -> Submission:
         """Queue ``body`` as request ``rid`` (new when empty), or follow an identical request's answer
         (gateway.cache); ``choices``: it is one of a request's ``n`` choices (gateway.choices), whose
-        Idempotency-Key is bound to ``digest_of`` (the client's whole body)."""
+        Idempotency-Key is bound to ``digest_of`` (the client's whole body). ``response``: it serves a
+        Responses API request, which keeps this (``RequestSpec.response``)."""
         model = await self.registry.resolve(body.model)
         spec = request_spec(
             body,
@@ -103,6 +105,8 @@ class Admitter:
             model=model,
             auto_tools=auto_tools,
         )
+        if response:
+            spec = replace(spec, response=response)
         check_features(spec, model, body.dimensions if isinstance(body, EmbeddingRequest) else None)
         prompt = prompt_text(spec)
         longest = max(spec.inputs, key=len) if spec.inputs else prompt  # each input is its own sequence

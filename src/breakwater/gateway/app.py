@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from breakwater.broker import Broker, redacted
 from breakwater.config import GatewaySettings
-from breakwater.gateway import routes, ws
+from breakwater.gateway import responses, routes, ws
 from breakwater.gateway.body import BodyLimitMiddleware
 from breakwater.gateway.embedded import EmbeddedWorker, embedded_settings
 from breakwater.gateway.errors import install_error_handlers
@@ -129,6 +129,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.state.embedded = embedded
     install_error_handlers(app)
     app.include_router(routes.router)
+    app.include_router(responses.router)
     app.include_router(ws.router)
     app.add_middleware(FastCompletions)  # innermost: after X-Request-ID and the body limit
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -123,7 +123,7 @@ async def complete(
         )
     except GatewayDraining:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
-        raise _restarting(sub.rid, headers) from None
+        raise restarting(sub.rid, headers) from None
     except APIError as exc:  # the request ended in an error (timeout, cancelled): name the request
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         exc.headers = {**headers, **exc.headers}
@@ -136,7 +136,7 @@ async def complete(
     return JSONBody(result, headers=headers)
 
 
-def _restarting(rid: str, headers: dict[str, str]) -> APIError:
+def restarting(rid: str, headers: dict[str, str]) -> APIError:
     return APIError(
         503,
         f"this gateway is restarting; the request continues: GET /v1/requests/{rid}/events",
@@ -161,7 +161,7 @@ async def _complete_choices(
         result = await choices.collect(svc, group)
     except GatewayDraining:
         choices.detach_all(svc, group)
-        raise _restarting(group.rid, headers) from None
+        raise restarting(group.rid, headers) from None
     except APIError as exc:
         choices.detach_all(svc, group)
         exc.headers = {**headers, **exc.headers}

@@ -73,7 +73,11 @@ class GatewayService:
         subscribe: bool = True,
         auto_tools: bool = True,
         cache: CacheControl = DEFAULT_CONTROL,
+        rid: str = "",
+        response: str = "",
     ) -> Submission:
+        """Admit ``body`` (gateway.admission): as request ``rid`` (new when empty); ``response``: what
+        a Responses API request keeps (protocol.responses.Stored)."""
         self._check(body, principal)
         if not isinstance(body, EmbeddingRequest) and body.n > 1:
             raise APIError(
@@ -93,6 +97,8 @@ class GatewayService:
             subscribe=subscribe,
             auto_tools=auto_tools,
             cache=cache,
+            rid=rid,
+            response=response,
         )
 
     async def submit_choices(

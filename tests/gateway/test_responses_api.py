@@ -1,0 +1,190 @@
+"""The Responses API (``/v1/responses``) with the official ``openai`` client, in-process with the sim
+engine: a response is the chat answer to its input and instructions, streamed as OpenAI's events
+(and resumed by ``starting_after``), retrieved later, continued by ``previous_response_id``, run in
+the background and cancelled; what it cannot serve is a 400 naming the parameter."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import orjson
+import pytest
+
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
+from tests.helpers import async_wait_for, expected_sim
+from tests.inproc import InProc
+
+
+def _client(gw: InProc) -> openai.AsyncOpenAI:
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app), base_url="http://gw")
+    return openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0)
+
+
+@pytest.fixture
+async def client(gw: InProc) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with _client(gw) as c:
+        yield c
+
+
+def _expected(
+    rid: str, messages: list[dict[str, Any]], max_tokens: int | None = None
+) -> tuple[str, str, Any]:
+    """The sim's answer to ``messages`` for the response ``rid`` (seeded by its id, as unseeded
+    requests are)."""
+    return expected_sim(messages=messages, seed=zlib.crc32(rid.encode()), max_tokens=max_tokens)
+
+
+async def test_a_response_is_the_answer_to_its_input_and_instructions(client: openai.AsyncOpenAI) -> None:
+    response = await client.responses.create(model="sim", input="hi there", instructions="Be brief.")
+    assert response.id.startswith("resp_")
+    text, reason, usage = _expected(
+        response.id, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
+    )
+    assert reason == "stop"
+    assert (response.status, response.output_text, response.instructions) == ("completed", text, "Be brief.")
+    [item] = response.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    again = await client.responses.retrieve(response.id)
+    assert again.model_dump() == response.model_dump()
+
+
+async def test_max_output_tokens_makes_an_incomplete_response(client: openai.AsyncOpenAI) -> None:
+    response = await client.responses.create(model="sim", input="hi", max_output_tokens=3)
+    text, reason, _ = _expected(response.id, [{"role": "user", "content": "hi"}], 3)
+    assert reason == "length"
+    assert (response.status, response.output_text) == ("incomplete", text)
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.max_output_tokens == 3
+
+
+async def test_the_sdks_stream_helper_assembles_the_streamed_response(client: openai.AsyncOpenAI) -> None:
+    kinds: list[str] = []
+    numbers: list[int] = []
+    deltas: list[str] = []
+    async with client.responses.stream(
+        model="sim", input=[{"role": "user", "content": "stream it"}]
+    ) as stream:
+        async for event in stream:
+            kinds.append(event.type)
+            numbers.append(event.sequence_number)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = await stream.get_final_response()
+    text, _, _ = _expected(final.id, [{"role": "user", "content": "stream it"}])
+    assert final.output_text == "".join(deltas) == text
+    assert len(deltas) > 3  # token by token
+    assert numbers == list(range(len(numbers)))
+    opening = ["response.created", "response.in_progress", "response.output_item.added"]
+    closing = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[:4] == [*opening, "response.content_part.added"]
+    assert kinds[-4:] == [*closing, "response.completed"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert (await client.responses.retrieve(final.id)).output_text == text
+
+
+async def test_a_broken_stream_resumes_after_the_last_event_it_got(client: openai.AsyncOpenAI) -> None:
+    stream = await client.responses.create(model="sim", input="resume me", stream=True)
+    first: list[dict[str, Any]] = []
+    async for event in stream:
+        first.append(event.model_dump())
+        if len(first) == 7:
+            break
+    await stream.close()  # the client went away mid-answer
+    rid = first[0]["response"]["id"]
+    resumed = await client.responses.retrieve(rid, stream=True, starting_after=6)
+    rest = [event.model_dump() async for event in resumed]
+    assert rest[0]["sequence_number"] == 7 and rest[-1]["type"] == "response.completed"
+    whole = await client.responses.retrieve(rid, stream=True)  # the whole stream, again
+    assert [e.model_dump() async for e in whole] == first + rest
+    text, _, _ = _expected(rid, [{"role": "user", "content": "resume me"}])
+    assert "".join(e["delta"] for e in first + rest if e["type"] == "response.output_text.delta") == text
+
+
+async def test_previous_response_id_continues_the_conversation(client: openai.AsyncOpenAI) -> None:
+    first = await client.responses.create(model="sim", input="my name is Ann", instructions="Be kind.")
+    second = await client.responses.create(
+        model="sim", input="what is my name?", previous_response_id=first.id, instructions="Be terse."
+    )
+    # The earlier turns and their answers, not the earlier instructions (OpenAI's rule).
+    conversation = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "my name is Ann"},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "what is my name?"},
+    ]
+    text, _, _ = _expected(second.id, conversation)
+    assert (second.output_text, second.previous_response_id) == (text, first.id)
+
+
+async def test_background_responses_run_without_a_client_and_can_be_cancelled(gw_empty: InProc) -> None:
+    await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
+    async with _client(gw_empty) as client:
+        queued = await client.responses.create(model="sim", input="in the background", background=True)
+        assert (queued.status, queued.background, queued.output) == ("queued", True, [])
+
+        async def done() -> bool:
+            return (await client.responses.retrieve(queued.id)).status == "completed"
+
+        await async_wait_for(done, 30, what="the background response completed")
+        text, _, _ = _expected(queued.id, [{"role": "user", "content": "in the background"}])
+        assert (await client.responses.retrieve(queued.id)).output_text == text
+
+        long = await client.responses.create(
+            model="sim", input="a long one", background=True, max_output_tokens=2000
+        )
+        cancelled = await client.responses.cancel(long.id)
+        assert cancelled.status == "cancelled"
+        assert (await client.responses.retrieve(long.id)).status == "cancelled"
+
+
+async def test_a_response_not_stored_cannot_be_retrieved_or_continued(client: openai.AsyncOpenAI) -> None:
+    response = await client.responses.create(model="sim", input="forget me", store=False)
+    assert (response.model_extra or {})["store"] is False and response.status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.responses.create(model="sim", input="again", previous_response_id=response.id)
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "previous_response_id"
+
+
+@pytest.mark.parametrize(
+    ("asked", "param"),
+    [
+        ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"include": ["file_search_call.results"]}, "include"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+async def test_what_is_not_served_is_refused_by_name(
+    client: openai.AsyncOpenAI, asked: dict[str, Any], param: str
+) -> None:
+    kwargs: dict[str, Any] = {"model": "sim", "input": "hi", **asked}
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(**kwargs)
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param, body
+
+
+async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) -> None:
+    resp = await gw.http.get("/v1/responses/resp_0123")
+    assert resp.status_code == 404 and orjson.loads(resp.content)["error"]["param"] == "id"
