@@ -260,6 +260,27 @@ def test_another_tenants_request_is_not_found(auth_stack: AuthStack) -> None:
     assert lines[-1] == "data: [DONE]"
 
 
+def test_another_tenants_response_is_not_found(auth_stack: AuthStack) -> None:
+    """The Responses API's ids are request ids: another tenant can neither read, stream, cancel
+    nor continue one (404, as for an id nobody made)."""
+    with client(auth_stack.a, auth_stack.a_key) as a:
+        mine = a.responses.create(model="sim", input="mine only", max_output_tokens=4)
+    with client(auth_stack.a, auth_stack.b_key) as b:
+        for call in (
+            lambda: b.responses.retrieve(mine.id),
+            lambda: b.responses.retrieve(mine.id, stream=True),
+            lambda: b.responses.cancel(mine.id),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        with pytest.raises(openai.NotFoundError) as info:
+            b.responses.create(model="sim", input="and then?", previous_response_id=mine.id)
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == "previous_response_id"
+    with client(auth_stack.a, auth_stack.a_key2) as a2:  # the same tenant's other key sees it
+        again = a2.responses.retrieve(mine.id)
+        assert (again.status, again.output_text) == ("incomplete", mine.output_text)
+
+
 # 7. The WebSocket: a header, or a first message.
 
 
