@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -111,6 +112,32 @@ async def test_detached_request_keeps_running_then_is_cancelled(
     tail: Any = await redis.xrevrange(f"{two_workers.prefix}:tok:{{{rid}}}", count=1)
     last = orjson.loads(tail[0][1]["error"])
     assert last["code"] == "cancelled"
+
+
+async def test_a_streamed_background_response_is_never_detached(
+    two_workers: StackProcs, redis: Redis
+) -> None:
+    """The Responses API's ``background``: a client that leaves its stream does not detach the
+    response (it completes, its watcher kept); without it the same departure detaches the request
+    (and the grace period then cancels it, as above)."""
+    url = two_workers.gateways[0][1]
+    ids: dict[bool, str] = {}
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        for background in (True, False):
+            with client.responses.create(
+                model="sim", input="a while", stream=True, background=background, extra_body={"seed": 127}
+            ) as stream:
+                for event in stream:
+                    if event.type == "response.created":
+                        ids[background] = event.response.id
+                    if event.type == "response.output_text.delta":
+                        break  # the client leaves mid-answer
+        plain, kept = two_workers.keys_request(ids[False]), two_workers.keys_request(ids[True])
+        await async_wait_for(lambda: _detached(redis, plain), 5, what="the plain stream detached")
+        await async_wait_for(lambda: _status_is(redis, kept, "done"), 20, what="the background one done")
+        assert int(await redis.hget(kept, "watchers") or 0) == 1  # never detached
+        text, _, _ = expected_sim(messages=[{"role": "user", "content": "a while"}], seed=127)
+        assert client.responses.retrieve(ids[True]).output_text == text
 
 
 async def _detached(redis: Redis, key: str) -> bool:

@@ -141,6 +141,8 @@ def test_the_models_own_choice_streamed_and_whole_agree(
     assert [i.model_dump(exclude=ids) for i in last.response.output] == [
         i.model_dump(exclude=ids) for i in whole.output
     ]
+    retrieved = client.responses.retrieve(whole.id)  # rendered from the stored text in one piece
+    assert [i.model_dump() for i in retrieved.output] == [i.model_dump() for i in whole.output]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text

@@ -16,6 +16,7 @@ import pytest
 
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
+from breakwater.protocol.responses import Stored
 from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc
 
@@ -66,6 +67,8 @@ async def test_max_output_tokens_makes_an_incomplete_response(client: openai.Asy
     assert response.incomplete_details is not None
     assert response.incomplete_details.reason == "max_output_tokens"
     assert response.max_output_tokens == 3
+    assert [item.model_dump()["status"] for item in response.output] == ["incomplete"]  # cut short, as OpenAI
+    assert (await client.responses.retrieve(response.id)).model_dump() == response.model_dump()
 
 
 async def test_the_sdks_stream_helper_assembles_the_streamed_response(client: openai.AsyncOpenAI) -> None:
@@ -144,8 +147,28 @@ async def test_background_responses_run_without_a_client_and_can_be_cancelled(gw
             model="sim", input="a long one", background=True, max_output_tokens=2000
         )
         cancelled = await client.responses.cancel(long.id)
-        assert cancelled.status == "cancelled"
+        assert (cancelled.status, cancelled.error) == ("cancelled", None)
         assert (await client.responses.retrieve(long.id)).status == "cancelled"
+
+
+async def test_an_idempotency_key_replays_the_same_response(client: openai.AsyncOpenAI) -> None:
+    key = {"Idempotency-Key": "k-1"}
+    first = await client.responses.create(model="sim", input="once", extra_headers=key)
+    again = await client.responses.create(model="sim", input="once", extra_headers=key)
+    assert (again.id, again.output_text) == (first.id, first.output_text)
+    chat = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "once"}], extra_headers=key
+    )
+    assert chat.id.startswith("chatcmpl-")  # the same key on chat is chat's own
+
+
+def test_a_records_response_from_another_version_is_read_or_left() -> None:
+    """A record written by an older or newer gateway (a rolling deploy): unknown fields are left out;
+    what is not a response's at all is None (404), never a 500."""
+    stored = Stored.from_json('{"messages": [], "store": false, "added_later": 1}')
+    assert stored is not None and stored.store is False
+    assert Stored.from_json("not json") is None
+    assert Stored.from_json("[1, 2]") is None
 
 
 async def test_a_response_not_stored_cannot_be_retrieved_or_continued(client: openai.AsyncOpenAI) -> None:

@@ -116,7 +116,6 @@ def cache_entry(keys: Keys, spec: RequestSpec, model: ModelInfo, *, shared: bool
         "presence_penalty": spec.presence_penalty,
         "frequency_penalty": spec.frequency_penalty,
         "logit_bias": spec.logit_bias,
-        "response": spec.response,  # a Responses request: only an identical one follows it
     }
     digest = hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return CacheEntry(keys.cache(spec.model, scope, digest), scope)

@@ -16,25 +16,18 @@ from pydantic import ValidationError
 
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.record import RequestRecord, Status
-from breakwater.gateway.autotools import auto_message
 from breakwater.gateway.body import OrjsonRoute
+from breakwater.gateway.cache import NO_CACHE
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, request_id, restarting, service
 from breakwater.gateway.service import GatewayService
-from breakwater.gateway.sse import collect_response, error_chunk, one_line, renderer
+from breakwater.gateway.sse import error_chunk, event_error, one_line, renderer
 from breakwater.gateway.streaming import LastChunk, SSEResponse
 from breakwater.protocol.events import TokenEvent
-from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, chat_response
-from breakwater.protocol.response_output import (
-    STATUS,
-    OutputEvents,
-    assistant_message,
-    output_items,
-    response_object,
-)
+from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest
+from breakwater.protocol.response_output import STATUS, OutputEvents, assistant_message
 from breakwater.protocol.responses import InputError, ResponsesRequest, Stored, new_response_id, to_chat
-from breakwater.protocol.toolformats import single_call
 from breakwater.tenancy import Principal
 
 router = APIRouter(route_class=OrjsonRoute)
@@ -57,26 +50,16 @@ async def create_response(
     svc = service(request)
     sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key)
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
-    if body.background:  # it runs on without a client (still counted as followed: never detached)
+    # A background response runs on without a client: still counted as followed, never detached.
+    keep = bool(body.background)
+    if body.stream:
+        return SSEResponse(_stream(svc, sub, stored, -1, keep=keep), headers={**SSE_HEADERS, **headers})
+    if keep:
         if sub.subscription is not None:
             await svc.fanin.unsubscribe(sub.subscription)
-        queued = response_object(
-            sub.rid, stored, model=sub.model, created=sub.created, status="queued", output=[]
-        )
-        return JSONBody(queued, headers=headers)
-    if body.stream:
-        return SSEResponse(_stream(svc, sub, stored, -1), headers={**SSE_HEADERS, **headers})
+        return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
     try:
-        chat_body = await collect_response(
-            svc.requests.events(sub),
-            rid=sub.rid,
-            model=sub.model,
-            created=sub.created,
-            chat=True,
-            tool=sub.tool,
-            tool_format=sub.tool_format,
-            logprobs=sub.logprobs,
-        )
+        return JSONBody(await _whole(svc, sub, stored), headers=headers)
     except GatewayDraining:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise restarting(sub.rid, headers) from None
@@ -87,7 +70,6 @@ async def create_response(
     except BaseException:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise
-    return JSONBody(_from_chat(sub, stored, chat_body), headers=headers)
 
 
 def _refusal(body: ResponsesRequest) -> APIError | None:
@@ -101,17 +83,15 @@ def _refusal(body: ResponsesRequest) -> APIError | None:
         )
     if body.background and body.store is False:
         return APIError(400, "a background response is stored: `store` cannot be false", param="store")
-    if body.background and body.stream:
-        return APIError(
-            400, "stream a background response with GET /v1/responses/{id}?stream=true", param="stream"
-        )
     return None
 
 
 async def _admit(
     svc: GatewayService, body: ResponsesRequest, xrid: str, who: Principal, idempotency_key: str | None
 ) -> tuple[Submission, Stored]:
-    """The response's chat request, queued (after the conversation of its previous response)."""
+    """The response's chat request, queued (after the conversation of its previous response). Never
+    an identical request's answer (the response cache): a response's id is its own, and so are its
+    cancel and retrieve. Its Idempotency-Key is the Responses API's own (not a chat's)."""
     svc.refuse_if_draining()
     refused = _refusal(body)
     if refused is not None:
@@ -122,8 +102,9 @@ async def _admit(
         sub = await svc.submit(
             ChatCompletionRequest.model_validate(chat),
             request_id=xrid,
-            idempotency_key=idempotency_key,
+            idempotency_key=f"responses:{idempotency_key}" if idempotency_key else None,
             principal=who,
+            cache=NO_CACHE,
             rid=new_response_id(),
             response=stored.to_json(),
         )
@@ -153,16 +134,16 @@ async def retrieve_response(
         sub = await svc.requests.resume(response_id, who)
         after = -1 if starting_after is None else starting_after
         headers = {**SSE_HEADERS, "X-Breakwater-Request-Id": response_id}
-        return SSEResponse(_stream(svc, sub, stored, after), headers=headers)
+        return SSEResponse(_stream(svc, sub, stored, after, keep=stored.background), headers=headers)
     return JSONBody(await _snapshot(svc, response_id, record, stored))
 
 
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, request: Request, who: Caller) -> Response:
     svc = service(request)
-    await _stored(svc, response_id, who)
+    _, stored = await _stored(svc, response_id, who)
     record = await svc.requests.cancel(response_id, who)
-    return JSONBody(await _snapshot(svc, response_id, record, Stored.from_json(record.spec.response)))
+    return JSONBody(await _snapshot(svc, response_id, record, stored))
 
 
 async def _stored(svc: GatewayService, rid: str, who: Principal) -> tuple[RequestRecord, Stored]:
@@ -192,106 +173,116 @@ async def _history(svc: GatewayService, previous: str, who: Principal) -> list[d
             f"previous response '{previous}' is {STATUS[record.status.value]}; continue a completed one",
             param="previous_response_id",
         )
-    return [*stored.messages, assistant_message(_output(previous, record, "completed"))]
+    answer = await _snapshot(svc, previous, record, stored)
+    return [*stored.messages, assistant_message(answer["output"])]
 
 
-def _output(rid: str, record: RequestRecord, status: str) -> list[dict[str, Any]]:
-    """A record's answer so far as output items (its text, its calls)."""
-    spec, text = record.spec, record.emitted
-    if spec.tool_format:
-        message, _ = auto_message(rid, text, single_call(spec.tool_format))
-    else:
-        body = chat_response(rid, spec.model, 0, text, "stop", None, tool=spec.tool_call)
-        message = body["choices"][0]["message"]
-    return output_items(rid, message, status)
+class _Output:
+    """A response's events from its request's events: the chat renderer (gateway.sse; it parses
+    the model's own tool calls) and :class:`OutputEvents` over its chunks."""
+
+    def __init__(
+        self, rid: str, stored: Stored, *, model: str, tool: str, tool_format: str, created: int
+    ) -> None:
+        self.out = OutputEvents(rid, stored, model=model, created=stored.created_at or created)
+        self.render = renderer(
+            rid=rid, model=model, created=0, chat=True, after=0, tool=tool, tool_format=tool_format
+        )
+        self.pending = self.out.start()  # sent with the first event's
+
+    @classmethod
+    def of(cls, sub: Submission, stored: Stored) -> _Output:
+        return cls(
+            sub.rid, stored, model=sub.model, tool=sub.tool, tool_format=sub.tool_format, created=sub.created
+        )
+
+    def feed(self, event: TokenEvent) -> list[dict[str, Any]]:
+        out, self.pending = self.pending, []
+        if event.kind == "token":
+            return out + [e for c in self.render.chunks(event) for e in self.out.chunk(c)]
+        if event.kind == "done":
+            finals = [e for c in self.render.finals(event) for e in self.out.chunk(c)]
+            return out + finals + self.out.finish(event.finish_reason, event.usage)
+        return out + self.out.fail(error_chunk(event)["error"])
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        return self.out.snapshot(status)
+
+
+async def _whole(svc: GatewayService, sub: Submission, stored: Stored) -> dict[str, Any]:
+    """A non-streamed response: its stream's last event's (so the two always agree)."""
+    output = _Output.of(sub, stored)
+    events = svc.requests.events(sub)
+    async with aclosing(events):
+        async for event in events:
+            last = output.feed(event)
+            if event.kind == "error":
+                raise event_error(event)
+            if event.terminal:
+                response: dict[str, Any] = last[-1]["response"]
+                return response
+    raise APIError(500, "the request's stream ended without a final event", type="server_error")
 
 
 async def _snapshot(svc: GatewayService, rid: str, record: RequestRecord, stored: Stored) -> dict[str, Any]:
-    status = STATUS[record.status.value]
-    error = None
-    if record.status in (Status.ERROR, Status.CANCELLED):
-        events = await svc.broker.read_events(rid, max(record.seq - 2, 0))
-        found = next((e.error or {} for e in reversed(events) if e.kind == "error"), {})
-        error = {"code": str(found.get("code") or "server_error"), "message": str(found.get("message", ""))}
-    return response_object(
+    """The response as its record stands: its text so far rendered as its stream renders it."""
+    spec = record.spec
+    output = _Output(
         rid,
         stored,
-        model=record.spec.model,
+        model=spec.model,
+        tool=spec.tool_call,
+        tool_format=spec.tool_format,
         created=record.created,
-        status=status,
-        output=[] if record.status is Status.QUEUED else _output(rid, record, _item_status(status)),
-        chat_usage=record.usage,
-        finish_reason=record.finish_reason,
-        error=error,
     )
-
-
-def _item_status(status: str) -> str:
-    return {"in_progress": "in_progress", "completed": "completed"}.get(status, "incomplete")
-
-
-def _from_chat(sub: Submission, stored: Stored, body: dict[str, Any]) -> dict[str, Any]:
-    choice = body["choices"][0]
-    logprobs = (choice.get("logprobs") or {}).get("content")
-    return response_object(
-        sub.rid,
-        stored,
-        model=sub.model,
-        created=sub.created,
-        status="completed",
-        output=output_items(sub.rid, choice["message"], "completed", logprobs),
-        chat_usage=body.get("usage"),
-        finish_reason=choice["finish_reason"],
-    )
+    if record.status is Status.QUEUED:
+        return output.snapshot("queued")
+    events = [TokenEvent(1, "token", text=record.emitted)] if record.emitted else []
+    if record.status is Status.DONE:
+        events.append(TokenEvent(2, "done", finish_reason=record.finish_reason, usage=record.usage))
+    elif record.status in (Status.ERROR, Status.CANCELLED):
+        found = await svc.broker.read_events(rid, max(record.seq - 2, 0))
+        error = next((e.error or {} for e in reversed(found) if e.kind == "error"), {})
+        code = "cancelled" if record.status is Status.CANCELLED else error.get("code")
+        events.append(TokenEvent(2, "error", error={**error, "code": code}))
+    last: list[dict[str, Any]] = []
+    for event in events:
+        last = output.feed(event)
+    if events and events[-1].terminal:
+        response: dict[str, Any] = last[-1]["response"]
+        return response
+    return output.snapshot("in_progress")
 
 
 async def _stream(
-    svc: GatewayService, sub: Submission, stored: Stored, after: int
+    svc: GatewayService, sub: Submission, stored: Stored, after: int, *, keep: bool = False
 ) -> AsyncGenerator[bytes, None]:
     """The response's events numbered after ``after``: rendered from the request's first event
-    every time, so a resumed stream numbers and names everything as the first did."""
-    out = OutputEvents(sub.rid, stored, model=sub.model, created=sub.created)
-    render = renderer(
-        rid=sub.rid,
-        model=sub.model,
-        created=sub.created,
-        chat=True,
-        after=0,
-        tool=sub.tool,
-        tool_format=sub.tool_format,
-    )
+    every time, so a resumed stream numbers and names everything as the first did. Nothing is
+    sent before the first event (so the events' own cleanup always runs). ``keep``: a background
+    response: a client that leaves does not detach it."""
+    output = _Output.of(sub, stored)
     finished = False
     events = svc.requests.events(sub, 0)
     try:
-        yield _sse(out.start(), after)
         async with aclosing(events):
             async for event in events:
-                chunk = _events(out, render, event)
+                produced = output.feed(event)
                 if event.terminal:
                     finished = True
-                    yield LastChunk(_sse(chunk, after))
+                    yield LastChunk(_sse(produced, after))
                     return
-                if data := _sse(chunk, after):
+                if data := _sse(produced, after):
                     yield data
     except GatewayDraining:
         pass  # ended without response.completed: the client resumes elsewhere (starting_after)
     except APIError as exc:  # the status line is sent: say it as the stream's last event
         finished = True
         error = {"code": exc.code, "message": exc.message, "param": exc.param}
-        yield LastChunk(_sse([{"type": "error", "sequence_number": out.number + 1, **error}], -1))
+        yield LastChunk(_sse([{"type": "error", "sequence_number": output.out.number + 1, **error}], -1))
     finally:
-        if not finished:
+        if not finished and not keep:
             svc.requests.detach_later(sub.rid, shared=sub.cached)
-
-
-def _events(out: OutputEvents, render: Any, event: TokenEvent) -> list[dict[str, Any]]:
-    if event.kind == "token":
-        return [e for c in render.chunks(event) for e in out.chunk(c)]
-    if event.kind == "done":
-        return [e for c in render.finals(event) for e in out.chunk(c)] + out.finish(
-            event.finish_reason, event.usage
-        )
-    return out.fail(error_chunk(event)["error"])
 
 
 def _sse(events: list[dict[str, Any]], after: int) -> bytes:

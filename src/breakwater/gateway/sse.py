@@ -262,20 +262,25 @@ async def collect_response(
                     return chat_response(rid, model, created, text, reason, event.usage, tool, entries)
                 return text_response(rid, model, created, text, reason, event.usage, entries)
             else:
-                err = event.error or {}
-                code = err.get("code")
-                status = {
-                    "cancelled": 409,
-                    "timeout": 504,
-                    "context_length_exceeded": 400,
-                    "events_trimmed": 410,
-                }.get(str(code))
-                if status is None:
-                    status = 400 if err.get("type") == "invalid_request_error" else 500
-                raise APIError(
-                    status,
-                    str(err.get("message", "generation failed")),
-                    type=str(err.get("type", "server_error")),
-                    code=code,
-                )
+                raise event_error(event)
         raise APIError(500, "the request's stream ended without a final event", type="server_error")
+
+
+def event_error(event: TokenEvent) -> APIError:
+    """A request's error event as the error of a non-streaming answer, with its HTTP status."""
+    err = event.error or {}
+    code = err.get("code")
+    status = {
+        "cancelled": 409,
+        "timeout": 504,
+        "context_length_exceeded": 400,
+        "events_trimmed": 410,
+    }.get(str(code))
+    if status is None:
+        status = 400 if err.get("type") == "invalid_request_error" else 500
+    return APIError(
+        status,
+        str(err.get("message", "generation failed")),
+        type=str(err.get("type", "server_error")),
+        code=code,
+    )

@@ -66,16 +66,6 @@ def call_item(rid: str, index: int, call: dict[str, Any], status: str) -> dict[s
     }
 
 
-def output_items(
-    rid: str, message: dict[str, Any], status: str = "completed", logprobs: list[dict[str, Any]] | None = None
-) -> list[dict[str, Any]]:
-    """A chat answer's message as output items: its text (if any, or if nothing else), then its calls."""
-    calls = message.get("tool_calls") or []
-    items = [message_item(rid, 0, message["content"], status, logprobs)] if message.get("content") else []
-    items += [call_item(rid, len(items), call, status) for call in calls]
-    return items or [message_item(rid, 0, "", status, logprobs)]
-
-
 def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     """Output items as the chat message a later turn's conversation holds."""
     text = "".join(p["text"] for item in output if item["type"] == "message" for p in item["content"])
@@ -234,13 +224,13 @@ class OutputEvents:
             )
         return out
 
-    def _close_text(self) -> list[dict[str, Any]]:
+    def _close_text(self, status: str = "completed") -> list[dict[str, Any]]:
         item, self.text = self.text, None
         if item is None:
             return []
         part = item["content"][0]
         index = self.items.index(item)
-        item["status"] = "completed"
+        item["status"] = status
         return [
             self._event(
                 "response.output_text.done",
@@ -260,11 +250,11 @@ class OutputEvents:
             self._event("response.output_item.done", output_index=index, item=_copy(item)),
         ]
 
-    def _close_calls(self) -> list[dict[str, Any]]:
+    def _close_calls(self, status: str = "completed") -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for item in self.calls.values():
             index = self.items.index(item)
-            item["status"] = "completed"
+            item["status"] = status
             out.append(
                 self._event(
                     "response.function_call_arguments.done",
@@ -279,21 +269,36 @@ class OutputEvents:
         return out
 
     def finish(self, finish_reason: str | None, chat_usage: dict[str, int] | None) -> list[dict[str, Any]]:
-        """The open items closed, then ``response.completed`` (or ``incomplete``) with the whole object."""
+        """The open items closed, then ``response.completed`` (or ``incomplete``: cut at
+        ``max_output_tokens``, its last items too) with the whole object."""
         out = [] if self.items else self._open_text()  # an empty answer is still a message
-        out += [*self._close_text(), *self._close_calls()]
+        status = "incomplete" if finish_reason == "length" else "completed"
+        out += [*self._close_text(status), *self._close_calls(status)]
         response = self._response(
             "completed", output=self.items, chat_usage=chat_usage, finish_reason=finish_reason
         )
-        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        return [*out, self._event(kind, response=response)]
+        return [*out, self._event(f"response.{response['status']}", response=response)]
 
     def fail(self, error: dict[str, Any]) -> list[dict[str, Any]]:
-        """The request ended in an error: ``response.failed`` (or ``cancelled``) with what it wrote."""
-        status = "cancelled" if error.get("code") == "cancelled" else "failed"
-        body = {"code": str(error.get("code") or "server_error"), "message": str(error.get("message", ""))}
-        response = self._response(status, output=self.items, error=body)
+        """The request ended in an error (``response.failed``, its ``error``) or was cancelled
+        (``cancelled``, no error); what it wrote stays, its open items ``incomplete``."""
+        for item in self.items:
+            if item["status"] == "in_progress":
+                item["status"] = "incomplete"
+        self.text, self.calls = None, {}
+        if error.get("code") == "cancelled":
+            response = self._response("cancelled", output=self.items)
+        else:
+            body = {
+                "code": str(error.get("code") or "server_error"),
+                "message": str(error.get("message", "")),
+            }
+            response = self._response("failed", output=self.items, error=body)
         return [self._event("response.failed", response=response)]
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        """The response as it stands (a retrieve while it runs: its items so far, open)."""
+        return self._response(status, output=self.items)
 
 
 def _copy(item: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,9 @@ The answer's rendering: :mod:`breakwater.protocol.response_output`; the routes: 
 
 from __future__ import annotations
 
+import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import orjson
@@ -119,13 +120,22 @@ class Stored:
     store: bool = True
     background: bool = False
     user: str | None = None
+    created_at: int = 0  # unix seconds, the gateway's clock at its admission
 
     def to_json(self) -> str:
         return orjson.dumps(asdict(self)).decode()
 
     @classmethod
-    def from_json(cls, raw: str) -> Stored:
-        return cls(**orjson.loads(raw))
+    def from_json(cls, raw: str) -> Stored | None:
+        """What a record keeps; None if it is not a response's (or unreadable). Fields a later or
+        earlier version wrote and this one does not know are left out (a rolling deploy)."""
+        try:
+            found = orjson.loads(raw)
+            if not isinstance(found, dict):
+                return None
+            return cls(**{f.name: found[f.name] for f in fields(cls) if f.name in found})
+        except (orjson.JSONDecodeError, TypeError):
+            return None
 
 
 def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[str, Any], Stored]:
@@ -172,6 +182,7 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[
         store=req.store is not False,
         background=bool(req.background),
         user=req.user,
+        created_at=int(time.time()),
     )
     return {k: v for k, v in body.items() if v is not None}, stored
 

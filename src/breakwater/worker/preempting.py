@@ -148,11 +148,13 @@ class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repai
             log.warning("resume failed; retrying", extra={"rid": rid, "fields": {"error": str(exc)}})
             await asyncio.sleep(0.2)
             return
+        if self.inflight.get(rid) is not flight:  # dropped meanwhile (_forget took it off the list)
+            return
         self.preemption.paused.pop(0)
         flight.paused_at = -1
         if record is not None and record.attempt == flight.attempt and record.wseq < flight.writes:
             record = await self._repaired(flight, record)
-            if record is None:  # the repair dropped it (its writes were lost beyond those kept)
+            if record is None:  # dropped meanwhile, or the lost writes are not all back yet
                 return
         if record is None or record.status is not Status.RUNNING or record.attempt != flight.attempt:
             fenced = record is not None and record.attempt != flight.attempt
@@ -176,11 +178,22 @@ class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repai
         """A failover lost some of a paused sequence's writes (every one was published before it
         may continue): send them again before the engine continues from the record's text, else
         the continuation would start short of what clients saw (its writes are refused as out of
-        step). The record as the repair left it; None when the repair dropped the sequence."""
+        step). The record as the repair left it; None when the sequence was dropped meanwhile (the
+        repair fails a request whose writes were lost beyond those kept), or when its writes are not
+        all back yet: then it waits, paused, for another try."""
         await self._repair([(flight, record.wseq)], self.settings.result_ttl_s)
         if self.inflight.get(flight.job.rid) is not flight:
             return None
-        return await until_redis(functools.partial(self.broker.get_record, flight.job.rid), "resume")
+        again = await until_redis(functools.partial(self.broker.get_record, flight.job.rid), "resume")
+        if self.inflight.get(flight.job.rid) is not flight:
+            return None
+        if again is not None and again.attempt == flight.attempt and again.wseq < flight.writes:
+            log.warning("lost writes not all sent again; retrying", extra={"rid": flight.job.rid})
+            flight.paused_at = self._steps
+            self.preemption.paused.insert(0, flight)
+            await asyncio.sleep(0.2)
+            return None
+        return again
 
     async def _fail_request(self, flight: InFlight, exc: EngineRequestError) -> None:
         await self.broker.fail(
