@@ -91,6 +91,8 @@ def test_a_named_function_is_called_and_the_conversation_goes_on_after_its_outpu
     (item,) = second.output
     assert item.type == "message" and second.output_text
     assert second.previous_response_id == first.id
+    (given,) = client.responses.input_items.list(second.id).data  # its own input: the call's output
+    assert given.type == "function_call_output" and given.call_id == call.call_id
 
 
 def test_the_sdk_stream_helper_assembles_a_streamed_call(

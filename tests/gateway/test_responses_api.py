@@ -130,6 +130,32 @@ async def test_previous_response_id_continues_the_conversation(client: openai.As
     assert (second.output_text, second.previous_response_id) == (text, first.id)
 
 
+async def test_input_items_list_a_responses_own_input_page_by_page(client: openai.AsyncOpenAI) -> None:
+    first = await client.responses.create(model="sim", input="one")
+    second = await client.responses.create(
+        model="sim",
+        previous_response_id=first.id,
+        instructions="not an input item",
+        input=[
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "input_text", "text": "three"}]},
+        ],
+    )
+
+    def texts(items: list[Any]) -> list[tuple[str, str]]:
+        return [(item.role, item.content[0].text) for item in items]
+
+    newest_first = await client.responses.input_items.list(second.id)  # OpenAI's default order
+    assert texts(newest_first.data) == [("user", "three"), ("assistant", "ok"), ("user", "two")]
+    assert not newest_first.has_more
+    # Two at a time, the SDK following `after` from page to page.
+    pages = [item async for item in client.responses.input_items.list(second.id, order="asc", limit=2)]
+    assert texts(pages) == [("user", "two"), ("assistant", "ok"), ("user", "three")]
+    assert len({item.id for item in pages}) == 3
+    assert texts((await client.responses.input_items.list(first.id)).data) == [("user", "one")]
+
+
 async def test_background_responses_run_without_a_client_and_can_be_cancelled(gw_empty: InProc) -> None:
     await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
     async with _client(gw_empty) as client:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request
@@ -27,7 +27,14 @@ from breakwater.gateway.streaming import LastChunk, SSEResponse
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest
 from breakwater.protocol.response_output import STATUS, OutputEvents, assistant_message
-from breakwater.protocol.responses import InputError, ResponsesRequest, Stored, new_response_id, to_chat
+from breakwater.protocol.responses import (
+    InputError,
+    ResponsesRequest,
+    Stored,
+    input_items,
+    new_response_id,
+    to_chat,
+)
 from breakwater.tenancy import Principal
 
 router = APIRouter(route_class=OrjsonRoute)
@@ -144,6 +151,37 @@ async def cancel_response(response_id: str, request: Request, who: Caller) -> Re
     _, stored = await _stored(svc, response_id, who)
     record = await svc.requests.cancel(response_id, who)
     return JSONBody(await _snapshot(svc, response_id, record, stored))
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    request: Request,
+    who: Caller,
+    after: Annotated[str | None, Query(max_length=256)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+) -> Response:
+    """The response's own input (not its earlier turns', nor its instructions), a page at a time."""
+    _, stored = await _stored(service(request), response_id, who)
+    items = input_items(response_id, stored.messages[stored.history :])
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        at = next((k for k, item in enumerate(items) if item["id"] == after), None)
+        if at is None:
+            raise APIError(400, f"no input item `{after}` in response '{response_id}'", param="after")
+        items = items[at + 1 :]
+    page = items[:limit]
+    return JSONBody(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
 
 
 async def _stored(svc: GatewayService, rid: str, who: Principal) -> tuple[RequestRecord, Stored]:

@@ -106,6 +106,7 @@ class Stored:
     earlier turns and its input; not its instructions, which a later turn does not inherit)."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
+    history: int = 0  # of ``messages``, those of the earlier turns (the rest are its input)
     instructions: str | None = None
     previous_response_id: str | None = None
     tools: list[dict[str, Any]] = field(default_factory=list)
@@ -168,6 +169,7 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[
     }
     stored = Stored(
         messages=messages,
+        history=len(history),
         instructions=req.instructions,
         previous_response_id=req.previous_response_id,
         tools=req.tools or [],
@@ -297,3 +299,50 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         return fmt
     schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None}
     return {"type": "json_schema", "json_schema": schema}
+
+
+def input_items(rid: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A response's input (chat messages, as :func:`input_messages` made them) as the input items
+    ``GET /v1/responses/{id}/input_items`` lists; ids from the response's and the item's place."""
+    base = rid.removeprefix("resp_")
+    items: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role, content = message["role"], message.get("content")
+        if role == "tool":
+            items.append(
+                {
+                    "id": f"fco_{base}_in{i}",
+                    "type": "function_call_output",
+                    "call_id": message.get("tool_call_id", ""),
+                    "output": content or "",
+                    "status": "completed",
+                }
+            )
+            continue
+        if content or not message.get("tool_calls"):
+            kind = "output_text" if role == "assistant" else "input_text"
+            part: dict[str, Any] = {"type": kind, "text": content or ""}
+            if role == "assistant":
+                part["annotations"] = []
+            items.append(
+                {
+                    "id": f"msg_{base}_in{i}",
+                    "type": "message",
+                    "role": role,
+                    "status": "completed",
+                    "content": [part],
+                }
+            )
+        for k, call in enumerate(message.get("tool_calls") or ()):
+            function = call.get("function") or {}
+            items.append(
+                {
+                    "id": f"fc_{base}_in{i}_{k}",
+                    "type": "function_call",
+                    "call_id": call.get("id", ""),
+                    "name": function.get("name", ""),
+                    "arguments": function.get("arguments", ""),
+                    "status": "completed",
+                }
+            )
+    return items
