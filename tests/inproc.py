@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import httpx2
+import openai
 from fastapi import FastAPI
 
 from breakwater.broker import Broker
@@ -32,6 +34,12 @@ class InProc:
     app: FastAPI
     http: httpx.AsyncClient
     workers: list[tuple[Worker, asyncio.Task[None]]] = field(default_factory=list)
+
+    def sdk(self) -> openai.AsyncOpenAI:
+        """The official ``openai`` client driving this gateway in-process (the SDK brings its own
+        httpx, ``httpx2``, whose ASGI transport runs the app)."""
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=self.app), base_url="http://gw")
+        return openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0)
 
     def broker(self) -> Broker:
         """A fresh broker for the test's own checks (closed by the fixture)."""

@@ -6,36 +6,18 @@ on after the call's output by ``previous_response_id``."""
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from tests.e2e.test_structured_outputs import ARGUMENTS, Capital, GetTime, GetWeather
 from tests.helpers import StackProcs
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France? Answer with the city and country."
 WEATHER = "What is the weather like in Paris?"
-
-
-class Capital(BaseModel):
-    city: str = Field(max_length=30)
-    country: str = Field(max_length=30)
-    population: int
-
-
-class GetWeather(BaseModel):
-    """Get the current weather in a city."""
-
-    city: str = Field(max_length=30)
-    unit: Literal["celsius", "fahrenheit"]
-
-
-class GetTime(BaseModel):
-    """Get the current local time in a city."""
-
-    city: str = Field(max_length=30)
 
 
 def _tool(model: type[BaseModel], name: str) -> Any:
@@ -44,7 +26,6 @@ def _tool(model: type[BaseModel], name: str) -> Any:
 
 
 WEATHER_TOOL, TIME_TOOL = _tool(GetWeather, "get_weather"), _tool(GetTime, "get_time")
-ARGUMENTS: dict[str, type[BaseModel]] = {"get_weather": GetWeather, "get_time": GetTime}
 
 
 def test_parse_returns_the_text_formats_object(llama_stack: StackProcs, client: openai.OpenAI) -> None:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import httpx2
 import openai
 import pytest
 
@@ -25,14 +24,9 @@ from tests.inproc import InProc
 HI: list[Any] = [{"role": "user", "content": "hi"}]
 
 
-def _client(gw: InProc) -> openai.AsyncOpenAI:
-    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app), base_url="http://gw")
-    return openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0)
-
-
 @pytest.fixture
 async def client(gw: InProc) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with _client(gw) as c:
+    async with gw.sdk() as c:
         yield c
 
 
@@ -56,7 +50,7 @@ async def test_an_engines_own_finish_reason_reaches_clients_as_openais(
     gw_empty: InProc, engine_says: str, client_gets: str
 ) -> None:
     await gw_empty.add_worker(FinishingSim(engine_says))
-    async with _client(gw_empty) as c:
+    async with gw_empty.sdk() as c:
         whole = await c.chat.completions.create(model="sim", messages=HI, max_tokens=4, seed=1)
         stream = await c.chat.completions.create(model="sim", messages=HI, max_tokens=4, seed=1, stream=True)
         reasons = [chunk.choices[0].finish_reason async for chunk in stream if chunk.choices]
@@ -67,7 +61,7 @@ async def test_an_engines_own_finish_reason_reaches_clients_as_openais(
 async def test_an_engine_that_ends_with_an_error_fails_the_answer(gw_empty: InProc) -> None:
     """vLLM's ``error`` finish is a failed generation, not a 200 with a normal end."""
     await gw_empty.add_worker(FinishingSim("error"))
-    async with _client(gw_empty) as c:
+    async with gw_empty.sdk() as c:
         with pytest.raises(openai.InternalServerError) as info:
             await c.chat.completions.create(model="sim", messages=HI, max_tokens=4, seed=1)
         assert "finish reason `error`" in str(info.value)
@@ -83,7 +77,7 @@ async def test_logprobs_asked_for_are_a_list_even_without_entries(gw_empty: InPr
     ``logprobs.content`` is ``[]``, as vLLM answers, not ``null``."""
     await gw_empty.add_worker(FinishingSim("stop"))
     first_word = expected_sim(messages=HI, seed=2, max_tokens=4)[0].split()[0]
-    async with _client(gw_empty) as c:
+    async with gw_empty.sdk() as c:
         resp = await c.chat.completions.create(
             model="sim", messages=HI, max_tokens=4, seed=2, logprobs=True, stop=[first_word]
         )

@@ -9,7 +9,6 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 import pytest
@@ -21,14 +20,9 @@ from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc
 
 
-def _client(gw: InProc) -> openai.AsyncOpenAI:
-    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app), base_url="http://gw")
-    return openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0)
-
-
 @pytest.fixture
 async def client(gw: InProc) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with _client(gw) as c:
+    async with gw.sdk() as c:
         yield c
 
 
@@ -158,7 +152,7 @@ async def test_input_items_list_a_responses_own_input_page_by_page(client: opena
 
 async def test_background_responses_run_without_a_client_and_can_be_cancelled(gw_empty: InProc) -> None:
     await gw_empty.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
-    async with _client(gw_empty) as client:
+    async with gw_empty.sdk() as client:
         queued = await client.responses.create(model="sim", input="in the background", background=True)
         assert (queued.status, queued.background, queued.output) == ("queued", True, [])
 

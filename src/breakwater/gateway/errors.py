@@ -50,6 +50,16 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+def unsupported(param: str) -> APIError:
+    """A parameter this server does not implement: refused by name, never ignored."""
+    return APIError(
+        400,
+        f"`{param}` is not supported by this server; remove it from the request",
+        code="unsupported_parameter",
+        param=param,
+    )
+
+
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

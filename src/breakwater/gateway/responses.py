@@ -18,9 +18,9 @@ from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.record import RequestRecord, Status
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import NO_CACHE
-from breakwater.gateway.errors import APIError, JSONBody
+from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.following import Submission
-from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, request_id, restarting, service
+from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, answered, request_id, service
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import error_chunk, event_error, one_line, renderer
 from breakwater.gateway.streaming import LastChunk, SSEResponse
@@ -65,29 +65,13 @@ async def create_response(
         if sub.subscription is not None:
             await svc.fanin.unsubscribe(sub.subscription)
         return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
-    try:
-        return JSONBody(await _whole(svc, sub, stored), headers=headers)
-    except GatewayDraining:
-        svc.requests.detach_later(sub.rid, shared=sub.cached)
-        raise restarting(sub.rid, headers) from None
-    except APIError as exc:
-        svc.requests.detach_later(sub.rid, shared=sub.cached)
-        exc.headers = {**headers, **exc.headers}
-        raise
-    except BaseException:
-        svc.requests.detach_later(sub.rid, shared=sub.cached)
-        raise
+    return JSONBody(await answered(svc, sub, headers, _whole(svc, sub, stored)), headers=headers)
 
 
 def _refusal(body: ResponsesRequest) -> APIError | None:
-    unsupported = body.unsupported_parameter()
-    if unsupported is not None:
-        return APIError(
-            400,
-            f"`{unsupported}` is not supported by this server; remove it from the request",
-            code="unsupported_parameter",
-            param=unsupported,
-        )
+    name = body.unsupported_parameter()
+    if name is not None:
+        return unsupported(name)
     if body.background and body.store is False:
         return APIError(400, "a background response is stored: `store` cannot be false", param="store")
     return None

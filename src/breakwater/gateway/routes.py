@@ -5,6 +5,7 @@ Routes translate HTTP to service calls and back; they never reach the broker the
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from contextlib import aclosing
 from datetime import date
 from functools import partial
@@ -110,17 +111,29 @@ async def complete(
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     if not isinstance(body, EmbeddingRequest) and body.stream:
         return _sse(svc, sub, 0, headers)
+    collected = collect_response(
+        svc.requests.events(sub),
+        rid=sub.rid,
+        model=sub.model,
+        created=sub.created,
+        chat=sub.chat,
+        tool=sub.tool,
+        tool_format=sub.tool_format,
+        logprobs=sub.logprobs,
+    )
+    result = await answered(svc, sub, headers, collected)
+    if isinstance(body, EmbeddingRequest):
+        result = _embeddings(body, result)
+    return JSONBody(result, headers=headers)
+
+
+async def answered(
+    svc: GatewayService, sub: Submission, headers: dict[str, str], answer: Awaitable[dict[str, Any]]
+) -> dict[str, Any]:
+    """A non-streamed answer to ``sub``. Without one (the gateway drains, the request ended in an
+    error, the client left) the request is detached; its error names the request."""
     try:
-        result = await collect_response(
-            svc.requests.events(sub),
-            rid=sub.rid,
-            model=sub.model,
-            created=sub.created,
-            chat=sub.chat,
-            tool=sub.tool,
-            tool_format=sub.tool_format,
-            logprobs=sub.logprobs,
-        )
+        return await answer
     except GatewayDraining:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise restarting(sub.rid, headers) from None
@@ -131,9 +144,6 @@ async def complete(
     except BaseException:
         svc.requests.detach_later(sub.rid, shared=sub.cached)
         raise
-    if isinstance(body, EmbeddingRequest):
-        result = _embeddings(body, result)
-    return JSONBody(result, headers=headers)
 
 
 def restarting(rid: str, headers: dict[str, str]) -> APIError:

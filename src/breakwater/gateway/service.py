@@ -18,7 +18,7 @@ from breakwater.gateway.auth import Authenticator, check_model
 from breakwater.gateway.autoscale import AutoscaleSignals
 from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
 from breakwater.gateway.choices import ChoiceGroup
-from breakwater.gateway.errors import APIError
+from breakwater.gateway.errors import APIError, unsupported
 from breakwater.gateway.following import Submission
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelRegistry
@@ -157,14 +157,9 @@ class GatewayService:
 
     def _check(self, body: Body, principal: Principal) -> None:
         self.refuse_if_draining()
-        unsupported = body.unsupported_parameter()
-        if unsupported is not None:
-            raise APIError(
-                400,
-                f"`{unsupported}` is not supported by this server; remove it from the request",
-                code="unsupported_parameter",
-                param=unsupported,
-            )
+        name = body.unsupported_parameter()
+        if name is not None:
+            raise unsupported(name)
         check_model(principal, body.model)
 
     async def ready(self) -> str:
