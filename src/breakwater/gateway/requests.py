@@ -193,6 +193,19 @@ class Requests:
             await self.fanin.unsubscribe(submission.subscription)
         await self.broker.detach(submission.rid, shared=submission.cached)
 
+    def release_later(self, submission: Submission, *, detach: bool = True) -> None:
+        """A stream closed before it read any event (its client left at the first write): stop
+        following the request, in the background (a closing generator may not wait)."""
+        task = asyncio.create_task(self._release(submission, detach))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, submission: Submission, detach: bool) -> None:
+        if submission.subscription is not None:
+            await self.fanin.unsubscribe(submission.subscription)
+        if detach:
+            await self._detach(submission.rid, submission.cached)
+
     def detach_later(self, rid: str, *, shared: bool = False) -> None:
         """The client went away mid-stream: count it out; the worker cancels after the grace period.
         ``shared``: the client came through the response cache."""

@@ -210,13 +210,18 @@ class _Output:
         self.render = renderer(
             rid=rid, model=model, created=0, chat=True, after=0, tool=tool, tool_format=tool_format
         )
-        self.pending = self.out.start()  # sent with the first event's
+        self.pending = self.out.start()  # sent first (feed_start), else with the first event's
 
     @classmethod
     def of(cls, sub: Submission, stored: Stored) -> _Output:
         return cls(
             sub.rid, stored, model=sub.model, tool=sub.tool, tool_format=sub.tool_format, created=sub.created
         )
+
+    def feed_start(self) -> list[dict[str, Any]]:
+        """``response.created`` and ``response.in_progress`` (once)."""
+        out, self.pending = self.pending, []
+        return out
 
     def feed(self, event: TokenEvent) -> list[dict[str, Any]]:
         out, self.pending = self.pending, []
@@ -280,13 +285,16 @@ async def _stream(
     svc: GatewayService, sub: Submission, stored: Stored, after: int, *, keep: bool = False
 ) -> AsyncGenerator[bytes, None]:
     """The response's events numbered after ``after``: rendered from the request's first event
-    every time, so a resumed stream numbers and names everything as the first did. Nothing is
-    sent before the first event (so the events' own cleanup always runs). ``keep``: a background
-    response: a client that leaves does not detach it."""
+    every time, so a resumed stream numbers and names everything as the first did.
+    ``response.created`` goes out at once. ``keep``: a background response: a client that leaves
+    does not detach it."""
     output = _Output.of(sub, stored)
-    finished = False
+    finished = started = False
     events = svc.requests.events(sub, 0)
     try:
+        if data := _sse(output.feed_start(), after):
+            yield data
+        started = True  # from here the events' own cleanup unsubscribes (aclosing)
         async with aclosing(events):
             async for event in events:
                 produced = output.feed(event)
@@ -303,7 +311,9 @@ async def _stream(
         error = {"code": exc.code, "message": exc.message, "param": exc.param}
         yield LastChunk(_sse([{"type": "error", "sequence_number": output.out.number + 1, **error}], -1))
     finally:
-        if not finished and not keep:
+        if not started:  # closed at its first write: the events never began, nor their cleanup
+            svc.requests.release_later(sub, detach=not keep)
+        elif not finished and not keep:
             svc.requests.detach_later(sub.rid, shared=sub.cached)
 
 

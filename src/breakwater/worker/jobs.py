@@ -43,6 +43,7 @@ class InFlight:
     writes: int = 0  # appends sent by this attempt: numbers them so a retried one is applied once
     position: int = 0  # the record's token count after this attempt's appends so far (Append.at)
     paused_at: int = -1  # preempted: continued once this many steps are published (-1: running)
+    repairs: int = 0  # tries to send a paused sequence's lost writes again (PreemptingMixin._repaired)
     # Structured output or penalties: paused only where the engine continues it exactly.
     constrained: bool = False
     tools: bool = False  # its tools went to the engine, which cannot continue it: never paused

@@ -21,6 +21,8 @@ from breakwater.worker.repair import RepairMixin
 
 log = logging.getLogger("breakwater.worker.worker")
 
+MAX_REPAIRS = 5  # tries to send a paused sequence's lost writes again before failing its request
+
 
 class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repaired
     # The worker's state and steps this half uses (defined by Worker).
@@ -179,8 +181,9 @@ class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repai
         may continue): send them again before the engine continues from the record's text, else
         the continuation would start short of what clients saw (its writes are refused as out of
         step). The record as the repair left it; None when the sequence was dropped meanwhile (the
-        repair fails a request whose writes were lost beyond those kept), or when its writes are not
-        all back yet: then it waits, paused, for another try."""
+        repair fails a request whose writes were lost beyond those kept; a record gone meanwhile is
+        dropped by the next heartbeat), or when its writes are not all back yet: then it waits,
+        paused, for another try (``MAX_REPAIRS`` in all, then its request fails: ``tokens_lost``)."""
         await self._repair([(flight, record.wseq)], self.settings.result_ttl_s)
         if self.inflight.get(flight.job.rid) is not flight:
             return None
@@ -188,6 +191,11 @@ class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repai
         if self.inflight.get(flight.job.rid) is not flight:
             return None
         if again is not None and again.attempt == flight.attempt and again.wseq < flight.writes:
+            flight.repairs += 1
+            if flight.repairs >= MAX_REPAIRS:  # fail it clearly rather than hold the pull loop
+                log.error("lost writes not sent again; failing the request", extra={"rid": flight.job.rid})
+                await self._lost(flight, self.settings.result_ttl_s)
+                return None
             log.warning("lost writes not all sent again; retrying", extra={"rid": flight.job.rid})
             flight.paused_at = self._steps
             self.preemption.paused.insert(0, flight)

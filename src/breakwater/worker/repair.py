@@ -50,17 +50,7 @@ class RepairMixin:
                 resend += [(flight, a) for a in kept]
                 continue
             log.error("writes lost beyond those kept; failing the request", extra={"rid": flight.job.rid})
-            fail = functools.partial(
-                self.broker.fail,
-                flight.job.rid,
-                attempt=flight.attempt,
-                code="tokens_lost",
-                message="tokens were lost in a Redis failover; retry the request",
-                ttl_s=ttl_s,
-            )
-            failed = await until_redis(fail, "fail")
-            drop = functools.partial(self._drop, flight, fenced=failed == -1, why="tokens lost")
-            await until_redis(drop, "drop")
+            await self._lost(flight, ttl_s)
         if not resend:
             return []
         results = await until_redis(lambda: self.broker.append_step([a for _, a in resend]), "repair")
@@ -74,3 +64,17 @@ class RepairMixin:
                 await until_redis(functools.partial(self._drop, flight, fenced=fenced, why=why), "drop")
         inflight = self.inflight
         return [(flight, last) for flight, last in again.values() if inflight.get(flight.job.rid) is flight]
+
+    async def _lost(self, flight: InFlight, ttl_s: int) -> None:
+        """Fail a request whose lost writes cannot be sent again (a clear error, not a hole)."""
+        fail = functools.partial(
+            self.broker.fail,
+            flight.job.rid,
+            attempt=flight.attempt,
+            code="tokens_lost",
+            message="tokens were lost in a Redis failover; retry the request",
+            ttl_s=ttl_s,
+        )
+        failed = await until_redis(fail, "fail")
+        drop = functools.partial(self._drop, flight, fenced=failed == -1, why="tokens lost")
+        await until_redis(drop, "drop")
