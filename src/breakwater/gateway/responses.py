@@ -55,15 +55,15 @@ async def create_response(
     idempotency_key: Annotated[str | None, Header(max_length=HEADER_MAX)] = None,
 ) -> Response:
     svc = service(request)
-    sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key)
-    headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
-    # A background response runs on without a client: still counted as followed, never detached.
+    # A background response runs on without a client: still counted as followed, never detached;
+    # answered at once unless streamed, so not subscribed to.
     keep = bool(body.background)
+    follow = body.stream or not keep
+    sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key, follow)
+    headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     if body.stream:
         return SSEResponse(_stream(svc, sub, stored, -1, keep=keep), headers={**SSE_HEADERS, **headers})
     if keep:
-        if sub.subscription is not None:
-            await svc.fanin.unsubscribe(sub.subscription)
         return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
     return JSONBody(await answered(svc, sub, headers, _whole(svc, sub, stored)), headers=headers)
 
@@ -78,7 +78,12 @@ def _refusal(body: ResponsesRequest) -> APIError | None:
 
 
 async def _admit(
-    svc: GatewayService, body: ResponsesRequest, xrid: str, who: Principal, idempotency_key: str | None
+    svc: GatewayService,
+    body: ResponsesRequest,
+    xrid: str,
+    who: Principal,
+    idempotency_key: str | None,
+    subscribe: bool,
 ) -> tuple[Submission, Stored]:
     """The response's chat request, queued (after the conversation of its previous response). Never
     an identical request's answer (the response cache): a response's id is its own, and so are its
@@ -95,6 +100,7 @@ async def _admit(
             request_id=xrid,
             idempotency_key=f"responses:{idempotency_key}" if idempotency_key else None,
             principal=who,
+            subscribe=subscribe,
             cache=NO_CACHE,
             rid=new_response_id(),
             response=stored.to_json(),
