@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from breakwater.gateway.choices import choice_rid
 from breakwater.gateway.streaming import LastChunk, SSEResponse
+from tests.helpers import async_wait_for
 from tests.inproc import InProc
 
 
@@ -200,3 +202,64 @@ async def test_a_streamed_answer_ends_with_its_last_event(gw: InProc) -> None:
             bodies = [m for m in messages if m["type"] == "http.response.body"]
             assert [m["more_body"] for m in bodies].count(False) == 1 and not bodies[-1]["more_body"]
             assert bodies[-1]["body"].endswith(b"data: [DONE]\n\n")
+
+
+async def test_events_never_begun_are_let_go_by_the_unstarted_callback() -> None:
+    """A response that fails at its status line never asks for its events (a generator closed before
+    it starts runs none of its cleanup): ``unstarted`` is called once, in its place; a response
+    whose events began leaves their cleanup to them."""
+    calls: list[str] = []
+
+    async def refuse(message: MutableMapping[str, Any]) -> None:
+        raise OSError("the client is gone")
+
+    async def stays() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    events = _forever()
+    with pytest.raises(OSError):
+        await SSEResponse(events, {}, unstarted=lambda: calls.append("released"))(
+            {"type": "http"}, stays, refuse
+        )
+    assert calls == ["released"]
+    sent, receive, send = _leaves_after(b"data: first\n\n")
+    await asyncio.wait_for(
+        SSEResponse(_forever(), {}, unstarted=lambda: calls.append("again"))({"type": "http"}, receive, send),
+        5,
+    )
+    assert calls == ["released"] and len(sent) == 2
+
+
+async def test_a_stream_refused_at_its_status_line_stops_following_its_requests(gw: InProc) -> None:
+    """Through the gateway, one choice, n > 1 and a streamed response: the server fails the
+    response's first message (its client is gone). The request was admitted, subscribed to and
+    attached before the response began: every subscription is let go and every choice detached,
+    none left to the gateway's end."""
+    fanin, broker = gw.app.state.service.fanin, gw.app.state.service.broker
+    rids: list[str] = []
+
+    async def gone_at_start(scope: Any, receive: Any, send: Any) -> None:
+        async def refuse(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message["headers"])
+                rids.append(headers[b"x-breakwater-request-id"].decode())
+                raise OSError("the client is gone")
+            await send(message)
+
+        await gw.app(scope, receive, refuse)
+
+    transport = httpx.ASGITransport(app=gone_at_start)
+    body = {"model": "sim", "prompt": "gone", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as http:
+        for n in (1, 2):
+            with pytest.raises(OSError):
+                await http.post("/v1/completions", json={**body, "n": n})
+        with pytest.raises((OSError, RuntimeError)):  # through FastAPI's handlers: "already started"
+            await http.post("/v1/responses", json={"model": "sim", "input": "gone", "stream": True})
+    assert len(rids) == 3
+    await async_wait_for(lambda: fanin.active == 0, 10, what="subscriptions let go")
+    for rid in (rids[0], choice_rid(rids[1], 0), choice_rid(rids[1], 1), rids[2]):
+        record = await broker.get_record(rid)
+        assert record is not None, rid
+        assert record.watchers == 0, (rid, record.watchers)

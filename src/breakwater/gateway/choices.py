@@ -418,6 +418,13 @@ async def group_size(svc: GatewayService, rid: str, principal: Principal) -> int
     return record.spec.choices if 1 < record.spec.choices <= MAX_CHOICES else 0
 
 
+def release_all(svc: GatewayService, group: ChoiceGroup) -> None:
+    """The group's stream closed before it began: stop following every choice (requests.release_later)."""
+    for choice in group.choices:
+        if choice.sub is not None:
+            svc.requests.release_later(choice.sub)
+
+
 def detach_all(svc: GatewayService, group: ChoiceGroup) -> None:
     for choice in group.choices:
         if choice.sub is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -62,7 +63,11 @@ async def create_response(
     sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key, follow)
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     if body.stream:
-        return SSEResponse(_stream(svc, sub, stored, -1, keep=keep), headers={**SSE_HEADERS, **headers})
+        return SSEResponse(
+            _stream(svc, sub, stored, -1, keep=keep),
+            headers={**SSE_HEADERS, **headers},
+            unstarted=partial(svc.requests.release_later, sub, detach=not keep),
+        )
     if keep:
         return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
     return JSONBody(await answered(svc, sub, headers, _whole(svc, sub, stored)), headers=headers)
@@ -131,7 +136,11 @@ async def retrieve_response(
         sub = await svc.requests.resume(response_id, who)
         after = -1 if starting_after is None else starting_after
         headers = {**SSE_HEADERS, "X-Breakwater-Request-Id": response_id}
-        return SSEResponse(_stream(svc, sub, stored, after, keep=stored.background), headers=headers)
+        return SSEResponse(
+            _stream(svc, sub, stored, after, keep=stored.background),
+            headers=headers,
+            unstarted=partial(svc.requests.release_later, sub, detach=not stored.background),
+        )
     return JSONBody(await _snapshot(svc, response_id, record, stored))
 
 

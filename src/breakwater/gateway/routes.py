@@ -166,7 +166,11 @@ async def _complete_choices(
     group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
     headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
     if body.stream:
-        return SSEResponse(choices.stream(svc, group), headers={**SSE_HEADERS, **headers})
+        return SSEResponse(
+            choices.stream(svc, group),
+            headers={**SSE_HEADERS, **headers},
+            unstarted=partial(choices.release_all, svc, group),
+        )
     try:
         result = await choices.collect(svc, group)
     except GatewayDraining:
@@ -210,7 +214,10 @@ def _sse(svc: GatewayService, sub: Submission, after: int, headers: dict[str, st
     )
     direct = ClientWrites(partial(token_event, render)) if isinstance(render, ChoiceChunks) else None
     return SSEResponse(
-        _stream(svc, sub, after, render, direct), headers={**SSE_HEADERS, **headers}, direct=direct
+        _stream(svc, sub, after, render, direct),
+        headers={**SSE_HEADERS, **headers},
+        direct=direct,
+        unstarted=partial(svc.requests.release_later, sub),
     )
 
 
@@ -390,6 +397,7 @@ async def _resume_choices(
     return SSEResponse(
         choices.stream(svc, group, fresh=last_event_id is None),
         headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid},
+        unstarted=partial(choices.release_all, svc, group),
     )
 
 

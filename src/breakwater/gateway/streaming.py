@@ -109,9 +109,14 @@ class SSEResponse(Response):
         events: AsyncIterator[bytes],
         headers: Mapping[str, str],
         direct: ClientWrites | None = None,
+        unstarted: Callable[[], None] | None = None,
     ) -> None:
         self.events = events
         self.direct = direct
+        # Called if the response ends before its events were first asked for (the client left, or
+        # the server stopped it, at the status line): a generator closed unstarted runs none of its
+        # cleanup, so what was taken for it (a subscription, an attach) is let go by this instead.
+        self.unstarted = unstarted
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
@@ -120,7 +125,7 @@ class SSEResponse(Response):
         task = asyncio.current_task()
         assert task is not None
         streaming = True
-        gone = False
+        gone = began = False
 
         async def listen() -> None:
             nonlocal gone
@@ -141,6 +146,7 @@ class SSEResponse(Response):
             if self.direct is not None:
                 self.direct.attach(out)
             ended = False
+            began = True
             async for chunk in self.events:
                 if gone:  # its cancellation was lost (Python 3.11, in a Redis call: stopping.py)
                     return  # the events' cleanup (below) detaches the request
@@ -156,11 +162,12 @@ class SSEResponse(Response):
                 raise
         finally:
             streaming = False
-            await self._close(watcher)
+            await self._close(watcher, began)
 
-    async def _close(self, watcher: asyncio.Task[None]) -> None:
+    async def _close(self, watcher: asyncio.Task[None], began: bool) -> None:
         """After the response (or its end by a disconnect): no more direct writes, the disconnect
-        listener stopped, the events closed (their cleanup runs here, in order)."""
+        listener stopped, the events closed (their cleanup runs here, in order; if they never began,
+        ``unstarted`` stands in for it)."""
         if self.direct is not None:
             self.direct.detach()
         watcher.cancel()
@@ -169,3 +176,5 @@ class SSEResponse(Response):
         aclose = getattr(self.events, "aclose", None)
         if aclose is not None:
             await aclose()
+        if not began and self.unstarted is not None:
+            self.unstarted()
