@@ -182,6 +182,18 @@ class GatewaySettings(CommonSettings):
         default=120.0, ge=0.0, description="keep serving a model this long after its last worker was seen"
     )
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="larger request bodies get 413")
+    # The Files and Batch APIs: files live in Redis (with its AOF), so their size is bounded.
+    files_max_bytes: int = Field(default=32 << 20, ge=1024, description="larger uploads to /v1/files get 413")
+    files_ttl_s: int = Field(
+        default=7 * 86_400, ge=60, description="files and finished batches are deleted after this long"
+    )
+    batch_runner: bool = Field(default=True, description="run batches (/v1/batches) in this gateway process")
+    batch_concurrency: int = Field(
+        default=16, ge=1, le=4096, description="requests of one batch queued or running at once"
+    )
+    batch_lease_s: float = Field(
+        default=10.0, ge=1.0, description="a batch whose gateway stopped is taken up by another after this"
+    )
     # The response cache (gateway.cache): reproducible requests share one generation.
     cache: bool = Field(
         default=False,

@@ -169,6 +169,35 @@ class Keys:
         """Which gateway judges the canaries now (a lease)."""
         return f"{self.prefix}:rollout-guard:{{rollout}}"
 
+    # The Files and Batch APIs (gateway.files, gateway.batches): a file's or batch's keys share its
+    # id's hash tag; a tenant's lists share the tenant's.
+    def file(self, file_id: str) -> str:
+        """A stored file: its fields and its bytes (``data``)."""
+        return f"{self.prefix}:file:{{{file_id}}}"
+
+    def files(self, tenant: str) -> str:
+        """A tenant's files (zset: id -> created ms)."""
+        return f"{self.prefix}:files:{{{tenant}}}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{{{batch_id}}}"
+
+    def batch_out(self, batch_id: str) -> str:
+        """A batch's answers so far: line index -> its output line."""
+        return f"{self.prefix}:batch-out:{{{batch_id}}}"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """Which gateway runs the batch now (a lease)."""
+        return f"{self.prefix}:batch-lease:{{{batch_id}}}"
+
+    def batches(self, tenant: str) -> str:
+        """A tenant's batches (zset: id -> created ms)."""
+        return f"{self.prefix}:batches:{{{tenant}}}"
+
+    def batches_active(self) -> str:
+        """Batches not yet finished (a set): every gateway's batch runner looks here for work."""
+        return f"{self.prefix}:batches-active"
+
     def api_key_ids(self) -> str:
         """Key id -> hash: listing, showing and revoking keys by their public id."""
         return f"{self.prefix}:apikeys"

@@ -11,14 +11,15 @@ from breakwater.broker.record import FIELDS, RequestRecord, RequestSpec, Status
 # Field names in the scripts: the quoted words after a hash command's key argument.
 _HASH_CALL = re.compile(r"redis\.call\('(HMGET|HSET|HINCRBY|HGET)',\s*KEYS\[1\],([^)]*)\)")
 _QUOTED = re.compile(r"'([a-z_]+)'")
-TENANT_SCRIPTS = {"limits.lua", "meter.lua"}  # their KEYS[1] is a tenant's hash, not a request record
+# Their KEYS[1] is not a request record: a tenant's hash, a batch's.
+NOT_RECORD_SCRIPTS = {"limits.lua", "meter.lua", "batch_move.lua", "batch_answer.lua"}
 
 
 def _script_fields() -> set[str]:
     found: set[str] = set()
     lua = resources.files("breakwater.broker").joinpath("lua")
     for script in lua.iterdir():
-        if script.name in TENANT_SCRIPTS:
+        if script.name in NOT_RECORD_SCRIPTS:
             continue
         text = script.read_text()
         for _, args in _HASH_CALL.findall(text):

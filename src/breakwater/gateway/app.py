@@ -11,8 +11,10 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from breakwater.broker import Broker, redacted
+from breakwater.broker.batches import BatchStore
 from breakwater.config import GatewaySettings
-from breakwater.gateway import responses, routes, ws
+from breakwater.gateway import batches, responses, routes, ws
+from breakwater.gateway.batch_runner import BatchRunner
 from breakwater.gateway.body import BodyLimitMiddleware
 from breakwater.gateway.embedded import EmbeddedWorker, embedded_settings
 from breakwater.gateway.errors import install_error_handlers
@@ -27,6 +29,7 @@ from breakwater.stopping import stop_loops
 
 log = logging.getLogger(__name__)
 GAUGE_INTERVAL_S = 1.0
+MULTIPART_SLACK = 64 << 10  # an upload's form fields and boundaries beside the file itself
 
 
 async def _refresh_gauges(svc: GatewayService) -> None:
@@ -82,8 +85,13 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         await fanin.start()
         svc = GatewayService(settings, broker, fanin, metrics, cache_index=index)
         app.state.service = svc
+        app.state.batches = store = BatchStore(broker.redis, broker.fast, broker.keys)
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         rollouts = asyncio.create_task(_rollouts(svc), name="rollouts")
+        app.state.batch_runner = BatchRunner(svc, store)
+        runner = asyncio.create_task(
+            app.state.batch_runner.run() if settings.batch_runner else asyncio.Event().wait(), name="batches"
+        )
         admin = metrics_listener(settings, metrics)
         if admin is not None:
             await admin.start()
@@ -106,7 +114,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
                 await embedded.close()
             svc.end_grace()
-            await stop_loops([gauges, rollouts])  # they log their own failures
+            await stop_loops([gauges, rollouts, runner])  # they log their own failures
             if admin is not None:
                 await admin.close()
             await svc.versions.close()
@@ -130,8 +138,10 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(routes.router)
     app.include_router(responses.router)
+    app.include_router(batches.router)
     app.include_router(ws.router)
     app.add_middleware(FastCompletions)  # innermost: after X-Request-ID and the body limit
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    uploads = {"/v1/files": settings.files_max_bytes + MULTIPART_SLACK}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, paths=uploads)
     app.add_middleware(RequestIdMiddleware)
     return app

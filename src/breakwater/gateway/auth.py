@@ -97,6 +97,21 @@ class Authenticator:
         )
         return Principal.of(record, limits)
 
+    async def principal_of(self, key_id: str) -> Principal:
+        """The caller that holds key ``key_id`` now (work it started runs on as it: a batch); 401
+        once the key is revoked, expired or gone."""
+        if not self.enabled:
+            return ANONYMOUS
+        assert self.store is not None
+        record = await self.store.get(key_id) if key_id else None
+        why = "gone" if record is None else record.usable(time.time())
+        if record is None or why is not None:
+            raise unauthorized(f"The API key that created this work ({key_id}) is {why}.")
+        limits = (
+            await self._tenants.get(record.tenant, self.ledger.tenant_limits) if self.ledger else Limits()
+        )
+        return Principal.of(record, limits)
+
 
 def check_model(principal: Principal, model: str) -> None:
     if not principal.may_use(model):

@@ -51,19 +51,22 @@ class BodyLimitMiddleware:
     """Pure ASGI: refuse bodies over ``max_bytes`` (413) by Content-Length before reading, and while
     reading when the length is not declared (chunked), so no oversized body is ever buffered."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: dict[str, int] | None = None) -> None:
+        """``paths``: other limits for these paths (file uploads)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.paths.get(scope["path"], self.max_bytes)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
-                if not value.isdigit() or int(value) > self.max_bytes:
+                if not value.isdigit() or int(value) > max_bytes:
                     drained = await _discard_body(receive)
-                    await _send_error(send, too_large(self.max_bytes), close=not drained)
+                    await _send_error(send, too_large(max_bytes), close=not drained)
                     return
                 break
         received = 0
@@ -74,9 +77,9 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     too_big = True  # the app fails to read its body; its answer is replaced below
-                    raise too_large(self.max_bytes)
+                    raise too_large(max_bytes)
             return message
 
         async def answer(message: Message) -> None:
@@ -84,7 +87,7 @@ class BodyLimitMiddleware:
                 await send(message)
             elif message["type"] == "http.response.start":
                 drained = await _discard_body(receive)
-                await _send_error(send, too_large(self.max_bytes), close=not drained)
+                await _send_error(send, too_large(max_bytes), close=not drained)
 
         await self.app(scope, limited, answer)
 

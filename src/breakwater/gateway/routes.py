@@ -22,7 +22,7 @@ from breakwater.gateway import choices
 from breakwater.gateway.auth import caller
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.body import OrjsonRoute
-from breakwater.gateway.cache import CacheControl
+from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.following import Submission
 from breakwater.gateway.models import ModelInfo
@@ -102,15 +102,39 @@ async def complete(
     cache: CacheControl,
 ) -> Response:
     svc = service(request)
-    if not isinstance(body, EmbeddingRequest) and body.n > 1:
-        return await _complete_choices(svc, body, request_id(request), who, idempotency_key)
-    sub = await svc.submit(
-        body, request_id=request_id(request), idempotency_key=idempotency_key, principal=who, cache=cache
-    )
+    xrid = request_id(request)
+    if isinstance(body, EmbeddingRequest) or not body.stream:
+        headers, result = await whole_answer(svc, body, xrid, who, idempotency_key, cache)
+        return JSONBody(result, headers=headers)
+    if body.n > 1:
+        group = await svc.submit_choices(
+            body, request_id=xrid, idempotency_key=idempotency_key, principal=who
+        )
+        headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
+        return SSEResponse(
+            choices.stream(svc, group),
+            headers={**SSE_HEADERS, **headers},
+            unstarted=partial(choices.release_all, svc, group),
+        )
+    sub = await svc.submit(body, request_id=xrid, idempotency_key=idempotency_key, principal=who, cache=cache)
     # The model (version, when the client named an alias) the request runs on.
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
-    if not isinstance(body, EmbeddingRequest) and body.stream:
-        return _sse(svc, sub, 0, headers)
+    return _sse(svc, sub, 0, headers)
+
+
+async def whole_answer(
+    svc: GatewayService,
+    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest,
+    xrid: str,
+    who: Principal,
+    idempotency_key: str | None,
+    cache: CacheControl = DEFAULT_CONTROL,
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """A non-streamed answer to ``body`` (its headers and body); a failed one raises its APIError."""
+    if not isinstance(body, EmbeddingRequest) and body.n > 1:
+        return await _complete_choices(svc, body, xrid, who, idempotency_key)
+    sub = await svc.submit(body, request_id=xrid, idempotency_key=idempotency_key, principal=who, cache=cache)
+    headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     collected = collect_response(
         svc.requests.events(sub),
         rid=sub.rid,
@@ -124,7 +148,7 @@ async def complete(
     result = await answered(svc, sub, headers, collected)
     if isinstance(body, EmbeddingRequest):
         result = _embeddings(body, result)
-    return JSONBody(result, headers=headers)
+    return headers, result
 
 
 async def answered(
@@ -161,16 +185,10 @@ async def _complete_choices(
     xrid: str,
     who: Principal,
     idempotency_key: str | None,
-) -> Response:
-    """``n > 1``: one request per choice, merged (gateway.choices)."""
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """``n > 1``, not streamed: one request per choice, merged (gateway.choices)."""
     group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
     headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
-    if body.stream:
-        return SSEResponse(
-            choices.stream(svc, group),
-            headers={**SSE_HEADERS, **headers},
-            unstarted=partial(choices.release_all, svc, group),
-        )
     try:
         result = await choices.collect(svc, group)
     except GatewayDraining:
@@ -183,7 +201,7 @@ async def _complete_choices(
     except BaseException:
         choices.detach_all(svc, group)
         raise
-    return JSONBody(result, headers=headers)
+    return headers, result
 
 
 def _embeddings(body: EmbeddingRequest, result: dict[str, Any]) -> dict[str, Any]:

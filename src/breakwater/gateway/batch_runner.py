@@ -1,0 +1,233 @@
+"""Running batches: every gateway process looks for batches nobody runs, and runs those whose lease
+it takes, at most ``batch_concurrency`` of a batch's requests at a time, each one exactly as a
+client's non-streamed request on the ``batch`` lane (limits, fair share, metering, continuation
+after a worker's crash). Each answer is kept as it comes, once per line; a gateway that stops (or
+dies) leaves its batches to another after ``batch_lease_s``, which answers the lines still open by
+following the same requests again (each line's Idempotency-Key is the batch's and the line's)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+
+import orjson
+
+from breakwater.broker.batches import BatchStore
+from breakwater.gateway.errors import APIError
+from breakwater.gateway.routes import whole_answer
+from breakwater.gateway.service import GatewayService
+from breakwater.protocol.batches import (
+    BatchRecord,
+    FileRecord,
+    Line,
+    expired_line,
+    new_id,
+    output_line,
+    parse_input,
+)
+from breakwater.stopping import stop_loops
+from breakwater.tenancy import Principal
+
+log = logging.getLogger(__name__)
+POLL_S = 1.0  # how often a runner looks for batches, renews its leases and sees a cancel
+ATTEMPTS = 3  # a line whose request was refused for now (429, 503) or cut short is sent again
+BACKOFF_MAX_S = 30.0
+RETRY_CODES = frozenset({"cancelled", "draining", "timeout", "worker_lost", "tokens_lost"})
+
+
+def _retryable(exc: APIError) -> bool:
+    return exc.status in (429, 503) or exc.code in RETRY_CODES
+
+
+def _backoff_s(exc: APIError, attempt: int) -> float:
+    try:
+        return min(float(exc.headers.get("Retry-After", "")), BACKOFF_MAX_S)
+    except ValueError:
+        return min(2.0**attempt, BACKOFF_MAX_S)
+
+
+def _succeeded(answer: bytes) -> bool:
+    response = orjson.loads(answer).get("response")
+    return response is not None and int(response["status_code"]) < 400
+
+
+class BatchRunner:
+    def __init__(self, svc: GatewayService, store: BatchStore, owner: str = "") -> None:
+        self.svc = svc
+        self.store = store
+        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._pokes: set[asyncio.Task[None]] = set()
+        self._on = False
+
+    def poke(self) -> None:
+        """A batch was created here: look for it now rather than at the next tick."""
+        if self._on and not self.svc.draining:
+            task = asyncio.create_task(self._tick_quietly())
+            self._pokes.add(task)
+            task.add_done_callback(self._pokes.discard)
+
+    async def run(self) -> None:
+        """Until cancelled (or the gateway drains): take up batches, renew their leases."""
+        self._on = True
+        try:
+            while not self.svc.draining:
+                await self._tick_quietly()
+                await asyncio.sleep(POLL_S)
+        finally:
+            self._on = False
+            await stop_loops(self._pokes)
+            await self.stop()
+
+    async def _tick_quietly(self) -> None:
+        try:
+            await self.tick()
+        except Exception as exc:  # Redis away: keep what runs, look again next tick
+            log.warning("batch runner tick failed", extra={"fields": {"error": str(exc)}})
+
+    async def tick(self) -> None:
+        """Take the free batches, renew the leases of those running here (the check of what runs
+        and the start of a run have no await between them: two ticks at once start a batch once)."""
+        ttl_ms = int(self.svc.settings.batch_lease_s * 1000)
+        for batch_id in await self.store.active():
+            held = await self.store.lease(batch_id, self.owner, ttl_ms)
+            task = self._running.get(batch_id)
+            if held and task is None:
+                task = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
+                self._running[batch_id] = task
+                task.add_done_callback(self._ended(batch_id))
+            elif not held and task is not None:  # another gateway took it (this one stalled a lease)
+                task.cancel()
+
+    def _ended(self, batch_id: str) -> Callable[[asyncio.Task[None]], None]:
+        def ended(task: asyncio.Task[None]) -> None:
+            self._running.pop(batch_id, None)
+            if not task.cancelled() and task.exception() is not None:
+                log.error(
+                    "batch run failed", extra={"fields": {"batch": batch_id}}, exc_info=task.exception()
+                )
+
+        return ended
+
+    async def stop(self) -> None:
+        """Stop running batches here and give their leases back, so another gateway goes on at once."""
+        running = dict(self._running)
+        await stop_loops(running.values())
+        for batch_id in running:
+            with contextlib.suppress(Exception):
+                await self.store.release(batch_id, self.owner)
+
+    async def _drive(self, batch_id: str) -> None:
+        record = await self.store.get(batch_id)
+        if record is None:
+            await self.store.drop(batch_id)
+            return
+        data = await self.store.file_data(record.input_file_id)
+        lines = parse_input(data, record.endpoint)[0] if data is not None else []
+        if data is None and record.status == "in_progress":
+            record.errors = [{"code": "file_not_found", "message": "the input file is gone", "line": None}]
+            await self.store.put(record, "errors")
+            await self.store.move(batch_id, ("in_progress",), "failed", int(time.time()))
+        elif record.status == "in_progress":
+            await self._answer_lines(record, lines)
+        await self._finish(batch_id, lines)
+
+    async def _answer_lines(self, record: BatchRecord, lines: list[Line]) -> None:
+        """Answer the lines without one, ``batch_concurrency`` at a time, until all are answered or
+        the batch is cancelled or out of time (then the requests still open are let go)."""
+        done = await self.store.answered(record.id)
+        todo = [line for line in lines if line.index not in done]
+        todo.reverse()
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while todo or running:
+                if await self.store.status(record.id) != "in_progress" or time.time() >= record.expires_at:
+                    break
+                while todo and len(running) < self.svc.settings.batch_concurrency:
+                    running.add(asyncio.create_task(self._answer(record, todo.pop())))
+                finished, running = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
+                for task in finished:
+                    task.result()  # a failure here is a bug: the run ends, the lease lets another retry
+        finally:
+            await stop_loops(running)  # their requests are detached: the workers cancel them
+
+    async def _answer(self, record: BatchRecord, line: Line) -> None:
+        body = line.body.model_copy(update={"lane": "batch"})
+        for attempt in range(ATTEMPTS):
+            key = f"batch:{record.id}:{line.index}:{attempt}"
+            try:
+                principal = await self._principal(record)
+                headers, result = await whole_answer(
+                    self.svc, body, f"{record.id}-{line.index}", principal, key
+                )
+            except APIError as exc:
+                if _retryable(exc) and attempt + 1 < ATTEMPTS:
+                    await asyncio.sleep(_backoff_s(exc, attempt))
+                    continue
+                rid = exc.headers.get("X-Breakwater-Request-Id", "")
+                await self.store.answer(
+                    record.id, line.index, output_line(line, rid, exc.status, exc.body()), False
+                )
+                return
+            rid = headers["X-Breakwater-Request-Id"]
+            await self.store.answer(record.id, line.index, output_line(line, rid, 200, result), True)
+            return
+
+    async def _principal(self, record: BatchRecord) -> Principal:
+        """The batch's owner as it stands now: a key revoked since fails the lines still to run."""
+        return await self.svc.auth.principal_of(record.key_id)
+
+    async def _finish(self, batch_id: str, lines: list[Line]) -> None:
+        """The batch's output and error files from its answers, and its last status: completed,
+        cancelled (what was answered before) or expired (the rest in the error file)."""
+        now = int(time.time())
+        await self.store.move(batch_id, ("in_progress",), "finalizing", now)
+        record = await self.store.get(batch_id)
+        if record is None:
+            await self.store.drop(batch_id)
+            return
+        if record.status in ("finalizing", "cancelling"):
+            final = "cancelled" if record.status == "cancelling" else "completed"
+            if final == "completed" and time.time() >= record.expires_at:
+                final = "expired"
+            await self._write_files(record, lines, expired=final == "expired")
+            await self.store.put(record, "output_file_id", "error_file_id", "failed")
+            await self.store.move(batch_id, (record.status,), final, int(time.time()))
+        await self.store.close(record, self.svc.settings.files_ttl_s)
+
+    async def _write_files(self, record: BatchRecord, lines: list[Line], *, expired: bool) -> None:
+        answers = await self.store.answers(record.id)
+        good: list[bytes] = []
+        bad: list[bytes] = []
+        for line in lines:
+            answer = answers.get(line.index)
+            if answer is not None:
+                (good if _succeeded(answer) else bad).append(answer)
+            elif expired:
+                bad.append(expired_line(line))
+                record.failed += 1
+        if good:
+            record.output_file_id = await self._file(record, "output", good)
+        if bad:
+            record.error_file_id = await self._file(record, "error", bad)
+
+    async def _file(self, record: BatchRecord, kind: str, rows: list[bytes]) -> str:
+        data = b"\n".join(rows) + b"\n"
+        now = int(time.time())
+        ttl_s = self.svc.settings.files_ttl_s
+        file = FileRecord(
+            new_id("file-"),
+            record.tenant,
+            f"{record.id}_{kind}.jsonl",
+            "batch_output",
+            len(data),
+            now,
+            now + ttl_s,
+        )
+        await self.store.put_file(file, data, ttl_s)
+        return file.id

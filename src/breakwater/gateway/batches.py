@@ -1,0 +1,235 @@
+"""The Files and Batch APIs: ``/v1/files`` (batch input files in, output files out) and
+``/v1/batches`` (create, retrieve, list, cancel). A batch's input is checked whole when it is
+created; the gateways' batch runners (gateway.batch_runner) run it. Only the owner tenant sees a
+file or a batch: another's is "not found"."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+
+from breakwater.broker.batches import BatchStore
+from breakwater.gateway.errors import APIError, JSONBody
+from breakwater.gateway.routes import Caller, service
+from breakwater.protocol.batches import (
+    COMPLETION_WINDOW,
+    ENDPOINTS,
+    WINDOW_S,
+    BatchRecord,
+    CreateBatch,
+    FileRecord,
+    new_id,
+    parse_input,
+)
+from breakwater.tenancy import Principal
+
+router = APIRouter()
+LIST_MAX = 100
+
+
+def _store(request: Request) -> BatchStore:
+    store: BatchStore = request.app.state.batches
+    return store
+
+
+def _not_found(kind: str, name: str, param: str) -> APIError:
+    return APIError(404, f"No such {kind}: {name}", code=f"{kind}_not_found", param=param)
+
+
+async def _file(store: BatchStore, file_id: str, who: Principal) -> FileRecord:
+    record = await store.file(file_id)
+    if record is None or record.tenant != who.tenant:
+        raise _not_found("file", file_id, "file_id")
+    return record
+
+
+async def _batch(store: BatchStore, batch_id: str, who: Principal) -> BatchRecord:
+    record = await store.get(batch_id)
+    if record is None or record.tenant != who.tenant:
+        raise _not_found("batch", batch_id, "batch_id")
+    return record
+
+
+def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page: the items after the one with id ``after``, at most ``limit``."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    page = items[:limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > limit,
+    }
+
+
+@router.post("/v1/files", response_model=None)
+async def upload_file(
+    request: Request,
+    who: Caller,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
+) -> Response:
+    settings = service(request).settings
+    if purpose != "batch":
+        raise APIError(400, f"purpose {purpose!r} is not served here: only `batch` files", param="purpose")
+    data = await file.read(settings.files_max_bytes + 1)
+    if len(data) > settings.files_max_bytes:
+        raise APIError(413, f"a file holds at most {settings.files_max_bytes} bytes", code="file_too_large")
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        raise APIError(
+            400, "a batch file is JSON Lines: UTF-8 text", code="invalid_file", param="file"
+        ) from None
+    now = int(time.time())
+    record = FileRecord(
+        new_id("file-"),
+        who.tenant,
+        file.filename or "upload.jsonl",
+        purpose,
+        len(data),
+        now,
+        now + settings.files_ttl_s,
+    )
+    await _store(request).put_file(record, data, settings.files_ttl_s)
+    return JSONBody(record.to_object())
+
+
+@router.get("/v1/files", response_model=None)
+async def list_files(
+    request: Request,
+    who: Caller,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+) -> Response:
+    files = [f.to_object() for f in await _store(request).files(who.tenant) if purpose in (None, f.purpose)]
+    if order == "asc":
+        files.reverse()
+    return JSONBody(_page(files, after, limit))
+
+
+@router.get("/v1/files/{file_id}", response_model=None)
+async def retrieve_file(file_id: str, request: Request, who: Caller) -> Response:
+    return JSONBody((await _file(_store(request), file_id, who)).to_object())
+
+
+@router.get("/v1/files/{file_id}/content", response_model=None)
+async def file_content(file_id: str, request: Request, who: Caller) -> Response:
+    store = _store(request)
+    await _file(store, file_id, who)
+    data = await store.file_data(file_id)
+    if data is None:
+        raise _not_found("file", file_id, "file_id")
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}", response_model=None)
+async def delete_file(file_id: str, request: Request, who: Caller) -> Response:
+    store = _store(request)
+    record = await _file(store, file_id, who)
+    for batch_id in await store.active():
+        batch = await store.get(batch_id)
+        if batch is not None and batch.input_file_id == file_id:
+            raise APIError(
+                409,
+                f"file {file_id} is the input of batch {batch_id}, which is still running; cancel it first",
+                code="file_in_use",
+                param="file_id",
+            )
+    await store.delete_file(record)
+    return JSONBody({"id": file_id, "object": "file", "deleted": True})
+
+
+@router.post("/v1/batches", response_model=None)
+async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Response:
+    service(request).refuse_if_draining()
+    store = _store(request)
+    if body.endpoint not in ENDPOINTS:
+        served = ", ".join(ENDPOINTS)
+        raise APIError(
+            400, f"endpoint {body.endpoint!r} is not served in a batch: {served}", param="endpoint"
+        )
+    if body.completion_window != COMPLETION_WINDOW:
+        raise APIError(400, "completion_window must be `24h`", param="completion_window")
+    if body.metadata is not None and (
+        len(body.metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in body.metadata.items())
+    ):
+        raise APIError(
+            400, "metadata holds at most 16 pairs: keys of 64 characters, values of 512", param="metadata"
+        )
+    file = await _file(store, body.input_file_id, who)
+    if file.purpose != "batch":
+        raise APIError(
+            400, f"file {file.id} is not a batch input file (purpose `batch`)", param="input_file_id"
+        )
+    data = await store.file_data(file.id)
+    if data is None:
+        raise _not_found("file", file.id, "input_file_id")
+    lines, errors = parse_input(data, body.endpoint)
+    now = int(time.time())
+    record = BatchRecord(
+        id=new_id("batch_"),
+        tenant=who.tenant,
+        key_id=who.key_id,
+        endpoint=body.endpoint,
+        input_file_id=file.id,
+        status="in_progress",
+        created_at=now,
+        expires_at=now + WINDOW_S,
+        total=len(lines) + len(errors),
+        metadata=body.metadata,
+    )
+    record = record.moved("failed", now) if errors else record.moved("in_progress", now)
+    record.errors = [e.to_dict() for e in errors]
+    await store.create(record)
+    if record.status == "in_progress":
+        request.app.state.batch_runner.poke()
+    return JSONBody(record.to_object())
+
+
+@router.get("/v1/batches", response_model=None)
+async def list_batches(
+    request: Request,
+    who: Caller,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=LIST_MAX)] = 20,
+) -> Response:
+    store = _store(request)
+    found, gone = [], []
+    for batch_id in await store.batches(who.tenant):
+        record = await store.get(batch_id)
+        (gone.append(batch_id) if record is None else found.append(record.to_object()))
+    await store.forget(who.tenant, gone)
+    return JSONBody(_page(found, after, limit))
+
+
+@router.get("/v1/batches/{batch_id}", response_model=None)
+async def retrieve_batch(batch_id: str, request: Request, who: Caller) -> Response:
+    return JSONBody((await _batch(_store(request), batch_id, who)).to_object())
+
+
+@router.post("/v1/batches/{batch_id}/cancel", response_model=None)
+async def cancel_batch(batch_id: str, request: Request, who: Caller) -> Response:
+    """A running batch stops: its requests still open are let go, what was answered is kept
+    (``cancelling``, then ``cancelled`` with its files)."""
+    store = _store(request)
+    record = await _batch(store, batch_id, who)
+    moved = await store.move(batch_id, ("validating", "in_progress"), "cancelling", int(time.time()))
+    if not moved and record.status not in ("cancelling", "cancelled"):
+        record = await _batch(store, batch_id, who)
+        if record.status not in ("cancelling", "cancelled"):
+            raise APIError(
+                409,
+                f"batch {batch_id} is {record.status}: it can no longer be cancelled",
+                code="batch_not_cancellable",
+                param="batch_id",
+            )
+    return JSONBody((await _batch(store, batch_id, who)).to_object())

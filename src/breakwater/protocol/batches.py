@@ -1,0 +1,285 @@
+"""The Files and Batch APIs' shapes: a batch's input lines (checked as a whole before it runs), its
+record and the OpenAI objects rendered from it, and its output lines."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from breakwater.protocol.embeddings import EmbeddingRequest
+from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+
+LineBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+ENDPOINTS: dict[str, type[LineBody]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}
+MAX_LINES = 50_000  # OpenAI's bound on one batch
+MAX_ERRORS = 100  # a failed input lists at most this many of its lines' errors
+COMPLETION_WINDOW = "24h"
+WINDOW_S = 86_400
+Status = Literal[
+    "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+]
+TERMINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+class CreateBatch(BaseModel):
+    """``POST /v1/batches``."""
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One request of a batch: its index in the file (from 0), the caller's id for it, its body."""
+
+    index: int
+    custom_id: str
+    body: LineBody
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    code: str
+    message: str
+    line: int  # from 1, as OpenAI counts
+    param: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_input(data: bytes, endpoint: str) -> tuple[list[Line], list[LineError]]:
+    """The batch's lines, or why they cannot run: every line a JSON object with a unique
+    ``custom_id``, ``method`` POST, ``url`` the batch's endpoint and a ``body`` that endpoint takes
+    (not streamed, no parameter the engine refuses)."""
+    model = ENDPOINTS[endpoint]
+    lines: list[Line] = []
+    errors: list[LineError] = []
+    seen: set[str] = set()
+    rows = [r for r in data.split(b"\n") if r.strip()]
+    if not rows:
+        return [], [LineError("empty_file", "the input file has no requests", 1)]
+    if len(rows) > MAX_LINES:
+        return [], [LineError("too_many_requests", f"a batch holds at most {MAX_LINES} requests", 1)]
+    for number, row in enumerate(rows, 1):
+        line = _line(number, row, endpoint, model, seen)
+        if isinstance(line, LineError):
+            errors.append(line)
+            if len(errors) >= MAX_ERRORS:
+                break
+        else:
+            lines.append(line)
+    return lines, errors
+
+
+def _line(number: int, row: bytes, endpoint: str, model: type[LineBody], seen: set[str]) -> Line | LineError:
+    try:
+        item = orjson.loads(row)
+    except orjson.JSONDecodeError:
+        return LineError("invalid_json_line", "this line is not valid JSON", number)
+    if not isinstance(item, dict):
+        return LineError("invalid_json_line", "each line must be a JSON object", number)
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError(
+            "missing_required_parameter", "`custom_id` must be a non-empty string", number, "custom_id"
+        )
+    if custom_id in seen:
+        return LineError(
+            "duplicate_custom_id", f"`custom_id` {custom_id!r} is used twice", number, "custom_id"
+        )
+    seen.add(custom_id)
+    if item.get("method") != "POST":
+        return LineError("invalid_method", "`method` must be POST", number, "method")
+    if item.get("url") != endpoint:
+        return LineError(
+            "mismatched_endpoint", f"`url` must be the batch's endpoint, {endpoint}", number, "url"
+        )
+    body = item.get("body")
+    if not isinstance(body, dict):
+        return LineError("missing_required_parameter", "`body` must be a JSON object", number, "body")
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return LineError("invalid_body", f"body.{where}: {first['msg']}", number, f"body.{where}")
+    name = parsed.unsupported_parameter()
+    if name is not None:
+        return LineError(
+            "unsupported_parameter", f"`{name}` is not supported by this server", number, f"body.{name}"
+        )
+    if getattr(parsed, "stream", False):
+        return LineError("invalid_body", "a batch's requests are not streamed", number, "body.stream")
+    return Line(number - 1, custom_id, parsed)
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    """A batch as stored (one Redis hash; every value a string there)."""
+
+    id: str
+    tenant: str
+    key_id: str
+    endpoint: str
+    input_file_id: str
+    status: Status
+    created_at: int
+    expires_at: int
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    metadata: dict[str, str] | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    output_file_id: str = ""
+    error_file_id: str = ""
+    in_progress_at: int = 0
+    finalizing_at: int = 0
+    completed_at: int = 0
+    failed_at: int = 0
+    expired_at: int = 0
+    cancelling_at: int = 0
+    cancelled_at: int = 0
+
+    def to_hash(self) -> dict[str, str]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = orjson.dumps(value).decode() if f.name in ("metadata", "errors") else str(value)
+        return out
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> BatchRecord:
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            if f.name in ("metadata", "errors"):
+                kwargs[f.name] = orjson.loads(value)
+            elif f.type == "int":
+                kwargs[f.name] = int(value)
+            else:
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def moved(self, status: Status, at: int) -> BatchRecord:
+        """The record in ``status`` since ``at`` (its ``<status>_at`` time)."""
+        moved = replace(self, status=status)
+        if hasattr(moved, f"{status}_at"):
+            setattr(moved, f"{status}_at", at)
+        return moved
+
+    def to_object(self) -> dict[str, Any]:
+        """OpenAI's Batch object."""
+
+        def at(value: int) -> int | None:
+            return value or None
+
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id,
+            "completion_window": COMPLETION_WINDOW,
+            "status": self.status,
+            "output_file_id": self.output_file_id or None,
+            "error_file_id": self.error_file_id or None,
+            "created_at": self.created_at,
+            "in_progress_at": at(self.in_progress_at),
+            "expires_at": self.expires_at,
+            "finalizing_at": at(self.finalizing_at),
+            "completed_at": at(self.completed_at),
+            "failed_at": at(self.failed_at),
+            "expired_at": at(self.expired_at),
+            "cancelling_at": at(self.cancelling_at),
+            "cancelled_at": at(self.cancelled_at),
+            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A stored file's fields (its bytes are kept beside them)."""
+
+    id: str
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    expires_at: int
+
+    def to_hash(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> FileRecord:
+        return cls(
+            id=raw["id"],
+            tenant=raw["tenant"],
+            filename=raw["filename"],
+            purpose=raw["purpose"],
+            bytes=int(raw["bytes"]),
+            created_at=int(raw["created_at"]),
+            expires_at=int(raw["expires_at"]),
+        )
+
+    def to_object(self) -> dict[str, Any]:
+        """OpenAI's File object."""
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+        }
+
+
+def output_line(line: Line, rid: str, status_code: int, body: dict[str, Any]) -> bytes:
+    """One answer in the output (2xx) or error file: OpenAI's batch output line."""
+    response = {"status_code": status_code, "request_id": rid or None, "body": body}
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{secrets.token_hex(12)}",
+            "custom_id": line.custom_id,
+            "response": response,
+            "error": None,
+        }
+    )
+
+
+def expired_line(line: Line) -> bytes:
+    """A request the batch did not get to before its window closed (or it was cancelled)."""
+    error = {
+        "code": "batch_expired",
+        "message": "This request could not be executed before the completion window expired.",
+    }
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{secrets.token_hex(12)}",
+            "custom_id": line.custom_id,
+            "response": None,
+            "error": error,
+        }
+    )

@@ -1,0 +1,316 @@
+"""The Files and Batch APIs with the official ``openai`` client, in-process with the sim engine: a
+batch's lines are answered as the same requests sent one by one would be, into an output file and an
+error file; an input with bad lines fails whole, naming them; a batch can be cancelled; another
+gateway takes over a batch whose gateway stopped, answering every line once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import EMBEDDING_DIM, SimEngine
+from breakwater.gateway.batch_runner import BatchRunner
+from breakwater.redis_server import RedisServer
+from breakwater.tenancy.apikeys import ApiKey
+from tests.helpers import expected_sim
+from tests.inproc import InProc, inproc_gateway
+
+PEPPER = "test-pepper-for-batches"
+
+
+@pytest.fixture
+async def client(gw: InProc) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with gw.sdk() as c:
+        yield c
+
+
+def _chat(
+    custom_id: str, content: str, seed: int, max_tokens: int, model: str = "sim", **extra: Any
+) -> dict[str, Any]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "seed": seed,
+        "max_tokens": max_tokens,
+    }
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {**body, **extra},
+    }
+
+
+def _jsonl(rows: list[Any]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in rows)
+
+
+async def _upload(client: openai.AsyncOpenAI, rows: list[Any]) -> str:
+    file = await client.files.create(file=("in.jsonl", io.BytesIO(_jsonl(rows))), purpose="batch")
+    assert (file.purpose, file.bytes, file.filename) == ("batch", len(_jsonl(rows)), "in.jsonl")
+    return file.id
+
+
+async def _settled(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = await client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "cancelled", "expired"):
+            return batch
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"batch {batch_id} did not finish in {timeout_s}s: {batch.status}")
+
+
+async def _lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    assert file_id is not None
+    content = await client.files.content(file_id)
+    return [orjson.loads(line) for line in content.content.splitlines()]
+
+
+async def test_a_batch_answers_each_line_as_the_request_alone_would(client: openai.AsyncOpenAI) -> None:
+    rows = [_chat(f"q{i}", f"batch question {i}", seed=i, max_tokens=4 + i) for i in range(6)]
+    rows.append(_chat("lost", "nobody serves this", seed=1, max_tokens=3, model="no-such-model"))
+    batch = await client.batches.create(
+        input_file_id=await _upload(client, rows),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"run": "nightly"},
+    )
+    assert batch.request_counts is not None
+    assert (batch.status, batch.request_counts.total, batch.metadata) == (
+        "in_progress",
+        7,
+        {"run": "nightly"},
+    )
+    done = await _settled(client, batch.id)
+    assert done.status == "completed" and done.completed_at is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (6, 1)
+    output = await _lines(client, done.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"q{i}" for i in range(6)]
+    for i, line in enumerate(output):
+        text, reason, usage = expected_sim(
+            messages=[{"role": "user", "content": f"batch question {i}"}], seed=i, max_tokens=4 + i
+        )
+        response = line["response"]
+        assert response["status_code"] == 200 and line["error"] is None
+        assert response["body"]["choices"][0]["message"]["content"] == text
+        assert response["body"]["choices"][0]["finish_reason"] == reason
+        assert response["body"]["usage"] == {**response["body"]["usage"], **usage}
+        assert response["request_id"] == response["body"]["id"]
+    [error] = await _lines(client, done.error_file_id)
+    assert error["custom_id"] == "lost" and error["response"]["status_code"] == 404
+    assert error["response"]["body"]["error"]["code"] == "model_not_found"
+    out_file = await client.files.retrieve(done.output_file_id)
+    assert out_file.purpose == "batch_output" and done.id in out_file.filename
+    listed = await client.batches.list()
+    assert done.id in [b.id for b in listed.data]
+    with pytest.raises(openai.ConflictError):
+        await client.batches.cancel(done.id)
+
+
+async def test_lines_with_n_choices_and_embeddings_are_answered_whole(client: openai.AsyncOpenAI) -> None:
+    two = _chat("two", "two answers", seed=5, max_tokens=4, n=2)
+    batch = await client.batches.create(
+        input_file_id=await _upload(client, [two]), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    [line] = await _lines(client, (await _settled(client, batch.id)).output_file_id)
+    assert [c["index"] for c in line["response"]["body"]["choices"]] == [0, 1]
+    rows = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "sim", "input": text},
+        }
+        for i, text in enumerate(["first text", "second text"])
+    ]
+    batch = await client.batches.create(
+        input_file_id=await _upload(client, rows), endpoint="/v1/embeddings", completion_window="24h"
+    )
+    output = await _lines(client, (await _settled(client, batch.id)).output_file_id)
+    direct = await client.embeddings.create(model="sim", input="second text")
+    assert [line["custom_id"] for line in output] == ["e0", "e1"]
+    assert output[1]["response"]["body"]["data"][0]["embedding"] == direct.data[0].embedding
+    assert len(output[0]["response"]["body"]["data"][0]["embedding"]) == EMBEDDING_DIM
+
+
+async def test_an_input_with_bad_lines_fails_whole_and_names_each(client: openai.AsyncOpenAI) -> None:
+    good = _chat("ok", "fine", seed=1, max_tokens=3)
+    rows: list[Any] = [
+        good,
+        {**_chat("url", "x", 1, 3), "url": "/v1/completions"},
+        _chat("ok", "the same id again", 1, 3),
+        _chat("param", "x", 1, 3, reasoning_effort="high"),
+        _chat("streamed", "x", 1, 3, stream=True),
+        {**_chat("bad", "x", 1, 3), "body": {"model": "sim", "messages": "not a list"}},
+    ]
+    data = _jsonl(rows) + b"{not json\n"
+    file = await client.files.create(file=("bad.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "failed" and batch.failed_at is not None and batch.errors is not None
+    found = [(e.line, e.code, e.param) for e in batch.errors.data or []]
+    assert found == [
+        (2, "mismatched_endpoint", "url"),
+        (3, "duplicate_custom_id", "custom_id"),
+        (4, "unsupported_parameter", "body.reasoning_effort"),
+        (5, "invalid_body", "body.stream"),
+        (6, "invalid_body", "body.messages"),
+        (7, "invalid_json_line", None),
+    ]
+    assert (await client.batches.retrieve(batch.id)).status == "failed"  # and nothing runs it
+
+
+async def test_what_a_batch_cannot_be_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
+    file_id = await _upload(client, [_chat("a", "x", 1, 3)])
+    for kwargs, param in (
+        ({"endpoint": "/v1/responses", "completion_window": "24h"}, "endpoint"),
+        ({"endpoint": "/v1/chat/completions", "completion_window": "1h"}, "completion_window"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.batches.create(input_file_id=file_id, **kwargs)  # type: ignore[arg-type]
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "purpose"
+    with pytest.raises(openai.BadRequestError):
+        await client.files.create(file=("x.bin", io.BytesIO(b"\xff\xfe\n")), purpose="batch")
+    with pytest.raises(openai.NotFoundError):
+        await client.batches.retrieve("batch_nope")
+
+
+async def test_files_are_listed_read_and_deleted(client: openai.AsyncOpenAI) -> None:
+    rows = [_chat("a", "x", 1, 3)]
+    file_id = await _upload(client, rows)
+    assert file_id in [f.id for f in (await client.files.list()).data]
+    assert (await client.files.content(file_id)).content == _jsonl(rows)
+    deleted = await client.files.delete(file_id)
+    assert deleted.deleted and deleted.id == file_id
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(file_id)
+    assert file_id not in [f.id for f in (await client.files.list()).data]
+
+
+@pytest.fixture
+async def slow(redis_server: RedisServer, prefix: str) -> AsyncIterator[InProc]:
+    """A gateway without a batch runner of its own, and a sim worker at 20 ms a token."""
+    async with inproc_gateway(redis_server.url, prefix, batch_runner=False, batch_concurrency=2) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
+        yield gw
+
+
+async def test_a_cancelled_batch_keeps_what_it_answered_and_lets_the_rest_go(slow: InProc) -> None:
+    runner = BatchRunner(slow.app.state.service, slow.app.state.batches, owner="a")
+    rows = [_chat(f"c{i}", f"cancel me {i}", seed=i, max_tokens=30, ignore_eos=True) for i in range(8)]
+    async with slow.sdk() as client:
+        batch = await client.batches.create(
+            input_file_id=await _upload(client, rows),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        await runner.tick()
+        store = slow.app.state.batches
+        deadline = time.monotonic() + 30
+        while len(await store.answered(batch.id)) < 2:
+            assert time.monotonic() < deadline, "no line answered"
+            await asyncio.sleep(0.05)
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
+        done = await _settled(client, batch.id)
+        assert done.status == "cancelled" and done.cancelled_at is not None
+        answered = done.request_counts.completed
+        assert 2 <= answered < 8 and done.request_counts.failed == 0
+        output = await _lines(client, done.output_file_id)
+        assert len(output) == answered and all(line["response"]["status_code"] == 200 for line in output)
+        again = await client.batches.cancel(batch.id)  # cancelled already: the batch as it is
+        assert again.status == "cancelled" and again.request_counts is not None
+        assert again.request_counts.completed == answered
+    await runner.stop()
+
+
+async def test_another_gateway_takes_a_batch_over_and_answers_each_line_once(slow: InProc) -> None:
+    """Runner a stops (its gateway drains) with lines open; runner b goes on: it follows the open
+    lines' requests again (the same requests, not new ones) and answers every line once."""
+    service, store = slow.app.state.service, slow.app.state.batches
+    a, b = BatchRunner(service, store, owner="a"), BatchRunner(service, store, owner="b")
+    rows = [_chat(f"t{i}", f"take me over {i}", seed=i, max_tokens=20, ignore_eos=True) for i in range(6)]
+    async with slow.sdk() as client:
+        batch = await client.batches.create(
+            input_file_id=await _upload(client, rows),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        await a.tick()
+        await b.tick()  # a holds the lease: b waits
+        assert list(b._running) == []
+        deadline = time.monotonic() + 30
+        while len(await store.answered(batch.id)) < 2:
+            assert time.monotonic() < deadline, "no line answered"
+            await asyncio.sleep(0.05)
+        await a.stop()  # its lines' requests go on in the worker; the lease is given back
+        assert len(await store.answered(batch.id)) < 6
+        await b.tick()
+        assert list(b._running) == [batch.id]
+        done = await _settled(client, batch.id)
+        await b.stop()
+        output = await _lines(client, done.output_file_id)
+    assert done.status == "completed" and done.request_counts.completed == 6
+    assert sorted(line["custom_id"] for line in output) == [f"t{i}" for i in range(6)]
+    for line in output:
+        i = int(line["custom_id"][1:])
+        text, _, _ = expected_sim(
+            messages=[{"role": "user", "content": f"take me over {i}"}],
+            seed=i,
+            max_tokens=20,
+            ignore_eos=True,
+        )
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == text
+    broker = slow.app.state.service.broker
+    requests = [k async for k in broker.redis.scan_iter(match=f"{slow.prefix}:req:*")]
+    assert len(requests) == 6  # one request per line: the open ones were followed, not sent again
+
+
+async def test_another_tenants_files_and_batches_are_not_found(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=PEPPER) as gw:
+        await gw.add_worker()
+        store = gw.app.state.service.broker.api_keys(PEPPER.encode())
+        mine, _ = await store.create(ApiKey(id="", tenant="mine"))
+        theirs, _ = await store.create(ApiKey(id="", tenant="theirs"))
+        async with gw.sdk() as base:
+            owner, other = base.with_options(api_key=mine), base.with_options(api_key=theirs)
+            file_id = await _upload(owner, [_chat("a", "mine alone", 1, 3)])
+            batch = await owner.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            for call in (
+                other.files.retrieve(file_id),
+                other.files.content(file_id),
+                other.files.delete(file_id),
+                other.batches.retrieve(batch.id),
+                other.batches.cancel(batch.id),
+                other.batches.create(
+                    input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                ),
+            ):
+                with pytest.raises(openai.NotFoundError):
+                    await call
+            assert (await other.files.list()).data == [] and (await other.batches.list()).data == []
+            done = await _settled(owner, batch.id)
+            assert done.status == "completed" and done.request_counts.completed == 1
+            with pytest.raises(openai.NotFoundError):
+                await other.files.content(done.output_file_id or "")
