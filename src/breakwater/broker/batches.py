@@ -34,7 +34,7 @@ class BatchStore:
         """The file whole, then listed: a listed file always has its bytes."""
         key = self.keys.file(record.id)
         mapping: dict[Any, Any] = {**record.to_hash(), "data": data}
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=mapping)
             pipe.expire(key, ttl_s)
             await pipe.execute()
