@@ -15,9 +15,8 @@ from tests.helpers import StackProcs
 LLAMA_MODEL = "smollm2-135m-instruct"
 
 
-@pytest.fixture(scope="module")
-def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
-    """Gateway + two llamacpp workers with the bundled SmolLM2 (one module's own stack)."""
+def _llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
+    """Gateway + two llamacpp workers with the bundled SmolLM2."""
     procs = StackProcs(redis_server.url, f"l{uuid.uuid4().hex[:10]}", log_dir)
     try:
         url = procs.add_gateway()
@@ -34,6 +33,22 @@ def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs
         yield procs
     finally:
         procs.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_stack(redis_server: RedisServer, log_dir: Path) -> Iterator[StackProcs]:
+    """One module's own llamacpp stack."""
+    yield from _llama_stack(redis_server, log_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_llama_stack(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StackProcs]:
+    """One llamacpp stack for the modules that override ``llama_stack`` with it (structured outputs,
+    the Responses API's tools): started once per session (~20 s each on a 2-core machine). Its users
+    may SIGKILL one worker (a continuation test), never both: one is always left."""
+    yield from _llama_stack(redis_server, tmp_path_factory.mktemp("llama-shared"))
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,11 @@ def _tool(model: type[BaseModel], name: str) -> Any:
 WEATHER_TOOL, TIME_TOOL = _tool(GetWeather, "get_weather"), _tool(GetTime, "get_time")
 
 
+@pytest.fixture(scope="module")
+def llama_stack(shared_llama_stack: StackProcs) -> StackProcs:
+    return shared_llama_stack  # the session's (conftest): this module never stops its processes
+
+
 def test_parse_returns_the_text_formats_object(llama_stack: StackProcs, client: openai.OpenAI) -> None:
     response = client.responses.parse(
         model=MODEL,

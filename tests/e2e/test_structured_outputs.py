@@ -35,6 +35,11 @@ class Story(BaseModel):
     story: str = Field(max_length=300)
 
 
+@pytest.fixture(scope="module")
+def llama_stack(shared_llama_stack: StackProcs) -> StackProcs:
+    return shared_llama_stack  # the session's (conftest): this module never stops its processes
+
+
 def test_parse_returns_the_pydantic_object(llama_stack: StackProcs, client: openai.OpenAI) -> None:
     completion = client.chat.completions.parse(
         model=MODEL, messages=QUESTION, response_format=Capital, max_tokens=200, temperature=0.8, seed=7
