@@ -15,6 +15,7 @@ import openai
 import orjson
 import pytest
 
+from breakwater.broker import batches as batch_store
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import EMBEDDING_DIM, SimEngine
 from breakwater.gateway.batch_runner import BatchRunner
@@ -75,7 +76,9 @@ async def _lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[s
     return [orjson.loads(line) for line in content.content.splitlines()]
 
 
-async def test_a_batch_answers_each_line_as_the_request_alone_would(client: openai.AsyncOpenAI) -> None:
+async def test_a_batch_answers_each_line_as_the_request_alone_would(
+    gw: InProc, client: openai.AsyncOpenAI
+) -> None:
     rows = [_chat(f"q{i}", f"batch question {i}", seed=i, max_tokens=4 + i) for i in range(6)]
     rows.append(_chat("lost", "nobody serves this", seed=1, max_tokens=3, model="no-such-model"))
     batch = await client.batches.create(
@@ -85,6 +88,8 @@ async def test_a_batch_answers_each_line_as_the_request_alone_would(client: open
         metadata={"run": "nightly"},
     )
     assert batch.request_counts is not None
+    file_ttl_s = await gw.app.state.service.broker.redis.ttl(gw.keys.file(batch.input_file_id))
+    assert file_ttl_s > 86_400  # the input outlives the batch's window: a runner taking over reads it
     assert (batch.status, batch.request_counts.total, batch.metadata) == (
         "in_progress",
         7,
@@ -142,7 +147,9 @@ async def test_lines_with_n_choices_and_embeddings_are_answered_whole(client: op
     assert len(output[0]["response"]["body"]["data"][0]["embedding"]) == EMBEDDING_DIM
 
 
-async def test_an_input_with_bad_lines_fails_whole_and_names_each(client: openai.AsyncOpenAI) -> None:
+async def test_an_input_with_bad_lines_fails_whole_and_names_each(
+    gw: InProc, client: openai.AsyncOpenAI
+) -> None:
     good = _chat("ok", "fine", seed=1, max_tokens=3)
     rows: list[Any] = [
         good,
@@ -152,22 +159,26 @@ async def test_an_input_with_bad_lines_fails_whole_and_names_each(client: openai
         _chat("streamed", "x", 1, 3, stream=True),
         {**_chat("bad", "x", 1, 3), "body": {"model": "sim", "messages": "not a list"}},
     ]
-    data = _jsonl(rows) + b"{not json\n"
+    data = _jsonl(rows[:2]) + b"\n" + _jsonl(rows[2:]) + b"{not json\n"  # line 3 is blank
     file = await client.files.create(file=("bad.jsonl", io.BytesIO(data)), purpose="batch")
     batch = await client.batches.create(
         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     assert batch.status == "failed" and batch.failed_at is not None and batch.errors is not None
     found = [(e.line, e.code, e.param) for e in batch.errors.data or []]
-    assert found == [
+    assert found == [  # numbered as the file's lines, the blank one counted
         (2, "mismatched_endpoint", "url"),
-        (3, "duplicate_custom_id", "custom_id"),
-        (4, "unsupported_parameter", "body.reasoning_effort"),
-        (5, "invalid_body", "body.stream"),
-        (6, "invalid_body", "body.messages"),
-        (7, "invalid_json_line", None),
+        (4, "duplicate_custom_id", "custom_id"),
+        (5, "unsupported_parameter", "body.reasoning_effort"),
+        (6, "invalid_body", "body.stream"),
+        (7, "invalid_body", "body.messages"),
+        (8, "invalid_json_line", None),
     ]
+    assert batch.request_counts is not None and batch.request_counts.total == 7
     assert (await client.batches.retrieve(batch.id)).status == "failed"  # and nothing runs it
+    redis = gw.app.state.service.broker.redis
+    assert await redis.ttl(gw.keys.batch(batch.id)) > 0  # kept files_ttl_s, as a finished batch
+    assert batch.id not in await redis.smembers(gw.keys.batches_active())
 
 
 async def test_what_a_batch_cannot_be_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
@@ -293,6 +304,8 @@ async def test_another_tenants_files_and_batches_are_not_found(
         theirs, _ = await store.create(ApiKey(id="", tenant="theirs"))
         async with gw.sdk() as base:
             owner, other = base.with_options(api_key=mine), base.with_options(api_key=theirs)
+            with pytest.raises(openai.AuthenticationError):  # refused before its body is read
+                await base.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
             file_id = await _upload(owner, [_chat("a", "mine alone", 1, 3)])
             batch = await owner.batches.create(
                 input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -314,3 +327,41 @@ async def test_another_tenants_files_and_batches_are_not_found(
             assert done.status == "completed" and done.request_counts.completed == 1
             with pytest.raises(openai.NotFoundError):
                 await other.files.content(done.output_file_id or "")
+
+
+async def test_files_larger_than_a_part_are_stored_and_read_whole(
+    client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file is kept in parts (no Redis value past CHUNK; each part cut between characters, read
+    back as text): an input over several parts runs whole, an output over several is read whole."""
+    monkeypatch.setattr(batch_store, "CHUNK", 300)
+    rows = [_chat(f"p{i}", f"part \u00e9\u20ac\U0001f600 {i}", seed=i, max_tokens=6) for i in range(12)]
+    file_id = await _upload(client, rows)
+    assert (await client.files.content(file_id)).content == _jsonl(rows)
+    batch = await client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await _settled(client, batch.id)
+    output = await _lines(client, done.output_file_id)
+    assert [line["custom_id"] for line in output] == [f"p{i}" for i in range(12)]
+    assert (await client.files.retrieve(done.output_file_id)).bytes > 3 * 300
+
+
+async def test_a_batch_bigger_than_its_lane_waits_its_turn(redis_server: RedisServer, prefix: str) -> None:
+    """Its lines meet a full queue (429 queue_full: one queued job per lane here): they are sent
+    again after the Retry-After, none fails for it."""
+    async with inproc_gateway(redis_server.url, prefix, lane_max_queued=1, batch_concurrency=4) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0, capacity=1)))
+        rows = [_chat(f"w{i}", f"wait {i}", seed=i, max_tokens=5) for i in range(4)]
+        async with gw.sdk() as client:
+            batch = await client.batches.create(
+                input_file_id=await _upload(client, rows),
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+            )
+            done = await _settled(client, batch.id, timeout_s=90)
+            rejected = gw.app.state.service.metrics.rejections.labels("sim", "queue_full")._value.get()
+    assert rejected > 0  # the queue was full for some of them
+    assert (
+        done.status == "completed" and done.request_counts.completed == 4 and done.request_counts.failed == 0
+    )

@@ -3,6 +3,8 @@ lets one gateway at a time run a batch."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -29,16 +31,16 @@ class BatchStore:
         self._answer = Script(fast, "batch_answer")
         self._move = Script(fast, "batch_move")
 
-    # Files
+    # Files: the fields, and the bytes in parts of CHUNK (``data:<i>``): no Redis value grows past it
+    # (Redis refuses one over 512 MB), and a reader streams a file part by part.
     async def put_file(self, record: FileRecord, data: bytes, ttl_s: int) -> None:
-        """The file whole, then listed: a listed file always has its bytes."""
-        key = self.keys.file(record.id)
-        mapping: dict[Any, Any] = {**record.to_hash(), "data": data}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, ttl_s)
-            await pipe.execute()
-        await self.redis.zadd(self.keys.files(record.tenant), {record.id: record.created_at})
+        writer = self.writer(record, ttl_s)
+        await writer.write(data)
+        await writer.close()
+
+    def writer(self, record: FileRecord, ttl_s: int) -> FileWriter:
+        """A file written part by part; it exists (is found, listed) once closed."""
+        return FileWriter(self, record, ttl_s)
 
     async def file(self, file_id: str) -> FileRecord | None:
         raw = await self.redis.hmget(self.keys.file(file_id), list(_FILE_FIELDS))
@@ -46,33 +48,50 @@ class BatchStore:
             return None
         return FileRecord.from_hash({k: text(v) for k, v in zip(_FILE_FIELDS, raw, strict=True)})
 
-    async def file_data(self, file_id: str) -> bytes | None:
-        data = await self.redis.hget(self.keys.file(file_id), "data")
-        return data.encode() if isinstance(data, str) else data
+    async def file_parts(self, file_id: str) -> AsyncIterator[bytes]:
+        """The file's bytes, part by part (nothing once it is gone)."""
+        key = self.keys.file(file_id)
+        parts = int(await self.redis.hget(key, "parts") or 0)
+        for i in range(parts):
+            part = await self.redis.hget(key, f"data:{i}")
+            if part is None:
+                return
+            yield part.encode() if isinstance(part, str) else part
 
-    async def files(self, tenant: str) -> list[FileRecord]:
-        """The tenant's files, newest first; ones that expired leave the list here."""
-        ids = [text(i) for i in await self.redis.zrevrange(self.keys.files(tenant), 0, -1)]
-        found, gone = [], []
-        for file_id in ids:
-            record = await self.file(file_id)
-            (gone.append(file_id) if record is None else found.append(record))
-        if gone:
-            await self.redis.zrem(self.keys.files(tenant), *gone)
-        return found
+    async def file_data(self, file_id: str) -> bytes | None:
+        """The file's bytes whole (an input file: at most ``files_max_bytes``)."""
+        if await self.file(file_id) is None:
+            return None
+        return b"".join([part async for part in self.file_parts(file_id)])
+
+    async def keep_file(self, file_id: str, ttl_s: int) -> None:
+        """Keep the file at least ``ttl_s`` from now (a running batch's input outlives the batch)."""
+        await self.redis.expire(self.keys.file(file_id), ttl_s, gt=True)
+
+    async def files(self, tenant: str) -> list[str]:
+        """The tenant's file ids, newest first."""
+        return [text(i) for i in await self.redis.zrevrange(self.keys.files(tenant), 0, -1)]
+
+    async def forget_files(self, tenant: str, file_ids: list[str]) -> None:
+        if file_ids:
+            await self.redis.zrem(self.keys.files(tenant), *file_ids)
 
     async def delete_file(self, record: FileRecord) -> None:
         await self.redis.delete(self.keys.file(record.id))
         await self.redis.zrem(self.keys.files(record.tenant), record.id)
 
     # Batches
-    async def create(self, record: BatchRecord) -> None:
-        """The record, then listed (and, unless it failed at once, offered to the runners)."""
+    async def create(self, record: BatchRecord, ttl_s: int) -> None:
+        """The record, offered to the runners unless it failed at once (then kept ``ttl_s``), then
+        listed: a batch that runs is always found, one listed always has its record."""
+        key = self.keys.batch(record.id)
         mapping: dict[Any, Any] = record.to_hash()
-        await self.redis.hset(self.keys.batch(record.id), mapping=mapping)
-        await self.redis.zadd(self.keys.batches(record.tenant), {record.id: record.created_at})
-        if record.status not in TERMINAL:
+        await self.redis.hset(key, mapping=mapping)
+        if record.status in TERMINAL:
+            await self.redis.expire(key, ttl_s)
+        else:
             await self.redis.sadd(self.keys.batches_active(), record.id)
+        await self.redis.zadd(self.keys.batches(record.tenant), {record.id: record.created_at})
 
     async def get(self, batch_id: str) -> BatchRecord | None:
         raw = _texts(await self.redis.hgetall(self.keys.batch(batch_id)))
@@ -108,9 +127,12 @@ class BatchStore:
         keys = [self.keys.batch_out(batch_id), self.keys.batch(batch_id)]
         return bool(int(await self._answer(keys, [index, line.decode(), "completed" if ok else "failed"])))
 
-    async def answers(self, batch_id: str) -> dict[int, bytes]:
-        raw = await self.redis.hgetall(self.keys.batch_out(batch_id))
-        return {int(text(k)): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
+    async def answers(self, batch_id: str, indices: list[int]) -> list[bytes | None]:
+        """The answers to lines ``indices`` (None: none yet)."""
+        if not indices:
+            return []
+        raw = await self.redis.hmget(self.keys.batch_out(batch_id), [str(i) for i in indices])
+        return [None if v is None else v.encode() if isinstance(v, str) else v for v in raw]
 
     async def answered(self, batch_id: str) -> set[int]:
         return {int(text(k)) for k in await self.redis.hkeys(self.keys.batch_out(batch_id))}
@@ -132,3 +154,46 @@ class BatchStore:
 
     async def release(self, batch_id: str, owner: str) -> None:
         await self._release([self.keys.batch_lease(batch_id)], [owner])
+
+
+CHUNK = 8 << 20
+
+
+class FileWriter:
+    """A file's bytes (UTF-8 text: files are JSON Lines) written in parts of about CHUNK as they
+    come, its fields (which make it exist) last."""
+
+    def __init__(self, store: BatchStore, record: FileRecord, ttl_s: int) -> None:
+        self.store, self.record, self.ttl_s = store, record, ttl_s
+        self.key = store.keys.file(record.id)
+        self.size = 0
+        self._parts = 0
+        self._pending = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        self._pending += data
+        self.size += len(data)
+        while len(self._pending) > CHUNK:
+            # Cut between characters: the client reads each part back as UTF-8 text.
+            cut = CHUNK
+            while self._pending[cut] & 0xC0 == 0x80:
+                cut -= 1
+            await self._flush(bytes(self._pending[:cut]))
+            del self._pending[:cut]
+
+    async def _flush(self, part: bytes) -> None:
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key, f"data:{self._parts}", part)
+            pipe.expire(self.key, self.ttl_s)
+            await pipe.execute()
+        self._parts += 1
+
+    async def close(self) -> FileRecord:
+        if self._pending or not self._parts:
+            await self._flush(bytes(self._pending))
+            self._pending.clear()
+        record = replace(self.record, bytes=self.size)
+        mapping: dict[Any, Any] = {**record.to_hash(), "parts": self._parts}
+        await self.store.redis.hset(self.key, mapping=mapping)
+        await self.store.redis.zadd(self.store.keys.files(record.tenant), {record.id: record.created_at})
+        return record

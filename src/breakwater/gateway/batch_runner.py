@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import orjson
 
-from breakwater.broker.batches import BatchStore
+from breakwater.broker.batches import BatchStore, FileWriter
+from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.routes import whole_answer
 from breakwater.gateway.service import GatewayService
@@ -35,8 +36,9 @@ from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a runner looks for batches, renews its leases and sees a cancel
-ATTEMPTS = 3  # a line whose request was refused for now (429, 503) or cut short is sent again
+ATTEMPTS = 3  # a line whose answer failed in the gateway itself (not the request's error) is tried again
 BACKOFF_MAX_S = 30.0
+BLOCK = 256  # answers read at a time while the files are written
 RETRY_CODES = frozenset({"cancelled", "draining", "timeout", "worker_lost", "tokens_lost"})
 
 
@@ -128,11 +130,13 @@ class BatchRunner:
             await self.store.drop(batch_id)
             return
         data = await self.store.file_data(record.input_file_id)
-        lines = parse_input(data, record.endpoint)[0] if data is not None else []
-        if data is None and record.status == "in_progress":
+        lines = (
+            (await asyncio.to_thread(parse_input, data, record.endpoint)).lines if data is not None else []
+        )
+        if data is None and record.status == "in_progress":  # deleted under it (or evicted)
             record.errors = [{"code": "file_not_found", "message": "the input file is gone", "line": None}]
             await self.store.put(record, "errors")
-            await self.store.move(batch_id, ("in_progress",), "failed", int(time.time()))
+            await self.store.move(batch_id, ("in_progress",), "finalizing", int(time.time()))
         elif record.status == "in_progress":
             await self._answer_lines(record, lines)
         await self._finish(batch_id, lines)
@@ -146,19 +150,26 @@ class BatchRunner:
         running: set[asyncio.Task[None]] = set()
         try:
             while todo or running:
-                if await self.store.status(record.id) != "in_progress" or time.time() >= record.expires_at:
+                if not await self._goes_on(record):
                     break
                 while todo and len(running) < self.svc.settings.batch_concurrency:
                     running.add(asyncio.create_task(self._answer(record, todo.pop())))
                 finished, running = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
                 for task in finished:
-                    task.result()  # a failure here is a bug: the run ends, the lease lets another retry
+                    task.result()  # only Redis failing raises here: the run ends, the next tick retries
         finally:
             await stop_loops(running)  # their requests are detached: the workers cancel them
 
+    async def _goes_on(self, record: BatchRecord) -> bool:
+        return time.time() < record.expires_at and await self.store.status(record.id) == "in_progress"
+
     async def _answer(self, record: BatchRecord, line: Line) -> None:
+        """Send the line's request and keep its answer. Refused for now or cut short, it is sent
+        again (a new attempt, its own Idempotency-Key) until the batch's window closes; a failure
+        that is not the request's (a bug) three times, then the line fails with a 500."""
         body = line.body.model_copy(update={"lane": "batch"})
-        for attempt in range(ATTEMPTS):
+        attempt = bugs = 0
+        while True:
             key = f"batch:{record.id}:{line.index}:{attempt}"
             try:
                 principal = await self._principal(record)
@@ -166,13 +177,26 @@ class BatchRunner:
                     self.svc, body, f"{record.id}-{line.index}", principal, key
                 )
             except APIError as exc:
-                if _retryable(exc) and attempt + 1 < ATTEMPTS:
+                attempt += 1
+                if _retryable(exc) and await self._goes_on(record):
                     await asyncio.sleep(_backoff_s(exc, attempt))
                     continue
                 rid = exc.headers.get("X-Breakwater-Request-Id", "")
                 await self.store.answer(
                     record.id, line.index, output_line(line, rid, exc.status, exc.body()), False
                 )
+                return
+            except TRANSIENT:
+                raise  # Redis away: this run ends, the next tick takes the batch up again
+            except Exception:
+                attempt, bugs = attempt + 1, bugs + 1
+                log.exception("batch line failed", extra={"fields": {"batch": record.id, "line": line.index}})
+                if bugs < ATTEMPTS:
+                    continue
+                body500 = APIError(
+                    500, "the server failed to answer this request", type="server_error"
+                ).body()
+                await self.store.answer(record.id, line.index, output_line(line, "", 500, body500), False)
                 return
             rid = headers["X-Breakwater-Request-Id"]
             await self.store.answer(record.id, line.index, output_line(line, rid, 200, result), True)
@@ -183,51 +207,54 @@ class BatchRunner:
         return await self.svc.auth.principal_of(record.key_id)
 
     async def _finish(self, batch_id: str, lines: list[Line]) -> None:
-        """The batch's output and error files from its answers, and its last status: completed,
-        cancelled (what was answered before) or expired (the rest in the error file)."""
-        now = int(time.time())
-        await self.store.move(batch_id, ("in_progress",), "finalizing", now)
+        """The batch's output and error files from its answers, its counts from them, and its last
+        status: completed, cancelled (what was answered before), expired (the lines not answered
+        in the error file) or failed (its input went missing). Done by the lease's holder only;
+        done again whole by the next runner if this one stops half-way."""
+        if not await self.store.lease(batch_id, self.owner, int(self.svc.settings.batch_lease_s * 1000)):
+            return
+        await self.store.move(batch_id, ("in_progress",), "finalizing", int(time.time()))
         record = await self.store.get(batch_id)
         if record is None:
             await self.store.drop(batch_id)
             return
-        if record.status in ("finalizing", "cancelling"):
-            final = "cancelled" if record.status == "cancelling" else "completed"
-            if final == "completed" and time.time() >= record.expires_at:
-                final = "expired"
+        final = {"finalizing": "completed", "cancelling": "cancelled"}.get(record.status)
+        if final == "completed" and record.errors:  # _drive found its input gone
+            final = "failed"
+        elif final == "completed" and time.time() >= record.expires_at:
+            final = "expired"
+        if final is not None:
             await self._write_files(record, lines, expired=final == "expired")
-            await self.store.put(record, "output_file_id", "error_file_id", "failed")
+            await self.store.put(record, "output_file_id", "error_file_id", "completed", "failed")
             await self.store.move(batch_id, (record.status,), final, int(time.time()))
         await self.store.close(record, self.svc.settings.files_ttl_s)
 
     async def _write_files(self, record: BatchRecord, lines: list[Line], *, expired: bool) -> None:
-        answers = await self.store.answers(record.id)
-        good: list[bytes] = []
-        bad: list[bytes] = []
-        for line in lines:
-            answer = answers.get(line.index)
-            if answer is not None:
-                (good if _succeeded(answer) else bad).append(answer)
-            elif expired:
-                bad.append(expired_line(line))
-                record.failed += 1
-        if good:
-            record.output_file_id = await self._file(record, "output", good)
-        if bad:
-            record.error_file_id = await self._file(record, "error", bad)
+        """Write the answers in input order, reading them BLOCK at a time; the counts from them."""
+        indices = [line.index for line in lines] or sorted(await self.store.answered(record.id))
+        by_index = {line.index: line for line in lines}
+        good, bad = self._writer(record, "output"), self._writer(record, "error")
+        record.completed = record.failed = 0
+        for at in range(0, len(indices), BLOCK):
+            block = indices[at : at + BLOCK]
+            for index, answer in zip(block, await self.store.answers(record.id, block), strict=True):
+                if answer is None:
+                    if not expired or index not in by_index:
+                        continue
+                    answer = expired_line(by_index[index])
+                    ok = False
+                else:
+                    ok = _succeeded(answer)
+                await (good if ok else bad).write(answer + b"\n")
+                record.completed += ok
+                record.failed += not ok
+        for writer, name in ((good, "output_file_id"), (bad, "error_file_id")):
+            if writer.size:
+                setattr(record, name, (await writer.close()).id)
 
-    async def _file(self, record: BatchRecord, kind: str, rows: list[bytes]) -> str:
-        data = b"\n".join(rows) + b"\n"
+    def _writer(self, record: BatchRecord, kind: str) -> FileWriter:
         now = int(time.time())
         ttl_s = self.svc.settings.files_ttl_s
-        file = FileRecord(
-            new_id("file-"),
-            record.tenant,
-            f"{record.id}_{kind}.jsonl",
-            "batch_output",
-            len(data),
-            now,
-            now + ttl_s,
-        )
-        await self.store.put_file(file, data, ttl_s)
-        return file.id
+        name = f"{record.id}_{kind}.jsonl"
+        file = FileRecord(new_id("file-"), record.tenant, name, "batch_output", 0, now, now + ttl_s)
+        return self.store.writer(file, ttl_s)

@@ -5,13 +5,16 @@ file or a batch: another's is "not found"."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import UploadFile
 
 from breakwater.broker.batches import BatchStore
+from breakwater.gateway.auth import caller
 from breakwater.gateway.errors import APIError, JSONBody
 from breakwater.gateway.routes import Caller, service
 from breakwater.protocol.batches import (
@@ -53,11 +56,15 @@ async def _batch(store: BatchStore, batch_id: str, who: Principal) -> BatchRecor
     return record
 
 
-def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    """OpenAI's cursor page: the items after the one with id ``after``, at most ``limit``."""
-    if after is not None:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
+def _after(ids: list[str], after: str | None) -> list[str]:
+    """The ids after ``after`` (a cursor: the last id of the previous page); all without one."""
+    if after is None:
+        return ids
+    return ids[ids.index(after) + 1 :] if after in ids else []
+
+
+def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page of the first ``limit`` items (``items`` holds one more if there are)."""
     page = items[:limit]
     return {
         "object": "list",
@@ -69,16 +76,27 @@ def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[st
 
 
 @router.post("/v1/files", response_model=None)
-async def upload_file(
-    request: Request,
-    who: Caller,
-    file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form()],
-) -> Response:
+async def upload_file(request: Request) -> Response:
+    """``multipart/form-data`` with ``file`` and ``purpose``. The caller is known before the body is
+    read: an unauthenticated upload is refused before any of it is spooled."""
+    who = await caller(request)
     settings = service(request).settings
-    if purpose != "batch":
-        raise APIError(400, f"purpose {purpose!r} is not served here: only `batch` files", param="purpose")
-    data = await file.read(settings.files_max_bytes + 1)
+    async with request.form(max_files=1, max_fields=4) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(purpose, str):
+            raise APIError(
+                400, "`purpose` is required: `batch`", code="missing_required_parameter", param="purpose"
+            )
+        if purpose != "batch":
+            raise APIError(
+                400, f"purpose {purpose!r} is not served here: only `batch` files", param="purpose"
+            )
+        if not isinstance(upload, UploadFile):
+            raise APIError(
+                400, "`file` is required: a JSON Lines file", code="missing_required_parameter", param="file"
+            )
+        data = await upload.read(settings.files_max_bytes + 1)
+        filename = upload.filename or "upload.jsonl"
     if len(data) > settings.files_max_bytes:
         raise APIError(413, f"a file holds at most {settings.files_max_bytes} bytes", code="file_too_large")
     try:
@@ -88,16 +106,9 @@ async def upload_file(
             400, "a batch file is JSON Lines: UTF-8 text", code="invalid_file", param="file"
         ) from None
     now = int(time.time())
-    record = FileRecord(
-        new_id("file-"),
-        who.tenant,
-        file.filename or "upload.jsonl",
-        purpose,
-        len(data),
-        now,
-        now + settings.files_ttl_s,
-    )
-    await _store(request).put_file(record, data, settings.files_ttl_s)
+    ttl_s = settings.files_ttl_s
+    record = FileRecord(new_id("file-"), who.tenant, filename, purpose, len(data), now, now + ttl_s)
+    await _store(request).put_file(record, data, ttl_s)
     return JSONBody(record.to_object())
 
 
@@ -110,10 +121,21 @@ async def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
 ) -> Response:
-    files = [f.to_object() for f in await _store(request).files(who.tenant) if purpose in (None, f.purpose)]
+    store = _store(request)
+    ids = await store.files(who.tenant)
     if order == "asc":
-        files.reverse()
-    return JSONBody(_page(files, after, limit))
+        ids.reverse()
+    found, gone = [], []
+    for file_id in _after(ids, after):
+        record = await store.file(file_id)
+        if record is None:
+            gone.append(file_id)
+        elif purpose in (None, record.purpose):
+            found.append(record.to_object())
+            if len(found) > limit:
+                break
+    await store.forget_files(who.tenant, gone)
+    return JSONBody(_page(found, limit))
 
 
 @router.get("/v1/files/{file_id}", response_model=None)
@@ -123,12 +145,13 @@ async def retrieve_file(file_id: str, request: Request, who: Caller) -> Response
 
 @router.get("/v1/files/{file_id}/content", response_model=None)
 async def file_content(file_id: str, request: Request, who: Caller) -> Response:
+    """The file's bytes, streamed part by part as stored."""
     store = _store(request)
-    await _file(store, file_id, who)
-    data = await store.file_data(file_id)
-    if data is None:
-        raise _not_found("file", file_id, "file_id")
-    return Response(data, media_type="application/octet-stream")
+    record = await _file(store, file_id, who)
+    headers = {"Content-Length": str(record.bytes)}
+    return StreamingResponse(
+        store.file_parts(file_id), media_type="application/octet-stream", headers=headers
+    )
 
 
 @router.delete("/v1/files/{file_id}", response_model=None)
@@ -173,7 +196,7 @@ async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Resp
     data = await store.file_data(file.id)
     if data is None:
         raise _not_found("file", file.id, "input_file_id")
-    lines, errors = parse_input(data, body.endpoint)
+    parsed = await asyncio.to_thread(parse_input, data, body.endpoint)  # up to files_max_bytes of JSON
     now = int(time.time())
     record = BatchRecord(
         id=new_id("batch_"),
@@ -184,12 +207,15 @@ async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Resp
         status="in_progress",
         created_at=now,
         expires_at=now + WINDOW_S,
-        total=len(lines) + len(errors),
+        total=parsed.count,
         metadata=body.metadata,
     )
-    record = record.moved("failed", now) if errors else record.moved("in_progress", now)
-    record.errors = [e.to_dict() for e in errors]
-    await store.create(record)
+    record = record.moved("failed", now) if parsed.errors else record.moved("in_progress", now)
+    record.errors = [e.to_dict() for e in parsed.errors]
+    ttl_s = service(request).settings.files_ttl_s
+    if not parsed.errors:  # the input outlives the batch: a runner that takes it over reads it again
+        await store.keep_file(file.id, WINDOW_S + ttl_s)
+    await store.create(record, ttl_s)
     if record.status == "in_progress":
         request.app.state.batch_runner.poke()
     return JSONBody(record.to_object())
@@ -204,11 +230,13 @@ async def list_batches(
 ) -> Response:
     store = _store(request)
     found, gone = [], []
-    for batch_id in await store.batches(who.tenant):
+    for batch_id in _after(await store.batches(who.tenant), after):
         record = await store.get(batch_id)
         (gone.append(batch_id) if record is None else found.append(record.to_object()))
+        if len(found) > limit:
+            break
     await store.forget(who.tenant, gone)
-    return JSONBody(_page(found, after, limit))
+    return JSONBody(_page(found, limit))
 
 
 @router.get("/v1/batches/{batch_id}", response_model=None)

@@ -62,31 +62,42 @@ class LineError:
         return asdict(self)
 
 
-def parse_input(data: bytes, endpoint: str) -> tuple[list[Line], list[LineError]]:
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    lines: list[Line]  # the lines that can run
+    errors: list[LineError]  # why the others cannot (the first MAX_ERRORS)
+    count: int  # the requests in the file (its lines that are not blank)
+
+
+def parse_input(data: bytes, endpoint: str) -> Parsed:
     """The batch's lines, or why they cannot run: every line a JSON object with a unique
     ``custom_id``, ``method`` POST, ``url`` the batch's endpoint and a ``body`` that endpoint takes
-    (not streamed, no parameter the engine refuses)."""
+    (not streamed, no parameter the engine refuses). Lines are numbered from 1 as in the file
+    (blank ones counted, never run); a line's index (from 0) counts only those that are not."""
     model = ENDPOINTS[endpoint]
     lines: list[Line] = []
     errors: list[LineError] = []
     seen: set[str] = set()
-    rows = [r for r in data.split(b"\n") if r.strip()]
+    rows = [(number, row) for number, row in enumerate(data.split(b"\n"), 1) if row.strip()]
     if not rows:
-        return [], [LineError("empty_file", "the input file has no requests", 1)]
+        return Parsed([], [LineError("empty_file", "the input file has no requests", 1)], 0)
     if len(rows) > MAX_LINES:
-        return [], [LineError("too_many_requests", f"a batch holds at most {MAX_LINES} requests", 1)]
-    for number, row in enumerate(rows, 1):
-        line = _line(number, row, endpoint, model, seen)
-        if isinstance(line, LineError):
-            errors.append(line)
-            if len(errors) >= MAX_ERRORS:
-                break
-        else:
+        errors = [
+            LineError("too_many_requests", f"a batch holds at most {MAX_LINES} requests", MAX_LINES + 1)
+        ]
+        return Parsed([], errors, len(rows))
+    for index, (number, row) in enumerate(rows):
+        line = _line(index, number, row, endpoint, model, seen)
+        if isinstance(line, Line):
             lines.append(line)
-    return lines, errors
+        elif len(errors) < MAX_ERRORS:
+            errors.append(line)
+    return Parsed(lines, errors, len(rows))
 
 
-def _line(number: int, row: bytes, endpoint: str, model: type[LineBody], seen: set[str]) -> Line | LineError:
+def _line(
+    index: int, number: int, row: bytes, endpoint: str, model: type[LineBody], seen: set[str]
+) -> Line | LineError:
     try:
         item = orjson.loads(row)
     except orjson.JSONDecodeError:
@@ -125,7 +136,7 @@ def _line(number: int, row: bytes, endpoint: str, model: type[LineBody], seen: s
         )
     if getattr(parsed, "stream", False):
         return LineError("invalid_body", "a batch's requests are not streamed", number, "body.stream")
-    return Line(number - 1, custom_id, parsed)
+    return Line(index, custom_id, parsed)
 
 
 @dataclass(slots=True)
