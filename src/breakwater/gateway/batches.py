@@ -75,7 +75,22 @@ def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/files", response_model=None)
+# The upload's form, described for the schema (the route reads it itself, after authenticating).
+_UPLOAD = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string"}},
+            }
+        }
+    },
+}
+
+
+@router.post("/v1/files", response_model=None, openapi_extra={"requestBody": _UPLOAD})
 async def upload_file(request: Request) -> Response:
     """``multipart/form-data`` with ``file`` and ``purpose``. The caller is known before the body is
     read: an unauthenticated upload is refused before any of it is spooled."""
