@@ -82,8 +82,8 @@ typecheck: $(STAMP)
 
 # Then the end-to-end suite again, on a local Redis Cluster (3 primaries + 3 replicas).
 test: lint typecheck vllm-env k8s-env
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
-	BREAKWATER_TEST_REDIS=cluster $(VENV)/bin/pytest -q tests/e2e $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=30 $(PYTEST_ARGS)
+	BREAKWATER_TEST_REDIS=cluster $(VENV)/bin/pytest -q --durations=30 tests/e2e $(PYTEST_ARGS)
 
 # The in-process tier (gateway app through ASGITransport, workers in the test's loop, broker scripts,
 # protocol types) against a real Redis: about a minute, no vLLM or Kubernetes environments.
