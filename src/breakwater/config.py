@@ -184,6 +184,11 @@ class GatewaySettings(CommonSettings):
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="larger request bodies get 413")
     # The Files and Batch APIs: files live in Redis (with its AOF), so their size is bounded.
     files_max_bytes: int = Field(default=32 << 20, ge=1024, description="larger uploads to /v1/files get 413")
+    files_quota_bytes: int = Field(
+        default=1 << 30,
+        ge=1024,
+        description="a tenant's files (uploads and batch outputs) in all, before 413",
+    )
     files_ttl_s: int = Field(
         default=7 * 86_400, ge=60, description="files and finished batches are deleted after this long"
     )

@@ -365,3 +365,16 @@ async def test_a_batch_bigger_than_its_lane_waits_its_turn(redis_server: RedisSe
     assert (
         done.status == "completed" and done.request_counts.completed == 4 and done.request_counts.failed == 0
     )
+
+
+async def test_a_tenants_files_have_a_quota(redis_server: RedisServer, prefix: str) -> None:
+    """Uploads past ``files_quota_bytes`` in all are a 413 naming the quota; deleting makes room."""
+    async with inproc_gateway(redis_server.url, prefix, files_quota_bytes=2048) as gw, gw.sdk() as client:
+        first = await client.files.create(file=("a.jsonl", io.BytesIO(b"x" * 1500)), purpose="batch")
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch")
+        assert info.value.status_code == 413
+        assert isinstance(info.value.body, dict) and info.value.body["code"] == "storage_limit_exceeded"
+        await client.files.delete(first.id)
+        second = await client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch")
+        assert second.bytes == 1000

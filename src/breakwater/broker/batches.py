@@ -72,6 +72,16 @@ class BatchStore:
         """The tenant's file ids, newest first."""
         return [text(i) for i in await self.redis.zrevrange(self.keys.files(tenant), 0, -1)]
 
+    async def stored_bytes(self, tenant: str) -> int:
+        """The size of the tenant's files (those that expired leave its list here)."""
+        ids = await self.files(tenant)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.hget(self.keys.file(file_id), "bytes")
+            sizes = await pipe.execute()
+        await self.forget_files(tenant, [i for i, size in zip(ids, sizes, strict=True) if size is None])
+        return sum(int(size) for size in sizes if size is not None)
+
     async def forget_files(self, tenant: str, file_ids: list[str]) -> None:
         if file_ids:
             await self.redis.zrem(self.keys.files(tenant), *file_ids)
