@@ -147,6 +147,44 @@ async def test_lines_with_n_choices_and_embeddings_are_answered_whole(client: op
     assert len(output[0]["response"]["body"]["data"][0]["embedding"]) == EMBEDDING_DIM
 
 
+async def test_a_batch_of_responses_answers_each_as_responses_create_would(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """Endpoint ``/v1/responses``: each line's body is a Responses API create request; its answer is
+    the response object (retrievable by its id afterwards)."""
+    rows: list[dict[str, Any]] = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"model": "sim", "input": f"respond {i}", "instructions": "Be brief.", "seed": i},
+        }
+        for i in range(3)
+    ]
+    batch = await client.batches.create(
+        input_file_id=await _upload(client, rows), endpoint="/v1/responses", completion_window="24h"
+    )
+    output = await _lines(client, (await _settled(client, batch.id)).output_file_id)
+    assert [line["custom_id"] for line in output] == ["r0", "r1", "r2"]
+    for i, line in enumerate(output):
+        body = line["response"]["body"]
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"respond {i}"}]
+        text, _, _ = expected_sim(messages=messages, seed=i)
+        assert (body["object"], body["status"], body["id"]) == (
+            "response",
+            "completed",
+            line["response"]["request_id"],
+        )
+        assert body["output"][0]["content"][0]["text"] == text
+        assert (await client.responses.retrieve(body["id"])).output_text == text
+    background = {**rows[0], "body": {**rows[0]["body"], "background": True}}
+    failed = await client.batches.create(
+        input_file_id=await _upload(client, [background]), endpoint="/v1/responses", completion_window="24h"
+    )
+    assert failed.status == "failed" and failed.errors is not None
+    assert [(e.line, e.param) for e in failed.errors.data or []] == [(1, "body.background")]
+
+
 async def test_an_input_with_bad_lines_fails_whole_and_names_each(
     gw: InProc, client: openai.AsyncOpenAI
 ) -> None:
@@ -184,7 +222,7 @@ async def test_an_input_with_bad_lines_fails_whole_and_names_each(
 async def test_what_a_batch_cannot_be_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
     file_id = await _upload(client, [_chat("a", "x", 1, 3)])
     for kwargs, param in (
-        ({"endpoint": "/v1/responses", "completion_window": "24h"}, "endpoint"),
+        ({"endpoint": "/v1/moderations", "completion_window": "24h"}, "endpoint"),
         ({"endpoint": "/v1/chat/completions", "completion_window": "1h"}, "completion_window"),
     ):
         with pytest.raises(openai.BadRequestError) as info:

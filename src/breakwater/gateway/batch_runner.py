@@ -20,6 +20,7 @@ import orjson
 from breakwater.broker.batches import BatchStore, FileWriter
 from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.errors import APIError
+from breakwater.gateway.responses import whole_response
 from breakwater.gateway.routes import whole_answer
 from breakwater.gateway.service import GatewayService
 from breakwater.protocol.batches import (
@@ -31,6 +32,7 @@ from breakwater.protocol.batches import (
     output_line,
     parse_input,
 )
+from breakwater.protocol.responses import ResponsesRequest
 from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
 
@@ -173,9 +175,11 @@ class BatchRunner:
             key = f"batch:{record.id}:{line.index}:{attempt}"
             try:
                 principal = await self._principal(record)
-                headers, result = await whole_answer(
-                    self.svc, body, f"{record.id}-{line.index}", principal, key
-                )
+                xrid = f"{record.id}-{line.index}"
+                if isinstance(body, ResponsesRequest):
+                    headers, result = await whole_response(self.svc, body, xrid, principal, key)
+                else:
+                    headers, result = await whole_answer(self.svc, body, xrid, principal, key)
             except APIError as exc:
                 attempt += 1
                 if _retryable(exc) and await self._goes_on(record):

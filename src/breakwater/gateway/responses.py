@@ -59,8 +59,10 @@ async def create_response(
     # A background response runs on without a client: still counted as followed, never detached;
     # answered at once unless streamed, so not subscribed to.
     keep = bool(body.background)
-    follow = body.stream or not keep
-    sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key, follow)
+    if not body.stream and not keep:
+        headers, result = await whole_response(svc, body, request_id(request), who, idempotency_key)
+        return JSONBody(result, headers=headers)
+    sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key, bool(body.stream))
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     if body.stream:
         return SSEResponse(
@@ -68,9 +70,16 @@ async def create_response(
             headers={**SSE_HEADERS, **headers},
             unstarted=partial(svc.requests.release_later, sub, detach=not keep),
         )
-    if keep:
-        return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
-    return JSONBody(await answered(svc, sub, headers, _whole(svc, sub, stored)), headers=headers)
+    return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
+
+
+async def whole_response(
+    svc: GatewayService, body: ResponsesRequest, xrid: str, who: Principal, idempotency_key: str | None
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """A response answered whole (its headers and the response object); a failed one raises."""
+    sub, stored = await _admit(svc, body, xrid, who, idempotency_key, True)
+    headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
+    return headers, await answered(svc, sub, headers, _whole(svc, sub, stored))
 
 
 def _refusal(body: ResponsesRequest) -> APIError | None:

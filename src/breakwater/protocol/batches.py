@@ -12,12 +12,14 @@ from pydantic import BaseModel, ValidationError
 
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
+from breakwater.protocol.responses import ResponsesRequest
 
-LineBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+LineBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest
 ENDPOINTS: dict[str, type[LineBody]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponsesRequest,
 }
 MAX_LINES = 50_000  # OpenAI's bound on one batch
 MAX_ERRORS = 100  # a failed input lists at most this many of its lines' errors
@@ -136,6 +138,10 @@ def _line(
         )
     if getattr(parsed, "stream", False):
         return LineError("invalid_body", "a batch's requests are not streamed", number, "body.stream")
+    if getattr(parsed, "background", False):
+        return LineError(
+            "invalid_body", "a batch's responses are not background ones", number, "body.background"
+        )
     return Line(index, custom_id, parsed)
 
 
