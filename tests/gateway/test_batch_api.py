@@ -110,6 +110,8 @@ async def test_a_batch_answers_each_line_as_the_request_alone_would(
         assert response["body"]["choices"][0]["finish_reason"] == reason
         assert response["body"]["usage"] == {**response["body"]["usage"], **usage}
         assert response["request_id"] == response["body"]["id"]
+    lines = gw.app.state.service.metrics.batch_lines
+    assert (lines.labels("ok")._value.get(), lines.labels("failed")._value.get()) == (6, 1)
     [error] = await _lines(client, done.error_file_id)
     assert error["custom_id"] == "lost" and error["response"]["status_code"] == 404
     assert error["response"]["body"]["error"]["code"] == "model_not_found"

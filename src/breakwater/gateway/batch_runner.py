@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -27,6 +28,7 @@ from breakwater.protocol.batches import (
     BatchRecord,
     FileRecord,
     Line,
+    LineBody,
     expired_line,
     new_id,
     output_line,
@@ -105,12 +107,14 @@ class BatchRunner:
                 task = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
                 self._running[batch_id] = task
                 task.add_done_callback(self._ended(batch_id))
+                self.svc.metrics.batches_running.set(len(self._running))
             elif not held and task is not None:  # another gateway took it (this one stalled a lease)
                 task.cancel()
 
     def _ended(self, batch_id: str) -> Callable[[asyncio.Task[None]], None]:
         def ended(task: asyncio.Task[None]) -> None:
             self._running.pop(batch_id, None)
+            self.svc.metrics.batches_running.set(len(self._running))
             if not task.cancelled() and task.exception() is not None:
                 log.error(
                     "batch run failed", extra={"fields": {"batch": batch_id}}, exc_info=task.exception()
@@ -172,39 +176,46 @@ class BatchRunner:
         body = line.body.model_copy(update={"lane": "batch"})
         attempt = bugs = 0
         while True:
-            key = f"batch:{record.id}:{line.index}:{attempt}"
             try:
-                principal = await self._principal(record)
-                xrid = f"{record.id}-{line.index}"
-                if isinstance(body, ResponsesRequest):
-                    headers, result = await whole_response(self.svc, body, xrid, principal, key)
-                else:
-                    headers, result = await whole_answer(self.svc, body, xrid, principal, key)
+                rid, status, answer = await self._send(record, line, body, attempt)
             except APIError as exc:
                 attempt += 1
                 if _retryable(exc) and await self._goes_on(record):
                     await asyncio.sleep(_backoff_s(exc, attempt))
                     continue
-                rid = exc.headers.get("X-Breakwater-Request-Id", "")
-                await self.store.answer(
-                    record.id, line.index, output_line(line, rid, exc.status, exc.body()), False
-                )
-                return
+                rid, status, answer = exc.headers.get("X-Breakwater-Request-Id", ""), exc.status, exc.body()
             except TRANSIENT:
                 raise  # Redis away: this run ends, the next tick takes the batch up again
             except Exception:
                 attempt, bugs = attempt + 1, bugs + 1
                 log.exception("batch line failed", extra={"fields": {"batch": record.id, "line": line.index}})
                 if bugs < ATTEMPTS:
+                    await asyncio.sleep(min(2.0**bugs, BACKOFF_MAX_S))
                     continue
-                body500 = APIError(
-                    500, "the server failed to answer this request", type="server_error"
-                ).body()
-                await self.store.answer(record.id, line.index, output_line(line, "", 500, body500), False)
-                return
-            rid = headers["X-Breakwater-Request-Id"]
-            await self.store.answer(record.id, line.index, output_line(line, rid, 200, result), True)
+                failed = APIError(500, "the server failed to answer this request", type="server_error")
+                rid, status, answer = "", 500, failed.body()
+            await self._keep(record, line, rid, status, answer)
             return
+
+    async def _send(
+        self, record: BatchRecord, line: Line, body: LineBody, attempt: int
+    ) -> tuple[str, int, dict[str, Any]]:
+        """The line's request, answered whole: its id, status and body (an error raises)."""
+        key = f"batch:{record.id}:{line.index}:{attempt}"
+        principal = await self._principal(record)
+        xrid = f"{record.id}-{line.index}"
+        if isinstance(body, ResponsesRequest):
+            headers, result = await whole_response(self.svc, body, xrid, principal, key)
+        else:
+            headers, result = await whole_answer(self.svc, body, xrid, principal, key)
+        return headers["X-Breakwater-Request-Id"], 200, result
+
+    async def _keep(
+        self, record: BatchRecord, line: Line, rid: str, status: int, answer: dict[str, Any]
+    ) -> None:
+        ok = status < 400
+        if await self.store.answer(record.id, line.index, output_line(line, rid, status, answer), ok):
+            self.svc.metrics.batch_lines.labels("ok" if ok else "failed").inc()
 
     async def _principal(self, record: BatchRecord) -> Principal:
         """The batch's owner as it stands now: a key revoked since fails the lines still to run."""

@@ -147,6 +147,17 @@ class GatewayMetrics:
         self.active_streams = Gauge(
             "breakwater_active_streams", "Client streams open on this gateway", registry=r
         )
+        self.batches_running = Gauge(
+            "breakwater_batches_running",
+            "Batches this gateway process runs now (holds the lease of)",
+            registry=r,
+        )
+        self.batch_lines = Counter(
+            "breakwater_batch_lines_total",
+            "Batch lines answered by this gateway process: ok (2xx) or failed (an error answer)",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "breakwater_queue_depth", "Jobs waiting in the queue", ["model", "lane"], registry=r
         )
