@@ -18,7 +18,9 @@ import pytest
 from breakwater.broker import batches as batch_store
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import EMBEDDING_DIM, SimEngine
-from breakwater.gateway.batch_runner import BatchRunner
+from breakwater.gateway.batch_runner import BatchRunner, _retry_after_s
+from breakwater.gateway.errors import APIError
+from breakwater.protocol.batches import parse_input
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 from tests.helpers import expected_sim
@@ -332,6 +334,26 @@ async def test_another_gateway_takes_a_batch_over_and_answers_each_line_once(slo
     broker = slow.app.state.service.broker
     requests = [k async for k in broker.redis.scan_iter(match=f"{slow.prefix}:req:*")]
     assert len(requests) == 6  # one request per line: the open ones were followed, not sent again
+    # A finish done again (its runner stopped before recording its files) writes the same file over.
+    files = await store.files("anonymous")
+    record = await store.get(batch.id)
+    data = await store.file_data(record.input_file_id)
+    await b._write_files(record, parse_input(data, record.endpoint).lines, expired=False)
+    assert record.output_file_id == done.output_file_id and await store.files("anonymous") == files
+    assert b"".join([part async for part in store.file_parts(record.output_file_id)]).count(b"\n") == 6
+
+
+def test_a_line_is_sent_again_only_while_it_can_still_be_answered() -> None:
+    timeout = APIError(504, "timed out", code="timeout")
+    assert _retry_after_s(timeout, 1, 3600) == 2.0
+    assert _retry_after_s(timeout, 4, 3600) == 16.0
+    assert _retry_after_s(timeout, 5, 3600) is None  # cut short too often
+    full = APIError(429, "queue full", code="queue_full", headers={"Retry-After": "3"})
+    assert _retry_after_s(full, 2000, 3600) == 3.0  # refused for now: as long as the window lasts
+    assert _retry_after_s(APIError(503, "no worker"), 2000, 3600) == 30.0  # no overflow, capped
+    spent = APIError(429, "budget spent", code="budget_exceeded", headers={"Retry-After": "90000"})
+    assert _retry_after_s(spent, 1, 3600) is None  # told to wait past the window
+    assert _retry_after_s(APIError(400, "bad", code="invalid_value"), 1, 3600) is None
 
 
 async def test_another_tenants_files_and_batches_are_not_found(

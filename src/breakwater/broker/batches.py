@@ -167,6 +167,7 @@ class BatchStore:
 
 
 CHUNK = 8 << 20
+PENDING_TTL_S = 3600
 
 
 class FileWriter:
@@ -184,17 +185,23 @@ class FileWriter:
         self._pending += data
         self.size += len(data)
         while len(self._pending) > CHUNK:
-            # Cut between characters: the client reads each part back as UTF-8 text.
+            # Cut between characters: the client reads each part back as UTF-8 text (at most 3
+            # continuation bytes follow a character's first byte).
             cut = CHUNK
-            while self._pending[cut] & 0xC0 == 0x80:
+            while self._pending[cut] & 0xC0 == 0x80 and cut > CHUNK - 3:
                 cut -= 1
             await self._flush(bytes(self._pending[:cut]))
             del self._pending[:cut]
 
     async def _flush(self, part: bytes) -> None:
+        """A part; the first drops what an earlier writer of this file left (it stopped half-way).
+        The parts live PENDING_TTL_S until the file is closed: a writer that stops leaves nothing
+        for long."""
         async with self.store.redis.pipeline(transaction=False) as pipe:
+            if not self._parts:
+                pipe.delete(self.key)
             pipe.hset(self.key, f"data:{self._parts}", part)
-            pipe.expire(self.key, self.ttl_s)
+            pipe.expire(self.key, min(PENDING_TTL_S, self.ttl_s))
             await pipe.execute()
         self._parts += 1
 
@@ -204,6 +211,9 @@ class FileWriter:
             self._pending.clear()
         record = replace(self.record, bytes=self.size)
         mapping: dict[Any, Any] = {**record.to_hash(), "parts": self._parts}
-        await self.store.redis.hset(self.key, mapping=mapping)
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key, mapping=mapping)
+            pipe.expire(self.key, self.ttl_s)
+            await pipe.execute()
         await self.store.redis.zadd(self.store.keys.files(record.tenant), {record.id: record.created_at})
         return record

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -30,7 +31,6 @@ from breakwater.protocol.batches import (
     Line,
     LineBody,
     expired_line,
-    new_id,
     output_line,
     parse_input,
 )
@@ -44,17 +44,20 @@ ATTEMPTS = 3  # a line whose answer failed in the gateway itself (not the reques
 BACKOFF_MAX_S = 30.0
 BLOCK = 256  # answers read at a time while the files are written
 RETRY_CODES = frozenset({"cancelled", "draining", "timeout", "worker_lost", "tokens_lost"})
+CUT_SHORT_MAX = 5  # a line whose request is cut short (RETRY_CODES) this often fails with that error
 
 
-def _retryable(exc: APIError) -> bool:
-    return exc.status in (429, 503) or exc.code in RETRY_CODES
-
-
-def _backoff_s(exc: APIError, attempt: int) -> float:
+def _retry_after_s(exc: APIError, attempt: int, left_s: float) -> float | None:
+    """How long to wait before sending a line again after ``exc`` (its ``attempt``-th failure), or
+    None when it is not worth it: not a refusal for now (429, 503) nor a request cut short, cut
+    short too often, or told to wait past the batch's window (``left_s``: a spent budget)."""
+    if exc.status not in (429, 503) and (exc.code not in RETRY_CODES or attempt >= CUT_SHORT_MAX):
+        return None
     try:
-        return min(float(exc.headers.get("Retry-After", "")), BACKOFF_MAX_S)
+        wait_s = float(exc.headers.get("Retry-After", ""))
     except ValueError:
-        return min(2.0**attempt, BACKOFF_MAX_S)
+        wait_s = 2.0 ** min(attempt, 5)
+    return None if wait_s >= left_s else min(wait_s, BACKOFF_MAX_S)
 
 
 def _succeeded(answer: bytes) -> bool:
@@ -180,8 +183,9 @@ class BatchRunner:
                 rid, status, answer = await self._send(record, line, body, attempt)
             except APIError as exc:
                 attempt += 1
-                if _retryable(exc) and await self._goes_on(record):
-                    await asyncio.sleep(_backoff_s(exc, attempt))
+                wait_s = _retry_after_s(exc, attempt, record.expires_at - time.time())
+                if wait_s is not None and await self._goes_on(record):
+                    await asyncio.sleep(wait_s)
                     continue
                 rid, status, answer = exc.headers.get("X-Breakwater-Request-Id", ""), exc.status, exc.body()
             except TRANSIENT:
@@ -226,7 +230,7 @@ class BatchRunner:
         status: completed, cancelled (what was answered before), expired (the lines not answered
         in the error file) or failed (its input went missing). Done by the lease's holder only;
         done again whole by the next runner if this one stops half-way."""
-        if not await self.store.lease(batch_id, self.owner, int(self.svc.settings.batch_lease_s * 1000)):
+        if not await self._holds(batch_id):
             return
         await self.store.move(batch_id, ("in_progress",), "finalizing", int(time.time()))
         record = await self.store.get(batch_id)
@@ -234,15 +238,21 @@ class BatchRunner:
             await self.store.drop(batch_id)
             return
         final = {"finalizing": "completed", "cancelling": "cancelled"}.get(record.status)
+        answered = await self.store.answered(batch_id)
         if final == "completed" and record.errors:  # _drive found its input gone
             final = "failed"
-        elif final == "completed" and time.time() >= record.expires_at:
-            final = "expired"
+        elif final == "completed" and any(line.index not in answered for line in lines):
+            final = "expired"  # its window closed with lines unanswered
         if final is not None:
             await self._write_files(record, lines, expired=final == "expired")
+            if not await self._holds(batch_id):  # another runner took it over meanwhile: its files
+                return
             await self.store.put(record, "output_file_id", "error_file_id", "completed", "failed")
             await self.store.move(batch_id, (record.status,), final, int(time.time()))
         await self.store.close(record, self.svc.settings.files_ttl_s)
+
+    async def _holds(self, batch_id: str) -> bool:
+        return await self.store.lease(batch_id, self.owner, int(self.svc.settings.batch_lease_s * 1000))
 
     async def _write_files(self, record: BatchRecord, lines: list[Line], *, expired: bool) -> None:
         """Write the answers in input order, reading them BLOCK at a time; the counts from them."""
@@ -268,8 +278,12 @@ class BatchRunner:
                 setattr(record, name, (await writer.close()).id)
 
     def _writer(self, record: BatchRecord, kind: str) -> FileWriter:
+        """The batch's ``kind`` file: its id is the batch's and the kind's, so a finish done again
+        (its runner stopped half-way) writes the same file over, not another beside it."""
         now = int(time.time())
         ttl_s = self.svc.settings.files_ttl_s
-        name = f"{record.id}_{kind}.jsonl"
-        file = FileRecord(new_id("file-"), record.tenant, name, "batch_output", 0, now, now + ttl_s)
+        file_id = "file-" + hashlib.sha256(f"{record.id}:{kind}".encode()).hexdigest()[:24]
+        file = FileRecord(
+            file_id, record.tenant, f"{record.id}_{kind}.jsonl", "batch_output", 0, now, now + ttl_s
+        )
         return self.store.writer(file, ttl_s)
