@@ -23,7 +23,7 @@ from breakwater.gateway.errors import APIError
 from breakwater.protocol.batches import parse_input
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
-from tests.helpers import expected_sim
+from tests.helpers import async_wait_for, expected_sim
 from tests.inproc import InProc, inproc_gateway
 
 PEPPER = "test-pepper-for-batches"
@@ -70,6 +70,10 @@ async def _settled(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float =
             return batch
         await asyncio.sleep(0.1)
     raise AssertionError(f"batch {batch_id} did not finish in {timeout_s}s: {batch.status}")
+
+
+async def _answered(store: Any, batch_id: str, n: int) -> bool:
+    return len(await store.answered(batch_id)) >= n
 
 
 async def _lines(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -276,10 +280,7 @@ async def test_a_cancelled_batch_keeps_what_it_answered_and_lets_the_rest_go(slo
         )
         await runner.tick()
         store = slow.app.state.batches
-        deadline = time.monotonic() + 30
-        while len(await store.answered(batch.id)) < 2:
-            assert time.monotonic() < deadline, "no line answered"
-            await asyncio.sleep(0.05)
+        await async_wait_for(lambda: _answered(store, batch.id, 2), 30, what="two lines answered")
         cancelling = await client.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at is not None
         done = await _settled(client, batch.id)
@@ -309,10 +310,7 @@ async def test_another_gateway_takes_a_batch_over_and_answers_each_line_once(slo
         await a.tick()
         await b.tick()  # a holds the lease: b waits
         assert list(b._running) == []
-        deadline = time.monotonic() + 30
-        while len(await store.answered(batch.id)) < 2:
-            assert time.monotonic() < deadline, "no line answered"
-            await asyncio.sleep(0.05)
+        await async_wait_for(lambda: _answered(store, batch.id, 2), 30, what="two lines answered")
         await a.stop()  # its lines' requests go on in the worker; the lease is given back
         assert len(await store.answered(batch.id)) < 6
         await b.tick()
