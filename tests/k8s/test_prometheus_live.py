@@ -243,7 +243,7 @@ def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
     with open(out / "bench.log", "wb") as log:
         bench = subprocess.Popen(
             [sys.executable, "-m", "breakwater", "bench", "--url", live.gateway, "--model", live.model,
-             "--profile", "burst", "--peak", "12", "--ramp", "3", "--hold", "6", "--decay", "3",
+             "--profile", "burst", "--peak", "12", "--ramp", "3", "--hold", "3", "--decay", "3",
              "--input-tokens", "32", "--output-tokens", "24", "--metrics-url", "off", "--out", str(out)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
