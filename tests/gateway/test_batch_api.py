@@ -240,6 +240,21 @@ async def test_what_a_batch_cannot_be_is_a_400_naming_it(client: openai.AsyncOpe
         await client.batches.create(
             input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
         )
+    with pytest.raises(openai.BadRequestError) as info:  # not served: refused by name, not ignored
+        await client.batches.create(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 3600},
+        )
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "output_expires_after"
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.files.create(
+            file=("x.jsonl", io.BytesIO(b"{}\n")),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 3600},
+        )
+    assert isinstance(info.value.body, dict) and str(info.value.body["param"]).startswith("expires_after")
     with pytest.raises(openai.BadRequestError) as info:
         await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "purpose"

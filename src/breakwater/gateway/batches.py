@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 
 from breakwater.broker.batches import BatchStore
 from breakwater.gateway.auth import caller
-from breakwater.gateway.errors import APIError, JSONBody
+from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.routes import Caller, service
 from breakwater.protocol.batches import (
     COMPLETION_WINDOW,
@@ -97,6 +97,9 @@ async def upload_file(request: Request) -> Response:
     who = await caller(request)
     settings = service(request).settings
     async with request.form(max_files=1, max_fields=4) as form:
+        other = next((name for name in form if name not in ("file", "purpose")), None)
+        if other is not None:  # expires_after[...]: files here live files_ttl_s
+            raise unsupported(other)
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(purpose, str):
             raise APIError(
@@ -200,6 +203,8 @@ async def delete_file(file_id: str, request: Request, who: Caller) -> Response:
 async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Response:
     service(request).refuse_if_draining()
     store = _store(request)
+    if body.model_extra:
+        raise unsupported(next(iter(body.model_extra)))
     if body.endpoint not in ENDPOINTS:
         served = ", ".join(ENDPOINTS)
         raise APIError(

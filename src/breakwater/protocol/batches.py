@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -36,7 +36,9 @@ def new_id(prefix: str) -> str:
 
 
 class CreateBatch(BaseModel):
-    """``POST /v1/batches``."""
+    """``POST /v1/batches``; any other parameter (``output_expires_after``) is refused by name."""
+
+    model_config = ConfigDict(extra="allow")
 
     input_file_id: str
     endpoint: str
