@@ -62,6 +62,13 @@ async def _upload(client: openai.AsyncOpenAI, rows: list[Any]) -> str:
     return file.id
 
 
+async def _create(client: openai.AsyncOpenAI, rows: list[Any], endpoint: Any = "/v1/chat/completions") -> Any:
+    """A batch of ``rows``, uploaded as its input file."""
+    return await client.batches.create(
+        input_file_id=await _upload(client, rows), endpoint=endpoint, completion_window="24h"
+    )
+
+
 async def _settled(client: openai.AsyncOpenAI, batch_id: str, timeout_s: float = 60) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -131,9 +138,7 @@ async def test_a_batch_answers_each_line_as_the_request_alone_would(
 
 async def test_lines_with_n_choices_and_embeddings_are_answered_whole(client: openai.AsyncOpenAI) -> None:
     two = _chat("two", "two answers", seed=5, max_tokens=4, n=2)
-    batch = await client.batches.create(
-        input_file_id=await _upload(client, [two]), endpoint="/v1/chat/completions", completion_window="24h"
-    )
+    batch = await _create(client, [two])
     [line] = await _lines(client, (await _settled(client, batch.id)).output_file_id)
     assert [c["index"] for c in line["response"]["body"]["choices"]] == [0, 1]
     rows = [
@@ -145,9 +150,7 @@ async def test_lines_with_n_choices_and_embeddings_are_answered_whole(client: op
         }
         for i, text in enumerate(["first text", "second text"])
     ]
-    batch = await client.batches.create(
-        input_file_id=await _upload(client, rows), endpoint="/v1/embeddings", completion_window="24h"
-    )
+    batch = await _create(client, rows, "/v1/embeddings")
     output = await _lines(client, (await _settled(client, batch.id)).output_file_id)
     direct = await client.embeddings.create(model="sim", input="second text")
     assert [line["custom_id"] for line in output] == ["e0", "e1"]
@@ -169,9 +172,7 @@ async def test_a_batch_of_responses_answers_each_as_responses_create_would(
         }
         for i in range(3)
     ]
-    batch = await client.batches.create(
-        input_file_id=await _upload(client, rows), endpoint="/v1/responses", completion_window="24h"
-    )
+    batch = await _create(client, rows, "/v1/responses")
     output = await _lines(client, (await _settled(client, batch.id)).output_file_id)
     assert [line["custom_id"] for line in output] == ["r0", "r1", "r2"]
     for i, line in enumerate(output):
@@ -186,9 +187,7 @@ async def test_a_batch_of_responses_answers_each_as_responses_create_would(
         assert body["output"][0]["content"][0]["text"] == text
         assert (await client.responses.retrieve(body["id"])).output_text == text
     background = {**rows[0], "body": {**rows[0]["body"], "background": True}}
-    failed = await client.batches.create(
-        input_file_id=await _upload(client, [background]), endpoint="/v1/responses", completion_window="24h"
-    )
+    failed = await _create(client, [background], "/v1/responses")
     assert failed.status == "failed" and failed.errors is not None
     assert [(e.line, e.param) for e in failed.errors.data or []] == [(1, "body.background")]
 
@@ -288,11 +287,7 @@ async def test_a_cancelled_batch_keeps_what_it_answered_and_lets_the_rest_go(slo
     runner = BatchRunner(slow.app.state.service, slow.app.state.batches, owner="a")
     rows = [_chat(f"c{i}", f"cancel me {i}", seed=i, max_tokens=30, ignore_eos=True) for i in range(8)]
     async with slow.sdk() as client:
-        batch = await client.batches.create(
-            input_file_id=await _upload(client, rows),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        )
+        batch = await _create(client, rows)
         await runner.tick()
         store = slow.app.state.batches
         await async_wait_for(lambda: _answered(store, batch.id, 2), 30, what="two lines answered")
@@ -317,11 +312,7 @@ async def test_another_gateway_takes_a_batch_over_and_answers_each_line_once(slo
     a, b = BatchRunner(service, store, owner="a"), BatchRunner(service, store, owner="b")
     rows = [_chat(f"t{i}", f"take me over {i}", seed=i, max_tokens=20, ignore_eos=True) for i in range(6)]
     async with slow.sdk() as client:
-        batch = await client.batches.create(
-            input_file_id=await _upload(client, rows),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        )
+        batch = await _create(client, rows)
         await a.tick()
         await b.tick()  # a holds the lease: b waits
         assert list(b._running) == []
@@ -429,11 +420,7 @@ async def test_a_batch_bigger_than_its_lane_waits_its_turn(redis_server: RedisSe
         await gw.add_worker(SimEngine(SimOptions(decode_base_ms=5, decode_per_seq_ms=0, capacity=1)))
         rows = [_chat(f"w{i}", f"wait {i}", seed=i, max_tokens=5) for i in range(4)]
         async with gw.sdk() as client:
-            batch = await client.batches.create(
-                input_file_id=await _upload(client, rows),
-                endpoint="/v1/chat/completions",
-                completion_window="24h",
-            )
+            batch = await _create(client, rows)
             done = await _settled(client, batch.id, timeout_s=90)
             rejected = gw.app.state.service.metrics.rejections.labels("sim", "queue_full")._value.get()
     assert rejected > 0  # the queue was full for some of them
