@@ -196,6 +196,12 @@ class GatewaySettings(CommonSettings):
     batch_concurrency: int = Field(
         default=16, ge=1, le=4096, description="requests of one batch queued or running at once"
     )
+    batch_max_running: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="batches one gateway process runs at once (each holds its input's lines in memory)",
+    )
     batch_lease_s: float = Field(
         default=10.0, ge=1.0, description="a batch whose gateway stopped is taken up by another after this"
     )

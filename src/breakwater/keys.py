@@ -179,6 +179,10 @@ class Keys:
         """A tenant's files (zset: id -> created ms)."""
         return f"{self.prefix}:files:{{{tenant}}}"
 
+    def files_held(self, tenant: str) -> str:
+        """The bytes of a tenant's uploads being written now (held against its file quota)."""
+        return f"{self.prefix}:files-held:{{{tenant}}}"
+
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}:batch:{{{batch_id}}}"
 

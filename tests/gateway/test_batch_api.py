@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import openai
@@ -347,6 +347,40 @@ async def test_another_gateway_takes_a_batch_over_and_answers_each_line_once(slo
     assert b"".join([part async for part in store.file_parts(record.output_file_id)]).count(b"\n") == 6
 
 
+async def test_a_gateway_runs_no_more_batches_at_once_than_its_bound(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """``batch_max_running`` 1: runner a takes one of two batches and leaves the other, which runner b
+    takes; once a's batch is done, a takes the next one created."""
+    async with inproc_gateway(redis_server.url, prefix, batch_runner=False, batch_max_running=1) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
+        service, store = gw.app.state.service, gw.app.state.batches
+        a, b = BatchRunner(service, store, owner="a"), BatchRunner(service, store, owner="b")
+        async with gw.sdk() as client:
+            rows = [
+                [_chat(f"{k}{i}", f"bound {k} {i}", seed=i, max_tokens=10) for i in range(3)] for k in "xy"
+            ]
+            first, second = [await _create(client, r) for r in rows]
+            await a.tick()
+            await a.tick()  # the second tick renews a's lease and still leaves the other batch
+            assert len(a._running) == 1
+            await b.tick()
+            assert len(b._running) == 1 and set(a._running) | set(b._running) == {first.id, second.id}
+            done = [await _settled(client, batch.id) for batch in (first, second)]
+            assert [d.request_counts.completed for d in done] == [3, 3]
+            await async_wait_for(lambda: _idle(a), 10, what="runner a's batch ended")
+            third = await _create(client, rows[0])
+            await a.tick()
+            assert list(a._running) == [third.id]
+            assert (await _settled(client, third.id)).request_counts.completed == 3
+        await a.stop()
+        await b.stop()
+
+
+async def _idle(runner: BatchRunner) -> bool:
+    return not runner._running
+
+
 def test_a_line_is_sent_again_only_while_it_can_still_be_answered() -> None:
     timeout = APIError(504, "timed out", code="timeout")
     assert _retry_after_s(timeout, 1, 3600) == 2.0
@@ -440,3 +474,64 @@ async def test_a_tenants_files_have_a_quota(redis_server: RedisServer, prefix: s
         await client.files.delete(first.id)
         second = await client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch")
         assert second.bytes == 1000
+
+
+async def test_two_uploads_at_once_cannot_both_pass_the_quota(redis_server: RedisServer, prefix: str) -> None:
+    """Each would fit alone; together they would not: one is stored, the other is a 413, and the
+    quota held for the upload is given back (a later upload that fits is stored)."""
+    async with inproc_gateway(redis_server.url, prefix, files_quota_bytes=2048) as gw, gw.sdk() as client:
+
+        async def upload(name: str) -> Any:
+            return await client.files.create(file=(name, io.BytesIO(b"z" * 1500)), purpose="batch")
+
+        results = await asyncio.gather(upload("a.jsonl"), upload("b.jsonl"), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, openai.APIStatusError)]
+        assert len(refused) == 1 and refused[0].status_code == 413, results
+        stored = await client.files.list()
+        assert [f.bytes for f in stored.data] == [1500]
+        later = await client.files.create(file=("c.jsonl", io.BytesIO(b"c" * 500)), purpose="batch")
+        assert later.bytes == 500
+        held = await gw.app.state.batches.redis.get(f"{prefix}:files-held:{{anonymous}}")
+        assert held is None  # every hold given back
+
+
+async def test_an_upload_cut_short_by_its_client_is_a_400_and_keeps_nothing(
+    gw: InProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client sends half of a multipart body and disconnects: a 400 (not a logged 500), no file."""
+    boundary = "bwtestboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n'
+        "Content-Type: application/jsonl\r\n\r\n"
+    ).encode() + b'{"custom_id": "a"}\n' * 100
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": head, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"", "root_path": "",
+        "headers": [
+            (b"host", b"gw"), (b"authorization", b"Bearer x"),
+            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+            (b"content-length", str(len(head) * 2).encode()),
+        ],
+        "client": ("127.0.0.1", 5000), "server": ("gw", 80),
+    }  # fmt: skip
+    with caplog.at_level("ERROR"):
+        await gw.app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 400 and orjson.loads(body)["error"]["code"] == "client_disconnected"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    async with gw.sdk() as client:
+        assert (await client.files.list()).data == []

@@ -30,6 +30,7 @@ class BatchStore:
         self._release = Script(fast, "lease_release")
         self._answer = Script(fast, "batch_answer")
         self._move = Script(fast, "batch_move")
+        self._hold = Script(fast, "files_hold")
 
     # Files: the fields, and the bytes in parts of CHUNK (``data:<i>``): no Redis value grows past it
     # (Redis refuses one over 512 MB), and a reader streams a file part by part.
@@ -81,6 +82,19 @@ class BatchStore:
             sizes = await pipe.execute()
         await self.forget_files(tenant, [i for i, size in zip(ids, sizes, strict=True) if size is None])
         return sum(int(size) for size in sizes if size is not None)
+
+    async def hold_quota(self, tenant: str, size: int, quota: int) -> tuple[bool, int]:
+        """Hold ``size`` bytes of the tenant's file quota for an upload about to be written, if its
+        stored files and the uploads being written now leave room; and the bytes those take. Give
+        a hold back with :meth:`give_quota` once the file is written (or not)."""
+        used = await self.stored_bytes(tenant)
+        fits, held = await self._hold(
+            [self.keys.files_held(tenant)], ["take", size, used, quota, PENDING_TTL_S]
+        )
+        return bool(int(fits)), used + int(held)
+
+    async def give_quota(self, tenant: str, size: int) -> None:
+        await self._hold([self.keys.files_held(tenant)], ["give", size])
 
     async def forget_files(self, tenant: str, file_ids: list[str]) -> None:
         if file_ids:

@@ -100,13 +100,19 @@ class BatchRunner:
             log.warning("batch runner tick failed", extra={"fields": {"error": str(exc)}})
 
     async def tick(self) -> None:
-        """Take the free batches, renew the leases of those running here (the check of what runs
-        and the start of a run have no await between them: two ticks at once start a batch once)."""
-        ttl_ms = int(self.svc.settings.batch_lease_s * 1000)
+        """Take the free batches while fewer than ``batch_max_running`` run here, renew the leases of
+        those running here (the check of what runs and the start of a run have no await between
+        them: two ticks at once start a batch once, and never past the bound)."""
+        settings = self.svc.settings
+        ttl_ms = int(settings.batch_lease_s * 1000)
         for batch_id in await self.store.active():
+            if batch_id not in self._running and len(self._running) >= settings.batch_max_running:
+                continue  # full here: left to another gateway, or to a later tick
             held = await self.store.lease(batch_id, self.owner, ttl_ms)
             task = self._running.get(batch_id)
-            if held and task is None:
+            if held and task is None and len(self._running) >= settings.batch_max_running:
+                await self.store.release(batch_id, self.owner)  # another tick filled the last place
+            elif held and task is None:
                 task = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
                 self._running[batch_id] = task
                 task.add_done_callback(self._ended(batch_id))

@@ -124,19 +124,22 @@ async def upload_file(request: Request) -> Response:
             400, "a batch file is JSON Lines: UTF-8 text", code="invalid_file", param="file"
         ) from None
     store = _store(request)
-    used = await store.stored_bytes(who.tenant)
-    if used + len(data) > settings.files_quota_bytes:
+    held, used = await store.hold_quota(who.tenant, len(data), settings.files_quota_bytes)
+    if not held:
         raise APIError(
             413,
             f"this upload would take your files past their quota ({used} of {settings.files_quota_bytes} "
-            "bytes used): delete files you no longer need",
+            "bytes stored or being uploaded): delete files you no longer need",
             code="storage_limit_exceeded",
             param="file",
         )
     now = int(time.time())
     ttl_s = settings.files_ttl_s
     record = FileRecord(new_id("file-"), who.tenant, filename, purpose, len(data), now, now + ttl_s)
-    await store.put_file(record, data, ttl_s)
+    try:
+        await store.put_file(record, data, ttl_s)
+    finally:
+        await store.give_quota(who.tenant, len(data))
     return JSONBody(record.to_object())
 
 

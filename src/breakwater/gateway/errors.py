@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from breakwater.broker.errors import TRANSIENT, reason
 
@@ -111,6 +112,13 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=500,
             headers={"X-Request-ID": rid} if rid else None,
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONBody:
+        """The client left while sending its body (an upload cut short): nothing of it was kept and
+        nobody reads this answer; not the server's error."""
+        message = "the client disconnected before its request's body was read"
+        return JSONBody(error_body(message, "invalid_request_error", "client_disconnected"), status_code=400)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONBody:
