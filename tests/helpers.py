@@ -123,6 +123,7 @@ class Proc:
         self.args = args
         self.env_settings = env
         self.log_path = log_path
+        self.terminated = False
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [python, "-m", "breakwater", *args],
@@ -145,9 +146,14 @@ class Proc:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
-    def stop(self, timeout_s: float = 15.0) -> int:
-        if self.alive():
+    def terminate(self) -> None:
+        """SIGTERM (a clean stop: drain), once, without waiting; :meth:`stop` waits."""
+        if self.alive() and not self.terminated:
             self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        self.terminate()
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -229,11 +235,11 @@ class StackProcs:
         wait_for(ready, timeout_s, 0.1, f"{want} workers for {model}")
 
     def stop(self) -> None:
-        for proc in self.workers:
-            if proc.alive():
-                proc.stop()
-        for proc, _ in self.gateways:
-            if proc.alive():
+        """The workers, then the gateways: each group signalled at once, then waited for."""
+        for group in (self.workers, [proc for proc, _ in self.gateways]):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
                 proc.stop()
 
 
