@@ -390,12 +390,13 @@ async def test_a_used_up_token_budget_is_a_429_until_it_renews(
 async def test_a_request_without_max_tokens_holds_the_models_context_against_the_budget(
     limit_stack: LimitStack,
 ) -> None:
-    """Without ``max_tokens`` an answer may run to the model's context (the sim model's: 4,096), so
-    that much is held against the budget while it runs: a second such request waits for the budget
-    instead of running past it too (with 256 tokens held each, eight would have started at once)."""
+    """Without a bound (``max_tokens`` null) an answer may run to the model's context (the sim
+    model's: 4,096), so that much is held against the budget while it runs: a second such request
+    waits for the budget instead of running past it too (with 256 tokens held each, eight would have
+    started at once)."""
     key = limit_stack.create("lim-budget-open", "--budget-day", "2000")["key"]
     url = limit_stack.urls[0]
-    body = {"model": "sim", "prompt": "open ended", "ignore_eos": True, "stream": True}
+    body = {"model": "sim", "prompt": "open ended", "max_tokens": None, "ignore_eos": True, "stream": True}
     async with (
         httpx.AsyncClient(timeout=30, headers=bearer(key)) as http,
         http.stream("POST", f"{url}/v1/completions", json=body) as first,

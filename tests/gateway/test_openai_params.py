@@ -280,3 +280,18 @@ async def test_echo_is_an_unsupported_parameter(client: openai.AsyncOpenAI) -> N
         await client.completions.create(model="sim", prompt="hi", max_tokens=4, echo=True)
     assert isinstance(info.value.body, dict)
     assert (info.value.body["param"], info.value.body["code"]) == ("echo", "unsupported_parameter")
+
+
+async def test_a_text_completion_without_max_tokens_stops_at_sixteen_as_openais(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """OpenAI's (and vLLM's) legacy default for ``/v1/completions``: 16 tokens; ``null`` is no bound
+    (the answer runs to the model's end token, here 34 tokens)."""
+    text, reason, usage = expected_sim(prompt="sixteen", seed=0, max_tokens=16)
+    short = await client.completions.create(model="sim", prompt="sixteen", seed=0)
+    assert (short.choices[0].text, short.choices[0].finish_reason) == (text, reason) == (text, "length")
+    assert short.usage is not None and short.usage.completion_tokens == usage["completion_tokens"] == 16
+    text, reason, usage = expected_sim(prompt="sixteen", seed=0, max_tokens=None)
+    whole = await client.completions.create(model="sim", prompt="sixteen", seed=0, max_tokens=None)
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, reason) == (text, "stop")
+    assert whole.usage is not None and whole.usage.completion_tokens == usage["completion_tokens"] == 34

@@ -239,6 +239,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
+    # OpenAI's legacy default (and vLLM's): 16 tokens; an explicit null runs to the end token or
+    # the context, as a chat answer without a bound does.
+    max_tokens: int | None = Field(default=16, ge=1, lt=1 << 31)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
