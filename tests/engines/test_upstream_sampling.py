@@ -64,3 +64,18 @@ async def test_penalties_and_logit_bias_reach_the_upstream(
     assert (sent["presence_penalty"], sent["frequency_penalty"]) == (0.5, -1.0)
     assert sent["logit_bias"] == {"42": -100.0, "7": 2.5}
     assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & set(plain)
+
+
+async def test_a_text_completion_without_a_bound_says_so_to_the_upstream(
+    upstream: tuple[RecordingUpstream, OpenAIUpstreamEngine],
+) -> None:
+    """OpenAI's and vLLM's ``/v1/completions`` stop at 16 tokens when ``max_tokens`` is left out: a
+    request without a bound sends ``null``; a bounded one its bound; a chat request, nothing."""
+    server, engine = upstream
+    await _run(engine, GenerationRequest("r1", prompt="once upon"))
+    await _run(engine, GenerationRequest("r2", prompt="once upon", max_tokens=40))
+    await _run(engine, GenerationRequest("r3", messages=[{"role": "user", "content": "hi"}]))
+    unbounded, bounded, chat = server.bodies
+    assert "max_tokens" in unbounded and unbounded["max_tokens"] is None
+    assert bounded["max_tokens"] == 40
+    assert "max_tokens" not in chat

@@ -286,6 +286,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
         }
         if req.max_tokens is not None:
             body["max_tokens"] = max(1, req.max_tokens - flight.tokens)
+        elif req.messages is None:  # no bound: said so, or the upstream's legacy default is 16 tokens
+            body["max_tokens"] = None
         body.update(_sampling(req))
         if req.output_format is not None:
             body["response_format"] = req.output_format.openai()
