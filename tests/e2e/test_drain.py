@@ -3,6 +3,7 @@ finish within its grace period for immediate reclaim."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -178,6 +179,50 @@ async def test_with_a_stream_grace_a_plain_openai_client_gets_its_whole_answer(
     assert gw.proc.returncode in (0, -signal.SIGTERM)
     assert '"stream_grace_s":60.0' in gw.log()  # it drained with the grace
     assert "stream grace over" not in gw.log()  # and the stream ended on its own, inside it
+
+
+async def test_with_a_stream_grace_a_websocket_gets_its_answers_then_closes(
+    redis_server: RedisServer, log_dir: Path
+) -> None:
+    """With ``stream_grace_s`` a WebSocket's requests run on after SIGTERM, as SSE streams do: the
+    socket gets every token and ``done``, a new request on it meanwhile is refused (503 draining),
+    then it closes with 1012; a socket that follows nothing closes with 1012 at once."""
+    procs = StackProcs(redis_server.url, f"d{uuid.uuid4().hex[:10]}", log_dir)
+    parts: list[str] = []
+    errors: list[tuple[int, str]] = []
+    try:
+        url = procs.add_gateway(stream_grace_s=60)
+        procs.add_worker(sim_decode_base_ms=30, heartbeat_s=0.3, detach_grace_s=30)
+        procs.wait_workers(url)
+        ((gw, _),) = procs.gateways
+        ws_url = url.replace("http://", "ws://") + "/v1/ws"
+        async with websockets.connect(ws_url) as ws, websockets.connect(ws_url) as idle:
+            await ws.send(orjson.dumps(_body("drain a socket gently", 25)).decode())
+            finish = None
+            while finish is None:
+                msg = orjson.loads(await ws.recv())
+                if msg["type"] == "token":
+                    parts.append(msg["text"])
+                    if len(parts) == 5:
+                        gw.proc.send_signal(signal.SIGTERM)
+                        with pytest.raises(ConnectionClosed) as idle_closed:
+                            await asyncio.wait_for(idle.recv(), 10)
+                        await ws.send(orjson.dumps(_body("too late", 26)).decode())
+                elif msg["type"] == "error":
+                    errors.append((msg["status"], msg["error"]["code"]))
+                elif msg["type"] == "done":
+                    finish = msg["finish_reason"]
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        wait_for(lambda: not gw.alive(), 30, what="the gateway exiting once its socket closed")
+    finally:
+        procs.stop()
+    assert idle_closed.value.rcvd is not None and idle_closed.value.rcvd.code == 1012
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert errors == [(503, "draining")]
+    text, reason, _ = expected_sim(prompt="drain a socket gently", seed=25, max_tokens=60, ignore_eos=True)
+    assert ("".join(parts), finish) == (text, reason)
+    assert "stream grace over" not in gw.log()  # the socket's request ended on its own, inside it
 
 
 async def _refused(url: str) -> bool:

@@ -5,9 +5,8 @@ Routes and the WebSocket endpoint call these; only they reach the broker."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from breakwater.broker import Broker
 from breakwater.broker.fanin import FanIn
@@ -32,6 +31,12 @@ from breakwater.tenancy import ANONYMOUS, Principal
 
 log = logging.getLogger(__name__)
 B = TypeVar("B", bound=ChatCompletionRequest | CompletionRequest | EmbeddingRequest)
+
+
+class DrainingSocket(Protocol):
+    """An open WebSocket, closed (1012) when the gateway drains (``gateway.ws``)."""
+
+    async def drain(self, grace_s: float) -> None: ...
 
 
 class GatewayService:
@@ -60,7 +65,7 @@ class GatewayService:
         self.auth = Authenticator(settings, store, broker.ledger)
         self.draining = False
         self._grace: asyncio.TimerHandle | None = None  # ends the streams at stream_grace_s (drain)
-        self.websockets: set[Any] = set()
+        self.websockets: set[DrainingSocket] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def submit(
@@ -173,9 +178,9 @@ class GatewayService:
         return "ready"
 
     def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests (503), end SSE streams (after ``stream_grace_s``) and close
-        WebSockets with 1012 so clients resume on another gateway; generations keep running on the
-        workers."""
+        """SIGTERM: refuse new requests (503), end SSE streams and close WebSockets with 1012 (after
+        ``stream_grace_s``, or as soon as a socket follows no request) so clients resume on another
+        gateway; generations keep running on the workers."""
         if self.draining:
             return
         self.draining = True
@@ -194,8 +199,8 @@ class GatewayService:
             self._grace = asyncio.get_running_loop().call_later(grace_s, self._end_streams)
         else:
             self.fanin.begin_drain()
-        for ws in list(self.websockets):
-            task = asyncio.create_task(_close_ws(ws))
+        for conn in list(self.websockets):
+            task = asyncio.create_task(conn.drain(grace_s))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -208,8 +213,3 @@ class GatewayService:
         if self.fanin.active:
             log.info("stream grace over; ending streams", extra={"fields": {"streams": self.fanin.active}})
         self.fanin.begin_drain()
-
-
-async def _close_ws(ws: Any) -> None:
-    with contextlib.suppress(Exception):  # already closed or broken: nothing to tell
-        await ws.close(code=1012, reason="gateway restarting; resume on another gateway")

@@ -182,6 +182,15 @@ class _Connection:
             if not finished:
                 self.svc.requests.detach_later(sub.rid, shared=sub.cached)
 
+    async def drain(self, grace_s: float) -> None:
+        """The gateway drains: the requests this socket follows run on for up to ``grace_s`` (the
+        stream grace; new ones are refused meanwhile), then it closes with 1012 so that the client
+        resumes the rest on another gateway."""
+        if grace_s > 0 and self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=grace_s)
+        with contextlib.suppress(Exception):  # already closed or broken: nothing to tell
+            await self.ws.close(code=1012, reason="gateway restarting; resume on another gateway")
+
     async def close(self) -> None:
         self.open = False
         # Cancelled again while one runs on (a cancellation inside a Redis call can be lost): with
@@ -258,7 +267,11 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         return
     principal, key = authenticated
     conn = _Connection(ws, svc, str(ws.scope["state"]["request_id"]), principal)
-    svc.websockets.add(ws)
+    svc.websockets.add(conn)
+    if svc.draining:  # opened as the gateway began to drain, which passed it by
+        svc.websockets.discard(conn)
+        await conn.drain(0)
+        return
     try:
         while True:
             message = await ws.receive()
@@ -278,5 +291,5 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     except WebSocketDisconnect:
         pass
     finally:
-        svc.websockets.discard(ws)
+        svc.websockets.discard(conn)
         await conn.close()
