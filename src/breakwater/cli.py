@@ -135,7 +135,7 @@ def gateway(
 ) -> None:
     """Run the OpenAI-compatible gateway (HTTP/SSE and WebSocket)."""
     from breakwater import processes
-    from breakwater.gateway import build_app
+    from breakwater.gateway.app import build_app
     from breakwater.gateway.embedded import EMBEDDABLE
     from breakwater.logs import setup_logging
 

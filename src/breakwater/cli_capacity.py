@@ -8,13 +8,12 @@ from typing import Annotated
 
 import typer
 
-from breakwater.bench.profiles import trace
-from breakwater.capacity.planner import Demand, plan
 from breakwater.capacity.policies import POLICY_SPECS, Fixed, HpaMechanics, Policy, policy_from_spec
 from breakwater.capacity.pricing import Pricing
-from breakwater.capacity.report import summarize, table
 from breakwater.capacity.service import ServiceCurve
-from breakwater.capacity.simulator import Simulation
+
+# The trace reader (the bench package), the simulator and the planner are imported by the commands
+# that use them: every other command of the CLI starts without them.
 
 
 def parse_policy(spec: str, mechanics: HpaMechanics) -> Policy:
@@ -49,6 +48,10 @@ def simulate(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per policy")] = False,
 ) -> None:
     """Simulate a fleet under each policy on the same trace: TTFT, SLO attainment, replicas, cost."""
+    from breakwater.bench.profiles import trace
+    from breakwater.capacity.report import summarize, table
+    from breakwater.capacity.simulator import Simulation
+
     arrivals = trace(trace_path, time_scale=time_scale, duration_s=duration)
     if not arrivals:
         raise typer.BadParameter("the trace has no requests in that window", param_hint="--trace")
@@ -105,6 +108,9 @@ def plan_fleet(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The replicas, gateway cores and Redis a traffic level needs at its peak, and the month's cost."""
+    from breakwater.bench.profiles import trace
+    from breakwater.capacity.planner import Demand, plan
+
     try:
         curve = ServiceCurve(
             capacity,

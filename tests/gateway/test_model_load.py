@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from breakwater.config import GatewaySettings
-from breakwater.gateway.autoscale import ModelLoad
+from breakwater.gateway.load import ModelLoad
 
 SETTINGS = GatewaySettings(autoscale_min_workers=1, autoscale_max_workers=64, autoscale_horizon_s=10)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
 from breakwater.config import GatewaySettings
-from breakwater.gateway.autoscale import ModelLoad
+from breakwater.gateway.load import ModelLoad
 
 
 @dataclass(frozen=True, slots=True)
