@@ -197,7 +197,7 @@ async def test_with_a_stream_grace_a_websocket_gets_its_answers_then_closes(
         ((gw, _),) = procs.gateways
         ws_url = url.replace("http://", "ws://") + "/v1/ws"
         async with websockets.connect(ws_url) as ws, websockets.connect(ws_url) as idle:
-            await ws.send(orjson.dumps(_body("drain a socket gently", 25)).decode())
+            await ws.send(orjson.dumps({**_body("drain a socket gently", 25), "max_tokens": 200}).decode())
             finish = None
             while finish is None:
                 msg = orjson.loads(await ws.recv())
@@ -220,9 +220,29 @@ async def test_with_a_stream_grace_a_websocket_gets_its_answers_then_closes(
     assert idle_closed.value.rcvd is not None and idle_closed.value.rcvd.code == 1012
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
     assert errors == [(503, "draining")]
-    text, reason, _ = expected_sim(prompt="drain a socket gently", seed=25, max_tokens=60, ignore_eos=True)
+    text, reason, _ = expected_sim(prompt="drain a socket gently", seed=25, max_tokens=200, ignore_eos=True)
     assert ("".join(parts), finish) == (text, reason)
     assert "stream grace over" not in gw.log()  # the socket's request ended on its own, inside it
+
+
+async def test_a_socket_still_authenticating_at_sigterm_is_closed_before_the_shutdown_timeout(
+    redis_server: RedisServer, log_dir: Path
+) -> None:
+    """A WebSocket that has not sent its key yet is no request's: it is closed with 1012 shortly
+    before uvicorn's graceful-shutdown timeout (5 s without a stream grace), not cancelled by it."""
+    procs = StackProcs(redis_server.url, f"d{uuid.uuid4().hex[:10]}", log_dir)
+    try:
+        url = procs.add_gateway(auth="keys", auth_pepper="test-pepper-for-drain")
+        ((gw, _),) = procs.gateways
+        async with websockets.connect(url.replace("http://", "ws://") + "/v1/ws") as ws:
+            gw.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 15)
+        wait_for(lambda: not gw.alive(), 15, what="the gateway exiting")
+    finally:
+        procs.stop()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert "timeout graceful shutdown exceeded" not in gw.log() and "Traceback" not in gw.log()
 
 
 async def _refused(url: str) -> bool:

@@ -377,6 +377,29 @@ async def test_a_gateway_runs_no_more_batches_at_once_than_its_bound(
         await b.stop()
 
 
+async def test_a_cancelled_batch_is_finished_by_a_gateway_at_its_bound(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A batch cancelled before any gateway took it has nothing left to send: a runner at its bound
+    still takes it and finishes it (``cancelled``) while its own batch runs on."""
+    async with inproc_gateway(redis_server.url, prefix, batch_runner=False, batch_max_running=1) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
+        runner = BatchRunner(gw.app.state.service, gw.app.state.batches, owner="a")
+        async with gw.sdk() as client:
+            rows = [_chat(f"r{i}", f"run on {i}", seed=i, max_tokens=200, ignore_eos=True) for i in range(4)]
+            running = await _create(client, rows)
+            await runner.tick()
+            assert list(runner._running) == [running.id]
+            cancelled = await _create(client, rows[:2])
+            assert (await client.batches.cancel(cancelled.id)).status == "cancelling"
+            await runner.tick()
+            done = await _settled(client, cancelled.id, timeout_s=10)
+            assert done.status == "cancelled" and done.request_counts.completed == 0
+            assert (await client.batches.retrieve(running.id)).status == "in_progress"
+            await client.batches.cancel(running.id)
+        await runner.stop()
+
+
 async def _idle(runner: BatchRunner) -> bool:
     return not runner._running
 
@@ -491,8 +514,30 @@ async def test_two_uploads_at_once_cannot_both_pass_the_quota(redis_server: Redi
         assert [f.bytes for f in stored.data] == [1500]
         later = await client.files.create(file=("c.jsonl", io.BytesIO(b"c" * 500)), purpose="batch")
         assert later.bytes == 500
-        held = await gw.app.state.batches.redis.get(f"{prefix}:files-held:{{anonymous}}")
-        assert held is None  # every hold given back
+        held = await gw.app.state.batches.redis.zcard(f"{prefix}:files-held:{{anonymous}}")
+        assert held == 0  # every hold given back
+
+
+async def test_a_hold_never_given_back_lapses_while_other_uploads_come_and_go(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload whose gateway died mid-write never gives its hold back: it lapses on its own (here
+    after 2 s), however many uploads take and give theirs meanwhile."""
+    monkeypatch.setattr(batch_store, "PENDING_TTL_S", 2)
+    async with inproc_gateway(redis_server.url, prefix, files_quota_bytes=2048) as gw, gw.sdk() as client:
+        store = gw.app.state.batches
+        assert (await store.hold_quota("anonymous", "file-dead", 1500, 2048))[0]
+        refused, deadline = 0, time.monotonic() + 15
+        while True:
+            try:
+                stored = await client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch")
+                break
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 413
+                refused += 1
+            assert time.monotonic() < deadline, "the dead upload's hold never lapsed"
+            await asyncio.sleep(0.2)
+        assert refused >= 3 and stored.bytes == 1000  # refused while the dead hold lasted
 
 
 async def test_an_upload_cut_short_by_its_client_is_a_400_and_keeps_nothing(

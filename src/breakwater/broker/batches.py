@@ -83,18 +83,25 @@ class BatchStore:
         await self.forget_files(tenant, [i for i, size in zip(ids, sizes, strict=True) if size is None])
         return sum(int(size) for size in sizes if size is not None)
 
-    async def hold_quota(self, tenant: str, size: int, quota: int) -> tuple[bool, int]:
-        """Hold ``size`` bytes of the tenant's file quota for an upload about to be written, if its
-        stored files and the uploads being written now leave room; and the bytes those take. Give
-        a hold back with :meth:`give_quota` once the file is written (or not)."""
+    async def hold_quota(self, tenant: str, upload: str, size: int, quota: int) -> tuple[bool, int]:
+        """Hold ``size`` bytes of the tenant's file quota for the upload ``upload`` (an id) about to
+        be written, if its stored files and the uploads being written now leave room; and the bytes
+        those take. The stored sizes are read after the hold is taken, so an upload written whole
+        meanwhile is counted (twice at worst, never not at all). Give the hold back with
+        :meth:`give_quota` once the file is written (or not); one never given back lapses after
+        PENDING_TTL_S."""
+        key, member = self.keys.files_held(tenant), f"{upload}:{size}"
+        fits, held = await self._hold([key], ["take", member, 0, quota, PENDING_TTL_S])
+        if not int(fits):
+            return False, await self.stored_bytes(tenant) + int(held)
         used = await self.stored_bytes(tenant)
-        fits, held = await self._hold(
-            [self.keys.files_held(tenant)], ["take", size, used, quota, PENDING_TTL_S]
-        )
-        return bool(int(fits)), used + int(held)
+        if used + int(held) + size > quota:
+            await self.give_quota(tenant, upload, size)
+            return False, used + int(held)
+        return True, used + int(held)
 
-    async def give_quota(self, tenant: str, size: int) -> None:
-        await self._hold([self.keys.files_held(tenant)], ["give", size])
+    async def give_quota(self, tenant: str, upload: str, size: int) -> None:
+        await self._hold([self.keys.files_held(tenant)], ["give", f"{upload}:{size}"])
 
     async def forget_files(self, tenant: str, file_ids: list[str]) -> None:
         if file_ids:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -100,17 +101,23 @@ class BatchRunner:
             log.warning("batch runner tick failed", extra={"fields": {"error": str(exc)}})
 
     async def tick(self) -> None:
-        """Take the free batches while fewer than ``batch_max_running`` run here, renew the leases of
-        those running here (the check of what runs and the start of a run have no await between
-        them: two ticks at once start a batch once, and never past the bound)."""
-        settings = self.svc.settings
-        ttl_ms = int(settings.batch_lease_s * 1000)
-        for batch_id in await self.store.active():
-            if batch_id not in self._running and len(self._running) >= settings.batch_max_running:
-                continue  # full here: left to another gateway, or to a later tick
+        """Take the free batches while fewer than ``batch_max_running`` run here (and, up to twice
+        that, those with nothing left to send: cancelled or out of time, they only write their files),
+        renew the leases of those running here (the check of what runs and the start of a run have no
+        await between them: two ticks at once start a batch once, and never past the bound)."""
+        most = self.svc.settings.batch_max_running
+        ttl_ms = int(self.svc.settings.batch_lease_s * 1000)
+        active = await self.store.active()
+        random.shuffle(active)  # while full, no batch is passed over at every tick
+        for batch_id in active:
+            limit = most
+            if batch_id not in self._running and len(self._running) >= most:
+                if len(self._running) >= 2 * most or not await self._ending(batch_id):
+                    continue  # full here: left to another gateway, or to a later tick
+                limit = 2 * most
             held = await self.store.lease(batch_id, self.owner, ttl_ms)
             task = self._running.get(batch_id)
-            if held and task is None and len(self._running) >= settings.batch_max_running:
+            if held and task is None and len(self._running) >= limit:
                 await self.store.release(batch_id, self.owner)  # another tick filled the last place
             elif held and task is None:
                 task = asyncio.create_task(self._drive(batch_id), name=f"batch {batch_id}")
@@ -119,6 +126,11 @@ class BatchRunner:
                 self.svc.metrics.batches_running.set(len(self._running))
             elif not held and task is not None:  # another gateway took it (this one stalled a lease)
                 task.cancel()
+
+    async def _ending(self, batch_id: str) -> bool:
+        """Nothing left to send: cancelled (or finishing), past its window, or gone."""
+        record = await self.store.get(batch_id)
+        return record is None or record.status != "in_progress" or time.time() >= record.expires_at
 
     def _ended(self, batch_id: str) -> Callable[[asyncio.Task[None]], None]:
         def ended(task: asyncio.Task[None]) -> None:

@@ -6,6 +6,7 @@ file or a batch: another's is "not found"."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.datastructures import UploadFile
 
 from breakwater.broker.batches import BatchStore
+from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.auth import caller
 from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.routes import Caller, service
@@ -124,7 +126,8 @@ async def upload_file(request: Request) -> Response:
             400, "a batch file is JSON Lines: UTF-8 text", code="invalid_file", param="file"
         ) from None
     store = _store(request)
-    held, used = await store.hold_quota(who.tenant, len(data), settings.files_quota_bytes)
+    file_id = new_id("file-")
+    held, used = await store.hold_quota(who.tenant, file_id, len(data), settings.files_quota_bytes)
     if not held:
         raise APIError(
             413,
@@ -135,11 +138,12 @@ async def upload_file(request: Request) -> Response:
         )
     now = int(time.time())
     ttl_s = settings.files_ttl_s
-    record = FileRecord(new_id("file-"), who.tenant, filename, purpose, len(data), now, now + ttl_s)
+    record = FileRecord(file_id, who.tenant, filename, purpose, len(data), now, now + ttl_s)
     try:
         await store.put_file(record, data, ttl_s)
     finally:
-        await store.give_quota(who.tenant, len(data))
+        with contextlib.suppress(*TRANSIENT):  # Redis away: the hold lapses; the first error is the answer
+            await store.give_quota(who.tenant, file_id, len(data))
     return JSONBody(record.to_object())
 
 

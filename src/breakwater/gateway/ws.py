@@ -49,6 +49,8 @@ class _Connection:
         self.lock = asyncio.Lock()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.open = True
+        self.idle = asyncio.Event()  # no message being handled (a drain waits for one that is)
+        self.idle.set()
 
     async def send(self, message: dict[str, Any]) -> None:
         if not self.open:
@@ -69,6 +71,13 @@ class _Connection:
         await self.send({"type": "error", "request_id": request_id, "status": status, **body})
 
     async def handle(self, raw: str) -> None:
+        self.idle.clear()
+        try:
+            await self._handle(raw)
+        finally:
+            self.idle.set()
+
+    async def _handle(self, raw: str) -> None:
         if len(raw) > MAX_MESSAGE_BYTES:
             await self.error("message too large", "message_too_large")
             return
@@ -186,8 +195,13 @@ class _Connection:
         """The gateway drains: the requests this socket follows run on for up to ``grace_s`` (the
         stream grace; new ones are refused meanwhile), then it closes with 1012 so that the client
         resumes the rest on another gateway."""
-        if grace_s > 0 and self.tasks:
-            await asyncio.wait(list(self.tasks.values()), timeout=grace_s)
+        if grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self.idle.wait()  # a request being admitted now is followed too
+                    if self.tasks:
+                        await asyncio.wait(list(self.tasks.values()))
+        self.open = False  # nothing is sent after the close
         with contextlib.suppress(Exception):  # already closed or broken: nothing to tell
             await self.ws.close(code=1012, reason="gateway restarting; resume on another gateway")
 

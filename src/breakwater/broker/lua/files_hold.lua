@@ -1,19 +1,23 @@
 -- A tenant's file quota held by the uploads being written now, so that two at once cannot both pass
--- it. KEYS[1] the bytes held (a counter). ARGV[1] 'take' or 'give', ARGV[2] this upload's bytes;
--- 'take' also ARGV[3] the bytes of the tenant's stored files, ARGV[4] the quota, ARGV[5] the
--- counter's TTL in seconds (an upload whose gateway died gives nothing back: its hold expires).
--- 'take' returns {1, held by the others} when the upload fits (and holds its bytes), else {0, held}.
-local size = tonumber(ARGV[2])
+-- it. KEYS[1] the tenant's holds (zset: '<upload id>:<bytes>' -> when the hold lapses, unix s: an
+-- upload whose gateway died gives nothing back, and its hold alone lapses). ARGV[1] 'take' or
+-- 'give', ARGV[2] the upload's member; 'take' also ARGV[3] the bytes of the tenant's stored files,
+-- ARGV[4] the quota, ARGV[5] how long the hold lasts (s).
+-- 'take' returns {1, bytes the other holds take} when the upload fits (and holds its bytes), else {0, those}.
 if ARGV[1] == 'give' then
-  if redis.call('DECRBY', KEYS[1], size) <= 0 then
-    redis.call('DEL', KEYS[1])
-  end
+  redis.call('ZREM', KEYS[1], ARGV[2])
   return {1, 0}
 end
-local held = tonumber(redis.call('GET', KEYS[1]) or '0')
+local now = tonumber(redis.call('TIME')[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  held = held + tonumber(string.match(member, ':(%d+)$'))
+end
+local size = tonumber(string.match(ARGV[2], ':(%d+)$'))
 if tonumber(ARGV[3]) + held + size > tonumber(ARGV[4]) then
   return {0, held}
 end
-redis.call('INCRBY', KEYS[1], size)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return {1, held}
