@@ -386,7 +386,7 @@ async def test_a_cancelled_batch_is_finished_by_a_gateway_at_its_bound(
         await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
         runner = BatchRunner(gw.app.state.service, gw.app.state.batches, owner="a")
         async with gw.sdk() as client:
-            rows = [_chat(f"r{i}", f"run on {i}", seed=i, max_tokens=200, ignore_eos=True) for i in range(4)]
+            rows = [_chat(f"r{i}", f"run on {i}", seed=i, max_tokens=400, ignore_eos=True) for i in range(4)]
             running = await _create(client, rows)
             await runner.tick()
             assert list(runner._running) == [running.id]
