@@ -91,14 +91,13 @@ class BatchStore:
         :meth:`give_quota` once the file is written (or not); one never given back lapses after
         PENDING_TTL_S."""
         key, member = self.keys.files_held(tenant), f"{upload}:{size}"
-        fits, held = await self._hold([key], ["take", member, 0, quota, PENDING_TTL_S])
-        if not int(fits):
-            return False, await self.stored_bytes(tenant) + int(held)
-        used = await self.stored_bytes(tenant)
-        if used + int(held) + size > quota:
+        fits, held = await self._hold([key], ["take", member, quota, PENDING_TTL_S])
+        taken = await self.stored_bytes(tenant) + int(held)
+        if int(fits) and taken + size <= quota:
+            return True, taken
+        if int(fits):
             await self.give_quota(tenant, upload, size)
-            return False, used + int(held)
-        return True, used + int(held)
+        return False, taken
 
     async def give_quota(self, tenant: str, upload: str, size: int) -> None:
         await self._hold([self.keys.files_held(tenant)], ["give", f"{upload}:{size}"])

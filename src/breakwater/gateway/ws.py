@@ -281,11 +281,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         return
     principal, key = authenticated
     conn = _Connection(ws, svc, str(ws.scope["state"]["request_id"]), principal)
-    svc.websockets.add(conn)
     if svc.draining:  # opened as the gateway began to drain, which passed it by
-        svc.websockets.discard(conn)
         await conn.drain(0)
         return
+    svc.websockets.add(conn)
     try:
         while True:
             message = await ws.receive()
