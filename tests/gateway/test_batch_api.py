@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from breakwater.broker import batches as batch_store
+from breakwater.broker.ledger import day_of
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import EMBEDDING_DIM, SimEngine
 from breakwater.gateway.batch_runner import BatchRunner, _retry_after_s
@@ -450,6 +451,54 @@ async def test_another_tenants_files_and_batches_are_not_found(
             assert done.status == "completed" and done.request_counts.completed == 1
             with pytest.raises(openai.NotFoundError):
                 await other.files.content(done.output_file_id or "")
+
+
+async def test_a_batch_goes_on_as_the_key_its_key_was_rotated_to_and_stops_when_that_is_revoked(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A key rotated past its grace (here none) leaves its batch to the new key: the lines are
+    answered and metered as the new key. A batch whose newest key of its rotations is revoked fails
+    the lines still to run with 401."""
+    async with inproc_gateway(
+        redis_server.url, prefix, auth="keys", auth_pepper=PEPPER, batch_runner=False
+    ) as gw:
+        await gw.add_worker()
+        service = gw.app.state.service
+        store = service.broker.api_keys(PEPPER.encode())
+        old, old_key = await store.create(ApiKey(id="", tenant="acme"))
+        second, second_key = await store.create(ApiKey(id="", tenant="acme"))
+        async with gw.sdk() as base:
+            rows = [_chat(f"r{i}", f"rotated {i}", seed=i, max_tokens=3) for i in range(2)]
+            goes_on = await _create(base.with_options(api_key=old), rows)
+            stops = await _create(base.with_options(api_key=second), [_chat("x", "stopped", 9, 3)])
+            rotated = await store.rotate(old_key.id, grace_s=0)
+            assert rotated is not None
+            new, new_key = rotated
+            ended = await store.get(old_key.id)
+            assert ended is not None and ended.revoked and ended.successor == new_key.id
+            rotated_again = await store.rotate(second_key.id, grace_s=0)
+            assert rotated_again is not None
+            await store.revoke(rotated_again[1].id)
+            runner = BatchRunner(service, gw.app.state.batches, owner="a")
+            await runner.tick()
+            holder = base.with_options(api_key=new)
+            done = await _settled(holder, goes_on.id)
+            assert done.status == "completed" and done.request_counts is not None
+            assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+            output = await _lines(holder, done.output_file_id)
+            assert sorted(line["custom_id"] for line in output) == ["r0", "r1"]
+            assert all(line["response"]["status_code"] == 200 for line in output)
+            usage = await service.broker.redis.hgetall(gw.keys.usage("acme", day_of(time.time())))
+            assert usage.get(f"{new_key.id}:completed") == "2"
+            assert f"{old_key.id}:completed" not in usage
+
+            failed = await _settled(holder, stops.id)
+            assert failed.status == "completed" and failed.request_counts is not None
+            assert (failed.request_counts.completed, failed.request_counts.failed) == (0, 1)
+            (line,) = await _lines(holder, failed.error_file_id)
+            assert line["custom_id"] == "x" and line["response"]["status_code"] == 401
+            assert line["response"]["body"]["error"]["code"] == "invalid_api_key"
+            await runner.stop()
 
 
 async def test_files_larger_than_a_part_are_stored_and_read_whole(

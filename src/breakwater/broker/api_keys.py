@@ -22,7 +22,7 @@ class KeyStore:
     async def create(self, template: ApiKey) -> tuple[str, ApiKey]:
         """A new key with ``template``'s settings (its id and times are made here): (secret, record)."""
         secret = generate_key()
-        record = replace(template, id=generate_key_id(), created=int(time.time()), revoked=0)
+        record = replace(template, id=generate_key_id(), created=int(time.time()), revoked=0, successor="")
         digest = self.digest(secret)
         # The record first, then the index: a key never listed is harmless, a listed one without a
         # record would not be.
@@ -72,11 +72,15 @@ class KeyStore:
         return await self.get(key_id)
 
     async def rotate(self, key_id: str, grace_s: int = 0) -> tuple[str, ApiKey] | None:
-        """A new key with the same tenant and limits; the old one is revoked (after ``grace_s``)."""
+        """A new key with the same tenant and limits; the old one is revoked (after ``grace_s``) and
+        names the new one as its successor, so work it started (a batch) goes on as the new key."""
         old = await self.get(key_id)
         if old is None or old.usable(time.time()) is not None:
             return None
         created = await self.create(old)
+        digest = await self._digest(key_id)
+        if digest is not None:  # named before the old key ends: work it started never finds it ended alone
+            await self.redis.hset(self.keys.api_key(digest), "successor", created[1].id)
         await self.revoke(key_id, at=int(time.time()) + grace_s if grace_s > 0 else None)
         return created
 

@@ -23,6 +23,7 @@ from breakwater.tenancy.apikeys import well_formed
 from breakwater.tenancy.limits import Limits
 
 CACHE_MAX = 10_000  # keys (and tenants) remembered per gateway process
+MAX_ROTATIONS = 16  # successors followed from a key that ended by rotation (a chain, never a loop)
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -98,12 +99,17 @@ class Authenticator:
         return Principal.of(record, limits)
 
     async def principal_of(self, key_id: str) -> Principal:
-        """The caller that holds key ``key_id`` now (work it started runs on as it: a batch); 401
-        once the key is revoked, expired or gone."""
+        """The caller that holds key ``key_id`` now (work it started runs on as it: a batch): the key,
+        or once it ended by a rotation the key that replaced it; 401 once that is revoked, expired
+        or gone."""
         if not self.enabled:
             return ANONYMOUS
         assert self.store is not None
         record = await self.store.get(key_id) if key_id else None
+        for _ in range(MAX_ROTATIONS):
+            if record is None or not record.successor or record.usable(time.time()) is None:
+                break
+            record = await self.store.get(record.successor)
         why = "gone" if record is None else record.usable(time.time())
         if record is None or why is not None:
             raise unauthorized(f"The API key that created this work ({key_id}) is {why}.")

@@ -56,6 +56,7 @@ class ApiKey:
     expires: int = 0  # unix seconds; 0: never
     revoked: int = 0  # unix seconds it was revoked; 0: live
     cache: bool = True  # its requests may use the response cache (gateway.cache), where it is on
+    successor: str = ""  # the id of the key that replaced this one (`keys rotate`); "": none
 
     def usable(self, now: float) -> str | None:
         """None when the key may be used now, else why not."""
@@ -82,6 +83,7 @@ class ApiKey:
             "expires": str(self.expires),
             "revoked": str(self.revoked),
             "cache": "1" if self.cache else "0",
+            "successor": self.successor,
         }
 
     @classmethod
@@ -102,6 +104,7 @@ class ApiKey:
             expires=int(h.get("expires") or 0),
             revoked=int(h.get("revoked") or 0),
             cache=h.get("cache", "1") != "0",
+            successor=h.get("successor", ""),
         )
 
     def public(self) -> dict[str, object]:
@@ -122,6 +125,7 @@ class ApiKey:
             "expires": self.expires or None,
             "revoked": self.revoked or None,
             "cache": self.cache,
+            "successor": self.successor or None,
         }
 
 
