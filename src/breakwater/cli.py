@@ -355,6 +355,10 @@ def up(
     ] = False,
     min_workers: Annotated[int, typer.Option(help="--autoscale: fewest workers")] = 1,
     max_workers: Annotated[int, typer.Option(help="--autoscale: most workers")] = 4,
+    scale_down_delay: Annotated[
+        float,
+        typer.Option(help="--autoscale: seconds the desired count stays lower before a worker goes"),
+    ] = 10.0,
     autoscale_policy: Annotated[
         str,
         typer.Option(
@@ -392,6 +396,7 @@ def up(
             autoscale=autoscale,
             min_workers=min_workers,
             max_workers=max_workers,
+            scale_down_delay_s=scale_down_delay,
             autoscale_policy=autoscale_policy,
             autoscale_time_scale=autoscale_time_scale,
         ),

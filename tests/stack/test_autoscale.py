@@ -30,7 +30,8 @@ def workers(url: str) -> int:
 @pytest.mark.parametrize(
     "policy",
     [
-        [],  # the supervisor on the gateway's breakwater_desired_workers
+        # the supervisor on the gateway's breakwater_desired_workers, a worker going after 3 s below
+        ["--scale-down-delay", "3"],
         # the simulator's HPA on the engines' busy share, and KEDA on the queue's lag, their clocks
         # 20x faster (sync 0.75 s, polling 1.5 s, scale-down window 15 s)
         ["--autoscale-policy", "hpa:0.5", "--autoscale-time-scale", "20"],
@@ -92,7 +93,7 @@ async def test_workers_scale_up_under_a_step_load_and_back_down(tmp_path: Path, 
         assert reasons == ["length"] * 60  # no request failed while workers came and went
         assert max(seen) >= 2, seen  # scaled up while the queue grew
         wait_for(lambda: workers(url) == 1, 60, 0.5, "scaled back down to one worker")
-        if policy:  # and it was that controller that scaled: up, then down
+        if policy[0] == "--autoscale-policy":  # and it was that controller that scaled: up, then down
             name = {"hpa:0.5": "hpa-utilisation-0.5", "keda:2": "keda-lag-2"}[policy[1]]
             moves = [
                 line
