@@ -519,6 +519,29 @@ async def test_files_larger_than_a_part_are_stored_and_read_whole(
     assert (await client.files.retrieve(done.output_file_id)).bytes > 3 * 300
 
 
+async def test_a_file_deleted_while_it_is_downloaded_is_sent_whole_and_gone_for_the_rest(
+    gw: InProc, client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The download's first part is out when the file is deleted: the rest of its parts still come
+    (its Content-Length holds); lookups, lists, a new download and the tenant's quota see it gone."""
+    monkeypatch.setattr(batch_store, "CHUNK", 300)
+    rows = [_chat(f"d{i}", f"deleted while read {i}", seed=i, max_tokens=6) for i in range(12)]
+    file_id = await _upload(client, rows)
+    store = gw.app.state.batches
+    parts = store.file_parts(file_id)
+    got = [await anext(parts)]
+    assert (await client.files.delete(file_id)).deleted
+    got += [part async for part in parts]
+    assert b"".join(got) == _jsonl(rows) and len(got) > 3
+    for call in (client.files.retrieve(file_id), client.files.content(file_id), client.files.delete(file_id)):
+        with pytest.raises(openai.NotFoundError):
+            await call
+    assert file_id not in [f.id for f in (await client.files.list()).data]
+    assert await store.stored_bytes("anonymous") == 0
+    ttl = await gw.app.state.service.broker.redis.ttl(gw.keys.file(file_id))
+    assert 0 < ttl <= batch_store.DELETED_KEEP_S  # the bytes go soon after
+
+
 async def test_a_batch_bigger_than_its_lane_waits_its_turn(redis_server: RedisServer, prefix: str) -> None:
     """Its lines meet a full queue (429 queue_full: one queued job per lane here): they are sent
     again after the Retry-After, none fails for it."""

@@ -3,6 +3,7 @@ lets one gateway at a time run a batch."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -44,13 +45,16 @@ class BatchStore:
         return FileWriter(self, record, ttl_s)
 
     async def file(self, file_id: str) -> FileRecord | None:
-        raw = await self.redis.hmget(self.keys.file(file_id), list(_FILE_FIELDS))
-        if raw[0] is None:
+        """The file's record; None once it is gone or deleted."""
+        raw = await self.redis.hmget(self.keys.file(file_id), [*_FILE_FIELDS, "deleted"])
+        if raw[0] is None or raw[-1] is not None:
             return None
+        raw = raw[:-1]
         return FileRecord.from_hash({k: text(v) for k, v in zip(_FILE_FIELDS, raw, strict=True)})
 
     async def file_parts(self, file_id: str) -> AsyncIterator[bytes]:
-        """The file's bytes, part by part (nothing once it is gone)."""
+        """The file's bytes, part by part (nothing once it is gone; all of them when it is deleted
+        after the first part was read, for DELETED_KEEP_S)."""
         key = self.keys.file(file_id)
         parts = int(await self.redis.hget(key, "parts") or 0)
         for i in range(parts):
@@ -107,8 +111,14 @@ class BatchStore:
             await self.redis.zrem(self.keys.files(tenant), *file_ids)
 
     async def delete_file(self, record: FileRecord) -> None:
-        await self.redis.delete(self.keys.file(record.id))
-        await self.redis.zrem(self.keys.files(record.tenant), record.id)
+        """Gone for every lookup, list and the tenant's quota at once; its bytes are kept a while
+        (DELETED_KEEP_S), so that a download already sending them ends whole."""
+        key = self.keys.file(record.id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, "deleted", int(time.time()))
+            pipe.expire(key, DELETED_KEEP_S, lt=True)
+            pipe.zrem(self.keys.files(record.tenant), record.id)
+            await pipe.execute()
 
     # Batches
     async def create(self, record: BatchRecord, ttl_s: int) -> None:
@@ -188,6 +198,7 @@ class BatchStore:
 
 CHUNK = 8 << 20
 PENDING_TTL_S = 3600
+DELETED_KEEP_S = 600  # a deleted file's bytes, for the downloads already reading it
 
 
 class FileWriter:
