@@ -101,6 +101,22 @@ async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> No
     assert await _records(gw) == []
 
 
+async def test_content_parts_other_than_text_are_400_naming_the_message(gw: InProc) -> None:
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    text = {"type": "text", "text": "look"}
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": [text, image]}]
+    resp = await gw.http.post(CHAT, json=_chat(messages=messages))
+    _assert_error(resp, 400, "invalid_value", "messages.1.content")
+    assert "part 1 is of type `image_url`" in resp.json()["error"]["message"]
+    no_text = [{"role": "user", "content": [{"type": "text"}]}]
+    _assert_error(
+        await gw.http.post(CHAT, json=_chat(messages=no_text)), 400, "invalid_value", "messages.0.content"
+    )
+    assert await _records(gw) == []
+    joined = [{"role": "user", "content": [text, {"type": "text", "text": " twice"}]}]
+    assert (await gw.http.post(CHAT, json=_chat(messages=joined))).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("param", "value"),
     [

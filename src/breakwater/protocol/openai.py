@@ -87,6 +87,17 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = Field(default=None, min_length=1, max_length=256)
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        for i, part in enumerate(value if isinstance(value, list) else ()):
+            if part.get("type") != "text":
+                kind = part.get("type")
+                raise ValueError(f"part {i} is of type `{kind}`: only text content parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i}, of type `text`, needs a string `text`")
+        return value
+
     @model_validator(mode="after")
     def _known_keys(self) -> ChatMessage:
         for key, value in (self.model_extra or {}).items():
@@ -100,12 +111,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        parts: list[str] = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in self.content)  # text parts only (``_text_parts``)
 
 
 class _SamplingRequest(Tagged):
