@@ -217,7 +217,8 @@ async def _serve(
     if body.model != settings.model:
         raise APIError(404, f"The model `{body.model}` does not exist.", code="model_not_found")
     chat = isinstance(body, ChatCompletionRequest)
-    asked = {"logprobs": body.logprobs_top() >= 0}
+    # One choice of one prompt: the sim server answers no group (Breakwater's gateway splits one)
+    asked = {"logprobs": body.logprobs_top() >= 0, "n": body.n > 1, "prompt": body.choice_count() > body.n}
     tool = _called(body) if isinstance(body, ChatCompletionRequest) else ""
     if isinstance(body, ChatCompletionRequest):
         asked["response_format"] = body.response_format not in (None, {"type": "text"})

@@ -106,6 +106,66 @@ def test_completions_with_two_choices(stack: StackProcs) -> None:
     assert [c.index for c in resp.choices] == [0, 1]
 
 
+PROMPTS = ["the first prompt", "a second, longer prompt than the first", "third"]
+
+
+def test_a_list_of_prompts_answers_n_choices_for_each_in_openais_order(stack: StackProcs) -> None:
+    """Choice ``i * n + j`` is prompt i's j-th (seed + j), as OpenAI orders them; the usage counts
+    each prompt once and every completion; streamed, the same texts by index."""
+    with _client(stack) as client:
+        resp = client.completions.create(model="sim", prompt=PROMPTS, n=2, seed=4, max_tokens=6)
+        streamed = [""] * 6
+        usage = None
+        for chunk in client.completions.create(
+            model="sim",
+            prompt=PROMPTS,
+            n=2,
+            seed=4,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+            usage = chunk.usage or usage
+        alone = client.completions.create(model="sim", prompt=PROMPTS[1], seed=5, max_tokens=6)
+    expected = [expected_sim(prompt=p, seed=4 + j, max_tokens=6) for p in PROMPTS for j in range(2)]
+    assert [c.index for c in resp.choices] == list(range(6))
+    assert [c.text for c in resp.choices] == [text for text, _, _ in expected] == streamed
+    assert resp.choices[3].text == alone.choices[0].text  # prompt 1, choice 1: that prompt sent alone
+    assert len({expected_sim(prompt=p, seed=0)[2]["prompt_tokens"] for p in PROMPTS}) == 3
+    prompt_tokens = sum(expected[2 * i][2]["prompt_tokens"] for i in range(3))
+    completion_tokens = sum(u["completion_tokens"] for _, _, u in expected)
+    for got in (resp.usage, usage):
+        assert got is not None
+        assert (got.prompt_tokens, got.completion_tokens) == (prompt_tokens, completion_tokens)
+
+
+def test_a_list_of_prompts_resumes_on_another_gateway(slow_stack: StackProcs) -> None:
+    body = {"model": "sim", "prompt": PROMPTS[:2], "seed": 8, "max_tokens": 12, "ignore_eos": True}
+    first_url, second_url = slow_stack.gateways[0][1], slow_stack.gateways[1][1]
+    with httpx.stream("POST", f"{first_url}/v1/completions", json={**body, "stream": True}) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        before, done = _events(resp.iter_lines(), stop_after=5)
+    assert not done and len(before[-1][0].split(".")) == 2
+    with httpx.stream(
+        "GET", f"{second_url}/v1/requests/{rid}/events", headers={"Last-Event-ID": before[-1][0]}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        after, done = _events(resp.iter_lines())
+    assert done
+
+    def texts(events: list[tuple[str, Any]]) -> list[str]:
+        out = ["", ""]
+        for _, data in events:
+            for choice in data.get("choices", ()):
+                out[choice["index"]] += choice["text"]
+        return out
+
+    expected = [expected_sim(prompt=p, seed=8, max_tokens=12, ignore_eos=True)[0] for p in PROMPTS[:2]]
+    assert [a + b for a, b in zip(texts(before), texts(after), strict=True)] == expected
+
+
 def _events(lines: Iterator[str], stop_after: int | None = None) -> tuple[list[tuple[str, Any]], bool]:
     """(SSE id, data) pairs and whether [DONE] arrived; stops after ``stop_after`` events."""
     events: list[tuple[str, Any]] = []

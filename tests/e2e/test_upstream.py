@@ -174,6 +174,23 @@ def test_embeddings_pass_through_to_the_upstream(up_stack: StackProcs, upstream:
     assert len(short) == 8 and sum(x * x for x in short) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_list_of_prompts_goes_upstream_one_choice_at_a_time(up_stack: StackProcs, upstream: str) -> None:
+    """The sim server answers one choice of one prompt (a group is refused by name there, never
+    answered in part); through Breakwater each choice is a request of its own to it."""
+    prompts = ["upstream one", "upstream two"]
+    with (
+        openai.OpenAI(base_url=f"{up_stack.gateways[0][1]}/v1", api_key="x", max_retries=0) as client,
+        openai.OpenAI(base_url=f"{upstream}/v1", api_key="x", max_retries=0) as direct,
+    ):
+        for kwargs, param in (({"prompt": prompts}, "prompt"), ({"prompt": prompts[0], "n": 2}, "n")):
+            with pytest.raises(openai.BadRequestError) as err:
+                direct.completions.create(model=MODEL, max_tokens=4, **kwargs)
+            assert (err.value.code, err.value.param) == ("unsupported_parameter", param)
+        got = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, seed=3)
+    expected = [expected_sim(prompt=p, seed=3 + j, max_tokens=5)[0] for p in prompts for j in range(2)]
+    assert [c.text for c in got.choices] == expected
+
+
 def test_upstream_rejection_reaches_the_client(
     redis_server: RedisServer, log_dir: Path, upstream: str
 ) -> None:

@@ -75,3 +75,27 @@ async def test_a_second_resume_of_one_id_replaces_the_first(stack: StackProcs) -
     expected, _, _ = expected_sim(prompt="resume twice", seed=5, max_tokens=40, ignore_eos=True)
     assert "".join(e["text"] for e in events[restart:] if e["type"] == "token") == expected
     assert sum(e["type"] == "done" for e in events) == 1
+
+
+async def test_several_choices_are_refused_by_name_and_the_socket_serves_on(stack: StackProcs) -> None:
+    """A socket's request is one choice: ``n`` > 1 or a list of prompts is a 400 naming it (the HTTP
+    API serves those); a list of one prompt is that prompt."""
+    url = stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    refused = [
+        ({"model": "sim", "prompt": ["a", "b"], "max_tokens": 4}, "prompt"),
+        ({"model": "sim", "prompt": "a", "n": 2, "max_tokens": 4}, "n"),
+    ]
+    async with websockets.connect(url) as ws:
+        for body, param in refused:
+            await ws.send(orjson.dumps(body).decode())
+            async with asyncio.timeout(10):
+                message = orjson.loads(await ws.recv())
+            assert message["type"] == "error", message
+            assert (message["error"]["code"], message["error"]["param"]) == ("unsupported_parameter", param)
+        await ws.send(orjson.dumps({"model": "sim", "prompt": ["one"], "max_tokens": 5, "seed": 2}).decode())
+        async with asyncio.timeout(10):
+            created = orjson.loads(await ws.recv())
+        assert created["type"] == "created", created
+        events = (await _until_terminal(ws, {created["request_id"]}))[created["request_id"]]
+    text = "".join(e["text"] for e in events if e["type"] == "token")
+    assert text == expected_sim(prompt="one", seed=2, max_tokens=5)[0]

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from breakwater.protocol.openai import (
     MAX_CHOICES,
+    MAX_GROUP,
     MAX_MESSAGES,
     MAX_STOP_CHARS,
     ChatCompletionRequest,
@@ -47,6 +48,24 @@ def test_bounds_themselves_are_accepted() -> None:
         _chat(timeout=86_400, max_tokens=(1 << 31) - 1, seed=-(1 << 63), stop=["x" * MAX_STOP_CHARS])
     )
     assert body.timeout == 86_400 and body.stop_list() == ["x" * MAX_STOP_CHARS]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "n", "choices"),
+    [("one", 3, 3), (["one"], 1, 1), (["a", "b"], 2, 4), (["p"] * MAX_GROUP, 1, MAX_GROUP)],
+)
+def test_a_text_completion_has_n_choices_for_each_prompt(prompt: Any, n: int, choices: int) -> None:
+    body = CompletionRequest.model_validate({"model": "m", "prompt": prompt, "n": n})
+    assert body.choice_count() == choices
+
+
+@pytest.mark.parametrize(
+    ("prompt", "n"), [([], 1), (["p"] * (MAX_GROUP + 1), 1), (["p"] * 17, 4), ([1, 2, 3], 1)]
+)
+def test_too_many_or_no_prompts_are_refused_naming_prompt(prompt: Any, n: int) -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": prompt, "n": n})
+    assert info.value.errors()[0]["loc"][0] == "prompt"
 
 
 @pytest.mark.parametrize(

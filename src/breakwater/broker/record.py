@@ -63,7 +63,8 @@ class RequestSpec:
     tools: str = (
         ""  # format `openai`: {"tools", "tool_choice", "parallel_tool_calls"} for the upstream (JSON)
     )
-    choices: int = 1  # the client's n: this is one choice, its rid ``<parent>-<index>`` (gateway.choices)
+    choices: int = 1  # the client's n (times its prompts): this is one choice, its rid ``<parent>-<index>``
+    prompts: int = 1  # a text completion's prompts: choice i * n + j is prompt i's j-th (gateway.choices)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: str = ""  # {token id: bias} as JSON; '' for none
@@ -92,6 +93,8 @@ class RequestSpec:
             out["logprobs"] = str(self.logprobs)
         if self.choices > 1:
             out["choices"] = str(self.choices)
+        if self.prompts > 1:
+            out["prompts"] = str(self.prompts)
         for name in (
             "tenant",
             "key_id",
@@ -146,6 +149,7 @@ class RequestSpec:
             inputs=orjson.loads(h["inputs"]) if h.get("inputs") else None,
             logprobs=int(h.get("logprobs") or -1),
             choices=int(h.get("choices") or 1),
+            prompts=int(h.get("prompts") or 1),
             presence_penalty=float(h.get("presence_penalty") or 0),
             frequency_penalty=float(h.get("frequency_penalty") or 0),
             logit_bias=h.get("logit_bias", ""),

@@ -86,13 +86,15 @@ class Admitter:
         subscribe: bool = True,
         rid: str = "",
         choices: int = 1,
+        prompts: int = 1,
         auto_tools: bool = True,
         digest_of: Body | None = None,
         cache: CacheControl = DEFAULT_CONTROL,
         response: str = "",
     ) -> Submission:
         """Queue ``body`` as request ``rid`` (new when empty), or follow an identical request's answer
-        (gateway.cache); ``choices``: it is one of a request's ``n`` choices (gateway.choices), whose
+        (gateway.cache); ``choices``: it is one of a request's choices (``n`` for each of its
+        ``prompts``; gateway.choices), whose
         Idempotency-Key is bound to ``digest_of`` (the client's whole body). ``response``: it serves a
         Responses API request, which keeps this (``RequestSpec.response``)."""
         model = await self.registry.resolve(body.model)
@@ -102,6 +104,7 @@ class Admitter:
             default_timeout_s=self.settings.request_timeout_s,
             principal=principal,
             choices=choices,
+            prompts=prompts,
             model=model,
             auto_tools=auto_tools,
         )

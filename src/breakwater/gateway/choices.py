@@ -1,4 +1,5 @@
-"""``n > 1``: one queued request per choice, merged into one response.
+"""``n > 1`` (or a text completion's list of prompts): one queued request per choice, merged into
+one response.
 
 The gateway admits a request's ``n`` choices as requests ``<rid>-0`` .. ``<rid>-<n-1>``, each with
 the client's body, ``n = 1`` and its own seed (``seed + index`` when the client gave one), so every
@@ -6,7 +7,9 @@ guarantee of a single request (queueing and fair share, reclaim and continuation
 resume) holds per choice without the worker knowing. The response interleaves them by ``index``.
 An SSE event's id is the position of every choice (``s0.s1.…``): ``Last-Event-ID`` gives it back
 to resume them all. The group has no record of its own; each choice's record says how many there
-are (``RequestSpec.choices``)."""
+are (``RequestSpec.choices``). A text completion with a list of prompts has ``n`` choices for each,
+in OpenAI's order: choice ``i * n + j`` is prompt ``i``'s ``j``-th, with prompt ``i`` and the seed of
+choice ``j`` (``RequestSpec.prompts`` says how many prompts)."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from breakwater.gateway.streaming import LastChunk, joined
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
     INT64,
-    MAX_CHOICES,
+    MAX_GROUP,
     MAX_SEQ,
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,11 +56,19 @@ Sampled = ChatCompletionRequest | CompletionRequest
 
 
 def choice_body(body: Sampled, index: int) -> Sampled:
-    """The body of choice ``index``: one choice, its own seed."""
+    """The body of choice ``index``: one choice of one prompt, its own seed."""
+    update: dict[str, Any] = {"n": 1}
+    if isinstance(body, CompletionRequest) and not isinstance(body.prompt, str):
+        prompt, index = divmod(index, body.n)
+        update["prompt"] = body.prompt[prompt]
     seed = body.seed
     if seed is not None and index:
         seed = seed + index if seed + index < INT64 else seed - index
-    return body.model_copy(update={"n": 1, "seed": seed})
+    return body.model_copy(update={**update, "seed": seed})
+
+
+def prompt_count(body: Sampled) -> int:
+    return len(body.prompts()) if isinstance(body, CompletionRequest) else 1
 
 
 def choice_key(idempotency_key: str | None, index: int) -> str | None:
@@ -87,9 +98,10 @@ class ChoiceGroup:
     headers: dict[str, str] = field(default_factory=dict)
     tool_format: str = ""
     logprobs: bool = False
+    prompts: int = 1  # a text completion's prompts, each with len(choices) // prompts choices
 
     @classmethod
-    def of(cls, rid: str, choices: list[Choice]) -> ChoiceGroup:
+    def of(cls, rid: str, choices: list[Choice], prompts: int = 1) -> ChoiceGroup:
         first = next((c.sub for c in choices if c.sub is not None), None)
         if first is None:
             raise APIError(
@@ -105,7 +117,12 @@ class ChoiceGroup:
             choices,
             tool_format=first.tool_format,
             logprobs=first.logprobs,
+            prompts=prompts,
         )
+
+    def usage(self, usages: list[dict[str, int] | None]) -> dict[str, int]:
+        """OpenAI's usage of the response: each prompt once, the completions summed."""
+        return merged_usage(usages, len(self.choices) // self.prompts)
 
 
 def is_seq(text: str) -> bool:
@@ -136,7 +153,7 @@ async def admit(
 ) -> ChoiceGroup:
     """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued.
     ``client``: the body as the client sent it, when ``body`` names the version an alias chose."""
-    n = body.n
+    n, prompts = body.choice_count(), prompt_count(body)
     rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
     admitted: list[Submission] = []
     try:
@@ -151,6 +168,7 @@ async def admit(
                 principal=principal,
                 rid=choice_rid(rid, index),
                 choices=n,
+                prompts=prompts,
             )
             admitted.append(sub)
             if index == 0 and sub.duplicate:  # an Idempotency-Key replay: the group it made first
@@ -166,7 +184,7 @@ async def admit(
                     )
         raise
     choices = [Choice(i, sub.rid, 0, sub) for i, sub in enumerate(admitted)]
-    group = ChoiceGroup.of(rid, choices)
+    group = ChoiceGroup.of(rid, choices, prompts)
     group.headers = admitted[-1].headers
     return group
 
@@ -189,15 +207,17 @@ async def resume(
 ) -> ChoiceGroup:
     """Follow a group again from ``positions``; a choice whose last event was delivered is done."""
     choices: list[Choice] = []
+    prompts = 1
     try:
         for index, after in enumerate(positions[:n]):
             child = choice_rid(rid, index)
             record = await svc.requests.record(child, principal)
+            prompts = record.spec.prompts
             if record.status.terminal and record.seq <= after:
                 choices.append(Choice(index, child, after, None, record.usage))
             else:
                 choices.append(Choice(index, child, after, await svc.requests.resume(child, principal)))
-        return ChoiceGroup.of(rid, choices)
+        return ChoiceGroup.of(rid, choices, prompts)
     except BaseException:
         for choice in choices:
             if choice.sub is not None:
@@ -211,9 +231,12 @@ async def _let_go(svc: GatewayService, sub: Submission) -> None:
     svc.requests.detach_later(sub.rid)
 
 
-def merged_usage(usages: list[dict[str, int] | None]) -> dict[str, int]:
-    """OpenAI's usage of an ``n > 1`` response: the prompt once, the completions summed."""
-    prompt = next((u.get("prompt_tokens", 0) for u in usages if u), 0)
+def merged_usage(usages: list[dict[str, int] | None], per_prompt: int) -> dict[str, int]:
+    """OpenAI's usage of a group's response: each prompt once (the choices of a prompt, ``per_prompt``
+    of them, come together), the completions summed."""
+    prompt = 0
+    for at in range(0, len(usages), per_prompt):
+        prompt += next((u.get("prompt_tokens", 0) for u in usages[at : at + per_prompt] if u), 0)
     completion = sum(u.get("completion_tokens", 0) for u in usages if u)
     return {"prompt_tokens": prompt, "completion_tokens": completion}
 
@@ -254,7 +277,7 @@ class _Merged:
         if not self.group.include_usage:
             return DONE
         g = self.group
-        body = usage_chunk(g.rid, g.model, g.created, g.chat, merged_usage(self.usages))
+        body = usage_chunk(g.rid, g.model, g.created, g.chat, g.usage(self.usages))
         return sse_event(body, self.event_id()) + DONE
 
 
@@ -399,7 +422,7 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
         "created": group.created,
         "model": group.model,
         "choices": choices,
-        "usage": usage_body(merged_usage([r["usage"] for r in results])),
+        "usage": usage_body(group.usage([r["usage"] for r in results])),
     }
 
 
@@ -415,7 +438,7 @@ async def group_size(svc: GatewayService, rid: str, principal: Principal) -> int
         record = await svc.requests.record(choice_rid(rid, 0), principal)
     except APIError:
         return 0
-    return record.spec.choices if 1 < record.spec.choices <= MAX_CHOICES else 0
+    return record.spec.choices if 1 < record.spec.choices <= MAX_GROUP else 0
 
 
 def release_all(svc: GatewayService, group: ChoiceGroup) -> None:

@@ -106,7 +106,7 @@ async def complete(
     if isinstance(body, EmbeddingRequest) or not body.stream:
         headers, result = await whole_answer(svc, body, xrid, who, idempotency_key, cache)
         return JSONBody(result, headers=headers)
-    if body.n > 1:
+    if body.choice_count() > 1:
         group = await svc.submit_choices(
             body, request_id=xrid, idempotency_key=idempotency_key, principal=who
         )
@@ -131,7 +131,7 @@ async def whole_answer(
     cache: CacheControl = DEFAULT_CONTROL,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """A non-streamed answer to ``body`` (its headers and body); a failed one raises its APIError."""
-    if not isinstance(body, EmbeddingRequest) and body.n > 1:
+    if not isinstance(body, EmbeddingRequest) and body.choice_count() > 1:
         return await _complete_choices(svc, body, xrid, who, idempotency_key)
     sub = await svc.submit(body, request_id=xrid, idempotency_key=idempotency_key, principal=who, cache=cache)
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
@@ -186,7 +186,7 @@ async def _complete_choices(
     who: Principal,
     idempotency_key: str | None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """``n > 1``, not streamed: one request per choice, merged (gateway.choices)."""
+    """``n > 1`` or several prompts, not streamed: one request per choice, merged (gateway.choices)."""
     group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
     headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
     try:

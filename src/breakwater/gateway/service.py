@@ -84,13 +84,14 @@ class GatewayService:
         """Admit ``body`` (gateway.admission): as request ``rid`` (new when empty); ``response``: what
         a Responses API request keeps (protocol.responses.Stored)."""
         self._check(body, principal)
-        if not isinstance(body, EmbeddingRequest) and body.n > 1:
+        if not isinstance(body, EmbeddingRequest) and body.choice_count() > 1:
+            param = "n" if body.n > 1 else "prompt"
             raise APIError(
                 400,
-                "`n` > 1 is served by the HTTP API (POST /v1/chat/completions or /v1/completions); "
-                "here, send one request per choice",
+                f"`{param}` asking for several choices is served by the HTTP API (POST "
+                "/v1/chat/completions or /v1/completions); here, send one request per choice",
                 code="unsupported_parameter",
-                param="n",
+                param=param,
             )
         routed = await self.route(body, principal, idempotency_key)
         return await self.admitter.submit(
@@ -114,7 +115,7 @@ class GatewayService:
         idempotency_key: str | None,
         principal: Principal = ANONYMOUS,
     ) -> ChoiceGroup:
-        """A request with ``n > 1``: one queued request per choice (gateway.choices)."""
+        """A request with ``n > 1`` or several prompts: one queued request per choice (gateway.choices)."""
         self._check(body, principal)
         # Every choice on one version; a replay's, on the version its first choice ran on.
         routed = await self.route(body, principal, choices.choice_key(idempotency_key, 0))

@@ -29,10 +29,12 @@ def request_spec(
     default_timeout_s: float,
     principal: Principal = ANONYMOUS,
     choices: int = 1,
+    prompts: int = 1,
     model: ModelInfo | None = None,
     auto_tools: bool = True,
 ) -> RequestSpec:
-    """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``), for
+    """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``, for
+    one of ``prompts``), for
     ``model`` (its tool-call format and whether its engines take a grammar); ``auto_tools``: the
     surface can render the model's own tool calls (not the WebSocket's raw tokens)."""
     key = principal.key
@@ -44,6 +46,7 @@ def request_spec(
         "request_id": request_id,
         "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
         "choices": choices,
+        "prompts": prompts,
     }
     if isinstance(body, EmbeddingRequest):
         return RequestSpec(kind="embedding", inputs=body.inputs(), max_tokens=0, **owner)

@@ -15,6 +15,7 @@ MAX_TIMEOUT_S = 86_400.0
 MAX_SEQ = (1 << 63) - 1  # event sequence numbers (Last-Event-ID, ?after=)
 INT64 = 1 << 63
 MAX_CHOICES = 16  # n: each choice is its own job (gateway.choices)
+MAX_GROUP = 64  # choices of one request in all: n for each of a text completion's prompts
 MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias
 
 # OpenAI parameters the engines do not implement yet: refused (400, naming the parameter) unless
@@ -203,6 +204,10 @@ class _SamplingRequest(Tagged):
             return "top_k"
         return None
 
+    def choice_count(self) -> int:
+        """The choices of the answer: each is a queued request of its own (gateway.choices)."""
+        return self.n
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -256,16 +261,26 @@ class CompletionRequest(_SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
+    def _some_prompts(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_GROUP:
+            raise ValueError(f"a list of prompts holds 1 to {MAX_GROUP} texts")
+        n = info.data.get("n", 1)  # validated before: a field of the base class
+        if isinstance(value, list) and len(value) * n > MAX_GROUP:
+            raise ValueError(f"{len(value)} prompts x n = {n}: more than {MAX_GROUP} choices in one request")
         return value
 
     def unsupported_parameter(self) -> str | None:
         return "echo" if self.echo else super().unsupported_parameter()
 
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def choice_count(self) -> int:
+        """``n`` choices for each prompt: OpenAI's choice ``i * n + j`` is prompt i's j-th."""
+        return self.n * len(self.prompts())
 
     def output_limit(self) -> int | None:
         return self.max_tokens
