@@ -101,16 +101,19 @@ async def test_malformed_requests_reach_fastapi_with_their_body(
     assert fallback.paths == [CHAT]
 
 
-async def test_another_content_type_is_fastapis_to_judge(gw: InProc, fallback: Counted) -> None:
+async def test_another_content_type_or_none_is_fastapis_to_judge(gw: InProc, fallback: Counted) -> None:
     body = b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}'
     resp = await gw.http.post(CHAT, content=body, headers={"Content-Type": "text/plain"})
-    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.status_code == 415 and resp.json()["error"]["type"] == "invalid_request_error"
     assert fallback.paths == [CHAT]
+    resp = await gw.http.post(CHAT, content=body)  # no Content-Type at all
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+    assert fallback.paths == [CHAT, CHAT]
     plain = await gw.http.post(
         CHAT, content=body, headers={"Content-Type": "application/json; charset=utf-8"}
     )
     assert plain.status_code == 200, plain.text
-    assert fallback.paths == [CHAT]
+    assert fallback.paths == [CHAT, CHAT]  # the fast path's
 
 
 async def test_other_routes_are_untouched(gw: InProc, fallback: Counted) -> None:

@@ -101,6 +101,29 @@ async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> No
     assert await _records(gw) == []
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (CHAT, _chat()),
+        ("/v1/completions", {"model": "sim", "prompt": "hi", "max_tokens": 2}),
+        ("/v1/embeddings", {"model": "sim", "input": "hi"}),
+        ("/v1/responses", {"model": "sim", "input": "hi", "max_output_tokens": 16}),
+    ],
+)
+async def test_a_body_without_a_json_content_type_is_415_and_runs_nothing(
+    gw: InProc, path: str, body: dict[str, Any], content_type: str | None
+) -> None:
+    """The POSTs a page of any site may send without a CORS preflight (no Content-Type: a Blob
+    body; text/plain; a form) never run a request, whatever the body holds."""
+    headers = {"content-type": content_type} if content_type else {}
+    resp = await gw.http.post(path, content=orjson.dumps(body), headers=headers)
+    _assert_error(resp, 415, "unsupported_media_type", "Content-Type")
+    assert await _records(gw) == []
+    typed = {"content-type": "application/json; charset=utf-8"}
+    assert (await gw.http.post(path, content=orjson.dumps(body), headers=typed)).status_code == 200
+
+
 async def test_content_parts_other_than_text_are_400_naming_the_message(gw: InProc) -> None:
     image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     text = {"type": "text", "text": "look"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -86,6 +87,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def _not_json(request: Request, errors: Sequence[Any]) -> bool:
+    """A JSON endpoint's body refused whole because it came without a JSON Content-Type (FastAPI
+    parses a body as JSON only with one: a page's cross-site POST, which needs no CORS preflight,
+    cannot send one)."""
+    if not errors or tuple(errors[0].get("loc", ())) != ("body",):
+        return False
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return not (media == "application/json" or (media.startswith("application/") and media.endswith("+json")))
+
+
 def api_error_response(exc: APIError) -> JSONBody:
     return JSONBody(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -125,9 +136,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONBody:
-        message, param = _validation_message(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONBody:
         errors = exc.errors()
+        if _not_json(request, errors):
+            message = "the request body must be JSON, sent with `Content-Type: application/json`"
+            body = error_body(message, "invalid_request_error", "unsupported_media_type", "Content-Type")
+            return JSONBody(body, status_code=415)
+        message, param = _validation_message(exc)
         code = "invalid_json" if errors and errors[0].get("type") == "json_invalid" else "invalid_value"
         return JSONBody(error_body(message, "invalid_request_error", code, param), status_code=400)
 

@@ -88,8 +88,10 @@ def _parse(
     model: type[ChatCompletionRequest] | type[CompletionRequest], headers: dict[bytes, str], body: bytes
 ) -> ChatCompletionRequest | CompletionRequest | None:
     """The validated body, or None when FastAPI should see the request (to refuse it its way)."""
+    # A body without a JSON Content-Type is FastAPI's to refuse (its strict_content_type): a browser
+    # sends one without a CORS preflight from any page (a Blob without a type: no Content-Type).
     content_type = headers.get(b"content-type")
-    if content_type is not None and content_type.partition(";")[0].strip().lower() != "application/json":
+    if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
         return None
     if any(len(headers.get(name, "")) > HEADER_MAX for name in (b"idempotency-key", b"cache-control")):
         return None
