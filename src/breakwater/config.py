@@ -125,6 +125,13 @@ class GatewaySettings(CommonSettings):
         le=60.0,
         description="how long a gateway trusts a key it looked up (revocation delay)",
     )
+    cors_allow_origins: str = Field(
+        default="",
+        description=(
+            "origins whose web pages may call the API (comma-separated, e.g. https://app.example.com; "
+            "* for any): CORS on HTTP, and the WebSocket's Origin check. Empty: none but this gateway's own"
+        ),
+    )
     stream_grace_s: float = Field(
         default=0.0,
         ge=0.0,
@@ -237,6 +244,10 @@ class GatewaySettings(CommonSettings):
     # The share of a worker's slots that desired workers sizes for (like an HPA's target
     # utilisation): below 1 keeps batches smaller, which long prompts need for their TTFT.
     autoscale_target_occupancy: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_allow_origins.split(",") if o.strip()]
 
     @property
     def cache_shared(self) -> frozenset[str]:

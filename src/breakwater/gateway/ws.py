@@ -23,6 +23,7 @@ from breakwater.broker.errors import TRANSIENT, reason
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.auth import bearer
 from breakwater.gateway.cache import HEADER, NO_CACHE
+from breakwater.gateway.cors import websocket_origin_allowed
 from breakwater.gateway.errors import APIError, error_body
 from breakwater.gateway.following import Submission
 from breakwater.gateway.service import GatewayService
@@ -275,6 +276,9 @@ async def _auth_message(ws: WebSocket) -> str | None:
 @router.websocket("/v1/ws")
 async def websocket_endpoint(ws: WebSocket) -> None:
     svc: GatewayService = ws.app.state.service
+    if not websocket_origin_allowed(ws.scope, svc.settings.cors_origins):
+        await ws.close(1008, "this origin may not use the API (cors_allow_origins)")
+        return  # before the handshake: the browser's page sees it fail (HTTP 403)
     await ws.accept()
     authenticated = await _authenticate(ws, svc)
     if authenticated is None:
