@@ -113,6 +113,13 @@ class CommonSettings(BaseSettings):
         return value.encode()
 
 
+def normal_origin(origin: str) -> str:
+    """``scheme://host[:port]`` with scheme and host in lower case, as browsers send an Origin."""
+    origin = origin.strip().rstrip("/")
+    scheme, sep, rest = origin.partition("://")
+    return f"{scheme.lower()}{sep}{rest.lower()}" if sep else origin.lower()
+
+
 class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -129,7 +136,7 @@ class GatewaySettings(CommonSettings):
         default="",
         description=(
             "origins whose web pages may call the API (comma-separated, e.g. https://app.example.com; "
-            "* for any): CORS on HTTP, and the WebSocket's Origin check. Empty: none but this gateway's own"
+            "* for any): CORS on HTTP, and the WebSocket's Origin check. Empty: none"
         ),
     )
     stream_grace_s: float = Field(
@@ -247,7 +254,7 @@ class GatewaySettings(CommonSettings):
 
     @property
     def cors_origins(self) -> list[str]:
-        return [o.strip().rstrip("/") for o in self.cors_allow_origins.split(",") if o.strip()]
+        return [normal_origin(o) for o in self.cors_allow_origins.split(",") if o.strip()]
 
     @property
     def cache_shared(self) -> frozenset[str]:

@@ -179,6 +179,10 @@ class Keys:
         """A tenant's files (zset: id -> created ms)."""
         return f"{self.prefix}:files:{{{tenant}}}"
 
+    def file_readers(self, file_id: str) -> str:
+        """How many downloads of a file are under way (a deleted file's bytes are kept for them)."""
+        return f"{self.prefix}:file-readers:{{{file_id}}}"
+
     def files_held(self, tenant: str) -> str:
         """The bytes of a tenant's uploads being written now (held against its file quota)."""
         return f"{self.prefix}:files-held:{{{tenant}}}"

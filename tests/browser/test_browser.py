@@ -74,6 +74,18 @@ SOCKET_JS = """async ({wsUrl, key}) => new Promise((resolve) => {
   ws.onclose = (e) => resolve({got, closed: e.code});
 })"""
 
+# The POSTs a page may send anywhere without a CORS preflight (the answer is opaque to it, but the
+# request goes out): a JSON body as a Blob without a type (no Content-Type), and as text/plain.
+NO_CORS_JS = """async ({url}) => {
+  const body = JSON.stringify({model: "sim", messages: [{role: "user", content: "csrf"}], max_tokens: 4});
+  const sent = [];
+  for (const payload of [new Blob([body]), body]) {
+    const resp = await fetch(url + "/v1/chat/completions", {method: "POST", mode: "no-cors", body: payload});
+    sent.push(resp.type);
+  }
+  return sent;
+}"""
+
 BLOCKED_JS = """async ({url, key}) => {
   try {
     await fetch(url + "/v1/chat/completions", {method: "POST",
@@ -125,8 +137,9 @@ def sites() -> Iterator[tuple[Site, Site]]:
 @dataclass
 class Stack:
     procs: StackProcs
-    url: str
+    url: str  # auth=keys
     key: str
+    open_url: str  # auth=off (as `make up` on a laptop), the same queue
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +147,7 @@ def stack(redis_server: RedisServer, log_dir: Path, sites: tuple[Site, Site]) ->
     procs = StackProcs(redis_server.url, f"b{uuid.uuid4().hex[:10]}", log_dir)
     try:
         url = procs.add_gateway(auth="keys", auth_pepper=PEPPER, cors_allow_origins=sites[0].origin)
+        open_url = procs.add_gateway(cors_allow_origins=sites[0].origin)
         procs.add_worker(sim_decode_base_ms=5, heartbeat_s=0.5)
         env = {
             **os.environ,
@@ -150,7 +164,7 @@ def stack(redis_server: RedisServer, log_dir: Path, sites: tuple[Site, Site]) ->
         )
         key = str(orjson.loads(made.stdout)["key"])
         procs.wait_workers(url, headers={"Authorization": f"Bearer {key}"})
-        yield Stack(procs, url, key)
+        yield Stack(procs, url, key, open_url)
     finally:
         procs.stop()
 
@@ -173,10 +187,10 @@ async def _page_of(browser: Browser, site: Site) -> Page:
     return page
 
 
-def _records(stack: Stack) -> list[Any]:
+def _records(stack: Stack) -> set[Any]:
     redis = sync_redis(stack.procs.redis_url)
     try:
-        return list(redis.scan_iter(match=f"{stack.procs.prefix}:req:*"))
+        return set(redis.scan_iter(match=f"{stack.procs.prefix}:req:*"))
     finally:
         redis.close()
 
@@ -217,8 +231,11 @@ async def test_a_page_of_another_origin_can_use_neither_the_api_nor_the_websocke
     page = await _page_of(browser, sites[1])
     blocked = await page.evaluate(BLOCKED_JS, {"url": stack.url, "key": stack.key})
     assert blocked == "blocked: TypeError"  # the preflight was refused: the POST was never sent
-    ws_url = stack.url.replace("http://", "ws://") + "/v1/ws"
-    socket = await asyncio.wait_for(page.evaluate(SOCKET_JS, {"wsUrl": ws_url, "key": stack.key}), 30)
-    assert socket["got"] == [] and socket["closed"] == 1006  # refused at the handshake
+    for url in (stack.url, stack.open_url):  # with a key, and against the gateway without keys
+        ws_url = url.replace("http://", "ws://") + "/v1/ws"
+        socket = await asyncio.wait_for(page.evaluate(SOCKET_JS, {"wsUrl": ws_url, "key": stack.key}), 30)
+        assert socket["got"] == [] and socket["closed"] == 1006  # refused at the handshake
+    # Sent without a preflight to the gateway without keys: they reach it, and run nothing (415).
+    assert await page.evaluate(NO_CORS_JS, {"url": stack.open_url}) == ["opaque", "opaque"]
     assert _records(stack) == before
     await page.close()

@@ -457,8 +457,9 @@ async def test_a_batch_goes_on_as_the_key_its_key_was_rotated_to_and_stops_when_
     redis_server: RedisServer, prefix: str
 ) -> None:
     """A key rotated past its grace (here none) leaves its batch to the new key: the lines are
-    answered and metered as the new key. A batch whose newest key of its rotations is revoked fails
-    the lines still to run with 401."""
+    answered and metered as the new key. A batch whose newest key of its rotations is revoked, or
+    whose key is revoked (`keys revoke`) during its rotation's grace, fails the lines still to run
+    with 401."""
     async with inproc_gateway(
         redis_server.url, prefix, auth="keys", auth_pepper=PEPPER, batch_runner=False
     ) as gw:
@@ -467,10 +468,15 @@ async def test_a_batch_goes_on_as_the_key_its_key_was_rotated_to_and_stops_when_
         store = service.broker.api_keys(PEPPER.encode())
         old, old_key = await store.create(ApiKey(id="", tenant="acme"))
         second, second_key = await store.create(ApiKey(id="", tenant="acme"))
+        leaked, leaked_key = await store.create(ApiKey(id="", tenant="acme"))
         async with gw.sdk() as base:
             rows = [_chat(f"r{i}", f"rotated {i}", seed=i, max_tokens=3) for i in range(2)]
             goes_on = await _create(base.with_options(api_key=old), rows)
             stops = await _create(base.with_options(api_key=second), [_chat("x", "stopped", 9, 3)])
+            revoked = await _create(base.with_options(api_key=leaked), [_chat("x", "revoked", 9, 3)])
+            assert await store.rotate(leaked_key.id, grace_s=3600) is not None
+            ended = await store.revoke(leaked_key.id)  # in its grace: it ends now, its work with it
+            assert ended is not None and ended.revoked and ended.successor == ""
             rotated = await store.rotate(old_key.id, grace_s=0)
             assert rotated is not None
             new, new_key = rotated
@@ -492,12 +498,13 @@ async def test_a_batch_goes_on_as_the_key_its_key_was_rotated_to_and_stops_when_
             assert usage.get(f"{new_key.id}:completed") == "2"
             assert f"{old_key.id}:completed" not in usage
 
-            failed = await _settled(holder, stops.id)
-            assert failed.status == "completed" and failed.request_counts is not None
-            assert (failed.request_counts.completed, failed.request_counts.failed) == (0, 1)
-            (line,) = await _lines(holder, failed.error_file_id)
-            assert line["custom_id"] == "x" and line["response"]["status_code"] == 401
-            assert line["response"]["body"]["error"]["code"] == "invalid_api_key"
+            for batch in (stops, revoked):
+                failed = await _settled(holder, batch.id)
+                assert failed.status == "completed" and failed.request_counts is not None
+                assert (failed.request_counts.completed, failed.request_counts.failed) == (0, 1)
+                (line,) = await _lines(holder, failed.error_file_id)
+                assert line["custom_id"] == "x" and line["response"]["status_code"] == 401
+                assert line["response"]["body"]["error"]["code"] == "invalid_api_key"
             await runner.stop()
 
 
@@ -523,12 +530,20 @@ async def test_a_file_deleted_while_it_is_downloaded_is_sent_whole_and_gone_for_
     gw: InProc, client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The download's first part is out when the file is deleted: the rest of its parts still come
-    (its Content-Length holds); lookups, lists, a new download and the tenant's quota see it gone."""
+    (its Content-Length holds); lookups, lists and a new download see it gone. Its bytes count
+    against the tenant's quota until they are gone (Redis never holds more than the quota), without
+    shortening the hold of an upload being written. Deleted with no download under way, a file's
+    bytes go at once and make room at once."""
     monkeypatch.setattr(batch_store, "CHUNK", 300)
     rows = [_chat(f"d{i}", f"deleted while read {i}", seed=i, max_tokens=6) for i in range(12)]
+    unread = await _upload(client, rows[:2])
     file_id = await _upload(client, rows)
-    store = gw.app.state.batches
-    parts = store.file_parts(file_id)
+    store, redis = gw.app.state.batches, gw.app.state.service.broker.redis
+    assert (await client.files.delete(unread)).deleted
+    assert await redis.exists(gw.keys.file(unread)) == 0
+    assert await store.hold_quota("anonymous", "writing", 10, 1 << 40) == (True, len(_jsonl(rows)))
+    await store.begin_read(file_id)  # as the download route does before it looks the file up
+    parts = store.file_parts(file_id, reading=True)
     got = [await anext(parts)]
     assert (await client.files.delete(file_id)).deleted
     got += [part async for part in parts]
@@ -538,8 +553,11 @@ async def test_a_file_deleted_while_it_is_downloaded_is_sent_whole_and_gone_for_
             await call
     assert file_id not in [f.id for f in (await client.files.list()).data]
     assert await store.stored_bytes("anonymous") == 0
-    ttl = await gw.app.state.service.broker.redis.ttl(gw.keys.file(file_id))
-    assert 0 < ttl <= batch_store.DELETED_KEEP_S  # the bytes go soon after
+    assert 0 < await redis.ttl(gw.keys.file(file_id)) <= batch_store.DELETED_KEEP_S  # the bytes go soon
+    fits, taken = await store.hold_quota("anonymous", "probe", 1, 1 << 40)
+    assert fits and taken == len(_jsonl(rows)) + 10  # the deleted bytes and the upload being written
+    assert await redis.ttl(gw.keys.files_held("anonymous")) > batch_store.DELETED_KEEP_S
+    assert int(await redis.get(gw.keys.file_readers(file_id))) == 0  # the download ended
 
 
 async def test_a_batch_bigger_than_its_lane_waits_its_turn(redis_server: RedisServer, prefix: str) -> None:

@@ -29,16 +29,18 @@ def _scope(origin: str | None, host: str = "gw.example.com:8000") -> dict[str, o
     ("origin", "origins", "allowed"),
     [
         (None, [], True),  # not a browser
-        ("http://gw.example.com:8000", [], True),  # the gateway's own page
-        ("http://GW.example.com:8000/", [], True),
+        ("", [], True),
+        # the Host a page names: a DNS-rebinding page shares it, so it proves nothing
+        ("http://gw.example.com:8000", [], False),
         ("https://evil.example", [], False),
-        ("http://gw.example.com:9000", [], False),  # another port: another origin
         (APP, [APP], True),
+        ("HTTPS://App.Example.com/", [APP], True),  # scheme and host compare in lower case
+        ("https://app.example.com:8443", [APP], False),  # another port: another origin
         ("https://evil.example", [APP], False),
         ("https://evil.example", ["*"], True),
     ],
 )
-def test_a_websocket_origin_is_allowed_only_when_listed_or_its_own(
+def test_a_websocket_origin_is_allowed_only_when_absent_or_listed(
     origin: str | None, origins: list[str], allowed: bool
 ) -> None:
     assert websocket_origin_allowed(_scope(origin), origins) is allowed
@@ -54,9 +56,8 @@ async def test_without_cors_origins_a_preflight_is_refused_and_no_header_is_adde
 async def test_a_listed_origin_gets_its_preflight_and_reads_the_request_id(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    async with inproc_gateway(
-        redis_server.url, prefix, cors_allow_origins=f"{APP}/, https://b.example"
-    ) as gw:
+    listed = "HTTPS://APP.example.com/, https://b.example"
+    async with inproc_gateway(redis_server.url, prefix, cors_allow_origins=listed) as gw:
         await gw.add_worker()
         preflight = await gw.http.options("/v1/chat/completions", headers=PREFLIGHT)
         assert preflight.status_code == 200

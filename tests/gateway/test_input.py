@@ -8,7 +8,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from fastapi import HTTPException
 
+from breakwater.gateway.body import StrictJSONRequest
 from tests.helpers import expected_sim
 from tests.inproc import InProc
 
@@ -122,6 +124,31 @@ async def test_a_body_without_a_json_content_type_is_415_and_runs_nothing(
     assert await _records(gw) == []
     typed = {"content-type": "application/json; charset=utf-8"}
     assert (await gw.http.post(path, content=orjson.dumps(body), headers=typed)).status_code == 200
+
+
+async def test_a_batch_without_a_json_content_type_is_415(gw: InProc) -> None:
+    body = orjson.dumps({"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h"})
+    _assert_error(await gw.http.post("/v1/batches", content=body), 415, "unsupported_media_type")
+    typed = await gw.http.post("/v1/batches", content=body, headers={"content-type": "application/json"})
+    assert typed.status_code == 404  # read as JSON: its input file does not exist
+
+
+async def test_a_body_read_as_json_without_a_json_content_type_is_refused() -> None:
+    """What FastAPI before 0.132 does with a body without a Content-Type (it reads it as JSON)
+    reaches ``StrictJSONRequest.json``, which refuses it as later FastAPI does."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"model": "sim"}', "more_body": False}
+
+    for headers in ([], [(b"content-type", b"text/plain")]):
+        request = StrictJSONRequest({"type": "http", "method": "POST", "headers": headers}, receive)
+        with pytest.raises(HTTPException) as refused:
+            await request.json()
+        assert refused.value.status_code == 415
+    typed = [(b"content-type", b"application/vnd.api+json")]
+    assert await StrictJSONRequest({"type": "http", "method": "POST", "headers": typed}, receive).json() == {
+        "model": "sim"
+    }
 
 
 async def test_content_parts_other_than_text_are_400_naming_the_message(gw: InProc) -> None:

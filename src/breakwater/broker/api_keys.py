@@ -57,11 +57,15 @@ class KeyStore:
                 found.append(record)
         return found
 
-    async def revoke(self, key_id: str, *, at: int | None = None) -> ApiKey | None:
-        """Revoke now (or expire at ``at``); every gateway refuses it within its cache time."""
+    async def revoke(self, key_id: str, *, at: int | None = None, rotated: bool = False) -> ApiKey | None:
+        """Revoke now (or expire at ``at``); every gateway refuses it within its cache time. Unless
+        ``rotated`` (the end of a rotation), it also forgets the key's successor: work the key
+        started (a batch) stops with it instead of going on as the key that replaced it."""
         digest = await self._digest(key_id)
         if digest is None or not await self.redis.exists(self.keys.api_key(digest)):
             return None
+        if not rotated:
+            await self.redis.hdel(self.keys.api_key(digest), "successor")
         if at is None:
             await self.redis.hset(self.keys.api_key(digest), "revoked", str(int(time.time())))
         else:
@@ -81,7 +85,7 @@ class KeyStore:
         digest = await self._digest(key_id)
         if digest is not None:  # named before the old key ends: work it started never finds it ended alone
             await self.redis.hset(self.keys.api_key(digest), "successor", created[1].id)
-        await self.revoke(key_id, at=int(time.time()) + grace_s if grace_s > 0 else None)
+        await self.revoke(key_id, at=int(time.time()) + grace_s if grace_s > 0 else None, rotated=True)
         return created
 
     async def _digest(self, key_id: str) -> str | None:

@@ -32,6 +32,7 @@ class BatchStore:
         self._answer = Script(fast, "batch_answer")
         self._move = Script(fast, "batch_move")
         self._hold = Script(fast, "files_hold")
+        self._delete = Script(fast, "file_delete")
 
     # Files: the fields, and the bytes in parts of CHUNK (``data:<i>``): no Redis value grows past it
     # (Redis refuses one over 512 MB), and a reader streams a file part by part.
@@ -52,16 +53,35 @@ class BatchStore:
         raw = raw[:-1]
         return FileRecord.from_hash({k: text(v) for k, v in zip(_FILE_FIELDS, raw, strict=True)})
 
-    async def file_parts(self, file_id: str) -> AsyncIterator[bytes]:
-        """The file's bytes, part by part (nothing once it is gone; all of them when it is deleted
-        after the first part was read, for DELETED_KEEP_S)."""
+    async def begin_read(self, file_id: str) -> None:
+        """A download of the file begins (before it is looked up): a delete from now on keeps its
+        bytes until :meth:`file_parts` ends (``reading=True``), or DELETED_KEEP_S."""
+        readers = self.keys.file_readers(file_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(readers)
+            pipe.expire(readers, DELETED_KEEP_S)
+            await pipe.execute()
+
+    async def end_read(self, file_id: str) -> None:
+        await self.redis.decr(self.keys.file_readers(file_id))
+
+    async def file_parts(self, file_id: str, *, reading: bool = False) -> AsyncIterator[bytes]:
+        """The file's bytes, part by part (nothing once it is gone). ``reading``: a download that
+        called :meth:`begin_read`, which a delete meanwhile lets end whole (within DELETED_KEEP_S
+        of its last part; one slower than that ends short of its Content-Length)."""
         key = self.keys.file(file_id)
-        parts = int(await self.redis.hget(key, "parts") or 0)
-        for i in range(parts):
-            part = await self.redis.hget(key, f"data:{i}")
-            if part is None:
-                return
-            yield part.encode() if isinstance(part, str) else part
+        try:
+            parts = int(await self.redis.hget(key, "parts") or 0)
+            for i in range(parts):
+                if reading:
+                    await self.redis.expire(self.keys.file_readers(file_id), DELETED_KEEP_S)
+                part = await self.redis.hget(key, f"data:{i}")
+                if part is None:
+                    return
+                yield part.encode() if isinstance(part, str) else part
+        finally:
+            if reading:
+                await self.end_read(file_id)
 
     async def file_data(self, file_id: str) -> bytes | None:
         """The file's bytes whole (an input file: at most ``files_max_bytes``)."""
@@ -78,12 +98,13 @@ class BatchStore:
         return [text(i) for i in await self.redis.zrevrange(self.keys.files(tenant), 0, -1)]
 
     async def stored_bytes(self, tenant: str) -> int:
-        """The size of the tenant's files (those that expired leave its list here)."""
+        """The size of the tenant's files (those that expired or were deleted leave its list here)."""
         ids = await self.files(tenant)
         async with self.redis.pipeline(transaction=False) as pipe:
             for file_id in ids:
-                pipe.hget(self.keys.file(file_id), "bytes")
-            sizes = await pipe.execute()
+                pipe.hmget(self.keys.file(file_id), ["bytes", "deleted"])
+            found = await pipe.execute()
+        sizes = [size if deleted is None else None for size, deleted in found]
         await self.forget_files(tenant, [i for i, size in zip(ids, sizes, strict=True) if size is None])
         return sum(int(size) for size in sizes if size is not None)
 
@@ -111,14 +132,16 @@ class BatchStore:
             await self.redis.zrem(self.keys.files(tenant), *file_ids)
 
     async def delete_file(self, record: FileRecord) -> None:
-        """Gone for every lookup, list and the tenant's quota at once; its bytes are kept a while
-        (DELETED_KEEP_S), so that a download already sending them ends whole."""
-        key = self.keys.file(record.id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, "deleted", int(time.time()))
-            pipe.expire(key, DELETED_KEEP_S, lt=True)
-            pipe.zrem(self.keys.files(record.tenant), record.id)
-            await pipe.execute()
+        """Gone for every lookup and list at once (``file_delete.lua``). With a download under way
+        its bytes are kept for it (DELETED_KEEP_S at most) and count against the tenant's quota
+        meanwhile, so Redis never holds more than the quota; without one they go at once."""
+        keys = [self.keys.file(record.id), self.keys.file_readers(record.id)]
+        if int(await self._delete(keys, [DELETED_KEEP_S, int(time.time())])) == 1:
+            member = f"deleted-{record.id}:{record.bytes}"
+            await self._hold(
+                [self.keys.files_held(record.tenant)], ["take", member, QUOTA_ANY, DELETED_KEEP_S]
+            )
+        await self.redis.zrem(self.keys.files(record.tenant), record.id)
 
     # Batches
     async def create(self, record: BatchRecord, ttl_s: int) -> None:
@@ -198,7 +221,8 @@ class BatchStore:
 
 CHUNK = 8 << 20
 PENDING_TTL_S = 3600
-DELETED_KEEP_S = 600  # a deleted file's bytes, for the downloads already reading it
+DELETED_KEEP_S = 120  # a deleted file's bytes, for the downloads already reading it
+QUOTA_ANY = 1 << 62  # a hold that is taken whatever the quota (a deleted file's bytes)
 
 
 class FileWriter:

@@ -109,10 +109,12 @@ class Authenticator:
         for _ in range(MAX_ROTATIONS):
             if record is None or not record.successor or record.usable(time.time()) is None:
                 break
-            record = await self.store.get(record.successor)
+            successor = await self.store.get(record.successor)
+            record = successor if successor is None or successor.tenant == record.tenant else None
         why = "gone" if record is None else record.usable(time.time())
         if record is None or why is not None:
-            raise unauthorized(f"The API key that created this work ({key_id}) is {why}.")
+            named = key_id if record is None or record.id == key_id else f"{key_id}, now {record.id},"
+            raise unauthorized(f"The API key that created this work ({named}) is {why}.")
         limits = (
             await self._tenants.get(record.tenant, self.ledger.tenant_limits) if self.ledger else Limits()
         )

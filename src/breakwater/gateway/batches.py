@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from breakwater.broker.batches import BatchStore
 from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.auth import caller
+from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.routes import Caller, service
 from breakwater.protocol.batches import (
@@ -31,7 +32,7 @@ from breakwater.protocol.batches import (
 )
 from breakwater.tenancy import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=OrjsonRoute)
 LIST_MAX = 100
 
 
@@ -180,12 +181,17 @@ async def retrieve_file(file_id: str, request: Request, who: Caller) -> Response
 
 @router.get("/v1/files/{file_id}/content", response_model=None)
 async def file_content(file_id: str, request: Request, who: Caller) -> Response:
-    """The file's bytes, streamed part by part as stored."""
+    """The file's bytes, streamed part by part as stored (a delete meanwhile lets them end whole)."""
     store = _store(request)
-    record = await _file(store, file_id, who)
+    await store.begin_read(file_id)
+    try:
+        record = await _file(store, file_id, who)
+    except BaseException:
+        await store.end_read(file_id)
+        raise
     headers = {"Content-Length": str(record.bytes)}
     return StreamingResponse(
-        store.file_parts(file_id), media_type="application/octet-stream", headers=headers
+        store.file_parts(file_id, reading=True), media_type="application/octet-stream", headers=headers
     )
 
 

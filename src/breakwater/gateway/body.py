@@ -11,17 +11,21 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from breakwater.gateway.errors import APIError, error_body
+from breakwater.gateway.errors import NOT_JSON, APIError, error_body, json_media
 
 
 class StrictJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
+            if not json_media(self.headers.get("content-type")):
+                # FastAPI before 0.132 parses a body without a Content-Type as JSON: refused here
+                # as from 0.132 on (errors.not_json_response), whatever FastAPI is installed.
+                raise HTTPException(415, NOT_JSON)
             # orjson.JSONDecodeError is a json.JSONDecodeError: FastAPI answers it as invalid JSON.
             self._json = orjson.loads(await self.body())
         return self._json

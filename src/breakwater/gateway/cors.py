@@ -9,11 +9,11 @@ ones a client needs to resume or back off (``X-Breakwater-Request-Id``, ``Retry-
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import Scope
+
+from breakwater.config import normal_origin
 
 EXPOSED = (
     "X-Request-ID",
@@ -50,12 +50,11 @@ def add_cors(app: FastAPI, origins: list[str]) -> None:
 
 def websocket_origin_allowed(scope: Scope, origins: list[str]) -> bool:
     """A WebSocket handshake's ``Origin`` (browsers always send one; other clients, none): allowed
-    when absent, listed (or ``*`` is), or this gateway's own (its host and port as the ``Host``
-    header names them). A page of any other site must not use the gateway through its visitor's
-    browser (with auth off, or a key it holds)."""
-    headers: dict[bytes, bytes] = dict(scope.get("headers", ()))
-    origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/")
-    if not origin or "*" in origins or origin in origins:
-        return True
-    host = headers.get(b"host", b"").decode("latin-1").lower()
-    return bool(host) and urlsplit(origin).netloc.lower() == host
+    when absent or listed (or ``*`` is). The gateway serves no pages of its own, so no origin is
+    trusted by its ``Host`` (which a DNS-rebinding page would share): a page of any site not listed
+    must not use the gateway through its visitor's browser (with auth off, or a key it holds)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"origin":
+            origin = normal_origin(value.decode("latin-1"))
+            return not origin or "*" in origins or origin in origins
+    return True

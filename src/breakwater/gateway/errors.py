@@ -87,14 +87,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+NOT_JSON = "the request body must be JSON, sent with `Content-Type: application/json`"
+
+
+def json_media(content_type: str | None) -> bool:
+    """Whether a Content-Type says JSON (``application/json``, ``application/*+json``)."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def not_json_response() -> JSONBody:
+    """415 for a JSON endpoint's body sent without a JSON Content-Type: a page of any site can send
+    such a POST without a CORS preflight (none, text/plain, a form), so it must never run."""
+    body = error_body(NOT_JSON, "invalid_request_error", "unsupported_media_type", "Content-Type")
+    return JSONBody(body, status_code=415)
+
+
 def _not_json(request: Request, errors: Sequence[Any]) -> bool:
     """A JSON endpoint's body refused whole because it came without a JSON Content-Type (FastAPI
-    parses a body as JSON only with one: a page's cross-site POST, which needs no CORS preflight,
-    cannot send one)."""
+    from 0.132 parses a body as JSON only with one; before, ``body.StrictJSONRequest`` refuses)."""
     if not errors or tuple(errors[0].get("loc", ())) != ("body",):
         return False
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    return not (media == "application/json" or (media.startswith("application/") and media.endswith("+json")))
+    return not json_media(request.headers.get("content-type"))
 
 
 def api_error_response(exc: APIError) -> JSONBody:
@@ -139,15 +153,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONBody:
         errors = exc.errors()
         if _not_json(request, errors):
-            message = "the request body must be JSON, sent with `Content-Type: application/json`"
-            body = error_body(message, "invalid_request_error", "unsupported_media_type", "Content-Type")
-            return JSONBody(body, status_code=415)
+            return not_json_response()
         message, param = _validation_message(exc)
         code = "invalid_json" if errors and errors[0].get("type") == "json_invalid" else "invalid_value"
         return JSONBody(error_body(message, "invalid_request_error", code, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
+        if exc.status_code == 415:
+            return not_json_response()
         code = "not_found" if exc.status_code == 404 else None
         return JSONBody(
             error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.auth import caller
 from breakwater.gateway.cache import CacheControl
-from breakwater.gateway.errors import APIError, api_error_response, unavailable_response
+from breakwater.gateway.errors import APIError, api_error_response, json_media, unavailable_response
 from breakwater.gateway.routes import HEADER_MAX, complete
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 
@@ -90,8 +90,7 @@ def _parse(
     """The validated body, or None when FastAPI should see the request (to refuse it its way)."""
     # A body without a JSON Content-Type is FastAPI's to refuse (its strict_content_type): a browser
     # sends one without a CORS preflight from any page (a Blob without a type: no Content-Type).
-    content_type = headers.get(b"content-type")
-    if content_type is None or content_type.partition(";")[0].strip().lower() != "application/json":
+    if not json_media(headers.get(b"content-type")):
         return None
     if any(len(headers.get(name, "")) > HEADER_MAX for name in (b"idempotency-key", b"cache-control")):
         return None

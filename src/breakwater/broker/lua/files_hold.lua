@@ -20,5 +20,7 @@ if held + size > tonumber(ARGV[3]) then
   return {0, held}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[4]) then  -- never shortens a longer hold's life
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
 return {1, held}
