@@ -357,7 +357,10 @@ def up(
     max_workers: Annotated[int, typer.Option(help="--autoscale: most workers")] = 4,
     scale_down_delay: Annotated[
         float,
-        typer.Option(help="--autoscale: seconds the desired count stays lower before a worker goes"),
+        typer.Option(
+            min=0.0,
+            help="--autoscale (supervisor): seconds the desired count stays lower before a worker goes",
+        ),
     ] = 10.0,
     autoscale_policy: Annotated[
         str,

@@ -166,6 +166,36 @@ def test_a_list_of_prompts_resumes_on_another_gateway(slow_stack: StackProcs) ->
     assert [a + b for a, b in zip(texts(before), texts(after), strict=True)] == expected
 
 
+def test_a_group_of_more_than_sixteen_choices_has_a_status_a_replay_and_a_resume(stack: StackProcs) -> None:
+    """Three prompts, n = 6: 18 choices (more than n alone may ask for). Its status lists them all,
+    an Idempotency-Key replays it whole, and it resumes from every choice's position."""
+    url = stack.gateways[0][1]
+    body = {"model": "sim", "prompt": PROMPTS, "n": 6, "seed": 1, "max_tokens": 3}
+    headers = {"Idempotency-Key": f"group-{uuid.uuid4().hex}"}
+    first = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert first.status_code == 200, first.text
+    rid = first.json()["id"]
+    assert [c["index"] for c in first.json()["choices"]] == list(range(18))
+    again = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert again.json()["id"] == rid and again.json()["choices"] == first.json()["choices"]
+    status = httpx.get(f"{url}/v1/requests/{rid}").json()
+    assert [c["id"] for c in status["choices"]] == [f"{rid}-{i}" for i in range(18)]
+    assert {c["status"] for c in status["choices"]} == {"done"}
+    positions = ".".join(["1"] * 18)  # each choice's first token delivered: the rest of each
+    with httpx.stream(
+        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": positions}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        after, done = _events(resp.iter_lines())
+    assert done
+    texts = [""] * 18
+    for _, data in after:
+        for choice in data.get("choices", ()):
+            texts[choice["index"]] += choice["text"]
+    for index, choice in enumerate(first.json()["choices"]):
+        assert choice["text"].endswith(texts[index]) and len(texts[index]) < len(choice["text"])
+
+
 def _events(lines: Iterator[str], stop_after: int | None = None) -> tuple[list[tuple[str, Any]], bool]:
     """(SSE id, data) pairs and whether [DONE] arrived; stops after ``stop_after`` events."""
     events: list[tuple[str, Any]] = []
@@ -329,6 +359,21 @@ async def test_a_refused_choice_takes_back_the_queued_ones(redis_server: RedisSe
             assert choices[0].status is Status.CANCELLED and choices[0].tokens == 0
         finally:
             await broker.aclose()
+
+
+async def test_a_prompt_too_long_for_the_context_queues_none_of_the_group(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Every prompt of a list is checked against the model's context before any choice is queued:
+    a too-long last prompt is a 400 and nothing of the request was queued."""
+    async with inproc_gateway(redis_server.url, prefix) as gw:
+        await gw.add_worker(SimEngine(SimOptions(context_length=64, decode_base_ms=1, decode_per_seq_ms=0)))
+        body = {"model": "sim", "prompt": ["short", "short too", "word " * 300], "n": 2, "max_tokens": 4}
+        refused = await gw.http.post("/v1/completions", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        assert [k async for k in gw.app.state.service.broker.redis.scan_iter(match=f"{prefix}:req:*")] == []
+        body["prompt"] = ["short", "short too"]
+        assert (await gw.http.post("/v1/completions", json=body)).status_code == 200
 
 
 async def _enqueue(broker: Broker, rid: str) -> str:

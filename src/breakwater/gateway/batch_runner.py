@@ -240,7 +240,8 @@ class BatchRunner:
             self.svc.metrics.batch_lines.labels("ok" if ok else "failed").inc()
 
     async def _principal(self, record: BatchRecord) -> Principal:
-        """The batch's owner as it stands now: a key revoked since fails the lines still to run."""
+        """The batch's owner as it stands now: the key that created it, or the key a rotation
+        replaced it with once it ended; a key revoked since fails the lines still to run."""
         return await self.svc.auth.principal_of(record.key_id)
 
     async def _finish(self, batch_id: str, lines: list[Line]) -> None:

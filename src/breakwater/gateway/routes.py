@@ -399,7 +399,8 @@ async def request_events(
 
 
 async def _group_size(svc: GatewayService, rid: str, who: Principal) -> int:
-    """The number of choices when ``rid`` is an ``n > 1`` request (it has no record of its own)."""
+    """The number of choices when ``rid`` is a group (``n > 1`` or several prompts: it has no
+    record of its own)."""
     if await svc.broker.exists(rid):
         return 0
     return await choices.group_size(svc, rid, who)

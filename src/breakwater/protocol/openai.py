@@ -94,7 +94,8 @@ class ChatMessage(BaseModel):
         for i, part in enumerate(value if isinstance(value, list) else ()):
             if part.get("type") != "text":
                 kind = part.get("type")
-                raise ValueError(f"part {i} is of type `{kind}`: only text content parts are supported")
+                named = f"is of type `{kind}`" if kind is not None else "has no `type`"
+                raise ValueError(f"part {i} {named}: only text content parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i}, of type `text`, needs a string `text`")
         return value
@@ -237,12 +238,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def logprobs_top(self) -> int:
         """Alternatives per token to report; -1: no logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else -1
-
-    @model_validator(mode="after")
-    def _text_only(self) -> ChatCompletionRequest:
-        for message in self.messages:
-            message.text()  # raises on unsupported content parts
-        return self
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
