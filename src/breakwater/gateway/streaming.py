@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -94,18 +93,8 @@ class ClientWrites:
         self.sent += 1
 
 
-# FastAPI's native OpenTelemetry (0.165 on) asks the global providers whether to trace on every
-# request (~7 us); the gateway's telemetry is its Prometheus metrics and logs.
-_NO_TELEMETRY = {"tracing": False, "metrics": False, "logs": False}
-
-
 class GatewayApp(FastAPI):
     """FastAPI, with the server's own ``send`` in the scope for :class:`SSEResponse`'s events."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
-            kwargs.setdefault("telemetry", _NO_TELEMETRY)
-        super().__init__(**kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
