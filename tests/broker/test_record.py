@@ -11,8 +11,8 @@ from breakwater.broker.record import FIELDS, RequestRecord, RequestSpec, Status
 # Field names in the scripts: the quoted words after a hash command's key argument.
 _HASH_CALL = re.compile(r"redis\.call\('(HMGET|HSET|HINCRBY|HGET)',\s*KEYS\[1\],([^)]*)\)")
 _QUOTED = re.compile(r"'([a-z_]+)'")
-# Their KEYS[1] is not a request record: a tenant's hash, a batch's.
-NOT_RECORD_SCRIPTS = {"limits.lua", "meter.lua", "batch_move.lua", "batch_answer.lua"}
+# Their KEYS[1] is not a request record: a tenant's hash, a batch's, a file's.
+NOT_RECORD_SCRIPTS = {"limits.lua", "meter.lua", "batch_move.lua", "batch_answer.lua", "file_delete.lua"}
 
 
 def _script_fields() -> set[str]:
@@ -65,6 +65,8 @@ def test_spec_round_trips_through_the_hash() -> None:
         stop=["\n"],
         ignore_eos=True,
         include_usage=True,
+        choices=6,
+        prompts=3,
     )
     assert RequestSpec.from_hash(spec.to_hash()) == spec
     record = RequestRecord.from_hash({**spec.to_hash(), "status": "running", "attempt": "2"}, emitted="ab")

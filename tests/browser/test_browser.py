@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
@@ -83,6 +84,10 @@ NO_CORS_JS = """async ({url}) => {
     const resp = await fetch(url + "/v1/chat/completions", {method: "POST", mode: "no-cors", body: payload});
     sent.push(resp.type);
   }
+  const form = new FormData();
+  form.append("purpose", "batch");
+  form.append("file", new Blob([body + "\\n"]), "in.jsonl");
+  sent.push((await fetch(url + "/v1/files", {method: "POST", mode: "no-cors", body: form})).type);
   return sent;
 }"""
 
@@ -235,7 +240,8 @@ async def test_a_page_of_another_origin_can_use_neither_the_api_nor_the_websocke
         ws_url = url.replace("http://", "ws://") + "/v1/ws"
         socket = await asyncio.wait_for(page.evaluate(SOCKET_JS, {"wsUrl": ws_url, "key": stack.key}), 30)
         assert socket["got"] == [] and socket["closed"] == 1006  # refused at the handshake
-    # Sent without a preflight to the gateway without keys: they reach it, and run nothing (415).
-    assert await page.evaluate(NO_CORS_JS, {"url": stack.open_url}) == ["opaque", "opaque"]
+    # Sent without a preflight to the gateway without keys: they reach it, and change nothing (403).
+    assert await page.evaluate(NO_CORS_JS, {"url": stack.open_url}) == ["opaque"] * 3
     assert _records(stack) == before
+    assert httpx.get(f"{stack.open_url}/v1/files", timeout=10).json()["data"] == []
     await page.close()

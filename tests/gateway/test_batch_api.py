@@ -557,7 +557,13 @@ async def test_a_file_deleted_while_it_is_downloaded_is_sent_whole_and_gone_for_
     fits, taken = await store.hold_quota("anonymous", "probe", 1, 1 << 40)
     assert fits and taken == len(_jsonl(rows)) + 10  # the deleted bytes and the upload being written
     assert await redis.ttl(gw.keys.files_held("anonymous")) > batch_store.DELETED_KEEP_S
-    assert int(await redis.get(gw.keys.file_readers(file_id))) == 0  # the download ended
+    assert await redis.exists(gw.keys.file_readers(file_id)) == 0  # the download ended: no count left
+    assert not await store.keep_file(file_id, 86_400)  # a batch created meanwhile cannot keep it
+    assert 0 < await redis.ttl(gw.keys.file(file_id)) <= batch_store.DELETED_KEEP_S
+    await store.begin_read(unread)  # a count that lapses during a slow download ...
+    await redis.delete(gw.keys.file_readers(unread))
+    await store.end_read(unread)  # ... is not made negative (it would hide the next download)
+    assert await redis.exists(gw.keys.file_readers(unread)) == 0
 
 
 async def test_a_batch_bigger_than_its_lane_waits_its_turn(redis_server: RedisServer, prefix: str) -> None:

@@ -49,8 +49,29 @@ def test_a_websocket_origin_is_allowed_only_when_absent_or_listed(
 async def test_without_cors_origins_a_preflight_is_refused_and_no_header_is_added(gw: InProc) -> None:
     preflight = await gw.http.options("/v1/chat/completions", headers=PREFLIGHT)
     assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
-    answered = await gw.http.post("/v1/chat/completions", json=BODY, headers={"Origin": APP})
-    assert answered.status_code == 200 and "access-control-allow-origin" not in answered.headers
+    own = await gw.http.post("/v1/chat/completions", json=BODY, headers={"Origin": "http://gw"})
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers  # /docs' page
+
+
+async def test_a_page_of_an_unlisted_origin_changes_nothing(gw: InProc) -> None:
+    """POST and DELETE from a web page of another origin are a 403, the ones a page may send
+    without a CORS preflight (a form's file upload, a body-less cancel) as much as any; the same
+    requests without an Origin (any non-browser client) are served."""
+    foreign = {"Origin": "https://evil.example"}
+    refused = [
+        await gw.http.post("/v1/chat/completions", json=BODY, headers=foreign),
+        await gw.http.post(
+            "/v1/files", files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch"}, headers=foreign
+        ),
+        await gw.http.post("/v1/batches/batch_x/cancel", headers=foreign),
+        await gw.http.delete("/v1/requests/chatcmpl-x", headers=foreign),
+    ]
+    for resp in refused:
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "cross_site_request", resp.text
+    assert (await gw.http.get("/v1/files")).json()["data"] == []
+    assert [k async for k in gw.app.state.service.broker.redis.scan_iter(match=f"{gw.prefix}:req:*")] == []
+    assert (await gw.http.get("/v1/models", headers=foreign)).status_code == 200  # reading: CORS's
+    assert (await gw.http.post("/v1/chat/completions", json=BODY)).status_code == 200
 
 
 async def test_a_listed_origin_gets_its_preflight_and_reads_the_request_id(

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import anyio
 from redis.asyncio import Redis
 
 from breakwater.broker.cluster import Fast
@@ -33,6 +34,8 @@ class BatchStore:
         self._move = Script(fast, "batch_move")
         self._hold = Script(fast, "files_hold")
         self._delete = Script(fast, "file_delete")
+        self._read_end = Script(fast, "file_read_end")
+        self._keep = Script(fast, "file_keep")
 
     # Files: the fields, and the bytes in parts of CHUNK (``data:<i>``): no Redis value grows past it
     # (Redis refuses one over 512 MB), and a reader streams a file part by part.
@@ -63,12 +66,15 @@ class BatchStore:
             await pipe.execute()
 
     async def end_read(self, file_id: str) -> None:
-        await self.redis.decr(self.keys.file_readers(file_id))
+        """A download ended (at most once per :meth:`begin_read`; shielded from the cancellation of
+        the response that streamed it, so a client that leaves still ends its count)."""
+        with anyio.CancelScope(shield=True):
+            await self._read_end([self.keys.file_readers(file_id)], [])
 
     async def file_parts(self, file_id: str, *, reading: bool = False) -> AsyncIterator[bytes]:
         """The file's bytes, part by part (nothing once it is gone). ``reading``: a download that
-        called :meth:`begin_read`, which a delete meanwhile lets end whole (within DELETED_KEEP_S
-        of its last part; one slower than that ends short of its Content-Length)."""
+        called :meth:`begin_read`, which a delete meanwhile lets end whole if it ends within
+        DELETED_KEEP_S of the delete (a slower one ends short of its Content-Length)."""
         key = self.keys.file(file_id)
         try:
             parts = int(await self.redis.hget(key, "parts") or 0)
@@ -89,9 +95,10 @@ class BatchStore:
             return None
         return b"".join([part async for part in self.file_parts(file_id)])
 
-    async def keep_file(self, file_id: str, ttl_s: int) -> None:
-        """Keep the file at least ``ttl_s`` from now (a running batch's input outlives the batch)."""
-        await self.redis.expire(self.keys.file(file_id), ttl_s, gt=True)
+    async def keep_file(self, file_id: str, ttl_s: int) -> bool:
+        """Keep the file at least ``ttl_s`` from now (a running batch's input outlives the batch);
+        False when it is gone or was deleted meanwhile."""
+        return bool(int(await self._keep([self.keys.file(file_id)], [ttl_s])))
 
     async def files(self, tenant: str) -> list[str]:
         """The tenant's file ids, newest first."""
@@ -133,14 +140,15 @@ class BatchStore:
 
     async def delete_file(self, record: FileRecord) -> None:
         """Gone for every lookup and list at once (``file_delete.lua``). With a download under way
-        its bytes are kept for it (DELETED_KEEP_S at most) and count against the tenant's quota
+        its bytes are kept for it (DELETED_KEEP_S from now) and count against the tenant's quota
         meanwhile, so Redis never holds more than the quota; without one they go at once."""
+        # The hold first, given back unless the bytes were kept: counted twice for a moment at
+        # worst, never not at all.
+        held, member = [self.keys.files_held(record.tenant)], f"deleted-{record.id}:{record.bytes}"
+        await self._hold(held, ["take", member, QUOTA_ANY, DELETED_KEEP_S])
         keys = [self.keys.file(record.id), self.keys.file_readers(record.id)]
-        if int(await self._delete(keys, [DELETED_KEEP_S, int(time.time())])) == 1:
-            member = f"deleted-{record.id}:{record.bytes}"
-            await self._hold(
-                [self.keys.files_held(record.tenant)], ["take", member, QUOTA_ANY, DELETED_KEEP_S]
-            )
+        if int(await self._delete(keys, [DELETED_KEEP_S, int(time.time())])) != 1:
+            await self._hold(held, ["give", member])
         await self.redis.zrem(self.keys.files(record.tenant), record.id)
 
     # Batches
@@ -221,7 +229,7 @@ class BatchStore:
 
 CHUNK = 8 << 20
 PENDING_TTL_S = 3600
-DELETED_KEEP_S = 120  # a deleted file's bytes, for the downloads already reading it
+DELETED_KEEP_S = 600  # a deleted file's bytes, from its deletion, for the downloads reading it
 QUOTA_ANY = 1 << 62  # a hold that is taken whatever the quota (a deleted file's bytes)
 
 

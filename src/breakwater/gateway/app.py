@@ -16,7 +16,7 @@ from breakwater.config import GatewaySettings
 from breakwater.gateway import batches, responses, routes, ws
 from breakwater.gateway.batch_runner import BatchRunner
 from breakwater.gateway.body import BodyLimitMiddleware
-from breakwater.gateway.cors import add_cors
+from breakwater.gateway.cors import CrossSiteGuard, add_cors
 from breakwater.gateway.embedded import EmbeddedWorker, embedded_settings
 from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.fastpath import FastCompletions
@@ -144,6 +144,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(FastCompletions)  # innermost: after X-Request-ID and the body limit
     uploads = {"/v1/files": settings.files_max_bytes + MULTIPART_SLACK}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, paths=uploads)
+    app.add_middleware(CrossSiteGuard, origins=settings.cors_origins)
     app.add_middleware(RequestIdMiddleware)
     add_cors(app, settings.cors_origins)  # outermost: a preflight needs none of the others
     return app

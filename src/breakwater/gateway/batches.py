@@ -256,8 +256,9 @@ async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Resp
     record = record.moved("failed", now) if parsed.errors else record.moved("in_progress", now)
     record.errors = [e.to_dict() for e in parsed.errors]
     ttl_s = service(request).settings.files_ttl_s
-    if not parsed.errors:  # the input outlives the batch: a runner that takes it over reads it again
-        await store.keep_file(file.id, WINDOW_S + ttl_s)
+    # The input outlives the batch: a runner that takes it over reads it again.
+    if not parsed.errors and not await store.keep_file(file.id, WINDOW_S + ttl_s):
+        raise _not_found("file", file.id, "input_file_id")  # deleted while it was read
     await store.create(record, ttl_s)
     if record.status == "in_progress":
         request.app.state.batch_runner.poke()

@@ -9,11 +9,15 @@ ones a client needs to resume or back off (``X-Breakwater-Request-Id``, ``Retry-
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+import orjson
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from breakwater.config import normal_origin
+from breakwater.gateway.errors import error_body
 
 EXPOSED = (
     "X-Request-ID",
@@ -58,3 +62,41 @@ def websocket_origin_allowed(scope: Scope, origins: list[str]) -> bool:
             origin = normal_origin(value.decode("latin-1"))
             return not origin or "*" in origins or origin in origins
     return True
+
+
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CrossSiteGuard:
+    """Pure ASGI: a request that changes something (POST, DELETE) sent by a web page of an origin
+    neither listed nor the gateway's own is a 403, whatever it is: the ones a page can send without
+    a CORS preflight (a form's file upload, a body-less cancel) reach the gateway, and a gateway
+    without keys would run them. Requests without an ``Origin`` (every non-browser client) and the
+    gateway's own pages (``/docs`` without keys) pass."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        self.app = app
+        self.origins = origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in UNSAFE and "*" not in self.origins:
+            origin = host = ""
+            for name, value in scope["headers"]:
+                if name == b"origin":
+                    origin = normal_origin(value.decode("latin-1"))
+                elif name == b"host":
+                    host = value.decode("latin-1").lower()
+            if origin and origin not in self.origins and urlsplit(origin).netloc != host:
+                await _refuse(send, origin)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, origin: str) -> None:
+    message = (
+        f"requests from web pages of {origin} are refused: the gateway's cors_allow_origins lists it not"
+    )
+    body = orjson.dumps(error_body(message, "invalid_request_error", "cross_site_request"))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
