@@ -22,6 +22,7 @@ from breakwater.broker.record import Status
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
+from breakwater.tenancy.apikeys import ApiKey
 from tests.helpers import StackProcs, async_wait_for, expected_sim, sync_redis, wait_for
 from tests.inproc import inproc_gateway
 
@@ -374,6 +375,31 @@ async def test_a_prompt_too_long_for_the_context_queues_none_of_the_group(
         assert [k async for k in gw.app.state.service.broker.redis.scan_iter(match=f"{prefix}:req:*")] == []
         body["prompt"] = ["short", "short too"]
         assert (await gw.http.post("/v1/completions", json=body)).status_code == 200
+
+
+async def test_a_group_its_keys_limits_can_never_admit_together_is_a_400(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Choices are admitted all or none: more than a key's concurrency, or than its requests per
+    minute let start at once (GCRA's burst: 2 at 60 per minute), could never be admitted, so the
+    answer is a 400 naming why, not a 429 to retry forever. A group that fits is served."""
+    pepper = "choices-limits-pepper-0123456789"
+    async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=pepper) as gw:
+        await gw.add_worker()
+        store = gw.app.state.service.broker.api_keys(pepper.encode())
+        per_minute, _ = await store.create(ApiKey(id="", tenant="t", rpm=60))
+        concurrent, _ = await store.create(ApiKey(id="", tenant="t", max_concurrent=2))
+        for key in (per_minute, concurrent):
+            headers = {"Authorization": f"Bearer {key}"}
+            for body in (
+                {"model": "sim", "prompt": "three", "n": 3, "max_tokens": 2},
+                {"model": "sim", "prompt": ["a", "b", "c"], "max_tokens": 2},
+            ):
+                refused = await gw.http.post("/v1/completions", json=body, headers=headers)
+                assert refused.status_code == 400, refused.text
+                assert refused.json()["error"]["code"] == "too_many_choices"
+            fits = {"model": "sim", "prompt": ["a", "b"], "max_tokens": 2}
+            assert (await gw.http.post("/v1/completions", json=fits, headers=headers)).status_code == 200
 
 
 async def _enqueue(broker: Broker, rid: str) -> str:

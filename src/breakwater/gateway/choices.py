@@ -25,6 +25,7 @@ from breakwater.gateway.admission import new_rid
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
+from breakwater.gateway.limits import group_refusal, limits_of
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
 from breakwater.gateway.streaming import LastChunk, joined
 from breakwater.protocol.events import TokenEvent
@@ -154,6 +155,9 @@ async def admit(
     """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued.
     ``client``: the body as the client sent it, when ``body`` names the version an alias chose."""
     n, prompts = body.choice_count(), prompt_count(body)
+    refused = group_refusal(n, limits_of(principal.key), principal.tenant_limits)
+    if refused is not None:
+        raise refused
     if isinstance(body, CompletionRequest) and prompts > 1:  # every prompt fits, before any is queued
         model = await svc.admitter.registry.resolve(body.model)
         for prompt in body.prompts():

@@ -47,6 +47,38 @@ def too_large(tokens: int, limits: Limits) -> APIError:
     )
 
 
+BURST_MS = 1200  # limits.lua's: a limit lets a request start while its TAT is at most this far ahead
+
+
+def at_once(rpm: int) -> int:
+    """How many requests a requests-per-minute limit admits at once from rest (GCRA's burst)."""
+    return int(BURST_MS * rpm / 60_000) + 1
+
+
+def group_refusal(choices: int, key: Limits, tenant: Limits) -> APIError | None:
+    """A 400 for a request of ``choices`` choices (each a request, admitted all or none) that its
+    key's or its tenant's limits can never admit at once, else None: retrying (a 429) would not
+    help. Tokens per minute are not judged here (each choice's reservation is only known when it
+    is admitted)."""
+    for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
+        if limits.max_concurrent and choices > limits.max_concurrent:
+            return _too_many(choices, f"the {whose} limit of {limits.max_concurrent} concurrent requests")
+        if limits.rpm and choices > at_once(limits.rpm):
+            allowed = f"{at_once(limits.rpm)} requests at once (the {whose} {limits.rpm} per minute)"
+            return _too_many(choices, allowed)
+    return None
+
+
+def _too_many(choices: int, bound: str) -> APIError:
+    return APIError(
+        400,
+        f"This request's {choices} choices (n for each prompt, each a request) are more than "
+        f"{bound} can admit together; ask for fewer.",
+        code="too_many_choices",
+        param="n",
+    )
+
+
 def rate_headers(limits: Limits, decision: Decision, tenant_limits: Limits | None = None) -> dict[str, str]:
     """The key's own limits; where the key has none, its tenant's."""
     headers: dict[str, str] = {}
