@@ -381,24 +381,27 @@ async def test_a_group_its_keys_limits_can_never_admit_together_is_a_400(
     redis_server: RedisServer, prefix: str
 ) -> None:
     """Choices are admitted all or none: more than a key's concurrency, or than its requests per
-    minute let start at once (GCRA's burst: 2 at 60 per minute), could never be admitted, so the
-    answer is a 400 naming why, not a 429 to retry forever. A group that fits is served."""
+    minute let start at once (GCRA's burst: 2 at 60 per minute), or more tokens reserved before the
+    last choice than its tokens per minute let start at once (100 at 5,000 per minute), could never
+    be admitted, so the answer is a 400 naming why, not a 429 to retry forever. A group that fits is
+    served."""
     pepper = "choices-limits-pepper-0123456789"
     async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=pepper) as gw:
         await gw.add_worker()
         store = gw.app.state.service.broker.api_keys(pepper.encode())
         per_minute, _ = await store.create(ApiKey(id="", tenant="t", rpm=60))
         concurrent, _ = await store.create(ApiKey(id="", tenant="t", max_concurrent=2))
-        for key in (per_minute, concurrent):
+        tokens, _ = await store.create(ApiKey(id="", tenant="t", tpm=5000))
+        for key, max_tokens in ((per_minute, 2), (concurrent, 2), (tokens, 60)):
             headers = {"Authorization": f"Bearer {key}"}
             for body in (
-                {"model": "sim", "prompt": "three", "n": 3, "max_tokens": 2},
-                {"model": "sim", "prompt": ["a", "b", "c"], "max_tokens": 2},
+                {"model": "sim", "prompt": "three", "n": 3, "max_tokens": max_tokens},
+                {"model": "sim", "prompt": ["a", "b", "c"], "max_tokens": max_tokens},
             ):
                 refused = await gw.http.post("/v1/completions", json=body, headers=headers)
                 assert refused.status_code == 400, refused.text
                 assert refused.json()["error"]["code"] == "too_many_choices"
-            fits = {"model": "sim", "prompt": ["a", "b"], "max_tokens": 2}
+            fits = {"model": "sim", "prompt": ["a", "b"], "max_tokens": max_tokens}
             assert (await gw.http.post("/v1/completions", json=fits, headers=headers)).status_code == 200
 
 

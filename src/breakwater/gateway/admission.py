@@ -30,7 +30,15 @@ from breakwater.gateway.cache import (
 )
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission, record_when_admitted
-from breakwater.gateway.limits import hold, limits_of, rate_headers, refusal, reserve, too_large
+from breakwater.gateway.limits import (
+    group_token_refusal,
+    hold,
+    limits_of,
+    rate_headers,
+    refusal,
+    reserve,
+    too_large,
+)
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.models import ModelInfo, ModelRegistry
 from breakwater.gateway.specs import Body, check_features, prompt_text, request_spec
@@ -368,6 +376,22 @@ class Admitter:
     def _context(self, model: ModelInfo) -> int:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.
         return model.context_length if model.context_length > 0 else self.settings.max_context_tokens
+
+    async def check_group(self, bodies: list[Body], principal: Principal) -> None:
+        """A group's choices (a body each), before any is queued: each one's context, and their
+        token reservations against what the tokens per minute could ever admit together."""
+        model = await self.registry.resolve(bodies[0].model)
+        reserved = []
+        for body in bodies:
+            spec = request_spec(
+                body, request_id="", default_timeout_s=self.settings.request_timeout_s, principal=principal
+            )
+            prompt = prompt_text(spec)
+            self.check_context(prompt, spec.max_tokens, model)
+            reserved.append(reserve(spec, prompt))
+        refused = group_token_refusal(reserved, limits_of(principal.key), principal.tenant_limits)
+        if refused is not None:
+            raise refused
 
     def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
         ctx = self._context(model)

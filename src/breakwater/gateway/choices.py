@@ -155,13 +155,11 @@ async def admit(
     """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued.
     ``client``: the body as the client sent it, when ``body`` names the version an alias chose."""
     n, prompts = body.choice_count(), prompt_count(body)
+    # Before any choice is queued: what the limits could never admit together, each prompt's context.
     refused = group_refusal(n, limits_of(principal.key), principal.tenant_limits)
     if refused is not None:
         raise refused
-    if isinstance(body, CompletionRequest) and prompts > 1:  # every prompt fits, before any is queued
-        model = await svc.admitter.registry.resolve(body.model)
-        for prompt in body.prompts():
-            svc.admitter.check_context(prompt, body.output_limit(), model)
+    await svc.admitter.check_group([choice_body(body, index) for index in range(n)], principal)
     rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
     admitted: list[Submission] = []
     try:

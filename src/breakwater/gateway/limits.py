@@ -69,6 +69,19 @@ def group_refusal(choices: int, key: Limits, tenant: Limits) -> APIError | None:
     return None
 
 
+def group_token_refusal(reserved: list[int], key: Limits, tenant: Limits) -> APIError | None:
+    """A 400 for a group whose choices' token reservations (``reserved``, in admission order) its
+    key's or tenant's tokens per minute can never admit together: the last choice starts only if
+    the others' tokens are within GCRA's burst of the allowance (``limits.lua``)."""
+    before_last = sum(reserved[:-1])
+    for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
+        burst = BURST_MS * limits.tpm / 60_000
+        if limits.tpm and before_last > burst:
+            allowed = f"{int(burst)} tokens at once (the {whose} {limits.tpm} per minute)"
+            return _too_many(len(reserved), f"{allowed}, for their {sum(reserved)} tokens reserved,")
+    return None
+
+
 def _too_many(choices: int, bound: str) -> APIError:
     return APIError(
         400,
