@@ -113,11 +113,18 @@ class CommonSettings(BaseSettings):
         return value.encode()
 
 
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
 def normal_origin(origin: str) -> str:
-    """``scheme://host[:port]`` with scheme and host in lower case, as browsers send an Origin."""
+    """``scheme://host[:port]`` as browsers send an Origin: scheme and host in lower case, without
+    the scheme's default port."""
     origin = origin.strip().rstrip("/")
     scheme, sep, rest = origin.partition("://")
-    return f"{scheme.lower()}{sep}{rest.lower()}" if sep else origin.lower()
+    if not sep:
+        return origin.lower()
+    scheme, rest = scheme.lower(), rest.lower()
+    return f"{scheme}://{rest.removesuffix(DEFAULT_PORTS.get(scheme, ':'))}"
 
 
 class GatewaySettings(CommonSettings):
@@ -139,6 +146,17 @@ class GatewaySettings(CommonSettings):
             "* for any): CORS on HTTP, and the WebSocket's Origin check. Empty: none"
         ),
     )
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _real_origins(cls, value: str) -> str:
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            if origin.lower() == "null":
+                raise ValueError("`null` is the origin of any sandboxed page or file: list real origins")
+            if origin != "*" and "://" not in origin:
+                raise ValueError(f"`{origin}` is not an origin (scheme://host[:port])")
+        return value
+
     stream_grace_s: float = Field(
         default=0.0,
         ge=0.0,

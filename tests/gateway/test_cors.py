@@ -4,7 +4,9 @@ when set; a request without an Origin (any non-browser client) is never touched.
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
+from breakwater.config import GatewaySettings
 from breakwater.gateway.cors import websocket_origin_allowed
 from breakwater.redis_server import RedisServer
 from tests.inproc import InProc, inproc_gateway
@@ -36,6 +38,7 @@ def _scope(origin: str | None, host: str = "gw.example.com:8000") -> dict[str, o
         (APP, [APP], True),
         ("HTTPS://App.Example.com/", [APP], True),  # scheme and host compare in lower case
         ("https://app.example.com:8443", [APP], False),  # another port: another origin
+        ("https://app.example.com:443", [APP], True),  # the scheme's own port: the same origin
         ("https://evil.example", [APP], False),
         ("https://evil.example", ["*"], True),
     ],
@@ -96,3 +99,15 @@ async def test_a_listed_origin_gets_its_preflight_and_reads_the_request_id(
         assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
         plain = await gw.http.post("/v1/chat/completions", json=BODY)  # no Origin: untouched
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+@pytest.mark.parametrize("listed", ["null", "app.example.com", "https://a.example, NULL"])
+def test_an_origin_list_with_null_or_no_scheme_is_refused(listed: str) -> None:
+    """``null`` is the origin of any sandboxed page or local file: listing it would allow every site."""
+    with pytest.raises(ValidationError):
+        GatewaySettings(cors_allow_origins=listed)
+
+
+def test_listed_origins_are_compared_as_browsers_send_them() -> None:
+    settings = GatewaySettings(cors_allow_origins="HTTPS://App.Example.com:443/, http://h:8080, *")
+    assert settings.cors_origins == ["https://app.example.com", "http://h:8080", "*"]
