@@ -382,9 +382,9 @@ async def test_a_group_its_keys_limits_can_never_admit_together_is_a_400(
 ) -> None:
     """Choices are admitted all or none: more than a key's concurrency, or than its requests per
     minute let start at once (GCRA's burst: 2 at 60 per minute), or more tokens reserved before the
-    last choice than its tokens per minute let start at once (100 at 5,000 per minute), could never
-    be admitted, so the answer is a 400 naming why, not a 429 to retry forever. A group that fits is
-    served."""
+    last choice than its tokens per minute let start at once (100 at 5,000 per minute), or held
+    before the last than its daily budget, could never be admitted, so the answer is a 400 naming
+    why, not a 429 to retry forever. A group that fits is served."""
     pepper = "choices-limits-pepper-0123456789"
     async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=pepper) as gw:
         await gw.add_worker()
@@ -392,7 +392,8 @@ async def test_a_group_its_keys_limits_can_never_admit_together_is_a_400(
         per_minute, _ = await store.create(ApiKey(id="", tenant="t", rpm=60))
         concurrent, _ = await store.create(ApiKey(id="", tenant="t", max_concurrent=2))
         tokens, _ = await store.create(ApiKey(id="", tenant="t", tpm=5000))
-        for key, max_tokens in ((per_minute, 2), (concurrent, 2), (tokens, 60)):
+        budget, _ = await store.create(ApiKey(id="", tenant="t", budget_day=100))
+        for key, max_tokens in ((per_minute, 2), (concurrent, 2), (tokens, 60), (budget, 60)):
             headers = {"Authorization": f"Bearer {key}"}
             for body in (
                 {"model": "sim", "prompt": "three", "n": 3, "max_tokens": max_tokens},

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -31,6 +31,7 @@ from breakwater.gateway.cache import (
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission, record_when_admitted
 from breakwater.gateway.limits import (
+    group_refusal,
     group_token_refusal,
     hold,
     limits_of,
@@ -377,19 +378,38 @@ class Admitter:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.
         return model.context_length if model.context_length > 0 else self.settings.max_context_tokens
 
-    async def check_group(self, bodies: list[Body], principal: Principal) -> None:
-        """A group's choices (a body each), before any is queued: each one's context, and their
-        token reservations against what the tokens per minute could ever admit together."""
+    async def check_group(
+        self, bodies: Sequence[Body], principal: Principal, prompts: int, replay: IdempotencyKey | None
+    ) -> None:
+        """A group's choices (a body each, in admission order), before any is queued: each one's
+        context and token reservation as its admission will judge them, and what the limits could
+        never admit together (gateway.limits). Not for a replay of a group admitted already (its
+        first choice's Idempotency-Key bound): a replay is not a new request."""
+        if replay is not None and await self.broker.binding(replay.redis_key(self.broker.keys)):
+            return
+        limits, shared = limits_of(principal.key), principal.tenant_limits
+        refused = group_refusal(len(bodies), limits, shared)
         model = await self.registry.resolve(bodies[0].model)
-        reserved = []
+        reserved, held = [], []
         for body in bodies:
             spec = request_spec(
-                body, request_id="", default_timeout_s=self.settings.request_timeout_s, principal=principal
+                body,
+                request_id="",
+                default_timeout_s=self.settings.request_timeout_s,
+                principal=principal,
+                choices=len(bodies),
+                prompts=prompts,
+                model=model,
             )
             prompt = prompt_text(spec)
             self.check_context(prompt, spec.max_tokens, model)
             reserved.append(reserve(spec, prompt))
-        refused = group_token_refusal(reserved, limits_of(principal.key), principal.tenant_limits)
+            floor = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
+            held.append(hold(spec, prompt, self._context(model), floor))
+            for lim in (limits, shared):
+                if lim.tpm and reserved[-1] > lim.tpm:
+                    raise too_large(reserved[-1], lim)
+        refused = refused or group_token_refusal(reserved, held, limits, shared)
         if refused is not None:
             raise refused
 

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
-from breakwater.gateway.admission import new_rid
+from breakwater.gateway.admission import client_key, new_rid
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission
-from breakwater.gateway.limits import group_refusal, limits_of
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
 from breakwater.gateway.streaming import LastChunk, joined
 from breakwater.protocol.events import TokenEvent
@@ -155,11 +154,11 @@ async def admit(
     """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued.
     ``client``: the body as the client sent it, when ``body`` names the version an alias chose."""
     n, prompts = body.choice_count(), prompt_count(body)
-    # Before any choice is queued: what the limits could never admit together, each prompt's context.
-    refused = group_refusal(n, limits_of(principal.key), principal.tenant_limits)
-    if refused is not None:
-        raise refused
-    await svc.admitter.check_group([choice_body(body, index) for index in range(n)], principal)
+    # Before any choice is queued: each one's context, and what the limits could never admit together.
+    first = choice_key(idempotency_key, 0)
+    replay = client_key(principal, first, client or body) if first else None
+    bodies = [choice_body(body, index) for index in range(n)]
+    await svc.admitter.check_group(bodies, principal, prompts, replay)
     rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
     admitted: list[Submission] = []
     try:

@@ -86,7 +86,8 @@ class CrossSiteGuard:
                     origin = normal_origin(value.decode("latin-1"))
                 elif name == b"host":
                     host = value.decode("latin-1").lower()
-            if origin and origin not in self.origins and urlsplit(origin).netloc != host:
+            own = normal_origin(f"{urlsplit(origin).scheme}://{host}")  # the Host as an origin
+            if origin and origin not in self.origins and origin != own:
                 await _refuse(send, origin)
                 return
         await self.app(scope, receive, send)

@@ -48,45 +48,52 @@ def too_large(tokens: int, limits: Limits) -> APIError:
 
 
 BURST_MS = 1200  # limits.lua's: a limit lets a request start while its TAT is at most this far ahead
-
-
-def at_once(rpm: int) -> int:
-    """How many requests a requests-per-minute limit admits at once from rest (GCRA's burst)."""
-    return int(BURST_MS * rpm / 60_000) + 1
+# What admitting one choice of a group takes at most, generously (a few round trips): the time that
+# passes while a group is admitted lowers its limits' TATs by as much.
+CHOICE_MS = 10.0
 
 
 def group_refusal(choices: int, key: Limits, tenant: Limits) -> APIError | None:
-    """A 400 for a request of ``choices`` choices (each a request, admitted all or none) that its
-    key's or its tenant's limits can never admit at once, else None: retrying (a 429) would not
-    help. Tokens per minute are not judged here (each choice's reservation is only known when it
-    is admitted)."""
+    """A 400 for a request of ``choices`` choices (each a request, admitted all or none, each by
+    its own ``limits.lua`` call) that its key's or its tenant's concurrency or requests per minute
+    can never admit together, else None: a 429 would be retried for nothing."""
     for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
         if limits.max_concurrent and choices > limits.max_concurrent:
             return _too_many(choices, f"the {whose} limit of {limits.max_concurrent} concurrent requests")
-        if limits.rpm and choices > at_once(limits.rpm):
-            allowed = f"{at_once(limits.rpm)} requests at once (the {whose} {limits.rpm} per minute)"
-            return _too_many(choices, allowed)
+        if limits.rpm and _never_starts((choices - 1) * 60_000 / limits.rpm, choices):
+            return _too_many(choices, f"the {whose} {limits.rpm} requests per minute")
     return None
 
 
-def group_token_refusal(reserved: list[int], key: Limits, tenant: Limits) -> APIError | None:
-    """A 400 for a group whose choices' token reservations (``reserved``, in admission order) its
-    key's or tenant's tokens per minute can never admit together: the last choice starts only if
-    the others' tokens are within GCRA's burst of the allowance (``limits.lua``)."""
-    before_last = sum(reserved[:-1])
+def group_token_refusal(reserved: list[int], held: list[int], key: Limits, tenant: Limits) -> APIError | None:
+    """The same for the choices' token reservations (``reserved``: tokens per minute) and budget
+    holds (``held``: daily and monthly budgets), in admission order: the last choice is admitted
+    only after all the others took theirs."""
+    n = len(reserved)
     for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
-        burst = BURST_MS * limits.tpm / 60_000
-        if limits.tpm and before_last > burst:
-            allowed = f"{int(burst)} tokens at once (the {whose} {limits.tpm} per minute)"
-            return _too_many(len(reserved), f"{allowed}, for their {sum(reserved)} tokens reserved,")
+        if limits.tpm and _never_starts(sum(reserved[:-1]) * 60_000 / limits.tpm, n):
+            return _too_many(
+                n, f"the {whose} {limits.tpm} tokens per minute, for their {sum(reserved)} tokens"
+            )
+        for budget, per in ((limits.budget_day, "day"), (limits.budget_month, "month")):
+            if budget and sum(held[:-1]) >= budget:
+                return _too_many(
+                    n, f"the {whose} budget of {budget} tokens a {per}, for their {sum(held)} held"
+                )
     return None
+
+
+def _never_starts(ahead_ms: float, choices: int) -> bool:
+    """Whether a group's last choice finds its limit's TAT ``ahead_ms`` ahead (from rest) too far
+    ahead for the burst, even after the time admitting the others takes."""
+    return ahead_ms - BURST_MS > (choices - 1) * CHOICE_MS
 
 
 def _too_many(choices: int, bound: str) -> APIError:
     return APIError(
         400,
-        f"This request's {choices} choices (n for each prompt, each a request) are more than "
-        f"{bound} can admit together; ask for fewer.",
+        f"This request's {choices} choices (n for each prompt, each a request, admitted together) "
+        f"are more than {bound} can ever admit at once; ask for fewer.",
         code="too_many_choices",
         param="n",
     )
