@@ -149,22 +149,10 @@ def test_a_list_of_prompts_resumes_on_another_gateway(slow_stack: StackProcs) ->
         rid = resp.headers["x-breakwater-request-id"]
         before, done = _events(resp.iter_lines(), stop_after=5)
     assert not done and len(before[-1][0].split(".")) == 2
-    with httpx.stream(
-        "GET", f"{second_url}/v1/requests/{rid}/events", headers={"Last-Event-ID": before[-1][0]}, timeout=60
-    ) as resp:
-        assert resp.status_code == 200
-        after, done = _events(resp.iter_lines())
-    assert done
-
-    def texts(events: list[tuple[str, Any]]) -> list[str]:
-        out = ["", ""]
-        for _, data in events:
-            for choice in data.get("choices", ()):
-                out[choice["index"]] += choice["text"]
-        return out
+    after = _resumed(second_url, rid, before[-1][0])
 
     expected = [expected_sim(prompt=p, seed=8, max_tokens=12, ignore_eos=True)[0] for p in PROMPTS[:2]]
-    assert [a + b for a, b in zip(texts(before), texts(after), strict=True)] == expected
+    assert [a + b for a, b in zip(_texts(before, 2), _texts(after, 2), strict=True)] == expected
 
 
 def test_a_group_of_more_than_sixteen_choices_has_a_status_a_replay_and_a_resume(stack: StackProcs) -> None:
@@ -183,16 +171,8 @@ def test_a_group_of_more_than_sixteen_choices_has_a_status_a_replay_and_a_resume
     assert [c["id"] for c in status["choices"]] == [f"{rid}-{i}" for i in range(18)]
     assert {c["status"] for c in status["choices"]} == {"done"}
     positions = ".".join(["1"] * 18)  # each choice's first token delivered: the rest of each
-    with httpx.stream(
-        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": positions}, timeout=60
-    ) as resp:
-        assert resp.status_code == 200
-        after, done = _events(resp.iter_lines())
-    assert done
-    texts = [""] * 18
-    for _, data in after:
-        for choice in data.get("choices", ()):
-            texts[choice["index"]] += choice["text"]
+    after = _resumed(url, rid, positions)
+    texts = _texts(after, 18)
     for index, choice in enumerate(first.json()["choices"]):
         assert choice["text"].endswith(texts[index]) and len(texts[index]) < len(choice["text"])
 
@@ -214,11 +194,24 @@ def _events(lines: Iterator[str], stop_after: int | None = None) -> tuple[list[t
 
 
 def _texts(events: list[tuple[str, Any]], n: int) -> list[str]:
+    """Each choice's text in ``events`` (a chat's deltas, or a text completion's pieces)."""
     texts = [""] * n
     for _, data in events:
         for choice in data.get("choices", ()):
-            texts[choice["index"]] += choice["delta"].get("content") or ""
+            piece = choice["text"] if "text" in choice else choice["delta"].get("content")
+            texts[choice["index"]] += piece or ""
     return texts
+
+
+def _resumed(url: str, rid: str, last_event_id: str) -> list[tuple[str, Any]]:
+    """Request ``rid``'s events after ``last_event_id``, read on ``url`` to its ``[DONE]``."""
+    with httpx.stream(
+        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": last_event_id}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        after, done = _events(resp.iter_lines())
+    assert done
+    return after
 
 
 def test_resume_on_another_gateway_with_every_choices_position(slow_stack: StackProcs) -> None:
@@ -233,12 +226,7 @@ def test_resume_on_another_gateway_with_every_choices_position(slow_stack: Stack
     heads = [(eid, d["choices"][0]["index"], d["choices"][0]["delta"]) for eid, d in before[:2]]
     assert heads == [("0.0", i, {"role": "assistant", "content": ""}) for i in range(2)]  # in index order
     assert len(positions) == 2 and sum(positions) == 7  # then each event advances one choice's seq
-    with httpx.stream(
-        "GET", f"{second_url}/v1/requests/{rid}/events", headers={"Last-Event-ID": last_id}, timeout=60
-    ) as resp:
-        assert resp.status_code == 200
-        after, done = _events(resp.iter_lines())
-    assert done
+    after = _resumed(second_url, rid, last_id)
     ids = [tuple(int(p) for p in eid.split(".")) for eid, data in after if data.get("choices")]
     assert all(b >= a for prev, cur in itertools.pairwise(ids) for a, b in zip(prev, cur, strict=True))
     expected = [

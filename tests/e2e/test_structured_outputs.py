@@ -329,30 +329,22 @@ def _check_calls(calls: list[Any]) -> None:
 
 
 def test_required_with_two_tools_calls_one_of_them(llama_stack: StackProcs, client: openai.OpenAI) -> None:
-    completion = client.chat.completions.create(
-        model=MODEL,
-        messages=WEATHER,
-        tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice="required",
-        max_tokens=120,
-        seed=4,
-    )
-    choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    assert choice.message.tool_calls
-    _check_calls(choice.message.tool_calls)
-    two = client.chat.completions.create(  # n > 1: each choice a call of its own, by the model's format
-        model=MODEL,
-        messages=WEATHER,
-        tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice="required",
-        max_tokens=120,
-        seed=4,
-        n=2,
-    )
-    assert [c.finish_reason for c in two.choices] == ["tool_calls", "tool_calls"]
-    for each in two.choices:
-        _check_calls(each.message.tool_calls or [])
+    """One choice, then n=2 (each choice a call of its own, by the model's format)."""
+    for n in (1, 2):
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=WEATHER,
+            tools=[WEATHER_TOOL, TIME_TOOL],
+            tool_choice="required",
+            max_tokens=120,
+            seed=4,
+            n=n,
+        )
+        assert len(completion.choices) == n
+        for choice in completion.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            assert choice.message.tool_calls
+            _check_calls(choice.message.tool_calls)
     models = {m.id: m.model_extra or {} for m in client.models.list().data}
     assert "tool_format:smollm2" in models[MODEL]["features"]
 

@@ -127,12 +127,7 @@ class Admitter:
         limits = limits_of(principal.key)
         shared = principal.tenant_limits
         if limits.tpm or limits.budget_day or limits.budget_month or shared.any:
-            floor = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
-            held = hold(spec, prompt, self._context(model), floor)
-            spec = replace(spec, reserved_tokens=reserve(spec, prompt), held_tokens=held)
-            for lim in (limits, shared):
-                if lim.tpm and spec.reserved_tokens > lim.tpm:
-                    raise too_large(spec.reserved_tokens, lim)
+            spec = self._reserved(spec, prompt, model, (limits, shared))
         # The key lives exactly as long as the request's record: while it answers, so does the key.
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
         idem = None
@@ -403,15 +398,25 @@ class Admitter:
             )
             prompt = prompt_text(spec)
             self.check_context(prompt, spec.max_tokens, model)
-            reserved.append(reserve(spec, prompt))
-            floor = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
-            held.append(hold(spec, prompt, self._context(model), floor))
-            for lim in (limits, shared):
-                if lim.tpm and reserved[-1] > lim.tpm:
-                    raise too_large(reserved[-1], lim)
+            spec = self._reserved(spec, prompt, model, (limits, shared))
+            reserved.append(spec.reserved_tokens)
+            held.append(spec.held_tokens)
         refused = refused or group_token_refusal(reserved, held, limits, shared)
         if refused is not None:
             raise refused
+
+    def _reserved(
+        self, spec: RequestSpec, prompt: str, model: ModelInfo, limits: tuple[Limits, Limits]
+    ) -> RequestSpec:
+        """``spec`` with the tokens it reserves against tokens per minute and holds against the
+        budgets; a 400 when that alone is more than the key's (or tenant's) tokens per minute."""
+        floor = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
+        held = hold(spec, prompt, self._context(model), floor)
+        spec = replace(spec, reserved_tokens=reserve(spec, prompt), held_tokens=held)
+        for lim in limits:
+            if lim.tpm and spec.reserved_tokens > lim.tpm:
+                raise too_large(spec.reserved_tokens, lim)
+        return spec
 
     def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
         ctx = self._context(model)
