@@ -609,7 +609,7 @@ async def test_a_budget_hold_apart_from_the_rate_reservation_is_given_back_whole
     limits = Limits(tpm=60_000, budget_day=10_000)
     for rid, in_finish in (("h1", False), ("h2", True)):
         decision = await broker.ledger.admit(
-            "t", "k", limits, rid=rid, tokens=10, held=4_000, deadline_ms=2**50, tenant_limits=None
+            "t", "k", limits, rids=[rid], tokens=10, held=4_000, deadline_ms=2**50, tenant_limits=None
         )
         assert decision.admitted
         day_usage = broker.keys.usage("t", day_of(time.time()))
@@ -639,7 +639,7 @@ async def test_a_hold_of_a_request_never_queued_is_given_back(broker: Broker, re
     """Admitted by the limits, then refused by a full lane: no record, no metering; unhold gives its
     budget hold back, the key's and the tenant's, day and month."""
     limits = Limits(budget_day=10_000, budget_month=100_000)
-    await broker.ledger.admit("t", "k", limits, rid="q", tokens=10, held=4_000, deadline_ms=2**50)
+    await broker.ledger.admit("t", "k", limits, rids=["q"], tokens=10, held=4_000, deadline_ms=2**50)
     day = day_of(time.time())
     day_usage, month_usage = broker.keys.usage("t", day), broker.keys.usage_month("t", day[:7])
     assert await redis.hmget(month_usage, "k:held", "*:held") == ["4000", "4000"]

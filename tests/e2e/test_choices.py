@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from breakwater.broker import Broker, RequestSpec
+from breakwater.broker.ledger import day_of
 from breakwater.broker.record import Status
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
@@ -365,33 +367,126 @@ async def test_a_prompt_too_long_for_the_context_queues_none_of_the_group(
         assert (await gw.http.post("/v1/completions", json=body)).status_code == 200
 
 
-async def test_a_group_its_keys_limits_can_never_admit_together_is_a_400(
+async def test_a_groups_choices_take_the_limits_as_one_arrival(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    """Choices are admitted all or none: more than a key's concurrency, or than its requests per
-    minute let start at once (GCRA's burst: 2 at 60 per minute), or more tokens reserved before the
-    last choice than its tokens per minute let start at once (100 at 5,000 per minute), or held
-    before the last than its daily budget, could never be admitted, so the answer is a 400 naming
-    why, not a 429 to retry forever. A group that fits is served."""
+    """A group's choices take their key's limits in one call, as one arrival of all their requests
+    and tokens: a group fits whenever a minute's allowance does (one call per choice let only GCRA's
+    burst, 1.2 s of the minute, in: n=3 at 3 per minute, or 4,800 tokens at 5,000 per minute, were
+    refused), and what follows it waits for all of them. More than the key's concurrency, a minute's
+    requests or a minute's tokens, or as much held before the last choice as the daily budget, is a
+    400 naming why, not a 429 to retry forever."""
     pepper = "choices-limits-pepper-0123456789"
     async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=pepper) as gw:
         await gw.add_worker()
         store = gw.app.state.service.broker.api_keys(pepper.encode())
-        per_minute, _ = await store.create(ApiKey(id="", tenant="t", rpm=60))
-        concurrent, _ = await store.create(ApiKey(id="", tenant="t", max_concurrent=2))
+        per_minute, _ = await store.create(ApiKey(id="", tenant="t", rpm=3))
+        concurrent, _ = await store.create(ApiKey(id="", tenant="t", max_concurrent=3))
         tokens, _ = await store.create(ApiKey(id="", tenant="t", tpm=5000))
-        budget, _ = await store.create(ApiKey(id="", tenant="t", budget_day=100))
-        for key, max_tokens in ((per_minute, 2), (concurrent, 2), (tokens, 60), (budget, 60)):
+        budget, _ = await store.create(ApiKey(id="", tenant="t", budget_day=200))
+        # (key, max_tokens): 4 choices are too many (4 > 3 requests, 4 x 1,601 > 5,000 tokens,
+        # 3 x 67 >= 200 held before the last); 3 fit.
+        for key, max_tokens in ((per_minute, 2), (concurrent, 2), (tokens, 1600), (budget, 66)):
             headers = {"Authorization": f"Bearer {key}"}
             for body in (
-                {"model": "sim", "prompt": "three", "n": 3, "max_tokens": max_tokens},
-                {"model": "sim", "prompt": ["a", "b", "c"], "max_tokens": max_tokens},
+                {"model": "sim", "prompt": "four", "n": 4, "max_tokens": max_tokens},
+                {"model": "sim", "prompt": ["a", "b", "c", "d"], "max_tokens": max_tokens},
             ):
                 refused = await gw.http.post("/v1/completions", json=body, headers=headers)
                 assert refused.status_code == 400, refused.text
                 assert refused.json()["error"]["code"] == "too_many_choices"
-            fits = {"model": "sim", "prompt": ["a", "b"], "max_tokens": max_tokens}
-            assert (await gw.http.post("/v1/completions", json=fits, headers=headers)).status_code == 200
+            fits = {"model": "sim", "prompt": ["a", "b", "c"], "max_tokens": min(max_tokens, 8)}
+            if key is tokens:
+                fits = {"model": "sim", "prompt": "a", "n": 3, "max_tokens": max_tokens}
+            served = await gw.http.post("/v1/completions", json=fits, headers=headers)
+            assert served.status_code == 200, (key, served.text)
+            assert len(served.json()["choices"]) == 3
+            if key is per_minute:
+                # The three took three requests of the minute: the next one waits for them (GCRA's
+                # TAT a minute ahead, less the burst), and the group's response said none remain.
+                assert served.headers["x-ratelimit-remaining-requests"] == "0"
+                one = {"model": "sim", "prompt": "one", "max_tokens": 2}
+                later = await gw.http.post("/v1/completions", json=one, headers=headers)
+                assert later.status_code == 429, later.text
+                assert later.headers["X-Breakwater-Reason"] == "rate_limit_requests"
+                assert int(later.headers["retry-after-ms"]) > 50_000
+
+
+async def test_a_budget_admits_a_group_only_as_it_would_choice_by_choice(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A budget is passed by one choice's hold at most: with 150 of 200 tokens used, one request
+    holding 67 is admitted, but two choices holding 67 each are not (the second would not be), and
+    nothing of the refused group stays held."""
+    pepper = "choices-limits-pepper-0123456789"
+    async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=pepper) as gw:
+        await gw.add_worker()
+        broker = gw.app.state.service.broker
+        secret, key = await broker.api_keys(pepper.encode()).create(ApiKey(id="", tenant="t", budget_day=200))
+        usage = broker.keys.usage("t", day_of(time.time()))
+        await broker.redis.hset(usage, f"{key.id}:prompt_tokens", 150)  # metered earlier today
+        headers = {"Authorization": f"Bearer {secret}"}
+        two = {"model": "sim", "prompt": "a", "n": 2, "max_tokens": 66}  # 1 + 66 tokens held a choice
+        refused = await gw.http.post("/v1/completions", json=two, headers=headers)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+        assert await broker.redis.hget(usage, f"{key.id}:held") in (None, "0")
+        alone = await gw.http.post("/v1/completions", json={**two, "n": 1}, headers=headers)
+        assert alone.status_code == 200, alone.text
+
+
+async def test_a_group_refused_for_a_parameter_takes_nothing_of_the_limits(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A group whose body the engine cannot serve (the sim has no logprobs) is a 400 naming the
+    parameter before its limits are taken: retried as often as the client likes, it leaves the
+    key's minute whole for the group that follows."""
+    pepper = "choices-limits-pepper-0123456789"
+    async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=pepper) as gw:
+        await gw.add_worker()
+        store = gw.app.state.service.broker.api_keys(pepper.encode())
+        secret, _ = await store.create(ApiKey(id="", tenant="t", rpm=3))
+        headers = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "sim", "prompt": "a", "n": 3, "max_tokens": 2}
+        for _ in range(2):
+            refused = await gw.http.post("/v1/completions", json={**body, "logprobs": 1}, headers=headers)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+        served = await gw.http.post("/v1/completions", json=body, headers=headers)
+        assert served.status_code == 200, served.text
+
+
+async def test_a_refused_group_gives_back_the_limits_its_choices_took(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The group takes its key's limits for all its choices before the first is queued; when one is
+    refused (its lane full), the places and budget holds of the ones not queued are given back at
+    once, and the queued one's is freed as it is withdrawn: only its hold stays until it is metered."""
+    pepper = "choices-limits-pepper-0123456789"
+    async with inproc_gateway(
+        redis_server.url, prefix, lane_max_queued=2, auth="keys", auth_pepper=pepper
+    ) as gw:
+        await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=20, decode_per_seq_ms=0)))
+        broker = gw.broker()
+        store = gw.app.state.service.broker.api_keys(pepper.encode())
+        secret, key = await store.create(ApiKey(id="", tenant="t", max_concurrent=5, budget_day=10_000))
+        try:
+            busy = [await _enqueue(broker, f"busy-{i}") for i in range(2)]
+
+            async def one_running() -> bool:
+                records = [await broker.get_record(rid) for rid in busy]
+                return any(r is not None and r.status is Status.RUNNING for r in records)
+
+            await async_wait_for(one_running, 10, 0.01, what="one of the two running, one waiting")
+            body = {"model": "sim", "prompt": "three of us", "n": 3, "max_tokens": 4}
+            refused = await gw.http.post(
+                "/v1/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
+            )
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+            assert await broker.redis.zrange(broker.keys.running("t", key.id), 0, -1) == []
+            one_hold = 3 + 4  # "three of us": 11 bytes, 3 tokens at 4 bytes a token, and max_tokens
+            usage = broker.keys.usage("t", day_of(time.time()))
+            assert await broker.redis.hmget(usage, f"{key.id}:held", "*:held") == [str(one_hold)] * 2
+        finally:
+            await broker.aclose()
 
 
 async def _enqueue(broker: Broker, rid: str) -> str:

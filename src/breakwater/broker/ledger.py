@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -97,14 +98,18 @@ class Ledger:
         key_id: str,
         limits: Limits,
         *,
-        rid: str,
+        rids: Sequence[str],
         tokens: int,
         deadline_ms: int,
         tenant_limits: Limits | None = None,
         held: int | None = None,
+        held_ahead: int = 0,
     ) -> Decision:
-        """Check (and on admission take) the key's limits and, if it has any, the tenant's: ``tokens``
-        against tokens per minute, ``held`` (default: ``tokens``) against the token budgets."""
+        """Check (and on admission take) the key's limits and, if it has any, the tenant's, for the
+        requests ``rids`` as one arrival (one request, or a request's choices): ``tokens`` (theirs in
+        all) against tokens per minute, ``held`` (default: ``tokens``) against the token budgets, of
+        which the choices before a group's last hold ``held_ahead``: a budget admits the group only
+        if it would admit it choice by choice."""
         now = time.time()
         subjects = [(key_id, limits)] + (
             [(TENANT, tenant_limits)] if tenant_limits and tenant_limits.any else []
@@ -112,12 +117,13 @@ class Ledger:
         keys = [self.keys.usage(tenant, day_of(now)), self.keys.usage_month(tenant, day_of(now)[:7])]
         args: list[str | int] = [
             tokens,
-            rid,
+            " ".join(rids),
             deadline_ms,
             USAGE_TTL_S,
             *until_next_day_and_month(now),
             key_id,
             tokens if held is None else held,
+            held_ahead,
         ]
         for subject, lim in subjects:
             keys += [self.keys.limiter(tenant, subject), self.keys.running(tenant, subject)]
@@ -180,11 +186,11 @@ class Ledger:
         ]
         return keys, args
 
-    async def release(self, tenant: str, key_id: str, rid: str) -> None:
-        """A request the limiter admitted but that was not queued after all (its lane was full):
-        free its place among the running ones. What it took of the rates stays taken."""
-        await self.redis.zrem(self.keys.running(tenant, key_id), rid)
-        await self.redis.zrem(self.keys.running(tenant, TENANT), rid)
+    async def release(self, tenant: str, key_id: str, *rids: str) -> None:
+        """Requests the limiter admitted but that were not queued after all (a lane was full):
+        free their places among the running ones. What they took of the rates stays taken."""
+        await self.redis.zrem(self.keys.running(tenant, key_id), *rids)
+        await self.redis.zrem(self.keys.running(tenant, TENANT), *rids)
 
     async def unhold(self, tenant: str, key_id: str, held: int) -> None:
         """A request the limiter admitted but that was not queued after all: give back what it held

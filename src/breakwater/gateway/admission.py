@@ -30,14 +30,14 @@ from breakwater.gateway.cache import (
 )
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Submission, record_when_admitted
+from breakwater.gateway.groups import GroupLimits
 from breakwater.gateway.limits import (
-    group_refusal,
-    group_token_refusal,
     hold,
     limits_of,
     rate_headers,
     refusal,
     reserve,
+    tokened,
     too_large,
 )
 from breakwater.gateway.metrics import GatewayMetrics
@@ -100,12 +100,14 @@ class Admitter:
         digest_of: Body | None = None,
         cache: CacheControl = DEFAULT_CONTROL,
         response: str = "",
+        group: GroupLimits | None = None,
     ) -> Submission:
         """Queue ``body`` as request ``rid`` (new when empty), or follow an identical request's answer
         (gateway.cache); ``choices``: it is one of a request's choices (``n`` for each of its
         ``prompts``; gateway.choices), whose
-        Idempotency-Key is bound to ``digest_of`` (the client's whole body). ``response``: it serves a
-        Responses API request, which keeps this (``RequestSpec.response``)."""
+        Idempotency-Key is bound to ``digest_of`` (the client's whole body), and whose limits
+        ``group`` took already, when given (gateway.groups). ``response``: it serves a Responses API
+        request, which keeps this (``RequestSpec.response``)."""
         model = await self.registry.resolve(body.model)
         spec = request_spec(
             body,
@@ -126,8 +128,11 @@ class Admitter:
         rid = rid or new_rid(spec.kind)
         limits = limits_of(principal.key)
         shared = principal.tenant_limits
-        if limits.tpm or limits.budget_day or limits.budget_month or shared.any:
-            spec = self._reserved(spec, prompt, model, (limits, shared))
+        share = group.shares.get(rid) if group is not None else None
+        if share is not None:  # as its group took them (the model's context may have changed since)
+            spec = replace(spec, reserved_tokens=share[0], held_tokens=share[1])
+        elif tokened(limits, shared):
+            spec = self.reserved(spec, prompt, model, (limits, shared))
         # The key lives exactly as long as the request's record: while it answers, so does the key.
         key_ttl_s = math.ceil(spec.timeout_s) + self.settings.result_ttl_s
         idem = None
@@ -143,9 +148,11 @@ class Admitter:
         owned = entry if lookup.bound else None
         self.metrics.cache_requests.labels(body.model, lookup.outcome.value).inc()
         headers: dict[str, str] = {HEADER: lookup.outcome.value}
-        if limits.any or shared.any:  # after the Idempotency-Key: a replay is not a new request
+        if group is not None:  # its group took the limits: from here on, this admission gives them back
+            group.shares.pop(rid, None)
+        elif limits.any or shared.any:  # after the Idempotency-Key: a replay is not a new request
             try:
-                headers |= await self._within_limits(principal, limits, rid, spec)
+                headers |= await self.take_limits(principal, limits, (rid,), spec)
             except BaseException:
                 await self._abandon(None, idem, rid, principal, Limits(), owned)
                 raise
@@ -307,10 +314,12 @@ class Admitter:
                 raise _idempotency_conflict()
         return lookup
 
-    async def _within_limits(
-        self, principal: Principal, limits: Limits, rid: str, spec: RequestSpec
+    async def take_limits(
+        self, principal: Principal, limits: Limits, rids: Sequence[str], spec: RequestSpec, ahead: int = 0
     ) -> dict[str, str]:
-        """The key's (and its tenant's) limits admit this request, else 429; its x-ratelimit-* headers."""
+        """The key's (and its tenant's) limits admit requests ``rids`` (one, or a group's choices as one
+        arrival, ``spec`` reserving and holding their tokens in all, ``ahead`` of it held by the
+        choices before the last), else 429; the x-ratelimit-* headers."""
         # A running request leaves the concurrency set when it is metered; this bound only frees the
         # place of one whose worker died (a started job runs past its queue deadline).
         deadline_ms = int((time.time() + spec.timeout_s + self.settings.result_ttl_s) * 1000)
@@ -319,11 +328,12 @@ class Admitter:
             principal.tenant,
             principal.key_id,
             limits,
-            rid=rid,
+            rids=rids,
             tokens=spec.reserved_tokens,
             deadline_ms=deadline_ms,
             tenant_limits=shared,
             held=spec.held_tokens,
+            held_ahead=ahead,
         )
         if not decision.admitted:
             self.metrics.rejections.labels(spec.model, f"rate_limit_{decision.reason}").inc()
@@ -373,39 +383,7 @@ class Admitter:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.
         return model.context_length if model.context_length > 0 else self.settings.max_context_tokens
 
-    async def check_group(
-        self, bodies: Sequence[Body], principal: Principal, prompts: int, replay: IdempotencyKey | None
-    ) -> None:
-        """A group's choices (a body each, in admission order), before any is queued: each one's
-        context and token reservation as its admission will judge them, and what the limits could
-        never admit together (gateway.limits). Not for a replay of a group admitted already (its
-        first choice's Idempotency-Key bound): a replay is not a new request."""
-        if replay is not None and await self.broker.binding(replay.redis_key(self.broker.keys)):
-            return
-        limits, shared = limits_of(principal.key), principal.tenant_limits
-        refused = group_refusal(len(bodies), limits, shared)
-        model = await self.registry.resolve(bodies[0].model)
-        reserved, held = [], []
-        for body in bodies:
-            spec = request_spec(
-                body,
-                request_id="",
-                default_timeout_s=self.settings.request_timeout_s,
-                principal=principal,
-                choices=len(bodies),
-                prompts=prompts,
-                model=model,
-            )
-            prompt = prompt_text(spec)
-            self.check_context(prompt, spec.max_tokens, model)
-            spec = self._reserved(spec, prompt, model, (limits, shared))
-            reserved.append(spec.reserved_tokens)
-            held.append(spec.held_tokens)
-        refused = refused or group_token_refusal(reserved, held, limits, shared)
-        if refused is not None:
-            raise refused
-
-    def _reserved(
+    def reserved(
         self, spec: RequestSpec, prompt: str, model: ModelInfo, limits: tuple[Limits, Limits]
     ) -> RequestSpec:
         """``spec`` with the tokens it reserves against tokens per minute and holds against the

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
+from breakwater.gateway import groups
 from breakwater.gateway.admission import client_key, new_rid
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
@@ -154,17 +155,19 @@ async def admit(
     """Queue every choice of ``body`` or none: a refusal (429, 400) takes back the ones queued.
     ``client``: the body as the client sent it, when ``body`` names the version an alias chose."""
     n, prompts = body.choice_count(), prompt_count(body)
-    # Before any choice is queued: each one's context, and what the limits could never admit together.
+    rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
     first = choice_key(idempotency_key, 0)
     replay = client_key(principal, first, client or body) if first else None
     bodies = [choice_body(body, index) for index in range(n)]
-    await svc.admitter.check_group(bodies, principal, prompts, replay)
-    rid = new_rid("chat" if isinstance(body, ChatCompletionRequest) else "completion")
+    # Before any choice is queued: each one's context, and the limits for all of them as one arrival.
+    rids = [choice_rid(rid, index) for index in range(n)]
+    taken = await groups.admit_group(svc.admitter, bodies, rids, principal, prompts, replay)
+    group = taken
     admitted: list[Submission] = []
     try:
         for index in range(n):
             sub = await svc.admitter.submit(
-                choice_body(body, index),
+                bodies[index],
                 request_id=request_id,
                 # Each choice's key is bound to the client's whole body (n included), so a replay
                 # with another body (another n) is refused, never half matched.
@@ -174,10 +177,13 @@ async def admit(
                 rid=choice_rid(rid, index),
                 choices=n,
                 prompts=prompts,
+                group=group,
             )
             admitted.append(sub)
             if index == 0 and sub.duplicate:  # an Idempotency-Key replay: the group it made first
-                rid = _group_of(sub.rid)
+                rid, group = _group_of(sub.rid), None  # its choices were admitted by their limits then
+                if taken is not None:
+                    await groups.give_back(svc.admitter, taken, principal)
     except BaseException:
         for index, sub in enumerate(admitted):
             with contextlib.suppress(*TRANSIENT):
@@ -188,10 +194,13 @@ async def admit(
                         sub, choice_key(idempotency_key, index), client or body, principal
                     )
         raise
+    finally:
+        if taken is not None:  # what the choices not queued here took: given back
+            await groups.give_back(svc.admitter, taken, principal)
     choices = [Choice(i, sub.rid, 0, sub) for i, sub in enumerate(admitted)]
-    group = ChoiceGroup.of(rid, choices, prompts)
-    group.headers = admitted[-1].headers
-    return group
+    result = ChoiceGroup.of(rid, choices, prompts)
+    result.headers = admitted[-1].headers | (group.headers if group is not None else {})
+    return result
 
 
 def _group_of(first_choice: str) -> str:

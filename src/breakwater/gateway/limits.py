@@ -47,56 +47,10 @@ def too_large(tokens: int, limits: Limits) -> APIError:
     )
 
 
-BURST_MS = 1200  # limits.lua's: a limit lets a request start while its TAT is at most this far ahead
-# What admitting one choice of a group takes at most, generously (a few round trips): the time that
-# passes while a group is admitted lowers its limits' TATs by as much.
-CHOICE_MS = 10.0
-
-
-def group_refusal(choices: int, key: Limits, tenant: Limits) -> APIError | None:
-    """A 400 for a request of ``choices`` choices (each a request, admitted all or none, each by
-    its own ``limits.lua`` call) that its key's or its tenant's concurrency or requests per minute
-    can never admit together, else None: a 429 would be retried for nothing."""
-    for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
-        if limits.max_concurrent and choices > limits.max_concurrent:
-            return _too_many(choices, f"the {whose} limit of {limits.max_concurrent} concurrent requests")
-        if limits.rpm and _never_starts((choices - 1) * 60_000 / limits.rpm, choices):
-            return _too_many(choices, f"the {whose} {limits.rpm} requests per minute")
-    return None
-
-
-def group_token_refusal(reserved: list[int], held: list[int], key: Limits, tenant: Limits) -> APIError | None:
-    """The same for the choices' token reservations (``reserved``: tokens per minute) and budget
-    holds (``held``: daily and monthly budgets), in admission order: the last choice is admitted
-    only after all the others took theirs."""
-    n = len(reserved)
-    for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
-        if limits.tpm and _never_starts(sum(reserved[:-1]) * 60_000 / limits.tpm, n):
-            return _too_many(
-                n, f"the {whose} {limits.tpm} tokens per minute, for their {sum(reserved)} tokens"
-            )
-        for budget, per in ((limits.budget_day, "day"), (limits.budget_month, "month")):
-            if budget and sum(held[:-1]) >= budget:
-                return _too_many(
-                    n, f"the {whose} budget of {budget} tokens a {per}, for their {sum(held)} held"
-                )
-    return None
-
-
-def _never_starts(ahead_ms: float, choices: int) -> bool:
-    """Whether a group's last choice finds its limit's TAT ``ahead_ms`` ahead (from rest) too far
-    ahead for the burst, even after the time admitting the others takes."""
-    return ahead_ms - BURST_MS > (choices - 1) * CHOICE_MS
-
-
-def _too_many(choices: int, bound: str) -> APIError:
-    return APIError(
-        400,
-        f"This request's {choices} choices (n for each prompt, each a request, admitted together) "
-        f"are more than {bound} can ever admit at once; ask for fewer.",
-        code="too_many_choices",
-        param="n",
-    )
+def tokened(key: Limits, tenant: Limits) -> bool:
+    """Whether a request reserves and holds tokens at admission: its key has a tokens-per-minute
+    limit or a budget, or its tenant has any limit."""
+    return bool(key.tpm or key.budget_day or key.budget_month or tenant.any)
 
 
 def rate_headers(limits: Limits, decision: Decision, tenant_limits: Limits | None = None) -> dict[str, str]:

@@ -1,13 +1,16 @@
--- Admit one request against the limits of its API key and of its tenant, atomically (GCRA: a
--- "theoretical arrival time" per limit; a minute's allowance is spread over the minute, with a burst
--- of BURST_MS of it). Every key is on the tenant's hash slot ({tenant}).
+-- Admit one request, or a group of them as one arrival (a request's choices: gateway.choices),
+-- against the limits of its API key and of its tenant, atomically (GCRA: a "theoretical arrival
+-- time" per limit; a minute's allowance is spread over the minute, with a burst of BURST_MS of it;
+-- a group is let in as one request is, and moves the TAT on by all of its requests and tokens, so
+-- what follows it waits that much longer). Every key is on the tenant's hash slot ({tenant}).
 -- KEYS[1] the tenant's usage hash of today, KEYS[2] ... of this month, then per subject (the key,
 -- then, if it has limits, the tenant): its limiter hash (req_tat, tok_tat, tok_ms) and its running set
 -- (rid -> deadline ms)
--- ARGV[1] tokens to reserve, ARGV[2] rid, ARGV[3] deadline (ms), ARGV[4] usage TTL (s), ARGV[5] ms to
+-- ARGV[1] tokens to reserve, ARGV[2] rid (a group's: space-separated), ARGV[3] deadline (ms), ARGV[4] usage TTL (s), ARGV[5] ms to
 -- the next UTC day, ARGV[6] ms to the next UTC month, ARGV[7] the key's id (its refusals are
--- counted), ARGV[8] tokens to hold against the budgets (ARGV[1], or more: docs/tenants.md), then per
--- subject: its id in the usage hash (key id, or '*' for the tenant), rpm, tpm, max concurrent, daily
+-- counted), ARGV[8] tokens to hold against the budgets (ARGV[1], or more: docs/tenants.md), ARGV[9]
+-- of those, what a group's choices before its last hold (0 for one request: a budget not used up
+-- admits it; a group is admitted only if it would be choice by choice), then per subject: its id in the usage hash (key id, or '*' for the tenant), rpm, tpm, max concurrent, daily
 -- token budget, monthly token budget (0: none)
 -- Returns {admitted, reason, retry_after_ms, then per subject: req_remaining, req_reset_ms,
 -- tok_remaining, tok_reset_ms} (reason: '' | requests | tokens | concurrency | budget_day |
@@ -18,10 +21,13 @@
 -- request changes nothing but the count of refusals.
 local BURST_MS = 1200  -- 2% of a minute
 local cost, held, now_t = tonumber(ARGV[1]), tonumber(ARGV[8]), redis.call('TIME')
+local rids, ahead = {}, tonumber(ARGV[9])
+for rid in string.gmatch(ARGV[2], '%S+') do rids[#rids + 1] = rid end
+if #rids == 0 then return redis.error_reply('limits.lua: no request id') end
 local now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)
 local subjects = {}
 for s = 0, (#KEYS - 2) / 2 - 1 do
-  local a = 9 + s * 6
+  local a = 10 + s * 6
   local state = redis.call('HMGET', KEYS[3 + 2 * s], 'req_tat', 'tok_tat')
   local sub = {limiter = KEYS[3 + 2 * s], running = KEYS[4 + 2 * s], id = ARGV[a],
     rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), max_running = tonumber(ARGV[a + 3]),
@@ -44,19 +50,20 @@ local function refused(sub)
   if reason == '' and sub.budget_day > 0 then
     local used = redis.call('HMGET', KEYS[1], sub.id .. ':prompt_tokens', sub.id .. ':completion_tokens',
       sub.id .. ':held')
-    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + (tonumber(used[3]) or 0) >= sub.budget_day then
+    local spent = (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + (tonumber(used[3]) or 0)
+    if spent + ahead >= sub.budget_day then
       reason, wait = 'budget_day', tonumber(ARGV[5])
     end
   end
   if reason == '' and sub.budget_month > 0 then
     local used = redis.call('HMGET', KEYS[2], sub.id .. ':tokens', sub.id .. ':held')
-    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) >= sub.budget_month then
+    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + ahead >= sub.budget_month then
       reason, wait = 'budget_month', tonumber(ARGV[6])
     end
   end
   if reason == '' and sub.max_running > 0 then
     redis.call('ZREMRANGEBYSCORE', sub.running, '-inf', now)  -- past their deadline: surely over
-    if redis.call('ZCARD', sub.running) >= sub.max_running then
+    if redis.call('ZCARD', sub.running) + #rids > sub.max_running then
       reason, wait = 'concurrency', 1000
     end
   end
@@ -90,7 +97,7 @@ for i, sub in ipairs(subjects) do
 end
 for _, sub in ipairs(subjects) do
   if sub.rpm > 0 then
-    sub.req_tat = sub.req_tat + sub.req_ms
+    sub.req_tat = sub.req_tat + #rids * sub.req_ms
     redis.call('HSET', sub.limiter, 'req_tat', sub.req_tat)
   end
   if sub.tpm > 0 then
@@ -101,7 +108,7 @@ for _, sub in ipairs(subjects) do
     redis.call('PEXPIRE', sub.limiter, 120000 + math.ceil(math.max(sub.req_tat, sub.tok_tat) - now))
   end
   if sub.max_running > 0 then
-    redis.call('ZADD', sub.running, ARGV[3], ARGV[2])
+    for _, rid in ipairs(rids) do redis.call('ZADD', sub.running, ARGV[3], rid) end
     redis.call('PEXPIREAT', sub.running, redis.call('ZRANGE', sub.running, -1, -1, 'WITHSCORES')[2])
   end
 end
