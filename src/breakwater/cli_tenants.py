@@ -128,8 +128,14 @@ def keys_rotate(
     grace: Annotated[str | None, typer.Option(help="keep the old key working this long, e.g. 1h")] = None,
 ) -> None:
     """A new key with the same tenant and limits; the old one is revoked (after --grace)."""
+    from breakwater.broker.api_keys import RotatedAlready
+
     grace_s = _seconds(grace) if grace else 0
-    rotated = _with_store(lambda store: store.rotate(key_id, grace_s))
+    try:
+        rotated = _with_store(lambda store: store.rotate(key_id, grace_s))
+    except RotatedAlready as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     if rotated is None:
         raise _not_found(key_id)
     secret, record = rotated

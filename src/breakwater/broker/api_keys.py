@@ -13,6 +13,16 @@ from breakwater.keys import Keys
 from breakwater.tenancy.apikeys import ApiKey, generate_key, generate_key_id, key_digest
 
 
+class RotatedAlready(Exception):
+    """A key rotated once is rotated no more: its successor is the one to rotate."""
+
+    def __init__(self, key_id: str, successor: str) -> None:
+        to = successor or "a key being made"
+        super().__init__(f"{key_id} was rotated already (to {to}); rotate that one")
+        self.key_id = key_id
+        self.successor = successor
+
+
 class KeyStore:
     def __init__(self, redis: Redis, keys: Keys, pepper: bytes) -> None:
         self.redis = redis
@@ -77,16 +87,30 @@ class KeyStore:
 
     async def rotate(self, key_id: str, grace_s: int = 0) -> tuple[str, ApiKey] | None:
         """A new key with the same tenant and limits; the old one is revoked (after ``grace_s``) and
-        names the new one as its successor, so work it started (a batch) goes on as the new key."""
+        names the new one as its successor, so work it started (a batch) goes on as the new key.
+        None when the key is not live; :class:`RotatedAlready` when it was rotated (or is being
+        rotated) already: of two rotations at once, one makes a key and the other none."""
         old = await self.get(key_id)
-        if old is None or old.usable(time.time()) is not None:
-            return None
-        created = await self.create(old)
         digest = await self._digest(key_id)
-        if digest is not None:  # named before the old key ends: work it started never finds it ended alone
-            await self.redis.hset(self.keys.api_key(digest), "successor", created[1].id)
+        if old is None or digest is None or old.usable(time.time()) is not None:
+            return None
+        if old.successor:
+            raise RotatedAlready(key_id, old.successor)
+        secret, created = await self.create(old)
+        record = self.keys.api_key(digest)
+        # One rotation a key, claimed after the new key is made (so the claim always names a key).
+        if not await self.redis.hsetnx(record, "rotated_to", created.id):
+            await self._forget(created.id, self.digest(secret))
+            raise RotatedAlready(key_id, text(await self.redis.hget(record, "rotated_to") or ""))
+        # Named before the old key ends: work it started never finds it ended alone.
+        await self.redis.hset(record, "successor", created.id)
         await self.revoke(key_id, at=int(time.time()) + grace_s if grace_s > 0 else None, rotated=True)
-        return created
+        return secret, created
+
+    async def _forget(self, key_id: str, digest: str) -> None:
+        """Remove a key no one was given: the index first, then its record (as ``create``, reversed)."""
+        await self.redis.hdel(self.keys.api_key_ids(), key_id)
+        await self.redis.delete(self.keys.api_key(digest))
 
     async def _digest(self, key_id: str) -> str | None:
         digest: Any = await self.redis.hget(self.keys.api_key_ids(), key_id)

@@ -1,0 +1,60 @@
+"""API keys in a real Redis: rotation makes one successor, however many rotations race."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.broker import Broker
+from breakwater.broker.api_keys import KeyStore, RotatedAlready
+from breakwater.keys import Keys
+from breakwater.tenancy.apikeys import ApiKey
+
+PEPPER = b"api-keys-test-pepper-0123456789ab"
+
+
+@pytest.fixture
+async def store(redis: Redis, prefix: str) -> AsyncIterator[KeyStore]:
+    broker = Broker(redis, Keys(prefix))
+    yield broker.api_keys(PEPPER)
+    await broker.fast.aclose()
+
+
+async def test_of_two_rotations_at_once_one_makes_a_key_and_the_other_none(store: KeyStore) -> None:
+    """Both read the key live; before, each made a new key and the old one named the last as its
+    successor, so a live key existed that neither the old key's work nor the operator followed.
+    Now one rotation claims the key and the other's new key is removed before anyone uses it."""
+    _, old = await store.create(ApiKey(id="", tenant="acme", rpm=60))
+    results = await asyncio.gather(
+        store.rotate(old.id, grace_s=3600), store.rotate(old.id, grace_s=3600), return_exceptions=True
+    )
+    made = [r for r in results if isinstance(r, tuple)]
+    refused = [r for r in results if isinstance(r, RotatedAlready)]
+    assert len(made) == 1 and len(refused) == 1, results
+    secret, new = made[0]
+    assert refused[0].key_id == old.id and refused[0].successor == new.id
+    ended = await store.get(old.id)
+    assert ended is not None and ended.successor == new.id and ended.expires > 0
+    live = [k.id for k in await store.list("acme")]
+    assert sorted(live) == sorted([old.id, new.id])  # the loser's key is gone, index and record
+    found = await store.lookup(secret)
+    assert found is not None and found.id == new.id and found.rpm == 60
+
+
+async def test_a_key_in_its_rotations_grace_is_not_rotated_again(store: KeyStore) -> None:
+    """The old key still works in its grace, but its successor is the one to rotate: a second
+    rotation names it and makes nothing; the successor rotates as any key."""
+    _, old = await store.create(ApiKey(id="", tenant="acme"))
+    rotated = await store.rotate(old.id, grace_s=3600)
+    assert rotated is not None
+    with pytest.raises(RotatedAlready) as refused:
+        await store.rotate(old.id, grace_s=3600)
+    assert refused.value.successor == rotated[1].id
+    assert len(await store.list("acme")) == 2
+    again = await store.rotate(rotated[1].id)
+    assert again is not None
+    assert (await store.get(rotated[1].id)) is not None
+    assert len(await store.list("acme")) == 3
