@@ -435,15 +435,23 @@ def up(
 def _print_up(stack: Stack, data_dir: Path) -> None:
     url, model = stack.url, stack.config.model
     console.print(f"\n[green]Breakwater is up.[/green] Point an OpenAI client at [bold]{url}/v1[/bold]\n")
+    keyed = stack.auth != "off"
     console.print(
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+        + ('    -H "Authorization: Bearer $KEY" \\\n' if keyed else "")
+        + f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
     )
-    console.print(
-        "  auth: [yellow]off[/yellow] (this stack listens on 127.0.0.1 only; a shared deployment sets "
-        "BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
-    )
-    console.print(f"  metrics: {url}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C")
+    if keyed:
+        console.print(
+            f"  auth: [green]{stack.auth}[/green] (KEY from `BREAKWATER_REDIS_URL={stack.redis_url} "
+            "breakwater keys create --tenant NAME`, with the same BREAKWATER_AUTH_PEPPER_FILE)"
+        )
+    else:
+        console.print(
+            "  auth: [yellow]off[/yellow] (this stack listens on 127.0.0.1 only; a shared deployment sets "
+            "BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
+        )
+    console.print(f"  metrics: {stack.gateway_admin}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C")
     console.print(f"  supervisor metrics (restarts): {stack.metrics_url}")
     pids = ", ".join(f"{name} {pid}" for name, pid in stack.processes().items())
     console.print(f"  processes: {pids}\n")

@@ -34,6 +34,16 @@ VLLM_MISSING = (
 )
 
 
+def gateway_workers(metrics: str) -> dict[str, float]:
+    """Live workers per model from a gateway's /metrics text (``breakwater_workers{model="..."}``)."""
+    found: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith('breakwater_workers{model="'):
+            labels, _, value = line.rpartition(" ")
+            found[labels[len('breakwater_workers{model="') : -2]] = float(value)
+    return found
+
+
 class StackError(RuntimeError):
     """The stack could not start; the message says why and what to do."""
 
@@ -174,6 +184,7 @@ class Stack:
         self._scaler: PolicyScaler | None = None
         self._metric_ports: dict[str, int] = {}  # worker name -> its /metrics port (policy scaling)
         self._retiring_ports: dict[str, tuple[subprocess.Popen[bytes], int]] = {}  # until they exit
+        self._gateway_metrics_port = 0  # its /metrics listener; 0: /metrics on its public port
 
     def all_processes(self) -> list[tuple[str, str, int]]:
         """(name, role, pid) of every process started and still known: Redis, gateway, workers."""
@@ -194,6 +205,25 @@ class Stack:
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def auth(self) -> str:
+        """The gateway's auth mode (it reads the same environment)."""
+        return os.environ.get("BREAKWATER_AUTH", "off")
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis the stack's processes use (the embedded one's unix socket, or the one given)."""
+        return self._env.get("BREAKWATER_REDIS_URL", "")
+
+    @property
+    def gateway_admin(self) -> str:
+        """Where the gateway's /metrics is: its metrics listener when it has one (it always does with
+        auth on, whose public port serves no /metrics), else its public port."""
+        if not self._gateway_metrics_port:
+            return self.url
+        host = os.environ.get("BREAKWATER_METRICS_HOST") or "127.0.0.1"
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self._gateway_metrics_port}"
 
     @property
     def metrics_url(self) -> str | None:
@@ -245,6 +275,10 @@ class Stack:
                 "BREAKWATER_AUTOSCALE_MIN_WORKERS": str(cfg.min_workers),
                 "BREAKWATER_AUTOSCALE_MAX_WORKERS": str(cfg.max_workers),
             }
+            self._gateway_metrics_port = int(os.environ.get("BREAKWATER_METRICS_PORT") or 0)
+            if not self._gateway_metrics_port and self.auth != "off":
+                self._gateway_metrics_port = free_port()  # readiness and autoscaling read it
+                gw_env["BREAKWATER_METRICS_PORT"] = str(self._gateway_metrics_port)
             self.gateway = self._child(
                 "gateway", ["gateway", "--host", cfg.host, "--port", str(cfg.port)], gw_env
             )
@@ -324,7 +358,7 @@ class Stack:
     def desired_workers(self) -> int | None:
         """The gateway's ``breakwater_desired_workers`` for the model, or None if unavailable."""
         try:
-            text = httpx.get(f"{self.url}/metrics", timeout=2.0).text
+            text = httpx.get(f"{self.gateway_admin}/metrics", timeout=2.0).text
         except httpx.HTTPError:
             return None
         prefix = f'breakwater_desired_workers{{model="{self.config.model}"}} '
@@ -373,12 +407,11 @@ class Stack:
         }
         retiring = {name: port for name, (_, port) in self._retiring_ports.items()}
         was_failing = scaler.failing
-        obs = scaler.observe(now, self.url, self.config.model, len(self.workers), serving, retiring)
+        admin = self.gateway_admin
+        obs = scaler.observe(now, admin, self.config.model, len(self.workers), serving, retiring)
         if obs is None:
             if not was_failing:  # once per outage, not every period
-                self.log(
-                    f"autoscale {scaler.policy.name}: the gateway's /metrics does not answer at {self.url}"
-                )
+                self.log(f"autoscale {scaler.policy.name}: the gateway's /metrics does not answer at {admin}")
             return
         want = max(self.config.min_workers, min(self.config.max_workers, scaler.desired(obs)))
         if want != len(self.workers):
@@ -437,14 +470,17 @@ class Stack:
         )
 
     def _served_model(self) -> bool:
-        """Whether the gateway lists the model; learns its name when it was left to the workers."""
+        """Whether the gateway has a live worker for the model (its ``breakwater_workers`` gauge:
+        /metrics needs no API key, as /v1/models does with auth on); learns the model's name when
+        it was left to the workers."""
         try:
-            listed = httpx.get(f"{self.url}/v1/models", timeout=2.0).json()["data"]
-            if self.config.model is None:  # the first model one of our workers registered
-                self.config.model = next((str(m["id"]) for m in listed if m["workers"]), None)
-            return any(m["id"] == self.config.model for m in listed)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            text = httpx.get(f"{self.gateway_admin}/metrics", timeout=2.0).text
+        except httpx.HTTPError:
             return False
+        served = [name for name, workers in gateway_workers(text).items() if workers > 0]
+        if self.config.model is None:  # the first model one of our workers registered
+            self.config.model = served[0] if served else None
+        return self.config.model in served
 
     def _check_started(self) -> None:
         """While starting, a child that exits is a configuration problem, not a crash: stop and say."""

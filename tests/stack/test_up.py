@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,19 +13,20 @@ from pathlib import Path
 
 import httpx
 import openai
+import orjson
 
 from breakwater.redis_server import free_port
 from tests.helpers import wait_for
 
 
-def _up(port: int, data_dir: Path) -> subprocess.Popen[str]:
+def _up(port: int, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "breakwater", "up", "--port", str(port), "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "breakwater", "up", "--port", str(port), "--data-dir", str(data_dir), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "400", **(env or {})},
     )
 
 
@@ -101,3 +103,55 @@ def test_up_reports_a_taken_port_clearly(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"port {port}" in out and "already in use" in out
     assert "Traceback" not in out
+
+
+def test_up_with_keys_comes_up_and_serves_a_key_made_as_its_banner_says(tmp_path: Path) -> None:
+    """With BREAKWATER_AUTH=keys the gateway answers /v1/models only with a key and has no public
+    /metrics: up's own readiness check and autoscaling read the gateway's metrics listener, which
+    up gives it (before, up waited for /v1/models until its timeout and gave up). Its banner says
+    auth is on, where /metrics is, and how to make a key, which then works with the openai client."""
+    port = free_port()
+    pepper = tmp_path / "pepper"
+    pepper.write_text("up-with-keys-pepper-0123456789abcdef")
+    keyed = {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": str(pepper)}
+    proc = _up(port, tmp_path / "data", "--engine", "sim", env=keyed)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("processes:" in line for line in lines), 60, 0.1, "up's banner")
+        out = "".join(lines)
+        assert "auth: keys" in out and "Authorization: Bearer $KEY" in out, out
+        metrics = re.search(r"metrics: (http://127\.0\.0\.1:(\d+)/metrics)", out)
+        assert metrics is not None and int(metrics.group(2)) != port, out
+        assert 'breakwater_workers{model="sim"} 1.0' in httpx.get(metrics.group(1)).text
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/metrics").status_code == 404
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        redis_url = re.search(r"BREAKWATER_REDIS_URL=(\S+) breakwater keys create", out)
+        assert redis_url is not None, out
+        made = subprocess.run(
+            [sys.executable, "-m", "breakwater", "keys", "create", "--tenant", "acme"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **keyed, "BREAKWATER_REDIS_URL": redis_url.group(1)},
+            check=True,
+        )
+        key = orjson.loads(made.stdout)["key"]
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as client:
+            resp = client.completions.create(model="sim", prompt="hello", max_tokens=4)
+        assert resp.choices[0].text and resp.usage is not None and resp.usage.completion_tokens == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == 0, "".join(lines)
