@@ -183,9 +183,8 @@ def usage(
 
 async def _all_keys(broker: Any) -> list[Any]:
     """Every key's record; needs no pepper (records are found through the id index)."""
-    from breakwater.broker.api_keys import KeyStore
-
-    return await KeyStore(broker.redis, broker.keys, b"").list()
+    found: list[Any] = await broker.api_keys(b"").list()
+    return found
 
 
 tenants_app = typer.Typer(no_args_is_help=True, help="A tenant's own limits, shared by all its keys.")

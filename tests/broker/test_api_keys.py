@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -23,11 +24,25 @@ async def store(redis: Redis, prefix: str) -> AsyncIterator[KeyStore]:
     await broker.fast.aclose()
 
 
-async def test_of_two_rotations_at_once_one_makes_a_key_and_the_other_none(store: KeyStore) -> None:
+async def test_of_two_rotations_at_once_one_makes_a_key_and_the_other_none(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both read the key live; before, each made a new key and the old one named the last as its
     successor, so a live key existed that neither the old key's work nor the operator followed.
     Now one rotation claims the key and the other's new key is removed before anyone uses it."""
     _, old = await store.create(ApiKey(id="", tenant="acme", rpm=60))
+    # Both past their check of the key before either makes its new key: the claim decides.
+    arrived, both = [], asyncio.Event()
+    make = store.create
+
+    async def create_together(template: ApiKey) -> tuple[str, ApiKey]:
+        arrived.append(template.id)
+        if len(arrived) == 2:
+            both.set()
+        await both.wait()
+        return await make(template)
+
+    monkeypatch.setattr(store, "create", create_together)
     results = await asyncio.gather(
         store.rotate(old.id, grace_s=3600), store.rotate(old.id, grace_s=3600), return_exceptions=True
     )
@@ -35,7 +50,7 @@ async def test_of_two_rotations_at_once_one_makes_a_key_and_the_other_none(store
     refused = [r for r in results if isinstance(r, RotatedAlready)]
     assert len(made) == 1 and len(refused) == 1, results
     secret, new = made[0]
-    assert refused[0].key_id == old.id and refused[0].successor == new.id
+    assert len(arrived) == 2 and refused[0].key_id == old.id and refused[0].successor == new.id
     ended = await store.get(old.id)
     assert ended is not None and ended.successor == new.id and ended.expires > 0
     live = [k.id for k in await store.list("acme")]
@@ -58,3 +73,22 @@ async def test_a_key_in_its_rotations_grace_is_not_rotated_again(store: KeyStore
     assert again is not None
     assert (await store.get(rotated[1].id)) is not None
     assert len(await store.list("acme")) == 3
+
+
+async def test_a_rotations_grace_never_extends_the_old_keys_life(store: KeyStore) -> None:
+    """The old key ends at the end of the grace, or sooner if it was to expire sooner; without a
+    grace it is revoked at once. Either way it names its successor."""
+    _, soon = await store.create(ApiKey(id="", tenant="acme", expires=int(time.time()) + 60))
+    _, later = await store.create(ApiKey(id="", tenant="acme"))
+    _, now = await store.create(ApiKey(id="", tenant="acme"))
+    for key, grace_s in ((soon, 3600), (later, 3600), (now, 0)):
+        rotated = await store.rotate(key.id, grace_s=grace_s)
+        assert rotated is not None
+        ended = await store.get(key.id)
+        assert ended is not None and ended.successor == rotated[1].id
+        if key is soon:
+            assert ended.expires == soon.expires and not ended.revoked
+        elif key is later:
+            assert time.time() + 3590 < ended.expires <= time.time() + 3600 and not ended.revoked
+        else:
+            assert ended.revoked and ended.usable(time.time()) is not None

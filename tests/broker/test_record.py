@@ -12,7 +12,9 @@ from breakwater.broker.record import FIELDS, RequestRecord, RequestSpec, Status
 _HASH_CALL = re.compile(r"redis\.call\('(HMGET|HSET|HINCRBY|HGET)',\s*KEYS\[1\],([^)]*)\)")
 _QUOTED = re.compile(r"'([a-z_]+)'")
 # Their KEYS[1] is not a request record: a tenant's hash, a batch's, a file's.
-NOT_RECORD_SCRIPTS = {"limits.lua", "meter.lua", "batch_move.lua", "batch_answer.lua", "file_delete.lua"}
+NOT_RECORD_SCRIPTS = {
+    *("limits.lua", "meter.lua", "batch_move.lua", "batch_answer.lua", "file_delete.lua", "key_rotate.lua")
+}
 
 
 def _script_fields() -> set[str]:

@@ -8,6 +8,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from breakwater.broker.cluster import Fast
+from breakwater.broker.scripts import Script
 from breakwater.broker.wire import text
 from breakwater.keys import Keys
 from breakwater.tenancy.apikeys import ApiKey, generate_key, generate_key_id, key_digest
@@ -24,10 +26,11 @@ class RotatedAlready(Exception):
 
 
 class KeyStore:
-    def __init__(self, redis: Redis, keys: Keys, pepper: bytes) -> None:
+    def __init__(self, redis: Redis, keys: Keys, pepper: bytes, fast: Fast) -> None:
         self.redis = redis
         self.keys = keys
         self.pepper = pepper
+        self._rotate = Script(fast, "key_rotate")
 
     async def create(self, template: ApiKey) -> tuple[str, ApiKey]:
         """A new key with ``template``'s settings (its id and times are made here): (secret, record)."""
@@ -67,15 +70,14 @@ class KeyStore:
                 found.append(record)
         return found
 
-    async def revoke(self, key_id: str, *, at: int | None = None, rotated: bool = False) -> ApiKey | None:
-        """Revoke now (or expire at ``at``); every gateway refuses it within its cache time. Unless
-        ``rotated`` (the end of a rotation), it also forgets the key's successor: work the key
-        started (a batch) stops with it instead of going on as the key that replaced it."""
+    async def revoke(self, key_id: str, *, at: int | None = None) -> ApiKey | None:
+        """Revoke now (or expire at ``at``); every gateway refuses it within its cache time. It also
+        forgets the key's successor (a rotation's): work the key started (a batch) stops with it
+        instead of going on as the key that replaced it."""
         digest = await self._digest(key_id)
         if digest is None or not await self.redis.exists(self.keys.api_key(digest)):
             return None
-        if not rotated:
-            await self.redis.hdel(self.keys.api_key(digest), "successor")
+        await self.redis.hdel(self.keys.api_key(digest), "successor")
         if at is None:
             await self.redis.hset(self.keys.api_key(digest), "revoked", str(int(time.time())))
         else:
@@ -97,14 +99,15 @@ class KeyStore:
         if old.successor:
             raise RotatedAlready(key_id, old.successor)
         secret, created = await self.create(old)
-        record = self.keys.api_key(digest)
-        # One rotation a key, claimed after the new key is made (so the claim always names a key).
-        if not await self.redis.hsetnx(record, "rotated_to", created.id):
+        now = int(time.time())
+        end = now + grace_s if grace_s > 0 else 0
+        # One call claims the key (once), names its successor and ends it: no state between.
+        before = text(await self._rotate(keys=[self.keys.api_key(digest)], args=[created.id, now, end]))
+        if before:
             await self._forget(created.id, self.digest(secret))
-            raise RotatedAlready(key_id, text(await self.redis.hget(record, "rotated_to") or ""))
-        # Named before the old key ends: work it started never finds it ended alone.
-        await self.redis.hset(record, "successor", created.id)
-        await self.revoke(key_id, at=int(time.time()) + grace_s if grace_s > 0 else None, rotated=True)
+            if before == "?":  # removed meanwhile
+                return None
+            raise RotatedAlready(key_id, before)
         return secret, created
 
     async def _forget(self, key_id: str, digest: str) -> None:

@@ -163,7 +163,7 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
         await self.redis.aclose()
 
     def api_keys(self, pepper: bytes) -> KeyStore:
-        return KeyStore(self.redis, self.keys, pepper)
+        return KeyStore(self.redis, self.keys, pepper, self.fast)
 
     def rollouts(self) -> RolloutStore:
         return RolloutStore(self.redis, self.fast, self.keys, self.now_ms)

@@ -39,11 +39,12 @@ class GroupLimits:
 
 def group_refusal(reserved: list[int], held: list[int], key: Limits, tenant: Limits) -> APIError | None:
     """A 400 for a group of choices (``reserved``: each one's tokens against tokens per minute,
-    ``held``: against the budgets, in admission order) that its key's or its tenant's limits can
-    never admit, else None: a 429 would be retried for nothing. The group is one arrival
-    (``limits.lua``), so: more choices than the concurrency or a minute's requests, more tokens
-    than a minute's; and, so that a budget is passed by one choice's hold at most, as much held
-    before the last choice as the budget."""
+    ``held``: against the budgets, in admission order) larger than its key's or its tenant's limits
+    allow at once, else None. The group is one arrival (``limits.lua``): more choices than the
+    concurrency can never start; more than a minute's requests or tokens could start only from
+    rest and then hold the key up for minutes (as a single request over its tokens per minute is
+    refused: ``too_large``); as much held before the last choice as a budget, never (the budget
+    admits a group only as it would choice by choice)."""
     n = len(reserved)
     for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
         if limits.max_concurrent and n > limits.max_concurrent:
