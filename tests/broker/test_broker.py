@@ -635,6 +635,23 @@ async def test_a_budget_hold_apart_from_the_rate_reservation_is_given_back_whole
         assert float(await redis.hget(limiter, "tok_tat") or 0) <= time.time() * 1000 + 10  # refunded
 
 
+async def test_a_hold_given_back_across_midnight_never_lowers_the_budgets_count(
+    broker: Broker, redis: Redis
+) -> None:
+    """A hold taken just before midnight and given back just after (its request refused by a full
+    lane, or metered) leaves the new day's held count below zero: the budget's check counts it as
+    none, so the key is not let past what it was metered today (250 of 200), nor, the same way,
+    past its month's."""
+    day = day_of(time.time())
+    day_usage, month_usage = broker.keys.usage("t", day), broker.keys.usage_month("t", day[:7])
+    await redis.hset(day_usage, mapping={"k:prompt_tokens": 250, "k:held": -4_000})
+    await redis.hset(month_usage, mapping={"k:tokens": 900, "k:held": -4_000})
+    budgets = ((Limits(budget_day=200), "budget_day"), (Limits(budget_month=800), "budget_month"))
+    for limits, reason in budgets:
+        decision = await broker.ledger.admit("t", "k", limits, rids=["m"], tokens=10, deadline_ms=2**50)
+        assert not decision.admitted and decision.reason == reason
+
+
 async def test_a_hold_of_a_request_never_queued_is_given_back(broker: Broker, redis: Redis) -> None:
     """Admitted by the limits, then refused by a full lane: no record, no metering; unhold gives its
     budget hold back, the key's and the tenant's, day and month."""

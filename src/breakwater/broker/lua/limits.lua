@@ -50,14 +50,16 @@ local function refused(sub)
   if reason == '' and sub.budget_day > 0 then
     local used = redis.call('HMGET', KEYS[1], sub.id .. ':prompt_tokens', sub.id .. ':completion_tokens',
       sub.id .. ':held')
-    local spent = (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + (tonumber(used[3]) or 0)
+    -- A hold given back on the day after it was taken (across midnight) leaves this day's count
+    -- below zero: never below what was metered.
+    local spent = (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + math.max(0, tonumber(used[3]) or 0)
     if spent + ahead >= sub.budget_day then
       reason, wait = 'budget_day', tonumber(ARGV[5])
     end
   end
   if reason == '' and sub.budget_month > 0 then
     local used = redis.call('HMGET', KEYS[2], sub.id .. ':tokens', sub.id .. ':held')
-    if (tonumber(used[1]) or 0) + (tonumber(used[2]) or 0) + ahead >= sub.budget_month then
+    if (tonumber(used[1]) or 0) + math.max(0, tonumber(used[2]) or 0) + ahead >= sub.budget_month then
       reason, wait = 'budget_month', tonumber(ARGV[6])
     end
   end
