@@ -333,13 +333,7 @@ async def test_a_refused_choice_takes_back_the_queued_ones(redis_server: RedisSe
         await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=20, decode_per_seq_ms=0)))
         broker = gw.broker()
         try:
-            busy = [await _enqueue(broker, f"busy-{i}") for i in range(2)]
-
-            async def one_running() -> bool:
-                records = [await broker.get_record(rid) for rid in busy]
-                return any(r is not None and r.status is Status.RUNNING for r in records)
-
-            await async_wait_for(one_running, 10, 0.01, what="one of the two running, one waiting")
+            await _one_waits(broker)
             body = {"model": "sim", "prompt": "three of us", "n": 3, "max_tokens": 4}
             refused = await gw.http.post("/v1/completions", json=body)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
@@ -469,13 +463,7 @@ async def test_a_refused_group_gives_back_the_limits_its_choices_took(
         store = gw.app.state.service.broker.api_keys(pepper.encode())
         secret, key = await store.create(ApiKey(id="", tenant="t", max_concurrent=5, budget_day=10_000))
         try:
-            busy = [await _enqueue(broker, f"busy-{i}") for i in range(2)]
-
-            async def one_running() -> bool:
-                records = [await broker.get_record(rid) for rid in busy]
-                return any(r is not None and r.status is Status.RUNNING for r in records)
-
-            await async_wait_for(one_running, 10, 0.01, what="one of the two running, one waiting")
+            await _one_waits(broker)
             body = {"model": "sim", "prompt": "three of us", "n": 3, "max_tokens": 4}
             refused = await gw.http.post(
                 "/v1/completions", json=body, headers={"Authorization": f"Bearer {secret}"}
@@ -487,6 +475,17 @@ async def test_a_refused_group_gives_back_the_limits_its_choices_took(
             assert await broker.redis.hmget(usage, f"{key.id}:held", "*:held") == [str(one_hold)] * 2
         finally:
             await broker.aclose()
+
+
+async def _one_waits(broker: Broker) -> None:
+    """Two long jobs on a worker that runs one at a time: one running, the other waiting."""
+    busy = [await _enqueue(broker, f"busy-{i}") for i in range(2)]
+
+    async def one_running() -> bool:
+        records = [await broker.get_record(rid) for rid in busy]
+        return any(r is not None and r.status is Status.RUNNING for r in records)
+
+    await async_wait_for(one_running, 10, 0.01, what="one of the two running, one waiting")
 
 
 async def _enqueue(broker: Broker, rid: str) -> str:

@@ -30,6 +30,29 @@ def _up(port: int, data_dir: Path, *args: str, env: dict[str, str] | None = None
     )
 
 
+def _read_lines(proc: subprocess.Popen[str]) -> tuple[list[str], threading.Thread]:
+    """``up``'s output, as it comes, in a list a thread fills."""
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return lines, reader
+
+
+def _interrupt(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
+    """Ctrl-C, as a user stops it, and wait for it and its output."""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -41,15 +64,7 @@ def _pid_alive(pid: int) -> bool:
 def test_up_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     proc = _up(port, tmp_path)
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    lines, reader = _read_lines(proc)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -81,11 +96,7 @@ def test_up_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
         # its banner stops a stack still starting (exit 130), which is not what this test stops.
         wait_for(lambda: any("Breakwater is up" in line for line in lines), 30, 0.05, "up's banner")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        reader.join(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        _interrupt(proc, reader)
     out = "".join(lines)
     assert proc.returncode == 0, out
     assert f"http://127.0.0.1:{port}/v1" in out
@@ -115,15 +126,7 @@ def test_up_with_keys_comes_up_and_serves_a_key_made_as_its_banner_says(tmp_path
     pepper.write_text("up-with-keys-pepper-0123456789abcdef")
     keyed = {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": str(pepper)}
     proc = _up(port, tmp_path / "data", "--engine", "sim", env=keyed)
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    lines, reader = _read_lines(proc)
     try:
         wait_for(lambda: any("processes:" in line for line in lines), 60, 0.1, "up's banner")
         out = "".join(lines)
@@ -149,9 +152,5 @@ def test_up_with_keys_comes_up_and_serves_a_key_made_as_its_banner_says(tmp_path
             resp = client.completions.create(model="sim", prompt="hello", max_tokens=4)
         assert resp.choices[0].text and resp.usage is not None and resp.usage.completion_tokens == 4
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        reader.join(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        _interrupt(proc, reader)
     assert proc.returncode == 0, "".join(lines)
