@@ -6,7 +6,6 @@ rest of the stack keeps serving; the restarts are counted on the supervisor's ow
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
@@ -27,6 +26,7 @@ from breakwater.engines import ENGINES
 from breakwater.proc_cpu import ProcessCPU
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, free_port, port_in_use
+from breakwater.stack_child import Backoff, Child, describe_exit
 from breakwater.stack_policy import PolicyScaler, stack_policy
 
 VLLM_MISSING = (
@@ -81,69 +81,6 @@ class StackConfig:
     # or another controller's rules over the same processes (stack_policy): hpa:0.7, keda:5, ...
     autoscale_policy: str = "supervisor"
     autoscale_time_scale: float = 1.0  # the Kubernetes controllers' clocks run this much faster
-
-
-@dataclass
-class Backoff:
-    """Restart delays: ``initial_s`` doubling up to ``max_s``, starting over after a stable run."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    stable_s: float = 60.0
-    next_s: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.next_s = self.initial_s
-
-    def delay(self, uptime_s: float) -> float:
-        """The wait before restarting a process that ran ``uptime_s`` seconds before it exited."""
-        if uptime_s >= self.stable_s:
-            self.next_s = self.initial_s
-        delay = self.next_s
-        self.next_s = min(self.max_s, delay * 2)
-        return delay
-
-
-@dataclass
-class Child:
-    """A supervised process and what it takes to start it again."""
-
-    name: str  # gateway | worker-N: the log file's name and the restart counter's label
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    backoff: Backoff
-    proc: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0
-    restart_at: float | None = None  # set while it waits out its backoff after exiting
-    restarts: int = 0
-
-    def spawn(self) -> subprocess.Popen[bytes]:
-        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "breakwater", *self.args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.started_at = time.monotonic()
-        self.restart_at = None
-        return self.proc
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, chars: int = 1500) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
-
-
-def describe_exit(code: int) -> str:
-    """``exit code 1`` or ``killed by SIGKILL (exit code -9)``."""
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name} (exit code {code})"
-    return f"exit code {code}"
 
 
 def default_model(engine: str, model_path: str | None, upstream_model: str | None = None) -> str | None:

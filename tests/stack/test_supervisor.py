@@ -20,7 +20,8 @@ import redis
 from openai.types.chat import ChatCompletionUserMessageParam
 
 from breakwater.redis_server import RedisServer, free_port
-from breakwater.stack import Backoff, Stack, StackConfig, describe_exit
+from breakwater.stack import Stack, StackConfig
+from breakwater.stack_child import Backoff, describe_exit
 from tests.helpers import async_wait_for, expected_sim, metric_samples, wait_for
 
 pytestmark = pytest.mark.timeout(180)
