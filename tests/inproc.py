@@ -110,6 +110,7 @@ def _stacks() -> str:
 
 @contextlib.asynccontextmanager
 async def inproc_gateway(redis_url: str, prefix: str, **settings: Any) -> AsyncIterator[InProc]:
+    settings.setdefault("allowed_hosts", "gw")  # the name the tests reach it by (hosts.py)
     app = build_app(GatewaySettings(redis_url=redis_url, key_prefix=prefix, model_cache_s=0, **settings))
     async with (
         app.router.lifespan_context(app),

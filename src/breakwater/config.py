@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from breakwater.engines.options import LlamaCppOptions, SimOptions, UpstreamOptions, VLLMOptions
+from breakwater.hosts import allowed_names, normal_origin
 from breakwater.secret import secret
 
 MAX_PARTITIONS = 64
@@ -113,20 +114,6 @@ class CommonSettings(BaseSettings):
         return value.encode()
 
 
-DEFAULT_PORTS = {"http": ":80", "https": ":443"}
-
-
-def normal_origin(origin: str) -> str:
-    """``scheme://host[:port]`` as browsers send an Origin: scheme and host in lower case, without
-    the scheme's default port."""
-    origin = origin.strip().rstrip("/")
-    scheme, sep, rest = origin.partition("://")
-    if not sep:
-        return origin.lower()
-    scheme, rest = scheme.lower(), rest.lower()
-    return f"{scheme}://{rest.removesuffix(DEFAULT_PORTS.get(scheme, ':'))}"
-
-
 class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -155,6 +142,21 @@ class GatewaySettings(CommonSettings):
                 raise ValueError("`null` is the origin of any sandboxed page or file: list real origins")
             if origin != "*" and "://" not in origin:
                 raise ValueError(f"`{origin}` is not an origin (scheme://host[:port])")
+        return value
+
+    allowed_hosts: str = Field(
+        default="",
+        description=(
+            "host names the API answers to besides IP addresses and localhost (comma-separated; "
+            ".example.com: the domain and its subdomains; *: any). Empty: only those on a loopback "
+            "listener (a DNS-rebinding page is refused), any on another address"
+        ),
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        allowed_names(value)
         return value
 
     stream_grace_s: float = Field(

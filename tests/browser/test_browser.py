@@ -2,7 +2,8 @@
 Playwright): a page of an allowed origin (``cors_allow_origins``) streams a chat answer with
 ``fetch`` and an API key, reads the request id the gateway exposes and resumes the stream from it,
 and uses the WebSocket with its first-message key; a page of another origin can do none of that,
-and nothing it tried was queued."""
+and nothing it tried was queued; nor can a page whose name was made to point at the gateway (DNS
+rebinding)."""
 
 from __future__ import annotations
 
@@ -245,3 +246,37 @@ async def test_a_page_of_another_origin_can_use_neither_the_api_nor_the_websocke
     assert _records(stack) == before
     assert httpx.get(f"{stack.open_url}/v1/files", timeout=10).json()["data"] == []
     await page.close()
+
+
+REBIND_JS = """async () => {
+  const models = await fetch("/v1/models");
+  const body = JSON.stringify({model: "sim", messages: [{role: "user", content: "rebound"}], max_tokens: 4});
+  const sent = await fetch("/v1/chat/completions",
+    {method: "POST", headers: {"Content-Type": "application/json"}, body});
+  return [models.status, sent.status, (await sent.json()).error.code];
+}"""
+
+
+async def test_a_page_whose_name_points_at_the_gateway_can_neither_read_nor_send(stack: Stack) -> None:
+    """DNS rebinding: the attacker's name made to resolve to 127.0.0.1 (Chromium's resolver rule
+    stands for the attacker's DNS). Its page is then of the same origin as anything it fetches from
+    the gateway without keys (`make up` on a laptop), so no Origin check can refuse it; its Host
+    names it, and a loopback gateway answers to loopback names and addresses only."""
+    before = _records(stack)
+    port = stack.open_url.rsplit(":", 1)[1]
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium not found: apt-get install chromium (.ci/run does)"
+    rules = "--host-resolver-rules=MAP rebind.test 127.0.0.1"
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", rules])
+        try:
+            page = await browser.new_page()
+            landed = await page.goto(f"http://rebind.test:{port}/v1/models")
+            assert landed is not None and landed.status == 421
+            assert await page.evaluate(REBIND_JS) == [421, 421, "host_not_allowed"]
+            own = await page.goto(f"http://localhost:{port}/v1/models")  # the gateway's own names
+            assert own is not None and own.status == 200
+            assert (await page.goto(f"{stack.open_url}/v1/models")).status == 200  # type: ignore[union-attr]
+        finally:
+            await browser.close()
+    assert _records(stack) == before

@@ -16,7 +16,7 @@ from breakwater.config import GatewaySettings
 from breakwater.gateway import batches, responses, routes, ws
 from breakwater.gateway.batch_runner import BatchRunner
 from breakwater.gateway.body import BodyLimitMiddleware
-from breakwater.gateway.cors import CrossSiteGuard, add_cors
+from breakwater.gateway.cors import CrossSiteGuard, HostGuard, add_cors
 from breakwater.gateway.embedded import EmbeddedWorker, embedded_settings
 from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.fastpath import FastCompletions
@@ -24,6 +24,7 @@ from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.middleware import RequestIdMiddleware
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.streaming import GatewayApp
+from breakwater.hosts import host_rule
 from breakwater.plainhttp import PlainHTTP
 from breakwater.runtime import settle_heap
 from breakwater.stopping import stop_loops
@@ -146,5 +147,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, paths=uploads)
     app.add_middleware(CrossSiteGuard, origins=settings.cors_origins)
     app.add_middleware(RequestIdMiddleware)
-    add_cors(app, settings.cors_origins)  # outermost: a preflight needs none of the others
+    add_cors(app, settings.cors_origins)  # a preflight needs none of the others
+    if (rule := host_rule(settings.host, settings.allowed_hosts)) is not None:
+        app.add_middleware(HostGuard, rule=rule)  # outermost: a name not the gateway's, nothing runs
     return app

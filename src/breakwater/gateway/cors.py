@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from breakwater.config import normal_origin
 from breakwater.gateway.errors import error_body
+from breakwater.hosts import HostRule, normal_origin
 
 EXPOSED = (
     "X-Request-ID",
@@ -88,16 +88,43 @@ class CrossSiteGuard:
                     host = value.decode("latin-1").lower()
             own = normal_origin(f"{urlsplit(origin).scheme}://{host}")  # the Host as an origin
             if origin and origin not in self.origins and origin != own:
-                await _refuse(send, origin)
+                message = (
+                    f"requests from web pages of {origin} are refused: the gateway's "
+                    "cors_allow_origins lists it not"
+                )
+                await _refuse(send, 403, message, "cross_site_request")
                 return
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Send, origin: str) -> None:
-    message = (
-        f"requests from web pages of {origin} are refused: the gateway's cors_allow_origins lists it not"
-    )
-    body = orjson.dumps(error_body(message, "invalid_request_error", "cross_site_request"))
+class HostGuard:
+    """Pure ASGI, outermost: an HTTP request for a name the gateway does not answer to (hosts.py: on
+    a loopback listener, a DNS-rebinding page's) is a 421, before anything reads it. WebSockets need
+    no such check: a rebinding page's handshake carries its Origin, which is not listed."""
+
+    def __init__(self, app: ASGIApp, rule: HostRule) -> None:
+        self.app = app
+        self.rule = rule
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"host":
+                    host = value.decode("latin-1")
+                    if not self.rule.allows(host):
+                        message = (
+                            f"the gateway does not answer to the name {host!r}: a page of another site "
+                            "may have been made to point at it (DNS rebinding). List the name in "
+                            "allowed_hosts (BREAKWATER_ALLOWED_HOSTS) if it is the gateway's own"
+                        )
+                        await _refuse(send, 421, message, "host_not_allowed")
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, status: int, message: str, code: str) -> None:
+    body = orjson.dumps(error_body(message, "invalid_request_error", code))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
