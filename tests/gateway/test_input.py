@@ -240,3 +240,12 @@ async def test_prompt_bound_when_no_worker_reported_a_context_length(redis_serve
         resp = await gw.http.post(CHAT, json=body)
         _assert_error(resp, 400, "context_length_exceeded", "messages")
         assert await _records(gw) == []
+
+
+async def test_usage_up_to_the_calendars_last_day_is_answered(gw: InProc) -> None:
+    """The last day a date can be was a 500 (the day after it overflowed); a date that is none is a 400."""
+    for params in ({"start_date": "9999-12-31"}, {"start_date": "9999-12-01", "end_date": "9999-12-31"}):
+        resp = await gw.http.get("/v1/usage", params=params)
+        assert resp.status_code == 200 and resp.json()["data"] == [], resp.text
+    bad = await gw.http.get("/v1/usage", params={"start_date": "2026-02-30"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "start_date"

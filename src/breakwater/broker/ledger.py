@@ -203,10 +203,9 @@ class Ledger:
     async def usage(self, tenant: str, first: str, last: str) -> list[UsageRow]:
         """A tenant's usage per day (``YYYY-MM-DD``, inclusive) and key."""
         rows: list[UsageRow] = []
-        day_n, end = date.fromisoformat(first), date.fromisoformat(last)
-        while day_n <= end:
-            day = day_n.isoformat()
-            day_n += timedelta(days=1)
+        start = date.fromisoformat(first)
+        for offset in range((date.fromisoformat(last) - start).days + 1):  # to 9999-12-31, not past it
+            day = (start + timedelta(days=offset)).isoformat()
             raw: Any = await self.redis.hgetall(self.keys.usage(tenant, day))
             per_key: dict[str, dict[str, int]] = {}
             for field, value in raw.items():
