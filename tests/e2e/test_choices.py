@@ -388,7 +388,10 @@ async def test_a_groups_choices_take_the_limits_as_one_arrival(
             ):
                 refused = await gw.http.post("/v1/completions", json=body, headers=headers)
                 assert refused.status_code == 400, refused.text
-                assert refused.json()["error"]["code"] == "too_many_choices"
+                error = refused.json()["error"]
+                assert error["code"] == "too_many_choices" and error["param"] == (
+                    "n" if "n" in body else "prompt"
+                )
             fits = {"model": "sim", "prompt": ["a", "b", "c"], "max_tokens": min(max_tokens, 8)}
             if key in (tokens, budget):  # at the bound: 3 x 1,601 <= 5,000; 2 x 67 < 200 before the last
                 fits = {"model": "sim", "prompt": "a", "n": 3, "max_tokens": max_tokens}
@@ -470,7 +473,7 @@ async def test_a_refused_group_gives_back_the_limits_its_choices_took(
             )
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
             assert await broker.redis.zrange(broker.keys.running("t", key.id), 0, -1) == []
-            one_hold = 3 + 4  # "three of us": 11 bytes, 3 tokens at 4 bytes a token, and max_tokens
+            one_hold = 11 + 4 + 4  # "three of us": 11 bytes (a token a byte at most), 4 special, max_tokens
             usage = broker.keys.usage("t", day_of(time.time()))
             assert await broker.redis.hmget(usage, f"{key.id}:held", "*:held") == [str(one_hold)] * 2
         finally:

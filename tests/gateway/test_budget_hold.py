@@ -4,6 +4,7 @@ gateway gives the hold back, or keeps it for the worker's metering when the job 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
@@ -77,3 +80,31 @@ async def test_a_failed_enqueue_gives_the_hold_back_unless_the_job_was_queued(
     served = await gw.http.post("/v1/completions", json=BODY, headers=headers)
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 20
     assert await _held(redis, prefix, key_id) == 0
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+async def test_prompts_of_more_tokens_than_their_estimate_pass_a_budget_by_one_request_at_most(
+    redis_server: RedisServer, prefix: str, kind: str
+) -> None:
+    """A prompt of short words is twice as many tokens as the usual 4 bytes a token: held as its
+    estimate, two such requests at once started on a 1,000-token budget and used 3,700 of it. Each
+    now holds what its prompt can be at most (a token a byte), so the second waits for the first
+    to be metered, and the budget is passed by one request at most."""
+    async with inproc_gateway(redis_server.url, prefix, auth="keys", auth_pepper=PEPPER) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=10, decode_per_seq_ms=0)))
+        store = gw.app.state.service.broker.api_keys(PEPPER.encode())
+        secret, _ = await store.create(ApiKey(id="", tenant="holds", budget_day=1000))
+        words = "a " * 1800  # 3,600 bytes, 1,800 tokens
+        body: dict[str, Any] = {"model": "sim", "max_tokens": 50, "ignore_eos": True}
+        if kind == "chat":
+            body["messages"] = [{"role": "user", "content": words}]
+        else:
+            body["prompt"] = words
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        headers = {"Authorization": f"Bearer {secret}"}
+        replies = await asyncio.gather(*(gw.http.post(path, json=body, headers=headers) for _ in range(4)))
+        served = [r.json()["usage"]["total_tokens"] for r in replies if r.status_code == 200]
+        assert served and all(
+            r.json()["error"]["code"] == "insufficient_quota" for r in replies if r.status_code != 200
+        )
+        assert sum(served) < 1000 + max(served), served

@@ -37,39 +37,42 @@ class GroupLimits:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def group_refusal(reserved: list[int], held: list[int], key: Limits, tenant: Limits) -> APIError | None:
+def group_refusal(
+    reserved: list[int], held: list[int], key: Limits, tenant: Limits, param: str = "n"
+) -> APIError | None:
     """A 400 for a group of choices (``reserved``: each one's tokens against tokens per minute,
     ``held``: against the budgets, in admission order) larger than its key's or its tenant's limits
     allow at once, else None. The group is one arrival (``limits.lua``): more choices than the
     concurrency can never start; more than a minute's requests or tokens could start only from
     rest and then hold the key up for minutes (as a single request over its tokens per minute is
     refused: ``too_large``); as much held before the last choice as a budget, never (the budget
-    admits a group only as it would choice by choice)."""
+    admits a group only as it would choice by choice). ``param``: what made the choices many, ``n`` or
+    a list of ``prompt``."""
     n = len(reserved)
     for limits, whose in ((key, "API key's"), (tenant, "tenant's")):
         if limits.max_concurrent and n > limits.max_concurrent:
-            return _too_many(n, f"the {whose} limit of {limits.max_concurrent} concurrent requests")
+            return _too_many(n, f"the {whose} limit of {limits.max_concurrent} concurrent requests", param)
         if limits.rpm and n > limits.rpm:
-            return _too_many(n, f"the {whose} {limits.rpm} requests per minute")
+            return _too_many(n, f"the {whose} {limits.rpm} requests per minute", param)
         if limits.tpm and sum(reserved) > limits.tpm:
             return _too_many(
-                n, f"the {whose} {limits.tpm} tokens per minute, for their {sum(reserved)} tokens"
+                n, f"the {whose} {limits.tpm} tokens per minute, for their {sum(reserved)} tokens", param
             )
         for budget, per in ((limits.budget_day, "day"), (limits.budget_month, "month")):
             if budget and sum(held[:-1]) >= budget:
                 return _too_many(
-                    n, f"the {whose} budget of {budget} tokens a {per}, for their {sum(held)} held"
+                    n, f"the {whose} budget of {budget} tokens a {per}, for their {sum(held)} held", param
                 )
     return None
 
 
-def _too_many(choices: int, bound: str) -> APIError:
+def _too_many(choices: int, bound: str, param: str) -> APIError:
     return APIError(
         400,
         f"This request's {choices} choices (n for each prompt, each a request, admitted together) "
         f"are more than {bound} can admit at once; ask for fewer.",
         code="too_many_choices",
-        param="n",
+        param=param,
     )
 
 
@@ -109,7 +112,7 @@ async def admit_group(
             spec = admitter.reserved(spec, prompt, model, (limits, shared))
         specs.append(spec)
     reserved, held = [s.reserved_tokens for s in specs], [s.held_tokens for s in specs]
-    refused = group_refusal(reserved, held, limits, shared)
+    refused = group_refusal(reserved, held, limits, shared, "n" if len(bodies) > prompts else "prompt")
     if refused is not None:
         raise refused
     if not (limits.any or shared.any):

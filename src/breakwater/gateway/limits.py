@@ -13,6 +13,8 @@ from breakwater.tenancy.limits import Limits
 
 BYTES_PER_TOKEN = 4  # the usual average; the real count replaces the estimate when the request ends
 DEFAULT_OUTPUT_RESERVE = 256  # reserved when a request sets no max_tokens; reconciled at the end
+SPECIAL_TOKENS = 4  # a tokenizer's own around one input (BOS, EOS), at most
+TEMPLATE_TOKENS = 32  # a chat template's own per message, and once for its preamble, at most
 
 
 def limits_of(key: ApiKey | None) -> Limits:
@@ -28,13 +30,27 @@ def reserve(spec: RequestSpec, prompt: str) -> int:
 
 
 def hold(spec: RequestSpec, prompt: str, context: int, prompt_floor: int) -> int:
-    """Tokens held against the token budgets until the request is metered: what it reserves, but
-    without ``max_tokens`` its output may run to the model's context (``prompt_floor``: the fewest
-    tokens the prompt can be), so that much is held: a budget is passed by one request at most."""
-    if spec.max_tokens is not None or spec.kind == "embedding":
-        return reserve(spec, prompt)
-    output = max(DEFAULT_OUTPUT_RESERVE, context - prompt_floor)
-    return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
+    """Tokens held against the token budgets until the request is metered: the most it can use, so
+    that a budget is passed by one request at most. Its prompt can be as many tokens as it has bytes
+    (``most_prompt_tokens``), its output ``max_tokens``, the two together no more than the model's
+    ``context``; without ``max_tokens`` its output may run to the context (``prompt_floor``: the
+    fewest tokens the prompt can be)."""
+    most = most_prompt_tokens(spec, prompt)
+    if spec.kind == "embedding":
+        return most
+    if spec.max_tokens is None:
+        output = max(DEFAULT_OUTPUT_RESERVE, context - prompt_floor)
+        return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
+    return min(most + spec.max_tokens, max(context, spec.max_tokens))
+
+
+def most_prompt_tokens(spec: RequestSpec, prompt: str) -> int:
+    """The most tokens ``prompt`` can be: one per byte (a byte-level BPE's or a byte-fallback
+    tokenizer's token is never less than one), plus the special tokens around each input and a chat
+    template's own (role markers per message, its preamble)."""
+    if spec.messages is not None:
+        return len(prompt.encode()) + TEMPLATE_TOKENS * (len(spec.messages) + 1)
+    return len(prompt.encode()) + SPECIAL_TOKENS * len(spec.inputs or [prompt])
 
 
 def too_large(tokens: int, limits: Limits) -> APIError:
