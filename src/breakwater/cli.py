@@ -419,8 +419,8 @@ def up(
     except KeyboardInterrupt:
         stack.stop()
         raise typer.Exit(130) from None
-    _print_up(stack, data_dir)
     try:
+        _print_up(stack, data_dir)  # up: Ctrl-C from here on stops it as any time after
         while True:
             stack.supervise()
             if autoscale:

@@ -62,9 +62,11 @@ UNIX_PATH_MAX = 103
 
 
 class RedisServer:
-    """A child Redis process with AOF in ``data_dir``, bound to 127.0.0.1, and with ``unix_socket``
-    also listening on a unix socket ``data_dir/redis.sock`` (owner only), when its path fits: on the
-    same host a round trip over it costs both ends about a third less CPU than over TCP."""
+    """A child Redis process with AOF in ``data_dir`` (owner only), bound to 127.0.0.1, and with
+    ``unix_socket`` also listening on a unix socket ``data_dir/redis.sock`` (owner only), when its
+    path fits: on the same host a round trip over it costs both ends about a third less CPU than over
+    TCP. Without ``tcp`` it then listens on the socket alone: it has no password, and any local user
+    could use a TCP port (read every prompt, make a key of one tenant another's)."""
 
     def __init__(
         self,
@@ -74,6 +76,7 @@ class RedisServer:
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         unix_socket: bool = False,
+        tcp: bool = True,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError("appendfsync must be always, everysec or no")
@@ -85,10 +88,17 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         path = (data_dir / "redis.sock").absolute()
         self.socket_path = path if unix_socket and len(os.fsencode(path)) <= UNIX_PATH_MAX else None
+        self._tcp = tcp
+
+    @property
+    def tcp(self) -> bool:
+        """Whether it listens on TCP: when asked to, and wherever it has no socket."""
+        return self._tcp or self.socket_path is None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """Its TCP URL; without a TCP listener, its socket's."""
+        return f"redis://127.0.0.1:{self.port}/0" if self.tcp else self.local_url
 
     @property
     def log_file(self) -> Path:
@@ -99,18 +109,20 @@ class RedisServer:
     def local_url(self) -> str:
         """The unix socket's URL where there is one, else :attr:`url`: for processes on this host."""
         if self.socket_path is None:
-            return self.url
+            return f"redis://127.0.0.1:{self.port}/0"
         return f"unix://{quote(os.fspath(self.socket_path))}?db=0"  # '#', '?' or '%' in the path
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start it and wait until it answers. A unix socket that another live Redis answers on is
         refused (one data dir, one Redis); one that cannot be bound (a file system without sockets)
-        is given up: the server then listens on TCP only (:attr:`local_url` follows)."""
+        is given up: the server then listens on TCP only (:attr:`local_url` follows). Its directory
+        and the files it writes there are its owner's alone."""
         if self.socket_path is not None and _answers(self.socket_path):
             raise RedisServerError(
                 f"another Redis already serves {self.socket_path}: one data dir, one Redis"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # its AOF holds every prompt, answer, file and key record
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         try:
             self._start(timeout_s)
@@ -130,7 +142,7 @@ class RedisServer:
                 [
                     binary,
                     "--port",
-                    str(self.port),
+                    str(self.port if self.tcp else 0),
                     "--bind",
                     "127.0.0.1",
                     "--dir",
@@ -157,6 +169,7 @@ class RedisServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=0o077,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -167,13 +180,17 @@ class RedisServer:
                 return
             time.sleep(0.05)
         self.stop()
-        raise RedisServerError(f"{binary} did not answer on port {self.port} within {timeout_s}s")
+        raise RedisServerError(f"{binary} did not answer on {self.url} within {timeout_s}s")
 
-    def _ping(self) -> bool:  # over TCP: Redis opens its unix socket before it serves either
+    def _ping(self) -> bool:
+        """PONG (not -LOADING: it listens while it reads its AOF), over TCP where it listens there."""
+        unix = None if self.tcp else self.socket_path
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+            with socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM) as conn:
+                conn.settimeout(0.5)
+                conn.connect(os.fspath(unix) if unix else ("127.0.0.1", self.port))
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
         except OSError:
             return False
 

@@ -383,10 +383,13 @@ class Stack:
                 appendfsync=self.config.appendfsync,
             )
         else:
-            # The stack's own processes reach it over its unix socket (cheaper per round trip than
-            # TCP on one host); its TCP port stays open for tools.
+            # The stack's own processes, and tools, reach it over its unix socket (owner only, and
+            # cheaper per round trip than TCP): no TCP port, which any local user could use.
             self.redis = RedisServer(
-                self.config.data_dir / "redis", appendfsync=self.config.appendfsync, unix_socket=True
+                self.config.data_dir / "redis",
+                appendfsync=self.config.appendfsync,
+                unix_socket=True,
+                tcp=False,
             )
         try:
             self.redis.start()

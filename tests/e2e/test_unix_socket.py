@@ -159,3 +159,23 @@ def test_a_second_redis_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
             assert r.ping()
     finally:
         again.stop()
+
+
+def test_without_tcp_it_listens_on_its_socket_alone_and_keeps_its_files_to_its_owner(tmp_path: Path) -> None:
+    """The embedded stack's Redis has no password: a TCP port on 127.0.0.1 would let any local user
+    read every prompt and answer, or move a key to another tenant. Without ``tcp`` it listens on its
+    owner-only socket alone, and its directory and AOF are its owner's."""
+    server = RedisServer(tmp_path / "r", unix_socket=True, tcp=False)
+    server.start()
+    try:
+        assert server.url == server.local_url and server.url.startswith("unix://")
+        with redis.Redis(unix_socket_path=str(server.socket_path)) as r:
+            assert r.config_get("port") == {"port": "0"}
+            assert r.set("written", "1")
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=server.port, socket_connect_timeout=1).ping()
+        assert (tmp_path / "r").stat().st_mode & 0o777 == 0o700
+        aof = [p for p in (tmp_path / "r").rglob("*.aof")]
+        assert aof and all(p.stat().st_mode & 0o077 == 0 for p in aof), aof
+    finally:
+        server.stop()

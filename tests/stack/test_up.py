@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import orjson
+import redis
 
 from breakwater.redis_server import free_port
 from tests.helpers import wait_for
@@ -139,6 +140,10 @@ def test_up_with_keys_comes_up_and_serves_a_key_made_as_its_banner_says(tmp_path
         assert httpx.get(f"{url}/v1/models").status_code == 401
         redis_url = re.search(r"BREAKWATER_REDIS_URL=(\S+) breakwater keys create", out)
         assert redis_url is not None, out
+        # Its Redis has no password: it listens on its owner-only socket alone, in its owner's dir.
+        with redis.Redis.from_url(redis_url.group(1)) as own:
+            assert redis_url.group(1).startswith("unix://") and own.config_get("port") == {"port": "0"}
+        assert (tmp_path / "data" / "redis").stat().st_mode & 0o077 == 0
         made = subprocess.run(
             [sys.executable, "-m", "breakwater", "keys", "create", "--tenant", "acme"],
             capture_output=True,
