@@ -69,13 +69,18 @@ def tokened(key: Limits, tenant: Limits) -> bool:
     return bool(key.tpm or key.budget_day or key.budget_month or tenant.any)
 
 
-def rate_headers(limits: Limits, decision: Decision, tenant_limits: Limits | None = None) -> dict[str, str]:
-    """The key's own limits; where the key has none, its tenant's."""
+def rate_headers(
+    limits: Limits, decision: Decision, tenant_limits: Limits | None = None, tenants_first: bool = False
+) -> dict[str, str]:
+    """The key's own limits; where the key has none, its tenant's (``tenants_first``: the other way
+    round, for a refusal by the tenant's limits, whose headers then say why)."""
     headers: dict[str, str] = {}
     windows = [(limits, decision.key)]
     if tenant_limits is not None and decision.tenant is not None:
         windows.append((tenant_limits, decision.tenant))
-    for lim, window in reversed(windows):  # the key's override the tenant's
+    if tenants_first:
+        windows.reverse()
+    for lim, window in reversed(windows):  # the first's override the others'
         if lim.rpm:
             headers["x-ratelimit-limit-requests"] = str(lim.rpm)
             headers["x-ratelimit-remaining-requests"] = str(window.requests_remaining)
@@ -91,13 +96,14 @@ def refusal(limits: Limits, decision: Decision, tenant_limits: Limits | None = N
     wait_ms = max(1, decision.retry_after_ms)
     reason = decision.reason.removeprefix("tenant_")
     whose, lim = "this API key", limits
+    tenants = False
     if reason != decision.reason and tenant_limits is not None:
-        whose, lim = "this API key's tenant (all its keys)", tenant_limits
+        whose, lim, tenants = "this API key's tenant (all its keys)", tenant_limits, True
     headers = {
         "Retry-After": str(math.ceil(wait_ms / 1000)),
         "retry-after-ms": str(wait_ms),
         "X-Breakwater-Reason": f"rate_limit_{decision.reason}",
-        **rate_headers(limits, decision, tenant_limits),
+        **rate_headers(limits, decision, tenant_limits, tenants_first=tenants),
     }
     if reason in ("budget_day", "budget_month"):
         daily = reason == "budget_day"

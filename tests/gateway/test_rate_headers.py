@@ -1,0 +1,37 @@
+"""The x-ratelimit-* headers say why a request was refused: the key's own limits, or its tenant's
+where the key has none, and the tenant's when the tenant's limits refused it."""
+
+from __future__ import annotations
+
+from breakwater.redis_server import RedisServer
+from breakwater.tenancy.apikeys import ApiKey
+from breakwater.tenancy.limits import Limits
+from tests.inproc import inproc_gateway
+
+PEPPER = "rate-headers-pepper-0123456789ab"
+BODY = {"model": "sim", "prompt": "hi", "max_tokens": 2}
+
+
+async def test_a_refusal_by_the_tenants_limit_carries_the_tenants_headers(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A key of 600 requests a minute, its tenant's 3: the tenant's refusal said 600 and some
+    remaining (the key's), telling the client it had room while refusing it."""
+    async with inproc_gateway(
+        redis_server.url, prefix, auth="keys", auth_pepper=PEPPER, auth_cache_s=0
+    ) as gw:
+        await gw.add_worker()
+        broker = gw.app.state.service.broker
+        await broker.ledger.set_tenant_limits("t", Limits(rpm=3))
+        secret, _ = await broker.api_keys(PEPPER.encode()).create(ApiKey(id="", tenant="t", rpm=600))
+        headers = {"Authorization": f"Bearer {secret}"}
+        served = await gw.http.post("/v1/completions", json=BODY, headers=headers)
+        assert served.status_code == 200 and served.headers["x-ratelimit-limit-requests"] == "600"
+        for _ in range(5):
+            resp = await gw.http.post("/v1/completions", json=BODY, headers=headers)
+            if resp.status_code == 429:
+                break
+        assert resp.status_code == 429 and resp.headers["X-Breakwater-Reason"] == "rate_limit_tenant_requests"
+        assert resp.headers["x-ratelimit-limit-requests"] == "3"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+        assert int(resp.headers["retry-after-ms"]) > 1000
