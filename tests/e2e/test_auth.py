@@ -378,3 +378,19 @@ async def test_an_open_websocket_stops_serving_a_key_revoked_meanwhile(auth_stac
         async with asyncio.timeout(10):
             await ws.wait_closed()
         assert ws.close_code == 1008
+
+
+async def test_a_websocket_rate_limit_refusal_says_its_type_and_when_to_retry(auth_stack: AuthStack) -> None:
+    """A 429 on the socket is OpenAI's rate_limit_error (it said invalid_request_error) with the
+    wait HTTP gives in retry-after-ms, so a client on the socket can back off as the SDK does."""
+    made = auth_stack.create("tenant-ws-limited", "--rpm", "1")
+    async with websockets.connect(auth_stack.ws_url(), additional_headers=bearer(made["key"])) as ws:
+        assert_completed(await run_on_socket(ws, "the minute's one"))
+        body = {"model": "sim", "prompt": "one too many", "max_tokens": 2}
+        await ws.send(orjson.dumps(body).decode())
+        message = await recv(ws)
+    assert message["type"] == "error" and message["status"] == 429, message
+    assert (
+        message["error"]["type"] == "rate_limit_error" and message["error"]["code"] == "rate_limit_exceeded"
+    )
+    assert 30_000 < message["retry_after_ms"] <= 60_000

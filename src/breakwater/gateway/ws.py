@@ -66,10 +66,18 @@ class _Connection:
         request_id: str | None = None,
         status: int = 400,
         param: str | None = None,
+        refused: APIError | None = None,
     ) -> None:
+        """An ``error`` message; for an ``APIError`` (``refused``) with its OpenAI type (a 429's
+        ``rate_limit_error`` or ``insufficient_quota``) and when to retry (``retry_after_ms``)."""
         kind = "invalid_request_error" if status < 500 else "server_error"
-        body = error_body(message, kind, code, param)
-        await self.send({"type": "error", "request_id": request_id, "status": status, **body})
+        body = error_body(message, refused.type if refused else kind, code, param)
+        sent: dict[str, Any] = {"type": "error", "request_id": request_id, "status": status, **body}
+        if refused is not None and "retry-after-ms" in refused.headers:
+            sent["retry_after_ms"] = int(refused.headers["retry-after-ms"])
+        elif refused is not None and "Retry-After" in refused.headers:  # a full lane's, in seconds
+            sent["retry_after_ms"] = int(refused.headers["Retry-After"]) * 1000
+        await self.send(sent)
 
     async def handle(self, raw: str) -> None:
         self.idle.clear()
@@ -107,7 +115,7 @@ class _Connection:
         except APIError as exc:
             rid = data.get("resume") or data.get("cancel")
             await self.error(
-                exc.message, exc.code or "error", str(rid) if rid else None, exc.status, exc.param
+                exc.message, exc.code or "error", str(rid) if rid else None, exc.status, exc.param, exc
             )
         except TRANSIENT as exc:  # Redis unreachable, full or read-only: nothing was admitted
             await self.error(
