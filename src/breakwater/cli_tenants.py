@@ -26,6 +26,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys (auth=keys): create,
 T = TypeVar("T")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+LONGEST_S = 36500 * 86400  # 100 years: a key (or a grace) longer is a typo
 
 
 def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
@@ -39,11 +40,15 @@ def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
     return with_broker(lambda broker: fn(broker.api_keys(pepper)))
 
 
-def _seconds(value: str) -> int:
+def _seconds(value: str, least: int = 0, hint: str | None = None) -> int:
+    """A duration (``90s``, ``30m``, ``12h``, ``30d``) of ``least`` seconds to 100 years."""
     match = _DURATION.match(value)
     if match is None:
-        raise typer.BadParameter("a duration such as 90s, 30m, 12h or 30d")
-    return int(match.group(1)) * _SECONDS[match.group(2)]
+        raise typer.BadParameter("a duration such as 90s, 30m, 12h or 30d", param_hint=hint)
+    seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+    if not least <= seconds <= LONGEST_S:
+        raise typer.BadParameter(f"from {least}s to {LONGEST_S // 86400}d, not {value}", param_hint=hint)
+    return seconds
 
 
 def _not_found(key_id: str) -> typer.Exit:
@@ -71,14 +76,14 @@ def keys_create(
     """Create a key; prints it once, with its settings, as JSON."""
     from breakwater.tenancy import ANONYMOUS, ApiKey
 
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant) or tenant == ANONYMOUS.tenant:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant) or tenant.lower() == ANONYMOUS.tenant:
         raise typer.BadParameter(
             f"1-64 of A-Z a-z 0-9 _ . -, not {ANONYMOUS.tenant!r} (the owner of requests made with auth off)",
             param_hint="--tenant",
         )
     if lane is not None and lane not in LANES:
         raise typer.BadParameter(f"one of {', '.join(LANES)}", param_hint="--lane")
-    expires = int(time.time()) + _seconds(expires_in) if expires_in else 0
+    expires = int(time.time()) + _seconds(expires_in, 1, "--expires-in") if expires_in else 0
     template = ApiKey(
         id="",
         tenant=tenant,
@@ -130,7 +135,7 @@ def keys_rotate(
     """A new key with the same tenant and limits; the old one is revoked (after --grace)."""
     from breakwater.broker.api_keys import RotatedAlready
 
-    grace_s = _seconds(grace) if grace else 0
+    grace_s = _seconds(grace, 0, "--grace") if grace else 0
     try:
         rotated = _with_store(lambda store: store.rotate(key_id, grace_s))
     except RotatedAlready as exc:

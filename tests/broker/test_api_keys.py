@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from typer.testing import CliRunner
 
 from breakwater.broker import Broker
 from breakwater.broker.api_keys import KeyStore, RotatedAlready
+from breakwater.cli import app
 from breakwater.keys import Keys
 from breakwater.tenancy.apikeys import ApiKey
 
@@ -92,3 +94,24 @@ async def test_a_rotations_grace_never_extends_the_old_keys_life(store: KeyStore
             assert time.time() + 3590 < ended.expires <= time.time() + 3600 and not ended.revoked
         else:
             assert ended.revoked and ended.usable(time.time()) is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--tenant", "t", "--expires-in", "0s"], "from 1s"),  # expired as it is made
+        (["--tenant", "t", "--expires-in", "99999999999d"], "to 36500d"),
+        (["--tenant", "Anonymous"], "anonymous"),  # the owner of requests with auth off, by another case
+    ],
+)
+def test_keys_create_refuses_a_key_of_no_life_or_of_forever_and_a_tenant_named_as_auth_offs(
+    args: list[str], said: str
+) -> None:
+    """Refused before anything is written (no Redis is reached: none is configured here)."""
+    result = CliRunner().invoke(app, ["keys", "create", *args])
+    assert result.exit_code == 2 and said in result.output, result.output
+
+
+def test_keys_rotate_refuses_a_grace_of_forever() -> None:
+    result = CliRunner().invoke(app, ["keys", "rotate", "key_x", "--grace", "40000d"])
+    assert result.exit_code == 2 and "to 36500d" in result.output, result.output
