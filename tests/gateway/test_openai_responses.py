@@ -103,6 +103,14 @@ async def test_a_model_is_retrieved_by_its_id(client: openai.AsyncOpenAI) -> Non
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "model_not_found"
 
 
+async def test_a_route_that_does_not_exist_is_a_404_naming_it(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.get("/nothing/here", cast_to=httpx.Response)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["message"] == "Invalid URL (GET /v1/nothing/here)"
+    assert error["type"] == "invalid_request_error"
+
+
 async def test_an_unexpected_error_is_a_500_in_openais_shape(
     gw: InProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:

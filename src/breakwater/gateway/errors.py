@@ -17,6 +17,11 @@ from breakwater.broker.errors import TRANSIENT, reason
 
 log = logging.getLogger(__name__)
 
+NOT_JSON = (  # orjson's rules
+    "request body is not valid JSON (RFC 8259: no NaN, Infinity or lone surrogates; at most 1024 "
+    "levels of nesting)"
+)
+
 
 class JSONBody(Response):
     """JSON response serialised with orjson."""
@@ -82,7 +87,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return "request body is not valid JSON (RFC 8259: no NaN, Infinity or lone surrogates)", None
+        return NOT_JSON, None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 
@@ -159,13 +164,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONBody(error_body(message, "invalid_request_error", code, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONBody:
         if exc.status_code == 415:
             return not_json_response()
         code = "not_found" if exc.status_code == 404 else None
-        return JSONBody(
-            error_body(str(exc.detail), "invalid_request_error", code), status_code=exc.status_code
-        )
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no such route: as OpenAI says it
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        return JSONBody(error_body(message, "invalid_request_error", code), status_code=exc.status_code)
 
     async def _redis_unavailable(_: Request, exc: Exception) -> JSONBody:
         return unavailable_response(exc)
