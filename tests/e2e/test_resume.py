@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,3 +200,41 @@ async def test_websocket_bad_messages_keep_connection(slow_stack: StackProcs) ->
         )
         msgs = [orjson.loads(await ws.recv()) for _ in range(5)]
     assert [m["type"] for m in msgs] == ["created", "token", "token", "token", "done"]
+
+
+@pytest.mark.parametrize("position", ["last", "beyond"])
+def test_a_resume_after_the_last_event_gets_done_at_once(slow_stack: StackProcs, position: str) -> None:
+    """A client that had every event but lost [DONE] (a dropped connection, a gateway's drain)
+    resumes from its last event: it waited for the request's record to expire (an hour), with
+    nothing sent; now it gets [DONE] and the stream ends."""
+    url = slow_stack.gateways[1][1]
+    body = {"model": "sim", "prompt": "resumed at its end", "max_tokens": 4, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        events, finished = _read_sse(resp)
+    assert finished and events[-1][1]["usage"]["completion_tokens"] == 4
+    last = events[-1][0]
+    after = last if position == "last" else last + 100
+    with httpx.stream(
+        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": str(after)}, timeout=10
+    ) as resp:
+        assert resp.status_code == 200
+        assert resp.read() == b"data: [DONE]\n\n"
+
+
+async def test_a_websocket_resume_after_the_last_event_says_the_request_ended(slow_stack: StackProcs) -> None:
+    ws_url = slow_stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(ws_url) as ws:
+        await ws.send(orjson.dumps({"model": "sim", "prompt": "ended on a socket", "max_tokens": 3}).decode())
+        messages = [orjson.loads(await ws.recv()) for _ in range(5)]  # created, 3 tokens, done
+        assert [m["type"] for m in messages] == ["created", "token", "token", "token", "done"]
+        rid, last = messages[-1]["request_id"], messages[-1]["seq"]
+        await ws.send(orjson.dumps({"resume": rid, "after": last}).decode())
+        async with asyncio.timeout(10):
+            ended = orjson.loads(await ws.recv())
+        assert ended["type"] == "error" and ended["request_id"] == rid
+        assert ended["error"]["code"] == "request_finished"
+        await ws.send(orjson.dumps({"resume": rid, "after": last - 1}).decode())  # the rest: its done
+        async with asyncio.timeout(10):
+            assert orjson.loads(await ws.recv()) == messages[-1]

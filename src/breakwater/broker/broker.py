@@ -450,6 +450,15 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
     async def exists(self, rid: str) -> bool:
         return bool(await self.redis.exists(self.keys.request(rid)))
 
+    async def ended_at(self, rid: str) -> int | None:
+        """The seq of the request's terminal event once it has ended (its status and that event are
+        written in one script), 0 while it runs; None when it has no record (expired, or never was)."""
+        fields: Any = await self.redis.hmget(self.keys.request(rid), "status", "seq")
+        status, seq = fields
+        if status is None:
+            return None
+        return int(seq or 0) if Status(status).terminal else 0
+
     async def get_record(self, rid: str) -> RequestRecord | None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.request(rid))

@@ -92,9 +92,11 @@ async def follow_events(
     subscription: Subscription | None = None,
     fresh: bool = False,
 ) -> AsyncGenerator[TokenEvent, None]:
-    """Yield events with seq > ``after`` until the terminal one (inclusive). ``fresh``: the
-    subscription was made before the request was queued, so nothing is stored that it will not
-    deliver, and the first read of the durable stream (two round trips) is skipped."""
+    """Yield events with seq > ``after`` until the terminal one (inclusive); none when the request
+    has ended and its terminal event is at or before ``after`` (a client that lost only what came
+    after it). ``fresh``: the subscription was made before the request was queued, so nothing is
+    stored that it will not deliver, and the first read of the durable stream (two round trips) is
+    skipped."""
     sub = subscription or await fanin.subscribe(rid)
     # The reader's position: the last seq handed on, by it or (live, while it waits) by its sink.
     sub.delivered = max(sub.delivered, after)
@@ -114,8 +116,8 @@ async def follow_events(
                         yield event
                         if event.terminal:
                             return
-                if not progressed and not await broker.exists(rid):
-                    raise RequestGone(rid)  # expired (or never existed): nothing more will come
+                if not progressed and await _ended_before(broker, rid, sub.delivered):
+                    return
             catch_up = True
             async with aclosing(_live(sub, idle_poll_s)) as live:
                 async for event in live:
@@ -130,6 +132,15 @@ async def follow_events(
     finally:
         if subscription is None:
             await fanin.unsubscribe(sub)
+
+
+async def _ended_before(broker: Broker, rid: str, delivered: int) -> bool:
+    """Whether the request ended with an event at or before ``delivered``: nothing more will come.
+    Raises :class:`RequestGone` when it has no record (expired, or never existed)."""
+    ended = await broker.ended_at(rid)
+    if ended is None:
+        raise RequestGone(rid)
+    return 0 < ended <= delivered
 
 
 async def _backlog(broker: Broker, rid: str, last: int) -> AsyncGenerator[TokenEvent, None]:

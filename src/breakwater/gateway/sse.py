@@ -199,8 +199,9 @@ async def sse_chunks(
     include_usage: bool,
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
-    with the usage chunk (if asked) and ``[DONE]``, or an error, as a :class:`LastChunk`. ``events``
-    is closed with it (not left to the event loop's async-generator finalizer)."""
+    with the usage chunk (if asked) and ``[DONE]``, or an error, as a :class:`LastChunk` (``[DONE]``
+    alone when ``events`` ends without either: resumed after its end). ``events`` is closed with it
+    (not left to the event loop's async-generator finalizer)."""
     async with aclosing(events):
         async for event in events:
             if event.kind == "token":
@@ -222,6 +223,7 @@ async def sse_chunks(
             else:
                 yield LastChunk(sse_event(error_chunk(event), event.seq))
                 return
+    yield LastChunk(DONE)  # ended before: a resume after its last event (only [DONE] was lost)
 
 
 async def collect_response(

@@ -190,6 +190,13 @@ class _Connection:
                         # send twice.
                         return
                     await self.send(_event_message(sub.rid, event, sub.tool))
+                    finished = event.terminal
+            if not finished:  # resumed after its terminal event: nothing more will come
+                await self.error(
+                    f"request `{sub.rid}` has ended, and its events up to {after} include its last",
+                    "request_finished",
+                    sub.rid,
+                )
             finished = True
         except APIError as exc:
             await self.error(exc.message, exc.code or "error", sub.rid, exc.status)
