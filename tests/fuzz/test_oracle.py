@@ -15,8 +15,12 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def generated_tokens(body: dict[str, Any]) -> int | None:
-    """The limit the gateway's own model reads from ``body`` (None: none, up to the context)."""
-    request = ChatCompletionRequest.model_validate(body)
+    """The limit the gateway's own model reads from ``body`` (None: none, up to the context; 0: the
+    body is refused, a string or a boolean where a number goes, and generates nothing)."""
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError:
+        return 0
     return request.max_completion_tokens or request.max_tokens
 
 

@@ -175,7 +175,7 @@ async def test_content_parts_other_than_text_are_400_naming_the_message(gw: InPr
         ("presence_penalty", 0.5),
         ("logit_bias", {"50256": -100}),
         ("not_a_parameter", 1),
-        ("top_k", -1),
+        ("web_search_options", {}),  # {} asks OpenAI for a search with its defaults
         ("store", True),  # no completion is stored to be retrieved later
         ("service_tier", "priority"),
     ],
@@ -249,3 +249,50 @@ async def test_usage_up_to_the_calendars_last_day_is_answered(gw: InProc) -> Non
         assert resp.status_code == 200 and resp.json()["data"] == [], resp.text
     bad = await gw.http.get("/v1/usage", params={"start_date": "2026-02-30"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "start_date"
+
+
+@pytest.mark.parametrize(
+    ("param", "value"),
+    [
+        ("max_tokens", "5"),
+        ("max_tokens", True),
+        ("max_tokens", 2.5),
+        ("n", "2"),
+        ("stream", "true"),
+        ("stream", 1),
+        ("temperature", True),
+        ("temperature", "0.5"),
+        ("ignore_eos", "yes"),
+        ("seed", "7"),
+        ("top_k", -2),
+        ("top_k", 1.5),
+        ("top_k", "5"),
+    ],
+)
+async def test_a_value_of_the_wrong_type_is_400_naming_it(gw: InProc, param: str, value: Any) -> None:
+    """Typed as OpenAI types them: a string or a boolean is no number, a number no boolean (they were
+    read as one: "5" as 5, true as 1, "true" as a stream)."""
+    _assert_error(await gw.http.post(CHAT, json=_chat(**{param: value})), 400, "invalid_value", param)
+    assert await _records(gw) == []
+
+
+async def test_null_and_whole_numbers_are_what_they_say(gw: InProc) -> None:
+    """``null`` is the default for any field (the SDK's "not given"); JSON has numbers, not integers:
+    3.0 tokens are 3; vLLM's top_k of -1 is every token."""
+    for extra in ({"lane": None, "ignore_eos": None, "top_k": None}, {"top_k": -1}, {"top_k": 0}):
+        assert (await gw.http.post(CHAT, json=_chat(**extra))).status_code == 200, extra
+    whole = await gw.http.post(CHAT, json=_chat(max_tokens=3.0, ignore_eos=True))
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] == 3
+    stream_usage = _chat(stream=True, stream_options={"include_usage": "yes"})
+    _assert_error(
+        await gw.http.post(CHAT, json=stream_usage), 400, "invalid_value", "stream_options.include_usage"
+    )
+
+
+async def test_embeddings_take_null_as_the_default_and_refuse_a_count_of_the_wrong_type(gw: InProc) -> None:
+    body = {"model": "sim", "input": "x", "encoding_format": None, "lane": None}
+    resp = await gw.http.post("/v1/embeddings", json=body)
+    assert resp.status_code == 200 and isinstance(resp.json()["data"][0]["embedding"], list), resp.text
+    for dimensions in ("8", True):
+        resp = await gw.http.post("/v1/embeddings", json={**body, "dimensions": dimensions})
+        _assert_error(resp, 400, "invalid_value", "dimensions")

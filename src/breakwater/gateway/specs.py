@@ -50,14 +50,13 @@ def request_spec(
     }
     if isinstance(body, EmbeddingRequest):
         return RequestSpec(kind="embedding", inputs=body.inputs(), max_tokens=0, **owner)
-    top_k = (body.model_extra or {}).get("top_k")
     common: dict[str, Any] = {
         **owner,
         "logprobs": body.logprobs_top(),
         "max_tokens": body.output_limit(),
         "temperature": body.temperature,
         "top_p": body.top_p,
-        "top_k": top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else None,
+        "top_k": None if body.top_k is None else max(body.top_k, 0),  # vLLM's -1: all, as 0
         "seed": body.seed,
         "stop": body.stop_list(),
         "ignore_eos": body.ignore_eos,

@@ -38,7 +38,7 @@ def new_id(prefix: str) -> str:
 class CreateBatch(BaseModel):
     """``POST /v1/batches``; any other parameter (``output_expires_after``) is refused by name."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     input_file_id: str
     endpoint: str

@@ -16,9 +16,9 @@ from array import array
 from typing import Any, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from breakwater.protocol.openai import ACCEPTED_ONLY, Tagged
+from breakwater.protocol.openai import ACCEPTED_ONLY, Tagged, Whole
 
 MAX_INPUTS = 2048
 KNOWN_EXTRAS = frozenset({"store", "service_tier"})
@@ -30,10 +30,16 @@ class EmbeddingRequest(Tagged):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1, le=1 << 16)
+    dimensions: Whole | None = Field(default=None, ge=1, le=1 << 16)
     user: str | None = None
     timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, description="Breakwater: deadline (s)")
     lane: Literal["interactive", "batch"] = "interactive"
+
+    @field_validator("encoding_format", "lane", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """``null`` is the default (the SDK's "not given")."""
+        return cls.model_fields[info.field_name or ""].default if value is None else value
 
     @field_validator("input", mode="before")
     @classmethod

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from breakwater.protocol.tools import call_id
 
@@ -24,9 +32,9 @@ UNSUPPORTED_PARAMETERS = (
     "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
     "best_of", "suffix", "modalities", "audio", "prediction", "reasoning_effort", "web_search_options",
 )  # fmt: skip
-# Extra fields that change nothing the engine does or that it implements (top_k); the typed ones
+# Extra fields that change nothing the engine does; the typed ones
 # (metadata, safety_identifier, prompt_cache_key) are fields of :class:`Tagged`.
-KNOWN_EXTRAS = frozenset({"top_k", "store", "service_tier"})
+KNOWN_EXTRAS = frozenset({"store", "service_tier"})
 # Keys of a chat message besides role, content and name: those the gateway uses; any other that asks
 # for something (a non-null, non-empty value: an earlier answer's `refusal`, `audio`, a legacy
 # `function_call`) is refused, never dropped.
@@ -36,6 +44,16 @@ MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
 ACCEPTED_ONLY = {"store": (None, False), "service_tier": (None, "auto", "default")}
 
 
+def _whole(value: Any) -> Any:
+    """JSON has numbers, not integers (RFC 8259): a whole one written as ``2048.0`` is a count's value."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field's type in the strict request models: ``2048.0`` is 2048; ``"5"``, ``true`` and
+# ``2.5`` are no integer.
+Whole = Annotated[int, BeforeValidator(_whole)]
+
+
 def _is_default(name: str, value: Any) -> bool:
     """Whether an unsupported parameter holds a value that asks for nothing (OpenAI's default)."""
     if value is None or value is False:
@@ -43,14 +61,14 @@ def _is_default(name: str, value: Any) -> bool:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return value == (1 if name == "best_of" else 0)
     if isinstance(value, str | list | dict) and not value:
-        return True
+        return name != "web_search_options"  # {} asks for a search, with OpenAI's defaults
     if name in ("tool_choice", "function_call") and value in ("none", "auto"):
         return True
     return (name, value) in (("response_format", {"type": "text"}), ("modalities", ["text"]))
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI pads deltas against a side channel; not done here
@@ -65,7 +83,11 @@ class StreamOptions(BaseModel):
 
 class Tagged(BaseModel):
     """OpenAI's fields that tag a request for the caller and change nothing generated here; typed and
-    bounded as OpenAI does, so a malformed one is a 400, not stored."""
+    bounded as OpenAI does, so a malformed one is a 400, not stored. The base of every request body:
+    strict, as OpenAI's types are (``"5"`` or ``true`` is no number, ``"true"`` no boolean; a whole
+    number is a float's value)."""
+
+    model_config = ConfigDict(strict=True)
 
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = Field(default=None, max_length=64)
@@ -82,7 +104,7 @@ class Tagged(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
@@ -122,20 +144,23 @@ class _SamplingRequest(Tagged):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
+    max_tokens: Whole | None = Field(default=None, ge=1, lt=1 << 31)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    seed: Whole | None = Field(default=None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    n: Whole = Field(default=1, ge=1, le=MAX_CHOICES)
     timeout: float | None = Field(
         default=None, gt=0.0, le=MAX_TIMEOUT_S, description="Breakwater: deadline in seconds"
     )
     lane: Literal["interactive", "batch"] = "interactive"
     ignore_eos: bool = Field(default=False, description="vLLM extension: generate until max_tokens")
+    top_k: Whole | None = Field(
+        default=None, ge=-1, lt=1 << 31, description="vLLM extension: the k likeliest tokens (0 or -1: all)"
+    )
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -158,7 +183,7 @@ class _SamplingRequest(Tagged):
         """``logit_bias`` with its token ids as numbers (those biased by 0 left out)."""
         return {int(token): bias for token, bias in (self.logit_bias or {}).items() if bias}
 
-    @field_validator("stream", "n", "echo", mode="before", check_fields=False)
+    @field_validator("stream", "n", "echo", "lane", "ignore_eos", mode="before", check_fields=False)
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """``null`` is the default (the SDK types these optional; ``echo`` is the text completions')."""
@@ -198,11 +223,6 @@ class _SamplingRequest(Tagged):
         for name, accepted in ACCEPTED_ONLY.items():
             if extra.get(name) not in accepted:
                 return name
-        top_k = extra.get("top_k")
-        if top_k is not None and (
-            not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k < 1 << 31
-        ):
-            return "top_k"
         return None
 
     def choice_count(self) -> int:
@@ -220,13 +240,13 @@ class _SamplingRequest(Tagged):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
+    max_completion_tokens: Whole | None = Field(default=None, ge=1, lt=1 << 31)
     response_format: Any = None  # checked by protocol.formats.parse_response_format
     tools: Any = None  # checked by protocol.tools.forced_call
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # a permission: one call honours it either way
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Whole | None = Field(default=None, ge=0, le=20)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -247,9 +267,9 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str]
     # OpenAI's legacy default (and vLLM's): 16 tokens; an explicit null runs to the end token or
     # the context, as a chat answer without a bound does.
-    max_tokens: int | None = Field(default=16, ge=1, lt=1 << 31)
+    max_tokens: Whole | None = Field(default=16, ge=1, lt=1 << 31)
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: Whole | None = Field(default=None, ge=0, le=5)
 
     def logprobs_top(self) -> int:
         return -1 if self.logprobs is None else self.logprobs

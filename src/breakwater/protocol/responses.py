@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
-from breakwater.protocol.openai import INT64, MAX_MESSAGES, MAX_TIMEOUT_S, StreamOptions, Tagged
+from breakwater.protocol.openai import INT64, MAX_MESSAGES, MAX_TIMEOUT_S, StreamOptions, Tagged, Whole
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 TIERS = (None, "auto", "default")  # service tiers that ask for nothing (chat's ACCEPTED_ONLY)
@@ -46,7 +46,7 @@ class ResponsesRequest(Tagged):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[dict[str, Any]] = Field(default="")
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1, lt=1 << 31)
+    max_output_tokens: Whole | None = Field(default=None, ge=1, lt=1 << 31)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stream: bool = False
@@ -58,7 +58,7 @@ class ResponsesRequest(Tagged):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     text: dict[str, Any] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Whole | None = Field(default=None, ge=0, le=20)
     include: list[str] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     service_tier: str | None = None
@@ -66,12 +66,13 @@ class ResponsesRequest(Tagged):
     # Breakwater's extensions, as on chat: the lane, a deadline, and a seed (reproducible sampling).
     lane: Literal["interactive", "batch"] = "interactive"
     timeout: float | None = Field(default=None, gt=0.0, le=MAX_TIMEOUT_S)
-    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    seed: Whole | None = Field(default=None, ge=-INT64, lt=INT64)
 
-    @field_validator("stream", mode="before")
+    @field_validator("stream", "lane", mode="before")
     @classmethod
-    def _null_stream(cls, value: Any) -> Any:
-        return False if value is None else value
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """``null`` is the default (the SDK's "not given")."""
+        return cls.model_fields[info.field_name or ""].default if value is None else value
 
     @field_validator("input")
     @classmethod
