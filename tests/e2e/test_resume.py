@@ -238,3 +238,24 @@ async def test_a_websocket_resume_after_the_last_event_says_the_request_ended(sl
         await ws.send(orjson.dumps({"resume": rid, "after": last - 1}).decode())  # the rest: its done
         async with asyncio.timeout(10):
             assert orjson.loads(await ws.recv()) == messages[-1]
+
+
+def test_a_resume_after_a_cancelled_requests_last_event_ends_without_done(slow_stack: StackProcs) -> None:
+    """It ended with an error, which the client had: the resume ends at once, with no [DONE] the
+    stream never sent."""
+    url = slow_stack.gateways[0][1]
+    body = {"model": "sim", "prompt": "cancelled, then resumed", "max_tokens": 500, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as resp:
+        rid = resp.headers["x-breakwater-request-id"]
+        _read_sse(resp, stop_after=2)
+    assert httpx.delete(f"{url}/v1/requests/{rid}", timeout=10).status_code == 200
+    last = httpx.get(f"{url}/v1/requests/{rid}", timeout=10).json()["last_seq"]
+    with httpx.stream(
+        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": str(last - 1)}, timeout=10
+    ) as resp:
+        events, finished = _read_sse(resp)
+    assert not finished and [s for s, _ in events] == [last] and "error" in events[0][1]
+    with httpx.stream(
+        "GET", f"{url}/v1/requests/{rid}/events", headers={"Last-Event-ID": str(last)}, timeout=10
+    ) as resp:
+        assert resp.status_code == 200 and resp.read() == b""

@@ -179,3 +179,19 @@ def test_without_tcp_it_listens_on_its_socket_alone_and_keeps_its_files_to_its_o
         assert aof and all(p.stat().st_mode & 0o077 == 0 for p in aof), aof
     finally:
         server.stop()
+
+
+def test_without_tcp_a_data_dir_too_deep_for_a_socket_gets_a_private_one(tmp_path: Path) -> None:
+    """A socket path longer than 103 bytes fell back to TCP (no password): without ``tcp`` the
+    socket goes to a directory of its own under the system's temporary one, removed at stop."""
+    server = RedisServer(tmp_path / ("d" * 120), unix_socket=True, tcp=False)
+    server.start()
+    private = server.socket_path.parent if server.socket_path else None
+    try:
+        assert private is not None and private != tmp_path / ("d" * 120)
+        assert private.stat().st_mode & 0o777 == 0o700 and server.url.startswith("unix://")
+        with redis.Redis(unix_socket_path=str(server.socket_path)) as r:
+            assert r.config_get("port") == {"port": "0"}
+    finally:
+        server.stop()
+    assert not private.exists()

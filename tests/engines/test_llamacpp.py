@@ -260,3 +260,10 @@ async def test_logit_bias_and_penalties_on_the_model(engine: LlamaCppEngine) -> 
         ask = GenerationRequest("d", messages=days, temperature=0.0, max_tokens=60, frequency_penalty=penalty)
         lines[penalty] = _text((await _generate(engine, ask))["d"]).count("\n")
     assert lines[-2.0] > lines[0.0] > lines[2.0], lines
+
+
+async def test_a_prompt_with_max_tokens_over_the_context_is_refused(engine: LlamaCppEngine) -> None:
+    with pytest.raises(EngineRequestError) as info:
+        engine.add(GenerationRequest("over", prompt="word " * 20, max_tokens=500))  # 512 of context
+    assert info.value.code == "context_length_exceeded" and "max_tokens asks for 500" in str(info.value)
+    assert engine.free_slots() == 4

@@ -165,3 +165,14 @@ def test_stop_checker_never_emits_stop_text(
         out += checker.flush()
     assert out == emitted
     assert stopped is hit
+
+
+def test_a_prompt_with_max_tokens_over_the_context_is_refused_not_cut_short() -> None:
+    """4 prompt tokens and 5 to generate do not fit 8: refused (it generated 4 and said "length"),
+    as OpenAI and vLLM refuse it; 4 fit. A continuation was judged at its start."""
+    engine = SimEngine(SimOptions(context_length=8))
+    with pytest.raises(EngineRequestError) as info:
+        engine.add(GenerationRequest("a", prompt="one two three four", seed=1, max_tokens=5))
+    assert info.value.code == "context_length_exceeded" and "9 in all" in str(info.value)
+    engine.add(GenerationRequest("b", prompt="one two three four", seed=1, max_tokens=4))
+    engine.add(GenerationRequest("c", prompt="one two three four", seed=1, max_tokens=5, emitted_tokens=2))

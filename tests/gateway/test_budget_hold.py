@@ -108,3 +108,26 @@ async def test_prompts_of_more_tokens_than_their_estimate_pass_a_budget_by_one_r
             r.json()["error"]["code"] == "insufficient_quota" for r in replies if r.status_code != 200
         )
         assert sum(served) < 1000 + max(served), served
+
+
+def test_a_hold_is_what_the_prompt_can_be_and_no_more_than_the_models_context() -> None:
+    """A token a byte at most, with a chat template's own per message (and names and tool calls,
+    which are prompt too), plus max_tokens; no more than the model's context where a worker said
+    it, but not capped by the gateway's own bound (the model's may be larger)."""
+    from breakwater.broker import RequestSpec
+    from breakwater.gateway.limits import SPECIAL_TOKENS, TEMPLATE_TOKENS, hold
+    from breakwater.gateway.specs import prompt_text
+
+    text = RequestSpec(model="m", lane="interactive", kind="completion", request_id="", timeout_s=60,
+                       prompt="a " * 60, max_tokens=4)  # fmt: skip
+    assert hold(text, prompt_text(text), 4096, 0) == 120 + SPECIAL_TOKENS + 4
+    assert hold(text, prompt_text(text), 64, 0) == 64  # the model's context: no request uses more
+    assert hold(text, prompt_text(text), 64, 0, known=False) == 120 + SPECIAL_TOKENS + 4
+    messages = [
+        {"role": "user", "name": "ann", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": '[{"id":"c"}]'},
+    ]
+    chat = RequestSpec(model="m", lane="interactive", kind="chat", request_id="", timeout_s=60,
+                       messages=messages, max_tokens=4)  # fmt: skip
+    said = len("ann\nhi\n" + '[{"id":"c"}]')
+    assert hold(chat, prompt_text(chat), 4096, 0) == said + 3 * TEMPLATE_TOKENS + 4

@@ -112,3 +112,48 @@ async def test_the_metrics_listener_on_loopback_refuses_a_rebinding_page() -> No
             assert await _get(listener.port, host) == b"HTTP/1.1 200 OK\r\n"
     finally:
         await listener.close()
+
+
+def test_a_listener_named_by_a_name_of_loopback_addresses_is_on_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--host myhost`` where the name is 127.0.1.1 (Debian's) is loopback; a name with any other
+    address is not; one that does not resolve is not."""
+    import socket
+
+    from breakwater.hosts import is_loopback
+
+    answers = {
+        "myhost": ["127.0.1.1"],
+        "ip6-localhost": ["::1"],
+        "both": ["127.0.0.1", "10.0.0.7"],
+    }
+
+    def resolve(name: str, *_: object) -> list[tuple[object, ...]]:
+        if name not in answers:
+            raise socket.gaierror("not found")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in answers[name]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    assert is_loopback("myhost") and is_loopback("ip6-localhost")
+    assert not is_loopback("both") and not is_loopback("nowhere") and not is_loopback("0.0.0.0")
+    rule = host_rule("myhost", "")
+    assert rule is not None and not rule.allows("rebind.example")
+
+
+def test_a_wildcard_in_allowed_hosts_is_refused_naming_the_domain_form() -> None:
+    with pytest.raises(ValidationError, match=r"as `\.example\.com`"):
+        GatewaySettings(allowed_hosts="*.example.com")
+
+
+async def test_the_metrics_listener_answers_to_the_gateways_listed_names() -> None:
+    def respond(method: str, path: str) -> tuple[int, bytes, str]:
+        return 200, b"ok", "text/plain"
+
+    listener = PlainHTTP("127.0.0.1", 0, respond, "test", "metrics.internal")
+    await listener.start()
+    try:
+        assert await _get(listener.port, "metrics.internal:9100") == b"HTTP/1.1 200 OK\r\n"
+        assert await _get(listener.port, "rebind.example:9100") == b"HTTP/1.1 421 Misdirected Request\r\n"
+    finally:
+        await listener.close()

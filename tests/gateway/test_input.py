@@ -296,3 +296,37 @@ async def test_embeddings_take_null_as_the_default_and_refuse_a_count_of_the_wro
     for dimensions in ("8", True):
         resp = await gw.http.post("/v1/embeddings", json={**body, "dimensions": dimensions})
         _assert_error(resp, 400, "invalid_value", "dimensions")
+
+
+async def test_a_prompt_whose_max_tokens_overrun_the_context_is_400_not_cut_short(gw: InProc) -> None:
+    """4,087 prompt tokens and 10 to generate in a 4,096-token context: a 400 (it answered 9 tokens,
+    "length"), as OpenAI and vLLM answer; streamed, the stream's one event is that error."""
+    words = "w " * 4085
+    resp = await gw.http.post(CHAT, json=_chat(messages=[{"role": "user", "content": words}], max_tokens=10))
+    _assert_error(resp, 400, "context_length_exceeded")
+    assert "max_tokens asks for 10" in resp.json()["error"]["message"]
+    body = {"model": "sim", "prompt": "w " * 4090, "max_tokens": 10, "stream": True}
+    streamed = await gw.http.post("/v1/completions", json=body)
+    assert (
+        '"code":"context_length_exceeded"' in streamed.text.replace(" ", "") and "[DONE]" not in streamed.text
+    )
+    long = {"model": "sim", "prompt": "word " * 30_000, "max_tokens": 4}  # refused by the gateway's bound
+    _assert_error(await gw.http.post("/v1/completions", json=long), 400, "context_length_exceeded", "prompt")
+
+
+async def test_nesting_deeper_than_the_parser_takes_is_400_saying_so(gw: InProc) -> None:
+    deep = b'{"model": "sim", "messages": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    resp = await gw.http.post(CHAT, content=deep, headers={"content-type": "application/json"})
+    _assert_error(resp, 400, "invalid_json")
+    assert "1024 levels of nesting" in resp.json()["error"]["message"]
+
+
+async def test_an_embedding_input_over_the_bound_is_400_naming_input(gw: InProc) -> None:
+    body = {"model": "sim", "input": ["short", "word " * 30_000]}
+    _assert_error(await gw.http.post("/v1/embeddings", json=body), 400, "context_length_exceeded", "input")
+
+
+async def test_a_response_takes_null_as_the_default_lane(gw: InProc) -> None:
+    body = {"model": "sim", "input": "hi", "lane": None, "max_output_tokens": 4}
+    resp = await gw.http.post("/v1/responses", json=body)
+    assert resp.status_code == 200 and resp.json()["status"] == "completed", resp.text

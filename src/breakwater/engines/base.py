@@ -34,6 +34,25 @@ class EngineRequestError(ValueError):
         self.error_type = error_type
 
 
+def check_fits(prompt_tokens: int, request: GenerationRequest, context: int) -> None:
+    """The prompt, and with it ``max_tokens``, must fit the model's context: a 400
+    ``context_length_exceeded`` otherwise, as from OpenAI and vLLM, not an answer cut short. A
+    continuation (``emitted_tokens``) was judged at its start."""
+    if prompt_tokens >= context:
+        raise EngineRequestError(
+            f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens}.",
+            code="context_length_exceeded",
+        )
+    wanted = request.max_tokens
+    if wanted is not None and not request.emitted_tokens and prompt_tokens + wanted > context:
+        raise EngineRequestError(
+            f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
+            f"and max_tokens asks for {wanted}, {prompt_tokens + wanted} in all: lower max_tokens or "
+            "shorten the prompt.",
+            code="context_length_exceeded",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
     model: str

@@ -41,6 +41,7 @@ from breakwater.engines.base import (
     GenerationRequest,
     SequenceDelta,
     StopChecker,
+    check_fits,
 )
 from breakwater.engines.llamacpp_sampling import Vocab, sampler_chain
 from breakwater.engines.options import LlamaCppOptions
@@ -241,11 +242,7 @@ class LlamaCppEngine(Engine):
         prompt = self.tokenize(self.render(request), special=True)
         ctx = self.info.context_length
         continued = self.tokenize(request.emitted_text, special=False) if request.emitted_text else []
-        if len(prompt) + len(continued) >= ctx:
-            raise EngineRequestError(
-                f"the prompt has {len(prompt)} tokens; this model's context length is {ctx}",
-                code="context_length_exceeded",
-            )
+        check_fits(len(prompt) + len(continued), request, ctx)
         room = ctx - len(prompt)
         limit = room if request.max_tokens is None else min(request.max_tokens, room)
         sampler = self._sampler(request, continued)  # may refuse: before a slot is taken

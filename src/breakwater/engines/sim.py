@@ -24,6 +24,7 @@ from breakwater.engines.base import (
     GenerationRequest,
     SequenceDelta,
     StopChecker,
+    check_fits,
 )
 from breakwater.engines.options import SimOptions
 from breakwater.protocol.embeddings import normalised, pack
@@ -202,12 +203,7 @@ class SimEngine(Engine):
             )
         prompt = self.prompt_of(request)
         prompt_tokens = count_tokens(prompt)
-        if prompt_tokens >= self.info.context_length:
-            raise EngineRequestError(
-                f"prompt has {prompt_tokens} tokens; this model's context length is "
-                f"{self.info.context_length}",
-                code="context_length_exceeded",
-            )
+        check_fits(prompt_tokens, request, self.info.context_length)
         room = self.info.context_length - prompt_tokens
         natural = room if request.ignore_eos else 8 + _hash(_seed(request), prompt, "len") % 57
         limit = min(natural, room if request.max_tokens is None else min(request.max_tokens, room))

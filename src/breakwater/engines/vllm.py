@@ -29,6 +29,7 @@ from breakwater.engines.base import (
     EngineRequestError,
     GenerationRequest,
     SequenceDelta,
+    check_fits,
 )
 from breakwater.engines.models import BUNDLED
 from breakwater.engines.options import VLLMOptions
@@ -224,11 +225,7 @@ class VLLMEngine(StreamingEngine):
             )
         prompt = self.tokenize(request)
         ctx = self.info.context_length
-        if len(prompt) >= ctx:
-            raise EngineRequestError(
-                f"This model's maximum context length is {ctx} tokens; the prompt has {len(prompt)}.",
-                code="context_length_exceeded",
-            )
+        check_fits(len(prompt), request, ctx)
         flight = super().new_flight(request)
         flight.prompt_ids = prompt
         return flight

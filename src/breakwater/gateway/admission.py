@@ -124,7 +124,7 @@ class Admitter:
         check_features(spec, model, body.dimensions if isinstance(body, EmbeddingRequest) else None)
         prompt = prompt_text(spec)
         longest = max(spec.inputs, key=len) if spec.inputs else prompt  # each input is its own sequence
-        self.check_context(longest, spec.max_tokens, model)
+        self.check_context(longest, spec.max_tokens, model, spec.kind)
         rid = rid or new_rid(spec.kind)
         limits = limits_of(principal.key)
         shared = principal.tenant_limits
@@ -396,7 +396,7 @@ class Admitter:
                 raise too_large(spec.reserved_tokens, lim)
         return spec
 
-    def check_context(self, prompt: str, limit: int | None, model: ModelInfo) -> None:
+    def check_context(self, prompt: str, limit: int | None, model: ModelInfo, kind: str = "chat") -> None:
         ctx = self._context(model)
         lower_bound = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
         wanted = lower_bound + (limit or 0)
@@ -406,7 +406,7 @@ class Admitter:
                 f"This model's maximum context length is {ctx} tokens; the prompt (at least {lower_bound} "
                 f"tokens) plus max_tokens ({limit or 0}) does not fit.",
                 code="context_length_exceeded",
-                param="messages",
+                param={"chat": "messages", "completion": "prompt"}.get(kind, "input"),
             )
 
 

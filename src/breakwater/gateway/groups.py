@@ -107,7 +107,7 @@ async def admit_group(
         )
         check_features(spec, model)
         prompt = prompt_text(spec)
-        admitter.check_context(prompt, spec.max_tokens, model)
+        admitter.check_context(prompt, spec.max_tokens, model, spec.kind)
         if tokened(limits, shared):
             spec = admitter.reserved(spec, prompt, model, (limits, shared))
         specs.append(spec)
