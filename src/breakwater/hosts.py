@@ -12,6 +12,7 @@ names are listed (its clients reach it by Service names, addresses, Ingress host
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
@@ -48,14 +49,20 @@ def _is_address(name: str) -> bool:
 
 
 def is_loopback(address: str) -> bool:
-    """Whether a listener's bind address is the machine's own (a browser's rebinding target)."""
+    """Whether a listener's bind address is the machine's own (a browser's rebinding target): an
+    address, or a name all of whose addresses are (``localhost``; Debian's host name, 127.0.1.1)."""
     name = host_name(address)
     if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except (OSError, UnicodeError):
         return False
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,8 @@ def allowed_names(value: str) -> list[str]:
     """The names of an ``allowed_hosts`` setting (comma-separated), checked: names, ``.domain``, ``*``."""
     names = [n.strip().lower().removesuffix(".") for n in value.split(",") if n.strip()]
     for name in names:
+        if name.startswith("*."):
+            raise ValueError(f"`{name}`: list a domain and every name under it as `{name[1:]}`")
         if name != "*" and not all(c.isalnum() or c in "-._" for c in name):
             raise ValueError(f"`{name}` is not a host name (list names without scheme or port)")
     return names

@@ -24,11 +24,11 @@ REASONS = {
 
 
 class PlainHTTP:
-    def __init__(self, host: str, port: int, respond: Responder, name: str) -> None:
+    def __init__(self, host: str, port: int, respond: Responder, name: str, allowed_hosts: str = "") -> None:
         self.host, self.port = host, port
         self.respond = respond
         self.name = name
-        self.rule = host_rule(host, "")
+        self.rule = host_rule(host, allowed_hosts)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,12 +88,16 @@ class RedisServer:
         self.binary = binary  # None: redis-server or valkey-server, whichever is found
         self.proc: subprocess.Popen[bytes] | None = None
         path = (data_dir / "redis.sock").absolute()
-        self.socket_path = path if unix_socket and len(os.fsencode(path)) <= UNIX_PATH_MAX else None
+        unix = unix_socket or not tcp
+        self.socket_path = path if unix and len(os.fsencode(path)) <= UNIX_PATH_MAX else None
         self._tcp = tcp
+        self._private: Path | None = None  # a directory of its own for the socket (tcp=False)
 
     @property
     def tcp(self) -> bool:
-        """Whether it listens on TCP: when asked to, and wherever it has no socket."""
+        """Whether it listens on TCP: when asked to, or with ``unix_socket`` where it has no socket.
+        Without ``tcp`` it never does: its socket goes to a private directory when the data dir's
+        path is too long or cannot hold one."""
         return self._tcp or self.socket_path is None
 
     @property
@@ -123,6 +128,8 @@ class RedisServer:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # its AOF holds every prompt, answer, file and key record
+        if not self._tcp and self.socket_path is None:
+            self._private_socket()
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         try:
             self._start(timeout_s)
@@ -130,10 +137,18 @@ class RedisServer:
             said = (
                 self.log_file.read_bytes()[offset:].decode(errors="replace") if self.log_file.exists() else ""
             )
-            if self.socket_path is None or "Unix socket" not in said:
+            if self.socket_path is None or "Unix socket" not in said or self._private is not None:
                 raise
-            self.socket_path = None
+            if self._tcp:
+                self.socket_path = None
+            else:
+                self._private_socket()
             self._start(timeout_s)
+
+    def _private_socket(self) -> None:
+        """The socket in a directory of its own (mode 0700) under the system's temporary one."""
+        self._private = Path(tempfile.mkdtemp(prefix="bw-redis-"))
+        self.socket_path = self._private / "redis.sock"
 
     def _start(self, timeout_s: float) -> None:
         binary = self.binary or find_redis_server()
@@ -195,6 +210,13 @@ class RedisServer:
             return False
 
     def stop(self, kill: bool = False) -> None:
+        try:
+            self._stop(kill)
+        finally:
+            if self._private is not None and (self.proc is None or self.proc.poll() is not None):
+                shutil.rmtree(self._private, ignore_errors=True)
+
+    def _stop(self, kill: bool) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         if kill:

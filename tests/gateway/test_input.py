@@ -329,4 +329,4 @@ async def test_an_embedding_input_over_the_bound_is_400_naming_input(gw: InProc)
 async def test_a_response_takes_null_as_the_default_lane(gw: InProc) -> None:
     body = {"model": "sim", "input": "hi", "lane": None, "max_output_tokens": 4}
     resp = await gw.http.post("/v1/responses", json=body)
-    assert resp.status_code == 200 and resp.json()["status"] == "completed", resp.text
+    assert resp.status_code == 200 and resp.json()["object"] == "response", resp.text

@@ -20,7 +20,7 @@ from breakwater.broker.cluster import ClusterPipelinedRedis
 from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import FanIn, Fanin
-from breakwater.broker.idempotency import Binding, IdempotencyKey
+from breakwater.broker.idempotency import Bindings
 from breakwater.broker.ledger import Billing, Ledger
 from breakwater.broker.record import RequestRecord, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
@@ -87,7 +87,7 @@ def _model_lane(stream: str) -> tuple[str, str]:
     return head[head.index("{") + 1 : -1], lane
 
 
-class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
+class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLetters):
     """All Redis operations; one per process, built around a pooled client."""
 
     def __init__(
@@ -187,41 +187,6 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
 
     async def ping(self) -> None:
         await self.redis.ping()
-
-    # -- idempotency keys (admission itself: admission.py) -----------------------------------------
-    async def claim_idempotency_key(self, key: IdempotencyKey, rid: str, ttl_s: int) -> Binding | None:
-        """Bind ``key`` to ``rid``; returns what it was already bound to (request and body), or None
-        if it is new."""
-        existing: Any = await self._idempotency(
-            keys=[key.redis_key(self.keys)], args=["claim", key.bound(rid), ttl_s]
-        )
-        return key.parse(str(existing)) if existing else None
-
-    async def rebind_idempotency_key(self, key: IdempotencyKey, rid: str, ttl_s: int, *, was: str) -> bool:
-        """Move ``key`` from the expired request ``was`` to ``rid``, unless another caller did first."""
-        res = await self._idempotency(
-            keys=[key.redis_key(self.keys)], args=["rebind", key.bound(rid), ttl_s, key.bound(was)]
-        )
-        return bool(res)
-
-    async def release_idempotency_key(self, key: IdempotencyKey, rid: str) -> None:
-        await self._idempotency(keys=[key.redis_key(self.keys)], args=["release", key.bound(rid), 0])
-
-    # -- response cache (gateway.cache): the same compare-and-set on a key bound to a request ------
-    async def claim_binding(self, key: str, rid: str, ttl_s: int) -> str | None:
-        """Bind ``key`` to ``rid`` unless it is bound already; the rid it was bound to, or None."""
-        existing: Any = await self._idempotency(keys=[key], args=["claim", rid, ttl_s])
-        return str(existing) if existing else None
-
-    async def binding(self, key: str) -> str | None:
-        found: Any = await self.redis.get(key)
-        return str(found) if found else None
-
-    async def rebind(self, key: str, rid: str, ttl_s: int, *, was: str) -> bool:
-        return bool(await self._idempotency(keys=[key], args=["rebind", rid, ttl_s, was]))
-
-    async def unbind(self, key: str, rid: str) -> None:
-        await self._idempotency(keys=[key], args=["release", rid, 0])
 
     async def jobs_counts(self, model: str, lane: str) -> tuple[int, int]:
         """(jobs ever admitted, jobs ever finished) on a lane: acknowledged entries are deleted, so
@@ -450,14 +415,11 @@ class Broker(Admissions, Appends, FairClaims, WorkerRegistry, DeadLetters):
     async def exists(self, rid: str) -> bool:
         return bool(await self.redis.exists(self.keys.request(rid)))
 
-    async def ended_at(self, rid: str) -> int | None:
-        """The seq of the request's terminal event once it has ended (its status and that event are
-        written in one script), 0 while it runs; None when it has no record (expired, or never was)."""
+    async def progress(self, rid: str) -> tuple[Status, int] | None:
+        """The request's status and the seq of its last event (its terminal one once it has ended:
+        the two are written in one script); None when it has no record (expired, or never was)."""
         fields: Any = await self.redis.hmget(self.keys.request(rid), "status", "seq")
-        status, seq = fields
-        if status is None:
-            return None
-        return int(seq or 0) if Status(status).terminal else 0
+        return None if fields[0] is None else (Status(fields[0]), int(fields[1] or 0))
 
     async def get_record(self, rid: str) -> RequestRecord | None:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -389,7 +389,7 @@ class Admitter:
         """``spec`` with the tokens it reserves against tokens per minute and holds against the
         budgets; a 400 when that alone is more than the key's (or tenant's) tokens per minute."""
         floor = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN_BOUND)
-        held = hold(spec, prompt, self._context(model), floor)
+        held = hold(spec, prompt, self._context(model), floor, known=model.context_length > 0)
         spec = replace(spec, reserved_tokens=reserve(spec, prompt), held_tokens=held)
         for lim in limits:
             if lim.tpm and spec.reserved_tokens > lim.tpm:

@@ -69,7 +69,9 @@ def metrics_listener(settings: GatewaySettings, metrics: GatewayMetrics) -> Plai
             return 200, b'{"status":"ok"}', "application/json"
         return 404, b"not found", "text/plain"
 
-    return PlainHTTP(settings.metrics_host, settings.metrics_port, respond, "gateway metrics")
+    return PlainHTTP(
+        settings.metrics_host, settings.metrics_port, respond, "gateway metrics", settings.allowed_hosts
+    )
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:

@@ -25,7 +25,7 @@ from breakwater.gateway import groups
 from breakwater.gateway.admission import client_key, new_rid
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
-from breakwater.gateway.following import Submission
+from breakwater.gateway.following import RequestEnded, Submission
 from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
 from breakwater.gateway.streaming import LastChunk, joined
 from breakwater.protocol.events import TokenEvent
@@ -371,7 +371,11 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
 
 
 def _unwrap(merged: _Merged, index: int, item: TokenEvent | BaseException | None) -> TokenEvent | None:
-    """A reader's event; its exception raised; None when it ended after its final event."""
+    """A reader's event; its exception raised; None when it ended after its final event, or had
+    delivered it before (a position at or past the choice's end: nothing more of it comes)."""
+    if isinstance(item, RequestEnded):
+        merged.live.pop(index, None)
+        return None
     if isinstance(item, BaseException):
         raise item
     if item is None and index in merged.live:

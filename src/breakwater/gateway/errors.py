@@ -17,7 +17,7 @@ from breakwater.broker.errors import TRANSIENT, reason
 
 log = logging.getLogger(__name__)
 
-NOT_JSON = (  # orjson's rules
+INVALID_JSON = (  # orjson's rules
     "request body is not valid JSON (RFC 8259: no NaN, Infinity or lone surrogates; at most 1024 "
     "levels of nesting)"
 )
@@ -87,7 +87,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(str(p))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return NOT_JSON, None
+        return INVALID_JSON, None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 

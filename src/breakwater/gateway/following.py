@@ -16,11 +16,21 @@ from dataclasses import dataclass, field
 
 from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
+from breakwater.broker.record import Status
 from breakwater.protocol.events import TokenEvent
 
 
 class RequestGone(Exception):
     """The request record and its stream no longer exist (never existed or expired)."""
+
+
+class RequestEnded(Exception):
+    """The request ended with an event its follower had delivered already (a resume from its last
+    event, or past it): nothing more will come. ``done``: it ended with its answer, not an error."""
+
+    def __init__(self, rid: str, done: bool) -> None:
+        super().__init__(rid)
+        self.done = done
 
 
 @dataclass(slots=True)
@@ -92,11 +102,10 @@ async def follow_events(
     subscription: Subscription | None = None,
     fresh: bool = False,
 ) -> AsyncGenerator[TokenEvent, None]:
-    """Yield events with seq > ``after`` until the terminal one (inclusive); none when the request
-    has ended and its terminal event is at or before ``after`` (a client that lost only what came
-    after it). ``fresh``: the subscription was made before the request was queued, so nothing is
-    stored that it will not deliver, and the first read of the durable stream (two round trips) is
-    skipped."""
+    """Yield events with seq > ``after`` until the terminal one (inclusive); :class:`RequestEnded`
+    when the request has ended with an event at or before ``after``. ``fresh``: the subscription
+    was made before the request was queued, so nothing is stored that it will not deliver, and the
+    first read of the durable stream (two round trips) is skipped."""
     sub = subscription or await fanin.subscribe(rid)
     # The reader's position: the last seq handed on, by it or (live, while it waits) by its sink.
     sub.delivered = max(sub.delivered, after)
@@ -116,8 +125,8 @@ async def follow_events(
                         yield event
                         if event.terminal:
                             return
-                if not progressed and await _ended_before(broker, rid, sub.delivered):
-                    return
+                if not progressed:
+                    await _check_going(broker, rid, sub.delivered)
             catch_up = True
             async with aclosing(_live(sub, idle_poll_s)) as live:
                 async for event in live:
@@ -134,13 +143,15 @@ async def follow_events(
             await fanin.unsubscribe(sub)
 
 
-async def _ended_before(broker: Broker, rid: str, delivered: int) -> bool:
-    """Whether the request ended with an event at or before ``delivered``: nothing more will come.
-    Raises :class:`RequestGone` when it has no record (expired, or never existed)."""
-    ended = await broker.ended_at(rid)
-    if ended is None:
+async def _check_going(broker: Broker, rid: str, delivered: int) -> None:
+    """:class:`RequestGone` when the request has no record (expired, or never existed);
+    :class:`RequestEnded` when it ended with an event at or before ``delivered``."""
+    found = await broker.progress(rid)
+    if found is None:
         raise RequestGone(rid)
-    return 0 < ended <= delivered
+    status, last = found
+    if status.terminal and last <= delivered:
+        raise RequestEnded(rid, done=status is Status.DONE)
 
 
 async def _backlog(broker: Broker, rid: str, last: int) -> AsyncGenerator[TokenEvent, None]:

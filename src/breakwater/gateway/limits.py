@@ -29,18 +29,21 @@ def reserve(spec: RequestSpec, prompt: str) -> int:
     return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
 
 
-def hold(spec: RequestSpec, prompt: str, context: int, prompt_floor: int) -> int:
+def hold(spec: RequestSpec, prompt: str, context: int, prompt_floor: int, known: bool = True) -> int:
     """Tokens held against the token budgets until the request is metered: the most it can use, so
     that a budget is passed by one request at most. Its prompt can be as many tokens as it has bytes
     (``most_prompt_tokens``), its output ``max_tokens``, the two together no more than the model's
-    ``context``; without ``max_tokens`` its output may run to the context (``prompt_floor``: the
-    fewest tokens the prompt can be)."""
+    ``context`` where it is the model's own (``known``: a worker said it; else it is the gateway's
+    bound, which the model's may pass); without ``max_tokens`` its output may run to the context
+    (``prompt_floor``: the fewest tokens the prompt can be)."""
     most = most_prompt_tokens(spec, prompt)
     if spec.kind == "embedding":
         return most
     if spec.max_tokens is None:
         output = max(DEFAULT_OUTPUT_RESERVE, context - prompt_floor)
         return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
+    if not known:
+        return most + spec.max_tokens
     return min(most + spec.max_tokens, max(context, spec.max_tokens))
 
 

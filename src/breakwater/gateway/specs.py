@@ -219,8 +219,9 @@ def check_features(spec: RequestSpec, model: ModelInfo, dimensions: int | None =
 def prompt_text(spec: RequestSpec) -> str:
     if spec.inputs is not None:
         return "\n".join(spec.inputs)
-    if spec.messages is not None:  # with passed-through tools, their schemas are prompt too
-        return "\n".join([*(m["content"] for m in spec.messages), *([spec.tools] if spec.tools else [])])
+    if spec.messages is not None:  # with passed-through tools, their schemas and calls are prompt too
+        said = (m.get(k, "") for m in spec.messages for k in ("name", "content", "tool_calls"))
+        return "\n".join([*(text for text in said if text), *([spec.tools] if spec.tools else [])])
     return spec.prompt or ""
 
 

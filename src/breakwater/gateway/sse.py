@@ -10,6 +10,7 @@ import orjson
 
 from breakwater.gateway.autotools import ToolChunks, auto_message
 from breakwater.gateway.errors import APIError, error_body
+from breakwater.gateway.following import RequestEnded
 from breakwater.gateway.streaming import LastChunk
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
@@ -200,30 +201,33 @@ async def sse_chunks(
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
     with the usage chunk (if asked) and ``[DONE]``, or an error, as a :class:`LastChunk` (``[DONE]``
-    alone when ``events`` ends without either: resumed after its end). ``events`` is closed with it
-    (not left to the event loop's async-generator finalizer)."""
+    alone for a resume after the answer's last event: only ``[DONE]`` was lost). ``events`` is
+    closed with it (not left to the event loop's async-generator finalizer)."""
     async with aclosing(events):
-        async for event in events:
-            if event.kind == "token":
-                if isinstance(render, ChoiceChunks):
-                    yield render.token_sse(event)
-                    continue
-                out = render.chunks(event)
-                if len(out) == 1:
-                    yield sse_event(out[0], event.seq)
-                elif out:  # the model's tool calls: text and calls that became known at this event
-                    yield b"".join(sse_event(c, event.seq) for c in out)
-            elif event.kind == "done":  # the last chunks go out in one write
-                last = [sse_event(c, event.seq) for c in render.finals(event)]
-                if include_usage:
-                    last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
-                last.append(DONE)
-                yield LastChunk(b"".join(last))
-                return
-            else:
-                yield LastChunk(sse_event(error_chunk(event), event.seq))
-                return
-    yield LastChunk(DONE)  # ended before: a resume after its last event (only [DONE] was lost)
+        try:
+            async for event in events:
+                if event.kind == "token":
+                    if isinstance(render, ChoiceChunks):
+                        yield render.token_sse(event)
+                        continue
+                    out = render.chunks(event)
+                    if len(out) == 1:
+                        yield sse_event(out[0], event.seq)
+                    elif out:  # the model's tool calls: text and calls that became known at this event
+                        yield b"".join(sse_event(c, event.seq) for c in out)
+                elif event.kind == "done":  # the last chunks go out in one write
+                    last = [sse_event(c, event.seq) for c in render.finals(event)]
+                    if include_usage:
+                        last.append(sse_event(usage_chunk(rid, model, created, chat, event.usage), event.seq))
+                    last.append(DONE)
+                    yield LastChunk(b"".join(last))
+                    return
+                else:
+                    yield LastChunk(sse_event(error_chunk(event), event.seq))
+                    return
+        except RequestEnded as ended:  # resumed after its last event, which the client has
+            if ended.done:
+                yield LastChunk(DONE)
 
 
 async def collect_response(

@@ -25,7 +25,7 @@ from breakwater.gateway.auth import bearer
 from breakwater.gateway.cache import HEADER, NO_CACHE
 from breakwater.gateway.cors import websocket_origin_allowed
 from breakwater.gateway.errors import APIError, error_body
-from breakwater.gateway.following import Submission
+from breakwater.gateway.following import RequestEnded, Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
@@ -190,13 +190,10 @@ class _Connection:
                         # send twice.
                         return
                     await self.send(_event_message(sub.rid, event, sub.tool))
-                    finished = event.terminal
-            if not finished:  # resumed after its terminal event: nothing more will come
-                await self.error(
-                    f"request `{sub.rid}` has ended, and its events up to {after} include its last",
-                    "request_finished",
-                    sub.rid,
-                )
+            finished = True
+        except RequestEnded:  # resumed after its last event, which the client has
+            message = f"request `{sub.rid}` has ended, and its events up to {after} include its last"
+            await self.error(message, "request_finished", sub.rid)
             finished = True
         except APIError as exc:
             await self.error(exc.message, exc.code or "error", sub.rid, exc.status)
