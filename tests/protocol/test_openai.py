@@ -73,7 +73,6 @@ def test_too_many_or_no_prompts_are_refused_naming_prompt(prompt: Any, n: int) -
     [
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"guided_json": {}}, "guided_json"),
-        ({"top_k": 2.5}, "top_k"),
         ({}, None),
         ({"logprobs": False, "presence_penalty": 0, "tool_choice": "none", "metadata": {"a": "b"}}, None),
         ({"top_k": 40, "store": False, "response_format": {"type": "text"}}, None),
@@ -86,6 +85,14 @@ def test_too_many_or_no_prompts_are_refused_naming_prompt(prompt: Any, n: int) -
 )
 def test_unsupported_parameter_is_named(extra: dict[str, Any], named: str | None) -> None:
     assert ChatCompletionRequest.model_validate(_chat(**extra)).unsupported_parameter() == named
+
+
+@pytest.mark.parametrize("top_k", [2.5, -2, "5", True])
+def test_a_top_k_that_is_none_is_an_invalid_value_of_its_own_field(top_k: Any) -> None:
+    """A typed field (vLLM's extension): a bad one is invalid, not an unsupported parameter."""
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(_chat(top_k=top_k))
+    assert info.value.errors()[0]["loc"] == ("top_k",)
 
 
 def test_response_format_is_a_chat_parameter_only() -> None:
