@@ -44,7 +44,7 @@ def hold(spec: RequestSpec, prompt: str, context: int, prompt_floor: int, known:
         return math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN) + output
     if not known:
         return most + spec.max_tokens
-    return min(most + spec.max_tokens, max(context, spec.max_tokens))
+    return min(most + spec.max_tokens, context)  # admission refused max_tokens >= context
 
 
 def most_prompt_tokens(spec: RequestSpec, prompt: str) -> int:

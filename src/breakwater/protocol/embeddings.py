@@ -16,7 +16,7 @@ from array import array
 from typing import Any, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from breakwater.protocol.openai import ACCEPTED_ONLY, Tagged, Whole
 
@@ -34,12 +34,6 @@ class EmbeddingRequest(Tagged):
     user: str | None = None
     timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, description="Breakwater: deadline (s)")
     lane: Literal["interactive", "batch"] = "interactive"
-
-    @field_validator("encoding_format", "lane", mode="before")
-    @classmethod
-    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """``null`` is the default (the SDK's "not given")."""
-        return cls.model_fields[info.field_name or ""].default if value is None else value
 
     @field_validator("input", mode="before")
     @classmethod

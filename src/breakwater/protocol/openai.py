@@ -89,6 +89,15 @@ class Tagged(BaseModel):
 
     model_config = ConfigDict(strict=True)
 
+    @field_validator(
+        "stream", "n", "echo", "lane", "ignore_eos", "encoding_format", mode="before", check_fields=False
+    )
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """``null`` is the default (the SDK's "not given"), for the fields of every request body
+        that have one of their own."""
+        return cls.model_fields[info.field_name or ""].default if value is None else value
+
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
@@ -182,14 +191,6 @@ class _SamplingRequest(Tagged):
     def token_biases(self) -> dict[int, float]:
         """``logit_bias`` with its token ids as numbers (those biased by 0 left out)."""
         return {int(token): bias for token, bias in (self.logit_bias or {}).items() if bias}
-
-    @field_validator("stream", "n", "echo", "lane", "ignore_eos", mode="before", check_fields=False)
-    @classmethod
-    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """``null`` is the default (the SDK types these optional; ``echo`` is the text completions')."""
-        if value is None:
-            return cls.model_fields[info.field_name or ""].default
-        return value
 
     @field_validator("stream_options")
     @classmethod

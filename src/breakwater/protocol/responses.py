@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from breakwater.protocol.openai import INT64, MAX_MESSAGES, MAX_TIMEOUT_S, StreamOptions, Tagged, Whole
 
@@ -67,12 +67,6 @@ class ResponsesRequest(Tagged):
     lane: Literal["interactive", "batch"] = "interactive"
     timeout: float | None = Field(default=None, gt=0.0, le=MAX_TIMEOUT_S)
     seed: Whole | None = Field(default=None, ge=-INT64, lt=INT64)
-
-    @field_validator("stream", "lane", mode="before")
-    @classmethod
-    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """``null`` is the default (the SDK's "not given")."""
-        return cls.model_fields[info.field_name or ""].default if value is None else value
 
     @field_validator("input")
     @classmethod
