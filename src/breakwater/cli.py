@@ -433,28 +433,27 @@ def up(
 
 
 def _print_up(stack: Stack, data_dir: Path) -> None:
+    """The banner, written at once: a Ctrl-C while it prints cannot leave half of it."""
     url, model = stack.url, stack.config.model
-    console.print(f"\n[green]Breakwater is up.[/green] Point an OpenAI client at [bold]{url}/v1[/bold]\n")
     keyed = stack.auth != "off"
+    auth = (
+        f"  auth: [green]{stack.auth}[/green] (KEY from `BREAKWATER_REDIS_URL={stack.redis_url} "
+        "breakwater keys create --tenant NAME`, with the same BREAKWATER_AUTH_PEPPER_FILE)"
+        if keyed
+        else "  auth: [yellow]off[/yellow] (this stack listens on 127.0.0.1 only; a shared deployment "
+        "sets BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
+    )
+    pids = ", ".join(f"{name} {pid}" for name, pid in stack.processes().items())
     console.print(
+        f"\n[green]Breakwater is up.[/green] Point an OpenAI client at [bold]{url}/v1[/bold]\n\n"
         f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         + ('    -H "Authorization: Bearer $KEY" \\\n' if keyed else "")
-        + f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+        + f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n\n'
+        f"{auth}\n"
+        f"  metrics: {stack.gateway_admin}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C\n"
+        f"  supervisor metrics (restarts): {stack.metrics_url}\n"
+        f"  processes: {pids}\n"
     )
-    if keyed:
-        console.print(
-            f"  auth: [green]{stack.auth}[/green] (KEY from `BREAKWATER_REDIS_URL={stack.redis_url} "
-            "breakwater keys create --tenant NAME`, with the same BREAKWATER_AUTH_PEPPER_FILE)"
-        )
-    else:
-        console.print(
-            "  auth: [yellow]off[/yellow] (this stack listens on 127.0.0.1 only; a shared deployment sets "
-            "BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
-        )
-    console.print(f"  metrics: {stack.gateway_admin}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C")
-    console.print(f"  supervisor metrics (restarts): {stack.metrics_url}")
-    pids = ", ".join(f"{name} {pid}" for name, pid in stack.processes().items())
-    console.print(f"  processes: {pids}\n")
 
 
 app.command()(bench)
