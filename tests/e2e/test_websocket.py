@@ -79,19 +79,26 @@ async def test_a_second_resume_of_one_id_replaces_the_first(stack: StackProcs) -
 
 async def test_several_choices_are_refused_by_name_and_the_socket_serves_on(stack: StackProcs) -> None:
     """A socket's request is one choice: ``n`` > 1 or a list of prompts is a 400 naming it (the HTTP
-    API serves those); a list of one prompt is that prompt."""
+    API serves those); a list of one prompt is that prompt. An invalid body is refused as HTTP refuses
+    it, naming the field with OpenAI's code."""
     url = stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
     refused = [
-        ({"model": "sim", "prompt": ["a", "b"], "max_tokens": 4}, "prompt"),
-        ({"model": "sim", "prompt": "a", "n": 2, "max_tokens": 4}, "n"),
+        ({"model": "sim", "prompt": ["a", "b"], "max_tokens": 4}, "prompt", "unsupported_parameter"),
+        ({"model": "sim", "prompt": "a", "n": 2, "max_tokens": 4}, "n", "unsupported_parameter"),
+        ({"model": "sim", "prompt": "a", "max_tokens": "4"}, "max_tokens", "invalid_value"),
+        (
+            {"model": "sim", "messages": [{"role": "tool", "content": "sunny"}]},
+            "messages.0.tool_call_id",
+            "missing_required_parameter",
+        ),
     ]
     async with websockets.connect(url) as ws:
-        for body, param in refused:
+        for body, param, code in refused:
             await ws.send(orjson.dumps(body).decode())
             async with asyncio.timeout(10):
                 message = orjson.loads(await ws.recv())
             assert message["type"] == "error", message
-            assert (message["error"]["code"], message["error"]["param"]) == ("unsupported_parameter", param)
+            assert (message["error"]["code"], message["error"]["param"]) == (code, param), message
         await ws.send(orjson.dumps({"model": "sim", "prompt": ["one"], "max_tokens": 5, "seed": 2}).decode())
         async with asyncio.timeout(10):
             created = orjson.loads(await ws.recv())

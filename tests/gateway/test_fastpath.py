@@ -78,7 +78,7 @@ async def test_its_refusals_are_the_routes_own(gw: InProc, fallback: Counted) ->
         (b'{"model": "sim", "messages": [}', {}, 400, "invalid_json"),
         (b'{"model": "sim", "max_tokens": NaN}', {}, 400, "invalid_json"),
         (b"[1, 2]", {}, 400, "invalid_value"),
-        (b'{"model": "sim", "max_tokens": 4}', {}, 400, "invalid_value"),  # no messages
+        (b'{"model": "sim", "max_tokens": 4}', {}, 400, "missing_required_parameter"),  # no messages
         (
             b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}',
             {"Idempotency-Key": "k" * 257},

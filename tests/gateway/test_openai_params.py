@@ -59,7 +59,7 @@ async def test_stream_options_that_ask_for_what_is_not_done_are_refused(client: 
     await _refused(
         client,
         "stream_options.include_timings",
-        "invalid_value",
+        "unknown_parameter",  # OpenAI's code for a key it does not know
         max_tokens=4,
         stream=True,
         stream_options={"include_timings": True},  # not OpenAI's: not dropped either

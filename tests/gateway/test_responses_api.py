@@ -231,3 +231,47 @@ async def test_what_is_not_served_is_refused_by_name(
 async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) -> None:
     resp = await gw.http.get("/v1/responses/resp_0123")
     assert resp.status_code == 404 and orjson.loads(resp.content)["error"]["param"] == "id"
+
+
+@pytest.mark.parametrize(
+    ("items", "param", "says"),
+    [
+        # An output of a call that was not made; with instructions before the input, still its item.
+        ([{"type": "function_call_output", "call_id": "call_9", "output": "21"}], "input[0]", "tool_calls"),
+        (
+            [
+                {"role": "user", "content": "weather?"},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_2", "output": "21"},
+            ],
+            "input[2]",
+            "'call_2'",
+        ),
+        # A call without its output before the conversation goes on.
+        (
+            [
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_2", "output": "21"},
+                {"role": "user", "content": "and?"},
+            ],
+            "input[0]",
+            "call_1",
+        ),
+    ],
+)
+async def test_function_call_outputs_answer_the_calls_before_them(
+    gw: InProc, client: openai.AsyncOpenAI, items: list[Any], param: str, says: str
+) -> None:
+    """As OpenAI checks a conversation's calls and outputs, with the input item named."""
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="sim", input=items, instructions="Be brief.")
+    body = info.value.body
+    assert isinstance(body, dict), body
+    assert (body["param"], body["code"]) == (param, "invalid_value"), body
+    assert says in str(body["message"]), body
+    broker = gw.broker()
+    try:  # nothing was queued or stored
+        assert [k async for k in broker.redis.scan_iter(match=f"{gw.prefix}:req:*")] == []
+    finally:
+        await broker.aclose()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -79,17 +79,29 @@ def _union_tag(part: str) -> bool:
     return part in _TYPE_TAGS or "[" in part
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(str(p))]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return INVALID_JSON, None
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return (f"{param}: {msg}" if param else msg), param
+# Pydantic's error types as OpenAI's codes; the request models raise some by their OpenAI name
+# (protocol.openai.invalid_field). Any other is an invalid value.
+_CODES = {
+    "missing": "missing_required_parameter",
+    "missing_required_parameter": "missing_required_parameter",
+    "empty_array": "empty_array",
+    "extra_forbidden": "unknown_parameter",
+    "json_invalid": "invalid_json",
+}
+
+
+def invalid(error: Mapping[str, Any]) -> tuple[str, str | None, str]:
+    """A validation error as OpenAI's: its message (naming the parameter), the parameter and the code.
+    The parameter is the error's place in the body, and below it the ``field`` a model's own check
+    names."""
+    code = _CODES.get(str(error.get("type")), "invalid_value")
+    if code == "invalid_json":
+        return INVALID_JSON, None, code
+    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _union_tag(str(p))]
+    field = (error.get("ctx") or {}).get("field")
+    param = ".".join([*loc, str(field)] if field else loc) or None
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param, code
 
 
 NOT_JSON = "the request body must be JSON, sent with `Content-Type: application/json`"
@@ -159,8 +171,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         if _not_json(request, errors):
             return not_json_response()
-        message, param = _validation_message(exc)
-        code = "invalid_json" if errors and errors[0].get("type") == "json_invalid" else "invalid_value"
+        message, param, code = invalid(errors[0]) if errors else ("invalid request", None, "invalid_value")
         return JSONBody(error_body(message, "invalid_request_error", code, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -19,7 +19,7 @@ from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.record import RequestRecord, Status
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import NO_CACHE
-from breakwater.gateway.errors import APIError, JSONBody, unsupported
+from breakwater.gateway.errors import APIError, JSONBody, invalid, unsupported
 from breakwater.gateway.following import Submission
 from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, answered, request_id, service
 from breakwater.gateway.service import GatewayService
@@ -33,6 +33,7 @@ from breakwater.protocol.responses import (
     ResponsesRequest,
     Stored,
     input_items,
+    message_places,
     new_response_id,
     to_chat,
 )
@@ -109,8 +110,12 @@ async def _admit(
     history = await _history(svc, body.previous_response_id, who) if body.previous_response_id else []
     try:
         chat, stored = to_chat(body, history)
+        try:
+            request = ChatCompletionRequest.model_validate(chat)
+        except ValidationError as exc:
+            raise _invalid(exc, message_places(body, len(history))) from None
         sub = await svc.submit(
-            ChatCompletionRequest.model_validate(chat),
+            request,
             request_id=xrid,
             idempotency_key=f"responses:{idempotency_key}" if idempotency_key else None,
             principal=who,
@@ -121,8 +126,6 @@ async def _admit(
         )
     except InputError as exc:
         raise APIError(400, str(exc), code=exc.code, param=exc.param) from None
-    except ValidationError as exc:
-        raise _invalid(exc) from None
     except APIError as exc:
         raise _renamed(exc) from None
     return sub, stored
@@ -349,12 +352,18 @@ def _sse(events: list[dict[str, Any]], after: int) -> bytes:
     )
 
 
-def _invalid(exc: ValidationError) -> APIError:
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ())]
-    param = _PARAMS.get(loc[0], loc[0]) if loc else None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"{param}: {message}" if param else message, param=param)
+def _invalid(exc: ValidationError, places: list[str]) -> APIError:
+    """The chat request's validation error as the Responses API names it: a message's error names
+    the input item it came from (``places``: :func:`message_places`)."""
+    _, param, code = invalid(exc.errors()[0])
+    head, dot, rest = (param or "").partition(".")
+    index = rest.partition(".")[0]
+    if head == "messages" and index.isdigit() and int(index) < len(places):
+        param = places[int(index)]
+    elif param:
+        param = _PARAMS.get(head, head) + dot + rest
+    message = str(exc.errors()[0].get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, code=code, param=param)
 
 
 def _renamed(exc: APIError) -> APIError:

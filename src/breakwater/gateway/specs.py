@@ -14,7 +14,8 @@ from breakwater.gateway.models import ModelInfo
 from breakwater.protocol import toolformats
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.formats import FormatError, parse_response_format
-from breakwater.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from breakwater.protocol.messages import ChatMessage
+from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.toolformats import PASS_THROUGH, tool_format_of
 from breakwater.protocol.tools import AutoCalls, ForcedCall, rendered_calls, tool_plan
 from breakwater.tenancy import ANONYMOUS, Principal

@@ -24,7 +24,7 @@ from breakwater.broker.fanin import GatewayDraining
 from breakwater.gateway.auth import bearer
 from breakwater.gateway.cache import HEADER, NO_CACHE
 from breakwater.gateway.cors import websocket_origin_allowed
-from breakwater.gateway.errors import APIError, error_body
+from breakwater.gateway.errors import APIError, error_body, invalid
 from breakwater.gateway.following import RequestEnded, Submission
 from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
@@ -130,10 +130,8 @@ class _Connection:
                 else CompletionRequest.model_validate(data)
             )
         except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ()))
-            msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-            await self.error(f"{param}: {msg}" if param else msg, "invalid_value")
+            message, param, code = invalid(exc.errors()[0])
+            await self.error(message, code, param=param)
             return
         sub = await self.svc.submit(  # token events carry raw text: the model's own tool calls are HTTP's
             body, request_id=self.request_id, idempotency_key=None, principal=self.principal, auto_tools=False

@@ -14,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from breakwater.protocol.messages import ChatMessage, check_tool_turns
 from breakwater.protocol.tools import call_id
 
 MAX_STOP_SEQUENCES = 4
@@ -35,10 +36,6 @@ UNSUPPORTED_PARAMETERS = (
 # Extra fields that change nothing the engine does; the typed ones
 # (metadata, safety_identifier, prompt_cache_key) are fields of :class:`Tagged`.
 KNOWN_EXTRAS = frozenset({"store", "service_tier"})
-# Keys of a chat message besides role, content and name: those the gateway uses; any other that asks
-# for something (a non-null, non-empty value: an earlier answer's `refusal`, `audio`, a legacy
-# `function_call`) is refused, never dropped.
-MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
 # Of those, the values that ask for nothing: any other asks OpenAI for a service not given here (a
 # completion stored to be retrieved later, a processing tier), so it is refused.
 ACCEPTED_ONLY = {"store": (None, False), "service_tier": (None, "auto", "default")}
@@ -110,41 +107,6 @@ class Tagged(BaseModel):
         ):
             raise ValueError("metadata holds at most 16 pairs: keys of up to 64 characters, values of 512")
         return value
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = Field(default=None, min_length=1, max_length=256)
-
-    @field_validator("content")
-    @classmethod
-    def _text_parts(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
-        for i, part in enumerate(value if isinstance(value, list) else ()):
-            if part.get("type") != "text":
-                kind = part.get("type")
-                named = f"is of type `{kind}`" if kind is not None else "has no `type`"
-                raise ValueError(f"part {i} {named}: only text content parts are supported")
-            if not isinstance(part.get("text"), str):
-                raise ValueError(f"part {i}, of type `text`, needs a string `text`")
-        return value
-
-    @model_validator(mode="after")
-    def _known_keys(self) -> ChatMessage:
-        for key, value in (self.model_extra or {}).items():
-            if key not in MESSAGE_EXTRAS and value not in (None, "", [], {}):
-                raise ValueError(f"the message field `{key}` is not supported; remove it from the message")
-        return self
-
-    def text(self) -> str:
-        """The message's text; content parts of type ``text`` are joined."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part["text"] for part in self.content)  # text parts only (``_text_parts``)
 
 
 class _SamplingRequest(Tagged):
@@ -255,6 +217,11 @@ class ChatCompletionRequest(_SamplingRequest):
         if value and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs: true")
         return value
+
+    @model_validator(mode="after")
+    def _tool_turns(self) -> ChatCompletionRequest:
+        check_tool_turns(self.messages)
+        return self
 
     def logprobs_top(self) -> int:
         """Alternatives per token to report; -1: no logprobs."""

@@ -187,11 +187,25 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[
 def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Input items as chat messages: messages (text parts only), and the function calls and their
     outputs of earlier turns (consecutive calls are one assistant message, as parallel calls are)."""
+    return _converted(items)[0]
+
+
+def message_places(req: ResponsesRequest, history: int) -> list[str]:
+    """Where each message of :func:`to_chat`'s body comes from, as the Responses API names it: its
+    input item (``input[3]``), ``instructions``, or ``input`` for the previous response's
+    conversation (whose calls the input must answer)."""
+    head = ["instructions"] if req.instructions else []
+    return [*head, *["input"] * history, *(f"input[{i}]" for i in _converted(req.input)[1])]
+
+
+def _converted(items: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The chat messages of ``items``, and the input item each starts at."""
     if isinstance(items, str):
-        return [{"role": "user", "content": items}]
+        return [{"role": "user", "content": items}], [0]
     out: list[dict[str, Any]] = []
+    starts: list[int] = []
     for i, item in enumerate(items):
-        kind = item.get("type", "message")
+        kind, before = item.get("type", "message"), len(out)
         if kind == "message":
             out.append(_message(item, i))
         elif kind == "function_call":
@@ -219,7 +233,8 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"input[{i}].type",
                 "unsupported_parameter",
             )
-    return out
+        starts.extend([i] * (len(out) - before))
+    return out, starts
 
 
 def _message(item: dict[str, Any], i: int) -> dict[str, Any]:
