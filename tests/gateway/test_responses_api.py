@@ -169,6 +169,16 @@ async def test_background_responses_run_without_a_client_and_can_be_cancelled(gw
         cancelled = await client.responses.cancel(long.id)
         assert (cancelled.status, cancelled.error) == ("cancelled", None)
         assert (await client.responses.retrieve(long.id)).status == "cancelled"
+        again = await client.responses.cancel(long.id)  # idempotent
+        assert (again.status, again.output_text) == ("cancelled", cancelled.output_text)
+
+        # As OpenAI: a response created without `background` is not one to cancel, and stays as it is.
+        foreground = await client.responses.create(model="sim", input="hi")
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.responses.cancel(foreground.id)
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == "response_id"
+        assert "background" in str(info.value.body["message"])
+        assert (await client.responses.retrieve(foreground.id)).status == "completed"
 
 
 async def test_an_idempotency_key_replays_the_same_response(client: openai.AsyncOpenAI) -> None:

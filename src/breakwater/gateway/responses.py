@@ -160,6 +160,12 @@ async def retrieve_response(
 async def cancel_response(response_id: str, request: Request, who: Caller) -> Response:
     svc = service(request)
     _, stored = await _stored(svc, response_id, who)
+    if not stored.background:  # as OpenAI: its client is the one to stop it (DELETE /v1/requests/{id})
+        raise APIError(
+            400,
+            f"only a response created with `background: true` can be cancelled; '{response_id}' was not",
+            param="response_id",
+        )
     record = await svc.requests.cancel(response_id, who)
     return JSONBody(await _snapshot(svc, response_id, record, stored))
 
