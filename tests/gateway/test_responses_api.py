@@ -226,6 +226,7 @@ async def test_a_response_not_stored_cannot_be_retrieved_or_continued(client: op
         ({"include": ["file_search_call.results"]}, "include"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"stream_options": {"include_obfuscation": False}}, "stream_options"),  # without `stream`
     ],
 )
 async def test_what_is_not_served_is_refused_by_name(
