@@ -33,7 +33,8 @@ class JSONBody(Response):
 
 
 class APIError(Exception):
-    """An error the client should see, with its HTTP status and OpenAI error fields."""
+    """An error the client should see, with its HTTP status and OpenAI error fields; a 400 without a
+    code of its own is an ``invalid_value`` (of ``param``)."""
 
     def __init__(
         self,
@@ -49,7 +50,7 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.type = type
-        self.code = code
+        self.code = code if code is not None or status != 400 else "invalid_value"
         self.param = param
         self.headers = headers or {}
 
