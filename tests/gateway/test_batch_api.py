@@ -109,6 +109,7 @@ async def test_a_batch_answers_each_line_as_the_request_alone_would(
         7,
         {"run": "nightly"},
     )
+    assert (batch.model, batch.usage) == (None, None)  # its lines name two models; not ended yet
     done = await _settled(client, batch.id)
     assert done.status == "completed" and done.completed_at is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (6, 1)
@@ -124,6 +125,13 @@ async def test_a_batch_answers_each_line_as_the_request_alone_would(
         assert response["body"]["choices"][0]["finish_reason"] == reason
         assert response["body"]["usage"] == {**response["body"]["usage"], **usage}
         assert response["request_id"] == response["body"]["id"]
+    assert done.usage is not None  # the answered lines' tokens (the failed one has none)
+    used = [line["response"]["body"]["usage"] for line in output]
+    assert (done.usage.input_tokens, done.usage.output_tokens, done.usage.total_tokens) == (
+        sum(u["prompt_tokens"] for u in used),
+        sum(u["completion_tokens"] for u in used),
+        sum(u["total_tokens"] for u in used),
+    )
     lines = gw.app.state.service.metrics.batch_lines
     assert (lines.labels("ok")._value.get(), lines.labels("failed")._value.get()) == (6, 1)
     [error] = await _lines(client, done.error_file_id)
@@ -174,8 +182,16 @@ async def test_a_batch_of_responses_answers_each_as_responses_create_would(
         for i in range(3)
     ]
     batch = await _create(client, rows, "/v1/responses")
-    output = await _lines(client, (await _settled(client, batch.id)).output_file_id)
+    done = await _settled(client, batch.id)
+    output = await _lines(client, done.output_file_id)
     assert [line["custom_id"] for line in output] == ["r0", "r1", "r2"]
+    used = [line["response"]["body"]["usage"] for line in output]
+    assert done.model == "sim" and done.usage is not None
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (
+        sum(u["input_tokens"] for u in used),
+        sum(u["output_tokens"] for u in used),
+    )
+    assert done.usage.input_tokens > 0 and done.usage.output_tokens > 0
     for i, line in enumerate(output):
         body = line["response"]["body"]
         messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"respond {i}"}]

@@ -266,7 +266,9 @@ class BatchRunner:
             await self._write_files(record, lines, expired=final == "expired")
             if not await self._holds(batch_id):  # another runner took it over meanwhile: its files
                 return
-            await self.store.put(record, "output_file_id", "error_file_id", "completed", "failed")
+            await self.store.put(
+                record, "output_file_id", "error_file_id", "completed", "failed", "input_tokens", "output_tokens"
+            )
             await self.store.move(batch_id, (record.status,), final, int(time.time()))
         await self.store.close(record, self.svc.settings.files_ttl_s)
 
@@ -278,7 +280,7 @@ class BatchRunner:
         indices = [line.index for line in lines] or sorted(await self.store.answered(record.id))
         by_index = {line.index: line for line in lines}
         good, bad = self._writer(record, "output"), self._writer(record, "error")
-        record.completed = record.failed = 0
+        record.completed = record.failed = record.input_tokens = record.output_tokens = 0
         for at in range(0, len(indices), BLOCK):
             block = indices[at : at + BLOCK]
             for index, answer in zip(block, await self.store.answers(record.id, block), strict=True):
@@ -289,6 +291,7 @@ class BatchRunner:
                     ok = False
                 else:
                     ok = _succeeded(answer)
+                    record.count(answer)
                 await (good if ok else bad).write(answer + b"\n")
                 record.completed += ok
                 record.failed += not ok

@@ -252,6 +252,7 @@ async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Resp
         expires_at=now + WINDOW_S,
         total=parsed.count,
         metadata=body.metadata,
+        model=parsed.model(),
     )
     record = record.moved("failed", now) if parsed.errors else record.moved("in_progress", now)
     record.errors = [e.to_dict() for e in parsed.errors]

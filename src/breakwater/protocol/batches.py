@@ -72,6 +72,11 @@ class Parsed:
     errors: list[LineError]  # why the others cannot (the first MAX_ERRORS)
     count: int  # the requests in the file (its lines that are not blank)
 
+    def model(self) -> str:
+        """The model its lines name ('' when they name several, or none can run)."""
+        models = {line.body.model for line in self.lines}
+        return models.pop() if len(models) == 1 else ""
+
 
 def parse_input(data: bytes, endpoint: str) -> Parsed:
     """The batch's lines, or why they cannot run: every line a JSON object with a unique
@@ -173,6 +178,9 @@ class BatchRecord:
     expired_at: int = 0
     cancelling_at: int = 0
     cancelled_at: int = 0
+    model: str = ""  # its lines' model ('' when they name several)
+    input_tokens: int = 0  # usage: the answered lines' tokens, counted once the batch is finished
+    output_tokens: int = 0
 
     def to_hash(self) -> dict[str, str]:
         out = {}
@@ -230,7 +238,30 @@ class BatchRecord:
             "cancelled_at": at(self.cancelled_at),
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "metadata": self.metadata,
+            "model": self.model or None,
+            "usage": self.usage(),
         }
+
+    def usage(self) -> dict[str, Any] | None:
+        """OpenAI's batch usage: the tokens of its answered lines, once it has ended (None before)."""
+        if self.status not in ("completed", "expired", "cancelled", "failed"):
+            return None
+        return {
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
+
+    def count(self, answer: bytes) -> None:
+        """Add an answered line's usage (chat and text completions', embeddings', a response's)."""
+        body = (orjson.loads(answer).get("response") or {}).get("body")
+        used = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(used, dict):
+            return
+        self.input_tokens += int(used.get("prompt_tokens", used.get("input_tokens", 0)) or 0)
+        self.output_tokens += int(used.get("completion_tokens", used.get("output_tokens", 0)) or 0)
 
 
 @dataclass(frozen=True, slots=True)
