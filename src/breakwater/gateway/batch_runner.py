@@ -266,9 +266,8 @@ class BatchRunner:
             await self._write_files(record, lines, expired=final == "expired")
             if not await self._holds(batch_id):  # another runner took it over meanwhile: its files
                 return
-            await self.store.put(
-                record, "output_file_id", "error_file_id", "completed", "failed", "input_tokens", "output_tokens"
-            )
+            counts = ("completed", "failed", "input_tokens", "output_tokens")
+            await self.store.put(record, "output_file_id", "error_file_id", *counts)
             await self.store.move(batch_id, (record.status,), final, int(time.time()))
         await self.store.close(record, self.svc.settings.files_ttl_s)
 
