@@ -21,7 +21,7 @@ from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import EMBEDDING_DIM, SimEngine
 from breakwater.gateway.batch_runner import BatchRunner, _retry_after_s
 from breakwater.gateway.errors import APIError
-from breakwater.protocol.batches import parse_input
+from breakwater.protocol.batches import BatchRecord, parse_input
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 from tests.helpers import async_wait_for, expected_sim
@@ -220,6 +220,14 @@ async def test_an_input_with_bad_lines_fails_whole_and_names_each(
         _chat("param", "x", 1, 3, reasoning_effort="high"),
         _chat("streamed", "x", 1, 3, stream=True),
         {**_chat("bad", "x", 1, 3), "body": {"model": "sim", "messages": "not a list"}},
+        {  # a tool result that answers no call
+            **_chat("turns", "x", 1, 3),
+            "body": {"model": "sim", "messages": [{"role": "tool", "tool_call_id": "c1", "content": "r"}]},
+        },
+        {
+            **_chat("empty", "x", 1, 3),
+            "body": {"model": "sim", "messages": [{"role": "user", "content": []}]},
+        },
     ]
     data = _jsonl(rows[:2]) + b"\n" + _jsonl(rows[2:]) + b"{not json\n"  # line 3 is blank
     file = await client.files.create(file=("bad.jsonl", io.BytesIO(data)), purpose="batch")
@@ -234,9 +242,11 @@ async def test_an_input_with_bad_lines_fails_whole_and_names_each(
         (5, "unsupported_parameter", "body.reasoning_effort"),
         (6, "invalid_body", "body.stream"),
         (7, "invalid_body", "body.messages"),
-        (8, "invalid_json_line", None),
+        (8, "invalid_body", "body.messages.0.role"),
+        (9, "invalid_body", "body.messages.0.content"),
+        (10, "invalid_json_line", None),
     ]
-    assert batch.request_counts is not None and batch.request_counts.total == 7
+    assert batch.request_counts is not None and batch.request_counts.total == 9
     assert (await client.batches.retrieve(batch.id)).status == "failed"  # and nothing runs it
     redis = gw.app.state.service.broker.redis
     assert await redis.ttl(gw.keys.batch(batch.id)) > 0  # kept files_ttl_s, as a finished batch
@@ -419,6 +429,19 @@ async def test_a_cancelled_batch_is_finished_by_a_gateway_at_its_bound(
 
 async def _idle(runner: BatchRunner) -> bool:
     return not runner._running
+
+
+def test_a_batch_finished_by_a_version_that_did_not_count_tokens_has_no_usage() -> None:
+    """A record without the token counts (written before them, or finished by an older runner in a
+    rolling upgrade) reads usage null, not zero tokens."""
+    new = BatchRecord("batch_1", "t", "k", "/v1/chat/completions", "file-1", "in_progress", 1, 2)
+    old = {k: v for k, v in new.to_hash().items() if k not in ("model", "input_tokens", "output_tokens")}
+    finished = BatchRecord.from_hash({**old, "status": "completed"})
+    assert finished.to_object()["usage"] is None and finished.to_object()["model"] is None
+    counted = BatchRecord.from_hash(
+        {**new.to_hash(), "status": "completed", "input_tokens": "5", "output_tokens": "0"}
+    )
+    assert counted.to_object()["usage"]["total_tokens"] == 5
 
 
 def test_a_line_is_sent_again_only_while_it_can_still_be_answered() -> None:

@@ -258,7 +258,7 @@ async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) ->
             "input[2]",
             "'call_2'",
         ),
-        # A call without its output before the conversation goes on.
+        # A call without its output before the conversation goes on: that call's item.
         (
             [
                 {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
@@ -268,6 +268,16 @@ async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) ->
             ],
             "input[0]",
             "call_1",
+        ),
+        (
+            [
+                {"role": "user", "content": "weather?"},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "21"},
+            ],
+            "input[2]",
+            "call_2",
         ),
     ],
 )

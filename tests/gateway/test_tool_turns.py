@@ -49,6 +49,19 @@ async def _records(gw: InProc) -> list[str]:
         await broker.aclose()
 
 
+ECHOED: dict[str, Any] = {  # an answer's message as the SDK gives it back (`model_dump()`)
+    **CALLS,
+    "refusal": None,
+    "audio": None,
+    "function_call": None,
+    "annotations": [],
+}
+
+
+def _assistant(*calls: Any) -> dict[str, Any]:
+    return {"role": "assistant", "tool_calls": list(calls)}
+
+
 @pytest.mark.parametrize(
     ("messages", "param", "code", "says"),
     [
@@ -57,7 +70,7 @@ async def _records(gw: InProc) -> list[str]:
             [ASK, {"role": "tool", "content": "sunny"}],
             "messages.1.tool_call_id",
             "missing_required_parameter",
-            "",
+            "missing",
         ),
         ([ASK, _result("c1")], "messages.1.role", "invalid_value", "tool_calls"),
         ([ASK, CALLS, _result("c3")], "messages.2.tool_call_id", "invalid_value", "'c3'"),
@@ -67,33 +80,34 @@ async def _records(gw: InProc) -> list[str]:
             "invalid_value",
             "tool_calls",
         ),
-        # A call without its result before the conversation goes on, or at its end.
-        ([ASK, CALLS, _result("c2"), ASK], "messages.1.role", "invalid_value", "c1"),
-        ([ASK, CALLS], "messages.1.role", "invalid_value", "c1, c2"),
-        # Calls as OpenAI types them.
+        # A call without its result before the conversation goes on, or at its end: the first such call.
+        ([ASK, CALLS, _result("c2"), ASK], "messages.1.tool_calls.0", "invalid_value", "none: c1"),
+        ([ASK, CALLS, _result("c1"), ASK], "messages.1.tool_calls.1", "invalid_value", "none: c2"),
+        ([ASK, CALLS], "messages.1.tool_calls.0", "invalid_value", "none: c1, c2"),
+        # Calls and results as OpenAI types them.
         (
-            [
-                ASK,
-                {
-                    "role": "assistant",
-                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": ""}}],
-                },
-            ],
+            [ASK, _assistant({"type": "function", "function": {"name": "f", "arguments": ""}})],
             "messages.1.tool_calls.0.id",
             "missing_required_parameter",
-            "",
+            "missing",
         ),
         (
-            [
-                ASK,
-                {
-                    "role": "assistant",
-                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}],
-                },
-            ],
+            [ASK, _assistant({"id": "c1", "type": "function", "function": {"name": "f"}})],
             "messages.1.tool_calls.0.function.arguments",
             "missing_required_parameter",
-            "",
+            "missing",
+        ),
+        (
+            [ASK, _assistant({"id": 7, "type": "function", "function": {"name": "f", "arguments": ""}})],
+            "messages.1.tool_calls.0.id",
+            "invalid_type",
+            "string",
+        ),
+        (
+            [ASK, _assistant({"id": "c1", "type": "custom", "custom": {"name": "f", "input": ""}})],
+            "messages.1.tool_calls.0",
+            "invalid_value",
+            "function",
         ),
         (
             [ASK, {"role": "assistant", "tool_calls": {"id": "c1"}}],
@@ -101,10 +115,22 @@ async def _records(gw: InProc) -> list[str]:
             "invalid_value",
             "list",
         ),
+        (
+            [ASK, CALLS, {**_result("c1"), "tool_call_id": 1}],
+            "messages.2.tool_call_id",
+            "invalid_type",
+            "string",
+        ),
         # Content: a user's (and a system's, a tool's) is required; an empty list of parts is no content.
-        ([{"role": "user", "content": None}], "messages.0.content", "missing_required_parameter", ""),
-        ([{"role": "system"}, ASK], "messages.0.content", "missing_required_parameter", ""),
+        ([{"role": "user", "content": None}], "messages.0.content", "missing_required_parameter", "missing"),
+        ([{"role": "system"}, ASK], "messages.0.content", "missing_required_parameter", "missing"),
         ([{"role": "user", "content": []}], "messages.0.content", "empty_array", "empty"),
+        (
+            [ASK, CALLS, {"role": "tool", "tool_call_id": "c1"}],
+            "messages.2.content",
+            "missing_required_parameter",
+            "missing",
+        ),
     ],
 )
 async def test_a_malformed_conversation_is_400_naming_the_field(
@@ -120,12 +146,15 @@ async def test_a_malformed_conversation_is_400_naming_the_field(
 
 
 async def test_a_conversation_whose_calls_have_their_results_is_served(client: openai.AsyncOpenAI) -> None:
-    """Results in any order, an assistant message with both text and calls, a conversation going on
-    after its calls' results: served."""
+    """Results in any order, an assistant message with both text and calls (or as the SDK echoes an
+    answer back), a conversation going on after its calls' results: served."""
     with_text = {**CALLS, "content": "Let me look."}
+    as_object = _assistant({"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}})
     conversations: list[list[Any]] = [
         [ASK, CALLS, _result("c2", "rain"), _result("c1")],
         [ASK, with_text, _result("c1"), _result("c2")],
+        [ASK, ECHOED, _result("c1"), _result("c2")],
+        [ASK, as_object, _result("c1")],  # arguments as an object, as some clients send them
         [ASK, CALLS, _result("c1"), _result("c2"), {"role": "assistant", "content": "Sunny."}, ASK],
     ]
     for messages in conversations:

@@ -61,8 +61,8 @@ def _retry_after_s(exc: APIError, attempt: int, left_s: float) -> float | None:
     return None if wait_s >= left_s else min(wait_s, BACKOFF_MAX_S)
 
 
-def _succeeded(answer: bytes) -> bool:
-    response = orjson.loads(answer).get("response")
+def _succeeded(answer: dict[str, Any]) -> bool:
+    response = answer.get("response")
     return response is not None and int(response["status_code"]) < 400
 
 
@@ -289,8 +289,9 @@ class BatchRunner:
                     answer = expired_line(by_index[index])
                     ok = False
                 else:
-                    ok = _succeeded(answer)
-                    record.count(answer)
+                    parsed = orjson.loads(answer)
+                    ok = _succeeded(parsed)
+                    record.count(parsed)
                 await (good if ok else bad).write(answer + b"\n")
                 record.completed += ok
                 record.failed += not ok

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from breakwater.broker.errors import TRANSIENT, reason
+from breakwater.protocol.validation import described
 
 log = logging.getLogger(__name__)
 
@@ -72,36 +73,12 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
-
-
-def _union_tag(part: str) -> bool:
-    """Pydantic puts the tried union member in an error's location (``prompt.str``); hide it."""
-    return part in _TYPE_TAGS or "[" in part
-
-
-# Pydantic's error types as OpenAI's codes; the request models raise some by their OpenAI name
-# (protocol.openai.invalid_field). Any other is an invalid value.
-_CODES = {
-    "missing": "missing_required_parameter",
-    "missing_required_parameter": "missing_required_parameter",
-    "empty_array": "empty_array",
-    "extra_forbidden": "unknown_parameter",
-    "json_invalid": "invalid_json",
-}
-
-
 def invalid(error: Mapping[str, Any]) -> tuple[str, str | None, str]:
-    """A validation error as OpenAI's: its message (naming the parameter), the parameter and the code.
-    The parameter is the error's place in the body, and below it the ``field`` a model's own check
-    names."""
-    code = _CODES.get(str(error.get("type")), "invalid_value")
+    """A validation error as OpenAI's: its message (naming the parameter), the parameter and the code
+    (protocol.validation)."""
+    param, msg, code = described(error)
     if code == "invalid_json":
         return INVALID_JSON, None, code
-    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _union_tag(str(p))]
-    field = (error.get("ctx") or {}).get("field")
-    param = ".".join([*loc, str(field)] if field else loc) or None
-    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param, code
 
 

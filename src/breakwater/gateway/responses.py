@@ -358,16 +358,18 @@ def _sse(events: list[dict[str, Any]], after: int) -> bytes:
     )
 
 
-def _invalid(exc: ValidationError, places: list[str]) -> APIError:
+def _invalid(exc: ValidationError, places: list[int | str]) -> APIError:
     """The chat request's validation error as the Responses API names it: a message's error names
-    the input item it came from (``places``: :func:`message_places`)."""
+    the input item it came from (``places``: :func:`message_places`; a call's, of a message of
+    consecutive calls, its own item)."""
     _, param, code = invalid(exc.errors()[0])
-    head, dot, rest = (param or "").partition(".")
-    index = rest.partition(".")[0]
-    if head == "messages" and index.isdigit() and int(index) < len(places):
-        param = places[int(index)]
+    parts = (param or "").split(".")
+    if parts[0] == "messages" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < len(places):
+        place = places[int(parts[1])]
+        call = parts[3] if len(parts) > 3 and parts[2] == "tool_calls" else ""
+        param = f"input[{place + (int(call) if call.isdigit() else 0)}]" if isinstance(place, int) else place
     elif param:
-        param = _PARAMS.get(head, head) + dot + rest
+        param = _PARAMS.get(parts[0], parts[0]) + param.removeprefix(parts[0])
     message = str(exc.errors()[0].get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, code=code, param=param)
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from breakwater.protocol.embeddings import EmbeddingRequest
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.responses import ResponsesRequest
+from breakwater.protocol.validation import described
 
 LineBody = ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest
 ENDPOINTS: dict[str, type[LineBody]] = {
@@ -135,9 +136,9 @@ def _line(
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return LineError("invalid_body", f"body.{where}: {first['msg']}", number, f"body.{where}")
+        param, msg, _ = described(exc.errors()[0])
+        where = f"body.{param}" if param else "body"
+        return LineError("invalid_body", f"{where}: {msg}", number, where)
     name = parsed.unsupported_parameter()
     if name is not None:
         return LineError(
@@ -179,8 +180,10 @@ class BatchRecord:
     cancelling_at: int = 0
     cancelled_at: int = 0
     model: str = ""  # its lines' model ('' when they name several)
-    input_tokens: int = 0  # usage: the answered lines' tokens, counted once the batch is finished
-    output_tokens: int = 0
+    # usage: the answered lines' tokens, counted once the batch is finished (-1: not counted, as by
+    # a version before these fields; its usage is null, not zero)
+    input_tokens: int = -1
+    output_tokens: int = -1
 
     def to_hash(self) -> dict[str, str]:
         out = {}
@@ -244,7 +247,7 @@ class BatchRecord:
 
     def usage(self) -> dict[str, Any] | None:
         """OpenAI's batch usage: the tokens of its answered lines, once it has ended (None before)."""
-        if self.status not in ("completed", "expired", "cancelled", "failed"):
+        if self.status not in ("completed", "expired", "cancelled", "failed") or self.input_tokens < 0:
             return None
         return {
             "input_tokens": self.input_tokens,
@@ -254,9 +257,9 @@ class BatchRecord:
             "total_tokens": self.input_tokens + self.output_tokens,
         }
 
-    def count(self, answer: bytes) -> None:
+    def count(self, answer: dict[str, Any]) -> None:
         """Add an answered line's usage (chat and text completions', embeddings', a response's)."""
-        body = (orjson.loads(answer).get("response") or {}).get("body")
+        body = (answer.get("response") or {}).get("body")
         used = body.get("usage") if isinstance(body, dict) else None
         if not isinstance(used, dict):
             return

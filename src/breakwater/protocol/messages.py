@@ -6,22 +6,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+
+from breakwater.protocol.validation import invalid_field, missing_field
 
 # Keys of a chat message besides role, content and name: those the gateway uses; any other that asks
 # for something (a non-null, non-empty value: an earlier answer's `refusal`, `audio`, a legacy
 # `function_call`) is refused, never dropped.
 MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
-
-
-def invalid_field(field: str, message: str, code: str = "invalid_value") -> PydanticCustomError:
-    """A validation error naming ``field`` (below the model that raises it) and OpenAI's ``code``:
-    the gateway reads both (gateway.errors.invalid)."""
-    return PydanticCustomError(code, message, {"field": field})
-
-
-def missing_field(field: str) -> PydanticCustomError:
-    return invalid_field(field, "a required parameter is missing", "missing_required_parameter")
 
 
 class ChatMessage(BaseModel):
@@ -52,8 +43,8 @@ class ChatMessage(BaseModel):
             raise invalid_field("content", "an empty array; give at least one content part", "empty_array")
         if self.content is None and self.role != "assistant":  # an assistant's may be its tool calls
             raise missing_field("content")
-        if self.role == "tool" and not isinstance(self.extra("tool_call_id"), str):
-            raise missing_field("tool_call_id")
+        if self.role == "tool":
+            _need_text(self.extra("tool_call_id"), "tool_call_id")
         return self
 
     def extra(self, key: str) -> Any:
@@ -71,13 +62,17 @@ class ChatMessage(BaseModel):
         ids: list[str] = []
         for j, call in enumerate(calls):
             fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(call, dict) or not isinstance(call.get("id"), str):
-                raise missing_field(f"{at}.tool_calls.{j}.id")
-            if call.get("type", "function") != "function" or not isinstance(fn, dict):
+            if (
+                not isinstance(call, dict)
+                or call.get("type", "function") != "function"
+                or not isinstance(fn, dict)
+            ):
                 raise invalid_field(f"{at}.tool_calls.{j}", "must be a `function` call with its `function`")
-            for key in ("name", "arguments"):
-                if not isinstance(fn.get(key), str):
-                    raise missing_field(f"{at}.tool_calls.{j}.function.{key}")
+            _need_text(call.get("id"), f"{at}.tool_calls.{j}.id")
+            _need_text(fn.get("name"), f"{at}.tool_calls.{j}.function.name")
+            # Arguments are JSON text, as OpenAI sends them; an object (some clients') is taken as it is.
+            if not isinstance(fn.get("arguments"), dict):
+                _need_text(fn.get("arguments"), f"{at}.tool_calls.{j}.function.arguments")
             ids.append(call["id"])
         return ids
 
@@ -90,11 +85,19 @@ class ChatMessage(BaseModel):
         return "".join(part["text"] for part in self.content)  # text parts only (``_text_parts``)
 
 
+def _need_text(value: Any, field: str) -> None:
+    """A required string field: missing, or of another type, is refused with OpenAI's code."""
+    if value is None:
+        raise missing_field(field)
+    if not isinstance(value, str):
+        raise invalid_field(field, f"expected a string, got {type(value).__name__}", "invalid_type")
+
+
 def check_tool_turns(messages: list[ChatMessage]) -> None:
     """Tool results answer the calls just before them, as OpenAI checks: a ``tool`` message
     follows an assistant message with ``tool_calls`` (or another result of them) and names one
     of its calls; every call of that message has its result before the conversation goes on."""
-    calls: set[str] = set()  # the calls of the assistant message these results may answer
+    calls: list[str] = []  # the calls of the assistant message these results may answer
     unanswered: list[str] = []
     asked_at = 0
     for i, message in enumerate(messages):
@@ -115,10 +118,10 @@ def check_tool_turns(messages: list[ChatMessage]) -> None:
         if unanswered:
             break
         ids = message.call_ids(f"messages.{i}")
-        calls, unanswered, asked_at = set(ids), list(ids), i
-    if unanswered:
+        calls, unanswered, asked_at = ids, list(ids), i
+    if unanswered:  # named by the first call without a result
         raise invalid_field(
-            f"messages.{asked_at}.role",
-            "an assistant message with `tool_calls` must be followed by `tool` messages answering "
-            f"each call; these have none: {', '.join(unanswered)}",
+            f"messages.{asked_at}.tool_calls.{calls.index(unanswered[0])}",
+            "each of an assistant message's `tool_calls` needs a `tool` message answering it before the "
+            f"conversation goes on; these calls have none: {', '.join(unanswered)}",
         )

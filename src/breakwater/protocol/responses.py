@@ -197,12 +197,13 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return _converted(items)[0]
 
 
-def message_places(req: ResponsesRequest, history: int) -> list[str]:
-    """Where each message of :func:`to_chat`'s body comes from, as the Responses API names it: its
-    input item (``input[3]``), ``instructions``, or ``input`` for the previous response's
-    conversation (whose calls the input must answer)."""
-    head = ["instructions"] if req.instructions else []
-    return [*head, *["input"] * history, *(f"input[{i}]" for i in _converted(req.input)[1])]
+def message_places(req: ResponsesRequest, history: int) -> list[int | str]:
+    """Where each message of :func:`to_chat`'s body comes from, as the Responses API names it: the
+    index of its input item (of its first call, for consecutive calls made one message),
+    ``instructions``, or ``input`` for the previous response's conversation (whose calls the input
+    must answer)."""
+    head: list[int | str] = ["instructions"] if req.instructions else []
+    return [*head, *["input"] * history, *_converted(req.input)[1]]
 
 
 def _converted(items: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
