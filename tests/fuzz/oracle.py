@@ -48,6 +48,8 @@ def aimed_at_served_model(body: Any, known: frozenset[str] | None = None) -> Any
     if not isinstance(body, dict):
         return body
     body = {name: value for name, value in body.items() if known is None or name in known}
+    if known is not None and isinstance(body.get("messages"), list):
+        body["messages"] = [_answerable(m) for m in body["messages"]]
     if isinstance(body.get("model"), str):
         body["model"] = SERVED
     for name in LIMITS:
@@ -61,6 +63,20 @@ def aimed_at_served_model(body: Any, known: frozenset[str] | None = None) -> Any
     if unbounded and body.get("ignore_eos") not in (None, False):
         body["max_tokens"] = MAX_FUZZ_TOKENS
     return body
+
+
+def _answerable(message: Any) -> Any:
+    """A generated message as a conversation's checks take it (protocol.messages), which a schema
+    does not say: a non-assistant message has content, and a `tool` result (which must answer a call
+    made just before it, beyond a schema) is a user's."""
+    if not isinstance(message, dict):
+        return message
+    message = dict(message)
+    if message.get("role") == "tool":
+        message["role"] = "user"
+    if message.get("role") != "assistant" and message.get("content") in (None, []):
+        message["content"] = "x"
+    return message
 
 
 def header(response: Response, name: str) -> str:
