@@ -325,3 +325,33 @@ async def test_a_cache_redis_of_its_own_holds_the_entries_and_may_evict_them(
         async with asyncio.timeout(30):
             answer, header = await _ask(gw, "the cache is down", max_tokens=2)
         assert header == "bypass" and answer
+
+
+async def test_a_no_cache_request_refused_by_its_limits_leaves_the_cached_answer(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A ``no-cache`` request takes the entry over before its limits are asked; refused (429), it
+    gives the entry back to the answer it replaced, not to no one: the next identical request is
+    still a hit, not a miss that its limits refuse too."""
+    from breakwater.tenancy.apikeys import ApiKey
+
+    pepper = "cache-refusal-pepper-0123456789"
+    async with inproc_gateway(
+        redis_server.url, prefix, cache=True, auth="keys", auth_pepper=pepper, auth_cache_s=0
+    ) as gw:
+        await gw.add_worker()
+        keys = gw.app.state.service.broker.api_keys(pepper.encode())
+        secret, _ = await keys.create(ApiKey(id="", tenant="t", rpm=1))
+        auth = {"Authorization": f"Bearer {secret}"}
+        messages = [{"role": "user", "content": "once"}]
+        body = {"model": "sim", "messages": messages, "max_tokens": 4, "temperature": 0}
+        first = await gw.http.post("/v1/chat/completions", json=body, headers=auth)
+        assert first.status_code == 200 and first.headers["x-breakwater-cache"] == "miss", first.text
+        hit = await gw.http.post("/v1/chat/completions", json=body, headers=auth)
+        assert (hit.status_code, hit.headers["x-breakwater-cache"]) == (200, "hit")
+        fresh = {**auth, "Cache-Control": "no-cache"}
+        refused = await gw.http.post("/v1/chat/completions", json=body, headers=fresh)
+        assert refused.status_code == 429, refused.text
+        again = await gw.http.post("/v1/chat/completions", json=body, headers=auth)
+        assert (again.status_code, again.headers["x-breakwater-cache"]) == (200, "hit"), again.text
+        assert again.json()["id"] == first.json()["id"]

@@ -145,7 +145,7 @@ class Admitter:
         lookup = await self._look_up(entry, idem, spec, rid, key_ttl_s, principal, subscribe, cache)
         if lookup.found is not None:  # answered by an identical request: not queued, no tokens spent
             return lookup.found
-        owned = entry if lookup.bound else None
+        owned = (entry, lookup.replaced) if entry is not None and lookup.bound else None
         self.metrics.cache_requests.labels(body.model, lookup.outcome.value).inc()
         headers: dict[str, str] = {HEADER: lookup.outcome.value}
         if group is not None:  # its group took the limits: from here on, this admission gives them back
@@ -368,14 +368,16 @@ class Admitter:
         rid: str,
         principal: Principal,
         limits: Limits,
-        entry: CacheEntry | None = None,
+        entry: tuple[CacheEntry, str | None] | None = None,
     ) -> None:
+        """Give back what admitting request ``rid`` took; ``entry``: the cache entry it bound (and
+        the binding it replaced, restored)."""
         if sub is not None:
             await self.fanin.unsubscribe(sub)
         if idem is not None:
             await self.broker.release_idempotency_key(idem, rid)
         if entry is not None:
-            await self.cache.release(entry, rid)
+            await self.cache.release(entry[0], rid, entry[1])
         if limits.max_concurrent or principal.tenant_limits.max_concurrent:
             await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
 

@@ -144,6 +144,7 @@ class Lookup:
     found: Submission | None  # the request that answers this one (a hit)
     bound: bool  # the entry is now bound to this request: released if it is not queued
     outcome: Outcome
+    replaced: str | None = None  # the binding it took over (restored if it is released)
 
 
 BYPASSED = Lookup(None, False, Outcome.BYPASS)
@@ -212,17 +213,24 @@ class ResponseCache:
                 return Lookup(None, False, missed)
             try:  # not reusable (failed, cancelled, expired) or not looked up: take the entry over
                 if await self._index(self.index.rebind(entry.key, value, ttl_s, was=existing)):
-                    return Lookup(None, True, missed)
+                    return Lookup(None, True, missed, existing)
             except CacheUnavailable:
                 return BYPASSED
             # Another identical request took it over first: its request may be the answer now.
         return Lookup(None, False, missed)
 
-    async def release(self, entry: CacheEntry, rid: str) -> None:
-        """Unbind ``entry`` from request ``rid``, which was not queued after all."""
+    async def release(self, entry: CacheEntry, rid: str, replaced: str | None = None) -> None:
+        """Unbind ``entry`` from request ``rid``, which was not queued after all; the binding it
+        ``replaced`` (a ``no-cache`` request's, or one not reusable) is bound again, so a request
+        refused (a 429) costs no one the answer it would have replaced."""
         try:
             found = await self._index(self.index.binding(entry.key))
-            if found is not None and found.partition(" ")[0] == rid:
+            if found is None or found.partition(" ")[0] != rid:
+                return
+            if replaced is not None:
+                ttl_s = self.settings.cache_ttl_s
+                await self._index(self.index.rebind(entry.key, replaced, ttl_s, was=found))
+            else:
                 await self._index(self.index.unbind(entry.key, found))
         except CacheUnavailable:  # left bound to a request that never ran: the next one takes it over
             log.warning("cache entry not released", extra={"rid": rid})
