@@ -436,12 +436,16 @@ def _print_up(stack: Stack, data_dir: Path) -> None:
     """The banner, written at once: a Ctrl-C while it prints cannot leave half of it."""
     url, model = stack.url, stack.config.model
     keyed = stack.auth != "off"
+    prefix = stack.config.key_prefix
+    env = f"BREAKWATER_REDIS_URL={stack.redis_url}" + (
+        f" BREAKWATER_KEY_PREFIX={prefix}" if prefix != "bw" else ""
+    )
     auth = (
-        f"  auth: [green]{stack.auth}[/green] (KEY from `BREAKWATER_REDIS_URL={stack.redis_url} "
-        "breakwater keys create --tenant NAME`, with the same BREAKWATER_AUTH_PEPPER_FILE)"
+        f"  auth: [green]{stack.auth}[/green] (KEY from `{env} breakwater keys create --tenant NAME`, "
+        "with the same BREAKWATER_AUTH_PEPPER_FILE)"
         if keyed
-        else "  auth: [yellow]off[/yellow] (this stack listens on 127.0.0.1 only; a shared deployment "
-        "sets BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
+        else f"  auth: [yellow]off[/yellow] (this stack listens on {stack.config.host}, this machine, only; "
+        "a shared deployment sets BREAKWATER_AUTH=keys and creates keys with `breakwater keys create`)"
     )
     pids = ", ".join(f"{name} {pid}" for name, pid in stack.processes().items())
     console.print(
@@ -452,7 +456,8 @@ def _print_up(stack: Stack, data_dir: Path) -> None:
         f"{auth}\n"
         f"  metrics: {stack.gateway_admin}/metrics   logs: {data_dir / 'logs'}   stop: Ctrl-C\n"
         f"  supervisor metrics (restarts): {stack.metrics_url}\n"
-        f"  processes: {pids}\n"
+        f"  processes: {pids}\n",
+        soft_wrap=True,  # not cut at the terminal's width: the curl command is copied whole
     )
 
 
@@ -470,4 +475,20 @@ app.command()(probe)
 
 
 def main() -> None:
-    app()
+    """The CLI; a bad setting or an unreachable Redis is said in a line, not a traceback."""
+    from pydantic import ValidationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from breakwater.settings_check import settings_error
+
+    try:
+        app()
+    except ValidationError as exc:
+        said = settings_error(exc)
+        if said is None:
+            raise
+        console.print(f"[red]error:[/red] {escape(said)}", soft_wrap=True)
+        raise SystemExit(2) from None
+    except RedisConnectionError as exc:
+        console.print(f"[red]error:[/red] cannot reach Redis (BREAKWATER_REDIS_URL): {escape(str(exc))}")
+        raise SystemExit(1) from None

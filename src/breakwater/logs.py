@@ -50,3 +50,9 @@ def setup_logging(component: str, level: str = "INFO", json_logs: bool = True) -
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from breakwater.settings_check import unknown_variables  # it reads the settings classes
+
+    for variable in unknown_variables():  # a typo would otherwise be ignored without a word
+        logging.getLogger("breakwater.settings").warning(
+            "unknown setting ignored", extra={"fields": {"variable": variable}}
+        )

@@ -21,11 +21,15 @@ from wsgiref.simple_server import WSGIServer
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, start_http_server
+from pydantic import ValidationError
 
+from breakwater.config import GatewaySettings
 from breakwater.engines import ENGINES
+from breakwater.hosts import is_loopback
 from breakwater.proc_cpu import ProcessCPU
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, free_port, port_in_use
+from breakwater.settings_check import settings_error
 from breakwater.stack_child import Backoff, Child, describe_exit
 from breakwater.stack_policy import PolicyScaler, stack_policy
 
@@ -64,7 +68,7 @@ class StackConfig:
     redis_url: str | None = None
     redis_cluster: int = 0  # > 0: an embedded Redis Cluster of this many primaries (one replica each)
     appendfsync: str = "everysec"
-    key_prefix: str = "bw"
+    key_prefix: str = field(default_factory=lambda: os.environ.get("BREAKWATER_KEY_PREFIX") or "bw")
     worker_args: list[str] = field(default_factory=list)
     ready_timeout_s: float = 120.0
     supervisor_metrics_port: int = 0  # 0: any free port
@@ -185,6 +189,9 @@ class Stack:
                 "the openai engine needs --upstream-url, the OpenAI-compatible server the workers "
                 "forward to (e.g. --upstream-url http://127.0.0.1:8001/v1)"
             )
+        if cfg.workers < (0 if cfg.autoscale else 1):
+            raise StackError("--workers must be at least 1 (0 only with --autoscale, which starts them)")
+        self._check_settings()
         if port_in_use(cfg.host, cfg.port):
             raise StackError(f"port {cfg.port} on {cfg.host} is already in use; pick another with --port")
         try:
@@ -197,6 +204,25 @@ class Stack:
             raise StackError(f"--autoscale-policy {cfg.autoscale_policy} needs --autoscale")
         self._scaler = PolicyScaler(policy) if policy is not None else None
 
+    def _check_settings(self) -> None:
+        """The gateway's settings from this environment, as it will read them: a bad value, keys
+        without a pepper, or a listener others can reach with auth off is refused before anything
+        starts."""
+        try:
+            settings = GatewaySettings()
+        except ValidationError as exc:
+            raise StackError(settings_error(exc) or str(exc)) from None
+        if settings.auth == "keys":
+            try:
+                settings.pepper()
+            except ValueError as exc:
+                raise StackError(str(exc)) from None
+        elif not is_loopback(self.config.host):
+            raise StackError(
+                f"--host {self.config.host} with auth off would serve anyone who can reach it without a "
+                "key: set BREAKWATER_AUTH=keys (with BREAKWATER_AUTH_PEPPER_FILE), or listen on 127.0.0.1"
+            )
+
     def start(self) -> None:
         cfg = self.config
         self.check()
@@ -205,8 +231,9 @@ class Stack:
             redis_url = cfg.redis_url or self._start_redis()
             env = {**os.environ, "BREAKWATER_REDIS_URL": redis_url, "BREAKWATER_KEY_PREFIX": cfg.key_prefix}
             self._env = env
+            cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own: owner-only
             logs = cfg.data_dir / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
+            logs.mkdir(mode=0o700, exist_ok=True)
             gw_env = {
                 **env,
                 "BREAKWATER_AUTOSCALE_MIN_WORKERS": str(cfg.min_workers),

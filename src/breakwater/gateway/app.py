@@ -108,6 +108,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
                 "fields": {
                     "redis": redacted(settings.redis_url),
                     "prefix": settings.key_prefix,
+                    "auth": settings.auth,
                     "embedded_engine": settings.embed_engine or None,
                 }
             },

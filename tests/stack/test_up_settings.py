@@ -1,0 +1,104 @@
+"""What ``breakwater up`` and the other commands are given from the environment, checked before
+anything starts and said in a line: a bad value names its variable, keys need a pepper, a listener
+others can reach needs keys; an unknown ``BREAKWATER_*`` variable is named in the log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from breakwater.config import GatewaySettings
+from breakwater.redis_server import free_port
+from breakwater.settings_check import settings_error, unknown_variables
+from breakwater.stack import StackConfig
+
+CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("BREAKWATER_")}
+
+
+def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "breakwater", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**CLEAN, "COLUMNS": "400", **env},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (("--host", "0.0.0.0"), {}, "BREAKWATER_AUTH=keys"),  # auth off, for anyone who can reach it
+        ((), {"BREAKWATER_AUTH": "keys"}, "pepper"),
+        ((), {"BREAKWATER_AUTH": "Keys"}, "BREAKWATER_AUTH: Input should be 'off' or 'keys' (got 'Keys')"),
+        ((), {"BREAKWATER_METRICS_PORT": "99999"}, "BREAKWATER_METRICS_PORT"),
+        (("--workers", "0"), {}, "--workers must be at least 1"),
+    ],
+)
+def test_up_refuses_what_cannot_be_served_safely_before_starting_anything(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], said: str
+) -> None:
+    data = tmp_path / "data"
+    done = _run("up", "--engine", "sim", "--port", str(free_port()), "--data-dir", str(data), *args, env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert said in out and "Traceback" not in out, out
+    assert not data.exists()  # no Redis, no logs: nothing was started
+
+
+def test_a_bad_setting_of_any_command_is_one_line_naming_it() -> None:
+    done = _run("gateway", "--port", str(free_port()), env={"BREAKWATER_LOG_JSON": "maybe"})
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "BREAKWATER_LOG_JSON:" in out and "Traceback" not in out and len(out.splitlines()) == 1, out
+
+
+def test_a_secrets_value_is_never_shown_in_its_error() -> None:
+    with pytest.raises(ValidationError) as info:
+        GatewaySettings.model_validate({"auth_pepper_file": ["not", "a", "path"]})
+    said = settings_error(info.value)
+    assert said is not None and said.startswith("BREAKWATER_AUTH_PEPPER_FILE:") and "not" not in said
+
+
+def test_unknown_variables_are_named_and_known_ones_are_not() -> None:
+    environ = {
+        "BREAKWATER_AUTHH": "keys",  # a typo
+        "BREAKWATER_AUTH": "keys",
+        "BREAKWATER_STREAM_WINDOW_SHARE": "0.5",  # a worker's
+        "BREAKWATER_MODEL_CACHE": "/tmp/m",  # read straight from the environment
+        "BREAKWATER_TEST_REDIS": "cluster",  # the test suite's
+        "OTHER": "x",
+    }
+    assert unknown_variables(environ) == ["BREAKWATER_AUTHH"]
+
+
+def test_the_stacks_key_prefix_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stacks sharing one Redis (``--redis-url``) keep apart by their prefix; ``up`` used ``bw``
+    whatever BREAKWATER_KEY_PREFIX said, so the keys CLI (which reads it) wrote where no gateway read."""
+    monkeypatch.setenv("BREAKWATER_KEY_PREFIX", "team1")
+    assert StackConfig().key_prefix == "team1"
+    monkeypatch.delenv("BREAKWATER_KEY_PREFIX")
+    assert StackConfig().key_prefix == "bw"
+
+
+def test_a_process_names_an_unknown_variable_in_its_log(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from breakwater.logs import setup_logging
+
+    monkeypatch.setenv("BREAKWATER_AUTHH", "keys")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        setup_logging("gateway")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    said = capsys.readouterr().err
+    assert "unknown setting ignored" in said and "BREAKWATER_AUTHH" in said, said
