@@ -80,7 +80,23 @@ def test_text_that_may_open_a_tag_is_held_back_until_known() -> None:
     assert parser.feed("Sure <tool") == ["Sure "]
     assert parser.feed("box>") == ["<toolbox>"]
     assert parser.feed("<tool_call>{") == []
-    assert parser.finish() == ["<tool_call>{"]  # never closed: it was text
+    assert parser.finish() == []  # never closed, no call finished: neither calls nor markup
+
+
+def test_an_answer_cut_inside_its_calls_gives_the_calls_it_finished() -> None:
+    """``max_tokens`` reached inside a ``<tool_call>`` block: its whole calls are the answer's calls,
+    the one cut short is dropped, and the markup never reaches the content."""
+    first = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+    cut = "<tool_call>[" + first + ', {"name": "get_time", "argu'
+    call = ParsedCall("get_weather", '{"city":"Paris","unit":"c"}')
+    assert split_answer("Checking. " + cut) == ("Checking. ", [call])
+    assert split_answer(cut + 'ments": {}}, {"name": "x"', single=True) == ("", [call])
+    assert split_answer('<tool_call>[{"name": "get_weather", "arguments": {"ci') == ("", [])
+    assert split_answer("<tool_call>" + first) == ("", [call])  # one object, never closed
+    for at in range(1, len(cut)):  # streamed in two pieces: the same
+        parser = CallParser()
+        pieces = [*parser.feed(cut[:at]), *parser.feed(cut[at:]), *parser.finish()]
+        assert pieces == [call], at
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ A block that does not parse as calls is returned as text, as vLLM's parsers do.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,17 +140,43 @@ class CallParser:
                 calls = parse_block(block)
                 if calls is None:
                     out.append(OPEN + block + CLOSE)
-                elif self._single:
-                    out.extend(calls[:0] if self._called else calls[:1])
-                    self._called = self._called or bool(calls)  # `[]`: no call made
                 else:
-                    out.extend(calls)
+                    out.extend(self._taken(calls))
+
+    def _taken(self, calls: list[ParsedCall]) -> list[ParsedCall]:
+        if not self._single:
+            return calls
+        taken = calls[:0] if self._called else calls[:1]
+        self._called = self._called or bool(calls)  # `[]`: no call made
+        return taken
 
     def finish(self) -> list[Piece]:
-        """What is held back at the end: an unfinished tag or block is text."""
-        rest = (OPEN if self._inside else "") + self._buf
-        self._buf, self._inside = "", False
+        """What is held back at the end: an unfinished tag is text; a block never closed (the answer
+        cut by ``max_tokens``) gives the calls it finished, and its markup is never text."""
+        if self._inside:
+            calls, self._buf, self._inside = _finished_calls(self._buf), "", False
+            return list(self._taken(calls))
+        rest, self._buf = self._buf, ""
         return [rest] if rest else []
+
+
+def _finished_calls(block: str) -> list[ParsedCall]:
+    """The calls a block cut short had finished: its whole call objects, in order, up to the first
+    that is cut (or is no call)."""
+    text, at = block.strip().removeprefix("["), 0
+    calls: list[ParsedCall] = []
+    decoder = json.JSONDecoder()
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return calls
+        parsed = parse_block(json.dumps(item)) if isinstance(item, dict) else None
+        if not parsed:
+            return calls
+        calls.extend(parsed)
 
 
 def parse_block(block: str) -> list[ParsedCall] | None:
