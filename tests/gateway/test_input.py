@@ -313,6 +313,9 @@ async def test_a_prompt_whose_max_tokens_overrun_the_context_is_400_not_cut_shor
     )
     long = {"model": "sim", "prompt": "word " * 30_000, "max_tokens": 4}  # refused by the gateway's bound
     _assert_error(await gw.http.post("/v1/completions", json=long), 400, "context_length_exceeded", "prompt")
+    # A short prompt and an answer longer than the context: max_tokens is what to shorten.
+    huge = await gw.http.post(CHAT, json=_chat(max_tokens=10**7))
+    _assert_error(huge, 400, "context_length_exceeded", "max_tokens")
 
 
 async def test_nesting_deeper_than_the_parser_takes_is_400_saying_so(gw: InProc) -> None:

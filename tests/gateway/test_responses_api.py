@@ -241,7 +241,9 @@ async def test_what_is_not_served_is_refused_by_name(
 
 async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) -> None:
     resp = await gw.http.get("/v1/responses/resp_0123")
-    assert resp.status_code == 404 and orjson.loads(resp.content)["error"]["param"] == "id"
+    error = orjson.loads(resp.content)["error"]
+    assert resp.status_code == 404 and (error["param"], error["code"]) == ("id", "response_not_found")
+    assert error["message"] == "Response with id 'resp_0123' not found."  # as OpenAI says it
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ ECHOED: dict[str, Any] = {  # an answer's message as the SDK gives it back (`mod
     "audio": None,
     "function_call": None,
     "annotations": [],
+    "parsed": {"city": "Paris"},  # `parse()`'s copy of the content as an object
 }
 
 

@@ -45,6 +45,7 @@ router = APIRouter(route_class=OrjsonRoute)
 _PARAMS = {
     "messages": "input",
     "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
     "response_format": "text.format",
 }
 
@@ -204,10 +205,14 @@ async def list_input_items(
 async def _stored(svc: GatewayService, rid: str, who: Principal) -> tuple[RequestRecord, Stored]:
     """The caller's stored response (404 otherwise: another tenant's, expired, a plain chat's, or
     one asked not to be stored)."""
-    record = await svc.requests.record(rid, who)
+    missing = APIError(404, f"Response with id '{rid}' not found.", code="response_not_found", param="id")
+    try:
+        record = await svc.requests.record(rid, who)
+    except APIError as exc:  # no such request (or another tenant's): the same answer as any other
+        raise missing if exc.status == 404 else exc from None
     stored = Stored.from_json(record.spec.response) if record.spec.response else None
     if stored is None or not stored.store:
-        raise APIError(404, f"Response with id '{rid}' not found.", code="response_not_found", param="id")
+        raise missing
     return record, stored
 
 

@@ -13,6 +13,9 @@ from breakwater.protocol.validation import invalid_field, missing_field
 # for something (a non-null, non-empty value: an earlier answer's `refusal`, `audio`, a legacy
 # `function_call`) is refused, never dropped.
 MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
+# Fields of an answer's message that an SDK sends back with it and that ask for nothing: `parsed`
+# (the SDK's `parse()` copy of the content as an object), `annotations` (citations it was given).
+ECHOED = frozenset({"parsed", "annotations"})
 
 
 class ChatMessage(BaseModel):
@@ -37,7 +40,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _known_keys(self) -> ChatMessage:
         for key, value in (self.model_extra or {}).items():
-            if key not in MESSAGE_EXTRAS and value not in (None, "", [], {}):
+            if key not in MESSAGE_EXTRAS | ECHOED and value not in (None, "", [], {}):
                 raise ValueError(f"the message field `{key}` is not supported; remove it from the message")
         if self.content == []:
             raise invalid_field("content", "an empty array; give at least one content part", "empty_array")
