@@ -74,13 +74,9 @@ def keys_create(
     ] = True,
 ) -> None:
     """Create a key; prints it once, with its settings, as JSON."""
-    from breakwater.tenancy import ANONYMOUS, ApiKey
+    from breakwater.tenancy import ApiKey
 
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant) or tenant.lower() == ANONYMOUS.tenant:
-        raise typer.BadParameter(
-            f"1-64 of A-Z a-z 0-9 _ . -, not {ANONYMOUS.tenant!r} (the owner of requests made with auth off)",
-            param_hint="--tenant",
-        )
+    _check_tenant(tenant, "--tenant")
     if lane is not None and lane not in LANES:
         raise typer.BadParameter(f"one of {', '.join(LANES)}", param_hint="--lane")
     expires = int(time.time()) + _seconds(expires_in, 1, "--expires-in") if expires_in else 0
@@ -112,6 +108,7 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="only this tenant'
 
 @keys_app.command("show")
 def keys_show(key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")]) -> None:
+    """A key's settings and state as JSON (never its secret: only its hash is stored)."""
     record = _with_store(lambda store: store.get(key_id))
     if record is None:
         raise _not_found(key_id)
@@ -167,6 +164,8 @@ def usage(
             date.fromisoformat(value)
         except ValueError:
             raise typer.BadParameter("a date, YYYY-MM-DD", param_hint=hint) from None
+    if last < first:  # as /v1/usage refuses it (an empty answer would read as no usage)
+        raise typer.BadParameter("on or after --start-date", param_hint="--end-date")
 
     async def rows(broker: Any) -> list[dict[str, Any]]:
         tenants = tenant or sorted({k.tenant for k in await _all_keys(broker)} | {"anonymous"})
@@ -195,6 +194,17 @@ async def _all_keys(broker: Any) -> list[Any]:
 tenants_app = typer.Typer(no_args_is_help=True, help="A tenant's own limits, shared by all its keys.")
 
 
+def _check_tenant(tenant: str, hint: str) -> None:
+    """A tenant a key can belong to: 1-64 of A-Z a-z 0-9 _ . -, not the auth-off owner."""
+    from breakwater.tenancy import ANONYMOUS
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant) or tenant.lower() == ANONYMOUS.tenant:
+        raise typer.BadParameter(
+            f"1-64 of A-Z a-z 0-9 _ . -, not {ANONYMOUS.tenant!r} (the owner of requests made with auth off)",
+            param_hint=hint,
+        )
+
+
 @tenants_app.command("set")
 def tenants_set(
     tenant: Annotated[str, typer.Argument(help="the tenant")],
@@ -204,9 +214,11 @@ def tenants_set(
     budget_day: Annotated[int, typer.Option(min=0, help="tokens per UTC day (0: none)")] = 0,
     budget_month: Annotated[int, typer.Option(min=0, help="tokens per UTC month (0: none)")] = 0,
 ) -> None:
-    """Replace the tenant's limits (every gateway applies them within its cache time, ~1 s)."""
+    """Replace the tenant's limits: each one not given is none (every gateway applies them within
+    its cache time, ~1 s)."""
     from breakwater.tenancy.limits import Limits
 
+    _check_tenant(tenant, "TENANT")
     limits = Limits(rpm, tpm, max_concurrent, budget_day, budget_month)
 
     async def run(broker: Any) -> Limits:

@@ -277,15 +277,19 @@ def dlq_retry(
     from breakwater import dlq
 
     async def run(broker: Any) -> int:
-        failed = 0
+        failed, found = 0, set()
         for letter in await dlq.entries(broker, model, 10_000):
             if ids and letter.entry_id not in ids and letter.rid not in ids:
                 continue
+            found |= {letter.entry_id, letter.rid}
             try:
                 print(f"{letter.rid}\t{await dlq.retry(broker, model, letter)}")
             except (LookupError, RuntimeError) as exc:
                 console.print(f"[red]{exc}[/red]")
                 failed += 1
+        for missing in [i for i in ids or () if i not in found]:  # a typo is said, not passed over
+            console.print(f"[red]no dead letter {missing} for {model}[/red]")
+            failed += 1
         return failed
 
     if with_broker(run):

@@ -115,3 +115,15 @@ def test_keys_create_refuses_a_key_of_no_life_or_of_forever_and_a_tenant_named_a
 def test_keys_rotate_refuses_a_grace_of_forever() -> None:
     result = CliRunner().invoke(app, ["keys", "rotate", "key_x", "--grace", "40000d"])
     assert result.exit_code == 2 and "to 36500d" in result.output, result.output
+
+
+@pytest.mark.parametrize("tenant", ["no such tenant!", "anonymous", "x" * 65])
+def test_tenants_set_refuses_a_tenant_no_key_can_belong_to(tenant: str) -> None:
+    """As ``keys create`` names tenants: limits set for a name no key can have would limit no one."""
+    result = CliRunner().invoke(app, ["tenants", "set", tenant, "--rpm", "5"])
+    assert result.exit_code == 2 and "1-64 of" in result.output, result.output
+
+
+def test_usage_refuses_a_range_that_ends_before_it_starts() -> None:
+    result = CliRunner().invoke(app, ["usage", "--start-date", "2026-12-08", "--end-date", "2026-12-01"])
+    assert result.exit_code == 2 and "on or after --start-date" in result.output, result.output

@@ -48,6 +48,9 @@ async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix:
     assert [r[1] for r in rows] == ["cmpl-dead1", "cmpl-dead2"]
     assert all(r[2] == "attempts=3" and r[4] == "gave up after 3 attempts" for r in rows)
 
+    typo = cli(redis_server, prefix, "retry", "--model", "sim", "cmpl-dead9")  # no such letter: said
+    assert typo.returncode == 1 and "no dead letter cmpl-dead9" in typo.stdout + typo.stderr, typo
+
     retried = cli(redis_server, prefix, "retry", "--model", "sim", "cmpl-dead1")
     assert retried.returncode == 0, retried.stderr
     old, new = retried.stdout.split()

@@ -250,6 +250,11 @@ async def test_usage_up_to_the_calendars_last_day_is_answered(gw: InProc) -> Non
         assert resp.status_code == 200 and resp.json()["data"] == [], resp.text
     bad = await gw.http.get("/v1/usage", params={"start_date": "2026-02-30"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "start_date"
+    # At most 366 days in all, as the docs say (367 were taken): 2024 is a leap year.
+    year = await gw.http.get("/v1/usage", params={"start_date": "2024-01-01", "end_date": "2024-12-31"})
+    assert year.status_code == 200, year.text
+    longer = await gw.http.get("/v1/usage", params={"start_date": "2024-01-01", "end_date": "2025-01-01"})
+    assert longer.status_code == 400 and longer.json()["error"]["param"] == "end_date", longer.text
 
 
 @pytest.mark.parametrize(

@@ -455,9 +455,9 @@ async def usage(
         raise APIError(
             400, "start_date and end_date must be dates (YYYY-MM-DD)", param="start_date"
         ) from None
-    if not 0 <= span <= MAX_USAGE_DAYS:
+    if not 0 <= span < MAX_USAGE_DAYS:  # the span counts days after the first: at most 366 in all
         raise APIError(
-            400, f"end_date must be from start_date to {MAX_USAGE_DAYS} days after it", param="end_date"
+            400, f"end_date must be from start_date to {MAX_USAGE_DAYS - 1} days after it", param="end_date"
         )
     rows = await service(request).broker.ledger.usage(who.tenant, first, last)
     return {"object": "list", "tenant": who.tenant, "data": [usage_row(row) for row in rows]}
