@@ -490,5 +490,5 @@ def main() -> None:
         console.print(f"[red]error:[/red] {escape(said)}", soft_wrap=True)
         raise SystemExit(2) from None
     except RedisConnectionError as exc:
-        console.print(f"[red]error:[/red] cannot reach Redis (BREAKWATER_REDIS_URL): {escape(str(exc))}")
+        console.print(f"[red]error:[/red] cannot reach Redis: {escape(str(exc))}")
         raise SystemExit(1) from None

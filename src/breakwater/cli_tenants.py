@@ -164,7 +164,7 @@ def usage(
             date.fromisoformat(value)
         except ValueError:
             raise typer.BadParameter("a date, YYYY-MM-DD", param_hint=hint) from None
-    if last < first:  # as /v1/usage refuses it (an empty answer would read as no usage)
+    if date.fromisoformat(last) < date.fromisoformat(first):  # as /v1/usage refuses it
         raise typer.BadParameter("on or after --start-date", param_hint="--end-date")
 
     async def rows(broker: Any) -> list[dict[str, Any]]:

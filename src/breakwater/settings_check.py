@@ -24,10 +24,12 @@ def settings_error(exc: ValidationError) -> str | None:
         return None
     lines = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error.get("loc") else ""
-        variable = PREFIX + field.upper()
+        if not error.get("loc"):  # a check of several settings: its input is all of them, secrets too
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(error["loc"][0])
         shown = "" if any(w in field for w in _SECRET_WORDS) else f" (got {error.get('input')!r})"
-        lines.append(f"{variable}: {error['msg']}{shown}")
+        lines.append(f"{PREFIX}{field.upper()}: {error['msg']}{shown}")
     return "\n".join(lines)
 
 
@@ -41,7 +43,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     } | OTHERS
     found = []
     for variable in os.environ if environ is None else environ:
-        name = variable.removeprefix(PREFIX)
+        name = variable.removeprefix(PREFIX).upper()  # read case-insensitively, as pydantic-settings does
         if variable.startswith(PREFIX) and name not in known and not name.startswith("TEST_"):
             found.append(variable)
     return sorted(found)

@@ -228,10 +228,12 @@ class Stack:
         self.check()
         try:
             self._start_metrics()
+            if not cfg.data_dir.exists():  # its own: owner-only (one given that exists is left as it is)
+                cfg.data_dir.mkdir(mode=0o700, parents=True)
+                cfg.data_dir.chmod(0o700)  # mkdir's mode passes through the umask
             redis_url = cfg.redis_url or self._start_redis()
             env = {**os.environ, "BREAKWATER_REDIS_URL": redis_url, "BREAKWATER_KEY_PREFIX": cfg.key_prefix}
             self._env = env
-            cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own: owner-only
             logs = cfg.data_dir / "logs"
             logs.mkdir(mode=0o700, exist_ok=True)
             gw_env = {

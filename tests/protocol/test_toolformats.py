@@ -81,6 +81,10 @@ def test_text_that_may_open_a_tag_is_held_back_until_known() -> None:
     assert parser.feed("box>") == ["<toolbox>"]
     assert parser.feed("<tool_call>{") == []
     assert parser.finish() == []  # never closed, no call finished: neither calls nor markup
+    prose = CallParser()  # a tag named in prose, never closed, and no JSON after it: text, as before
+    assert [*prose.feed("Use <tool_call> tags"), *prose.finish()] == ["Use ", "<tool_call> tags"]
+    deep = CallParser()  # nested past the parser: no call, no crash
+    assert [*deep.feed("<tool_call>[" + "[" * 100_000), *deep.finish()] == []
 
 
 def test_an_answer_cut_inside_its_calls_gives_the_calls_it_finished() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from breakwater.config import GatewaySettings
+from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.redis_server import free_port
 from breakwater.settings_check import settings_error, unknown_variables
 from breakwater.stack import StackConfig
@@ -102,3 +102,15 @@ def test_a_process_names_an_unknown_variable_in_its_log(
         root.handlers[:], root.level = handlers, level
     said = capsys.readouterr().err
     assert "unknown setting ignored" in said and "BREAKWATER_AUTHH" in said, said
+
+
+def test_a_check_of_several_settings_never_shows_their_values() -> None:
+    """A whole-model check's input is every setting as given: its error says only its message."""
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings.model_validate({"result_ttl_s": 5, "upstream_api_key": "sk-very-secret-value"})
+    said = settings_error(info.value)
+    assert said is not None and "result_ttl_s (5" in said and "sk-very" not in said, said
+
+
+def test_a_variable_is_known_whatever_the_case_of_its_name() -> None:
+    assert unknown_variables({"BREAKWATER_auth": "keys", "BREAKWATER_Authh": "x"}) == ["BREAKWATER_Authh"]

@@ -227,9 +227,11 @@ class ResponseCache:
             found = await self._index(self.index.binding(entry.key))
             if found is None or found.partition(" ")[0] != rid:
                 return
-            if replaced is not None:
-                ttl_s = self.settings.cache_ttl_s
-                await self._index(self.index.rebind(entry.key, replaced, ttl_s, was=found))
+            claimed = replaced.partition(" ")[2] if replaced is not None else ""
+            ends_s = int(claimed) / 1000 + self.settings.cache_ttl_s if claimed.isdigit() else 0.0
+            left_s = int(ends_s - time.time())
+            if replaced is not None and left_s > 0:  # for what it had left, not a new lifetime
+                await self._index(self.index.rebind(entry.key, replaced, left_s, was=found))
             else:
                 await self._index(self.index.unbind(entry.key, found))
         except CacheUnavailable:  # left bound to a request that never ran: the next one takes it over

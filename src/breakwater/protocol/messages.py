@@ -16,6 +16,7 @@ MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
 # Fields of an answer's message that an SDK sends back with it and that ask for nothing: `parsed`
 # (the SDK's `parse()` copy of the content as an object), `annotations` (citations it was given).
 ECHOED = frozenset({"parsed", "annotations"})
+_TAKEN = MESSAGE_EXTRAS | ECHOED
 
 
 class ChatMessage(BaseModel):
@@ -40,7 +41,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _known_keys(self) -> ChatMessage:
         for key, value in (self.model_extra or {}).items():
-            if key not in MESSAGE_EXTRAS | ECHOED and value not in (None, "", [], {}):
+            if key not in _TAKEN and value not in (None, "", [], {}):
                 raise ValueError(f"the message field `{key}` is not supported; remove it from the message")
         if self.content == []:
             raise invalid_field("content", "an empty array; give at least one content part", "empty_array")

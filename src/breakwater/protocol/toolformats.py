@@ -154,7 +154,10 @@ class CallParser:
         """What is held back at the end: an unfinished tag is text; a block never closed (the answer
         cut by ``max_tokens``) gives the calls it finished, and its markup is never text."""
         if self._inside:
-            calls, self._buf, self._inside = _finished_calls(self._buf), "", False
+            block, self._buf, self._inside = self._buf, "", False
+            calls = _finished_calls(block)
+            if not calls and not block.lstrip().startswith(("{", "[")):  # prose that named the tag
+                return [OPEN + block]
             return list(self._taken(calls))
         rest, self._buf = self._buf, ""
         return [rest] if rest else []
@@ -171,7 +174,7 @@ def _finished_calls(block: str) -> list[ParsedCall]:
             at += 1
         try:
             item, at = decoder.raw_decode(text, at)
-        except ValueError:
+        except (ValueError, RecursionError):  # cut short, not JSON, or nested past the parser
             return calls
         parsed = parse_block(json.dumps(item)) if isinstance(item, dict) else None
         if not parsed:
