@@ -49,6 +49,14 @@ class InProc:
     def keys(self) -> Keys:
         return Keys(self.prefix)
 
+    async def records(self) -> list[str]:
+        """The request records in Redis (a refused request must leave none)."""
+        broker = self.broker()
+        try:
+            return [k async for k in broker.redis.scan_iter(match=f"{self.prefix}:req:*")]
+        finally:
+            await broker.aclose()
+
     async def add_worker(self, engine: Engine | None = None, **settings: Any) -> Worker:
         ws = WorkerSettings(
             redis_url=self.redis_url,

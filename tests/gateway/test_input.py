@@ -21,14 +21,6 @@ def _chat(**extra: Any) -> dict[str, Any]:
     return {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
 
 
-async def _records(gw: InProc) -> list[str]:
-    broker = gw.broker()
-    try:
-        return [k async for k in broker.redis.scan_iter(match=f"{gw.prefix}:req:*")]
-    finally:
-        await broker.aclose()
-
-
 def _assert_error(resp: httpx.Response, status: int, code: str, param: str | None = None) -> None:
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
@@ -60,7 +52,7 @@ async def test_non_standard_json_numbers_are_400(gw: InProc, raw: bytes) -> None
     body = b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
     resp = await gw.http.post(CHAT, content=body, headers={"content-type": "application/json"})
     _assert_error(resp, 400, "invalid_json")
-    assert await _records(gw) == []
+    assert await gw.records() == []
     await _still_serves(gw)
 
 
@@ -69,7 +61,7 @@ async def test_lone_surrogates_and_invalid_utf8_are_400(gw: InProc, content: byt
     body = b'{"model": "sim", "max_tokens": 4, "messages": [{"role": "user", "content": ' + content + b"}]}"
     resp = await gw.http.post(CHAT, content=body, headers={"content-type": "application/json"})
     _assert_error(resp, 400, "invalid_json")
-    assert await _records(gw) == []
+    assert await gw.records() == []
     await _still_serves(gw)
 
 
@@ -77,14 +69,14 @@ async def test_lone_surrogates_and_invalid_utf8_are_400(gw: InProc, content: byt
 async def test_timeout_out_of_range_is_400_and_queues_nothing(gw: InProc, timeout: float) -> None:
     resp = await gw.http.post(CHAT, json=_chat(timeout=timeout))
     _assert_error(resp, 400, "invalid_value", "timeout")
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 async def test_oversized_body_is_413_before_it_is_read(gw: InProc) -> None:
     big = orjson.dumps(_chat(messages=[{"role": "user", "content": "x" * (50 << 20)}]))
     resp = await gw.http.post(CHAT, content=big, headers={"content-type": "application/json"})
     _assert_error(resp, 413, "request_too_large")
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
     async def chunks() -> Any:  # no Content-Length: counted while read
         for _ in range(8):
@@ -100,7 +92,7 @@ async def test_too_many_messages_and_long_stop_strings_are_400(gw: InProc) -> No
     _assert_error(await gw.http.post(CHAT, json=_chat(messages=many)), 400, "invalid_value", "messages")
     _assert_error(await gw.http.post(CHAT, json=_chat(stop=["x" * 100_000])), 400, "invalid_value", "stop")
     _assert_error(await gw.http.post(CHAT, json=_chat(seed=1 << 64)), 400, "invalid_value", "seed")
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
@@ -121,7 +113,7 @@ async def test_a_body_without_a_json_content_type_is_415_and_runs_nothing(
     headers = {"content-type": content_type} if content_type else {}
     resp = await gw.http.post(path, content=orjson.dumps(body), headers=headers)
     _assert_error(resp, 415, "unsupported_media_type", "Content-Type")
-    assert await _records(gw) == []
+    assert await gw.records() == []
     typed = {"content-type": "application/json; charset=utf-8"}
     assert (await gw.http.post(path, content=orjson.dumps(body), headers=typed)).status_code == 200
 
@@ -162,7 +154,7 @@ async def test_content_parts_other_than_text_are_400_naming_the_message(gw: InPr
     _assert_error(
         await gw.http.post(CHAT, json=_chat(messages=no_text)), 400, "invalid_value", "messages.0.content"
     )
-    assert await _records(gw) == []
+    assert await gw.records() == []
     joined = [{"role": "user", "content": [text, {"type": "text", "text": " twice"}]}]
     assert (await gw.http.post(CHAT, json=_chat(messages=joined))).status_code == 200
 
@@ -184,7 +176,7 @@ async def test_unsupported_parameters_are_refused_by_name(gw: InProc, param: str
     resp = await gw.http.post(CHAT, json=_chat(**{param: value}))
     _assert_error(resp, 400, "unsupported_parameter", param)
     assert param in resp.json()["error"]["message"]
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 async def test_tool_choices_not_served_are_refused_by_name(gw: InProc) -> None:
@@ -197,7 +189,7 @@ async def test_tool_choices_not_served_are_refused_by_name(gw: InProc) -> None:
     _assert_error(resp, 400, "invalid_value", "tool_choice")
     resp = await gw.http.post(CHAT, json=_chat(tools=tools, tool_choice=named))  # sim cannot constrain
     _assert_error(resp, 400, "unsupported_parameter", "tool_choice")
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 async def test_top_logprobs_needs_logprobs(gw: InProc) -> None:
@@ -206,7 +198,7 @@ async def test_top_logprobs_needs_logprobs(gw: InProc) -> None:
     _assert_error(resp, 400, "invalid_value", "top_logprobs")
     resp = await gw.http.post("/v1/completions", json={"model": "sim", "prompt": "p", "logprobs": 2})
     _assert_error(resp, 400, "unsupported_parameter", "logprobs")  # the sim engine has none
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 async def test_default_values_of_unsupported_parameters_are_accepted(gw: InProc) -> None:
@@ -240,7 +232,7 @@ async def test_prompt_bound_when_no_worker_reported_a_context_length(redis_serve
         body = {"model": "cold", "messages": [{"role": "user", "content": "word " * 10_000}]}
         resp = await gw.http.post(CHAT, json=body)
         _assert_error(resp, 400, "context_length_exceeded", "messages")
-        assert await _records(gw) == []
+        assert await gw.records() == []
 
 
 async def test_usage_up_to_the_calendars_last_day_is_answered(gw: InProc) -> None:
@@ -279,7 +271,7 @@ async def test_a_value_of_the_wrong_type_is_400_naming_it(gw: InProc, param: str
     """Typed as OpenAI types them: a string or a boolean is no number, a number no boolean (they were
     read as one: "5" as 5, true as 1, "true" as a stream)."""
     _assert_error(await gw.http.post(CHAT, json=_chat(**{param: value})), 400, "invalid_value", param)
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 async def test_null_and_whole_numbers_are_what_they_say(gw: InProc) -> None:

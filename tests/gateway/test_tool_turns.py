@@ -41,14 +41,6 @@ async def client(gw: InProc) -> AsyncIterator[openai.AsyncOpenAI]:
         yield c
 
 
-async def _records(gw: InProc) -> list[str]:
-    broker = gw.broker()
-    try:
-        return [k async for k in broker.redis.scan_iter(match=f"{gw.prefix}:req:*")]
-    finally:
-        await broker.aclose()
-
-
 ECHOED: dict[str, Any] = {  # an answer's message as the SDK gives it back (`model_dump()`)
     **CALLS,
     "refusal": None,
@@ -143,7 +135,7 @@ async def test_a_malformed_conversation_is_400_naming_the_field(
     assert isinstance(body, dict), body
     assert (body["param"], body["code"], body["type"]) == (param, code, "invalid_request_error"), body
     assert str(body["message"]).startswith(f"{param}: ") and says in str(body["message"]), body
-    assert await _records(gw) == []
+    assert await gw.records() == []
 
 
 async def test_a_conversation_whose_calls_have_their_results_is_served(client: openai.AsyncOpenAI) -> None:

@@ -95,6 +95,14 @@ class Tagged(BaseModel):
         that have one of their own."""
         return cls.model_fields[info.field_name or ""].default if value is None else value
 
+    @field_validator("stream_options", check_fields=False)
+    @classmethod
+    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        """Chat, completions and Responses: options of a stream, so only with ``stream: true``."""
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("`stream_options` is only allowed when `stream` is true")
+        return value
+
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
@@ -153,13 +161,6 @@ class _SamplingRequest(Tagged):
     def token_biases(self) -> dict[int, float]:
         """``logit_bias`` with its token ids as numbers (those biased by 0 left out)."""
         return {int(token): bias for token, bias in (self.logit_bias or {}).items() if bias}
-
-    @field_validator("stream_options")
-    @classmethod
-    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("`stream_options` is only allowed when `stream` is true")
-        return value
 
     @field_validator("stop")
     @classmethod

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from breakwater.protocol.openai import INT64, MAX_MESSAGES, MAX_TIMEOUT_S, StreamOptions, Tagged, Whole
 
@@ -73,13 +73,6 @@ class ResponsesRequest(Tagged):
     def _bounded(cls, value: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
         if isinstance(value, list) and len(value) > MAX_MESSAGES:
             raise ValueError(f"at most {MAX_MESSAGES} input items")
-        return value
-
-    @field_validator("stream_options")
-    @classmethod
-    def _options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("`stream_options` is only allowed when `stream` is true")
         return value
 
     def unsupported_parameter(self) -> str | None:
