@@ -14,7 +14,7 @@ from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
 PREFIX = "BREAKWATER_"
 # Read straight from the environment, not through a settings class (VLLM_PYTHON: by tests/vllm_engine).
 OTHERS = frozenset({"GATEWAY_SIBLING", "MODEL_CACHE", "PROBE_API_KEY", "VLLM_PYTHON"})
-_SECRET_WORDS = ("pepper", "password", "secret", "token", "key")
+_SECRET_WORDS = ("pepper", "password", "secret", "token", "key", "url")  # a URL may hold a password
 
 
 def settings_error(exc: ValidationError) -> str | None:

@@ -63,6 +63,10 @@ def test_a_secrets_value_is_never_shown_in_its_error() -> None:
         GatewaySettings.model_validate({"auth_pepper_file": ["not", "a", "path"]})
     said = settings_error(info.value)
     assert said is not None and said.startswith("BREAKWATER_AUTH_PEPPER_FILE:") and "not" not in said
+    with pytest.raises(ValidationError) as info:  # a URL may carry a password
+        GatewaySettings.model_validate({"cache_redis_url": ["redis://:hunter2@cache:6379/0"]})
+    said = settings_error(info.value)
+    assert said is not None and said.startswith("BREAKWATER_CACHE_REDIS_URL:") and "hunter2" not in said
 
 
 def test_unknown_variables_are_named_and_known_ones_are_not() -> None:
