@@ -19,7 +19,7 @@ from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.record import RequestRecord, Status
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import NO_CACHE
-from breakwater.gateway.errors import APIError, JSONBody, invalid, unsupported
+from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.following import Submission
 from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, answered, request_id, service
 from breakwater.gateway.service import GatewayService
@@ -37,6 +37,7 @@ from breakwater.protocol.responses import (
     new_response_id,
     to_chat,
 )
+from breakwater.protocol.validation import described
 from breakwater.tenancy import Principal
 
 router = APIRouter(route_class=OrjsonRoute)
@@ -367,7 +368,7 @@ def _invalid(exc: ValidationError, places: list[int | str]) -> APIError:
     """The chat request's validation error as the Responses API names it: a message's error names
     the input item it came from (``places``: :func:`message_places`; a call's, of a message of
     consecutive calls, its own item)."""
-    _, param, code = invalid(exc.errors()[0])
+    param, message, code = described(exc.errors()[0])
     parts = (param or "").split(".")
     if parts[0] == "messages" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) < len(places):
         place = places[int(parts[1])]
@@ -375,7 +376,6 @@ def _invalid(exc: ValidationError, places: list[int | str]) -> APIError:
         param = f"input[{place + (int(call) if call.isdigit() else 0)}]" if isinstance(place, int) else place
     elif param:
         param = _PARAMS.get(parts[0], parts[0]) + param.removeprefix(parts[0])
-    message = str(exc.errors()[0].get("msg", "invalid value")).removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, code=code, param=param)
 
 

@@ -176,10 +176,10 @@ def _finished_calls(block: str) -> list[ParsedCall]:
             item, at = decoder.raw_decode(text, at)
         except (ValueError, RecursionError):  # cut short, not JSON, or nested past the parser
             return calls
-        parsed = parse_block(json.dumps(item)) if isinstance(item, dict) else None
-        if not parsed:
+        call = _as_call(item)
+        if call is None:
             return calls
-        calls.extend(parsed)
+        calls.append(call)
 
 
 def parse_block(block: str) -> list[ParsedCall] | None:
@@ -188,21 +188,23 @@ def parse_block(block: str) -> list[ParsedCall] | None:
         data = orjson.loads(block.strip())
     except orjson.JSONDecodeError:
         return None
-    items = data if isinstance(data, list) else [data]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+    calls = [_as_call(item) for item in (data if isinstance(data, list) else [data])]
+    return None if None in calls else [call for call in calls if call is not None]
+
+
+def _as_call(item: Any) -> ParsedCall | None:
+    """One call object of a block (``name`` and ``arguments``); None when it is not one."""
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    args = item.get("arguments", item.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string
+        try:
+            args = orjson.loads(args)
+        except orjson.JSONDecodeError:
             return None
-        args = item.get("arguments", item.get("parameters", {}))
-        if isinstance(args, str):  # some models write the arguments as a JSON string
-            try:
-                args = orjson.loads(args)
-            except orjson.JSONDecodeError:
-                return None
-        if not isinstance(args, dict):
-            return None
-        calls.append(ParsedCall(item["name"], orjson.dumps(args).decode()))
-    return calls
+    if not isinstance(args, dict):
+        return None
+    return ParsedCall(item["name"], orjson.dumps(args).decode())
 
 
 def split_answer(text: str, single: bool = False) -> tuple[str, list[ParsedCall]]:
