@@ -417,3 +417,24 @@ def test_auto_continues_a_conversation_after_a_tool_result(
     choice = completion.choices[0]
     _check_calls(choice.message.tool_calls or [])
     assert choice.finish_reason in ("stop", "tool_calls")
+
+
+def test_auto_may_answer_in_text(llama_stack: StackProcs, client: openai.OpenAI) -> None:
+    """``auto`` is the model's choice between a call and a reply: a greeting is answered in text
+    (the grammar once admitted calls only, so this was a made-up `get_weather` call), whole and
+    streamed alike."""
+    kwargs: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hello! How are you today?"}],
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.message.tool_calls is None and whole.message.content
+    assert "<tool_call>" not in whole.message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == whole.message.content
+    assert not any(d.tool_calls for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason

@@ -140,6 +140,12 @@ def test_plans_and_the_grammar_of_smollm2_calls() -> None:
     assert (schema["minItems"], schema["maxItems"]) == (1, 1)
     assert fmt.grammar().startswith('root ::= "<tool_call>" json-root "</tool_call>"\n')
     assert plan.output_format(grammar=False) is None
+    auto = tool_plan([WEATHER, TIME], "auto", fmt="smollm2", grammar=True)
+    assert isinstance(auto, AutoCalls)
+    free = auto.output_format(grammar=True)  # a call, or a text reply instead (the model decides)
+    assert free is not None and free.text_answer and OutputFormat.from_json(free.to_json()) == free
+    assert free.grammar().startswith('root ::= "<tool_call>" json-root "</tool_call>" | ')
+    assert not fmt.text_answer and "text_answer" not in fmt.to_json()
     hermes = tool_plan([WEATHER, TIME], None, fmt="hermes")
     assert isinstance(hermes, AutoCalls) and hermes.output_format(grammar=True) is None  # free text
 

@@ -37,6 +37,9 @@ class OutputFormat:
     name: str = ""
     prefix: str = ""  # literal text before the JSON (a tool-call tag): only a grammar can say it
     suffix: str = ""
+    # The answer may instead be text that does not open ``prefix`` (a tool-call format's ``auto``):
+    # the model decides between a call and a text reply, as it would unconstrained.
+    text_answer: bool = False
     # As the client sent them, for an OpenAI-compatible upstream (this system's engines enforce the
     # schema whatever ``strict`` says; None: not sent).
     strict: bool | None = None
@@ -51,6 +54,8 @@ class OutputFormat:
         data: dict[str, Any] = {"kind": self.kind, "schema": self.schema, "name": self.name}
         if self.needs_grammar:
             data |= {"prefix": self.prefix, "suffix": self.suffix}
+            if self.text_answer:
+                data["text_answer"] = True
         if self.strict is not None:
             data["strict"] = self.strict
         if self.description:
@@ -69,6 +74,7 @@ class OutputFormat:
             str(data.get("name") or ""),
             str(data.get("prefix") or ""),
             str(data.get("suffix") or ""),
+            data.get("text_answer") is True,
             data["strict"] if isinstance(data.get("strict"), bool) else None,
             str(data.get("description") or ""),
         )
@@ -92,7 +98,10 @@ class OutputFormat:
         body = grammar.replace("\nroot ::= ", "\njson-root ::= ")
         if body.startswith("root ::= "):
             body = "json-root ::= " + body.removeprefix("root ::= ")
-        return f"root ::= {_literal(self.prefix)} json-root {_literal(self.suffix)}\n{body}"
+        tagged = f"{_literal(self.prefix)} json-root {_literal(self.suffix)}"
+        if not self.text_answer:
+            return f"root ::= {tagged}\n{body}"
+        return f"root ::= {tagged} | {_TEXT_RULE}\n{_TEXT_RULE} ::= {_text_not_opening(self.prefix)}\n{body}"
 
 
 def parse_response_format(value: Any) -> OutputFormat | None:
@@ -148,6 +157,18 @@ def parse_response_format(value: Any) -> OutputFormat | None:
 # excludes them, as here.
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+# A text answer's rule: its name is not one the schema converter gives (those derive from "root").
+_TEXT_RULE = "breakwater-text-answer"
+
+
+def _text_not_opening(tag: str) -> str:
+    """GBNF for a text reply that never opens ``tag``: it starts with a visible character other than
+    the tag's first, and the tag's first character is never followed by its second (so ``a < b``
+    stays writable while ``<tool_call>`` cannot be begun). Both characters are plain: ``<``, ``t``."""
+    first, second = tag[0], tag[1]
+    return f'[^{first}\\x00-\\x20] ([^{first}] | "{first}" [^{first}{second}])*'
 
 
 def _literal(text: str) -> str:

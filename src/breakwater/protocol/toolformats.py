@@ -4,12 +4,12 @@ A worker says which format its model was trained on (setting ``tool_format``; th
 recognised by its file name) and publishes it as the feature ``tool_format:<name>``. The gateway
 renders the request's tools into the system prompt in that format, earlier calls and tool results
 into the conversation, and parses the answer back into ``tool_calls`` (:class:`CallParser`, the same
-on a stream and on a whole answer). A format whose answers a grammar can describe (SmolLM2's: only a
-list of calls) is *enforced* on engines that take a grammar, so its calls always parse and their
-arguments validate.
+on a stream and on a whole answer). A format whose answers a grammar can describe (SmolLM2's: a
+list of calls, or under ``auto`` a text reply instead) is *enforced* on engines that take a grammar,
+so its calls always parse and their arguments validate.
 
 - ``smollm2`` (SmolLM2's chat template): the answer is ``<tool_call>[{"name": ..., "arguments":
-  {...}}, ...]</tool_call>`` and nothing else; an empty list means no call.
+  {...}}, ...]</tool_call>`` (an empty list means no call) or, where the model decides, text.
 - ``hermes`` (Hermes 2/3, Qwen 2.5/3 and most families trained on Hermes data): free text with
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
 - ``openai`` (an OpenAI-compatible upstream): the tools, the choice and the history go to the

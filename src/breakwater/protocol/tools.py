@@ -95,7 +95,8 @@ class AutoCalls:
 
     def output_format(self, grammar: bool) -> OutputFormat | None:
         """The grammar that admits only calls of these functions (SmolLM2's format, on an engine that
-        takes a grammar); None: the answer is free and parsed as it comes."""
+        takes a grammar), or, unless ``required``, a text reply instead; None: the answer is free and
+        parsed as it comes."""
         if self.fmt != "smollm2" or not grammar:
             return None
         one_of = [
@@ -111,7 +112,12 @@ class AutoCalls:
         if not self.parallel:
             schema["maxItems"] = 1
         fmt = OutputFormat(
-            "json_schema", orjson.dumps(schema).decode(), "tool_calls", toolformats.OPEN, toolformats.CLOSE
+            "json_schema",
+            orjson.dumps(schema).decode(),
+            "tool_calls",
+            toolformats.OPEN,
+            toolformats.CLOSE,
+            text_answer=not self.required,
         )
         try:
             fmt.grammar()

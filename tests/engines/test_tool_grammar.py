@@ -1,0 +1,102 @@
+"""What the grammar of SmolLM2's tool calls admits, checked by llama.cpp's own grammar sampler on the
+bundled model's vocabulary (loaded without weights): under ``tool_choice: auto`` a text reply or a
+call (the model decides, as it would unconstrained), under ``required`` calls only; a text reply can
+never open a ``<tool_call>`` the grammar would not check."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import llama_cpp
+import pytest
+
+from breakwater.engines.models import bundled_gguf
+from breakwater.protocol.tools import AutoCalls, tool_plan
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+CALL = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Iterator[Any]:
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(bundled_gguf("smollm2-135m-instruct")).encode(), params)
+    assert model
+    yield llama_cpp.llama_model_get_vocab(model)
+    llama_cpp.llama_model_free(model)
+
+
+def _admits(vocab: Any, grammar: str, answer: str) -> bool:
+    """Whether ``answer``, token by token, then the end of generation, passes ``grammar``."""
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    assert sampler, "llama.cpp could not parse the grammar"
+    try:
+        data = answer.encode()
+        tokens = (llama_cpp.llama_token * (len(data) + 8))()
+        count = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, len(data) + 8, False, False)
+        for token in [*tokens[:count], llama_cpp.llama_vocab_eos(vocab)]:
+            cell = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+            candidates = llama_cpp.llama_token_data_array(cell, 1, -1, False)
+            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+            if math.isinf(cell[0].logit):
+                return False
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return True
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def _grammar(choice: str) -> str:
+    plan = tool_plan([WEATHER, TIME], choice, fmt="smollm2", grammar=True)
+    assert isinstance(plan, AutoCalls)
+    fmt = plan.output_format(grammar=True)
+    assert fmt is not None
+    return fmt.grammar()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "The weather in Paris is sunny, 21 degrees.",
+        "Is 3 < 5? Yes: 3 < 5.\nLine two.",
+        CALL,
+        '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_time", "arguments": {}}]</tool_call>',
+        "<tool_call>[]</tool_call>",
+    ],
+)
+def test_auto_admits_a_text_reply_or_calls(vocab: Any, answer: str) -> None:
+    assert _admits(vocab, _grammar("auto"), answer)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",  # the reply is something
+        " <tool_call>",  # a call behind white space, or inside text, would go unchecked
+        'Sure. <tool_call>[{"name": "get_weather", "arguments": {"city": 1}}]</tool_call>',
+        '<tool_call>[{"name": "get_weather", "arguments": {"town": "Paris"}}]</tool_call>',
+        '<tool_call>[{"name": "launch", "arguments": {}}]</tool_call>',
+        "<tool_call>[]</tool_call> and then text",
+    ],
+)
+def test_auto_refuses_what_is_neither(vocab: Any, answer: str) -> None:
+    assert not _admits(vocab, _grammar("auto"), answer)
+
+
+def test_required_admits_calls_only(vocab: Any) -> None:
+    grammar = _grammar("required")
+    assert _admits(vocab, grammar, CALL)
+    assert not _admits(vocab, grammar, "The weather in Paris is sunny.")
+    assert not _admits(vocab, grammar, "<tool_call>[]</tool_call>")  # at least one call
