@@ -1,4 +1,5 @@
-"""JSON logs carrying the request id (``X-Request-ID``) on every line, end to end."""
+"""JSON logs carrying the request id (``X-Request-ID``) on every line, end to end, and on a
+request's lines once its API key is known, the tenant and the key's id (never the key)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import time
 import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# (tenant, key id) of the request being served, set when its key is accepted.
+caller_var: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("caller", default=None)
+# (code, param) of the error body the request is being answered with.
+refusal_var: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar(
+    "refusal", default=(None, None)
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,6 +35,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id:
             out["request_id"] = request_id
+        who = caller_var.get()
+        if who is not None:
+            out["tenant"], out["key"] = who
         rid = getattr(record, "rid", None)
         if rid:
             out["rid"] = rid

@@ -18,6 +18,7 @@ from breakwater.broker.api_keys import KeyStore
 from breakwater.broker.ledger import Ledger
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import APIError
+from breakwater.logs import caller_var
 from breakwater.tenancy import ANONYMOUS, ApiKey, Principal
 from breakwater.tenancy.apikeys import well_formed
 from breakwater.tenancy.limits import Limits
@@ -92,10 +93,12 @@ class Authenticator:
             raise unauthorized("Incorrect API key provided.")
         why = record.usable(time.time())
         if why is not None:
+            caller_var.set((record.tenant, record.id))  # a refusal an operator may want to trace
             raise unauthorized(f"This API key ({record.id}) is {why}.")
         limits = (
             await self._tenants.get(record.tenant, self.ledger.tenant_limits) if self.ledger else Limits()
         )
+        caller_var.set((record.tenant, record.id))  # the request's log lines name them from here on
         return Principal.of(record, limits)
 
     async def principal_of(self, key_id: str) -> Principal:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from breakwater.broker.errors import TRANSIENT, reason
+from breakwater.logs import refusal_var
 from breakwater.protocol.validation import described
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def unsupported(param: str) -> APIError:
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    refusal_var.set((code, param))  # the refused request's log line names them (gateway.middleware)
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

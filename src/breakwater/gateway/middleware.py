@@ -1,13 +1,18 @@
-"""Pure ASGI middleware (never buffers SSE bodies): the X-Request-ID of every request and response."""
+"""Pure ASGI middleware (never buffers SSE bodies): the X-Request-ID of every request and response,
+and a log line for every request refused (4xx) or failed (5xx): method, path, status, the error's
+code and parameter, and the caller's tenant and key id where its key was accepted (never the key)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from breakwater.logs import request_id_var
+from breakwater.logs import caller_var, refusal_var, request_id_var
+
+log = logging.getLogger("breakwater.gateway.requests")
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -35,15 +40,28 @@ class RequestIdMiddleware:
         request_id = valid_request_id(supplied)
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
+        caller, refusal = caller_var.set(None), refusal_var.set((None, None))  # this request's own
 
         async def send_with_id(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.accept"):
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
+                if message.get("status", 200) >= 400:
+                    _refused(scope, message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
+            caller_var.reset(caller)
+            refusal_var.reset(refusal)
+
+
+def _refused(scope: Scope, status: int) -> None:
+    code, param = refusal_var.get()
+    fields = {"method": scope.get("method"), "path": scope.get("path"), "status": status, "code": code}
+    if param:
+        fields["param"] = param
+    log.log(logging.WARNING if status >= 500 else logging.INFO, "request refused", extra={"fields": fields})
