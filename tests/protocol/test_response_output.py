@@ -1,0 +1,62 @@
+"""A response's stream events from its chat chunks (protocol.response_output), in OpenAI's order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from breakwater.protocol.response_output import OutputEvents
+from breakwater.protocol.responses import Stored
+
+
+def _chunk(**delta: Any) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "index": index,
+        "id": f"call_{index}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def test_each_call_item_is_done_before_the_next_item_starts() -> None:
+    """Text, then two parallel calls: every item ends (``output_item.done``) before the next one is
+    added, as OpenAI streams them; a call's item ended while the answer ran on."""
+    out = OutputEvents("resp_1", Stored(), model="m", created=1)
+    events = out.start()
+    events += out.chunk(_chunk(content="Checking."))
+    events += out.chunk(_chunk(tool_calls=[_call(0, "get_weather", '{"city": "Paris"}')]))
+    after_first = len(events)
+    events += out.chunk(_chunk(tool_calls=[_call(1, "get_time", '{"city": "Paris"}')]))
+    events += out.finish("tool_calls", {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12})
+    kinds = [(e["type"], e.get("output_index")) for e in events]
+    assert kinds == [
+        ("response.created", None),
+        ("response.in_progress", None),
+        ("response.output_item.added", 0),
+        ("response.content_part.added", 0),
+        ("response.output_text.delta", 0),
+        ("response.output_text.done", 0),
+        ("response.content_part.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1),
+        ("response.function_call_arguments.delta", 1),
+        ("response.function_call_arguments.done", 1),
+        ("response.output_item.done", 1),
+        ("response.output_item.added", 2),
+        ("response.function_call_arguments.delta", 2),
+        ("response.function_call_arguments.done", 2),
+        ("response.output_item.done", 2),
+        ("response.completed", None),
+    ]
+    assert events[after_first - 1]["item"]["status"] == "completed"  # done before the second call
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert [(i["type"], i["status"]) for i in final["output"]] == [
+        ("message", "completed"),
+        ("function_call", "completed"),
+        ("function_call", "completed"),
+    ]
+    assert [i["arguments"] for i in final["output"][1:]] == ['{"city": "Paris"}', '{"city": "Paris"}']
