@@ -21,14 +21,13 @@ def _call(index: int, name: str, arguments: str) -> dict[str, Any]:
     }
 
 
-def test_each_call_item_is_done_before_the_next_item_starts() -> None:
+def test_each_item_is_done_before_the_next_one_starts() -> None:
     """Text, then two parallel calls: every item ends (``output_item.done``) before the next one is
-    added, as OpenAI streams them; a call's item ended while the answer ran on."""
+    added, as OpenAI streams them (the calls' items stayed open until the response ended)."""
     out = OutputEvents("resp_1", Stored(), model="m", created=1)
     events = out.start()
     events += out.chunk(_chunk(content="Checking."))
     events += out.chunk(_chunk(tool_calls=[_call(0, "get_weather", '{"city": "Paris"}')]))
-    after_first = len(events)
     events += out.chunk(_chunk(tool_calls=[_call(1, "get_time", '{"city": "Paris"}')]))
     events += out.finish("tool_calls", {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12})
     kinds = [(e["type"], e.get("output_index")) for e in events]
@@ -51,7 +50,6 @@ def test_each_call_item_is_done_before_the_next_item_starts() -> None:
         ("response.output_item.done", 2),
         ("response.completed", None),
     ]
-    assert events[after_first - 1]["item"]["status"] == "completed"  # done before the second call
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     final = events[-1]["response"]
     assert [(i["type"], i["status"]) for i in final["output"]] == [
@@ -59,4 +57,21 @@ def test_each_call_item_is_done_before_the_next_item_starts() -> None:
         ("function_call", "completed"),
         ("function_call", "completed"),
     ]
-    assert [i["arguments"] for i in final["output"][1:]] == ['{"city": "Paris"}', '{"city": "Paris"}']
+
+
+def test_a_call_streamed_in_pieces_is_one_item() -> None:
+    """A forced call's arguments arrive piece by piece under one index: one item, its deltas in order."""
+    out = OutputEvents("resp_1", Stored(), model="m", created=1)
+    events = out.start()
+    events += out.chunk(_chunk(tool_calls=[_call(0, "get_weather", "")]))
+    for piece in ('{"city"', ': "Par', 'is"}'):
+        events += out.chunk(_chunk(tool_calls=[{"index": 0, "function": {"arguments": piece}}]))
+    events += out.finish("stop", None)
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert deltas == ['{"city"', ': "Par', 'is"}']
+    (call,) = events[-1]["response"]["output"]
+    assert (call["name"], call["arguments"], call["status"]) == (
+        "get_weather",
+        '{"city": "Paris"}',
+        "completed",
+    )

@@ -124,7 +124,8 @@ def response_object(
 class OutputEvents:
     """A response's stream events (``response.created`` ... ``response.completed``), each numbered
     (``sequence_number``), from the chat chunks of its answer (gateway.sse's renderers): text deltas
-    open a message item, a tool call (whole in its delta) a function call item, done at once."""
+    open a message item, a tool call's first piece a function call item; an item is done before the
+    next one starts."""
 
     def __init__(self, rid: str, stored: Stored, *, model: str, created: int) -> None:
         self.rid, self.stored, self.model, self.created = rid, stored, model, created
@@ -201,8 +202,8 @@ class OutputEvents:
         k = call.get("index", 0)
         item = self.calls.get(k)
         pieces = call.get("function") or {}
-        if item is None:
-            out += self._close_text()
+        if item is None:  # the items before it are done first, as OpenAI streams them
+            out += [*self._close_text(), *self._close_calls()]
             item = call_item(
                 self.rid, len(self.items), {**call, "function": {**pieces, "arguments": ""}}, "in_progress"
             )
@@ -222,10 +223,7 @@ class OutputEvents:
                     delta=arguments,
                 )
             )
-        # A chat stream's call comes whole in one delta (id, name, all its arguments: the gateway's
-        # parser sends a call once its block closes), so its item is done at once, as OpenAI ends
-        # each call's item before the next one's starts.
-        return out + self._close_call(k)
+        return out
 
     def _close_text(self, status: str = "completed") -> list[dict[str, Any]]:
         item, self.text = self.text, None
@@ -255,24 +253,21 @@ class OutputEvents:
 
     def _close_calls(self, status: str = "completed") -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for k in list(self.calls):
-            out += self._close_call(k, status)
+        for item in self.calls.values():
+            index = self.items.index(item)
+            item["status"] = status
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
+            out.append(self._event("response.output_item.done", output_index=index, item=_copy(item)))
+        self.calls = {}
         return out
-
-    def _close_call(self, k: int, status: str = "completed") -> list[dict[str, Any]]:
-        item = self.calls.pop(k)
-        index = self.items.index(item)
-        item["status"] = status
-        return [
-            self._event(
-                "response.function_call_arguments.done",
-                item_id=item["id"],
-                output_index=index,
-                name=item["name"],
-                arguments=item["arguments"],
-            ),
-            self._event("response.output_item.done", output_index=index, item=_copy(item)),
-        ]
 
     def finish(self, finish_reason: str | None, chat_usage: dict[str, int] | None) -> list[dict[str, Any]]:
         """The open items closed, then ``response.completed`` (or ``incomplete``: cut at
