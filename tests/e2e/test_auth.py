@@ -394,3 +394,15 @@ async def test_a_websocket_rate_limit_refusal_says_its_type_and_when_to_retry(au
         message["error"]["type"] == "rate_limit_error" and message["error"]["code"] == "rate_limit_exceeded"
     )
     assert 30_000 < message["retry_after_ms"] <= 60_000
+
+    def logged() -> dict[str, Any] | None:  # the gateway's line for it: who, and why (never the key)
+        lines = [orjson.loads(line) for line in gateway.log().splitlines() if line.startswith("{")]
+        return next(
+            (line for line in lines if line.get("key") == made["id"] and line.get("status") == 429), None
+        )
+
+    gateway = auth_stack.procs.gateways[0][0]
+    line = first(logged, 10, "the refusal's log line")
+    assert (line["msg"], line["method"], line["path"]) == ("request refused", "WEBSOCKET", "/v1/ws")
+    assert (line["tenant"], line["code"]) == ("tenant-ws-limited", "rate_limit_exceeded")
+    assert made["key"] not in gateway.log()

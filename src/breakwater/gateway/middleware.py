@@ -61,7 +61,15 @@ class RequestIdMiddleware:
 
 def _refused(scope: Scope, status: int) -> None:
     code, param = refusal_var.get()
-    fields = {"method": scope.get("method"), "path": scope.get("path"), "status": status, "code": code}
+    refused(scope.get("method"), scope.get("path"), status, code, param)
+
+
+def refused(
+    method: str | None, path: str | None, status: int, code: str | None, param: str | None, rid: str = ""
+) -> None:
+    """The ``request refused`` line (also a WebSocket's error messages', method ``WEBSOCKET``)."""
+    fields = {"method": method, "path": path, "status": status, "code": code}
     if param:
         fields["param"] = param
-    log.log(logging.WARNING if status >= 500 else logging.INFO, "request refused", extra={"fields": fields})
+    level = logging.WARNING if status >= 500 else logging.INFO
+    log.log(level, "request refused", extra={"fields": fields, "rid": rid or None})

@@ -26,6 +26,7 @@ from breakwater.gateway.cache import HEADER, NO_CACHE
 from breakwater.gateway.cors import websocket_origin_allowed
 from breakwater.gateway.errors import APIError, error_body, invalid
 from breakwater.gateway.following import RequestEnded, Submission
+from breakwater.gateway.middleware import refused as log_refusal
 from breakwater.gateway.service import GatewayService
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 1 << 20  # the server (uvicorn ws_max_size) closes with 1009 above this, too
 MAX_TASKS = 64  # requests followed at once on one socket
 AUTH_TIMEOUT_S = 10.0  # for the first message's key, when the upgrade request had none
+WS_METHOD = "WEBSOCKET"  # a socket's refusals in the log (gateway.middleware.refused)
 
 
 class _Connection:
@@ -72,6 +74,7 @@ class _Connection:
         ``rate_limit_error`` or ``insufficient_quota``) and when to retry (``retry_after_ms``)."""
         kind = "invalid_request_error" if status < 500 else "server_error"
         body = error_body(message, refused.type if refused else kind, code, param)
+        log_refusal(WS_METHOD, self.ws.url.path, status, code, param, request_id or "")
         sent: dict[str, Any] = {"type": "error", "request_id": request_id, "status": status, **body}
         if refused is not None and "retry-after-ms" in refused.headers:
             sent["retry_after_ms"] = int(refused.headers["retry-after-ms"])
@@ -259,6 +262,7 @@ async def _authenticate(ws: WebSocket, svc: GatewayService) -> tuple[Principal, 
 async def _refuse(ws: WebSocket, exc: APIError) -> None:
     """Say why (a 401 error message) and close with 1008."""
     body = exc.body()
+    log_refusal(WS_METHOD, ws.url.path, exc.status, exc.code, exc.param)
     with contextlib.suppress(Exception):  # the client may be gone already
         await ws.send_text(
             orjson.dumps({"type": "error", "request_id": None, "status": exc.status, **body}).decode()
