@@ -4,14 +4,19 @@ param, method, path), and never the key itself."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2
+import openai
 import orjson
 import pytest
 
-from breakwater.logs import JsonFormatter
+from breakwater.logs import JsonFormatter, caller_var, setup_logging
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 from breakwater.tenancy.limits import Limits
@@ -107,3 +112,77 @@ async def test_lines_name_the_tenant_and_key_and_every_refusal(
             r.headers["x-request-id"] for r in (limited, wrong, invalid)
         ]
         assert all(secret not in text and "bw-nope" not in text for text in lines.text)
+
+
+async def test_a_batchs_lines_are_logged_as_its_own_and_its_owners(
+    redis_server: RedisServer, prefix: str, lines: _Lines
+) -> None:
+    """A batch's requests carry its line's request id (``<batch>-<line>``, as the worker's lines do)
+    and its owner; they took the id of the request that created it (or of any request that happened
+    to wake the runner: another tenant's)."""
+    async with inproc_gateway(
+        redis_server.url, prefix, auth="keys", auth_pepper=PEPPER, auth_cache_s=0
+    ) as gw:
+        await gw.add_worker()
+        broker = gw.app.state.service.broker
+        secret, key = await broker.api_keys(PEPPER.encode()).create(ApiKey(id="", tenant="acme"))
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw.app), base_url="http://gw")
+        async with openai.AsyncOpenAI(
+            base_url="http://gw/v1",
+            api_key=secret,
+            http_client=http,
+            max_retries=0,
+            default_headers={"X-Request-ID": "the-creating-post"},
+        ) as client:
+            rows = [
+                {
+                    "custom_id": f"q{i}",
+                    "method": "POST",
+                    "url": "/v1/completions",
+                    "body": {"model": "sim", "prompt": f"line {i}", "max_tokens": 2},
+                }
+                for i in range(2)
+            ]
+            data = b"".join(orjson.dumps(row) + b"\n" for row in rows)
+            file = await client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+            batch = await client.batches.create(
+                input_file_id=file.id, endpoint="/v1/completions", completion_window="24h"
+            )
+            deadline = time.monotonic() + 30
+            while (await client.batches.retrieve(batch.id)).status != "completed":
+                assert time.monotonic() < deadline, "the batch did not complete"
+                await asyncio.sleep(0.05)
+    queued = [line for line in lines.named("request queued") if line.get("lane") == "batch"]
+    assert sorted(line["request_id"] for line in queued) == [f"{batch.id}-0", f"{batch.id}-1"]
+    assert {(line["tenant"], line["key"]) for line in queued} == {("acme", key.id)}
+
+
+def test_plain_lines_carry_the_same_fields_and_no_query_string() -> None:
+    """``log_json: false`` keeps the JSON line's fields (as key=value); uvicorn's WebSocket line never
+    shows the query string a client may have put its key in."""
+    stream, root = io.StringIO(), logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    setup_logging("gateway", json_logs=False)
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    token = caller_var.set(("acme", "key_1"))
+    try:
+        logging.getLogger("breakwater.gateway.requests").info(
+            "request refused", extra={"fields": {"status": 429, "code": "rate_limit_exceeded"}}
+        )
+        logging.getLogger("uvicorn.error").info(
+            '%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", "/v1/ws?api_key=bw-secret"
+        )
+    finally:
+        caller_var.reset(token)
+        root.handlers[:] = saved
+        root.setLevel(level)
+    refused, socket = stream.getvalue().splitlines()
+    assert refused.endswith(
+        "gateway INFO request refused tenant=acme key=key_1 status=429 code=rate_limit_exceeded"
+    )
+    assert socket.endswith(
+        'gateway INFO 127.0.0.1:5000 - "WebSocket /v1/ws?..." [accepted] tenant=acme key=key_1'
+    )
+    assert "bw-secret" not in stream.getvalue()

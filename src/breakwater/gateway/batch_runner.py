@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import os
@@ -26,6 +27,7 @@ from breakwater.gateway.errors import APIError
 from breakwater.gateway.responses import whole_response
 from breakwater.gateway.routes import whole_answer
 from breakwater.gateway.service import GatewayService
+from breakwater.logs import caller_var, request_id_var
 from breakwater.protocol.batches import (
     BatchRecord,
     FileRecord,
@@ -78,7 +80,8 @@ class BatchRunner:
     def poke(self) -> None:
         """A batch was created here: look for it now rather than at the next tick."""
         if self._on and not self.svc.draining:
-            task = asyncio.create_task(self._tick_quietly())
+            # A context of its own: the batches it takes up are any tenant's, never the poking request's.
+            task = asyncio.create_task(self._tick_quietly(), context=contextvars.Context())
             self._pokes.add(task)
             task.add_done_callback(self._pokes.discard)
 
@@ -226,6 +229,8 @@ class BatchRunner:
         key = f"batch:{record.id}:{line.index}:{attempt}"
         principal = await self._principal(record)
         xrid = f"{record.id}-{line.index}"
+        request_id_var.set(xrid)  # the line's log lines: its id (as the worker's say) and its owner
+        caller_var.set((principal.tenant, principal.key_id))
         if isinstance(body, ResponsesRequest):
             headers, result = await whole_response(self.svc, body, xrid, principal, key)
         else:
