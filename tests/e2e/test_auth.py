@@ -24,6 +24,7 @@ import orjson
 import pytest
 import websockets
 from openai.types.chat import ChatCompletionMessageParam
+from websockets.typing import Origin
 
 from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs, expected_sim
@@ -328,6 +329,23 @@ async def test_websocket_with_an_unknown_key_is_closed_1008(auth_stack: AuthStac
         async with asyncio.timeout(10):
             await ws.wait_closed()
         assert ws.close_code == 1008
+
+
+async def test_websocket_handshake_from_another_sites_page_is_refused_and_logged(
+    auth_stack: AuthStack,
+) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(auth_stack.ws_url(), origin=Origin("https://evil.example")):
+            pass
+    assert refused.value.response.status_code == 403
+    gateway = auth_stack.procs.gateways[0][0]
+
+    def logged() -> dict[str, Any] | None:
+        lines = [orjson.loads(line) for line in gateway.log().splitlines() if line.startswith("{")]
+        return next((line for line in lines if line.get("code") == "origin_not_allowed"), None)
+
+    line = first(logged, 10, "the refusal's log line")
+    assert (line["msg"], line["method"], line["status"]) == ("request refused", "WEBSOCKET", 403)
 
 
 async def test_websocket_resume_of_another_tenants_request_is_404(auth_stack: AuthStack) -> None:

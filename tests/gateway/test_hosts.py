@@ -65,16 +65,22 @@ def test_allowed_hosts_with_a_scheme_a_port_or_a_space_is_refused(listed: str) -
 
 
 async def test_a_request_for_a_name_the_gateway_does_not_answer_to_is_refused_and_queues_nothing(
-    redis_server: RedisServer, prefix: str
+    redis_server: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with inproc_gateway(redis_server.url, prefix, allowed_hosts="") as gw:
         await gw.add_worker()
         rebound = {"Host": "rebind.example:8000"}
-        for resp in (
-            await gw.http.post("/v1/chat/completions", json=BODY, headers=rebound),
-            await gw.http.get("/v1/models", headers=rebound),
-            await gw.http.get("/v1/files", headers=rebound),
-        ):
+        with caplog.at_level("INFO", "breakwater.gateway.requests"):
+            answers = (
+                await gw.http.post("/v1/chat/completions", json=BODY, headers=rebound),
+                await gw.http.get("/v1/models", headers=rebound),
+                await gw.http.get("/v1/files", headers=rebound),
+            )
+        logged = [r.fields for r in caplog.records if r.getMessage() == "request refused"]  # type: ignore[attr-defined]
+        assert [(f["status"], f["code"], f["path"]) for f in logged] == [
+            (421, "host_not_allowed", path) for path in ("/v1/chat/completions", "/v1/models", "/v1/files")
+        ]
+        for resp in answers:
             assert resp.status_code == 421, resp.text
             error = resp.json()["error"]
             assert error["code"] == "host_not_allowed" and "allowed_hosts" in error["message"]

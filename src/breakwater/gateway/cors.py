@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from breakwater.gateway.errors import error_body
+from breakwater.gateway.middleware import refused
 from breakwater.hosts import HostRule, normal_origin
 
 EXPOSED = (
@@ -117,6 +118,7 @@ class HostGuard:
                             "may have been made to point at it (DNS rebinding). List the name in "
                             "allowed_hosts (BREAKWATER_ALLOWED_HOSTS) if it is the gateway's own"
                         )
+                        refused(scope["method"], scope["path"], 421, "host_not_allowed", None)
                         await _refuse(send, 421, message, "host_not_allowed")
                         return
                     break

@@ -291,6 +291,7 @@ async def _auth_message(ws: WebSocket) -> str | None:
 async def websocket_endpoint(ws: WebSocket) -> None:
     svc: GatewayService = ws.app.state.service
     if not websocket_origin_allowed(ws.scope, svc.settings.cors_origins):
+        log_refusal(WS_METHOD, ws.url.path, 403, "origin_not_allowed", "Origin")
         await ws.close(1008, "this origin may not use the API (cors_allow_origins)")
         return  # before the handshake: the browser's page sees it fail (HTTP 403)
     await ws.accept()
