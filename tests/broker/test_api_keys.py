@@ -96,6 +96,19 @@ async def test_a_rotations_grace_never_extends_the_old_keys_life(store: KeyStore
             assert ended.revoked and ended.usable(time.time()) is not None
 
 
+async def test_revoking_a_revoked_key_keeps_when_it_was_revoked(store: KeyStore, redis: Redis) -> None:
+    """The first revocation's time is the record of when the key stopped working (an audit asks
+    it); revoking it again overwrote it."""
+    _, key = await store.create(ApiKey(id="", tenant="acme"))
+    first = await store.revoke(key.id)
+    assert first is not None and first.revoked
+    digest = await store._digest(key.id)
+    assert digest is not None
+    await redis.hset(store.keys.api_key(digest), "revoked", "1700000000")  # as if revoked long ago
+    again = await store.revoke(key.id)
+    assert again is not None and again.revoked == 1700000000
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [

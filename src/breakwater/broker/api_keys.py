@@ -79,7 +79,10 @@ class KeyStore:
             return None
         await self.redis.hdel(self.keys.api_key(digest), "successor")
         if at is None:
-            await self.redis.hset(self.keys.api_key(digest), "revoked", str(int(time.time())))
+            # Its first revocation stands (a record of when it was stopped): revoking again changes nothing.
+            current = await self.get(key_id)
+            if current is not None and not current.revoked:
+                await self.redis.hset(self.keys.api_key(digest), "revoked", str(int(time.time())))
         else:
             current = await self.get(key_id)
             if current is not None and current.expires and current.expires < at:
