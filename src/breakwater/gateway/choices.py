@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import GatewayDraining
+from breakwater.broker.record import Status
 from breakwater.gateway import groups
 from breakwater.gateway.admission import client_key, new_rid
 from breakwater.gateway.autotools import ToolChunks
@@ -219,9 +220,10 @@ def _group_of(first_choice: str) -> str:
 async def resume(
     svc: GatewayService, rid: str, n: int, principal: Principal, positions: list[int]
 ) -> ChoiceGroup:
-    """Follow a group again from ``positions``; a choice whose last event was delivered is done."""
+    """Follow a group again from ``positions``; a choice whose last event was delivered is done.
+    :class:`RequestEnded` when every choice's was (only ``[DONE]`` may have been lost)."""
     choices: list[Choice] = []
-    prompts = 1
+    prompts, answered = 1, True
     try:
         for index, after in enumerate(positions[:n]):
             child = choice_rid(rid, index)
@@ -229,8 +231,11 @@ async def resume(
             prompts = record.spec.prompts
             if record.status.terminal and record.seq <= after:
                 choices.append(Choice(index, child, after, None, record.usage))
+                answered = answered and record.status is Status.DONE
             else:
                 choices.append(Choice(index, child, after, await svc.requests.resume(child, principal)))
+        if all(c.sub is None for c in choices):
+            raise RequestEnded(rid, done=answered)
         return ChoiceGroup.of(rid, choices, prompts)
     except BaseException:
         for choice in choices:

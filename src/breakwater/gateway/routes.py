@@ -24,12 +24,13 @@ from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
 from breakwater.gateway.errors import APIError, JSONBody
-from breakwater.gateway.following import Submission
+from breakwater.gateway.following import RequestEnded, Submission
 from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import (
     ChoiceChunks,
     collect_response,
+    ended_stream,
     renderer,
     sse_chunks,
     sse_event,
@@ -412,7 +413,10 @@ async def _resume_choices(
     if after:
         raise APIError(400, "resume an n > 1 request with Last-Event-ID (one seq per choice)", param="after")
     positions = choices.parse_positions(last_event_id, n) if last_event_id is not None else [0] * n
-    group = await choices.resume(svc, rid, n, who, positions)
+    try:
+        group = await choices.resume(svc, rid, n, who, positions)
+    except RequestEnded as ended:  # resumed after every choice's last event: as one choice's stream
+        return SSEResponse(ended_stream(ended.done), headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid})
     return SSEResponse(
         choices.stream(svc, group, fresh=last_event_id is None),
         headers={**SSE_HEADERS, "X-Breakwater-Request-Id": rid},

@@ -215,6 +215,12 @@ async def sse_chunks(
                         yield sse_event(out[0], event.seq)
                     elif out:  # the model's tool calls: text and calls that became known at this event
                         yield b"".join(sse_event(c, event.seq) for c in out)
+                elif isinstance(render, ToolChunks) and event.seq <= render.skip:
+                    # A resume after the answer's end, replayed from its start for the parser: the
+                    # client has the last chunks (and the usage); only [DONE] may have been lost.
+                    if event.kind == "done":
+                        yield LastChunk(DONE)
+                    return
                 elif event.kind == "done":  # the last chunks go out in one write
                     last = [sse_event(c, event.seq) for c in render.finals(event)]
                     if include_usage:
@@ -228,6 +234,12 @@ async def sse_chunks(
         except RequestEnded as ended:  # resumed after its last event, which the client has
             if ended.done:
                 yield LastChunk(DONE)
+
+
+async def ended_stream(done: bool) -> AsyncGenerator[bytes, None]:
+    """A resume after the request's last event: ``[DONE]`` alone if it ended with its answer."""
+    if done:
+        yield LastChunk(DONE)
 
 
 async def collect_response(

@@ -1,0 +1,69 @@
+"""A resume from a stream's very last event id: only ``[DONE]`` may have been lost, so ``[DONE]`` is
+all it gets, for one choice whose tool calls the gateway parses (its events are replayed from the
+start for the parser) and for ``n > 1`` (whose last id names every choice's last event)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.gateway.test_openai_params import TOOLS, CallingSim
+from tests.inproc import InProc
+
+
+def _events(body: str) -> list[tuple[str, str]]:
+    """The stream's (id, data) pairs in order (id '' for an event without one)."""
+    out = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in fields:
+            out.append((fields.get("id", ""), fields["data"]))
+    return out
+
+
+async def _streamed(gw: InProc, body: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    resp = await gw.http.post("/v1/chat/completions", json={**body, "stream": True})
+    assert resp.status_code == 200, resp.text
+    return resp.headers["x-breakwater-request-id"], _events(resp.text)
+
+
+async def _resumed(gw: InProc, rid: str, last_id: str) -> list[tuple[str, str]]:
+    resp = await gw.http.get(f"/v1/requests/{rid}/events", headers={"Last-Event-ID": last_id})
+    assert resp.status_code == 200, resp.text
+    return _events(resp.text)
+
+
+@pytest.mark.parametrize("usage", [False, True])
+async def test_the_models_own_calls_resumed_at_the_end_get_only_done(gw_empty: InProc, usage: bool) -> None:
+    """The finish chunk (and usage) went out again: the client saw them twice."""
+    await gw_empty.add_worker(CallingSim())
+    body: dict[str, Any] = {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": TOOLS,
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": usage},
+    }
+    rid, events = await _streamed(gw_empty, body)
+    assert events[-1] == ("", "[DONE]")
+    chunks = [orjson.loads(d)["choices"] for _, d in events[:-1]]
+    assert any(c and c[0]["delta"].get("tool_calls") for c in chunks)
+    assert chunks[-1 - usage][0]["finish_reason"] == "length"  # (cut at max_tokens after its calls)
+    last_id = [i for i, _ in events if i][-1]
+    assert await _resumed(gw_empty, rid, last_id) == [("", "[DONE]")]
+    earlier = next(i for i, _ in events if i)  # from an earlier id: the rest, as sent the first time
+    assert await _resumed(gw_empty, rid, earlier) == [
+        e for e in events if not e[0] or int(e[0]) > int(earlier)
+    ]
+
+
+async def test_n_choices_resumed_at_the_end_get_only_done(gw: InProc) -> None:
+    """It was a 400 ('every choice was delivered') for a client that lost only ``[DONE]``."""
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4}
+    rid, events = await _streamed(gw, body)
+    assert events[-1] == ("", "[DONE]")
+    last_id = [i for i, _ in events if i][-1]
+    assert await _resumed(gw, rid, last_id) == [("", "[DONE]")]
