@@ -70,6 +70,7 @@ def _grammar(choice: str) -> str:
     [
         "The weather in Paris is sunny, 21 degrees.",
         "Is 3 < 5? Yes: 3 < 5.\nLine two.",
+        "Shift it: x << 1, or x <<= 2; <b>bold</b> is fine too.",
         CALL,
         '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
         '{"name": "get_time", "arguments": {}}]</tool_call>',
@@ -85,6 +86,7 @@ def test_auto_admits_a_text_reply_or_calls(vocab: Any, answer: str) -> None:
     [
         "",  # the reply is something
         " <tool_call>",  # a call behind white space, or inside text, would go unchecked
+        "Sure: <<tool_call>[]</tool_call>",
         'Sure. <tool_call>[{"name": "get_weather", "arguments": {"city": 1}}]</tool_call>',
         '<tool_call>[{"name": "get_weather", "arguments": {"town": "Paris"}}]</tool_call>',
         '<tool_call>[{"name": "launch", "arguments": {}}]</tool_call>',

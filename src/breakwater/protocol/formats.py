@@ -165,10 +165,11 @@ _TEXT_RULE = "breakwater-text-answer"
 
 def _text_not_opening(tag: str) -> str:
     """GBNF for a text reply that never opens ``tag``: it starts with a visible character other than
-    the tag's first, and the tag's first character is never followed by its second (so ``a < b``
-    stays writable while ``<tool_call>`` cannot be begun). Both characters are plain: ``<``, ``t``."""
+    the tag's first, and a run of the tag's first character is never followed by its second (so
+    ``a < b`` and ``x << 1`` stay writable while ``<tool_call>`` cannot be begun). Both characters
+    are plain: ``<``, ``t``."""
     first, second = tag[0], tag[1]
-    return f'[^{first}\\x00-\\x20] ([^{first}] | "{first}" [^{first}{second}])*'
+    return f'[^{first}\\x00-\\x20] ([^{first}] | "{first}"+ [^{first}{second}])*'
 
 
 def _literal(text: str) -> str:
