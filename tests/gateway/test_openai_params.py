@@ -295,3 +295,21 @@ async def test_a_text_completion_without_max_tokens_stops_at_sixteen_as_openais(
     whole = await client.completions.create(model="sim", prompt="sixteen", seed=0, max_tokens=None)
     assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, reason) == (text, "stop")
     assert whole.usage is not None and whole.usage.completion_tokens == usage["completion_tokens"] == 34
+
+
+@pytest.mark.parametrize("schema", [{"type": "array", "items": {"type": "integer"}}, {"type": "string"}])
+async def test_a_function_whose_parameters_are_not_an_object_is_refused(
+    client: openai.AsyncOpenAI, schema: dict[str, Any]
+) -> None:
+    """A call's arguments are a JSON object (OpenAI refuses other schemas): with an array schema a
+    forced call came back as ``[]`` and an `auto` one as markup in ``content``."""
+    tool: Any = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    message = await _refused(
+        client,
+        "tools[0].function.parameters",
+        "invalid_function_parameters",
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        max_tokens=4,
+    )
+    assert 'type: "object"' in message and f'`type: "{schema["type"]}"`' in message

@@ -200,6 +200,13 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
         parameters = fn.get("parameters", EMPTY_PARAMETERS)
         if not isinstance(parameters, dict):
             raise FormatError("`parameters` must be a JSON Schema object", f"tools[{i}].function.parameters")
+        if parameters and parameters.get("type") != "object":  # a call's arguments are an object
+            raise FormatError(
+                f"`parameters` of `{name}` must be a JSON Schema of `type: \"object\"`, got "
+                f"`type: {orjson.dumps(parameters.get('type')).decode()}`",
+                f"tools[{i}].function.parameters",
+                "invalid_function_parameters",
+            )
         call = ForcedCall(name, description, parameters)
         try:
             call.output_format()
