@@ -313,3 +313,49 @@ async def test_a_function_whose_parameters_are_not_an_object_is_refused(
         max_tokens=4,
     )
     assert 'type: "object"' in message and f'`type: "{schema["type"]}"`' in message
+
+
+BOUNDED: Any = {
+    "type": "object",
+    "properties": {"qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["qty"],
+}
+
+
+async def test_a_schema_keyword_the_grammar_cannot_keep_is_refused_where_it_would_be_enforced(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """``maximum: 9`` was answered with 12: the grammar passed over it. Refused by name for a
+    structured output and a forced call, whose grammar would promise it."""
+    message = await _refused(
+        client,
+        "response_format.json_schema.schema",
+        "invalid_response_format",
+        response_format={"type": "json_schema", "json_schema": {"name": "order", "schema": BOUNDED}},
+        max_tokens=4,
+    )
+    assert "`maximum` at `properties.qty`" in message
+    tool: Any = {"type": "function", "function": {"name": "order", "parameters": BOUNDED}}
+    message = await _refused(
+        client,
+        "tools",
+        "invalid_function_parameters",
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "order"}},
+        max_tokens=4,
+    )
+    assert "the parameters of `order` use `maximum` at `properties.qty`" in message
+
+
+async def test_a_schema_keyword_is_no_reason_to_refuse_calls_nothing_enforces(gw_empty: InProc) -> None:
+    """With the model's own (Hermes) calls nothing constrains the arguments: such a tool is served."""
+    await gw_empty.add_worker(CallingSim())
+    tool: Any = {"type": "function", "function": {"name": "get_weather", "parameters": BOUNDED}}
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=gw_empty.app), base_url="http://gw")
+    async with openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=http, max_retries=0) as c:
+        answer = await c.chat.completions.create(
+            model="sim", messages=HI, tools=[tool], max_tokens=4, extra_body={"ignore_eos": True}
+        )
+    assert [
+        call.function.name for call in answer.choices[0].message.tool_calls or () if call.type == "function"
+    ]

@@ -103,6 +103,7 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
                     "response_format",
                     "unsupported_parameter",
                 )
+            plan.check_enforced()
             messages = [_message(m) for m in body.messages]
             out = plan.output_format()
         else:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import orjson
 
+from breakwater.protocol.schema_check import ENFORCED, unenforced
+
 FormatKind = Literal["json_object", "json_schema"]
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 ANY_OBJECT_SCHEMA = '{"type": "object"}'
@@ -104,8 +106,10 @@ class OutputFormat:
         return f"root ::= {tagged} | {_TEXT_RULE}\n{_TEXT_RULE} ::= {_text_not_opening(self.prefix)}\n{body}"
 
 
-def parse_response_format(value: Any) -> OutputFormat | None:
-    """OpenAI's ``response_format`` → an :class:`OutputFormat` (None for plain text), checked."""
+def parse_response_format(value: Any, *, every_keyword: bool = True) -> OutputFormat | None:
+    """OpenAI's ``response_format`` → an :class:`OutputFormat` (None for plain text), checked;
+    ``every_keyword``: a schema keyword the grammar would pass over is refused too (see
+    :mod:`breakwater.protocol.schema_check`; a tool's schema is checked where it is enforced)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -143,13 +147,24 @@ def parse_response_format(value: Any) -> OutputFormat | None:
     fmt = OutputFormat(
         "json_schema", orjson.dumps(schema).decode(), name, strict=strict, description=description
     )
+    _check_enforceable(fmt, schema, every_keyword)
+    return fmt
+
+
+def _check_enforceable(fmt: OutputFormat, schema: dict[str, Any], every_keyword: bool) -> None:
+    passed_over = unenforced(schema) if every_keyword else None
+    if passed_over is not None:
+        raise FormatError(
+            f"`json_schema.schema` uses {passed_over}, which this server cannot enforce (it enforces "
+            f"{ENFORCED}); leave it out and check it in your code",
+            "response_format.json_schema.schema",
+        )
     try:
         fmt.grammar()
     except Exception as exc:  # the converter asserts on what it cannot express
         raise FormatError(
             f"`json_schema.schema` cannot be enforced: {exc}", "response_format.json_schema.schema"
         ) from exc
-    return fmt
 
 
 # The converter's string character admits raw control characters, which JSON forbids inside strings

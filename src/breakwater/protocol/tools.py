@@ -21,6 +21,7 @@ import orjson
 
 from breakwater.protocol import toolformats
 from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
+from breakwater.protocol.schema_check import ENFORCED, unenforced
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -40,11 +41,23 @@ class ForcedCall:
             {
                 "type": "json_schema",
                 "json_schema": {"name": self.name, "schema": self.parameters, "strict": True},
-            }
+            },
+            every_keyword=False,  # checked where a grammar enforces it (check_enforced)
         )
         if fmt is None:  # json_schema always gives a format
             raise FormatError("no format for the tool call", "tools")
         return fmt
+
+    def check_enforced(self) -> None:
+        """Refuses (``tools``) parameters that use a keyword the grammar of the call would pass over."""
+        passed_over = unenforced(self.parameters)
+        if passed_over is not None:
+            raise FormatError(
+                f"the parameters of `{self.name}` use {passed_over}, which this server cannot enforce "
+                f"in a call's arguments (it enforces {ENFORCED}); leave it out and check it in your code",
+                "tools",
+                "invalid_function_parameters",
+            )
 
     def instruction(self) -> dict[str, str]:
         """A system message telling the model which function it calls and what it does."""
@@ -99,6 +112,8 @@ class AutoCalls:
         parsed as it comes."""
         if self.fmt != "smollm2" or not grammar:
             return None
+        for function in self.functions:
+            function.check_enforced()
         one_of = [
             {
                 "type": "object",
@@ -202,7 +217,7 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
             raise FormatError("`parameters` must be a JSON Schema object", f"tools[{i}].function.parameters")
         if parameters and parameters.get("type") != "object":  # a call's arguments are an object
             raise FormatError(
-                f"`parameters` of `{name}` must be a JSON Schema of `type: \"object\"`, got "
+                f'`parameters` of `{name}` must be a JSON Schema of `type: "object"`, got '
                 f"`type: {orjson.dumps(parameters.get('type')).decode()}`",
                 f"tools[{i}].function.parameters",
                 "invalid_function_parameters",

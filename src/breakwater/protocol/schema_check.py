@@ -1,0 +1,126 @@
+"""Which JSON Schema keywords the grammar enforces, and the first one a schema uses that it would not.
+
+The grammar of a structured output comes from llama.cpp's converter (``json_schema_to_gbnf``), which
+takes one branch per (sub)schema (a ``$ref``, a union, an enum, an object's properties, an array's
+items, a string's pattern, format or length, else the bare type) and passes over every keyword that
+branch does not read. A keyword passed over would be promised and not kept (``"maximum": 9``
+answered with 12), so a schema that uses one is refused by name before anything is queued.
+Annotations (titles, descriptions, defaults, examples) constrain nothing and are always accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$schema",
+        "$id",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "discriminator",  # OpenAPI's hint beside a union whose members' tags the union enforces
+    }
+)
+FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
+ENFORCED = (
+    "type, properties, required, additionalProperties, items (with minItems and maxItems), "
+    "prefixItems, enum, const, anyOf, oneOf, allOf of object schemas, $ref with $defs, and for a "
+    "string one of pattern, format (date, time, date-time, uuid) or minLength with maxLength"
+)
+_OBJECT_PARTS = frozenset({"type", "properties", "required"})
+
+
+def unenforced(schema: Any, at: str = "") -> str | None:
+    """The first keyword of ``schema`` the grammar would pass over, as "`keyword` at `path`"
+    (the path from the schema's root; "`keyword`" alone at the root); None when it keeps them all."""
+    if not isinstance(schema, dict):
+        return None
+    used = {k for k in schema if k not in ANNOTATIONS and k not in ("$defs", "definitions")}
+    for key in sorted(used - _read_by_its_branch(schema)):
+        return f"`{key}` at `{at}`" if at else f"`{key}`"
+    for i, part in enumerate(schema.get("allOf") or []):  # only the members' properties are read
+        if (
+            not isinstance(part, dict)
+            or set(part) - _OBJECT_PARTS - ANNOTATIONS
+            or part.get("type")
+            not in (
+                None,
+                "object",
+            )
+        ):
+            return f"`allOf` with a member that is not an object's properties at `{_at(at, f'allOf.{i}')}`"
+    for key, sub in _subschemas(schema):
+        found = unenforced(sub, _at(at, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _at(at: str, key: str) -> str:
+    return f"{at}.{key}" if at else key
+
+
+def _read_by_its_branch(schema: dict[str, Any]) -> set[str]:
+    """The keywords the converter's branch for ``schema`` reads (in its order of branches)."""
+    kind = schema.get("type")
+    if "$ref" in schema:
+        return {"$ref"}
+    if "oneOf" in schema or "anyOf" in schema:
+        return {"oneOf", "anyOf", "type"}
+    if isinstance(kind, list):
+        return {"type"}
+    for key in ("const", "enum"):
+        if key in schema:
+            return {key, "type"}
+    if kind in (None, "object") and (
+        "properties" in schema or schema.get("additionalProperties", True) is not True
+    ):
+        return {"type", "properties", "required", "additionalProperties"}
+    if kind in (None, "object") and "allOf" in schema:
+        return {"type", "allOf"}
+    return _typed_branch(schema, kind)
+
+
+def _typed_branch(schema: dict[str, Any], kind: Any) -> set[str]:
+    """The rest of the converter's branches: arrays, strings, then the bare type."""
+    if kind in (None, "array") and "items" in schema:
+        return {"type", "items"} | ({"minItems", "maxItems"} if isinstance(schema["items"], dict) else set())
+    if kind in (None, "array") and "prefixItems" in schema:
+        # Exactly its members (a tuple): bounds that admit that many hold (pydantic writes both).
+        n = len(schema["prefixItems"]) if isinstance(schema["prefixItems"], list) else -1
+        held = schema.get("minItems", 0) <= n <= schema.get("maxItems", n)
+        return {"type", "prefixItems"} | ({"minItems", "maxItems"} if held else set())
+    if kind in (None, "string") and "pattern" in schema:
+        return {"type", "pattern"}
+    if kind in (None, "string") and schema.get("format") in FORMATS:
+        return {"type", "format"}
+    if kind == "string" and ("minLength" in schema or "maxLength" in schema):
+        return {"type", "minLength", "maxLength"}
+    if kind == "object" and schema.get("additionalProperties") is True:
+        return {"type", "additionalProperties"}
+    return {"type"}
+
+
+def _subschemas(schema: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The schemas inside ``schema`` that the grammar visits, each with its path below it."""
+    out: list[tuple[str, Any]] = []
+    for name, sub in (schema.get("properties") or {}).items():
+        out.append((f"properties.{name}", sub))
+    if isinstance(schema.get("additionalProperties"), dict):
+        out.append(("additionalProperties", schema["additionalProperties"]))
+    items = schema.get("items")
+    if isinstance(items, dict):
+        out.append(("items", items))
+    for key in ("prefixItems", "anyOf", "oneOf", "allOf") + (("items",) if isinstance(items, list) else ()):
+        for i, sub in enumerate(schema.get(key) or []):
+            out.append((f"{key}.{i}", sub))
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            out.append((f"{key}.{name}", sub))
+    return out

@@ -1,0 +1,82 @@
+"""Which JSON Schema keywords a structured output's grammar enforces (protocol.schema_check): what
+pydantic writes for the usual models passes; a keyword the grammar would pass over is named, with
+its place, and the request refused, never answered without it."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from breakwater.protocol.formats import FormatError, parse_response_format
+from breakwater.protocol.schema_check import unenforced
+
+
+class Address(BaseModel):
+    street: str = Field(max_length=40, description="street and number")
+    zip: str = Field(pattern=r"^[0-9]{5}$")
+
+
+class Order(BaseModel):
+    id: uuid.UUID
+    day: datetime.date
+    size: Literal["S", "M", "L"]
+    items: list[str] = Field(min_length=1, max_length=5)
+    note: str | None = None
+    ship_to: Address
+    pair: tuple[int, str]
+
+
+def test_what_pydantic_writes_for_the_usual_models_is_enforced() -> None:
+    schema = Order.model_json_schema()
+    assert unenforced(schema) is None
+    assert parse_response_format({"type": "json_schema", "json_schema": {"name": "o", "schema": schema}})
+
+
+@pytest.mark.parametrize(
+    ("schema", "named"),
+    [
+        (
+            {"type": "object", "properties": {"qty": {"type": "integer", "minimum": 1}}},
+            "`minimum` at `properties.qty`",
+        ),
+        ({"type": "number", "multipleOf": 5}, "`multipleOf`"),
+        ({"type": "string", "format": "email"}, "`format`"),
+        ({"type": "string", "pattern": "^a+$", "minLength": 3}, "`minLength`"),  # the pattern wins
+        ({"type": "array", "minItems": 1}, "`minItems`"),  # no items: any array
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "`uniqueItems`"),
+        ({"type": "array", "prefixItems": [{"type": "string"}], "minItems": 2}, "`minItems`"),
+        ({"type": ["string", "null"], "maxLength": 3}, "`maxLength`"),
+        ({"type": "object", "required": ["a"]}, "`required`"),  # no properties: any object
+        ({"type": "object", "properties": {}, "minProperties": 1}, "`minProperties`"),
+        ({"not": {"type": "string"}}, "`not`"),
+        (
+            {"$defs": {"S": {"type": "string"}}, "properties": {"s": {"$ref": "#/$defs/S", "maxLength": 2}}},
+            "`maxLength` at `properties.s`",
+        ),
+        (
+            {"allOf": [{"enum": ["a", "b"]}]},
+            "`allOf` with a member that is not an object's properties at `allOf.0`",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "array", "items": {"type": "integer", "maximum": 9}}},
+            },
+            "`maximum` at `properties.a.items`",
+        ),
+        (
+            {"$defs": {"N": {"type": "integer", "exclusiveMinimum": 0}}, "$ref": "#/$defs/N"},
+            "`exclusiveMinimum` at `$defs.N`",
+        ),
+    ],
+)
+def test_a_keyword_the_grammar_passes_over_is_named_and_refused(schema: dict[str, Any], named: str) -> None:
+    assert unenforced(schema) == named
+    with pytest.raises(FormatError) as refused:
+        parse_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert refused.value.param == "response_format.json_schema.schema"
+    assert f"uses {named}, which this server cannot enforce" in str(refused.value)
