@@ -1,7 +1,8 @@
 """The local supervisor behind ``breakwater up``: embedded Redis (AOF), one gateway, N workers.
 
-A gateway or worker that exits on its own is restarted after an exponential backoff, while the
-rest of the stack keeps serving; the restarts are counted on the supervisor's own ``/metrics``.
+The embedded Redis, a gateway or a worker that exits on its own is restarted after an exponential
+backoff (Redis from its AOF), while the rest of the stack keeps serving; the restarts are counted on
+the supervisor's own ``/metrics``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from breakwater.proc_cpu import ProcessCPU
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, free_port, port_in_use
 from breakwater.settings_check import settings_error
-from breakwater.stack_child import Backoff, Child, describe_exit
+from breakwater.stack_child import Backoff, Child, RedisWatch, describe_exit
 from breakwater.stack_policy import PolicyScaler, stack_policy
 
 VLLM_MISSING = (
@@ -116,7 +117,7 @@ class Stack:
         self.registry = CollectorRegistry()
         self.restarts = Counter(
             "breakwater_supervisor_restarts",
-            "Restarts of a gateway or worker process that exited on its own",
+            "Restarts of the embedded Redis, a gateway or a worker process that exited on its own",
             ["process"],
             registry=self.registry,
         )
@@ -126,6 +127,7 @@ class Stack:
         self._metric_ports: dict[str, int] = {}  # worker name -> its /metrics port (policy scaling)
         self._retiring_ports: dict[str, tuple[subprocess.Popen[bytes], int]] = {}  # until they exit
         self._gateway_metrics_port = 0  # its /metrics listener; 0: /metrics on its public port
+        self._redis_watch: RedisWatch | None = None  # the embedded Redis (not one given by URL)
 
     def all_processes(self) -> list[tuple[str, str, int]]:
         """(name, role, pid) of every process started and still known: Redis, gateway, workers."""
@@ -298,10 +300,12 @@ class Stack:
         self.workers.append(self._child(name, args, self._env))
 
     def supervise(self) -> None:
-        """Restart the gateway or a worker that exited, each after its own backoff."""
+        """Restart the embedded Redis, the gateway or a worker that exited, each after its own backoff."""
         if self._stopping:
             return
         now = time.monotonic()
+        if self._redis_watch is not None and self._redis_watch.tick(now):
+            self.restarts.labels("redis").inc()
         for child in [self.gateway, *self.workers]:
             if child is None or child.proc is None:
                 continue
@@ -424,6 +428,10 @@ class Stack:
             self.redis.start()
         except Exception as exc:
             raise StackError(f"could not start the embedded Redis: {exc}") from None
+        if isinstance(self.redis, RedisServer):  # (a cluster to try out starts empty: not restarted)
+            cfg = self.config
+            backoff = Backoff(cfg.restart_initial_s, cfg.restart_max_s, cfg.restart_stable_s)
+            self._redis_watch = RedisWatch(self.redis, backoff, self.log)
         return self.redis.local_url
 
     def _wait_ready(self) -> None:

@@ -1,5 +1,5 @@
 """The supervisor's children (``breakwater up``): a process it starts, the backoff before it
-starts one again that exited, and how an exit is told."""
+starts one again that exited, how an exit is told, and the embedded Redis watched the same way."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from breakwater.redis_server import RedisServer
+
+READY_TIMEOUT_S = 120.0  # a restarted Redis answers PING once its AOF is read back
 
 
 @dataclass
@@ -73,3 +78,47 @@ def describe_exit(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name} (exit code {code})"
     return f"exit code {code}"
+
+
+@dataclass
+class RedisWatch:
+    """The embedded Redis, started again from its AOF (the same data dir and socket) when it exits:
+    meanwhile every request is a 503 ``redis_unavailable`` and the workers retry, so nothing that
+    was admitted is lost."""
+
+    server: RedisServer
+    backoff: Backoff
+    log: Callable[[str], None]
+    started_at: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None
+    restarts: int = 0
+
+    def tick(self, now: float) -> bool:
+        """Restarts it when its backoff is over; True when it was started again now."""
+        proc = self.server.proc
+        if proc is None:
+            return False
+        if self.restart_at is None:
+            code = proc.poll()
+            if code is None:
+                return False
+            delay = self.backoff.delay(now - self.started_at)
+            self.restart_at = now + delay
+            self.log(
+                f"supervisor: redis (pid {proc.pid}) {describe_exit(code)}; requests get 503 until it is "
+                f"back; restarting it from its AOF in {delay:g} s; log: {self.server.log_file}"
+            )
+            return False
+        if now < self.restart_at:
+            return False
+        try:
+            self.server.start(timeout_s=READY_TIMEOUT_S)
+        except Exception as exc:  # its data dir, its port: tried again after the next backoff
+            self.restart_at = None
+            self.started_at = now
+            self.log(f"supervisor: redis did not start again: {exc}")
+            return False
+        self.restarts += 1
+        self.started_at, self.restart_at = time.monotonic(), None
+        self.log(f"supervisor: redis restarted (pid {self.server.pid()}); restart {self.restarts}")
+        return True

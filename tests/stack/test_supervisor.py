@@ -188,6 +188,43 @@ def test_a_killed_gateway_is_restarted_and_serves_again(tmp_path: Path) -> None:
     assert out.count("restarting it") == 1
 
 
+def test_a_killed_embedded_redis_is_restarted_from_its_aof(tmp_path: Path) -> None:
+    """Redis went unwatched: killed, it stayed down and every request was a 503 for ever, without a
+    word on the console. Now it comes back with what its AOF had, and the stack serves again."""
+    up = Up(tmp_path, "--workers", "1")
+    try:
+        up.wait_serving(workers=1)
+        with openai.OpenAI(base_url=f"{up.url}/v1", api_key="x", max_retries=0) as client:
+            before = client.chat.completions.create(model="sim", messages=_messages(1), seed=1, max_tokens=5)
+        aof = up.data_dir / "redis" / "appendonlydir"
+        wait_for(lambda: any(before.id.encode() in f.read_bytes() for f in aof.iterdir()), 10, 0.1, "the AOF")
+        found = subprocess.run(["pgrep", "-P", str(up.proc.pid), "-f", "redis-server|valkey-server"],
+                               capture_output=True, text=True)  # fmt: skip
+        (killed,) = map(int, found.stdout.split())
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: "supervisor: redis restarted" in up.output(), 30, 0.1, "redis restarted")
+        assert up.restarts("redis") == 1
+
+        def served() -> bool:
+            try:
+                status = httpx.get(f"{up.url}/v1/requests/{before.id}", timeout=5)
+            except httpx.HTTPError:
+                return False
+            return status.status_code == 200 and status.json()["status"] == "done"
+
+        wait_for(served, 30, 0.2, "the request from before readable again")
+        with openai.OpenAI(base_url=f"{up.url}/v1", api_key="x", max_retries=0) as client:
+            after = client.chat.completions.create(model="sim", messages=_messages(2), seed=2, max_tokens=5)
+        assert (
+            after.choices[0].message.content == expected_sim(messages=_messages(2), seed=2, max_tokens=5)[0]
+        )
+    finally:
+        code = up.stop()
+    out = up.output()
+    assert code == 0, out
+    assert f"supervisor: redis (pid {killed}) killed by SIGKILL (exit code -9)" in out
+
+
 def test_a_retired_worker_is_not_restarted_nor_is_anything_after_stop(tmp_path: Path) -> None:
     said: list[str] = []
     config = StackConfig(port=free_port(), workers=2, engine="sim", model="sim", data_dir=tmp_path)
