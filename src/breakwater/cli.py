@@ -154,6 +154,12 @@ def gateway(
     )
     settings = GatewaySettings(**given)
     setup_logging("gateway", settings.log_level, settings.log_json)
+    if settings.auth == "keys":  # checked here: in the app's startup it would be a traceback
+        try:
+            settings.pepper()
+        except ValueError as exc:
+            console.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(2) from None
     if workers == 1 and not processes.is_sibling():
         _serve(build_app(settings), settings.host, settings.port, stream_grace_s=settings.stream_grace_s)
         return

@@ -104,8 +104,13 @@ class CommonSettings(BaseSettings):
         return tenant if tenant in listed else "other"
 
     def pepper(self) -> bytes:
-        """The API-key pepper; raises ValueError when none is configured."""
-        value = secret(self.auth_pepper, self.auth_pepper_file) or ""
+        """The API-key pepper; raises ValueError (naming the setting) when none is configured or its
+        file cannot be read."""
+        try:
+            value = secret(self.auth_pepper, self.auth_pepper_file) or ""
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"BREAKWATER_AUTH_PEPPER_FILE {self.auth_pepper_file}: {why}") from None
         if len(value) < 16:
             raise ValueError(
                 "API keys need a pepper of at least 16 characters: set BREAKWATER_AUTH_PEPPER_FILE "

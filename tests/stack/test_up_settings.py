@@ -38,6 +38,11 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ((), {"BREAKWATER_AUTH": "Keys"}, "BREAKWATER_AUTH: Input should be 'off' or 'keys' (got 'Keys')"),
         ((), {"BREAKWATER_METRICS_PORT": "99999"}, "BREAKWATER_METRICS_PORT"),
         (("--workers", "0"), {}, "--workers must be at least 1"),
+        (
+            (),
+            {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": "/nonexistent/pepper"},
+            "BREAKWATER_AUTH_PEPPER_FILE /nonexistent/pepper: No such file or directory",
+        ),
     ],
 )
 def test_up_refuses_what_cannot_be_served_safely_before_starting_anything(
@@ -56,6 +61,34 @@ def test_a_bad_setting_of_any_command_is_one_line_naming_it() -> None:
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "BREAKWATER_LOG_JSON:" in out and "Traceback" not in out and len(out.splitlines()) == 1, out
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "said"),
+    [
+        (("gateway",), {"BREAKWATER_AUTH": "keys"}, "pepper of at least 16 characters"),
+        (("gateway",), {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER": "SHORTpep"}, "at least 16"),
+        (
+            ("gateway",),
+            {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": "/nonexistent/pepper"},
+            "BREAKWATER_AUTH_PEPPER_FILE /nonexistent/pepper: No such file or directory",
+        ),
+        (
+            ("keys", "list"),
+            {"BREAKWATER_AUTH_PEPPER_FILE": "/nonexistent/pepper"},
+            "BREAKWATER_AUTH_PEPPER_FILE /nonexistent/pepper: No such file or directory",
+        ),
+    ],
+)
+def test_a_pepper_that_cannot_be_used_is_one_line(
+    command: tuple[str, ...], env: dict[str, str], said: str
+) -> None:
+    """A gateway printed its startup's traceback (exit 3); ``keys`` named no variable."""
+    args = (*command, "--port", str(free_port())) if command == ("gateway",) else command
+    done = _run(*args, env={"BREAKWATER_REDIS_URL": "redis://127.0.0.1:1/0", **env})
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert said in out and "Traceback" not in out and "SHORTpep" not in out, out
 
 
 def test_a_secrets_value_is_never_shown_in_its_error() -> None:
