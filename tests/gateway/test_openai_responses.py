@@ -111,6 +111,15 @@ async def test_a_route_that_does_not_exist_is_a_404_naming_it(client: openai.Asy
     assert error["type"] == "invalid_request_error"
 
 
+async def test_a_method_a_route_does_not_take_is_a_405_with_its_code(gw: InProc) -> None:
+    resp = await gw.http.put("/v1/models", json={})
+    assert resp.status_code == 405
+    assert (resp.json()["error"]["code"], resp.json()["error"]["type"]) == (
+        "method_not_allowed",
+        "invalid_request_error",
+    )
+
+
 async def test_an_unexpected_error_is_a_500_in_openais_shape(
     gw: InProc, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from breakwater.gateway.routes import restarting
 from breakwater.redis_server import RedisServer
 from breakwater.worker.jobs import generation_request
 from tests.helpers import async_wait_for
@@ -28,6 +29,14 @@ async def test_a_draining_gateway_refuses_new_work_and_is_not_ready(gw: InProc) 
     assert resp.headers["retry-after"] == "1" and resp.headers["x-breakwater-reason"] == "draining"
     ready = await gw.http.get("/readyz")
     assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+
+
+def test_every_draining_503_says_the_service_is_unavailable() -> None:
+    """A request under way when the stream grace ended got ``invalid_request_error`` (the client's
+    fault), where a new one's 503 says ``service_unavailable``, as a Redis outage's."""
+    cut = restarting("chatcmpl-1", {"X-Breakwater-Request-Id": "chatcmpl-1"})
+    assert (cut.status, cut.type, cut.code) == (503, "service_unavailable", "draining")
+    assert cut.headers["X-Breakwater-Request-Id"] == "chatcmpl-1" and cut.headers["Retry-After"] == "1"
 
 
 async def test_redis_outage_is_503_with_retry_after(tmp_path: Path, prefix: str) -> None:

@@ -158,7 +158,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONBody:
         if exc.status_code == 415:
             return not_json_response()
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":  # no such route: as OpenAI says it
             message = f"Invalid URL ({request.method} {request.url.path})"

@@ -175,6 +175,7 @@ def restarting(rid: str, headers: dict[str, str]) -> APIError:
     return APIError(
         503,
         f"this gateway is restarting; the request continues: GET /v1/requests/{rid}/events",
+        type="service_unavailable",
         code="draining",
         headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
     )
