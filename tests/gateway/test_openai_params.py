@@ -12,6 +12,8 @@ import openai
 import pytest
 
 from breakwater.engines.sim import SimEngine
+from breakwater.gateway.errors import APIError
+from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.specs import request_spec
 from breakwater.protocol.openai import ChatCompletionRequest
 from breakwater.protocol.toolformats import SINGLE_NOTE
@@ -359,3 +361,14 @@ async def test_a_schema_keyword_is_no_reason_to_refuse_calls_nothing_enforces(gw
     assert [
         call.function.name for call in answer.choices[0].message.tool_calls or () if call.type == "function"
     ]
+
+
+def test_the_websocket_refuses_the_models_own_calls_for_what_they_are() -> None:
+    """The model publishes its tool-call format; the socket's refusal said it did not."""
+    body = ChatCompletionRequest.model_validate({"model": "sim", "messages": HI, "tools": TOOLS})
+    model = ModelInfo("sim", 2048, 1, 4, 0, features=frozenset({"tool_format:hermes"}))
+    assert request_spec(body, request_id="r", default_timeout_s=60, model=model).tool_format == "hermes"
+    with pytest.raises(APIError) as refused:
+        request_spec(body, request_id="r", default_timeout_s=60, model=model, auto_tools=False)
+    assert (refused.value.param, refused.value.code) == ("tool_choice", "unsupported_parameter")
+    assert "not served over the WebSocket" in refused.value.message

@@ -70,14 +70,16 @@ def request_spec(
     }
     if isinstance(body, ChatCompletionRequest):
         features = model.features if model is not None else frozenset()
-        fmt = tool_format_of(features) if auto_tools else ""
-        return _chat_spec(body, common, fmt, GRAMMAR in features)
+        return _chat_spec(body, common, tool_format_of(features), GRAMMAR in features, auto_tools)
     return RequestSpec(kind="completion", prompt=body.prompt_text(), **common)
 
 
-def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, grammar: bool) -> RequestSpec:
+def _chat_spec(
+    body: ChatCompletionRequest, common: dict[str, Any], fmt: str, grammar: bool, auto_tools: bool = True
+) -> RequestSpec:
     """A chat's spec: a forced tool call or a response_format become the output's constraint; with
-    ``tool_choice: auto`` the tools go into the system prompt in the model's format ``fmt``."""
+    ``tool_choice: auto`` the tools go into the system prompt in the model's format ``fmt`` (where
+    ``auto_tools``: not on the WebSocket)."""
     try:
         plan = tool_plan(
             body.tools,
@@ -87,6 +89,14 @@ def _chat_spec(body: ChatCompletionRequest, common: dict[str, Any], fmt: str, gr
             grammar=grammar,
         )
         auto = plan if isinstance(plan, AutoCalls) else None
+        if auto is not None and not auto_tools:
+            raise FormatError(
+                "the model's own tool calls (`tool_choice: auto`, the default with `tools`, or `required` "
+                "with several) are not served over the WebSocket, whose token events carry the raw text: "
+                "name the function, or use HTTP",
+                "tool_choice",
+                "unsupported_parameter",
+            )
         if auto is not None:
             _refuse_with_auto(body)
         passed, out = "", None
