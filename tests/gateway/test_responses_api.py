@@ -148,6 +148,10 @@ async def test_input_items_list_a_responses_own_input_page_by_page(client: opena
     assert texts(pages) == [("user", "two"), ("assistant", "ok"), ("user", "three")]
     assert len({item.id for item in pages}) == 3
     assert texts((await client.responses.input_items.list(first.id)).data) == [("user", "one")]
+    for query, param in ((dict(limit=0), "limit"), (dict(order="sideways"), "order")):  # as OpenAI names them
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.input_items.list(first.id, **query)
+        assert isinstance(refused.value.body, dict) and refused.value.body["param"] == param
 
 
 async def test_background_responses_run_without_a_client_and_can_be_cancelled(gw_empty: InProc) -> None:

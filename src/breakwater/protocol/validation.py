@@ -21,6 +21,7 @@ _CODES = {
     "extra_forbidden": "unknown_parameter",
     "json_invalid": "invalid_json",
 }
+_PLACES = frozenset({"body", "query", "path"})  # FastAPI's first part of a parameter's location
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
 
 
@@ -41,7 +42,10 @@ def _union_tag(part: str) -> bool:
 def described(error: Mapping[str, Any]) -> tuple[str | None, str, str]:
     """An error's parameter (its place in the body, and below it the ``field`` a model's own check
     names; None for the body itself), message and OpenAI code."""
-    loc = [str(p) for p in error.get("loc", ()) if p != "body" and not _union_tag(str(p))]
+    where = error.get("loc", ())
+    if where and where[0] in _PLACES:  # the parameter alone, as OpenAI names it (`limit`, not `query.limit`)
+        where = where[1:]
+    loc = [str(p) for p in where if not _union_tag(str(p))]
     field = (error.get("ctx") or {}).get("field")
     param = ".".join([*loc, str(field)] if field else loc) or None
     msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
