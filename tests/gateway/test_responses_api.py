@@ -254,7 +254,11 @@ async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) ->
     ("items", "param", "says"),
     [
         # An output of a call that was not made; with instructions before the input, still its item.
-        ([{"type": "function_call_output", "call_id": "call_9", "output": "21"}], "input[0]", "tool_calls"),
+        (
+            [{"type": "function_call_output", "call_id": "call_9", "output": "21"}],
+            "input[0]",
+            "a `function_call_output` must answer a `function_call` item before it",  # not chat's words
+        ),
         (
             [
                 {"role": "user", "content": "weather?"},
@@ -297,4 +301,28 @@ async def test_function_call_outputs_answer_the_calls_before_them(
     assert isinstance(body, dict), body
     assert (body["param"], body["code"]) == (param, "invalid_value"), body
     assert says in str(body["message"]), body
+    assert "`tool" not in str(body["message"]), body
     assert await gw.records() == []  # nothing was queued or stored
+
+
+@pytest.mark.parametrize(
+    ("fmt", "param", "says"),
+    [
+        ({"type": "xml"}, "text.format.type", "`text.format.type` must be"),
+        (
+            {"type": "json_schema", "name": "o", "schema": {"type": "integer", "maximum": 9}},
+            "text.format.schema",
+            "`text.format.schema` uses `maximum`",
+        ),
+    ],
+)
+async def test_a_text_format_is_named_as_the_responses_api_names_it(
+    client: openai.AsyncOpenAI, fmt: dict[str, Any], param: str, says: str
+) -> None:
+    """Its format is flat (``text.format.schema``); errors said ``response_format.type`` and
+    ``text.format.json_schema.schema``."""
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="sim", input="hi", text={"format": fmt})  # type: ignore[call-overload]
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == param and says in str(body["message"]), body
+    assert "response_format" not in str(body["message"]) and "json_schema." not in str(body["message"])

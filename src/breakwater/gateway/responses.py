@@ -49,6 +49,24 @@ _PARAMS = {
     "max_tokens": "max_output_tokens",
     "response_format": "text.format",
 }
+# A chat error's words as the Responses API says them (its format is flat: ``text.format.schema``).
+_WORDS = (
+    ("`response_format.json_schema.", "`text.format."),
+    ("`response_format", "`text.format"),
+    ("`json_schema.", "`text.format."),
+    ("a `tool` message must answer the `tool_calls` of the assistant message before it", "a "
+     "`function_call_output` must answer a `function_call` item before it"),
+    ("is not among the `tool_calls` of the assistant message before it", "is the `call_id` of no "
+     "`function_call` item before it"),
+    ("each of an assistant message's `tool_calls` needs a `tool` message answering it", "each "
+     "`function_call` item needs a `function_call_output` answering it"),
+)  # fmt: skip
+
+
+def _worded(message: str) -> str:
+    for chat, responses in _WORDS:
+        message = message.replace(chat, responses)
+    return message
 
 
 @router.post("/v1/responses", response_model=None)
@@ -375,18 +393,29 @@ def _invalid(exc: ValidationError, places: list[int | str]) -> APIError:
         call = parts[3] if len(parts) > 3 and parts[2] == "tool_calls" else ""
         param = f"input[{place + (int(call) if call.isdigit() else 0)}]" if isinstance(place, int) else place
     elif param:
-        param = _PARAMS.get(parts[0], parts[0]) + param.removeprefix(parts[0])
+        param = _param(param)
+    message = _worded(message)
     return APIError(400, f"{param}: {message}" if param else message, code=code, param=param)
+
+
+def _param(param: str) -> str:
+    """A chat parameter's name in the Responses API (``response_format.json_schema.schema``:
+    ``text.format.schema``)."""
+    head, dot, rest = param.partition(".")
+    if head == "response_format":
+        rest = rest.removeprefix("json_schema.") if rest != "json_schema" else ""
+        return "text.format" + ("." + rest if rest else "")
+    return _PARAMS.get(head, head) + dot + rest
 
 
 def _renamed(exc: APIError) -> APIError:
     """A chat parameter named in an error as the Responses API calls it (its function tools are
     flat: ``tools[0].name``, not ``tools[0].function.name``)."""
     if exc.param is not None:
-        head, dot, rest = exc.param.partition(".")
+        head, _, rest = exc.param.partition(".")
         if head in _PARAMS:
-            exc.param = _PARAMS[head] + dot + rest
-            exc.message = exc.message.replace(f"`{head}`", f"`{_PARAMS[head]}`")
+            exc.param = _param(exc.param)
+            exc.message = _worded(exc.message.replace(f"`{head}`", f"`{_PARAMS[head]}`"))
         elif head.startswith("tools[") and rest.startswith("function."):
             exc.param = f"{head}.{rest.removeprefix('function.')}"
     return exc
