@@ -14,7 +14,7 @@ import llama_cpp
 import pytest
 
 from breakwater.engines.models import bundled_gguf
-from breakwater.protocol.tools import AutoCalls, tool_plan
+from breakwater.protocol.tools import AutoCalls, ForcedCall, tool_plan
 
 WEATHER = {
     "type": "function",
@@ -102,3 +102,19 @@ def test_required_admits_calls_only(vocab: Any) -> None:
     assert _admits(vocab, grammar, CALL)
     assert not _admits(vocab, grammar, "The weather in Paris is sunny.")
     assert not _admits(vocab, grammar, "<tool_call>[]</tool_call>")  # at least one call
+
+
+@pytest.mark.parametrize(
+    ("answer", "admitted"),
+    [('{"city": "Paris"}', True), ('{"city": "Paris"} ', False), ('{"city": "Paris"}\n', False)],
+)
+def test_a_forced_calls_arguments_end_with_their_object(vocab: Any, answer: str, admitted: bool) -> None:
+    """No white space after the object before the end token: a named call's ``arguments`` came back
+    as ``'{"city": "[{"} '``, which OpenAI's never are."""
+    assert _admits(vocab, _forced().grammar(), answer) is admitted
+
+
+def _forced() -> Any:
+    plan = tool_plan([WEATHER], {"type": "function", "function": {"name": "get_weather"}})
+    assert isinstance(plan, ForcedCall)
+    return plan.output_format()

@@ -96,7 +96,7 @@ class OutputFormat:
         """The GBNF grammar (llama.cpp) that only admits this format's output."""
         grammar = _grammar(self.schema if self.kind == "json_schema" else ANY_OBJECT_SCHEMA)
         if not self.needs_grammar:
-            return grammar
+            return _ends_at_the_value(grammar)
         body = grammar.replace("\nroot ::= ", "\njson-root ::= ")
         if body.startswith("root ::= "):
             body = "json-root ::= " + body.removeprefix("root ::= ")
@@ -172,6 +172,17 @@ def _check_enforceable(fmt: OutputFormat, schema: dict[str, Any], every_keyword:
 # excludes them, as here.
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def _ends_at_the_value(grammar: str) -> str:
+    """The answer ends with its JSON value: the converter lets an object's rule end with white space
+    (`space`), which a model may take before its end token and a client then finds at the end of
+    ``content`` or of a call's ``arguments`` (OpenAI's have none)."""
+    lines = grammar.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("root ::= ") and line.endswith(" space") and " | " not in line:
+            lines[i] = line.removesuffix(" space")
+    return "\n".join(lines)
 
 
 # A text answer's rule: its name is not one the schema converter gives (those derive from "root").
