@@ -48,6 +48,18 @@ BACKOFF_MAX_S = 30.0
 BLOCK = 256  # answers read at a time while the files are written
 RETRY_CODES = frozenset({"cancelled", "draining", "timeout", "worker_lost", "tokens_lost"})
 CUT_SHORT_MAX = 5  # a line whose request is cut short (RETRY_CODES) this often fails with that error
+# A batch gives its place here up to the others: while its lines are refused by its owner's limits
+# for at least REST_S (it rests that long), and after SLICE_S of sending while more batches wait.
+REST_S = 5.0
+SLICE_S = 60.0
+
+
+class _Rest(Exception):
+    """A line refused by its owner's limits for ``wait_s``: its batch rests meanwhile."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(wait_s)
+        self.wait_s = wait_s
 
 
 def _retry_after_s(exc: APIError, attempt: int, left_s: float) -> float | None:
@@ -75,6 +87,7 @@ class BatchRunner:
         self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
         self._running: dict[str, asyncio.Task[None]] = {}
         self._pokes: set[asyncio.Task[None]] = set()
+        self._resting: dict[str, float] = {}  # batch -> until (monotonic): not taken up here before
         self._on = False
 
     def poke(self) -> None:
@@ -112,7 +125,11 @@ class BatchRunner:
         ttl_ms = int(self.svc.settings.batch_lease_s * 1000)
         active = await self.store.active()
         random.shuffle(active)  # while full, no batch is passed over at every tick
+        now = time.monotonic()
+        self._resting = {b: until for b, until in self._resting.items() if until > now}
         for batch_id in active:
+            if batch_id in self._resting and batch_id not in self._running:
+                continue
             limit = most
             if batch_id not in self._running and len(self._running) >= most:
                 if len(self._running) >= 2 * most or not await self._ending(batch_id):
@@ -168,27 +185,43 @@ class BatchRunner:
             await self.store.put(record, "errors")
             await self.store.move(batch_id, ("in_progress",), "finalizing", int(time.time()))
         elif record.status == "in_progress":
-            await self._answer_lines(record, lines)
+            rest_s = await self._answer_lines(record, lines)
+            if rest_s is not None:  # its place given up: taken up again later (here or elsewhere)
+                self._resting[batch_id] = time.monotonic() + rest_s
+                await self.store.release(batch_id, self.owner)
+                return
         await self._finish(batch_id, lines)
 
-    async def _answer_lines(self, record: BatchRecord, lines: list[Line]) -> None:
+    async def _answer_lines(self, record: BatchRecord, lines: list[Line]) -> float | None:
         """Answer the lines without one, ``batch_concurrency`` at a time, until all are answered or
-        the batch is cancelled or out of time (then the requests still open are let go)."""
+        the batch is cancelled or out of time (then the requests still open are let go). Its place
+        given up (a line refused by its owner's limits, or its slice over while others wait): no new
+        line is sent, those sent are answered, and the rest is for a later run; how long to rest."""
         done = await self.store.answered(record.id)
         todo = [line for line in lines if line.index not in done]
         todo.reverse()
         running: set[asyncio.Task[None]] = set()
+        rest_s: float | None = None
+        slice_end = time.monotonic() + SLICE_S
         try:
-            while todo or running:
+            while (todo and rest_s is None) or running:
                 if not await self._goes_on(record):
-                    break
-                while todo and len(running) < self.svc.settings.batch_concurrency:
+                    return None  # cancelled or out of time: to be finished now
+                if rest_s is None and todo and time.monotonic() >= slice_end:
+                    slice_end = time.monotonic() + SLICE_S
+                    if len(await self.store.active()) > len(self._running):  # others wait for a place
+                        rest_s = 2 * POLL_S
+                while todo and rest_s is None and len(running) < self.svc.settings.batch_concurrency:
                     running.add(asyncio.create_task(self._answer(record, todo.pop())))
                 finished, running = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
                 for task in finished:
-                    task.result()  # only Redis failing raises here: the run ends, the next tick retries
+                    try:
+                        task.result()  # only Redis failing raises here: the run ends, the next tick retries
+                    except _Rest as rest:
+                        rest_s = max(rest_s or 0.0, rest.wait_s)
         finally:
             await stop_loops(running)  # their requests are detached: the workers cancel them
+        return rest_s  # (a line given up is not answered: a later run sends it again)
 
     async def _goes_on(self, record: BatchRecord) -> bool:
         return time.time() < record.expires_at and await self.store.status(record.id) == "in_progress"
@@ -205,6 +238,8 @@ class BatchRunner:
             except APIError as exc:
                 attempt += 1
                 wait_s = _retry_after_s(exc, attempt, record.expires_at - time.time())
+                if wait_s is not None and exc.status == 429 and wait_s >= REST_S:
+                    raise _Rest(wait_s) from None  # not holding a place other owners' batches need
                 if wait_s is not None and await self._goes_on(record):
                     await asyncio.sleep(wait_s)
                     continue
