@@ -372,3 +372,40 @@ def test_the_websocket_refuses_the_models_own_calls_for_what_they_are() -> None:
         request_spec(body, request_id="r", default_timeout_s=60, model=model, auto_tools=False)
     assert (refused.value.param, refused.value.code) == ("tool_choice", "unsupported_parameter")
     assert "not served over the WebSocket" in refused.value.message
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+async def test_a_schema_nested_past_what_json_encodes_is_a_400(client: openai.AsyncOpenAI) -> None:
+    """300 levels (within the body's 1,024) was a 500: the JSON encoder stops at 255."""
+    message = await _refused(
+        client,
+        "response_format.json_schema.schema",
+        "invalid_response_format",
+        response_format={"type": "json_schema", "json_schema": {"name": "deep", "schema": _nested(300)}},
+        max_tokens=4,
+    )
+    assert "nests more than 64 levels" in message
+    tool: Any = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": _nested(300)}}},
+    }
+    await _refused(
+        client,
+        "tools[0].function.parameters",
+        "invalid_value",
+        tools=[tool],
+        tool_choice="none",
+        max_tokens=4,
+    )
+    shallow: Any = {"type": "object", "properties": {"a": _nested(60)}}
+    served: Any = {**tool, "function": {**tool["function"], "parameters": shallow}}
+    answer = await client.chat.completions.create(  # 60 levels are served
+        model="sim", messages=HI, tools=[served], tool_choice="none", max_tokens=4
+    )
+    assert answer.choices[0].message.content

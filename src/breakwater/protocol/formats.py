@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import orjson
 
-from breakwater.protocol.schema_check import ENFORCED, unenforced
+from breakwater.protocol.schema_check import ENFORCED, MAX_DEPTH, too_deep, unenforced
 
 FormatKind = Literal["json_object", "json_schema"]
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -143,6 +143,11 @@ def parse_response_format(value: Any, *, every_keyword: bool = True) -> OutputFo
     if not isinstance(schema, dict):
         raise FormatError(
             "`json_schema.schema` must be a JSON Schema object", "response_format.json_schema.schema"
+        )
+    if too_deep(schema):
+        raise FormatError(
+            f"`json_schema.schema` nests more than {MAX_DEPTH} levels deep",
+            "response_format.json_schema.schema",
         )
     fmt = OutputFormat(
         "json_schema", orjson.dumps(schema).decode(), name, strict=strict, description=description

@@ -34,6 +34,7 @@ ENFORCED = (
     "string one of pattern, format (date, time, date-time, uuid) or minLength with maxLength"
 )
 _OBJECT_PARTS = frozenset({"type", "properties", "required"})
+MAX_DEPTH = 64  # levels of nesting in a schema (JSON's own encoder stops at 255; no schema needs 64)
 
 
 def unenforced(schema: Any, at: str = "") -> str | None:
@@ -60,6 +61,22 @@ def unenforced(schema: Any, at: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests objects and lists more than ``limit`` levels deep."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            v
+            for item in level
+            if isinstance(item, dict | list)
+            for v in (item.values() if isinstance(item, dict) else item)
+            if isinstance(v, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _at(at: str, key: str) -> str:

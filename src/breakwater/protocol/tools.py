@@ -21,7 +21,7 @@ import orjson
 
 from breakwater.protocol import toolformats
 from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
-from breakwater.protocol.schema_check import ENFORCED, unenforced
+from breakwater.protocol.schema_check import ENFORCED, MAX_DEPTH, too_deep, unenforced
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -215,6 +215,10 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
         parameters = fn.get("parameters", EMPTY_PARAMETERS)
         if not isinstance(parameters, dict):
             raise FormatError("`parameters` must be a JSON Schema object", f"tools[{i}].function.parameters")
+        if too_deep(parameters):
+            raise FormatError(
+                f"`parameters` nests more than {MAX_DEPTH} levels deep", f"tools[{i}].function.parameters"
+            )
         if parameters and parameters.get("type") != "object":  # a call's arguments are an object
             raise FormatError(
                 f'`parameters` of `{name}` must be a JSON Schema of `type: "object"`, got '
