@@ -6,12 +6,15 @@ never open a ``<tool_call>`` the grammar would not check."""
 from __future__ import annotations
 
 import ctypes
+import enum
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp
+import openai
 import pytest
+from pydantic import BaseModel
 
 from breakwater.engines.models import bundled_gguf
 from breakwater.protocol.tools import AutoCalls, ForcedCall, tool_plan
@@ -118,3 +121,32 @@ def _forced() -> Any:
     plan = tool_plan([WEATHER], {"type": "function", "function": {"name": "get_weather"}})
     assert isinstance(plan, ForcedCall)
     return plan.output_format()
+
+
+class _Color(enum.StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class _Where(BaseModel):
+    city: str
+
+
+class _Paint(BaseModel):
+    where: _Where
+    color: _Color
+
+
+@pytest.mark.parametrize(("color", "admitted"), [("red", True), ("blue", True), ("green", False)])
+def test_the_models_own_calls_of_tools_with_definitions(vocab: Any, color: str, admitted: bool) -> None:
+    """A pydantic tool with a nested model and an enum (its schema's ``$defs``): `auto` was refused,
+    its references pointing at a root that no longer held them."""
+    plan = tool_plan(
+        [openai.pydantic_function_tool(_Paint, name="paint"), WEATHER], "auto", fmt="smollm2", grammar=True
+    )
+    assert isinstance(plan, AutoCalls)
+    fmt = plan.output_format(grammar=True)
+    assert fmt is not None
+    arguments = f'{{"where": {{"city": "Paris"}}, "color": "{color}"}}'
+    call = f'<tool_call>[{{"name": "paint", "arguments": {arguments}}}]</tool_call>'
+    assert _admits(vocab, fmt.grammar(), call) is admitted

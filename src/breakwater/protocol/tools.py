@@ -114,15 +114,18 @@ class AutoCalls:
             return None
         for function in self.functions:
             function.check_enforced()
+        defs: dict[str, Any] = {}
         one_of = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "properties": {"name": {"const": f.name}, "arguments": _hoisted(f.parameters, f"f{i}", defs)},
                 "required": ["name", "arguments"],
             }
-            for f in self.functions
+            for i, f in enumerate(self.functions)
         ]
         schema: dict[str, Any] = {"type": "array", "items": {"anyOf": one_of}}
+        if defs:
+            schema["$defs"] = defs
         schema["minItems"] = 1 if self.required else 0
         if not self.parallel:
             schema["maxItems"] = 1
@@ -139,6 +142,40 @@ class AutoCalls:
         except Exception as exc:  # the converter asserts on what it cannot express
             raise FormatError(f"the tools' parameters cannot be enforced: {exc}", "tools") from exc
         return fmt
+
+
+def _hoisted(parameters: dict[str, Any], tag: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameters placed inside the calls' schema: its ``$defs`` (or ``definitions``)
+    moved to the root's, named ``<tag>-<name>``, and its references (``#/$defs/X``, ``#`` itself)
+    pointed at them; they pointed at a root that no longer held them (a pydantic tool with a nested
+    model or an enum was refused)."""
+    own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    if not own and not _refers_to_root(parameters):
+        return parameters
+    body = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        out = {k: moved(v) for k, v in value.items()}
+        ref = value.get("$ref")
+        if ref == "#":
+            out["$ref"] = f"#/$defs/{tag}"
+        elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            out["$ref"] = f"#/$defs/{tag}-{ref.rsplit('/', 1)[1]}"
+        return out
+
+    defs.update({f"{tag}-{name}": moved(schema) for name, schema in own.items()})
+    defs[tag] = moved(body)
+    return {"$ref": f"#/$defs/{tag}"}
+
+
+def _refers_to_root(value: Any) -> bool:
+    if isinstance(value, dict):
+        return value.get("$ref") == "#" or any(_refers_to_root(v) for v in value.values())
+    return isinstance(value, list) and any(_refers_to_root(v) for v in value)
 
 
 def tool_plan(
