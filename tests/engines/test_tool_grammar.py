@@ -17,6 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from breakwater.engines.models import bundled_gguf
+from breakwater.protocol.formats import parse_response_format
 from breakwater.protocol.tools import AutoCalls, ForcedCall, tool_plan
 
 WEATHER = {
@@ -150,3 +151,32 @@ def test_the_models_own_calls_of_tools_with_definitions(vocab: Any, color: str, 
     arguments = f'{{"where": {{"city": "Paris"}}, "color": "{color}"}}'
     call = f'<tool_call>[{{"name": "paint", "arguments": {arguments}}}]</tool_call>'
     assert _admits(vocab, fmt.grammar(), call) is admitted
+
+
+@pytest.mark.parametrize(
+    ("pattern", "answer", "admitted"),
+    [
+        ("^.{1,12}$", '"He said hi"', True),
+        ("^.{1,12}$", '"He said "hi""', False),  # `.` took a raw quote: the JSON ended early
+        ("^.{1,12}$", '"back\\\\slash"', False),
+        ("^[^,]+$", '"no commas"', True),
+        ("^[^,]+$", '"line\nbreak"', False),  # a raw newline in a JSON string
+        ("^[^,]+$", '"a, b"', False),
+        (r"^\d{3}-\d{4}$", '"555-1234"', True),  # `\d` was copied into the grammar: llama.cpp refused it
+        (r"^\d{3}-\d{4}$", '"55a-1234"', False),
+        (r"^v\d+\.\d+$", '"v1.22"', True),
+        (r"^v\d+\.\d+$", '"v1x22"', False),
+        (r"^[\w.-]+$", '"a_b.c-d"', True),
+    ],
+)
+def test_a_patterns_strings_are_json_strings_that_match_it(
+    vocab: Any, pattern: str, answer: str, admitted: bool
+) -> None:
+    fmt = parse_response_format(
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": {"type": "string", "pattern": pattern}},
+        }
+    )
+    assert fmt is not None
+    assert _admits(vocab, fmt.grammar(), answer) is admitted

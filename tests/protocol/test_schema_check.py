@@ -72,11 +72,17 @@ def test_what_pydantic_writes_for_the_usual_models_is_enforced() -> None:
             {"$defs": {"N": {"type": "integer", "exclusiveMinimum": 0}}, "$ref": "#/$defs/N"},
             "`exclusiveMinimum` at `$defs.N`",
         ),
+        (
+            {"type": "object", "properties": {"code": {"type": "string", "pattern": "[A-Z]{3}"}}},
+            "`pattern` at `properties.code` (not anchored: it must start with ^ and end with $)",
+        ),
+        ({"type": "string", "pattern": "^\\bword$"}, "`pattern` (its `\\b` (enforced:"),
+        ({"type": "string", "pattern": '^say "hi"$'}, '`pattern` (it matches `"` or `\\`'),
     ],
 )
 def test_a_keyword_the_grammar_passes_over_is_named_and_refused(schema: dict[str, Any], named: str) -> None:
-    assert unenforced(schema) == named
+    assert (unenforced(schema) or "").startswith(named)
     with pytest.raises(FormatError) as refused:
         parse_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     assert refused.value.param == "response_format.json_schema.schema"
-    assert f"uses {named}, which this server cannot enforce" in str(refused.value)
+    assert f"uses {named}" in str(refused.value) and "which this server cannot enforce" in str(refused.value)

@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 import orjson
 
-from breakwater.protocol.schema_check import ENFORCED, MAX_DEPTH, too_deep, unenforced
+from breakwater.protocol.schema_check import (
+    ENFORCED,
+    MAX_DEPTH,
+    json_patterns,
+    json_safe_classes,
+    too_deep,
+    unenforced,
+)
 
 FormatKind = Literal["json_object", "json_schema"]
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -212,4 +219,5 @@ def _literal(text: str) -> str:
 def _grammar(schema: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # loads libllama: only when asked
 
-    return str(json_schema_to_gbnf(schema)).replace(_LOOSE_CHAR, _JSON_CHAR)
+    converted = json_schema_to_gbnf(orjson.dumps(json_patterns(orjson.loads(schema))).decode())
+    return json_safe_classes(str(converted).replace(_LOOSE_CHAR, _JSON_CHAR))

@@ -10,6 +10,7 @@ Annotations (titles, descriptions, defaults, examples) constrain nothing and are
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 ANNOTATIONS = frozenset(
@@ -45,6 +46,9 @@ def unenforced(schema: Any, at: str = "") -> str | None:
     used = {k for k in schema if k not in ANNOTATIONS and k not in ("$defs", "definitions")}
     for key in sorted(used - _read_by_its_branch(schema)):
         return f"`{key}` at `{at}`" if at else f"`{key}`"
+    why = pattern_problem(schema["pattern"]) if isinstance(schema.get("pattern"), str) else None
+    if why is not None:
+        return f"`pattern` at `{at}` ({why})" if at else f"`pattern` ({why})"
     for i, part in enumerate(schema.get("allOf") or []):  # only the members' properties are read
         if (
             not isinstance(part, dict)
@@ -141,3 +145,70 @@ def _subschemas(schema: dict[str, Any]) -> list[tuple[str, Any]]:
         for name, sub in (schema.get(key) or {}).items():
             out.append((f"{key}.{name}", sub))
     return out
+
+
+# A pattern's escapes the grammar converter copies as they are (which llama.cpp's parser refuses),
+# as the character classes they stand for; only characters a JSON string holds unescaped (a space
+# for white space: a tab or a newline would need an escape the grammar does not write).
+_CLASSES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " "}
+_SAFE = '"\\\\\\x7F\\x00-\\x1F'  # what a negated class must leave out, in GBNF
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` cannot be enforced in a JSON string, or None."""
+    if not (pattern.startswith("^") and pattern.endswith("$")):
+        return "not anchored: it must start with ^ and end with $"
+    if '"' in pattern or "\\\\" in pattern:
+        return 'it matches `"` or `\\`, which a JSON string must escape'
+    in_class, i = False, 0
+    while i < len(pattern) - 1:
+        ch, nxt = pattern[i], pattern[i + 1]
+        if ch == "\\":
+            if nxt.isalnum() and (nxt.lower() not in _CLASSES or (in_class and nxt.isupper())):
+                return f"its `\\{nxt}` (enforced: \\d \\w \\s, their negations outside [...], punctuation)"
+            i += 2
+            continue
+        in_class = (in_class and ch != "]") or (not in_class and ch == "[")
+        i += 1
+    return None
+
+
+def json_patterns(schema: Any) -> Any:
+    """``schema`` with every pattern as :func:`json_pattern` writes it."""
+    if isinstance(schema, list):
+        return [json_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: json_patterns(v) for k, v in schema.items()}
+    if isinstance(schema.get("pattern"), str) and isinstance(schema.get("type", "string"), str):
+        out["pattern"] = json_pattern(schema["pattern"])
+    return out
+
+
+def json_pattern(pattern: str) -> str:
+    """``pattern`` with its escapes as character classes the converter copies to a valid grammar."""
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            i += 2
+            if nxt.lower() in _CLASSES:
+                chars = _CLASSES[nxt.lower()]
+                if in_class:
+                    out.append(chars)  # (a negated one inside a class is not enforced: refused above)
+                else:
+                    out.append(f"[^{chars}]" if nxt.isupper() else f"[{chars}]")
+            else:
+                out.append(f"\\x{ord(nxt):02X}" if in_class else f"[\\x{ord(nxt):02X}]")
+            continue
+        in_class = (in_class and ch != "]") or (not in_class and ch == "[")
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def json_safe_classes(grammar: str) -> str:
+    """The converter's `.` and negated classes leave out what a JSON string must escape."""
+    grammar = grammar.replace("dot ::= [^\\x0A\\x0D]", f"dot ::= [^{_SAFE}]")
+    return re.sub(r"\[\^(?!\"\\\\)", lambda _: f"[^{_SAFE}", grammar)
