@@ -9,7 +9,7 @@ import uuid
 from typing import Any, Literal
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from breakwater.protocol.formats import FormatError, parse_response_format
 from breakwater.protocol.schema_check import unenforced
@@ -30,9 +30,21 @@ class Order(BaseModel):
     pair: tuple[int, str]
 
 
+class Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    counts: dict[str, int]
+
+
 def test_what_pydantic_writes_for_the_usual_models_is_enforced() -> None:
     schema = Order.model_json_schema()
     assert unenforced(schema) is None
+    assert unenforced(Open.model_json_schema()) is None  # every listed property required
+    assert unenforced({"type": "string", "enum": ["a", "b"]}) is None
+    assert (
+        unenforced({"type": "integer", "anyOf": [{"type": "integer"}, {"type": "integer", "enum": [1]}]})
+        is None
+    )
     assert parse_response_format({"type": "json_schema", "json_schema": {"name": "o", "schema": schema}})
 
 
@@ -72,6 +84,19 @@ def test_what_pydantic_writes_for_the_usual_models_is_enforced() -> None:
             {"$defs": {"N": {"type": "integer", "exclusiveMinimum": 0}}, "$ref": "#/$defs/N"},
             "`exclusiveMinimum` at `$defs.N`",
         ),
+        (
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                "required": ["name"],
+                "additionalProperties": True,
+            },
+            "`additionalProperties`",  # with an optional property: run together without a comma
+        ),
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a", "b"]}, "`required`"),
+        ({"type": "string", "anyOf": [{"type": "integer"}, {"type": "string"}]}, "`type`"),
+        ({"type": "string", "enum": [1, 2, "x"]}, "`type`"),
+        ({"oneOf": [{"type": "string"}], "anyOf": [{"type": "integer"}]}, "`anyOf`"),
         (
             {"type": "object", "properties": {"code": {"type": "string", "pattern": "[A-Z]{3}"}}},
             "`pattern` at `properties.code` (not anchored: it must start with ^ and end with $)",

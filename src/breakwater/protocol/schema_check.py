@@ -92,20 +92,58 @@ def _read_by_its_branch(schema: dict[str, Any]) -> set[str]:
     kind = schema.get("type")
     if "$ref" in schema:
         return {"$ref"}
-    if "oneOf" in schema or "anyOf" in schema:
-        return {"oneOf", "anyOf", "type"}
+    if "oneOf" in schema or "anyOf" in schema:  # (oneOf first: an anyOf beside it is not read)
+        members = schema.get("oneOf") or schema.get("anyOf") or []
+        same = all(isinstance(m, dict) and m.get("type") == kind for m in members)
+        return {"oneOf" if "oneOf" in schema else "anyOf"} | ({"type"} if same else set())
     if isinstance(kind, list):
         return {"type"}
     for key in ("const", "enum"):
         if key in schema:
-            return {key, "type"}
+            values = schema[key] if key == "enum" and isinstance(schema[key], list) else [schema[key]]
+            return {key} | ({"type"} if all(_is(v, kind) for v in values) else set())
     if kind in (None, "object") and (
         "properties" in schema or schema.get("additionalProperties", True) is not True
     ):
-        return {"type", "properties", "required", "additionalProperties"}
+        return _object_branch(schema)
     if kind in (None, "object") and "allOf" in schema:
         return {"type", "allOf"}
     return _typed_branch(schema, kind)
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "null": (type(None),),
+    "object": (dict,),
+    "array": (list,),
+}
+
+
+def _is(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of JSON type ``kind`` (any, when there is none)."""
+    if kind is None:
+        return True
+    if isinstance(value, bool) and kind in ("integer", "number"):
+        return False
+    return isinstance(kind, str) and isinstance(value, _JSON_TYPES.get(kind, ()))
+
+
+def _object_branch(schema: dict[str, Any]) -> set[str]:
+    """An object's keywords: ``required`` only of listed properties, and other properties
+    (``additionalProperties`` true or a schema) only where every listed one is required (with an
+    optional one the converter's rule runs the two together without a comma)."""
+    read = {"type", "properties"}
+    listed = set(schema.get("properties") or {})
+    required = schema.get("required", [])
+    if isinstance(required, list) and set(required) <= listed:
+        read.add("required")
+    extra = schema.get("additionalProperties")
+    if extra is None or extra is False or listed <= set(required if isinstance(required, list) else []):
+        read.add("additionalProperties")
+    return read
 
 
 def _typed_branch(schema: dict[str, Any], kind: Any) -> set[str]:
