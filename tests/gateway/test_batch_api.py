@@ -228,6 +228,16 @@ async def test_an_input_with_bad_lines_fails_whole_and_names_each(
             **_chat("empty", "x", 1, 3),
             "body": {"model": "sim", "messages": [{"role": "user", "content": []}]},
         },
+        _chat(  # a schema keyword the grammar cannot keep: refused at create, not line by line later
+            "bounded",
+            "x",
+            1,
+            3,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "integer", "maximum": 9}},
+            },
+        ),
     ]
     data = _jsonl(rows[:2]) + b"\n" + _jsonl(rows[2:]) + b"{not json\n"  # line 3 is blank
     file = await client.files.create(file=("bad.jsonl", io.BytesIO(data)), purpose="batch")
@@ -244,9 +254,10 @@ async def test_an_input_with_bad_lines_fails_whole_and_names_each(
         (7, "invalid_body", "body.messages"),
         (8, "invalid_body", "body.messages.0.role"),
         (9, "invalid_body", "body.messages.0.content"),
-        (10, "invalid_json_line", None),
+        (10, "invalid_response_format", "body.response_format.json_schema.schema"),
+        (11, "invalid_json_line", None),
     ]
-    assert batch.request_counts is not None and batch.request_counts.total == 9
+    assert batch.request_counts is not None and batch.request_counts.total == 10
     assert (await client.batches.retrieve(batch.id)).status == "failed"  # and nothing runs it
     redis = gw.app.state.service.broker.redis
     assert await redis.ttl(gw.keys.batch(batch.id)) > 0  # kept files_ttl_s, as a finished batch

@@ -11,6 +11,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from breakwater.protocol.embeddings import EmbeddingRequest
+from breakwater.protocol.formats import FormatError, parse_response_format
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.responses import ResponsesRequest
 from breakwater.protocol.validation import described
@@ -139,18 +140,30 @@ def _line(
         param, msg, _ = described(exc.errors()[0])
         where = f"body.{param}" if param else "body"
         return LineError("invalid_body", f"{where}: {msg}", number, where)
+    refused = _not_served(parsed, number)
+    return refused if refused is not None else Line(index, custom_id, parsed)
+
+
+def _not_served(parsed: LineBody, number: int) -> LineError | None:
+    """What a valid body asks that a batch line does not serve."""
     name = parsed.unsupported_parameter()
     if name is not None:
         return LineError(
             "unsupported_parameter", f"`{name}` is not supported by this server", number, f"body.{name}"
         )
+    if isinstance(parsed, ChatCompletionRequest):  # a schema the grammar cannot keep: refused at create
+        try:
+            parse_response_format(parsed.response_format)
+        except FormatError as exc:
+            code = exc.code or "invalid_response_format"
+            return LineError(code, f"body.{exc.param}: {exc}", number, f"body.{exc.param}")
     if getattr(parsed, "stream", False):
         return LineError("invalid_body", "a batch's requests are not streamed", number, "body.stream")
     if getattr(parsed, "background", False):
         return LineError(
             "invalid_body", "a batch's responses are not background ones", number, "body.background"
         )
-    return Line(index, custom_id, parsed)
+    return None
 
 
 @dataclass(slots=True)
