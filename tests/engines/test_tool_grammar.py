@@ -180,3 +180,62 @@ def test_a_patterns_strings_are_json_strings_that_match_it(
     )
     assert fmt is not None
     assert _admits(vocab, fmt.grammar(), answer) is admitted
+
+
+class _Node(BaseModel):
+    name: str
+    children: list[_Node]
+
+
+UI: Any = {  # OpenAI's structured-outputs example: a UI tree whose children refer to the root
+    "type": "object",
+    "properties": {"type": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+    "required": ["type", "children"],
+    "additionalProperties": False,
+}
+LINKED: Any = {  # OpenAI's other example: a definition named with underscores that refers to itself
+    "type": "object",
+    "properties": {"linked_list": {"$ref": "#/$defs/linked_list_node"}},
+    "$defs": {
+        "linked_list_node": {
+            "type": "object",
+            "properties": {
+                "value": {"type": "number"},
+                "next": {"anyOf": [{"$ref": "#/$defs/linked_list_node"}, {"type": "null"}]},
+            },
+            "required": ["value", "next"],
+            "additionalProperties": False,
+        }
+    },
+    "required": ["linked_list"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("schema", "answer", "wrong"),
+    [
+        (
+            _Node.model_json_schema(),
+            '{"name": "a", "children": [{"name": "b", "children": []}]}',
+            '{"name": "a", "children": [{"name": "b", "children": {}}]}',
+        ),
+        (
+            UI,
+            '{"type": "div", "children": [{"type": "p", "children": []}]}',
+            '{"type": "div", "children": [{"type": "p"}]}',
+        ),
+        (
+            LINKED,
+            '{"linked_list": {"value": 1, "next": {"value": 2, "next": null}}}',
+            '{"linked_list": {"value": 1, "next": {"value": "2", "next": null}}}',
+        ),
+    ],
+)
+def test_recursive_schemas_are_enforced(vocab: Any, schema: Any, answer: str, wrong: str) -> None:
+    """Each was refused (a pydantic recursive model's root reference, ``#``) or gave a grammar
+    llama.cpp could not parse (a definition's underscores in a rule name)."""
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert fmt is not None
+    assert _admits(vocab, fmt.grammar(), answer)
+    assert not _admits(vocab, fmt.grammar(), wrong)  # the recursion's members are checked too

@@ -19,6 +19,7 @@ import orjson
 from breakwater.protocol.schema_check import (
     ENFORCED,
     MAX_DEPTH,
+    converter_ready,
     json_patterns,
     json_safe_classes,
     too_deep,
@@ -219,5 +220,6 @@ def _literal(text: str) -> str:
 def _grammar(schema: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # loads libllama: only when asked
 
-    converted = json_schema_to_gbnf(orjson.dumps(json_patterns(orjson.loads(schema))).decode())
+    ready = json_patterns(converter_ready(orjson.loads(schema)))
+    converted = json_schema_to_gbnf(orjson.dumps(ready).decode())
     return json_safe_classes(str(converted).replace(_LOOSE_CHAR, _JSON_CHAR))

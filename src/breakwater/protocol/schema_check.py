@@ -250,3 +250,51 @@ def json_safe_classes(grammar: str) -> str:
     """The converter's `.` and negated classes leave out what a JSON string must escape."""
     grammar = grammar.replace("dot ::= [^\\x0A\\x0D]", f"dot ::= [^{_SAFE}]")
     return re.sub(r"\[\^(?!\"\\\\)", lambda _: f"[^{_SAFE}", grammar)
+
+
+ROOT_DEF = "root-schema"  # the root's own definition, where a schema refers to itself (`"$ref": "#"`)
+
+
+def converter_ready(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` as the converter can follow its references: definitions named as grammar rules may
+    be (`linked_list_node` became a rule name llama.cpp refused), the root's own references (`#`)
+    through a definition of it, and a root that is only a reference (pydantic's recursive models)
+    replaced by what it names (the converter failed on both)."""
+    own = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    names: dict[str, str] = {}
+    for name in own:
+        safe = re.sub(r"[^a-zA-Z0-9-]", "-", name) or "def"
+        while safe in names.values() or safe == ROOT_DEF:
+            safe += "-"
+        names[name] = safe
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        out = {k: moved(v) for k, v in value.items() if k not in ("$defs", "definitions")}
+        ref = value.get("$ref")
+        if ref == "#":
+            out["$ref"] = f"#/$defs/{ROOT_DEF}"
+        elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+            name = ref.split("/", 2)[2]
+            out["$ref"] = f"#/$defs/{names.get(name, name)}"
+        return out
+
+    defs = {names[name]: moved(sub) for name, sub in own.items() if isinstance(sub, dict)}
+    root = moved(body)
+    if refers_to_root(body):
+        defs[ROOT_DEF] = root
+    ref = root.get("$ref") if set(root) - ANNOTATIONS == {"$ref"} else None
+    if isinstance(ref, str) and ref.removeprefix("#/$defs/") in defs:
+        root = dict(defs[ref.removeprefix("#/$defs/")])
+    return {**root, "$defs": defs} if defs else root
+
+
+def refers_to_root(value: Any) -> bool:
+    """Whether ``value`` (a schema, or part of one) refers to its root (a `$ref` of `#`)."""
+    if isinstance(value, dict):
+        return value.get("$ref") == "#" or any(refers_to_root(v) for v in value.values())
+    return isinstance(value, list) and any(refers_to_root(v) for v in value)

@@ -21,7 +21,7 @@ import orjson
 
 from breakwater.protocol import toolformats
 from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
-from breakwater.protocol.schema_check import ENFORCED, MAX_DEPTH, too_deep, unenforced
+from breakwater.protocol.schema_check import ENFORCED, MAX_DEPTH, refers_to_root, too_deep, unenforced
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -150,7 +150,7 @@ def _hoisted(parameters: dict[str, Any], tag: str, defs: dict[str, Any]) -> dict
     pointed at them; they pointed at a root that no longer held them (a pydantic tool with a nested
     model or an enum was refused)."""
     own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
-    if not own and not _refers_to_root(parameters):
+    if not own and not refers_to_root(parameters):
         return parameters
     body = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
 
@@ -170,12 +170,6 @@ def _hoisted(parameters: dict[str, Any], tag: str, defs: dict[str, Any]) -> dict
     defs.update({f"{tag}-{name}": moved(schema) for name, schema in own.items()})
     defs[tag] = moved(body)
     return {"$ref": f"#/$defs/{tag}"}
-
-
-def _refers_to_root(value: Any) -> bool:
-    if isinstance(value, dict):
-        return value.get("$ref") == "#" or any(_refers_to_root(v) for v in value.values())
-    return isinstance(value, list) and any(_refers_to_root(v) for v in value)
 
 
 def tool_plan(
