@@ -213,6 +213,8 @@ class BatchRunner:
                         rest_s = 2 * POLL_S
                 while todo and rest_s is None and len(running) < self.svc.settings.batch_concurrency:
                     running.add(asyncio.create_task(self._answer(record, todo.pop())))
+                if not running:  # its slice ended with nothing in flight
+                    break
                 finished, running = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
                 for task in finished:
                     try:
