@@ -239,3 +239,21 @@ def test_recursive_schemas_are_enforced(vocab: Any, schema: Any, answer: str, wr
     assert fmt is not None
     assert _admits(vocab, fmt.grammar(), answer)
     assert not _admits(vocab, fmt.grammar(), wrong)  # the recursion's members are checked too
+
+
+def test_a_definition_is_enforced_as_itself_whatever_its_name() -> None:
+    """A definition named as a property (``address``) was enforced as the property's inline schema:
+    the converter reused the rule of that name."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "address": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+            "home": {"$ref": "#/$defs/address"},
+        },
+        "$defs": {"address": {"type": "object", "properties": {"z": {"type": "integer"}}, "required": ["z"]}},
+        "required": ["address", "home"],
+    }
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "d", "schema": schema}})
+    assert fmt is not None
+    home = next(line for line in fmt.grammar().splitlines() if line.startswith("home ::= "))
+    assert home == "home ::= def-address"

@@ -726,3 +726,23 @@ async def test_an_upload_cut_short_by_its_client_is_a_400_and_keeps_nothing(
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     async with gw.sdk() as client:
         assert (await client.files.list()).data == []
+
+
+def test_a_run_never_drops_a_line_its_create_accepted() -> None:
+    """The schema check is the create's alone: a run (on a gateway of another version, which may
+    judge a schema otherwise) kept only the lines it accepted and the batch completed without the
+    others in either file."""
+    row = _chat(
+        "bounded",
+        "x",
+        1,
+        3,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "n", "schema": {"type": "integer", "maximum": 9}},
+        },
+    )
+    data = _jsonl([row])
+    assert [line.custom_id for line in parse_input(data, "/v1/chat/completions").lines] == ["bounded"]
+    checked = parse_input(data, "/v1/chat/completions", formats=True)
+    assert checked.lines == [] and [e.code for e in checked.errors] == ["invalid_response_format"]

@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from breakwater.protocol.formats import FormatError, parse_response_format
-from breakwater.protocol.schema_check import unenforced
+from breakwater.protocol.schema_check import json_safe_classes, unenforced
 
 
 class Address(BaseModel):
@@ -102,7 +102,7 @@ def test_what_pydantic_writes_for_the_usual_models_is_enforced() -> None:
             "`pattern` at `properties.code` (not anchored: it must start with ^ and end with $)",
         ),
         ({"type": "string", "pattern": "^\\bword$"}, "`pattern` (its `\\b` (enforced:"),
-        ({"type": "string", "pattern": '^say "hi"$'}, '`pattern` (it matches `"` or `\\`'),
+        ({"type": "string", "pattern": '^say "hi"$'}, '`pattern` (it matches `"`, `\\` or a control'),
     ],
 )
 def test_a_keyword_the_grammar_passes_over_is_named_and_refused(schema: dict[str, Any], named: str) -> None:
@@ -111,3 +111,30 @@ def test_a_keyword_the_grammar_passes_over_is_named_and_refused(schema: dict[str
         parse_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     assert refused.value.param == "response_format.json_schema.schema"
     assert f"uses {named}" in str(refused.value) and "which this server cannot enforce" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": ["a"]},
+        {"$defs": [1]},
+        {"anyOf": 5},
+        {"type": "array", "prefixItems": [{}], "minItems": "1"},
+    ],
+)
+def test_a_malformed_schema_is_refused_not_a_crash(schema: dict[str, Any]) -> None:
+    """Each raised inside the check (a 500) where the converter's own failure had been a 400."""
+    assert (unenforced(schema) or "").startswith("a part that is no JSON Schema")
+    with pytest.raises(FormatError):
+        parse_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
+@pytest.mark.parametrize("pattern", ["^[ -~]+$", "^[A-z]+$", "^a\nb$"])
+def test_a_pattern_whose_range_takes_a_quote_or_backslash_is_refused(pattern: str) -> None:
+    assert "a JSON string must escape" in (unenforced({"type": "string", "pattern": pattern}) or "")
+
+
+def test_only_a_grammars_classes_are_made_json_safe_never_its_literals() -> None:
+    """An enum's value ``"[^a]"`` was rewritten into a broken grammar."""
+    grammar = 'x ::= "\\"[^a]\\"" | [^b] | "q"'
+    assert json_safe_classes(grammar) == 'x ::= "\\"[^a]\\"" | [^"\\\\\\x7F\\x00-\\x1Fb] | "q"'

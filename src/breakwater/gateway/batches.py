@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -239,7 +240,7 @@ async def create_batch(body: CreateBatch, request: Request, who: Caller) -> Resp
     data = await store.file_data(file.id)
     if data is None:
         raise _not_found("file", file.id, "input_file_id")
-    parsed = await asyncio.to_thread(parse_input, data, body.endpoint)  # up to files_max_bytes of JSON
+    parsed = await asyncio.to_thread(partial(parse_input, formats=True), data, body.endpoint)  # (its size)
     now = int(time.time())
     record = BatchRecord(
         id=new_id("batch_"),

@@ -80,10 +80,12 @@ class Parsed:
         return models.pop() if len(models) == 1 else ""
 
 
-def parse_input(data: bytes, endpoint: str) -> Parsed:
+def parse_input(data: bytes, endpoint: str, *, formats: bool = False) -> Parsed:
     """The batch's lines, or why they cannot run: every line a JSON object with a unique
     ``custom_id``, ``method`` POST, ``url`` the batch's endpoint and a ``body`` that endpoint takes
-    (not streamed, no parameter the engine refuses). Lines are numbered from 1 as in the file
+    (not streamed, no parameter the engine refuses; with ``formats``, at create, a
+    ``response_format`` the grammar can enforce: a run never drops a line the create accepted, a
+    gateway of another version may judge it otherwise). Lines are numbered from 1 as in the file
     (blank ones counted, never run); a line's index (from 0) counts only those that are not."""
     model = ENDPOINTS[endpoint]
     lines: list[Line] = []
@@ -98,7 +100,7 @@ def parse_input(data: bytes, endpoint: str) -> Parsed:
         ]
         return Parsed([], errors, len(rows))
     for index, (number, row) in enumerate(rows):
-        line = _line(index, number, row, endpoint, model, seen)
+        line = _line(index, number, row, endpoint, model, seen, formats)
         if isinstance(line, Line):
             lines.append(line)
         elif len(errors) < MAX_ERRORS:
@@ -107,7 +109,13 @@ def parse_input(data: bytes, endpoint: str) -> Parsed:
 
 
 def _line(
-    index: int, number: int, row: bytes, endpoint: str, model: type[LineBody], seen: set[str]
+    index: int,
+    number: int,
+    row: bytes,
+    endpoint: str,
+    model: type[LineBody],
+    seen: set[str],
+    formats: bool = False,
 ) -> Line | LineError:
     try:
         item = orjson.loads(row)
@@ -140,18 +148,18 @@ def _line(
         param, msg, _ = described(exc.errors()[0])
         where = f"body.{param}" if param else "body"
         return LineError("invalid_body", f"{where}: {msg}", number, where)
-    refused = _not_served(parsed, number)
+    refused = _not_served(parsed, number, formats)
     return refused if refused is not None else Line(index, custom_id, parsed)
 
 
-def _not_served(parsed: LineBody, number: int) -> LineError | None:
+def _not_served(parsed: LineBody, number: int, formats: bool) -> LineError | None:
     """What a valid body asks that a batch line does not serve."""
     name = parsed.unsupported_parameter()
     if name is not None:
         return LineError(
             "unsupported_parameter", f"`{name}` is not supported by this server", number, f"body.{name}"
         )
-    if isinstance(parsed, ChatCompletionRequest):  # a schema the grammar cannot keep: refused at create
+    if formats and isinstance(parsed, ChatCompletionRequest):  # a schema the grammar cannot keep
         try:
             parse_response_format(parsed.response_format)
         except FormatError as exc:

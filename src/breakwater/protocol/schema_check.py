@@ -40,7 +40,15 @@ MAX_DEPTH = 64  # levels of nesting in a schema (JSON's own encoder stops at 255
 
 def unenforced(schema: Any, at: str = "") -> str | None:
     """The first keyword of ``schema`` the grammar would pass over, as "`keyword` at `path`"
-    (the path from the schema's root; "`keyword`" alone at the root); None when it keeps them all."""
+    (the path from the schema's root; "`keyword`" alone at the root); None when it keeps them all.
+    A schema malformed where it is read (``properties`` a list, ``anyOf`` a number) is named so."""
+    try:
+        return _unenforced(schema, at)
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+        return f"a part that is no JSON Schema ({type(exc).__name__}: {str(exc)[:80]})"
+
+
+def _unenforced(schema: Any, at: str = "") -> str | None:
     if not isinstance(schema, dict):
         return None
     used = {k for k in schema if k not in ANNOTATIONS and k not in ("$defs", "definitions")}
@@ -61,7 +69,7 @@ def unenforced(schema: Any, at: str = "") -> str | None:
         ):
             return f"`allOf` with a member that is not an object's properties at `{_at(at, f'allOf.{i}')}`"
     for key, sub in _subschemas(schema):
-        found = unenforced(sub, _at(at, key))
+        found = _unenforced(sub, _at(at, key))
         if found is not None:
             return found
     return None
@@ -196,8 +204,8 @@ def pattern_problem(pattern: str) -> str | None:
     """Why ``pattern`` cannot be enforced in a JSON string, or None."""
     if not (pattern.startswith("^") and pattern.endswith("$")):
         return "not anchored: it must start with ^ and end with $"
-    if '"' in pattern or "\\\\" in pattern:
-        return 'it matches `"` or `\\`, which a JSON string must escape'
+    if '"' in pattern or "\\\\" in pattern or any(c < " " for c in pattern) or _range_over_escapes(pattern):
+        return 'it matches `"`, `\\` or a control character, which a JSON string must escape'
     in_class, i = False, 0
     while i < len(pattern) - 1:
         ch, nxt = pattern[i], pattern[i + 1]
@@ -209,6 +217,14 @@ def pattern_problem(pattern: str) -> str | None:
         in_class = (in_class and ch != "]") or (not in_class and ch == "[")
         i += 1
     return None
+
+
+def _range_over_escapes(pattern: str) -> bool:
+    """Whether a class range of ``pattern`` (`[ -~]`, `[A-z]`) spans `"` or `\\`."""
+    for low, high in re.findall(r"(?<!\\)(.)-(?!\])(.)", pattern):
+        if low <= '"' <= high or low <= "\\" <= high:
+            return True
+    return False
 
 
 def json_patterns(schema: Any) -> Any:
@@ -247,9 +263,27 @@ def json_pattern(pattern: str) -> str:
 
 
 def json_safe_classes(grammar: str) -> str:
-    """The converter's `.` and negated classes leave out what a JSON string must escape."""
+    """The converter's `.` and negated classes leave out what a JSON string must escape (a class's
+    `[^` only: never text inside a literal, an enum's value `"[^a]"`)."""
     grammar = grammar.replace("dot ::= [^\\x0A\\x0D]", f"dot ::= [^{_SAFE}]")
-    return re.sub(r"\[\^(?!\"\\\\)", lambda _: f"[^{_SAFE}", grammar)
+    out, i, state = [], 0, ""  # state: "" (rule text), '"' (a literal), "[" (a class)
+    while i < len(grammar):
+        ch = grammar[i]
+        if state and ch == "\\":
+            out.append(grammar[i : i + 2])
+            i += 2
+            continue
+        if not state and ch == "[" and grammar.startswith("[^", i) and not grammar.startswith('[^"\\', i):
+            out.append(f"[^{_SAFE}")
+            state, i = "[", i + 2
+            continue
+        if not state and ch in '"[':
+            state = ch
+        elif (state == '"' and ch == '"') or (state == "[" and ch == "]"):
+            state = ""
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 ROOT_DEF = "root-schema"  # the root's own definition, where a schema refers to itself (`"$ref": "#"`)
@@ -262,8 +296,8 @@ def converter_ready(schema: dict[str, Any]) -> dict[str, Any]:
     replaced by what it names (the converter failed on both)."""
     own = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
     names: dict[str, str] = {}
-    for name in own:
-        safe = re.sub(r"[^a-zA-Z0-9-]", "-", name) or "def"
+    for name in own:  # prefixed: never the name of a rule the converter gives a property or a type
+        safe = "def-" + re.sub(r"[^a-zA-Z0-9-]", "-", name)
         while safe in names.values() or safe == ROOT_DEF:
             safe += "-"
         names[name] = safe
@@ -279,8 +313,9 @@ def converter_ready(schema: dict[str, Any]) -> dict[str, Any]:
         if ref == "#":
             out["$ref"] = f"#/$defs/{ROOT_DEF}"
         elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-            name = ref.split("/", 2)[2]
-            out["$ref"] = f"#/$defs/{names.get(name, name)}"
+            parts = ref.split("/")  # (a pointer into a definition keeps the rest of its path)
+            parts[1], parts[2] = "$defs", names.get(parts[2], parts[2])
+            out["$ref"] = "/".join(parts)
         return out
 
     defs = {names[name]: moved(sub) for name, sub in own.items() if isinstance(sub, dict)}

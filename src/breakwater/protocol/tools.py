@@ -115,7 +115,21 @@ class AutoCalls:
         for function in self.functions:
             function.check_enforced()
         defs: dict[str, Any] = {}
-        one_of = [
+        try:
+            one_of = self._calls(defs)
+        except (TypeError, AttributeError, ValueError) as exc:  # parameters malformed where moved
+            raise FormatError(f"the tools' parameters are no JSON Schema: {exc}", "tools") from exc
+        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": one_of}}
+        if defs:
+            schema["$defs"] = defs
+        schema["minItems"] = 1 if self.required else 0
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return self._format(schema)
+
+    def _calls(self, defs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each function's call as a schema, its definitions moved into ``defs``."""
+        return [
             {
                 "type": "object",
                 "properties": {"name": {"const": f.name}, "arguments": _hoisted(f.parameters, f"f{i}", defs)},
@@ -123,12 +137,8 @@ class AutoCalls:
             }
             for i, f in enumerate(self.functions)
         ]
-        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": one_of}}
-        if defs:
-            schema["$defs"] = defs
-        schema["minItems"] = 1 if self.required else 0
-        if not self.parallel:
-            schema["maxItems"] = 1
+
+    def _format(self, schema: dict[str, Any]) -> OutputFormat:
         fmt = OutputFormat(
             "json_schema",
             orjson.dumps(schema).decode(),
@@ -146,10 +156,10 @@ class AutoCalls:
 
 def _hoisted(parameters: dict[str, Any], tag: str, defs: dict[str, Any]) -> dict[str, Any]:
     """A function's parameters placed inside the calls' schema: its ``$defs`` (or ``definitions``)
-    moved to the root's, named ``<tag>-<name>``, and its references (``#/$defs/X``, ``#`` itself)
+    moved to the root's, named ``<tag>-defs-<name>``, and its references (``#/$defs/X``, ``#`` itself)
     pointed at them; they pointed at a root that no longer held them (a pydantic tool with a nested
     model or an enum was refused)."""
-    own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    own = {**(parameters.get("definitions") or {}), **(parameters.get("$defs") or {})}
     if not own and not refers_to_root(parameters):
         return parameters
     body = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
@@ -164,10 +174,12 @@ def _hoisted(parameters: dict[str, Any], tag: str, defs: dict[str, Any]) -> dict
         if ref == "#":
             out["$ref"] = f"#/$defs/{tag}"
         elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-            out["$ref"] = f"#/$defs/{tag}-{ref.rsplit('/', 1)[1]}"
+            parts = ref.split("/")  # (a pointer into a definition keeps the rest of its path)
+            parts[1], parts[2] = "$defs", f"{tag}-defs-{parts[2]}"
+            out["$ref"] = "/".join(parts)
         return out
 
-    defs.update({f"{tag}-{name}": moved(schema) for name, schema in own.items()})
+    defs.update({f"{tag}-defs-{name}": moved(schema) for name, schema in own.items()})
     defs[tag] = moved(body)
     return {"$ref": f"#/$defs/{tag}"}
 
