@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -131,7 +132,11 @@ class ShardedFanin(Channels):
             return conn
         pending = self._connecting.get(addr)
         if pending is None:
-            pending = asyncio.ensure_future(self._connect(addr))
+            # Shared by every request from now on: never the context (request id, tenant) of the
+            # request that happened to open it, which its log lines would name.
+            pending = asyncio.get_running_loop().create_task(
+                self._connect(addr), context=contextvars.Context()
+            )
             self._connecting[addr] = pending
             pending.add_done_callback(lambda _: self._connecting.pop(addr, None))
         return await asyncio.shield(pending)
@@ -198,7 +203,7 @@ class ShardedFanin(Channels):
                 self._repair.set()
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task = asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

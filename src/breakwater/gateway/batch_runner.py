@@ -52,6 +52,7 @@ CUT_SHORT_MAX = 5  # a line whose request is cut short (RETRY_CODES) this often 
 # for at least REST_S (it rests that long), and after SLICE_S of sending while more batches wait.
 REST_S = 5.0
 SLICE_S = 60.0
+OWNERS_LIMITS = frozenset({"rate_limit_exceeded", "insufficient_quota"})  # its key's or tenant's 429s
 
 
 class _Rest(Exception):
@@ -209,7 +210,8 @@ class BatchRunner:
                     return None  # cancelled or out of time: to be finished now
                 if rest_s is None and todo and time.monotonic() >= slice_end:
                     slice_end = time.monotonic() + SLICE_S
-                    if len(await self.store.active()) > len(self._running):  # others wait for a place
+                    full = len(self._running) >= self.svc.settings.batch_max_running
+                    if full and len(await self.store.active()) > len(self._running):  # others wait
                         rest_s = 2 * POLL_S
                 while todo and rest_s is None and len(running) < self.svc.settings.batch_concurrency:
                     running.add(asyncio.create_task(self._answer(record, todo.pop())))
@@ -240,7 +242,7 @@ class BatchRunner:
             except APIError as exc:
                 attempt += 1
                 wait_s = _retry_after_s(exc, attempt, record.expires_at - time.time())
-                if wait_s is not None and exc.status == 429 and wait_s >= REST_S:
+                if wait_s is not None and exc.code in OWNERS_LIMITS and wait_s >= REST_S:
                     raise _Rest(wait_s) from None  # not holding a place other owners' batches need
                 if wait_s is not None and await self._goes_on(record):
                     await asyncio.sleep(wait_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 
@@ -69,7 +70,8 @@ class VersionRouter:
         if not join or task is None or task.done() or time.monotonic() - self._read_at > JOIN_S:
             self._generation += 1
             self._read_at = time.monotonic()
-            task = self._reading = asyncio.create_task(self._read(self._generation), name="aliases")
+            read = self._read(self._generation)  # shared by the requests that join it: no one's context
+            task = self._reading = asyncio.create_task(read, name="aliases", context=contextvars.Context())
             task.add_done_callback(_retrieved)
         return task
 
