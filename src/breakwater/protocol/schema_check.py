@@ -11,6 +11,7 @@ Annotations (titles, descriptions, defaults, examples) constrain nothing and are
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 ANNOTATIONS = frozenset(
@@ -304,19 +305,7 @@ def converter_ready(schema: dict[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
 
     def moved(value: Any) -> Any:
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        if not isinstance(value, dict):
-            return value
-        out = {k: moved(v) for k, v in value.items() if k not in ("$defs", "definitions")}
-        ref = value.get("$ref")
-        if ref == "#":
-            out["$ref"] = f"#/$defs/{ROOT_DEF}"
-        elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-            parts = ref.split("/")  # (a pointer into a definition keeps the rest of its path)
-            parts[1], parts[2] = "$defs", names.get(parts[2], parts[2])
-            out["$ref"] = "/".join(parts)
-        return out
+        return retargeted(value, lambda name: names.get(name, name), ROOT_DEF)
 
     defs = {names[name]: moved(sub) for name, sub in own.items() if isinstance(sub, dict)}
     root = moved(body)
@@ -326,6 +315,25 @@ def converter_ready(schema: dict[str, Any]) -> dict[str, Any]:
     if isinstance(ref, str) and ref.removeprefix("#/$defs/") in defs:
         root = dict(defs[ref.removeprefix("#/$defs/")])
     return {**root, "$defs": defs} if defs else root
+
+
+def retargeted(value: Any, rename: Callable[[str], str], root: str) -> Any:
+    """``value`` with its references pointed at definitions moved to the root's ``$defs``:
+    `#/$defs/X` or `#/definitions/X` (a pointer into one keeps the rest of its path) at
+    `#/$defs/<rename(X)>`, `#` at `#/$defs/<root>`; definitions inside it left out."""
+    if isinstance(value, list):
+        return [retargeted(v, rename, root) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: retargeted(v, rename, root) for k, v in value.items() if k not in ("$defs", "definitions")}
+    ref = value.get("$ref")
+    if ref == "#":
+        out["$ref"] = f"#/$defs/{root}"
+    elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+        parts = ref.split("/")
+        parts[1], parts[2] = "$defs", rename(parts[2])
+        out["$ref"] = "/".join(parts)
+    return out
 
 
 def refers_to_root(value: Any) -> bool:

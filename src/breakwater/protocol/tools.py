@@ -21,7 +21,14 @@ import orjson
 
 from breakwater.protocol import toolformats
 from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
-from breakwater.protocol.schema_check import ENFORCED, MAX_DEPTH, refers_to_root, too_deep, unenforced
+from breakwater.protocol.schema_check import (
+    ENFORCED,
+    MAX_DEPTH,
+    refers_to_root,
+    retargeted,
+    too_deep,
+    unenforced,
+)
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -165,19 +172,7 @@ def _hoisted(parameters: dict[str, Any], tag: str, defs: dict[str, Any]) -> dict
     body = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
 
     def moved(value: Any) -> Any:
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        if not isinstance(value, dict):
-            return value
-        out = {k: moved(v) for k, v in value.items()}
-        ref = value.get("$ref")
-        if ref == "#":
-            out["$ref"] = f"#/$defs/{tag}"
-        elif isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
-            parts = ref.split("/")  # (a pointer into a definition keeps the rest of its path)
-            parts[1], parts[2] = "$defs", f"{tag}-defs-{parts[2]}"
-            out["$ref"] = "/".join(parts)
-        return out
+        return retargeted(value, lambda name: f"{tag}-defs-{name}", tag)
 
     defs.update({f"{tag}-defs-{name}": moved(schema) for name, schema in own.items()})
     defs[tag] = moved(body)
