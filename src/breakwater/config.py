@@ -73,6 +73,17 @@ class CommonSettings(BaseSettings):
     # Per-tenant Prometheus series only for these tenants (the rest are "other"): bounded cardinality.
     metrics_tenants: str = Field(default="", description="comma-separated tenants with their own series")
 
+    @field_validator("redis_url", "cache_redis_url")
+    @classmethod
+    def _redis_url_valid(cls, value: str) -> str:
+        """A URL the Redis client can use, or the setting's one-line error (not a startup traceback)."""
+        if value:
+            from breakwater.broker.connection import url_problem  # the client's module imports this one
+
+            if (problem := url_problem(value)) is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("partitions")
     @classmethod
     def _partitions_valid(cls, value: str) -> str:

@@ -29,7 +29,8 @@ def settings_error(exc: ValidationError) -> str | None:
             continue
         field = str(error["loc"][0])
         shown = "" if any(w in field for w in _SECRET_WORDS) else f" (got {error.get('input')!r})"
-        lines.append(f"{PREFIX}{field.upper()}: {error['msg']}{shown}")
+        said = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{PREFIX}{field.upper()}: {said}{shown}")
     return "\n".join(lines)
 
 

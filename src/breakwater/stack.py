@@ -24,6 +24,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from pydantic import ValidationError
 
+from breakwater.broker.connection import url_problem
 from breakwater.config import GatewaySettings
 from breakwater.engines import ENGINES
 from breakwater.hosts import is_loopback
@@ -214,6 +215,8 @@ class Stack:
             settings = GatewaySettings()
         except ValidationError as exc:
             raise StackError(settings_error(exc) or str(exc)) from None
+        if self.config.redis_url and (problem := url_problem(self.config.redis_url)) is not None:
+            raise StackError(f"--redis-url: {problem}")
         if settings.auth == "keys":
             try:
                 settings.pepper()

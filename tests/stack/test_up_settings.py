@@ -38,6 +38,7 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ((), {"BREAKWATER_AUTH": "Keys"}, "BREAKWATER_AUTH: Input should be 'off' or 'keys' (got 'Keys')"),
         ((), {"BREAKWATER_METRICS_PORT": "99999"}, "BREAKWATER_METRICS_PORT"),
         (("--workers", "0"), {}, "--workers must be at least 1"),
+        (("--redis-url", "redis://127.0.0.1:notaport/0"), {}, "--redis-url: Port could not be cast"),
         (
             (),
             {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": "/nonexistent/pepper"},
@@ -61,6 +62,24 @@ def test_a_bad_setting_of_any_command_is_one_line_naming_it() -> None:
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "BREAKWATER_LOG_JSON:" in out and "Traceback" not in out and len(out.splitlines()) == 1, out
+
+
+@pytest.mark.parametrize("command", [("gateway", "--port", str(free_port())), ("worker", "--model", "sim")])
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("127.0.0.1:6379", "a Redis URL begins with one of redis://, rediss://, unix://"),
+        ("redis://:hunter2@127.0.0.1:99999/0", "Port out of range 0-65535"),
+        ("redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1", "a cluster URL lists host:port seeds"),
+    ],
+)
+def test_a_redis_url_that_cannot_be_used_is_one_line(command: tuple[str, ...], url: str, said: str) -> None:
+    """It was the client's traceback from the gateway's startup (exit 3) or the worker's."""
+    done = _run(*command, env={"BREAKWATER_REDIS_URL": url})
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert out.startswith("error: BREAKWATER_REDIS_URL: ") and said in out and len(out.splitlines()) == 1, out
+    assert "hunter2" not in out and "Traceback" not in out, out
 
 
 @pytest.mark.parametrize(

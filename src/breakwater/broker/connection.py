@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +20,7 @@ from breakwater.config import CommonSettings
 from breakwater.secret import secret
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # -> TLS
+MAX_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ClusterUrl:
         seeds: list[tuple[str, int]] = []
         for item in hosts.split(","):
             host, _, port = item.strip().rpartition(":")
-            if not host or not port.isdigit():
+            if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
                 raise ValueError(f"a cluster URL lists host:port seeds, got {item!r}")
             seeds.append((host.strip("[]"), int(port)))
         query = parse_qs(query_string)
@@ -63,6 +64,21 @@ class ClusterUrl:
             query["ssl_ca_certs"][0] if query.get("ssl_ca_certs") else None,
             (query.get("ssl_cert_reqs") or ["required"])[0] != "none",
         )
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a Redis (or Redis Cluster) URL; None if nothing."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in {"redis", "rediss", "unix", *CLUSTER_SCHEMES}:
+        return (
+            f"a Redis URL begins with one of redis://, rediss://, unix://, {'://, '.join(CLUSTER_SCHEMES)}://"
+        )
+    try:
+        if ClusterUrl.parse(url) is None:
+            parse_url(url)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 # RESP2, whatever redis-py's default (8.x moved it to RESP3): the reply shapes every caller reads
