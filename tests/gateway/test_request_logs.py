@@ -186,3 +186,40 @@ def test_plain_lines_carry_the_same_fields_and_no_query_string() -> None:
         'gateway INFO 127.0.0.1:5000 - "WebSocket /v1/ws?..." [accepted] tenant=acme key=key_1'
     )
     assert "bw-secret" not in stream.getvalue()
+
+
+async def test_an_unexpected_error_has_its_refused_line_with_the_caller(
+    redis_server: RedisServer, prefix: str, lines: _Lines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug's 500 had its ``unexpected error`` traceback but no ``request refused`` line (the
+    server-error handler runs outside the middleware that writes it), so a count of refusals by
+    status missed every 500, and the line never said whose request it was."""
+    async with inproc_gateway(
+        redis_server.url, prefix, auth="keys", auth_pepper=PEPPER, auth_cache_s=0
+    ) as gw:
+        broker = gw.app.state.service.broker
+        secret, key = await broker.api_keys(PEPPER.encode()).create(ApiKey(id="", tenant="acme"))
+
+        async def broken(*_: Any, **__: Any) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(gw.app.state.service, "submit", broken)
+        http = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=gw.app, raise_app_exceptions=False), base_url="http://gw"
+        )
+        async with http:
+            auth = {"Authorization": f"Bearer {secret}"}
+            resp = await http.post("/v1/completions", json=BODY, headers=auth)
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "internal_error"
+    (line,) = lines.named("request refused")
+    assert {k: line.get(k) for k in ("status", "code", "path", "method", "tenant", "key", "level")} == {
+        "status": 500,
+        "code": "internal_error",
+        "path": "/v1/completions",
+        "method": "POST",
+        "tenant": "acme",
+        "key": key.id,
+        "level": "warning",
+    }
+    assert line["request_id"] == resp.headers["x-request-id"]
+    assert len(lines.named("unexpected error")) == 1

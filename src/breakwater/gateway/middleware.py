@@ -41,9 +41,12 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
         caller, refusal = caller_var.set(None), refusal_var.set((None, None))  # this request's own
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] in ("http.response.start", "websocket.accept"):
+                started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers
@@ -53,6 +56,10 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not started and scope["type"] == "http":  # the server-error handler outside answers 500
+                refused(scope.get("method"), scope.get("path"), 500, "internal_error", None)
+            raise
         finally:
             request_id_var.reset(token)
             caller_var.reset(caller)
