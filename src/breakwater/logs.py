@@ -19,6 +19,14 @@ refusal_var: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars
 )
 
 
+def caller_fields(tenant: str, key_id: str) -> dict[str, str]:
+    """A request's owner as its lines name it where no request context is set (a worker's lines)."""
+    out = {"tenant": tenant} if tenant else {}
+    if key_id:
+        out["key"] = key_id
+    return out
+
+
 def _context(record: logging.LogRecord) -> dict[str, object]:
     """What a line says beside its message: the request's ids and caller, and its own fields."""
     out: dict[str, object] = {}

@@ -70,6 +70,13 @@ async def test_lines_name_the_tenant_and_key_and_every_refusal(
         assert (queued["tenant"], queued["key"]) == ("acme", key.id)
         assert queued["request_id"] == served.headers["x-request-id"]
         assert not lines.named("request refused")  # a served request is not logged as one
+        deadline = time.monotonic() + 10
+        while not lines.named("job finished"):  # the worker logs it after the answer's last event
+            assert time.monotonic() < deadline, "the worker never logged the job's end"
+            await asyncio.sleep(0.01)
+        for msg in ("job started", "job finished"):  # the worker's lines name whose job it ran
+            (ran,) = lines.named(msg)
+            assert (ran["tenant"], ran["key"], ran["request_id"]) == ("acme", key.id, queued["request_id"])
 
         limited = await gw.http.post("/v1/completions", json=BODY, headers=auth)  # the tenant's 1 rpm
         wrong = await gw.http.post("/v1/completions", json=BODY, headers={"Authorization": "Bearer bw-nope"})

@@ -22,6 +22,7 @@ from breakwater.broker.types import BEHIND
 from breakwater.config import WorkerSettings
 from breakwater.engines.base import SequenceDelta
 from breakwater.engines.stepcost import Rating
+from breakwater.logs import caller_fields
 from breakwater.worker.jobs import InFlight, error_type
 from breakwater.worker.metrics import WorkerMetrics
 
@@ -180,7 +181,11 @@ class FinishingMixin:
                 extra={
                     "rid": rid,
                     "request_id": flight.job.xrid,
-                    "fields": {"finish_reason": delta.finish_reason, "usage": delta.usage},
+                    "fields": {
+                        "finish_reason": delta.finish_reason,
+                        "usage": delta.usage,
+                        **(caller_fields(b.tenant, b.key_id) if (b := flight.billing) is not None else {}),
+                    },
                 },
             )
         self._forget(flight)  # only now: the slot counts as taken until its job is acked

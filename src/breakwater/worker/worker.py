@@ -22,6 +22,7 @@ from breakwater.engines.base import (
 )
 from breakwater.engines.stepcost import Rating
 from breakwater.keys import queues
+from breakwater.logs import caller_fields
 from breakwater.rollout.aliases import served_name
 from breakwater.runtime import settle_heap
 from breakwater.stopping import report_stuck, stop_loops
@@ -319,7 +320,11 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             "job started",
             extra={
                 **extra,
-                "fields": {"attempt": result.attempt, "continued_tokens": request.emitted_tokens},
+                "fields": {
+                    "attempt": result.attempt,
+                    "continued_tokens": request.emitted_tokens,
+                    **caller_fields(record.spec.tenant, record.spec.key_id),
+                },
             },
         )
 
