@@ -128,13 +128,19 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (key_..
 def keys_rotate(
     key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")],
     grace: Annotated[str | None, typer.Option(help="keep the old key working this long, e.g. 1h")] = None,
+    expires_in: Annotated[
+        str | None, typer.Option(help="the new key's lifetime, e.g. 90d, or never (default: the old one's)")
+    ] = None,
 ) -> None:
-    """A new key with the same tenant and limits; the old one is revoked (after --grace)."""
+    """A new key with the same tenant, limits and expiry; the old one is revoked (after --grace)."""
     from breakwater.broker.api_keys import RotatedAlready
 
     grace_s = _seconds(grace, 0, "--grace") if grace else 0
+    expires = None
+    if expires_in is not None:
+        expires = 0 if expires_in == "never" else int(time.time()) + _seconds(expires_in, 1, "--expires-in")
     try:
-        rotated = _with_store(lambda store: store.rotate(key_id, grace_s))
+        rotated = _with_store(lambda store: store.rotate(key_id, grace_s, expires))
     except RotatedAlready as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None

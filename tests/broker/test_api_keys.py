@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 from typer.testing import CliRunner
@@ -14,6 +16,7 @@ from breakwater.broker import Broker
 from breakwater.broker.api_keys import KeyStore, RotatedAlready
 from breakwater.cli import app
 from breakwater.keys import Keys
+from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 
 PEPPER = b"api-keys-test-pepper-0123456789ab"
@@ -140,3 +143,36 @@ def test_tenants_set_refuses_a_tenant_no_key_can_belong_to(tenant: str) -> None:
 def test_usage_refuses_a_range_that_ends_before_it_starts() -> None:
     result = CliRunner().invoke(app, ["usage", "--start-date", "2026-12-08", "--end-date", "2026-12-01"])
     assert result.exit_code == 2 and "on or after --start-date" in result.output, result.output
+
+
+def _json(output: str) -> dict[str, Any]:
+    """The JSON object a keys command printed (before its note for people, if any)."""
+    start, end = output.index("{"), output.rindex("}")
+    data: dict[str, Any] = orjson.loads(output[start : end + 1])
+    return data
+
+
+def test_keys_rotate_gives_the_new_key_a_lifetime_of_its_own_when_asked(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A rotated key kept its predecessor's expiry time: a key rotated the day before it expired
+    (a 90-day key, as a policy rotates it) lived one more day, and nothing could say otherwise."""
+    env = {
+        "BREAKWATER_REDIS_URL": redis_server.url,
+        "BREAKWATER_KEY_PREFIX": prefix,
+        "BREAKWATER_AUTH_PEPPER": PEPPER.decode(),
+    }
+
+    def run(*args: str) -> dict[str, Any]:
+        result = CliRunner().invoke(app, ["keys", *args], env=env)
+        assert result.exit_code == 0, result.output
+        return _json(result.output)
+
+    created = run("create", "--tenant", "acme", "--expires-in", "1d")
+    kept = run("rotate", created["id"])
+    assert kept["expires"] == created["expires"]  # by default as before: the old key's end
+    longer = run("rotate", kept["id"], "--expires-in", "90d")
+    assert abs(longer["expires"] - (time.time() + 90 * 86400)) < 60
+    assert run("rotate", longer["id"], "--expires-in", "never")["expires"] is None
+    result = CliRunner().invoke(app, ["keys", "rotate", "key_x", "--expires-in", "0s"], env=env)
+    assert result.exit_code == 2 and "from 1s" in result.output, result.output

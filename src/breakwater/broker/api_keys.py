@@ -90,8 +90,11 @@ class KeyStore:
             await self.redis.hset(self.keys.api_key(digest), "expires", str(at))
         return await self.get(key_id)
 
-    async def rotate(self, key_id: str, grace_s: int = 0) -> tuple[str, ApiKey] | None:
-        """A new key with the same tenant and limits; the old one is revoked (after ``grace_s``) and
+    async def rotate(
+        self, key_id: str, grace_s: int = 0, expires: int | None = None
+    ) -> tuple[str, ApiKey] | None:
+        """A new key with the same tenant and limits (and expiry, unless ``expires`` gives its own:
+        unix seconds, 0 never); the old one is revoked (after ``grace_s``) and
         names the new one as its successor, so work it started (a batch) goes on as the new key.
         None when the key is not live; :class:`RotatedAlready` when it was rotated (or is being
         rotated) already: of two rotations at once, one makes a key and the other none."""
@@ -101,7 +104,7 @@ class KeyStore:
             return None
         if old.successor:
             raise RotatedAlready(key_id, old.successor)
-        secret, created = await self.create(old)
+        secret, created = await self.create(old if expires is None else replace(old, expires=expires))
         now = int(time.time())
         end = now + grace_s if grace_s > 0 else 0
         # One call claims the key (once), names its successor and ends it: no state between.
