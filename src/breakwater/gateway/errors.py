@@ -34,6 +34,11 @@ class JSONBody(Response):
         return orjson.dumps(content)
 
 
+# An error the same request cannot cure by being sent again: the openai SDK retries every 409 and 5xx
+# (twice, by default) unless the answer says not to, and a retried POST is a new request.
+FINAL = {"x-should-retry": "false"}
+
+
 class APIError(Exception):
     """An error the client should see, with its HTTP status and OpenAI error fields; a 400 without a
     code of its own is an ``invalid_value`` (of ``param``)."""
@@ -54,7 +59,7 @@ class APIError(Exception):
         self.type = type
         self.code = code if code is not None or status != 400 else "invalid_value"
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers) if headers else {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
