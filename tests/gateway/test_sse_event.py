@@ -5,7 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from breakwater.gateway.sse import sse_event
+from breakwater.gateway.sse import ChoiceChunks, sse_event
+from breakwater.protocol.events import TokenEvent
+from breakwater.protocol.openai import completion_logprobs
 
 # NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR: JSON may leave them raw; str.splitlines() breaks on them.
 BREAKERS = ("\x85", "\u2028", "\u2029")
@@ -87,3 +89,27 @@ def test_a_plain_token_from_the_template_is_the_chunk_rendered_whole(chat: bool,
         assert (fast.role_sent, fast.offset) == (whole.role_sent, whole.offset)
     lines = fast.token_sse(TokenEvent(99, "token", "a\u2028b", 1)).decode().splitlines()
     assert len(lines) == 3 and orjson.loads(lines[1][6:])["model"] == model
+
+
+def _entry(token: str, raw: bytes) -> dict[str, object]:
+    return {"token": token, "logprob": -0.5, "bytes": list(raw), "top_logprobs": []}
+
+
+def test_completions_text_offsets_count_the_characters_a_tokens_bytes_complete() -> None:
+    """A token holding part of a character (shown as U+FFFD) counted one character: the offsets ran
+    past the text's end, and streamed ones went backwards at the next chunk."""
+    a, first, second, b = (
+        _entry("a", b"a"),
+        _entry("\ufffd", "😀".encode()[:2]),
+        _entry("\ufffd", "😀".encode()[2:]),
+        _entry("b", b"b"),
+    )
+    whole = completion_logprobs([a, first, second, b], 0)["text_offset"]
+    assert whole == [0, 1, 1, 2]  # "a😀b": the emoji starts at 1, "b" at 2
+    render = ChoiceChunks(rid="cmpl-1", model="m", created=1, chat=False)
+    streamed = []
+    for seq, (text, entries) in enumerate((("a", [a]), ("😀b", [first, second, b])), 1):
+        event = TokenEvent(seq=seq, kind="token", text=text, tokens=len(entries), logprobs=entries)
+        chunk = render.token(event)
+        streamed += chunk["choices"][0]["logprobs"]["text_offset"]
+    assert streamed == whole

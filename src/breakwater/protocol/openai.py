@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -318,9 +319,13 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
     """The legacy completions shape of per-token logprobs; ``offset``: the first token's position
     in the text this response has returned so far."""
     offsets = []
+    # Counted in the characters the tokens' bytes complete: a token that holds part of a character
+    # is shown as U+FFFD but adds nothing to the text until the token that completes it.
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
     for entry in entries:
         offsets.append(offset)
-        offset += len(entry["token"])
+        raw = entry.get("bytes")
+        offset += len(decode(bytes(raw) if raw is not None else entry["token"].encode()))
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
