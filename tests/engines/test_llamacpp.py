@@ -103,13 +103,36 @@ async def test_stop_string_ends_output_and_is_not_emitted(engine: LlamaCppEngine
     assert out["c"][-1].finish_reason == "stop"
 
 
+async def test_with_a_stop_string_each_deltas_entries_spell_its_text(engine: LlamaCppEngine) -> None:
+    """A token part of whose text might begin a stop string went out in two deltas, its entry with
+    the first part; and the tokens of the stop string itself had entries."""
+    base = await _generate(
+        engine, GenerationRequest("p", messages=QUESTION, temperature=0.0, max_tokens=16, logprobs=0)
+    )
+    tokens = [e["token"] for d in base["p"] for e in d.logprobs or []]
+    start = next(i for i in range(3, 10) if tokens[i].startswith(" "))  # a word's first token
+    stop = tokens[start].lstrip() + "".join(tokens[start + 1 : start + 3])
+    assert stop not in "".join(tokens[:start]) + tokens[start][:1]
+    out = await _generate(
+        engine,
+        GenerationRequest("q", messages=QUESTION, temperature=0.0, max_tokens=16, logprobs=0, stop=[stop]),
+    )
+    for delta in out["q"][:-1]:
+        assert delta.text == "".join(e["token"] for e in delta.logprobs or []), delta
+    *_, last = out["q"]
+    assert last.finish_reason == "stop" and _text(out["q"]) == "".join(tokens[:start]) + " "
+    spelled = [e["token"] for d in out["q"] for e in d.logprobs or []]
+    assert spelled == tokens[: start + 1]  # the stop's first token wrote the space before it
+
+
 async def test_the_end_token_keeps_held_text_before_an_unfinished_character(engine: LlamaCppEngine) -> None:
     """The answer ends (an end-of-generation token) while the stop checker holds text that may begin
     a stop string and the decoder holds the first bytes of a character: the held text first, then
     the unfinished character (replaced), in the order the model wrote them."""
     engine.add(GenerationRequest("e", messages=QUESTION, temperature=0.0, max_tokens=30, stop=["\n\n"]))
     seq = engine._seqs["e"]
-    assert seq.stop.feed("Red\n") == ("Red", False)  # "\n" held: it may begin the stop string
+    assert seq.stop.feed("Red") == ("Red", False)
+    assert seq.stop.feed("\n") == ("", False)  # held: it may begin the stop string
     assert seq.decoder.decode("€".encode()[:2]) == ""  # two of the euro sign's three bytes
     final = engine._emit(seq, llama_cpp.llama_vocab_eos(engine._vocab))
     assert (final.text, final.finish_reason) == ("\n\ufffd", "stop")

@@ -167,6 +167,44 @@ def test_stop_checker_never_emits_stop_text(
     assert stopped is hit
 
 
+def test_stop_checker_releases_text_by_whole_tokens() -> None:
+    """A token part of whose text might begin a stop string is held whole: " city" with the stop
+    "city of London" went out as " ", its logprobs entry (" city") with it, and "city" later with
+    the next token's entry, so a streamed chunk's entries did not spell its text."""
+    checker = StopChecker(["city of London"])
+    steps = [checker.feed(piece) for piece in (" the", " city", " of", " Paris", ".")]
+    assert steps == [(" the", False), ("", False), ("", False), (" city of Paris", False), (".", False)]
+    checker = StopChecker(["city of London"])
+    assert [checker.feed(p) for p in (" city", " of", " London", "!")][:3] == [
+        ("", False),
+        ("", False),
+        (" ", True),  # the stop begins inside a token: the text before it, nothing after
+    ]
+    checker = StopChecker(["ab"])
+    assert checker.feed("xa") == ("", False)  # a token ending in a stop's start is held whole
+    assert checker.flush() == "xa"
+
+
+def test_stop_checker_keeps_each_tokens_entry_with_its_text() -> None:
+    """Entries go out with their tokens' text; on a stop, those of the tokens that wrote some of the
+    text before it, not those wholly inside the stop string (the guide: a stop string's tokens
+    have no entry)."""
+    checker = StopChecker(["Light. Paris"])
+    fed = [
+        checker.feed_token(piece, piece.upper())
+        for piece in (" the", " City", " of", " Light", ".", " Paris")
+    ]
+    assert fed[:3] == [(" the", False, [" THE"]), (" City", False, [" CITY"]), (" of", False, [" OF"])]
+    assert fed[3:5] == [("", False, []), ("", False, [])]  # " Light" might begin the stop: held
+    assert fed[5] == (" ", True, [" LIGHT"])  # " Light" wrote the " " before the stop; "." and " Paris" none
+    checker = StopChecker(["zz"])
+    assert checker.feed_token("az", 1) == ("", False, [])
+    assert checker.feed_token("b", 2) == ("azb", False, [1, 2])
+    assert checker.feed_token("z", 3) == ("", False, [])
+    assert checker.flush_items() == ("z", [3])
+    assert StopChecker([]).feed_token("x", None) == ("x", False, [])  # no entry asked
+
+
 def test_a_prompt_with_max_tokens_over_the_context_is_refused_not_cut_short() -> None:
     """4 prompt tokens and 5 to generate do not fit 8: refused (it generated 4 and said "length"),
     as OpenAI and vLLM refuse it; 4 fit. A continuation was judged at its start."""

@@ -178,33 +178,56 @@ class Engine(ABC):
 class StopChecker:
     """Applies stop strings to streamed text: never emits a stop string or text past it.
 
-    Text that could be the beginning of a stop string is held back until it is decided.
+    Text that could be the beginning of a stop string is held back until it is decided, by whole
+    tokens: a token any of whose text is held is held whole, with its item (its logprobs entry), so
+    what a step emits is whole tokens' text and their entries; on a stop, the entries of the tokens
+    that wrote some of the text before it (not those wholly inside the stop string).
     """
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]
-        self._pending = ""
+        self._held: list[tuple[str, Any]] = []  # each token held back: its text and item, oldest first
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """Add generated text; returns (text safe to emit, whether a stop string was hit)."""
-        buf = self._pending + text
+        """Add one token's text; returns (text safe to emit, whether a stop string was hit)."""
+        out, stopped, _ = self.feed_token(text)
+        return out, stopped
+
+    def feed_token(self, text: str, item: Any = None) -> tuple[str, bool, list[Any]]:
+        """:meth:`feed`, and the items (not None) of the tokens whose text it emits."""
         if not self._stops:
-            self._pending = ""
-            return buf, False
+            return text, False, [] if item is None else [item]
+        self._held.append((text, item))
+        buf = "".join(t for t, _ in self._held)
         hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
         if hits:
-            self._pending = ""
-            return buf[: min(hits)], True
+            hit, start, items = min(hits), 0, []
+            for piece, held in self._held:  # the tokens whose text begins before the stop string
+                if start >= hit:
+                    break
+                if held is not None:
+                    items.append(held)
+                start += len(piece)
+            self._held = []
+            return buf[:hit], True, items
         hold = 0
         for stop in self._stops:
             for k in range(min(len(stop) - 1, len(buf)), 0, -1):
                 if buf.endswith(stop[:k]):
                     hold = max(hold, k)
                     break
-        self._pending = buf[len(buf) - hold :]
-        return buf[: len(buf) - hold], False
+        first, size = len(self._held), 0  # the oldest token the held text begins in
+        while size < hold:
+            first -= 1
+            size += len(self._held[first][0])
+        out, self._held = self._held[:first], self._held[first:]
+        return "".join(t for t, _ in out), False, [i for _, i in out if i is not None]
 
     def flush(self) -> str:
         """Release held-back text at the end of generation."""
-        out, self._pending = self._pending, ""
-        return out
+        return self.flush_items()[0]
+
+    def flush_items(self) -> tuple[str, list[Any]]:
+        """:meth:`flush`, and the items (not None) of the tokens it releases."""
+        out, self._held = self._held, []
+        return "".join(t for t, _ in out), [i for _, i in out if i is not None]

@@ -421,18 +421,25 @@ class LlamaCppEngine(Engine):
     def _emit(self, seq: _Seq, token: int, logprob: dict[str, Any] | None = None) -> SequenceDelta:
         seq.last_token = token
         rid = seq.request.request_id
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            tail = seq.decoder.decode(b"", final=True)  # after the text the stop checker holds
-            return self._finish(seq, seq.stop.feed(tail)[0] + seq.stop.flush(), 0, "stop")
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):  # it writes nothing: no entry
+            text, entries = self._rest(seq)
+            return self._finish(seq, text, 0, "stop", entries or None)
         seq.completion += 1
-        lps = None if logprob is None else [logprob]
-        text, stopped = seq.stop.feed(seq.decoder.decode(self._piece_bytes(token)))
+        # The stop checker holds a token's entry as long as its text, and drops a stop string's.
+        text, stopped, entries = seq.stop.feed_token(seq.decoder.decode(self._piece_bytes(token)), logprob)
         if stopped:
-            return self._finish(seq, text, 1, "stop", lps)
+            return self._finish(seq, text, 1, "stop", entries or None)
         if seq.completion >= seq.limit or seq.n_past + 1 >= self.info.context_length:
-            tail = seq.decoder.decode(b"", final=True)
-            return self._finish(seq, text + seq.stop.feed(tail)[0] + seq.stop.flush(), 1, "length", lps)
-        return SequenceDelta(request_id=rid, text=text, tokens=1, logprobs=lps)
+            rest, more = self._rest(seq)
+            return self._finish(seq, text + rest, 1, "length", entries + more or None)
+        return SequenceDelta(request_id=rid, text=text, tokens=1, logprobs=entries or None)
+
+    @staticmethod
+    def _rest(seq: _Seq) -> tuple[str, list[dict[str, Any]]]:
+        """At the answer's end: the text (and entries) the decoder and the stop checker still hold."""
+        tail, _, entries = seq.stop.feed_token(seq.decoder.decode(b"", final=True))
+        rest, more = seq.stop.flush_items()
+        return tail + rest, entries + more
 
     def _finish(
         self, seq: _Seq, text: str, tokens: int, reason: str, logprobs: list[dict[str, Any]] | None = None
