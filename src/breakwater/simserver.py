@@ -235,7 +235,7 @@ async def _serve(
         driver.engine.add(gen)
         driver.engine.cancel(rid)
     except EngineRequestError as exc:
-        raise APIError(400, str(exc), code=exc.code) from None
+        raise APIError(400, str(exc), code=exc.code, param=exc.param) from None
     if body.stream:
         return StreamingResponse(
             _stream(driver, gen, body, rid, created, chat, tool), media_type="text/event-stream"

@@ -301,13 +301,20 @@ async def test_a_prompt_whose_max_tokens_overrun_the_context_is_400_not_cut_shor
     "length"), as OpenAI and vLLM answer; streamed, the stream's one event is that error."""
     words = "w " * 4085
     resp = await gw.http.post(CHAT, json=_chat(messages=[{"role": "user", "content": words}], max_tokens=10))
-    _assert_error(resp, 400, "context_length_exceeded")
+    _assert_error(resp, 400, "context_length_exceeded", "max_tokens")  # the engine's, naming it (was null)
     assert "max_tokens asks for 10" in resp.json()["error"]["message"]
     body = {"model": "sim", "prompt": "w " * 4090, "max_tokens": 10, "stream": True}
     streamed = await gw.http.post("/v1/completions", json=body)
     assert (
         '"code":"context_length_exceeded"' in streamed.text.replace(" ", "") and "[DONE]" not in streamed.text
     )
+    assert '"param":"max_tokens"' in streamed.text.replace(" ", "")
+    answer = {"model": "sim", "input": "w " * 4087, "max_output_tokens": 10}  # the Responses API's name
+    _assert_error(
+        await gw.http.post("/v1/responses", json=answer), 400, "context_length_exceeded", "max_output_tokens"
+    )
+    alone = await gw.http.post(CHAT, json=_chat(messages=[{"role": "user", "content": "w " * 4100}]))
+    _assert_error(alone, 400, "context_length_exceeded", "messages")  # the prompt alone does not fit
     long = {"model": "sim", "prompt": "word " * 30_000, "max_tokens": 4}  # refused by the gateway's bound
     _assert_error(await gw.http.post("/v1/completions", json=long), 400, "context_length_exceeded", "prompt")
     # A short prompt and an answer longer than the context: max_tokens is what to shorten.

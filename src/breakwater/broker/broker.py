@@ -387,9 +387,12 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
         ttl_s: int,
         status: Status = Status.ERROR,
         error_type: str = "server_error",
+        param: str | None = None,
     ) -> int:
         """Terminate a request with an error event the client will see."""
         error = {"message": message, "type": error_type, "code": code}
+        if param is not None:
+            error["param"] = param
         return await self.finish(rid, attempt=attempt, kind="error", status=status, ttl_s=ttl_s, error=error)
 
     async def cancel(self, rid: str, ttl_s: int, reason: str = "cancelled by client") -> int:

@@ -27,11 +27,16 @@ class EngineRequestError(ValueError):
     """A request this engine cannot run (prompt too long, no chat template, ...); never retried."""
 
     def __init__(
-        self, message: str, code: str = "invalid_request", error_type: str = "invalid_request_error"
+        self,
+        message: str,
+        code: str = "invalid_request",
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.error_type = error_type
+        self.param = param  # the request's field to change, where one is to blame
 
 
 def check_fits(prompt_tokens: int, request: GenerationRequest, context: int) -> None:
@@ -42,6 +47,7 @@ def check_fits(prompt_tokens: int, request: GenerationRequest, context: int) -> 
         raise EngineRequestError(
             f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens}.",
             code="context_length_exceeded",
+            param="messages" if request.messages is not None else "prompt",  # as the gateway's check
         )
     wanted = request.max_tokens
     if wanted is not None and not request.emitted_tokens and prompt_tokens + wanted > context:
@@ -50,6 +56,7 @@ def check_fits(prompt_tokens: int, request: GenerationRequest, context: int) -> 
             f"and max_tokens asks for {wanted}, {prompt_tokens + wanted} in all: lower max_tokens or "
             "shorten the prompt.",
             code="context_length_exceeded",
+            param="max_tokens",
         )
 
 

@@ -301,7 +301,7 @@ async def _whole(svc: GatewayService, sub: Submission, stored: Stored) -> dict[s
         async for event in events:
             last = output.feed(event)
             if event.kind == "error":
-                raise event_error(event)
+                raise _renamed(event_error(event))
             if event.terminal:
                 response: dict[str, Any] = last[-1]["response"]
                 return response

@@ -185,7 +185,10 @@ def token_event(render: ChoiceChunks, event: TokenEvent) -> bytes:
 def error_chunk(event: TokenEvent) -> dict[str, Any]:
     err = event.error or {}
     return error_body(
-        str(err.get("message", "generation failed")), str(err.get("type", "server_error")), err.get("code")
+        str(err.get("message", "generation failed")),
+        str(err.get("type", "server_error")),
+        err.get("code"),
+        err.get("param"),
     )
 
 
@@ -301,6 +304,7 @@ def event_error(event: TokenEvent) -> APIError:
         str(err.get("message", "generation failed")),
         type=str(err.get("type", "server_error")),
         code=code,
+        param=err.get("param"),
         # Cancelled, or a job that failed every worker it ran on: sent again, it would run again.
         headers=FINAL if code in ("cancelled", "max_attempts_exceeded") else None,
     )

@@ -211,6 +211,7 @@ class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repai
             message=str(exc),
             ttl_s=self.settings.result_ttl_s,
             error_type=exc.error_type,
+            param=exc.param,
         )
         await self._settle(flight.job)
         self._forget(flight)

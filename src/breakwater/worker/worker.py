@@ -296,6 +296,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
                 message=str(exc),
                 ttl_s=ttl,
                 error_type=exc.error_type,
+                param=exc.param,
             )
             await self._settle(job)
             return
