@@ -746,3 +746,11 @@ def test_a_run_never_drops_a_line_its_create_accepted() -> None:
     assert [line.custom_id for line in parse_input(data, "/v1/chat/completions").lines] == ["bounded"]
     checked = parse_input(data, "/v1/chat/completions", formats=True)
     assert checked.lines == [] and [e.code for e in checked.errors] == ["invalid_response_format"]
+
+
+def test_an_input_file_saved_with_a_byte_order_mark_reads_as_without_one() -> None:
+    """Windows editors save UTF-8 with a BOM: the first line was refused as invalid JSON."""
+    data = _jsonl([_chat("first", "x", 1, 3), _chat("second", "y", 2, 3)])
+    parsed = parse_input(b"\xef\xbb\xbf" + data, "/v1/chat/completions")
+    assert parsed.errors == [] and [line.custom_id for line in parsed.lines] == ["first", "second"]
+    assert parse_input(b"\xef\xbb\xbf", "/v1/chat/completions").errors[0].code == "empty_file"

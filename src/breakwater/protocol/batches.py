@@ -3,6 +3,7 @@ record and the OpenAI objects rendered from it, and its output lines."""
 
 from __future__ import annotations
 
+import codecs
 import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
@@ -91,6 +92,7 @@ def parse_input(data: bytes, endpoint: str, *, formats: bool = False) -> Parsed:
     lines: list[Line] = []
     errors: list[LineError] = []
     seen: set[str] = set()
+    data = data.removeprefix(codecs.BOM_UTF8)  # as some editors save UTF-8 (Windows Notepad)
     rows = [(number, row) for number, row in enumerate(data.split(b"\n"), 1) if row.strip()]
     if not rows:
         return Parsed([], [LineError("empty_file", "the input file has no requests", 1)], 0)
