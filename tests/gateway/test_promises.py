@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from breakwater.gateway.routes import restarting
+from breakwater.gateway.whole import restarting
 from breakwater.redis_server import RedisServer
 from breakwater.worker.jobs import generation_request
 from tests.helpers import async_wait_for

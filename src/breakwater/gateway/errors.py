@@ -127,6 +127,13 @@ def unavailable_response(exc: Exception) -> JSONBody:
     )
 
 
+def disconnected_response() -> JSONBody:
+    """The client left while sending its body (an upload cut short: nothing of it was kept) or
+    before its whole answer (the request is detached): nobody reads this; not the server's error."""
+    message = "the client disconnected before it was answered"
+    return JSONBody(error_body(message, "invalid_request_error", "client_disconnected"), status_code=400)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONBody:
@@ -142,10 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(_: Request, exc: ClientDisconnect) -> JSONBody:
-        """The client left while sending its body (an upload cut short): nothing of it was kept and
-        nobody reads this answer; not the server's error."""
-        message = "the client disconnected before its request's body was read"
-        return JSONBody(error_body(message, "invalid_request_error", "client_disconnected"), status_code=400)
+        return disconnected_response()
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONBody:

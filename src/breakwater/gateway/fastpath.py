@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.auth import caller
 from breakwater.gateway.cache import CacheControl
-from breakwater.gateway.errors import APIError, api_error_response, json_media, unavailable_response
+from breakwater.gateway.errors import (
+    APIError,
+    api_error_response,
+    disconnected_response,
+    json_media,
+    unavailable_response,
+)
 from breakwater.gateway.routes import HEADER_MAX, complete
 from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 
@@ -70,6 +76,8 @@ class FastCompletions:
             )
         except APIError as exc:
             response = api_error_response(exc)
+        except ClientDisconnect:  # before its whole answer (gateway.whole)
+            response = disconnected_response()
         except TRANSIENT as exc:
             response = unavailable_response(exc)
         await response(scope, replay, send)

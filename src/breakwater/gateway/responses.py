@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.types import Receive
 
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.record import RequestRecord, Status
@@ -21,10 +22,11 @@ from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import NO_CACHE
 from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.following import Submission
-from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, answered, request_id, service
+from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, request_id, service
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import error_chunk, event_error, one_line, renderer
 from breakwater.gateway.streaming import LastChunk, SSEResponse
+from breakwater.gateway.whole import answered
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest
 from breakwater.protocol.response_output import STATUS, OutputEvents, assistant_message
@@ -81,7 +83,8 @@ async def create_response(
     # answered at once unless streamed, so not subscribed to.
     keep = bool(body.background)
     if not body.stream and not keep:
-        headers, result = await whole_response(svc, body, request_id(request), who, idempotency_key)
+        xrid = request_id(request)
+        headers, result = await whole_response(svc, body, xrid, who, idempotency_key, request.receive)
         return JSONBody(result, headers=headers)
     sub, stored = await _admit(svc, body, request_id(request), who, idempotency_key, bool(body.stream))
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
@@ -95,12 +98,18 @@ async def create_response(
 
 
 async def whole_response(
-    svc: GatewayService, body: ResponsesRequest, xrid: str, who: Principal, idempotency_key: str | None
+    svc: GatewayService,
+    body: ResponsesRequest,
+    xrid: str,
+    who: Principal,
+    idempotency_key: str | None,
+    receive: Receive | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """A response answered whole (its headers and the response object); a failed one raises."""
+    """A response answered whole (its headers and the response object); a failed one raises.
+    ``receive``: its client's, watched for a disconnect (whole.py)."""
     sub, stored = await _admit(svc, body, xrid, who, idempotency_key, True)
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
-    return headers, await answered(svc, sub, headers, _whole(svc, sub, stored))
+    return headers, await answered(svc, sub, headers, _whole(svc, sub, stored), receive)
 
 
 def _refusal(body: ResponsesRequest) -> APIError | None:

@@ -5,7 +5,6 @@ Routes translate HTTP to service calls and back; they never reach the broker the
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
 from contextlib import aclosing
 from datetime import date
 from functools import partial
@@ -14,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive
 
 from breakwater.broker.fanin import GatewayDraining
 from breakwater.broker.ledger import UsageRow, day_of
@@ -37,6 +37,7 @@ from breakwater.gateway.sse import (
     token_event,
 )
 from breakwater.gateway.streaming import ClientWrites, LastChunk, SSEResponse, joined
+from breakwater.gateway.whole import answered, restarting, unless_gone
 from breakwater.protocol.embeddings import EmbeddingRequest, embedding_response, unpack
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.rollout.aliases import VERSION_SEP
@@ -105,7 +106,7 @@ async def complete(
     svc = service(request)
     xrid = request_id(request)
     if isinstance(body, EmbeddingRequest) or not body.stream:
-        headers, result = await whole_answer(svc, body, xrid, who, idempotency_key, cache)
+        headers, result = await whole_answer(svc, body, xrid, who, idempotency_key, cache, request.receive)
         return JSONBody(result, headers=headers)
     if body.choice_count() > 1:
         group = await svc.submit_choices(
@@ -130,10 +131,12 @@ async def whole_answer(
     who: Principal,
     idempotency_key: str | None,
     cache: CacheControl = DEFAULT_CONTROL,
+    receive: Receive | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """A non-streamed answer to ``body`` (its headers and body); a failed one raises its APIError."""
+    """A non-streamed answer to ``body`` (its headers and body); a failed one raises its APIError.
+    ``receive``: its client's, watched for a disconnect (disconnect.py)."""
     if not isinstance(body, EmbeddingRequest) and body.choice_count() > 1:
-        return await _complete_choices(svc, body, xrid, who, idempotency_key)
+        return await _complete_choices(svc, body, xrid, who, idempotency_key, receive)
     sub = await svc.submit(body, request_id=xrid, idempotency_key=idempotency_key, principal=who, cache=cache)
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
     collected = collect_response(
@@ -146,39 +149,10 @@ async def whole_answer(
         tool_format=sub.tool_format,
         logprobs=sub.logprobs,
     )
-    result = await answered(svc, sub, headers, collected)
+    result = await answered(svc, sub, headers, collected, receive)
     if isinstance(body, EmbeddingRequest):
         result = _embeddings(body, result)
     return headers, result
-
-
-async def answered(
-    svc: GatewayService, sub: Submission, headers: dict[str, str], answer: Awaitable[dict[str, Any]]
-) -> dict[str, Any]:
-    """A non-streamed answer to ``sub``. Without one (the gateway drains, the request ended in an
-    error, the client left) the request is detached; its error names the request."""
-    try:
-        return await answer
-    except GatewayDraining:
-        svc.requests.detach_later(sub.rid, shared=sub.cached)
-        raise restarting(sub.rid, headers) from None
-    except APIError as exc:  # the request ended in an error (timeout, cancelled): name the request
-        svc.requests.detach_later(sub.rid, shared=sub.cached)
-        exc.headers = {**headers, **exc.headers}
-        raise
-    except BaseException:
-        svc.requests.detach_later(sub.rid, shared=sub.cached)
-        raise
-
-
-def restarting(rid: str, headers: dict[str, str]) -> APIError:
-    return APIError(
-        503,
-        f"this gateway is restarting; the request continues: GET /v1/requests/{rid}/events",
-        type="service_unavailable",
-        code="draining",
-        headers={"Retry-After": "1", "X-Breakwater-Reason": "draining", **headers},
-    )
 
 
 async def _complete_choices(
@@ -187,12 +161,13 @@ async def _complete_choices(
     xrid: str,
     who: Principal,
     idempotency_key: str | None,
+    receive: Receive | None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """``n > 1`` or several prompts, not streamed: one request per choice, merged (gateway.choices)."""
     group = await svc.submit_choices(body, request_id=xrid, idempotency_key=idempotency_key, principal=who)
     headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
     try:
-        result = await choices.collect(svc, group)
+        result = await unless_gone(receive, choices.collect(svc, group))
     except GatewayDraining:
         choices.detach_all(svc, group)
         raise restarting(group.rid, headers) from None

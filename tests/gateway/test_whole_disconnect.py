@@ -1,0 +1,95 @@
+"""A client that disconnects before its whole (non-streamed) answer lets its request go, as a
+stream's client does: detached, then cancelled after the detach grace. It ran to its end, was
+metered in full and held its key's concurrency slot all the while; each of the SDK's retries after
+its own timeout made one more."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import pytest
+from starlette.types import Message
+
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
+from breakwater.redis_server import RedisServer
+from tests.inproc import InProc, inproc_gateway
+
+LONG = {"max_tokens": 3000, "ignore_eos": True}
+CASES = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], **LONG}, 1),
+    ("/v1/completions", {"prompt": ["one", "two"], **LONG}, 2),  # two choices, one request each
+    ("/v1/responses", {"input": "hi"}, 1),  # 8 tokens at least: 4 s
+]
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gw", 80),
+    }
+
+
+async def _statuses(gw: InProc, rids: list[str]) -> list[str]:
+    return [(await gw.http.get(f"/v1/requests/{rid}")).json()["status"] for rid in rids]
+
+
+@pytest.mark.parametrize(("path", "body", "requests"), CASES)
+async def test_a_client_that_leaves_before_its_whole_answer_lets_the_request_go(
+    redis_server: RedisServer,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    body: dict[str, Any],
+    requests: int,
+) -> None:
+    async with inproc_gateway(redis_server.url, prefix) as gw:
+        sim = SimEngine(SimOptions(decode_base_ms=500, decode_per_seq_ms=0))
+        await gw.add_worker(sim, detach_grace_s=0.2)
+        fanin = gw.app.state.service.fanin
+        rids: list[str] = []
+        opened = fanin.open
+
+        async def open_and_note(rid: str, *args: Any, **kwargs: Any) -> Any:
+            rids.append(rid)
+            return await opened(rid, *args, **kwargs)
+
+        monkeypatch.setattr(fanin, "open", open_and_note)
+        raw = orjson.dumps({"model": "sim", **body})
+        pending = [{"type": "http.request", "body": raw, "more_body": False}]
+        leave = asyncio.Event()
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop()
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        app = asyncio.create_task(gw.app(_scope(path), receive, send))
+        deadline = time.monotonic() + 10
+        while len(rids) < requests or "running" not in await _statuses(gw, rids):
+            assert time.monotonic() < deadline and not app.done(), (rids, sent)
+            await asyncio.sleep(0.02)
+        leave.set()  # the client disconnects
+        await asyncio.wait_for(app, 5)  # the handler no longer waits for the answer
+        while await _statuses(gw, rids) != ["cancelled"] * requests:  # after the detach grace
+            assert time.monotonic() < deadline + 10, await _statuses(gw, rids)
+            await asyncio.sleep(0.05)
+    assert sent[0]["status"] == 400 and b"client_disconnected" in sent[1]["body"]  # nobody reads it
