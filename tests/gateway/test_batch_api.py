@@ -507,7 +507,8 @@ async def test_a_batch_goes_on_as_the_key_its_key_was_rotated_to_and_stops_when_
     redis_server: RedisServer, prefix: str
 ) -> None:
     """A key rotated past its grace (here none) leaves its batch to the new key: the lines are
-    answered and metered as the new key. A batch whose newest key of its rotations is revoked, or
+    answered as the new key and metered under the id of the first key of its rotations (its
+    lineage), as the new key's own requests are. A batch whose newest key of its rotations is revoked, or
     whose key is revoked (`keys revoke`) during its rotation's grace, fails the lines still to run
     with 401."""
     async with inproc_gateway(
@@ -545,8 +546,9 @@ async def test_a_batch_goes_on_as_the_key_its_key_was_rotated_to_and_stops_when_
             assert sorted(line["custom_id"] for line in output) == ["r0", "r1"]
             assert all(line["response"]["status_code"] == 200 for line in output)
             usage = await service.broker.redis.hgetall(gw.keys.usage("acme", day_of(time.time())))
-            assert usage.get(f"{new_key.id}:completed") == "2"
-            assert f"{old_key.id}:completed" not in usage
+            assert new_key.lineage == old_key.id
+            assert usage.get(f"{old_key.id}:completed") == "2"
+            assert f"{new_key.id}:completed" not in usage
 
             for batch in (stops, revoked):
                 failed = await _settled(holder, batch.id)

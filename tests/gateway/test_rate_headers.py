@@ -35,3 +35,46 @@ async def test_a_refusal_by_the_tenants_limit_carries_the_tenants_headers(
         assert resp.headers["x-ratelimit-limit-requests"] == "3"
         assert resp.headers["x-ratelimit-remaining-requests"] == "0"
         assert int(resp.headers["retry-after-ms"]) > 1000
+
+
+async def test_a_rotated_key_goes_on_with_its_predecessors_limits_and_budget(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Rotation started the new key's rates, concurrency and budgets afresh (they were counted under
+    each key's own id): a key out of its day's budget, rotated, could spend it again, and in a
+    rotation's grace the old and the new key each had the whole rate."""
+    async with inproc_gateway(
+        redis_server.url, prefix, auth="keys", auth_pepper=PEPPER, auth_cache_s=0
+    ) as gw:
+        await gw.add_worker()
+        store = gw.app.state.service.broker.api_keys(PEPPER.encode())
+        secret, key = await store.create(ApiKey(id="", tenant="t", rpm=2, budget_day=10**6))
+        old = {"Authorization": f"Bearer {secret}"}
+        for _ in range(3):
+            resp = await gw.http.post("/v1/completions", json=BODY, headers=old)
+            if resp.status_code == 429:
+                break
+        assert resp.status_code == 429 and resp.headers["X-Breakwater-Reason"] == "rate_limit_requests"
+        rotated = await store.rotate(key.id, grace_s=3600)
+        assert rotated is not None
+        new_secret, new_key = rotated
+        assert new_key.lineage == key.id
+        new = {"Authorization": f"Bearer {new_secret}"}
+        refused = await gw.http.post("/v1/completions", json=BODY, headers=new)  # the same rate
+        assert refused.status_code == 429 and refused.headers["X-Breakwater-Reason"] == "rate_limit_requests"
+
+        secret, key = await store.create(ApiKey(id="", tenant="t", budget_day=12))
+        spent = {"Authorization": f"Bearer {secret}"}
+        for _ in range(12):
+            resp = await gw.http.post("/v1/completions", json=BODY, headers=spent)
+            if resp.status_code == 429:
+                break
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "insufficient_quota"
+        rotated = await store.rotate(key.id)
+        assert rotated is not None and rotated[1].lineage == key.id
+        again = await gw.http.post(
+            "/v1/completions", json=BODY, headers={"Authorization": f"Bearer {rotated[0]}"}
+        )
+        assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota"
+        twice = await store.rotate(rotated[1].id)  # a rotation of a rotation: still the first key's
+        assert twice is not None and twice[1].lineage == key.id

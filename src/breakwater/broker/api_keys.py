@@ -104,7 +104,9 @@ class KeyStore:
             return None
         if old.successor:
             raise RotatedAlready(key_id, old.successor)
-        secret, created = await self.create(old if expires is None else replace(old, expires=expires))
+        # Its limits, budgets and usage go on where the old key's are (its lineage), not afresh.
+        new = replace(old, lineage=old.limit_id, expires=old.expires if expires is None else expires)
+        secret, created = await self.create(new)
         now = int(time.time())
         end = now + grace_s if grace_s > 0 else 0
         # One call claims the key (once), names its successor and ends it: no state between.

@@ -181,7 +181,7 @@ class Admitter:
         """The 429 for a request its lane had no room for; nothing of it was written, so no metering
         will give back its budget hold: given back here."""
         if spec.held_tokens:
-            await self.broker.ledger.unhold(principal.tenant, principal.key_id, spec.held_tokens)
+            await self.broker.ledger.unhold(principal.tenant, principal.limit_id, spec.held_tokens)
         self.metrics.rejections.labels(body.model, "queue_full").inc()
         retry_after = retry_after_s(waiting, self.signals.drain_rate(model.name), model.capacity)
         return APIError(
@@ -234,7 +234,7 @@ class Admitter:
         try:
             if not known and await self.broker.get_record(rid) is not None:
                 return  # queued: the worker's metering gives the hold back
-            await self.broker.ledger.unhold(principal.tenant, principal.key_id, spec.held_tokens)
+            await self.broker.ledger.unhold(principal.tenant, principal.limit_id, spec.held_tokens)
         except TRANSIENT as exc:
             log.warning("budget hold not given back", extra={"rid": rid, "fields": {"error": repr(exc)}})
 
@@ -326,7 +326,7 @@ class Admitter:
         shared = principal.tenant_limits
         decision = await self.broker.ledger.admit(
             principal.tenant,
-            principal.key_id,
+            principal.limit_id,
             limits,
             rids=rids,
             tokens=spec.reserved_tokens,
@@ -379,7 +379,7 @@ class Admitter:
         if entry is not None:
             await self.cache.release(entry[0], rid, entry[1])
         if limits.max_concurrent or principal.tenant_limits.max_concurrent:
-            await self.broker.ledger.release(principal.tenant, principal.key_id, rid)
+            await self.broker.ledger.release(principal.tenant, principal.limit_id, rid)
 
     def _context(self, model: ModelInfo) -> int:
         # No worker has said (scale to zero, an upstream without max_model_len): use the bound.

@@ -142,7 +142,7 @@ async def give_back(admitter: Admitter, group: GroupLimits, principal: Principal
         await release(admitter.broker, principal, rids)
         try:
             if held:
-                await admitter.broker.ledger.unhold(principal.tenant, principal.key_id, held)
+                await admitter.broker.ledger.unhold(principal.tenant, principal.limit_id, held)
         except TRANSIENT as exc:
             log.warning("a group's budget hold not given back", extra={"fields": {"error": repr(exc)}})
 
@@ -153,6 +153,6 @@ async def release(broker: Broker, principal: Principal, rids: Sequence[str]) -> 
         return
     with anyio.CancelScope(shield=True):
         try:
-            await broker.ledger.release(principal.tenant, principal.key_id, *rids)
+            await broker.ledger.release(principal.tenant, principal.limit_id, *rids)
         except TRANSIENT as exc:
             log.warning("places not given back", extra={"fields": {"error": repr(exc)}})

@@ -43,7 +43,7 @@ def request_spec(
         "model": body.model,
         "lane": key.lane if key is not None and key.lane else body.lane,
         "tenant": principal.tenant,
-        "key_id": principal.key_id,
+        "key_id": principal.limit_id,
         "request_id": request_id,
         "timeout_s": body.timeout if body.timeout is not None else default_timeout_s,
         "choices": choices,

@@ -57,6 +57,14 @@ class ApiKey:
     revoked: int = 0  # unix seconds it was revoked; 0: live
     cache: bool = True  # its requests may use the response cache (gateway.cache), where it is on
     successor: str = ""  # the id of the key that replaced this one (`keys rotate`); "": none
+    # The first key of its rotations (`keys rotate`), whose id its limits, budgets and usage are
+    # counted under, so that a rotation starts none of them afresh; "": its own (never rotated to).
+    lineage: str = ""
+
+    @property
+    def limit_id(self) -> str:
+        """The id its limits, budgets and usage are counted under: its lineage's first key's."""
+        return self.lineage or self.id
 
     def usable(self, now: float) -> str | None:
         """None when the key may be used now, else why not."""
@@ -84,6 +92,7 @@ class ApiKey:
             "revoked": str(self.revoked),
             "cache": "1" if self.cache else "0",
             "successor": self.successor,
+            "lineage": self.lineage,
         }
 
     @classmethod
@@ -105,6 +114,7 @@ class ApiKey:
             revoked=int(h.get("revoked") or 0),
             cache=h.get("cache", "1") != "0",
             successor=h.get("successor", ""),
+            lineage=h.get("lineage", ""),
         )
 
     def public(self) -> dict[str, object]:
@@ -126,6 +136,7 @@ class ApiKey:
             "revoked": self.revoked or None,
             "cache": self.cache,
             "successor": self.successor or None,
+            "lineage": self.lineage or None,
         }
 
 
@@ -145,6 +156,11 @@ class Principal:
     @property
     def key_id(self) -> str:
         return self.key.id if self.key is not None else ""
+
+    @property
+    def limit_id(self) -> str:
+        """The id its key's limits, budgets and usage count under (:attr:`ApiKey.limit_id`)."""
+        return self.key.limit_id if self.key is not None else ""
 
     def may_use(self, model: str) -> bool:
         """Its key allows ``model``; a version (``llama@2026-11``) when it allows the model."""
