@@ -738,3 +738,35 @@ async def _blocked(redis: Redis, n: int | None = None) -> Any:
     """Redis's count of blocked clients; with ``n``: whether it is ``n``."""
     blocked = int((await redis.info("clients"))["blocked_clients"])
     return blocked if n is None else blocked == n
+
+
+@pytest.mark.parametrize("fenced_by_the_claim", [True, False])
+async def test_a_request_nobody_followed_for_the_grace_is_detached_not_started(
+    broker: Broker, redis: Redis, fenced_by_the_claim: bool
+) -> None:
+    """Its client left while it was queued, longer ago than the grace: start.lua (alone, or in the
+    claim's bind_start.lua) answers 'detached' and fences nothing; within the grace, or followed
+    again, or asked without a grace, it starts."""
+    for rid in ("left", "back", "recent", "unasked"):
+        await _enqueue(broker, rid)
+        await broker.detach(rid)
+    await redis.hset(broker.keys.request("left"), "detached_ms", 1)  # long ago
+    await redis.hset(broker.keys.request("back"), "detached_ms", 1)
+    await broker.attach("back")  # a client followed it again
+    await redis.hset(broker.keys.request("unasked"), "detached_ms", 1)
+    fence = replace(FENCE, detach_grace_s=15.0)
+    for rid, outcome in (
+        ("left", StartOutcome.DETACHED),
+        ("back", StartOutcome.RUN),
+        ("recent", StartOutcome.RUN),  # detached just now: within the grace
+    ):
+        if fenced_by_the_claim:
+            [job] = await broker.claim("m", "interactive", "w", 1, None, fence)
+            assert job.rid == rid and job.started is not None
+            result = job.started
+        else:
+            result = await broker.start_job(rid, "w", 3, result_ttl_s=60, detach_grace_s=15.0)
+        assert result.outcome is outcome, rid
+        attempt = "0" if outcome is StartOutcome.DETACHED else "1"  # nothing fenced when detached
+        assert await redis.hget(broker.keys.request(rid), "attempt") == attempt
+    assert (await broker.start_job("unasked", "w", 3, result_ttl_s=60)).outcome is StartOutcome.RUN

@@ -93,3 +93,50 @@ async def test_a_client_that_leaves_before_its_whole_answer_lets_the_request_go(
             assert time.monotonic() < deadline + 10, await _statuses(gw, rids)
             await asyncio.sleep(0.05)
     assert sent[0]["status"] == 400 and b"client_disconnected" in sent[1]["body"]  # nobody reads it
+
+
+async def test_a_request_its_client_left_while_queued_is_cancelled_not_run(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody followed it for longer than the detach grace before a worker took it: the worker ran it
+    anyway (for one heartbeat, or to its end if shorter: answered in full, for nobody) until its
+    heartbeat's check cancelled it. Now its start cancels it."""
+    async with inproc_gateway(redis_server.url, prefix) as gw:
+        sim = SimEngine(SimOptions(capacity=1, decode_base_ms=20, decode_per_seq_ms=0))
+        await gw.add_worker(sim, detach_grace_s=0.2)
+        fanin = gw.app.state.service.fanin
+        rids: list[str] = []
+        opened = fanin.open
+
+        async def open_and_note(rid: str, *args: Any, **kwargs: Any) -> Any:
+            rids.append(rid)
+            return await opened(rid, *args, **kwargs)
+
+        monkeypatch.setattr(fanin, "open", open_and_note)
+        busy = {"model": "sim", "prompt": "the only slot", "max_tokens": 50, "ignore_eos": True}  # 1 s
+        occupied = asyncio.create_task(gw.http.post("/v1/completions", json=busy))
+        deadline = time.monotonic() + 10
+        while not rids or await _statuses(gw, rids) != ["running"]:
+            assert time.monotonic() < deadline and not occupied.done()
+            await asyncio.sleep(0.01)
+        raw = orjson.dumps({"model": "sim", "prompt": "left in the queue", "max_tokens": 5})
+        pending = [{"type": "http.request", "body": raw, "more_body": False}]
+
+        async def receive() -> Message:
+            if pending:
+                return pending.pop()
+            while len(rids) < 2:  # queued: then the client leaves
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await asyncio.wait_for(gw.app(_scope("/v1/completions"), receive, send), 5)
+        assert (await _statuses(gw, rids))[1] == "queued"
+        assert (await occupied).status_code == 200  # the slot frees long after the grace
+        while (await _statuses(gw, rids))[1] != "cancelled":
+            assert time.monotonic() < deadline, await _statuses(gw, rids)
+            await asyncio.sleep(0.02)
+        record = await gw.app.state.service.broker.get_record(rids[1])
+        assert record is not None and (record.attempt, record.tokens) == (0, 0)  # never run

@@ -15,7 +15,7 @@ from typing_extensions import Unpack
 from breakwater.broker.admission import Admissions
 from breakwater.broker.api_keys import KeyStore
 from breakwater.broker.appends import Appends
-from breakwater.broker.claims import FairClaims, start_result
+from breakwater.broker.claims import FairClaims, grace_arg, start_result
 from breakwater.broker.cluster import ClusterPipelinedRedis
 from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
@@ -217,12 +217,20 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
 
     # -- starting and settling jobs (claiming: claims.py) ----------------------------------------
     async def start_job(
-        self, rid: str, worker_id: str, max_attempts: int, *, result_ttl_s: int, alone: bool = True
+        self,
+        rid: str,
+        worker_id: str,
+        max_attempts: int,
+        *,
+        result_ttl_s: int,
+        alone: bool = True,
+        detach_grace_s: float | None = None,
     ) -> StartResult:
-        """Fence a new attempt; ``alone``: this worker runs nothing else, so it may take a suspect."""
+        """Fence a new attempt; ``alone``: this worker runs nothing else, so it may take a suspect;
+        ``detach_grace_s``: a request nobody has followed for longer is :attr:`StartOutcome.DETACHED`."""
         res = await self._start(
             keys=[self.keys.request(rid), self.keys.emitted(rid), self.keys.tokens(rid)],
-            args=[worker_id, max_attempts, "1" if alone else "0", result_ttl_s],
+            args=[worker_id, max_attempts, "1" if alone else "0", result_ttl_s, grace_arg(detach_grace_s)],
         )
         return start_result(res)
 

@@ -48,6 +48,11 @@ def start_result(reply: Any) -> StartResult:
     return StartResult(outcome, attempt, RequestRecord.from_hash(fields, emitted=str(reply[2])))
 
 
+def grace_arg(grace_s: float | None) -> str:
+    """``start.lua``'s detach grace argument: milliseconds, '' for none."""
+    return "" if grace_s is None else str(int(grace_s * 1000))
+
+
 def _pairs(flat: list[str] | None) -> dict[str, str] | None:
     """A raw ``[k1, v1, k2, v2, ...]`` reply as a dict (None: the entry was deleted while pending)."""
     return None if flat is None else dict(zip(flat[::2], flat[1::2], strict=True))
@@ -178,6 +183,7 @@ class FairClaims:
                 self.keys.waiting_prefix(model, lane),
                 *_rid_templates(self.keys),
                 *(fence.worker_id, fence.max_attempts, alone, fence.result_ttl_s),
+                grace_arg(fence.detach_grace_s),
                 *ids,
             ],
         )

@@ -52,6 +52,7 @@ class Fence:
     max_attempts: int
     result_ttl_s: int
     alone: bool  # the worker runs nothing else: it may take a suspect
+    detach_grace_s: float | None = None  # a request nobody followed for longer is not run
 
 
 class StartOutcome(enum.Enum):
@@ -59,6 +60,7 @@ class StartOutcome(enum.Enum):
     MISSING = "missing"  # the record expired
     TERMINAL = "terminal"  # finished or cancelled meanwhile
     EXPIRED = "expired"  # its deadline passed while it waited
+    DETACHED = "detached"  # nobody followed it for longer than the detach grace: cancel, not run
     POISON = "poison"  # too many attempts without progress: dead-letter it
     SUSPECT = "suspect"  # its last attempt made no progress: run it alone
 

@@ -72,7 +72,13 @@ class PullingMixin:
         if pulled:
             return None
         settings = self.settings
-        return Fence(settings.worker_id, settings.max_attempts, settings.result_ttl_s, alone=self._idle())
+        return Fence(
+            settings.worker_id,
+            settings.max_attempts,
+            settings.result_ttl_s,
+            alone=self._idle(),
+            detach_grace_s=settings.detach_grace_s,
+        )
 
     def _idle(self) -> bool:
         raise NotImplementedError

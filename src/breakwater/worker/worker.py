@@ -242,6 +242,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             self.settings.max_attempts,
             result_ttl_s=self.settings.result_ttl_s,
             alone=self._idle() if alone is None else alone,
+            detach_grace_s=self.settings.detach_grace_s,
         )
         if result.outcome is StartOutcome.SUSPECT:
             # Its last attempt crashed before any progress: hold it (lease kept) until it can run alone.
@@ -251,31 +252,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             self.held.append((job, True))
             return
         ttl = self.settings.result_ttl_s
-        if result.outcome in (StartOutcome.MISSING, StartOutcome.TERMINAL):
-            log.info("skipping job", extra={**extra, "fields": {"outcome": result.outcome.value}})
-            await self._settle(job)
-            return
-        if result.outcome is StartOutcome.EXPIRED:
-            await self.broker.fail(
-                job.rid,
-                attempt=None,
-                code="timeout",
-                error_type="timeout",
-                message="the request's deadline passed before it could run",
-                ttl_s=ttl,
-            )
-            self.metrics.jobs.labels(self.model, "expired").inc()
-            await self._settle(job)
-            return
-        if result.outcome is StartOutcome.POISON:
-            reason = f"gave up after {result.attempt} attempts"
-            await self.broker.fail(
-                job.rid, attempt=None, code="max_attempts_exceeded", message=reason, ttl_s=ttl
-            )
-            await self.broker.dead_letter(self.model, job.rid, reason, result.attempt)
-            self.metrics.dead_letters.labels(self.model).inc()
-            log.error("dead-lettered job", extra={**extra, "fields": {"attempts": result.attempt}})
-            await self._settle(job)
+        if result.outcome is not StartOutcome.RUN:
+            await self._not_run(job, result.outcome, result.attempt)
             return
         record = result.record
         if record is None:  # RUN always carries its record
@@ -328,6 +306,35 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
                 },
             },
         )
+
+    async def _not_run(self, job: Job, outcome: StartOutcome, attempt: int) -> None:
+        """A job the start found not to run (not a suspect): end its request as ``outcome`` says
+        (unless it has ended), then acknowledge it."""
+        extra = {"rid": job.rid, "request_id": job.xrid}
+        ttl = self.settings.result_ttl_s
+        if outcome is StartOutcome.DETACHED:  # its client left while it was queued
+            await self.broker.cancel(job.rid, ttl, reason="no client reattached within the grace period")
+        elif outcome is StartOutcome.EXPIRED:
+            await self.broker.fail(
+                job.rid,
+                attempt=None,
+                code="timeout",
+                error_type="timeout",
+                message="the request's deadline passed before it could run",
+                ttl_s=ttl,
+            )
+            self.metrics.jobs.labels(self.model, "expired").inc()
+        elif outcome is StartOutcome.POISON:
+            reason = f"gave up after {attempt} attempts"
+            await self.broker.fail(
+                job.rid, attempt=None, code="max_attempts_exceeded", message=reason, ttl_s=ttl
+            )
+            await self.broker.dead_letter(self.model, job.rid, reason, attempt)
+            self.metrics.dead_letters.labels(self.model).inc()
+            log.error("dead-lettered job", extra={**extra, "fields": {"attempts": attempt}})
+        if outcome in (StartOutcome.MISSING, StartOutcome.TERMINAL, StartOutcome.DETACHED):
+            log.info("skipping job", extra={**extra, "fields": {"outcome": outcome.value}})
+        await self._settle(job)
 
     # -- stepping and publishing -----------------------------------------------------------------
     async def _step_loop(self) -> None:

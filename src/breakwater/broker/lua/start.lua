@@ -1,9 +1,11 @@
 -- A worker takes a claimed job: check it is still worth running, then fence it with a new attempt.
 -- KEYS[1] request record, KEYS[2] emitted text, KEYS[3] token stream
 -- ARGV[1] worker id, ARGV[2] max attempts, ARGV[3] '1' if the worker can run it alone,
--- ARGV[4] result TTL (s)
+-- ARGV[4] result TTL (s), ARGV[5] the detach grace (ms; '' or absent: not checked)
 -- Returns {'run', attempt, emitted, record...} or
---         {'missing'|'terminal'|'expired'|'poison'|'suspect', attempt}
+--         {'missing'|'terminal'|'expired'|'detached'|'poison'|'suspect', attempt}
+-- 'detached': nobody has followed it for longer than the grace (its client left while it was
+-- queued): it would run for nobody, so the worker cancels it instead, as its heartbeat would.
 --
 -- Deadlines are compared with Redis's clock (TIME), never a worker's, so clock skew between hosts
 -- cannot expire or extend a request.
@@ -26,6 +28,14 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local deadline = tonumber(cur[2] or '0')
 if deadline > 0 and now_ms > deadline then
   return {'expired', attempt}
+end
+local grace = tonumber(ARGV[5] or '')
+if grace then
+  local w = redis.call('HMGET', KEYS[1], 'watchers', 'detached_ms')
+  local detached = tonumber(w[2] or '0')
+  if tonumber(w[1] or '0') <= 0 and detached > 0 and now_ms - detached > grace then
+    return {'detached', attempt}
+  end
 end
 local max_attempts = tonumber(ARGV[2])
 local failures = tonumber(cur[6] or '0')
