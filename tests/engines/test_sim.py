@@ -203,6 +203,15 @@ def test_stop_checker_keeps_each_tokens_entry_with_its_text() -> None:
     assert checker.feed_token("z", 3) == ("", False, [])
     assert checker.flush_items() == ("z", [3])
     assert StopChecker([]).feed_token("x", None) == ("x", False, [])  # no entry asked
+    checker = StopChecker(["世界"])  # a token of part of a character is held with the one it begins
+    assert checker.feed_token("a", "A") == ("a", False, ["A"])
+    assert checker.feed_token("", "E4 B8") == ("", False, [])
+    assert checker.feed_token("世", "96") == ("", False, [])
+    assert checker.feed_token("界", "界") == ("", True, [])  # none of the stop's tokens has an entry
+    checker = StopChecker(["世界"])
+    assert checker.feed_token("", "E4 B8") == ("", False, [])
+    assert checker.feed_token("世", "96") == ("", False, [])
+    assert checker.feed_token("x", "x") == ("世x", False, ["E4 B8", "96", "x"])
 
 
 def test_a_prompt_with_max_tokens_over_the_context_is_refused_not_cut_short() -> None:

@@ -113,3 +113,12 @@ def test_completions_text_offsets_count_the_characters_a_tokens_bytes_complete()
         chunk = render.token(event)
         streamed += chunk["choices"][0]["logprobs"]["text_offset"]
     assert streamed == whole
+    # A character begun by one chunk's last token and ended by the next chunk's first one.
+    begun, ended, x = _entry("a\ufffd", b"a\xe4"), _entry("\ufffd", b"\xb8\x96"), _entry("x", b"x")
+    assert completion_logprobs([begun, ended, x], 0)["text_offset"] == [0, 1, 2]  # "a世x"
+    render = ChoiceChunks(rid="cmpl-2", model="m", created=1, chat=False)
+    streamed = []
+    for seq, (text, entries) in enumerate((("a", [begun]), ("世x", [ended, x])), 1):
+        event = TokenEvent(seq=seq, kind="token", text=text, tokens=len(entries), logprobs=entries)
+        streamed += render.token(event)["choices"][0]["logprobs"]["text_offset"]
+    assert streamed == [0, 1, 2]

@@ -227,6 +227,8 @@ class StopChecker:
         while size < hold:
             first -= 1
             size += len(self._held[first][0])
+        while first and not self._held[first - 1][0]:  # part of a character: it may begin a stop too
+            first -= 1
         out, self._held = self._held[:first], self._held[first:]
         return "".join(t for t, _ in out), False, [i for _, i in out if i is not None]
 

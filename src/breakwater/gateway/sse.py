@@ -21,6 +21,7 @@ from breakwater.protocol.openai import (
     text_response,
     tool_call_delta,
     usage_chunk,
+    utf8_decoder,
 )
 from breakwater.protocol.toolformats import single_call
 
@@ -64,6 +65,7 @@ class ChoiceChunks:
         "call_rid",
         "chat",
         "created",
+        "decode",
         "index",
         "model",
         "offset",
@@ -88,6 +90,7 @@ class ChoiceChunks:
         self.tool, self.index, self.call_rid = tool, index, call_rid or rid
         self.role_sent = resumed
         self.offset = 0
+        self.decode = utf8_decoder()  # the choice's tokens' bytes so far, for completions' text_offset
         self._around: tuple[bytes, bytes] | None = None
 
     def token_sse(self, event: TokenEvent) -> bytes:
@@ -116,7 +119,8 @@ class ChoiceChunks:
     def token(self, event: TokenEvent) -> dict[str, Any]:
         delta: dict[str, Any]
         if not self.chat:
-            lp = None if event.logprobs is None else completion_logprobs(event.logprobs, self.offset)
+            lps = event.logprobs
+            lp = None if lps is None else completion_logprobs(lps, self.offset, self.decode)
             self.offset += len(event.text)
             return text_chunk(self.rid, self.model, self.created, event.text, logprobs=lp, index=self.index)
         if self.tool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -315,13 +316,16 @@ def text_chunk(
     }
 
 
-def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    entries: list[dict[str, Any]], offset: int, decode: Callable[[bytes], str] | None = None
+) -> dict[str, Any]:
     """The legacy completions shape of per-token logprobs; ``offset``: the first token's position
-    in the text this response has returned so far."""
+    in the text this response has returned so far; ``decode``: the response's UTF-8 decoder so far
+    (:func:`utf8_decoder`; a character may begin in one chunk's tokens and end in the next's)."""
     offsets = []
     # Counted in the characters the tokens' bytes complete: a token that holds part of a character
     # is shown as U+FFFD but adds nothing to the text until the token that completes it.
-    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    decode = decode or utf8_decoder()
     for entry in entries:
         offsets.append(offset)
         raw = entry.get("bytes")
@@ -332,6 +336,11 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str,
         "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
         "text_offset": offsets,
     }
+
+
+def utf8_decoder() -> Callable[[bytes], str]:
+    """An incremental UTF-8 decoder (its ``decode``): what the bytes fed so far complete."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode
 
 
 def usage_chunk(
