@@ -14,12 +14,13 @@ from breakwater.hosts import allowed_names, normal_origin
 from breakwater.secret import secret
 
 MAX_PARTITIONS = 64
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BREAKWATER_", extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     # ACL user and password (Kubernetes: from a Secret), kept out of the URL so logs never show them
     redis_username: str | None = None
     redis_password: SecretStr | None = None

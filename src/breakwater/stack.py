@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from pydantic import ValidationError
 
 from breakwater.broker.connection import url_problem
-from breakwater.config import GatewaySettings
+from breakwater.config import DEFAULT_REDIS_URL, GatewaySettings
 from breakwater.engines import ENGINES
 from breakwater.hosts import is_loopback
 from breakwater.proc_cpu import ProcessCPU
@@ -211,12 +211,12 @@ class Stack:
         """The gateway's settings from this environment, as it will read them: a bad value, keys
         without a pepper, or a listener others can reach with auth off is refused before anything
         starts."""
-        try:
-            settings = GatewaySettings()
-        except ValidationError as exc:
-            raise StackError(settings_error(exc) or str(exc)) from None
         if self.config.redis_url and (problem := url_problem(self.config.redis_url)) is not None:
             raise StackError(f"--redis-url: {problem}")
+        try:  # the children's Redis is up's own (or --redis-url), whatever the environment says
+            settings = GatewaySettings(redis_url=self.config.redis_url or DEFAULT_REDIS_URL)
+        except ValidationError as exc:
+            raise StackError(settings_error(exc) or str(exc)) from None
         if settings.auth == "keys":
             try:
                 settings.pepper()

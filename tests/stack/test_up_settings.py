@@ -5,6 +5,7 @@ others can reach needs keys; an unknown ``BREAKWATER_*`` variable is named in th
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ((), {"BREAKWATER_AUTH": "Keys"}, "BREAKWATER_AUTH: Input should be 'off' or 'keys' (got 'Keys')"),
         ((), {"BREAKWATER_METRICS_PORT": "99999"}, "BREAKWATER_METRICS_PORT"),
         (("--workers", "0"), {}, "--workers must be at least 1"),
-        (("--redis-url", "redis://127.0.0.1:notaport/0"), {}, "--redis-url: Port could not be cast"),
+        (("--redis-url", "redis://127.0.0.1:notaport/0"), {}, "--redis-url: not a Redis URL"),
         (
             (),
             {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": "/nonexistent/pepper"},
@@ -69,8 +70,13 @@ def test_a_bad_setting_of_any_command_is_one_line_naming_it() -> None:
     ("url", "said"),
     [
         ("127.0.0.1:6379", "a Redis URL begins with one of redis://, rediss://, unix://"),
-        ("redis://:hunter2@127.0.0.1:99999/0", "Port out of range 0-65535"),
-        ("redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1", "a cluster URL lists host:port seeds"),
+        ("redis://:hunter2@127.0.0.1:99999/0", "not a Redis URL"),
+        (
+            "redis://u:hunter2/x@127.0.0.1:6379/0",
+            "not a Redis URL",
+        ),  # a '/' in the password: quoted as a port
+        ("redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1", "not a Redis URL"),
+        ("redis+cluster://:hunter2/x@127.0.0.1:7000", "not a Redis URL"),
     ],
 )
 def test_a_redis_url_that_cannot_be_used_is_one_line(command: tuple[str, ...], url: str, said: str) -> None:
@@ -80,6 +86,33 @@ def test_a_redis_url_that_cannot_be_used_is_one_line(command: tuple[str, ...], u
     assert done.returncode == 2, out
     assert out.startswith("error: BREAKWATER_REDIS_URL: ") and said in out and len(out.splitlines()) == 1, out
     assert "hunter2" not in out and "Traceback" not in out, out
+
+
+def test_a_valid_url_of_any_case_or_form_is_taken() -> None:
+    for url in (
+        "REDIS://127.0.0.1:6379/0",
+        "Rediss://u:p%2Fq@example.com:6380/1",
+        "unix:///tmp/redis.sock?db=2",
+        "redis://[::1]:6379",
+        "redis+cluster://a:7000,[::1]:7001",
+    ):
+        assert GatewaySettings(redis_url=url).redis_url == url
+
+
+def test_up_takes_no_notice_of_an_environments_redis_url_it_overrides(tmp_path: Path) -> None:
+    """``up`` runs its own Redis (or --redis-url): a malformed BREAKWATER_REDIS_URL left in the
+    environment stopped it, or was named instead of --redis-url."""
+    env = {"BREAKWATER_REDIS_URL": "not a url"}
+    args = ("up", "--engine", "sim", "--data-dir", str(tmp_path / "d"))
+    done = _run(*args, "--port", str(free_port()), "--redis-url", "redis://x:notaport", env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "--redis-url: not a Redis URL" in out and "BREAKWATER_" not in out, out
+    with socket.socket() as taken:  # refused by the check after the settings': they passed
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = _run(*args, "--port", str(taken.getsockname()[1]), env=env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "already in use" in out, out
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ class ClusterUrl:
         for item in hosts.split(","):
             host, _, port = item.strip().rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
-                raise ValueError(f"a cluster URL lists host:port seeds, got {item!r}")
+                raise ValueError("a cluster URL lists its seeds as host:port, separated by commas")
             seeds.append((host.strip("[]"), int(port)))
         query = parse_qs(query_string)
         if db not in ("", "0"):
@@ -67,17 +67,22 @@ class ClusterUrl:
 
 
 def url_problem(url: str) -> str | None:
-    """What is wrong with ``url`` as a Redis (or Redis Cluster) URL; None if nothing."""
+    """What is wrong with ``url`` as a Redis (or Redis Cluster) URL; None if nothing. Never quotes
+    the URL: a part of its password may be what the parser took for a port."""
     scheme, sep, _ = url.partition("://")
-    if not sep or scheme not in {"redis", "rediss", "unix", *CLUSTER_SCHEMES}:
+    if not sep or scheme.lower() not in {"redis", "rediss", "unix", *CLUSTER_SCHEMES}:
         return (
             f"a Redis URL begins with one of redis://, rediss://, unix://, {'://, '.join(CLUSTER_SCHEMES)}://"
         )
     try:
         if ClusterUrl.parse(url) is None:
             parse_url(url)
-    except ValueError as exc:
-        return str(exc)
+    except ValueError:
+        return (
+            "not a Redis URL: redis[s]://[[user]:password@]host[:port][/db], unix:///path[?db=N] or "
+            "redis[s]+cluster://[[user]:password@]host:port[,host:port...] (a password's special "
+            "characters percent-encoded)"
+        )
     return None
 
 
