@@ -3,6 +3,9 @@ where the key has none, and the tenant's when the tenant's limits refused it."""
 
 from __future__ import annotations
 
+import time
+
+from breakwater.broker.ledger import day_of
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 from breakwater.tenancy.limits import Limits
@@ -78,3 +81,17 @@ async def test_a_rotated_key_goes_on_with_its_predecessors_limits_and_budget(
         assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota"
         twice = await store.rotate(rotated[1].id)  # a rotation of a rotation: still the first key's
         assert twice is not None and twice[1].lineage == key.id
+
+        secret, key = await store.create(ApiKey(id="", tenant="t"))
+        rotated = await store.rotate(key.id)
+        assert rotated is not None
+        served = await gw.http.post(
+            "/v1/completions", json=BODY, headers={"Authorization": f"Bearer {rotated[0]}"}
+        )
+        assert served.status_code == 200
+        record = await gw.app.state.service.broker.get_record(served.headers["X-Breakwater-Request-Id"])
+        assert record is not None  # made with the new key, counted under the first one's id
+        assert (record.spec.key_id, record.spec.limit_id) == (rotated[1].id, key.id)
+        usage = await gw.app.state.service.broker.ledger.usage("t", day_of(time.time()), day_of(time.time()))
+        assert {row.key_id for row in usage if row.counts.get("completed")} >= {key.id}
+        assert rotated[1].id not in {row.key_id for row in usage}

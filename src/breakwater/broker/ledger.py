@@ -65,16 +65,18 @@ class Billing:
     record (whose prompt may be megabytes), and meters the request in its finish's call."""
 
     tenant: str
-    key_id: str
+    key_id: str  # the id its limits and usage count under (a rotated key's first key's)
     reserved_tokens: int  # held at admission against tokens per minute until the request is metered
     created: int  # unix seconds: the day (and month) its usage counts under
     held_tokens: int = 0  # held at admission against the token budgets until then
+    key: str = ""  # the key it was made with (for log lines)
 
     @classmethod
     def of(cls, record: RequestRecord) -> Billing:
         spec = record.spec
         held = spec.held_tokens or spec.reserved_tokens  # a record from before held_tokens: the same
-        return cls(spec.tenant, spec.key_id, spec.reserved_tokens, record.created, held)
+        limit_id = spec.limit_id or spec.key_id
+        return cls(spec.tenant, limit_id, spec.reserved_tokens, record.created, held, spec.key_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,10 @@ class RequestSpec:
     include_usage: bool = False
     retried_from: str | None = None  # the dead-lettered request this one retries
     tenant: str = ""  # its owner: only this tenant's keys may read, resume or cancel it
-    key_id: str = ""  # the API key it was made with (usage metering); empty with auth off
+    key_id: str = ""  # the API key it was made with; empty with auth off
+    # The id its key's limits and usage count under, where it is not ``key_id`` (a rotated key's:
+    # the first key of its rotations, tenancy.apikeys.ApiKey.limit_id); '' : ``key_id``.
+    limit_id: str = ""
     reserved_tokens: int = 0  # held against the key's tokens-per-minute until it is metered
     # Held against its token budgets until it is metered: reserved_tokens, or without max_tokens
     # the prompt and the model's whole remaining context (0 in records from before: reserved_tokens).
@@ -98,6 +101,7 @@ class RequestSpec:
         for name in (
             "tenant",
             "key_id",
+            "limit_id",
             "response_format",
             "tool_call",
             "tool_format",
@@ -140,6 +144,7 @@ class RequestSpec:
             retried_from=h.get("retried_from"),
             tenant=h.get("tenant", ""),
             key_id=h.get("key_id", ""),
+            limit_id=h.get("limit_id", ""),
             reserved_tokens=int(h.get("reserved_tokens") or 0),
             held_tokens=int(h.get("held_tokens") or 0),
             response_format=h.get("response_format", ""),

@@ -184,7 +184,7 @@ class FinishingMixin:
                     "fields": {
                         "finish_reason": delta.finish_reason,
                         "usage": delta.usage,
-                        **(caller_fields(b.tenant, b.key_id) if (b := flight.billing) is not None else {}),
+                        **(caller_fields(b.tenant, b.key) if (b := flight.billing) is not None else {}),
                     },
                 },
             )
