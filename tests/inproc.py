@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import httpx2
 import openai
+import pytest
 from fastapi import FastAPI
 
 from breakwater.broker import Broker
@@ -48,6 +49,20 @@ class InProc:
     @property
     def keys(self) -> Keys:
         return Keys(self.prefix)
+
+    def queued_ids(self, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        """From now on, the id of every request the gateway queues (as it opens its live channel),
+        in order: a test's handle on a request whose answer (with its id) has not come yet."""
+        fanin = self.app.state.service.fanin
+        rids: list[str] = []
+        opened = fanin.open
+
+        async def open_and_note(rid: str, *args: Any, **kwargs: Any) -> Any:
+            rids.append(rid)
+            return await opened(rid, *args, **kwargs)
+
+        monkeypatch.setattr(fanin, "open", open_and_note)
+        return rids
 
     async def records(self) -> list[str]:
         """The request records in Redis (a refused request must leave none)."""

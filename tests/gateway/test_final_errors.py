@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import httpx2
 import openai
@@ -26,15 +25,7 @@ async def test_a_cancelled_answer_is_not_asked_for_again_by_the_sdk(
     SDK sent it again: a new request, run and metered to its end, answered 200 as if never cancelled."""
     async with inproc_gateway(redis_server.url, prefix) as gw:
         await gw.add_worker(SimEngine(SimOptions(decode_base_ms=20, decode_per_seq_ms=0)))
-        fanin = gw.app.state.service.fanin
-        rids: list[str] = []
-        opened = fanin.open
-
-        async def open_and_note(rid: str, *args: Any, **kwargs: Any) -> Any:
-            rids.append(rid)
-            return await opened(rid, *args, **kwargs)
-
-        monkeypatch.setattr(fanin, "open", open_and_note)
+        rids = gw.queued_ids(monkeypatch)
         posts: list[str] = []
 
         async def note(request: httpx2.Request) -> None:

@@ -59,15 +59,7 @@ async def test_a_client_that_leaves_before_its_whole_answer_lets_the_request_go(
     async with inproc_gateway(redis_server.url, prefix) as gw:
         sim = SimEngine(SimOptions(decode_base_ms=500, decode_per_seq_ms=0))
         await gw.add_worker(sim, detach_grace_s=0.2)
-        fanin = gw.app.state.service.fanin
-        rids: list[str] = []
-        opened = fanin.open
-
-        async def open_and_note(rid: str, *args: Any, **kwargs: Any) -> Any:
-            rids.append(rid)
-            return await opened(rid, *args, **kwargs)
-
-        monkeypatch.setattr(fanin, "open", open_and_note)
+        rids = gw.queued_ids(monkeypatch)
         raw = orjson.dumps({"model": "sim", **body})
         pending = [{"type": "http.request", "body": raw, "more_body": False}]
         leave = asyncio.Event()
@@ -104,15 +96,7 @@ async def test_a_request_its_client_left_while_queued_is_cancelled_not_run(
     async with inproc_gateway(redis_server.url, prefix) as gw:
         sim = SimEngine(SimOptions(capacity=1, decode_base_ms=20, decode_per_seq_ms=0))
         await gw.add_worker(sim, detach_grace_s=0.2)
-        fanin = gw.app.state.service.fanin
-        rids: list[str] = []
-        opened = fanin.open
-
-        async def open_and_note(rid: str, *args: Any, **kwargs: Any) -> Any:
-            rids.append(rid)
-            return await opened(rid, *args, **kwargs)
-
-        monkeypatch.setattr(fanin, "open", open_and_note)
+        rids = gw.queued_ids(monkeypatch)
         busy = {"model": "sim", "prompt": "the only slot", "max_tokens": 50, "ignore_eos": True}  # 1 s
         occupied = asyncio.create_task(gw.http.post("/v1/completions", json=busy))
         deadline = time.monotonic() + 10
