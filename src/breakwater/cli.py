@@ -23,7 +23,7 @@ from breakwater.cli_probe import probe
 from breakwater.cli_rollout import alias_app
 from breakwater.cli_tenants import keys_app, tenants_app, usage
 from breakwater.cli_tools import bench, cache_app, dlq_app, models_app
-from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
+from breakwater.config import GatewaySettings, WorkerSettings
 
 if TYPE_CHECKING:
     from breakwater.stack import Stack
@@ -307,7 +307,7 @@ def sim_server(
 ) -> None:
     """Serve the sim engine directly over the OpenAI API (the benchmarks' baseline)."""
     from breakwater.logs import setup_logging
-    from breakwater.simserver import build_sim_app
+    from breakwater.simserver import SimServerSettings, build_sim_app
 
     settings = SimServerSettings(
         **_given(

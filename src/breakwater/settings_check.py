@@ -9,7 +9,8 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from breakwater.config import GatewaySettings, SimServerSettings, WorkerSettings
+from breakwater.config import GatewaySettings, WorkerSettings
+from breakwater.sim_settings import SimServerSettings
 
 PREFIX = "BREAKWATER_"
 # Read straight from the environment, not through a settings class (VLLM_PYTHON: by tests/vllm_engine).

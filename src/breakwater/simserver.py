@@ -17,7 +17,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from breakwater.config import SimServerSettings
 from breakwater.engines.base import EngineRequestError, GenerationRequest, SequenceDelta
 from breakwater.engines.sim import SimEngine, count_tokens, embed
 from breakwater.gateway.errors import APIError, JSONBody, install_error_handlers
@@ -34,6 +33,7 @@ from breakwater.protocol.openai import (
     tool_call_delta,
     usage_chunk,
 )
+from breakwater.sim_settings import SimServerSettings as SimServerSettings  # the command builds it
 
 
 class SimDriver:

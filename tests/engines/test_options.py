@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from breakwater.config import SimServerSettings, WorkerSettings
+from breakwater.config import WorkerSettings
 from breakwater.engines import (
     ENGINES,
     EngineOptions,
@@ -24,6 +24,7 @@ from breakwater.engines.llamacpp import LlamaCppEngine
 from breakwater.engines.sim import SimEngine
 from breakwater.engines.upstream import OpenAIUpstreamEngine
 from breakwater.engines.vllm import VLLMEngine
+from breakwater.sim_settings import SimServerSettings
 
 ENGINE_KNOBS = (
     "model",
