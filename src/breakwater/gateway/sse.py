@@ -90,7 +90,8 @@ class ChoiceChunks:
         self.tool, self.index, self.call_rid = tool, index, call_rid or rid
         self.role_sent = resumed
         self.offset = 0
-        self.decode = utf8_decoder()  # the choice's tokens' bytes so far, for completions' text_offset
+        # The choice's tokens' bytes so far, for completions' text_offset (chat has none).
+        self.decode = None if chat else utf8_decoder()
         self._around: tuple[bytes, bytes] | None = None
 
     def token_sse(self, event: TokenEvent) -> bytes:
