@@ -221,6 +221,12 @@ class GatewaySettings(CommonSettings):
     idle_poll_s: float = Field(
         default=5.0, gt=0.0, description="re-read the durable stream when no live event came (a safety net)"
     )
+    sse_keepalive_s: float = Field(
+        default=15.0,
+        ge=0.0,
+        description="an SSE comment on a stream that sent nothing this long, e.g. while queued, so an "
+        "idle-timeout proxy keeps it (0: never)",
+    )
     result_ttl_s: int = Field(default=3600, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
     model_cache_s: float = Field(default=1.0, ge=0.0)

@@ -73,7 +73,7 @@ async def test_a_reader_that_runs_past_its_cancellation_does_not_hold_the_respon
     def detach_later(rid: str, *, shared: bool = False) -> None:
         detached.append(rid)
 
-    requests = SimpleNamespace(events=lambda sub, after: events(sub), detach_later=detach_later)
+    requests = SimpleNamespace(events=lambda sub, after, **_: events(sub), detach_later=detach_later)
     rids = [f"chatcmpl-x-{i}" for i in range(2)]
     group = _group("", [0, 0])
     group.choices = [Choice(i, rid, 0, cast(Any, rid)) for i, rid in enumerate(rids)]

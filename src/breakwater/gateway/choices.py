@@ -27,7 +27,7 @@ from breakwater.gateway.admission import client_key, new_rid
 from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import RequestEnded, Submission
-from breakwater.gateway.sse import DONE, ChoiceChunks, collect_response, error_chunk, sse_event
+from breakwater.gateway.sse import DONE, KEEPALIVE, ChoiceChunks, collect_response, error_chunk, sse_event
 from breakwater.gateway.streaming import LastChunk, joined
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import (
@@ -335,7 +335,11 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
     queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_MAX)
     tasks = [
         asyncio.create_task(
-            _pump(c.index, svc.requests.events(c.sub, 0 if group.tool_format else c.after), queue)
+            _pump(
+                c.index,
+                svc.requests.events(c.sub, 0 if group.tool_format else c.after, keepalive=True),
+                queue,
+            )
         )
         for c in merged.live.values()
         if c.sub is not None
@@ -348,7 +352,7 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
             event = _unwrap(merged, index, item)
             if event is None:
                 continue
-            out.append(merged.chunk(index, event))
+            out.append(KEEPALIVE if event.kind == "idle" else merged.chunk(index, event))
             if event.kind == "error":
                 await _cancel(svc, [c.rid for c in merged.live.values()])
                 merged.live.clear()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
 from breakwater.broker.record import Status
-from breakwater.protocol.events import TokenEvent
+from breakwater.protocol.events import IDLE, TokenEvent
 
 
 class RequestGone(Exception):
@@ -101,15 +101,19 @@ async def follow_events(
     idle_poll_s: float,
     subscription: Subscription | None = None,
     fresh: bool = False,
+    keepalive_s: float = 0.0,
 ) -> AsyncGenerator[TokenEvent, None]:
     """Yield events with seq > ``after`` until the terminal one (inclusive); :class:`RequestEnded`
     when the request has ended with an event at or before ``after``. ``fresh``: the subscription
     was made before the request was queued, so nothing is stored that it will not deliver, and the
-    first read of the durable stream (two round trips) is skipped."""
+    first read of the durable stream (two round trips) is skipped. ``keepalive_s``: also yield
+    :data:`IDLE` when nothing was handed on for that long (0: never)."""
     sub = subscription or await fanin.subscribe(rid)
     # The reader's position: the last seq handed on, by it or (live, while it waits) by its sink.
     sub.delivered = max(sub.delivered, after)
     catch_up = not fresh
+    quiet = _Quiet(keepalive_s, sub.delivered)
+    idle_poll_s = quiet.bound(idle_poll_s)
     try:
         while True:
             _stop_if_draining(fanin, rid)
@@ -127,6 +131,8 @@ async def follow_events(
                             return
                 if not progressed:
                     await _check_going(broker, rid, sub.delivered)
+                    if quiet.due(sub.delivered):
+                        yield IDLE
             catch_up = True
             async with aclosing(_live(sub, idle_poll_s)) as live:
                 async for event in live:
@@ -141,6 +147,31 @@ async def follow_events(
     finally:
         if subscription is None:
             await fanin.unsubscribe(sub)
+
+
+class _Quiet:
+    """Whether a follower that has handed nothing on for ``every`` seconds (0: never) is due an
+    :data:`IDLE`; asked after each idle spell (so never per event)."""
+
+    __slots__ = ("every", "seen", "since")
+
+    def __init__(self, every: float, delivered: int) -> None:
+        self.every, self.seen, self.since = every, delivered, time.monotonic()
+
+    def bound(self, idle_poll_s: float) -> float:
+        """The longest idle spell: no longer than ``every``."""
+        return min(idle_poll_s, self.every) if self.every > 0 else idle_poll_s
+
+    def due(self, delivered: int) -> bool:
+        if self.every <= 0:
+            return False
+        now = time.monotonic()
+        if delivered != self.seen:  # events were handed on since the last spell
+            self.seen, self.since = delivered, now
+        elif now - self.since >= self.every:
+            self.since = now
+            return True
+        return False
 
 
 async def _check_going(broker: Broker, rid: str, delivered: int) -> None:

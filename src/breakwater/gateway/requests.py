@@ -126,11 +126,17 @@ class Requests:
         return await self.record(rid, principal)
 
     async def events(
-        self, submission: Submission, after: int = 0, handoff: Handoff | None = None
+        self,
+        submission: Submission,
+        after: int = 0,
+        handoff: Handoff | None = None,
+        *,
+        keepalive: bool = False,
     ) -> AsyncGenerator[TokenEvent, None]:
         """The request's events after ``after``, with latency metrics; the caller detaches on exit.
         ``handoff``: a live token that finds the reader waiting goes to it from the fan-in's
-        callback instead (no task woken per token)."""
+        callback instead (no task woken per token). ``keepalive``: also :data:`IDLE` events while
+        nothing comes for ``sse_keepalive_s`` (a stream's comments)."""
         self.metrics.active_streams.inc()
         model = submission.model
         pace = _Pace(submission.started, after == 0, model, self.metrics.ttft, self.metrics.itl.labels(model))
@@ -145,6 +151,7 @@ class Requests:
             idle_poll_s=self.settings.idle_poll_s,
             subscription=submission.subscription,
             fresh=after == 0 and not submission.duplicate and submission.subscription is not None,
+            keepalive_s=self.settings.sse_keepalive_s if keepalive else 0.0,
         )
         try:
             # Closed here, not by the event loop's async-generator finalizer hook (a thread-safe

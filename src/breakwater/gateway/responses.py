@@ -24,7 +24,7 @@ from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.following import Submission
 from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, request_id, service
 from breakwater.gateway.service import GatewayService
-from breakwater.gateway.sse import error_chunk, event_error, one_line, renderer
+from breakwater.gateway.sse import KEEPALIVE, error_chunk, event_error, one_line, renderer
 from breakwater.gateway.streaming import LastChunk, SSEResponse
 from breakwater.gateway.whole import answered
 from breakwater.protocol.events import TokenEvent
@@ -356,13 +356,16 @@ async def _stream(
     does not detach it."""
     output = _Output.of(sub, stored)
     finished = started = False
-    events = svc.requests.events(sub, 0)
+    events = svc.requests.events(sub, 0, keepalive=True)
     try:
         if data := _sse(output.feed_start(), after):
             yield data
         started = True  # from here the events' own cleanup unsubscribes (aclosing)
         async with aclosing(events):
             async for event in events:
+                if event.kind == "idle":
+                    yield KEEPALIVE
+                    continue
                 produced = output.feed(event)
                 if event.terminal:
                     finished = True

@@ -230,7 +230,7 @@ async def _stream(
     pending: list[bytes] = []
     # The model's tool calls are parsed from the whole answer: a resume replays it (autotools).
     chunks = sse_chunks(
-        svc.requests.events(sub, 0 if sub.tool_format else after, direct),
+        svc.requests.events(sub, 0 if sub.tool_format else after, direct, keepalive=True),
         render,
         rid=sub.rid,
         model=sub.model,

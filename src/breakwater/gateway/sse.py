@@ -26,6 +26,9 @@ from breakwater.protocol.openai import (
 from breakwater.protocol.toolformats import single_call
 
 DONE = b"data: [DONE]\n\n"
+# What a stream sends while its request sends nothing (queued, or a slow token): an SSE comment,
+# which every SSE reader (the openai SDKs' too) skips, so that an idle-timeout proxy keeps it open.
+KEEPALIVE = b": keepalive\n\n"
 # Characters JSON may leave raw inside strings (orjson does) that Python's str.splitlines(), and so
 # httpx's aiter_lines(), a common way to read SSE, takes for line breaks: NEL, LINE and PARAGRAPH
 # SEPARATOR, in UTF-8. A model that writes one would split its event's data line in such a reader.
@@ -215,14 +218,10 @@ async def sse_chunks(
         try:
             async for event in events:
                 if event.kind == "token":
-                    if isinstance(render, ChoiceChunks):
-                        yield render.token_sse(event)
-                        continue
-                    out = render.chunks(event)
-                    if len(out) == 1:
-                        yield sse_event(out[0], event.seq)
-                    elif out:  # the model's tool calls: text and calls that became known at this event
-                        yield b"".join(sse_event(c, event.seq) for c in out)
+                    if data := _token_sse(render, event):
+                        yield data
+                elif event.kind == "idle":
+                    yield KEEPALIVE
                 elif isinstance(render, ToolChunks) and event.seq <= render.skip:
                     # A resume after the answer's end, replayed from its start for the parser: the
                     # client has the last chunks (and the usage); only [DONE] may have been lost.
@@ -242,6 +241,17 @@ async def sse_chunks(
         except RequestEnded as ended:  # resumed after its last event, which the client has
             if ended.done:
                 yield LastChunk(DONE)
+
+
+def _token_sse(render: ChoiceChunks | ToolChunks, event: TokenEvent) -> bytes:
+    """A token's events (none while a model's tool call is parsed)."""
+    if isinstance(render, ChoiceChunks):
+        return render.token_sse(event)
+    out = render.chunks(event)
+    if len(out) == 1:
+        return sse_event(out[0], event.seq)
+    # The model's tool calls: text and calls that became known at this event.
+    return b"".join(sse_event(c, event.seq) for c in out)
 
 
 async def ended_stream(done: bool) -> AsyncGenerator[bytes, None]:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 import orjson
 
-EventKind = Literal["token", "done", "error"]
+# "idle" is a follower's own (gateway.following): nothing came for a while; never stored or sent.
+EventKind = Literal["token", "done", "error", "idle"]
 TERMINAL_KINDS: frozenset[str] = frozenset({"done", "error"})
 
 
@@ -73,3 +74,8 @@ class TokenEvent:
         if self.error is not None:
             out["error"] = self.error
         return out
+
+
+# What a follower that asked for them yields when its request has sent nothing for a while (a stream
+# says it with an SSE comment, so that an idle-timeout proxy does not cut a queued stream).
+IDLE = TokenEvent(0, "idle")

@@ -1,0 +1,108 @@
+"""A stream that has sent nothing for ``sse_keepalive_s`` (its request queued behind others, or a
+slow token) sends an SSE comment, which SSE readers skip, so that an idle-timeout proxy (nginx's 60 s
+``proxy_read_timeout``, a cloud load balancer's) does not cut it. It sent nothing at all until its
+first token, however long its request waited in the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
+from breakwater.redis_server import RedisServer
+from tests.inproc import InProc, inproc_gateway
+
+COMMENT = b": keepalive\n\n"
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+# The path, the body, and how many events open the stream before its wait (n > 1: every choice's
+# role at once; the Responses API: response.created and response.in_progress).
+CASES = [
+    ("/v1/chat/completions", {**CHAT, "stream": True}, 0),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "n": 2}, 2),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": True}, 0),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 16, "stream": True}, 2),
+]
+
+
+@asynccontextmanager
+async def _busy(redis_server: RedisServer, prefix: str, **settings: Any) -> AsyncIterator[InProc]:
+    """A gateway whose one worker (room for one sequence) is busy for about 1.2 s with a request
+    that is not the test's: the test's request waits in the queue that long."""
+    async with inproc_gateway(redis_server.url, prefix, **settings) as gw:
+        await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=60, decode_per_seq_ms=0)))
+        rids = gw.queued_ids(pytest.MonkeyPatch())
+        blocker = asyncio.create_task(
+            gw.http.post("/v1/chat/completions", json={"model": "sim", **CHAT, "max_tokens": 20, "ignore_eos": True})
+        )
+        deadline = time.monotonic() + 10
+        while not rids or (await gw.http.get(f"/v1/requests/{rids[0]}")).json()["status"] != "running":
+            assert time.monotonic() < deadline and not blocker.done()
+            await asyncio.sleep(0.01)
+        try:
+            yield gw
+        finally:
+            assert (await blocker).status_code == 200
+
+
+def _data(body: bytes) -> list[bytes]:
+    """The stream's events without its comments."""
+    return [e for e in body.split(b"\n\n") if e and not e.startswith(b":")]
+
+
+@pytest.mark.parametrize(("path", "body", "opening"), CASES)
+async def test_a_queued_stream_sends_comments_until_its_first_event(
+    redis_server: RedisServer, prefix: str, path: str, body: dict[str, Any], opening: int
+) -> None:
+    async with _busy(redis_server, prefix, sse_keepalive_s=0.2) as gw:
+        got = await gw.http.post(path, json={"model": "sim", **body})
+    assert got.status_code == 200, got.text
+    raw = got.content
+    waited = raw.split(COMMENT)
+    assert len(waited) >= 4, raw[:400]  # ~1.2 s queued, a comment every 0.2 s (and one poll)
+    assert len(_data(waited[0])) == opening, raw[:400]
+    assert all(part == b"" for part in waited[1:-2]), raw[:600]  # nothing between the comments  # ~1.2 s queued, a comment every 0.2 s (and one poll)
+    events = _data(raw)
+    if path == "/v1/responses":
+        last = orjson.loads(events[-1].split(b"data: ", 1)[1])
+        assert last["type"] == "response.incomplete"  # at max_output_tokens
+        assert last["response"]["usage"]["output_tokens"] == 16
+    else:
+        assert events[-1] == b"data: [DONE]"
+        chunks = [orjson.loads(e.split(b"data: ", 1)[1]) for e in events[:-1]]
+        assert {c["choices"][0]["index"] for c in chunks} == set(range(body.get("n", 1)))
+        assert all(c["choices"][0]["finish_reason"] in (None, "length") for c in chunks)
+
+
+async def test_the_sdk_reads_a_stream_with_comments_as_one_without(redis_server: RedisServer, prefix: str) -> None:
+    async with _busy(redis_server, prefix, sse_keepalive_s=0.2) as gw:
+        stream = await gw.sdk().chat.completions.create(model="sim", **CHAT, stream=True)  # type: ignore[call-overload]
+        chunks = [c async for c in stream]
+        whole = await gw.sdk().chat.completions.create(model="sim", **CHAT)  # type: ignore[call-overload]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_no_comments_when_turned_off(redis_server: RedisServer, prefix: str) -> None:
+    async with _busy(redis_server, prefix, sse_keepalive_s=0, idle_poll_s=0.2) as gw:
+        got = await gw.http.post("/v1/chat/completions", json={"model": "sim", **CHAT, "stream": True})
+    assert got.status_code == 200
+    assert got.content.startswith(b"id: 1\n") and b": keepalive" not in got.content, got.content[:200]
+
+
+async def test_a_stream_that_keeps_sending_has_no_comments(redis_server: RedisServer, prefix: str) -> None:
+    """Tokens every 60 ms, each well inside the 0.2 s: a comment is only for a silence."""
+    async with inproc_gateway(redis_server.url, prefix, sse_keepalive_s=0.2) as gw:
+        await gw.add_worker(SimEngine(SimOptions(capacity=4, decode_base_ms=60, decode_per_seq_ms=0)))
+        body = {"model": "sim", **CHAT, "max_tokens": 20, "ignore_eos": True, "stream": True}
+        got = await gw.http.post("/v1/chat/completions", json=body)
+    assert got.status_code == 200
+    assert b": keepalive" not in got.content
+    assert len(_data(got.content)) == 22  # 20 tokens, the finish, [DONE]
