@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class InProc:
     app: FastAPI
     http: httpx.AsyncClient
     workers: list[tuple[Worker, asyncio.Task[None]]] = field(default_factory=list)
+    busy_rid: str = ""  # busy_gateway's own request
 
     def sdk(self) -> openai.AsyncOpenAI:
         """The official ``openai`` client driving this gateway in-process (the SDK brings its own
@@ -144,3 +146,24 @@ async def inproc_gateway(redis_url: str, prefix: str, **settings: Any) -> AsyncI
             yield inproc
         finally:
             await inproc.stop_workers()
+
+
+@contextlib.asynccontextmanager
+async def busy_gateway(redis_url: str, prefix: str, busy_s: float, **settings: Any) -> AsyncIterator[InProc]:
+    """A gateway whose one worker, with room for one sequence, is busy for about ``busy_s`` (20 steps)
+    with a request that is not the test's: the test's next request waits in the queue that long."""
+    async with inproc_gateway(redis_url, prefix, **settings) as gw:
+        step_ms = busy_s * 1000 / 20
+        await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=step_ms, decode_per_seq_ms=0)))
+        rids = gw.queued_ids(pytest.MonkeyPatch())
+        body = {"model": "sim", "prompt": "busy", "max_tokens": 20, "ignore_eos": True}
+        blocker = asyncio.create_task(gw.http.post("/v1/completions", json=body))
+        deadline = time.monotonic() + 10
+        while not rids or (await gw.http.get(f"/v1/requests/{rids[0]}")).json()["status"] != "running":
+            assert time.monotonic() < deadline and not blocker.done(), "the busy request did not start"
+            await asyncio.sleep(0.01)
+        gw.busy_rid = rids[0]
+        try:
+            yield gw
+        finally:
+            assert (await blocker).status_code == 200

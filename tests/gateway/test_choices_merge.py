@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import pytest
 
+from breakwater.config import GatewaySettings
 from breakwater.gateway.choices import Choice, ChoiceGroup, _Merged, is_seq, parse_positions, stream
 from breakwater.gateway.errors import APIError
 from breakwater.protocol.events import TokenEvent
@@ -77,7 +78,10 @@ async def test_a_reader_that_runs_past_its_cancellation_does_not_hold_the_respon
     rids = [f"chatcmpl-x-{i}" for i in range(2)]
     group = _group("", [0, 0])
     group.choices = [Choice(i, rid, 0, cast(Any, rid)) for i, rid in enumerate(rids)]
-    response = cast(AsyncGenerator[bytes, None], stream(cast(Any, SimpleNamespace(requests=requests)), group))
+    response = cast(
+        AsyncGenerator[bytes, None],
+        stream(cast(Any, SimpleNamespace(requests=requests, settings=GatewaySettings())), group),
+    )
     for _ in range(3):  # the heads, then the choices' tokens
         await asyncio.wait_for(anext(response), 5)
     await asyncio.wait_for(response.aclose(), 5)  # the client left

@@ -5,10 +5,6 @@ first token, however long its request waited in the queue."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -17,7 +13,7 @@ import pytest
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
-from tests.inproc import InProc, inproc_gateway
+from tests.inproc import busy_gateway, inproc_gateway
 
 COMMENT = b": keepalive\n\n"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
@@ -31,26 +27,6 @@ CASES = [
 ]
 
 
-@asynccontextmanager
-async def _busy(redis_server: RedisServer, prefix: str, **settings: Any) -> AsyncIterator[InProc]:
-    """A gateway whose one worker (room for one sequence) is busy for about 1.2 s with a request
-    that is not the test's: the test's request waits in the queue that long."""
-    async with inproc_gateway(redis_server.url, prefix, **settings) as gw:
-        await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=60, decode_per_seq_ms=0)))
-        rids = gw.queued_ids(pytest.MonkeyPatch())
-        blocker = asyncio.create_task(
-            gw.http.post("/v1/chat/completions", json={"model": "sim", **CHAT, "max_tokens": 20, "ignore_eos": True})
-        )
-        deadline = time.monotonic() + 10
-        while not rids or (await gw.http.get(f"/v1/requests/{rids[0]}")).json()["status"] != "running":
-            assert time.monotonic() < deadline and not blocker.done()
-            await asyncio.sleep(0.01)
-        try:
-            yield gw
-        finally:
-            assert (await blocker).status_code == 200
-
-
 def _data(body: bytes) -> list[bytes]:
     """The stream's events without its comments."""
     return [e for e in body.split(b"\n\n") if e and not e.startswith(b":")]
@@ -60,14 +36,14 @@ def _data(body: bytes) -> list[bytes]:
 async def test_a_queued_stream_sends_comments_until_its_first_event(
     redis_server: RedisServer, prefix: str, path: str, body: dict[str, Any], opening: int
 ) -> None:
-    async with _busy(redis_server, prefix, sse_keepalive_s=0.2) as gw:
+    async with busy_gateway(redis_server.url, prefix, 1.2, sse_keepalive_s=0.2) as gw:
         got = await gw.http.post(path, json={"model": "sim", **body})
     assert got.status_code == 200, got.text
     raw = got.content
     waited = raw.split(COMMENT)
     assert len(waited) >= 4, raw[:400]  # ~1.2 s queued, a comment every 0.2 s (and one poll)
     assert len(_data(waited[0])) == opening, raw[:400]
-    assert all(part == b"" for part in waited[1:-2]), raw[:600]  # nothing between the comments  # ~1.2 s queued, a comment every 0.2 s (and one poll)
+    assert all(part == b"" for part in waited[1:-1]), raw[:600]  # nothing between the comments
     events = _data(raw)
     if path == "/v1/responses":
         last = orjson.loads(events[-1].split(b"data: ", 1)[1])
@@ -80,18 +56,21 @@ async def test_a_queued_stream_sends_comments_until_its_first_event(
         assert all(c["choices"][0]["finish_reason"] in (None, "length") for c in chunks)
 
 
-async def test_the_sdk_reads_a_stream_with_comments_as_one_without(redis_server: RedisServer, prefix: str) -> None:
-    async with _busy(redis_server, prefix, sse_keepalive_s=0.2) as gw:
-        stream = await gw.sdk().chat.completions.create(model="sim", **CHAT, stream=True)  # type: ignore[call-overload]
+async def test_the_sdk_reads_a_stream_with_comments_as_one_without(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    async with busy_gateway(redis_server.url, prefix, 1.2, sse_keepalive_s=0.2) as gw:
+        sdk = gw.sdk()
+        stream = await sdk.chat.completions.create(model="sim", **CHAT, stream=True)  # type: ignore[call-overload]
         chunks = [c async for c in stream]
-        whole = await gw.sdk().chat.completions.create(model="sim", **CHAT)  # type: ignore[call-overload]
+        whole = await sdk.chat.completions.create(model="sim", **CHAT)  # type: ignore[call-overload]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 async def test_no_comments_when_turned_off(redis_server: RedisServer, prefix: str) -> None:
-    async with _busy(redis_server, prefix, sse_keepalive_s=0, idle_poll_s=0.2) as gw:
+    async with busy_gateway(redis_server.url, prefix, 1.2, sse_keepalive_s=0, idle_poll_s=0.2) as gw:
         got = await gw.http.post("/v1/chat/completions", json={"model": "sim", **CHAT, "stream": True})
     assert got.status_code == 200
     assert got.content.startswith(b"id: 1\n") and b": keepalive" not in got.content, got.content[:200]

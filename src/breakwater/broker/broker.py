@@ -67,6 +67,7 @@ class Terminal(TypedDict, total=False):
     error: dict[str, Any] | None
     logprobs: str
     written: int | None  # the attempt's last write number
+    queued_only: bool  # only a request still queued past its deadline (else NOT_DUE)
 
 
 _SETTLING = (3, 14, 7, 9, 4, 4)  # finish_settle.lua's slices: keys and arguments of its three parts
@@ -332,6 +333,8 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
             "" if written is None else written,
             self.publish,
         ]
+        if end.get("queued_only"):
+            args.append("queued")
         return keys, args
 
     async def finish(self, rid: str, **end: Unpack[Terminal]) -> int:
@@ -402,6 +405,22 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
         if param is not None:
             error["param"] = param
         return await self.finish(rid, attempt=attempt, kind="error", status=status, ttl_s=ttl_s, error=error)
+
+    async def expire(self, rid: str, ttl_s: int, *, queued_only: bool = False) -> int:
+        """End a request whose deadline passed before it could run with the ``timeout`` error.
+        ``queued_only``: only if it is still queued past its deadline on Redis's clock, else
+        :data:`NOT_DUE` (a gateway ending its client's wait; a worker that took the job knows)."""
+        message = "the request's deadline passed before it could run"
+        error = {"message": message, "type": "timeout", "code": "timeout"}
+        return await self.finish(
+            rid,
+            attempt=None,
+            kind="error",
+            status=Status.ERROR,
+            ttl_s=ttl_s,
+            error=error,
+            queued_only=queued_only,
+        )
 
     async def cancel(self, rid: str, ttl_s: int, reason: str = "cancelled by client") -> int:
         """Cancel at once: terminal event now; the worker sees it at its next append and frees the slot."""

@@ -173,6 +173,7 @@ class Admitter:
             tool=spec.tool_call,
             tool_format=spec.tool_format,
             logprobs=spec.logprobs >= 0,
+            deadline=time.time() + spec.timeout_s,  # this host's clock: enqueue.lua's is Redis's
         )
 
     async def _queue_full(

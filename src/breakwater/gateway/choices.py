@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -332,6 +333,8 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
     One failed choice fails the response: its error is the last event and the others are cancelled.
     ``fresh``: from the start (no ``Last-Event-ID``), so it opens with every choice's head chunk."""
     merged = _Merged(group, fresh)
+    # A choice's keepalive goes out only when the whole response has been quiet that long.
+    quiet_s, sent = svc.settings.sse_keepalive_s, time.monotonic()
     queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_MAX)
     tasks = [
         asyncio.create_task(
@@ -352,14 +355,18 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
             event = _unwrap(merged, index, item)
             if event is None:
                 continue
-            out.append(KEEPALIVE if event.kind == "idle" else merged.chunk(index, event))
+            if event.kind != "idle":
+                out.append(merged.chunk(index, event))
+            elif time.monotonic() - sent >= quiet_s:
+                out.append(KEEPALIVE)
             if event.kind == "error":
                 await _cancel(svc, [c.rid for c in merged.live.values()])
                 merged.live.clear()
                 break
-            if queue.empty() or len(out) >= COALESCE_MAX:
+            if out and (queue.empty() or len(out) >= COALESCE_MAX):
                 yield b"".join(out)
                 out.clear()
+                sent = time.monotonic()
         else:
             out.append(LastChunk(merged.last()))
         finished = True

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
 from breakwater.broker.record import Status
+from breakwater.broker.types import NOT_DUE
 from breakwater.protocol.events import IDLE, TokenEvent
+
+_SOON_S = 0.05  # the shortest idle spell before a deadline
+_AGAIN_S = 0.5  # a deadline not yet passed on Redis's clock is tried again after this long
 
 
 class RequestGone(Exception):
@@ -50,6 +54,7 @@ class Submission:
     tool_format: str = ""  # the model chooses its calls, in this format (gateway.autotools)
     cached: bool = False  # an identical request's answer (gateway.cache)
     logprobs: bool = False  # the client asked for logprobs (a whole answer has a list, maybe empty)
+    deadline: float = 0.0  # unix s: the end of its queue wait (its ``timeout``); 0: none known
 
     @classmethod
     def of(cls, rid: str, record: RequestRecord, sub: Subscription | None) -> Submission:
@@ -66,6 +71,7 @@ class Submission:
             tool=spec.tool_call,
             tool_format=spec.tool_format,
             logprobs=spec.logprobs >= 0,
+            deadline=record.deadline_ms / 1000,
         )
 
 
@@ -101,19 +107,18 @@ async def follow_events(
     idle_poll_s: float,
     subscription: Subscription | None = None,
     fresh: bool = False,
-    keepalive_s: float = 0.0,
+    quiet: Quiet | None = None,
 ) -> AsyncGenerator[TokenEvent, None]:
     """Yield events with seq > ``after`` until the terminal one (inclusive); :class:`RequestEnded`
     when the request has ended with an event at or before ``after``. ``fresh``: the subscription
     was made before the request was queued, so nothing is stored that it will not deliver, and the
-    first read of the durable stream (two round trips) is skipped. ``keepalive_s``: also yield
-    :data:`IDLE` when nothing was handed on for that long (0: never)."""
+    first read of the durable stream (two round trips) is skipped. ``quiet``: what to do while
+    nothing comes (:class:`Quiet`: keepalives, the queue deadline)."""
     sub = subscription or await fanin.subscribe(rid)
     # The reader's position: the last seq handed on, by it or (live, while it waits) by its sink.
     sub.delivered = max(sub.delivered, after)
     catch_up = not fresh
-    quiet = _Quiet(keepalive_s, sub.delivered)
-    idle_poll_s = quiet.bound(idle_poll_s)
+    quiet = quiet or Quiet()
     try:
         while True:
             _stop_if_draining(fanin, rid)
@@ -129,12 +134,10 @@ async def follow_events(
                         yield event
                         if event.terminal:
                             return
-                if not progressed:
-                    await _check_going(broker, rid, sub.delivered)
-                    if quiet.due(sub.delivered):
-                        yield IDLE
+                if not progressed and await quiet.spell(broker, rid, sub.delivered):
+                    yield IDLE
             catch_up = True
-            async with aclosing(_live(sub, idle_poll_s)) as live:
+            async with aclosing(_live(sub, quiet.wait(idle_poll_s))) as live:
                 async for event in live:
                     if event.seq <= sub.delivered:
                         continue
@@ -149,40 +152,61 @@ async def follow_events(
             await fanin.unsubscribe(sub)
 
 
-class _Quiet:
-    """Whether a follower that has handed nothing on for ``every`` seconds (0: never) is due an
-    :data:`IDLE`; asked after each idle spell (so never per event)."""
+@dataclass(slots=True)
+class Quiet:
+    """What a follower does after each idle spell that found nothing new (so never per event):
+    checks the request goes on (:class:`RequestGone`, :class:`RequestEnded`); every ``keepalive_s``
+    (0: never) with nothing handed on, an :data:`IDLE`; and at ``deadline`` (unix s, 0: none), if the
+    request is still queued, ends it with the ``timeout`` error a worker would give it when it took
+    the job (``Broker.expire``: on Redis's clock), so that its client does not wait past its
+    ``timeout`` for a worker to take it."""
 
-    __slots__ = ("every", "seen", "since")
+    keepalive_s: float = 0.0
+    deadline: float = 0.0
+    ttl_s: int = 3600  # the ended request's retention
+    seen: int = -1
+    since: float = field(default_factory=time.monotonic)
 
-    def __init__(self, every: float, delivered: int) -> None:
-        self.every, self.seen, self.since = every, delivered, time.monotonic()
+    def wait(self, idle_poll_s: float) -> float:
+        """The next idle spell: no longer than a keepalive's period, nor than the deadline."""
+        out = min(idle_poll_s, self.keepalive_s) if self.keepalive_s > 0 else idle_poll_s
+        if self.deadline > 0:
+            out = min(out, max(self.deadline - time.time(), _SOON_S))
+        return out
 
-    def bound(self, idle_poll_s: float) -> float:
-        """The longest idle spell: no longer than ``every``."""
-        return min(idle_poll_s, self.every) if self.every > 0 else idle_poll_s
+    async def spell(self, broker: Broker, rid: str, delivered: int) -> bool:
+        """After an idle spell: whether an :data:`IDLE` is due."""
+        status = await _check_going(broker, rid, delivered)
+        if self.deadline > 0 and status is not Status.QUEUED:
+            self.deadline = 0.0  # it started: it runs to its end (the deadline is the queue's)
+        elif self.deadline > 0 and time.time() >= self.deadline:
+            expired = await broker.expire(rid, self.ttl_s, queued_only=True)
+            # Not yet on Redis's clock (behind this host's): asked again shortly.
+            self.deadline = time.time() + _AGAIN_S if expired == NOT_DUE else 0.0
+        return self._due(delivered)
 
-    def due(self, delivered: int) -> bool:
-        if self.every <= 0:
+    def _due(self, delivered: int) -> bool:
+        if self.keepalive_s <= 0:
             return False
         now = time.monotonic()
         if delivered != self.seen:  # events were handed on since the last spell
             self.seen, self.since = delivered, now
-        elif now - self.since >= self.every:
+        elif now - self.since >= self.keepalive_s:
             self.since = now
             return True
         return False
 
 
-async def _check_going(broker: Broker, rid: str, delivered: int) -> None:
-    """:class:`RequestGone` when the request has no record (expired, or never existed);
-    :class:`RequestEnded` when it ended with an event at or before ``delivered``."""
+async def _check_going(broker: Broker, rid: str, delivered: int) -> Status:
+    """The request's status; :class:`RequestGone` when it has no record (expired, or never
+    existed); :class:`RequestEnded` when it ended with an event at or before ``delivered``."""
     found = await broker.progress(rid)
     if found is None:
         raise RequestGone(rid)
     status, last = found
     if status.terminal and last <= delivered:
         raise RequestEnded(rid, done=status is Status.DONE)
+    return status
 
 
 async def _backlog(broker: Broker, rid: str, last: int) -> AsyncGenerator[TokenEvent, None]:

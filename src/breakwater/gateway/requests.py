@@ -18,7 +18,7 @@ from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
 from breakwater.gateway.errors import FINAL, APIError
-from breakwater.gateway.following import RequestGone, Submission, follow_events
+from breakwater.gateway.following import Quiet, RequestGone, Submission, follow_events
 from breakwater.gateway.histogram import LoopHistogramChild
 from breakwater.gateway.metrics import GatewayMetrics
 from breakwater.gateway.rollback import Outcomes
@@ -151,7 +151,11 @@ class Requests:
             idle_poll_s=self.settings.idle_poll_s,
             subscription=submission.subscription,
             fresh=after == 0 and not submission.duplicate and submission.subscription is not None,
-            keepalive_s=self.settings.sse_keepalive_s if keepalive else 0.0,
+            quiet=Quiet(
+                keepalive_s=self.settings.sse_keepalive_s if keepalive else 0.0,
+                deadline=submission.deadline,
+                ttl_s=self.settings.result_ttl_s,
+            ),
         )
         try:
             # Closed here, not by the event loop's async-generator finalizer hook (a thread-safe

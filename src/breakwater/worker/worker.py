@@ -315,14 +315,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         if outcome is StartOutcome.DETACHED:  # its client left while it was queued
             await self.broker.cancel(job.rid, ttl, reason="no client reattached within the grace period")
         elif outcome is StartOutcome.EXPIRED:
-            await self.broker.fail(
-                job.rid,
-                attempt=None,
-                code="timeout",
-                error_type="timeout",
-                message="the request's deadline passed before it could run",
-                ttl_s=ttl,
-            )
+            await self.broker.expire(job.rid, ttl)
             self.metrics.jobs.labels(self.model, "expired").inc()
         elif outcome is StartOutcome.POISON:
             reason = f"gave up after {attempt} attempts"

@@ -5,8 +5,11 @@
 -- counted too; their logprobs dropped: an entry is a token of the text), ARGV[7] finish_reason,
 -- ARGV[8] usage JSON, ARGV[9] error JSON, ARGV[10] TTL (s), ARGV[11] terminal status,
 -- ARGV[12] the last text's logprobs as JSON ('' when not asked for), ARGV[13] the attempt's last
--- write number ('' : not checked), ARGV[14] 'PUBLISH' (when absent) or 'SPUBLISH' (see append.lua)
+-- write number ('' : not checked), ARGV[14] 'PUBLISH' (when absent) or 'SPUBLISH' (see append.lua),
+-- ARGV[15] 'queued' (absent: not checked): only a request still queued past its deadline (Redis's
+-- clock), as start.lua would find it: a gateway ends its client's wait at the deadline with it.
 -- Returns the final seq, -1 when fenced off, -2 when already terminal, -3 when the record is gone,
+-- -4 when ARGV[15] asked and the request is not queued or its deadline has not passed,
 -- BEHIND - w when the record's last write is w, short of ARGV[13] (writes lost in a failover: the
 -- worker sends them again first; see append.lua).
 -- Idempotent: a retried call finds the request terminal (-2) and writes nothing.
@@ -23,6 +26,14 @@ if ARGV[1] ~= '*' and cur[1] ~= ARGV[1] then
 end
 if cur[2] == 'done' or cur[2] == 'error' or cur[2] == 'cancelled' then
   return -2
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if (ARGV[15] or '') == 'queued' then
+  local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0')
+  if cur[2] ~= 'queued' or deadline <= 0 or now_ms <= deadline then
+    return -4
+  end
 end
 if (ARGV[13] or '') ~= '' then
   local last = tonumber(redis.call('HGET', KEYS[1], 'wseq') or '0')
@@ -64,9 +75,8 @@ if ARGV[9] ~= '' then
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', unpack(fields))
 redis.call(publish, ARGV[2], cjson.encode(event))
-local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'status', ARGV[11], 'finish_reason', ARGV[7], 'usage', ARGV[8],
-  'finished_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  'finished_ms', now_ms)
 for i = 1, 3 do
   redis.call('EXPIRE', KEYS[i], ARGV[10])
 end

@@ -1,0 +1,79 @@
+"""``Broker.expire(queued_only=True)``: a gateway ends its client's wait when the request is still
+queued past its deadline, as a worker taking the job would (the same ``timeout`` error), on Redis's
+clock, and never a request a worker has started (the deadline is the queue's)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.broker import Broker, RequestSpec, StartOutcome
+from breakwater.broker.types import NOT_DUE
+from breakwater.keys import Keys
+
+
+@pytest.fixture
+async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
+    broker = Broker(redis, Keys(prefix))
+    yield broker
+    await broker.fast.aclose()
+
+
+def _spec(timeout_s: float) -> RequestSpec:
+    return RequestSpec(
+        model="m", lane="interactive", kind="completion", request_id="x", timeout_s=timeout_s, prompt="p"
+    )
+
+
+async def _queued(broker: Broker, rid: str, timeout_s: float) -> None:
+    result = await broker.enqueue(rid=rid, spec=_spec(timeout_s), max_queued=10, result_ttl_s=60)
+    assert result.accepted
+
+
+async def test_a_request_queued_past_its_deadline_ends_with_the_timeout_error(broker: Broker) -> None:
+    await _queued(broker, "q", 0.05)
+    await asyncio.sleep(0.1)  # its deadline, on Redis's clock, is 50 ms after its enqueue
+    assert await broker.expire("q", 60, queued_only=True) == 1
+    (event,) = await broker.read_events("q", 0)
+    assert event.kind == "error" and event.error is not None
+    assert (event.error["code"], event.error["type"]) == ("timeout", "timeout")
+    record = await broker.get_record("q")
+    assert record is not None and record.status.value == "error"
+    # The worker that takes its job later finds it ended: it settles the job, never runs it.
+    (job,) = await broker.claim("m", "interactive", "w", 1, None)
+    assert (await broker.start_job("q", "w", 3, result_ttl_s=60, alone=True)).outcome is StartOutcome.TERMINAL
+    assert job.rid == "q"
+
+
+async def test_before_its_deadline_on_redis_clock_nothing_is_written(broker: Broker, redis: Redis) -> None:
+    """The gateway's clock may be ahead of Redis's: Redis's decides."""
+    await _queued(broker, "early", 60)
+    seq = await redis.hget(broker.keys.request("early"), "seq")
+    assert await broker.expire("early", 60, queued_only=True) == NOT_DUE
+    assert await broker.read_events("early", 0) == []
+    record = await broker.get_record("early")
+    assert record is not None and record.status.value == "queued"
+    assert await redis.hget(broker.keys.request("early"), "seq") == seq
+
+
+async def test_a_started_request_runs_on_past_its_queue_deadline(broker: Broker) -> None:
+    await _queued(broker, "s", 0.3)
+    await broker.claim("m", "interactive", "w", 1, None)
+    assert (await broker.start_job("s", "w", 3, result_ttl_s=60, alone=True)).outcome is StartOutcome.RUN
+    await asyncio.sleep(0.4)
+    assert await broker.expire("s", 60, queued_only=True) == NOT_DUE
+    assert await broker.read_events("s", 0) == []
+    record = await broker.get_record("s")
+    assert record is not None and record.status.value == "running"
+
+
+async def test_an_ended_or_missing_request_is_left_as_it_is(broker: Broker) -> None:
+    await _queued(broker, "c", 0.05)
+    assert await broker.cancel("c", 60) == 1
+    await asyncio.sleep(0.1)
+    assert await broker.expire("c", 60, queued_only=True) == -2
+    assert [e.error["code"] for e in await broker.read_events("c", 0) if e.error] == ["cancelled"]
+    assert await broker.expire("nobody", 60, queued_only=True) == -3
