@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from breakwater.engines.models import bundled_gguf
 from breakwater.protocol.formats import parse_response_format
+from breakwater.protocol.schema_check import MAX_REPEAT
 from breakwater.protocol.tools import AutoCalls, ForcedCall, tool_plan
 
 WEATHER = {
@@ -257,3 +258,25 @@ def test_a_definition_is_enforced_as_itself_whatever_its_name() -> None:
     assert fmt is not None
     home = next(line for line in fmt.grammar().splitlines() if line.startswith("home ::= "))
     assert home == "home ::= def-address"
+
+
+@pytest.mark.parametrize(
+    ("schema", "longest", "one_more"),
+    [
+        ({"type": "string", "maxLength": MAX_REPEAT}, '"' + "ab" * 500 + '"', '"' + "ab" * 500 + 'c"'),
+        (
+            {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_REPEAT},
+            "[" + ", ".join(["1"] * 1000) + "]",
+            "[" + ", ".join(["1"] * 1001) + "]",
+        ),
+        ({"type": "string", "pattern": "^[a-z]{0,1000}$"}, '"' + "x" * 1000 + '"', '"' + "x" * 1001 + '"'),
+    ],
+)
+def test_the_largest_repetition_accepted_is_one_llama_cpp_parses_and_enforces(
+    vocab: Any, schema: dict[str, Any], longest: str, one_more: str
+) -> None:
+    """Up to MAX_REPEAT (past it llama.cpp refused the converter's grammar; far past it, it crashed)."""
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert fmt is not None
+    assert _admits(vocab, fmt.grammar(), longest)
+    assert not _admits(vocab, fmt.grammar(), one_more)

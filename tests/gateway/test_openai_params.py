@@ -409,3 +409,22 @@ async def test_a_schema_nested_past_what_json_encodes_is_a_400(client: openai.As
         model="sim", messages=HI, tools=[served], tool_choice="none", max_tokens=4
     )
     assert answer.choices[0].message.content
+
+
+async def test_a_schema_too_large_to_enforce_is_refused_and_the_gateway_keeps_serving(
+    client: openai.AsyncOpenAI, gw: InProc
+) -> None:
+    """``maxLength: 10**9`` held the gateway's event loop (every tenant's streams stalled) while the
+    grammar grew to gigabytes; refused by name before anything is built or queued."""
+    huge: Any = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**9}}}
+    message = await _refused(
+        client,
+        "response_format.json_schema.schema",
+        "invalid_response_format",
+        response_format={"type": "json_schema", "json_schema": {"name": "huge", "schema": huge}},
+        max_tokens=4,
+    )
+    assert "`maxLength` at `properties.a`" in message and "up to 1000" in message, message
+    assert await gw.records() == []
+    answer = await client.chat.completions.create(model="sim", messages=HI, max_tokens=2)
+    assert answer.choices[0].finish_reason == "length"

@@ -138,3 +138,68 @@ def test_only_a_grammars_classes_are_made_json_safe_never_its_literals() -> None
     """An enum's value ``"[^a]"`` was rewritten into a broken grammar."""
     grammar = 'x ::= "\\"[^a]\\"" | [^b] | "q"'
     assert json_safe_classes(grammar) == 'x ::= "\\"[^a]\\"" | [^"\\\\\\x7F\\x00-\\x1Fb] | "q"'
+
+
+def _refused(schema: dict[str, Any]) -> str:
+    with pytest.raises(FormatError) as raised:
+        parse_response_format({"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert raised.value.param == "response_format.json_schema.schema"
+    return str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("schema", "named"),
+    [
+        (
+            {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**9}}},
+            "`maxLength` at `properties.a`",
+        ),
+        ({"type": "string", "minLength": 1001}, "`minLength`"),
+        ({"type": "array", "items": {"type": "integer"}, "maxItems": 1e9}, "`maxItems`"),
+        ({"type": "array", "items": {"type": "string", "maxLength": 5000}}, "`maxLength` at `items`"),
+        ({"type": "string", "pattern": "^[a-z]{2,5000}$"}, "`pattern`"),
+        ({"$defs": {"big": {"type": "string", "maxLength": 2000}}, "$ref": "#/$defs/big"}, "at `$defs.big`"),
+    ],
+)
+def test_a_repetition_past_what_the_grammar_enforces_is_refused_before_it_is_built(
+    schema: dict[str, Any], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maxLength 10**9 took the gateway's event loop for ever (the converter writes a rule per unit)
+    and, far smaller, killed a llamacpp worker; now it never reaches the converter."""
+    import llama_cpp.llama_grammar
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the converter was called")
+
+    monkeypatch.setattr(llama_cpp.llama_grammar, "json_schema_to_gbnf", never)
+    message = _refused(schema)
+    assert named in message and "the grammar enforces up to 1000" in message, message
+
+
+def test_all_of_a_schemas_repetitions_together_are_bounded() -> None:
+    many = {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(21)}
+    message = _refused({"type": "object", "properties": many})
+    assert "add up to 21000" in message and "at most 20000" in message, message
+    twenty = {f"p{i}": {"type": "string", "minLength": 10, "maxLength": 1000} for i in range(20)}
+    fmt = parse_response_format(
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "r", "schema": {"type": "object", "properties": twenty}},
+        }
+    )
+    assert fmt is not None and fmt.grammar()
+
+
+def test_a_tools_parameters_are_bounded_as_well() -> None:
+    from breakwater.protocol.tools import tool_plan
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**7}}},
+        },
+    }
+    with pytest.raises(FormatError) as raised:
+        tool_plan([tool], "required", fmt="smollm2", grammar=True).output_format(grammar=True)  # type: ignore[union-attr]
+    assert raised.value.param == "tools[0].function.parameters" and "`maxLength`" in str(raised.value)

@@ -22,6 +22,7 @@ from breakwater.protocol.schema_check import (
     converter_ready,
     json_patterns,
     json_safe_classes,
+    repeats_problem,
     too_deep,
     unenforced,
 )
@@ -220,6 +221,10 @@ def _literal(text: str) -> str:
 def _grammar(schema: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf  # loads libllama: only when asked
 
-    ready = json_patterns(converter_ready(orjson.loads(schema)))
+    parsed = orjson.loads(schema)
+    too_large = repeats_problem(parsed)  # before the converter: its time and size grow with them
+    if too_large is not None:
+        raise ValueError(too_large)
+    ready = json_patterns(converter_ready(parsed))
     converted = json_schema_to_gbnf(orjson.dumps(ready).decode())
     return json_safe_classes(str(converted).replace(_LOOSE_CHAR, _JSON_CHAR))

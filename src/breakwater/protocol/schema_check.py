@@ -37,6 +37,14 @@ ENFORCED = (
 )
 _OBJECT_PARTS = frozenset({"type", "properties", "required"})
 MAX_DEPTH = 64  # levels of nesting in a schema (JSON's own encoder stops at 255; no schema needs 64)
+# The grammar repeats a rule once per unit of a string's length, an array's item count and a pattern's
+# `{m,n}`, nested one inside the next: llama.cpp's grammar parser refuses that nesting past ~1,000
+# (the llamacpp engine answered "could not parse the output grammar") and overflowed its stack far
+# past it (maxLength 100,000 killed the worker), and building it took the gateway ~1 s a million.
+MAX_REPEAT = 1000
+MAX_REPEATS = 20_000  # all of a schema's together: the grammar's size, the time to build it
+_COUNTS = (("minLength", "maxLength"), ("minItems", "maxItems"))
+_QUANTIFIER = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
 
 
 def unenforced(schema: Any, at: str = "") -> str | None:
@@ -74,6 +82,38 @@ def _unenforced(schema: Any, at: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def repeats_problem(schema: Any) -> str | None:
+    """Why the grammar of ``schema`` would be too large to build or to parse, or None: a length, an
+    item count or a pattern's repetition over :data:`MAX_REPEAT`, or all of them over
+    :data:`MAX_REPEATS`."""
+    total, todo = 0, [("", schema)]
+    while todo:
+        at, sub = todo.pop()
+        if not isinstance(sub, dict):
+            continue
+        counts = [max((_count(sub, key), key) for key in pair) for pair in _COUNTS]
+        pattern = sub.get("pattern")
+        if isinstance(pattern, str):
+            counts += [(max(int(m), int(n or 0)), "pattern") for m, n in _QUANTIFIER.findall(pattern)]
+        for n, key in counts:
+            if n > MAX_REPEAT:
+                where = f" at `{at}`" if at else ""
+                return f"`{key}`{where} asks for {n} repetitions (the grammar enforces up to {MAX_REPEAT})"
+            total += n
+        todo += [(_at(at, key), part) for key, part in _subschemas(sub)]
+    if total > MAX_REPEATS:
+        return (
+            f"its lengths, item counts and pattern repetitions add up to {total} (the grammar "
+            f"enforces at most {MAX_REPEATS} in all)"
+        )
+    return None
+
+
+def _count(schema: dict[str, Any], key: str) -> int:
+    n = schema.get(key)
+    return int(n) if isinstance(n, int | float) and not isinstance(n, bool) and n > 0 else 0
 
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
