@@ -138,6 +138,7 @@ def gateway(
     from breakwater.gateway.app import build_app
     from breakwater.gateway.embedded import EMBEDDABLE
     from breakwater.logs import setup_logging
+    from breakwater.settings_check import gateway_problem
 
     if embed_engine not in (None, "", *EMBEDDABLE):
         console.print(f"[red]--embed-engine {escape(embed_engine)}: one of {', '.join(EMBEDDABLE)}[/red]")
@@ -154,12 +155,9 @@ def gateway(
     )
     settings = GatewaySettings(**given)
     setup_logging("gateway", settings.log_level, settings.log_json)
-    if settings.auth == "keys":  # checked here: in the app's startup it would be a traceback
-        try:
-            settings.pepper()
-        except ValueError as exc:
-            console.print(f"[red]{escape(str(exc))}[/red]")
-            raise typer.Exit(2) from None
+    if (problem := gateway_problem(settings)) is not None:  # here: in the app's startup, a traceback
+        console.print(f"[red]{escape(problem)}[/red]")
+        raise typer.Exit(2)
     if workers == 1 and not processes.is_sibling():
         _serve(build_app(settings), settings.host, settings.port, stream_grace_s=settings.stream_grace_s)
         return

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pydantic import ValidationError
 
 from breakwater.config import GatewaySettings, WorkerSettings
+from breakwater.hosts import is_loopback
 from breakwater.sim_settings import SimServerSettings
 
 PREFIX = "BREAKWATER_"
@@ -33,6 +34,24 @@ def settings_error(exc: ValidationError) -> str | None:
         said = str(error["msg"]).removeprefix("Value error, ")
         lines.append(f"{PREFIX}{field.upper()}: {said}{shown}")
     return "\n".join(lines)
+
+
+def gateway_problem(settings: GatewaySettings) -> str | None:
+    """Why a gateway with ``settings`` must not start, said in one line, or None: API keys without
+    their pepper, or a listener others can reach with auth off by default (``BREAKWATER_AUTH=off``
+    set on purpose serves without keys, behind an authentication of the operator's own)."""
+    if settings.auth == "keys":
+        try:
+            settings.pepper()
+        except ValueError as exc:
+            return str(exc)
+    elif "auth" not in settings.model_fields_set and not is_loopback(settings.host):
+        return (
+            f"--host {settings.host} with auth off would serve anyone who can reach it without a key: "
+            "set BREAKWATER_AUTH=keys (with BREAKWATER_AUTH_PEPPER_FILE), listen on 127.0.0.1, or set "
+            "BREAKWATER_AUTH=off to serve without keys on purpose (behind your own authentication)"
+        )
+    return None
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:

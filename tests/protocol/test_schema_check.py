@@ -191,7 +191,7 @@ def test_all_of_a_schemas_repetitions_together_are_bounded() -> None:
 
 
 def test_a_tools_parameters_are_bounded_as_well() -> None:
-    from breakwater.protocol.tools import tool_plan
+    from breakwater.protocol.tools import AutoCalls, tool_plan
 
     tool = {
         "type": "function",
@@ -201,5 +201,7 @@ def test_a_tools_parameters_are_bounded_as_well() -> None:
         },
     }
     with pytest.raises(FormatError) as raised:
-        tool_plan([tool], "required", fmt="smollm2", grammar=True).output_format(grammar=True)  # type: ignore[union-attr]
+        plan = tool_plan([tool], "required", fmt="smollm2", grammar=True)
+        assert isinstance(plan, AutoCalls)
+        plan.output_format(grammar=True)
     assert raised.value.param == "tools[0].function.parameters" and "`maxLength`" in str(raised.value)

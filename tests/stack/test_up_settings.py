@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.redis_server import free_port
-from breakwater.settings_check import settings_error, unknown_variables
+from breakwater.settings_check import gateway_problem, settings_error, unknown_variables
 from breakwater.stack import StackConfig
 
 CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("BREAKWATER_")}
@@ -141,6 +141,20 @@ def test_a_pepper_that_cannot_be_used_is_one_line(
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert said in out and "Traceback" not in out and "SHORTpep" not in out, out
+
+
+def test_a_gateway_others_can_reach_with_auth_off_by_default_is_refused() -> None:
+    """``breakwater gateway --host 0.0.0.0`` (the image's command) served anyone, keys off, as ``up``
+    refuses to; off on purpose (``BREAKWATER_AUTH=off``, behind one's own authentication) it serves."""
+    done = _run("gateway", "--host", "0.0.0.0", "--port", str(free_port()), env={})
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2, out
+    assert "with auth off would serve anyone" in out and "BREAKWATER_AUTH=off" in out, out
+    assert "Traceback" not in out
+    assert gateway_problem(GatewaySettings(host="0.0.0.0")) is not None
+    assert gateway_problem(GatewaySettings(host="0.0.0.0", auth="off")) is None  # said on purpose
+    assert gateway_problem(GatewaySettings(host="127.0.0.1")) is None
+    assert gateway_problem(GatewaySettings(host="::1")) is None
 
 
 def test_a_secrets_value_is_never_shown_in_its_error() -> None:
