@@ -110,7 +110,7 @@ def _serve(asgi_app: Any, host: str, port: int, sock: Any = None, stream_grace_s
     except SystemExit as exc:
         raise typer.Exit(int(exc.code or 1)) from None
     if not server.started:
-        console.print(f"[red]could not listen on {host}:{port} (port taken?)[/red]")
+        console.print(f"[red]could not listen on {escape(host)}:{port} (port taken?)[/red]")
         raise typer.Exit(1)
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from breakwater.cli_tools import emit_json, with_broker
 from breakwater.rollout.aliases import Alias
@@ -199,7 +200,7 @@ def alias_clear_tenant(
 
     stored: Alias | None = with_broker(lambda broker: broker.rollouts().modify(name, without_tenant))
     if stored is None:
-        console.print(f"[red]no alias {name} with a split of its own for {tenant}[/red]")
+        console.print(f"[red]no alias {escape(name)} with a split of its own for {escape(tenant)}[/red]")
         raise typer.Exit(1)
     emit_json(_view(stored))
 
@@ -213,7 +214,7 @@ def alias_show(name: Annotated[str, typer.Argument()]) -> None:
 
     alias, workers = with_broker(run)
     if alias is None:
-        console.print(f"[red]no alias {name}[/red]")
+        console.print(f"[red]no alias {escape(name)}[/red]")
         raise typer.Exit(1)
     emit_json(_view(alias, workers))
 
@@ -258,6 +259,6 @@ def alias_delete(
 ) -> None:
     """Remove an alias: requests naming it get 404 unless a model of that name is served."""
     if not with_broker(lambda broker: broker.rollouts().remove(name, by=by or _by(), note=note)):
-        console.print(f"[red]no alias {name}[/red]")
+        console.print(f"[red]no alias {escape(name)}[/red]")
         raise typer.Exit(1)
     emit_json({"deleted": name})

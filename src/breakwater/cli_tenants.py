@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from breakwater.cli_tools import emit_json, with_broker
 from breakwater.keys import LANES
@@ -30,12 +31,16 @@ LONGEST_S = 36500 * 86400  # 100 years: a key (or a grace) longer is a typo
 
 
 def _with_store(fn: Callable[[Any], Awaitable[T]]) -> T:
+    from pydantic import ValidationError
+
     from breakwater.config import CommonSettings
 
     try:
         pepper = CommonSettings().pepper()
+    except ValidationError:
+        raise  # said by the CLI's main in a line per setting, a secret's value left out
     except (ValueError, OSError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from None
     return with_broker(lambda broker: fn(broker.api_keys(pepper)))
 
@@ -52,7 +57,7 @@ def _seconds(value: str, least: int = 0, hint: str | None = None) -> int:
 
 
 def _not_found(key_id: str) -> typer.Exit:
-    console.print(f"[red]no live key {key_id}[/red]")
+    console.print(f"[red]no live key {escape(key_id)}[/red]")
     return typer.Exit(1)
 
 
@@ -142,7 +147,7 @@ def keys_rotate(
     try:
         rotated = _with_store(lambda store: store.rotate(key_id, grace_s, expires))
     except RotatedAlready as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
     if rotated is None:
         raise _not_found(key_id)

@@ -226,7 +226,7 @@ def models_prepare(
     try:
         path = prepare_hf(name, force=force)
     except (ValueError, ImportError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     console.print(f"{name}: {path} ({time.monotonic() - started:.1f} s)")
     print(path)
@@ -285,10 +285,10 @@ def dlq_retry(
             try:
                 print(f"{letter.rid}\t{await dlq.retry(broker, model, letter)}")
             except (LookupError, RuntimeError) as exc:
-                console.print(f"[red]{exc}[/red]")
+                console.print(f"[red]{escape(str(exc))}[/red]")
                 failed += 1
         for missing in [i for i in ids or () if i not in found]:  # a typo is said, not passed over
-            console.print(f"[red]no dead letter {missing} for {model}[/red]")
+            console.print(f"[red]no dead letter {escape(str(missing))} for {escape(model)}[/red]")
             failed += 1
         return failed
 

@@ -65,7 +65,9 @@ def test_a_bad_setting_of_any_command_is_one_line_naming_it() -> None:
     assert "BREAKWATER_LOG_JSON:" in out and "Traceback" not in out and len(out.splitlines()) == 1, out
 
 
-@pytest.mark.parametrize("command", [("gateway", "--port", str(free_port())), ("worker", "--model", "sim")])
+@pytest.mark.parametrize(
+    "command", [("gateway", "--port", str(free_port())), ("worker", "--model", "sim"), ("keys", "list")]
+)
 @pytest.mark.parametrize(
     ("url", "said"),
     [
@@ -77,6 +79,8 @@ def test_a_bad_setting_of_any_command_is_one_line_naming_it() -> None:
         ),  # a '/' in the password: quoted as a port
         ("redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1", "not a Redis URL"),
         ("redis+cluster://:hunter2/x@127.0.0.1:7000", "not a Redis URL"),
+        # `keys` printed the settings' own error through rich: a MarkupError's traceback.
+        ("redis://u:hunter2@127.0.0.1:6379/0?socket_timeout=abc", "not a Redis URL"),
     ],
 )
 def test_a_redis_url_that_cannot_be_used_is_one_line(command: tuple[str, ...], url: str, said: str) -> None:
