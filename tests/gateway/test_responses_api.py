@@ -190,10 +190,43 @@ async def test_an_idempotency_key_replays_the_same_response(client: openai.Async
     first = await client.responses.create(model="sim", input="once", extra_headers=key)
     again = await client.responses.create(model="sim", input="once", extra_headers=key)
     assert (again.id, again.output_text) == (first.id, first.output_text)
+    # The response as first made (its created_at was the replay's own clock) and as retrieved.
+    retrieved = await client.responses.retrieve(first.id)
+    assert again.model_dump() == first.model_dump() == retrieved.model_dump()
     chat = await client.chat.completions.create(
         model="sim", messages=[{"role": "user", "content": "once"}], extra_headers=key
     )
     assert chat.id.startswith("chatcmpl-")  # the same key on chat is chat's own
+    # Nor is the key a Responses key became inside: "responses:k-1" on chat was a 422 reuse.
+    prefixed = {"Idempotency-Key": "responses:k-1"}
+    chat = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "twice"}], extra_headers=prefixed
+    )
+    assert chat.id.startswith("chatcmpl-")
+
+
+async def test_an_idempotency_key_is_bound_to_how_the_response_was_asked_for(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """The same key with another ``stream`` or ``background`` is another request (422), as on chat:
+    it was taken, and answered with the replay's settings (``background: false`` for a background
+    response, a stream's events for a whole one's)."""
+    key = {"Idempotency-Key": "k-bound"}
+    first = await client.responses.create(model="sim", input="once", background=True, extra_headers=key)
+    for other in ({"background": False}, {"stream": True}):
+        with pytest.raises(openai.UnprocessableEntityError) as info:
+            await client.responses.create(model="sim", input="once", extra_headers=key, **other)  # type: ignore[call-overload]
+        assert isinstance(info.value.body, dict) and info.value.body["code"] == "idempotency_key_reuse"
+    # A background replay answers the response as it stands, not as a new one ("queued", empty).
+    await async_wait_for(lambda: _completed(client, first.id), 10)
+    done = await client.responses.retrieve(first.id)
+    again = await client.responses.create(model="sim", input="once", background=True, extra_headers=key)
+    assert (again.id, again.status, again.background) == (first.id, "completed", True)
+    assert again.output_text == done.output_text and again.created_at == first.created_at
+
+
+async def _completed(client: openai.AsyncOpenAI, rid: str) -> bool:
+    return (await client.responses.retrieve(rid)).status == "completed"
 
 
 def test_a_records_response_from_another_version_is_read_or_left() -> None:

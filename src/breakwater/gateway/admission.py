@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
+from pydantic import BaseModel
+
 from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import FanIn, Subscription
@@ -56,7 +58,7 @@ BYTES_PER_TOKEN_BOUND = 6
 RID_PREFIX = {"chat": "chatcmpl", "completion": "cmpl", "embedding": "embd"}
 
 
-def client_key(principal: Principal, idempotency_key: str, body: Body) -> IdempotencyKey:
+def client_key(principal: Principal, idempotency_key: str, body: BaseModel) -> IdempotencyKey:
     """The client's Idempotency-Key, in its tenant, bound to the body as the client sent it."""
     return IdempotencyKey(principal.tenant, idempotency_key, body_digest(body.model_dump(mode="json")))
 
@@ -97,7 +99,7 @@ class Admitter:
         choices: int = 1,
         prompts: int = 1,
         auto_tools: bool = True,
-        digest_of: Body | None = None,
+        digest_of: BaseModel | None = None,
         cache: CacheControl = DEFAULT_CONTROL,
         response: str = "",
         group: GroupLimits | None = None,

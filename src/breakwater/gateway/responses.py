@@ -94,6 +94,10 @@ async def create_response(
             headers={**SSE_HEADERS, **headers},
             unstarted=partial(svc.requests.release_later, sub, detach=not keep),
         )
+    if sub.duplicate:  # a replay: the response as it stands now
+        return JSONBody(
+            await _snapshot(svc, sub.rid, await svc.requests.record(sub.rid, who), stored), headers=headers
+        )
     return JSONBody(_Output.of(sub, stored).snapshot("queued"), headers=headers)
 
 
@@ -146,17 +150,22 @@ async def _admit(
         sub = await svc.submit(
             request,
             request_id=xrid,
-            idempotency_key=f"responses:{idempotency_key}" if idempotency_key else None,
+            # Apart from chat's: a NUL, which no header value holds, so no key a client sends is it.
+            idempotency_key=f"responses\x00{idempotency_key}" if idempotency_key else None,
             principal=who,
             subscribe=subscribe,
             cache=NO_CACHE,
             rid=new_response_id(),
             response=stored.to_json(),
+            digest_of=body,  # stream, background and store too: a replay asks for the same response
         )
     except InputError as exc:
         raise APIError(400, str(exc), code=exc.code, param=exc.param) from None
     except APIError as exc:
         raise _renamed(exc) from None
+    if sub.duplicate:  # an Idempotency-Key's replay: the response it first made, as it was made
+        record = await svc.requests.record(sub.rid, who)
+        stored = (Stored.from_json(record.spec.response) if record.spec.response else None) or stored
     return sub, stored
 
 

@@ -8,6 +8,8 @@ import asyncio
 import logging
 from typing import Any, Protocol, TypeVar, cast
 
+from pydantic import BaseModel
+
 from breakwater.broker import Broker
 from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
@@ -80,9 +82,11 @@ class GatewayService:
         cache: CacheControl = DEFAULT_CONTROL,
         rid: str = "",
         response: str = "",
+        digest_of: BaseModel | None = None,
     ) -> Submission:
         """Admit ``body`` (gateway.admission): as request ``rid`` (new when empty); ``response``: what
-        a Responses API request keeps (protocol.responses.Stored)."""
+        a Responses API request keeps (protocol.responses.Stored); ``digest_of``: the body the client
+        sent, when not ``body`` (its Idempotency-Key is bound to it)."""
         self._check(body, principal)
         if not isinstance(body, EmbeddingRequest) and body.choice_count() > 1:
             param = "n" if body.n > 1 else "prompt"
@@ -96,7 +100,8 @@ class GatewayService:
         routed = await self.route(body, principal, idempotency_key)
         return await self.admitter.submit(
             routed,
-            digest_of=body if routed is not body else None,  # the client's body: a replay matches it
+            # The client's body: a replay matches it (not the model an alias routed it to).
+            digest_of=digest_of or (body if routed is not body else None),
             request_id=request_id,
             idempotency_key=idempotency_key,
             principal=principal,
