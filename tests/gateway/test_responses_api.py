@@ -264,6 +264,21 @@ async def test_a_response_not_stored_cannot_be_retrieved_or_continued(client: op
         ({"conversation": "conv_1"}, "conversation"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"stream_options": {"include_obfuscation": False}}, "stream_options"),  # without `stream`
+        # An unknown field of an input item or part was ignored (a chat message's is refused).
+        ({"input": [{"role": "user", "content": "x", "foo": "bar"}]}, "input[0].foo"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": "x", "foo": 1}]}]},
+            "input[0].content[0].foo",
+        ),
+        (
+            {
+                "input": [
+                    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c", "output": "1", "foo": 1},
+                ]
+            },
+            "input[1].foo",
+        ),
     ],
 )
 async def test_what_is_not_served_is_refused_by_name(

@@ -207,6 +207,7 @@ def _converted(items: str | list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
     starts: list[int] = []
     for i, item in enumerate(items):
         kind, before = item.get("type", "message"), len(out)
+        _only_known(item, _ITEM_FIELDS.get(kind), f"input[{i}]")
         if kind == "message":
             out.append(_message(item, i))
         elif kind == "function_call":
@@ -262,8 +263,32 @@ def _parts_text(parts: Any, param: str) -> str:
                 f"{param}[{j}].type",
                 "unsupported_parameter",
             )
+        _only_known(part, _PART_FIELDS[kind], f"{param}[{j}]")
         texts.append(part["text"])
     return "".join(texts)
+
+
+# The fields of OpenAI's input items and content parts (an earlier response's output items have an
+# `id` and a `status`): any other is refused by name, as chat refuses a message's, never ignored.
+_ITEM_FIELDS = {
+    "message": frozenset({"type", "role", "content", "id", "status"}),
+    "function_call": frozenset({"type", "call_id", "name", "arguments", "id", "status"}),
+    "function_call_output": frozenset({"type", "call_id", "output", "id", "status"}),
+}
+_PART_FIELDS = {
+    "input_text": frozenset({"type", "text"}),
+    "output_text": frozenset({"type", "text", "annotations", "logprobs"}),
+}
+
+
+def _only_known(item: dict[str, Any], fields: frozenset[str] | None, param: str) -> None:
+    unknown = sorted(set(item) - fields) if fields is not None else []
+    if unknown:
+        raise InputError(
+            f"the field `{unknown[0]}` is not supported here",
+            f"{param}.{unknown[0]}",
+            "unsupported_parameter",
+        )
 
 
 def _text_field(item: dict[str, Any], name: str, i: int) -> str:
