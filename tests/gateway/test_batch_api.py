@@ -291,7 +291,7 @@ async def test_what_a_batch_cannot_be_is_a_400_naming_it(client: openai.AsyncOpe
             purpose="batch",
             expires_after={"anchor": "created_at", "seconds": 3600},
         )
-    assert isinstance(info.value.body, dict) and str(info.value.body["param"]).startswith("expires_after")
+    assert isinstance(info.value.body, dict) and info.value.body["param"] == "expires_after"
     with pytest.raises(openai.BadRequestError) as info:
         await client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
     assert isinstance(info.value.body, dict) and info.value.body["param"] == "purpose"

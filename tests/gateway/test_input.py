@@ -320,6 +320,13 @@ async def test_a_prompt_whose_max_tokens_overrun_the_context_is_400_not_cut_shor
     # A short prompt and an answer longer than the context: max_tokens is what to shorten.
     huge = await gw.http.post(CHAT, json=_chat(max_tokens=10**7))
     _assert_error(huge, 400, "context_length_exceeded", "max_tokens")
+    assert "plus `max_tokens` (10000000)" in huge.json()["error"]["message"]
+    # The Responses API says its own name, in the message too ("plus max_tokens" was not renamed).
+    answer = {"model": "sim", "input": "hi", "max_output_tokens": 10**7}
+    huge = await gw.http.post("/v1/responses", json=answer)
+    _assert_error(huge, 400, "context_length_exceeded", "max_output_tokens")
+    message = huge.json()["error"]["message"]
+    assert "`max_output_tokens` (10000000)" in message and "max_tokens" not in message, message
 
 
 async def test_nesting_deeper_than_the_parser_takes_is_400_saying_so(gw: InProc) -> None:
@@ -331,7 +338,9 @@ async def test_nesting_deeper_than_the_parser_takes_is_400_saying_so(gw: InProc)
 
 async def test_an_embedding_input_over_the_bound_is_400_naming_input(gw: InProc) -> None:
     body = {"model": "sim", "input": ["short", "word " * 30_000]}
-    _assert_error(await gw.http.post("/v1/embeddings", json=body), 400, "context_length_exceeded", "input")
+    resp = await gw.http.post("/v1/embeddings", json=body)
+    _assert_error(resp, 400, "context_length_exceeded", "input")
+    assert "max_tokens" not in resp.json()["error"]["message"]  # an embedding generates none
 
 
 async def test_a_response_takes_null_as_the_default_lane(gw: InProc) -> None:

@@ -260,6 +260,7 @@ async def test_a_response_not_stored_cannot_be_retrieved_or_continued(client: op
         ),
         ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
         ({"truncation": "auto"}, "truncation"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
         ({"include": ["file_search_call.results"]}, "include"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"top_logprobs": 2}, "top_logprobs"),

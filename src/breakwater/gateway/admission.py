@@ -407,10 +407,11 @@ class Admitter:
         wanted = lower_bound + (limit or 0)
         if (limit is not None and limit >= ctx) or wanted > ctx:
             prompt_param = {"chat": "messages", "completion": "prompt"}.get(kind, "input")
+            asked = f" plus `max_tokens` ({limit})" if limit else ""  # (the Responses API renames it)
             raise APIError(
                 400,
                 f"This model's maximum context length is {ctx} tokens; the prompt (at least {lower_bound} "
-                f"tokens) plus max_tokens ({limit or 0}) does not fit.",
+                f"tokens){asked} does not fit.",
                 code="context_length_exceeded",
                 # What to shorten: the prompt when it alone cannot fit, else the answer asked for.
                 param=prompt_param if lower_bound >= ctx or limit is None else "max_tokens",

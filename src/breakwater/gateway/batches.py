@@ -103,7 +103,7 @@ async def upload_file(request: Request) -> Response:
     async with request.form(max_files=1, max_fields=4) as form:
         other = next((name for name in form if name not in ("file", "purpose")), None)
         if other is not None:  # expires_after[...]: files here live files_ttl_s
-            raise unsupported(other)
+            raise unsupported(other.split("[", 1)[0])  # the SDK's form key for expires_after.anchor
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(purpose, str):
             raise APIError(

@@ -86,8 +86,9 @@ class ResponsesRequest(Tagged):
             return "service_tier"
         if any(item != LOGPROBS_INCLUDE for item in self.include or ()):
             return "include"
-        if self.text is not None and any(k != "format" and v is not None for k, v in self.text.items()):
-            return "text"  # verbosity: reasoning models' only
+        for key, value in (self.text or {}).items():
+            if key != "format" and value is not None:
+                return f"text.{key}"  # verbosity: reasoning models' only
         return None
 
     def logprobs(self) -> bool:
