@@ -428,3 +428,17 @@ async def test_a_schema_too_large_to_enforce_is_refused_and_the_gateway_keeps_se
     assert await gw.records() == []
     answer = await client.chat.completions.create(model="sim", messages=HI, max_tokens=2)
     assert answer.choices[0].finish_reason == "length"
+
+
+async def test_tool_choice_auto_needs_a_list_of_tools_as_vllm_asks(client: openai.AsyncOpenAI) -> None:
+    """``auto`` asks the model to choose among tools: without any it was accepted and meant nothing.
+    An empty list and ``none`` ask for text; the Responses API's default ``auto`` needs none."""
+    message = await _refused(client, "tool_choice", "invalid_value", tool_choice="auto", max_tokens=2)
+    assert "`tool_choice: auto` needs `tools`" in message
+    for kwargs in ({"tool_choice": "auto", "tools": []}, {"tool_choice": "none"}):
+        answer = await client.chat.completions.create(model="sim", messages=HI, max_tokens=2, **kwargs)  # type: ignore[call-overload]
+        assert answer.choices[0].finish_reason == "length"
+    response = await client.responses.create(
+        model="sim", input="hi", tool_choice="auto", max_output_tokens=16
+    )
+    assert response.status == "incomplete" and response.tool_choice == "auto"

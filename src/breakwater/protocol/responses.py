@@ -150,7 +150,10 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[
         "temperature": req.temperature,
         "top_p": req.top_p,
         "tools": [_chat_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
-        "tool_choice": _chat_tool_choice(req.tool_choice),
+        # `auto` (the default) and `none` without tools ask for text: as no choice at all on chat.
+        "tool_choice": None
+        if not req.tools and req.tool_choice in ("auto", "none")
+        else _chat_tool_choice(req.tool_choice),
         "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _response_format(req.text),
         "logprobs": logprobs or None,

@@ -186,8 +186,10 @@ def tool_plan(
     engines take a grammar when ``grammar``): a forced call, the model's choice, or text (None).
     Raises :class:`FormatError` naming the parameter for what is malformed or not served."""
     if tools is None or tools == []:
-        if tool_choice not in (None, "none", "auto"):
-            raise FormatError("`tool_choice` needs `tools`", "tool_choice")
+        # As vLLM: `auto` asks the model to choose among tools, so it needs the list (an empty one
+        # is a list); `none` asks for none. OpenAI refuses both without tools.
+        if tool_choice not in (None, "none", "auto") or (tool_choice == "auto" and tools is None):
+            raise FormatError(f"`tool_choice: {_shown(tool_choice)}` needs `tools`", "tool_choice")
         return None
     functions = _functions(tools)
     if tool_choice == "none":
@@ -229,6 +231,10 @@ def tool_plan(
             "unsupported_parameter",
         )
     raise FormatError("`tool_choice` must be `none`, `auto`, `required` or a named function", "tool_choice")
+
+
+def _shown(tool_choice: Any) -> str:
+    return tool_choice if isinstance(tool_choice, str) else "a function"
 
 
 def _functions(tools: Any) -> dict[str, ForcedCall]:
