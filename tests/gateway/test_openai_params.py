@@ -436,7 +436,7 @@ async def test_tool_choice_auto_needs_a_list_of_tools_as_vllm_asks(client: opena
     message = await _refused(client, "tool_choice", "invalid_value", tool_choice="auto", max_tokens=2)
     assert "`tool_choice: auto` needs `tools`" in message
     for kwargs in ({"tool_choice": "auto", "tools": []}, {"tool_choice": "none"}):
-        answer = await client.chat.completions.create(model="sim", messages=HI, max_tokens=2, **kwargs)  # type: ignore[call-overload]
+        answer = await client.chat.completions.create(model="sim", messages=HI, max_tokens=2, **kwargs)
         assert answer.choices[0].finish_reason == "length"
     response = await client.responses.create(
         model="sim", input="hi", tool_choice="auto", max_output_tokens=16

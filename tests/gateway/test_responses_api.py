@@ -53,6 +53,16 @@ async def test_a_response_is_the_answer_to_its_input_and_instructions(client: op
     assert again.model_dump() == response.model_dump()
 
 
+async def test_the_response_echoes_its_identifiers_and_tier(client: openai.AsyncOpenAI) -> None:
+    """``safety_identifier`` and ``prompt_cache_key`` were accepted and answered null, as OpenAI does not."""
+    response = await client.responses.create(
+        model="sim", input="hi", safety_identifier="s1", prompt_cache_key="pk", service_tier="auto"
+    )
+    again = await client.responses.retrieve(response.id)
+    for got in (response, again):
+        assert (got.safety_identifier, got.prompt_cache_key, got.service_tier) == ("s1", "pk", "default")
+
+
 async def test_max_output_tokens_makes_an_incomplete_response(client: openai.AsyncOpenAI) -> None:
     response = await client.responses.create(model="sim", input="hi", max_output_tokens=3)
     text, reason, _ = _expected(response.id, [{"role": "user", "content": "hi"}], 3)

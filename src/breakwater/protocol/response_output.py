@@ -108,6 +108,9 @@ def response_object(
         "output": output,
         "parallel_tool_calls": stored.parallel_tool_calls,
         "previous_response_id": stored.previous_response_id,
+        "prompt_cache_key": stored.prompt_cache_key,
+        "safety_identifier": stored.safety_identifier,
+        "service_tier": "default",  # the one tier served (`auto` and `default` ask for it)
         "store": stored.store,
         "temperature": 1.0 if stored.temperature is None else stored.temperature,
         "text": stored.text,

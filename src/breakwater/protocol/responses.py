@@ -117,6 +117,8 @@ class Stored:
     store: bool = True
     background: bool = False
     user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
     created_at: int = 0  # unix seconds, the gateway's clock at its admission
 
     def to_json(self) -> str:
@@ -183,6 +185,8 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[
         store=req.store is not False,
         background=bool(req.background),
         user=req.user,
+        safety_identifier=req.safety_identifier,
+        prompt_cache_key=req.prompt_cache_key,
         created_at=int(time.time()),
     )
     return {k: v for k, v in body.items() if v is not None}, stored
