@@ -19,7 +19,7 @@ from breakwater.broker.batches import BatchStore
 from breakwater.broker.errors import TRANSIENT
 from breakwater.gateway.auth import caller
 from breakwater.gateway.body import OrjsonRoute
-from breakwater.gateway.errors import FINAL, APIError, JSONBody, unsupported
+from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.routes import Caller, service
 from breakwater.protocol.batches import (
     COMPLETION_WINDOW,
@@ -207,7 +207,6 @@ async def delete_file(file_id: str, request: Request, who: Caller) -> Response:
                 409,
                 f"file {file_id} is the input of batch {batch_id}, which is still running; cancel it first",
                 code="file_in_use",
-                headers=FINAL,
                 param="file_id",
             )
     await store.delete_file(record)
@@ -305,7 +304,6 @@ async def cancel_batch(batch_id: str, request: Request, who: Caller) -> Response
                 409,
                 f"batch {batch_id} is {record.status}: it can no longer be cancelled",
                 code="batch_not_cancellable",
-                headers=FINAL,
                 param="batch_id",
             )
     return JSONBody((await _batch(store, batch_id, who)).to_object())

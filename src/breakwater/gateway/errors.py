@@ -34,9 +34,12 @@ class JSONBody(Response):
         return orjson.dumps(content)
 
 
-# An error the same request cannot cure by being sent again: the openai SDK retries every 409 and 5xx
-# (twice, by default) unless the answer says not to, and a retried POST is a new request.
-FINAL = {"x-should-retry": "false"}
+# The errors the same request cannot cure by being sent again (cancelled, or a job that failed every
+# worker it ran on, ...): they say `x-should-retry: false`, because the openai SDK retries every 409
+# and 5xx (twice, by default) unless the answer says not to, and a retried POST is a new request.
+FINAL_CODES = frozenset(
+    {"cancelled", "max_attempts_exceeded", "request_shared", "file_in_use", "batch_not_cancellable"}
+)
 
 
 class APIError(Exception):
@@ -60,6 +63,8 @@ class APIError(Exception):
         self.code = code if code is not None or status != 400 else "invalid_value"
         self.param = param
         self.headers = dict(headers) if headers else {}
+        if isinstance(self.code, str) and self.code in FINAL_CODES:
+            self.headers["x-should-retry"] = "false"
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)

@@ -17,7 +17,7 @@ from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
-from breakwater.gateway.errors import FINAL, APIError
+from breakwater.gateway.errors import APIError
 from breakwater.gateway.following import Quiet, RequestGone, Submission, follow_events
 from breakwater.gateway.histogram import LoopHistogramChild
 from breakwater.gateway.metrics import GatewayMetrics
@@ -120,7 +120,6 @@ class Requests:
                 "(a request nobody follows is cancelled after the detach grace period)",
                 code="request_shared",
                 param="id",
-                headers=FINAL,
             )
         await self.broker.cancel(rid, self.settings.result_ttl_s)
         return await self.record(rid, principal)

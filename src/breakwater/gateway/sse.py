@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from breakwater.gateway.autotools import ToolChunks, auto_message
-from breakwater.gateway.errors import FINAL, APIError, error_body
+from breakwater.gateway.errors import APIError, error_body
 from breakwater.gateway.following import RequestEnded
 from breakwater.gateway.streaming import LastChunk
 from breakwater.protocol.events import TokenEvent
@@ -320,6 +320,4 @@ def event_error(event: TokenEvent) -> APIError:
         type=str(err.get("type", "server_error")),
         code=code,
         param=err.get("param"),
-        # Cancelled, or a job that failed every worker it ran on: sent again, it would run again.
-        headers=FINAL if code in ("cancelled", "max_attempts_exceeded") else None,
     )
