@@ -50,10 +50,18 @@ class FastCompletions:
         if model is None:
             await self.app(scope, receive, send)
             return
+        response: Response | None = None
         try:
+            # The caller first: a request without a valid key is refused before its body is read
+            # (a keyless client made the gateway parse megabytes of JSON to answer it 401).
+            who = await caller(Request(scope, receive))
             body = await _read_body(receive)
-        except APIError as exc:  # over the body limit: its middleware answers 413 instead
-            await api_error_response(exc)(scope, receive, send)
+        except APIError as exc:  # or over the body limit: its middleware answers 413 instead
+            response = api_error_response(exc)
+        except TRANSIENT as exc:
+            response = unavailable_response(exc)
+        if response is not None:
+            await response(scope, receive, send)
             return
         if body is None:
             return  # the client left before it sent its body
@@ -64,9 +72,7 @@ class FastCompletions:
             await self.app(scope, replay, send)
             return
         request = Request(scope, replay)
-        response: Response
         try:
-            who = await caller(request)
             response = await complete(
                 parsed,
                 request,
