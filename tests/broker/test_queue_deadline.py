@@ -5,7 +5,9 @@ clock, and never a request a worker has started (the deadline is the queue's).""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from redis.asyncio import Redis
@@ -77,3 +79,26 @@ async def test_an_ended_or_missing_request_is_left_as_it_is(broker: Broker) -> N
     assert await broker.expire("c", 60, queued_only=True) == -2
     assert [e.error["code"] for e in await broker.read_events("c", 0) if e.error] == ["cancelled"]
     assert await broker.expire("nobody", 60, queued_only=True) == -3
+
+
+async def test_a_gateway_that_ends_a_queued_request_gives_its_key_its_place_back(broker: Broker) -> None:
+    """Its key's concurrency (and budget hold) were given back only when a worker at last read its
+    job and settled it: a client answered 504 at the deadline got 429 for its retry meanwhile."""
+    from breakwater.gateway.following import Quiet
+    from breakwater.tenancy.limits import Limits
+
+    one = Limits(max_concurrent=1)
+    far = int((time.time() + 600) * 1000)
+    admitted = await broker.ledger.admit("t", "k", one, rids=("q",), tokens=0, deadline_ms=far)
+    assert admitted.admitted
+    spec = replace(_spec(0.05), tenant="t", key_id="k")
+    assert (await broker.enqueue(rid="q", spec=spec, max_queued=10, result_ttl_s=60)).accepted
+    refused = await broker.ledger.admit("t", "k", one, rids=("r",), tokens=0, deadline_ms=far)
+    assert not refused.admitted  # the queued request holds the key's one place
+    await asyncio.sleep(0.1)
+    quiet = Quiet(deadline=time.time() - 1, ttl_s=60)
+    assert await quiet.spell(broker, "q", 0) is False  # (no keepalive asked for)
+    record = await broker.get_record("q")
+    assert record is not None and record.status.value == "error"
+    again = await broker.ledger.admit("t", "k", one, rids=("r",), tokens=0, deadline_ms=far)
+    assert again.admitted

@@ -85,3 +85,43 @@ async def test_a_stream_that_keeps_sending_has_no_comments(redis_server: RedisSe
     assert got.status_code == 200
     assert b": keepalive" not in got.content
     assert len(_data(got.content)) == 22  # 20 tokens, the finish, [DONE]
+
+
+async def test_a_tool_call_parsed_whole_sends_comments_while_its_tokens_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model's call is sent once parsed whole: its tokens render nothing meanwhile, and the
+    follower, seeing tokens come, yields no IDLE. A long call on a slow model was silent past an
+    idle-timeout proxy's limit (a review's finding); a comment goes out every ``keepalive_s``."""
+    from breakwater.gateway import sse
+    from breakwater.gateway.autotools import ToolChunks
+    from breakwater.protocol.events import TokenEvent
+
+    clock = iter(float(t) for t in range(1000))
+    monkeypatch.setattr(sse.Silence, "clock", staticmethod(lambda: next(clock)))  # a second a token
+    texts = ["<tool_call>", '[{"name": "f", ', '"arguments": ', '{"a": 1', "}", "}]", "</tool_call>"]
+
+    async def events() -> Any:
+        for seq, text in enumerate(texts, 1):
+            yield TokenEvent(seq, "token", text=text)
+        yield TokenEvent(len(texts) + 1, "done", finish_reason="stop")
+
+    render = ToolChunks(rid="chatcmpl-x", model="sim", created=1, resumed=True)
+    out = [
+        chunk
+        async for chunk in sse.sse_chunks(
+            events(),
+            render,
+            rid="chatcmpl-x",
+            model="sim",
+            created=1,
+            chat=True,
+            include_usage=False,
+            keepalive_s=2,
+        )
+    ]
+    # Six tokens inside the call render nothing (seconds 0-5): the first starts the silence, then a
+    # comment each two seconds (2, 4); the closing tag sends the call, then the finish and [DONE].
+    assert out[:2] == [COMMENT, COMMENT] and out.count(COMMENT) == 2, out
+    rest = b"".join(out[2:])
+    assert b'"name":"f"' in rest and rest.endswith(b"data: [DONE]\n\n"), rest

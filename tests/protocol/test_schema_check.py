@@ -158,6 +158,10 @@ def _refused(schema: dict[str, Any]) -> str:
         ({"type": "array", "items": {"type": "integer"}, "maxItems": 1e9}, "`maxItems`"),
         ({"type": "array", "items": {"type": "string", "maxLength": 5000}}, "`maxLength` at `items`"),
         ({"type": "string", "pattern": "^[a-z]{2,5000}$"}, "`pattern`"),
+        # The converter reads these too (a review found them past the bound).
+        ({"type": "string", "pattern": "^a{,5000}$"}, "`pattern`"),
+        ({"type": "string", "pattern": "^a{0, 5000}$"}, "`pattern`"),
+        ({"type": "string", "pattern": "^a{ 5000 }$"}, "`pattern`"),
         ({"$defs": {"big": {"type": "string", "maxLength": 2000}}, "$ref": "#/$defs/big"}, "at `$defs.big`"),
     ],
 )

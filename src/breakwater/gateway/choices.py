@@ -355,9 +355,11 @@ async def stream(svc: GatewayService, group: ChoiceGroup, fresh: bool = True) ->
             event = _unwrap(merged, index, item)
             if event is None:
                 continue
-            if event.kind != "idle":
-                out.append(merged.chunk(index, event))
-            elif time.monotonic() - sent >= quiet_s:
+            if event.kind != "idle" and (chunk := merged.chunk(index, event)):
+                out.append(chunk)
+            # Quiet since the last write (a choice's IDLE, each choice counting on its own; or a tool
+            # call parsed whole): half the period, so that no choice's timing skips a comment.
+            elif not out and quiet_s > 0 and time.monotonic() - sent >= quiet_s / 2:
                 out.append(KEEPALIVE)
             if event.kind == "error":
                 await _cancel(svc, [c.rid for c in merged.live.values()])

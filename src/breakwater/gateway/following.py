@@ -21,7 +21,8 @@ from breakwater.broker.types import NOT_DUE
 from breakwater.protocol.events import IDLE, TokenEvent
 
 _SOON_S = 0.05  # the shortest idle spell before a deadline
-_AGAIN_S = 0.5  # a deadline not yet passed on Redis's clock is tried again after this long
+_PAST_S = 0.02  # how long after a deadline it is asked for (Redis's clock rounds to milliseconds)
+_AGAIN_S = 0.25  # a deadline not yet passed on Redis's clock is tried again after this long
 
 
 class RequestGone(Exception):
@@ -119,6 +120,7 @@ async def follow_events(
     sub.delivered = max(sub.delivered, after)
     catch_up = not fresh
     quiet = quiet or Quiet()
+    quiet.start(sub.delivered)
     try:
         while True:
             _stop_if_draining(fanin, rid)
@@ -158,20 +160,26 @@ class Quiet:
     checks the request goes on (:class:`RequestGone`, :class:`RequestEnded`); every ``keepalive_s``
     (0: never) with nothing handed on, an :data:`IDLE`; and at ``deadline`` (unix s, 0: none), if the
     request is still queued, ends it with the ``timeout`` error a worker would give it when it took
-    the job (``Broker.expire``: on Redis's clock), so that its client does not wait past its
-    ``timeout`` for a worker to take it."""
+    the job (``Broker.expire``: on Redis's clock) and meters it, so that its client does not wait
+    past its ``timeout`` for a worker to take it, nor its key's limits hold it until then."""
 
     keepalive_s: float = 0.0
     deadline: float = 0.0
     ttl_s: int = 3600  # the ended request's retention
-    seen: int = -1
-    since: float = field(default_factory=time.monotonic)
+    seen: int = -1  # the position at the last spell
+    since: float = field(default_factory=time.monotonic)  # nothing handed on since (at least)
+    began: float = field(default_factory=time.monotonic)  # the current idle spell's start
+
+    def start(self, delivered: int) -> None:
+        self.seen, self.since = delivered, time.monotonic()
 
     def wait(self, idle_poll_s: float) -> float:
-        """The next idle spell: no longer than a keepalive's period, nor than the deadline."""
+        """The next idle spell (it begins now): no longer than a keepalive's period, nor than the
+        deadline (a little past it: Redis's clock decides, in whole milliseconds)."""
+        self.began = time.monotonic()
         out = min(idle_poll_s, self.keepalive_s) if self.keepalive_s > 0 else idle_poll_s
         if self.deadline > 0:
-            out = min(out, max(self.deadline - time.time(), _SOON_S))
+            out = min(out, max(self.deadline + _PAST_S - time.time(), _SOON_S))
         return out
 
     async def spell(self, broker: Broker, rid: str, delivered: int) -> bool:
@@ -179,19 +187,28 @@ class Quiet:
         status = await _check_going(broker, rid, delivered)
         if self.deadline > 0 and status is not Status.QUEUED:
             self.deadline = 0.0  # it started: it runs to its end (the deadline is the queue's)
-        elif self.deadline > 0 and time.time() >= self.deadline:
-            expired = await broker.expire(rid, self.ttl_s, queued_only=True)
-            # Not yet on Redis's clock (behind this host's): asked again shortly.
-            self.deadline = time.time() + _AGAIN_S if expired == NOT_DUE else 0.0
+        elif self.deadline > 0 and time.time() >= self.deadline + _PAST_S:
+            await self._expire(broker, rid)
         return self._due(delivered)
+
+    async def _expire(self, broker: Broker, rid: str) -> None:
+        expired = await broker.expire(rid, self.ttl_s, queued_only=True)
+        if expired == NOT_DUE:  # not yet on Redis's clock (behind this host's): asked again shortly
+            self.deadline = time.time() + _AGAIN_S
+            return
+        self.deadline = 0.0
+        if expired > 0:  # its limits given back now; the worker that reads its job finds it metered
+            record = await broker.get_record(rid)
+            if record is not None and record.status.terminal:
+                await broker.ledger.meter(record, rid)
 
     def _due(self, delivered: int) -> bool:
         if self.keepalive_s <= 0:
             return False
         now = time.monotonic()
-        if delivered != self.seen:  # events were handed on since the last spell
-            self.seen, self.since = delivered, now
-        elif now - self.since >= self.keepalive_s:
+        if delivered != self.seen:  # handed on during this spell: so no earlier than its start
+            self.seen, self.since = delivered, self.began
+        if now - self.since >= self.keepalive_s:
             self.since = now
             return True
         return False

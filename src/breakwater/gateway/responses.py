@@ -24,7 +24,7 @@ from breakwater.gateway.errors import APIError, JSONBody, unsupported
 from breakwater.gateway.following import Submission
 from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, request_id, service
 from breakwater.gateway.service import GatewayService
-from breakwater.gateway.sse import KEEPALIVE, error_chunk, event_error, one_line, renderer
+from breakwater.gateway.sse import KEEPALIVE, Silence, error_chunk, event_error, one_line, renderer
 from breakwater.gateway.streaming import LastChunk, SSEResponse
 from breakwater.gateway.whole import answered
 from breakwater.protocol.events import TokenEvent
@@ -53,6 +53,7 @@ _PARAMS = {
 }
 # A chat error's words as the Responses API says them (its format is flat: ``text.format.schema``).
 _WORDS = (
+    ("`max_tokens`", "`max_output_tokens`"),  # (a context error names it beside another param)
     ("`response_format.json_schema.", "`text.format."),
     ("`response_format", "`text.format"),
     ("`json_schema.", "`text.format."),
@@ -366,6 +367,7 @@ async def _stream(
     output = _Output.of(sub, stored)
     finished = started = False
     events = svc.requests.events(sub, 0, keepalive=True)
+    silence = Silence(svc.settings.sse_keepalive_s)  # while a function call is parsed whole
     try:
         if data := _sse(output.feed_start(), after):
             yield data
@@ -381,6 +383,9 @@ async def _stream(
                     yield LastChunk(_sse(produced, after))
                     return
                 if data := _sse(produced, after):
+                    silence.heard()
+                    yield data
+                elif data := silence.quiet():
                     yield data
     except GatewayDraining:
         pass  # ended without response.completed: the client resumes elsewhere (starting_after)

@@ -237,6 +237,7 @@ async def _stream(
         created=sub.created,
         chat=sub.chat,
         include_usage=sub.include_usage,
+        keepalive_s=svc.settings.sse_keepalive_s,
     )
     try:
         async with aclosing(chunks):  # here, not by the loop's finalizer (sse_chunks)

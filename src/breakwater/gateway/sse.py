@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -209,16 +210,19 @@ async def sse_chunks(
     created: int,
     chat: bool,
     include_usage: bool,
+    keepalive_s: float = 0.0,
 ) -> AsyncGenerator[bytes, None]:
     """OpenAI streaming chunks for ``events``, rendered by ``render`` (see :func:`renderer`); ends
     with the usage chunk (if asked) and ``[DONE]``, or an error, as a :class:`LastChunk` (``[DONE]``
     alone for a resume after the answer's last event: only ``[DONE]`` was lost). ``events`` is
-    closed with it (not left to the event loop's async-generator finalizer)."""
+    closed with it (not left to the event loop's async-generator finalizer). ``keepalive_s``: a
+    comment also while tokens come and render nothing for that long (a tool call parsed whole)."""
+    silence = Silence(keepalive_s)
     async with aclosing(events):
         try:
             async for event in events:
                 if event.kind == "token":
-                    if data := _token_sse(render, event):
+                    if data := _token_sse(render, event, silence):
                         yield data
                 elif event.kind == "idle":
                     yield KEEPALIVE
@@ -243,11 +247,39 @@ async def sse_chunks(
                 yield LastChunk(DONE)
 
 
-def _token_sse(render: ChoiceChunks | ToolChunks, event: TokenEvent) -> bytes:
-    """A token's events (none while a model's tool call is parsed)."""
+class Silence:
+    """A stream whose tokens render nothing (the model's tool call, parsed whole before it is sent):
+    :meth:`quiet` is a keepalive once that has lasted ``every`` seconds (0: never), else nothing.
+    The follower's own (``IDLE``) cannot see it: tokens do come."""
+
+    __slots__ = ("every", "since")
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.since: float | None = None
+
+    def heard(self) -> None:
+        self.since = None
+
+    def quiet(self) -> bytes:
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        elif self.every > 0 and now - self.since >= self.every:
+            self.since = now
+            return KEEPALIVE
+        return b""
+
+
+def _token_sse(render: ChoiceChunks | ToolChunks, event: TokenEvent, silence: Silence) -> bytes:
+    """A token's events (none while a model's tool call is parsed: then maybe a keepalive)."""
     if isinstance(render, ChoiceChunks):
         return render.token_sse(event)
     out = render.chunks(event)
+    if not out:
+        return silence.quiet()
+    silence.heard()
     if len(out) == 1:
         return sse_event(out[0], event.seq)
     # The model's tool calls: text and calls that became known at this event.

@@ -44,7 +44,8 @@ MAX_DEPTH = 64  # levels of nesting in a schema (JSON's own encoder stops at 255
 MAX_REPEAT = 1000
 MAX_REPEATS = 20_000  # all of a schema's together: the grammar's size, the time to build it
 _COUNTS = (("minLength", "maxLength"), ("minItems", "maxItems"))
-_QUANTIFIER = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
+# Every `{...}` the converter reads as a repetition: `{m}`, `{m,}`, `{m,n}`, `{,n}`, spaces and all.
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 def unenforced(schema: Any, at: str = "") -> str | None:
@@ -96,7 +97,7 @@ def repeats_problem(schema: Any) -> str | None:
         counts = [max((_count(sub, key), key) for key in pair) for pair in _COUNTS]
         pattern = sub.get("pattern")
         if isinstance(pattern, str):
-            counts += [(max(int(m), int(n or 0)), "pattern") for m, n in _QUANTIFIER.findall(pattern)]
+            counts += [(max(int(m or 0), int(n or 0)), "pattern") for m, n in _QUANTIFIER.findall(pattern)]
         for n, key in counts:
             if n > MAX_REPEAT:
                 where = f" at `{at}`" if at else ""
