@@ -327,6 +327,11 @@ async def test_a_prompt_whose_max_tokens_overrun_the_context_is_400_not_cut_shor
     _assert_error(huge, 400, "context_length_exceeded", "max_output_tokens")
     message = huge.json()["error"]["message"]
     assert "`max_output_tokens` (10000000)" in message and "max_tokens" not in message, message
+    long_input = {"model": "sim", "input": "word " * 30_000, "max_output_tokens": 16}
+    huge = await gw.http.post("/v1/responses", json=long_input)  # the input alone: param `input`
+    _assert_error(huge, 400, "context_length_exceeded", "input")
+    message = huge.json()["error"]["message"]
+    assert "`max_output_tokens` (16)" in message and "max_tokens" not in message, message
 
 
 async def test_nesting_deeper_than_the_parser_takes_is_400_saying_so(gw: InProc) -> None:
