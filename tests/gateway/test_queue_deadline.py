@@ -33,6 +33,8 @@ async def test_a_whole_answer_queued_past_its_timeout_is_a_504_at_the_deadline(
         # Answered while the worker is still busy with the request ahead (a worker never took it).
         assert await _status(gw, gw.busy_rid) == "running"
         assert await _status(gw, rids[0]) == "error"
+        metrics = gw.app.state.service.metrics
+        assert metrics.registry.get_sample_value("breakwater_queue_timeouts_total", {"model": "sim"}) == 1
     assert raised.value.status_code == 504
     body: Any = raised.value.body
     assert (body["code"], body["type"]) == ("timeout", "timeout")

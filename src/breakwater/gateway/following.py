@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -166,6 +166,7 @@ class Quiet:
     keepalive_s: float = 0.0
     deadline: float = 0.0
     ttl_s: int = 3600  # the ended request's retention
+    expired: Callable[[], object] | None = None  # called when it ended one (a metric)
     seen: int = -1  # the position at the last spell
     since: float = field(default_factory=time.monotonic)  # nothing handed on since (at least)
     began: float = field(default_factory=time.monotonic)  # the current idle spell's start
@@ -197,6 +198,8 @@ class Quiet:
             self.deadline = time.time() + _AGAIN_S
             return
         self.deadline = 0.0
+        if expired > 0 and self.expired is not None:
+            self.expired()
         if expired > 0:  # its limits given back now; the worker that reads its job finds it metered
             record = await broker.get_record(rid)
             if record is not None and record.status.terminal:

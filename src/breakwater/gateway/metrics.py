@@ -121,6 +121,13 @@ class GatewayMetrics:
             ["alias", "version"],
             registry=r,
         )
+        self.queue_timeouts = Counter(
+            "breakwater_queue_timeouts_total",
+            "Requests this gateway ended at their timeout while still queued (a worker's own expiries: "
+            "breakwater_jobs_total{outcome=expired})",
+            ["model"],
+            registry=r,
+        )
         self.stream_overflows = Counter(
             "breakwater_stream_overflows_total",
             "Live buffers that overflowed (a slow reader fell back to the durable stream)",

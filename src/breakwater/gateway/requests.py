@@ -154,6 +154,7 @@ class Requests:
                 keepalive_s=self.settings.sse_keepalive_s if keepalive else 0.0,
                 deadline=submission.deadline,
                 ttl_s=self.settings.result_ttl_s,
+                expired=lambda: self.metrics.queue_timeouts.labels(model).inc(),
             ),
         )
         try:
