@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import orjson
@@ -217,12 +218,16 @@ async def sse_chunks(
     alone for a resume after the answer's last event: only ``[DONE]`` was lost). ``events`` is
     closed with it (not left to the event loop's async-generator finalizer). ``keepalive_s``: a
     comment also while tokens come and render nothing for that long (a tool call parsed whole)."""
-    silence = Silence(keepalive_s)
+    token_sse = (
+        render.token_sse
+        if isinstance(render, ChoiceChunks)
+        else partial(_tool_sse, render, Silence(keepalive_s))
+    )
     async with aclosing(events):
         try:
             async for event in events:
                 if event.kind == "token":
-                    if data := _token_sse(render, event, silence):
+                    if data := token_sse(event):
                         yield data
                 elif event.kind == "idle":
                     yield KEEPALIVE
@@ -272,10 +277,9 @@ class Silence:
         return b""
 
 
-def _token_sse(render: ChoiceChunks | ToolChunks, event: TokenEvent, silence: Silence) -> bytes:
-    """A token's events (none while a model's tool call is parsed: then maybe a keepalive)."""
-    if isinstance(render, ChoiceChunks):
-        return render.token_sse(event)
+def _tool_sse(render: ToolChunks, silence: Silence, event: TokenEvent) -> bytes:
+    """A token's events when the model may call tools (none while a call is parsed: then maybe a
+    keepalive)."""
     out = render.chunks(event)
     if not out:
         return silence.quiet()
