@@ -15,7 +15,7 @@ from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
 from tests.inproc import busy_gateway, inproc_gateway
 
-COMMENT = b": keepalive\n\n"
+COMMENT = b": keepalive\n"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
 # The path, the body, and how many events open the stream before its wait (n > 1: every choice's
 # role at once; the Responses API: response.created and response.in_progress).
@@ -28,8 +28,9 @@ CASES = [
 
 
 def _data(body: bytes) -> list[bytes]:
-    """The stream's events without its comments."""
-    return [e for e in body.split(b"\n\n") if e and not e.startswith(b":")]
+    """The stream's events, without its comment lines."""
+    lines = b"\n".join(line for line in body.split(b"\n") if not line.startswith(b":"))
+    return [e for e in lines.split(b"\n\n") if e]
 
 
 @pytest.mark.parametrize(("path", "body", "opening"), CASES)
@@ -125,3 +126,22 @@ async def test_a_tool_call_parsed_whole_sends_comments_while_its_tokens_come(
     assert out[:2] == [COMMENT, COMMENT] and out.count(COMMENT) == 2, out
     rest = b"".join(out[2:])
     assert b'"name":"f"' in rest and rest.endswith(b"data: [DONE]\n\n"), rest
+
+
+async def test_the_sdk_reads_comments_between_events(redis_server: RedisServer, prefix: str) -> None:
+    """Comments after a stream's first ``id:`` (slow tokens; a queued ``n > 1`` stream's second
+    choice, after the roles): the SDK's decoder took the blank line that ended a comment event for an
+    event with that id and empty data, and raised a JSONDecodeError mid-stream."""
+    async with inproc_gateway(redis_server.url, prefix, sse_keepalive_s=0.1) as gw:
+        await gw.add_worker(SimEngine(SimOptions(capacity=1, decode_base_ms=350, decode_per_seq_ms=0)))
+        raw = await gw.http.post("/v1/chat/completions", json={"model": "sim", **CHAT, "stream": True})
+        body = raw.content
+        assert COMMENT in body[body.index(b"\n\n") :], body[:300]  # a comment after an event
+        sdk = gw.sdk()
+        for n in (1, 2):
+            stream = await sdk.chat.completions.create(model="sim", **CHAT, n=n, stream=True)  # type: ignore[call-overload]
+            chunks = [c async for c in stream]
+            whole = await sdk.chat.completions.create(model="sim", **CHAT, n=n)  # type: ignore[call-overload]
+            for i in range(n):
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i)
+                assert text == whole.choices[i].message.content

@@ -28,9 +28,11 @@ from breakwater.protocol.openai import (
 from breakwater.protocol.toolformats import single_call
 
 DONE = b"data: [DONE]\n\n"
-# What a stream sends while its request sends nothing (queued, or a slow token): an SSE comment,
-# which every SSE reader (the openai SDKs' too) skips, so that an idle-timeout proxy keeps it open.
-KEEPALIVE = b": keepalive\n\n"
+# What a stream sends while its request sends nothing (queued, or a slow token): an SSE comment line,
+# which every SSE reader skips, so that an idle-timeout proxy keeps it open. A line, not an event (no
+# blank line after it): the openai SDK's decoder, once a stream's events have had an `id:`, takes any
+# blank line for an event with that id and empty data, and fails to parse it as JSON.
+KEEPALIVE = b": keepalive\n"
 # Characters JSON may leave raw inside strings (orjson does) that Python's str.splitlines(), and so
 # httpx's aiter_lines(), a common way to read SSE, takes for line breaks: NEL, LINE and PARAGRAPH
 # SEPARATOR, in UTF-8. A model that writes one would split its event's data line in such a reader.
