@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -280,3 +281,43 @@ def test_the_largest_repetition_accepted_is_one_llama_cpp_parses_and_enforces(
     assert fmt is not None
     assert _admits(vocab, fmt.grammar(), longest)
     assert not _admits(vocab, fmt.grammar(), one_more)
+
+
+def _obj(properties: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("schema", "value"),
+    [
+        (_obj({"e": {"enum": ["a\nb"]}}), {"e": "a\nb"}),  # was a raw newline: no JSON
+        (_obj({"e": {"enum": ["a\tb", "c"]}}), {"e": "a\tb"}),
+        (_obj({"e": {"enum": ["back\\slash"]}}), {"e": "back\\slash"}),  # was `\s`: no JSON
+        (_obj({"e": {"const": "a\\b"}}), {"e": "a\\b"}),  # was `\b`: a backspace, not the const
+        (_obj({"a\\b": {"type": "integer"}}), {"a\\b": 1}),  # the key was "a<backspace>"
+        (_obj({"e": {"const": "😀"}}), {"e": "😀"}),  # was two halves of a surrogate pair
+        (_obj({"😀": {"type": "integer"}}), {"😀": 1}),
+        (_obj({'a"b': {"type": "integer"}}), {'a"b': 1}),  # llama.cpp could not parse the grammar
+        (_obj({"e": {"enum": ['say "hi"', "é"]}}), {"e": 'say "hi"'}),
+        (_obj({"e": {"const": {"k": ["x\ny", 1]}}}), {"e": {"k": ["x\ny", 1]}}),
+    ],
+)
+def test_strings_in_a_schema_are_the_json_text_of_their_values(
+    vocab: Any, schema: dict[str, Any], value: dict[str, Any]
+) -> None:
+    """Property names, enum and const values with what JSON escapes: the answer is their JSON, and
+    parses back to them (an exploratory helper found each of these broken)."""
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    assert fmt is not None
+    grammar = fmt.grammar()
+    answer = json.dumps(value, ensure_ascii=False)
+    assert _admits(vocab, grammar, answer), (answer, grammar)
+    assert json.loads(answer) == value
+    raw = answer.replace("\\n", "\n").replace("\\t", "\t")  # what the old grammar made the model write
+    if raw != answer:
+        assert not _admits(vocab, grammar, raw)

@@ -180,6 +180,30 @@ def test_a_repetition_past_what_the_grammar_enforces_is_refused_before_it_is_bui
     assert named in message and "the grammar enforces up to 1000" in message, message
 
 
+@pytest.mark.parametrize(
+    ("schema", "said"),
+    [
+        ({"type": "string", "minLength": 5, "maxLength": 2}, "`minLength` (5) is more than `maxLength` (2)"),
+        (
+            {
+                "type": "object",
+                "properties": {"s": {"type": "array", "items": {}, "minItems": 4, "maxItems": 2}},
+            },
+            "`minItems` (4) is more than `maxItems` (2): no answer keeps both at `properties.s`",
+        ),
+        ({"type": "string", "maxLength": -3}, "`maxLength` is -3, not a count"),
+        ({"type": "string", "maxLength": True}, "`maxLength` is true, not a count"),
+        ({"type": "string", "minLength": 1.5}, "`minLength` is 1.5, not a count"),
+        ({"type": "string", "maxLength": "9"}, '`maxLength` is "9", not a count'),
+    ],
+)
+def test_bounds_no_answer_can_keep_are_refused(schema: dict[str, Any], said: str) -> None:
+    """They were taken as they came: minLength 5 with maxLength 2 was answered with five characters,
+    maxLength -3 with none, maxLength true as 1 (an exploratory helper's findings)."""
+    message = _refused(schema)
+    assert said in message, message
+
+
 def test_all_of_a_schemas_repetitions_together_are_bounded() -> None:
     many = {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(21)}
     message = _refused({"type": "object", "properties": many})
@@ -209,3 +233,6 @@ def test_a_tools_parameters_are_bounded_as_well() -> None:
         assert isinstance(plan, AutoCalls)
         plan.output_format(grammar=True)
     assert raised.value.param == "tools[0].function.parameters" and "`maxLength`" in str(raised.value)
+    # Named as the client sent it (it said `json_schema.schema`, a field no tool has).
+    assert raised.value.code == "invalid_function_parameters"
+    assert str(raised.value).startswith("the parameters of `f` cannot be enforced"), str(raised.value)

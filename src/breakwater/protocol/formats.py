@@ -9,6 +9,7 @@ failed job), so every engine that constrains output accepts what is queued.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -219,12 +220,32 @@ def _literal(text: str) -> str:
 
 @lru_cache(maxsize=256)
 def _grammar(schema: str) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf  # loads libllama: only when asked
+    from llama_cpp import llama_grammar  # loads libllama: only when asked
 
     parsed = orjson.loads(schema)
     too_large = repeats_problem(parsed)  # before the converter: its time and size grow with them
     if too_large is not None:
         raise ValueError(too_large)
-    ready = json_patterns(converter_ready(parsed))
-    converted = json_schema_to_gbnf(orjson.dumps(ready).decode())
+    # llama-cpp-python's json_schema_to_gbnf, with its literals written right (_converter_literal).
+    make: Any = llama_grammar.SchemaConverter
+    converter = make(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    converter._format_literal = _converter_literal
+    converter.visit(converter.resolve_refs(json_patterns(converter_ready(parsed)), "stdin"), "")
+    converted = converter.format_grammar()
     return json_safe_classes(str(converted).replace(_LOOSE_CHAR, _JSON_CHAR))
+
+
+def _converter_literal(text: str) -> str:
+    """The grammar literal of ``text``: a constant's or a property name's JSON text (or one character
+    of a pattern). The converter's own escaped only `"` and line breaks and copied the JSON text's
+    escapes, which llama.cpp's parser then read as escapes again: `\\n` in an enum value became a
+    raw newline (no JSON), `\\\\` a lone backslash, an emoji's surrogate escapes two broken characters.
+    Here a literal of exactly the JSON text, with its escapes of printable characters (``ensure_ascii``)
+    written as the characters themselves, as a model writes them."""
+    if text[:1] in ('"', "{", "["):
+        try:
+            text = json.dumps(json.loads(text), ensure_ascii=False)
+            return _literal(text)
+        except (ValueError, TypeError):  # not JSON after all, or a lone surrogate (orjson refuses it)
+            pass
+    return _literal(text)

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 ANNOTATIONS = frozenset(
     {
         "title",
@@ -88,21 +90,28 @@ def _unenforced(schema: Any, at: str = "") -> str | None:
 def repeats_problem(schema: Any) -> str | None:
     """Why the grammar of ``schema`` would be too large to build or to parse, or None: a length, an
     item count or a pattern's repetition over :data:`MAX_REPEAT`, or all of them over
-    :data:`MAX_REPEATS`."""
+    :data:`MAX_REPEATS`; or bounds no answer can keep (a minimum over its maximum, a negative or
+    fractional count), which the converter took as they came (`minLength: 5, maxLength: 2` was
+    answered with five characters)."""
     total, todo = 0, [("", schema)]
     while todo:
         at, sub = todo.pop()
         if not isinstance(sub, dict):
             continue
-        counts = [max((_count(sub, key), key) for key in pair) for pair in _COUNTS]
+        where = f" at `{at}`" if at else ""
+        counts: list[tuple[Any, str]] = []
+        for low, high in _COUNTS:
+            problem = _bounds_problem(sub, low, high)
+            if problem is not None:
+                return problem + where
+            counts.append(max((sub.get(key) or 0, key) for key in (low, high)))
         pattern = sub.get("pattern")
         if isinstance(pattern, str):
             counts += [(max(int(m or 0), int(n or 0)), "pattern") for m, n in _QUANTIFIER.findall(pattern)]
         for n, key in counts:
             if n > MAX_REPEAT:
-                where = f" at `{at}`" if at else ""
                 return f"`{key}`{where} asks for {n} repetitions (the grammar enforces up to {MAX_REPEAT})"
-            total += n
+            total += int(n)
         todo += [(_at(at, key), part) for key, part in _subschemas(sub)]
     if total > MAX_REPEATS:
         return (
@@ -112,9 +121,15 @@ def repeats_problem(schema: Any) -> str | None:
     return None
 
 
-def _count(schema: dict[str, Any], key: str) -> int:
-    n = schema.get(key)
-    return int(n) if isinstance(n, int | float) and not isinstance(n, bool) and n > 0 else 0
+def _bounds_problem(schema: dict[str, Any], low: str, high: str) -> str | None:
+    """Why a pair of bounds (``minLength``/``maxLength``, ``minItems``/``maxItems``) cannot be kept."""
+    for key in (low, high):
+        n = schema.get(key)
+        if key in schema and (isinstance(n, bool) or not isinstance(n, int | float) or n < 0 or n != int(n)):
+            return f"`{key}` is {orjson.dumps(n).decode()}, not a count (a whole number, 0 or more)"
+    if low in schema and high in schema and schema[low] > schema[high]:
+        return f"`{low}` ({schema[low]}) is more than `{high}` ({schema[high]}): no answer keeps both"
+    return None
 
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:

@@ -273,8 +273,11 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
         call = ForcedCall(name, description, parameters)
         try:
             call.output_format()
-        except FormatError as exc:
-            raise FormatError(str(exc), f"tools[{i}].function.parameters") from None
+        except FormatError as exc:  # said of what the client sent: the function's parameters
+            said = str(exc).replace("`json_schema.schema`", f"the parameters of `{name}`")
+            raise FormatError(
+                said, f"tools[{i}].function.parameters", "invalid_function_parameters"
+            ) from None
         out[name] = call
     return out
 
