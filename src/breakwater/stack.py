@@ -237,7 +237,10 @@ class Stack:
                 cfg.data_dir.mkdir(mode=0o700, parents=True)
                 cfg.data_dir.chmod(0o700)  # mkdir's mode passes through the umask
             redis_url = cfg.redis_url or self._start_redis()
-            env = {**os.environ, "BREAKWATER_REDIS_URL": redis_url, "BREAKWATER_KEY_PREFIX": cfg.key_prefix}
+            # BREAKWATER_METRICS_PORT is the gateway's (below): a worker took it first, and the gateway
+            # then failed to start (and several workers would each want it).
+            env = {k: v for k, v in os.environ.items() if k != "BREAKWATER_METRICS_PORT"}
+            env |= {"BREAKWATER_REDIS_URL": redis_url, "BREAKWATER_KEY_PREFIX": cfg.key_prefix}
             self._env = env
             logs = cfg.data_dir / "logs"
             logs.mkdir(mode=0o700, exist_ok=True)
@@ -249,6 +252,7 @@ class Stack:
             self._gateway_metrics_port = int(os.environ.get("BREAKWATER_METRICS_PORT") or 0)
             if not self._gateway_metrics_port and self.auth != "off":
                 self._gateway_metrics_port = free_port()  # readiness and autoscaling read it
+            if self._gateway_metrics_port:
                 gw_env["BREAKWATER_METRICS_PORT"] = str(self._gateway_metrics_port)
             self.gateway = self._child(
                 "gateway", ["gateway", "--host", cfg.host, "--port", str(cfg.port)], gw_env

@@ -127,14 +127,23 @@ def test_up_with_keys_comes_up_and_serves_a_key_made_as_its_banner_says(tmp_path
     pepper = tmp_path / "pepper"
     pepper.write_text("up-with-keys-pepper-0123456789abcdef")
     keyed = {"BREAKWATER_AUTH": "keys", "BREAKWATER_AUTH_PEPPER_FILE": str(pepper)}
-    proc = _up(port, tmp_path / "data", "--engine", "sim", env=keyed)
+    # The gateway's metrics port, set: the worker took it too (it read the same environment) and the
+    # gateway failed to start.
+    metrics_port = free_port()
+    proc = _up(
+        port,
+        tmp_path / "data",
+        "--engine",
+        "sim",
+        env={**keyed, "BREAKWATER_METRICS_PORT": str(metrics_port)},
+    )
     lines, reader = _read_lines(proc)
     try:
         wait_for(lambda: any("processes:" in line for line in lines), 60, 0.1, "up's banner")
         out = "".join(lines)
         assert "auth: keys" in out and "Authorization: Bearer $KEY" in out, out
         metrics = re.search(r"metrics: (http://127\.0\.0\.1:(\d+)/metrics)", out)
-        assert metrics is not None and int(metrics.group(2)) != port, out
+        assert metrics is not None and int(metrics.group(2)) == metrics_port, out
         assert 'breakwater_workers{model="sim"} 1.0' in httpx.get(metrics.group(1)).text
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/metrics").status_code == 404
