@@ -167,3 +167,22 @@ async def busy_gateway(redis_url: str, prefix: str, busy_s: float, **settings: A
             yield gw
         finally:
             assert (await blocker).status_code == 200
+
+
+def post_scope(path: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """A raw ASGI scope of a JSON POST to the in-process gateway (by the name it is reached by), for
+    a test that drives the app's ``receive`` and ``send`` itself."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("gw", 80),
+    }

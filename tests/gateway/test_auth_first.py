@@ -11,29 +11,16 @@ import pytest
 from starlette.types import Message
 
 from breakwater.redis_server import RedisServer
-from tests.inproc import inproc_gateway
+from tests.inproc import inproc_gateway, post_scope
 
 PEPPER = "auth-first-pepper-0123456789abcdef"
 
 
 def _scope(path: str, authorization: str | None) -> dict[str, Any]:
-    headers = [(b"host", b"gw"), (b"content-type", b"application/json"), (b"content-length", b"2000000")]
+    headers = [(b"content-length", b"2000000")]
     if authorization is not None:
         headers.append((b"authorization", authorization.encode()))
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("gw", 80),
-    }
+    return post_scope(path, *headers)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])

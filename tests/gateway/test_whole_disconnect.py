@@ -16,7 +16,7 @@ from starlette.types import Message
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
-from tests.inproc import InProc, inproc_gateway
+from tests.inproc import InProc, inproc_gateway, post_scope
 
 LONG = {"max_tokens": 3000, "ignore_eos": True}
 CASES = [
@@ -24,23 +24,6 @@ CASES = [
     ("/v1/completions", {"prompt": ["one", "two"], **LONG}, 2),  # two choices, one request each
     ("/v1/responses", {"input": "hi"}, 1),  # 8 tokens at least: 4 s
 ]
-
-
-def _scope(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"gw"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("gw", 80),
-    }
 
 
 async def _statuses(gw: InProc, rids: list[str]) -> list[str]:
@@ -74,7 +57,7 @@ async def test_a_client_that_leaves_before_its_whole_answer_lets_the_request_go(
         async def send(message: Message) -> None:
             sent.append(message)
 
-        app = asyncio.create_task(gw.app(_scope(path), receive, send))
+        app = asyncio.create_task(gw.app(post_scope(path), receive, send))
         deadline = time.monotonic() + 10
         while len(rids) < requests or "running" not in await _statuses(gw, rids):
             assert time.monotonic() < deadline and not app.done(), (rids, sent)
@@ -116,7 +99,7 @@ async def test_a_request_its_client_left_while_queued_is_cancelled_not_run(
         async def send(message: Message) -> None:
             pass
 
-        await asyncio.wait_for(gw.app(_scope("/v1/completions"), receive, send), 5)
+        await asyncio.wait_for(gw.app(post_scope("/v1/completions"), receive, send), 5)
         assert (await _statuses(gw, rids))[1] == "queued"
         assert (await occupied).status_code == 200  # the slot frees long after the grace
         while (await _statuses(gw, rids))[1] != "cancelled":

@@ -198,12 +198,14 @@ class Quiet:
             self.deadline = time.time() + _AGAIN_S
             return
         self.deadline = 0.0
-        if expired > 0 and self.expired is not None:
+        if expired <= 0:  # it had ended, or has no record
+            return
+        if self.expired is not None:
             self.expired()
-        if expired > 0:  # its limits given back now; the worker that reads its job finds it metered
-            record = await broker.get_record(rid)
-            if record is not None and record.status.terminal:
-                await broker.ledger.meter(record, rid)
+        # Its limits given back now; the worker that reads its job finds it metered.
+        record = await broker.get_record(rid)
+        if record is not None and record.status.terminal:
+            await broker.ledger.meter(record, rid)
 
     def _due(self, delivered: int) -> bool:
         if self.keepalive_s <= 0:
