@@ -441,4 +441,5 @@ async def test_tool_choice_auto_needs_a_list_of_tools_as_vllm_asks(client: opena
     response = await client.responses.create(
         model="sim", input="hi", tool_choice="auto", max_output_tokens=16
     )
-    assert response.status == "incomplete" and response.tool_choice == "auto"
+    # Answered (by its end or at max_output_tokens: the sim's length is seeded by the response's id).
+    assert response.status in ("completed", "incomplete") and response.tool_choice == "auto"
