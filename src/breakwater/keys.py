@@ -79,6 +79,12 @@ class Keys:
         ms), so that a retried enqueue queues its request once (enqueue.lua's 'job' mode)."""
         return f"{self.prefix}:admitted:{{{model}}}:{lane}"
 
+    def deadlines(self, model: str, lane: str) -> str:
+        """Requests waiting for a worker (zset: their waiting-list item and tenant -> deadline ms):
+        written at admission, removed when a worker binds one; a gateway ends those nobody follows
+        at their deadline (gateway.deadlines)."""
+        return f"{self.prefix}:deadlines:{{{model}}}:{lane}"
+
     def waiting_prefix(self, model: str, lane: str) -> str:
         """+ tenant: that tenant's waiting requests, oldest first."""
         return f"{self.prefix}:wait:{{{model}}}:{lane}:"

@@ -5,8 +5,14 @@ Cluster (docs/architecture.md, "Redis Cluster"), and the optional wait for repli
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
 
 from breakwater.broker.cluster import Fast
 from breakwater.broker.errors import ReplicaAckError
@@ -17,11 +23,24 @@ from breakwater.broker.wire import Arg
 from breakwater.keys import GROUP, Keys
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A request on a lane's deadlines (enqueue.lua): not yet bound to a worker when last seen."""
+
+    rid: str
+    member: str  # its entry: the waiting-list item and the tenant
+
+    @classmethod
+    def of(cls, member: str) -> Waiting:
+        return cls(member.split("\t", 1)[0], member)
+
+
 class Admissions:
     """Part of :class:`~breakwater.broker.Broker`."""
 
     fast: Fast
     keys: Keys
+    redis: Redis
     replica_ack: int
     replica_ack_ms: int
     _admit: Fast
@@ -75,6 +94,7 @@ class Admissions:
                 self.keys.fair(queue, lane),
                 self.keys.backlog(queue, lane),
                 self.keys.joins(queue, lane),
+                self.keys.deadlines(queue, lane),
             ]
             if not self.fast.cluster:  # one server: record and job in one atomic script
                 res = await self._enqueue(
@@ -99,6 +119,29 @@ class Admissions:
         if self.fast.cluster:
             await self._forget(record, args)
         return EnqueueResult(Admission.LANE_FULL, rid, waiting, targets[0] if len(targets) == 1 else "")
+
+    async def past_deadline(self, queue: str, lane: str, limit: int) -> list[Waiting]:
+        """Requests of a lane that no worker has taken and whose deadline has passed (this host's
+        clock: :meth:`~breakwater.broker.Broker.expire` asks Redis's), oldest first."""
+        now_ms = int(time.time() * 1000)
+        found: Any = await self.redis.zrangebyscore(
+            self.keys.deadlines(queue, lane), "-inf", now_ms, start=0, num=limit
+        )
+        return [Waiting.of(str(m)) for m in found]
+
+    async def unqueue(self, queue: str, lane: str, ended: Sequence[Waiting]) -> int:
+        """Take requests that ended while they waited (past their deadline, cancelled) out of their
+        lane (``unqueue.lua``): their places count toward ``max_queued`` no more. Returns how many
+        were still waiting (not yet bound to a worker's entry)."""
+        if not ended:
+            return 0
+        keys = [self.keys.jobs(queue, lane), self.keys.backlog(queue, lane), self.keys.deadlines(queue, lane)]
+        args = [self.keys.waiting_prefix(queue, lane), GROUP, *(w.member for w in ended)]
+        return int(await self._unqueue(keys=keys, args=args))
+
+    @functools.cached_property
+    def _unqueue(self) -> Script:
+        return Script(self.fast, "unqueue")
 
     async def _forget(self, record: str, args: list[Arg]) -> None:
         """Delete a record whose job was not queued, unless a worker started it meanwhile."""

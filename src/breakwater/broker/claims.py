@@ -83,13 +83,15 @@ class FairClaims:
                     raise
 
     def _fair_keys(self, model: str, lane: str) -> list[str]:
-        """``bind.lua``'s keys: the lane's stream, bound entries, counters and backlog (one slot)."""
+        """``bind.lua``'s keys: the lane's stream, bound entries, counters, backlog and deadlines
+        (one slot)."""
         keys = self.keys
         return [
             keys.jobs(model, lane),
             keys.bound(model, lane),
             keys.fair(model, lane),
             keys.backlog(model, lane),
+            keys.deadlines(model, lane),
         ]
 
     async def claim(

@@ -17,6 +17,7 @@ from breakwater.gateway import batches, responses, routes, ws
 from breakwater.gateway.batch_runner import BatchRunner
 from breakwater.gateway.body import BodyLimitMiddleware
 from breakwater.gateway.cors import CrossSiteGuard, HostGuard, add_cors
+from breakwater.gateway.deadlines import QueueReaper
 from breakwater.gateway.embedded import EmbeddedWorker, embedded_settings
 from breakwater.gateway.errors import install_error_handlers
 from breakwater.gateway.fastpath import FastCompletions
@@ -92,6 +93,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         app.state.batches = store = BatchStore(broker.redis, broker.fast, broker.keys)
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         rollouts = asyncio.create_task(_rollouts(svc), name="rollouts")
+        reaper = QueueReaper(broker, svc.signals, metrics, settings.result_ttl_s)
+        deadlines = asyncio.create_task(reaper.run(GAUGE_INTERVAL_S), name="deadlines")
         app.state.batch_runner = BatchRunner(svc, store)
         runner = asyncio.create_task(
             app.state.batch_runner.run() if settings.batch_runner else asyncio.Event().wait(), name="batches"
@@ -119,7 +122,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             if embedded is not None:  # its jobs' clients were told to resume elsewhere (drain)
                 await embedded.close()
             svc.end_grace()
-            await stop_loops([gauges, rollouts, runner])  # they log their own failures
+            await stop_loops([gauges, rollouts, deadlines, runner])  # they log their own failures
             if admin is not None:
                 await admin.close()
             await svc.versions.close()

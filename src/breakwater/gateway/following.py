@@ -18,6 +18,7 @@ from breakwater.broker import Broker, RequestRecord
 from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
 from breakwater.broker.record import Status
 from breakwater.broker.types import NOT_DUE
+from breakwater.gateway.deadlines import end_queued
 from breakwater.protocol.events import IDLE, TokenEvent
 
 _SOON_S = 0.05  # the shortest idle spell before a deadline
@@ -193,19 +194,13 @@ class Quiet:
         return self._due(delivered)
 
     async def _expire(self, broker: Broker, rid: str) -> None:
-        expired = await broker.expire(rid, self.ttl_s, queued_only=True)
+        expired = await end_queued(broker, rid, self.ttl_s)
         if expired == NOT_DUE:  # not yet on Redis's clock (behind this host's): asked again shortly
             self.deadline = time.time() + _AGAIN_S
             return
         self.deadline = 0.0
-        if expired <= 0:  # it had ended, or has no record
-            return
-        if self.expired is not None:
+        if expired > 0 and self.expired is not None:  # else it had ended, or has no record
             self.expired()
-        # Its limits given back now; the worker that reads its job finds it metered.
-        record = await broker.get_record(rid)
-        if record is not None and record.status.terminal:
-            await broker.ledger.meter(record, rid)
 
     def _due(self, delivered: int) -> bool:
         if self.keepalive_s <= 0:

@@ -4,7 +4,8 @@
 -- backlogged tenants compete. An entry stays bound to its request until it is acknowledged, so a
 -- reclaimed entry continues the same request. Every key is on the model's hash slot.
 -- KEYS[1] jobs stream, KEYS[2] bound entries (hash: entry id -> request), KEYS[3] fair-share hash,
--- KEYS[4] backlogged tenants (zset)
+-- KEYS[4] backlogged tenants (zset), KEYS[5] the lane's deadlines (enqueue.lua: a bound request's
+-- is removed, its worker keeps it)
 -- ARGV[1] waiting-list key prefix (+ tenant), ARGV[2] mode:
 --   'ids': ARGV[3..] entry ids the worker read or reclaimed;
 --   'preempt': a full worker asks for one more entry, for a tenant it would preempt another for.
@@ -61,6 +62,7 @@ for _, id in ipairs(ids) do
         local list = ARGV[1] .. tenant
         local next_item = redis.call('LPOP', list)
         if next_item then
+          redis.call('ZREM', KEYS[5], next_item .. '\t' .. tenant)
           local rid_, xrid_, cost, weight = string.match(next_item, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)$')
           local counter = tonumber(least[2]) + tonumber(cost) / tonumber(weight)
           redis.call('HSET', KEYS[3], 'c:' .. tenant, counter)

@@ -8,7 +8,9 @@
 --     KEYS[2] request record, KEYS[3] the lane's fair-share hash, KEYS[4] the lane's backlogged
 --     tenants (zset: tenant -> virtual token counter), KEYS[5] the lane's joins stream (capped: a
 --     tenant that joins the backlog is announced to full workers, which may preempt a more-served
---     tenant's sequence for it; see bind.lua).
+--     tenant's sequence for it; see bind.lua), KEYS[6] the lane's deadlines (zset: the request's
+--     waiting-list item and tenant -> its deadline, ms; bind.lua removes it, gateway.deadlines ends
+--     it at its deadline when no worker took it).
 --   On a Redis Cluster the record ({rid}) and the job ({model}) live on different slots, so admission
 --   is two calls, the record first (a worker that reads the job always finds its record):
 --   'record': KEYS[1] request record; creates it unless it exists.
@@ -99,6 +101,8 @@ if redis.call('LLEN', list) == 0 then
   redis.call('ZADD', KEYS[4], counter, tenant)
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', 64, '*', 't', tenant)
 end
-redis.call('RPUSH', list, ARGV[2] .. '\t' .. ARGV[5] .. '\t' .. cost .. '\t' .. weight)
+local item = ARGV[2] .. '\t' .. ARGV[5] .. '\t' .. cost .. '\t' .. weight
+redis.call('RPUSH', list, item)
+redis.call('ZADD', KEYS[6], now_ms + timeout_ms, item .. '\t' .. tenant)
 redis.call('XADD', KEYS[1], '*', 'slot', '1')
 return {1, waiting + 1}

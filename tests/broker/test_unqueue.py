@@ -1,0 +1,127 @@
+"""A lane's deadlines (enqueue.lua, bind.lua, unqueue.lua): every request waiting for a worker is on
+them until a worker binds it; one that ended while it waited (its deadline passed, or cancelled) is
+taken out of its lane, so that it no longer counts toward the lane's depth and ``max_queued``, and no
+worker reads a job for it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from breakwater.broker import Broker, RequestSpec
+from breakwater.broker.admission import Waiting
+from breakwater.keys import GROUP, Keys
+
+LANE = "interactive"
+
+
+@pytest.fixture
+async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
+    broker = Broker(redis, Keys(prefix))
+    yield broker
+    await broker.fast.aclose()
+
+
+def _spec(timeout_s: float, tenant: str = "t") -> RequestSpec:
+    return RequestSpec(
+        model="m",
+        lane=LANE,
+        kind="completion",
+        request_id="x",
+        timeout_s=timeout_s,
+        prompt="p",
+        tenant=tenant,
+    )
+
+
+async def _queued(broker: Broker, rid: str, timeout_s: float, tenant: str = "t", limit: int = 10) -> bool:
+    result = await broker.enqueue(rid=rid, spec=_spec(timeout_s, tenant), max_queued=limit, result_ttl_s=60)
+    return result.accepted
+
+
+async def _due(broker: Broker, count: int) -> list[Waiting]:
+    deadline = time.monotonic() + 5
+    while len(due := await broker.past_deadline("m", LANE, 100)) < count:
+        assert time.monotonic() < deadline, f"{len(due)} of {count} requests came due"
+        await asyncio.sleep(0.01)
+    return due
+
+
+async def test_requests_past_their_deadline_come_due_oldest_first_and_leave_the_lane(
+    broker: Broker, redis: Redis
+) -> None:
+    for rid, tenant in (("a1", "a"), ("a2", "a"), ("b1", "b")):
+        assert await _queued(broker, rid, 0.05, tenant)
+    assert await _queued(broker, "later", 60, "c")
+    due = await _due(broker, 3)
+    assert [w.rid for w in due] == ["a1", "a2", "b1"]
+    assert [await broker.expire(w.rid, 60, queued_only=True) for w in due] == [1, 1, 1]
+    assert await broker.unqueue("m", LANE, due) == 3
+    # Only the request that can still run is left: its entry, its tenant, its deadline.
+    assert await broker.queue_depth("m", LANE) == (1, 0)
+    assert await redis.zrange(broker.keys.backlog("m", LANE), 0, -1) == ["c"]
+    assert [Waiting.of(str(m)).rid for m in await redis.zrange(broker.keys.deadlines("m", LANE), 0, -1)] == [
+        "later"
+    ]
+    for tenant in "ab":
+        assert await redis.llen(broker.keys.waiting_prefix("m", LANE) + tenant) == 0
+    jobs = await broker.claim("m", LANE, "w", 10, None)
+    assert [j.rid for j in jobs] == ["later"]
+    assert await broker.unqueue("m", LANE, due) == 0  # a second call finds nothing to take
+
+
+async def test_a_lane_full_of_ended_requests_admits_again(broker: Broker) -> None:
+    """They held ``max_queued`` until a worker read their jobs: a lane with no worker stayed full."""
+    assert await _queued(broker, "q1", 0.05, limit=2)
+    assert await _queued(broker, "q2", 0.05, limit=2)
+    assert not await _queued(broker, "q3", 60, limit=2)
+    due = await _due(broker, 2)
+    for w in due:
+        await broker.expire(w.rid, 60, queued_only=True)
+    await broker.unqueue("m", LANE, due)
+    assert await _queued(broker, "q3", 60, limit=2)
+
+
+async def test_a_bound_request_leaves_the_deadlines_its_worker_keeps_it(broker: Broker, redis: Redis) -> None:
+    assert await _queued(broker, "b", 0.05)
+    (job,) = await broker.claim("m", LANE, "w", 1, None)
+    assert job.rid == "b"
+    assert await redis.zcard(broker.keys.deadlines("m", LANE)) == 0
+    await asyncio.sleep(0.1)
+    assert await broker.past_deadline("m", LANE, 100) == []
+
+
+async def test_an_entry_a_worker_read_but_has_not_bound_is_not_deleted(broker: Broker, redis: Redis) -> None:
+    """The worker's bind then finds no request for it (and acknowledges it): the lane counts right."""
+    assert await _queued(broker, "r", 0.05)
+    stream = broker.keys.jobs("m", LANE)
+    read: Any = await redis.xreadgroup(GROUP, "w", {stream: ">"}, count=1)
+    ((_, entries),) = read
+    due = await _due(broker, 1)
+    await broker.expire("r", 60, queued_only=True)
+    assert await broker.unqueue("m", LANE, due) == 1
+    assert await redis.xlen(stream) == 1  # the entry the worker holds is still there
+    (job,) = await broker._bind("m", LANE, entries)
+    assert job.rid == ""
+
+
+async def test_a_request_cancelled_while_queued_leaves_the_lane_at_its_deadline(broker: Broker) -> None:
+    assert await _queued(broker, "c", 0.05)
+    assert await broker.cancel("c", 60) == 1
+    due = await _due(broker, 1)
+    assert await broker.expire("c", 60, queued_only=True) == -2
+    assert await broker.unqueue("m", LANE, due) == 1
+    assert await broker.queue_depth("m", LANE) == (0, 0)
+
+
+async def test_a_retried_admission_on_one_redis_adds_no_second_deadline(broker: Broker, redis: Redis) -> None:
+    spec = replace(_spec(60), tenant="t")
+    assert (await broker.enqueue(rid="once", spec=spec, max_queued=10, result_ttl_s=60)).accepted
+    await broker.enqueue(rid="once", spec=spec, max_queued=10, result_ttl_s=60)
+    assert await redis.zcard(broker.keys.deadlines("m", LANE)) == 1
