@@ -85,6 +85,11 @@ class Keys:
         at their deadline (gateway.deadlines)."""
         return f"{self.prefix}:deadlines:{{{model}}}:{lane}"
 
+    def lanes(self) -> str:
+        """Every lane requests were queued on (set: ``<model>\t<queue>\t<lane>``), noted by each
+        process that queues some, for the gateways' deadline reaper."""
+        return f"{self.prefix}:lanes"
+
     def waiting_prefix(self, model: str, lane: str) -> str:
         """+ tenant: that tenant's waiting requests, oldest first."""
         return f"{self.prefix}:wait:{{{model}}}:{lane}:"

@@ -1,7 +1,7 @@
 """A lane's deadlines (enqueue.lua, bind.lua, unqueue.lua): every request waiting for a worker is on
 them until a worker binds it; one that ended while it waited (its deadline passed, or cancelled) is
 taken out of its lane, so that it no longer counts toward the lane's depth and ``max_queued``, and no
-worker reads a job for it."""
+worker binds it: its stream entry stays (the consumer group's lag stays known) and binds to nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Broker, RequestSpec
-from breakwater.broker.admission import Waiting
+from breakwater.broker.admission import Lane, Waiting
 from breakwater.keys import GROUP, Keys
 
 LANE = "interactive"
@@ -62,18 +62,22 @@ async def test_requests_past_their_deadline_come_due_oldest_first_and_leave_the_
     due = await _due(broker, 3)
     assert [w.rid for w in due] == ["a1", "a2", "b1"]
     assert [await broker.expire(w.rid, 60, queued_only=True) for w in due] == [1, 1, 1]
-    assert await broker.unqueue("m", LANE, due) == 3
-    # Only the request that can still run is left: its entry, its tenant, its deadline.
+    assert await broker.unqueue("m", LANE, due) == ["a1", "a2", "b1"]
+    # Only the request that can still run counts: its tenant, its deadline; the entries stay.
     assert await broker.queue_depth("m", LANE) == (1, 0)
     assert await redis.zrange(broker.keys.backlog("m", LANE), 0, -1) == ["c"]
-    assert [Waiting.of(str(m)).rid for m in await redis.zrange(broker.keys.deadlines("m", LANE), 0, -1)] == [
-        "later"
-    ]
+    members = await redis.zrange(broker.keys.deadlines("m", LANE), 0, -1)
+    assert [Waiting.of(str(m)).rid for m in members] == ["later"]
     for tenant in "ab":
         assert await redis.llen(broker.keys.waiting_prefix("m", LANE) + tenant) == 0
+    stream = broker.keys.jobs("m", LANE)
+    assert await redis.xlen(stream) == 4
+    ((_, lag),) = [(g["name"], g["lag"]) for g in await redis.xinfo_groups(stream)]
+    assert lag == 4  # known (an unread entry deleted would leave it NULL until read past)
     jobs = await broker.claim("m", LANE, "w", 10, None)
-    assert [j.rid for j in jobs] == ["later"]
-    assert await broker.unqueue("m", LANE, due) == 0  # a second call finds nothing to take
+    assert [j.rid for j in jobs] == ["later", "", "", ""]  # the entries left bind to nothing
+    assert await redis.hget(broker.keys.fair("m", LANE), "dead") == "0"
+    assert await broker.unqueue("m", LANE, due) == []  # a second call finds nothing to take
 
 
 async def test_a_lane_full_of_ended_requests_admits_again(broker: Broker) -> None:
@@ -97,18 +101,23 @@ async def test_a_bound_request_leaves_the_deadlines_its_worker_keeps_it(broker: 
     assert await broker.past_deadline("m", LANE, 100) == []
 
 
-async def test_an_entry_a_worker_read_but_has_not_bound_is_not_deleted(broker: Broker, redis: Redis) -> None:
-    """The worker's bind then finds no request for it (and acknowledges it): the lane counts right."""
+async def test_an_entry_a_worker_read_before_its_request_ended_binds_to_nothing(
+    broker: Broker, redis: Redis
+) -> None:
+    """Read (``XREADGROUP``) and bound are two calls: the entry read meanwhile finds no request."""
     assert await _queued(broker, "r", 0.05)
     stream = broker.keys.jobs("m", LANE)
     read: Any = await redis.xreadgroup(GROUP, "w", {stream: ">"}, count=1)
     ((_, entries),) = read
     due = await _due(broker, 1)
     await broker.expire("r", 60, queued_only=True)
-    assert await broker.unqueue("m", LANE, due) == 1
-    assert await redis.xlen(stream) == 1  # the entry the worker holds is still there
+    assert await broker.unqueue("m", LANE, due) == ["r"]
+    assert await broker.queue_depth("m", LANE) == (0, 1)
     (job,) = await broker._bind("m", LANE, entries)
     assert job.rid == ""
+    assert await redis.hget(broker.keys.fair("m", LANE), "dead") == "0"
+    assert await _queued(broker, "next", 60)
+    assert await broker.queue_depth("m", LANE) == (1, 1)
 
 
 async def test_a_request_cancelled_while_queued_leaves_the_lane_at_its_deadline(broker: Broker) -> None:
@@ -116,8 +125,17 @@ async def test_a_request_cancelled_while_queued_leaves_the_lane_at_its_deadline(
     assert await broker.cancel("c", 60) == 1
     due = await _due(broker, 1)
     assert await broker.expire("c", 60, queued_only=True) == -2
-    assert await broker.unqueue("m", LANE, due) == 1
+    assert await broker.unqueue("m", LANE, due) == ["c"]
     assert await broker.queue_depth("m", LANE) == (0, 0)
+
+
+async def test_every_lane_queued_on_is_listed_for_the_reaper(broker: Broker) -> None:
+    assert await _queued(broker, "l", 60)
+    batch = RequestSpec(model="m", lane="batch", kind="completion", request_id="x", timeout_s=60, prompt="p")
+    assert (
+        await broker.enqueue(rid="l2", spec=batch, max_queued=10, result_ttl_s=60, queues=["m#1.0"])
+    ).accepted
+    assert await broker.lanes() == [Lane("m", "m", LANE), Lane("m", "m#1.0", "batch")]
 
 
 async def test_a_retried_admission_on_one_redis_adds_no_second_deadline(broker: Broker, redis: Redis) -> None:

@@ -14,11 +14,9 @@ import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Broker, RequestSpec
-from breakwater.config import GatewaySettings
-from breakwater.gateway.autoscale import AutoscaleSignals
+from breakwater.broker.ledger import day_of
 from breakwater.gateway.deadlines import QueueReaper
 from breakwater.gateway.metrics import GatewayMetrics
-from breakwater.gateway.models import ModelRegistry
 from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.limits import Limits
@@ -36,11 +34,8 @@ async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
     await broker.fast.aclose()
 
 
-def _reaper(broker: Broker, redis_server: RedisServer, prefix: str) -> QueueReaper:
-    settings = GatewaySettings(redis_url=redis_server.url, key_prefix=prefix, models="m", model_cache_s=0)
-    metrics = GatewayMetrics()
-    signals = AutoscaleSignals(settings, broker, ModelRegistry(settings, broker), metrics)
-    return QueueReaper(broker, signals, metrics, ttl_s=60)
+def _reaper(broker: Broker) -> QueueReaper:
+    return QueueReaper(broker, GatewayMetrics(), ttl_s=60)
 
 
 def _spec(timeout_s: float) -> RequestSpec:
@@ -65,9 +60,9 @@ async def _reaped(reaper: QueueReaper, count: int) -> None:
 
 
 async def test_the_reaper_ends_a_queued_request_at_its_deadline_and_gives_its_key_its_place(
-    broker: Broker, redis_server: RedisServer, prefix: str
+    broker: Broker,
 ) -> None:
-    reaper = _reaper(broker, redis_server, prefix)
+    reaper = _reaper(broker)
     one = Limits(max_concurrent=1)
     assert (await broker.ledger.admit("t", "k", one, rids=("q",), tokens=0, deadline_ms=FAR_MS)).admitted
     assert (await broker.enqueue(rid="q", spec=_spec(0.05), max_queued=10, result_ttl_s=60)).accepted
@@ -89,11 +84,44 @@ async def test_the_reaper_ends_a_queued_request_at_its_deadline_and_gives_its_ke
     assert await reaper.tick() == 0
 
 
+async def test_a_request_cancelled_while_queued_is_metered_when_it_leaves_the_lane(broker: Broker) -> None:
+    """No worker reads its job now, and the worker that did was the one to meter it: its key's place
+    and its budget hold came back only then."""
+    reaper = _reaper(broker)
+    one = Limits(max_concurrent=1, budget_day=1000)
+    admitted = await broker.ledger.admit("t", "k", one, rids=("c",), tokens=300, deadline_ms=FAR_MS)
+    assert admitted.admitted
+    spec = replace(_spec(0.05), reserved_tokens=300, held_tokens=300)
+    assert (await broker.enqueue(rid="c", spec=spec, max_queued=10, result_ttl_s=60)).accepted
+    assert await broker.cancel("c", 60) == 1
+    deadline = time.monotonic() + 5
+    while await broker.queue_depth("m", LANE) != (0, 0):
+        assert time.monotonic() < deadline, "the cancelled request did not leave its lane"
+        assert await reaper.tick() == 0  # it had ended: not one this reaper ended
+        await asyncio.sleep(0.01)
+    again = await broker.ledger.admit("t", "k", one, rids=("r",), tokens=800, deadline_ms=FAR_MS)
+    assert again.admitted, again
+    today = day_of(time.time())
+    (row,) = await broker.ledger.usage("t", today, today)
+    assert row.key_id == "k" and row.counts["cancelled"] == 1
+
+
+async def test_a_lane_that_fails_does_not_hold_up_the_others(broker: Broker, redis: Redis) -> None:
+    reaper = _reaper(broker)
+    await redis.sadd(broker.keys.lanes(), "broken\tbroken\tinteractive")
+    await redis.set(broker.keys.deadlines("broken", LANE), "not a zset")  # every read of it fails
+    assert (await broker.enqueue(rid="q", spec=_spec(0.05), max_queued=10, result_ttl_s=60)).accepted
+    assert [lane.queue for lane in await broker.lanes()] == ["broken", "m"]
+    await _reaped(reaper, 1)
+    record = await broker.get_record("q")
+    assert record is not None and record.status.value == "error"
+
+
 async def test_a_request_not_yet_due_on_redis_clock_is_left_queued(
-    broker: Broker, redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """This host's clock may run ahead of Redis's: Redis's decides, and the request stays in its lane."""
-    reaper = _reaper(broker, redis_server, prefix)
+    reaper = _reaper(broker)
     assert (await broker.enqueue(rid="early", spec=_spec(30), max_queued=10, result_ttl_s=60)).accepted
     real = time.time
     monkeypatch.setattr("breakwater.broker.admission.time.time", lambda: real() + 60)

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
@@ -21,6 +21,14 @@ from breakwater.broker.scripts import Script
 from breakwater.broker.types import Admission, EnqueueResult
 from breakwater.broker.wire import Arg
 from breakwater.keys import GROUP, Keys
+
+LANE_NOTE_S = 600.0
+
+
+class Lane(NamedTuple):
+    model: str
+    queue: str  # the model's, or one of its partitions' (keys.queues)
+    lane: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +120,7 @@ class Admissions:
             code = int(res[0])
             if code != 0:
                 admission = Admission.QUEUED if code == 1 else Admission.ALREADY_QUEUED
+                await self._note_lane(spec.model, queue, lane)
                 if self.replica_ack:
                     await self.wait_replicas([record, self.keys.jobs(queue, lane)])
                 return EnqueueResult(admission, rid, int(res[1]), queue)
@@ -119,6 +128,23 @@ class Admissions:
         if self.fast.cluster:
             await self._forget(record, args)
         return EnqueueResult(Admission.LANE_FULL, rid, waiting, targets[0] if len(targets) == 1 else "")
+
+    async def _note_lane(self, model: str, queue: str, lane: str) -> None:
+        """List the lane among :meth:`lanes` (again every ``LANE_NOTE_S``: a Redis that lost it)."""
+        noted = self._lanes_noted.get((queue, lane))
+        now = time.monotonic()
+        if noted is None or now - noted > LANE_NOTE_S:
+            await self.redis.sadd(self.keys.lanes(), f"{model}\t{queue}\t{lane}")
+            self._lanes_noted[(queue, lane)] = now
+
+    @functools.cached_property
+    def _lanes_noted(self) -> dict[tuple[str, str], float]:
+        return {}
+
+    async def lanes(self) -> list[Lane]:
+        """Every lane requests were queued on (by any process), for the deadline reaper."""
+        members: Any = await self.redis.smembers(self.keys.lanes())
+        return sorted(Lane(*str(m).split("\t")) for m in members if str(m).count("\t") == 2)
 
     async def past_deadline(self, queue: str, lane: str, limit: int) -> list[Waiting]:
         """Requests of a lane that no worker has taken and whose deadline has passed (this host's
@@ -129,15 +155,15 @@ class Admissions:
         )
         return [Waiting.of(str(m)) for m in found]
 
-    async def unqueue(self, queue: str, lane: str, ended: Sequence[Waiting]) -> int:
+    async def unqueue(self, queue: str, lane: str, ended: Sequence[Waiting]) -> list[str]:
         """Take requests that ended while they waited (past their deadline, cancelled) out of their
-        lane (``unqueue.lua``): their places count toward ``max_queued`` no more. Returns how many
-        were still waiting (not yet bound to a worker's entry)."""
+        lane (``unqueue.lua``): no worker binds them, and their places count toward ``max_queued``
+        no more. Returns the rids of those still waiting (no worker had bound them)."""
         if not ended:
-            return 0
-        keys = [self.keys.jobs(queue, lane), self.keys.backlog(queue, lane), self.keys.deadlines(queue, lane)]
-        args = [self.keys.waiting_prefix(queue, lane), GROUP, *(w.member for w in ended)]
-        return int(await self._unqueue(keys=keys, args=args))
+            return []
+        keys = [self.keys.backlog(queue, lane), self.keys.deadlines(queue, lane), self.keys.fair(queue, lane)]
+        args = [self.keys.waiting_prefix(queue, lane), *(w.member for w in ended)]
+        return [str(rid) for rid in await self._unqueue(keys=keys, args=args)]
 
     @functools.cached_property
     def _unqueue(self) -> Script:

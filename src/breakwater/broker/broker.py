@@ -21,7 +21,7 @@ from breakwater.broker.connection import connect_with, fast_client
 from breakwater.broker.dead_letters import DeadLetters
 from breakwater.broker.fanin import FanIn, Fanin
 from breakwater.broker.idempotency import Bindings
-from breakwater.broker.ledger import Billing, Ledger
+from breakwater.broker.ledger import Billing, Ledger, settle_read, settle_record
 from breakwater.broker.record import RequestRecord, Status, Watch
 from breakwater.broker.registry import WorkerRegistry
 from breakwater.broker.rollouts import RolloutStore
@@ -38,19 +38,6 @@ from breakwater.keys import GROUP, Keys
 from breakwater.protocol.events import TokenEvent
 
 READ_PAGE = 512
-# The record fields Ledger.meter and the counter correction read.
-SETTLE_FIELDS = (
-    "status",
-    "created",
-    "tokens",
-    "usage",
-    "tenant",
-    "key_id",
-    "reserved_tokens",
-    "held_tokens",
-    "model",
-    "lane",
-)
 
 
 class Terminal(TypedDict, total=False):
@@ -71,15 +58,6 @@ class Terminal(TypedDict, total=False):
 
 
 _SETTLING = (3, 14, 7, 9, 4, 4)  # finish_settle.lua's slices: keys and arguments of its three parts
-
-
-def _settle_read(record_key: str) -> tuple[str, ...]:
-    return ("HMGET", record_key, *SETTLE_FIELDS)
-
-
-def _settle_record(values: Any) -> RequestRecord | None:
-    found = {k: v for k, v in zip(SETTLE_FIELDS, values, strict=True) if v is not None}
-    return RequestRecord.from_hash(found) if "status" in found else None
 
 
 def _model_lane(stream: str) -> tuple[str, str]:
@@ -202,19 +180,21 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
         return added, added - int(info.get("length", 0))
 
     async def queue_depth(self, model: str, lane: str) -> tuple[int, int]:
-        """(waiting, in flight) for one model and lane; exact: acknowledged entries are deleted."""
+        """(waiting, in flight) for one model and lane; exact: acknowledged entries are deleted, and
+        those of requests that ended while they waited (``unqueue.lua``'s ``dead``) not counted."""
         stream = self.keys.jobs(model, lane)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(stream)
+            pipe.hget(self.keys.fair(model, lane), "dead")
             pipe.xpending(stream, GROUP)
-            try:
-                length, pending = await pipe.execute()
-            except ResponseError as exc:  # no group yet (no worker ever ran): all of it waits
-                if "NOGROUP" in str(exc):
-                    return int(await self.redis.xlen(stream)), 0
-                raise
+            length, dead, pending = await pipe.execute(raise_on_error=False)
+        if isinstance(pending, ResponseError) and "NOGROUP" in str(pending):
+            pending = None  # no group yet (no worker ever ran): all of it waits
+        for reply in (length, dead, pending):
+            if isinstance(reply, Exception):
+                raise reply
         in_flight = int(pending["pending"]) if pending else 0
-        return max(0, int(length) - in_flight), in_flight
+        return max(0, int(length) - in_flight - int(dead or 0)), in_flight
 
     # -- starting and settling jobs (claiming: claims.py) ----------------------------------------
     async def start_job(
@@ -350,7 +330,7 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
         whose slot moves meanwhile the read may run before the script; its record is then not
         terminal, so None, and :meth:`settle` reads again."""
         keys, args = self._finish_call(rid, end)
-        calls = [self._finish.evalsha(keys, args), _settle_read(keys[0])]
+        calls = [self._finish.evalsha(keys, args), settle_read(keys[0])]
         replies = await self.fast.pipeline(calls)
         if isinstance(replies[0], NoScriptError):  # a new or restarted Redis: load it, then again
             await self._finish.load()
@@ -359,7 +339,7 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
             return int(await self._finish(keys=keys, args=args)), None
         if isinstance(replies[0], Exception):
             raise replies[0]
-        record = None if isinstance(replies[1], Exception) else _settle_record(replies[1])
+        record = None if isinstance(replies[1], Exception) else settle_record(replies[1])
         return int(replies[0]), record if record is not None and record.status.terminal else None
 
     @property
@@ -463,7 +443,7 @@ class Broker(Admissions, Appends, Bindings, FairClaims, WorkerRegistry, DeadLett
         crash in between leaves the job to be reclaimed and settled again): its record when its
         usage was counted now. ``record``: its terminal record as :meth:`finish_read` read it."""
         if record is None and job.rid:  # only what metering reads: not the prompt (megabytes)
-            record = _settle_record(await self.fast.execute(*_settle_read(self.keys.request(job.rid))))
+            record = settle_record(await self.fast.execute(*settle_read(self.keys.request(job.rid))))
         if record is None or not record.status.terminal:
             await self.ack(job)
             return None

@@ -25,6 +25,31 @@ LIMIT_FIELDS = ("rpm", "tpm", "max_concurrent", "budget_day", "budget_month")
 COUNTS = (*OUTCOMES, "prompt_tokens", "completion_tokens")
 
 
+# The record fields Ledger.meter and the counter correction read.
+SETTLE_FIELDS = (
+    "status",
+    "created",
+    "tokens",
+    "usage",
+    "tenant",
+    "key_id",
+    "reserved_tokens",
+    "held_tokens",
+    "model",
+    "lane",
+)
+
+
+def settle_read(record_key: str) -> tuple[str, ...]:
+    """The command that reads what metering a request needs (not its prompt: megabytes)."""
+    return ("HMGET", record_key, *SETTLE_FIELDS)
+
+
+def settle_record(values: Any) -> RequestRecord | None:
+    found = {k: v for k, v in zip(SETTLE_FIELDS, values, strict=True) if v is not None}
+    return RequestRecord.from_hash(found) if "status" in found else None
+
+
 def day_of(unix_s: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(unix_s))
 
@@ -88,6 +113,7 @@ class UsageRow:
 
 class Ledger:
     def __init__(self, fast: Fast, redis: Any, keys: Keys) -> None:
+        self.fast = fast
         self.redis = redis
         self.keys = keys
         self._limits = Script(fast, "limits")
@@ -148,6 +174,14 @@ class Ledger:
         """Count a request that ended (once: False when it had been). ``outcome`` defaults to the
         record's status; usage is the record's, or the tokens it emitted when it has none."""
         return bool(int(await self._meter(*self.meter_call(record, rid, outcome=outcome))))
+
+    async def meter_ended(self, rid: str) -> bool:
+        """Meter a request that ended while it waited for a worker (past its deadline, cancelled)
+        and that no worker will now settle; False when it had been (or is not terminal, or gone)."""
+        record = settle_record(await self.fast.execute(*settle_read(self.keys.request(rid))))
+        if record is None or not record.status.terminal:
+            return False
+        return await self.meter(record, rid)
 
     def meter_call(
         self, record: RequestRecord, rid: str, *, outcome: str | None = None

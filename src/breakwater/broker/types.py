@@ -79,6 +79,8 @@ class StartResult:
 BEHIND = -1000
 #: ``append.lua``'s answer to a write that does not start where the record's text ends.
 MISALIGNED = -3
+#: ``finish.lua``'s answer when the request had ended already (it writes nothing).
+ENDED = -2
 #: ``finish.lua``'s answer when asked to end a request only if it is queued past its deadline, and it
 #: is not (it started, or its deadline has not passed on Redis's clock).
 NOT_DUE = -4

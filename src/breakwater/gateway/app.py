@@ -93,7 +93,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         app.state.batches = store = BatchStore(broker.redis, broker.fast, broker.keys)
         gauges = asyncio.create_task(_refresh_gauges(svc), name="gauges")
         rollouts = asyncio.create_task(_rollouts(svc), name="rollouts")
-        reaper = QueueReaper(broker, svc.signals, metrics, settings.result_ttl_s)
+        reaper = QueueReaper(broker, metrics, settings.result_ttl_s)
         deadlines = asyncio.create_task(reaper.run(GAUGE_INTERVAL_S), name="deadlines")
         app.state.batch_runner = BatchRunner(svc, store)
         runner = asyncio.create_task(

@@ -81,6 +81,9 @@ for _, id in ipairs(ids) do
     end
     if item then
       redis.call('HSET', KEYS[2], id, item)
+    elseif #entry > 0 and (tonumber(redis.call('HGET', KEYS[3], 'dead') or '0') or 0) > 0 then
+      -- No request for it: the entry of one that ended while it waited (unqueue.lua) is read.
+      redis.call('HINCRBY', KEYS[3], 'dead', -1)
     end
   end
   if item then

@@ -2,7 +2,7 @@
 -- it never ran, with its first attempt (start.lua): one round trip instead of two between a worker's
 -- read and its engine. Only on a single Redis: the request's keys are not on the model's hash slot,
 -- so they ride in ARGV (built from the templates below), which a Redis Cluster would refuse.
--- KEYS[1..4] as bind.lua.
+-- KEYS[1..5] as bind.lua.
 -- ARGV[1] waiting-list key prefix; ARGV[2..7] the request record's, emitted text's and token
 -- stream's keys, each as the part before and after the request id; ARGV[8..12] start.lua's ARGV
 -- (worker id, max attempts, '1' if the worker can run it alone, result TTL, detach grace ms);

@@ -75,7 +75,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[4], '0', 'MKSTREAM')
 end
 -- Entries are deleted when acknowledged, so XLEN = waiting + in flight; XPENDING counts in flight.
-local waiting = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[4])[1]
+-- Less the entries left by requests that ended while they waited (the fair-share hash's `dead`,
+-- unqueue.lua): no request will be bound to those.
+local dead = tonumber(redis.call('HGET', KEYS[3], 'dead') or '0') or 0
+local waiting = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[4])[1] - dead
+if waiting < 0 then waiting = 0 end
 if waiting >= tonumber(ARGV[3]) then
   return {0, waiting}
 end

@@ -1,50 +1,28 @@
 -- Take requests that ended while they waited for a worker (their deadline passed, or they were
--- cancelled) out of their lane: each one's deadline entry, its item on its tenant's waiting list and,
--- when the item was still there (no worker had bound it), one stream entry no worker has read, so
--- the lane's length, queue depth and `max queued` count only requests that can still run. (Entries
--- carry no request, see enqueue.lua: a worker that read one and finds no item acknowledges it.)
+-- cancelled) out of their lane: each one's deadline entry and its item on its tenant's waiting list.
+-- An item still there (no worker had bound it) leaves a stream entry no request will be bound to
+-- (entries carry no request, see enqueue.lua): it is counted in the fair-share hash's `dead`, which
+-- enqueue.lua's `max queued` and the queue depth subtract, until a worker reads an entry and finds
+-- no request for it (bind.lua). Deleting an unread entry instead would leave the consumer group's
+-- `lag` unknown (NULL) until the group had read past it, and autoscalers read that lag.
 -- Every key is on the model's hash slot.
--- KEYS[1] jobs stream, KEYS[2] backlogged tenants (zset), KEYS[3] deadlines (zset)
--- ARGV[1] waiting-list key prefix (+ tenant), ARGV[2] consumer group, ARGV[3..] deadline members
--- (the waiting-list item, a tab, the tenant)
--- Returns how many were still waiting.
-local function newer(a, b)  -- stream ids 'ms-seq'
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) > tonumber(bms) end
-  return tonumber(aseq) > tonumber(bseq)
-end
-
-local function drop_unread_entry()
-  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-  if not last then return end
-  local delivered = '0-0'
-  local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
-  if type(groups) == 'table' then
-    for _, group in ipairs(groups) do
-      local fields = {}
-      for j = 1, #group, 2 do fields[group[j]] = group[j + 1] end
-      if fields['name'] == ARGV[2] then delivered = fields['last-delivered-id'] end
-    end
-  end
-  if newer(last[1], delivered) then  -- unread entries are the stream's newest (read in order)
-    redis.call('XDEL', KEYS[1], last[1])
-  end
-end
-
-local waiting = 0
-for i = 3, #ARGV do
+-- KEYS[1] backlogged tenants (zset), KEYS[2] deadlines (zset), KEYS[3] fair-share hash
+-- ARGV[1] waiting-list key prefix (+ tenant), ARGV[2..] deadline members (the waiting-list item, a
+-- tab, the tenant)
+-- Returns the rids of those that were still waiting: no worker will settle them.
+local waiting = {}
+for i = 2, #ARGV do
   local member = ARGV[i]
-  redis.call('ZREM', KEYS[3], member)
+  redis.call('ZREM', KEYS[2], member)
   local item, tenant = string.match(member, '^([^\t]*\t[^\t]*\t[^\t]*\t[^\t]*)\t(.*)$')
   if item then
     local list = ARGV[1] .. tenant
     if redis.call('LREM', list, 1, item) == 1 then
-      waiting = waiting + 1
+      waiting[#waiting + 1] = string.match(item, '^([^\t]*)')
+      redis.call('HINCRBY', KEYS[3], 'dead', 1)
       if redis.call('LLEN', list) == 0 then
-        redis.call('ZREM', KEYS[2], tenant)
+        redis.call('ZREM', KEYS[1], tenant)
       end
-      drop_unread_entry()
     end
   end
 end
