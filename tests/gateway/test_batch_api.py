@@ -25,7 +25,7 @@ from breakwater.protocol.batches import BatchRecord, parse_input
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 from tests.helpers import async_wait_for, expected_sim
-from tests.inproc import InProc, inproc_gateway
+from tests.inproc import InProc, busy_gateway, inproc_gateway
 
 PEPPER = "test-pepper-for-batches"
 
@@ -343,6 +343,66 @@ async def test_a_cancelled_batch_keeps_what_it_answered_and_lets_the_rest_go(slo
     await runner.stop()
 
 
+async def test_a_cancelled_batch_cancels_its_queued_lines_they_never_run(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Let go, a queued line that a worker took within the detach grace ran to its end and was
+    billed to its owner for an answer the batch never gave."""
+    settings = {"batch_runner": False, "batch_concurrency": 2}
+    async with busy_gateway(redis_server.url, prefix, 3.0, **settings) as gw, gw.sdk() as client:
+        runner = BatchRunner(gw.app.state.service, gw.app.state.batches, owner="a")
+        rids = gw.queued_ids(monkeypatch)
+        batch = await _create(client, [_chat(f"q{i}", f"queued {i}", seed=i, max_tokens=4) for i in range(3)])
+        await runner.tick()
+        await async_wait_for(lambda: len(rids) == 2, 10, what="two lines queued")
+        lines = list(rids)
+        await client.batches.cancel(batch.id)
+
+        async def statuses() -> list[str]:
+            return [(await gw.http.get(f"/v1/requests/{rid}")).json()["status"] for rid in lines]
+
+        async def ended() -> bool:
+            return "queued" not in await statuses()
+
+        await async_wait_for(ended, 10, what="the open lines ended")
+        assert await statuses() == ["cancelled", "cancelled"]
+        assert (await gw.http.get(f"/v1/requests/{gw.busy_rid}")).json()["status"] == "running"
+        done = await _settled(client, batch.id)
+        assert done.status == "cancelled" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (0, 0)
+        assert len(rids) == 2  # the third line was never sent
+        await runner.stop()
+
+
+async def test_a_line_without_a_timeout_may_wait_the_batch_window(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its request took the gateway's `request_timeout_s` (600 s): a batch sent while interactive
+    traffic filled the workers failed its lines long before its day was out."""
+    settings = {"batch_runner": False, "request_timeout_s": 5}
+    async with busy_gateway(redis_server.url, prefix, 3.0, **settings) as gw, gw.sdk() as client:
+        runner = BatchRunner(gw.app.state.service, gw.app.state.batches, owner="a")
+        rids = gw.queued_ids(monkeypatch)
+        rows = [
+            _chat("own", "mine", seed=1, max_tokens=4, timeout=50),
+            _chat("none", "none", seed=2, max_tokens=4),
+        ]
+        batch = await _create(client, rows)
+        await runner.tick()
+        await async_wait_for(lambda: len(rids) == 2, 10, what="both lines queued")
+        broker = gw.app.state.service.broker
+        timeouts = {}
+        for rid in rids:
+            record = await broker.get_record(rid)
+            assert record is not None
+            timeouts[record.spec.messages[0]["content"]] = record.spec.timeout_s
+        assert timeouts == {"mine": 50.0, "none": 86_400.0}
+        done = await _settled(client, batch.id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert done.request_counts.completed == 2
+        await runner.stop()
+
+
 async def test_another_gateway_takes_a_batch_over_and_answers_each_line_once(slow: InProc) -> None:
     """Runner a stops (its gateway drains) with lines open; runner b goes on: it follows the open
     lines' requests again (the same requests, not new ones) and answers every line once."""
@@ -456,10 +516,14 @@ def test_a_batch_finished_by_a_version_that_did_not_count_tokens_has_no_usage() 
 
 
 def test_a_line_is_sent_again_only_while_it_can_still_be_answered() -> None:
-    timeout = APIError(504, "timed out", code="timeout")
-    assert _retry_after_s(timeout, 1, 3600) == 2.0
-    assert _retry_after_s(timeout, 4, 3600) == 16.0
-    assert _retry_after_s(timeout, 5, 3600) is None  # cut short too often
+    lost = APIError(503, "worker lost", code="worker_lost")
+    lost.status = 502  # (cut short, not a refusal for now)
+    assert _retry_after_s(lost, 1, 3600) == 2.0
+    assert _retry_after_s(lost, 4, 3600) == 16.0
+    assert _retry_after_s(lost, 5, 3600) is None  # cut short too often
+    timeout = APIError(504, "timed out", code="timeout")  # its own `timeout`: the window bounds it
+    assert _retry_after_s(timeout, 5, 3600) == 30.0
+    assert _retry_after_s(timeout, 50, 20) is None  # past the window
     full = APIError(429, "queue full", code="queue_full", headers={"Retry-After": "3"})
     assert _retry_after_s(full, 2000, 3600) == 3.0  # refused for now: as long as the window lasts
     assert _retry_after_s(APIError(503, "no worker"), 2000, 3600) == 30.0  # no overflow, capped

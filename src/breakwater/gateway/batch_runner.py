@@ -16,13 +16,15 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import orjson
 
 from breakwater.broker.batches import BatchStore, FileWriter
 from breakwater.broker.errors import TRANSIENT
+from breakwater.broker.idempotency import IdempotencyKey
+from breakwater.gateway import choices
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.responses import whole_response
 from breakwater.gateway.routes import whole_answer
@@ -37,6 +39,7 @@ from breakwater.protocol.batches import (
     output_line,
     parse_input,
 )
+from breakwater.protocol.openai import MAX_TIMEOUT_S
 from breakwater.protocol.responses import ResponsesRequest
 from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
@@ -48,6 +51,8 @@ BACKOFF_MAX_S = 30.0
 BLOCK = 256  # answers read at a time while the files are written
 RETRY_CODES = frozenset({"cancelled", "draining", "timeout", "worker_lost", "tokens_lost"})
 CUT_SHORT_MAX = 5  # a line whose request is cut short (RETRY_CODES) this often fails with that error
+# ... except for its own `timeout` (the batch's window bounds those: it waits its turn till then)
+UNTIL_WINDOW = frozenset({"timeout"})
 # A batch gives its place here up to the others: while its lines are refused by its owner's limits
 # for at least REST_S (it rests that long), and after SLICE_S of sending while more batches wait.
 REST_S = 5.0
@@ -67,13 +72,20 @@ def _retry_after_s(exc: APIError, attempt: int, left_s: float) -> float | None:
     """How long to wait before sending a line again after ``exc`` (its ``attempt``-th failure), or
     None when it is not worth it: not a refusal for now (429, 503) nor a request cut short, cut
     short too often, or told to wait past the batch's window (``left_s``: a spent budget)."""
-    if exc.status not in (429, 503) and (exc.code not in RETRY_CODES or attempt >= CUT_SHORT_MAX):
+    capped = exc.code not in UNTIL_WINDOW and attempt >= CUT_SHORT_MAX
+    if exc.status not in (429, 503) and (exc.code not in RETRY_CODES or capped):
         return None
     try:
         wait_s = float(exc.headers.get("Retry-After", ""))
     except ValueError:
         wait_s = 2.0 ** min(attempt, 5)
     return None if wait_s >= left_s else min(wait_s, BACKOFF_MAX_S)
+
+
+def _line_key(record: BatchRecord, line: Line, attempt: int) -> str:
+    """The Idempotency-Key of a line's ``attempt``-th request: a runner that takes the batch over
+    follows the same request."""
+    return f"batch:{record.id}:{line.index}:{attempt}"
 
 
 def _succeeded(answer: dict[str, Any]) -> bool:
@@ -202,19 +214,22 @@ class BatchRunner:
         todo = [line for line in lines if line.index not in done]
         todo.reverse()
         running: set[asyncio.Task[None]] = set()
+        open_keys: dict[int, str] = {}  # line index -> the Idempotency-Key of its request in flight
         rest_s: float | None = None
         slice_end = time.monotonic() + SLICE_S
         try:
             while (todo and rest_s is None) or running:
-                if not await self._goes_on(record):
-                    return None  # cancelled or out of time: to be finished now
+                if not await self._goes_on(record):  # cancelled or out of time: to be finished now
+                    await stop_loops(running)
+                    await self._let_go(record, list(open_keys.values()))
+                    return None
                 if rest_s is None and todo and time.monotonic() >= slice_end:
                     slice_end = time.monotonic() + SLICE_S
                     full = len(self._running) >= self.svc.settings.batch_max_running
                     if full and len(await self.store.active()) > len(self._running):  # others wait
                         rest_s = 2 * POLL_S
                 while todo and rest_s is None and len(running) < self.svc.settings.batch_concurrency:
-                    running.add(asyncio.create_task(self._answer(record, todo.pop())))
+                    running.add(asyncio.create_task(self._answer(record, todo.pop(), open_keys)))
                 if not running:  # its slice ended with nothing in flight
                     break
                 finished, running = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
@@ -230,15 +245,46 @@ class BatchRunner:
     async def _goes_on(self, record: BatchRecord) -> bool:
         return time.time() < record.expires_at and await self.store.status(record.id) == "in_progress"
 
-    async def _answer(self, record: BatchRecord, line: Line) -> None:
+    async def _let_go(self, record: BatchRecord, keys: Collection[str]) -> None:
+        """The requests of the lines still open when the batch was cancelled or its window closed,
+        cancelled now: merely let go, one a worker took within the detach grace ran to its end and
+        was billed for an answer the batch would never give (one the response cache shares with
+        other clients runs on for them)."""
+        if not keys:
+            return
+        who = await self._principal(record)
+        for key in keys:
+            idem = IdempotencyKey(who.tenant, key, "")
+            bound = await self.svc.broker.binding(idem.redis_key(self.svc.broker.keys))
+            if bound is None:
+                continue  # never admitted
+            rid = idem.parse(bound).rid
+            # Gone, refused, or shared through the response cache (409): nothing to cancel.
+            with contextlib.suppress(APIError):
+                rids = [rid]
+                if not await self.svc.broker.exists(rid):  # choices (n > 1): no record of its own
+                    n = await choices.group_size(self.svc, rid, who)
+                    rids = [choices.choice_rid(rid, i) for i in range(n)]
+                for each in rids:
+                    with contextlib.suppress(APIError):
+                        await self.svc.requests.cancel(each, who)
+
+    async def _answer(self, record: BatchRecord, line: Line, open_keys: dict[int, str]) -> None:
         """Send the line's request and keep its answer. Refused for now or cut short, it is sent
         again (a new attempt, its own Idempotency-Key) until the batch's window closes; a failure
         that is not the request's (a bug) three times, then the line fails with a 500."""
-        body = line.body.model_copy(update={"lane": "batch"})
         attempt = bugs = 0
         while True:
+            # Without a `timeout` of its own, its request may wait in the queue a day, the batch's
+            # window (closed, the lines still open are cancelled): it is answered when the
+            # interactive traffic leaves room. The same every time: a runner that takes the batch
+            # over sends the same body with the same key, and follows the same request.
+            timeout = line.body.timeout if line.body.timeout is not None else MAX_TIMEOUT_S
+            body = line.body.model_copy(update={"lane": "batch", "timeout": timeout})
+            key = _line_key(record, line, attempt)
+            open_keys[line.index] = key
             try:
-                rid, status, answer = await self._send(record, line, body, attempt)
+                rid, status, answer = await self._send(record, line, body, key)
             except APIError as exc:
                 attempt += 1
                 wait_s = _retry_after_s(exc, attempt, record.expires_at - time.time())
@@ -259,13 +305,13 @@ class BatchRunner:
                 failed = APIError(500, "the server failed to answer this request", type="server_error")
                 rid, status, answer = "", 500, failed.body()
             await self._keep(record, line, rid, status, answer)
+            del open_keys[line.index]
             return
 
     async def _send(
-        self, record: BatchRecord, line: Line, body: LineBody, attempt: int
+        self, record: BatchRecord, line: Line, body: LineBody, key: str
     ) -> tuple[str, int, dict[str, Any]]:
         """The line's request, answered whole: its id, status and body (an error raises)."""
-        key = f"batch:{record.id}:{line.index}:{attempt}"
         principal = await self._principal(record)
         xrid = f"{record.id}-{line.index}"
         request_id_var.set(xrid)  # the line's log lines: its id (as the worker's say) and its owner
