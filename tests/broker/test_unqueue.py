@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.admission import Lane, Waiting
 from breakwater.keys import GROUP, Keys
+from breakwater.tenancy.limits import Limits
 
 LANE = "interactive"
 
@@ -143,3 +144,31 @@ async def test_a_retried_admission_on_one_redis_adds_no_second_deadline(broker: 
     assert (await broker.enqueue(rid="once", spec=spec, max_queued=10, result_ttl_s=60)).accepted
     await broker.enqueue(rid="once", spec=spec, max_queued=10, result_ttl_s=60)
     assert await redis.zcard(broker.keys.deadlines("m", LANE)) == 1
+
+
+async def test_a_request_cancelled_while_queued_is_withdrawn_at_once(broker: Broker) -> None:
+    """Out of its lane and metered at the cancel, not when a worker reads its job or at its deadline."""
+    one = Limits(max_concurrent=1)
+    far = int((time.time() + 600) * 1000)
+    assert (await broker.ledger.admit("t", "k", one, rids=("c",), tokens=0, deadline_ms=far)).admitted
+    spec = replace(_spec(600), key_id="k")
+    assert (await broker.enqueue(rid="c", spec=spec, max_queued=1, result_ttl_s=60)).accepted
+    assert not await _queued(broker, "full", 600, limit=1)
+    assert await broker.cancel("c", 60) == 1
+    record = await broker.get_record("c")
+    assert record is not None
+    assert await broker.withdraw("c", LANE, record.deadline_ms, ["m"]) is True
+    assert await broker.queue_depth("m", LANE) == (0, 0)
+    assert (await broker.ledger.admit("t", "k", one, rids=("r",), tokens=0, deadline_ms=far)).admitted
+    assert await _queued(broker, "room", 600, limit=1)
+    assert await broker.withdraw("c", LANE, record.deadline_ms, ["m"]) is False  # once
+
+
+async def test_a_bound_request_is_not_withdrawn_its_worker_settles_it(broker: Broker) -> None:
+    assert await _queued(broker, "b", 600)
+    (job,) = await broker.claim("m", LANE, "w", 1, None)
+    assert await broker.cancel("b", 60) == 1
+    record = await broker.get_record("b")
+    assert record is not None
+    assert await broker.withdraw("b", LANE, record.deadline_ms, ["m"]) is False
+    assert job.rid == "b" and await broker.queue_depth("m", LANE) == (0, 1)

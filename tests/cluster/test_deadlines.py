@@ -70,3 +70,15 @@ async def test_requests_past_their_deadline_end_and_leave_every_partition(
         assert await broker.queue_depth(queue, LANE) == (1, 0)
         jobs = await broker.claim(queue, LANE, "w", 10, None)
         assert [job.rid for job in jobs] == [f"later{i}", ""]  # the ended one's entry binds to nothing
+
+
+async def test_a_cancelled_request_is_withdrawn_from_its_partition_at_once(broker: Broker) -> None:
+    """Its entry's score is its record's deadline, from the record's own primary: found by it."""
+    queue = QUEUES[-1]
+    result = await broker.enqueue(rid="c", spec=_spec(600), max_queued=10, result_ttl_s=60, queues=[queue])
+    assert result.accepted
+    assert await broker.cancel("c", 60) == 1
+    record = await broker.get_record("c")
+    assert record is not None
+    assert await broker.withdraw("c", LANE, record.deadline_ms, QUEUES) is True
+    assert await broker.queue_depth(queue, LANE) == (0, 0)

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import openai
 import pytest
 from redis.asyncio import Redis
 
@@ -155,3 +156,22 @@ async def test_a_background_response_queued_past_its_timeout_fails_at_the_deadli
         assert await broker.queue_depth("sim", LANE) == (0, 1)  # the busy one, in flight
         metrics = gw.app.state.service.metrics
         assert metrics.registry.get_sample_value("breakwater_queue_timeouts_total", {"model": "sim"}) == 1
+
+
+async def test_a_request_cancelled_while_queued_gives_its_place_in_the_queue_back_at_once(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Its place was taken until a worker read its job (or its deadline passed): a client that
+    cancelled queued work kept getting 429 `queue_full`."""
+    async with busy_gateway(redis_server.url, prefix, 3.0, lane_max_queued=1) as gw, gw.sdk() as client:
+        queued = await client.responses.create(model="sim", input="wait", background=True)
+        with pytest.raises(openai.RateLimitError) as full:
+            await client.responses.create(model="sim", input="no room", background=True)
+        assert isinstance(full.value.body, dict) and full.value.body["code"] == "queue_full"
+        assert (await client.responses.cancel(queued.id)).status == "cancelled"
+        again = await client.responses.create(model="sim", input="room again", background=True)
+        assert again.status == "queued"
+        busy = (await gw.http.get(f"/v1/requests/{gw.busy_rid}")).json()
+        assert busy["status"] == "running"  # no worker read the cancelled one's job meanwhile
+        broker = gw.app.state.service.broker
+        assert await broker.queue_depth("sim", LANE) == (1, 1)

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from breakwater.broker.cluster import Fast
 from breakwater.broker.errors import ReplicaAckError
+from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestSpec
 from breakwater.broker.scripts import Script
 from breakwater.broker.types import Admission, EnqueueResult
@@ -49,6 +50,7 @@ class Admissions:
     fast: Fast
     keys: Keys
     redis: Redis
+    ledger: Ledger
     replica_ack: int
     replica_ack_ms: int
     _admit: Fast
@@ -113,7 +115,7 @@ class Admissions:
                 # retry of the same rid queues it once; without one, the record ends at its deadline.
                 res = await self._enqueue(
                     keys=[self.keys.jobs(queue, lane), self.keys.admitted(queue, lane), *lane_keys],
-                    args=["job", *args],
+                    args=["job", *args, created[2]],
                 )
                 if int(res[0]) == 2 and created and created[0] == 1:
                     res = [1, res[1]]  # queued by a call whose reply was lost; its record had expired
@@ -164,6 +166,19 @@ class Admissions:
         keys = [self.keys.backlog(queue, lane), self.keys.deadlines(queue, lane), self.keys.fair(queue, lane)]
         args = [self.keys.waiting_prefix(queue, lane), *(w.member for w in ended)]
         return [str(rid) for rid in await self._unqueue(keys=keys, args=args)]
+
+    async def withdraw(self, rid: str, lane: str, deadline_ms: int, queues: Sequence[str]) -> bool:
+        """A request cancelled while it waited, out of its lane now (on one of ``queues``, its
+        model's) and metered (its key's concurrency and budget hold back): no worker will read it.
+        False when no worker-free entry of it was found (a worker had bound it: it settles it)."""
+        for queue in queues:
+            key = self.keys.deadlines(queue, lane)
+            found: Any = await self.redis.zrangebyscore(key, deadline_ms, deadline_ms)
+            mine = [w for w in (Waiting.of(str(m)) for m in found) if w.rid == rid]
+            if mine:
+                await self.ledger.meter_ended(rid)  # first: a crash in between, the reaper unqueues it
+                return bool(await self.unqueue(queue, lane, mine))
+        return False
 
     @functools.cached_property
     def _unqueue(self) -> Script:

@@ -465,7 +465,9 @@ async def collect(svc: GatewayService, group: ChoiceGroup) -> dict[str, Any]:
 async def _cancel(svc: GatewayService, rids: list[str]) -> None:
     for rid in rids:
         with contextlib.suppress(*TRANSIENT):
-            await svc.broker.cancel(rid, svc.settings.result_ttl_s, "another choice of the request failed")
+            reason = "another choice of the request failed"
+            if await svc.broker.cancel(rid, svc.settings.result_ttl_s, reason) > 0:
+                await svc.requests.withdraw(rid)
 
 
 async def group_size(svc: GatewayService, rid: str, principal: Principal) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Histogram
 
-from breakwater.broker import Broker, RequestRecord
+from breakwater.broker import Broker, RequestRecord, Status
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import FanIn
 from breakwater.config import GatewaySettings
@@ -86,12 +86,14 @@ class Requests:
         fanin: FanIn,
         metrics: GatewayMetrics,
         outcomes: Outcomes | None = None,
+        queues: Callable[[str], Sequence[str]] = lambda model: (model,),
     ) -> None:
         self.settings = settings
         self.broker = broker
         self.fanin = fanin
         self.metrics = metrics
         self.outcomes = outcomes or Outcomes()
+        self.queues = queues  # a model's job queues (its partitions: gateway.partitions)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def record(self, rid: str, principal: Principal) -> RequestRecord:
@@ -121,8 +123,24 @@ class Requests:
                 code="request_shared",
                 param="id",
             )
-        await self.broker.cancel(rid, self.settings.result_ttl_s)
+        cancelled = await self.broker.cancel(rid, self.settings.result_ttl_s)
+        if cancelled > 0 and record.status is Status.QUEUED:
+            await self.withdraw(rid, record)
         return await self.record(rid, principal)
+
+    async def withdraw(self, rid: str, record: RequestRecord | None = None) -> None:
+        """A request cancelled while it waited for a worker: out of its lane and metered now, so
+        that its key's concurrency and its place in the queue come back at once, not when a worker
+        reads its job (or at its deadline: gateway.deadlines, which also does it if this fails)."""
+        record = record or await self.broker.get_record(rid)
+        if record is None or not record.deadline_ms:
+            return
+        spec = record.spec
+        try:
+            await self.broker.withdraw(rid, spec.lane, record.deadline_ms, self.queues(spec.model))
+        except TRANSIENT as exc:
+            fields = {"rid": rid, "error": str(exc)}
+            log.warning("a cancelled request stays queued", extra={"fields": fields})
 
     async def events(
         self,

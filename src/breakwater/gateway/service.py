@@ -62,7 +62,8 @@ class GatewayService:
         )
         self.versions = VersionRouter(settings, broker.rollouts(), self.registry, metrics)
         self.guard = RollbackGuard(self.versions, broker.rollouts(), metrics)
-        self.requests = Requests(settings, broker, fanin, metrics, self.guard.outcomes)
+        queues = self.signals.partitions.queues
+        self.requests = Requests(settings, broker, fanin, metrics, self.guard.outcomes, queues=queues)
         store = broker.api_keys(settings.pepper()) if settings.auth == "keys" else None
         self.auth = Authenticator(settings, store, broker.ledger)
         self.draining = False

@@ -20,9 +20,11 @@
 -- ARGV[2] rid, ARGV[3] max queued, ARGV[4] consumer group, ARGV[5] X-Request-ID,
 -- ARGV[6] result TTL (s), ARGV[7] timeout (ms), ARGV[8] tenant, ARGV[9] estimated tokens (cost),
 -- ARGV[10] weight, ARGV[11] waiting-list key prefix (+ tenant), ARGV[12..] field/value pairs of the
--- spec ('whole' and 'record')
+-- spec ('whole' and 'record'); 'job': ARGV[12] the record's deadline (ms, as 'record' answered it)
 -- Returns {1, waiting} when enqueued (or created), {0, waiting} when the lane is full, {2, 0} when this
 -- rid is already queued (or created): a retried call whose first reply was lost was admitted once.
+-- 'record' adds the record's deadline: {1 or 2, 0, deadline_ms}. A request's entry on the lane's
+-- deadlines has its record's deadline as its score, so a cancel finds it by that (gateway.requests).
 --
 -- Every argument is checked before the first write, and the record gets its TTL before its job is
 -- queued: a failing script leaves nothing half-written (Redis does not roll back a script's writes).
@@ -59,10 +61,10 @@ end
 
 if mode == 'record' then
   if redis.call('EXISTS', KEYS[1]) == 1 then
-    return {2, 0}
+    return {2, 0, tonumber(redis.call('HGET', KEYS[1], 'deadline_ms') or '0')}
   end
   create_record(KEYS[1])
-  return {1, 0}
+  return {1, 0, now_ms + timeout_ms}
 end
 if mode == 'whole' then
   if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -77,9 +79,13 @@ end
 -- Entries are deleted when acknowledged, so XLEN = waiting + in flight; XPENDING counts in flight.
 -- Less the entries left by requests that ended while they waited (the fair-share hash's `dead`,
 -- unqueue.lua): no request will be bound to those.
+local unread = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[4])[1]
 local dead = tonumber(redis.call('HGET', KEYS[3], 'dead') or '0') or 0
-local waiting = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[4])[1] - dead
-if waiting < 0 then waiting = 0 end
+if dead > unread then  -- never more than there are (a worker from before `dead` read some)
+  dead = unread
+  redis.call('HSET', KEYS[3], 'dead', dead)
+end
+local waiting = unread - dead
 if waiting >= tonumber(ARGV[3]) then
   return {0, waiting}
 end
@@ -107,6 +113,10 @@ if redis.call('LLEN', list) == 0 then
 end
 local item = ARGV[2] .. '\t' .. ARGV[5] .. '\t' .. cost .. '\t' .. weight
 redis.call('RPUSH', list, item)
-redis.call('ZADD', KEYS[6], now_ms + timeout_ms, item .. '\t' .. tenant)
+local deadline_ms = now_ms + timeout_ms
+if mode == 'job' and tonumber(ARGV[12] or '') then
+  deadline_ms = tonumber(ARGV[12])  -- the record's (on its own server's clock)
+end
+redis.call('ZADD', KEYS[6], deadline_ms, item .. '\t' .. tenant)
 redis.call('XADD', KEYS[1], '*', 'slot', '1')
 return {1, waiting + 1}
