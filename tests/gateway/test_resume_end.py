@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
+from breakwater.redis_server import RedisServer
 from tests.gateway.test_openai_params import TOOLS, CallingSim
-from tests.inproc import InProc
+from tests.inproc import InProc, busy_gateway
 
 
 def _events(body: str) -> list[tuple[str, str]]:
@@ -67,3 +68,17 @@ async def test_n_choices_resumed_at_the_end_get_only_done(gw: InProc) -> None:
     assert events[-1] == ("", "[DONE]")
     last_id = [i for i, _ in events if i][-1]
     assert await _resumed(gw, rid, last_id) == [("", "[DONE]")]
+
+
+async def test_n_choices_resumed_after_the_error_that_ended_them_get_nothing_more(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """One failed choice fails the response, its error the last event: a resume from that event's
+    id got the other choice's error too, under an id the stream never had."""
+    async with busy_gateway(redis_server.url, prefix, 3.0, sse_keepalive_s=0) as gw:
+        body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4}
+        rid, events = await _streamed(gw, {**body, "timeout": 0.3})
+        (last_id, data) = events[-1]
+        assert orjson.loads(data)["error"]["code"] == "timeout"
+        assert await _resumed(gw, rid, last_id) == []
+        assert (await gw.http.get(f"/v1/requests/{gw.busy_rid}")).json()["status"] == "running"

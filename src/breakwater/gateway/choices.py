@@ -222,9 +222,10 @@ async def resume(
     svc: GatewayService, rid: str, n: int, principal: Principal, positions: list[int]
 ) -> ChoiceGroup:
     """Follow a group again from ``positions``; a choice whose last event was delivered is done.
-    :class:`RequestEnded` when every choice's was (only ``[DONE]`` may have been lost)."""
+    :class:`RequestEnded` when every choice's was (only ``[DONE]`` may have been lost), or one
+    choice's error was: the response had failed with it (its last event), and nothing follows."""
     choices: list[Choice] = []
-    prompts, answered = 1, True
+    prompts, answered, failed = 1, True, False
     try:
         for index, after in enumerate(positions[:n]):
             child = choice_rid(rid, index)
@@ -233,9 +234,10 @@ async def resume(
             if record.status.terminal and record.seq <= after:
                 choices.append(Choice(index, child, after, None, record.usage))
                 answered = answered and record.status is Status.DONE
+                failed = failed or record.status is not Status.DONE
             else:
                 choices.append(Choice(index, child, after, await svc.requests.resume(child, principal)))
-        if all(c.sub is None for c in choices):
+        if failed or all(c.sub is None for c in choices):
             raise RequestEnded(rid, done=answered)
         return ChoiceGroup.of(rid, choices, prompts)
     except BaseException:
