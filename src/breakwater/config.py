@@ -229,6 +229,11 @@ class GatewaySettings(CommonSettings):
     )
     result_ttl_s: int = Field(default=3600, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0.0, description="default per-request deadline")
+    batch_timeout_s: float = Field(
+        default=86_400.0,
+        gt=0.0,
+        description="default deadline of a request on the batch lane (a Batch API line: the batch's window)",
+    )
     model_cache_s: float = Field(default=1.0, ge=0.0)
     alias_cache_s: float = Field(
         default=0.5,

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 
 from breakwater.broker.cluster import Fast
-from breakwater.broker.errors import ReplicaAckError
+from breakwater.broker.errors import TRANSIENT, ReplicaAckError
 from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestSpec
 from breakwater.broker.scripts import Script
@@ -132,11 +132,15 @@ class Admissions:
         return EnqueueResult(Admission.LANE_FULL, rid, waiting, targets[0] if len(targets) == 1 else "")
 
     async def _note_lane(self, model: str, queue: str, lane: str) -> None:
-        """List the lane among :meth:`lanes` (again every ``LANE_NOTE_S``: a Redis that lost it)."""
+        """List the lane among :meth:`lanes` (again every ``LANE_NOTE_S``: a Redis that lost it).
+        Its request is queued: a failure here (the set's shard away) is tried again next time."""
         noted = self._lanes_noted.get((queue, lane))
         now = time.monotonic()
         if noted is None or now - noted > LANE_NOTE_S:
-            await self.redis.sadd(self.keys.lanes(), f"{model}\t{queue}\t{lane}")
+            try:
+                await self.redis.sadd(self.keys.lanes(), f"{model}\t{queue}\t{lane}")
+            except TRANSIENT:
+                return
             self._lanes_noted[(queue, lane)] = now
 
     @functools.cached_property

@@ -115,6 +115,7 @@ class Admitter:
             body,
             request_id=request_id,
             default_timeout_s=self.settings.request_timeout_s,
+            batch_timeout_s=self.settings.batch_timeout_s,
             principal=principal,
             choices=choices,
             prompts=prompts,

@@ -39,7 +39,6 @@ from breakwater.protocol.batches import (
     output_line,
     parse_input,
 )
-from breakwater.protocol.openai import MAX_TIMEOUT_S
 from breakwater.protocol.responses import ResponsesRequest
 from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
@@ -51,12 +50,12 @@ BACKOFF_MAX_S = 30.0
 BLOCK = 256  # answers read at a time while the files are written
 RETRY_CODES = frozenset({"cancelled", "draining", "timeout", "worker_lost", "tokens_lost"})
 CUT_SHORT_MAX = 5  # a line whose request is cut short (RETRY_CODES) this often fails with that error
-# ... except for its own `timeout` (the batch's window bounds those: it waits its turn till then)
-UNTIL_WINDOW = frozenset({"timeout"})
 # A batch gives its place here up to the others: while its lines are refused by its owner's limits
 # for at least REST_S (it rests that long), and after SLICE_S of sending while more batches wait.
 REST_S = 5.0
 SLICE_S = 60.0
+# What leaves a line's request to the detach grace (and to its deadline) instead of a cancel
+UNCANCELLED: tuple[type[BaseException], ...] = (APIError, *TRANSIENT)
 OWNERS_LIMITS = frozenset({"rate_limit_exceeded", "insufficient_quota"})  # its key's or tenant's 429s
 
 
@@ -72,8 +71,7 @@ def _retry_after_s(exc: APIError, attempt: int, left_s: float) -> float | None:
     """How long to wait before sending a line again after ``exc`` (its ``attempt``-th failure), or
     None when it is not worth it: not a refusal for now (429, 503) nor a request cut short, cut
     short too often, or told to wait past the batch's window (``left_s``: a spent budget)."""
-    capped = exc.code not in UNTIL_WINDOW and attempt >= CUT_SHORT_MAX
-    if exc.status not in (429, 503) and (exc.code not in RETRY_CODES or capped):
+    if exc.status not in (429, 503) and (exc.code not in RETRY_CODES or attempt >= CUT_SHORT_MAX):
         return None
     try:
         wait_s = float(exc.headers.get("Retry-After", ""))
@@ -249,25 +247,31 @@ class BatchRunner:
         """The requests of the lines still open when the batch was cancelled or its window closed,
         cancelled now: merely let go, one a worker took within the detach grace ran to its end and
         was billed for an answer the batch would never give (one the response cache shares with
-        other clients runs on for them)."""
-        if not keys:
-            return
-        who = await self._principal(record)
+        other clients runs on for them). Each line's request is found by its Idempotency-Key: as
+        sent, a Responses line's (``responses\0`` before it), or its first choice's (``#0`` after)."""
         for key in keys:
-            idem = IdempotencyKey(who.tenant, key, "")
-            bound = await self.svc.broker.binding(idem.redis_key(self.svc.broker.keys))
-            if bound is None:
-                continue  # never admitted
-            rid = idem.parse(bound).rid
-            # Gone, refused, or shared through the response cache (409): nothing to cancel.
-            with contextlib.suppress(APIError):
-                rids = [rid]
-                if not await self.svc.broker.exists(rid):  # choices (n > 1): no record of its own
-                    n = await choices.group_size(self.svc, rid, who)
-                    rids = [choices.choice_rid(rid, i) for i in range(n)]
-                for each in rids:
-                    with contextlib.suppress(APIError):
-                        await self.svc.requests.cancel(each, who)
+            try:
+                for rid in await self._line_requests(record.tenant, key):
+                    with contextlib.suppress(APIError):  # gone, or shared through the response cache
+                        await self.svc.requests.cancel(rid, Principal(record.tenant))
+            except UNCANCELLED as exc:
+                fields = {"batch": record.id, "key": key, "error": str(exc)}
+                log.warning("a batch line's request was not cancelled", extra={"fields": fields})
+
+    async def _line_requests(self, tenant: str, key: str) -> list[str]:
+        broker = self.svc.broker
+        for form in (key, f"responses\x00{key}"):
+            idem = IdempotencyKey(tenant, form, "")
+            bound = await broker.binding(idem.redis_key(broker.keys))
+            if bound is not None:
+                return [idem.parse(bound).rid]
+        first = IdempotencyKey(tenant, str(choices.choice_key(key, 0)), "")
+        bound = await broker.binding(first.redis_key(broker.keys))
+        if bound is None:
+            return []  # never admitted
+        group = choices.group_of(first.parse(bound).rid)
+        n = await choices.group_size(self.svc, group, Principal(tenant))
+        return [choices.choice_rid(group, i) for i in range(n)]
 
     async def _answer(self, record: BatchRecord, line: Line, open_keys: dict[int, str]) -> None:
         """Send the line's request and keep its answer. Refused for now or cut short, it is sent
@@ -275,12 +279,10 @@ class BatchRunner:
         that is not the request's (a bug) three times, then the line fails with a 500."""
         attempt = bugs = 0
         while True:
-            # Without a `timeout` of its own, its request may wait in the queue a day, the batch's
-            # window (closed, the lines still open are cancelled): it is answered when the
-            # interactive traffic leaves room. The same every time: a runner that takes the batch
-            # over sends the same body with the same key, and follows the same request.
-            timeout = line.body.timeout if line.body.timeout is not None else MAX_TIMEOUT_S
-            body = line.body.model_copy(update={"lane": "batch", "timeout": timeout})
+            # Without a `timeout` of its own, its request may wait in the queue `batch_timeout_s`
+            # (a day, the batch's window; closed, the lines still open are cancelled): it is
+            # answered when the interactive traffic leaves room.
+            body = line.body.model_copy(update={"lane": "batch"})
             key = _line_key(record, line, attempt)
             open_keys[line.index] = key
             try:

@@ -183,7 +183,7 @@ async def admit(
             )
             admitted.append(sub)
             if index == 0 and sub.duplicate:  # an Idempotency-Key replay: the group it made first
-                rid, group = _group_of(sub.rid), None  # its choices were admitted by their limits then
+                rid, group = group_of(sub.rid), None  # its choices were admitted by their limits then
                 if taken is not None:
                     await groups.give_back(svc.admitter, taken, principal)
     except BaseException:
@@ -205,7 +205,7 @@ async def admit(
     return result
 
 
-def _group_of(first_choice: str) -> str:
+def group_of(first_choice: str) -> str:
     """The group a replayed first choice belongs to (its rid is ``<group>-0``)."""
     group, _, index = first_choice.rpartition("-")
     if index != "0" or "-" not in group:

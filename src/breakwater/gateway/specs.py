@@ -28,6 +28,7 @@ def request_spec(
     *,
     request_id: str,
     default_timeout_s: float,
+    batch_timeout_s: float | None = None,
     principal: Principal = ANONYMOUS,
     choices: int = 1,
     prompts: int = 1,
@@ -37,11 +38,16 @@ def request_spec(
     """The record's request part for an OpenAI body sent by ``principal`` (one of ``choices``, for
     one of ``prompts``), for
     ``model`` (its tool-call format and whether its engines take a grammar); ``auto_tools``: the
-    surface can render the model's own tool calls (not the WebSocket's raw tokens)."""
+    surface can render the model's own tool calls (not the WebSocket's raw tokens). Without a
+    ``timeout`` of its own, a request on the batch lane may wait ``batch_timeout_s`` (default: as
+    any other, ``default_timeout_s``)."""
     key = principal.key
+    lane = key.lane if key is not None and key.lane else body.lane
+    if lane == "batch" and batch_timeout_s is not None:
+        default_timeout_s = batch_timeout_s
     owner: dict[str, Any] = {
         "model": body.model,
-        "lane": key.lane if key is not None and key.lane else body.lane,
+        "lane": lane,
         "tenant": principal.tenant,
         "key_id": principal.key_id,
         "limit_id": "" if principal.limit_id == principal.key_id else principal.limit_id,

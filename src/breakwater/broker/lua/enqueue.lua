@@ -79,13 +79,10 @@ end
 -- Entries are deleted when acknowledged, so XLEN = waiting + in flight; XPENDING counts in flight.
 -- Less the entries left by requests that ended while they waited (the fair-share hash's `dead`,
 -- unqueue.lua): no request will be bound to those.
+-- (`dead` may exceed the unread entries: a worker may have read one and not bound it yet.)
 local unread = redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[4])[1]
-local dead = tonumber(redis.call('HGET', KEYS[3], 'dead') or '0') or 0
-if dead > unread then  -- never more than there are (a worker from before `dead` read some)
-  dead = unread
-  redis.call('HSET', KEYS[3], 'dead', dead)
-end
-local waiting = unread - dead
+local waiting = unread - (tonumber(redis.call('HGET', KEYS[3], 'dead') or '0') or 0)
+if waiting < 0 then waiting = 0 end
 if waiting >= tonumber(ARGV[3]) then
   return {0, waiting}
 end
