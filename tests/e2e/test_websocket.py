@@ -57,6 +57,9 @@ async def test_several_requests_and_a_cancel_on_one_socket(stack: StackProcs) ->
         assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == reason
     cancelled = got[created[3]][-1]
     assert cancelled["type"] == "error" and cancelled["error"]["code"] == "cancelled"
+    # As the socket's own errors: the HTTP status and OpenAI's whole error object.
+    error = cancelled["error"]
+    assert (cancelled["status"], error["type"], error["param"]) == (409, "cancelled", None)
 
 
 async def test_a_second_resume_of_one_id_replaces_the_first(stack: StackProcs) -> None:

@@ -28,6 +28,7 @@ from breakwater.gateway.errors import APIError, error_body, invalid
 from breakwater.gateway.following import RequestEnded, Submission
 from breakwater.gateway.middleware import refused as log_refusal
 from breakwater.gateway.service import GatewayService
+from breakwater.gateway.sse import event_error
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import MAX_SEQ, ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.tools import call_id
@@ -102,9 +103,9 @@ class _Connection:
             await self.error("message must be a JSON object", "invalid_message")
             return
         if "cancel" not in data and len(self.tasks) >= MAX_TASKS:
-            await self.error(
-                f"at most {MAX_TASKS} requests at once on one socket", "too_many_requests", None, 429
-            )
+            message = f"at most {MAX_TASKS} requests at once on one socket"
+            refused = APIError(429, message, type="rate_limit_error")
+            await self.error(message, "too_many_requests", None, 429, refused=refused)
             return
         try:
             if "auth" in data:
@@ -236,8 +237,11 @@ def _event_message(rid: str, event: TokenEvent, tool: str) -> dict[str, Any]:
         reason = event.finish_reason
         message["finish_reason"] = "tool_calls" if tool and reason == "stop" else reason
         message["usage"] = event.usage
-    else:
-        message["error"] = event.error
+    else:  # with its HTTP status and OpenAI's whole error object, as the socket's own errors
+        failed = event_error(event)
+        message["status"] = failed.status
+        fields = {"message": failed.message, "type": failed.type, "param": failed.param}
+        message["error"] = {**fields, "code": failed.code}
     return message
 
 
