@@ -232,7 +232,8 @@ class GatewaySettings(CommonSettings):
     batch_timeout_s: float = Field(
         default=86_400.0,
         gt=0.0,
-        description="default deadline of a request on the batch lane (a Batch API line: the batch's window)",
+        le=86_400.0,
+        description="default deadline of a Batch API line's request (its batch's window)",
     )
     model_cache_s: float = Field(default=1.0, ge=0.0)
     alias_cache_s: float = Field(

@@ -394,6 +394,50 @@ async def test_a_cancelled_batch_cancels_its_queued_lines_they_never_run(
         await runner.stop()
 
 
+async def test_a_cancelled_batch_leaves_alone_the_request_its_line_joined_through_the_cache(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its line's Idempotency-Key is bound to another line's request (the response cache joined
+    them): cancelling this batch cancelled that one, which its own batch still waited for."""
+    settings = {"batch_runner": False, "batch_concurrency": 1, "cache": True}
+    async with busy_gateway(redis_server.url, prefix, 3.0, **settings) as gw, gw.sdk() as client:
+        runner = BatchRunner(gw.app.state.service, gw.app.state.batches, owner="a")
+        rids = gw.queued_ids(monkeypatch)
+        rows = [_chat("same", "the same question", seed=7, max_tokens=4)]
+        first = await _create(client, rows)
+        await runner.tick()
+        await async_wait_for(lambda: len(rids) == 1, 10, what="the first batch's line queued")
+        second = await _create(client, rows)
+        await runner.tick()
+        service = gw.app.state.service
+        await async_wait_for(
+            lambda: service.metrics.registry.get_sample_value(
+                "breakwater_cache_single_flight_total", {"model": "sim"}
+            ),
+            10,
+            what="the second batch's line joined the first's request",
+        )
+        assert set(rids) == {rids[0]}  # (it follows the same request)
+        await client.batches.cancel(second.id)
+        assert (await _settled(client, second.id)).status == "cancelled"
+        assert (await gw.http.get(f"/v1/requests/{rids[0]}")).json()["status"] == "queued"
+        done = await _settled(client, first.id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert done.request_counts.completed == 1
+        await runner.stop()
+
+
+async def test_a_request_on_the_batch_lane_outside_a_batch_keeps_the_gateways_timeout(gw: InProc) -> None:
+    """A Batch API line may wait its batch's day; a client's own `lane: batch` request does not (a
+    client gone, it would hold its key's concurrency that long)."""
+    got = await gw.http.post(
+        "/v1/completions", json={"model": "sim", "prompt": "hi", "max_tokens": 2, "lane": "batch"}
+    )
+    assert got.status_code == 200, got.text
+    record = await gw.app.state.service.broker.get_record(got.headers["x-breakwater-request-id"])
+    assert record is not None and record.spec.timeout_s == 600.0
+
+
 async def test_a_line_without_a_timeout_may_wait_the_batch_window(
     redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -115,7 +115,6 @@ class Admitter:
             body,
             request_id=request_id,
             default_timeout_s=self.settings.request_timeout_s,
-            batch_timeout_s=self.settings.batch_timeout_s,
             principal=principal,
             choices=choices,
             prompts=prompts,

@@ -17,6 +17,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,11 +25,11 @@ import orjson
 from breakwater.broker.batches import BatchStore, FileWriter
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.idempotency import IdempotencyKey
-from breakwater.gateway import choices
 from breakwater.gateway.errors import APIError
 from breakwater.gateway.responses import whole_response
 from breakwater.gateway.routes import whole_answer
 from breakwater.gateway.service import GatewayService
+from breakwater.gateway.specs import default_timeout_var
 from breakwater.logs import caller_var, request_id_var
 from breakwater.protocol.batches import (
     BatchRecord,
@@ -39,6 +40,7 @@ from breakwater.protocol.batches import (
     output_line,
     parse_input,
 )
+from breakwater.protocol.openai import ChatCompletionRequest, CompletionRequest
 from breakwater.protocol.responses import ResponsesRequest
 from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
@@ -78,6 +80,29 @@ def _retry_after_s(exc: APIError, attempt: int, left_s: float) -> float | None:
     except ValueError:
         wait_s = 2.0 ** min(attempt, 5)
     return None if wait_s >= left_s else min(wait_s, BACKOFF_MAX_S)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLine:
+    """A line whose request is in flight: how to find it again (:meth:`BatchRunner._let_go`)."""
+
+    index: int
+    key: str  # its Idempotency-Key
+    xrid: str  # its X-Request-ID, which its requests' records keep
+    choices: int  # n (times its prompts): each choice is a request of its own
+
+    def key_forms(self) -> list[str]:
+        if self.choices > 1:
+            return [f"{self.key}#{i}" for i in range(self.choices)]  # (choices.choice_key)
+        return [self.key, f"responses\x00{self.key}"]  # a Responses line's (gateway.responses)
+
+
+def _xrid(record: BatchRecord, line: Line) -> str:
+    return f"{record.id}-{line.index}"
+
+
+def _choices(body: LineBody) -> int:
+    return body.choice_count() if isinstance(body, ChatCompletionRequest | CompletionRequest) else 1
 
 
 def _line_key(record: BatchRecord, line: Line, attempt: int) -> str:
@@ -212,14 +237,14 @@ class BatchRunner:
         todo = [line for line in lines if line.index not in done]
         todo.reverse()
         running: set[asyncio.Task[None]] = set()
-        open_keys: dict[int, str] = {}  # line index -> the Idempotency-Key of its request in flight
+        open_lines: dict[int, OpenLine] = {}  # line index -> its request in flight
         rest_s: float | None = None
         slice_end = time.monotonic() + SLICE_S
         try:
             while (todo and rest_s is None) or running:
                 if not await self._goes_on(record):  # cancelled or out of time: to be finished now
                     await stop_loops(running)
-                    await self._let_go(record, list(open_keys.values()))
+                    await self._let_go(record, list(open_lines.values()))
                     return None
                 if rest_s is None and todo and time.monotonic() >= slice_end:
                     slice_end = time.monotonic() + SLICE_S
@@ -227,7 +252,7 @@ class BatchRunner:
                     if full and len(await self.store.active()) > len(self._running):  # others wait
                         rest_s = 2 * POLL_S
                 while todo and rest_s is None and len(running) < self.svc.settings.batch_concurrency:
-                    running.add(asyncio.create_task(self._answer(record, todo.pop(), open_keys)))
+                    running.add(asyncio.create_task(self._answer(record, todo.pop(), open_lines)))
                 if not running:  # its slice ended with nothing in flight
                     break
                 finished, running = await asyncio.wait(running, timeout=POLL_S, return_when="FIRST_COMPLETED")
@@ -243,37 +268,37 @@ class BatchRunner:
     async def _goes_on(self, record: BatchRecord) -> bool:
         return time.time() < record.expires_at and await self.store.status(record.id) == "in_progress"
 
-    async def _let_go(self, record: BatchRecord, keys: Collection[str]) -> None:
+    async def _let_go(self, record: BatchRecord, open_lines: Collection[OpenLine]) -> None:
         """The requests of the lines still open when the batch was cancelled or its window closed,
         cancelled now: merely let go, one a worker took within the detach grace ran to its end and
-        was billed for an answer the batch would never give (one the response cache shares with
-        other clients runs on for them). Each line's request is found by its Idempotency-Key: as
-        sent, a Responses line's (``responses\0`` before it), or its first choice's (``#0`` after)."""
-        for key in keys:
-            try:
-                for rid in await self._line_requests(record.tenant, key):
-                    with contextlib.suppress(APIError):  # gone, or shared through the response cache
-                        await self.svc.requests.cancel(rid, Principal(record.tenant))
-            except UNCANCELLED as exc:
-                fields = {"batch": record.id, "key": key, "error": str(exc)}
-                log.warning("a batch line's request was not cancelled", extra={"fields": fields})
+        was billed for an answer the batch would never give. Each is found by its line's
+        Idempotency-Key (as sent; ``responses\0`` before it for a Responses line; ``#i`` after it
+        for choice i), and cancelled only if it is the line's own: the batch's tenant's, made for
+        this line (its X-Request-ID), not one the response cache joined it to."""
+        owner = Principal(record.tenant)  # (no key: the tenant is checked here, a revoked key or not)
+        for line in open_lines:
+            for form in line.key_forms():
+                try:
+                    rid = await self._own_request(record, line, form)
+                    if rid:
+                        await self.svc.requests.cancel(rid, owner)
+                except UNCANCELLED as exc:  # gone, shared with other clients (409), Redis away
+                    fields = {"batch": record.id, "line": line.index, "error": str(exc)}
+                    log.warning("a batch line's request was not cancelled", extra={"fields": fields})
 
-    async def _line_requests(self, tenant: str, key: str) -> list[str]:
+    async def _own_request(self, record: BatchRecord, line: OpenLine, key: str) -> str:
         broker = self.svc.broker
-        for form in (key, f"responses\x00{key}"):
-            idem = IdempotencyKey(tenant, form, "")
-            bound = await broker.binding(idem.redis_key(broker.keys))
-            if bound is not None:
-                return [idem.parse(bound).rid]
-        first = IdempotencyKey(tenant, str(choices.choice_key(key, 0)), "")
-        bound = await broker.binding(first.redis_key(broker.keys))
+        idem = IdempotencyKey(record.tenant, key, "")
+        bound = await broker.binding(idem.redis_key(broker.keys))
         if bound is None:
-            return []  # never admitted
-        group = choices.group_of(first.parse(bound).rid)
-        n = await choices.group_size(self.svc, group, Principal(tenant))
-        return [choices.choice_rid(group, i) for i in range(n)]
+            return ""  # never admitted (or that form is not this line's)
+        rid = idem.parse(bound).rid
+        found = await broker.get_record(rid)
+        spec = found.spec if found is not None else None
+        mine = spec is not None and spec.tenant == record.tenant and spec.request_id == line.xrid
+        return rid if mine else ""
 
-    async def _answer(self, record: BatchRecord, line: Line, open_keys: dict[int, str]) -> None:
+    async def _answer(self, record: BatchRecord, line: Line, open_lines: dict[int, OpenLine]) -> None:
         """Send the line's request and keep its answer. Refused for now or cut short, it is sent
         again (a new attempt, its own Idempotency-Key) until the batch's window closes; a failure
         that is not the request's (a bug) three times, then the line fails with a 500."""
@@ -284,7 +309,7 @@ class BatchRunner:
             # answered when the interactive traffic leaves room.
             body = line.body.model_copy(update={"lane": "batch"})
             key = _line_key(record, line, attempt)
-            open_keys[line.index] = key
+            open_lines[line.index] = OpenLine(line.index, key, _xrid(record, line), _choices(line.body))
             try:
                 rid, status, answer = await self._send(record, line, body, key)
             except APIError as exc:
@@ -307,7 +332,7 @@ class BatchRunner:
                 failed = APIError(500, "the server failed to answer this request", type="server_error")
                 rid, status, answer = "", 500, failed.body()
             await self._keep(record, line, rid, status, answer)
-            del open_keys[line.index]
+            del open_lines[line.index]
             return
 
     async def _send(
@@ -315,7 +340,8 @@ class BatchRunner:
     ) -> tuple[str, int, dict[str, Any]]:
         """The line's request, answered whole: its id, status and body (an error raises)."""
         principal = await self._principal(record)
-        xrid = f"{record.id}-{line.index}"
+        xrid = _xrid(record, line)
+        default_timeout_var.set(self.svc.settings.batch_timeout_s)  # it may wait the batch's window
         request_id_var.set(xrid)  # the line's log lines: its id (as the worker's say) and its owner
         caller_var.set((principal.tenant, principal.key_id))
         if isinstance(body, ResponsesRequest):

@@ -100,7 +100,6 @@ async def admit_group(
             body,
             request_id="",
             default_timeout_s=admitter.settings.request_timeout_s,
-            batch_timeout_s=admitter.settings.batch_timeout_s,
             principal=principal,
             choices=len(bodies),
             prompts=prompts,

@@ -3,6 +3,7 @@ features (what its engines can do), and the prompt text its limits are estimated
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -21,6 +22,9 @@ from breakwater.protocol.tools import AutoCalls, ForcedCall, rendered_calls, too
 from breakwater.tenancy import ANONYMOUS, Principal
 
 Body = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+# The default `timeout` of the requests the current task submits, where it is not the gateway's
+# `request_timeout_s`: the batch runner sets `batch_timeout_s` for a line's (gateway.batch_runner).
+default_timeout_var: ContextVar[float | None] = ContextVar("default_timeout", default=None)
 
 
 def request_spec(
@@ -28,7 +32,6 @@ def request_spec(
     *,
     request_id: str,
     default_timeout_s: float,
-    batch_timeout_s: float | None = None,
     principal: Principal = ANONYMOUS,
     choices: int = 1,
     prompts: int = 1,
@@ -39,15 +42,13 @@ def request_spec(
     one of ``prompts``), for
     ``model`` (its tool-call format and whether its engines take a grammar); ``auto_tools``: the
     surface can render the model's own tool calls (not the WebSocket's raw tokens). Without a
-    ``timeout`` of its own, a request on the batch lane may wait ``batch_timeout_s`` (default: as
-    any other, ``default_timeout_s``)."""
+    ``timeout`` of its own it may wait ``default_timeout_s``, or what its submitter set in
+    :data:`default_timeout_var` (a Batch API line's: the batch's window)."""
     key = principal.key
-    lane = key.lane if key is not None and key.lane else body.lane
-    if lane == "batch" and batch_timeout_s is not None:
-        default_timeout_s = batch_timeout_s
+    default_timeout_s = default_timeout_var.get() or default_timeout_s
     owner: dict[str, Any] = {
         "model": body.model,
-        "lane": lane,
+        "lane": key.lane if key is not None and key.lane else body.lane,
         "tenant": principal.tenant,
         "key_id": principal.key_id,
         "limit_id": "" if principal.limit_id == principal.key_id else principal.limit_id,
