@@ -109,3 +109,21 @@ async def test_several_choices_are_refused_by_name_and_the_socket_serves_on(stac
         events = (await _until_terminal(ws, {created["request_id"]}))[created["request_id"]]
     text = "".join(e["text"] for e in events if e["type"] == "token")
     assert text == expected_sim(prompt="one", seed=2, max_tokens=5)[0]
+
+
+async def test_a_cancel_of_an_unknown_id_names_it_cut_short(stack: StackProcs) -> None:
+    """The error message echoed the id whole (a 200 KB id, 200 KB back); the socket serves on."""
+    url = stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(url) as ws:
+        await ws.send(orjson.dumps({"cancel": "x" * 200_000}).decode())
+        async with asyncio.timeout(10):
+            message = orjson.loads(await ws.recv())
+        assert (message["type"], message["status"], message["error"]["code"]) == (
+            "error",
+            404,
+            "request_not_found",
+        )
+        assert len(message["error"]["message"]) < 200 and "x" * 128 + "…" in message["error"]["message"]
+        await ws.send(orjson.dumps({"model": "sim", "prompt": "on", "max_tokens": 2}).decode())
+        async with asyncio.timeout(10):
+            assert orjson.loads(await ws.recv())["type"] == "created"

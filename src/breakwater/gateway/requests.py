@@ -26,6 +26,7 @@ from breakwater.protocol.events import TokenEvent
 from breakwater.tenancy import Principal
 
 log = logging.getLogger(__name__)
+SHOWN_ID = 128  # an id named in an error message is cut to this many characters
 
 
 def owns(principal: Principal, record: RequestRecord) -> bool:
@@ -34,7 +35,8 @@ def owns(principal: Principal, record: RequestRecord) -> bool:
 
 
 def _not_found(rid: str) -> APIError:
-    return APIError(404, f"request `{rid}` not found or expired", code="request_not_found", param="id")
+    shown = rid if len(rid) <= SHOWN_ID else f"{rid[:SHOWN_ID]}…"  # (a WebSocket's cancel may be long)
+    return APIError(404, f"request `{shown}` not found or expired", code="request_not_found", param="id")
 
 
 class Handoff(Protocol):
