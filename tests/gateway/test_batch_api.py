@@ -460,7 +460,8 @@ async def test_a_line_without_a_timeout_may_wait_the_batch_window(
             record = await broker.get_record(rid)
             assert record is not None
             timeouts[record.spec.messages[0]["content"]] = record.spec.timeout_s
-        assert timeouts == {"mine": 50.0, "none": 86_400.0}
+        assert timeouts["mine"] == 50.0
+        assert 86_000 < timeouts["none"] <= 86_400  # what is left of the batch's day
         done = await _settled(client, batch.id)
         assert done.status == "completed" and done.request_counts is not None
         assert done.request_counts.completed == 2

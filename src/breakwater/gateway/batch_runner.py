@@ -1,7 +1,8 @@
 """Running batches: every gateway process looks for batches nobody runs, and runs those whose lease
-it takes, at most ``batch_concurrency`` of a batch's requests at a time, each one exactly as a
-client's non-streamed request on the ``batch`` lane (limits, fair share, metering, continuation
-after a worker's crash). Each answer is kept as it comes, once per line; a gateway that stops (or
+it takes, at most ``batch_concurrency`` of a batch's requests at a time, each one as a client's
+non-streamed request on the ``batch`` lane (limits, fair share, metering, continuation after a
+worker's crash), which may wait in the queue what is left of the batch's window unless its line
+sets its own ``timeout``. Each answer is kept as it comes, once per line; a gateway that stops (or
 dies) leaves its batches to another after ``batch_lease_s``, which answers the lines still open by
 following the same requests again (each line's Idempotency-Key is the batch's and the line's)."""
 
@@ -304,9 +305,6 @@ class BatchRunner:
         that is not the request's (a bug) three times, then the line fails with a 500."""
         attempt = bugs = 0
         while True:
-            # Without a `timeout` of its own, its request may wait in the queue `batch_timeout_s`
-            # (a day, the batch's window; closed, the lines still open are cancelled): it is
-            # answered when the interactive traffic leaves room.
             body = line.body.model_copy(update={"lane": "batch"})
             key = _line_key(record, line, attempt)
             open_lines[line.index] = OpenLine(line.index, key, _xrid(record, line), _choices(line.body))
@@ -341,7 +339,9 @@ class BatchRunner:
         """The line's request, answered whole: its id, status and body (an error raises)."""
         principal = await self._principal(record)
         xrid = _xrid(record, line)
-        default_timeout_var.set(self.svc.settings.batch_timeout_s)  # it may wait the batch's window
+        # Without a `timeout` of its own it may wait what is left of the batch's window (a day at most).
+        window_s = max(1.0, record.expires_at - time.time())
+        default_timeout_var.set(min(self.svc.settings.batch_timeout_s, window_s))
         request_id_var.set(xrid)  # the line's log lines: its id (as the worker's say) and its owner
         caller_var.set((principal.tenant, principal.key_id))
         if isinstance(body, ResponsesRequest):
