@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import openai
 import pytest
@@ -175,3 +176,32 @@ async def test_a_request_cancelled_while_queued_gives_its_place_in_the_queue_bac
         assert busy["status"] == "running"  # no worker read the cancelled one's job meanwhile
         broker = gw.app.state.service.broker
         assert await broker.queue_depth("sim", LANE) == (1, 1)
+
+
+async def test_a_job_whose_admission_was_cancelled_after_its_enqueue_is_cancelled(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its client (a request handler cancelled, a batch line stopped) never got its id, and its
+    Idempotency-Key was released: it ran for nobody when a worker took it."""
+    async with busy_gateway(redis_server.url, prefix, 3.0) as gw:
+        rids = gw.queued_ids(monkeypatch)
+        fanin = gw.app.state.service.fanin
+
+        async def never(*_: Any) -> bool:
+            await asyncio.Event().wait()
+            return True
+
+        monkeypatch.setattr(fanin, "confirm", never)  # the admission waits here, its job queued
+        body = {"model": "sim", "prompt": "gone", "max_tokens": 4}
+        sending = asyncio.create_task(gw.http.post("/v1/completions", json=body))
+        broker = gw.app.state.service.broker
+        deadline = time.monotonic() + 10
+        while not rids or await broker.get_record(rids[0]) is None:
+            assert time.monotonic() < deadline and not sending.done(), "the request was not queued"
+            await asyncio.sleep(0.01)
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        record = await broker.get_record(rids[0])
+        assert record is not None and record.status.value == "cancelled"
+        assert await broker.queue_depth("sim", LANE) == (0, 1)  # the busy one, in flight

@@ -13,7 +13,7 @@ from functools import partial
 
 from pydantic import BaseModel
 
-from breakwater.broker import Broker, RequestSpec
+from breakwater.broker import Broker, RequestSpec, Status
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.fanin import FanIn, Subscription
 from breakwater.broker.idempotency import IdempotencyKey, body_digest
@@ -224,8 +224,26 @@ class Admitter:
             finally:
                 if not queued:
                     await self._unhold_unqueued(rid, spec, principal, known=queued is False)
+                if queued is not False:
+                    await self._forsake(rid)
             raise
         return result, sub
+
+    async def _forsake(self, rid: str) -> None:
+        """A job that may have been queued for a client who never got its id (its admission was
+        cancelled, its client gone, or failed after the enqueue; its Idempotency-Key released):
+        nobody can follow it, so it is cancelled and withdrawn (``Requests.withdraw``) instead of
+        running for nobody. Best effort: Redis may be away (then it waits for its deadline)."""
+        try:
+            record = await self.broker.get_record(rid)
+            if record is None or record.status is not Status.QUEUED:
+                return
+            reason = "its admission did not complete"
+            if await self.broker.cancel(rid, self.settings.result_ttl_s, reason) > 0:
+                queues = self.signals.partitions.queues(record.spec.model)
+                await self.broker.withdraw(rid, record.spec.lane, record.deadline_ms, queues)
+        except TRANSIENT as exc:
+            log.warning("an unadmitted job stays queued", extra={"rid": rid, "fields": {"error": repr(exc)}})
 
     async def _unhold_unqueued(self, rid: str, spec: RequestSpec, principal: Principal, known: bool) -> None:
         """A request admitted by the limits whose enqueue failed: unless it was queued after all (its
