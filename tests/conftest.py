@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from breakwater.broker import Broker
 from breakwater.broker.connection import connect
+from breakwater.keys import Keys
 from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer
 from tests.helpers import StackProcs, one_gateway_one_worker
@@ -48,6 +50,14 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = connect(redis_server.url)  # a cluster client on a cluster
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
+    """A broker on the test's Redis and key prefix (a module may define its own)."""
+    broker = Broker(redis, Keys(prefix))
+    yield broker
+    await broker.fast.aclose()
 
 
 @pytest.fixture(scope="module")

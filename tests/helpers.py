@@ -21,7 +21,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.cluster import RedisCluster
 
-from breakwater.broker import Broker, RequestRecord, Status
+from breakwater.broker import Broker, RequestRecord, RequestSpec, Status
 from breakwater.broker.connection import ClusterUrl
 from breakwater.engines.base import GenerationRequest
 from breakwater.engines.options import SimOptions
@@ -469,3 +469,16 @@ async def read_record(procs: StackProcs, redis: Any, rid: str) -> RequestRecord:
     record = await Broker(redis, Keys(procs.prefix)).get_record(rid)
     assert record is not None, f"no record for {rid}"
     return record
+
+
+def queued_spec(timeout_s: float, **fields: Any) -> RequestSpec:
+    """A completion's spec for model ``m`` on the interactive lane (``fields``: any other of its own),
+    for a test that queues it with ``Broker.enqueue``."""
+    base: dict[str, Any] = {
+        "model": "m",
+        "lane": "interactive",
+        "kind": "completion",
+        "request_id": "x",
+        "prompt": "p",
+    }
+    return RequestSpec(timeout_s=timeout_s, **{**base, **fields})

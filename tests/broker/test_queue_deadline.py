@@ -6,28 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
-import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Broker, RequestSpec, StartOutcome
 from breakwater.broker.types import NOT_DUE
-from breakwater.keys import Keys
-
-
-@pytest.fixture
-async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
-    broker = Broker(redis, Keys(prefix))
-    yield broker
-    await broker.fast.aclose()
+from tests.helpers import queued_spec
 
 
 def _spec(timeout_s: float) -> RequestSpec:
-    return RequestSpec(
-        model="m", lane="interactive", kind="completion", request_id="x", timeout_s=timeout_s, prompt="p"
-    )
+    return queued_spec(timeout_s)
 
 
 async def _queued(broker: Broker, rid: str, timeout_s: float) -> None:

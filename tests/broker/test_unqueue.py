@@ -7,38 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from redis.asyncio import Redis
 
 from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.admission import Lane, Waiting
-from breakwater.keys import GROUP, Keys
+from breakwater.keys import GROUP
 from breakwater.tenancy.limits import Limits
+from tests.helpers import queued_spec
 
 LANE = "interactive"
 
 
-@pytest.fixture
-async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
-    broker = Broker(redis, Keys(prefix))
-    yield broker
-    await broker.fast.aclose()
-
-
 def _spec(timeout_s: float, tenant: str = "t") -> RequestSpec:
-    return RequestSpec(
-        model="m",
-        lane=LANE,
-        kind="completion",
-        request_id="x",
-        timeout_s=timeout_s,
-        prompt="p",
-        tenant=tenant,
-    )
+    return queued_spec(timeout_s, tenant=tenant)
 
 
 async def _queued(broker: Broker, rid: str, timeout_s: float, tenant: str = "t", limit: int = 10) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -19,21 +18,13 @@ from breakwater.broker import Broker, RequestSpec
 from breakwater.broker.ledger import day_of
 from breakwater.gateway.deadlines import QueueReaper
 from breakwater.gateway.metrics import GatewayMetrics
-from breakwater.keys import Keys
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.limits import Limits
-from tests.helpers import async_wait_for
+from tests.helpers import async_wait_for, queued_spec
 from tests.inproc import busy_gateway
 
 LANE = "interactive"
 FAR_MS = int((time.time() + 3600) * 1000)
-
-
-@pytest.fixture
-async def broker(redis: Redis, prefix: str) -> AsyncIterator[Broker]:
-    broker = Broker(redis, Keys(prefix))
-    yield broker
-    await broker.fast.aclose()
 
 
 def _reaper(broker: Broker) -> QueueReaper:
@@ -41,16 +32,7 @@ def _reaper(broker: Broker) -> QueueReaper:
 
 
 def _spec(timeout_s: float) -> RequestSpec:
-    return RequestSpec(
-        model="m",
-        lane=LANE,
-        kind="completion",
-        request_id="x",
-        timeout_s=timeout_s,
-        prompt="p",
-        tenant="t",
-        key_id="k",
-    )
+    return queued_spec(timeout_s, tenant="t", key_id="k")
 
 
 async def _reaped(reaper: QueueReaper, count: int) -> None:
