@@ -27,7 +27,7 @@ from breakwater.broker.batches import BatchStore, FileWriter
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.idempotency import IdempotencyKey
 from breakwater.gateway.errors import APIError
-from breakwater.gateway.responses import whole_response
+from breakwater.gateway.responses import responses_key, whole_response
 from breakwater.gateway.routes import whole_answer
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.specs import default_timeout_var
@@ -95,7 +95,7 @@ class OpenLine:
     def key_forms(self) -> list[str]:
         if self.choices > 1:
             return [f"{self.key}#{i}" for i in range(self.choices)]  # (choices.choice_key)
-        return [self.key, f"responses\x00{self.key}"]  # a Responses line's (gateway.responses)
+        return [self.key, responses_key(self.key)]  # a Responses line's
 
 
 def _xrid(record: BatchRecord, line: Line) -> str:

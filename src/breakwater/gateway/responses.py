@@ -117,6 +117,12 @@ async def whole_response(
     return headers, await answered(svc, sub, headers, _whole(svc, sub, stored), receive)
 
 
+def responses_key(idempotency_key: str) -> str:
+    """A Responses request's Idempotency-Key, apart from chat's: after a NUL, which no header value
+    holds, so no key a client sends is it."""
+    return f"responses\x00{idempotency_key}"
+
+
 def _refusal(body: ResponsesRequest) -> APIError | None:
     name = body.unsupported_parameter()
     if name is not None:
@@ -151,8 +157,7 @@ async def _admit(
         sub = await svc.submit(
             request,
             request_id=xrid,
-            # Apart from chat's: a NUL, which no header value holds, so no key a client sends is it.
-            idempotency_key=f"responses\x00{idempotency_key}" if idempotency_key else None,
+            idempotency_key=responses_key(idempotency_key) if idempotency_key else None,
             principal=who,
             subscribe=subscribe,
             cache=NO_CACHE,
