@@ -342,6 +342,8 @@ async def test_a_refused_choice_takes_back_the_queued_ones(redis_server: RedisSe
             choices = [r for r in choices if r.spec.choices == 3]
             assert len(choices) == 1  # the first was queued; the second was refused; the third never sent
             assert choices[0].status is Status.CANCELLED and choices[0].tokens == 0
+            # Withdrawn from the lane at once: only the job that waited before waits now.
+            assert (await broker.queue_depth("sim", "interactive"))[0] == 1
         finally:
             await broker.aclose()
 
@@ -456,7 +458,8 @@ async def test_a_refused_group_gives_back_the_limits_its_choices_took(
 ) -> None:
     """The group takes its key's limits for all its choices before the first is queued; when one is
     refused (its lane full), the places and budget holds of the ones not queued are given back at
-    once, and the queued one's is freed as it is withdrawn: only its hold stays until it is metered."""
+    once, and the queued one is withdrawn from its lane and metered as cancelled: its place and its
+    hold come back too, without waiting for a worker to read its job."""
     pepper = "choices-limits-pepper-0123456789"
     async with inproc_gateway(
         redis_server.url, prefix, lane_max_queued=2, auth="keys", auth_pepper=pepper
@@ -473,9 +476,10 @@ async def test_a_refused_group_gives_back_the_limits_its_choices_took(
             )
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
             assert await broker.redis.zrange(broker.keys.running("t", key.id), 0, -1) == []
-            one_hold = 11 + 4 + 4  # "three of us": 11 bytes (a token a byte at most), 4 special, max_tokens
             usage = broker.keys.usage("t", day_of(time.time()))
-            assert await broker.redis.hmget(usage, f"{key.id}:held", "*:held") == [str(one_hold)] * 2
+            assert await broker.redis.hmget(usage, f"{key.id}:held", "*:held") == ["0"] * 2
+            assert await broker.redis.hget(usage, f"{key.id}:cancelled") == "1"  # the withdrawn choice
+            assert (await broker.queue_depth("sim", "interactive"))[0] == 1
         finally:
             await broker.aclose()
 

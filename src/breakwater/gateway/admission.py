@@ -235,15 +235,21 @@ class Admitter:
         nobody can follow it, so it is cancelled and withdrawn (``Requests.withdraw``) instead of
         running for nobody. Best effort: Redis may be away (then it waits for its deadline)."""
         try:
-            record = await self.broker.get_record(rid)
-            if record is None or record.status is not Status.QUEUED:
-                return
-            reason = "its admission did not complete"
-            if await self.broker.cancel(rid, self.settings.result_ttl_s, reason) > 0:
-                queues = self.signals.partitions.queues(record.spec.model)
-                await self.broker.withdraw(rid, record.spec.lane, record.deadline_ms, queues)
+            await self._take_back(rid, "its admission did not complete", queued_only=True)
         except TRANSIENT as exc:
             log.warning("an unadmitted job stays queued", extra={"rid": rid, "fields": {"error": repr(exc)}})
+
+    async def _take_back(self, rid: str, reason: str, queued_only: bool = False) -> None:
+        """Cancel request ``rid`` (``queued_only``: unless a worker has it already); one that still
+        waited is withdrawn from its lane and metered at once (``Broker.withdraw``), so its place in
+        the queue and its key's concurrency and budget hold come back now, not when a worker reads it."""
+        record = await self.broker.get_record(rid)
+        if record is None or record.status.terminal or (queued_only and record.status is not Status.QUEUED):
+            return
+        cancelled = await self.broker.cancel(rid, self.settings.result_ttl_s, reason)
+        if cancelled > 0 and record.status is Status.QUEUED and record.deadline_ms:
+            queues = self.signals.partitions.queues(record.spec.model)
+            await self.broker.withdraw(rid, record.spec.lane, record.deadline_ms, queues)
 
     async def _unhold_unqueued(self, rid: str, spec: RequestSpec, principal: Principal, known: bool) -> None:
         """A request admitted by the limits whose enqueue failed: unless it was queued after all (its
@@ -377,8 +383,8 @@ class Admitter:
         self, sub: Submission, idempotency_key: str | None, body: Body, principal: Principal
     ) -> None:
         """Take back a queued request (another choice of its group was refused): cancelled, its
-        key released, its place in the concurrency limits freed."""
-        await self.broker.cancel(sub.rid, self.settings.result_ttl_s, "another choice was refused")
+        key released, its place in the concurrency limits and in its lane freed."""
+        await self._take_back(sub.rid, "another choice was refused")
         idem = client_key(principal, idempotency_key, body) if idempotency_key else None
         await self._abandon(sub.subscription, idem, sub.rid, principal, limits_of(principal.key))
 
