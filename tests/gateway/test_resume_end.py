@@ -4,14 +4,18 @@ start for the parser) and for ``n > 1`` (whose last id names every choice's last
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import orjson
 import pytest
 
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
 from breakwater.redis_server import RedisServer
 from tests.gateway.test_openai_params import TOOLS, CallingSim
-from tests.inproc import InProc, busy_gateway
+from tests.inproc import InProc, busy_gateway, inproc_gateway
 
 
 def _events(body: str) -> list[tuple[str, str]]:
@@ -82,3 +86,26 @@ async def test_n_choices_resumed_after_the_error_that_ended_them_get_nothing_mor
         assert orjson.loads(data)["error"]["code"] == "timeout"
         assert await _resumed(gw, rid, last_id) == []
         assert (await gw.http.get(f"/v1/requests/{gw.busy_rid}")).json()["status"] == "running"
+
+
+async def test_a_resume_from_past_a_running_streams_end_answers_when_it_ends(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """``after`` beyond the last event of a request still running: its events up to its end are all
+    at or before it, so the resume has nothing to give; it answered only at the next idle re-read
+    of the stream (``idle_poll_s``, here 30 s), not when the request ended (~0.5 s)."""
+    async with inproc_gateway(redis_server.url, prefix, idle_poll_s=30, sse_keepalive_s=0) as gw:
+        await gw.add_worker(SimEngine(SimOptions(decode_base_ms=50, decode_per_seq_ms=0)))
+        rids = gw.queued_ids(pytest.MonkeyPatch())
+        body = {"model": "sim", "prompt": "hi", "max_tokens": 10, "ignore_eos": True, "stream": True}
+        streamed = asyncio.create_task(gw.http.post("/v1/completions", json=body))
+        deadline = time.monotonic() + 10
+        while not rids or (await gw.http.get(f"/v1/requests/{rids[0]}")).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the request did not start"
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        resumed = await gw.http.get(f"/v1/requests/{rids[0]}/events", params={"after": 1000})
+        assert resumed.status_code == 200 and _events(resumed.text) == [("", "[DONE]")]
+        assert time.monotonic() - started < 10  # at its end, not at the re-read 30 s on
+        events = _events((await streamed).text)
+        assert [i for i, _ in events if i] == [str(seq) for seq in range(1, len(events))]

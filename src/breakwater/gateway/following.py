@@ -143,6 +143,8 @@ async def follow_events(
             async with aclosing(_live(sub, quiet.wait(idle_poll_s))) as live:
                 async for event in live:
                     if event.seq <= sub.delivered:
+                        if event.terminal:  # (never a sink's) it ended where a resume from past it is
+                            raise RequestEnded(rid, done=event.kind == "done")
                         continue
                     if event.seq > sub.delivered + 1:
                         break  # gap: re-read the stream
