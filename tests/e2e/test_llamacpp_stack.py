@@ -35,6 +35,16 @@ def test_prompt_over_context_is_refused_before_queueing(llama_stack: StackProcs)
     assert resp.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_an_empty_prompt_is_a_400_and_the_worker_serves_on(client: openai.OpenAI) -> None:
+    """It had no tokens (SmolLM2 adds no BOS): the worker crashed on it, and again on each reclaim,
+    and its client got a 500 (``max_attempts_exceeded``) after three restarts."""
+    for prompt in ("", ["The sky is", ""]):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=3)
+        assert info.value.code == "empty_prompt" and info.value.param == "prompt"
+    assert_knows_paris(client, MODEL)
+
+
 async def test_sigkilled_llamacpp_worker_is_continued_seamlessly(
     llama_stack: StackProcs, redis: Redis
 ) -> None:

@@ -236,6 +236,17 @@ async def test_too_long_prompt_is_refused(engine: LlamaCppEngine) -> None:
     assert engine.free_slots() == 4
 
 
+async def test_an_empty_prompt_is_refused_and_the_batch_goes_on(engine: LlamaCppEngine) -> None:
+    """SmolLM2 adds no BOS: an empty prompt had no tokens, and decoding it failed the whole step
+    (``llama_decode`` -1, the worker exited, and again on each reclaim of the job)."""
+    with pytest.raises(EngineRequestError) as info:
+        engine.add(GenerationRequest("empty", prompt=""))
+    assert info.value.code == "empty_prompt" and info.value.param == "prompt"
+    assert engine.free_slots() == 4
+    out = await _generate(engine, GenerationRequest("next", prompt="The sky is", max_tokens=4))
+    assert out["next"][-1].finished and _text(out["next"])
+
+
 async def test_gemma3_base_model_completes_and_refuses_chat() -> None:
     """``--model gemma3-270m``: the base GGUF assembled from its wheels; it has no chat template."""
     from breakwater.engines import build_engine

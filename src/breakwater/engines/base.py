@@ -42,7 +42,15 @@ class EngineRequestError(ValueError):
 def check_fits(prompt_tokens: int, request: GenerationRequest, context: int) -> None:
     """The prompt, and with it ``max_tokens``, must fit the model's context: a 400
     ``context_length_exceeded`` otherwise, as from OpenAI and vLLM, not an answer cut short. A
-    continuation (``emitted_tokens``) was judged at its start."""
+    continuation (``emitted_tokens``) was judged at its start. A prompt of no tokens at all (an empty
+    one, on a model that adds no BOS) is a 400 too, as from vLLM: llama.cpp cannot decode it (the
+    worker failed, and again on each reclaim, until the job was dead-lettered)."""
+    if prompt_tokens == 0 and not request.emitted_tokens:
+        raise EngineRequestError(
+            "The prompt is empty: it has no tokens for this model to continue.",
+            code="empty_prompt",
+            param="messages" if request.messages is not None else "prompt",
+        )
     if prompt_tokens >= context:
         raise EngineRequestError(
             f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens}.",
