@@ -181,6 +181,45 @@ async def test_message_fields_not_served_are_refused(
     await _refused(client, param, "invalid_value", messages=[*HI, message], max_tokens=4)
 
 
+SHAPE: Any = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "shema": SHAPE}}},
+            "response_format.json_schema.shema",
+            "unknown_parameter",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SHAPE}}},
+            "response_format.json_schema.name",
+            "missing_required_parameter",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "paramters": SHAPE}}],
+                "tool_choice": "required",
+            },
+            "tools[0].function.paramters",
+            "unknown_parameter",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "foo": 1}]}]},
+            "messages.0.content",
+            "invalid_value",
+        ),
+    ],
+)
+async def test_a_misspelt_nested_field_is_refused_by_name(
+    client: openai.AsyncOpenAI, fields: dict[str, Any], param: str, code: str
+) -> None:
+    """Passed over, each was served as its default: ``shema`` as any JSON object, ``paramters`` as a
+    call held to an empty object."""
+    await _refused(client, param, code, max_tokens=4, **fields)
+
+
 async def test_response_format_with_a_forced_tool_call_is_refused(client: openai.AsyncOpenAI) -> None:
     """The answer is the call's arguments: a ``response_format`` beside it would be ignored."""
     tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]

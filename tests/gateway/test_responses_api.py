@@ -373,6 +373,11 @@ async def test_function_call_outputs_answer_the_calls_before_them(
             "text.format.schema",
             "`text.format.schema` uses `maximum`",
         ),
+        (  # passed over: any JSON object was served
+            {"type": "json_schema", "name": "o", "shema": {"type": "object"}},
+            "text.format.shema",
+            "`text.format.shema`",
+        ),
     ],
 )
 async def test_a_text_format_is_named_as_the_responses_api_names_it(

@@ -50,14 +50,20 @@ def test_strict_and_description_reach_the_upstream_as_sent(strict: bool) -> None
         ({"type": "json_schema"}, "response_format.json_schema"),
         ({"type": "json_schema", "json_schema": {"name": "x" * 65}}, "response_format.json_schema.name"),
         ({"type": "json_schema", "json_schema": {"name": "bad name!"}}, "response_format.json_schema.name"),
-        ({"type": "json_schema", "json_schema": {"strict": "yes"}}, "response_format.json_schema.strict"),
         (
-            {"type": "json_schema", "json_schema": {"description": 1}},
+            {"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}},
+            "response_format.json_schema.strict",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "description": 1}},
             "response_format.json_schema.description",
         ),
-        ({"type": "json_schema", "json_schema": {"schema": [1]}}, "response_format.json_schema.schema"),
         (
-            {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}},
             "response_format.json_schema.schema",
         ),
     ],
@@ -68,11 +74,33 @@ def test_unusable_formats_are_named(value: Any, param: str) -> None:
     assert err.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("value", "param", "code"),
+    [
+        # A misspelt field was passed over and its default served: `shema` gave any JSON object.
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "shema": SCHEMA}},
+            "json_schema.shema",
+            "unknown",
+        ),
+        ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, "json_schema.name", "missing"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}, "schema": SCHEMA}, "schema", "unknown"),
+        ({"type": "json_object", "schema": SCHEMA}, "schema", "unknown"),
+        ({"type": "text", "json_schema": {"name": "x", "schema": SCHEMA}}, "json_schema", "unknown"),
+    ],
+)
+def test_a_field_a_format_does_not_have_is_refused_by_name(value: Any, param: str, code: str) -> None:
+    with pytest.raises(FormatError) as err:
+        parse_response_format(value)
+    assert err.value.param == f"response_format.{param}"
+    assert err.value.code == {"unknown": "unknown_parameter", "missing": "missing_required_parameter"}[code]
+
+
 def test_the_grammar_keeps_control_characters_out_of_strings() -> None:
     """JSON forbids raw control characters inside strings; the grammar must not admit them."""
     for fmt in (
         OutputFormat("json_object"),
-        parse_response_format({"type": "json_schema", "json_schema": {"schema": SCHEMA}}),
+        parse_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}),
     ):
         assert fmt is not None
         char = next(line for line in fmt.grammar().splitlines() if line.startswith("char ::="))

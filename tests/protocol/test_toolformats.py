@@ -3,10 +3,12 @@ however the answer is cut into pieces; what is not a call stays text; the format
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 
-from breakwater.protocol.formats import OutputFormat
+from breakwater.protocol.formats import FormatError, OutputFormat
 from breakwater.protocol.toolformats import (
     CallParser,
     ParsedCall,
@@ -148,6 +150,37 @@ def test_plans_and_the_grammar_of_smollm2_calls() -> None:
     assert not fmt.text_answer and "text_answer" not in fmt.to_json()
     hermes = tool_plan([WEATHER, TIME], None, fmt="hermes")
     assert isinstance(hermes, AutoCalls) and hermes.output_format(grammar=True) is None  # free text
+
+
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.mark.parametrize(
+    ("tools", "param", "code"),
+    [
+        # `paramters` was passed over: the forced call was held to an empty object.
+        (
+            [{"type": "function", "function": {"name": "f", "paramters": PARAMS}}],
+            "[0].function.paramters",
+            "unknown",
+        ),
+        ([{"type": "function", "function": {"name": "f"}, "foo": 1}], "[0].foo", "unknown"),
+        ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], "[0].function.strict", ""),
+        # The second of two tools of one name silently replaced the first.
+        (
+            [TIME, WEATHER, {"type": "function", "function": {"name": "get_time", "parameters": PARAMS}}],
+            "[2].function.name",
+            "",
+        ),
+    ],
+)
+def test_a_tool_field_it_does_not_have_or_a_name_twice_is_refused_by_name(
+    tools: list[Any], param: str, code: str
+) -> None:
+    with pytest.raises(FormatError) as err:
+        tool_plan(tools, "required", fmt="smollm2", grammar=True)
+    assert err.value.param == f"tools{param}"
+    assert err.value.code == ("unknown_parameter" if code else "")
 
 
 def test_the_format_is_the_workers_shared_one() -> None:

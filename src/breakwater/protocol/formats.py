@@ -125,19 +125,24 @@ def parse_response_format(value: Any, *, every_keyword: bool = True) -> OutputFo
     if not isinstance(value, dict):
         raise FormatError("`response_format` must be an object")
     kind = value.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return OutputFormat("json_object")
+    if kind in ("text", "json_object"):
+        only_known(value, ("type",), "response_format")
+        return None if kind == "text" else OutputFormat("json_object")
     if kind != "json_schema":
         raise FormatError(
             "`response_format.type` must be `text`, `json_object` or `json_schema`", "response_format.type"
         )
+    only_known(value, ("type", "json_schema"), "response_format")
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
         raise FormatError("`response_format.json_schema` must be an object", "response_format.json_schema")
-    name = spec.get("name", "")
-    if not isinstance(name, str) or (name and not _NAME.fullmatch(name)):
+    only_known(spec, ("name", "description", "schema", "strict"), "response_format.json_schema")
+    name = spec.get("name")
+    if name is None:
+        raise FormatError(
+            "`json_schema.name` is required", "response_format.json_schema.name", "missing_required_parameter"
+        )
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise FormatError(
             "`json_schema.name` must be 1 to 64 letters, digits, underscores or dashes",
             "response_format.json_schema.name",
@@ -164,6 +169,14 @@ def parse_response_format(value: Any, *, every_keyword: bool = True) -> OutputFo
     )
     _check_enforceable(fmt, schema, every_keyword)
     return fmt
+
+
+def only_known(value: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse a field of ``value`` (the object at ``where``) that is not one of ``known``: a misspelt
+    one (``shema``, ``paramters``) would otherwise be passed over and its default served instead."""
+    for key in value:
+        if key not in known:
+            raise FormatError(f"unknown parameter `{where}.{key}`", f"{where}.{key}", "unknown_parameter")
 
 
 def _check_enforceable(fmt: OutputFormat, schema: dict[str, Any], every_keyword: bool) -> None:

@@ -36,6 +36,9 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"part {i} {named}: only text content parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i}, of type `text`, needs a string `text`")
+            if len(part) > 2:
+                unknown = next(key for key in part if key not in ("type", "text"))
+                raise ValueError(f"part {i}, of type `text`, has an unknown field `{unknown}`")
         return value
 
     @model_validator(mode="after")

@@ -341,7 +341,8 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         raise InputError("`text.format` is an object", "text.format")
     if fmt.get("type") != "json_schema":
         return fmt
-    schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if fmt.get(k) is not None}
+    # Every field but the type goes on (an unknown one is refused there, named as `text.format.<it>`).
+    schema = {k: v for k, v in fmt.items() if k != "type" and v is not None}
     return {"type": "json_schema", "json_schema": schema}
 
 

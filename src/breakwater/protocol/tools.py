@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from breakwater.protocol import toolformats
-from breakwater.protocol.formats import FormatError, OutputFormat, parse_response_format
+from breakwater.protocol.formats import FormatError, OutputFormat, only_known, parse_response_format
 from breakwater.protocol.schema_check import (
     ENFORCED,
     MAX_DEPTH,
@@ -242,44 +242,54 @@ def _functions(tools: Any) -> dict[str, ForcedCall]:
         raise FormatError("`tools` must be a list of at most 128 tools", "tools")
     out: dict[str, ForcedCall] = {}
     for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(tool, dict) and tool.get("type") == "custom":
-            raise FormatError(
-                "`custom` tools are not supported: use `function` tools",
-                f"tools[{i}]",
-                "unsupported_parameter",
-            )
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
-            raise FormatError("only `function` tools are supported", f"tools[{i}]")
-        name, description = fn.get("name"), fn.get("description", "")
-        if not isinstance(name, str) or not NAME.match(name):
-            raise FormatError("a function name is 1-64 letters, digits, _ or -", f"tools[{i}].function.name")
-        if not isinstance(description, str):
-            raise FormatError("`description` must be a string", f"tools[{i}].function.description")
-        parameters = fn.get("parameters", EMPTY_PARAMETERS)
-        if not isinstance(parameters, dict):
-            raise FormatError("`parameters` must be a JSON Schema object", f"tools[{i}].function.parameters")
-        if too_deep(parameters):
-            raise FormatError(
-                f"`parameters` nests more than {MAX_DEPTH} levels deep", f"tools[{i}].function.parameters"
-            )
-        if parameters and parameters.get("type") != "object":  # a call's arguments are an object
-            raise FormatError(
-                f'`parameters` of `{name}` must be a JSON Schema of `type: "object"`, got '
-                f"`type: {orjson.dumps(parameters.get('type')).decode()}`",
-                f"tools[{i}].function.parameters",
-                "invalid_function_parameters",
-            )
-        call = ForcedCall(name, description, parameters)
-        try:
-            call.output_format()
-        except FormatError as exc:  # said of what the client sent: the function's parameters
-            said = str(exc).replace("`json_schema.schema`", f"the parameters of `{name}`")
-            raise FormatError(
-                said, f"tools[{i}].function.parameters", "invalid_function_parameters"
-            ) from None
-        out[name] = call
+        call = _function(tool, i)
+        if call.name in out:
+            raise FormatError(f"two tools are named `{call.name}`", f"tools[{i}].function.name")
+        out[call.name] = call
     return out
+
+
+def _function(tool: Any, i: int) -> ForcedCall:
+    """The function tool ``tools[i]``, checked."""
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if isinstance(tool, dict) and tool.get("type") == "custom":
+        raise FormatError(
+            "`custom` tools are not supported: use `function` tools",
+            f"tools[{i}]",
+            "unsupported_parameter",
+        )
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+        raise FormatError("only `function` tools are supported", f"tools[{i}]")
+    only_known(tool, ("type", "function"), f"tools[{i}]")
+    only_known(fn, ("name", "description", "parameters", "strict"), f"tools[{i}].function")
+    name, description = fn.get("name"), fn.get("description", "")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise FormatError("a function name is 1-64 letters, digits, _ or -", f"tools[{i}].function.name")
+    if not isinstance(description, str):
+        raise FormatError("`description` must be a string", f"tools[{i}].function.description")
+    if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+        raise FormatError("`strict` must be a boolean", f"tools[{i}].function.strict")
+    parameters = fn.get("parameters", EMPTY_PARAMETERS)
+    if not isinstance(parameters, dict):
+        raise FormatError("`parameters` must be a JSON Schema object", f"tools[{i}].function.parameters")
+    if too_deep(parameters):
+        raise FormatError(
+            f"`parameters` nests more than {MAX_DEPTH} levels deep", f"tools[{i}].function.parameters"
+        )
+    if parameters and parameters.get("type") != "object":  # a call's arguments are an object
+        raise FormatError(
+            f'`parameters` of `{name}` must be a JSON Schema of `type: "object"`, got '
+            f"`type: {orjson.dumps(parameters.get('type')).decode()}`",
+            f"tools[{i}].function.parameters",
+            "invalid_function_parameters",
+        )
+    call = ForcedCall(name, description, parameters)
+    try:
+        call.output_format()
+    except FormatError as exc:  # said of what the client sent: the function's parameters
+        said = str(exc).replace("`json_schema.schema`", f"the parameters of `{name}`")
+        raise FormatError(said, f"tools[{i}].function.parameters", "invalid_function_parameters") from None
+    return call
 
 
 def call_id(rid: str) -> str:
