@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from openai.types.responses import ResponseUsage
 
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
@@ -51,6 +52,8 @@ async def test_a_response_is_the_answer_to_its_input_and_instructions(client: op
     )
     again = await client.responses.retrieve(response.id)
     assert again.model_dump() == response.model_dump()
+    # Every field the SDK's type requires: its lenient parse left `cache_write_tokens` None, not an int.
+    ResponseUsage.model_validate(response.usage.model_dump(exclude_unset=True))
 
 
 async def test_the_response_echoes_its_identifiers_and_tier(client: openai.AsyncOpenAI) -> None:
