@@ -81,6 +81,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def _serve(asgi_app: Any, host: str, port: int, sock: Any = None, stream_grace_s: float = 0.0) -> None:
+    from breakwater.gateway.httpguard import GuardedHttpTools
     from breakwater.gateway.uvicorn_ws import GatewayWebSocket
     from breakwater.gateway.ws import MAX_MESSAGE_BYTES
 
@@ -89,7 +90,7 @@ def _serve(asgi_app: Any, host: str, port: int, sock: Any = None, stream_grace_s
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpTools,  # httptools with limits on request heads (size, time)
         ws=GatewayWebSocket,
         # A larger WebSocket message closes the socket with 1009 before it is buffered (the
         # default would read 16 MiB first); the gateway's own bound is the same 1 MiB.
