@@ -25,6 +25,7 @@ from breakwater.tenancy.limits import Limits
 
 CACHE_MAX = 10_000  # keys (and tenants) remembered per gateway process
 MAX_ROTATIONS = 16  # successors followed from a key that ended by rotation (a chain, never a loop)
+CALLER_STATE = "caller"  # the request's scope state: its caller, once authenticated
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -136,6 +137,11 @@ def check_model(principal: Principal, model: str) -> None:
 
 
 async def caller(request: Request) -> Principal:
-    """FastAPI dependency: the authenticated caller of this request."""
-    auth: Authenticator = request.app.state.service.auth
-    return await auth.principal(bearer(request.headers.get("authorization")))
+    """FastAPI dependency: the authenticated caller of this request, found once per request (a route
+    with a body asks before FastAPI reads it, body.OrjsonRoute; the dependency then finds it here)."""
+    state = request.scope.setdefault("state", {})
+    who: Principal | None = state.get(CALLER_STATE)
+    if who is None:
+        auth: Authenticator = request.app.state.service.auth
+        who = state[CALLER_STATE] = await auth.principal(bearer(request.headers.get("authorization")))
+    return who
