@@ -28,10 +28,12 @@ READ_TIMEOUT_S = 10.0  # any one read in a test: the deadline of a wait for the 
 
 class QuickGuard(GuardedHttpTools):
     head_timeout_s = HEAD_TIMEOUT_S
+    first_byte_s = 3 * HEAD_TIMEOUT_S
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """HTTP: the path and the number of headers, as JSON (``/slow``: after twice the head timeout).
+    """HTTP: the path and the number of headers, as JSON (``/slow``: after twice the head timeout;
+    ``/late``: the body read after a while, so that the rest of it comes in one large read).
     WebSocket: an echo (``later``: after twice the head timeout)."""
     if scope["type"] == "websocket":
         await receive()
@@ -41,6 +43,8 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await asyncio.sleep(2 * HEAD_TIMEOUT_S)
             await send({"type": "websocket.send", "text": "echo " + message["text"]})
         return
+    if scope["path"] == "/late":  # reads its body late: uvicorn stops reading the socket meanwhile
+        await asyncio.sleep(0.6 * HEAD_TIMEOUT_S)
     while (await receive()).get("more_body"):
         pass
     if scope["path"] == "/slow":
@@ -187,8 +191,24 @@ def test_an_unfinished_head_is_408_and_closed_after_the_timeout(port: int) -> No
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(port: int) -> None:
+    """After as long as an idle keep-alive connection is kept (first_byte_s), not the head timeout:
+    a proxy's connection opened ahead of use is not closed before a load balancer's idle timeout."""
     with _connect(port) as sock:
+        started = time.monotonic()
         assert _closed(sock)
+    assert QuickGuard.first_byte_s * 0.9 <= time.monotonic() - started < READ_TIMEOUT_S
+
+
+def test_a_pipelined_head_read_with_the_end_of_a_large_body_does_not_cut_its_answer(port: int) -> None:
+    """The read that began the next head also held the rest of the previous request's body (read late,
+    so in one large read): all of it was counted as head, refused past the limit, and the previous
+    answer cut."""
+    body = b"x" * 200_000
+    with _connect(port) as sock:
+        first = b"POST /late HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        sock.sendall(first + b"GET /next HTTP/1.1\r\nHost:")
+        status, _, answer = _response(sock)
+        assert status == 200 and orjson.loads(answer)["path"] == "/late", answer
 
 
 def test_a_keep_alive_connections_next_head_has_the_timeout_too(port: int) -> None:

@@ -384,9 +384,11 @@ class Admitter:
     ) -> None:
         """Take back a queued request (another choice of its group was refused): cancelled, its
         key released, its place in the concurrency limits and in its lane freed."""
-        await self._take_back(sub.rid, "another choice was refused")
         idem = client_key(principal, idempotency_key, body) if idempotency_key else None
-        await self._abandon(sub.subscription, idem, sub.rid, principal, limits_of(principal.key))
+        try:
+            await self._take_back(sub.rid, "another choice was refused")
+        finally:  # also when Redis failed it midway: what admission took is given back
+            await self._abandon(sub.subscription, idem, sub.rid, principal, limits_of(principal.key))
 
     async def _abandon(
         self,

@@ -5,11 +5,12 @@ however long that takes: one unauthenticated connection sending a 64 MB header l
 held ~60 MB of the gateway's memory for as long as it stayed open. As nginx does
 (``large_client_header_buffers``, ``client_header_timeout``), a head over :data:`MAX_HEAD_BYTES` is
 answered 431 and its connection closed, and a connection whose head has not ended within
-:data:`HEAD_TIMEOUT_S` of its start (or of the connection's, for its first) is closed, with a 408
-when part of a head came.
+:data:`HEAD_TIMEOUT_S` of its start is closed, with a 408; a new connection that sends nothing is
+closed after :data:`FIRST_BYTE_S` (as an idle keep-alive one), without an answer.
 
-Per request this costs a length and a few attribute reads; a timer only while a head is incomplete
-at the end of a read (a head that arrives whole, the common case, starts none).
+Per request this costs a length and a few attribute reads; a timer per connection (its wait for a
+first byte), and one only while a head is incomplete at the end of a read (a head that arrives
+whole, the common case, starts none).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 MAX_HEAD_BYTES = 64 << 10  # twice nginx's default 4 x 8 KiB
 HEAD_TIMEOUT_S = 30.0  # nginx's client_header_timeout is 60 s
+# A new connection's wait for its first byte: as long as an idle keep-alive connection's (cli._serve),
+# so a proxy's connection opened ahead of use (a warm pool) is not closed before a load balancer's.
+FIRST_BYTE_S = 75.0
 LINGER_S = 2.0  # after a 431, how long the rest of the refused head is read (and dropped) at most
 
 
@@ -61,12 +65,16 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
+    first_byte_s = FIRST_BYTE_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = False  # between a message's first byte and the end of its headers
-        self._head_bytes = 0  # of the reads before this one
-        self._read_bytes = 0
+        self._head_bytes = 0  # of the reads after the one it began in, before this one
+        self._read_bytes = 0  # this read's
+        self._began_read = 0  # the read it began in (which may hold the previous message's body)
+        self._begun_now = False  # a message began in this read
+        self._waiting_first = False  # the timer is the connection's wait for its first byte
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = False  # refused: what the client still sends is dropped
 
@@ -74,7 +82,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().connection_made(transport)
         # From the connection's start: one that never sends a byte is closed too (nothing else in
         # uvicorn closes it before a first response arms the keep-alive timeout).
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._head_timer = self.loop.call_later(self.first_byte_s, self._head_timed_out)
+        self._waiting_first = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -84,27 +93,33 @@ class GuardedHttpTools(HttpToolsProtocol):
         if self._lingering:
             return
         self._read_bytes = len(data)
+        self._begun_now = False
         super().data_received(data)
         # Counted after the parser has seen the read: a head that ended in it is not counted, nor
-        # the body that followed it in the same read (a POST's head and first megabyte at once).
+        # the body that followed it in the same read (a POST's head and first megabyte at once),
+        # nor the read a head began in, which may end the previous message's body (pipelined): a
+        # head incomplete is refused past the limit and one read at most.
         if self._in_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_head_bytes:
-                self._refuse_head()
-            elif self._head_timer is None:  # a keep-alive connection's next head
+            if not self._begun_now:
+                self._head_bytes += len(data)
+                if self._head_bytes > self.max_head_bytes:
+                    self._refuse_head()
+                    return
+            if self._head_timer is None or self._waiting_first:  # a head begun: its own timeout
+                self._stop_head_timer()
                 self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes, self._began_read, self._begun_now = 0, self._read_bytes, True
 
     def on_headers_complete(self) -> None:
         # Before uvicorn's own: a WebSocket upgrade hands the connection on from within it.
         self._in_head = False
         self._stop_head_timer()
         if (
-            self._head_bytes + self._read_bytes > self.max_head_bytes
+            self._began_read + self._head_bytes + self._read_bytes > self.max_head_bytes
             and self._head_size() > self.max_head_bytes
         ):
             # A head that ended in the read that took it past the limit: refused all the same,
@@ -122,6 +137,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         return len(self.url) + 16 + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
 
     def _stop_head_timer(self) -> None:
+        self._waiting_first = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
