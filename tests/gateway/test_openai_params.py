@@ -207,8 +207,8 @@ SHAPE: Any = {"type": "object", "properties": {"city": {"type": "string"}}, "req
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "foo": 1}]}]},
-            "messages.0.content",
-            "invalid_value",
+            "messages.0.content.0.foo",
+            "unknown_parameter",
         ),
     ],
 )
@@ -218,6 +218,22 @@ async def test_a_misspelt_nested_field_is_refused_by_name(
     """Passed over, each was served as its default: ``shema`` as any JSON object, ``paramters`` as a
     call held to an empty object."""
     await _refused(client, param, code, max_tokens=4, **fields)
+
+
+async def test_an_empty_field_a_nested_object_does_not_have_asks_for_nothing(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """A client that writes its unset fields as null (or empty) is served, as for a message's."""
+    content: Any = [{"type": "text", "text": "hi", "cache_control": None}]
+    tool: Any = {"type": "function", "function": {"name": "f", "parameters": SHAPE, "paramters": {}}, "x": ""}
+    answer = await client.chat.completions.create(
+        model="sim",
+        messages=[{"role": "user", "content": content}],
+        tools=[tool],
+        tool_choice="none",
+        max_tokens=4,
+    )
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
 async def test_response_format_with_a_forced_tool_call_is_refused(client: openai.AsyncOpenAI) -> None:

@@ -96,6 +96,13 @@ def test_a_field_a_format_does_not_have_is_refused_by_name(value: Any, param: st
     assert err.value.code == {"unknown": "unknown_parameter", "missing": "missing_required_parameter"}[code]
 
 
+def test_an_empty_field_a_format_does_not_have_asks_for_nothing() -> None:
+    """A client that writes its unset fields as null is served."""
+    spec = {"name": "x", "schema": SCHEMA, "shema": None, "extra": {}}
+    fmt = parse_response_format({"type": "json_schema", "json_schema": spec, "schema": None})
+    assert fmt is not None and orjson.loads(fmt.schema) == SCHEMA
+
+
 def test_the_grammar_keeps_control_characters_out_of_strings() -> None:
     """JSON forbids raw control characters inside strings; the grammar must not admit them."""
     for fmt in (

@@ -173,9 +173,10 @@ def parse_response_format(value: Any, *, every_keyword: bool = True) -> OutputFo
 
 def only_known(value: dict[str, Any], known: tuple[str, ...], where: str) -> None:
     """Refuse a field of ``value`` (the object at ``where``) that is not one of ``known``: a misspelt
-    one (``shema``, ``paramters``) would otherwise be passed over and its default served instead."""
-    for key in value:
-        if key not in known:
+    one (``shema``, ``paramters``) would otherwise be passed over and its default served instead.
+    An empty one (null, ``""``, ``[]``, ``{}``: a client's "not given") asks for nothing: passed."""
+    for key, given in value.items():
+        if key not in known and given not in (None, "", [], {}):
             raise FormatError(f"unknown parameter `{where}.{key}`", f"{where}.{key}", "unknown_parameter")
 
 

@@ -36,9 +36,10 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"part {i} {named}: only text content parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i}, of type `text`, needs a string `text`")
-            if len(part) > 2:
-                unknown = next(key for key in part if key not in ("type", "text"))
-                raise ValueError(f"part {i}, of type `text`, has an unknown field `{unknown}`")
+            for key, given in part.items():  # an empty one (a client's "not given") asks for nothing
+                if key not in ("type", "text") and given not in (None, "", [], {}):
+                    message = f"part {i}, of type `text`, has no field `{key}`"
+                    raise invalid_field(f"{i}.{key}", message, "unknown_parameter")
         return value
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ _CODES = {
     "empty_array": "empty_array",
     "invalid_type": "invalid_type",
     "extra_forbidden": "unknown_parameter",
+    "unknown_parameter": "unknown_parameter",
     "json_invalid": "invalid_json",
 }
 _PLACES = frozenset({"body", "query", "path"})  # FastAPI's first part of a parameter's location
