@@ -48,3 +48,33 @@ async def test_a_stalled_connection_fails_and_its_replacement_is_not_shifted(
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
         await raw.aclose()
+
+
+async def test_a_failed_pipelines_other_replies_are_not_left_unretrieved(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection stalls under a pipeline of three: the first reply's error is raised and the
+    other two fail with it, unretrieved: asyncio logged each at ERROR as it was collected ("Future
+    exception was never retrieved": 16 such lines per worker in a Redis stall)."""
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.Future[object]] = []
+    create = loop.create_future
+
+    def noted() -> asyncio.Future[object]:
+        made.append(create())
+        return made[-1]
+
+    monkeypatch.setattr(loop, "create_future", noted)
+    raw = PipelinedRedis(redis, timeout_s=0.3)
+    try:
+        assert await raw.execute("PING") == "PONG"
+        await redis.execute_command("CLIENT", "PAUSE", 1000, "ALL")  # type: ignore[no-untyped-call]
+        made.clear()
+        with pytest.raises(RedisTimeoutError):
+            await raw.pipeline([("ECHO", "a"), ("ECHO", "b"), ("ECHO", "c")])
+        await asyncio.sleep(0)  # (the failed futures' callbacks run)
+        assert len(made) == 3 and all(f.done() for f in made)
+        assert [f._log_traceback for f in made] == [False] * 3  # would be logged when collected
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+        await raw.aclose()

@@ -247,7 +247,12 @@ class _Pipe:
         self.wire.write(b"".join(command(*c) for c in commands))
         if self.timeout_s is not None and self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout_s / 4, self._check)
-        return [await f for f in futures]
+        try:
+            return [await f for f in futures]
+        except BaseException:
+            for f in futures:  # the rest fail too (their connection is gone): theirs is this error
+                f.add_done_callback(_retrieved)
+            raise
 
     def on_reply(self, reply: Any) -> None:
         if not self.pending:
@@ -276,3 +281,9 @@ class _Pipe:
             self.close(RedisTimeoutError("Timeout reading from Redis"))
             return
         self._watchdog = asyncio.get_running_loop().call_later(self.timeout_s / 4, self._check)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a failed reply's error as seen (asyncio logs one nobody retrieved, at ERROR)."""
+    if not future.cancelled():
+        future.exception()
