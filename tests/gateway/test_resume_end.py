@@ -10,9 +10,11 @@ from typing import Any
 
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
+from breakwater.gateway import following
 from breakwater.redis_server import RedisServer
 from tests.gateway.test_openai_params import TOOLS, CallingSim
 from tests.inproc import InProc, busy_gateway, inproc_gateway
@@ -109,3 +111,33 @@ async def test_a_resume_from_past_a_running_streams_end_answers_when_it_ends(
         assert time.monotonic() - started < 10  # at its end, not at the re-read 30 s on
         events = _events((await streamed).text)
         assert [i for i, _ in events if i] == [str(seq) for seq in range(1, len(events))]
+
+
+@pytest.mark.parametrize("failures", [3, 1000])
+async def test_a_stream_rides_out_redis_away_then_ends_with_an_error_event(
+    gw: InProc, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    """The stream's reads of Redis fail (a failover longer than the client's own retries): retried
+    for a while, then the stream ends with a ``redis_unavailable`` event; it broke mid-body with an
+    unhandled error (``Exception in ASGI application``), neither said nor resumable as such."""
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    rid, events = await _streamed(gw, body)
+    broker = gw.app.state.service.broker
+    read = broker.read_events
+    left = [failures]
+
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise RedisConnectionError("Redis is failing over")
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "read_events", away)
+    monkeypatch.setattr(following, "RIDE_OUT_S", 0.5)
+    resumed = await _resumed(gw, rid, "0")
+    if failures < 1000:
+        assert resumed == events  # ridden out: the whole stream, as sent the first time
+        return
+    [(event_id, data)] = resumed
+    error = orjson.loads(data)["error"]
+    assert (event_id, error["code"], error["type"]) == ("", "redis_unavailable", "service_unavailable")

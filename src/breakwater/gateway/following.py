@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from breakwater.broker import Broker, RequestRecord
+from breakwater.broker.errors import TRANSIENT, reason
 from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
 from breakwater.broker.record import Status
 from breakwater.broker.types import NOT_DUE
 from breakwater.gateway.deadlines import end_queued
+from breakwater.gateway.errors import APIError
 from breakwater.protocol.events import IDLE, TokenEvent
 
 _SOON_S = 0.05  # the shortest idle spell before a deadline
+T = TypeVar("T")
+RIDE_OUT_S = 15.0  # a read of a followed request retried this long while Redis is away (a failover)
 _PAST_S = 0.02  # how long after a deadline it is asked for (Redis's clock rounds to milliseconds)
 _AGAIN_S = 0.25  # a deadline not yet passed on Redis's clock is tried again after this long
 
@@ -219,7 +225,7 @@ class Quiet:
 async def _check_going(broker: Broker, rid: str, delivered: int) -> Status:
     """The request's status; :class:`RequestGone` when it has no record (expired, or never
     existed); :class:`RequestEnded` when it ended with an event at or before ``delivered``."""
-    found = await broker.progress(rid)
+    found = await _riding_out(partial(broker.progress, rid))
     if found is None:
         raise RequestGone(rid)
     status, last = found
@@ -230,7 +236,7 @@ async def _check_going(broker: Broker, rid: str, delivered: int) -> Status:
 
 async def _backlog(broker: Broker, rid: str, last: int) -> AsyncGenerator[TokenEvent, None]:
     """The stream's events after ``last``, in order, to the end of what is stored."""
-    backlog = await broker.read_events(rid, last)
+    backlog = await _riding_out(partial(broker.read_events, rid, last))
     while backlog:
         if backlog[0].seq > last + 1:  # seqs are contiguous: the missing ones were trimmed
             yield trimmed_event(last + 1, backlog[0].seq)
@@ -242,7 +248,7 @@ async def _backlog(broker: Broker, rid: str, last: int) -> AsyncGenerator[TokenE
             yield event
             if event.terminal:
                 return
-        backlog = await broker.read_events(rid, last)
+        backlog = await _riding_out(partial(broker.read_events, rid, last))
 
 
 def _stop_if_draining(fanin: FanIn, rid: str) -> None:
@@ -269,3 +275,26 @@ async def _live(sub: Subscription, idle_poll_s: float) -> AsyncGenerator[TokenEv
             continue
         yield events.popleft()
     sub.drain()
+
+
+async def _riding_out(read: Callable[[], Awaitable[T]]) -> T:
+    """``read()``, retried while Redis is unreachable, read-only or loading for up to
+    :data:`RIDE_OUT_S` (a failover longer than the client's own retries: a stream broke mid-body
+    with an unhandled error); then a 503 ``redis_unavailable``, which a stream sends as its last
+    event (resume it with ``Last-Event-ID`` once Redis is back)."""
+    deadline, delay = time.monotonic() + RIDE_OUT_S, 0.05
+    while True:
+        try:
+            return await read()
+        except TRANSIENT as exc:
+            if time.monotonic() + delay > deadline:
+                raise APIError(
+                    503,
+                    f"the queue became unavailable mid-stream ({reason(exc)}); resume with Last-Event-ID "
+                    "shortly",
+                    type="service_unavailable",
+                    code="redis_unavailable",
+                    headers={"Retry-After": "1"},
+                ) from exc
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
