@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.exceptions import TryAgainError
 
 from breakwater.broker.cluster import ClusterPipelinedRedis, slot_of
 from breakwater.broker.connection import ClusterUrl
@@ -99,6 +100,32 @@ async def test_a_slot_migration_is_followed(cluster: LocalCluster, fast: Routed)
     assert await fast.pipeline([("GET", key), ("GET", other)]) == ["before", "new"]
     assert fast._address(("GET", key)) == ("127.0.0.1", target.port)
     assert cluster.owner(slot) is target
+
+
+async def test_a_scripts_own_key_moved_ahead_of_its_slot_is_a_transient_error(
+    cluster: LocalCluster, fast: Routed
+) -> None:
+    """enqueue.lua names a tenant's wait list itself: moved ahead of its slot (a reshard with a
+    backlog), Redis refuses the script, and the gateway answered 500 (a ResponseError); now a
+    transient TryAgainError (503, Retry-After), not sent again: the script may have written."""
+    key = f"s:{{{uuid.uuid4().hex}}}"
+    own = f"s:{{{key[3:-1]}}}:own"  # same slot, not declared to the script
+    slot = slot_of(key)
+    await fast.pipeline([("SET", key, "declared"), ("SET", own, "undeclared")])
+    source = cluster.owner(slot)
+    target = next(n for n in cluster.nodes if n is not source)
+    src, dst = cluster.client(source), cluster.client(target)
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(source))
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target))
+    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", own)
+    try:
+        [reply] = await fast.pipeline([("EVAL", "return redis.call('GET', ARGV[1])", 1, key, own)])
+        assert isinstance(reply, TryAgainError) and "non local key" in str(reply), reply
+    finally:  # the migration completed: both keys on the target
+        src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", key)
+        for node in (target, source, *[n for n in cluster.nodes if n not in (source, target)]):
+            cluster.client(node).execute_command("CLUSTER", "SETSLOT", slot, "NODE", cluster.node_id(target))
+    assert await fast.pipeline([("GET", key), ("GET", own)]) == ["declared", "undeclared"]
 
 
 def test_cluster_urls_from_a_local_cluster(cluster: LocalCluster) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     MovedError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,6 +41,7 @@ RETRY_FOR_S = 15.0  # a failover takes cluster-node-timeout (15 s by default) pl
 #: A node is down, failing over, or its slot is moving: wait, re-read the slot map, send again.
 TRANSIENT = (TryAgainError, ClusterDownError, RedisConnectionError, RedisTimeoutError)
 Address = tuple[str, int]
+NON_LOCAL = "non local key"  # Redis's refusal of a script's undeclared key that lives on another node
 
 
 def routing_key(args: Sequence[Arg]) -> str | None:
@@ -140,6 +142,12 @@ class ClusterPipelinedRedis:
         if isinstance(reply, AskError):
             asking[i] = (reply.host, int(reply.port))
             return True, False
+        if isinstance(reply, ResponseError) and NON_LOCAL in str(reply):
+            # A key a script names itself (a tenant's wait list) moved ahead of its slot: the slot is
+            # migrating. Not sent again (the script may have written before it met the key): a
+            # transient error, which the caller answers with a 503 and cleans up after (it was a 500).
+            replies[i] = TryAgainError(f"a slot is migrating: {reply}")
+            return False, False
         replies[i] = reply
         return isinstance(reply, TRANSIENT), isinstance(reply, TRANSIENT)
 
