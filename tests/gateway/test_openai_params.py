@@ -220,6 +220,14 @@ async def test_a_misspelt_nested_field_is_refused_by_name(
     await _refused(client, param, code, max_tokens=4, **fields)
 
 
+async def test_an_assistant_message_with_neither_content_nor_calls_is_refused(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """OpenAI refuses it (it says nothing); it was taken as an empty turn."""
+    bare: Any = {"role": "assistant", "content": None}
+    await _refused(client, "messages.1.content", "missing_required_parameter", messages=[*HI, bare, *HI])
+
+
 async def test_an_empty_field_a_nested_object_does_not_have_asks_for_nothing(
     client: openai.AsyncOpenAI,
 ) -> None:

@@ -49,8 +49,8 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"the message field `{key}` is not supported; remove it from the message")
         if self.content == []:
             raise invalid_field("content", "an empty array; give at least one content part", "empty_array")
-        if self.content is None and self.role != "assistant":  # an assistant's may be its tool calls
-            raise missing_field("content")
+        if self.content is None and (self.role != "assistant" or not self.extra("tool_calls")):
+            raise missing_field("content")  # an assistant's may be its tool calls, as OpenAI's
         if self.role == "tool":
             _need_text(self.extra("tool_call_id"), "tool_call_id")
         return self
