@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 import uvicorn
@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from breakwater.cli_capacity import plan_fleet, simulate
+from breakwater.cli_errors import run_cli
 from breakwater.cli_probe import probe
 from breakwater.cli_rollout import alias_app
 from breakwater.cli_tenants import keys_app, tenants_app, usage
@@ -326,7 +327,7 @@ def sim_server(
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="gateway bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="gateway port")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="gateway port")] = 8000,
     workers: Annotated[int, typer.Option(help="worker processes")] = 1,
     engine: Annotated[str, typer.Option(help="workers' engine: llamacpp | sim | openai | vllm")] = "llamacpp",
     model: Annotated[
@@ -351,9 +352,12 @@ def up(
     redis_cluster: Annotated[
         int, typer.Option(help="an embedded Redis Cluster of N primaries, one replica each (starts empty)")
     ] = 0,
-    appendfsync: Annotated[str, typer.Option(help="AOF fsync: everysec or always")] = "everysec",
+    appendfsync: Annotated[Literal["everysec", "always", "no"], typer.Option(help="AOF fsync")] = "everysec",
     supervisor_metrics_port: Annotated[
-        int, typer.Option(help="the supervisor's restart counters on 127.0.0.1 (0: any free port)")
+        int,
+        typer.Option(
+            min=0, max=65535, help="the supervisor's restart counters on 127.0.0.1 (0: any free port)"
+        ),
     ] = 0,
     autoscale: Annotated[
         bool, typer.Option(help="scale workers on the gateway's breakwater_desired_workers")
@@ -382,7 +386,8 @@ def up(
 ) -> None:
     """Run the whole stack on this machine: embedded Redis (AOF), a gateway and workers, restarting
     a gateway or worker that crashes."""
-    from breakwater.stack import Stack, StackConfig, StackError, default_model
+    from breakwater.stack import Stack, StackError
+    from breakwater.stack_config import StackConfig, default_model
 
     stack = Stack(
         StackConfig(
@@ -432,7 +437,10 @@ def up(
                 stack.autoscale_tick()
             time.sleep(0.25)
     except KeyboardInterrupt:
-        console.print("stopping…")
+        grace = stack.stream_grace_s
+        console.print(
+            "stopping…" + (f" (requests under way may run on for up to {grace:g} s)" if grace else "")
+        )
     finally:
         stack.stop()
 
@@ -480,20 +488,5 @@ app.command()(probe)
 
 
 def main() -> None:
-    """The CLI; a bad setting or an unreachable Redis is said in a line, not a traceback."""
-    from pydantic import ValidationError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-
-    from breakwater.settings_check import settings_error
-
-    try:
-        app()
-    except ValidationError as exc:
-        said = settings_error(exc)
-        if said is None:
-            raise
-        console.print(f"[red]error:[/red] {escape(said)}", soft_wrap=True)
-        raise SystemExit(2) from None
-    except RedisConnectionError as exc:
-        console.print(f"[red]error:[/red] cannot reach Redis: {escape(str(exc))}")
-        raise SystemExit(1) from None
+    """The CLI; a bad setting or a Redis it cannot use is said in a line, not a traceback."""
+    run_cli(app, console)

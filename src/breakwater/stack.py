@@ -7,6 +7,7 @@ the supervisor's own ``/metrics``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -15,8 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
@@ -25,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, start_http_server
 from pydantic import ValidationError
 
 from breakwater.broker.connection import url_problem
-from breakwater.config import DEFAULT_REDIS_URL, GatewaySettings
+from breakwater.config import DEFAULT_REDIS_URL, GatewaySettings, WorkerSettings
 from breakwater.engines import ENGINES
 from breakwater.hosts import is_loopback
 from breakwater.proc_cpu import ProcessCPU
@@ -33,6 +32,7 @@ from breakwater.redis_cluster import LocalCluster
 from breakwater.redis_server import RedisServer, free_port, port_in_use
 from breakwater.settings_check import settings_error
 from breakwater.stack_child import Backoff, Child, RedisWatch, describe_exit
+from breakwater.stack_config import UP_STREAM_GRACE_S, StackConfig
 from breakwater.stack_policy import PolicyScaler, stack_policy
 
 VLLM_MISSING = (
@@ -52,54 +52,6 @@ def gateway_workers(metrics: str) -> dict[str, float]:
 
 class StackError(RuntimeError):
     """The stack could not start; the message says why and what to do."""
-
-
-@dataclass
-class StackConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    engine: str = "sim"
-    model: str | None = "sim"  # None: whatever the workers register (openai: the upstream's model)
-    model_path: str | None = None
-    upstream_url: str | None = None  # openai engine
-    upstream_model: str | None = None
-    upstream_metrics_url: str | None = None
-    vllm_args: list[str] = field(default_factory=list)  # KEY=VALUE, passed on as --vllm-arg
-    data_dir: Path = Path(".breakwater")
-    redis_url: str | None = None
-    redis_cluster: int = 0  # > 0: an embedded Redis Cluster of this many primaries (one replica each)
-    appendfsync: str = "everysec"
-    key_prefix: str = field(default_factory=lambda: os.environ.get("BREAKWATER_KEY_PREFIX") or "bw")
-    worker_args: list[str] = field(default_factory=list)
-    ready_timeout_s: float = 120.0
-    supervisor_metrics_port: int = 0  # 0: any free port
-    # restarts of a crashed gateway or worker
-    restart_initial_s: float = 0.5
-    restart_max_s: float = 30.0
-    restart_stable_s: float = 60.0  # up this long: the next crash starts the backoff over
-    # --autoscale: follow the gateway's breakwater_desired_workers between these bounds
-    autoscale: bool = False
-    min_workers: int = 1
-    max_workers: int = 4
-    scale_interval_s: float = 2.0
-    scale_down_delay_s: float = 10.0  # desired must stay below the current count this long
-    # or another controller's rules over the same processes (stack_policy): hpa:0.7, keda:5, ...
-    autoscale_policy: str = "supervisor"
-    autoscale_time_scale: float = 1.0  # the Kubernetes controllers' clocks run this much faster
-
-
-def default_model(engine: str, model_path: str | None, upstream_model: str | None = None) -> str | None:
-    """The model name workers register when ``--model`` is not given."""
-    from breakwater.engines.models import DEFAULT_MODEL
-
-    if engine == "openai":
-        return upstream_model  # None: the upstream's first model, known once a worker has registered
-    if model_path:
-        return Path(model_path).stem
-    if engine in ("llamacpp", "vllm"):
-        return DEFAULT_MODEL
-    return engine
 
 
 class Stack:
@@ -129,6 +81,8 @@ class Stack:
         self._retiring_ports: dict[str, tuple[subprocess.Popen[bytes], int]] = {}  # until they exit
         self._gateway_metrics_port = 0  # its /metrics listener; 0: /metrics on its public port
         self._redis_watch: RedisWatch | None = None  # the embedded Redis (not one given by URL)
+        self.stream_grace_s = UP_STREAM_GRACE_S  # the gateway's: how long its stop may take
+        self._drain_grace_s: float = WorkerSettings.model_fields["drain_grace_s"].default  # a worker's
 
     def all_processes(self) -> list[tuple[str, str, int]]:
         """(name, role, pid) of every process started and still known: Redis, gateway, workers."""
@@ -217,6 +171,14 @@ class Stack:
             settings = GatewaySettings(redis_url=self.config.redis_url or DEFAULT_REDIS_URL)
         except ValidationError as exc:
             raise StackError(settings_error(exc) or str(exc)) from None
+        # Stopped, up's gateway lets the requests it answers run on, so a client that cannot resume
+        # (the plain OpenAI SDK) gets its whole answer, unless BREAKWATER_STREAM_GRACE_S chose a grace.
+        given = "stream_grace_s" in settings.model_fields_set
+        self.stream_grace_s = settings.stream_grace_s if given else UP_STREAM_GRACE_S
+        with contextlib.suppress(ValidationError):  # (a worker names its own bad setting, as it starts)
+            self._drain_grace_s = WorkerSettings(
+                redis_url=self.config.redis_url or DEFAULT_REDIS_URL
+            ).drain_grace_s
         if settings.auth == "keys":
             try:
                 settings.pepper()
@@ -249,6 +211,8 @@ class Stack:
                 "BREAKWATER_AUTOSCALE_MIN_WORKERS": str(cfg.min_workers),
                 "BREAKWATER_AUTOSCALE_MAX_WORKERS": str(cfg.max_workers),
             }
+            if not any(k.upper() == "BREAKWATER_STREAM_GRACE_S" for k in gw_env):
+                gw_env["BREAKWATER_STREAM_GRACE_S"] = f"{self.stream_grace_s:g}"
             self._gateway_metrics_port = int(os.environ.get("BREAKWATER_METRICS_PORT") or 0)
             if not self._gateway_metrics_port and self.auth != "off":
                 self._gateway_metrics_port = free_port()  # readiness and autoscaling read it
@@ -474,23 +438,35 @@ class Stack:
                 raise StackError(f"{child.name} {exit_}; last log lines:\n{child.log_tail()}")
 
     def stop(self) -> None:
-        """Stop workers (drain), then the gateway, then Redis; by PID. Nothing is restarted."""
+        """Stop the gateway, then the workers, then Redis; by PID. Nothing is restarted.
+
+        The gateway goes first: it refuses new requests at once and lets those it answers run on
+        for its stream grace, while the workers still serve them (a job still queued behind the
+        running ones included); then the workers drain (stop pulling, finish what they run within
+        their own grace)."""
         self._stopping = True
-        workers = [c.proc for c in self.workers if c.proc is not None]
         gateway = [self.gateway.proc] if self.gateway is not None and self.gateway.proc is not None else []
-        procs = [*workers, *self.retiring, *gateway]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        # uvicorn's own bound is the grace + 5 s (cli._serve)
+        _terminate(gateway, wait_s=self.stream_grace_s + 10)
+        workers = [c.proc for c in self.workers if c.proc is not None]
+        _terminate([*workers, *self.retiring], wait_s=self._drain_grace_s + 10)
         if self.redis is not None:
             self.redis.stop()
         if self._metrics is not None:
             self._metrics[0].shutdown()
             self._metrics[0].server_close()
             self._metrics = None
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], wait_s: float) -> None:
+    """SIGTERM each process still running; kill those still there after ``wait_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

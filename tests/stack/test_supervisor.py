@@ -20,8 +20,9 @@ import redis
 from openai.types.chat import ChatCompletionUserMessageParam
 
 from breakwater.redis_server import RedisServer, free_port
-from breakwater.stack import Stack, StackConfig
+from breakwater.stack import Stack
 from breakwater.stack_child import Backoff, describe_exit
+from breakwater.stack_config import StackConfig
 from tests.helpers import async_wait_for, expected_sim, metric_samples, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -223,6 +224,68 @@ def test_a_killed_embedded_redis_is_restarted_from_its_aof(tmp_path: Path) -> No
     out = up.output()
     assert code == 0, out
     assert f"supervisor: redis (pid {killed}) killed by SIGKILL (exit code -9)" in out
+
+
+async def test_a_stopped_up_finishes_the_streams_it_is_answering_whole(tmp_path: Path) -> None:
+    """SIGTERM (or Ctrl-C) of ``up`` stopped its gateway, with no stream grace, and its workers at
+    once: every open stream was cut mid-body (no [DONE], no error). Now its gateway lets them run
+    on (15 s by default) and the workers serve until it has gone: one stream under way and one
+    still queued behind it (one sequence a worker) both end whole, and ``up`` exits."""
+    env = {"BREAKWATER_CAPACITY": "1", "BREAKWATER_SIM_DECODE_BASE_MS": "25"}
+    up = Up(tmp_path, "--workers", "1", env=env)
+    try:
+        up.wait_serving(workers=1)
+        chunks = [0, 0]
+        opened = [False, False]
+        async with httpx.AsyncClient(timeout=60) as http:
+
+            async def read(i: int) -> tuple[list[str], list[int], str]:
+                body = {**_stopped_body(i), "stream": True}
+                async with http.stream("POST", f"{up.url}/v1/completions", json=body) as resp:
+                    assert resp.status_code == 200, await resp.aread()
+                    opened[i] = True
+                    lines: list[str] = []
+                    ids: list[int] = []
+                    parts: list[str] = []
+                    async for line in resp.aiter_lines():
+                        lines.append(line)
+                        if line.startswith("id: "):
+                            ids.append(int(line[4:]))
+                        elif line.startswith("data: {"):
+                            data = orjson.loads(line[6:])
+                            assert "error" not in data, data
+                            parts.extend(c["text"] for c in data["choices"])
+                            chunks[i] += 1
+                return lines, ids, "".join(parts)
+
+            streams = [asyncio.create_task(read(i)) for i in range(2)]
+            await async_wait_for(lambda: all(opened) and max(chunks) >= 10, 30, 0.02, "one stream under way")
+            up.proc.send_signal(signal.SIGTERM)
+            results = await asyncio.wait_for(asyncio.gather(*streams), 60)
+        for i, (lines, ids, text) in enumerate(results):
+            want, _, _ = expected_sim(
+                prompt=_stopped_body(i)["prompt"], seed=i, max_tokens=120, ignore_eos=True
+            )
+            assert text == want, f"stream {i}: {len(text)} of {len(want)} characters"
+            assert ids == sorted(set(ids)), f"stream {i}: a token twice or out of order"
+            assert [line for line in lines if line][-1] == "data: [DONE]", f"stream {i}"
+        code = up.proc.wait(60)
+    finally:
+        if up.proc.poll() is None:
+            up.stop()
+    out = up.output()
+    assert code == 0, out
+    assert "stopping… (requests under way may run on for up to 15 s)" in out and "restarting it" not in out
+
+
+def _stopped_body(i: int) -> dict[str, Any]:
+    return {
+        "model": "sim",
+        "prompt": f"stopped mid-stream {i}",
+        "seed": i,
+        "max_tokens": 120,
+        "ignore_eos": True,
+    }
 
 
 def test_a_retired_worker_is_not_restarted_nor_is_anything_after_stop(tmp_path: Path) -> None:

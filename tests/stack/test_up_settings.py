@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from pydantic import ValidationError
 from breakwater.config import GatewaySettings, WorkerSettings
 from breakwater.redis_server import free_port
 from breakwater.settings_check import gateway_problem, settings_error, unknown_variables
-from breakwater.stack import StackConfig
+from breakwater.stack import Stack
+from breakwater.stack_config import StackConfig
 
 CLEAN = {k: v for k, v in os.environ.items() if not k.startswith("BREAKWATER_")}
 
@@ -120,6 +123,53 @@ def test_up_takes_no_notice_of_an_environments_redis_url_it_overrides(tmp_path: 
 
 
 @pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        # up polled port 0 for 120 s and said "not ready" (its gateway listened on a random port)
+        (("--port", "0"), "Invalid value for '--port': Input should be greater than or equal to 1"),
+        (
+            ("--port", "99999"),
+            "'--port': Input should be less than or equal to 65535",
+        ),  # an OverflowError's traceback
+        (("--supervisor-metrics-port", "70000"), "Invalid value for '--supervisor-metrics-port'"),
+        (("--appendfsync", "never"), "'never' is not one of 'everysec', 'always', 'no'"),  # a ValueError's
+    ],
+)
+def test_up_refuses_a_flag_it_cannot_use_before_starting_anything(
+    tmp_path: Path, flags: tuple[str, ...], said: str
+) -> None:
+    data = tmp_path / "data"
+    done = _run("up", "--engine", "sim", "--data-dir", str(data), *flags, env={})
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert said in " ".join(out.replace("│", " ").split()) and "Traceback" not in out, out
+    assert not data.exists()
+
+
+class _NotRedis(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # (the test's output stays clean)
+        pass
+
+
+@pytest.mark.parametrize("command", [("dlq", "list", "--model", "sim"), ("cache", "stats")])
+def test_a_redis_url_of_a_server_that_is_not_redis_is_one_line(command: tuple[str, ...]) -> None:
+    """An HTTP server at the Redis URL: redis-py's InvalidResponse was a traceback."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotRedis)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        done = _run(*command, env={"BREAKWATER_REDIS_URL": f"redis://127.0.0.1:{server.server_port}/0"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert out.startswith("error: the server at the Redis URL does not answer as Redis does"), out
+    assert len(out.splitlines()) == 1 and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize(
     ("command", "env", "said"),
     [
         (("gateway",), {"BREAKWATER_AUTH": "keys"}, "pepper of at least 16 characters"),
@@ -191,6 +241,22 @@ def test_the_stacks_key_prefix_comes_from_the_environment(monkeypatch: pytest.Mo
     assert StackConfig().key_prefix == "team1"
     monkeypatch.delenv("BREAKWATER_KEY_PREFIX")
     assert StackConfig().key_prefix == "bw"
+
+
+def test_ups_gateway_has_a_stream_grace_unless_the_operator_chose_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping ``up`` cut every open stream (the gateway's grace was 0): 15 s now, as the Kubernetes
+    manifests' gateways have, or what BREAKWATER_STREAM_GRACE_S says (0 included)."""
+    for name in [k for k in os.environ if k.upper() == "BREAKWATER_STREAM_GRACE_S"]:
+        monkeypatch.delenv(name)
+    stack = Stack(StackConfig(port=free_port(), data_dir=tmp_path / "d"))
+    stack.check()  # reads the settings; starts nothing
+    assert stack.stream_grace_s == 15.0
+    for given, grace in (("0", 0.0), ("3.5", 3.5)):
+        monkeypatch.setenv("breakwater_stream_grace_s", given)  # any case, as the gateway reads it
+        stack.check()
+        assert stack.stream_grace_s == grace
 
 
 def test_a_process_names_an_unknown_variable_in_its_log(
