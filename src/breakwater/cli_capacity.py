@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from breakwater.capacity.policies import POLICY_SPECS, Fixed, HpaMechanics, Policy, policy_from_spec
 from breakwater.capacity.pricing import Pricing
 from breakwater.capacity.service import ServiceCurve
+
+if TYPE_CHECKING:
+    from breakwater.bench.profiles import Arrival
 
 # The trace reader (the bench package), the simulator and the planner are imported by the commands
 # that use them: every other command of the CLI starts without them.
@@ -24,45 +27,79 @@ def parse_policy(spec: str, mechanics: HpaMechanics) -> Policy:
         raise typer.BadParameter(f"`{spec}`: expected one of {POLICY_SPECS}", param_hint="--policy") from None
 
 
+def read_trace(path: Path, time_scale: float = 1.0, duration_s: float | None = None) -> list[Arrival]:
+    """A trace's requests (``duration_s`` of it, replayed ``time_scale`` faster); a file that is not
+    one, or holds none, is a ``typer.BadParameter`` naming it."""
+    from breakwater.bench.profiles import trace
+
+    try:
+        arrivals = trace(path, time_scale=time_scale, duration_s=duration_s)
+    except (KeyError, TypeError, ValueError) as exc:  # a missing column or field, a bad value
+        said = f"{path}: not an Azure CSV or Mooncake JSONL trace ({type(exc).__name__}: {exc})"
+        raise typer.BadParameter(said, param_hint="--trace") from None
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: {exc.strerror or exc}", param_hint="--trace") from None
+    if not arrivals:
+        where = "in that window" if duration_s is not None else "in it"
+        raise typer.BadParameter(f"{path}: no requests {where}", param_hint="--trace")
+    return arrivals
+
+
 def simulate(
     trace_path: Annotated[
-        Path, typer.Option("--trace", help="Azure CSV or Mooncake JSONL trace", exists=True)
+        Path, typer.Option("--trace", help="Azure CSV or Mooncake JSONL trace", exists=True, dir_okay=False)
     ],
     policy: Annotated[list[str], typer.Option(help=f"repeatable: {POLICY_SPECS}")],
     time_scale: Annotated[float, typer.Option(help="replay faster (> 1) or slower")] = 1.0,
     duration: Annotated[float | None, typer.Option(help="seconds of trace to keep")] = None,
-    capacity: Annotated[int, typer.Option(help="sequences per replica")] = 32,
-    decode_base_ms: Annotated[float, typer.Option(help="engine step: fixed part")] = 20.0,
-    decode_per_seq_ms: Annotated[float, typer.Option(help="engine step: per running sequence")] = 0.5,
-    prefill_ms_per_token: Annotated[float, typer.Option(help="engine step: per prompt token joining")] = 0.05,
+    capacity: Annotated[int, typer.Option(min=1, help="sequences per replica")] = 32,
+    decode_base_ms: Annotated[float, typer.Option(min=0.0, help="engine step: fixed part")] = 20.0,
+    decode_per_seq_ms: Annotated[
+        float, typer.Option(min=0.0, help="engine step: per running sequence")
+    ] = 0.5,
+    prefill_ms_per_token: Annotated[
+        float, typer.Option(min=0.0, help="engine step: per prompt token joining")
+    ] = 0.05,
     max_batched_tokens: Annotated[
         int, typer.Option(min=0, help="prompt tokens that may join one step (vLLM: 8192); 0: no bound")
     ] = 0,
-    replicas: Annotated[int, typer.Option(help="replicas at the start (a fixed fleet: all of it)")] = 1,
-    min_replicas: Annotated[int, typer.Option()] = 1,
-    max_replicas: Annotated[int, typer.Option()] = 64,
-    startup_s: Annotated[float, typer.Option(help="a new replica's time to ready (model load)")] = 60.0,
+    replicas: Annotated[
+        int, typer.Option(min=0, help="replicas at the start (a fixed fleet: all of it)")
+    ] = 1,
+    min_replicas: Annotated[int, typer.Option(min=0)] = 1,
+    max_replicas: Annotated[int, typer.Option(min=1)] = 64,
+    startup_s: Annotated[
+        float, typer.Option(min=0.0, help="a new replica's time to ready (model load)")
+    ] = 60.0,
     slo_ttft_s: Annotated[float, typer.Option(help="the TTFT objective attainment is counted against")] = 1.0,
     sku: Annotated[str, typer.Option(help="GPU priced per replica-hour")] = "h100",
-    pricing: Annotated[Path | None, typer.Option(help="JSON overriding the default prices")] = None,
+    pricing: Annotated[
+        Path | None, typer.Option(help="JSON overriding the default prices", exists=True, dir_okay=False)
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per policy")] = False,
 ) -> None:
     """Simulate a fleet under each policy on the same trace: TTFT, SLO attainment, replicas, cost."""
-    from breakwater.bench.profiles import trace
     from breakwater.capacity.report import summarize, table
     from breakwater.capacity.simulator import Simulation
 
-    arrivals = trace(trace_path, time_scale=time_scale, duration_s=duration)
-    if not arrivals:
-        raise typer.BadParameter("the trace has no requests in that window", param_hint="--trace")
-    curve = ServiceCurve(
-        capacity,
-        decode_base_ms / 1000,
-        decode_per_seq_ms / 1000,
-        prefill_ms_per_token / 1000,
-        max_batched_tokens,
-    )
-    prices = Pricing.load(pricing)
+    if not time_scale > 0:
+        raise typer.BadParameter(f"must be more than 0, got {time_scale:g}", param_hint="--time-scale")
+    if min_replicas > max_replicas:
+        raise typer.BadParameter(
+            f"{min_replicas} is over --max-replicas {max_replicas}", param_hint="--min-replicas"
+        )
+    arrivals = read_trace(trace_path, time_scale=time_scale, duration_s=duration)
+    try:
+        curve = ServiceCurve(
+            capacity,
+            decode_base_ms / 1000,
+            decode_per_seq_ms / 1000,
+            prefill_ms_per_token / 1000,
+            max_batched_tokens,
+        )
+        prices = Pricing.load(pricing)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if sku not in prices.gpu_hour:
         raise typer.BadParameter(
             f"no price for `{sku}`: {', '.join(sorted(prices.gpu_hour))}", param_hint="--sku"
@@ -104,13 +141,15 @@ def plan_fleet(
     ] = 0,
     sku: Annotated[str, typer.Option(help="GPU priced per replica-hour")] = "h100",
     gpus_per_replica: Annotated[int, typer.Option(min=1)] = 1,
-    pricing: Annotated[Path | None, typer.Option(help="JSON overriding the default prices")] = None,
+    pricing: Annotated[
+        Path | None, typer.Option(help="JSON overriding the default prices", exists=True, dir_okay=False)
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The replicas, gateway cores and Redis a traffic level needs at its peak, and the month's cost."""
-    from breakwater.bench.profiles import trace
     from breakwater.capacity.planner import Demand, plan
 
+    arrivals = read_trace(trace_path)
     try:
         curve = ServiceCurve(
             capacity,
@@ -123,7 +162,7 @@ def plan_fleet(
         demand = Demand(requests_per_day, peak_to_average, slo_ttft_p95_s, tpot_p95_s=slo_tpot_p95_s)
         if sku not in prices.gpu_hour:
             raise ValueError(f"no price for `{sku}` (known: {', '.join(sorted(prices.gpu_hour))})")
-        result = plan(demand, trace(trace_path), curve, prices, sku=sku, gpus_per_replica=gpus_per_replica)
+        result = plan(demand, arrivals, curve, prices, sku=sku, gpus_per_replica=gpus_per_replica)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if as_json:

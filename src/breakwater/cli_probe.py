@@ -35,7 +35,9 @@ def probe(
         str | None, typer.Option(envvar="BREAKWATER_PROBE_API_KEY", help="bearer key (prefer --api-key-file)")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="/metrics listener address")] = "127.0.0.1",
-    metrics_port: Annotated[int, typer.Option(help="/metrics port (0: no listener)")] = 9400,
+    metrics_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="/metrics port (0: no listener)")
+    ] = 9400,
 ) -> None:
     """Probe a deployment's QoS from outside: every INTERVAL s a WebSocket and an SSE session each send
     a tiny request, drop the stream once and resume it, and check every token arrives exactly once.
@@ -70,7 +72,11 @@ def probe(
     )
     metrics = ProbeMetrics()
     if metrics_port:
-        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+        try:
+            start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
+        except OSError as exc:  # taken, or an address not of this machine
+            said = f"cannot listen on {metrics_host}:{metrics_port}: {exc.strerror or exc}"
+            raise typer.BadParameter(said, param_hint="--metrics-port") from None
     failed = 0
 
     def report(result: Result) -> None:

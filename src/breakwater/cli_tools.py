@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import time
@@ -39,7 +40,7 @@ def bench(
     poisson: Annotated[bool, typer.Option(help="step/burst: Poisson arrivals around the curve")] = False,
     start_rate: Annotated[float, typer.Option("--from", help="step: first rate")] = 1.0,
     end_rate: Annotated[float, typer.Option("--to", help="step: last rate")] = 10.0,
-    steps: Annotated[int, typer.Option(help="step: number of plateaus")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="step: number of plateaus")] = 4,
     peak: Annotated[float, typer.Option(help="burst: peak rate")] = 20.0,
     ramp: Annotated[float, typer.Option(help="burst: seconds from 0 to peak")] = 5.0,
     hold: Annotated[float, typer.Option(help="burst: seconds at peak")] = 10.0,
@@ -47,12 +48,12 @@ def bench(
     trace: Annotated[str | None, typer.Option(help="trace: Azure CSV or Mooncake JSONL")] = None,
     time_scale: Annotated[float, typer.Option(help="trace: replay speed-up")] = 1.0,
     trace_start: Annotated[float, typer.Option(help="trace: skip this many seconds of it")] = 0.0,
-    max_input_tokens: Annotated[int | None, typer.Option(help="trace: clip prompt lengths")] = None,
-    max_output_tokens: Annotated[int | None, typer.Option(help="trace: clip output lengths")] = None,
-    concurrency: Annotated[int, typer.Option(help="concurrency: closed-loop senders")] = 8,
-    num_requests: Annotated[int | None, typer.Option(help="concurrency/trace: stop after N")] = None,
-    input_tokens: Annotated[int, typer.Option(help="prompt length (tokens, approx.)")] = 128,
-    output_tokens: Annotated[int, typer.Option(help="max_tokens (with ignore_eos)")] = 64,
+    max_input_tokens: Annotated[int | None, typer.Option(min=1, help="trace: clip prompt lengths")] = None,
+    max_output_tokens: Annotated[int | None, typer.Option(min=1, help="trace: clip output lengths")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="concurrency: closed-loop senders")] = 8,
+    num_requests: Annotated[int | None, typer.Option(min=1, help="concurrency/trace: stop after N")] = None,
+    input_tokens: Annotated[int, typer.Option(min=1, help="prompt length (tokens, approx.)")] = 128,
+    output_tokens: Annotated[int, typer.Option(min=1, help="max_tokens (with ignore_eos)")] = 64,
     ignore_eos: Annotated[bool, typer.Option(help="send ignore_eos (vLLM/Breakwater extension)")] = True,
     slo: Annotated[str | None, typer.Option(help="goodput SLOs in ms: ttft=500,tpot=50,e2e=10000")] = None,
     sweep_rates: Annotated[bool, typer.Option("--sweep", help="find the highest rate meeting --slo")] = False,
@@ -99,16 +100,16 @@ def bench(
 
     import httpx
     from redis.exceptions import RedisError
-    from rich.table import Table
 
     from breakwater.bench import SLO, Cost, Profile, Target, run_profile, summarize, sweep
     from breakwater.bench.meter import Meter
     from breakwater.bench.meter import measure as measure_usage
     from breakwater.bench.metrics import mean_replicas
-    from breakwater.bench.report import failure_message, table_rows, write
     from breakwater.capacity.pricing import Pricing
 
     try:
+        if not sweep_rates:  # before the run: a folder it cannot write would lose the results
+            _result_folder(out)
         if model is None:
             model = _discover_model(url, api_key)
         target = Target(url, model, endpoint, stream, api_key, ignore_eos=ignore_eos, metrics_url=metrics_url)
@@ -155,17 +156,47 @@ def bench(
             measured = measure_usage(before, after, memory, output_tokens=summary["total_output_tokens"])
             summary["measured_cost"] = measured.report(prices, sku, replicas)
     config = {"target": asdict(target), "profile": asdict(prof), "command": _redacted(sys.argv[1:])}
-    files = write(result, summary, config, out)
-    table = Table(title=f"breakwater bench: {profile}")
+    _report(result, summary, config, out, title=f"breakwater bench: {profile}")
+
+
+def _report(
+    result: RunResult, summary: dict[str, Any], config: dict[str, Any], out: Path, title: str
+) -> None:
+    """The results' files in ``out`` and their table on stdout; exit 1 when they could not be written
+    or nothing completed."""
+    from rich.table import Table
+
+    from breakwater.bench.report import failure_message, table_rows, write
+
+    unwritten: OSError | None = None
+    try:
+        files = write(result, summary, config, out)
+    except OSError as exc:  # (a full disk): the table below still shows what the run measured
+        files, unwritten = [], exc
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in table_rows(summary):
         table.add_row(key, value)
     Console().print(table)
+    if unwritten is not None:
+        said = f"could not write the results to {out}: {unwritten}"
+        console.print(f"[red]error:[/red] {escape(said)}", soft_wrap=True)
+        raise typer.Exit(1)
     console.print("wrote " + ", ".join(str(f) for f in files))
     if summary["completed"] == 0:
         console.print(f"[red]error:[/red] {escape(failure_message(result.records))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _result_folder(out: Path) -> None:
+    """Make the results' folder, or refuse it (a file, or a folder this user cannot write)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.BadParameter(f"{out}: {exc.strerror or exc}", param_hint="--out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{out}: this user cannot write in it", param_hint="--out")
 
 
 def _redacted(args: list[str]) -> str:
@@ -257,7 +288,7 @@ def with_broker(fn: Callable[[Any], Awaitable[T]]) -> T:
 
 
 @dlq_app.command("list")
-def dlq_list(model: ModelOpt, count: Annotated[int, typer.Option()] = 100) -> None:
+def dlq_list(model: ModelOpt, count: Annotated[int, typer.Option(min=1)] = 100) -> None:
     """Dead letters of a model, oldest first: entry id, request id, attempts, reason."""
     from breakwater import dlq
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,10 @@ def azure_trace(path: Path, rows: int = 200, gap_s: float = 0.5) -> Path:
 
 
 def simulate(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BREAKWATER, "simulate", *args], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "COLUMNS": "400"}  # a usage error's box: not wrapped in the middle of a path
+    return subprocess.run(
+        [*BREAKWATER, "simulate", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def test_policies_side_by_side_on_a_trace(tmp_path: Path) -> None:
@@ -70,3 +74,31 @@ def test_bad_input_is_refused_with_its_name(tmp_path: Path) -> None:
     assert sku.returncode == 2 and "tpu-v9" in sku.stderr
     missing = simulate("--trace", str(tmp_path / "nope.csv"), "--policy", "fixed:1")
     assert missing.returncode == 2 and "nope.csv" in missing.stderr
+
+
+def test_values_it_cannot_simulate_are_refused_in_a_line(tmp_path: Path) -> None:
+    """`--time-scale 0` and `--capacity 0` were ValueError tracebacks; `--min-replicas` over
+    `--max-replicas` was taken; a file that is not a trace was a traceback of its reader."""
+    trace = azure_trace(tmp_path / "t.csv", rows=5)
+    not_a_trace = tmp_path / "hostname"
+    not_a_trace.write_text("buildhost\nother\n")
+    bad_rows = tmp_path / "bad.csv"
+    bad_rows.write_text("TIMESTAMP,ContextTokens\nyesterday,5\n")
+    cases = [
+        (("--time-scale", "0"), "Invalid value for --time-scale: must be more than 0, got 0"),
+        (("--capacity", "0"), "Invalid value for '--capacity'"),
+        (("--min-replicas", "5", "--max-replicas", "2"), "--min-replicas: 5 is over --max-replicas 2"),
+        (("--startup-s", "-1"), "Invalid value for '--startup-s'"),
+    ]
+    for args, said in cases:
+        run = simulate("--trace", str(trace), "--policy", "hpa:0.7", *args)
+        assert run.returncode == 2 and said in _said(run.stderr) and "Traceback" not in run.stderr, run.stderr
+    for path in (not_a_trace, bad_rows):
+        run = simulate("--trace", str(path), "--policy", "fixed:1")
+        assert run.returncode == 2 and str(path.name) in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+
+
+def _said(stderr: str) -> str:
+    """A usage error's text without the box rich draws around it."""
+    return " ".join(stderr.replace("│", " ").split())

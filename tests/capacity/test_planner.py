@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -81,7 +82,8 @@ def test_the_months_figures_by_hand() -> None:
 
 def breakwater_plan(*args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "breakwater", "plan", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "COLUMNS": "400"}  # a usage error's box: not wrapped in the middle of a path
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_the_command(tmp_path: Path) -> None:
@@ -106,3 +108,43 @@ def test_the_command(tmp_path: Path) -> None:
     assert "10 at the peak" in run.stdout and "5 on average" in run.stdout
     bad = breakwater_plan("--requests-per-day", "1000", "--trace", str(trace), "--sku", "z")
     assert bad.returncode == 2 and "`z`" in bad.stderr
+
+
+def test_a_prompt_whose_prefill_alone_misses_the_objective_meets_it_at_no_size() -> None:
+    """It bisected up to 4096 replicas and blamed their number."""
+    curve = ServiceCurve(capacity=8, decode_base_s=0.02, prefill_s_per_token=0.00005)
+    long_prompts = [Arrival(i * 1.0, 40_000, 10) for i in range(20)]  # 2 s of prefill each
+    with pytest.raises(ValueError, match=r"no fleet meets a TTFT p95 of 1 s: the prefill .* takes 2\.02 s"):
+        smallest_fleet(curve, long_prompts, slo_s=1.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--requests-per-day", "0"), "the requests a day must be more than 0, got 0"),  # ZeroDivisionError
+        (("--requests-per-day", "-5"), "the requests a day must be more than 0, got -5"),  # "4096 replicas"
+        (("--peak-to-average", "0"), "the peak-to-average ratio must be at least 1, got 0"),  # ZeroDivision
+        (("--slo-ttft-p95-s", "0"), "the TTFT objective must be more than 0 s, got 0"),
+        (("--pricing", "{not_json}"), "pricing file {not_json}: not JSON"),  # named no file
+        (("--trace", "{not_a_trace}"), "{not_a_trace}: no requests in it"),  # an IndexError
+        (("--trace", "{long_prompts}"), "no fleet meets a TTFT p95 of 1 s"),  # "more than 4096 replicas"
+    ],
+)
+def test_what_cannot_be_planned_is_said_in_a_line(tmp_path: Path, args: tuple[str, ...], said: str) -> None:
+    files = {
+        name: tmp_path / name for name in ("trace.jsonl", "not_json", "not_a_trace", "long_prompts.jsonl")
+    }
+    rows = (f'{{"timestamp": {i * 300}, "input_length": 5, "output_length": 10}}\n' for i in range(30))
+    files["trace.jsonl"].write_text("".join(rows))
+    files["not_json"].write_text("gpu_hour: 3\n")
+    files["not_a_trace"].write_text("buildhost\n")
+    long = (f'{{"timestamp": {i * 300}, "input_length": 40000, "output_length": 10}}\n' for i in range(30))
+    files["long_prompts.jsonl"].write_text("".join(long))
+    paths = {"not_json": str(files["not_json"]), "not_a_trace": str(files["not_a_trace"])}
+    paths["long_prompts"] = str(files["long_prompts.jsonl"])
+    given = [a.format(**paths) for a in args]
+    trace = [] if "--trace" in given else ["--trace", str(files["trace.jsonl"])]
+    run = breakwater_plan("--requests-per-day", "100000", *trace, *given)
+    out = " ".join(run.stderr.replace("│", " ").split())  # a usage error's text, without rich's box
+    assert run.returncode == 2, run.stderr
+    assert said.format(**paths) in out and "Traceback" not in run.stderr, run.stderr

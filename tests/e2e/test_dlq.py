@@ -79,3 +79,13 @@ async def test_list_retry_purge(redis_server: RedisServer, redis: Redis, prefix:
     purged = cli(redis_server, prefix, "purge", "--model", "sim")
     assert purged.returncode == 0 and "purged 1" in purged.stderr
     assert await redis.xlen(Keys(prefix).dlq("sim")) == 0
+
+
+def test_list_refuses_a_count_under_one(redis_server: RedisServer, prefix: str) -> None:
+    """`--count 0` (or less) was redis-py's DataError traceback."""
+    for count in ("0", "-3"):
+        listed = cli(redis_server, prefix, "list", "--model", "sim", "--count", count)
+        assert listed.returncode == 2, listed.stderr
+        assert "Invalid value for '--count'" in listed.stderr and "Traceback" not in listed.stderr, (
+            listed.stderr
+        )

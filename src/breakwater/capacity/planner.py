@@ -37,6 +37,15 @@ class Demand:
     result_ttl_s: float = 3600.0
     tpot_p95_s: float | None = None  # also an objective on the time per output token, if given
 
+    def __post_init__(self) -> None:
+        if not self.requests_per_day > 0:
+            raise ValueError(f"the requests a day must be more than 0, got {self.requests_per_day:g}")
+        if not self.peak_to_average >= 1:  # the peak hour is at least the day's average
+            raise ValueError(f"the peak-to-average ratio must be at least 1, got {self.peak_to_average:g}")
+        for name, slo in (("TTFT", self.ttft_p95_s), ("TPOT", self.tpot_p95_s)):
+            if slo is not None and not slo > 0:
+                raise ValueError(f"the {name} objective must be more than 0 s, got {slo:g}")
+
     @property
     def average_rps(self) -> float:
         return self.requests_per_day / 86_400
@@ -76,9 +85,11 @@ class Plan:
 
 def at_rate(arrivals: list[Arrival], rps: float) -> list[Arrival]:
     """The trace's arrivals with their times rescaled to a mean rate of ``rps``."""
-    span = arrivals[-1].t - arrivals[0].t
-    if len(arrivals) < 2 or span <= 0:
+    if len(arrivals) < 2 or arrivals[-1].t <= arrivals[0].t:
         raise ValueError("a trace needs at least two requests at different times")
+    if not rps > 0:
+        raise ValueError(f"the rate must be more than 0, got {rps:g}")
+    span = arrivals[-1].t - arrivals[0].t
     scale = (len(arrivals) - 1) / span / rps  # planned seconds per trace second
     start = arrivals[0].t
     return [replace(a, t=(a.t - start) * scale) for a in arrivals]
@@ -115,6 +126,14 @@ def smallest_fleet(
 
     if tpot_slo_s is not None and curve.step_s(1) > tpot_slo_s:
         raise ValueError(f"a step alone takes {curve.step_s(1) * 1000:g} ms: no fleet meets that TPOT")
+    # A request's first token comes at the end of the step its prompt joins: on an idle replica at
+    # the earliest. More replicas cannot bring the p95 of those below the objective.
+    floor = percentile([curve.step_s(1, a.input_tokens) for a in arrivals], 95)
+    if floor > slo_s:
+        raise ValueError(
+            f"no fleet meets a TTFT p95 of {slo_s:g} s: the prefill of these prompts alone takes "
+            f"{floor:.3g} s at the p95, on an idle replica"
+        )
     low, high = 1, 1
     while not meets(high):
         low, high = high + 1, high * 2

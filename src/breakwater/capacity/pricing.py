@@ -29,14 +29,24 @@ class Pricing:
         """Defaults, with the keys a JSON file gives replaced (``gpu_hour`` merged by SKU)."""
         if path is None:
             return cls()
-        given = json.loads(path.read_text())
+        try:
+            given = json.loads(path.read_text())
+        except OSError as exc:
+            raise ValueError(f"pricing file {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise ValueError(f"pricing file {path}: not JSON ({exc})") from None
+        if not isinstance(given, dict) or not isinstance(given.get("gpu_hour", {}), dict):
+            raise ValueError(f'pricing file {path}: expected an object like {{"gpu_hour": {{"h100": 6.88}}}}')
         known = {f.name for f in fields(cls)}
         unknown = set(given) - known
         if unknown:
-            raise ValueError(f"unknown pricing keys: {', '.join(sorted(unknown))}")
+            raise ValueError(f"pricing file {path}: unknown pricing keys: {', '.join(sorted(unknown))}")
         base = cls()
-        gpu = {**base.gpu_hour, **given.pop("gpu_hour", {})}
-        return replace(base, gpu_hour=gpu, **{k: float(v) for k, v in given.items()})
+        try:
+            gpu = {**base.gpu_hour, **{k: float(v) for k, v in given.pop("gpu_hour", {}).items()}}
+            return replace(base, gpu_hour=gpu, **{k: float(v) for k, v in given.items()})
+        except (TypeError, ValueError):
+            raise ValueError(f"pricing file {path}: every price is a number") from None
 
 
 @dataclass(frozen=True)
