@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from breakwater.protocol.response_output import OutputEvents
+from breakwater.protocol.messages import ChatMessage
+from breakwater.protocol.response_output import OutputEvents, assistant_message
 from breakwater.protocol.responses import Stored
 
 
@@ -75,3 +76,14 @@ def test_a_call_streamed_in_pieces_is_one_item() -> None:
         '{"city": "Paris"}',
         "completed",
     )
+
+
+def test_an_empty_answer_is_an_empty_turn_of_the_next_conversation() -> None:
+    """An answer that was its end token alone became a message with neither content nor calls,
+    which a chat message refuses: ``previous_response_id`` after it was a 400 the client could not
+    mend (the message was the server's own)."""
+    empty = assistant_message([{"type": "message", "content": [{"type": "output_text", "text": ""}]}])
+    assert ChatMessage.model_validate(empty).content == ""
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    called = assistant_message([call])
+    assert ChatMessage.model_validate(called).content is None and called["tool_calls"][0]["id"] == "c1"

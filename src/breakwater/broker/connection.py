@@ -118,12 +118,15 @@ def connect(
         decode_responses=True,
         protocol=RESP,
         max_connections=max_connections,
-        # A lost connection is retried (a reply lost with it is made good by idempotent writes:
-        # docs/reliability.md), a reply overdue is not: it already waited the socket timeout, and
-        # a Redis that stalls (alive, not answering) made every command wait it four times (40 s
-        # before a 503 the guide promises after 10).
+        # A lost connection, or a connect that timed out (the builtin TimeoutError), is retried (a
+        # reply lost with it is made good by idempotent writes: docs/reliability.md); a reply
+        # overdue (redis-py's TimeoutError) is not: it already waited the socket timeout, and a Redis
+        # that stalls (alive, not answering) made every command wait it four times (40 s before a 503
+        # the guide promises after 10).
         retry=Retry(
-            EqualJitterBackoff(cap=2.0, base=0.05), retries=3, supported_errors=(RedisConnectionError,)
+            EqualJitterBackoff(cap=2.0, base=0.05),
+            retries=3,
+            supported_errors=(RedisConnectionError, TimeoutError),
         ),
         health_check_interval=15,
         socket_connect_timeout=2.0,

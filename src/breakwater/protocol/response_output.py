@@ -74,7 +74,9 @@ def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
         for i in output
         if i["type"] == "function_call"
     ]
-    return {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
+    # An empty answer (its end token first) is an empty text: a message with neither is refused.
+    content = text or (None if calls else "")
+    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
 
 
 def response_object(
