@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.broker import batches as batch_store
 from breakwater.broker.ledger import day_of
@@ -21,6 +22,7 @@ from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import EMBEDDING_DIM, SimEngine
 from breakwater.gateway.batch_runner import BatchRunner, _retry_after_s
 from breakwater.gateway.errors import APIError
+from breakwater.gateway.following import RedisAway
 from breakwater.protocol.batches import BatchRecord, parse_input
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
@@ -341,6 +343,35 @@ async def test_a_cancelled_batch_keeps_what_it_answered_and_lets_the_rest_go(slo
         assert again.status == "cancelled" and again.request_counts is not None
         assert again.request_counts.completed == answered
     await runner.stop()
+
+
+async def test_a_line_cut_short_by_redis_away_is_taken_up_again_under_its_key(
+    slow: InProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that Redis left mid-answer (gateway.following.RedisAway, a 503) was a refusal to the
+    runner: the line was sent again under a new Idempotency-Key while its first request ran on (two
+    generations, both metered). As after any Redis outage, it is taken up again under the same key."""
+    runner = BatchRunner(slow.app.state.service, slow.app.state.batches, owner="a")
+    keys: list[str] = []
+    send = runner._send
+
+    async def away_once(record: Any, line: Any, body: Any, key: str) -> Any:
+        keys.append(key)
+        if len(keys) == 1:
+            raise RedisAway(RedisConnectionError("failing over"))
+        return await send(record, line, body, key)
+
+    monkeypatch.setattr(runner, "_send", away_once)
+    async with slow.sdk() as client:
+        batch = await _create(client, [_chat("c0", "once only", seed=1, max_tokens=4)])
+
+        async def done() -> bool:
+            await runner.tick()
+            return (await client.batches.retrieve(batch.id)).status == "completed"
+
+        await async_wait_for(done, 60, 0.2, what="the batch completed")
+    await runner.stop()
+    assert len(keys) == 2 and keys[0] == keys[1]
 
 
 def _responses_line(custom_id: str, text: str) -> dict[str, Any]:

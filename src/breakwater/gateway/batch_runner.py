@@ -27,6 +27,7 @@ from breakwater.broker.batches import BatchStore, FileWriter
 from breakwater.broker.errors import TRANSIENT
 from breakwater.broker.idempotency import IdempotencyKey
 from breakwater.gateway.errors import APIError
+from breakwater.gateway.following import RedisAway
 from breakwater.gateway.responses import responses_key, whole_response
 from breakwater.gateway.routes import whole_answer
 from breakwater.gateway.service import GatewayService
@@ -310,6 +311,8 @@ class BatchRunner:
             open_lines[line.index] = OpenLine(line.index, key, _xrid(record, line), _choices(line.body))
             try:
                 rid, status, answer = await self._send(record, line, body, key)
+            except RedisAway:
+                raise  # as TRANSIENT below: the next tick sends the line again under the same key
             except APIError as exc:
                 attempt += 1
                 wait_s = _retry_after_s(exc, attempt, record.expires_at - time.time())

@@ -9,6 +9,7 @@ were trimmed from the stream (``token_stream_maxlen``) cannot be replayed: the r
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -34,6 +35,21 @@ _AGAIN_S = 0.25  # a deadline not yet passed on Redis's clock is tried again aft
 
 class RequestGone(Exception):
     """The request record and its stream no longer exist (never existed or expired)."""
+
+
+class RedisAway(APIError):
+    """Redis stayed unreachable while a request was followed (:func:`_riding_out`): a 503
+    ``redis_unavailable`` the stream sends as its last event; the request itself goes on (it is
+    detached, as for a client gone), and a batch line is taken up again as after any Redis outage."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(
+            503,
+            f"the queue became unavailable mid-stream ({reason(exc)}); resume this request shortly",
+            type="service_unavailable",
+            code="redis_unavailable",
+            headers={"Retry-After": "1"},
+        )
 
 
 class RequestEnded(Exception):
@@ -288,13 +304,6 @@ async def _riding_out(read: Callable[[], Awaitable[T]]) -> T:
             return await read()
         except TRANSIENT as exc:
             if time.monotonic() + delay > deadline:
-                raise APIError(
-                    503,
-                    f"the queue became unavailable mid-stream ({reason(exc)}); resume with Last-Event-ID "
-                    "shortly",
-                    type="service_unavailable",
-                    code="redis_unavailable",
-                    headers={"Retry-After": "1"},
-                ) from exc
-            await asyncio.sleep(delay)
+                raise RedisAway(exc) from exc
+            await asyncio.sleep(delay * (0.5 + random.random()))  # streams that failed together: apart
             delay = min(2 * delay, 1.0)

@@ -21,7 +21,7 @@ from breakwater.broker.record import RequestRecord, Status
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import NO_CACHE
 from breakwater.gateway.errors import APIError, JSONBody, unsupported
-from breakwater.gateway.following import Submission
+from breakwater.gateway.following import RedisAway, Submission
 from breakwater.gateway.routes import HEADER_MAX, SSE_HEADERS, Caller, request_id, service
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import KEEPALIVE, Silence, error_chunk, event_error, one_line, renderer
@@ -395,7 +395,7 @@ async def _stream(
     except GatewayDraining:
         pass  # ended without response.completed: the client resumes elsewhere (starting_after)
     except APIError as exc:  # the status line is sent: say it as the stream's last event
-        finished = True
+        finished = not isinstance(exc, RedisAway)  # that request goes on: let go of it
         error = {"code": exc.code, "message": exc.message, "param": exc.param}
         yield LastChunk(_sse([{"type": "error", "sequence_number": output.out.number + 1, **error}], -1))
     finally:

@@ -24,7 +24,7 @@ from breakwater.gateway.autotools import ToolChunks
 from breakwater.gateway.body import OrjsonRoute
 from breakwater.gateway.cache import DEFAULT_CONTROL, CacheControl
 from breakwater.gateway.errors import APIError, JSONBody
-from breakwater.gateway.following import RequestEnded, Submission
+from breakwater.gateway.following import RedisAway, RequestEnded, Submission
 from breakwater.gateway.models import ModelInfo
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import (
@@ -252,7 +252,7 @@ async def _stream(
         pass  # end the stream without [DONE]: the client resumes on another gateway (Last-Event-ID)
     except APIError as exc:  # the status line is sent: say it as the stream's last event
         pending.append(LastChunk(sse_event(exc.body())))
-        finished = True
+        finished = not isinstance(exc, RedisAway)  # that request goes on: let go of it
     finally:
         if not finished:
             svc.requests.detach_later(sub.rid, shared=sub.cached)

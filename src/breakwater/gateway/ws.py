@@ -25,7 +25,7 @@ from breakwater.gateway.auth import bearer
 from breakwater.gateway.cache import HEADER, NO_CACHE
 from breakwater.gateway.cors import websocket_origin_allowed
 from breakwater.gateway.errors import APIError, error_body, invalid
-from breakwater.gateway.following import RequestEnded, Submission
+from breakwater.gateway.following import RedisAway, RequestEnded, Submission
 from breakwater.gateway.middleware import refused as log_refusal
 from breakwater.gateway.service import GatewayService
 from breakwater.gateway.sse import event_error
@@ -198,8 +198,8 @@ class _Connection:
             await self.error(message, "request_finished", sub.rid)
             finished = True
         except APIError as exc:
-            await self.error(exc.message, exc.code or "error", sub.rid, exc.status)
-            finished = True
+            await self.error(exc.message, exc.code or "error", sub.rid, exc.status, refused=exc)
+            finished = not isinstance(exc, RedisAway)  # that request goes on: let go of it
         except (WebSocketDisconnect, RuntimeError, GatewayDraining):
             pass  # the client resumes (on this or another gateway) with {"resume": id, "after": seq}
         finally:
