@@ -55,8 +55,10 @@ def _key_values(items: list[str]) -> dict[str, Any]:
 
 
 def _interrupt(_sig: int, _frame: Any) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the clean stop short
-        signal.signal(sig, signal.SIG_IGN)
+    from breakwater.stack import hurry
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second one hurries the stop, never cuts it midway
+        signal.signal(sig, lambda _sig, _frame: hurry())
     raise KeyboardInterrupt
 
 
@@ -439,7 +441,9 @@ def up(
     except KeyboardInterrupt:
         grace = stack.stream_grace_s
         console.print(
-            "stopping…" + (f" (requests under way may run on for up to {grace:g} s)" if grace else "")
+            "stopping…"
+            + (f" (requests under way may run on for up to {grace:g} s)" if grace else "")
+            + "; Ctrl-C again stops at once"
         )
     finally:
         stack.stop()

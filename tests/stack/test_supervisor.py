@@ -5,6 +5,7 @@ down nor a clean stop restarts anything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -276,6 +277,49 @@ async def test_a_stopped_up_finishes_the_streams_it_is_answering_whole(tmp_path:
     out = up.output()
     assert code == 0, out
     assert "stopping… (requests under way may run on for up to 15 s)" in out and "restarting it" not in out
+
+
+async def test_a_second_ctrl_c_stops_up_at_once_without_orphans(tmp_path: Path) -> None:
+    """The first signal stops ``up`` with its gateway's stream grace (here 120 s); a second one was
+    ignored, so an operator's only way out was ``kill -9``, which left the gateway, the workers and
+    Redis running (own sessions). Now a second one gives what is left a few seconds, then kills."""
+    env = {"BREAKWATER_STREAM_GRACE_S": "120", "BREAKWATER_SIM_DECODE_BASE_MS": "25"}
+    up = Up(tmp_path, "--workers", "1", env=env)
+    children: list[int] = []
+    try:
+        up.wait_serving(workers=1)
+        children += [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-P", str(up.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+        ]
+        assert len(children) >= 3  # redis, gateway, worker
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {
+                "model": "sim",
+                "prompt": "a long one",
+                "max_tokens": 4000,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            async with http.stream("POST", f"{up.url}/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                lines = resp.aiter_lines()
+                while not (await anext(lines)).startswith("data: {"):
+                    pass
+                up.proc.send_signal(signal.SIGINT)
+                wait_for(lambda: "Ctrl-C again stops at once" in up.output(), 30, 0.05, "up stopping")
+                up.proc.send_signal(signal.SIGINT)
+                code = up.proc.wait(30)  # not the 120 s grace
+        assert code == 0, up.output()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 10, 0.1, "no child left")
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+        for pid in children:  # (what a failed stop would leave)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _stopped_body(i: int) -> dict[str, Any]:
