@@ -45,6 +45,21 @@ def read_trace(path: Path, time_scale: float = 1.0, duration_s: float | None = N
     return arrivals
 
 
+def _curve_and_prices(
+    capacity: int,
+    decode_base_ms: float,
+    decode_per_seq_ms: float,
+    prefill_ms_per_token: float,
+    max_batched_tokens: int,
+    pricing: Path | None,
+) -> tuple[ServiceCurve, Pricing]:
+    """The service curve the options describe (milliseconds as seconds) and the prices; ValueError
+    for either that cannot be."""
+    seconds = (decode_base_ms / 1000, decode_per_seq_ms / 1000, prefill_ms_per_token / 1000)
+    curve = ServiceCurve(capacity, *seconds, max_batched_tokens)
+    return curve, Pricing.load(pricing)
+
+
 def simulate(
     trace_path: Annotated[
         Path, typer.Option("--trace", help="Azure CSV or Mooncake JSONL trace", exists=True, dir_okay=False)
@@ -90,14 +105,9 @@ def simulate(
         )
     arrivals = read_trace(trace_path, time_scale=time_scale, duration_s=duration)
     try:
-        curve = ServiceCurve(
-            capacity,
-            decode_base_ms / 1000,
-            decode_per_seq_ms / 1000,
-            prefill_ms_per_token / 1000,
-            max_batched_tokens,
+        curve, prices = _curve_and_prices(
+            capacity, decode_base_ms, decode_per_seq_ms, prefill_ms_per_token, max_batched_tokens, pricing
         )
-        prices = Pricing.load(pricing)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if sku not in prices.gpu_hour:
@@ -151,14 +161,9 @@ def plan_fleet(
 
     arrivals = read_trace(trace_path)
     try:
-        curve = ServiceCurve(
-            capacity,
-            decode_base_ms / 1000,
-            decode_per_seq_ms / 1000,
-            prefill_ms_per_token / 1000,
-            max_batched_tokens,
+        curve, prices = _curve_and_prices(
+            capacity, decode_base_ms, decode_per_seq_ms, prefill_ms_per_token, max_batched_tokens, pricing
         )
-        prices = Pricing.load(pricing)
         demand = Demand(requests_per_day, peak_to_average, slo_ttft_p95_s, tpot_p95_s=slo_tpot_p95_s)
         if sku not in prices.gpu_hour:
             raise ValueError(f"no price for `{sku}` (known: {', '.join(sorted(prices.gpu_hour))})")
