@@ -9,7 +9,6 @@ were trimmed from the stream (``token_stream_maxlen``) cannot be replayed: the r
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -18,7 +17,7 @@ from functools import partial
 from typing import TypeVar
 
 from breakwater.broker import Broker, RequestRecord
-from breakwater.broker.errors import TRANSIENT, reason
+from breakwater.broker.errors import TRANSIENT, Backoff, reason
 from breakwater.broker.fanin import FanIn, GatewayDraining, Subscription
 from breakwater.broker.record import Status
 from breakwater.broker.types import NOT_DUE
@@ -298,12 +297,12 @@ async def _riding_out(read: Callable[[], Awaitable[T]]) -> T:
     :data:`RIDE_OUT_S` (a failover longer than the client's own retries: a stream broke mid-body
     with an unhandled error); then a 503 ``redis_unavailable``, which a stream sends as its last
     event (resume it with ``Last-Event-ID`` once Redis is back)."""
-    deadline, delay = time.monotonic() + RIDE_OUT_S, 0.05
+    deadline, backoff = time.monotonic() + RIDE_OUT_S, Backoff(base_s=0.05, cap_s=1.0)
     while True:
         try:
             return await read()
         except TRANSIENT as exc:
+            delay = backoff.next_delay()  # (jittered: streams that failed together retry apart)
             if time.monotonic() + delay > deadline:
                 raise RedisAway(exc) from exc
-            await asyncio.sleep(delay * (0.5 + random.random()))  # streams that failed together: apart
-            delay = min(2 * delay, 1.0)
+            await asyncio.sleep(delay)

@@ -27,6 +27,7 @@ from breakwater.protocol.schema_check import (
     too_deep,
     unenforced,
 )
+from breakwater.protocol.validation import given
 
 FormatKind = Literal["json_object", "json_schema"]
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -175,8 +176,8 @@ def only_known(value: dict[str, Any], known: tuple[str, ...], where: str) -> Non
     """Refuse a field of ``value`` (the object at ``where``) that is not one of ``known``: a misspelt
     one (``shema``, ``paramters``) would otherwise be passed over and its default served instead.
     An empty one (null, ``""``, ``[]``, ``{}``: a client's "not given") asks for nothing: passed."""
-    for key, given in value.items():
-        if key not in known and given not in (None, "", [], {}):
+    for key, asked in value.items():
+        if key not in known and given(asked):
             raise FormatError(f"unknown parameter `{where}.{key}`", f"{where}.{key}", "unknown_parameter")
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from breakwater.protocol.validation import invalid_field, missing_field
+from breakwater.protocol.validation import given, invalid_field, missing_field
 
 # Keys of a chat message besides role, content and name: those the gateway uses; any other that asks
 # for something (a non-null, non-empty value: an earlier answer's `refusal`, `audio`, a legacy
@@ -36,8 +36,8 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"part {i} {named}: only text content parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i}, of type `text`, needs a string `text`")
-            for key, given in part.items():  # an empty one (a client's "not given") asks for nothing
-                if key not in ("type", "text") and given not in (None, "", [], {}):
+            for key, field in part.items():
+                if key not in ("type", "text") and given(field):
                     message = f"part {i}, of type `text`, has no field `{key}`"
                     raise invalid_field(f"{i}.{key}", message, "unknown_parameter")
         return value
@@ -45,7 +45,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _known_keys(self) -> ChatMessage:
         for key, value in (self.model_extra or {}).items():
-            if key not in _TAKEN and value not in (None, "", [], {}):
+            if key not in _TAKEN and given(value):
                 raise ValueError(f"the message field `{key}` is not supported; remove it from the message")
         if self.content == []:
             raise invalid_field("content", "an empty array; give at least one content part", "empty_array")

@@ -26,6 +26,12 @@ _PLACES = frozenset({"body", "query", "path"})  # FastAPI's first part of a para
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
 
 
+def given(value: Any) -> bool:
+    """A field's value asks for something: not null, ``""``, ``[]`` or ``{}`` (a client's "not
+    given", which a field the server does not have may carry)."""
+    return value not in (None, "", [], {})
+
+
 def invalid_field(field: str, message: str, code: str = "invalid_value") -> PydanticCustomError:
     """A validation error naming ``field`` (below the model that raises it) and OpenAI's ``code``."""
     return PydanticCustomError(code, message, {"field": field})
