@@ -253,7 +253,9 @@ def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
     )
     try:
         while bench.poll() is None:
-            live.keda.append(_keda_replicas(live, scaled, metrics))
+            sample = _keda_replicas(live, scaled, metrics)
+            if sample is not None:
+                live.keda.append(sample)
             time.sleep(0.5)
     finally:
         if bench.poll() is None:
@@ -267,8 +269,10 @@ def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
     return live
 
 
-def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[str, int]:
-    """Replicas each trigger asks for, as KEDA computes them: ceil(value / target per replica)."""
+def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[str, int] | None:
+    """Replicas each trigger asks for, as KEDA computes them: ceil(value / target per replica); None
+    when Redis could not say a group's lag at that instant (XINFO GROUPS answers null for a while
+    after an entry at the group's last delivered id is deleted), a sample KEDA cannot use either."""
     wanted: dict[str, int] = {}
     for trigger in scaled["spec"]["triggers"]:
         meta = trigger["metadata"]
@@ -276,6 +280,8 @@ def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[s
             group = next(
                 g for g in metrics.xinfo_groups(meta["stream"]) if g["name"] == meta["consumerGroup"]
             )
+            if group["lag"] is None:
+                return None
             value, target = float(group["lag"]), float(meta["lagCount"])
         else:
             result = live.query(meta["query"])
