@@ -260,6 +260,7 @@ def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
     finally:
         if bench.poll() is None:
             bench.kill()
+            bench.wait(10)  # (reaped: a fixture that failed left it to the next test's ResourceWarning)
         metrics.close()
     assert bench.wait(10) == 0, (out / "bench.log").read_text()[-2000:]
     summary = json.loads((out / "result.json").read_text())
