@@ -259,6 +259,34 @@ async def test_reclaim_after_lease_lapse_and_ack_deletes(broker: Broker, redis: 
     assert await broker.queue_depth("m", "interactive") == (0, 0)
 
 
+async def test_the_queue_lag_stays_known_when_jobs_end_out_of_order(broker: Broker, redis: Redis) -> None:
+    """The job read last ends first while an older one runs and three wait: the consumer group's
+    lag (what KEDA's redis-streams trigger reads) stays 3, not NULL, and new entries still get
+    later ids."""
+    for i in range(5):
+        await _enqueue(broker, f"o{i}")
+    older, last = await broker.claim("m", "interactive", "w", 2, None)
+    stream = broker.keys.jobs("m", "interactive")
+
+    async def lag() -> Any:
+        ((name, value),) = [(g["name"], g["lag"]) for g in await redis.xinfo_groups(stream)]
+        assert name == GROUP
+        return value
+
+    assert await lag() == 3
+    await broker.ack(last)
+    assert await lag() == 3
+    assert await broker.queue_depth("m", "interactive") == (3, 1)
+    await _enqueue(broker, "o5")
+    newest = (await redis.xrevrange(stream, count=1))[0][0]
+    assert tuple(map(int, newest.split("-"))) > tuple(map(int, last.entry_id.split("-")))
+    assert await lag() == 4
+    await broker.ack(older)
+    assert await lag() == 4
+    assert [j.rid for j in await broker.claim("m", "interactive", "w", 4, None)] == ["o2", "o3", "o4", "o5"]
+    assert await lag() == 0
+
+
 async def test_reclaim_reaches_dead_jobs_behind_many_healthy_ones(broker: Broker, redis: Redis) -> None:
     """Lapsed entries are found wherever they sit in the pending list: one call for each of them,
     with a long run of healthy pending entries before them (``XAUTOCLAIM``, used before, scanned at

@@ -253,9 +253,7 @@ def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
     )
     try:
         while bench.poll() is None:
-            sample = _keda_replicas(live, scaled, metrics)
-            if sample is not None:
-                live.keda.append(sample)
+            live.keda.append(_keda_replicas(live, scaled, metrics))
             time.sleep(0.5)
     finally:
         if bench.poll() is None:
@@ -270,10 +268,10 @@ def loaded(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Live:
     return live
 
 
-def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[str, int] | None:
-    """Replicas each trigger asks for, as KEDA computes them: ceil(value / target per replica); None
-    when Redis could not say a group's lag at that instant (XINFO GROUPS answers null for a while
-    after an entry at the group's last delivered id is deleted), a sample KEDA cannot use either."""
+def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[str, int]:
+    """Replicas each trigger asks for, as KEDA computes them: ceil(value / target per replica). A
+    group's lag must be a number at every sample: Redis answered null (KEDA reads -1) while jobs
+    ended out of order, until ack.lua kept it known."""
     wanted: dict[str, int] = {}
     for trigger in scaled["spec"]["triggers"]:
         meta = trigger["metadata"]
@@ -281,8 +279,7 @@ def _keda_replicas(live: Live, scaled: dict[str, Any], metrics: Redis) -> dict[s
             group = next(
                 g for g in metrics.xinfo_groups(meta["stream"]) if g["name"] == meta["consumerGroup"]
             )
-            if group["lag"] is None:
-                return None
+            assert group["lag"] is not None, group
             value, target = float(group["lag"]), float(meta["lagCount"])
         else:
             result = live.query(meta["query"])
