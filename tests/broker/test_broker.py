@@ -25,6 +25,7 @@ from breakwater.broker import (
     StartOutcome,
     Status,
 )
+from breakwater.broker.errors import ReplicaAckError
 from breakwater.broker.idempotency import Binding, IdempotencyKey
 from breakwater.broker.ledger import day_of
 from breakwater.broker.record import RequestRecord
@@ -278,13 +279,66 @@ async def test_the_queue_lag_stays_known_when_jobs_end_out_of_order(broker: Brok
     assert await lag() == 3
     assert await broker.queue_depth("m", "interactive") == (3, 1)
     await _enqueue(broker, "o5")
-    newest = (await redis.xrevrange(stream, count=1))[0][0]
-    assert tuple(map(int, newest.split("-"))) > tuple(map(int, last.entry_id.split("-")))
+    newest: Any = await redis.xrevrange(stream, count=1)
+    assert tuple(map(int, str(newest[0][0]).split("-"))) > tuple(map(int, last.entry_id.split("-")))
     assert await lag() == 4
     await broker.ack(older)
     assert await lag() == 4
     assert [j.rid for j in await broker.claim("m", "interactive", "w", 4, None)] == ["o2", "o3", "o4", "o5"]
     assert await lag() == 0
+
+
+async def test_too_few_replica_acks_cancel_a_request_that_has_not_ended(redis: Redis, prefix: str) -> None:
+    """``replica_ack`` on a Redis without replicas: the wait times out, the request is cancelled
+    and the caller told to retry."""
+    broker = Broker(redis, Keys(prefix), replica_ack=1, replica_ack_ms=50)
+    try:
+        with pytest.raises(ReplicaAckError, match="0 of 1 replicas"):
+            await _enqueue(broker, "unacked")
+        record = await broker.get_record("unacked")
+        assert record is not None and record.status is Status.CANCELLED
+    finally:
+        await _close(broker)
+
+
+async def _close(broker: Broker) -> None:
+    """A broker's own connections (not the shared client the fixture closes)."""
+    if broker._admit is not broker.fast:
+        await broker._admit.aclose()
+    await broker.fast.aclose()
+
+
+async def test_a_request_that_ended_during_the_replica_wait_stands(redis: Redis, prefix: str) -> None:
+    """The job is visible to workers during the wait: one ran it to its end before too few replicas
+    answered. Its answer is written, so it is not cancelled nor the client told to retry (a retry
+    would generate it twice)."""
+    broker = Broker(redis, Keys(prefix), replica_ack=1, replica_ack_ms=1500)
+    worker = Broker(redis, Keys(prefix))
+    try:
+        await _ended_during_the_wait(broker, worker, redis)
+    finally:
+        for b in (broker, worker):
+            await _close(b)
+
+
+async def _ended_during_the_wait(broker: Broker, worker: Broker, redis: Redis) -> None:
+    admitted = asyncio.create_task(_enqueue(broker, "quick"))
+    jobs: list[Any] = []
+
+    async def claimed() -> bool:
+        if await redis.exists(worker.keys.jobs("m", "interactive")):  # (queued: the group exists)
+            jobs.extend(await worker.claim("m", "interactive", "w", 1, None))
+        return bool(jobs)
+
+    await async_wait_for(claimed, timeout_s=1)
+    assert [j.rid for j in jobs] == ["quick"] and not admitted.done()
+    await _start(worker, "quick", "w")
+    await worker.finish("quick", attempt=1, text="hi", tokens=1, kind="done", status=Status.DONE, ttl_s=60)
+    result = await admitted
+    assert result.admission is Admission.QUEUED
+    record = await worker.get_record("quick")
+    assert record is not None and record.status is Status.DONE
+    assert [e.kind for e in await worker.read_events("quick", 0)] == ["token", "done"]
 
 
 async def test_reclaim_reaches_dead_jobs_behind_many_healthy_ones(broker: Broker, redis: Redis) -> None:

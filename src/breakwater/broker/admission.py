@@ -19,7 +19,7 @@ from breakwater.broker.errors import TRANSIENT, ReplicaAckError
 from breakwater.broker.ledger import Ledger
 from breakwater.broker.record import RequestSpec
 from breakwater.broker.scripts import Script
-from breakwater.broker.types import Admission, EnqueueResult
+from breakwater.broker.types import ENDED, Admission, EnqueueResult
 from breakwater.broker.wire import Arg
 from breakwater.keys import GROUP, Keys
 
@@ -195,12 +195,16 @@ class Admissions:
     async def wait_replicas(self, keys: list[str]) -> None:
         """``WAIT`` until a replica of each key's server acknowledged the writes so far (``replica_ack``
         replicas, ``replica_ack_ms`` at most): an accepted request survives a primary's failover.
-        Raises :class:`ReplicaAckError` when too few replicas answered in time."""
+        Raises :class:`ReplicaAckError` when too few replicas answered in time and the request was
+        cancelled; one a worker had already ended meanwhile (its job is visible during the wait)
+        stands: its answer is written, and a client told to retry would have it generated twice."""
         targets = keys if self._admit.cluster else keys[:1]
         acked = await asyncio.gather(
             *(self._admit.execute_at(k, "WAIT", self.replica_ack, self.replica_ack_ms) for k in targets)
         )
         if any(int(n) < self.replica_ack for n in acked):
             rid = keys[0][keys[0].index("{") + 1 : -1]
-            await self.cancel(rid, ttl_s=60, reason="too few replicas acknowledged its admission")
+            reason = "too few replicas acknowledged its admission"
+            if await self.cancel(rid, ttl_s=60, reason=reason) == ENDED:
+                return
             raise ReplicaAckError(f"{min(int(n) for n in acked)} of {self.replica_ack} replicas acknowledged")
