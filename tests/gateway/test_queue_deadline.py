@@ -9,9 +9,11 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
+from breakwater.gateway import following
 from breakwater.redis_server import RedisServer
 from tests.inproc import InProc, busy_gateway, inproc_gateway
 
@@ -49,6 +51,30 @@ async def test_a_stream_queued_past_its_timeout_ends_with_the_timeout_error(
     assert got.status_code == 200
     (event,) = [e for e in got.content.split(b"\n\n") if e]
     assert event.startswith(b"id: 1\ndata: ")
+    error = orjson.loads(event.split(b"data: ", 1)[1])["error"]
+    assert (error["code"], error["type"]) == ("timeout", "timeout")
+
+
+async def test_a_stream_whose_deadline_write_meets_redis_away_still_ends_with_the_timeout_error(
+    redis_server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write that ends the queued request at its deadline fails (Redis failing over): asked
+    again shortly, as the stream's reads ride it out; the unhandled error broke the body before."""
+    real = following.end_queued
+    failed: list[str] = []
+
+    async def away(broker: Any, rid: str, ttl_s: int) -> int:
+        if len(failed) < 2:
+            failed.append(rid)
+            raise RedisConnectionError("Redis is failing over")
+        return await real(broker, rid, ttl_s)
+
+    monkeypatch.setattr(following, "end_queued", away)
+    async with busy_gateway(redis_server.url, prefix, 3.0, sse_keepalive_s=0) as gw:
+        got = await gw.http.post("/v1/chat/completions", json={**CHAT, "stream": True, "timeout": 0.3})
+        assert await _status(gw, gw.busy_rid) == "running"
+    assert got.status_code == 200 and len(failed) == 2
+    (event,) = [e for e in got.content.split(b"\n\n") if e]
     error = orjson.loads(event.split(b"data: ", 1)[1])["error"]
     assert (error["code"], error["type"]) == ("timeout", "timeout")
 

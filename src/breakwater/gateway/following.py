@@ -217,7 +217,10 @@ class Quiet:
         return self._due(delivered)
 
     async def _expire(self, broker: Broker, rid: str) -> None:
-        expired = await end_queued(broker, rid, self.ttl_s)
+        try:
+            expired = await end_queued(broker, rid, self.ttl_s)
+        except TRANSIENT:  # Redis away: asked again shortly (the spell's read rides it out)
+            expired = NOT_DUE
         if expired == NOT_DUE:  # not yet on Redis's clock (behind this host's): asked again shortly
             self.deadline = time.time() + _AGAIN_S
             return
