@@ -108,10 +108,14 @@ async def complete(
     if isinstance(body, EmbeddingRequest) or not body.stream:
         headers, result = await whole_answer(svc, body, xrid, who, idempotency_key, cache, request.receive)
         return JSONBody(result, headers=headers)
+    last_event_id = _resuming(request, idempotency_key, body.choice_count())
     if body.choice_count() > 1:
         group = await svc.submit_choices(
             body, request_id=xrid, idempotency_key=idempotency_key, principal=who
         )
+        if last_event_id is not None and group.choices[0].sub and group.choices[0].sub.duplicate:
+            choices.release_all(svc, group)  # followed again from the client's position
+            return await _resume_choices(svc, group.rid, len(group.choices), who, None, last_event_id)
         headers = {"X-Breakwater-Request-Id": group.rid, "X-Breakwater-Model": group.model, **group.headers}
         return SSEResponse(
             choices.stream(svc, group),
@@ -121,7 +125,24 @@ async def complete(
     sub = await svc.submit(body, request_id=xrid, idempotency_key=idempotency_key, principal=who, cache=cache)
     # The model (version, when the client named an alias) the request runs on.
     headers = {"X-Breakwater-Request-Id": sub.rid, "X-Breakwater-Model": sub.model, **sub.headers}
-    return _sse(svc, sub, 0, headers)
+    return _sse(svc, sub, int(last_event_id) if last_event_id and sub.duplicate else 0, headers)
+
+
+def _resuming(request: Request, idempotency_key: str | None, n: int) -> str | None:
+    """A stream's ``Last-Event-ID`` when its client sends the request again to resume it (as SSE
+    clients of a POST reconnect): checked before anything is queued, and only with the
+    ``Idempotency-Key`` that makes it the same request (whose stream then goes on after it)."""
+    last = request.headers.get("last-event-id")
+    if last is None:
+        return None
+    if idempotency_key is None:
+        message = "Last-Event-ID resumes a request sent again with its Idempotency-Key (or GET its events)"
+        raise APIError(400, message, param="Last-Event-ID")
+    if n > 1:
+        choices.parse_positions(last, n)
+    elif not choices.is_seq(last):
+        raise APIError(400, "Last-Event-ID must be a sequence number", param="Last-Event-ID")
+    return last
 
 
 async def whole_answer(
