@@ -277,6 +277,7 @@ async def test_a_response_not_stored_cannot_be_retrieved_or_continued(client: op
         ({"include": ["file_search_call.results"]}, "include"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),  # the sim has none: was `logprobs`
         ({"stream_options": {"include_obfuscation": False}}, "stream_options"),  # without `stream`
         # An unknown field of an input item or part was ignored (a chat message's is refused).
         ({"input": [{"role": "user", "content": "x", "foo": "bar"}]}, "input[0].foo"),
@@ -303,6 +304,17 @@ async def test_what_is_not_served_is_refused_by_name(
         await client.responses.create(**kwargs)
     body = info.value.body
     assert isinstance(body, dict) and body["param"] == param, body
+
+
+async def test_a_tool_choice_error_shows_the_responses_tool_shape(client: openai.AsyncOpenAI) -> None:
+    """The sim knows no tool-call format: `tool_choice: auto` is refused, and the fix it suggests is
+    a Responses tool choice (`{"type": "function", "name": ...}`), not a chat one."""
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="sim", input="hi", tools=[tool])  # type: ignore[list-item]
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "tool_choice", body
+    assert '`{"type": "function", "name": ...}`' in body["message"] and '"function": {' not in body["message"]
 
 
 async def test_another_tenants_or_a_made_up_response_is_not_found(gw: InProc) -> None:

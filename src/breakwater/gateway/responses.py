@@ -50,6 +50,7 @@ _PARAMS = {
     "max_completion_tokens": "max_output_tokens",
     "max_tokens": "max_output_tokens",
     "response_format": "text.format",
+    "logprobs": "include",  # (`include: ["message.output_text.logprobs"]` asks for them)
 }
 # A chat error's words as the Responses API says them (its format is flat: ``text.format.schema``).
 _WORDS = (
@@ -57,6 +58,7 @@ _WORDS = (
     ("`response_format.json_schema.", "`text.format."),
     ("`response_format", "`text.format"),
     ("`json_schema.", "`text.format."),
+    ('`{"type": "function", "function": {"name": ...}}`', '`{"type": "function", "name": ...}`'),
     ("a `tool` message must answer the `tool_calls` of the assistant message before it", "a "
      "`function_call_output` must answer a `function_call` item before it"),
     ("is not among the `tool_calls` of the assistant message before it", "is the `call_id` of no "
@@ -449,4 +451,5 @@ def _renamed(exc: APIError) -> APIError:
             exc.message = _worded(exc.message.replace(f"`{head}`", f"`{_PARAMS[head]}`"))
         elif head.startswith("tools[") and rest.startswith("function."):
             exc.param = f"{head}.{rest.removeprefix('function.')}"
+    exc.message = _worded(exc.message)
     return exc
