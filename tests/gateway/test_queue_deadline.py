@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from breakwater.engines.options import SimOptions
 from breakwater.engines.sim import SimEngine
-from breakwater.gateway import following
+from breakwater.gateway import deadlines, following
 from breakwater.redis_server import RedisServer
 from tests.inproc import InProc, busy_gateway, inproc_gateway
 
@@ -60,7 +60,7 @@ async def test_a_stream_whose_deadline_write_meets_redis_away_still_ends_with_th
 ) -> None:
     """The write that ends the queued request at its deadline fails (Redis failing over): asked
     again shortly, as the stream's reads ride it out; the unhandled error broke the body before."""
-    real = following.end_queued
+    real = deadlines.end_queued
     failed: list[str] = []
 
     async def away(broker: Any, rid: str, ttl_s: int) -> int:
