@@ -147,6 +147,10 @@ class Engine(ABC):
     # streams from a backend gathers what has arrived instead; a step begun during a publish would
     # only gather less.
     overlaps_publish: bool = False
+    # Whether a step that does not return for ``step_timeout_s`` means the engine is stuck (the
+    # worker then hands its jobs over). Not for one whose sequences wait on a backend with a read
+    # timeout of their own: there a long silence is the backend's prefill or queue, ended by it.
+    watched_steps: bool = True
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load the model; called once before use."""

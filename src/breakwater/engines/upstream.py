@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,7 @@ from breakwater.engines.base import (
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice, upstream_message
+from breakwater.engines.upstream_http import OnLines
 from breakwater.engines.upstream_load import UpstreamLoad, metrics_urls, parse_load
 from breakwater.engines.upstream_pool import StreamClient
 from breakwater.protocol.embeddings import pack
@@ -49,11 +51,18 @@ class UpstreamError(Exception):
     def retryable(self) -> bool:
         return self.status == 0 or self.status == 429 or self.status >= 500
 
+    @property
+    def operators(self) -> bool:
+        """The upstream refused Breakwater itself (its key, its model name, a route it lacks): the
+        operator's to fix, a server error to the client, not a fault of the client's request."""
+        return self.status in (401, 403, 404)
+
 
 class OpenAIUpstreamEngine(StreamingEngine):
     # Passed through to the upstream.
     features = frozenset({RESPONSE_FORMAT, LOGPROBS, EMBEDDINGS, PENALTIES, LOGIT_BIAS})
     tool_format = PASS_THROUGH  # tools too: the upstream's calls come back as Hermes blocks
+    watched_steps = False  # a silent upstream is ended by ``read_timeout_s`` (then retried)
 
     def __init__(self, options: UpstreamOptions) -> None:
         self.base_url = options.url.rstrip("/")
@@ -251,6 +260,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
             except asyncio.CancelledError:
                 raise
             except UpstreamError as exc:
+                if exc.operators:
+                    self._emit(SequenceDelta(rid, error=str(exc)))
+                    return
                 if not exc.retryable:
                     self._emit(SequenceDelta(rid, error=str(exc), error_code=_error_code(str(exc))))
                     return
@@ -349,9 +361,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 if data == b"[DONE]":
                     done = True
                     break
-                chunk = orjson.loads(data)
-                if "error" in chunk:
-                    raise UpstreamError(_error_message(data, 500), status=500)
+                chunk = _chunk(data)
+                if chunk is None:
+                    continue
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     wrote = len(parts)
@@ -362,12 +374,26 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 self._emit_read(flight, parts, calls, logprobs, texted)
             return done
 
-        status, raw = await self._streams().post(path, orjson.dumps(body), read)
+        status, raw = await self._post(rid, path, body, read, lambda: finish is not None)
         if status != 200:
             raise UpstreamError(_error_message(raw, status), status=status)
         if finish is None:
             raise UpstreamError("the upstream stream ended without a finish_reason")
         self._emit(self._final(flight, start_tokens, finish, usage))
+
+    async def _post(
+        self, rid: str, path: str, body: dict[str, Any], read: OnLines, finished: Callable[[], bool]
+    ) -> tuple[int, bytes]:
+        """The upstream's answer to ``body``, its stream's lines handed to ``read``. A stream lost
+        after its finish (before the usage chunk or ``[DONE]``) is whole: a retry would ask the model
+        to write on past its end."""
+        try:
+            return await self._streams().post(path, orjson.dumps(body), read)
+        except (aiohttp.ClientError, OSError, ValueError):
+            if not finished():
+                raise
+            log.warning("upstream stream lost after its finish", extra={"rid": rid})
+            return 200, b""
 
     def _emit_read(
         self,
@@ -415,6 +441,19 @@ class OpenAIUpstreamEngine(StreamingEngine):
             finish_reason=finish,
             usage={"prompt_tokens": prompt, "completion_tokens": total},
         )
+
+
+def _chunk(data: bytes) -> dict[str, Any] | None:
+    """A ``data:`` line's chunk; None for an empty one (some servers' keepalive). Raises
+    ``ValueError`` for one that is not a JSON object, :class:`UpstreamError` for an error event."""
+    if not data:
+        return None
+    chunk = orjson.loads(data)
+    if not isinstance(chunk, dict):
+        raise ValueError(f"the upstream sent a chunk that is not an object: {data[:100]!r}")
+    if "error" in chunk:
+        raise UpstreamError(_error_message(data, 500), status=500)
+    return chunk
 
 
 def _within(seconds: float) -> aiohttp.ClientTimeout:

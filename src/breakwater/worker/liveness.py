@@ -76,11 +76,20 @@ class LivenessMixin:
 
     def step_hung(self) -> bool:
         """The engine has been inside one step longer than ``step_timeout_s`` (stuck decode, stalled
-        upstream): the process is alive but its jobs make no progress."""
+        upstream) while it runs sequences: the process is alive but its jobs make no progress. A step
+        that waits with none (the last one was cancelled while it waited) is an idle engine's."""
         started = self._step_started
-        return started is not None and time.monotonic() - started > self.settings.step_timeout_s
+        return (
+            started is not None
+            and self.engine.watched_steps
+            and self.engine.running() > 0
+            and time.monotonic() - started > self.settings.step_timeout_s
+        )
 
     async def _heartbeat_once(self) -> None:
+        if self.hung and not self.step_hung():  # the step came back: serving (and watching) again
+            self.hung = False
+            log.warning("engine step returned; serving again")
         if self.step_hung():
             if not self.hung:
                 self.hung = True

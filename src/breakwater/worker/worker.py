@@ -264,6 +264,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         if record.created_ms:
             waited_ms = int(time.time() * 1000) - record.created_ms  # cross-host clocks: a metric only
             self.metrics.queue_wait.labels(self.model).observe(max(0, waited_ms) / 1000)
+        idle = not self.engine.running()
         try:
             self._add(request)
         except EngineRequestError as exc:
@@ -278,8 +279,8 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
             )
             await self._settle(job)
             return
-        if self._step_started is None:  # the engine's next step runs this: time it from now
-            self._step_started = time.monotonic()
+        if self._step_started is None or idle:  # the next step runs this (or the idle one waiting
+            self._step_started = time.monotonic()  # for work does): time it from now
         suspect = record.failures > 0
         self.inflight[job.rid] = InFlight(
             job=replace(job, started=None),  # not the record with its prompt, for the whole run

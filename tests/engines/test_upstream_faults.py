@@ -1,0 +1,134 @@
+"""An upstream's faults the `openai` engine meets: a stream lost after its finish is a whole answer
+(a retry wrote on past the end), empty ``data:`` events are skipped (they failed the attempt), a
+chunk that is not a JSON object is a failed attempt retried (it raised past the retries), and the
+upstream refusing Breakwater itself (401/403/404) is a server error, not the client's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from breakwater.engines.base import GenerationRequest, SequenceDelta
+from breakwater.engines.options import UpstreamOptions
+from breakwater.engines.upstream import OpenAIUpstreamEngine
+from tests.engines.raw_upstream import RawUpstream
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _token(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+class Scripted(RawUpstream):
+    """Answers the n-th completion as ``scripts[n]`` says (the last one for any later)."""
+
+    def __init__(self, scripts: list[str]) -> None:
+        super().__init__("faults")
+        self.scripts = scripts
+        self.completions: list[dict[str, Any]] = []
+
+    async def complete(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        self.completions.append(body)
+        script = self.scripts[min(len(self.completions), len(self.scripts)) - 1]
+        if script.startswith("status "):
+            status = int(script.split()[1])
+            error = orjson.dumps({"error": {"message": f"refused with {status}", "type": "x"}})
+            writer.write(f"HTTP/1.1 {status} No\r\nContent-Length: {len(error)}\r\n\r\n".encode() + error)
+            await writer.drain()
+            return
+        writer.write(HEAD)
+        events: list[bytes] = []
+        if script == "empty data":
+            events.append(b"data:\n\n")
+        if script == "not an object":
+            events.append(b"data: null\n\n")
+        events += [b"data: " + orjson.dumps(_token(f" t{i}")) + b"\n\n" for i in range(3)]
+        events.append(b"data: " + orjson.dumps(_token(" t3", "length")) + b"\n\n")
+        if script == "finish, then lost":
+            for event in events:
+                writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            await writer.drain()
+            writer.transport.abort()  # before the usage chunk, [DONE] and the chunked body's end
+            return
+        events.append(b"data: [DONE]\n\n")
+        for event in events:
+            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+
+@pytest.fixture
+async def engine_for(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Scripted, OpenAIUpstreamEngine]]:
+    server = Scripted(request.param)
+    async with server as url:
+        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=5))
+        await engine.start()
+        try:
+            yield server, engine
+        finally:
+            await engine.close()
+
+
+async def _run(engine: OpenAIUpstreamEngine) -> list[SequenceDelta]:
+    engine.add(GenerationRequest("r1", messages=[{"role": "user", "content": "hi"}], max_tokens=4))
+    deltas: list[SequenceDelta] = []
+    async with asyncio.timeout(15):
+        while not any(d.finished for d in deltas):
+            deltas += await engine.step()
+    return deltas
+
+
+@pytest.mark.parametrize("engine_for", [["finish, then lost"]], indirect=True)
+async def test_a_stream_lost_after_its_finish_is_whole(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    server, engine = engine_for
+    deltas = await _run(engine)
+    assert "".join(d.text for d in deltas) == " t0 t1 t2 t3"
+    final = deltas[-1]
+    assert (final.finish_reason, final.error) == ("length", None)
+    assert final.usage == {"prompt_tokens": 0, "completion_tokens": 4}
+    assert len(server.completions) == 1  # not retried to write on past the finish
+
+
+@pytest.mark.parametrize("engine_for", [["empty data"]], indirect=True)
+async def test_an_empty_data_event_is_skipped(engine_for: tuple[Scripted, OpenAIUpstreamEngine]) -> None:
+    server, engine = engine_for
+    deltas = await _run(engine)
+    assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None
+    assert len(server.completions) == 1
+
+
+@pytest.mark.parametrize("engine_for", [["not an object", "fine"]], indirect=True)
+async def test_a_chunk_that_is_not_an_object_is_a_failed_attempt(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    server, engine = engine_for
+    deltas = await _run(engine)
+    assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None
+    assert len(server.completions) == 2  # retried, as a malformed line is
+
+
+@pytest.mark.parametrize("engine_for", [["status 401"], ["status 403"], ["status 404"]], indirect=True)
+async def test_the_upstream_refusing_breakwater_is_a_server_error(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    server, engine = engine_for
+    final = (await _run(engine))[-1]
+    assert final.error is not None and "refused with" in final.error
+    assert final.error_code is None  # a server error (500), not `upstream_rejected` (the client's 400)
+    assert len(server.completions) == 1
+
+
+@pytest.mark.parametrize("engine_for", [["status 400"]], indirect=True)
+async def test_the_upstream_refusing_the_request_is_the_clients_error(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    server, engine = engine_for
+    final = (await _run(engine))[-1]
+    assert final.error_code == "upstream_rejected" and len(server.completions) == 1
