@@ -132,3 +132,41 @@ async def test_the_upstream_refusing_the_request_is_the_clients_error(
     server, engine = engine_for
     final = (await _run(engine))[-1]
     assert final.error_code == "upstream_rejected" and len(server.completions) == 1
+
+
+async def test_a_request_waits_for_an_upstream_that_is_down_and_is_served_when_it_is_back() -> None:
+    """A restarting sidecar refuses connections: the request is tried once a second until it is
+    back (it failed after three quick tries, so a restart was every queued request's 500)."""
+    server = Scripted(["fine"])
+    async with server as url:
+        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=30))
+        await engine.start()
+        try:
+            assert server.server is not None
+            port = server.server.sockets[0].getsockname()[1]
+            server.server.close()
+            await server.server.wait_closed()  # down
+            run = asyncio.create_task(_run(engine))
+            await asyncio.sleep(2.5)  # tried (and refused) about three times
+            assert not run.done() and server.completions == []
+            server.server = await asyncio.start_server(server.handle, "127.0.0.1", port)  # back
+            deltas = await asyncio.wait_for(run, 10)
+        finally:
+            await engine.close()
+    assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None
+    assert len(server.completions) == 1
+
+
+async def test_an_upstream_down_longer_than_the_wait_fails_the_request() -> None:
+    server = Scripted(["fine"])
+    async with server as url:
+        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=1.5))
+        await engine.start()
+        try:
+            assert server.server is not None
+            server.server.close()
+            await server.server.wait_closed()
+            final = (await asyncio.wait_for(_run(engine), 15))[-1]
+        finally:
+            await engine.close()
+    assert final.error is not None and "cannot connect" in final.error and final.error_code is None

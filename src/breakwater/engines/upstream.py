@@ -32,7 +32,14 @@ from breakwater.engines.base import (
 from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice, upstream_message
-from breakwater.engines.upstream_http import OnLines
+from breakwater.engines.upstream_errors import (
+    Attempts,
+    UpstreamError,
+    error_code,
+    error_message,
+    upstream_chunk,
+)
+from breakwater.engines.upstream_http import OnLines, UpstreamUnreachable
 from breakwater.engines.upstream_load import UpstreamLoad, metrics_urls, parse_load
 from breakwater.engines.upstream_pool import StreamClient
 from breakwater.protocol.embeddings import pack
@@ -40,22 +47,6 @@ from breakwater.protocol.toolformats import PASS_THROUGH
 from breakwater.stopping import stop_loop
 
 log = logging.getLogger(__name__)
-
-
-class UpstreamError(Exception):
-    def __init__(self, message: str, *, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
-
-    @property
-    def retryable(self) -> bool:
-        return self.status == 0 or self.status == 429 or self.status >= 500
-
-    @property
-    def operators(self) -> bool:
-        """The upstream refused Breakwater itself (its key, its model name, a route it lacks): the
-        operator's to fix, a server error to the client, not a fault of the client's request."""
-        return self.status in (401, 403, 404)
 
 
 class OpenAIUpstreamEngine(StreamingEngine):
@@ -248,9 +239,10 @@ class OpenAIUpstreamEngine(StreamingEngine):
     # -- one request -------------------------------------------------------------------------------
     async def _generate(self, flight: Flight) -> None:
         rid = flight.request.request_id
-        failures = 0
+        attempts = Attempts(self.retries, self.wait_ready_s)
         while True:
             start_tokens = flight.tokens
+            unreachable = False
             try:
                 if flight.request.embed_inputs is not None:
                     await self._embed(flight)
@@ -260,17 +252,15 @@ class OpenAIUpstreamEngine(StreamingEngine):
             except asyncio.CancelledError:
                 raise
             except UpstreamError as exc:
-                if exc.operators:
-                    self._emit(SequenceDelta(rid, error=str(exc)))
-                    return
-                if not exc.retryable:
-                    self._emit(SequenceDelta(rid, error=str(exc), error_code=_error_code(str(exc))))
+                if not exc.retryable:  # the client's 400, unless the upstream refused Breakwater itself
+                    code = None if exc.operators else error_code(str(exc))
+                    self._emit(SequenceDelta(rid, error=str(exc), error_code=code))
                     return
                 failure = str(exc)
             except (aiohttp.ClientError, OSError, ValueError) as exc:  # OSError: refused, reset, timeout
+                unreachable = isinstance(exc, UpstreamUnreachable)
                 failure = f"{type(exc).__name__}: {exc}"
-            failures += 1
-            if failures > self.retries:
+            if attempts.give_up(unreachable):
                 self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
                 return
             if (flight.request.output_format is not None or flight.request.tools is not None) and flight.text:
@@ -280,11 +270,16 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 )
                 self._emit(SequenceDelta(rid, error=message, error_code="continuation_unsupported"))
                 return
-            log.warning(
-                "upstream request failed; continuing from the emitted text",
-                extra={"rid": rid, "fields": {"error": failure, "emitted_tokens": flight.tokens}},
-            )
-            await asyncio.sleep(0.5 * failures)
+            if attempts.first_wait():
+                log.warning(
+                    "upstream unreachable; waiting for it", extra={"rid": rid, "fields": {"error": failure}}
+                )
+            elif not unreachable:
+                log.warning(
+                    "upstream request failed; continuing from the emitted text",
+                    extra={"rid": rid, "fields": {"error": failure, "emitted_tokens": flight.tokens}},
+                )
+            await asyncio.sleep(attempts.delay_s())
 
     def _body(self, flight: Flight) -> tuple[str, dict[str, Any]]:
         req = flight.request
@@ -327,7 +322,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         async with self._http().post(self.base_url + "/embeddings", data=orjson.dumps(body)) as response:
             raw = await response.read()
             if response.status != 200:
-                raise UpstreamError(_error_message(raw, response.status), status=response.status)
+                raise UpstreamError(error_message(raw, response.status), status=response.status)
         answer = orjson.loads(raw)
         vectors = [item["embedding"] for item in sorted(answer["data"], key=lambda item: item["index"])]
         if len(vectors) != len(req.embed_inputs or ()):
@@ -361,7 +356,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 if data == b"[DONE]":
                     done = True
                     break
-                chunk = _chunk(data)
+                chunk = upstream_chunk(data)
                 if chunk is None:
                     continue
                 usage = chunk.get("usage") or usage
@@ -376,7 +371,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
 
         status, raw = await self._post(rid, path, body, read, lambda: finish is not None)
         if status != 200:
-            raise UpstreamError(_error_message(raw, status), status=status)
+            raise UpstreamError(error_message(raw, status), status=status)
         if finish is None:
             raise UpstreamError("the upstream stream ended without a finish_reason")
         self._emit(self._final(flight, start_tokens, finish, usage))
@@ -443,40 +438,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
         )
 
 
-def _chunk(data: bytes) -> dict[str, Any] | None:
-    """A ``data:`` line's chunk; None for an empty one (some servers' keepalive). Raises
-    ``ValueError`` for one that is not a JSON object, :class:`UpstreamError` for an error event."""
-    if not data:
-        return None
-    chunk = orjson.loads(data)
-    if not isinstance(chunk, dict):
-        raise ValueError(f"the upstream sent a chunk that is not an object: {data[:100]!r}")
-    if "error" in chunk:
-        raise UpstreamError(_error_message(data, 500), status=500)
-    return chunk
-
-
 def _within(seconds: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
-
-
-def _error_message(raw: bytes, status: int) -> str:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return f"upstream HTTP {status}: {raw[:300].decode(errors='replace')}"
-    err = body.get("error", body) if isinstance(body, dict) else body
-    message = err.get("message") if isinstance(err, dict) else None
-    if message is None and isinstance(body, dict):
-        message = body.get("detail")
-    return f"upstream HTTP {status}: {message if message is not None else str(body)[:300]}"
-
-
-def _error_code(message: str) -> str:
-    lowered = message.lower()
-    if "context" in lowered and ("length" in lowered or "window" in lowered):
-        return "context_length_exceeded"
-    return "upstream_rejected"
 
 
 def _sampling(req: GenerationRequest) -> dict[str, Any]:

@@ -38,6 +38,10 @@ class UpstreamHTTPError(ConnectionError):
     """The connection failed or closed before the answer was complete (retryable)."""
 
 
+class UpstreamUnreachable(UpstreamHTTPError):
+    """No connection could be made: the upstream is down (a sidecar restarting, loading its model)."""
+
+
 class _State(Enum):
     HEAD = 1
     SIZED = 2  # a Content-Length body

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from breakwater.engines.upstream_http import Connection, OnLines, UpstreamHTTPError
+from breakwater.engines.upstream_http import Connection, OnLines, UpstreamHTTPError, UpstreamUnreachable
 
 DRAIN_S = 5.0  # how long a finished answer's connection may take to end its body before it is closed
 KEEP_IDLE_S = 4.0  # a pooled connection idle longer is closed, not reused
@@ -151,9 +151,9 @@ class StreamClient:
                     server_hostname=origin.host if origin.tls else None,
                 )
         except TimeoutError as exc:
-            raise UpstreamHTTPError(f"cannot connect to {origin.authority}: timed out") from exc
+            raise UpstreamUnreachable(f"cannot connect to {origin.authority}: timed out") from exc
         except OSError as exc:
-            raise UpstreamHTTPError(f"cannot connect to {origin.authority}: {exc}") from exc
+            raise UpstreamUnreachable(f"cannot connect to {origin.authority}: {exc}") from exc
         return conn
 
     def _release(self, conn: Connection) -> None:
