@@ -127,3 +127,30 @@ async def test_a_cancel_of_an_unknown_id_names_it_cut_short(stack: StackProcs) -
         await ws.send(orjson.dumps({"model": "sim", "prompt": "on", "max_tokens": 2}).decode())
         async with asyncio.timeout(10):
             assert orjson.loads(await ws.recv())["type"] == "created"
+
+
+async def test_a_cancel_of_a_request_the_socket_does_not_follow_is_answered(stack: StackProcs) -> None:
+    """Another socket's request cancelled here: this socket is told its status after the cancel
+    (it heard nothing, so a cancel that worked and one of a request that had ended were alike); the
+    socket that follows it gets its last event, ``cancelled``, as before."""
+    url = stack.gateways[0][1].replace("http://", "ws://") + "/v1/ws"
+    long = {"model": "sim", "prompt": "cancel me elsewhere", "max_tokens": 3000, "ignore_eos": True}
+    short = {"model": "sim", "prompt": "ends first", "max_tokens": 2}
+    async with websockets.connect(url) as follower, websockets.connect(url) as other:
+        await follower.send(orjson.dumps(long).decode())
+        await follower.send(orjson.dumps(short).decode())
+        async with asyncio.timeout(10):
+            running = orjson.loads(await follower.recv())["request_id"]
+            ended = ""
+            while not ended:
+                message = orjson.loads(await follower.recv())
+                if message["type"] == "created":
+                    ended = message["request_id"]
+        await _until_terminal(follower, {ended})
+        for rid, status in ((running, "cancelled"), (ended, "done")):
+            await other.send(orjson.dumps({"cancel": rid}).decode())
+            async with asyncio.timeout(10):
+                answer = orjson.loads(await other.recv())
+            assert answer == {"type": "cancel", "request_id": rid, "status": status}
+        last = (await _until_terminal(follower, {running}))[running][-1]
+        assert (last["type"], last["error"]["code"]) == ("error", "cancelled")

@@ -113,7 +113,7 @@ class _Connection:
             elif "resume" in data:
                 await self._resume(data)
             elif "cancel" in data:
-                await self.svc.requests.cancel(str(data["cancel"]), self.principal)
+                await self._cancel(str(data["cancel"]))
             else:
                 await self._submit(data)
         except APIError as exc:
@@ -125,6 +125,15 @@ class _Connection:
             await self.error(
                 f"the queue is unavailable; retry shortly ({reason(exc)})", "redis_unavailable", None, 503
             )
+
+    async def _cancel(self, rid: str) -> None:
+        """Cancel ``rid``. A request this socket follows answers with its own last event (``error``,
+        ``cancelled``); one it does not follow is answered ``{"type": "cancel", "request_id",
+        "status"}``, its status after the cancel (``done`` when it had ended: nothing was cancelled)."""
+        followed = rid in self.tasks  # (before: its task may end meanwhile, its last event sent)
+        record = await self.svc.requests.cancel(rid, self.principal)
+        if not followed:
+            await self.send({"type": "cancel", "request_id": rid, "status": record.status.value})
 
     async def _submit(self, data: dict[str, Any]) -> None:
         try:
