@@ -10,14 +10,14 @@ from breakwater.engines.streams import Flight
 from breakwater.engines.upstream import OpenAIUpstreamEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice
 from breakwater.engines.vllm_tools import template_messages
-from breakwater.protocol.toolformats import ParsedCall, split_answer
+from breakwater.protocol.toolformats import PASS_THROUGH, ParsedCall, split_answer, tags_of
 
 
 def _written(choices: list[dict[str, Any]]) -> tuple[str, list[ParsedCall]]:
     calls, parts = ToolCallWriter(), list[str]()
     for choice in choices:
         take_choice(choice, True, parts, None, calls)
-    return split_answer("".join(parts))
+    return split_answer("".join(parts), tags=tags_of(PASS_THROUGH))
 
 
 def _call(index: int | None, name: str | None = None, arguments: Any = None) -> dict[str, Any]:
@@ -58,6 +58,27 @@ def test_text_after_a_call_is_text() -> None:
         [_call(0, "f", "{}"), {"delta": {"content": "done."}}, {"delta": {}, "finish_reason": "stop"}]
     )
     assert (text, calls) == ("done.", [ParsedCall("f", "{}")])
+
+
+def test_the_upstreams_text_is_never_taken_for_a_call() -> None:
+    """Content with a Hermes block in it (a document the model echoed) stays text: it became a call
+    the upstream had not made; a private-use U+E000 of its own is no tag's mark either."""
+    block = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    text, calls = _written(
+        [
+            {"delta": {"content": f"see {block}"}},
+            {"delta": {"content": " \ue000" + block}},
+            {"finish_reason": "stop"},
+        ]
+    )
+    assert (text, calls) == (f"see {block} \ufffd{block}", [])
+
+
+def test_arguments_holding_the_closing_tag_stay_one_call() -> None:
+    """Its block ended at the `</tool_call>` inside the arguments: the call was lost, its markup text."""
+    args = '{"city": "a</tool_call>b\ue000"}'
+    text, calls = _written([_call(0, "get_weather", args), {"delta": {}, "finish_reason": "tool_calls"}])
+    assert (text, calls) == ("", [ParsedCall("get_weather", '{"city":"a</tool_call>b\ue000"}')])
 
 
 def test_usage_from_the_upstream_when_it_counts_else_the_chunks() -> None:

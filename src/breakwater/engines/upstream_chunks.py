@@ -1,7 +1,8 @@
 """Reading an OpenAI-compatible upstream's streamed answer (the ``openai`` engine): each choice's
 text and logprobs, and its tool calls written into the request's text
-stream as Hermes blocks (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``), which the
-gateway parses back (:mod:`breakwater.protocol.toolformats`)."""
+stream as Hermes blocks between marked tags (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``
+with :data:`~breakwater.protocol.toolformats.MARK` outside), which the gateway parses back
+(:mod:`breakwater.protocol.toolformats`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 
 import orjson
 
-from breakwater.protocol.toolformats import CLOSE, OPEN
+from breakwater.protocol.toolformats import MARK, PASSED
+
+OPEN, CLOSE = PASSED
+NOT_MARK = "\ufffd"  # the upstream's own U+E000 in content (never a tag's)
 
 
 def upstream_message(message: dict[str, str]) -> dict[str, Any]:
@@ -49,7 +53,8 @@ class ToolCallWriter:
                 self._open, self._args = index, False
             args = fn.get("arguments")
             if args:  # JSON text in pieces; some servers send the whole object
-                parts.append(args if isinstance(args, str) else orjson.dumps(args).decode())
+                text = args if isinstance(args, str) else orjson.dumps(args).decode()
+                parts.append(text.replace(MARK, "\\ue000"))  # (the same string once parsed)
                 self._args = True
         if finished:
             self._close(parts)
@@ -77,7 +82,10 @@ def take_choice(
     if calls is None:
         return _take(choice, chat, parts, logprobs)
     calls.before_content(choice, parts)
+    start = len(parts)
     reason = _take(choice, chat, parts, logprobs)
+    for at in range(start, len(parts)):  # content: never a tag's mark (the gateway parses calls)
+        parts[at] = parts[at].replace(MARK, NOT_MARK)
     calls.take(choice, parts, reason is not None)
     return reason
 

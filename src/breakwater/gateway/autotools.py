@@ -11,7 +11,16 @@ from typing import Any
 
 from breakwater.protocol.events import TokenEvent
 from breakwater.protocol.openai import chat_chunk
-from breakwater.protocol.toolformats import CallParser, ParsedCall, Piece, split_answer
+from breakwater.protocol.toolformats import (
+    CLOSE,
+    OPEN,
+    CallParser,
+    ParsedCall,
+    Piece,
+    single_call,
+    split_answer,
+    tags_of,
+)
 from breakwater.protocol.tools import call_id
 
 
@@ -46,12 +55,13 @@ class ToolChunks:
         call_rid: str = "",
         skip_through: int = 0,
         single: bool = False,
+        tags: tuple[str, str] = (OPEN, CLOSE),
     ) -> None:
         self.rid, self.model, self.created, self.index = rid, model, created, index
         self.call_rid = call_rid or rid
         self.role_sent = resumed
         self.skip = skip_through
-        self.parser = CallParser(single)
+        self.parser = CallParser(single, tags)
         self.calls = 0
 
     def head(self) -> dict[str, Any]:
@@ -87,10 +97,10 @@ class ToolChunks:
         return chat_chunk(self.rid, self.model, self.created, delta, index=self.index)
 
 
-def auto_message(rid: str, text: str, single: bool = False) -> tuple[dict[str, Any], bool]:
-    """A whole answer's message (``content`` and ``tool_calls``) and whether it calls any
-    (``single``: one call at most)."""
-    content, calls = split_answer(text, single)
+def auto_message(rid: str, text: str, tool_format: str) -> tuple[dict[str, Any], bool]:
+    """A whole answer's message (``content`` and ``tool_calls``) and whether it calls any (in the
+    request's ``tool_format``; one call at most for :func:`single_call`'s)."""
+    content, calls = split_answer(text, single_call(tool_format), tags_of(tool_format))
     if not calls:
         return {"role": "assistant", "content": content, "refusal": None}, False
     return {

@@ -40,7 +40,7 @@ from breakwater.protocol.openai import (
     usage_body,
     usage_chunk,
 )
-from breakwater.protocol.toolformats import single_call
+from breakwater.protocol.toolformats import single_call, tags_of
 from breakwater.stopping import stop_loops
 from breakwater.tenancy import Principal
 
@@ -317,6 +317,7 @@ def _renderer(group: ChoiceGroup, choice: Choice, fresh: bool) -> ChoiceChunks |
             call_rid=choice.rid,
             skip_through=choice.after,
             single=single_call(group.tool_format),
+            tags=tags_of(group.tool_format),
         )
     return ChoiceChunks(
         rid=group.rid,

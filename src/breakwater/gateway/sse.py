@@ -25,7 +25,7 @@ from breakwater.protocol.openai import (
     usage_chunk,
     utf8_decoder,
 )
-from breakwater.protocol.toolformats import single_call
+from breakwater.protocol.toolformats import single_call, tags_of
 
 DONE = b"data: [DONE]\n\n"
 # What a stream sends while its request sends nothing (queued, or a slow token): an SSE comment line,
@@ -178,8 +178,8 @@ def renderer(
     (gateway.autotools); then the events start at the first, and those through ``after`` are parsed
     but not sent."""
     if tool_format:
-        single = single_call(tool_format)
-        return ToolChunks(rid=rid, model=model, created=created, skip_through=after, single=single)
+        single, tags = single_call(tool_format), tags_of(tool_format)
+        return ToolChunks(rid=rid, model=model, created=created, skip_through=after, single=single, tags=tags)
     return ChoiceChunks(rid=rid, model=model, created=created, chat=chat, tool=tool, resumed=after > 0)
 
 
@@ -326,7 +326,7 @@ async def collect_response(
                 text, reason = "".join(parts), event.finish_reason or "stop"
                 if tool_format:  # the model chose its calls: split its answer
                     body = chat_response(rid, model, created, text, reason, event.usage, logprobs=entries)
-                    message, called = auto_message(rid, text, single_call(tool_format))
+                    message, called = auto_message(rid, text, tool_format)
                     choice = body["choices"][0]
                     choice["message"] = message
                     if called and reason == "stop":

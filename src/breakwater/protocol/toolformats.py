@@ -32,6 +32,12 @@ PASS_THROUGH = "openai"
 # A request's tool format with this suffix (``hermes/1``): ``parallel_tool_calls: false``, so the
 # answer's first call is its only one (a later one the model writes anyway is dropped, as vLLM does).
 ONE_CALL = "/1"
+# The `openai` engine writes its upstream's own calls between these (PASS_THROUGH): U+E000, a
+# private-use character, is never left in the upstream's text nor in a call's arguments (the engine
+# replaces it), so text the upstream sent as content is never taken for a call (a document the model
+# echoed could make one), nor do arguments holding `</tool_call>` end their block early.
+MARK = "\ue000"
+PASSED = (MARK + OPEN, CLOSE + MARK)
 FEATURE_PREFIX = "tool_format:"
 
 SMOLLM2_SYSTEM = (
@@ -60,6 +66,11 @@ def tool_format_of(features: frozenset[str] | set[str]) -> str:
     """The tool-call format a model's workers share ('' when none, or when they disagree)."""
     found = {f.removeprefix(FEATURE_PREFIX) for f in features if f.startswith(FEATURE_PREFIX)}
     return found.pop() if len(found) == 1 else ""
+
+
+def tags_of(tool_format: str) -> tuple[str, str]:
+    """The tags a request's calls are written between in its text (:data:`PASSED` for an upstream's)."""
+    return PASSED if tool_format.removesuffix(ONE_CALL) == PASS_THROUGH else (OPEN, CLOSE)
 
 
 def single_call(tool_format: str) -> bool:
@@ -107,39 +118,40 @@ class CallParser:
     ``<tool_call>`` tag is held back until it is known not to be one. ``single``: calls after the
     first are dropped (``parallel_tool_calls: false``)."""
 
-    __slots__ = ("_buf", "_called", "_inside", "_single")
+    __slots__ = ("_buf", "_called", "_close", "_inside", "_open", "_single")
 
-    def __init__(self, single: bool = False) -> None:
+    def __init__(self, single: bool = False, tags: tuple[str, str] = (OPEN, CLOSE)) -> None:
         self._buf = ""
         self._inside = False
         self._single = single
         self._called = False
+        self._open, self._close = tags
 
     def feed(self, text: str) -> list[Piece]:
         self._buf += text
         out: list[Piece] = []
         while True:
             if not self._inside:
-                start = self._buf.find(OPEN)
+                start = self._buf.find(self._open)
                 if start < 0:
-                    keep = _partial_suffix(self._buf, OPEN)
+                    keep = _partial_suffix(self._buf, self._open)
                     if len(self._buf) > keep:
                         out.append(self._buf[: len(self._buf) - keep])
                         self._buf = self._buf[len(self._buf) - keep :]
                     return out
                 if start:
                     out.append(self._buf[:start])
-                self._buf = self._buf[start + len(OPEN) :]
+                self._buf = self._buf[start + len(self._open) :]
                 self._inside = True
             else:
-                end = self._buf.find(CLOSE)
+                end = self._buf.find(self._close)
                 if end < 0:
                     return out
-                block, self._buf = self._buf[:end], self._buf[end + len(CLOSE) :]
+                block, self._buf = self._buf[:end], self._buf[end + len(self._close) :]
                 self._inside = False
                 calls = parse_block(block)
                 if calls is None:
-                    out.append(OPEN + block + CLOSE)
+                    out.append(self._open + block + self._close)
                 else:
                     out.extend(self._taken(calls))
 
@@ -157,7 +169,7 @@ class CallParser:
             block, self._buf, self._inside = self._buf, "", False
             calls = _finished_calls(block)
             if not calls and not block.lstrip().startswith(("{", "[")):  # prose that named the tag
-                return [OPEN + block]
+                return [self._open + block]
             return list(self._taken(calls))
         rest, self._buf = self._buf, ""
         return [rest] if rest else []
@@ -207,9 +219,11 @@ def _as_call(item: Any) -> ParsedCall | None:
     return ParsedCall(item["name"], orjson.dumps(args).decode())
 
 
-def split_answer(text: str, single: bool = False) -> tuple[str, list[ParsedCall]]:
+def split_answer(
+    text: str, single: bool = False, tags: tuple[str, str] = (OPEN, CLOSE)
+) -> tuple[str, list[ParsedCall]]:
     """A whole answer's text (outside calls) and calls (``single``: the first only)."""
-    parser = CallParser(single)
+    parser = CallParser(single, tags)
     pieces = [*parser.feed(text), *parser.finish()]
     return "".join(p for p in pieces if isinstance(p, str)), [p for p in pieces if isinstance(p, ParsedCall)]
 
