@@ -16,7 +16,7 @@ SCRIPT = r"""
 import json, sys
 from transformers import AutoTokenizer
 from breakwater.engines.vllm_tools import ToolParsing, parser_class
-from breakwater.protocol.toolformats import split_answer
+from breakwater.protocol.toolformats import PASS_THROUGH, split_answer, tags_of
 
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -32,7 +32,7 @@ for parser, answer, parallel in json.loads(sys.argv[2]):
         text = tok.decode(ids[: i + 1])
         written.append(parsing.feed(text[len(before):], ids[i : i + 1], [1, 2], i == len(ids) - 1))
         before = text
-    content, calls = split_answer("".join(written))
+    content, calls = split_answer("".join(written), tags=tags_of(PASS_THROUGH))
     whole = cls(tok, parsing.request.tools).extract_tool_calls(answer, parsing.request)
     print(json.dumps({
         "content": content,
