@@ -20,6 +20,7 @@ from breakwater.logs import JsonFormatter, caller_var, setup_logging
 from breakwater.redis_server import RedisServer
 from breakwater.tenancy.apikeys import ApiKey
 from breakwater.tenancy.limits import Limits
+from tests.gateway.test_openai_responses import FinishingSim
 from tests.inproc import inproc_gateway
 
 PEPPER = "request-logs-pepper-0123456789abc"
@@ -230,3 +231,20 @@ async def test_an_unexpected_error_has_its_refused_line_with_the_caller(
     }
     assert line["request_id"] == resp.headers["x-request-id"]
     assert len(lines.named("unexpected error")) == 1
+
+
+async def test_a_failed_job_is_logged_with_its_error(
+    redis_server: RedisServer, prefix: str, lines: _Lines
+) -> None:
+    """An operator learns why a job failed from the worker's log: it said only `finish_reason: null`."""
+    async with inproc_gateway(redis_server.url, prefix) as gw:
+        await gw.add_worker(FinishingSim("error"))
+        chat = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        failed = await gw.http.post("/v1/chat/completions", json=chat)
+        assert failed.status_code == 500
+        deadline = time.monotonic() + 10
+        while not lines.named("job finished"):
+            assert time.monotonic() < deadline, "the worker never logged the job's end"
+            await asyncio.sleep(0.01)
+    (line,) = lines.named("job finished")
+    assert line["level"] == "warning" and "finish reason `error`" in line["error"], line

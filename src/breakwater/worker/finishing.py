@@ -176,7 +176,9 @@ class FinishingMixin:
                 prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
                 self._count_usage(flight.billing.tenant, Status.DONE, prompt, completion)
             self.metrics.jobs.labels(self.model, "done" if delta.error is None else "error").inc()
-            log.info(
+            error = delta.error
+            failed = {"error": error[:300], "error_code": delta.error_code} if error else {}
+            (log.warning if failed else log.info)(  # a failed one says why (the client was told)
                 "job finished",
                 extra={
                     "rid": rid,
@@ -184,6 +186,7 @@ class FinishingMixin:
                     "fields": {
                         "finish_reason": delta.finish_reason,
                         "usage": delta.usage,
+                        **failed,
                         **(caller_fields(b.tenant, b.key) if (b := flight.billing) is not None else {}),
                     },
                 },
