@@ -47,6 +47,14 @@ class Scripted(RawUpstream):
             events.append(b"data:\n\n")
         if script == "not an object":
             events.append(b"data: null\n\n")
+        if script.startswith("error event"):  # (the client's 400, or vLLM's older shape of a 500)
+            shape: dict[str, Any] = {"object": "error", "message": "boom", "type": "Internal", "code": 500}
+            if script.endswith("400"):
+                shape = {"error": {"message": "bad", "code": 400}}
+            event = b"data: " + orjson.dumps(shape) + b"\n\n"
+            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            return
         events += [b"data: " + orjson.dumps(_token(f" t{i}")) + b"\n\n" for i in range(3)]
         events.append(b"data: " + orjson.dumps(_token(" t3", "length")) + b"\n\n")
         if script == "finish, then lost":
@@ -170,3 +178,26 @@ async def test_an_upstream_down_longer_than_the_wait_fails_the_request() -> None
         finally:
             await engine.close()
     assert final.error is not None and "cannot connect" in final.error and final.error_code is None
+
+
+@pytest.mark.parametrize("engine_for", [["error event 400"]], indirect=True)
+async def test_an_error_event_with_a_client_status_is_the_clients_error(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    """It was taken for a 500 and retried (the client's own fault, sent again twice)."""
+    server, engine = engine_for
+    final = (await _run(engine))[-1]
+    assert final.error is not None and "bad" in final.error and final.error_code == "upstream_rejected"
+    assert len(server.completions) == 1
+
+
+@pytest.mark.parametrize("engine_for", [["error event 500"]], indirect=True)
+async def test_an_error_event_in_vllms_older_shape_is_an_error(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    """``{"object": "error", "message", ...}`` was not seen as an error: the request failed as a
+    stream without a finish, the upstream's message lost."""
+    server, engine = engine_for
+    final = (await _run(engine))[-1]
+    assert final.error is not None and "boom" in final.error
+    assert len(server.completions) == 3  # a 500: tried again twice

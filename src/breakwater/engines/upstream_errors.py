@@ -74,8 +74,11 @@ def upstream_chunk(data: bytes) -> dict[str, Any] | None:
     chunk = orjson.loads(data)
     if not isinstance(chunk, dict):
         raise ValueError(f"the upstream sent a chunk that is not an object: {data[:100]!r}")
-    if "error" in chunk:
-        raise UpstreamError(error_message(data, 500), status=500)
+    if "error" in chunk or chunk.get("object") == "error":  # (vLLM's older shape: the error's own fields)
+        error = chunk.get("error", chunk)
+        code = error.get("code") if isinstance(error, dict) else None
+        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+        raise UpstreamError(error_message(data, status), status=status)
     return chunk
 
 
