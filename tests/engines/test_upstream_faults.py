@@ -201,3 +201,15 @@ async def test_an_error_event_in_vllms_older_shape_is_an_error(
     final = (await _run(engine))[-1]
     assert final.error is not None and "boom" in final.error
     assert len(server.completions) == 3  # a 500: tried again twice
+
+
+@pytest.mark.parametrize("engine_for", [["status 429", "status 503", "status 429", "fine"]], indirect=True)
+async def test_an_overloaded_upstream_is_waited_for(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    """429 and 503 are the upstream's "not now" (a hosted API's rate limit, a server at capacity):
+    tried again, further apart, within ``wait_s``; it failed after three tries, 1.5 s."""
+    server, engine = engine_for
+    deltas = await _run(engine)
+    assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None
+    assert len(server.completions) == 4

@@ -33,6 +33,7 @@ from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.streams import Flight, StreamingEngine
 from breakwater.engines.upstream_chunks import ToolCallWriter, take_choice, upstream_message
 from breakwater.engines.upstream_errors import (
+    OVERLOADED,
     Attempts,
     UpstreamError,
     error_code,
@@ -242,7 +243,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         attempts = Attempts(self.retries, self.wait_ready_s)
         while True:
             start_tokens = flight.tokens
-            unreachable = False
+            away = False  # down, or overloaded: waited for
             try:
                 if flight.request.embed_inputs is not None:
                     await self._embed(flight)
@@ -256,11 +257,11 @@ class OpenAIUpstreamEngine(StreamingEngine):
                     code = None if exc.operators else error_code(str(exc))
                     self._emit(SequenceDelta(rid, error=str(exc), error_code=code))
                     return
-                failure = str(exc)
+                away, failure = exc.status in OVERLOADED, str(exc)
             except (aiohttp.ClientError, OSError, ValueError) as exc:  # OSError: refused, reset, timeout
-                unreachable = isinstance(exc, UpstreamUnreachable)
+                away = isinstance(exc, UpstreamUnreachable)
                 failure = f"{type(exc).__name__}: {exc}"
-            if attempts.give_up(unreachable):
+            if attempts.give_up(away):
                 self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
                 return
             if (flight.request.output_format is not None or flight.request.tools is not None) and flight.text:
@@ -272,9 +273,10 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 return
             if attempts.first_wait():
                 log.warning(
-                    "upstream unreachable; waiting for it", extra={"rid": rid, "fields": {"error": failure}}
+                    "upstream away (down or overloaded); waiting for it",
+                    extra={"rid": rid, "fields": {"error": failure}},
                 )
-            elif not unreachable:
+            elif not away:
                 log.warning(
                     "upstream request failed; continuing from the emitted text",
                     extra={"rid": rid, "fields": {"error": failure, "emitted_tokens": flight.tokens}},

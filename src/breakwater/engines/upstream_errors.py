@@ -1,9 +1,10 @@
 """An upstream's failures as the `openai` engine meets them, and when it tries a request again:
-after a failed try (a 5xx, a 429, a lost or stalled connection, a malformed answer) up to
-``retries`` more times, 0.5 s x n apart; while the upstream cannot be reached at all (down: a
-sidecar restarting, loading its model) once a second for up to ``wait_s``, as the queue behind the
-request waits for it (the worker pulls no more than it runs). Failing those fast turned an
-upstream's restart into every queued request's 500."""
+after a failed try (a 500, a lost or stalled connection, a malformed answer) up to ``retries`` more
+times, 0.5 s x n apart; while the upstream cannot be reached at all (down: a sidecar restarting,
+loading its model) or says it is overloaded (429, 503), every 0.5 s, 1 s, 2 s, ... (5 s at most)
+for up to ``wait_s``, as the queue behind the request waits (the worker pulls no more than it
+runs). Failing those fast turned an upstream's restart or rate limit into every queued request's
+500."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import orjson
 
-DOWN_RETRY_S = 1.0  # between tries to reach an upstream that is down
+WAIT_RETRY_S = 0.5, 5.0  # the first and the longest pause between tries at an upstream that is away
+OVERLOADED = (429, 503)  # the upstream's own "not now"
 
 
 class Attempts:
@@ -22,29 +24,32 @@ class Attempts:
         self.retries = retries
         self.wait_s = wait_s
         self.failures = 0  # failed tries that count toward ``retries``
-        self.down_since: float | None = None  # unreachable since (None: reached at the last try)
-        self.waited = False  # a try has found the upstream down (said once in the log)
+        self.away_since: float | None = None  # down or overloaded since (None: not at the last try)
+        self.waits = 0  # tries that found it away (the first said in the log)
 
-    def give_up(self, unreachable: bool) -> bool:
-        """After a failed try (``unreachable``: no connection could be made): whether to stop."""
-        if unreachable:
+    def give_up(self, away: bool) -> bool:
+        """After a failed try (``away``: no connection could be made, or the upstream said it is
+        overloaded): whether to stop."""
+        if away:
             now = time.monotonic()
-            self.down_since = self.down_since or now
-            if now - self.down_since < self.wait_s:
+            self.away_since = self.away_since or now
+            if now - self.away_since < self.wait_s:
+                self.waits += 1
                 return False
         else:
-            self.down_since = None
+            self.away_since = None
         self.failures += 1
         return self.failures > self.retries
 
     def first_wait(self) -> bool:
-        """Whether this is the first try to find the upstream down (to say so once)."""
-        first = self.down_since is not None and not self.waited
-        self.waited = self.waited or self.down_since is not None
-        return first
+        """Whether this try is the first to find the upstream away (to say so once)."""
+        return self.away_since is not None and self.waits == 1
 
     def delay_s(self) -> float:
-        return DOWN_RETRY_S if self.down_since is not None else 0.5 * self.failures
+        if self.away_since is None:
+            return 0.5 * self.failures
+        first, longest = WAIT_RETRY_S
+        return float(min(longest, first * 2.0 ** min(self.waits - 1, 8)))
 
 
 class UpstreamError(Exception):
