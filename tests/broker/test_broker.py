@@ -288,6 +288,22 @@ async def test_the_queue_lag_stays_known_when_jobs_end_out_of_order(broker: Brok
     assert await lag() == 0
 
 
+async def test_the_queue_lag_stays_known_when_the_newest_job_ends_first(broker: Broker, redis: Redis) -> None:
+    """The job read last, the stream's newest entry, ends while an older one runs; then jobs queue
+    behind it before any worker reads: the lag counts them (it was NULL until a worker read)."""
+    for i in range(2):
+        await _enqueue(broker, f"n{i}")
+    older, newest = await broker.claim("m", "interactive", "w", 2, None)
+    await broker.ack(newest)
+    stream = broker.keys.jobs("m", "interactive")
+    for i in range(2, 6):
+        await _enqueue(broker, f"n{i}")
+        ((lag,),) = [(g["lag"],) for g in await redis.xinfo_groups(stream)]
+        assert lag == i - 1
+    await broker.ack(older)
+    assert [g["lag"] for g in await redis.xinfo_groups(stream)] == [4]
+
+
 async def test_too_few_replica_acks_cancel_a_request_that_has_not_ended(redis: Redis, prefix: str) -> None:
     """``replica_ack`` on a Redis without replicas: the wait times out, the request is cancelled
     and the caller told to retry."""

@@ -95,3 +95,11 @@ def test_a_developer_message_reaches_a_chat_template_as_system() -> None:
     knows ``system``, not OpenAI's newer ``developer``."""
     messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert [m["role"] for m in template_messages(messages)] == ["system", "user"]
+
+
+def test_a_marked_block_that_is_no_call_is_text_without_the_marks() -> None:
+    """A block that is not a call is text, shown with the plain tags (the private-use marks reached
+    the client's content); one cut short is never text (as for any format)."""
+    open_, close = tags_of(PASS_THROUGH)
+    text, calls = split_answer(f'{open_}not json{close} and {open_}{{"name": "f", "argu', tags=(open_, close))
+    assert (text, calls) == ("<tool_call>not json</tool_call> and ", [])

@@ -57,6 +57,16 @@ class Scripted(RawUpstream):
             return
         events += [b"data: " + orjson.dumps(_token(f" t{i}")) + b"\n\n" for i in range(3)]
         events.append(b"data: " + orjson.dumps(_token(" t3", "length")) + b"\n\n")
+        if script == "finish and a bad line in one read":
+            for event in events[:-1]:
+                writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)  # a read each
+            last = events[-1] + b"data: null\n\n"
+            writer.write(f"{len(last):x}\r\n".encode() + last + b"\r\n")
+            await writer.drain()
+            writer.transport.abort()
+            return
         if script == "finish, then lost":
             for event in events:
                 writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
@@ -213,3 +223,16 @@ async def test_an_overloaded_upstream_is_waited_for(
     deltas = await _run(engine)
     assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None
     assert len(server.completions) == 4
+
+
+@pytest.mark.parametrize("engine_for", [["finish and a bad line in one read"]], indirect=True)
+async def test_a_bad_line_after_the_finish_in_the_same_read_keeps_the_text_before_it(
+    engine_for: tuple[Scripted, OpenAIUpstreamEngine],
+) -> None:
+    """The read's text was dropped when a later line of it failed, and the answer, its finish
+    seen, reported whole without its last token (review)."""
+    server, engine = engine_for
+    deltas = await _run(engine)
+    assert "".join(d.text for d in deltas) == " t0 t1 t2 t3"
+    assert (deltas[-1].finish_reason, deltas[-1].error) == ("length", None)
+    assert len(server.completions) == 1

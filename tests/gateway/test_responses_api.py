@@ -306,6 +306,16 @@ async def test_what_is_not_served_is_refused_by_name(
     assert isinstance(body, dict) and body["param"] == param, body
 
 
+async def test_logprobs_an_engine_lacks_are_named_as_the_responses_api_asks_for_them(
+    client: openai.AsyncOpenAI,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="sim", input="hi", include=["message.output_text.logprobs"])
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "include", body
+    assert '`include: ["message.output_text.logprobs"]`' in body["message"], body
+
+
 async def test_a_tool_choice_error_shows_the_responses_tool_shape(client: openai.AsyncOpenAI) -> None:
     """The sim knows no tool-call format: `tool_choice: auto` is refused, and the fix it suggests is
     a Responses tool choice (`{"type": "function", "name": ...}`), not a chat one."""

@@ -10,6 +10,8 @@ import asyncio
 from functools import partial
 
 from breakwater.engines.base import EngineInfo, SequenceDelta
+from breakwater.engines.options import SimOptions
+from breakwater.engines.sim import SimEngine
 from breakwater.engines.streams import Flight, StreamingEngine
 from tests.helpers import async_wait_for
 from tests.inproc import InProc
@@ -94,3 +96,28 @@ async def test_a_silent_backend_is_not_a_hung_step_for_an_engine_not_watched(gw_
         assert worker.step_hung() is hung
         assert (await asyncio.wait_for(answer, 10)).status_code == 200
         await gw.stop_workers()
+
+
+class EmbeddingHang(SimEngine):
+    """A step stuck in an embedding batch: the engine runs no sequence (``running()`` is 0)."""
+
+    async def step(self) -> list[SequenceDelta]:
+        while not self._seqs and not self._embedded:
+            self._work.clear()
+            await self._work.wait()
+        if self._embedded:
+            await asyncio.Event().wait()
+        return await super().step()
+
+
+async def test_a_step_stuck_on_an_embedding_is_hung(gw_empty: InProc) -> None:
+    """Work is the worker's jobs in the engine, embeddings too (the engine's ``running()`` counts
+    sequences only): such a hang must still hand the job over and fail ``/healthz``."""
+    gw = gw_empty
+    worker = await gw.add_worker(
+        EmbeddingHang(SimOptions()), worker_id="embeds", step_timeout_s=STEP_TIMEOUT_S
+    )
+    asked = asyncio.create_task(gw.http.post("/v1/embeddings", json={"model": "sim", "input": "hello"}))
+    await async_wait_for(worker.step_hung, 10, what="the hung step seen")
+    assert not asked.done()
+    asked.cancel()

@@ -259,7 +259,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
                     return
                 away, failure = exc.status in OVERLOADED, str(exc)
             except (aiohttp.ClientError, OSError, ValueError) as exc:  # OSError: refused, reset, timeout
-                away = isinstance(exc, UpstreamUnreachable)
+                away = isinstance(exc, UpstreamUnreachable | aiohttp.ClientConnectorError)  # (embeddings)
                 failure = f"{type(exc).__name__}: {exc}"
             if attempts.give_up(away):
                 self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
@@ -351,24 +351,26 @@ class OpenAIUpstreamEngine(StreamingEngine):
             logprobs: list[dict[str, Any]] | None = [] if want_logprobs else None
             texted = 0  # the logprobs entries up to the last text (the rest have none: held)
             done = False
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    done = True
-                    break
-                chunk = upstream_chunk(data)
-                if chunk is None:
-                    continue
-                usage = chunk.get("usage") or usage
-                for choice in chunk.get("choices") or []:
-                    wrote = len(parts)
-                    finish = take_choice(choice, chat, parts, logprobs, calls) or finish
-                    if logprobs is not None and len(parts) > wrote:
-                        texted = len(logprobs)
-            if self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
-                self._emit_read(flight, parts, calls, logprobs, texted)
+            try:
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    chunk = upstream_chunk(data)
+                    if chunk is None:
+                        continue
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        wrote = len(parts)
+                        finish = take_choice(choice, chat, parts, logprobs, calls) or finish
+                        if logprobs is not None and len(parts) > wrote:
+                            texted = len(logprobs)
+            finally:  # a bad line later in the read: what came before it is emitted (it was received)
+                if self._flights.get(rid) is flight:  # not once cancelled (its task not yet run)
+                    self._emit_read(flight, parts, calls, logprobs, texted)
             return done
 
         status, raw = await self._post(rid, path, body, read, lambda: finish is not None)

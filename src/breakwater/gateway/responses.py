@@ -52,6 +52,7 @@ _PARAMS = {
     "response_format": "text.format",
     "logprobs": "include",  # (`include: ["message.output_text.logprobs"]` asks for them)
 }
+_SAID = {"logprobs": '`include: ["message.output_text.logprobs"]`'}  # in a message, not `include`
 # A chat error's words as the Responses API says them (its format is flat: ``text.format.schema``).
 _WORDS = (
     ("`max_tokens`", "`max_output_tokens`"),  # (a context error names it beside another param)
@@ -448,7 +449,8 @@ def _renamed(exc: APIError) -> APIError:
         head, _, rest = exc.param.partition(".")
         if head in _PARAMS:
             exc.param = _param(exc.param)
-            exc.message = _worded(exc.message.replace(f"`{head}`", f"`{_PARAMS[head]}`"))
+            said = _SAID.get(head, f"`{_PARAMS[head]}`")
+            exc.message = _worded(exc.message.replace(f"`{head}`", said))
         elif head.startswith("tools[") and rest.startswith("function."):
             exc.param = f"{head}.{rest.removeprefix('function.')}"
     exc.message = _worded(exc.message)

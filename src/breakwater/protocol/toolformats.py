@@ -151,7 +151,7 @@ class CallParser:
                 self._inside = False
                 calls = parse_block(block)
                 if calls is None:
-                    out.append(self._open + block + self._close)
+                    out.append(OPEN + block + CLOSE)  # (as text: never a pass-through's marks)
                 else:
                     out.extend(self._taken(calls))
 
@@ -169,7 +169,7 @@ class CallParser:
             block, self._buf, self._inside = self._buf, "", False
             calls = _finished_calls(block)
             if not calls and not block.lstrip().startswith(("{", "[")):  # prose that named the tag
-                return [self._open + block]
+                return [OPEN + block]
             return list(self._taken(calls))
         rest, self._buf = self._buf, ""
         return [rest] if rest else []

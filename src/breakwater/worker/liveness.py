@@ -76,15 +76,20 @@ class LivenessMixin:
 
     def step_hung(self) -> bool:
         """The engine has been inside one step longer than ``step_timeout_s`` (stuck decode, stalled
-        upstream) while it runs sequences: the process is alive but its jobs make no progress. A step
-        that waits with none (the last one was cancelled while it waited) is an idle engine's."""
+        upstream) while it has work (:meth:`busy`): the process is alive but its jobs make no progress.
+        A step that waits with none (the last one was cancelled while it waited) is an idle engine's."""
         started = self._step_started
         return (
             started is not None
             and self.engine.watched_steps
-            and self.engine.running() > 0
+            and self.busy()
             and time.monotonic() - started > self.settings.step_timeout_s
         )
+
+    def busy(self) -> bool:
+        """Whether the engine has work of this worker's: a sequence or an embedding job not paused
+        (what a step that does not return holds up; the engine's ``running()`` counts no embedding)."""
+        return any(f.paused_at < 0 for f in self.inflight.values())
 
     async def _heartbeat_once(self) -> None:
         if self.hung and not self.step_hung():  # the step came back: serving (and watching) again

@@ -264,7 +264,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         if record.created_ms:
             waited_ms = int(time.time() * 1000) - record.created_ms  # cross-host clocks: a metric only
             self.metrics.queue_wait.labels(self.model).observe(max(0, waited_ms) / 1000)
-        idle = not self.engine.running()
+        idle = not self.busy()
         try:
             self._add(request)
         except EngineRequestError as exc:

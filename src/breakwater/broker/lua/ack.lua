@@ -11,7 +11,7 @@
 -- then reaches the group's last id, where it counts a deletion as possibly unread. None is: only
 -- delivered entries are ever deleted (unqueue.lua leaves unread ones), so the lag Redis keeps
 -- (entries added - entries read) is exact. Lower the bound to just below that entry: every other
--- deletion is below it too. Only while entries wait past it (otherwise Redis can say the lag).
+-- deletion is below it too (also when it was the newest entry: those added next would be behind it).
 local function keep_lag_known(stream, group, id)
   local last
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
@@ -27,7 +27,7 @@ local function keep_lag_known(stream, group, id)
   for i = 1, #info - 1, 2 do
     if info[i] == 'last-generated-id' then top = info[i + 1] end
   end
-  if top == nil or top == id then return end
+  if top == nil then return end
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   local below
   if seq ~= '0' then
