@@ -5,6 +5,7 @@ the background and cancelled; what it cannot serve is a 400 naming the parameter
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,6 +65,19 @@ async def test_the_response_echoes_its_identifiers_and_tier(client: openai.Async
     again = await client.responses.retrieve(response.id)
     for got in (response, again):
         assert (got.safety_identifier, got.prompt_cache_key, got.service_tier) == ("s1", "pk", "default")
+
+
+async def test_a_finished_response_says_when_it_completed(client: openai.AsyncOpenAI) -> None:
+    """``completed_at`` was never set (OpenAI sets it once a response completes): the same when
+    created, streamed and retrieved (the request's end on Redis's clock)."""
+    response = await client.responses.create(model="sim", input="hi")
+    assert response.status == "completed" and response.completed_at is not None
+    assert response.created_at <= response.completed_at <= time.time() + 1
+    assert (await client.responses.retrieve(response.id)).completed_at == response.completed_at
+    async with client.responses.stream(model="sim", input="hi") as stream:
+        streamed = await stream.get_final_response()
+    assert streamed.completed_at is not None and streamed.created_at <= streamed.completed_at
+    assert (await client.responses.retrieve(streamed.id)).completed_at == streamed.completed_at
 
 
 async def test_max_output_tokens_makes_an_incomplete_response(client: openai.AsyncOpenAI) -> None:

@@ -182,6 +182,7 @@ class RequestRecord:
     watchers: int = 0  # clients following it now (a departed client counts out after it leaves)
     shared: int = 0  # clients that came to it through the response cache (gateway.cache)
     wseq: int = 0  # the number of the running attempt's last write applied (append.lua)
+    finished_ms: int = 0  # Redis clock: when it ended (finish.lua); 0 while it runs
 
     @property
     def chat(self) -> bool:
@@ -207,6 +208,7 @@ class RequestRecord:
             watchers=int(h.get("watchers") or 0),
             shared=int(h.get("shared") or 0),
             wseq=int(h.get("wseq") or 0),
+            finished_ms=int(h.get("finished_ms") or 0),
         )
 
 

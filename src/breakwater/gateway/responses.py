@@ -313,7 +313,7 @@ class _Output:
             return out + [e for c in self.render.chunks(event) for e in self.out.chunk(c)]
         if event.kind == "done":
             finals = [e for c in self.render.finals(event) for e in self.out.chunk(c)]
-            return out + finals + self.out.finish(event.finish_reason, event.usage)
+            return out + finals + self.out.finish(event.finish_reason, event.usage, event.at_ms)
         return out + self.out.fail(error_chunk(event)["error"])
 
     def snapshot(self, status: str) -> dict[str, Any]:
@@ -350,7 +350,8 @@ async def _snapshot(svc: GatewayService, rid: str, record: RequestRecord, stored
         return output.snapshot("queued")
     events = [TokenEvent(1, "token", text=record.emitted)] if record.emitted else []
     if record.status is Status.DONE:
-        events.append(TokenEvent(2, "done", finish_reason=record.finish_reason, usage=record.usage))
+        reason, usage, at_ms = record.finish_reason, record.usage, record.finished_ms
+        events.append(TokenEvent(2, "done", finish_reason=reason, usage=usage, at_ms=at_ms))
     elif record.status in (Status.ERROR, Status.CANCELLED):
         found = await svc.broker.read_events(rid, max(record.seq - 2, 0))
         error = next((e.error or {} for e in reversed(found) if e.kind == "error"), {})

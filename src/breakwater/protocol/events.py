@@ -26,6 +26,7 @@ class TokenEvent:
     # Per token of ``text``, when the request asked: OpenAI's chat shape ({token, logprob, bytes,
     # top_logprobs}), converted for completions by the gateway.
     logprobs: list[dict[str, Any]] | None = None
+    at_ms: int = 0  # a terminal event's: when the request ended (Redis's clock, ms); 0: not known
 
     @property
     def terminal(self) -> bool:
@@ -49,6 +50,7 @@ class TokenEvent:
             usage=orjson.loads(usage) if usage else None,
             error=orjson.loads(error) if error else None,
             logprobs=orjson.loads(lp) if lp else None,
+            at_ms=int(fields.get("at") or 0),
         )
 
     @classmethod

@@ -7,6 +7,7 @@ stream did."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from breakwater.protocol.responses import Stored
@@ -99,6 +100,7 @@ def response_object(
         "id": rid,
         "object": "response",
         "created_at": created,
+        "completed_at": None,  # (set by OutputEvents.finish)
         "status": status,
         "background": stored.background,
         "error": error,
@@ -274,7 +276,9 @@ class OutputEvents:
         self.calls = {}
         return out
 
-    def finish(self, finish_reason: str | None, chat_usage: dict[str, int] | None) -> list[dict[str, Any]]:
+    def finish(
+        self, finish_reason: str | None, chat_usage: dict[str, int] | None, at_ms: int = 0
+    ) -> list[dict[str, Any]]:
         """The open items closed, then ``response.completed`` (or ``incomplete``: cut at
         ``max_output_tokens``, its last items too) with the whole object."""
         out = [] if self.items else self._open_text()  # an empty answer is still a message
@@ -283,6 +287,7 @@ class OutputEvents:
         response = self._response(
             "completed", output=self.items, chat_usage=chat_usage, finish_reason=finish_reason
         )
+        response["completed_at"] = at_ms // 1000 if at_ms else int(time.time())  # (its terminal event's)
         return [*out, self._event(f"response.{response['status']}", response=response)]
 
     def fail(self, error: dict[str, Any]) -> list[dict[str, Any]]:

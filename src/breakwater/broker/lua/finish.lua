@@ -59,8 +59,8 @@ if ARGV[5] ~= '' then
   end
 end
 seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local event = {seq = tostring(seq), kind = ARGV[4]}
-local fields = {'seq', seq, 'kind', ARGV[4]}
+local event = {seq = tostring(seq), kind = ARGV[4], at = tostring(now_ms)}
+local fields = {'seq', seq, 'kind', ARGV[4], 'at', now_ms}
 if ARGV[7] ~= '' then
   event.finish_reason = ARGV[7]
   fields[#fields + 1] = 'finish_reason'; fields[#fields + 1] = ARGV[7]
