@@ -153,8 +153,9 @@ async def test_the_upstream_refusing_the_request_is_the_clients_error(
 
 
 async def test_a_request_waits_for_an_upstream_that_is_down_and_is_served_when_it_is_back() -> None:
-    """A restarting sidecar refuses connections: the request is tried once a second until it is
-    back (it failed after three quick tries, so a restart was every queued request's 500)."""
+    """A restarting sidecar refuses connections: the request is tried again until it is back (it
+    failed after three quick tries, so a restart was every queued request's 500), and the worker
+    takes no more jobs meanwhile (they wait in the queue, for other workers)."""
     server = Scripted(["fine"])
     async with server as url:
         engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=30))
@@ -167,8 +168,12 @@ async def test_a_request_waits_for_an_upstream_that_is_down_and_is_served_when_i
             run = asyncio.create_task(_run(engine))
             await asyncio.sleep(2.5)  # tried (and refused) about three times
             assert not run.done() and server.completions == []
+            assert engine.free_slots() == 0  # no more jobs taken while it is down: they wait in the queue
             server.server = await asyncio.start_server(server.handle, "127.0.0.1", port)  # back
             deltas = await asyncio.wait_for(run, 10)
+            async with asyncio.timeout(10):
+                while engine.free_slots() == 0:  # its probe found it up
+                    await asyncio.sleep(0.05)
         finally:
             await engine.close()
     assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None

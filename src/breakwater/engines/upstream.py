@@ -11,6 +11,7 @@ the text already emitted; a 4xx is the request's own fault and ends it with a cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -86,6 +87,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
         self._session: aiohttp.ClientSession | None = None
         self._client: StreamClient | None = None
         self._scraper: asyncio.Task[None] | None = None
+        self._down: asyncio.Task[None] | None = None  # while the upstream cannot be reached: its probe
         self._redirects = True  # followed when scraping, except for the named page
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -140,6 +142,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
         await super().close()
         if self._scraper is not None:
             await stop_loop(self._scraper)
+        if self._down is not None:
+            await stop_loop(self._down)
         if self._client is not None:
             self._client.close()
         if self._session is not None:
@@ -212,6 +216,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
         return f"upstream:{self.base_url}:{self.upstream_model}"
 
     def free_slots(self) -> int:
+        if self._down is not None:  # its jobs would only wait here: they wait in the queue, for others
+            return 0
         room = self.capacity - len(self._flights)
         load = self.load
         if load is None or room <= 0:
@@ -237,6 +243,20 @@ class OpenAIUpstreamEngine(StreamingEngine):
             "upstream_running": load.running,
         }
 
+    def _found_down(self) -> None:
+        """A try could not reach the upstream: take no more jobs until a probe of it answers."""
+        if self._down is None:
+            self._down = asyncio.create_task(self._until_up(), name="upstream-down")
+
+    async def _until_up(self) -> None:
+        try:
+            while True:
+                with contextlib.suppress(RuntimeError):  # not up within wait_ready_s: probe on
+                    await self._wait_ready()
+                    return
+        finally:
+            self._down = None
+
     # -- one request -------------------------------------------------------------------------------
     async def _generate(self, flight: Flight) -> None:
         rid = flight.request.request_id
@@ -260,6 +280,8 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 away, failure = exc.status in OVERLOADED, str(exc)
             except (aiohttp.ClientError, OSError, ValueError) as exc:  # OSError: refused, reset, timeout
                 away = isinstance(exc, UpstreamUnreachable | aiohttp.ClientConnectorError)  # (embeddings)
+                if away:
+                    self._found_down()
                 failure = f"{type(exc).__name__}: {exc}"
             if attempts.give_up(away):
                 self._emit(SequenceDelta(rid, error=f"upstream failed: {failure}"))
