@@ -9,19 +9,10 @@ from typing import Any
 
 import orjson
 
+from tests.gateway.test_resume_end import _events
 from tests.inproc import InProc
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "tell me more"}], "max_tokens": 8}
-
-
-def _events(body: str) -> list[tuple[str, str]]:
-    """The stream's (id, data) pairs in order (id '' for an event without one)."""
-    out = []
-    for block in body.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if "data" in fields:
-            out.append((fields.get("id", ""), fields["data"]))
-    return out
 
 
 async def _post(gw: InProc, body: dict[str, Any], headers: dict[str, str]) -> Any:
