@@ -43,7 +43,7 @@ from breakwater.engines.base import (
     StopChecker,
     check_fits,
 )
-from breakwater.engines.llamacpp_sampling import Vocab, sampler_chain
+from breakwater.engines.llamacpp_sampling import Vocab, reseed, sampler_chain
 from breakwater.engines.options import LlamaCppOptions
 from breakwater.protocol.embeddings import normalised, pack
 
@@ -390,6 +390,7 @@ class LlamaCppEngine(Engine):
         for seq, i in sample_at:
             top = seq.request.logprobs
             logprobs = self._log_softmax(i) if top is not None else None  # the model's own, before sampling
+            reseed(seq.sampler, seq.request, seq.completion)
             token = int(llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, i))
             out.append(
                 (seq, token, None if logprobs is None else self._logprob_entry(logprobs, token, top or 0))

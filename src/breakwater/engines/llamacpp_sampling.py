@@ -2,9 +2,10 @@
 
 In order: the logit biases (the client's ``logit_bias``; ``ignore_eos`` bans the end tokens), the
 presence and frequency penalties over the tokens generated so far, the grammar of a structured
-output, then greedy choice (temperature 0) or top-k, top-p, temperature and a seeded draw. A
-continued answer's tokens are accepted by the penalties and the grammar first, so both go on from
-where the answer was; each sampled token is accepted by the whole chain (``llama_sampler_sample``).
+output, then greedy choice (temperature 0) or top-k, top-p, temperature and a seeded draw (seeded
+anew for each position of the answer, :func:`reseed`). A continued answer's tokens are accepted by
+the penalties and the grammar first, so both go on from where the answer was; each sampled token is
+accepted by the whole chain (``llama_sampler_sample``).
 """
 
 from __future__ import annotations
@@ -83,8 +84,32 @@ def _draw(request: GenerationRequest) -> list[Any]:
     if request.top_p < 1.0:
         out.append(llama_cpp.llama_sampler_init_top_p(request.top_p, 1))
     out.append(llama_cpp.llama_sampler_init_temp(request.temperature))
-    out.append(llama_cpp.llama_sampler_init_dist(request.seed & 0xFFFFFFFF))
+    out.append(llama_cpp.llama_sampler_init_dist(position_seed(request.seed, 0)))
     return out
+
+
+def reseed(chain: Any, request: GenerationRequest, position: int) -> None:
+    """Before the answer's token at ``position`` (0: its first) is drawn: a draw seeded for that
+    position alone. A continued answer (its worker crashed) draws each token as the first attempt
+    would have; one seeded generator for the whole answer restarted from its seed, so the text
+    after a crash differed from the answer the seed gives."""
+    if request.temperature <= 0.0:
+        return  # greedy: no draw
+    last = llama_cpp.llama_sampler_chain_n(chain) - 1
+    llama_cpp.llama_sampler_free(llama_cpp.llama_sampler_chain_remove(chain, last))
+    llama_cpp.llama_sampler_chain_add(
+        chain, llama_cpp.llama_sampler_init_dist(position_seed(request.seed, position))
+    )
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 32-bit seed for the draw at ``position`` (splitmix64 of the request's seed and the
+    position); never llama.cpp's "seed from the clock" value."""
+    z = ((seed & 0xFFFFFFFFFFFFFFFF) * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    out = (z ^ (z >> 31)) & 0xFFFFFFFF
+    return out if out != llama_cpp.LLAMA_DEFAULT_SEED else 0
 
 
 def _penalties(n_vocab: int, last_n: int, frequency: float, presence: float) -> Any:
