@@ -99,14 +99,22 @@ async def test_a_silent_backend_is_not_a_hung_step_for_an_engine_not_watched(gw_
 
 
 class EmbeddingHang(SimEngine):
-    """A step stuck in an embedding batch: the engine runs no sequence (``running()`` is 0)."""
+    """A step stuck in an embedding batch (after ``hang_after`` that return): the engine runs no
+    sequence (``running()`` is 0)."""
+
+    hang_after = 0
 
     async def step(self) -> list[SequenceDelta]:
         while not self._seqs and not self._embedded:
             self._work.clear()
             await self._work.wait()
         if self._embedded:
-            await asyncio.Event().wait()
+            if self.hang_after <= 0:
+                await asyncio.Event().wait()
+            self.hang_after -= 1
+            done = await super().step()
+            await asyncio.sleep(0.3)  # (a second job is taken while this step still runs)
+            return done
         return await super().step()
 
 
@@ -121,3 +129,32 @@ async def test_a_step_stuck_on_an_embedding_is_hung(gw_empty: InProc) -> None:
     await async_wait_for(worker.step_hung, 10, what="the hung step seen")
     assert not asked.done()
     asked.cancel()
+
+
+async def test_back_to_back_embeddings_are_each_watched(gw_empty: InProc) -> None:
+    """The second of two embedding jobs, taken while the first ran, was never timed (the step loop
+    timed a step only while the engine ran sequences, which counts no embedding)."""
+    gw = gw_empty
+    engine = EmbeddingHang(SimOptions())
+    engine.hang_after = 1  # the first embedding step returns; the second hangs
+    worker = await gw.add_worker(engine, worker_id="embeds", step_timeout_s=STEP_TIMEOUT_S)
+    first = asyncio.create_task(gw.http.post("/v1/embeddings", json={"model": "sim", "input": "one"}))
+    second = asyncio.create_task(gw.http.post("/v1/embeddings", json={"model": "sim", "input": "two"}))
+    await async_wait_for(worker.step_hung, 10, what="the hung step seen")
+    for asked in (first, second):
+        asked.cancel()
+
+
+class Unavailable(Ticker):
+    """An upstream engine whose backend cannot be reached (it says so: ``available()``)."""
+
+    def available(self) -> bool:
+        return False
+
+
+async def test_a_worker_whose_engine_is_unavailable_does_not_preempt_for_a_job(gw_empty: InProc) -> None:
+    """Full by its engine's say (a dead sidecar), it took a joining tenant's job by pausing one of
+    its own, and that job waited for the dead upstream (review)."""
+    up = await gw_empty.add_worker(Ticker(), worker_id="up", preempt=True)
+    down = await gw_empty.add_worker(Unavailable(), worker_id="down", preempt=True)
+    assert up._may_preempt() and not down._may_preempt()

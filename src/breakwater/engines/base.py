@@ -158,6 +158,11 @@ class Engine(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model and its threads."""
 
+    def available(self) -> bool:
+        """Whether the engine can serve now (an upstream engine whose backend cannot be reached says
+        no): a worker then takes no job, not even by preempting one of its own."""
+        return True
+
     @abstractmethod
     def free_slots(self) -> int:
         """How many more sequences the engine can run now (the worker pulls at most this many)."""

@@ -215,6 +215,9 @@ class OpenAIUpstreamEngine(StreamingEngine):
     def fingerprint(self) -> str:
         return f"upstream:{self.base_url}:{self.upstream_model}"
 
+    def available(self) -> bool:
+        return self._down is None
+
     def free_slots(self) -> int:
         if self._down is not None:  # its jobs would only wait here: they wait in the queue, for others
             return 0
@@ -254,6 +257,7 @@ class OpenAIUpstreamEngine(StreamingEngine):
                 with contextlib.suppress(RuntimeError):  # not up within wait_ready_s: probe on
                     await self._wait_ready()
                     return
+                await asyncio.sleep(1.0)
         finally:
             self._down = None
 

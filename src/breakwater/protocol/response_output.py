@@ -287,7 +287,8 @@ class OutputEvents:
         response = self._response(
             "completed", output=self.items, chat_usage=chat_usage, finish_reason=finish_reason
         )
-        response["completed_at"] = at_ms // 1000 if at_ms else int(time.time())  # (its terminal event's)
+        ended = at_ms // 1000 if at_ms else int(time.time())  # (its terminal event's: Redis's clock)
+        response["completed_at"] = max(self.created, ended)  # (created: the gateway's clock)
         return [*out, self._event(f"response.{response['status']}", response=response)]
 
     def fail(self, error: dict[str, Any]) -> list[dict[str, Any]]:

@@ -87,9 +87,10 @@ class LivenessMixin:
         )
 
     def busy(self) -> bool:
-        """Whether the engine has work of this worker's: a sequence or an embedding job not paused
-        (what a step that does not return holds up; the engine's ``running()`` counts no embedding)."""
-        return any(f.paused_at < 0 for f in self.inflight.values())
+        """Whether the engine has work of this worker's: a sequence or an embedding job not paused and
+        still generating (what a step that does not return holds up; the engine's ``running()``
+        counts no embedding)."""
+        return any(f.paused_at < 0 and not f.finishing for f in self.inflight.values())
 
     async def _heartbeat_once(self) -> None:
         if self.hung and not self.step_hung():  # the step came back: serving (and watching) again

@@ -79,7 +79,7 @@ class PreemptingMixin(RepairMixin):  # a paused sequence's lost writes are repai
 
     def _may_preempt(self) -> bool:
         return self.settings.preempt and not (
-            self.held or self.draining or self._isolating() or self.step_hung()
+            self.held or self.draining or self._isolating() or self.step_hung() or not self.engine.available()
         )
 
     async def _preempt(self) -> None:

@@ -343,7 +343,7 @@ class Worker(LivenessMixin, PreemptingMixin, PullingMixin, RepairMixin, Finishin
         overlap = self.engine.overlaps_publish
         publishing: asyncio.Task[None] | None = None
         while True:
-            busy_since = self._step_started = time.monotonic() if self.engine.running() else None
+            busy_since = self._step_started = time.monotonic() if self.busy() else None
             self._stepping = True
             deltas = await self.engine.step()
             self._stepping = False
