@@ -5,9 +5,14 @@ hands every other request's parsed body and writer to :meth:`RawUpstream.complet
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+
+from breakwater.engines.options import UpstreamOptions
+from breakwater.engines.upstream import OpenAIUpstreamEngine
 
 
 class RawUpstream:
@@ -64,3 +69,15 @@ class RawUpstream:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+
+
+@asynccontextmanager
+async def started_engine(server: RawUpstream, **options: Any) -> AsyncIterator[OpenAIUpstreamEngine]:
+    """``server`` serving, and an ``openai`` engine started against it (no metrics; ``options``)."""
+    async with server as url:
+        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", **{"wait_s": 5, **options}))
+        await engine.start()
+        try:
+            yield engine
+        finally:
+            await engine.close()

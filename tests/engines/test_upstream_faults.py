@@ -13,9 +13,8 @@ import orjson
 import pytest
 
 from breakwater.engines.base import GenerationRequest, SequenceDelta
-from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.upstream import OpenAIUpstreamEngine
-from tests.engines.raw_upstream import RawUpstream
+from tests.engines.raw_upstream import RawUpstream, started_engine
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -83,13 +82,17 @@ class Scripted(RawUpstream):
 @pytest.fixture
 async def engine_for(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Scripted, OpenAIUpstreamEngine]]:
     server = Scripted(request.param)
-    async with server as url:
-        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=5))
-        await engine.start()
-        try:
-            yield server, engine
-        finally:
-            await engine.close()
+    async with started_engine(server) as engine:
+        yield server, engine
+
+
+async def _down(server: Scripted) -> int:
+    """The server stops listening (connections refused); its port, to listen on again."""
+    assert server.server is not None
+    port: int = server.server.sockets[0].getsockname()[1]
+    server.server.close()
+    await server.server.wait_closed()
+    return port
 
 
 async def _run(engine: OpenAIUpstreamEngine) -> list[SequenceDelta]:
@@ -157,41 +160,26 @@ async def test_a_request_waits_for_an_upstream_that_is_down_and_is_served_when_i
     failed after three quick tries, so a restart was every queued request's 500), and the worker
     takes no more jobs meanwhile (they wait in the queue, for other workers)."""
     server = Scripted(["fine"])
-    async with server as url:
-        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=30))
-        await engine.start()
-        try:
-            assert server.server is not None
-            port = server.server.sockets[0].getsockname()[1]
-            server.server.close()
-            await server.server.wait_closed()  # down
-            run = asyncio.create_task(_run(engine))
-            await asyncio.sleep(2.5)  # tried (and refused) about three times
-            assert not run.done() and server.completions == []
-            assert engine.free_slots() == 0  # no more jobs taken while it is down: they wait in the queue
-            server.server = await asyncio.start_server(server.handle, "127.0.0.1", port)  # back
-            deltas = await asyncio.wait_for(run, 10)
-            async with asyncio.timeout(10):
-                while engine.free_slots() == 0:  # its probe found it up
-                    await asyncio.sleep(0.05)
-        finally:
-            await engine.close()
+    async with started_engine(server, wait_s=30) as engine:
+        port = await _down(server)
+        run = asyncio.create_task(_run(engine))
+        await asyncio.sleep(2.5)  # tried (and refused) about three times
+        assert not run.done() and server.completions == []
+        assert engine.free_slots() == 0  # no more jobs taken while it is down: they wait in the queue
+        server.server = await asyncio.start_server(server.handle, "127.0.0.1", port)  # back
+        deltas = await asyncio.wait_for(run, 10)
+        async with asyncio.timeout(10):
+            while engine.free_slots() == 0:  # its probe found it up
+                await asyncio.sleep(0.05)
     assert "".join(d.text for d in deltas) == " t0 t1 t2 t3" and deltas[-1].error is None
     assert len(server.completions) == 1
 
 
 async def test_an_upstream_down_longer_than_the_wait_fails_the_request() -> None:
     server = Scripted(["fine"])
-    async with server as url:
-        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=1.5))
-        await engine.start()
-        try:
-            assert server.server is not None
-            server.server.close()
-            await server.server.wait_closed()
-            final = (await asyncio.wait_for(_run(engine), 15))[-1]
-        finally:
-            await engine.close()
+    async with started_engine(server, wait_s=1.5) as engine:
+        await _down(server)
+        final = (await asyncio.wait_for(_run(engine), 15))[-1]
     assert final.error is not None and "cannot connect" in final.error and final.error_code is None
 
 

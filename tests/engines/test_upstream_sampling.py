@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from breakwater.engines.base import GenerationRequest, SequenceDelta
-from breakwater.engines.options import UpstreamOptions
 from breakwater.engines.upstream import OpenAIUpstreamEngine
-from tests.engines.raw_upstream import RawUpstream
+from tests.engines.raw_upstream import RawUpstream, started_engine
 
 
 class RecordingUpstream(RawUpstream):
@@ -32,13 +31,8 @@ class RecordingUpstream(RawUpstream):
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[RecordingUpstream, OpenAIUpstreamEngine]]:
     server = RecordingUpstream()
-    async with server as url:
-        engine = OpenAIUpstreamEngine(UpstreamOptions(url=url, metrics_url="off", wait_s=5))
-        await engine.start()
-        try:
-            yield server, engine
-        finally:
-            await engine.close()
+    async with started_engine(server) as engine:
+        yield server, engine
 
 
 async def _run(engine: OpenAIUpstreamEngine, request: GenerationRequest) -> list[SequenceDelta]:

@@ -93,10 +93,11 @@ class LivenessMixin:
         return any(f.paused_at < 0 and not f.finishing for f in self.inflight.values())
 
     async def _heartbeat_once(self) -> None:
-        if self.hung and not self.step_hung():  # the step came back: serving (and watching) again
+        hung = self.step_hung()
+        if self.hung and not hung:  # the step came back: serving (and watching) again
             self.hung = False
             log.warning("engine step returned; serving again")
-        if self.step_hung():
+        if hung:
             if not self.hung:
                 self.hung = True
                 log.error(
